@@ -1,0 +1,291 @@
+/*
+ * kvc_math.h - per-element and per-row math shared by the CPU ops and the
+ * (future) CUDA kernels.
+ *
+ * Everything is KVC_HD static inline and written in the common subset of C11
+ * and C++ (no compound literals, no designated initialisers, no hex floats),
+ * so that nvcc can compile the very code the CPU tests exercise.
+ */
+#ifndef KVC_MATH_H
+#define KVC_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kvc.h"
+
+#ifdef __CUDACC__
+#define KVC_HD __host__ __device__
+#else
+#define KVC_HD
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- bit casts (memcpy is the portable, optimiser-transparent way) ---- */
+
+KVC_HD static inline uint32_t kvc_f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+KVC_HD static inline float kvc_bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ---- fp16 <-> fp32 ----
+ * Written as selects rather than early returns so compilers can if-convert
+ * and vectorise loops that call them. */
+
+KVC_HD static inline float kvc_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t em = (uint32_t)(h & 0x7fffu);
+    uint32_t exp = em & 0x7c00u;
+    /* normal: shift mantissa into place and rebias the exponent 15 -> 127 */
+    uint32_t normal = (em << 13) + 0x38000000u;
+    uint32_t infnan = (em << 13) | 0x7f800000u;
+    /* zero/subnormal: value is mantissa * 2^-24, exact in fp32 */
+    uint32_t sub = kvc_f32_bits((float)(int32_t)em * 5.9604644775390625e-8f);
+    uint32_t r = exp == 0x7c00u ? infnan : (exp == 0 ? sub : normal);
+    return kvc_bits_f32(r | sign);
+}
+
+/* Round to nearest, ties to even; overflow gives inf, NaN stays a quiet NaN. */
+KVC_HD static inline uint16_t kvc_f32_to_f16(float f)
+{
+    uint32_t u = kvc_f32_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    uint32_t r;
+    if (a > 0x7f800000u) {
+        r = 0x7e00u | ((a >> 13) & 0x3ffu);
+    } else if (a >= 0x477ff000u) {
+        /* >= 65520 rounds to inf (65504 is the largest finite half) */
+        r = 0x7c00u;
+    } else if (a < 0x38800000u) {
+        /* Below 2^-14 the result is a half subnormal with ulp 2^-24, which is
+         * exactly the fp32 ulp of numbers in [0.5, 1): adding 0.5 makes the
+         * FPU do the round-to-nearest-even for us. */
+        r = kvc_f32_bits(kvc_bits_f32(a) + 0.5f) - 0x3f000000u;
+    } else {
+        uint32_t odd = (a >> 13) & 1u;
+        /* rebias 127 -> 15 (adds -112 << 23 modulo 2^32), then round the 13
+         * dropped bits to nearest even; a carry correctly bumps the exponent */
+        r = (a + 0xc8000fffu + odd) >> 13;
+    }
+    return (uint16_t)(r | sign);
+}
+
+/* ---- bf16 <-> fp32 ---- */
+
+KVC_HD static inline float kvc_bf16_to_f32(uint16_t h)
+{
+    return kvc_bits_f32((uint32_t)h << 16);
+}
+
+KVC_HD static inline uint16_t kvc_f32_to_bf16(float f)
+{
+    uint32_t u = kvc_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40u); /* keep it a (quiet) NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---- loads ---- */
+
+/* Element idx (in elements, may be negative) of a float-typed buffer. */
+KVC_HD static inline float kvc_load_f32(const void *base, int32_t dtype, int64_t idx)
+{
+    switch (dtype) {
+    case KVC_F16: return kvc_f16_to_f32(((const uint16_t *)base)[idx]);
+    case KVC_BF16: return kvc_bf16_to_f32(((const uint16_t *)base)[idx]);
+    default: return ((const float *)base)[idx];
+    }
+}
+
+KVC_HD static inline int64_t kvc_load_index(const void *base, int32_t dtype, int64_t idx)
+{
+    return dtype == KVC_I32 ? (int64_t)((const int32_t *)base)[idx]
+                            : ((const int64_t *)base)[idx];
+}
+
+/* Convert n elements spaced `stride` apart into a dense fp32 row. The switch
+ * is hoisted out of the loops so each one vectorises for unit stride. */
+KVC_HD static inline void kvc_row_to_f32(float *dst, const void *src, int32_t dtype,
+                                         int64_t n, int64_t stride)
+{
+    int64_t i;
+    if (dtype == KVC_F16) {
+        const uint16_t *s = (const uint16_t *)src;
+        if (stride == 1)
+            for (i = 0; i < n; i++) dst[i] = kvc_f16_to_f32(s[i]);
+        else
+            for (i = 0; i < n; i++) dst[i] = kvc_f16_to_f32(s[i * stride]);
+    } else if (dtype == KVC_BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+        if (stride == 1)
+            for (i = 0; i < n; i++) dst[i] = kvc_bf16_to_f32(s[i]);
+        else
+            for (i = 0; i < n; i++) dst[i] = kvc_bf16_to_f32(s[i * stride]);
+    } else {
+        const float *s = (const float *)src;
+        if (stride == 1)
+            for (i = 0; i < n; i++) dst[i] = s[i];
+        else
+            for (i = 0; i < n; i++) dst[i] = s[i * stride];
+    }
+}
+
+/* ---- reductions ----
+ * Fixed lane counts give every caller the same summation order whatever the
+ * vector width the compiler picks, and let it vectorise without -ffast-math. */
+
+#define KVC_LANES 16
+
+/* Sum of the KVC_LANES partial sums as a fixed pairwise tree: depth 4
+ * instead of a 16-long dependency chain, same order on every target. */
+KVC_HD static inline float kvc_lanes_sum(float *acc)
+{
+    int l;
+    /* spelled out (KVC_LANES == 16) so compilers unroll it into shuffles */
+    for (l = 0; l < 8; l++) acc[l] += acc[l + 8];
+    for (l = 0; l < 4; l++) acc[l] += acc[l + 4];
+    for (l = 0; l < 2; l++) acc[l] += acc[l + 2];
+    return acc[0] + acc[1];
+}
+
+KVC_HD static inline float kvc_dot_f32(const float *a, const float *b, int64_t n)
+{
+    float acc[KVC_LANES];
+    int64_t i = 0;
+    int l;
+    for (l = 0; l < KVC_LANES; l++) acc[l] = 0.0f;
+    for (; i + KVC_LANES <= n; i += KVC_LANES)
+        for (l = 0; l < KVC_LANES; l++) acc[l] += a[i + l] * b[i + l];
+    for (l = 0; i < n; i++, l++) acc[l] += a[i] * b[i];
+    return kvc_lanes_sum(acc);
+}
+
+KVC_HD static inline float kvc_max_f32(const float *x, int64_t n)
+{
+    float m[KVC_LANES];
+    float r = -INFINITY;
+    int64_t i = 0;
+    int l;
+    for (l = 0; l < KVC_LANES; l++) m[l] = -INFINITY;
+    for (; i + KVC_LANES <= n; i += KVC_LANES)
+        for (l = 0; l < KVC_LANES; l++) m[l] = x[i + l] > m[l] ? x[i + l] : m[l];
+    for (l = 0; i < n; i++, l++) m[l] = x[i] > m[l] ? x[i] : m[l];
+    for (l = 0; l < KVC_LANES; l++) r = m[l] > r ? m[l] : r;
+    return r;
+}
+
+/* ---- exp ----
+ * exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2 with a two-constant
+ * Cody-Waite reduction and a degree-7 Taylor polynomial (truncation error
+ * < 6e-9 relative, below fp32 rounding). Unlike libm's expf it is branch
+ * free, so softmax loops vectorise. Results below ~1.6e-38 flush to 0 (they
+ * cannot move a softmax whose largest term is 1); x > 88 saturates. */
+KVC_HD static inline float kvc_expf(float x)
+{
+    const float lo = -87.0f, hi = 88.0f;
+    float xc = x < lo ? lo : (x > hi ? hi : x);
+    /* adding 1.5*2^23 rounds to an integer in the current (nearest) mode */
+    float t = xc * 1.44269504088896341f + 12582912.0f;
+    float n = t - 12582912.0f;
+    int32_t ni = (int32_t)(kvc_f32_bits(t) - 0x4b400000u);
+    float r = xc - n * 0.693145751953125f;
+    float p;
+    r = r - n * 1.428606765330187045e-06f;
+    p = 1.9841269841269841e-4f;
+    p = p * r + 1.3888888888888889e-3f;
+    p = p * r + 8.3333333333333333e-3f;
+    p = p * r + 4.1666666666666667e-2f;
+    p = p * r + 1.6666666666666667e-1f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    p = p * kvc_bits_f32((uint32_t)(ni + 127) << 23);
+    return x < lo ? 0.0f : p;
+}
+
+/* ---- softmax pieces ----
+ * A running (max, sum of exp(x - max)) pair: the state of an online softmax.
+ * Two states over disjoint parts of a row merge exactly into the state of the
+ * whole row, which is what split-K attention and chunked scoring rely on. */
+struct kvc_softmax_state {
+    float m; /* running max; -inf while empty */
+    float s; /* sum of exp(x - m) */
+};
+
+KVC_HD static inline void kvc_softmax_init(struct kvc_softmax_state *st)
+{
+    st->m = -INFINITY;
+    st->s = 0.0f;
+}
+
+KVC_HD static inline void kvc_softmax_push(struct kvc_softmax_state *st, float x)
+{
+    if (x > st->m) {
+        st->s = st->s * kvc_expf(st->m - x) + 1.0f;
+        st->m = x;
+    } else {
+        st->s += kvc_expf(x - st->m);
+    }
+}
+
+KVC_HD static inline struct kvc_softmax_state
+kvc_softmax_merge(struct kvc_softmax_state a, struct kvc_softmax_state b)
+{
+    struct kvc_softmax_state r;
+    if (a.m == -INFINITY) return b; /* avoids (-inf) - (-inf) = NaN */
+    if (b.m == -INFINITY) return a;
+    r.m = a.m > b.m ? a.m : b.m;
+    r.s = a.s * kvc_expf(a.m - r.m) + b.s * kvc_expf(b.m - r.m);
+    return r;
+}
+
+/* In place: x[i] <- exp(x[i] - m); returns the sum (fixed lane order). */
+KVC_HD static inline float kvc_exp_shift_sum(float *x, int64_t n, float m)
+{
+    float acc[KVC_LANES];
+    int64_t i = 0;
+    int l;
+    for (l = 0; l < KVC_LANES; l++) acc[l] = 0.0f;
+    for (; i + KVC_LANES <= n; i += KVC_LANES)
+        for (l = 0; l < KVC_LANES; l++) {
+            float e = kvc_expf(x[i + l] - m);
+            x[i + l] = e;
+            acc[l] += e;
+        }
+    for (l = 0; i < n; i++, l++) {
+        float e = kvc_expf(x[i] - m);
+        x[i] = e;
+        acc[l] += e;
+    }
+    return kvc_lanes_sum(acc);
+}
+
+/* Order-preserving map of a float to an unsigned key: a < b (as floats,
+ * -0 == +0 folded to +0) iff key(a) < key(b). Used by radix selection. */
+KVC_HD static inline uint32_t kvc_f32_order_key(float f)
+{
+    uint32_t u = f == 0.0f ? 0u : kvc_f32_bits(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_MATH_H */

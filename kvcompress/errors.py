@@ -1,0 +1,14 @@
+"""Exception hierarchy of kvcompress.
+
+The classes are created by the C extension at import time (so C and Python
+raise the very same types) and re-exported here:
+
+- ``KVCompressError(Exception)``: base of everything kvcompress raises.
+- ``KVCompressValueError(KVCompressError, ValueError)``: bad value, shape,
+  range or device of an argument.
+- ``KVCompressTypeError(KVCompressError, TypeError)``: wrong type or dtype.
+"""
+
+from kvcompress._C import KVCompressError, KVCompressTypeError, KVCompressValueError
+
+__all__ = ["KVCompressError", "KVCompressValueError", "KVCompressTypeError"]

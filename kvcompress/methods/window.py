@@ -1,0 +1,94 @@
+"""Methods scored by the attention of the last queries: SnapKV and PyramidKV."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ops
+from .base import LayerView, Method
+
+_POOLS = ("max", "avg")
+_GQA = ("mean", "max")
+
+
+@dataclass
+class SnapKV(Method):
+    """SnapKV: keep the tokens the last ``window`` queries attend to most.
+
+    Score of slot j: mean over the last ``window`` queries of the causal
+    softmax attention ``A[i, j]`` (GQA group reduced by ``gqa``), then 1-D
+    pooled over tokens (``pool`` with ``kernel``) to keep neighbourhoods
+    together. The last ``window`` slots are always kept. Pooling runs over the
+    slots before the window only, so the window's own (large) scores do not
+    leak into its neighbours (as in the SnapKV reference implementation).
+
+    Parameters
+    ----------
+    budget, ratio
+        Exactly one: kept slots per kv head, or fraction of the prompt removed.
+    window : int
+        Observation window (queries used for scoring, and slots always kept).
+    kernel : int
+        Pooling kernel (odd; 1 disables pooling).
+    pool : {"max", "avg"}
+    gqa : {"mean", "max"}
+        How the query heads of a GQA group are reduced to their kv head.
+    """
+
+    window: int = 32
+    kernel: int = 7
+    pool: str = "max"
+    gqa: str = "mean"
+
+    def _check_fields(self) -> None:
+        self._check_int("window", self.window, 1)
+        self._check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel: must be odd, got {self.kernel}")
+        if self.pool not in _POOLS:
+            raise ValueError(f"pool: expected one of {_POOLS}, got {self.pool!r}")
+        if self.gqa not in _GQA:
+            raise ValueError(f"gqa: expected one of {_GQA}, got {self.gqa!r}")
+
+    def _window(self, view: LayerView) -> int:
+        return min(self.window, int(view.queries.shape[2]), view.length)
+
+    def score(self, view: LayerView):
+        w = self._window(view)
+        scores = ops.window_scores(
+            view.queries[:, :, -w:], view.keys, scaling=view.scaling, gqa=self.gqa,
+            kv_start=view.kv_start,
+        )
+        head = view.length - w
+        if self.kernel > 1 and head > 0:
+            scores[..., :head] = ops.pool1d(scores[..., :head], self.kernel, mode=self.pool)
+        return scores
+
+    def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
+        return 0, min(self._window(view), keep)
+
+
+@dataclass
+class PyramidKV(SnapKV):
+    """PyramidKV: SnapKV scores with budgets that shrink linearly with depth.
+
+    With mean budget B (``budget``, or the ratio's kept count), layer l of L
+    keeps ``max - (max - min) * l / (L - 1)`` slots, ``min = B / beta`` and
+    ``max = 2B - min``, so the total over layers equals ``L * B``.
+    """
+
+    beta: float = 20.0
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        if not isinstance(self.beta, (int, float)) or isinstance(self.beta, bool):
+            raise TypeError(f"beta: expected a number, got {type(self.beta).__name__}")
+        if not self.beta >= 1.0:
+            raise ValueError(f"beta: must be >= 1, got {self.beta}")
+
+    def layer_budget(self, layer_idx: int, num_layers: int, mean_budget: float) -> float:
+        if num_layers <= 1:
+            return mean_budget
+        lo = mean_budget / float(self.beta)
+        hi = 2.0 * mean_budget - lo
+        return hi - (hi - lo) * layer_idx / (num_layers - 1)

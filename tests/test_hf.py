@@ -1,0 +1,268 @@
+"""Compressed generation on a tiny random Llama: mechanics and exact selection."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvcompress as kvc
+from kvcompress.methods import H2O, TOVA, VATP, Knorm, PyramidKV, SnapKV, StreamingLLM
+
+from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
+
+ALL = [
+    lambda **kw: StreamingLLM(**kw), lambda **kw: SnapKV(**kw), lambda **kw: PyramidKV(**kw),
+    lambda **kw: Knorm(**kw), lambda **kw: H2O(**kw), lambda **kw: TOVA(**kw), lambda **kw: VATP(**kw),
+]
+IDS = ["StreamingLLM", "SnapKV", "PyramidKV", "Knorm", "H2O", "TOVA", "VATP"]
+
+
+def _prompt(batch=1, length=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 512, (batch, length), generator=g)
+
+
+def _generate(model, ids, mask=None, n=12, **kw):
+    mask = torch.ones_like(ids) if mask is None else mask
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("make", ALL, ids=IDS)
+def test_budget_above_prompt_is_identity(tiny_model, make):
+    ids = _prompt(length=30)
+    ref = _generate(tiny_model, ids)
+    with kvc.compress(tiny_model, make(budget=200)) as session:
+        out = _generate(tiny_model, ids)
+    assert torch.equal(out, ref)
+    assert all(layer.n == layer.seen == 30 + 11 for layer in session.cache.layers)
+
+
+def _compressed_prefill(model, method, ids, mask=None):
+    with kvc.compress(model, method) as session:
+        cache = session.new_cache()
+        with torch.no_grad():
+            model(ids, attention_mask=mask, past_key_values=cache)
+    return cache
+
+
+@pytest.mark.parametrize("make", ALL, ids=IDS)
+def test_prefill_keeps_what_an_independent_reference_chooses(tiny_model, make):
+    ids = _prompt(batch=2, length=48)
+    method = make(budget=20)
+    cache = _compressed_prefill(tiny_model, method, ids)
+    ref = layer_qkv(tiny_model, ids)
+    L = len(ref)
+    for li, (q, k, v) in enumerate(ref):
+        layer = cache.layers[li]
+        T = k.shape[2]
+        hkv = k.shape[1]
+        keep = int(round(method.layer_budget(li, L, 20.0)))
+        keep = max(1, min(keep, T))
+        assert layer.seen == T and layer.n == keep, (li, layer.n, keep)
+        name = type(method).__name__
+        if name in ("SnapKV", "PyramidKV"):
+            w = min(32, keep)
+            s = group_mean(window_attention64(q[:, :, -32:], k), hkv)
+            head = T - 32
+            pooled = torch.nn.functional.max_pool1d(s[..., :head].reshape(-1, 1, head), 7, 1, 3)
+            s[..., :head] = pooled.view(s.shape[0], hkv, head)
+            forced = range(T - w, T)
+        elif name == "StreamingLLM":
+            s = torch.zeros(k.shape[:3], dtype=torch.float64)
+            forced = list(range(min(4, keep))) + list(range(T - (keep - min(4, keep)), T))
+        elif name == "Knorm":
+            s = -k.norm(dim=-1)
+            forced = []
+        elif name == "H2O":
+            s = group_mean(window_attention64(q, k), hkv) * T
+            forced = range(T - int(round(keep * 0.5)), T)
+        elif name == "TOVA":
+            s = group_mean(window_attention64(q[:, :, -1:], k), hkv).mean(1, keepdim=True).expand(-1, hkv, -1)
+            forced = []
+        else:  # VATP
+            s = group_mean(window_attention64(q, k), hkv) * T * v.abs().sum(-1)
+            forced = range(min(20, keep))
+        for b in range(2):
+            for h in range(hkv):
+                kept = layer.positions[b, h].tolist()
+                assert kept == sorted(kept)
+                assert_topk_consistent(kept, s[b, h], forced, keep, eps=1e-5 * float(s[b, h].abs().max()))
+                # the stored keys are the original keys of the kept tokens
+                torch.testing.assert_close(layer.keys[b, h].double(), k[b, h, kept], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(layer.values[b, h].double(), v[b, h, kept], rtol=1e-5, atol=1e-5)
+
+
+def test_memory_bytes_is_what_tensors_occupy_and_scales_with_budget(tiny_model):
+    ids = _prompt(length=200)
+    sizes = {}
+    for budget in (32, 64, 128):
+        cache = _compressed_prefill(tiny_model, SnapKV(budget=budget), ids)
+        total = 0
+        for layer in cache.layers:
+            assert layer.keys.shape[2] == budget
+            total += sum(t.untyped_storage().nbytes() for t in layer.tensors())
+        assert cache.memory_bytes() == total
+        cfg = tiny_model.config
+        kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * budget * cfg.head_dim * 4
+        positions = cfg.num_hidden_layers * cfg.num_key_value_heads * budget * 4
+        assert total == kv + positions + cfg.num_hidden_layers * 8
+        sizes[budget] = total
+    assert sizes[64] / sizes[32] == pytest.approx(2.0, rel=0.02)
+    assert sizes[128] / sizes[64] == pytest.approx(2.0, rel=0.02)
+    stats = cache.stats()
+    assert stats.total_bytes == cache.memory_bytes()
+    assert stats.full_bytes == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * 200 * cfg.head_dim * 4
+    assert "layer" in str(stats) and "KVCache(" in repr(cache)
+
+
+def test_left_padding_never_keeps_pads_while_evicting_real_tokens(tiny_model):
+    short, long_ = _prompt(length=20, seed=3)[0], _prompt(length=60, seed=4)[0]
+    ids = torch.zeros(2, 60, dtype=torch.long)
+    mask = torch.zeros(2, 60, dtype=torch.long)
+    ids[0, 40:], mask[0, 40:] = short, 1
+    ids[1], mask[1] = long_, 1
+    cache = _compressed_prefill(tiny_model, SnapKV(budget=32), ids, mask)
+    for layer in cache.layers:
+        # row 0 has 20 real tokens < 32: all of them kept, padded out with 12 pads
+        assert layer.kv_start.tolist() == [12, 0]
+        assert (layer.positions[0, :, 12:] >= 40).all() and (layer.positions[0, :, :12] < 40).all()
+        assert (layer.positions[1] >= 0).all()
+    # the short row keeps every real token, so it generates what the full cache does
+    ref = _generate(tiny_model, ids, mask)
+    with kvc.compress(tiny_model, SnapKV(budget=32)):
+        out = _generate(tiny_model, ids, mask)
+    assert torch.equal(out[0], ref[0])
+    solo = _generate(tiny_model, short[None])
+    assert torch.equal(out[0, 40:], solo[0])
+
+
+def test_right_padding_is_rejected(tiny_model):
+    ids = _prompt(length=10)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    with kvc.compress(tiny_model, SnapKV(budget=4)):
+        with pytest.raises(ValueError, match="attention_mask"):
+            _generate(tiny_model, ids, mask)
+
+
+def test_multi_turn_continues_from_the_same_cache(tiny_model):
+    first = _prompt(length=25, seed=5)
+    with kvc.compress(tiny_model, SnapKV(budget=500)) as session:
+        out1 = _generate(tiny_model, first, n=6)
+        cache = session.cache
+        second = torch.cat([out1, _prompt(length=9, seed=6)], dim=1)
+        out2 = _generate(tiny_model, second, past_key_values=cache, n=6)
+        assert session.cache is cache
+    assert cache.get_seq_length() == second.shape[1] + 5
+    assert torch.equal(out2, _generate(tiny_model, second, n=6))
+    # and with real compression both turns run and the cache stays within budget
+    with kvc.compress(tiny_model, SnapKV(budget=16)) as session:
+        out1 = _generate(tiny_model, first, n=6)
+        second = torch.cat([out1, _prompt(length=30, seed=6)], dim=1)
+        _generate(tiny_model, second, past_key_values=session.cache, n=6)
+        assert all(layer.n == 16 + 5 for layer in session.cache.layers)
+        assert session.cache.get_seq_length() == second.shape[1] + 5
+
+
+def test_sampling_and_batch_generate_run(tiny_model):
+    ids = _prompt(batch=3, length=50)
+    torch.manual_seed(0)
+    with kvc.compress(tiny_model, H2O(budget=24, interval=4)) as session:
+        out = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                  max_new_tokens=20, min_new_tokens=20, pad_token_id=0)
+    assert out.shape == (3, 70)
+    assert all(layer.n <= 24 + 4 for layer in session.cache.layers)
+
+
+@pytest.mark.parametrize("method", [StreamingLLM(budget=16, interval=4), H2O(budget=16, interval=4),
+                                    TOVA(budget=16, interval=4)], ids=["StreamingLLM", "H2O", "TOVA"])
+def test_decode_policy_keeps_memory_flat(tiny_model, method):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    sizes = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            sizes.append((session.cache.memory_bytes(), max(layer.n for layer in session.cache.layers)))
+            return scores
+
+    ids = _prompt(length=40)
+    with kvc.compress(tiny_model, method) as session:
+        _generate(tiny_model, ids, n=48, logits_processor=LogitsProcessorList([Record()]))
+    peak_slots = max(n for _, n in sizes)
+    assert peak_slots <= 16 + 4
+    later = [b for b, _ in sizes[8:]]
+    assert max(later) == max(b for b, _ in sizes[:8] + sizes[8:16])  # no growth after the first cycle
+    assert session.cache.get_seq_length() == 40 + 47
+
+
+def test_h2o_scores_carry_forward_across_decoding(tiny_model):
+    ids = _prompt(length=30)
+    with kvc.compress(tiny_model, H2O(budget=12, interval=3)) as session:
+        _generate(tiny_model, ids, n=10)
+    for layer in session.cache.layers:
+        acc = layer.state["acc"]
+        assert acc.shape == layer.positions.shape
+        # accumulated attention of an old slot exceeds one query's worth
+        assert float(acc.max()) > 1.0
+
+
+def test_session_restores_model_also_on_error(tiny_model):
+    before = tiny_model.config._attn_implementation
+    generate = tiny_model.generate
+    with pytest.raises(RuntimeError, match="boom"):
+        with kvc.compress(tiny_model, SnapKV(budget=8)):
+            assert tiny_model.config._attn_implementation == "kvcompress"
+            raise RuntimeError("boom")
+    assert tiny_model.config._attn_implementation == before
+    assert "generate" not in vars(tiny_model)
+    assert tiny_model.generate == generate
+    with kvc.compress(tiny_model, SnapKV(budget=8)) as session:
+        with pytest.raises(RuntimeError, match="already active"):
+            kvc.compress(tiny_model, SnapKV(budget=8)).__enter__()
+        assert "active" in repr(session)
+
+
+def test_passed_cache_is_used_and_exposed(tiny_model):
+    ids = _prompt(length=20)
+    cache = kvc.KVCache(SnapKV(budget=10))
+    with kvc.compress(tiny_model, Knorm(budget=5)) as session:
+        _generate(tiny_model, ids, past_key_values=cache, n=3)
+    assert session.cache is cache and cache.layers[0].n == 10 + 2
+
+
+def test_query_free_method_works_without_kvcompress_attention(tiny_model):
+    ids = _prompt(length=30)
+    cache = kvc.KVCache(StreamingLLM(budget=12, interval=4))
+    _generate(tiny_model, ids, past_key_values=cache, n=10)
+    assert all(layer.n <= 16 for layer in cache.layers)
+    assert cache.get_seq_length() == 39
+
+
+def test_query_method_without_kvcompress_attention_says_how_to_fix(tiny_model):
+    ids = _prompt(length=30)
+    with pytest.raises(kvc.KVCompressError, match="kvcompress.compress"):
+        _generate(tiny_model, ids, past_key_values=kvc.KVCache(SnapKV(budget=12)), n=3)
+
+
+def test_plain_forward_without_cache_under_session_matches_sdpa(tiny_model):
+    ids = _prompt(batch=2, length=16)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        ref = tiny_model(ids, attention_mask=mask, use_cache=False).logits
+        with kvc.compress(tiny_model, SnapKV(budget=8)):
+            out = tiny_model(ids, attention_mask=mask, use_cache=False).logits
+            dyn = tiny_model(ids, attention_mask=mask, past_key_values=DynamicCache()).logits
+    torch.testing.assert_close(out[0, 5:], ref[0, 5:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dyn[1], ref[1], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments_name_the_argument(tiny_model):
+    with pytest.raises(TypeError, match="method"):
+        kvc.compress(tiny_model, "snapkv")
+    with pytest.raises(TypeError, match="method"):
+        kvc.KVCache(object())
+    with pytest.raises(TypeError, match="model"):
+        kvc.compress(object(), SnapKV(budget=8))

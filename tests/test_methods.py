@@ -1,0 +1,92 @@
+"""Method dataclasses: validation, budgets, representation."""
+
+import math
+
+import pytest
+
+import kvcompress as kvc
+from kvcompress.methods import H2O, TOVA, VATP, Knorm, PyramidKV, SnapKV, StreamingLLM
+
+CLASSES = [StreamingLLM, SnapKV, PyramidKV, Knorm, H2O, TOVA, VATP]
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_exactly_one_of_budget_or_ratio(cls):
+    with pytest.raises(ValueError, match="exactly one"):
+        cls()
+    with pytest.raises(ValueError, match="exactly one"):
+        cls(budget=8, ratio=0.5)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("budget", [0, -3])
+def test_budget_must_be_positive(cls, budget):
+    with pytest.raises(ValueError, match="budget"):
+        cls(budget=budget)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1, math.nan])
+def test_ratio_range(cls, ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        cls(ratio=ratio)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_types_are_checked(cls):
+    with pytest.raises(TypeError, match="budget"):
+        cls(budget=8.5)
+    with pytest.raises(TypeError, match="budget"):
+        cls(budget=True)
+    with pytest.raises(TypeError, match="ratio"):
+        cls(ratio="0.5")
+
+
+def test_method_specific_fields():
+    with pytest.raises(ValueError, match="kernel"):
+        SnapKV(budget=8, kernel=4)
+    with pytest.raises(ValueError, match="pool"):
+        SnapKV(budget=8, pool="median")
+    with pytest.raises(ValueError, match="gqa"):
+        SnapKV(budget=8, gqa="sum")
+    with pytest.raises(ValueError, match="window"):
+        SnapKV(budget=8, window=0)
+    with pytest.raises(ValueError, match="interval"):
+        H2O(budget=8, interval=0)
+    with pytest.raises(ValueError, match="recent"):
+        H2O(budget=8, recent=1.5)
+    with pytest.raises(ValueError, match="sinks"):
+        StreamingLLM(budget=8, sinks=-1)
+    with pytest.raises(ValueError, match="beta"):
+        PyramidKV(budget=8, beta=0.5)
+
+
+def test_defaults_follow_the_design():
+    s = SnapKV(ratio=0.5)
+    assert (s.window, s.kernel, s.pool, s.gqa) == (32, 7, "max", "mean")
+    assert StreamingLLM(budget=8).sinks == 4
+    assert PyramidKV(budget=8).beta == 20
+    assert H2O(budget=8).recent == 0.5
+    assert VATP(budget=8).sinks == 20
+
+
+def test_ratio_targets_and_budget_targets():
+    assert SnapKV(ratio=0.5).target_length(0, 1001, 0, 30) == 500
+    assert SnapKV(ratio=0.0).target_length(0, 100, 0, 30) == 100
+    assert SnapKV(budget=64).target_length(0, 1000, 3, 30) == 64
+    # continuation chunk: old slots keep their count, the chunk is compressed
+    assert SnapKV(ratio=0.75).target_length(40, 100, 0, 30) == 65
+
+
+def test_pyramid_budgets_decrease_linearly_and_average_to_the_budget():
+    m = PyramidKV(budget=100)
+    per_layer = [m.layer_budget(i, 30, 100.0) for i in range(30)]
+    assert per_layer[0] == pytest.approx(200 - 5)
+    assert per_layer[-1] == pytest.approx(5)
+    assert sum(per_layer) / 30 == pytest.approx(100)
+    assert all(a > b for a, b in zip(per_layer, per_layer[1:]))
+
+
+def test_repr_and_describe_show_settings():
+    m = kvc.SnapKV(budget=64)
+    assert "budget=64" in repr(m) and "window=32" in m.describe()
