@@ -333,11 +333,12 @@ enum kvc_status kvc_window_scores(const struct kvc_window_scores_params *p)
 #define LOAD_BF16_C(i) (kvc_bf16_to_f32(xh[(i)]))
 #define LOAD_BF16_S(i) (kvc_bf16_to_f32(xh[(i) * st]))
 
-KVC_INLINE float norm_row(const void *x, int32_t dtype, int64_t n, int64_t st, int32_t ord)
+/* The KVC_LANES partial sums of one row (before the lane tree). */
+KVC_INLINE void norm_row_acc(const void *x, int32_t dtype, int64_t n, int64_t st, int32_t ord,
+                             float *acc)
 {
     const float *xf = (const float *)x;
     const uint16_t *xh = (const uint16_t *)x;
-    float acc[KVC_LANES], s;
     int64_t i = 0;
     int l;
     for (l = 0; l < KVC_LANES; l++) acc[l] = 0.0f;
@@ -351,9 +352,51 @@ KVC_INLINE float norm_row(const void *x, int32_t dtype, int64_t n, int64_t st, i
         if (st == 1) KVC_NORM_ROW(LOAD_F32_C);
         else KVC_NORM_ROW(LOAD_F32_S);
     }
+}
+
+KVC_INLINE float norm_row(const void *x, int32_t dtype, int64_t n, int64_t st, int32_t ord)
+{
+    float acc[KVC_LANES], s;
+    norm_row_acc(x, dtype, n, st, ord, acc);
     s = kvc_lanes_sum(acc);
     return ord == 1 ? s : sqrtf(s);
 }
+
+#if defined(KVC_VEC) && (defined(__clang__) || __GNUC__ >= 12)
+#define KVC_NORM_BATCH 1
+#define NS2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+/* Norms of KVC_LANES rows at once: the lane trees of the 16 rows run as
+ * shuffles across rows (each row still adds acc[l] + acc[l + 8], then
+ * + 4, + 2, + 1, exactly as kvc_lanes_sum), and the square roots as one
+ * vector; per-row horizontal sums and scalar sqrt dominated D=64 rows. */
+KVC_INLINE void norm_lanes16(const kvc_vf *a, int32_t ord, float *res)
+{
+    kvc_vf b[8], c[4], e[2], f;
+    int j;
+    for (j = 0; j < 8; j++)
+        b[j] = NS2(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               NS2(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (j = 0; j < 4; j++)
+        c[j] = NS2(b[2 * j], b[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               NS2(b[2 * j], b[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (j = 0; j < 2; j++)
+        e[j] = NS2(c[2 * j], c[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               NS2(c[2 * j], c[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    f = NS2(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+        NS2(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    if (ord != 1) {
+        /* sqrt is correctly rounded in vector form too: one vsqrtps instead
+         * of 16 scalar ones, same bits */
+        float tmp[KVC_LANES];
+        memcpy(tmp, &f, sizeof f);
+#pragma omp simd
+        for (j = 0; j < KVC_LANES; j++) tmp[j] = __builtin_sqrtf(tmp[j]);
+        memcpy(&f, tmp, sizeof f);
+    }
+    memcpy(res, &f, sizeof f);
+}
+#undef NS2
+#endif
 
 static void KVC_HOT norm_rows(const struct kvc_vector_norm_params *p, int64_t r0, int64_t r1)
 {
@@ -361,8 +404,34 @@ static void KVC_HOT norm_rows(const struct kvc_vector_norm_params *p, int64_t r0
     const size_t es = kvc_dtype_size((enum kvc_dtype)p->x.dtype);
     /* walk (b, h, t) incrementally: a division per 64-element row costs as
      * much as the row itself */
-    int64_t b = r0 / (H * T), h = (r0 / T) % H, t = r0 % T, r;
-    for (r = r0; r < r1; r++) {
+    int64_t b = r0 / (H * T), h = (r0 / T) % H, t = r0 % T, r = r0;
+#ifdef KVC_NORM_BATCH
+    for (; r + KVC_LANES <= r1; r += KVC_LANES) {
+        kvc_vf a[KVC_LANES];
+        float *o[KVC_LANES], res[KVC_LANES];
+        int j;
+        for (j = 0; j < KVC_LANES; j++) {
+            const char *x = (const char *)p->x.data +
+                            (b * p->x.strides[0] + h * p->x.strides[1] + t * p->x.strides[2]) *
+                                (int64_t)es;
+            float acc[KVC_LANES];
+            o[j] = (float *)p->out.data + b * p->out.strides[0] + h * p->out.strides[1] +
+                   t * p->out.strides[2];
+            norm_row_acc(x, p->x.dtype, D, p->x.strides[3], p->ord, acc);
+            memcpy(&a[j], acc, sizeof acc);
+            if (++t == T) {
+                t = 0;
+                if (++h == H) {
+                    h = 0;
+                    b++;
+                }
+            }
+        }
+        norm_lanes16(a, p->ord, res);
+        for (j = 0; j < KVC_LANES; j++) *o[j] = res[j];
+    }
+#endif
+    for (; r < r1; r++) {
         const char *x = (const char *)p->x.data +
                         (b * p->x.strides[0] + h * p->x.strides[1] + t * p->x.strides[2]) *
                             (int64_t)es;
@@ -399,10 +468,14 @@ enum kvc_status kvc_vector_norm(const struct kvc_vector_norm_params *p)
 /* ------------------------------------------------------------------------ */
 
 #define POOL_COLS 4096
+#define POOL_MIN_PARALLEL 16384
 
 /* NaN-propagating max, like torch's max_pool1d. */
 /* Quiet comparisons (no FE_INVALID on quiet NaNs): GCC will not vectorise the
  * signalling `>` under -ftrapping-math, and the result is the same. */
+/* pool_max for operands known not to be NaN (then it is the same function). */
+KVC_INLINE float pool_max_num(float a, float b) { return b > a ? b : a; }
+
 KVC_INLINE float pool_max(float a, float b)
 {
     return (__builtin_isgreater(b, a) || __builtin_isunordered(b, b)) ? b : a;
@@ -425,10 +498,25 @@ static void KVC_HOT pool_cols(const struct kvc_pool1d_params *p, int64_t b, int6
          * taps unrolled and the running value kept in a register; others
          * take offset-outer passes over out[]. Both take each window left
          * to right, in the same order as the edge path below. */
+        int nan_in = 0;
+        if (is_max && lo < hi) {
+            /* Without NaNs pool_max is a plain max (vmaxps); one cheap scan
+             * of the inputs decides. */
+            const float *w = in + lo - r;
+            const int64_t nw = hi - lo + 2 * r;
+            int64_t j;
+            for (j = 0; j < nw; j++) nan_in |= w[j] != w[j];
+        }
         switch (k) {
 #define KVC_POOL_K(K)                                                             \
     case K:                                                                       \
-        if (is_max)                                                               \
+        if (is_max && !nan_in)                                                    \
+            for (t = lo; t < hi; t++) {                                           \
+                float v = in[t - (K) / 2];                                        \
+                for (o = 1; o < (K); o++) v = pool_max_num(v, in[t - (K) / 2 + o]); \
+                out[t] = v;                                                       \
+            }                                                                     \
+        else if (is_max)                                                          \
             for (t = lo; t < hi; t++) {                                           \
                 float v = in[t - (K) / 2];                                        \
                 for (o = 1; o < (K); o++) v = pool_max(v, in[t - (K) / 2 + o]);   \
@@ -463,15 +551,19 @@ static void KVC_HOT pool_cols(const struct kvc_pool1d_params *p, int64_t b, int6
     } else {
         lo = hi = t1;
     }
+    /* edges (and every column of strided rows): [t0, lo) and [hi, t1) only,
+     * with the window clipped to the row; t0 <= lo <= hi <= t1 here */
     for (t = t0; t < t1; t++) {
         float v;
-        int64_t j;
-        if (t >= lo && t < hi) continue;
-        v = is_max ? -INFINITY : 0.0f;
-        for (j = t - r; j <= t + r; j++) {
-            if (j < 0 || j >= T) continue;
-            v = is_max ? pool_max(v, in[j * is]) : v + in[j * is];
+        int64_t j, j0, j1;
+        if (t == lo) {
+            t = hi;
+            if (t >= t1) break;
         }
+        j0 = t - r > 0 ? t - r : 0;
+        j1 = t + r < T - 1 ? t + r : T - 1;
+        v = is_max ? -INFINITY : 0.0f;
+        for (j = j0; j <= j1; j++) v = is_max ? pool_max(v, in[j * is]) : v + in[j * is];
         out[t * os] = is_max ? v : v / den;
     }
 }
@@ -484,7 +576,10 @@ enum kvc_status kvc_pool1d(const struct kvc_pool1d_params *p)
     int nt = p->num_threads > 0 ? p->num_threads : 1;
     int64_t u;
     if (p->kernel < 1 || p->kernel % 2 == 0) return KVC_ERR_INVALID;
-#pragma omp parallel for schedule(static) num_threads(nt)
+    /* a parallel region costs more than pooling a few thousand columns;
+     * each output is computed the same way either way */
+    if (B * H * T < POOL_MIN_PARALLEL) nt = 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (u = 0; u < units; u++) {
         const int64_t row = u / per_row, c = u % per_row;
         const int64_t t1 = (c + 1) * POOL_COLS;

