@@ -30,6 +30,11 @@ from .methods.base import LayerView, Method
 # cache to attention functions).
 _pending = threading.local()
 
+_NO_CROP = (
+    "kvcompress.KVCache cannot be cropped (evicted tokens cannot be restored); "
+    "assisted/speculative decoding is not supported"
+)
+
 
 def take_pending(layer_idx: int, keys) -> "KVCache | None":
     """Return the cache whose ``update()`` just returned ``keys`` for ``layer_idx``.
@@ -79,9 +84,11 @@ class CompressedLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, layer_idx: int):
+    def __init__(self, layer_idx: int, interval: int = 0):
         super().__init__()
         self.layer_idx = layer_idx
+        # decode-policy slack: a layer never holds more than budget + interval
+        self._interval = interval
         self._kbuf: torch.Tensor | None = None
         self._vbuf: torch.Tensor | None = None
         self.n = 0
@@ -118,7 +125,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx)
+        self.__init__(self.layer_idx, self._interval)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._index_batch(beam_idx)
@@ -133,10 +140,7 @@ class CompressedLayer(CacheLayerMixin):
         self._index_batch(idx)
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError(
-            "kvcompress.KVCache cannot be cropped (evicted tokens cannot be restored); "
-            "assisted/speculative decoding is not supported"
-        )
+        raise NotImplementedError(_NO_CROP)
 
     def offload(self):
         raise NotImplementedError("kvcompress.KVCache does not support offloading")
@@ -176,8 +180,6 @@ class CompressedLayer(CacheLayerMixin):
         kbuf[:, :, : self.n] = self._kbuf[:, :, : self.n]
         vbuf[:, :, : self.n] = self._vbuf[:, :, : self.n]
         self._kbuf, self._vbuf = kbuf, vbuf
-
-    _interval = 0
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         q = int(key_states.shape[2])
@@ -322,9 +324,8 @@ class KVCache(Cache):
         if key_states.ndim != 4:
             raise ValueError(f"key_states: expected [B, H, q, D], got shape {tuple(key_states.shape)}")
         while len(self.layers) <= layer_idx:
-            self.layers.append(CompressedLayer(len(self.layers)))
+            self.layers.append(CompressedLayer(len(self.layers), getattr(self.method, "interval", 0)))
         layer = self.layers[layer_idx]
-        layer._interval = getattr(self.method, "interval", 0)
         keys, values = layer.update(key_states, value_states)
         self._awaiting = layer_idx
         _pending.entry = (self, layer_idx, keys)
@@ -347,10 +348,10 @@ class KVCache(Cache):
         return False
 
     def crop(self, max_length: int) -> None:
-        CompressedLayer.crop(None, max_length)
+        raise NotImplementedError(_NO_CROP)
 
     # ---------------------------------------------------------- compression
-    def after_attention(self, layer_idx: int, queries, scaling: float, padding_mask=None) -> None:
+    def after_attention(self, layer_idx: int, queries, scaling: float) -> None:
         """Compress ``layer_idx`` once its attention has run (called by the
         ``"kvcompress"`` attention function with the layer's queries
         ``[B, Hq, q, D]``)."""
@@ -375,7 +376,6 @@ class KVCache(Cache):
         for name in method.slot_state:
             if name not in layer.state:
                 layer.state[name] = torch.zeros(layer.keys.shape[:3], dtype=torch.float32, device=layer.keys.device)
-        view.state = layer.state
         method.init_state(view)
         if phase == "prefill":
             target = method.target_length(layer.n - n_chunk, n_chunk, layer_idx, view.num_layers)
