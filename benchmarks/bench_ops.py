@@ -16,20 +16,17 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
 from kvcompress import ops
+
+from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 B, HQ, HKV, D, WINDOW = 1, 9, 3, 64, 32
@@ -166,23 +163,6 @@ def cases(quick):
 # ----------------------------------------------------------------- report
 
 
-def machine():
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return dict(
-        cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
-        numpy=np.__version__, openmp=bool(ops._C.has_openmp), loadavg_at_start=[round(x, 2) for x in load],
-    )
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts (both libraries)")
@@ -209,22 +189,17 @@ def main(argv=None):
                 f"  x{rec['ratio']:6.2f}  C {rec['c_GBps']:6.2f} GB/s",
                 flush=True,
             )
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, os.path.dirname(HERE))] + (argv if argv is not None else sys.argv[1:]))
-    result = dict(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"), machine=info,
+    command = command_line(__file__, argv)
+    result = dict(command=command, date=now(), machine=info,
                   memcpy_GBps=bw / 1e9, records=records)
     if args.no_write:
         return result
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "bench_ops.json"), "w") as f:
-        json.dump(result, f, indent=1)
     lines = [
         f"## bench_ops ({result['date']})",
         "",
         f"Command: `{command}`",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, torch {info['torch']}, "
-        f"NumPy {info['numpy']}, OpenMP {'on' if info['openmp'] else 'off'}; load average at start "
-        f"{info['loadavg_at_start']}.",
+        machine_line(info),
         f"Reference bandwidth: 256 MiB NumPy copy = {bw / 1e9:.2f} GB/s (read + write).",
         "Times are medians of interleaved reps; ratio = torch / C (> 1: C faster); "
         "GB/s = bytes the op must read + write / time.",
@@ -237,8 +212,7 @@ def main(argv=None):
             f"| {r['threads']} | {r['op']} | {r['case']} | {r['dtype']} | {r['c_ms']:.3f} | {r['torch_ms']:.3f} | "
             f"{r['ratio']:.2f} | {r['c_GBps']:.2f} | {100 * r['c_GBps'] * 1e9 / bw:.0f}% |"
         )
-    with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-        f.write("\n".join(lines) + "\n\n")
+    write_results("bench_ops", result, lines)
     return result
 
 

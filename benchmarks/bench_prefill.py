@@ -22,7 +22,7 @@ import torch
 import kvcompress as kvc
 from kvcompress.cache import KVCache
 
-from bench_ops import machine  # noqa: E402  (same folder: scripts run from it)
+from _common import machine  # noqa: E402  (same folder: scripts run from it)
 
 HERE = Path(__file__).resolve().parent
 

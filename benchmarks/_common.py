@@ -1,0 +1,74 @@
+"""Shared pieces of the benchmark scripts: machine description, the exact
+command line, and writing ``results/<name>.json`` + a ``RESULTS.md`` section."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def machine() -> dict:
+    """CPU model, core count, library versions and load average right now."""
+    import numpy as np
+    import torch
+
+    from kvcompress import ops
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    info = dict(
+        cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+        numpy=np.__version__, openmp=bool(ops._C.has_openmp), loadavg_at_start=[round(x, 2) for x in load],
+    )
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def machine_line(info: dict) -> str:
+    """One Markdown sentence describing ``machine()``'s result."""
+    extra = f", transformers {info['transformers']}" if "transformers" in info else ""
+    return (f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, torch {info['torch']}"
+            f"{extra}, NumPy {info['numpy']}, OpenMP {'on' if info['openmp'] else 'off'}; load average at start "
+            f"{info['loadavg_at_start']}.")
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that reproduces this run, relative to the repository root."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    rel = os.path.relpath(os.path.abspath(script), os.path.dirname(HERE))
+    return "python " + " ".join(shlex.quote(a) for a in [rel] + args)
+
+
+def now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def write_results(name: str, result: dict, lines: list[str], json_path: str | None = None) -> str:
+    """Write ``result`` as JSON (default ``results/<name>.json``) and append
+    ``lines`` (a Markdown section) to ``RESULTS.md``; return the JSON path."""
+    path = json_path or os.path.join(HERE, "results", f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
+        f.write("\n".join(lines).rstrip("\n") + "\n\n")
+    return path
