@@ -1,0 +1,70 @@
+/*
+ * module.h - shared by the files of the CPython extension kvcompress._C
+ * (module*.c, the only files that touch Python): module state, the
+ * DLPack argument type and the import/validation helpers of module_bridge.c.
+ *
+ * Convention: every helper that can fail returns -1 (or NULL) with a Python
+ * exception set, 0 (or a new reference) on success.
+ */
+#ifndef KVC_MODULE_H
+#define KVC_MODULE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "dlpack.h"
+#include "kvc.h"
+
+/* Per-type cache of DLPack C exchange tables (see dl_take). A handful of
+ * entries covers the frameworks one process mixes (torch, NumPy, ...). */
+#define XAPI_CACHE 4
+
+struct kvc_state {
+    PyObject *Error;      /* KVCompressError(Exception) */
+    PyObject *ValueError; /* KVCompressValueError(KVCompressError, ValueError) */
+    PyObject *TypeError;  /* KVCompressTypeError(KVCompressError, TypeError) */
+    int num_threads;
+    int use_xapi;                        /* 0 forces __dlpack__ (tests) */
+    PyObject *xapi_type[XAPI_CACHE];     /* strong refs to the cached types */
+    const DLPackExchangeAPI *xapi[XAPI_CACHE]; /* NULL: type has no usable table */
+    int xapi_next;
+};
+
+#define DT_FLOAT ((1u << KVC_F32) | (1u << KVC_F16) | (1u << KVC_BF16))
+#define DT_F32 (1u << KVC_F32)
+#define DT_INDEX ((1u << KVC_I32) | (1u << KVC_I64))
+#define DT_I64 (1u << KVC_I64)
+
+/* An argument taken over from its producer. Exactly one of mv / ml is set
+ * while we own the managed tensor; arg_release hands it back. */
+struct kvc_arg {
+    const char *name;
+    DLManagedTensorVersioned *mv;
+    DLManagedTensor *ml;
+    DLTensor *t;
+    int read_only;
+    struct kvc_view view;
+};
+
+int kvc_py_arg_import(struct kvc_state *st, PyObject *obj, const char *name, int ndim, const char *dims, unsigned dtypes, int is_out, struct kvc_arg *a);
+void kvc_py_arg_release(struct kvc_arg *a);
+void kvc_py_args_release(struct kvc_arg *a, int n);
+int kvc_py_check_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t want);
+int kvc_py_check_output(struct kvc_state *st, const struct kvc_arg *out, const struct kvc_arg *others, int n_others);
+int kvc_py_check_shape(struct kvc_state *st, const struct kvc_arg *a, const int64_t *want, const char *dims);
+void kvc_py_dl_dtype_name(DLDataType dt, char *buf, size_t n);
+int kvc_py_dl_dtype(DLDataType dt, enum kvc_dtype *out);
+int kvc_py_dl_take(struct kvc_state *st, PyObject *obj, const char *name, struct kvc_arg *a);
+int kvc_py_get_int64(struct kvc_state *st, PyObject *o, const char *name, int64_t *out);
+struct kvc_state *kvc_py_get_state(PyObject *module);
+int kvc_py_import_kv_start(struct kvc_state *st, PyObject *obj, int64_t B, int64_t limit, struct kvc_arg *a);
+int kvc_py_raise_from(PyObject *type, const char *fmt, ...);
+int kvc_py_raise_status(struct kvc_state *st, enum kvc_status s, const char *op);
+/* Both raise helpers always return -1, for `return kvc_py_raise(...)`. */
+int kvc_py_raise(PyObject *type, const char *fmt, ...);
+int64_t kvc_py_view_numel(const struct kvc_view *v);
+
+/* Method tables of the op files, added to the module at init. */
+extern PyMethodDef kvc_py_core_methods[];
+
+#endif /* KVC_MODULE_H */

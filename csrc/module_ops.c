@@ -1,0 +1,403 @@
+/*
+ * module_ops.c - bindings of the core ops (window_scores, vector_norm,
+ * pool1d, select_topk, gather): validate once, run with the GIL released,
+ * map status codes to exceptions.
+ */
+#include "module.h"
+
+#include <math.h>
+#include <string.h>
+
+#include "compact.h"
+#include "kvc_math.h"
+#include "score.h"
+#include "select.h"
+
+/* ------------------------------------------------------------------------ */
+/* ops                                                                      */
+/* ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(window_scores_doc,
+             "window_scores(queries, keys, out, scaling, gqa_max, kv_start)\n--\n\n"
+             "Low-level: see kvcompress.ops.window_scores.");
+
+static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_arg a[4]; /* queries, keys, out, kv_start */
+    struct kvc_window_scores_params p;
+    enum kvc_status s;
+    double scaling;
+    int gqa_max, n = 0;
+    void *scratch = NULL;
+    PyObject *ret = NULL;
+    memset(a, 0, sizeof a);
+    memset(&p, 0, sizeof p);
+    if (kvc_py_check_nargs("window_scores", nargs, 6) < 0) return NULL;
+    scaling = PyFloat_AsDouble(args[3]);
+    if (scaling == -1.0 && PyErr_Occurred()) {
+        kvc_py_raise_from(st->TypeError, "scaling: expected a float");
+        return NULL;
+    }
+    if (!isfinite(scaling)) {
+        kvc_py_raise(st->ValueError, "scaling: must be finite, got %R", args[3]);
+        return NULL;
+    }
+    gqa_max = PyObject_IsTrue(args[4]);
+    if (gqa_max < 0) return NULL;
+
+    if (kvc_py_arg_import(st, args[0], "queries", 4, "[B, Hq, Tq, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
+    n = 1;
+    if (kvc_py_arg_import(st, args[1], "keys", 4, "[B, Hkv, Tk, D]", DT_FLOAT, 0, &a[1]) < 0) goto done;
+    n = 2;
+    if (kvc_py_arg_import(st, args[2], "out", 3, "[B, Hkv, Tk]", DT_F32, 1, &a[2]) < 0) goto done;
+    n = 3;
+    {
+        const struct kvc_view *q = &a[0].view, *k = &a[1].view;
+        int64_t want[3];
+        if (q->dtype != k->dtype) {
+            kvc_py_raise(st->TypeError, "keys: dtype %s does not match queries dtype %s",
+                  kvc_dtype_name((enum kvc_dtype)k->dtype), kvc_dtype_name((enum kvc_dtype)q->dtype));
+            goto done;
+        }
+        if (k->shape[0] != q->shape[0]) {
+            kvc_py_raise(st->ValueError, "keys: batch size %lld does not match queries (%lld)",
+                  (long long)k->shape[0], (long long)q->shape[0]);
+            goto done;
+        }
+        if (k->shape[3] != q->shape[3]) {
+            kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
+                  (long long)k->shape[3], (long long)q->shape[3]);
+            goto done;
+        }
+        if (k->shape[1] == 0 ? q->shape[1] != 0 : q->shape[1] % k->shape[1] != 0) {
+            kvc_py_raise(st->ValueError,
+                  "queries: %lld heads is not a multiple of the %lld kv heads of keys",
+                  (long long)q->shape[1], (long long)k->shape[1]);
+            goto done;
+        }
+        if (q->shape[2] > k->shape[2]) {
+            kvc_py_raise(st->ValueError,
+                  "queries: %lld queries but only %lld keys (queries are the last Tq positions)",
+                  (long long)q->shape[2], (long long)k->shape[2]);
+            goto done;
+        }
+        want[0] = k->shape[0];
+        want[1] = k->shape[1];
+        want[2] = k->shape[2];
+        if (kvc_py_check_shape(st, &a[2], want, "[B, Hkv, Tk]") < 0) goto done;
+        if (kvc_py_import_kv_start(st, args[5], q->shape[0], k->shape[2], &a[3]) < 0) goto done;
+        n = 4;
+        if (kvc_py_check_output(st, &a[2], a, 4) < 0) goto done;
+    }
+    p.q = a[0].view;
+    p.k = a[1].view;
+    p.out = a[2].view;
+    p.kv_start = a[3].t ? (const int64_t *)a[3].view.data : NULL;
+    p.kv_start_stride = a[3].t ? a[3].view.strides[0] : 0;
+    p.scaling = (float)scaling;
+    p.gqa = gqa_max ? KVC_GQA_MAX : KVC_GQA_MEAN;
+    p.num_threads = st->num_threads;
+    if (kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0) {
+        p.scratch_bytes = kvc_window_scores_scratch_bytes(&p);
+        scratch = PyMem_RawMalloc(p.scratch_bytes);
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        p.scratch = scratch;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    s = kvc_window_scores(&p);
+    Py_END_ALLOW_THREADS
+    if (s != KVC_OK) {
+        kvc_py_raise_status(st, s, "window_scores");
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(scratch);
+    kvc_py_args_release(a, n);
+    return ret;
+}
+
+PyDoc_STRVAR(vector_norm_doc, "vector_norm(x, out, ord)\n--\n\n"
+                              "Low-level: see kvcompress.ops.vector_norm.");
+
+static PyObject *py_vector_norm(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_arg a[2];
+    struct kvc_vector_norm_params p;
+    enum kvc_status s;
+    int64_t ord, want[3];
+    int n = 0;
+    PyObject *ret = NULL;
+    memset(a, 0, sizeof a);
+    if (kvc_py_check_nargs("vector_norm", nargs, 3) < 0) return NULL;
+    if (kvc_py_get_int64(st, args[2], "ord", &ord) < 0) return NULL;
+    if (ord != 1 && ord != 2) {
+        kvc_py_raise(st->ValueError, "ord: expected 1 or 2, got %lld", (long long)ord);
+        return NULL;
+    }
+    if (kvc_py_arg_import(st, args[0], "x", 4, "[B, H, T, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
+    n = 1;
+    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, T]", DT_F32, 1, &a[1]) < 0) goto done;
+    n = 2;
+    memcpy(want, a[0].view.shape, sizeof want);
+    if (kvc_py_check_shape(st, &a[1], want, "[B, H, T]") < 0) goto done;
+    if (kvc_py_check_output(st, &a[1], a, 2) < 0) goto done;
+    p.x = a[0].view;
+    p.out = a[1].view;
+    p.ord = (int32_t)ord;
+    p.num_threads = st->num_threads;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvc_vector_norm(&p);
+    Py_END_ALLOW_THREADS
+    if (s != KVC_OK) {
+        kvc_py_raise_status(st, s, "vector_norm");
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_args_release(a, n);
+    return ret;
+}
+
+PyDoc_STRVAR(pool1d_doc, "pool1d(scores, out, kernel, avg)\n--\n\n"
+                         "Low-level: see kvcompress.ops.pool1d.");
+
+static PyObject *py_pool1d(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_arg a[2];
+    struct kvc_pool1d_params p;
+    enum kvc_status s;
+    int64_t kernel;
+    int avg, n = 0;
+    PyObject *ret = NULL;
+    memset(a, 0, sizeof a);
+    if (kvc_py_check_nargs("pool1d", nargs, 4) < 0) return NULL;
+    if (kvc_py_get_int64(st, args[2], "kernel", &kernel) < 0) return NULL;
+    if (kernel < 1 || kernel % 2 == 0) {
+        kvc_py_raise(st->ValueError, "kernel: expected an odd size >= 1, got %lld", (long long)kernel);
+        return NULL;
+    }
+    avg = PyObject_IsTrue(args[3]);
+    if (avg < 0) return NULL;
+    if (kvc_py_arg_import(st, args[0], "scores", 3, "[B, H, T]", DT_F32, 0, &a[0]) < 0) goto done;
+    n = 1;
+    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, T]", DT_F32, 1, &a[1]) < 0) goto done;
+    n = 2;
+    if (kvc_py_check_shape(st, &a[1], a[0].view.shape, "[B, H, T]") < 0) goto done;
+    if (kvc_py_check_output(st, &a[1], a, 2) < 0) goto done;
+    p.in = a[0].view;
+    p.out = a[1].view;
+    p.kernel = kernel;
+    p.mode = avg ? KVC_POOL_AVG : KVC_POOL_MAX;
+    p.num_threads = st->num_threads;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvc_pool1d(&p);
+    Py_END_ALLOW_THREADS
+    if (s != KVC_OK) {
+        kvc_py_raise_status(st, s, "pool1d");
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_args_release(a, n);
+    return ret;
+}
+
+PyDoc_STRVAR(select_topk_doc, "select_topk(scores, out, k, sinks, window, kv_start)\n--\n\n"
+                              "Low-level: see kvcompress.ops.select_topk.");
+
+static PyObject *py_select_topk(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_arg a[4]; /* scores, out, k, kv_start */
+    struct kvc_select_topk_params p;
+    enum kvc_status s;
+    int64_t sinks, window, B, H, T, kmax = 0, b, h, want[3];
+    int n = 0;
+    PyObject *ret = NULL;
+    memset(a, 0, sizeof a);
+    memset(&p, 0, sizeof p);
+    if (kvc_py_check_nargs("select_topk", nargs, 6) < 0) return NULL;
+    if (kvc_py_get_int64(st, args[3], "sinks", &sinks) < 0) return NULL;
+    if (kvc_py_get_int64(st, args[4], "window", &window) < 0) return NULL;
+    if (sinks < 0 || window < 0) {
+        kvc_py_raise(st->ValueError, "%s: must be >= 0, got %lld", sinks < 0 ? "sinks" : "window",
+              (long long)(sinks < 0 ? sinks : window));
+        return NULL;
+    }
+    if (kvc_py_arg_import(st, args[0], "scores", 3, "[B, H, T]", DT_F32, 0, &a[0]) < 0) goto done;
+    n = 1;
+    B = a[0].view.shape[0];
+    H = a[0].view.shape[1];
+    T = a[0].view.shape[2];
+    if (PyLong_Check(args[2]) && !PyBool_Check(args[2])) {
+        if (kvc_py_get_int64(st, args[2], "k", &p.k_all) < 0) goto done;
+        kmax = p.k_all;
+        if (kmax < 1 || kmax > T) {
+            /* checked even when there are no rows */
+            kvc_py_raise(st->ValueError, "k: %lld is outside [1, T] = [1, %lld]", (long long)kmax,
+                  (long long)T);
+            goto done;
+        }
+    } else {
+        if (PyBool_Check(args[2])) {
+            kvc_py_raise(st->TypeError, "k: expected an int or an integer tensor [B, H], got bool");
+            goto done;
+        }
+        if (kvc_py_arg_import(st, args[2], "k", 2, "[B, H]", DT_INDEX, 0, &a[2]) < 0) goto done;
+        if (a[2].view.shape[0] != B || a[2].view.shape[1] != H) {
+            kvc_py_raise(st->ValueError, "k: expected shape [B, H] = [%lld, %lld], got [%lld, %lld]",
+                  (long long)B, (long long)H, (long long)a[2].view.shape[0],
+                  (long long)a[2].view.shape[1]);
+            goto release_k;
+        }
+        p.k = a[2].view;
+    }
+    if (kvc_py_import_kv_start(st, args[5], B, T, &a[3]) < 0) goto release_k;
+    n = 4;
+    /* every row's k against T and its forced keeps */
+    for (b = 0; b < B; b++) {
+        int64_t sb = a[3].t ? ((const int64_t *)a[3].view.data)[b * a[3].view.strides[0]] : 0;
+        int64_t forced = kvc_select_forced_count(T, sinks, window, sb);
+        for (h = 0; h < H; h++) {
+            int64_t k = p.k.data ? kvc_load_index(p.k.data, p.k.dtype,
+                                                  b * p.k.strides[0] + h * p.k.strides[1])
+                                 : p.k_all;
+            if (k < 1 || k > T) {
+                kvc_py_raise(st->ValueError, "k: %lld at (b=%lld, h=%lld) is outside [1, T] = [1, %lld]",
+                      (long long)k, (long long)b, (long long)h, (long long)T);
+                goto done;
+            }
+            if (forced > k) {
+                kvc_py_raise(st->ValueError,
+                      "k: %lld at (b=%lld, h=%lld) is smaller than the %lld forced keeps "
+                      "(sinks=%lld, window=%lld)",
+                      (long long)k, (long long)b, (long long)h, (long long)forced,
+                      (long long)sinks, (long long)window);
+                goto done;
+            }
+            if (p.k.data && k > kmax) kmax = k;
+        }
+    }
+    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, kmax]", DT_I64, 1, &a[1]) < 0) goto done;
+    want[0] = B;
+    want[1] = H;
+    want[2] = kmax;
+    if (kvc_py_check_shape(st, &a[1], want, "[B, H, kmax]") < 0) goto done;
+    if (kvc_py_check_output(st, &a[1], a, 4) < 0) goto done;
+    p.scores = a[0].view;
+    p.out = a[1].view;
+    p.sinks = sinks;
+    p.window = window;
+    p.kv_start = a[3].t ? (const int64_t *)a[3].view.data : NULL;
+    p.kv_start_stride = a[3].t ? a[3].view.strides[0] : 0;
+    p.num_threads = st->num_threads;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvc_select_topk(&p);
+    Py_END_ALLOW_THREADS
+    if (s != KVC_OK) {
+        kvc_py_raise_status(st, s, "select_topk");
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+    goto done;
+release_k:
+    n = 3;
+done:
+    kvc_py_args_release(a, n);
+    return ret;
+}
+
+PyDoc_STRVAR(gather_doc, "gather(keys, values, indices, out_keys, out_values)\n--\n\n"
+                         "Low-level: see kvcompress.ops.gather.");
+
+static PyObject *py_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_arg a[5]; /* keys, values, indices, out_keys, out_values */
+    struct kvc_gather_params p;
+    enum kvc_status s;
+    int64_t want[4], bad_value, bad_pos[KVC_MAX_DIMS];
+    int n = 0;
+    PyObject *ret = NULL;
+    memset(a, 0, sizeof a);
+    if (kvc_py_check_nargs("gather", nargs, 5) < 0) return NULL;
+    if (kvc_py_arg_import(st, args[0], "keys", 4, "[B, H, T, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
+    n = 1;
+    if (kvc_py_arg_import(st, args[1], "values", 4, "[B, H, T, Dv]", DT_FLOAT, 0, &a[1]) < 0) goto done;
+    n = 2;
+    if (kvc_py_arg_import(st, args[2], "indices", 3, "[B, H, n]", DT_INDEX, 0, &a[2]) < 0) goto done;
+    n = 3;
+    if (kvc_py_arg_import(st, args[3], "out_keys", 4, "[B, H, n, D]", DT_FLOAT, 1, &a[3]) < 0) goto done;
+    n = 4;
+    if (kvc_py_arg_import(st, args[4], "out_values", 4, "[B, H, n, Dv]", DT_FLOAT, 1, &a[4]) < 0)
+        goto done;
+    n = 5;
+    {
+        const struct kvc_view *k = &a[0].view, *v = &a[1].view, *ix = &a[2].view;
+        int i;
+        if (v->dtype != k->dtype) {
+            kvc_py_raise(st->TypeError, "values: dtype %s does not match keys dtype %s",
+                  kvc_dtype_name((enum kvc_dtype)v->dtype), kvc_dtype_name((enum kvc_dtype)k->dtype));
+            goto done;
+        }
+        for (i = 3; i < 5; i++)
+            if (a[i].view.dtype != k->dtype) {
+                kvc_py_raise(st->TypeError, "%s: dtype %s does not match keys dtype %s", a[i].name,
+                      kvc_dtype_name((enum kvc_dtype)a[i].view.dtype),
+                      kvc_dtype_name((enum kvc_dtype)k->dtype));
+                goto done;
+            }
+        want[0] = k->shape[0];
+        want[1] = k->shape[1];
+        want[2] = k->shape[2];
+        want[3] = v->shape[3];
+        if (kvc_py_check_shape(st, &a[1], want, "[B, H, T, Dv]") < 0) goto done;
+        want[2] = ix->shape[2];
+        if (kvc_py_check_shape(st, &a[2], want, "[B, H, n]") < 0) goto done;
+        want[3] = k->shape[3];
+        if (kvc_py_check_shape(st, &a[3], want, "[B, H, n, D]") < 0) goto done;
+        want[3] = v->shape[3];
+        if (kvc_py_check_shape(st, &a[4], want, "[B, H, n, Dv]") < 0) goto done;
+        if (kvc_py_check_output(st, &a[3], a, 5) < 0 || kvc_py_check_output(st, &a[4], a, 5) < 0) goto done;
+        if (kvc_indices_check(ix, 0, k->shape[2], &bad_value, bad_pos) != KVC_OK) {
+            kvc_py_raise(st->ValueError,
+                  "indices: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
+                  (long long)bad_value, (long long)bad_pos[0], (long long)bad_pos[1],
+                  (long long)bad_pos[2], (long long)k->shape[2]);
+            goto done;
+        }
+    }
+    p.keys = a[0].view;
+    p.values = a[1].view;
+    p.indices = a[2].view;
+    p.out_keys = a[3].view;
+    p.out_values = a[4].view;
+    p.num_threads = st->num_threads;
+    Py_BEGIN_ALLOW_THREADS
+    s = kvc_gather(&p);
+    Py_END_ALLOW_THREADS
+    if (s != KVC_OK) {
+        kvc_py_raise_status(st, s, "gather");
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_args_release(a, n);
+    return ret;
+}
+
+PyMethodDef kvc_py_core_methods[] = {
+    {"window_scores", (PyCFunction)(void (*)(void))py_window_scores, METH_FASTCALL,
+     window_scores_doc},
+    {"vector_norm", (PyCFunction)(void (*)(void))py_vector_norm, METH_FASTCALL, vector_norm_doc},
+    {"pool1d", (PyCFunction)(void (*)(void))py_pool1d, METH_FASTCALL, pool1d_doc},
+    {"select_topk", (PyCFunction)(void (*)(void))py_select_topk, METH_FASTCALL, select_topk_doc},
+    {"gather", (PyCFunction)(void (*)(void))py_gather, METH_FASTCALL, gather_doc},
+    {NULL, NULL, 0, NULL}};
