@@ -27,6 +27,8 @@ _LAZY = {
     "register": ("kvcompress.hf", "register"),
     "CompressionSession": ("kvcompress.hf", "CompressionSession"),
     "load_default_model": ("kvcompress.model", "load_default_model"),
+    "load_model": ("kvcompress.model", "load_model"),
+    "testing": ("kvcompress.testing", None),
     "Method": ("kvcompress.methods", "Method"),
     "StreamingLLM": ("kvcompress.methods", "StreamingLLM"),
     "SnapKV": ("kvcompress.methods", "SnapKV"),

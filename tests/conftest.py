@@ -39,3 +39,40 @@ def tiny_model():
     )
     model = LlamaForCausalLM(config).eval()
     return model
+
+
+def _byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + <eos> = 256), built locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>")
+    tok.padding_side = "left"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """``(model, tokenizer, folder)``: a random 4-layer GQA Llama with a byte
+    tokenizer, saved as a Hugging Face model folder (no download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _byte_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+        pad_token_id=tok.eos_token_id, bos_token_id=None, eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config).eval()
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok, folder

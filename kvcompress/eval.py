@@ -1,0 +1,293 @@
+"""The evaluation harness behind ``python -m kvcompress eval``.
+
+Every method × setting (budget or ratio) runs the same tasks on the same
+inputs as the full cache, which is always the first row:
+
+- ``passkey``: a 5-digit key hidden at each depth of filler of each length;
+  exact match of the first number generated;
+- ``fidelity``: KL(full ‖ compressed) of the next-token distribution and
+  top-1 agreement over ``k`` teacher-forced decode steps;
+- ``ppl``: perplexity of continuations read after a compressed context.
+
+:func:`run_eval` returns a JSON-ready dict (schema ``SCHEMA``);
+:func:`markdown` renders its table and :func:`write_outputs` saves JSON,
+Markdown and PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import testing as T
+from .methods import REGISTRY, method_from_name
+
+SCHEMA = "kvcompress.eval/1"
+TASKS = ("passkey", "fidelity", "ppl")
+
+
+@dataclass
+class EvalConfig:
+    """What to run. ``budgets`` xor ``ratios`` give the settings of every method."""
+
+    methods: list[str] = field(default_factory=lambda: list(REGISTRY))
+    budgets: list[int] | None = field(default_factory=lambda: [64, 128, 256])
+    ratios: list[float] | None = None
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    lengths: list[int] = field(default_factory=lambda: [1000, 2000])
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    max_new_tokens: int = 8
+    fidelity_texts: int = 4
+    fidelity_context: int = 1024
+    k: int = 16
+    ppl_context: int = 1024
+    ppl_tokens: int = 128
+    ppl_windows: int = 4
+    text: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.budgets is None) == (self.ratios is None):
+            raise ValueError("budgets, ratios: give exactly one of them")
+        self.methods = [m.strip().lower() for m in self.methods if m.strip()]
+        for m in self.methods:
+            if m not in REGISTRY:
+                raise ValueError(f"methods: unknown method {m!r}; choose from {', '.join(REGISTRY)}")
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ValueError(f"tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
+        if not self.tasks:
+            raise ValueError("tasks: need at least one task")
+        if self.budgets is not None and any(b < 1 for b in self.budgets):
+            raise ValueError(f"budgets: must be >= 1, got {self.budgets}")
+        if self.ratios is not None and any(not 0 <= r < 1 for r in self.ratios):
+            raise ValueError(f"ratios: must be in [0, 1), got {self.ratios}")
+        if any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"depths: must be in [0, 1], got {self.depths}")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"lengths: must be >= 1, got {self.lengths}")
+
+    @classmethod
+    def quick(cls, **overrides) -> "EvalConfig":
+        """The ``--quick`` preset: four methods × three budgets, small tasks
+        (about 3 minutes for the default model on 2 CPU cores)."""
+        base = dict(methods=["streamingllm", "snapkv", "knorm", "h2o"], budgets=[64, 128, 256], lengths=[1000],
+                    depths=[0.1, 0.5, 0.9], fidelity_texts=1, fidelity_context=512, k=8, ppl_context=512,
+                    ppl_tokens=64, ppl_windows=1)
+        base.update(overrides)
+        return cls(**base)
+
+    @property
+    def axis(self) -> str:
+        return "budget" if self.budgets is not None else "ratio"
+
+    def settings(self) -> list:
+        return list(self.budgets if self.budgets is not None else self.ratios)
+
+
+def _model_info(model, name: str | None) -> dict:
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None)
+    return dict(
+        name=name or getattr(cfg, "name_or_path", None) or type(model).__name__,
+        architecture=type(model).__name__, layers=getattr(cfg, "num_hidden_layers", None),
+        q_heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", heads),
+        head_dim=getattr(cfg, "head_dim", None) or (cfg.hidden_size // heads if heads else None),
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+    )
+
+
+def _rows(config: EvalConfig):
+    yield "full", None, None
+    for name in config.methods:
+        for value in config.settings():
+            kw = {config.axis: value}
+            yield name, value, method_from_name(name, **kw)
+
+
+def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = None, progress: bool = True) -> dict:
+    """Run ``config`` on ``model``; return the results as a JSON-ready dict.
+
+    Rows: ``{"method", "label", "budget", "ratio", "seconds", "cache_bytes",
+    "compression", "passkey"?, "fidelity"?, "ppl"?}``; the first row is the
+    full cache (``method == "full"``). See ``SCHEMA`` and the README.
+    """
+    import torch
+
+    text = Path(config.text).read_text(encoding="utf-8") if config.text else None
+    grid = [(n, d) for n in config.lengths for d in config.depths] if "passkey" in config.tasks else []
+    refs, windows = [], []
+    rows_spec = list(_rows(config))
+    n_fid = config.fidelity_texts if "fidelity" in config.tasks else 0
+    n_ppl = config.ppl_windows if "ppl" in config.tasks else 0
+    total = len(rows_spec) * (len(grid) + n_fid + n_ppl) + n_fid
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="eval", unit="run")
+
+    def tick(label: str):
+        if bar is not None:
+            bar.set_postfix_str(label[:40], refresh=False)
+            bar.update()
+
+    started = time.perf_counter()
+    if n_fid:
+        texts = T.sample_passages(text or T.default_text(), n_fid, config.fidelity_context * 8, seed=config.seed)
+        for t in texts:
+            refs.append(T.fidelity_reference(model, tokenizer, t, context_tokens=config.fidelity_context, k=config.k))
+            tick("full-cache references")
+    if n_ppl:
+        windows = T.perplexity_windows(tokenizer, text, context_tokens=config.ppl_context,
+                                       continuation_tokens=config.ppl_tokens, windows=n_ppl, seed=config.seed)
+    rows = []
+    full_bytes: list[int] = []
+    try:
+        for name, value, method in rows_spec:
+            label = T.method_name(method)
+            short = "full cache" if value is None else f"{name} {config.axis}={value}"
+            t0 = time.perf_counter()
+            row = dict(method=name, label=label, budget=None, ratio=None)
+            if value is not None:
+                row[config.axis] = value
+            held = []
+            if grid:
+                cases = []
+                for i, (n, d) in enumerate(grid):
+                    case = T.passkey_case(model, tokenizer, method, n, d, filler_text=text, seed=config.seed + i,
+                                          max_new_tokens=config.max_new_tokens)
+                    cases.append(case)
+                    held.append(case.cache_bytes)
+                    tick(short)
+                result = T.PasskeyResult(label, cases)
+                row["passkey"] = dict(accuracy=result.accuracy, cases=[dataclasses.asdict(c) for c in cases])
+            if refs:
+                kls, agrees = [], []
+                for ref in refs:
+                    kl, agree = T.fidelity_case(model, method, ref)
+                    kls.append(kl)
+                    agrees.append(agree)
+                    tick(short)
+                kl_all, agree_all = torch.cat(kls), torch.cat(agrees)
+                row["fidelity"] = dict(kl=float(kl_all.mean()), kl_max=float(kl_all.max()),
+                                       top1=float(agree_all.mean()), k=config.k, texts=len(refs))
+            if windows:
+                nll, count = 0.0, 0
+                for ids in windows:
+                    w_nll, w_count = T.perplexity_window(model, method, ids, config.ppl_context)
+                    nll += w_nll
+                    count += w_count
+                    tick(short)
+                ppl = T.perplexity_result(label, nll, count, len(windows))
+                row["ppl"] = dict(ppl=ppl.ppl, nll=ppl.nll, tokens=ppl.tokens, windows=ppl.windows)
+            if method is None:
+                full_bytes = held
+            row["cache_bytes"] = max(held) if held else None
+            row["compression"] = (
+                sum(f / h for f, h in zip(full_bytes, held)) / len(held) if held and full_bytes else None
+            )
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    cfg = dataclasses.asdict(config)
+    return dict(
+        schema=SCHEMA,
+        created=datetime.datetime.now().isoformat(timespec="seconds"),
+        kvcompress=_version(),
+        model=_model_info(model, model_name),
+        machine=dict(python=platform.python_version(), torch=torch.__version__, cores=os.cpu_count(),
+                     threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine()),
+        config=cfg,
+        seconds=time.perf_counter() - started,
+        rows=rows,
+    )
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return format(value, spec)
+
+
+def markdown(results: dict) -> str:
+    """The results table (one row per method × setting, full cache first)."""
+    cfg = results["config"]
+    axis = "budget" if cfg.get("budgets") is not None else "ratio"
+    tasks = cfg["tasks"]
+    head = ["method", axis]
+    if "passkey" in tasks:
+        head.append("passkey")
+    if "fidelity" in tasks:
+        head += [f"KL@{cfg['k']}", "top-1"]
+    if "ppl" in tasks:
+        head.append("ppl")
+    if "passkey" in tasks:
+        head += ["cache MiB", "vs full"]
+    head.append("s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
+    for row in results["rows"]:
+        cells = ["full cache" if row["method"] == "full" else row["method"], _fmt(row.get(axis), "")]
+        if "passkey" in tasks:
+            cells.append(_fmt(row["passkey"]["accuracy"], ".2f"))
+        if "fidelity" in tasks:
+            cells += [_fmt(row["fidelity"]["kl"], ".4f"), _fmt(row["fidelity"]["top1"], ".3f")]
+        if "ppl" in tasks:
+            cells.append(_fmt(row["ppl"]["ppl"], ".3f"))
+        if "passkey" in tasks:
+            mib = row["cache_bytes"] / 2**20 if row["cache_bytes"] is not None else None
+            cells += [_fmt(mib, ".2f"), _fmt(row["compression"], ".1f") + ("x" if row["compression"] else "")]
+        cells.append(_fmt(row["seconds"], ".1f"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(results: dict) -> str:
+    """One paragraph saying what was run, for above the table."""
+    cfg, model = results["config"], results["model"]
+    parts = [f"Model {model['name']} ({model['layers']} layers, {model['kv_heads']} kv heads, {model['dtype']})."]
+    if "passkey" in cfg["tasks"]:
+        parts.append(f"Passkey: filler lengths {cfg['lengths']} tokens × depths {cfg['depths']}, exact match.")
+    if "fidelity" in cfg["tasks"]:
+        parts.append(f"Fidelity: {cfg['fidelity_texts']} texts, {cfg['fidelity_context']}-token context, "
+                     f"KL(full‖method) in nats and top-1 agreement over {cfg['k']} teacher-forced decode steps.")
+    if "ppl" in cfg["tasks"]:
+        parts.append(f"Perplexity: {cfg['ppl_windows']} windows, {cfg['ppl_context']}-token compressed context, "
+                     f"next {cfg['ppl_tokens']} tokens.")
+    parts.append("Budget = kept slots per kv head; ratio = fraction of the prompt removed. "
+                 "\"vs full\": full-cache bytes / bytes held after the passkey run (mean over prompts).")
+    return " ".join(parts)
+
+
+def write_outputs(results: dict, out_dir) -> list[Path]:
+    """Write ``results.json``, ``results.md`` and the PNG plots (when
+    matplotlib is installed) into ``out_dir``; return the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md"]
+    paths[0].write_text(json.dumps(results, indent=1))
+    paths[1].write_text(describe(results) + "\n\n" + markdown(results) + "\n")
+    from .plots import plot_passkey_heatmap, plot_scores
+
+    try:
+        plots = (plot_scores(results, out / "scores.png"), plot_passkey_heatmap(results, out / "passkey.png"))
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        return paths
+    return paths + [p for p in plots if p is not None]

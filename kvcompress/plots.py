@@ -1,0 +1,100 @@
+"""PNG plots of ``kvcompress.eval`` results (needs matplotlib: ``pip install 'kvcompress[eval]'``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_METRICS = (  # (task, key, title, log scale)
+    ("passkey", "accuracy", "passkey accuracy", False),
+    ("fidelity", "kl", "KL(full ‖ method), nats", True),
+    ("fidelity", "top1", "top-1 agreement", False),
+    ("ppl", "ppl", "perplexity", False),
+)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'kvcompress[eval]'", name="matplotlib") from e
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _axis(results: dict) -> str:
+    return "budget" if results["config"].get("budgets") is not None else "ratio"
+
+
+def plot_scores(results: dict, path) -> Path | None:
+    """Score vs budget (or ratio), one line per method, the full cache as a
+    dashed line; one panel per metric the run measured. Returns ``path``,
+    or ``None`` when no metric was measured."""
+    metrics = [m for m in _METRICS if m[0] in results["config"]["tasks"]]
+    if not metrics:
+        return None
+    plt = _pyplot()
+    axis = _axis(results)
+    rows = results["rows"]
+    full = rows[0]
+    methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, (task, key, title, log) in zip(axes[0], metrics):
+        for name in methods:
+            pts = sorted((r[axis], r[task][key]) for r in rows if r["method"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        base = full[task][key]
+        ax.axhline(base if not log or base > 0 else 1e-6, color="black", linestyle="--", linewidth=1,
+                   label="full cache")
+        if log:
+            ax.set_yscale("log")
+        if axis == "budget":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("kept slots per kv head" if axis == "budget" else "fraction removed")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(results["model"]["name"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_passkey_heatmap(results: dict, path) -> Path | None:
+    """Depth × filler-length grid of passkey answers (green = exact), one
+    panel per method and setting, full cache first. ``None`` without passkey."""
+    if "passkey" not in results["config"]["tasks"]:
+        return None
+    plt = _pyplot()
+    import numpy as np
+
+    cfg = results["config"]
+    lengths, depths = cfg["lengths"], cfg["depths"]
+    axis = _axis(results)
+    rows = results["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    settings = list(dict.fromkeys(r[axis] for r in rows[1:])) or [None]
+    fig, axes = plt.subplots(len(methods), len(settings), squeeze=False, layout="constrained",
+                             figsize=(1.2 + max(1.6, 0.5 * len(lengths)) * len(settings),
+                                      0.8 + max(1.0, 0.3 * len(depths)) * len(methods)))
+    for i, name in enumerate(methods):
+        for j, value in enumerate(settings):
+            ax = axes[i][j]
+            row = next((r for r in rows if r["method"] == name and (name == "full" or r[axis] == value)), None)
+            if row is None or (name == "full" and j > 0):
+                ax.axis("off")
+                continue
+            grid = np.full((len(depths), len(lengths)), np.nan)
+            for c in row["passkey"]["cases"]:
+                grid[depths.index(c["depth"]), lengths.index(c["n_filler"])] = float(c["ok"])
+            ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="lower")
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=6)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=6)
+            ax.set_title("full cache" if name == "full" else f"{name} {axis}={value}", fontsize=7)
+    fig.supxlabel("filler tokens", fontsize=8)
+    fig.supylabel("depth", fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

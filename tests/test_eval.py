@@ -1,0 +1,153 @@
+"""``kvcompress eval``: the JSON schema, the outputs, and that the full-cache
+row scores what the model scores outside the harness."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvcompress import cli
+from kvcompress import eval as ev
+from kvcompress import testing as T
+from kvcompress.tasks import default_text, passkey_prompt
+
+ROW_KEYS = {"method", "label", "budget", "ratio", "seconds", "cache_bytes", "compression"}
+TINY = ["--quick", "--methods", "snapkv,h2o", "--budgets", "16,32", "--lengths", "60,90", "--depths", "0,0.5",
+        "--new-tokens", "4", "--fidelity-context", "64", "-k", "4", "--ppl-context", "64", "--ppl-tokens", "16",
+        "--no-progress"]
+
+
+def check_schema(results, methods, settings, axis, tasks):
+    """Structure and value ranges of a results.json."""
+    assert results["schema"] == ev.SCHEMA
+    for key in ("created", "kvcompress", "model", "machine", "config", "seconds", "rows"):
+        assert key in results, key
+    assert {"name", "layers", "kv_heads", "head_dim", "dtype"} <= set(results["model"])
+    cfg = results["config"]
+    assert cfg["tasks"] == tasks and cfg["methods"] == methods
+    assert cfg[axis + "s"] == settings
+    rows = results["rows"]
+    assert [(r["method"], r[axis]) for r in rows] == [("full", None)] + [(m, s) for m in methods for s in settings]
+    for row in rows:
+        assert ROW_KEYS <= set(row)
+        assert row["seconds"] > 0
+        if "passkey" in tasks:
+            pk = row["passkey"]
+            assert 0.0 <= pk["accuracy"] <= 1.0
+            assert len(pk["cases"]) == len(cfg["lengths"]) * len(cfg["depths"])
+            assert pk["accuracy"] == sum(c["ok"] for c in pk["cases"]) / len(pk["cases"])
+            for c in pk["cases"]:
+                assert {"n_filler", "depth", "key", "answer", "ok", "prompt_tokens", "cache_bytes"} <= set(c)
+            assert row["cache_bytes"] > 0 and row["compression"] > 0
+        if "fidelity" in tasks:
+            fid = row["fidelity"]
+            assert fid["kl"] >= 0 and fid["kl_max"] >= fid["kl"] and 0 <= fid["top1"] <= 1 and fid["k"] == cfg["k"]
+        if "ppl" in tasks:
+            assert row["ppl"]["ppl"] > 1 and math.isclose(row["ppl"]["ppl"], math.exp(row["ppl"]["nll"]))
+    full = rows[0]
+    if "fidelity" in tasks:
+        assert full["fidelity"]["kl"] == 0.0 and full["fidelity"]["top1"] == 1.0
+    if "passkey" in tasks:
+        assert full["compression"] == 1.0
+    assert json.loads(json.dumps(results)) == results
+
+
+def check_full_row_outside(results, model, tok, text=None):
+    """Recompute the full-cache row with plain generate() and one uncached
+    forward per perplexity window."""
+    cfg = results["config"]
+    full = results["rows"][0]
+    text = text or default_text()
+    if "passkey" in cfg["tasks"]:
+        grid = [(n, d) for n in cfg["lengths"] for d in cfg["depths"]]
+        for i, ((n, d), case) in enumerate(zip(grid, full["passkey"]["cases"])):
+            prompt = passkey_prompt(tok, n, d, filler_text=text, seed=cfg["seed"] + i)
+            out = model.generate(input_ids=prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids),
+                                 max_new_tokens=cfg["max_new_tokens"], do_sample=False)
+            answer = tok.decode(out[0, prompt.input_ids.shape[1]:], skip_special_tokens=True)
+            assert case["key"] == prompt.key
+            assert case["ok"] == prompt.answered(answer), (case, answer)
+            assert case["answer"] == answer.strip()
+    if "ppl" in cfg["tasks"]:
+        C = cfg["ppl_context"]
+        nll, count = 0.0, 0
+        for ids in T.perplexity_windows(tok, text, context_tokens=C, continuation_tokens=cfg["ppl_tokens"],
+                                        windows=cfg["ppl_windows"], seed=cfg["seed"]):
+            with torch.inference_mode():
+                logits = model(ids).logits[0].double()
+            nll += float(torch.nn.functional.cross_entropy(logits[C:-1], ids[0, C + 1:], reduction="sum"))
+            count += ids.shape[1] - C - 1
+        assert full["ppl"]["tokens"] == count
+        assert math.isclose(full["ppl"]["ppl"], math.exp(nll / count), rel_tol=1e-4)
+
+
+def test_eval_tiny_model(tiny_lm, tmp_path, capsys):
+    model, tok, folder = tiny_lm
+    out = tmp_path / "out"
+    assert cli.main(["eval", "--model", str(folder), "--out", str(out)] + TINY) == 0
+    stdout = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results, ["snapkv", "h2o"], [16, 32], "budget", ["passkey", "fidelity", "ppl"])
+    check_full_row_outside(results, model, tok)
+    compressed = [r for r in results["rows"][1:]]
+    assert all(r["cache_bytes"] < results["rows"][0]["cache_bytes"] for r in compressed)
+    assert ev.markdown(results) in stdout
+    assert (out / "results.md").read_text().endswith(ev.markdown(results) + "\n")
+    for png in ("scores.png", "passkey.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_ratios_one_task(tiny_lm, tmp_path):
+    _, _, folder = tiny_lm
+    out = tmp_path / "r"
+    args = ["eval", "--model", str(folder), "--methods", "knorm", "--ratios", "0.5,0.75", "--tasks", "ppl",
+            "--ppl-context", "64", "--ppl-tokens", "8", "--ppl-windows", "2", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results, ["knorm"], [0.5, 0.75], "ratio", ["ppl"])
+    assert (out / "scores.png").exists() and not (out / "passkey.png").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "0"], "budgets"),
+    (["--methods", "snapkv,nope"], "unknown method 'nope'"),
+    (["--tasks", "passkey,mmlu"], "unknown task 'mmlu'"),
+    (["--ratios", "1.5"], "ratios"),
+    (["--depths", "2"], "depths"),
+])
+def test_eval_bad_options(args, message, capsys):
+    assert cli.main(["eval"] + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_budgets_and_ratios_exclusive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--budgets", "64", "--ratios", "0.5"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_quick_preset_overrides():
+    cfg = ev.EvalConfig.quick(ratios=[0.5], budgets=None, methods=["SnapKV "])
+    assert cfg.axis == "ratio" and cfg.settings() == [0.5] and cfg.methods == ["snapkv"]
+    assert ev.EvalConfig.quick().settings() == [64, 128, 256]
+
+
+@pytest.mark.slow
+def test_eval_cli_default_model(default_model, tmp_path):
+    """The installed entry point on the default model, tiny configuration;
+    the full cache answers where plain generate() answers."""
+    model, tok = default_model
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "kvcompress", "eval", "--quick", "--methods", "snapkv,streamingllm",
+           "--budgets", "128", "--lengths", "1000", "--depths", "0.5", "--fidelity-context", "256", "-k", "4",
+           "--ppl-context", "256", "--ppl-tokens", "32", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results, ["snapkv", "streamingllm"], [128], "budget", ["passkey", "fidelity", "ppl"])
+    check_full_row_outside(results, model, tok)
+    assert results["rows"][0]["passkey"]["accuracy"] == 1.0
+    assert "| full cache |" in proc.stdout
