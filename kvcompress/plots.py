@@ -39,14 +39,21 @@ def plot_scores(results: dict, path) -> Path | None:
     rows = results["rows"]
     full = rows[0]
     methods = list(dict.fromkeys(r["method"] for r in rows[1:]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, (task, key, title, log) in zip(axes[0], metrics):
+    cols = 2 if len(metrics) == 4 else len(metrics)
+    nrows = (len(metrics) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.4 * cols, 3.3 * nrows), squeeze=False, layout="constrained")
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(metrics):]:
+        ax.axis("off")
+    for ax, (task, key, title, log) in zip(flat, metrics):
         for name in methods:
             pts = sorted((r[axis], r[task][key]) for r in rows if r["method"] == name)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         base = full[task][key]
-        ax.axhline(base if not log or base > 0 else 1e-6, color="black", linestyle="--", linewidth=1,
-                   label="full cache")
+        if log and base <= 0:
+            title += " (full cache: 0)"
+        else:
+            ax.axhline(base, color="black", linestyle="--", linewidth=1, label="full cache")
         if log:
             ax.set_yscale("log")
         if axis == "budget":
@@ -54,9 +61,12 @@ def plot_scores(results: dict, path) -> Path | None:
         ax.set_xlabel("kept slots per kv head" if axis == "budget" else "fraction removed")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = flat[0].get_legend_handles_labels()
+    if "full cache" not in labels:
+        handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=1))
+        labels.append("full cache")
+    flat[0].legend(handles, labels, fontsize=7)
     fig.suptitle(results["model"]["name"], fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
