@@ -284,6 +284,65 @@ KVC_HD static inline uint32_t kvc_f32_order_key(float f)
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+/* ---- attention pieces (attention.c) ---- */
+
+/* Element idx of a float-typed buffer <- v, rounded to nearest even. */
+KVC_HD static inline void kvc_store_f32(void *base, int32_t dtype, int64_t idx, float v)
+{
+    switch (dtype) {
+    case KVC_F16: ((uint16_t *)base)[idx] = kvc_f32_to_f16(v); break;
+    case KVC_BF16: ((uint16_t *)base)[idx] = kvc_f32_to_bf16(v); break;
+    default: ((float *)base)[idx] = v;
+    }
+}
+
+/* Natural log of a positive normal float (merge counts >= 1). x = 2^e * m
+ * with m in [sqrt(1/2), sqrt(2)); log m = 2 atanh(s), s = (m - 1)/(m + 1),
+ * |s| < 0.172, odd series to s^9 (truncation < 1e-9 relative), then
+ * e * ln2 in two parts. Branch free so loops over it vectorise (libm's logf
+ * does not), about 1 ulp, and log(1) is exactly 0, so counts of 1 give the
+ * same bits as no counts. */
+KVC_HD static inline float kvc_logf(float x)
+{
+    uint32_t u = kvc_f32_bits(x);
+    /* arithmetic shift of the (possibly negative) offset from sqrt(1/2) */
+    int32_t e = (int32_t)(u - 0x3f3504f3u) >> 23;
+    float f = kvc_bits_f32(u - ((uint32_t)e << 23)) - 1.0f; /* exact */
+    float s = f / (2.0f + f);
+    float z = s * s;
+    float fe = (float)e;
+    /* 2 atanh(s) - 2s = z (2/3 + z (2/5 + z (2/7 + z 2/9))) * s, and
+     * f - 2s = s f: log(1 + f) = f - s (f - r), exact leading term */
+    float r = z * (0.66666666666666667f +
+                   z * (0.4f + z * (0.28571428571428571f + z * 0.22222222222222222f)));
+    return fe * 0.693145751953125f + ((f - s * (f - r)) + fe * 1.428606765330187045e-06f);
+}
+
+/* Online-softmax step before a block of logits whose largest is bm joins
+ * the state: raises the running max, rescales the running sum and returns
+ * exp(old max - new max), the factor for everything accumulated under the
+ * old max (the running output rows); 0 while the state was empty, exactly 1
+ * when the max does not move. The caller then adds sum exp(x - st->m) over
+ * the block to st->s. */
+KVC_HD static inline float kvc_softmax_rescale(struct kvc_softmax_state *st, float bm)
+{
+    float alpha;
+    /* after the first blocks the max rarely moves: skip the exp then */
+    if (!(bm > st->m)) return 1.0f;
+    alpha = st->m == -INFINITY ? 0.0f : kvc_expf(st->m - bm);
+    st->m = bm;
+    st->s *= alpha;
+    return alpha;
+}
+
+/* Log-sum-exp combine of partial states (split-K attention): the weight of a
+ * part whose running max is m when the overall max is M >= m; an empty part
+ * (m = -inf) weighs 0 and never produces (-inf) - (-inf). */
+KVC_HD static inline float kvc_softmax_weight(float m, float M)
+{
+    return m == -INFINITY ? 0.0f : kvc_expf(m - M);
+}
+
 #ifdef __cplusplus
 }
 #endif

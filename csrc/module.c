@@ -156,6 +156,10 @@ static int kvc_exec(PyObject *m)
                               PyExc_TypeError);
     if (st->TypeError == NULL) return -1;
     if (PyModule_AddFunctions(m, kvc_py_core_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, kvc_py_attention_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, kvc_py_merge_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, kvc_py_global_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, kvc_py_budget_methods) < 0) return -1;
 #ifdef _OPENMP
     st->num_threads = omp_get_max_threads();
 #else

@@ -64,7 +64,16 @@ int kvc_py_raise_status(struct kvc_state *st, enum kvc_status s, const char *op)
 int kvc_py_raise(PyObject *type, const char *fmt, ...);
 int64_t kvc_py_view_numel(const struct kvc_view *v);
 
+/* `scaling` argument: a finite float. */
+int kvc_py_get_scaling(struct kvc_state *st, PyObject *o, double *out);
+/* queries [B, Hq, Tq, D] vs keys [B, Hkv, Tk, D]: dtype, batch, head dim, GQA. */
+int kvc_py_check_qk(struct kvc_state *st, const struct kvc_view *q, const struct kvc_view *k);
+
 /* Method tables of the op files, added to the module at init. */
 extern PyMethodDef kvc_py_core_methods[];
+extern PyMethodDef kvc_py_attention_methods[];
+extern PyMethodDef kvc_py_merge_methods[];
+extern PyMethodDef kvc_py_global_methods[];
+extern PyMethodDef kvc_py_budget_methods[];
 
 #endif /* KVC_MODULE_H */

@@ -494,3 +494,30 @@ int kvc_py_get_int64(struct kvc_state *st, PyObject *o, const char *name, int64_
     *out = (int64_t)v;
     return 0;
 }
+
+int kvc_py_get_scaling(struct kvc_state *st, PyObject *o, double *out)
+{
+    double v = PyFloat_AsDouble(o);
+    if (v == -1.0 && PyErr_Occurred()) return kvc_py_raise_from(st->TypeError, "scaling: expected a float");
+    if (!isfinite(v)) return kvc_py_raise(st->ValueError, "scaling: must be finite, got %R", o);
+    *out = v;
+    return 0;
+}
+
+int kvc_py_check_qk(struct kvc_state *st, const struct kvc_view *q, const struct kvc_view *k)
+{
+    if (q->dtype != k->dtype)
+        return kvc_py_raise(st->TypeError, "keys: dtype %s does not match queries dtype %s",
+                            kvc_dtype_name((enum kvc_dtype)k->dtype), kvc_dtype_name((enum kvc_dtype)q->dtype));
+    if (k->shape[0] != q->shape[0])
+        return kvc_py_raise(st->ValueError, "keys: batch size %lld does not match queries (%lld)",
+                            (long long)k->shape[0], (long long)q->shape[0]);
+    if (k->shape[3] != q->shape[3])
+        return kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
+                            (long long)k->shape[3], (long long)q->shape[3]);
+    if (k->shape[1] == 0 ? q->shape[1] != 0 : (q->shape[1] == 0 || q->shape[1] % k->shape[1] != 0))
+        return kvc_py_raise(st->ValueError,
+                            "queries: %lld heads is not a positive multiple of the %lld kv heads of keys",
+                            (long long)q->shape[1], (long long)k->shape[1]);
+    return 0;
+}

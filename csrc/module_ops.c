@@ -34,15 +34,7 @@ static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
     if (kvc_py_check_nargs("window_scores", nargs, 6) < 0) return NULL;
-    scaling = PyFloat_AsDouble(args[3]);
-    if (scaling == -1.0 && PyErr_Occurred()) {
-        kvc_py_raise_from(st->TypeError, "scaling: expected a float");
-        return NULL;
-    }
-    if (!isfinite(scaling)) {
-        kvc_py_raise(st->ValueError, "scaling: must be finite, got %R", args[3]);
-        return NULL;
-    }
+    if (kvc_py_get_scaling(st, args[3], &scaling) < 0) return NULL;
     gqa_max = PyObject_IsTrue(args[4]);
     if (gqa_max < 0) return NULL;
 
@@ -55,27 +47,7 @@ static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     {
         const struct kvc_view *q = &a[0].view, *k = &a[1].view;
         int64_t want[3];
-        if (q->dtype != k->dtype) {
-            kvc_py_raise(st->TypeError, "keys: dtype %s does not match queries dtype %s",
-                  kvc_dtype_name((enum kvc_dtype)k->dtype), kvc_dtype_name((enum kvc_dtype)q->dtype));
-            goto done;
-        }
-        if (k->shape[0] != q->shape[0]) {
-            kvc_py_raise(st->ValueError, "keys: batch size %lld does not match queries (%lld)",
-                  (long long)k->shape[0], (long long)q->shape[0]);
-            goto done;
-        }
-        if (k->shape[3] != q->shape[3]) {
-            kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
-                  (long long)k->shape[3], (long long)q->shape[3]);
-            goto done;
-        }
-        if (k->shape[1] == 0 ? q->shape[1] != 0 : q->shape[1] % k->shape[1] != 0) {
-            kvc_py_raise(st->ValueError,
-                  "queries: %lld heads is not a multiple of the %lld kv heads of keys",
-                  (long long)q->shape[1], (long long)k->shape[1]);
-            goto done;
-        }
+        if (kvc_py_check_qk(st, q, k) < 0) goto done;
         if (q->shape[2] > k->shape[2]) {
             kvc_py_raise(st->ValueError,
                   "queries: %lld queries but only %lld keys (queries are the last Tq positions)",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,6 +30,12 @@ __all__ = [
     "gather",
     "set_num_threads",
     "get_num_threads",
+    "evict_merge",
+    "EvictMergeResult",
+    "attention",
+    "global_scores",
+    "probe_positions",
+    "head_budgets",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
@@ -300,3 +307,311 @@ def set_num_threads(n: int) -> None:
 def get_num_threads() -> int:
     """Threads used by every C op (1 when built without OpenMP)."""
     return _C.get_num_threads()
+
+
+class EvictMergeResult(NamedTuple):
+    """Outputs of :func:`evict_merge` (shapes with ``C`` = centers per head)."""
+
+    keys: object  #: ``[B, H, C, D]``, dtype of the input keys
+    values: object  #: ``[B, H, C, Dv]``, dtype of the input keys
+    counts: object  #: ``[B, H, C]`` float32 or int32: 1 + tokens merged in, 0 past ``C_h``
+    scores: object  #: ``[B, H, C]`` float32: merged weight ``S_c + sum S_j``, 0 past ``C_h``
+    tau: object  #: ``[B, H]`` float32: the threshold actually used
+    assign: object  #: ``[B, H, T]`` int64 or None: -1 padding, 0 evicted, ``c + 1`` in center ``c``
+
+
+def evict_merge(keys, values, scores, centers, tau=None, *, kv_start=None, counts_dtype="float32",
+                return_assign=False):
+    """Evict-then-merge with the zero class (EMS steps 4-6, DESIGN.md).
+
+    Per batch row and kv head, every token that is neither a center nor
+    padding joins the center whose key has the highest cosine similarity with
+    its own (ties to the lowest center; a zero key has cosine 0 with all). If
+    that best cosine is below the head's threshold ``tau_h`` the token is
+    evicted (class 0), otherwise it is merged into the center, weighted by the
+    scores::
+
+        v_c <- (S_c v_c + sum_j S_j v_j) / (S_c + sum_j S_j)
+        k_c <- |k_c| * normalize(S_c u_c + sum_j S_j u_j),  u = k / |k|
+
+    Eviction and merging are one scatter, so heads with any mix of the two
+    run in the same pass. Sums are float32 in ascending token order and each
+    output is rounded once. A center that merged nothing is copied bit for
+    bit (``tau=inf`` is exactly plain eviction: :func:`gather` of the
+    centers). When a center's weight sum is 0 its rows stay unchanged; when
+    the merged key direction cancels out (norm <= 1e-6 of the weight sum) or
+    the center key is zero, its key stays unchanged.
+
+    Parameters
+    ----------
+    keys : tensor ``[B, H, T, D]`` (float32, float16 or bfloat16)
+        Kv-head keys (post-RoPE); any strides.
+    values : tensor ``[B, H, T, Dv]``, same dtype as `keys`
+    scores : float32 tensor ``[B, H, T]``
+        Importance weights, finite and >= 0 on every valid slot.
+    centers : int64 tensor ``[B, H, C]``
+        Kept slots of each head in strictly ascending order, each in
+        ``[kv_start[b], T)``; a head with ``C_h < C`` centers has -1 in its
+        last ``C - C_h`` entries (as :func:`select_topk` returns them).
+    tau : None, float or float32 tensor ``[B, H]``
+        Similarity threshold per head: ``inf`` evicts every non-center,
+        ``-inf`` merges every non-center, NaN (or None for all heads) picks
+        the adaptive threshold: the mean over the head's candidates of their
+        best cosine.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded slots per batch row: never centers, never merged.
+    counts_dtype : {"float32", "int32"}
+    return_assign : bool
+        Also return the class of every slot.
+
+    Returns
+    -------
+    EvictMergeResult
+        ``(keys, values, counts, scores, tau, assign)``; rows past a head's
+        ``C_h`` are zero. Outputs use the framework and device of `keys`.
+    """
+    if counts_dtype not in ("float32", "int32"):
+        raise KVCompressValueError(f"counts_dtype: expected 'float32' or 'int32', got {counts_dtype!r}")
+    ks = _shape(keys, "keys", 4, "[B, H, T, D]")
+    vs = _shape(values, "values", 4, "[B, H, T, Dv]")
+    centers = _as_int64(centers, "centers", keys)
+    cs = _shape(centers, "centers", 3, "[B, H, C]")
+    B, H, T, D = ks
+    C = cs[2]
+    if tau is None or (isinstance(tau, (int, float, np.integer, np.floating)) and not isinstance(tau, bool)):
+        value = math.nan if tau is None else float(tau)
+        if _is_torch(keys):
+            import torch
+
+            tau = torch.full((B, H), value, dtype=torch.float32, device=keys.device)
+        else:
+            tau = np.full((B, H), value, dtype=np.float32)
+    elif isinstance(tau, bool) or not hasattr(tau, "__dlpack__"):
+        raise KVCompressTypeError(f"tau: expected None, a float or a float32 tensor [B, H], got {type(tau).__name__}")
+    out_keys = _empty_like_dtype(keys, (B, H, C, D))
+    out_values = _empty_like_dtype(keys, (B, H, C, vs[3]))
+    counts = _empty(keys, (B, H, C), counts_dtype)
+    out_scores = _empty(keys, (B, H, C), "float32")
+    tau_used = _empty(keys, (B, H), "float32")
+    assign = _empty(keys, (B, H, T), "int64") if return_assign else None
+    _C.evict_merge(
+        _prepare(keys), _prepare(values), _prepare(scores), _prepare(centers), _prepare(tau),
+        _as_int64(kv_start, "kv_start", keys), out_keys, out_values, counts, out_scores, tau_used, assign,
+    )
+    return EvictMergeResult(out_keys, out_values, counts, out_scores, tau_used, assign)
+
+
+def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=None, lengths=None, counts=None):
+    """Attention of the newest ``q`` tokens over one (compressed) layer.
+
+    The queries are the last ``q`` slots of every head (a decode step, or a
+    chunk just appended): query ``i`` sees the head's slots ``s0 .. n_h - q + i``
+    (everything before the chunk, causal inside it). Online softmax in
+    float32; long heads are split into fixed blocks combined by log-sum-exp,
+    so results are bit-identical for any thread count.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, q, D]`` (float32, float16 or bfloat16)
+        Query head ``h`` reads kv head ``h // (Hq // Hkv)`` (GQA).
+    keys, values : tensors, same dtype as `queries`, any strides
+        Uniform layout: ``[B, Hkv, n, D]`` (``n >= q``).
+        Ragged layout (with `offsets` and `lengths`): ``[N, D]``; the slots of
+        head ``(b, h)`` are rows ``offsets[b*Hkv + h] .. + lengths[b*Hkv + h] - 1``.
+    scaling : float, optional
+        Logit scale; default ``1 / sqrt(D)``.
+    kv_start : int64 tensor ``[B]``, optional (uniform only)
+        Leading padded slots of each batch row; masked (``s0 = kv_start[b]``).
+    offsets, lengths : int64 tensors ``[B * Hkv]``, optional (ragged only)
+        Segments inside ``[0, N)``, pairwise disjoint, in any order, with any
+        unused rows between them. A length is 0 (empty head: its queries
+        get zeros) or at least ``q``.
+    counts : float32 or int32 tensor ``[B, Hkv, n]`` / ``[N]``, optional
+        Merge counts (>= 1, finite) of the slots; ``log(count)`` is added to
+        the slot's logit (a slot standing for c merged tokens weighs c).
+
+    Returns
+    -------
+    tensor ``[B, q, Hq, D]``, dtype of `queries`
+        The layout the Hugging Face attention functions return; a query that
+        sees no slot gets zeros.
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
+    ragged = offsets is not None or lengths is not None
+    if ragged:
+        _shape(keys, "keys", 2, "[N, D]")
+        _shape(values, "values", 2, "[N, D]")
+    else:
+        _shape(keys, "keys", 4, "[B, Hkv, n, D]")
+        _shape(values, "values", 4, "[B, Hkv, n, D]")
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(qs[3]) if qs[3] > 0 else 1.0
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
+        raise KVCompressTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    shape = (qs[0], qs[2], qs[1], qs[3])
+    if _is_torch(queries):
+        import torch
+
+        out = torch.empty(shape, dtype=queries.dtype, device=queries.device)
+    elif isinstance(queries, np.ndarray):
+        out = np.empty(shape, dtype=queries.dtype)
+    else:
+        dtype = _C._describe(queries)[1]
+        if dtype not in ("float32", "float16"):
+            raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
+        out = np.empty(shape, dtype=_NP_DTYPES[dtype])
+    _C.attention(
+        _prepare(queries), _prepare(keys), _prepare(values), out, float(scaling),
+        _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
+        _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
+    )
+    return out
+
+
+def probe_positions(T: int, probe: float) -> np.ndarray:
+    """Query positions used by ``global_scores(..., probe=probe)``.
+
+    With ``h = ceil(probe * T / 2)``: the last ``min(h, T)`` positions, plus
+    a strided sample of the ``m`` positions before them with stride
+    ``ceil(m / min(h, m))``, anchored at ``m - 1`` (so ``m - 1``,
+    ``m - 1 - stride``, ... down to 0). About ``probe * T`` positions in all;
+    ``probe = 1`` gives every position.
+
+    Returns
+    -------
+    int64 ndarray ``[n]``, strictly increasing, in ``[0, T)``
+    """
+    if isinstance(probe, bool) or not isinstance(probe, (int, float, np.floating, np.integer)):
+        raise KVCompressTypeError(f"probe: expected a float in (0, 1], got {type(probe).__name__}")
+    if not 0.0 < float(probe) <= 1.0:
+        raise KVCompressValueError(f"probe: expected a fraction in (0, 1], got {probe!r}")
+    half = math.ceil(float(probe) * T / 2)
+    n_last = min(half, T)
+    m = T - n_last
+    n_strided = min(half, m)
+    strided = np.arange(m - 1, -1, -math.ceil(m / n_strided), dtype=np.int64)[::-1] if n_strided else np.zeros(0, np.int64)
+    return np.concatenate([strided, np.arange(m, T, dtype=np.int64)])
+
+
+def global_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_pos=None, probe=None):
+    """EMS global score: mean attention each key receives from the queries that see it.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, Tq, D]`` (float32, float16 or bfloat16)
+        Post-RoPE queries; query ``i`` sits at key position ``q_pos[i]`` and
+        attends causally to keys ``kv_start[b] <= j <= q_pos[i]``.
+    keys : tensor ``[B, Hkv, T, D]``, same dtype as `queries`
+        ``Hq`` must be a positive multiple of ``Hkv``; query head ``h`` uses kv
+        head ``h // (Hq // Hkv)``.
+    scaling : float, optional
+        Logit scale; default ``1 / sqrt(D)``.
+    gqa : {"mean", "max"}
+        How the ``Hq // Hkv`` query heads of a kv head are combined.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded key positions per batch row (left padding). Those keys
+        score 0 and are excluded from every softmax; a query at a padded
+        position is ignored (it is not counted either).
+    q_pos : integer tensor or sequence ``[Tq]``, optional
+        Strictly increasing key positions of the queries, each in ``[0, T)``.
+        Default: the last ``Tq`` positions, so ``Tq == T`` is the exact score
+        over every query.
+    probe : float in (0, 1], optional
+        Needs ``Tq == T`` and no `q_pos`: only the queries at
+        :func:`probe_positions` ``(T, probe)`` are used (about ``probe * T`` of
+        them: the latest half dense, the rest strided). Cost scales with it.
+
+    Returns
+    -------
+    float32 tensor ``[B, Hkv, T]``
+        ``G[j] = sum_{i: q_pos[i] >= j} A[i, j] / #{i: q_pos[i] >= j}`` with
+        ``A`` the causal softmax of ``scaling * q . k``, reduced over the query
+        heads of each kv head; 0 for padded keys and keys no query sees.
+        Computed exactly in float32 without the ``Tq x T`` matrix; NaN in an
+        input propagates to the scores it touches.
+    """
+    if gqa not in ("mean", "max"):
+        raise KVCompressValueError(f"gqa: expected 'mean' or 'max', got {gqa!r}")
+    qs = _shape(queries, "queries", 4, "[B, Hq, Tq, D]")
+    ks = _shape(keys, "keys", 4, "[B, Hkv, T, D]")
+    if scaling is None:
+        scaling = 1.0 / math.sqrt(qs[3]) if qs[3] > 0 else 1.0
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
+        raise KVCompressTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    if probe is not None:
+        if q_pos is not None:
+            raise KVCompressValueError("probe: cannot be combined with q_pos (probe picks the positions)")
+        if qs[2] != ks[2]:
+            raise KVCompressValueError(f"probe: needs a query at every position (Tq == T), got Tq={qs[2]}, T={ks[2]}")
+        pos = probe_positions(ks[2], probe)
+        if len(pos) < qs[2]:
+            if _is_torch(queries):
+                import torch
+
+                queries = queries.index_select(2, torch.from_numpy(pos).to(queries.device))
+                q_pos = torch.from_numpy(pos).to(keys.device) if _is_torch(keys) else pos
+            else:
+                queries = np.take(queries if isinstance(queries, np.ndarray) else np.from_dlpack(queries), pos, axis=2)
+                q_pos = pos
+    out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
+    _C.global_scores(
+        _prepare(queries), _prepare(keys), out, float(scaling), gqa == "max",
+        _as_int64(kv_start, "kv_start", keys), _as_int64(q_pos, "q_pos", keys),
+    )
+    return out
+
+
+def head_budgets(scores, budget, *, alpha=0.2, floor=0, kv_start=None, mode="adaptive"):
+    """Per-head kept-slot counts for a layer (AdaKV allocation).
+
+    Parameters
+    ----------
+    scores : float32 tensor ``[B, H, T]``
+        Higher is better; ``-inf`` marks slots that may not be kept. NaN is an
+        error. Slots the caller force-keeps (sinks, window) should score
+        ``+inf`` so that they are counted first.
+    budget : int >= 0
+        Mean slots per head: a row's budgets sum to ``H * budget`` whenever the
+        bounds below allow it.
+    alpha : float in [0, 1]
+        Weight of the uniform share: head ``h`` targets
+        ``(1 - alpha) * n_h + alpha * budget``, where ``n_h`` is how many of
+        the layer's top ``H * budget`` scores (over all heads; ties go to the
+        lower head, then the lower position) fall in head ``h``.
+    floor : int >= 0
+        Minimum per head (clipped to ``T``), e.g. the forced sinks + window.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded positions per batch row: never selectable.
+    mode : {"adaptive", "uniform"}
+        "uniform" ignores the scores: every head gets
+        ``min(max(budget, floor), T)``.
+
+    Returns
+    -------
+    int64 tensor ``[B, H]``
+        Each head gets between ``min(floor, T)`` and its count of selectable
+        slots (or the floor, if larger). Targets are rounded by largest
+        remainder (ties to the lower head) so that they sum to
+        ``H * min(budget, T)`` clipped to what the bounds allow; a head
+        clipped by a bound passes the difference on to the heads furthest
+        from their targets, again ties to the lower head. Passes straight to
+        :func:`select_topk` as its ``k`` (with ``floor`` >= its forced keeps).
+    """
+    if mode not in ("adaptive", "uniform"):
+        raise KVCompressValueError(f"mode: expected 'adaptive' or 'uniform', got {mode!r}")
+    for name, v in (("budget", budget), ("floor", floor)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise KVCompressTypeError(f"{name}: expected an int, got {type(v).__name__}")
+        if v < 0:
+            raise KVCompressValueError(f"{name}: must be >= 0, got {v}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
+        raise KVCompressTypeError(f"alpha: expected a float, got {type(alpha).__name__}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise KVCompressValueError(f"alpha: expected a value in [0, 1], got {alpha!r}")
+    s = _shape(scores, "scores", 3, "[B, H, T]")
+    out = _empty(scores, (s[0], s[1]), "int64")
+    if mode == "uniform":
+        out[...] = min(max(int(budget), int(floor)), s[2])
+        return out
+    _C.head_budgets(_prepare(scores), out, int(budget), float(alpha), int(floor), _as_int64(kv_start, "kv_start", scores))
+    return out

@@ -290,8 +290,10 @@ def test_wrong_rank_and_shapes_are_value_errors():
         ops.window_scores(q, k[0])
     with pytest.raises(KVCompressValueError, match="keys: batch size 1 does not match queries \\(2\\)"):
         ops.window_scores(q, k[:1])
-    with pytest.raises(KVCompressValueError, match="queries: 6 heads is not a multiple of the 4 kv heads"):
+    with pytest.raises(KVCompressValueError, match="queries: 6 heads is not a positive multiple of the 4 kv heads"):
         ops.window_scores(q, rand(2, 4, 5, 8))
+    with pytest.raises(KVCompressValueError, match="queries: 0 heads is not a positive multiple of the 2 kv heads"):
+        ops.window_scores(rand(2, 0, 3, 8), k)
     with pytest.raises(KVCompressValueError, match="keys: head dim 16 does not match queries \\(8\\)"):
         ops.window_scores(q, rand(2, 2, 5, 16))
     with pytest.raises(KVCompressValueError, match="queries: 3 queries but only 2 keys"):

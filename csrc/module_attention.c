@@ -1,0 +1,309 @@
+/*
+ * module_attention.c - binding of kvc_attention (decode/chunk attention over
+ * a uniform or ragged layer): validate once, run with the GIL released.
+ */
+#include "module.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention.h"
+#include "kvc_math.h"
+
+/* Argument slots, also the release order. */
+enum { A_Q, A_K, A_V, A_OUT, A_START, A_OFF, A_LEN, A_CNT, A_N };
+
+static int64_t i64_at(const struct kvc_arg *a, int64_t i)
+{
+    return ((const int64_t *)a->view.data)[i * a->view.strides[0]];
+}
+
+struct seg {
+    int64_t off, len, head;
+};
+
+static int seg_cmp(const void *x, const void *y)
+{
+    const struct seg *a = (const struct seg *)x, *b = (const struct seg *)y;
+    if (a->off != b->off) return a->off < b->off ? -1 : 1;
+    return a->head < b->head ? -1 : (a->head > b->head);
+}
+
+/* Offsets and lengths of the ragged layout: every segment inside [0, N),
+ * lengths 0 or >= q, non-empty segments pairwise disjoint (in any order;
+ * gaps of unused capacity are fine). */
+static int check_segments(struct kvc_state *st, const struct kvc_arg *off, const struct kvc_arg *len,
+                          int64_t Hkv, int64_t N, int64_t q)
+{
+    const int64_t H = off->view.shape[0];
+    struct seg *s;
+    int64_t i, ns = 0;
+    for (i = 0; i < H; i++) {
+        const int64_t o = i64_at(off, i), n = i64_at(len, i);
+        if (n < 0)
+            return kvc_py_raise(st->ValueError, "lengths: value %lld of head %lld (b=%lld, h=%lld) is negative",
+                                (long long)n, (long long)i, (long long)(i / Hkv), (long long)(i % Hkv));
+        if (o < 0 || o > N || n > N - o)
+            return kvc_py_raise(st->ValueError,
+                                "offsets: segment [%lld, %lld + %lld) of head %lld (b=%lld, h=%lld) is "
+                                "outside the %lld rows of keys",
+                                (long long)o, (long long)o, (long long)n, (long long)i,
+                                (long long)(i / Hkv), (long long)(i % Hkv), (long long)N);
+        if (n > 0 && n < q)
+            return kvc_py_raise(st->ValueError,
+                                "lengths: head %lld (b=%lld, h=%lld) has %lld slots, fewer than the %lld "
+                                "queries (the queries are the last q slots of every non-empty head)",
+                                (long long)i, (long long)(i / Hkv), (long long)(i % Hkv), (long long)n,
+                                (long long)q);
+        ns += n > 0;
+    }
+    if (ns < 2) return 0;
+    s = (struct seg *)PyMem_Malloc((size_t)ns * sizeof *s);
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0, ns = 0; i < H; i++)
+        if (i64_at(len, i) > 0) {
+            s[ns].off = i64_at(off, i);
+            s[ns].len = i64_at(len, i);
+            s[ns].head = i;
+            ns++;
+        }
+    qsort(s, (size_t)ns, sizeof *s, seg_cmp);
+    for (i = 1; i < ns; i++)
+        if (s[i].off < s[i - 1].off + s[i - 1].len) {
+            kvc_py_raise(st->ValueError,
+                         "offsets: segments of heads %lld [%lld, %lld) and %lld [%lld, %lld) overlap",
+                         (long long)s[i - 1].head, (long long)s[i - 1].off,
+                         (long long)(s[i - 1].off + s[i - 1].len), (long long)s[i].head,
+                         (long long)s[i].off, (long long)(s[i].off + s[i].len));
+            PyMem_Free(s);
+            return -1;
+        }
+    PyMem_Free(s);
+    return 0;
+}
+
+/* Merge counts must be finite and >= 1 on every slot the kernel reads. */
+static int bad_count(float c) { return !(c >= 1.0f) || isinf(c); }
+
+/* Count of element i of a f32 or i32 buffer, as the kernel reads it. */
+static float count_at(const struct kvc_view *v, int64_t i)
+{
+    return v->dtype == KVC_I32 ? (float)((const int32_t *)v->data)[i] : ((const float *)v->data)[i];
+}
+
+static int raise_count(struct kvc_state *st, float c, const char *where)
+{
+    char val[32];
+    PyOS_snprintf(val, sizeof val, "%g", (double)c);
+    return kvc_py_raise(st->ValueError, "counts: %s is %s, expected a finite count >= 1", where, val);
+}
+
+static int check_counts(struct kvc_state *st, const struct kvc_attention_params *p)
+{
+    char where[96];
+    int64_t i, j;
+    if (p->layout == KVC_KV_RAGGED) {
+        const int64_t H = p->q.shape[0] * p->num_kv_heads, cs = p->counts.strides[0];
+        for (i = 0; i < H; i++) {
+            const int64_t o = p->offsets[i * p->offsets_stride], n = p->lengths[i * p->lengths_stride];
+            for (j = o; j < o + n; j++) {
+                float v = count_at(&p->counts, j * cs);
+                if (bad_count(v)) {
+                    PyOS_snprintf(where, sizeof where, "value at row %lld (head %lld)", (long long)j,
+                                  (long long)i);
+                    return raise_count(st, v, where);
+                }
+            }
+        }
+    } else {
+        const int64_t B = p->counts.shape[0], H = p->counts.shape[1], n = p->counts.shape[2];
+        int64_t b;
+        for (b = 0; b < B; b++) {
+            const int64_t s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
+            for (i = 0; i < H; i++)
+                for (j = s0; j < n; j++) {
+                    float v = count_at(&p->counts, b * p->counts.strides[0] + i * p->counts.strides[1] +
+                                                       j * p->counts.strides[2]);
+                    if (bad_count(v)) {
+                        PyOS_snprintf(where, sizeof where, "value at [%lld, %lld, %lld]", (long long)b,
+                                      (long long)i, (long long)j);
+                        return raise_count(st, v, where);
+                    }
+                }
+        }
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(attention_doc,
+             "attention(queries, keys, values, out, scaling, kv_start, offsets, lengths, counts)\n--\n\n"
+             "Low-level: see kvcompress.ops.attention.");
+
+static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_arg a[A_N];
+    struct kvc_attention_params p;
+    enum kvc_status s;
+    double scaling;
+    int ragged;
+    int64_t B, Hq, q, D, Hkv, want[4];
+    void *scratch = NULL;
+    PyObject *ret = NULL;
+    memset(a, 0, sizeof a);
+    memset(&p, 0, sizeof p);
+    if (kvc_py_check_nargs("attention", nargs, 9) < 0) return NULL;
+    if (kvc_py_get_scaling(st, args[4], &scaling) < 0) return NULL;
+    ragged = args[6] != Py_None;
+    if (ragged != (args[7] != Py_None)) {
+        kvc_py_raise(st->ValueError, "%s: the ragged layout needs both offsets and lengths",
+                     ragged ? "lengths" : "offsets");
+        return NULL;
+    }
+    if (ragged && args[5] != Py_None) {
+        kvc_py_raise(st->ValueError,
+                     "kv_start: only for the uniform layout (a ragged head starts at its offset)");
+        return NULL;
+    }
+
+    if (kvc_py_arg_import(st, args[0], "queries", 4, "[B, Hq, q, D]", DT_FLOAT, 0, &a[A_Q]) < 0) goto done;
+    B = a[A_Q].view.shape[0];
+    Hq = a[A_Q].view.shape[1];
+    q = a[A_Q].view.shape[2];
+    D = a[A_Q].view.shape[3];
+    if (ragged) {
+        if (kvc_py_arg_import(st, args[1], "keys", 2, "[N, D]", DT_FLOAT, 0, &a[A_K]) < 0) goto done;
+        if (kvc_py_arg_import(st, args[2], "values", 2, "[N, D]", DT_FLOAT, 0, &a[A_V]) < 0) goto done;
+    } else {
+        if (kvc_py_arg_import(st, args[1], "keys", 4, "[B, Hkv, n, D]", DT_FLOAT, 0, &a[A_K]) < 0) goto done;
+        if (kvc_py_arg_import(st, args[2], "values", 4, "[B, Hkv, n, D]", DT_FLOAT, 0, &a[A_V]) < 0) goto done;
+    }
+    if (kvc_py_arg_import(st, args[3], "out", 4, "[B, q, Hq, D]", DT_FLOAT, 1, &a[A_OUT]) < 0) goto done;
+    {
+        const struct kvc_view *qv = &a[A_Q].view, *k = &a[A_K].view;
+        int i;
+        for (i = A_K; i <= A_OUT; i++)
+            if (a[i].view.dtype != qv->dtype) {
+                kvc_py_raise(st->TypeError, "%s: dtype %s does not match queries dtype %s", a[i].name,
+                             kvc_dtype_name((enum kvc_dtype)a[i].view.dtype),
+                             kvc_dtype_name((enum kvc_dtype)qv->dtype));
+                goto done;
+            }
+        if (ragged) {
+            if (k->shape[1] != D) {
+                kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
+                             (long long)k->shape[1], (long long)D);
+                goto done;
+            }
+            if (kvc_py_check_shape(st, &a[A_V], k->shape, "[N, D]") < 0) goto done;
+        } else {
+            if (k->shape[0] != B) {
+                kvc_py_raise(st->ValueError, "keys: batch size %lld does not match queries (%lld)",
+                             (long long)k->shape[0], (long long)B);
+                goto done;
+            }
+            if (k->shape[3] != D) {
+                kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
+                             (long long)k->shape[3], (long long)D);
+                goto done;
+            }
+            if (kvc_py_check_shape(st, &a[A_V], k->shape, "[B, Hkv, n, D]") < 0) goto done;
+            if (q > k->shape[2]) {
+                kvc_py_raise(st->ValueError,
+                             "queries: %lld queries but keys hold only %lld slots (the queries are "
+                             "the last q slots)",
+                             (long long)q, (long long)k->shape[2]);
+                goto done;
+            }
+        }
+    }
+    if (ragged) {
+        if (kvc_py_arg_import(st, args[6], "offsets", 1, "[B * Hkv]", DT_I64, 0, &a[A_OFF]) < 0) goto done;
+        if (kvc_py_arg_import(st, args[7], "lengths", 1, "[B * Hkv]", DT_I64, 0, &a[A_LEN]) < 0) goto done;
+        if (kvc_py_check_shape(st, &a[A_LEN], a[A_OFF].view.shape, "[B * Hkv]") < 0) goto done;
+        {
+            const int64_t H = a[A_OFF].view.shape[0];
+            if (B == 0 ? H != 0 : H == 0 || H % B != 0) {
+                kvc_py_raise(st->ValueError,
+                             "offsets: %lld entries is not B * Hkv for the batch size B = %lld of queries",
+                             (long long)H, (long long)B);
+                goto done;
+            }
+            Hkv = B > 0 ? H / B : 1;
+        }
+        if (check_segments(st, &a[A_OFF], &a[A_LEN], Hkv, a[A_K].view.shape[0], q) < 0) goto done;
+    } else {
+        Hkv = a[A_K].view.shape[1];
+        if (kvc_py_import_kv_start(st, args[5], B, a[A_K].view.shape[2], &a[A_START]) < 0) goto done;
+    }
+    if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0) {
+        kvc_py_raise(st->ValueError, "queries: %lld heads is not a multiple of the %lld kv heads",
+                     (long long)Hq, (long long)Hkv);
+        goto done;
+    }
+    want[0] = B;
+    want[1] = q;
+    want[2] = Hq;
+    want[3] = D;
+    if (kvc_py_check_shape(st, &a[A_OUT], want, "[B, q, Hq, D]") < 0) goto done;
+    if (args[8] != Py_None) {
+        if (ragged) {
+            if (kvc_py_arg_import(st, args[8], "counts", 1, "[N]", DT_F32 | (1u << KVC_I32), 0, &a[A_CNT]) < 0) goto done;
+            if (kvc_py_check_shape(st, &a[A_CNT], a[A_K].view.shape, "[N]") < 0) goto done;
+        } else {
+            if (kvc_py_arg_import(st, args[8], "counts", 3, "[B, Hkv, n]", DT_F32 | (1u << KVC_I32), 0, &a[A_CNT]) < 0) goto done;
+            if (kvc_py_check_shape(st, &a[A_CNT], a[A_K].view.shape, "[B, Hkv, n]") < 0) goto done;
+        }
+    }
+    if (kvc_py_check_output(st, &a[A_OUT], a, A_N) < 0) goto done;
+
+    p.q = a[A_Q].view;
+    p.k = a[A_K].view;
+    p.v = a[A_V].view;
+    p.out = a[A_OUT].view;
+    if (a[A_CNT].t) p.counts = a[A_CNT].view;
+    p.layout = ragged ? KVC_KV_RAGGED : KVC_KV_UNIFORM;
+    p.num_kv_heads = Hkv;
+    if (a[A_START].t) {
+        p.kv_start = (const int64_t *)a[A_START].view.data;
+        p.kv_start_stride = a[A_START].view.strides[0];
+    }
+    if (ragged) {
+        p.offsets = (const int64_t *)a[A_OFF].view.data;
+        p.offsets_stride = a[A_OFF].view.strides[0];
+        p.lengths = (const int64_t *)a[A_LEN].view.data;
+        p.lengths_stride = a[A_LEN].view.strides[0];
+    }
+    p.scaling = (float)scaling;
+    p.num_threads = st->num_threads;
+    if (p.counts.data && check_counts(st, &p) < 0) goto done;
+    if (kvc_py_view_numel(&p.out) > 0) {
+        p.scratch_bytes = kvc_attention_scratch_bytes(&p);
+        scratch = PyMem_RawMalloc(p.scratch_bytes);
+        if (scratch == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        p.scratch = scratch;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    s = kvc_attention(&p);
+    Py_END_ALLOW_THREADS
+    if (s != KVC_OK) {
+        kvc_py_raise_status(st, s, "attention");
+        goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    PyMem_RawFree(scratch);
+    kvc_py_args_release(a, A_N);
+    return ret;
+}
+
+PyMethodDef kvc_py_attention_methods[] = {
+    {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL, attention_doc},
+    {NULL, NULL, 0, NULL}};
