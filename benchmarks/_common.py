@@ -8,7 +8,9 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -72,3 +74,37 @@ def write_results(name: str, result: dict, lines: list[str], json_path: str | No
     with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
         f.write("\n".join(lines).rstrip("\n") + "\n\n")
     return path
+
+
+def time_pair(fc, ft, min_time, min_reps=5, max_reps=100):
+    """Median seconds of ``fc`` and ``ft`` run alternately (so background
+    load hits both alike) for ``min_time`` s and at least ``min_reps`` reps;
+    returns ``(c_seconds, torch_seconds, reps)``."""
+    fc()
+    ft()
+    tc, tt = [], []
+    start = time.perf_counter()
+    while len(tc) < max_reps and (len(tc) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fc()
+        t1 = time.perf_counter()
+        ft()
+        t2 = time.perf_counter()
+        tc.append(t1 - t0)
+        tt.append(t2 - t1)
+    return statistics.median(tc), statistics.median(tt), len(tc)
+
+
+def memcpy_bandwidth(nbytes=256 << 20, reps=7):
+    """Bytes/s (read + write) of a large NumPy copy: the machine's practical limit."""
+    import numpy as np
+
+    src = np.ones(nbytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        ts.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(ts)

@@ -25,47 +25,18 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kvcompress import ops
 
-from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
+from _common import command_line, machine, machine_line, memcpy_bandwidth, now, time_pair, write_results  # noqa: E402,E501
 
 B, HQ, HKV, D = 1, 9, 3, 64
 GAP = 64  # unused rows between ragged segments
 
 
-def time_pair(fc, ft, min_time, min_reps=5, max_reps=200):
-    fc()
-    ft()
-    tc, tt = [], []
-    start = time.perf_counter()
-    while len(tc) < max_reps and (len(tc) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fc()
-        t1 = time.perf_counter()
-        ft()
-        t2 = time.perf_counter()
-        tc.append(t1 - t0)
-        tt.append(t2 - t1)
-    return statistics.median(tc), statistics.median(tt), len(tc)
-
-
-def memcpy_bandwidth(nbytes=256 << 20, reps=7):
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(ts)  # read + write
 
 
 def ragged_cache(n, dtype, g):
@@ -139,7 +110,7 @@ def main(argv=None):
         ops.set_num_threads(nt)
         for c in cases(args.quick):
             check(c)
-            tc, tt, reps = time_pair(c["c"], c["torch"], args.min_time)
+            tc, tt, reps = time_pair(c["c"], c["torch"], args.min_time, max_reps=200)
             rec = dict(
                 layout=c["layout"], n=c["n"], dtype=c["dtype"], threads=nt, reps=reps, c_us=tc * 1e6,
                 torch_us=tt * 1e6, ratio=tt / tc, kv_bytes=c["bytes"], c_GBps=c["bytes"] / tc / 1e9,

@@ -18,15 +18,12 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
-import time
 
-import numpy as np
 import torch
 
 from kvcompress import ops
 
-from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
+from _common import command_line, machine, machine_line, memcpy_bandwidth, now, time_pair, write_results  # noqa: E402,E501
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 B, HQ, HKV, D, WINDOW = 1, 9, 3, 64, 32
@@ -72,32 +69,6 @@ def torch_gather(keys, values, idx):
 # ----------------------------------------------------------------- timing
 
 
-def time_pair(fc, ft, min_time, min_reps=5, max_reps=100):
-    fc()
-    ft()
-    tc, tt = [], []
-    start = time.perf_counter()
-    while len(tc) < max_reps and (len(tc) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fc()
-        t1 = time.perf_counter()
-        ft()
-        t2 = time.perf_counter()
-        tc.append(t1 - t0)
-        tt.append(t2 - t1)
-    return statistics.median(tc), statistics.median(tt), len(tc)
-
-
-def memcpy_bandwidth(nbytes=256 << 20, reps=7):
-    src = np.ones(nbytes // 4, dtype=np.float32)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        ts.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(ts)  # read + write
 
 
 def nbytes(*ts):
