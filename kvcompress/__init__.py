@@ -33,6 +33,7 @@ _LAZY = {
     "StreamingLLM": ("kvcompress.methods", "StreamingLLM"),
     "SnapKV": ("kvcompress.methods", "SnapKV"),
     "PyramidKV": ("kvcompress.methods", "PyramidKV"),
+    "AdaKV": ("kvcompress.methods", "AdaKV"),
     "Knorm": ("kvcompress.methods", "Knorm"),
     "H2O": ("kvcompress.methods", "H2O"),
     "TOVA": ("kvcompress.methods", "TOVA"),

@@ -24,6 +24,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from . import ops
 from .errors import KVCompressError
 from .methods.base import LayerView, Method
+from .ragged import RaggedStore
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -98,6 +99,8 @@ class CompressedLayer(CacheLayerMixin):
         self.state: dict[str, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None
         self.last_chunk = 0
+        # per-head storage once a head-wise method has compressed the layer
+        self.ragged: RaggedStore | None = None
 
     # ------------------------------------------------------------ HF protocol
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -108,6 +111,10 @@ class CompressedLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.append(key_states, value_states)
+        if self.ragged is not None:
+            # Only the "kvcompress" attention reads a ragged layer (from
+            # self.ragged); hand back the chunk so nothing else is copied.
+            return key_states, value_states
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -151,13 +158,22 @@ class CompressedLayer(CacheLayerMixin):
     # --------------------------------------------------------------- storage
     @property
     def capacity(self) -> int:
+        if self.ragged is not None:
+            return int(self.ragged.caps.max()) if self.ragged.caps.numel() else 0
         return 0 if self._kbuf is None else int(self._kbuf.shape[2])
+
+    @property
+    def batch_size(self) -> int:
+        return self.ragged.batch if self.ragged is not None else int(self.keys.shape[0])
 
     def _set_views(self) -> None:
         self.keys = self._kbuf[:, :, : self.n]
         self.values = self._vbuf[:, :, : self.n]
 
     def _index_batch(self, idx: torch.Tensor) -> None:
+        if self.ragged is not None:
+            raise NotImplementedError("beam search / batch reordering is not supported on a layer with "
+                                      "per-head lengths (head-wise methods such as AdaKV)")
         if self._kbuf is None:
             return
         idx = idx.to(self._kbuf.device)
@@ -184,6 +200,11 @@ class CompressedLayer(CacheLayerMixin):
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         q = int(key_states.shape[2])
         self.last_chunk = q
+        if self.ragged is not None:
+            self.ragged.append(key_states, value_states, self.seen)
+            self.seen += q
+            self.n = int(self.ragged.lengths.max())
+            return
         if self._kbuf is None:
             # First chunk: keep the projection output as is (no copy) unless it
             # is a view into a larger buffer (fused QKV projections), so the
@@ -209,8 +230,21 @@ class CompressedLayer(CacheLayerMixin):
         self.seen += q
         self._set_views()
 
-    def keep(self, indices: torch.Tensor) -> None:
-        """Keep only the slots ``indices`` ``[B, H, k]`` (ascending) of every head."""
+    def keep(self, indices: torch.Tensor, ragged: bool = False) -> None:
+        """Keep only the slots ``indices`` ``[B, H, k]`` (ascending) of every head.
+
+        With ``ragged`` (head-wise methods: ``-1`` pads heads that keep fewer)
+        the layer moves to per-head storage: each head then holds exactly its
+        own slots, pads of left-padded rows dropped.
+        """
+        if ragged:
+            if self.state:
+                raise NotImplementedError("per-slot method state on per-head storage")
+            self.ragged = RaggedStore.from_selection(self.keys, self.values, self.positions, indices, self.kv_start)
+            self._kbuf = self._vbuf = self.keys = self.values = self.positions = None
+            self.kv_start = torch.zeros_like(self.kv_start)
+            self.n = int(self.ragged.lengths.max()) if self.ragged.lengths.numel() else 0
+            return
         k_new, v_new = ops.gather(self.keys, self.values, indices)
         pad = (indices[:, 0, :] < self.kv_start[:, None]).sum(dim=1)
         self.state = {name: t.gather(2, indices) for name, t in self.state.items()}
@@ -222,10 +256,14 @@ class CompressedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------ accounting
     def tensors(self) -> list[torch.Tensor]:
+        if self.ragged is not None:
+            return self.ragged.tensors() + [self.kv_start]
         out = [self._kbuf, self._vbuf, self.kv_start, self.positions, *self.state.values()]
         return [t for t in out if t is not None]
 
     def head_lengths(self) -> list[int]:
+        if self.ragged is not None:
+            return [int(x) for x in self.ragged.lengths.tolist()]
         heads = 0 if self._kbuf is None else int(self._kbuf.shape[1])
         return [self.n] * heads
 
@@ -357,6 +395,10 @@ class KVCache(Cache):
         ``[B, Hq, q, D]``)."""
         self._awaiting = None
         layer = self.layers[layer_idx]
+        if layer.ragged is not None:
+            # Per-head storage has no uniform view to score; a head-wise
+            # method compresses a layer once, at its first prefill.
+            return
         n_chunk = layer.last_chunk
         method = self.method
         phase = "prefill" if n_chunk > 1 else "decode"
@@ -382,7 +424,7 @@ class KVCache(Cache):
             if method.decode_policy:
                 layer.budget = target
             if layer.n > target:
-                layer.keep(method.select(view, target))
+                layer.keep(method.select(view, target), ragged=method.headwise)
         elif layer.budget is not None and layer.n >= layer.budget + method.interval:
             layer.keep(method.select(view, layer.budget))
 
@@ -393,8 +435,8 @@ class KVCache(Cache):
         (True = real token) or None.
         """
         layer = self.layers[layer_idx]
-        B = int(layer.keys.shape[0])
-        device = layer.keys.device
+        B = layer.batch_size
+        device = layer.kv_start.device if layer.kv_start is not None else layer.keys.device
         first = layer.kv_start is None
         if padding_mask is None:
             if first:
@@ -454,7 +496,10 @@ class KVCache(Cache):
             out.layers.append(
                 LayerStats(layer.layer_idx, layer.seen, layer.head_lengths(), layer.capacity, nbytes)
             )
-            if layer._kbuf is not None:
+            if layer.ragged is not None:
+                r = layer.ragged
+                out.full_bytes += r.batch * r.heads * layer.seen * (r.k.shape[1] + r.v.shape[1]) * r.k.element_size()
+            elif layer._kbuf is not None:
                 B, H, _, D = layer._kbuf.shape
                 item = layer._kbuf.element_size()
                 out.full_bytes += B * H * layer.seen * (D + layer._vbuf.shape[3]) * item

@@ -99,6 +99,12 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     if cache.num_layers is None:
         cache.num_layers = getattr(module.config, "num_hidden_layers", None)
     kv_start = cache.set_padding(layer_idx, attention_mask, query.shape[2])
+    store = cache.layers[layer_idx].ragged
+    if store is not None:
+        # per-head lengths: only the C kernel reads this layout
+        out = ops.attention(query, store.k, store.v, scaling=scaling, offsets=store.offsets, lengths=store.lengths)
+        cache.after_attention(layer_idx, query, scaling)
+        return out, None
     if _fused_ok(query, key, value, dropout):
         # A decode step reads the whole layer for one query: the C kernel
         # (online softmax over the held slots) is 2-3x faster than SDPA in

@@ -4,14 +4,14 @@ import pytest
 import torch
 
 import kvcompress as kvc
-from kvcompress.methods import H2O, TOVA, VATP, Knorm, PyramidKV, SnapKV, StreamingLLM
+from kvcompress.methods import H2O, TOVA, VATP, AdaKV, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kvcompress.tasks import passkey_prompt
 from kvcompress.testing import (PasskeyResult, assert_fidelity, assert_passkey, fidelity, fidelity_reference,
                                 method_name, passkey_case, sample_passages)
 
 pytestmark = pytest.mark.slow
 
-METHODS = [StreamingLLM, SnapKV, PyramidKV, Knorm, H2O, TOVA, VATP]
+METHODS = [StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP]
 
 
 def _chat(tok, texts):

@@ -77,6 +77,8 @@ class Method:
     decode_policy: ClassVar[bool] = False
     #: names of per-slot state tensors the method keeps
     slot_state: ClassVar[tuple[str, ...]] = ()
+    #: ``True`` when heads keep different numbers of slots (per-head storage)
+    headwise: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):

@@ -92,3 +92,47 @@ class PyramidKV(SnapKV):
         lo = mean_budget / float(self.beta)
         hi = 2.0 * mean_budget - lo
         return hi - (hi - lo) * layer_idx / (num_layers - 1)
+
+
+@dataclass
+class AdaKV(SnapKV):
+    """AdaKV: SnapKV scores with budgets that move between the heads of a layer.
+
+    The layer keeps its global top ``H * B`` slots over all kv heads (forced
+    window slots count first); head h, holding n_h of them, then gets
+    ``round((1 - alpha) * n_h + alpha * B)`` slots, rounded so the layer
+    still keeps exactly ``H * B`` (``ops.head_budgets``), and keeps its own
+    top slots. Heads keep different numbers of slots, so the layer is stored
+    per head (``[Σ n_h, D]``): the memory saved is real, not masked.
+
+    Parameters
+    ----------
+    alpha : float in [0, 1]
+        Share of the uniform budget each head is guaranteed (0: pure layer-wide
+        top-k, 1: plain SnapKV).
+    """
+
+    alpha: float = 0.2
+
+    headwise = True
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)):
+            raise TypeError(f"alpha: expected a float, got {type(self.alpha).__name__}")
+        if not 0.0 <= float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha: must be in [0, 1], got {self.alpha}")
+
+    def head_budgets(self, view: LayerView, scores, keep: int):
+        """int64 ``[B, Hkv]`` slots per head for a layer budget of ``keep`` per head."""
+        _, window = self.forced(view, keep)
+        ranked = scores.clone()
+        if window:
+            ranked[..., view.length - window:] = float("inf")
+        return ops.head_budgets(ranked, keep, alpha=float(self.alpha), floor=window, kv_start=view.kv_start)
+
+    def select(self, view: LayerView, keep: int):
+        scores = self.score(view)
+        sinks, window = self.forced(view, keep)
+        k = self.head_budgets(view, scores, keep)
+        return ops.select_topk(scores, k, sinks=sinks, window=window, kv_start=view.kv_start)

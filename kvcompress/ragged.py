@@ -1,0 +1,107 @@
+"""Ragged (per-head length) storage of one cache layer.
+
+Head-wise methods keep a different number of slots in each kv head. Padding
+every head to the longest would hold bytes for slots that do not exist
+(kvpress masks instead); here a layer holds one ``[R, D]`` buffer for keys
+and one for values, head ``i = b * H + h`` owning rows ``offsets[i] ..
+offsets[i] + caps[i] - 1`` of which the first ``lengths[i]`` are live. The
+C attention kernel reads this layout directly (``ops.attention`` with
+``offsets``/``lengths``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RaggedStore:
+    """Per-head slots of one layer in flat buffers.
+
+    Attributes
+    ----------
+    k, v : torch.Tensor
+        ``[R, D]`` / ``[R, Dv]`` rows; ``R = caps.sum()``.
+    offsets, lengths, caps : torch.Tensor
+        int64 ``[B * H]``: first row, live slots and allocated slots per head.
+    positions : torch.Tensor
+        int32 ``[R]`` token index of each row (garbage beyond a head's length).
+    batch, heads : int
+    """
+
+    def __init__(self, k, v, offsets, lengths, caps, positions, batch: int, heads: int):
+        self.k, self.v = k, v
+        self.offsets, self.lengths, self.caps = offsets, lengths, caps
+        self.positions = positions
+        self.batch, self.heads = batch, heads
+
+    @classmethod
+    def from_selection(cls, keys, values, positions, indices, kv_start) -> "RaggedStore":
+        """Keep ``indices`` ``[B, H, k]`` (ascending, ``-1`` padded) of the
+        uniform ``keys``/``values`` ``[B, H, n, D]``; slots before
+        ``kv_start[b]`` (left padding) are dropped, so no head holds a pad."""
+        B, H = int(keys.shape[0]), int(keys.shape[1])
+        valid = (indices >= 0) & (indices >= kv_start[:, None, None])
+        lengths = valid.sum(-1).reshape(-1)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        idx = indices.clamp_min(0)
+        rank = torch.cumsum(valid.to(torch.int64), -1) - 1
+        rows = (offsets.view(B, H, 1) + rank)[valid]
+        R = int(lengths.sum())
+        k = keys.new_empty((R, keys.shape[3]))
+        v = values.new_empty((R, values.shape[3]))
+        k[rows] = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[3]))[valid]
+        v[rows] = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[3]))[valid]
+        pos = positions.new_empty((R,))
+        pos[rows] = positions.gather(2, idx)[valid]
+        return cls(k, v, offsets, lengths, lengths.clone(), pos, B, H)
+
+    # ---------------------------------------------------------------- append
+    def _grow(self, need: torch.Tensor) -> None:
+        """Reallocate so head i holds ``need[i]`` rows; capacities grow by at
+        least half (geometric), so appends cost O(1) amortised."""
+        caps = torch.maximum(need, self.caps + torch.clamp(self.caps // 2, min=16))
+        offsets = torch.cumsum(caps, 0) - caps
+        R = int(caps.sum())
+        # rows of every live slot, old and new places
+        counts = self.lengths
+        head = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        within = torch.arange(head.numel(), device=counts.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts
+        )
+        src = self.offsets[head] + within
+        dst = offsets[head] + within
+        k = self.k.new_empty((R, self.k.shape[1]))
+        v = self.v.new_empty((R, self.v.shape[1]))
+        pos = self.positions.new_zeros((R,))
+        k[dst] = self.k[src]
+        v[dst] = self.v[src]
+        pos[dst] = self.positions[src]
+        self.k, self.v, self.positions = k, v, pos
+        self.offsets, self.caps = offsets, caps
+
+    def append(self, keys, values, first_position: int) -> None:
+        """Append a chunk ``[B, H, q, D]`` to every head (positions
+        ``first_position ..``). Copies the layer only when a head is full."""
+        B, H, q = int(keys.shape[0]), int(keys.shape[1]), int(keys.shape[2])
+        if B != self.batch or H != self.heads:
+            raise ValueError(f"key_states: expected batch {self.batch} and {self.heads} kv heads, "
+                             f"got {tuple(keys.shape)}")
+        need = self.lengths + q
+        if bool((need > self.caps).any()):
+            self._grow(need)
+        steps = torch.arange(q, device=self.offsets.device)
+        rows = ((self.offsets + self.lengths)[:, None] + steps[None, :]).reshape(-1)
+        self.k[rows] = keys.reshape(B * H * q, keys.shape[3]).to(self.k.dtype)
+        self.v[rows] = values.reshape(B * H * q, values.shape[3]).to(self.v.dtype)
+        self.positions[rows] = (steps + first_position).to(torch.int32).repeat(B * H)
+        self.lengths = need
+
+    # ------------------------------------------------------------ inspection
+    def head(self, b: int, h: int):
+        """``(keys [n, D], values [n, Dv], positions [n])`` views of one head's live slots."""
+        i = b * self.heads + h
+        start, n = int(self.offsets[i]), int(self.lengths[i])
+        return self.k[start : start + n], self.v[start : start + n], self.positions[start : start + n]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v, self.offsets, self.lengths, self.caps, self.positions]
