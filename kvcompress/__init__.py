@@ -34,6 +34,7 @@ _LAZY = {
     "SnapKV": ("kvcompress.methods", "SnapKV"),
     "PyramidKV": ("kvcompress.methods", "PyramidKV"),
     "AdaKV": ("kvcompress.methods", "AdaKV"),
+    "EMS": ("kvcompress.methods", "EMS"),
     "Knorm": ("kvcompress.methods", "Knorm"),
     "H2O": ("kvcompress.methods", "H2O"),
     "TOVA": ("kvcompress.methods", "TOVA"),

@@ -238,12 +238,8 @@ class CompressedLayer(CacheLayerMixin):
         own slots, pads of left-padded rows dropped.
         """
         if ragged:
-            if self.state:
-                raise NotImplementedError("per-slot method state on per-head storage")
-            self.ragged = RaggedStore.from_selection(self.keys, self.values, self.positions, indices, self.kv_start)
-            self._kbuf = self._vbuf = self.keys = self.values = self.positions = None
-            self.kv_start = torch.zeros_like(self.kv_start)
-            self.n = int(self.ragged.lengths.max()) if self.ragged.lengths.numel() else 0
+            self._become_ragged(RaggedStore.from_selection(self.keys, self.values, self.positions, indices,
+                                                           self.kv_start))
             return
         k_new, v_new = ops.gather(self.keys, self.values, indices)
         pad = (indices[:, 0, :] < self.kv_start[:, None]).sum(dim=1)
@@ -253,6 +249,22 @@ class CompressedLayer(CacheLayerMixin):
         self.n = int(indices.shape[2])
         self.kv_start = pad.to(torch.int64)
         self._set_views()
+
+    def keep_merged(self, centers: torch.Tensor, merged) -> None:
+        """Replace the layer by merged slots: ``centers`` ``[B, H, C]`` (-1
+        padded) are the kept slots, ``merged`` an ``ops.EvictMergeResult``
+        holding their merged keys, values and counts."""
+        positions = self.positions.gather(2, centers.clamp_min(0))
+        self._become_ragged(RaggedStore.from_dense(merged.keys, merged.values, positions, centers >= 0,
+                                                   counts=merged.counts))
+
+    def _become_ragged(self, store: RaggedStore) -> None:
+        if self.state:
+            raise NotImplementedError("per-slot method state on per-head storage")
+        self.ragged = store
+        self._kbuf = self._vbuf = self.keys = self.values = self.positions = None
+        self.kv_start = torch.zeros_like(self.kv_start)
+        self.n = int(store.lengths.max()) if store.lengths.numel() else 0
 
     # ------------------------------------------------------------ accounting
     def tensors(self) -> list[torch.Tensor]:
@@ -424,7 +436,10 @@ class KVCache(Cache):
             if method.decode_policy:
                 layer.budget = target
             if layer.n > target:
-                layer.keep(method.select(view, target), ragged=method.headwise)
+                if method.merges:
+                    layer.keep_merged(*method.compact(view, target))
+                else:
+                    layer.keep(method.select(view, target), ragged=method.headwise)
         elif layer.budget is not None and layer.n >= layer.budget + method.interval:
             layer.keep(method.select(view, layer.budget))
 

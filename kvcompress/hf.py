@@ -102,7 +102,9 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     store = cache.layers[layer_idx].ragged
     if store is not None:
         # per-head lengths: only the C kernel reads this layout
-        out = ops.attention(query, store.k, store.v, scaling=scaling, offsets=store.offsets, lengths=store.lengths)
+        counts = store.counts if getattr(cache.method, "merge_bias", False) else None
+        out = ops.attention(query, store.k, store.v, scaling=scaling, offsets=store.offsets, lengths=store.lengths,
+                            counts=counts)
         cache.after_attention(layer_idx, query, scaling)
         return out, None
     if _fused_ok(query, key, value, dropout):

@@ -33,27 +33,39 @@ class RaggedStore:
         self.offsets, self.lengths, self.caps = offsets, lengths, caps
         self.positions = positions
         self.batch, self.heads = batch, heads
+        #: float32 ``[R]`` tokens merged into each slot (merging methods), else None
+        self.counts: torch.Tensor | None = None
+
+    @classmethod
+    def from_dense(cls, keys, values, positions, valid, counts=None) -> "RaggedStore":
+        """Pack ``keys``/``values`` ``[B, H, C, D]``, int32 ``positions`` and
+        optional float32 merge ``counts`` ``[B, H, C]`` keeping the slots where
+        ``valid`` ``[B, H, C]`` is True (in order)."""
+        B, H = int(keys.shape[0]), int(keys.shape[1])
+        lengths = valid.sum(-1).reshape(-1)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        rank = torch.cumsum(valid.to(torch.int64), -1) - 1
+        rows = (offsets.view(B, H, 1) + rank)[valid]
+        R = int(lengths.sum())
+        k = keys.new_empty((R, keys.shape[3]))
+        v = values.new_empty((R, values.shape[3]))
+        pos = positions.new_empty((R,))
+        k[rows], v[rows], pos[rows] = keys[valid], values[valid], positions[valid]
+        store = cls(k, v, offsets, lengths, lengths.clone(), pos, B, H)
+        if counts is not None:
+            store.counts = counts.new_empty((R,))
+            store.counts[rows] = counts[valid].to(torch.float32)
+        return store
 
     @classmethod
     def from_selection(cls, keys, values, positions, indices, kv_start) -> "RaggedStore":
         """Keep ``indices`` ``[B, H, k]`` (ascending, ``-1`` padded) of the
         uniform ``keys``/``values`` ``[B, H, n, D]``; slots before
         ``kv_start[b]`` (left padding) are dropped, so no head holds a pad."""
-        B, H = int(keys.shape[0]), int(keys.shape[1])
         valid = (indices >= 0) & (indices >= kv_start[:, None, None])
-        lengths = valid.sum(-1).reshape(-1)
-        offsets = torch.cumsum(lengths, 0) - lengths
         idx = indices.clamp_min(0)
-        rank = torch.cumsum(valid.to(torch.int64), -1) - 1
-        rows = (offsets.view(B, H, 1) + rank)[valid]
-        R = int(lengths.sum())
-        k = keys.new_empty((R, keys.shape[3]))
-        v = values.new_empty((R, values.shape[3]))
-        k[rows] = keys.gather(2, idx[..., None].expand(-1, -1, -1, keys.shape[3]))[valid]
-        v[rows] = values.gather(2, idx[..., None].expand(-1, -1, -1, values.shape[3]))[valid]
-        pos = positions.new_empty((R,))
-        pos[rows] = positions.gather(2, idx)[valid]
-        return cls(k, v, offsets, lengths, lengths.clone(), pos, B, H)
+        pick = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[3]))  # noqa: E731
+        return cls.from_dense(pick(keys), pick(values), positions.gather(2, idx), valid)
 
     # ---------------------------------------------------------------- append
     def _grow(self, need: torch.Tensor) -> None:
@@ -76,6 +88,10 @@ class RaggedStore:
         k[dst] = self.k[src]
         v[dst] = self.v[src]
         pos[dst] = self.positions[src]
+        if self.counts is not None:
+            counts = self.counts.new_ones((R,))
+            counts[dst] = self.counts[src]
+            self.counts = counts
         self.k, self.v, self.positions = k, v, pos
         self.offsets, self.caps = offsets, caps
 
@@ -94,6 +110,8 @@ class RaggedStore:
         self.k[rows] = keys.reshape(B * H * q, keys.shape[3]).to(self.k.dtype)
         self.v[rows] = values.reshape(B * H * q, values.shape[3]).to(self.v.dtype)
         self.positions[rows] = (steps + first_position).to(torch.int32).repeat(B * H)
+        if self.counts is not None:
+            self.counts[rows] = 1.0
         self.lengths = need
 
     # ------------------------------------------------------------ inspection
@@ -104,4 +122,5 @@ class RaggedStore:
         return self.k[start : start + n], self.v[start : start + n], self.positions[start : start + n]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.k, self.v, self.offsets, self.lengths, self.caps, self.positions]
+        out = [self.k, self.v, self.offsets, self.lengths, self.caps, self.positions]
+        return out + ([self.counts] if self.counts is not None else [])

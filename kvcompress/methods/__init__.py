@@ -2,12 +2,13 @@
 
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
+from .ems import EMS
 from .simple import Knorm, StreamingLLM
 from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
-    cls.__name__.lower(): cls for cls in (StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP)
+    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP)
 }
 
 
@@ -23,5 +24,5 @@ def method_from_name(name: str, *, budget: int | None = None, ratio: float | Non
 
 __all__ = [
     "Method", "DecodeMethod", "LayerView", "REGISTRY", "method_from_name",
-    "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP",
+    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP",
 ]

@@ -79,6 +79,8 @@ class Method:
     slot_state: ClassVar[tuple[str, ...]] = ()
     #: ``True`` when heads keep different numbers of slots (per-head storage)
     headwise: ClassVar[bool] = False
+    #: ``True`` when the method merges evicted tokens (``compact`` instead of ``select``)
+    merges: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):
@@ -148,6 +150,11 @@ class Method:
         scores = self.score(view)
         sinks, window = self.forced(view, keep)
         return ops.select_topk(scores, keep, sinks=sinks, window=window, kv_start=view.kv_start)
+
+    def compact(self, view: LayerView, keep: int):
+        """Merging methods: return ``(centers [B, Hkv, C] int64 (-1 padded),
+        ops.EvictMergeResult)`` for a layer keeping ``keep`` slots per head."""
+        raise NotImplementedError
 
     # ----------------------------------------------------------------- misc
     def describe(self) -> str:
