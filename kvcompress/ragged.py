@@ -69,9 +69,10 @@ class RaggedStore:
 
     # ---------------------------------------------------------------- append
     def _grow(self, need: torch.Tensor) -> None:
-        """Reallocate so head i holds ``need[i]`` rows; capacities grow by at
-        least half (geometric), so appends cost O(1) amortised."""
-        caps = torch.maximum(need, self.caps + torch.clamp(self.caps // 2, min=16))
+        """Reallocate so head i holds ``need[i]`` rows; capacities grow by an
+        eighth (at least 16 rows): geometric, so appends cost O(1) amortised,
+        while the slack stays small next to the kept slots."""
+        caps = torch.maximum(need, self.caps + torch.clamp(self.caps // 8, min=16))
         offsets = torch.cumsum(caps, 0) - caps
         R = int(caps.sum())
         # rows of every live slot, old and new places
