@@ -69,6 +69,9 @@ int kvc_py_get_scaling(struct kvc_state *st, PyObject *o, double *out);
 /* queries [B, Hq, Tq, D] vs keys [B, Hkv, Tk, D]: dtype, batch, head dim, GQA. */
 int kvc_py_check_qk(struct kvc_state *st, const struct kvc_view *q, const struct kvc_view *k);
 
+/* Scratch for a C op (freed with PyMem_RawFree); NULL with MemoryError set. */
+void *kvc_py_scratch(size_t bytes);
+
 /* Method tables of the op files, added to the module at init. */
 extern PyMethodDef kvc_py_core_methods[];
 extern PyMethodDef kvc_py_attention_methods[];

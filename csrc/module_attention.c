@@ -283,12 +283,8 @@ static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nar
     if (p.counts.data && check_counts(st, &p) < 0) goto done;
     if (kvc_py_view_numel(&p.out) > 0) {
         p.scratch_bytes = kvc_attention_scratch_bytes(&p);
-        scratch = PyMem_RawMalloc(p.scratch_bytes);
-        if (scratch == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        p.scratch = scratch;
+        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
+        if (scratch == NULL) goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     s = kvc_attention(&p);

@@ -521,3 +521,10 @@ int kvc_py_check_qk(struct kvc_state *st, const struct kvc_view *q, const struct
                             (long long)q->shape[1], (long long)k->shape[1]);
     return 0;
 }
+
+void *kvc_py_scratch(size_t bytes)
+{
+    void *p = PyMem_RawMalloc(bytes); /* a 0-byte request still returns a pointer */
+    if (p == NULL) PyErr_NoMemory();
+    return p;
+}

@@ -196,12 +196,8 @@ static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t n
     p.num_threads = st->num_threads;
     if (B * H > 0) {
         p.scratch_bytes = kvc_evict_merge_scratch_bytes(&p);
-        scratch = PyMem_RawMalloc(p.scratch_bytes);
-        if (scratch == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        p.scratch = scratch;
+        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
+        if (scratch == NULL) goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     s = kvc_evict_merge(&p);

@@ -72,12 +72,8 @@ static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     p.num_threads = st->num_threads;
     if (kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0) {
         p.scratch_bytes = kvc_window_scores_scratch_bytes(&p);
-        scratch = PyMem_RawMalloc(p.scratch_bytes);
-        if (scratch == NULL) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        p.scratch = scratch;
+        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
+        if (scratch == NULL) goto done;
     }
     Py_BEGIN_ALLOW_THREADS
     s = kvc_window_scores(&p);

@@ -170,15 +170,12 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
                 result = T.PasskeyResult(label, cases)
                 row["passkey"] = dict(accuracy=result.accuracy, cases=[dataclasses.asdict(c) for c in cases])
             if refs:
-                kls, agrees = [], []
+                cases = []
                 for ref in refs:
-                    kl, agree = T.fidelity_case(model, method, ref)
-                    kls.append(kl)
-                    agrees.append(agree)
+                    cases.append(T.fidelity_case(model, method, ref))
                     tick(short)
-                kl_all, agree_all = torch.cat(kls), torch.cat(agrees)
-                row["fidelity"] = dict(kl=float(kl_all.mean()), kl_max=float(kl_all.max()),
-                                       top1=float(agree_all.mean()), k=config.k, texts=len(refs))
+                fid = T.fidelity_result(label, config.k, cases)
+                row["fidelity"] = dict(kl=fid.kl, kl_max=fid.kl_max, top1=fid.top1, k=fid.k, texts=len(cases))
             if windows:
                 nll, count = 0.0, 0
                 for ids in windows:

@@ -34,7 +34,8 @@ __all__ = [
     "PasskeyCase", "PasskeyResult", "FidelityResult", "PerplexityResult",
     "method_name", "method_context", "greedy", "cache_bytes",
     "passkey_case", "passkey_accuracy",
-    "FidelityReference", "fidelity_reference", "fidelity_case", "fidelity", "fidelity_texts", "sample_passages",
+    "FidelityReference", "fidelity_reference", "fidelity_case", "fidelity", "fidelity_result", "fidelity_texts",
+    "sample_passages",
     "perplexity_windows", "perplexity_window", "perplexity", "perplexity_result",
     "assert_passkey", "assert_fidelity", "assert_perplexity", "assert_compressed",
 ]
@@ -321,25 +322,28 @@ def fidelity(model, tokenizer, method, texts: Sequence[str] | None = None, *, n_
     the packaged Shakespeare excerpt. Pass ``references`` (from
     :func:`fidelity_reference`) to reuse the full-cache runs across methods.
     """
-    import torch
-
     if references is None:
         texts = fidelity_texts(texts, n_texts, context_tokens, seed)
         references = [fidelity_reference(model, tokenizer, t, context_tokens=context_tokens, k=k) for t in texts]
     if not references:
         raise ValueError("texts: need at least one text")
-    kls, agrees, per_text = [], [], []
+    cases = []
     with _bar(len(references), progress, "fidelity") as bar:
         for ref in references:
-            kl, agree = fidelity_case(model, method, ref)
-            kls.append(kl)
-            agrees.append(agree)
-            per_text.append((float(kl.mean()), float(agree.mean())))
+            cases.append(fidelity_case(model, method, ref))
             if bar is not None:
                 bar.update()
-    kl_all, agree_all = torch.cat(kls), torch.cat(agrees)
-    return FidelityResult(method_name(method), references[0].k, float(kl_all.mean()), float(kl_all.max()),
-                          float(agree_all.mean()), per_text)
+    return fidelity_result(method_name(method), references[0].k, cases)
+
+
+def fidelity_result(method: str, k: int, cases) -> FidelityResult:
+    """Per-text ``(kl, agree)`` tensors from :func:`fidelity_case` → :class:`FidelityResult`."""
+    import torch
+
+    kl_all = torch.cat([kl for kl, _ in cases])
+    agree_all = torch.cat([agree for _, agree in cases])
+    per_text = [(float(kl.mean()), float(agree.mean())) for kl, agree in cases]
+    return FidelityResult(method, k, float(kl_all.mean()), float(kl_all.max()), float(agree_all.mean()), per_text)
 
 
 def fidelity_texts(texts, n_texts: int, context_tokens: int, seed: int) -> list[str]:
