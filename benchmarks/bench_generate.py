@@ -51,15 +51,13 @@ from tqdm import tqdm
 
 import kvcompress as kvc
 from kvcompress import ops
+from kvcompress.methods import method_from_spec
 
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_TEXT = "/work/shared/data/tinyshakespeare.txt"
-METHODS = {
-    "streamingllm": "StreamingLLM", "snapkv": "SnapKV", "pyramidkv": "PyramidKV", "knorm": "Knorm",
-    "h2o": "H2O", "tova": "TOVA", "vatp": "VATP",
-}
+DEFAULT_METHODS = "streamingllm,snapkv,pyramidkv,knorm,h2o,tova,vatp,adakv,ems"
 FULL = "full"
 MiB = 1 << 20
 
@@ -150,30 +148,31 @@ def others_load(start, end) -> tuple[float, float]:
 
 
 class CompressionTimer:
-    """Wraps ``KVCache.after_attention`` (scoring, selection, gather of one
-    layer) to add up the time spent in it, so the prefill and decode times can
-    be split into model and compression."""
+    """Wraps ``owner.name`` (by default ``KVCache.after_attention``: scoring,
+    selection, gather of one layer) to add up the time spent in it, so the
+    prefill and decode times can be split into model and compression."""
 
-    def __init__(self):
+    def __init__(self, owner=kvc.KVCache, name: str = "after_attention"):
         self.seconds = 0.0
+        self._owner, self._name = owner, name
         self._original = None
 
     def __enter__(self):
-        self._original = original = kvc.KVCache.after_attention
+        self._original = original = getattr(self._owner, self._name)
         timer = self
 
-        def timed(cache, *a, **kw):
+        def timed(*a, **kw):
             t0 = time.perf_counter()
             try:
-                return original(cache, *a, **kw)
+                return original(*a, **kw)
             finally:
                 timer.seconds += time.perf_counter() - t0
 
-        kvc.KVCache.after_attention = timed
+        setattr(self._owner, self._name, timed)
         return self
 
     def __exit__(self, *exc):
-        kvc.KVCache.after_attention = self._original
+        setattr(self._owner, self._name, self._original)
 
     def take(self) -> float:
         s, self.seconds = self.seconds, 0.0
@@ -195,11 +194,12 @@ def cache_bytes(cache) -> tuple[int, int | None]:
     return sum(storages.values()), None
 
 
-def make_method(name: str, budget: int | None, ratio: float | None):
-    return getattr(kvc, METHODS[name])(budget=budget, ratio=ratio)
+def make_method(spec: str, budget: int | None, ratio: float | None):
+    return method_from_spec(spec, budget=budget, ratio=ratio)
 
 
-def run_once(model, ids: torch.Tensor, method, new_tokens: int, timer: CompressionTimer) -> dict:
+def run_once(model, ids: torch.Tensor, method, new_tokens: int, timer: CompressionTimer,
+             global_timer: CompressionTimer) -> dict:
     """Prefill ``ids`` ``[1, T]`` and decode ``new_tokens`` greedy steps;
     return times, memory and the generated tokens."""
     trim_heap()
@@ -214,6 +214,7 @@ def run_once(model, ids: torch.Tensor, method, new_tokens: int, timer: Compressi
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         prefill = time.perf_counter() - t0
         prefill_compress = timer.take()
+        prefill_global = global_timer.take()
         cache = out.past_key_values
         del out
         tokens = [int(token)]
@@ -237,7 +238,8 @@ def run_once(model, ids: torch.Tensor, method, new_tokens: int, timer: Compressi
         seen = slots[0]
     del cache
     return dict(
-        prefill_s=prefill, prefill_compress_s=prefill_compress, decode_compress_s=decode_compress,
+        prefill_s=prefill, prefill_compress_s=prefill_compress, prefill_global_s=prefill_global,
+        decode_compress_s=decode_compress,
         decode_step_s=steps, rss_before=before, peak_rss=peak, cache_bytes=held,
         full_bytes_estimate=full_estimate, tokens=tokens, seen=seen, slots_min=min(slots), slots_max=max(slots),
         others_cores=others, steal_cores=steal,
@@ -250,6 +252,7 @@ def summarize(runs: list[dict]) -> dict:
     return dict(
         prefill_s=statistics.median(r["prefill_s"] for r in runs),
         prefill_compress_s=statistics.median(r["prefill_compress_s"] for r in runs),
+        prefill_global_s=statistics.median(r["prefill_global_s"] for r in runs),
         decode_compress_ms_per_token=1e3 * statistics.fmean(
             r["decode_compress_s"] / len(r["decode_step_s"]) if r["decode_step_s"] else 0.0 for r in runs
         ),
@@ -270,16 +273,16 @@ def summarize(runs: list[dict]) -> dict:
 
 def table_lines(records: list[dict]) -> list[str]:
     lines = [
-        "| prompt | config | prefill s | ×full | compression s | decode ms/tok median | ×full | decode mean "
+        "| prompt | config | prefill s | ×full | compression s | global score s | decode ms/tok median | ×full | decode mean "
         "| compression ms/tok | peak RSS MiB | peak − before MiB | cache MiB | ×full | slots/head | tokens = full "
         "| others' CPU |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in records:
         slots = str(r["slots_min"]) if r["slots_min"] == r["slots_max"] else f"{r['slots_min']}–{r['slots_max']}"
         lines.append(
             f"| {r['tokens_prompt']} | {r['config']} | {r['prefill_s']:.2f} | {r['prefill_ratio']:.2f} | "
-            f"{r['prefill_compress_s']:.2f} | {r['decode_ms_median']:.1f} | {r['decode_ratio']:.2f} | "
+            f"{r['prefill_compress_s']:.2f} | {r['prefill_global_s']:.2f} | {r['decode_ms_median']:.1f} | {r['decode_ratio']:.2f} | "
             f"{r['decode_ms_mean']:.1f} | {r['decode_compress_ms_per_token']:.2f} | "
             f"{r['peak_rss'] / MiB:.0f} | {r['peak_delta'] / MiB:.0f} | {r['cache_bytes'] / MiB:.2f} | "
             f"{r['bytes_ratio']:.3f} | {slots} | {r['tokens_match']}/{r['tokens_total']} | {r['others_cores']:.2f} |"
@@ -290,7 +293,9 @@ def table_lines(records: list[dict]) -> list[str]:
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", default="1024,4096,8192", help="comma-separated prompt lengths")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    ap.add_argument("--methods", default=DEFAULT_METHODS,
+                    help=f"comma-separated method specs (default {DEFAULT_METHODS}); options after colons, "
+                         "e.g. ems:global_mode=probe")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--budget", type=int, default=None, help="kept slots per kv head (default 256)")
     size.add_argument("--ratio", type=float, default=None, help="fraction of the prompt removed")
@@ -299,6 +304,8 @@ def parse_args(argv):
     ap.add_argument("--warmup-tokens", type=int, default=512, help="prompt length of the warm-up pass")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and kvcompress threads")
     ap.add_argument("--text", default=DEFAULT_TEXT, help="text file the prompts are cut from")
+    ap.add_argument("--beyond-context", action="store_true",
+                    help="do not cut prompts to max_position_embeddings (timing runs past the trained context)")
     ap.add_argument("--quick", action="store_true", help="512 tokens, snapkv and h2o, 4 new tokens")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
@@ -309,8 +316,10 @@ def parse_args(argv):
     args.tokens = [int(x) for x in args.tokens.split(",") if x]
     args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
-        if m not in METHODS:
-            ap.error(f"--methods: unknown method {m!r}; choose from {','.join(METHODS)}")
+        try:
+            make_method(m, args.budget, args.ratio)
+        except ValueError as e:
+            ap.error(f"--methods: {e}")
     for name in ("new_tokens", "repeats", "warmup_tokens", "threads"):
         if getattr(args, name) < (0 if name == "new_tokens" else 1):
             ap.error(f"--{name.replace('_', '-')}: too small")
@@ -347,7 +356,7 @@ def main(argv=None):
     prompts = []
     for n in args.tokens:
         use = n
-        if max_pos and n + args.new_tokens > max_pos:
+        if max_pos and n + args.new_tokens > max_pos and not args.beyond_context:
             use = max_pos - args.new_tokens
             print(f"prompt {n}: cut to {use} tokens so that prompt + {args.new_tokens} new tokens fit "
                   f"max_position_embeddings={max_pos}", flush=True)
@@ -358,15 +367,15 @@ def main(argv=None):
     configs = [(FULL, None)] + [(m, make_method(m, args.budget, args.ratio)) for m in args.methods]
     warm = all_ids[:, : args.warmup_tokens].contiguous()
     runs: dict[tuple[int, str], list[dict]] = {}
-    with CompressionTimer() as timer:
+    with CompressionTimer() as timer, CompressionTimer(ops, "global_scores") as global_timer:
         for name, method in tqdm(configs, desc="warm-up", file=sys.stdout):
-            run_once(model, warm, method, min(2, args.new_tokens), timer)
+            run_once(model, warm, method, min(2, args.new_tokens), timer, global_timer)
         bar = tqdm(total=len(prompts) * args.repeats * len(configs), desc="runs", file=sys.stdout)
         for n, ids in prompts:
             for rep in range(args.repeats):
                 for name, method in configs:
                     bar.set_postfix_str(f"{ids.shape[1]} tok {name}")
-                    r = run_once(model, ids, method, args.new_tokens, timer)
+                    r = run_once(model, ids, method, args.new_tokens, timer, global_timer)
                     runs.setdefault((n, name), []).append(r)
                     steps = r["decode_step_s"]
                     med = 1e3 * statistics.median(steps) if steps else float("nan")
@@ -402,7 +411,8 @@ def main(argv=None):
     size = f"budget={args.budget}" if args.budget is not None else f"ratio={args.ratio}"
     result = dict(
         command=command, date=now(), machine=info, model="SmolLM2-135M-Instruct (float32)",
-        max_position_embeddings=max_pos, text=os.path.basename(args.text), size=size,
+        max_position_embeddings=max_pos, beyond_context=args.beyond_context, text=os.path.basename(args.text),
+        size=size,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup_tokens=args.warmup_tokens, records=records,
     )
     if args.no_write:
@@ -420,13 +430,17 @@ def main(argv=None):
         "Prefill s = one forward over the prompt (compression included, logits of the last position only) "
         "+ argmax. Decode ms/tok = median (and mean) of the per-step times of `model(next_token, "
         "past_key_values=cache)` + argmax. Compression s and ms/tok: time inside `KVCache.after_attention` "
-        "(scoring, selection, gather; all layers) during the prefill, and per decode step on average. "
+        "(scoring, selection, gather; all layers) during the prefill, and per decode step on average; "
+        "global score s: the part of it spent in `ops.global_scores` (EMS). "
         "Peak RSS = process VmHWM during the run (reset via /proc/self/clear_refs before it); peak − before = growth over the RSS just before the run. Cache MiB = "
         "storage held by the cache after the last step. ×full = ratio to the full-cache (DynamicCache) row of "
         "the same prompt. Tokens = full: generated tokens (prefill's + decode steps') equal to the full "
         "cache's, position by position. Others' CPU = mean cores used by other processes during the run "
         f"(from /proc/stat; the machine has {info['cores']} cores and is shared, so a run with a high value was "
         "slowed down by someone else).",
+        *(["", f"Prompts longer than max_position_embeddings={max_pos} were not cut (`--beyond-context`): "
+               "their times are valid, their generated tokens are past the model's trained context."]
+          if args.beyond_context else []),
         "",
         *lines,
     ]

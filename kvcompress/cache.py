@@ -101,6 +101,11 @@ class CompressedLayer(CacheLayerMixin):
         self.last_chunk = 0
         # per-head storage once a head-wise method has compressed the layer
         self.ragged: RaggedStore | None = None
+        # merging methods with a decode interval: slots each head keeps
+        # ([B, H] int64) and the latest queries ([B, Hq, <= window, D]) that
+        # score the slots at the next re-compression
+        self.head_budgets: torch.Tensor | None = None
+        self.recent_q: torch.Tensor | None = None
 
     # ------------------------------------------------------------ HF protocol
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -182,6 +187,9 @@ class CompressedLayer(CacheLayerMixin):
         self.kv_start = self.kv_start.index_select(0, idx)
         self.positions = self.positions.index_select(0, idx)
         self.state = {k: v.index_select(0, idx) for k, v in self.state.items()}
+        if self.head_budgets is not None:
+            self.head_budgets = self.head_budgets.index_select(0, idx)
+            self.recent_q = self.recent_q.index_select(0, idx.to(self.recent_q.device))
         self._set_views()
 
     def _grow(self, need: int) -> None:
@@ -250,13 +258,46 @@ class CompressedLayer(CacheLayerMixin):
         self.kv_start = pad.to(torch.int64)
         self._set_views()
 
-    def keep_merged(self, centers: torch.Tensor, merged) -> None:
+    def keep_merged(self, centers: torch.Tensor, merged, carried=None, slack: int = 0) -> None:
         """Replace the layer by merged slots: ``centers`` ``[B, H, C]`` (-1
         padded) are the kept slots, ``merged`` an ``ops.EvictMergeResult``
-        holding their merged keys, values and counts."""
+        holding their merged keys, values and counts, ``carried`` optional
+        ``[B, H, C]`` scores kept for a later re-compression; each head gets
+        ``slack`` free rows for appends."""
         positions = self.positions.gather(2, centers.clamp_min(0))
         self._become_ragged(RaggedStore.from_dense(merged.keys, merged.values, positions, centers >= 0,
-                                                   counts=merged.counts))
+                                                   counts=merged.counts, scores=carried, slack=slack))
+
+    def to_ragged(self, slack: int = 0) -> None:
+        """Move every valid slot to per-head storage (left padding dropped)."""
+        B, H, n = self.keys.shape[:3]
+        valid = (torch.arange(n, device=self.keys.device)[None, None, :] >= self.kv_start[:, None, None])
+        valid = valid.expand(B, H, n)
+        ones = torch.ones(valid.shape, device=self.keys.device)
+        self._become_ragged(RaggedStore.from_dense(self.keys, self.values, self.positions, valid, counts=ones,
+                                                   scores=ones * float("nan"), slack=slack))
+
+    def recompress(self, method, scaling: float) -> None:
+        """Re-compress a per-head layer to ``head_budgets`` slots per head:
+        ``method.recompact`` scores every held slot with the recent queries
+        and the carried scores, then evicts/merges (merging methods)."""
+        store = self.ragged
+        B, H = store.batch, store.heads
+        keys, values, pos, counts, carried, start = store.to_padded()
+        budgets = torch.minimum(self.head_budgets.reshape(-1), store.lengths)[:, None]
+        q = self.recent_q
+        group = q.shape[1] // H
+        queries = q.reshape(B * H, group, q.shape[2], q.shape[3])
+        centers, merged, new_carried = method.recompact(queries, keys, values, counts, carried, start,
+                                                        budgets, scaling)
+        C = int(centers.shape[2])
+        positions = pos[:, None].gather(2, centers.clamp_min(0))
+        shape = (B, H, C)
+        self._become_ragged(RaggedStore.from_dense(
+            merged.keys.reshape(B, H, C, -1), merged.values.reshape(B, H, C, -1), positions.reshape(shape),
+            (centers >= 0).reshape(shape), counts=merged.counts.reshape(shape),
+            scores=new_carried.reshape(shape), slack=method.interval,
+        ))
 
     def _become_ragged(self, store: RaggedStore) -> None:
         if self.state:
@@ -268,9 +309,10 @@ class CompressedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------ accounting
     def tensors(self) -> list[torch.Tensor]:
+        extra = [t for t in (self.head_budgets, self.recent_q) if t is not None]
         if self.ragged is not None:
-            return self.ragged.tensors() + [self.kv_start]
-        out = [self._kbuf, self._vbuf, self.kv_start, self.positions, *self.state.values()]
+            return self.ragged.tensors() + [self.kv_start] + extra
+        out = [self._kbuf, self._vbuf, self.kv_start, self.positions, *self.state.values(), *extra]
         return [t for t in out if t is not None]
 
     def head_lengths(self) -> list[int]:
@@ -407,12 +449,16 @@ class KVCache(Cache):
         ``[B, Hq, q, D]``)."""
         self._awaiting = None
         layer = self.layers[layer_idx]
+        method = self.method
+        if layer.head_budgets is not None:
+            self._keep_decode_budget(layer, queries, scaling)
+            return
         if layer.ragged is not None:
-            # Per-head storage has no uniform view to score; a head-wise
-            # method compresses a layer once, at its first prefill.
+            # Per-head storage has no uniform view to score; without a decode
+            # interval a head-wise method compresses a layer once, at its
+            # first prefill.
             return
         n_chunk = layer.last_chunk
-        method = self.method
         phase = "prefill" if n_chunk > 1 else "decode"
         if phase == "decode" and not method.decode_policy:
             return
@@ -435,13 +481,39 @@ class KVCache(Cache):
             target = method.target_length(layer.n - n_chunk, n_chunk, layer_idx, view.num_layers)
             if method.decode_policy:
                 layer.budget = target
+            interval = getattr(method, "interval", 0) if method.merges else 0
             if layer.n > target:
                 if method.merges:
-                    layer.keep_merged(*method.compact(view, target))
+                    centers, merged, carried = method.compact(view, target)
+                    layer.keep_merged(centers, merged, carried if interval else None, slack=interval)
                 else:
                     layer.keep(method.select(view, target), ragged=method.headwise)
+            if interval:
+                B, H = int(view.keys.shape[0]), int(view.keys.shape[1])
+                # a prompt that fitted keeps growing up to the method's budget
+                keep = target if layer.ragged is not None or method.budget is None else max(target, method.budget)
+                layer.head_budgets = torch.full((B, H), keep, dtype=torch.int64, device=queries.device)
+                if layer.ragged is not None:
+                    # adaptive heads keep the share the prefill gave them
+                    layer.head_budgets = layer.ragged.lengths.reshape(B, H).clone()
+                layer.recent_q = queries[:, :, -min(method.window, interval):].clone()
         elif layer.budget is not None and layer.n >= layer.budget + method.interval:
             layer.keep(method.select(view, layer.budget))
+
+    def _keep_decode_budget(self, layer: CompressedLayer, queries, scaling: float) -> None:
+        """Merging methods with an ``interval``: once the heads hold
+        ``interval`` slots over their budget, re-compress the layer."""
+        method = self.method
+        held = min(method.window, method.interval)
+        layer.recent_q = torch.cat([layer.recent_q, queries], 2)[:, :, -held:].contiguous()
+        if layer.ragged is None:
+            # the prompt fitted the budget: the layer is still uniform
+            if layer.n - int(layer.head_budgets.max()) < method.interval:
+                return
+            layer.to_ragged()
+        elif int((layer.ragged.lengths - layer.head_budgets.reshape(-1)).max()) < method.interval:
+            return
+        layer.recompress(method, scaling)
 
     def set_padding(self, layer_idx: int, padding_mask, q: int) -> torch.Tensor:
         """Record the left padding of a new chunk and return ``kv_start`` ``[B]``.

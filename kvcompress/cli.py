@@ -115,7 +115,9 @@ def _add_eval(sub) -> None:
     ev.add_argument("--quick", action="store_true",
                     help="small preset (4 methods x 3 budgets, short tasks; ~3 min on 2 CPU cores); "
                          "other options override it")
-    ev.add_argument("--methods", type=_csv(str), help="comma-separated, e.g. snapkv,h2o (default: all)")
+    ev.add_argument("--methods", type=_csv(str),
+                    help="comma-separated, e.g. snapkv,h2o (default: all); options follow a method's name "
+                         "after colons, e.g. ems:lam=1:tau=inf")
     settings = ev.add_mutually_exclusive_group()
     settings.add_argument("--budgets", type=_csv(int), help="kept slots per kv head, e.g. 64,128,256 (default)")
     settings.add_argument("--ratios", type=_csv(float), help="fractions removed, e.g. 0.5,0.75,0.9")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import testing as T
-from .methods import REGISTRY, method_from_name
+from .methods import REGISTRY, method_from_spec
 
 SCHEMA = "kvcompress.eval/1"
 TASKS = ("passkey", "fidelity", "ppl")
@@ -57,9 +57,10 @@ class EvalConfig:
         if (self.budgets is None) == (self.ratios is None):
             raise ValueError("budgets, ratios: give exactly one of them")
         self.methods = [m.strip().lower() for m in self.methods if m.strip()]
+        if not self.methods:
+            raise ValueError("methods: need at least one method")
         for m in self.methods:
-            if m not in REGISTRY:
-                raise ValueError(f"methods: unknown method {m!r}; choose from {', '.join(REGISTRY)}")
+            method_from_spec(m, budget=1)  # unknown names and bad options fail here, not mid-run
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -109,7 +110,7 @@ def _rows(config: EvalConfig):
     for name in config.methods:
         for value in config.settings():
             kw = {config.axis: value}
-            yield name, value, method_from_name(name, **kw)
+            yield name, value, method_from_spec(name, **kw)
 
 
 def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = None, progress: bool = True) -> dict:

@@ -35,26 +35,33 @@ class RaggedStore:
         self.batch, self.heads = batch, heads
         #: float32 ``[R]`` tokens merged into each slot (merging methods), else None
         self.counts: torch.Tensor | None = None
+        #: float32 ``[R]`` importance carried to the next re-compression (NaN:
+        #: appended since, not scored yet), else None
+        self.scores: torch.Tensor | None = None
 
     @classmethod
-    def from_dense(cls, keys, values, positions, valid, counts=None) -> "RaggedStore":
+    def from_dense(cls, keys, values, positions, valid, counts=None, scores=None, slack: int = 0) -> "RaggedStore":
         """Pack ``keys``/``values`` ``[B, H, C, D]``, int32 ``positions`` and
-        optional float32 merge ``counts`` ``[B, H, C]`` keeping the slots where
-        ``valid`` ``[B, H, C]`` is True (in order)."""
+        optional float32 merge ``counts`` and carried ``scores`` ``[B, H, C]``
+        keeping the slots where ``valid`` ``[B, H, C]`` is True (in order).
+        Each head gets ``slack`` free rows for appends."""
         B, H = int(keys.shape[0]), int(keys.shape[1])
         lengths = valid.sum(-1).reshape(-1)
-        offsets = torch.cumsum(lengths, 0) - lengths
+        caps = lengths + slack
+        offsets = torch.cumsum(caps, 0) - caps
         rank = torch.cumsum(valid.to(torch.int64), -1) - 1
         rows = (offsets.view(B, H, 1) + rank)[valid]
-        R = int(lengths.sum())
-        k = keys.new_empty((R, keys.shape[3]))
-        v = values.new_empty((R, values.shape[3]))
-        pos = positions.new_empty((R,))
+        R = int(caps.sum())
+        k = keys.new_zeros((R, keys.shape[3]))
+        v = values.new_zeros((R, values.shape[3]))
+        pos = positions.new_zeros((R,))
         k[rows], v[rows], pos[rows] = keys[valid], values[valid], positions[valid]
-        store = cls(k, v, offsets, lengths, lengths.clone(), pos, B, H)
-        if counts is not None:
-            store.counts = counts.new_empty((R,))
-            store.counts[rows] = counts[valid].to(torch.float32)
+        store = cls(k, v, offsets, lengths, caps, pos, B, H)
+        for name, t in (("counts", counts), ("scores", scores)):
+            if t is not None:
+                flat = t.new_ones((R,), dtype=torch.float32)
+                flat[rows] = t[valid].to(torch.float32)
+                setattr(store, name, flat)
         return store
 
     @classmethod
@@ -76,23 +83,20 @@ class RaggedStore:
         offsets = torch.cumsum(caps, 0) - caps
         R = int(caps.sum())
         # rows of every live slot, old and new places
-        counts = self.lengths
-        head = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
-        within = torch.arange(head.numel(), device=counts.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts
-        )
-        src = self.offsets[head] + within
-        dst = offsets[head] + within
+        src = self.live_rows()
+        dst = src - self.offsets.repeat_interleave(self.lengths) + offsets.repeat_interleave(self.lengths)
         k = self.k.new_empty((R, self.k.shape[1]))
         v = self.v.new_empty((R, self.v.shape[1]))
         pos = self.positions.new_zeros((R,))
         k[dst] = self.k[src]
         v[dst] = self.v[src]
         pos[dst] = self.positions[src]
-        if self.counts is not None:
-            counts = self.counts.new_ones((R,))
-            counts[dst] = self.counts[src]
-            self.counts = counts
+        for name in ("counts", "scores"):
+            old = getattr(self, name)
+            if old is not None:
+                new = old.new_ones((R,))
+                new[dst] = old[src]
+                setattr(self, name, new)
         self.k, self.v, self.positions = k, v, pos
         self.offsets, self.caps = offsets, caps
 
@@ -113,9 +117,46 @@ class RaggedStore:
         self.positions[rows] = (steps + first_position).to(torch.int32).repeat(B * H)
         if self.counts is not None:
             self.counts[rows] = 1.0
+        if self.scores is not None:
+            self.scores[rows] = float("nan")
         self.lengths = need
 
+    def to_padded(self):
+        """Left-padded dense copy for re-scoring, one row per head.
+
+        Returns ``(keys [N, 1, M, D], values [N, 1, M, Dv], positions [N, M]
+        int32, counts [N, M], scores [N, M], start [N])`` with ``N = B * H``,
+        ``M`` the longest head and head ``i``'s slots in the last
+        ``lengths[i]`` columns (``start[i] = M - lengths[i]`` pads, zero
+        filled). ``counts`` are ones and ``scores`` NaN where not held.
+        """
+        N = self.batch * self.heads
+        M = int(self.lengths.max()) if N else 0
+        start = M - self.lengths
+        col = torch.arange(M, device=self.offsets.device)[None, :]
+        live = col >= start[:, None]
+        rows = (self.offsets[:, None] + col - start[:, None]).clamp_min(0)
+        rows = torch.where(live, rows, torch.zeros_like(rows))
+
+        def take(t, fill):
+            out = t[rows.reshape(-1)].reshape((N, M) + tuple(t.shape[1:]))
+            mask = live.reshape((N, M) + (1,) * (t.ndim - 1))
+            return torch.where(mask, out, torch.full_like(out, fill))
+
+        keys, values = take(self.k, 0)[:, None], take(self.v, 0)[:, None]
+        counts = take(self.counts, 1.0) if self.counts is not None else torch.ones((N, M), device=self.k.device)
+        nan = float("nan")
+        scores = take(self.scores, nan) if self.scores is not None else torch.full((N, M), nan, device=self.k.device)
+        return keys, values, take(self.positions, 0), counts, scores, start
+
     # ------------------------------------------------------------ inspection
+    def live_rows(self) -> torch.Tensor:
+        """int64 ``[sum(lengths)]`` rows of the live slots, head by head."""
+        n = self.lengths
+        head = torch.repeat_interleave(torch.arange(n.numel(), device=n.device), n)
+        within = torch.arange(head.numel(), device=n.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        return self.offsets[head] + within
+
     def head(self, b: int, h: int):
         """``(keys [n, D], values [n, Dv], positions [n])`` views of one head's live slots."""
         i = b * self.heads + h
@@ -124,4 +165,4 @@ class RaggedStore:
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.k, self.v, self.offsets, self.lengths, self.caps, self.positions]
-        return out + ([self.counts] if self.counts is not None else [])
+        return out + [t for t in (self.counts, self.scores) if t is not None]

@@ -75,8 +75,9 @@ def test_merge_everything_accounts_for_every_token(tiny_model):
 
 def test_adaptive_threshold_merges_some_and_evicts_some(tiny_model):
     cache, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS), _ids())
-    total = sum(float(layer.ragged.counts.sum()) for layer in cache.layers)
-    slots = sum(layer.ragged.counts.numel() for layer in cache.layers)
+    live = [layer.ragged.counts[layer.ragged.live_rows()] for layer in cache.layers]
+    total = sum(float(c.sum()) for c in live)
+    slots = sum(c.numel() for c in live)
     full = len(cache.layers) * 2 * tiny_model.config.num_key_value_heads * 60
     assert slots < total < full
 
@@ -97,12 +98,17 @@ def test_merge_bias_changes_decoding_only_when_slots_were_merged(tiny_model):
     assert not torch.allclose(logits(tau=-inf, merge_bias=True), logits(tau=-inf, merge_bias=False), atol=1e-4)
 
 
-def test_bytes_held_include_counts(tiny_model):
-    cache, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS), _ids())
-    D = tiny_model.config.head_dim
-    BH = 2 * tiny_model.config.num_key_value_heads
-    n = BH * BUDGET
-    per_layer = n * 2 * D * 4 + n * 4 + n * 4 + 3 * 8 * BH + 8 * 2  # K, V, positions, counts, offsets..., kv_start
+@pytest.mark.parametrize("interval", [0, 32])
+def test_bytes_held_include_counts(tiny_model, interval):
+    cache, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=interval), _ids())
+    cfg = tiny_model.config
+    D = cfg.head_dim
+    BH = 2 * cfg.num_key_value_heads
+    rows = BH * (BUDGET + interval)  # each head has `interval` rows of slack for decode appends
+    per_slot = 2 * D * 4 + 4 + 4 + (4 if interval else 0)  # K, V, positions, counts, carried scores
+    per_layer = rows * per_slot + 3 * 8 * BH + 8 * 2  # ... offsets/lengths/caps, kv_start
+    if interval:
+        per_layer += 8 * BH + 2 * cfg.num_attention_heads * WINDOW * D * 4  # head budgets, recent queries
     assert cache.memory_bytes() == per_layer * len(cache.layers)
 
 

@@ -117,10 +117,38 @@ def test_eval_ratios_one_task(tiny_lm, tmp_path):
     (["--tasks", "passkey,mmlu"], "unknown task 'mmlu'"),
     (["--ratios", "1.5"], "ratios"),
     (["--depths", "2"], "depths"),
+    (["--methods", "ems:lamda=1"], "EMS has no option 'lamda'"),
+    (["--methods", "ems:lam=2"], "lam: must be in [0.0, 1.0]"),
+    (["--methods", "ems:lam"], "expected option=value"),
+    (["--methods", "snapkv:head_budget=adaptive"], "SnapKV has no option 'head_budget'"),
 ])
 def test_eval_bad_options(args, message, capsys):
     assert cli.main(["eval"] + args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_method_specs_build_the_variants():
+    from kvcompress.methods import EMS, method_from_spec, parse_method_spec
+
+    assert parse_method_spec("EMS:lam=1:tau=inf:merge_bias=false:head_budget=adaptive:interval=0") == (
+        "ems", dict(lam=1, tau=float("inf"), merge_bias=False, head_budget="adaptive", interval=0))
+    m = method_from_spec("ems:tau=-inf:global_mode=probe", budget=64)
+    assert m == EMS(budget=64, tau=float("-inf"), global_mode="probe")
+    assert method_from_spec("ems:tau=none", ratio=0.5) == EMS(ratio=0.5)
+
+
+def test_eval_rows_of_method_variants(tiny_lm, tmp_path):
+    _, _, folder = tiny_lm
+    out = tmp_path / "v"
+    variants = ["ems", "ems:tau=inf", "ems:lam=1:merge_bias=false"]
+    args = ["eval", "--model", str(folder), "--methods", ",".join(variants), "--budgets", "24", "--tasks", "ppl",
+            "--ppl-context", "48", "--ppl-tokens", "8", "--ppl-windows", "1", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    check_schema(results, variants, [24], "budget", ["ppl"])
+    labels = [row["label"] for row in results["rows"][1:]]
+    assert "tau=inf" in labels[1] and "lam=1" in labels[2] and "merge_bias=False" in labels[2]
+    assert "ems:tau=inf" in (out / "results.md").read_text()
 
 
 def test_eval_budgets_and_ratios_exclusive(capsys):

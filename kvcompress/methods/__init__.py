@@ -1,5 +1,7 @@
 """Compression methods (dataclasses); see ``base.Method`` for the contract."""
 
+import dataclasses
+
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
@@ -22,7 +24,54 @@ def method_from_name(name: str, *, budget: int | None = None, ratio: float | Non
     return cls(budget=budget, ratio=ratio, **options)
 
 
+def _option_value(text: str):
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(low)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict]:
+    """Split ``"name:opt=value:opt=value"`` (e.g. ``"ems:lam=1:tau=inf"``) into
+    the registered name and its options (ints, floats, ``inf``, ``true``/
+    ``false``, ``none`` or strings)."""
+    name, *parts = spec.strip().split(":")
+    name = name.strip().lower()
+    if name not in REGISTRY:
+        raise ValueError(f"methods: unknown method {name!r} in {spec!r}; choose from {', '.join(REGISTRY)}")
+    cls = REGISTRY[name]
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"budget", "ratio"}
+    options = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"methods: expected option=value after ':' in {spec!r}, got {part!r}")
+        if key not in allowed:
+            raise ValueError(f"methods: {cls.__name__} has no option {key!r} (in {spec!r}); "
+                             f"options: {', '.join(sorted(allowed)) or 'none'}")
+        options[key] = _option_value(value)
+    return name, options
+
+
+def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | None = None) -> Method:
+    """Build a method from a command-line spec such as ``"ems:tau=inf"``."""
+    name, options = parse_method_spec(spec)
+    try:
+        return method_from_name(name, budget=budget, ratio=ratio, **options)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"methods: {spec!r}: {e}") from None
+
+
 __all__ = [
-    "Method", "DecodeMethod", "LayerView", "REGISTRY", "method_from_name",
+    "Method", "DecodeMethod", "LayerView", "REGISTRY", "method_from_name", "method_from_spec",
+    "parse_method_spec",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP",
 ]

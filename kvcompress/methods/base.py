@@ -153,7 +153,9 @@ class Method:
 
     def compact(self, view: LayerView, keep: int):
         """Merging methods: return ``(centers [B, Hkv, C] int64 (-1 padded),
-        ops.EvictMergeResult)`` for a layer keeping ``keep`` slots per head."""
+        ops.EvictMergeResult, carried [B, Hkv, C] float32 or None)`` for a
+        layer keeping ``keep`` slots per head; ``carried`` is the score each
+        kept slot takes to a decode-time re-compression."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------- misc

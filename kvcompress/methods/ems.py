@@ -40,8 +40,18 @@ class EMS(Method):
        its attention logit, so a merged slot weighs like the tokens it replaced.
 
     A compressed layer is stored per head (``[Σ n_h, D]`` plus counts), read
-    by the C attention kernel. Compression runs once per layer, at the first
-    prefill; generated tokens are appended (no decode-time re-compression yet).
+    by the C attention kernel.
+
+    7. Decoding: every ``interval`` generated tokens (0: never) each head is
+       brought back to the slots the prefill gave it. There is no global score
+       for tokens scored without the whole prefill's queries, so the score of
+       a held slot is ``lam * C / sum(C) + (1 - lam) * L / sum(L)`` with ``C``
+       the score it was kept with (carried forward; a token appended since
+       carries its own ``L``) and ``L`` the mean attention it received from
+       the last ``min(window, interval)`` queries (the layer holds those
+       queries: ``[B, Hq, min(window, interval), D]``). The same select-then-evict/merge runs on the held
+       slots; values merge weighted by score times count, and counts add up,
+       so a slot always knows how many tokens it stands for.
     """
 
     window: int = 32
@@ -54,6 +64,7 @@ class EMS(Method):
     global_mode: str = "exact"
     probe: float = 0.1
     gqa: str = "mean"
+    interval: int = 16
 
     headwise = True
     merges = True
@@ -61,6 +72,7 @@ class EMS(Method):
     def _check_fields(self) -> None:
         self._check_int("window", self.window, 1)
         self._check_int("sinks", self.sinks, 0)
+        self._check_int("interval", self.interval, 0)
         for name, lo, hi in (("lam", 0.0, 1.0), ("alpha", 0.0, 1.0), ("probe", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -120,6 +132,37 @@ class EMS(Method):
             k = torch.full(scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
         k = torch.minimum(k, valid[:, None])  # a padded slot is never a center
         centers = ops.select_topk(scores, k, sinks=sinks, window=w, kv_start=view.kv_start)
-        tau = None if self.tau is None else float(self.tau)
-        merged = ops.evict_merge(view.keys, view.values, scores, centers, tau, kv_start=view.kv_start)
-        return centers, merged
+        merged = ops.evict_merge(view.keys, view.values, scores, centers, self._tau(), kv_start=view.kv_start)
+        return centers, merged, scores.gather(2, centers.clamp_min(0))
+
+    def _tau(self):
+        return None if self.tau is None else float(self.tau)
+
+    def recompact(self, queries, keys, values, counts, carried, start, budgets, scaling):
+        """Decode-time re-compression of held slots (step 7), one row per head.
+
+        Shapes: ``queries [N, G, q, D]`` (the latest queries of the row's
+        ``G`` query heads, sitting at its last ``q`` slots), ``keys``/``values``
+        ``[N, 1, M, D]`` left-padded by ``start [N]``, ``counts``/``carried``
+        ``[N, M]`` float32 (carried NaN: not scored yet), ``budgets [N, 1]``
+        int64. Returns ``(centers [N, 1, C], EvictMergeResult whose counts
+        are tokens represented, carried scores [N, 1, C])``.
+        """
+        M = int(keys.shape[2])
+        L = ops.window_scores(queries, keys, scaling=scaling, gqa=self.gqa, kv_start=start)
+        w = max(1, min(self.window, int(budgets.min())))
+        sinks = min(self.sinks, max(0, int(budgets.min()) - w))
+        j = torch.arange(M, device=keys.device)
+        cand = ((j >= start[:, None] + sinks) & (j < M - w))[:, None]
+        C = torch.where(torch.isnan(carried[:, None]), L, carried[:, None])
+        C = C / (C * cand).sum(-1, keepdim=True).clamp_min(1e-30)
+        L = L / (L * cand).sum(-1, keepdim=True).clamp_min(1e-30)
+        S = float(self.lam) * C + (1.0 - float(self.lam)) * L
+        centers = ops.select_topk(S, budgets, sinks=sinks, window=w, kv_start=start)
+        merged = ops.evict_merge(keys, values, S * counts[:, None], centers, self._tau(), kv_start=start,
+                                 return_assign=True)
+        # a merged slot stands for every token its members stood for
+        members = merged.assign[:, :, :] > 0
+        slot = (merged.assign - 1).clamp_min(0)
+        total = torch.zeros_like(merged.counts).scatter_add_(2, slot, counts[:, None] * members)
+        return centers, merged._replace(counts=total), S.gather(2, centers.clamp_min(0))
