@@ -1,11 +1,16 @@
 """EMS on a tiny random Llama: centers against a float64 recomputation of the
 global-local score, eviction/merging through the cache, counts and bias."""
 
+import functools
+
 import pytest
 import torch
 
 import kvcompress as kvc
 from kvcompress.methods import EMS
+
+# uniform head budgets: the per-head checks below expect every head to keep the same count
+UEMS = functools.partial(EMS, head_budget="uniform")
 
 from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
 
@@ -41,7 +46,7 @@ def _ems_scores64(q, k, lam):
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_centers_are_the_top_tokens_of_the_global_local_score(tiny_model, lam):
     ids = _ids()
-    method = EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, lam=lam, tau=float("inf"))
+    method = UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, lam=lam, tau=float("inf"))
     cache, _ = _prefill(tiny_model, method, ids)
     T = ids.shape[1]
     forced = list(range(SINKS)) + list(range(T - WINDOW, T))
@@ -60,9 +65,35 @@ def test_centers_are_the_top_tokens_of_the_global_local_score(tiny_model, lam):
         assert torch.equal(store.counts, torch.ones_like(store.counts))
 
 
+def test_kernel_picks_centers_on_the_max_pooled_score(tiny_model):
+    ids = _ids()
+    kernel, T = 5, ids.shape[1]
+    # lam=0: on a random model the global score just ranks tokens by
+    # position (near-uniform causal attention), where pooling changes nothing
+    cache, _ = _prefill(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, kernel=kernel, lam=0.0,
+                                        tau=float("inf")), ids)
+    forced = list(range(SINKS)) + list(range(T - WINDOW, T))
+    for li, (q, k, _) in enumerate(layer_qkv(tiny_model, ids)):
+        S = _ems_scores64(q, k, 0.0)
+        head = T - WINDOW
+        pooled = S.clone()
+        for j in range(head):  # max over the neighbours before the window
+            pooled[..., j] = S[..., max(0, j - kernel // 2) : min(head, j + kernel // 2 + 1)].amax(-1)
+        store = cache.layers[li].ragged
+        for b in range(2):
+            for h in range(k.shape[1]):
+                kept = store.head(b, h)[2].tolist()
+                # a peak's score spreads over its neighbours: exact ties, which
+                # go to the lower index, so the kept set is exactly predictable
+                p = pooled[b, h]
+                key = lambda j: (-round(float(p[j] / p.max()), 6), j)  # noqa: E731
+                free = sorted(range(SINKS, head), key=key)[: BUDGET - len(forced)]
+                assert kept == sorted(forced + free)
+
+
 def test_merge_everything_accounts_for_every_token(tiny_model):
     ids = _ids()
-    cache, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, tau=float("-inf")), ids)
+    cache, _ = _prefill(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, tau=float("-inf")), ids)
     for layer in cache.layers:
         store = layer.ragged
         for b in range(2):
@@ -74,7 +105,7 @@ def test_merge_everything_accounts_for_every_token(tiny_model):
 
 
 def test_adaptive_threshold_merges_some_and_evicts_some(tiny_model):
-    cache, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS), _ids())
+    cache, _ = _prefill(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS), _ids())
     live = [layer.ragged.counts[layer.ragged.live_rows()] for layer in cache.layers]
     total = sum(float(c.sum()) for c in live)
     slots = sum(c.numel() for c in live)
@@ -87,7 +118,7 @@ def test_merge_bias_changes_decoding_only_when_slots_were_merged(tiny_model):
     mask = torch.ones_like(ids)
 
     def logits(**kw):
-        with kvc.compress(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, **kw)):
+        with kvc.compress(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, **kw)):
             out = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4,
                                       do_sample=False, pad_token_id=0, output_logits=True,
                                       return_dict_in_generate=True)
@@ -100,7 +131,7 @@ def test_merge_bias_changes_decoding_only_when_slots_were_merged(tiny_model):
 
 @pytest.mark.parametrize("interval", [0, 32])
 def test_bytes_held_include_counts(tiny_model, interval):
-    cache, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=interval), _ids())
+    cache, _ = _prefill(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=interval), _ids())
     cfg = tiny_model.config
     D = cfg.head_dim
     BH = 2 * cfg.num_key_value_heads
@@ -114,8 +145,8 @@ def test_bytes_held_include_counts(tiny_model, interval):
 
 def test_probe_with_every_query_equals_exact(tiny_model):
     ids = _ids()
-    exact, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS), ids)
-    probe, _ = _prefill(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, global_mode="probe", probe=1.0),
+    exact, _ = _prefill(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS), ids)
+    probe, _ = _prefill(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, global_mode="probe", probe=1.0),
                         ids)
     for a, b in zip(exact.layers, probe.layers):
         assert torch.equal(a.ragged.positions, b.ragged.positions)
@@ -141,7 +172,7 @@ def test_budget_above_prompt_is_identity(tiny_model):
     mask = torch.ones_like(ids)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
     ref = tiny_model.generate(**kw)
-    with kvc.compress(tiny_model, EMS(budget=100)):
+    with kvc.compress(tiny_model, UEMS(budget=100)):
         assert torch.equal(tiny_model.generate(**kw), ref)
 
 
@@ -152,4 +183,4 @@ def test_budget_above_prompt_is_identity(tiny_model):
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
-        EMS(budget=8, **kw)
+        UEMS(budget=8, **kw)

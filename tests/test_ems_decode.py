@@ -8,6 +8,7 @@ every token accounted for when everything merges.
 """
 
 import copy
+import functools
 import math
 
 import pytest
@@ -16,6 +17,9 @@ import torch
 import kvcompress as kvc
 from kvcompress.cache import CompressedLayer
 from kvcompress.methods import EMS
+
+# uniform head budgets: the per-head checks below expect every head to keep the same count
+UEMS = functools.partial(EMS, head_budget="uniform")
 
 BUDGET, WINDOW, SINKS, INTERVAL = 16, 4, 2, 8
 
@@ -108,7 +112,7 @@ def captured(monkeypatch):
 @pytest.mark.parametrize("lam", [0.5, 1.0])
 @pytest.mark.parametrize("window", [WINDOW, 12], ids=["window<interval", "window>interval"])
 def test_recompression_matches_float64(tiny_model, captured, tau, lam, window):
-    method = EMS(budget=BUDGET, window=window, sinks=SINKS, interval=INTERVAL, tau=tau, lam=lam)
+    method = UEMS(budget=BUDGET, window=window, sinks=SINKS, interval=INTERVAL, tau=tau, lam=lam)
     _generate(tiny_model, method, _ids(), 2 * INTERVAL + 1)
     layers = tiny_model.config.num_hidden_layers
     assert len(captured) == 2 * layers  # two rounds, every layer
@@ -128,7 +132,7 @@ def test_recompression_matches_float64(tiny_model, captured, tau, lam, window):
 
 
 def test_memory_stays_flat_and_merging_everything_keeps_every_token(tiny_model):
-    method = EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=INTERVAL, tau=-math.inf)
+    method = UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=INTERVAL, tau=-math.inf)
     sizes = set()
     for new in (INTERVAL + 1, 3 * INTERVAL + 1, 9 * INTERVAL + 1):
         cache = _generate(tiny_model, method, _ids(), new)
@@ -146,7 +150,7 @@ def test_memory_stays_flat_and_merging_everything_keeps_every_token(tiny_model):
 
 
 def test_no_interval_appends_without_recompressing(tiny_model):
-    cache = _generate(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=0), _ids(), 21)
+    cache = _generate(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=0), _ids(), 21)
     for layer in cache.layers:
         assert layer.ragged.lengths.tolist() == [BUDGET + 20] * layer.ragged.lengths.numel()
         assert layer.head_budgets is None and layer.recent_q is None
@@ -157,7 +161,7 @@ def test_tokens_before_the_first_round_match_no_interval(tiny_model):
     mask = torch.ones_like(ids)
 
     def run(interval):
-        with kvc.compress(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=interval)):
+        with kvc.compress(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=interval)):
             return tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3 * INTERVAL,
                                        min_new_tokens=3 * INTERVAL, do_sample=False, pad_token_id=0)
 
@@ -167,7 +171,7 @@ def test_tokens_before_the_first_round_match_no_interval(tiny_model):
 
 
 def test_prompt_within_budget_is_compressed_once_decoding_outgrows_it(tiny_model):
-    cache = _generate(tiny_model, EMS(budget=40, window=WINDOW, sinks=SINKS, interval=INTERVAL, tau=-math.inf),
+    cache = _generate(tiny_model, UEMS(budget=40, window=WINDOW, sinks=SINKS, interval=INTERVAL, tau=-math.inf),
                       _ids(length=30), 19)  # 30 + 18 appended = 40 + INTERVAL
     for layer in cache.layers:
         assert layer.ragged is not None
@@ -180,7 +184,7 @@ def test_left_padded_batch_recompresses_real_tokens_only(tiny_model):
     ids = _ids(length=40)
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
-    cache = _generate(tiny_model, EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=INTERVAL,
+    cache = _generate(tiny_model, UEMS(budget=BUDGET, window=WINDOW, sinks=SINKS, interval=INTERVAL,
                                       tau=-math.inf), ids, INTERVAL + 1, mask=mask)
     for layer in cache.layers:
         store = layer.ragged
@@ -195,7 +199,7 @@ def test_left_padded_batch_recompresses_real_tokens_only(tiny_model):
 @pytest.mark.parametrize("bad, err", [(-1, ValueError), (True, TypeError), (2.0, TypeError)])
 def test_interval_is_validated(bad, err):
     with pytest.raises(err, match="interval"):
-        EMS(budget=8, interval=bad)
+        UEMS(budget=8, interval=bad)
 
 
 def test_padded_copy_holds_each_head_right_aligned(tiny_model):

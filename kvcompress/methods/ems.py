@@ -38,6 +38,16 @@ class EMS(Method):
        by direction and keep the center's norm (``ops.evict_merge``).
     6. With ``merge_bias`` a slot standing for c tokens adds ``log(c)`` to
        its attention logit, so a merged slot weighs like the tokens it replaced.
+    With ``kernel > 1`` the centers are chosen on S max-pooled over
+    ``kernel`` neighbouring tokens (as SnapKV), so a multi-token span such
+    as a number survives whole; merge weights stay each token's own S.
+
+    Defaults come from the ablations in benchmarks/RESULTS.md (default model,
+    budgets 64/128/256): ``lam=1`` (global only) beat 0.5, 0.75, 0.9 and 0
+    on KL and passkey; adaptive heads beat uniform; merging with the
+    log-count bias beat evicting (tau=inf) and merging without the bias; the
+    exact global score beat the probe; ``kernel=7`` pooling wins passkey at
+    large budgets but loses KL, so it is off.
 
     A compressed layer is stored per head (``[Σ n_h, D]`` plus counts), read
     by the C attention kernel.
@@ -56,15 +66,16 @@ class EMS(Method):
 
     window: int = 32
     sinks: int = 4
-    lam: float = 0.5
+    lam: float = 1.0
     tau: float | None = None
-    head_budget: str = "uniform"
+    head_budget: str = "adaptive"
     alpha: float = 0.2
     merge_bias: bool = True
     global_mode: str = "exact"
     probe: float = 0.1
     gqa: str = "mean"
     interval: int = 16
+    kernel: int = 1
 
     headwise = True
     merges = True
@@ -73,6 +84,9 @@ class EMS(Method):
         self._check_int("window", self.window, 1)
         self._check_int("sinks", self.sinks, 0)
         self._check_int("interval", self.interval, 0)
+        self._check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel: must be odd, got {self.kernel}")
         for name, lo, hi in (("lam", 0.0, 1.0), ("alpha", 0.0, 1.0), ("probe", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -123,17 +137,23 @@ class EMS(Method):
     def compact(self, view: LayerView, keep: int):
         sinks, w = self.forced(view, keep)
         scores = self.score(view)
+        ranked = scores  # selection score: S max-pooled over neighbouring tokens when kernel > 1
+        head = view.length - w
+        if self.kernel > 1 and head > 0:
+            ranked = scores.clone()
+            ranked[..., :head] = ops.pool1d(scores[..., :head], self.kernel, mode="max")
         valid = (view.length - view.kv_start).clamp_min(1)  # real tokens per row
         if self.head_budget == "adaptive":
-            ranked = scores.clone()
-            ranked[..., view.length - w:] = float("inf")
-            k = ops.head_budgets(ranked, keep, alpha=float(self.alpha), floor=sinks + w, kv_start=view.kv_start)
+            forced = ranked.clone()
+            forced[..., head:] = float("inf")
+            k = ops.head_budgets(forced, keep, alpha=float(self.alpha), floor=sinks + w, kv_start=view.kv_start)
         else:
             k = torch.full(scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
         k = torch.minimum(k, valid[:, None])  # a padded slot is never a center
-        centers = ops.select_topk(scores, k, sinks=sinks, window=w, kv_start=view.kv_start)
+        centers = ops.select_topk(ranked, k, sinks=sinks, window=w, kv_start=view.kv_start)
+        # merge weights are each token's own S, not the pooled one
         merged = ops.evict_merge(view.keys, view.values, scores, centers, self._tau(), kv_start=view.kv_start)
-        return centers, merged, scores.gather(2, centers.clamp_min(0))
+        return centers, merged, ranked.gather(2, centers.clamp_min(0))
 
     def _tau(self):
         return None if self.tau is None else float(self.tau)
