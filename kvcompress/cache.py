@@ -268,14 +268,14 @@ class CompressedLayer(CacheLayerMixin):
         self._become_ragged(RaggedStore.from_dense(merged.keys, merged.values, positions, centers >= 0,
                                                    counts=merged.counts, scores=carried, slack=slack))
 
-    def to_ragged(self, slack: int = 0) -> None:
+    def to_ragged(self) -> None:
         """Move every valid slot to per-head storage (left padding dropped)."""
         B, H, n = self.keys.shape[:3]
         valid = (torch.arange(n, device=self.keys.device)[None, None, :] >= self.kv_start[:, None, None])
         valid = valid.expand(B, H, n)
         ones = torch.ones(valid.shape, device=self.keys.device)
         self._become_ragged(RaggedStore.from_dense(self.keys, self.values, self.positions, valid, counts=ones,
-                                                   scores=ones * float("nan"), slack=slack))
+                                                   scores=ones * float("nan")))
 
     def recompress(self, method, scaling: float) -> None:
         """Re-compress a per-head layer to ``head_budgets`` slots per head:
@@ -490,13 +490,14 @@ class KVCache(Cache):
                     layer.keep(method.select(view, target), ragged=method.headwise)
             if interval:
                 B, H = int(view.keys.shape[0]), int(view.keys.shape[1])
-                # a prompt that fitted keeps growing up to the method's budget
-                keep = target if layer.ragged is not None or method.budget is None else max(target, method.budget)
-                layer.head_budgets = torch.full((B, H), keep, dtype=torch.int64, device=queries.device)
                 if layer.ragged is not None:
                     # adaptive heads keep the share the prefill gave them
                     layer.head_budgets = layer.ragged.lengths.reshape(B, H).clone()
-                layer.recent_q = queries[:, :, -min(method.window, interval):].clone()
+                else:
+                    # a prompt that fitted keeps growing up to the method's budget
+                    keep = target if method.budget is None else max(target, method.budget)
+                    layer.head_budgets = torch.full((B, H), keep, dtype=torch.int64, device=queries.device)
+                layer.recent_q = queries[:, :, -method.held_queries():].clone()
         elif layer.budget is not None and layer.n >= layer.budget + method.interval:
             layer.keep(method.select(view, layer.budget))
 
@@ -504,8 +505,7 @@ class KVCache(Cache):
         """Merging methods with an ``interval``: once the heads hold
         ``interval`` slots over their budget, re-compress the layer."""
         method = self.method
-        held = min(method.window, method.interval)
-        layer.recent_q = torch.cat([layer.recent_q, queries], 2)[:, :, -held:].contiguous()
+        layer.recent_q = torch.cat([layer.recent_q, queries], 2)[:, :, -method.held_queries():].contiguous()
         if layer.ragged is None:
             # the prompt fitted the budget: the layer is still uniform
             if layer.n - int(layer.head_budgets.max()) < method.interval:

@@ -179,7 +179,7 @@ def test_budget_above_prompt_is_identity(tiny_model):
 @pytest.mark.parametrize("kw, match", [
     (dict(lam=1.5), "lam"), (dict(alpha=-0.1), "alpha"), (dict(probe=0.0), "probe"), (dict(tau=float("nan")), "tau"),
     (dict(head_budget="x"), "head_budget"), (dict(global_mode="x"), "global_mode"), (dict(window=0), "window"),
-    (dict(merge_bias=1), "merge_bias"),
+    (dict(merge_bias=1), "merge_bias"), (dict(kernel=4), "kernel"), (dict(kernel=0), "kernel"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -59,9 +59,10 @@ class EMS(Method):
        the score it was kept with (carried forward; a token appended since
        carries its own ``L``) and ``L`` the mean attention it received from
        the last ``min(window, interval)`` queries (the layer holds those
-       queries: ``[B, Hq, min(window, interval), D]``). The same select-then-evict/merge runs on the held
-       slots; values merge weighted by score times count, and counts add up,
-       so a slot always knows how many tokens it stands for.
+       queries: ``[B, Hq, min(window, interval), D]``). The same
+       select-then-evict/merge runs on the held slots; values merge weighted
+       by score times count, and counts add up, so a slot always knows how
+       many tokens it stands for.
     """
 
     window: int = 32
@@ -121,18 +122,25 @@ class EMS(Method):
                               probe=float(self.probe) if self.global_mode == "probe" else None)
         w = min(self.window, T)
         L = ops.window_scores(q[:, :, -w:], view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start)
-        cand = self._candidates(view, w)
+        return self._combine(G, L, self._candidates(view.kv_start, T, self.sinks, w))
+
+    def _combine(self, G, L, cand):
+        """``lam * G / sum(G) + (1 - lam) * L / sum(L)``, the sums over ``cand``."""
         lam = float(self.lam)
         G = G / (G * cand).sum(-1, keepdim=True).clamp_min(1e-30)
         L = L / (L * cand).sum(-1, keepdim=True).clamp_min(1e-30)
         return lam * G + (1.0 - lam) * L
 
-    def _candidates(self, view: LayerView, w: int):
-        """``[B, 1, T]`` True for valid tokens that are neither sinks nor in the window."""
-        T = view.length
-        j = torch.arange(T, device=view.keys.device)
-        start = view.kv_start[:, None, None]
-        return (j >= start + self.sinks) & (j < T - w)
+    @staticmethod
+    def _candidates(start, T: int, sinks: int, w: int):
+        """``[R, 1, T]`` True for valid slots (at or after ``start`` ``[R]``)
+        that are neither among the first ``sinks`` nor the last ``w``."""
+        j = torch.arange(T, device=start.device)
+        return ((j >= start[:, None] + sinks) & (j < T - w))[:, None]
+
+    def held_queries(self) -> int:
+        """Latest queries a layer keeps for decode-time re-compression."""
+        return min(self.window, self.interval)
 
     def compact(self, view: LayerView, keep: int):
         sinks, w = self.forced(view, keep)
@@ -172,17 +180,13 @@ class EMS(Method):
         L = ops.window_scores(queries, keys, scaling=scaling, gqa=self.gqa, kv_start=start)
         w = max(1, min(self.window, int(budgets.min())))
         sinks = min(self.sinks, max(0, int(budgets.min()) - w))
-        j = torch.arange(M, device=keys.device)
-        cand = ((j >= start[:, None] + sinks) & (j < M - w))[:, None]
         C = torch.where(torch.isnan(carried[:, None]), L, carried[:, None])
-        C = C / (C * cand).sum(-1, keepdim=True).clamp_min(1e-30)
-        L = L / (L * cand).sum(-1, keepdim=True).clamp_min(1e-30)
-        S = float(self.lam) * C + (1.0 - float(self.lam)) * L
+        S = self._combine(C, L, self._candidates(start, M, sinks, w))
         centers = ops.select_topk(S, budgets, sinks=sinks, window=w, kv_start=start)
         merged = ops.evict_merge(keys, values, S * counts[:, None], centers, self._tau(), kv_start=start,
                                  return_assign=True)
         # a merged slot stands for every token its members stood for
-        members = merged.assign[:, :, :] > 0
+        members = merged.assign > 0
         slot = (merged.assign - 1).clamp_min(0)
         total = torch.zeros_like(merged.counts).scatter_add_(2, slot, counts[:, None] * members)
         return centers, merged._replace(counts=total), S.gather(2, centers.clamp_min(0))
