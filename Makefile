@@ -1,14 +1,15 @@
 # make demo  : create .venv, install torch (CPU, pinned), kvcompress and the default model, run `kvcompress eval --quick`
 # make test  : same install, then the whole test suite (slow model tests included)
 # make quick : tests without the slow model-level ones
+# make cuda-check : build (not install, not run) the CUDA extension with nvcc: the compile and link check CI runs
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  := torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvcompress-installed
-SOURCES := $(wildcard csrc/*.c csrc/*.h) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/cuda/*) setup.py pyproject.toml
 
-.PHONY: demo test quick bench install clean bench-kvpress
+.PHONY: demo test quick bench install clean bench-kvpress cuda-check
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,13 @@ test: $(STAMP)
 
 quick: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# every kernel for every target GPU, and the module files with KVC_WITH_CUDA,
+# linked against the static cudart: a kernel that stops compiling fails here
+cuda-check: $(STAMP)
+	rm -rf build/cuda-check
+	KVCOMPRESS_CUDA=1 $(PY) setup.py -q build_ext --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
+	$(PY) -c "import glob, importlib.util as u; s = u.spec_from_file_location('kvcompress._C', glob.glob('build/cuda-check/lib/kvcompress/_C*.so')[0]); C = u.module_from_spec(s); s.loader.exec_module(C); assert C.has_cuda; print('CUDA build ok:', C.cuda_device_count(), 'device(s) visible')"
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py

@@ -7,8 +7,12 @@ because its flags depend on the compiler and on environment switches:
 ``KVCOMPRESS_SANITIZE=1``  AddressSanitizer + UndefinedBehaviorSanitizer. Load
                            the result with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``
                            since the Python interpreter itself is not instrumented.
-``KVCOMPRESS_CUDA``        ``1`` asks for the CUDA backend (not built yet: warns),
-                           ``auto``/unset/``0`` builds the CPU extension only.
+``KVCOMPRESS_CUDA``        ``1`` builds the CUDA backend too (csrc/cuda/*.cu with nvcc,
+                           cudart linked statically; fails without nvcc), ``auto``
+                           builds it when nvcc is found, unset/``0`` builds the CPU
+                           extension only (the default).
+``KVCOMPRESS_CUDA_ARCHS``  compute capabilities to compile for, default ``80,90``
+                           (each as SASS, plus PTX of the newest for later GPUs).
 
 No torch at build time, no pybind11, no ``-march=native`` (wheels must run on
 any x86-64/aarch64 machine; hot loops use GCC function multiversioning).
@@ -16,8 +20,11 @@ any x86-64/aarch64 machine; hot loops use GCC function multiversioning).
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -30,14 +37,71 @@ def _env_flag(name):
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cuda_request():
+def _find_nvcc():
+    """Path of nvcc: $CUDA_HOME/bin, then PATH; None when absent."""
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if root and os.path.isfile(os.path.join(root, "bin", "nvcc")):
+            return os.path.join(root, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_nvcc():
+    """nvcc to build the CUDA backend with, or None for a CPU-only build."""
     value = os.environ.get("KVCOMPRESS_CUDA", "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        sys.stderr.write(
-            "warning: KVCOMPRESS_CUDA=1 was requested but the CUDA backend (csrc/cuda) "
-            "is not part of this version yet; building the CPU extension only.\n"
-        )
-    return value
+    if value in ("", "0", "false", "no", "off"):
+        return None
+    nvcc = _find_nvcc()
+    if value == "auto":
+        return nvcc
+    if value not in ("1", "true", "yes", "on"):
+        sys.exit(f"error: KVCOMPRESS_CUDA={value!r}: expected 1, auto or 0")
+    if nvcc is None:
+        sys.exit("error: KVCOMPRESS_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+    return nvcc
+
+
+def _cuda_lib_dir(nvcc):
+    """Folder of libcudart_static.a: next to nvcc's toolkit, else the usual
+    install roots (nvcc may be a wrapper script outside the toolkit)."""
+    roots = [os.environ.get("CUDA_HOME"), os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+             "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    subs = ("lib64", os.path.join("targets", "x86_64-linux", "lib"),
+            os.path.join("targets", "sbsa-linux", "lib"), "lib")
+    for root in filter(None, roots):
+        for sub in subs:
+            if os.path.isfile(os.path.join(root, sub, "libcudart_static.a")):
+                return os.path.join(root, sub)
+    sys.exit("error: libcudart_static.a not found (set CUDA_HOME to the CUDA toolkit)")
+
+
+def _cuda_gencode():
+    archs = [a.strip() for a in os.environ.get("KVCOMPRESS_CUDA_ARCHS", "80,90").split(",") if a.strip()]
+    if not archs or not all(a.isdigit() for a in archs):
+        sys.exit("error: KVCOMPRESS_CUDA_ARCHS: expected compute capabilities like 80,90")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    newest = max(archs, key=int)
+    return flags + [f"-gencode=arch=compute_{newest},code=compute_{newest}"]
+
+
+def _compile_cuda(nvcc, build_temp):
+    """Compile csrc/cuda/*.cu in parallel; returns the object files."""
+    sources = sorted(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")))
+    out_dir = os.path.join(build_temp, "cuda")
+    os.makedirs(out_dir, exist_ok=True)
+    flags = ["-std=c++17", "-O3", "-DKVC_WITH_CUDA", "-I" + os.path.join(HERE, "csrc"),
+             "-Xcompiler", "-fPIC,-fvisibility=hidden"] + _cuda_gencode()
+
+    def one(src):
+        obj = os.path.join(out_dir, os.path.basename(src) + ".o")
+        cmd = [nvcc] + flags + ["-c", src, "-o", obj]
+        sys.stderr.write(" ".join(cmd) + "\n")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CompileError(f"nvcc failed on {src}:\n{proc.stdout}{proc.stderr}")
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(one, sources))
 
 
 class BuildExt(build_ext):
@@ -89,13 +153,21 @@ class BuildExt(build_ext):
             omp = []
             if not msvc:
                 cflags.append("-Wno-unknown-pragmas")
+        nvcc = _cuda_nvcc()
+        cuda_objs, cuda_libs = [], []
+        if nvcc:
+            cuda_objs = _compile_cuda(nvcc, self.build_temp)
+            cflags.append("-DKVC_WITH_CUDA")
+            # static cudart: the wheel needs a driver, not a toolkit
+            cuda_libs = ["-L" + _cuda_lib_dir(nvcc), "-lcudart_static", "-lrt", "-lpthread", "-ldl",
+                         "-lstdc++"]
         for ext in self.extensions:
             ext.extra_compile_args = cflags + omp
-            ext.extra_link_args = ldflags + omp
+            ext.extra_objects = cuda_objs
+            ext.extra_link_args = ldflags + omp + cuda_libs
         super().build_extensions()
 
 
-_cuda_request()
 
 setup(
     ext_modules=[

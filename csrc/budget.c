@@ -10,21 +10,16 @@
  * the thread count.
  */
 #include "budget.h"
+#include "budget_math.h"
 #include "kvc_math.h"
 
 #define BUD_BUCKETS 2048
 
-struct bud_row {
-    int64_t *U, *gt, *eq, *n, *lo, *hi, *whole;
-    double *frac;
-};
-
-#define BUD_ARRAYS 8
 
 size_t kvc_head_budgets_scratch_bytes(const struct kvc_head_budgets_params *p)
 {
     const int nt = p->num_threads > 0 ? p->num_threads : 1;
-    const size_t per = kvc_align_up((size_t)BUD_ARRAYS * (size_t)p->scores.shape[1] * 8);
+    const size_t per = kvc_align_up((size_t)KVC_BUDGET_ARRAYS * (size_t)p->scores.shape[1] * 8);
     return KVC_ALIGN + (size_t)nt * per;
 }
 
@@ -64,16 +59,8 @@ static uint32_t bud_threshold(const struct kvc_head_budgets_params *p, int64_t b
     return prefix;
 }
 
-/* Units of head h whose priority level (whole_h - v) is >= k. */
-KVC_INLINE int64_t bud_units_at(const struct bud_row *w, int64_t h, int64_t k)
-{
-    int64_t c = w->whole[h] - k + 1 - w->lo[h];
-    const int64_t cap = w->hi[h] - w->lo[h];
-    return c < 0 ? 0 : (c > cap ? cap : c);
-}
-
 /* Returns 1 if a score of the row is NaN. */
-static int bud_row(const struct kvc_head_budgets_params *p, int64_t b, const struct bud_row *w)
+static int bud_row(const struct kvc_head_budgets_params *p, int64_t b, const struct kvc_budget_row *w)
 {
     const int64_t H = p->scores.shape[1], T = p->scores.shape[2];
     const int64_t s = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
@@ -81,7 +68,7 @@ static int bud_row(const struct kvc_head_budgets_params *p, int64_t b, const str
     const int64_t lo_all = p->floor < T ? p->floor : T;
     int64_t *out = (int64_t *)p->out.data + b * p->out.strides[0];
     const int64_t os = p->out.strides[1];
-    int64_t h, j, total_u = 0, N, sum_lo = 0, sum_hi = 0, n_tot, M;
+    int64_t h, j, total_u = 0, N;
 
     /* 1. selectable counts, then the global top-N counted per head */
     for (h = 0; h < H; h++) {
@@ -123,63 +110,14 @@ static int bud_row(const struct kvc_head_budgets_params *p, int64_t b, const str
         }
     }
 
-    /* 2-3. targets and bounds */
-    for (h = 0; h < H; h++) {
-        kvc_budget_target(w->n[h], bud, p->alpha, &w->whole[h], &w->frac[h]);
-        w->lo[h] = lo_all;
-        w->hi[h] = w->U[h] > lo_all ? w->U[h] : lo_all;
-        sum_lo += w->lo[h];
-        sum_hi += w->hi[h];
-    }
-    n_tot = H * bud;
-    if (n_tot < sum_lo) n_tot = sum_lo;
-    if (n_tot > sum_hi) n_tot = sum_hi;
-    M = n_tot - sum_lo;
-
-    /* 4. the M best units; unit v of head h (lo_h <= v < hi_h) ranks by
-     * level whole_h - v, then frac_h, then lower head */
-    if (M == 0) {
-        for (h = 0; h < H; h++) out[h * os] = w->lo[h];
-    } else {
-        int64_t klo = INT64_MAX, khi = INT64_MIN, rest;
-        for (h = 0; h < H; h++) {
-            if (w->hi[h] == w->lo[h]) continue;
-            if (w->whole[h] - w->hi[h] + 1 < klo) klo = w->whole[h] - w->hi[h] + 1;
-            if (w->whole[h] - w->lo[h] > khi) khi = w->whole[h] - w->lo[h];
-        }
-        /* largest level k with at least M units at levels >= k; units(klo)
-         * is every unit (>= M), units(khi + 1) is none */
-        while (klo < khi) {
-            const int64_t mid = klo + (khi - klo + 1) / 2;
-            int64_t c = 0;
-            for (h = 0; h < H; h++) c += bud_units_at(w, h, mid);
-            if (c >= M) klo = mid;
-            else khi = mid - 1;
-        }
-        rest = M;
-        for (h = 0; h < H; h++) {
-            w->gt[h] = bud_units_at(w, h, klo + 1);
-            rest -= w->gt[h];
-        }
-        /* rest (>= 1) units at level klo, one per eligible head, by frac
-         * then lower head */
-        for (h = 0; h < H; h++) w->eq[h] = bud_units_at(w, h, klo) > w->gt[h];
-        for (; rest > 0; rest--) {
-            int64_t best = -1;
-            for (h = 0; h < H; h++)
-                if (w->eq[h] && (best < 0 || w->frac[h] > w->frac[best])) best = h;
-            w->eq[best] = 0;
-            w->gt[best]++;
-        }
-        for (h = 0; h < H; h++) out[h * os] = w->lo[h] + w->gt[h];
-    }
+    kvc_budget_allocate(w, H, bud, p->alpha, lo_all, out, os);
     return 0;
 }
 
 enum kvc_status kvc_head_budgets(const struct kvc_head_budgets_params *p)
 {
     const int64_t B = p->scores.shape[0], H = p->scores.shape[1];
-    const size_t per = kvc_align_up((size_t)BUD_ARRAYS * (size_t)H * 8);
+    const size_t per = kvc_align_up((size_t)KVC_BUDGET_ARRAYS * (size_t)H * 8);
     int nt = p->num_threads > 0 ? p->num_threads : 1;
     int nan_found = 0;
     char *base;
@@ -194,15 +132,8 @@ enum kvc_status kvc_head_budgets(const struct kvc_head_budgets_params *p)
 #pragma omp parallel num_threads(nt) reduction(| : nan_found) if (nt > 1)
     {
         int64_t *mine = (int64_t *)(base + (size_t)KVC_THREAD_ID() * per);
-        struct bud_row w;
-        w.U = mine;
-        w.gt = mine + H;
-        w.eq = mine + 2 * H;
-        w.n = mine + 3 * H;
-        w.lo = mine + 4 * H;
-        w.hi = mine + 5 * H;
-        w.whole = mine + 6 * H;
-        w.frac = (double *)(mine + 7 * H);
+        struct kvc_budget_row w;
+        kvc_budget_row_carve(&w, mine, H);
 #pragma omp for schedule(dynamic, 1)
         for (b = 0; b < B; b++) nan_found |= bud_row(p, b, &w);
     }

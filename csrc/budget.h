@@ -5,8 +5,6 @@
 #ifndef KVC_BUDGET_H
 #define KVC_BUDGET_H
 
-#include <math.h>
-
 #include "kvc.h"
 
 #ifdef __cplusplus
@@ -51,20 +49,6 @@ struct kvc_head_budgets_params {
 
 size_t kvc_head_budgets_scratch_bytes(const struct kvc_head_budgets_params *p);
 enum kvc_status kvc_head_budgets(const struct kvc_head_budgets_params *p);
-
-/* Step 2 split exactly: x = whole + frac with whole an integer and frac in
- * [0, 1). The product is stored through a volatile so that no compiler
- * contracts it into an FMA with the floor: the rounding of t is part of the
- * definition (tests reproduce it in NumPy). */
-static inline void kvc_budget_target(int64_t n, int64_t budget, double alpha, int64_t *whole,
-                                     double *frac)
-{
-    volatile double t = alpha * (double)(budget - n);
-    const double tv = t;
-    const double fl = floor(tv);
-    *whole = n + (int64_t)fl;
-    *frac = tv - fl;
-}
 
 #ifdef __cplusplus
 }

@@ -17,6 +17,10 @@
 
 #include "kvc_math.h"
 
+#ifdef KVC_WITH_CUDA
+#include "cuda/kvc_cuda.h"
+#endif
+
 /* ------------------------------------------------------------------------ */
 /* threads, introspection, test hooks                                       */
 /* ------------------------------------------------------------------------ */
@@ -83,6 +87,10 @@ static PyObject *py_cast(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     na = 1;
     if (kvc_py_arg_import(st, args[1], "dst", 1, "[n]", DT_FLOAT, 1, &a[1]) < 0) goto done;
     na = 2;
+    if (a[0].dev_type != kDLCPU || a[1].dev_type != kDLCPU) {
+        kvc_py_raise(st->ValueError, "%s: _cast takes CPU arrays", a[0].dev_type != kDLCPU ? "src" : "dst");
+        goto done;
+    }
     if (kvc_py_check_shape(st, &a[1], a[0].view.shape, "[n]") < 0) goto done;
     if (kvc_py_check_output(st, &a[1], a, 2) < 0) goto done;
     n = a[0].view.shape[0];
@@ -113,11 +121,22 @@ static PyObject *py_use_exchange_api(PyObject *m, PyObject *arg)
     return PyBool_FromLong(prev);
 }
 
+static PyObject *py_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+#ifdef KVC_WITH_CUDA
+    return PyLong_FromLong(kvc_cuda_device_count());
+#else
+    return PyLong_FromLong(0);
+#endif
+}
+
 static PyMethodDef kvc_methods[] = {
 {"set_num_threads", py_set_num_threads, METH_O,
      "set_num_threads(n)\n--\n\nThreads used by every op (no effect without OpenMP)."},
     {"get_num_threads", py_get_num_threads, METH_NOARGS,
      "get_num_threads()\n--\n\nThreads used by every op (1 without OpenMP)."},
+    {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
+     "cuda_device_count()\n--\n\nCUDA devices this build can use (0 in a CPU-only build)."},
     {"_describe", py_describe, METH_O,
      "_describe(x)\n--\n\n(shape, dtype, dlpack_device_type, read_only) of a DLPack object."},
     {"_use_exchange_api", py_use_exchange_api, METH_O,
@@ -175,7 +194,11 @@ static int kvc_exec(PyObject *m)
 #else
     if (PyModule_AddObjectRef(m, "has_openmp", Py_False) < 0) return -1;
 #endif
+#ifdef KVC_WITH_CUDA
+    if (PyModule_AddObjectRef(m, "has_cuda", Py_True) < 0) return -1;
+#else
     if (PyModule_AddObjectRef(m, "has_cuda", Py_False) < 0) return -1;
+#endif
     if (PyModule_AddIntConstant(m, "DLPACK_MAJOR_VERSION", DLPACK_MAJOR_VERSION) < 0) return -1;
     if (PyModule_AddIntConstant(m, "DLPACK_MINOR_VERSION", DLPACK_MINOR_VERSION) < 0) return -1;
     return 0;

@@ -44,8 +44,18 @@ struct kvc_arg {
     DLTensor *t;
     int read_only;
     struct kvc_view view;
+    int32_t dev_type;  /* DLDeviceType: kDLCPU or (CUDA builds) kDLCUDA */
+    int32_t dev_id;
+    void *stream;      /* CUDA: the stream the data is ready on (cudaStream_t) */
+    int legacy;        /* came through __dlpack__(stream=1): wait after the op */
+    void *host;        /* host mirror of a CUDA tensor for boundary checks */
+    struct kvc_view host_view;
 };
 
+/* What the boundary checks read: the view itself on the CPU, a host copy
+ * (made once, freed with the argument) of a CUDA tensor. NULL with an
+ * exception set on failure. */
+const struct kvc_view *kvc_py_arg_host(struct kvc_state *st, struct kvc_arg *a);
 int kvc_py_arg_import(struct kvc_state *st, PyObject *obj, const char *name, int ndim, const char *dims, unsigned dtypes, int is_out, struct kvc_arg *a);
 void kvc_py_arg_release(struct kvc_arg *a);
 void kvc_py_args_release(struct kvc_arg *a, int n);
@@ -71,6 +81,24 @@ int kvc_py_check_qk(struct kvc_state *st, const struct kvc_view *q, const struct
 
 /* Scratch for a C op (freed with PyMem_RawFree); NULL with MemoryError set. */
 void *kvc_py_scratch(size_t bytes);
+
+/* One op on both backends, for kvc_py_run. The adapters cast the params
+ * struct back to the op's own type (KVC_PY_OP_* in module_run.h). */
+struct kvc_py_op {
+    const char *name;
+    enum kvc_status (*cpu)(const void *p);
+    size_t (*cpu_scratch)(const void *p);  /* NULL: the op takes no scratch */
+    enum kvc_status (*cuda)(const void *p, void *stream); /* NULL: CPU-only build */
+    size_t (*cuda_scratch)(const void *p); /* NULL: no workspace */
+    const char *nan_msg;                   /* KVC_ERR_NAN message; NULL: the default */
+};
+
+/* Run op on the device its arguments live on (all of a[0..n) with a tensor
+ * must share it), with the GIL released: CPU scratch from the heap, CUDA
+ * workspace stream-ordered on the tensors' stream. scratch/scratch_bytes
+ * point into p; NULL when this call needs none. 0, or -1 with an exception. */
+int kvc_py_run(struct kvc_state *st, const struct kvc_py_op *op, void *p, void **scratch,
+               size_t *scratch_bytes, struct kvc_arg *a, int n);
 
 /* Method tables of the op files, added to the module at init. */
 extern PyMethodDef kvc_py_core_methods[];

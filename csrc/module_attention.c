@@ -3,6 +3,7 @@
  * a uniform or ragged layer): validate once, run with the GIL released.
  */
 #include "module.h"
+#include "module_run.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -14,9 +15,12 @@
 /* Argument slots, also the release order. */
 enum { A_Q, A_K, A_V, A_OUT, A_START, A_OFF, A_LEN, A_CNT, A_N };
 
-static int64_t i64_at(const struct kvc_arg *a, int64_t i)
+KVC_PY_OP(op_attention, attention, 1, 1)
+
+/* Element i of a host view of int64 (offsets, lengths). */
+static int64_t i64_at(const struct kvc_view *v, int64_t i)
 {
-    return ((const int64_t *)a->view.data)[i * a->view.strides[0]];
+    return ((const int64_t *)v->data)[i * v->strides[0]];
 }
 
 struct seg {
@@ -33,10 +37,10 @@ static int seg_cmp(const void *x, const void *y)
 /* Offsets and lengths of the ragged layout: every segment inside [0, N),
  * lengths 0 or >= q, non-empty segments pairwise disjoint (in any order;
  * gaps of unused capacity are fine). */
-static int check_segments(struct kvc_state *st, const struct kvc_arg *off, const struct kvc_arg *len,
+static int check_segments(struct kvc_state *st, const struct kvc_view *off, const struct kvc_view *len,
                           int64_t Hkv, int64_t N, int64_t q)
 {
-    const int64_t H = off->view.shape[0];
+    const int64_t H = off->shape[0];
     struct seg *s;
     int64_t i, ns = 0;
     for (i = 0; i < H; i++) {
@@ -148,11 +152,10 @@ static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nar
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[A_N];
     struct kvc_attention_params p;
-    enum kvc_status s;
     double scaling;
     int ragged;
     int64_t B, Hq, q, D, Hkv, want[4];
-    void *scratch = NULL;
+    const struct kvc_view *hoff = NULL, *hlen = NULL;
     PyObject *ret = NULL;
     memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
@@ -235,7 +238,10 @@ static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nar
             }
             Hkv = B > 0 ? H / B : 1;
         }
-        if (check_segments(st, &a[A_OFF], &a[A_LEN], Hkv, a[A_K].view.shape[0], q) < 0) goto done;
+        hoff = kvc_py_arg_host(st, &a[A_OFF]);
+        hlen = hoff ? kvc_py_arg_host(st, &a[A_LEN]) : NULL;
+        if (hlen == NULL) goto done;
+        if (check_segments(st, hoff, hlen, Hkv, a[A_K].view.shape[0], q) < 0) goto done;
     } else {
         Hkv = a[A_K].view.shape[1];
         if (kvc_py_import_kv_start(st, args[5], B, a[A_K].view.shape[2], &a[A_START]) < 0) goto done;
@@ -280,22 +286,17 @@ static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nar
     }
     p.scaling = (float)scaling;
     p.num_threads = st->num_threads;
-    if (p.counts.data && check_counts(st, &p) < 0) goto done;
+    /* On CUDA the counts are not scanned: that would copy [N] to the host on
+     * every decode step, and a bad count can only spoil its own output rows
+     * (they come from evict_merge, which writes counts >= 1). */
+    if (p.counts.data && a[A_CNT].dev_type == kDLCPU && check_counts(st, &p) < 0) goto done;
     if (kvc_py_view_numel(&p.out) > 0) {
-        p.scratch_bytes = kvc_attention_scratch_bytes(&p);
-        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
-        if (scratch == NULL) goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_attention(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "attention");
+        if (kvc_py_run(st, &op_attention, &p, &p.scratch, &p.scratch_bytes, a, A_N) < 0) goto done;
+    } else if (kvc_py_run(st, &op_attention, &p, NULL, NULL, a, A_N) < 0) {
         goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    PyMem_RawFree(scratch);
     kvc_py_args_release(a, A_N);
     return ret;
 }

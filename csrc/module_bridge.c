@@ -12,6 +12,10 @@
 #include <stdio.h>
 #include <string.h>
 
+#ifdef KVC_WITH_CUDA
+#include "cuda/kvc_cuda.h"
+#endif
+
 struct kvc_state *kvc_py_get_state(PyObject *module)
 {
     return (struct kvc_state *)PyModule_GetState(module);
@@ -89,6 +93,8 @@ void kvc_py_arg_release(struct kvc_arg *a)
 #else
     PyObject *et, *ev, *tb;
 #endif
+    PyMem_RawFree(a->host);
+    a->host = NULL;
     if (a->mv == NULL && a->ml == NULL) return;
 #if PY_VERSION_HEX >= 0x030C0000
     exc = PyErr_GetRaisedException();
@@ -173,6 +179,14 @@ int kvc_py_dl_take(struct kvc_state *st, PyObject *obj, const char *name, struct
             }
             a->t = &mv->dl_tensor;
             a->read_only = (mv->flags & DLPACK_FLAG_BITMASK_READ_ONLY) != 0;
+            /* exported without a sync: the op must run on the producer's
+             * current stream, where the data is (or will be) ready */
+            if (a->t->device.device_type == kDLCUDA && api->current_work_stream &&
+                api->current_work_stream(kDLCUDA, a->t->device.device_id, &a->stream) != 0) {
+                kvc_py_arg_release(a);
+                return kvc_py_raise_from(st->ValueError, "%s: the producer did not say which CUDA "
+                                         "stream it works on", name);
+            }
             return 0;
         }
     }
@@ -184,6 +198,28 @@ int kvc_py_dl_take(struct kvc_state *st, PyObject *obj, const char *name, struct
                      "%s: expected a tensor or array supporting DLPack (__dlpack__), got %.100s",
                      name, Py_TYPE(obj)->tp_name);
     }
+#ifdef KVC_WITH_CUDA
+    /* A CUDA producer makes the data ready on the consumer's stream; without
+     * a C exchange table we cannot learn its current stream, so we ask for
+     * the legacy default stream (1) and run there. */
+    if (PyObject_HasAttrString(obj, "__dlpack_device__")) {
+        PyObject *dev = PyObject_CallMethod(obj, "__dlpack_device__", NULL);
+        long type = -1;
+        if (dev && PyTuple_Check(dev) && PyTuple_GET_SIZE(dev) == 2)
+            type = PyLong_AsLong(PyTuple_GET_ITEM(dev, 0));
+        Py_XDECREF(dev);
+        if (type == -1 && PyErr_Occurred()) {
+            Py_DECREF(meth);
+            return kvc_py_raise_from(st->ValueError, "%s: __dlpack_device__() of %.100s failed",
+                                     name, Py_TYPE(obj)->tp_name);
+        }
+        a->legacy = type == kDLCUDA;
+    }
+    if (a->legacy)
+        kwargs = Py_BuildValue("{s:(ii),s:i}", "max_version", DLPACK_MAJOR_VERSION,
+                               DLPACK_MINOR_VERSION, "stream", 1);
+    else
+#endif
     kwargs = Py_BuildValue("{s:(ii)}", "max_version", DLPACK_MAJOR_VERSION,
                            DLPACK_MINOR_VERSION);
     empty = PyTuple_New(0);
@@ -192,8 +228,17 @@ int kvc_py_dl_take(struct kvc_state *st, PyObject *obj, const char *name, struct
     Py_XDECREF(empty);
     if (cap == NULL && PyErr_ExceptionMatches(PyExc_TypeError)) {
         PyErr_Clear();
-        cap = PyObject_CallNoArgs(meth);
+        if (a->legacy) {
+            kwargs = Py_BuildValue("{s:i}", "stream", 1);
+            empty = PyTuple_New(0);
+            if (kwargs && empty) cap = PyObject_Call(meth, empty, kwargs);
+            Py_XDECREF(kwargs);
+            Py_XDECREF(empty);
+        } else {
+            cap = PyObject_CallNoArgs(meth);
+        }
     }
+    if (a->legacy) a->stream = (void *)1; /* cudaStreamLegacy */
     Py_DECREF(meth);
     if (cap == NULL)
         return kvc_py_raise_from(st->ValueError, "%s: __dlpack__() of %.100s failed", name,
@@ -300,11 +345,18 @@ static int arg_check(struct kvc_state *st, struct kvc_arg *a, int ndim, const ch
     enum kvc_dtype dt;
     char buf[96];
     int d;
+#ifdef KVC_WITH_CUDA
+    if (t->device.device_type == kDLCUDAManaged)
+        return kvc_py_raise(st->ValueError, "%s: CUDA managed memory is not supported; use a "
+                            "device tensor", a->name);
+    if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDA)
+#else
     if (t->device.device_type == kDLCUDA || t->device.device_type == kDLCUDAManaged)
         return kvc_py_raise(st->ValueError,
                      "%s: CUDA tensors need a CUDA build of kvcompress (KVCOMPRESS_CUDA=1)",
                      a->name);
     if (t->device.device_type != kDLCPU)
+#endif
         return kvc_py_raise(st->ValueError,
                      "%s: tensors on DLPack device type %d are not supported (CPU only)",
                      a->name, (int)t->device.device_type);
@@ -324,6 +376,8 @@ static int arg_check(struct kvc_state *st, struct kvc_arg *a, int ndim, const ch
             if (t->shape[d] == 0) break;
         if (d == ndim) return kvc_py_raise(st->ValueError, "%s: tensor has a NULL data pointer", a->name);
     }
+    a->dev_type = (int32_t)t->device.device_type;
+    a->dev_id = t->device.device_id;
     a->view.data = (char *)t->data + t->byte_offset;
     a->view.dtype = (int32_t)dt;
     a->view.ndim = ndim;
@@ -378,6 +432,41 @@ static int view_span(const struct kvc_view *v, uintptr_t *lo, uintptr_t *hi)
     *lo = (uintptr_t)((char *)v->data + neg * es);
     *hi = (uintptr_t)((char *)v->data + (pos + 1) * es);
     return 1;
+}
+
+const struct kvc_view *kvc_py_arg_host(struct kvc_state *st, struct kvc_arg *a)
+{
+#ifdef KVC_WITH_CUDA
+    uintptr_t lo, hi;
+    enum kvc_status s;
+    int prev = 0;
+    if (a->dev_type != kDLCUDA) return &a->view;
+    if (a->host) return &a->host_view;
+    a->host_view = a->view;
+    if (!view_span(&a->view, &lo, &hi)) return &a->host_view;
+    a->host = PyMem_RawMalloc((size_t)(hi - lo));
+    if (a->host == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    s = kvc_cuda_set_device(a->dev_id, &prev);
+    if (s == KVC_OK) {
+        Py_BEGIN_ALLOW_THREADS
+        s = kvc_cuda_copy_to_host(a->host, (const void *)lo, (size_t)(hi - lo), a->stream);
+        Py_END_ALLOW_THREADS
+        kvc_cuda_set_device(prev, NULL);
+    }
+    if (s != KVC_OK) {
+        kvc_py_raise(st->Error, "%s: reading it from the device failed: %s", a->name,
+                     kvc_cuda_last_error());
+        return NULL;
+    }
+    a->host_view.data = (char *)a->host + ((uintptr_t)a->view.data - lo);
+    return &a->host_view;
+#else
+    (void)st;
+    return &a->view;
+#endif
 }
 
 /* Conservative: byte ranges intersect (interleaved views count as overlap). */
@@ -450,6 +539,7 @@ int kvc_py_check_shape(struct kvc_state *st, const struct kvc_arg *a, const int6
 int kvc_py_import_kv_start(struct kvc_state *st, PyObject *obj, int64_t B, int64_t limit,
                            struct kvc_arg *a)
 {
+    const struct kvc_view *hv;
     int64_t b;
     memset(a, 0, sizeof *a);
     if (obj == Py_None) return 0;
@@ -459,8 +549,10 @@ int kvc_py_import_kv_start(struct kvc_state *st, PyObject *obj, int64_t B, int64
               (long long)a->view.shape[0]);
         goto fail;
     }
+    hv = kvc_py_arg_host(st, a);
+    if (hv == NULL) goto fail;
     for (b = 0; b < B; b++) {
-        int64_t v = ((const int64_t *)a->view.data)[b * a->view.strides[0]];
+        int64_t v = ((const int64_t *)hv->data)[b * hv->strides[0]];
         if (v < 0 || v > limit) {
             kvc_py_raise(st->ValueError, "kv_start: value %lld at batch %lld is outside [0, %lld]",
                   (long long)v, (long long)b, (long long)limit);

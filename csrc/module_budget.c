@@ -4,11 +4,15 @@
  * to exceptions.
  */
 #include "module.h"
+#include "module_run.h"
 
 #include <math.h>
 #include <string.h>
 
 #include "budget.h"
+
+KVC_PY_OP_NAN(op_head_budgets, head_budgets, 1, 1,
+              "scores: NaN found (use -inf for slots that may not be kept)")
 
 PyDoc_STRVAR(head_budgets_doc,
              "head_budgets(scores, out, budget, alpha, floor, kv_start)\n--\n\n"
@@ -19,11 +23,9 @@ static PyObject *py_head_budgets(PyObject *m, PyObject *const *args, Py_ssize_t 
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[3]; /* scores, out, kv_start */
     struct kvc_head_budgets_params p;
-    enum kvc_status s;
     int64_t budget, floor_, want[2];
     double alpha;
     int n = 0;
-    void *scratch = NULL;
     PyObject *ret = NULL;
     memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
@@ -70,24 +72,12 @@ static PyObject *py_head_budgets(PyObject *m, PyObject *const *args, Py_ssize_t 
     p.alpha = alpha;
     p.num_threads = st->num_threads;
     if (kvc_py_view_numel(&p.out) > 0) {
-        p.scratch_bytes = kvc_head_budgets_scratch_bytes(&p);
-        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
-        if (scratch == NULL) goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_head_budgets(&p);
-    Py_END_ALLOW_THREADS
-    if (s == KVC_ERR_NAN) {
-        kvc_py_raise(st->ValueError, "scores: NaN found (use -inf for slots that may not be kept)");
-        goto done;
-    }
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "head_budgets");
+        if (kvc_py_run(st, &op_head_budgets, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
+    } else if (kvc_py_run(st, &op_head_budgets, &p, NULL, NULL, a, n) < 0) {
         goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    PyMem_RawFree(scratch);
     kvc_py_args_release(a, n);
     return ret;
 }

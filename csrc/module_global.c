@@ -3,16 +3,20 @@
  * once, run with the GIL released, map status codes to exceptions.
  */
 #include "module.h"
+#include "module_run.h"
 
 #include <math.h>
 #include <string.h>
 
 #include "score_global.h"
 
+KVC_PY_OP(op_global_scores, global_scores, 1, 1)
+
 /* Optional q_pos: int64 [Tq], strictly increasing, each in [0, T). */
 static int import_q_pos(struct kvc_state *st, PyObject *obj, int64_t Tq, int64_t T,
                         struct kvc_arg *a)
 {
+    const struct kvc_view *hv;
     int64_t i, prev = -1;
     memset(a, 0, sizeof *a);
     if (obj == Py_None) return 0;
@@ -22,8 +26,10 @@ static int import_q_pos(struct kvc_state *st, PyObject *obj, int64_t Tq, int64_t
                      (long long)a->view.shape[0]);
         goto fail;
     }
+    hv = kvc_py_arg_host(st, a);
+    if (hv == NULL) goto fail;
     for (i = 0; i < Tq; i++) {
-        int64_t v = ((const int64_t *)a->view.data)[i * a->view.strides[0]];
+        int64_t v = ((const int64_t *)hv->data)[i * hv->strides[0]];
         if (v < 0 || v >= T) {
             kvc_py_raise(st->ValueError, "q_pos: value %lld at %lld is outside [0, T) = [0, %lld)",
                          (long long)v, (long long)i, (long long)T);
@@ -52,10 +58,8 @@ static PyObject *py_global_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[5]; /* queries, keys, out, kv_start, q_pos */
     struct kvc_global_scores_params p;
-    enum kvc_status s;
     double scaling;
     int gqa_max, n = 0;
-    void *scratch = NULL;
     PyObject *ret = NULL;
     memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
@@ -100,20 +104,12 @@ static PyObject *py_global_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     p.gqa = gqa_max ? KVC_GQA_MAX : KVC_GQA_MEAN;
     p.num_threads = st->num_threads;
     if (kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0) {
-        p.scratch_bytes = kvc_global_scores_scratch_bytes(&p);
-        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
-        if (scratch == NULL) goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_global_scores(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "global_scores");
+        if (kvc_py_run(st, &op_global_scores, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
+    } else if (kvc_py_run(st, &op_global_scores, &p, NULL, NULL, a, n) < 0) {
         goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    PyMem_RawFree(scratch);
     kvc_py_args_release(a, n);
     return ret;
 }

@@ -4,6 +4,7 @@
  * released, map status codes to exceptions.
  */
 #include "module.h"
+#include "module_run.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -11,16 +12,24 @@
 
 #include "merge.h"
 
+KVC_PY_OP(op_evict_merge, evict_merge, 1, 1)
+
+/* Start of batch row b's valid slots (host view of kv_start, or none). */
+static int64_t start_at(const struct kvc_view *ks, int64_t b)
+{
+    return ks ? ((const int64_t *)ks->data)[b * ks->strides[0]] : 0;
+}
+
 /* Centers of every (b, h): ascending, unique, valid slots [kv_start[b], T),
  * then only -1. Cheap (O(B*H*C)) next to the op (O(T*C*D) per head). */
-static int check_centers(struct kvc_state *st, const struct kvc_view *cv, const struct kvc_arg *ks,
+static int check_centers(struct kvc_state *st, const struct kvc_view *cv, const struct kvc_view *ks,
                          int64_t T)
 {
     const int64_t B = cv->shape[0], H = cv->shape[1], C = cv->shape[2];
     const int64_t *c = (const int64_t *)cv->data;
     int64_t b, h, i;
     for (b = 0; b < B; b++) {
-        const int64_t s = ks->t ? ((const int64_t *)ks->view.data)[b * ks->view.strides[0]] : 0;
+        const int64_t s = start_at(ks, b);
         for (h = 0; h < H; h++) {
             int64_t prev = -1, ended = 0;
             for (i = 0; i < C; i++) {
@@ -61,13 +70,13 @@ static int check_centers(struct kvc_state *st, const struct kvc_view *cv, const 
 }
 
 /* Scores of the valid slots: finite and >= 0 (they are merge weights). */
-static int check_scores(struct kvc_state *st, const struct kvc_view *sv, const struct kvc_arg *ks)
+static int check_scores(struct kvc_state *st, const struct kvc_view *sv, const struct kvc_view *ks)
 {
     const int64_t B = sv->shape[0], H = sv->shape[1], T = sv->shape[2];
     const float *x = (const float *)sv->data;
     int64_t b, h, j;
     for (b = 0; b < B; b++) {
-        const int64_t s = ks->t ? ((const int64_t *)ks->view.data)[b * ks->view.strides[0]] : 0;
+        const int64_t s = start_at(ks, b);
         for (h = 0; h < H; h++) {
             const float *row = x + b * sv->strides[0] + h * sv->strides[1];
             int bad = 0;
@@ -103,10 +112,8 @@ static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t n
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[A_N];
     struct kvc_evict_merge_params p;
-    enum kvc_status s;
     int64_t B, H, T, D, Dv, C, want[4];
     int n = 0, i;
-    void *scratch = NULL;
     PyObject *ret = NULL;
     memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
@@ -177,8 +184,14 @@ static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t n
     if (kvc_py_check_shape(st, &a[A_OK], want, "[B, H, C, D]") < 0) goto done;
     for (i = A_OK; i < A_N; i++)
         if (a[i].t && kvc_py_check_output(st, &a[i], a, A_N) < 0) goto done;
-    if (check_centers(st, &a[A_CENTERS].view, &a[A_KVS], T) < 0) goto done;
-    if (check_scores(st, &a[A_SCORES].view, &a[A_KVS]) < 0) goto done;
+    {
+        const struct kvc_view *hc = kvc_py_arg_host(st, &a[A_CENTERS]);
+        const struct kvc_view *hs = kvc_py_arg_host(st, &a[A_SCORES]);
+        const struct kvc_view *hk = a[A_KVS].t ? kvc_py_arg_host(st, &a[A_KVS]) : NULL;
+        if (hc == NULL || hs == NULL || (a[A_KVS].t && hk == NULL)) goto done;
+        if (check_centers(st, hc, hk, T) < 0) goto done;
+        if (check_scores(st, hs, hk) < 0) goto done;
+    }
 
     p.keys = a[A_KEYS].view;
     p.values = a[A_VALUES].view;
@@ -195,20 +208,12 @@ static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t n
     p.kv_start_stride = a[A_KVS].t ? a[A_KVS].view.strides[0] : 0;
     p.num_threads = st->num_threads;
     if (B * H > 0) {
-        p.scratch_bytes = kvc_evict_merge_scratch_bytes(&p);
-        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
-        if (scratch == NULL) goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_evict_merge(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "evict_merge");
+        if (kvc_py_run(st, &op_evict_merge, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
+    } else if (kvc_py_run(st, &op_evict_merge, &p, NULL, NULL, a, n) < 0) {
         goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    PyMem_RawFree(scratch);
     kvc_py_args_release(a, n);
     return ret;
 }

@@ -4,6 +4,7 @@
  * map status codes to exceptions.
  */
 #include "module.h"
+#include "module_run.h"
 
 #include <math.h>
 #include <string.h>
@@ -17,6 +18,12 @@
 /* ops                                                                      */
 /* ------------------------------------------------------------------------ */
 
+KVC_PY_OP(op_window_scores, window_scores, 1, 1)
+KVC_PY_OP(op_vector_norm, vector_norm, 0, 0)
+KVC_PY_OP(op_pool1d, pool1d, 0, 0)
+KVC_PY_OP(op_select_topk, select_topk, 0, 1)
+KVC_PY_OP(op_gather, gather, 0, 0)
+
 PyDoc_STRVAR(window_scores_doc,
              "window_scores(queries, keys, out, scaling, gqa_max, kv_start)\n--\n\n"
              "Low-level: see kvcompress.ops.window_scores.");
@@ -26,10 +33,8 @@ static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[4]; /* queries, keys, out, kv_start */
     struct kvc_window_scores_params p;
-    enum kvc_status s;
     double scaling;
     int gqa_max, n = 0;
-    void *scratch = NULL;
     PyObject *ret = NULL;
     memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
@@ -71,20 +76,12 @@ static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     p.gqa = gqa_max ? KVC_GQA_MAX : KVC_GQA_MEAN;
     p.num_threads = st->num_threads;
     if (kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0) {
-        p.scratch_bytes = kvc_window_scores_scratch_bytes(&p);
-        p.scratch = scratch = kvc_py_scratch(p.scratch_bytes);
-        if (scratch == NULL) goto done;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_window_scores(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "window_scores");
+        if (kvc_py_run(st, &op_window_scores, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
+    } else if (kvc_py_run(st, &op_window_scores, &p, NULL, NULL, a, n) < 0) {
         goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    PyMem_RawFree(scratch);
     kvc_py_args_release(a, n);
     return ret;
 }
@@ -97,7 +94,6 @@ static PyObject *py_vector_norm(PyObject *m, PyObject *const *args, Py_ssize_t n
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[2];
     struct kvc_vector_norm_params p;
-    enum kvc_status s;
     int64_t ord, want[3];
     int n = 0;
     PyObject *ret = NULL;
@@ -119,13 +115,7 @@ static PyObject *py_vector_norm(PyObject *m, PyObject *const *args, Py_ssize_t n
     p.out = a[1].view;
     p.ord = (int32_t)ord;
     p.num_threads = st->num_threads;
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_vector_norm(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "vector_norm");
-        goto done;
-    }
+    if (kvc_py_run(st, &op_vector_norm, &p, NULL, NULL, a, n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
     kvc_py_args_release(a, n);
@@ -140,7 +130,6 @@ static PyObject *py_pool1d(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[2];
     struct kvc_pool1d_params p;
-    enum kvc_status s;
     int64_t kernel;
     int avg, n = 0;
     PyObject *ret = NULL;
@@ -164,13 +153,7 @@ static PyObject *py_pool1d(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     p.kernel = kernel;
     p.mode = avg ? KVC_POOL_AVG : KVC_POOL_MAX;
     p.num_threads = st->num_threads;
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_pool1d(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "pool1d");
-        goto done;
-    }
+    if (kvc_py_run(st, &op_pool1d, &p, NULL, NULL, a, n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
     kvc_py_args_release(a, n);
@@ -185,8 +168,9 @@ static PyObject *py_select_topk(PyObject *m, PyObject *const *args, Py_ssize_t n
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[4]; /* scores, out, k, kv_start */
     struct kvc_select_topk_params p;
-    enum kvc_status s;
-    int64_t sinks, window, B, H, T, kmax = 0, b, h, want[3];
+    int64_t sinks, window, B, H, T, kmax = 0, b, h, want[3], hstart_stride = 0;
+    const int64_t *hstart = NULL;
+    const struct kvc_view *hk = NULL;
     int n = 0;
     PyObject *ret = NULL;
     memset(a, 0, sizeof a);
@@ -229,14 +213,21 @@ static PyObject *py_select_topk(PyObject *m, PyObject *const *args, Py_ssize_t n
     }
     if (kvc_py_import_kv_start(st, args[5], B, T, &a[3]) < 0) goto release_k;
     n = 4;
+    {
+        const struct kvc_view *hs = a[3].t ? kvc_py_arg_host(st, &a[3]) : NULL;
+        hk = p.k.data ? kvc_py_arg_host(st, &a[2]) : NULL;
+        if ((a[3].t && hs == NULL) || (p.k.data && hk == NULL)) goto done;
+        hstart = hs ? (const int64_t *)hs->data : NULL;
+        hstart_stride = hs ? hs->strides[0] : 0;
+    }
     /* every row's k against T and its forced keeps */
     for (b = 0; b < B; b++) {
-        int64_t sb = a[3].t ? ((const int64_t *)a[3].view.data)[b * a[3].view.strides[0]] : 0;
+        int64_t sb = hstart ? hstart[b * hstart_stride] : 0;
         int64_t forced = kvc_select_forced_count(T, sinks, window, sb);
         for (h = 0; h < H; h++) {
-            int64_t k = p.k.data ? kvc_load_index(p.k.data, p.k.dtype,
-                                                  b * p.k.strides[0] + h * p.k.strides[1])
-                                 : p.k_all;
+            int64_t k = hk ? kvc_load_index(hk->data, hk->dtype,
+                                            b * hk->strides[0] + h * hk->strides[1])
+                           : p.k_all;
             if (k < 1 || k > T) {
                 kvc_py_raise(st->ValueError, "k: %lld at (b=%lld, h=%lld) is outside [1, T] = [1, %lld]",
                       (long long)k, (long long)b, (long long)h, (long long)T);
@@ -266,13 +257,7 @@ static PyObject *py_select_topk(PyObject *m, PyObject *const *args, Py_ssize_t n
     p.kv_start = a[3].t ? (const int64_t *)a[3].view.data : NULL;
     p.kv_start_stride = a[3].t ? a[3].view.strides[0] : 0;
     p.num_threads = st->num_threads;
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_select_topk(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "select_topk");
-        goto done;
-    }
+    if (kvc_py_run(st, &op_select_topk, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
     ret = Py_NewRef(Py_None);
     goto done;
 release_k:
@@ -290,7 +275,6 @@ static PyObject *py_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a[5]; /* keys, values, indices, out_keys, out_values */
     struct kvc_gather_params p;
-    enum kvc_status s;
     int64_t want[4], bad_value, bad_pos[KVC_MAX_DIMS];
     int n = 0;
     PyObject *ret = NULL;
@@ -334,7 +318,9 @@ static PyObject *py_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         want[3] = v->shape[3];
         if (kvc_py_check_shape(st, &a[4], want, "[B, H, n, Dv]") < 0) goto done;
         if (kvc_py_check_output(st, &a[3], a, 5) < 0 || kvc_py_check_output(st, &a[4], a, 5) < 0) goto done;
-        if (kvc_indices_check(ix, 0, k->shape[2], &bad_value, bad_pos) != KVC_OK) {
+        const struct kvc_view *hix = kvc_py_arg_host(st, &a[2]);
+        if (hix == NULL) goto done;
+        if (kvc_indices_check(hix, 0, k->shape[2], &bad_value, bad_pos) != KVC_OK) {
             kvc_py_raise(st->ValueError,
                   "indices: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
                   (long long)bad_value, (long long)bad_pos[0], (long long)bad_pos[1],
@@ -348,13 +334,7 @@ static PyObject *py_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     p.out_keys = a[3].view;
     p.out_values = a[4].view;
     p.num_threads = st->num_threads;
-    Py_BEGIN_ALLOW_THREADS
-    s = kvc_gather(&p);
-    Py_END_ALLOW_THREADS
-    if (s != KVC_OK) {
-        kvc_py_raise_status(st, s, "gather");
-        goto done;
-    }
+    if (kvc_py_run(st, &op_gather, &p, NULL, NULL, a, n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
     kvc_py_args_release(a, n);

@@ -33,6 +33,8 @@ struct kvc_select_topk_params {
     const int64_t *kv_start; /* optional [B] */
     int64_t kv_start_stride;
     int32_t num_threads;
+    void *scratch;           /* CUDA only: kvc_cuda_select_topk_workspace() bytes */
+    size_t scratch_bytes;
 };
 
 enum kvc_status kvc_select_topk(const struct kvc_select_topk_params *p);

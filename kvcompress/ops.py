@@ -1,7 +1,9 @@
 """Python face of the C ops in ``kvcompress._C``.
 
 Every function accepts torch tensors, NumPy arrays or any other object that
-implements ``__dlpack__`` (CPU memory; CUDA needs a CUDA build). Outputs are
+implements ``__dlpack__``, in CPU memory or, with a CUDA build
+(``KVCOMPRESS_CUDA=1``, see :data:`has_cuda`), on one CUDA device; CUDA work
+runs on the producer's current stream. Outputs are
 allocated here, with the framework of the main input (``torch.empty`` on the
 input's device for torch tensors, NumPy otherwise), and filled by the C core.
 Inputs may have any strides. Errors are :class:`KVCompressValueError` /
@@ -36,6 +38,8 @@ __all__ = [
     "global_scores",
     "probe_positions",
     "head_budgets",
+    "has_cuda",
+    "cuda_device_count",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
@@ -297,6 +301,15 @@ def gather(keys, values, indices, *, out_keys=None, out_values=None):
         out_values = _empty_like_dtype(keys, (ix[0], ix[1], ix[2], vs[3]))
     _C.gather(_prepare(keys), _prepare(values), _prepare(indices), out_keys, out_values)
     return out_keys, out_values
+
+
+#: True when this build has the CUDA backend (``KVCOMPRESS_CUDA=1``).
+has_cuda: bool = bool(_C.has_cuda)
+
+
+def cuda_device_count() -> int:
+    """CUDA devices the ops can use: 0 in a CPU-only build or without a driver."""
+    return _C.cuda_device_count()
 
 
 def set_num_threads(n: int) -> None:

@@ -191,6 +191,7 @@ def test_legacy_torch_capsule():
     )
 
 
+@pytest.mark.skipif(_C.has_cuda, reason="a CUDA build accepts CUDA capsules (tests/test_cuda.py covers them)")
 def test_fake_cuda_device_rejected_and_deleted():
     fake = FakeProducer(rand(1, 2, 3, 4), device_type=2)
     with pytest.raises(KVCompressValueError, match=r"x: CUDA tensors need a CUDA build of kvcompress \(KVCOMPRESS_CUDA=1\)"):
@@ -528,3 +529,11 @@ def test_exchange_api_fast_path_matches_dlpack_path():
             _C._use_exchange_api(prev)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_cuda_introspection_matches_the_build():
+    assert ops.has_cuda is bool(_C.has_cuda)
+    n = ops.cuda_device_count()
+    assert isinstance(n, int) and n >= 0
+    if not _C.has_cuda:
+        assert n == 0

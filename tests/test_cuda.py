@@ -1,0 +1,348 @@
+"""CPU/CUDA consistency: every op of the C core on the same inputs on both
+backends, compared under a per-op bound.
+
+Integer outputs (indices, budgets, classes, counts) must be equal, bit-copy
+ops (gather, max pooling) bit-identical. Float outputs must stay within
+twice the error torch itself makes in the input dtype, measured against a
+float64 reference (the same bound the CPU tests use), and never NaN.
+
+Every test here needs a CUDA device and a build with KVCOMPRESS_CUDA=1;
+without them they skip with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kvcompress
+from kvcompress import KVCompressValueError, ops
+from kvcompress import _C
+from reference import pool1d_ref, vector_norm_ref, window_scores_ref
+from test_attention import attention_ref, ragged_layout
+from test_attention import randn as attn_randn
+from test_budget import head_budgets_ref
+from test_merge import check_against_reference, make_inputs, mixed_tau
+from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
+from test_score_global import global_scores_ref
+
+
+def _skip_reason():
+    if not _C.has_cuda:
+        return "kvcompress was built without CUDA (rebuild with KVCOMPRESS_CUDA=1)"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible to torch"
+    if _C.cuda_device_count() == 0:
+        return "no CUDA device visible to kvcompress"
+    return None
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))]
+
+DEV = "cuda"
+
+
+def cuda(x):
+    return None if x is None else x.to(DEV)
+
+
+def cpu(x):
+    return None if x is None else x.cpu()
+
+
+def both(fn, *args, **kw):
+    """fn on the CPU inputs and on copies on the GPU; (cpu result, gpu result on the CPU)."""
+    out_cpu = fn(*args, **kw)
+    gargs = [cuda(a) if isinstance(a, torch.Tensor) else a for a in args]
+    gkw = {k: cuda(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    out_gpu = fn(*gargs, **gkw)
+    torch.cuda.synchronize()
+    if type(out_gpu) is tuple:
+        return out_cpu, tuple(cpu(t) for t in out_gpu)
+    if isinstance(out_gpu, tuple):  # a NamedTuple of results
+        return out_cpu, type(out_gpu)(*[cpu(t) for t in out_gpu])
+    assert out_gpu.device.type == "cuda"
+    return out_cpu, out_gpu.cpu()
+
+
+def same_bits(x, y):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return torch.equal(x.view(torch.int16), y.view(torch.int16))
+    if x.dtype == torch.float32:
+        return torch.equal(x.view(torch.int32), y.view(torch.int32))
+    return torch.equal(x, y)
+
+
+# ---------------------------------------------------------------- scores
+
+SCORE_SHAPES = [  # B, Hq, Hkv, Tq, Tk, D
+    (1, 1, 1, 1, 1, 8),
+    (2, 4, 2, 5, 37, 24),
+    (2, 6, 2, 32, 300, 64),
+    (1, 9, 3, 64, 1500, 64),
+    (3, 4, 4, 7, 129, 33),
+]
+
+
+@pytest.mark.parametrize("shape", SCORE_SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_window_scores(shape, gqa, dtype):
+    B, Hq, Hkv, Tq, Tk, D = shape
+    q = make((B, Hq, Tq, D), dtype, seed=1)
+    k = make((B, Hkv, Tk, D), dtype, seed=2)
+    kv_start = torch.tensor([min(b * 3, Tk - 1) for b in range(B)], dtype=torch.int64)
+    for ks in (None, kv_start):
+        _, got = both(ops.window_scores, q, k, gqa=gqa, kv_start=ks)
+        ref = window_scores_ref(q, k, gqa=gqa, kv_start=ks)
+        same = window_scores_ref(q, k, gqa=gqa, kv_start=ks, dtype=dtype)
+        assert_within_bound(got, ref, same)
+
+
+@pytest.mark.parametrize("layout", ["contig", "transposed", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_vector_norm(layout, dtype):
+    x = make((2, 3, 77, 40), dtype, layout=layout, seed=3)
+    for ord_ in (1, 2):
+        out_cpu, got = both(ops.vector_norm, x, ord=ord_)
+        assert_within_bound(got, vector_norm_ref(x, ord_), vector_norm_ref(x, ord_, dtype=dtype))
+        torch.testing.assert_close(got, out_cpu, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("kernel", [1, 5, 7, 31])
+def test_pool1d(kernel):
+    s = torch.rand(2, 3, 200, generator=torch.Generator().manual_seed(kernel))
+    mx_cpu, mx = both(ops.pool1d, s, kernel, mode="max")
+    assert same_bits(mx, mx_cpu)
+    assert torch.equal(mx, pool1d_ref(s, kernel).to(torch.float32))
+    _, avg = both(ops.pool1d, s, kernel, mode="avg")
+    assert_within_bound(avg, pool1d_ref(s, kernel, "avg"), pool1d_ref(s, kernel, "avg", dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- selection
+
+@pytest.mark.parametrize("T", [1, 17, 300, 5000, 70000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_topk(T, ties):
+    g = torch.Generator().manual_seed(T)
+    B, H = 2, 3
+    s = torch.rand(B, H, T, generator=g)
+    if ties:
+        s = (s * 4).floor()  # a handful of values: the lower index must win every tie
+    kv_start = torch.tensor([0, T // 3], dtype=torch.int64)
+    sinks, window = min(2, T), min(3, T)
+    for k in (1, T // 2, T):
+        k = max(k, sinks + window) if T >= sinks + window else T
+        cpu_out, got = both(ops.select_topk, s, k, sinks=sinks, window=window, kv_start=kv_start)
+        assert torch.equal(got, cpu_out)
+    per_row = torch.randint(min(T, sinks + window), T + 1, (B, H), generator=g)
+    cpu_out, got = both(ops.select_topk, s, per_row, sinks=sinks, window=window)
+    assert torch.equal(got, cpu_out)
+
+
+def test_select_topk_nan_raises():
+    s = torch.rand(1, 2, 50, device=DEV)
+    s[0, 1, 7] = float("nan")
+    with pytest.raises(KVCompressValueError, match="scores: contains NaN"):
+        ops.select_topk(s, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gather(dtype):
+    k = make((2, 3, 90, 24), dtype, layout="transposed", seed=4)
+    v = make((2, 3, 90, 40), dtype, seed=5)
+    idx = torch.randint(0, 90, (2, 3, 33), generator=torch.Generator().manual_seed(6))
+    (ck, cv), (gk, gv) = both(ops.gather, k, v, idx)
+    assert same_bits(gk, ck) and same_bits(gv, cv)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("shape", [(1, 4, 50), (2, 8, 600), (3, 3, 20000)])
+def test_head_budgets(alpha, shape):
+    g = torch.Generator().manual_seed(shape[2])
+    s = torch.rand(shape, generator=g)
+    s[0, 0, :5] = float("-inf")
+    s = (s * 64).floor() / 64  # ties across heads
+    kv_start = torch.tensor([b * 2 for b in range(shape[0])], dtype=torch.int64)
+    for budget in (1, shape[2] // 4, shape[2]):
+        out_cpu, got = both(ops.head_budgets, s, budget, alpha=alpha, floor=2, kv_start=kv_start)
+        assert torch.equal(got, out_cpu)
+        assert np.array_equal(got.numpy(), head_budgets_ref(s, budget, alpha, 2, kv_start))
+
+
+def test_head_budgets_nan_raises():
+    s = torch.rand(1, 2, 50, device=DEV)
+    s[0, 0, 3] = float("nan")
+    with pytest.raises(KVCompressValueError, match="scores: NaN"):
+        ops.head_budgets(s, 10)
+
+
+# ---------------------------------------------------------------- EMS
+
+@pytest.mark.parametrize("shape", [(1, 2, 40, 2, 5, 16), (2, 6, 300, 3, 64, 64), (1, 3, 2000, 3, 128, 64)],
+                         ids=lambda s: "B{}Hq{}T{}Hkv{}Tq{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_global_scores(shape, dtype):
+    B, Hq, T, Hkv, Tq, D = shape
+    q = make((B, Hq, Tq, D), dtype, seed=7)
+    k = make((B, Hkv, T, D), dtype, seed=8)
+    kv_start = torch.tensor([b * 5 for b in range(B)], dtype=torch.int64)
+    q_pos = torch.from_numpy(np.sort(np.random.default_rng(0).choice(T, Tq, replace=False)))
+    for ks, qp in ((None, None), (kv_start, None), (kv_start, q_pos)):
+        for gqa in ("mean", "max"):
+            _, got = both(ops.global_scores, q, k, gqa=gqa, kv_start=ks, q_pos=qp)
+            ref = global_scores_ref(q, k, gqa=gqa, kv_start=ks, q_pos=qp)
+            same = global_scores_ref(q, k, gqa=gqa, kv_start=ks, q_pos=qp, dtype=dtype)
+            assert_within_bound(got, ref, same)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 30, 8), (2, 3, 200, 64), (1, 2, 3000, 128)],
+                         ids=lambda s: "B{}H{}T{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_evict_merge(shape, dtype):
+    B, H, T, D = shape
+    kv_start = torch.tensor([b * 3 for b in range(B)], dtype=torch.int64)
+    keys, values, scores, centers = make_inputs(B, H, T, D, dtype, kv_start=kv_start)
+    for tau in (None, mixed_tau(B, H), math.inf):
+        kw = dict(kv_start=kv_start, return_assign=True)
+        cpu_res, got = both(ops.evict_merge, keys, values, scores, centers, tau, **kw)
+        assert torch.equal(got.assign, cpu_res.assign)
+        assert torch.equal(got.counts, cpu_res.counts)
+        check_against_reference(got, keys, values, scores, centers, tau if tau is not None else math.nan,
+                                kv_start, dtype=dtype)
+        if isinstance(tau, float) and tau == math.inf:  # plain eviction copies the centers bit for bit
+            assert same_bits(got.keys, cpu_res.keys) and same_bits(got.values, cpu_res.values)
+
+
+# ---------------------------------------------------------------- attention
+
+ATTN_UNIFORM = [  # B, Hq, Hkv, q, n, D
+    (1, 4, 4, 1, 1, 64),
+    (2, 8, 2, 1, 37, 40),
+    (2, 6, 2, 5, 300, 64),
+    (1, 32, 8, 1, 5000, 128),
+    (2, 9, 3, 40, 70, 64),
+    (1, 4, 1, 1, 3000, 256),
+]
+
+
+@pytest.mark.parametrize("shape", ATTN_UNIFORM, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_uniform(shape, dtype):
+    B, Hq, Hkv, q, n, D = shape
+    qs = attn_randn((B, Hq, q, D), dtype, 1)
+    k = attn_randn((B, Hkv, n, D), dtype, 2)
+    v = attn_randn((B, Hkv, n, D), dtype, 3)
+    counts = torch.randint(1, 5, (B, Hkv, n), generator=torch.Generator().manual_seed(4)).to(torch.float32)
+    kv_start = torch.tensor([min(b * 7, n - q) for b in range(B)], dtype=torch.int64)
+    for ks, c in ((None, None), (kv_start, None), (kv_start, counts)):
+        _, got = both(ops.attention, qs, k, v, kv_start=ks, counts=c)
+        ref = attention_ref(qs, k, v, kv_start=ks, counts=c)
+        same = attention_ref(qs, k, v, kv_start=ks, counts=c, dtype=dtype)
+        assert_within_bound(got, ref, same)
+
+
+@pytest.mark.parametrize("nq", [1, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_ragged(nq, dtype):
+    B, Hkv, g, D = 2, 3, 4, 64
+    lengths = [0, 5, 300, 4100, 64, 9][: B * Hkv]
+    lengths = [n if n == 0 or n >= nq else nq for n in lengths]
+    k, v, offsets, lens = ragged_layout(lengths, D, dtype)
+    qs = attn_randn((B, Hkv * g, nq, D), dtype, 5)
+    counts = torch.randint(1, 4, (k.shape[0],), generator=torch.Generator().manual_seed(6)).to(torch.int32)
+    for c in (None, counts):
+        _, got = both(ops.attention, qs, k, v, offsets=offsets, lengths=lens, counts=c)
+        ref = attention_ref(qs, k, v, offsets=offsets, lengths=lens, counts=c)
+        same = attention_ref(qs, k, v, offsets=offsets, lengths=lens, counts=c, dtype=dtype)
+        assert_within_bound(got, ref, same)
+
+
+def test_attention_strided_cache():
+    """A view into a larger preallocated cache (the layout generate() uses)."""
+    big_k = attn_randn((1, 8, 4096, 128), torch.float16, 1)
+    big_v = attn_randn((1, 8, 4096, 128), torch.float16, 2)
+    k, v = big_k[:, :, :3001], big_v[:, :, :3001]
+    qs = attn_randn((1, 32, 1, 128), torch.float16, 3)
+    cpu_out, got = both(ops.attention, qs, k, v)
+    assert_within_bound(got, attention_ref(qs, k, v), attention_ref(qs, k, v, dtype=torch.float16))
+
+
+# ---------------------------------------------------------------- boundary
+
+def test_mixed_devices_rejected():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(KVCompressValueError, match=r"keys: is on cuda:0 but queries is on cpu"):
+        ops.window_scores(q, q.to(DEV))
+    s = torch.rand(1, 2, 40, device=DEV)
+    with pytest.raises(KVCompressValueError, match="kv_start: is on cpu but scores is on cuda:0"):
+        ops.select_topk(s, 5, kv_start=torch.zeros(1, dtype=torch.int64))
+
+
+def test_bad_index_on_device_rejected():
+    k = torch.randn(1, 2, 10, 8, device=DEV)
+    idx = torch.zeros(1, 2, 3, dtype=torch.int64, device=DEV)
+    idx[0, 1, 2] = 10
+    with pytest.raises(KVCompressValueError, match=r"indices: value 10 at \[0, 1, 2\]"):
+        ops.gather(k, k, idx)
+
+
+def test_side_stream_ordering():
+    """Ops run on torch's current stream: work queued before on a side stream
+    is seen, and work queued after sees the result, without synchronising."""
+    s = torch.cuda.Stream()
+    x = torch.randn(4, 8, 4096, 64, device=DEV)
+    with torch.cuda.stream(s):
+        y = x * 2  # queued on s
+        n = ops.vector_norm(y)
+        z = n + 1  # reads the op's output on s
+    s.synchronize()
+    torch.testing.assert_close(z.cpu(), (x * 2).cpu().norm(dim=-1) + 1, rtol=1e-5, atol=1e-5)
+
+
+def test_legacy_dlpack_path():
+    """Producers without the C exchange table go through __dlpack__(stream=1)."""
+    prev = _C._use_exchange_api(False)
+    try:
+        x = torch.randn(2, 3, 50, 16, device=DEV)
+        torch.testing.assert_close(ops.vector_norm(x).cpu(), x.cpu().norm(dim=-1), rtol=1e-5, atol=1e-6)
+    finally:
+        _C._use_exchange_api(prev)
+
+
+# ---------------------------------------------------------------- end to end
+
+def _generate(model, ids, method, device):
+    model.to(device)
+    with kvcompress.compress(model, method):
+        out = model.generate(ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                             max_new_tokens=24, do_sample=False)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("method", ["snapkv", "ems"])
+def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
+    model = tiny_model
+    ids = torch.randint(3, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
+    make = (lambda: kvcompress.SnapKV(budget=64)) if method == "snapkv" else (lambda: kvcompress.EMS(budget=64))
+    try:
+        got = [_generate(model, ids, make(), d) for d in ("cpu", DEV)]
+    finally:
+        model.to("cpu")
+    assert torch.equal(got[0], got[1])
+
+
+@pytest.mark.slow
+def test_generate_default_model_gpu_equals_cpu(default_model, shakespeare):
+    """Greedy fp32 generate() with EMS on the default model: the same tokens on both devices."""
+    model, tok = default_model
+    ids = tok(shakespeare[:20000], return_tensors="pt").input_ids[:, :1500]
+    try:
+        got = [_generate(model, ids, kvcompress.EMS(budget=128), d) for d in ("cpu", DEV)]
+    finally:
+        model.to("cpu")
+    assert torch.equal(got[0], got[1])
