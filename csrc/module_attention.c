@@ -290,10 +290,10 @@ static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nar
      * every decode step, and a bad count can only spoil its own output rows
      * (they come from evict_merge, which writes counts >= 1). */
     if (p.counts.data && a[A_CNT].dev_type == kDLCPU && check_counts(st, &p) < 0) goto done;
-    if (kvc_py_view_numel(&p.out) > 0) {
-        if (kvc_py_run(st, &op_attention, &p, &p.scratch, &p.scratch_bytes, a, A_N) < 0) goto done;
-    } else if (kvc_py_run(st, &op_attention, &p, NULL, NULL, a, A_N) < 0) {
-        goto done;
+    {
+        /* an empty problem takes no scratch */
+        void **scratch = kvc_py_view_numel(&p.out) > 0 ? &p.scratch : NULL;
+        if (kvc_py_run(st, &op_attention, &p, scratch, &p.scratch_bytes, a, A_N) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:

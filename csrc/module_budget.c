@@ -71,10 +71,10 @@ static PyObject *py_head_budgets(PyObject *m, PyObject *const *args, Py_ssize_t 
     p.floor = floor_;
     p.alpha = alpha;
     p.num_threads = st->num_threads;
-    if (kvc_py_view_numel(&p.out) > 0) {
-        if (kvc_py_run(st, &op_head_budgets, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
-    } else if (kvc_py_run(st, &op_head_budgets, &p, NULL, NULL, a, n) < 0) {
-        goto done;
+    {
+        /* an empty problem takes no scratch */
+        void **scratch = kvc_py_view_numel(&p.out) > 0 ? &p.scratch : NULL;
+        if (kvc_py_run(st, &op_head_budgets, &p, scratch, &p.scratch_bytes, a, n) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:

@@ -207,10 +207,10 @@ static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t n
     p.kv_start = a[A_KVS].t ? (const int64_t *)a[A_KVS].view.data : NULL;
     p.kv_start_stride = a[A_KVS].t ? a[A_KVS].view.strides[0] : 0;
     p.num_threads = st->num_threads;
-    if (B * H > 0) {
-        if (kvc_py_run(st, &op_evict_merge, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
-    } else if (kvc_py_run(st, &op_evict_merge, &p, NULL, NULL, a, n) < 0) {
-        goto done;
+    {
+        /* an empty problem takes no scratch */
+        void **scratch = B * H > 0 ? &p.scratch : NULL;
+        if (kvc_py_run(st, &op_evict_merge, &p, scratch, &p.scratch_bytes, a, n) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:

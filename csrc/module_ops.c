@@ -75,10 +75,10 @@ static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     p.scaling = (float)scaling;
     p.gqa = gqa_max ? KVC_GQA_MAX : KVC_GQA_MEAN;
     p.num_threads = st->num_threads;
-    if (kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0) {
-        if (kvc_py_run(st, &op_window_scores, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
-    } else if (kvc_py_run(st, &op_window_scores, &p, NULL, NULL, a, n) < 0) {
-        goto done;
+    {
+        /* an empty problem takes no scratch */
+        void **scratch = kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0 ? &p.scratch : NULL;
+        if (kvc_py_run(st, &op_window_scores, &p, scratch, &p.scratch_bytes, a, n) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:

@@ -130,6 +130,15 @@ def _as_int64(x, name: str, like):
     return arr
 
 
+def _scaling(scaling, D: int) -> float:
+    """The `scaling` argument: None means 1/sqrt(D) (1 for D = 0); a real number otherwise."""
+    if scaling is None:
+        return 1.0 / math.sqrt(D) if D > 0 else 1.0
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
+        raise KVCompressTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    return float(scaling)
+
+
 def window_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None):
     """Attention that a window of the latest queries pays to every key.
 
@@ -160,13 +169,10 @@ def window_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None):
         raise KVCompressValueError(f"gqa: expected 'mean' or 'max', got {gqa!r}")
     qs = _shape(queries, "queries", 4, "[B, Hq, Tq, D]")
     ks = _shape(keys, "keys", 4, "[B, Hkv, Tk, D]")
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(qs[3]) if qs[3] > 0 else 1.0
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
-        raise KVCompressTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    scaling = _scaling(scaling, qs[3])
     out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
     _C.window_scores(
-        _prepare(queries), _prepare(keys), out, float(scaling), gqa == "max", _as_int64(kv_start, "kv_start", keys)
+        _prepare(queries), _prepare(keys), out, scaling, gqa == "max", _as_int64(kv_start, "kv_start", keys)
     )
     return out
 
@@ -457,10 +463,7 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
     else:
         _shape(keys, "keys", 4, "[B, Hkv, n, D]")
         _shape(values, "values", 4, "[B, Hkv, n, D]")
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(qs[3]) if qs[3] > 0 else 1.0
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
-        raise KVCompressTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    scaling = _scaling(scaling, qs[3])
     shape = (qs[0], qs[2], qs[1], qs[3])
     if _is_torch(queries):
         import torch
@@ -474,7 +477,7 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
             raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
         out = np.empty(shape, dtype=_NP_DTYPES[dtype])
     _C.attention(
-        _prepare(queries), _prepare(keys), _prepare(values), out, float(scaling),
+        _prepare(queries), _prepare(keys), _prepare(values), out, scaling,
         _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
         _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
     )
@@ -547,10 +550,7 @@ def global_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_p
         raise KVCompressValueError(f"gqa: expected 'mean' or 'max', got {gqa!r}")
     qs = _shape(queries, "queries", 4, "[B, Hq, Tq, D]")
     ks = _shape(keys, "keys", 4, "[B, Hkv, T, D]")
-    if scaling is None:
-        scaling = 1.0 / math.sqrt(qs[3]) if qs[3] > 0 else 1.0
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
-        raise KVCompressTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
+    scaling = _scaling(scaling, qs[3])
     if probe is not None:
         if q_pos is not None:
             raise KVCompressValueError("probe: cannot be combined with q_pos (probe picks the positions)")
@@ -568,7 +568,7 @@ def global_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_p
                 q_pos = pos
     out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
     _C.global_scores(
-        _prepare(queries), _prepare(keys), out, float(scaling), gqa == "max",
+        _prepare(queries), _prepare(keys), out, scaling, gqa == "max",
         _as_int64(kv_start, "kv_start", keys), _as_int64(q_pos, "q_pos", keys),
     )
     return out

@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from kvcompress import KVCompressTypeError, KVCompressValueError, ops
+from reference import as_torch
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
-
-
-def as_torch(x):
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(x))
-    return x
 
 
 def global_scores_ref(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_pos=None, dtype=torch.float64):
