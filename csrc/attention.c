@@ -200,28 +200,15 @@ KVC_INLINE void at_f16_block(float *dst, const uint16_t *src)
 KVC_INLINE void at_row_f32(float *dst, const char *src, int32_t dtype, int64_t n, int64_t stride)
 {
     int64_t i = 0;
-    if (dtype == KVC_F16) {
-        const uint16_t *s = (const uint16_t *)src;
-        if (stride == 1) {
 #ifdef AT_VEC
-            for (; i + AT_TK <= n; i += AT_TK) at_f16_block(dst + i, s + i);
-#endif
-            for (; i < n; i++) dst[i] = kvc_f16_to_f32(s[i]);
-        } else
-            for (i = 0; i < n; i++) dst[i] = kvc_f16_to_f32(s[i * stride]);
-    } else if (dtype == KVC_BF16) {
-        const uint16_t *s = (const uint16_t *)src;
-        if (stride == 1)
-            for (i = 0; i < n; i++) dst[i] = kvc_bf16_to_f32(s[i]);
-        else
-            for (i = 0; i < n; i++) dst[i] = kvc_bf16_to_f32(s[i * stride]);
-    } else {
-        const float *s = (const float *)src;
-        if (stride == 1)
-            for (i = 0; i < n; i++) dst[i] = s[i];
-        else
-            for (i = 0; i < n; i++) dst[i] = s[i * stride];
+    /* contiguous fp16 a vector at a time (the scalar conversion's selects do
+     * not vectorise), the tail and every other case as kvc_math.h does */
+    if (dtype == KVC_F16 && stride == 1) {
+        for (; i + AT_TK <= n; i += AT_TK) at_f16_block(dst + i, (const uint16_t *)src + i);
+        src += i * (int64_t)sizeof(uint16_t);
     }
+#endif
+    kvc_row_to_f32(dst + i, src, dtype, n - i, stride);
 }
 
 #ifdef AT_TREE
@@ -299,6 +286,48 @@ KVC_INLINE void at_logits(const float *qr, const void *const *kp, const float *l
 #endif
 }
 
+#ifdef AT_VEC
+/* bf16 rows read in place (g->bf16): a 64-byte load holds 32 elements; as
+ * 16 32-bit lanes, `<< 16` gives the even elements as fp32 and masking the
+ * low half the odd ones, one instruction each instead of a widening
+ * conversion. Query and output rows are kept in the same order: each chunk
+ * of 32 stores its 16 even elements, then its 16 odd ones. */
+#define AT_BF16_EVEN(w) ((at_vf)((w) << 16))
+#define AT_BF16_ODD(w) ((at_vf)((w) & 0xffff0000u))
+
+/* Output lanes [c, c + 4 * AT_TK) of at_accumulate for NR rows: V rows as
+ * fp32, or (bf16, a constant after inlining) two in-place bf16 chunks. */
+KVC_INLINE void at_accumulate4(float *const *acc, const void *const *vp, const float *x,
+                               const float *alpha, int64_t c, int NR, int bf16)
+{
+    at_vf o[4][4];
+    int j, r, u;
+    for (r = 0; r < NR; r++)
+        for (u = 0; u < 4; u++) {
+            memcpy(&o[r][u], acc[r] + c + u * AT_TK, sizeof o[r][u]);
+            o[r][u] *= alpha[r];
+        }
+    for (j = 0; j < AT_TK; j++) {
+        at_vf v[4];
+        if (bf16) {
+            at_vu w[2];
+            memcpy(&w[0], (const uint16_t *)vp[j] + c, sizeof w[0]);
+            memcpy(&w[1], (const uint16_t *)vp[j] + c + 2 * AT_TK, sizeof w[1]);
+            v[0] = AT_BF16_EVEN(w[0]);
+            v[1] = AT_BF16_ODD(w[0]);
+            v[2] = AT_BF16_EVEN(w[1]);
+            v[3] = AT_BF16_ODD(w[1]);
+        } else {
+            for (u = 0; u < 4; u++) memcpy(&v[u], (const float *)vp[j] + c + u * AT_TK, sizeof v[u]);
+        }
+        for (r = 0; r < NR; r++)
+            for (u = 0; u < 4; u++) o[r][u] += x[r * AT_TK + j] * v[u];
+    }
+    for (r = 0; r < NR; r++)
+        for (u = 0; u < 4; u++) memcpy(acc[r] + c + u * AT_TK, &o[r][u], sizeof o[r][u]);
+}
+#endif
+
 /* acc[r] <- alpha[r] * acc[r] + sum_j x[r][j] v_j over a tile of fp32 rows,
  * for NR (1..4, a constant after inlining) query rows at once, so each V
  * row is loaded once for the NR rows. Every output lane is one FMA chain
@@ -307,24 +336,9 @@ KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const fl
                               const float *alpha, int64_t Dp, int NR)
 {
     int64_t c = 0;
-    int j, r, u;
+    int j, r;
 #ifdef AT_VEC
-    for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) {
-        at_vf o[4][4];
-        for (r = 0; r < NR; r++)
-            for (u = 0; u < 4; u++) {
-                memcpy(&o[r][u], acc[r] + c + u * AT_TK, sizeof o[r][u]);
-                o[r][u] *= alpha[r];
-            }
-        for (j = 0; j < AT_TK; j++) {
-            at_vf v[4];
-            for (u = 0; u < 4; u++) memcpy(&v[u], (const float *)vp[j] + c + u * AT_TK, sizeof v[u]);
-            for (r = 0; r < NR; r++)
-                for (u = 0; u < 4; u++) o[r][u] += x[r * AT_TK + j] * v[u];
-        }
-        for (r = 0; r < NR; r++)
-            for (u = 0; u < 4; u++) memcpy(acc[r] + c + u * AT_TK, &o[r][u], sizeof o[r][u]);
-    }
+    for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) at_accumulate4(acc, vp, x, alpha, c, NR, 0);
     for (; c < Dp; c += AT_TK) {
         at_vf o[4];
         for (r = 0; r < NR; r++) {
@@ -339,7 +353,6 @@ KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const fl
         for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
     }
 #else
-    (void)u;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
             float o = acc[r][c] * alpha[r];
@@ -350,14 +363,6 @@ KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const fl
 }
 
 #ifdef AT_VEC
-/* bf16 rows read in place (g->bf16): a 64-byte load holds 32 elements; as
- * 16 32-bit lanes, `<< 16` gives the even elements as fp32 and masking the
- * low half the odd ones, one instruction each instead of a widening
- * conversion. Query and output rows are kept in the same order: each chunk
- * of 32 stores its 16 even elements, then its 16 odd ones. */
-#define AT_BF16_EVEN(w) ((at_vf)((w) << 16))
-#define AT_BF16_ODD(w) ((at_vf)((w) & 0xffff0000u))
-
 KVC_INLINE void at_logits_bf16(const float *qr, const void *const *kp, const float *lc,
                                int64_t Dp, float scaling, float *x)
 {
@@ -385,28 +390,7 @@ KVC_INLINE void at_accumulate_bf16(float *const *acc, const void *const *vp, con
     int64_t c = 0;
     int j, r, u;
     /* two 32-element chunks (four vectors) per pass */
-    for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) {
-        at_vf o[4][4];
-        for (r = 0; r < NR; r++)
-            for (u = 0; u < 4; u++) {
-                memcpy(&o[r][u], acc[r] + c + u * AT_TK, sizeof o[r][u]);
-                o[r][u] *= alpha[r];
-            }
-        for (j = 0; j < AT_TK; j++) {
-            at_vu w[2];
-            at_vf v[4];
-            memcpy(&w[0], (const uint16_t *)vp[j] + c, sizeof w[0]);
-            memcpy(&w[1], (const uint16_t *)vp[j] + c + 2 * AT_TK, sizeof w[1]);
-            v[0] = AT_BF16_EVEN(w[0]);
-            v[1] = AT_BF16_ODD(w[0]);
-            v[2] = AT_BF16_EVEN(w[1]);
-            v[3] = AT_BF16_ODD(w[1]);
-            for (r = 0; r < NR; r++)
-                for (u = 0; u < 4; u++) o[r][u] += x[r * AT_TK + j] * v[u];
-        }
-        for (r = 0; r < NR; r++)
-            for (u = 0; u < 4; u++) memcpy(acc[r] + c + u * AT_TK, &o[r][u], sizeof o[r][u]);
-    }
+    for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) at_accumulate4(acc, vp, x, alpha, c, NR, 1);
     for (; c < Dp; c += 2 * AT_TK) {
         at_vf o[4][2];
         for (r = 0; r < NR; r++)

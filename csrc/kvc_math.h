@@ -120,9 +120,10 @@ KVC_HD static inline int64_t kvc_load_index(const void *base, int32_t dtype, int
 }
 
 /* Convert n elements spaced `stride` apart into a dense fp32 row. The switch
- * is hoisted out of the loops so each one vectorises for unit stride. */
-KVC_HD static inline void kvc_row_to_f32(float *dst, const void *src, int32_t dtype,
-                                         int64_t n, int64_t stride)
+ * is hoisted out of the loops so each one vectorises for unit stride; always
+ * inlined so that it runs at the ISA of the KVC_HOT clone that calls it. */
+KVC_HD KVC_INLINE void kvc_row_to_f32(float *dst, const void *src, int32_t dtype, int64_t n,
+                                      int64_t stride)
 {
     int64_t i;
     if (dtype == KVC_F16) {

@@ -123,6 +123,22 @@ static void mg_thread_carve(const struct mg_geom *g, char *base, struct mg_threa
     w->rowv = (float *)base;
 }
 
+/* The lanes' (best value, its center) -> the row's: the largest value, the
+ * lowest center among equal ones. */
+KVC_INLINE void mg_lanes_best(const float *v, const int32_t *c, float *best, int32_t *arg)
+{
+    float bv = v[0];
+    int32_t bc = c[0];
+    int l;
+    for (l = 1; l < MG_CB; l++)
+        if (v[l] > bv || (v[l] == bv && c[l] < bc)) {
+            bv = v[l];
+            bc = c[l];
+        }
+    *best = bv;
+    *arg = bc;
+}
+
 /* Best cosine of MG_TB unit rows (tile, [MG_TB][D]) over every center block:
  * best[i] and arg[i] (ties to the lowest center: a lane only takes a
  * strictly larger value, and lanes are merged lowest index first on ties). */
@@ -163,15 +179,11 @@ KVC_INLINE void mg_tile(const float *tile, const float *cb, const float *bias, i
         idx += MG_CB;
     }
     for (i = 0; i < MG_TB; i++) {
-        float v = bv[i][0];
-        int32_t c = bi[i][0];
-        for (l = 1; l < MG_CB; l++)
-            if (bv[i][l] > v || (bv[i][l] == v && bi[i][l] < c)) {
-                v = bv[i][l];
-                c = bi[i][l];
-            }
-        best[i] = v;
-        arg[i] = c;
+        float v[MG_CB];
+        int32_t c[MG_CB];
+        memcpy(v, &bv[i], sizeof v);
+        memcpy(c, &bi[i], sizeof c);
+        mg_lanes_best(v, c, &best[i], &arg[i]);
     }
 }
 #else
@@ -206,17 +218,7 @@ KVC_INLINE void mg_tile(const float *tile, const float *cb, const float *bias, i
                 }
             }
     }
-    for (i = 0; i < MG_TB; i++) {
-        float v = bv[i][0];
-        int32_t c = bi[i][0];
-        for (l = 1; l < MG_CB; l++)
-            if (bv[i][l] > v || (bv[i][l] == v && bi[i][l] < c)) {
-                v = bv[i][l];
-                c = bi[i][l];
-            }
-        best[i] = v;
-        arg[i] = c;
-    }
+    for (i = 0; i < MG_TB; i++) mg_lanes_best(bv[i], bi[i], &best[i], &arg[i]);
 }
 #endif
 
