@@ -4,11 +4,11 @@ For each prompt length and each configuration (the plain model with
 transformers' DynamicCache, then each method inside ``kvcompress.compress``)
 one run is:
 
-* prefill: one ``model(prompt, past_key_values=cache, logits_to_keep=1)``
+* prefill: one ``model(prompt, cache=cache, logits_to_keep=1)``
   forward, compression included (it runs inside the forward, right after each
   layer's attention), plus the argmax of the last logits. Timed as a whole.
 * decode: ``--new-tokens`` greedy steps ``model(next_token,
-  past_key_values=cache)`` + argmax, each timed on its own; the table shows
+  cache=cache)`` + argmax, each timed on its own; the table shows
   the median (and mean: decode-policy methods re-compress every ``interval``
   steps, which the median hides).
 * compression: the time spent inside ``KVCache.after_attention`` (scoring,
@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import kvcompress as kvc
 from kvcompress import ops
+from kvcompress.compat import cache_kwargs, output_cache
 from kvcompress.methods import method_from_spec
 
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
@@ -210,18 +211,18 @@ def run_once(model, ids: torch.Tensor, method, new_tokens: int, timer: Compressi
     with session, torch.inference_mode():
         cache = session.new_cache() if method is not None else None
         t0 = time.perf_counter()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         prefill = time.perf_counter() - t0
         prefill_compress = timer.take()
         prefill_global = global_timer.take()
-        cache = out.past_key_values
+        cache = output_cache(out)
         del out
         tokens = [int(token)]
         steps = []
         for _ in range(new_tokens):
             t0 = time.perf_counter()
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             steps.append(time.perf_counter() - t0)
             del out
@@ -429,7 +430,7 @@ def main(argv=None):
         f"{args.repeats} run(s) per configuration after one warm-up pass ({args.warmup_tokens}-token prompt). "
         "Prefill s = one forward over the prompt (compression included, logits of the last position only) "
         "+ argmax. Decode ms/tok = median (and mean) of the per-step times of `model(next_token, "
-        "past_key_values=cache)` + argmax. Compression s and ms/tok: time inside `KVCache.after_attention` "
+        "cache=cache)` + argmax. Compression s and ms/tok: time inside `KVCache.after_attention` "
         "(scoring, selection, gather; all layers) during the prefill, and per decode step on average; "
         "global score s: the part of it spent in `ops.global_scores` (EMS). "
         "Peak RSS = process VmHWM during the run (reset via /proc/self/clear_refs before it); peak − before = growth over the RSS just before the run. Cache MiB = "

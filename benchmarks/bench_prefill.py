@@ -21,6 +21,7 @@ import torch
 
 import kvcompress as kvc
 from kvcompress.cache import KVCache
+from kvcompress.compat import cache_kwargs
 
 from _common import machine  # noqa: E402  (same folder: scripts run from it)
 
@@ -58,7 +59,7 @@ def main() -> int:
             with kvc.compress(model, method) as session:
                 spent.append(0.0)
                 t0 = time.perf_counter()
-                model(ids, past_key_values=session.new_cache())
+                model(ids, **cache_kwargs(model, session.new_cache()))
                 ours.append(time.perf_counter() - t0)
     KVCache.after_attention = original
     p, o, c = statistics.median(plain), statistics.median(ours), statistics.median(spent)

@@ -56,6 +56,7 @@ import torch  # noqa: E402
 import kvcompress as kvc  # noqa: E402
 from kvcompress import testing  # noqa: E402
 from kvcompress.cache import KVCache  # noqa: E402
+from kvcompress.compat import cache_kwargs, pop_cache  # noqa: E402
 
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402
 
@@ -214,7 +215,7 @@ def prefill(model, method, ids):
     """Prefill ``ids`` with ``method`` (None, ours, or a press); return the cache."""
     with testing.method_context(model, method) as new_cache, torch.inference_mode():
         cache = new_cache()
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -375,7 +376,7 @@ def part_cd(model, ratio, ids, args, log):
                 def hook(module, a, kwargs, output):
                     stamps.append(time.perf_counter())
                     if len(stamps) == 1:
-                        cache = kwargs["past_key_values"]
+                        cache = pop_cache(dict(kwargs))
                         info.update(bytes=testing.cache_bytes(cache), kv_bytes=kv_bytes(cache),
                                     slots=statistics.fmean(int(layer.keys.shape[2]) for layer in cache.layers))
                         stamps.append(time.perf_counter())  # resume: the byte count is not timed

@@ -15,6 +15,7 @@ def _demo(args) -> int:
     from tqdm.auto import tqdm
 
     import kvcompress as kvc
+    from kvcompress.compat import output_cache
     from kvcompress.tasks import passkey_prompt
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -33,7 +34,7 @@ def _demo(args) -> int:
         if method is None:
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
             full = held
         else:

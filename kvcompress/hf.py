@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .cache import KVCache, take_pending
+from .compat import cache_kwargs, pop_cache
 from .methods.base import Method
 
 ATTN_NAME = "kvcompress"
@@ -194,12 +195,15 @@ class CompressionSession:
         return KVCache(self.method, num_layers=getattr(self.model.config, "num_hidden_layers", None))
 
     def _generate(self, original, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        # The cache may come as `cache=` (newer transformers) or
+        # `past_key_values=`; either way it is passed on under the name this
+        # model takes, so no deprecation path runs, and it is session.cache.
+        cache = pop_cache(kwargs)
         if cache is None:
             cache = self.new_cache()
-            kwargs["past_key_values"] = cache
         if isinstance(cache, KVCache):
             self.cache = cache
+        kwargs.update(cache_kwargs(self.model, cache))
         return original(*args, **kwargs)
 
     def __enter__(self) -> "CompressionSession":

@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from .compat import cache_kwargs
 from .methods.base import Method
 from .tasks import default_text, passkey_prompt
 
@@ -58,7 +59,7 @@ def method_name(method) -> str:
 @contextlib.contextmanager
 def method_context(model, method):
     """Context in which ``model`` runs with ``method``; yields a function that
-    returns a fresh cache to pass as ``past_key_values``."""
+    returns a fresh cache to pass as the model's cache argument."""
     from transformers import DynamicCache
 
     def dynamic():
@@ -131,7 +132,7 @@ def greedy(model, cache, input_ids, new_tokens: int, *, force: Sequence[int] | N
     device = model.device
     tokens, rows = [], []
     with torch.inference_mode():
-        out = model(input_ids=input_ids.to(device), past_key_values=cache, use_cache=True,
+        out = model(input_ids=input_ids.to(device), **cache_kwargs(model, cache), use_cache=True,
                     position_ids=torch.arange(T, device=device)[None], logits_to_keep=1)
         for i in range(new_tokens):
             logits = out.logits[0, -1].float()
@@ -143,7 +144,7 @@ def greedy(model, cache, input_ids, new_tokens: int, *, force: Sequence[int] | N
             nxt = force[i] if force is not None else tokens[-1]
             if force is None and eos_token_id is not None and nxt == eos_token_id:
                 break
-            out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache, use_cache=True,
+            out = model(input_ids=torch.tensor([[nxt]], device=device), **cache_kwargs(model, cache), use_cache=True,
                         position_ids=torch.tensor([[T + i]], device=device))
     return tokens, (torch.stack(rows) if keep_logits else None)
 
@@ -404,9 +405,9 @@ def perplexity_window(model, method, ids, context_tokens: int) -> tuple[float, i
     device = model.device
     with method_context(model, method) as new_cache, torch.inference_mode():
         cache = new_cache()
-        model(input_ids=ids[:, :C].to(device), past_key_values=cache, use_cache=True,
+        model(input_ids=ids[:, :C].to(device), **cache_kwargs(model, cache), use_cache=True,
               position_ids=torch.arange(C, device=device)[None], logits_to_keep=1)
-        out = model(input_ids=ids[:, C:].to(device), past_key_values=cache, use_cache=True,
+        out = model(input_ids=ids[:, C:].to(device), **cache_kwargs(model, cache), use_cache=True,
                     position_ids=torch.arange(C, C + L, device=device)[None])
     logp = torch.log_softmax(out.logits[0, :-1].double(), -1)
     target = ids[0, C + 1:].to(logp.device)

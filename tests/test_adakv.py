@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import kvcompress as kvc
+from kvcompress.compat import cache_kwargs
 from kvcompress.methods import AdaKV, SnapKV
 
 from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
@@ -63,7 +64,7 @@ def test_adakv_keeps_per_head_top_slots_of_an_independent_reference(tiny_model, 
     with kvc.compress(tiny_model, method) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            tiny_model(ids, attention_mask=mask, past_key_values=cache)
+            tiny_model(ids, attention_mask=mask, **cache_kwargs(tiny_model, cache))
     pads = (mask == 0).sum(1)
     saw_unequal = False
     for li, (q, k, v) in enumerate(layer_qkv(tiny_model, ids, mask)):
@@ -95,7 +96,7 @@ def test_bytes_held_are_the_per_head_slots(tiny_model):
     with kvc.compress(tiny_model, AdaKV(budget=B_, window=WINDOW)) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            tiny_model(ids, attention_mask=mask, past_key_values=cache)
+            tiny_model(ids, attention_mask=mask, **cache_kwargs(tiny_model, cache))
     cfg = tiny_model.config
     D = cfg.head_dim
     expected = 0
@@ -132,7 +133,7 @@ def test_ragged_decode_matches_float64_attention_over_the_kept_slots(tiny_model)
     with kvc.compress(tiny_model, method) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            out = tiny_model(ids, attention_mask=mask, past_key_values=cache)
+            out = tiny_model(ids, attention_mask=mask, **cache_kwargs(tiny_model, cache))
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             attn = tiny_model.model.layers[0].self_attn
             seen = {}
@@ -147,7 +148,7 @@ def test_ragged_decode_matches_float64_attention_over_the_kept_slots(tiny_model)
             from kvcompress import hf
             hf.ops.attention, saved = spy, hf.ops.attention
             try:
-                tiny_model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), past_key_values=cache)
+                tiny_model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), **cache_kwargs(tiny_model, cache))
             finally:
                 hf.ops.attention = saved
                 hook.remove()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kvcompress as kvc
+from kvcompress.compat import cache_kwargs
 from kvcompress.methods import H2O, TOVA, VATP, AdaKV, Knorm, PyramidKV, SnapKV, StreamingLLM
 from kvcompress.tasks import passkey_prompt
 from kvcompress.testing import (PasskeyResult, assert_fidelity, assert_passkey, fidelity, fidelity_reference,
@@ -93,7 +94,7 @@ def test_memory_scales_with_budget(default_model, passkeys):
         with kvc.compress(model, SnapKV(budget=budget)) as session:
             with torch.no_grad():
                 cache = session.new_cache()
-                model(ids, past_key_values=cache)
+                model(ids, **cache_kwargs(model, cache))
         total = sum(t.untyped_storage().nbytes() for layer in cache.layers for t in layer.tensors())
         assert cache.memory_bytes() == total
         assert all(layer.n == budget for layer in cache.layers)
@@ -159,7 +160,7 @@ def test_multi_turn_generate_continues_the_cache(default_model):
                          return_tensors="pt", add_special_tokens=False)["input_ids"]
             ids2 = torch.cat([out1, follow], dim=1)
             enc2 = {"input_ids": ids2, "attention_mask": torch.ones_like(ids2)}
-            out2 = _greedy(model, enc2, 8, past_key_values=session.cache)
+            out2 = _greedy(model, enc2, 8, **cache_kwargs(model, session.cache))
             cache = session.cache
         assert cache.get_seq_length() == ids2.shape[1] + 7
         if method.budget == 512:

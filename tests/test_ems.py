@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import kvcompress as kvc
+from kvcompress.compat import cache_kwargs
 from kvcompress.methods import EMS
 
 # uniform head budgets: the per-head checks below expect every head to keep the same count
@@ -26,7 +27,7 @@ def _prefill(model, method, ids):
     with kvc.compress(model, method) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            out = model(ids, past_key_values=cache)
+            out = model(ids, **cache_kwargs(model, cache))
     return cache, out
 
 

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import kvcompress as kvc
+from kvcompress.compat import cache_kwargs
 from kvcompress.methods import H2O, TOVA, VATP, Knorm, PyramidKV, SnapKV, StreamingLLM
 
 from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
@@ -41,7 +42,7 @@ def _compressed_prefill(model, method, ids, mask=None):
     with kvc.compress(model, method) as session:
         cache = session.new_cache()
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache)
+            model(ids, attention_mask=mask, **cache_kwargs(model, cache))
     return cache
 
 
@@ -151,7 +152,7 @@ def test_multi_turn_continues_from_the_same_cache(tiny_model):
         out1 = _generate(tiny_model, first, n=6)
         cache = session.cache
         second = torch.cat([out1, _prompt(length=9, seed=6)], dim=1)
-        out2 = _generate(tiny_model, second, past_key_values=cache, n=6)
+        out2 = _generate(tiny_model, second, **cache_kwargs(tiny_model, cache), n=6)
         assert session.cache is cache
     assert cache.get_seq_length() == second.shape[1] + 5
     assert torch.equal(out2, _generate(tiny_model, second, n=6))
@@ -159,7 +160,7 @@ def test_multi_turn_continues_from_the_same_cache(tiny_model):
     with kvc.compress(tiny_model, SnapKV(budget=16)) as session:
         out1 = _generate(tiny_model, first, n=6)
         second = torch.cat([out1, _prompt(length=30, seed=6)], dim=1)
-        _generate(tiny_model, second, past_key_values=session.cache, n=6)
+        _generate(tiny_model, second, **cache_kwargs(tiny_model, session.cache), n=6)
         assert all(layer.n == 16 + 5 for layer in session.cache.layers)
         assert session.cache.get_seq_length() == second.shape[1] + 5
 
@@ -227,14 +228,14 @@ def test_passed_cache_is_used_and_exposed(tiny_model):
     ids = _prompt(length=20)
     cache = kvc.KVCache(SnapKV(budget=10))
     with kvc.compress(tiny_model, Knorm(budget=5)) as session:
-        _generate(tiny_model, ids, past_key_values=cache, n=3)
+        _generate(tiny_model, ids, **cache_kwargs(tiny_model, cache), n=3)
     assert session.cache is cache and cache.layers[0].n == 10 + 2
 
 
 def test_query_free_method_works_without_kvcompress_attention(tiny_model):
     ids = _prompt(length=30)
     cache = kvc.KVCache(StreamingLLM(budget=12, interval=4))
-    _generate(tiny_model, ids, past_key_values=cache, n=10)
+    _generate(tiny_model, ids, **cache_kwargs(tiny_model, cache), n=10)
     assert all(layer.n <= 16 for layer in cache.layers)
     assert cache.get_seq_length() == 39
 
@@ -242,7 +243,7 @@ def test_query_free_method_works_without_kvcompress_attention(tiny_model):
 def test_query_method_without_kvcompress_attention_says_how_to_fix(tiny_model):
     ids = _prompt(length=30)
     with pytest.raises(kvc.KVCompressError, match="kvcompress.compress"):
-        _generate(tiny_model, ids, past_key_values=kvc.KVCache(SnapKV(budget=12)), n=3)
+        _generate(tiny_model, ids, **cache_kwargs(tiny_model, kvc.KVCache(SnapKV(budget=12))), n=3)
 
 
 def test_plain_forward_without_cache_under_session_matches_sdpa(tiny_model):
@@ -253,7 +254,7 @@ def test_plain_forward_without_cache_under_session_matches_sdpa(tiny_model):
         ref = tiny_model(ids, attention_mask=mask, use_cache=False).logits
         with kvc.compress(tiny_model, SnapKV(budget=8)):
             out = tiny_model(ids, attention_mask=mask, use_cache=False).logits
-            dyn = tiny_model(ids, attention_mask=mask, past_key_values=DynamicCache()).logits
+            dyn = tiny_model(ids, attention_mask=mask, **cache_kwargs(tiny_model, DynamicCache())).logits
     torch.testing.assert_close(out[0, 5:], ref[0, 5:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1], ref[1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dyn[1], ref[1], rtol=1e-4, atol=1e-4)
