@@ -1,16 +1,21 @@
 """The compressed KV cache that plain ``model.generate()`` uses.
 
-``KVCache`` is a transformers ``Cache``. Each layer holds its slots in a
-``[B, H, capacity, D]`` buffer pair of which the first ``n`` slots are live;
-appends write into the slack and only a full buffer is reallocated, so a
-decode step does not copy the whole layer. After compression a layer holds
-exactly what was kept: the bytes reported are the bytes allocated.
+``KVCache`` is a transformers ``Cache`` made of ``CompressedLayer`` objects.
+A layer keeps its slots in a store (``kvcompress.stores``: uniform
+``[B, H, n, D]`` until a head-wise method gives heads different lengths, then
+ragged ``[Σ n_h, D]``), decides with the method when to compress, and routes
+attention to the store. The bytes reported are the bytes the tensors occupy.
 
 Two lengths matter and are kept apart:
 
 * ``seen`` (logical): tokens the layer has processed. ``get_seq_length()``
   reports it so RoPE positions stay right after eviction.
 * ``n`` (physical): slots held. ``get_mask_sizes()`` reports it.
+
+Batch rows are independent: left padding is recorded per row (``kv_start``),
+a row whose real tokens fit its target is never compressed, and rows that
+keep fewer slots than others in a uniform layer are filled at the front with
+masked filler slots, so each row generates what it would alone.
 """
 
 from __future__ import annotations
@@ -21,10 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import ops
 from .errors import KVCompressError
 from .methods.base import LayerView, Method
-from .ragged import RaggedStore
+from .stores import AttentionSpec, RaggedStore, UniformStore
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -50,12 +54,6 @@ def take_pending(layer_idx: int, keys) -> "KVCache | None":
     return entry[0]
 
 
-def _own(t: torch.Tensor) -> torch.Tensor:
-    if t.untyped_storage().nbytes() > t.numel() * t.element_size():
-        return t.contiguous() if not t.is_contiguous() else t.clone()
-    return t
-
-
 def _storage_bytes(t: torch.Tensor | None) -> tuple[int, int]:
     if t is None:
         return 0, 0
@@ -63,49 +61,117 @@ def _storage_bytes(t: torch.Tensor | None) -> tuple[int, int]:
     return storage.data_ptr(), storage.nbytes()
 
 
+def _fill_front(rows: list[torch.Tensor], H: int, device) -> tuple[torch.Tensor, list[int]]:
+    """Stack per-row index sets ``[H, k_b]`` into ``[B, H, K]`` with
+    ``K - k_b`` filler slots (index 0) in front; return them and the filler
+    counts (the rows' new leading masked slots)."""
+    K = max(int(r.shape[1]) for r in rows)
+    out, fill = [], []
+    for r in rows:
+        pad = K - int(r.shape[1])
+        fill.append(pad)
+        out.append(torch.cat([torch.zeros((H, pad), dtype=torch.int64, device=device), r.to(device)], 1))
+    return torch.stack(out), fill
+
+
 class CompressedLayer(CacheLayerMixin):
-    """One layer of a ``KVCache`` (uniform storage: same slot count per head).
+    """One layer of a ``KVCache``.
 
     Attributes
     ----------
-    keys, values : torch.Tensor
-        ``[B, H, n, D]`` views of the live slots.
+    store : kvcompress.stores.LayerStore
+        Holds the slots and attends over them.
     kv_start : torch.Tensor
-        ``[B]`` int64 leading padded slots per row (left padding).
+        ``[B]`` int64 leading masked slots per row of a uniform store (left
+        padding, or filler for rows that keep fewer slots).
     seen : int
-        Logical number of tokens processed.
-    budget : int or None
-        Slot target kept during decoding (decode-policy methods).
-    state : dict
-        Per-slot method state, ``name -> [B, H, n]`` float32.
-    positions : torch.Tensor
-        ``[B, H, n]`` int32 token index (in the logical sequence) of each slot.
+        Logical number of tokens processed (padding included).
+    window : int or None
+        Sliding window the model's attention uses on this layer.
+    head_budgets : torch.Tensor or None
+        ``[B, H]`` int64 decode-time slots per head of a per-head layer.
+    recent_q : torch.Tensor or None
+        ``[B, Hq, <= method.held_queries(), D]`` latest queries, for
+        decode-time re-scoring.
     """
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, layer_idx: int, interval: int = 0):
+    def __init__(self, layer_idx: int, method: Method, num_layers: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
-        # decode-policy slack: a layer never holds more than budget + interval
-        self._interval = interval
-        self._kbuf: torch.Tensor | None = None
-        self._vbuf: torch.Tensor | None = None
-        self.n = 0
+        self.method = method
+        self.num_layers = num_layers
+        self.store = UniformStore()
         self.seen = 0
         self.kv_start: torch.Tensor | None = None
-        self.budget: int | None = None
-        self.state: dict[str, torch.Tensor] = {}
-        self.positions: torch.Tensor | None = None
+        self._start: list[int] = []  # kv_start on the host
+        self._pad: list[int] = []  # left padding of each row's first chunk (host)
+        self.window: int | None = None
         self.last_chunk = 0
-        # per-head storage once a head-wise method has compressed the layer
-        self.ragged: RaggedStore | None = None
-        # merging methods with a decode interval: slots each head keeps
-        # ([B, H] int64) and the latest queries ([B, Hq, <= window, D]) that
-        # score the slots at the next re-compression
         self.head_budgets: torch.Tensor | None = None
         self.recent_q: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
+                f"store={self.store!r})")
+
+    # ------------------------------------------------------------ views
+    @property
+    def ragged(self) -> RaggedStore | None:
+        """The per-head store, or None while the layer is uniform."""
+        return self.store if isinstance(self.store, RaggedStore) else None
+
+    @property
+    def keys(self):
+        return self.store.keys if isinstance(self.store, UniformStore) and self.store.batch else None
+
+    @keys.setter
+    def keys(self, value):  # CacheLayerMixin.__init__ assigns it
+        pass
+
+    @property
+    def values(self):
+        return self.store.values if isinstance(self.store, UniformStore) and self.store.batch else None
+
+    @values.setter
+    def values(self, value):
+        pass
+
+    @property
+    def positions(self):
+        """``[B, H, n]`` int32 token index of each slot (uniform store)."""
+        return self.store.column("positions") if isinstance(self.store, UniformStore) else None
+
+    @property
+    def state(self) -> dict:
+        """Per-slot method state ``name -> [B, H, n]`` (uniform store)."""
+        if not isinstance(self.store, UniformStore) or not self.store.batch:
+            return {}
+        return {k: v for k, v in self.store.columns.items() if k != "positions"}
+
+    @property
+    def n(self) -> int:
+        """Slots held by the longest head."""
+        if isinstance(self.store, UniformStore):
+            return self.store.n
+        return self.store.max_length()
+
+    @property
+    def capacity(self) -> int:
+        return self.store.capacity
+
+    @property
+    def batch_size(self) -> int:
+        return self.store.batch
+
+    def head_lengths(self) -> list[int]:
+        return self.store.head_lengths()
+
+    def tensors(self) -> list[torch.Tensor]:
+        extra = [t for t in (self.kv_start, self.head_budgets, self.recent_q) if t is not None]
+        return self.store.tensors() + extra
 
     # ------------------------------------------------------------ HF protocol
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -115,12 +181,15 @@ class CompressedLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.append(key_states, value_states)
-        if self.ragged is not None:
-            # Only the "kvcompress" attention reads a ragged layer (from
-            # self.ragged); hand back the chunk so nothing else is copied.
-            return key_states, value_states
-        return self.keys, self.values
+        q = int(key_states.shape[2])
+        self.store.append(key_states, value_states, self.seen)
+        self.seen += q
+        self.last_chunk = q
+        if isinstance(self.store, UniformStore):
+            return self.store.keys, self.store.values
+        # Only the "kvcompress" attention reads a per-head layer (through
+        # the store); hand back the chunk so nothing else is copied.
+        return key_states, value_states
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -137,7 +206,7 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.__init__(self.layer_idx, self._interval)
+        self.__init__(self.layer_idx, self.method, self.num_layers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._index_batch(beam_idx)
@@ -146,9 +215,9 @@ class CompressedLayer(CacheLayerMixin):
         self._index_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._kbuf is None:
+        if not self.store.batch:
             return
-        idx = torch.arange(self._kbuf.shape[0], device=self._kbuf.device).repeat_interleave(repeats)
+        idx = torch.arange(self.store.batch).repeat_interleave(repeats)
         self._index_batch(idx)
 
     def crop(self, max_length: int) -> None:
@@ -160,166 +229,311 @@ class CompressedLayer(CacheLayerMixin):
     def prefetch(self):
         raise NotImplementedError("kvcompress.KVCache does not support offloading")
 
-    # --------------------------------------------------------------- storage
-    @property
-    def capacity(self) -> int:
-        if self.ragged is not None:
-            return int(self.ragged.caps.max()) if self.ragged.caps.numel() else 0
-        return 0 if self._kbuf is None else int(self._kbuf.shape[2])
-
-    @property
-    def batch_size(self) -> int:
-        return self.ragged.batch if self.ragged is not None else int(self.keys.shape[0])
-
-    def _set_views(self) -> None:
-        self.keys = self._kbuf[:, :, : self.n]
-        self.values = self._vbuf[:, :, : self.n]
-
     def _index_batch(self, idx: torch.Tensor) -> None:
-        if self.ragged is not None:
-            raise NotImplementedError("beam search / batch reordering is not supported on a layer with "
-                                      "per-head lengths (head-wise methods such as AdaKV)")
-        if self._kbuf is None:
+        """Rows ``idx`` of the batch in that order (beam search, batch selection)."""
+        if not self.store.batch:
             return
-        idx = idx.to(self._kbuf.device)
-        self._kbuf = self._kbuf.index_select(0, idx)
-        self._vbuf = self._vbuf.index_select(0, idx)
-        self.kv_start = self.kv_start.index_select(0, idx)
-        self.positions = self.positions.index_select(0, idx)
-        self.state = {k: v.index_select(0, idx) for k, v in self.state.items()}
+        host = idx.detach().to("cpu", torch.int64)
+        self.store.index_batch(idx)
+        dev = self.kv_start.device if self.kv_start is not None else idx.device
+        if self.kv_start is not None:
+            self.kv_start = self.kv_start.index_select(0, host.to(dev))
+        self._start = [self._start[i] for i in host.tolist()] if self._start else []
+        self._pad = [self._pad[i] for i in host.tolist()] if self._pad else []
         if self.head_budgets is not None:
-            self.head_budgets = self.head_budgets.index_select(0, idx)
-            self.recent_q = self.recent_q.index_select(0, idx.to(self.recent_q.device))
-        self._set_views()
+            self.head_budgets = self.head_budgets.index_select(0, host.to(self.head_budgets.device))
+        if self.recent_q is not None:
+            self.recent_q = self.recent_q.index_select(0, host.to(self.recent_q.device))
 
-    def _grow(self, need: int) -> None:
-        """Reallocate to hold ``need`` slots, with slack for later appends."""
-        new_cap = need + max(32, self.capacity // 16)
-        if self.budget is not None and need <= self.budget + self._interval:
-            # A decode policy never lets the layer outgrow this: memory stays flat.
-            new_cap = min(new_cap, self.budget + self._interval)
-        B, H, _, D = self._kbuf.shape
-        kbuf = self._kbuf.new_empty((B, H, new_cap, D))
-        vbuf = self._vbuf.new_empty((B, H, new_cap, self._vbuf.shape[3]))
-        kbuf[:, :, : self.n] = self._kbuf[:, :, : self.n]
-        vbuf[:, :, : self.n] = self._vbuf[:, :, : self.n]
-        self._kbuf, self._vbuf = kbuf, vbuf
+    # -------------------------------------------------------------- padding
+    def set_padding(self, padding_mask, q: int, four_d=None) -> torch.Tensor:
+        """Record the left padding of a new chunk; return ``kv_start`` ``[B]``.
 
-    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        q = int(key_states.shape[2])
-        self.last_chunk = q
-        if self.ragged is not None:
-            self.ragged.append(key_states, value_states, self.seen)
-            self.seen += q
-            self.n = int(self.ragged.lengths.max())
-            return
-        if self._kbuf is None:
-            # First chunk: keep the projection output as is (no copy) unless it
-            # is a view into a larger buffer (fused QKV projections), so the
-            # bytes held are the bytes reported.
-            self._kbuf, self._vbuf = _own(key_states), _own(value_states)
-            self.n = q
-        else:
-            if key_states.shape[0] != self._kbuf.shape[0] or key_states.shape[1] != self._kbuf.shape[1]:
-                raise ValueError(
-                    f"key_states: expected batch {self._kbuf.shape[0]} and {self._kbuf.shape[1]} kv "
-                    f"heads as earlier updates of layer {self.layer_idx}, got {tuple(key_states.shape)}"
-                )
-            if self.n + q > self.capacity:
-                self._grow(self.n + q)
-            self._kbuf[:, :, self.n : self.n + q] = key_states
-            self._vbuf[:, :, self.n : self.n + q] = value_states
-            self.n += q
-        for name, t in self.state.items():
-            self.state[name] = torch.cat([t, t.new_zeros(t.shape[:2] + (q,))], dim=2)
-        new_pos = torch.arange(self.seen, self.seen + q, dtype=torch.int32, device=key_states.device)
-        new_pos = new_pos.expand(key_states.shape[0], key_states.shape[1], q)
-        self.positions = new_pos.clone() if self.positions is None else torch.cat([self.positions, new_pos], 2)
-        self.seen += q
-        self._set_views()
-
-    def keep(self, indices: torch.Tensor, ragged: bool = False) -> None:
-        """Keep only the slots ``indices`` ``[B, H, k]`` (ascending) of every head.
-
-        With ``ragged`` (head-wise methods: ``-1`` pads heads that keep fewer)
-        the layer moves to per-head storage: each head then holds exactly its
-        own slots, pads of left-padded rows dropped.
+        ``padding_mask`` is the 2-D bool mask ``[B, seen]`` generate() passes
+        (True = real token) or None; ``four_d`` a 4-D mask ``[B, 1, q, n]``
+        (bool or additive) from which the padding of a first chunk is read.
         """
-        if ragged:
-            self._become_ragged(RaggedStore.from_selection(self.keys, self.values, self.positions, indices,
-                                                           self.kv_start))
+        B = self.store.batch
+        device = self.store.tensors()[0].device
+        first = self.kv_start is None
+        if four_d is not None and first:
+            allowed = four_d if four_d.dtype == torch.bool else four_d == 0
+            seen_by_any = allowed[:, 0].any(dim=1)  # [B, n]
+            pad = (torch.cumprod((~seen_by_any).to(torch.int64), dim=1)).sum(dim=1)
+            self._set_start(pad.to(device=device, dtype=torch.int64))
+            return self.kv_start
+        if padding_mask is None:
+            if first:
+                self._set_start(torch.zeros(B, dtype=torch.int64, device=device))
+            return self.kv_start
+        if padding_mask.ndim != 2 or padding_mask.shape[0] != B or padding_mask.shape[1] < q:
+            raise ValueError(
+                f"attention_mask: expected a 2-D mask [batch={B}, tokens>={q}], got shape "
+                f"{tuple(padding_mask.shape)}"
+            )
+        chunk = padding_mask[:, -q:].to(device=device, dtype=torch.bool)
+        if first:
+            pad = (~chunk).sum(dim=1)
+            expected = torch.arange(q, device=device)[None, :] >= pad[:, None]
+            if not torch.equal(chunk, expected):
+                raise ValueError(
+                    "attention_mask: kvcompress supports left padding only "
+                    "(set tokenizer.padding_side = 'left')"
+                )
+            self._set_start(pad.to(torch.int64))
+        elif not bool(chunk.all()):
+            raise ValueError(
+                "attention_mask: a continuation chunk must not contain padding "
+                "(pad only the first prompt, on the left)"
+            )
+        return self.kv_start
+
+    def _set_start(self, pad: torch.Tensor) -> None:
+        self.kv_start = pad
+        self._start = [int(x) for x in pad.tolist()]
+        self._pad = list(self._start)
+
+    def _update_start(self, starts: list[int]) -> None:
+        self._start = list(starts)
+        self.kv_start = torch.tensor(starts, dtype=torch.int64, device=self.kv_start.device)
+
+    # ------------------------------------------------------------ attention
+    def attend(self, query, spec: AttentionSpec):
+        """Attention of ``query`` ``[B, Hq, q, D]`` over the held slots."""
+        q = int(query.shape[2])
+        query_pos = None
+        if spec.window is not None:
+            query_pos = torch.arange(self.seen - q, self.seen, device=query.device)[None].expand(query.shape[0], q)
+        kv_start = self.kv_start if isinstance(self.store, UniformStore) else None
+        return self.store.attend(query, spec, kv_start=kv_start, query_pos=query_pos)
+
+    # ---------------------------------------------------------- compression
+    def _view(self, queries, scaling: float, phase: str) -> LayerView:
+        return LayerView(
+            layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1), queries=queries,
+            keys=self.store.keys, values=self.store.values, kv_start=self.kv_start, scaling=scaling,
+            state=self.state, phase=phase,
+        )
+
+    def _targets(self) -> list[int]:
+        """Slots each batch row may keep (its real tokens seen so far)."""
+        L = self.num_layers or (self.layer_idx + 1)
+        return [self.method.row_target(self.layer_idx, L, self.seen - p) for p in self._pad]
+
+    def _held(self) -> list[int]:
+        """Real slots each batch row holds (the most over its heads)."""
+        if isinstance(self.store, UniformStore):
+            return [self.store.n - s for s in self._start]
+        lengths = self.store.head_lengths()
+        H = self.store.heads
+        return [max(lengths[b * H : (b + 1) * H]) for b in range(self.store.batch)]
+
+    def after_attention(self, queries, scaling: float) -> None:
+        """Compress once the layer's attention has run on ``queries``
+        ``[B, Hq, q, D]`` (None for attention functions that are not ours)."""
+        method = self.method
+        phase = "prefill" if self.last_chunk > 1 else "decode"
+        uniform = isinstance(self.store, UniformStore)
+        if uniform:
+            for name in method.slot_state:
+                self.store.add_column(name)
+            if method.slot_state:
+                method.observe(self._view(queries, scaling, phase))
+        if uniform and method.budget is not None:
+            # decoding never needs more than the budget plus the slack
+            L = self.num_layers or (self.layer_idx + 1)
+            self.store.limit = method.row_target(self.layer_idx, L, 1 << 40) + method.interval
+        held_q = method.held_queries() if method.interval else 0
+        if held_q and queries is not None:
+            recent = queries if self.recent_q is None or phase == "prefill" else torch.cat([self.recent_q, queries], 2)
+            # a copy: a slice would keep the whole chunk's queries alive
+            self.recent_q = recent[:, :, -held_q:].clone(memory_format=torch.contiguous_format)
+        if self.window is not None:
+            self._slide()
             return
-        k_new, v_new = ops.gather(self.keys, self.values, indices)
-        pad = (indices[:, 0, :] < self.kv_start[:, None]).sum(dim=1)
-        self.state = {name: t.gather(2, indices) for name, t in self.state.items()}
-        self.positions = self.positions.gather(2, indices)
-        self._kbuf, self._vbuf = k_new, v_new
-        self.n = int(indices.shape[2])
-        self.kv_start = pad.to(torch.int64)
-        self._set_views()
+        targets = self._targets()
+        held = self._held()
+        if not uniform:
+            # per-head layers keep each head's share; a prefill chunk
+            # (multi-turn) re-compresses at once, decoding every interval
+            if self.head_budgets is None:
+                return
+            if self._heads_over(method.interval if phase == "decode" else 1):
+                self._recompress_heads(scaling)
+            return
+        if phase == "decode":
+            if not method.interval:
+                return
+            if all(h <= t + method.interval - 1 for h, t in zip(held, targets)):
+                return
+        rows = [b for b, (h, t) in enumerate(zip(held, targets)) if h > t]
+        if not rows:
+            return
+        view = self._view(queries if phase == "prefill" else self.recent_q, scaling, phase)
+        if method.merges:
+            if phase == "prefill":
+                self._compact(view, rows, targets)
+            else:
+                self._to_ragged(targets)
+                self._recompress_heads(scaling)
+        else:
+            self._select(view, rows, targets)
 
-    def keep_merged(self, centers: torch.Tensor, merged, carried=None, slack: int = 0) -> None:
-        """Replace the layer by merged slots: ``centers`` ``[B, H, C]`` (-1
-        padded) are the kept slots, ``merged`` an ``ops.EvictMergeResult``
-        holding their merged keys, values and counts, ``carried`` optional
-        ``[B, H, C]`` scores kept for a later re-compression; each head gets
-        ``slack`` free rows for appends."""
-        positions = self.positions.gather(2, centers.clamp_min(0))
-        self._become_ragged(RaggedStore.from_dense(merged.keys, merged.values, positions, centers >= 0,
-                                                   counts=merged.counts, scores=carried, slack=slack))
+    def _slide(self) -> None:
+        """A sliding-window layer keeps its most recent ``min(window - 1,
+        target)`` slots: the window is all its attention can see, and the
+        method's target shrinks it further (recent tokens only: a local layer
+        is a StreamingLLM layer without sinks)."""
+        keep = min(self.window - 1, max(self._targets(), default=self.window - 1))
+        drop = self.store.n - max(keep, 1)
+        if drop > 0:
+            self.store.drop_front(drop)
+            self._update_start([max(0, s - drop) for s in self._start])
 
-    def to_ragged(self) -> None:
-        """Move every valid slot to per-head storage (left padding dropped)."""
-        B, H, n = self.keys.shape[:3]
-        valid = (torch.arange(n, device=self.keys.device)[None, None, :] >= self.kv_start[:, None, None])
-        valid = valid.expand(B, H, n)
-        ones = torch.ones(valid.shape, device=self.keys.device)
-        self._become_ragged(RaggedStore.from_dense(self.keys, self.values, self.positions, valid, counts=ones,
-                                                   scores=ones * float("nan")))
+    def _select(self, view: LayerView, rows: list[int], targets: list[int]) -> None:
+        """Evicting methods: rows in ``rows`` keep ``method.select``'s slots,
+        the others every real slot."""
+        B, H, n = (int(x) for x in view.keys.shape[:3])
+        device = view.keys.device
+        picked: dict[int, torch.Tensor] = {}
+        for t in sorted({targets[b] for b in rows}):
+            group = [b for b in rows if targets[b] == t]
+            idx = self.method.select(view.rows(torch.tensor(group, device=device)), t)
+            for i, b in enumerate(group):
+                picked[b] = idx[i]
+        per_row = []
+        for b in range(B):
+            if b in picked:
+                per_row.append(picked[b])
+            else:
+                per_row.append(torch.arange(self._start[b], n, device=device).expand(H, -1))
+        if self.method.headwise:
+            K = max(int(r.shape[1]) for r in per_row)
+            full = torch.full((B, H, K), -1, dtype=torch.int64, device=device)
+            for b, r in enumerate(per_row):
+                full[b, :, : r.shape[1]] = r
+            start = self.kv_start
+            positions = self.store.column("positions")
+            store = RaggedStore.from_selection(view.keys, view.values, positions, full, start)
+            self._become_ragged(store, targets, picked)
+            return
+        indices, fill = _fill_front(per_row, H, device)
+        self.store.keep(indices)
+        self._update_start(fill)
 
-    def recompress(self, method, scaling: float) -> None:
-        """Re-compress a per-head layer to ``head_budgets`` slots per head:
-        ``method.recompact`` scores every held slot with the recent queries
-        and the carried scores, then evicts/merges (merging methods)."""
-        store = self.ragged
-        B, H = store.batch, store.heads
-        keys, values, pos, counts, carried, start = store.to_padded()
-        budgets = torch.minimum(self.head_budgets.reshape(-1), store.lengths)[:, None]
-        q = self.recent_q
-        group = q.shape[1] // H
-        queries = q.reshape(B * H, group, q.shape[2], q.shape[3])
-        centers, merged, new_carried = method.recompact(queries, keys, values, counts, carried, start,
-                                                        budgets, scaling)
-        C = int(centers.shape[2])
-        positions = pos[:, None].gather(2, centers.clamp_min(0))
-        shape = (B, H, C)
-        self._become_ragged(RaggedStore.from_dense(
-            merged.keys.reshape(B, H, C, -1), merged.values.reshape(B, H, C, -1), positions.reshape(shape),
-            (centers >= 0).reshape(shape), counts=merged.counts.reshape(shape),
-            scores=new_carried.reshape(shape), slack=method.interval,
-        ))
+    def _compact(self, view: LayerView, rows: list[int], targets: list[int]) -> None:
+        """Merging methods at prefill: compressed rows get ``method.compact``'s
+        merged slots, the others every real slot (count 1, not scored yet)."""
+        B, H, n = (int(x) for x in view.keys.shape[:3])
+        device = view.keys.device
+        positions = self.store.column("positions")
+        parts: dict[int, tuple] = {}
+        for t in sorted({targets[b] for b in rows}):
+            group = [b for b in rows if targets[b] == t]
+            gidx = torch.tensor(group, device=device)
+            centers, merged, carried = self.method.compact(view.rows(gidx), t)
+            pos = positions.index_select(0, gidx).gather(2, centers.clamp_min(0))
+            for i, b in enumerate(group):
+                parts[b] = (merged.keys[i], merged.values[i], pos[i], centers[i] >= 0, merged.counts[i].float(),
+                            carried[i].float())
+        C = max([int(p[0].shape[1]) for p in parts.values()] + [n - self._start[b] for b in range(B) if b not in parts])
+        D, Dv = int(view.keys.shape[3]), int(view.values.shape[3])
+        keys = view.keys.new_zeros((B, H, C, D))
+        values = view.values.new_zeros((B, H, C, Dv))
+        pos = positions.new_zeros((B, H, C))
+        valid = torch.zeros((B, H, C), dtype=torch.bool, device=device)
+        counts = torch.ones((B, H, C), device=device)
+        carried = torch.full((B, H, C), float("nan"), device=device)
+        for b in range(B):
+            if b in parts:
+                k, v, p, ok, c, s = parts[b]
+                m = int(k.shape[1])
+                keys[b, :, :m], values[b, :, :m], pos[b, :, :m], valid[b, :, :m] = k, v, p, ok
+                counts[b, :, :m], carried[b, :, :m] = c, s
+            else:
+                m = n - self._start[b]
+                keys[b, :, :m] = view.keys[b, :, self._start[b]:]
+                values[b, :, :m] = view.values[b, :, self._start[b]:]
+                pos[b, :, :m] = positions[b, :, self._start[b]:]
+                valid[b, :, :m] = True
+        interval = self.method.interval
+        store = RaggedStore.from_dense(keys, values, pos, valid, counts=counts,
+                                       scores=carried if interval else None, slack=interval)
+        self._become_ragged(store, targets, parts)
 
-    def _become_ragged(self, store: RaggedStore) -> None:
+    def _become_ragged(self, store: RaggedStore, targets: list[int], compressed) -> None:
+        """Switch to per-head storage. Compressed rows keep the share each head
+        got as their decode budget; rows kept whole may grow to their target."""
         if self.state:
             raise NotImplementedError("per-slot method state on per-head storage")
-        self.ragged = store
-        self._kbuf = self._vbuf = self.keys = self.values = self.positions = None
-        self.kv_start = torch.zeros_like(self.kv_start)
-        self.n = int(store.lengths.max()) if store.lengths.numel() else 0
+        B, H = store.batch, store.heads
+        lengths = torch.tensor(store.head_lengths(), dtype=torch.int64).view(B, H)
+        for b in range(B):
+            if b not in compressed:
+                lengths[b] = max(targets[b], int(lengths[b].max()))
+        self.store = store
+        # without a decode interval the layer is compressed once, at prefill
+        self.head_budgets = lengths.to(store.k.device) if self.method.interval else None
+        self._update_start([0] * B)
 
-    # ------------------------------------------------------------ accounting
-    def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.head_budgets, self.recent_q) if t is not None]
-        if self.ragged is not None:
-            return self.ragged.tensors() + [self.kv_start] + extra
-        out = [self._kbuf, self._vbuf, self.kv_start, self.positions, *self.state.values(), *extra]
-        return [t for t in out if t is not None]
+    def _to_ragged(self, targets: list[int]) -> None:
+        """Move every real slot of a uniform layer to per-head storage."""
+        keys, values = self.store.keys, self.store.values
+        B, H, n = (int(x) for x in keys.shape[:3])
+        valid = (torch.arange(n, device=keys.device)[None, None, :] >= self.kv_start[:, None, None]).expand(B, H, n)
+        ones = torch.ones(valid.shape, device=keys.device)
+        store = RaggedStore.from_dense(keys, values, self.store.column("positions"), valid,
+                                       counts=ones if self.method.merges else None,
+                                       scores=ones * float("nan") if self.method.merges else None)
+        self.store = store
+        self.head_budgets = torch.tensor(targets, dtype=torch.int64).repeat_interleave(H).view(B, H).to(keys.device)
+        self._update_start([0] * B)
 
-    def head_lengths(self) -> list[int]:
-        if self.ragged is not None:
-            return [int(x) for x in self.ragged.lengths.tolist()]
-        heads = 0 if self._kbuf is None else int(self._kbuf.shape[1])
-        return [self.n] * heads
+    def _heads_over(self, slack: int) -> bool:
+        lengths = torch.tensor(self.store.head_lengths(), dtype=torch.int64)
+        budgets = self.head_budgets.reshape(-1).cpu()
+        return bool((lengths - budgets >= slack).any())
+
+    def _recompress_heads(self, scaling: float) -> None:
+        """Re-compress a per-head layer to ``head_budgets`` slots per head, one
+        row per head: merging methods re-merge (``method.recompact``), the
+        others re-select with the latest queries and their state."""
+        store = self.store
+        B, H = store.batch, store.heads
+        keys, values, pos, counts, carried, start = store.to_padded()
+        lengths = torch.tensor(store.head_lengths(), dtype=torch.int64, device=keys.device)
+        budgets = torch.minimum(self.head_budgets.reshape(-1), lengths)[:, None]
+        q = self.recent_q
+        queries = None if q is None else q.reshape(B * H, q.shape[1] // H, q.shape[2], q.shape[3])
+        method = self.method
+        if method.merges:
+            centers, merged, new_carried = method.recompact(queries, keys, values, counts, carried, start,
+                                                            budgets, scaling)
+            C = int(centers.shape[2])
+            positions = pos[:, None].gather(2, centers.clamp_min(0))
+            shape = (B, H, C)
+            new = RaggedStore.from_dense(
+                merged.keys.reshape(B, H, C, -1), merged.values.reshape(B, H, C, -1), positions.reshape(shape),
+                (centers >= 0).reshape(shape), counts=merged.counts.reshape(shape),
+                scores=new_carried.reshape(shape), slack=method.interval,
+            )
+        else:
+            view = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
+                             queries=queries, keys=keys, values=values, kv_start=start, scaling=scaling, state={},
+                             phase="decode")
+            idx = method.select(view, budgets)
+            flat = RaggedStore.from_selection(keys, values, pos[:, None], idx, start)
+            new = RaggedStore.from_dense(*_unflatten(flat, B, H), slack=method.interval)
+        self.store = new
+
+
+def _unflatten(flat: RaggedStore, B: int, H: int):
+    """Dense ``[B, H, C, ·]`` tensors and validity of a per-head store built
+    one row per head (``batch = B * H``, one head each)."""
+    keys, values, pos, _, _, start = flat.to_padded()
+    M = int(keys.shape[2])
+    valid = torch.arange(M, device=keys.device)[None, :] >= start[:, None]
+    return (keys.reshape(B, H, M, -1), values.reshape(B, H, M, -1), pos.reshape(B, H, M), valid.reshape(B, H, M))
 
 
 @dataclass
@@ -327,7 +541,8 @@ class LayerStats:
     """Sizes of one cache layer.
 
     ``lengths`` holds the live slot count of each kv head, ``capacity`` the
-    allocated slots per head, ``bytes`` what the layer's tensors occupy.
+    allocated slots per head, ``bytes`` what the layer's tensors occupy,
+    ``full_bytes`` what transformers' own cache holds for it.
     """
 
     layer: int
@@ -335,11 +550,19 @@ class LayerStats:
     lengths: list[int]
     capacity: int
     bytes: int
+    store: str = "uniform"
+    window: int | None = None
+    full_bytes: int = 0
 
 
 @dataclass
 class CacheStats:
-    """Per-layer and total sizes of a ``KVCache``; ``str()`` is a table."""
+    """Per-layer and total sizes of a ``KVCache``; ``str()`` is a table.
+
+    ``full_bytes`` is what transformers' ``DynamicCache`` holds for the same
+    tokens once decoding has started: every token on a global layer, the
+    last ``window`` on a sliding-window layer.
+    """
 
     method: str
     layers: list[LayerStats] = field(default_factory=list)
@@ -357,14 +580,15 @@ class CacheStats:
     def __str__(self) -> str:
         rows = [
             f"KVCache stats — {self.method}",
-            "| layer | seen | slots per head | capacity | bytes |",
-            "|---:|---:|---|---:|---:|",
+            "| layer | seen | window | store | slots per head | capacity | bytes |",
+            "|---:|---:|---:|---|---|---:|---:|",
         ]
         for s in self.layers:
             heads = s.lengths if len(set(s.lengths)) > 1 else f"{s.lengths[0] if s.lengths else 0} x{len(s.lengths)}"
-            rows.append(f"| {s.layer} | {s.seen} | {heads} | {s.capacity} | {s.bytes:,} |")
+            win = "-" if s.window is None else s.window
+            rows.append(f"| {s.layer} | {s.seen} | {win} | {s.store} | {heads} | {s.capacity} | {s.bytes:,} |")
         rows.append(
-            f"total {self.total_bytes:,} bytes held vs {self.full_bytes:,} for the full cache "
+            f"total {self.total_bytes:,} bytes held vs {self.full_bytes:,} for transformers' full cache "
             f"({self.compression:.2f}x smaller)"
         )
         return "\n".join(rows)
@@ -386,7 +610,8 @@ class KVCache(Cache):
     after each layer's attention, because it needs that layer's queries; use
     ``kvcompress.compress(model, method)`` (or call ``kvcompress.enable(model)``
     once) so the model uses it. Query-free methods (``StreamingLLM``,
-    ``Knorm``) also work with other attention functions for unpadded batches.
+    ``Knorm``) also work with other attention functions for unpadded batches
+    of models without sliding-window layers.
     """
 
     def __init__(self, method: Method, *, num_layers: int | None = None):
@@ -416,7 +641,7 @@ class KVCache(Cache):
         if key_states.ndim != 4:
             raise ValueError(f"key_states: expected [B, H, q, D], got shape {tuple(key_states.shape)}")
         while len(self.layers) <= layer_idx:
-            self.layers.append(CompressedLayer(len(self.layers), getattr(self.method, "interval", 0)))
+            self.layers.append(CompressedLayer(len(self.layers), self.method, self.num_layers))
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states)
         self._awaiting = layer_idx
@@ -443,127 +668,42 @@ class KVCache(Cache):
         raise NotImplementedError(_NO_CROP)
 
     # ---------------------------------------------------------- compression
-    def after_attention(self, layer_idx: int, queries, scaling: float) -> None:
-        """Compress ``layer_idx`` once its attention has run (called by the
-        ``"kvcompress"`` attention function with the layer's queries
-        ``[B, Hq, q, D]``)."""
+    def attend(self, layer_idx: int, query, spec: AttentionSpec, padding_mask=None, four_d=None):
+        """Called by the ``"kvcompress"`` attention function: record padding,
+        attend over the layer's store, then let the layer compress with these
+        queries ``[B, Hq, q, D]``. Returns ``[B, q, Hq, D]``."""
         self._awaiting = None
         layer = self.layers[layer_idx]
-        method = self.method
-        if layer.head_budgets is not None:
-            self._keep_decode_budget(layer, queries, scaling)
-            return
-        if layer.ragged is not None:
-            # Per-head storage has no uniform view to score; without a decode
-            # interval a head-wise method compresses a layer once, at its
-            # first prefill.
-            return
-        n_chunk = layer.last_chunk
-        phase = "prefill" if n_chunk > 1 else "decode"
-        if phase == "decode" and not method.decode_policy:
-            return
-        view = LayerView(
-            layer_idx=layer_idx,
-            num_layers=self.num_layers or (layer_idx + 1),
-            queries=queries,
-            keys=layer.keys,
-            values=layer.values,
-            kv_start=layer.kv_start,
-            scaling=scaling,
-            state=layer.state,
-            phase=phase,
-        )
-        for name in method.slot_state:
-            if name not in layer.state:
-                layer.state[name] = torch.zeros(layer.keys.shape[:3], dtype=torch.float32, device=layer.keys.device)
-        method.init_state(view)
-        if phase == "prefill":
-            target = method.target_length(layer.n - n_chunk, n_chunk, layer_idx, view.num_layers)
-            if method.decode_policy:
-                layer.budget = target
-            interval = getattr(method, "interval", 0) if method.merges else 0
-            if layer.n > target:
-                if method.merges:
-                    centers, merged, carried = method.compact(view, target)
-                    layer.keep_merged(centers, merged, carried if interval else None, slack=interval)
-                else:
-                    layer.keep(method.select(view, target), ragged=method.headwise)
-            if interval:
-                B, H = int(view.keys.shape[0]), int(view.keys.shape[1])
-                if layer.ragged is not None:
-                    # adaptive heads keep the share the prefill gave them
-                    layer.head_budgets = layer.ragged.lengths.reshape(B, H).clone()
-                else:
-                    # a prompt that fitted keeps growing up to the method's budget
-                    keep = target if method.budget is None else max(target, method.budget)
-                    layer.head_budgets = torch.full((B, H), keep, dtype=torch.int64, device=queries.device)
-                layer.recent_q = queries[:, :, -method.held_queries():].clone()
-        elif layer.budget is not None and layer.n >= layer.budget + method.interval:
-            layer.keep(method.select(view, layer.budget))
-
-    def _keep_decode_budget(self, layer: CompressedLayer, queries, scaling: float) -> None:
-        """Merging methods with an ``interval``: once the heads hold
-        ``interval`` slots over their budget, re-compress the layer."""
-        method = self.method
-        layer.recent_q = torch.cat([layer.recent_q, queries], 2)[:, :, -method.held_queries():].contiguous()
-        if layer.ragged is None:
-            # the prompt fitted the budget: the layer is still uniform
-            if layer.n - int(layer.head_budgets.max()) < method.interval:
-                return
-            layer.to_ragged()
-        elif int((layer.ragged.lengths - layer.head_budgets.reshape(-1)).max()) < method.interval:
-            return
-        layer.recompress(method, scaling)
-
-    def set_padding(self, layer_idx: int, padding_mask, q: int) -> torch.Tensor:
-        """Record the left padding of a new chunk and return ``kv_start`` ``[B]``.
-
-        ``padding_mask`` is the 2-D bool mask ``[B, seen]`` generate() passes
-        (True = real token) or None.
-        """
-        layer = self.layers[layer_idx]
-        B = layer.batch_size
-        device = layer.kv_start.device if layer.kv_start is not None else layer.keys.device
-        first = layer.kv_start is None
-        if padding_mask is None:
-            if first:
-                layer.kv_start = torch.zeros(B, dtype=torch.int64, device=device)
-            return layer.kv_start
-        if padding_mask.ndim != 2 or padding_mask.shape[0] != B or padding_mask.shape[1] < q:
-            raise ValueError(
-                f"attention_mask: expected a 2-D mask [batch={B}, tokens>={q}], got shape "
-                f"{tuple(padding_mask.shape)}"
-            )
-        chunk = padding_mask[:, -q:].to(device=device, dtype=torch.bool)
-        if first:
-            pad = (~chunk).sum(dim=1)
-            expected = torch.arange(q, device=device)[None, :] >= pad[:, None]
-            if not torch.equal(chunk, expected):
-                raise ValueError(
-                    "attention_mask: kvcompress supports left padding only "
-                    "(set tokenizer.padding_side = 'left')"
+        if self.num_layers is not None:
+            layer.num_layers = self.num_layers
+        if spec.window is not None:
+            if layer.window is None and layer.seen > layer.last_chunk:
+                raise KVCompressError(
+                    f"sliding_window: layer {layer_idx} started without a window and now has one "
+                    f"({spec.window})"
                 )
-            layer.kv_start = pad.to(torch.int64)
-        elif not bool(chunk.all()):
-            raise ValueError(
-                "attention_mask: a continuation chunk must not contain padding "
-                "(pad only the first prompt, on the left)"
-            )
-        return layer.kv_start
+            layer.window = spec.window
+        elif layer.window is not None:
+            raise KVCompressError(f"sliding_window: layer {layer_idx} slides over {layer.window} tokens but this "
+                                  "call passed no window")
+        layer.set_padding(padding_mask, int(query.shape[2]), four_d=four_d)
+        out = layer.attend(query, spec)
+        layer.after_attention(query, spec.scaling)
+        return out
 
     def _finish_without_queries(self, layer_idx: int) -> None:
         """The model's attention is not ours: compress with keys/values only."""
         self._awaiting = None
         layer = self.layers[layer_idx]
         if layer.kv_start is None:
-            layer.kv_start = torch.zeros(layer.keys.shape[0], dtype=torch.int64, device=layer.keys.device)
+            layer.set_padding(None, layer.last_chunk)
         if self.method.needs_queries:
             raise KVCompressError(
                 f"{type(self.method).__name__} needs the layer's queries, which only the 'kvcompress' "
                 "attention function provides: run generation inside `with kvcompress.compress(model, "
                 "method):` or call `kvcompress.enable(model)` before passing a KVCache"
             )
-        self.after_attention(layer_idx, None, 1.0)
+        layer.after_attention(None, 1.0)
 
     # ------------------------------------------------------------ accounting
     def memory_bytes(self) -> int:
@@ -576,18 +716,24 @@ class KVCache(Cache):
         return sum(seen.values())
 
     def stats(self) -> CacheStats:
-        """Per-layer lengths and bytes, and the full cache's size for comparison."""
+        """Per-layer lengths and bytes, and what transformers' own cache holds."""
         out = CacheStats(method=self.method.describe())
         for layer in self.layers:
             nbytes = sum(_storage_bytes(t)[1] for t in layer.tensors())
-            out.layers.append(
-                LayerStats(layer.layer_idx, layer.seen, layer.head_lengths(), layer.capacity, nbytes)
-            )
-            if layer.ragged is not None:
-                r = layer.ragged
-                out.full_bytes += r.batch * r.heads * layer.seen * (r.k.shape[1] + r.v.shape[1]) * r.k.element_size()
-            elif layer._kbuf is not None:
-                B, H, _, D = layer._kbuf.shape
-                item = layer._kbuf.element_size()
-                out.full_bytes += B * H * layer.seen * (D + layer._vbuf.shape[3]) * item
+            full = self._full_bytes(layer)
+            out.layers.append(LayerStats(layer.layer_idx, layer.seen, layer.head_lengths(), layer.capacity, nbytes,
+                                         layer.store.kind, layer.window, full))
+            out.full_bytes += full
         return out
+
+    @staticmethod
+    def _full_bytes(layer: CompressedLayer) -> int:
+        store = layer.store
+        if not store.batch:
+            return 0
+        if isinstance(store, RaggedStore):
+            width, item = store.k.shape[1] + store.v.shape[1], store.k.element_size()
+        else:
+            width, item = store.keys.shape[3] + store.values.shape[3], store.keys.element_size()
+        tokens = layer.seen if layer.window is None else min(layer.seen, layer.window)
+        return store.batch * store.heads * tokens * width * item

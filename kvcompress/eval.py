@@ -60,7 +60,7 @@ class EvalConfig:
         if not self.methods:
             raise ValueError("methods: need at least one method")
         for m in self.methods:
-            method_from_spec(m, budget=1)  # unknown names and bad options fail here, not mid-run
+            method_from_spec(m, ratio=0.5)  # unknown names and bad options fail here, not mid-run
         for t in self.tasks:
             if t not in TASKS:
                 raise ValueError(f"tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
@@ -68,6 +68,9 @@ class EvalConfig:
             raise ValueError("tasks: need at least one task")
         if self.budgets is not None and any(b < 1 for b in self.budgets):
             raise ValueError(f"budgets: must be >= 1, got {self.budgets}")
+        for m in self.methods:
+            for b in self.budgets or ():
+                method_from_spec(m, budget=b)  # a budget below a method's sinks + window
         if self.ratios is not None and any(not 0 <= r < 1 for r in self.ratios):
             raise ValueError(f"ratios: must be in [0, 1), got {self.ratios}")
         if any(not 0 <= d <= 1 for d in self.depths):

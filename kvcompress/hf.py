@@ -2,23 +2,27 @@
 
 ``compress(model, method)`` switches the model to the ``"kvcompress"``
 attention function, makes ``generate()`` use a fresh ``KVCache`` unless one is
-passed, and undoes all of it on exit. The attention function runs SDPA over
-the slots the cache returns and then lets the cache compress the layer with
-the queries of that very call, before the next layer runs.
+passed, and undoes all of it on exit. The attention function reads what the
+model asks of its attention (sliding window, softcap, sink logits; anything
+else it cannot honour is refused by name), routes the call to the cache
+layer's store, and then lets the layer compress with the queries of that very
+call, before the next layer runs.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
-from . import ops
 from .cache import KVCache, take_pending
 from .compat import cache_kwargs, pop_cache
+from .errors import KVCompressError
 from .methods.base import Method
+from .stores import AttentionSpec
+from .stores.masked import build_mask, masked_attention
 
 ATTN_NAME = "kvcompress"
 _registry_lock = threading.Lock()
@@ -35,100 +39,101 @@ def _attention_mask_fn(*args, attention_mask=None, **kwargs):
     return attention_mask
 
 
-def _sdpa(query, key, value, scaling, kv_start=None, key_valid=None, dropout=0.0):
-    """SDPA over ``key``/``value`` ``[B, Hkv, n, D]`` for queries ``[B, Hq, q, D]``
-    sitting at the last ``q`` slots; masks slots before ``kv_start[b]`` (or
-    where ``key_valid`` ``[B, n]`` is False). Returns ``[B, q, Hq, D]``."""
-    B, Hq, q, _ = query.shape
-    n = key.shape[2]
-    gqa = Hq != key.shape[1]
-    padded = key_valid is not None or (kv_start is not None and bool(kv_start.any()))
-    mask = None
-    is_causal = False
-    if not padded:
-        if q == n and q > 1:
-            is_causal = True
-        elif q > 1:
-            i = torch.arange(q, device=query.device)[:, None] + (n - q)
-            mask = torch.arange(n, device=query.device)[None, :] <= i
-    else:
-        j = torch.arange(n, device=query.device)
-        pos = torch.arange(q, device=query.device) + (n - q)
-        causal = j[None, :] <= pos[:, None]
-        valid = key_valid if key_valid is not None else j[None, :] >= kv_start[:, None]
-        mask = causal[None] & valid[:, None, :]
-        # A padded query row would see no key at all (NaN rows poison the
-        # cache of later layers); let it see itself.
-        mask = mask | (j[None, :] == pos[:, None])[None]
-        mask = mask[:, None]
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, scale=scaling,
-        enable_gqa=gqa,
-    )
-    return out.transpose(1, 2).contiguous()
+# Keyword arguments a model's attention call may carry that change nothing
+# for a causal decoder over our slots (bookkeeping, or read elsewhere).
+_HARMLESS = frozenset({
+    "position_ids", "cache_position", "use_cache", "output_hidden_states", "output_router_logits",
+    "num_items_in_batch", "return_dict", "layer_idx", "past_key_value", "past_key_values", "cache",
+    "position_embeddings", "token_type_ids", "max_length_q", "max_length_k",
+})
+
+
+def _refuse(name: str, why: str):
+    raise KVCompressError(f"{name}: {why}; kvcompress refuses it rather than ignore it")
+
+
+def attention_spec(module, query, dropout, scaling, kwargs) -> AttentionSpec:
+    """Read everything the model asks of its attention besides q, k, v.
+
+    Sliding windows, logit softcapping and learned sink logits are honoured;
+    anything else that would change the result (bidirectional attention,
+    position biases, packed sequences, attention weights as output, unknown
+    options) is refused by name.
+    """
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = kwargs.get("sinks")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    if not is_causal:
+        _refuse("is_causal", "this attention is not causal (bidirectional/encoder attention)")
+    if kwargs.get("position_bias") is not None:
+        _refuse("position_bias", "a position bias over the full token grid cannot address compressed slots")
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cu_seq_lens_k") is not None:
+        _refuse("cu_seq_lens_q", "packed (varlen) sequences are not supported")
+    if kwargs.get("output_attentions"):
+        _refuse("output_attentions", "the compressed attention returns no attention weights")
+    if kwargs.get("seq_idx") is not None:
+        _refuse("seq_idx", "packed sequences are not supported")
+    for name, value in kwargs.items():
+        if value is None or value is False or name in _HARMLESS:
+            continue
+        if name in ("sliding_window", "softcap", "s_aux", "sinks", "is_causal", "position_bias", "cu_seq_lens_q",
+                    "cu_seq_lens_k", "output_attentions", "seq_idx"):
+            continue
+        _refuse(name, f"unknown attention option from {type(module).__name__}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise KVCompressError(f"sliding_window: expected a positive int, got {window!r}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0:
+            raise KVCompressError(f"softcap: expected a positive number, got {softcap}")
+    if sinks is not None and (not torch.is_tensor(sinks) or sinks.numel() != query.shape[1]):
+        raise KVCompressError(f"s_aux: expected one sink logit per query head ({query.shape[1]}), got "
+                              f"{getattr(sinks, 'shape', type(sinks).__name__)}")
+    return AttentionSpec(scaling=float(scaling), softcap=softcap, sinks=sinks, window=window,
+                         dropout=float(dropout or 0.0))
 
 
 def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention function registered as ``"kvcompress"`` with transformers.
 
     Shapes: ``query [B, Hq, q, D]``, ``key``/``value`` ``[B, Hkv, n, D]`` (the
-    slots the cache holds, new chunk last). Returns ``([B, q, Hq, D], None)``.
+    slots a uniform layer holds, new chunk last; a per-head layer returns the
+    chunk only and attends from its store). Returns ``([B, q, Hq, D], None)``.
     """
+    spec = attention_spec(module, query, dropout, scaling, kwargs)
     layer_idx = getattr(module, "layer_idx", None)
     cache = take_pending(layer_idx, key) if layer_idx is not None else None
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    if attention_mask is not None and attention_mask.ndim == 4:
-        if cache is not None and cache.layers[layer_idx].n != cache.layers[layer_idx].seen:
-            raise ValueError(
-                "attention_mask: a 4-D mask cannot address a compressed layer; pass the 2-D padding mask"
-            )
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-        ).transpose(1, 2).contiguous()
-        if cache is not None:
-            cache.set_padding(layer_idx, None, query.shape[2])
-            cache.after_attention(layer_idx, query, scaling)
-        return out, None
+    four_d = attention_mask if attention_mask is not None and attention_mask.ndim == 4 else None
     if cache is None:
-        # No kvcompress cache (use_cache=False, or another Cache class): plain
-        # attention with the padding mask, whose last n columns match the keys.
-        valid = None
-        if attention_mask is not None:
-            valid = attention_mask[:, -key.shape[2]:].to(torch.bool)
-        return _sdpa(query, key, value, scaling, key_valid=valid, dropout=dropout), None
+        # No kvcompress cache (use_cache=False, or another Cache class): the
+        # keys are the whole sequence, so the 2-D padding mask's last n
+        # columns are theirs.
+        n, q = key.shape[2], query.shape[2]
+        if four_d is not None:
+            mask = four_d if four_d.dtype == torch.bool else four_d == 0
+        else:
+            valid = None if attention_mask is None else attention_mask[:, -n:].to(torch.bool)
+            pos = torch.arange(n, device=query.device)[None].expand(query.shape[0], n)
+            mask = build_mask(query.shape[0], q, n, query.device, key_valid=valid, window=spec.window,
+                              key_pos=pos, query_pos=pos[:, n - q:])
+        return masked_attention(query, key, value, spec, mask), None
     if cache.num_layers is None:
-        cache.num_layers = getattr(module.config, "num_hidden_layers", None)
-    kv_start = cache.set_padding(layer_idx, attention_mask, query.shape[2])
-    store = cache.layers[layer_idx].ragged
-    if store is not None:
-        # per-head lengths: only the C kernel reads this layout
-        counts = store.counts if getattr(cache.method, "merge_bias", False) else None
-        out = ops.attention(query, store.k, store.v, scaling=scaling, offsets=store.offsets, lengths=store.lengths,
-                            counts=counts)
-        cache.after_attention(layer_idx, query, scaling)
-        return out, None
-    if _fused_ok(query, key, value, dropout):
-        # A decode step reads the whole layer for one query: the C kernel
-        # (online softmax over the held slots) is 2-3x faster than SDPA in
-        # fp32 and ~20x in bf16 on CPU (benchmarks/bench_attention.py).
-        out = ops.attention(query, key, value, scaling=scaling, kv_start=kv_start)
-    else:
-        out = _sdpa(query, key, value, scaling, kv_start=kv_start, dropout=dropout)
-    cache.after_attention(layer_idx, query, scaling)
+        cache.num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    spec = replace(spec, count_bias=cache.method.count_bias)
+    layer = cache.layers[layer_idx]
+    if four_d is not None and layer.n != layer.seen:
+        raise ValueError("attention_mask: a 4-D mask cannot address a compressed layer; pass the 2-D padding mask")
+    out = cache.attend(layer_idx, query, spec, padding_mask=None if four_d is not None else attention_mask,
+                       four_d=four_d)
     return out, None
-
-
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _fused_ok(query, key, value, dropout) -> bool:
-    """Decode steps (one query) on CPU tensors of a supported dtype, no dropout."""
-    return (
-        query.shape[2] == 1 and not dropout and query.device.type == "cpu"
-        and query.dtype in _FUSED_DTYPES and key.dtype == query.dtype == value.dtype
-        and key.shape[-1] == value.shape[-1] and key.shape[2] >= 1
-    )
 
 
 def register() -> None:

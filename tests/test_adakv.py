@@ -103,8 +103,11 @@ def test_bytes_held_are_the_per_head_slots(tiny_model):
     for layer in cache.layers:
         n = sum(layer.head_lengths())
         assert n == 2 * cfg.num_key_value_heads * B_
-        # keys + values (fp32), int32 positions, int64 offsets/lengths/capacities, int64 kv_start
+        # keys + values (fp32), int32 positions, int64 offsets/lengths/capacities, int64 kv_start,
+        # int64 per-head decode budgets, and the fp32 queries of the last
+        # min(window, interval) tokens held for the decode-time re-selection
         expected += n * 2 * D * 4 + n * 4 + 3 * 8 * 2 * cfg.num_key_value_heads + 8 * 2
+        expected += 8 * 2 * cfg.num_key_value_heads + 4 * 2 * cfg.num_attention_heads * WINDOW * D
     assert cache.memory_bytes() == expected
     assert sum(t.nbytes for layer in cache.layers for t in layer.tensors()) == expected
 
@@ -119,10 +122,11 @@ def test_alpha_one_equals_snapkv_through_ragged_storage(tiny_model):
     for a, s in zip(ada.logits, snap.logits):
         torch.testing.assert_close(a, s, rtol=1e-4, atol=1e-4)
     layer = cache.layers[0]
-    assert layer.ragged is not None and layer.head_lengths() == [B_ + 39] * 4
-    assert layer.capacity >= B_ + 39 and layer.seen == 60 + 39
+    # 39 decode steps with interval 16: re-selected to B_ twice, then 7 appended
+    assert layer.ragged is not None and layer.head_lengths() == [B_ + 39 % 16] * 4
+    assert layer.seen == 60 + 39
     _, _, pos = layer.ragged.head(1, 0)
-    assert pos[-39:].tolist() == list(range(60, 99))
+    assert pos[-(39 % 16 + WINDOW):].tolist() == list(range(99 - 39 % 16 - WINDOW, 99))
 
 
 def test_ragged_decode_matches_float64_attention_over_the_kept_slots(tiny_model):
@@ -145,12 +149,12 @@ def test_ragged_decode_matches_float64_attention_over_the_kept_slots(tiny_model)
                 captured.setdefault("q", query.clone())
                 return real(query, keys, values, **kw)
 
-            from kvcompress import hf
-            hf.ops.attention, saved = spy, hf.ops.attention
+            from kvcompress.stores import ragged
+            ragged.ops.attention, saved = spy, ragged.ops.attention
             try:
                 tiny_model(nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1), **cache_kwargs(tiny_model, cache))
             finally:
-                hf.ops.attention = saved
+                ragged.ops.attention = saved
                 hook.remove()
     q = captured["q"].double()  # [B, Hq, 1, D], post-RoPE
     store = cache.layers[0].ragged
@@ -175,11 +179,26 @@ def test_left_padding_is_never_kept(tiny_model):
             assert int(layer.ragged.head(1, h)[2].min()) >= 9
 
 
-def test_ragged_layer_refuses_batch_reordering(tiny_model):
+def test_ragged_layer_reorders_its_batch_rows(tiny_model):
+    """Beam search reorders per-head storage: row i of the result holds
+    exactly the heads (slots, positions) of row idx[i] before."""
     ids, mask = _batch()
-    _, cache = _generate(tiny_model, AdaKV(budget=B_, window=WINDOW), ids, mask, 2)
-    with pytest.raises(NotImplementedError, match="per-head lengths"):
-        cache.layers[0].reorder_cache(torch.tensor([1, 0]))
+    _, cache = _generate(tiny_model, AdaKV(budget=B_, window=WINDOW, alpha=0.0), ids, mask, 2)
+    layer = cache.layers[0]
+    H = layer.ragged.heads
+    before = {(b, h): [t.clone() for t in layer.ragged.head(b, h)] for b in range(2) for h in range(H)}
+    lengths = layer.head_lengths()
+    layer.reorder_cache(torch.tensor([1, 0, 1]))
+    assert layer.ragged.batch == 3
+    assert layer.head_lengths() == lengths[H:] + lengths[:H] + lengths[H:]
+    for new, old in enumerate([1, 0, 1]):
+        for h in range(H):
+            for got, want in zip(layer.ragged.head(new, h), before[(old, h)]):
+                assert torch.equal(got, want)
+    assert layer.head_budgets.shape == (3, H)
+    # decoding continues on the reordered store
+    layer.update(torch.randn(3, H, 1, 16), torch.randn(3, H, 1, 16))
+    assert layer.head_lengths() == [n + 1 for n in lengths[H:] + lengths[:H] + lengths[H:]]
 
 
 def test_adakv_arguments():

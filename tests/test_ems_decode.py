@@ -91,20 +91,21 @@ def _recompress64(before, method):
 def captured(monkeypatch):
     """Record every re-compression: the held slots before, the store after."""
     calls = []
-    original = CompressedLayer.recompress
+    original = CompressedLayer._recompress_heads
 
-    def spy(self, method, scaling):
+    def spy(self, scaling):
+        method = self.method
         before = self.ragged.to_padded() + (self.recent_q.reshape(-1, self.recent_q.shape[1] // self.ragged.heads,
                                                                   *self.recent_q.shape[2:]).clone(),
                                             torch.minimum(self.head_budgets.reshape(-1), self.ragged.lengths),
                                             scaling)
-        original(self, method, scaling)
+        original(self, scaling)
         after = copy.copy(self.ragged)  # later appends write into the live store
         for name in ("k", "v", "positions", "offsets", "lengths", "counts", "scores"):
             setattr(after, name, getattr(self.ragged, name).clone())
         calls.append((before, after))
 
-    monkeypatch.setattr(CompressedLayer, "recompress", spy)
+    monkeypatch.setattr(CompressedLayer, "_recompress_heads", spy)
     return calls
 
 

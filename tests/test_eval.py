@@ -15,7 +15,7 @@ from kvcompress import testing as T
 from kvcompress.tasks import default_text, passkey_prompt
 
 ROW_KEYS = {"method", "label", "budget", "ratio", "seconds", "cache_bytes", "compression"}
-TINY = ["--quick", "--methods", "snapkv,h2o", "--budgets", "16,32", "--lengths", "60,90", "--depths", "0,0.5",
+TINY = ["--quick", "--methods", "snapkv:window=8,h2o", "--budgets", "16,32", "--lengths", "60,90", "--depths", "0,0.5",
         "--new-tokens", "4", "--fidelity-context", "64", "-k", "4", "--ppl-context", "64", "--ppl-tokens", "16",
         "--no-progress"]
 
@@ -90,7 +90,7 @@ def test_eval_tiny_model(tiny_lm, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(folder), "--out", str(out)] + TINY) == 0
     stdout = capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    check_schema(results, ["snapkv", "h2o"], [16, 32], "budget", ["passkey", "fidelity", "ppl"])
+    check_schema(results, ["snapkv:window=8", "h2o"], [16, 32], "budget", ["passkey", "fidelity", "ppl"])
     check_full_row_outside(results, model, tok)
     compressed = [r for r in results["rows"][1:]]
     assert all(r["cache_bytes"] < results["rows"][0]["cache_bytes"] for r in compressed)
@@ -140,7 +140,7 @@ def test_method_specs_build_the_variants():
 def test_eval_rows_of_method_variants(tiny_lm, tmp_path):
     _, _, folder = tiny_lm
     out = tmp_path / "v"
-    variants = ["ems", "ems:tau=inf", "ems:lam=1:merge_bias=false"]
+    variants = ["ems:window=8", "ems:window=8:tau=inf", "ems:window=8:lam=1:merge_bias=false"]
     args = ["eval", "--model", str(folder), "--methods", ",".join(variants), "--budgets", "24", "--tasks", "ppl",
             "--ppl-context", "48", "--ppl-tokens", "8", "--ppl-windows", "1", "--no-progress", "--out", str(out)]
     assert cli.main(args) == 0
@@ -148,7 +148,7 @@ def test_eval_rows_of_method_variants(tiny_lm, tmp_path):
     check_schema(results, variants, [24], "budget", ["ppl"])
     labels = [row["label"] for row in results["rows"][1:]]
     assert "tau=inf" in labels[1] and "lam=1" in labels[2] and "merge_bias=False" in labels[2]
-    assert "ems:tau=inf" in (out / "results.md").read_text()
+    assert "ems:window=8:tau=inf" in (out / "results.md").read_text()
 
 
 def test_eval_budgets_and_ratios_exclusive(capsys):

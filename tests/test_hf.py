@@ -10,9 +10,11 @@ from kvcompress.methods import H2O, TOVA, VATP, Knorm, PyramidKV, SnapKV, Stream
 
 from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
 
+# windows and sinks small enough for the budgets of these tests (a budget
+# below them is refused)
 ALL = [
-    lambda **kw: StreamingLLM(**kw), lambda **kw: SnapKV(**kw), lambda **kw: PyramidKV(**kw),
-    lambda **kw: Knorm(**kw), lambda **kw: H2O(**kw), lambda **kw: TOVA(**kw), lambda **kw: VATP(**kw),
+    lambda **kw: StreamingLLM(**kw), lambda **kw: SnapKV(window=16, **kw), lambda **kw: PyramidKV(window=16, **kw),
+    lambda **kw: Knorm(**kw), lambda **kw: H2O(**kw), lambda **kw: TOVA(**kw), lambda **kw: VATP(sinks=8, **kw),
 ]
 IDS = ["StreamingLLM", "SnapKV", "PyramidKV", "Knorm", "H2O", "TOVA", "VATP"]
 
@@ -62,9 +64,9 @@ def test_prefill_keeps_what_an_independent_reference_chooses(tiny_model, make):
         assert layer.seen == T and layer.n == keep, (li, layer.n, keep)
         name = type(method).__name__
         if name in ("SnapKV", "PyramidKV"):
-            w = min(32, keep)
-            s = group_mean(window_attention64(q[:, :, -32:], k), hkv)
-            head = T - 32
+            w = min(16, keep)
+            s = group_mean(window_attention64(q[:, :, -16:], k), hkv)
+            head = T - 16
             pooled = torch.nn.functional.max_pool1d(s[..., :head].reshape(-1, 1, head), 7, 1, 3)
             s[..., :head] = pooled.view(s.shape[0], hkv, head)
             forced = range(T - w, T)
@@ -82,7 +84,7 @@ def test_prefill_keeps_what_an_independent_reference_chooses(tiny_model, make):
             forced = []
         else:  # VATP
             s = group_mean(window_attention64(q, k), hkv) * T * v.abs().sum(-1)
-            forced = range(min(20, keep))
+            forced = range(min(8, keep))
         for b in range(2):
             for h in range(hkv):
                 kept = layer.positions[b, h].tolist()
@@ -106,8 +108,11 @@ def test_memory_bytes_is_what_tensors_occupy_and_scales_with_budget(tiny_model):
         cfg = tiny_model.config
         kv = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * budget * cfg.head_dim * 4
         positions = cfg.num_hidden_layers * cfg.num_key_value_heads * budget * 4
-        assert total == kv + positions + cfg.num_hidden_layers * 8
-        sizes[budget] = total
+        # the queries of the last min(window, interval) = 16 tokens are held
+        # for the decode-time re-selection
+        held_q = cfg.num_hidden_layers * cfg.num_attention_heads * 16 * cfg.head_dim * 4
+        assert total == kv + positions + held_q + cfg.num_hidden_layers * 8
+        sizes[budget] = total - held_q
     assert sizes[64] / sizes[32] == pytest.approx(2.0, rel=0.02)
     assert sizes[128] / sizes[64] == pytest.approx(2.0, rel=0.02)
     stats = cache.stats()
@@ -141,7 +146,7 @@ def test_right_padding_is_rejected(tiny_model):
     ids = _prompt(length=10)
     mask = torch.ones_like(ids)
     mask[0, -2:] = 0
-    with kvc.compress(tiny_model, SnapKV(budget=4)):
+    with kvc.compress(tiny_model, SnapKV(budget=4, window=4)):
         with pytest.raises(ValueError, match="attention_mask"):
             _generate(tiny_model, ids, mask)
 
@@ -157,7 +162,7 @@ def test_multi_turn_continues_from_the_same_cache(tiny_model):
     assert cache.get_seq_length() == second.shape[1] + 5
     assert torch.equal(out2, _generate(tiny_model, second, n=6))
     # and with real compression both turns run and the cache stays within budget
-    with kvc.compress(tiny_model, SnapKV(budget=16)) as session:
+    with kvc.compress(tiny_model, SnapKV(budget=16, window=8)) as session:
         out1 = _generate(tiny_model, first, n=6)
         second = torch.cat([out1, _prompt(length=30, seed=6)], dim=1)
         _generate(tiny_model, second, **cache_kwargs(tiny_model, session.cache), n=6)
@@ -212,21 +217,21 @@ def test_session_restores_model_also_on_error(tiny_model):
     before = tiny_model.config._attn_implementation
     generate = tiny_model.generate
     with pytest.raises(RuntimeError, match="boom"):
-        with kvc.compress(tiny_model, SnapKV(budget=8)):
+        with kvc.compress(tiny_model, SnapKV(budget=8, window=8)):
             assert tiny_model.config._attn_implementation == "kvcompress"
             raise RuntimeError("boom")
     assert tiny_model.config._attn_implementation == before
     assert "generate" not in vars(tiny_model)
     assert tiny_model.generate == generate
-    with kvc.compress(tiny_model, SnapKV(budget=8)) as session:
+    with kvc.compress(tiny_model, SnapKV(budget=8, window=8)) as session:
         with pytest.raises(RuntimeError, match="already active"):
-            kvc.compress(tiny_model, SnapKV(budget=8)).__enter__()
+            kvc.compress(tiny_model, SnapKV(budget=8, window=8)).__enter__()
         assert "active" in repr(session)
 
 
 def test_passed_cache_is_used_and_exposed(tiny_model):
     ids = _prompt(length=20)
-    cache = kvc.KVCache(SnapKV(budget=10))
+    cache = kvc.KVCache(SnapKV(budget=10, window=8))
     with kvc.compress(tiny_model, Knorm(budget=5)) as session:
         _generate(tiny_model, ids, **cache_kwargs(tiny_model, cache), n=3)
     assert session.cache is cache and cache.layers[0].n == 10 + 2
@@ -243,7 +248,7 @@ def test_query_free_method_works_without_kvcompress_attention(tiny_model):
 def test_query_method_without_kvcompress_attention_says_how_to_fix(tiny_model):
     ids = _prompt(length=30)
     with pytest.raises(kvc.KVCompressError, match="kvcompress.compress"):
-        _generate(tiny_model, ids, **cache_kwargs(tiny_model, kvc.KVCache(SnapKV(budget=12))), n=3)
+        _generate(tiny_model, ids, **cache_kwargs(tiny_model, kvc.KVCache(SnapKV(budget=12, window=8))), n=3)
 
 
 def test_plain_forward_without_cache_under_session_matches_sdpa(tiny_model):
@@ -252,7 +257,7 @@ def test_plain_forward_without_cache_under_session_matches_sdpa(tiny_model):
     mask[0, :5] = 0
     with torch.no_grad():
         ref = tiny_model(ids, attention_mask=mask, use_cache=False).logits
-        with kvc.compress(tiny_model, SnapKV(budget=8)):
+        with kvc.compress(tiny_model, SnapKV(budget=8, window=8)):
             out = tiny_model(ids, attention_mask=mask, use_cache=False).logits
             dyn = tiny_model(ids, attention_mask=mask, **cache_kwargs(tiny_model, DynamicCache())).logits
     torch.testing.assert_close(out[0, 5:], ref[0, 5:], rtol=1e-4, atol=1e-4)
@@ -266,7 +271,7 @@ def test_bad_arguments_name_the_argument(tiny_model):
     with pytest.raises(TypeError, match="method"):
         kvc.KVCache(object())
     with pytest.raises(TypeError, match="model"):
-        kvc.compress(object(), SnapKV(budget=8))
+        kvc.compress(object(), SnapKV(budget=8, window=8))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -275,7 +280,7 @@ def test_half_precision_models_compress_in_their_dtype(tiny_model, dtype):
 
     model = copy.deepcopy(tiny_model).to(dtype)
     ids = _prompt(length=40)
-    with kvc.compress(model, SnapKV(budget=16)) as session:
+    with kvc.compress(model, SnapKV(budget=16, window=8)) as session:
         out = _generate(model, ids, n=6)
     assert out.shape == (1, 46)
     for layer in session.cache.layers:
@@ -298,11 +303,11 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("method", [SnapKV(budget=16), H2O(budget=16, interval=4)], ids=["SnapKV", "H2O"])
+@pytest.mark.parametrize("method", [SnapKV(budget=16, window=8), H2O(budget=16, interval=4)], ids=["SnapKV", "H2O"])
 def test_decode_steps_use_the_fused_kernel_and_match_sdpa(tiny_model, monkeypatch, dtype, method):
     """Decode steps on a compressed layer run kvcompress.ops.attention; the
     logits match the SDPA path on the same slots (left-padded batch)."""
-    from kvcompress import hf
+    from kvcompress.stores import uniform
 
     model = tiny_model.to(dtype)
     try:
@@ -310,18 +315,18 @@ def test_decode_steps_use_the_fused_kernel_and_match_sdpa(tiny_model, monkeypatc
         mask = torch.ones_like(ids)
         mask[1, :7] = 0
         calls = []
-        real = hf.ops.attention
+        real = uniform.ops.attention
 
         def counting(*args, **kw):
             calls.append(args[0].shape)
             return real(*args, **kw)
 
-        monkeypatch.setattr(hf.ops, "attention", counting)
+        monkeypatch.setattr(uniform.ops, "attention", counting)
         with kvc.compress(model, method):
             fused = _generate(model, ids, mask, n=10, output_logits=True, return_dict_in_generate=True)
         assert len(calls) == 9 * model.config.num_hidden_layers  # every decode step of every layer
         assert all(shape[2] == 1 for shape in calls)
-        monkeypatch.setattr(hf, "_fused_ok", lambda *a: False)
+        monkeypatch.setattr(uniform, "c_decode_ok", lambda *a: False)
         with kvc.compress(model, method):
             ref = _generate(model, ids, mask, n=10, output_logits=True, return_dict_in_generate=True)
         tol = 1e-4 if dtype == torch.float32 else 5e-2

@@ -52,7 +52,7 @@ def test_method_specific_fields():
     with pytest.raises(ValueError, match="window"):
         SnapKV(budget=8, window=0)
     with pytest.raises(ValueError, match="interval"):
-        H2O(budget=8, interval=0)
+        H2O(budget=8, interval=-1)
     with pytest.raises(ValueError, match="recent"):
         H2O(budget=8, recent=1.5)
     with pytest.raises(ValueError, match="sinks"):
@@ -65,17 +65,41 @@ def test_defaults_follow_the_design():
     s = SnapKV(ratio=0.5)
     assert (s.window, s.kernel, s.pool, s.gqa) == (32, 7, "max", "mean")
     assert StreamingLLM(budget=8).sinks == 4
-    assert PyramidKV(budget=8).beta == 20
+    assert PyramidKV(ratio=0.5).beta == 20
     assert H2O(budget=8).recent == 0.5
-    assert VATP(budget=8).sinks == 20
+    assert VATP(ratio=0.5).sinks == 20
+    assert all(cls(ratio=0.5).interval == 16 for cls in CLASSES)
 
 
 def test_ratio_targets_and_budget_targets():
-    assert SnapKV(ratio=0.5).target_length(0, 1001, 0, 30) == 500
-    assert SnapKV(ratio=0.0).target_length(0, 100, 0, 30) == 100
-    assert SnapKV(budget=64).target_length(0, 1000, 3, 30) == 64
-    # continuation chunk: old slots keep their count, the chunk is compressed
-    assert SnapKV(ratio=0.75).target_length(40, 100, 0, 30) == 65
+    assert SnapKV(ratio=0.5).row_target(0, 30, 1001) == 500
+    assert SnapKV(ratio=0.0).row_target(0, 30, 100) == 100
+    assert SnapKV(budget=64).row_target(3, 30, 1000) == 64
+    # a row whose tokens fit the budget is kept whole
+    assert SnapKV(budget=64).row_target(3, 30, 19) == 19
+    # with a ratio the target follows every token seen (prompt, later chunks
+    # and generated tokens alike)
+    assert SnapKV(ratio=0.75).row_target(0, 30, 140) == 35
+    # PyramidKV: nothing is compressed while the mean budget covers the tokens
+    assert PyramidKV(budget=48).row_target(29, 30, 18) == 18
+    assert PyramidKV(budget=48).row_target(29, 30, 140) == round(48 / 20)
+
+
+@pytest.mark.parametrize("make, numbers", [
+    (lambda: SnapKV(budget=8), ("budget=8", "32")),
+    (lambda: PyramidKV(budget=16, window=20), ("budget=16", "20")),
+    (lambda: StreamingLLM(budget=2), ("budget=2", "sinks=4")),
+    (lambda: StreamingLLM(budget=4), ("budget=4", "5")),
+    (lambda: VATP(budget=20), ("budget=20", "21")),
+    (lambda: kvc.EMS(budget=30), ("budget=30", "36")),
+    (lambda: kvc.AdaKV(budget=31), ("budget=31", "32")),
+], ids=["SnapKV", "PyramidKV", "StreamingLLM", "StreamingLLM-equal", "VATP", "EMS", "AdaKV"])
+def test_budget_below_the_forced_keeps_is_refused_with_the_numbers(make, numbers):
+    with pytest.raises(ValueError, match="budget") as err:
+        make()
+    assert all(x in str(err.value) for x in numbers)
+    # at the minimum it is accepted
+    assert SnapKV(budget=32).budget == 32 and StreamingLLM(budget=5).budget == 5
 
 
 def test_pyramid_budgets_decrease_linearly_and_average_to_the_budget():

@@ -31,7 +31,7 @@ def _kl64(p_logits, q_logits):
     return float((p.exp() * (p - q)).sum())
 
 
-@pytest.mark.parametrize("method", [None, kvc.SnapKV(budget=24), kvc.H2O(budget=24, interval=4),
+@pytest.mark.parametrize("method", [None, kvc.SnapKV(budget=24, window=16), kvc.H2O(budget=24, interval=4),
                                     kvc.StreamingLLM(budget=20, interval=4)], ids=T.method_name)
 def test_greedy_matches_generate(tiny_lm, method):
     """The explicit-position loop produces generate()'s tokens, also after
@@ -110,7 +110,7 @@ def test_cache_bytes(tiny_lm):
         T.greedy(model, cache, ids, 3)
     expected = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert T.cache_bytes(cache) == expected
-    with T.method_context(model, kvc.SnapKV(budget=16)) as new_cache:
+    with T.method_context(model, kvc.SnapKV(budget=16, window=8)) as new_cache:
         cache = new_cache()
         T.greedy(model, cache, ids, 3)
     assert T.cache_bytes(cache) == cache.memory_bytes() < expected
@@ -203,7 +203,7 @@ def test_assert_fidelity_and_perplexity_messages():
 
 def test_assert_compressed(tiny_lm):
     model, _, _ = tiny_lm
-    with T.method_context(model, kvc.SnapKV(budget=16)) as new_cache:
+    with T.method_context(model, kvc.SnapKV(budget=16, window=8)) as new_cache:
         cache = new_cache()
         T.greedy(model, cache, _ids(128), 2)
     ratio = cache.stats().compression

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import ops
-from .base import DecodeMethod, LayerView, Method
+from .base import LayerView, Method
 
 
 def accumulate_attention(view: LayerView, name: str = "acc") -> None:
@@ -20,7 +20,7 @@ def accumulate_attention(view: LayerView, name: str = "acc") -> None:
 
 
 @dataclass
-class H2O(DecodeMethod):
+class H2O(Method):
     """Heavy-Hitter Oracle: accumulated attention, split heavy / recent.
 
     Each slot's score is ``sum_i A[i, j]`` over every query that has seen it,
@@ -38,7 +38,7 @@ class H2O(DecodeMethod):
         if not (0.0 <= float(self.recent) <= 1.0):
             raise ValueError(f"recent: must be in [0, 1], got {self.recent}")
 
-    def init_state(self, view: LayerView) -> None:
+    def observe(self, view: LayerView) -> None:
         accumulate_attention(view)
 
     def score(self, view: LayerView):
@@ -49,12 +49,16 @@ class H2O(DecodeMethod):
 
 
 @dataclass
-class TOVA(DecodeMethod):
+class TOVA(Method):
     """Token Omission Via Attention: keep what the newest query attends to.
 
     Score of slot j: attention of the newest token's query, averaged over all
-    query heads of the layer, so every kv head keeps the same slots.
+    query heads of the layer, so every kv head keeps the same slots. During
+    decoding the layer holds the newest query for the re-selection.
     """
+
+    def held_queries(self) -> int:
+        return 1
 
     def score(self, view: LayerView):
         newest = view.queries[:, :, -1:]
@@ -77,7 +81,13 @@ class VATP(Method):
     def _check_fields(self) -> None:
         self._check_int("sinks", self.sinks, 0)
 
-    def init_state(self, view: LayerView) -> None:
+    def min_budget(self) -> int:
+        return self.sinks + 1
+
+    def _forced_text(self) -> str:
+        return f"sinks={self.sinks} plus at least one other token"
+
+    def observe(self, view: LayerView) -> None:
         accumulate_attention(view)
 
     def score(self, view: LayerView):

@@ -1,11 +1,21 @@
-"""The contract every compression method follows.
+"""The contract every compression method follows (the method protocol).
 
-A method is a small dataclass. The cache calls it once per layer after the
-layer's attention has run on a multi-token chunk (prefill), and, for methods
-with a decode policy, again whenever a layer outgrows its budget by
-``interval`` tokens during decoding. The method only *scores* and *chooses*;
-the cache does the storage (gather into compact tensors) and the C ops do the
-arithmetic.
+A method is a small dataclass. It scores and decides; the cache does the
+storage and the C ops the arithmetic. The cache calls, per layer:
+
+* :meth:`Method.observe` after every attention call (prefill chunk or decode
+  step), so per-slot state such as H2O's accumulated attention stays current;
+* :meth:`Method.row_target` for the slots a batch row may keep;
+* :meth:`Method.select` (evicting methods) or :meth:`Method.compact` (merging
+  methods, ``merges = True``) when a row holds more than that after a prefill
+  chunk, or more than that plus ``interval`` slots after a decode step;
+* :meth:`Method.recompact` for a merging method's decode-time re-merge of a
+  per-head layer;
+* :meth:`Method.held_queries` for how many of the latest queries a layer
+  keeps so that a decode-time re-selection can score with them.
+
+The cache never branches on a method's class; everything it needs is
+declared here. See docs/design.md ("Adding a method").
 """
 
 from __future__ import annotations
@@ -58,28 +68,44 @@ class LayerView:
     def length(self) -> int:
         return int(self.keys.shape[2])
 
+    def rows(self, idx) -> "LayerView":
+        """The same view restricted to batch rows ``idx`` (int64 tensor)."""
+        pick = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
+        return dataclasses.replace(
+            self, queries=pick(self.queries), keys=pick(self.keys), values=pick(self.values),
+            kv_start=pick(self.kv_start), state={k: pick(v) for k, v in self.state.items()},
+        )
+
 
 @dataclass
 class Method:
     """Base class of compression methods.
 
     Exactly one of ``budget`` (kept slots per kv head, sinks and windows
-    included) or ``ratio`` (fraction of the prompt removed, ``0 <= ratio < 1``)
-    must be given.
+    included) or ``ratio`` (fraction of the tokens removed, ``0 <= ratio <
+    1``) must be given.
+
+    During decoding every method keeps its budget: once a layer holds
+    ``interval`` slots more than its target, it is re-compressed to the
+    target, re-scored with the latest queries it holds (``held_queries``) and
+    any per-slot state it carries. The target of a batch row is ``budget``
+    (per layer for schedules such as PyramidKV), or with ``ratio`` the share
+    ``int(seen * (1 - ratio))`` of the tokens the row has seen; a row whose
+    tokens all fit is kept whole. ``interval=0`` turns decode-time
+    re-compression off (the layer then grows while decoding).
     """
 
     budget: int | None = None
     ratio: float | None = None
+    interval: int = 16
 
     #: ``True`` when ``score`` needs the chunk's queries
     needs_queries: ClassVar[bool] = True
-    #: ``True`` when the method keeps layers within budget during decoding
-    decode_policy: ClassVar[bool] = False
-    #: names of per-slot state tensors the method keeps
+    #: names of per-slot state columns (float32) the method keeps
     slot_state: ClassVar[tuple[str, ...]] = ()
     #: ``True`` when heads keep different numbers of slots (per-head storage)
     headwise: ClassVar[bool] = False
-    #: ``True`` when the method merges evicted tokens (``compact`` instead of ``select``)
+    #: ``True`` when the method merges evicted tokens (``compact``/``recompact``)
     merges: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
@@ -99,11 +125,26 @@ class Method:
                 raise TypeError(f"ratio: expected a float, got {type(self.ratio).__name__}")
             if not (0.0 <= float(self.ratio) < 1.0) or math.isnan(self.ratio):
                 raise ValueError(f"ratio: must satisfy 0 <= ratio < 1, got {self.ratio}")
+        self._check_int("interval", self.interval, 0)
         self._check_fields()
+        if self.budget is not None and self.budget < self.min_budget():
+            raise ValueError(
+                f"budget: {type(self).__name__} always keeps {self.min_budget()} slots per head "
+                f"({self._forced_text()}), so budget={self.budget} is too small; give budget >= "
+                f"{self.min_budget()} or shrink those options"
+            )
 
     # ----------------------------------------------------------------- hooks
     def _check_fields(self) -> None:
         """Validate method-specific fields (override)."""
+
+    def min_budget(self) -> int:
+        """Slots the method always keeps (sinks + window); a smaller
+        ``budget`` is refused when the method is built."""
+        return 1
+
+    def _forced_text(self) -> str:
+        return "its forced keeps"
 
     @staticmethod
     def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -116,73 +157,78 @@ class Method:
         """Budget of one layer given the mean budget; uniform by default."""
         return mean_budget
 
-    def target_length(self, n_before: int, n_chunk: int, layer_idx: int, num_layers: int) -> int:
-        """Slots a layer keeps after a prefill chunk of ``n_chunk`` tokens.
+    def row_target(self, layer_idx: int, num_layers: int, seen: int) -> int:
+        """Slots a batch row keeps in a layer once it has seen ``seen`` real
+        tokens.
 
-        ``n_before`` slots were held before the chunk. With ``ratio`` the
-        chunk itself is compressed by the ratio and the old slots are kept (in
-        count, not necessarily identity).
+        When the mean budget (``budget``, or ``int(seen * (1 - ratio))``)
+        covers every token nothing is compressed, even where a per-layer
+        schedule (PyramidKV) would give this layer fewer slots.
         """
         if self.budget is not None:
             mean = float(self.budget)
         else:
-            mean = n_before + int(n_chunk * (1.0 - float(self.ratio)))
-        if mean >= n_before + n_chunk:
-            # Everything fits in the mean budget: no layer is compressed, even
-            # where a per-layer schedule (PyramidKV) would give it fewer slots.
-            return n_before + n_chunk
-        target = int(round(self.layer_budget(layer_idx, num_layers, mean)))
-        return max(1, target)
+            mean = float(int(seen * (1.0 - float(self.ratio))))
+        if mean >= seen:
+            return seen
+        return max(1, int(round(self.layer_budget(layer_idx, num_layers, mean))))
 
-    def init_state(self, view: LayerView) -> None:
-        """Update per-slot state after a chunk was appended (override)."""
+    def held_queries(self) -> int:
+        """Latest queries a layer keeps for decode-time re-scoring (0: none)."""
+        return 0
+
+    def observe(self, view: LayerView) -> None:
+        """Update per-slot state after an attention call (override)."""
 
     def score(self, view: LayerView):
         """Return ``[B, Hkv, n]`` float32 scores; higher means keep."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define score()")
 
     def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
         """(sinks, window): first valid and last slots always kept."""
         return 0, 0
 
-    def select(self, view: LayerView, keep: int):
-        """Return kept slot indices ``[B, Hkv, keep]`` int64, ascending."""
+    def select(self, view: LayerView, keep):
+        """Kept slot indices ``[B, Hkv, k]`` int64, ascending.
+
+        ``keep`` is an int (slots per head) or an int64 ``[B, Hkv]`` tensor of
+        per-head counts (then heads with fewer are ``-1`` padded at the end).
+        """
         scores = self.score(view)
-        sinks, window = self.forced(view, keep)
+        k_min = keep if isinstance(keep, int) else int(keep.min())
+        sinks, window = self.forced(view, k_min)
         return ops.select_topk(scores, keep, sinks=sinks, window=window, kv_start=view.kv_start)
 
     def compact(self, view: LayerView, keep: int):
         """Merging methods: return ``(centers [B, Hkv, C] int64 (-1 padded),
-        ops.EvictMergeResult, carried [B, Hkv, C] float32 or None)`` for a
-        layer keeping ``keep`` slots per head; ``carried`` is the score each
-        kept slot takes to a decode-time re-compression."""
-        raise NotImplementedError
+        ops.EvictMergeResult, carried [B, Hkv, C] float32)`` for a layer
+        keeping ``keep`` slots per head; ``carried`` is the score each kept
+        slot takes to a decode-time re-compression."""
+        raise NotImplementedError(f"{type(self).__name__} does not merge")
+
+    def recompact(self, queries, keys, values, counts, carried, start, budgets, scaling):
+        """Merging methods: decode-time re-merge of a per-head layer, one row
+        per head (shapes in :meth:`kvcompress.methods.EMS.recompact`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not merge")
+
+    @property
+    def count_bias(self) -> bool:
+        """Whether attention adds ``log(count)`` of merged slots to their logits."""
+        return False
 
     # ----------------------------------------------------------------- misc
     def describe(self) -> str:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is not None:
+            if v is not None and not (f.name == "interval" and v == 16):
                 parts.append(f"{f.name}={v}")
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-@dataclass
-class DecodeMethod(Method):
-    """A method that also keeps each layer within budget while decoding.
-
-    When a layer holds more than ``budget + interval`` slots after a decode
-    step, it is re-compressed to ``budget`` with the scores carried forward.
-    A gather every ``interval`` steps instead of every step amortises the copy.
-    """
-
-    interval: int = 16
-    decode_policy: ClassVar[bool] = True
-
-    def _check_fields(self) -> None:
-        super()._check_fields()
-        self._check_int("interval", self.interval, 1)
+#: kept for code written against the first releases: every method now keeps
+#: its budget while decoding, so this is ``Method`` itself
+DecodeMethod = Method
 
 
 __all__ = ["LayerView", "Method", "DecodeMethod"]

@@ -108,6 +108,16 @@ class EMS(Method):
         if not isinstance(self.merge_bias, bool):
             raise TypeError(f"merge_bias: expected a bool, got {type(self.merge_bias).__name__}")
 
+    def min_budget(self) -> int:
+        return self.sinks + self.window
+
+    def _forced_text(self) -> str:
+        return f"sinks={self.sinks} + window={self.window}"
+
+    @property
+    def count_bias(self) -> bool:
+        return self.merge_bias
+
     def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
         w = min(self.window, int(view.queries.shape[2]), view.length, keep)
         return min(self.sinks, keep - w), w

@@ -7,16 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from .. import ops
-from .base import DecodeMethod, LayerView, Method
+from .base import LayerView, Method
 
 
 @dataclass
-class StreamingLLM(DecodeMethod):
+class StreamingLLM(Method):
     """StreamingLLM: keep the first ``sinks`` tokens and the most recent ones.
 
     With ``budget`` B a layer holds ``sinks`` attention sinks plus a window of
     ``B - sinks`` recent tokens, during prefill and (every ``interval`` tokens)
     during decoding, so memory stays flat however long generation runs.
+    ``budget`` must exceed ``sinks``.
     """
 
     sinks: int = 4
@@ -25,6 +26,12 @@ class StreamingLLM(DecodeMethod):
     def _check_fields(self) -> None:
         super()._check_fields()
         self._check_int("sinks", self.sinks, 0)
+
+    def min_budget(self) -> int:
+        return self.sinks + 1
+
+    def _forced_text(self) -> str:
+        return f"sinks={self.sinks} plus at least one recent token"
 
     def score(self, view: LayerView):
         return torch.zeros(view.keys.shape[:3], dtype=torch.float32, device=view.keys.device)

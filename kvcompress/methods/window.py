@@ -50,6 +50,18 @@ class SnapKV(Method):
         if self.gqa not in _GQA:
             raise ValueError(f"gqa: expected one of {_GQA}, got {self.gqa!r}")
 
+    def min_budget(self) -> int:
+        return self.window
+
+    def _forced_text(self) -> str:
+        return f"the observation window, window={self.window}"
+
+    def held_queries(self) -> int:
+        # a decode-time re-selection scores with the queries of the tokens
+        # generated since the last one (at most the window): holding more
+        # would cost query heads x window x D per layer
+        return min(self.window, self.interval)
+
     def _window(self, view: LayerView) -> int:
         return min(self.window, int(view.queries.shape[2]), view.length)
 
@@ -131,7 +143,12 @@ class AdaKV(SnapKV):
             ranked[..., view.length - window:] = float("inf")
         return ops.head_budgets(ranked, keep, alpha=float(self.alpha), floor=window, kv_start=view.kv_start)
 
-    def select(self, view: LayerView, keep: int):
+    def select(self, view: LayerView, keep):
+        """With an int ``keep`` the layer's heads share ``H * keep`` slots as
+        described above; with per-head counts (a decode-time re-selection of
+        a per-head layer) each head keeps its own count."""
+        if not isinstance(keep, int):
+            return super().select(view, keep)
         scores = self.score(view)
         sinks, window = self.forced(view, keep)
         k = self.head_budgets(view, scores, keep)

@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
+from .base import AttentionSpec, LayerStore
+from .masked import masked_attention
 
-class RaggedStore:
+_C_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class RaggedStore(LayerStore):
     """Per-head slots of one layer in flat buffers.
 
     Attributes
@@ -28,11 +34,17 @@ class RaggedStore:
     batch, heads : int
     """
 
+    kind = "ragged"
+
     def __init__(self, k, v, offsets, lengths, caps, positions, batch: int, heads: int):
         self.k, self.v = k, v
         self.offsets, self.lengths, self.caps = offsets, lengths, caps
         self.positions = positions
         self.batch, self.heads = batch, heads
+        # lengths mirrored on the host: a decode step reads them without a
+        # device synchronisation
+        self._host_lengths = lengths.detach().to("cpu", copy=True)
+        self._host_caps = caps.detach().to("cpu", copy=True)
         #: float32 ``[R]`` tokens merged into each slot (merging methods), else None
         self.counts: torch.Tensor | None = None
         #: float32 ``[R]`` importance carried to the next re-compression (NaN:
@@ -99,6 +111,7 @@ class RaggedStore:
                 setattr(self, name, new)
         self.k, self.v, self.positions = k, v, pos
         self.offsets, self.caps = offsets, caps
+        self._host_caps = caps.detach().to("cpu", copy=True)
 
     def append(self, keys, values, first_position: int) -> None:
         """Append a chunk ``[B, H, q, D]`` to every head (positions
@@ -108,7 +121,7 @@ class RaggedStore:
             raise ValueError(f"key_states: expected batch {self.batch} and {self.heads} kv heads, "
                              f"got {tuple(keys.shape)}")
         need = self.lengths + q
-        if bool((need > self.caps).any()):
+        if bool((self._host_lengths + q > self._host_caps).any()):
             self._grow(need)
         steps = torch.arange(q, device=self.offsets.device)
         rows = ((self.offsets + self.lengths)[:, None] + steps[None, :]).reshape(-1)
@@ -120,6 +133,7 @@ class RaggedStore:
         if self.scores is not None:
             self.scores[rows] = float("nan")
         self.lengths = need
+        self._host_lengths += q
 
     def to_padded(self):
         """Left-padded dense copy for re-scoring, one row per head.
@@ -166,3 +180,73 @@ class RaggedStore:
     def tensors(self) -> list[torch.Tensor]:
         out = [self.k, self.v, self.offsets, self.lengths, self.caps, self.positions]
         return out + [t for t in (self.counts, self.scores) if t is not None]
+
+    def __repr__(self) -> str:
+        n = self._host_lengths
+        span = f"{int(n.min())}..{int(n.max())}" if n.numel() else "empty"
+        return (f"RaggedStore(batch={self.batch}, heads={self.heads}, slots per head={span}, "
+                f"rows={int(self.k.shape[0])}, merged={self.counts is not None})")
+
+    def head_lengths(self) -> list[int]:
+        return [int(x) for x in self._host_lengths.tolist()]
+
+    @property
+    def capacity(self) -> int:
+        return int(self.caps.max()) if self.caps.numel() else 0
+
+    def max_length(self) -> int:
+        return int(self._host_lengths.max()) if self._host_lengths.numel() else 0
+
+    # ------------------------------------------------------------- reorder
+    def index_batch(self, idx) -> None:
+        """Rows ``idx`` ``[B']`` of the batch, in that order (beam search):
+        each new head copies its old head's rows, slack included."""
+        idx = idx.to(self.offsets.device)
+        H = self.heads
+        src_head = (idx[:, None] * H + torch.arange(H, device=idx.device)[None, :]).reshape(-1)
+        caps = self.caps[src_head]
+        offsets = torch.cumsum(caps, 0) - caps
+        within = torch.arange(int(caps.sum()), device=caps.device) - torch.repeat_interleave(offsets, caps)
+        src = torch.repeat_interleave(self.offsets[src_head], caps) + within
+        self.k, self.v, self.positions = self.k[src], self.v[src], self.positions[src]
+        for name in ("counts", "scores"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name)[src])
+        host_idx = (idx.cpu()[:, None] * H + torch.arange(H)[None, :]).reshape(-1)
+        self.lengths = self.lengths[src_head]
+        self._host_lengths = self._host_lengths[host_idx]
+        self.offsets, self.caps = offsets, caps
+        self._host_caps = self._host_caps[host_idx]
+        self.batch = int(idx.numel())
+
+    # ----------------------------------------------------------- attention
+    def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
+        """Only the C kernel reads this layout; a model option it lacks
+        (softcap, sinks) runs on a padded copy in torch instead."""
+        counts = self.counts if spec.count_bias else None
+        if spec.plain and spec.window is None and query.dtype in _C_DTYPES and self.k.dtype == query.dtype:
+            return ops.attention(query, self.k, self.v, scaling=spec.scaling, offsets=self.offsets,
+                                 lengths=self.lengths, counts=counts)
+        if spec.window is not None:
+            raise NotImplementedError("a sliding-window layer is never stored per head")
+        keys, values, _, cnt, _, start = self.to_padded()
+        B, Hq, q, D = query.shape
+        H = self.heads
+        qh = query.reshape(B * H, Hq // H, q, D)
+        M = int(keys.shape[2])
+        j = torch.arange(M, device=query.device)
+        slot = torch.arange(q, device=query.device) + (M - q)
+        mask = ((j[None, :] <= slot[:, None])[None] & (j[None, None, :] >= start[:, None, None]))
+        mask = (mask | (j[None, :] == slot[:, None])[None])[:, None]
+        bias = torch.log(cnt)[:, None] if counts is not None else None
+        sinks = None if spec.sinks is None else spec.sinks.reshape(H, Hq // H).repeat(B, 1)
+        sub = AttentionSpec(scaling=spec.scaling, softcap=spec.softcap, dropout=spec.dropout)
+        out = []
+        for r in range(B * H):  # one head at a time: each has its own sinks
+            s = sub if sinks is None else AttentionSpec(scaling=spec.scaling, softcap=spec.softcap,
+                                                        sinks=sinks[r], dropout=spec.dropout)
+            out.append(masked_attention(qh[r : r + 1], keys[r : r + 1], values[r : r + 1], s, mask[r : r + 1],
+                                        None if bias is None else bias[r : r + 1]))
+        # [B*H, q, G, D] -> [B, q, Hq, D]
+        res = torch.cat(out, 0).reshape(B, H, q, Hq // H, D).permute(0, 2, 1, 3, 4).reshape(B, q, Hq, D)
+        return res.to(query.dtype)

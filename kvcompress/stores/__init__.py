@@ -1,0 +1,12 @@
+"""Layer stores: how one cache layer holds its slots and attends over them.
+
+``UniformStore`` (``[B, H, n, D]``, equal counts per head) and ``RaggedStore``
+(``[Σ n_h, D]`` per-head segments) implement :class:`LayerStore`. See
+``docs/design.md`` for the protocol and how to add a store.
+"""
+
+from .base import AttentionSpec, LayerStore
+from .ragged import RaggedStore
+from .uniform import UniformStore
+
+__all__ = ["AttentionSpec", "LayerStore", "RaggedStore", "UniformStore"]

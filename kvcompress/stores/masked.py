@@ -1,0 +1,89 @@
+"""Attention in torch for the cases the C kernel does not cover.
+
+Prefill and multi-token chunks run here (SDPA), and so does every step of a
+layer whose model asks for a logit softcap or learned sink logits (eager:
+SDPA has neither). The mask is built from slot indices and token positions,
+never from a mask the model made, because a compressed layer's slots are not
+the model's token grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import AttentionSpec
+
+
+def build_mask(B: int, q: int, n: int, device, kv_start=None, key_valid=None, window=None, key_pos=None,
+               query_pos=None):
+    """Boolean ``[B, 1, q, n]`` mask (True = attend) or None when plain causal
+    attention over the slots is exact.
+
+    The queries sit at the last ``q`` slots, so causality is by slot index.
+    ``kv_start`` ``[B]`` masks leading (padding or filler) slots,
+    ``key_valid`` ``[B, n]`` any slot; ``window`` with ``key_pos`` ``[B, n]``
+    and ``query_pos`` ``[B, q]`` (token positions) masks keys at distance
+    ``>= window`` (sliding-window layers). A query row that would see nothing
+    sees itself, so padded rows never produce NaN.
+    """
+    padded = key_valid is not None or (kv_start is not None and bool(kv_start.any()))
+    if not padded and window is None:
+        return None
+    j = torch.arange(n, device=device)
+    slot = torch.arange(q, device=device) + (n - q)
+    mask = (j[None, :] <= slot[:, None])[None].expand(B, q, n)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, :]
+    elif kv_start is not None:
+        mask = mask & (j[None, :] >= kv_start[:, None])[:, None, :]
+    if window is not None:
+        dist = query_pos[:, :, None].to(torch.int64) - key_pos[:, None, :].to(torch.int64)
+        mask = mask & (dist < window)
+    mask = mask | (j[None, :] == slot[:, None])[None]
+    return mask[:, None]
+
+
+def masked_attention(query, key, value, spec: AttentionSpec, mask=None, bias=None):
+    """Attention of ``query`` ``[B, Hq, q, D]`` over ``key``/``value``
+    ``[B, Hkv, n, D]`` with ``mask`` from :func:`build_mask` (None: causal over
+    the slots); ``bias`` ``[B, Hkv, n]`` is added to the logits (log merge
+    counts). Returns ``[B, q, Hq, D]``."""
+    B, Hq, q, _ = query.shape
+    n = key.shape[2]
+    Hkv = key.shape[1]
+    if spec.softcap is None and spec.sinks is None and bias is None:
+        causal = mask is None and q > 1
+        if mask is None and q > 1 and q != n:
+            i = torch.arange(q, device=query.device)[:, None] + (n - q)
+            mask = torch.arange(n, device=query.device)[None, :] <= i
+            causal = False
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=spec.dropout, is_causal=causal, scale=spec.scaling,
+            enable_gqa=Hq != Hkv,
+        )
+        return out.transpose(1, 2).contiguous()
+    # Eager path: softcap and sink logits are not expressible in SDPA.
+    g = Hq // Hkv
+    k = key.repeat_interleave(g, 1) if g > 1 else key
+    v = value.repeat_interleave(g, 1) if g > 1 else value
+    logits = torch.matmul(query, k.transpose(-1, -2)).float() * spec.scaling
+    if spec.softcap is not None:
+        logits = torch.tanh(logits / spec.softcap) * spec.softcap
+    if bias is not None:
+        logits = logits + (bias.repeat_interleave(g, 1) if g > 1 else bias)[:, :, None, :].float()
+    if mask is None:
+        j = torch.arange(n, device=query.device)
+        i = torch.arange(q, device=query.device)[:, None] + (n - q)
+        mask = (j[None, :] <= i)[None, None]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    if spec.sinks is not None:
+        # learned per-head sink logit: a softmax column that carries no value
+        sink = spec.sinks.to(logits.dtype).reshape(1, Hq, 1, 1).expand(B, Hq, q, 1)
+        probs = torch.softmax(torch.cat([logits, sink], -1), -1)[..., :n]
+    else:
+        probs = torch.softmax(logits, -1)
+    if spec.dropout:
+        probs = F.dropout(probs, p=spec.dropout, training=True)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out.transpose(1, 2).contiguous()
