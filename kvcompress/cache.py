@@ -343,7 +343,8 @@ class CompressedLayer(CacheLayerMixin):
             # decoding never needs more than the budget plus the slack
             L = self.num_layers or (self.layer_idx + 1)
             self.store.limit = method.row_target(self.layer_idx, L, 1 << 40) + method.interval
-        held_q = method.held_queries() if method.interval else 0
+        # sliding layers never re-score (they keep their most recent slots)
+        held_q = method.held_queries() if method.interval and self.window is None else 0
         if held_q and queries is not None:
             recent = queries if self.recent_q is None or phase == "prefill" else torch.cat([self.recent_q, queries], 2)
             # a copy: a slice would keep the whole chunk's queries alive
@@ -384,11 +385,18 @@ class CompressedLayer(CacheLayerMixin):
         target)`` slots: the window is all its attention can see, and the
         method's target shrinks it further (recent tokens only: a local layer
         is a StreamingLLM layer without sinks)."""
-        keep = min(self.window - 1, max(self._targets(), default=self.window - 1))
-        drop = self.store.n - max(keep, 1)
+        keep = max(1, min(self.window - 1, max(self._targets(), default=self.window - 1)))
+        drop = self.store.n - keep
         if drop > 0:
             self.store.drop_front(drop)
             self._update_start([max(0, s - drop) for s in self._start])
+        # Dropping moves a start offset; the buffer is rewritten once its
+        # slack is used up, every `slack` steps. A buffer far larger than the
+        # window (the prompt's) is given back at once.
+        slack = max(1, min(16, self.window // 8))
+        self.store.limit = keep + slack
+        if self.store.capacity > keep + 2 * slack:
+            self.store.shrink(keep + slack)
 
     def _select(self, view: LayerView, rows: list[int], targets: list[int]) -> None:
         """Evicting methods: rows in ``rows`` keep ``method.select``'s slots,

@@ -163,6 +163,10 @@ class UniformStore(LayerStore):
         self.lo += m
         self.n -= m
 
+    def shrink(self, cap: int) -> None:
+        """Reallocate to ``cap >= n`` slots (give back a larger buffer)."""
+        self._realloc(max(cap, self.n))
+
     def index_batch(self, idx) -> None:
         if self._k is None:
             return
