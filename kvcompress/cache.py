@@ -111,6 +111,7 @@ class CompressedLayer(CacheLayerMixin):
         self.window: int | None = None
         self.last_chunk = 0
         self.head_budgets: torch.Tensor | None = None
+        self._share: torch.Tensor | None = None  # [B, H] float64 head shares (host)
         self.recent_q: torch.Tensor | None = None
 
     def __repr__(self) -> str:
@@ -242,6 +243,7 @@ class CompressedLayer(CacheLayerMixin):
         self._pad = [self._pad[i] for i in host.tolist()] if self._pad else []
         if self.head_budgets is not None:
             self.head_budgets = self.head_budgets.index_select(0, host.to(self.head_budgets.device))
+            self._share = self._share.index_select(0, host)
         if self.recent_q is not None:
             self.recent_q = self.recent_q.index_select(0, host.to(self.recent_q.device))
 
@@ -257,9 +259,16 @@ class CompressedLayer(CacheLayerMixin):
         device = self.store.tensors()[0].device
         first = self.kv_start is None
         if four_d is not None and first:
-            allowed = four_d if four_d.dtype == torch.bool else four_d == 0
-            seen_by_any = allowed[:, 0].any(dim=1)  # [B, n]
-            pad = (torch.cumprod((~seen_by_any).to(torch.int64), dim=1)).sum(dim=1)
+            # A slot is padding when no later query sees it (a padded query
+            # row may see itself or, in some masks, everything; the token
+            # after a real one always sees it, whatever the window).
+            allowed = (four_d if four_d.dtype == torch.bool else four_d == 0)[:, 0]  # [B, q, n]
+            nq, n = allowed.shape[1], allowed.shape[2]
+            later = (torch.arange(nq, device=allowed.device)[:, None] + (n - nq)) > torch.arange(
+                n, device=allowed.device)[None, :]
+            seen_later = (allowed & later[None]).any(dim=1)
+            seen_later[:, -1] = True
+            pad = (torch.cumprod((~seen_later).to(torch.int64), dim=1)).sum(dim=1)
             self._set_start(pad.to(device=device, dtype=torch.int64))
             return self.kv_start
         if padding_mask is None:
@@ -346,7 +355,7 @@ class CompressedLayer(CacheLayerMixin):
         # sliding layers never re-score (they keep their most recent slots)
         held_q = method.held_queries() if method.interval and self.window is None else 0
         if held_q and queries is not None:
-            recent = queries if self.recent_q is None or phase == "prefill" else torch.cat([self.recent_q, queries], 2)
+            recent = queries if self.recent_q is None else torch.cat([self.recent_q, queries], 2)
             # a copy: a slice would keep the whole chunk's queries alive
             self.recent_q = recent[:, :, -held_q:].clone(memory_format=torch.contiguous_format)
         if self.window is not None:
@@ -359,6 +368,8 @@ class CompressedLayer(CacheLayerMixin):
             # (multi-turn) re-compresses at once, decoding every interval
             if self.head_budgets is None:
                 return
+            if method.ratio is not None:
+                self._follow_targets(targets)
             if self._heads_over(method.interval if phase == "decode" else 1):
                 self._recompress_heads(scaling)
             return
@@ -481,8 +492,31 @@ class CompressedLayer(CacheLayerMixin):
                 lengths[b] = max(targets[b], int(lengths[b].max()))
         self.store = store
         # without a decode interval the layer is compressed once, at prefill
-        self.head_budgets = lengths.to(store.k.device) if self.method.interval else None
+        self._set_shares(lengths, targets)
         self._update_start([0] * B)
+
+    def _set_shares(self, budgets: torch.Tensor, targets: list[int]) -> None:
+        """Remember each head's share of its row's target (``budgets`` ``[B, H]``
+        host int64), so the per-head budgets follow the target as it moves
+        (``ratio=``) and sum to ``H * target``."""
+        if not self.method.interval:
+            self.head_budgets = None
+            return
+        t = torch.tensor(targets, dtype=torch.float64).clamp_min(1)[:, None]
+        self._share = budgets.double() / t
+        self.head_budgets = budgets.to(self.store.k.device)
+
+    def _follow_targets(self, targets: list[int]) -> None:
+        """Per-head budgets for the rows' current targets: the shares times the
+        target, rounded so that each row's heads sum to ``H * target``."""
+        H = self.store.heads
+        t = torch.tensor(targets, dtype=torch.float64)[:, None]
+        want = self._share * t
+        base = want.floor()
+        extra = (t[:, 0] * self._share.sum(1) - base.sum(1)).round().long()
+        order = (want - base).argsort(dim=1, descending=True, stable=True)
+        bonus = torch.zeros_like(base).scatter_(1, order, (torch.arange(H)[None, :] < extra[:, None]).double())
+        self.head_budgets = (base + bonus).long().to(self.store.k.device)
 
     def _to_ragged(self, targets: list[int]) -> None:
         """Move every real slot of a uniform layer to per-head storage."""
@@ -494,7 +528,7 @@ class CompressedLayer(CacheLayerMixin):
                                        counts=ones if self.method.merges else None,
                                        scores=ones * float("nan") if self.method.merges else None)
         self.store = store
-        self.head_budgets = torch.tensor(targets, dtype=torch.int64).repeat_interleave(H).view(B, H).to(keys.device)
+        self._set_shares(torch.tensor(targets, dtype=torch.int64).repeat_interleave(H).view(B, H), targets)
         self._update_start([0] * B)
 
     def _heads_over(self, slack: int) -> bool:

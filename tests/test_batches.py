@@ -1,0 +1,144 @@
+"""Batches and decoding options: each row of a left-padded batch generates
+what it generates alone, beam search runs on per-head layers, 4-D masks
+record their padding, and attention options we cannot honour are refused by
+name."""
+
+import pytest
+import torch
+
+import kvcompress as kvc
+from kvcompress.compat import cache_kwargs
+from kvcompress.hf import attention_spec
+from kvcompress.methods import REGISTRY
+
+KW = dict(do_sample=False, pad_token_id=0)
+
+
+def _ids(length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 512, (length,), generator=g)
+
+
+def _batch(rows):
+    """Left-pad 1-D id tensors into ``(ids, mask)``."""
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    return ids, mask
+
+
+def _gen(model, method, ids, mask, n=10, **kw):
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **KW, **kw)
+    if method is None:
+        return model.generate(**args)
+    with kvc.compress(model, method) as session:
+        out = model.generate(**args)
+    return out, session.cache
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_short_rows_generate_what_they_generate_alone(tiny_model, name):
+    """Rows shorter than the budget (and than sinks + window) keep every
+    token, in a batch with a row that is compressed."""
+    short, long_ = _ids(20, 1), _ids(140, 2)
+    ids, mask = _batch([short, long_])
+    method = REGISTRY[name](budget=64)
+    out, cache = _gen(tiny_model, method, ids, mask)
+    alone, _ = _gen(tiny_model, method, short[None], torch.ones(1, 20, dtype=torch.long))
+    assert torch.equal(out[0, -30:], alone[0])
+    for layer in cache.layers:
+        H = layer.store.heads
+        lengths = layer.head_lengths()
+        # the short row holds its 20 + 9 real slots (no pad), the long row is compressed
+        real = [n - (layer.kv_start[0].item() if layer.ragged is None else 0) for n in lengths[:H]]
+        assert real == [29] * H, (name, layer.layer_idx, lengths)
+
+
+def test_ems_on_a_row_shorter_than_its_forced_keeps(tiny_model):
+    ids, mask = _batch([_ids(20, 3), _ids(100, 4)])
+    out, cache = _gen(tiny_model, kvc.EMS(budget=64), ids, mask, n=6)
+    assert out.shape == (2, 106)
+    alone, _ = _gen(tiny_model, kvc.EMS(budget=64), ids[:1, 80:], mask[:1, 80:], n=6)
+    assert torch.equal(out[0, 80:], alone[0])
+
+
+def test_pyramidkv_row_result_does_not_depend_on_its_batch(tiny_model):
+    short = _ids(18, 5)
+    method = kvc.PyramidKV(budget=48)
+    alone, cache = _gen(tiny_model, method, short[None], torch.ones(1, 18, dtype=torch.long))
+    assert all(layer.n == 18 + 9 for layer in cache.layers)  # nothing compressed alone
+    ids, mask = _batch([short, _ids(140, 6), _ids(140, 7)])
+    out, _ = _gen(tiny_model, method, ids, mask)
+    assert torch.equal(out[0, -28:], alone[0])
+
+
+@pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])
+def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_model, name):
+    ids = _ids(40, 8)[None]
+    mask = torch.ones_like(ids)
+    ref = _gen(tiny_model, None, ids, mask, n=8, num_beams=3)
+    out, cache = _gen(tiny_model, REGISTRY[name](budget=500), ids, mask, n=8, num_beams=3)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", ["ems", "adakv"])
+def test_beam_search_runs_on_per_head_layers(tiny_model, name):
+    ids = _ids(120, 9)[None]
+    mask = torch.ones_like(ids)
+    method = REGISTRY[name](budget=48, interval=4)
+    out, cache = _gen(tiny_model, method, ids, mask, n=12, num_beams=3)
+    assert out.shape == (1, 132)
+    layer = cache.layers[0]
+    assert layer.ragged is not None and layer.ragged.batch == 3
+    assert max(layer.head_lengths()) < 48 * 2 + 4
+
+
+def test_four_d_mask_records_the_padding(tiny_model):
+    """A 4-D mask on the first chunk: pad slots are recorded as such, so a
+    prefill compression never keeps them."""
+    ids, mask2 = _batch([_ids(30, 10), _ids(60, 11)])
+    T = ids.shape[1]
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    allowed = causal[None] & mask2.bool()[:, None, :]
+    allowed = allowed | torch.eye(T, dtype=torch.bool)[None]
+    four_d = torch.zeros(2, 1, T, T).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+    with kvc.compress(tiny_model, kvc.SnapKV(budget=32, window=8)) as session:
+        cache = session.new_cache()
+        with torch.no_grad():
+            tiny_model(ids, attention_mask=four_d, position_ids=(mask2.cumsum(1) - 1).clamp_min(0),
+                       **cache_kwargs(tiny_model, cache))
+    for layer in cache.layers:
+        pos = layer.positions
+        start = layer.kv_start.tolist()
+        assert start[1] == 0 and start[0] == 2  # row 0: 30 real tokens < 32, two filler slots
+        assert (pos[0, :, start[0]:] >= 30).all()  # no pad token kept
+
+
+class _Module:
+    is_causal = True
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"position_bias": torch.zeros(1)}, "position_bias"),
+    ({"is_causal": False}, "is_causal"),
+    ({"cu_seq_lens_q": torch.zeros(2)}, "cu_seq_lens_q"),
+    ({"output_attentions": True}, "output_attentions"),
+    ({"attention_chunk_size": 8}, "attention_chunk_size"),
+    ({"s_aux": torch.zeros(3)}, "s_aux"),
+    ({"sliding_window": 0}, "sliding_window"),
+    ({"softcap": -1.0}, "softcap"),
+])
+def test_attention_options_we_cannot_honour_are_refused_by_name(kwargs, name):
+    q = torch.zeros(1, 4, 2, 8)
+    with pytest.raises(kvc.KVCompressError, match=name):
+        attention_spec(_Module(), q, 0.0, None, kwargs)
+
+
+def test_honoured_options_are_read():
+    q = torch.zeros(1, 4, 2, 8)
+    spec = attention_spec(_Module(), q, 0.0, 0.5, {"sliding_window": 64, "softcap": 50.0, "s_aux": torch.ones(4),
+                                                   "position_ids": torch.zeros(1), "output_attentions": False})
+    assert (spec.window, spec.softcap, spec.scaling) == (64, 50.0, 0.5) and spec.sinks.shape == (4,)
+    assert not spec.plain

@@ -1,0 +1,179 @@
+"""Every method keeps the budget the user gave while decoding, whatever the
+prompt's length (a short prompt is kept whole and grows up to the budget),
+and the slots it keeps are the ones its rule picks."""
+
+import resource
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+import kvcompress as kvc
+from kvcompress.cache import CompressedLayer
+from kvcompress.methods import REGISTRY
+
+BUDGET, INTERVAL = 128, 16
+
+
+def _ids(length, seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 512, (batch, length), generator=g)
+
+
+class Record(LogitsProcessor):
+    """Slots held per (layer, row, head) and tokens seen after every forward."""
+
+    def __init__(self):
+        self.session = None
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        cache = self.session.cache
+        self.steps.append((cache.get_seq_length(), [layer.head_lengths() for layer in cache.layers],
+                           cache.memory_bytes()))
+        return scores
+
+
+def _run(model, method, ids, new_tokens):
+    rec = Record()
+    with kvc.compress(model, method) as session:
+        rec.session = session
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([rec]))
+    return session.cache, rec.steps
+
+
+@pytest.mark.parametrize("length", [10, 100, 1000])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_slots_stay_within_the_budget_whatever_the_prompt(tiny_model, name, length):
+    method = REGISTRY[name](budget=BUDGET, interval=INTERVAL)
+    new = 300 if length < 1000 else 150
+    cache, steps = _run(tiny_model, method, _ids(length, seed=length), new)
+    H = tiny_model.config.num_key_value_heads
+    for seen, layers, _ in steps:
+        for li, heads in enumerate(layers):
+            target = min(seen, method.row_target(li, len(layers), seen))
+            if seen <= BUDGET:
+                # nothing is evicted before the budget is reached
+                assert heads == [seen] * H, (name, length, seen, li, heads)
+            elif method.headwise:
+                # heads share the layer's budget: the layer holds H * target
+                # slots plus at most interval - 1 per head since the last round
+                assert H * target <= sum(heads) < H * (target + INTERVAL), (name, seen, li, heads)
+            else:
+                assert all(target <= n < target + INTERVAL for n in heads), (name, seen, li, heads, target)
+    assert steps[-1][0] == length + new - 1
+
+
+@pytest.mark.parametrize("name", ["snapkv", "streamingllm", "h2o", "ems"])
+def test_ratio_during_decoding_keeps_its_share_of_every_token(tiny_model, name):
+    method = REGISTRY[name](ratio=0.5, interval=INTERVAL)
+    _, steps = _run(tiny_model, method, _ids(100, seed=3), 200)
+    H = tiny_model.config.num_key_value_heads
+    for seen, layers, _ in steps:
+        target = int(seen * 0.5)
+        for heads in layers:
+            if method.headwise:
+                assert H * target <= sum(heads) < H * (target + INTERVAL) + H, (seen, heads)
+            else:
+                assert all(target <= n < target + INTERVAL + 1 for n in heads), (seen, heads, target)
+
+
+@pytest.fixture
+def layer0_trace(monkeypatch):
+    """Layer 0's attention calls: float64 queries, keys, token positions
+    before the call, and positions kept after it."""
+    trace = []
+    original = CompressedLayer.attend
+
+    def spy(self, query, spec):
+        if self.layer_idx == 0:
+            trace.append(dict(q=query.double().clone(), k=self.store.keys.double().clone(),
+                              pos=self.positions[0].clone(), scaling=spec.scaling, layer=self))
+        return original(self, query, spec)
+
+    monkeypatch.setattr(CompressedLayer, "attend", spy)
+    return trace
+
+
+def test_streamingllm_keeps_sinks_and_the_most_recent(tiny_model, layer0_trace):
+    method = kvc.StreamingLLM(budget=BUDGET, interval=INTERVAL)
+    cache, _ = _run(tiny_model, method, _ids(40, seed=4), 300)
+    rounds = 0
+    for step, nxt in zip(layer0_trace, layer0_trace[1:]):
+        kept = nxt["pos"][:, :-1]  # the next call's slots minus its new token
+        held = step["pos"]
+        if kept.shape[1] < held.shape[1]:
+            rounds += 1
+            n = kept.shape[1]
+            want = torch.cat([held[:, :4], held[:, -(n - 4):]], 1)
+            assert torch.equal(kept, want)
+    assert rounds >= 8
+    final = cache.layers[0].positions[0, 0].tolist()
+    seen = cache.get_seq_length()
+    assert final[:4] == [0, 1, 2, 3] and final[4:] == list(range(seen - len(final) + 4, seen))
+
+
+def test_h2o_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_model, layer0_trace):
+    """H2O's accumulated attention recomputed in float64 from the queries and
+    held keys of every step; at every re-compression the kept slots are the
+    recent half plus the top of that accumulation."""
+    from model_refs import assert_topk_consistent
+
+    method = kvc.H2O(budget=64, interval=8)
+    _run(tiny_model, method, _ids(30, seed=5), 120)
+    H = tiny_model.config.num_key_value_heads
+    acc = [dict() for _ in range(H)]
+    rounds = 0
+    for step, nxt in zip(layer0_trace, layer0_trace[1:]):
+        q, k, pos = step["q"][0], step["k"][0], step["pos"]
+        Hq, nq, n = q.shape[0], q.shape[1], k.shape[1]
+        g = Hq // H
+        logits = q @ k.repeat_interleave(g, 0).transpose(-1, -2) * step["scaling"]
+        causal = torch.arange(n)[None, :] <= (torch.arange(nq) + n - nq)[:, None]
+        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+        col = probs.view(H, g, nq, n).mean(1).sum(1)  # [H, n]
+        for h in range(H):
+            for j, p in enumerate(pos[h].tolist()):
+                acc[h][p] = acc[h].get(p, 0.0) + float(col[h, j])
+        kept = nxt["pos"][:, :-1]
+        if kept.shape[1] < pos.shape[1]:
+            rounds += 1
+            keep = kept.shape[1]
+            recent = int(round(keep * 0.5))
+            for h in range(H):
+                held = pos[h].tolist()
+                scores = torch.tensor([acc[h][p] for p in held], dtype=torch.float64)
+                slots = [held.index(p) for p in kept[h].tolist()]
+                assert_topk_consistent(slots, scores, range(len(held) - recent, len(held)), keep, eps=1e-6)
+    assert rounds >= 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["streamingllm", "snapkv", "ems"])
+def test_long_generation_from_a_short_prompt_stays_flat(tiny_model, name):
+    method = REGISTRY[name](budget=BUDGET, interval=INTERVAL)
+    rss = []
+
+    class Rss(Record):
+        def __call__(self, input_ids, scores):
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+            return super().__call__(input_ids, scores)
+
+    rec = Rss()
+    with kvc.compress(tiny_model, method) as session:
+        rec.session = session
+        tiny_model.generate(input_ids=_ids(19, seed=6), attention_mask=torch.ones(1, 19, dtype=torch.long),
+                            max_new_tokens=2000, min_new_tokens=2000, do_sample=False, pad_token_id=0,
+                            logits_processor=LogitsProcessorList([rec]))
+    bytes_ = [b for _, _, b in rec.steps]
+    assert max(bytes_[250:]) == max(bytes_[250:400])  # no growth after the first rounds
+    assert rss[-1] - rss[250] < 8 * 1024  # peak RSS (KiB) grows by less than 8 MiB over 1,750 tokens
+    cfg = tiny_model.config
+    slot = 2 * cfg.head_dim * 4  # fp32 key + value
+    for layer in session.cache.layers:
+        heads = layer.head_lengths()
+        assert all(n < BUDGET + INTERVAL for n in heads) and sum(heads) >= BUDGET * len(heads)
+        kv = sum(t.untyped_storage().nbytes() for t in layer.store.tensors()[:2])
+        assert kv <= (BUDGET + INTERVAL) * len(heads) * slot
