@@ -294,3 +294,42 @@ def test_transformers_bytes_count_storages_once():
     per_token = 2 * config.num_key_value_heads * config.head_dim * 4
     assert transformers_cache_bytes(cache) == config.num_hidden_layers * PROMPT * per_token
     assert math.prod(layer.keys.shape) * 4 * 2 * config.num_hidden_layers < transformers_cache_bytes(cache)
+
+
+# ------------------------------------------------------------ refused by name
+
+
+def test_bidirectional_attention_is_refused_by_name():
+    """A module with ``is_causal = False`` (Gemma 3 with
+    ``use_bidirectional_attention``) attends to later tokens; a cache that
+    scores and evicts causally cannot serve it, so generation under
+    ``compress()`` must fail and say why instead of running causal attention."""
+    config = transformers.Gemma3TextConfig(**dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF,
+                                                  query_pre_attn_scalar=16, use_bidirectional_attention=True))
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    assert not model.model.layers[0].self_attn.is_causal
+    ids, mask = _prompts()
+    with kvc.compress(model, kvc.SnapKV(budget=32)):
+        with pytest.raises((NotImplementedError, ValueError), match=r"(?i)causal|bidirectional"):
+            _generate(model, ids, mask)
+
+
+@pytest.mark.parametrize("kwarg", ["position_bias", "indices"])
+def test_unsupported_attention_kwargs_are_refused_by_name(kwarg):
+    """transformers hands variant-specific tensors to the attention function
+    as keyword arguments (T5-style ``position_bias``, DeepSeek sparse
+    ``indices``); the "kvcompress" attention must refuse one it does not
+    implement, naming it, rather than drop it silently."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER)).eval()
+    kvc.enable(model)
+    attention = ALL_ATTENTION_FUNCTIONS[kvc.hf.ATTN_NAME]
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 8, 16)
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    extra = torch.zeros(1, 4, 8, 8) if kwarg == "position_bias" else torch.zeros(1, 8, 4, dtype=torch.long)
+    with pytest.raises((NotImplementedError, ValueError, TypeError), match=kwarg):
+        attention(module, q, k, v, None, dropout=0.0, scaling=0.25, **{kwarg: extra})
