@@ -19,6 +19,7 @@ total is checked: over all ranks, the slots kept are heads x budget.
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -88,15 +89,20 @@ def tp_setup(tmp_path_factory):
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
            str(HERE / "tp_worker.py"), str(folder), str(prefix), ",".join(SAME + SHARED)]
+    # its own session, so that a hung run is ended with all its workers
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish in 120 s:\n{(e.stderr or '')[-3000:]}")
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 120 s:\n{stderr[-3000:]}")
     ranks = []
     for r in range(WORLD):
         path = Path(f"{prefix}.rank{r}.json")
         if not path.exists():
-            pytest.fail(f"rank {r} wrote no result (torchrun exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+            pytest.fail(f"rank {r} wrote no result (torchrun exit {proc.returncode}):\n{stderr[-4000:]}")
         ranks.append(json.loads(path.read_text()))
     errors = [r["error"] for r in ranks if "error" in r]
     assert not errors, f"a rank failed:\n{errors[0]}"

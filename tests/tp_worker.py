@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,10 @@ def main(folder, prefix, specs):
 
     start = time.time()
     rank = int(os.environ.get("RANK", 0))
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        # our own group (gloo on CPU) with a short timeout, so a stuck rank fails instead of waiting 30 min
+        backend = "gloo" if not torch.cuda.is_available() else "nccl"
+        dist.init_process_group(backend, timeout=timedelta(seconds=90))
     result = {"rank": rank}
     try:
         model = _load(folder).eval()
