@@ -72,8 +72,9 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DECODER, sliding_window=WINDOW),
                 "config.sliding_window on every layer (no layer_types)"),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               # scaling 1 and larger weights: attention logits reach the cap, so it changes the logits
                dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF, attn_logit_softcapping=50.0,
-                    final_logit_softcapping=30.0, query_pre_attn_scalar=16),
+                    final_logit_softcapping=30.0, query_pre_attn_scalar=1, initializer_range=0.2),
                "sliding + attention logit softcapping (eager reference)"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF, query_pre_attn_scalar=16),
@@ -242,6 +243,38 @@ def test_reference_sees_the_variant(archs, family):
     ref = arch.ref
     assert ref.sequences.shape == (2, PROMPT + NEW)
     assert all(torch.isfinite(step).all() for step in ref.logits)
+
+
+def _without(model, variant: str) -> None:
+    """Switch ``variant`` off in ``model`` (in place)."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if variant == "softcap":
+            attn.attn_logit_softcapping = None
+        elif variant == "sinks":
+            attn.sinks.data.fill_(-1e4)
+        elif getattr(attn, "sliding_window", None):
+            attn.sliding_window = 10_000
+    if variant == "window":
+        model.config.sliding_window = 10_000
+
+
+@pytest.mark.parametrize("family, variant", [
+    ("mistral", "window"), ("qwen2", "window"), ("gemma3", "window"), ("gemma2", "softcap"),
+    ("gpt_oss", "sinks"), ("granite_swa", "sinks"),
+])
+def test_the_variant_changes_the_logits(family, variant):
+    """The suite has teeth: switching the variant off moves the reference's
+    logits by far more than the identity test's tolerance, so a cache that
+    ignores it fails there."""
+    model = _build(family)
+    ids, mask = _prompts()
+    ref = _generate(model, ids, mask, **cache_kwargs(model, DynamicCache(config=model.config)))
+    _without(model, variant)
+    out = _generate(model, ids, mask, **cache_kwargs(model, DynamicCache(config=model.config)))
+    moved = max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits))
+    scale = max(1.0, max(float(b.abs().max()) for b in ref.logits))
+    assert moved > 100 * 1e-4 * scale, f"{family}: without its {variant} the logits move by only {moved:.3g}"
 
 
 # ------------------------------------------------------------ identity (budget >= prompt)
