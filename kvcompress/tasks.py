@@ -87,5 +87,6 @@ def passkey_prompt(tokenizer, n_filler: int, depth: float, *, key: int | None = 
         pool = pool + pool
     filler = pool[:n_filler]
     cut = int(round(len(filler) * depth))
-    ids = special_prefix(tokenizer) + encode(_HEAD) + filler[:cut] + encode(_NEEDLE.format(key=key)) + filler[cut:] + encode(_QUESTION)
+    ids = (special_prefix(tokenizer) + encode(_HEAD) + filler[:cut] + encode(_NEEDLE.format(key=key))
+           + filler[cut:] + encode(_QUESTION))
     return PasskeyPrompt(torch.tensor([ids]), str(key), n_filler, depth)
