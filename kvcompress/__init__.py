@@ -28,6 +28,7 @@ _LAZY = {
     "CompressionSession": ("kvcompress.hf", "CompressionSession"),
     "load_default_model": ("kvcompress.model", "load_default_model"),
     "load_model": ("kvcompress.model", "load_model"),
+    "load_gemma3": ("kvcompress.model", "load_gemma3"),
     "testing": ("kvcompress.testing", None),
     "Method": ("kvcompress.methods", "Method"),
     "StreamingLLM": ("kvcompress.methods", "StreamingLLM"),

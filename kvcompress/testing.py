@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 from .compat import cache_kwargs
 from .methods.base import Method
-from .tasks import default_text, passkey_prompt
+from .tasks import default_text, passkey_prompt, special_prefix
 
 __all__ = [
     "PasskeyCase", "PasskeyResult", "FidelityResult", "PerplexityResult",
@@ -264,10 +264,11 @@ class FidelityResult:
 def _context_ids(tokenizer, text: str, tokens: int, what: str):
     import torch
 
+    prefix = special_prefix(tokenizer)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if len(ids) < tokens:
-        raise ValueError(f"{what}: text has {len(ids)} tokens, need {tokens}")
-    return torch.tensor([ids[:tokens]])
+    if len(prefix) + len(ids) < tokens:
+        raise ValueError(f"{what}: text has {len(ids)} tokens, need {tokens - len(prefix)}")
+    return torch.tensor([(prefix + ids)[:tokens]])
 
 
 @dataclass
@@ -425,13 +426,14 @@ def perplexity_windows(tokenizer, text: str | None = None, *, context_tokens: in
     if context_tokens < 1 or continuation_tokens < 2:
         raise ValueError(f"context_tokens, continuation_tokens: need >= 1 and >= 2, got "
                          f"{context_tokens}, {continuation_tokens}")
+    prefix = special_prefix(tokenizer)  # e.g. <bos>, which Gemma needs first
     ids = tokenizer(_text(text), add_special_tokens=False)["input_ids"]
     span = context_tokens + continuation_tokens
-    if len(ids) < span:
+    if len(ids) < span - len(prefix):
         raise ValueError(f"text: {len(ids)} tokens, need context_tokens + continuation_tokens = {span}")
     rnd = random.Random(seed)
-    starts = [rnd.randrange(0, len(ids) - span + 1) for _ in range(windows)]
-    return [torch.tensor([ids[s : s + span]]) for s in starts]
+    starts = [rnd.randrange(0, len(ids) - (span - len(prefix)) + 1) for _ in range(windows)]
+    return [torch.tensor([prefix + ids[s : s + span - len(prefix)]]) for s in starts]
 
 
 def perplexity(model, tokenizer, method=None, text: str | None = None, *, context_tokens: int = 1024,

@@ -1,0 +1,374 @@
+"""Every method on every attention variant transformers ships, on tiny random models.
+
+One tiny decoder (hidden 64, 4 layers, head dim 16, GQA where the family has
+it, vocab 300, no download) per family, covering the attention variants a
+compressed cache has to reproduce:
+
+- plain causal attention (llama, qwen3, phi3, olmo2), fused QKV projections
+  (gpt_neox, gpt2), absolute position embeddings (gpt2);
+- sliding windows, global (mistral: every layer) or per layer through
+  ``config.layer_types`` (qwen2, gemma2, gemma3, gpt_oss, cohere2, granite_swa);
+- attention logit softcapping (gemma2, ``softcap=`` to the attention function);
+- learned attention sinks (gpt_oss and granite_swa, ``s_aux=``);
+- layers without rotary embeddings (cohere2's global layers, one NoPE layer in
+  granite_swa) and a non-default scaling (granite_swa's ``attention_multiplier``).
+
+Every prompt (200 tokens, batch of 2, left padded: one row has 120 real
+tokens) is longer than the sliding window (64), so a cache that ignores the
+window attends to tokens transformers masks out.
+
+For each family and each method in ``kvcompress.methods.REGISTRY``:
+
+1. ``budget >= prompt`` reproduces plain greedy ``model.generate()`` token for
+   token, and its logits at every step;
+2. a compressed run (``SnapKV``/``StreamingLLM``/``EMS`` at budget 32, and
+   ``SnapKV`` at 128, between the window and the prompt) holds no more bytes
+   than transformers' own ``DynamicCache(config=...)`` holds for the same
+   generation (which keeps only the window on sliding layers).
+
+A module that is not causal, and attention keyword arguments the cache
+cannot honour (``position_bias``, sparse ``indices``), are refused by name.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import DynamicCache
+
+import kvcompress as kvc
+from kvcompress.compat import cache_kwargs
+from kvcompress.methods import REGISTRY
+
+WINDOW = 64
+PROMPT = 200
+SHORT = 120  # real tokens of the left-padded row
+NEW = 12
+VOCAB = 300
+PAD = 0
+
+_SLIDING_HALF = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+_DECODER = dict(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+    pad_token_id=PAD, bos_token_id=1, eos_token_id=2,
+    # larger weights than the 0.02 default, so that attention is peaked and a
+    # token outside the window (or a missing sink/softcap) changes the logits
+    initializer_range=0.1,
+)
+
+#: family -> (config class, model class, config kwargs, what it exercises)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_DECODER), "causal, GQA"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM",
+              dict(_DECODER, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=0,
+                   layer_types=_SLIDING_HALF),
+              "sliding layers from config.layer_types"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DECODER), "q/k norm"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DECODER, sliding_window=WINDOW),
+                "config.sliding_window on every layer (no layer_types)"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               # scaling 1 and larger weights: attention logits reach the cap, so it changes the logits
+               dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF, attn_logit_softcapping=50.0,
+                    final_logit_softcapping=30.0, query_pre_attn_scalar=1, initializer_range=0.2),
+               "sliding + attention logit softcapping (eager reference)"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF, query_pre_attn_scalar=16),
+               "hybrid sliding/global, per-layer rope"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER), "fused qkv projection"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_DECODER), "q/k norm over all heads"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                 dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, max_position_embeddings=1024, pad_token_id=PAD, bos_token_id=1,
+                      eos_token_id=2, initializer_range=0.1),
+                 "fused qkv, partial rotary, no GQA, cache.update without kwargs"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=1024, pad_token_id=PAD,
+                  bos_token_id=1, eos_token_id=2, initializer_range=0.1),
+             "absolute positions, Conv1D fused qkv, no GQA"),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF, num_local_experts=2,
+                     num_experts_per_tok=1, rope_parameters=dict(rope_type="default", rope_theta=10000.0)),
+                "learned sinks (s_aux) + sliding (eager reference)"),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM",
+                dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF),
+                "sliding layers with rope, global layers without (NoPE)"),
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM",
+                    dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF, attention_multiplier=0.2,
+                         layer_rope_theta=[10000.0, 10000.0, 10000.0, 0]),
+                    "sinks + sliding + NoPE layer + attention_multiplier scaling (transformers > 5.0)"),
+}
+
+#: the heaviest families (MoE / eager-only references) run their all-method sweep in the slow set
+SLOW_FAMILIES: set[str] = set()
+
+METHODS = sorted(REGISTRY)
+COMPRESSED = {
+    "snapkv": lambda: kvc.SnapKV(budget=32),
+    # above the window, below the prompt: a sliding layer still needs no more than its window
+    "snapkv128": lambda: kvc.SnapKV(budget=128),
+    "streamingllm": lambda: kvc.StreamingLLM(budget=32),
+    "ems": lambda: kvc.EMS(budget=32),
+}
+
+
+def _build(family: str):
+    config_name, model_name, kwargs, _ = FAMILIES[family]
+    config_cls = getattr(transformers, config_name, None)
+    model_cls = getattr(transformers, model_name, None)
+    if config_cls is None or model_cls is None:
+        pytest.skip(f"{family}: transformers {transformers.__version__} has no {config_name}/{model_name}")
+    try:
+        config = config_cls(**kwargs)
+        torch.manual_seed(0)
+        model = model_cls(config)
+    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
+        pytest.skip(f"{family}: cannot build a tiny {model_name} on transformers {transformers.__version__}: "
+                    f"{type(e).__name__}: {e}")
+    return model.float().eval()
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, VOCAB, (2, PROMPT), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, : PROMPT - SHORT] = PAD
+    mask[0, : PROMPT - SHORT] = 0
+    return ids, mask
+
+
+def _generate(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                              do_sample=False, pad_token_id=PAD, return_dict_in_generate=True, output_logits=True,
+                              **kw)
+
+
+def transformers_cache_bytes(cache) -> int:
+    """Bytes a transformers cache holds: each layer's keys/values, every
+    underlying storage counted once (a sliding layer's tensors are views into
+    larger storages, and the whole storage stays allocated)."""
+    storages: dict[int, int] = {}
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                s = t.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+class Arch:
+    """A family's model, its prompts and plain generate()'s output, built once."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.model = _build(family)
+        self.ids, self.mask = _prompts()
+        self._ref = None
+        self._ref_bytes = None
+
+    @property
+    def ref(self):
+        if self._ref is None:
+            cache = DynamicCache(config=self.model.config)
+            self._ref = _generate(self.model, self.ids, self.mask, **cache_kwargs(self.model, cache))
+            self._ref_bytes = transformers_cache_bytes(cache)
+        return self._ref
+
+    @property
+    def ref_bytes(self) -> int:
+        self.ref
+        return self._ref_bytes
+
+
+_ARCHS: dict[str, Arch] = {}
+
+
+@pytest.fixture(scope="module")
+def archs():
+    yield _ARCHS
+    _ARCHS.clear()
+
+
+def _arch(archs, family) -> Arch:
+    if family not in archs:
+        archs[family] = Arch(family)
+    return archs[family]
+
+
+def _family_params():
+    out = []
+    for family in FAMILIES:
+        marks = [pytest.mark.slow] if family in SLOW_FAMILIES else []
+        out.append(pytest.param(family, marks=marks, id=family))
+    return out
+
+
+def _sliding_layers(model) -> list[int]:
+    types = getattr(model.config, "layer_types", None)
+    if types is not None:
+        return [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if getattr(model.config, "sliding_window", None) is not None:
+        return list(range(model.config.num_hidden_layers))
+    return []
+
+
+# ---------------------------------------------------------------- the reference
+
+
+@pytest.mark.parametrize("family", _family_params())
+def test_reference_sees_the_variant(archs, family):
+    """The tiny model really has the variant under test (the configs would
+    otherwise silently fall back to plain attention), and the prompt outlasts
+    the window."""
+    arch = _arch(archs, family)
+    model = arch.model
+    sliding = _sliding_layers(model)
+    expect_sliding = family in ("qwen2", "mistral", "gemma2", "gemma3", "gpt_oss", "cohere2", "granite_swa")
+    assert bool(sliding) == expect_sliding, (family, sliding)
+    if sliding:
+        assert model.config.sliding_window == WINDOW < PROMPT
+        # transformers' own cache keeps only the window on those layers
+        cache = DynamicCache(config=model.config)
+        assert [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)] == sliding
+    if family == "gemma2":
+        assert model.config.attn_logit_softcapping == 50.0
+    if family in ("gpt_oss", "granite_swa"):
+        sinks = [m.sinks for m in model.modules() if hasattr(m, "sinks") and isinstance(m.sinks, torch.Tensor)]
+        assert len(sinks) == model.config.num_hidden_layers
+    ref = arch.ref
+    assert ref.sequences.shape == (2, PROMPT + NEW)
+    assert all(torch.isfinite(step).all() for step in ref.logits)
+
+
+def _without(model, variant: str) -> None:
+    """Switch ``variant`` off in ``model`` (in place)."""
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if variant == "softcap":
+            attn.attn_logit_softcapping = None
+        elif variant == "sinks":
+            attn.sinks.data.fill_(-1e4)
+        elif getattr(attn, "sliding_window", None):
+            attn.sliding_window = 10_000
+    if variant == "window":
+        model.config.sliding_window = 10_000
+
+
+@pytest.mark.parametrize("family, variant", [
+    ("mistral", "window"), ("qwen2", "window"), ("gemma3", "window"), ("gemma2", "softcap"),
+    ("gpt_oss", "sinks"), ("granite_swa", "sinks"),
+])
+def test_the_variant_changes_the_logits(family, variant):
+    """The suite has teeth: switching the variant off moves the reference's
+    logits by far more than the identity test's tolerance, so a cache that
+    ignores it fails there."""
+    model = _build(family)
+    ids, mask = _prompts()
+    ref = _generate(model, ids, mask, **cache_kwargs(model, DynamicCache(config=model.config)))
+    _without(model, variant)
+    out = _generate(model, ids, mask, **cache_kwargs(model, DynamicCache(config=model.config)))
+    moved = max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits))
+    scale = max(1.0, max(float(b.abs().max()) for b in ref.logits))
+    assert moved > 100 * 1e-4 * scale, f"{family}: without its {variant} the logits move by only {moved:.3g}"
+
+
+# ------------------------------------------------------------ identity (budget >= prompt)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("family", _family_params())
+def test_budget_above_prompt_reproduces_generate(archs, family, method):
+    arch = _arch(archs, family)
+    ref = arch.ref
+    with kvc.compress(arch.model, REGISTRY[method](budget=1024)) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    assert session.cache is not None and len(session.cache.layers) == arch.model.config.num_hidden_layers
+    diff = (out.sequences != ref.sequences).nonzero().tolist()
+    assert not diff, (
+        f"{family} / {method}: tokens differ from plain generate() at (row, position) {diff[:6]}; "
+        f"generated (both rows) {out.sequences[:, PROMPT:].tolist()} vs {ref.sequences[:, PROMPT:].tolist()}"
+    )
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        scale = float(b.abs().max())
+        err = float((a - b).abs().max())
+        assert err <= 1e-4 * max(1.0, scale), f"{family} / {method}: step {step} logits differ by {err:.3g}"
+
+
+# ------------------------------------------------------------ memory vs transformers' cache
+
+
+@pytest.mark.parametrize("method", sorted(COMPRESSED))
+@pytest.mark.parametrize("family", _family_params())
+def test_compressed_cache_holds_no_more_than_transformers(archs, family, method):
+    arch = _arch(archs, family)
+    full = arch.ref_bytes
+    with kvc.compress(arch.model, COMPRESSED[method]()) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    assert out.sequences.shape == (2, PROMPT + NEW)
+    held = session.cache.memory_bytes()
+    assert held > 0
+    assert held <= full, (
+        f"{family} / {method}: the compressed cache holds {held:,} bytes after generation, transformers' "
+        f"DynamicCache(config=...) holds {full:,}\n{session.cache.stats()}"
+    )
+
+
+def test_transformers_bytes_count_storages_once():
+    """The yardstick: a sliding layer of transformers' cache is a view into a
+    larger storage after the prefill, and that storage is what is held."""
+    config = transformers.MistralConfig(**dict(_DECODER, sliding_window=WINDOW))
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(3, VOCAB, (1, PROMPT))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+    layer = cache.layers[0]
+    assert layer.keys.shape[2] == WINDOW - 1
+    per_token = 2 * config.num_key_value_heads * config.head_dim * 4
+    assert transformers_cache_bytes(cache) == config.num_hidden_layers * PROMPT * per_token
+    assert math.prod(layer.keys.shape) * 4 * 2 * config.num_hidden_layers < transformers_cache_bytes(cache)
+
+
+# ------------------------------------------------------------ refused by name
+
+
+def test_bidirectional_attention_is_refused_by_name():
+    """A module with ``is_causal = False`` (Gemma 3 with
+    ``use_bidirectional_attention``) attends to later tokens; a cache that
+    scores and evicts causally cannot serve it, so generation under
+    ``compress()`` must fail and say why instead of running causal attention."""
+    config = transformers.Gemma3TextConfig(**dict(_DECODER, sliding_window=WINDOW, layer_types=_SLIDING_HALF,
+                                                  query_pre_attn_scalar=16, use_bidirectional_attention=True))
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    assert not model.model.layers[0].self_attn.is_causal
+    ids, mask = _prompts()
+    with kvc.compress(model, kvc.SnapKV(budget=32)):
+        with pytest.raises((NotImplementedError, ValueError), match=r"(?i)causal|bidirectional"):
+            _generate(model, ids, mask)
+
+
+@pytest.mark.parametrize("kwarg", ["position_bias", "indices"])
+def test_unsupported_attention_kwargs_are_refused_by_name(kwarg):
+    """transformers hands variant-specific tensors to the attention function
+    as keyword arguments (T5-style ``position_bias``, DeepSeek sparse
+    ``indices``); the "kvcompress" attention must refuse one it does not
+    implement, naming it, rather than drop it silently."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER)).eval()
+    kvc.enable(model)
+    attention = ALL_ATTENTION_FUNCTIONS[kvc.hf.ATTN_NAME]
+    module = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 8, 16)
+    k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    extra = torch.zeros(1, 4, 8, 8) if kwarg == "position_bias" else torch.zeros(1, 8, 4, dtype=torch.long)
+    with pytest.raises((NotImplementedError, ValueError, TypeError), match=kwarg):
+        attention(module, q, k, v, None, dropout=0.0, scaling=0.25, **{kwarg: extra})

