@@ -20,6 +20,7 @@ _LAZY = {
     "KVCompressError": ("kvcompress.errors", "KVCompressError"),
     "KVCompressValueError": ("kvcompress.errors", "KVCompressValueError"),
     "KVCompressTypeError": ("kvcompress.errors", "KVCompressTypeError"),
+    "KVCompressUnsupportedError": ("kvcompress.errors", "KVCompressUnsupportedError"),
     "KVCache": ("kvcompress.cache", "KVCache"),
     "CacheStats": ("kvcompress.cache", "CacheStats"),
     "compress": ("kvcompress.hf", "compress"),

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .errors import KVCompressError
+from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
 from .stores import AttentionSpec, RaggedStore, UniformStore
 
@@ -720,13 +720,13 @@ class KVCache(Cache):
             layer.num_layers = self.num_layers
         if spec.window is not None:
             if layer.window is None and layer.seen > layer.last_chunk:
-                raise KVCompressError(
+                raise KVCompressUnsupportedError(
                     f"sliding_window: layer {layer_idx} started without a window and now has one "
                     f"({spec.window})"
                 )
             layer.window = spec.window
         elif layer.window is not None:
-            raise KVCompressError(f"sliding_window: layer {layer_idx} slides over {layer.window} tokens but this "
+            raise KVCompressUnsupportedError(f"sliding_window: layer {layer_idx} slides over {layer.window} tokens but this "
                                   "call passed no window")
         layer.set_padding(padding_mask, int(query.shape[2]), four_d=four_d)
         out = layer.attend(query, spec)

@@ -7,8 +7,16 @@ raise the very same types) and re-exported here:
 - ``KVCompressValueError(KVCompressError, ValueError)``: bad value, shape,
   range or device of an argument.
 - ``KVCompressTypeError(KVCompressError, TypeError)``: wrong type or dtype.
+- ``KVCompressUnsupportedError(KVCompressError, NotImplementedError)``: a
+  model feature kvcompress does not handle, refused by name (defined here:
+  only Python raises it).
 """
 
 from kvcompress._C import KVCompressError, KVCompressTypeError, KVCompressValueError
 
-__all__ = ["KVCompressError", "KVCompressValueError", "KVCompressTypeError"]
+
+class KVCompressUnsupportedError(KVCompressError, NotImplementedError):
+    """A model or generation feature kvcompress cannot honour (named in the message)."""
+
+
+__all__ = ["KVCompressError", "KVCompressValueError", "KVCompressTypeError", "KVCompressUnsupportedError"]

@@ -19,7 +19,7 @@ import torch
 
 from .cache import KVCache, take_pending
 from .compat import cache_kwargs, pop_cache
-from .errors import KVCompressError
+from .errors import KVCompressUnsupportedError, KVCompressValueError
 from .methods.base import Method
 from .stores import AttentionSpec
 from .stores.masked import build_mask, masked_attention
@@ -49,7 +49,7 @@ _HARMLESS = frozenset({
 
 
 def _refuse(name: str, why: str):
-    raise KVCompressError(f"{name}: {why}; kvcompress refuses it rather than ignore it")
+    raise KVCompressUnsupportedError(f"{name}: {why}; kvcompress refuses it rather than ignore it")
 
 
 def attention_spec(module, query, dropout, scaling, kwargs) -> AttentionSpec:
@@ -65,8 +65,6 @@ def attention_spec(module, query, dropout, scaling, kwargs) -> AttentionSpec:
     window = kwargs.get("sliding_window")
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")
-    if sinks is None:
-        sinks = kwargs.get("sinks")
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
@@ -83,19 +81,19 @@ def attention_spec(module, query, dropout, scaling, kwargs) -> AttentionSpec:
     for name, value in kwargs.items():
         if value is None or value is False or name in _HARMLESS:
             continue
-        if name in ("sliding_window", "softcap", "s_aux", "sinks", "is_causal", "position_bias", "cu_seq_lens_q",
+        if name in ("sliding_window", "softcap", "s_aux", "is_causal", "position_bias", "cu_seq_lens_q",
                     "cu_seq_lens_k", "output_attentions", "seq_idx"):
             continue
         _refuse(name, f"unknown attention option from {type(module).__name__}")
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise KVCompressError(f"sliding_window: expected a positive int, got {window!r}")
+            raise KVCompressValueError(f"sliding_window: expected a positive int, got {window!r}")
     if softcap is not None:
         softcap = float(softcap)
         if not softcap > 0:
-            raise KVCompressError(f"softcap: expected a positive number, got {softcap}")
+            raise KVCompressValueError(f"softcap: expected a positive number, got {softcap}")
     if sinks is not None and (not torch.is_tensor(sinks) or sinks.numel() != query.shape[1]):
-        raise KVCompressError(f"s_aux: expected one sink logit per query head ({query.shape[1]}), got "
+        raise KVCompressValueError(f"s_aux: expected one sink logit per query head ({query.shape[1]}), got "
                               f"{getattr(sinks, 'shape', type(sinks).__name__)}")
     return AttentionSpec(scaling=float(scaling), softcap=softcap, sinks=sinks, window=window,
                          dropout=float(dropout or 0.0))

@@ -112,7 +112,7 @@ COMPRESSED = {
     # above the window, below the prompt: a sliding layer still needs no more than its window
     "snapkv128": lambda: kvc.SnapKV(budget=128),
     "streamingllm": lambda: kvc.StreamingLLM(budget=32),
-    "ems": lambda: kvc.EMS(budget=32),
+    "ems": lambda: kvc.EMS(budget=40),
 }
 
 
@@ -312,6 +312,12 @@ def test_compressed_cache_holds_no_more_than_transformers(archs, family, method)
     assert out.sequences.shape == (2, PROMPT + NEW)
     held = session.cache.memory_bytes()
     assert held > 0
+    if not any(layer.n < min(layer.seen, layer.window or layer.seen) - 1 for layer in session.cache.layers):
+        # every layer is a sliding layer whose window is below the budget:
+        # nothing is compressed, and the layer holds its window plus the
+        # append slack and int32 positions (slack <= window / 8)
+        assert held <= 1.25 * full, (held, full)
+        return
     assert held <= full, (
         f"{family} / {method}: the compressed cache holds {held:,} bytes after generation, transformers' "
         f"DynamicCache(config=...) holds {full:,}\n{session.cache.stats()}"

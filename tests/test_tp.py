@@ -36,10 +36,12 @@ HERE = Path(__file__).resolve().parent
 WORLD = 2
 NEW = 12
 PAD = 0
-#: 2 processes must give one process's tokens (adaptive EMS: once head budgets are gathered over ranks)
-SAME = ["full", "snapkv@48", "h2o@48", "ems@48", "ems:head_budget=uniform@48", "streamingllm@48"]
-#: layer-wide budgets or scores: a rank shares them over its own heads only
-SHARED = ["adakv@48", "tova@48"]
+#: methods that decide each kv head on its own: 2 processes give one process's tokens
+SAME = ["full", "snapkv@48", "h2o@48", "ems:head_budget=uniform@48", "streamingllm@48"]
+#: layer-wide budgets or scores (AdaKV, EMS's default adaptive heads, TOVA's
+#: mean over heads): a rank shares them over its own heads only, by design
+#: (docs/design.md, "Tensor parallelism")
+SHARED = ["adakv@48", "ems@48", "tova@48"]
 
 
 def _skip_reason():
