@@ -378,3 +378,21 @@ def test_unsupported_attention_kwargs_are_refused_by_name(kwarg):
     extra = torch.zeros(1, 4, 8, 8) if kwarg == "position_bias" else torch.zeros(1, 8, 4, dtype=torch.long)
     with pytest.raises((NotImplementedError, ValueError, TypeError), match=kwarg):
         attention(module, q, k, v, None, dropout=0.0, scaling=0.25, **{kwarg: extra})
+
+
+def test_stats_compare_with_what_transformers_holds_on_sliding_layers():
+    """stats().full_bytes is what DynamicCache holds once decoding has
+    started: the last `window` tokens of a sliding layer, not every token."""
+    config = transformers.MistralConfig(**dict(_DECODER, sliding_window=WINDOW))
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(3, VOCAB, (1, PROMPT))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+              do_sample=False, pad_token_id=0)
+    ref = DynamicCache(config=model.config)
+    model.generate(**kw, **cache_kwargs(model, ref))
+    with kvc.compress(model, kvc.SnapKV(ratio=0.5)) as session:
+        model.generate(**kw)
+    stats = session.cache.stats()
+    assert stats.full_bytes == transformers_cache_bytes(ref)
+    assert stats.compression == pytest.approx(stats.full_bytes / session.cache.memory_bytes())

@@ -336,3 +336,23 @@ def test_decode_steps_use_the_fused_kernel_and_match_sdpa(tiny_model, monkeypatc
             assert torch.equal(fused.sequences, ref.sequences)
     finally:
         tiny_model.to(torch.float32)
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_either_cache_keyword_feeds_session_cache_without_warnings(tiny_model, name):
+    """Newer transformers take the cache as ``cache=`` (``past_key_values=``
+    warns and leaves ``forward`` in 5.40); inside compress() both names reach
+    generate() under the name the model takes and become session.cache."""
+    import warnings
+
+    ids = _prompt(length=40)
+    cache = kvc.KVCache(SnapKV(budget=32, window=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with kvc.compress(tiny_model, SnapKV(budget=32, window=8)) as session:
+            _generate(tiny_model, ids, n=4, **{name: cache})
+    assert session.cache is cache
+    assert cache.get_seq_length() == 43 and all(layer.n == 32 + 3 for layer in cache.layers)
+    with kvc.compress(tiny_model, SnapKV(budget=32, window=8)):
+        with pytest.raises(ValueError, match="not both"):
+            _generate(tiny_model, ids, n=2, cache=cache, past_key_values=kvc.KVCache(SnapKV(budget=32, window=8)))
