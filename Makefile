@@ -2,6 +2,7 @@
 # make test  : same install, then the whole test suite (slow model tests included)
 # make quick : tests without the slow model-level ones
 # make cuda-check : build (not install, not run) the CUDA extension with nvcc: the compile and link check CI runs
+# make sanitize-test : the op and fuzz tests against an ASan/UBSan build of the extension
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  := torch==2.13.0
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kvcompress-installed
 SOURCES := $(wildcard csrc/*.c csrc/*.h csrc/cuda/*) setup.py pyproject.toml
 
-.PHONY: demo test quick bench install clean bench-kvpress cuda-check
+.PHONY: demo test quick bench install clean bench-kvpress cuda-check sanitize-test
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,30 @@ cuda-check: $(STAMP)
 	rm -rf build/cuda-check
 	KVCOMPRESS_CUDA=1 $(PY) setup.py -q build_ext --build-temp build/cuda-check/tmp --build-lib build/cuda-check/lib
 	$(PY) -c "import glob, importlib.util as u; s = u.spec_from_file_location('kvcompress._C', glob.glob('build/cuda-check/lib/kvcompress/_C*.so')[0]); C = u.module_from_spec(s); s.loader.exec_module(C); assert C.has_cuda; print('CUDA build ok:', C.cuda_device_count(), 'device(s) visible')"
+
+# The package's Python files and the sanitized _C go to build/sanitize/lib (the
+# in-place .so stays as it is); pytest runs from there so that directory, not
+# the checkout or the editable install, provides kvcompress, to the tests and
+# to their child interpreters. The ASan runtime must be loaded before the
+# (uninstrumented) interpreter's libraries, and libstdc++ with it, or ASan's
+# __cxa_throw interceptor finds no real one and aborts the first time torch
+# throws (e.g. exporting a meta tensor); CPython leaks by design, so leak
+# checks are off. halt_on_error makes any UBSan report abort the run, and
+# --capture=sys lets a report from a dying process reach the log.
+SAN_DIR   := build/sanitize
+SAN_TESTS := test_ops.py test_bridge.py test_attention.py test_merge.py test_budget.py test_score_global.py test_fuzz.py
+SAN_ENV   := PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib \
+	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so.6)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+sanitize-test: $(STAMP)
+	rm -rf $(SAN_DIR)
+	KVCOMPRESS_SANITIZE=1 $(PY) setup.py -q build_py --build-lib $(SAN_DIR)/lib \
+		build_ext --build-temp $(SAN_DIR)/tmp --build-lib $(SAN_DIR)/lib
+	test -f "$$(gcc -print-file-name=libasan.so)" || { echo "libasan.so not found" >&2; exit 1; }
+	cd $(SAN_DIR)/lib && $(SAN_ENV) $(abspath $(PY)) -c "import kvcompress._C as C; \
+		assert C.__file__.startswith('$(CURDIR)/$(SAN_DIR)/lib/'), C.__file__"
+	cd $(SAN_DIR)/lib && $(SAN_ENV) $(abspath $(PY)) -m pytest -q --capture=sys -p no:cacheprovider \
+		-c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(addprefix $(CURDIR)/tests/,$(SAN_TESTS))
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_ops.py
