@@ -115,8 +115,8 @@ done:
 static PyObject *py_use_exchange_api(PyObject *m, PyObject *arg)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    int prev = st->use_xapi, v = PyObject_IsTrue(arg);
-    if (v < 0) return NULL;
+    int prev = st->use_xapi, v;
+    if (kvc_py_get_bool(st, arg, "flag", &v) < 0) return NULL;
     st->use_xapi = v;
     return PyBool_FromLong(prev);
 }

@@ -66,6 +66,9 @@ void kvc_py_dl_dtype_name(DLDataType dt, char *buf, size_t n);
 int kvc_py_dl_dtype(DLDataType dt, enum kvc_dtype *out);
 int kvc_py_dl_take(struct kvc_state *st, PyObject *obj, const char *name, struct kvc_arg *a);
 int kvc_py_get_int64(struct kvc_state *st, PyObject *o, const char *name, int64_t *out);
+/* A flag: True or False only, so no user __bool__ (which may raise anything,
+ * e.g. torch's for a many-element tensor) runs at the boundary. */
+int kvc_py_get_bool(struct kvc_state *st, PyObject *o, const char *name, int *out);
 struct kvc_state *kvc_py_get_state(PyObject *module);
 int kvc_py_import_kv_start(struct kvc_state *st, PyObject *obj, int64_t B, int64_t limit, struct kvc_arg *a);
 int kvc_py_raise_from(PyObject *type, const char *fmt, ...);

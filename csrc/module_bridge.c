@@ -587,6 +587,15 @@ int kvc_py_get_int64(struct kvc_state *st, PyObject *o, const char *name, int64_
     return 0;
 }
 
+int kvc_py_get_bool(struct kvc_state *st, PyObject *o, const char *name, int *out)
+{
+    *out = 0;
+    if (!PyBool_Check(o))
+        return kvc_py_raise(st->TypeError, "%s: expected a bool, got %.100s", name, Py_TYPE(o)->tp_name);
+    *out = o == Py_True;
+    return 0;
+}
+
 int kvc_py_get_scaling(struct kvc_state *st, PyObject *o, double *out)
 {
     double v = PyFloat_AsDouble(o);

@@ -65,8 +65,7 @@ static PyObject *py_global_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     memset(&p, 0, sizeof p);
     if (kvc_py_check_nargs("global_scores", nargs, 7) < 0) return NULL;
     if (kvc_py_get_scaling(st, args[3], &scaling) < 0) return NULL;
-    gqa_max = PyObject_IsTrue(args[4]);
-    if (gqa_max < 0) return NULL;
+    if (kvc_py_get_bool(st, args[4], "gqa_max", &gqa_max) < 0) return NULL;
 
     if (kvc_py_arg_import(st, args[0], "queries", 4, "[B, Hq, Tq, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
     n = 1;

@@ -174,6 +174,7 @@ static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t n
     if (kvc_py_check_shape(st, &a[A_VALUES], want, "[B, H, T, Dv]") < 0) goto done;
     if (kvc_py_check_shape(st, &a[A_SCORES], want, "[B, H, T]") < 0) goto done;
     if (kvc_py_check_shape(st, &a[A_TAU], want, "[B, H]") < 0) goto done;
+    if (kvc_py_check_shape(st, &a[A_TAUU], want, "[B, H]") < 0) goto done;
     if (a[A_ASSIGN].t && kvc_py_check_shape(st, &a[A_ASSIGN], want, "[B, H, T]") < 0) goto done;
     want[2] = C;
     if (kvc_py_check_shape(st, &a[A_CENTERS], want, "[B, H, C]") < 0) goto done;

@@ -40,8 +40,7 @@ static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t
     memset(&p, 0, sizeof p);
     if (kvc_py_check_nargs("window_scores", nargs, 6) < 0) return NULL;
     if (kvc_py_get_scaling(st, args[3], &scaling) < 0) return NULL;
-    gqa_max = PyObject_IsTrue(args[4]);
-    if (gqa_max < 0) return NULL;
+    if (kvc_py_get_bool(st, args[4], "gqa_max", &gqa_max) < 0) return NULL;
 
     if (kvc_py_arg_import(st, args[0], "queries", 4, "[B, Hq, Tq, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
     n = 1;
@@ -140,8 +139,7 @@ static PyObject *py_pool1d(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         kvc_py_raise(st->ValueError, "kernel: expected an odd size >= 1, got %lld", (long long)kernel);
         return NULL;
     }
-    avg = PyObject_IsTrue(args[3]);
-    if (avg < 0) return NULL;
+    if (kvc_py_get_bool(st, args[3], "avg", &avg) < 0) return NULL;
     if (kvc_py_arg_import(st, args[0], "scores", 3, "[B, H, T]", DT_F32, 0, &a[0]) < 0) goto done;
     n = 1;
     if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, T]", DT_F32, 1, &a[1]) < 0) goto done;
