@@ -10,6 +10,10 @@ because its flags depend on the compiler and on environment switches:
                            -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"``
                            since the Python interpreter itself is not instrumented
                            (``make sanitize-test`` does all of it).
+``KVCOMPRESS_ISA``         ``x86-64-v4``, ``x86-64-v3`` or ``x86-64``: build only that
+                           one of the three load-time clones of the hot loops (GCC,
+                           x86-64), to test each clone's results on one machine
+                           (``make isa-test``); the CPU must support it.
 ``KVCOMPRESS_CUDA``        ``1`` builds the CUDA backend too (csrc/cuda/*.cu with nvcc,
                            cudart linked statically; fails without nvcc), ``auto``
                            builds it when nvcc is found, unset/``0`` builds the CPU
@@ -167,6 +171,12 @@ class BuildExt(build_ext):
             else:
                 cflags += ["-O3"]
             ldflags = []
+            isa = os.environ.get("KVCOMPRESS_ISA", "").strip()
+            if isa:
+                levels = {"x86-64-v4": 4, "x86-64-v3": 3, "x86-64": 0}
+                if isa not in levels:
+                    sys.exit(f"error: KVCOMPRESS_ISA={isa!r}: expected one of {', '.join(levels)}")
+                cflags.append(f"-DKVC_ISA={levels[isa]}")
             if _env_flag("KVCOMPRESS_SANITIZE"):
                 san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
                 cflags += san
