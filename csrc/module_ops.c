@@ -5,6 +5,7 @@
  */
 #include "module.h"
 #include "module_run.h"
+#include "module_spec.h"
 
 #include <math.h>
 #include <string.h>
@@ -28,133 +29,117 @@ PyDoc_STRVAR(window_scores_doc,
              "window_scores(queries, keys, out, scaling, gqa_max, kv_start)\n--\n\n"
              "Low-level: see kvcompress.ops.window_scores.");
 
+enum { WS_Q, WS_K, WS_OUT, WS_SCALING, WS_GQA, WS_START, WS_N };
+static const struct kvc_py_spec window_scores_spec[WS_N] = {
+    KVC_PY_IN("queries", 4, "[B, Hq, Tq, D]", DT_FLOAT),
+    /* batch and head dim: kvc_py_check_qk, with its own messages */
+    KVC_PY_IN_FREE("keys", 4, "[B, Hkv, Tk, D]", DT_FLOAT, 0x9),
+    KVC_PY_OUT("out", 3, "[B, Hkv, Tk]", DT_F32),
+    KVC_PY_FINITE("scaling"),
+    KVC_PY_FLAG("gqa_max"),
+    KVC_PY_START("Tk"),
+};
+
 static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[4]; /* queries, keys, out, kv_start */
+    struct kvc_py_call c;
     struct kvc_window_scores_params p;
-    double scaling;
-    int gqa_max, n = 0;
+    const struct kvc_view *q, *k;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
-    if (kvc_py_check_nargs("window_scores", nargs, 6) < 0) return NULL;
-    if (kvc_py_get_scaling(st, args[3], &scaling) < 0) return NULL;
-    if (kvc_py_get_bool(st, args[4], "gqa_max", &gqa_max) < 0) return NULL;
-
-    if (kvc_py_arg_import(st, args[0], "queries", 4, "[B, Hq, Tq, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "keys", 4, "[B, Hkv, Tk, D]", DT_FLOAT, 0, &a[1]) < 0) goto done;
-    n = 2;
-    if (kvc_py_arg_import(st, args[2], "out", 3, "[B, Hkv, Tk]", DT_F32, 1, &a[2]) < 0) goto done;
-    n = 3;
-    {
-        const struct kvc_view *q = &a[0].view, *k = &a[1].view;
-        int64_t want[3];
-        if (kvc_py_check_qk(st, q, k) < 0) goto done;
-        if (q->shape[2] > k->shape[2]) {
-            kvc_py_raise(st->ValueError,
-                  "queries: %lld queries but only %lld keys (queries are the last Tq positions)",
-                  (long long)q->shape[2], (long long)k->shape[2]);
-            goto done;
-        }
-        want[0] = k->shape[0];
-        want[1] = k->shape[1];
-        want[2] = k->shape[2];
-        if (kvc_py_check_shape(st, &a[2], want, "[B, Hkv, Tk]") < 0) goto done;
-        if (kvc_py_import_kv_start(st, args[5], q->shape[0], k->shape[2], &a[3]) < 0) goto done;
-        n = 4;
-        if (kvc_py_check_output(st, &a[2], a, 4) < 0) goto done;
+    if (kvc_py_call_parse(st, "window_scores", window_scores_spec, WS_N, args, nargs, &c) < 0) return NULL;
+    q = &c.a[WS_Q].view;
+    k = &c.a[WS_K].view;
+    if (kvc_py_check_qk(st, q, k) < 0) goto done;
+    if (q->shape[2] > k->shape[2]) {
+        kvc_py_raise(st->ValueError,
+                     "queries: %lld queries but only %lld keys (queries are the last Tq positions)",
+                     (long long)q->shape[2], (long long)k->shape[2]);
+        goto done;
     }
-    p.q = a[0].view;
-    p.k = a[1].view;
-    p.out = a[2].view;
-    p.kv_start = a[3].t ? (const int64_t *)a[3].view.data : NULL;
-    p.kv_start_stride = a[3].t ? a[3].view.strides[0] : 0;
-    p.scaling = (float)scaling;
-    p.gqa = gqa_max ? KVC_GQA_MAX : KVC_GQA_MEAN;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.q = *q;
+    p.k = *k;
+    p.out = c.a[WS_OUT].view;
+    p.kv_start = kvc_py_call_i64(&c, WS_START, &p.kv_start_stride);
+    p.scaling = (float)c.f[WS_SCALING];
+    p.gqa = c.i[WS_GQA] ? KVC_GQA_MAX : KVC_GQA_MEAN;
     p.num_threads = st->num_threads;
     {
         /* an empty problem takes no scratch */
         void **scratch = kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0 ? &p.scratch : NULL;
-        if (kvc_py_run(st, &op_window_scores, &p, scratch, &p.scratch_bytes, a, n) < 0) goto done;
+        if (kvc_py_run(st, &op_window_scores, &p, scratch, &p.scratch_bytes, c.a, c.n) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 
 PyDoc_STRVAR(vector_norm_doc, "vector_norm(x, out, ord)\n--\n\n"
                               "Low-level: see kvcompress.ops.vector_norm.");
 
+enum { VN_X, VN_OUT, VN_ORD, VN_N };
+static const struct kvc_py_spec vector_norm_spec[VN_N] = {
+    KVC_PY_IN("x", 4, "[B, H, T, D]", DT_FLOAT),
+    KVC_PY_OUT("out", 3, "[B, H, T]", DT_F32),
+    KVC_PY_INT_IN("ord", 1, 2),
+};
+
 static PyObject *py_vector_norm(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[2];
+    struct kvc_py_call c;
     struct kvc_vector_norm_params p;
-    int64_t ord, want[3];
-    int n = 0;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
-    if (kvc_py_check_nargs("vector_norm", nargs, 3) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[2], "ord", &ord) < 0) return NULL;
-    if (ord != 1 && ord != 2) {
-        kvc_py_raise(st->ValueError, "ord: expected 1 or 2, got %lld", (long long)ord);
-        return NULL;
-    }
-    if (kvc_py_arg_import(st, args[0], "x", 4, "[B, H, T, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, T]", DT_F32, 1, &a[1]) < 0) goto done;
-    n = 2;
-    memcpy(want, a[0].view.shape, sizeof want);
-    if (kvc_py_check_shape(st, &a[1], want, "[B, H, T]") < 0) goto done;
-    if (kvc_py_check_output(st, &a[1], a, 2) < 0) goto done;
-    p.x = a[0].view;
-    p.out = a[1].view;
-    p.ord = (int32_t)ord;
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "vector_norm", vector_norm_spec, VN_N, args, nargs, &c) < 0) return NULL;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.x = c.a[VN_X].view;
+    p.out = c.a[VN_OUT].view;
+    p.ord = (int32_t)c.i[VN_ORD];
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_vector_norm, &p, NULL, NULL, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_vector_norm, &p, NULL, NULL, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 
 PyDoc_STRVAR(pool1d_doc, "pool1d(scores, out, kernel, avg)\n--\n\n"
                          "Low-level: see kvcompress.ops.pool1d.");
 
+enum { PL_IN, PL_OUT, PL_KERNEL, PL_AVG, PL_N };
+static const struct kvc_py_spec pool1d_spec[PL_N] = {
+    KVC_PY_IN("scores", 3, "[B, H, T]", DT_F32),
+    KVC_PY_OUT("out", 3, "[B, H, T]", DT_F32),
+    KVC_PY_INT_IN("kernel", INT64_MIN, INT64_MAX), /* odd, >= 1: below */
+    KVC_PY_FLAG("avg"),
+};
+
 static PyObject *py_pool1d(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[2];
+    struct kvc_py_call c;
     struct kvc_pool1d_params p;
-    int64_t kernel;
-    int avg, n = 0;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
-    if (kvc_py_check_nargs("pool1d", nargs, 4) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[2], "kernel", &kernel) < 0) return NULL;
-    if (kernel < 1 || kernel % 2 == 0) {
-        kvc_py_raise(st->ValueError, "kernel: expected an odd size >= 1, got %lld", (long long)kernel);
-        return NULL;
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "pool1d", pool1d_spec, PL_N, args, nargs, &c) < 0) return NULL;
+    if (c.i[PL_KERNEL] < 1 || c.i[PL_KERNEL] % 2 == 0) {
+        kvc_py_raise(st->ValueError, "kernel: expected an odd size >= 1, got %lld", (long long)c.i[PL_KERNEL]);
+        goto done;
     }
-    if (kvc_py_get_bool(st, args[3], "avg", &avg) < 0) return NULL;
-    if (kvc_py_arg_import(st, args[0], "scores", 3, "[B, H, T]", DT_F32, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, T]", DT_F32, 1, &a[1]) < 0) goto done;
-    n = 2;
-    if (kvc_py_check_shape(st, &a[1], a[0].view.shape, "[B, H, T]") < 0) goto done;
-    if (kvc_py_check_output(st, &a[1], a, 2) < 0) goto done;
-    p.in = a[0].view;
-    p.out = a[1].view;
-    p.kernel = kernel;
-    p.mode = avg ? KVC_POOL_AVG : KVC_POOL_MAX;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.in = c.a[PL_IN].view;
+    p.out = c.a[PL_OUT].view;
+    p.kernel = c.i[PL_KERNEL];
+    p.mode = c.i[PL_AVG] ? KVC_POOL_AVG : KVC_POOL_MAX;
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_pool1d, &p, NULL, NULL, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_pool1d, &p, NULL, NULL, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 

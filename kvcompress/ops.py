@@ -16,7 +16,6 @@ Results are bit-identical for any thread count (see :func:`set_num_threads`).
 from __future__ import annotations
 
 import math
-import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -141,6 +140,12 @@ def _real(x, name: str, what: str = "a float") -> float:
         raise KVCompressValueError(f"{name}: {x} is out of range for a float") from None
 
 
+def _py_int(x):
+    """NumPy integers as Python ints; anything else as it is, for the C op to
+    check (type and range, once, with the argument's name)."""
+    return int(x) if isinstance(x, np.integer) else x
+
+
 def _choice(x, name: str, options: tuple) -> None:
     """A string option; compared only once known to be a string, so arrays
     passed by mistake neither broadcast the comparison nor warn."""
@@ -224,11 +229,9 @@ def vector_norm(x, ord=2):
     -------
     float32 tensor ``[B, H, T]``
     """
-    if isinstance(ord, bool) or not isinstance(ord, (int, np.integer)) or ord not in (1, 2):
-        raise KVCompressValueError(f"ord: expected 1 or 2, got {ord!r}")
     s = _shape(x, "x", 4, "[B, H, T, D]")
     out = _empty(x, s[:3], "float32")
-    _C.vector_norm(_prepare(x), out, int(ord))
+    _C.vector_norm(_prepare(x), out, _py_int(ord))
     return out
 
 
@@ -250,15 +253,9 @@ def pool1d(scores, kernel, mode="max"):
     float32 tensor ``[B, H, T]``
     """
     _choice(mode, "mode", ("max", "avg"))
-    try:
-        kernel = operator.index(kernel)
-    except TypeError:
-        raise KVCompressTypeError(f"kernel: expected an int, got {type(kernel).__name__}") from None
-    if kernel < 1 or kernel % 2 == 0:
-        raise KVCompressValueError(f"kernel: expected an odd size >= 1, got {kernel}")
     s = _shape(scores, "scores", 3, "[B, H, T]")
     out = _empty(scores, s, "float32")
-    _C.pool1d(_prepare(scores), out, kernel, mode == "avg")
+    _C.pool1d(_prepare(scores), out, _py_int(kernel), mode == "avg")
     return out
 
 
