@@ -253,74 +253,45 @@ done:
 PyDoc_STRVAR(gather_doc, "gather(keys, values, indices, out_keys, out_values)\n--\n\n"
                          "Low-level: see kvcompress.ops.gather.");
 
+enum { GA_K, GA_V, GA_IDX, GA_OK, GA_OV, GA_N };
+static const struct kvc_py_spec gather_spec[GA_N] = {
+    KVC_PY_IN("keys", 4, "[B, H, T, D]", DT_FLOAT),
+    KVC_PY_IN_LIKE("values", 4, "[B, H, T, Dv]", GA_K),
+    KVC_PY_IN("indices", 3, "[B, H, n]", DT_INDEX),
+    KVC_PY_OUT_LIKE("out_keys", 4, "[B, H, n, D]", GA_K),
+    KVC_PY_OUT_LIKE("out_values", 4, "[B, H, n, Dv]", GA_K),
+};
+
 static PyObject *py_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[5]; /* keys, values, indices, out_keys, out_values */
+    struct kvc_py_call c;
     struct kvc_gather_params p;
-    int64_t want[4], bad_value, bad_pos[KVC_MAX_DIMS];
-    int n = 0;
+    const struct kvc_view *hix;
+    int64_t bad_value, bad_pos[KVC_MAX_DIMS], T;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
-    if (kvc_py_check_nargs("gather", nargs, 5) < 0) return NULL;
-    if (kvc_py_arg_import(st, args[0], "keys", 4, "[B, H, T, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "values", 4, "[B, H, T, Dv]", DT_FLOAT, 0, &a[1]) < 0) goto done;
-    n = 2;
-    if (kvc_py_arg_import(st, args[2], "indices", 3, "[B, H, n]", DT_INDEX, 0, &a[2]) < 0) goto done;
-    n = 3;
-    if (kvc_py_arg_import(st, args[3], "out_keys", 4, "[B, H, n, D]", DT_FLOAT, 1, &a[3]) < 0) goto done;
-    n = 4;
-    if (kvc_py_arg_import(st, args[4], "out_values", 4, "[B, H, n, Dv]", DT_FLOAT, 1, &a[4]) < 0)
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "gather", gather_spec, GA_N, args, nargs, &c) < 0) return NULL;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    T = c.a[GA_K].view.shape[2];
+    hix = kvc_py_arg_host(st, &c.a[GA_IDX]);
+    if (hix == NULL) goto done;
+    if (kvc_indices_check(hix, 0, T, &bad_value, bad_pos) != KVC_OK) {
+        kvc_py_raise(st->ValueError, "indices: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
+                     (long long)bad_value, (long long)bad_pos[0], (long long)bad_pos[1],
+                     (long long)bad_pos[2], (long long)T);
         goto done;
-    n = 5;
-    {
-        const struct kvc_view *k = &a[0].view, *v = &a[1].view, *ix = &a[2].view;
-        int i;
-        if (v->dtype != k->dtype) {
-            kvc_py_raise(st->TypeError, "values: dtype %s does not match keys dtype %s",
-                  kvc_dtype_name((enum kvc_dtype)v->dtype), kvc_dtype_name((enum kvc_dtype)k->dtype));
-            goto done;
-        }
-        for (i = 3; i < 5; i++)
-            if (a[i].view.dtype != k->dtype) {
-                kvc_py_raise(st->TypeError, "%s: dtype %s does not match keys dtype %s", a[i].name,
-                      kvc_dtype_name((enum kvc_dtype)a[i].view.dtype),
-                      kvc_dtype_name((enum kvc_dtype)k->dtype));
-                goto done;
-            }
-        want[0] = k->shape[0];
-        want[1] = k->shape[1];
-        want[2] = k->shape[2];
-        want[3] = v->shape[3];
-        if (kvc_py_check_shape(st, &a[1], want, "[B, H, T, Dv]") < 0) goto done;
-        want[2] = ix->shape[2];
-        if (kvc_py_check_shape(st, &a[2], want, "[B, H, n]") < 0) goto done;
-        want[3] = k->shape[3];
-        if (kvc_py_check_shape(st, &a[3], want, "[B, H, n, D]") < 0) goto done;
-        want[3] = v->shape[3];
-        if (kvc_py_check_shape(st, &a[4], want, "[B, H, n, Dv]") < 0) goto done;
-        if (kvc_py_check_output(st, &a[3], a, 5) < 0 || kvc_py_check_output(st, &a[4], a, 5) < 0) goto done;
-        const struct kvc_view *hix = kvc_py_arg_host(st, &a[2]);
-        if (hix == NULL) goto done;
-        if (kvc_indices_check(hix, 0, k->shape[2], &bad_value, bad_pos) != KVC_OK) {
-            kvc_py_raise(st->ValueError,
-                  "indices: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
-                  (long long)bad_value, (long long)bad_pos[0], (long long)bad_pos[1],
-                  (long long)bad_pos[2], (long long)k->shape[2]);
-            goto done;
-        }
     }
-    p.keys = a[0].view;
-    p.values = a[1].view;
-    p.indices = a[2].view;
-    p.out_keys = a[3].view;
-    p.out_values = a[4].view;
+    p.keys = c.a[GA_K].view;
+    p.values = c.a[GA_V].view;
+    p.indices = c.a[GA_IDX].view;
+    p.out_keys = c.a[GA_OK].view;
+    p.out_values = c.a[GA_OV].view;
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_gather, &p, NULL, NULL, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_gather, &p, NULL, NULL, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 

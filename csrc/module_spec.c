@@ -170,11 +170,18 @@ fail:
 }
 
 /* Second half of the checks, after the binding's own cross-argument rules:
- * shared sizes in spec order, kv_start against them, outputs against
- * aliasing. */
+ * shared dtypes, shared sizes in spec order, kv_start against them,
+ * outputs against aliasing. */
 int kvc_py_call_finish(struct kvc_state *st, struct kvc_py_call *c)
 {
     int k;
+    for (k = 0; k < c->n; k++) {
+        const struct kvc_arg *a = &c->a[k], *ref = c->spec[k].like ? &c->a[c->spec[k].like - 1] : NULL;
+        if (a->t && ref && ref->t && a->view.dtype != ref->view.dtype)
+            return kvc_py_raise(st->TypeError, "%s: dtype %s does not match %s dtype %s", a->name,
+                                kvc_dtype_name((enum kvc_dtype)a->view.dtype), ref->name,
+                                kvc_dtype_name((enum kvc_dtype)ref->view.dtype));
+    }
     for (k = 0; k < c->n; k++)
         if (c->a[k].t && c->spec[k].kind != KVC_PY_KV_START && bind_shape(st, c, k) < 0) return -1;
     for (k = 0; k < c->n; k++) {

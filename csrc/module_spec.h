@@ -44,6 +44,7 @@ struct kvc_py_spec {
     unsigned dtypes;   /* tensors: DT_* mask */
     int out;           /* tensors: written by the op (writable, no aliasing) */
     unsigned unbound;  /* tensors: bit d set = dim d binds no size */
+    int like;          /* tensors: 1 + index of the argument whose dtype it must have; 0 none */
     int64_t lo, hi;    /* KVC_PY_INT */
     double flo, fhi;   /* KVC_PY_FLOAT (both 0: any value) */
 };
@@ -55,6 +56,13 @@ struct kvc_py_spec {
 #define KVC_PY_OPT(nm, nd, dm, dt) {.name = nm, .kind = KVC_PY_OPTIONAL, .ndim = nd, .dims = dm, .dtypes = dt}
 #define KVC_PY_OUT(nm, nd, dm, dt)                                                           \
     {.name = nm, .kind = KVC_PY_TENSOR, .ndim = nd, .dims = dm, .dtypes = dt, .out = 1}
+/* same dtype as argument `of` */
+#define KVC_PY_IN_LIKE(nm, nd, dm, of)                                                       \
+    {.name = nm, .kind = KVC_PY_TENSOR, .ndim = nd, .dims = dm, .dtypes = DT_FLOAT, .like = (of) + 1}
+#define KVC_PY_OUT_LIKE(nm, nd, dm, of)                                                      \
+    {.name = nm, .kind = KVC_PY_TENSOR, .ndim = nd, .dims = dm, .dtypes = DT_FLOAT, .out = 1, .like = (of) + 1}
+#define KVC_PY_OPT_OUT(nm, nd, dm, dt)                                                       \
+    {.name = nm, .kind = KVC_PY_OPTIONAL, .ndim = nd, .dims = dm, .dtypes = dt, .out = 1}
 #define KVC_PY_START(limit) {.name = "kv_start", .kind = KVC_PY_KV_START, .dims = limit}
 #define KVC_PY_INT_IN(nm, l, h) {.name = nm, .kind = KVC_PY_INT, .lo = l, .hi = h}
 #define KVC_PY_FLOAT_IN(nm, l, h) {.name = nm, .kind = KVC_PY_FLOAT, .flo = l, .fhi = h}
@@ -80,8 +88,8 @@ struct kvc_py_call {
  * 0, or -1 with an exception set (the call is released). */
 int kvc_py_call_parse(struct kvc_state *st, const char *fn, const struct kvc_py_spec *spec, int n,
                       PyObject *const *args, Py_ssize_t nargs, struct kvc_py_call *c);
-/* Sizes shared by name, kv_start, outputs; 0, or -1 with an exception set
- * (the caller still releases the call). */
+/* Dtypes shared (`like`), sizes shared by name, kv_start, outputs; 0, or -1
+ * with an exception set (the caller still releases the call). */
 int kvc_py_call_finish(struct kvc_state *st, struct kvc_py_call *c);
 void kvc_py_call_release(struct kvc_py_call *c);
 /* Size bound to `name` ("T"), -1 if no tensor named it. */
