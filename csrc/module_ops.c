@@ -146,107 +146,95 @@ done:
 PyDoc_STRVAR(select_topk_doc, "select_topk(scores, out, k, sinks, window, kv_start)\n--\n\n"
                               "Low-level: see kvcompress.ops.select_topk.");
 
+enum { SK_SCORES, SK_OUT, SK_K, SK_SINKS, SK_WINDOW, SK_START, SK_N };
+static const struct kvc_py_spec select_topk_spec[SK_N] = {
+    KVC_PY_IN("scores", 3, "[B, H, T]", DT_F32),
+    /* kmax comes from k's values: checked below */
+    KVC_PY_OUT_FREE("out", 3, "[B, H, kmax]", DT_I64, 0x4),
+    KVC_PY_CUSTOM_ARG("k", 2, "[B, H]", DT_INDEX), /* an int, or a tensor of these */
+    KVC_PY_INT_IN("sinks", 0, INT64_MAX),
+    KVC_PY_INT_IN("window", 0, INT64_MAX),
+    KVC_PY_START("T"),
+};
+
 static PyObject *py_select_topk(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[4]; /* scores, out, k, kv_start */
+    struct kvc_py_call c;
     struct kvc_select_topk_params p;
-    int64_t sinks, window, B, H, T, kmax = 0, b, h, want[3], hstart_stride = 0;
+    int64_t B, H, T, kmax = 0, b, h, want[3], hstart_stride = 0;
     const int64_t *hstart = NULL;
     const struct kvc_view *hk = NULL;
-    int n = 0;
-    PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
+    PyObject *ret = NULL, *karg;
     memset(&p, 0, sizeof p);
-    if (kvc_py_check_nargs("select_topk", nargs, 6) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[3], "sinks", &sinks) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[4], "window", &window) < 0) return NULL;
-    if (sinks < 0 || window < 0) {
-        kvc_py_raise(st->ValueError, "%s: must be >= 0, got %lld", sinks < 0 ? "sinks" : "window",
-              (long long)(sinks < 0 ? sinks : window));
-        return NULL;
-    }
-    if (kvc_py_arg_import(st, args[0], "scores", 3, "[B, H, T]", DT_F32, 0, &a[0]) < 0) goto done;
-    n = 1;
-    B = a[0].view.shape[0];
-    H = a[0].view.shape[1];
-    T = a[0].view.shape[2];
-    if (PyLong_Check(args[2]) && !PyBool_Check(args[2])) {
-        if (kvc_py_get_int64(st, args[2], "k", &p.k_all) < 0) goto done;
+    if (kvc_py_call_parse(st, "select_topk", select_topk_spec, SK_N, args, nargs, &c) < 0) return NULL;
+    B = c.a[SK_SCORES].view.shape[0];
+    H = c.a[SK_SCORES].view.shape[1];
+    T = c.a[SK_SCORES].view.shape[2];
+    karg = args[SK_K];
+    if (PyLong_Check(karg) && !PyBool_Check(karg)) {
+        if (kvc_py_get_int64(st, karg, "k", &p.k_all) < 0) goto done;
         kmax = p.k_all;
         if (kmax < 1 || kmax > T) {
             /* checked even when there are no rows */
-            kvc_py_raise(st->ValueError, "k: %lld is outside [1, T] = [1, %lld]", (long long)kmax,
-                  (long long)T);
+            kvc_py_raise(st->ValueError, "k: %lld is outside [1, T] = [1, %lld]", (long long)kmax, (long long)T);
             goto done;
         }
-    } else {
-        if (PyBool_Check(args[2])) {
-            kvc_py_raise(st->TypeError, "k: expected an int or an integer tensor [B, H], got bool");
-            goto done;
-        }
-        if (kvc_py_arg_import(st, args[2], "k", 2, "[B, H]", DT_INDEX, 0, &a[2]) < 0) goto done;
-        if (a[2].view.shape[0] != B || a[2].view.shape[1] != H) {
-            kvc_py_raise(st->ValueError, "k: expected shape [B, H] = [%lld, %lld], got [%lld, %lld]",
-                  (long long)B, (long long)H, (long long)a[2].view.shape[0],
-                  (long long)a[2].view.shape[1]);
-            goto release_k;
-        }
-        p.k = a[2].view;
+    } else if (PyBool_Check(karg)) {
+        kvc_py_raise(st->TypeError, "k: expected an int or an integer tensor [B, H], got bool");
+        goto done;
+    } else if (kvc_py_arg_import(st, karg, "k", 2, "[B, H]", DT_INDEX, 0, &c.a[SK_K]) < 0) {
+        goto done;
     }
-    if (kvc_py_import_kv_start(st, args[5], B, T, &a[3]) < 0) goto release_k;
-    n = 4;
-    {
-        const struct kvc_view *hs = a[3].t ? kvc_py_arg_host(st, &a[3]) : NULL;
-        hk = p.k.data ? kvc_py_arg_host(st, &a[2]) : NULL;
-        if ((a[3].t && hs == NULL) || (p.k.data && hk == NULL)) goto done;
-        hstart = hs ? (const int64_t *)hs->data : NULL;
-        hstart_stride = hs ? hs->strides[0] : 0;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    if (c.a[SK_K].t) {
+        p.k = c.a[SK_K].view;
+        hk = kvc_py_arg_host(st, &c.a[SK_K]);
+        if (hk == NULL) goto done;
+    }
+    if (c.a[SK_START].t) {
+        const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[SK_START]);
+        if (hs == NULL) goto done;
+        hstart = (const int64_t *)hs->data;
+        hstart_stride = hs->strides[0];
     }
     /* every row's k against T and its forced keeps */
     for (b = 0; b < B; b++) {
         int64_t sb = hstart ? hstart[b * hstart_stride] : 0;
-        int64_t forced = kvc_select_forced_count(T, sinks, window, sb);
+        int64_t forced = kvc_select_forced_count(T, c.i[SK_SINKS], c.i[SK_WINDOW], sb);
         for (h = 0; h < H; h++) {
-            int64_t k = hk ? kvc_load_index(hk->data, hk->dtype,
-                                            b * hk->strides[0] + h * hk->strides[1])
+            int64_t k = hk ? kvc_load_index(hk->data, hk->dtype, b * hk->strides[0] + h * hk->strides[1])
                            : p.k_all;
             if (k < 1 || k > T) {
                 kvc_py_raise(st->ValueError, "k: %lld at (b=%lld, h=%lld) is outside [1, T] = [1, %lld]",
-                      (long long)k, (long long)b, (long long)h, (long long)T);
+                             (long long)k, (long long)b, (long long)h, (long long)T);
                 goto done;
             }
             if (forced > k) {
                 kvc_py_raise(st->ValueError,
-                      "k: %lld at (b=%lld, h=%lld) is smaller than the %lld forced keeps "
-                      "(sinks=%lld, window=%lld)",
-                      (long long)k, (long long)b, (long long)h, (long long)forced,
-                      (long long)sinks, (long long)window);
+                             "k: %lld at (b=%lld, h=%lld) is smaller than the %lld forced keeps "
+                             "(sinks=%lld, window=%lld)",
+                             (long long)k, (long long)b, (long long)h, (long long)forced,
+                             (long long)c.i[SK_SINKS], (long long)c.i[SK_WINDOW]);
                 goto done;
             }
-            if (p.k.data && k > kmax) kmax = k;
+            if (hk && k > kmax) kmax = k;
         }
     }
-    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, kmax]", DT_I64, 1, &a[1]) < 0) goto done;
     want[0] = B;
     want[1] = H;
     want[2] = kmax;
-    if (kvc_py_check_shape(st, &a[1], want, "[B, H, kmax]") < 0) goto done;
-    if (kvc_py_check_output(st, &a[1], a, 4) < 0) goto done;
-    p.scores = a[0].view;
-    p.out = a[1].view;
-    p.sinks = sinks;
-    p.window = window;
-    p.kv_start = a[3].t ? (const int64_t *)a[3].view.data : NULL;
-    p.kv_start_stride = a[3].t ? a[3].view.strides[0] : 0;
+    if (kvc_py_check_shape(st, &c.a[SK_OUT], want, "[B, H, kmax]") < 0) goto done;
+    p.scores = c.a[SK_SCORES].view;
+    p.out = c.a[SK_OUT].view;
+    p.sinks = c.i[SK_SINKS];
+    p.window = c.i[SK_WINDOW];
+    p.kv_start = kvc_py_call_i64(&c, SK_START, &p.kv_start_stride);
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_select_topk, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_select_topk, &p, &p.scratch, &p.scratch_bytes, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
-    goto done;
-release_k:
-    n = 3;
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 

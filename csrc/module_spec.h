@@ -33,7 +33,9 @@ enum kvc_py_kind {
     KVC_PY_KV_START, /* None or int64 [B], values in [0, size `limit`] */
     KVC_PY_INT,      /* a Python int (or __index__) in [lo, hi] */
     KVC_PY_FLOAT,    /* a real number, finite unless `nonfinite`, in [flo, fhi] */
-    KVC_PY_BOOL      /* True or False */
+    KVC_PY_BOOL,     /* True or False */
+    KVC_PY_CUSTOM    /* parsed by the binding (e.g. an int or a tensor); a tensor
+                        it imports into a[] gets its dims checked like the others */
 };
 
 struct kvc_py_spec {
@@ -61,6 +63,9 @@ struct kvc_py_spec {
     {.name = nm, .kind = KVC_PY_TENSOR, .ndim = nd, .dims = dm, .dtypes = DT_FLOAT, .like = (of) + 1}
 #define KVC_PY_OUT_LIKE(nm, nd, dm, of)                                                      \
     {.name = nm, .kind = KVC_PY_TENSOR, .ndim = nd, .dims = dm, .dtypes = DT_FLOAT, .out = 1, .like = (of) + 1}
+#define KVC_PY_OUT_FREE(nm, nd, dm, dt, free)                                                \
+    {.name = nm, .kind = KVC_PY_TENSOR, .ndim = nd, .dims = dm, .dtypes = dt, .out = 1, .unbound = free}
+#define KVC_PY_CUSTOM_ARG(nm, nd, dm, dt) {.name = nm, .kind = KVC_PY_CUSTOM, .ndim = nd, .dims = dm, .dtypes = dt}
 #define KVC_PY_OPT_OUT(nm, nd, dm, dt)                                                       \
     {.name = nm, .kind = KVC_PY_OPTIONAL, .ndim = nd, .dims = dm, .dtypes = dt, .out = 1}
 #define KVC_PY_START(limit) {.name = "kv_start", .kind = KVC_PY_KV_START, .dims = limit}
