@@ -3,7 +3,8 @@
  *
  * Module definition, state, exceptions, threads and test hooks. The module
  * layer (module*.c, the only files that touch Python) consumes DLPack
- * capsules, validates every argument once (module_bridge.c), runs the C op
+ * capsules, validates every argument once (module_bridge.c imports tensors,
+ * module_spec.c checks each op's declared arguments), runs the C op
  * with the GIL released and maps status codes to the module's exception
  * hierarchy (module_<ops>.c). Outputs are allocated by the Python caller and
  * passed in, so the core never owns memory.

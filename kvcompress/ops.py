@@ -285,9 +285,6 @@ def select_topk(scores, k, *, sinks=0, window=0, kv_start=None):
         slots go to the highest scores, ties to the lower index.
     """
     s = _shape(scores, "scores", 3, "[B, H, T]")
-    for name, v in (("sinks", sinks), ("window", window)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise KVCompressTypeError(f"{name}: expected an int, got {type(v).__name__}")
     if isinstance(k, bool):
         raise KVCompressTypeError("k: expected an int or an integer tensor [B, H], got bool")
     if isinstance(k, (int, np.integer)):
@@ -300,7 +297,7 @@ def select_topk(scores, k, *, sinks=0, window=0, kv_start=None):
         _shape(k, "k", 2, "[B, H]")
         kmax = _kmax(k, s[2])
     out = _empty(scores, (s[0], s[1], kmax), "int64")
-    _C.select_topk(_prepare(scores), out, k, int(sinks), int(window), _as_int64(kv_start, "kv_start", scores))
+    _C.select_topk(_prepare(scores), out, k, _py_int(sinks), _py_int(window), _as_int64(kv_start, "kv_start", scores))
     return out
 
 
