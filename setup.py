@@ -4,9 +4,16 @@ Metadata lives in pyproject.toml; this file only describes the extension,
 because its flags depend on the compiler and on environment switches:
 
 ``KVCOMPRESS_DEBUG=1``     -O0 -g instead of -O3.
-``KVCOMPRESS_SANITIZE=1``  AddressSanitizer + UndefinedBehaviorSanitizer. Load
-                           the result with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``
-                           since the Python interpreter itself is not instrumented.
+``KVCOMPRESS_SANITIZE=1``  AddressSanitizer + UndefinedBehaviorSanitizer, at -O1 (a
+                           sanitized -O3 build of the multiversioned kernels takes
+                           minutes). Load the result with ``LD_PRELOAD="$(gcc
+                           -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)"``
+                           since the Python interpreter itself is not instrumented
+                           (``make sanitize-test`` does all of it).
+``KVCOMPRESS_ISA``         ``x86-64-v4``, ``x86-64-v3`` or ``x86-64``: build only that
+                           one of the three load-time clones of the hot loops (GCC,
+                           x86-64), to test each clone's results on one machine
+                           (``make isa-test``); the CPU must support it.
 ``KVCOMPRESS_CUDA``        ``1`` builds the CUDA backend too (csrc/cuda/*.cu with nvcc,
                            cudart linked statically; fails without nvcc), ``auto``
                            builds it when nvcc is found, unset/``0`` builds the CPU
@@ -104,6 +111,23 @@ def _compile_cuda(nvcc, build_temp):
         return list(pool.map(one, sources))
 
 
+def _parallel_compile(compiler):
+    """Make `compiler` compile an extension's sources in parallel: distutils
+    compiles them one after another, and the -O3 multiversioned (plus, for
+    CI, sanitized) build is the slow part of every install and CI run."""
+    serial = compiler.compile
+    jobs = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+
+    def compile(sources, *args, **kwargs):
+        if jobs <= 1 or len(sources) <= 1:
+            return serial(sources, *args, **kwargs)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            groups = list(pool.map(lambda src: serial([src], *args, **kwargs), sources))
+        return [obj for group in groups for obj in group]
+
+    compiler.compile = compile
+
+
 class BuildExt(build_ext):
     """build_ext that picks flags by probing the compiler."""
 
@@ -140,8 +164,19 @@ class BuildExt(build_ext):
                 "-fno-math-errno",
                 "-fvisibility=hidden",
             ]
-            cflags += ["-O0", "-g"] if _env_flag("KVCOMPRESS_DEBUG") else ["-O3"]
+            if _env_flag("KVCOMPRESS_DEBUG"):
+                cflags += ["-O0", "-g"]
+            elif _env_flag("KVCOMPRESS_SANITIZE"):
+                cflags += ["-O1"]
+            else:
+                cflags += ["-O3"]
             ldflags = []
+            isa = os.environ.get("KVCOMPRESS_ISA", "").strip()
+            if isa:
+                levels = {"x86-64-v4": 4, "x86-64-v3": 3, "x86-64": 0}
+                if isa not in levels:
+                    sys.exit(f"error: KVCOMPRESS_ISA={isa!r}: expected one of {', '.join(levels)}")
+                cflags.append(f"-DKVC_ISA={levels[isa]}")
             if _env_flag("KVCOMPRESS_SANITIZE"):
                 san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
                 cflags += san
@@ -161,6 +196,7 @@ class BuildExt(build_ext):
             # static cudart: the wheel needs a driver, not a toolkit
             cuda_libs = ["-L" + _cuda_lib_dir(nvcc), "-lcudart_static", "-lrt", "-lpthread", "-ldl",
                          "-lstdc++"]
+        _parallel_compile(self.compiler)
         for ext in self.extensions:
             ext.extra_compile_args = cflags + omp
             ext.extra_objects = cuda_objs

@@ -14,6 +14,9 @@ static inline void copy_row(char *dst, int64_t dst_st, const char *src, int64_t 
                             int64_t n, size_t es)
 {
     int64_t i;
+    /* D = 0 rows: an empty output may have a NULL data pointer, and memcpy
+     * needs valid pointers even for zero bytes (C11 7.24.1p2). */
+    if (n <= 0) return;
     if (dst_st == 1 && src_st == 1) {
         memcpy(dst, src, (size_t)n * es);
     } else if (es == 2) {

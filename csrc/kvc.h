@@ -109,13 +109,36 @@ static inline size_t kvc_align_up(size_t n)
 #define KVC_THREAD_ID() 0
 #endif
 
-/* Hot CPU loops are compiled twice by GCC on x86-64 ELF (AVX2+FMA and the
- * baseline) and picked at load time through ifunc, because wheels may not
- * assume anything past SSE2 but most machines have AVX2. Other compilers and
- * platforms get the plain function. */
+/* Hot CPU loops are compiled three times by GCC on x86-64 ELF and picked at
+ * load time through ifunc, because wheels may not assume anything past SSE2
+ * but most machines have AVX2: x86-64-v4 (AVX-512 F/BW/CD/DQ/VL, FMA),
+ * x86-64-v3 (AVX2, FMA, F16C, BMI) and the baseline (SSE2, no FMA). With
+ * -ffp-contract=fast both upper clones fuse multiply-adds, so the baseline
+ * may differ from them in the last bits. The clones are named by ISA level
+ * because a plain "avx2" clone has no FMA, and "avx2,fma" in target_clones
+ * is two clones, not one; GCC dispatches on levels from version 12. Older
+ * GCC gets AVX-512F, AVX2 (without FMA) and the baseline. Other compilers
+ * and platforms, and -DKVC_NO_CLONES, get the plain function.
+ *
+ * KVC_ISA (setup.py's KVCOMPRESS_ISA; 4, 3 or 0) builds only the clone of
+ * that level, with the same attribute, so one machine can test every
+ * clone's results (make isa-test). */
 #if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && \
     defined(__x86_64__) && defined(__ELF__) && defined(__linux__) && \
     !defined(KVC_NO_CLONES)
+#define KVC_MULTIVERSION 1
+#endif
+#if defined(KVC_MULTIVERSION) && defined(KVC_ISA)
+#if KVC_ISA == 4
+#define KVC_HOT __attribute__((target("arch=x86-64-v4")))
+#elif KVC_ISA == 3
+#define KVC_HOT __attribute__((target("arch=x86-64-v3")))
+#else
+#define KVC_HOT
+#endif
+#elif defined(KVC_MULTIVERSION) && __GNUC__ >= 12
+#define KVC_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#elif defined(KVC_MULTIVERSION)
 #define KVC_HOT __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define KVC_HOT

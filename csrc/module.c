@@ -3,7 +3,8 @@
  *
  * Module definition, state, exceptions, threads and test hooks. The module
  * layer (module*.c, the only files that touch Python) consumes DLPack
- * capsules, validates every argument once (module_bridge.c), runs the C op
+ * capsules, validates every argument once (module_bridge.c imports tensors,
+ * module_spec.c checks each op's declared arguments), runs the C op
  * with the GIL released and maps status codes to the module's exception
  * hierarchy (module_<ops>.c). Outputs are allocated by the Python caller and
  * passed in, so the core never owns memory.
@@ -115,8 +116,8 @@ done:
 static PyObject *py_use_exchange_api(PyObject *m, PyObject *arg)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    int prev = st->use_xapi, v = PyObject_IsTrue(arg);
-    if (v < 0) return NULL;
+    int prev = st->use_xapi, v;
+    if (kvc_py_get_bool(st, arg, "flag", &v) < 0) return NULL;
     st->use_xapi = v;
     return PyBool_FromLong(prev);
 }
@@ -127,6 +128,34 @@ static PyObject *py_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSE
     return PyLong_FromLong(kvc_cuda_device_count());
 #else
     return PyLong_FromLong(0);
+#endif
+}
+
+/* Test hook: the x86-64 ISA level (4, 3 or 0) whose clone of the hot loops
+ * the load-time dispatch picks on this CPU, by the resolver's own test;
+ * None where there are no clones (make isa-test skips levels above it). */
+static PyObject *py_cpu_level(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+#if defined(KVC_MULTIVERSION) && __GNUC__ >= 12
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return PyLong_FromLong(4);
+    if (__builtin_cpu_supports("x86-64-v3")) return PyLong_FromLong(3);
+    return PyLong_FromLong(0);
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
+/* What the hot loops of this build are: "clones" (dispatched at load
+ * time), one level only (KVCOMPRESS_ISA) or "plain" (no multiversioning). */
+static const char *isa_build(void)
+{
+#if defined(KVC_MULTIVERSION) && defined(KVC_ISA)
+    return KVC_ISA == 4 ? "x86-64-v4" : KVC_ISA == 3 ? "x86-64-v3" : "x86-64";
+#elif defined(KVC_MULTIVERSION)
+    return "clones";
+#else
+    return "plain";
 #endif
 }
 
@@ -141,6 +170,8 @@ static PyMethodDef kvc_methods[] = {
      "_describe(x)\n--\n\n(shape, dtype, dlpack_device_type, read_only) of a DLPack object."},
     {"_use_exchange_api", py_use_exchange_api, METH_O,
      "_use_exchange_api(flag)\n--\n\nTest hook: toggle the DLPack C exchange fast path."},
+    {"_cpu_level", py_cpu_level, METH_NOARGS,
+     "_cpu_level()\n--\n\nTest hook: x86-64 ISA level (4, 3, 0) of the clone this CPU runs, or None."},
     {"_cast", (PyCFunction)(void (*)(void))py_cast, METH_FASTCALL,
      "_cast(src, dst)\n--\n\nTest hook: convert a 1-D float array into dst's dtype."},
     {NULL, NULL, 0, NULL}};
@@ -199,6 +230,7 @@ static int kvc_exec(PyObject *m)
 #else
     if (PyModule_AddObjectRef(m, "has_cuda", Py_False) < 0) return -1;
 #endif
+    if (PyModule_AddStringConstant(m, "_isa", isa_build()) < 0) return -1;
     if (PyModule_AddIntConstant(m, "DLPACK_MAJOR_VERSION", DLPACK_MAJOR_VERSION) < 0) return -1;
     if (PyModule_AddIntConstant(m, "DLPACK_MINOR_VERSION", DLPACK_MINOR_VERSION) < 0) return -1;
     return 0;

@@ -66,16 +66,16 @@ void kvc_py_dl_dtype_name(DLDataType dt, char *buf, size_t n);
 int kvc_py_dl_dtype(DLDataType dt, enum kvc_dtype *out);
 int kvc_py_dl_take(struct kvc_state *st, PyObject *obj, const char *name, struct kvc_arg *a);
 int kvc_py_get_int64(struct kvc_state *st, PyObject *o, const char *name, int64_t *out);
+/* A flag: True or False only, so no user __bool__ (which may raise anything,
+ * e.g. torch's for a many-element tensor) runs at the boundary. */
+int kvc_py_get_bool(struct kvc_state *st, PyObject *o, const char *name, int *out);
 struct kvc_state *kvc_py_get_state(PyObject *module);
-int kvc_py_import_kv_start(struct kvc_state *st, PyObject *obj, int64_t B, int64_t limit, struct kvc_arg *a);
 int kvc_py_raise_from(PyObject *type, const char *fmt, ...);
 int kvc_py_raise_status(struct kvc_state *st, enum kvc_status s, const char *op);
 /* Both raise helpers always return -1, for `return kvc_py_raise(...)`. */
 int kvc_py_raise(PyObject *type, const char *fmt, ...);
 int64_t kvc_py_view_numel(const struct kvc_view *v);
 
-/* `scaling` argument: a finite float. */
-int kvc_py_get_scaling(struct kvc_state *st, PyObject *o, double *out);
 /* queries [B, Hq, Tq, D] vs keys [B, Hkv, Tk, D]: dtype, batch, head dim, GQA. */
 int kvc_py_check_qk(struct kvc_state *st, const struct kvc_view *q, const struct kvc_view *k);
 

@@ -4,6 +4,7 @@
  */
 #include "module.h"
 #include "module_run.h"
+#include "module_spec.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -13,7 +14,7 @@
 #include "kvc_math.h"
 
 /* Argument slots, also the release order. */
-enum { A_Q, A_K, A_V, A_OUT, A_START, A_OFF, A_LEN, A_CNT, A_N };
+enum { A_Q, A_K, A_V, A_OUT, A_SCALE, A_START, A_OFF, A_LEN, A_CNT, A_N };
 
 KVC_PY_OP(op_attention, attention, 1, 1)
 
@@ -147,157 +148,135 @@ PyDoc_STRVAR(attention_doc,
              "attention(queries, keys, values, out, scaling, kv_start, offsets, lengths, counts)\n--\n\n"
              "Low-level: see kvcompress.ops.attention.");
 
+#define AT_COUNTS (DT_F32 | (1u << KVC_I32))
+
+/* Uniform layout: [B, Hkv, n, D] keys; batch and head dim of keys are
+ * checked below with their own messages, offsets/lengths are None. */
+static const struct kvc_py_spec attention_uniform_spec[A_N] = {
+    KVC_PY_IN("queries", 4, "[B, Hq, q, D]", DT_FLOAT),
+    {.name = "keys", .kind = KVC_PY_TENSOR, .ndim = 4, .dims = "[B, Hkv, n, D]", .dtypes = DT_FLOAT,
+     .unbound = 0x9, .like = A_Q + 1},
+    KVC_PY_IN_LIKE("values", 4, "[B, Hkv, n, D]", A_Q),
+    KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
+    KVC_PY_FINITE("scaling"),
+    KVC_PY_START("n"),
+    KVC_PY_CUSTOM_ARG("offsets", 0, NULL, 0),
+    KVC_PY_CUSTOM_ARG("lengths", 0, NULL, 0),
+    KVC_PY_OPT("counts", 3, "[B, Hkv, n]", AT_COUNTS),
+};
+
+/* Ragged layout: [N, D] keys with per-head segments; kv_start is None. */
+static const struct kvc_py_spec attention_ragged_spec[A_N] = {
+    KVC_PY_IN("queries", 4, "[B, Hq, q, D]", DT_FLOAT),
+    {.name = "keys", .kind = KVC_PY_TENSOR, .ndim = 2, .dims = "[N, D]", .dtypes = DT_FLOAT,
+     .unbound = 0x2, .like = A_Q + 1},
+    KVC_PY_IN_LIKE("values", 2, "[N, D]", A_Q),
+    KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
+    KVC_PY_FINITE("scaling"),
+    KVC_PY_CUSTOM_ARG("kv_start", 0, NULL, 0),
+    KVC_PY_IN("offsets", 1, "[B * Hkv]", DT_I64),
+    KVC_PY_IN("lengths", 1, "[B * Hkv]", DT_I64),
+    KVC_PY_OPT("counts", 1, "[N]", AT_COUNTS),
+};
+
 static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[A_N];
+    struct kvc_py_call c;
     struct kvc_attention_params p;
-    double scaling;
     int ragged;
-    int64_t B, Hq, q, D, Hkv, want[4];
-    const struct kvc_view *hoff = NULL, *hlen = NULL;
+    int64_t B, Hq, q, D, Hkv;
+    const struct kvc_view *k;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
-    if (kvc_py_check_nargs("attention", nargs, 9) < 0) return NULL;
-    if (kvc_py_get_scaling(st, args[4], &scaling) < 0) return NULL;
-    ragged = args[6] != Py_None;
-    if (ragged != (args[7] != Py_None)) {
+    if (kvc_py_check_nargs("attention", nargs, A_N) < 0) return NULL;
+    ragged = args[A_OFF] != Py_None;
+    if (ragged != (args[A_LEN] != Py_None)) {
         kvc_py_raise(st->ValueError, "%s: the ragged layout needs both offsets and lengths",
                      ragged ? "lengths" : "offsets");
         return NULL;
     }
-    if (ragged && args[5] != Py_None) {
+    if (ragged && args[A_START] != Py_None) {
         kvc_py_raise(st->ValueError,
                      "kv_start: only for the uniform layout (a ragged head starts at its offset)");
         return NULL;
     }
-
-    if (kvc_py_arg_import(st, args[0], "queries", 4, "[B, Hq, q, D]", DT_FLOAT, 0, &a[A_Q]) < 0) goto done;
-    B = a[A_Q].view.shape[0];
-    Hq = a[A_Q].view.shape[1];
-    q = a[A_Q].view.shape[2];
-    D = a[A_Q].view.shape[3];
-    if (ragged) {
-        if (kvc_py_arg_import(st, args[1], "keys", 2, "[N, D]", DT_FLOAT, 0, &a[A_K]) < 0) goto done;
-        if (kvc_py_arg_import(st, args[2], "values", 2, "[N, D]", DT_FLOAT, 0, &a[A_V]) < 0) goto done;
-    } else {
-        if (kvc_py_arg_import(st, args[1], "keys", 4, "[B, Hkv, n, D]", DT_FLOAT, 0, &a[A_K]) < 0) goto done;
-        if (kvc_py_arg_import(st, args[2], "values", 4, "[B, Hkv, n, D]", DT_FLOAT, 0, &a[A_V]) < 0) goto done;
+    if (kvc_py_call_parse(st, "attention", ragged ? attention_ragged_spec : attention_uniform_spec, A_N,
+                          args, nargs, &c) < 0)
+        return NULL;
+    B = c.a[A_Q].view.shape[0];
+    Hq = c.a[A_Q].view.shape[1];
+    q = c.a[A_Q].view.shape[2];
+    D = c.a[A_Q].view.shape[3];
+    k = &c.a[A_K].view;
+    if (!ragged && k->shape[0] != B) {
+        kvc_py_raise(st->ValueError, "keys: batch size %lld does not match queries (%lld)",
+                     (long long)k->shape[0], (long long)B);
+        goto done;
     }
-    if (kvc_py_arg_import(st, args[3], "out", 4, "[B, q, Hq, D]", DT_FLOAT, 1, &a[A_OUT]) < 0) goto done;
-    {
-        const struct kvc_view *qv = &a[A_Q].view, *k = &a[A_K].view;
-        int i;
-        for (i = A_K; i <= A_OUT; i++)
-            if (a[i].view.dtype != qv->dtype) {
-                kvc_py_raise(st->TypeError, "%s: dtype %s does not match queries dtype %s", a[i].name,
-                             kvc_dtype_name((enum kvc_dtype)a[i].view.dtype),
-                             kvc_dtype_name((enum kvc_dtype)qv->dtype));
-                goto done;
-            }
-        if (ragged) {
-            if (k->shape[1] != D) {
-                kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
-                             (long long)k->shape[1], (long long)D);
-                goto done;
-            }
-            if (kvc_py_check_shape(st, &a[A_V], k->shape, "[N, D]") < 0) goto done;
-        } else {
-            if (k->shape[0] != B) {
-                kvc_py_raise(st->ValueError, "keys: batch size %lld does not match queries (%lld)",
-                             (long long)k->shape[0], (long long)B);
-                goto done;
-            }
-            if (k->shape[3] != D) {
-                kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
-                             (long long)k->shape[3], (long long)D);
-                goto done;
-            }
-            if (kvc_py_check_shape(st, &a[A_V], k->shape, "[B, Hkv, n, D]") < 0) goto done;
-            if (q > k->shape[2]) {
-                kvc_py_raise(st->ValueError,
-                             "queries: %lld queries but keys hold only %lld slots (the queries are "
-                             "the last q slots)",
-                             (long long)q, (long long)k->shape[2]);
-                goto done;
-            }
-        }
+    if (k->shape[ragged ? 1 : 3] != D) {
+        kvc_py_raise(st->ValueError, "keys: head dim %lld does not match queries (%lld)",
+                     (long long)k->shape[ragged ? 1 : 3], (long long)D);
+        goto done;
     }
     if (ragged) {
-        if (kvc_py_arg_import(st, args[6], "offsets", 1, "[B * Hkv]", DT_I64, 0, &a[A_OFF]) < 0) goto done;
-        if (kvc_py_arg_import(st, args[7], "lengths", 1, "[B * Hkv]", DT_I64, 0, &a[A_LEN]) < 0) goto done;
-        if (kvc_py_check_shape(st, &a[A_LEN], a[A_OFF].view.shape, "[B * Hkv]") < 0) goto done;
-        {
-            const int64_t H = a[A_OFF].view.shape[0];
-            if (B == 0 ? H != 0 : H == 0 || H % B != 0) {
-                kvc_py_raise(st->ValueError,
-                             "offsets: %lld entries is not B * Hkv for the batch size B = %lld of queries",
-                             (long long)H, (long long)B);
-                goto done;
-            }
-            Hkv = B > 0 ? H / B : 1;
+        const int64_t H = c.a[A_OFF].view.shape[0];
+        /* before the B * Hkv rule, which reads the offsets' length alone */
+        if (kvc_py_check_shape(st, &c.a[A_LEN], c.a[A_OFF].view.shape, "[B * Hkv]") < 0) goto done;
+        if (B == 0 ? H != 0 : H == 0 || H % B != 0) {
+            kvc_py_raise(st->ValueError,
+                         "offsets: %lld entries is not B * Hkv for the batch size B = %lld of queries",
+                         (long long)H, (long long)B);
+            goto done;
         }
-        hoff = kvc_py_arg_host(st, &a[A_OFF]);
-        hlen = hoff ? kvc_py_arg_host(st, &a[A_LEN]) : NULL;
-        if (hlen == NULL) goto done;
-        if (check_segments(st, hoff, hlen, Hkv, a[A_K].view.shape[0], q) < 0) goto done;
+        Hkv = B > 0 ? H / B : 1;
     } else {
-        Hkv = a[A_K].view.shape[1];
-        if (kvc_py_import_kv_start(st, args[5], B, a[A_K].view.shape[2], &a[A_START]) < 0) goto done;
+        if (q > k->shape[2]) {
+            kvc_py_raise(st->ValueError,
+                         "queries: %lld queries but keys hold only %lld slots (the queries are "
+                         "the last q slots)",
+                         (long long)q, (long long)k->shape[2]);
+            goto done;
+        }
+        Hkv = k->shape[1];
     }
     if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0) {
         kvc_py_raise(st->ValueError, "queries: %lld heads is not a multiple of the %lld kv heads",
                      (long long)Hq, (long long)Hkv);
         goto done;
     }
-    want[0] = B;
-    want[1] = q;
-    want[2] = Hq;
-    want[3] = D;
-    if (kvc_py_check_shape(st, &a[A_OUT], want, "[B, q, Hq, D]") < 0) goto done;
-    if (args[8] != Py_None) {
-        if (ragged) {
-            if (kvc_py_arg_import(st, args[8], "counts", 1, "[N]", DT_F32 | (1u << KVC_I32), 0, &a[A_CNT]) < 0) goto done;
-            if (kvc_py_check_shape(st, &a[A_CNT], a[A_K].view.shape, "[N]") < 0) goto done;
-        } else {
-            if (kvc_py_arg_import(st, args[8], "counts", 3, "[B, Hkv, n]", DT_F32 | (1u << KVC_I32), 0, &a[A_CNT]) < 0) goto done;
-            if (kvc_py_check_shape(st, &a[A_CNT], a[A_K].view.shape, "[B, Hkv, n]") < 0) goto done;
-        }
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    if (ragged) {
+        const struct kvc_view *hoff = kvc_py_arg_host(st, &c.a[A_OFF]);
+        const struct kvc_view *hlen = hoff ? kvc_py_arg_host(st, &c.a[A_LEN]) : NULL;
+        if (hlen == NULL) goto done;
+        if (check_segments(st, hoff, hlen, Hkv, k->shape[0], q) < 0) goto done;
     }
-    if (kvc_py_check_output(st, &a[A_OUT], a, A_N) < 0) goto done;
 
-    p.q = a[A_Q].view;
-    p.k = a[A_K].view;
-    p.v = a[A_V].view;
-    p.out = a[A_OUT].view;
-    if (a[A_CNT].t) p.counts = a[A_CNT].view;
+    p.q = c.a[A_Q].view;
+    p.k = *k;
+    p.v = c.a[A_V].view;
+    p.out = c.a[A_OUT].view;
+    if (c.a[A_CNT].t) p.counts = c.a[A_CNT].view;
     p.layout = ragged ? KVC_KV_RAGGED : KVC_KV_UNIFORM;
     p.num_kv_heads = Hkv;
-    if (a[A_START].t) {
-        p.kv_start = (const int64_t *)a[A_START].view.data;
-        p.kv_start_stride = a[A_START].view.strides[0];
-    }
-    if (ragged) {
-        p.offsets = (const int64_t *)a[A_OFF].view.data;
-        p.offsets_stride = a[A_OFF].view.strides[0];
-        p.lengths = (const int64_t *)a[A_LEN].view.data;
-        p.lengths_stride = a[A_LEN].view.strides[0];
-    }
-    p.scaling = (float)scaling;
+    p.kv_start = kvc_py_call_i64(&c, A_START, &p.kv_start_stride);
+    p.offsets = kvc_py_call_i64(&c, A_OFF, &p.offsets_stride);
+    p.lengths = kvc_py_call_i64(&c, A_LEN, &p.lengths_stride);
+    p.scaling = (float)c.f[A_SCALE];
     p.num_threads = st->num_threads;
     /* On CUDA the counts are not scanned: that would copy [N] to the host on
      * every decode step, and a bad count can only spoil its own output rows
      * (they come from evict_merge, which writes counts >= 1). */
-    if (p.counts.data && a[A_CNT].dev_type == kDLCPU && check_counts(st, &p) < 0) goto done;
+    if (p.counts.data && c.a[A_CNT].dev_type == kDLCPU && check_counts(st, &p) < 0) goto done;
     {
         /* an empty problem takes no scratch */
         void **scratch = kvc_py_view_numel(&p.out) > 0 ? &p.scratch : NULL;
-        if (kvc_py_run(st, &op_attention, &p, scratch, &p.scratch_bytes, a, A_N) < 0) goto done;
+        if (kvc_py_run(st, &op_attention, &p, scratch, &p.scratch_bytes, c.a, c.n) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, A_N);
+    kvc_py_call_release(&c);
     return ret;
 }
 

@@ -535,36 +535,6 @@ int kvc_py_check_shape(struct kvc_state *st, const struct kvc_arg *a, const int6
     return 0;
 }
 
-/* Optional kv_start: int64 [B], each in [0, limit]. */
-int kvc_py_import_kv_start(struct kvc_state *st, PyObject *obj, int64_t B, int64_t limit,
-                           struct kvc_arg *a)
-{
-    const struct kvc_view *hv;
-    int64_t b;
-    memset(a, 0, sizeof *a);
-    if (obj == Py_None) return 0;
-    if (kvc_py_arg_import(st, obj, "kv_start", 1, "[B]", DT_I64, 0, a) < 0) return -1;
-    if (a->view.shape[0] != B) {
-        kvc_py_raise(st->ValueError, "kv_start: expected shape [B] = [%lld], got [%lld]", (long long)B,
-              (long long)a->view.shape[0]);
-        goto fail;
-    }
-    hv = kvc_py_arg_host(st, a);
-    if (hv == NULL) goto fail;
-    for (b = 0; b < B; b++) {
-        int64_t v = ((const int64_t *)hv->data)[b * hv->strides[0]];
-        if (v < 0 || v > limit) {
-            kvc_py_raise(st->ValueError, "kv_start: value %lld at batch %lld is outside [0, %lld]",
-                  (long long)v, (long long)b, (long long)limit);
-            goto fail;
-        }
-    }
-    return 0;
-fail:
-    kvc_py_arg_release(a);
-    return -1;
-}
-
 int kvc_py_check_nargs(const char *fn, Py_ssize_t nargs, Py_ssize_t want)
 {
     if (nargs != want) {
@@ -587,12 +557,12 @@ int kvc_py_get_int64(struct kvc_state *st, PyObject *o, const char *name, int64_
     return 0;
 }
 
-int kvc_py_get_scaling(struct kvc_state *st, PyObject *o, double *out)
+int kvc_py_get_bool(struct kvc_state *st, PyObject *o, const char *name, int *out)
 {
-    double v = PyFloat_AsDouble(o);
-    if (v == -1.0 && PyErr_Occurred()) return kvc_py_raise_from(st->TypeError, "scaling: expected a float");
-    if (!isfinite(v)) return kvc_py_raise(st->ValueError, "scaling: must be finite, got %R", o);
-    *out = v;
+    *out = 0;
+    if (!PyBool_Check(o))
+        return kvc_py_raise(st->TypeError, "%s: expected a bool, got %.100s", name, Py_TYPE(o)->tp_name);
+    *out = o == Py_True;
     return 0;
 }
 

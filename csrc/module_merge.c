@@ -5,6 +5,7 @@
  */
 #include "module.h"
 #include "module_run.h"
+#include "module_spec.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -106,115 +107,59 @@ PyDoc_STRVAR(evict_merge_doc,
 
 enum { A_KEYS, A_VALUES, A_SCORES, A_CENTERS, A_TAU, A_KVS, A_OK, A_OV, A_CNT, A_OS, A_TAUU,
        A_ASSIGN, A_N };
+static const struct kvc_py_spec evict_merge_spec[A_N] = {
+    KVC_PY_IN("keys", 4, "[B, H, T, D]", DT_FLOAT),
+    KVC_PY_IN_LIKE("values", 4, "[B, H, T, Dv]", A_KEYS),
+    KVC_PY_IN("scores", 3, "[B, H, T]", DT_F32),
+    KVC_PY_IN("centers", 3, "[B, H, C]", DT_I64),
+    KVC_PY_IN("tau", 2, "[B, H]", DT_F32),
+    KVC_PY_START("T"),
+    KVC_PY_OUT_LIKE("out_keys", 4, "[B, H, C, D]", A_KEYS),
+    KVC_PY_OUT_LIKE("out_values", 4, "[B, H, C, Dv]", A_KEYS),
+    KVC_PY_OUT("counts", 3, "[B, H, C]", DT_F32 | (1u << KVC_I32)),
+    KVC_PY_OUT("out_scores", 3, "[B, H, C]", DT_F32),
+    KVC_PY_OUT("tau_used", 2, "[B, H]", DT_F32),
+    KVC_PY_OPT_OUT("assign", 3, "[B, H, T]", DT_I64),
+};
 
 static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[A_N];
+    struct kvc_py_call c;
     struct kvc_evict_merge_params p;
-    int64_t B, H, T, D, Dv, C, want[4];
-    int n = 0, i;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
-    if (kvc_py_check_nargs("evict_merge", nargs, 12) < 0) return NULL;
-
-    if (kvc_py_arg_import(st, args[0], "keys", 4, "[B, H, T, D]", DT_FLOAT, 0, &a[A_KEYS]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "values", 4, "[B, H, T, Dv]", DT_FLOAT, 0, &a[A_VALUES]) < 0) goto done;
-    n = 2;
-    if (kvc_py_arg_import(st, args[2], "scores", 3, "[B, H, T]", DT_F32, 0, &a[A_SCORES]) < 0) goto done;
-    n = 3;
-    if (kvc_py_arg_import(st, args[3], "centers", 3, "[B, H, C]", DT_I64, 0, &a[A_CENTERS]) < 0) goto done;
-    n = 4;
-    if (kvc_py_arg_import(st, args[4], "tau", 2, "[B, H]", DT_F32, 0, &a[A_TAU]) < 0) goto done;
-    n = 5;
-    B = a[A_KEYS].view.shape[0];
-    H = a[A_KEYS].view.shape[1];
-    T = a[A_KEYS].view.shape[2];
-    D = a[A_KEYS].view.shape[3];
-    Dv = a[A_VALUES].view.shape[3];
-    C = a[A_CENTERS].view.shape[2];
-    if (kvc_py_import_kv_start(st, args[5], B, T, &a[A_KVS]) < 0) goto done;
-    n = 6;
-    if (kvc_py_arg_import(st, args[6], "out_keys", 4, "[B, H, C, D]", DT_FLOAT, 1, &a[A_OK]) < 0) goto done;
-    n = 7;
-    if (kvc_py_arg_import(st, args[7], "out_values", 4, "[B, H, C, Dv]", DT_FLOAT, 1, &a[A_OV]) < 0) goto done;
-    n = 8;
-    if (kvc_py_arg_import(st, args[8], "counts", 3, "[B, H, C]", DT_F32 | (1u << KVC_I32), 1, &a[A_CNT]) < 0)
-        goto done;
-    n = 9;
-    if (kvc_py_arg_import(st, args[9], "out_scores", 3, "[B, H, C]", DT_F32, 1, &a[A_OS]) < 0) goto done;
-    n = 10;
-    if (kvc_py_arg_import(st, args[10], "tau_used", 2, "[B, H]", DT_F32, 1, &a[A_TAUU]) < 0) goto done;
-    n = 11;
-    if (args[11] != Py_None) {
-        if (kvc_py_arg_import(st, args[11], "assign", 3, "[B, H, T]", DT_I64, 1, &a[A_ASSIGN]) < 0)
-            goto done;
-    }
-    n = 12;
-
-    if (a[A_VALUES].view.dtype != a[A_KEYS].view.dtype) {
-        kvc_py_raise(st->TypeError, "values: dtype %s does not match keys dtype %s",
-                     kvc_dtype_name((enum kvc_dtype)a[A_VALUES].view.dtype),
-                     kvc_dtype_name((enum kvc_dtype)a[A_KEYS].view.dtype));
-        goto done;
-    }
-    for (i = A_OK; i <= A_OV; i++)
-        if (a[i].view.dtype != a[A_KEYS].view.dtype) {
-            kvc_py_raise(st->TypeError, "%s: dtype %s does not match keys dtype %s", a[i].name,
-                         kvc_dtype_name((enum kvc_dtype)a[i].view.dtype),
-                         kvc_dtype_name((enum kvc_dtype)a[A_KEYS].view.dtype));
-            goto done;
-        }
-    want[0] = B;
-    want[1] = H;
-    want[2] = T;
-    want[3] = Dv;
-    if (kvc_py_check_shape(st, &a[A_VALUES], want, "[B, H, T, Dv]") < 0) goto done;
-    if (kvc_py_check_shape(st, &a[A_SCORES], want, "[B, H, T]") < 0) goto done;
-    if (kvc_py_check_shape(st, &a[A_TAU], want, "[B, H]") < 0) goto done;
-    if (a[A_ASSIGN].t && kvc_py_check_shape(st, &a[A_ASSIGN], want, "[B, H, T]") < 0) goto done;
-    want[2] = C;
-    if (kvc_py_check_shape(st, &a[A_CENTERS], want, "[B, H, C]") < 0) goto done;
-    if (kvc_py_check_shape(st, &a[A_CNT], want, "[B, H, C]") < 0) goto done;
-    if (kvc_py_check_shape(st, &a[A_OS], want, "[B, H, C]") < 0) goto done;
-    if (kvc_py_check_shape(st, &a[A_OV], want, "[B, H, C, Dv]") < 0) goto done;
-    want[3] = D;
-    if (kvc_py_check_shape(st, &a[A_OK], want, "[B, H, C, D]") < 0) goto done;
-    for (i = A_OK; i < A_N; i++)
-        if (a[i].t && kvc_py_check_output(st, &a[i], a, A_N) < 0) goto done;
+    if (kvc_py_call_parse(st, "evict_merge", evict_merge_spec, A_N, args, nargs, &c) < 0) return NULL;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
     {
-        const struct kvc_view *hc = kvc_py_arg_host(st, &a[A_CENTERS]);
-        const struct kvc_view *hs = kvc_py_arg_host(st, &a[A_SCORES]);
-        const struct kvc_view *hk = a[A_KVS].t ? kvc_py_arg_host(st, &a[A_KVS]) : NULL;
-        if (hc == NULL || hs == NULL || (a[A_KVS].t && hk == NULL)) goto done;
-        if (check_centers(st, hc, hk, T) < 0) goto done;
+        const struct kvc_view *hc = kvc_py_arg_host(st, &c.a[A_CENTERS]);
+        const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_SCORES]);
+        const struct kvc_view *hk = c.a[A_KVS].t ? kvc_py_arg_host(st, &c.a[A_KVS]) : NULL;
+        if (hc == NULL || hs == NULL || (c.a[A_KVS].t && hk == NULL)) goto done;
+        if (check_centers(st, hc, hk, c.a[A_KEYS].view.shape[2]) < 0) goto done;
         if (check_scores(st, hs, hk) < 0) goto done;
     }
-
-    p.keys = a[A_KEYS].view;
-    p.values = a[A_VALUES].view;
-    p.scores = a[A_SCORES].view;
-    p.centers = a[A_CENTERS].view;
-    p.tau = a[A_TAU].view;
-    p.out_keys = a[A_OK].view;
-    p.out_values = a[A_OV].view;
-    p.counts = a[A_CNT].view;
-    p.out_scores = a[A_OS].view;
-    p.tau_used = a[A_TAUU].view;
-    if (a[A_ASSIGN].t) p.assign = a[A_ASSIGN].view;
-    p.kv_start = a[A_KVS].t ? (const int64_t *)a[A_KVS].view.data : NULL;
-    p.kv_start_stride = a[A_KVS].t ? a[A_KVS].view.strides[0] : 0;
+    p.keys = c.a[A_KEYS].view;
+    p.values = c.a[A_VALUES].view;
+    p.scores = c.a[A_SCORES].view;
+    p.centers = c.a[A_CENTERS].view;
+    p.tau = c.a[A_TAU].view;
+    p.out_keys = c.a[A_OK].view;
+    p.out_values = c.a[A_OV].view;
+    p.counts = c.a[A_CNT].view;
+    p.out_scores = c.a[A_OS].view;
+    p.tau_used = c.a[A_TAUU].view;
+    if (c.a[A_ASSIGN].t) p.assign = c.a[A_ASSIGN].view;
+    p.kv_start = kvc_py_call_i64(&c, A_KVS, &p.kv_start_stride);
     p.num_threads = st->num_threads;
     {
         /* an empty problem takes no scratch */
-        void **scratch = B * H > 0 ? &p.scratch : NULL;
-        if (kvc_py_run(st, &op_evict_merge, &p, scratch, &p.scratch_bytes, a, n) < 0) goto done;
+        void **scratch = p.keys.shape[0] * p.keys.shape[1] > 0 ? &p.scratch : NULL;
+        if (kvc_py_run(st, &op_evict_merge, &p, scratch, &p.scratch_bytes, c.a, c.n) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 

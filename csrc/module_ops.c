@@ -5,6 +5,7 @@
  */
 #include "module.h"
 #include "module_run.h"
+#include "module_spec.h"
 
 #include <math.h>
 #include <string.h>
@@ -28,316 +29,257 @@ PyDoc_STRVAR(window_scores_doc,
              "window_scores(queries, keys, out, scaling, gqa_max, kv_start)\n--\n\n"
              "Low-level: see kvcompress.ops.window_scores.");
 
+enum { WS_Q, WS_K, WS_OUT, WS_SCALING, WS_GQA, WS_START, WS_N };
+static const struct kvc_py_spec window_scores_spec[WS_N] = {
+    KVC_PY_IN("queries", 4, "[B, Hq, Tq, D]", DT_FLOAT),
+    /* batch and head dim: kvc_py_check_qk, with its own messages */
+    KVC_PY_IN_FREE("keys", 4, "[B, Hkv, Tk, D]", DT_FLOAT, 0x9),
+    KVC_PY_OUT("out", 3, "[B, Hkv, Tk]", DT_F32),
+    KVC_PY_FINITE("scaling"),
+    KVC_PY_FLAG("gqa_max"),
+    KVC_PY_START("Tk"),
+};
+
 static PyObject *py_window_scores(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[4]; /* queries, keys, out, kv_start */
+    struct kvc_py_call c;
     struct kvc_window_scores_params p;
-    double scaling;
-    int gqa_max, n = 0;
+    const struct kvc_view *q, *k;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
     memset(&p, 0, sizeof p);
-    if (kvc_py_check_nargs("window_scores", nargs, 6) < 0) return NULL;
-    if (kvc_py_get_scaling(st, args[3], &scaling) < 0) return NULL;
-    gqa_max = PyObject_IsTrue(args[4]);
-    if (gqa_max < 0) return NULL;
-
-    if (kvc_py_arg_import(st, args[0], "queries", 4, "[B, Hq, Tq, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "keys", 4, "[B, Hkv, Tk, D]", DT_FLOAT, 0, &a[1]) < 0) goto done;
-    n = 2;
-    if (kvc_py_arg_import(st, args[2], "out", 3, "[B, Hkv, Tk]", DT_F32, 1, &a[2]) < 0) goto done;
-    n = 3;
-    {
-        const struct kvc_view *q = &a[0].view, *k = &a[1].view;
-        int64_t want[3];
-        if (kvc_py_check_qk(st, q, k) < 0) goto done;
-        if (q->shape[2] > k->shape[2]) {
-            kvc_py_raise(st->ValueError,
-                  "queries: %lld queries but only %lld keys (queries are the last Tq positions)",
-                  (long long)q->shape[2], (long long)k->shape[2]);
-            goto done;
-        }
-        want[0] = k->shape[0];
-        want[1] = k->shape[1];
-        want[2] = k->shape[2];
-        if (kvc_py_check_shape(st, &a[2], want, "[B, Hkv, Tk]") < 0) goto done;
-        if (kvc_py_import_kv_start(st, args[5], q->shape[0], k->shape[2], &a[3]) < 0) goto done;
-        n = 4;
-        if (kvc_py_check_output(st, &a[2], a, 4) < 0) goto done;
+    if (kvc_py_call_parse(st, "window_scores", window_scores_spec, WS_N, args, nargs, &c) < 0) return NULL;
+    q = &c.a[WS_Q].view;
+    k = &c.a[WS_K].view;
+    if (kvc_py_check_qk(st, q, k) < 0) goto done;
+    if (q->shape[2] > k->shape[2]) {
+        kvc_py_raise(st->ValueError,
+                     "queries: %lld queries but only %lld keys (queries are the last Tq positions)",
+                     (long long)q->shape[2], (long long)k->shape[2]);
+        goto done;
     }
-    p.q = a[0].view;
-    p.k = a[1].view;
-    p.out = a[2].view;
-    p.kv_start = a[3].t ? (const int64_t *)a[3].view.data : NULL;
-    p.kv_start_stride = a[3].t ? a[3].view.strides[0] : 0;
-    p.scaling = (float)scaling;
-    p.gqa = gqa_max ? KVC_GQA_MAX : KVC_GQA_MEAN;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.q = *q;
+    p.k = *k;
+    p.out = c.a[WS_OUT].view;
+    p.kv_start = kvc_py_call_i64(&c, WS_START, &p.kv_start_stride);
+    p.scaling = (float)c.f[WS_SCALING];
+    p.gqa = c.i[WS_GQA] ? KVC_GQA_MAX : KVC_GQA_MEAN;
     p.num_threads = st->num_threads;
     {
         /* an empty problem takes no scratch */
         void **scratch = kvc_py_view_numel(&p.out) > 0 && p.q.shape[2] > 0 ? &p.scratch : NULL;
-        if (kvc_py_run(st, &op_window_scores, &p, scratch, &p.scratch_bytes, a, n) < 0) goto done;
+        if (kvc_py_run(st, &op_window_scores, &p, scratch, &p.scratch_bytes, c.a, c.n) < 0) goto done;
     }
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 
 PyDoc_STRVAR(vector_norm_doc, "vector_norm(x, out, ord)\n--\n\n"
                               "Low-level: see kvcompress.ops.vector_norm.");
 
+enum { VN_X, VN_OUT, VN_ORD, VN_N };
+static const struct kvc_py_spec vector_norm_spec[VN_N] = {
+    KVC_PY_IN("x", 4, "[B, H, T, D]", DT_FLOAT),
+    KVC_PY_OUT("out", 3, "[B, H, T]", DT_F32),
+    KVC_PY_INT_IN("ord", 1, 2),
+};
+
 static PyObject *py_vector_norm(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[2];
+    struct kvc_py_call c;
     struct kvc_vector_norm_params p;
-    int64_t ord, want[3];
-    int n = 0;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
-    if (kvc_py_check_nargs("vector_norm", nargs, 3) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[2], "ord", &ord) < 0) return NULL;
-    if (ord != 1 && ord != 2) {
-        kvc_py_raise(st->ValueError, "ord: expected 1 or 2, got %lld", (long long)ord);
-        return NULL;
-    }
-    if (kvc_py_arg_import(st, args[0], "x", 4, "[B, H, T, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, T]", DT_F32, 1, &a[1]) < 0) goto done;
-    n = 2;
-    memcpy(want, a[0].view.shape, sizeof want);
-    if (kvc_py_check_shape(st, &a[1], want, "[B, H, T]") < 0) goto done;
-    if (kvc_py_check_output(st, &a[1], a, 2) < 0) goto done;
-    p.x = a[0].view;
-    p.out = a[1].view;
-    p.ord = (int32_t)ord;
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "vector_norm", vector_norm_spec, VN_N, args, nargs, &c) < 0) return NULL;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.x = c.a[VN_X].view;
+    p.out = c.a[VN_OUT].view;
+    p.ord = (int32_t)c.i[VN_ORD];
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_vector_norm, &p, NULL, NULL, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_vector_norm, &p, NULL, NULL, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 
 PyDoc_STRVAR(pool1d_doc, "pool1d(scores, out, kernel, avg)\n--\n\n"
                          "Low-level: see kvcompress.ops.pool1d.");
 
+enum { PL_IN, PL_OUT, PL_KERNEL, PL_AVG, PL_N };
+static const struct kvc_py_spec pool1d_spec[PL_N] = {
+    KVC_PY_IN("scores", 3, "[B, H, T]", DT_F32),
+    KVC_PY_OUT("out", 3, "[B, H, T]", DT_F32),
+    KVC_PY_INT_IN("kernel", INT64_MIN, INT64_MAX), /* odd, >= 1: below */
+    KVC_PY_FLAG("avg"),
+};
+
 static PyObject *py_pool1d(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[2];
+    struct kvc_py_call c;
     struct kvc_pool1d_params p;
-    int64_t kernel;
-    int avg, n = 0;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
-    if (kvc_py_check_nargs("pool1d", nargs, 4) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[2], "kernel", &kernel) < 0) return NULL;
-    if (kernel < 1 || kernel % 2 == 0) {
-        kvc_py_raise(st->ValueError, "kernel: expected an odd size >= 1, got %lld", (long long)kernel);
-        return NULL;
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "pool1d", pool1d_spec, PL_N, args, nargs, &c) < 0) return NULL;
+    if (c.i[PL_KERNEL] < 1 || c.i[PL_KERNEL] % 2 == 0) {
+        kvc_py_raise(st->ValueError, "kernel: expected an odd size >= 1, got %lld", (long long)c.i[PL_KERNEL]);
+        goto done;
     }
-    avg = PyObject_IsTrue(args[3]);
-    if (avg < 0) return NULL;
-    if (kvc_py_arg_import(st, args[0], "scores", 3, "[B, H, T]", DT_F32, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, T]", DT_F32, 1, &a[1]) < 0) goto done;
-    n = 2;
-    if (kvc_py_check_shape(st, &a[1], a[0].view.shape, "[B, H, T]") < 0) goto done;
-    if (kvc_py_check_output(st, &a[1], a, 2) < 0) goto done;
-    p.in = a[0].view;
-    p.out = a[1].view;
-    p.kernel = kernel;
-    p.mode = avg ? KVC_POOL_AVG : KVC_POOL_MAX;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.in = c.a[PL_IN].view;
+    p.out = c.a[PL_OUT].view;
+    p.kernel = c.i[PL_KERNEL];
+    p.mode = c.i[PL_AVG] ? KVC_POOL_AVG : KVC_POOL_MAX;
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_pool1d, &p, NULL, NULL, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_pool1d, &p, NULL, NULL, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 
 PyDoc_STRVAR(select_topk_doc, "select_topk(scores, out, k, sinks, window, kv_start)\n--\n\n"
                               "Low-level: see kvcompress.ops.select_topk.");
 
+enum { SK_SCORES, SK_OUT, SK_K, SK_SINKS, SK_WINDOW, SK_START, SK_N };
+static const struct kvc_py_spec select_topk_spec[SK_N] = {
+    KVC_PY_IN("scores", 3, "[B, H, T]", DT_F32),
+    /* kmax comes from k's values: checked below */
+    KVC_PY_OUT_FREE("out", 3, "[B, H, kmax]", DT_I64, 0x4),
+    KVC_PY_CUSTOM_ARG("k", 2, "[B, H]", DT_INDEX), /* an int, or a tensor of these */
+    KVC_PY_INT_IN("sinks", 0, INT64_MAX),
+    KVC_PY_INT_IN("window", 0, INT64_MAX),
+    KVC_PY_START("T"),
+};
+
 static PyObject *py_select_topk(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[4]; /* scores, out, k, kv_start */
+    struct kvc_py_call c;
     struct kvc_select_topk_params p;
-    int64_t sinks, window, B, H, T, kmax = 0, b, h, want[3], hstart_stride = 0;
+    int64_t B, H, T, kmax = 0, b, h, want[3], hstart_stride = 0;
     const int64_t *hstart = NULL;
     const struct kvc_view *hk = NULL;
-    int n = 0;
-    PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
+    PyObject *ret = NULL, *karg;
     memset(&p, 0, sizeof p);
-    if (kvc_py_check_nargs("select_topk", nargs, 6) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[3], "sinks", &sinks) < 0) return NULL;
-    if (kvc_py_get_int64(st, args[4], "window", &window) < 0) return NULL;
-    if (sinks < 0 || window < 0) {
-        kvc_py_raise(st->ValueError, "%s: must be >= 0, got %lld", sinks < 0 ? "sinks" : "window",
-              (long long)(sinks < 0 ? sinks : window));
-        return NULL;
-    }
-    if (kvc_py_arg_import(st, args[0], "scores", 3, "[B, H, T]", DT_F32, 0, &a[0]) < 0) goto done;
-    n = 1;
-    B = a[0].view.shape[0];
-    H = a[0].view.shape[1];
-    T = a[0].view.shape[2];
-    if (PyLong_Check(args[2]) && !PyBool_Check(args[2])) {
-        if (kvc_py_get_int64(st, args[2], "k", &p.k_all) < 0) goto done;
+    if (kvc_py_call_parse(st, "select_topk", select_topk_spec, SK_N, args, nargs, &c) < 0) return NULL;
+    B = c.a[SK_SCORES].view.shape[0];
+    H = c.a[SK_SCORES].view.shape[1];
+    T = c.a[SK_SCORES].view.shape[2];
+    karg = args[SK_K];
+    if (PyLong_Check(karg) && !PyBool_Check(karg)) {
+        if (kvc_py_get_int64(st, karg, "k", &p.k_all) < 0) goto done;
         kmax = p.k_all;
         if (kmax < 1 || kmax > T) {
             /* checked even when there are no rows */
-            kvc_py_raise(st->ValueError, "k: %lld is outside [1, T] = [1, %lld]", (long long)kmax,
-                  (long long)T);
+            kvc_py_raise(st->ValueError, "k: %lld is outside [1, T] = [1, %lld]", (long long)kmax, (long long)T);
             goto done;
         }
-    } else {
-        if (PyBool_Check(args[2])) {
-            kvc_py_raise(st->TypeError, "k: expected an int or an integer tensor [B, H], got bool");
-            goto done;
-        }
-        if (kvc_py_arg_import(st, args[2], "k", 2, "[B, H]", DT_INDEX, 0, &a[2]) < 0) goto done;
-        if (a[2].view.shape[0] != B || a[2].view.shape[1] != H) {
-            kvc_py_raise(st->ValueError, "k: expected shape [B, H] = [%lld, %lld], got [%lld, %lld]",
-                  (long long)B, (long long)H, (long long)a[2].view.shape[0],
-                  (long long)a[2].view.shape[1]);
-            goto release_k;
-        }
-        p.k = a[2].view;
+    } else if (PyBool_Check(karg)) {
+        kvc_py_raise(st->TypeError, "k: expected an int or an integer tensor [B, H], got bool");
+        goto done;
+    } else if (kvc_py_arg_import(st, karg, "k", 2, "[B, H]", DT_INDEX, 0, &c.a[SK_K]) < 0) {
+        goto done;
     }
-    if (kvc_py_import_kv_start(st, args[5], B, T, &a[3]) < 0) goto release_k;
-    n = 4;
-    {
-        const struct kvc_view *hs = a[3].t ? kvc_py_arg_host(st, &a[3]) : NULL;
-        hk = p.k.data ? kvc_py_arg_host(st, &a[2]) : NULL;
-        if ((a[3].t && hs == NULL) || (p.k.data && hk == NULL)) goto done;
-        hstart = hs ? (const int64_t *)hs->data : NULL;
-        hstart_stride = hs ? hs->strides[0] : 0;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    if (c.a[SK_K].t) {
+        p.k = c.a[SK_K].view;
+        hk = kvc_py_arg_host(st, &c.a[SK_K]);
+        if (hk == NULL) goto done;
+    }
+    if (c.a[SK_START].t) {
+        const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[SK_START]);
+        if (hs == NULL) goto done;
+        hstart = (const int64_t *)hs->data;
+        hstart_stride = hs->strides[0];
     }
     /* every row's k against T and its forced keeps */
     for (b = 0; b < B; b++) {
         int64_t sb = hstart ? hstart[b * hstart_stride] : 0;
-        int64_t forced = kvc_select_forced_count(T, sinks, window, sb);
+        int64_t forced = kvc_select_forced_count(T, c.i[SK_SINKS], c.i[SK_WINDOW], sb);
         for (h = 0; h < H; h++) {
-            int64_t k = hk ? kvc_load_index(hk->data, hk->dtype,
-                                            b * hk->strides[0] + h * hk->strides[1])
+            int64_t k = hk ? kvc_load_index(hk->data, hk->dtype, b * hk->strides[0] + h * hk->strides[1])
                            : p.k_all;
             if (k < 1 || k > T) {
                 kvc_py_raise(st->ValueError, "k: %lld at (b=%lld, h=%lld) is outside [1, T] = [1, %lld]",
-                      (long long)k, (long long)b, (long long)h, (long long)T);
+                             (long long)k, (long long)b, (long long)h, (long long)T);
                 goto done;
             }
             if (forced > k) {
                 kvc_py_raise(st->ValueError,
-                      "k: %lld at (b=%lld, h=%lld) is smaller than the %lld forced keeps "
-                      "(sinks=%lld, window=%lld)",
-                      (long long)k, (long long)b, (long long)h, (long long)forced,
-                      (long long)sinks, (long long)window);
+                             "k: %lld at (b=%lld, h=%lld) is smaller than the %lld forced keeps "
+                             "(sinks=%lld, window=%lld)",
+                             (long long)k, (long long)b, (long long)h, (long long)forced,
+                             (long long)c.i[SK_SINKS], (long long)c.i[SK_WINDOW]);
                 goto done;
             }
-            if (p.k.data && k > kmax) kmax = k;
+            if (hk && k > kmax) kmax = k;
         }
     }
-    if (kvc_py_arg_import(st, args[1], "out", 3, "[B, H, kmax]", DT_I64, 1, &a[1]) < 0) goto done;
     want[0] = B;
     want[1] = H;
     want[2] = kmax;
-    if (kvc_py_check_shape(st, &a[1], want, "[B, H, kmax]") < 0) goto done;
-    if (kvc_py_check_output(st, &a[1], a, 4) < 0) goto done;
-    p.scores = a[0].view;
-    p.out = a[1].view;
-    p.sinks = sinks;
-    p.window = window;
-    p.kv_start = a[3].t ? (const int64_t *)a[3].view.data : NULL;
-    p.kv_start_stride = a[3].t ? a[3].view.strides[0] : 0;
+    if (kvc_py_check_shape(st, &c.a[SK_OUT], want, "[B, H, kmax]") < 0) goto done;
+    p.scores = c.a[SK_SCORES].view;
+    p.out = c.a[SK_OUT].view;
+    p.sinks = c.i[SK_SINKS];
+    p.window = c.i[SK_WINDOW];
+    p.kv_start = kvc_py_call_i64(&c, SK_START, &p.kv_start_stride);
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_select_topk, &p, &p.scratch, &p.scratch_bytes, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_select_topk, &p, &p.scratch, &p.scratch_bytes, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
-    goto done;
-release_k:
-    n = 3;
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 
 PyDoc_STRVAR(gather_doc, "gather(keys, values, indices, out_keys, out_values)\n--\n\n"
                          "Low-level: see kvcompress.ops.gather.");
 
+enum { GA_K, GA_V, GA_IDX, GA_OK, GA_OV, GA_N };
+static const struct kvc_py_spec gather_spec[GA_N] = {
+    KVC_PY_IN("keys", 4, "[B, H, T, D]", DT_FLOAT),
+    KVC_PY_IN_LIKE("values", 4, "[B, H, T, Dv]", GA_K),
+    KVC_PY_IN("indices", 3, "[B, H, n]", DT_INDEX),
+    KVC_PY_OUT_LIKE("out_keys", 4, "[B, H, n, D]", GA_K),
+    KVC_PY_OUT_LIKE("out_values", 4, "[B, H, n, Dv]", GA_K),
+};
+
 static PyObject *py_gather(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
-    struct kvc_arg a[5]; /* keys, values, indices, out_keys, out_values */
+    struct kvc_py_call c;
     struct kvc_gather_params p;
-    int64_t want[4], bad_value, bad_pos[KVC_MAX_DIMS];
-    int n = 0;
+    const struct kvc_view *hix;
+    int64_t bad_value, bad_pos[KVC_MAX_DIMS], T;
     PyObject *ret = NULL;
-    memset(a, 0, sizeof a);
-    if (kvc_py_check_nargs("gather", nargs, 5) < 0) return NULL;
-    if (kvc_py_arg_import(st, args[0], "keys", 4, "[B, H, T, D]", DT_FLOAT, 0, &a[0]) < 0) goto done;
-    n = 1;
-    if (kvc_py_arg_import(st, args[1], "values", 4, "[B, H, T, Dv]", DT_FLOAT, 0, &a[1]) < 0) goto done;
-    n = 2;
-    if (kvc_py_arg_import(st, args[2], "indices", 3, "[B, H, n]", DT_INDEX, 0, &a[2]) < 0) goto done;
-    n = 3;
-    if (kvc_py_arg_import(st, args[3], "out_keys", 4, "[B, H, n, D]", DT_FLOAT, 1, &a[3]) < 0) goto done;
-    n = 4;
-    if (kvc_py_arg_import(st, args[4], "out_values", 4, "[B, H, n, Dv]", DT_FLOAT, 1, &a[4]) < 0)
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "gather", gather_spec, GA_N, args, nargs, &c) < 0) return NULL;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    T = c.a[GA_K].view.shape[2];
+    hix = kvc_py_arg_host(st, &c.a[GA_IDX]);
+    if (hix == NULL) goto done;
+    if (kvc_indices_check(hix, 0, T, &bad_value, bad_pos) != KVC_OK) {
+        kvc_py_raise(st->ValueError, "indices: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
+                     (long long)bad_value, (long long)bad_pos[0], (long long)bad_pos[1],
+                     (long long)bad_pos[2], (long long)T);
         goto done;
-    n = 5;
-    {
-        const struct kvc_view *k = &a[0].view, *v = &a[1].view, *ix = &a[2].view;
-        int i;
-        if (v->dtype != k->dtype) {
-            kvc_py_raise(st->TypeError, "values: dtype %s does not match keys dtype %s",
-                  kvc_dtype_name((enum kvc_dtype)v->dtype), kvc_dtype_name((enum kvc_dtype)k->dtype));
-            goto done;
-        }
-        for (i = 3; i < 5; i++)
-            if (a[i].view.dtype != k->dtype) {
-                kvc_py_raise(st->TypeError, "%s: dtype %s does not match keys dtype %s", a[i].name,
-                      kvc_dtype_name((enum kvc_dtype)a[i].view.dtype),
-                      kvc_dtype_name((enum kvc_dtype)k->dtype));
-                goto done;
-            }
-        want[0] = k->shape[0];
-        want[1] = k->shape[1];
-        want[2] = k->shape[2];
-        want[3] = v->shape[3];
-        if (kvc_py_check_shape(st, &a[1], want, "[B, H, T, Dv]") < 0) goto done;
-        want[2] = ix->shape[2];
-        if (kvc_py_check_shape(st, &a[2], want, "[B, H, n]") < 0) goto done;
-        want[3] = k->shape[3];
-        if (kvc_py_check_shape(st, &a[3], want, "[B, H, n, D]") < 0) goto done;
-        want[3] = v->shape[3];
-        if (kvc_py_check_shape(st, &a[4], want, "[B, H, n, Dv]") < 0) goto done;
-        if (kvc_py_check_output(st, &a[3], a, 5) < 0 || kvc_py_check_output(st, &a[4], a, 5) < 0) goto done;
-        const struct kvc_view *hix = kvc_py_arg_host(st, &a[2]);
-        if (hix == NULL) goto done;
-        if (kvc_indices_check(hix, 0, k->shape[2], &bad_value, bad_pos) != KVC_OK) {
-            kvc_py_raise(st->ValueError,
-                  "indices: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
-                  (long long)bad_value, (long long)bad_pos[0], (long long)bad_pos[1],
-                  (long long)bad_pos[2], (long long)k->shape[2]);
-            goto done;
-        }
     }
-    p.keys = a[0].view;
-    p.values = a[1].view;
-    p.indices = a[2].view;
-    p.out_keys = a[3].view;
-    p.out_values = a[4].view;
+    p.keys = c.a[GA_K].view;
+    p.values = c.a[GA_V].view;
+    p.indices = c.a[GA_IDX].view;
+    p.out_keys = c.a[GA_OK].view;
+    p.out_values = c.a[GA_OV].view;
     p.num_threads = st->num_threads;
-    if (kvc_py_run(st, &op_gather, &p, NULL, NULL, a, n) < 0) goto done;
+    if (kvc_py_run(st, &op_gather, &p, NULL, NULL, c.a, c.n) < 0) goto done;
     ret = Py_NewRef(Py_None);
 done:
-    kvc_py_args_release(a, n);
+    kvc_py_call_release(&c);
     return ret;
 }
 

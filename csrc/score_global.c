@@ -122,15 +122,13 @@ static int64_t gs_first_at(const struct kvc_global_scores_params *p, const struc
  * The hot routine (gs_group) is built once per ISA with its own vector
  * width, not through KVC_HOT's target_clones: GCC lowers a generic vector
  * wider than the target's registers through general registers (10x slower),
- * so one source cannot serve all clones, and target_clones' "avx2" has no
- * FMA. Variants: AVX-512 (16-float vectors), AVX2+FMA (8), baseline (4).
- * With FMA on both, the two wide variants give the same bits: every logit
+ * so one source cannot serve all clones. Variants: AVX-512 (16-float
+ * vectors), AVX2+FMA (8), baseline (4). With FMA on both, the two wide variants give the same bits: every logit
  * is one dot product summed over d in order whatever the tile, and the
  * softmax sums use 16 lanes in every variant.
  */
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && \
-    defined(__x86_64__) && defined(__ELF__) && defined(__linux__) && !defined(KVC_NO_CLONES)
-#define GS_MULTI 1 /* same condition as KVC_HOT in kvc.h */
+#ifdef KVC_MULTIVERSION /* kvc.h */
+#define GS_MULTI 1
 #endif
 
 enum gs_isa { GS_ISA_BASE = 0, GS_ISA_AVX2 = 1, GS_ISA_AVX512 = 2 };
@@ -281,12 +279,15 @@ KVC_INLINE void gs_tile_base(const float *q, const float *kt, float *lg, int64_t
 #define GS_TILE_Q(isa) 4
 #endif
 
-/* The variant this build and CPU run. -DGS_ISA=0/1/2 forces one (to test
- * them all on one machine; it must be supported by the CPU). */
+/* The variant this build and CPU run. -DGS_ISA=0/1/2 forces one, and so
+ * does a single-clone build (KVC_ISA, kvc.h), to test them all on one
+ * machine; it must be supported by the CPU. */
 static enum gs_isa gs_isa(void)
 {
 #if defined(GS_ISA)
     return (enum gs_isa)GS_ISA;
+#elif defined(GS_MULTI) && defined(KVC_ISA)
+    return KVC_ISA == 4 ? GS_ISA_AVX512 : KVC_ISA == 3 ? GS_ISA_AVX2 : GS_ISA_BASE;
 #elif defined(GS_MULTI)
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return GS_ISA_AVX512;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return GS_ISA_AVX2;

@@ -16,7 +16,6 @@ Results are bit-identical for any thread count (see :func:`set_num_threads`).
 from __future__ import annotations
 
 import math
-import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -130,13 +129,54 @@ def _as_int64(x, name: str, like):
     return arr
 
 
+def _real(x, name: str, what: str = "a float") -> float:
+    """A real-number argument as a Python float (bools are not numbers here;
+    an int too large for a float is a value error, not an OverflowError)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
+        raise KVCompressTypeError(f"{name}: expected {what}, got {type(x).__name__}")
+    try:
+        return float(x)
+    except OverflowError:
+        raise KVCompressValueError(f"{name}: {x} is out of range for a float") from None
+
+
+def _py_int(x):
+    """NumPy integers as Python ints; anything else as it is, for the C op to
+    check (type and range, once, with the argument's name)."""
+    return int(x) if isinstance(x, np.integer) else x
+
+
+def _choice(x, name: str, options: tuple) -> None:
+    """A string option; compared only once known to be a string, so arrays
+    passed by mistake neither broadcast the comparison nor warn."""
+    if not (isinstance(x, str) and x in options):
+        raise KVCompressValueError(f"{name}: expected {options[0]!r} or {options[1]!r}, got {x!r}")
+
+
+def _kmax(k, T: int) -> int:
+    """max(k) clipped to [0, T], the width of select_topk's output; 0 when k
+    is not an integer array this module can read (sparse, meta, a failing
+    producer...): the C op then reports what is wrong with k, before it
+    looks at the output."""
+    if _is_torch(k):
+        import torch
+
+        readable = k.layout == torch.strided and k.device.type in ("cpu", "cuda") and \
+            k.dtype in (torch.int32, torch.int64) and k.numel() > 0
+        return max(0, min(int(k.max()), T)) if readable else 0
+    if not isinstance(k, np.ndarray):
+        try:
+            k = np.from_dlpack(k)
+        except Exception:  # noqa: BLE001 - any producer failure; _C asks again and names it
+            return 0
+    return max(0, min(int(k.max()), T)) if k.dtype.kind in "iu" and k.size else 0
+
+
 def _scaling(scaling, D: int) -> float:
     """The `scaling` argument: None means 1/sqrt(D) (1 for D = 0); a real number otherwise."""
     if scaling is None:
         return 1.0 / math.sqrt(D) if D > 0 else 1.0
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float, np.floating, np.integer)):
-        raise KVCompressTypeError(f"scaling: expected a float, got {type(scaling).__name__}")
-    return float(scaling)
+    return _real(scaling, "scaling")
 
 
 def window_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None):
@@ -165,8 +205,7 @@ def window_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None):
         ``reduce_heads(mean_i softmax_j(scaling * q_i . k_j))``, accumulated in
         float32 with a max-shifted softmax.
     """
-    if gqa not in ("mean", "max"):
-        raise KVCompressValueError(f"gqa: expected 'mean' or 'max', got {gqa!r}")
+    _choice(gqa, "gqa", ("mean", "max"))
     qs = _shape(queries, "queries", 4, "[B, Hq, Tq, D]")
     ks = _shape(keys, "keys", 4, "[B, Hkv, Tk, D]")
     scaling = _scaling(scaling, qs[3])
@@ -190,11 +229,9 @@ def vector_norm(x, ord=2):
     -------
     float32 tensor ``[B, H, T]``
     """
-    if isinstance(ord, bool) or ord not in (1, 2):
-        raise KVCompressValueError(f"ord: expected 1 or 2, got {ord!r}")
     s = _shape(x, "x", 4, "[B, H, T, D]")
     out = _empty(x, s[:3], "float32")
-    _C.vector_norm(_prepare(x), out, int(ord))
+    _C.vector_norm(_prepare(x), out, _py_int(ord))
     return out
 
 
@@ -215,17 +252,10 @@ def pool1d(scores, kernel, mode="max"):
     -------
     float32 tensor ``[B, H, T]``
     """
-    if mode not in ("max", "avg"):
-        raise KVCompressValueError(f"mode: expected 'max' or 'avg', got {mode!r}")
-    try:
-        kernel = operator.index(kernel)
-    except TypeError:
-        raise KVCompressTypeError(f"kernel: expected an int, got {type(kernel).__name__}") from None
-    if kernel < 1 or kernel % 2 == 0:
-        raise KVCompressValueError(f"kernel: expected an odd size >= 1, got {kernel}")
+    _choice(mode, "mode", ("max", "avg"))
     s = _shape(scores, "scores", 3, "[B, H, T]")
     out = _empty(scores, s, "float32")
-    _C.pool1d(_prepare(scores), out, kernel, mode == "avg")
+    _C.pool1d(_prepare(scores), out, _py_int(kernel), mode == "avg")
     return out
 
 
@@ -255,9 +285,6 @@ def select_topk(scores, k, *, sinks=0, window=0, kv_start=None):
         slots go to the highest scores, ties to the lower index.
     """
     s = _shape(scores, "scores", 3, "[B, H, T]")
-    for name, v in (("sinks", sinks), ("window", window)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise KVCompressTypeError(f"{name}: expected an int, got {type(v).__name__}")
     if isinstance(k, bool):
         raise KVCompressTypeError("k: expected an int or an integer tensor [B, H], got bool")
     if isinstance(k, (int, np.integer)):
@@ -267,16 +294,10 @@ def select_topk(scores, k, *, sinks=0, window=0, kv_start=None):
         kmax = k
     else:
         k = _as_int64(k, "k", scores)
-        ks = _shape(k, "k", 2, "[B, H]")
-        if ks[0] * ks[1] == 0:
-            kmax = 0
-        elif _is_torch(k) or isinstance(k, np.ndarray):
-            kmax = int(k.max())
-        else:
-            kmax = int(np.from_dlpack(k).max())
-        kmax = max(0, min(kmax, s[2]))
+        _shape(k, "k", 2, "[B, H]")
+        kmax = _kmax(k, s[2])
     out = _empty(scores, (s[0], s[1], kmax), "int64")
-    _C.select_topk(_prepare(scores), out, k, int(sinks), int(window), _as_int64(kv_start, "kv_start", scores))
+    _C.select_topk(_prepare(scores), out, k, _py_int(sinks), _py_int(window), _as_int64(kv_start, "kv_start", scores))
     return out
 
 
@@ -389,8 +410,7 @@ def evict_merge(keys, values, scores, centers, tau=None, *, kv_start=None, count
         ``(keys, values, counts, scores, tau, assign)``; rows past a head's
         ``C_h`` are zero. Outputs use the framework and device of `keys`.
     """
-    if counts_dtype not in ("float32", "int32"):
-        raise KVCompressValueError(f"counts_dtype: expected 'float32' or 'int32', got {counts_dtype!r}")
+    _choice(counts_dtype, "counts_dtype", ("float32", "int32"))
     ks = _shape(keys, "keys", 4, "[B, H, T, D]")
     vs = _shape(values, "values", 4, "[B, H, T, Dv]")
     centers = _as_int64(centers, "centers", keys)
@@ -398,7 +418,11 @@ def evict_merge(keys, values, scores, centers, tau=None, *, kv_start=None, count
     B, H, T, D = ks
     C = cs[2]
     if tau is None or (isinstance(tau, (int, float, np.integer, np.floating)) and not isinstance(tau, bool)):
-        value = math.nan if tau is None else float(tau)
+        value = math.nan if tau is None else _real(tau, "tau")
+        if abs(value) > float(np.finfo(np.float32).max):
+            # past float32's range: a cosine never reaches (or always exceeds)
+            # it, exactly like +-inf, which float32 can hold
+            value = math.copysign(math.inf, value)
         if _is_torch(keys):
             import torch
 
@@ -497,11 +521,15 @@ def probe_positions(T: int, probe: float) -> np.ndarray:
     -------
     int64 ndarray ``[n]``, strictly increasing, in ``[0, T)``
     """
-    if isinstance(probe, bool) or not isinstance(probe, (int, float, np.floating, np.integer)):
-        raise KVCompressTypeError(f"probe: expected a float in (0, 1], got {type(probe).__name__}")
-    if not 0.0 < float(probe) <= 1.0:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)):
+        raise KVCompressTypeError(f"T: expected an int, got {type(T).__name__}")
+    if not 0 <= T < 2**63:
+        raise KVCompressValueError(f"T: expected a position count in [0, 2**63), got {T}")
+    T = int(T)
+    fraction = _real(probe, "probe", "a float in (0, 1]")
+    if not 0.0 < fraction <= 1.0:
         raise KVCompressValueError(f"probe: expected a fraction in (0, 1], got {probe!r}")
-    half = math.ceil(float(probe) * T / 2)
+    half = math.ceil(fraction * T / 2)
     n_last = min(half, T)
     m = T - n_last
     n_strided = min(half, m)
@@ -546,8 +574,7 @@ def global_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_p
         Computed exactly in float32 without the ``Tq x T`` matrix; NaN in an
         input propagates to the scores it touches.
     """
-    if gqa not in ("mean", "max"):
-        raise KVCompressValueError(f"gqa: expected 'mean' or 'max', got {gqa!r}")
+    _choice(gqa, "gqa", ("mean", "max"))
     qs = _shape(queries, "queries", 4, "[B, Hq, Tq, D]")
     ks = _shape(keys, "keys", 4, "[B, Hkv, T, D]")
     scaling = _scaling(scaling, qs[3])
@@ -610,16 +637,13 @@ def head_budgets(scores, budget, *, alpha=0.2, floor=0, kv_start=None, mode="ada
         from their targets, again ties to the lower head. Passes straight to
         :func:`select_topk` as its ``k`` (with ``floor`` >= its forced keeps).
     """
-    if mode not in ("adaptive", "uniform"):
-        raise KVCompressValueError(f"mode: expected 'adaptive' or 'uniform', got {mode!r}")
+    _choice(mode, "mode", ("adaptive", "uniform"))
     for name, v in (("budget", budget), ("floor", floor)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise KVCompressTypeError(f"{name}: expected an int, got {type(v).__name__}")
         if v < 0:
             raise KVCompressValueError(f"{name}: must be >= 0, got {v}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)):
-        raise KVCompressTypeError(f"alpha: expected a float, got {type(alpha).__name__}")
-    if not 0.0 <= float(alpha) <= 1.0:
+    if not 0.0 <= _real(alpha, "alpha") <= 1.0:
         raise KVCompressValueError(f"alpha: expected a value in [0, 1], got {alpha!r}")
     s = _shape(scores, "scores", 3, "[B, H, T]")
     out = _empty(scores, (s[0], s[1]), "int64")

@@ -25,7 +25,7 @@ from reference import pool1d_ref, vector_norm_ref, window_scores_ref
 from test_attention import attention_ref, ragged_layout
 from test_attention import randn as attn_randn
 from test_budget import head_budgets_ref
-from test_merge import check_against_reference, make_inputs, mixed_tau
+from test_merge import AMBIG, check_against_reference, evict_merge_ref, make_inputs, mixed_tau
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
 from test_score_global import global_scores_ref
 
@@ -200,6 +200,24 @@ def test_global_scores(shape, dtype):
             assert_within_bound(got, ref, same)
 
 
+def assert_classes_agree(got, cpu_res, keys, values, scores, centers, tau, kv_start):
+    """GPU and CPU classes are equal wherever fp32 can decide them. The GPU's
+    similarities round like the CPU's FMA clones (merge.cu), the baseline
+    clone's without FMA, so whichever clone this CPU ran, a class may differ
+    only where the best cosine is within AMBIG of tau or of the runner-up
+    (by the float64 reference); counts follow the classes."""
+    ref = evict_merge_ref(keys, values, scores, centers, tau if tau is not None else math.nan, kv_start)
+    g, c = got.assign.numpy(), cpu_res.assign.numpy()
+    for b, h, j in np.argwhere(g != c):
+        best, second, t = ref["best"][b, h, j], ref["second"][b, h, j], ref["tau"][b, h]
+        assert abs(best - t) <= AMBIG or best - second <= AMBIG, (
+            f"assign[{b}, {h}, {j}]: GPU {g[b, h, j]}, CPU {c[b, h, j]} "
+            f"(best {best:.6f}, second {second:.6f}, tau {t:.6f})"
+        )
+    if np.array_equal(g, c):
+        assert torch.equal(got.counts, cpu_res.counts)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 30, 8), (2, 3, 200, 64), (1, 2, 3000, 128)],
                          ids=lambda s: "B{}H{}T{}D{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -210,8 +228,7 @@ def test_evict_merge(shape, dtype):
     for tau in (None, mixed_tau(B, H), math.inf):
         kw = dict(kv_start=kv_start, return_assign=True)
         cpu_res, got = both(ops.evict_merge, keys, values, scores, centers, tau, **kw)
-        assert torch.equal(got.assign, cpu_res.assign)
-        assert torch.equal(got.counts, cpu_res.counts)
+        assert_classes_agree(got, cpu_res, keys, values, scores, centers, tau, kv_start)
         check_against_reference(got, keys, values, scores, centers, tau if tau is not None else math.nan,
                                 kv_start, dtype=dtype)
         if isinstance(tau, float) and tau == math.inf:  # plain eviction copies the centers bit for bit

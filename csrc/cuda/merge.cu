@@ -14,7 +14,9 @@
  *                  token order (ballots over the class row), lanes own
  *                  dimensions, then stores exactly as merge.c does.
  * The per-row arithmetic follows the CPU op operation for operation: the
- * similarity phase fuses multiply-adds like its CPU ISA clone, the other
+ * similarity phase fuses multiply-adds like the CPU's FMA clones (x86-64-v3
+ * and v4; the baseline clone rounds every product, so its classes may differ
+ * where fp32 cannot decide, see tests/test_cuda.py), the other
  * phases round every product like the CPU baseline build, and the 16-lane
  * reduction order of kvc_dot_f32 is kept. Only the double sum of the
  * adaptive tau is ordered differently.
