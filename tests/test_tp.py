@@ -128,8 +128,8 @@ def test_ranks_hold_their_share_of_kv_heads(tp_setup):
     _, _, _, ranks = tp_setup
     assert [r["world"] for r in ranks] == [WORLD] * WORLD
     for r in ranks:
-        # SnapKV keeps [B, H_local] heads: 2 rows x 1 kv head per layer on each rank
-        assert all(len(lengths) == 1 for lengths in r["snapkv@48"]["head_lengths"]), r["snapkv@48"]
+        # head_lengths are per (row, kv head): 2 rows x 1 local kv head per layer on each rank
+        assert all(len(lengths) == 2 for lengths in r["snapkv@48"]["head_lengths"]), r["snapkv@48"]
         assert r["full"]["tokens"] == ranks[0]["full"]["tokens"]
 
 
