@@ -82,26 +82,45 @@ def gemma3_gguf_path() -> Path:
 def _gguf_tokenizer(folder: Path, gguf_file: str):
     """The tokenizer stored in a GGUF file. Converting it takes ~20 s on 2
     cores, so the converted tokenizer is kept in :func:`model_cache_dir`
-    (``tokenizers/<name>-<key>/``, keyed by the file's path, size and mtime)
-    and read from there next time."""
+    (``tokenizers/<name>-<key>/``, keyed by the file's path, size and mtime
+    and the transformers/tokenizers versions) and read from there next time.
+    A saved copy is kept only if it encodes and decodes a probe text exactly
+    as the converted tokenizer does (some transformers releases do not
+    round-trip a converted tokenizer)."""
     import hashlib
+    import shutil
 
+    import tokenizers
+    import transformers
     from transformers import AutoTokenizer
 
     source = (folder / gguf_file).resolve()
     info = source.stat()
-    key = hashlib.sha256(f"{source}|{info.st_size}|{info.st_mtime_ns}".encode()).hexdigest()[:16]
+    versions = f"{transformers.__version__}|{tokenizers.__version__}"
+    key = hashlib.sha256(f"{source}|{info.st_size}|{info.st_mtime_ns}|{versions}".encode()).hexdigest()[:16]
     saved = model_cache_dir() / "tokenizers" / f"{source.stem}-{key}"
     if (saved / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(saved, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    tmp = saved.with_name(saved.name + f".tmp{os.getpid()}")
     try:
-        tmp = saved.with_name(saved.name + f".tmp{os.getpid()}")
         tokenizer.save_pretrained(tmp)
-        tmp.replace(saved)
+        if _same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(tmp, local_files_only=True)):
+            tmp.replace(saved)
     except OSError:  # pragma: no cover - read-only or full disk: convert again next time
         pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
+
+
+_PROBE = "The pass key is 71432. Remember it.\nFirst Citizen:\n  Before we proceed, héllo wörld! <b>ok</b>"
+
+
+def _same_tokenizer(a, b) -> bool:
+    ids = a(_PROBE).input_ids
+    return (ids == b(_PROBE).input_ids and a.decode(ids) == b.decode(ids)
+            and type(a).__name__ == type(b).__name__ and a.all_special_ids == b.all_special_ids)
 
 
 def load_gguf(folder, gguf_file: str, *, dtype=None):
@@ -153,7 +172,14 @@ def load_gemma3(*, dtype=None):
     :func:`kvcompress.tasks.passkey_prompt`). The tokenizer pads on the left.
     """
     path = gemma3_gguf_path()
-    return load_gguf(path.parent, path.name, dtype=dtype)
+    model, tokenizer = load_gguf(path.parent, path.name, dtype=dtype)
+    from .tasks import special_prefix
+
+    if tokenizer.bos_token is not None and not special_prefix(tokenizer):
+        # Gemma is trained with <bos> first; the tokenizer transformers 5.0
+        # converts from the GGUF file does not add it (newer releases do)
+        tokenizer.add_bos_token = True
+    return model, tokenizer
 
 
 #: models known by name to :func:`load_model` (``--model NAME`` on the command line)
