@@ -11,7 +11,7 @@ one run is:
   cache=cache)`` + argmax, each timed on its own; the table shows
   the median (and mean: decode-policy methods re-compress every ``interval``
   steps, which the median hides).
-* compression: the time spent inside ``KVCache.after_attention`` (scoring,
+* compression: the time spent inside ``CompressedLayer.after_attention`` (scoring,
   selection, gather), summed over layers, in the prefill and in the decode
   steps; it is part of the times above.
 * memory: the process's peak RSS during the run (``VmHWM`` after resetting
@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 import kvcompress as kvc
 from kvcompress import ops
+from kvcompress.cache import CompressedLayer
 from kvcompress.compat import cache_kwargs, output_cache
 from kvcompress.methods import method_from_spec
 
@@ -149,11 +150,11 @@ def others_load(start, end) -> tuple[float, float]:
 
 
 class CompressionTimer:
-    """Wraps ``owner.name`` (by default ``KVCache.after_attention``: scoring,
+    """Wraps ``owner.name`` (by default ``CompressedLayer.after_attention``: scoring,
     selection, gather of one layer) to add up the time spent in it, so the
     prefill and decode times can be split into model and compression."""
 
-    def __init__(self, owner=kvc.KVCache, name: str = "after_attention"):
+    def __init__(self, owner=CompressedLayer, name: str = "after_attention"):
         self.seconds = 0.0
         self._owner, self._name = owner, name
         self._original = None
@@ -430,7 +431,7 @@ def main(argv=None):
         f"{args.repeats} run(s) per configuration after one warm-up pass ({args.warmup_tokens}-token prompt). "
         "Prefill s = one forward over the prompt (compression included, logits of the last position only) "
         "+ argmax. Decode ms/tok = median (and mean) of the per-step times of `model(next_token, "
-        "cache=cache)` + argmax. Compression s and ms/tok: time inside `KVCache.after_attention` "
+        "cache=cache)` + argmax. Compression s and ms/tok: time inside `CompressedLayer.after_attention` "
         "(scoring, selection, gather; all layers) during the prefill, and per decode step on average; "
         "global score s: the part of it spent in `ops.global_scores` (EMS). "
         "Peak RSS = process VmHWM during the run (reset via /proc/self/clear_refs before it); peak − before = growth over the RSS just before the run. Cache MiB = "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import kvcompress as kvc
-from kvcompress.cache import KVCache
+from kvcompress.cache import CompressedLayer
 from kvcompress.compat import cache_kwargs
 
 from _common import machine  # noqa: E402  (same folder: scripts run from it)
@@ -41,14 +41,14 @@ def main() -> int:
     ids = torch.randint(100, 40000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
     method = kvc.SnapKV(ratio=args.ratio)
     spent = []
-    original = KVCache.after_attention
+    original = CompressedLayer.after_attention
 
     def timed(self, *a, **kw):
         t0 = time.perf_counter()
         original(self, *a, **kw)
         spent[-1] += time.perf_counter() - t0
 
-    KVCache.after_attention = timed
+    CompressedLayer.after_attention = timed
     plain, ours = [], []
     with torch.no_grad():
         model(ids[:, :256])  # warm-up
@@ -61,7 +61,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 model(ids, **cache_kwargs(model, session.new_cache()))
                 ours.append(time.perf_counter() - t0)
-    KVCache.after_attention = original
+    CompressedLayer.after_attention = original
     p, o, c = statistics.median(plain), statistics.median(ours), statistics.median(spent)
     result = {
         "tokens": args.tokens, "method": method.describe(), "repeats": args.repeats,

@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 import kvcompress as kvc  # noqa: E402
 from kvcompress import testing  # noqa: E402
-from kvcompress.cache import KVCache  # noqa: E402
+from kvcompress.cache import CompressedLayer  # noqa: E402
 from kvcompress.compat import cache_kwargs, pop_cache  # noqa: E402
 
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402
@@ -198,8 +198,8 @@ class OursKept:
         def select(view, keep):
             rec = {}
             for r in ratios:
-                k_r = dataclasses.replace(method, ratio=r).target_length(0, view.length, view.layer_idx,
-                                                                         view.num_layers)
+                k_r = dataclasses.replace(method, ratio=r).row_target(view.layer_idx, view.num_layers,
+                                                                      view.length)
                 rec[r] = original(view, k_r)
             self.kept[view.layer_idx] = rec
             return original(view, keep)
@@ -339,11 +339,11 @@ def part_cd(model, ratio, ids, args, log):
         configs.append((family, "kvpress", press_label(press), press))
 
     spent = {"prefill": 0.0, "decode": 0.0}
-    original_after = KVCache.after_attention
+    original_after = CompressedLayer.after_attention
 
-    def timed_after(self, layer_idx, queries, scaling):
+    def timed_after(self, queries, scaling):
         t0 = time.perf_counter()
-        original_after(self, layer_idx, queries, scaling)
+        original_after(self, queries, scaling)
         spent["prefill" if queries is not None and queries.shape[2] > 1 else "decode"] += time.perf_counter() - t0
 
     def time_press_hook(press):
@@ -365,7 +365,7 @@ def part_cd(model, ratio, ids, args, log):
 
     runs = {label: [] for _, _, label, _ in configs}
     T = ids.shape[1]
-    KVCache.after_attention = timed_after
+    CompressedLayer.after_attention = timed_after
     try:
         with torch.inference_mode():
             model(input_ids=ids[:, :128], logits_to_keep=1)  # warm-up
@@ -398,7 +398,7 @@ def part_cd(model, ratio, ids, args, log):
                     new_tokens=len(tokens), **info))
             log(f"(c) repeat {rep + 1}/{args.repeats} done")
     finally:
-        KVCache.after_attention = original_after
+        CompressedLayer.after_attention = original_after
 
     rows = []
     for family, side, label, method in configs:
@@ -563,7 +563,7 @@ def report(result, args) -> list[str]:
             f"### (c) Time: {T}-token prefill + {args.new_tokens} greedy tokens, ratio {args.time_ratio}",
             "",
             f"Medians of {args.repeats} interleaved repeats. \"compression step\" = time inside the compression hooks "
-            "during the prefill, measured directly (ours: `KVCache.after_attention`; kvpress: `press.forward_hook`, "
+            "during the prefill, measured directly (ours: `CompressedLayer.after_attention`; kvpress: `press.forward_hook`, "
             "which for SnapKV includes re-projecting the window's queries). Overhead = prefill minus the full-cache "
             "prefill with the same attention (SDPA; eager for ObservedAttentionPress). All runs use "
             "`kvcompress.testing.greedy` (explicit positions T+i, like kvpress's pipeline). Decode-phase work of "

@@ -1,6 +1,6 @@
 /*
- * merge.h - evict-then-merge with the zero class (EMS steps 4-6 of
- * DESIGN.md): every non-kept token either joins its most similar kept token
+ * merge.h - evict-then-merge with the zero class (EMS steps 4-6 in
+ * docs/design.md): every non-kept token either joins its most similar kept token
  * (a score-weighted merge) or is dropped, in one pass per (batch, kv head).
  */
 #ifndef KVC_MERGE_H

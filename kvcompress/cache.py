@@ -112,7 +112,10 @@ class CompressedLayer(CacheLayerMixin):
         self.last_chunk = 0
         self.head_budgets: torch.Tensor | None = None
         self._share: torch.Tensor | None = None  # [B, H] float64 head shares (host)
-        self.recent_q: torch.Tensor | None = None
+        # latest queries in a ring: [B, Hq, held, D], next write slot, filled
+        self._qbuf: torch.Tensor | None = None
+        self._qpos = 0
+        self._qn = 0
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -171,7 +174,7 @@ class CompressedLayer(CacheLayerMixin):
         return self.store.head_lengths()
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.head_budgets, self.recent_q) if t is not None]
+        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf) if t is not None]
         return self.store.tensors() + extra
 
     # ------------------------------------------------------------ HF protocol
@@ -244,8 +247,8 @@ class CompressedLayer(CacheLayerMixin):
         if self.head_budgets is not None:
             self.head_budgets = self.head_budgets.index_select(0, host.to(self.head_budgets.device))
             self._share = self._share.index_select(0, host)
-        if self.recent_q is not None:
-            self.recent_q = self.recent_q.index_select(0, host.to(self.recent_q.device))
+        if self._qbuf is not None:
+            self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
 
     # -------------------------------------------------------------- padding
     def set_padding(self, padding_mask, q: int, four_d=None) -> torch.Tensor:
@@ -306,6 +309,35 @@ class CompressedLayer(CacheLayerMixin):
         self._start = list(starts)
         self.kv_start = torch.tensor(starts, dtype=torch.int64, device=self.kv_start.device)
 
+    # ------------------------------------------------------- held queries
+    @property
+    def recent_q(self):
+        """``[B, Hq, <= held, D]`` latest queries, oldest first (None: none held)."""
+        if self._qbuf is None:
+            return None
+        if self._qn < self._qbuf.shape[2]:
+            return self._qbuf[:, :, : self._qn]
+        if self._qpos == 0:
+            return self._qbuf
+        return torch.cat([self._qbuf[:, :, self._qpos :], self._qbuf[:, :, : self._qpos]], 2)
+
+    def _hold(self, queries, held: int) -> None:
+        """Keep the latest ``held`` queries in a ring (a decode step writes one
+        row, nothing is concatenated)."""
+        q = int(queries.shape[2])
+        if self._qbuf is None or q >= held:
+            if self._qbuf is None:
+                B, Hq, _, D = queries.shape
+                self._qbuf = queries.new_empty((B, Hq, held, D))
+            m = min(q, held)
+            self._qbuf[:, :, :m] = queries[:, :, q - m :]
+            self._qpos, self._qn = m % held, m
+            return
+        for i in range(q):
+            self._qbuf[:, :, self._qpos] = queries[:, :, i]
+            self._qpos = (self._qpos + 1) % held
+        self._qn = min(held, self._qn + q)
+
     # ------------------------------------------------------------ attention
     def attend(self, query, spec: AttentionSpec):
         """Attention of ``query`` ``[B, Hq, q, D]`` over the held slots."""
@@ -348,16 +380,14 @@ class CompressedLayer(CacheLayerMixin):
                 self.store.add_column(name)
             if method.slot_state:
                 method.observe(self._view(queries, scaling, phase))
-        if uniform and method.budget is not None:
+        if uniform and method.budget is not None and self.store.limit is None:
             # decoding never needs more than the budget plus the slack
             L = self.num_layers or (self.layer_idx + 1)
             self.store.limit = method.row_target(self.layer_idx, L, 1 << 40) + method.interval
         # sliding layers never re-score (they keep their most recent slots)
         held_q = method.held_queries() if method.interval and self.window is None else 0
         if held_q and queries is not None:
-            recent = queries if self.recent_q is None else torch.cat([self.recent_q, queries], 2)
-            # a copy: a slice would keep the whole chunk's queries alive
-            self.recent_q = recent[:, :, -held_q:].clone(memory_format=torch.contiguous_format)
+            self._hold(queries, held_q)
         if self.window is not None:
             self._slide()
             return

@@ -362,7 +362,7 @@ class EvictMergeResult(NamedTuple):
 
 def evict_merge(keys, values, scores, centers, tau=None, *, kv_start=None, counts_dtype="float32",
                 return_assign=False):
-    """Evict-then-merge with the zero class (EMS steps 4-6, DESIGN.md).
+    """Evict-then-merge with the zero class (EMS steps 4-6 in docs/design.md).
 
     Per batch row and kv head, every token that is neither a center nor
     padding joins the center whose key has the highest cosine similarity with

@@ -1,7 +1,7 @@
 """ops.attention (decode/chunk attention over a uniform or ragged layer)
 against a float64 reference computed here on the same slots.
 
-Error bound (DESIGN.md, "Numerics"): the C op's max abs error against
+Error bound (docs/design.md, "Numerics"): the C op's max abs error against
 float64 is at most 2x the error of torch SDPA in the same dtype where SDPA
 applies (uniform layout, no counts), else 2x the error of the same
 reference computed by torch in the input dtype; plus a small absolute floor

@@ -32,7 +32,7 @@ def _prefill(model, method, ids):
 
 
 def _ems_scores64(q, k, lam):
-    """S of DESIGN.md's EMS steps 1-3 in float64 for an unpadded batch."""
+    """S of the EMS steps 1-3 in docs/design.md in float64 for an unpadded batch."""
     hkv, T = k.shape[1], k.shape[2]
     seen_by = torch.arange(T, 0, -1, dtype=torch.float64)  # queries i >= j
     G = group_mean(window_attention64(q, k) * T / seen_by, hkv)

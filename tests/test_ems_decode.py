@@ -94,7 +94,6 @@ def captured(monkeypatch):
     original = CompressedLayer._recompress_heads
 
     def spy(self, scaling):
-        method = self.method
         before = self.ragged.to_padded() + (self.recent_q.reshape(-1, self.recent_q.shape[1] // self.ragged.heads,
                                                                   *self.recent_q.shape[2:]).clone(),
                                             torch.minimum(self.head_budgets.reshape(-1), self.ragged.lengths),

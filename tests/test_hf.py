@@ -309,7 +309,11 @@ def test_decode_steps_use_the_fused_kernel_and_match_sdpa(tiny_model, monkeypatc
     logits match the SDPA path on the same slots (left-padded batch)."""
     from kvcompress.stores import uniform
 
-    model = tiny_model.to(dtype)
+    import copy
+
+    # a copy: casting the shared fixture to bf16 and back would round its
+    # weights for every later test
+    model = copy.deepcopy(tiny_model).to(dtype)
     try:
         ids = _prompt(batch=2, length=40, seed=5)
         mask = torch.ones_like(ids)
@@ -335,7 +339,7 @@ def test_decode_steps_use_the_fused_kernel_and_match_sdpa(tiny_model, monkeypatc
         if dtype == torch.float32:
             assert torch.equal(fused.sequences, ref.sequences)
     finally:
-        tiny_model.to(torch.float32)
+        del model
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])

@@ -1,6 +1,6 @@
 """C ops against the float64 references in tests/reference.py.
 
-Error bound for floating outputs (DESIGN.md, "Numerics"): the C op's max abs
+Error bound for floating outputs (docs/design.md, "Numerics"): the C op's max abs
 error against float64 must be at most 2x the error of the same computation
 done by torch in the input dtype, plus a small absolute floor (1e-6, scaled by
 the output magnitude when that exceeds 1) so that exact-in-fp32 cases, where
