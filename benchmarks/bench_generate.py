@@ -45,6 +45,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -58,7 +59,8 @@ from kvcompress.methods import method_from_spec
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_TEXT = "/work/shared/data/tinyshakespeare.txt"
+# the packaged Shakespeare: the first ~40K tokens of "tiny shakespeare"
+DEFAULT_TEXT = str(Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt")
 DEFAULT_METHODS = "streamingllm,snapkv,pyramidkv,knorm,h2o,tova,vatp,adakv,ems"
 FULL = "full"
 MiB = 1 << 20

@@ -247,6 +247,7 @@ class CompressedLayer(CacheLayerMixin):
         if self.head_budgets is not None:
             self.head_budgets = self.head_budgets.index_select(0, host.to(self.head_budgets.device))
             self._share = self._share.index_select(0, host)
+            self._budgets_host = self.head_budgets.reshape(-1).cpu()
         if self._qbuf is not None:
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
 
@@ -391,18 +392,18 @@ class CompressedLayer(CacheLayerMixin):
         if self.window is not None:
             self._slide()
             return
-        targets = self._targets()
-        held = self._held()
         if not uniform:
             # per-head layers keep each head's share; a prefill chunk
             # (multi-turn) re-compresses at once, decoding every interval
             if self.head_budgets is None:
                 return
             if method.ratio is not None:
-                self._follow_targets(targets)
+                self._follow_targets(self._targets())
             if self._heads_over(method.interval if phase == "decode" else 1):
                 self._recompress_heads(scaling)
             return
+        targets = self._targets()
+        held = self._held()
         if phase == "decode":
             if not method.interval:
                 return
@@ -534,6 +535,7 @@ class CompressedLayer(CacheLayerMixin):
             return
         t = torch.tensor(targets, dtype=torch.float64).clamp_min(1)[:, None]
         self._share = budgets.double() / t
+        self._budgets_host = budgets.reshape(-1).clone()
         self.head_budgets = budgets.to(self.store.k.device)
 
     def _follow_targets(self, targets: list[int]) -> None:
@@ -546,7 +548,9 @@ class CompressedLayer(CacheLayerMixin):
         extra = (t[:, 0] * self._share.sum(1) - base.sum(1)).round().long()
         order = (want - base).argsort(dim=1, descending=True, stable=True)
         bonus = torch.zeros_like(base).scatter_(1, order, (torch.arange(H)[None, :] < extra[:, None]).double())
-        self.head_budgets = (base + bonus).long().to(self.store.k.device)
+        budgets = (base + bonus).long()
+        self._budgets_host = budgets.reshape(-1)
+        self.head_budgets = budgets.to(self.store.k.device)
 
     def _to_ragged(self, targets: list[int]) -> None:
         """Move every real slot of a uniform layer to per-head storage."""
@@ -562,9 +566,9 @@ class CompressedLayer(CacheLayerMixin):
         self._update_start([0] * B)
 
     def _heads_over(self, slack: int) -> bool:
-        lengths = torch.tensor(self.store.head_lengths(), dtype=torch.int64)
-        budgets = self.head_budgets.reshape(-1).cpu()
-        return bool((lengths - budgets >= slack).any())
+        """Whether a head holds ``slack`` slots over its budget (host-side
+        lengths and budgets: no device synchronisation)."""
+        return bool((self.store._host_lengths - self._budgets_host >= slack).any())
 
     def _recompress_heads(self, scaling: float) -> None:
         """Re-compress a per-head layer to ``head_budgets`` slots per head, one
