@@ -172,14 +172,7 @@ def load_gemma3(*, dtype=None):
     :func:`kvcompress.tasks.passkey_prompt`). The tokenizer pads on the left.
     """
     path = gemma3_gguf_path()
-    model, tokenizer = load_gguf(path.parent, path.name, dtype=dtype)
-    from .tasks import special_prefix
-
-    if tokenizer.bos_token is not None and not special_prefix(tokenizer):
-        # Gemma is trained with <bos> first; the tokenizer transformers 5.0
-        # converts from the GGUF file does not add it (newer releases do)
-        tokenizer.add_bos_token = True
-    return model, tokenizer
+    return load_gguf(path.parent, path.name, dtype=dtype)
 
 
 #: models known by name to :func:`load_model` (``--model NAME`` on the command line)
