@@ -363,12 +363,16 @@ class CompressedLayer(CacheLayerMixin):
         return [self.method.row_target(self.layer_idx, L, self.seen - p) for p in self._pad]
 
     def _held(self) -> list[int]:
-        """Real slots each batch row holds (the most over its heads)."""
-        if isinstance(self.store, UniformStore):
-            return [self.store.n - s for s in self._start]
-        lengths = self.store.head_lengths()
-        H = self.store.heads
-        return [max(lengths[b * H : (b + 1) * H]) for b in range(self.store.batch)]
+        """Real slots each batch row of a uniform store holds."""
+        return [self.store.n - s for s in self._start]
+
+    @staticmethod
+    def _groups(rows: list[int], targets: list[int], device):
+        """Rows to compress grouped by target: ``(target, rows, row index
+        tensor)``, so each group is one sub-batch call of the method."""
+        for t in sorted({targets[b] for b in rows}):
+            group = [b for b in rows if targets[b] == t]
+            yield t, group, torch.tensor(group, device=device)
 
     def after_attention(self, queries, scaling: float) -> None:
         """Compress once the layer's attention has run on ``queries``
@@ -446,9 +450,8 @@ class CompressedLayer(CacheLayerMixin):
         B, H, n = (int(x) for x in view.keys.shape[:3])
         device = view.keys.device
         picked: dict[int, torch.Tensor] = {}
-        for t in sorted({targets[b] for b in rows}):
-            group = [b for b in rows if targets[b] == t]
-            idx = self.method.select(view.rows(torch.tensor(group, device=device)), t)
+        for t, group, gidx in self._groups(rows, targets, device):
+            idx = self.method.select(view.rows(gidx), t)
             for i, b in enumerate(group):
                 picked[b] = idx[i]
         per_row = []
@@ -478,9 +481,7 @@ class CompressedLayer(CacheLayerMixin):
         device = view.keys.device
         positions = self.store.column("positions")
         parts: dict[int, tuple] = {}
-        for t in sorted({targets[b] for b in rows}):
-            group = [b for b in rows if targets[b] == t]
-            gidx = torch.tensor(group, device=device)
+        for t, group, gidx in self._groups(rows, targets, device):
             centers, merged, carried = self.method.compact(view.rows(gidx), t)
             pos = positions.index_select(0, gidx).gather(2, centers.clamp_min(0))
             for i, b in enumerate(group):
@@ -597,19 +598,14 @@ class CompressedLayer(CacheLayerMixin):
             view = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
                              queries=queries, keys=keys, values=values, kv_start=start, scaling=scaling, state={},
                              phase="decode")
-            idx = method.select(view, budgets)
-            flat = RaggedStore.from_selection(keys, values, pos[:, None], idx, start)
-            new = RaggedStore.from_dense(*_unflatten(flat, B, H), slack=method.interval)
+            idx = method.select(view, budgets)  # [B*H, 1, k], -1 padded, into the left-padded rows
+            k = int(idx.shape[2])
+            valid = ((idx >= 0) & (idx >= start[:, None, None])).reshape(B, H, k)
+            pick = idx.clamp_min(0)
+            take = lambda t: t.gather(2, pick[..., None].expand(-1, -1, -1, t.shape[3])).reshape(B, H, k, -1)  # noqa: E731
+            new = RaggedStore.from_dense(take(keys), take(values), pos[:, None].gather(2, pick).reshape(B, H, k),
+                                         valid, slack=method.interval)
         self.store = new
-
-
-def _unflatten(flat: RaggedStore, B: int, H: int):
-    """Dense ``[B, H, C, ·]`` tensors and validity of a per-head store built
-    one row per head (``batch = B * H``, one head each)."""
-    keys, values, pos, _, _, start = flat.to_padded()
-    M = int(keys.shape[2])
-    valid = torch.arange(M, device=keys.device)[None, :] >= start[:, None]
-    return (keys.reshape(B, H, M, -1), values.reshape(B, H, M, -1), pos.reshape(B, H, M), valid.reshape(B, H, M))
 
 
 @dataclass

@@ -48,6 +48,11 @@ _HARMLESS = frozenset({
 })
 
 
+# Options attention_spec reads itself (honoured or refused below).
+_HANDLED = frozenset({"sliding_window", "softcap", "s_aux", "is_causal", "position_bias", "cu_seq_lens_q",
+                      "cu_seq_lens_k", "output_attentions", "seq_idx"})
+
+
 def _refuse(name: str, why: str):
     raise KVCompressUnsupportedError(f"{name}: {why}; kvcompress refuses it rather than ignore it")
 
@@ -79,10 +84,7 @@ def attention_spec(module, query, dropout, scaling, kwargs) -> AttentionSpec:
     if kwargs.get("seq_idx") is not None:
         _refuse("seq_idx", "packed sequences are not supported")
     for name, value in kwargs.items():
-        if value is None or value is False or name in _HARMLESS:
-            continue
-        if name in ("sliding_window", "softcap", "s_aux", "is_causal", "position_bias", "cu_seq_lens_q",
-                    "cu_seq_lens_k", "output_attentions", "seq_idx"):
+        if value is None or value is False or name in _HARMLESS or name in _HANDLED:
             continue
         _refuse(name, f"unknown attention option from {type(module).__name__}")
     if window is not None:
