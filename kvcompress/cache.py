@@ -744,6 +744,14 @@ class KVCache(Cache):
         """Called by the ``"kvcompress"`` attention function: record padding,
         attend over the layer's store, then let the layer compress with these
         queries ``[B, Hq, q, D]``. Returns ``[B, q, Hq, D]``."""
+        layer = self._enter(layer_idx, query, spec, padding_mask, four_d)
+        out = layer.attend(query, spec)
+        layer.after_attention(query, spec.scaling)
+        return out
+
+    def _enter(self, layer_idx: int, query, spec: AttentionSpec, padding_mask, four_d) -> "CompressedLayer":
+        """Check the layer's window against ``spec`` and record the chunk's
+        padding; return the layer, ready to attend."""
         self._awaiting = None
         layer = self.layers[layer_idx]
         if self.num_layers is not None:
@@ -759,9 +767,7 @@ class KVCache(Cache):
             raise KVCompressUnsupportedError(f"sliding_window: layer {layer_idx} slides over {layer.window} tokens but this "
                                   "call passed no window")
         layer.set_padding(padding_mask, int(query.shape[2]), four_d=four_d)
-        out = layer.attend(query, spec)
-        layer.after_attention(query, spec.scaling)
-        return out
+        return layer
 
     def _finish_without_queries(self, layer_idx: int) -> None:
         """The model's attention is not ours: compress with keys/values only."""

