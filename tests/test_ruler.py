@@ -296,3 +296,12 @@ def test_suite_only_options_refused_without_suite(capsys):
 
     assert cli.main(["eval", "--cases", "3"]) == 2
     assert "--cases applies to --suite ruler only" in capsys.readouterr().err
+
+
+def test_quick_preset_and_overrides():
+    from kvcompress.suite import QUICK_TASKS, SuiteConfig
+
+    q = SuiteConfig.quick()
+    assert q.tasks == list(QUICK_TASKS) and q.cases == 5 and q.methods == ["ems", "snapkv"] and q.split == "heldout"
+    assert SuiteConfig.quick(cases=2, ratios=[0.75]).ratios == [0.75]
+    assert SuiteConfig().cases >= 20  # the floor for reported tables

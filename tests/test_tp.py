@@ -7,7 +7,7 @@ o_proj is row-wise with an all-reduce. CPU ranks talk over gloo.
 
 Each rank compresses its own heads. A method whose choice for a head
 depends only on that head (SnapKV, H2O, StreamingLLM, EMS with uniform head
-budgets) keeps the same tokens as one process. SnapKV, H2O and EMS (with
+budgets and per-head local picks) keeps the same tokens as one process. SnapKV, H2O and EMS (with
 its default adaptive head budgets) must give one process's tokens: for
 adaptive EMS that needs the layer's head budgets computed over all ranks'
 heads (today each rank shares the layer budget among its own heads only,
@@ -37,9 +37,9 @@ WORLD = 2
 NEW = 12
 PAD = 0
 #: methods that decide each kv head on its own: 2 processes give one process's tokens
-SAME = ["full", "snapkv@48", "h2o@48", "ems:head_budget=uniform@48", "streamingllm@48"]
-#: layer-wide budgets or scores (AdaKV, EMS's default adaptive heads, TOVA's
-#: mean over heads): a rank shares them over its own heads only, by design
+SAME = ["full", "snapkv@48", "h2o@48", "ems:head_budget=uniform:local_heads=own@48", "streamingllm@48"]
+#: layer-wide budgets or scores (AdaKV, EMS's default adaptive heads and
+#: layer-shared local picks, TOVA's mean over heads): a rank shares them over its own heads only, by design
 #: (docs/design.md, "Tensor parallelism")
 SHARED = ["adakv@48", "ems@48", "tova@48"]
 
