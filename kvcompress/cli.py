@@ -103,16 +103,14 @@ def _suite(args) -> int:
     config = _config(suite.SuiteConfig, args, {k: v for k, v in fields.items() if v is not None})
     if config is None:
         return 2
+    from .ruler import has_chat_template
+
     model, tok, name = _load(args)
+    if config.chat and not has_chat_template(tok):
+        print("kvcompress eval: error: --chat: this tokenizer has no chat template; use --no-chat", file=sys.stderr)
+        return 2
     results = suite.run_suite(model, tok, config, model_name=name, progress=not args.no_progress)
-    print()
-    print(suite.describe(results))
-    print()
-    print(suite.markdown(results))
-    if args.out:
-        paths = suite.write_outputs(results, args.out)
-        print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-    return 0
+    return _report(suite, results, args)
 
 
 def _eval(args) -> int:
@@ -137,13 +135,19 @@ def _eval(args) -> int:
         return 2
     model, tok, name = _load(args)
     results = ev.run_eval(model, tok, config, model_name=name, progress=not args.no_progress)
+    return _report(ev, results, args)
+
+
+def _report(kind, results: dict, args) -> int:
+    """Print ``kind.describe`` and ``kind.markdown`` of ``results`` (``kind``:
+    the ``eval`` or ``suite`` module) and, with ``--out``, write its outputs."""
     print()
-    print(ev.describe(results))
+    print(kind.describe(results))
     print()
-    print(ev.markdown(results))
+    print(kind.markdown(results))
     print(f"\n{results['seconds']:.0f} s in all", file=sys.stderr)
     if args.out:
-        paths = ev.write_outputs(results, args.out)
+        paths = kind.write_outputs(results, args.out)
         print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
         if not any(str(p).endswith(".png") for p in paths):
             print("no plots: matplotlib is not installed (pip install 'kvcompress[eval]')", file=sys.stderr)

@@ -92,9 +92,8 @@ def _kvpress(name: str, ratio: float):
     if key not in presses:
         raise ValueError(f"methods: kvpress has no press {name!r}; it has {', '.join(sorted(presses.values()))}")
     cls = getattr(kvpress, presses[key])
-    if key == "adakvpress":  # a head-wise wrapper around a scorer press, as kvpress's leaderboard runs it
-        return cls(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio))
-    if key in ("critiadakvpress", "criticaladakvpress"):
+    if key in ("adakvpress", "criticaladakvpress"):
+        # head-wise wrappers around a scorer press, as kvpress's leaderboard runs them
         return cls(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio))
     return cls(compression_ratio=ratio)
 
@@ -171,6 +170,8 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
     from .hf import compress
     from .methods import StreamingLLM
 
+    if config.chat and not ruler.has_chat_template(tokenizer):
+        raise ValueError("chat: this tokenizer has no chat template; pass chat=False (--no-chat)")
     kwargs_of = lambda c: cache_kwargs(model, c)  # noqa: E731
     specs = list(_rows(config))
     ours = [(m, r) for m, r in specs if m == "full" or not m.lower().startswith("kvpress:")]

@@ -84,3 +84,22 @@ def test_local_options_validated():
         EMS(budget=64, obs=0)
     with pytest.raises(ValueError, match="combine"):
         EMS(budget=64, combine="min")
+
+
+def test_combine_max_against_float64():
+    """``combine="max"``: the larger of the two normalised terms (sums over
+    the candidates only), against a float64 recomputation."""
+    g = torch.Generator().manual_seed(3)
+    G = torch.rand(2, 3, 20, generator=g)
+    L = torch.rand(2, 3, 20, generator=g)
+    cand = torch.zeros(2, 1, 20, dtype=torch.bool)
+    cand[..., 2:16] = True
+    for lam in (0.0, 0.3, 0.5, 1.0):
+        got = EMS(budget=64, combine="max", lam=lam)._combine(G, L, cand)
+        g64, l64 = G.double(), L.double()
+        want = torch.maximum(lam * g64 / (g64 * cand).sum(-1, keepdim=True),
+                             (1 - lam) * l64 / (l64 * cand).sum(-1, keepdim=True))
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-9)
+        summed = EMS(budget=64, lam=lam)._combine(G, L, cand).double()
+        torch.testing.assert_close(summed, lam * g64 / (g64 * cand).sum(-1, keepdim=True)
+                                   + (1 - lam) * l64 / (l64 * cand).sum(-1, keepdim=True), rtol=1e-6, atol=1e-9)

@@ -305,3 +305,13 @@ def test_quick_preset_and_overrides():
     assert q.tasks == list(QUICK_TASKS) and q.cases == 5 and q.methods == ["ems", "snapkv"] and q.split == "heldout"
     assert SuiteConfig.quick(cases=2, ratios=[0.75]).ratios == [0.75]
     assert SuiteConfig().cases >= 20  # the floor for reported tables
+
+
+def test_suite_chat_without_template_is_refused(tiny_lm, capsys):
+    from kvcompress import cli
+
+    _, _, folder = tiny_lm
+    args = ["eval", "--suite", "ruler", "--model", str(folder), "--chat", "--methods", "snapkv:window=8",
+            "--tasks", "niah_single", "--lengths", "200", "--cases", "1", "--no-progress"]
+    assert cli.main(args) == 2
+    assert "--chat: this tokenizer has no chat template" in capsys.readouterr().err

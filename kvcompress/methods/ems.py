@@ -154,10 +154,6 @@ class EMS(Method):
 
     def score(self, view: LayerView):
         """``[B, Hkv, T]`` float32 combined score S (sinks and window included, unnormalised there)."""
-        T = view.length
-        q = view.queries
-        if q.shape[2] != T:
-            raise ValueError(f"queries: EMS scores a whole prefill (got {q.shape[2]} queries for {T} slots)")
         return self._combine(*self._parts(view))
 
     def _parts(self, view: LayerView):
@@ -165,6 +161,8 @@ class EMS(Method):
         the ``[B, 1, T]`` mask of slots they are normalised over."""
         T = view.length
         q = view.queries
+        if q.shape[2] != T:
+            raise ValueError(f"queries: EMS scores a whole prefill (got {q.shape[2]} queries for {T} slots)")
         G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
                               probe=float(self.probe) if self.global_mode == "probe" else None)
         w = min(self.window, T)
@@ -173,7 +171,8 @@ class EMS(Method):
         return G, L, self._candidates(view.kv_start, T, self.sinks, w)
 
     def _combine(self, G, L, cand):
-        """``lam * G / sum(G) + (1 - lam) * L / sum(L)``, the sums over ``cand``."""
+        """``lam * G / sum(G) + (1 - lam) * L / sum(L)`` (``combine="max"``: the
+        larger of the two terms), the sums over ``cand``."""
         lam = float(self.lam)
         G = G / (G * cand).sum(-1, keepdim=True).clamp_min(1e-30)
         L = L / (L * cand).sum(-1, keepdim=True).clamp_min(1e-30)
@@ -194,9 +193,6 @@ class EMS(Method):
 
     def compact(self, view: LayerView, keep: int):
         sinks, w = self.forced(view, keep)
-        q = view.queries
-        if q.shape[2] != view.length:
-            raise ValueError(f"queries: EMS scores a whole prefill (got {q.shape[2]} queries for {view.length} slots)")
         G, L, cand = self._parts(view)
         scores = self._combine(G, L, cand)
         head = view.length - w
@@ -205,7 +201,7 @@ class EMS(Method):
         m = int(float(self.local_share) * max(0, keep - sinks - w))
         m = min(m, int(cand[..., :head].sum(-1).min()) if head > 0 else 0)
         if m > 0:
-            # the window's own top tokens are kept whatever their global score
+            # the tokens the last `obs` queries read most are kept whatever their global score;
             # sinks are zeroed before pooling, so their large attention does not pick their neighbours
             local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
             if self.local_heads == "layer":  # every head keeps what the layer's window reads
