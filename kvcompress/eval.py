@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import testing as T
+from .intervals import bootstrap
 from .methods import REGISTRY, method_from_spec
 
 SCHEMA = "kvcompress.eval/1"
@@ -179,16 +180,25 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
                     cases.append(T.fidelity_case(model, method, ref))
                     tick(short)
                 fid = T.fidelity_result(label, config.k, cases)
-                row["fidelity"] = dict(kl=fid.kl, kl_max=fid.kl_max, top1=fid.top1, k=fid.k, texts=len(cases))
+                per_text = [kl for kl, _ in fid.per_text]
+                # every text has k steps, so the mean of per-text means is the mean KL
+                # and resampling texts gives its interval
+                low, high = bootstrap(per_text)
+                row["fidelity"] = dict(kl=fid.kl, kl_low=low, kl_high=high, kl_max=fid.kl_max, top1=fid.top1,
+                                       k=fid.k, texts=len(cases), per_text_kl=per_text)
             if windows:
-                nll, count = 0.0, 0
+                nll, count, per_window = 0.0, 0, []
                 for ids in windows:
                     w_nll, w_count = T.perplexity_window(model, method, ids, config.ppl_context)
                     nll += w_nll
                     count += w_count
+                    per_window.append(w_nll / w_count)
                     tick(short)
                 ppl = T.perplexity_result(label, nll, count, len(windows))
-                row["ppl"] = dict(ppl=ppl.ppl, nll=ppl.nll, tokens=ppl.tokens, windows=ppl.windows)
+                # windows have equal lengths: exp of the resampled mean NLL per token
+                low, high = bootstrap(per_window)
+                row["ppl"] = dict(ppl=ppl.ppl, ppl_low=math.exp(low), ppl_high=math.exp(high), nll=ppl.nll,
+                                  tokens=ppl.tokens, windows=ppl.windows, per_window_nll=per_window)
             if method is None:
                 full_bytes = held
             row["cache_bytes"] = max(held) if held else None
@@ -226,6 +236,13 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
+def _interval(d: dict, key: str, spec: str) -> str:
+    # results written before intervals existed have no low/high
+    if d.get(f"{key}_low") is None or d[key] == d[f"{key}_low"] == d[f"{key}_high"]:
+        return _fmt(d[key], spec)
+    return f"{_fmt(d[key], spec)} ({_fmt(d[f'{key}_low'], spec)}–{_fmt(d[f'{key}_high'], spec)})"
+
+
 def markdown(results: dict) -> str:
     """The results table (one row per method × setting, full cache first)."""
     cfg = results["config"]
@@ -247,9 +264,9 @@ def markdown(results: dict) -> str:
         if "passkey" in tasks:
             cells.append(_fmt(row["passkey"]["accuracy"], ".2f"))
         if "fidelity" in tasks:
-            cells += [_fmt(row["fidelity"]["kl"], ".4f"), _fmt(row["fidelity"]["top1"], ".3f")]
+            cells += [_interval(row["fidelity"], "kl", ".4f"), _fmt(row["fidelity"]["top1"], ".3f")]
         if "ppl" in tasks:
-            cells.append(_fmt(row["ppl"]["ppl"], ".3f"))
+            cells.append(_interval(row["ppl"], "ppl", ".3f"))
         if "passkey" in tasks:
             mib = row["cache_bytes"] / 2**20 if row["cache_bytes"] is not None else None
             cells += [_fmt(mib, ".2f"), _fmt(row["compression"], ".1f") + ("x" if row["compression"] else "")]
@@ -266,10 +283,11 @@ def describe(results: dict) -> str:
         parts.append(f"Passkey: filler lengths {cfg['lengths']} tokens × depths {cfg['depths']}, exact match.")
     if "fidelity" in cfg["tasks"]:
         parts.append(f"Fidelity: {cfg['fidelity_texts']} texts, {cfg['fidelity_context']}-token context, "
-                     f"KL(full‖method) in nats and top-1 agreement over {cfg['k']} teacher-forced decode steps.")
+                     f"KL(full‖method) in nats and top-1 agreement over {cfg['k']} teacher-forced decode steps, "
+                     "KL with a 95% bootstrap interval over texts.")
     if "ppl" in cfg["tasks"]:
         parts.append(f"Perplexity: {cfg['ppl_windows']} windows, {cfg['ppl_context']}-token compressed context, "
-                     f"next {cfg['ppl_tokens']} tokens.")
+                     f"next {cfg['ppl_tokens']} tokens, with a 95% bootstrap interval over windows.")
     parts.append("Budget = kept slots per kv head; ratio = fraction of the prompt removed. "
                  "\"vs full\": full-cache bytes / bytes held after the passkey run (mean over prompts).")
     return " ".join(parts)

@@ -81,8 +81,16 @@ class SuiteConfig:
         return cls(**base)
 
 
-def _kvpress(name: str, ratio: float):
-    """A kvpress press as a callable context manager (``press(model)``)."""
+def _kvpress(name: str, ratio: float, prompt_tokens: int):
+    """A kvpress press as a callable context manager (``press(model)``).
+
+    Scorer presses compress the prefill by ``ratio``. CAM is a decoding press
+    in kvpress (it merges evicted values into their neighbours while
+    generating): it runs per step (``compression_interval=1``, the paper's
+    setting) with TOVA as its scorer and a target of the slots the ratio
+    keeps of this prompt, so the first answer token still reads the whole
+    prompt and every later one reads the merged cache.
+    """
     import kvpress
 
     presses = {n.lower(): n for n in dir(kvpress) if n.endswith("Press")}
@@ -95,6 +103,9 @@ def _kvpress(name: str, ratio: float):
     if key in ("adakvpress", "criticaladakvpress"):
         # head-wise wrappers around a scorer press, as kvpress's leaderboard runs them
         return cls(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio))
+    if key == "campress":
+        keep = max(1, round((1.0 - ratio) * prompt_tokens))
+        return cls(base_press=kvpress.TOVAPress(), target_size=keep, compression_interval=1)
     return cls(compression_ratio=ratio)
 
 
@@ -160,6 +171,7 @@ def _answer_turns(model, tokenizer, case, rendered, cache, first: int, pos: int,
 def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None = None, progress: bool = True) -> dict:
     """Run ``config`` on ``model``; return a JSON-ready dict (schema ``SCHEMA``)."""
     import torch
+    import transformers
     from transformers import DynamicCache
 
     from . import testing as T
@@ -205,7 +217,7 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
                     held = full_bytes if s[0] == "full" else cache.memory_bytes()
                     records[s].append(_record(case, turns, held, full_bytes, len(ids)))
                 for m, r in theirs:
-                    press = _kvpress(m.split(":", 1)[1], r)
+                    press = _kvpress(m.split(":", 1)[1], r, len(ids))
                     with _press_session(model, press):
                         cache = DynamicCache(config=model.config)
                         first = _chunk(model, cache, ids, 0, kwargs_of)
@@ -221,8 +233,8 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
     return dict(
         schema=SCHEMA, created=datetime.datetime.now().isoformat(timespec="seconds"), kvcompress=_version(),
         model=_model_info(model, model_name),
-        machine=dict(python=platform.python_version(), torch=torch.__version__, cores=os.cpu_count(),
-                     threads=torch.get_num_threads()),
+        machine=dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+                     cores=os.cpu_count(), threads=torch.get_num_threads()),
         config=asdict(config), chat=ruler.has_chat_template(tokenizer) if config.chat is None else config.chat,
         seconds=time.perf_counter() - started, rows=rows,
     )
@@ -310,7 +322,17 @@ def describe(results: dict) -> str:
             f"{'chat template' if results['chat'] else 'plain prompt'}; greedy. Scores: fraction of answers found; "
             f"95% intervals (Wilson for pass/fail tasks, bootstrap otherwise; suite: bootstrap over cases within "
             f"tasks). Ratio = fraction of the prompt removed; last column: full-cache bytes / bytes held after the "
-            f"case (mean over cases). {results['seconds']:.0f} s.")
+            f"case (mean over cases). {results['seconds']:.0f} s" + _combined(results) + ".")
+
+
+def _combined(results: dict) -> str:
+    if "combined" not in results:
+        return ""
+    text = f" over {len(results['combined'])} runs combined on the same cases"
+    for a in results["full_agreement"]:
+        under = f" (transformers {a['transformers']})" if a.get("transformers") else ""
+        text += f"; run {a['result'] + 1}'s full cache{under} scored the same on {a['agreement']:.0%} of cases"
+    return text
 
 
 def plot(results: dict, path) -> str | None:
@@ -340,6 +362,75 @@ def plot(results: dict, path) -> str | None:
     return str(path)
 
 
+def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
+    """Rows of several :func:`run_suite` results on the same cases as one
+    result, re-scored on ``tasks`` (default: the tasks all of them ran).
+
+    Runs must share the model, split and lengths; a case is the same case
+    in every run (same task, length and seed), which is checked. The first
+    run's full-cache row is the full row; the others' full rows must agree
+    with it case by case (``full_agreement``: the fraction of cases with the
+    same score, e.g. a run under another transformers version). Rows are
+    re-summarised from their cases, so suite scores and intervals are those
+    of the chosen tasks. A method and ratio present twice is an error.
+    """
+    if not results:
+        raise ValueError("results: need at least one suite result")
+    for i, r in enumerate(results):
+        if r.get("schema") != SCHEMA:
+            raise ValueError(f"results[{i}]: not a {SCHEMA} result (schema {r.get('schema')!r})")
+    first = results[0]
+    for i, r in enumerate(results[1:], 1):
+        for key in ("split", "lengths"):
+            if r["config"][key] != first["config"][key]:
+                raise ValueError(f"results[{i}]: {key} {r['config'][key]!r} differs from {first['config'][key]!r}")
+        if r["model"]["name"] != first["model"]["name"]:
+            raise ValueError(f"results[{i}]: model {r['model']['name']!r} differs from {first['model']['name']!r}")
+    common = [t for t in first["config"]["tasks"] if all(t in r["config"]["tasks"] for r in results)]
+    tasks = list(tasks) if tasks else common
+    for t in tasks:
+        if t not in common:
+            raise ValueError(f"tasks: {t!r} was not run by every result (common: {', '.join(common)})")
+    cases = min(r["config"]["cases"] for r in results)
+    config = SuiteConfig(methods=[], ratios=[], tasks=tasks, lengths=list(first["config"]["lengths"]), cases=cases,
+                         split=first["config"]["split"], chat=first["config"]["chat"])
+
+    def keep(recs):
+        # the first ``cases`` cases of each kept task and length, in run order
+        out, seen = [], {}
+        for c in recs:
+            k = (c["task"], c["length"])
+            if c["task"] in tasks and seen.get(k, 0) < cases:
+                seen[k] = seen.get(k, 0) + 1
+                out.append(c)
+        return out
+
+    full = keep(first["rows"][0]["cases"])
+    seeds = [(c["task"], c["length"], c["seed"]) for c in full]
+    rows, seen, agreement = [_summarise("full", None, full, config)], set(), []
+    for i, r in enumerate(results):
+        for row in r["rows"]:
+            recs = keep(row["cases"])
+            if [(c["task"], c["length"], c["seed"]) for c in recs] != seeds:
+                raise ValueError(f"results[{i}]: row {row['method']} @ {row['ratio']} ran other cases")
+            if row["method"] == "full":
+                if i:
+                    same = sum(a["score"] == b["score"] for a, b in zip(recs, full)) / len(full)
+                    agreement.append(dict(result=i, agreement=same, transformers=r["machine"].get("transformers")))
+                continue
+            key = (row["method"], row["ratio"])
+            if key in seen:
+                raise ValueError(f"results[{i}]: {row['method']} @ {row['ratio']} is in an earlier result too")
+            seen.add(key)
+            rows.append(_summarise(row["method"], row["ratio"], recs, config))
+    config.methods = list(dict.fromkeys(m for m, _ in seen))
+    config.ratios = sorted({r for _, r in seen})
+    return dict(schema=SCHEMA, created=datetime.datetime.now().isoformat(timespec="seconds"),
+                kvcompress=first["kvcompress"], model=first["model"], machine=first["machine"], config=asdict(config),
+                chat=first["chat"], seconds=sum(r["seconds"] for r in results), rows=rows,
+                combined=[r["created"] for r in results], full_agreement=agreement)
+
+
 def write_outputs(results: dict, out_dir) -> list:
     """``suite.json``, ``suite.md`` and ``suite.png`` (with matplotlib) in ``out_dir``."""
     import json
@@ -360,4 +451,4 @@ def write_outputs(results: dict, out_dir) -> list:
 
 
 
-__all__ = ["SCHEMA", "SuiteConfig", "run_suite", "markdown", "describe", "plot", "write_outputs"]
+__all__ = ["SCHEMA", "SuiteConfig", "run_suite", "combine", "markdown", "describe", "plot", "write_outputs"]

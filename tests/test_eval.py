@@ -45,8 +45,17 @@ def check_schema(results, methods, settings, axis, tasks):
         if "fidelity" in tasks:
             fid = row["fidelity"]
             assert fid["kl"] >= 0 and fid["kl_max"] >= fid["kl"] and 0 <= fid["top1"] <= 1 and fid["k"] == cfg["k"]
+            # equal steps per text: the mean KL is the mean of the per-text means, inside its interval
+            assert len(fid["per_text_kl"]) == fid["texts"] == cfg["fidelity_texts"]
+            assert math.isclose(sum(fid["per_text_kl"]) / fid["texts"], fid["kl"], rel_tol=1e-9, abs_tol=1e-12)
+            assert min(fid["per_text_kl"]) <= fid["kl_low"] <= fid["kl"] <= fid["kl_high"] <= max(fid["per_text_kl"])
         if "ppl" in tasks:
-            assert row["ppl"]["ppl"] > 1 and math.isclose(row["ppl"]["ppl"], math.exp(row["ppl"]["nll"]))
+            ppl = row["ppl"]
+            assert ppl["ppl"] > 1 and math.isclose(ppl["ppl"], math.exp(ppl["nll"]))
+            # windows score equal token counts, so the mean per-window NLL is the NLL
+            assert len(ppl["per_window_nll"]) == ppl["windows"]
+            assert math.isclose(sum(ppl["per_window_nll"]) / ppl["windows"], ppl["nll"], rel_tol=1e-9)
+            assert ppl["ppl_low"] <= ppl["ppl"] * (1 + 1e-12) and ppl["ppl"] <= ppl["ppl_high"] * (1 + 1e-12)
     full = rows[0]
     if "fidelity" in tasks:
         assert full["fidelity"]["kl"] == 0.0 and full["fidelity"]["top1"] == 1.0

@@ -315,3 +315,29 @@ def test_suite_chat_without_template_is_refused(tiny_lm, capsys):
             "--tasks", "niah_single", "--lengths", "200", "--cases", "1", "--no-progress"]
     assert cli.main(args) == 2
     assert "--chat: this tokenizer has no chat template" in capsys.readouterr().err
+
+
+def test_combine_equals_one_run(tiny_lm):
+    """Rows from two runs on the same cases, combined, equal one run of all
+    the methods; a task subset equals a run of those tasks; mismatched runs
+    are refused by name."""
+    from kvcompress import suite
+
+    model, tok, _ = tiny_lm
+    base = dict(tasks=["niah_single", "multiturn"], lengths=[200], cases=2, split="dev", ratios=[0.5, 0.9])
+    run = lambda methods, **kw: suite.run_suite(model, tok, suite.SuiteConfig(methods=methods, **{**base, **kw}),  # noqa: E731
+                                                progress=False)
+    a, b, both = run(["snapkv:window=8"]), run(["tova"]), run(["snapkv:window=8", "tova"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "cases"} for r in rows]  # noqa: E731
+    combined = suite.combine([a, b])
+    assert strip(combined["rows"]) == strip(both["rows"])
+    assert combined["full_agreement"] == [dict(result=1, agreement=1.0, transformers=b["machine"]["transformers"])]
+    assert "2 runs combined" in suite.describe(combined)
+    only = run(["snapkv:window=8", "tova"], tasks=["multiturn"])
+    assert strip(suite.combine([a, b], tasks=["multiturn"])["rows"]) == strip(only["rows"])
+    with pytest.raises(ValueError, match=r"results\[1\]: snapkv:window=8 @ 0.5 is in an earlier result"):
+        suite.combine([a, a])
+    with pytest.raises(ValueError, match=r"results\[1\]: split"):
+        suite.combine([a, run(["tova"], split="heldout")])
+    with pytest.raises(ValueError, match="tasks: 'qa' was not run"):
+        suite.combine([a, b], tasks=["qa"])

@@ -1,0 +1,44 @@
+"""Combine RULER-style suite runs made on the same cases into one table.
+
+Rows that need different environments (kvpress's presses run in
+``.venv-kvpress``, which pins an older transformers) or that were added later
+(more ratios, more methods) are run separately on the same seeds and joined
+here; ``kvcompress.suite.combine`` checks that every row ran the same cases
+and reports how often the runs' full caches scored alike.
+
+    python benchmarks/suite_combine.py RUN1/suite.json RUN2/suite.json \\
+        [--tasks niah_single,niah_multikey,qa] --out DIR
+
+writes DIR/suite.json, DIR/suite.md and DIR/suite.png (with matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kvcompress import suite
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="suite.json files, the first one's full cache is kept")
+    parser.add_argument("--tasks", help="comma-separated tasks to score on (default: those every run has)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    args = parser.parse_args(argv)
+    try:
+        runs = [json.loads(p.read_text()) for p in args.results]
+        merged = suite.combine(runs, args.tasks.split(",") if args.tasks else None)
+    except (OSError, ValueError) as e:
+        print(f"suite_combine: {e}", file=sys.stderr)
+        return 2
+    paths = suite.write_outputs(merged, args.out)
+    print(suite.describe(merged) + "\n\n" + suite.markdown(merged))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
