@@ -5,12 +5,13 @@ import dataclasses
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
+from .quant import KIVI
 from .simple import Knorm, StreamingLLM
 from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
-    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP)
+    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI)
 }
 
 
@@ -73,5 +74,5 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
 __all__ = [
     "Method", "DecodeMethod", "LayerView", "REGISTRY", "method_from_name", "method_from_spec",
     "parse_method_spec",
-    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP",
+    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI",
 ]

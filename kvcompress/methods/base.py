@@ -107,6 +107,9 @@ class Method:
     headwise: ClassVar[bool] = False
     #: ``True`` when the method merges evicted tokens (``compact``/``recompact``)
     merges: ClassVar[bool] = False
+    #: ``(bits, group, residual)`` when layers keep their slots packed
+    #: (``kvcompress.stores.PackedStore``), else None
+    packing: ClassVar[tuple[int, int, int] | None] = None
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):
