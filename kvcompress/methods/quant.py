@@ -43,11 +43,12 @@ class KIVI(Method):
     value mins/scales, plus the residual window in the model's dtype.
     """
 
-    ratio: float | None = 0.0
+    ratio: float | None = None
     bits: int = 4
     group: int = 32
     residual: int = 128
     needs_queries: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.budget is None and self.ratio is None:

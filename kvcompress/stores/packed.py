@@ -194,7 +194,7 @@ class PackedStore(LayerStore):
             return rk, rv
         kc, kmin, ksc, vc, vmin, vsc = views
         k = ops.unpack_keys(kc, kmin, ksc, self.bits, self.group, dtype=rk.dtype)
-        v = ops.unpack_values(vc, vmin, vsc, self.bits, self.group, dtype=rv.dtype)
+        v = ops.unpack_values(vc, vmin, vsc, self.bits, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype)
         return torch.cat([k, rk], 2), torch.cat([v, rv], 2)
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
