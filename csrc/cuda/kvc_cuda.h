@@ -24,6 +24,7 @@
 #include <stddef.h>
 
 #include "../attention.h"
+#include "../attention_packed.h"
 #include "../budget.h"
 #include "../compact.h"
 #include "../kvc.h"
@@ -74,6 +75,9 @@ enum kvc_status kvc_cuda_evict_merge(const struct kvc_evict_merge_params *p, voi
 
 size_t kvc_cuda_attention_workspace(const struct kvc_attention_params *p);
 enum kvc_status kvc_cuda_attention(const struct kvc_attention_params *p, void *stream);
+
+size_t kvc_cuda_packed_attention_workspace(const struct kvc_packed_attention_params *p);
+enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_params *p, void *stream);
 
 #ifdef __cplusplus
 }
