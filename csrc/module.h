@@ -108,5 +108,6 @@ extern PyMethodDef kvc_py_merge_methods[];
 extern PyMethodDef kvc_py_global_methods[];
 extern PyMethodDef kvc_py_budget_methods[];
 extern PyMethodDef kvc_py_quant_methods[];
+extern PyMethodDef kvc_py_packed_attention_methods[];
 
 #endif /* KVC_MODULE_H */

@@ -34,6 +34,7 @@ __all__ = [
     "evict_merge",
     "EvictMergeResult",
     "attention",
+    "packed_attention",
     "global_scores",
     "probe_positions",
     "head_budgets",
@@ -509,6 +510,93 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
         out = np.empty(shape, dtype=_NP_DTYPES[dtype])
     _C.attention(
         _prepare(queries), _prepare(keys), _prepare(values), out, scaling,
+        _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
+        _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
+    )
+    return out
+
+
+def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
+                     residual_keys, residual_values, *, bits, group, scaling=None, kv_start=None,
+                     offsets=None, lengths=None, counts=None, out=None):
+    """Attention of the newest ``q`` tokens over a KIVI-packed layer plus its residual window.
+
+    The layout is the contract of ``docs/packed.md``: ``bits``-wide codes
+    (``per = 8 // bits`` per byte, element ``c`` in byte ``c // per`` at bit
+    ``(c % per) * bits``), keys quantized per channel in groups of ``group``
+    tokens, values per token in groups of ``group`` channels, each group with
+    a float32 ``min`` and ``scale`` (``x ~ min + scale * code``). The logical
+    sequence of a head is its ``n_h`` packed slots, then the ``r`` residual
+    slots; the queries are the last ``q`` residual slots (``r >= q``), so
+    query ``i`` sees every packed slot and residual slots ``0 .. r - q + i``.
+    No dequantized copy is made: key logits use the query scaled per (token
+    group, channel) against the codes, values the softmax weights scaled per
+    (token, channel group). Online softmax in float32, long heads split into
+    fixed blocks combined by log-sum-exp: bit-identical for any thread count.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, q, D]`` (float32, float16 or bfloat16)
+        Query head ``h`` reads kv head ``h // (Hq // Hkv)`` (GQA).
+    key_codes, value_codes : uint8 tensors, any strides
+        Uniform layout: ``[B, Hkv, n, Db]`` with ``Db = ceil(D * bits / 8)``.
+        Ragged layout (with `offsets` and `lengths`): ``[N, Db]``.
+    key_mins, key_scales : float32 tensors
+        Uniform: ``[B, Hkv, ceil(n / group), D]``; ragged: ``[ceil(N / group), D]``
+        (head ``i`` uses rows ``offsets[i] // group ...``).
+    value_mins, value_scales : float32 tensors
+        Uniform: ``[B, Hkv, n, ceil(D / group)]``; ragged: ``[N, ceil(D / group)]``.
+    residual_keys, residual_values : tensors ``[B, Hkv, r, D]``, dtype of `queries`
+        The full-precision window after the packed slots (``r >= q``).
+    bits : {2, 4, 8}
+    group : int >= 1
+        ``G``: tokens per key group, channels per value group.
+    scaling : float, optional
+        Logit scale; default ``1 / sqrt(D)``.
+    kv_start : int64 tensor ``[B]``, optional (uniform only)
+        Leading padded slots of each batch row, counted over the logical
+        sequence (packed, then residual), in ``[0, n + r]``; masked.
+    offsets, lengths : int64 tensors ``[B * Hkv]``, optional (ragged only)
+        The packed slots of head ``(b, h)`` are rows ``offsets[b*Hkv + h] ..
+        + lengths[b*Hkv + h] - 1``; every offset a multiple of `group`,
+        segments inside ``[0, N)`` and pairwise disjoint; a length may be 0.
+    counts : float32 tensor ``[B, Hkv, n]`` / ``[N]``, optional
+        Merge counts (finite, >= 1) of the packed slots; ``log(count)`` is
+        added to the slot's logit. Residual slots count 1.
+    out : tensor ``[B, q, Hq, D]``, dtype of `queries`, optional
+        Written in place and returned; allocated when omitted.
+
+    Returns
+    -------
+    tensor ``[B, q, Hq, D]``, dtype of `queries`
+        A query that sees no slot gets zeros.
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
+    ragged = offsets is not None or lengths is not None
+    if ragged:
+        _shape(key_codes, "key_codes", 2, "[N, Db]")
+        _shape(value_codes, "value_codes", 2, "[N, Db]")
+    else:
+        _shape(key_codes, "key_codes", 4, "[B, Hkv, n, Db]")
+        _shape(value_codes, "value_codes", 4, "[B, Hkv, n, Db]")
+    scaling = _scaling(scaling, qs[3])
+    if out is None:
+        shape = (qs[0], qs[2], qs[1], qs[3])
+        if _is_torch(queries):
+            import torch
+
+            out = torch.empty(shape, dtype=queries.dtype, device=queries.device)
+        elif isinstance(queries, np.ndarray):
+            out = np.empty(shape, dtype=queries.dtype)
+        else:
+            dtype = _C._describe(queries)[1]
+            if dtype not in ("float32", "float16"):
+                raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
+            out = np.empty(shape, dtype=_NP_DTYPES[dtype])
+    _C.packed_attention(
+        *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
+                                residual_keys, residual_values)),
+        out, _py_int(bits), _py_int(group), scaling,
         _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
         _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
     )

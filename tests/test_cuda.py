@@ -24,6 +24,7 @@ from kvcompress import _C
 from reference import pool1d_ref, vector_norm_ref, window_scores_ref
 from test_attention import attention_ref, ragged_layout
 from test_attention import randn as attn_randn
+from test_attention_packed import pack_ragged, packed_ref, uniform_case
 from test_budget import head_budgets_ref
 from test_merge import AMBIG, check_against_reference, evict_merge_ref, make_inputs, mixed_tau
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
@@ -355,6 +356,51 @@ def test_pack_nonfinite_refused(kind, dtype):
         PACK[kind](x, 4, 8, codes=codes, mins=mins, scales=scales)
     torch.cuda.synchronize()
     assert (codes == 0x5A).all() and (mins == 3).all() and (scales == 4).all()
+
+
+# ---------------------------------------------------------------- packed attention
+
+PACKED_UNIFORM = [  # B, Hq, Hkv, q, n, r, D, G
+    (1, 4, 4, 1, 64, 1, 64, 32),
+    (2, 8, 2, 1, 700, 5, 128, 32),
+    (2, 6, 2, 4, 37, 9, 40, 16),
+    (1, 6, 3, 3, 50, 3, 24, 7),
+    (2, 4, 2, 40, 90, 45, 33, 32),
+    (1, 32, 8, 1, 5000, 32, 128, 64),
+    (1, 4, 1, 1, 3000, 2, 256, 128),
+]
+
+
+@pytest.mark.parametrize("shape", PACKED_UNIFORM, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_attention_uniform(shape, bits, dtype):
+    B, Hq, Hkv, q, n, r, D, G = shape
+    qs, pk, rk, rv = uniform_case(*shape, bits, dtype)
+    counts = torch.randint(1, 5, (B, Hkv, n), generator=torch.Generator().manual_seed(4)).to(torch.float32)
+    kv_start = torch.tensor([min(b * 7, n + r - 1) for b in range(B)], dtype=torch.int64)
+    for ks, c in ((None, None), (kv_start, None), (kv_start, counts)):
+        _, got = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=bits, group=G, kv_start=ks, counts=c)
+        ref = packed_ref(qs, pk, rk, rv, kv_start=ks, counts=c)
+        same = packed_ref(qs, pk, rk, rv, kv_start=ks, counts=c, dtype=dtype)
+        assert_within_bound(got, ref, same)
+
+
+@pytest.mark.parametrize("nq", [1, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_attention_ragged(nq, bits, dtype):
+    B, Hkv, g, D, G, r = 2, 3, 4, 64, 32, nq + 2
+    pk = pack_ragged([0, 5, 300, 4100, 64, 9], D, bits, G)
+    qs = attn_randn((B, Hkv * g, nq, D), dtype, 5)
+    rk, rv = attn_randn((B, Hkv, r, D), dtype, 6), attn_randn((B, Hkv, r, D), dtype, 7)
+    counts = torch.randint(1, 4, (pk.N,), generator=torch.Generator().manual_seed(6)).to(torch.float32)
+    for c in (None, counts):
+        _, got = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=bits, group=G, offsets=pk.offsets,
+                      lengths=pk.lengths, counts=c)
+        ref = packed_ref(qs, pk, rk, rv, counts=c)
+        same = packed_ref(qs, pk, rk, rv, counts=c, dtype=dtype)
+        assert_within_bound(got, ref, same)
 
 
 # ---------------------------------------------------------------- boundary

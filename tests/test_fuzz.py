@@ -241,6 +241,40 @@ def _child(target: str, seed: int, n_calls: int) -> int:
                 kw["counts"] = torch.randint(1, 4, (pos,)).to(torch.float32)
         return [queries, fw(keys), fw(values)], kw
 
+    def b_packed_attention():
+        B, Hkv, g, q, D = dim(), dim(1), rng.choice([1, 2]), dim(), dim(1)
+        bits, G = rng.choice([2, 4, 8]), rng.choice([1, 3, 16])
+        dt = rng.choice(FLOATS)
+        Db, U, r = -(-D * bits // 8), -(-D // G), q + rng.randint(0, 2)
+        kw = {"bits": bits, "group": G, "scaling": rng.choice([None, 0.3])}
+
+        def codes(shape):
+            return fw(torch.randint(0, 256, shape, dtype=torch.uint8))
+
+        def f32(shape):
+            return fw(torch.rand(shape) + 0.5)
+
+        if rng.random() < 0.5:
+            n = dim()
+            T = -(-n // G)
+            packed = [codes([B, Hkv, n, Db]), f32([B, Hkv, T, D]), f32([B, Hkv, T, D]), codes([B, Hkv, n, Db]),
+                      f32([B, Hkv, n, U]), f32([B, Hkv, n, U])]
+            kw["kv_start"] = kv_start(B, n + r)
+            if rng.random() < 0.3:
+                kw["counts"] = torch.randint(1, 4, (B, Hkv, n)).to(torch.float32)
+        else:
+            lens = [rng.choice([0, 1, G + 1]) for _ in range(B * Hkv)]
+            offs, pos = [], 0
+            for ln in lens:
+                offs.append(pos)
+                pos += -(-ln // G) * G + rng.choice([0, G])
+            T = -(-pos // G)
+            packed = [codes([pos, Db]), f32([T, D]), f32([T, D]), codes([pos, Db]), f32([pos, U]), f32([pos, U])]
+            kw["offsets"], kw["lengths"] = torch.tensor(offs), torch.tensor(lens)
+            if rng.random() < 0.3:
+                kw["counts"] = torch.randint(1, 4, (pos,)).to(torch.float32)
+        return [fw(fl([B, Hkv * g, q, D], dt)), *packed, fw(fl([B, Hkv, r, D], dt)), fw(fl([B, Hkv, r, D], dt))], kw
+
     def b_head_budgets():
         B, H, T = dim(), dim(), dim()
         return [fw(fl([B, H, T], torch.float32)), rng.randint(0, T + 1)], \
@@ -280,6 +314,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "gather": b_gather,
         "evict_merge": b_evict_merge,
         "attention": b_attention,
+        "packed_attention": b_packed_attention,
         "head_budgets": b_head_budgets,
         "probe_positions": b_probe_positions,
         "pack_keys": b_pack,

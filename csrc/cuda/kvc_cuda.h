@@ -24,6 +24,7 @@
 #include <stddef.h>
 
 #include "../attention.h"
+#include "../attention_packed.h"
 #include "../budget.h"
 #include "../compact.h"
 #include "../kvc.h"
@@ -81,6 +82,9 @@ enum kvc_status kvc_cuda_attention(const struct kvc_attention_params *p, void *s
 size_t kvc_cuda_pack_workspace(const struct kvc_pack_params *p);
 enum kvc_status kvc_cuda_pack(const struct kvc_pack_params *p, void *stream);
 enum kvc_status kvc_cuda_unpack(const struct kvc_unpack_params *p, void *stream);
+
+size_t kvc_cuda_packed_attention_workspace(const struct kvc_packed_attention_params *p);
+enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_params *p, void *stream);
 
 #ifdef __cplusplus
 }
