@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import ruler
 from .intervals import bootstrap, wilson
-from .methods import method_from_spec
+from .methods import REGISTRY, method_from_spec, parse_method_spec
 
 SCHEMA = "kvcompress.suite/1"
 QUICK_TASKS = ("niah_single", "niah_multikey", "qa", "multiturn")
@@ -112,7 +112,7 @@ def _kvpress(name: str, ratio: float, prompt_tokens: int):
 def _rows(config: SuiteConfig):
     yield "full", None
     for m in config.methods:
-        if not m.lower().startswith("kvpress:") and not method_from_spec(m).evicts:
+        if not m.lower().startswith("kvpress:") and not REGISTRY[parse_method_spec(m)[0]].evicts:
             yield m, None  # keeps every token (KIVI): one row
             continue
         for r in config.ratios:

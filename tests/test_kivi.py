@@ -181,3 +181,28 @@ def test_padding_content_does_not_matter(tiny_lm):
         outs.append(torch.stack(out.logits))
     # bit for bit: the padded slots' content reaches nothing
     assert torch.equal(outs[0], outs[1])
+
+
+def test_eval_and_suite_run_kivi_once(tiny_lm, tmp_path):
+    """A method that keeps every token is one row, whatever the budgets or
+    ratios, in both evaluations; its bytes are below the full cache's."""
+    import json
+
+    from kvcompress import cli, suite
+
+    model, tok, folder = tiny_lm
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(folder), "--methods", "kivi:bits=4:group=8:residual=16,snapkv:window=8",
+            "--budgets", "16,32", "--tasks", "ppl", "--ppl-context", "96", "--ppl-tokens", "8", "--ppl-windows", "1",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("full", None), ("kivi:bits=4:group=8:residual=16", None), ("snapkv:window=8", 16), ("snapkv:window=8", 32)]
+    cfg = suite.SuiteConfig(methods=["kivi:group=8:residual=16", "tova"], ratios=[0.5, 0.9], tasks=["niah_single"],
+                            lengths=[200], cases=1, split="dev")
+    res = suite.run_suite(model, tok, cfg, progress=False)
+    assert [(r["method"], r["ratio"]) for r in res["rows"]] == [
+        ("full", None), ("kivi:group=8:residual=16", None), ("tova", 0.5), ("tova", 0.9)]
+    assert res["rows"][1]["bytes"] < res["rows"][0]["bytes"]
+    suite.plot(res, tmp_path / "suite.png")  # a row without a ratio is drawn as a level
