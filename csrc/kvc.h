@@ -36,7 +36,8 @@ enum kvc_dtype {
     KVC_F16 = 1,
     KVC_BF16 = 2,
     KVC_I32 = 3,
-    KVC_I64 = 4
+    KVC_I64 = 4,
+    KVC_U8 = 5 /* packed codes (quant.h) */
 };
 
 #define KVC_MAX_DIMS 4
@@ -76,6 +77,7 @@ static inline size_t kvc_dtype_size(enum kvc_dtype dt)
     case KVC_BF16: return 2;
     case KVC_I32: return 4;
     case KVC_I64: return 8;
+    case KVC_U8: return 1;
     }
     return 0;
 }
@@ -88,6 +90,7 @@ static inline const char *kvc_dtype_name(enum kvc_dtype dt)
     case KVC_BF16: return "bfloat16";
     case KVC_I32: return "int32";
     case KVC_I64: return "int64";
+    case KVC_U8: return "uint8";
     }
     return "unknown";
 }

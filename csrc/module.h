@@ -34,6 +34,7 @@ struct kvc_state {
 #define DT_F32 (1u << KVC_F32)
 #define DT_INDEX ((1u << KVC_I32) | (1u << KVC_I64))
 #define DT_I64 (1u << KVC_I64)
+#define DT_U8 (1u << KVC_U8)
 
 /* An argument taken over from its producer. Exactly one of mv / ml is set
  * while we own the managed tensor; arg_release hands it back. */
@@ -106,5 +107,7 @@ extern PyMethodDef kvc_py_attention_methods[];
 extern PyMethodDef kvc_py_merge_methods[];
 extern PyMethodDef kvc_py_global_methods[];
 extern PyMethodDef kvc_py_budget_methods[];
+extern PyMethodDef kvc_py_quant_methods[];
+extern PyMethodDef kvc_py_packed_attention_methods[];
 
 #endif /* KVC_MODULE_H */

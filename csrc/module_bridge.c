@@ -288,6 +288,7 @@ int kvc_py_dl_dtype(DLDataType dt, enum kvc_dtype *out)
     else if (dt.code == kDLBfloat && dt.bits == 16) *out = KVC_BF16;
     else if (dt.code == kDLInt && dt.bits == 32) *out = KVC_I32;
     else if (dt.code == kDLInt && dt.bits == 64) *out = KVC_I64;
+    else if (dt.code == kDLUInt && dt.bits == 8) *out = KVC_U8;
     else return -1;
     return 0;
 }
@@ -315,8 +316,8 @@ static void dtype_set_name(unsigned mask, char *buf, size_t n)
 {
     int d, count = 0, total = 0;
     buf[0] = '\0';
-    for (d = KVC_F32; d <= KVC_I64; d++) total += (mask >> d) & 1u;
-    for (d = KVC_F32; d <= KVC_I64; d++) {
+    for (d = KVC_F32; d <= KVC_U8; d++) total += (mask >> d) & 1u;
+    for (d = KVC_F32; d <= KVC_U8; d++) {
         if (!((mask >> d) & 1u)) continue;
         count++;
         if (count > 1) strncat(buf, count == total ? " or " : ", ", n - strlen(buf) - 1);

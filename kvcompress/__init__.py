@@ -41,6 +41,7 @@ _LAZY = {
     "H2O": ("kvcompress.methods", "H2O"),
     "TOVA": ("kvcompress.methods", "TOVA"),
     "VATP": ("kvcompress.methods", "VATP"),
+    "KIVI": ("kvcompress.methods", "KIVI"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

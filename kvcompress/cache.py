@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
-from .stores import AttentionSpec, RaggedStore, UniformStore
+from .stores import AttentionSpec, PackedStore, RaggedStore, UniformStore
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -346,7 +346,7 @@ class CompressedLayer(CacheLayerMixin):
         query_pos = None
         if spec.window is not None:
             query_pos = torch.arange(self.seen - q, self.seen, device=query.device)[None].expand(query.shape[0], q)
-        kv_start = self.kv_start if isinstance(self.store, UniformStore) else None
+        kv_start = self.kv_start if isinstance(self.store, (UniformStore, PackedStore)) else None
         return self.store.attend(query, spec, kv_start=kv_start, query_pos=query_pos)
 
     # ---------------------------------------------------------- compression
@@ -378,6 +378,14 @@ class CompressedLayer(CacheLayerMixin):
         """Compress once the layer's attention has run on ``queries``
         ``[B, Hq, q, D]`` (None for attention functions that are not ours)."""
         method = self.method
+        if method.packing is not None and self.window is None:
+            # quantized layers: the first chunk moves into the packed store
+            # (its attention ran in full precision); every later call packs
+            # the residual's whole groups
+            if isinstance(self.store, UniformStore):
+                self.store = PackedStore.from_uniform(self.store, *method.packing)
+            self.store.settle(pad=self._start)
+            return
         phase = "prefill" if self.last_chunk > 1 else "decode"
         uniform = isinstance(self.store, UniformStore)
         if uniform:

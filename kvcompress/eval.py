@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import testing as T
 from .intervals import bootstrap
-from .methods import REGISTRY, method_from_spec
+from .methods import REGISTRY, method_from_spec, parse_method_spec
 
 SCHEMA = "kvcompress.eval/1"
 TASKS = ("passkey", "fidelity", "ppl")
@@ -112,9 +112,18 @@ def _model_info(model, name: str | None) -> dict:
 def _rows(config: EvalConfig):
     yield "full", None, None
     for name in config.methods:
+        method = method_from_spec(name) if not _evicts(name) else None
+        if method is not None:
+            # keeps every token: one row, whatever the budgets or ratios
+            yield name, None, method
+            continue
         for value in config.settings():
             kw = {config.axis: value}
             yield name, value, method_from_spec(name, **kw)
+
+
+def _evicts(spec: str) -> bool:
+    return REGISTRY[parse_method_spec(spec)[0]].evicts
 
 
 def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = None, progress: bool = True) -> dict:
@@ -158,7 +167,7 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
     try:
         for name, value, method in rows_spec:
             label = T.method_name(method)
-            short = "full cache" if value is None else f"{name} {config.axis}={value}"
+            short = "full cache" if method is None else name if value is None else f"{name} {config.axis}={value}"
             t0 = time.perf_counter()
             row = dict(method=name, label=label, budget=None, ratio=None)
             if value is not None:

@@ -34,14 +34,22 @@ __all__ = [
     "evict_merge",
     "EvictMergeResult",
     "attention",
+    "packed_attention",
     "global_scores",
     "probe_positions",
     "head_budgets",
+    "pack_keys",
+    "pack_values",
+    "unpack_keys",
+    "unpack_values",
+    "packed_row_bytes",
+    "Packed",
     "has_cuda",
     "cuda_device_count",
 ]
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64}
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
+              "uint8": np.uint8}
 
 
 def _is_torch(x) -> bool:
@@ -508,6 +516,93 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
     return out
 
 
+def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
+                     residual_keys, residual_values, *, bits, group, scaling=None, kv_start=None,
+                     offsets=None, lengths=None, counts=None, out=None):
+    """Attention of the newest ``q`` tokens over a KIVI-packed layer plus its residual window.
+
+    The layout is the contract of ``docs/packed.md``: ``bits``-wide codes
+    (``per = 8 // bits`` per byte, element ``c`` in byte ``c // per`` at bit
+    ``(c % per) * bits``), keys quantized per channel in groups of ``group``
+    tokens, values per token in groups of ``group`` channels, each group with
+    a float32 ``min`` and ``scale`` (``x ~ min + scale * code``). The logical
+    sequence of a head is its ``n_h`` packed slots, then the ``r`` residual
+    slots; the queries are the last ``q`` residual slots (``r >= q``), so
+    query ``i`` sees every packed slot and residual slots ``0 .. r - q + i``.
+    No dequantized copy is made: key logits use the query scaled per (token
+    group, channel) against the codes, values the softmax weights scaled per
+    (token, channel group). Online softmax in float32, long heads split into
+    fixed blocks combined by log-sum-exp: bit-identical for any thread count.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, q, D]`` (float32, float16 or bfloat16)
+        Query head ``h`` reads kv head ``h // (Hq // Hkv)`` (GQA).
+    key_codes, value_codes : uint8 tensors, any strides
+        Uniform layout: ``[B, Hkv, n, Db]`` with ``Db = ceil(D * bits / 8)``.
+        Ragged layout (with `offsets` and `lengths`): ``[N, Db]``.
+    key_mins, key_scales : float32 tensors
+        Uniform: ``[B, Hkv, ceil(n / group), D]``; ragged: ``[ceil(N / group), D]``
+        (head ``i`` uses rows ``offsets[i] // group ...``).
+    value_mins, value_scales : float32 tensors
+        Uniform: ``[B, Hkv, n, ceil(D / group)]``; ragged: ``[N, ceil(D / group)]``.
+    residual_keys, residual_values : tensors ``[B, Hkv, r, D]``, dtype of `queries`
+        The full-precision window after the packed slots (``r >= q``).
+    bits : {2, 4, 8}
+    group : int >= 1
+        ``G``: tokens per key group, channels per value group.
+    scaling : float, optional
+        Logit scale; default ``1 / sqrt(D)``.
+    kv_start : int64 tensor ``[B]``, optional (uniform only)
+        Leading padded slots of each batch row, counted over the logical
+        sequence (packed, then residual), in ``[0, n + r]``; masked.
+    offsets, lengths : int64 tensors ``[B * Hkv]``, optional (ragged only)
+        The packed slots of head ``(b, h)`` are rows ``offsets[b*Hkv + h] ..
+        + lengths[b*Hkv + h] - 1``; every offset a multiple of `group`,
+        segments inside ``[0, N)`` and pairwise disjoint; a length may be 0.
+    counts : float32 tensor ``[B, Hkv, n]`` / ``[N]``, optional
+        Merge counts (finite, >= 1) of the packed slots; ``log(count)`` is
+        added to the slot's logit. Residual slots count 1.
+    out : tensor ``[B, q, Hq, D]``, dtype of `queries`, optional
+        Written in place and returned; allocated when omitted.
+
+    Returns
+    -------
+    tensor ``[B, q, Hq, D]``, dtype of `queries`
+        A query that sees no slot gets zeros.
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
+    ragged = offsets is not None or lengths is not None
+    if ragged:
+        _shape(key_codes, "key_codes", 2, "[N, Db]")
+        _shape(value_codes, "value_codes", 2, "[N, Db]")
+    else:
+        _shape(key_codes, "key_codes", 4, "[B, Hkv, n, Db]")
+        _shape(value_codes, "value_codes", 4, "[B, Hkv, n, Db]")
+    scaling = _scaling(scaling, qs[3])
+    if out is None:
+        shape = (qs[0], qs[2], qs[1], qs[3])
+        if _is_torch(queries):
+            import torch
+
+            out = torch.empty(shape, dtype=queries.dtype, device=queries.device)
+        elif isinstance(queries, np.ndarray):
+            out = np.empty(shape, dtype=queries.dtype)
+        else:
+            dtype = _C._describe(queries)[1]
+            if dtype not in ("float32", "float16"):
+                raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
+            out = np.empty(shape, dtype=_NP_DTYPES[dtype])
+    _C.packed_attention(
+        *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
+                                residual_keys, residual_values)),
+        out, _py_int(bits), _py_int(group), scaling,
+        _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
+        _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
+    )
+    return out
+
+
 def probe_positions(T: int, probe: float) -> np.ndarray:
     """Query positions used by ``global_scores(..., probe=probe)``.
 
@@ -652,3 +747,219 @@ def head_budgets(scores, budget, *, alpha=0.2, floor=0, kv_start=None, mode="ada
         return out
     _C.head_budgets(_prepare(scores), out, int(budget), float(alpha), int(floor), _as_int64(kv_start, "kv_start", scores))
     return out
+
+
+# ---------------------------------------------------------------- packed KV (docs/packed.md)
+
+
+class Packed(NamedTuple):
+    """Outputs of :func:`pack_keys` / :func:`pack_values` (``Db`` =
+    :func:`packed_row_bytes` ``(D, bits)``)."""
+
+    codes: object  #: uint8 ``[B, H, n, Db]``: the codes of token ``j`` in row ``j``
+    mins: object  #: float32: keys ``[B, H, ceil(n/G), D]``, values ``[B, H, n, ceil(D/G)]``
+    scales: object  #: float32, shape of `mins`: ``(max - min) / (2**bits - 1)``, 0 for a constant group
+
+
+def _int_arg(x, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise KVCompressTypeError(f"{name}: expected an int, got {type(x).__name__}")
+    return int(x)
+
+
+def _bits(bits) -> int:
+    bits = _int_arg(bits, "bits")
+    if bits not in (2, 4, 8):
+        raise KVCompressValueError(f"bits: expected 2, 4 or 8, got {bits}")
+    return bits
+
+
+def _group(group) -> int:
+    group = _int_arg(group, "group")
+    if group < 1:
+        raise KVCompressValueError(f"group: must be >= 1, got {group}")
+    return group
+
+
+def packed_row_bytes(D: int, bits: int) -> int:
+    """Bytes of one packed row of ``D`` codes: ``ceil(D * bits / 8)``.
+
+    Code ``c`` of a row sits in byte ``c // (8 // bits)``, bits
+    ``(c % (8 // bits)) * bits`` upwards (the first code in the low bits);
+    the unused high bits of the last byte are 0.
+    """
+    D = _int_arg(D, "D")
+    if D < 0:
+        raise KVCompressValueError(f"D: must be >= 0, got {D}")
+    return (D * _bits(bits) + 7) // 8
+
+
+def _float_dtype(dtype) -> str:
+    """A float dtype given as a string, torch dtype or NumPy dtype -> its name."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif type(dtype).__module__ == "torch":
+        name = str(dtype).removeprefix("torch.")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = repr(dtype)
+    if name not in ("float32", "float16", "bfloat16"):
+        raise KVCompressValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype!r}")
+    return name
+
+
+def _pack(x, name: str, values: bool, bits, group, codes, mins, scales) -> Packed:
+    B, H, n, D = _shape(x, name, 4, "[B, H, n, D]")
+    bits, group = _bits(bits), _group(group)
+    groups = (B, H, n, -(-D // group)) if values else (B, H, -(-n // group), D)
+    if codes is None:
+        codes = _empty(x, (B, H, n, packed_row_bytes(D, bits)), "uint8")
+    if mins is None:
+        mins = _empty(x, groups, "float32")
+    if scales is None:
+        scales = _empty(x, groups, "float32")
+    _C.pack(_prepare(x), codes, mins, scales, values, bits, group)
+    return Packed(codes, mins, scales)
+
+
+def pack_keys(keys, bits, group, *, codes=None, mins=None, scales=None) -> Packed:
+    """Quantize keys per channel over groups of ``G`` tokens (KIVI).
+
+    For each head, token group ``t`` (tokens ``t*G .. min(n, (t+1)*G) - 1``;
+    the last one may be short) and channel ``c``: ``min`` and ``max`` of the
+    group, ``scale = (max - min) / (2**bits - 1)`` and, per token ``j``,
+    ``code = rint((x - min) / scale)`` clamped to ``[0, 2**bits - 1]``, all
+    in float32 with ties to even (the same bits on the CPU and on CUDA). A
+    group whose max equals its min gets ``scale = 0`` and codes 0, and so
+    round-trips exactly; otherwise :func:`unpack_keys` is within
+    ``scale / 2`` (plus float32 rounding) of every input element.
+
+    Parameters
+    ----------
+    keys : tensor ``[B, H, n, D]`` (float32, float16 or bfloat16), any strides
+        Every element must be finite, of magnitude at most ``FLT_MAX / 2``
+        (about 1.7e38, so that a group's ``max - min`` stays finite): NaN,
+        +-Inf or a larger value raises :class:`KVCompressValueError` naming
+        the first such element (row-major), and nothing is written.
+    bits : {2, 4, 8}
+    group : int >= 1
+        ``G``, tokens per group (``G > n`` makes one short group).
+    codes : uint8 tensor ``[B, H, n, Db]``, optional
+        ``Db =`` :func:`packed_row_bytes` ``(D, bits)``.
+    mins, scales : float32 tensors ``[B, H, ceil(n/G), D]``, optional
+        Outputs may be strided views (slices of a larger store): only their
+        elements are written. They must be writable and overlap nothing.
+        Each one omitted is allocated with the framework and device of `keys`.
+
+    Returns
+    -------
+    Packed
+        ``(codes, mins, scales)``.
+    """
+    return _pack(keys, "keys", False, bits, group, codes, mins, scales)
+
+
+def pack_values(values, bits, group, *, codes=None, mins=None, scales=None) -> Packed:
+    """Quantize values per token over groups of ``G`` channels (KIVI).
+
+    As :func:`pack_keys`, but a group is channels ``u*G .. min(D, (u+1)*G) - 1``
+    of one token (the last one may be short).
+
+    Parameters
+    ----------
+    values : tensor ``[B, H, n, D]`` (float32, float16 or bfloat16), any strides
+        Every element must be finite, of magnitude at most ``FLT_MAX / 2``
+        (else it raises, naming the element, and nothing is written).
+    bits : {2, 4, 8}
+    group : int >= 1
+        ``G``, channels per group.
+    codes : uint8 tensor ``[B, H, n, Db]``, optional
+        ``Db =`` :func:`packed_row_bytes` ``(D, bits)``.
+    mins, scales : float32 tensors ``[B, H, n, ceil(D/G)]``, optional
+        Writable, possibly strided outputs; allocated when omitted.
+
+    Returns
+    -------
+    Packed
+        ``(codes, mins, scales)``.
+    """
+    return _pack(values, "values", True, bits, group, codes, mins, scales)
+
+
+def _unpack(codes, mins, scales, values: bool, bits, group, D, out, dtype):
+    B, H, n, Db = _shape(codes, "codes", 4, "[B, H, n, Db]")
+    bits, group = _bits(bits), _group(group)
+    if out is None:
+        name = _float_dtype(dtype)
+        if name == "bfloat16" and not _is_torch(codes):
+            raise KVCompressTypeError("dtype: bfloat16 outputs need torch tensors (NumPy has no bfloat16); pass out")
+        if D is None:
+            D = Db * 8 // bits if values else _shape(mins, "mins", 4, "[B, H, ceil(n/G), D]")[3]
+        else:
+            D = _int_arg(D, "head_dim")
+            if D < 0 or (D * bits + 7) // 8 != Db:
+                raise KVCompressValueError(
+                    f"head_dim: {D} does not match codes: a row of D codes takes ceil(D * {bits} / 8) bytes, "
+                    f"codes have {Db}"
+                )
+        out = _empty(codes, (B, H, n, D), name)
+    _C.unpack(_prepare(codes), _prepare(mins), _prepare(scales), out, values, bits, group)
+    return out
+
+
+def unpack_keys(codes, mins, scales, bits, group, *, out=None, dtype="float32"):
+    """Dequantize packed keys: ``x = min + scale * code`` (see :func:`pack_keys`).
+
+    The product and sum are computed exactly enough (double, one rounding to
+    float32, then to the output dtype) that the result has the same bits on
+    every CPU and on CUDA.
+
+    Parameters
+    ----------
+    codes : uint8 tensor ``[B, H, n, Db]``
+    mins, scales : float32 tensors ``[B, H, ceil(n/G), D]``
+    bits : {2, 4, 8}
+    group : int >= 1
+        ``G``, tokens per group, as packed.
+    out : tensor ``[B, H, n, D]`` (float32, float16 or bfloat16), optional
+        Writable, possibly strided; allocated when omitted.
+    dtype : {"float32", "float16", "bfloat16"} or a torch/NumPy dtype
+        Dtype of an allocated `out` (bfloat16 needs torch tensors).
+
+    Returns
+    -------
+    tensor ``[B, H, n, D]``
+        `out`, in the framework and device of `codes` when allocated.
+    """
+    return _unpack(codes, mins, scales, False, bits, group, None, out, dtype)
+
+
+def unpack_values(codes, mins, scales, bits, group, *, head_dim=None, out=None, dtype="float32"):
+    """Dequantize packed values: ``x = min + scale * code`` (see :func:`pack_values`).
+
+    Parameters
+    ----------
+    codes : uint8 tensor ``[B, H, n, Db]``
+    mins, scales : float32 tensors ``[B, H, n, ceil(D/G)]``
+    bits : {2, 4, 8}
+    group : int >= 1
+        ``G``, channels per group, as packed.
+    head_dim : int, optional
+        ``D``, when `out` is omitted: ``Db`` bytes hold any ``D`` with
+        ``ceil(D * bits / 8) = Db``; default ``Db * 8 // bits`` (give it when
+        ``D`` is not a multiple of ``8 // bits``).
+    out : tensor ``[B, H, n, D]`` (float32, float16 or bfloat16), optional
+        Writable, possibly strided; allocated when omitted.
+    dtype : {"float32", "float16", "bfloat16"} or a torch/NumPy dtype
+        Dtype of an allocated `out` (bfloat16 needs torch tensors).
+
+    Returns
+    -------
+    tensor ``[B, H, n, D]``
+        `out`, in the framework and device of `codes` when allocated.
+    """
+    if out is not None and head_dim is not None:
+        raise KVCompressValueError("head_dim: give head_dim or out, not both (out's last dim is D)")
+    return _unpack(codes, mins, scales, True, bits, group, head_dim, out, dtype)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 
 from . import ruler
 from .intervals import bootstrap, wilson
-from .methods import method_from_spec
+from .methods import REGISTRY, method_from_spec, parse_method_spec
 
 SCHEMA = "kvcompress.suite/1"
 QUICK_TASKS = ("niah_single", "niah_multikey", "qa", "multiturn")
@@ -112,6 +112,9 @@ def _kvpress(name: str, ratio: float, prompt_tokens: int):
 def _rows(config: SuiteConfig):
     yield "full", None
     for m in config.methods:
+        if not m.lower().startswith("kvpress:") and not REGISTRY[parse_method_spec(m)[0]].evicts:
+            yield m, None  # keeps every token (KIVI): one row
+            continue
         for r in config.ratios:
             yield m, r
 
@@ -346,7 +349,10 @@ def plot(results: dict, path) -> str | None:
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     ax.axhspan(full["low"], full["high"], color="black", alpha=0.08)
     ax.axhline(full["score"], color="black", linestyle="--", linewidth=1, label="full cache")
-    for name in dict.fromkeys(r["method"] for r in rows[1:]):
+    for r in rows[1:]:
+        if r["ratio"] is None:  # a method that keeps every token: a level, not a curve
+            ax.axhline(r["suite"]["score"], linestyle=":", linewidth=1, label=r["method"], color="C7")
+    for name in dict.fromkeys(r["method"] for r in rows[1:] if r["ratio"] is not None):
         pts = sorted((r["ratio"], r["suite"]) for r in rows if r["method"] == name)
         xs = [p[0] for p in pts]
         ys = [p[1]["score"] for p in pts]

@@ -17,7 +17,7 @@ Every prompt (200 tokens, batch of 2, left padded: one row has 120 real
 tokens) is longer than the sliding window (64), so a cache that ignores the
 window attends to tokens transformers masks out.
 
-For each family and each method in ``kvcompress.methods.REGISTRY``:
+For each family and each evicting method (``kvcompress.methods.EVICTING``):
 
 1. ``budget >= prompt`` reproduces plain greedy ``model.generate()`` token for
    token, and its logits at every step;
@@ -41,7 +41,7 @@ from transformers import DynamicCache
 
 import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
-from kvcompress.methods import REGISTRY
+from kvcompress.methods import EVICTING, REGISTRY
 
 WINDOW = 64
 PROMPT = 200
@@ -106,7 +106,7 @@ FAMILIES = {
 #: the heaviest families (MoE / eager-only references) run their all-method sweep in the slow set
 SLOW_FAMILIES: set[str] = set()
 
-METHODS = sorted(REGISTRY)
+METHODS = sorted(EVICTING)
 COMPRESSED = {
     "snapkv": lambda: kvc.SnapKV(budget=32),
     # above the window, below the prompt: a sliding layer still needs no more than its window

@@ -2,7 +2,7 @@
 backends, compared under a per-op bound.
 
 Integer outputs (indices, budgets, classes, counts) must be equal, bit-copy
-ops (gather, max pooling) bit-identical. Float outputs must stay within
+ops (gather, max pooling) and the exactly rounded pack/unpack bit-identical. Float outputs must stay within
 twice the error torch itself makes in the input dtype, measured against a
 float64 reference (the same bound the CPU tests use), and never NaN.
 
@@ -24,9 +24,11 @@ from kvcompress import _C
 from reference import pool1d_ref, vector_norm_ref, window_scores_ref
 from test_attention import attention_ref, ragged_layout
 from test_attention import randn as attn_randn
+from test_attention_packed import pack_ragged, packed_ref, uniform_case
 from test_budget import head_budgets_ref
 from test_merge import AMBIG, check_against_reference, evict_merge_ref, make_inputs, mixed_tau
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
+from test_quant import PACK, UNPACK, ref_pack
 from test_score_global import global_scores_ref
 
 
@@ -287,6 +289,118 @@ def test_attention_strided_cache():
     qs = attn_randn((1, 32, 1, 128), torch.float16, 3)
     cpu_out, got = both(ops.attention, qs, k, v)
     assert_within_bound(got, attention_ref(qs, k, v), attention_ref(qs, k, v, dtype=torch.float16))
+
+
+# ---------------------------------------------------------------- packed KV
+
+PACK_SHAPES = [  # B, H, n, D, G
+    (1, 1, 1, 1, 1),
+    (2, 3, 13, 7, 4),
+    (1, 2, 70, 130, 32),
+    (2, 8, 600, 128, 128),
+    (1, 2, 5, 64, 1),
+]
+
+
+@pytest.mark.parametrize("shape", PACK_SHAPES, ids=lambda s: "B{}H{}n{}D{}G{}".format(*s))
+@pytest.mark.parametrize("kind", ["keys", "values"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pack_unpack(shape, kind, bits, dtype):
+    B, H, n, D, G = shape
+    x = make((B, H, n, D), dtype, layout="transposed", seed=bits) * 3
+    cpu_res, got = both(PACK[kind], x, bits, G)
+    for a, b in zip(cpu_res, got):
+        assert same_bits(a, b)
+    assert same_bits(got.codes, torch.from_numpy(ref_pack(x, bits, G, kind)[0]))
+    kw = {"head_dim": D} if kind == "values" else {}
+    for out_dtype in DTYPES:
+        back_cpu, back = both(UNPACK[kind], *cpu_res, bits, G, dtype=out_dtype, **kw)
+        assert same_bits(back, back_cpu)
+
+
+@pytest.mark.parametrize("kind", ["keys", "values"])
+def test_pack_strided_outputs(kind):
+    """Slices of larger device buffers: written where they are, nowhere else."""
+    B, H, n, D, G, bits = 2, 3, 21, 40, 8, 4
+    x = make((B, H, n, D), torch.bfloat16, seed=11)
+    want = PACK[kind](x, bits, G)
+    codes_buf = torch.full((B, H, n + 5, 2 * want.codes.shape[3]), 0xAB, dtype=torch.uint8, device=DEV)
+    g = want.mins.shape
+    mins_buf = torch.full((B, H, g[2] + 3, g[3] + 2), -7.0, device=DEV)
+    scales_buf = torch.full((B, H + 2, g[2], g[3]), -9.0, device=DEV)
+    codes, mins, scales = codes_buf[:, :, 2:2 + n, ::2], mins_buf[:, :, 1:1 + g[2], 2:], scales_buf[:, 1:1 + H]
+    PACK[kind](cuda(x), bits, G, codes=codes, mins=mins, scales=scales)
+    assert torch.equal(codes.cpu(), want.codes) and torch.equal(mins.cpu(), want.mins)
+    assert torch.equal(scales.cpu(), want.scales)
+    assert (codes_buf[:, :, :2] == 0xAB).all() and (codes_buf[:, :, 2 + n:] == 0xAB).all()
+    assert (codes_buf[..., 1::2] == 0xAB).all() and (mins_buf[:, :, 0] == -7).all()
+    assert (mins_buf[..., :2] == -7).all() and (scales_buf[:, 0] == -9).all() and (scales_buf[:, 1 + H:] == -9).all()
+    out_buf = torch.full((B, H, n, 2 * D), 5.0, dtype=torch.float16, device=DEV)
+    UNPACK[kind](codes, mins, scales, bits, G, out=out_buf[..., 1::2])
+    kw = {"head_dim": D} if kind == "values" else {}
+    assert same_bits(out_buf[..., 1::2].cpu(), UNPACK[kind](*want, bits, G, dtype=torch.float16, **kw))
+    assert (out_buf[..., ::2] == 5).all()
+
+
+@pytest.mark.parametrize("kind", ["keys", "values"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pack_nonfinite_refused(kind, dtype):
+    x = make((2, 3, 50, 16), dtype, seed=12).to(DEV)
+    x[1, 2, 40, 3] = float("inf")
+    x[1, 1, 9, 15] = float("nan")
+    codes = torch.full((2, 3, 50, 8), 0x5A, dtype=torch.uint8, device=DEV)
+    g = (2, 3, 7, 16) if kind == "keys" else (2, 3, 50, 2)
+    mins, scales = torch.full(g, 3.0, device=DEV), torch.full(g, 4.0, device=DEV)
+    with pytest.raises(KVCompressValueError, match=rf"^{kind}: element \[1, 1, 9, 15\] is nan; .*nothing was written"):
+        PACK[kind](x, 4, 8, codes=codes, mins=mins, scales=scales)
+    torch.cuda.synchronize()
+    assert (codes == 0x5A).all() and (mins == 3).all() and (scales == 4).all()
+
+
+# ---------------------------------------------------------------- packed attention
+
+PACKED_UNIFORM = [  # B, Hq, Hkv, q, n, r, D, G
+    (1, 4, 4, 1, 64, 1, 64, 32),
+    (2, 8, 2, 1, 700, 5, 128, 32),
+    (2, 6, 2, 4, 37, 9, 40, 16),
+    (1, 6, 3, 3, 50, 3, 24, 7),
+    (2, 4, 2, 40, 90, 45, 33, 32),
+    (1, 32, 8, 1, 5000, 32, 128, 64),
+    (1, 4, 1, 1, 3000, 2, 256, 128),
+]
+
+
+@pytest.mark.parametrize("shape", PACKED_UNIFORM, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_attention_uniform(shape, bits, dtype):
+    B, Hq, Hkv, q, n, r, D, G = shape
+    qs, pk, rk, rv = uniform_case(*shape, bits, dtype)
+    counts = torch.randint(1, 5, (B, Hkv, n), generator=torch.Generator().manual_seed(4)).to(torch.float32)
+    kv_start = torch.tensor([min(b * 7, n + r - 1) for b in range(B)], dtype=torch.int64)
+    for ks, c in ((None, None), (kv_start, None), (kv_start, counts)):
+        _, got = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=bits, group=G, kv_start=ks, counts=c)
+        ref = packed_ref(qs, pk, rk, rv, kv_start=ks, counts=c)
+        same = packed_ref(qs, pk, rk, rv, kv_start=ks, counts=c, dtype=dtype)
+        assert_within_bound(got, ref, same)
+
+
+@pytest.mark.parametrize("nq", [1, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_attention_ragged(nq, bits, dtype):
+    B, Hkv, g, D, G, r = 2, 3, 4, 64, 32, nq + 2
+    pk = pack_ragged([0, 5, 300, 4100, 64, 9], D, bits, G)
+    qs = attn_randn((B, Hkv * g, nq, D), dtype, 5)
+    rk, rv = attn_randn((B, Hkv, r, D), dtype, 6), attn_randn((B, Hkv, r, D), dtype, 7)
+    counts = torch.randint(1, 4, (pk.N,), generator=torch.Generator().manual_seed(6)).to(torch.float32)
+    for c in (None, counts):
+        _, got = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=bits, group=G, offsets=pk.offsets,
+                      lengths=pk.lengths, counts=c)
+        ref = packed_ref(qs, pk, rk, rv, counts=c)
+        same = packed_ref(qs, pk, rk, rv, counts=c, dtype=dtype)
+        assert_within_bound(got, ref, same)
 
 
 # ---------------------------------------------------------------- boundary

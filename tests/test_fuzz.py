@@ -241,11 +241,61 @@ def _child(target: str, seed: int, n_calls: int) -> int:
                 kw["counts"] = torch.randint(1, 4, (pos,)).to(torch.float32)
         return [queries, fw(keys), fw(values)], kw
 
+    def b_packed_attention():
+        B, Hkv, g, q, D = dim(), dim(1), rng.choice([1, 2]), dim(), dim(1)
+        bits, G = rng.choice([2, 4, 8]), rng.choice([1, 3, 16])
+        dt = rng.choice(FLOATS)
+        Db, U, r = -(-D * bits // 8), -(-D // G), q + rng.randint(0, 2)
+        kw = {"bits": bits, "group": G, "scaling": rng.choice([None, 0.3])}
+
+        def codes(shape):
+            return fw(torch.randint(0, 256, shape, dtype=torch.uint8))
+
+        def f32(shape):
+            return fw(torch.rand(shape) + 0.5)
+
+        if rng.random() < 0.5:
+            n = dim()
+            T = -(-n // G)
+            packed = [codes([B, Hkv, n, Db]), f32([B, Hkv, T, D]), f32([B, Hkv, T, D]), codes([B, Hkv, n, Db]),
+                      f32([B, Hkv, n, U]), f32([B, Hkv, n, U])]
+            kw["kv_start"] = kv_start(B, n + r)
+            if rng.random() < 0.3:
+                kw["counts"] = torch.randint(1, 4, (B, Hkv, n)).to(torch.float32)
+        else:
+            lens = [rng.choice([0, 1, G + 1]) for _ in range(B * Hkv)]
+            offs, pos = [], 0
+            for ln in lens:
+                offs.append(pos)
+                pos += -(-ln // G) * G + rng.choice([0, G])
+            T = -(-pos // G)
+            packed = [codes([pos, Db]), f32([T, D]), f32([T, D]), codes([pos, Db]), f32([pos, U]), f32([pos, U])]
+            kw["offsets"], kw["lengths"] = torch.tensor(offs), torch.tensor(lens)
+            if rng.random() < 0.3:
+                kw["counts"] = torch.randint(1, 4, (pos,)).to(torch.float32)
+        return [fw(fl([B, Hkv * g, q, D], dt)), *packed, fw(fl([B, Hkv, r, D], dt)), fw(fl([B, Hkv, r, D], dt))], kw
+
     def b_head_budgets():
         B, H, T = dim(), dim(), dim()
         return [fw(fl([B, H, T], torch.float32)), rng.randint(0, T + 1)], \
             {"alpha": rng.choice([0.0, 0.2, 1.0]), "floor": rng.randint(0, 2), "kv_start": kv_start(B, T),
              "mode": rng.choice(["adaptive", "adaptive", "uniform"])}
+
+    def b_pack():
+        B, H, n, D = dim(), dim(), dim(), dim()
+        return [fw(fl([B, H, n, D], rng.choice(FLOATS))), rng.choice([2, 4, 8]), rng.choice([1, 2, 3, 32])], {}
+
+    def b_unpack(values):
+        B, H, n, D = dim(), dim(), dim(), dim()
+        bits, G = rng.choice([2, 4, 8]), rng.choice([1, 2, 3, 32])
+        p = (ops.pack_values if values else ops.pack_keys)(fl([B, H, n, D], torch.float32), bits, G)
+        dt = rng.choice(FLOATS)
+        kw = {"dtype": rng.choice(["float32", "float16", "bfloat16", dt])}
+        if values and rng.random() < 0.5:
+            kw["head_dim"] = D
+        if rng.random() < 0.3:
+            kw = {"out": torch.empty(B, H, n, D, dtype=dt)}
+        return [fw(p.codes), fw(p.mins), fw(p.scales), bits, G], kw
 
     def b_probe_positions():
         return [rng.randint(0, 50), rng.choice([0.1, 0.5, 1.0])], {}
@@ -264,8 +314,14 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "gather": b_gather,
         "evict_merge": b_evict_merge,
         "attention": b_attention,
+        "packed_attention": b_packed_attention,
         "head_budgets": b_head_budgets,
         "probe_positions": b_probe_positions,
+        "pack_keys": b_pack,
+        "pack_values": b_pack,
+        "unpack_keys": lambda: b_unpack(False),
+        "unpack_values": lambda: b_unpack(True),
+        "packed_row_bytes": lambda: ([dim(), rng.choice([2, 4, 8])], {}),
         "set_num_threads": lambda: ([rng.choice([1, 2])], {}),
         "_cast": b_cast,
         "_describe": lambda: ([fw(fl([dim()] * rng.randint(0, 4), rng.choice(FLOATS)))], {}),
@@ -427,16 +483,20 @@ def _child(target: str, seed: int, n_calls: int) -> int:
                 return call
             return attr
 
+    # _C functions that ops reaches under other names
+    C_VIA = {"pack": ("pack_keys", "pack_values"), "unpack": ("unpack_keys", "unpack_values")}
+
     def valid_c_args(name):
         if name in ("_cast", "_describe", "_use_exchange_api", "set_num_threads"):
             return BUILDERS[name]()[0]
-        if name not in BUILDERS:
+        via = rng.choice(C_VIA[name]) if name in C_VIA else name
+        if via not in BUILDERS:
             return []
         rec = Recorder(_C)
         ops._C = rec
         try:
-            a, k = BUILDERS[name]()
-            getattr(ops, name)(*a, **k)
+            a, k = BUILDERS[via]()
+            getattr(ops, via)(*a, **k)
         except (TypeError, ValueError):
             pass
         finally:

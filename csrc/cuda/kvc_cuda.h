@@ -11,8 +11,8 @@
  *   - ignore p->num_threads;
  *   - return KVC_ERR_CUDA when a launch fails, KVC_ERR_UNSUPPORTED for a
  *     shape the kernels do not cover, KVC_ERR_NOMEM for short scratch;
- *   - do not synchronise, except select_topk and head_budgets, which must
- *     report KVC_ERR_NAN and so wait for a flag on their stream.
+ *   - do not synchronise, except select_topk, head_budgets and pack, which
+ *     must report KVC_ERR_NAN and so wait for a flag on their stream.
  * The caller has made the tensors' device current (kvc_cuda_set_device).
  *
  * Plain C declarations only, so the module files (gcc) include this header
@@ -24,10 +24,12 @@
 #include <stddef.h>
 
 #include "../attention.h"
+#include "../attention_packed.h"
 #include "../budget.h"
 #include "../compact.h"
 #include "../kvc.h"
 #include "../merge.h"
+#include "../quant.h"
 #include "../score.h"
 #include "../score_global.h"
 #include "../select.h"
@@ -74,6 +76,15 @@ enum kvc_status kvc_cuda_evict_merge(const struct kvc_evict_merge_params *p, voi
 
 size_t kvc_cuda_attention_workspace(const struct kvc_attention_params *p);
 enum kvc_status kvc_cuda_attention(const struct kvc_attention_params *p, void *stream);
+
+/* pack scans for NaN/Inf and reads the result back (a synchronisation)
+ * before it writes anything, so that it can report KVC_ERR_NAN. */
+size_t kvc_cuda_pack_workspace(const struct kvc_pack_params *p);
+enum kvc_status kvc_cuda_pack(const struct kvc_pack_params *p, void *stream);
+enum kvc_status kvc_cuda_unpack(const struct kvc_unpack_params *p, void *stream);
+
+size_t kvc_cuda_packed_attention_workspace(const struct kvc_packed_attention_params *p);
+enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_params *p, void *stream);
 
 #ifdef __cplusplus
 }

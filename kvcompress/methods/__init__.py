@@ -5,13 +5,18 @@ import dataclasses
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
+from .quant import KIVI
 from .simple import Knorm, StreamingLLM
 from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
-    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP)
+    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI)
 }
+
+
+#: Names of the methods that evict or merge (they take a budget or ratio).
+EVICTING: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.evicts)
 
 
 def method_from_name(name: str, *, budget: int | None = None, ratio: float | None = None, **options) -> Method:
@@ -62,8 +67,14 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
 
 
 def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | None = None) -> Method:
-    """Build a method from a command-line spec such as ``"ems:tau=inf"``."""
+    """Build a method from a command-line spec such as ``"ems:tau=inf"``.
+
+    A method that keeps every token (``KIVI``) ignores ``budget`` and
+    ``ratio``, so one grid of settings can list it beside evicting methods.
+    """
     name, options = parse_method_spec(spec)
+    if not REGISTRY[name].evicts:
+        budget = ratio = None
     try:
         return method_from_name(name, budget=budget, ratio=ratio, **options)
     except (TypeError, ValueError) as e:
@@ -71,7 +82,7 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
 
 
 __all__ = [
-    "Method", "DecodeMethod", "LayerView", "REGISTRY", "method_from_name", "method_from_spec",
+    "Method", "DecodeMethod", "LayerView", "REGISTRY", "EVICTING", "method_from_name", "method_from_spec",
     "parse_method_spec",
-    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP",
+    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI",
 ]

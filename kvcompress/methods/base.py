@@ -107,6 +107,12 @@ class Method:
     headwise: ClassVar[bool] = False
     #: ``True`` when the method merges evicted tokens (``compact``/``recompact``)
     merges: ClassVar[bool] = False
+    #: ``False`` for methods that keep every token (quantizers): they take no
+    #: budget or ratio and the evaluation runs them once, not per setting
+    evicts: ClassVar[bool] = True
+    #: ``(bits, group, residual)`` when layers keep their slots packed
+    #: (``kvcompress.stores.PackedStore``), else None
+    packing: ClassVar[tuple[int, int, int] | None] = None
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):

@@ -1,12 +1,14 @@
 """Layer stores: how one cache layer holds its slots and attends over them.
 
-``UniformStore`` (``[B, H, n, D]``, equal counts per head) and ``RaggedStore``
-(``[Σ n_h, D]`` per-head segments) implement :class:`LayerStore`. See
+``UniformStore`` (``[B, H, n, D]``, equal counts per head), ``RaggedStore``
+(``[Σ n_h, D]`` per-head segments) and ``PackedStore`` (KIVI-style packed
+bits plus a full-precision residual) implement :class:`LayerStore`. See
 ``docs/design.md`` for the protocol and how to add a store.
 """
 
 from .base import AttentionSpec, LayerStore
+from .packed import PackedStore
 from .ragged import RaggedStore
 from .uniform import UniformStore
 
-__all__ = ["AttentionSpec", "LayerStore", "RaggedStore", "UniformStore"]
+__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "RaggedStore", "UniformStore"]

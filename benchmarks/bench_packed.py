@@ -1,0 +1,137 @@
+"""Decode attention over a KIVI-packed layer against full-precision attention.
+
+One decode step (q = 1) of ``ops.packed_attention`` (2, 4 and 8 bits, group
+32, a 128-slot full-precision residual) and of ``ops.attention`` over the
+same number of slots in float32 and bfloat16, for SmolLM2-135M's attention
+shape (Hq=9, Hkv=3, D=64) and a Llama-3-8B-like one (Hq=32, Hkv=8, D=128),
+n = 4K .. 64K slots. All variants of a case run interleaved rep by rep, so
+background load hits them alike; the table gives medians, the speed-up of
+each packed width over fp32 and bf16 attention, and the packed kernel's
+bandwidth on the bytes it reads (codes + mins/scales + residual) next to a
+256 MiB NumPy copy measured in the same run (read + write bytes / time).
+
+    python benchmarks/bench_packed.py
+    python benchmarks/bench_packed.py --quick --no-write
+
+Writes benchmarks/results/bench_packed.json and appends a section to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from kvcompress import ops
+
+from _common import command_line, machine, machine_line, memcpy_bandwidth, now, write_results  # noqa: E402
+
+SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+GROUP, RESIDUAL = 32, 128
+
+
+def time_many(fns: dict, min_time: float, min_reps: int = 5, max_reps: int = 200) -> tuple[dict, int]:
+    """Median seconds of each callable, run one after the other in every rep."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < min_time):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+        reps += 1
+    return {k: statistics.median(v) for k, v in times.items()}, reps
+
+
+def case(shape: str, n: int, g: torch.Generator):
+    Hq, Hkv, D = SHAPES[shape]
+    q = torch.randn(1, Hq, 1, D, generator=g)
+    k = torch.randn(1, Hkv, n, D, generator=g)
+    v = torch.randn(1, Hkv, n, D, generator=g)
+    m = n - RESIDUAL
+    fns, read = {}, {}
+    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+        fns[name] = lambda qd=qd, kd=kd, vd=vd: ops.attention(qd, kd, vd)
+        read[name] = 2 * kd.numel() * kd.element_size()
+    for bits in (2, 4, 8):
+        pk = ops.pack_keys(k[:, :, :m], bits, GROUP)
+        pv = ops.pack_values(v[:, :, :m], bits, GROUP)
+        rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
+        args = (q, *pk, *pv, rk, rv)
+        fns[f"{bits}-bit"] = lambda args=args, bits=bits: ops.packed_attention(*args, bits=bits, group=GROUP)
+        read[f"{bits}-bit"] = sum(t.numel() * t.element_size() for t in (*pk, *pv, rk, rv))
+        # the packed kernel computes what it should (against fp32 over the dequantized slots)
+        kd = torch.cat([ops.unpack_keys(*pk, bits, GROUP), rk], 2)
+        vd = torch.cat([ops.unpack_values(*pv, bits, GROUP, head_dim=D), rv], 2)
+        err = (fns[f"{bits}-bit"]() - ops.attention(q, kd, vd)).abs().max().item()
+        assert err < 1e-4, (shape, n, bits, err)
+    return fns, read
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per case (at least 5 reps)")
+    ap.add_argument("--quick", action="store_true", help="n = 4K and 16K only, for a smoke run")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    threads = sorted({int(x) for x in args.threads.split(",")})
+    lengths = [4096, 16384] if args.quick else [4096, 16384, 65536]
+    info = machine()
+    bw = memcpy_bandwidth()
+    print(f"memcpy {bw / 1e9:.2f} GB/s (read + write)", flush=True)
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for shape in SHAPES:
+        for n in lengths:
+            fns, read = case(shape, n, g)
+            for nt in threads:
+                torch.set_num_threads(nt)
+                ops.set_num_threads(nt)
+                t, reps = time_many(fns, args.min_time)
+                for bits in (2, 4, 8):
+                    key = f"{bits}-bit"
+                    rec = dict(shape=shape, n=n, threads=nt, bits=bits, reps=reps, packed_us=t[key] * 1e6,
+                               fp32_us=t["fp32"] * 1e6, bf16_us=t["bf16"] * 1e6, vs_fp32=t["fp32"] / t[key],
+                               vs_bf16=t["bf16"] / t[key], bytes_read=read[key],
+                               GBps=read[key] / t[key] / 1e9, copy_share=read[key] / t[key] / bw)
+                    records.append(rec)
+                    print(f"{shape} n={n} {nt}t {bits}-bit {rec['packed_us']:8.1f} us  fp32 {rec['fp32_us']:8.1f}  "
+                          f"bf16 {rec['bf16_us']:8.1f}  x{rec['vs_fp32']:.2f} / x{rec['vs_bf16']:.2f}  "
+                          f"{rec['GBps']:.2f} GB/s ({100 * rec['copy_share']:.0f}% of copy)", flush=True)
+    command = command_line(__file__, argv)
+    result = dict(command=command, date=now(), machine=info, group=GROUP, residual=RESIDUAL,
+                  memcpy_GBps=bw / 1e9, records=records)
+    if args.no_write:
+        return result
+    lines = [
+        f"## bench_packed ({result['date']})",
+        "",
+        f"Command: `{command}`",
+        "",
+        machine_line(info),
+        f"Reference bandwidth: 256 MiB NumPy copy = {bw / 1e9:.2f} GB/s (read + write).",
+        f"Decode step (q = 1), B=1; packed: group {GROUP}, the last {RESIDUAL} slots in fp32; fp32 / bf16: "
+        "ops.attention over the same n slots. Medians of interleaved reps; x = fp32 (or bf16) time / packed "
+        "time; GB/s = bytes the packed kernel reads (codes, mins, scales, residual) / time.",
+        "",
+        "| shape | n | threads | bits | packed us | fp32 us | bf16 us | vs fp32 | vs bf16 | GB/s | % of copy |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        lines.append(f"| {r['shape']} | {r['n']} | {r['threads']} | {r['bits']} | {r['packed_us']:.1f} | "
+                     f"{r['fp32_us']:.1f} | {r['bf16_us']:.1f} | {r['vs_fp32']:.2f} | {r['vs_bf16']:.2f} | "
+                     f"{r['GBps']:.2f} | {100 * r['copy_share']:.0f}% |")
+    write_results("bench_packed", result, lines)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,896 @@
+/*
+ * attention_packed.c - decode/chunk attention over a KIVI-packed layer plus
+ * a full-precision residual window (CPU; docs/packed.md).
+ *
+ * Work units as in attention.c: one kv head (b, hk), one tile of up to
+ * PA_QT queries with all g query heads of the GQA group (each packed row is
+ * read and unpacked once for the group), one block of slots of the head's
+ * logical sequence (packed slots, then residual slots). Short chunks
+ * (decode) cut the sequence into PA_SB-slot blocks at fixed positions
+ * (split-K), combined by log-sum-exp in block order: bit-identical for any
+ * thread count.
+ *
+ * No dequantized row is ever formed. A tile of AT_TK slots has its codes
+ * unpacked to fp32 (shifts and masks, no tables), centred on the middle of
+ * their range (kvc_pk_centred: min + scale * code = centre + scale * (code
+ * - mid)); then
+ *   keys:   per (query row, token group t) the row q * key_scales[t] and the
+ *           bias scaling * q . centre_t are computed once, and the logit of
+ *           slot j is scaling * (q * scale_t) . (code_j - mid) + bias_t;
+ *   values: per (row, slot j, channel group u) the weight w_j scale_ju
+ *           multiplies the centred codes of group u, and w_j centre_ju
+ *           accumulates per channel group; those sums join the output rows
+ *           once per unit.
+ * With raw codes the two sums over value slots would cancel (every scale *
+ * code is >= 0: fp32 errors 5x those of plain attention); centred keys
+ * keep a logit's two terms small as well (measured errors below torch's
+ * own, where raw key codes came close to twice it).
+ */
+#include <math.h>
+#include <string.h>
+
+#include "attention_packed.h"
+#include "attention_packed_math.h"
+#include "attention_tile.h"
+#include "kvc_math.h"
+
+#define PA_SB 256 /* slots per split-K block, a multiple of AT_TK; blocks start at multiples */
+#define PA_QT 16  /* queries per unit */
+/* As attention.c: split only chunks of at most this many query tiles. */
+#define PA_SPLIT_MAX_TILES 2
+
+struct pa_geom {
+    int64_t B, Hq, Hkv, g, q, D, r;
+    int64_t G, Db, ng; /* group size, bytes of a packed row, value channel groups */
+    int bits;
+    int grouped;     /* G % AT_TK == 0: every vector of AT_TK channels lies in one value group */
+    int64_t NS;      /* key token groups one tile can span: size of the ring of scaled queries */
+    int64_t Dp;      /* D rounded up to AT_TK: rows are padded with zeros */
+    int64_t ntiles;  /* query tiles per kv head */
+    int64_t P;       /* (b, hk, tile) pairs */
+    int64_t U;       /* units (pairs x blocks) */
+    int64_t R;       /* rows per unit at most: g * min(q, PA_QT) */
+    int64_t ustride; /* floats of one unit's partial */
+    int split;
+    size_t float_floats; /* floats of a thread's buffers */
+    size_t prefix_bytes, part_bytes, thread_bytes;
+};
+
+/* Where the slots of one kv head live. Strides in elements (bytes for codes). */
+struct pa_head {
+    const uint8_t *kc, *vc;    /* codes of packed slot 0 */
+    const float *km, *ks;      /* key min / scale of token group 0 */
+    const float *vm, *vs;      /* value min / scale of packed slot 0 */
+    const float *c;            /* counts of packed slot 0, NULL: none */
+    const char *rk, *rv;       /* residual row 0 */
+    int64_t kcs, kcd, vcs, vcd; /* codes: slot, byte */
+    int64_t kms, kmd, kss, ksd; /* key min / scale: group, channel */
+    int64_t vms, vmd, vss, vsd; /* value min / scale: slot, group */
+    int64_t cs;
+    int64_t rks, rkd, rvs, rvd; /* residual: slot, channel */
+    int64_t n, s0;             /* packed slots; first valid logical slot */
+};
+
+static int64_t pa_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, int64_t hk,
+                        struct pa_head *h)
+{
+    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
+    const struct kvc_view *kc = &p->key_codes, *vc = &p->value_codes;
+    const struct kvc_view *km = &p->key_mins, *ks = &p->key_scales;
+    const struct kvc_view *vm = &p->value_mins, *vs = &p->value_scales, *cn = &p->counts;
+    if (p->layout == KVC_KV_RAGGED) {
+        const int64_t i = b * p->num_kv_heads + hk;
+        const int64_t off = p->offsets[i * p->offsets_stride], t0 = off / p->group;
+        h->n = p->lengths[i * p->lengths_stride];
+        h->s0 = 0;
+        h->kcs = kc->strides[0], h->kcd = kc->strides[1];
+        h->vcs = vc->strides[0], h->vcd = vc->strides[1];
+        h->kms = km->strides[0], h->kmd = km->strides[1];
+        h->kss = ks->strides[0], h->ksd = ks->strides[1];
+        h->vms = vm->strides[0], h->vmd = vm->strides[1];
+        h->vss = vs->strides[0], h->vsd = vs->strides[1];
+        h->cs = cn->strides[0];
+        h->kc = (const uint8_t *)kc->data + off * h->kcs;
+        h->vc = (const uint8_t *)vc->data + off * h->vcs;
+        h->km = (const float *)km->data + t0 * h->kms;
+        h->ks = (const float *)ks->data + t0 * h->kss;
+        h->vm = (const float *)vm->data + off * h->vms;
+        h->vs = (const float *)vs->data + off * h->vss;
+        h->c = cn->data ? (const float *)cn->data + off * h->cs : NULL;
+    } else {
+        h->n = kc->shape[2];
+        h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
+        h->kcs = kc->strides[2], h->kcd = kc->strides[3];
+        h->vcs = vc->strides[2], h->vcd = vc->strides[3];
+        h->kms = km->strides[2], h->kmd = km->strides[3];
+        h->kss = ks->strides[2], h->ksd = ks->strides[3];
+        h->vms = vm->strides[2], h->vmd = vm->strides[3];
+        h->vss = vs->strides[2], h->vsd = vs->strides[3];
+        h->cs = cn->strides[2];
+        h->kc = (const uint8_t *)kc->data + b * kc->strides[0] + hk * kc->strides[1];
+        h->vc = (const uint8_t *)vc->data + b * vc->strides[0] + hk * vc->strides[1];
+        h->km = (const float *)km->data + b * km->strides[0] + hk * km->strides[1];
+        h->ks = (const float *)ks->data + b * ks->strides[0] + hk * ks->strides[1];
+        h->vm = (const float *)vm->data + b * vm->strides[0] + hk * vm->strides[1];
+        h->vs = (const float *)vs->data + b * vs->strides[0] + hk * vs->strides[1];
+        h->c = cn->data ? (const float *)cn->data + b * cn->strides[0] + hk * cn->strides[1] : NULL;
+    }
+    h->rks = p->res_k.strides[2], h->rkd = p->res_k.strides[3];
+    h->rvs = p->res_v.strides[2], h->rvd = p->res_v.strides[3];
+    h->rk = (const char *)p->res_k.data + (b * p->res_k.strides[0] + hk * p->res_k.strides[1]) * es;
+    h->rv = (const char *)p->res_v.data + (b * p->res_v.strides[0] + hk * p->res_v.strides[1]) * es;
+}
+
+/* Queries [i0, i0 + *nq) of tile t; returns the end (exclusive) of the
+ * logical slots the tile sees: query i sees s0 .. n + r - q + i. */
+static int64_t pa_tile(const struct pa_geom *g, const struct pa_head *h, int64_t t, int64_t *i0,
+                       int64_t *nq)
+{
+    *i0 = t * PA_QT;
+    *nq = g->q - *i0 < PA_QT ? g->q - *i0 : PA_QT;
+    return h->n + g->r - g->q + *i0 + *nq;
+}
+
+/* Split blocks are the PA_SB-aligned stretches of the logical sequence that
+ * meet [s0, end), so tiles start at multiples of AT_TK after the first. */
+static int64_t pa_blocks(const struct pa_geom *g, const struct pa_head *h, int64_t t)
+{
+    int64_t i0, nq, end = pa_tile(g, h, t, &i0, &nq);
+    if (end <= h->s0) return 0;
+    return g->split ? (end - 1) / PA_SB - h->s0 / PA_SB + 1 : 1;
+}
+
+/* Fills g; with prefix != NULL also prefix[pair] = first unit of the pair
+ * (prefix[P] = U). */
+static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_geom *g,
+                        int64_t *prefix)
+{
+    int64_t pair, u = 0;
+    g->B = p->q.shape[0];
+    g->Hq = p->q.shape[1];
+    g->q = p->q.shape[2];
+    g->D = p->q.shape[3];
+    g->r = p->res_k.shape[2];
+    g->Hkv = p->num_kv_heads;
+    g->g = g->Hkv > 0 ? g->Hq / g->Hkv : 1;
+    g->G = p->group > 0 ? p->group : 1;
+    g->bits = p->bits;
+    g->Db = kvc_pk_row_bytes(g->D, g->bits);
+    g->ng = kvc_pk_groups(g->D > 0 ? g->D : 1, g->G);
+    g->grouped = g->G % AT_TK == 0;
+    /* AT_TK consecutive slots meet at most ceil((AT_TK - 1) / G) + 1 groups */
+    g->NS = kvc_pk_groups(AT_TK - 1, g->G) + 1;
+    g->Dp = pa_round_up(g->D > 0 ? g->D : 1, AT_TK);
+    g->ntiles = (g->q + PA_QT - 1) / PA_QT;
+    g->split = g->ntiles <= PA_SPLIT_MAX_TILES;
+    g->P = g->B * g->Hkv * g->ntiles;
+    g->R = g->g * (g->q < PA_QT ? g->q : PA_QT);
+    g->ustride = pa_round_up(2 * g->R, AT_TK) + g->R * g->Dp;
+    for (pair = 0; pair < g->P; pair++) {
+        struct pa_head h;
+        const int64_t bh = pair / g->ntiles;
+        pa_head_get(p, bh / g->Hkv, bh % g->Hkv, &h);
+        if (prefix) prefix[pair] = u;
+        u += pa_blocks(g, &h, pair % g->ntiles);
+    }
+    if (prefix) prefix[g->P] = u;
+    g->U = u;
+    g->prefix_bytes = kvc_align_up((size_t)(g->P + 1) * sizeof(int64_t));
+    g->part_bytes = kvc_align_up((size_t)(g->U * g->ustride) * sizeof(float));
+    /* query rows and their scaled copies per ring slot; unpacked K and V
+     * tiles, a zero row, one key scale and one key centre row (all padded to
+     * Dp, pads zero); per ring slot the key biases; logits and factors;
+     * value scales and centres of a tile transposed; per-(row, group) weights
+     * (grouped) or expanded value scales (otherwise); the centre sums */
+    g->float_floats = (size_t)((g->R + g->NS * g->R + 2 * AT_TK + 3) * g->Dp + g->NS * g->R +
+                               g->R * (AT_TK + 1) + 2 * g->ng * AT_TK +
+                               (g->grouped ? g->R * g->ng * AT_TK : AT_TK * g->Dp) + g->R * g->ng);
+    g->thread_bytes = kvc_align_up(g->float_floats * sizeof(float)) +
+                      kvc_align_up((size_t)g->R * sizeof(int64_t)) +
+                      kvc_align_up((size_t)g->Dp * sizeof(int32_t)) +
+                      kvc_align_up((size_t)pa_round_up(g->Db + AT_TK, AT_TK));
+}
+
+size_t kvc_packed_attention_scratch_bytes(const struct kvc_packed_attention_params *p)
+{
+    struct pa_geom g;
+    int nt = p->num_threads > 0 ? p->num_threads : 1;
+    pa_geometry(p, &g, NULL);
+    return KVC_ALIGN + g.prefix_bytes + g.part_bytes + (size_t)nt * g.thread_bytes;
+}
+
+/* Position of channel c in the rows the op works on (unpacked codes,
+ * queries, key scales and centres, residual rows, outputs): pa_unpack16
+ * leaves the codes of each block of AT_TK channels in this order, the
+ * cheapest to produce (as attention.c keeps bf16 rows in even/odd order).
+ * 4-bit: channel k + 8h at 2k + h; 8-bit: within each half block, channel
+ * k + 4h at 2k + h; 2-bit: in order. Blocks stay whole, so with
+ * G % AT_TK == 0 a vector still lies in one value group. */
+static inline int64_t pa_pos(int bits, int64_t c)
+{
+    const int64_t b = c & ~(int64_t)(AT_TK - 1), i = c & (AT_TK - 1);
+    if (bits == 4) return b + 2 * (i & 7) + (i >> 3);
+    if (bits == 8) return b + (i & 8) + 2 * (i & 3) + ((i >> 2) & 1);
+    return c;
+}
+
+#ifdef AT_VEC
+typedef uint64_t pa_vq __attribute__((vector_size(AT_TK * sizeof(uint32_t))));
+#endif
+
+/* Codes of a block of 16 channels -> centred fp32 codes, in pa_pos order.
+ * Each lane takes a 32-bit word of the block by a broadcast from a general
+ * register (a vector assembled in memory from narrower stores stalls store
+ * forwarding; a 64-bit broadcast puts the low and high words of 8 bytes in
+ * alternate lanes, hence the order), then a shift, a mask, a conversion and
+ * minus mid. bits is a constant after inlining. */
+KVC_INLINE void pa_unpack16(float *dst, const uint8_t *src, int bits)
+{
+#ifdef AT_VEC
+    at_vu w;
+    at_vf f;
+    if (bits == 8) {
+        const at_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+        const at_vu sh = {0, 0, 8, 8, 16, 16, 24, 24, 0, 0, 8, 8, 16, 16, 24, 24};
+        const at_vu first = (at_vu)(lane < 8u);
+        uint64_t lo, hi;
+        memcpy(&lo, src, 8);
+        memcpy(&hi, src + 8, 8);
+        w = ((((at_vu)((pa_vq){0} + lo) & first) | ((at_vu)((pa_vq){0} + hi) & ~first)) >> sh) & 255u;
+    } else if (bits == 4) {
+        const at_vu sh = {0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28};
+        uint64_t x;
+        memcpy(&x, src, 8);
+        w = ((at_vu)((pa_vq){0} + x) >> sh) & 15u;
+    } else {
+        const at_vu sh = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+        uint32_t x;
+        memcpy(&x, src, 4);
+        w = (((at_vu){0} + x) >> sh) & 3u;
+    }
+    f = __builtin_convertvector((at_vi)w, at_vf) - kvc_pk_mid(bits);
+    memcpy(dst, &f, sizeof f);
+#else
+    int c;
+    for (c = 0; c < AT_TK; c++)
+        dst[pa_pos(bits, c)] = kvc_pk_centred(kvc_pk_lane_code(src, c, bits), bits);
+#endif
+}
+
+/* A packed row of D codes (bytes `stride` apart) -> Dp centred fp32 codes
+ * in pa_pos order, zeros past D. tmp holds a contiguous copy when
+ * stride != 1. */
+KVC_INLINE void pa_unpack_row(float *dst, const uint8_t *src, int64_t stride, int64_t D,
+                              int64_t Db, int bits, uint8_t *tmp)
+{
+    int64_t c = 0, i;
+    if (stride != 1) {
+        for (i = 0; i < Db; i++) tmp[i] = src[i * stride];
+        src = tmp;
+    }
+    /* a block of AT_TK codes takes 2 * bits bytes */
+    for (; c + AT_TK <= D; c += AT_TK, src += 2 * bits) pa_unpack16(dst + c, src, bits);
+    if (c < D) {
+        /* the last bytes of the row, zero-padded, so nothing past it is read */
+        uint8_t last[AT_TK];
+        memset(last, 0, sizeof last);
+        memcpy(last, src, (size_t)(Db - c / AT_TK * 2 * bits));
+        pa_unpack16(dst + c, last, bits);
+        for (i = D - c; i < AT_TK; i++) dst[c + pa_pos(bits, i)] = 0.0f;
+    }
+}
+
+/* Dispatch on bits so that each unpack runs with a constant. */
+KVC_INLINE void pa_unpack(const struct pa_geom *g, float *dst, const uint8_t *src, int64_t stride,
+                          uint8_t *tmp)
+{
+    switch (g->bits) {
+    case 2: pa_unpack_row(dst, src, stride, g->D, g->Db, 2, tmp); break;
+    case 4: pa_unpack_row(dst, src, stride, g->D, g->Db, 4, tmp); break;
+    default: pa_unpack_row(dst, src, stride, g->D, g->Db, 8, tmp); break;
+    }
+}
+
+#ifdef AT_VEC
+#if defined(__clang__)
+#define PA_PERM(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+#else
+#define PA_PERM(v, ...) __builtin_shuffle(v, (at_vi){__VA_ARGS__})
+#endif
+#endif
+
+/* A row of Dp floats with the first D in channel order -> pa_pos order,
+ * zeros past D. */
+KVC_INLINE void pa_to_pos(const struct pa_geom *g, float *x)
+{
+    int64_t c;
+    for (c = g->D; c < g->Dp; c++) x[c] = 0.0f;
+    if (g->bits == 2) return;
+    for (c = 0; c < g->Dp; c += AT_TK) {
+#ifdef AT_VEC
+        at_vf v;
+        memcpy(&v, x + c, sizeof v);
+        /* lane p takes the channel pa_pos puts at p */
+        if (g->bits == 4) v = PA_PERM(v, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+        else v = PA_PERM(v, 0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+        memcpy(x + c, &v, sizeof v);
+#else
+        float t[AT_TK];
+        int i;
+        memcpy(t, x + c, sizeof t);
+        for (i = 0; i < AT_TK; i++) x[c + pa_pos(g->bits, i)] = t[i];
+#endif
+    }
+}
+
+/* A query or residual row (q's dtype, elements `stride` apart) -> fp32 in
+ * pa_pos order, zeros past D. */
+KVC_INLINE void pa_row_load(const struct pa_geom *g, float *dst, const char *src, int32_t dtype,
+                            int64_t stride)
+{
+    at_row_f32(dst, src, dtype, g->D, stride);
+    pa_to_pos(g, dst);
+}
+
+/* sum_l a[l] b[l] over n (a multiple of AT_TK), kvc_lanes_sum's order. */
+KVC_INLINE float pa_dot(const float *a, const float *b, int64_t n)
+{
+    float acc[AT_TK];
+    int64_t i;
+    int l;
+    for (l = 0; l < AT_TK; l++) acc[l] = 0.0f;
+    for (i = 0; i < n; i += AT_TK)
+        for (l = 0; l < AT_TK; l++) acc[l] += a[i + l] * b[i + l];
+    return kvc_lanes_sum(acc);
+}
+
+/* Logits of one query row against a tile whose slots use different token
+ * groups: slot j's scaled query row is qp[j]. As at_logits otherwise. */
+KVC_INLINE void pa_logits_multi(const float *const *qp, const void *const *kp, const float *lc,
+                                int64_t Dp, float scaling, float *x)
+{
+#ifdef AT_VEC
+    at_vf a[AT_TK];
+    int64_t c;
+    int j;
+    for (j = 0; j < AT_TK; j++) a[j] = (at_vf){0};
+    for (c = 0; c < Dp; c += AT_TK)
+        for (j = 0; j < AT_TK; j++) {
+            at_vf qv, kv;
+            memcpy(&qv, qp[j] + c, sizeof qv);
+            memcpy(&kv, (const float *)kp[j] + c, sizeof kv);
+            a[j] += qv * kv;
+        }
+    at_finish(a, lc, scaling, x);
+#else
+    int j;
+    for (j = 0; j < AT_TK; j++) x[j] = pa_dot(qp[j], (const float *)kp[j], Dp) * scaling + lc[j];
+#endif
+}
+
+/* acc[r] <- alpha[r] acc[r] + sum_j sum_c W[u(c)][r][j] code_jc for NR
+ * rows (a constant after inlining): the centred value codes of a tile
+ * weighted per (channel group, row, slot), where every AT_TK channels lie
+ * in one group of gv vectors. Group u's weights start at W + u * gs, row r's
+ * at + r * AT_TK (group-major, so a 4-vector chunk needs at most 4 base
+ * pointers). */
+KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, const float *W,
+                                      int64_t gs, const float *alpha, int64_t Dp, int64_t gv,
+                                      int NR)
+{
+    int64_t c = 0;
+    int j, r;
+#ifdef AT_VEC
+    int u;
+    for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) {
+        at_vf o[4][4];
+        const float *wu[4];
+        for (u = 0; u < 4; u++) wu[u] = W + (c / AT_TK + u) / gv * gs;
+        for (r = 0; r < NR; r++)
+            for (u = 0; u < 4; u++) {
+                memcpy(&o[r][u], acc[r] + c + u * AT_TK, sizeof o[r][u]);
+                o[r][u] *= alpha[r];
+            }
+        for (j = 0; j < AT_TK; j++) {
+            at_vf v[4];
+            for (u = 0; u < 4; u++) memcpy(&v[u], (const float *)vp[j] + c + u * AT_TK, sizeof v[u]);
+            for (r = 0; r < NR; r++)
+                for (u = 0; u < 4; u++) o[r][u] += wu[u][r * AT_TK + j] * v[u];
+        }
+        for (r = 0; r < NR; r++)
+            for (u = 0; u < 4; u++) memcpy(acc[r] + c + u * AT_TK, &o[r][u], sizeof o[r][u]);
+    }
+    for (; c < Dp; c += AT_TK) {
+        at_vf o[4];
+        const float *wu = W + c / AT_TK / gv * gs;
+        for (r = 0; r < NR; r++) {
+            memcpy(&o[r], acc[r] + c, sizeof o[r]);
+            o[r] *= alpha[r];
+        }
+        for (j = 0; j < AT_TK; j++) {
+            at_vf v;
+            memcpy(&v, (const float *)vp[j] + c, sizeof v);
+            for (r = 0; r < NR; r++) o[r] += wu[r * AT_TK + j] * v;
+        }
+        for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
+    }
+#else
+    for (r = 0; r < NR; r++)
+        for (c = 0; c < Dp; c++) {
+            const float *wu = W + c / AT_TK / gv * gs;
+            float o = acc[r][c] * alpha[r];
+            for (j = 0; j < AT_TK; j++) o += wu[r * AT_TK + j] * ((const float *)vp[j])[c];
+            acc[r][c] = o;
+        }
+#endif
+}
+
+/* The same for groups that do not align with AT_TK channels: slot j's
+ * value scales expanded per channel (sp[j]), the weight w_rj scale_jc
+ * formed per lane, then the same product with the code. */
+KVC_INLINE void pa_accumulate_expanded(float *const *acc, const void *const *vp,
+                                       const float *const *sp, const float *x,
+                                       const float *alpha, int64_t Dp, int NR)
+{
+    int64_t c;
+    int j, r;
+#ifdef AT_VEC
+    for (c = 0; c < Dp; c += AT_TK) {
+        at_vf o[4];
+        for (r = 0; r < NR; r++) {
+            memcpy(&o[r], acc[r] + c, sizeof o[r]);
+            o[r] *= alpha[r];
+        }
+        for (j = 0; j < AT_TK; j++) {
+            at_vf v, s;
+            memcpy(&v, (const float *)vp[j] + c, sizeof v);
+            memcpy(&s, sp[j] + c, sizeof s);
+            for (r = 0; r < NR; r++) o[r] += (x[r * AT_TK + j] * s) * v;
+        }
+        for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
+    }
+#else
+    for (r = 0; r < NR; r++)
+        for (c = 0; c < Dp; c++) {
+            float o = acc[r][c] * alpha[r];
+            for (j = 0; j < AT_TK; j++) o += (x[r * AT_TK + j] * sp[j][c]) * ((const float *)vp[j])[c];
+            acc[r][c] = o;
+        }
+#endif
+}
+
+struct pa_thread {
+    float *qbuf;  /* [R][Dp] query rows of the unit */
+    float *qs;    /* [NS][R][Dp] query rows times the key scales of a token group (ring) */
+    float *kbuf;  /* [AT_TK][Dp] key codes (or residual keys) of a tile */
+    float *vbuf;  /* [AT_TK][Dp] value codes (or residual values) */
+    float *zero;  /* [Dp] zeros: stands in for the slots past a short tile */
+    float *krow;  /* [Dp] key scales of a token group */
+    float *mrow;  /* [Dp] key centres (min + scale * mid) of a token group */
+    float *qb;    /* [NS][R] scaling * q . key centres of a token group (ring) */
+    float *xbuf;  /* [R][AT_TK] logits, then weights, of a tile */
+    float *abuf;  /* [R] rescale factors of a tile */
+    float *S, *M; /* [ng][AT_TK] value scales / centres of a tile, per group */
+    float *W;     /* grouped: [ng][R][AT_TK] weights times value scales */
+    float *se;    /* otherwise: [AT_TK][Dp] value scales of a tile per channel */
+    float *mn;    /* [R][ng] running sum of weight x value centre per group */
+    int64_t *lim; /* [R] last logical slot each row sees */
+    int32_t *uidx; /* [Dp] value group of the channel at each position (0 past D) */
+    uint8_t *tmp;  /* a contiguous copy of a strided code row */
+};
+
+/* Partial of a unit: running max [R], running sum [R] (padded), rows [R][Dp]. */
+#define PA_PART_M(part) (part)
+#define PA_PART_S(g, part) ((part) + (g)->R)
+#define PA_PART_ACC(g, part) ((part) + pa_round_up(2 * (g)->R, AT_TK))
+
+/* Ring slot of token group t: scaled query rows and biases (against the
+ * group's centres), computed once per (unit, group). */
+KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct pa_head *h,
+                             const struct pa_thread *w, int64_t t, int64_t R, float scaling)
+{
+    const int64_t Dp = g->Dp, slot = t % g->NS;
+    float *qs = w->qs + slot * g->R * Dp, *qb = w->qb + slot * g->R;
+    const float *ks = h->ks + t * h->kss, *km = h->km + t * h->kms;
+    int64_t c, r;
+    if (h->ksd == 1 && h->kmd == 1) {
+        for (c = 0; c < g->D; c++) {
+            w->krow[c] = ks[c];
+            w->mrow[c] = kvc_pk_centre(km[c], ks[c], g->bits);
+        }
+    } else {
+        for (c = 0; c < g->D; c++) {
+            w->krow[c] = ks[c * h->ksd];
+            w->mrow[c] = kvc_pk_centre(km[c * h->kmd], ks[c * h->ksd], g->bits);
+        }
+    }
+    pa_to_pos(g, w->krow);
+    pa_to_pos(g, w->mrow);
+    for (r = 0; r < R; r++) {
+        const float *qr = w->qbuf + r * Dp;
+        float *o = qs + r * Dp;
+        for (c = 0; c < Dp; c++) o[c] = qr[c] * w->krow[c];
+        qb[r] = scaling * pa_dot(qr, w->mrow, Dp);
+    }
+}
+
+/* Online-softmax pass of a tile over the rows (as attention.c): rows that
+ * see none of its slots keep their state and output. */
+KVC_INLINE void pa_softmax_rows(const struct pa_thread *w, float *pm, float *ps, int64_t R,
+                                int64_t jt, int64_t nk)
+{
+    int64_t r;
+    for (r = 0; r < R; r++) {
+        const int64_t nvis = w->lim[r] - jt + 1;
+        struct kvc_softmax_state st;
+        if (nvis <= 0) {
+            memset(w->xbuf + r * AT_TK, 0, AT_TK * sizeof(float));
+            w->abuf[r] = 1.0f;
+            continue;
+        }
+        st.m = pm[r];
+        st.s = ps[r];
+        w->abuf[r] = at_softmax(w->xbuf + r * AT_TK, nvis < nk ? nvis : nk, &st);
+        pm[r] = st.m;
+        ps[r] = st.s;
+    }
+}
+
+/* Row r of a tile after its softmax step: the centre sums
+ * mn[r][u] <- alpha mn[r][u] + sum_j x[r][j] M[u][j] (kvc_lanes_sum's
+ * order) and, grouped, the code weights W[u][r][:] = x[r][:] S[u][:]. */
+KVC_INLINE void pa_row_weights(const struct pa_geom *g, const struct pa_thread *w, int64_t r,
+                               int64_t R)
+{
+    const float *x = w->xbuf + r * AT_TK;
+    const float a = w->abuf[r];
+    float *mn = w->mn + r * g->ng;
+    int64_t u;
+#ifdef AT_VEC
+    at_vf xv;
+    memcpy(&xv, x, sizeof xv);
+    for (u = 0; u < g->ng; u++) {
+        at_vf t;
+        memcpy(&t, w->M + u * AT_TK, sizeof t);
+        t *= xv;
+#ifdef AT_TREE
+        mn[u] = mn[u] * a + at_hsum(&t);
+#else
+        {
+            float l[AT_TK];
+            memcpy(l, &t, sizeof l);
+            mn[u] = mn[u] * a + kvc_lanes_sum(l);
+        }
+#endif
+        if (g->grouped) {
+            memcpy(&t, w->S + u * AT_TK, sizeof t);
+            t *= xv;
+            memcpy(w->W + (u * R + r) * AT_TK, &t, sizeof t);
+        }
+    }
+#else
+    int j;
+    for (u = 0; u < g->ng; u++) {
+        float l[AT_TK];
+        for (j = 0; j < AT_TK; j++) l[j] = x[j] * w->M[u * AT_TK + j];
+        mn[u] = mn[u] * a + kvc_lanes_sum(l);
+        if (g->grouped)
+            for (j = 0; j < AT_TK; j++) w->W[(u * R + r) * AT_TK + j] = x[j] * w->S[u * AT_TK + j];
+    }
+#endif
+}
+
+/* One tile of packed slots [jt, jt + nk). */
+KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
+                               const struct pa_geom *g, const struct pa_head *h,
+                               const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
+                               float *pm, float *ps, float *acc, int64_t *have)
+{
+    const int64_t Dp = g->Dp, ng = g->ng, G = g->G;
+    const int64_t t0 = jt / G, t1 = (jt + nk - 1) / G;
+    const void *kp[AT_TK], *vp[AT_TK];
+    const float *sp[AT_TK];
+    float lc[AT_TK];
+    int64_t j, r, u, t;
+
+    for (t = t0 > *have ? t0 : *have + 1; t <= t1; t++) pa_key_group(g, h, w, t, R, p->scaling);
+    *have = t1;
+    for (j = 0; j < nk; j++) {
+        const int64_t s = jt + j;
+        float *kr = w->kbuf + j * Dp, *vr = w->vbuf + j * Dp;
+        pa_unpack(g, kr, h->kc + s * h->kcs, h->kcd, w->tmp);
+        pa_unpack(g, vr, h->vc + s * h->vcs, h->vcd, w->tmp);
+        kp[j] = kr;
+        vp[j] = vr;
+        for (u = 0; u < ng; u++) {
+            const float sc = h->vs[s * h->vss + u * h->vsd];
+            w->S[u * AT_TK + j] = sc;
+            w->M[u * AT_TK + j] = kvc_pk_centre(h->vm[s * h->vms + u * h->vmd], sc, g->bits);
+        }
+        if (!g->grouped) {
+            float *se = w->se + j * Dp;
+            for (u = 0; u < Dp; u++) se[u] = w->S[w->uidx[u] * AT_TK + j];
+            sp[j] = se;
+        }
+    }
+    for (; j < AT_TK; j++) {
+        kp[j] = vp[j] = sp[j] = w->zero;
+        for (u = 0; u < ng; u++) w->S[u * AT_TK + j] = w->M[u * AT_TK + j] = 0.0f;
+    }
+    if (h->c) {
+        /* log(count): the merged-slot bias; slots past the tile get 0 */
+        for (j = 0; j < nk; j++) lc[j] = h->c[(jt + j) * h->cs];
+        for (; j < AT_TK; j++) lc[j] = 1.0f;
+        for (j = 0; j < AT_TK; j++) lc[j] = kvc_logf(lc[j]);
+    } else {
+        for (j = 0; j < AT_TK; j++) lc[j] = 0.0f;
+    }
+
+    for (r = 0; r < R; r++) {
+        float l[AT_TK];
+        if (w->lim[r] < jt) continue;
+        if (t0 == t1) {
+            const int64_t slot = t0 % g->NS;
+            const float bias = w->qb[slot * g->R + r];
+            for (j = 0; j < AT_TK; j++) l[j] = lc[j] + bias;
+            at_logits(w->qs + (slot * g->R + r) * Dp, kp, l, Dp, p->scaling, w->xbuf + r * AT_TK);
+        } else {
+            const float *qp[AT_TK];
+            for (j = 0; j < AT_TK; j++) {
+                const int64_t slot = (j < nk ? (jt + j) / G : t0) % g->NS;
+                qp[j] = w->qs + (slot * g->R + r) * Dp;
+                l[j] = lc[j] + w->qb[slot * g->R + r];
+            }
+            pa_logits_multi(qp, kp, l, Dp, p->scaling, w->xbuf + r * AT_TK);
+        }
+    }
+    pa_softmax_rows(w, pm, ps, R, jt, nk);
+
+    for (r = 0; r < R; r++) pa_row_weights(g, w, r, R);
+    for (r = 0; r < R; r += 4) {
+        /* rows in groups of up to 4 share each code row load */
+        float *accs[4];
+        const int nr = R - r < 4 ? (int)(R - r) : 4;
+        int i;
+        for (i = 0; i < nr; i++) accs[i] = acc + (r + i) * Dp;
+        switch (nr) {
+#define PA_ACC_CASE(NR)                                                                        \
+    case NR:                                                                                   \
+        if (g->grouped)                                                                        \
+            pa_accumulate_grouped(accs, vp, w->W + r * AT_TK, R * AT_TK, w->abuf + r, Dp,        \
+                                  G / AT_TK, NR);                                              \
+        else                                                                                   \
+            pa_accumulate_expanded(accs, vp, sp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR);    \
+        break;
+            PA_ACC_CASE(1)
+            PA_ACC_CASE(2)
+            PA_ACC_CASE(3)
+            default: PA_ACC_CASE(4)
+#undef PA_ACC_CASE
+        }
+    }
+}
+
+/* One tile of residual slots [jt, jt + nk) (logical; row jt - n onwards). */
+KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
+                                 const struct pa_geom *g, const struct pa_head *h,
+                                 const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
+                                 float *pm, float *ps, float *acc)
+{
+    const int64_t Dp = g->Dp, es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
+    const void *kp[AT_TK], *vp[AT_TK];
+    float lc[AT_TK];
+    int64_t j, r;
+    for (j = 0; j < nk; j++) {
+        const int64_t s = jt + j - h->n;
+        pa_row_load(g, w->kbuf + j * Dp, h->rk + s * h->rks * es, p->q.dtype, h->rkd);
+        pa_row_load(g, w->vbuf + j * Dp, h->rv + s * h->rvs * es, p->q.dtype, h->rvd);
+        kp[j] = w->kbuf + j * Dp;
+        vp[j] = w->vbuf + j * Dp;
+    }
+    for (; j < AT_TK; j++) kp[j] = vp[j] = w->zero;
+    for (j = 0; j < AT_TK; j++) lc[j] = 0.0f; /* residual slots count 1 */
+    for (r = 0; r < R; r++)
+        if (w->lim[r] >= jt)
+            at_logits(w->qbuf + r * Dp, kp, lc, Dp, p->scaling, w->xbuf + r * AT_TK);
+    pa_softmax_rows(w, pm, ps, R, jt, nk);
+    for (r = 0; r < R; r += 4) {
+        float *accs[4];
+        const int nr = R - r < 4 ? (int)(R - r) : 4;
+        int i;
+        for (i = 0; i < nr; i++) accs[i] = acc + (r + i) * Dp;
+        switch (nr) {
+        case 1: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 1); break;
+        case 2: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 2); break;
+        case 3: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 3); break;
+        default: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 4); break;
+        }
+    }
+}
+
+static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
+                            int64_t pair, int64_t blk, float *part, const struct pa_thread *w)
+{
+    const int64_t Dp = g->Dp, t = pair % g->ntiles, bh = pair / g->ntiles;
+    const int64_t b = bh / g->Hkv, hk = bh % g->Hkv;
+    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
+    struct pa_head h;
+    int64_t i0, nq, end, j0, j1, jp, jt, R, r, c, have = -1;
+    float *pm, *ps, *acc;
+
+    pa_head_get(p, b, hk, &h);
+    end = pa_tile(g, &h, t, &i0, &nq);
+    R = g->g * nq;
+    if (g->split) {
+        const int64_t bs = (h.s0 / PA_SB + blk) * PA_SB;
+        j0 = bs > h.s0 ? bs : h.s0;
+        j1 = bs + PA_SB < end ? bs + PA_SB : end;
+    } else {
+        j0 = h.s0;
+        j1 = end;
+    }
+    pm = PA_PART_M(part);
+    ps = PA_PART_S(g, part);
+    acc = PA_PART_ACC(g, part);
+
+    /* row r = gi * nq + i: query head hk * g + gi, query i0 + i */
+    for (r = 0; r < R; r++) {
+        const int64_t hq = hk * g->g + r / nq, qi = i0 + r % nq;
+        const char *src = (const char *)p->q.data +
+                          (b * p->q.strides[0] + hq * p->q.strides[1] + qi * p->q.strides[2]) * es;
+        pa_row_load(g, w->qbuf + r * Dp, src, p->q.dtype, p->q.strides[3]);
+        w->lim[r] = h.n + g->r - g->q + qi;
+        pm[r] = -INFINITY;
+        ps[r] = 0.0f;
+        memset(acc + r * Dp, 0, (size_t)Dp * sizeof(float));
+        memset(w->mn + r * g->ng, 0, (size_t)g->ng * sizeof(float));
+    }
+
+    /* packed slots, tiles at multiples of AT_TK so that with G % AT_TK == 0
+     * a tile meets one token group */
+    jp = j1 < h.n ? j1 : h.n;
+    for (jt = j0; jt < jp;) {
+        int64_t je = (jt / AT_TK + 1) * AT_TK;
+        je = je < jp ? je : jp;
+        pa_packed_tile(p, g, &h, w, jt, je - jt, R, pm, ps, acc, &have);
+        jt = je;
+    }
+    if (j0 < jp) {
+        /* the value centres join the rows before the residual slots: from
+         * here on both are rescaled alike */
+        for (r = 0; r < R; r++) {
+            const float *mn = w->mn + r * g->ng;
+            float *a = acc + r * Dp;
+            if (g->grouped) {
+                /* a vector of channels lies in one group (pads are never read) */
+                for (c = 0; c < Dp; c += AT_TK) {
+                    const float m = mn[c / g->G];
+                    int l;
+                    for (l = 0; l < AT_TK; l++) a[c + l] += m;
+                }
+            } else {
+                for (c = 0; c < Dp; c++) a[c] += mn[w->uidx[c]];
+            }
+        }
+    }
+
+    /* residual slots */
+    for (jt = j0 > h.n ? j0 : h.n; jt < j1; jt += AT_TK) {
+        const int64_t nk = j1 - jt < AT_TK ? j1 - jt : AT_TK;
+        pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc);
+    }
+}
+
+/* out rows of a pair <- log-sum-exp combine of its blocks, in block order. */
+static void pa_combine(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
+                       int64_t pair, const int64_t *prefix, const float *parts, float *o)
+{
+    const int64_t D = g->D, Dp = g->Dp, t = pair % g->ntiles, bh = pair / g->ntiles;
+    const int64_t b = bh / g->Hkv, hk = bh % g->Hkv;
+    const int64_t u0 = prefix[pair], nb = prefix[pair + 1] - u0;
+    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->out.dtype);
+    const int64_t i0 = t * PA_QT, nq = g->q - i0 < PA_QT ? g->q - i0 : PA_QT;
+    const int64_t R = g->g * nq;
+    int64_t r, k, d;
+    for (r = 0; r < R; r++) {
+        const int64_t hq = hk * g->g + r / nq, qi = i0 + r % nq;
+        char *dst = (char *)p->out.data +
+                    (b * p->out.strides[0] + qi * p->out.strides[1] + hq * p->out.strides[2]) * es;
+        const int64_t os = p->out.strides[3];
+        float M = -INFINITY, L = 0.0f;
+        for (k = 0; k < nb; k++) {
+            float m = PA_PART_M(parts + (u0 + k) * g->ustride)[r];
+            M = m > M ? m : M;
+        }
+        if (M == -INFINITY) {
+            /* the row sees no slot */
+            for (d = 0; d < D; d++) kvc_store_f32(dst, p->out.dtype, d * os, 0.0f);
+            continue;
+        }
+        for (d = 0; d < Dp; d++) o[d] = 0.0f;
+        for (k = 0; k < nb; k++) {
+            const float *part = parts + (u0 + k) * g->ustride;
+            const float wk = kvc_softmax_weight(PA_PART_M(part)[r], M);
+            const float *a = PA_PART_ACC(g, part) + r * Dp;
+            L += wk * PA_PART_S(g, part)[r];
+            for (d = 0; d < Dp; d++) o[d] += wk * a[d];
+        }
+        for (d = 0; d < D; d++) kvc_store_f32(dst, p->out.dtype, d * os, o[pa_pos(g->bits, d)] / L);
+    }
+}
+
+enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p)
+{
+    struct pa_geom g;
+    char *base;
+    int64_t *prefix;
+    float *parts;
+    int nt = p->num_threads > 0 ? p->num_threads : 1;
+    int64_t d, n_out = 1;
+    if (p->layout != KVC_KV_UNIFORM && p->layout != KVC_KV_RAGGED) return KVC_ERR_INVALID;
+    for (d = 0; d < 4; d++) n_out *= p->q.shape[d];
+    if (n_out == 0) return KVC_OK;
+    if (p->bits != 2 && p->bits != 4 && p->bits != 8) return KVC_ERR_INVALID;
+    if (p->group < 1 || p->num_kv_heads <= 0 || p->q.shape[1] % p->num_kv_heads != 0 ||
+        p->res_k.shape[2] < p->q.shape[2])
+        return KVC_ERR_INVALID;
+    if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))
+        return KVC_ERR_NOMEM;
+    base = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
+    prefix = (int64_t *)base;
+    pa_geometry(p, &g, prefix);
+    parts = (float *)(base + g.prefix_bytes);
+    base += g.prefix_bytes + g.part_bytes;
+    /* a parallel region costs more than a small decode step */
+    if (g.U < 2) nt = 1;
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        struct pa_thread w;
+        char *tb = base + (size_t)KVC_THREAD_ID() * g.thread_bytes;
+        float *f = (float *)tb;
+        int64_t u, c;
+        /* pads past D stay zero: conversions and key rows write only the first D */
+        memset(f, 0, g.float_floats * sizeof(float));
+        w.qbuf = f, f += g.R * g.Dp;
+        w.qs = f, f += g.NS * g.R * g.Dp;
+        w.kbuf = f, f += AT_TK * g.Dp;
+        w.vbuf = f, f += AT_TK * g.Dp;
+        w.zero = f, f += g.Dp;
+        w.krow = f, f += g.Dp;
+        w.mrow = f, f += g.Dp;
+        w.qb = f, f += g.NS * g.R;
+        w.xbuf = f, f += g.R * AT_TK;
+        w.abuf = f, f += g.R;
+        w.S = f, f += g.ng * AT_TK;
+        w.M = f, f += g.ng * AT_TK;
+        w.W = w.se = f, f += g.grouped ? g.R * g.ng * AT_TK : AT_TK * g.Dp;
+        w.mn = f;
+        tb += kvc_align_up(g.float_floats * sizeof(float));
+        w.lim = (int64_t *)tb;
+        tb += kvc_align_up((size_t)g.R * sizeof(int64_t));
+        w.uidx = (int32_t *)tb;
+        tb += kvc_align_up((size_t)g.Dp * sizeof(int32_t));
+        w.tmp = (uint8_t *)tb;
+        /* by position; 0 (a group that exists) for the pads, whose values
+         * are never read */
+        for (c = 0; c < g.Dp; c++) w.uidx[c] = 0;
+        for (c = 0; c < g.D; c++) w.uidx[pa_pos(g.bits, c)] = (int32_t)(c / g.G);
+#pragma omp for schedule(dynamic, 1)
+        for (u = 0; u < g.U; u++) {
+            /* the pair holding unit u: last prefix entry <= u */
+            int64_t lo = 0, hi = g.P - 1;
+            while (lo < hi) {
+                int64_t mid = (lo + hi + 1) / 2;
+                if (prefix[mid] <= u) lo = mid;
+                else hi = mid - 1;
+            }
+            pa_unit(p, &g, lo, u - prefix[lo], parts + u * g.ustride, &w);
+        }
+#pragma omp for schedule(static)
+        for (u = 0; u < g.P; u++) pa_combine(p, &g, u, prefix, parts, w.kbuf);
+    }
+    return KVC_OK;
+}

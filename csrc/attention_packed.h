@@ -1,0 +1,82 @@
+/*
+ * attention_packed.h - decode/chunk attention over a KIVI-packed layer plus
+ * a full-precision residual window (docs/packed.md).
+ *
+ * The packed part keeps keys quantized per channel in groups of G tokens and
+ * values per token in groups of G channels, as bits-wide codes (2, 4 or 8)
+ * with fp32 min and scale per group; the newest r slots of every head stay
+ * in the dtype of the queries. The op never forms dequantized rows: key
+ * logits come from the codes and the query scaled per (token group,
+ * channel), values from the codes weighted per (token, channel group).
+ */
+#ifndef KVC_ATTENTION_PACKED_H
+#define KVC_ATTENTION_PACKED_H
+
+#include "attention.h"
+#include "kvc.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/*
+ * For batch b, query head h (kv head hk = h / (Hq / Hkv)) and query i < q,
+ * over the logical sequence of head (b, hk): its n_h packed slots, then the
+ * r residual slots (slot n_h + j is residual row j):
+ *
+ *   out[b, i, h, :] = sum_j w_j v_j / sum_j w_j,
+ *   w_j = exp(scaling * q[b, h, i] . k_j + log(counts_j))  (packed slots
+ *                                                          with counts only)
+ *
+ *   packed slot j, token group t = j / G, channel group u = c / G:
+ *     q . k_j = sum_c (q_c key_scales[t, c]) code_jc + sum_c q_c key_mins[t, c]
+ *     v_jc    = value_scales[j, u] code_jc + value_mins[j, u]
+ *
+ * The queries are the last q residual slots (r >= q): query i sees slots
+ * s0 .. n_h + r - q + i. Uniform: n_h = n, s0 = kv_start[b] (0 without; it
+ * may reach into the residual); ragged: n_h = lengths[b * Hkv + hk], s0 = 0,
+ * packed slot j is row offsets[b * Hkv + hk] + j of the codes, value
+ * min/scale and counts, and its key group row offsets[.] / G + t (offsets
+ * are multiples of G). A query that sees no slot gets zeros.
+ *
+ * Online softmax in fp32; each (b, hk, tile of queries) is cut into fixed
+ * blocks of slots for short chunks (split-K), combined by log-sum-exp in
+ * block order: bit-identical for any thread count.
+ */
+struct kvc_packed_attention_params {
+    struct kvc_view q;            /* [B, Hq, q, D], f32/f16/bf16 */
+    struct kvc_view key_codes;    /* uniform [B, Hkv, n, Db] / ragged [N, Db], u8, Db = ceil(D bits / 8) */
+    struct kvc_view key_mins;     /* uniform [B, Hkv, ceil(n/G), D] / ragged [ceil(N/G), D], f32 */
+    struct kvc_view key_scales;   /* as key_mins */
+    struct kvc_view value_codes;  /* as key_codes */
+    struct kvc_view value_mins;   /* uniform [B, Hkv, n, ceil(D/G)] / ragged [N, ceil(D/G)], f32 */
+    struct kvc_view value_scales; /* as value_mins */
+    struct kvc_view res_k;        /* [B, Hkv, r, D], dtype of q, r >= q */
+    struct kvc_view res_v;        /* as res_k (strides may differ) */
+    struct kvc_view out;          /* [B, q, Hq, D], dtype of q */
+    struct kvc_view counts;       /* optional f32 [B, Hkv, n] / [N], each >= 1; data NULL: none */
+    const int64_t *kv_start;      /* uniform, optional [B]: leading padded slots, <= n + r; NULL: none */
+    int64_t kv_start_stride;
+    const int64_t *offsets;       /* ragged [B * Hkv]: first row of each head, a multiple of G */
+    int64_t offsets_stride;
+    const int64_t *lengths;       /* ragged [B * Hkv]: packed slots of each head, >= 0 */
+    int64_t lengths_stride;
+    int64_t num_kv_heads;         /* Hkv; Hq must be a multiple */
+    int64_t group;                /* G >= 1 */
+    int32_t bits;                 /* 2, 4 or 8 */
+    int32_t layout;               /* enum kvc_kv_layout */
+    float scaling;
+    int32_t num_threads;
+    void *scratch;                /* kvc_packed_attention_scratch_bytes() bytes */
+    size_t scratch_bytes;
+};
+
+/* Reads lengths / kv_start (the split depends on them). */
+size_t kvc_packed_attention_scratch_bytes(const struct kvc_packed_attention_params *p);
+enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_ATTENTION_PACKED_H */

@@ -1,0 +1,441 @@
+/*
+ * attention_packed.cu - attention over a KIVI-packed layer plus a
+ * full-precision residual window (attention_packed.c) on the GPU: split-K
+ * (flash-decoding), the same algebraic form as the CPU op.
+ *
+ * Rows of one kv head are its g * q query rows, query-major (row
+ * r = i * g + gi), in tiles of KVC_PA_RT rows, so each packed row is read
+ * once for the whole GQA group. Pass 1: block (head and row tile, split)
+ * walks one contiguous range of the head's logical slots (packed, then
+ * residual); its warps take consecutive quarters of the range, lanes own
+ * channels. Per slot a lane extracts its channels' codes (kvc_pk_code),
+ * centred (kvc_pk_centred): keys against the query scaled per (token group,
+ * channel), recomputed when the slot enters a new group, plus the bias
+ * scaling * q . centre; values weighted by w_j scale_ju, with w_j centre_ju
+ * summed apart and added once at the end. The warps' states merge through
+ * shared memory in warp order into an unnormalised partial. Pass 2: one
+ * warp per row combines the splits by log-sum-exp in split order. The split
+ * of a head comes from its own length and the host's split count, so both
+ * passes agree without the host reading lengths; results depend on the
+ * shapes, the GPU and the build, never on timing.
+ */
+#include <atomic>
+
+#include "../attention_packed_math.h"
+#include "common.cuh"
+
+#define KVC_PA_THREADS 128
+#define KVC_PA_WARPS (KVC_PA_THREADS / 32)
+#define KVC_PA_RT 4            /* rows per block */
+#define KVC_PA_MAX_D 256
+#define KVC_PA_EPL (KVC_PA_MAX_D / 32) /* channels per lane at most */
+#define KVC_PA_MIN_CHUNK 256   /* fewer slots per split cost more in partials than they gain */
+#define KVC_PA_CHUNK_ALIGN 32
+#define KVC_PA_BLOCKS_PER_SM 4
+#define KVC_PA_MAX_DEVICES 64
+#define KVC_PA_FULL 0xffffffffu
+
+/* Shapes and the partials' place in scratch, fixed on the host. */
+struct kvc_pa_geom {
+    int64_t B, Hkv, g, nq, D, r, G;
+    int64_t R;      /* rows per kv head: g * nq */
+    int64_t ntiles; /* ceil(R / KVC_PA_RT) */
+    int64_t nsplit; /* splits per (head, tile) at most */
+    int bits;
+    float *pm, *ps, *pacc; /* [B * Hkv * R][nsplit] (x D for pacc) */
+};
+
+/* Packed slots n, first valid logical slot s0 and (ragged) first row off
+ * of kv head (b, hk). */
+__device__ __forceinline__ void kvc_pa_head(const kvc_packed_attention_params &p, int64_t b,
+                                            int64_t hk, int64_t *n, int64_t *s0, int64_t *off)
+{
+    if (p.layout == KVC_KV_RAGGED) {
+        const int64_t i = b * p.num_kv_heads + hk;
+        *off = p.offsets[i * p.offsets_stride];
+        *n = p.lengths[i * p.lengths_stride];
+        *s0 = 0;
+    } else {
+        *off = 0;
+        *n = p.key_codes.shape[2];
+        *s0 = p.kv_start ? p.kv_start[b * p.kv_start_stride] : 0;
+    }
+}
+
+/* End (exclusive) of the logical slots row tile t sees. */
+__device__ __forceinline__ int64_t kvc_pa_tile_end(const kvc_pa_geom &g, int64_t n, int64_t t)
+{
+    const int64_t last = (t + 1) * KVC_PA_RT < g.R ? (t + 1) * KVC_PA_RT - 1 : g.R - 1;
+    return n + g.r - g.nq + last / g.g + 1;
+}
+
+/* Slots per split and the splits that hold any: the same in both passes. */
+__device__ __forceinline__ void kvc_pa_split(int64_t span, int64_t nsplit, int64_t *chunk,
+                                             int64_t *count)
+{
+    int64_t c = kvc_ceil_div(span > 0 ? span : 1, nsplit);
+    c = kvc_ceil_div(c, KVC_PA_CHUNK_ALIGN) * KVC_PA_CHUNK_ALIGN;
+    *chunk = c > KVC_PA_MIN_CHUNK ? c : KVC_PA_MIN_CHUNK;
+    *count = span > 0 ? kvc_ceil_div(span, *chunk) : 0;
+}
+
+__device__ __forceinline__ float kvc_pa_warp_sum(float x)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(KVC_PA_FULL, x, o);
+    return x;
+}
+
+/* Pass 1: block (head and row tile, split). DT: dtype of q and the residual. */
+template <int DT>
+static __global__ void __launch_bounds__(KVC_PA_THREADS)
+    kvc_pa_partial_kernel(const kvc_packed_attention_params p, const kvc_pa_geom g)
+{
+    constexpr int RT = KVC_PA_RT, EPL = KVC_PA_EPL, NW = KVC_PA_WARPS;
+    constexpr int64_t es = DT == KVC_F32 ? 4 : 2;
+    __shared__ float sm_m[NW][RT], sm_s[NW][RT];
+    __shared__ float sm_acc[NW][RT][KVC_PA_MAX_D];
+
+    const int64_t bh = blockIdx.x / g.ntiles, t = blockIdx.x % g.ntiles;
+    const int64_t b = bh / g.Hkv, hk = bh % g.Hkv, split = blockIdx.y;
+    const int D = (int)g.D, bits = g.bits, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int64_t n, s0, off, chunk, count;
+    kvc_pa_head(p, b, hk, &n, &s0, &off);
+    const int64_t end = kvc_pa_tile_end(g, n, t);
+    kvc_pa_split(end - s0, g.nsplit, &chunk, &count);
+    /* pass 2 reads only the splits below count: nothing to write here */
+    if (split >= count) return;
+    const int64_t j0 = s0 + split * chunk, j1 = j0 + chunk < end ? j0 + chunk : end;
+    const int64_t share = kvc_ceil_div(j1 - j0, NW);
+    const int64_t w0 = j0 + warp * share < j1 ? j0 + warp * share : j1;
+    const int64_t w1 = w0 + share < j1 ? w0 + share : j1;
+
+    const bool ragged = p.layout == KVC_KV_RAGGED;
+    const int sd = ragged ? 0 : 2; /* slot (or token group) dim of the packed views */
+    const kvc_view &kcv = p.key_codes, &vcv = p.value_codes, &kmv = p.key_mins, &ksv = p.key_scales;
+    const kvc_view &vmv = p.value_mins, &vsv = p.value_scales, &cnv = p.counts;
+    const int64_t t0 = ragged ? off / g.G : 0;
+    const uint8_t *kc = (const uint8_t *)kcv.data +
+                        (ragged ? off * kcv.strides[0] : b * kcv.strides[0] + hk * kcv.strides[1]);
+    const uint8_t *vc = (const uint8_t *)vcv.data +
+                        (ragged ? off * vcv.strides[0] : b * vcv.strides[0] + hk * vcv.strides[1]);
+    const float *km = (const float *)kmv.data +
+                      (ragged ? t0 * kmv.strides[0] : b * kmv.strides[0] + hk * kmv.strides[1]);
+    const float *ks = (const float *)ksv.data +
+                      (ragged ? t0 * ksv.strides[0] : b * ksv.strides[0] + hk * ksv.strides[1]);
+    const float *vm = (const float *)vmv.data +
+                      (ragged ? off * vmv.strides[0] : b * vmv.strides[0] + hk * vmv.strides[1]);
+    const float *vs = (const float *)vsv.data +
+                      (ragged ? off * vsv.strides[0] : b * vsv.strides[0] + hk * vsv.strides[1]);
+    const float *cn = cnv.data == NULL ? NULL
+                                       : (const float *)cnv.data +
+                                             (ragged ? off * cnv.strides[0]
+                                                     : b * cnv.strides[0] + hk * cnv.strides[1]);
+    const int64_t kcs = kcv.strides[sd], kcd = kcv.strides[sd + 1];
+    const int64_t vcs = vcv.strides[sd], vcd = vcv.strides[sd + 1];
+    const int64_t kms = kmv.strides[sd], kmd = kmv.strides[sd + 1];
+    const int64_t kss = ksv.strides[sd], ksd = ksv.strides[sd + 1];
+    const int64_t vms = vmv.strides[sd], vmd = vmv.strides[sd + 1];
+    const int64_t vss = vsv.strides[sd], vsd = vsv.strides[sd + 1];
+    const int64_t cs = cnv.strides[sd];
+    const char *rk = (const char *)p.res_k.data + kvc_at(p.res_k, b, hk, 0, 0) * es;
+    const char *rv = (const char *)p.res_v.data + kvc_at(p.res_v, b, hk, 0, 0) * es;
+    const int64_t rks = p.res_k.strides[2], rkd = p.res_k.strides[3];
+    const int64_t rvs = p.res_v.strides[2], rvd = p.res_v.strides[3];
+
+    /* the lane's query elements and the last logical slot each row sees */
+    float qv[RT][EPL];
+    int64_t lim[RT];
+#pragma unroll
+    for (int r = 0; r < RT; r++) {
+        const int64_t row = t * RT + r, i = row / g.g;
+        const bool live = row < g.R;
+        const int64_t hq = hk * g.g + row % g.g;
+        lim[r] = live ? n + g.r - g.nq + i : -1;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            const int c = lane + 32 * e;
+            qv[r][e] = live && c < D ? kvc_load_f32(p.q.data, DT, kvc_at(p.q, b, hq, live ? i : 0, c))
+                                     : 0.0f;
+        }
+    }
+
+    kvc_softmax_state st[RT];
+    float acc[RT][EPL], cen[RT][EPL], qs[RT][EPL], bias[RT];
+#pragma unroll
+    for (int r = 0; r < RT; r++) {
+        kvc_softmax_init(&st[r]);
+        bias[r] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) acc[r][e] = cen[r][e] = qs[r][e] = 0.0f;
+    }
+    int64_t cur = -1; /* token group of qs and bias */
+
+    for (int64_t j = w0; j < w1; j++) {
+        const bool packed = j < n;
+        float kf[EPL], dot[RT], x[RT], pw[RT], alpha[RT], lc = 0.0f;
+        if (packed) {
+            const int64_t tg = j / g.G;
+            if (tg != cur) {
+                /* a new token group: the query scaled per channel, the bias */
+                cur = tg;
+#pragma unroll
+                for (int r = 0; r < RT; r++) {
+                    float part = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < EPL; e++) {
+                        const int c = lane + 32 * e;
+                        qs[r][e] = 0.0f;
+                        if (c < D) {
+                            const float s = ks[tg * kss + c * ksd];
+                            qs[r][e] = qv[r][e] * s;
+                            part = fmaf(qv[r][e], kvc_pk_centre(km[tg * kms + c * kmd], s, bits), part);
+                        }
+                    }
+                    bias[r] = p.scaling * kvc_pa_warp_sum(part);
+                }
+            }
+            const uint8_t *row = kc + j * kcs;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                const int c = lane + 32 * e;
+                kf[e] = c < D ? kvc_pk_centred(kvc_pk_code(row, kcd, c, bits), bits) : 0.0f;
+            }
+            if (cn != NULL) lc = kvc_logf(cn[j * cs]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                const int c = lane + 32 * e;
+                kf[e] = c < D ? kvc_load_f32(rk, DT, (j - n) * rks + c * rkd) : 0.0f;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            float a = 0.0f;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) a = fmaf(packed ? qs[r][e] : qv[r][e], kf[e], a);
+            dot[r] = a;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2)
+#pragma unroll
+            for (int r = 0; r < RT; r++) dot[r] += __shfl_xor_sync(KVC_PA_FULL, dot[r], o);
+#pragma unroll
+        for (int r = 0; r < RT; r++) {
+            x[r] = j <= lim[r] ? (packed ? dot[r] * p.scaling + (bias[r] + lc) : dot[r] * p.scaling)
+                               : -INFINITY;
+            if (x[r] == -INFINITY) {
+                pw[r] = 0.0f;
+                alpha[r] = 1.0f;
+            } else {
+                alpha[r] = kvc_softmax_rescale(&st[r], x[r]);
+                pw[r] = kvc_expf(x[r] - st[r].m);
+                st[r].s += pw[r];
+            }
+        }
+        if (packed) {
+            const uint8_t *row = vc + j * vcs;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                const int c = lane + 32 * e;
+                if (c >= D) continue;
+                const int64_t u = c / g.G;
+                const float s = vs[j * vss + u * vsd];
+                const float ce = kvc_pk_centre(vm[j * vms + u * vmd], s, bits);
+                const float cv = kvc_pk_centred(kvc_pk_code(row, vcd, c, bits), bits);
+#pragma unroll
+                for (int r = 0; r < RT; r++) {
+                    acc[r][e] = fmaf(pw[r] * s, cv, acc[r][e] * alpha[r]);
+                    cen[r][e] = fmaf(pw[r], ce, cen[r][e] * alpha[r]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                const int c = lane + 32 * e;
+                const float v = c < D ? kvc_load_f32(rv, DT, (j - n) * rvs + c * rvd) : 0.0f;
+#pragma unroll
+                for (int r = 0; r < RT; r++) {
+                    acc[r][e] = fmaf(pw[r], v, acc[r][e] * alpha[r]);
+                    cen[r][e] *= alpha[r];
+                }
+            }
+        }
+    }
+
+    /* the warps' states, merged in warp order */
+#pragma unroll
+    for (int r = 0; r < RT; r++) {
+        if (lane == 0) {
+            sm_m[warp][r] = st[r].m;
+            sm_s[warp][r] = st[r].s;
+        }
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            const int c = lane + 32 * e;
+            if (c < D) sm_acc[warp][r][c] = acc[r][e] + cen[r][e];
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < RT * D; idx += KVC_PA_THREADS) {
+        const int r = idx / D, c = idx % D;
+        const int64_t row = t * RT + r;
+        if (row >= g.R) continue;
+        float M = -INFINITY, a = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w][r]);
+#pragma unroll
+        for (int w = 0; w < NW; w++) a += kvc_softmax_weight(sm_m[w][r], M) * sm_acc[w][r][c];
+        const int64_t pi = (bh * g.R + row) * g.nsplit + split;
+        g.pacc[pi * g.D + c] = a;
+        if (c == 0) {
+            float L = 0.0f;
+#pragma unroll
+            for (int w = 0; w < NW; w++) L += kvc_softmax_weight(sm_m[w][r], M) * sm_s[w][r];
+            g.pm[pi] = M;
+            g.ps[pi] = L;
+        }
+    }
+}
+
+/* Pass 2: one warp per row of out, splits in order. */
+static __global__ void __launch_bounds__(32)
+    kvc_pa_combine_kernel(const kvc_packed_attention_params p, const kvc_pa_geom g)
+{
+    const int64_t grow = blockIdx.x;
+    const int lane = threadIdx.x;
+    const int64_t bh = grow / g.R, row = grow % g.R;
+    const int64_t b = bh / g.Hkv, hk = bh % g.Hkv, i = row / g.g, hq = hk * g.g + row % g.g;
+    const int D = (int)g.D;
+    int64_t n, s0, off, chunk, count;
+    kvc_pa_head(p, b, hk, &n, &s0, &off);
+    const int64_t end = kvc_pa_tile_end(g, n, row / KVC_PA_RT);
+    kvc_pa_split(end - s0, g.nsplit, &chunk, &count);
+    const int64_t p0 = grow * g.nsplit;
+    float M = -INFINITY, L = 0.0f, o[KVC_PA_EPL];
+    for (int64_t k = 0; k < count; k++) M = fmaxf(M, g.pm[p0 + k]);
+#pragma unroll
+    for (int e = 0; e < KVC_PA_EPL; e++) o[e] = 0.0f;
+    if (M != -INFINITY) {
+        for (int64_t k = 0; k < count; k++) {
+            const float w = kvc_softmax_weight(g.pm[p0 + k], M); /* 0 for an unseen split */
+            const float *a = g.pacc + (p0 + k) * g.D;
+            L += w * g.ps[p0 + k];
+#pragma unroll
+            for (int e = 0; e < KVC_PA_EPL; e++)
+                if (lane + 32 * e < D) o[e] += w * a[lane + 32 * e];
+        }
+    }
+    const int64_t es = p.out.dtype == KVC_F32 ? 4 : 2;
+    char *dst = (char *)p.out.data + kvc_at(p.out, b, i, hq, 0) * es;
+#pragma unroll
+    for (int e = 0; e < KVC_PA_EPL; e++) {
+        const int c = lane + 32 * e;
+        /* a row that sees no slot gets zeros */
+        if (c < D) kvc_store_f32(dst, p.out.dtype, c * p.out.strides[3], M == -INFINITY ? 0.0f : o[e] / L);
+    }
+}
+
+/* SMs of the current device, asked once per device (threads that race store
+ * the same value); 132 when the query fails. */
+static int64_t kvc_pa_sm_count(void)
+{
+    static std::atomic<int> cache[KVC_PA_MAX_DEVICES];
+    int dev = -1, v = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < KVC_PA_MAX_DEVICES) {
+        v = cache[dev].load(std::memory_order_relaxed);
+        if (v > 0) return v;
+        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) {
+            cache[dev].store(v, std::memory_order_relaxed);
+            return v;
+        }
+    }
+    cudaGetLastError(); /* not a launch error: keep KVC_CUDA_LAUNCHED clean */
+    return 132;
+}
+
+/* Shapes -> geometry (no device reads); nsplit bounds every head's splits
+ * and sizes the workspace. False for an empty problem. */
+static bool kvc_pa_geometry(const kvc_packed_attention_params *p, kvc_pa_geom *g)
+{
+    g->B = p->q.shape[0];
+    g->Hkv = p->num_kv_heads;
+    g->nq = p->q.shape[2];
+    g->D = p->q.shape[3];
+    g->r = p->res_k.shape[2];
+    g->G = p->group;
+    g->bits = p->bits;
+    if (g->B <= 0 || p->q.shape[1] <= 0 || g->nq <= 0 || g->D <= 0 || g->Hkv <= 0) return false;
+    g->g = p->q.shape[1] / g->Hkv;
+    g->R = g->g * g->nq;
+    g->ntiles = kvc_ceil_div(g->R, KVC_PA_RT);
+    /* ragged heads' lengths live on the device: size for the average one */
+    const int64_t bh = g->B * g->Hkv;
+    const int64_t navg = (p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->key_codes.shape[0], bh)
+                                                     : p->key_codes.shape[2]) + g->r;
+    const int64_t most = navg > KVC_PA_MIN_CHUNK ? kvc_ceil_div(navg, KVC_PA_MIN_CHUNK) : 1;
+    const int64_t ns = kvc_pa_sm_count() * KVC_PA_BLOCKS_PER_SM / (bh * g->ntiles);
+    g->nsplit = ns < 1 ? 1 : (ns < most ? ns : most);
+    g->nsplit = g->nsplit < 65535 ? g->nsplit : 65535; /* grid y */
+    g->pm = g->ps = g->pacc = NULL;
+    return true;
+}
+
+extern "C" size_t kvc_cuda_packed_attention_workspace(const struct kvc_packed_attention_params *p)
+{
+    kvc_pa_geom g;
+    if (!kvc_pa_geometry(p, &g)) return 0;
+    const size_t np = (size_t)(g.B * g.Hkv * g.R * g.nsplit);
+    return KVC_ALIGN + 2 * kvc_align_up(np * sizeof(float)) +
+           kvc_align_up(np * (size_t)g.D * sizeof(float));
+}
+
+template <int DT>
+static enum kvc_status kvc_pa_run(const kvc_packed_attention_params &p, const kvc_pa_geom &g,
+                                  cudaStream_t s)
+{
+    const dim3 grid((unsigned)(g.B * g.Hkv * g.ntiles), (unsigned)g.nsplit);
+    kvc_pa_partial_kernel<DT><<<grid, KVC_PA_THREADS, 0, s>>>(p, g);
+    KVC_CUDA_LAUNCHED();
+    kvc_pa_combine_kernel<<<(unsigned)(g.B * g.Hkv * g.R), 32, 0, s>>>(p, g);
+    KVC_CUDA_LAUNCHED();
+    return KVC_OK;
+}
+
+extern "C" enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_params *p,
+                                                     void *stream)
+{
+    kvc_pa_geom g;
+    if (p->layout != KVC_KV_UNIFORM && p->layout != KVC_KV_RAGGED) return KVC_ERR_INVALID;
+    if (p->bits != 2 && p->bits != 4 && p->bits != 8) return KVC_ERR_INVALID;
+    if (p->group < 1) return KVC_ERR_INVALID;
+    if (!kvc_pa_geometry(p, &g)) return KVC_OK;
+    if (p->q.shape[1] % p->num_kv_heads != 0 || g.r < g.nq) return KVC_ERR_INVALID;
+    if (g.D > KVC_PA_MAX_D) return KVC_ERR_UNSUPPORTED;
+    const int32_t dt = p->q.dtype;
+    if ((dt != KVC_F32 && dt != KVC_F16 && dt != KVC_BF16) || p->res_k.dtype != dt ||
+        p->res_v.dtype != dt || p->out.dtype != dt)
+        return KVC_ERR_UNSUPPORTED;
+    if (p->key_codes.dtype != KVC_U8 || p->value_codes.dtype != KVC_U8 ||
+        p->key_mins.dtype != KVC_F32 || p->key_scales.dtype != KVC_F32 ||
+        p->value_mins.dtype != KVC_F32 || p->value_scales.dtype != KVC_F32 ||
+        (p->counts.data != NULL && p->counts.dtype != KVC_F32))
+        return KVC_ERR_UNSUPPORTED;
+    if (g.B * g.Hkv * g.ntiles > INT32_MAX || g.B * g.Hkv * g.R > INT32_MAX)
+        return KVC_ERR_UNSUPPORTED;
+    if (p->scratch == NULL || p->scratch_bytes < kvc_cuda_packed_attention_workspace(p))
+        return KVC_ERR_NOMEM;
+
+    const size_t np = (size_t)(g.B * g.Hkv * g.R * g.nsplit);
+    char *cur = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
+    g.pm = (float *)cur;
+    g.ps = (float *)(cur + kvc_align_up(np * sizeof(float)));
+    g.pacc = (float *)(cur + 2 * kvc_align_up(np * sizeof(float)));
+
+    const cudaStream_t s = KVC_STREAM(stream);
+    switch (dt) {
+    case KVC_F16: return kvc_pa_run<KVC_F16>(*p, g, s);
+    case KVC_BF16: return kvc_pa_run<KVC_BF16>(*p, g, s);
+    default: return kvc_pa_run<KVC_F32>(*p, g, s);
+    }
+}

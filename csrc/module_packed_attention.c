@@ -1,0 +1,360 @@
+/*
+ * module_packed_attention.c - binding of kvc_packed_attention (attention
+ * over a KIVI-packed layer plus a full-precision residual window,
+ * docs/packed.md): validate once, run with the GIL released.
+ */
+#include "module.h"
+#include "module_run.h"
+#include "module_spec.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention_packed.h"
+#include "attention_packed_math.h"
+#include "kvc_math.h"
+
+/* Argument slots, also the release order. */
+enum {
+    A_Q,
+    A_KC,
+    A_KM,
+    A_KS,
+    A_VC,
+    A_VM,
+    A_VS,
+    A_RK,
+    A_RV,
+    A_OUT,
+    A_BITS,
+    A_GROUP,
+    A_SCALE,
+    A_START,
+    A_OFF,
+    A_LEN,
+    A_CNT,
+    A_N
+};
+
+KVC_PY_OP(op_packed_attention, packed_attention, 1, 1)
+
+PyDoc_STRVAR(packed_attention_doc,
+             "packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, "
+             "value_scales, residual_keys, residual_values, out, bits, group, scaling, kv_start, "
+             "offsets, lengths, counts)\n--\n\n"
+             "Low-level: see kvcompress.ops.packed_attention.");
+
+/* Uniform layout: every head has n packed slots; offsets/lengths are None
+ * and kv_start is imported below (its limit, n + r, is no single size). */
+static const struct kvc_py_spec packed_uniform_spec[A_N] = {
+    KVC_PY_IN("queries", 4, "[B, Hq, q, D]", DT_FLOAT),
+    KVC_PY_IN("key_codes", 4, "[B, Hkv, n, Db]", DT_U8),
+    KVC_PY_IN("key_mins", 4, "[B, Hkv, T, D]", DT_F32),
+    KVC_PY_IN("key_scales", 4, "[B, Hkv, T, D]", DT_F32),
+    KVC_PY_IN("value_codes", 4, "[B, Hkv, n, Db]", DT_U8),
+    KVC_PY_IN("value_mins", 4, "[B, Hkv, n, U]", DT_F32),
+    KVC_PY_IN("value_scales", 4, "[B, Hkv, n, U]", DT_F32),
+    KVC_PY_IN_LIKE("residual_keys", 4, "[B, Hkv, r, D]", A_Q),
+    KVC_PY_IN_LIKE("residual_values", 4, "[B, Hkv, r, D]", A_Q),
+    KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
+    KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),
+    KVC_PY_INT_IN("group", 1, INT64_MAX),
+    KVC_PY_FINITE("scaling"),
+    KVC_PY_CUSTOM_ARG("kv_start", 1, "[B]", DT_I64),
+    KVC_PY_CUSTOM_ARG("offsets", 0, NULL, 0),
+    KVC_PY_CUSTOM_ARG("lengths", 0, NULL, 0),
+    KVC_PY_OPT("counts", 3, "[B, Hkv, n]", DT_F32),
+};
+
+/* Ragged layout: one buffer of N packed rows, a segment per head. */
+static const struct kvc_py_spec packed_ragged_spec[A_N] = {
+    KVC_PY_IN("queries", 4, "[B, Hq, q, D]", DT_FLOAT),
+    KVC_PY_IN("key_codes", 2, "[N, Db]", DT_U8),
+    KVC_PY_IN("key_mins", 2, "[T, D]", DT_F32),
+    KVC_PY_IN("key_scales", 2, "[T, D]", DT_F32),
+    KVC_PY_IN("value_codes", 2, "[N, Db]", DT_U8),
+    KVC_PY_IN("value_mins", 2, "[N, U]", DT_F32),
+    KVC_PY_IN("value_scales", 2, "[N, U]", DT_F32),
+    KVC_PY_IN_LIKE("residual_keys", 4, "[B, Hkv, r, D]", A_Q),
+    KVC_PY_IN_LIKE("residual_values", 4, "[B, Hkv, r, D]", A_Q),
+    KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
+    KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),
+    KVC_PY_INT_IN("group", 1, INT64_MAX),
+    KVC_PY_FINITE("scaling"),
+    KVC_PY_CUSTOM_ARG("kv_start", 0, NULL, 0),
+    KVC_PY_IN("offsets", 1, "[B * Hkv]", DT_I64),
+    KVC_PY_IN("lengths", 1, "[B * Hkv]", DT_I64),
+    KVC_PY_OPT("counts", 1, "[N]", DT_F32),
+};
+
+/* Element i of a host view of int64 (offsets, lengths, kv_start). */
+static int64_t i64_at(const struct kvc_view *v, int64_t i)
+{
+    return ((const int64_t *)v->data)[i * v->strides[0]];
+}
+
+struct seg {
+    int64_t off, len, head;
+};
+
+static int seg_cmp(const void *x, const void *y)
+{
+    const struct seg *a = (const struct seg *)x, *b = (const struct seg *)y;
+    if (a->off != b->off) return a->off < b->off ? -1 : 1;
+    return a->head < b->head ? -1 : (a->head > b->head);
+}
+
+/* Segments of the ragged layout: lengths >= 0, every segment inside the N
+ * packed rows, offsets multiples of the group (so key groups never straddle
+ * heads), non-empty segments pairwise disjoint (in any order). */
+static int check_segments(struct kvc_state *st, const struct kvc_view *off, const struct kvc_view *len,
+                          int64_t Hkv, int64_t N, int64_t G)
+{
+    const int64_t H = off->shape[0];
+    struct seg *s;
+    int64_t i, ns = 0;
+    for (i = 0; i < H; i++) {
+        const int64_t o = i64_at(off, i), n = i64_at(len, i);
+        if (n < 0)
+            return kvc_py_raise(st->ValueError, "lengths: value %lld of head %lld (b=%lld, h=%lld) is negative",
+                                (long long)n, (long long)i, (long long)(i / Hkv), (long long)(i % Hkv));
+        if (o < 0 || o > N || n > N - o)
+            return kvc_py_raise(st->ValueError,
+                                "offsets: segment [%lld, %lld + %lld) of head %lld (b=%lld, h=%lld) is "
+                                "outside the %lld rows of key_codes",
+                                (long long)o, (long long)o, (long long)n, (long long)i,
+                                (long long)(i / Hkv), (long long)(i % Hkv), (long long)N);
+        if (o % G != 0)
+            return kvc_py_raise(st->ValueError,
+                                "offsets: %lld of head %lld (b=%lld, h=%lld) is not a multiple of the "
+                                "group %lld (key groups must not straddle heads)",
+                                (long long)o, (long long)i, (long long)(i / Hkv), (long long)(i % Hkv),
+                                (long long)G);
+        ns += n > 0;
+    }
+    if (ns < 2) return 0;
+    s = (struct seg *)PyMem_Malloc((size_t)ns * sizeof *s);
+    if (s == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (i = 0, ns = 0; i < H; i++)
+        if (i64_at(len, i) > 0) {
+            s[ns].off = i64_at(off, i);
+            s[ns].len = i64_at(len, i);
+            s[ns].head = i;
+            ns++;
+        }
+    qsort(s, (size_t)ns, sizeof *s, seg_cmp);
+    for (i = 1; i < ns; i++)
+        if (s[i].off < s[i - 1].off + s[i - 1].len) {
+            kvc_py_raise(st->ValueError,
+                         "offsets: segments of heads %lld [%lld, %lld) and %lld [%lld, %lld) overlap",
+                         (long long)s[i - 1].head, (long long)s[i - 1].off,
+                         (long long)(s[i - 1].off + s[i - 1].len), (long long)s[i].head,
+                         (long long)s[i].off, (long long)(s[i].off + s[i].len));
+            PyMem_Free(s);
+            return -1;
+        }
+    PyMem_Free(s);
+    return 0;
+}
+
+static int raise_count(struct kvc_state *st, float c, const char *where)
+{
+    char val[32];
+    PyOS_snprintf(val, sizeof val, "%g", (double)c);
+    return kvc_py_raise(st->ValueError, "counts: %s is %s, expected a finite count >= 1", where, val);
+}
+
+/* Merge counts must be finite and >= 1 on every packed slot the op reads. */
+static int check_counts(struct kvc_state *st, const struct kvc_packed_attention_params *p)
+{
+    const float *cnt = (const float *)p->counts.data;
+    char where[96];
+    int64_t i, j;
+    if (p->layout == KVC_KV_RAGGED) {
+        const int64_t H = p->q.shape[0] * p->num_kv_heads, cs = p->counts.strides[0];
+        for (i = 0; i < H; i++) {
+            const int64_t o = p->offsets[i * p->offsets_stride], n = p->lengths[i * p->lengths_stride];
+            for (j = o; j < o + n; j++) {
+                const float v = cnt[j * cs];
+                if (!(v >= 1.0f) || isinf(v)) {
+                    PyOS_snprintf(where, sizeof where, "value at row %lld (head %lld)", (long long)j,
+                                  (long long)i);
+                    return raise_count(st, v, where);
+                }
+            }
+        }
+    } else {
+        const int64_t B = p->counts.shape[0], H = p->counts.shape[1], n = p->counts.shape[2];
+        int64_t b;
+        for (b = 0; b < B; b++) {
+            const int64_t s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
+            for (i = 0; i < H; i++)
+                for (j = s0; j < n; j++) {
+                    const float v = cnt[b * p->counts.strides[0] + i * p->counts.strides[1] +
+                                        j * p->counts.strides[2]];
+                    if (!(v >= 1.0f) || isinf(v)) {
+                        PyOS_snprintf(where, sizeof where, "value at [%lld, %lld, %lld]", (long long)b,
+                                      (long long)i, (long long)j);
+                        return raise_count(st, v, where);
+                    }
+                }
+        }
+    }
+    return 0;
+}
+
+/* The sizes the layout implies (docs/packed.md), each named by the
+ * argument whose shape carries it. */
+static int check_layout(struct kvc_state *st, const struct kvc_py_call *c, int ragged, int64_t bits,
+                        int64_t G)
+{
+    const int64_t D = c->a[A_Q].view.shape[3], q = c->a[A_Q].view.shape[2];
+    const struct kvc_view *kc = &c->a[A_KC].view, *km = &c->a[A_KM].view, *vm = &c->a[A_VM].view;
+    const int64_t n = kc->shape[ragged ? 0 : 2], Db = kc->shape[ragged ? 1 : 3];
+    const int64_t T = km->shape[ragged ? 0 : 2], U = vm->shape[ragged ? 1 : 3];
+    const int64_t r = c->a[A_RK].view.shape[2];
+    if (Db != kvc_pk_row_bytes(D, (int)bits))
+        return kvc_py_raise(st->ValueError,
+                            "key_codes: rows of %lld bytes, expected ceil(D * bits / 8) = %lld for "
+                            "D = %lld, bits = %lld",
+                            (long long)Db, (long long)kvc_pk_row_bytes(D, (int)bits), (long long)D,
+                            (long long)bits);
+    if (T != kvc_pk_groups(n, G))
+        return kvc_py_raise(st->ValueError,
+                            "key_mins: %lld token groups, expected ceil(%s / group) = %lld for %s = %lld, "
+                            "group = %lld",
+                            (long long)T, ragged ? "N" : "n", (long long)kvc_pk_groups(n, G),
+                            ragged ? "N" : "n", (long long)n, (long long)G);
+    if (U != kvc_pk_groups(D, G))
+        return kvc_py_raise(st->ValueError,
+                            "value_mins: %lld channel groups, expected ceil(D / group) = %lld for "
+                            "D = %lld, group = %lld",
+                            (long long)U, (long long)kvc_pk_groups(D, G), (long long)D, (long long)G);
+    if (r < q)
+        return kvc_py_raise(st->ValueError,
+                            "residual_keys: %lld residual slots, fewer than the %lld queries (the "
+                            "queries are the last q residual slots)",
+                            (long long)r, (long long)q);
+    return 0;
+}
+
+static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_py_call c;
+    struct kvc_packed_attention_params p;
+    int ragged;
+    int64_t B, Hq, Hkv, bits, G, r;
+    PyObject *ret = NULL;
+    memset(&p, 0, sizeof p);
+    if (kvc_py_check_nargs("packed_attention", nargs, A_N) < 0) return NULL;
+    ragged = args[A_OFF] != Py_None;
+    if (ragged != (args[A_LEN] != Py_None)) {
+        kvc_py_raise(st->ValueError, "%s: the ragged layout needs both offsets and lengths",
+                     ragged ? "lengths" : "offsets");
+        return NULL;
+    }
+    if (ragged && args[A_START] != Py_None) {
+        kvc_py_raise(st->ValueError,
+                     "kv_start: only for the uniform layout (a ragged head starts at its offset)");
+        return NULL;
+    }
+    if (kvc_py_call_parse(st, "packed_attention", ragged ? packed_ragged_spec : packed_uniform_spec, A_N,
+                          args, nargs, &c) < 0)
+        return NULL;
+    if (kvc_py_get_int64(st, args[A_BITS], "bits", &bits) < 0) goto done;
+    if (bits != 2 && bits != 4 && bits != 8) {
+        kvc_py_raise(st->ValueError, "bits: expected 2, 4 or 8, got %lld", (long long)bits);
+        goto done;
+    }
+    G = c.i[A_GROUP];
+    if (!ragged && args[A_START] != Py_None &&
+        kvc_py_arg_import(st, args[A_START], "kv_start", 1, "[B]", DT_I64, 0, &c.a[A_START]) < 0)
+        goto done;
+    B = c.a[A_Q].view.shape[0];
+    Hq = c.a[A_Q].view.shape[1];
+    if (ragged) {
+        const int64_t H = c.a[A_OFF].view.shape[0];
+        Hkv = c.a[A_RK].view.shape[1];
+        if (kvc_py_check_shape(st, &c.a[A_LEN], c.a[A_OFF].view.shape, "[B * Hkv]") < 0) goto done;
+        if (H != B * Hkv) {
+            kvc_py_raise(st->ValueError,
+                         "offsets: %lld entries is not B * Hkv = %lld * %lld (queries, residual_keys)",
+                         (long long)H, (long long)B, (long long)Hkv);
+            goto done;
+        }
+    } else {
+        Hkv = c.a[A_KC].view.shape[1];
+    }
+    if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0) {
+        kvc_py_raise(st->ValueError, "queries: %lld heads is not a multiple of the %lld kv heads",
+                     (long long)Hq, (long long)Hkv);
+        goto done;
+    }
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    if (check_layout(st, &c, ragged, bits, G) < 0) goto done;
+    r = c.a[A_RK].view.shape[2];
+    if (c.a[A_START].t) {
+        const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_START]);
+        const int64_t limit = c.a[A_KC].view.shape[2] + r;
+        int64_t b;
+        if (hs == NULL) goto done;
+        for (b = 0; b < hs->shape[0]; b++) {
+            const int64_t v = i64_at(hs, b);
+            if (v < 0 || v > limit) {
+                kvc_py_raise(st->ValueError,
+                             "kv_start: value %lld at batch %lld is outside [0, n + r] = [0, %lld]",
+                             (long long)v, (long long)b, (long long)limit);
+                goto done;
+            }
+        }
+    }
+    if (ragged) {
+        const struct kvc_view *hoff = kvc_py_arg_host(st, &c.a[A_OFF]);
+        const struct kvc_view *hlen = hoff ? kvc_py_arg_host(st, &c.a[A_LEN]) : NULL;
+        if (hlen == NULL) goto done;
+        if (check_segments(st, hoff, hlen, Hkv, c.a[A_KC].view.shape[0], G) < 0) goto done;
+    }
+
+    p.q = c.a[A_Q].view;
+    p.key_codes = c.a[A_KC].view;
+    p.key_mins = c.a[A_KM].view;
+    p.key_scales = c.a[A_KS].view;
+    p.value_codes = c.a[A_VC].view;
+    p.value_mins = c.a[A_VM].view;
+    p.value_scales = c.a[A_VS].view;
+    p.res_k = c.a[A_RK].view;
+    p.res_v = c.a[A_RV].view;
+    p.out = c.a[A_OUT].view;
+    if (c.a[A_CNT].t) p.counts = c.a[A_CNT].view;
+    p.layout = ragged ? KVC_KV_RAGGED : KVC_KV_UNIFORM;
+    p.num_kv_heads = Hkv;
+    p.group = G;
+    p.bits = (int32_t)bits;
+    p.kv_start = kvc_py_call_i64(&c, A_START, &p.kv_start_stride);
+    p.offsets = kvc_py_call_i64(&c, A_OFF, &p.offsets_stride);
+    p.lengths = kvc_py_call_i64(&c, A_LEN, &p.lengths_stride);
+    p.scaling = (float)c.f[A_SCALE];
+    p.num_threads = st->num_threads;
+    /* As attention: on CUDA the counts are not scanned (a copy to the host
+     * every decode step); a bad count spoils only its own rows. */
+    if (p.counts.data && c.a[A_CNT].dev_type == kDLCPU && check_counts(st, &p) < 0) goto done;
+    {
+        /* an empty problem takes no scratch */
+        void **scratch = kvc_py_view_numel(&p.out) > 0 ? &p.scratch : NULL;
+        if (kvc_py_run(st, &op_packed_attention, &p, scratch, &p.scratch_bytes, c.a, c.n) < 0) goto done;
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_call_release(&c);
+    return ret;
+}
+
+PyMethodDef kvc_py_packed_attention_methods[] = {
+    {"packed_attention", (PyCFunction)(void (*)(void))py_packed_attention, METH_FASTCALL,
+     packed_attention_doc},
+    {NULL, NULL, 0, NULL}};

@@ -1,0 +1,205 @@
+/*
+ * module_quant.c - bindings of pack and unpack (the packed KV layout of
+ * docs/packed.md, uniform [B, H, n, D] tensors): validate once, run with the
+ * GIL released, map a NaN/Inf (or a value past FLT_MAX / 2) in the input
+ * to an error naming the element.
+ */
+#include "module.h"
+#include "module_run.h"
+#include "module_spec.h"
+
+#include <string.h>
+
+#include "quant.h"
+#include "quant_math.h"
+
+KVC_PY_OP(op_pack, pack, 1, 1)
+KVC_PY_OP(op_unpack, unpack, 0, 0)
+
+/* The arguments every call checks before its tensors: the kind flag picks
+ * the spec (and the input's name), bits and group size the outputs. */
+static int quant_numbers(struct kvc_state *st, const char *fn, PyObject *const *args, Py_ssize_t nargs,
+                         Py_ssize_t n, int i_values, int *values, int32_t *bits)
+{
+    int64_t v;
+    if (kvc_py_check_nargs(fn, nargs, n) < 0) return -1;
+    if (kvc_py_get_bool(st, args[i_values], "values", values) < 0) return -1;
+    if (kvc_py_get_int64(st, args[i_values + 1], "bits", &v) < 0) return -1;
+    if (v != 2 && v != 4 && v != 8)
+        return kvc_py_raise(st->ValueError, "bits: expected 2, 4 or 8, got %lld", (long long)v);
+    *bits = (int32_t)v;
+    return 0;
+}
+
+/* The shapes of codes and of mins/scales for x [B, H, n, D]. */
+static void quant_shapes(int values, int32_t bits, int64_t G, const int64_t *x, int64_t *codes,
+                         int64_t *mins)
+{
+    memcpy(codes, x, 4 * sizeof(int64_t));
+    memcpy(mins, x, 4 * sizeof(int64_t));
+    codes[3] = kvc_quant_row_bytes(x[3], bits);
+    if (values) mins[3] = kvc_quant_groups(x[3], G);
+    else mins[2] = kvc_quant_groups(x[2], G);
+}
+
+#define QT_CODES "[B, H, n, Db]"
+#define QT_KEY_GROUPS "[B, H, ceil(n/G), D]"
+#define QT_VALUE_GROUPS "[B, H, n, ceil(D/G)]"
+
+/* ------------------------------------------------------------------------ */
+/* pack                                                                     */
+/* ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(pack_doc,
+             "pack(x, codes, mins, scales, values, bits, group)\n--\n\n"
+             "Low-level: see kvcompress.ops.pack_keys / pack_values.");
+
+enum { PK_X, PK_CODES, PK_MINS, PK_SCALES, PK_VALUES, PK_BITS, PK_GROUP, PK_N };
+
+/* Output shapes derive from x's and are checked by the binding (all dims
+ * unbound), with the derived sizes in the message. */
+#define PK_SPEC(xname, groups)                                                   \
+    {                                                                            \
+        KVC_PY_IN(xname, 4, "[B, H, n, D]", DT_FLOAT),                           \
+        KVC_PY_OUT_FREE("codes", 4, QT_CODES, DT_U8, 0xf),                       \
+        KVC_PY_OUT_FREE("mins", 4, groups, DT_F32, 0xf),                         \
+        KVC_PY_OUT_FREE("scales", 4, groups, DT_F32, 0xf),                       \
+        KVC_PY_FLAG("values"),                                                   \
+        KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),                                   \
+        KVC_PY_INT_IN("group", 1, INT64_MAX),                                    \
+    }
+
+static const struct kvc_py_spec pack_keys_spec[PK_N] = PK_SPEC("keys", QT_KEY_GROUPS);
+static const struct kvc_py_spec pack_values_spec[PK_N] = PK_SPEC("values", QT_VALUE_GROUPS);
+
+static PyObject *py_pack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_py_call c;
+    struct kvc_pack_params p;
+    struct kvc_pack_fault fault;
+    int64_t want_codes[4], want_mins[4];
+    int values;
+    int32_t bits;
+    PyObject *ret = NULL;
+    memset(&p, 0, sizeof p);
+    memset(&fault, 0, sizeof fault);
+    if (quant_numbers(st, "pack", args, nargs, PK_N, PK_VALUES, &values, &bits) < 0) return NULL;
+    if (kvc_py_call_parse(st, "pack", values ? pack_values_spec : pack_keys_spec, PK_N, args, nargs,
+                          &c) < 0)
+        return NULL;
+    quant_shapes(values, bits, c.i[PK_GROUP], c.a[PK_X].view.shape, want_codes, want_mins);
+    if (kvc_py_check_shape(st, &c.a[PK_CODES], want_codes, QT_CODES) < 0) goto done;
+    if (kvc_py_check_shape(st, &c.a[PK_MINS], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
+        goto done;
+    if (kvc_py_check_shape(st, &c.a[PK_SCALES], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
+        goto done;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.x = c.a[PK_X].view;
+    p.codes = c.a[PK_CODES].view;
+    p.mins = c.a[PK_MINS].view;
+    p.scales = c.a[PK_SCALES].view;
+    p.kind = values ? KVC_QUANT_VALUES : KVC_QUANT_KEYS;
+    p.bits = bits;
+    p.group = c.i[PK_GROUP];
+    p.num_threads = st->num_threads;
+    p.fault = &fault;
+    {
+        /* an empty problem takes no scratch */
+        void **scratch = p.x.shape[0] * p.x.shape[1] * p.x.shape[2] > 0 ? &p.scratch : NULL;
+        if (kvc_py_run(st, &op_pack, &p, scratch, &p.scratch_bytes, c.a, c.n) < 0) {
+            if (fault.found) {
+                /* the generic NaN error of the run, made precise */
+                char val[32];
+                PyErr_Clear();
+                PyOS_snprintf(val, sizeof val, "%g", (double)fault.value);
+                kvc_py_raise(st->ValueError,
+                             "%s: element [%lld, %lld, %lld, %lld] is %s; pack needs finite values "
+                             "of magnitude <= FLT_MAX / 2 (nothing was written)",
+                             values ? "values" : "keys", (long long)fault.pos[0], (long long)fault.pos[1],
+                             (long long)fault.pos[2], (long long)fault.pos[3], val);
+            }
+            goto done;
+        }
+    }
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_call_release(&c);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------ */
+/* unpack                                                                   */
+/* ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(unpack_doc,
+             "unpack(codes, mins, scales, out, values, bits, group)\n--\n\n"
+             "Low-level: see kvcompress.ops.unpack_keys / unpack_values.");
+
+enum { UP_CODES, UP_MINS, UP_SCALES, UP_OUT, UP_VALUES, UP_BITS, UP_GROUP, UP_N };
+
+/* B, H, n come from codes, D from out; the rest is checked by the binding. */
+#define UP_SPEC(groups)                                                          \
+    {                                                                            \
+        KVC_PY_IN_FREE("codes", 4, QT_CODES, DT_U8, 0xf),                        \
+        KVC_PY_IN_FREE("mins", 4, groups, DT_F32, 0xf),                          \
+        KVC_PY_IN_FREE("scales", 4, groups, DT_F32, 0xf),                        \
+        KVC_PY_OUT_FREE("out", 4, "[B, H, n, D]", DT_FLOAT, 0xf),                \
+        KVC_PY_FLAG("values"),                                                   \
+        KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),                                   \
+        KVC_PY_INT_IN("group", 1, INT64_MAX),                                    \
+    }
+
+static const struct kvc_py_spec unpack_keys_spec[UP_N] = UP_SPEC(QT_KEY_GROUPS);
+static const struct kvc_py_spec unpack_values_spec[UP_N] = UP_SPEC(QT_VALUE_GROUPS);
+
+static PyObject *py_unpack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_py_call c;
+    struct kvc_unpack_params p;
+    int64_t want_out[4], want_codes[4], want_mins[4];
+    int values;
+    int32_t bits;
+    PyObject *ret = NULL;
+    memset(&p, 0, sizeof p);
+    if (quant_numbers(st, "unpack", args, nargs, UP_N, UP_VALUES, &values, &bits) < 0) return NULL;
+    if (kvc_py_call_parse(st, "unpack", values ? unpack_values_spec : unpack_keys_spec, UP_N, args, nargs,
+                          &c) < 0)
+        return NULL;
+    memcpy(want_out, c.a[UP_CODES].view.shape, sizeof want_out);
+    want_out[3] = c.a[UP_OUT].view.shape[3];
+    if (kvc_py_check_shape(st, &c.a[UP_OUT], want_out, "[B, H, n, D]") < 0) goto done;
+    quant_shapes(values, bits, c.i[UP_GROUP], want_out, want_codes, want_mins);
+    if (c.a[UP_CODES].view.shape[3] != want_codes[3]) {
+        kvc_py_raise(st->ValueError,
+                     "codes: last dim %lld is not Db = ceil(D * bits / 8) = %lld for D = %lld (of out) and "
+                     "bits = %d",
+                     (long long)c.a[UP_CODES].view.shape[3], (long long)want_codes[3],
+                     (long long)want_out[3], (int)bits);
+        goto done;
+    }
+    if (kvc_py_check_shape(st, &c.a[UP_MINS], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
+        goto done;
+    if (kvc_py_check_shape(st, &c.a[UP_SCALES], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
+        goto done;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.codes = c.a[UP_CODES].view;
+    p.mins = c.a[UP_MINS].view;
+    p.scales = c.a[UP_SCALES].view;
+    p.out = c.a[UP_OUT].view;
+    p.kind = values ? KVC_QUANT_VALUES : KVC_QUANT_KEYS;
+    p.bits = bits;
+    p.group = c.i[UP_GROUP];
+    p.num_threads = st->num_threads;
+    if (kvc_py_run(st, &op_unpack, &p, NULL, NULL, c.a, c.n) < 0) goto done;
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_call_release(&c);
+    return ret;
+}
+
+PyMethodDef kvc_py_quant_methods[] = {
+    {"pack", (PyCFunction)(void (*)(void))py_pack, METH_FASTCALL, pack_doc},
+    {"unpack", (PyCFunction)(void (*)(void))py_unpack, METH_FASTCALL, unpack_doc},
+    {NULL, NULL, 0, NULL}};

@@ -1,0 +1,120 @@
+/*
+ * quant_math.h - per-element math of the packed KV layout (docs/packed.md),
+ * shared by quant.c and cuda/quant.cu so that both produce the same bits.
+ *
+ * A group of values is stored as fp32 (min, scale) and one `bits`-wide code
+ * per element, x ~ min + scale * code. Everything here is exactly rounded
+ * (subtraction, division, rint, min/max, a product exact in double), so no
+ * compiler contraction, ISA clone or device can change a result.
+ */
+#ifndef KVC_QUANT_MATH_H
+#define KVC_QUANT_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+
+#include "kvc.h"
+#include "kvc_math.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Largest code, 2^bits - 1 (bits in {2, 4, 8}). */
+KVC_HD static inline int32_t kvc_quant_levels(int32_t bits)
+{
+    return (1 << bits) - 1;
+}
+
+/* Codes per byte. */
+KVC_HD static inline int32_t kvc_quant_per_byte(int32_t bits)
+{
+    return 8 / bits;
+}
+
+/* Bytes of a packed row of D codes: ceil(D * bits / 8). */
+KVC_HD static inline int64_t kvc_quant_row_bytes(int64_t D, int32_t bits)
+{
+    return (D * bits + 7) / 8;
+}
+
+/* Groups of G covering n items, ceil(n / G), without overflow for any G. */
+KVC_HD static inline int64_t kvc_quant_groups(int64_t n, int64_t G)
+{
+    return n > 0 ? (n - 1) / G + 1 : 0;
+}
+
+/* Element c of a row lives in byte c / per, at bit (c % per) * bits (the
+ * first element in the low bits). */
+KVC_HD static inline int64_t kvc_quant_byte(int64_t c, int32_t bits)
+{
+    return c / kvc_quant_per_byte(bits);
+}
+
+KVC_HD static inline int32_t kvc_quant_shift(int64_t c, int32_t bits)
+{
+    return (int32_t)(c % kvc_quant_per_byte(bits)) * bits;
+}
+
+/* The code of element c out of its byte. */
+KVC_HD static inline uint32_t kvc_quant_extract(uint8_t byte, int64_t c, int32_t bits)
+{
+    return ((uint32_t)byte >> kvc_quant_shift(c, bits)) & (uint32_t)kvc_quant_levels(bits);
+}
+
+/* The group minimum as stored: -0 folded to +0 (x + 0 is +0 for x = -0 in
+ * round to nearest), so that which zero a reduction met first, which varies
+ * with its order, never shows in the bits. */
+KVC_HD static inline float kvc_quant_min(float mn)
+{
+    return mn + 0.0f;
+}
+
+/* scale = (max - min) / (2^bits - 1) in fp32; exactly 0 for a constant
+ * group (no division by zero later). */
+KVC_HD static inline float kvc_quant_scale(float mn, float mx, int32_t bits)
+{
+    return mx == mn ? 0.0f : (mx - mn) / (float)kvc_quant_levels(bits);
+}
+
+/* code = rint((x - min) / scale) in fp32 (ties to even), clamped to
+ * [0, 2^bits - 1]; 0 where scale is 0 (constant group, or a range so small
+ * that its scale underflows). Written as selects so that loops vectorise;
+ * the clamp also maps the NaN of a 0 / 0 to 0 before the conversion. Always
+ * inlined, so each KVC_HOT clone rounds with its own instructions. */
+KVC_HD KVC_INLINE uint32_t kvc_quant_code(float x, float mn, float scale, int32_t bits)
+{
+    const float top = (float)kvc_quant_levels(bits);
+    float c = rintf((x - mn) / scale);
+    c = c > top ? top : c;
+    c = c >= 0.0f ? c : 0.0f;
+    return scale > 0.0f ? (uint32_t)c : 0u;
+}
+
+/* x = min + scale * code. The product of a 24-bit significand and a code of
+ * at most 8 bits is exact in double and the sum is rounded once to double,
+ * then to fp32: the same bits with or without a fused multiply-add, on
+ * every CPU clone and on the GPU. */
+KVC_HD static inline float kvc_dequant(float mn, float scale, uint32_t code)
+{
+    return (float)((double)mn + (double)scale * (double)code);
+}
+
+/* Whether pack refuses element idx of a float-typed buffer: NaN, +-Inf, or
+ * a magnitude above FLT_MAX / 2, past which the range max - min of a group
+ * could overflow to Inf (and its scale with it). One comparison of the
+ * bits: fp16 never exceeds the bound, bf16 does from 0x7f00. */
+KVC_HD static inline int kvc_quant_refused(const void *base, int32_t dtype, int64_t idx)
+{
+    switch (dtype) {
+    case KVC_F16: return (((const uint16_t *)base)[idx] & 0x7fffu) >= 0x7c00u;
+    case KVC_BF16: return (((const uint16_t *)base)[idx] & 0x7fffu) > 0x7effu;
+    default: return (kvc_f32_bits(((const float *)base)[idx]) & 0x7fffffffu) > 0x7effffffu;
+    }
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_QUANT_MATH_H */

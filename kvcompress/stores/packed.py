@@ -1,0 +1,224 @@
+"""Packed storage: KIVI-style low-bit keys and values plus a full-precision
+residual window (layout: ``docs/packed.md``).
+
+The oldest slots of every head are packed, keys per channel in groups of
+``group`` tokens and values per token in groups of ``group`` channels; the
+newest slots stay in full precision in a residual window. ``settle()`` packs
+whole groups once the residual holds ``residual + group`` slots, so it always
+keeps between ``residual`` and ``residual + group - 1`` slots (a prefill packs
+everything but its last ``residual`` tokens rounded to whole groups, never
+the whole prompt). Attention reads the packed bits directly
+(``ops.packed_attention``); nothing dequantizes the layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from .base import AttentionSpec, LayerStore
+from .masked import build_mask, masked_attention
+
+
+class PackedStore(LayerStore):
+    """``[B, H, n_packed]`` packed slots followed by ``[B, H, r, D]`` residual
+    slots, every head the same length.
+
+    Parameters
+    ----------
+    bits : int
+        2, 4 or 8 bits per element.
+    group : int
+        Tokens per key group and channels per value group.
+    residual : int
+        Slots kept in full precision (at least; see the module docstring).
+    """
+
+    kind = "packed"
+
+    def __init__(self, bits: int, group: int, residual: int):
+        self.bits, self.group, self.residual = bits, group, residual
+        self.n_packed = 0  # packed slots per head, a multiple of group
+        self.r = 0  # residual slots per head
+        self.first_position = 0
+        self._kc = self._kmin = self._ksc = None  # codes [B,H,cap,Db] u8; [B,H,cap/G,D] f32
+        self._vc = self._vmin = self._vsc = None  # codes [B,H,cap,Db] u8; [B,H,cap,ceil(D/G)] f32
+        self._rk = self._rv = None  # residual [B,H,rcap,D]
+
+    def __repr__(self) -> str:
+        return (f"PackedStore(bits={self.bits}, group={self.group}, residual={self.residual}, "
+                f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}, full_precision={self.r})")
+
+    @classmethod
+    def from_uniform(cls, store, bits: int, group: int, residual: int) -> "PackedStore":
+        """Take over a uniform store's slots as the residual (no copy; call
+        :meth:`settle` to pack)."""
+        new = cls(bits, group, residual)
+        if store.batch:
+            new._rk, new._rv = store.keys, store.values
+            new.r = int(store.n)
+            new.first_position = int(store.column("positions")[0, 0, 0]) if store.n else 0
+        return new
+
+    # ------------------------------------------------------------ geometry
+    @property
+    def batch(self) -> int:
+        return 0 if self._rk is None else int(self._rk.shape[0])
+
+    @property
+    def heads(self) -> int:
+        return 0 if self._rk is None else int(self._rk.shape[1])
+
+    @property
+    def n(self) -> int:
+        return self.n_packed + self.r
+
+    def max_length(self) -> int:
+        return self.n
+
+    def head_lengths(self) -> list[int]:
+        return [self.n] * (self.batch * self.heads)
+
+    @property
+    def capacity(self) -> int:
+        return self.n
+
+    def tensors(self) -> list:
+        return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv)
+                if t is not None]
+
+    # ------------------------------------------------------------- writing
+    def append(self, keys, values, first_position: int) -> None:
+        B, H, q, D = (int(x) for x in keys.shape)
+        if self._rk is None:
+            self.first_position = first_position
+            self._rk = keys.new_empty((B, H, max(q, self.residual + self.group), D))
+            self._rv = values.new_empty(self._rk.shape)
+        elif B != self.batch or H != self.heads:
+            raise ValueError(f"key_states: expected batch {self.batch} and {self.heads} kv heads as earlier "
+                             f"updates of this layer, got {tuple(keys.shape)}")
+        if self.r + q > self._rk.shape[2]:
+            grow = lambda t: torch.cat([t[:, :, : self.r], t.new_empty((B, H, q, D))], 2)  # noqa: E731
+            self._rk, self._rv = grow(self._rk), grow(self._rv)
+        self._rk[:, :, self.r : self.r + q] = keys
+        self._rv[:, :, self.r : self.r + q] = values
+        self.r += q
+
+    def settle(self, pad=None) -> None:
+        """Pack whole groups of the oldest residual slots while more than
+        ``residual + group - 1`` are held (call after the layer's attention).
+
+        ``pad`` (host ints, one per row) are leading padded slots: before the
+        first pack they take the row's first real slot, so padding never
+        widens a group's range (it stays masked in attention).
+        """
+        m = (self.r - self.residual) // self.group * self.group
+        if m <= 0:
+            return
+        if pad is not None and not self.n_packed:
+            for b, p in enumerate(pad):
+                if 0 < p < self.r:
+                    self._rk[b, :, :p] = self._rk[b, :, p : p + 1]
+                    self._rv[b, :, :p] = self._rv[b, :, p : p + 1]
+        self._reserve(self.n_packed + m)
+        p0, G = self.n_packed, self.group
+        ops.pack_keys(self._rk[:, :, :m], self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
+                      mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G])
+        ops.pack_values(self._rv[:, :, :m], self.bits, G, codes=self._vc[:, :, p0 : p0 + m],
+                        mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m])
+        self.n_packed += m
+        left = self.r - m
+        cap = self.residual + G
+        if self._rk.shape[2] > cap + G:
+            # a prefill's buffer: give it back, the residual never needs more
+            self._rk, self._rv = self._rk[:, :, m : self.r].clone(), self._rv[:, :, m : self.r].clone()
+            self._rk = torch.cat([self._rk, self._rk.new_empty(self._rk.shape[:2] + (cap - left,) + self._rk.shape[3:])], 2)
+            self._rv = torch.cat([self._rv, self._rv.new_empty(self._rv.shape[:2] + (cap - left,) + self._rv.shape[3:])], 2)
+        else:
+            # the source overlaps the destination: copy through a temporary
+            self._rk[:, :, :left] = self._rk[:, :, m : self.r].clone()
+            self._rv[:, :, :left] = self._rv[:, :, m : self.r].clone()
+        self.r = left
+
+    def _reserve(self, need: int) -> None:
+        """Packed buffers for ``need`` slots (grown by half again, group-aligned)."""
+        have = 0 if self._kc is None else int(self._kc.shape[2])
+        if need <= have:
+            return
+        G = self.group
+        cap = max(need, have + have // 2)
+        cap = (cap + G - 1) // G * G
+        B, H, _, D = self._rk.shape
+        Db = ops.packed_row_bytes(int(D), self.bits)
+        dev = self._rk.device
+
+        def grow(old, shape, dtype):
+            new = torch.zeros(shape, dtype=dtype, device=dev)
+            if old is not None:
+                new[:, :, : old.shape[2]] = old
+            return new
+
+        self._kc = grow(self._kc, (B, H, cap, Db), torch.uint8)
+        self._vc = grow(self._vc, (B, H, cap, Db), torch.uint8)
+        self._kmin = grow(self._kmin, (B, H, cap // G, D), torch.float32)
+        self._ksc = grow(self._ksc, (B, H, cap // G, D), torch.float32)
+        vg = math.ceil(int(D) / G)
+        self._vmin = grow(self._vmin, (B, H, cap, vg), torch.float32)
+        self._vsc = grow(self._vsc, (B, H, cap, vg), torch.float32)
+
+    def index_batch(self, idx) -> None:
+        if self._rk is None:
+            return
+        idx = idx.to(self._rk.device)
+        for name in ("_kc", "_kmin", "_ksc", "_vc", "_vmin", "_vsc", "_rk", "_rv"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, idx))
+
+    # ----------------------------------------------------------- attention
+    def _packed_views(self):
+        p, G = self.n_packed, self.group
+        if self._kc is None:
+            return None
+        return (self._kc[:, :, :p], self._kmin[:, :, : p // G], self._ksc[:, :, : p // G],
+                self._vc[:, :, :p], self._vmin[:, :, :p], self._vsc[:, :, :p])
+
+    def dequantized(self):
+        """Full-precision ``(keys, values)`` ``[B, H, n, D]`` of every slot:
+        for tests and the paths the packed kernel does not cover."""
+        rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        views = self._packed_views()
+        if views is None or not self.n_packed:
+            return rk, rv
+        kc, kmin, ksc, vc, vmin, vsc = views
+        k = ops.unpack_keys(kc, kmin, ksc, self.bits, self.group, dtype=rk.dtype)
+        v = ops.unpack_values(vc, vmin, vsc, self.bits, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype)
+        return torch.cat([k, rk], 2), torch.cat([v, rv], 2)
+
+    def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
+        q = int(query.shape[2])
+        if spec.plain and spec.window is None and query.device.type == "cpu" and q <= self.r:
+            views = self._packed_views()
+            if views is None:
+                views = self._empty_packed(query)
+            return ops.packed_attention(query, *views, self._rk[:, :, : self.r], self._rv[:, :, : self.r],
+                                        bits=self.bits, group=self.group, scaling=spec.scaling, kv_start=kv_start)
+        # softcap / sink logits / windows: the eager path over a dequantized copy
+        keys, values = self.dequantized()
+        key_pos = None
+        if spec.window is not None:
+            key_pos = torch.arange(self.first_position, self.first_position + self.n,
+                                   device=query.device)[None].expand(query.shape[0], self.n)
+        mask = build_mask(int(query.shape[0]), q, self.n, query.device, kv_start=kv_start, window=spec.window,
+                          key_pos=key_pos, query_pos=query_pos)
+        return masked_attention(query, keys, values, spec, mask)
+
+    def _empty_packed(self, query):
+        B, H, _, D = self._rk.shape
+        Db = ops.packed_row_bytes(int(D), self.bits)
+        vg = math.ceil(int(D) / self.group)
+        z = lambda *s, dt=torch.float32: torch.zeros(s, dtype=dt, device=query.device)  # noqa: E731
+        return (z(B, H, 0, Db, dt=torch.uint8), z(B, H, 0, D), z(B, H, 0, D), z(B, H, 0, Db, dt=torch.uint8),
+                z(B, H, 0, vg), z(B, H, 0, vg))

@@ -1,0 +1,610 @@
+"""ops.packed_attention (attention over a KIVI-packed layer plus a
+full-precision residual window, docs/packed.md) against a float64
+reference over the dequantized slots.
+
+The packed inputs come from a small reference packer written here from the
+contract (the C pack op is not used). The reference dequantizes them in
+float64 and runs plain softmax attention over the logical sequence
+(packed slots, then residual slots) with the same causal, kv_start and
+counts rules. Error bound as in test_attention: at most 2x the error torch
+makes running the same attention in the query dtype (the dequantized K/V
+rounded to that dtype), plus the same small absolute floor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kvcompress import ops
+from kvcompress.errors import KVCompressTypeError, KVCompressValueError
+from test_attention import DTYPE_IDS, DTYPES, _head_attention, assert_within_bound, queries, randn
+
+BITS = [2, 4, 8]
+U8 = torch.uint8
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = ops.get_num_threads()
+    yield
+    ops.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- reference packer
+
+
+def _affine(x, lo, hi, bits):
+    """Codes of x (float32) in groups with minimum lo, maximum hi (broadcast):
+    scale = (hi - lo) / (2^bits - 1), code = rint((x - lo) / scale) clamped;
+    a constant group has scale 0 and codes 0."""
+    top = 2**bits - 1
+    scale = (hi - lo) / top
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    code = torch.where(scale > 0, torch.round((x - lo) / safe), torch.zeros_like(x)).clamp(0, top)
+    return code.to(torch.uint8), scale
+
+
+def pack_codes(codes, bits):
+    """[..., D] codes -> [..., ceil(D * bits / 8)] uint8, little end first."""
+    per = 8 // bits
+    D = codes.shape[-1]
+    Db = -(-D * bits // 8)
+    pad = torch.zeros(*codes.shape[:-1], Db * per - D, dtype=torch.int64)
+    c = torch.cat([codes.to(torch.int64), pad], dim=-1).reshape(*codes.shape[:-1], Db, per)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed, D, bits):
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    c = (packed.to(torch.int64)[..., None] >> shifts) & (2**bits - 1)
+    return c.reshape(*packed.shape[:-1], -1)[..., :D]
+
+
+def quantize_keys(k, bits, G):
+    """k [..., n, D] -> codes [..., n, D], mins, scales [..., ceil(n/G), D]
+    (per channel over groups of G tokens; the last group may be short)."""
+    k = k.to(torch.float32)
+    n = k.shape[-2]
+    codes, mins, scales = [], [], []
+    for t0 in range(0, n, G):
+        seg = k[..., t0:t0 + G, :]
+        lo, hi = seg.amin(-2, keepdim=True), seg.amax(-2, keepdim=True)
+        c, s = _affine(seg, lo, hi, bits)
+        codes.append(c)
+        mins.append(lo)
+        scales.append(s)
+    if not codes:
+        shape = k.shape[:-2] + (0, k.shape[-1])
+        return torch.zeros(shape, dtype=torch.uint8), torch.zeros(shape), torch.zeros(shape)
+    return torch.cat(codes, -2), torch.cat(mins, -2), torch.cat(scales, -2)
+
+
+def quantize_values(v, bits, G):
+    """v [..., n, D] -> codes [..., n, D], mins, scales [..., n, ceil(D/G)]
+    (per token over groups of G channels; the last group may be short)."""
+    v = v.to(torch.float32)
+    D = v.shape[-1]
+    codes, mins, scales = [], [], []
+    for u0 in range(0, D, G):
+        seg = v[..., u0:u0 + G]
+        lo, hi = seg.amin(-1, keepdim=True), seg.amax(-1, keepdim=True)
+        c, s = _affine(seg, lo, hi, bits)
+        codes.append(c)
+        mins.append(lo)
+        scales.append(s)
+    return torch.cat(codes, -1), torch.cat(mins, -1), torch.cat(scales, -1)
+
+
+def dequant_keys(codes, mins, scales, G):
+    """float64 [..., n, D] from per-channel token groups."""
+    n = codes.shape[-2]
+    idx = torch.arange(n) // G
+    return mins.double()[..., idx, :] + scales.double()[..., idx, :] * codes.double()
+
+
+def dequant_values(codes, mins, scales, G):
+    D = codes.shape[-1]
+    idx = torch.arange(D) // G
+    return mins.double()[..., idx] + scales.double()[..., idx] * codes.double()
+
+
+class Packed:
+    """One packed layer (uniform or ragged) with its float64 dequantization."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def args(self):
+        return (self.kc, self.km, self.ks, self.vc, self.vm, self.vs)
+
+
+def pack_uniform(k, v, bits, G):
+    """k, v [B, Hkv, n, D] -> the uniform packed layer."""
+    D = k.shape[-1]
+    kq, km, ks = quantize_keys(k, bits, G)
+    vq, vm, vs = quantize_values(v, bits, G)
+    return Packed(kc=pack_codes(kq, bits), km=km, ks=ks, vc=pack_codes(vq, bits), vm=vm, vs=vs,
+                  k64=dequant_keys(kq, km, ks, G), v64=dequant_values(vq, vm, vs, G), D=D)
+
+
+def pack_ragged(lengths, D, bits, G, seed=0, gap=1, shuffle=True, scale=1.0):
+    """Per-head slots of the given lengths, quantized per head and placed in
+    one buffer at offsets that are multiples of G, in a shuffled order with
+    `gap` unused groups between segments; unused min/scale rows are NaN and
+    unused codes random (the op must never read them)."""
+    H = len(lengths)
+    order = np.random.default_rng(seed).permutation(H) if shuffle else np.arange(H)
+    offsets = np.zeros(H, dtype=np.int64)
+    pos = gap * G
+    for i in order:
+        offsets[i] = pos
+        pos += -(-lengths[i] // G) * G + gap * G
+    N = pos
+    T = -(-N // G)
+    U = -(-D // G)
+    Db = -(-D * bits // 8)
+    gen = torch.Generator().manual_seed(seed + 100)
+    kc = torch.randint(0, 256, (N, Db), generator=gen, dtype=torch.uint8)
+    vc = torch.randint(0, 256, (N, Db), generator=gen, dtype=torch.uint8)
+    km, ks = torch.full((T, D), float("nan")), torch.full((T, D), float("nan"))
+    vm, vs = torch.full((N, U), float("nan")), torch.full((N, U), float("nan"))
+    k64, v64 = [], []
+    for i, n in enumerate(lengths):
+        o = int(offsets[i])
+        k = randn((n, D), seed=seed + 3 * i + 1, scale=scale) + 0.5
+        v = randn((n, D), seed=seed + 3 * i + 2)
+        p = pack_uniform(k, v, bits, G)
+        kc[o:o + n], vc[o:o + n], vm[o:o + n], vs[o:o + n] = p.kc, p.vc, p.vm, p.vs
+        km[o // G:o // G + p.km.shape[0]], ks[o // G:o // G + p.ks.shape[0]] = p.km, p.ks
+        k64.append(p.k64)
+        v64.append(p.v64)
+    return Packed(kc=kc, km=km, ks=ks, vc=vc, vm=vm, vs=vs, k64=k64, v64=v64, D=D,
+                  offsets=torch.from_numpy(offsets), lengths=torch.tensor(lengths, dtype=torch.int64), N=N)
+
+
+# ---------------------------------------------------------------- reference attention
+
+
+def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64):
+    """[B, q, Hq, D] in `dtype` over the logical sequence of every head: its
+    dequantized packed slots (float64, then rounded to `dtype`), then the
+    residual slots. Ragged when pk has offsets."""
+    B, Hq, nq, D = q.shape
+    Hkv = rk.shape[1]
+    g = Hq // Hkv
+    scaling = 1 / math.sqrt(D) if scaling is None else scaling
+    ragged = hasattr(pk, "offsets")
+    out = torch.zeros(B, nq, Hq, D, dtype=dtype)
+    for b in range(B):
+        for hk in range(Hkv):
+            i = b * Hkv + hk
+            if ragged:
+                kp, vp, s0 = pk.k64[i], pk.v64[i], 0
+                o, n = int(pk.offsets[i]), int(pk.lengths[i])
+                c = None if counts is None else counts[o:o + n]
+            else:
+                kp, vp = pk.k64[b, hk], pk.v64[b, hk]
+                s0 = 0 if kv_start is None else int(kv_start[b])
+                c = None if counts is None else counts[b, hk]
+            kh = torch.cat([kp.to(dtype), rk[b, hk].to(dtype)])
+            vh = torch.cat([vp.to(dtype), rv[b, hk].to(dtype)])
+            logc = None
+            if c is not None:
+                logc = torch.cat([torch.log(c.to(torch.float64)), torch.zeros(rk.shape[2], dtype=torch.float64)])
+            out[b, :, hk * g:(hk + 1) * g] = _head_attention(
+                q[b, hk * g:(hk + 1) * g].to(dtype), kh, vh, scaling, s0, logc, dtype)
+    return out
+
+
+def check(got, q, pk, rk, rv, what="", **kw):
+    assert got.dtype == q.dtype and tuple(got.shape) == (q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    ref = packed_ref(q, pk, rk, rv, **kw)
+    same = packed_ref(q, pk, rk, rv, dtype=q.dtype, **kw)
+    assert_within_bound(got, ref, same, what)
+
+
+def run(q, pk, rk, rv, bits, G, **kw):
+    if hasattr(pk, "offsets"):
+        kw.setdefault("offsets", pk.offsets)
+        kw.setdefault("lengths", pk.lengths)
+    return ops.packed_attention(q, *pk.args(), rk, rv, bits=bits, group=G, **kw)
+
+
+def uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype, seed=0):
+    q = queries(B, Hq, nq, D, dtype, seed=seed + 1)
+    # keys with a per-channel offset, as real keys have
+    k = randn((B, Hkv, n, D), seed=seed + 2, scale=1.5) + randn((1, 1, 1, D), seed=seed + 5)
+    v = randn((B, Hkv, n, D), seed=seed + 3)
+    pk = pack_uniform(k, v, bits, G)
+    rk = randn((B, Hkv, r, D), dtype, seed + 6, scale=1.5)
+    rv = randn((B, Hkv, r, D), dtype, seed + 7)
+    return q, pk, rk, rv
+
+
+# ---------------------------------------------------------------- the packer itself
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_reference_packer_round_trip(bits):
+    """The packer follows the contract: byte layout, error <= scale / 2."""
+    k, v = randn((2, 3, 37, 40), seed=1), randn((2, 3, 37, 40), seed=2)
+    kq, km, ks = quantize_keys(k, bits, 16)
+    assert km.shape == (2, 3, 3, 40) and kq.max() <= 2**bits - 1
+    packed = pack_codes(kq, bits)
+    assert packed.shape == (2, 3, 37, -(-40 * bits // 8))
+    assert torch.equal(unpack_codes(packed, 40, bits), kq.to(torch.int64))
+    idx = torch.arange(37) // 16
+    err = (dequant_keys(kq, km, ks, 16) - k.double()).abs()
+    assert (err <= ks.double()[..., idx, :] / 2 + 1e-6).all()
+    vq, vm, vs = quantize_values(v, bits, 16)
+    assert vm.shape == (2, 3, 37, 3)
+    err = (dequant_values(vq, vm, vs, 16) - v.double()).abs()
+    assert (err <= vs.double()[..., torch.arange(40) // 16] / 2 + 1e-6).all()
+    # a constant group: scale 0, codes 0, exact
+    c = torch.full((1, 1, 4, 8), 3.25)
+    cq, cm, cs = quantize_keys(c, bits, 4)
+    assert (cs == 0).all() and (cq == 0).all() and torch.equal(dequant_keys(cq, cm, cs, 4), c.double())
+
+
+# ---------------------------------------------------------------- uniform
+
+UNIFORM_SHAPES = [  # (B, Hq, Hkv, q, n, r, D, G)
+    (1, 4, 4, 1, 64, 1, 64, 32),  # decode, no GQA
+    (2, 8, 2, 1, 700, 5, 128, 32),  # decode, GQA 4, split blocks, 700 % 32 != 0
+    (2, 6, 2, 4, 37, 9, 40, 16),  # chunk, short last token and channel groups
+    (1, 6, 3, 3, 50, 3, 24, 7),  # G % 16 != 0 (groups across vectors), r == q
+    (2, 4, 2, 40, 90, 45, 33, 32),  # three query tiles (no split), odd D
+    (1, 2, 1, 1, 0, 4, 16, 8),  # nothing packed yet
+]
+
+
+@pytest.mark.parametrize("shape", UNIFORM_SHAPES, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_uniform_matches_reference(shape, bits, dtype):
+    B, Hq, Hkv, nq, n, r, D, G = shape
+    q, pk, rk, rv = uniform_case(*shape, bits, dtype)
+    got = run(q, pk, rk, rv, bits, G)
+    check(got, q, pk, rk, rv, f"{shape} bits={bits} {dtype}")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("G", [1, 5, 16, 64, 128])
+def test_group_sizes(bits, G):
+    """Groups of one slot / one channel up to groups wider than D."""
+    q, pk, rk, rv = uniform_case(2, 4, 2, 2, 150, 3, 72, G, bits, torch.float32, seed=G)
+    check(run(q, pk, rk, rv, bits, G, scaling=0.2), q, pk, rk, rv, f"G={G}", scaling=0.2)
+
+
+@pytest.mark.parametrize("bits,G", [(2, 32), (4, 128), (8, 48)])
+def test_long_decode_fp32_without_floor(bits, G):
+    """fp32 over thousands of slots of zero-centred values: the 2x bound
+    holds without the absolute floor (raw codes, all >= 0, would make the
+    sums of w * min and w * scale * code cancel)."""
+    B, Hq, Hkv, nq, n, r, D = 1, 8, 2, 1, 6000, 3, 128
+    q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, torch.float32)
+    got = run(q, pk, rk, rv, bits, G)
+    ref = packed_ref(q, pk, rk, rv)
+    same = packed_ref(q, pk, rk, rv, dtype=torch.float32)
+    err_c, err_t = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert err_c <= 2 * err_t, f"C error {err_c:.3g} > 2 x torch error {err_t:.3g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kv_start_padding(dtype):
+    """Left padding over the logical sequence, also reaching into the residual."""
+    B, Hq, Hkv, nq, n, r, D, G, bits = 4, 6, 2, 4, 45, 6, 24, 16, 4
+    q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype)
+    # row 2: 2 residual slots padded; row 3: queries 0 and 1 see nothing
+    kv_start = torch.tensor([0, 7, n + 2, n + r - nq + 2])
+    counts = torch.rand(B, Hkv, n, generator=torch.Generator().manual_seed(3)) * 5 + 1
+    got = run(q, pk, rk, rv, bits, G, kv_start=kv_start, counts=counts, scaling=0.3)
+    check(got, q, pk, rk, rv, str(dtype), kv_start=kv_start, counts=counts, scaling=0.3)
+    assert (got[3, :2] == 0).all() and (got[3, 2:] != 0).any()
+    # padded slots are never read: per-token value groups, counts, residual rows
+    pk.vm[1, :, :7] = pk.vs[1, :, :7] = float("nan")
+    pk.vm[2:, :] = pk.vs[2:, :] = float("nan")
+    counts[1, :, :7] = counts[2:] = float("nan")
+    pk.km[2:] = pk.ks[2:] = float("nan")
+    rk[2, :, :2] = rv[2, :, :2] = float("nan")
+    rk[3, :, :4] = rv[3, :, :4] = float("nan")
+    assert torch.equal(run(q, pk, rk, rv, bits, G, kv_start=kv_start, counts=counts, scaling=0.3), got)
+
+
+def test_padding_whole_row():
+    q, pk, rk, rv = uniform_case(2, 4, 2, 1, 9, 2, 16, 4, 8, torch.float32)
+    got = run(q, pk, rk, rv, 8, 4, kv_start=torch.tensor([11, 0]))
+    assert (got[0] == 0).all() and (got[1] != 0).any()
+
+
+# ---------------------------------------------------------------- ragged
+
+RAGGED_LENGTHS = {  # per (b, h) packed lengths for B=2, Hkv=2, q as keyed
+    1: [5, 0, 700, 1],
+    3: [33, 64, 0, 17],
+    20: [1000, 20, 0, 300],
+    40: [40, 0, 257, 41],  # three query tiles: no split
+}
+
+
+@pytest.mark.parametrize("nq", sorted(RAGGED_LENGTHS))
+@pytest.mark.parametrize("use_counts", [False, True], ids=["plain", "counts"])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_matches_reference(nq, use_counts, bits, dtype):
+    lengths = RAGGED_LENGTHS[nq]
+    B, Hq, Hkv, D, G = 2, 6, 2, (48 if nq != 20 else 64), (16 if nq != 3 else 12)
+    r = nq + 3
+    pk = pack_ragged(lengths, D, bits, G, seed=nq)
+    q = queries(B, Hq, nq, D, dtype, seed=nq + 7)
+    rk, rv = randn((B, Hkv, r, D), dtype, 8), randn((B, Hkv, r, D), dtype, 9)
+    counts = None
+    if use_counts:
+        counts = torch.from_numpy(np.random.default_rng(nq).integers(1, 9, size=pk.N)).float()
+        counts[pk.vm[:, 0].isnan()] = float("nan")  # unused rows: never read
+    got = run(q, pk, rk, rv, bits, G, counts=counts)
+    check(got, q, pk, rk, rv, f"q={nq} bits={bits} {dtype} counts={use_counts}", counts=counts)
+
+
+def test_ragged_equals_uniform():
+    """The same packed slots stored both ways give the same bits."""
+    B, Hq, Hkv, nq, n, r, D, G, bits = 2, 6, 2, 3, 640, 5, 64, 32, 4
+    q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, torch.bfloat16)
+    counts = torch.randint(1, 5, (B, Hkv, n), generator=torch.Generator().manual_seed(0)).float()
+    offsets = torch.arange(B * Hkv) * n  # n is a multiple of G
+    lengths = torch.full((B * Hkv,), n)
+    ragged = (pk.kc.reshape(-1, pk.kc.shape[-1]), pk.km.reshape(-1, D), pk.ks.reshape(-1, D),
+              pk.vc.reshape(-1, pk.vc.shape[-1]), pk.vm.reshape(-1, pk.vm.shape[-1]), pk.vs.reshape(-1, pk.vs.shape[-1]))
+    for c in (None, counts):
+        u = run(q, pk, rk, rv, bits, G, counts=c)
+        g = ops.packed_attention(q, *ragged, rk, rv, bits=bits, group=G, offsets=offsets, lengths=lengths,
+                                 counts=None if c is None else c.reshape(-1))
+        assert torch.equal(u, g)
+
+
+def test_ragged_all_heads_empty():
+    """Nothing packed at all: plain attention over the residual."""
+    B, Hq, Hkv, nq, r, D = 2, 4, 2, 2, 5, 32
+    pk = pack_ragged([0, 0, 0, 0], D, 4, 8)
+    q = queries(B, Hq, nq, D, torch.float32)
+    rk, rv = randn((B, Hkv, r, D), seed=4), randn((B, Hkv, r, D), seed=5)
+    got = run(q, pk, rk, rv, 4, 8)
+    check(got, q, pk, rk, rv)
+    torch.testing.assert_close(got, ops.attention(q, rk, rv), rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- counts
+
+
+def test_counts_of_one_equal_no_counts():
+    q, pk, rk, rv = uniform_case(2, 6, 2, 3, 300, 4, 64, 32, 2, torch.float32)
+    plain = run(q, pk, rk, rv, 2, 32)
+    assert torch.equal(run(q, pk, rk, rv, 2, 32, counts=torch.ones(2, 2, 300)), plain)
+    counts = torch.ones(2, 2, 300)
+    counts[:, :, 5] = 4.0
+    assert not torch.equal(run(q, pk, rk, rv, 2, 32, counts=counts), plain)
+
+
+# ---------------------------------------------------------------- threads, strides, frameworks
+
+
+@pytest.mark.parametrize("nq", [1, 20, 40])
+def test_threads_bit_identical(nq):
+    q, pk, rk, rv = uniform_case(2, 6, 2, nq, 3000, nq + 2, 64, 32, 4, torch.bfloat16)
+    pr = pack_ragged([3000, 0, 777, 64], 64, 2, 16, seed=5)
+    qf = q.float()
+    rkf, rvf = rk.float(), rv.float()
+    counts = torch.rand(pr.N, generator=torch.Generator().manual_seed(0)) * 4 + 1
+    results = []
+    for nt in (1, 2, 3):
+        ops.set_num_threads(nt)
+        results.append((run(q, pk, rk, rv, 4, 32, kv_start=torch.tensor([0, 100])),
+                        run(qf, pr, rkf, rvf, 2, 16, counts=counts)))
+    for u, r in results[1:]:
+        assert torch.equal(u, results[0][0]) and torch.equal(r, results[0][1])
+
+
+def test_batch_rows_independent():
+    """A row's result does not depend on the other rows of the batch."""
+    pr = pack_ragged([900, 3, 0, 40, 2000, 2], 32, 4, 16)
+    q = queries(3, 6, 2, 32, torch.float32)
+    rk, rv = randn((3, 2, 4, 32), seed=3), randn((3, 2, 4, 32), seed=4)
+    full = run(q, pr, rk, rv, 4, 16)
+    one = ops.packed_attention(q[1:2], *pr.args(), rk[1:2], rv[1:2], bits=4, group=16,
+                               offsets=pr.offsets[2:4], lengths=pr.lengths[2:4])
+    assert torch.equal(full[1:2], one)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_strides_do_not_change_bits(dtype):
+    """Strided views of every input (as a store writing into slices makes)
+    give the bits of contiguous copies."""
+    B, Hq, Hkv, nq, n, r, D, G, bits = 2, 6, 2, 2, 100, 3, 40, 8, 4
+    q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype)
+    want = run(q, pk, rk, rv, bits, G)
+
+    def spaced(x, dim):
+        """x as every other element of a buffer twice as long along dim."""
+        shape = list(x.shape)
+        shape[dim] *= 2
+        big = torch.zeros(shape, dtype=x.dtype)
+        sl = [slice(None)] * x.dim()
+        sl[dim] = slice(1, None, 2)
+        big[tuple(sl)] = x
+        return big[tuple(sl)]
+
+    strided = Packed(kc=spaced(pk.kc, 3), km=pk.km.transpose(2, 3).contiguous().transpose(2, 3),
+                     ks=spaced(pk.ks, 2), vc=spaced(pk.vc, 2), vm=spaced(pk.vm, 3),
+                     vs=pk.vs.transpose(2, 3).contiguous().transpose(2, 3))
+    assert not any(x.is_contiguous() for x in strided.args())
+    got = ops.packed_attention(q, *strided.args(), spaced(rk, 3), rv.transpose(2, 3).contiguous().transpose(2, 3),
+                               bits=bits, group=G)
+    assert torch.equal(got, want)
+
+
+def test_out_argument_and_numpy():
+    q, pk, rk, rv = uniform_case(2, 4, 2, 2, 40, 3, 16, 8, 4, torch.float32)
+    want = run(q, pk, rk, rv, 4, 8)
+    out = torch.full((2, 2, 4, 16), float("nan"))
+    assert run(q, pk, rk, rv, 4, 8, out=out) is out and torch.equal(out, want)
+    got = ops.packed_attention(q.numpy(), *(x.numpy() for x in pk.args()), rk.numpy(), rv.numpy(),
+                               bits=np.int64(4), group=np.int32(8), kv_start=np.array([0, 0]))
+    assert isinstance(got, np.ndarray) and np.array_equal(got, want.numpy())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_residual_rows_round_trip(dtype):
+    """One residual slot per head and nothing packed: the output is its
+    value row, so every 16-bit pattern goes through the conversions."""
+    D = 64
+    heads = 65536 // D
+    v = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, heads, 1, D)
+    q = torch.zeros(1, heads, 1, D, dtype=dtype)
+    pk = pack_uniform(torch.zeros(1, heads, 0, D), torch.zeros(1, heads, 0, D), 8, 4)
+    got = ops.packed_attention(q, *pk.args(), torch.zeros_like(v), v, bits=8, group=4)
+    want = v.transpose(1, 2)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))  # -0 == 0
+
+
+@pytest.mark.parametrize("nq,n", [(0, 5), (2, 0)])
+def test_zero_size(nq, n):
+    q, pk, rk, rv = uniform_case(2, 4, 2, nq, n, 2, 16, 4, 4, torch.float32)
+    got = run(q, pk, rk, rv, 4, 4)
+    assert tuple(got.shape) == (2, nq, 4, 16)
+    if nq:
+        check(got, q, pk, rk, rv)
+    empty = (torch.zeros(0, 8, dtype=U8), torch.zeros(0, 16), torch.zeros(0, 16), torch.zeros(0, 8, dtype=U8),
+             torch.zeros(0, 4), torch.zeros(0, 4))
+    none = torch.zeros(0, dtype=torch.int64)
+    got = ops.packed_attention(torch.zeros(0, 4, 1, 16), *empty, torch.zeros(0, 2, 1, 16), torch.zeros(0, 2, 1, 16),
+                               bits=4, group=4, offsets=none, lengths=none)
+    assert tuple(got.shape) == (0, 1, 4, 16)
+    got = ops.packed_attention(torch.zeros(1, 4, 1, 16), *empty, torch.zeros(1, 2, 1, 16), torch.ones(1, 2, 1, 16),
+                               bits=4, group=4, offsets=torch.zeros(2, dtype=torch.int64),
+                               lengths=torch.zeros(2, dtype=torch.int64))
+    assert (got == 1).all()
+
+
+def test_large_logits_stable():
+    q, pk, rk, rv = uniform_case(1, 3, 1, 1, 600, 2, 16, 32, 8, torch.float32)
+    got = run(q, pk, rk, rv, 8, 32, scaling=40.0)
+    assert torch.isfinite(got).all()
+    check(got, q, pk, rk, rv, scaling=40.0)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def _uniform_args():
+    q, pk, rk, rv = uniform_case(2, 4, 2, 2, 10, 3, 8, 4, 4, torch.float32)
+    return dict(queries=q, key_codes=pk.kc, key_mins=pk.km, key_scales=pk.ks, value_codes=pk.vc,
+                value_mins=pk.vm, value_scales=pk.vs, residual_keys=rk, residual_values=rv, bits=4, group=4)
+
+
+def _ragged_args():
+    pr = pack_ragged([10, 4, 0, 8], 8, 4, 4, gap=0, shuffle=False)  # offsets 0, 12, 16, 16; N = 24
+    q = queries(2, 4, 2, 8, torch.float32)
+    return dict(queries=q, key_codes=pr.kc, key_mins=pr.km, key_scales=pr.ks, value_codes=pr.vc,
+                value_mins=pr.vm, value_scales=pr.vs, residual_keys=randn((2, 2, 3, 8)),
+                residual_values=randn((2, 2, 3, 8), seed=2), bits=4, group=4, offsets=pr.offsets,
+                lengths=pr.lengths)
+
+
+def _call(a):
+    a = dict(a)
+    pos = [a.pop(k) for k in ("queries", "key_codes", "key_mins", "key_scales", "value_codes", "value_mins",
+                              "value_scales", "residual_keys", "residual_values")]
+    return ops.packed_attention(*pos, **a)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(bits=3), KVCompressValueError, "bits"),
+        (lambda a: a.update(bits=2), KVCompressValueError, "key_codes.*bytes"),
+        (lambda a: a.update(bits=4.0), KVCompressTypeError, "bits"),
+        (lambda a: a.update(group=0), KVCompressValueError, "group"),
+        (lambda a: a.update(group=2), KVCompressValueError, "key_mins.*token groups"),
+        (lambda a: a.update(key_codes=a["key_codes"].to(torch.int32)), KVCompressTypeError, "key_codes.*uint8"),
+        (lambda a: a.update(value_codes=a["value_codes"][..., :3]), KVCompressValueError, "value_codes"),
+        (lambda a: a.update(key_mins=a["key_mins"].double()), KVCompressTypeError, "key_mins.*float32"),
+        (lambda a: a.update(key_scales=a["key_scales"][:, :, :2]), KVCompressValueError, "key_scales"),
+        (lambda a: a.update(value_mins=a["value_mins"][..., :1], value_scales=a["value_scales"][..., :1]),
+         KVCompressValueError, "value_mins.*channel groups"),
+        (lambda a: a.update(value_scales=a["value_scales"].half()), KVCompressTypeError, "value_scales"),
+        (lambda a: a.update(value_scales=a["value_scales"][:, :, :9]), KVCompressValueError, "value_scales"),
+        (lambda a: a.update(residual_keys=a["residual_keys"].half()), KVCompressTypeError, "residual_keys.*dtype"),
+        (lambda a: a.update(residual_values=a["residual_values"][:, :, :2]), KVCompressValueError, "residual_values"),
+        (lambda a: a.update(residual_keys=a["residual_keys"][:, :, :1], residual_values=a["residual_values"][:, :, :1]),
+         KVCompressValueError, "residual_keys.*fewer"),
+        (lambda a: a.update(queries=queries(2, 3, 2, 8, torch.float32)), KVCompressValueError, "queries.*multiple"),
+        (lambda a: a.update(queries=queries(3, 4, 2, 8, torch.float32)), KVCompressValueError, "key_codes"),
+        (lambda a: a.update(queries=queries(2, 4, 2, 8, torch.float64)), KVCompressTypeError, "queries"),
+        (lambda a: a.update(kv_start=torch.tensor([0, 14])), KVCompressValueError, "kv_start.*14"),
+        (lambda a: a.update(kv_start=torch.tensor([-1, 0])), KVCompressValueError, "kv_start"),
+        (lambda a: a.update(kv_start=torch.tensor([0])), KVCompressValueError, "kv_start"),
+        (lambda a: a.update(counts=torch.ones(2, 2, 9)), KVCompressValueError, "counts"),
+        (lambda a: a.update(counts=torch.ones(2, 2, 10, dtype=torch.int32)), KVCompressTypeError, "counts"),
+        (lambda a: a.update(counts=torch.ones(2, 2, 10) * 0.5), KVCompressValueError, "counts.*0.5"),
+        (lambda a: a.update(counts=torch.ones(2, 2, 10).index_fill(2, torch.tensor([3]), float("nan"))),
+         KVCompressValueError, "counts.*nan"),
+        (lambda a: a.update(scaling=float("inf")), KVCompressValueError, "scaling"),
+        (lambda a: a.update(offsets=torch.tensor([0, 12, 16, 16])), KVCompressValueError, "key_codes.*2-D"),
+        (lambda a: a.update(out=torch.zeros(2, 2, 4, 7)), KVCompressValueError, "out"),
+        (lambda a: a.update(out=torch.zeros(2, 2, 4, 8, dtype=torch.float16)), KVCompressTypeError, "out"),
+    ],
+)
+def test_bad_uniform_inputs(mutate, exc, match):
+    a = _uniform_args()
+    assert _call(a).shape == (2, 2, 4, 8)
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        _call(a)
+
+
+@pytest.mark.parametrize(
+    "mutate,exc,match",
+    [
+        (lambda a: a.update(offsets=torch.tensor([0, 13, 16, 16])), KVCompressValueError, "offsets.*multiple"),
+        (lambda a: a.update(offsets=torch.tensor([0, 8, 16, 16])), KVCompressValueError, "offsets.*overlap"),
+        (lambda a: a.update(offsets=torch.tensor([0, 12, 16, 20])), KVCompressValueError, "offsets.*outside"),
+        (lambda a: a.update(offsets=torch.tensor([-4, 12, 16, 16])), KVCompressValueError, "offsets"),
+        (lambda a: a.update(offsets=torch.tensor([0, 12, 16])), KVCompressValueError, "lengths"),
+        (lambda a: a.update(offsets=torch.tensor([0, 12, 16, 16, 20]), lengths=torch.tensor([1, 1, 1, 1, 1])),
+         KVCompressValueError, "offsets.*B \\* Hkv"),
+        (lambda a: a.update(lengths=torch.tensor([10, 4, -1, 8])), KVCompressValueError, "lengths"),
+        (lambda a: a.update(lengths=None), KVCompressValueError, "lengths"),
+        (lambda a: a.update(offsets=torch.tensor([0.0, 12, 16, 16])), KVCompressTypeError, "offsets"),
+        (lambda a: a.update(kv_start=torch.tensor([0, 0])), KVCompressValueError, "kv_start"),
+        (lambda a: a.update(key_mins=a["key_mins"][:5], key_scales=a["key_scales"][:5]),
+         KVCompressValueError, "key_mins.*token groups"),
+        (lambda a: a.update(value_mins=a["value_mins"][:23]), KVCompressValueError, "value_mins"),
+        (lambda a: a.update(value_codes=a["value_codes"][:, :3]), KVCompressValueError, "value_codes"),
+        (lambda a: a.update(counts=torch.ones(23)), KVCompressValueError, "counts"),
+        (lambda a: a.update(counts=torch.ones(24).index_fill(0, torch.tensor([13]), 0.0)),
+         KVCompressValueError, "counts.*row 13"),
+        (lambda a: a.update(counts=torch.ones(24).index_fill(0, torch.tensor([2]), float("inf"))),
+         KVCompressValueError, "counts"),
+    ],
+)
+def test_bad_ragged_inputs(mutate, exc, match):
+    a = _ragged_args()
+    assert _call(a).shape == (2, 2, 4, 8)
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        _call(a)
+
+
+def test_unused_rows_not_checked():
+    a = _ragged_args()
+    counts = torch.ones(24)
+    counts[10] = float("nan")  # after head 0's 10 slots, before head 1's offset
+    counts[11] = 0.0
+    _call(dict(a, counts=counts))
