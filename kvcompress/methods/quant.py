@@ -73,3 +73,7 @@ class KIVI(Method):
 
     def describe(self) -> str:
         return f"KIVI(bits={self.bits}, group={self.group}, residual={self.residual})"
+
+    def __repr__(self) -> str:
+        # budget, ratio and interval mean nothing for a method that keeps every token
+        return self.describe()
