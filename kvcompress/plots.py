@@ -46,9 +46,14 @@ def plot_scores(results: dict, path) -> Path | None:
     for ax in flat[len(metrics):]:
         ax.axis("off")
     for ax, (task, key, title, log) in zip(flat, metrics):
-        for name in methods:
-            pts = sorted((r[axis], r[task][key]) for r in rows if r["method"] == name)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        for i, name in enumerate(methods):
+            mine = [r for r in rows if r["method"] == name]
+            if all(r[axis] is None for r in mine):
+                # a method with no budget (KIVI keeps every token): a level, not a curve
+                ax.axhline(mine[0][task][key], color=f"C{i % 10}", linestyle=":", linewidth=1.2, label=name)
+                continue
+            pts = sorted((r[axis], r[task][key]) for r in mine)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=f"C{i % 10}")
         base = full[task][key]
         if log and base <= 0:
             title += " (full cache: 0)"

@@ -196,7 +196,15 @@ def test_eval_and_suite_run_kivi_once(tiny_lm, tmp_path):
             "--budgets", "16,32", "--tasks", "ppl", "--ppl-context", "96", "--ppl-tokens", "8", "--ppl-windows", "1",
             "--no-progress", "--out", str(out)]
     assert cli.main(args) == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    # only rows without a budget (levels, no curve) still plot, on every scale
+    from kvcompress.plots import plot_scores
+
+    results["config"]["tasks"] = ["fidelity", "ppl"]
+    for r in rows:
+        r["fidelity"] = dict(kl=0.0 if r["method"] == "full" else 1e-3, top1=1.0)
+    assert plot_scores(dict(results, rows=rows[:2]), tmp_path / "levels.png").exists()
     assert [(r["method"], r["budget"]) for r in rows] == [
         ("full", None), ("kivi:bits=4:group=8:residual=16", None), ("snapkv:window=8", 16), ("snapkv:window=8", 32)]
     cfg = suite.SuiteConfig(methods=["kivi:group=8:residual=16", "tova"], ratios=[0.5, 0.9], tasks=["niah_single"],
