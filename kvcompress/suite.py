@@ -100,9 +100,13 @@ def _kvpress(name: str, ratio: float, prompt_tokens: int):
     if key not in presses:
         raise ValueError(f"methods: kvpress has no press {name!r}; it has {', '.join(sorted(presses.values()))}")
     cls = getattr(kvpress, presses[key])
-    if key in ("adakvpress", "criticaladakvpress"):
+    if key == "adakvpress":
         # head-wise wrappers around a scorer press, as kvpress's leaderboard runs them
         return cls(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio))
+    if key == "criticaladakvpress":
+        # CriticalKV weighs scores by the value norm itself; kvpress warns when the
+        # inner press does it too
+        return cls(press=kvpress.ExpectedAttentionPress(compression_ratio=ratio, use_vnorm=False))
     if key == "campress":
         keep = max(1, round((1.0 - ratio) * prompt_tokens))
         return cls(base_press=kvpress.TOVAPress(), target_size=keep, compression_interval=1)
