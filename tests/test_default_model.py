@@ -172,3 +172,23 @@ def test_multi_turn_generate_continues_the_cache(default_model):
             assert torch.equal(out2, _greedy(model, enc2, 8))
         else:
             assert max(layer.n for layer in cache.layers) <= 24 + 4
+
+
+def test_kivi_8bit_gives_the_full_cache_tokens(default_model, shakespeare):
+    """8-bit KIVI on a prompt long enough that most of it is packed generates
+    the full cache's greedy tokens."""
+    from kvcompress.methods import KIVI
+    from kvcompress.testing import greedy, method_context
+
+    model, tok = default_model
+    enc = _chat(tok, ["Summarise this scene in two sentences.\n\n" + shakespeare[:3000]])
+    n = enc["input_ids"].shape[1]
+    ref = _greedy(model, enc, 32)
+    with kvc.compress(model, KIVI(bits=8)):
+        out = _greedy(model, enc, 32)
+    assert torch.equal(out, ref), tok.decode(out[0, n:])
+    with method_context(model, KIVI(bits=8)) as new:
+        cache = new()
+        greedy(model, cache, enc["input_ids"], 1)
+    packed = [layer.store.n_packed for layer in cache.layers]
+    assert min(packed) == (n - 128) // 32 * 32 and min(packed) > 500
