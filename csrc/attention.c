@@ -1,43 +1,33 @@
 /*
  * attention.c - decode/chunk attention over a compressed layer (CPU).
  *
- * Work unit: one kv head (b, hk), one tile of up to AT_QT queries with all
- * g query heads of the GQA group (so each K/V row is read once for the
- * group), and one block of slots. Short chunks (decode) cut the slots into
- * fixed AT_SB-slot blocks (split-K, flash-decoding) so that a few long heads
- * still spread over every thread; each unit leaves an unnormalised partial
- * (running max, running sum, output row) and a second pass combines the
- * blocks by log-sum-exp in block order. Units and block boundaries depend
- * only on the shape of each head, never on the thread count: results are
- * bit-identical for any thread count.
+ * Work units of attention_units.h: one kv head (b, hk), one tile of up to
+ * KVC_AT_QT queries with all g query heads of the GQA group (so each K/V
+ * row is read once for the group), and one block of slots. Short chunks
+ * (decode) cut the slots into fixed AT_SB-slot blocks (split-K,
+ * flash-decoding) so that a few long heads still spread over every thread;
+ * each unit leaves an unnormalised partial (running max, running sum,
+ * output row) and a second pass combines the blocks by log-sum-exp in block
+ * order. Units and block boundaries depend only on the shape of each head,
+ * never on the thread count: results are bit-identical for any thread
+ * count.
  */
 #include <math.h>
 #include <string.h>
 
 #include "attention.h"
 #include "attention_tile.h"
+#include "attention_units.h"
 #include "kvc_math.h"
 
 #define AT_SB 256       /* slots per split-K block, a multiple of AT_TK */
-#define AT_QT 16        /* queries per unit */
-/* Split into blocks only while the chunk has at most this many query tiles:
- * decode and short chunks need the split for parallelism, longer chunks have
- * tiles enough, and their partials would grow as q * n. */
-#define AT_SPLIT_MAX_TILES 2
 
 struct at_geom {
-    int64_t B, Hq, Hkv, g, q, D;
-    int64_t Dp;      /* D rounded up to AT_TK: rows are padded with zeros */
-    int64_t ntiles;  /* query tiles per kv head */
-    int64_t P;       /* (b, hk, tile) pairs */
-    int64_t U;       /* units (pairs x blocks) */
-    int64_t R;       /* rows per unit at most: g * min(q, AT_QT) */
-    int64_t ustride; /* floats of one unit's partial */
-    int split;
+    struct kvc_at_units u; /* first, for the callbacks of attention_units.h */
     int kdirect, vdirect; /* rows read in place (fp32, or bf16 when bf16 is set) */
     int perm;             /* rows kept in the even/odd order of at_logits_bf16 */
     int bf16;             /* bf16 rows read in place (at_logits_bf16) */
-    size_t prefix_bytes, part_bytes, thread_bytes;
+    size_t thread_bytes;
 };
 
 /* Where the slots of one kv head live. */
@@ -47,8 +37,6 @@ struct at_head {
     int64_t ks, kd, vs, vd, cs; /* slot and element strides (elements) */
     int64_t n, s0;            /* slots; first valid slot */
 };
-
-static int64_t at_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 static void at_head_get(const struct kvc_attention_params *p, int64_t b, int64_t hk,
                         struct at_head *h)
@@ -88,44 +76,38 @@ static void at_head_get(const struct kvc_attention_params *p, int64_t b, int64_t
 static int64_t at_tile(const struct at_geom *g, const struct at_head *h, int64_t t, int64_t *i0,
                        int64_t *nq)
 {
-    *i0 = t * AT_QT;
-    *nq = g->q - *i0 < AT_QT ? g->q - *i0 : AT_QT;
-    return h->n - g->q + *i0 + *nq;
+    kvc_at_tile_rows(&g->u, t, i0, nq);
+    return h->n - g->u.q + *i0 + *nq;
 }
 
 static int64_t at_blocks(const struct at_geom *g, const struct at_head *h, int64_t t)
 {
     int64_t i0, nq, end = at_tile(g, h, t, &i0, &nq);
     if (h->n <= 0 || end <= h->s0) return 0;
-    return g->split ? (end - h->s0 + AT_SB - 1) / AT_SB : 1;
+    return g->u.split ? (end - h->s0 + AT_SB - 1) / AT_SB : 1;
+}
+
+static int64_t at_head_blocks(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk, int64_t t)
+{
+    struct at_head h;
+    at_head_get((const struct kvc_attention_params *)op, b, hk, &h);
+    return at_blocks((const struct at_geom *)u, &h, t);
 }
 
 /* Fills g; with prefix != NULL also prefix[pair] = first unit of the pair
  * (prefix[P] = U). */
 static void at_geometry(const struct kvc_attention_params *p, struct at_geom *g, int64_t *prefix)
 {
-    int64_t pair, u = 0;
-    g->B = p->q.shape[0];
-    g->Hq = p->q.shape[1];
-    g->q = p->q.shape[2];
-    g->D = p->q.shape[3];
-    g->Hkv = p->num_kv_heads;
-    g->g = g->Hkv > 0 ? g->Hq / g->Hkv : 1;
-    g->Dp = at_round_up(g->D > 0 ? g->D : 1, AT_TK);
-    g->ntiles = (g->q + AT_QT - 1) / AT_QT;
-    g->split = g->ntiles <= AT_SPLIT_MAX_TILES;
-    g->P = g->B * g->Hkv * g->ntiles;
-    g->R = g->g * (g->q < AT_QT ? g->q : AT_QT);
-    g->ustride = at_round_up(2 * g->R, AT_TK) + g->R * g->Dp;
+    kvc_at_units_init(&g->u, &p->q, p->num_kv_heads);
     {
         const int ragged = p->layout == KVC_KV_RAGGED;
         const int64_t kd = p->k.strides[ragged ? 1 : 3], vd = p->v.strides[ragged ? 1 : 3];
-        g->kdirect = p->k.dtype == KVC_F32 && kd == 1 && g->D % AT_TK == 0;
-        g->vdirect = p->v.dtype == KVC_F32 && vd == 1 && g->D % AT_TK == 0;
+        g->kdirect = p->k.dtype == KVC_F32 && kd == 1 && g->u.D % AT_TK == 0;
+        g->vdirect = p->v.dtype == KVC_F32 && vd == 1 && g->u.D % AT_TK == 0;
         /* bf16 rows whose length splits into 32-element chunks keep the
          * in-place kernel's element order even when they must be converted
          * (strided rows), so results do not depend on the strides */
-        g->perm = p->k.dtype == KVC_BF16 && g->D % (2 * AT_TK) == 0;
+        g->perm = p->k.dtype == KVC_BF16 && g->u.D % (2 * AT_TK) == 0;
 #ifdef AT_VEC
         g->bf16 = g->perm && kd == 1 && vd == 1;
 #else
@@ -134,29 +116,18 @@ static void at_geometry(const struct kvc_attention_params *p, struct at_geom *g,
         g->kdirect |= g->bf16;
         g->vdirect |= g->bf16;
     }
-    for (pair = 0; pair < g->P; pair++) {
-        struct at_head h;
-        const int64_t bh = pair / g->ntiles;
-        at_head_get(p, bh / g->Hkv, bh % g->Hkv, &h);
-        if (prefix) prefix[pair] = u;
-        u += at_blocks(g, &h, pair % g->ntiles);
-    }
-    if (prefix) prefix[g->P] = u;
-    g->U = u;
-    g->prefix_bytes = kvc_align_up((size_t)(g->P + 1) * sizeof(int64_t));
-    g->part_bytes = kvc_align_up((size_t)(g->U * g->ustride) * sizeof(float));
+    kvc_at_units_count(&g->u, at_head_blocks, p, prefix);
     /* query rows, converted K and V tiles, one zero row; weights, factors */
-    g->thread_bytes = kvc_align_up((size_t)((g->R + 2 * AT_TK + 1) * g->Dp + g->R * (AT_TK + 1)) *
+    g->thread_bytes = kvc_align_up((size_t)((g->u.R + 2 * AT_TK + 1) * g->u.Dp + g->u.R * (AT_TK + 1)) *
                                    sizeof(float)) +
-                      kvc_align_up((size_t)g->R * sizeof(int64_t));
+                      kvc_align_up((size_t)g->u.R * sizeof(int64_t));
 }
 
 size_t kvc_attention_scratch_bytes(const struct kvc_attention_params *p)
 {
     struct at_geom g;
-    int nt = p->num_threads > 0 ? p->num_threads : 1;
     at_geometry(p, &g, NULL);
-    return KVC_ALIGN + g.prefix_bytes + g.part_bytes + (size_t)nt * g.thread_bytes;
+    return kvc_at_scratch_bytes(&g.u, g.thread_bytes, p->num_threads);
 }
 
 #ifdef AT_VEC
@@ -220,11 +191,6 @@ struct at_thread {
     int64_t *lim; /* [R] last slot each row sees */
 };
 
-/* Partial of a unit: running max [R], running sum [R] (padded), rows [R][Dp]. */
-#define AT_PART_M(part) (part)
-#define AT_PART_S(g, part) ((part) + (g)->R)
-#define AT_PART_ACC(g, part) ((part) + at_round_up(2 * (g)->R, AT_TK))
-
 /* Position of element d in a row kept in the AT_BF16 order. */
 KVC_INLINE int64_t at_pos(const struct at_geom *g, int64_t d)
 {
@@ -238,18 +204,18 @@ KVC_INLINE void at_row_load(const struct at_geom *g, float *dst, const char *src
 {
     int64_t d;
     if (g->perm) {
-        for (d = 0; d < g->D; d++)
+        for (d = 0; d < g->u.D; d++)
             dst[at_pos(g, d)] = kvc_bf16_to_f32(((const uint16_t *)src)[d * stride]);
     } else {
-        at_row_f32(dst, src, dtype, g->D, stride);
+        at_row_f32(dst, src, dtype, g->u.D, stride);
     }
 }
 
 static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct at_geom *g,
                             int64_t pair, int64_t blk, float *part, const struct at_thread *w)
 {
-    const int64_t Dp = g->Dp, t = pair % g->ntiles, bh = pair / g->ntiles;
-    const int64_t b = bh / g->Hkv, hk = bh % g->Hkv;
+    const int64_t Dp = g->u.Dp, t = pair % g->u.ntiles, bh = pair / g->u.ntiles;
+    const int64_t b = bh / g->u.Hkv, hk = bh % g->u.Hkv;
     const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->k.dtype);
     struct at_head h;
     int64_t i0, nq, end, j0, j1, jt, R, r;
@@ -257,21 +223,21 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
 
     at_head_get(p, b, hk, &h);
     end = at_tile(g, &h, t, &i0, &nq);
-    R = g->g * nq;
-    j0 = h.s0 + (g->split ? blk * AT_SB : 0);
-    j1 = g->split && j0 + AT_SB < end ? j0 + AT_SB : end;
-    pm = AT_PART_M(part);
-    ps = AT_PART_S(g, part);
-    acc = AT_PART_ACC(g, part);
+    R = g->u.g * nq;
+    j0 = h.s0 + (g->u.split ? blk * AT_SB : 0);
+    j1 = g->u.split && j0 + AT_SB < end ? j0 + AT_SB : end;
+    pm = KVC_AT_PART_M(part);
+    ps = KVC_AT_PART_S(&g->u, part);
+    acc = KVC_AT_PART_ACC(&g->u, part);
 
     /* row r = gi * nq + i: query head hk * g + gi, query i0 + i */
     for (r = 0; r < R; r++) {
-        const int64_t hq = hk * g->g + r / nq, qi = i0 + r % nq;
+        const int64_t hq = hk * g->u.g + r / nq, qi = i0 + r % nq;
         const char *src = (const char *)p->q.data +
                           (b * p->q.strides[0] + hq * p->q.strides[1] + qi * p->q.strides[2]) * es;
         float *qr = w->qbuf + r * Dp;
         at_row_load(g, qr, src, p->q.dtype, p->q.strides[3]);
-        w->lim[r] = h.n - g->q + qi;
+        w->lim[r] = h.n - g->u.q + qi;
         pm[r] = -INFINITY;
         ps[r] = 0.0f;
         memset(acc + r * Dp, 0, (size_t)Dp * sizeof(float));
@@ -321,21 +287,7 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
 #endif
                 at_logits(w->qbuf + r * Dp, kp, lc, Dp, p->scaling, w->xbuf + r * AT_TK);
         }
-        for (r = 0; r < R; r++) {
-            const int64_t nvis = w->lim[r] - jt + 1;
-            struct kvc_softmax_state st;
-            if (nvis <= 0) {
-                /* leaves the row's output as it is in the grouped pass */
-                memset(w->xbuf + r * AT_TK, 0, AT_TK * sizeof(float));
-                w->abuf[r] = 1.0f;
-                continue;
-            }
-            st.m = pm[r];
-            st.s = ps[r];
-            w->abuf[r] = at_softmax(w->xbuf + r * AT_TK, nvis < nk ? nvis : nk, &st);
-            pm[r] = st.m;
-            ps[r] = st.s;
-        }
+        at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
         for (r = 0; r < R; r += 4) {
             /* rows in groups of up to 4 share each V row load */
             float *accs[4];
@@ -365,42 +317,9 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
     }
 }
 
-/* out rows of a pair <- log-sum-exp combine of its blocks, in block order. */
-static void at_combine(const struct kvc_attention_params *p, const struct at_geom *g,
-                       int64_t pair, const int64_t *prefix, const float *parts, float *o)
+static int64_t at_out_pos(const struct kvc_at_units *u, int64_t d)
 {
-    const int64_t D = g->D, Dp = g->Dp, t = pair % g->ntiles, bh = pair / g->ntiles;
-    const int64_t b = bh / g->Hkv, hk = bh % g->Hkv;
-    const int64_t u0 = prefix[pair], nb = prefix[pair + 1] - u0;
-    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->out.dtype);
-    const int64_t i0 = t * AT_QT, nq = g->q - i0 < AT_QT ? g->q - i0 : AT_QT;
-    const int64_t R = g->g * nq;
-    int64_t r, k, d;
-    for (r = 0; r < R; r++) {
-        const int64_t hq = hk * g->g + r / nq, qi = i0 + r % nq;
-        char *dst = (char *)p->out.data +
-                    (b * p->out.strides[0] + qi * p->out.strides[1] + hq * p->out.strides[2]) * es;
-        const int64_t os = p->out.strides[3];
-        float M = -INFINITY, L = 0.0f;
-        for (k = 0; k < nb; k++) {
-            float m = AT_PART_M(parts + (u0 + k) * g->ustride)[r];
-            M = m > M ? m : M;
-        }
-        if (M == -INFINITY) {
-            /* the row sees no slot */
-            for (d = 0; d < D; d++) kvc_store_f32(dst, p->out.dtype, d * os, 0.0f);
-            continue;
-        }
-        for (d = 0; d < Dp; d++) o[d] = 0.0f;
-        for (k = 0; k < nb; k++) {
-            const float *part = parts + (u0 + k) * g->ustride;
-            const float wk = kvc_softmax_weight(AT_PART_M(part)[r], M);
-            const float *a = AT_PART_ACC(g, part) + r * Dp;
-            L += wk * AT_PART_S(g, part)[r];
-            for (d = 0; d < Dp; d++) o[d] += wk * a[d];
-        }
-        for (d = 0; d < D; d++) kvc_store_f32(dst, p->out.dtype, d * os, o[at_pos(g, d)] / L);
-    }
+    return at_pos((const struct at_geom *)u, d);
 }
 
 enum kvc_status kvc_attention(const struct kvc_attention_params *p)
@@ -409,50 +328,38 @@ enum kvc_status kvc_attention(const struct kvc_attention_params *p)
     char *base;
     int64_t *prefix;
     float *parts;
-    int nt = p->num_threads > 0 ? p->num_threads : 1;
-    int64_t d, n_out = 1;
-    if (p->layout != KVC_KV_UNIFORM && p->layout != KVC_KV_RAGGED) return KVC_ERR_INVALID;
-    for (d = 0; d < 4; d++) n_out *= p->q.shape[d];
-    if (n_out == 0) return KVC_OK;
-    if (p->num_kv_heads <= 0 || p->q.shape[1] % p->num_kv_heads != 0) return KVC_ERR_INVALID;
+    int nt, empty;
+    enum kvc_status s = kvc_at_units_check(p->layout, &p->q, p->num_kv_heads, &empty);
+    if (s != KVC_OK || empty) return s;
     if (p->scratch == NULL || p->scratch_bytes < kvc_attention_scratch_bytes(p))
         return KVC_ERR_NOMEM;
-    base = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
-    prefix = (int64_t *)base;
+    prefix = kvc_at_scratch_prefix(p->scratch);
     at_geometry(p, &g, prefix);
-    parts = (float *)(base + g.prefix_bytes);
-    base += g.prefix_bytes + g.part_bytes;
-    /* a parallel region costs more than a small decode step */
-    if (g.U < 2) nt = 1;
+    parts = kvc_at_scratch_parts(&g.u, prefix, &base);
+    nt = kvc_at_threads(&g.u, p->num_threads);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         struct at_thread w;
         int64_t u;
         w.qbuf = (float *)(base + (size_t)KVC_THREAD_ID() * g.thread_bytes);
-        w.kbuf = w.qbuf + g.R * g.Dp;
-        w.vbuf = w.kbuf + AT_TK * g.Dp;
-        w.zero = w.vbuf + AT_TK * g.Dp;
-        w.xbuf = w.zero + g.Dp;
-        w.abuf = w.xbuf + g.R * AT_TK;
-        w.lim = (int64_t *)((char *)w.qbuf + kvc_align_up((size_t)((g.R + 2 * AT_TK + 1) * g.Dp +
-                                                                   g.R * (AT_TK + 1)) *
+        w.kbuf = w.qbuf + g.u.R * g.u.Dp;
+        w.vbuf = w.kbuf + AT_TK * g.u.Dp;
+        w.zero = w.vbuf + AT_TK * g.u.Dp;
+        w.xbuf = w.zero + g.u.Dp;
+        w.abuf = w.xbuf + g.u.R * AT_TK;
+        w.lim = (int64_t *)((char *)w.qbuf + kvc_align_up((size_t)((g.u.R + 2 * AT_TK + 1) * g.u.Dp +
+                                                                   g.u.R * (AT_TK + 1)) *
                                                           sizeof(float)));
         /* pads past D stay zero: conversions write only the first D */
-        memset(w.qbuf, 0, (size_t)((g.R + 2 * AT_TK + 1) * g.Dp) * sizeof(float));
+        memset(w.qbuf, 0, (size_t)((g.u.R + 2 * AT_TK + 1) * g.u.Dp) * sizeof(float));
 #pragma omp for schedule(dynamic, 1)
-        for (u = 0; u < g.U; u++) {
-            /* the pair holding unit u: last prefix entry <= u */
-            int64_t lo = 0, hi = g.P - 1;
-            while (lo < hi) {
-                int64_t mid = (lo + hi + 1) / 2;
-                if (prefix[mid] <= u) lo = mid;
-                else hi = mid - 1;
-            }
-            at_unit(p, &g, lo, u - prefix[lo], parts + u * g.ustride, &w);
+        for (u = 0; u < g.u.U; u++) {
+            const int64_t pair = kvc_at_unit_pair(&g.u, prefix, u);
+            at_unit(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
         }
 #pragma omp for schedule(static)
-        for (u = 0; u < g.P; u++) at_combine(p, &g, u, prefix, parts, w.kbuf);
+        for (u = 0; u < g.u.P; u++) kvc_at_combine(&g.u, &p->out, at_out_pos, u, prefix, parts, w.kbuf);
     }
     return KVC_OK;
 }

@@ -2,9 +2,10 @@
  * attention_packed.c - decode/chunk attention over a KIVI-packed layer plus
  * a full-precision residual window (CPU; docs/packed.md).
  *
- * Work units as in attention.c: one kv head (b, hk), one tile of up to
- * PA_QT queries with all g query heads of the GQA group (each packed row is
- * read and unpacked once for the group), one block of slots of the head's
+ * Work units of attention_units.h, as in attention.c: one kv head (b, hk),
+ * one tile of up to KVC_AT_QT queries with all g query heads of the GQA
+ * group (each packed row is read and unpacked once for the group), one
+ * block of slots of the head's
  * logical sequence (packed slots, then residual slots). Short chunks
  * (decode) cut the sequence into PA_SB-slot blocks at fixed positions
  * (split-K), combined by log-sum-exp in block order: bit-identical for any
@@ -32,28 +33,20 @@
 #include "attention_packed.h"
 #include "attention_packed_math.h"
 #include "attention_tile.h"
+#include "attention_units.h"
 #include "kvc_math.h"
 
 #define PA_SB 256 /* slots per split-K block, a multiple of AT_TK; blocks start at multiples */
-#define PA_QT 16  /* queries per unit */
-/* As attention.c: split only chunks of at most this many query tiles. */
-#define PA_SPLIT_MAX_TILES 2
 
 struct pa_geom {
-    int64_t B, Hq, Hkv, g, q, D, r;
+    struct kvc_at_units u; /* first, for the callbacks of attention_units.h */
+    int64_t r;         /* residual slots */
     int64_t G, Db, ng; /* group size, bytes of a packed row, value channel groups */
     int bits;
     int grouped;     /* G % AT_TK == 0: every vector of AT_TK channels lies in one value group */
     int64_t NS;      /* key token groups one tile can span: size of the ring of scaled queries */
-    int64_t Dp;      /* D rounded up to AT_TK: rows are padded with zeros */
-    int64_t ntiles;  /* query tiles per kv head */
-    int64_t P;       /* (b, hk, tile) pairs */
-    int64_t U;       /* units (pairs x blocks) */
-    int64_t R;       /* rows per unit at most: g * min(q, PA_QT) */
-    int64_t ustride; /* floats of one unit's partial */
-    int split;
     size_t float_floats; /* floats of a thread's buffers */
-    size_t prefix_bytes, part_bytes, thread_bytes;
+    size_t thread_bytes;
 };
 
 /* Where the slots of one kv head live. Strides in elements (bytes for codes). */
@@ -71,7 +64,12 @@ struct pa_head {
     int64_t n, s0;             /* packed slots; first valid logical slot */
 };
 
-static int64_t pa_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+/* Elements from the start of v to kv head (b, hk)'s first row: ragged, row
+ * `row` of the shared buffer; uniform, [b, hk]. */
+static int64_t pa_head_at(const struct kvc_view *v, int ragged, int64_t row, int64_t b, int64_t hk)
+{
+    return ragged ? row * v->strides[0] : b * v->strides[0] + hk * v->strides[1];
+}
 
 static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, int64_t hk,
                         struct pa_head *h)
@@ -80,43 +78,33 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
     const struct kvc_view *kc = &p->key_codes, *vc = &p->value_codes;
     const struct kvc_view *km = &p->key_mins, *ks = &p->key_scales;
     const struct kvc_view *vm = &p->value_mins, *vs = &p->value_scales, *cn = &p->counts;
-    if (p->layout == KVC_KV_RAGGED) {
+    const int ragged = p->layout == KVC_KV_RAGGED;
+    const int sd = ragged ? 0 : 2; /* the slot (token group) dim; the channel dim follows */
+    int64_t off = 0, t0 = 0;       /* ragged: first packed row, first key group row */
+    if (ragged) {
         const int64_t i = b * p->num_kv_heads + hk;
-        const int64_t off = p->offsets[i * p->offsets_stride], t0 = off / p->group;
+        off = p->offsets[i * p->offsets_stride];
+        t0 = off / p->group;
         h->n = p->lengths[i * p->lengths_stride];
         h->s0 = 0;
-        h->kcs = kc->strides[0], h->kcd = kc->strides[1];
-        h->vcs = vc->strides[0], h->vcd = vc->strides[1];
-        h->kms = km->strides[0], h->kmd = km->strides[1];
-        h->kss = ks->strides[0], h->ksd = ks->strides[1];
-        h->vms = vm->strides[0], h->vmd = vm->strides[1];
-        h->vss = vs->strides[0], h->vsd = vs->strides[1];
-        h->cs = cn->strides[0];
-        h->kc = (const uint8_t *)kc->data + off * h->kcs;
-        h->vc = (const uint8_t *)vc->data + off * h->vcs;
-        h->km = (const float *)km->data + t0 * h->kms;
-        h->ks = (const float *)ks->data + t0 * h->kss;
-        h->vm = (const float *)vm->data + off * h->vms;
-        h->vs = (const float *)vs->data + off * h->vss;
-        h->c = cn->data ? (const float *)cn->data + off * h->cs : NULL;
     } else {
         h->n = kc->shape[2];
         h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
-        h->kcs = kc->strides[2], h->kcd = kc->strides[3];
-        h->vcs = vc->strides[2], h->vcd = vc->strides[3];
-        h->kms = km->strides[2], h->kmd = km->strides[3];
-        h->kss = ks->strides[2], h->ksd = ks->strides[3];
-        h->vms = vm->strides[2], h->vmd = vm->strides[3];
-        h->vss = vs->strides[2], h->vsd = vs->strides[3];
-        h->cs = cn->strides[2];
-        h->kc = (const uint8_t *)kc->data + b * kc->strides[0] + hk * kc->strides[1];
-        h->vc = (const uint8_t *)vc->data + b * vc->strides[0] + hk * vc->strides[1];
-        h->km = (const float *)km->data + b * km->strides[0] + hk * km->strides[1];
-        h->ks = (const float *)ks->data + b * ks->strides[0] + hk * ks->strides[1];
-        h->vm = (const float *)vm->data + b * vm->strides[0] + hk * vm->strides[1];
-        h->vs = (const float *)vs->data + b * vs->strides[0] + hk * vs->strides[1];
-        h->c = cn->data ? (const float *)cn->data + b * cn->strides[0] + hk * cn->strides[1] : NULL;
     }
+    h->kcs = kc->strides[sd], h->kcd = kc->strides[sd + 1];
+    h->vcs = vc->strides[sd], h->vcd = vc->strides[sd + 1];
+    h->kms = km->strides[sd], h->kmd = km->strides[sd + 1];
+    h->kss = ks->strides[sd], h->ksd = ks->strides[sd + 1];
+    h->vms = vm->strides[sd], h->vmd = vm->strides[sd + 1];
+    h->vss = vs->strides[sd], h->vsd = vs->strides[sd + 1];
+    h->cs = cn->strides[sd];
+    h->kc = (const uint8_t *)kc->data + pa_head_at(kc, ragged, off, b, hk);
+    h->vc = (const uint8_t *)vc->data + pa_head_at(vc, ragged, off, b, hk);
+    h->km = (const float *)km->data + pa_head_at(km, ragged, t0, b, hk);
+    h->ks = (const float *)ks->data + pa_head_at(ks, ragged, t0, b, hk);
+    h->vm = (const float *)vm->data + pa_head_at(vm, ragged, off, b, hk);
+    h->vs = (const float *)vs->data + pa_head_at(vs, ragged, off, b, hk);
+    h->c = cn->data ? (const float *)cn->data + pa_head_at(cn, ragged, off, b, hk) : NULL;
     h->rks = p->res_k.strides[2], h->rkd = p->res_k.strides[3];
     h->rvs = p->res_v.strides[2], h->rvd = p->res_v.strides[3];
     h->rk = (const char *)p->res_k.data + (b * p->res_k.strides[0] + hk * p->res_k.strides[1]) * es;
@@ -128,9 +116,8 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
 static int64_t pa_tile(const struct pa_geom *g, const struct pa_head *h, int64_t t, int64_t *i0,
                        int64_t *nq)
 {
-    *i0 = t * PA_QT;
-    *nq = g->q - *i0 < PA_QT ? g->q - *i0 : PA_QT;
-    return h->n + g->r - g->q + *i0 + *nq;
+    kvc_at_tile_rows(&g->u, t, i0, nq);
+    return h->n + g->r - g->u.q + *i0 + *nq;
 }
 
 /* Split blocks are the PA_SB-aligned stretches of the logical sequence that
@@ -139,7 +126,14 @@ static int64_t pa_blocks(const struct pa_geom *g, const struct pa_head *h, int64
 {
     int64_t i0, nq, end = pa_tile(g, h, t, &i0, &nq);
     if (end <= h->s0) return 0;
-    return g->split ? (end - 1) / PA_SB - h->s0 / PA_SB + 1 : 1;
+    return g->u.split ? (end - 1) / PA_SB - h->s0 / PA_SB + 1 : 1;
+}
+
+static int64_t pa_head_blocks(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk, int64_t t)
+{
+    struct pa_head h;
+    pa_head_get((const struct kvc_packed_attention_params *)op, b, hk, &h);
+    return pa_blocks((const struct pa_geom *)u, &h, t);
 }
 
 /* Fills g; with prefix != NULL also prefix[pair] = first unit of the pair
@@ -147,58 +141,35 @@ static int64_t pa_blocks(const struct pa_geom *g, const struct pa_head *h, int64
 static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_geom *g,
                         int64_t *prefix)
 {
-    int64_t pair, u = 0;
-    g->B = p->q.shape[0];
-    g->Hq = p->q.shape[1];
-    g->q = p->q.shape[2];
-    g->D = p->q.shape[3];
+    kvc_at_units_init(&g->u, &p->q, p->num_kv_heads);
     g->r = p->res_k.shape[2];
-    g->Hkv = p->num_kv_heads;
-    g->g = g->Hkv > 0 ? g->Hq / g->Hkv : 1;
     g->G = p->group > 0 ? p->group : 1;
     g->bits = p->bits;
-    g->Db = kvc_pk_row_bytes(g->D, g->bits);
-    g->ng = kvc_pk_groups(g->D > 0 ? g->D : 1, g->G);
+    g->Db = kvc_pk_row_bytes(g->u.D, g->bits);
+    g->ng = kvc_pk_groups(g->u.D > 0 ? g->u.D : 1, g->G);
     g->grouped = g->G % AT_TK == 0;
     /* AT_TK consecutive slots meet at most ceil((AT_TK - 1) / G) + 1 groups */
     g->NS = kvc_pk_groups(AT_TK - 1, g->G) + 1;
-    g->Dp = pa_round_up(g->D > 0 ? g->D : 1, AT_TK);
-    g->ntiles = (g->q + PA_QT - 1) / PA_QT;
-    g->split = g->ntiles <= PA_SPLIT_MAX_TILES;
-    g->P = g->B * g->Hkv * g->ntiles;
-    g->R = g->g * (g->q < PA_QT ? g->q : PA_QT);
-    g->ustride = pa_round_up(2 * g->R, AT_TK) + g->R * g->Dp;
-    for (pair = 0; pair < g->P; pair++) {
-        struct pa_head h;
-        const int64_t bh = pair / g->ntiles;
-        pa_head_get(p, bh / g->Hkv, bh % g->Hkv, &h);
-        if (prefix) prefix[pair] = u;
-        u += pa_blocks(g, &h, pair % g->ntiles);
-    }
-    if (prefix) prefix[g->P] = u;
-    g->U = u;
-    g->prefix_bytes = kvc_align_up((size_t)(g->P + 1) * sizeof(int64_t));
-    g->part_bytes = kvc_align_up((size_t)(g->U * g->ustride) * sizeof(float));
+    kvc_at_units_count(&g->u, pa_head_blocks, p, prefix);
     /* query rows and their scaled copies per ring slot; unpacked K and V
      * tiles, a zero row, one key scale and one key centre row (all padded to
      * Dp, pads zero); per ring slot the key biases; logits and factors;
      * value scales and centres of a tile transposed; per-(row, group) weights
      * (grouped) or expanded value scales (otherwise); the centre sums */
-    g->float_floats = (size_t)((g->R + g->NS * g->R + 2 * AT_TK + 3) * g->Dp + g->NS * g->R +
-                               g->R * (AT_TK + 1) + 2 * g->ng * AT_TK +
-                               (g->grouped ? g->R * g->ng * AT_TK : AT_TK * g->Dp) + g->R * g->ng);
+    g->float_floats = (size_t)((g->u.R + g->NS * g->u.R + 2 * AT_TK + 3) * g->u.Dp + g->NS * g->u.R +
+                               g->u.R * (AT_TK + 1) + 2 * g->ng * AT_TK +
+                               (g->grouped ? g->u.R * g->ng * AT_TK : AT_TK * g->u.Dp) + g->u.R * g->ng);
     g->thread_bytes = kvc_align_up(g->float_floats * sizeof(float)) +
-                      kvc_align_up((size_t)g->R * sizeof(int64_t)) +
-                      kvc_align_up((size_t)g->Dp * sizeof(int32_t)) +
-                      kvc_align_up((size_t)pa_round_up(g->Db + AT_TK, AT_TK));
+                      kvc_align_up((size_t)g->u.R * sizeof(int64_t)) +
+                      kvc_align_up((size_t)g->u.Dp * sizeof(int32_t)) +
+                      kvc_align_up((size_t)kvc_at_round_up(g->Db + AT_TK, AT_TK));
 }
 
 size_t kvc_packed_attention_scratch_bytes(const struct kvc_packed_attention_params *p)
 {
     struct pa_geom g;
-    int nt = p->num_threads > 0 ? p->num_threads : 1;
     pa_geometry(p, &g, NULL);
-    return KVC_ALIGN + g.prefix_bytes + g.part_bytes + (size_t)nt * g.thread_bytes;
+    return kvc_at_scratch_bytes(&g.u, g.thread_bytes, p->num_threads);
 }
 
 /* Position of channel c in the rows the op works on (unpacked codes,
@@ -287,9 +258,9 @@ KVC_INLINE void pa_unpack(const struct pa_geom *g, float *dst, const uint8_t *sr
                           uint8_t *tmp)
 {
     switch (g->bits) {
-    case 2: pa_unpack_row(dst, src, stride, g->D, g->Db, 2, tmp); break;
-    case 4: pa_unpack_row(dst, src, stride, g->D, g->Db, 4, tmp); break;
-    default: pa_unpack_row(dst, src, stride, g->D, g->Db, 8, tmp); break;
+    case 2: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 2, tmp); break;
+    case 4: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 4, tmp); break;
+    default: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 8, tmp); break;
     }
 }
 
@@ -306,9 +277,9 @@ KVC_INLINE void pa_unpack(const struct pa_geom *g, float *dst, const uint8_t *sr
 KVC_INLINE void pa_to_pos(const struct pa_geom *g, float *x)
 {
     int64_t c;
-    for (c = g->D; c < g->Dp; c++) x[c] = 0.0f;
+    for (c = g->u.D; c < g->u.Dp; c++) x[c] = 0.0f;
     if (g->bits == 2) return;
-    for (c = 0; c < g->Dp; c += AT_TK) {
+    for (c = 0; c < g->u.Dp; c += AT_TK) {
 #ifdef AT_VEC
         at_vf v;
         memcpy(&v, x + c, sizeof v);
@@ -330,7 +301,7 @@ KVC_INLINE void pa_to_pos(const struct pa_geom *g, float *x)
 KVC_INLINE void pa_row_load(const struct pa_geom *g, float *dst, const char *src, int32_t dtype,
                             int64_t stride)
 {
-    at_row_f32(dst, src, dtype, g->D, stride);
+    at_row_f32(dst, src, dtype, g->u.D, stride);
     pa_to_pos(g, dst);
 }
 
@@ -402,20 +373,7 @@ KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, 
         for (r = 0; r < NR; r++)
             for (u = 0; u < 4; u++) memcpy(acc[r] + c + u * AT_TK, &o[r][u], sizeof o[r][u]);
     }
-    for (; c < Dp; c += AT_TK) {
-        at_vf o[4];
-        const float *wu = W + c / AT_TK / gv * gs;
-        for (r = 0; r < NR; r++) {
-            memcpy(&o[r], acc[r] + c, sizeof o[r]);
-            o[r] *= alpha[r];
-        }
-        for (j = 0; j < AT_TK; j++) {
-            at_vf v;
-            memcpy(&v, (const float *)vp[j] + c, sizeof v);
-            for (r = 0; r < NR; r++) o[r] += wu[r * AT_TK + j] * v;
-        }
-        for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
-    }
+    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR);
 #else
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
@@ -481,27 +439,22 @@ struct pa_thread {
     uint8_t *tmp;  /* a contiguous copy of a strided code row */
 };
 
-/* Partial of a unit: running max [R], running sum [R] (padded), rows [R][Dp]. */
-#define PA_PART_M(part) (part)
-#define PA_PART_S(g, part) ((part) + (g)->R)
-#define PA_PART_ACC(g, part) ((part) + pa_round_up(2 * (g)->R, AT_TK))
-
 /* Ring slot of token group t: scaled query rows and biases (against the
  * group's centres), computed once per (unit, group). */
 KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct pa_head *h,
                              const struct pa_thread *w, int64_t t, int64_t R, float scaling)
 {
-    const int64_t Dp = g->Dp, slot = t % g->NS;
-    float *qs = w->qs + slot * g->R * Dp, *qb = w->qb + slot * g->R;
+    const int64_t Dp = g->u.Dp, slot = t % g->NS;
+    float *qs = w->qs + slot * g->u.R * Dp, *qb = w->qb + slot * g->u.R;
     const float *ks = h->ks + t * h->kss, *km = h->km + t * h->kms;
     int64_t c, r;
     if (h->ksd == 1 && h->kmd == 1) {
-        for (c = 0; c < g->D; c++) {
+        for (c = 0; c < g->u.D; c++) {
             w->krow[c] = ks[c];
             w->mrow[c] = kvc_pk_centre(km[c], ks[c], g->bits);
         }
     } else {
-        for (c = 0; c < g->D; c++) {
+        for (c = 0; c < g->u.D; c++) {
             w->krow[c] = ks[c * h->ksd];
             w->mrow[c] = kvc_pk_centre(km[c * h->kmd], ks[c * h->ksd], g->bits);
         }
@@ -513,28 +466,6 @@ KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct pa_head *h,
         float *o = qs + r * Dp;
         for (c = 0; c < Dp; c++) o[c] = qr[c] * w->krow[c];
         qb[r] = scaling * pa_dot(qr, w->mrow, Dp);
-    }
-}
-
-/* Online-softmax pass of a tile over the rows (as attention.c): rows that
- * see none of its slots keep their state and output. */
-KVC_INLINE void pa_softmax_rows(const struct pa_thread *w, float *pm, float *ps, int64_t R,
-                                int64_t jt, int64_t nk)
-{
-    int64_t r;
-    for (r = 0; r < R; r++) {
-        const int64_t nvis = w->lim[r] - jt + 1;
-        struct kvc_softmax_state st;
-        if (nvis <= 0) {
-            memset(w->xbuf + r * AT_TK, 0, AT_TK * sizeof(float));
-            w->abuf[r] = 1.0f;
-            continue;
-        }
-        st.m = pm[r];
-        st.s = ps[r];
-        w->abuf[r] = at_softmax(w->xbuf + r * AT_TK, nvis < nk ? nvis : nk, &st);
-        pm[r] = st.m;
-        ps[r] = st.s;
     }
 }
 
@@ -588,7 +519,7 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
                                const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
                                float *pm, float *ps, float *acc, int64_t *have)
 {
-    const int64_t Dp = g->Dp, ng = g->ng, G = g->G;
+    const int64_t Dp = g->u.Dp, ng = g->ng, G = g->G;
     const int64_t t0 = jt / G, t1 = (jt + nk - 1) / G;
     const void *kp[AT_TK], *vp[AT_TK];
     const float *sp[AT_TK];
@@ -633,20 +564,20 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
         if (w->lim[r] < jt) continue;
         if (t0 == t1) {
             const int64_t slot = t0 % g->NS;
-            const float bias = w->qb[slot * g->R + r];
+            const float bias = w->qb[slot * g->u.R + r];
             for (j = 0; j < AT_TK; j++) l[j] = lc[j] + bias;
-            at_logits(w->qs + (slot * g->R + r) * Dp, kp, l, Dp, p->scaling, w->xbuf + r * AT_TK);
+            at_logits(w->qs + (slot * g->u.R + r) * Dp, kp, l, Dp, p->scaling, w->xbuf + r * AT_TK);
         } else {
             const float *qp[AT_TK];
             for (j = 0; j < AT_TK; j++) {
                 const int64_t slot = (j < nk ? (jt + j) / G : t0) % g->NS;
-                qp[j] = w->qs + (slot * g->R + r) * Dp;
-                l[j] = lc[j] + w->qb[slot * g->R + r];
+                qp[j] = w->qs + (slot * g->u.R + r) * Dp;
+                l[j] = lc[j] + w->qb[slot * g->u.R + r];
             }
             pa_logits_multi(qp, kp, l, Dp, p->scaling, w->xbuf + r * AT_TK);
         }
     }
-    pa_softmax_rows(w, pm, ps, R, jt, nk);
+    at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
 
     for (r = 0; r < R; r++) pa_row_weights(g, w, r, R);
     for (r = 0; r < R; r += 4) {
@@ -679,7 +610,7 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
                                  const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
                                  float *pm, float *ps, float *acc)
 {
-    const int64_t Dp = g->Dp, es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
+    const int64_t Dp = g->u.Dp, es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
     const void *kp[AT_TK], *vp[AT_TK];
     float lc[AT_TK];
     int64_t j, r;
@@ -695,7 +626,7 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
     for (r = 0; r < R; r++)
         if (w->lim[r] >= jt)
             at_logits(w->qbuf + r * Dp, kp, lc, Dp, p->scaling, w->xbuf + r * AT_TK);
-    pa_softmax_rows(w, pm, ps, R, jt, nk);
+    at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
     for (r = 0; r < R; r += 4) {
         float *accs[4];
         const int nr = R - r < 4 ? (int)(R - r) : 4;
@@ -713,8 +644,8 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
 static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
                             int64_t pair, int64_t blk, float *part, const struct pa_thread *w)
 {
-    const int64_t Dp = g->Dp, t = pair % g->ntiles, bh = pair / g->ntiles;
-    const int64_t b = bh / g->Hkv, hk = bh % g->Hkv;
+    const int64_t Dp = g->u.Dp, t = pair % g->u.ntiles, bh = pair / g->u.ntiles;
+    const int64_t b = bh / g->u.Hkv, hk = bh % g->u.Hkv;
     const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
     struct pa_head h;
     int64_t i0, nq, end, j0, j1, jp, jt, R, r, c, have = -1;
@@ -722,8 +653,8 @@ static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const s
 
     pa_head_get(p, b, hk, &h);
     end = pa_tile(g, &h, t, &i0, &nq);
-    R = g->g * nq;
-    if (g->split) {
+    R = g->u.g * nq;
+    if (g->u.split) {
         const int64_t bs = (h.s0 / PA_SB + blk) * PA_SB;
         j0 = bs > h.s0 ? bs : h.s0;
         j1 = bs + PA_SB < end ? bs + PA_SB : end;
@@ -731,17 +662,17 @@ static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const s
         j0 = h.s0;
         j1 = end;
     }
-    pm = PA_PART_M(part);
-    ps = PA_PART_S(g, part);
-    acc = PA_PART_ACC(g, part);
+    pm = KVC_AT_PART_M(part);
+    ps = KVC_AT_PART_S(&g->u, part);
+    acc = KVC_AT_PART_ACC(&g->u, part);
 
     /* row r = gi * nq + i: query head hk * g + gi, query i0 + i */
     for (r = 0; r < R; r++) {
-        const int64_t hq = hk * g->g + r / nq, qi = i0 + r % nq;
+        const int64_t hq = hk * g->u.g + r / nq, qi = i0 + r % nq;
         const char *src = (const char *)p->q.data +
                           (b * p->q.strides[0] + hq * p->q.strides[1] + qi * p->q.strides[2]) * es;
         pa_row_load(g, w->qbuf + r * Dp, src, p->q.dtype, p->q.strides[3]);
-        w->lim[r] = h.n + g->r - g->q + qi;
+        w->lim[r] = h.n + g->r - g->u.q + qi;
         pm[r] = -INFINITY;
         ps[r] = 0.0f;
         memset(acc + r * Dp, 0, (size_t)Dp * sizeof(float));
@@ -783,42 +714,9 @@ static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const s
     }
 }
 
-/* out rows of a pair <- log-sum-exp combine of its blocks, in block order. */
-static void pa_combine(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
-                       int64_t pair, const int64_t *prefix, const float *parts, float *o)
+static int64_t pa_out_pos(const struct kvc_at_units *u, int64_t d)
 {
-    const int64_t D = g->D, Dp = g->Dp, t = pair % g->ntiles, bh = pair / g->ntiles;
-    const int64_t b = bh / g->Hkv, hk = bh % g->Hkv;
-    const int64_t u0 = prefix[pair], nb = prefix[pair + 1] - u0;
-    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->out.dtype);
-    const int64_t i0 = t * PA_QT, nq = g->q - i0 < PA_QT ? g->q - i0 : PA_QT;
-    const int64_t R = g->g * nq;
-    int64_t r, k, d;
-    for (r = 0; r < R; r++) {
-        const int64_t hq = hk * g->g + r / nq, qi = i0 + r % nq;
-        char *dst = (char *)p->out.data +
-                    (b * p->out.strides[0] + qi * p->out.strides[1] + hq * p->out.strides[2]) * es;
-        const int64_t os = p->out.strides[3];
-        float M = -INFINITY, L = 0.0f;
-        for (k = 0; k < nb; k++) {
-            float m = PA_PART_M(parts + (u0 + k) * g->ustride)[r];
-            M = m > M ? m : M;
-        }
-        if (M == -INFINITY) {
-            /* the row sees no slot */
-            for (d = 0; d < D; d++) kvc_store_f32(dst, p->out.dtype, d * os, 0.0f);
-            continue;
-        }
-        for (d = 0; d < Dp; d++) o[d] = 0.0f;
-        for (k = 0; k < nb; k++) {
-            const float *part = parts + (u0 + k) * g->ustride;
-            const float wk = kvc_softmax_weight(PA_PART_M(part)[r], M);
-            const float *a = PA_PART_ACC(g, part) + r * Dp;
-            L += wk * PA_PART_S(g, part)[r];
-            for (d = 0; d < Dp; d++) o[d] += wk * a[d];
-        }
-        for (d = 0; d < D; d++) kvc_store_f32(dst, p->out.dtype, d * os, o[pa_pos(g->bits, d)] / L);
-    }
+    return pa_pos(((const struct pa_geom *)u)->bits, d);
 }
 
 enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p)
@@ -827,24 +725,17 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
     char *base;
     int64_t *prefix;
     float *parts;
-    int nt = p->num_threads > 0 ? p->num_threads : 1;
-    int64_t d, n_out = 1;
-    if (p->layout != KVC_KV_UNIFORM && p->layout != KVC_KV_RAGGED) return KVC_ERR_INVALID;
-    for (d = 0; d < 4; d++) n_out *= p->q.shape[d];
-    if (n_out == 0) return KVC_OK;
-    if (p->bits != 2 && p->bits != 4 && p->bits != 8) return KVC_ERR_INVALID;
-    if (p->group < 1 || p->num_kv_heads <= 0 || p->q.shape[1] % p->num_kv_heads != 0 ||
-        p->res_k.shape[2] < p->q.shape[2])
+    int nt, empty;
+    enum kvc_status s = kvc_at_units_check(p->layout, &p->q, p->num_kv_heads, &empty);
+    if (s != KVC_OK || empty) return s;
+    if ((p->bits != 2 && p->bits != 4 && p->bits != 8) || p->group < 1 || p->res_k.shape[2] < p->q.shape[2])
         return KVC_ERR_INVALID;
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))
         return KVC_ERR_NOMEM;
-    base = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
-    prefix = (int64_t *)base;
+    prefix = kvc_at_scratch_prefix(p->scratch);
     pa_geometry(p, &g, prefix);
-    parts = (float *)(base + g.prefix_bytes);
-    base += g.prefix_bytes + g.part_bytes;
-    /* a parallel region costs more than a small decode step */
-    if (g.U < 2) nt = 1;
+    parts = kvc_at_scratch_parts(&g.u, prefix, &base);
+    nt = kvc_at_threads(&g.u, p->num_threads);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -854,43 +745,37 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
         int64_t u, c;
         /* pads past D stay zero: conversions and key rows write only the first D */
         memset(f, 0, g.float_floats * sizeof(float));
-        w.qbuf = f, f += g.R * g.Dp;
-        w.qs = f, f += g.NS * g.R * g.Dp;
-        w.kbuf = f, f += AT_TK * g.Dp;
-        w.vbuf = f, f += AT_TK * g.Dp;
-        w.zero = f, f += g.Dp;
-        w.krow = f, f += g.Dp;
-        w.mrow = f, f += g.Dp;
-        w.qb = f, f += g.NS * g.R;
-        w.xbuf = f, f += g.R * AT_TK;
-        w.abuf = f, f += g.R;
+        w.qbuf = f, f += g.u.R * g.u.Dp;
+        w.qs = f, f += g.NS * g.u.R * g.u.Dp;
+        w.kbuf = f, f += AT_TK * g.u.Dp;
+        w.vbuf = f, f += AT_TK * g.u.Dp;
+        w.zero = f, f += g.u.Dp;
+        w.krow = f, f += g.u.Dp;
+        w.mrow = f, f += g.u.Dp;
+        w.qb = f, f += g.NS * g.u.R;
+        w.xbuf = f, f += g.u.R * AT_TK;
+        w.abuf = f, f += g.u.R;
         w.S = f, f += g.ng * AT_TK;
         w.M = f, f += g.ng * AT_TK;
-        w.W = w.se = f, f += g.grouped ? g.R * g.ng * AT_TK : AT_TK * g.Dp;
+        w.W = w.se = f, f += g.grouped ? g.u.R * g.ng * AT_TK : AT_TK * g.u.Dp;
         w.mn = f;
         tb += kvc_align_up(g.float_floats * sizeof(float));
         w.lim = (int64_t *)tb;
-        tb += kvc_align_up((size_t)g.R * sizeof(int64_t));
+        tb += kvc_align_up((size_t)g.u.R * sizeof(int64_t));
         w.uidx = (int32_t *)tb;
-        tb += kvc_align_up((size_t)g.Dp * sizeof(int32_t));
+        tb += kvc_align_up((size_t)g.u.Dp * sizeof(int32_t));
         w.tmp = (uint8_t *)tb;
         /* by position; 0 (a group that exists) for the pads, whose values
          * are never read */
-        for (c = 0; c < g.Dp; c++) w.uidx[c] = 0;
-        for (c = 0; c < g.D; c++) w.uidx[pa_pos(g.bits, c)] = (int32_t)(c / g.G);
+        for (c = 0; c < g.u.Dp; c++) w.uidx[c] = 0;
+        for (c = 0; c < g.u.D; c++) w.uidx[pa_pos(g.bits, c)] = (int32_t)(c / g.G);
 #pragma omp for schedule(dynamic, 1)
-        for (u = 0; u < g.U; u++) {
-            /* the pair holding unit u: last prefix entry <= u */
-            int64_t lo = 0, hi = g.P - 1;
-            while (lo < hi) {
-                int64_t mid = (lo + hi + 1) / 2;
-                if (prefix[mid] <= u) lo = mid;
-                else hi = mid - 1;
-            }
-            pa_unit(p, &g, lo, u - prefix[lo], parts + u * g.ustride, &w);
+        for (u = 0; u < g.u.U; u++) {
+            const int64_t pair = kvc_at_unit_pair(&g.u, prefix, u);
+            pa_unit(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
         }
 #pragma omp for schedule(static)
-        for (u = 0; u < g.P; u++) pa_combine(p, &g, u, prefix, parts, w.kbuf);
+        for (u = 0; u < g.u.P; u++) kvc_at_combine(&g.u, &p->out, pa_out_pos, u, prefix, parts, w.kbuf);
     }
     return KVC_OK;
 }

@@ -189,6 +189,28 @@ KVC_INLINE void at_accumulate4(float *const *acc, const void *const *vp, const f
 }
 #endif
 
+#ifdef AT_VEC
+/* Output lanes [c, c + AT_TK) of at_accumulate for NR rows of fp32 V rows
+ * (also the last vector of attention_packed.c's grouped sum, whose weights
+ * x change per vector). */
+KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const float *x,
+                               const float *alpha, int64_t c, int NR)
+{
+    at_vf o[4];
+    int j, r;
+    for (r = 0; r < NR; r++) {
+        memcpy(&o[r], acc[r] + c, sizeof o[r]);
+        o[r] *= alpha[r];
+    }
+    for (j = 0; j < AT_TK; j++) {
+        at_vf v;
+        memcpy(&v, (const float *)vp[j] + c, sizeof v);
+        for (r = 0; r < NR; r++) o[r] += x[r * AT_TK + j] * v;
+    }
+    for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
+}
+#endif
+
 /* acc[r] <- alpha[r] * acc[r] + sum_j x[r][j] v_j over a tile of fp32 rows,
  * for NR (1..4, a constant after inlining) query rows at once, so each V
  * row is loaded once for the NR rows. Every output lane is one FMA chain
@@ -197,23 +219,11 @@ KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const fl
                               const float *alpha, int64_t Dp, int NR)
 {
     int64_t c = 0;
-    int j, r;
 #ifdef AT_VEC
     for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) at_accumulate4(acc, vp, x, alpha, c, NR, 0);
-    for (; c < Dp; c += AT_TK) {
-        at_vf o[4];
-        for (r = 0; r < NR; r++) {
-            memcpy(&o[r], acc[r] + c, sizeof o[r]);
-            o[r] *= alpha[r];
-        }
-        for (j = 0; j < AT_TK; j++) {
-            at_vf v;
-            memcpy(&v, (const float *)vp[j] + c, sizeof v);
-            for (r = 0; r < NR; r++) o[r] += x[r * AT_TK + j] * v;
-        }
-        for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
-    }
+    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, x, alpha, c, NR);
 #else
+    int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
             float o = acc[r][c] * alpha[r];
@@ -292,6 +302,31 @@ KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st
     st->s += kvc_lanes_sum(t);
 #endif
     return alpha;
+}
+
+/* Online-softmax pass of a tile of nk slots from jt over R rows: row r's
+ * logits x[r] (AT_TK floats), running max pm[r] and sum ps[r], last
+ * visible slot lim[r]; alpha[r] <- the factor for its running output. A
+ * row that sees none of the tile's slots gets zero weights and factor 1,
+ * which leaves its output as it is in the grouped accumulation. */
+KVC_INLINE void at_softmax_rows(float *x, float *alpha, const int64_t *lim, float *pm, float *ps, int64_t R,
+                                int64_t jt, int64_t nk)
+{
+    int64_t r;
+    for (r = 0; r < R; r++) {
+        const int64_t nvis = lim[r] - jt + 1;
+        struct kvc_softmax_state st;
+        if (nvis <= 0) {
+            memset(x + r * AT_TK, 0, AT_TK * sizeof(float));
+            alpha[r] = 1.0f;
+            continue;
+        }
+        st.m = pm[r];
+        st.s = ps[r];
+        alpha[r] = at_softmax(x + r * AT_TK, nvis < nk ? nvis : nk, &st);
+        pm[r] = st.m;
+        ps[r] = st.s;
+    }
 }
 
 #endif /* KVC_ATTENTION_TILE_H */

@@ -5,10 +5,9 @@
  */
 #include "module.h"
 #include "module_run.h"
+#include "module_segments.h"
 #include "module_spec.h"
 
-#include <math.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "attention_packed.h"
@@ -36,6 +35,10 @@ enum {
     A_CNT,
     A_N
 };
+
+/* kvc_py_check_counts reads the layout arguments in this order. */
+_Static_assert(A_OFF == A_START + 1 && A_LEN == A_START + 2 && A_CNT == A_START + 3,
+               "layout argument order");
 
 KVC_PY_OP(op_packed_attention, packed_attention, 1, 1)
 
@@ -88,125 +91,6 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_OPT("counts", 1, "[N]", DT_F32),
 };
 
-/* Element i of a host view of int64 (offsets, lengths, kv_start). */
-static int64_t i64_at(const struct kvc_view *v, int64_t i)
-{
-    return ((const int64_t *)v->data)[i * v->strides[0]];
-}
-
-struct seg {
-    int64_t off, len, head;
-};
-
-static int seg_cmp(const void *x, const void *y)
-{
-    const struct seg *a = (const struct seg *)x, *b = (const struct seg *)y;
-    if (a->off != b->off) return a->off < b->off ? -1 : 1;
-    return a->head < b->head ? -1 : (a->head > b->head);
-}
-
-/* Segments of the ragged layout: lengths >= 0, every segment inside the N
- * packed rows, offsets multiples of the group (so key groups never straddle
- * heads), non-empty segments pairwise disjoint (in any order). */
-static int check_segments(struct kvc_state *st, const struct kvc_view *off, const struct kvc_view *len,
-                          int64_t Hkv, int64_t N, int64_t G)
-{
-    const int64_t H = off->shape[0];
-    struct seg *s;
-    int64_t i, ns = 0;
-    for (i = 0; i < H; i++) {
-        const int64_t o = i64_at(off, i), n = i64_at(len, i);
-        if (n < 0)
-            return kvc_py_raise(st->ValueError, "lengths: value %lld of head %lld (b=%lld, h=%lld) is negative",
-                                (long long)n, (long long)i, (long long)(i / Hkv), (long long)(i % Hkv));
-        if (o < 0 || o > N || n > N - o)
-            return kvc_py_raise(st->ValueError,
-                                "offsets: segment [%lld, %lld + %lld) of head %lld (b=%lld, h=%lld) is "
-                                "outside the %lld rows of key_codes",
-                                (long long)o, (long long)o, (long long)n, (long long)i,
-                                (long long)(i / Hkv), (long long)(i % Hkv), (long long)N);
-        if (o % G != 0)
-            return kvc_py_raise(st->ValueError,
-                                "offsets: %lld of head %lld (b=%lld, h=%lld) is not a multiple of the "
-                                "group %lld (key groups must not straddle heads)",
-                                (long long)o, (long long)i, (long long)(i / Hkv), (long long)(i % Hkv),
-                                (long long)G);
-        ns += n > 0;
-    }
-    if (ns < 2) return 0;
-    s = (struct seg *)PyMem_Malloc((size_t)ns * sizeof *s);
-    if (s == NULL) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (i = 0, ns = 0; i < H; i++)
-        if (i64_at(len, i) > 0) {
-            s[ns].off = i64_at(off, i);
-            s[ns].len = i64_at(len, i);
-            s[ns].head = i;
-            ns++;
-        }
-    qsort(s, (size_t)ns, sizeof *s, seg_cmp);
-    for (i = 1; i < ns; i++)
-        if (s[i].off < s[i - 1].off + s[i - 1].len) {
-            kvc_py_raise(st->ValueError,
-                         "offsets: segments of heads %lld [%lld, %lld) and %lld [%lld, %lld) overlap",
-                         (long long)s[i - 1].head, (long long)s[i - 1].off,
-                         (long long)(s[i - 1].off + s[i - 1].len), (long long)s[i].head,
-                         (long long)s[i].off, (long long)(s[i].off + s[i].len));
-            PyMem_Free(s);
-            return -1;
-        }
-    PyMem_Free(s);
-    return 0;
-}
-
-static int raise_count(struct kvc_state *st, float c, const char *where)
-{
-    char val[32];
-    PyOS_snprintf(val, sizeof val, "%g", (double)c);
-    return kvc_py_raise(st->ValueError, "counts: %s is %s, expected a finite count >= 1", where, val);
-}
-
-/* Merge counts must be finite and >= 1 on every packed slot the op reads. */
-static int check_counts(struct kvc_state *st, const struct kvc_packed_attention_params *p)
-{
-    const float *cnt = (const float *)p->counts.data;
-    char where[96];
-    int64_t i, j;
-    if (p->layout == KVC_KV_RAGGED) {
-        const int64_t H = p->q.shape[0] * p->num_kv_heads, cs = p->counts.strides[0];
-        for (i = 0; i < H; i++) {
-            const int64_t o = p->offsets[i * p->offsets_stride], n = p->lengths[i * p->lengths_stride];
-            for (j = o; j < o + n; j++) {
-                const float v = cnt[j * cs];
-                if (!(v >= 1.0f) || isinf(v)) {
-                    PyOS_snprintf(where, sizeof where, "value at row %lld (head %lld)", (long long)j,
-                                  (long long)i);
-                    return raise_count(st, v, where);
-                }
-            }
-        }
-    } else {
-        const int64_t B = p->counts.shape[0], H = p->counts.shape[1], n = p->counts.shape[2];
-        int64_t b;
-        for (b = 0; b < B; b++) {
-            const int64_t s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
-            for (i = 0; i < H; i++)
-                for (j = s0; j < n; j++) {
-                    const float v = cnt[b * p->counts.strides[0] + i * p->counts.strides[1] +
-                                        j * p->counts.strides[2]];
-                    if (!(v >= 1.0f) || isinf(v)) {
-                        PyOS_snprintf(where, sizeof where, "value at [%lld, %lld, %lld]", (long long)b,
-                                      (long long)i, (long long)j);
-                        return raise_count(st, v, where);
-                    }
-                }
-        }
-    }
-    return 0;
-}
-
 /* The sizes the layout implies (docs/packed.md), each named by the
  * argument whose shape carries it. */
 static int check_layout(struct kvc_state *st, const struct kvc_py_call *c, int ragged, int64_t bits,
@@ -252,17 +136,8 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     PyObject *ret = NULL;
     memset(&p, 0, sizeof p);
     if (kvc_py_check_nargs("packed_attention", nargs, A_N) < 0) return NULL;
-    ragged = args[A_OFF] != Py_None;
-    if (ragged != (args[A_LEN] != Py_None)) {
-        kvc_py_raise(st->ValueError, "%s: the ragged layout needs both offsets and lengths",
-                     ragged ? "lengths" : "offsets");
-        return NULL;
-    }
-    if (ragged && args[A_START] != Py_None) {
-        kvc_py_raise(st->ValueError,
-                     "kv_start: only for the uniform layout (a ragged head starts at its offset)");
-        return NULL;
-    }
+    ragged = kvc_py_ragged_layout(st, args[A_OFF], args[A_LEN], args[A_START]);
+    if (ragged < 0) return NULL;
     if (kvc_py_call_parse(st, "packed_attention", ragged ? packed_ragged_spec : packed_uniform_spec, A_N,
                           args, nargs, &c) < 0)
         return NULL;
@@ -304,7 +179,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
         int64_t b;
         if (hs == NULL) goto done;
         for (b = 0; b < hs->shape[0]; b++) {
-            const int64_t v = i64_at(hs, b);
+            const int64_t v = kvc_py_i64_at(hs, b);
             if (v < 0 || v > limit) {
                 kvc_py_raise(st->ValueError,
                              "kv_start: value %lld at batch %lld is outside [0, n + r] = [0, %lld]",
@@ -317,7 +192,9 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
         const struct kvc_view *hoff = kvc_py_arg_host(st, &c.a[A_OFF]);
         const struct kvc_view *hlen = hoff ? kvc_py_arg_host(st, &c.a[A_LEN]) : NULL;
         if (hlen == NULL) goto done;
-        if (check_segments(st, hoff, hlen, Hkv, c.a[A_KC].view.shape[0], G) < 0) goto done;
+        /* offsets on group boundaries, so key groups never straddle heads */
+        if (kvc_py_check_segments(st, hoff, hlen, Hkv, c.a[A_KC].view.shape[0], "key_codes", 0, G) < 0)
+            goto done;
     }
 
     p.q = c.a[A_Q].view;
@@ -340,9 +217,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     p.lengths = kvc_py_call_i64(&c, A_LEN, &p.lengths_stride);
     p.scaling = (float)c.f[A_SCALE];
     p.num_threads = st->num_threads;
-    /* As attention: on CUDA the counts are not scanned (a copy to the host
-     * every decode step); a bad count spoils only its own rows. */
-    if (p.counts.data && c.a[A_CNT].dev_type == kDLCPU && check_counts(st, &p) < 0) goto done;
+    if (kvc_py_check_counts(st, &c, A_START, ragged, B * Hkv) < 0) goto done;
     {
         /* an empty problem takes no scratch */
         void **scratch = kvc_py_view_numel(&p.out) > 0 ? &p.scratch : NULL;

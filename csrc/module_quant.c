@@ -54,7 +54,17 @@ PyDoc_STRVAR(pack_doc,
              "pack(x, codes, mins, scales, values, bits, group)\n--\n\n"
              "Low-level: see kvcompress.ops.pack_keys / pack_values.");
 
+/* mins and scales (arguments k and k + 1, as in both ops) against the
+ * group shape `want` of the kind. */
+static int check_groups(struct kvc_state *st, struct kvc_py_call *c, int k, int values, const int64_t *want)
+{
+    const char *dims = values ? QT_VALUE_GROUPS : QT_KEY_GROUPS;
+    if (kvc_py_check_shape(st, &c->a[k], want, dims) < 0) return -1;
+    return kvc_py_check_shape(st, &c->a[k + 1], want, dims);
+}
+
 enum { PK_X, PK_CODES, PK_MINS, PK_SCALES, PK_VALUES, PK_BITS, PK_GROUP, PK_N };
+_Static_assert(PK_SCALES == PK_MINS + 1, "check_groups reads scales after mins");
 
 /* Output shapes derive from x's and are checked by the binding (all dims
  * unbound), with the derived sizes in the message. */
@@ -90,10 +100,7 @@ static PyObject *py_pack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     quant_shapes(values, bits, c.i[PK_GROUP], c.a[PK_X].view.shape, want_codes, want_mins);
     if (kvc_py_check_shape(st, &c.a[PK_CODES], want_codes, QT_CODES) < 0) goto done;
-    if (kvc_py_check_shape(st, &c.a[PK_MINS], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
-        goto done;
-    if (kvc_py_check_shape(st, &c.a[PK_SCALES], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
-        goto done;
+    if (check_groups(st, &c, PK_MINS, values, want_mins) < 0) goto done;
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     p.x = c.a[PK_X].view;
     p.codes = c.a[PK_CODES].view;
@@ -137,6 +144,7 @@ PyDoc_STRVAR(unpack_doc,
              "Low-level: see kvcompress.ops.unpack_keys / unpack_values.");
 
 enum { UP_CODES, UP_MINS, UP_SCALES, UP_OUT, UP_VALUES, UP_BITS, UP_GROUP, UP_N };
+_Static_assert(UP_SCALES == UP_MINS + 1, "check_groups reads scales after mins");
 
 /* B, H, n come from codes, D from out; the rest is checked by the binding. */
 #define UP_SPEC(groups)                                                          \
@@ -179,10 +187,7 @@ static PyObject *py_unpack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
                      (long long)want_out[3], (int)bits);
         goto done;
     }
-    if (kvc_py_check_shape(st, &c.a[UP_MINS], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
-        goto done;
-    if (kvc_py_check_shape(st, &c.a[UP_SCALES], want_mins, values ? QT_VALUE_GROUPS : QT_KEY_GROUPS) < 0)
-        goto done;
+    if (check_groups(st, &c, UP_MINS, values, want_mins) < 0) goto done;
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     p.codes = c.a[UP_CODES].view;
     p.mins = c.a[UP_MINS].view;

@@ -452,6 +452,50 @@ def evict_merge(keys, values, scores, centers, tau=None, *, kv_start=None, count
     return EvictMergeResult(out_keys, out_values, counts, out_scores, tau_used, assign)
 
 
+def _attention_out(queries, rows, row, ragged, scaling, out):
+    """Argument handling shared by attention and packed_attention.
+
+    Checks the ranks of `queries` ``[B, Hq, q, D]`` and of the layer tensors
+    `rows` (name -> tensor: ``[N, row]`` in the ragged layout, else
+    ``[B, Hkv, n, row]``); fills in the default scaling and allocates `out`
+    ``[B, q, Hq, D]`` when None.
+
+    Returns
+    -------
+    (scaling, out)
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
+    for name, x in rows.items():
+        if ragged:
+            _shape(x, name, 2, f"[N, {row}]")
+        else:
+            _shape(x, name, 4, f"[B, Hkv, n, {row}]")
+    scaling = _scaling(scaling, qs[3])
+    if out is None:
+        shape = (qs[0], qs[2], qs[1], qs[3])
+        if _is_torch(queries):
+            import torch
+
+            out = torch.empty(shape, dtype=queries.dtype, device=queries.device)
+        elif isinstance(queries, np.ndarray):
+            out = np.empty(shape, dtype=queries.dtype)
+        else:
+            dtype = _C._describe(queries)[1]
+            if dtype not in ("float32", "float16"):
+                raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
+            out = np.empty(shape, dtype=_NP_DTYPES[dtype])
+    return scaling, out
+
+
+def _layout_args(queries, kv_start, offsets, lengths, counts) -> tuple:
+    """The layout arguments closing both attention ``_C`` calls: kv_start,
+    offsets, lengths as int64 in `queries`' framework, counts."""
+    return (
+        _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
+        _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
+    )
+
+
 def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=None, lengths=None, counts=None):
     """Attention of the newest ``q`` tokens over one (compressed) layer.
 
@@ -487,31 +531,11 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
         The layout the Hugging Face attention functions return; a query that
         sees no slot gets zeros.
     """
-    qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
     ragged = offsets is not None or lengths is not None
-    if ragged:
-        _shape(keys, "keys", 2, "[N, D]")
-        _shape(values, "values", 2, "[N, D]")
-    else:
-        _shape(keys, "keys", 4, "[B, Hkv, n, D]")
-        _shape(values, "values", 4, "[B, Hkv, n, D]")
-    scaling = _scaling(scaling, qs[3])
-    shape = (qs[0], qs[2], qs[1], qs[3])
-    if _is_torch(queries):
-        import torch
-
-        out = torch.empty(shape, dtype=queries.dtype, device=queries.device)
-    elif isinstance(queries, np.ndarray):
-        out = np.empty(shape, dtype=queries.dtype)
-    else:
-        dtype = _C._describe(queries)[1]
-        if dtype not in ("float32", "float16"):
-            raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
-        out = np.empty(shape, dtype=_NP_DTYPES[dtype])
+    scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", ragged, scaling, None)
     _C.attention(
         _prepare(queries), _prepare(keys), _prepare(values), out, scaling,
-        _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
-        _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
+        *_layout_args(queries, kv_start, offsets, lengths, counts),
     )
     return out
 
@@ -571,34 +595,13 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     tensor ``[B, q, Hq, D]``, dtype of `queries`
         A query that sees no slot gets zeros.
     """
-    qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
     ragged = offsets is not None or lengths is not None
-    if ragged:
-        _shape(key_codes, "key_codes", 2, "[N, Db]")
-        _shape(value_codes, "value_codes", 2, "[N, Db]")
-    else:
-        _shape(key_codes, "key_codes", 4, "[B, Hkv, n, Db]")
-        _shape(value_codes, "value_codes", 4, "[B, Hkv, n, Db]")
-    scaling = _scaling(scaling, qs[3])
-    if out is None:
-        shape = (qs[0], qs[2], qs[1], qs[3])
-        if _is_torch(queries):
-            import torch
-
-            out = torch.empty(shape, dtype=queries.dtype, device=queries.device)
-        elif isinstance(queries, np.ndarray):
-            out = np.empty(shape, dtype=queries.dtype)
-        else:
-            dtype = _C._describe(queries)[1]
-            if dtype not in ("float32", "float16"):
-                raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
-            out = np.empty(shape, dtype=_NP_DTYPES[dtype])
+    scaling, out = _attention_out(queries, {"key_codes": key_codes, "value_codes": value_codes}, "Db", ragged,
+                                  scaling, out)
     _C.packed_attention(
         *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                                 residual_keys, residual_values)),
-        out, _py_int(bits), _py_int(group), scaling,
-        _as_int64(kv_start, "kv_start", queries), _as_int64(offsets, "offsets", queries),
-        _as_int64(lengths, "lengths", queries), _prepare(counts) if counts is not None else None,
+        out, _py_int(bits), _py_int(group), scaling, *_layout_args(queries, kv_start, offsets, lengths, counts),
     )
     return out
 

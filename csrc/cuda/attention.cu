@@ -29,7 +29,6 @@
  * streams best (each extra wave repeats the blocks' start-up latency and
  * epilogue; measured on an H100 at 1 and 4 waves, RESULTS.md) */
 #define KVC_AT_WAVES 1
-#define KVC_AT_MAX_DEVICES 64
 #define KVC_AT_MAX_D 256
 #define KVC_AT_COMBINE_WARPS 4
 #define KVC_AT_FULL 0xffffffffu
@@ -425,32 +424,6 @@ static __global__ void __launch_bounds__(KVC_AT_COMBINE_WARPS * 32)
     }
 }
 
-/* A per-device value, computed once by get(dev, &v) (threads that race
- * store the same value); fallback when the device or the query fails. */
-template <typename F>
-static int kvc_at_cached(std::atomic<int> *cache, F get, int fallback)
-{
-    int dev = -1, v = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < KVC_AT_MAX_DEVICES) {
-        v = cache[dev].load(std::memory_order_relaxed);
-        if (v > 0) return v;
-        if (get(dev, &v) == cudaSuccess && v > 0) {
-            cache[dev].store(v, std::memory_order_relaxed);
-            return v;
-        }
-    }
-    cudaGetLastError(); /* not a launch error: keep KVC_CUDA_LAUNCHED clean */
-    return fallback;
-}
-
-static int64_t kvc_at_sm_count(void)
-{
-    static std::atomic<int> cache[KVC_AT_MAX_DEVICES];
-    return kvc_at_cached(cache, [](int dev, int *v) {
-        return cudaDeviceGetAttribute(v, cudaDevAttrMultiProcessorCount, dev);
-    }, 132);
-}
-
 /* Shapes -> geometry (no device reads); nsplit is the most any launch uses,
  * which sizes the workspace. False for an empty problem. */
 static bool kvc_at_geometry(const kvc_attention_params *p, kvc_at_geom *g)
@@ -464,16 +437,12 @@ static bool kvc_at_geometry(const kvc_attention_params *p, kvc_at_geom *g)
     g->R = g->g * g->nq;
     g->rt = g->R <= 2 ? 2 : (g->R <= 4 ? 4 : 8);
     g->ntiles = kvc_ceil_div(g->R, g->rt);
-    /* ragged heads' lengths live on the device: size for the average one */
     const int64_t bh = g->B * g->Hkv;
     const int64_t navg =
         p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->k.shape[0], bh) : p->k.shape[2];
-    const int64_t most = navg > KVC_AT_MIN_CHUNK ? kvc_ceil_div(navg, KVC_AT_MIN_CHUNK) : 1;
     /* a launch fills at most KVC_AT_WAVES waves of the fullest SMs */
-    const int64_t cap = kvc_at_sm_count() * (2048 / KVC_AT_THREADS) * KVC_AT_WAVES;
-    const int64_t ns = cap / (bh * g->ntiles);
-    g->nsplit = ns < 1 ? 1 : (ns < most ? ns : most);
-    g->nsplit = g->nsplit < 65535 ? g->nsplit : 65535; /* grid y */
+    const int64_t cap = kvc_cuda_sm_count() * (2048 / KVC_AT_THREADS) * KVC_AT_WAVES;
+    g->nsplit = kvc_cuda_nsplit(navg, KVC_AT_MIN_CHUNK, cap, bh * g->ntiles);
     g->pm = g->ps = g->pacc = NULL;
     return true;
 }
@@ -482,9 +451,7 @@ extern "C" size_t kvc_cuda_attention_workspace(const struct kvc_attention_params
 {
     kvc_at_geom g;
     if (!kvc_at_geometry(p, &g)) return 0;
-    const size_t np = (size_t)(g.B * g.Hkv * g.R * g.nsplit);
-    return KVC_ALIGN + 2 * kvc_align_up(np * sizeof(float)) +
-           kvc_align_up(np * (size_t)g.D * sizeof(float));
+    return kvc_cuda_split_workspace(g.B * g.Hkv * g.R * g.nsplit, g.D);
 }
 
 /* 16-byte loads need every row of the view 16-byte aligned. */
@@ -512,12 +479,12 @@ static int64_t kvc_at_pick_split(const kvc_at_geom &g, int64_t resident)
 template <int DT, int LPK, int CPL, int RT, bool VEC>
 static enum kvc_status kvc_at_run(const kvc_attention_params &p, kvc_at_geom g, cudaStream_t s)
 {
-    static std::atomic<int> occ_cache[KVC_AT_MAX_DEVICES];
+    static std::atomic<int> occ_cache[KVC_CUDA_MAX_DEVICES];
     const auto kernel = kvc_at_partial_kernel<DT, LPK, CPL, RT, VEC>;
-    const int occ = kvc_at_cached(occ_cache, [&](int, int *v) {
+    const int occ = kvc_cuda_cached(occ_cache, [&](int, int *v) {
         return cudaOccupancyMaxActiveBlocksPerMultiprocessor(v, kernel, KVC_AT_THREADS, 0);
     }, 2);
-    g.nsplit = kvc_at_pick_split(g, kvc_at_sm_count() * occ);
+    g.nsplit = kvc_at_pick_split(g, kvc_cuda_sm_count() * occ);
     const dim3 grid((unsigned)(g.B * g.Hkv * g.ntiles), (unsigned)g.nsplit);
     kernel<<<grid, KVC_AT_THREADS, 0, s>>>(p, g);
     KVC_CUDA_LAUNCHED();

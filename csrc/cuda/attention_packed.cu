@@ -19,7 +19,6 @@
  * passes agree without the host reading lengths; results depend on the
  * shapes, the GPU and the build, never on timing.
  */
-#include <atomic>
 
 #include "../attention_packed_math.h"
 #include "common.cuh"
@@ -32,7 +31,6 @@
 #define KVC_PA_MIN_CHUNK 256   /* fewer slots per split cost more in partials than they gain */
 #define KVC_PA_CHUNK_ALIGN 32
 #define KVC_PA_BLOCKS_PER_SM 4
-#define KVC_PA_MAX_DEVICES 64
 #define KVC_PA_FULL 0xffffffffu
 
 /* Shapes and the partials' place in scratch, fixed on the host. */
@@ -336,24 +334,6 @@ static __global__ void __launch_bounds__(32)
     }
 }
 
-/* SMs of the current device, asked once per device (threads that race store
- * the same value); 132 when the query fails. */
-static int64_t kvc_pa_sm_count(void)
-{
-    static std::atomic<int> cache[KVC_PA_MAX_DEVICES];
-    int dev = -1, v = 0;
-    if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < KVC_PA_MAX_DEVICES) {
-        v = cache[dev].load(std::memory_order_relaxed);
-        if (v > 0) return v;
-        if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0) {
-            cache[dev].store(v, std::memory_order_relaxed);
-            return v;
-        }
-    }
-    cudaGetLastError(); /* not a launch error: keep KVC_CUDA_LAUNCHED clean */
-    return 132;
-}
-
 /* Shapes -> geometry (no device reads); nsplit bounds every head's splits
  * and sizes the workspace. False for an empty problem. */
 static bool kvc_pa_geometry(const kvc_packed_attention_params *p, kvc_pa_geom *g)
@@ -369,14 +349,11 @@ static bool kvc_pa_geometry(const kvc_packed_attention_params *p, kvc_pa_geom *g
     g->g = p->q.shape[1] / g->Hkv;
     g->R = g->g * g->nq;
     g->ntiles = kvc_ceil_div(g->R, KVC_PA_RT);
-    /* ragged heads' lengths live on the device: size for the average one */
     const int64_t bh = g->B * g->Hkv;
     const int64_t navg = (p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->key_codes.shape[0], bh)
                                                      : p->key_codes.shape[2]) + g->r;
-    const int64_t most = navg > KVC_PA_MIN_CHUNK ? kvc_ceil_div(navg, KVC_PA_MIN_CHUNK) : 1;
-    const int64_t ns = kvc_pa_sm_count() * KVC_PA_BLOCKS_PER_SM / (bh * g->ntiles);
-    g->nsplit = ns < 1 ? 1 : (ns < most ? ns : most);
-    g->nsplit = g->nsplit < 65535 ? g->nsplit : 65535; /* grid y */
+    g->nsplit = kvc_cuda_nsplit(navg, KVC_PA_MIN_CHUNK, kvc_cuda_sm_count() * KVC_PA_BLOCKS_PER_SM,
+                                bh * g->ntiles);
     g->pm = g->ps = g->pacc = NULL;
     return true;
 }
@@ -385,9 +362,7 @@ extern "C" size_t kvc_cuda_packed_attention_workspace(const struct kvc_packed_at
 {
     kvc_pa_geom g;
     if (!kvc_pa_geometry(p, &g)) return 0;
-    const size_t np = (size_t)(g.B * g.Hkv * g.R * g.nsplit);
-    return KVC_ALIGN + 2 * kvc_align_up(np * sizeof(float)) +
-           kvc_align_up(np * (size_t)g.D * sizeof(float));
+    return kvc_cuda_split_workspace(g.B * g.Hkv * g.R * g.nsplit, g.D);
 }
 
 template <int DT>

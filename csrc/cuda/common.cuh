@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <atomic>
+
 #include "../kvc_math.h"
 #include "kvc_cuda.h"
 
@@ -44,6 +46,56 @@ static inline char *kvc_carve(char **cursor, size_t bytes)
     char *p = *cursor;
     *cursor += kvc_align_up(bytes);
     return p;
+}
+
+#define KVC_CUDA_MAX_DEVICES 64
+
+/* A per-device value, computed once by get(dev, &v) (threads that race
+ * store the same value); fallback when the device or the query fails. */
+template <typename F>
+static inline int kvc_cuda_cached(std::atomic<int> *cache, F get, int fallback)
+{
+    int dev = -1, v = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && dev >= 0 && dev < KVC_CUDA_MAX_DEVICES) {
+        v = cache[dev].load(std::memory_order_relaxed);
+        if (v > 0) return v;
+        if (get(dev, &v) == cudaSuccess && v > 0) {
+            cache[dev].store(v, std::memory_order_relaxed);
+            return v;
+        }
+    }
+    cudaGetLastError(); /* not a launch error: keep KVC_CUDA_LAUNCHED clean */
+    return fallback;
+}
+
+/* SMs of the current device, asked once per device; 132 when the query
+ * fails. */
+static inline int64_t kvc_cuda_sm_count(void)
+{
+    static std::atomic<int> cache[KVC_CUDA_MAX_DEVICES];
+    return kvc_cuda_cached(cache, [](int dev, int *v) {
+        return cudaDeviceGetAttribute(v, cudaDevAttrMultiProcessorCount, dev);
+    }, 132);
+}
+
+/* Split-K blocks per (head, tile) of the attention ops: no block shorter
+ * than min_chunk of a head's navg slots (ragged heads' lengths live on the
+ * device: navg is the average), at most `cap` blocks over the `units`
+ * (head, tile) pairs, at least 1, within grid y. */
+static inline int64_t kvc_cuda_nsplit(int64_t navg, int64_t min_chunk, int64_t cap, int64_t units)
+{
+    const int64_t most = navg > min_chunk ? kvc_ceil_div(navg, min_chunk) : 1;
+    const int64_t ns = cap / units;
+    const int64_t n = ns < 1 ? 1 : (ns < most ? ns : most);
+    return n < 65535 ? n : 65535;
+}
+
+/* Workspace of the split-K attention ops: running max and sum of np
+ * partial rows, then the rows [np][D], all fp32. */
+static inline size_t kvc_cuda_split_workspace(int64_t np, int64_t D)
+{
+    return KVC_ALIGN + 2 * kvc_align_up((size_t)np * sizeof(float)) +
+           kvc_align_up((size_t)np * (size_t)D * sizeof(float));
 }
 
 #endif /* KVC_CUDA_COMMON_CUH */
