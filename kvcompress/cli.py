@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 def _demo(args) -> int:
@@ -109,7 +110,10 @@ def _suite(args) -> int:
     if config.chat and not has_chat_template(tok):
         print("kvcompress eval: error: --chat: this tokenizer has no chat template; use --no-chat", file=sys.stderr)
         return 2
-    results = suite.run_suite(model, tok, config, model_name=name, progress=not args.no_progress)
+    # with --out, finished cases are kept as they come so a stopped run resumes
+    checkpoint = Path(args.out) / "suite.partial.jsonl" if args.out else None
+    results = suite.run_suite(model, tok, config, model_name=name, progress=not args.no_progress,
+                              checkpoint=checkpoint)
     return _report(suite, results, args)
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from . import ruler
 from .intervals import bootstrap, wilson
@@ -175,8 +177,16 @@ def _answer_turns(model, tokenizer, case, rendered, cache, first: int, pos: int,
     return out
 
 
-def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None = None, progress: bool = True) -> dict:
-    """Run ``config`` on ``model``; return a JSON-ready dict (schema ``SCHEMA``)."""
+def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None = None, progress: bool = True,
+              checkpoint=None) -> dict:
+    """Run ``config`` on ``model``; return a JSON-ready dict (schema ``SCHEMA``).
+
+    With ``checkpoint`` (a path) every finished case is appended to that
+    JSON-lines file, and the cases it already holds are not run again, so an
+    interrupted run continues where it stopped. The file names the config
+    and model it belongs to; another run's file is refused. It is removed
+    once the run completes.
+    """
     import torch
     import transformers
     from transformers import DynamicCache
@@ -202,15 +212,21 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
         methods[(m, r)] = StreamingLLM(ratio=0.0, sinks=0) if m == "full" else method_from_spec(m, ratio=r)
     records = {s: [] for s in specs}
     grid = [(task, n, i) for n in config.lengths for task in config.tasks for i in range(config.cases)]
+    done, log = _open_checkpoint(checkpoint, config, model_name or type(model).__name__, specs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(grid), desc="ruler", unit="case")
+        bar = tqdm(total=len(grid), desc="ruler", unit="case", initial=sum(1 for g in grid if _case_key(g) in done))
     started = time.perf_counter()
     try:
         with compress(model, methods[("full", None)]), torch.inference_mode():
             for task, n, i in grid:
+                if _case_key((task, n, i)) in done:
+                    for spec in specs:
+                        records[spec].append(done[_case_key((task, n, i))][_row_key(spec)])
+                    continue
+                marks = {spec: len(records[spec]) for spec in specs}
                 case = ruler.make_case(task, n, tokenizer, split=config.split, index=i)
                 rendered = ruler.render(case, tokenizer, chat=config.chat)
                 ids = rendered.chunks[0]
@@ -230,12 +246,21 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
                         first = _chunk(model, cache, ids, 0, kwargs_of)
                         turns = _answer_turns(model, tokenizer, case, rendered, cache, first, len(ids), kwargs_of)
                     records[(m, r)].append(_record(case, turns, T.cache_bytes(cache), full_bytes, len(ids)))
+                if log is not None:
+                    line = dict(case=_case_key((task, n, i)),
+                                rows={_row_key(spec): records[spec][marks[spec]] for spec in specs})
+                    log.write(json.dumps(line) + "\n")
+                    log.flush()
                 if bar is not None:
                     bar.set_postfix_str(f"{task} {n}", refresh=False)
                     bar.update()
     finally:
         if bar is not None:
             bar.close()
+        if log is not None:
+            log.close()
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     rows = [_summarise(m, r, records[(m, r)], config) for m, r in specs]
     return dict(
         schema=SCHEMA, created=datetime.datetime.now().isoformat(timespec="seconds"), kvcompress=_version(),
@@ -245,6 +270,50 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
         config=asdict(config), chat=ruler.has_chat_template(tokenizer) if config.chat is None else config.chat,
         seconds=time.perf_counter() - started, rows=rows,
     )
+
+
+def _case_key(g) -> str:
+    task, n, i = g
+    return f"{task}@{n}#{i}"
+
+
+def _row_key(spec) -> str:
+    return f"{spec[0]}@{spec[1]}"
+
+
+def _open_checkpoint(path, config: SuiteConfig, model_name: str, specs):
+    """``(finished cases {case key: {row key: record}}, file to append to)``."""
+    if path is None:
+        return {}, None
+    path = Path(path)
+    header = dict(schema=SCHEMA + "/checkpoint", config=asdict(config), model=model_name,
+                  rows=[_row_key(s) for s in specs])
+    done = {}
+    if path.exists() and path.stat().st_size:
+        with path.open(encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        try:
+            first = json.loads(lines[0])
+            entries = []
+            for line in lines[1:]:
+                try:
+                    entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut short by the interruption: that case runs again
+        except (json.JSONDecodeError, IndexError):
+            raise ValueError(f"checkpoint: {path} is not a suite checkpoint") from None
+        if first != json.loads(json.dumps(header)):
+            raise ValueError(f"checkpoint: {path} belongs to another run (config, model or rows differ); "
+                             "remove it or choose another --out")
+        done = {e["case"]: e["rows"] for e in entries}
+        with path.open("w", encoding="utf-8") as f:  # drop a cut-short last line
+            f.write("\n".join([lines[0]] + [json.dumps(e) for e in entries]) + "\n")
+        return done, path.open("a", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log = path.open("w", encoding="utf-8")
+    log.write(json.dumps(header) + "\n")
+    log.flush()
+    return done, log
 
 
 @contextlib.contextmanager
@@ -443,9 +512,6 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
 
 def write_outputs(results: dict, out_dir) -> list:
     """``suite.json``, ``suite.md`` and ``suite.png`` (with matplotlib) in ``out_dir``."""
-    import json
-    from pathlib import Path
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "suite.json", out / "suite.md"]

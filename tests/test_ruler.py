@@ -341,3 +341,38 @@ def test_combine_equals_one_run(tiny_lm):
         suite.combine([a, run(["tova"], split="heldout")])
     with pytest.raises(ValueError, match="tasks: 'qa' was not run"):
         suite.combine([a, b], tasks=["qa"])
+
+
+def test_suite_resumes_from_its_checkpoint(tiny_lm, tmp_path, monkeypatch):
+    """A run stopped mid-way keeps its finished cases; the resumed run skips
+    them and ends with the rows of an uninterrupted run; another run's
+    checkpoint is refused."""
+    from kvcompress import suite
+
+    model, tok, _ = tiny_lm
+    cfg = suite.SuiteConfig(methods=["snapkv:window=8"], ratios=[0.5], tasks=["niah_single", "qa"], lengths=[200],
+                            cases=2, split="dev")
+    whole = suite.run_suite(model, tok, cfg, progress=False)
+    path = tmp_path / "partial.jsonl"
+    real, calls = ruler.make_case, []
+
+    def stop_at_third(*a, **kw):
+        calls.append(a[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ruler, "make_case", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_suite(model, tok, cfg, progress=False, checkpoint=path)
+    assert len(path.read_text().splitlines()) == 1 + 2  # header + the two finished cases
+    other = suite.SuiteConfig(**{**cfg.__dict__, "cases": 3})
+    with pytest.raises(ValueError, match="checkpoint: .* belongs to another run"):
+        suite.run_suite(model, tok, other, progress=False, checkpoint=path)
+    calls.clear()
+    monkeypatch.setattr(ruler, "make_case", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
+    resumed = suite.run_suite(model, tok, cfg, progress=False, checkpoint=path)
+    assert len(calls) == 2 and not path.exists()  # only the two unfinished cases ran
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "cases"} for r in rows]  # noqa: E731
+    assert strip(resumed["rows"]) == strip(whole["rows"])
+    assert [r["cases"] for r in resumed["rows"]] == [r["cases"] for r in whole["rows"]]
