@@ -145,7 +145,7 @@ class PackedStore(LayerStore):
     def _reserve(self, need: int) -> None:
         """Packed buffers for ``need`` slots (grown by half again, group-aligned)."""
         have = 0 if self._kc is None else int(self._kc.shape[2])
-        if need <= have:
+        if self._kc is not None and need <= have:
             return
         G = self.group
         cap = max(need, have + have // 2)
@@ -200,10 +200,9 @@ class PackedStore(LayerStore):
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
         if spec.plain and spec.window is None and query.device.type == "cpu" and q <= self.r:
-            views = self._packed_views()
-            if views is None:
-                views = self._empty_packed(query)
-            return ops.packed_attention(query, *views, self._rk[:, :, : self.r], self._rv[:, :, : self.r],
+            if self._kc is None:
+                self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
+            return ops.packed_attention(query, *self._packed_views(), self._rk[:, :, : self.r], self._rv[:, :, : self.r],
                                         bits=self.bits, group=self.group, scaling=spec.scaling, kv_start=kv_start)
         # softcap / sink logits / windows: the eager path over a dequantized copy
         keys, values = self.dequantized()
@@ -214,11 +213,3 @@ class PackedStore(LayerStore):
         mask = build_mask(int(query.shape[0]), q, self.n, query.device, kv_start=kv_start, window=spec.window,
                           key_pos=key_pos, query_pos=query_pos)
         return masked_attention(query, keys, values, spec, mask)
-
-    def _empty_packed(self, query):
-        B, H, _, D = self._rk.shape
-        Db = ops.packed_row_bytes(int(D), self.bits)
-        vg = math.ceil(int(D) / self.group)
-        z = lambda *s, dt=torch.float32: torch.zeros(s, dtype=dt, device=query.device)  # noqa: E731
-        return (z(B, H, 0, Db, dt=torch.uint8), z(B, H, 0, D), z(B, H, 0, D), z(B, H, 0, Db, dt=torch.uint8),
-                z(B, H, 0, vg), z(B, H, 0, vg))
