@@ -455,11 +455,18 @@ def _generate(model, ids, method, device):
     return out.cpu()
 
 
-@pytest.mark.parametrize("method", ["snapkv", "ems"])
+GPU_METHODS = {
+    "snapkv": lambda: kvcompress.SnapKV(budget=64),
+    "ems": lambda: kvcompress.EMS(budget=64),
+    "kivi4": lambda: kvcompress.KIVI(bits=4, group=32, residual=64),
+}
+
+
+@pytest.mark.parametrize("method", sorted(GPU_METHODS))
 def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
     model = tiny_model
     ids = torch.randint(3, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
-    make = (lambda: kvcompress.SnapKV(budget=64)) if method == "snapkv" else (lambda: kvcompress.EMS(budget=64))
+    make = GPU_METHODS[method]
     try:
         got = [_generate(model, ids, make(), d) for d in ("cpu", DEV)]
     finally:

@@ -84,12 +84,13 @@ __device__ __forceinline__ float kvc_pa_warp_sum(float x)
     return x;
 }
 
-/* Pass 1: block (head and row tile, split). DT: dtype of q and the residual. */
-template <int DT>
+/* Pass 1: block (head and row tile, split). DT: dtype of q and the residual;
+ * EPL: channels per lane, D <= 32 * EPL (fewer registers for small heads). */
+template <int DT, int EPL>
 static __global__ void __launch_bounds__(KVC_PA_THREADS)
     kvc_pa_partial_kernel(const kvc_packed_attention_params p, const kvc_pa_geom g)
 {
-    constexpr int RT = KVC_PA_RT, EPL = KVC_PA_EPL, NW = KVC_PA_WARPS;
+    constexpr int RT = KVC_PA_RT, NW = KVC_PA_WARPS;
     constexpr int64_t es = DT == KVC_F32 ? 4 : 2;
     __shared__ float sm_m[NW][RT], sm_s[NW][RT];
     __shared__ float sm_acc[NW][RT][KVC_PA_MAX_D];
@@ -141,6 +142,24 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     const int64_t rks = p.res_k.strides[2], rkd = p.res_k.strides[3];
     const int64_t rvs = p.res_v.strides[2], rvd = p.res_v.strides[3];
 
+    /* Everything about the lane's channels that does not depend on the slot,
+     * once: 64-bit divisions per element and slot (code byte, shift, value
+     * group) made this loop ~20x slower than fp16 attention on an H200. */
+    const int lg_per = bits == 2 ? 2 : (bits == 4 ? 1 : 0); /* log2(8 / bits) */
+    const uint32_t mask = kvc_pk_mask(bits);
+    int64_t kbo[EPL], vbo[EPL], vgm[EPL], vgs[EPL];
+    int sh[EPL];
+#pragma unroll
+    for (int e = 0; e < EPL; e++) {
+        const int c = lane + 32 * e < D ? lane + 32 * e : 0;
+        const int u = c / (int)g.G; /* G >= 1; c < 256 */
+        kbo[e] = (int64_t)(c >> lg_per) * kcd;
+        vbo[e] = (int64_t)(c >> lg_per) * vcd;
+        sh[e] = (c & ((1 << lg_per) - 1)) * bits;
+        vgm[e] = (int64_t)u * vmd;
+        vgs[e] = (int64_t)u * vsd;
+    }
+
     /* the lane's query elements and the last logical slot each row sees */
     float qv[RT][EPL];
     int64_t lim[RT];
@@ -167,16 +186,17 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
 #pragma unroll
         for (int e = 0; e < EPL; e++) acc[r][e] = cen[r][e] = qs[r][e] = 0.0f;
     }
-    int64_t cur = -1; /* token group of qs and bias */
+    int64_t gend = -1; /* end of the token group qs and bias belong to */
 
     for (int64_t j = w0; j < w1; j++) {
         const bool packed = j < n;
         float kf[EPL], dot[RT], x[RT], pw[RT], alpha[RT], lc = 0.0f;
         if (packed) {
-            const int64_t tg = j / g.G;
-            if (tg != cur) {
-                /* a new token group: the query scaled per channel, the bias */
-                cur = tg;
+            if (j >= gend) {
+                /* a new token group (slots only grow): the query scaled per
+                 * channel, the bias */
+                const int64_t tg = j / g.G;
+                gend = (tg + 1) * g.G;
 #pragma unroll
                 for (int r = 0; r < RT; r++) {
                     float part = 0.0f;
@@ -185,9 +205,9 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
                         const int c = lane + 32 * e;
                         qs[r][e] = 0.0f;
                         if (c < D) {
-                            const float s = ks[tg * kss + c * ksd];
-                            qs[r][e] = qv[r][e] * s;
-                            part = fmaf(qv[r][e], kvc_pk_centre(km[tg * kms + c * kmd], s, bits), part);
+                            const float sc = ks[tg * kss + c * ksd];
+                            qs[r][e] = qv[r][e] * sc;
+                            part = fmaf(qv[r][e], kvc_pk_centre(km[tg * kms + c * kmd], sc, bits), part);
                         }
                     }
                     bias[r] = p.scaling * kvc_pa_warp_sum(part);
@@ -196,15 +216,16 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
             const uint8_t *row = kc + j * kcs;
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
-                const int c = lane + 32 * e;
-                kf[e] = c < D ? kvc_pk_centred(kvc_pk_code(row, kcd, c, bits), bits) : 0.0f;
+                const uint32_t code = ((uint32_t)row[kbo[e]] >> sh[e]) & mask;
+                kf[e] = lane + 32 * e < D ? kvc_pk_centred(code, bits) : 0.0f;
             }
             if (cn != NULL) lc = kvc_logf(cn[j * cs]);
         } else {
+            const char *rrow = rk + (j - n) * rks * es;
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
                 const int c = lane + 32 * e;
-                kf[e] = c < D ? kvc_load_f32(rk, DT, (j - n) * rks + c * rkd) : 0.0f;
+                kf[e] = c < D ? kvc_load_f32(rrow, DT, c * rkd) : 0.0f;
             }
         }
 #pragma unroll
@@ -233,25 +254,25 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
         }
         if (packed) {
             const uint8_t *row = vc + j * vcs;
+            const float *vmr = vm + j * vms, *vsr = vs + j * vss;
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
-                const int c = lane + 32 * e;
-                if (c >= D) continue;
-                const int64_t u = c / g.G;
-                const float s = vs[j * vss + u * vsd];
-                const float ce = kvc_pk_centre(vm[j * vms + u * vmd], s, bits);
-                const float cv = kvc_pk_centred(kvc_pk_code(row, vcd, c, bits), bits);
+                if (lane + 32 * e >= D) continue;
+                const float sc = vsr[vgs[e]];
+                const float ce = kvc_pk_centre(vmr[vgm[e]], sc, bits);
+                const float cv = kvc_pk_centred(((uint32_t)row[vbo[e]] >> sh[e]) & mask, bits);
 #pragma unroll
                 for (int r = 0; r < RT; r++) {
-                    acc[r][e] = fmaf(pw[r] * s, cv, acc[r][e] * alpha[r]);
+                    acc[r][e] = fmaf(pw[r] * sc, cv, acc[r][e] * alpha[r]);
                     cen[r][e] = fmaf(pw[r], ce, cen[r][e] * alpha[r]);
                 }
             }
         } else {
+            const char *rrow = rv + (j - n) * rvs * es;
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
                 const int c = lane + 32 * e;
-                const float v = c < D ? kvc_load_f32(rv, DT, (j - n) * rvs + c * rvd) : 0.0f;
+                const float v = c < D ? kvc_load_f32(rrow, DT, c * rvd) : 0.0f;
 #pragma unroll
                 for (int r = 0; r < RT; r++) {
                     acc[r][e] = fmaf(pw[r], v, acc[r][e] * alpha[r]);
@@ -370,7 +391,12 @@ static enum kvc_status kvc_pa_run(const kvc_packed_attention_params &p, const kv
                                   cudaStream_t s)
 {
     const dim3 grid((unsigned)(g.B * g.Hkv * g.ntiles), (unsigned)g.nsplit);
-    kvc_pa_partial_kernel<DT><<<grid, KVC_PA_THREADS, 0, s>>>(p, g);
+    if (g.D <= 64)
+        kvc_pa_partial_kernel<DT, 2><<<grid, KVC_PA_THREADS, 0, s>>>(p, g);
+    else if (g.D <= 128)
+        kvc_pa_partial_kernel<DT, 4><<<grid, KVC_PA_THREADS, 0, s>>>(p, g);
+    else
+        kvc_pa_partial_kernel<DT, KVC_PA_EPL><<<grid, KVC_PA_THREADS, 0, s>>>(p, g);
     KVC_CUDA_LAUNCHED();
     kvc_pa_combine_kernel<<<(unsigned)(g.B * g.Hkv * g.R), 32, 0, s>>>(p, g);
     KVC_CUDA_LAUNCHED();
