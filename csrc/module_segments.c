@@ -89,8 +89,10 @@ int kvc_py_check_segments(struct kvc_state *st, const struct kvc_view *off, cons
     return 0;
 }
 
-/* Merge counts must be finite and >= 1 on every slot the kernel reads. */
-static int bad_count(float c) { return !(c >= 1.0f) || isinf(c); }
+/* Counts must be finite and > 0 on every slot the kernel reads: merge counts
+ * are >= 1, and a packed per-head layer splits one slot's count over the
+ * copies that fill its last key group (stores/packed_ragged.py). */
+static int bad_count(float c) { return !(c > 0.0f) || isinf(c); }
 
 /* Count of element i of a f32 or i32 buffer, as the kernel reads it. */
 static float count_at(const struct kvc_view *v, int64_t i)
@@ -102,7 +104,7 @@ static int raise_count(struct kvc_state *st, float c, const char *where)
 {
     char val[32];
     PyOS_snprintf(val, sizeof val, "%g", (double)c);
-    return kvc_py_raise(st->ValueError, "counts: %s is %s, expected a finite count >= 1", where, val);
+    return kvc_py_raise(st->ValueError, "counts: %s is %s, expected a finite count > 0", where, val);
 }
 
 int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k, int ragged, int64_t heads)

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
-from .stores import AttentionSpec, PackedStore, RaggedStore, UniformStore
+from .stores import AttentionSpec, PackedStore, RaggedPackedStore, RaggedStore, UniformStore
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -379,13 +379,31 @@ class CompressedLayer(CacheLayerMixin):
         ``[B, Hq, q, D]`` (None for attention functions that are not ours)."""
         method = self.method
         if method.packing is not None and self.window is None:
-            # quantized layers: the first chunk moves into the packed store
-            # (its attention ran in full precision); every later call packs
-            # the residual's whole groups
-            if isinstance(self.store, UniformStore):
-                self.store = PackedStore.from_uniform(self.store, *method.packing)
+            # Quantized layers: the first chunk is evicted or merged by the
+            # method it composes with (if any, with its own prefill rules),
+            # then moves into a packed store (its attention ran in full
+            # precision); every later call packs the residual's whole groups
+            # and evicts nothing more (see KVCache's docstring).
+            if not isinstance(self.store, PackedStore):
+                if method.evicts:
+                    self._compress(queries, scaling)
+                self._to_packed(method.packing)
             self.store.settle(pad=self._start)
             return
+        self._compress(queries, scaling)
+
+    def _to_packed(self, packing) -> None:
+        """Move the layer's slots into the packed store of their layout."""
+        if isinstance(self.store, UniformStore):
+            self.store = PackedStore.from_uniform(self.store, *packing)
+        else:
+            self.store = RaggedPackedStore.from_ragged(self.store, *packing)
+        # nothing is re-scored once packed: per-head budgets and held queries go
+        self.head_budgets = self._qbuf = None
+
+    def _compress(self, queries, scaling: float) -> None:
+        """Evict or merge down to the method's targets (prefill and decode)."""
+        method = self.method
         phase = "prefill" if self.last_chunk > 1 else "decode"
         uniform = isinstance(self.store, UniformStore)
         if uniform:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from . import testing as T
 from .intervals import bootstrap
-from .methods import REGISTRY, method_from_spec, parse_method_spec
+from .methods import REGISTRY, method_from_spec, spec_evicts
 
 SCHEMA = "kvcompress.eval/1"
 TASKS = ("passkey", "fidelity", "ppl")
@@ -123,7 +123,7 @@ def _rows(config: EvalConfig):
 
 
 def _evicts(spec: str) -> bool:
-    return REGISTRY[parse_method_spec(spec)[0]].evicts
+    return spec_evicts(spec)
 
 
 def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = None, progress: bool = True) -> dict:

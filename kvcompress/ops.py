@@ -522,8 +522,9 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
         unused rows between them. A length is 0 (empty head: its queries
         get zeros) or at least ``q``.
     counts : float32 or int32 tensor ``[B, Hkv, n]`` / ``[N]``, optional
-        Merge counts (>= 1, finite) of the slots; ``log(count)`` is added to
-        the slot's logit (a slot standing for c merged tokens weighs c).
+        Merge counts (finite, > 0; merged slots have >= 1) of the slots;
+        ``log(count)`` is added to the slot's logit (a slot standing for c
+        merged tokens weighs c).
 
     Returns
     -------
@@ -585,8 +586,10 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         + lengths[b*Hkv + h] - 1``; every offset a multiple of `group`,
         segments inside ``[0, N)`` and pairwise disjoint; a length may be 0.
     counts : float32 tensor ``[B, Hkv, n]`` / ``[N]``, optional
-        Merge counts (finite, >= 1) of the packed slots; ``log(count)`` is
-        added to the slot's logit. Residual slots count 1.
+        Counts (finite, > 0) of the packed slots; ``log(count)`` is added to
+        the slot's logit. Merged slots have counts >= 1; a per-head packed
+        layer splits one slot's count over the copies that fill its last
+        key group. Residual slots count 1.
     out : tensor ``[B, q, Hq, D]``, dtype of `queries`, optional
         Written in place and returned; allocated when omitted.
 

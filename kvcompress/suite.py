@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import ruler
 from .intervals import bootstrap, wilson
-from .methods import REGISTRY, method_from_spec, parse_method_spec
+from .methods import method_from_spec, spec_evicts
 
 SCHEMA = "kvcompress.suite/1"
 QUICK_TASKS = ("niah_single", "niah_multikey", "qa", "multiturn")
@@ -118,7 +118,7 @@ def _kvpress(name: str, ratio: float, prompt_tokens: int):
 def _rows(config: SuiteConfig):
     yield "full", None
     for m in config.methods:
-        if not m.lower().startswith("kvpress:") and not REGISTRY[parse_method_spec(m)[0]].evicts:
+        if not m.lower().startswith("kvpress:") and not spec_evicts(m):
             yield m, None  # keeps every token (KIVI): one row
             continue
         for r in config.ratios:

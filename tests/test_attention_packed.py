@@ -303,7 +303,8 @@ def test_kv_start_padding(dtype):
     q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype)
     # row 2: 2 residual slots padded; row 3: queries 0 and 1 see nothing
     kv_start = torch.tensor([0, 7, n + 2, n + r - nq + 2])
-    counts = torch.rand(B, Hkv, n, generator=torch.Generator().manual_seed(3)) * 5 + 1
+    # counts below 1 too: a per-head packed layer splits a slot's count over copies
+    counts = torch.rand(B, Hkv, n, generator=torch.Generator().manual_seed(3)) * 5 + 0.05
     got = run(q, pk, rk, rv, bits, G, kv_start=kv_start, counts=counts, scaling=0.3)
     check(got, q, pk, rk, rv, str(dtype), kv_start=kv_start, counts=counts, scaling=0.3)
     assert (got[3, :2] == 0).all() and (got[3, 2:] != 0).any()
@@ -552,7 +553,8 @@ def _call(a):
         (lambda a: a.update(kv_start=torch.tensor([0])), KVCompressValueError, "kv_start"),
         (lambda a: a.update(counts=torch.ones(2, 2, 9)), KVCompressValueError, "counts"),
         (lambda a: a.update(counts=torch.ones(2, 2, 10, dtype=torch.int32)), KVCompressTypeError, "counts"),
-        (lambda a: a.update(counts=torch.ones(2, 2, 10) * 0.5), KVCompressValueError, "counts.*0.5"),
+        (lambda a: a.update(counts=torch.ones(2, 2, 10) * 0.0), KVCompressValueError, "counts.*0.*> 0"),
+        (lambda a: a.update(counts=-torch.ones(2, 2, 10)), KVCompressValueError, "counts.*-1"),
         (lambda a: a.update(counts=torch.ones(2, 2, 10).index_fill(2, torch.tensor([3]), float("nan"))),
          KVCompressValueError, "counts.*nan"),
         (lambda a: a.update(scaling=float("inf")), KVCompressValueError, "scaling"),

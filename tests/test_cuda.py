@@ -459,6 +459,9 @@ GPU_METHODS = {
     "snapkv": lambda: kvcompress.SnapKV(budget=64),
     "ems": lambda: kvcompress.EMS(budget=64),
     "kivi4": lambda: kvcompress.KIVI(bits=4, group=32, residual=64),
+    # evict, then pack what is kept: uniform (SnapKV) and per-head merged (EMS) packed stores
+    "snapkv+kivi4": lambda: kvcompress.SnapKV(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
+    "ems+kivi4": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
 }
 
 

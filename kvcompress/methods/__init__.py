@@ -49,10 +49,12 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     ``false``, ``none`` or strings)."""
     name, *parts = spec.strip().split(":")
     name = name.strip().lower()
+    if "+" in spec:
+        raise ValueError(f"methods: {spec!r} composes methods: split it on '+' (see method_from_spec)")
     if name not in REGISTRY:
         raise ValueError(f"methods: unknown method {name!r} in {spec!r}; choose from {', '.join(REGISTRY)}")
     cls = REGISTRY[name]
-    allowed = {f.name for f in dataclasses.fields(cls)} - {"budget", "ratio"}
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"budget", "ratio", "quant"}
     options = {}
     for part in parts:
         key, eq, value = part.partition("=")
@@ -66,12 +68,33 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def spec_evicts(spec: str) -> bool:
+    """Whether a command-line spec (``"snapkv"``, ``"ems+kivi:bits=2"``)
+    evicts or merges, i.e. takes a budget or ratio."""
+    return REGISTRY[parse_method_spec(spec.split("+", 1)[0])[0]].evicts
+
+
 def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | None = None) -> Method:
     """Build a method from a command-line spec such as ``"ems:tau=inf"``.
 
     A method that keeps every token (``KIVI``) ignores ``budget`` and
     ``ratio``, so one grid of settings can list it beside evicting methods.
+    ``"evictor+quantizer"`` (``"snapkv+kivi:bits=2"``) packs the evictor's
+    kept slots: the budget or ratio goes to the evictor.
     """
+    if "+" in spec:
+        first, _, second = spec.partition("+")
+        if "+" in second:
+            raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer)")
+        if not spec_evicts(first) or spec_evicts(second):
+            raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4' "
+                             f"(quantizers: {', '.join(n for n in REGISTRY if n not in EVICTING)})")
+        evictor = method_from_spec(first, budget=budget, ratio=ratio)
+        quant = method_from_spec(second)
+        try:
+            return evictor + quant
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"methods: {spec!r}: {e}") from None
     name, options = parse_method_spec(spec)
     if not REGISTRY[name].evicts:
         budget = ratio = None
@@ -83,6 +106,6 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
 
 __all__ = [
     "Method", "DecodeMethod", "LayerView", "REGISTRY", "EVICTING", "method_from_name", "method_from_spec",
-    "parse_method_spec",
+    "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI",
 ]

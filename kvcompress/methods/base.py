@@ -110,9 +110,10 @@ class Method:
     #: ``False`` for methods that keep every token (quantizers): they take no
     #: budget or ratio and the evaluation runs them once, not per setting
     evicts: ClassVar[bool] = True
-    #: ``(bits, group, residual)`` when layers keep their slots packed
-    #: (``kvcompress.stores.PackedStore``), else None
-    packing: ClassVar[tuple[int, int, int] | None] = None
+    #: a quantizer (``KIVI``) that packs the slots this method keeps:
+    #: ``SnapKV(ratio=0.5, quant=KIVI(bits=4))``, also written
+    #: ``SnapKV(ratio=0.5) + KIVI(bits=4)`` (see :meth:`__add__`)
+    quant: "Method | None" = None
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):
@@ -133,6 +134,7 @@ class Method:
                 raise ValueError(f"ratio: must satisfy 0 <= ratio < 1, got {self.ratio}")
         self._check_int("interval", self.interval, 0)
         self._check_fields()
+        self._check_quant()
         if self.budget is not None and self.budget < self.min_budget():
             raise ValueError(
                 f"budget: {type(self).__name__} always keeps {self.min_budget()} slots per head "
@@ -143,6 +145,34 @@ class Method:
     # ----------------------------------------------------------------- hooks
     def _check_fields(self) -> None:
         """Validate method-specific fields (override)."""
+
+    def _check_quant(self) -> None:
+        q = self.quant
+        if q is None:
+            return
+        if not isinstance(q, Method) or q.evicts or q.packing is None:
+            raise TypeError(f"quant: expected a quantizer such as kvcompress.KIVI(bits=4), got {q!r}")
+        if not self.evicts:
+            raise ValueError(f"quant: {type(self).__name__} keeps every token itself; give quant= to an "
+                             "evicting or merging method")
+
+    @property
+    def packing(self) -> tuple[int, int, int] | None:
+        """``(bits, group, residual)`` when layers keep their slots packed
+        (``kvcompress.stores.PackedStore``), else None."""
+        return None if self.quant is None else self.quant.packing
+
+    def __add__(self, other):
+        """``evictor + quantizer``: the evictor with ``quant=quantizer`` (the
+        kept slots are packed), e.g. ``EMS(ratio=0.5) + KIVI(bits=4)``."""
+        if not isinstance(other, Method):
+            return NotImplemented
+        if not self.evicts or other.evicts:
+            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "
+                            "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4)")
+        if self.quant is not None:
+            raise ValueError(f"{self.describe()} already packs its slots with {self.quant.describe()}")
+        return dataclasses.replace(self, quant=other)
 
     def min_budget(self) -> int:
         """Slots the method always keeps (sinks + window); a smaller
@@ -227,9 +257,10 @@ class Method:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is not None and not (f.name == "interval" and v == 16):
+            if v is not None and not (f.name == "interval" and v == 16) and f.name != "quant":
                 parts.append(f"{f.name}={v}")
-        return f"{type(self).__name__}({', '.join(parts)})"
+        text = f"{type(self).__name__}({', '.join(parts)})"
+        return text if self.quant is None else f"{text} + {self.quant.describe()}"
 
 
 #: kept for code written against the first releases: every method now keeps

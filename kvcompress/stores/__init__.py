@@ -8,7 +8,8 @@ bits plus a full-precision residual) implement :class:`LayerStore`. See
 
 from .base import AttentionSpec, LayerStore
 from .packed import PackedStore
+from .packed_ragged import RaggedPackedStore
 from .ragged import RaggedStore
 from .uniform import UniformStore
 
-__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "RaggedStore", "UniformStore"]
+__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "RaggedPackedStore", "RaggedStore", "UniformStore"]

@@ -87,3 +87,32 @@ def masked_attention(query, key, value, spec: AttentionSpec, mask=None, bias=Non
         probs = F.dropout(probs, p=spec.dropout, training=True)
     out = torch.matmul(probs.to(v.dtype), v)
     return out.transpose(1, 2).contiguous()
+
+
+def padded_head_attention(query, keys, values, start, spec: AttentionSpec, heads: int, bias=None):
+    """Attention of ``query`` ``[B, Hq, q, D]`` (the last ``q`` slots) over
+    per-head slots padded on the left: ``keys``/``values`` ``[B*H, 1, M, D]``
+    with head ``i``'s slots from column ``start[i]`` on, ``bias`` ``[B*H, M]``
+    added to the logits (log merge counts) or None. For the model options the
+    C kernels lack (softcap, sinks); one head at a time, as each has its own
+    sinks. Returns ``[B, q, Hq, D]`` in the query's dtype."""
+    B, Hq, q, D = query.shape
+    H = heads
+    qh = query.reshape(B * H, Hq // H, q, D)
+    M = int(keys.shape[2])
+    j = torch.arange(M, device=query.device)
+    slot = torch.arange(q, device=query.device) + (M - q)
+    mask = ((j[None, :] <= slot[:, None])[None] & (j[None, None, :] >= start[:, None, None]))
+    mask = (mask | (j[None, :] == slot[:, None])[None])[:, None]
+    bias = None if bias is None else bias[:, None]
+    sinks = None if spec.sinks is None else spec.sinks.reshape(H, Hq // H).repeat(B, 1)
+    sub = AttentionSpec(scaling=spec.scaling, softcap=spec.softcap, dropout=spec.dropout)
+    out = []
+    for r in range(B * H):
+        s = sub if sinks is None else AttentionSpec(scaling=spec.scaling, softcap=spec.softcap,
+                                                    sinks=sinks[r], dropout=spec.dropout)
+        out.append(masked_attention(qh[r : r + 1], keys[r : r + 1], values[r : r + 1], s, mask[r : r + 1],
+                                    None if bias is None else bias[r : r + 1]))
+    # [B*H, q, G, D] -> [B, q, Hq, D]
+    res = torch.cat(out, 0).reshape(B, H, q, Hq // H, D).permute(0, 2, 1, 3, 4).reshape(B, q, Hq, D)
+    return res.to(query.dtype)

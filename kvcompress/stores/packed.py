@@ -22,6 +22,17 @@ from .base import AttentionSpec, LayerStore
 from .masked import build_mask, masked_attention
 
 
+def kernel_reads(query, residual) -> bool:
+    """Whether ``ops.packed_attention`` runs for this query and residual
+    (CPU, or CUDA in a CUDA build; the kernel's dtypes)."""
+    dev = query.device.type
+    return ((dev == "cpu" or (dev == "cuda" and bool(ops._C.has_cuda))) and query.dtype in _KERNEL_DTYPES
+            and residual.dtype == query.dtype)
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class PackedStore(LayerStore):
     """``[B, H, n_packed]`` packed slots followed by ``[B, H, r, D]`` residual
     slots, every head the same length.
@@ -122,6 +133,11 @@ class PackedStore(LayerStore):
                 if 0 < p < self.r:
                     self._rk[b, :, :p] = self._rk[b, :, p : p + 1]
                     self._rv[b, :, :p] = self._rv[b, :, p : p + 1]
+        self._pack_oldest(m)
+        self._drop_oldest(m)
+
+    def _pack_oldest(self, m: int) -> None:
+        """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
         self._reserve(self.n_packed + m)
         p0, G = self.n_packed, self.group
         ops.pack_keys(self._rk[:, :, :m], self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
@@ -129,6 +145,10 @@ class PackedStore(LayerStore):
         ops.pack_values(self._rv[:, :, :m], self.bits, G, codes=self._vc[:, :, p0 : p0 + m],
                         mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m])
         self.n_packed += m
+
+    def _drop_oldest(self, m: int) -> None:
+        """Remove the ``m`` oldest residual slots (just packed)."""
+        G = self.group
         left = self.r - m
         cap = self.residual + G
         if self._rk.shape[2] > cap + G:
@@ -199,7 +219,7 @@ class PackedStore(LayerStore):
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
-        if spec.plain and spec.window is None and query.device.type == "cpu" and q <= self.r:
+        if spec.plain and spec.window is None and kernel_reads(query, self._rk) and q <= self.r:
             if self._kc is None:
                 self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
             return ops.packed_attention(query, *self._packed_views(), self._rk[:, :, : self.r], self._rv[:, :, : self.r],

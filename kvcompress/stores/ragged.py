@@ -15,7 +15,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec, LayerStore
-from .masked import masked_attention
+from .masked import padded_head_attention
 
 _C_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -230,23 +230,5 @@ class RaggedStore(LayerStore):
         if spec.window is not None:
             raise NotImplementedError("a sliding-window layer is never stored per head")
         keys, values, _, cnt, _, start = self.to_padded()
-        B, Hq, q, D = query.shape
-        H = self.heads
-        qh = query.reshape(B * H, Hq // H, q, D)
-        M = int(keys.shape[2])
-        j = torch.arange(M, device=query.device)
-        slot = torch.arange(q, device=query.device) + (M - q)
-        mask = ((j[None, :] <= slot[:, None])[None] & (j[None, None, :] >= start[:, None, None]))
-        mask = (mask | (j[None, :] == slot[:, None])[None])[:, None]
-        bias = torch.log(cnt)[:, None] if counts is not None else None
-        sinks = None if spec.sinks is None else spec.sinks.reshape(H, Hq // H).repeat(B, 1)
-        sub = AttentionSpec(scaling=spec.scaling, softcap=spec.softcap, dropout=spec.dropout)
-        out = []
-        for r in range(B * H):  # one head at a time: each has its own sinks
-            s = sub if sinks is None else AttentionSpec(scaling=spec.scaling, softcap=spec.softcap,
-                                                        sinks=sinks[r], dropout=spec.dropout)
-            out.append(masked_attention(qh[r : r + 1], keys[r : r + 1], values[r : r + 1], s, mask[r : r + 1],
-                                        None if bias is None else bias[r : r + 1]))
-        # [B*H, q, G, D] -> [B, q, Hq, D]
-        res = torch.cat(out, 0).reshape(B, H, q, Hq // H, D).permute(0, 2, 1, 3, 4).reshape(B, q, Hq, D)
-        return res.to(query.dtype)
+        bias = torch.log(cnt) if counts is not None else None
+        return padded_head_attention(query, keys, values, start, spec, self.heads, bias)

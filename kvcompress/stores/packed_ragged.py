@@ -1,0 +1,252 @@
+"""Per-head packed storage: what an evicting or merging method kept, KIVI-
+packed head by head, plus a uniform full-precision residual window.
+
+This is the store of a composition such as ``EMS(ratio=0.5) + KIVI(bits=4)``
+on a layer whose heads keep different numbers of slots (head-wise budgets,
+merging). The kept slots of head ``i`` are packed into its own segment of
+flat buffers (the ragged layout of ``docs/packed.md``: every segment starts
+at a multiple of ``group``, so key groups never straddle heads), and
+``ops.packed_attention`` reads them with ``offsets``/``lengths``/``counts``.
+
+A head's kept slots rarely fill whole key groups. Its last slot is therefore
+repeated up to the next multiple of ``group`` and the copies share that
+slot's count: ``c`` becomes ``c / (copies + 1)`` on each of the ``copies + 1``
+identical slots, whose weights ``count * exp(logit)`` add up to exactly the
+original one (the copies equal the slot, so its group's min and max, and
+every code, are unchanged). Decoded tokens enter the residual window and are
+packed a whole group at a time onto the end of every head's segment, which
+is why segments stay group-aligned.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .base import AttentionSpec
+from .masked import padded_head_attention
+from .packed import PackedStore, kernel_reads
+
+
+class RaggedPackedStore(PackedStore):
+    """Per-head packed segments ``[Σ cap_h, Db]`` and a ``[B, H, r, D]``
+    residual window shared by the heads.
+
+    Attributes
+    ----------
+    offsets, lengths, caps : torch.Tensor
+        int64 ``[B * H]``: first row, packed rows in use (multiples of
+        ``group``, repeated last slots included) and rows allocated per head.
+    counts_bias, counts_plain : torch.Tensor
+        float32 ``[R]``: the count of each packed row with and without the
+        method's merge counts (both carry the split of a repeated slot).
+    """
+
+    kind = "ragged-packed"
+
+    def __init__(self, bits: int, group: int, residual: int):
+        super().__init__(bits, group, residual)
+        self.offsets = self.lengths = self.caps = None
+        self.counts_bias = self.counts_plain = None
+        self._host_lengths = self._host_caps = None
+        self._real = None  # host int64 [B*H]: kept or decoded slots per head, copies excluded
+        self._slack = group
+
+    @classmethod
+    def from_ragged(cls, store, bits: int, group: int, residual: int) -> "RaggedPackedStore":
+        """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
+        its merge counts) head by head; the residual starts empty."""
+        new = cls(bits, group, residual)
+        G = group
+        B, H = store.batch, store.heads
+        dev = store.k.device
+        n = store.lengths.to(torch.int64)
+        n_host = store._host_lengths.to(torch.int64)
+        padded = (n + G - 1) // G * G
+        padded_host = (n_host + G - 1) // G * G
+        caps_host = padded_host + G
+        caps = caps_host.to(dev)
+        offsets = torch.cumsum(caps, 0) - caps
+        R = int(caps_host.sum())
+        total = int(padded_host.sum())
+        N = B * H
+        head = torch.repeat_interleave(torch.arange(N, device=dev), padded, output_size=total)
+        t = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(padded, 0) - padded, padded,
+                                                                     output_size=total)
+        last = n[head] - 1
+        src = store.offsets[head] + torch.minimum(t, last)
+        dst = offsets[head] + t
+        D, Dv = int(store.k.shape[1]), int(store.v.shape[1])
+        if D != Dv:
+            raise NotImplementedError(f"packing keys of {D} and values of {Dv} channels")
+        k = store.k.new_zeros((R, D))
+        v = store.v.new_zeros((R, Dv))
+        k[dst], v[dst] = store.k[src], store.v[src]
+        # the last kept slot and its copies share its count
+        share = torch.where(t >= last, 1.0 / (padded[head] - last).to(torch.float32),
+                            torch.ones((), device=dev))
+        merged = store.counts[src] if store.counts is not None else torch.ones(total, device=dev)
+        new.counts_plain = torch.ones(R, device=dev)
+        new.counts_bias = torch.ones(R, device=dev)
+        new.counts_plain[dst] = share
+        new.counts_bias[dst] = merged * share
+        kc, kmin, ksc = ops.pack_keys(k.view(1, 1, R, D), bits, G)
+        vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), bits, G)
+        new._kc, new._kmin, new._ksc = kc[0, 0], kmin[0, 0], ksc[0, 0]
+        new._vc, new._vmin, new._vsc = vc[0, 0], vmin[0, 0], vsc[0, 0]
+        new.offsets, new.lengths, new.caps = offsets, padded, caps
+        new._host_lengths, new._host_caps = padded_host.clone(), caps_host
+        new._real = n_host.clone()
+        new._rk = store.k.new_empty((B, H, residual + G, D))
+        new._rv = store.v.new_empty((B, H, residual + G, D))
+        return new
+
+    # ------------------------------------------------------------ geometry
+    def head_lengths(self) -> list[int]:
+        return [int(x) + self.r for x in self._real.tolist()]
+
+    def max_length(self) -> int:
+        return (int(self._real.max()) if self._real.numel() else 0) + self.r
+
+    @property
+    def n(self) -> int:
+        return self.max_length()
+
+    @property
+    def capacity(self) -> int:
+        return self.max_length()
+
+    def tensors(self) -> list:
+        return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,
+                            self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv)
+                if t is not None]
+
+    def __repr__(self) -> str:
+        n = self._real
+        span = f"{int(n.min())}..{int(n.max())}" if n is not None and n.numel() else "empty"
+        return (f"RaggedPackedStore(bits={self.bits}, group={self.group}, residual={self.residual}, "
+                f"batch={self.batch}, heads={self.heads}, packed per head={span}, full_precision={self.r})")
+
+    # ------------------------------------------------------------- writing
+    def _pack_oldest(self, m: int) -> None:
+        """Pack the ``m`` oldest residual slots onto the end of every head's
+        segment (each segment stays a whole number of groups)."""
+        B, H, _, D = (int(x) for x in self._rk.shape)
+        N, G = B * H, self.group
+        if bool((self._host_lengths + m > self._host_caps).any()):
+            self._grow(m)
+        kc, kmin, ksc = ops.pack_keys(self._rk[:, :, :m], self.bits, G)
+        vc, vmin, vsc = ops.pack_values(self._rv[:, :, :m], self.bits, G)
+        start = self.offsets + self.lengths
+        rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
+        grows = (start[:, None] // G + torch.arange(m // G, device=start.device)).reshape(-1)
+        self._kc[rows] = kc.reshape(N * m, -1)
+        self._vc[rows] = vc.reshape(N * m, -1)
+        self._vmin[rows] = vmin.reshape(N * m, -1)
+        self._vsc[rows] = vsc.reshape(N * m, -1)
+        self._kmin[grows] = kmin.reshape(N * (m // G), D)
+        self._ksc[grows] = ksc.reshape(N * (m // G), D)
+        self.counts_bias[rows] = 1.0
+        self.counts_plain[rows] = 1.0
+        self.lengths = self.lengths + m
+        self._host_lengths += m
+        self._real += m
+        self.n_packed += m
+
+    def _grow(self, m: int) -> None:
+        """Room for ``m`` more rows per head: the slack doubles each time, so
+        decoding moves the segments O(log steps) times."""
+        G = self.group
+        self._slack = max(self._slack * 2, (m + G - 1) // G * G)
+        caps_host = self._host_lengths + self._slack
+        dev = self.offsets.device
+        caps = caps_host.to(dev)
+        offsets = torch.cumsum(caps, 0) - caps
+        total = int(self._host_lengths.sum())
+        head = torch.repeat_interleave(torch.arange(caps.numel(), device=dev), self.lengths, output_size=total)
+        t = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(self.lengths, 0) - self.lengths,
+                                                                     self.lengths, output_size=total)
+        self._move(self.offsets[head] + t, offsets[head] + t, int(caps_host.sum()))
+        self.offsets, self.caps, self._host_caps = offsets, caps, caps_host
+
+    def _move(self, src, dst, R: int) -> None:
+        """New buffers of ``R`` rows with rows ``src`` copied to ``dst``
+        (group-aligned runs: key groups move with their first row)."""
+        G = self.group
+
+        def moved(old, rows_src, rows_dst, n_rows, fill):
+            new = old.new_full((n_rows,) + tuple(old.shape[1:]), fill)
+            new[rows_dst] = old[rows_src]
+            return new
+
+        first = src % G == 0
+        gsrc, gdst = src[first] // G, dst[first] // G
+        self._kc, self._vc = moved(self._kc, src, dst, R, 0), moved(self._vc, src, dst, R, 0)
+        self._vmin, self._vsc = moved(self._vmin, src, dst, R, 0), moved(self._vsc, src, dst, R, 0)
+        self.counts_bias = moved(self.counts_bias, src, dst, R, 1)
+        self.counts_plain = moved(self.counts_plain, src, dst, R, 1)
+        self._kmin, self._ksc = moved(self._kmin, gsrc, gdst, R // G, 0), moved(self._ksc, gsrc, gdst, R // G, 0)
+
+    def index_batch(self, idx) -> None:
+        """Rows ``idx`` ``[B']`` of the batch, in that order (beam search)."""
+        dev = self.offsets.device
+        idx = idx.to(dev)
+        H = self.heads
+        src_head = (idx[:, None] * H + torch.arange(H, device=dev)[None, :]).reshape(-1)
+        host_idx = (idx.cpu()[:, None] * H + torch.arange(H)[None, :]).reshape(-1)
+        caps = self.caps[src_head]
+        offsets = torch.cumsum(caps, 0) - caps
+        R = int(self._host_caps[host_idx].sum())
+        t = torch.arange(R, device=dev) - torch.repeat_interleave(offsets, caps, output_size=R)
+        src = torch.repeat_interleave(self.offsets[src_head], caps, output_size=R) + t
+        self._move(src, torch.arange(R, device=dev), R)
+        self.offsets, self.caps, self.lengths = offsets, caps, self.lengths[src_head]
+        self._host_caps, self._host_lengths = self._host_caps[host_idx], self._host_lengths[host_idx]
+        self._real = self._real[host_idx]
+        self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
+
+    # ----------------------------------------------------------- attention
+    def padded(self, count_bias: bool = True):
+        """Dequantized per-head copy, left-padded: ``(keys [B*H, 1, M + r, D],
+        values, start [B*H], log_counts [B*H, M + r])`` with head ``i``'s
+        packed rows (repeated last slots included) in columns ``start[i] ..
+        M - 1`` and the residual after them; for tests and the model options
+        the kernel lacks (softcap, sinks)."""
+        B, H, _, D = (int(x) for x in self._rk.shape)
+        N, G, r = B * H, self.group, self.r
+        dtype = self._rk.dtype
+        R = int(self._kc.shape[0])
+        kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
+                             self._ksc.view(1, 1, R // G, D), self.bits, G, dtype=dtype)[0, 0]
+        vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
+                               self._vsc.view(1, 1, R, -1), self.bits, G, head_dim=D, dtype=dtype)[0, 0]
+        M = int(self._host_lengths.max()) if N else 0
+        start = M - self.lengths
+        col = torch.arange(M, device=kd.device)[None, :]
+        live = col >= start[:, None]
+        rows = torch.where(live, self.offsets[:, None] + col - start[:, None], torch.zeros_like(col))
+        counts = self.counts_bias if count_bias else self.counts_plain
+        keys = torch.where(live[..., None], kd[rows], torch.zeros((), dtype=dtype, device=kd.device))
+        values = torch.where(live[..., None], vd[rows], torch.zeros((), dtype=dtype, device=kd.device))
+        logc = torch.where(live, torch.log(counts[rows]), torch.zeros((), device=kd.device))
+        keys = torch.cat([keys, self._rk[:, :, :r].reshape(N, r, D)], 1)[:, None]
+        values = torch.cat([values, self._rv[:, :, :r].reshape(N, r, D)], 1)[:, None]
+        logc = torch.cat([logc, torch.zeros((N, r), device=kd.device)], 1)
+        return keys, values, start, logc
+
+    def dequantized(self):
+        raise NotImplementedError("a per-head packed layer has no [B, H, n, D] form: use padded()")
+
+    def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
+        if spec.window is not None:
+            raise NotImplementedError("a sliding-window layer is never packed")
+        q = int(query.shape[2])
+        counts = self.counts_bias if spec.count_bias else self.counts_plain
+        if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
+            return ops.packed_attention(query, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
+                                        self._rk[:, :, : self.r], self._rv[:, :, : self.r], bits=self.bits,
+                                        group=self.group, scaling=spec.scaling, offsets=self.offsets,
+                                        lengths=self.lengths, counts=counts)
+        keys, values, start, logc = self.padded(spec.count_bias)
+        return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
+
