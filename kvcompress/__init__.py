@@ -42,6 +42,9 @@ _LAZY = {
     "TOVA": ("kvcompress.methods", "TOVA"),
     "VATP": ("kvcompress.methods", "VATP"),
     "KIVI": ("kvcompress.methods", "KIVI"),
+    "LowBits": ("kvcompress.methods", "LowBits"),
+    "MiKV": ("kvcompress.methods", "MiKV"),
+    "ZipCache": ("kvcompress.methods", "ZipCache"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

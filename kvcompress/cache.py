@@ -386,8 +386,9 @@ class CompressedLayer(CacheLayerMixin):
             # and evicts nothing more (see KVCache's docstring).
             if not isinstance(self.store, PackedStore):
                 if method.evicts:
-                    self._compress(queries, scaling)
-                self._to_packed(method.packing)
+                    self._compress(queries, scaling)  # a demoting quantizer packs here (_demote)
+                if not isinstance(self.store, PackedStore):
+                    self._to_packed(method.packing)
             self.store.settle(pad=self._start)
             return
         self._compress(queries, scaling)
@@ -396,6 +397,8 @@ class CompressedLayer(CacheLayerMixin):
         """Move the layer's slots into the packed store of their layout."""
         if isinstance(self.store, UniformStore):
             self.store = PackedStore.from_uniform(self.store, *packing)
+            # mixed precision with nothing dropped: every slot stays full precision
+            self.store.pack_decoded = not getattr(self.method.quant, "demotes", False)
         else:
             self.store = RaggedPackedStore.from_ragged(self.store, *packing)
         # nothing is re-scored once packed: per-head budgets and held queries go
@@ -496,9 +499,55 @@ class CompressedLayer(CacheLayerMixin):
             store = RaggedStore.from_selection(view.keys, view.values, positions, full, start)
             self._become_ragged(store, targets, picked)
             return
+        if getattr(self.method.quant, "demotes", False):
+            self._demote(view, per_row)
+            return
         indices, fill = _fill_front(per_row, H, device)
         self.store.keep(indices)
         self._update_start(fill)
+
+    def _demote(self, view: LayerView, per_row: list) -> None:
+        """Mixed precision (``LowBits``, ``MiKV``, ``ZipCache``): each row's
+        selected slots ``per_row[b]`` ``[H, k_b]`` stay in full precision, its
+        other real slots are packed at the quantizer's bits.
+
+        Every row gets ``K = max k_b`` full-precision slots: a row that
+        selected fewer moves its most recent other slots up (more precision
+        than asked, never less), so its masked slots (padded packed slots in
+        front, and for a row shorter than ``K`` the residual's filler) form
+        one prefix, which is what ``kv_start`` can mask."""
+        B, H, n = (int(x) for x in view.keys.shape[:3])
+        device = view.keys.device
+        K = max(int(r.shape[1]) for r in per_row)
+        ar = torch.arange(n, device=device)
+        resid, low = [], []
+        for b in range(B):
+            real = n - self._start[b]
+            if real <= K:
+                fill = torch.zeros((H, K - real), dtype=torch.int64, device=device)
+                resid.append(torch.cat([fill, ar[self._start[b]:].expand(H, -1)], 1))
+                low.append(None)
+                continue
+            kept = per_row[b].to(device)
+            other = torch.ones((H, n), dtype=torch.bool, device=device)
+            other[:, : self._start[b]] = False
+            other.scatter_(1, kept, False)
+            dropped = ar.expand(H, n)[other].view(H, -1)
+            cut = int(dropped.shape[1]) - (K - int(kept.shape[1]))
+            resid.append(torch.sort(torch.cat([kept, dropped[:, cut:]], 1), 1).values)
+            low.append(dropped[:, :cut])
+        n_low = [0 if x is None else int(x.shape[1]) for x in low]
+        m = max(n_low)
+        lows = []
+        for b in range(B):
+            # padded packed slots copy a real slot of the row (or its group's
+            # first member), so they never widen a key group's range
+            first = low[b][:, :1] if n_low[b] else torch.full((H, 1), self._start[b], dtype=torch.int64,
+                                                             device=device)
+            lows.append(torch.cat([first.expand(H, m - n_low[b])] + ([low[b]] if n_low[b] else []), 1))
+        bits, group, _ = self.method.packing
+        self.store = PackedStore.from_split(view.keys, view.values, torch.stack(resid), torch.stack(lows), bits, group)
+        self._update_start([m - n_low[b] + max(0, K - (n - self._start[b])) for b in range(B)])
 
     def _compact(self, view: LayerView, rows: list[int], targets: list[int]) -> None:
         """Merging methods at prefill: compressed rows get ``method.compact``'s

@@ -9,7 +9,7 @@ import torch
 import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
 from kvcompress.hf import attention_spec
-from kvcompress.methods import EVICTING, REGISTRY
+from kvcompress.methods import EVICTING, MIXED_PRECISION, REGISTRY
 
 KW = dict(do_sample=False, pad_token_id=0)
 
@@ -38,7 +38,7 @@ def _gen(model, method, ids, mask, n=10, **kw):
     return out, session.cache
 
 
-@pytest.mark.parametrize("name", sorted(EVICTING))
+@pytest.mark.parametrize("name", sorted(EVICTING + MIXED_PRECISION))
 def test_short_rows_generate_what_they_generate_alone(tiny_model, name):
     """Rows shorter than the budget (and than sinks + window) keep every
     token, in a batch with a row that is compressed."""

@@ -5,18 +5,26 @@ import dataclasses
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
-from .quant import KIVI
+from .quant import KIVI, LowBits, MiKV, ZipCache
 from .simple import Knorm, StreamingLLM
 from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
-    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI)
+    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
+                                           LowBits, MiKV, ZipCache)
 }
 
 
-#: Names of the methods that evict or merge (they take a budget or ratio).
-EVICTING: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items() if cls.evicts)
+#: Mixed-precision methods: they select like an evictor (and take a budget or
+#: ratio) but pack the unselected tokens instead of dropping them, once, after
+#: the prefill; their memory is not bounded while decoding.
+MIXED_PRECISION: tuple[str, ...] = ("mikv", "zipcache")
+
+#: Names of the methods that evict or merge (they take a budget or ratio and
+#: keep it while decoding).
+EVICTING: tuple[str, ...] = tuple(name for name, cls in REGISTRY.items()
+                                  if cls.evicts and name not in MIXED_PRECISION)
 
 
 def method_from_name(name: str, *, budget: int | None = None, ratio: float | None = None, **options) -> Method:
@@ -88,7 +96,7 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
             raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer)")
         if not spec_evicts(first) or spec_evicts(second):
             raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4' "
-                             f"(quantizers: {', '.join(n for n in REGISTRY if n not in EVICTING)})")
+                             f"(quantizers: {', '.join(n for n, c in REGISTRY.items() if not c.evicts)})")
         evictor = method_from_spec(first, budget=budget, ratio=ratio)
         quant = method_from_spec(second)
         try:
@@ -105,7 +113,9 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
 
 
 __all__ = [
-    "Method", "DecodeMethod", "LayerView", "REGISTRY", "EVICTING", "method_from_name", "method_from_spec",
+    "Method", "DecodeMethod", "LayerView", "REGISTRY", "EVICTING", "MIXED_PRECISION", "method_from_name",
+    "method_from_spec",
     "parse_method_spec", "spec_evicts",
-    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI",
+    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
+    "MiKV", "ZipCache",
 ]

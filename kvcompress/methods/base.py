@@ -155,6 +155,10 @@ class Method:
         if not self.evicts:
             raise ValueError(f"quant: {type(self).__name__} keeps every token itself; give quant= to an "
                              "evicting or merging method")
+        if getattr(q, "demotes", False) and (self.headwise or self.merges):
+            raise ValueError(f"quant: {q.describe()} keeps the evictor's slots in one full-precision window of "
+                             f"equal length per head; {type(self).__name__} gives heads different lengths or "
+                             "merges: use an evictor such as SnapKV, H2O or TOVA")
 
     @property
     def packing(self) -> tuple[int, int, int] | None:

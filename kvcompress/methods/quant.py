@@ -1,11 +1,15 @@
-"""Quantization methods: KIVI (packed low-bit keys and values)."""
+"""Quantization methods: KIVI (packed low-bit keys and values) and the
+mixed-precision ones (LowBits, MiKV, ZipCache: what an evictor would drop is
+packed instead)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import Method
+from .. import ops
+from .accumulated import H2O
+from .base import LayerView, Method
 
 
 @dataclass
@@ -76,4 +80,163 @@ class KIVI(Method):
 
     def __repr__(self) -> str:
         # budget, ratio and interval mean nothing for a method that keeps every token
+        return self.describe()
+
+
+@dataclass
+class LowBits(Method):
+    """Keep what an evictor would drop, at ``bits`` bits (mixed precision).
+
+    Not used alone: ``SnapKV(ratio=0.75) + LowBits(bits=2)`` keeps the quarter
+    SnapKV selects in full precision and packs the other three quarters at 2
+    bits (KIVI's layout and kernel), where SnapKV alone would evict them.
+    :class:`MiKV` and :class:`ZipCache` are this with their papers' importance.
+
+    Our choices:
+
+    * the selected tokens and every later token stay in full precision (the
+      residual window of ``ops.packed_attention``), the others are packed once,
+      after the prefill; nothing is demoted or evicted while decoding;
+    * the evictor must keep the same number of slots in every head (SnapKV,
+      H2O, TOVA, StreamingLLM, Knorm, PyramidKV; not AdaKV or EMS), because
+      the full-precision part is one ``[B, H, r, D]`` window;
+    * in a batch, a row that keeps fewer slots than the longest row moves its
+      most recent demoted tokens up to full precision (never fewer bits than
+      asked), so every row's masked slots are a prefix.
+    """
+
+    ratio: float | None = None
+    bits: int = 2
+    group: int = 32
+    needs_queries: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
+    #: the evictor's dropped tokens are packed, not evicted
+    demotes: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.ratio is None:
+            self.ratio = 0.0
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        if self.budget is not None or self.ratio:
+            raise ValueError(f"{type(self).__name__} drops nothing itself: budget/ratio must not be given (got "
+                             f"budget={self.budget!r}, ratio={self.ratio!r}); compose it with an evictor")
+        self._check_int("bits", self.bits, 2)
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"bits: must be 2, 4 or 8, got {self.bits}")
+        self._check_int("group", self.group, 1)
+
+    @property
+    def packing(self) -> tuple[int, int, int]:
+        """``(bits, group, residual)``: the residual is whatever the evictor keeps."""
+        return self.bits, self.group, 0
+
+    def describe(self) -> str:
+        return f"LowBits(bits={self.bits}, group={self.group})"
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+@dataclass
+class MiKV(H2O):
+    """MiKV: H2O's heavy hitters in full precision, the rest at low precision.
+
+    Paper (Yang et al., "No Token Left Behind: Reliable KV Cache Compression
+    via Importance-Aware Mixed Precision Quantization", 2024): an eviction
+    policy's importance (H2O's accumulated attention with a recent window)
+    splits each head's cache; instead of evicting the unimportant tokens it
+    keeps them at low precision (2-4 bits), and the important ones at high
+    precision, with the outlier channels of queries and keys balanced before
+    quantizing the important ones.
+
+    Our reading and choices: ``ratio``/``budget`` say how many tokens drop to
+    ``bits`` (as they would be evicted by :class:`H2O` with the same
+    ``recent`` split); the important ones stay in the model's own precision
+    (so no outlier balancing is needed; the paper's INT8/INT4 "high
+    precision" would save more bytes); the low-precision tokens use KIVI's
+    packing (keys per channel in groups of ``group`` tokens, values per
+    token), read directly by ``ops.packed_attention``. The split is made once,
+    after the prefill; generated tokens stay in full precision. See
+    :class:`LowBits` for the batch rule.
+    """
+
+    bits: int = 2
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.quant is None:
+            self.quant = LowBits(bits=self.bits, group=self.group)
+        super().__post_init__()
+
+    def describe(self) -> str:
+        return (f"MiKV({'budget' if self.budget is not None else 'ratio'}="
+                f"{self.budget if self.budget is not None else self.ratio}, bits={self.bits}, group={self.group}, "
+                f"recent={self.recent})")
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+@dataclass
+class ZipCache(Method):
+    """ZipCache: normalised-attention saliency decides each token's precision.
+
+    Paper (He et al., "ZipCache: Accurate and Efficient KV Cache Quantization
+    with Salient Token Identification", NeurIPS 2024): a token's saliency is
+    the attention it receives summed over the queries that can see it,
+    divided by their number (plain accumulated attention favours early
+    tokens, which more queries see); it is estimated from a few probe queries
+    (about 10%: recent and random ones). Salient tokens are quantized at more
+    bits (4), the rest at fewer (2), with channel-separable token-wise
+    quantization.
+
+    Our reading and choices: saliency is :func:`kvcompress.ops.global_scores`
+    (the mean attention a key receives from the queries after it, exactly the
+    normalised score) over ``probe`` of the prompt's queries (its last half
+    plus a strided, not random, sample of the rest: ``ops.probe_positions``),
+    GQA groups averaged; ``ratio``/``budget`` say how many tokens are not
+    salient. Salient tokens stay in the model's own precision, the others are
+    packed at ``bits`` in KIVI's layout (our kernel reads one packed width plus
+    a full-precision window); the ``window`` newest prompt tokens are always
+    salient. See :class:`LowBits` for what happens while decoding and in a
+    batch.
+    """
+
+    bits: int = 2
+    group: int = 32
+    probe: float = 0.1
+    window: int = 8
+
+    def __post_init__(self) -> None:
+        if self.quant is None:
+            self.quant = LowBits(bits=self.bits, group=self.group)
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        self._check_int("window", self.window, 0)
+        p = self.probe
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0:
+            raise ValueError(f"probe: expected a fraction in (0, 1], got {p!r}")
+
+    def min_budget(self) -> int:
+        return self.window + 1
+
+    def _forced_text(self) -> str:
+        return f"the window={self.window} newest tokens plus at least one other"
+
+    def score(self, view: LayerView):
+        return ops.global_scores(view.queries, view.keys, scaling=view.scaling, kv_start=view.kv_start,
+                                 probe=float(self.probe))
+
+    def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
+        return 0, min(keep, self.window)
+
+    def describe(self) -> str:
+        return (f"ZipCache({'budget' if self.budget is not None else 'ratio'}="
+                f"{self.budget if self.budget is not None else self.ratio}, bits={self.bits}, group={self.group}, "
+                f"probe={self.probe}, window={self.window})")
+
+    def __repr__(self) -> str:
         return self.describe()

@@ -57,10 +57,31 @@ class PackedStore(LayerStore):
         self._kc = self._kmin = self._ksc = None  # codes [B,H,cap,Db] u8; [B,H,cap/G,D] f32
         self._vc = self._vmin = self._vsc = None  # codes [B,H,cap,Db] u8; [B,H,cap,ceil(D/G)] f32
         self._rk = self._rv = None  # residual [B,H,rcap,D]
+        #: False for mixed precision (LowBits/MiKV/ZipCache): the residual holds the
+        #: selected slots and everything after them, and is never packed
+        self.pack_decoded = True
 
     def __repr__(self) -> str:
         return (f"PackedStore(bits={self.bits}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}, full_precision={self.r})")
+
+    @classmethod
+    def from_split(cls, keys, values, full_idx, low_idx, bits: int, group: int) -> "PackedStore":
+        """Mixed precision: slots ``low_idx`` ``[B, H, m]`` of ``keys``/``values``
+        ``[B, H, n, D]`` packed (``m`` need not be a multiple of ``group``),
+        slots ``full_idx`` ``[B, H, K]`` kept as the full-precision residual;
+        nothing is packed later (``pack_decoded`` is False)."""
+        new = cls(bits, group, 0)
+        new.pack_decoded = False
+        new._rk, new._rv = ops.gather(keys, values, full_idx)
+        new.r = int(full_idx.shape[2])
+        m = int(low_idx.shape[2])
+        if m:
+            lk, lv = ops.gather(keys, values, low_idx)
+            new._kc, new._kmin, new._ksc = ops.pack_keys(lk, bits, group)
+            new._vc, new._vmin, new._vsc = ops.pack_values(lv, bits, group)
+            new.n_packed = m
+        return new
 
     @classmethod
     def from_uniform(cls, store, bits: int, group: int, residual: int) -> "PackedStore":
@@ -111,7 +132,9 @@ class PackedStore(LayerStore):
             raise ValueError(f"key_states: expected batch {self.batch} and {self.heads} kv heads as earlier "
                              f"updates of this layer, got {tuple(keys.shape)}")
         if self.r + q > self._rk.shape[2]:
-            grow = lambda t: torch.cat([t[:, :, : self.r], t.new_empty((B, H, q, D))], 2)  # noqa: E731
+            # geometric growth: a residual that is never packed (mixed precision) grows every step
+            extra = max(q, self.r // 2, 16)
+            grow = lambda t: torch.cat([t[:, :, : self.r], t.new_empty((B, H, extra, D))], 2)  # noqa: E731
             self._rk, self._rv = grow(self._rk), grow(self._rv)
         self._rk[:, :, self.r : self.r + q] = keys
         self._rv[:, :, self.r : self.r + q] = values
@@ -126,7 +149,7 @@ class PackedStore(LayerStore):
         widens a group's range (it stays masked in attention).
         """
         m = (self.r - self.residual) // self.group * self.group
-        if m <= 0:
+        if m <= 0 or not self.pack_decoded:
             return
         if pad is not None and not self.n_packed:
             for b, p in enumerate(pad):
@@ -202,7 +225,9 @@ class PackedStore(LayerStore):
         p, G = self.n_packed, self.group
         if self._kc is None:
             return None
-        return (self._kc[:, :, :p], self._kmin[:, :, : p // G], self._ksc[:, :, : p // G],
+        # a mixed-precision store's packed part may end in a short key group
+        t = (p + G - 1) // G
+        return (self._kc[:, :, :p], self._kmin[:, :, :t], self._ksc[:, :, :t],
                 self._vc[:, :, :p], self._vmin[:, :, :p], self._vsc[:, :, :p])
 
     def dequantized(self):
