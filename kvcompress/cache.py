@@ -767,6 +767,9 @@ class KVCache(Cache):
                 f"method: expected a kvcompress method (e.g. kvcompress.SnapKV(ratio=0.5)), "
                 f"got {type(method).__name__}"
             )
+        if getattr(method, "demotes", False) and not method.evicts:
+            raise ValueError(f"method: {method.describe()} packs what an evictor does not select; compose it, "
+                             f"e.g. kvcompress.SnapKV(ratio=0.75) + kvcompress.{method.describe()}")
         super().__init__(layers=[])
         self.method = method
         self.num_layers = num_layers

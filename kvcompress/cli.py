@@ -182,7 +182,8 @@ def _add_eval(sub) -> None:
                          "other options override it")
     ev.add_argument("--methods", type=_csv(str),
                     help="comma-separated, e.g. snapkv,h2o (default: all); options follow a method's name "
-                         "after colons, e.g. ems:lam=1:tau=inf")
+                         "after colons, e.g. ems:lam=1:tau=inf; evictor+quantizer packs what the evictor keeps "
+                         "(ems+kivi:bits=4) or keeps what it drops at low bits (snapkv+lowbits:bits=2)")
     settings = ev.add_mutually_exclusive_group()
     settings.add_argument("--budgets", type=_csv(int), help="kept slots per kv head, e.g. 64,128,256 (default)")
     settings.add_argument("--ratios", type=_csv(float), help="fractions removed, e.g. 0.5,0.75,0.9")

@@ -29,6 +29,8 @@ def test_options_and_refusals():
         ZipCache(ratio=0.5, probe=0.0)
     with pytest.raises(ValueError, match="ZipCache always keeps 9"):
         ZipCache(budget=4)
+    with pytest.raises(ValueError, match="compose it"):
+        kvc.KVCache(LowBits(bits=2))
     for evictor in (AdaKV(ratio=0.5), EMS(ratio=0.5)):
         with pytest.raises(ValueError, match="equal length per head"):
             evictor + LowBits(bits=2)
