@@ -126,14 +126,20 @@ def op_cases(gen):
     return cases
 
 
+def decode_case(B, Hq, Hkv, n, D, gen):
+    """fp16 decode step on the GPU: q ``[B, Hq, 1, D]``, k and v ``[B, Hkv, n, D]``."""
+    q = torch.randn(B, Hq, 1, D, device="cuda", generator=gen).to(torch.float16)
+    k = torch.randn(B, Hkv, n, D, device="cuda", generator=gen).to(torch.float16)
+    v = torch.randn(B, Hkv, n, D, device="cuda", generator=gen).to(torch.float16)
+    return q, k, v
+
+
 def attention_rows(lengths, batches, reps, rounds, copy_bw, gen):
     rows = []
     Hq, Hkv, D = 32, 8, 128
     for B in batches:
         for n in lengths:
-            q = torch.randn(B, Hq, 1, D, device="cuda", generator=gen).to(torch.float16)
-            k = torch.randn(B, Hkv, n, D, device="cuda", generator=gen).to(torch.float16)
-            v = torch.randn(B, Hkv, n, D, device="cuda", generator=gen).to(torch.float16)
+            q, k, v = decode_case(B, Hq, Hkv, n, D, gen)
             ours = ops.attention(q, k, v)
             ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True).transpose(1, 2)
             err = (ours.float() - ref.float()).abs().max().item()
@@ -164,9 +170,7 @@ def packed_rows(lengths, batches, reps, rounds, copy_bw, gen, group=32, residual
     Hq, Hkv, D = 32, 8, 128
     for B in batches:
         for n in lengths:
-            q = torch.randn(B, Hq, 1, D, device="cuda", generator=gen).to(torch.float16)
-            k = torch.randn(B, Hkv, n, D, device="cuda", generator=gen).to(torch.float16)
-            v = torch.randn(B, Hkv, n, D, device="cuda", generator=gen).to(torch.float16)
+            q, k, v = decode_case(B, Hq, Hkv, n, D, gen)
             m = n - residual
             rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
             fp16_fn = lambda: ops.attention(q, k, v)  # noqa: E731

@@ -214,14 +214,21 @@ def test_generation_packs_what_the_evictor_keeps(tiny_model, make):
     assert held[8] > held[4] > held[2]
 
 
+def left_padded_pair(vocab: int, long: int, short: int, seed: int = 1):
+    """Prompts ``a`` ``[1, long]`` and ``b`` ``[1, short]`` and the
+    left-padded batch of both with its attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(3, vocab, (1, long), generator=g)
+    b = torch.randint(3, vocab, (1, short), generator=g)
+    pad = torch.zeros(1, long - short, dtype=torch.long)
+    batch = torch.cat([a, torch.cat([pad, b], 1)])
+    mask = torch.cat([torch.ones(1, long, dtype=torch.long), torch.cat([pad, torch.ones_like(b)], 1)])
+    return a, b, batch, mask
+
+
 def test_left_padded_batch_equals_rows_alone(tiny_model):
     """A left-padded row of a composed cache generates what it does alone."""
-    g = torch.Generator().manual_seed(1)
-    a = torch.randint(3, tiny_model.config.vocab_size, (1, 260), generator=g)
-    b = torch.randint(3, tiny_model.config.vocab_size, (1, 200), generator=g)
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 60, dtype=torch.long), b], 1)])
-    mask = torch.cat([torch.ones(1, 260, dtype=torch.long),
-                      torch.cat([torch.zeros(1, 60, dtype=torch.long), torch.ones(1, 200, dtype=torch.long)], 1)])
+    a, b, batch, mask = left_padded_pair(tiny_model.config.vocab_size, 260, 200)
     for make in (lambda: SnapKV(budget=64, interval=0) + KIVI(bits=4, group=16, residual=16),
                  lambda: EMS(budget=64, interval=0) + KIVI(bits=4, group=16, residual=16)):
         got, _ = _generate(tiny_model, batch, make(), new=12, mask=mask)

@@ -12,17 +12,20 @@ from kvcompress import ops
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import H2O, AdaKV, EMS, LayerView, LowBits, MiKV, SnapKV, ZipCache, method_from_spec
 from kvcompress.stores import PackedStore
+from test_compose import left_padded_pair
 
 
 def test_options_and_refusals():
     assert MiKV(ratio=0.75).quant == LowBits(bits=2, group=32)
-    assert MiKV(ratio=0.75, bits=4).packing == (4, 32, 0)
+    assert MiKV(ratio=0.75, bits=4).packing == (4, 32, 0) and repr(LowBits()) == "LowBits(bits=2, group=32)"
     assert repr(MiKV(budget=64, bits=4)) == "MiKV(budget=64, bits=4, group=32, recent=0.5)"
     assert ZipCache(ratio=0.5).describe() == "ZipCache(ratio=0.5, bits=2, group=32, probe=0.1, window=8)"
     assert method_from_spec("snapkv+lowbits:bits=4", ratio=0.75) == SnapKV(ratio=0.75, quant=LowBits(bits=4))
     assert method_from_spec("mikv:bits=4", ratio=0.5) == MiKV(ratio=0.5, bits=4)
-    with pytest.raises(ValueError, match="drops nothing itself"):
+    with pytest.raises(ValueError, match="LowBits quantizes and evicts nothing"):
         LowBits(ratio=0.5)
+    with pytest.raises(ValueError, match="no residual"):
+        LowBits(residual=8)
     with pytest.raises(ValueError, match="bits: must be 2, 4 or 8"):
         MiKV(ratio=0.5, bits=3)
     with pytest.raises(ValueError, match="probe"):
@@ -109,12 +112,7 @@ def test_padded_batch_equals_rows_alone(tiny_model):
     """Rows of different lengths with ratio= select different numbers of
     slots; the shorter row moves demoted slots up to full precision and its
     generation equals the row alone."""
-    g = torch.Generator().manual_seed(1)
-    a = torch.randint(3, tiny_model.config.vocab_size, (1, 260), generator=g)
-    b = torch.randint(3, tiny_model.config.vocab_size, (1, 180), generator=g)
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 80, dtype=torch.long), b], 1)])
-    mask = torch.cat([torch.ones(1, 260, dtype=torch.long),
-                      torch.cat([torch.zeros(1, 80, dtype=torch.long), torch.ones(1, 180, dtype=torch.long)], 1)])
+    a, b, batch, mask = left_padded_pair(tiny_model.config.vocab_size, 260, 180)
 
     def gen(ids, m, attn=None):
         with kvc.compress(tiny_model, m) as session:

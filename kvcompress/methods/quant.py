@@ -62,7 +62,8 @@ class KIVI(Method):
     def _check_fields(self) -> None:
         if self.budget is not None or self.ratio:
             raise ValueError(
-                f"KIVI quantizes and evicts nothing: budget/ratio must not be given (got budget={self.budget!r}, "
+                f"{type(self).__name__} quantizes and evicts nothing: budget/ratio must not be given (got "
+                f"budget={self.budget!r}, "
                 f"ratio={self.ratio!r}); compose it with an eviction method to evict as well")
         self._check_int("bits", self.bits, 2)
         if self.bits not in (2, 4, 8):
@@ -83,8 +84,8 @@ class KIVI(Method):
         return self.describe()
 
 
-@dataclass
-class LowBits(Method):
+@dataclass(repr=False)
+class LowBits(KIVI):
     """Keep what an evictor would drop, at ``bits`` bits (mixed precision).
 
     Not used alone: ``SnapKV(ratio=0.75) + LowBits(bits=2)`` keeps the quarter
@@ -105,42 +106,39 @@ class LowBits(Method):
       asked), so every row's masked slots are a prefix.
     """
 
-    ratio: float | None = None
     bits: int = 2
-    group: int = 32
-    needs_queries: ClassVar[bool] = False
-    evicts: ClassVar[bool] = False
+    residual: int = 0
     #: the evictor's dropped tokens are packed, not evicted
     demotes: ClassVar[bool] = True
 
-    def __post_init__(self) -> None:
-        if self.budget is None and self.ratio is None:
-            self.ratio = 0.0
-        super().__post_init__()
-
     def _check_fields(self) -> None:
-        if self.budget is not None or self.ratio:
-            raise ValueError(f"{type(self).__name__} drops nothing itself: budget/ratio must not be given (got "
-                             f"budget={self.budget!r}, ratio={self.ratio!r}); compose it with an evictor")
-        self._check_int("bits", self.bits, 2)
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"bits: must be 2, 4 or 8, got {self.bits}")
-        self._check_int("group", self.group, 1)
-
-    @property
-    def packing(self) -> tuple[int, int, int]:
-        """``(bits, group, residual)``: the residual is whatever the evictor keeps."""
-        return self.bits, self.group, 0
+        super()._check_fields()
+        if self.residual:
+            raise ValueError(f"residual: LowBits keeps the evictor's selection in full precision and has no "
+                             f"residual window of its own, got residual={self.residual}")
 
     def describe(self) -> str:
         return f"LowBits(bits={self.bits}, group={self.group})"
+
+
+class _MixedPrecision:
+    """MiKV and ZipCache: an evictor's selection whose rest is packed by a
+    :class:`LowBits` quantizer built from ``bits`` and ``group``."""
+
+    def __post_init__(self) -> None:
+        if self.quant is None:
+            self.quant = LowBits(bits=self.bits, group=self.group)
+        super().__post_init__()
+
+    def _size(self) -> str:
+        return f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
 
     def __repr__(self) -> str:
         return self.describe()
 
 
-@dataclass
-class MiKV(H2O):
+@dataclass(repr=False)
+class MiKV(_MixedPrecision, H2O):
     """MiKV: H2O's heavy hitters in full precision, the rest at low precision.
 
     Paper (Yang et al., "No Token Left Behind: Reliable KV Cache Compression
@@ -165,22 +163,12 @@ class MiKV(H2O):
     bits: int = 2
     group: int = 32
 
-    def __post_init__(self) -> None:
-        if self.quant is None:
-            self.quant = LowBits(bits=self.bits, group=self.group)
-        super().__post_init__()
-
     def describe(self) -> str:
-        return (f"MiKV({'budget' if self.budget is not None else 'ratio'}="
-                f"{self.budget if self.budget is not None else self.ratio}, bits={self.bits}, group={self.group}, "
-                f"recent={self.recent})")
-
-    def __repr__(self) -> str:
-        return self.describe()
+        return f"MiKV({self._size()}, bits={self.bits}, group={self.group}, recent={self.recent})"
 
 
-@dataclass
-class ZipCache(Method):
+@dataclass(repr=False)
+class ZipCache(_MixedPrecision, Method):
     """ZipCache: normalised-attention saliency decides each token's precision.
 
     Paper (He et al., "ZipCache: Accurate and Efficient KV Cache Quantization
@@ -209,11 +197,6 @@ class ZipCache(Method):
     probe: float = 0.1
     window: int = 8
 
-    def __post_init__(self) -> None:
-        if self.quant is None:
-            self.quant = LowBits(bits=self.bits, group=self.group)
-        super().__post_init__()
-
     def _check_fields(self) -> None:
         self._check_int("window", self.window, 0)
         p = self.probe
@@ -234,9 +217,5 @@ class ZipCache(Method):
         return 0, min(keep, self.window)
 
     def describe(self) -> str:
-        return (f"ZipCache({'budget' if self.budget is not None else 'ratio'}="
-                f"{self.budget if self.budget is not None else self.ratio}, bits={self.bits}, group={self.group}, "
-                f"probe={self.probe}, window={self.window})")
-
-    def __repr__(self) -> str:
-        return self.describe()
+        return (f"ZipCache({self._size()}, bits={self.bits}, group={self.group}, probe={self.probe}, "
+                f"window={self.window})")
