@@ -8,7 +8,9 @@
  * once for the whole GQA group. Pass 1: block (head and row tile, split)
  * walks one contiguous range of the head's logical slots (packed, then
  * residual); its warps take consecutive quarters of the range, lanes own
- * channels. Per slot a lane extracts its channels' codes (kvc_pk_code),
+ * channels (their byte offsets, shifts and value groups computed once). A
+ * warp loads the codes, value scales and mins of up to U packed slots of one
+ * key group before using any, then per slot extracts its channels' codes
  * centred (kvc_pk_centred): keys against the query scaled per (token group,
  * channel), recomputed when the slot enters a new group, plus the bias
  * scaling * q . centre; values weighted by w_j scale_ju, with w_j centre_ju
@@ -91,6 +93,9 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     kvc_pa_partial_kernel(const kvc_packed_attention_params p, const kvc_pa_geom g)
 {
     constexpr int RT = KVC_PA_RT, NW = KVC_PA_WARPS;
+    /* packed slots whose loads are in flight together (fewer for wide heads:
+     * registers) */
+    constexpr int U = EPL >= 8 ? 1 : 4;
     constexpr int64_t es = DT == KVC_F32 ? 4 : 2;
     __shared__ float sm_m[NW][RT], sm_s[NW][RT];
     __shared__ float sm_acc[NW][RT][KVC_PA_MAX_D];
@@ -188,51 +193,117 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     }
     int64_t gend = -1; /* end of the token group qs and bias belong to */
 
-    for (int64_t j = w0; j < w1; j++) {
-        const bool packed = j < n;
-        float kf[EPL], dot[RT], x[RT], pw[RT], alpha[RT], lc = 0.0f;
-        if (packed) {
-            if (j >= gend) {
-                /* a new token group (slots only grow): the query scaled per
-                 * channel, the bias */
-                const int64_t tg = j / g.G;
-                gend = (tg + 1) * g.G;
+    /* Packed slots go U at a time: every global load of the group of
+     * slots is issued before any of them is used, so their latencies overlap
+     * (one slot at a time, each waited for its loads: ~1-3% of bandwidth).
+     * The arithmetic per slot is unchanged and in slot order. */
+    int64_t j = w0;
+    const int64_t pend = w1 < n ? w1 : n;
+    while (j < pend) {
+        if (j >= gend) {
+            /* a new token group (slots only grow): the query scaled per
+             * channel, the bias */
+            const int64_t tg = j / g.G;
+            gend = (tg + 1) * g.G;
 #pragma unroll
-                for (int r = 0; r < RT; r++) {
-                    float part = 0.0f;
+            for (int r = 0; r < RT; r++) {
+                float part = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < EPL; e++) {
-                        const int c = lane + 32 * e;
-                        qs[r][e] = 0.0f;
-                        if (c < D) {
-                            const float sc = ks[tg * kss + c * ksd];
-                            qs[r][e] = qv[r][e] * sc;
-                            part = fmaf(qv[r][e], kvc_pk_centre(km[tg * kms + c * kmd], sc, bits), part);
-                        }
+                for (int e = 0; e < EPL; e++) {
+                    const int c = lane + 32 * e;
+                    qs[r][e] = 0.0f;
+                    if (c < D) {
+                        const float sc = ks[tg * kss + c * ksd];
+                        qs[r][e] = qv[r][e] * sc;
+                        part = fmaf(qv[r][e], kvc_pk_centre(km[tg * kms + c * kmd], sc, bits), part);
                     }
-                    bias[r] = p.scaling * kvc_pa_warp_sum(part);
+                }
+                bias[r] = p.scaling * kvc_pa_warp_sum(part);
+            }
+        }
+        /* slots of this key group, at most U */
+        const int64_t stop = pend < gend ? pend : gend;
+        const int cnt = stop - j < U ? (int)(stop - j) : U;
+        uint8_t kb[U][EPL], vb[U][EPL];
+        float vsc[U][EPL], vmn[U][EPL], lcs[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (u >= cnt) continue;
+            const int64_t ju = j + u;
+            const uint8_t *krow = kc + ju * kcs, *vrow = vc + ju * vcs;
+            const float *vmr = vm + ju * vms, *vsr = vs + ju * vss;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                kb[u][e] = krow[kbo[e]];
+                vb[u][e] = vrow[vbo[e]];
+                vsc[u][e] = vsr[vgs[e]];
+                vmn[u][e] = vmr[vgm[e]];
+            }
+            lcs[u] = cn != NULL ? kvc_logf(cn[ju * cs]) : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (u >= cnt) continue;
+            const int64_t ju = j + u;
+            float dot[RT];
+#pragma unroll
+            for (int r = 0; r < RT; r++) {
+                float a = 0.0f;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) {
+                    const float kf = lane + 32 * e < D ? kvc_pk_centred(((uint32_t)kb[u][e] >> sh[e]) & mask, bits)
+                                                       : 0.0f;
+                    a = fmaf(qs[r][e], kf, a);
+                }
+                dot[r] = a;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o /= 2)
+#pragma unroll
+                for (int r = 0; r < RT; r++) dot[r] += __shfl_xor_sync(KVC_PA_FULL, dot[r], o);
+            float pw[RT], alpha[RT];
+#pragma unroll
+            for (int r = 0; r < RT; r++) {
+                const float x = ju <= lim[r] ? dot[r] * p.scaling + (bias[r] + lcs[u]) : -INFINITY;
+                if (x == -INFINITY) {
+                    pw[r] = 0.0f;
+                    alpha[r] = 1.0f;
+                } else {
+                    alpha[r] = kvc_softmax_rescale(&st[r], x);
+                    pw[r] = kvc_expf(x - st[r].m);
+                    st[r].s += pw[r];
                 }
             }
-            const uint8_t *row = kc + j * kcs;
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
-                const uint32_t code = ((uint32_t)row[kbo[e]] >> sh[e]) & mask;
-                kf[e] = lane + 32 * e < D ? kvc_pk_centred(code, bits) : 0.0f;
-            }
-            if (cn != NULL) lc = kvc_logf(cn[j * cs]);
-        } else {
-            const char *rrow = rk + (j - n) * rks * es;
+                if (lane + 32 * e >= D) continue;
+                const float sc = vsc[u][e];
+                const float ce = kvc_pk_centre(vmn[u][e], sc, bits);
+                const float cv = kvc_pk_centred(((uint32_t)vb[u][e] >> sh[e]) & mask, bits);
 #pragma unroll
-            for (int e = 0; e < EPL; e++) {
-                const int c = lane + 32 * e;
-                kf[e] = c < D ? kvc_load_f32(rrow, DT, c * rkd) : 0.0f;
+                for (int r = 0; r < RT; r++) {
+                    acc[r][e] = fmaf(pw[r] * sc, cv, acc[r][e] * alpha[r]);
+                    cen[r][e] = fmaf(pw[r], ce, cen[r][e] * alpha[r]);
+                }
             }
+        }
+        j += cnt;
+    }
+
+    /* the residual slots of the range, one at a time (at most a few hundred) */
+    for (j = w0 > n ? w0 : n; j < w1; j++) {
+        float kf[EPL], dot[RT], pw[RT], alpha[RT];
+        const char *rrow = rk + (j - n) * rks * es;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            const int c = lane + 32 * e;
+            kf[e] = c < D ? kvc_load_f32(rrow, DT, c * rkd) : 0.0f;
         }
 #pragma unroll
         for (int r = 0; r < RT; r++) {
             float a = 0.0f;
 #pragma unroll
-            for (int e = 0; e < EPL; e++) a = fmaf(packed ? qs[r][e] : qv[r][e], kf[e], a);
+            for (int e = 0; e < EPL; e++) a = fmaf(qv[r][e], kf[e], a);
             dot[r] = a;
         }
 #pragma unroll
@@ -241,43 +312,25 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
             for (int r = 0; r < RT; r++) dot[r] += __shfl_xor_sync(KVC_PA_FULL, dot[r], o);
 #pragma unroll
         for (int r = 0; r < RT; r++) {
-            x[r] = j <= lim[r] ? (packed ? dot[r] * p.scaling + (bias[r] + lc) : dot[r] * p.scaling)
-                               : -INFINITY;
-            if (x[r] == -INFINITY) {
+            const float x = j <= lim[r] ? dot[r] * p.scaling : -INFINITY;
+            if (x == -INFINITY) {
                 pw[r] = 0.0f;
                 alpha[r] = 1.0f;
             } else {
-                alpha[r] = kvc_softmax_rescale(&st[r], x[r]);
-                pw[r] = kvc_expf(x[r] - st[r].m);
+                alpha[r] = kvc_softmax_rescale(&st[r], x);
+                pw[r] = kvc_expf(x - st[r].m);
                 st[r].s += pw[r];
             }
         }
-        if (packed) {
-            const uint8_t *row = vc + j * vcs;
-            const float *vmr = vm + j * vms, *vsr = vs + j * vss;
+        const char *vrow = rv + (j - n) * rvs * es;
 #pragma unroll
-            for (int e = 0; e < EPL; e++) {
-                if (lane + 32 * e >= D) continue;
-                const float sc = vsr[vgs[e]];
-                const float ce = kvc_pk_centre(vmr[vgm[e]], sc, bits);
-                const float cv = kvc_pk_centred(((uint32_t)row[vbo[e]] >> sh[e]) & mask, bits);
+        for (int e = 0; e < EPL; e++) {
+            const int c = lane + 32 * e;
+            const float v = c < D ? kvc_load_f32(vrow, DT, c * rvd) : 0.0f;
 #pragma unroll
-                for (int r = 0; r < RT; r++) {
-                    acc[r][e] = fmaf(pw[r] * sc, cv, acc[r][e] * alpha[r]);
-                    cen[r][e] = fmaf(pw[r], ce, cen[r][e] * alpha[r]);
-                }
-            }
-        } else {
-            const char *rrow = rv + (j - n) * rvs * es;
-#pragma unroll
-            for (int e = 0; e < EPL; e++) {
-                const int c = lane + 32 * e;
-                const float v = c < D ? kvc_load_f32(rrow, DT, c * rvd) : 0.0f;
-#pragma unroll
-                for (int r = 0; r < RT; r++) {
-                    acc[r][e] = fmaf(pw[r], v, acc[r][e] * alpha[r]);
-                    cen[r][e] *= alpha[r];
-                }
+            for (int r = 0; r < RT; r++) {
+                acc[r][e] = fmaf(pw[r], v, acc[r][e] * alpha[r]);
+                cen[r][e] *= alpha[r];
             }
         }
     }
