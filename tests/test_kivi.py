@@ -143,6 +143,21 @@ def test_bytes_held_match_the_formula(tiny_lm):
     assert cache.memory_bytes() < full / 2
 
 
+def test_decoding_allocates_at_most_an_eighth_more_than_it_packed(tiny_lm):
+    """Packed buffers grow by an eighth (at least 4 groups) when decoding
+    packs past them, not by half: the bytes held track the bytes in use."""
+    model, tok, _ = tiny_lm
+    ids = torch.randint(5, 250, (1, 600))
+    with T.method_context(model, KIVI(bits=4, group=16, residual=32)) as new:
+        cache = new()
+        T.greedy(model, cache, ids, 240)
+    for layer in cache.layers:
+        s = layer.store
+        cap = int(s._kc.shape[2])
+        assert s.n_packed > 600 - 48 + 160  # decoding packed at least 10 more groups
+        assert s.n_packed <= cap <= s.n_packed + max(4 * 16, s.n_packed // 8) + 16
+
+
 def test_more_bits_track_the_full_cache_closer(tiny_lm):
     """Teacher-forced KL to the full cache falls with the bit width; 8 bits is
     close to lossless and residual >= prompt is the full cache exactly."""
