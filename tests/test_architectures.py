@@ -42,6 +42,7 @@ from transformers import DynamicCache
 import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import EVICTING, REGISTRY
+from kvcompress.stores import PackedStore
 
 WINDOW = 64
 PROMPT = 200
@@ -301,6 +302,48 @@ def test_budget_above_prompt_reproduces_generate(archs, family, method):
         scale = float(b.abs().max())
         err = float((a - b).abs().max())
         assert err <= 1e-4 * max(1.0, scale), f"{family} / {method}: step {step} logits differ by {err:.3g}"
+
+
+MIXED = {"mikv": kvc.MiKV, "zipcache": kvc.ZipCache}
+
+
+@pytest.mark.parametrize("method", sorted(MIXED))
+@pytest.mark.parametrize("family", _family_params())
+def test_mixed_precision_above_prompt_reproduces_generate(archs, family, method):
+    """MiKV / ZipCache with a budget above the prompt demote nothing: the
+    layers attend through the packed store's kernel over full-precision
+    slots only, and generate plain generate()'s tokens."""
+    arch = _arch(archs, family)
+    ref = arch.ref
+    with kvc.compress(arch.model, MIXED[method](budget=1024)) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    assert all(isinstance(layer.store, PackedStore) == (layer.window is None) for layer in session.cache.layers)
+    assert torch.equal(out.sequences, ref.sequences), (family, method)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        err = float((a - b).abs().max())
+        assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family} / {method}: step {step} logits differ by {err:.3g}"
+
+
+PACKING = {
+    "snapkv+kivi": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=8, residual=8),
+    "ems+kivi": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=4, group=8, residual=8),
+    "mikv": lambda: kvc.MiKV(budget=32, group=8),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PACKING))
+@pytest.mark.parametrize("family", _family_params())
+def test_packing_methods_run_on_every_family(archs, family, method):
+    """Evict-then-pack and mixed precision on every family's variant
+    (softcap, sinks, windows, NoPE, fused projections): finite logits, and
+    every layer without a window packed."""
+    arch = _arch(archs, family)
+    with kvc.compress(arch.model, PACKING[method]()) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    assert out.sequences.shape == (2, PROMPT + NEW)
+    assert all(bool(torch.isfinite(x).all()) for x in out.logits)
+    for layer in session.cache.layers:
+        assert isinstance(layer.store, PackedStore) == (layer.window is None), (family, method, layer)
 
 
 # ------------------------------------------------------------ memory vs transformers' cache
