@@ -79,6 +79,20 @@ __device__ __forceinline__ void kvc_pa_split(int64_t span, int64_t nsplit, int64
     *count = span > 0 ? kvc_ceil_div(span, *chunk) : 0;
 }
 
+/* One slot's logit x (-INFINITY: not seen) into a row's online softmax:
+ * its weight and the factor that rescales what the row holds so far. */
+__device__ __forceinline__ void kvc_pa_admit(kvc_softmax_state *st, float x, float *pw, float *alpha)
+{
+    if (x == -INFINITY) {
+        *pw = 0.0f;
+        *alpha = 1.0f;
+        return;
+    }
+    *alpha = kvc_softmax_rescale(st, x);
+    *pw = kvc_expf(x - st->m);
+    st->s += *pw;
+}
+
 __device__ __forceinline__ float kvc_pa_warp_sum(float x)
 {
 #pragma unroll
@@ -263,17 +277,9 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
                 for (int r = 0; r < RT; r++) dot[r] += __shfl_xor_sync(KVC_PA_FULL, dot[r], o);
             float pw[RT], alpha[RT];
 #pragma unroll
-            for (int r = 0; r < RT; r++) {
-                const float x = ju <= lim[r] ? dot[r] * p.scaling + (bias[r] + lcs[u]) : -INFINITY;
-                if (x == -INFINITY) {
-                    pw[r] = 0.0f;
-                    alpha[r] = 1.0f;
-                } else {
-                    alpha[r] = kvc_softmax_rescale(&st[r], x);
-                    pw[r] = kvc_expf(x - st[r].m);
-                    st[r].s += pw[r];
-                }
-            }
+            for (int r = 0; r < RT; r++)
+                kvc_pa_admit(&st[r], ju <= lim[r] ? dot[r] * p.scaling + (bias[r] + lcs[u]) : -INFINITY, &pw[r],
+                             &alpha[r]);
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
                 if (lane + 32 * e >= D) continue;
@@ -311,17 +317,7 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
 #pragma unroll
             for (int r = 0; r < RT; r++) dot[r] += __shfl_xor_sync(KVC_PA_FULL, dot[r], o);
 #pragma unroll
-        for (int r = 0; r < RT; r++) {
-            const float x = j <= lim[r] ? dot[r] * p.scaling : -INFINITY;
-            if (x == -INFINITY) {
-                pw[r] = 0.0f;
-                alpha[r] = 1.0f;
-            } else {
-                alpha[r] = kvc_softmax_rescale(&st[r], x);
-                pw[r] = kvc_expf(x - st[r].m);
-                st[r].s += pw[r];
-            }
-        }
+        for (int r = 0; r < RT; r++) kvc_pa_admit(&st[r], j <= lim[r] ? dot[r] * p.scaling : -INFINITY, &pw[r], &alpha[r]);
         const char *vrow = rv + (j - n) * rvs * es;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
