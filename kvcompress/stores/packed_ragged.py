@@ -26,6 +26,7 @@ from .. import ops
 from .base import AttentionSpec
 from .masked import padded_head_attention
 from .packed import PackedStore, kernel_reads
+from .ragged import segments
 
 
 class RaggedPackedStore(PackedStore):
@@ -62,17 +63,14 @@ class RaggedPackedStore(PackedStore):
         dev = store.k.device
         n = store.lengths.to(torch.int64)
         n_host = store._host_lengths.to(torch.int64)
-        padded = (n + G - 1) // G * G
         padded_host = (n_host + G - 1) // G * G
+        padded = padded_host.to(dev)
         caps_host = padded_host + G
         caps = caps_host.to(dev)
         offsets = torch.cumsum(caps, 0) - caps
         R = int(caps_host.sum())
         total = int(padded_host.sum())
-        N = B * H
-        head = torch.repeat_interleave(torch.arange(N, device=dev), padded, output_size=total)
-        t = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(padded, 0) - padded, padded,
-                                                                     output_size=total)
+        head, t = segments(padded, total)
         last = n[head] - 1
         src = store.offsets[head] + torch.minimum(t, last)
         dst = offsets[head] + t
@@ -163,9 +161,7 @@ class RaggedPackedStore(PackedStore):
         caps = caps_host.to(dev)
         offsets = torch.cumsum(caps, 0) - caps
         total = int(self._host_lengths.sum())
-        head = torch.repeat_interleave(torch.arange(caps.numel(), device=dev), self.lengths, output_size=total)
-        t = torch.arange(total, device=dev) - torch.repeat_interleave(torch.cumsum(self.lengths, 0) - self.lengths,
-                                                                     self.lengths, output_size=total)
+        head, t = segments(self.lengths, total)
         self._move(self.offsets[head] + t, offsets[head] + t, int(caps_host.sum()))
         self.offsets, self.caps, self._host_caps = offsets, caps, caps_host
 
@@ -197,8 +193,8 @@ class RaggedPackedStore(PackedStore):
         caps = self.caps[src_head]
         offsets = torch.cumsum(caps, 0) - caps
         R = int(self._host_caps[host_idx].sum())
-        t = torch.arange(R, device=dev) - torch.repeat_interleave(offsets, caps, output_size=R)
-        src = torch.repeat_interleave(self.offsets[src_head], caps, output_size=R) + t
+        head, t = segments(caps, R)
+        src = self.offsets[src_head][head] + t
         self._move(src, torch.arange(R, device=dev), R)
         self.offsets, self.caps, self.lengths = offsets, caps, self.lengths[src_head]
         self._host_caps, self._host_lengths = self._host_caps[host_idx], self._host_lengths[host_idx]

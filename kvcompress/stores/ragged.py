@@ -20,6 +20,16 @@ from .masked import padded_head_attention
 _C_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def segments(lengths, total: int | None = None):
+    """Items of consecutive segments of ``lengths`` (int64 ``[N]``) items:
+    ``(segment, within)``, int64 ``[sum(lengths)]``, each item's segment and
+    its index inside it. ``total`` (the sum, when the host knows it) spares
+    a device synchronisation."""
+    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths, output_size=total)
+    within = torch.arange(seg.numel(), device=lengths.device) - (torch.cumsum(lengths, 0) - lengths)[seg]
+    return seg, within
+
+
 class RaggedStore(LayerStore):
     """Per-head slots of one layer in flat buffers.
 
@@ -166,9 +176,7 @@ class RaggedStore(LayerStore):
     # ------------------------------------------------------------ inspection
     def live_rows(self) -> torch.Tensor:
         """int64 ``[sum(lengths)]`` rows of the live slots, head by head."""
-        n = self.lengths
-        head = torch.repeat_interleave(torch.arange(n.numel(), device=n.device), n)
-        within = torch.arange(head.numel(), device=n.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        head, within = segments(self.lengths)
         return self.offsets[head] + within
 
     def head(self, b: int, h: int):
@@ -206,8 +214,8 @@ class RaggedStore(LayerStore):
         src_head = (idx[:, None] * H + torch.arange(H, device=idx.device)[None, :]).reshape(-1)
         caps = self.caps[src_head]
         offsets = torch.cumsum(caps, 0) - caps
-        within = torch.arange(int(caps.sum()), device=caps.device) - torch.repeat_interleave(offsets, caps)
-        src = torch.repeat_interleave(self.offsets[src_head], caps) + within
+        head, within = segments(caps)
+        src = self.offsets[src_head][head] + within
         self.k, self.v, self.positions = self.k[src], self.v[src], self.positions[src]
         for name in ("counts", "scores"):
             if getattr(self, name) is not None:
