@@ -398,7 +398,7 @@ class CompressedLayer(CacheLayerMixin):
         if isinstance(self.store, UniformStore):
             self.store = PackedStore.from_uniform(self.store, *packing)
             # mixed precision with nothing dropped: every slot stays full precision
-            self.store.pack_decoded = not getattr(self.method.quant, "demotes", False)
+            self.store.pack_decoded = not self.method.mixed_precision
         else:
             self.store = RaggedPackedStore.from_ragged(self.store, *packing)
         # nothing is re-scored once packed: per-head budgets and held queries go
@@ -499,7 +499,7 @@ class CompressedLayer(CacheLayerMixin):
             store = RaggedStore.from_selection(view.keys, view.values, positions, full, start)
             self._become_ragged(store, targets, picked)
             return
-        if getattr(self.method.quant, "demotes", False):
+        if self.method.mixed_precision:
             self._demote(view, per_row)
             return
         indices, fill = _fill_front(per_row, H, device)
@@ -767,7 +767,7 @@ class KVCache(Cache):
                 f"method: expected a kvcompress method (e.g. kvcompress.SnapKV(ratio=0.5)), "
                 f"got {type(method).__name__}"
             )
-        if getattr(method, "demotes", False) and not method.evicts:
+        if method.demotes and not method.evicts:
             raise ValueError(f"method: {method.describe()} packs what an evictor does not select; compose it, "
                              f"e.g. kvcompress.SnapKV(ratio=0.75) + kvcompress.{method.describe()}")
         super().__init__(layers=[])

@@ -114,6 +114,9 @@ class Method:
     #: ``SnapKV(ratio=0.5, quant=KIVI(bits=4))``, also written
     #: ``SnapKV(ratio=0.5) + KIVI(bits=4)`` (see :meth:`__add__`)
     quant: "Method | None" = None
+    #: quantizers only: ``True`` when composed, the evictor's unselected slots
+    #: are kept at low bits instead of evicted (``LowBits``)
+    demotes: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):
@@ -155,7 +158,7 @@ class Method:
         if not self.evicts:
             raise ValueError(f"quant: {type(self).__name__} keeps every token itself; give quant= to an "
                              "evicting or merging method")
-        if getattr(q, "demotes", False) and (self.headwise or self.merges):
+        if q.demotes and (self.headwise or self.merges):
             raise ValueError(f"quant: {q.describe()} keeps the evictor's slots in one full-precision window of "
                              f"equal length per head; {type(self).__name__} gives heads different lengths or "
                              "merges: use an evictor such as SnapKV, H2O or TOVA")
@@ -165,6 +168,12 @@ class Method:
         """``(bits, group, residual)`` when layers keep their slots packed
         (``kvcompress.stores.PackedStore``), else None."""
         return None if self.quant is None else self.quant.packing
+
+    @property
+    def mixed_precision(self) -> bool:
+        """Whether the slots this method does not select are kept at low bits
+        (its quantizer demotes) rather than evicted."""
+        return self.quant is not None and self.quant.demotes
 
     def __add__(self, other):
         """``evictor + quantizer``: the evictor with ``quant=quantizer`` (the
