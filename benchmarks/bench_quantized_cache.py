@@ -279,17 +279,6 @@ def step(model, row, cache, token: int, pos: int):
     return logits, dt
 
 
-def kl_top1(ref_logits, logits, ref_tokens):
-    """``testing.fidelity_case``'s per-step KL(ref || row) and argmax agreement."""
-    import torch
-
-    p = torch.log_softmax(ref_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    kl = (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
-    agree = (q.argmax(-1) == torch.tensor(ref_tokens)).double()
-    return kl, agree
-
-
 def run_window(model, rows, ids, L, args, check: bool, log):
     """Decode timing, fidelity and perplexity of every row on one window
     ``ids`` [1, L + C]; the first L tokens are the context."""
@@ -337,7 +326,7 @@ def run_window(model, rows, ids, L, args, check: bool, log):
     out = []
     for j, row in enumerate(rows):
         lg = torch.stack(logits_all[j])
-        kl, agree = kl_top1(ref_logits[:k], lg[:k], tokens[1 : k + 1])
+        kl, agree = testing.step_kl(ref_logits[:k], lg[:k], tokens[1 : k + 1])
         out.append(dict(step_s=times[j][args.warmup :], warmup_s=times[j][: args.warmup], build_s=build_s[j],
                         bytes=held_bytes(caches[j]), kl=kl, agree=agree,
                         same_tokens=int((lg.argmax(-1) == torch.tensor(tokens[1:])).sum())))
@@ -364,7 +353,7 @@ def run_window(model, rows, ids, L, args, check: bool, log):
                 cache = new_cache() if row.kind == "ours" else row.empty(model)
                 _, own = testing.greedy(model, cache, ids[:, :L], n + 1, force=tokens[:n], keep_logits=True)
             shared = torch.stack(logits_all[j][:n])
-            kl, _ = kl_top1(own[1:], shared, tokens[1 : n + 1])
+            kl, _ = testing.step_kl(own[1:], shared, tokens[1 : n + 1])
             out[j]["own_prefill_check"] = dict(
                 steps=n, max_abs_logit_diff=float((own[1:] - shared).abs().max()),
                 first_logits_max_abs_diff=float((own[0] - first).abs().max()), max_kl=float(kl.max()))
@@ -463,9 +452,9 @@ def speedups(records):
     return res
 
 
-def table_lines(records, n_depths):
+def table_lines(records, n_depths, k):
     lines = [
-        "| prompt | cache | KL@16 | top-1 | ppl | passkey | MiB held | full ÷ held | decode ms/tok median "
+        f"| prompt | cache | KL@{k} | top-1 | ppl | passkey | MiB held | full ÷ held | decode ms/tok median "
         "| × full | mean | p90 | build s |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -523,7 +512,7 @@ def render(result) -> list[str]:
         "against each row's own prefill (`testing.greedy`) on the first window of the shortest length, the "
         f"largest logit difference was {worst_diff:.1e} and the largest KL {worst:.1e} nats.",
         "",
-        *table_lines(records, len(result["depths"])),
+        *table_lines(records, len(result["depths"]), result["k"]),
         "",
         f"Target \"end-to-end decode at 8K >= 3x faster than QuantizedCache\", at {at} tokens, ours vs HF: "
         f"{verdict}.",

@@ -303,15 +303,22 @@ def fidelity_case(model, method, reference: FidelityReference):
     forcing); its next-token distributions at those ``k`` decode steps are
     compared with the full cache's.
     """
-    import torch
-
     with method_context(model, method) as new_cache:
         _, logits = greedy(model, new_cache(), reference.ids, reference.k + 1, force=reference.tokens,
                            keep_logits=True)
-    p = torch.log_softmax(reference.logits[1:].double(), -1)
-    q = torch.log_softmax(logits[1:].double(), -1)
+    return step_kl(reference.logits[1:], logits[1:], reference.tokens[1:])
+
+
+def step_kl(ref_logits, logits, tokens):
+    """Per-step ``KL(ref || other)`` in nats and top-1 agreement with
+    ``tokens`` (the reference's greedy picks), float64 tensors ``[k]``, from
+    logits ``[k, V]`` of the same steps."""
+    import torch
+
+    p = torch.log_softmax(ref_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
     kl = (p.exp() * (p - q)).sum(-1).clamp_min(0.0)
-    agree = (q.argmax(-1) == torch.tensor(reference.tokens[1:])).double()
+    agree = (q.argmax(-1) == torch.as_tensor(tokens, device=q.device)).double()
     return kl, agree
 
 
