@@ -12,6 +12,7 @@ from kvcompress import ops
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import H2O, AdaKV, EMS, LayerView, LowBits, MiKV, SnapKV, ZipCache, method_from_spec
 from kvcompress.stores import PackedStore
+from test_compose import _generate as generate
 from test_compose import left_padded_pair
 
 
@@ -115,10 +116,7 @@ def test_padded_batch_equals_rows_alone(tiny_model):
     a, b, batch, mask = left_padded_pair(tiny_model.config.vocab_size, 260, 180)
 
     def gen(ids, m, attn=None):
-        with kvc.compress(tiny_model, m) as session:
-            out = tiny_model.generate(ids, attention_mask=torch.ones_like(ids) if attn is None else attn,
-                                      max_new_tokens=12, do_sample=False)
-        return out[:, ids.shape[1]:], session.cache
+        return generate(tiny_model, ids, m, new=12, mask=attn)
 
     for make in (lambda: MiKV(ratio=0.6, bits=4, group=16), lambda: ZipCache(ratio=0.6, bits=4, group=16)):
         got, cache = gen(batch, make(), mask)
@@ -134,9 +132,7 @@ def test_eight_bits_give_the_full_cache_tokens(tiny_model):
     ids = torch.randint(3, tiny_model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(0))
 
     def gen(m):
-        with kvc.compress(tiny_model, m):
-            return tiny_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
-                                       do_sample=False)
+        return generate(tiny_model, ids, m)[0]
 
     full = gen(kvc.StreamingLLM(ratio=0.0, sinks=0))
     assert torch.equal(gen(MiKV(ratio=0.75, bits=8)), full)
