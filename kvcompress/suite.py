@@ -324,11 +324,44 @@ def _press_session(model, press):
     name = type(press).__name__
     previous = model.config._attn_implementation
     _set_attn(model, "eager" if name == "ObservedAttentionPress" else "sdpa")
+    if any(getattr(getattr(layer, "self_attn", None), "is_sliding", False) for layer in _decoder_layers(model)):
+        # kvpress compresses only the full-attention layers of Gemma 3, but
+        # checks for the multimodal class alone: on Gemma3ForCausalLM it would
+        # shrink the sliding layers too, whose masks transformers sizes from
+        # the tokens seen, and fail at the first decode step ("size of tensor a
+        # (128) must match ... (512)"). Apply its own rule to any sliding layer.
+        hook = press.forward_hook
+
+        def forward_hook(module, input, kwargs, output):
+            return output if getattr(module, "is_sliding", False) else hook(module, input, kwargs, output)
+
+        press.forward_hook = forward_hook
+    rope = getattr(getattr(getattr(model, "model", None), "language_model", getattr(model, "model", None)),
+                   "rotary_emb", None)
+    patched = rope is not None and hasattr(rope, "full_attention_inv_freq")
+    if patched:
+        # presses that rotate keys themselves (ExpectedAttention, the AdaKV
+        # pair around it) call the model's rotary embedding without the layer
+        # type Gemma 3's requires; they only see full-attention layers (above)
+        rope_forward = rope.forward
+
+        def forward(x, position_ids, layer_type=None, **kwargs):
+            return rope_forward(x, position_ids, layer_type=layer_type or "full_attention", **kwargs)
+
+        rope.forward = forward
     try:
         with press(model):
             yield
     finally:
         _set_attn(model, previous)
+        if patched:
+            del rope.forward
+
+
+def _decoder_layers(model):
+    inner = getattr(model, "model", None)
+    inner = getattr(inner, "language_model", inner)
+    return list(getattr(inner, "layers", []) or [])
 
 
 def _record(case, turns, held: int, full: int | None, prompt: int) -> dict:
@@ -502,8 +535,12 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
                 raise ValueError(f"results[{i}]: {row['method']} @ {row['ratio']} is in an earlier result too")
             seen.add(key)
             rows.append(_summarise(row["method"], row["ratio"], recs, config))
-    config.methods = list(dict.fromkeys(m for m, _ in seen))
-    config.ratios = sorted({r for _, r in seen})
+    # one block per method (in order of first appearance), ratios ascending,
+    # however the runs split them
+    config.methods = list(dict.fromkeys(row["method"] for row in rows[1:]))
+    order = {m: i for i, m in enumerate(config.methods)}
+    rows[1:] = sorted(rows[1:], key=lambda row: (order[row["method"]], -1.0 if row["ratio"] is None else row["ratio"]))
+    config.ratios = sorted({r for _, r in seen if r is not None})
     return dict(schema=SCHEMA, created=datetime.datetime.now().isoformat(timespec="seconds"),
                 kvcompress=first["kvcompress"], model=first["model"], machine=first["machine"], config=asdict(config),
                 chat=first["chat"], seconds=sum(r["seconds"] for r in results), rows=rows,

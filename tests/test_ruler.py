@@ -335,6 +335,10 @@ def test_combine_equals_one_run(tiny_lm):
     assert "2 runs combined" in suite.describe(combined)
     only = run(["snapkv:window=8", "tova"], tasks=["multiturn"])
     assert strip(suite.combine([a, b], tasks=["multiturn"])["rows"]) == strip(only["rows"])
+    # a method's ratios split over runs come back as one block, ratios ascending
+    hi, lo = run(["tova"], ratios=[0.9]), run(["tova"], ratios=[0.5])
+    assert strip(suite.combine([hi, lo])["rows"]) == strip(b["rows"])
+    assert suite.combine([hi, lo])["config"]["ratios"] == [0.5, 0.9]
     with pytest.raises(ValueError, match=r"results\[1\]: snapkv:window=8 @ 0.5 is in an earlier result"):
         suite.combine([a, a])
     with pytest.raises(ValueError, match=r"results\[1\]: split"):
@@ -376,3 +380,53 @@ def test_suite_resumes_from_its_checkpoint(tiny_lm, tmp_path, monkeypatch):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "cases"} for r in rows]  # noqa: E731
     assert strip(resumed["rows"]) == strip(whole["rows"])
     assert [r["cases"] for r in resumed["rows"]] == [r["cases"] for r in whole["rows"]]
+
+
+def test_kvpress_session_skips_sliding_layers_and_names_the_rope_layer():
+    """kvpress compresses only Gemma 3's full-attention layers, but checks for
+    the multimodal class alone; the suite applies that rule to any layer with
+    ``is_sliding`` (else the first decode step fails on the sliding mask), and
+    lets presses call Gemma 3's rotary embedding without a layer type while
+    the press is on, and only then. A stand-in press registers hooks as
+    kvpress does (``self.forward_hook`` looked up when entering)."""
+    import contextlib
+
+    import torch
+    import transformers
+
+    from kvcompress.suite import _press_session
+
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+
+    class Press:
+        def __init__(self):
+            self.hooked = []
+
+        def forward_hook(self, module, input, kwargs, output):
+            self.hooked.append(module.layer_idx)
+            return output
+
+        @contextlib.contextmanager
+        def __call__(self, model):
+            handles = [layer.self_attn.register_forward_hook(self.forward_hook, with_kwargs=True)
+                       for layer in model.model.layers]
+            try:
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
+
+    press, rope, x = Press(), model.model.rotary_emb, torch.zeros(1, 3, 16)
+    with _press_session(model, press):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
+        cos, _ = rope(x, torch.arange(3)[None])  # no layer type: the full-attention rope
+        full, _ = rope(x, torch.arange(3)[None], layer_type="full_attention")
+        assert torch.equal(cos, full)
+    assert press.hooked == [1, 3]
+    with pytest.raises((AttributeError, TypeError)):
+        rope(x, torch.arange(3)[None])  # restored: Gemma 3's own signature again
