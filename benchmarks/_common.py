@@ -108,3 +108,26 @@ def memcpy_bandwidth(nbytes=256 << 20, reps=7):
         np.copyto(dst, src)
         ts.append(time.perf_counter() - t0)
     return 2 * nbytes / statistics.median(ts)
+
+
+def matmul_roof(threads: int, n: int = 256, reps: int = 21) -> float:
+    """fp32 multiply-adds/s of torch's matmul on ``threads`` threads: the
+    machine's practical compute limit, as ``memcpy_bandwidth`` is its
+    bandwidth one (n x n x n, resident in cache; median of ``reps``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        c = torch.empty(n, n)
+        for _ in range(3):
+            torch.mm(a, b, out=c)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=c)
+            ts.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    return n ** 3 / statistics.median(ts)

@@ -8,7 +8,11 @@ n = 4K .. 64K slots. All variants of a case run interleaved rep by rep, so
 background load hits them alike; the table gives medians, the speed-up of
 each packed width over fp32 and bf16 attention, and the packed kernel's
 bandwidth on the bytes it reads (codes + mins/scales + residual) next to a
-256 MiB NumPy copy measured in the same run (read + write bytes / time).
+256 MiB NumPy copy measured in the same run (read + write bytes / time),
+and its rate of the multiply-adds a decode step needs (2 x Hq x n x D: the
+logits and the weighted values, what fp32/bf16 attention does too) next to
+torch's fp32 matmul at the same thread count (``_common.matmul_roof``):
+whichever share is higher says what bounds the kernel.
 
     python benchmarks/bench_packed.py
     python benchmarks/bench_packed.py --quick --no-write
@@ -27,7 +31,8 @@ import torch
 
 from kvcompress import ops
 
-from _common import command_line, machine, machine_line, memcpy_bandwidth, now, write_results  # noqa: E402
+from _common import (command_line, machine, machine_line, matmul_roof, memcpy_bandwidth, now,  # noqa: E402
+                     write_results)
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 GROUP, RESIDUAL = 32, 128
@@ -87,6 +92,8 @@ def main(argv=None):
     info = machine()
     bw = memcpy_bandwidth()
     print(f"memcpy {bw / 1e9:.2f} GB/s (read + write)", flush=True)
+    roofs = {nt: matmul_roof(nt) for nt in threads}
+    print("matmul " + ", ".join(f"{nt}t {r / 1e9:.1f} G multiply-adds/s" for nt, r in roofs.items()), flush=True)
     g = torch.Generator().manual_seed(0)
     records = []
     for shape in SHAPES:
@@ -98,17 +105,22 @@ def main(argv=None):
                 t, reps = time_many(fns, args.min_time)
                 for bits in (2, 4, 8):
                     key = f"{bits}-bit"
+                    Hq, _, D = SHAPES[shape]
+                    fmas = 2 * Hq * n * D
                     rec = dict(shape=shape, n=n, threads=nt, bits=bits, reps=reps, packed_us=t[key] * 1e6,
                                fp32_us=t["fp32"] * 1e6, bf16_us=t["bf16"] * 1e6, vs_fp32=t["fp32"] / t[key],
                                vs_bf16=t["bf16"] / t[key], bytes_read=read[key],
-                               GBps=read[key] / t[key] / 1e9, copy_share=read[key] / t[key] / bw)
+                               GBps=read[key] / t[key] / 1e9, copy_share=read[key] / t[key] / bw,
+                               fma_share=fmas / t[key] / roofs[nt], bf16_fma_share=fmas / t["bf16"] / roofs[nt])
                     records.append(rec)
                     print(f"{shape} n={n} {nt}t {bits}-bit {rec['packed_us']:8.1f} us  fp32 {rec['fp32_us']:8.1f}  "
                           f"bf16 {rec['bf16_us']:8.1f}  x{rec['vs_fp32']:.2f} / x{rec['vs_bf16']:.2f}  "
-                          f"{rec['GBps']:.2f} GB/s ({100 * rec['copy_share']:.0f}% of copy)", flush=True)
+                          f"{rec['GBps']:.2f} GB/s ({100 * rec['copy_share']:.0f}% of copy)  "
+                          f"multiply-adds {100 * rec['fma_share']:.0f}% of matmul (bf16 attention "
+                          f"{100 * rec['bf16_fma_share']:.0f}%)", flush=True)
     command = command_line(__file__, argv)
     result = dict(command=command, date=now(), machine=info, group=GROUP, residual=RESIDUAL,
-                  memcpy_GBps=bw / 1e9, records=records)
+                  memcpy_GBps=bw / 1e9, matmul_Gfma={nt: r / 1e9 for nt, r in roofs.items()}, records=records)
     if args.no_write:
         return result
     lines = [
@@ -117,18 +129,23 @@ def main(argv=None):
         f"Command: `{command}`",
         "",
         machine_line(info),
-        f"Reference bandwidth: 256 MiB NumPy copy = {bw / 1e9:.2f} GB/s (read + write).",
+        f"Reference bandwidth: 256 MiB NumPy copy = {bw / 1e9:.2f} GB/s (read + write). Reference compute: "
+        "torch fp32 matmul (256^3) = " + ", ".join(f"{r / 1e9:.1f} G multiply-adds/s on {nt} thread(s)"
+                                                   for nt, r in roofs.items()) + ".",
         f"Decode step (q = 1), B=1; packed: group {GROUP}, the last {RESIDUAL} slots in fp32; fp32 / bf16: "
         "ops.attention over the same n slots. Medians of interleaved reps; x = fp32 (or bf16) time / packed "
-        "time; GB/s = bytes the packed kernel reads (codes, mins, scales, residual) / time.",
+        "time; GB/s = bytes the packed kernel reads (codes, mins, scales, residual) / time; % of matmul = "
+        "the step's 2 x Hq x n x D multiply-adds / time / the matmul rate (packed, then bf16 attention).",
         "",
-        "| shape | n | threads | bits | packed us | fp32 us | bf16 us | vs fp32 | vs bf16 | GB/s | % of copy |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | n | threads | bits | packed us | fp32 us | bf16 us | vs fp32 | vs bf16 | GB/s | % of copy "
+        "| % of matmul | bf16: % of matmul |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         lines.append(f"| {r['shape']} | {r['n']} | {r['threads']} | {r['bits']} | {r['packed_us']:.1f} | "
                      f"{r['fp32_us']:.1f} | {r['bf16_us']:.1f} | {r['vs_fp32']:.2f} | {r['vs_bf16']:.2f} | "
-                     f"{r['GBps']:.2f} | {100 * r['copy_share']:.0f}% |")
+                     f"{r['GBps']:.2f} | {100 * r['copy_share']:.0f}% | {100 * r['fma_share']:.0f}% | "
+                     f"{100 * r['bf16_fma_share']:.0f}% |")
     write_results("bench_packed", result, lines)
     return result
 
