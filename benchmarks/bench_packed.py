@@ -103,10 +103,10 @@ def main(argv=None):
                 torch.set_num_threads(nt)
                 ops.set_num_threads(nt)
                 t, reps = time_many(fns, args.min_time)
+                Hq, _, D = SHAPES[shape]
+                fmas = 2 * Hq * n * D  # logits and weighted values of one decode step
                 for bits in (2, 4, 8):
                     key = f"{bits}-bit"
-                    Hq, _, D = SHAPES[shape]
-                    fmas = 2 * Hq * n * D
                     rec = dict(shape=shape, n=n, threads=nt, bits=bits, reps=reps, packed_us=t[key] * 1e6,
                                fp32_us=t["fp32"] * 1e6, bf16_us=t["bf16"] * 1e6, vs_fp32=t["fp32"] / t[key],
                                vs_bf16=t["bf16"] / t[key], bytes_read=read[key],

@@ -324,7 +324,8 @@ def _press_session(model, press):
     name = type(press).__name__
     previous = model.config._attn_implementation
     _set_attn(model, "eager" if name == "ObservedAttentionPress" else "sdpa")
-    if any(getattr(getattr(layer, "self_attn", None), "is_sliding", False) for layer in _decoder_layers(model)):
+    inner = _text_model(model)
+    if any(getattr(getattr(layer, "self_attn", None), "is_sliding", False) for layer in getattr(inner, "layers", ())):
         # kvpress compresses only the full-attention layers of Gemma 3, but
         # checks for the multimodal class alone: on Gemma3ForCausalLM it would
         # shrink the sliding layers too, whose masks transformers sizes from
@@ -336,8 +337,7 @@ def _press_session(model, press):
             return output if getattr(module, "is_sliding", False) else hook(module, input, kwargs, output)
 
         press.forward_hook = forward_hook
-    rope = getattr(getattr(getattr(model, "model", None), "language_model", getattr(model, "model", None)),
-                   "rotary_emb", None)
+    rope = getattr(inner, "rotary_emb", None)
     patched = rope is not None and hasattr(rope, "full_attention_inv_freq")
     if patched:
         # presses that rotate keys themselves (ExpectedAttention, the AdaKV
@@ -358,10 +358,10 @@ def _press_session(model, press):
             del rope.forward
 
 
-def _decoder_layers(model):
+def _text_model(model):
+    # the decoder stack kvpress hooks: model.model, or its language_model (multimodal classes)
     inner = getattr(model, "model", None)
-    inner = getattr(inner, "language_model", inner)
-    return list(getattr(inner, "layers", []) or [])
+    return getattr(inner, "language_model", inner)
 
 
 def _record(case, turns, held: int, full: int | None, prompt: int) -> dict:
