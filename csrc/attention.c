@@ -35,13 +35,24 @@ struct at_head {
     const char *k, *v;
     const void *c;            /* counts of slot 0 (f32 or i32), NULL: none */
     int64_t ks, kd, vs, vd, cs; /* slot and element strides (elements) */
-    int64_t n, s0;            /* slots; first valid slot */
+    int64_t n, s0;            /* slots; first valid slot (logical, with pages) */
+    const int64_t *pg;        /* pages read (paged uniform layer) or NULL */
+    int64_t P;                /* page size with pg */
 };
+
+/* Physical slot of logical slot j: through the head's page list when it
+ * reads pages (pages ascending, so logical order is token order). */
+KVC_INLINE int64_t at_slot(const struct at_head *h, int64_t j)
+{
+    return h->pg ? h->pg[j / h->P] * h->P + j % h->P : j;
+}
 
 static void at_head_get(const struct kvc_attention_params *p, int64_t b, int64_t hk,
                         struct at_head *h)
 {
     const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->k.dtype);
+    h->pg = NULL;
+    h->P = 1;
     if (p->layout == KVC_KV_RAGGED) {
         const int64_t i = b * p->num_kv_heads + hk;
         const int64_t off = p->offsets[i * p->offsets_stride];
@@ -68,6 +79,20 @@ static void at_head_get(const struct kvc_attention_params *p, int64_t b, int64_t
         h->c = p->counts.data ? (const char *)p->counts.data +
                                     (b * p->counts.strides[0] + hk * p->counts.strides[1]) * 4
                               : NULL;
+        if (p->pages) {
+            /* logical length: full pages, then the newest (possibly short)
+             * one; the masked prefix: the padded slots of the pages read */
+            const int64_t np = p->num_pages, P = p->page_size, n = h->n, s0 = h->s0;
+            int64_t i, masked = 0;
+            h->pg = p->pages + (b * p->num_kv_heads + hk) * np;
+            h->P = P;
+            h->n = (np - 1) * P + (n - h->pg[np - 1] * P);
+            for (i = 0; i < np; i++) {
+                const int64_t lo = h->pg[i] * P, len = i + 1 < np ? P : n - lo;
+                masked += s0 <= lo ? 0 : (s0 - lo < len ? s0 - lo : len);
+            }
+            h->s0 = masked;
+        }
     }
 }
 
@@ -249,7 +274,8 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
         float lc[AT_TK];
         int64_t j;
         for (j = 0; j < nk; j++) {
-            const char *ks = h.k + (jt + j) * h.ks * es, *vs = h.v + (jt + j) * h.vs * es;
+            const int64_t sj = at_slot(&h, jt + j);
+            const char *ks = h.k + sj * h.ks * es, *vs = h.v + sj * h.vs * es;
             if (g->kdirect) {
                 kp[j] = ks;
             } else {
@@ -268,8 +294,8 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
             /* log(count): the merged-slot bias; slots past the tile get 0 */
             for (j = 0; j < nk; j++)
                 lc[j] = p->counts.dtype == KVC_I32
-                            ? (float)((const int32_t *)h.c)[(jt + j) * h.cs]
-                            : ((const float *)h.c)[(jt + j) * h.cs];
+                            ? (float)((const int32_t *)h.c)[at_slot(&h, jt + j) * h.cs]
+                            : ((const float *)h.c)[at_slot(&h, jt + j) * h.cs];
             for (; j < AT_TK; j++) lc[j] = 1.0f;
             for (j = 0; j < AT_TK; j++) lc[j] = kvc_logf(lc[j]);
         } else {

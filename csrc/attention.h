@@ -30,6 +30,13 @@ enum kvc_kv_layout { KVC_KV_UNIFORM = 0, KVC_KV_RAGGED = 1 };
  * offsets[b * Hkv + hk] + j of k, v (and counts). A query that sees no slot
  * (left padding, empty head) gets zeros.
  *
+ * Paged reading (uniform only, q = 1): with `pages`, head (b, hk) reads
+ * only the slots of its np pages, page p being slots p * P .. min((p + 1) *
+ * P, n) - 1, gathered by index (never copied). The pages are strictly
+ * ascending and the last one is the newest page (n - 1) / P, so the only
+ * short page is the last and the query (the last slot) reads itself; slots
+ * before kv_start stay masked. The binding checks all of this.
+ *
  * Online softmax in fp32; each (b, hk, tile of queries) is cut into fixed
  * blocks of slots for short chunks (split-K), combined by log-sum-exp in
  * block order, so results are bit-identical for any thread count and do not
@@ -47,6 +54,10 @@ struct kvc_attention_params {
     int64_t offsets_stride;
     const int64_t *lengths; /* ragged [B * Hkv]: slots of each head, 0 or >= q */
     int64_t lengths_stride;
+    const int64_t *pages;   /* uniform, optional [B * Hkv * num_pages] (row-major [B, Hkv, np]):
+                             * the pages each head reads (Quest), see below; NULL: every slot */
+    int64_t num_pages;      /* np >= 1 with pages */
+    int64_t page_size;      /* P >= 1 with pages */
     int64_t num_kv_heads;   /* Hkv; Hq must be a multiple */
     int32_t layout;         /* enum kvc_kv_layout */
     float scaling;

@@ -45,6 +45,7 @@ _LAZY = {
     "LowBits": ("kvcompress.methods", "LowBits"),
     "MiKV": ("kvcompress.methods", "MiKV"),
     "ZipCache": ("kvcompress.methods", "ZipCache"),
+    "Quest": ("kvcompress.methods", "Quest"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
-from .stores import AttentionSpec, PackedStore, RaggedPackedStore, RaggedStore, UniformStore
+from .stores import AttentionSpec, PackedStore, PagedStore, RaggedPackedStore, RaggedStore, UniformStore
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -392,6 +392,14 @@ class CompressedLayer(CacheLayerMixin):
             self.store.settle(pad=self._start)
             return
         self._compress(queries, scaling)
+        if method.paging is not None and self.window is None and type(self.store) is UniformStore:
+            # Query-aware reading (Quest): the layer's kept slots (all of
+            # them, or what the evictor kept) move into pages with key
+            # bounds; decode steps then read only the pages they need.
+            # Sliding layers hold only their window and read it whole.
+            budget, page, dense, gqa = method.paging
+            if self.layer_idx >= dense:
+                self.store = PagedStore.from_uniform(self.store, page, budget, gqa)
 
     def _to_packed(self, packing) -> None:
         """Move the layer's slots into the packed store of their layout."""

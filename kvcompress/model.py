@@ -97,11 +97,13 @@ def _gguf_tokenizer(folder: Path, gguf_file: str):
     source = (folder / gguf_file).resolve()
     info = source.stat()
     versions = f"{transformers.__version__}|{tokenizers.__version__}"
-    key = hashlib.sha256(f"{source}|{info.st_size}|{info.st_mtime_ns}|{versions}".encode()).hexdigest()[:16]
+    # "checked": copies saved before the word check below existed are not trusted
+    key = hashlib.sha256(f"{source}|{info.st_size}|{info.st_mtime_ns}|{versions}|checked".encode()).hexdigest()[:16]
     saved = model_cache_dir() / "tokenizers" / f"{source.stem}-{key}"
     if (saved / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(saved, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    _check_words(tokenizer, source.name)
     tmp = saved.with_name(saved.name + f".tmp{os.getpid()}")
     try:
         tokenizer.save_pretrained(tmp)
@@ -114,6 +116,38 @@ def _gguf_tokenizer(folder: Path, gguf_file: str):
     return tokenizer
 
 
+def _check_words(tokenizer, name: str, sample: int = 200) -> None:
+    """Refuse a converted tokenizer that splits its own whole-word tokens.
+
+    transformers 5.2 converts Gemma 3's SentencePiece GGUF tokenizer without
+    its scores, so " quick" becomes ``['▁qu', 'ick']`` (and no BOS is added):
+    the model then reads text it was never trained on and retrieval accuracy
+    falls by a third, with no error anywhere. A correct BPE/SentencePiece
+    tokenizer encodes a frequent word token of its own vocabulary, preceded by
+    a space, as that single token; the check samples the ``sample``
+    lowest-id such tokens (low ids are the frequent ones in both families)."""
+    import transformers
+
+    vocab = tokenizer.get_vocab()
+    for mark in ("\u2581", "\u0120"):  # SentencePiece '▁' and byte-level BPE 'Ġ' word starts
+        words = sorted((i, t) for t, i in vocab.items()
+                       if t.startswith(mark) and len(t) >= 6 and t[1:].isascii() and t[1:].isalpha())
+        if len(words) >= 20:
+            break
+    else:
+        return  # no recognisable word tokens: nothing to check against
+    words = words[:sample]
+    split = [t for i, t in words if tokenizer(" " + t[1:], add_special_tokens=False).input_ids != [i]]
+    if len(split) > len(words) // 10:
+        example = split[0]
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(" " + example[1:], add_special_tokens=False).input_ids)
+        raise RuntimeError(
+            f"transformers {transformers.__version__} converted the tokenizer of {name} incorrectly: "
+            f"{len(split)} of {len(words)} of its own word tokens are split (e.g. {example!r} -> {pieces}). "
+            f"Use another transformers release, or pass tokenizer=<folder> (--tokenizer on the command line) "
+            f"with a tokenizer saved from one that converts it correctly.")
+
+
 _PROBE = "The pass key is 71432. Remember it.\nFirst Citizen:\n  Before we proceed, héllo wörld! <b>ok</b>"
 
 
@@ -123,8 +157,12 @@ def _same_tokenizer(a, b) -> bool:
             and type(a).__name__ == type(b).__name__ and a.all_special_ids == b.all_special_ids)
 
 
-def load_gguf(folder, gguf_file: str, *, dtype=None):
-    """Load ``(model, tokenizer)`` from a GGUF file with transformers, offline."""
+def load_gguf(folder, gguf_file: str, *, dtype=None, tokenizer=None):
+    """Load ``(model, tokenizer)`` from a GGUF file with transformers, offline.
+
+    ``tokenizer``: a folder holding a saved tokenizer to use instead of the
+    one converted from the GGUF file (for a transformers release that
+    converts it incorrectly; see :func:`_check_words`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -135,11 +173,20 @@ def load_gguf(folder, gguf_file: str, *, dtype=None):
             )
     dtype = torch.float32 if dtype is None else dtype
     folder = Path(folder)
-    tokenizer = _gguf_tokenizer(folder, gguf_file)
+    tokenizer = _gguf_tokenizer(folder, gguf_file) if tokenizer is None else _saved_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True
     )
     return _ready(model, tokenizer)
+
+
+def _saved_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"tokenizer: {folder} holds no saved tokenizer (no tokenizer_config.json)")
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _ready(model, tokenizer):
@@ -151,7 +198,7 @@ def _ready(model, tokenizer):
     return model, tokenizer
 
 
-def load_default_model(*, dtype=None):
+def load_default_model(*, dtype=None, tokenizer=None):
     """Return ``(model, tokenizer)`` for SmolLM2-135M-Instruct, offline.
 
     The model is a Llama-architecture decoder (30 layers, 9 query heads, 3 kv
@@ -159,10 +206,10 @@ def load_default_model(*, dtype=None):
     (float32 by default). The tokenizer pads on the left.
     """
     folder, name = default_model_path()
-    return load_gguf(folder, name, dtype=dtype)
+    return load_gguf(folder, name, dtype=dtype, tokenizer=tokenizer)
 
 
-def load_gemma3(*, dtype=None):
+def load_gemma3(*, dtype=None, tokenizer=None):
     """Return ``(model, tokenizer)`` for Gemma 3 270M (base model), offline.
 
     A ``Gemma3ForCausalLM`` (18 layers, 4 query heads, 1 kv head, head dim
@@ -172,14 +219,14 @@ def load_gemma3(*, dtype=None):
     :func:`kvcompress.tasks.passkey_prompt`). The tokenizer pads on the left.
     """
     path = gemma3_gguf_path()
-    return load_gguf(path.parent, path.name, dtype=dtype)
+    return load_gguf(path.parent, path.name, dtype=dtype, tokenizer=tokenizer)
 
 
 #: models known by name to :func:`load_model` (``--model NAME`` on the command line)
 NAMED_MODELS = {"smollm2": load_default_model, "gemma3": load_gemma3}
 
 
-def load_model(path=None, *, gguf=None, dtype=None):
+def load_model(path=None, *, gguf=None, dtype=None, tokenizer=None):
     """Return ``(model, tokenizer)`` from local files only.
 
     Parameters
@@ -192,6 +239,10 @@ def load_model(path=None, *, gguf=None, dtype=None):
         A ``.gguf`` file (its tokenizer is read from the file).
     dtype : torch.dtype, optional
         Weights dtype, float32 by default.
+    tokenizer : str or Path, optional
+        A folder with a saved tokenizer (``tokenizer.save_pretrained``) to use
+        instead of the model's own, e.g. one converted from a GGUF file by a
+        transformers release that converts it correctly.
 
     With neither, the default model is loaded (:func:`load_default_model`).
     """
@@ -201,18 +252,19 @@ def load_model(path=None, *, gguf=None, dtype=None):
         gguf = Path(gguf)
         if not gguf.is_file():
             raise FileNotFoundError(f"gguf: no such file: {gguf}")
-        return load_gguf(gguf.parent, gguf.name, dtype=dtype)
+        return load_gguf(gguf.parent, gguf.name, dtype=dtype, tokenizer=tokenizer)
     if path is None:
-        return load_default_model(dtype=dtype)
+        return load_default_model(dtype=dtype, tokenizer=tokenizer)
     if isinstance(path, str) and path.lower() in NAMED_MODELS and not Path(path).exists():
-        return NAMED_MODELS[path.lower()](dtype=dtype)
+        return NAMED_MODELS[path.lower()](dtype=dtype, tokenizer=tokenizer)
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"path: {folder} is not a model folder (no config.json)")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if tokenizer is None \
+        else _saved_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32 if dtype is None else dtype, local_files_only=True
     )

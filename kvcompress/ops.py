@@ -969,3 +969,103 @@ def unpack_values(codes, mins, scales, bits, group, *, head_dim=None, out=None, 
     if out is not None and head_dim is not None:
         raise KVCompressValueError("head_dim: give head_dim or out, not both (out's last dim is D)")
     return _unpack(codes, mins, scales, True, bits, group, head_dim, out, dtype)
+
+
+# --------------------------------------------------------------------- pages
+def page_bounds(keys, kmin, kmax, page_size, first, last):
+    """Per-page, per-channel key bounds of pages ``first .. last - 1`` (in place).
+
+    Page ``p`` of a layer is its slots ``p * P .. min((p + 1) * P, n) - 1``.
+    For those pages ``kmin[b, h, p] = min_j keys[b, h, j]`` and ``kmax[b, h,
+    p] = max_j keys[b, h, j]`` channel by channel, in float32; other pages
+    are not touched, so an append recomputes only the pages it changed. A NaN
+    key makes both bounds of its channel NaN.
+
+    Parameters
+    ----------
+    keys : tensor ``[B, H, n, D]`` (float32, float16 or bfloat16), any strides
+    kmin, kmax : float32 tensors ``[B, H, Np, D]``, ``Np >= last``, written
+    page_size : int >= 1
+    first, last : ints, ``0 <= first <= last`` and ``(last - 1) * P < n``
+    """
+    _shape(keys, "keys", 4, "[B, H, n, D]")
+    _C.page_bounds(_prepare(keys), kmin, kmax, _int_arg(page_size, "page_size"), _int_arg(first, "first"),
+                   _int_arg(last, "last"))
+
+
+def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=None, out=None):
+    """Quest's page scores: the largest logit a query could reach on each page.
+
+    For query head ``hq`` of kv head ``h`` and page ``p``:
+    ``u = sum_c max(q_c * kmax[b, h, p, c], q_c * kmin[b, h, p, c])`` (an upper
+    bound of ``q . k`` for every key of the page), summed over channels in
+    order in float32; a kv head's score is the max (``gqa="max"``) or mean
+    (``"mean"``) of ``u`` over its query heads. Pages holding only padding
+    (``(p + 1) * P <= kv_start[b]``) score ``-inf``.
+
+    Parameters
+    ----------
+    query : tensor ``[B, Hq, D]`` (float32, float16 or bfloat16)
+        The decode step's queries (post-RoPE).
+    kmin, kmax : float32 tensors ``[B, H, Np, D]`` (:func:`page_bounds`)
+    num_pages : int, ``<= Np``
+        Pages to score.
+    page_size : int >= 1
+    gqa : {"max", "mean"}
+    kv_start : int64 ``[B]``, optional
+        Leading padded slots of each row.
+    out : float32 tensor ``[B, H, num_pages]``, optional
+
+    Returns
+    -------
+    float32 tensor ``[B, H, num_pages]``
+    """
+    _choice(gqa, "gqa", ("max", "mean"))
+    qs = _shape(query, "query", 3, "[B, Hq, D]")
+    ks = _shape(kmin, "kmin", 4, "[B, H, Np, D]")
+    if out is None:
+        out = _empty(query, (qs[0], ks[1], _int_arg(num_pages, "num_pages")), "float32")
+    P = _int_arg(page_size, "page_size")
+    if P < 1:
+        raise KVCompressValueError(f"page_size: must be >= 1, got {P}")
+    first_page = None
+    if kv_start is not None:
+        first_page = _as_int64(kv_start, "kv_start", query)
+        first_page = first_page // P if hasattr(first_page, "__floordiv__") else first_page
+    _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, first_page)
+    return out
+
+
+def attention_pages(queries, keys, values, pages, page_size, *, scaling=None, kv_start=None, counts=None):
+    """Decode attention that reads only the listed pages of a uniform layer.
+
+    Head ``(b, h)`` attends over the slots of pages ``pages[b, h]`` (page
+    ``p`` = slots ``p * P .. min((p + 1) * P, n) - 1``), read in place by
+    index: nothing is gathered into a copy. Online softmax in float32 as
+    :func:`attention` (which it equals when every page is listed).
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, 1, D]``
+        One query per row: the layer's newest slot.
+    keys, values : tensors ``[B, Hkv, n, D]``, dtype of `queries`
+    pages : int64 tensor ``[B, Hkv, k]``
+        Per head, strictly ascending page indices ending with the newest page
+        ``(n - 1) // P`` (it holds the query); contiguous.
+    page_size : int >= 1
+    scaling : float, optional
+        Default ``1 / sqrt(D)``.
+    kv_start : int64 ``[B]``, optional
+        Leading padded slots, masked.
+    counts : float32 or int32 ``[B, Hkv, n]``, optional
+        Merge counts: ``log(count)`` joins the logit.
+
+    Returns
+    -------
+    tensor ``[B, 1, Hq, D]``, dtype of `queries`
+    """
+    scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", False, scaling, None)
+    _C.attention_pages(_prepare(queries), _prepare(keys), _prepare(values), out, scaling,
+                       _as_int64(kv_start, "kv_start", queries), _as_int64(pages, "pages", queries),
+                       _int_arg(page_size, "page_size"), _prepare(counts) if counts is not None else None)
+    return out

@@ -75,7 +75,7 @@ def test_gemma3_without_its_package_says_how_to_install(monkeypatch):
 
 def test_load_model_knows_packaged_models_by_name(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setitem(km.NAMED_MODELS, "gemma3", lambda dtype=None: calls.append(dtype) or ("m", "t"))
+    monkeypatch.setitem(km.NAMED_MODELS, "gemma3", lambda dtype=None, tokenizer=None: calls.append(dtype) or ("m", "t"))
     import kvcompress
 
     assert kvcompress.load_gemma3 is km.load_gemma3
@@ -83,3 +83,57 @@ def test_load_model_knows_packaged_models_by_name(monkeypatch, tmp_path):
     assert calls == [None, torch.float16]
     with pytest.raises(FileNotFoundError, match="no config.json"):
         km.load_model(str(tmp_path))
+
+
+_WORDS = ("castle", "horses", "silver", "garden", "winter", "summer", "bridge", "candle", "forest", "harbor",
+          "island", "marble", "needle", "orange", "pepper", "rocket", "saddle", "temple", "velvet", "window",
+          "yellow", "zipper", "anchor", "basket", "copper")
+
+
+def _word_tokenizer(with_merges: bool):
+    """A byte-level BPE tokenizer whose vocabulary holds 25 whole words ('Ġcastle', ...). With its merges it
+    encodes ' castle' as one token, as a correct conversion does; without them every word falls apart into
+    bytes, which is what transformers 5.2 does to Gemma 3's GGUF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = []
+    for word in _WORDS:
+        piece = "Ġ" + word[0]
+        merges.append(("Ġ", word[0]))
+        vocab.setdefault(piece, len(vocab))
+        for ch in word[1:]:
+            merges.append((piece, ch))
+            piece += ch
+            vocab.setdefault(piece, len(vocab))
+    merges = list(dict.fromkeys(merges))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges if with_merges else []))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    vocab["<eos>"] = len(vocab)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
+
+
+def test_a_tokenizer_that_splits_its_own_words_is_refused_by_name():
+    good = _word_tokenizer(with_merges=True)
+    assert good(" castle", add_special_tokens=False).input_ids == [good.get_vocab()["Ġcastle"]]
+    km._check_words(good, "good.gguf")  # accepted
+    with pytest.raises(RuntimeError, match=r"bad\.gguf incorrectly: 50 of 50 .*tokenizer=<folder>"):
+        km._check_words(_word_tokenizer(with_merges=False), "bad.gguf")
+
+
+def test_load_model_takes_a_saved_tokenizer_folder(monkeypatch, tmp_path):
+    saved = tmp_path / "tok"
+    _word_tokenizer(with_merges=True).save_pretrained(saved)
+    seen = {}
+
+    def fake_gemma3(*, dtype=None, tokenizer=None):
+        seen["tokenizer"] = km._saved_tokenizer(tokenizer)
+        return "model", seen["tokenizer"]
+
+    monkeypatch.setitem(km.NAMED_MODELS, "gemma3", fake_gemma3)
+    _, tok = km.load_model("gemma3", tokenizer=saved)
+    assert tok(" castle", add_special_tokens=False).input_ids == [tok.get_vocab()["Ġcastle"]]
+    with pytest.raises(FileNotFoundError, match="tokenizer: .* no saved tokenizer"):
+        km._saved_tokenizer(tmp_path / "empty")

@@ -43,7 +43,8 @@ struct kvc_at_geom {
     float *pm, *ps, *pacc; /* [B * Hkv * R][nsplit] (x D for pacc) */
 };
 
-/* Slots of kv head (b, hk): n of them, the first s0 padding. */
+/* Slots of kv head (b, hk): n of them, the first s0 padding (logical
+ * slots when the head reads pages: attention.h). */
 __device__ __forceinline__ void kvc_at_head_len(const kvc_attention_params &p, int64_t b,
                                                 int64_t hk, int64_t *n, int64_t *s0)
 {
@@ -53,7 +54,24 @@ __device__ __forceinline__ void kvc_at_head_len(const kvc_attention_params &p, i
     } else {
         *n = p.k.shape[2];
         *s0 = p.kv_start ? p.kv_start[b * p.kv_start_stride] : 0;
+        if (p.pages != NULL) {
+            const int64_t np = p.num_pages, P = p.page_size, nn = *n, st = *s0;
+            const int64_t *pg = p.pages + (b * p.num_kv_heads + hk) * np;
+            int64_t masked = 0;
+            for (int64_t i = 0; i < np; i++) {
+                const int64_t lo = pg[i] * P, len = i + 1 < np ? P : nn - lo;
+                masked += st <= lo ? 0 : (st - lo < len ? st - lo : len);
+            }
+            *n = (np - 1) * P + (nn - pg[np - 1] * P);
+            *s0 = masked;
+        }
     }
+}
+
+/* Physical slot of logical slot j of a head reading pages `pg` (NULL: j). */
+__device__ __forceinline__ int64_t kvc_at_slot(const int64_t *pg, int64_t P, int64_t j)
+{
+    return pg == NULL ? j : pg[j / P] * P + j % P;
 }
 
 /* Slot range [s0, end) the tile sees; span <= 0 when none. */
@@ -169,6 +187,8 @@ static __global__ void __launch_bounds__(KVC_AT_THREADS)
     const int64_t co = ragged ? off * cs : b * p.counts.strides[0] + hk * p.counts.strides[1];
     const char *ch = p.counts.data == NULL ? NULL : (const char *)p.counts.data + co * 4;
     const bool ci32 = p.counts.dtype == KVC_I32;
+    const int64_t *pg = !ragged && p.pages != NULL ? p.pages + bh * p.num_pages : NULL;
+    const int64_t P = p.page_size;
 
     const int gi = threadIdx.x / LPK, lane = threadIdx.x % LPK;
 
@@ -204,12 +224,13 @@ static __global__ void __launch_bounds__(KVC_AT_THREADS)
         for (int kb = 0; kb < KB; kb++) {
             const int64_t j = base + gi * KB + kb;
             const bool ok = j < j1;
-            kvc_at_load_row<DT, LPK, CPL, VEC>(kh + j * ks * es, kd, D, ok, lane, kn[kb]);
-            kvc_at_load_row<DT, LPK, CPL, VEC>(vh + j * vs * es, vd, D, ok, lane, vn[kb]);
+            const int64_t sj = ok ? kvc_at_slot(pg, P, j) : 0;
+            kvc_at_load_row<DT, LPK, CPL, VEC>(kh + sj * ks * es, kd, D, ok, lane, kn[kb]);
+            kvc_at_load_row<DT, LPK, CPL, VEC>(vh + sj * vs * es, vd, D, ok, lane, vn[kb]);
             cn[kb] = 1.0f;
             if (ch != NULL && ok)
-                cn[kb] = ci32 ? (float)__ldg((const int *)ch + j * cs)
-                              : __ldg((const float *)ch + j * cs);
+                cn[kb] = ci32 ? (float)__ldg((const int *)ch + sj * cs)
+                              : __ldg((const float *)ch + sj * cs);
         }
     };
 
@@ -438,8 +459,9 @@ static bool kvc_at_geometry(const kvc_attention_params *p, kvc_at_geom *g)
     g->rt = g->R <= 2 ? 2 : (g->R <= 4 ? 4 : 8);
     g->ntiles = kvc_ceil_div(g->R, g->rt);
     const int64_t bh = g->B * g->Hkv;
-    const int64_t navg =
-        p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->k.shape[0], bh) : p->k.shape[2];
+    const int64_t navg = p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->k.shape[0], bh)
+                         : p->pages != NULL            ? p->num_pages * p->page_size
+                                                       : p->k.shape[2];
     /* a launch fills at most KVC_AT_WAVES waves of the fullest SMs */
     const int64_t cap = kvc_cuda_sm_count() * (2048 / KVC_AT_THREADS) * KVC_AT_WAVES;
     g->nsplit = kvc_cuda_nsplit(navg, KVC_AT_MIN_CHUNK, cap, bh * g->ntiles);

@@ -29,6 +29,7 @@
 #include "../compact.h"
 #include "../kvc.h"
 #include "../merge.h"
+#include "../pages.h"
 #include "../quant.h"
 #include "../score.h"
 #include "../score_global.h"
@@ -67,6 +68,8 @@ size_t kvc_cuda_select_topk_workspace(const struct kvc_select_topk_params *p);
 enum kvc_status kvc_cuda_select_topk(const struct kvc_select_topk_params *p, void *stream);
 
 enum kvc_status kvc_cuda_gather(const struct kvc_gather_params *p, void *stream);
+enum kvc_status kvc_cuda_page_bounds(const struct kvc_page_bounds_params *p, void *stream);
+enum kvc_status kvc_cuda_page_scores(const struct kvc_page_scores_params *p, void *stream);
 
 size_t kvc_cuda_head_budgets_workspace(const struct kvc_head_budgets_params *p);
 enum kvc_status kvc_cuda_head_budgets(const struct kvc_head_budgets_params *p, void *stream);

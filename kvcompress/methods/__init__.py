@@ -7,12 +7,13 @@ from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .simple import Knorm, StreamingLLM
+from .sparse import Quest
 from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
-                                           LowBits, MiKV, ZipCache)
+                                           LowBits, MiKV, ZipCache, Quest)
 }
 
 
@@ -62,7 +63,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     if name not in REGISTRY:
         raise ValueError(f"methods: unknown method {name!r} in {spec!r}; choose from {', '.join(REGISTRY)}")
     cls = REGISTRY[name]
-    allowed = {f.name for f in dataclasses.fields(cls)} - {"budget", "ratio", "quant"}
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"budget", "ratio", "quant", "sparse"}
     options = {}
     for part in parts:
         key, eq, value = part.partition("=")
@@ -93,10 +94,11 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
     if "+" in spec:
         first, _, second = spec.partition("+")
         if "+" in second:
-            raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer)")
+            raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer or evictor+reader)")
         if not spec_evicts(first) or spec_evicts(second):
-            raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4' "
-                             f"(quantizers: {', '.join(n for n, c in REGISTRY.items() if not c.evicts)})")
+            raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4', or "
+                             f"evictor+reader, e.g. 'snapkv+quest:token_budget=256' (methods that keep every "
+                             f"token: {', '.join(n for n, c in REGISTRY.items() if not c.evicts)})")
         evictor = method_from_spec(first, budget=budget, ratio=ratio)
         quant = method_from_spec(second)
         try:
@@ -117,5 +119,5 @@ __all__ = [
     "method_from_spec",
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
-    "MiKV", "ZipCache",
+    "MiKV", "ZipCache", "Quest",
 ]

@@ -114,6 +114,10 @@ class Method:
     #: ``SnapKV(ratio=0.5, quant=KIVI(bits=4))``, also written
     #: ``SnapKV(ratio=0.5) + KIVI(bits=4)`` (see :meth:`__add__`)
     quant: "Method | None" = None
+    #: a query-aware reader (``Quest``) that decodes sparsely over the slots
+    #: this method keeps: ``SnapKV(ratio=0.5, sparse=Quest(token_budget=256))``,
+    #: also written ``SnapKV(ratio=0.5) + Quest(token_budget=256)``
+    sparse: "Method | None" = None
     #: quantizers only: ``True`` when composed, the evictor's unselected slots
     #: are kept at low bits instead of evicted (``LowBits``)
     demotes: ClassVar[bool] = False
@@ -138,6 +142,7 @@ class Method:
         self._check_int("interval", self.interval, 0)
         self._check_fields()
         self._check_quant()
+        self._check_sparse()
         if self.budget is not None and self.budget < self.min_budget():
             raise ValueError(
                 f"budget: {type(self).__name__} always keeps {self.min_budget()} slots per head "
@@ -163,6 +168,29 @@ class Method:
                              f"equal length per head; {type(self).__name__} gives heads different lengths or "
                              "merges: use an evictor such as SnapKV, H2O or TOVA")
 
+    def _check_sparse(self) -> None:
+        r = self.sparse
+        if r is None:
+            return
+        if not isinstance(r, Method) or r.evicts or r.paging is None:
+            raise TypeError(f"sparse: expected a query-aware reader such as kvcompress.Quest(token_budget=256), "
+                            f"got {r!r}")
+        if not self.evicts:
+            raise ValueError(f"sparse: {type(self).__name__} keeps every token itself; give sparse= to an "
+                             "evicting method")
+        if self.headwise or self.merges:
+            raise ValueError(f"sparse: {r.describe()} reads pages of a layer whose heads hold the same slots; "
+                             f"{type(self).__name__} gives heads different lengths or merges: use an evictor "
+                             "such as SnapKV, H2O, TOVA or StreamingLLM")
+        if self.quant is not None:
+            raise ValueError(f"sparse: {r.describe()} does not read packed layers (quant={self.quant.describe()})")
+
+    @property
+    def paging(self) -> tuple[int, int, int, str] | None:
+        """``(token_budget, page, dense_layers, gqa)`` when decode steps read
+        pages sparsely (``kvcompress.stores.PagedStore``), else None."""
+        return None if self.sparse is None else self.sparse.paging
+
     @property
     def packing(self) -> tuple[int, int, int] | None:
         """``(bits, group, residual)`` when layers keep their slots packed
@@ -182,7 +210,12 @@ class Method:
             return NotImplemented
         if not self.evicts or other.evicts:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "
-                            "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4)")
+                            "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4), or "
+                            "evicting_method + reader, e.g. SnapKV(ratio=0.5) + Quest(token_budget=256)")
+        if other.paging is not None:
+            if self.sparse is not None:
+                raise ValueError(f"{self.describe()} already reads sparsely with {self.sparse.describe()}")
+            return dataclasses.replace(self, sparse=other)
         if self.quant is not None:
             raise ValueError(f"{self.describe()} already packs its slots with {self.quant.describe()}")
         return dataclasses.replace(self, quant=other)
@@ -270,10 +303,13 @@ class Method:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is not None and not (f.name == "interval" and v == 16) and f.name != "quant":
+            if v is not None and not (f.name == "interval" and v == 16) and f.name not in ("quant", "sparse"):
                 parts.append(f"{f.name}={v}")
         text = f"{type(self).__name__}({', '.join(parts)})"
-        return text if self.quant is None else f"{text} + {self.quant.describe()}"
+        for extra in (self.quant, self.sparse):
+            if extra is not None:
+                text += f" + {extra.describe()}"
+        return text
 
 
 #: kept for code written against the first releases: every method now keeps

@@ -9,7 +9,8 @@ bits plus a full-precision residual) implement :class:`LayerStore`. See
 from .base import AttentionSpec, LayerStore
 from .packed import PackedStore
 from .packed_ragged import RaggedPackedStore
+from .paged import PagedStore
 from .ragged import RaggedStore
 from .uniform import UniformStore
 
-__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "RaggedPackedStore", "RaggedStore", "UniformStore"]
+__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "PagedStore", "RaggedPackedStore", "RaggedStore", "UniformStore"]

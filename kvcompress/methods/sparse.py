@@ -1,0 +1,101 @@
+"""Query-aware sparse decoding: the whole (or an evicted) cache is kept and
+each decode step reads only the part its query needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import Method
+
+_GQA = ("max", "mean")
+
+
+@dataclass
+class Quest(Method):
+    """Quest: read only the pages whose keys can matter to the current query.
+
+    Paper (Tang et al., "Quest: Query-Aware Sparsity for Efficient
+    Long-Context LLM Inference", ICML 2024): the KV cache is split into pages
+    of ``page`` tokens, each with the per-channel minimum and maximum of its
+    keys; at every decode step a page's criticality is the upper bound
+    ``sum_c max(q_c * max_c, q_c * min_c)`` of the logit its keys can reach,
+    and attention reads only the top ``token_budget / page`` pages. Nothing
+    is evicted: memory is the full cache plus the bounds, and the saving is in
+    what each step reads. The first two layers run dense (the paper's
+    layers 0 and 1 show little sparsity).
+
+    Our reading and choices:
+
+    * the bounds are kept current on every append (only the pages a chunk
+      touched are recomputed) and recomputed once after an eviction moves
+      the slots;
+    * GQA models share one page selection per kv head (the kernel reads each
+      kv head's pages once for its query heads): the page score is the max
+      over the group's query heads (``gqa="max"``: a page any query head
+      needs is read; ``"mean"`` is the alternative), where the paper, on MHA
+      models, selects per head;
+    * the first page holding a real token (attention sinks) and the newest
+      page (it holds the query itself) are always read; ties between page
+      scores go to the lower page index;
+    * prefill chunks, and decode steps of layers no longer than
+      ``token_budget``, read every slot (as the paper's prefill does);
+      sliding-window layers (Gemma 2/3) hold only their window and read it
+      whole; softcapped or sink-logit attention reads every slot (the sparse
+      kernel does not implement those options);
+    * composed with an evicting method (``SnapKV(ratio=0.5) +
+      Quest(token_budget=256)``) the pages are cut over the kept slots, so
+      the evictor bounds memory and Quest the reads.
+
+    Parameters
+    ----------
+    token_budget : int
+        Slots a decode step reads at most (``token_budget // page`` pages, at
+        least 2).
+    page : int
+        Slots per page (the paper's default 16).
+    dense_layers : int
+        Leading layers that always read every slot (the paper: 2).
+    gqa : {"max", "mean"}
+        How a kv head's page score combines its query heads.
+    """
+
+    ratio: float | None = None
+    token_budget: int = 1024
+    page: int = 16
+    dense_layers: int = 2
+    gqa: str = "max"
+    needs_queries: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.ratio is None:
+            self.ratio = 0.0  # built by name with neither: nothing is evicted
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        if self.budget is not None or self.ratio:
+            raise ValueError(
+                f"Quest evicts nothing (it chooses what each decode step reads): budget/ratio must not be given "
+                f"(got budget={self.budget!r}, ratio={self.ratio!r}); use token_budget=, or compose it with an "
+                "eviction method to evict as well")
+        self._check_int("page", self.page, 1)
+        self._check_int("token_budget", self.token_budget, 1)
+        if self.token_budget < 2 * self.page:
+            raise ValueError(f"token_budget: must be at least two pages ({2 * self.page} slots with page="
+                             f"{self.page}): the first and the newest page are always read; got "
+                             f"{self.token_budget}")
+        self._check_int("dense_layers", self.dense_layers, 0)
+        if self.gqa not in _GQA:
+            raise ValueError(f"gqa: expected one of {_GQA}, got {self.gqa!r}")
+
+    @property
+    def paging(self) -> tuple[int, int, int, str]:
+        return self.token_budget, self.page, self.dense_layers, self.gqa
+
+    def describe(self) -> str:
+        return (f"Quest(token_budget={self.token_budget}, page={self.page}, dense_layers={self.dense_layers}"
+                + (f", gqa={self.gqa!r}" if self.gqa != "max" else "") + ")")
+
+    def __repr__(self) -> str:
+        return self.describe()

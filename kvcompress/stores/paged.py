@@ -1,0 +1,177 @@
+"""Paged storage for query-aware sparse decoding (Quest).
+
+A ``PagedStore`` is a :class:`UniformStore` whose live slots are cut into
+pages of ``page`` slots (page ``p`` = live slots ``p * P .. (p + 1) * P - 1``,
+the last page possibly short) with per-page, per-channel key minimum and
+maximum in float32. The bounds follow every append (only the pages the chunk
+touched are recomputed: ``ops.page_bounds``) and are recomputed in full only
+when the slots move (an eviction's ``keep``, a reallocation that shifts the
+live range).
+
+A decode step (one query per row) that would read more than ``token_budget``
+slots scores every page with Quest's bound (``ops.page_scores``), keeps the
+top ``token_budget // page`` pages of each kv head with the first real page
+and the newest page always read (``ops.select_topk``), and attends over just
+those pages by index (``ops.attention_pages``): nothing is copied. Prefill
+chunks, short layers and attention options the kernel lacks (softcap,
+sinks, sliding windows) read everything, as :class:`UniformStore` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .base import AttentionSpec
+from .uniform import UniformStore
+
+
+class PagedStore(UniformStore):
+    """Uniform slots in pages of ``page`` with per-page key bounds.
+
+    Attributes
+    ----------
+    page : int
+        Slots per page (``P``).
+    token_budget : int
+        Slots a decode step reads at most (``token_budget // page`` pages,
+        at least 2: the first and the newest).
+    gqa : {"max", "mean"}
+        How a kv head's page score is reduced over its query heads.
+    kmin, kmax : torch.Tensor
+        ``[B, H, pages, D]`` float32 views of the bounds of the live pages.
+    last_pages : torch.Tensor or None
+        ``[B, H, k]`` int64 pages the last sparse step read (None after a
+        dense step): for inspection and tests.
+    """
+
+    kind = "paged"
+
+    def __init__(self, page: int, token_budget: int, gqa: str = "max"):
+        super().__init__()
+        self.page = int(page)
+        self.token_budget = int(token_budget)
+        self.gqa = gqa
+        self._kmin: torch.Tensor | None = None
+        self._kmax: torch.Tensor | None = None
+        self._bounded = 0  # live slots whose pages have current bounds
+        self._bounds_lo = 0  # the `lo` those bounds were computed at
+        self.last_pages: torch.Tensor | None = None
+        self.sparse_steps = 0
+
+    @classmethod
+    def from_uniform(cls, store: UniformStore, page: int, token_budget: int, gqa: str = "max") -> "PagedStore":
+        """Take over a uniform store's buffers (no copy) and bound its pages."""
+        new = cls(page, token_budget, gqa)
+        new._k, new._v, new._cols = store._k, store._v, store._cols
+        new.lo, new.n, new.limit = store.lo, store.n, store.limit
+        new._sync_bounds()
+        return new
+
+    def __repr__(self) -> str:
+        shape = None if self._k is None else tuple(self.keys.shape)
+        return (f"PagedStore(slots={shape}, page={self.page}, token_budget={self.token_budget}, "
+                f"pages={self.num_pages}, sparse_steps={self.sparse_steps})")
+
+    # ------------------------------------------------------------ geometry
+    @property
+    def num_pages(self) -> int:
+        return -(-self.n // self.page)
+
+    @property
+    def kmin(self) -> torch.Tensor:
+        return self._kmin[:, :, : self.num_pages]
+
+    @property
+    def kmax(self) -> torch.Tensor:
+        return self._kmax[:, :, : self.num_pages]
+
+    def tensors(self) -> list:
+        return super().tensors() + [t for t in (self._kmin, self._kmax) if t is not None]
+
+    # -------------------------------------------------------------- bounds
+    def _bound_rows(self, pages: int) -> None:
+        """Make room for `pages` rows of bounds (geometric growth, old rows kept)."""
+        have = 0 if self._kmin is None else int(self._kmin.shape[2])
+        if pages <= have and self._kmin.shape[:2] == self._k.shape[:2]:
+            return
+        B, H, D = int(self._k.shape[0]), int(self._k.shape[1]), int(self._k.shape[3])
+        cap = max(pages, have + have // 2, 4)
+        kmin = torch.empty((B, H, cap, D), dtype=torch.float32, device=self._k.device)
+        kmax = torch.empty_like(kmin)
+        if have and self._kmin.shape[:2] == (B, H):
+            kmin[:, :, :have] = self._kmin
+            kmax[:, :, :have] = self._kmax
+        self._kmin, self._kmax = kmin, kmax
+
+    def _sync_bounds(self) -> None:
+        """Bring the bounds up to the live slots: the pages from the first
+        one not known to be complete, or all of them when the slots moved."""
+        if self._k is None or self.n == 0:
+            self._bounded = 0
+            return
+        if self._bounds_lo != self.lo or self._bounded > self.n:
+            self._bounded = 0
+        self._bounds_lo = self.lo
+        pages = self.num_pages
+        self._bound_rows(pages)
+        first = self._bounded // self.page
+        if first < pages:
+            ops.page_bounds(self.keys, self._kmin, self._kmax, self.page, first, pages)
+        self._bounded = self.n
+
+    def append(self, keys, values, first_position: int) -> None:
+        lo = self.lo
+        super().append(keys, values, first_position)
+        if self.lo != lo:
+            self._bounded = 0  # the live slots moved to the front of new buffers
+        self._sync_bounds()
+
+    def keep(self, indices) -> None:
+        super().keep(indices)
+        self._bounded = 0
+        self._sync_bounds()
+
+    def drop_front(self, m: int) -> None:
+        super().drop_front(m)
+        self._sync_bounds()
+
+    def shrink(self, cap: int) -> None:
+        super().shrink(cap)
+        self._sync_bounds()
+
+    def index_batch(self, idx) -> None:
+        super().index_batch(idx)
+        if self._kmin is not None:
+            idx = idx.to(self._kmin.device)
+            self._kmin = self._kmin.index_select(0, idx)
+            self._kmax = self._kmax.index_select(0, idx)
+
+    # ----------------------------------------------------------- attention
+    def pages_to_read(self, query, kv_start=None):
+        """The pages a decode query ``[B, Hq, 1, D]`` reads: ``[B, H, k]``
+        int64, ascending, the first real page and the newest always in; None
+        when every page fits the token budget."""
+        total = self.num_pages
+        k = max(2, self.token_budget // self.page)
+        first = kv_start // self.page if kv_start is not None else None
+        if first is not None:
+            # every row must have k pages that hold real slots
+            k = min(k, total - int(first.max()))
+        if k >= total - (0 if first is None else int(first.min())) or k < 1:
+            return None
+        scores = ops.page_scores(query[:, :, -1], self.kmin, self.kmax, total, self.page, gqa=self.gqa,
+                                 kv_start=kv_start)
+        return ops.select_topk(scores, k, sinks=1, window=1, kv_start=first)
+
+    def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
+        self.last_pages = None
+        if (int(query.shape[2]) == 1 and spec.plain and spec.window is None and not spec.count_bias
+                and self.n > self.token_budget):
+            pages = self.pages_to_read(query, kv_start)
+            if pages is not None:
+                self.last_pages = pages
+                self.sparse_steps += 1
+                return ops.attention_pages(query, self.keys, self.values, pages.contiguous(), self.page,
+                                           scaling=spec.scaling, kv_start=kv_start)
+        return super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)

@@ -1,0 +1,321 @@
+"""Quest: page bounds, page scores, page selection and attention over the
+selected pages against float64 references, the paged store under appends
+and evictions, and generate()."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcompress as kvc
+from kvcompress import KVCompressValueError, ops
+from kvcompress.compat import cache_kwargs
+from kvcompress.methods import Quest, method_from_spec
+from kvcompress.stores import AttentionSpec, PagedStore
+from test_attention import attention_ref, randn
+from test_ops import DTYPE_IDS, DTYPES, assert_within_bound
+
+# ------------------------------------------------------------------ references
+
+
+def bounds_ref(keys, P):
+    """float64 per-page min and max, [B, H, pages, D] each."""
+    k = keys.double()
+    n = k.shape[2]
+    pages = [k[:, :, p:p + P] for p in range(0, n, P)]
+    return torch.stack([s.amin(2) for s in pages], 2), torch.stack([s.amax(2) for s in pages], 2)
+
+
+def scores_ref(q, kmin, kmax, P, gqa="max", kv_start=None):
+    """float64 Quest bound per (b, kv head, page); padding-only pages -inf."""
+    B, Hq, D = q.shape
+    H = kmin.shape[1]
+    g = Hq // H
+    qd = q.double().reshape(B, H, g, 1, D)
+    u = torch.maximum(qd * kmax.double()[:, :, None], qd * kmin.double()[:, :, None]).sum(-1)  # [B, H, g, pages]
+    s = u.amax(2) if gqa == "max" else u.mean(2)
+    if kv_start is not None:
+        for b in range(B):
+            s[b, :, : int(kv_start[b]) // P] = -math.inf
+    return s
+
+
+def topk_ref(scores, k, first):
+    """Pages per (b, h): the first real page and the newest always, then the
+    highest scores, ties to the lower page; ascending."""
+    B, H, n = scores.shape
+    out = torch.empty(B, H, k, dtype=torch.int64)
+    for b in range(B):
+        for h in range(H):
+            forced = {int(first[b]), n - 1}
+            rest = sorted((p for p in range(int(first[b]), n) if p not in forced),
+                          key=lambda p: (-float(scores[b, h, p]), p))
+            out[b, h] = torch.tensor(sorted(forced | set(rest[: k - len(forced)])))
+    return out
+
+
+def paged_attention_ref(q, k, v, pages, P, kv_start=None, counts=None, dtype=torch.float64):
+    """The selected pages' real slots gathered into a ragged layout, then the
+    plain attention reference."""
+    B, H, n, D = k.shape
+    rows_k, rows_v, rows_c, offsets, lengths = [], [], [], [], []
+    off = 0
+    for b in range(B):
+        s0 = 0 if kv_start is None else int(kv_start[b])
+        for h in range(H):
+            slots = [j for p in pages[b, h].tolist() for j in range(p * P, min((p + 1) * P, n)) if j >= s0]
+            rows_k.append(k[b, h, slots])
+            rows_v.append(v[b, h, slots])
+            if counts is not None:
+                rows_c.append(counts[b, h, slots])
+            offsets.append(off)
+            lengths.append(len(slots))
+            off += len(slots)
+    flat_c = torch.cat(rows_c) if counts is not None else None
+    return attention_ref(q, torch.cat(rows_k), torch.cat(rows_v), offsets=torch.tensor(offsets),
+                         lengths=torch.tensor(lengths), counts=flat_c, dtype=dtype)
+
+
+# ------------------------------------------------------------------------- ops
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,P", [(1, 16), (37, 8), (64, 16), (100, 7)])
+def test_page_bounds_equal_float64_min_max(dtype, n, P):
+    keys = randn((2, 3, n, 24), dtype, seed=n).transpose(2, 3).contiguous().transpose(2, 3)  # strided rows
+    pages = -(-n // P)
+    kmin = torch.full((2, 3, pages + 2, 24), 7.0)
+    kmax = torch.full_like(kmin, 7.0)
+    ops.page_bounds(keys, kmin, kmax, P, 0, pages)
+    lo, hi = bounds_ref(keys, P)
+    assert torch.equal(kmin[:, :, :pages].double(), lo) and torch.equal(kmax[:, :, :pages].double(), hi)
+    assert (kmin[:, :, pages:] == 7).all()  # rows past `last` untouched
+
+
+def test_page_bounds_nan_key_poisons_the_page_and_selection_refuses_it():
+    keys = randn((1, 1, 32, 8))
+    keys[0, 0, 20, 3] = float("nan")
+    kmin, kmax = torch.zeros(1, 1, 2, 8), torch.zeros(1, 1, 2, 8)
+    ops.page_bounds(keys, kmin, kmax, 16, 0, 2)
+    assert kmin[0, 0, 1, 3].isnan() and kmax[0, 0, 1, 3].isnan() and torch.isfinite(kmin[0, 0, 0]).all()
+    s = ops.page_scores(randn((1, 2, 8)), kmin, kmax, 2, 16)
+    assert s[0, 0, 1].isnan()
+    with pytest.raises(KVCompressValueError, match="NaN"):
+        ops.select_topk(torch.cat([s, s], -1), 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("gqa", ["max", "mean"])
+def test_page_scores_match_float64(dtype, gqa):
+    P, n = 8, 61
+    keys = randn((2, 2, n, 32), torch.float32, seed=3)
+    q = randn((2, 6, 32), dtype, seed=4)
+    pages = -(-n // P)
+    kmin, kmax = torch.empty(2, 2, pages, 32), torch.empty(2, 2, pages, 32)
+    ops.page_bounds(keys, kmin, kmax, P, 0, pages)
+    kv_start = torch.tensor([0, 19])
+    got = ops.page_scores(q, kmin, kmax, pages, P, gqa=gqa, kv_start=kv_start)
+    ref = scores_ref(q, kmin, kmax, P, gqa, kv_start)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)) and (got[1, :, :2] == -math.inf).all()
+    fin = torch.isfinite(ref)
+    # fp32 sums of D terms: relative to the sum of magnitudes
+    mag = (q.double().abs().reshape(2, 2, 3, 1, 32) * torch.maximum(kmin.abs(), kmax.abs()).double()[:, :, None])
+    tol = 32 * 2**-24 * mag.sum(-1).amax(2)
+    assert ((got.double() - ref).abs()[fin] <= tol[fin] + 1e-12).all()
+
+
+ATTN_CASES = [  # B, Hq, Hkv, n, D, P, k
+    (1, 1, 1, 17, 8, 4, 2),
+    (2, 4, 2, 100, 16, 16, 3),
+    (2, 9, 3, 301, 64, 16, 8),
+    (3, 4, 1, 250, 40, 7, 5),
+]
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "B{}Hq{}Hkv{}n{}D{}P{}k{}".format(*c))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_over_pages_matches_float64(case, dtype):
+    B, Hq, Hkv, n, D, P, k = case
+    g = torch.Generator().manual_seed(n)
+    q = randn((B, Hq, 1, D), dtype, 1)
+    keys = randn((B, Hkv, n, D), dtype, 2)
+    vals = randn((B, Hkv, n, D), dtype, 3)
+    total = -(-n // P)
+    pages = torch.stack([torch.stack([
+        torch.cat([torch.randperm(total - 1, generator=g)[: k - 1].sort().values, torch.tensor([total - 1])])
+        for _ in range(Hkv)]) for _ in range(B)])
+    kv_start = torch.tensor([min(b * 11, n - 1) for b in range(B)])
+    counts = torch.randint(1, 4, (B, Hkv, n), generator=g).float()
+    for ks, c in ((None, None), (kv_start, None), (kv_start, counts)):
+        got = ops.attention_pages(q, keys, vals, pages, P, kv_start=ks, counts=c)
+        ref = paged_attention_ref(q, keys, vals, pages, P, ks, c)
+        same = paged_attention_ref(q, keys, vals, pages, P, ks, c, dtype=dtype)
+        assert_within_bound(got, ref, same, what=f"kv_start={ks is not None} counts={c is not None}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_page_listed_is_the_dense_kernel_bit_for_bit(dtype):
+    q, keys, vals = randn((2, 4, 1, 32), dtype, 1), randn((2, 2, 77, 32), dtype, 2), randn((2, 2, 77, 32), dtype, 3)
+    everything = torch.arange(5).expand(2, 2, 5).contiguous()
+    kv_start = torch.tensor([3, 40])
+    assert torch.equal(ops.attention_pages(q, keys, vals, everything, 16, kv_start=kv_start),
+                       ops.attention(q, keys, vals, kv_start=kv_start))
+
+
+def test_attention_pages_refuses_bad_page_lists():
+    q, keys = randn((1, 2, 1, 8)), randn((1, 1, 40, 8))
+    cases = [
+        (torch.tensor([[[0, 1]]]), "does not read the newest page"),
+        (torch.tensor([[[2, 0]]]), "does not read the newest page|not strictly ascending"),
+        (torch.tensor([[[1, 1, 2]]]), "not strictly ascending"),
+        (torch.tensor([[[0, 3]]]), "outside the layer's 3 pages"),
+        (torch.tensor([[[-1, 2]]]), "outside"),
+        (torch.tensor([[[0, 2], [1, 2]]])[:, :1], None),  # fine: a view that is contiguous
+    ]
+    for pages, msg in cases:
+        if msg is None:
+            ops.attention_pages(q, keys, keys, pages, 16)
+            continue
+        with pytest.raises(KVCompressValueError, match=msg):
+            ops.attention_pages(q, keys, keys, pages, 16)
+    with pytest.raises(KVCompressValueError, match="one query per row"):
+        ops.attention_pages(randn((1, 2, 2, 8)), keys, keys, torch.tensor([[[0, 2]]]), 16)
+    with pytest.raises(KVCompressValueError, match="contiguous"):
+        ops.attention_pages(q, keys, keys, torch.tensor([[[0, 9, 1, 9, 2]]])[..., ::2], 16)
+
+
+# ----------------------------------------------------------------------- store
+
+
+def _store(P=8, budget=32, gqa="max"):
+    return PagedStore(P, budget, gqa)
+
+
+def test_bounds_follow_any_sequence_of_appends_and_evictions():
+    g = torch.Generator().manual_seed(0)
+    s = _store(P=8)
+    pos = 0
+    for step, q in enumerate([13, 1, 1, 7, 8, 1, 30, 2, 1, 1, 16]):
+        k = torch.randn(2, 2, q, 16, generator=g)
+        s.append(k, torch.randn(2, 2, q, 16, generator=g), pos)
+        pos += q
+        if step == 6:
+            # an eviction keeps an arbitrary ascending subset: bounds are redone
+            idx = torch.stack([torch.stack([torch.randperm(s.n, generator=g)[:25].sort().values
+                                            for _ in range(2)]) for _ in range(2)])
+            s.keep(idx)
+        lo, hi = bounds_ref(s.keys, 8)
+        assert torch.equal(s.kmin.double(), lo) and torch.equal(s.kmax.double(), hi), f"after step {step}"
+
+
+def test_selection_matches_reference_with_ties():
+    s = _store(P=4, budget=16)
+    keys = torch.zeros(2, 1, 40, 4)
+    keys[:, :, :, 0] = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 3.0, 3.0]).repeat_interleave(4)
+    s.append(keys, keys.clone(), 0)
+    q = torch.zeros(2, 1, 1, 4)
+    q[..., 0] = 1.0
+    kv_start = torch.tensor([0, 9])
+    got = s.pages_to_read(q, kv_start)
+    scores = scores_ref(q[:, :, 0], s.kmin, s.kmax, 4, kv_start=kv_start)
+    assert torch.equal(got, topk_ref(scores, 4, kv_start // 4))
+    # row 0: page 0 and 9 forced, then 8 (3.0), then the lowest of the tied 2.0 pages: 1
+    assert got[0, 0].tolist() == [0, 1, 8, 9]
+
+
+def test_sparse_step_equals_attention_over_the_pages_it_chose():
+    g = torch.Generator().manual_seed(1)
+    s = _store(P=16, budget=64)
+    s.append(torch.randn(2, 2, 200, 32, generator=g), torch.randn(2, 2, 200, 32, generator=g), 0)
+    s.append(torch.randn(2, 2, 1, 32, generator=g), torch.randn(2, 2, 1, 32, generator=g), 200)
+    q = torch.randn(2, 4, 1, 32, generator=g)
+    kv_start = torch.tensor([0, 21])
+    out = s.attend(q, AttentionSpec(scaling=32 ** -0.5), kv_start=kv_start)
+    assert s.last_pages is not None and s.last_pages.shape == (2, 2, 4)
+    ref = paged_attention_ref(q, s.keys, s.values, s.last_pages, 16, kv_start)
+    assert (out.double() - ref).abs().max() < 1e-5
+    # a budget covering the layer reads everything, through the dense path
+    s.token_budget = 208
+    dense = s.attend(q, AttentionSpec(scaling=32 ** -0.5), kv_start=kv_start)
+    assert s.last_pages is None
+    assert torch.equal(dense, ops.attention(q, s.keys, s.values, kv_start=kv_start))
+
+
+def test_store_bytes_count_the_bounds():
+    s = _store(P=16)
+    s.append(torch.randn(1, 2, 64, 32), torch.randn(1, 2, 64, 32), 0)
+    held = {t.untyped_storage().data_ptr() for t in s.tensors()}
+    assert len(held) == 5 and s._kmin.shape[:2] == (1, 2) and s._kmin.shape[2] >= 4
+
+
+# --------------------------------------------------------------------- methods
+
+
+def test_quest_options_and_composition():
+    assert Quest().paging == (1024, 16, 2, "max")
+    assert method_from_spec("quest:token_budget=64:page=8").paging == (64, 8, 2, "max")
+    m = method_from_spec("snapkv:window=8+quest:token_budget=64", ratio=0.5)
+    assert isinstance(m, kvc.SnapKV) and m.paging == (64, 16, 2, "max")
+    assert m.describe().endswith("+ Quest(token_budget=64, page=16, dense_layers=2)")
+    with pytest.raises(ValueError, match="evicts nothing"):
+        Quest(ratio=0.5)
+    with pytest.raises(ValueError, match="at least two pages"):
+        Quest(token_budget=16, page=16)
+    with pytest.raises(ValueError, match="gqa"):
+        Quest(gqa="sum")
+    with pytest.raises(ValueError, match="different lengths or merges"):
+        kvc.EMS(ratio=0.5) + Quest()
+    with pytest.raises(ValueError, match="different lengths or merges"):
+        kvc.AdaKV(ratio=0.5) + Quest()
+    with pytest.raises(ValueError, match="packed"):
+        kvc.SnapKV(ratio=0.5, quant=kvc.KIVI(), sparse=Quest())
+    with pytest.raises(TypeError, match="evicting_method \\+ reader"):
+        Quest() + kvc.SnapKV(ratio=0.5)
+
+
+def _generate(model, ids, mask, method=None, cache=None, new=10):
+    kw = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if method is None:
+        return model.generate(ids, **kw)
+    with kvc.compress(model, method):
+        if cache is not None:
+            kw.update(cache_kwargs(model, cache))
+        return model.generate(ids, **kw)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(5, 500, (2, 260), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :45] = 0
+    return ids, mask
+
+
+def test_budget_covering_the_layer_reproduces_generate_with_left_padding(tiny_model):
+    ids, mask = _batch()
+    ref = _generate(tiny_model, ids, mask)
+    assert torch.equal(_generate(tiny_model, ids, mask, Quest(token_budget=512, dense_layers=0)), ref)
+    # composed: Quest over what SnapKV keeps reads everything it keeps
+    snap = _generate(tiny_model, ids, mask, kvc.SnapKV(ratio=0.5, window=8))
+    assert torch.equal(_generate(tiny_model, ids, mask, kvc.SnapKV(ratio=0.5, window=8) + Quest(token_budget=512)),
+                       snap)
+
+
+def test_small_budget_reads_pages_in_the_sparse_layers_only(tiny_model):
+    from kvcompress.cache import KVCache
+
+    ids, mask = _batch()
+    method = Quest(token_budget=64, page=16, dense_layers=1)
+    cache = KVCache(method)
+    out = _generate(tiny_model, ids, mask, method, cache)
+    assert out.shape == (2, 270)
+    kinds = [layer.store.kind for layer in cache.layers]
+    assert kinds == ["uniform", "paged", "paged", "paged"]
+    # every decode step but the first (which may still fit) read 4 pages per head
+    store = cache.layers[2].store
+    assert store.sparse_steps >= 9 and store.last_pages.shape == (2, 2, 4)
+    assert store.last_pages[1, :, 0].tolist() == [45 // 16] * 2  # the first real page of the padded row
+    # nothing was evicted: every token is held
+    assert all(layer.store.n == 269 for layer in cache.layers)
