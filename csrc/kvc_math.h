@@ -177,6 +177,26 @@ KVC_HD static inline float kvc_dot_f32(const float *a, const float *b, int64_t n
     return kvc_lanes_sum(acc);
 }
 
+/* Quest's page bound sum_i max(q_i hi_i, q_i lo_i) in the lane order of
+ * kvc_dot_f32 (pages.c, cuda/pages.cu). */
+KVC_HD static inline float kvc_bound_dot_f32(const float *q, const float *lo, const float *hi, int64_t n)
+{
+    float acc[KVC_LANES];
+    int64_t i = 0;
+    int l;
+    for (l = 0; l < KVC_LANES; l++) acc[l] = 0.0f;
+    for (; i + KVC_LANES <= n; i += KVC_LANES)
+        for (l = 0; l < KVC_LANES; l++) {
+            const float a = q[i + l] * hi[i + l], m = q[i + l] * lo[i + l];
+            acc[l] += a > m ? a : m;
+        }
+    for (l = 0; i < n; i++, l++) {
+        const float a = q[i] * hi[i], m = q[i] * lo[i];
+        acc[l] += a > m ? a : m;
+    }
+    return kvc_lanes_sum(acc);
+}
+
 KVC_HD static inline float kvc_max_f32(const float *x, int64_t n)
 {
     float m[KVC_LANES];

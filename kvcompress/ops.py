@@ -35,6 +35,9 @@ __all__ = [
     "EvictMergeResult",
     "attention",
     "packed_attention",
+    "page_bounds",
+    "page_scores",
+    "attention_pages",
     "global_scores",
     "probe_positions",
     "head_budgets",
@@ -1023,8 +1026,11 @@ def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=
     _choice(gqa, "gqa", ("max", "mean"))
     qs = _shape(query, "query", 3, "[B, Hq, D]")
     ks = _shape(kmin, "kmin", 4, "[B, H, Np, D]")
+    num_pages = _int_arg(num_pages, "num_pages")
+    if not 0 <= num_pages <= ks[2]:
+        raise KVCompressValueError(f"num_pages: must be in [0, {ks[2]}] (the pages kmin bounds), got {num_pages}")
     if out is None:
-        out = _empty(query, (qs[0], ks[1], _int_arg(num_pages, "num_pages")), "float32")
+        out = _empty(query, (qs[0], ks[1], num_pages), "float32")
     P = _int_arg(page_size, "page_size")
     if P < 1:
         raise KVCompressValueError(f"page_size: must be >= 1, got {P}")

@@ -403,6 +403,48 @@ def test_packed_attention_ragged(nq, bits, dtype):
         assert_within_bound(got, ref, same)
 
 
+# ---------------------------------------------------------------- pages (Quest)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_page_bounds_and_scores(dtype):
+    from test_quest import bounds_ref
+
+    keys = attn_randn((2, 3, 101, 40), dtype, 5)
+    q = attn_randn((2, 6, 40), dtype, 6)
+    P, pages = 16, 7
+
+    def run(k, qq, start):
+        kmin = torch.empty(2, 3, pages, 40, device=k.device)
+        kmax = torch.empty_like(kmin)
+        ops.page_bounds(k, kmin, kmax, P, 0, pages)
+        return kmin, kmax, ops.page_scores(qq, kmin, kmax, pages, P, kv_start=start)
+
+    start = torch.tensor([0, 33])
+    (cmin, cmax, cs), (gmin, gmax, gs) = both(lambda k, qq, st: run(k, qq, st), keys, q, start)
+    lo, hi = bounds_ref(keys, P)
+    # min/max are exact on both backends; the scores sum channels in the same order with the same roundings
+    assert same_bits(gmin, cmin) and same_bits(gmax, cmax) and torch.equal(cmin.double(), lo)
+    assert same_bits(gs, cs) and (gs[1, :, :2] == -math.inf).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_attention_pages(dtype):
+    from test_quest import paged_attention_ref
+
+    B, Hq, Hkv, n, D, P = 2, 8, 2, 333, 64, 16
+    qs = attn_randn((B, Hq, 1, D), dtype, 1)
+    k = attn_randn((B, Hkv, n, D), dtype, 2)
+    v = attn_randn((B, Hkv, n, D), dtype, 3)
+    g = torch.Generator().manual_seed(7)
+    pages = torch.stack([torch.stack([torch.cat([torch.randperm(20, generator=g)[:6].sort().values,
+                                                 torch.tensor([20])]) for _ in range(Hkv)]) for _ in range(B)])
+    kv_start = torch.tensor([0, 29])
+    _, got = both(ops.attention_pages, qs, k, v, pages, P, kv_start=kv_start)
+    ref = paged_attention_ref(qs, k, v, pages, P, kv_start)
+    same = paged_attention_ref(qs, k, v, pages, P, kv_start, dtype=dtype)
+    assert_within_bound(got, ref, same)
+
+
 # ---------------------------------------------------------------- boundary
 
 def test_mixed_devices_rejected():
@@ -462,6 +504,9 @@ GPU_METHODS = {
     # evict, then pack what is kept: uniform (SnapKV) and per-head merged (EMS) packed stores
     "snapkv+kivi4": lambda: kvcompress.SnapKV(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
     "ems+kivi4": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
+    # sparse decoding over pages, alone and over what an evictor keeps
+    "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
+    "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
 }
 
 

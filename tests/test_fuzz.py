@@ -275,6 +275,36 @@ def _child(target: str, seed: int, n_calls: int) -> int:
                 kw["counts"] = torch.randint(1, 4, (pos,)).to(torch.float32)
         return [fw(fl([B, Hkv * g, q, D], dt)), *packed, fw(fl([B, Hkv, r, D], dt)), fw(fl([B, Hkv, r, D], dt))], kw
 
+    def b_pages():
+        # at least one row, head and slot (empty ones come from the mutations)
+        B, H, n, D, P = dim(1), dim(1), dim(1), dim(), rng.choice([1, 3, 16])
+        pages = -(-n // P)
+        return B, H, n, D, P, pages
+
+    def b_page_bounds():
+        B, H, n, D, P, pages = b_pages()
+        first = rng.randint(0, pages)
+        out = [fw(torch.empty(B, H, pages + rng.randint(0, 1), D)) for _ in range(2)]
+        return [fw(fl([B, H, n, D], rng.choice(FLOATS))), *out, P, first, rng.randint(first, pages)], {}
+
+    def b_page_scores():
+        B, H, n, D, P, pages = b_pages()
+        g = rng.choice([1, 2])
+        bounds = [fw(fl([B, H, pages, D], torch.float32)) for _ in range(2)]
+        return [fw(fl([B, H * g, D], rng.choice(FLOATS))), *bounds, rng.randint(0, pages), P], \
+            {"gqa": rng.choice(["max", "mean"]), "kv_start": kv_start(B, n)}
+
+    def b_attention_pages():
+        B, H, n, D, P, pages = b_pages()
+        g, dt = rng.choice([1, 2]), rng.choice(FLOATS)
+        k = rng.randint(1, pages)
+        sel = torch.stack([torch.stack([torch.tensor(sorted(rng.sample(range(pages - 1), k - 1)) + [pages - 1])
+                                        for _ in range(H)]) for _ in range(B)])
+        kw = {"scaling": rng.choice([None, 0.3]), "kv_start": kv_start(B, n) if rng.random() < 0.5 else None}
+        if rng.random() < 0.3:
+            kw["counts"] = torch.randint(1, 4, (B, H, n)).to(rng.choice([torch.float32, torch.int32]))
+        return [fw(fl([B, H * g, 1, D], dt)), fw(fl([B, H, n, D], dt)), fw(fl([B, H, n, D], dt)), fw(sel), P], kw
+
     def b_head_budgets():
         B, H, T = dim(), dim(), dim()
         return [fw(fl([B, H, T], torch.float32)), rng.randint(0, T + 1)], \
@@ -315,6 +345,9 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "evict_merge": b_evict_merge,
         "attention": b_attention,
         "packed_attention": b_packed_attention,
+        "page_bounds": b_page_bounds,
+        "page_scores": b_page_scores,
+        "attention_pages": b_attention_pages,
         "head_budgets": b_head_budgets,
         "probe_positions": b_probe_positions,
         "pack_keys": b_pack,

@@ -71,12 +71,15 @@ kvc_page_scores_kernel(const struct kvc_page_scores_params p, int64_t total)
     float red = p.gqa == 0 ? -INFINITY : 0.0f;
     for (int64_t gi = 0; gi < g; gi++) {
         const char *qr = (const char *)p.q.data + (b * p.q.strides[0] + (h * g + gi) * p.q.strides[1]) * es;
-        float u = 0.0f;
+        /* the CPU's lane order (kvc_bound_dot_f32), elements loaded in place */
+        float acc[KVC_LANES];
+        for (int l = 0; l < KVC_LANES; l++) acc[l] = 0.0f;
         for (int64_t c = 0; c < D; c++) {
             const float qc = kvc_load_f32(qr, DT, c * p.q.strides[2]);
             const float a = __fmul_rn(qc, hi[c * p.kmax.strides[3]]), m = __fmul_rn(qc, lo[c * p.kmin.strides[3]]);
-            u = __fadd_rn(u, a > m ? a : m);
+            acc[c % KVC_LANES] = __fadd_rn(acc[c % KVC_LANES], a > m ? a : m);
         }
+        const float u = kvc_lanes_sum(acc);
         if (p.gqa == 0) red = (u > red || u != u) ? u : red; /* NaN sticks */
         else red = __fadd_rn(red, u);
     }
