@@ -46,6 +46,7 @@ _LAZY = {
     "MiKV": ("kvcompress.methods", "MiKV"),
     "ZipCache": ("kvcompress.methods", "ZipCache"),
     "Quest": ("kvcompress.methods", "Quest"),
+    "TidalDecode": ("kvcompress.methods", "TidalDecode"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
-from .stores import AttentionSpec, PackedStore, PagedStore, RaggedPackedStore, RaggedStore, UniformStore
+from .stores import AttentionSpec, PackedStore, PagedStore, RaggedPackedStore, RaggedStore, TidalStore, UniformStore
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -116,6 +116,9 @@ class CompressedLayer(CacheLayerMixin):
         self._qbuf: torch.Tensor | None = None
         self._qpos = 0
         self._qn = 0
+        # state the cache's layers share (TidalDecode's token selection);
+        # KVCache gives every layer its own dict
+        self.shared: dict = {}
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -400,6 +403,13 @@ class CompressedLayer(CacheLayerMixin):
             budget, page, dense, gqa = method.paging
             if self.layer_idx >= dense:
                 self.store = PagedStore.from_uniform(self.store, page, budget, gqa)
+        tidal = method.tidal
+        if tidal is not None and self.window is None and type(self.store) is UniformStore:
+            # TidalDecode: selection layers publish each decode step's tokens
+            # in the cache's shared state, the layers after them read those
+            role = tidal.role(self.layer_idx, self.num_layers or (self.layer_idx + 1))
+            if role is not None:
+                self.store = TidalStore.from_uniform(self.store, role, tidal.token_budget, self.shared, tidal.gqa)
 
     def _to_packed(self, packing) -> None:
         """Move the layer's slots into the packed store of their layout."""
@@ -782,6 +792,7 @@ class KVCache(Cache):
         self.method = method
         self.num_layers = num_layers
         self._awaiting: int | None = None
+        self.shared: dict = {}  # state every layer reads (TidalDecode's token selection)
 
     def __repr__(self) -> str:
         lengths = [layer.n for layer in self.layers]
@@ -800,6 +811,7 @@ class KVCache(Cache):
             raise ValueError(f"key_states: expected [B, H, q, D], got shape {tuple(key_states.shape)}")
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(len(self.layers), self.method, self.num_layers))
+            self.layers[-1].shared = self.shared
         layer = self.layers[layer_idx]
         keys, values = layer.update(key_states, value_states)
         self._awaiting = layer_idx

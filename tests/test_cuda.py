@@ -507,6 +507,7 @@ GPU_METHODS = {
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
+    "tidaldecode": lambda: kvcompress.TidalDecode(token_budget=48, selection_layers=(1,)),
 }
 
 

@@ -192,6 +192,12 @@ class Method:
         return None if self.sparse is None else self.sparse.paging
 
     @property
+    def tidal(self):
+        """The ``TidalDecode`` method when layers share one decode-time token
+        selection (``kvcompress.stores.TidalStore``), else None."""
+        return None
+
+    @property
     def packing(self) -> tuple[int, int, int] | None:
         """``(bits, group, residual)`` when layers keep their slots packed
         (``kvcompress.stores.PackedStore``), else None."""

@@ -99,3 +99,112 @@ class Quest(Method):
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+@dataclass
+class TidalDecode(Method):
+    """TidalDecode: a few layers pick the tokens, the layers after them read only those.
+
+    Paper (Yang et al., "TidalDecode: Fast and Accurate LLM Decoding with
+    Position Persistent Sparse Attention", 2024): the tokens with the highest
+    attention scores overlap strongly across consecutive layers, so full
+    attention is computed only in the first layers and in a few **token
+    selection layers**; a selection layer keeps the top ``token_budget``
+    tokens of its attention and the sparse layers after it attend over
+    exactly those positions ("position persistent"), until the next
+    selection layer re-selects (the paper re-selects once, at a middle layer,
+    to correct the drift of the selection; layers 0-1 dense, selection at
+    layer 2 and 13 of 32 on Llama-3-8B).
+
+    Our reading and choices:
+
+    * ``selection_layers="auto"`` is layer 2 and layer ``round(0.4 * L)``
+      (13 of 32, the paper's Llama-3 setting, scaled): layers before the
+      first one read densely, a selection layer attends densely and then
+      selects, every later layer reads the latest selection;
+    * a selection layer's score is the decode query's softmax attention
+      (``ops.window_scores`` over one query); GQA models keep one token set
+      per kv head, the group's probabilities reduced by ``gqa`` (``"max"``
+      by default: a token any query head needs is kept), where the paper, on
+      Llama-3's GQA, selects per kv head as well;
+    * the newest token (the query's own) is always read; ties go to the
+      lower position;
+    * prefill chunks read densely (the paper's prefill is dense); so do
+      sliding-window layers (Gemma 2/3: they hold only their window; a
+      sliding selection layer selects nothing, and the sparse layers after
+      it then read densely) and softcapped or sink-logit attention;
+    * nothing is evicted, and it does not compose with eviction: an evictor
+      keeps different tokens in each layer, so one layer's positions would
+      name other tokens in the next.
+
+    Parameters
+    ----------
+    token_budget : int
+        Tokens a sparse layer reads per kv head.
+    selection_layers : "auto" or tuple of ints or str
+        Layer indices that select (ascending), e.g. ``(2, 13)``; on the
+        command line ``selection_layers=2/13``.
+    gqa : {"max", "mean"}
+    """
+
+    ratio: float | None = None
+    token_budget: int = 256
+    selection_layers: object = "auto"
+    gqa: str = "max"
+    needs_queries: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.ratio is None:
+            self.ratio = 0.0
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        if self.budget is not None or self.ratio:
+            raise ValueError(
+                f"TidalDecode evicts nothing (it chooses what each decode step reads): budget/ratio must not be "
+                f"given (got budget={self.budget!r}, ratio={self.ratio!r}); use token_budget=")
+        self._check_int("token_budget", self.token_budget, 1)
+        if self.gqa not in _GQA:
+            raise ValueError(f"gqa: expected one of {_GQA}, got {self.gqa!r}")
+        sel = self.selection_layers
+        if isinstance(sel, str) and sel != "auto":
+            try:
+                sel = tuple(int(x) for x in sel.split("/"))
+            except ValueError:
+                raise ValueError(f"selection_layers: expected 'auto', layer indices such as (2, 13) or "
+                                 f"'2/13', got {self.selection_layers!r}") from None
+        if isinstance(sel, int) and not isinstance(sel, bool):
+            sel = (sel,)
+        if sel != "auto":
+            if not isinstance(sel, (tuple, list)) or not sel or any(
+                    isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in sel) or list(sel) != sorted(set(sel)):
+                raise ValueError(f"selection_layers: expected strictly ascending layer indices >= 0, got "
+                                 f"{self.selection_layers!r}")
+            sel = tuple(sel)
+        self.selection_layers = sel
+
+    def selection(self, num_layers: int) -> tuple[int, ...]:
+        """The selection layers of a model with ``num_layers`` layers."""
+        if self.selection_layers != "auto":
+            return self.selection_layers
+        return tuple(sorted({min(2, num_layers - 1), min(num_layers - 1, round(0.4 * num_layers))}))
+
+    def role(self, layer_idx: int, num_layers: int) -> str | None:
+        """``"select"``, ``"sparse"`` or None (dense) for a layer."""
+        sel = self.selection(num_layers)
+        if layer_idx in sel:
+            return "select"
+        return "sparse" if layer_idx > sel[0] else None
+
+    @property
+    def tidal(self) -> "TidalDecode":
+        return self
+
+    def describe(self) -> str:
+        sel = self.selection_layers if self.selection_layers == "auto" else "/".join(map(str, self.selection_layers))
+        return (f"TidalDecode(token_budget={self.token_budget}, selection_layers={sel!r}"
+                + (f", gqa={self.gqa!r}" if self.gqa != "max" else "") + ")")
+
+    def __repr__(self) -> str:
+        return self.describe()

@@ -11,6 +11,7 @@ from .packed import PackedStore
 from .packed_ragged import RaggedPackedStore
 from .paged import PagedStore
 from .ragged import RaggedStore
+from .tidal import TidalStore
 from .uniform import UniformStore
 
-__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "PagedStore", "RaggedPackedStore", "RaggedStore", "UniformStore"]
+__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "PagedStore", "RaggedPackedStore", "RaggedStore", "TidalStore", "UniformStore"]
