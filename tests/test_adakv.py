@@ -117,7 +117,7 @@ def test_alpha_one_equals_snapkv_through_ragged_storage(tiny_model):
     C kernel, across 40 decode steps (several capacity growths)."""
     ids, mask = _batch()
     ada, cache = _generate(tiny_model, AdaKV(budget=B_, window=WINDOW, alpha=1.0), ids, mask, 40)
-    snap, _ = _generate(tiny_model, SnapKV(budget=B_, window=WINDOW), ids, mask, 40)
+    snap, _ = _generate(tiny_model, SnapKV(budget=B_, window=WINDOW, kernel=AdaKV.kernel), ids, mask, 40)
     assert torch.equal(ada.sequences, snap.sequences)
     for a, s in zip(ada.logits, snap.logits):
         torch.testing.assert_close(a, s, rtol=1e-4, atol=1e-4)

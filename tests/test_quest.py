@@ -285,8 +285,9 @@ def _generate(model, ids, mask, method=None, cache=None, new=10):
         return model.generate(ids, **kw)
 
 
-def _batch():
-    g = torch.Generator().manual_seed(5)
+def _batch(seed=5):
+    """Two rows of 260 tokens, the second left-padded by 45."""
+    g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 500, (2, 260), generator=g)
     mask = torch.ones_like(ids)
     mask[1, :45] = 0

@@ -9,11 +9,11 @@ import torch
 
 import kvcompress as kvc
 from kvcompress.cache import KVCache
-from kvcompress.compat import cache_kwargs
 from kvcompress.methods import TidalDecode, method_from_spec
 from kvcompress.stores import AttentionSpec, TidalStore
 from reference import window_scores_ref
-from test_quest import paged_attention_ref
+from test_quest import _batch as _quest_batch
+from test_quest import _generate, paged_attention_ref
 
 
 def test_roles_and_options():
@@ -77,32 +77,14 @@ def test_a_stale_or_missing_selection_reads_everything():
     assert sparse.last_read is None
 
 
-def _batch():
-    g = torch.Generator().manual_seed(9)
-    ids = torch.randint(5, 500, (2, 260), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :45] = 0
-    return ids, mask
-
-
-def _generate(model, ids, mask, method=None, cache=None):
-    kw = dict(attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
-    if method is None:
-        return model.generate(ids, **kw)
-    with kvc.compress(model, method):
-        if cache is not None:
-            kw.update(cache_kwargs(model, cache))
-        return model.generate(ids, **kw)
-
-
 def test_budget_covering_the_layer_reproduces_generate_with_left_padding(tiny_model):
-    ids, mask = _batch()
+    ids, mask = _quest_batch(9)
     assert torch.equal(_generate(tiny_model, ids, mask, TidalDecode(token_budget=300, selection_layers=(1,))),
                        _generate(tiny_model, ids, mask))
 
 
 def test_small_budget_reads_the_selected_tokens_in_every_later_layer(tiny_model):
-    ids, mask = _batch()
+    ids, mask = _quest_batch(9)
     method = TidalDecode(token_budget=48, selection_layers=(1,))
     cache = KVCache(method, num_layers=4)
     out = _generate(tiny_model, ids, mask, method, cache)

@@ -318,9 +318,33 @@ class Method:
         return text
 
 
+@dataclass
+class KeepsEveryToken(Method):
+    """Base of the methods that evict nothing themselves (quantizers, sparse
+    readers): built with neither ``budget`` nor ``ratio`` (``ratio`` becomes
+    0), and refusing either with the reason ``_keeps`` gives."""
+
+    ratio: float | None = None
+    needs_queries: ClassVar[bool] = False
+    evicts: ClassVar[bool] = False
+    #: what the method does instead of evicting, for the refusal
+    _keeps: ClassVar[str] = "evicts nothing"
+
+    def __post_init__(self) -> None:
+        if self.budget is None and self.ratio is None:
+            self.ratio = 0.0  # built by name with neither: nothing is evicted
+        super().__post_init__()
+
+    def _check_fields(self) -> None:
+        if self.budget is not None or self.ratio:
+            raise ValueError(
+                f"{type(self).__name__} {self._keeps}: budget/ratio must not be given (got budget={self.budget!r}, "
+                f"ratio={self.ratio!r}); compose it with an eviction method to evict as well")
+
+
 #: kept for code written against the first releases: every method now keeps
 #: its budget while decoding, so this is ``Method`` itself
 DecodeMethod = Method
 
 
-__all__ = ["LayerView", "Method", "DecodeMethod"]
+__all__ = ["LayerView", "Method", "KeepsEveryToken", "DecodeMethod"]

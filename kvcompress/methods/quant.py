@@ -9,11 +9,11 @@ from typing import ClassVar
 
 from .. import ops
 from .accumulated import H2O
-from .base import LayerView, Method
+from .base import KeepsEveryToken, LayerView, Method
 
 
 @dataclass
-class KIVI(Method):
+class KIVI(KeepsEveryToken):
     """KIVI: 2/4/8-bit keys and values with a full-precision residual window.
 
     Paper (Liu et al., "KIVI: A Tuning-Free Asymmetric 2bit Quantization for
@@ -47,24 +47,13 @@ class KIVI(Method):
     value mins/scales, plus the residual window in the model's dtype.
     """
 
-    ratio: float | None = None
     bits: int = 4
     group: int = 32
     residual: int = 128
-    needs_queries: ClassVar[bool] = False
-    evicts: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        if self.budget is None and self.ratio is None:
-            self.ratio = 0.0  # built by name with neither: nothing is evicted
-        super().__post_init__()
+    _keeps: ClassVar[str] = "quantizes and evicts nothing"
 
     def _check_fields(self) -> None:
-        if self.budget is not None or self.ratio:
-            raise ValueError(
-                f"{type(self).__name__} quantizes and evicts nothing: budget/ratio must not be given (got "
-                f"budget={self.budget!r}, "
-                f"ratio={self.ratio!r}); compose it with an eviction method to evict as well")
+        super()._check_fields()
         self._check_int("bits", self.bits, 2)
         if self.bits not in (2, 4, 8):
             raise ValueError(f"bits: must be 2, 4 or 8, got {self.bits}")

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import Method
+from .base import KeepsEveryToken
 
 _GQA = ("max", "mean")
 
 
 @dataclass
-class Quest(Method):
+class Quest(KeepsEveryToken):
     """Quest: read only the pages whose keys can matter to the current query.
 
     Paper (Tang et al., "Quest: Query-Aware Sparsity for Efficient
@@ -60,25 +60,14 @@ class Quest(Method):
         How a kv head's page score combines its query heads.
     """
 
-    ratio: float | None = None
     token_budget: int = 1024
     page: int = 16
     dense_layers: int = 2
     gqa: str = "max"
-    needs_queries: ClassVar[bool] = False
-    evicts: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        if self.budget is None and self.ratio is None:
-            self.ratio = 0.0  # built by name with neither: nothing is evicted
-        super().__post_init__()
+    _keeps: ClassVar[str] = "evicts nothing (it chooses what each decode step reads; use token_budget=)"
 
     def _check_fields(self) -> None:
-        if self.budget is not None or self.ratio:
-            raise ValueError(
-                f"Quest evicts nothing (it chooses what each decode step reads): budget/ratio must not be given "
-                f"(got budget={self.budget!r}, ratio={self.ratio!r}); use token_budget=, or compose it with an "
-                "eviction method to evict as well")
+        super()._check_fields()
         self._check_int("page", self.page, 1)
         self._check_int("token_budget", self.token_budget, 1)
         if self.token_budget < 2 * self.page:
@@ -102,7 +91,7 @@ class Quest(Method):
 
 
 @dataclass
-class TidalDecode(Method):
+class TidalDecode(KeepsEveryToken):
     """TidalDecode: a few layers pick the tokens, the layers after them read only those.
 
     Paper (Yang et al., "TidalDecode: Fast and Accurate LLM Decoding with
@@ -147,23 +136,13 @@ class TidalDecode(Method):
     gqa : {"max", "mean"}
     """
 
-    ratio: float | None = None
     token_budget: int = 256
     selection_layers: object = "auto"
     gqa: str = "max"
-    needs_queries: ClassVar[bool] = False
-    evicts: ClassVar[bool] = False
-
-    def __post_init__(self) -> None:
-        if self.budget is None and self.ratio is None:
-            self.ratio = 0.0
-        super().__post_init__()
+    _keeps: ClassVar[str] = "evicts nothing (it chooses what each decode step reads; use token_budget=)"
 
     def _check_fields(self) -> None:
-        if self.budget is not None or self.ratio:
-            raise ValueError(
-                f"TidalDecode evicts nothing (it chooses what each decode step reads): budget/ratio must not be "
-                f"given (got budget={self.budget!r}, ratio={self.ratio!r}); use token_budget=")
+        super()._check_fields()
         self._check_int("token_budget", self.token_budget, 1)
         if self.gqa not in _GQA:
             raise ValueError(f"gqa: expected one of {_GQA}, got {self.gqa!r}")
