@@ -439,7 +439,9 @@ def _combined(results: dict) -> str:
         return ""
     text = f" over {len(results['combined'])} runs combined on the same cases"
     for a in results["full_agreement"]:
-        under = f" (transformers {a['transformers']})" if a.get("transformers") else ""
+        notes = ([f"transformers {a['transformers']}"] if a.get("transformers") else []) + \
+            ([f"tokenizer {a['tokenizer']}"] if a.get("tokenizer") else [])
+        under = f" ({', '.join(notes)})" if notes else ""
         text += f"; run {a['result'] + 1}'s full cache{under} scored the same on {a['agreement']:.0%} of cases"
     return text
 
@@ -474,6 +476,22 @@ def plot(results: dict, path) -> str | None:
     return str(path)
 
 
+_TOKENIZER = ", tokenizer "
+
+
+def _base_model(result: dict) -> str:
+    """The model a run used, without the ``--tokenizer`` it may have taken
+    (cli names such a run ``"<model>, tokenizer <dir>"``): runs that differ
+    only there are combinable, their full rows' agreement says whether it
+    mattered."""
+    return result["model"]["name"].split(_TOKENIZER)[0]
+
+
+def _tokenizer_note(result: dict) -> str | None:
+    name = result["model"]["name"]
+    return name.split(_TOKENIZER, 1)[1] if _TOKENIZER in name else None
+
+
 def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
     """Rows of several :func:`run_suite` results on the same cases as one
     result, re-scored on ``tasks`` (default: the tasks all of them ran).
@@ -496,7 +514,7 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
         for key in ("split", "lengths"):
             if r["config"][key] != first["config"][key]:
                 raise ValueError(f"results[{i}]: {key} {r['config'][key]!r} differs from {first['config'][key]!r}")
-        if r["model"]["name"] != first["model"]["name"]:
+        if _base_model(r) != _base_model(first):
             raise ValueError(f"results[{i}]: model {r['model']['name']!r} differs from {first['model']['name']!r}")
     common = [t for t in first["config"]["tasks"] if all(t in r["config"]["tasks"] for r in results)]
     tasks = list(tasks) if tasks else common
@@ -528,7 +546,8 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
             if row["method"] == "full":
                 if i:
                     same = sum(a["score"] == b["score"] for a, b in zip(recs, full)) / len(full)
-                    agreement.append(dict(result=i, agreement=same, transformers=r["machine"].get("transformers")))
+                    agreement.append(dict(result=i, agreement=same, transformers=r["machine"].get("transformers"),
+                                          tokenizer=_tokenizer_note(r)))
                 continue
             key = (row["method"], row["ratio"])
             if key in seen:

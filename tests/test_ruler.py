@@ -331,7 +331,8 @@ def test_combine_equals_one_run(tiny_lm):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "cases"} for r in rows]  # noqa: E731
     combined = suite.combine([a, b])
     assert strip(combined["rows"]) == strip(both["rows"])
-    assert combined["full_agreement"] == [dict(result=1, agreement=1.0, transformers=b["machine"]["transformers"])]
+    assert combined["full_agreement"] == [dict(result=1, agreement=1.0, transformers=b["machine"]["transformers"],
+                                               tokenizer=None)]
     assert "2 runs combined" in suite.describe(combined)
     only = run(["snapkv:window=8", "tova"], tasks=["multiturn"])
     assert strip(suite.combine([a, b], tasks=["multiturn"])["rows"]) == strip(only["rows"])
@@ -345,6 +346,14 @@ def test_combine_equals_one_run(tiny_lm):
         suite.combine([a, run(["tova"], split="heldout")])
     with pytest.raises(ValueError, match="tasks: 'qa' was not run"):
         suite.combine([a, b], tasks=["qa"])
+    # a run that only took another tokenizer (--tokenizer) joins; its agreement names it
+    name = a["model"]["name"]
+    retok = dict(b, model=dict(b["model"], name=name + ", tokenizer /saved/tok"))
+    joined = suite.combine([a, retok])
+    assert joined["full_agreement"][0]["tokenizer"] == "/saved/tok"
+    assert "tokenizer /saved/tok) scored the same on 100% of cases" in suite.describe(joined)
+    with pytest.raises(ValueError, match="model .* differs"):
+        suite.combine([a, dict(b, model=dict(b["model"], name="other"))])
 
 
 def test_suite_resumes_from_its_checkpoint(tiny_lm, tmp_path, monkeypatch):
