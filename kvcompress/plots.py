@@ -27,6 +27,22 @@ def _axis(results: dict) -> str:
     return "budget" if results["config"].get("budgets") is not None else "ratio"
 
 
+def _read_budget(name: str) -> tuple[str, int] | None:
+    """``("quest", 128)`` for a spec such as ``"quest:token_budget=128"``: a
+    method that keeps every token but reads ``token_budget`` slots per step
+    (Quest, TidalDecode), plotted against the slots it reads."""
+    head, *opts = name.split(":")
+    budget = [o for o in opts if o.startswith("token_budget=")]
+    if len(budget) != 1 or "+" in name:
+        return None
+    try:
+        value = int(budget[0].split("=", 1)[1])
+    except ValueError:
+        return None
+    rest = [o for o in opts if o not in budget]
+    return ":".join([head, *rest]) + " (slots read)", value
+
+
 def plot_scores(results: dict, path) -> Path | None:
     """Score vs budget (or ratio), one line per method, the full cache as a
     dashed line; one panel per metric the run measured. Returns ``path``,
@@ -45,7 +61,20 @@ def plot_scores(results: dict, path) -> Path | None:
     flat = [ax for row in axes for ax in row]
     for ax in flat[len(metrics):]:
         ax.axis("off")
+    # readers (token_budget=) become one curve per family against the slots they read
+    readers: dict[str, list] = {}
+    if axis == "budget":
+        for name in list(methods):
+            got = _read_budget(name)
+            mine = [r for r in rows if r["method"] == name]
+            if got is not None and all(r[axis] is None for r in mine):
+                readers.setdefault(got[0], []).extend((got[1], r) for r in mine)
+                methods.remove(name)
     for ax, (task, key, title, log) in zip(flat, metrics):
+        for j, (family, pts) in enumerate(readers.items()):
+            pts = sorted((x, r[task][key]) for x, r in pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--", label=family,
+                    color=f"C{(len(methods) + j) % 10}")
         for i, name in enumerate(methods):
             mine = [r for r in rows if r["method"] == name]
             if all(r[axis] is None for r in mine):
@@ -63,7 +92,8 @@ def plot_scores(results: dict, path) -> Path | None:
             ax.set_yscale("log")
         if axis == "budget":
             ax.set_xscale("log", base=2)
-        ax.set_xlabel("kept slots per kv head" if axis == "budget" else "fraction removed")
+        ax.set_xlabel(("kept (or read) slots per kv head" if readers else "kept slots per kv head")
+                      if axis == "budget" else "fraction removed")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     handles, labels = flat[0].get_legend_handles_labels()

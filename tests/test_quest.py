@@ -320,3 +320,12 @@ def test_small_budget_reads_pages_in_the_sparse_layers_only(tiny_model):
     assert store.last_pages[1, :, 0].tolist() == [45 // 16] * 2  # the first real page of the padded row
     # nothing was evicted: every token is held
     assert all(layer.store.n == 269 for layer in cache.layers)
+
+
+def test_readers_are_plotted_against_the_slots_they_read():
+    from kvcompress.plots import _read_budget
+
+    assert _read_budget("quest:token_budget=128") == ("quest (slots read)", 128)
+    assert _read_budget("quest:page=8:token_budget=64") == ("quest:page=8 (slots read)", 64)
+    assert _read_budget("tidaldecode:token_budget=256") == ("tidaldecode (slots read)", 256)
+    assert _read_budget("kivi:bits=4") is None and _read_budget("snapkv+quest:token_budget=64") is None
