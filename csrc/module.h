@@ -110,5 +110,6 @@ extern PyMethodDef kvc_py_budget_methods[];
 extern PyMethodDef kvc_py_quant_methods[];
 extern PyMethodDef kvc_py_packed_attention_methods[];
 extern PyMethodDef kvc_py_pages_methods[];
+extern PyMethodDef kvc_py_lsh_methods[];
 
 #endif /* KVC_MODULE_H */

@@ -47,6 +47,7 @@ _LAZY = {
     "ZipCache": ("kvcompress.methods", "ZipCache"),
     "Quest": ("kvcompress.methods", "Quest"),
     "TidalDecode": ("kvcompress.methods", "TidalDecode"),
+    "MagicPIG": ("kvcompress.methods", "MagicPIG"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -28,7 +28,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
-from .stores import AttentionSpec, PackedStore, PagedStore, RaggedPackedStore, RaggedStore, TidalStore, UniformStore
+from .stores import (AttentionSpec, LSHStore, PackedStore, PagedStore, RaggedPackedStore, RaggedStore, TidalStore,
+                     UniformStore)
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -410,6 +411,12 @@ class CompressedLayer(CacheLayerMixin):
             role = tidal.role(self.layer_idx, self.num_layers or (self.layer_idx + 1))
             if role is not None:
                 self.store = TidalStore.from_uniform(self.store, role, tidal.token_budget, self.shared, tidal.gqa)
+        pig = method.lsh
+        if pig is not None and self.window is None and type(self.store) is UniformStore \
+                and self.layer_idx >= pig.dense_layers:
+            # MagicPIG: hash the layer's keys once, then sample at every decode step
+            self.store = LSHStore.from_uniform(self.store, pig.K, pig.L, pig.hits, pig.sinks, pig.window,
+                                               pig.seed * 1_000_003 + self.layer_idx, kv_start=self.kv_start)
 
     def _to_packed(self, packing) -> None:
         """Move the layer's slots into the packed store of their layout."""

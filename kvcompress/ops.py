@@ -38,6 +38,8 @@ __all__ = [
     "page_bounds",
     "page_scores",
     "attention_pages",
+    "simhash",
+    "lsh_attention",
     "global_scores",
     "probe_positions",
     "head_budgets",
@@ -1032,12 +1034,15 @@ def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=
     if out is None:
         out = _empty(query, (qs[0], ks[1], num_pages), "float32")
     P = _int_arg(page_size, "page_size")
-    if P < 1:
-        raise KVCompressValueError(f"page_size: must be >= 1, got {P}")
+    if not 1 <= P < 2**31:
+        raise KVCompressValueError(f"page_size: must be in [1, 2**31), got {P}")
     first_page = None
     if kv_start is not None:
         first_page = _as_int64(kv_start, "kv_start", query)
-        first_page = first_page // P if hasattr(first_page, "__floordiv__") else first_page
+        # integers become pages; anything else goes down as it is, for the C side to name its dtype
+        if getattr(first_page, "dtype", None) in (np.int64, "int64") or str(getattr(first_page, "dtype", "")) in (
+                "torch.int64", "int64"):
+            first_page = first_page // P
     _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, first_page)
     return out
 
@@ -1075,3 +1080,86 @@ def attention_pages(queries, keys, values, pages, page_size, *, scaling=None, kv
                        _as_int64(kv_start, "kv_start", queries), _as_int64(pages, "pages", queries),
                        _int_arg(page_size, "page_size"), _prepare(counts) if counts is not None else None)
     return out
+
+
+# ---------------------------------------------------------------- LSH (MagicPIG)
+def simhash(x, planes, K, *, center=None, group=1, out=None):
+    """SimHash codes: ``L`` tables of ``K`` sign bits of random projections.
+
+    ``codes[b, h, j, t] = sum_k [planes[h // group, t*K + k] . (x[b, h, j] -
+    center[b, h // group]) > 0] << k``, dot products in float32.
+
+    Parameters
+    ----------
+    x : tensor ``[B, H, n, D]`` (float32, float16 or bfloat16)
+        Keys (``group=1``) or queries (``group`` = query heads per kv head).
+    planes : float32 tensor ``[Hk, L * K, D]``
+        Hyperplanes of each kv head (``Hk = H // group``).
+    K : int in [1, 30]
+        Bits per table.
+    center : float32 tensor ``[B, Hk, D]``, optional
+        Subtracted before hashing (MagicPIG centers the keys).
+    group : int
+    out : int32 tensor ``[B, H, n, L]``, optional
+
+    Returns
+    -------
+    int32 tensor ``[B, H, n, L]``
+    """
+    xs = _shape(x, "x", 4, "[B, H, n, D]")
+    ps = _shape(planes, "planes", 3, "[Hk, L * K, D]")
+    K = _int_arg(K, "K")
+    if not 1 <= K <= 30:
+        raise KVCompressValueError(f"K: must be in [1, 30], got {K}")
+    if ps[1] % K:
+        raise KVCompressValueError(f"planes: {ps[1]} planes is not a multiple of K = {K}")
+    L = ps[1] // K
+    if out is None:
+        out = _empty(x, (xs[0], xs[1], xs[2], L), "int32")
+    _C.simhash(_prepare(x), planes, center, out, K, L, _int_arg(group, "group"))
+    return out
+
+
+def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks=4, window=64, center=None,
+                  scaling=None, kv_start=None, return_lse=False):
+    """MagicPIG's decode attention estimated from the keys that collide with the query.
+
+    Per query head: the first ``sinks`` real slots and the last ``window``
+    slots are read exactly; any other slot is read only when its SimHash codes
+    agree with the query's in at least ``hits`` of the ``L`` tables, and then
+    weighted by ``1 / p``, ``p = P[Binomial(L, u^K) >= hits]`` with ``u = 1 -
+    angle(q, k - center) / pi`` its probability of being read (importance
+    sampling). Output = the weighted softmax average of the values read.
+    ``exp(lse)`` is an unbiased estimate of the full softmax normaliser
+    ``sum_j exp(scaling * q . k_j)`` over random hyperplanes.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, 1, D]``
+    keys, values : tensors ``[B, H, n, D]``, dtype of `queries`
+    codes : int32 ``[B, H, n, L]`` (:func:`simhash` of the keys, centered)
+    query_codes : int32 ``[B, Hq, 1, L]`` (:func:`simhash` of the queries, ``group = Hq // H``)
+    K : int
+        Bits per table the codes were made with.
+    hits : int
+        Tables a key must share with the query to be sampled (MagicPIG: 2).
+    sinks, window : ints
+        Slots always read exactly at the start (after padding) and the end.
+    center : float32 ``[B, H, D]``, optional
+        The key center the codes were made with.
+    scaling : float, optional
+    kv_start : int64 ``[B]``, optional
+    return_lse : bool
+        Also return the float32 ``[B, Hq]`` log normaliser estimate.
+
+    Returns
+    -------
+    tensor ``[B, 1, Hq, D]`` (and ``lse`` with ``return_lse``)
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, 1, D]")
+    scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", False, scaling, None)
+    lse = _empty(queries, (qs[0], qs[1]), "float32") if return_lse else None
+    _C.lsh_attention(_prepare(queries), _prepare(keys), _prepare(values), codes, query_codes, center, out, lse,
+                     _as_int64(kv_start, "kv_start", queries), _int_arg(sinks, "sinks"), _int_arg(window, "window"),
+                     _int_arg(K, "K"), _int_arg(hits, "hits"), scaling)
+    return (out, lse) if return_lse else out

@@ -445,6 +445,26 @@ def test_attention_pages(dtype):
     assert_within_bound(got, ref, same)
 
 
+# ---------------------------------------------------------------- LSH (MagicPIG)
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_simhash_and_lsh_attention(dtype):
+    from test_magicpig import _case, lsh_ref
+
+    q, k, v, planes, center = _case(dtype=dtype)
+    # codes: the same signs (both backends sum the projection in the same lane order)
+    _, gcodes = both(ops.simhash, k, planes, 4, center=center)
+    ccodes = ops.simhash(k, planes, 4, center=center)
+    assert (gcodes == ccodes).float().mean() > 0.999
+    qcodes = ops.simhash(q, planes, 4, group=2)
+    kv_start = torch.tensor([0, 31])
+    (_, _), (got, lse) = both(ops.lsh_attention, q, k, v, ccodes, qcodes, 4, hits=2, sinks=4, window=16,
+                              center=center, scaling=0.25, kv_start=kv_start, return_lse=True)
+    ref, ref_lse = lsh_ref(q, k, v, ccodes, qcodes, 4, 2, 4, 16, center, 0.25, kv_start)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (got.double() - ref).abs().max() < tol and (lse.double() - ref_lse).abs().max() < 1e-3
+
+
 # ---------------------------------------------------------------- boundary
 
 def test_mixed_devices_rejected():
@@ -508,6 +528,7 @@ GPU_METHODS = {
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
     "tidaldecode": lambda: kvcompress.TidalDecode(token_budget=48, selection_layers=(1,)),
+    "magicpig": lambda: kvcompress.MagicPIG(K=4, L=30, window=16, dense_layers=1),
 }
 
 

@@ -305,6 +305,26 @@ def _child(target: str, seed: int, n_calls: int) -> int:
             kw["counts"] = torch.randint(1, 4, (B, H, n)).to(rng.choice([torch.float32, torch.int32]))
         return [fw(fl([B, H * g, 1, D], dt)), fw(fl([B, H, n, D], dt)), fw(fl([B, H, n, D], dt)), fw(sel), P], kw
 
+    def b_simhash():
+        B, Hk, n, D = dim(1), dim(1), dim(), dim()
+        g, K, L = rng.choice([1, 2]), rng.choice([1, 3, 30]), rng.choice([1, 4])
+        kw = {"group": g}
+        if rng.random() < 0.5:
+            kw["center"] = torch.randn(B, Hk, D)
+        return [fw(fl([B, Hk * g, n, D], rng.choice(FLOATS))), fw(torch.randn(Hk, L * K, D)), K], kw
+
+    def b_lsh_attention():
+        B, H, n, D = dim(1), dim(1), dim(), dim()
+        g, K, L, dt = rng.choice([1, 2]), rng.choice([1, 3]), rng.choice([1, 4]), rng.choice(FLOATS)
+        codes = torch.randint(0, 2**K, (B, H, n, L), dtype=torch.int32)
+        qcodes = torch.randint(0, 2**K, (B, H * g, 1, L), dtype=torch.int32)
+        kw = {"hits": rng.randint(1, L), "sinks": rng.randint(0, 2), "window": rng.randint(0, 3),
+              "kv_start": kv_start(B, n) if rng.random() < 0.5 else None, "return_lse": rng.random() < 0.5}
+        if rng.random() < 0.5:
+            kw["center"] = torch.randn(B, H, D)
+        return [fw(fl([B, H * g, 1, D], dt)), fw(fl([B, H, n, D], dt)), fw(fl([B, H, n, D], dt)), fw(codes),
+                fw(qcodes), K], kw
+
     def b_head_budgets():
         B, H, T = dim(), dim(), dim()
         return [fw(fl([B, H, T], torch.float32)), rng.randint(0, T + 1)], \
@@ -348,6 +368,8 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "page_bounds": b_page_bounds,
         "page_scores": b_page_scores,
         "attention_pages": b_attention_pages,
+        "simhash": b_simhash,
+        "lsh_attention": b_lsh_attention,
         "head_budgets": b_head_budgets,
         "probe_positions": b_probe_positions,
         "pack_keys": b_pack,

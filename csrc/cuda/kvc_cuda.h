@@ -28,6 +28,7 @@
 #include "../budget.h"
 #include "../compact.h"
 #include "../kvc.h"
+#include "../lsh.h"
 #include "../merge.h"
 #include "../pages.h"
 #include "../quant.h"
@@ -70,6 +71,8 @@ enum kvc_status kvc_cuda_select_topk(const struct kvc_select_topk_params *p, voi
 enum kvc_status kvc_cuda_gather(const struct kvc_gather_params *p, void *stream);
 enum kvc_status kvc_cuda_page_bounds(const struct kvc_page_bounds_params *p, void *stream);
 enum kvc_status kvc_cuda_page_scores(const struct kvc_page_scores_params *p, void *stream);
+enum kvc_status kvc_cuda_simhash(const struct kvc_simhash_params *p, void *stream);
+enum kvc_status kvc_cuda_lsh_attention(const struct kvc_lsh_attention_params *p, void *stream);
 
 size_t kvc_cuda_head_budgets_workspace(const struct kvc_head_budgets_params *p);
 enum kvc_status kvc_cuda_head_budgets(const struct kvc_head_budgets_params *p, void *stream);

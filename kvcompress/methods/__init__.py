@@ -7,13 +7,13 @@ from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .simple import Knorm, StreamingLLM
-from .sparse import Quest, TidalDecode
+from .sparse import MagicPIG, Quest, TidalDecode
 from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
-                                           LowBits, MiKV, ZipCache, Quest, TidalDecode)
+                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG)
 }
 
 
@@ -119,5 +119,5 @@ __all__ = [
     "method_from_spec",
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
-    "MiKV", "ZipCache", "Quest", "TidalDecode",
+    "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG",
 ]

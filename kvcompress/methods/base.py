@@ -192,6 +192,12 @@ class Method:
         return None if self.sparse is None else self.sparse.paging
 
     @property
+    def lsh(self):
+        """The ``MagicPIG`` method when decode steps sample keys by LSH
+        (``kvcompress.stores.LSHStore``), else None."""
+        return None
+
+    @property
     def tidal(self):
         """The ``TidalDecode`` method when layers share one decode-time token
         selection (``kvcompress.stores.TidalStore``), else None."""

@@ -187,3 +187,72 @@ class TidalDecode(KeepsEveryToken):
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+@dataclass
+class MagicPIG(KeepsEveryToken):
+    """MagicPIG: attention estimated from the keys a locality-sensitive hash samples.
+
+    Paper (Chen et al., "MagicPIG: LSH Sampling for Efficient LLM
+    Generation", ICLR 2025): attention is not always sparse enough for top-k
+    selection to be accurate, so MagicPIG *samples*: SimHash tables (``L``
+    tables of ``K`` random-hyperplane sign bits) index the keys, a key
+    colliding with the query in at least 2 tables is sampled, and the
+    attention output is estimated by importance sampling, each sampled key
+    weighted by the inverse of its collision probability; attention sinks
+    and a local window are computed exactly, and the hashing and sampled
+    attention run on the CPU (ours: the C core).
+
+    Our reading and choices:
+
+    * keys are centered by their prefill mean per head before hashing (the
+      paper centers keys so that the angle reflects the attention logit);
+      the collision probability of a key is computed from the angle between
+      the query and the centered key: ``u = 1 - theta / pi`` per bit,
+      ``u^K`` per table, ``P[Binomial(L, u^K) >= hits]`` overall, so the
+      estimate of the softmax normaliser is unbiased (tested on a float64
+      reference over many seeds);
+    * the output is the self-normalised estimate (weighted values over the
+      weighted normaliser), as the paper uses;
+    * hyperplanes are fixed per layer (``seed`` + layer index) and shared
+      by the batch; codes are computed once per key (prefill, then each
+      appended token);
+    * ``K=8, L=75`` (one of the paper's settings; its longest contexts use
+      10 / 150), ``sinks=4, window=64`` and the first two layers dense (the
+      paper keeps layer 0 and one middle layer dense on Llama);
+    * prefill chunks, sliding-window layers and softcapped or sink-logit
+      attention read every slot; it keeps every token and does not compose
+      with eviction.
+    """
+
+    K: int = 8
+    L: int = 75
+    hits: int = 2
+    sinks: int = 4
+    window: int = 64
+    dense_layers: int = 2
+    seed: int = 0
+    _keeps: ClassVar[str] = "evicts nothing (it samples what each decode step reads)"
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        self._check_int("K", self.K, 1)
+        if self.K > 30:
+            raise ValueError(f"K: at most 30 bits per table, got {self.K}")
+        self._check_int("L", self.L, 1)
+        self._check_int("hits", self.hits, 1)
+        if self.hits > self.L:
+            raise ValueError(f"hits: a key cannot collide in more than L={self.L} tables, got hits={self.hits}")
+        for name in ("sinks", "window", "dense_layers", "seed"):
+            self._check_int(name, getattr(self, name), 0)
+
+    @property
+    def lsh(self) -> "MagicPIG":
+        return self
+
+    def describe(self) -> str:
+        return (f"MagicPIG(K={self.K}, L={self.L}, hits={self.hits}, sinks={self.sinks}, window={self.window}, "
+                f"dense_layers={self.dense_layers})")
+
+    def __repr__(self) -> str:
+        return self.describe()

@@ -7,6 +7,7 @@ bits plus a full-precision residual) implement :class:`LayerStore`. See
 """
 
 from .base import AttentionSpec, LayerStore
+from .lsh import LSHStore
 from .packed import PackedStore
 from .packed_ragged import RaggedPackedStore
 from .paged import PagedStore
@@ -14,4 +15,5 @@ from .ragged import RaggedStore
 from .tidal import TidalStore
 from .uniform import UniformStore
 
-__all__ = ["AttentionSpec", "LayerStore", "PackedStore", "PagedStore", "RaggedPackedStore", "RaggedStore", "TidalStore", "UniformStore"]
+__all__ = ["AttentionSpec", "LSHStore", "LayerStore", "PackedStore", "PagedStore", "RaggedPackedStore", "RaggedStore",
+           "TidalStore", "UniformStore"]

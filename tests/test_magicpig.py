@@ -1,0 +1,192 @@
+"""MagicPIG: SimHash codes against a float64 recomputation (also after
+appends), the sampled attention against a float64 reference of the same
+sampling rule, the normaliser estimate unbiased over random hyperplanes, and
+generate()."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcompress as kvc
+from kvcompress import KVCompressValueError, ops
+from kvcompress.cache import KVCache
+from kvcompress.methods import MagicPIG, method_from_spec
+from kvcompress.stores import LSHStore
+from test_quest import _batch, _generate
+
+
+def codes_ref(x, planes, K, center=None, group=1):
+    """float64 codes and the smallest |projection| of each (b, h, j) (ties at 0 are not pinned)."""
+    B, H, n, D = x.shape
+    xd = x.double()
+    if center is not None:
+        xd = xd - center.double().repeat_interleave(group, 1)[:, :, None]
+    p = planes.double().repeat_interleave(group, 0)  # [H, L*K, D]
+    proj = torch.einsum("bhnd,hpd->bhnp", xd, p)
+    L = planes.shape[1] // K
+    bits = (proj > 0).long().reshape(B, H, n, L, K)
+    codes = (bits << torch.arange(K)).sum(-1)
+    return codes, proj.abs().reshape(B, H, n, L, K).amin(-1)
+
+
+def lsh_ref(q, k, v, codes, qcodes, K, hits, sinks, window, center, scaling, kv_start=None):
+    """float64: the included slots and their importance weights, then the weighted softmax."""
+    B, Hq, _, D = q.shape
+    H, n = k.shape[1], k.shape[2]
+    g = Hq // H
+    L = codes.shape[-1]
+    out = torch.zeros(B, 1, Hq, D, dtype=torch.float64)
+    lse = torch.full((B, Hq), -math.inf, dtype=torch.float64)
+    for b in range(B):
+        s0 = 0 if kv_start is None else int(kv_start[b])
+        for hq in range(Hq):
+            h = hq // g
+            qq = q[b, hq, 0].double()
+            logw, idx = [], []
+            for j in range(s0, n):
+                kk = k[b, h, j].double()
+                x = scaling * float(qq @ kk)
+                if not (j < s0 + sinks or j >= n - window):
+                    if int((codes[b, h, j] == qcodes[b, hq, 0]).sum()) < hits:
+                        continue
+                    y = kk - center[b, h].double()
+                    cos = float(qq @ y) / (float(qq.norm()) * float(y.norm()))
+                    u = 1 - math.acos(max(-1.0, min(1.0, cos))) / math.pi
+                    p = u ** K
+                    below = sum(math.comb(L, i) * p ** i * (1 - p) ** (L - i) for i in range(hits))
+                    x -= math.log1p(-below)
+                logw.append(x)
+                idx.append(j)
+            if not idx:
+                continue
+            w = torch.tensor(logw, dtype=torch.float64)
+            lse[b, hq] = torch.logsumexp(w, 0)
+            out[b, 0, hq] = torch.softmax(w, 0) @ v[b, h, idx].double()
+    return out, lse
+
+
+def _case(B=2, H=2, Hq=4, n=300, D=16, K=4, L=20, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, n, D, generator=g).to(dtype)
+    v = torch.randn(B, H, n, D, generator=g).to(dtype)
+    q = (torch.randn(B, Hq, 1, D, generator=g) * 2).to(dtype)
+    planes = torch.randn(H, L * K, D, generator=g)
+    center = k.float().mean(2)
+    return q, k, v, planes, center
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_simhash_codes_equal_float64_signs(dtype):
+    q, k, _, planes, center = _case(dtype=dtype)
+    for x, c, group in ((k, center, 1), (q, None, 2)):
+        got = ops.simhash(x, planes, 4, center=c, group=group)
+        ref, margin = codes_ref(x, planes, 4, c, group)
+        clear = margin > 1e-4  # a projection this close to 0 may round either way in fp32
+        assert clear.float().mean() > 0.99
+        assert torch.equal(got.long()[clear], ref[clear])
+
+
+def test_tables_follow_appends_and_equal_a_recomputation():
+    q, k, v, _, _ = _case(B=1, n=100)
+    base = kvc.stores.UniformStore()
+    base.append(k, v, 0)
+    store = LSHStore.from_uniform(base, 4, 20, 2, 4, 16, seed=3)
+    g = torch.Generator().manual_seed(1)
+    pos = 100
+    for q_len in (1, 1, 5, 1, 40, 1):
+        store.append(torch.randn(1, 2, q_len, 16, generator=g), torch.randn(1, 2, q_len, 16, generator=g), pos)
+        pos += q_len
+    ref, margin = codes_ref(store.keys, store.planes, 4, store.center)
+    clear = margin > 1e-4
+    assert store.codes.shape == (1, 2, pos, 20) and torch.equal(store.codes.long()[clear], ref[clear])
+    # the center is the mean of the prefill keys, not of later ones
+    assert torch.allclose(store.center, k.mean(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("sinks,window", [(0, 0), (4, 16)])
+def test_sampled_attention_matches_a_float64_reference(sinks, window):
+    q, k, v, planes, center = _case()
+    codes = ops.simhash(k, planes, 4, center=center)
+    qcodes = ops.simhash(q, planes, 4, group=2)
+    kv_start = torch.tensor([0, 31])
+    out, lse = ops.lsh_attention(q, k, v, codes, qcodes, 4, hits=2, sinks=sinks, window=window, center=center,
+                                 scaling=0.25, kv_start=kv_start, return_lse=True)
+    ref, ref_lse = lsh_ref(q, k, v, codes, qcodes, 4, 2, sinks, window, center, 0.25, kv_start)
+    assert (out.double() - ref).abs().max() < 1e-5
+    assert (lse.double() - ref_lse).abs().max() < 1e-4
+
+
+def test_everything_read_exactly_is_plain_attention():
+    q, k, v, planes, center = _case()
+    codes = ops.simhash(k, planes, 4, center=center)
+    qcodes = ops.simhash(q, planes, 4, group=2)
+    out = ops.lsh_attention(q, k, v, codes, qcodes, 4, sinks=0, window=300, center=center, scaling=0.25)
+    assert (out - ops.attention(q, k, v, scaling=0.25)).abs().max() < 1e-5
+
+
+def test_normaliser_estimate_is_unbiased_over_hyperplanes():
+    """E[exp(lse)] = sum_j exp(s q.k_j) over random hyperplanes: the mean of
+    300 independent estimates lies within 4 standard errors of 1."""
+    q, k, v, _, center = _case(B=1, H=1, Hq=2, n=400, D=16)
+    exact = torch.logsumexp(0.25 * (q[0, :, 0].double() @ k[0, 0].double().T), -1)
+    est = []
+    for seed in range(300):
+        planes = torch.randn(1, 4 * 30, 16, generator=torch.Generator().manual_seed(seed))
+        codes = ops.simhash(k, planes, 4, center=center)
+        qcodes = ops.simhash(q, planes, 4, group=2)
+        _, lse = ops.lsh_attention(q, k, v, codes, qcodes, 4, hits=2, sinks=4, window=16, center=center,
+                                   scaling=0.25, return_lse=True)
+        est.append(torch.exp(lse[0].double() - exact))
+    est = torch.stack(est)
+    mean, se = est.mean(0), est.std(0) / math.sqrt(len(est))
+    assert (se > 0).all() and ((mean - 1).abs() < 4 * se).all(), (mean, se)
+
+
+def test_bad_arguments_are_refused_by_name():
+    q, k, v, planes, center = _case()
+    codes = ops.simhash(k, planes, 4, center=center)
+    qcodes = ops.simhash(q, planes, 4, group=2)
+    with pytest.raises(KVCompressValueError, match="planes: .* not a multiple of K"):
+        ops.simhash(k, planes[:, :7], 4)
+    with pytest.raises(KVCompressValueError, match="planes: 2 heads x group 1"):
+        ops.simhash(q, planes, 4)
+    with pytest.raises(KVCompressValueError, match="one query per row"):
+        ops.lsh_attention(torch.cat([q, q], 2), k, v, codes, torch.cat([qcodes, qcodes], 2), 4)
+    with pytest.raises(KVCompressValueError, match="K"):
+        ops.simhash(k, planes, 31)
+
+
+def test_options_and_composition():
+    assert repr(MagicPIG()) == "MagicPIG(K=8, L=75, hits=2, sinks=4, window=64, dense_layers=2)"
+    assert method_from_spec("magicpig:K=6:L=40").lsh.L == 40
+    with pytest.raises(ValueError, match="evicts nothing"):
+        MagicPIG(budget=64)
+    with pytest.raises(ValueError, match="hits"):
+        MagicPIG(L=2, hits=3)
+    with pytest.raises(ValueError, match="K"):
+        MagicPIG(K=40)
+    with pytest.raises(TypeError):
+        kvc.SnapKV(ratio=0.5) + MagicPIG()
+
+
+def test_window_covering_the_layer_reproduces_generate_with_left_padding(tiny_model):
+    ids, mask = _batch(11)
+    assert torch.equal(_generate(tiny_model, ids, mask, MagicPIG(window=300, dense_layers=0)),
+                       _generate(tiny_model, ids, mask))
+
+
+def test_sampling_runs_in_the_sparse_layers(tiny_model):
+    ids, mask = _batch(12)
+    method = MagicPIG(K=4, L=30, window=16, dense_layers=1)
+    cache = KVCache(method, num_layers=4)
+    out = _generate(tiny_model, ids, mask, method, cache)
+    assert out.shape == (2, 270)
+    assert [layer.store.kind for layer in cache.layers] == ["uniform", "lsh", "lsh", "lsh"]
+    assert all(layer.store.sampled_steps == 9 and layer.store.n == 269 for layer in cache.layers[1:])
+    # the center is the mean of the prefill's real keys (the padded row's padding left out)
+    store = cache.layers[1].store
+    assert torch.allclose(store.center[0], store.keys[0, :, :260].mean(1), atol=1e-5)
+    assert torch.allclose(store.center[1], store.keys[1, :, 45:260].mean(1), atol=1e-5)
