@@ -190,3 +190,8 @@ def test_sampling_runs_in_the_sparse_layers(tiny_model):
     store = cache.layers[1].store
     assert torch.allclose(store.center[0], store.keys[0, :, :260].mean(1), atol=1e-5)
     assert torch.allclose(store.center[1], store.keys[1, :, 45:260].mean(1), atol=1e-5)
+
+
+def test_command_line_spells_k_and_l_in_lower_case():
+    assert method_from_spec("magicpig:k=10:l=150").describe() == method_from_spec("magicpig:K=10:L=150").describe()
+    assert (method_from_spec("magicpig:k=10:l=150").K, method_from_spec("magicpig:k=10:l=150").L) == (10, 150)

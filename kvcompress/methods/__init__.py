@@ -68,6 +68,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     for part in parts:
         key, eq, value = part.partition("=")
         key = key.strip()
+        # command lines are lower-cased on the way in: MagicPIG's K and L are k and l there
+        key = {a.lower(): a for a in allowed}.get(key.lower(), key) if key not in allowed else key
         if not eq or not key:
             raise ValueError(f"methods: expected option=value after ':' in {spec!r}, got {part!r}")
         if key not in allowed:
