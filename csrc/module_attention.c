@@ -108,11 +108,7 @@ static PyObject *py_attention(PyObject *m, PyObject *const *args, Py_ssize_t nar
         }
         Hkv = k->shape[1];
     }
-    if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0) {
-        kvc_py_raise(st->ValueError, "queries: %lld heads is not a multiple of the %lld kv heads",
-                     (long long)Hq, (long long)Hkv);
-        goto done;
-    }
+    if (kvc_py_check_group(st, "queries", Hq, Hkv) < 0) goto done;
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     if (ragged) {
         const struct kvc_view *hoff = kvc_py_arg_host(st, &c.a[A_OFF]);

@@ -95,16 +95,9 @@ static PyObject *py_lsh_attention(PyObject *m, PyObject *const *args, Py_ssize_t
     if (kvc_py_call_parse(st, "lsh_attention", lsh_attention_spec, LA_N, args, nargs, &c) < 0) return NULL;
     Hq = c.a[LA_Q].view.shape[1];
     H = c.a[LA_K].view.shape[1];
-    if (c.a[LA_Q].view.shape[2] != 1) {
-        kvc_py_raise(st->ValueError, "queries: LSH-sampled attention takes one query per row (a decode step), got %lld",
-                     (long long)c.a[LA_Q].view.shape[2]);
+    if (kvc_py_check_one_query(st, "LSH-sampled attention", c.a[LA_Q].view.shape[2]) < 0 ||
+        kvc_py_check_group(st, "queries", Hq, H) < 0)
         goto done;
-    }
-    if (H == 0 ? Hq != 0 : Hq % H != 0) {
-        kvc_py_raise(st->ValueError, "queries: %lld heads is not a multiple of the %lld kv heads", (long long)Hq,
-                     (long long)H);
-        goto done;
-    }
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     p.q = c.a[LA_Q].view;
     p.k = c.a[LA_K].view;

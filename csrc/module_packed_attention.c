@@ -165,11 +165,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     } else {
         Hkv = c.a[A_KC].view.shape[1];
     }
-    if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0) {
-        kvc_py_raise(st->ValueError, "queries: %lld heads is not a multiple of the %lld kv heads",
-                     (long long)Hq, (long long)Hkv);
-        goto done;
-    }
+    if (kvc_py_check_group(st, "queries", Hq, Hkv) < 0) goto done;
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     if (check_layout(st, &c, ragged, bits, G) < 0) goto done;
     r = c.a[A_RK].view.shape[2];

@@ -102,11 +102,7 @@ static PyObject *py_page_scores(PyObject *m, PyObject *const *args, Py_ssize_t n
     if (kvc_py_call_parse(st, "page_scores", page_scores_spec, PS_N, args, nargs, &c) < 0) return NULL;
     H = c.a[PS_MIN].view.shape[1];
     Hq = c.a[PS_Q].view.shape[1];
-    if (H == 0 ? Hq != 0 : Hq % H != 0) {
-        kvc_py_raise(st->ValueError, "query: %lld heads is not a multiple of the %lld kv heads", (long long)Hq,
-                     (long long)H);
-        goto done;
-    }
+    if (kvc_py_check_group(st, "query", Hq, H) < 0) goto done;
     if (c.a[PS_OUT].view.shape[2] > c.a[PS_MIN].view.shape[2]) {
         kvc_py_raise(st->ValueError, "out: scores for %lld pages but kmin bounds only %lld",
                      (long long)c.a[PS_OUT].view.shape[2], (long long)c.a[PS_MIN].view.shape[2]);
@@ -190,16 +186,9 @@ static PyObject *py_attention_pages(PyObject *m, PyObject *const *args, Py_ssize
     P = c.i[AP_P];
     pv = &c.a[AP_PAGES].view;
     np = pv->shape[2];
-    if (c.a[AP_Q].view.shape[2] != 1) {
-        kvc_py_raise(st->ValueError, "queries: paged attention takes one query per row (a decode step), got %lld",
-                     (long long)c.a[AP_Q].view.shape[2]);
+    if (kvc_py_check_one_query(st, "paged attention", c.a[AP_Q].view.shape[2]) < 0 ||
+        kvc_py_check_group(st, "queries", Hq, Hkv) < 0)
         goto done;
-    }
-    if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0) {
-        kvc_py_raise(st->ValueError, "queries: %lld heads is not a multiple of the %lld kv heads", (long long)Hq,
-                     (long long)Hkv);
-        goto done;
-    }
     if (n < 1 || np < 1) {
         kvc_py_raise(st->ValueError, "pages: every head must read at least one page of a non-empty layer "
                      "(%lld pages, %lld slots)", (long long)np, (long long)n);

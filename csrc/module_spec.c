@@ -209,3 +209,19 @@ const int64_t *kvc_py_call_i64(const struct kvc_py_call *c, int k, int64_t *stri
     *stride = c->a[k].t ? c->a[k].view.strides[0] : 0;
     return c->a[k].t ? (const int64_t *)c->a[k].view.data : NULL;
 }
+
+int kvc_py_check_group(struct kvc_state *st, const char *name, int64_t Hq, int64_t Hkv)
+{
+    if (Hkv == 0 ? Hq != 0 : Hq % Hkv != 0)
+        return kvc_py_raise(st->ValueError, "%s: %lld heads is not a multiple of the %lld kv heads", name,
+                            (long long)Hq, (long long)Hkv);
+    return 0;
+}
+
+int kvc_py_check_one_query(struct kvc_state *st, const char *what, int64_t q)
+{
+    if (q != 1)
+        return kvc_py_raise(st->ValueError, "queries: %s takes one query per row (a decode step), got %lld", what,
+                            (long long)q);
+    return 0;
+}

@@ -102,4 +102,12 @@ int64_t kvc_py_call_size(const struct kvc_py_call *c, const char *name);
 /* kv_start argument k as the op's (pointer, stride) pair, NULL/0 for None. */
 const int64_t *kvc_py_call_i64(const struct kvc_py_call *c, int k, int64_t *stride);
 
+/* The GQA rule every attention binding states: the `name` tensor's Hq query
+ * heads a multiple of Hkv (0 heads only with 0 kv heads); 0, or -1 with
+ * ValueError set. */
+int kvc_py_check_group(struct kvc_state *st, const char *name, int64_t Hq, int64_t Hkv);
+/* A decode-only op (`what` says which) given q queries per row: 0 when q is
+ * 1, else -1 with ValueError set. */
+int kvc_py_check_one_query(struct kvc_state *st, const char *what, int64_t q);
+
 #endif /* KVC_MODULE_SPEC_H */

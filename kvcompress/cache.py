@@ -396,25 +396,30 @@ class CompressedLayer(CacheLayerMixin):
             self.store.settle(pad=self._start)
             return
         self._compress(queries, scaling)
-        if method.paging is not None and self.window is None and type(self.store) is UniformStore:
-            # Query-aware reading (Quest): the layer's kept slots (all of
-            # them, or what the evictor kept) move into pages with key
-            # bounds; decode steps then read only the pages they need.
-            # Sliding layers hold only their window and read it whole.
+        if self.window is None and type(self.store) is UniformStore:
+            # a query-aware reader takes the layer's kept slots (all of them,
+            # or what the evictor kept) once the method has compressed them;
+            # sliding layers hold only their window and read it whole
+            self._to_reader(method)
+
+    def _to_reader(self, method: Method) -> None:
+        """Move a full-attention uniform layer into the store of the method's
+        sparse reader, if it has one and this layer is not one it keeps dense."""
+        if method.paging is not None:
+            # Quest: pages with key bounds; decode steps read the pages they need
             budget, page, dense, gqa = method.paging
             if self.layer_idx >= dense:
                 self.store = PagedStore.from_uniform(self.store, page, budget, gqa)
-        tidal = method.tidal
-        if tidal is not None and self.window is None and type(self.store) is UniformStore:
+        elif method.tidal is not None:
             # TidalDecode: selection layers publish each decode step's tokens
             # in the cache's shared state, the layers after them read those
+            tidal = method.tidal
             role = tidal.role(self.layer_idx, self.num_layers or (self.layer_idx + 1))
             if role is not None:
                 self.store = TidalStore.from_uniform(self.store, role, tidal.token_budget, self.shared, tidal.gqa)
-        pig = method.lsh
-        if pig is not None and self.window is None and type(self.store) is UniformStore \
-                and self.layer_idx >= pig.dense_layers:
+        elif method.lsh is not None and self.layer_idx >= method.lsh.dense_layers:
             # MagicPIG: hash the layer's keys once, then sample at every decode step
+            pig = method.lsh
             self.store = LSHStore.from_uniform(self.store, pig.K, pig.L, pig.hits, pig.sinks, pig.window,
                                                pig.seed * 1_000_003 + self.layer_idx, kv_start=self.kv_start)
 

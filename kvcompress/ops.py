@@ -1040,8 +1040,7 @@ def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=
     if kv_start is not None:
         first_page = _as_int64(kv_start, "kv_start", query)
         # integers become pages; anything else goes down as it is, for the C side to name its dtype
-        if getattr(first_page, "dtype", None) in (np.int64, "int64") or str(getattr(first_page, "dtype", "")) in (
-                "torch.int64", "int64"):
+        if str(getattr(first_page, "dtype", "")) in ("torch.int64", "int64"):
             first_page = first_page // P
     _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, first_page)
     return out

@@ -28,19 +28,22 @@ def _axis(results: dict) -> str:
 
 
 def _read_budget(name: str) -> tuple[str, int] | None:
-    """``("quest", 128)`` for a spec such as ``"quest:token_budget=128"``: a
-    method that keeps every token but reads ``token_budget`` slots per step
-    (Quest, TidalDecode), plotted against the slots it reads."""
-    head, *opts = name.split(":")
-    budget = [o for o in opts if o.startswith("token_budget=")]
-    if len(budget) != 1 or "+" in name:
+    """``("quest (slots read)", 128)`` for a spec such as
+    ``"quest:token_budget=128"``: a method that keeps every token but reads
+    ``token_budget`` slots per step (Quest, TidalDecode), plotted against the
+    slots it reads."""
+    from .methods import parse_method_spec
+
+    if "+" in name:
         return None
     try:
-        value = int(budget[0].split("=", 1)[1])
+        head, options = parse_method_spec(name)
     except ValueError:
         return None
-    rest = [o for o in opts if o not in budget]
-    return ":".join([head, *rest]) + " (slots read)", value
+    budget = options.pop("token_budget", None)
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        return None
+    return ":".join([head, *(f"{k}={v}" for k, v in options.items())]) + " (slots read)", budget
 
 
 def plot_scores(results: dict, path) -> Path | None:

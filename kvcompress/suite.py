@@ -476,7 +476,9 @@ def plot(results: dict, path) -> str | None:
     return str(path)
 
 
-_TOKENIZER = ", tokenizer "
+#: how ``kvcompress eval --tokenizer DIR`` marks the model name of its run
+#: (``"<model>, tokenizer <dir>"``); combine reads it back
+TOKENIZER_TAG = ", tokenizer "
 
 
 def _base_model(result: dict) -> str:
@@ -484,12 +486,12 @@ def _base_model(result: dict) -> str:
     (cli names such a run ``"<model>, tokenizer <dir>"``): runs that differ
     only there are combinable, their full rows' agreement says whether it
     mattered."""
-    return result["model"]["name"].split(_TOKENIZER)[0]
+    return result["model"]["name"].split(TOKENIZER_TAG)[0]
 
 
 def _tokenizer_note(result: dict) -> str | None:
     name = result["model"]["name"]
-    return name.split(_TOKENIZER, 1)[1] if _TOKENIZER in name else None
+    return name.split(TOKENIZER_TAG, 1)[1] if TOKENIZER_TAG in name else None
 
 
 def combine(results: list[dict], tasks: list[str] | None = None) -> dict:

@@ -304,6 +304,34 @@ def test_budget_above_prompt_reproduces_generate(archs, family, method):
         assert err <= 1e-4 * max(1.0, scale), f"{family} / {method}: step {step} logits differ by {err:.3g}"
 
 
+#: query-aware readers whose read budget covers the prompt: every layer moves
+#: into its reader's store (dense_layers=0), and the tokens must not change
+READERS = {
+    "quest": lambda: kvc.Quest(token_budget=1024, dense_layers=0),
+    "tidaldecode": lambda: kvc.TidalDecode(token_budget=1024, selection_layers=(0,)),
+    "magicpig": lambda: kvc.MagicPIG(window=1024, dense_layers=0),
+}
+
+
+@pytest.mark.parametrize("method", sorted(READERS))
+@pytest.mark.parametrize("family", _family_params())
+def test_readers_covering_the_prompt_reproduce_generate(archs, family, method):
+    arch = _arch(archs, family)
+    with kvc.compress(arch.model, READERS[method]()) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    layers = session.cache.layers
+    full = [layer for layer in layers if layer.window is None]
+    # sliding layers keep their uniform window; a full-attention layer moves into the reader's store
+    assert all(layer.store.kind == "uniform" for layer in layers if layer.window is not None)
+    assert not full or {layer.store.kind for layer in full} & {"paged", "tidal", "lsh"}, \
+        f"{family} / {method}: no full-attention layer moved into the reader's store"
+    diff = (out.sequences != arch.ref.sequences).nonzero().tolist()
+    assert not diff, f"{family} / {method}: tokens differ from plain generate() at (row, position) {diff[:6]}"
+    for step, (a, b) in enumerate(zip(out.logits, arch.ref.logits)):
+        err = float((a - b).abs().max())
+        assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family} / {method}: step {step} logits differ"
+
+
 MIXED = {"mikv": kvc.MiKV, "zipcache": kvc.ZipCache}
 
 

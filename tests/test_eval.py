@@ -188,3 +188,25 @@ def test_eval_cli_default_model(default_model, tmp_path):
     check_full_row_outside(results, model, tok)
     assert results["rows"][0]["passkey"]["accuracy"] == 1.0
     assert "| full cache |" in proc.stdout
+
+
+def test_tokenizer_option_loads_the_saved_tokenizer_and_names_it(tiny_lm, tmp_path):
+    """--tokenizer DIR replaces the model's tokenizer and is recorded in the
+    run's model name, which suite.combine reads back."""
+    import json
+
+    from kvcompress import cli, suite
+
+    model, tok, folder = tiny_lm
+    saved = tmp_path / "tok"
+    tok.save_pretrained(saved)
+    out = tmp_path / "eval"
+    assert cli.main(["eval", "--model", str(folder), "--tokenizer", str(saved), "--methods", "snapkv:window=8",
+                     "--budgets", "16", "--tasks", "ppl", "--ppl-context", "96", "--ppl-tokens", "8",
+                     "--ppl-windows", "1", "--no-progress", "--out", str(out)]) == 0
+    name = json.loads((out / "results.json").read_text())["model"]["name"]
+    assert name == f"{folder}{suite.TOKENIZER_TAG}{saved}"
+    assert suite._tokenizer_note({"model": {"name": name}}) == str(saved)
+    with pytest.raises(FileNotFoundError, match="tokenizer: .* no saved tokenizer"):
+        cli.main(["eval", "--model", str(folder), "--tokenizer", str(tmp_path / "none"), "--methods",
+                  "snapkv:window=8", "--budgets", "16", "--tasks", "ppl", "--no-progress"])

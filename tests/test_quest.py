@@ -329,3 +329,22 @@ def test_readers_are_plotted_against_the_slots_they_read():
     assert _read_budget("quest:page=8:token_budget=64") == ("quest:page=8 (slots read)", 64)
     assert _read_budget("tidaldecode:token_budget=256") == ("tidaldecode (slots read)", 256)
     assert _read_budget("kivi:bits=4") is None and _read_budget("snapkv+quest:token_budget=64") is None
+
+
+def test_composed_with_an_evictor_a_long_generation_holds_the_budget_and_current_bounds(tiny_model):
+    """A short prompt, then 80 tokens: SnapKV re-selects every interval inside
+    the paged store (keep), which never holds more than budget + interval
+    slots, and its page bounds still equal a recomputation."""
+    from kvcompress.cache import KVCache
+
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(5, 500, (1, 20), generator=g)
+    method = kvc.SnapKV(budget=48, window=8) + Quest(token_budget=32, page=8, dense_layers=0)
+    cache = KVCache(method)
+    out = _generate(tiny_model, ids, torch.ones_like(ids), method, cache, new=80)
+    assert out.shape == (1, 100)
+    for layer in cache.layers:
+        store = layer.store
+        assert store.kind == "paged" and store.n <= 48 + 16 and store.sparse_steps > 0
+        lo, hi = bounds_ref(store.keys, 8)
+        assert torch.equal(store.kmin.double(), lo) and torch.equal(store.kmax.double(), hi)

@@ -18,7 +18,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec
-from .uniform import UniformStore
+from .uniform import UniformStore, sparse_step
 
 
 class LSHStore(UniformStore):
@@ -51,8 +51,7 @@ class LSHStore(UniformStore):
         """Take over a uniform store's buffers (no copy), draw the layer's
         hyperplanes from ``seed`` and hash every slot."""
         new = cls(K, L, hits, sinks, window)
-        new._k, new._v, new._cols = store._k, store._v, store._cols
-        new.lo, new.n, new.limit = store.lo, store.n, store.limit
+        new._adopt(store)
         keys = new.keys
         B, H, n, D = (int(x) for x in keys.shape)
         g = torch.Generator().manual_seed(int(seed))
@@ -102,8 +101,7 @@ class LSHStore(UniformStore):
         self.center = self.center.index_select(0, idx)
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
-        if (int(query.shape[2]) == 1 and spec.plain and spec.window is None and not spec.count_bias
-                and self.n > self.sinks + self.window):
+        if sparse_step(query, spec) and self.n > self.sinks + self.window:
             g = int(query.shape[1]) // self.heads
             qcodes = ops.simhash(query, self.planes, self.K, group=g)
             self.sampled_steps += 1

@@ -23,7 +23,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec
-from .uniform import UniformStore
+from .uniform import UniformStore, read_count, sparse_step
 
 
 class PagedStore(UniformStore):
@@ -63,8 +63,7 @@ class PagedStore(UniformStore):
     def from_uniform(cls, store: UniformStore, page: int, token_budget: int, gqa: str = "max") -> "PagedStore":
         """Take over a uniform store's buffers (no copy) and bound its pages."""
         new = cls(page, token_budget, gqa)
-        new._k, new._v, new._cols = store._k, store._v, store._cols
-        new.lo, new.n, new.limit = store.lo, store.n, store.limit
+        new._adopt(store)
         new._sync_bounds()
         return new
 
@@ -121,10 +120,9 @@ class PagedStore(UniformStore):
         self._bounded = self.n
 
     def append(self, keys, values, first_position: int) -> None:
-        lo = self.lo
+        # a reallocation that moves the live slots to the front changes `lo`,
+        # which _sync_bounds notices
         super().append(keys, values, first_position)
-        if self.lo != lo:
-            self._bounded = 0  # the live slots moved to the front of new buffers
         self._sync_bounds()
 
     def keep(self, indices) -> None:
@@ -153,12 +151,9 @@ class PagedStore(UniformStore):
         int64, ascending, the first real page and the newest always in; None
         when every page fits the token budget."""
         total = self.num_pages
-        k = max(2, self.token_budget // self.page)
         first = kv_start // self.page if kv_start is not None else None
-        if first is not None:
-            # every row must have k pages that hold real slots
-            k = min(k, total - int(first.max()))
-        if k >= total - (0 if first is None else int(first.min())) or k < 1:
+        k = read_count(max(2, self.token_budget // self.page), total, first)
+        if k is None:
             return None
         scores = ops.page_scores(query[:, :, -1], self.kmin, self.kmax, total, self.page, gqa=self.gqa,
                                  kv_start=kv_start)
@@ -166,8 +161,7 @@ class PagedStore(UniformStore):
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         self.last_pages = None
-        if (int(query.shape[2]) == 1 and spec.plain and spec.window is None and not spec.count_bias
-                and self.n > self.token_budget):
+        if sparse_step(query, spec) and self.n > self.token_budget:
             pages = self.pages_to_read(query, kv_start)
             if pages is not None:
                 self.last_pages = pages

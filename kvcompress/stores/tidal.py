@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .. import ops
 from .base import AttentionSpec
-from .uniform import UniformStore
+from .uniform import UniformStore, read_count, sparse_step
 
 SELECT, SPARSE = "select", "sparse"
 
@@ -57,8 +57,7 @@ class TidalStore(UniformStore):
     def from_uniform(cls, store: UniformStore, role: str, token_budget: int, shared: dict,
                      gqa: str = "max") -> "TidalStore":
         new = cls(role, token_budget, shared, gqa)
-        new._k, new._v, new._cols = store._k, store._v, store._cols
-        new.lo, new.n, new.limit = store.lo, store.n, store.limit
+        new._adopt(store)
         return new
 
     def __repr__(self) -> str:
@@ -67,10 +66,8 @@ class TidalStore(UniformStore):
                 f"sparse_steps={self.sparse_steps})")
 
     def _select(self, query, spec: AttentionSpec, kv_start):
-        k = self.token_budget
-        if kv_start is not None:
-            k = min(k, self.n - int(kv_start.max()))
-        if k < 1 or k >= self.n - (0 if kv_start is None else int(kv_start.min())):
+        k = read_count(self.token_budget, self.n, kv_start)
+        if k is None:
             self.shared.pop("tidal", None)  # every slot fits: the sparse layers read them all
             return
         scores = ops.window_scores(query, self.keys, scaling=spec.scaling, gqa=self.gqa, kv_start=kv_start)
@@ -79,8 +76,7 @@ class TidalStore(UniformStore):
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         self.last_read = None
-        step = (int(query.shape[2]) == 1 and spec.plain and spec.window is None and not spec.count_bias
-                and self.n > self.token_budget)
+        step = sparse_step(query, spec) and self.n > self.token_budget
         if self.role == SELECT:
             out = super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)
             if step:

@@ -35,6 +35,24 @@ def c_decode_ok(query, keys, values, spec: AttentionSpec) -> bool:
             and keys.shape[2] >= 1)
 
 
+def sparse_step(query, spec: AttentionSpec) -> bool:
+    """A decode step (one query per row) with no option the sparse readers
+    (Quest, TidalDecode, MagicPIG) lack: softcap, sinks, windows, merge counts."""
+    return int(query.shape[2]) == 1 and spec.plain and spec.window is None and not spec.count_bias
+
+
+def read_count(k: int, total: int, first=None) -> int | None:
+    """How many of ``total`` units (slots or pages) a sparse step reads per
+    head when it may read ``k``: at most what the most-padded row holds
+    (units before ``first[b]`` are padding), None when that covers every
+    row's real units (the step then reads densely)."""
+    if first is not None:
+        k = min(k, total - int(first.max()))
+    if k < 1 or k >= total - (0 if first is None else int(first.min())):
+        return None
+    return k
+
+
 class UniformStore(LayerStore):
     """``[B, H, n, D]`` slots with equal counts per head.
 
@@ -102,6 +120,12 @@ class UniformStore(LayerStore):
 
     def tensors(self) -> list:
         return [t for t in (self._k, self._v, *self._cols.values()) if t is not None]
+
+    def _adopt(self, store: "UniformStore") -> None:
+        """Take over another uniform store's buffers and live range (no copy):
+        how a layer's slots move into a subclass after their prefill."""
+        self._k, self._v, self._cols = store._k, store._v, store._cols
+        self.lo, self.n, self.limit = store.lo, store.n, store.limit
 
     # ------------------------------------------------------------- writing
     def _realloc(self, cap: int) -> None:
