@@ -111,5 +111,6 @@ extern PyMethodDef kvc_py_quant_methods[];
 extern PyMethodDef kvc_py_packed_attention_methods[];
 extern PyMethodDef kvc_py_pages_methods[];
 extern PyMethodDef kvc_py_lsh_methods[];
+extern PyMethodDef kvc_py_minicache_methods[];
 
 #endif /* KVC_MODULE_H */

@@ -40,6 +40,9 @@ __all__ = [
     "attention_pages",
     "simhash",
     "lsh_attention",
+    "slerp_merge",
+    "slerp_restore",
+    "SlerpMerge",
     "global_scores",
     "probe_positions",
     "head_budgets",
@@ -1162,3 +1165,85 @@ def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks
                      _as_int64(kv_start, "kv_start", queries), _int_arg(sinks, "sinks"), _int_arg(window, "window"),
                      _int_arg(K, "K"), _int_arg(hits, "hits"), scaling)
     return (out, lse) if return_lse else out
+
+
+class SlerpMerge(NamedTuple):
+    """Result of :func:`slerp_merge`: the shared direction ``[B, H, n, D]``
+    (dtype of the inputs), the per-layer norms ``[B, H, n, 2]`` float32 and
+    the normalised angular distance ``[B, H, n]`` float32 in ``[0, 1]``."""
+
+    dir: object
+    norms: object
+    dist: object
+
+
+def slerp_merge(x1, x2, t: float = 0.6, *, out_dir=None, out_norms=None, out_dist=None) -> SlerpMerge:
+    """MiniCache's merge of two layers' vectors into one direction per token.
+
+    Per token ``(b, h, j)``: ``u_i = x_i / |x_i|``, ``Omega`` the angle
+    between ``u_1`` and ``u_2`` (``2 atan2(|u1 - u2|, |u1 + u2|)``) and
+    ``dir = sin((1-t) Omega) / sin Omega * u_1 + sin(t Omega) / sin Omega *
+    u_2`` (SLERP; ``t = 0`` gives ``u_1`` and ``t = 1`` ``u_2`` bit for bit;
+    below ``sin Omega = 1e-6`` the renormalised linear blend). A zero vector
+    takes the other's direction (its own reconstruction is 0). ``norms[...,
+    i] = |x_{i+1}|``, ``dist = Omega / pi``. Math in float32, ``dir``
+    rounded once.
+
+    Parameters
+    ----------
+    x1, x2 : tensors ``[B, H, n, D]`` (float32, float16 or bfloat16, same dtype)
+        The same tokens' keys (or values) in layers ``l-1`` and ``l``.
+    t : float in [0, 1]
+        Interpolation towards ``x2`` (the paper's default 0.6).
+    out_dir, out_norms, out_dist : optional outputs
+
+    Returns
+    -------
+    SlerpMerge
+    """
+    xs = _shape(x1, "x1", 4, "[B, H, n, D]")
+    t = _real(t, "t")
+    if not 0.0 <= t <= 1.0:
+        raise KVCompressValueError(f"t: must be in [0, 1], got {t}")
+    if out_dir is None:
+        out_dir = _empty_like_dtype(x1, xs)
+    if out_norms is None:
+        out_norms = _empty(x1, (xs[0], xs[1], xs[2], 2), "float32")
+    if out_dist is None:
+        out_dist = _empty(x1, (xs[0], xs[1], xs[2]), "float32")
+    _C.slerp_merge(_prepare(x1), _prepare(x2), out_dir, out_norms, out_dist, t)
+    return SlerpMerge(out_dir, out_norms, out_dist)
+
+
+def slerp_restore(dir, norms, slots, which: int, out, *, kept=None, kept_slots=None):
+    """One layer's view of a merged pair, written into ``out`` in place.
+
+    ``out[b, h, slots[b, h, i]] = norms[b, h, i, which] * dir[b, h, i]``
+    (float32 product, rounded once) and ``out[b, h, kept_slots[b, h, i]] =
+    kept[b, h, i]`` (retained tokens, copied bit for bit); other rows of
+    ``out`` are left as they are.
+
+    Parameters
+    ----------
+    dir : tensor ``[B, H, m, D]`` (float32, float16 or bfloat16)
+    norms : float32 tensor ``[B, H, m, 2]``
+    slots : int32 or int64 tensor ``[B, H, m]``, values in ``[0, T)``
+    which : 0 or 1
+        The layer: ``0`` is ``l-1`` (``x1`` of :func:`slerp_merge`), ``1`` is ``l``.
+    out : tensor ``[B, H, T, D]``, dtype of ``dir``
+    kept : tensor ``[B, H, r, D]``, optional (default: none)
+    kept_slots : int32 or int64 tensor ``[B, H, r]``, with ``kept``
+
+    Returns
+    -------
+    out
+    """
+    ds = _shape(dir, "dir", 4, "[B, H, m, D]")
+    if (kept is None) != (kept_slots is None):
+        raise KVCompressValueError("kept, kept_slots: give both or neither")
+    if kept is None:
+        kept = _empty_like_dtype(dir, (ds[0], ds[1], 0, ds[3]))
+        kept_slots = _empty(dir, (ds[0], ds[1], 0), "int64")
+    _C.slerp_restore(_prepare(dir), _prepare(norms), _prepare(slots), _prepare(kept), _prepare(kept_slots), out,
+                     _int_arg(which, "which"))
+    return out

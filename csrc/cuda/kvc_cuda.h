@@ -30,6 +30,7 @@
 #include "../kvc.h"
 #include "../lsh.h"
 #include "../merge.h"
+#include "../minicache.h"
 #include "../pages.h"
 #include "../quant.h"
 #include "../score.h"
@@ -73,6 +74,8 @@ enum kvc_status kvc_cuda_page_bounds(const struct kvc_page_bounds_params *p, voi
 enum kvc_status kvc_cuda_page_scores(const struct kvc_page_scores_params *p, void *stream);
 enum kvc_status kvc_cuda_simhash(const struct kvc_simhash_params *p, void *stream);
 enum kvc_status kvc_cuda_lsh_attention(const struct kvc_lsh_attention_params *p, void *stream);
+enum kvc_status kvc_cuda_slerp_merge(const struct kvc_slerp_merge_params *p, void *stream);
+enum kvc_status kvc_cuda_slerp_restore(const struct kvc_slerp_restore_params *p, void *stream);
 
 size_t kvc_cuda_head_budgets_workspace(const struct kvc_head_budgets_params *p);
 enum kvc_status kvc_cuda_head_budgets(const struct kvc_head_budgets_params *p, void *stream);

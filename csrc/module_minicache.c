@@ -1,0 +1,132 @@
+/*
+ * module_minicache.c - bindings of slerp_merge and slerp_restore (MiniCache,
+ * minicache.c): validate once (shapes, dtypes, t, the slot lists), run with
+ * the GIL released.
+ */
+#include "module.h"
+#include "module_run.h"
+#include "module_spec.h"
+
+#include <string.h>
+
+#include "kvc_math.h"
+#include "minicache.h"
+
+KVC_PY_OP(op_slerp_merge, slerp_merge, 0, 0)
+KVC_PY_OP(op_slerp_restore, slerp_restore, 0, 0)
+
+/* norms carry (layer l-1, layer l): a last dimension of 2. */
+static int check_pair(struct kvc_state *st, const struct kvc_arg *norms)
+{
+    if (norms->view.shape[3] == 2) return 0;
+    return kvc_py_raise(st->ValueError, "norms: expected a last dimension of 2 (one norm per layer of the "
+                                        "pair), got %lld", (long long)norms->view.shape[3]);
+}
+
+/* Every slot of an index list in [0, T): the kernel writes out[.., slot]. */
+static int check_slots(struct kvc_state *st, const char *name, const struct kvc_view *v, int64_t T)
+{
+    const int64_t B = v->shape[0], H = v->shape[1], m = v->shape[2];
+    int64_t b, h, i;
+    for (b = 0; b < B; b++)
+        for (h = 0; h < H; h++)
+            for (i = 0; i < m; i++) {
+                const int64_t s = kvc_load_index(v->data, v->dtype, b * v->strides[0] + h * v->strides[1] +
+                                                                          i * v->strides[2]);
+                if (s < 0 || s >= T)
+                    return kvc_py_raise(st->ValueError,
+                                        "%s: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
+                                        name, (long long)s, (long long)b, (long long)h, (long long)i,
+                                        (long long)T);
+            }
+    return 0;
+}
+
+PyDoc_STRVAR(slerp_merge_doc,
+             "slerp_merge(x1, x2, dir, norms, dist, t)\n--\n\nLow-level: see kvcompress.ops.slerp_merge.");
+
+enum { SM_X1, SM_X2, SM_DIR, SM_NORMS, SM_DIST, SM_T, SM_N };
+static const struct kvc_py_spec slerp_merge_spec[SM_N] = {
+    KVC_PY_IN("x1", 4, "[B, H, n, D]", DT_FLOAT),
+    KVC_PY_IN_LIKE("x2", 4, "[B, H, n, D]", SM_X1),
+    KVC_PY_OUT_LIKE("dir", 4, "[B, H, n, D]", SM_X1),
+    KVC_PY_OUT_FREE("norms", 4, "[B, H, n, 2]", DT_F32, 1u << 3),
+    KVC_PY_OUT("dist", 3, "[B, H, n]", DT_F32),
+    KVC_PY_FLOAT_IN("t", 0.0, 1.0),
+};
+
+static PyObject *py_slerp_merge(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_py_call c;
+    struct kvc_slerp_merge_params p;
+    PyObject *ret = NULL;
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "slerp_merge", slerp_merge_spec, SM_N, args, nargs, &c) < 0) return NULL;
+    if (check_pair(st, &c.a[SM_NORMS]) < 0) goto done;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    p.x1 = c.a[SM_X1].view;
+    p.x2 = c.a[SM_X2].view;
+    p.dir = c.a[SM_DIR].view;
+    p.norms = c.a[SM_NORMS].view;
+    p.dist = c.a[SM_DIST].view;
+    p.t = (float)c.f[SM_T];
+    p.num_threads = st->num_threads;
+    if (kvc_py_run(st, &op_slerp_merge, &p, NULL, NULL, c.a, c.n) < 0) goto done;
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_call_release(&c);
+    return ret;
+}
+
+PyDoc_STRVAR(slerp_restore_doc,
+             "slerp_restore(dir, norms, slots, kept, kept_slots, out, which)\n--\n\n"
+             "Low-level: see kvcompress.ops.slerp_restore.");
+
+enum { SR_DIR, SR_NORMS, SR_SLOTS, SR_KEPT, SR_KSLOTS, SR_OUT, SR_WHICH, SR_N };
+static const struct kvc_py_spec slerp_restore_spec[SR_N] = {
+    KVC_PY_IN("dir", 4, "[B, H, m, D]", DT_FLOAT),
+    KVC_PY_IN_FREE("norms", 4, "[B, H, m, 2]", DT_F32, 1u << 3),
+    KVC_PY_IN("slots", 3, "[B, H, m]", DT_INDEX),
+    KVC_PY_IN_LIKE("kept", 4, "[B, H, r, D]", SR_DIR),
+    KVC_PY_IN("kept_slots", 3, "[B, H, r]", DT_INDEX),
+    KVC_PY_OUT_LIKE("out", 4, "[B, H, T, D]", SR_DIR),
+    KVC_PY_INT_IN("which", 0, 1),
+};
+
+static PyObject *py_slerp_restore(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    struct kvc_py_call c;
+    struct kvc_slerp_restore_params p;
+    PyObject *ret = NULL;
+    memset(&p, 0, sizeof p);
+    if (kvc_py_call_parse(st, "slerp_restore", slerp_restore_spec, SR_N, args, nargs, &c) < 0) return NULL;
+    if (check_pair(st, &c.a[SR_NORMS]) < 0) goto done;
+    if (kvc_py_call_finish(st, &c) < 0) goto done;
+    {
+        const int64_t T = c.a[SR_OUT].view.shape[2];
+        const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[SR_SLOTS]);
+        const struct kvc_view *hk = kvc_py_arg_host(st, &c.a[SR_KSLOTS]);
+        if (hs == NULL || hk == NULL) goto done;
+        if (check_slots(st, "slots", hs, T) < 0 || check_slots(st, "kept_slots", hk, T) < 0) goto done;
+    }
+    p.dir = c.a[SR_DIR].view;
+    p.norms = c.a[SR_NORMS].view;
+    p.slots = c.a[SR_SLOTS].view;
+    p.kept = c.a[SR_KEPT].view;
+    p.kept_slots = c.a[SR_KSLOTS].view;
+    p.out = c.a[SR_OUT].view;
+    p.which = (int32_t)c.i[SR_WHICH];
+    p.num_threads = st->num_threads;
+    if (kvc_py_run(st, &op_slerp_restore, &p, NULL, NULL, c.a, c.n) < 0) goto done;
+    ret = Py_NewRef(Py_None);
+done:
+    kvc_py_call_release(&c);
+    return ret;
+}
+
+PyMethodDef kvc_py_minicache_methods[] = {
+    {"slerp_merge", (PyCFunction)(void (*)(void))py_slerp_merge, METH_FASTCALL, slerp_merge_doc},
+    {"slerp_restore", (PyCFunction)(void (*)(void))py_slerp_restore, METH_FASTCALL, slerp_restore_doc},
+    {NULL, NULL, 0, NULL}};
