@@ -48,6 +48,7 @@ _LAZY = {
     "Quest": ("kvcompress.methods", "Quest"),
     "TidalDecode": ("kvcompress.methods", "TidalDecode"),
     "MagicPIG": ("kvcompress.methods", "MagicPIG"),
+    "MiniCache": ("kvcompress.methods", "MiniCache"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

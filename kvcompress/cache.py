@@ -28,8 +28,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
-from .stores import (AttentionSpec, LSHStore, PackedStore, PagedStore, RaggedPackedStore, RaggedStore, TidalStore,
-                     UniformStore)
+from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, PagedStore, RaggedPackedStore, RaggedStore,
+                     TidalStore, UniformStore)
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -350,7 +350,7 @@ class CompressedLayer(CacheLayerMixin):
         query_pos = None
         if spec.window is not None:
             query_pos = torch.arange(self.seen - q, self.seen, device=query.device)[None].expand(query.shape[0], q)
-        kv_start = self.kv_start if isinstance(self.store, (UniformStore, PackedStore)) else None
+        kv_start = self.kv_start if isinstance(self.store, (UniformStore, PackedStore, MiniCacheStore)) else None
         return self.store.attend(query, spec, kv_start=kv_start, query_pos=query_pos)
 
     # ---------------------------------------------------------- compression
@@ -857,7 +857,36 @@ class KVCache(Cache):
         layer = self._enter(layer_idx, query, spec, padding_mask, four_d)
         out = layer.attend(query, spec)
         layer.after_attention(query, spec.scaling)
+        if self.method.cross_layer is not None:
+            self._merge_pair(layer_idx)
         return out
+
+    def _merge_pair(self, layer_idx: int) -> None:
+        """MiniCache: once the deeper layer ``l`` of a pair has attended over
+        its first chunk, layers ``l-1`` and ``l`` hold the same tokens in
+        full precision; merge them into one shared pair. A pair whose layers
+        slide, differ in shape, dtype or held tokens, or were merged
+        already, stays as it is (documented rule, see ``MiniCache``)."""
+        mc = self.method.cross_layer
+        L = self.num_layers or self.layers[layer_idx].num_layers
+        if L is None:
+            raise KVCompressError("MiniCache pairs layers from the middle of the network: the cache needs "
+                                  "num_layers (KVCache(method, num_layers=...), or run inside "
+                                  "kvcompress.compress(model, method))")
+        first = mc.partner(layer_idx, L)
+        if first is None:
+            return
+        a, b = self.layers[first], self.layers[layer_idx]
+        sa, sb = a.store, b.store
+        if type(sa) is not UniformStore or type(sb) is not UniformStore:
+            return
+        if a.window is not None or b.window is not None or a.seen != b.seen or sa.n != a.seen or sb.n != b.seen:
+            return
+        ka, kb, va, vb = sa.keys, sb.keys, sa.values, sb.values
+        if (ka.shape != kb.shape or va.shape != vb.shape or ka.dtype != kb.dtype or ka.device != kb.device
+                or ka.dtype != va.dtype or a._pad != b._pad):
+            return
+        a.store, b.store = MiniCacheStore.merge_layers(sa, sb, a.kv_start, float(mc.t), float(mc.retain))
 
     def _enter(self, layer_idx: int, query, spec: AttentionSpec, padding_mask, four_d) -> "CompressedLayer":
         """Check the layer's window against ``spec`` and record the chunk's
@@ -885,6 +914,11 @@ class KVCache(Cache):
         layer = self.layers[layer_idx]
         if layer.kv_start is None:
             layer.set_padding(None, layer.last_chunk)
+        if self.method.cross_layer is not None:
+            raise KVCompressError(
+                f"{self.method.describe()} merges pairs of layers inside the 'kvcompress' attention function: "
+                "run generation inside `with kvcompress.compress(model, method):` or call "
+                "`kvcompress.enable(model)` before passing a KVCache")
         if self.method.needs_queries:
             raise KVCompressError(
                 f"{type(self.method).__name__} needs the layer's queries, which only the 'kvcompress' "
@@ -906,8 +940,14 @@ class KVCache(Cache):
     def stats(self) -> CacheStats:
         """Per-layer lengths and bytes, and what transformers' own cache holds."""
         out = CacheStats(method=self.method.describe())
+        counted: set[int] = set()  # storages shared by layers (MiniCache pairs) count once, at the first
         for layer in self.layers:
-            nbytes = sum(_storage_bytes(t)[1] for t in layer.tensors())
+            nbytes = 0
+            for t in layer.tensors():
+                ptr, size = _storage_bytes(t)
+                if ptr not in counted:
+                    counted.add(ptr)
+                    nbytes += size
             full = self._full_bytes(layer)
             out.layers.append(LayerStats(layer.layer_idx, layer.seen, layer.head_lengths(), layer.capacity, nbytes,
                                          layer.store.kind, layer.window, full))
@@ -921,6 +961,9 @@ class KVCache(Cache):
             return 0
         if isinstance(store, RaggedStore):
             width, item = store.k.shape[1] + store.v.shape[1], store.k.element_size()
+        elif isinstance(store, MiniCacheStore):
+            D, Dv, item = store.widths
+            width = D + Dv
         else:
             width, item = store.keys.shape[3] + store.values.shape[3], store.keys.element_size()
         tokens = layer.seen if layer.window is None else min(layer.seen, layer.window)

@@ -198,6 +198,12 @@ class Method:
         return None
 
     @property
+    def cross_layer(self):
+        """The ``MiniCache`` method when adjacent layers are merged into one
+        shared store (``kvcompress.stores.MiniCacheStore``), else None."""
+        return None
+
+    @property
     def tidal(self):
         """The ``TidalDecode`` method when layers share one decode-time token
         selection (``kvcompress.stores.TidalStore``), else None."""
@@ -220,6 +226,9 @@ class Method:
         kept slots are packed), e.g. ``EMS(ratio=0.5) + KIVI(bits=4)``."""
         if not isinstance(other, Method):
             return NotImplemented
+        if self.cross_layer is not None or other.cross_layer is not None:
+            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache does not compose "
+                            "with eviction, quantization or sparse readers yet (it merges whole layers)")
         if not self.evicts or other.evicts:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "
                             "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4), or "

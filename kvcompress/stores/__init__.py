@@ -8,6 +8,7 @@ bits plus a full-precision residual) implement :class:`LayerStore`. See
 
 from .base import AttentionSpec, LayerStore
 from .lsh import LSHStore
+from .minicache import MergedPair, MiniCacheStore
 from .packed import PackedStore
 from .packed_ragged import RaggedPackedStore
 from .paged import PagedStore
@@ -15,5 +16,6 @@ from .ragged import RaggedStore
 from .tidal import TidalStore
 from .uniform import UniformStore
 
-__all__ = ["AttentionSpec", "LSHStore", "LayerStore", "PackedStore", "PagedStore", "RaggedPackedStore", "RaggedStore",
+__all__ = ["AttentionSpec", "LSHStore", "LayerStore", "MergedPair", "MiniCacheStore", "PackedStore", "PagedStore",
+           "RaggedPackedStore", "RaggedStore",
            "TidalStore", "UniformStore"]
