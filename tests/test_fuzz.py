@@ -325,6 +325,25 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         return [fw(fl([B, H * g, 1, D], dt)), fw(fl([B, H, n, D], dt)), fw(fl([B, H, n, D], dt)), fw(codes),
                 fw(qcodes), K], kw
 
+    def b_slerp_merge():
+        B, H, n, D = dim(), dim(), dim(), dim()
+        dt = rng.choice(FLOATS)
+        return [fw(fl([B, H, n, D], dt)), fw(fl([B, H, n, D], dt)), rng.choice([0.0, 0.6, 1.0])], {}
+
+    def b_slerp_restore():
+        B, H, m, r, D = dim(), dim(), dim(), dim(), dim()
+        T = m + r + rng.choice([0, 2])
+        dt = rng.choice(FLOATS)
+        kw = {}
+        if T and rng.random() < 0.7:
+            kw = {"kept": fw(fl([B, H, r, D], dt)), "kept_slots": fw(torch.randint(0, T, (B, H, r)))}
+        slots = torch.randint(0, max(T, 1), (B, H, m)) if T else torch.zeros((B, H, 0), dtype=torch.int64)
+        if not T:
+            m = 0
+            kw = {}
+        return [fw(fl([B, H, m, D], dt)), fw(torch.rand(B, H, m, 2)), fw(slots.to(rng.choice([torch.int32, torch.int64]))),
+                rng.choice([0, 1]), fw(torch.zeros(B, H, T, D, dtype=dt))], kw
+
     def b_head_budgets():
         B, H, T = dim(), dim(), dim()
         return [fw(fl([B, H, T], torch.float32)), rng.randint(0, T + 1)], \
@@ -370,6 +389,8 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "attention_pages": b_attention_pages,
         "simhash": b_simhash,
         "lsh_attention": b_lsh_attention,
+        "slerp_merge": b_slerp_merge,
+        "slerp_restore": b_slerp_restore,
         "head_budgets": b_head_budgets,
         "probe_positions": b_probe_positions,
         "pack_keys": b_pack,

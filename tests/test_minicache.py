@@ -1,0 +1,324 @@
+"""MiniCache: the SLERP merge and the reconstruction against float64
+references (fp32/fp16/bf16 storage), the t and retention edge cases, bad
+arguments refused by name, the merged pair's bytes against the formula, the
+pairing rule, and generate(): full retention is plain generate()."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcompress as kvc
+from kvcompress import KVCompressError, KVCompressValueError, ops
+from kvcompress.cache import KVCache
+from kvcompress.compat import cache_kwargs
+from kvcompress.methods import MiniCache, method_from_spec
+from kvcompress.stores import MergedPair, MiniCacheStore
+from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
+from test_quest import _batch, _generate
+
+
+def slerp_ref(x1, x2, t):
+    """float64: the shared direction, the norms and Omega / pi, by the
+    definition (acos of the cosine; the C op's atan2 form is the same angle)."""
+    a, b = x1.double(), x2.double()
+    n1, n2 = a.norm(dim=-1), b.norm(dim=-1)
+    u1 = torch.where(n1[..., None] > 0, a / n1.clamp_min(1e-300)[..., None], torch.zeros_like(a))
+    u2 = torch.where(n2[..., None] > 0, b / n2.clamp_min(1e-300)[..., None], torch.zeros_like(b))
+    omega = torch.acos((u1 * u2).sum(-1).clamp(-1, 1))
+    s = torch.sin(omega)
+    if t == 0:
+        e = u1.clone()
+    elif t == 1:
+        e = u2.clone()
+    else:
+        e = (torch.sin((1 - t) * omega) / s)[..., None] * u1 + (torch.sin(t * omega) / s)[..., None] * u2
+    return e, torch.stack([n1, n2], -1), omega / math.pi
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.6, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layout", ["contig", "strided"])
+def test_slerp_merge_matches_float64(dtype, t, layout):
+    x1 = make((2, 3, 37, 64), dtype, layout, seed=1)
+    # layer l resembles layer l-1 (the case MiniCache is for), plus noise
+    x2 = (x1.float() * 1.7 + 0.6 * make((2, 3, 37, 64), torch.float32, "contig", seed=2)).to(dtype)
+    got = ops.slerp_merge(x1, x2, t)
+    e, norms, dist = slerp_ref(x1, x2, t)
+    assert got.dir.dtype == dtype and got.norms.dtype == got.dist.dtype == torch.float32
+    # the direction: at most 2x the error of rounding the exact result to the dtype
+    assert_within_bound(got.dir, e, e.to(dtype), "dir")
+    torch.testing.assert_close(got.norms.double(), norms, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(got.dist.double(), dist, rtol=0, atol=2e-6)
+    # the merged direction is a unit vector
+    torch.testing.assert_close(got.dir.double().norm(dim=-1), torch.ones_like(dist),
+                               rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_restore_matches_float64_and_copies_retained_rows(dtype):
+    x1 = make((2, 2, 20, 32), dtype, seed=3)
+    x2 = make((2, 2, 20, 32), dtype, seed=4)
+    m = ops.slerp_merge(x1, x2, 0.6)
+    slots = torch.stack([torch.randperm(26, generator=torch.Generator().manual_seed(i))[:20]
+                         for i in range(4)]).view(2, 2, 20)
+    rest = torch.tensor([[i for i in range(26) if i not in set(s.tolist())] for s in slots.view(4, 20)]).view(2, 2, 6)
+    kept = make((2, 2, 6, 32), dtype, seed=5)
+    for which in (0, 1):
+        out = torch.full((2, 2, 28, 32), 7.0, dtype=dtype)
+        ops.slerp_restore(m.dir, m.norms, slots.to(torch.int32), which, out, kept=kept, kept_slots=rest)
+        ref = m.norms[..., which, None].double() * m.dir.double()
+        got = out.gather(2, slots[..., None].expand(-1, -1, -1, 32))
+        assert_within_bound(got, ref, ref.to(dtype), f"layer {which}")
+        assert torch.equal(out.gather(2, rest[..., None].expand(-1, -1, -1, 32)), kept)
+        assert bool((out[:, :, 26:] == 7).all())  # rows named by neither stay as they were
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_t0_and_t1_reproduce_their_layer(dtype):
+    """t=0: the direction is layer l-1's own, bit for bit, so layer l-1 reads
+    |x1| * x1/|x1| (its vectors to two roundings) and layer l its norm along
+    l-1's direction; t=1 mirrors it."""
+    x1, x2 = make((1, 2, 16, 64), dtype, seed=6), make((1, 2, 16, 64), dtype, seed=7)
+    slots = torch.arange(16).expand(1, 2, 16)
+    tol = 1e-6 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 1.6e-2)
+    for t, which, x, other in ((0.0, 0, x1, x2), (1.0, 1, x2, x1)):
+        m = ops.slerp_merge(x1, x2, t)
+        # the direction is x's alone: the other layer does not change a bit of it
+        noise = make((1, 2, 16, 64), dtype, seed=8)
+        assert torch.equal(m.dir, ops.slerp_merge(x1 if t == 0 else noise, noise if t == 0 else x2, t).dir)
+        u = x.double() / x.double().norm(dim=-1, keepdim=True)
+        assert_within_bound(m.dir, u, u.to(dtype), "unit")
+        out = torch.empty_like(x)
+        ops.slerp_restore(m.dir, m.norms, slots, which, out)
+        rel = ((out.double() - x.double()).norm(dim=-1) / x.double().norm(dim=-1)).max()
+        assert rel < tol
+        # the other layer keeps its magnitude along the shared direction
+        ops.slerp_restore(m.dir, m.norms, slots, 1 - which, out)
+        torch.testing.assert_close(out.double().norm(dim=-1), other.double().norm(dim=-1), rtol=2 * tol, atol=0)
+
+
+def test_degenerate_pairs():
+    D = 8
+    x = torch.randn(1, 1, 1, D)
+    zero = torch.zeros(1, 1, 1, D)
+    # identical vectors: distance 0 and the shared direction is theirs
+    m = ops.slerp_merge(x, x, 0.6)
+    assert float(m.dist) == 0.0
+    torch.testing.assert_close(m.dir, x / x.norm(), rtol=0, atol=1e-6)
+    # parallel with different norms: same direction, each layer its own norm
+    m = ops.slerp_merge(x, 3 * x, 0.6)
+    torch.testing.assert_close(m.norms[0, 0, 0], torch.tensor([1.0, 3.0]) * x.norm(), rtol=1e-6, atol=0)
+    # antipodal: distance 1, a unit direction (an endpoint's), nothing NaN
+    for t in (0.3, 0.5, 0.7):
+        m = ops.slerp_merge(x, -x, t)
+        assert abs(float(m.dist) - 1.0) < 1e-6
+        assert torch.isfinite(m.dir).all() and abs(float(m.dir.norm()) - 1) < 1e-5
+    # a zero vector takes the other's direction (its own reconstruction is 0)
+    m = ops.slerp_merge(zero, x, 0.6)
+    assert float(m.dist) == 0.0 and float(m.norms[0, 0, 0, 0]) == 0.0
+    torch.testing.assert_close(m.dir, x / x.norm(), rtol=0, atol=1e-6)
+    out = torch.ones(1, 1, 1, D)
+    ops.slerp_restore(m.dir, m.norms, torch.zeros(1, 1, 1, dtype=torch.int64), 0, out)
+    assert torch.equal(out, zero)
+    m = ops.slerp_merge(zero, zero, 0.6)
+    assert torch.equal(m.dir, zero) and float(m.dist) == 0.0
+    # tiny angles: the SLERP weights stay finite and the result is the common direction
+    y = x + 1e-7 * torch.randn(1, 1, 1, D)
+    m = ops.slerp_merge(x, y, 0.6)
+    assert torch.isfinite(m.dir).all() and float(m.dist) < 1e-5
+    # empty problems
+    e = torch.zeros(2, 0, 3, D)
+    assert ops.slerp_merge(e, e, 0.5).dir.shape == e.shape
+
+
+def test_threads_give_identical_bits():
+    x1, x2 = make((3, 4, 33, 48), seed=8), make((3, 4, 33, 48), seed=9)
+    prev = ops.get_num_threads()
+    try:
+        ops.set_num_threads(1)
+        a = ops.slerp_merge(x1, x2, 0.6)
+        ops.set_num_threads(2)
+        b = ops.slerp_merge(x1, x2, 0.6)
+    finally:
+        ops.set_num_threads(prev)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_bad_arguments_are_refused_by_name():
+    x = torch.randn(1, 2, 4, 8)
+    with pytest.raises(KVCompressValueError, match="t"):
+        ops.slerp_merge(x, x, 1.5)
+    with pytest.raises(KVCompressValueError, match="t"):
+        ops.slerp_merge(x, x, float("nan"))
+    with pytest.raises(TypeError, match="x2"):
+        ops.slerp_merge(x, x.half(), 0.5)
+    with pytest.raises(KVCompressValueError, match="x2"):
+        ops.slerp_merge(x, x[:, :, :3], 0.5)
+    m = ops.slerp_merge(x, x, 0.5)
+    slots = torch.arange(4).expand(1, 2, 4)
+    out = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(KVCompressValueError, match="slots: value 4"):
+        ops.slerp_restore(m.dir, m.norms, slots + 1, 0, out)
+    with pytest.raises(KVCompressValueError, match="slots: value -1"):
+        ops.slerp_restore(m.dir, m.norms, slots - 1, 0, out)
+    with pytest.raises(KVCompressValueError, match="norms"):
+        ops.slerp_restore(m.dir, torch.zeros(1, 2, 4, 3), slots, 0, out)
+    with pytest.raises(KVCompressValueError, match="which"):
+        ops.slerp_restore(m.dir, m.norms, slots, 2, out)
+    with pytest.raises(KVCompressValueError, match="kept"):
+        ops.slerp_restore(m.dir, m.norms, slots, 0, out, kept=x)
+    with pytest.raises(KVCompressValueError, match="kept_slots: value 9"):
+        ops.slerp_restore(m.dir, m.norms, slots, 0, out, kept=x[:, :, :1], kept_slots=torch.full((1, 2, 1), 9))
+    with pytest.raises(TypeError, match="out"):
+        ops.slerp_restore(m.dir, m.norms, slots, 0, out.half())
+    with pytest.raises(KVCompressValueError, match="out"):
+        ops.slerp_restore(m.dir, m.norms, slots, 0, m.dir)  # writes over an input
+
+
+# ---------------------------------------------------------------- the merged pair
+
+def _pair_inputs(dtype=torch.float32, B=2, H=2, n=40, D=16):
+    k1, v1 = make((B, H, n, D), dtype, seed=10), make((B, H, n, D), dtype, seed=11)
+    k2 = (k1.float() + 0.3 * make((B, H, n, D), seed=12)).to(dtype)
+    v2 = (v1.float() + 0.3 * make((B, H, n, D), seed=13)).to(dtype)
+    return k1, v1, k2, v2
+
+
+def test_pair_retains_the_most_distant_tokens_and_reconstructs():
+    k1, v1, k2, v2 = _pair_inputs()
+    k2[0, 1, 7] = -k1[0, 1, 7]  # antipodal key: the most distant token of that head
+    start = torch.tensor([0, 10])
+    pair = MergedPair.merge(k1, v1, k2, v2, start, 0.6, 0.1)
+    # 10% of the real tokens, the larger count of the two rows (40 and 30 real)
+    assert pair.retained == 4
+    dist = torch.maximum(ops.slerp_merge(k1, k2, 0.6).dist, ops.slerp_merge(v1, v2, 0.6).dist)
+    for b in range(2):
+        for h in range(2):
+            real = dist[b, h, int(start[b]):]
+            top = set((real.topk(4).indices + int(start[b])).tolist())
+            assert set(pair.kept_slots[b, h].tolist()) == top
+    assert 7 in pair.kept_slots[0, 1].tolist()
+    tail = kvc.stores.UniformStore()
+    for which, (k, v) in enumerate(((k1, v1), (k2, v2))):
+        rk, rv = pair.restore(which, tail)
+        kept = pair.kept_slots.long()
+        idx = kept[..., None].expand(-1, -1, -1, 16)
+        assert torch.equal(rk.gather(2, idx), k.gather(2, idx)) and torch.equal(rv.gather(2, idx), v.gather(2, idx))
+        # merged tokens keep their norm exactly (to float rounding)
+        torch.testing.assert_close(rk.norm(dim=-1), k.norm(dim=-1), rtol=1e-5, atol=0)
+
+
+def test_full_retention_and_t0_reproduce_each_layer():
+    k1, v1, k2, v2 = _pair_inputs(n=12)
+    tail = kvc.stores.UniformStore()
+    pair = MergedPair.merge(k1, v1, k2, v2, None, 0.6, 1.0)
+    assert pair.retained == 12 and pair.slots.shape[2] == 0
+    assert all(torch.equal(a, b) for a, b in zip(pair.restore(0, tail), (k1, v1)))
+    assert all(torch.equal(a, b) for a, b in zip(pair.restore(1, tail), (k2, v2)))
+    pair = MergedPair.merge(k1, v1, k2, v2, None, 0.0, 0.0)
+    assert pair.retained == 0
+    for got, want in zip(pair.restore(0, tail), (k1, v1)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    pair = MergedPair.merge(k1, v1, k2, v2, None, 1.0, 0.0)
+    for got, want in zip(pair.restore(1, tail), (k2, v2)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_pair_bytes_match_the_formula(dtype):
+    B, H, n, D = 2, 2, 40, 16
+    k1, v1, k2, v2 = _pair_inputs(dtype, B, H, n, D)
+    pair = MergedPair.merge(k1, v1, k2, v2, None, 0.6, 0.1)
+    r, m = 4, n - 4
+    es = torch.finfo(dtype).bits // 8
+    # per merged token and head: a key and a value direction, 4 float32 norms, an int32 slot;
+    # per retained token and head: key and value in each layer, an int32 slot
+    want = B * H * (m * (2 * D * es + 4 * 4 + 4) + r * (2 * 2 * D * es + 4))
+    assert sum(t.numel() * t.element_size() for t in pair.tensors()) == want
+    s0, s1 = MiniCacheStore(pair, 0), MiniCacheStore(pair, 1)
+    ptrs = lambda s: {t.untyped_storage().data_ptr() for t in s.tensors()}  # noqa: E731
+    assert ptrs(s0) == ptrs(s1)  # one pair, referenced by both layers
+
+
+# ---------------------------------------------------------------- the method
+
+def test_options_registry_and_refused_compositions():
+    m = method_from_spec("minicache:t=0.6:retain=0.05")
+    assert isinstance(m, MiniCache) and (m.t, m.retain, m.start_layer) == (0.6, 0.05, None)
+    assert method_from_spec("minicache:start_layer=1:t=0").start_layer == 1
+    assert repr(MiniCache(start_layer=2)) == "MiniCache(start_layer=2, t=0.6, retain=0.05)"
+    assert "minicache" in kvc.methods.REGISTRY and kvc.MiniCache is MiniCache
+    assert "minicache" not in kvc.methods.EVICTING
+    for bad in (dict(t=1.5), dict(t=float("nan")), dict(retain=-0.1), dict(retain=2), dict(start_layer=-1)):
+        with pytest.raises(ValueError):
+            MiniCache(**bad)
+    with pytest.raises(TypeError):
+        MiniCache(t="x")
+    with pytest.raises(ValueError, match="merges adjacent layers"):
+        MiniCache(budget=64)
+    with pytest.raises(TypeError, match="MiniCache does not compose"):
+        kvc.SnapKV(ratio=0.5) + MiniCache()
+    with pytest.raises(TypeError, match="MiniCache does not compose"):
+        MiniCache() + kvc.KIVI(bits=4)
+    with pytest.raises(ValueError, match="MiniCache"):
+        method_from_spec("snapkv+minicache", ratio=0.5)
+    with pytest.raises(ValueError, match="quant"):
+        MiniCache(quant=kvc.KIVI(bits=4))
+
+
+def test_pairs_from_the_middle():
+    m = MiniCache()
+    assert [m.partner(i, 8) for i in range(8)] == [None, None, None, None, None, 4, None, 6]
+    assert [m.partner(i, 7) for i in range(7)] == [None, None, None, None, 3, None, 5]
+    # an odd last layer stays alone
+    assert [MiniCache(start_layer=3).partner(i, 8) for i in range(8)] == [None] * 4 + [3, None, 5, None]
+    m = MiniCache(start_layer=0)
+    assert [m.partner(i, 5) for i in range(5)] == [None, 0, None, 2, None]
+
+
+def test_full_retention_reproduces_generate_with_left_padding(tiny_model):
+    ids, mask = _batch(21)
+    method = MiniCache(start_layer=0, retain=1.0)
+    cache = KVCache(method, num_layers=4)
+    assert torch.equal(_generate(tiny_model, ids, mask, method, cache), _generate(tiny_model, ids, mask))
+    assert [layer.store.kind for layer in cache.layers] == ["minicache"] * 4
+    assert cache.layers[0].store.pair is cache.layers[1].store.pair
+    assert cache.layers[2].store.pair is cache.layers[3].store.pair
+
+
+def test_default_merges_the_second_half_and_counts_bytes_once(tiny_model):
+    ids, mask = _batch(22)
+    method = MiniCache()
+    cache = KVCache(method, num_layers=4)
+    out = _generate(tiny_model, ids, mask, method, cache, new=6)
+    assert out.shape == (2, 266)
+    assert [layer.store.kind for layer in cache.layers] == ["uniform", "uniform", "minicache", "minicache"]
+    a, b = cache.layers[2].store, cache.layers[3].store
+    # prefill (260 slots, 215 real in row 1) merged; 5 decoded tokens in each layer's own tail
+    assert a.pair.n == 260 and a.tail.n == b.tail.n == 5 and a.n == b.n == 265
+    assert a.pair.retained == math.ceil(0.05 * 260)
+    stats = cache.stats()
+    assert stats.total_bytes == cache.memory_bytes()
+    pair_bytes = sum(t.numel() * t.element_size() for t in a.pair.tensors())
+    assert stats.layers[2].bytes >= pair_bytes and stats.layers[3].bytes < pair_bytes
+    assert stats.total_bytes < stats.full_bytes
+
+
+def test_beam_search_reorders_a_shared_pair_once(tiny_model):
+    ids, mask = _batch(23)
+    kw = dict(attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, num_beams=2)
+    ref = tiny_model.generate(ids, **kw)
+    with kvc.compress(tiny_model, MiniCache(start_layer=0, retain=1.0)):
+        out = tiny_model.generate(ids, **kw)
+    assert torch.equal(out, ref)
+
+
+def test_other_attention_functions_are_refused(tiny_model):
+    ids, mask = _batch(24)
+    cache = KVCache(MiniCache(), num_layers=4)
+    with pytest.raises(KVCompressError, match="MiniCache"):
+        tiny_model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                            **cache_kwargs(tiny_model, cache))
