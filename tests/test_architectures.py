@@ -471,3 +471,24 @@ def test_stats_compare_with_what_transformers_holds_on_sliding_layers():
     stats = session.cache.stats()
     assert stats.full_bytes == transformers_cache_bytes(ref)
     assert stats.compression == pytest.approx(stats.full_bytes / session.cache.memory_bytes())
+
+
+@pytest.mark.parametrize("family", _family_params())
+def test_minicache_full_retention_reproduces_generate_and_skips_sliding_pairs(archs, family):
+    """MiniCache(start_layer=0, retain=1) pairs layers (0, 1) and (2, 3) and
+    keeps every token whole, so the tokens are plain generate()'s; a pair
+    with a sliding-window layer is never merged (both layers stay uniform)."""
+    arch = _arch(archs, family)
+    with kvc.compress(arch.model, kvc.MiniCache(start_layer=0, retain=1.0)) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    layers = session.cache.layers
+    sliding = set(_sliding_layers(arch.model))
+    for a in (0, 2):
+        paired = a not in sliding and a + 1 not in sliding
+        kinds = {layers[a].store.kind, layers[a + 1].store.kind}
+        assert kinds == ({"minicache"} if paired else {"uniform"}), (family, a, kinds)
+    diff = (out.sequences != arch.ref.sequences).nonzero().tolist()
+    assert not diff, f"{family} / minicache: tokens differ from plain generate() at (row, position) {diff[:6]}"
+    for step, (a, b) in enumerate(zip(out.logits, arch.ref.logits)):
+        err = float((a - b).abs().max())
+        assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family} / minicache: step {step} logits differ"

@@ -465,6 +465,39 @@ def test_simhash_and_lsh_attention(dtype):
     assert (got.double() - ref).abs().max() < tol and (lse.double() - ref_lse).abs().max() < 1e-3
 
 
+# ---------------------------------------------------------------- MiniCache (SLERP merge)
+
+@pytest.mark.parametrize("t", [0.0, 0.6, 1.0])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_slerp_merge_and_restore(dtype, t):
+    from test_minicache import slerp_ref
+
+    x1 = make((2, 3, 37, 64), dtype, "strided", seed=1)
+    x2 = make((2, 3, 37, 64), dtype, seed=2)
+    x2[0, 0, 3] = x1[0, 0, 3]  # parallel: the linear fallback
+    x2[0, 0, 4] = -x1[0, 0, 4]  # antipodal
+    x2[0, 0, 5] = 0  # a zero vector
+    c, g = both(ops.slerp_merge, x1, x2, t)
+    e, norms, dist = slerp_ref(x1, x2, t)
+    # the same branches and math; sinf/atan2f may differ by an ulp
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (g.dir.double() - c.dir.double()).abs().max() <= tol
+    torch.testing.assert_close(g.norms, c.norms, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g.dist, c.dist, rtol=0, atol=1e-6)
+    assert_within_bound(g.dir[:, :, 6:], e[:, :, 6:], e[:, :, 6:].to(dtype), "dir")
+    slots = torch.arange(37).flip(0)[:30].sort().values.expand(2, 3, 30).contiguous()
+    kept_slots = torch.tensor([i for i in range(37) if i not in set(slots[0, 0].tolist())]).expand(2, 3, 7)
+    kept = make((2, 3, 7, 64), dtype, seed=3)
+    for which in (0, 1):
+        base = torch.full((2, 3, 40, 64), 3.0, dtype=dtype)
+        want = ops.slerp_restore(c.dir[:, :, :30], c.norms[:, :, :30], slots, which, base.clone(), kept=kept,
+                                 kept_slots=kept_slots)
+        got = ops.slerp_restore(cuda(c.dir[:, :, :30]), cuda(c.norms[:, :, :30]), cuda(slots), which, cuda(base),
+                                kept=cuda(kept), kept_slots=cuda(kept_slots))
+        torch.cuda.synchronize()
+        assert same_bits(got.cpu(), want)  # one fp32 product, rounded once, on both
+
+
 # ---------------------------------------------------------------- boundary
 
 def test_mixed_devices_rejected():
@@ -529,6 +562,8 @@ GPU_METHODS = {
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
     "tidaldecode": lambda: kvcompress.TidalDecode(token_budget=48, selection_layers=(1,)),
     "magicpig": lambda: kvcompress.MagicPIG(K=4, L=30, window=16, dense_layers=1),
+    # cross-layer: two merged pairs, reconstructed for every attention call
+    "minicache": lambda: kvcompress.MiniCache(start_layer=0, t=0.6, retain=0.1),
 }
 
 

@@ -322,3 +322,21 @@ def test_other_attention_functions_are_refused(tiny_model):
     with pytest.raises(KVCompressError, match="MiniCache"):
         tiny_model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
                             **cache_kwargs(tiny_model, cache))
+
+
+def test_eval_runs_minicache_once_beside_an_evictor(tiny_lm, tmp_path):
+    """`kvcompress eval --methods minicache,...`: MiniCache takes no budget, so
+    it is one row, with its bytes below the full cache's."""
+    import json
+
+    from kvcompress import cli
+
+    _, _, folder = tiny_lm
+    out = tmp_path / "mc"
+    args = ["eval", "--model", str(folder), "--methods", "minicache:start_layer=0:retain=0.1,knorm", "--budgets",
+            "24", "--tasks", "passkey,fidelity", "--lengths", "60", "--depths", "0.5", "--fidelity-texts", "2",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    mc = [r for r in rows if r["method"].startswith("minicache")]
+    assert len(mc) == 1 and mc[0]["cache_bytes"] < rows[0]["cache_bytes"]
