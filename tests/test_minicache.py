@@ -340,3 +340,22 @@ def test_eval_runs_minicache_once_beside_an_evictor(tiny_lm, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     mc = [r for r in rows if r["method"].startswith("minicache")]
     assert len(mc) == 1 and mc[0]["cache_bytes"] < rows[0]["cache_bytes"]
+
+
+def test_a_second_turn_goes_to_the_tails_unmerged(tiny_model):
+    """Multi-turn: the pair is merged once (the first prefill); the second
+    turn's chunk attends causally over the reconstructed pair plus the tail."""
+    g = torch.Generator().manual_seed(25)
+    first = torch.randint(5, 500, (1, 40), generator=g)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    for retain in (1.0, 0.05):
+        with kvc.compress(tiny_model, MiniCache(start_layer=0, retain=retain)) as session:
+            out1 = tiny_model.generate(first, attention_mask=torch.ones_like(first), **kw)
+            cache = session.cache
+            second = torch.cat([out1, torch.randint(5, 500, (1, 9), generator=g)], dim=1)
+            out2 = tiny_model.generate(second, attention_mask=torch.ones_like(second), **kw,
+                                       **cache_kwargs(tiny_model, cache))
+        store = cache.layers[1].store
+        assert store.pair.n == 40 and store.tail.n == second.shape[1] - 40 + 3 and cache.get_seq_length() == second.shape[1] + 3
+        if retain == 1.0:
+            assert torch.equal(out2, tiny_model.generate(second, attention_mask=torch.ones_like(second), **kw))
