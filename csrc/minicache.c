@@ -73,7 +73,9 @@ static void sr_head(const struct kvc_slerp_restore_params *p, int64_t b, int64_t
         const char *src = (const char *)p->dir.data + (b * p->dir.strides[0] + h * p->dir.strides[1] +
                                                        i * p->dir.strides[2]) * es;
         const float nrm = norms[i * p->norms.strides[2]];
-        char *dst = out + slot * p->out.strides[2] * es;
+        char *dst;
+        if (slot < 0) continue; /* padding */
+        dst = out + slot * p->out.strides[2] * es;
         for (d = 0; d < D; d++)
             kvc_store_f32(dst, p->out.dtype, d * p->out.strides[3],
                           nrm * kvc_load_f32(src, p->dir.dtype, d * p->dir.strides[3]));
@@ -84,7 +86,9 @@ static void sr_head(const struct kvc_slerp_restore_params *p, int64_t b, int64_t
                                                 i * p->kept_slots.strides[2]);
         const char *src = (const char *)p->kept.data + (b * p->kept.strides[0] + h * p->kept.strides[1] +
                                                         i * p->kept.strides[2]) * es;
-        char *dst = out + slot * p->out.strides[2] * es;
+        char *dst;
+        if (slot < 0) continue; /* padding */
+        dst = out + slot * p->out.strides[2] * es;
         /* a copy, bit for bit: retained tokens are exact */
         for (d = 0; d < D; d++)
             memcpy(dst + d * p->out.strides[3] * es, src + d * p->kept.strides[3] * es, (size_t)es);

@@ -40,8 +40,12 @@ enum kvc_status kvc_slerp_merge(const struct kvc_slerp_merge_params *p);
  *   out[b, h, slots[b, h, i]]      = norms[b, h, i, which] * dir[b, h, i]
  *                                    (fp32 product, rounded once)
  *   out[b, h, kept_slots[b, h, i]] = kept[b, h, i]   (retained tokens, copied)
+ * The slots of one (b, h) are distinct (with duplicates the CPU writes in
+ * list order, merged rows first, CUDA in no fixed order).
+ * A slot of -1 writes nothing (padding of a (b, h) with fewer rows than the
+ * longest: after eviction each head shares a different number of tokens).
  * Rows of out named by neither are left as they are (the caller's tail).
- * Kernels trust their inputs: slot values in [0, T) (the binding checks).
+ * Kernels trust their inputs: slot values in [-1, T) (the binding checks).
  */
 struct kvc_slerp_restore_params {
     struct kvc_view dir;        /* [B, H, m, D] f32/f16/bf16 */

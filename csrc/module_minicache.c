@@ -23,7 +23,8 @@ static int check_pair(struct kvc_state *st, const struct kvc_arg *norms)
                                         "pair), got %lld", (long long)norms->view.shape[3]);
 }
 
-/* Every slot of an index list in [0, T): the kernel writes out[.., slot]. */
+/* Every slot of an index list in [-1, T): the kernel writes out[.., slot]
+ * (-1: padding, nothing written). */
 static int check_slots(struct kvc_state *st, const char *name, const struct kvc_view *v, int64_t T)
 {
     const int64_t B = v->shape[0], H = v->shape[1], m = v->shape[2];
@@ -33,9 +34,10 @@ static int check_slots(struct kvc_state *st, const char *name, const struct kvc_
             for (i = 0; i < m; i++) {
                 const int64_t s = kvc_load_index(v->data, v->dtype, b * v->strides[0] + h * v->strides[1] +
                                                                           i * v->strides[2]);
-                if (s < 0 || s >= T)
+                if (s < -1 || s >= T)
                     return kvc_py_raise(st->ValueError,
-                                        "%s: value %lld at [%lld, %lld, %lld] is outside [0, T) = [0, %lld)",
+                                        "%s: value %lld at [%lld, %lld, %lld] is outside [-1, T) = [-1, %lld) "
+                                        "(-1 is padding)",
                                         name, (long long)s, (long long)b, (long long)h, (long long)i,
                                         (long long)T);
             }

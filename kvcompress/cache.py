@@ -880,13 +880,17 @@ class KVCache(Cache):
         sa, sb = a.store, b.store
         if type(sa) is not UniformStore or type(sb) is not UniformStore:
             return
-        if a.window is not None or b.window is not None or a.seen != b.seen or sa.n != a.seen or sb.n != b.seen:
+        if a.window is not None or b.window is not None or a.seen != b.seen or a._pad != b._pad:
             return
         ka, kb, va, vb = sa.keys, sb.keys, sa.values, sb.values
-        if (ka.shape != kb.shape or va.shape != vb.shape or ka.dtype != kb.dtype or ka.device != kb.device
-                or ka.dtype != va.dtype or a._pad != b._pad):
+        if (ka.shape[:2] != kb.shape[:2] or ka.shape[3] != kb.shape[3] or va.shape[3] != vb.shape[3]
+                or ka.dtype != kb.dtype or ka.device != kb.device or ka.dtype != va.dtype):
             return
-        a.store, b.store = MiniCacheStore.merge_layers(sa, sb, a.kv_start, float(mc.t), float(mc.retain))
+        # an evictor composed with MiniCache has compressed both layers already
+        # (each keeps its own tokens); what both keep is merged
+        a.store, b.store = MiniCacheStore.merge_layers(sa, sb, [a._start, b._start], float(mc.t), float(mc.retain))
+        # nothing is re-selected once merged: per-slot state and held queries go
+        a._qbuf = b._qbuf = None
 
     def _enter(self, layer_idx: int, query, spec: AttentionSpec, padding_mask, four_d) -> "CompressedLayer":
         """Check the layer's window against ``spec`` and record the chunk's

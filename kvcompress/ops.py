@@ -1220,14 +1220,15 @@ def slerp_restore(dir, norms, slots, which: int, out, *, kept=None, kept_slots=N
 
     ``out[b, h, slots[b, h, i]] = norms[b, h, i, which] * dir[b, h, i]``
     (float32 product, rounded once) and ``out[b, h, kept_slots[b, h, i]] =
-    kept[b, h, i]`` (retained tokens, copied bit for bit); other rows of
-    ``out`` are left as they are.
+    kept[b, h, i]`` (retained tokens, copied bit for bit); a slot of -1 is
+    padding (nothing written), and other rows of ``out`` are left as they
+    are.
 
     Parameters
     ----------
     dir : tensor ``[B, H, m, D]`` (float32, float16 or bfloat16)
     norms : float32 tensor ``[B, H, m, 2]``
-    slots : int32 or int64 tensor ``[B, H, m]``, values in ``[0, T)``
+    slots : int32 or int64 tensor ``[B, H, m]``, values in ``[-1, T)``
     which : 0 or 1
         The layer: ``0`` is ``l-1`` (``x1`` of :func:`slerp_merge`), ``1`` is ``l``.
     out : tensor ``[B, H, T, D]``, dtype of ``dir``

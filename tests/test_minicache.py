@@ -162,8 +162,8 @@ def test_bad_arguments_are_refused_by_name():
     out = torch.zeros(1, 2, 4, 8)
     with pytest.raises(KVCompressValueError, match="slots: value 4"):
         ops.slerp_restore(m.dir, m.norms, slots + 1, 0, out)
-    with pytest.raises(KVCompressValueError, match="slots: value -1"):
-        ops.slerp_restore(m.dir, m.norms, slots - 1, 0, out)
+    with pytest.raises(KVCompressValueError, match="slots: value -2"):
+        ops.slerp_restore(m.dir, m.norms, slots - 2, 0, out)
     with pytest.raises(KVCompressValueError, match="norms"):
         ops.slerp_restore(m.dir, torch.zeros(1, 2, 4, 3), slots, 0, out)
     with pytest.raises(KVCompressValueError, match="which"):
@@ -187,56 +187,102 @@ def _pair_inputs(dtype=torch.float32, B=2, H=2, n=40, D=16):
     return k1, v1, k2, v2
 
 
+def _merge(k1, v1, k2, v2, start=None, t=0.6, retain=0.1, pos1=None, pos2=None):
+    """A MergedPair of two layers holding tokens at ``pos1`` / ``pos2`` (default: every token)."""
+    B, H = k1.shape[:2]
+    arange = lambda k: torch.arange(int(k.shape[2]), dtype=torch.int32).expand(B, H, -1)  # noqa: E731
+    st = [0] * B if start is None else list(start)
+    return MergedPair.merge([(k1, v1, arange(k1) if pos1 is None else pos1, st),
+                             (k2, v2, arange(k2) if pos2 is None else pos2, st)], t, retain)
+
+
+def _whole_slots(pair, which, b, h):
+    return {int(x) for x in pair.whole[which][2][b, h] if x >= 0}
+
+
 def test_pair_retains_the_most_distant_tokens_and_reconstructs():
     k1, v1, k2, v2 = _pair_inputs()
     k2[0, 1, 7] = -k1[0, 1, 7]  # antipodal key: the most distant token of that head
-    start = torch.tensor([0, 10])
-    pair = MergedPair.merge(k1, v1, k2, v2, start, 0.6, 0.1)
-    # 10% of the real tokens, the larger count of the two rows (40 and 30 real)
-    assert pair.retained == 4
+    start = [0, 10]
+    pair = _merge(k1, v1, k2, v2, start)
+    # 10% of each row's real tokens (40 and 30), rounded up
+    assert pair.retained.tolist() == [[4, 4], [3, 3]]
     dist = torch.maximum(ops.slerp_merge(k1, k2, 0.6).dist, ops.slerp_merge(v1, v2, 0.6).dist)
     for b in range(2):
         for h in range(2):
-            real = dist[b, h, int(start[b]):]
-            top = set((real.topk(4).indices + int(start[b])).tolist())
-            assert set(pair.kept_slots[b, h].tolist()) == top
-    assert 7 in pair.kept_slots[0, 1].tolist()
+            real = dist[b, h, start[b]:]
+            top = set((real.topk(int(pair.retained[b, h])).indices + start[b]).tolist())
+            assert _whole_slots(pair, 0, b, h) == _whole_slots(pair, 1, b, h) == top
+            merged = {int(x) for x in pair.slots[0][b, h] if x >= 0}
+            assert merged == set(range(start[b], 40)) - top and pair.slots[0][b, h].tolist() == \
+                pair.slots[1][b, h].tolist()
+    assert 7 in _whole_slots(pair, 0, 0, 1)
     tail = kvc.stores.UniformStore()
     for which, (k, v) in enumerate(((k1, v1), (k2, v2))):
         rk, rv = pair.restore(which, tail)
-        kept = pair.kept_slots.long()
-        idx = kept[..., None].expand(-1, -1, -1, 16)
-        assert torch.equal(rk.gather(2, idx), k.gather(2, idx)) and torch.equal(rv.gather(2, idx), v.gather(2, idx))
-        # merged tokens keep their norm exactly (to float rounding)
-        torch.testing.assert_close(rk.norm(dim=-1), k.norm(dim=-1), rtol=1e-5, atol=0)
+        for b in range(2):
+            for h in range(2):
+                idx = sorted(_whole_slots(pair, which, b, h))
+                assert torch.equal(rk[b, h, idx], k[b, h, idx]) and torch.equal(rv[b, h, idx], v[b, h, idx])
+        # merged tokens keep their norm (to float rounding); padding slots are zero
+        torch.testing.assert_close(rk[0].norm(dim=-1), k[0].norm(dim=-1), rtol=1e-5, atol=0)
+        torch.testing.assert_close(rk[1, :, 10:].norm(dim=-1), k[1, :, 10:].norm(dim=-1), rtol=1e-5, atol=0)
+        assert not rk[1, :, :10].any() and not rv[1, :, :10].any()
 
 
 def test_full_retention_and_t0_reproduce_each_layer():
     k1, v1, k2, v2 = _pair_inputs(n=12)
     tail = kvc.stores.UniformStore()
-    pair = MergedPair.merge(k1, v1, k2, v2, None, 0.6, 1.0)
-    assert pair.retained == 12 and pair.slots.shape[2] == 0
+    pair = _merge(k1, v1, k2, v2, retain=1.0)
+    assert bool((pair.retained == 12).all()) and pair.dir_k.shape[2] == 0
     assert all(torch.equal(a, b) for a, b in zip(pair.restore(0, tail), (k1, v1)))
     assert all(torch.equal(a, b) for a, b in zip(pair.restore(1, tail), (k2, v2)))
-    pair = MergedPair.merge(k1, v1, k2, v2, None, 0.0, 0.0)
-    assert pair.retained == 0
+    pair = _merge(k1, v1, k2, v2, t=0.0, retain=0.0)
+    assert not pair.retained.any() and pair.whole[0][0].shape[2] == 0
     for got, want in zip(pair.restore(0, tail), (k1, v1)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    pair = MergedPair.merge(k1, v1, k2, v2, None, 1.0, 0.0)
+    pair = _merge(k1, v1, k2, v2, t=1.0, retain=0.0)
     for got, want in zip(pair.restore(1, tail), (k2, v2)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_layers_holding_different_tokens_merge_what_both_hold():
+    """Composed with an evictor each layer holds its own tokens: the tokens
+    both hold are merged (each layer's slot of them recorded), the others
+    stay whole in the layer that holds them; a masked prefix of filler slots
+    is left out (zero in the view)."""
+    B, H, D = 1, 2, 16
+    k1, v1 = make((B, H, 6, D), seed=20), make((B, H, 6, D), seed=21)
+    k2, v2 = make((B, H, 5, D), seed=22), make((B, H, 5, D), seed=23)
+    pos1 = torch.tensor([[0, 2, 3, 5, 8, 9], [0, 1, 2, 3, 4, 9]], dtype=torch.int32)[None]
+    pos2 = torch.tensor([[0, 3, 4, 8, 9], [0, 1, 5, 6, 9]], dtype=torch.int32)[None]
+    pair = MergedPair.merge([(k1, v1, pos1, [1]), (k2, v2, pos2, [0])], 0.5, 0.0)
+    # head 0 shares tokens 3, 8, 9 (token 0 is filler in layer l-1); head 1 shares 1, 9
+    assert [[int(x) for x in pair.slots[w][0, h] if x >= 0] for w in (0, 1) for h in (0, 1)] == \
+        [[2, 4, 5], [1, 5], [1, 3, 4], [1, 4]]
+    assert [sorted(_whole_slots(pair, w, 0, h)) for w in (0, 1) for h in (0, 1)] == \
+        [[1, 3], [2, 3, 4], [0, 2], [0, 2, 3]]
+    tail = kvc.stores.UniformStore()
+    rk1, _ = pair.restore(0, tail)
+    rk2, _ = pair.restore(1, tail)
+    assert not rk1[0, :, 0].any()  # the filler slot
+    m = ops.slerp_merge(k1[0, 0, [2, 4, 5]][None, None], k2[0, 0, [1, 3, 4]][None, None], 0.5)
+    torch.testing.assert_close(rk1[0, 0, [2, 4, 5]], (m.norms[..., 0, None] * m.dir)[0, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rk2[0, 0, [1, 3, 4]], (m.norms[..., 1, None] * m.dir)[0, 0], rtol=0, atol=1e-6)
+    assert torch.equal(rk1[0, 1, [2, 3, 4]], k1[0, 1, [2, 3, 4]]) and torch.equal(rk2[0, 1, [0, 2, 3]],
+                                                                                   k2[0, 1, [0, 2, 3]])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_pair_bytes_match_the_formula(dtype):
     B, H, n, D = 2, 2, 40, 16
     k1, v1, k2, v2 = _pair_inputs(dtype, B, H, n, D)
-    pair = MergedPair.merge(k1, v1, k2, v2, None, 0.6, 0.1)
+    pair = _merge(k1, v1, k2, v2)
     r, m = 4, n - 4
     es = torch.finfo(dtype).bits // 8
-    # per merged token and head: a key and a value direction, 4 float32 norms, an int32 slot;
-    # per retained token and head: key and value in each layer, an int32 slot
-    want = B * H * (m * (2 * D * es + 4 * 4 + 4) + r * (2 * 2 * D * es + 4))
+    # per merged token and head: a key and a value direction, 4 float32 norms, an int32 slot per layer;
+    # per retained token and head: key and value in each layer, an int32 slot per layer
+    want = B * H * (m * (2 * D * es + 4 * 4 + 2 * 4) + r * (2 * 2 * D * es + 2 * 4))
     assert sum(t.numel() * t.element_size() for t in pair.tensors()) == want
     s0, s1 = MiniCacheStore(pair, 0), MiniCacheStore(pair, 1)
     ptrs = lambda s: {t.untyped_storage().data_ptr() for t in s.tensors()}  # noqa: E731
@@ -298,8 +344,8 @@ def test_default_merges_the_second_half_and_counts_bytes_once(tiny_model):
     assert [layer.store.kind for layer in cache.layers] == ["uniform", "uniform", "minicache", "minicache"]
     a, b = cache.layers[2].store, cache.layers[3].store
     # prefill (260 slots, 215 real in row 1) merged; 5 decoded tokens in each layer's own tail
-    assert a.pair.n == 260 and a.tail.n == b.tail.n == 5 and a.n == b.n == 265
-    assert a.pair.retained == math.ceil(0.05 * 260)
+    assert a.pair.n == [260, 260] and a.tail.n == b.tail.n == 5 and a.n == b.n == 265
+    assert a.pair.retained.tolist() == [[math.ceil(0.05 * 260)] * 2, [math.ceil(0.05 * 215)] * 2]
     stats = cache.stats()
     assert stats.total_bytes == cache.memory_bytes()
     pair_bytes = sum(t.numel() * t.element_size() for t in a.pair.tensors())
@@ -356,6 +402,6 @@ def test_a_second_turn_goes_to_the_tails_unmerged(tiny_model):
             out2 = tiny_model.generate(second, attention_mask=torch.ones_like(second), **kw,
                                        **cache_kwargs(tiny_model, cache))
         store = cache.layers[1].store
-        assert store.pair.n == 40 and store.tail.n == second.shape[1] - 40 + 3 and cache.get_seq_length() == second.shape[1] + 3
+        assert store.pair.n == [40, 40] and store.tail.n == second.shape[1] - 40 + 3 and cache.get_seq_length() == second.shape[1] + 3
         if retain == 1.0:
             assert torch.equal(out2, tiny_model.generate(second, attention_mask=torch.ones_like(second), **kw))

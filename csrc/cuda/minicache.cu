@@ -57,6 +57,7 @@ static __global__ void __launch_bounds__(KVC_MC_THREADS) kvc_slerp_restore_kerne
     const int64_t es = p.dir.dtype == KVC_F32 ? 4 : 2;
     if (i < m) {
         const int64_t slot = kvc_load_index(p.slots.data, p.slots.dtype, kvc_at(p.slots, b, h, i, 0));
+        if (slot < 0) return; /* padding */
         const float nrm = ((const float *)p.norms.data)[kvc_at(p.norms, b, h, i, p.which)];
         const char *src = (const char *)p.dir.data + kvc_at(p.dir, b, h, i, 0) * es;
         void *dst = (char *)p.out.data + kvc_at(p.out, b, h, slot, 0) * es;
@@ -66,6 +67,7 @@ static __global__ void __launch_bounds__(KVC_MC_THREADS) kvc_slerp_restore_kerne
     } else {
         const int64_t k = i - m;
         const int64_t slot = kvc_load_index(p.kept_slots.data, p.kept_slots.dtype, kvc_at(p.kept_slots, b, h, k, 0));
+        if (slot < 0) return; /* padding */
         const char *src = (const char *)p.kept.data + kvc_at(p.kept, b, h, k, 0) * es;
         char *dst = (char *)p.out.data + kvc_at(p.out, b, h, slot, 0) * es;
         for (int64_t d = 0; d < D; d++) {

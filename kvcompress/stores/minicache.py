@@ -6,9 +6,11 @@ after MiniCache merged them (``docs/design.md``, "MiniCache"):
 * per merged token and kv head one shared key direction and one shared value
   direction (the SLERP of the two layers' unit vectors, dtype of the cache)
   and each layer's key and value norms (float32 ``[B, H, m, 2]`` each);
-* the retained tokens (the largest angular distances) whole, in each layer
-  (``[B, H, r, D]`` keys and values per layer);
-* the slot of every merged and retained token in the prefill (int32).
+* per layer the tokens it keeps whole (``[B, H, w, D]`` keys and values): the
+  retained ones (the largest angular distances) and, composed with an
+  evictor, the tokens the other layer did not keep;
+* the slot of every merged token in each layer's view and of every whole
+  token in its layer's (int32, -1 padding: heads hold different counts).
 
 Each of the two layers has a ``MiniCacheStore`` that references the same
 pair (its bytes are counted once: ``KVCache.memory_bytes`` and ``stats``
@@ -22,8 +24,6 @@ attention kernel is not built.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import ops
@@ -32,8 +32,29 @@ from .masked import build_mask, masked_attention
 from .uniform import UniformStore, c_decode_ok
 
 
+def _compact(mask, n: int):
+    """Indices ``[B, H, n]`` of the True entries of ``mask`` ``[B, H, L]``
+    in ascending order, -1 padded (each (b, h) has at most ``n``)."""
+    L = int(mask.shape[-1])
+    key = torch.where(mask, torch.arange(L, device=mask.device), L)
+    idx = key.sort(dim=-1).values[..., :n]
+    return torch.where(idx < L, idx, -1)
+
+
+def _flag(shape, idx, device):
+    """Bool ``shape`` ``[B, H, L]`` with the entries ``idx`` (-1: none) set."""
+    L = shape[-1]
+    out = torch.zeros(shape[:-1] + (L + 1,), dtype=torch.bool, device=device)
+    out.scatter_(2, torch.where(idx >= 0, idx, L), True)
+    return out[..., :L]
+
+
 class MergedPair:
     """The merged prefill of two adjacent layers (shared by their stores).
+
+    Every (b, h) has its own counts (an evictor keeps different tokens per
+    layer and head), so the lists are padded to the longest; a padding entry
+    has slot -1 and is never read.
 
     Attributes
     ----------
@@ -41,77 +62,108 @@ class MergedPair:
         ``[B, H, m, D]`` / ``[B, H, m, Dv]`` shared directions of the merged tokens.
     norms_k, norms_v : torch.Tensor
         float32 ``[B, H, m, 2]``: ``[..., 0]`` layer ``l-1``, ``[..., 1]`` layer ``l``.
-    slots : torch.Tensor
-        int32 ``[B, H, m]`` prefill slot of each merged token (ascending).
-    kept_slots : torch.Tensor
-        int32 ``[B, H, r]`` prefill slot of each retained token (ascending).
-    kept : list
-        ``[(keys, values), (keys, values)]``: the retained tokens ``[B, H, r,
-        D]`` of layer ``l-1`` and of layer ``l``, exact.
-    n : int
-        Prefill slots of each layer (padding included).
+    slots : list
+        ``[slots of layer l-1, slots of layer l]``, each int32 ``[B, H, m]``:
+        where a merged token sits in that layer's view (-1 padding).
+    whole : list
+        Per layer ``(keys, values, slots)``: the tokens it keeps unmerged
+        (``[B, H, w, D]``, int32 ``[B, H, w]`` slots, -1 padding): the
+        retained ones and, composed with an evictor, those the other layer
+        did not keep.
+    n : list
+        Slots of each layer's view (the slots it held when merged).
+    retained : torch.Tensor
+        Host int64 ``[B, H]``: tokens retained by distance (not counted in the
+        bytes: bookkeeping of the merge).
     """
 
-    def __init__(self, dir_k, dir_v, norms_k, norms_v, slots, kept_slots, kept, n: int):
+    def __init__(self, dir_k, dir_v, norms_k, norms_v, slots, whole, n, retained):
         self.dir_k, self.dir_v, self.norms_k, self.norms_v = dir_k, dir_v, norms_k, norms_v
-        self.slots, self.kept_slots, self.kept, self.n = slots, kept_slots, kept, n
+        self.slots, self.whole, self.n, self.retained = slots, whole, n, retained
         # index_batch is called once by each of the two layers; the first of
         # each pair of calls applies it
         self._calls = [0, 0]
         self._applied = 0
 
     @classmethod
-    def merge(cls, k1, v1, k2, v2, kv_start, t: float, retain: float) -> "MergedPair":
-        """Merge layer ``l-1``'s ``k1, v1`` and layer ``l``'s ``k2, v2`` (each
-        ``[B, H, n, D]``, the same tokens) with SLERP parameter ``t``; per row
-        ``b`` the ``ceil(retain * real_b)`` real tokens of largest angular
-        distance stay whole (``real_b = n - kv_start[b]``), every row keeping
-        the batch's largest such count ``r`` (a row that asked fewer keeps
-        more exact tokens, never fewer). A token's distance is the larger of
-        its key's and its value's, so one slot list serves keys and values."""
-        B, H, n = (int(x) for x in k1.shape[:3])
-        mk = ops.slerp_merge(k1, k2, t)
-        mv = ops.slerp_merge(v1, v2, t)
-        starts = [0] * B if kv_start is None else [int(s) for s in kv_start.tolist()]
-        r = min(n, max((math.ceil(retain * (n - s) - 1e-9) for s in starts), default=0))
-        device = k1.device
-        if r > 0:
-            dist = torch.maximum(mk.dist, mv.dist)
-            kept_slots = ops.select_topk(dist, r, kv_start=kv_start)
-        else:
-            kept_slots = torch.zeros((B, H, 0), dtype=torch.int64, device=device)
-        merged = torch.ones((B, H, n), dtype=torch.bool, device=device)
-        merged.scatter_(2, kept_slots, False)
-        slots = torch.arange(n, device=device).expand(B, H, n)[merged].view(B, H, n - r)
-        dir_k, dir_v = ops.gather(mk.dir, mv.dir, slots)
-        pick2 = slots[..., None].expand(B, H, n - r, 2)
-        norms_k, norms_v = mk.norms.gather(2, pick2), mv.norms.gather(2, pick2)
-        kept = [ops.gather(k1, v1, kept_slots), ops.gather(k2, v2, kept_slots)]
-        return cls(dir_k, dir_v, norms_k, norms_v, slots.to(torch.int32), kept_slots.to(torch.int32), kept, n)
+    def merge(cls, held, t: float, retain: float) -> "MergedPair":
+        """Merge two layers' held slots: ``held`` is ``[(keys, values,
+        positions, start), ...]`` for layers ``l-1`` and ``l`` (``[B, H, n_i,
+        D]`` keys and values, int ``[B, H, n_i]`` token positions ascending
+        per head, host list ``start[b]`` of leading masked slots).
 
-    @property
-    def retained(self) -> int:
-        return int(self.kept_slots.shape[2])
+        The tokens both layers hold (the same position in both) are merged
+        with SLERP parameter ``t``, except, per (b, h), the ``ceil(retain *
+        shared)`` of largest angular distance, which stay whole in both
+        layers; a token's distance is the larger of its key's and its
+        value's. Tokens only one layer holds stay whole in it."""
+        (ka, va, pa, sa_), (kb, vb, pb, sb_) = held
+        B, H = int(ka.shape[0]), int(ka.shape[1])
+        na, nb = int(ka.shape[2]), int(kb.shape[2])
+        device = ka.device
+        T = 1 + max(int(pa.max()) if na else 0, int(pb.max()) if nb else 0)
+
+        def slot_map(pos, start, n):
+            """``[B, H, T]`` slot of each token position in the layer (-1: not held)."""
+            st = torch.tensor(start, dtype=torch.int64, device=device)
+            valid = torch.arange(n, device=device)[None, None, :] >= st[:, None, None]
+            m = torch.full((B, H, T + 1), -1, dtype=torch.int64, device=device)
+            m.scatter_(2, torch.where(valid, pos.long(), T), torch.arange(n, device=device).expand(B, H, n))
+            return m[..., :T], valid
+
+        map_a, valid_a = slot_map(pa, sa_, na)
+        map_b, valid_b = slot_map(pb, sb_, nb)
+        shared = (map_a >= 0) & (map_b >= 0)
+        count = shared.sum(-1)  # [B, H]
+        C = int(count.max()) if count.numel() else 0
+        tok = _compact(shared, C)
+        ok = tok >= 0
+        at_a = torch.where(ok, map_a.gather(2, tok.clamp_min(0)), -1)
+        at_b = torch.where(ok, map_b.gather(2, tok.clamp_min(0)), -1)
+        k1, v1 = ops.gather(ka, va, at_a.clamp_min(0))
+        k2, v2 = ops.gather(kb, vb, at_b.clamp_min(0))
+        mk, mv = ops.slerp_merge(k1, k2, t), ops.slerp_merge(v1, v2, t)
+        want = torch.ceil(count.double() * retain - 1e-9).long()
+        kept = torch.zeros((B, H, C), dtype=torch.bool, device=device)
+        if C and int(want.max()) > 0:
+            # a head asking none while others ask some keeps one (more exact,
+            # never less); padding entries rank last and are dropped by `ok`
+            dist = torch.where(ok, torch.maximum(mk.dist, mv.dist), -1.0)
+            sel = ops.select_topk(dist, want.clamp(1, C))
+            kept = _flag((B, H, C), sel, device) & ok
+        merged = ok & ~kept
+        M = int(merged.sum(-1).max()) if merged.numel() else 0
+        mi = _compact(merged, M)
+        pick = mi.clamp_min(0)
+        rows = lambda x: x.gather(2, pick[..., None].expand(-1, -1, -1, int(x.shape[3])))  # noqa: E731
+        slots = [torch.where(mi >= 0, at.gather(2, pick), -1) for at in (at_a, at_b)]
+        whole = []
+        for (k, v, _, _), valid, sl, n in ((held[0], valid_a, slots[0], na), (held[1], valid_b, slots[1], nb)):
+            mask = valid & ~_flag((B, H, n), sl, device)
+            w = _compact(mask, int(mask.sum(-1).max()) if mask.numel() else 0)
+            wk, wv = ops.gather(k, v, w.clamp_min(0))
+            whole.append((wk, wv, w.to(torch.int32)))
+        return cls(rows(mk.dir), rows(mv.dir), rows(mk.norms), rows(mv.norms), [x.to(torch.int32) for x in slots],
+                   whole, [na, nb], (kept.sum(-1)).cpu())
 
     def tensors(self) -> list:
-        return [self.dir_k, self.dir_v, self.norms_k, self.norms_v, self.slots, self.kept_slots,
-                *self.kept[0], *self.kept[1]]
+        return [self.dir_k, self.dir_v, self.norms_k, self.norms_v, *self.slots, *self.whole[0], *self.whole[1]]
 
     def restore(self, which: int, tail: UniformStore):
-        """Layer ``which``'s (0: ``l-1``, 1: ``l``) keys and values ``[B, H, n
-        + tail, D]``: the prefill reconstructed, then the tail's slots."""
+        """Layer ``which``'s (0: ``l-1``, 1: ``l``) keys and values ``[B, H,
+        n + tail, D]``: its view of the pair, then the tail's slots. Slots
+        the layer masks (padding, an evictor's filler) are zero."""
         B, H = int(self.dir_k.shape[0]), int(self.dir_k.shape[1])
+        n = self.n[which]
         extra = tail.n if tail.batch else 0
-        k_out = self.dir_k.new_empty((B, H, self.n + extra, int(self.dir_k.shape[3])))
-        v_out = self.dir_v.new_empty((B, H, self.n + extra, int(self.dir_v.shape[3])))
-        k_keep, v_keep = self.kept[which]
-        ops.slerp_restore(self.dir_k, self.norms_k, self.slots, which, k_out, kept=k_keep,
-                          kept_slots=self.kept_slots)
-        ops.slerp_restore(self.dir_v, self.norms_v, self.slots, which, v_out, kept=v_keep,
-                          kept_slots=self.kept_slots)
+        wk, wv, ws = self.whole[which]
+        k_out = wk.new_zeros((B, H, n + extra, int(wk.shape[3])))
+        v_out = wv.new_zeros((B, H, n + extra, int(wv.shape[3])))
+        ops.slerp_restore(self.dir_k, self.norms_k, self.slots[which], which, k_out, kept=wk, kept_slots=ws)
+        ops.slerp_restore(self.dir_v, self.norms_v, self.slots[which], which, v_out, kept=wv, kept_slots=ws)
         if extra:
-            k_out[:, :, self.n:] = tail.keys
-            v_out[:, :, self.n:] = tail.values
+            k_out[:, :, n:] = tail.keys
+            v_out[:, :, n:] = tail.values
         return k_out, v_out
 
     def index_batch(self, idx, which: int) -> None:
@@ -120,12 +172,12 @@ class MergedPair:
         if self._calls[which] <= self._applied:
             return
         self._applied += 1
-        idx = idx.to(self.dir_k.device)
-        pick = lambda x: x.index_select(0, idx)  # noqa: E731
+        pick = lambda x: x.index_select(0, idx.to(x.device))  # noqa: E731
         self.dir_k, self.dir_v, self.norms_k, self.norms_v = map(pick, (self.dir_k, self.dir_v, self.norms_k,
                                                                        self.norms_v))
-        self.slots, self.kept_slots = pick(self.slots), pick(self.kept_slots)
-        self.kept = [tuple(map(pick, kv)) for kv in self.kept]
+        self.slots = [pick(x) for x in self.slots]
+        self.whole = [tuple(map(pick, w)) for w in self.whole]
+        self.retained = self.retained.index_select(0, idx.cpu())
 
 
 class MiniCacheStore(LayerStore):
@@ -141,14 +193,17 @@ class MiniCacheStore(LayerStore):
         self.tail = UniformStore()
 
     def __repr__(self) -> str:
-        return (f"MiniCacheStore(layer {'l-1' if self.which == 0 else 'l'} of a pair, prefill={self.pair.n}, "
-                f"retained={self.pair.retained}, tail={self.tail.n})")
+        return (f"MiniCacheStore(layer {'l-1' if self.which == 0 else 'l'} of a pair, "
+                f"merged={int(self.pair.dir_k.shape[2])}, whole={int(self.pair.whole[self.which][0].shape[2])}, "
+                f"tail={self.tail.n})")
 
     @classmethod
-    def merge_layers(cls, first: UniformStore, second: UniformStore, kv_start, t: float, retain: float):
+    def merge_layers(cls, first: UniformStore, second: UniformStore, starts: list, t: float, retain: float):
         """The two stores of a merged pair, from the uniform stores of layers
-        ``l-1`` and ``l`` holding the same tokens."""
-        pair = MergedPair.merge(first.keys, first.values, second.keys, second.values, kv_start, t, retain)
+        ``l-1`` and ``l`` (``starts``: each layer's host list of leading
+        masked slots per row)."""
+        held = [(s.keys, s.values, s.column("positions"), st) for s, st in zip((first, second), starts)]
+        pair = MergedPair.merge(held, t, retain)
         return cls(pair, 0), cls(pair, 1)
 
     # ------------------------------------------------------------ geometry
@@ -162,7 +217,7 @@ class MiniCacheStore(LayerStore):
 
     @property
     def n(self) -> int:
-        return self.pair.n + self.tail.n
+        return self.pair.n[self.which] + self.tail.n
 
     @property
     def widths(self) -> tuple[int, int, int]:
