@@ -306,11 +306,9 @@ def test_options_registry_and_refused_compositions():
     with pytest.raises(ValueError, match="merges adjacent layers"):
         MiniCache(budget=64)
     with pytest.raises(TypeError, match="MiniCache does not compose"):
-        kvc.SnapKV(ratio=0.5) + MiniCache()
-    with pytest.raises(TypeError, match="MiniCache does not compose"):
         MiniCache() + kvc.KIVI(bits=4)
-    with pytest.raises(ValueError, match="MiniCache"):
-        method_from_spec("snapkv+minicache", ratio=0.5)
+    with pytest.raises(ValueError, match="evictor\\+minicache"):
+        method_from_spec("minicache+kivi")
     with pytest.raises(ValueError, match="quant"):
         MiniCache(quant=kvc.KIVI(bits=4))
 
@@ -405,3 +403,71 @@ def test_a_second_turn_goes_to_the_tails_unmerged(tiny_model):
         assert store.pair.n == [40, 40] and store.tail.n == second.shape[1] - 40 + 3 and cache.get_seq_length() == second.shape[1] + 3
         if retain == 1.0:
             assert torch.equal(out2, tiny_model.generate(second, attention_mask=torch.ones_like(second), **kw))
+
+
+# ---------------------------------------------------------------- composed with an evictor
+
+def test_composition_spellings():
+    m = kvc.SnapKV(ratio=0.5) + MiniCache(t=0.5)
+    assert m.depth == MiniCache(t=0.5) and m.cross_layer is m.depth
+    assert m.describe().startswith("SnapKV(ratio=0.5") and m.describe().endswith(" + MiniCache(t=0.5, retain=0.05)")
+    assert method_from_spec("snapkv:window=8+minicache:retain=0.1", budget=64).depth.retain == 0.1
+    assert kvc.SnapKV(budget=64, depth=MiniCache()).cross_layer is not None
+    for bad in (lambda: kvc.EMS(ratio=0.5) + MiniCache(), lambda: kvc.AdaKV(ratio=0.5) + MiniCache(),
+                lambda: kvc.SnapKV(ratio=0.5) + kvc.KIVI(bits=4) + MiniCache(),
+                lambda: kvc.SnapKV(ratio=0.5, depth=kvc.KIVI(bits=4))):
+        with pytest.raises((TypeError, ValueError)):
+            bad()
+    with pytest.raises(TypeError, match="does not compose"):
+        kvc.SnapKV(ratio=0.5) + MiniCache() + kvc.KIVI(bits=4)
+    with pytest.raises(ValueError, match="already merges"):
+        kvc.SnapKV(ratio=0.5) + MiniCache() + MiniCache()
+
+
+def test_evictor_with_full_retention_is_the_evictor(tiny_model):
+    """SnapKV + MiniCache(retain=1): every token either layer keeps stays
+    whole, so each layer reads exactly what SnapKV kept (left padding, fewer
+    new tokens than the decode interval)."""
+    ids, mask = _batch(26)
+    snap = lambda: kvc.SnapKV(budget=64, window=8)  # noqa: E731
+    method = snap() + MiniCache(start_layer=0, retain=1.0)
+    cache = KVCache(method, num_layers=4)
+    assert torch.equal(_generate(tiny_model, ids, mask, method, cache), _generate(tiny_model, ids, mask, snap()))
+    assert [layer.store.kind for layer in cache.layers] == ["minicache"] * 4
+    assert all(layer.n == 64 + 9 for layer in cache.layers)
+
+
+def test_evictor_then_merge_keeps_what_only_one_layer_kept_whole(tiny_model):
+    ids, mask = _batch(27)
+    method = kvc.SnapKV(budget=64, window=8) + MiniCache(start_layer=0, retain=0.05)
+    cache = KVCache(method, num_layers=4)
+    _generate(tiny_model, ids, mask, method, cache, new=4)
+    assert cache.stats().total_bytes == cache.memory_bytes()
+    for a in (0, 2):
+        la, lb = cache.layers[a], cache.layers[a + 1]
+        pair = la.store.pair
+        # the tokens both layers kept were merged; what only one kept is whole in it
+        assert pair.dir_k.shape[2] > 0 and pair.whole[0][0].shape[2] > 0
+        assert la.n == lb.n == 64 + 3
+        for b in range(2):
+            for h in range(2):
+                merged = int((pair.slots[0][b, h] >= 0).sum())
+                for w in (0, 1):
+                    # each of the 64 slots SnapKV kept (both rows are compressed) is in the view once
+                    slots = pair.slots[w][b, h].tolist() + pair.whole[w][2][b, h].tolist()
+                    assert sorted(x for x in slots if x >= 0) == list(range(64)) and merged <= 64
+
+
+def test_a_recent_window_evictor_merges_everything_and_saves_bytes(tiny_model):
+    """StreamingLLM keeps the same positions in every layer: everything both
+    layers keep is shared, so the pair holds fewer bytes than the two layers."""
+    ids, mask = _batch(28)
+    sizes = {}
+    for name, method in (("stream", kvc.StreamingLLM(budget=128)),
+                         ("both", kvc.StreamingLLM(budget=128) + MiniCache(start_layer=0, retain=0.05))):
+        cache = KVCache(method, num_layers=4)
+        _generate(tiny_model, ids, mask, method, cache, new=4)
+        sizes[name] = cache.memory_bytes()
+    pair = cache.layers[0].store.pair
+    assert pair.dir_k.shape[2] == 128 - math.ceil(0.05 * 128) and pair.whole[0][0].shape[2] == math.ceil(0.05 * 128)
+    assert sizes["both"] < 0.85 * sizes["stream"]

@@ -64,7 +64,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     if name not in REGISTRY:
         raise ValueError(f"methods: unknown method {name!r} in {spec!r}; choose from {', '.join(REGISTRY)}")
     cls = REGISTRY[name]
-    allowed = {f.name for f in dataclasses.fields(cls)} - {"budget", "ratio", "quant", "sparse"}
+    allowed = {f.name for f in dataclasses.fields(cls)} - {"budget", "ratio", "quant", "sparse", "depth"}
     options = {}
     for part in parts:
         key, eq, value = part.partition("=")
@@ -99,8 +99,9 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
         if "+" in second:
             raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer or evictor+reader)")
         if not spec_evicts(first) or spec_evicts(second):
-            raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4', or "
-                             f"evictor+reader, e.g. 'snapkv+quest:token_budget=256' (methods that keep every "
+            raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4', "
+                             f"evictor+reader, e.g. 'snapkv+quest:token_budget=256', or evictor+minicache "
+                             f"(methods that keep every "
                              f"token: {', '.join(n for n, c in REGISTRY.items() if not c.evicts)})")
         evictor = method_from_spec(first, budget=budget, ratio=ratio)
         quant = method_from_spec(second)

@@ -118,6 +118,10 @@ class Method:
     #: this method keeps: ``SnapKV(ratio=0.5, sparse=Quest(token_budget=256))``,
     #: also written ``SnapKV(ratio=0.5) + Quest(token_budget=256)``
     sparse: "Method | None" = None
+    #: a cross-layer method (``MiniCache``) that merges adjacent layers of what
+    #: this evictor keeps: ``SnapKV(ratio=0.5, depth=MiniCache())``, also
+    #: written ``SnapKV(ratio=0.5) + MiniCache()``
+    depth: "Method | None" = None
     #: quantizers only: ``True`` when composed, the evictor's unselected slots
     #: are kept at low bits instead of evicted (``LowBits``)
     demotes: ClassVar[bool] = False
@@ -143,6 +147,7 @@ class Method:
         self._check_fields()
         self._check_quant()
         self._check_sparse()
+        self._check_depth()
         if self.budget is not None and self.budget < self.min_budget():
             raise ValueError(
                 f"budget: {type(self).__name__} always keeps {self.min_budget()} slots per head "
@@ -185,6 +190,24 @@ class Method:
         if self.quant is not None:
             raise ValueError(f"sparse: {r.describe()} does not read packed layers (quant={self.quant.describe()})")
 
+    def _check_depth(self) -> None:
+        d = self.depth
+        if d is None:
+            return
+        if not isinstance(d, Method) or d.cross_layer is None or d.depth is not None:
+            raise TypeError(f"depth: expected a cross-layer method such as kvcompress.MiniCache(), got {d!r}")
+        if not self.evicts:
+            raise ValueError(f"depth: {type(self).__name__} keeps every token itself; give depth= to an evicting "
+                             "method")
+        if self.headwise or self.merges:
+            raise ValueError(f"depth: {d.describe()} merges layers whose heads hold equal slot counts; "
+                             f"{type(self).__name__} gives heads different lengths or merges tokens (not built): "
+                             "use an evictor such as SnapKV, H2O, TOVA or StreamingLLM")
+        if self.quant is not None or self.sparse is not None:
+            extra = (self.quant or self.sparse).describe()
+            raise ValueError(f"depth: {d.describe()} does not compose with {extra} (a merged pair is neither "
+                             "packed nor paged)")
+
     @property
     def paging(self) -> tuple[int, int, int, str] | None:
         """``(token_budget, page, dense_layers, gqa)`` when decode steps read
@@ -201,7 +224,7 @@ class Method:
     def cross_layer(self):
         """The ``MiniCache`` method when adjacent layers are merged into one
         shared store (``kvcompress.stores.MiniCacheStore``), else None."""
-        return None
+        return None if self.depth is None else self.depth.cross_layer
 
     @property
     def tidal(self):
@@ -226,9 +249,20 @@ class Method:
         kept slots are packed), e.g. ``EMS(ratio=0.5) + KIVI(bits=4)``."""
         if not isinstance(other, Method):
             return NotImplemented
-        if self.cross_layer is not None or other.cross_layer is not None:
+        if self.cross_layer is not None and self.depth is None:
+            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write evictor + "
+                            f"{self.describe()}, e.g. SnapKV(ratio=0.5) + {self.describe()}; MiniCache does not "
+                            "compose with quantization or sparse readers")
+        if other.cross_layer is not None:
+            if not self.evicts:
+                raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composes with "
+                                "an evicting method, e.g. SnapKV(ratio=0.5) + MiniCache()")
+            if self.depth is not None:
+                raise ValueError(f"{self.describe()} already merges layers with {self.depth.describe()}")
+            return dataclasses.replace(self, depth=other)
+        if self.depth is not None:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache does not compose "
-                            "with eviction, quantization or sparse readers yet (it merges whole layers)")
+                            "with quantization or sparse readers")
         if not self.evicts or other.evicts:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "
                             "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4), or "
@@ -324,10 +358,10 @@ class Method:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is not None and not (f.name == "interval" and v == 16) and f.name not in ("quant", "sparse"):
+            if v is not None and not (f.name == "interval" and v == 16) and f.name not in ("quant", "sparse", "depth"):
                 parts.append(f"{f.name}={v}")
         text = f"{type(self).__name__}({', '.join(parts)})"
-        for extra in (self.quant, self.sparse):
+        for extra in (self.quant, self.sparse, self.depth):
             if extra is not None:
                 text += f" + {extra.describe()}"
         return text
