@@ -60,8 +60,10 @@ class FanoutCache(KVCache):
                 c.num_layers = self.num_layers
         layers = [c._enter(layer_idx, query, spec, padding_mask, four_d) for c in self.children]
         out = layers[0].attend(query, spec)
-        for layer in layers:
+        for c, layer in zip(self.children, layers):
             layer.after_attention(query, spec.scaling)
+            if c.method.cross_layer is not None:
+                c._merge_pair(layer_idx)  # MiniCache: as KVCache.attend does
         return out
 
     def memory_bytes(self) -> int:

@@ -471,3 +471,29 @@ def test_a_recent_window_evictor_merges_everything_and_saves_bytes(tiny_model):
     pair = cache.layers[0].store.pair
     assert pair.dir_k.shape[2] == 128 - math.ceil(0.05 * 128) and pair.whole[0][0].shape[2] == math.ceil(0.05 * 128)
     assert sizes["both"] < 0.85 * sizes["stream"]
+
+
+def test_fanout_prefill_merges_the_pairs_of_its_children(tiny_lm):
+    """The evaluation's one-prefill-many-caches path merges pairs as a plain
+    cache does, and decoding from it equals a separate run."""
+    from kvcompress import testing as T
+    from kvcompress.fanout import FanoutCache
+    from kvcompress.suite import _chunk
+
+    model, _, _ = tiny_lm
+    ids = torch.randint(3, 250, (1, 120), generator=torch.Generator().manual_seed(3))
+    methods = [MiniCache(start_layer=0, retain=0.1), kvc.SnapKV(budget=48, window=8) + MiniCache(start_layer=2)]
+    children = [KVCache(m, num_layers=4) for m in methods]
+    kw = lambda c: cache_kwargs(model, c)  # noqa: E731
+    with kvc.compress(model, methods[0]), torch.inference_mode():
+        _chunk(model, FanoutCache(children), ids[0].tolist(), 0, kw)
+    assert [layer.store.kind for layer in children[0].layers] == ["minicache"] * 4
+    assert [layer.store.kind for layer in children[1].layers] == ["uniform", "uniform", "minicache", "minicache"]
+    for m, c in zip(methods, children):
+        with T.method_context(model, m) as new:
+            alone = new()
+            with torch.inference_mode():
+                _chunk(model, alone, ids[0].tolist(), 0, kw)
+        for x, y in zip(c.layers, alone.layers):
+            if x.store.kind == "minicache":
+                assert all(torch.equal(p, q) for p, q in zip(x.store.pair.tensors(), y.store.pair.tensors()))

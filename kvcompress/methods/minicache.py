@@ -31,13 +31,13 @@ class MiniCache(KeepsEveryToken):
     * **pairs**: ``(s, s+1), (s+2, s+3), ...`` with ``s = start_layer``
       (default ``num_layers // 2``, the paper's middle) while both layers
       exist; pairs do not overlap, and an odd last layer stays alone;
-    * **retention by fraction**: per batch row the ``ceil(retain * real
-      tokens)`` tokens with the largest distance stay whole in both layers
-      (the paper ranks by distance and keeps a small share, ``retain=0.05``
-      by default); a token's distance is the larger of its key's and its
-      value's, so keys and values share one slot list; rows of a padded
-      batch all keep the batch's largest count (a row keeps more exact
-      tokens than it asked, never fewer);
+    * **retention by fraction**: per batch row and kv head the ``ceil(retain
+      * shared tokens)`` tokens with the largest distance stay whole in both
+      layers (the paper ranks by distance and keeps a small share,
+      ``retain=0.05`` by default); a token's distance is the larger of its
+      key's and its value's, so keys and values share one slot list; when
+      some heads ask none and others some, each keeps at least one (more
+      exact, never less);
     * **when**: once, right after the deeper layer's first attention (the
       prefill: both layers' prompt K/V exist then, and both prefill
       attentions ran in full precision); every later token (decoded, or a
@@ -59,8 +59,19 @@ class MiniCache(KeepsEveryToken):
       are counted once;
     * **attention** reconstructs the layer's view into a scratch buffer per
       call (C ``slerp_restore``) and runs the usual attention over it;
-    * it composes with neither eviction, quantization nor sparse readers
-      (refused by name): those would need a merge of what two layers keep.
+    * **with an evictor** (``SnapKV(ratio=0.5) + MiniCache()``, i.e.
+      ``depth=``): each layer evicts exactly as alone at prefill; then the
+      tokens both layers of a pair kept (same position) are merged and
+      retained as above, and a token only one layer kept stays whole in it.
+      Heads then share different numbers of tokens, so the pair's lists are
+      padded to the longest head (the padding is counted in the bytes).
+      Merged layers are not re-compressed while decoding (their tails grow,
+      as with ``+ KIVI``); the other layers keep the evictor's budget.
+      When the two layers kept few common tokens the pair can hold more
+      bytes than the two layers did (padding, tails' slack);
+    * head-wise or merging evictors (AdaKV, EMS), quantizers (KIVI) and
+      sparse readers are refused by name: a pair of ragged or packed layers
+      is not built.
 
     Parameters
     ----------
