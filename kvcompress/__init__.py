@@ -49,6 +49,8 @@ _LAZY = {
     "TidalDecode": ("kvcompress.methods", "TidalDecode"),
     "MagicPIG": ("kvcompress.methods", "MagicPIG"),
     "MiniCache": ("kvcompress.methods", "MiniCache"),
+    "KVSharer": ("kvcompress.methods", "KVSharer"),
+    "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
 from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, PagedStore, RaggedPackedStore, RaggedStore,
-                     TidalStore, UniformStore)
+                     SharedStore, TidalStore, UniformStore)
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -195,6 +195,8 @@ class CompressedLayer(CacheLayerMixin):
         self.last_chunk = q
         if isinstance(self.store, UniformStore):
             return self.store.keys, self.store.values
+        if isinstance(self.store, SharedStore) and isinstance(self.store.source.store, UniformStore):
+            return self.store.source.store.keys, self.store.source.store.values
         # Only the "kvcompress" attention reads a per-head layer (through
         # the store); hand back the chunk so nothing else is copied.
         return key_states, value_states
@@ -825,10 +827,30 @@ class KVCache(Cache):
             self.layers.append(CompressedLayer(len(self.layers), self.method, self.num_layers))
             self.layers[-1].shared = self.shared
         layer = self.layers[layer_idx]
+        if self.method.sharing is not None and layer.seen == 0 and not layer.store.batch:
+            self._share(layer, key_states, value_states)
         keys, values = layer.update(key_states, value_states)
         self._awaiting = layer_idx
         _pending.entry = (self, layer_idx, keys)
         return keys, values
+
+    def _share(self, layer: "CompressedLayer", key_states, value_states) -> None:
+        """KVSharer: a target layer's first chunk; it reads its source
+        layer's store from now on when the source holds this very chunk in a
+        full-attention uniform store of the same shape (else, by rule, the
+        layer keeps its own cache)."""
+        src = self.method.sharing.source(layer.layer_idx)
+        if src is None or src >= len(self.layers):
+            return
+        source = self.layers[src]
+        store = source.store
+        q = int(key_states.shape[2])
+        if type(store) is not UniformStore or source.window is not None or source.seen != q or store.n != q:
+            return
+        if (store.keys.shape != key_states.shape or store.values.shape != value_states.shape
+                or store.keys.dtype != key_states.dtype or store.keys.device != key_states.device):
+            return
+        layer.store = SharedStore(source)
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         layer_idx = 0 if layer_idx is None else layer_idx
@@ -899,6 +921,10 @@ class KVCache(Cache):
         layer = self.layers[layer_idx]
         if self.num_layers is not None:
             layer.num_layers = self.num_layers
+        if spec.window is not None and isinstance(layer.store, SharedStore):
+            raise KVCompressUnsupportedError(
+                f"sliding_window: layer {layer_idx} reads layer {layer.store.source.layer_idx}'s cache (KVSharer) but "
+                "slides; leave sliding layers out of the plan")
         if spec.window is not None:
             if layer.window is None and layer.seen > layer.last_chunk:
                 raise KVCompressUnsupportedError(
@@ -963,6 +989,8 @@ class KVCache(Cache):
         store = layer.store
         if not store.batch:
             return 0
+        if isinstance(store, SharedStore):
+            return KVCache._full_bytes(store.source)
         if isinstance(store, RaggedStore):
             width, item = store.k.shape[1] + store.v.shape[1], store.k.element_size()
         elif isinstance(store, MiniCacheStore):

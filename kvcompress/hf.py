@@ -185,7 +185,8 @@ class CompressionSession:
         if not hasattr(model, "generate") or not hasattr(model, "config"):
             raise TypeError(f"model: expected a transformers generative model, got {type(model).__name__}")
         self.model = model
-        self.method = method
+        # KVSharer(calibration=...) computes its sharing plan on this model
+        self.method = method.prepare(model)
         self.cache: KVCache | None = None
         self._previous: str | None = None
         self._saved_generate = None

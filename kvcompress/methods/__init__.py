@@ -5,6 +5,7 @@ import dataclasses
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
+from .kvsharer import KVSharer
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .simple import Knorm, StreamingLLM
@@ -14,7 +15,7 @@ from .window import AdaKV, PyramidKV, SnapKV
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
-                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache)
+                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer)
 }
 
 
@@ -123,5 +124,5 @@ __all__ = [
     "method_from_spec",
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
-    "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache",
+    "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer",
 ]

@@ -227,6 +227,17 @@ class Method:
         return None if self.depth is None else self.depth.cross_layer
 
     @property
+    def sharing(self):
+        """The ``KVSharer`` method when some layers read another layer's cache
+        (``kvcompress.stores.SharedStore``), else None."""
+        return None
+
+    def prepare(self, model) -> "Method":
+        """The method to run on ``model`` (``kvcompress.compress`` calls it
+        once): ``KVSharer(calibration=...)`` computes its plan here."""
+        return self
+
+    @property
     def tidal(self):
         """The ``TidalDecode`` method when layers share one decode-time token
         selection (``kvcompress.stores.TidalStore``), else None."""
@@ -249,6 +260,9 @@ class Method:
         kept slots are packed), e.g. ``EMS(ratio=0.5) + KIVI(bits=4)``."""
         if not isinstance(other, Method):
             return NotImplemented
+        if self.sharing is not None or other.sharing is not None:
+            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: KVSharer does not compose "
+                            "with other methods yet (a shared layer holds no cache of its own)")
         if self.cross_layer is not None and self.depth is None:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write evictor + "
                             f"{self.describe()}, e.g. SnapKV(ratio=0.5) + {self.describe()}; MiniCache does not "

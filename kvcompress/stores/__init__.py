@@ -13,9 +13,10 @@ from .packed import PackedStore
 from .packed_ragged import RaggedPackedStore
 from .paged import PagedStore
 from .ragged import RaggedStore
+from .shared import SharedStore
 from .tidal import TidalStore
 from .uniform import UniformStore
 
 __all__ = ["AttentionSpec", "LSHStore", "LayerStore", "MergedPair", "MiniCacheStore", "PackedStore", "PagedStore",
-           "RaggedPackedStore", "RaggedStore",
+           "RaggedPackedStore", "RaggedStore", "SharedStore",
            "TidalStore", "UniformStore"]
