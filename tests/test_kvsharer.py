@@ -136,3 +136,18 @@ def test_sliding_layers_keep_their_own_cache():
     assert torch.equal(_generate(model, ids, mask, method, cache), _generate(model, ids, mask))
     assert [layer.store.kind for layer in cache.layers] == ["uniform"] * 4
     assert calibrate_kvsharer(model, ids, 2, threshold=-1.0).pairs == {}
+
+
+def test_eval_runs_a_sharing_plan(tiny_lm, tmp_path):
+    import json
+
+    from kvcompress import cli
+
+    _, _, folder = tiny_lm
+    out = tmp_path / "ks"
+    args = ["eval", "--model", str(folder), "--methods", "kvsharer:plan=3>1/2>0,knorm", "--budgets", "24",
+            "--tasks", "passkey", "--lengths", "60", "--depths", "0.5", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    ks = [r for r in rows if r["method"].startswith("kvsharer")]
+    assert len(ks) == 1 and ks[0]["cache_bytes"] < 0.6 * rows[0]["cache_bytes"]
