@@ -492,3 +492,28 @@ def test_minicache_full_retention_reproduces_generate_and_skips_sliding_pairs(ar
     for step, (a, b) in enumerate(zip(out.logits, arch.ref.logits)):
         err = float((a - b).abs().max())
         assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family} / minicache: step {step} logits differ"
+
+
+@pytest.mark.parametrize("family", _family_params())
+def test_kvsharer_plan_matches_a_reference_cache(archs, family):
+    """KVSharer(plan=3>1): layer 3 attends over layer 1's cache, as in
+    transformers' own cache whose layer-3 update hands back layer 1's
+    tensors; where either layer slides nothing is shared (plain generate())."""
+    from test_kvsharer import ShareRef
+
+    arch = _arch(archs, family)
+    with kvc.compress(arch.model, kvc.KVSharer(plan={3: 1})) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    sliding = set(_sliding_layers(arch.model))
+    shared = not ({1, 3} & sliding)
+    assert session.cache.layers[3].store.kind == ("shared" if shared else "uniform")
+    if shared:
+        ref = _generate(arch.model, arch.ids, arch.mask,
+                        **cache_kwargs(arch.model, ShareRef({3: 1}, config=arch.model.config)))
+    else:
+        ref = arch.ref
+    diff = (out.sequences != ref.sequences).nonzero().tolist()
+    assert not diff, f"{family} / kvsharer: tokens differ from the reference at (row, position) {diff[:6]}"
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
+        err = float((a - b).abs().max())
+        assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family} / kvsharer: step {step} logits differ"
