@@ -384,6 +384,15 @@ class CompressedLayer(CacheLayerMixin):
         """Compress once the layer's attention has run on ``queries``
         ``[B, Hq, q, D]`` (None for attention functions that are not ours)."""
         method = self.method
+        if method.packing is not None and self.window is None and method.cross_layer is not None:
+            # MiniCache + KIVI: a merged pair is packed by the cache when it is
+            # merged (its tail stays full precision), and a paired layer waits
+            # for that (KVCache._merge_pair packs it as KIVI would when the
+            # pair is not merged)
+            mc = method.cross_layer
+            if isinstance(self.store, MiniCacheStore) or (
+                    type(self.store) is UniformStore and mc.in_pair(self.layer_idx, self.num_layers or 0)):
+                return
         if method.packing is not None and self.window is None:
             # Quantized layers: the first chunk is evicted or merged by the
             # method it composes with (if any, with its own prefill rules),
@@ -902,15 +911,23 @@ class KVCache(Cache):
         sa, sb = a.store, b.store
         if type(sa) is not UniformStore or type(sb) is not UniformStore:
             return
-        if a.window is not None or b.window is not None or a.seen != b.seen or a._pad != b._pad:
-            return
         ka, kb, va, vb = sa.keys, sb.keys, sa.values, sb.values
-        if (ka.shape[:2] != kb.shape[:2] or ka.shape[3] != kb.shape[3] or va.shape[3] != vb.shape[3]
+        if (a.window is not None or b.window is not None or a.seen != b.seen or a._pad != b._pad
+                or ka.shape[:2] != kb.shape[:2] or ka.shape[3] != kb.shape[3] or va.shape[3] != vb.shape[3]
                 or ka.dtype != kb.dtype or ka.device != kb.device or ka.dtype != va.dtype):
+            packing = self.method.packing
+            for x in (a, b):
+                if packing is not None and x.window is None:
+                    # not merged: packed as the quantizer alone would (after_attention waited)
+                    x._to_packed(packing)
+                    x.store.settle(pad=x._start)
             return
         # an evictor composed with MiniCache has compressed both layers already
         # (each keeps its own tokens); what both keep is merged
         a.store, b.store = MiniCacheStore.merge_layers(sa, sb, [a._start, b._start], float(mc.t), float(mc.retain))
+        if mc.quant is not None:
+            bits, group, _ = mc.quant.packing
+            a.store.pair.pack(bits, group)
         # nothing is re-selected once merged: per-slot state and held queries go
         a._qbuf = b._qbuf = None
 
@@ -993,7 +1010,7 @@ class KVCache(Cache):
             return KVCache._full_bytes(store.source)
         if isinstance(store, RaggedStore):
             width, item = store.k.shape[1] + store.v.shape[1], store.k.element_size()
-        elif isinstance(store, MiniCacheStore):
+        elif isinstance(store, (MiniCacheStore, PackedStore)):
             D, Dv, item = store.widths
             width = D + Dv
         else:

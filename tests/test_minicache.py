@@ -305,12 +305,12 @@ def test_options_registry_and_refused_compositions():
         MiniCache(t="x")
     with pytest.raises(ValueError, match="merges adjacent layers"):
         MiniCache(budget=64)
-    with pytest.raises(TypeError, match="MiniCache does not compose"):
-        MiniCache() + kvc.KIVI(bits=4)
-    with pytest.raises(ValueError, match="evictor\\+minicache"):
-        method_from_spec("minicache+kivi")
-    with pytest.raises(ValueError, match="quant"):
-        MiniCache(quant=kvc.KIVI(bits=4))
+    with pytest.raises(TypeError, match="does not compose with sparse readers"):
+        MiniCache() + kvc.Quest(token_budget=64)
+    with pytest.raises(ValueError, match="sparse readers"):
+        method_from_spec("minicache+quest")
+    with pytest.raises(ValueError, match="sparse"):
+        MiniCache(sparse=kvc.Quest(token_budget=64))
 
 
 def test_pairs_from_the_middle():
@@ -418,7 +418,7 @@ def test_composition_spellings():
                 lambda: kvc.SnapKV(ratio=0.5, depth=kvc.KIVI(bits=4))):
         with pytest.raises((TypeError, ValueError)):
             bad()
-    with pytest.raises(TypeError, match="does not compose"):
+    with pytest.raises(TypeError, match="does not compose with a quantizer"):
         kvc.SnapKV(ratio=0.5) + MiniCache() + kvc.KIVI(bits=4)
     with pytest.raises(ValueError, match="already merges"):
         kvc.SnapKV(ratio=0.5) + MiniCache() + MiniCache()
@@ -497,3 +497,57 @@ def test_fanout_prefill_merges_the_pairs_of_its_children(tiny_lm):
         for x, y in zip(c.layers, alone.layers):
             if x.store.kind == "minicache":
                 assert all(torch.equal(p, q) for p, q in zip(x.store.pair.tensors(), y.store.pair.tensors()))
+
+
+# ---------------------------------------------------------------- composed with a quantizer
+
+def test_quantizer_spellings():
+    m = MiniCache(retain=0.1) + kvc.KIVI(bits=4)
+    assert m.quant == kvc.KIVI(bits=4) and m.packing == kvc.KIVI(bits=4).packing
+    assert m.describe() == "MiniCache(t=0.6, retain=0.1) + KIVI(bits=4, group=32, residual=128)"
+    assert method_from_spec("minicache:retain=0.1+kivi:bits=4").describe() == m.describe()
+    with pytest.raises(ValueError, match="already packs"):
+        m + kvc.KIVI(bits=2)
+    with pytest.raises(TypeError):
+        MiniCache(quant=kvc.LowBits(bits=4))
+    with pytest.raises(TypeError, match="depth"):
+        kvc.SnapKV(ratio=0.5) + m
+    with pytest.raises(ValueError, match="minicache"):
+        method_from_spec("minicache+snapkv", ratio=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_pair_bytes_and_reconstruction(dtype):
+    B, H, n, D, G, bits = 2, 2, 40, 16, 8, 4
+    k1, v1, k2, v2 = _pair_inputs(dtype, B, H, n, D)
+    plain = _merge(k1, v1, k2, v2)
+    packed = _merge(k1, v1, k2, v2)
+    packed.pack(bits, G)
+    m, w = 36, 4
+    codes = lambda rows: B * H * rows * (D * bits // 8)  # noqa: E731
+    keys = lambda rows: codes(rows) + 2 * B * H * math.ceil(rows / G) * D * 4  # noqa: E731 - per channel over G tokens
+    vals = lambda rows: codes(rows) + 2 * B * H * rows * math.ceil(D / G) * 4  # noqa: E731 - per token over G channels
+    want = keys(m) + vals(m) + 2 * (keys(w) + vals(w)) + 2 * B * H * m * 2 * 4 + 2 * B * H * m * 4 + 2 * B * H * w * 4
+    assert sum(t.numel() * t.element_size() for t in packed.tensors()) == want
+    tail = kvc.stores.UniformStore()
+    for which in (0, 1):
+        for got, ref in zip(packed.restore(which, tail), plain.restore(which, tail)):
+            assert got.dtype == dtype
+            # 4-bit codes of unit directions (|x| <= 1: step <= 2/15) times the norm
+            err = (got.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1).clamp_min(1e-6)
+            assert float(err.max()) < 0.35 and float(err.mean()) < 0.1
+
+
+def test_quantized_pairs_in_generate(tiny_model):
+    ids, mask = _batch(29)
+    kivi = kvc.KIVI(bits=4, group=8, residual=16)
+    sizes = {}
+    for name, method in (("kivi", kivi), ("both", MiniCache() + kivi)):
+        cache = KVCache(method, num_layers=4)
+        out = _generate(tiny_model, ids, mask, method, cache)
+        assert out.shape == (2, 270)
+        sizes[name] = cache.memory_bytes()
+        assert cache.stats().total_bytes == sizes[name]
+    assert [layer.store.kind for layer in cache.layers] == ["packed", "packed", "minicache", "minicache"]
+    assert cache.layers[2].store.pair.packing == (4, 8) and cache.layers[2].store.tail.n == 9
+    assert sizes["both"] < sizes["kivi"]

@@ -99,9 +99,10 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
         first, _, second = spec.partition("+")
         if "+" in second:
             raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer or evictor+reader)")
-        if not spec_evicts(first) or spec_evicts(second):
+        takes_quant = getattr(REGISTRY[parse_method_spec(first)[0]], "takes_quant", False)
+        if not (spec_evicts(first) or takes_quant) or spec_evicts(second):
             raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4', "
-                             f"evictor+reader, e.g. 'snapkv+quest:token_budget=256', or evictor+minicache "
+                             f"evictor+reader, e.g. 'snapkv+quest:token_budget=256', evictor+minicache or minicache+kivi "
                              f"(methods that keep every "
                              f"token: {', '.join(n for n, c in REGISTRY.items() if not c.evicts)})")
         evictor = method_from_spec(first, budget=budget, ratio=ratio)

@@ -194,7 +194,7 @@ class Method:
         d = self.depth
         if d is None:
             return
-        if not isinstance(d, Method) or d.cross_layer is None or d.depth is not None:
+        if not isinstance(d, Method) or d.cross_layer is None or d.depth is not None or d.quant is not None:
             raise TypeError(f"depth: expected a cross-layer method such as kvcompress.MiniCache(), got {d!r}")
         if not self.evicts:
             raise ValueError(f"depth: {type(self).__name__} keeps every token itself; give depth= to an evicting "
@@ -263,10 +263,14 @@ class Method:
         if self.sharing is not None or other.sharing is not None:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: KVSharer does not compose "
                             "with other methods yet (a shared layer holds no cache of its own)")
+        if self.cross_layer is self and other.packing is not None and not other.demotes and not other.evicts:
+            if self.quant is not None:
+                raise ValueError(f"{self.describe()} already packs its slots")
+            return dataclasses.replace(self, quant=other)
         if self.cross_layer is not None and self.depth is None:
-            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write evictor + "
-                            f"{self.describe()}, e.g. SnapKV(ratio=0.5) + {self.describe()}; MiniCache does not "
-                            "compose with quantization or sparse readers")
+            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composes with an "
+                            f"evictor before it (SnapKV(ratio=0.5) + {self.describe()}) or a quantizer after it "
+                            f"({self.describe()} + KIVI(bits=4)); it does not compose with sparse readers")
         if other.cross_layer is not None:
             if not self.evicts:
                 raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composes with "
@@ -275,8 +279,8 @@ class Method:
                 raise ValueError(f"{self.describe()} already merges layers with {self.depth.describe()}")
             return dataclasses.replace(self, depth=other)
         if self.depth is not None:
-            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache does not compose "
-                            "with quantization or sparse readers")
+            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composed with an "
+                            "evictor does not compose with a quantizer or a sparse reader as well")
         if not self.evicts or other.evicts:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "
                             "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4), or "

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import KeepsEveryToken
+from .base import KeepsEveryToken, Method
 
 
 @dataclass
@@ -69,9 +69,17 @@ class MiniCache(KeepsEveryToken):
       as with ``+ KIVI``); the other layers keep the evictor's budget.
       When the two layers kept few common tokens the pair can hold more
       bytes than the two layers did (padding, tails' slack);
-    * head-wise or merging evictors (AdaKV, EMS), quantizers (KIVI) and
-      sparse readers are refused by name: a pair of ragged or packed layers
-      is not built.
+    * **with a quantizer** (``MiniCache() + KIVI(bits=4)``, i.e. ``quant=``):
+      layers outside pairs are packed as by KIVI alone; a pair's directions
+      and whole tokens are packed with KIVI's rules (keys per channel over
+      ``group`` tokens, values per token over ``group`` channels) once it is
+      merged (a paired layer is not packed before), the norms stay float32,
+      and attention unpacks them into the scratch view. The tails (tokens
+      after the merge) stay in full precision (KIVI's decode-time packing of
+      a pair's tail is not built);
+    * head-wise or merging evictors (AdaKV, EMS), an evictor together with a
+      quantizer (``SnapKV + MiniCache + KIVI``) and sparse readers are refused
+      by name: a pair of ragged layers is not built.
 
     Parameters
     ----------
@@ -87,6 +95,8 @@ class MiniCache(KeepsEveryToken):
     t: float = 0.6
     retain: float = 0.05
     _keeps: ClassVar[str] = "merges adjacent layers instead of evicting (use t= and retain=)"
+    #: ``MiniCache() + KIVI(bits=4)`` packs the merged pairs and the other layers
+    takes_quant: ClassVar[bool] = True
 
     def _check_fields(self) -> None:
         super()._check_fields()
@@ -98,9 +108,15 @@ class MiniCache(KeepsEveryToken):
                 raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
             if math.isnan(v) or not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"{name}: must be in [0, 1], got {v}")
-        if self.quant is not None or self.sparse is not None:
-            raise ValueError("MiniCache does not compose with quantization or sparse readers yet "
-                             "(a merged pair is neither packed nor paged)")
+        if self.sparse is not None:
+            raise ValueError("MiniCache does not compose with sparse readers (a merged pair is not paged)")
+
+    def _check_quant(self) -> None:
+        q = self.quant
+        if q is None:
+            return
+        if not isinstance(q, Method) or q.evicts or q.packing is None or q.demotes:
+            raise TypeError(f"quant: expected a quantizer such as kvcompress.KIVI(bits=4), got {q!r}")
 
     @property
     def cross_layer(self) -> "MiniCache":
@@ -118,7 +134,12 @@ class MiniCache(KeepsEveryToken):
 
     def describe(self) -> str:
         start = "" if self.start_layer is None else f"start_layer={self.start_layer}, "
-        return f"MiniCache({start}t={self.t}, retain={self.retain})"
+        text = f"MiniCache({start}t={self.t}, retain={self.retain})"
+        return text if self.quant is None else f"{text} + {self.quant.describe()}"
+
+    def in_pair(self, layer_idx: int, num_layers: int) -> bool:
+        """Whether ``layer_idx`` is either layer of a pair."""
+        return self.partner(layer_idx, num_layers) is not None or self.partner(layer_idx + 1, num_layers) == layer_idx
 
     def __repr__(self) -> str:
         return self.describe()

@@ -80,6 +80,8 @@ class MergedPair:
     def __init__(self, dir_k, dir_v, norms_k, norms_v, slots, whole, n, retained):
         self.dir_k, self.dir_v, self.norms_k, self.norms_v = dir_k, dir_v, norms_k, norms_v
         self.slots, self.whole, self.n, self.retained = slots, whole, n, retained
+        self.packing: tuple[int, int] | None = None
+        self._packed: dict | None = None
         # index_batch is called once by each of the two layers; the first of
         # each pair of calls applies it
         self._calls = [0, 0]
@@ -146,21 +148,57 @@ class MergedPair:
         return cls(rows(mk.dir), rows(mv.dir), rows(mk.norms), rows(mv.norms), [x.to(torch.int32) for x in slots],
                    whole, [na, nb], (kept.sum(-1)).cpu())
 
+    # ------------------------------------------------------------ packing
+    def pack(self, bits: int, group: int) -> None:
+        """Quantize the pair's directions and whole tokens with KIVI's rules
+        (``ops.pack_keys``: keys per channel over ``group`` tokens;
+        ``ops.pack_values``: values per token over ``group`` channels); the
+        norms and slots stay as they are. ``restore`` unpacks them."""
+        self.packing = (bits, group)
+        self._dtype = self.dir_k.dtype
+        self._widths = (int(self.dir_k.shape[3]), int(self.dir_v.shape[3]))
+        pk = lambda x: tuple(ops.pack_keys(x, bits, group))  # noqa: E731
+        pv = lambda x: tuple(ops.pack_values(x, bits, group))  # noqa: E731
+        self._packed = {"dir_k": pk(self.dir_k), "dir_v": pv(self.dir_v),
+                        "whole": [(pk(k), pv(v)) for k, v, _ in self.whole]}
+        # only the codes are held from now on
+        self.dir_k = self.dir_v = None
+        self.whole = [(None, None, s) for _, _, s in self.whole]
+
+    def _unpacked(self, which: int):
+        """(dir_k, dir_v, whole keys, whole values) of layer ``which`` in the cache's dtype."""
+        if self._packed is None:
+            wk, wv, _ = self.whole[which]
+            return self.dir_k, self.dir_v, wk, wv
+        bits, group = self.packing
+        dt = str(self._dtype).replace("torch.", "")
+        uk = lambda p: ops.unpack_keys(*p, bits, group, dtype=dt)  # noqa: E731
+        uv = lambda p, d: ops.unpack_values(*p, bits, group, head_dim=d, dtype=dt)  # noqa: E731
+        D, Dv = self._widths
+        wk, wv = self._packed["whole"][which]
+        return uk(self._packed["dir_k"]), uv(self._packed["dir_v"], Dv), uk(wk), uv(wv, Dv)
+
     def tensors(self) -> list:
+        if self._packed is not None:
+            parts = [*self._packed["dir_k"], *self._packed["dir_v"]]
+            for k, v in self._packed["whole"]:
+                parts += [*k, *v]
+            return parts + [self.norms_k, self.norms_v, *self.slots, self.whole[0][2], self.whole[1][2]]
         return [self.dir_k, self.dir_v, self.norms_k, self.norms_v, *self.slots, *self.whole[0], *self.whole[1]]
 
     def restore(self, which: int, tail: UniformStore):
         """Layer ``which``'s (0: ``l-1``, 1: ``l``) keys and values ``[B, H,
         n + tail, D]``: its view of the pair, then the tail's slots. Slots
         the layer masks (padding, an evictor's filler) are zero."""
-        B, H = int(self.dir_k.shape[0]), int(self.dir_k.shape[1])
         n = self.n[which]
         extra = tail.n if tail.batch else 0
-        wk, wv, ws = self.whole[which]
+        dk, dv, wk, wv = self._unpacked(which)
+        ws = self.whole[which][2]
+        B, H = int(dk.shape[0]), int(dk.shape[1])
         k_out = wk.new_zeros((B, H, n + extra, int(wk.shape[3])))
         v_out = wv.new_zeros((B, H, n + extra, int(wv.shape[3])))
-        ops.slerp_restore(self.dir_k, self.norms_k, self.slots[which], which, k_out, kept=wk, kept_slots=ws)
-        ops.slerp_restore(self.dir_v, self.norms_v, self.slots[which], which, v_out, kept=wv, kept_slots=ws)
+        ops.slerp_restore(dk, self.norms_k, self.slots[which], which, k_out, kept=wk, kept_slots=ws)
+        ops.slerp_restore(dv, self.norms_v, self.slots[which], which, v_out, kept=wv, kept_slots=ws)
         if extra:
             k_out[:, :, n:] = tail.keys
             v_out[:, :, n:] = tail.values
@@ -172,11 +210,15 @@ class MergedPair:
         if self._calls[which] <= self._applied:
             return
         self._applied += 1
-        pick = lambda x: x.index_select(0, idx.to(x.device))  # noqa: E731
+        pick = lambda x: None if x is None else x.index_select(0, idx.to(x.device))  # noqa: E731
         self.dir_k, self.dir_v, self.norms_k, self.norms_v = map(pick, (self.dir_k, self.dir_v, self.norms_k,
                                                                        self.norms_v))
         self.slots = [pick(x) for x in self.slots]
         self.whole = [tuple(map(pick, w)) for w in self.whole]
+        if self._packed is not None:
+            self._packed = {"dir_k": tuple(map(pick, self._packed["dir_k"])),
+                            "dir_v": tuple(map(pick, self._packed["dir_v"])),
+                            "whole": [(tuple(map(pick, k)), tuple(map(pick, v))) for k, v in self._packed["whole"]]}
         self.retained = self.retained.index_select(0, idx.cpu())
 
 
@@ -193,9 +235,10 @@ class MiniCacheStore(LayerStore):
         self.tail = UniformStore()
 
     def __repr__(self) -> str:
+        packed = "" if self.pair.packing is None else f", packed={self.pair.packing[0]} bits"
         return (f"MiniCacheStore(layer {'l-1' if self.which == 0 else 'l'} of a pair, "
-                f"merged={int(self.pair.dir_k.shape[2])}, whole={int(self.pair.whole[self.which][0].shape[2])}, "
-                f"tail={self.tail.n})")
+                f"merged={int(self.pair.norms_k.shape[2])}, whole={int(self.pair.whole[self.which][2].shape[2])}, "
+                f"tail={self.tail.n}{packed})")
 
     @classmethod
     def merge_layers(cls, first: UniformStore, second: UniformStore, starts: list, t: float, retain: float):
@@ -209,11 +252,11 @@ class MiniCacheStore(LayerStore):
     # ------------------------------------------------------------ geometry
     @property
     def batch(self) -> int:
-        return int(self.pair.dir_k.shape[0])
+        return int(self.pair.norms_k.shape[0])
 
     @property
     def heads(self) -> int:
-        return int(self.pair.dir_k.shape[1])
+        return int(self.pair.norms_k.shape[1])
 
     @property
     def n(self) -> int:
@@ -222,8 +265,10 @@ class MiniCacheStore(LayerStore):
     @property
     def widths(self) -> tuple[int, int, int]:
         """``(D, Dv, bytes per element)`` of the layer's keys and values."""
-        d = self.pair.dir_k
-        return int(d.shape[3]), int(self.pair.dir_v.shape[3]), d.element_size()
+        p = self.pair
+        if p._packed is not None:
+            return p._widths[0], p._widths[1], torch.empty((), dtype=p._dtype).element_size()
+        return int(p.dir_k.shape[3]), int(p.dir_v.shape[3]), p.dir_k.element_size()
 
     def max_length(self) -> int:
         return self.n

@@ -110,6 +110,11 @@ class PackedStore(LayerStore):
     def max_length(self) -> int:
         return self.n
 
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        """``(D, Dv, bytes per element)`` of the layer's full-precision keys and values."""
+        return int(self._rk.shape[3]), int(self._rv.shape[3]), self._rk.element_size()
+
     def head_lengths(self) -> list[int]:
         return [self.n] * (self.batch * self.heads)
 
