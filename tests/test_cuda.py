@@ -564,6 +564,10 @@ GPU_METHODS = {
     "magicpig": lambda: kvcompress.MagicPIG(K=4, L=30, window=16, dense_layers=1),
     # cross-layer: two merged pairs, reconstructed for every attention call
     "minicache": lambda: kvcompress.MiniCache(start_layer=0, t=0.6, retain=0.1),
+    "snapkv+minicache": lambda: kvcompress.SnapKV(budget=64) + kvcompress.MiniCache(start_layer=0),
+    "minicache+kivi4": lambda: kvcompress.MiniCache(start_layer=2) + kvcompress.KIVI(bits=4, group=32, residual=64),
+    # a layer reading another layer's cache
+    "kvsharer": lambda: kvcompress.KVSharer(plan="2>0/3>1"),
 }
 
 
