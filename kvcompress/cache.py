@@ -724,6 +724,20 @@ class CompressedLayer(CacheLayerMixin):
         self.store = new
 
 
+def _held(layer: CompressedLayer) -> tuple:
+    """``(keys, values, positions, start, counts)`` of a uniform or per-head
+    layer for ``MergedPair.merge``: a uniform layer's slots with its rows'
+    leading masked slots (host list); a per-head layer's heads left-padded
+    (``RaggedStore.to_padded``) with their ``[B, H]`` starts and merge counts."""
+    s = layer.store
+    if isinstance(s, UniformStore):
+        return s.keys, s.values, s.column("positions"), list(layer._start), None
+    k, v, pos, cnt, _, start = s.to_padded()
+    B, H, M = s.batch, s.heads, int(k.shape[2])
+    return (k.view(B, H, M, -1), v.view(B, H, M, -1), pos.view(B, H, M), start.view(B, H),
+            None if s.counts is None else cnt.view(B, H, M))
+
+
 @dataclass
 class LayerStats:
     """Sizes of one cache layer.
@@ -908,10 +922,10 @@ class KVCache(Cache):
         if first is None:
             return
         a, b = self.layers[first], self.layers[layer_idx]
-        sa, sb = a.store, b.store
-        if type(sa) is not UniformStore or type(sb) is not UniformStore:
+        if type(a.store) not in (UniformStore, RaggedStore) or type(b.store) not in (UniformStore, RaggedStore):
             return
-        ka, kb, va, vb = sa.keys, sb.keys, sa.values, sb.values
+        held = [_held(a), _held(b)]
+        (ka, va), (kb, vb) = held[0][:2], held[1][:2]
         if (a.window is not None or b.window is not None or a.seen != b.seen or a._pad != b._pad
                 or ka.shape[:2] != kb.shape[:2] or ka.shape[3] != kb.shape[3] or va.shape[3] != vb.shape[3]
                 or ka.dtype != kb.dtype or ka.device != kb.device or ka.dtype != va.dtype):
@@ -924,12 +938,13 @@ class KVCache(Cache):
             return
         # an evictor composed with MiniCache has compressed both layers already
         # (each keeps its own tokens); what both keep is merged
-        a.store, b.store = MiniCacheStore.merge_layers(sa, sb, [a._start, b._start], float(mc.t), float(mc.retain))
+        a.store, b.store = MiniCacheStore.merge_layers(held, float(mc.t), float(mc.retain))
         if mc.quant is not None:
             bits, group, _ = mc.quant.packing
             a.store.pair.pack(bits, group)
-        # nothing is re-selected once merged: per-slot state and held queries go
-        a._qbuf = b._qbuf = None
+        # nothing is re-selected once merged: held queries and per-head budgets go
+        for x in (a, b):
+            x._qbuf = x.head_budgets = x._share = None
 
     def _enter(self, layer_idx: int, query, spec: AttentionSpec, padding_mask, four_d) -> "CompressedLayer":
         """Check the layer's window against ``spec`` and record the chunk's

@@ -413,8 +413,8 @@ def test_composition_spellings():
     assert m.describe().startswith("SnapKV(ratio=0.5") and m.describe().endswith(" + MiniCache(t=0.5, retain=0.05)")
     assert method_from_spec("snapkv:window=8+minicache:retain=0.1", budget=64).depth.retain == 0.1
     assert kvc.SnapKV(budget=64, depth=MiniCache()).cross_layer is not None
-    for bad in (lambda: kvc.EMS(ratio=0.5) + MiniCache(), lambda: kvc.AdaKV(ratio=0.5) + MiniCache(),
-                lambda: kvc.SnapKV(ratio=0.5) + kvc.KIVI(bits=4) + MiniCache(),
+    assert (kvc.EMS(ratio=0.5) + MiniCache()).cross_layer == MiniCache()
+    for bad in (lambda: kvc.SnapKV(ratio=0.5) + kvc.KIVI(bits=4) + MiniCache(),
                 lambda: kvc.SnapKV(ratio=0.5, depth=kvc.KIVI(bits=4))):
         with pytest.raises((TypeError, ValueError)):
             bad()
@@ -551,3 +551,31 @@ def test_quantized_pairs_in_generate(tiny_model):
     assert [layer.store.kind for layer in cache.layers] == ["packed", "packed", "minicache", "minicache"]
     assert cache.layers[2].store.pair.packing == (4, 8) and cache.layers[2].store.tail.n == 9
     assert sizes["both"] < sizes["kivi"]
+
+
+@pytest.mark.parametrize("name", ["ems", "adakv"])
+def test_per_head_evictor_with_full_retention_is_the_evictor(tiny_model, name):
+    """EMS / AdaKV + MiniCache(retain=1): each layer reads exactly the slots
+    (and EMS's merge counts) its heads kept, through the ragged kernel."""
+    ids, mask = _batch(30)
+    make_method = {"ems": lambda: kvc.EMS(budget=64), "adakv": lambda: kvc.AdaKV(budget=64, window=8)}[name]
+    method = make_method() + MiniCache(start_layer=0, retain=1.0)
+    cache = KVCache(method, num_layers=4)
+    assert torch.equal(_generate(tiny_model, ids, mask, method, cache), _generate(tiny_model, ids, mask,
+                                                                                   make_method()))
+    assert [layer.store.kind for layer in cache.layers] == ["minicache"] * 4
+    pair = cache.layers[0].store.pair
+    assert pair.starts is not None and (pair.counts is not None) == (name == "ems")
+
+
+def test_ems_then_merge(tiny_model):
+    ids, mask = _batch(31)
+    method = kvc.EMS(budget=64) + MiniCache(start_layer=2, retain=0.05)
+    cache = KVCache(method, num_layers=4)
+    out = _generate(tiny_model, ids, mask, method, cache)
+    assert out.shape == (2, 270)
+    assert [layer.store.kind for layer in cache.layers] == ["ragged", "ragged", "minicache", "minicache"]
+    assert cache.stats().total_bytes == cache.memory_bytes()
+    pair = cache.layers[2].store.pair
+    merged = int((pair.slots[0] >= 0).sum())
+    assert merged > 0 and bool((pair.counts[0][..., 0][pair.slots[0] >= 0] >= 1).all())

@@ -199,10 +199,6 @@ class Method:
         if not self.evicts:
             raise ValueError(f"depth: {type(self).__name__} keeps every token itself; give depth= to an evicting "
                              "method")
-        if self.headwise or self.merges:
-            raise ValueError(f"depth: {d.describe()} merges layers whose heads hold equal slot counts; "
-                             f"{type(self).__name__} gives heads different lengths or merges tokens (not built): "
-                             "use an evictor such as SnapKV, H2O, TOVA or StreamingLLM")
         if self.quant is not None or self.sparse is not None:
             extra = (self.quant or self.sparse).describe()
             raise ValueError(f"depth: {d.describe()} does not compose with {extra} (a merged pair is neither "

@@ -28,8 +28,8 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec, LayerStore
-from .masked import build_mask, masked_attention
-from .uniform import UniformStore, c_decode_ok
+from .masked import build_mask, masked_attention, padded_head_attention
+from .uniform import _C_DTYPES, UniformStore, c_decode_ok
 
 
 def _compact(mask, n: int):
@@ -77,9 +77,13 @@ class MergedPair:
         bytes: bookkeeping of the merge).
     """
 
-    def __init__(self, dir_k, dir_v, norms_k, norms_v, slots, whole, n, retained):
+    def __init__(self, dir_k, dir_v, norms_k, norms_v, slots, whole, n, retained, starts=None, counts=None):
         self.dir_k, self.dir_v, self.norms_k, self.norms_v = dir_k, dir_v, norms_k, norms_v
         self.slots, self.whole, self.n, self.retained = slots, whole, n, retained
+        # per-head layers (after a head-wise or merging evictor): each layer's
+        # [B, H] first live slot per head, and merge counts
+        # (float32 [B, H, m, 2] of the merged tokens, [B, H, w] of each layer's whole ones)
+        self.starts, self.counts = starts, counts
         self.packing: tuple[int, int] | None = None
         self._packed: dict | None = None
         # index_batch is called once by each of the two layers; the first of
@@ -90,25 +94,34 @@ class MergedPair:
     @classmethod
     def merge(cls, held, t: float, retain: float) -> "MergedPair":
         """Merge two layers' held slots: ``held`` is ``[(keys, values,
-        positions, start), ...]`` for layers ``l-1`` and ``l`` (``[B, H, n_i,
-        D]`` keys and values, int ``[B, H, n_i]`` token positions ascending
-        per head, host list ``start[b]`` of leading masked slots).
+        positions, start, counts), ...]`` for layers ``l-1`` and ``l`` (``[B,
+        H, n_i, D]`` keys and values, int ``[B, H, n_i]`` token positions
+        ascending per head, leading masked slots ``start``: a host list per
+        row, or an int64 ``[B, H]`` tensor per head for per-head layers, and
+        float32 ``[B, H, n_i]`` merge counts or None).
 
         The tokens both layers hold (the same position in both) are merged
         with SLERP parameter ``t``, except, per (b, h), the ``ceil(retain *
         shared)`` of largest angular distance, which stay whole in both
         layers; a token's distance is the larger of its key's and its
         value's. Tokens only one layer holds stay whole in it."""
-        (ka, va, pa, sa_), (kb, vb, pb, sb_) = held
+        held = [tuple(h) + (None,) * (5 - len(h)) for h in held]  # counts are optional
+        (ka, va, pa, sa_, ca), (kb, vb, pb, sb_, cb) = held
         B, H = int(ka.shape[0]), int(ka.shape[1])
         na, nb = int(ka.shape[2]), int(kb.shape[2])
         device = ka.device
         T = 1 + max(int(pa.max()) if na else 0, int(pb.max()) if nb else 0)
+        per_head = isinstance(sa_, torch.Tensor) or isinstance(sb_, torch.Tensor)
+
+        def heads_start(start):
+            if isinstance(start, torch.Tensor):
+                return start.to(device=device, dtype=torch.int64)
+            return torch.tensor(start, dtype=torch.int64, device=device)[:, None].expand(B, H).contiguous()
 
         def slot_map(pos, start, n):
             """``[B, H, T]`` slot of each token position in the layer (-1: not held)."""
-            st = torch.tensor(start, dtype=torch.int64, device=device)
-            valid = torch.arange(n, device=device)[None, None, :] >= st[:, None, None]
+            st = heads_start(start)
+            valid = torch.arange(n, device=device)[None, None, :] >= st[..., None]
             m = torch.full((B, H, T + 1), -1, dtype=torch.int64, device=device)
             m.scatter_(2, torch.where(valid, pos.long(), T), torch.arange(n, device=device).expand(B, H, n))
             return m[..., :T], valid
@@ -139,14 +152,24 @@ class MergedPair:
         pick = mi.clamp_min(0)
         rows = lambda x: x.gather(2, pick[..., None].expand(-1, -1, -1, int(x.shape[3])))  # noqa: E731
         slots = [torch.where(mi >= 0, at.gather(2, pick), -1) for at in (at_a, at_b)]
-        whole = []
-        for (k, v, _, _), valid, sl, n in ((held[0], valid_a, slots[0], na), (held[1], valid_b, slots[1], nb)):
+        whole, whole_counts = [], []
+        for (k, v, _, _, c), valid, sl, n in ((held[0], valid_a, slots[0], na), (held[1], valid_b, slots[1], nb)):
             mask = valid & ~_flag((B, H, n), sl, device)
             w = _compact(mask, int(mask.sum(-1).max()) if mask.numel() else 0)
             wk, wv = ops.gather(k, v, w.clamp_min(0))
             whole.append((wk, wv, w.to(torch.int32)))
+            whole_counts.append(None if c is None else c.float().gather(2, w.clamp_min(0)))
+        counts = None
+        if ca is not None or cb is not None:
+            ones = lambda n: torch.ones((B, H, n), device=device)  # noqa: E731
+            ca_, cb_ = (ones(na) if ca is None else ca.float()), (ones(nb) if cb is None else cb.float())
+            merged_counts = torch.stack([ca_.gather(2, slots[0].clamp_min(0)), cb_.gather(2, slots[1].clamp_min(0))],
+                                        -1)
+            whole_counts = [ones(int(w[2].shape[2])) if c is None else c for w, c in zip(whole, whole_counts)]
+            counts = (merged_counts, whole_counts)
+        starts = [heads_start(sa_), heads_start(sb_)] if per_head else None
         return cls(rows(mk.dir), rows(mv.dir), rows(mk.norms), rows(mv.norms), [x.to(torch.int32) for x in slots],
-                   whole, [na, nb], (kept.sum(-1)).cpu())
+                   whole, [na, nb], (kept.sum(-1)).cpu(), starts, counts)
 
     # ------------------------------------------------------------ packing
     def pack(self, bits: int, group: int) -> None:
@@ -183,8 +206,29 @@ class MergedPair:
             parts = [*self._packed["dir_k"], *self._packed["dir_v"]]
             for k, v in self._packed["whole"]:
                 parts += [*k, *v]
-            return parts + [self.norms_k, self.norms_v, *self.slots, self.whole[0][2], self.whole[1][2]]
-        return [self.dir_k, self.dir_v, self.norms_k, self.norms_v, *self.slots, *self.whole[0], *self.whole[1]]
+            return parts + [self.norms_k, self.norms_v, *self.slots, self.whole[0][2], self.whole[1][2]] + \
+                self._extra()
+        return [self.dir_k, self.dir_v, self.norms_k, self.norms_v, *self.slots, *self.whole[0], *self.whole[1]] + \
+            self._extra()
+
+    def _extra(self) -> list:
+        out = list(self.starts or [])
+        if self.counts is not None:
+            out += [self.counts[0], *self.counts[1]]
+        return out
+
+    def view_counts(self, which: int, tail: UniformStore):
+        """float32 ``[B, H, n + tail]`` merge counts of layer ``which``'s view
+        (1 for the tail and for slots outside the heads' live ranges)."""
+        B, H = int(self.norms_k.shape[0]), int(self.norms_k.shape[1])
+        N = self.n[which] + (tail.n if tail.batch else 0)
+        # one extra column takes the padding entries (slot -1), then is dropped
+        out = torch.ones((B, H, N + 1), device=self.norms_k.device)
+        if self.counts is not None:
+            merged, whole = self.counts
+            for slots, vals in ((self.slots[which], merged[..., which]), (self.whole[which][2], whole[which])):
+                out.scatter_(2, torch.where(slots >= 0, slots.long(), N), vals)
+        return out[..., :N]
 
     def restore(self, which: int, tail: UniformStore):
         """Layer ``which``'s (0: ``l-1``, 1: ``l``) keys and values ``[B, H,
@@ -220,6 +264,10 @@ class MergedPair:
                             "dir_v": tuple(map(pick, self._packed["dir_v"])),
                             "whole": [(tuple(map(pick, k)), tuple(map(pick, v))) for k, v in self._packed["whole"]]}
         self.retained = self.retained.index_select(0, idx.cpu())
+        if self.starts is not None:
+            self.starts = [pick(x) for x in self.starts]
+        if self.counts is not None:
+            self.counts = (pick(self.counts[0]), [pick(x) for x in self.counts[1]])
 
 
 class MiniCacheStore(LayerStore):
@@ -241,11 +289,9 @@ class MiniCacheStore(LayerStore):
                 f"tail={self.tail.n}{packed})")
 
     @classmethod
-    def merge_layers(cls, first: UniformStore, second: UniformStore, starts: list, t: float, retain: float):
-        """The two stores of a merged pair, from the uniform stores of layers
-        ``l-1`` and ``l`` (``starts``: each layer's host list of leading
-        masked slots per row)."""
-        held = [(s.keys, s.values, s.column("positions"), st) for s, st in zip((first, second), starts)]
+    def merge_layers(cls, held: list, t: float, retain: float):
+        """The two stores of a merged pair from what layers ``l-1`` and ``l``
+        hold (``MergedPair.merge``'s ``held``)."""
         pair = MergedPair.merge(held, t, retain)
         return cls(pair, 0), cls(pair, 1)
 
@@ -293,8 +339,27 @@ class MiniCacheStore(LayerStore):
             # sliding layers are never paired (KVCache._merge_pair)
             raise AssertionError("a MiniCache pair has no sliding window")
         keys, values = self.pair.restore(self.which, self.tail)
+        if self.pair.starts is not None:
+            return self._attend_heads(query, spec, keys, values)
         if c_decode_ok(query, keys, values, spec):
             return ops.attention(query, keys, values, scaling=spec.scaling, kv_start=kv_start)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
                           kv_start=kv_start)
         return masked_attention(query, keys, values, spec, mask)
+
+    def _attend_heads(self, query, spec: AttentionSpec, keys, values):
+        """Per-head layers: head ``(b, h)``'s slots are ``start[b, h] ..`` of
+        its row of the view (the tail after them), read as segments of the
+        flat view by the ragged C kernel (merge counts as its log-count
+        bias), or per head in torch for options the kernel lacks."""
+        B, H, N, D = (int(x) for x in keys.shape)
+        Dv = int(values.shape[3])
+        start = self.pair.starts[self.which].reshape(-1)
+        counts = self.pair.view_counts(self.which, self.tail).reshape(-1) if spec.count_bias else None
+        if spec.plain and query.dtype in _C_DTYPES and keys.dtype == query.dtype:
+            offsets = torch.arange(B * H, device=keys.device) * N + start
+            return ops.attention(query, keys.reshape(B * H * N, D), values.reshape(B * H * N, Dv),
+                                 scaling=spec.scaling, offsets=offsets, lengths=N - start, counts=counts)
+        bias = None if counts is None else torch.log(counts.view(B * H, N))
+        return padded_head_attention(query, keys.view(B * H, 1, N, D), values.view(B * H, 1, N, Dv), start, spec, H,
+                                     bias)
