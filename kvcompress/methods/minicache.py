@@ -68,7 +68,10 @@ class MiniCache(KeepsEveryToken):
       Merged layers are not re-compressed while decoding (their tails grow,
       as with ``+ KIVI``); the other layers keep the evictor's budget.
       When the two layers kept few common tokens the pair can hold more
-      bytes than the two layers did (padding, tails' slack);
+      bytes than the two layers did (padding, tails' slack). Per-head
+      evictors (AdaKV, EMS) work the same way on each head's kept slots; a
+      merged token keeps each layer's EMS merge count (the log-count bias of
+      that layer's attention);
     * **with a quantizer** (``MiniCache() + KIVI(bits=4)``, i.e. ``quant=``):
       layers outside pairs are packed as by KIVI alone; a pair's directions
       and whole tokens are packed with KIVI's rules (keys per channel over
@@ -77,9 +80,8 @@ class MiniCache(KeepsEveryToken):
       and attention unpacks them into the scratch view. The tails (tokens
       after the merge) stay in full precision (KIVI's decode-time packing of
       a pair's tail is not built);
-    * head-wise or merging evictors (AdaKV, EMS), an evictor together with a
-      quantizer (``SnapKV + MiniCache + KIVI``) and sparse readers are refused
-      by name: a pair of ragged layers is not built.
+    * an evictor together with a quantizer (``SnapKV + MiniCache + KIVI``)
+      and sparse readers are refused by name.
 
     Parameters
     ----------
