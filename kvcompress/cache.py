@@ -390,8 +390,11 @@ class CompressedLayer(CacheLayerMixin):
             # for that (KVCache._merge_pair packs it as KIVI would when the
             # pair is not merged)
             mc = method.cross_layer
-            if isinstance(self.store, MiniCacheStore) or (
-                    type(self.store) is UniformStore and mc.in_pair(self.layer_idx, self.num_layers or 0)):
+            if isinstance(self.store, MiniCacheStore):
+                return
+            if type(self.store) in (UniformStore, RaggedStore) and mc.in_pair(self.layer_idx, self.num_layers or 0):
+                if method.evicts and type(self.store) is UniformStore:
+                    self._compress(queries, scaling)  # an evictor first keeps its slots, as without the pair
                 return
         if method.packing is not None and self.window is None:
             # Quantized layers: the first chunk is evicted or merged by the

@@ -418,8 +418,8 @@ def test_composition_spellings():
                 lambda: kvc.SnapKV(ratio=0.5, depth=kvc.KIVI(bits=4))):
         with pytest.raises((TypeError, ValueError)):
             bad()
-    with pytest.raises(TypeError, match="does not compose with a quantizer"):
-        kvc.SnapKV(ratio=0.5) + MiniCache() + kvc.KIVI(bits=4)
+    with pytest.raises(TypeError, match="sparse reader"):
+        kvc.SnapKV(ratio=0.5) + MiniCache() + kvc.Quest(token_budget=64)
     with pytest.raises(ValueError, match="already merges"):
         kvc.SnapKV(ratio=0.5) + MiniCache() + MiniCache()
 
@@ -510,8 +510,7 @@ def test_quantizer_spellings():
         m + kvc.KIVI(bits=2)
     with pytest.raises(TypeError):
         MiniCache(quant=kvc.LowBits(bits=4))
-    with pytest.raises(TypeError, match="depth"):
-        kvc.SnapKV(ratio=0.5) + m
+    assert (kvc.SnapKV(ratio=0.5) + m).packing == m.packing
     with pytest.raises(ValueError, match="minicache"):
         method_from_spec("minicache+snapkv", ratio=0.5)
 
@@ -579,3 +578,29 @@ def test_ems_then_merge(tiny_model):
     pair = cache.layers[2].store.pair
     merged = int((pair.slots[0] >= 0).sum())
     assert merged > 0 and bool((pair.counts[0][..., 0][pair.slots[0] >= 0] >= 1).all())
+
+
+@pytest.mark.parametrize("evictor", ["snapkv", "ems"])
+def test_evictor_minicache_and_quantizer(tiny_model, evictor):
+    """Evictor + MiniCache + KIVI: unpaired layers are evicted then packed as
+    with evictor + KIVI; paired layers are evicted, merged, then packed."""
+    ids, mask = _batch(32)
+    make_evictor = {"snapkv": lambda: kvc.SnapKV(budget=64, window=8), "ems": lambda: kvc.EMS(budget=64)}[evictor]
+    kivi = kvc.KIVI(bits=4, group=8, residual=16)
+    method = make_evictor() + MiniCache(start_layer=2) + kivi
+    assert method.packing == kivi.packing and method.depth.quant == kivi
+    assert method.describe().endswith("+ MiniCache(start_layer=2, t=0.6, retain=0.05) + KIVI(bits=4, group=8, residual=16)")
+    spec = f"{evictor}+minicache:start_layer=2+kivi:bits=4:group=8:residual=16"
+    assert method_from_spec(spec, budget=64).describe() == (kvc.methods.method_from_spec(evictor, budget=64) +
+                                                            MiniCache(start_layer=2) + kivi).describe()
+    sizes = {}
+    for name, m in (("evict+kivi", make_evictor() + kivi), ("all", method)):
+        cache = KVCache(m, num_layers=4)
+        assert _generate(tiny_model, ids, mask, m, cache).shape == (2, 270)
+        sizes[name] = cache.memory_bytes()
+        assert cache.stats().total_bytes == sizes[name]
+    kinds = [layer.store.kind for layer in cache.layers]
+    assert kinds[2:] == ["minicache", "minicache"] and kinds[0] == kinds[1] != "minicache"
+    assert cache.layers[2].store.pair.packing == (4, 8)
+    with pytest.raises(ValueError, match="at most two"):
+        method_from_spec("snapkv+kivi+kivi", budget=64)

@@ -95,10 +95,21 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
     ``"evictor+quantizer"`` (``"snapkv+kivi:bits=2"``) packs the evictor's
     kept slots: the budget or ratio goes to the evictor.
     """
+    if spec.count("+") == 2:
+        # evictor+minicache+quantizer
+        head, _, last = spec.rpartition("+")
+        if not getattr(REGISTRY.get(parse_method_spec(head.partition("+")[2])[0]), "takes_quant", False):
+            raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer or "
+                             "evictor+reader), or three as evictor+minicache+quantizer")
+        try:
+            return method_from_spec(head, budget=budget, ratio=ratio) + method_from_spec(last)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"methods: {spec!r}: {e}") from None
     if "+" in spec:
         first, _, second = spec.partition("+")
         if "+" in second:
-            raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer or evictor+reader)")
+            raise ValueError(f"methods: {spec!r}: compose at most two methods (evictor+quantizer or "
+                             "evictor+reader), or three as evictor+minicache+quantizer")
         takes_quant = getattr(REGISTRY[parse_method_spec(first)[0]], "takes_quant", False)
         if not (spec_evicts(first) or takes_quant) or spec_evicts(second):
             raise ValueError(f"methods: {spec!r}: write evictor+quantizer, e.g. 'snapkv+kivi:bits=4', "

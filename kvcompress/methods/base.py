@@ -194,7 +194,7 @@ class Method:
         d = self.depth
         if d is None:
             return
-        if not isinstance(d, Method) or d.cross_layer is None or d.depth is not None or d.quant is not None:
+        if not isinstance(d, Method) or d.cross_layer is None or d.depth is not None:
             raise TypeError(f"depth: expected a cross-layer method such as kvcompress.MiniCache(), got {d!r}")
         if not self.evicts:
             raise ValueError(f"depth: {type(self).__name__} keeps every token itself; give depth= to an evicting "
@@ -243,7 +243,10 @@ class Method:
     def packing(self) -> tuple[int, int, int] | None:
         """``(bits, group, residual)`` when layers keep their slots packed
         (``kvcompress.stores.PackedStore``), else None."""
-        return None if self.quant is None else self.quant.packing
+        if self.quant is not None:
+            return self.quant.packing
+        # SnapKV(...) + MiniCache() + KIVI(...): the quantizer rides on the cross-layer method
+        return None if self.depth is None else self.depth.packing
 
     @property
     def mixed_precision(self) -> bool:
@@ -275,8 +278,11 @@ class Method:
                 raise ValueError(f"{self.describe()} already merges layers with {self.depth.describe()}")
             return dataclasses.replace(self, depth=other)
         if self.depth is not None:
-            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composed with an "
-                            "evictor does not compose with a quantizer or a sparse reader as well")
+            if other.packing is None or other.evicts:
+                raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composed with an "
+                                "evictor does not compose with a sparse reader as well")
+            # evictor + MiniCache + quantizer: the pair and the other layers are packed
+            return dataclasses.replace(self, depth=self.depth + other)
         if not self.evicts or other.evicts:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "
                             "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4), or "

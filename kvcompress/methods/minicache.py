@@ -80,8 +80,10 @@ class MiniCache(KeepsEveryToken):
       and attention unpacks them into the scratch view. The tails (tokens
       after the merge) stay in full precision (KIVI's decode-time packing of
       a pair's tail is not built);
-    * an evictor together with a quantizer (``SnapKV + MiniCache + KIVI``)
-      and sparse readers are refused by name.
+    * all three (``EMS(ratio=0.5) + MiniCache() + KIVI(bits=4)``): every
+      layer is evicted as alone; unpaired layers are then packed as with
+      ``EMS + KIVI``, paired ones merged, then packed as above;
+    * sparse readers are refused by name.
 
     Parameters
     ----------
