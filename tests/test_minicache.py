@@ -604,3 +604,32 @@ def test_evictor_minicache_and_quantizer(tiny_model, evictor):
     assert cache.layers[2].store.pair.packing == (4, 8)
     with pytest.raises(ValueError, match="at most two"):
         method_from_spec("snapkv+kivi+kivi", budget=64)
+
+
+def test_beams_second_turns_and_bf16_through_the_compositions(tiny_model):
+    """Beam search reorders a pair once per step (uniform and per-head
+    views, packed or not); a second turn's chunk reads a per-head pair; a
+    bfloat16 model with full retention is its plain generate()."""
+    ids, mask = _batch(33)
+    kw = dict(attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=2)
+    snap = lambda: kvc.SnapKV(budget=64, window=8)  # noqa: E731
+    with kvc.compress(tiny_model, snap()):
+        want = tiny_model.generate(ids, **kw)
+    with kvc.compress(tiny_model, snap() + MiniCache(start_layer=0, retain=1.0)):
+        assert torch.equal(tiny_model.generate(ids, **kw), want)
+    with kvc.compress(tiny_model, kvc.EMS(budget=64) + MiniCache(start_layer=0) + kvc.KIVI(bits=4, group=8,
+                                                                                          residual=16)):
+        assert tiny_model.generate(ids, **kw).shape == (2, 265)
+    first = ids[:1, -50:]
+    with kvc.compress(tiny_model, kvc.EMS(budget=32) + MiniCache(start_layer=0)) as session:
+        out1 = tiny_model.generate(first, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        second = torch.cat([out1, ids[:1, :7]], dim=1)
+        out2 = tiny_model.generate(second, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                                   **cache_kwargs(tiny_model, session.cache))
+    assert out2.shape == (1, second.shape[1] + 3) and session.cache.layers[0].store.tail.n == second.shape[1] - 50 + 2
+    import copy
+
+    model16 = copy.deepcopy(tiny_model).to(torch.bfloat16)  # the session's model stays float32
+    ref = _generate(model16, ids, mask)
+    assert torch.equal(_generate(model16, ids, mask, MiniCache(start_layer=0, retain=1.0)), ref)
+    assert _generate(model16, ids, mask, MiniCache(start_layer=0)).shape == ref.shape
