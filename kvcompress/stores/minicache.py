@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..errors import KVCompressUnsupportedError
 from .base import AttentionSpec, LayerStore
 from .masked import build_mask, masked_attention, padded_head_attention
 from .uniform import _C_DTYPES, UniformStore, c_decode_ok
@@ -337,7 +338,7 @@ class MiniCacheStore(LayerStore):
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         if spec.window is not None:
             # sliding layers are never paired (KVCache._merge_pair)
-            raise AssertionError("a MiniCache pair has no sliding window")
+            raise KVCompressUnsupportedError("sliding_window: a layer of a MiniCache pair cannot slide")
         keys, values = self.pair.restore(self.which, self.tail)
         if self.pair.starts is not None:
             return self._attend_heads(query, spec, keys, values)
