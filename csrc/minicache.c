@@ -107,3 +107,88 @@ enum kvc_status kvc_slerp_restore(const struct kvc_slerp_restore_params *p)
     for (bh = 0; bh < B * H; bh++) sr_head(p, bh / H, bh % H);
     return KVC_OK;
 }
+
+/* Row j of a [B, H, n, D] view as fp32. */
+static void ma_row(float *dst, const struct kvc_view *v, int64_t b, int64_t h, int64_t j)
+{
+    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)v->dtype);
+    kvc_row_to_f32(dst, (const char *)v->data + (b * v->strides[0] + h * v->strides[1] + j * v->strides[2]) * es,
+                   v->dtype, v->shape[3], v->strides[3]);
+}
+
+static int64_t ma_slot(const struct kvc_view *v, int64_t b, int64_t h, int64_t i)
+{
+    return kvc_load_index(v->data, v->dtype, b * v->strides[0] + h * v->strides[1] + i * v->strides[2]);
+}
+
+static void KVC_HOT ma_query(const struct kvc_minicache_attention_params *p, int64_t b, int64_t hq, float *buf)
+{
+    const int64_t Hq = p->q.shape[1], H = p->dir_k.shape[1], D = p->q.shape[3], Dv = p->dir_v.shape[3];
+    const int64_t h = hq / (Hq / H), m = p->dir_k.shape[2], w = p->keys.shape[2], t = p->tail_k.shape[2];
+    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
+    float *q = buf, *row = buf + D, *vrow = row + D, *acc = vrow + Dv;
+    struct kvc_softmax_state st;
+    int64_t i, d;
+    kvc_row_to_f32(q, (const char *)p->q.data + (b * p->q.strides[0] + hq * p->q.strides[1]) * es, p->q.dtype, D,
+                   p->q.strides[3]);
+    for (d = 0; d < Dv; d++) acc[d] = 0.0f;
+    kvc_softmax_init(&st);
+    for (i = 0; i < m; i++) {
+        const float *nk = (const float *)p->norms_k.data + b * p->norms_k.strides[0] + h * p->norms_k.strides[1] +
+                          i * p->norms_k.strides[2] + p->which * p->norms_k.strides[3];
+        const float *nv = (const float *)p->norms_v.data + b * p->norms_v.strides[0] + h * p->norms_v.strides[1] +
+                          i * p->norms_v.strides[2] + p->which * p->norms_v.strides[3];
+        float x;
+        if (ma_slot(&p->slots, b, h, i) < 0) continue; /* padding */
+        ma_row(row, &p->dir_k, b, h, i);
+        x = p->scaling * (*nk * kvc_dot_f32(q, row, D));
+        if (p->counts.data)
+            x += kvc_logf(((const float *)p->counts.data)[b * p->counts.strides[0] + h * p->counts.strides[1] +
+                                                          i * p->counts.strides[2] + p->which * p->counts.strides[3]]);
+        ma_row(vrow, &p->dir_v, b, h, i);
+        kvc_mc_push(&st, acc, x, vrow, *nv, Dv);
+    }
+    for (i = 0; i < w; i++) {
+        float x;
+        if (ma_slot(&p->kept_slots, b, h, i) < 0) continue; /* padding */
+        ma_row(row, &p->keys, b, h, i);
+        x = p->scaling * kvc_dot_f32(q, row, D);
+        if (p->kept_counts.data)
+            x += kvc_logf(((const float *)p->kept_counts.data)[b * p->kept_counts.strides[0] +
+                                                               h * p->kept_counts.strides[1] +
+                                                               i * p->kept_counts.strides[2]]);
+        ma_row(vrow, &p->values, b, h, i);
+        kvc_mc_push(&st, acc, x, vrow, 1.0f, Dv);
+    }
+    for (i = 0; i < t; i++) {
+        ma_row(row, &p->tail_k, b, h, i);
+        ma_row(vrow, &p->tail_v, b, h, i);
+        kvc_mc_push(&st, acc, p->scaling * kvc_dot_f32(q, row, D), vrow, 1.0f, Dv);
+    }
+    {
+        const float inv = st.s > 0.0f ? 1.0f / st.s : 0.0f;
+        char *dst = (char *)p->out.data + (b * p->out.strides[0] + hq * p->out.strides[2]) * es;
+        for (d = 0; d < Dv; d++) kvc_store_f32(dst, p->out.dtype, d * p->out.strides[3], acc[d] * inv);
+    }
+}
+
+enum kvc_status kvc_minicache_attention(const struct kvc_minicache_attention_params *p)
+{
+    const int64_t B = p->q.shape[0], Hq = p->q.shape[1], H = p->dir_k.shape[1];
+    const int64_t D = p->q.shape[3], Dv = p->dir_v.shape[3];
+    int64_t r;
+    int nt = p->num_threads > 0 ? p->num_threads : 1, failed = 0;
+    if (p->which < 0 || p->which > 1 || H <= 0 || Hq % H != 0 || p->q.shape[2] != 1) return KVC_ERR_INVALID;
+    if (B * Hq == 0) return KVC_OK;
+    if (B * Hq < nt) nt = (int)(B * Hq);
+#pragma omp parallel num_threads(nt) reduction(| : failed) if (nt > 1)
+    {
+        float *buf = (float *)malloc((size_t)(2 * D + 2 * Dv + 1) * sizeof(float));
+        if (buf == NULL) failed = 1;
+#pragma omp for schedule(static)
+        for (r = 0; r < B * Hq; r++)
+            if (buf) ma_query(p, r / Hq, r % Hq, buf);
+        free(buf);
+    }
+    return failed ? KVC_ERR_NOMEM : KVC_OK;
+}

@@ -60,6 +60,43 @@ struct kvc_slerp_restore_params {
 
 enum kvc_status kvc_slerp_restore(const struct kvc_slerp_restore_params *p);
 
+/*
+ * Decode attention of one query per row over layer `which`'s view of a
+ * merged pair read in place (no reconstructed copy), for query head hq of
+ * kv head h = hq / (Hq / H), with s = scaling:
+ *   merged rows i (slots[b, h, i] >= 0):
+ *       logit = s * nk * (q . dir_k[i]) + log c,  value = nv * dir_v[i]
+ *       (nk = norms_k[b, h, i, which], nv = norms_v[.., which], c =
+ *       counts[b, h, i, which] or 1)
+ *   whole rows i (kept_slots[b, h, i] >= 0): logit = s * (q . keys[i]) + log c
+ *       (c = kept_counts[b, h, i] or 1), value = values[i]
+ *   tail rows: logit = s * (q . tail_k[j]), value = tail_v[j]
+ * out[b, 0, hq] = softmax-weighted sum (online softmax in fp32, rows in the
+ * order above); zeros when the view is empty. Rows whose slot is negative
+ * are padding and skipped. Counts must be > 0 (the binding checks).
+ */
+struct kvc_minicache_attention_params {
+    struct kvc_view q;           /* [B, Hq, 1, D] f32/f16/bf16 */
+    struct kvc_view dir_k;       /* [B, H, m, D], dtype of q */
+    struct kvc_view dir_v;       /* [B, H, m, Dv], dtype of q */
+    struct kvc_view norms_k;     /* f32 [B, H, m, 2] */
+    struct kvc_view norms_v;     /* f32 [B, H, m, 2] */
+    struct kvc_view slots;       /* i32/i64 [B, H, m] */
+    struct kvc_view keys;        /* [B, H, w, D] whole rows */
+    struct kvc_view values;      /* [B, H, w, Dv] */
+    struct kvc_view kept_slots;  /* i32/i64 [B, H, w] */
+    struct kvc_view tail_k;      /* [B, H, t, D] */
+    struct kvc_view tail_v;      /* [B, H, t, Dv] */
+    struct kvc_view counts;      /* optional f32 [B, H, m, 2] (data NULL: none) */
+    struct kvc_view kept_counts; /* optional f32 [B, H, w] */
+    struct kvc_view out;         /* [B, 1, Hq, Dv], dtype of q */
+    int32_t which;
+    float scaling;
+    int32_t num_threads;
+};
+
+enum kvc_status kvc_minicache_attention(const struct kvc_minicache_attention_params *p);
+
 #ifdef __cplusplus
 }
 #endif

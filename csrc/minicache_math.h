@@ -85,6 +85,24 @@ KVC_HD static inline float kvc_slerp_row(float *e, float *u1, float *u2, int64_t
     return omega / KVC_SLERP_PI;
 }
 
+/* One row of the online softmax of kvc_minicache_attention: logit x, value
+ * row v (Dv fp32) scaled by vs; acc (Dv) and the state updated in place. */
+KVC_HD static inline void kvc_mc_push(struct kvc_softmax_state *st, float *acc, float x, const float *v, float vs,
+                                      int64_t Dv)
+{
+    int64_t d;
+    float w;
+    if (x > st->m) {
+        const float alpha = st->m == -INFINITY ? 0.0f : kvc_expf(st->m - x);
+        for (d = 0; d < Dv; d++) acc[d] *= alpha;
+        st->s *= alpha;
+        st->m = x;
+    }
+    w = kvc_expf(x - st->m);
+    st->s += w;
+    for (d = 0; d < Dv; d++) acc[d] += w * vs * v[d];
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -42,6 +42,7 @@ __all__ = [
     "lsh_attention",
     "slerp_merge",
     "slerp_restore",
+    "minicache_attention",
     "SlerpMerge",
     "global_scores",
     "probe_positions",
@@ -1247,4 +1248,56 @@ def slerp_restore(dir, norms, slots, which: int, out, *, kept=None, kept_slots=N
         kept_slots = _empty(dir, (ds[0], ds[1], 0), "int64")
     _C.slerp_restore(_prepare(dir), _prepare(norms), _prepare(slots), _prepare(kept), _prepare(kept_slots), out,
                      _int_arg(which, "which"))
+    return out
+
+
+def minicache_attention(queries, dir_k, dir_v, norms_k, norms_v, slots, which: int, *, keys=None, values=None,
+                        kept_slots=None, tail_keys=None, tail_values=None, counts=None, kept_counts=None,
+                        scaling=None):
+    """Decode attention over one layer's view of a MiniCache pair, read in place.
+
+    For query head ``hq`` (kv head ``h = hq // (Hq // H)``) the rows are the
+    merged tokens (``slots >= 0``; key ``norms_k[..., which] * dir_k``, value
+    ``norms_v[..., which] * dir_v``, logit plus ``log counts[..., which]``),
+    the whole tokens (``kept_slots >= 0``; logit plus ``log kept_counts``) and
+    the tail; output the softmax-weighted sum of the values (online softmax
+    in float32). Equal, up to rounding, to :func:`attention` over the view
+    :func:`slerp_restore` writes (which rounds each key once more).
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, 1, D]`` (float32, float16 or bfloat16)
+    dir_k, dir_v : tensors ``[B, H, m, D]`` / ``[B, H, m, Dv]``, dtype of ``queries``
+    norms_k, norms_v : float32 tensors ``[B, H, m, 2]``
+    slots : int32 or int64 ``[B, H, m]``; a negative slot is padding (skipped)
+    which : 0 or 1
+    keys, values, kept_slots : ``[B, H, w, D]``, ``[B, H, w, Dv]``, int ``[B, H, w]``, optional
+    tail_keys, tail_values : ``[B, H, t, D]``, ``[B, H, t, Dv]``, optional
+    counts : float32 ``[B, H, m, 2]``, kept_counts : float32 ``[B, H, w]``, optional
+        Merge counts (> 0), added as ``log`` to the logits.
+    scaling : float, default ``D ** -0.5``
+
+    Returns
+    -------
+    tensor ``[B, 1, Hq, Dv]``
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, 1, D]")
+    ds = _shape(dir_k, "dir_k", 4, "[B, H, m, D]")
+    vs = _shape(dir_v, "dir_v", 4, "[B, H, m, Dv]")
+    if (keys is None) != (values is None) or (keys is None) != (kept_slots is None):
+        raise KVCompressValueError("keys, values, kept_slots: give all three or none")
+    if (tail_keys is None) != (tail_values is None):
+        raise KVCompressValueError("tail_keys, tail_values: give both or neither")
+    if keys is None:
+        keys = _empty_like_dtype(queries, (ds[0], ds[1], 0, qs[3]))
+        values = _empty_like_dtype(queries, (ds[0], ds[1], 0, vs[3]))
+        kept_slots = _empty(queries, (ds[0], ds[1], 0), "int64")
+    if tail_keys is None:
+        tail_keys = _empty_like_dtype(queries, (ds[0], ds[1], 0, qs[3]))
+        tail_values = _empty_like_dtype(queries, (ds[0], ds[1], 0, vs[3]))
+    out = _empty_like_dtype(queries, (qs[0], 1, qs[1], vs[3]))
+    _C.minicache_attention(_prepare(queries), _prepare(dir_k), _prepare(dir_v), _prepare(norms_k), _prepare(norms_v),
+                           _prepare(slots), _prepare(keys), _prepare(values), _prepare(kept_slots),
+                           _prepare(tail_keys), _prepare(tail_values), counts, kept_counts, out,
+                           _int_arg(which, "which"), _scaling(scaling, qs[3]))
     return out

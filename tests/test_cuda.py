@@ -498,6 +498,32 @@ def test_slerp_merge_and_restore(dtype, t):
         assert same_bits(got.cpu(), want)  # one fp32 product, rounded once, on both
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("per_head", [False, True], ids=["rows", "heads"])
+def test_minicache_attention(dtype, per_head):
+    """The in-place decode attention: the same rows, order and online
+    softmax on both backends, and the float64 reference of the CPU test."""
+    from test_minicache import _in_place_ref
+
+    B, H, D = 2, 2, 32
+    g = torch.Generator().manual_seed(50)
+    k1, v1, k2, v2 = (make((B, H, 12, D), dtype, seed=51 + i) for i in range(4))
+    pos1 = torch.stack([torch.randperm(16, generator=g)[:12].sort().values for _ in range(B * H)]).view(B, H, 12)
+    pos2 = torch.stack([torch.randperm(16, generator=g)[:12].sort().values for _ in range(B * H)]).view(B, H, 12)
+    counts = (1 + torch.rand(B, H, 12, generator=g)) if per_head else None
+    starts = torch.tensor([[0, 2], [1, 0]]) if per_head else [0, 2]
+    pair = kvcompress.stores.MergedPair.merge([(k1, v1, pos1.int(), starts, counts),
+                                               (k2, v2, pos2.int(), starts, counts)], 0.6, 0.2)
+    tk, tv = make((B, H, 3, D), dtype, seed=56), make((B, H, 3, D), dtype, seed=57)
+    q = make((B, 2 * H, 1, D), dtype, seed=58)
+    cargs = dict(counts=pair.counts[0], kept_counts=pair.counts[1][0]) if per_head else {}
+    wk, wv, ws = pair.whole[0]
+    c, got = both(ops.minicache_attention, q, pair.dir_k, pair.dir_v, pair.norms_k, pair.norms_v, pair.slots[0], 0,
+                  keys=wk, values=wv, kept_slots=ws, tail_keys=tk, tail_values=tv, **cargs)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (got.double() - c.double()).abs().max() <= tol
+
+
 # ---------------------------------------------------------------- boundary
 
 def test_mixed_devices_rejected():

@@ -344,6 +344,23 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         return [fw(fl([B, H, m, D], dt)), fw(torch.rand(B, H, m, 2)), fw(slots.to(rng.choice([torch.int32, torch.int64]))),
                 rng.choice([0, 1]), fw(torch.zeros(B, H, T, D, dtype=dt))], kw
 
+    def b_minicache_attention():
+        B, H, m, w, t, D = dim(), dim(1), dim(), dim(), dim(), dim()
+        g, dt = rng.choice([1, 2]), rng.choice(FLOATS)
+        slots = torch.randint(-1, 5, (B, H, m)).to(rng.choice([torch.int32, torch.int64]))
+        kw = {"scaling": rng.choice([None, 0.3])}
+        if rng.random() < 0.5:
+            kw.update(keys=fw(fl([B, H, w, D], dt)), values=fw(fl([B, H, w, D], dt)),
+                      kept_slots=fw(torch.randint(-1, 5, (B, H, w))))
+            if rng.random() < 0.5:
+                kw["kept_counts"] = torch.rand(B, H, w) + 0.5
+        if rng.random() < 0.5:
+            kw.update(tail_keys=fw(fl([B, H, t, D], dt)), tail_values=fw(fl([B, H, t, D], dt)))
+        if rng.random() < 0.3:
+            kw["counts"] = torch.rand(B, H, m, 2) + 0.5
+        return [fw(fl([B, H * g, 1, D], dt)), fw(fl([B, H, m, D], dt)), fw(fl([B, H, m, D], dt)),
+                fw(torch.rand(B, H, m, 2)), fw(torch.rand(B, H, m, 2)), fw(slots), rng.choice([0, 1])], kw
+
     def b_head_budgets():
         B, H, T = dim(), dim(), dim()
         return [fw(fl([B, H, T], torch.float32)), rng.randint(0, T + 1)], \
@@ -391,6 +408,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "lsh_attention": b_lsh_attention,
         "slerp_merge": b_slerp_merge,
         "slerp_restore": b_slerp_restore,
+        "minicache_attention": b_minicache_attention,
         "head_budgets": b_head_budgets,
         "probe_positions": b_probe_positions,
         "pack_keys": b_pack,

@@ -633,3 +633,93 @@ def test_beams_second_turns_and_bf16_through_the_compositions(tiny_model):
     ref = _generate(model16, ids, mask)
     assert torch.equal(_generate(model16, ids, mask, MiniCache(start_layer=0, retain=1.0)), ref)
     assert _generate(model16, ids, mask, MiniCache(start_layer=0)).shape == ref.shape
+
+
+# ---------------------------------------------------------------- attention over the merged form
+
+def _in_place_ref(q, pair, which, tail, scaling, use_counts):
+    """float64 softmax over the view's live rows: merged (norm x direction as
+    stored), whole, tail; log-count biases."""
+    B, Hq, _, D = q.shape
+    H = pair.norms_k.shape[1]
+    out = torch.zeros(B, 1, Hq, pair.dir_v.shape[3], dtype=torch.float64)
+    wk, wv, ws = pair.whole[which]
+    for b in range(B):
+        for hq in range(Hq):
+            h = hq // (Hq // H)
+            ks, vs, bias = [], [], []
+            for i in range(pair.dir_k.shape[2]):
+                if pair.slots[which][b, h, i] >= 0:
+                    ks.append(pair.norms_k[b, h, i, which].double() * pair.dir_k[b, h, i].double())
+                    vs.append(pair.norms_v[b, h, i, which].double() * pair.dir_v[b, h, i].double())
+                    bias.append(math.log(pair.counts[0][b, h, i, which]) if use_counts else 0.0)
+            for i in range(wk.shape[2]):
+                if ws[b, h, i] >= 0:
+                    ks.append(wk[b, h, i].double())
+                    vs.append(wv[b, h, i].double())
+                    bias.append(math.log(pair.counts[1][which][b, h, i]) if use_counts else 0.0)
+            for j in range(tail.n):
+                ks.append(tail.keys[b, h, j].double())
+                vs.append(tail.values[b, h, j].double())
+                bias.append(0.0)
+            logits = scaling * (torch.stack(ks) @ q[b, hq, 0].double()) + torch.tensor(bias, dtype=torch.float64)
+            out[b, 0, hq] = torch.softmax(logits, 0) @ torch.stack(vs)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("per_head", [False, True], ids=["rows", "heads"])
+def test_attention_in_place_matches_float64_and_the_view(dtype, per_head):
+    B, H, D = 2, 2, 32
+    g = torch.Generator().manual_seed(40)
+    k1, v1 = make((B, H, 12, D), dtype, seed=41), make((B, H, 12, D), dtype, seed=42)
+    k2, v2 = make((B, H, 10, D), dtype, seed=43), make((B, H, 10, D), dtype, seed=44)
+    pos1 = torch.stack([torch.randperm(16, generator=g)[:12].sort().values for _ in range(B * H)]).view(B, H, 12)
+    pos2 = torch.stack([torch.randperm(16, generator=g)[:10].sort().values for _ in range(B * H)]).view(B, H, 10)
+    if per_head:
+        s1, s2 = torch.tensor([[0, 2], [1, 0]]), torch.tensor([[1, 0], [0, 3]])
+        c1, c2 = 1 + torch.rand(B, H, 12, generator=g) * 3, 1 + torch.rand(B, H, 10, generator=g) * 3
+    else:
+        s1, s2, c1, c2 = [0, 2], [0, 2], None, None
+    pair = MergedPair.merge([(k1, v1, pos1.int(), s1, c1), (k2, v2, pos2.int(), s2, c2)], 0.6, 0.2)
+    assert pair.dir_k.shape[2] > 0 and bool((pair.slots[0] < 0).any())  # padded merged lists
+    tail = kvc.stores.UniformStore()
+    tail.append(make((B, H, 3, D), dtype, seed=45), make((B, H, 3, D), dtype, seed=46), 16)
+    q = make((B, 2 * H, 1, D), dtype, seed=47)
+    for which in (0, 1):
+        store = MiniCacheStore(pair, which)
+        store.tail = tail
+        spec = kvc.stores.AttentionSpec(scaling=D ** -0.5, count_bias=per_head)
+        got = store.attend(q, spec)  # the in-place kernel (a decode step with merged rows)
+        ref = _in_place_ref(q, pair, which, tail, D ** -0.5, per_head)
+        tol = 2e-6 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 1.6e-2)
+        assert got.shape == ref.shape and float((got.double() - ref).abs().max()) <= tol
+        # the reconstructed-view path (a prefill chunk would take it) agrees up to the view's rounding
+        keys, values = pair.restore(which, tail)
+        if per_head:
+            view = store._attend_heads(q, spec, keys, values)
+        else:
+            view = ops.attention(q, keys, values, scaling=D ** -0.5, kv_start=torch.tensor([0, 2]))
+        assert float((got.double() - view.double()).abs().max()) <= 4 * tol + (0 if dtype == torch.float32 else 1e-2)
+
+
+def test_attention_in_place_refuses_bad_arguments():
+    x = torch.randn(1, 2, 4, 8)
+    n = torch.rand(1, 2, 4, 2) + 0.5
+    s = torch.arange(4).expand(1, 2, 4)
+    q = torch.randn(1, 4, 1, 8)
+    assert ops.minicache_attention(q, x, x, n, n, s, 0).shape == (1, 1, 4, 8)
+    with pytest.raises(KVCompressValueError, match="one"):
+        ops.minicache_attention(torch.randn(1, 4, 2, 8), x, x, n, n, s, 0)
+    with pytest.raises(KVCompressValueError, match="queries"):
+        ops.minicache_attention(torch.randn(1, 3, 1, 8), x, x, n, n, s, 0)
+    with pytest.raises(KVCompressValueError, match="counts"):
+        ops.minicache_attention(q, x, x, n, n, s, 0, counts=torch.zeros(1, 2, 4, 2))
+    with pytest.raises(KVCompressValueError, match="norms_k"):
+        ops.minicache_attention(q, x, x, torch.rand(1, 2, 4, 3), n, s, 0)
+    with pytest.raises(TypeError, match="dir_v"):
+        ops.minicache_attention(q, x, x.half(), n, n, s, 0)
+    with pytest.raises(KVCompressValueError, match="which"):
+        ops.minicache_attention(q, x, x, n, n, s, 2)
+    # every row padding: zeros, not NaN
+    assert not ops.minicache_attention(q, x, x, n, n, s * 0 - 1, 0).any()

@@ -76,6 +76,7 @@ enum kvc_status kvc_cuda_simhash(const struct kvc_simhash_params *p, void *strea
 enum kvc_status kvc_cuda_lsh_attention(const struct kvc_lsh_attention_params *p, void *stream);
 enum kvc_status kvc_cuda_slerp_merge(const struct kvc_slerp_merge_params *p, void *stream);
 enum kvc_status kvc_cuda_slerp_restore(const struct kvc_slerp_restore_params *p, void *stream);
+enum kvc_status kvc_cuda_minicache_attention(const struct kvc_minicache_attention_params *p, void *stream);
 
 size_t kvc_cuda_head_budgets_workspace(const struct kvc_head_budgets_params *p);
 enum kvc_status kvc_cuda_head_budgets(const struct kvc_head_budgets_params *p, void *stream);

@@ -57,8 +57,10 @@ class MiniCache(KeepsEveryToken):
       int32 slot; per retained token its key and value in each layer plus an
       int32 slot (``kvcompress.stores.MiniCacheStore``); the shared tensors
       are counted once;
-    * **attention** reconstructs the layer's view into a scratch buffer per
-      call (C ``slerp_restore``) and runs the usual attention over it;
+    * **attention**: a decode step reads the merged form in place (C
+      ``minicache_attention``); prefill chunks, packed pairs and softcap or
+      sink logits reconstruct the layer's view into a scratch buffer (C
+      ``slerp_restore``) and run the usual attention over it;
     * **with an evictor** (``SnapKV(ratio=0.5) + MiniCache()``, i.e.
       ``depth=``): each layer evicts exactly as alone at prefill; then the
       tokens both layers of a pair kept (same position) are merged and

@@ -15,11 +15,11 @@ after MiniCache merged them (``docs/design.md``, "MiniCache"):
 Each of the two layers has a ``MiniCacheStore`` that references the same
 pair (its bytes are counted once: ``KVCache.memory_bytes`` and ``stats``
 de-duplicate storages) and a uniform tail of its own for every token after
-the prefill, which is never merged. Attention reconstructs the layer's view
-into a scratch buffer per call (``ops.slerp_restore``: norm x direction for
-merged tokens, the retained ones copied) followed by the tail, and runs the
-uniform store's attention over it; reading the merged form directly in the
-attention kernel is not built.
+the prefill, which is never merged. A decode step reads the merged form in
+place (``ops.minicache_attention``); other calls (prefill chunks, a packed
+pair, softcap or sinks) reconstruct the layer's view into a scratch buffer
+(``ops.slerp_restore``: norm x direction for merged tokens, the whole ones
+copied) followed by the tail and run the usual attention over it.
 """
 
 from __future__ import annotations
@@ -339,6 +339,13 @@ class MiniCacheStore(LayerStore):
         if spec.window is not None:
             # sliding layers are never paired (KVCache._merge_pair)
             raise KVCompressUnsupportedError("sliding_window: a layer of a MiniCache pair cannot slide")
+        p = self.pair
+        if (int(query.shape[2]) == 1 and spec.plain and p._packed is None and query.dtype in _C_DTYPES
+                and query.dtype == p.dir_k.dtype and int(p.dir_k.shape[2]) > 0):
+            # a decode step reads the merged form in place; with nothing merged
+            # (full retention) the view is the layer's own slots, which the
+            # regular kernels read below, so it is exactly the uncompressed layer
+            return self._attend_in_place(query, spec)
         keys, values = self.pair.restore(self.which, self.tail)
         if self.pair.starts is not None:
             return self._attend_heads(query, spec, keys, values)
@@ -364,3 +371,19 @@ class MiniCacheStore(LayerStore):
         bias = None if counts is None else torch.log(counts.view(B * H, N))
         return padded_head_attention(query, keys.view(B * H, 1, N, D), values.view(B * H, 1, N, Dv), start, spec, H,
                                      bias)
+
+    def _attend_in_place(self, query, spec: AttentionSpec):
+        """``ops.minicache_attention`` over the pair's merged and whole rows
+        and the tail: no reconstructed copy. The lists hold live slots only
+        (padding, filler and per-head prefixes were left out when merging),
+        so nothing needs masking."""
+        p = self.pair
+        wk, wv, ws = p.whole[self.which]
+        tail = self.tail
+        tk, tv = (tail.keys, tail.values) if tail.batch and tail.n else (None, None)
+        counts = kept = None
+        if spec.count_bias and p.counts is not None:
+            counts, kept = p.counts[0], p.counts[1][self.which]
+        return ops.minicache_attention(query, p.dir_k, p.dir_v, p.norms_k, p.norms_v, p.slots[self.which], self.which,
+                                       keys=wk, values=wv, kept_slots=ws, tail_keys=tk, tail_values=tv, counts=counts,
+                                       kept_counts=kept, scaling=spec.scaling)
