@@ -321,6 +321,11 @@ class MiniCacheStore(LayerStore):
         return self.n
 
     def head_lengths(self) -> list[int]:
+        if self.pair.starts is not None:
+            # per-head layers: each head's live slots (its prefix of the view is padding)
+            if not hasattr(self, "_live"):
+                self._live = (self.pair.n[self.which] - self.pair.starts[self.which]).reshape(-1).cpu()
+            return (self._live + self.tail.n).tolist()
         return [self.n] * (self.batch * self.heads)
 
     def tensors(self) -> list:
@@ -333,6 +338,7 @@ class MiniCacheStore(LayerStore):
     def index_batch(self, idx) -> None:
         self.pair.index_batch(idx, self.which)
         self.tail.index_batch(idx)
+        self.__dict__.pop("_live", None)
 
     # ----------------------------------------------------------- attention
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
