@@ -70,7 +70,7 @@ sanitize-test: $(STAMP)
 # this CPU's (by the dispatcher's own test, _C._cpu_level): higher ones
 # cannot run here, and its own is the clone `make test` ran.
 ISA_LEVELS := x86-64:0 x86-64-v3:3 x86-64-v4:4
-ISA_TESTS  := test_ops.py test_attention.py test_attention_packed.py test_merge.py test_score_global.py test_quant.py
+ISA_TESTS  := test_ops.py test_attention.py test_attention_packed.py test_merge.py test_score_global.py test_quant.py test_minicache.py
 isa-test: $(STAMP)
 	@set -e; cpu=$$($(PY) -c "from kvcompress import _C; print(-1 if _C._cpu_level() is None else _C._cpu_level())"); \
 	for lv in $(ISA_LEVELS); do isa=$${lv%%:*}; n=$${lv##*:}; d=build/isa-$$isa; \
