@@ -143,7 +143,8 @@ def test_method_specs_build_the_variants():
         "ems", dict(lam=1, tau=float("inf"), merge_bias=False, head_budget="adaptive", interval=0))
     m = method_from_spec("ems:tau=-inf:global_mode=probe", budget=64)
     assert m == EMS(budget=64, tau=float("-inf"), global_mode="probe")
-    assert method_from_spec("ems:tau=none", ratio=0.5) == EMS(ratio=0.5)
+    assert method_from_spec("ems:tau=none", ratio=0.5) == EMS(ratio=0.5, tau=None)
+    assert method_from_spec("ems", ratio=0.5).tau == 0.8
 
 
 def test_eval_rows_of_method_variants(tiny_lm, tmp_path):
