@@ -51,6 +51,7 @@ _LAZY = {
     "MiniCache": ("kvcompress.methods", "MiniCache"),
     "KVSharer": ("kvcompress.methods", "KVSharer"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),
+    "calibration_ids": ("kvcompress.calibrate", "calibration_ids"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

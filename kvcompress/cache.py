@@ -384,6 +384,8 @@ class CompressedLayer(CacheLayerMixin):
         """Compress once the layer's attention has run on ``queries``
         ``[B, Hq, q, D]`` (None for attention functions that are not ours)."""
         method = self.method
+        if isinstance(self.store, SharedStore):
+            return  # KVSharer: the source layer compresses (and packs) the slots this layer reads
         if method.packing is not None and self.window is None and method.cross_layer is not None:
             # MiniCache + KIVI: a merged pair is packed by the cache when it is
             # merged (its tail stays full precision), and a paired layer waits
@@ -833,6 +835,8 @@ class KVCache(Cache):
         self.num_layers = num_layers
         self._awaiting: int | None = None
         self.shared: dict = {}  # state every layer reads (TidalDecode's token selection)
+        # KVSharer sources waiting for their last reader: layer -> (queries, scaling)
+        self._deferred: dict[int, tuple] = {}
 
     def __repr__(self) -> str:
         lengths = [layer.n for layer in self.layers]
@@ -852,13 +856,32 @@ class KVCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(len(self.layers), self.method, self.num_layers))
             self.layers[-1].shared = self.shared
+        if self._deferred and layer_idx <= min(self._deferred):
+            self._flush_deferred()
         layer = self.layers[layer_idx]
         if self.method.sharing is not None and layer.seen == 0 and not layer.store.batch:
+            if self.num_layers is not None:
+                self._check_plan()
             self._share(layer, key_states, value_states)
         keys, values = layer.update(key_states, value_states)
         self._awaiting = layer_idx
         _pending.entry = (self, layer_idx, keys)
         return keys, values
+
+    def _check_plan(self) -> None:
+        """A plan naming layers the model does not have is refused (a source
+        would otherwise wait for a reader that never attends)."""
+        missing = sorted(t for t in self.method.sharing.pairs if t >= self.num_layers)
+        if missing:
+            raise ValueError(f"plan: layers {missing} do not exist (the model has {self.num_layers} layers)")
+
+    def _flush_deferred(self) -> None:
+        """Compress the KVSharer sources still waiting: a new forward pass
+        began before their readers attended (a reader that did not use the
+        "kvcompress" attention)."""
+        for src in sorted(self._deferred):
+            queries, scaling = self._deferred.pop(src)
+            self.layers[src].after_attention(queries, scaling)
 
     def _share(self, layer: "CompressedLayer", key_states, value_states) -> None:
         """KVSharer: a target layer's first chunk; it reads its source
@@ -904,7 +927,17 @@ class KVCache(Cache):
         queries ``[B, Hq, q, D]``. Returns ``[B, q, Hq, D]``."""
         layer = self._enter(layer_idx, query, spec, padding_mask, four_d)
         out = layer.attend(query, spec)
-        layer.after_attention(query, spec.scaling)
+        sharing = self.method.sharing
+        if sharing is not None and sharing.last_reader(layer_idx) is not None:
+            # KVSharer: a source compresses once its last reader has attended
+            # over what it attended over (see KVSharer, "with an evictor")
+            self._deferred[layer_idx] = (query, spec.scaling)
+        else:
+            layer.after_attention(query, spec.scaling)
+        if self._deferred:
+            for src in [s for s in self._deferred if sharing.last_reader(s) <= layer_idx]:
+                queries, scaling = self._deferred.pop(src)
+                self.layers[src].after_attention(queries, scaling)
         if self.method.cross_layer is not None:
             self._merge_pair(layer_idx)
         return out
@@ -979,6 +1012,11 @@ class KVCache(Cache):
         layer = self.layers[layer_idx]
         if layer.kv_start is None:
             layer.set_padding(None, layer.last_chunk)
+        if self.method.sharing is not None and (self.method.evicts or self.method.packing is not None):
+            raise KVCompressError(
+                f"{self.method.describe()} compresses the layers other layers read inside the 'kvcompress' "
+                "attention function: run generation inside `with kvcompress.compress(model, method):` or call "
+                "`kvcompress.enable(model)` before passing a KVCache")
         if self.method.cross_layer is not None:
             raise KVCompressError(
                 f"{self.method.describe()} merges pairs of layers inside the 'kvcompress' attention function: "

@@ -26,6 +26,24 @@ def _ids(calibration, device):
     return ids.long()
 
 
+def calibration_ids(tokenizer, text: str | None = None, *, tokens: int = 512, rows: int = 2):
+    """``[rows, tokens]`` token ids for a calibration run: ``rows`` windows of
+    ``tokens`` tokens spread evenly over ``text`` (the packaged Shakespeare
+    when None), each starting with the tokenizer's own prefix (e.g. BOS)."""
+    from . import tasks
+
+    for name, v in (("tokens", tokens), ("rows", rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+    prefix = tasks.special_prefix(tokenizer)
+    body = tokenizer(text if text is not None else tasks.default_text(), add_special_tokens=False)["input_ids"]
+    width = tokens - len(prefix)
+    if width < 1 or len(body) < width:
+        raise ValueError(f"text: {len(body)} tokens, too short for a calibration window of {tokens} tokens")
+    step = (len(body) - width) // max(1, rows - 1) if rows > 1 else 0
+    return torch.tensor([prefix + body[r * step: r * step + width] for r in range(rows)], dtype=torch.long)
+
+
 def layer_representatives(model, ids) -> list[torch.Tensor | None]:
     """Per layer, the mean over tokens and rows of its keys and of its values
     (float64, concatenated over kv heads); None for a layer without a cache."""

@@ -123,6 +123,24 @@ def _rows(config: EvalConfig):
             yield name, value, method_from_spec(name, **kw)
 
 
+def _calibrated(method, model, tokenizer, plans: dict):
+    """``method`` with a ``KVSharer(share=k)`` (or ``calibration=``) in it
+    given its plan, calibrated once per ``(share, threshold)`` on the
+    packaged text (our development text, never the evaluation's), so every
+    setting of a row shares the same layers."""
+    share = None if method is None else method.sharing
+    if share is None or share.pairs or not (share.share or share.calibration is not None):
+        return method
+    from .calibrate import calibrate_kvsharer, calibration_ids
+
+    key = (share.share, share.threshold)
+    if key not in plans:
+        ids = share.calibration if share.calibration is not None else calibration_ids(tokenizer)
+        plans[key] = calibrate_kvsharer(model, ids, share.share, threshold=share.threshold).plan
+    resolved = dataclasses.replace(share, plan=plans[key], calibration=None, share=0)
+    return resolved if method is share else dataclasses.replace(method, depth=resolved)
+
+
 def _evicts(spec: str) -> bool:
     return spec_evicts(spec)
 
@@ -139,7 +157,8 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
     text = Path(config.text).read_text(encoding="utf-8") if config.text else None
     grid = [(n, d) for n in config.lengths for d in config.depths] if "passkey" in config.tasks else []
     refs, windows = [], []
-    rows_spec = list(_rows(config))
+    plans: dict = {}
+    rows_spec = [(name, value, _calibrated(method, model, tokenizer, plans)) for name, value, method in _rows(config)]
     n_fid = config.fidelity_texts if "fidelity" in config.tasks else 0
     n_ppl = config.ppl_windows if "ppl" in config.tasks else 0
     total = len(rows_spec) * (len(grid) + n_fid + n_ppl) + n_fid

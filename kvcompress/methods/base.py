@@ -194,15 +194,17 @@ class Method:
         d = self.depth
         if d is None:
             return
-        if not isinstance(d, Method) or d.cross_layer is None or d.depth is not None:
-            raise TypeError(f"depth: expected a cross-layer method such as kvcompress.MiniCache(), got {d!r}")
+        if not isinstance(d, Method) or (d.cross_layer is None and d.sharing is None) or d.depth is not None:
+            raise TypeError(f"depth: expected a cross-layer method such as kvcompress.MiniCache() or "
+                            f"kvcompress.KVSharer(plan=...), got {d!r}")
         if not self.evicts:
             raise ValueError(f"depth: {type(self).__name__} keeps every token itself; give depth= to an evicting "
                              "method")
         if self.quant is not None or self.sparse is not None:
             extra = (self.quant or self.sparse).describe()
-            raise ValueError(f"depth: {d.describe()} does not compose with {extra} (a merged pair is neither "
-                             "packed nor paged)")
+            raise ValueError(f"depth: {d.describe()} does not compose with {extra} here; write "
+                             f"evictor + {d.describe()} + quantizer (the quantizer packs every layer's slots), "
+                             "sparse readers are not supported")
 
     @property
     def paging(self) -> tuple[int, int, int, str] | None:
@@ -226,12 +228,16 @@ class Method:
     def sharing(self):
         """The ``KVSharer`` method when some layers read another layer's cache
         (``kvcompress.stores.SharedStore``), else None."""
-        return None
+        return None if self.depth is None else self.depth.sharing
 
     def prepare(self, model) -> "Method":
         """The method to run on ``model`` (``kvcompress.compress`` calls it
-        once): ``KVSharer(calibration=...)`` computes its plan here."""
-        return self
+        once): ``KVSharer(calibration=...)`` computes its plan here, also
+        when composed (``SnapKV(ratio=0.5) + KVSharer(calibration=ids)``)."""
+        if self.depth is None:
+            return self
+        depth = self.depth.prepare(model)
+        return self if depth is self.depth else dataclasses.replace(self, depth=depth)
 
     @property
     def tidal(self):
@@ -259,18 +265,33 @@ class Method:
         kept slots are packed), e.g. ``EMS(ratio=0.5) + KIVI(bits=4)``."""
         if not isinstance(other, Method):
             return NotImplemented
-        if self.sharing is not None or other.sharing is not None:
-            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: KVSharer does not compose "
-                            "with other methods yet (a shared layer holds no cache of its own)")
-        if self.cross_layer is self and other.packing is not None and not other.demotes and not other.evicts:
+        if (self.cross_layer is self or self.sharing is self) and other.packing is not None \
+                and not other.demotes and not other.evicts:
+            # MiniCache() + KIVI(bits=4), KVSharer(plan=...) + KIVI(bits=4)
             if self.quant is not None:
                 raise ValueError(f"{self.describe()} already packs its slots")
             return dataclasses.replace(self, quant=other)
+        if self.sharing is self or (other.sharing is other and not self.evicts):
+            raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: KVSharer composes with an "
+                            f"evictor before it (SnapKV(ratio=0.5) + KVSharer(plan=...)) or a quantizer after it "
+                            f"(KVSharer(plan=...) + KIVI(bits=4)); it does not compose with sparse readers or "
+                            f"MiniCache")
+        if other.sharing is other:
+            if self.depth is not None:
+                raise ValueError(f"{self.describe()} already shares or merges layers with {self.depth.describe()}")
+            if self.quant is not None or self.sparse is not None:
+                raise ValueError(f"cannot compose {self.describe()} + {other.describe()}: compose the evictor "
+                                 f"with KVSharer first, then the quantizer (evictor + KVSharer + KIVI); sparse "
+                                 f"readers are not supported")
+            return dataclasses.replace(self, depth=other)
         if self.cross_layer is not None and self.depth is None:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composes with an "
                             f"evictor before it (SnapKV(ratio=0.5) + {self.describe()}) or a quantizer after it "
                             f"({self.describe()} + KIVI(bits=4)); it does not compose with sparse readers")
         if other.cross_layer is not None:
+            if self.sharing is not None:
+                raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: KVSharer and MiniCache "
+                                "do not compose")
             if not self.evicts:
                 raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composes with "
                                 "an evicting method, e.g. SnapKV(ratio=0.5) + MiniCache()")
@@ -279,9 +300,9 @@ class Method:
             return dataclasses.replace(self, depth=other)
         if self.depth is not None:
             if other.packing is None or other.evicts:
-                raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: MiniCache composed with an "
-                                "evictor does not compose with a sparse reader as well")
-            # evictor + MiniCache + quantizer: the pair and the other layers are packed
+                raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: {self.depth.describe()} "
+                                "composed with an evictor does not compose with a sparse reader as well")
+            # evictor + MiniCache (or KVSharer) + quantizer: every layer's slots are packed
             return dataclasses.replace(self, depth=self.depth + other)
         if not self.evicts or other.evicts:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "

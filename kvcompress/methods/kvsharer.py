@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from .base import KeepsEveryToken
+from .base import KeepsEveryToken, Method
 
 
 def parse_plan(plan) -> dict[int, int]:
@@ -84,8 +84,20 @@ class KVSharer(KeepsEveryToken):
       target with a sliding window, or a target whose chunk differs in shape
       or dtype from the source's; a target that turns out to slide while
       sharing is refused (``KVCompressUnsupportedError``);
-    * it composes with neither eviction, quantization, sparse readers nor
-      MiniCache (refused by name).
+    * **with an evictor** (``SnapKV(ratio=0.5) + KVSharer(plan=...)``, i.e.
+      ``depth=``): every layer that keeps its own cache is compressed as
+      alone; a source layer's compression waits until the last layer reading
+      it has attended, so each target attends, in every call, over exactly
+      the slots its source attended over (prefill: the whole chunk; decode:
+      the kept slots plus the new token), then the source evicts and the
+      targets read what it keeps from then on. Targets hold nothing, so the
+      bytes of a shared layer are saved on top of the eviction;
+    * **with a quantizer** (``KVSharer(plan=...) + KIVI(bits=4)``, or
+      ``evictor + KVSharer + KIVI``): the layers that keep their own cache
+      are packed as the quantizer (after the evictor) would pack them, with
+      the same wait for a source; targets read the packed source directly;
+    * composing needs the ``"kvcompress"`` attention function (run inside
+      ``kvcompress.compress``); sparse readers and MiniCache are refused.
 
     Parameters
     ----------
@@ -104,6 +116,8 @@ class KVSharer(KeepsEveryToken):
     share: int = 0
     threshold: float = 0.9
     _keeps: ClassVar[str] = "shares whole layers' caches instead of evicting (use plan= or calibration=)"
+    #: ``KVSharer(plan=...) + KIVI(bits=4)`` packs the layers that keep a cache
+    takes_quant: ClassVar[bool] = True
 
     def _check_fields(self) -> None:
         super()._check_fields()
@@ -112,10 +126,17 @@ class KVSharer(KeepsEveryToken):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or \
                 math.isnan(self.threshold):
             raise TypeError(f"threshold: expected a float, got {self.threshold!r}")
-        if self.calibration is not None and self.plan is not None:
-            raise ValueError("KVSharer: give plan= or calibration=, not both")
-        if self.quant is not None or self.sparse is not None or self.depth is not None:
-            raise ValueError("KVSharer does not compose with quantization, sparse readers or MiniCache")
+        if (self.calibration is not None or self.share) and self.plan is not None:
+            raise ValueError("KVSharer: give plan= or calibration=/share=, not both")
+        if self.sparse is not None or self.depth is not None:
+            raise ValueError("KVSharer does not compose with sparse readers or MiniCache")
+
+    def _check_quant(self) -> None:
+        q = self.quant
+        if q is None:
+            return
+        if not isinstance(q, Method) or q.evicts or q.packing is None or q.demotes:
+            raise TypeError(f"quant: expected a quantizer such as kvcompress.KIVI(bits=4), got {q!r}")
 
     @property
     def pairs(self) -> dict[int, int]:
@@ -127,23 +148,36 @@ class KVSharer(KeepsEveryToken):
         return self
 
     def source(self, layer_idx: int) -> int | None:
+        """The layer whose cache ``layer_idx`` reads, or None."""
         return self._pairs.get(layer_idx)
+
+    def last_reader(self, layer_idx: int) -> int | None:
+        """The deepest layer that reads ``layer_idx``'s cache, or None when
+        no layer does (the cache delays a source's compression until then)."""
+        readers = [t for t, s in self._pairs.items() if s == layer_idx]
+        return max(readers) if readers else None
 
     def prepare(self, model) -> "KVSharer":
         """The method with its plan: calibrated on ``model`` when built with
         ``calibration=`` (once), else itself."""
         if self.calibration is None:
+            if self.share and not self._pairs:
+                raise ValueError(f"share: KVSharer(share={self.share}) needs calibration= token ids to choose its "
+                                 "layers (e.g. kvcompress.calibration_ids(tokenizer), our packaged text) or a "
+                                 "plan=; `kvcompress eval` calibrates on its text by itself")
             return self
         from ..calibrate import calibrate_kvsharer
 
         plan = calibrate_kvsharer(model, self.calibration, self.share, threshold=self.threshold)
-        return replace(self, plan=plan.plan, calibration=None)
+        return replace(self, plan=plan.plan, calibration=None, share=0)
 
     def describe(self) -> str:
         if self.calibration is not None:
-            return f"KVSharer(calibration=..., share={self.share}, threshold={self.threshold})"
-        plan = "/".join(f"{t}>{s}" for t, s in sorted(self._pairs.items()))
-        return f"KVSharer(plan={plan or 'none'})"
+            text = f"KVSharer(calibration=..., share={self.share}, threshold={self.threshold})"
+        else:
+            plan = "/".join(f"{t}>{s}" for t, s in sorted(self._pairs.items()))
+            text = f"KVSharer(plan={plan or 'none'})"
+        return text if self.quant is None else f"{text} + {self.quant.describe()}"
 
     def __repr__(self) -> str:
         return self.describe()
