@@ -5,6 +5,7 @@
  */
 #include "module.h"
 #include "module_run.h"
+#include "module_segments.h"
 #include "module_spec.h"
 
 #include <math.h>
@@ -142,7 +143,7 @@ static int check_counts(struct kvc_state *st, const char *name, const struct kvc
                 for (i3 = 0; i3 < n3; i3++) {
                     const float c = ((const float *)v->data)[i0 * v->strides[0] + i1 * v->strides[1] +
                                                              i2 * v->strides[2] + (v->ndim == 4 ? i3 * v->strides[3] : 0)];
-                    if (!(c > 0.0f) || c == INFINITY) {
+                    if (kvc_bad_count(c)) {
                         char buf[32];
                         snprintf(buf, sizeof buf, "%g", (double)c);
                         return kvc_py_raise(st->ValueError, "%s: value %s at [%lld, %lld, %lld] is not a finite "

@@ -92,7 +92,6 @@ int kvc_py_check_segments(struct kvc_state *st, const struct kvc_view *off, cons
 /* Counts must be finite and > 0 on every slot the kernel reads: merge counts
  * are >= 1, and a packed per-head layer splits one slot's count over the
  * copies that fill its last key group (stores/packed_ragged.py). */
-static int bad_count(float c) { return !(c > 0.0f) || isinf(c); }
 
 /* Count of element i of a f32 or i32 buffer, as the kernel reads it. */
 static float count_at(const struct kvc_view *v, int64_t i)
@@ -124,7 +123,7 @@ int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k
             const int64_t o = offsets[i * offsets_stride], n = lengths[i * lengths_stride];
             for (j = o; j < o + n; j++) {
                 const float v = count_at(counts, j * cs);
-                if (bad_count(v)) {
+                if (kvc_bad_count(v)) {
                     PyOS_snprintf(where, sizeof where, "value at row %lld (head %lld)", (long long)j,
                                   (long long)i);
                     return raise_count(st, v, where);
@@ -140,7 +139,7 @@ int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k
                 for (j = s0; j < n; j++) {
                     const float v = count_at(counts, b * counts->strides[0] + i * counts->strides[1] +
                                                          j * counts->strides[2]);
-                    if (bad_count(v)) {
+                    if (kvc_bad_count(v)) {
                         PyOS_snprintf(where, sizeof where, "value at [%lld, %lld, %lld]", (long long)b,
                                       (long long)i, (long long)j);
                         return raise_count(st, v, where);

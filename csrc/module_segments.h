@@ -10,11 +10,17 @@
 #include "module.h"
 #include "module_spec.h"
 
+#include <math.h>
+
 /* Element i of a host view of int64 (offsets, lengths, kv_start). */
 static inline int64_t kvc_py_i64_at(const struct kvc_view *v, int64_t i)
 {
     return ((const int64_t *)v->data)[i * v->strides[0]];
 }
+
+/* Nonzero when c is not a usable merge count (NaN, <= 0 or infinite):
+ * the one rule every op that reads merge counts applies. */
+static inline int kvc_bad_count(float c) { return !(c > 0.0f) || isinf(c); }
 
 /* 1 for the ragged layout (offsets and lengths given), 0 for the uniform
  * one; -1 with ValueError set when only one of the two is given, or
