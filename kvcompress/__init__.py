@@ -50,6 +50,9 @@ _LAZY = {
     "MagicPIG": ("kvcompress.methods", "MagicPIG"),
     "MiniCache": ("kvcompress.methods", "MiniCache"),
     "KVSharer": ("kvcompress.methods", "KVSharer"),
+    "HeadKV": ("kvcompress.methods", "HeadKV"),
+    "HeadProfile": ("kvcompress.heads", "HeadProfile"),
+    "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),
     "calibration_ids": ("kvcompress.calibrate", "calibration_ids"),
 }

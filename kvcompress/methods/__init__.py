@@ -5,6 +5,7 @@ import dataclasses
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
+from .headkv import HeadKV
 from .kvsharer import KVSharer
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
@@ -15,7 +16,7 @@ from .window import AdaKV, PyramidKV, SnapKV
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
-                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer)
+                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer, HeadKV)
 }
 
 
@@ -136,5 +137,5 @@ __all__ = [
     "method_from_spec",
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
-    "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer",
+    "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
 ]

@@ -1,0 +1,150 @@
+"""HeadKV: per-head budgets from a profile of what each head does."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import ops
+from .base import LayerView
+from .window import SnapKV
+
+
+@dataclass
+class HeadKV(SnapKV):
+    """HeadKV: heads that copy from the context keep more, across all layers.
+
+    Paper (Fu et al., "Not All Heads Matter: A Head-Level KV Cache
+    Compression Method with Integrated Retrieval and Reasoning", ICLR 2025,
+    arXiv 2410.19258): each head's importance ``s_h`` comes from a
+    Retrieval-Heads style needle test, run once per model; scores are
+    normalised over *every* head of the model, sharpened ``p_h ∝ s_h^temp``;
+    each head gives up ``base // beta`` of its selectable budget ``base``
+    (the budget less the observation window) to one pool for the whole model,
+    and gets back ``round(p_h * pool)``, so important heads in any layer keep
+    more. Tokens are then chosen per head by SnapKV's scores.
+
+    Our reading and choices:
+
+    * **head scores**: the ``copy`` score of a :class:`kvcompress.heads.HeadProfile`
+      (the argmax hit rate on the earlier occurrence's successor in repeated
+      random sequences, :func:`kvcompress.heads.profile_heads`): the
+      retrieval (copy-paste) statistic, with no text and no download. The
+      paper's reasoning-augmented variant (R2) needs reasoning QA data we do
+      not ship; not built;
+    * **kv heads**: our cache stores kv heads, so a kv head's score is the
+      mean of its query heads' (grouped-query models);
+    * **beta** as in the paper (``floor(base / beta)`` of each head's
+      selectable budget is pooled; the paper sweeps 1.005-10);
+      sliding-window layers take no part (they keep their window);
+    * the ``budget`` (or ``ratio``'s kept count) is the mean per head; the
+      pool is spread over the layers' heads in proportion to ``p_h``, so a
+      layer can hold more or less than the budget; a head's count is capped
+      at the row's tokens (what it cannot use is not handed to other heads);
+    * **profile** ``None``: :func:`profile_heads` runs when a
+      ``kvcompress.compress`` session starts (``prepare``), 4 random
+      sequences of 256 tokens; pass a saved profile to skip that;
+    * decoding: each head keeps its share of the row's target (as AdaKV).
+
+    Parameters
+    ----------
+    profile : HeadProfile, dict, path or None
+    beta : float >= 1
+        Each head pools ``floor(base / beta)`` of its ``base = keep - window``
+        selectable slots; the pool is shared out by score.
+    temp : float > 0
+        Sharpening exponent on the normalised scores.
+    window, kernel, pool, gqa
+        SnapKV's selection within each head.
+    """
+
+    profile: Any = None
+    beta: float = 1.25
+    temp: float = 1.0
+
+    headwise = True
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        for name in ("beta", "temp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
+        if not (self.beta >= 1.0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta: must be a finite float >= 1, got {self.beta}")
+        if not (self.temp > 0.0 and math.isfinite(self.temp)):
+            raise ValueError(f"temp: must be a finite float > 0, got {self.temp}")
+        if self.profile is not None:
+            from ..heads import as_profile
+
+            self.profile = as_profile(self.profile)
+
+    def prepare(self, model) -> "HeadKV":
+        """The method with a profile of ``model`` (computed once when none was given)."""
+        from dataclasses import replace
+
+        from ..heads import profile_heads
+
+        if self.profile is None:
+            return replace(self, profile=profile_heads(model))
+        L = int(getattr(model.config, "num_hidden_layers", self.profile.num_layers))
+        if self.profile.num_layers != L:
+            raise ValueError(f"profile: made for {self.profile.num_layers} layers, the model has {L}")
+        return self
+
+    def shares(self) -> torch.Tensor:
+        """float64 ``[L, Hkv]``: each head's share ``p_h`` of the pool (sums
+        to 1 over the heads of full-attention layers)."""
+        s = self.profile.kv_scores("copy")
+        full = torch.ones(s.shape[0], dtype=torch.bool)
+        full[list(self.profile.sliding)] = False
+        p = s.clamp_min(0) ** float(self.temp)
+        p[~full] = 0
+        total = p.sum()
+        if not total > 0:  # no head copies: the pool is spread evenly
+            p = full[:, None].double().expand_as(p).clone()
+            total = p.sum()
+        return p / total
+
+    def head_counts(self, layer_idx: int, keep: int, window: int) -> torch.Tensor:
+        """int64 ``[Hkv]`` slots per head of layer ``layer_idx`` for a mean of
+        ``keep`` per head (window included)."""
+        if self.profile is None:
+            raise ValueError("profile: HeadKV needs a head profile; run inside kvcompress.compress(model, method) "
+                             "or pass profile=kvcompress.profile_heads(model)")
+        p = self.shares()
+        if layer_idx >= p.shape[0]:
+            raise ValueError(f"profile: has {p.shape[0]} layers, asked for layer {layer_idx}")
+        L_full = int((p.sum(1) > 0).sum()) or 1
+        base = max(0, keep - window)
+        pooled = math.floor(base / float(self.beta))
+        total = pooled * L_full * p.shape[1]
+        counts = torch.round(p[layer_idx] * total + (base - pooled)).long() + window
+        return counts
+
+    def select(self, view: LayerView, keep):
+        """An int ``keep`` (prefill): each head keeps its profile count; per-head
+        counts (a decode-time re-selection) are used as given."""
+        if not isinstance(keep, int):
+            return super().select(view, keep)
+        scores = self.score(view)
+        sinks, window = self.forced(view, keep)
+        H = int(scores.shape[1])
+        counts = self.head_counts(view.layer_idx, keep, window).to(scores.device)
+        if counts.numel() != H:
+            raise ValueError(f"profile: {counts.numel()} kv heads in layer {view.layer_idx}, the cache has {H}")
+        valid = (view.length - view.kv_start).clamp_min(1)
+        k = torch.minimum(counts[None, :].expand(scores.shape[0], H), valid[:, None]).clamp_min(max(1, window))
+        k = torch.minimum(k, valid[:, None])
+        return ops.select_topk(scores, k, sinks=sinks, window=window, kv_start=view.kv_start)
+
+    def describe(self) -> str:
+        prof = "profile" if self.profile is not None else "profile=None"
+        text = super().describe()
+        return text.replace(f"profile={self.profile}", prof) if self.profile is not None else text
+
+    def __repr__(self) -> str:
+        return self.describe()
