@@ -50,8 +50,22 @@ def test_slots_stay_within_the_budget_whatever_the_prompt(tiny_model, name, leng
     method = REGISTRY[name](budget=BUDGET, interval=INTERVAL)
     new = 300 if length < 1000 else 150
     cache, steps = _run(tiny_model, method, _ids(length, seed=length), new)
+    session_method = cache.method  # with what prepare() added (HeadKV's profile)
     H = tiny_model.config.num_key_value_heads
     for seen, layers, _ in steps:
+        if method.across_layers and seen > BUDGET:
+            # heads share the model's budget (HeadKV): at the first compression
+            # (the prompt, or BUDGET + INTERVAL tokens) layer l holds its heads'
+            # counts, or every token where they do not fit, and keeps that
+            # (plus at most interval - 1 per head since the last round)
+            first = length if length > BUDGET else BUDGET + INTERVAL
+            if seen < first:
+                continue
+            for li, heads in enumerate(layers):
+                want = min(H * first, int(session_method.head_counts(li, BUDGET, method.window).sum()))
+                assert want <= sum(heads) < want + H * INTERVAL, (name, seen, li, heads, want)
+                assert all(n <= seen for n in heads)
+            continue
         for li, heads in enumerate(layers):
             target = min(seen, method.row_target(li, len(layers), seen))
             if seen <= BUDGET:

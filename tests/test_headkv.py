@@ -190,3 +190,17 @@ def test_options_and_registry(tiny_model):
     with pytest.raises(ValueError, match="needs a head profile"):
         HeadKV(budget=32).head_counts(0, 32, 16)
     assert "profile" in repr(HeadKV(budget=32, profile=_profile([[0.1] * 4])))
+
+
+def test_fill_hands_what_capped_heads_cannot_hold_to_the_others():
+    from kvcompress.methods.headkv import _fill
+
+    c = torch.tensor([50, 10, 30, 10])
+    got = _fill(c, 40)
+    assert got.tolist() == [40, 12, 36, 12]  # 10 over, shared 1:3:1 by the others' counts
+    assert _fill(c, 100).tolist() == c.tolist()
+    assert _fill(c, 20).tolist() == [20, 20, 20, 20]  # nothing fits: every head keeps every token
+    # repeated capping: the share a head receives may push it over in turn
+    got = _fill(torch.tensor([90, 38, 2]), 40)
+    assert got.max() <= 40 and got.tolist() == [40, 40, 40]
+    assert int(_fill(torch.tensor([90, 38, 2]), 40).sum()) == 120

@@ -105,6 +105,10 @@ class Method:
     slot_state: ClassVar[tuple[str, ...]] = ()
     #: ``True`` when heads keep different numbers of slots (per-head storage)
     headwise: ClassVar[bool] = False
+    #: ``True`` when heads' budgets are shared out over the whole model
+    #: (HeadKV): a layer may hold more or less than ``H * target``, the model
+    #: holds ``L * H * target`` (up to rounding)
+    across_layers: ClassVar[bool] = False
     #: ``True`` when the method merges evicted tokens (``compact``/``recompact``)
     merges: ClassVar[bool] = False
     #: ``False`` for methods that keep every token (quantizers): they take no

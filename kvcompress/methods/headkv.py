@@ -13,6 +13,30 @@ from .base import LayerView
 from .window import SnapKV
 
 
+def _fill(counts: torch.Tensor, cap: int) -> torch.Tensor:
+    """``counts`` (int64 ``[H]``) with no head over ``cap`` slots (a row's
+    tokens): what capped heads cannot hold goes to the others in proportion
+    to their counts (largest remainder, ties to the lower head), so the
+    layer keeps ``min(H * cap, sum(counts))``."""
+    c = counts.clone()
+    for _ in range(int(c.numel())):
+        over = c > cap
+        excess = int((c[over] - cap).sum())
+        c[over] = cap
+        room = ~(c >= cap)
+        if excess == 0 or not room.any():
+            break
+        w = c[room].double()
+        want = w / w.sum() * excess if w.sum() > 0 else torch.full_like(w, excess / w.numel())
+        give = want.floor().long()
+        rest = excess - int(give.sum())
+        order = sorted(range(int(w.numel())), key=lambda i: (-(float(want[i]) - float(give[i])), i))
+        for i in order[:rest]:
+            give[i] += 1
+        c[room] += give
+    return c
+
+
 @dataclass
 class HeadKV(SnapKV):
     """HeadKV: heads that copy from the context keep more, across all layers.
@@ -42,8 +66,11 @@ class HeadKV(SnapKV):
       sliding-window layers take no part (they keep their window);
     * the ``budget`` (or ``ratio``'s kept count) is the mean per head; the
       pool is spread over the layers' heads in proportion to ``p_h``, so a
-      layer can hold more or less than the budget; a head's count is capped
-      at the row's tokens (what it cannot use is not handed to other heads);
+      layer can hold more or less than the budget (``across_layers``); a
+      head's count is capped at the row's tokens and what it cannot hold
+      goes to the layer's other heads in proportion to their counts (a layer
+      whose heads all fit keeps every token; its surplus is not moved to
+      other layers, which are compressed already);
     * **profile** ``None``: :func:`profile_heads` runs when a
       ``kvcompress.compress`` session starts (``prepare``), 4 random
       sequences of 256 tokens; pass a saved profile to skip that;
@@ -66,6 +93,7 @@ class HeadKV(SnapKV):
     temp: float = 1.0
 
     headwise = True
+    across_layers = True
 
     def _check_fields(self) -> None:
         super()._check_fields()
@@ -136,9 +164,8 @@ class HeadKV(SnapKV):
         counts = self.head_counts(view.layer_idx, keep, window).to(scores.device)
         if counts.numel() != H:
             raise ValueError(f"profile: {counts.numel()} kv heads in layer {view.layer_idx}, the cache has {H}")
-        valid = (view.length - view.kv_start).clamp_min(1)
-        k = torch.minimum(counts[None, :].expand(scores.shape[0], H), valid[:, None]).clamp_min(max(1, window))
-        k = torch.minimum(k, valid[:, None])
+        valid = (view.length - view.kv_start).clamp_min(1).tolist()
+        k = torch.stack([_fill(counts.cpu(), int(n)) for n in valid]).to(scores.device)
         return ops.select_topk(scores, k, sinks=sinks, window=window, kv_start=view.kv_start)
 
     def describe(self) -> str:
