@@ -124,10 +124,18 @@ def _rows(config: EvalConfig):
 
 
 def _calibrated(method, model, tokenizer, plans: dict):
-    """``method`` with a ``KVSharer(share=k)`` (or ``calibration=``) in it
-    given its plan, calibrated once per ``(share, threshold)`` on the
-    packaged text (our development text, never the evaluation's), so every
-    setting of a row shares the same layers."""
+    """``method`` with what it learns from the model computed once per
+    evaluation (``plans`` is the memo), not once per case: a ``KVSharer(share=k)``
+    (or ``calibration=``) in it gets its plan, calibrated once per ``(share,
+    threshold)`` on the packaged text (our development text, never the
+    evaluation's), so every setting of a row shares the same layers; a
+    method with ``profile=None`` (HeadKV) gets the model's head profile."""
+    if method is not None and getattr(method, "profile", False) is None:
+        from .heads import profile_heads
+
+        if "heads" not in plans:
+            plans["heads"] = profile_heads(model)
+        method = dataclasses.replace(method, profile=plans["heads"])
     share = None if method is None else method.sharing
     if share is None or share.pairs or not (share.share or share.calibration is not None):
         return method

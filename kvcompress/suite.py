@@ -194,7 +194,7 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
     from . import testing as T
     from .cache import KVCache
     from .compat import cache_kwargs
-    from .eval import _model_info, _version
+    from .eval import _calibrated, _model_info, _version
     from .fanout import FanoutCache
     from .hf import compress
     from .methods import StreamingLLM
@@ -206,10 +206,12 @@ def run_suite(model, tokenizer, config: SuiteConfig, *, model_name: str | None =
     ours = [(m, r) for m, r in specs if m == "full" or not m.lower().startswith("kvpress:")]
     theirs = [(m, r) for m, r in specs if (m, r) not in ours]
     num_layers = getattr(model.config, "num_hidden_layers", None)
-    methods = {}
+    methods, plans = {}, {}
     for m, r in ours:
-        # the full cache: a child that never evicts (ratio 0 keeps every token)
-        methods[(m, r)] = StreamingLLM(ratio=0.0, sinks=0) if m == "full" else method_from_spec(m, ratio=r)
+        # the full cache: a child that never evicts (ratio 0 keeps every token); the
+        # children skip prepare(): what a method learns from the model is computed here, once
+        methods[(m, r)] = StreamingLLM(ratio=0.0, sinks=0) if m == "full" else _calibrated(
+            method_from_spec(m, ratio=r), model, tokenizer, plans)
     records = {s: [] for s in specs}
     grid = [(task, n, i) for n in config.lengths for task in config.tasks for i in range(config.cases)]
     done, log = _open_checkpoint(checkpoint, config, model_name or type(model).__name__, specs)

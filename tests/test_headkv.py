@@ -204,3 +204,24 @@ def test_fill_hands_what_capped_heads_cannot_hold_to_the_others():
     got = _fill(torch.tensor([90, 38, 2]), 40)
     assert got.max() <= 40 and got.tolist() == [40, 40, 40]
     assert int(_fill(torch.tensor([90, 38, 2]), 40).sum()) == 120
+
+
+def test_eval_and_suite_profile_the_model_once(tiny_lm, tmp_path, monkeypatch):
+    import json
+
+    from kvcompress import cli, heads, suite
+
+    calls = []
+    real = heads.profile_heads
+    monkeypatch.setattr(heads, "profile_heads", lambda model, *a, **k: calls.append(1) or real(model, *a, **k))
+    model, tok, folder = tiny_lm
+    out = tmp_path / "hk"
+    args = ["eval", "--model", str(folder), "--methods", "headkv:window=8,snapkv:window=8", "--budgets", "24,32",
+            "--tasks", "passkey", "--lengths", "60", "--depths", "0.5", "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0 and len(calls) == 1
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows].count("headkv:window=8") == 2
+    cfg = suite.SuiteConfig(methods=["headkv:window=8"], ratios=[0.5, 0.75], tasks=["niah_single"], lengths=[200],
+                            cases=1, split="dev", chat=False)
+    result = suite.run_suite(model, tok, cfg, progress=False)
+    assert len(calls) == 2 and len(result["rows"]) == 3
