@@ -41,6 +41,7 @@ _LAZY = {
     "H2O": ("kvcompress.methods", "H2O"),
     "TOVA": ("kvcompress.methods", "TOVA"),
     "VATP": ("kvcompress.methods", "VATP"),
+    "Keyformer": ("kvcompress.methods", "Keyformer"),
     "KIVI": ("kvcompress.methods", "KIVI"),
     "LowBits": ("kvcompress.methods", "LowBits"),
     "MiKV": ("kvcompress.methods", "MiKV"),

@@ -111,6 +111,8 @@ class CompressedLayer(CacheLayerMixin):
         self._pad: list[int] = []  # left padding of each row's first chunk (host)
         self.window: int | None = None
         self.last_chunk = 0
+        # decode steps since the last prefill chunk (LayerView.steps)
+        self.decode_steps = 0
         self.head_budgets: torch.Tensor | None = None
         self._share: torch.Tensor | None = None  # [B, H] float64 head shares (host)
         # latest queries in a ring: [B, Hq, held, D], next write slot, filled
@@ -193,6 +195,7 @@ class CompressedLayer(CacheLayerMixin):
         self.store.append(key_states, value_states, self.seen)
         self.seen += q
         self.last_chunk = q
+        self.decode_steps = 0 if q > 1 else self.decode_steps + 1
         if isinstance(self.store, UniformStore):
             return self.store.keys, self.store.values
         if isinstance(self.store, SharedStore) and isinstance(self.store.source.store, UniformStore):
@@ -360,7 +363,7 @@ class CompressedLayer(CacheLayerMixin):
         return LayerView(
             layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1), queries=queries,
             keys=self.store.keys, values=self.store.values, kv_start=self.kv_start, scaling=scaling,
-            state=self.state, phase=phase,
+            state=self.state, phase=phase, steps=self.decode_steps if phase == "decode" else 0,
         )
 
     def _targets(self) -> list[int]:

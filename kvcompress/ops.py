@@ -25,6 +25,7 @@ from kvcompress.errors import KVCompressTypeError, KVCompressValueError
 
 __all__ = [
     "window_scores",
+    "keyformer_scores",
     "vector_norm",
     "pool1d",
     "select_topk",
@@ -229,6 +230,52 @@ def window_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None):
     out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
     _C.window_scores(
         _prepare(queries), _prepare(keys), out, scaling, gqa == "max", _as_int64(kv_start, "kv_start", keys)
+    )
+    return out
+
+
+def keyformer_scores(queries, keys, *, tau=1.0, noise=1.0, seed=0, layer=0, step=0, scaling=None, kv_start=None):
+    """Keyformer's score of every key: noisy, tempered attention summed over queries.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, Tq, D]`` (float32, float16 or bfloat16)
+        Queries of the last ``Tq`` key positions: query ``i`` sits at key
+        position ``p_i = Tk - Tq + i`` and sees keys ``s <= j <= p_i``
+        (``s = kv_start[b]``). ``Tq <= Tk``.
+    keys : tensor ``[B, Hkv, Tk, D]``, same dtype as `queries`
+        ``Hq`` a multiple of ``Hkv``; query head ``h`` uses kv head
+        ``h // (Hq // Hkv)``.
+    tau : float > 0
+        Softmax temperature of every query of this call.
+    noise : float >= 0
+        Scale of the Gumbel noise added to the logits; 0 draws none.
+    seed, layer, step : int >= 0
+        Words of the noise's counter-based hash (with the query head, the
+        key's offset ``j - s`` and the query's offset ``p_i - s``): the same
+        words give the same noise, on every backend and thread count.
+    scaling : float, optional
+        Logit scale; default ``1 / sqrt(D)``.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded key positions per batch row; those keys score 0 and
+        take no part in any softmax.
+
+    Returns
+    -------
+    float32 tensor ``[B, Hkv, Tk]``
+        ``mean over the query heads h of kv head hk of sum_i softmax_j(z_ij)``
+        with ``z_ij = (scaling * q_i . k_j + noise * G) / tau``, ``G`` the
+        standard Gumbel sample ``-log(-log(u))`` of ``u`` drawn from
+        ``hash(seed, layer, h, j - s, p_i - s, step)`` (csrc/keyformer_math.h).
+        Sums are float32, the noise is computed in float64.
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, Tq, D]")
+    ks = _shape(keys, "keys", 4, "[B, Hkv, Tk, D]")
+    scaling = _scaling(scaling, qs[3])
+    out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
+    _C.keyformer_scores(
+        _prepare(queries), _prepare(keys), out, scaling, _real(tau, "tau"), _real(noise, "noise"), _py_int(seed),
+        _py_int(layer), _py_int(step), _as_int64(kv_start, "kv_start", keys),
     )
     return out
 

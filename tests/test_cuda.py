@@ -26,6 +26,7 @@ from test_attention import attention_ref, ragged_layout
 from test_attention import randn as attn_randn
 from test_attention_packed import pack_ragged, packed_ref, uniform_case
 from test_budget import head_budgets_ref
+from test_keyformer import keyformer_ref
 from test_merge import AMBIG, check_against_reference, evict_merge_ref, make_inputs, mixed_tau
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
 from test_quant import PACK, UNPACK, ref_pack
@@ -103,6 +104,24 @@ def test_window_scores(shape, gqa, dtype):
         ref = window_scores_ref(q, k, gqa=gqa, kv_start=ks)
         same = window_scores_ref(q, k, gqa=gqa, kv_start=ks, dtype=dtype)
         assert_within_bound(got, ref, same)
+
+
+@pytest.mark.parametrize("shape", SCORE_SHAPES[:3] + SCORE_SHAPES[4:], ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_keyformer_scores(shape, dtype):
+    """The same counter-based noise on both backends: each within the bound
+    of the float64 recomputation that re-derives the noise in NumPy."""
+    B, Hq, Hkv, Tq, Tk, D = shape
+    q = make((B, Hq, Tq, D), dtype, seed=3)
+    k = make((B, Hkv, Tk, D), dtype, seed=4)
+    kv_start = torch.tensor([min(b * 3, Tk - 1) for b in range(B)], dtype=torch.int64)
+    for ks in (None, kv_start):
+        for kw in (dict(tau=1.4, noise=1.0, seed=5, layer=2, step=3), dict(tau=1.0, noise=0.0)):
+            out_cpu, got = both(ops.keyformer_scores, q, k, kv_start=ks, **kw)
+            ref = keyformer_ref(q, k, kv_start=ks, **kw)
+            same = keyformer_ref(q, k, kv_start=ks, dtype=dtype, **kw)
+            assert_within_bound(got, ref, same)
+            assert_within_bound(out_cpu, ref, same)
 
 
 @pytest.mark.parametrize("layout", ["contig", "transposed", "strided"])

@@ -175,6 +175,14 @@ def _child(target: str, seed: int, n_calls: int) -> int:
                 kw["probe"] = rng.choice([0.25, 0.5, 1.0])
         return [fw(fl([B, Hkv * g, Tq, D], dt)), fw(fl([B, Hkv, T, D], dt))], kw
 
+    def b_keyformer_scores():
+        B, Hkv, g, T, D = dim(), dim(), rng.choice([1, 2]), dim(), dim()
+        dt = rng.choice(FLOATS)
+        kw = {"tau": rng.choice([1.0, 0.5, 2.0]), "noise": rng.choice([0.0, 1.0]), "seed": rng.choice([0, 7, 2**62]),
+              "layer": rng.randint(0, 3), "step": rng.randint(0, 5), "scaling": rng.choice([None, 0.5]),
+              "kv_start": kv_start(B, T)}
+        return [fw(fl([B, Hkv * g, rng.randint(0, T), D], dt)), fw(fl([B, Hkv, T, D], dt))], kw
+
     def b_vector_norm():
         return [fw(fl([dim(), dim(), dim(), dim()], rng.choice(FLOATS)))], {"ord": rng.choice([1, 2])}
 
@@ -394,6 +402,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
     BUILDERS = {
         "window_scores": b_window_scores,
         "global_scores": lambda: b_window_scores(gl=True),
+        "keyformer_scores": b_keyformer_scores,
         "vector_norm": b_vector_norm,
         "pool1d": b_pool1d,
         "select_topk": b_select_topk,

@@ -5,9 +5,9 @@ import math
 import pytest
 
 import kvcompress as kvc
-from kvcompress.methods import H2O, TOVA, VATP, Knorm, PyramidKV, SnapKV, StreamingLLM
+from kvcompress.methods import H2O, TOVA, VATP, Keyformer, Knorm, PyramidKV, SnapKV, StreamingLLM
 
-CLASSES = [StreamingLLM, SnapKV, PyramidKV, Knorm, H2O, TOVA, VATP]
+CLASSES = [StreamingLLM, SnapKV, PyramidKV, Knorm, H2O, TOVA, VATP, Keyformer]
 
 
 @pytest.mark.parametrize("cls", CLASSES)

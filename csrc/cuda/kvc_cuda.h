@@ -27,6 +27,7 @@
 #include "../attention_packed.h"
 #include "../budget.h"
 #include "../compact.h"
+#include "../keyformer.h"
 #include "../kvc.h"
 #include "../lsh.h"
 #include "../merge.h"
@@ -62,6 +63,9 @@ size_t kvc_cuda_window_scores_workspace(const struct kvc_window_scores_params *p
 enum kvc_status kvc_cuda_window_scores(const struct kvc_window_scores_params *p, void *stream);
 enum kvc_status kvc_cuda_vector_norm(const struct kvc_vector_norm_params *p, void *stream);
 enum kvc_status kvc_cuda_pool1d(const struct kvc_pool1d_params *p, void *stream);
+
+size_t kvc_cuda_keyformer_scores_workspace(const struct kvc_keyformer_scores_params *p);
+enum kvc_status kvc_cuda_keyformer_scores(const struct kvc_keyformer_scores_params *p, void *stream);
 
 size_t kvc_cuda_global_scores_workspace(const struct kvc_global_scores_params *p);
 enum kvc_status kvc_cuda_global_scores(const struct kvc_global_scores_params *p, void *stream);

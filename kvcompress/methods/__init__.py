@@ -6,6 +6,7 @@ from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
 from .headkv import HeadKV
+from .keyformer import Keyformer
 from .kvsharer import KVSharer
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
@@ -15,8 +16,9 @@ from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
-    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
-                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer, HeadKV)
+    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP,
+                                           Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
+                                           MiniCache, KVSharer, HeadKV)
 }
 
 
@@ -136,6 +138,7 @@ __all__ = [
     "Method", "DecodeMethod", "LayerView", "REGISTRY", "EVICTING", "MIXED_PRECISION", "method_from_name",
     "method_from_spec",
     "parse_method_spec", "spec_evicts",
-    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
+    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "Keyformer", "KIVI",
+    "LowBits",
     "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
 ]

@@ -52,6 +52,11 @@ class LayerView:
         append). Methods read and write it in place.
     phase : str
         ``"prefill"`` (a chunk of more than one token) or ``"decode"``.
+    steps : int
+        Decode steps the layer has run since its last prefill chunk, this
+        one included (1 at the first generated token's step; 0 while a
+        prefill chunk is observed). Keyformer's temperature schedule and
+        noise read it.
     """
 
     layer_idx: int
@@ -63,6 +68,7 @@ class LayerView:
     scaling: float
     state: dict
     phase: str
+    steps: int = 0
 
     @property
     def length(self) -> int:
