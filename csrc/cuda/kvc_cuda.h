@@ -28,6 +28,7 @@
 #include "../budget.h"
 #include "../compact.h"
 #include "../kvc.h"
+#include "../lagkv.h"
 #include "../lsh.h"
 #include "../merge.h"
 #include "../minicache.h"
@@ -62,6 +63,9 @@ size_t kvc_cuda_window_scores_workspace(const struct kvc_window_scores_params *p
 enum kvc_status kvc_cuda_window_scores(const struct kvc_window_scores_params *p, void *stream);
 enum kvc_status kvc_cuda_vector_norm(const struct kvc_vector_norm_params *p, void *stream);
 enum kvc_status kvc_cuda_pool1d(const struct kvc_pool1d_params *p, void *stream);
+
+size_t kvc_cuda_lagkv_scores_workspace(const struct kvc_lagkv_scores_params *p);
+enum kvc_status kvc_cuda_lagkv_scores(const struct kvc_lagkv_scores_params *p, void *stream);
 
 size_t kvc_cuda_global_scores_workspace(const struct kvc_global_scores_params *p);
 enum kvc_status kvc_cuda_global_scores(const struct kvc_global_scores_params *p, void *stream);
