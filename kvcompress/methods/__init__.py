@@ -6,6 +6,7 @@ from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
 from .kvsharer import KVSharer
+from .lagkv import LagKV
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .simple import Knorm, StreamingLLM
@@ -14,8 +15,8 @@ from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
-    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
-                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer)
+    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
+                                           KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer)
 }
 
 
@@ -135,6 +136,6 @@ __all__ = [
     "Method", "DecodeMethod", "LayerView", "REGISTRY", "EVICTING", "MIXED_PRECISION", "method_from_name",
     "method_from_spec",
     "parse_method_spec", "spec_evicts",
-    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
+    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
     "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer",
 ]
