@@ -364,6 +364,42 @@ KVC_HD static inline float kvc_softmax_weight(float m, float M)
     return m == -INFINITY ? 0.0f : kvc_expf(m - M);
 }
 
+/* ---- LagKV pieces (lagkv.c, cuda/lagkv.cu) ---- */
+
+/* x min-max normalised into the reference range [lo, hi]; a channel whose
+ * reference is constant (hi == lo) carries no lag-relative information and
+ * normalises to 0 instead of dividing by zero. */
+KVC_HD static inline float kvc_lag_norm(float x, float lo, float hi)
+{
+    const float r = hi - lo;
+    return r != 0.0f ? (x - lo) / r : 0.0f;
+}
+
+/* Sample standard deviation (n - 1 in the denominator, n >= 2; torch's
+ * default) over the n channels of the row at element `off` of x (channel
+ * stride `step`), each normalised by kvc_lag_norm. Two passes over the
+ * channels in order: mean, then squared deviations. */
+KVC_HD static inline float kvc_lag_std(const void *x, int32_t dtype, int64_t off, int64_t step,
+                                       const float *lo, const float *hi, int64_t n)
+{
+    float sum = 0.0f, ss = 0.0f, mean;
+    int64_t d;
+    for (d = 0; d < n; d++) sum += kvc_lag_norm(kvc_load_f32(x, dtype, off + d * step), lo[d], hi[d]);
+    mean = sum / (float)n;
+    for (d = 0; d < n; d++) {
+        const float e = kvc_lag_norm(kvc_load_f32(x, dtype, off + d * step), lo[d], hi[d]) - mean;
+        ss += e * e;
+    }
+    return sqrtf(ss / (float)(n - 1));
+}
+
+/* RANK-mode priority (lagkv.h) of the token whose RAW score is raw and whose
+ * rank in chunk c of M is r; NaN stays NaN. */
+KVC_HD static inline float kvc_lag_priority(float raw, int64_t r, int64_t c, int64_t M)
+{
+    return raw != raw ? raw : -(float)(r * M + (M - 1 - c));
+}
+
 #ifdef __cplusplus
 }
 #endif

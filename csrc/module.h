@@ -113,5 +113,6 @@ extern PyMethodDef kvc_py_pages_methods[];
 extern PyMethodDef kvc_py_lsh_methods[];
 extern PyMethodDef kvc_py_minicache_methods[];
 extern PyMethodDef kvc_py_keyformer_methods[];
+extern PyMethodDef kvc_py_lagkv_methods[];
 
 #endif /* KVC_MODULE_H */

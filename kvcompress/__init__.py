@@ -38,6 +38,7 @@ _LAZY = {
     "AdaKV": ("kvcompress.methods", "AdaKV"),
     "EMS": ("kvcompress.methods", "EMS"),
     "Knorm": ("kvcompress.methods", "Knorm"),
+    "LagKV": ("kvcompress.methods", "LagKV"),
     "H2O": ("kvcompress.methods", "H2O"),
     "TOVA": ("kvcompress.methods", "TOVA"),
     "VATP": ("kvcompress.methods", "VATP"),

@@ -28,6 +28,7 @@ __all__ = [
     "keyformer_scores",
     "vector_norm",
     "pool1d",
+    "lagkv_scores",
     "select_topk",
     "gather",
     "set_num_threads",
@@ -320,6 +321,59 @@ def pool1d(scores, kernel, mode="max"):
     s = _shape(scores, "scores", 3, "[B, H, T]")
     out = _empty(scores, s, "float32")
     _C.pool1d(_prepare(scores), out, _py_int(kernel), mode == "avg")
+    return out
+
+
+def lagkv_scores(keys, values, *, lag, sinks=0, kv_start=None, per_chunk=False):
+    """LagKV token scores (arXiv 2504.04704): lag-relative spread of keys and values.
+
+    Per batch row ``b`` and head, the tokens after the padding
+    (``kv_start[b]``) and the first `sinks` valid tokens are cut into chunks
+    of `lag` tokens. With ``m`` whole chunks, chunks ``0 .. m-2`` are scored
+    (``M = m - 1`` of them; none when ``m < 2``); chunk ``c`` is normalised by
+    chunk ``c + 1``, its lag reference. The last whole chunk and the partial
+    one after it (together the tail) have no reference.
+
+    For token ``j`` of a scored chunk and x its key (then its value): every
+    channel ``d`` is min-max normalised by the reference chunk,
+    ``xn_d = (x_d - lo_d) / (hi_d - lo_d)`` (0 where ``hi_d == lo_d``), and
+    ``std(x) = sqrt(sum_d (xn_d - mean(xn))^2 / (D - 1))``. The raw score is
+    ``softmax_chunk(std(K))[j] + softmax_chunk(std(V))[j]``, the softmax
+    taken over the `lag` tokens of the chunk (so it lies in (0, 2]).
+
+    Parameters
+    ----------
+    keys : tensor ``[B, H, T, D]`` (float32, float16 or bfloat16), ``D >= 2``
+    values : tensor ``[B, H, T, Dv]``, same dtype as `keys`, ``Dv >= 2``
+    lag : int >= 1
+        Chunk length, and the distance to the reference chunk.
+    sinks : int >= 0
+        Leading valid tokens that are never scored.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded positions per batch row (left padding).
+    per_chunk : bool
+        False: the raw score. True: a priority ``-(r * M + (M - 1 - c))``,
+        with ``r`` the token's rank by raw score inside its chunk ``c`` (0 =
+        highest, ties to the lower index), so that a top-k over the row
+        (:func:`select_topk`) takes the same number of tokens from every
+        scored chunk, the newer chunks taking the one extra where the count
+        does not divide (the paper keeps a fixed share of each chunk).
+        Exact while ``T < 2**24``.
+
+    Returns
+    -------
+    float32 tensor ``[B, H, T]``
+        The score of each scored token; ``+inf`` for the sinks and the tail
+        (always kept), ``-inf`` for padding. A NaN raw score (non-finite
+        inputs) stays NaN in both modes. Accumulated in float32.
+    """
+    ks = _shape(keys, "keys", 4, "[B, H, T, D]")
+    _shape(values, "values", 4, "[B, H, T, Dv]")
+    out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
+    if not isinstance(per_chunk, bool):
+        raise KVCompressTypeError(f"per_chunk: expected a bool, got {type(per_chunk).__name__}")
+    _C.lagkv_scores(_prepare(keys), _prepare(values), out, _py_int(sinks), _py_int(lag), per_chunk,
+                    _as_int64(kv_start, "kv_start", keys))
     return out
 
 

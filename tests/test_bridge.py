@@ -488,6 +488,8 @@ calls = [
                               gqa=rng.choice(["mean", "max", "x"]), scaling=rng.choice([None, 0.5, float("inf")])),
     lambda: ops.vector_norm(tensor(), ord=rng.choice([1, 2, 3, 0])),
     lambda: ops.pool1d(tensor(), rng.choice([1, 3, 4, -1, 9]), mode=rng.choice(["max", "avg", "?"])),
+    lambda: ops.lagkv_scores(tensor(), tensor(), lag=anyint(), sinks=rng.choice([0, 1, 4, -1]),
+                             kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]]), per_chunk=rng.random() < 0.5),
     lambda: ops.select_topk(tensor(), anyint(), sinks=rng.choice([0, 1, 3, -2]), window=rng.choice([0, 2, 9]),
                             kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
     lambda: ops.gather(tensor(), tensor(), tensor(), out_keys=rng.choice([None, None, tensor()]),

@@ -27,6 +27,7 @@ from test_attention import randn as attn_randn
 from test_attention_packed import pack_ragged, packed_ref, uniform_case
 from test_budget import head_budgets_ref
 from test_keyformer import keyformer_ref
+from test_lagkv import assert_scores_close, lagkv_ref, rank_priority
 from test_merge import AMBIG, check_against_reference, evict_merge_ref, make_inputs, mixed_tau
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
 from test_quant import PACK, UNPACK, ref_pack
@@ -142,6 +143,22 @@ def test_pool1d(kernel):
     assert torch.equal(mx, pool1d_ref(s, kernel).to(torch.float32))
     _, avg = both(ops.pool1d, s, kernel, mode="avg")
     assert_within_bound(avg, pool1d_ref(s, kernel, "avg"), pool1d_ref(s, kernel, "avg", dtype=torch.float32))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 16, 8, 8, 4, 0), (2, 3, 70, 16, 12, 8, 3), (2, 2, 1000, 64, 64, 128, 4),
+                                   (3, 2, 40, 33, 17, 5, 1)], ids=lambda s: "B{}H{}T{}D{}Dv{}lag{}s{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_lagkv_scores(shape, dtype):
+    B, H, T, D, Dv, lag, sinks = shape
+    k = make((B, H, T, D), dtype, seed=4)
+    v = make((B, H, T, Dv), dtype, layout="transposed", seed=5)
+    kv_start = torch.tensor([min(b * 3, T) for b in range(B)], dtype=torch.int64)
+    for ks in (None, kv_start):
+        _, got = both(ops.lagkv_scores, k, v, lag=lag, sinks=sinks, kv_start=ks)
+        assert_scores_close(got, lagkv_ref(k, v, lag, sinks, ks), lagkv_ref(k, v, lag, sinks, ks, dtype=dtype))
+        # the GPU's ranks are those of its own raw scores
+        _, pri = both(ops.lagkv_scores, k, v, lag=lag, sinks=sinks, kv_start=ks, per_chunk=True)
+        assert torch.equal(pri, rank_priority(got, lag, sinks, ks))
 
 
 # ---------------------------------------------------------------- selection

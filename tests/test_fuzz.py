@@ -190,6 +190,13 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         return [fw(fl([dim(), dim(), dim()], torch.float32)), rng.choice([1, 3, 5])], \
             {"mode": rng.choice(["max", "avg"])}
 
+    def b_lagkv_scores():
+        B, H, T, D, Dv = dim(), dim(), dim(), dim(2), dim(2)
+        dt = rng.choice(FLOATS)
+        kw = {"lag": rng.choice([1, 2, 3, 8]), "sinks": rng.choice([0, 1, 4]), "kv_start": kv_start(B, T),
+              "per_chunk": rng.random() < 0.5}
+        return [fw(fl([B, H, T, D], dt)), fw(fl([B, H, T, Dv], dt))], kw
+
     def b_select_topk():
         B, H, T = dim(), dim(), dim(1)
         sinks, window = rng.choice([(0, 0), (0, 0), (1, 0), (0, 1), (1, 1)])
@@ -405,6 +412,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "keyformer_scores": b_keyformer_scores,
         "vector_norm": b_vector_norm,
         "pool1d": b_pool1d,
+        "lagkv_scores": b_lagkv_scores,
         "select_topk": b_select_topk,
         "gather": b_gather,
         "evict_merge": b_evict_merge,

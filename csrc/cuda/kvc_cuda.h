@@ -29,6 +29,7 @@
 #include "../compact.h"
 #include "../keyformer.h"
 #include "../kvc.h"
+#include "../lagkv.h"
 #include "../lsh.h"
 #include "../merge.h"
 #include "../minicache.h"
@@ -66,6 +67,8 @@ enum kvc_status kvc_cuda_pool1d(const struct kvc_pool1d_params *p, void *stream)
 
 size_t kvc_cuda_keyformer_scores_workspace(const struct kvc_keyformer_scores_params *p);
 enum kvc_status kvc_cuda_keyformer_scores(const struct kvc_keyformer_scores_params *p, void *stream);
+size_t kvc_cuda_lagkv_scores_workspace(const struct kvc_lagkv_scores_params *p);
+enum kvc_status kvc_cuda_lagkv_scores(const struct kvc_lagkv_scores_params *p, void *stream);
 
 size_t kvc_cuda_global_scores_workspace(const struct kvc_global_scores_params *p);
 enum kvc_status kvc_cuda_global_scores(const struct kvc_global_scores_params *p, void *stream);

@@ -8,6 +8,7 @@ from .ems import EMS
 from .headkv import HeadKV
 from .keyformer import Keyformer
 from .kvsharer import KVSharer
+from .lagkv import LagKV
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .simple import Knorm, StreamingLLM
@@ -16,7 +17,7 @@ from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
-    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP,
+    cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
                                            MiniCache, KVSharer, HeadKV)
 }
@@ -138,7 +139,6 @@ __all__ = [
     "Method", "DecodeMethod", "LayerView", "REGISTRY", "EVICTING", "MIXED_PRECISION", "method_from_name",
     "method_from_spec",
     "parse_method_spec", "spec_evicts",
-    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "Keyformer", "KIVI",
-    "LowBits",
-    "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
+    "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
+    "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
 ]
