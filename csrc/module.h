@@ -112,5 +112,6 @@ extern PyMethodDef kvc_py_packed_attention_methods[];
 extern PyMethodDef kvc_py_pages_methods[];
 extern PyMethodDef kvc_py_lsh_methods[];
 extern PyMethodDef kvc_py_minicache_methods[];
+extern PyMethodDef kvc_py_span_methods[];
 
 #endif /* KVC_MODULE_H */
