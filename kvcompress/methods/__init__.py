@@ -9,6 +9,7 @@ from .headkv import HeadKV
 from .kvsharer import KVSharer
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
+from .razor import RazorAttention
 from .simple import Knorm, StreamingLLM
 from .sparse import MagicPIG, Quest, TidalDecode
 from .window import AdaKV, PyramidKV, SnapKV
@@ -16,7 +17,8 @@ from .window import AdaKV, PyramidKV, SnapKV
 #: Methods by lower-case name, as the command line spells them.
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, H2O, TOVA, VATP, KIVI,
-                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer, HeadKV)
+                                           LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG, MiniCache, KVSharer, HeadKV,
+                                           RazorAttention)
 }
 
 
@@ -138,4 +140,5 @@ __all__ = [
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "H2O", "TOVA", "VATP", "KIVI", "LowBits",
     "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
+    "RazorAttention",
 ]
