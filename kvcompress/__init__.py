@@ -53,6 +53,7 @@ _LAZY = {
     "MiniCache": ("kvcompress.methods", "MiniCache"),
     "KVSharer": ("kvcompress.methods", "KVSharer"),
     "HeadKV": ("kvcompress.methods", "HeadKV"),
+    "RazorAttention": ("kvcompress.methods", "RazorAttention"),
     "HeadProfile": ("kvcompress.heads", "HeadProfile"),
     "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),

@@ -35,6 +35,8 @@ __all__ = [
     "get_num_threads",
     "evict_merge",
     "EvictMergeResult",
+    "span_merge",
+    "SpanMerge",
     "attention",
     "packed_attention",
     "page_bounds",
@@ -560,6 +562,60 @@ def evict_merge(keys, values, scores, centers, tau=None, *, kv_start=None, count
         _as_int64(kv_start, "kv_start", keys), out_keys, out_values, counts, out_scores, tau_used, assign,
     )
     return EvictMergeResult(out_keys, out_values, counts, out_scores, tau_used, assign)
+
+
+class SpanMerge(NamedTuple):
+    """Outputs of :func:`span_merge`."""
+
+    keys: object  #: ``[B, H, D]``, dtype of the input keys
+    values: object  #: ``[B, H, Dv]``, dtype of the input keys
+    counts: object  #: ``[B, H]`` float32: the summed count of the span (0 when empty)
+
+
+def span_merge(keys, values, lo, hi, *, counts=None):
+    """Count-weighted mean of one contiguous span of slots per (row, head).
+
+    RazorAttention's compensation token: per batch row ``b`` and kv head
+    ``h`` the slots ``j`` in ``[lo[b, h], hi[b, h])`` fold into one key,
+    one value and one count::
+
+        W      = sum_j c_j
+        key    = sum_j c_j k_j / W
+        value  = sum_j c_j v_j / W
+        count  = W
+
+    with ``c_j = counts[b, h, j]`` (1 for every slot when `counts` is None).
+    Sums are float64 in ascending ``j``; the mean is rounded once to float32
+    and then to the storage dtype; CPU and CUDA agree bit for bit. An empty
+    span gives zero rows and count 0.
+
+    Parameters
+    ----------
+    keys : tensor ``[B, H, T, D]`` (float32, float16 or bfloat16)
+    values : tensor ``[B, H, T, Dv]``, same dtype as `keys`
+    lo, hi : int64 tensors ``[B, H]`` (or int sequences)
+        The span of each head, ``0 <= lo <= hi <= T`` (checked).
+    counts : float32 tensor ``[B, H, T]``, optional
+        Weights (merge counts): every count inside a span must be finite and
+        ``> 0`` (checked); slots outside the spans are never read.
+
+    Returns
+    -------
+    SpanMerge
+        ``(keys [B, H, D], values [B, H, Dv], counts [B, H] float32)``,
+        in the framework and on the device of `keys`.
+    """
+    ks = _shape(keys, "keys", 4, "[B, H, T, D]")
+    vs = _shape(values, "values", 4, "[B, H, T, Dv]")
+    lo = _as_int64(lo, "lo", keys)
+    hi = _as_int64(hi, "hi", keys)
+    B, H = ks[0], ks[1]
+    out_keys = _empty_like_dtype(keys, (B, H, ks[3]))
+    out_values = _empty_like_dtype(keys, (B, H, vs[3]))
+    out_counts = _empty(keys, (B, H), "float32")
+    _C.span_merge(_prepare(keys), _prepare(values), None if counts is None else _prepare(counts), _prepare(lo),
+                  _prepare(hi), out_keys, out_values, out_counts)
+    return SpanMerge(out_keys, out_values, out_counts)
 
 
 def _attention_out(queries, rows, row, ragged, scaling, out):

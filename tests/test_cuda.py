@@ -32,6 +32,7 @@ from test_merge import AMBIG, check_against_reference, evict_merge_ref, make_inp
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
 from test_quant import PACK, UNPACK, ref_pack
 from test_score_global import global_scores_ref
+from test_span import random_spans, span_merge_ref
 
 
 def _skip_reason():
@@ -196,6 +197,27 @@ def test_gather(dtype):
     idx = torch.randint(0, 90, (2, 3, 33), generator=torch.Generator().manual_seed(6))
     (ck, cv), (gk, gv) = both(ops.gather, k, v, idx)
     assert same_bits(gk, ck) and same_bits(gv, cv)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8, 8), (2, 3, 90, 24, 40), (1, 8, 3000, 128, 128)],
+                         ids=lambda s: "B{}H{}T{}D{}Dv{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_span_merge(shape, dtype):
+    """Double sums of exact products in ascending order on both backends:
+    the GPU's compensation tokens equal the CPU's bit for bit."""
+    B, H, T, D, Dv = shape
+    k = make((B, H, T, D), dtype, layout="transposed", seed=4)
+    v = make((B, H, T, Dv), dtype, seed=5)
+    lo, hi = random_spans(B, H, T, seed=6)
+    counts = torch.rand(B, H, T, generator=torch.Generator().manual_seed(7)) * 20 + 0.5
+    for c in (None, counts):
+        cpu_res, got = both(ops.span_merge, k, v, lo, hi, counts=c)
+        assert same_bits(got.keys, cpu_res.keys) and same_bits(got.values, cpu_res.values)
+        assert same_bits(got.counts, cpu_res.counts)
+        ref = span_merge_ref(k, v, lo, hi, c)
+        same = span_merge_ref(k, v, lo, hi, c, dtype=dtype)
+        assert_within_bound(got.keys, ref[0], same[0], "keys")
+        assert_within_bound(got.values, ref[1], same[1], "values")
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])

@@ -233,6 +233,16 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         return [fw(fl([B, H, T, D], dt)), fw(fl([B, H, T, Dv], dt)), fw(torch.rand(B, H, T)), fw(centers), tau], \
             {"counts_dtype": rng.choice(["float32", "int32"]), "return_assign": rng.random() < 0.5}
 
+    def b_span_merge():
+        B, H, T, D, Dv = dim(), dim(), dim(), dim(), dim()
+        dt = rng.choice(FLOATS)
+        a, b = torch.randint(0, T + 1, (B, H)), torch.randint(0, T + 1, (B, H))
+        kw = {}
+        if rng.random() < 0.5:
+            kw["counts"] = torch.rand(B, H, T) * 4 + 0.5
+        return [fw(fl([B, H, T, D], dt)), fw(fl([B, H, T, Dv], dt)), fw(torch.minimum(a, b)),
+                fw(torch.maximum(a, b))], kw
+
     def b_attention():
         B, Hkv, g, q, D = dim(), dim(1), rng.choice([1, 2]), dim(), dim()
         dt = rng.choice(FLOATS)
@@ -416,6 +426,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "select_topk": b_select_topk,
         "gather": b_gather,
         "evict_merge": b_evict_merge,
+        "span_merge": b_span_merge,
         "attention": b_attention,
         "packed_attention": b_packed_attention,
         "page_bounds": b_page_bounds,

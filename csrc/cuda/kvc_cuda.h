@@ -38,6 +38,7 @@
 #include "../score.h"
 #include "../score_global.h"
 #include "../select.h"
+#include "../span.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -90,6 +91,8 @@ enum kvc_status kvc_cuda_head_budgets(const struct kvc_head_budgets_params *p, v
 
 size_t kvc_cuda_evict_merge_workspace(const struct kvc_evict_merge_params *p);
 enum kvc_status kvc_cuda_evict_merge(const struct kvc_evict_merge_params *p, void *stream);
+
+enum kvc_status kvc_cuda_span_merge(const struct kvc_span_merge_params *p, void *stream);
 
 size_t kvc_cuda_attention_workspace(const struct kvc_attention_params *p);
 enum kvc_status kvc_cuda_attention(const struct kvc_attention_params *p, void *stream);

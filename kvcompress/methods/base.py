@@ -115,6 +115,10 @@ class Method:
     #: (HeadKV): a layer may hold more or less than ``H * target``, the model
     #: holds ``L * H * target`` (up to rounding)
     across_layers: ClassVar[bool] = False
+    #: ``True`` when some heads keep every token whatever the budget
+    #: (RazorAttention's retrieval heads): a layer then holds its other heads'
+    #: budgets plus those heads' lengths, more than ``H * target``
+    whole_heads: ClassVar[bool] = False
     #: ``True`` when the method merges evicted tokens (``compact``/``recompact``)
     merges: ClassVar[bool] = False
     #: ``False`` for methods that keep every token (quantizers): they take no
