@@ -137,6 +137,21 @@ def as_profile(profile) -> HeadProfile:
     raise TypeError(f"profile: expected a HeadProfile, its dict or a JSON path, got {type(profile).__name__}")
 
 
+def with_profile(method, model):
+    """``method`` (a dataclass with a ``profile`` field) with a profile of
+    ``model``: computed once when it has none, refused by name when the one
+    it has was made for another number of layers. The ``prepare`` of
+    head-profiled methods (HeadKV, RazorAttention)."""
+    from dataclasses import replace
+
+    if method.profile is None:
+        return replace(method, profile=profile_heads(model))
+    L = int(getattr(model.config, "num_hidden_layers", method.profile.num_layers))
+    if method.profile.num_layers != L:
+        raise ValueError(f"profile: made for {method.profile.num_layers} layers, the model has {L}")
+    return method
+
+
 def _random_ids(config, length: int, rows: int, seed: int) -> torch.Tensor:
     V = int(config.vocab_size)
     special = {getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -226,4 +241,4 @@ def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: in
                        meta)
 
 
-__all__ = ["HeadProfile", "profile_heads", "as_profile"]
+__all__ = ["HeadProfile", "profile_heads", "as_profile", "with_profile"]

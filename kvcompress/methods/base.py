@@ -439,6 +439,15 @@ class KeepsEveryToken(Method):
             self.ratio = 0.0  # built by name with neither: nothing is evicted
         super().__post_init__()
 
+    def _check_packer(self) -> None:
+        """``quant=`` of a cross-layer method that keeps every token
+        (MiniCache, KVSharer): a plain quantizer, never a demoting one."""
+        q = self.quant
+        if q is None:
+            return
+        if not isinstance(q, Method) or q.evicts or q.packing is None or q.demotes:
+            raise TypeError(f"quant: expected a quantizer such as kvcompress.KIVI(bits=4), got {q!r}")
+
     def _check_fields(self) -> None:
         if self.budget is not None or self.ratio:
             raise ValueError(

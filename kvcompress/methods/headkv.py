@@ -112,16 +112,9 @@ class HeadKV(SnapKV):
 
     def prepare(self, model) -> "HeadKV":
         """The method with a profile of ``model`` (computed once when none was given)."""
-        from dataclasses import replace
+        from ..heads import with_profile
 
-        from ..heads import profile_heads
-
-        if self.profile is None:
-            return replace(self, profile=profile_heads(model))
-        L = int(getattr(model.config, "num_hidden_layers", self.profile.num_layers))
-        if self.profile.num_layers != L:
-            raise ValueError(f"profile: made for {self.profile.num_layers} layers, the model has {L}")
-        return self
+        return with_profile(self, model)
 
     def shares(self) -> torch.Tensor:
         """float64 ``[L, Hkv]``: each head's share ``p_h`` of the pool (sums

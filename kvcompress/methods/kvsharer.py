@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from .base import KeepsEveryToken, Method
+from .base import KeepsEveryToken
 
 
 def parse_plan(plan) -> dict[int, int]:
@@ -132,11 +132,7 @@ class KVSharer(KeepsEveryToken):
             raise ValueError("KVSharer does not compose with sparse readers or MiniCache")
 
     def _check_quant(self) -> None:
-        q = self.quant
-        if q is None:
-            return
-        if not isinstance(q, Method) or q.evicts or q.packing is None or q.demotes:
-            raise TypeError(f"quant: expected a quantizer such as kvcompress.KIVI(bits=4), got {q!r}")
+        self._check_packer()
 
     @property
     def pairs(self) -> dict[int, int]:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import KeepsEveryToken, Method
+from .base import KeepsEveryToken
 
 
 @dataclass
@@ -118,11 +118,7 @@ class MiniCache(KeepsEveryToken):
             raise ValueError("MiniCache does not compose with sparse readers (a merged pair is not paged)")
 
     def _check_quant(self) -> None:
-        q = self.quant
-        if q is None:
-            return
-        if not isinstance(q, Method) or q.evicts or q.packing is None or q.demotes:
-            raise TypeError(f"quant: expected a quantizer such as kvcompress.KIVI(bits=4), got {q!r}")
+        self._check_packer()
 
     @property
     def cross_layer(self) -> "MiniCache":

@@ -120,16 +120,9 @@ class RazorAttention(Method):
 
     def prepare(self, model) -> "RazorAttention":
         """The method with a profile of ``model`` (computed once when none was given)."""
-        from dataclasses import replace
+        from ..heads import with_profile
 
-        from ..heads import profile_heads
-
-        if self.profile is None:
-            return replace(self, profile=profile_heads(model))
-        L = int(getattr(model.config, "num_hidden_layers", self.profile.num_layers))
-        if self.profile.num_layers != L:
-            raise ValueError(f"profile: made for {self.profile.num_layers} layers, the model has {L}")
-        return self
+        return with_profile(self, model)
 
     # ------------------------------------------------------------ heads
     def _top(self, which: str, fraction: float) -> set:
