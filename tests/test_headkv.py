@@ -131,7 +131,7 @@ def test_kept_slots_are_each_heads_top_of_float64_snapkv_scores(tiny_model):
             tiny_model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                        **cache_kwargs(tiny_model, cache))
     pads = (mask == 0).sum(1)
-    want = _counts_by_hand(copy, 2, 24, WINDOW, 1.25, 1.0)
+    want = _counts_by_hand(copy, 2, 24, WINDOW, method.beta, method.temp)
     assert len({tuple(r) for r in want.tolist()}) > 1
     for li, (q, k, v) in enumerate(layer_qkv(tiny_model, ids, mask)):
         store = cache.layers[li].ragged
