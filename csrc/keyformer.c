@@ -110,12 +110,8 @@ static void kf_reduce(const struct kvc_keyformer_scores_params *p, const struct 
     const int64_t os = p->out.strides[2], Tk = g->Tk;
     const float *first = heads + (b * g->Hq + hk * g->g) * Tk;
     const float den = (float)g->g;
-    int64_t j, h;
-    for (j = 0; j < Tk; j++) {
-        float v = first[j];
-        for (h = 1; h < g->g; h++) v += first[h * Tk + j];
-        out[j * os] = v / den;
-    }
+    int64_t j;
+    for (j = 0; j < Tk; j++) out[j * os] = kvc_group_sum_at(first, g->g, Tk, j) / den;
 }
 
 enum kvc_status kvc_keyformer_scores(const struct kvc_keyformer_scores_params *p)

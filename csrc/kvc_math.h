@@ -276,6 +276,19 @@ kvc_softmax_merge(struct kvc_softmax_state a, struct kvc_softmax_state b)
     return r;
 }
 
+
+/* Element j of the g per-query-head rows of one kv head (row stride Tk)
+ * summed in head order: the GQA "mean" reductions (window scores,
+ * Keyformer) divide it by their own count; the fixed order keeps the float
+ * result the same for any thread count. */
+KVC_HD static inline float kvc_group_sum_at(const float *first, int64_t g, int64_t Tk, int64_t j)
+{
+    float v = first[j];
+    int64_t h;
+    for (h = 1; h < g; h++) v += first[h * Tk + j];
+    return v;
+}
+
 /* In place: x[i] <- exp(x[i] - m); returns the sum (fixed lane order). */
 KVC_HD static inline float kvc_exp_shift_sum(float *x, int64_t n, float m)
 {

@@ -225,11 +225,7 @@ static void ws_reduce(const struct kvc_window_scores_params *p, const struct ws_
         }
     } else {
         const float den = (float)g->Tq * (float)g->g;
-        for (j = 0; j < Tk; j++) {
-            float v = first[j];
-            for (h = 1; h < g->g; h++) v += first[h * Tk + j];
-            out[j * os] = v / den;
-        }
+        for (j = 0; j < Tk; j++) out[j * os] = kvc_group_sum_at(first, g->g, Tk, j) / den;
     }
 }
 
