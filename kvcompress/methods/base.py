@@ -345,6 +345,24 @@ class Method:
         if value < minimum:
             raise ValueError(f"{name}: must be >= {minimum}, got {value}")
 
+    @staticmethod
+    def _check_float(name: str, value: Any, *, above: float | None = None, at_least: float | None = None,
+                     at_most: float | None = None) -> float:
+        """Validate a real-valued option (ints accepted, bools and NaN/inf
+        refused) against optional bounds; returns it as a float."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+        v = float(value)
+        if not math.isfinite(v):
+            raise ValueError(f"{name}: must be finite, got {value}")
+        if above is not None and not v > above:
+            raise ValueError(f"{name}: must be > {above}, got {value}")
+        if at_least is not None and not v >= at_least:
+            raise ValueError(f"{name}: must be >= {at_least}, got {value}")
+        if at_most is not None and not v <= at_most:
+            raise ValueError(f"{name}: must be <= {at_most}, got {value}")
+        return v
+
     def layer_budget(self, layer_idx: int, num_layers: int, mean_budget: float) -> float:
         """Budget of one layer given the mean budget; uniform by default."""
         return mean_budget

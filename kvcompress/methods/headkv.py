@@ -101,14 +101,8 @@ class HeadKV(SnapKV):
 
     def _check_fields(self) -> None:
         super()._check_fields()
-        for name in ("beta", "temp"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
-        if not (self.beta >= 1.0 and math.isfinite(self.beta)):
-            raise ValueError(f"beta: must be a finite float >= 1, got {self.beta}")
-        if not (self.temp > 0.0 and math.isfinite(self.temp)):
-            raise ValueError(f"temp: must be a finite float > 0, got {self.temp}")
+        self._check_float("beta", self.beta, at_least=1.0)
+        self._check_float("temp", self.temp, above=0.0)
         if self.profile is not None:
             from ..heads import as_profile
 

@@ -98,20 +98,8 @@ class Keyformer(Method):
         if self.seed >= 2**63:
             raise ValueError(f"seed: must be < 2**63, got {self.seed}")
         for name in ("tau_init", "tau_end"):
-            v = self._real(name, getattr(self, name))
-            if not v > 0.0:
-                raise ValueError(f"{name}: must be a finite temperature > 0, got {v}")
-        if not self._real("noise", self.noise) >= 0.0:
-            raise ValueError(f"noise: must be a finite scale >= 0, got {self.noise}")
-
-    @staticmethod
-    def _real(name: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-        v = float(value)
-        if not math.isfinite(v):
-            raise ValueError(f"{name}: must be finite, got {value}")
-        return v
+            self._check_float(name, getattr(self, name), above=0.0)
+        self._check_float("noise", self.noise, at_least=0.0)
 
     def min_budget(self) -> int:
         return max(1, self.window)

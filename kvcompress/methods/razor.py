@@ -98,11 +98,7 @@ class RazorAttention(Method):
     def _check_fields(self) -> None:
         self._check_int("sinks", self.sinks, 0)
         for name in ("induction", "echo"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
-            if not 0.0 <= float(v) <= 1.0:  # NaN fails too
-                raise ValueError(f"{name}: must be a fraction in [0, 1], got {v}")
+            self._check_float(name, getattr(self, name), at_least=0.0, at_most=1.0)
         if self.profile is not None:
             from ..heads import as_profile
 
