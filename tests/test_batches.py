@@ -10,40 +10,20 @@ import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
 from kvcompress.hf import attention_spec
 from kvcompress.methods import EVICTING, MIXED_PRECISION, REGISTRY
-
-KW = dict(do_sample=False, pad_token_id=0)
-
-
-def _ids(length, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 512, (length,), generator=g)
-
-
-def _batch(rows):
-    """Left-pad 1-D id tensors into ``(ids, mask)``."""
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    return ids, mask
+from generation import greedy, left_pad, random_ids
 
 
 def _gen(model, method, ids, mask, n=10, **kw):
-    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **KW, **kw)
-    if method is None:
-        return model.generate(**args)
-    with kvc.compress(model, method) as session:
-        out = model.generate(**args)
-    return out, session.cache
+    out, session = greedy(model, ids, mask, method=method, n=n, **kw)
+    return out if session is None else (out, session.cache)
 
 
 @pytest.mark.parametrize("name", sorted(EVICTING + MIXED_PRECISION))
 def test_short_rows_generate_what_they_generate_alone(tiny_model, name):
     """Rows shorter than the budget (and than sinks + window) keep every
     token, in a batch with a row that is compressed."""
-    short, long_ = _ids(20, 1), _ids(140, 2)
-    ids, mask = _batch([short, long_])
+    short, long_ = random_ids(20, 1), random_ids(140, 2)
+    ids, mask = left_pad([short, long_])
     method = REGISTRY[name](budget=64)
     out, cache = _gen(tiny_model, method, ids, mask)
     alone, _ = _gen(tiny_model, method, short[None], torch.ones(1, 20, dtype=torch.long))
@@ -57,26 +37,26 @@ def test_short_rows_generate_what_they_generate_alone(tiny_model, name):
 
 
 def test_ems_on_a_row_shorter_than_its_forced_keeps(tiny_model):
-    ids, mask = _batch([_ids(20, 3), _ids(100, 4)])
+    ids, mask = left_pad([random_ids(20, 3), random_ids(100, 4)])
     out, cache = _gen(tiny_model, kvc.EMS(budget=64), ids, mask, n=6)
     assert out.shape == (2, 106)
     alone, _ = _gen(tiny_model, kvc.EMS(budget=64), ids[:1, 80:], mask[:1, 80:], n=6)
     assert torch.equal(out[0, 80:], alone[0])
 
 
-def test_pyramidkv_row_result_does_not_depend_on_its_batch(tiny_model):
-    short = _ids(18, 5)
+def test_pyramidkv_row_result_does_not_depend_on_itsleft_pad(tiny_model):
+    short = random_ids(18, 5)
     method = kvc.PyramidKV(budget=48)
     alone, cache = _gen(tiny_model, method, short[None], torch.ones(1, 18, dtype=torch.long))
     assert all(layer.n == 18 + 9 for layer in cache.layers)  # nothing compressed alone
-    ids, mask = _batch([short, _ids(140, 6), _ids(140, 7)])
+    ids, mask = left_pad([short, random_ids(140, 6), random_ids(140, 7)])
     out, _ = _gen(tiny_model, method, ids, mask)
     assert torch.equal(out[0, -28:], alone[0])
 
 
 @pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])
 def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_model, name):
-    ids = _ids(40, 8)[None]
+    ids = random_ids(40, 8)[None]
     mask = torch.ones_like(ids)
     ref = _gen(tiny_model, None, ids, mask, n=8, num_beams=3)
     out, cache = _gen(tiny_model, REGISTRY[name](budget=500), ids, mask, n=8, num_beams=3)
@@ -85,7 +65,7 @@ def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_mode
 
 @pytest.mark.parametrize("name", ["ems", "adakv"])
 def test_beam_search_runs_on_per_head_layers(tiny_model, name):
-    ids = _ids(120, 9)[None]
+    ids = random_ids(120, 9)[None]
     mask = torch.ones_like(ids)
     method = REGISTRY[name](budget=48, interval=4)
     out, cache = _gen(tiny_model, method, ids, mask, n=12, num_beams=3)
@@ -98,7 +78,7 @@ def test_beam_search_runs_on_per_head_layers(tiny_model, name):
 def test_four_d_mask_records_the_padding(tiny_model):
     """A 4-D mask on the first chunk: pad slots are recorded as such, so a
     prefill compression never keeps them."""
-    ids, mask2 = _batch([_ids(30, 10), _ids(60, 11)])
+    ids, mask2 = left_pad([random_ids(30, 10), random_ids(60, 11)])
     T = ids.shape[1]
     causal = torch.tril(torch.ones(T, T, dtype=torch.bool))
     allowed = causal[None] & mask2.bool()[:, None, :]

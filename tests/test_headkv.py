@@ -15,6 +15,7 @@ from kvcompress.compat import cache_kwargs
 from kvcompress.heads import HeadProfile, as_profile, profile_heads
 from kvcompress.methods import HeadKV, method_from_spec
 
+from generation import greedy
 from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
 
 WINDOW = 4
@@ -151,12 +152,8 @@ def test_kept_slots_are_each_heads_top_of_float64_snapkv_scores(tiny_model):
 
 
 def _generate(model, method, ids, mask, n=12):
-    kw = dict(attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    if method is None:
-        return model.generate(ids, **kw)
-    with kvc.compress(model, method) as session:
-        out = model.generate(ids, **kw)
-    return out, session
+    out, session = greedy(model, ids, mask, method=method, n=n)
+    return out if session is None else (out, session)
 
 
 def test_whole_budget_is_plain_generate_and_decoding_keeps_the_shares(tiny_model):

@@ -16,6 +16,7 @@ from kvcompress import KVCompressValueError, ops
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import H2O, REGISTRY, Keyformer, LayerView, method_from_spec
 
+from generation import greedy, left_pad
 from model_refs import assert_topk_consistent, layer_qkv
 from reference import window_scores_ref
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
@@ -202,14 +203,8 @@ def _prompt(batch=1, length=40, seed=1):
 
 
 def _generate(model, ids, mask=None, n=12, method=None):
-    mask = torch.ones_like(ids) if mask is None else mask
-    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-              pad_token_id=0)
-    if method is None:
-        return model.generate(**kw), None
-    with kvc.compress(model, method) as session:
-        out = model.generate(**kw)
-    return out, session.cache
+    out, session = greedy(model, ids, mask, method=method, n=n)
+    return out, None if session is None else session.cache
 
 
 def test_options_are_validated_by_name():
@@ -295,10 +290,7 @@ def test_budget_above_the_prompt_reproduces_generate(tiny_model):
 
 def test_left_padded_rows_generate_what_they_generate_alone(tiny_model):
     rows = [_prompt(length=45, seed=3)[0], _prompt(length=80, seed=4)[0]]
-    ids = torch.zeros(2, 80, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, 80 - len(r):], mask[i, 80 - len(r):] = r, 1
+    ids, mask = left_pad(rows)
     method = Keyformer(budget=24, window=8, interval=4, tau_steps=6)
     out, cache = _generate(tiny_model, ids, mask, n=16, method=method)
     for i, r in enumerate(rows):

@@ -12,10 +12,8 @@ import kvcompress as kvc
 from kvcompress.cache import CompressedLayer
 from kvcompress.heads import HeadProfile
 from kvcompress.methods import RazorAttention
+from generation import GREEDY, greedy, left_pad, random_ids
 from model_refs import layer_qkv
-
-KW = dict(do_sample=False, pad_token_id=0)
-
 
 def _profile(L=4, Hq=4, kv=2, induction=None, echo=None, sliding=()):
     zeros = [[0.0] * Hq for _ in range(L)]
@@ -43,27 +41,9 @@ def _method(**kw):
     return RazorAttention(profile=_tiny_profile(), **kw)
 
 
-def _ids(length, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 512, (length,), generator=g)
-
-
-def _batch(rows):
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    return ids, mask
-
-
 def _gen(model, method, ids, mask, n):
-    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **KW)
-    if method is None:
-        return model.generate(**args), None
-    with kvc.compress(model, method) as session:
-        out = model.generate(**args)
-    return out, session.cache
+    out, session = greedy(model, ids, mask, method=method, n=n)
+    return out, None if session is None else session.cache
 
 
 def _heads(layer):
@@ -115,8 +95,8 @@ def test_tiny_profile_picks_the_heads_the_tests_expect():
 def test_prefill_keeps_sinks_the_compensation_token_and_the_recent_window(tiny_model):
     budget, sinks = 12, 4
     recent = budget - sinks - 1
-    rows = [_ids(40, 1), _ids(61, 2)]
-    ids, mask = _batch(rows)
+    rows = [random_ids(40, 1), random_ids(61, 2)]
+    ids, mask = left_pad(rows)
     _, cache = _gen(tiny_model, _method(budget=budget, sinks=sinks), ids, mask, 1)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     assert position_ids is not None  # layer_qkv derives the same positions from the mask
@@ -175,8 +155,8 @@ def test_decode_compensation_stays_the_exact_mean_of_what_it_absorbed(tiny_model
     output sequence recomputes every key any slot ever held: each held slot
     is its token's key, or (count c > 1) the mean of the c tokens since the
     previous held slot."""
-    rows = [_ids(30, 3), _ids(45, 4)]
-    ids, mask = _batch(rows)
+    rows = [random_ids(30, 3), random_ids(45, 4)]
+    ids, mask = left_pad(rows)
     new = 40
     out, cache = _gen(tiny_model, _method(budget=12, sinks=4, interval=4), ids, mask, new)
     full_mask = torch.cat([mask, torch.ones(2, new, dtype=torch.long)], 1)
@@ -211,7 +191,7 @@ def test_one_decode_step_is_attention_with_the_log_count_bias(tiny_model, monkey
         return out
 
     monkeypatch.setattr(CompressedLayer, "attend", spy)
-    ids, mask = _batch([_ids(33, 5), _ids(50, 6)])
+    ids, mask = left_pad([random_ids(33, 5), random_ids(50, 6)])
     _gen(tiny_model, _method(budget=12, interval=4), ids, mask, 12)
     assert len(calls) == 11
     for q, keys, values, counts, start, scaling, out in calls:
@@ -237,10 +217,10 @@ def test_ratio_keeps_the_retrieval_heads_whole_while_decoding(tiny_model):
             steps.append((cache.get_seq_length(), [layer.head_lengths() for layer in cache.layers]))
             return scores
 
-    ids = _ids(60, 7)[None]
+    ids = random_ids(60, 7)[None]
     with kvc.compress(tiny_model, _method(ratio=0.5, interval=4)) as session:
         tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=40,
-                            min_new_tokens=40, logits_processor=LogitsProcessorList([Record()]), **KW)
+                            min_new_tokens=40, logits_processor=LogitsProcessorList([Record()]), **GREEDY)
     for seen, layers in steps:
         target = int(seen * 0.5)
         for li, heads in enumerate(layers):
@@ -254,7 +234,7 @@ def test_ratio_keeps_the_retrieval_heads_whole_while_decoding(tiny_model):
 # ------------------------------------------------------------ generation
 
 def test_budget_above_the_prompt_reproduces_generate(tiny_model):
-    ids, mask = _batch([_ids(50, 8), _ids(70, 9)])
+    ids, mask = left_pad([random_ids(50, 8), random_ids(70, 9)])
     plain, _ = _gen(tiny_model, None, ids, mask, 20)
     out, cache = _gen(tiny_model, _method(budget=100), ids, mask, 20)
     assert torch.equal(out, plain)
@@ -263,8 +243,8 @@ def test_budget_above_the_prompt_reproduces_generate(tiny_model):
 
 
 def test_a_padded_row_generates_what_it_generates_alone(tiny_model):
-    short, long_ = _ids(30, 10), _ids(64, 11)
-    ids, mask = _batch([short, long_])
+    short, long_ = random_ids(30, 10), random_ids(64, 11)
+    ids, mask = left_pad([short, long_])
     method = _method(budget=16, interval=4)
     out, _ = _gen(tiny_model, method, ids, mask, 16)
     alone_s, _ = _gen(tiny_model, method, short[None], torch.ones(1, 30, dtype=torch.long), 16)

@@ -1,0 +1,46 @@
+"""Prompts and greedy generation shared by the end-to-end tests.
+
+One definition of a random prompt, of left padding and of a greedy
+``generate()`` with or without a compression session, so that the tests that
+compare a padded row with the same row alone, or a compressed run with plain
+``generate()``, all build their inputs the same way.
+"""
+
+import torch
+
+import kvcompress as kvc
+
+#: greedy decoding; pad id 0 (the tiny models' vocabulary starts real tokens at 3)
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+def random_ids(length: int, seed: int, low: int = 3, high: int = 512) -> torch.Tensor:
+    """``[length]`` int64 token ids drawn with a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (length,), generator=g)
+
+
+def left_pad(rows):
+    """Left-pad 1-D id tensors into ``(ids [B, T], mask [B, T])``."""
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    return ids, mask
+
+
+def greedy(model, ids, mask=None, *, method=None, n: int = 10, **kw):
+    """Exactly ``n`` greedy tokens after ``ids [B, T]``.
+
+    Returns ``(output, session)``: ``session`` is the compression session
+    (its ``.cache`` the cache it used) or ``None`` for plain ``generate()``.
+    ``kw`` goes to ``generate()`` (``num_beams``, ``output_logits`` ...).
+    """
+    mask = torch.ones_like(ids) if mask is None else mask
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **GREEDY, **kw)
+    if method is None:
+        return model.generate(**args), None
+    with kvc.compress(model, method) as session:
+        out = model.generate(**args)
+    return out, session
