@@ -1502,7 +1502,7 @@ def kvcrush_pick(mass, kept, groups, *, anchor="alternate", seed=0, kv_start=Non
         Attention mass each head pays to each slot (KVCrush: query heads).
     kept : uint8 or bool tensor ``[B, T]``
         1 for slots the importance policy keeps (never candidates).
-    groups : int >= 0
+    groups : int in ``[0, T]``
         Number of buckets ``G``.
     anchor : {"alternate", "random", "mean"}
     seed : int >= 0
@@ -1521,8 +1521,9 @@ def kvcrush_pick(mass, kept, groups, *, anchor="alternate", seed=0, kv_start=Non
         raise KVCompressValueError(f"anchor: expected one of {KVCRUSH_ANCHORS}, got {anchor!r}")
     ms = _shape(mass, "mass", 3, "[B, H, T]")
     G = _int_arg(groups, "groups")
-    if G < 0:
-        raise KVCompressValueError(f"groups: must be >= 0, got {G}")
+    if not 0 <= G <= ms[2]:
+        # checked before the outputs are allocated: G sizes one of them
+        raise KVCompressValueError(f"groups: must be in [0, T] = [0, {ms[2]}], got {G}")
     if _is_torch(kept):
         import torch
 

@@ -85,7 +85,7 @@ def _mass(B, H, T, seed=0, kv_start=None):
 
 @pytest.mark.parametrize("anchor", ANCHORS)
 @pytest.mark.parametrize("B, H, T, G, n_kept", [
-    (1, 4, 40, 5, 10), (3, 8, 97, 12, 20), (2, 1, 17, 3, 0), (2, 6, 30, 40, 5), (2, 5, 33, 0, 4),
+    (1, 4, 40, 5, 10), (3, 8, 97, 12, 20), (2, 1, 17, 3, 0), (2, 6, 30, 28, 5), (2, 5, 33, 0, 4),
     (1, 70, 50, 7, 9),  # more heads than a 64-bit word
 ])
 def test_pick_matches_a_float64_loop(anchor, B, H, T, G, n_kept):
@@ -140,6 +140,8 @@ def test_pick_rejects_bad_arguments():
         ops.kvcrush_pick(mass, kept, 2.0)
     with pytest.raises(KVCompressValueError, match="groups"):
         ops.kvcrush_pick(mass, kept, -1)
+    with pytest.raises(KVCompressValueError, match="groups"):
+        ops.kvcrush_pick(mass, kept, 11)
     with pytest.raises(KVCompressValueError, match="seed"):
         ops.kvcrush_pick(mass, kept, 2, seed=-1)
     with pytest.raises(KVCompressTypeError, match="mass"):
