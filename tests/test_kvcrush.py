@@ -326,3 +326,20 @@ def test_registered_and_built_from_a_spec():
     assert m.describe() == "KVCrush(budget=64, alpha=0.5, anchor=random, seed=3, window=16, kernel=13, pool=max)"
     with pytest.raises(ValueError, match="anchor"):
         method_from_spec("kvcrush:anchor=median", budget=64)
+
+
+def test_cli_methods_spec(tiny_lm, tmp_path, capsys):
+    import json
+
+    from kvcompress import cli
+
+    _, _, folder = tiny_lm
+    out = tmp_path / "kvcrush"
+    args = ["eval", "--model", str(folder), "--methods", "kvcrush:alpha=0.25:window=4", "--budgets", "24",
+            "--tasks", "ppl", "--ppl-context", "48", "--ppl-tokens", "8", "--ppl-windows", "1", "--no-progress",
+            "--out", str(out)]
+    assert cli.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert any("KVCrush" in json.dumps(r) or "kvcrush" in json.dumps(r) for r in rows[1:])
+    assert cli.main(["eval", "--methods", "kvcrush:anchor=median"]) == 2
+    assert "anchor" in capsys.readouterr().err
