@@ -59,6 +59,8 @@ __all__ = [
     "Packed",
     "has_cuda",
     "cuda_device_count",
+    "kvcrush_pick",
+    "KVCrushPick",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
@@ -1458,3 +1460,79 @@ def minicache_attention(queries, dir_k, dir_v, norms_k, norms_v, slots, which: i
                            _prepare(tail_keys), _prepare(tail_values), counts, kept_counts, out,
                            _int_arg(which, "which"), _scaling(scaling, qs[3]))
     return out
+
+
+#: anchor names of :func:`kvcrush_pick`, in the C op's enum order
+KVCRUSH_ANCHORS = ("alternate", "random", "mean")
+
+
+class KVCrushPick(NamedTuple):
+    """Result of :func:`kvcrush_pick`."""
+
+    picks: object
+    """int64 ``[B, G]``: one representative slot per bucket, -1 where a row
+    has fewer candidates than buckets."""
+    dist: object
+    """int64 ``[B, T]``: Hamming distance of each candidate's signature to
+    the anchor; -1 for padding and kept slots."""
+
+
+def kvcrush_pick(mass, kept, groups, *, anchor="alternate", seed=0, kv_start=None) -> KVCrushPick:
+    """KVCrush's bucket representatives (arXiv 2503.00022).
+
+    Per batch row ``b`` with ``s = kv_start[b]`` and ``n = T - s`` valid slots:
+
+    * each head's threshold is its mean mass over the valid slots,
+      ``thr_h = sum_{j >= s} mass[b, h, j] / n`` (``1 / n`` when `mass` is an
+      attention distribution), and slot ``j``'s signature bit ``h`` is
+      ``mass[b, h, j] > thr_h``;
+    * candidates are the valid slots with ``kept[b, j] == 0`` (``m`` of
+      them); their distance is the Hamming distance of the signature to the
+      anchor: ``"alternate"`` (bit ``h`` = ``h mod 2``), ``"random"`` (a
+      counter-based draw from `seed`, the same on every backend) or
+      ``"mean"`` (the majority bit of each head over the candidates);
+    * ranked by ``(distance, slot)``, the candidates are cut into ``G =
+      groups`` buckets of equal size (rank ranges ``[floor(g m / G),
+      floor((g + 1) m / G))``) and the first of each bucket is its
+      representative. With ``m <= G`` every candidate is picked.
+
+    Parameters
+    ----------
+    mass : float32 tensor ``[B, H, T]``
+        Attention mass each head pays to each slot (KVCrush: query heads).
+    kept : uint8 or bool tensor ``[B, T]``
+        1 for slots the importance policy keeps (never candidates).
+    groups : int in ``[0, T]``
+        Number of buckets ``G``.
+    anchor : {"alternate", "random", "mean"}
+    seed : int >= 0
+        Seed of the ``"random"`` anchor.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded slots per row (left padding): never candidates, and
+        not counted in the threshold.
+
+    Returns
+    -------
+    KVCrushPick
+        ``picks`` int64 ``[B, G]`` in bucket order (-1 padded) and ``dist``
+        int64 ``[B, T]``.
+    """
+    if not (isinstance(anchor, str) and anchor in KVCRUSH_ANCHORS):
+        raise KVCompressValueError(f"anchor: expected one of {KVCRUSH_ANCHORS}, got {anchor!r}")
+    ms = _shape(mass, "mass", 3, "[B, H, T]")
+    G = _int_arg(groups, "groups")
+    if not 0 <= G <= ms[2]:
+        # checked before the outputs are allocated: G sizes one of them
+        raise KVCompressValueError(f"groups: must be in [0, T] = [0, {ms[2]}], got {G}")
+    if _is_torch(kept):
+        import torch
+
+        if kept.dtype == torch.bool:
+            kept = kept.to(torch.uint8)
+    elif isinstance(kept, np.ndarray) and kept.dtype == np.bool_:
+        kept = kept.astype(np.uint8)
+    picks = _empty(mass, (ms[0], G), "int64")
+    dist = _empty(mass, (ms[0], ms[2]), "int64")
+    _C.kvcrush_pick(_prepare(mass), _prepare(kept), picks, dist, KVCRUSH_ANCHORS.index(anchor), _py_int(seed),
+                    _as_int64(kv_start, "kv_start", mass))
+    return KVCrushPick(picks, dist)

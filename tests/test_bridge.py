@@ -494,6 +494,9 @@ calls = [
                             kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
     lambda: ops.gather(tensor(), tensor(), tensor(), out_keys=rng.choice([None, None, tensor()]),
                        out_values=rng.choice([None, None, tensor()])),
+    lambda: ops.kvcrush_pick(tensor(), tensor(), rng.choice([0, 1, 3, -1]),
+                             anchor=rng.choice(["alternate", "random", "mean", "x"]), seed=rng.choice([0, 5, -1]),
+                             kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
 ]
 ok = bad = 0
 for i in range(4000):

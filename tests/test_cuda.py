@@ -652,6 +652,7 @@ GPU_METHODS = {
     "minicache+kivi4": lambda: kvcompress.MiniCache(start_layer=2) + kvcompress.KIVI(bits=4, group=32, residual=64),
     # a layer reading another layer's cache
     "kvsharer": lambda: kvcompress.KVSharer(plan="2>0/3>1"),
+    "kvcrush": lambda: kvcompress.KVCrush(budget=64, alpha=0.25, window=8),
 }
 
 
@@ -677,3 +678,26 @@ def test_generate_default_model_gpu_equals_cpu(default_model, shakespeare):
     finally:
         model.to("cpu")
     assert torch.equal(got[0], got[1])
+
+
+# ---------------------------------------------------------------- KVCrush
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 0, 0), (2, 4, 37, 5, 10), (3, 32, 1500, 64, 300), (2, 70, 200, 9, 50)],
+                         ids=lambda s: "B{}H{}T{}G{}kept{}".format(*s))
+@pytest.mark.parametrize("anchor", ["alternate", "random", "mean"])
+def test_kvcrush_pick(shape, anchor):
+    from test_kvcrush import _mass, pick_ref
+
+    B, H, T, G, n_kept = shape
+    g = torch.Generator().manual_seed(T)
+    starts = [min(b * 3, T) for b in range(B)]
+    mass = _mass(B, H, T, seed=H, kv_start=starts)
+    kept = torch.zeros(B, T, dtype=torch.uint8)
+    for b in range(B):
+        kept[b, starts[b] + torch.randperm(T - starts[b], generator=g)[:n_kept]] = 1
+    for ks in (None, torch.tensor(starts)):
+        want, got = both(ops.kvcrush_pick, mass, kept, G, anchor=anchor, seed=5, kv_start=ks)
+        # the same thresholds (summed in slot order), so the same bits and picks
+        assert torch.equal(got.picks, want.picks) and torch.equal(got.dist, want.dist)
+        if T <= 200:
+            assert want.picks.tolist() == pick_ref(mass, kept, G, anchor, 5, ks)[0]

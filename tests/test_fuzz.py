@@ -411,6 +411,13 @@ def _child(target: str, seed: int, n_calls: int) -> int:
     def b_probe_positions():
         return [rng.randint(0, 50), rng.choice([0.1, 0.5, 1.0])], {}
 
+    def b_kvcrush_pick():
+        B, H, T = dim(), dim(), dim()
+        kept = fw((torch.rand(B, T) < 0.3).to(rng.choice([torch.uint8, torch.bool])))
+        kw = {"anchor": rng.choice(["alternate", "random", "mean"]), "seed": rng.choice([0, 7, 2**62]),
+              "kv_start": kv_start(B, T)}
+        return [fw(fl([B, H, T], torch.float32).abs()), kept, rng.choice([0, 1, 2, 5])], kw
+
     def b_cast():
         n = dim()
         src = fw(fl([n], rng.choice(FLOATS)))
@@ -448,6 +455,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "_cast": b_cast,
         "_describe": lambda: ([fw(fl([dim()] * rng.randint(0, 4), rng.choice(FLOATS)))], {}),
         "_use_exchange_api": lambda: ([rng.choice([True, False])], {}),
+        "kvcrush_pick": b_kvcrush_pick,
     }
 
     def random_value():

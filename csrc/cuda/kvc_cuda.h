@@ -39,6 +39,7 @@
 #include "../score_global.h"
 #include "../select.h"
 #include "../span.h"
+#include "../kvcrush.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -105,6 +106,10 @@ enum kvc_status kvc_cuda_unpack(const struct kvc_unpack_params *p, void *stream)
 
 size_t kvc_cuda_packed_attention_workspace(const struct kvc_packed_attention_params *p);
 enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_params *p, void *stream);
+
+/* kvcrush_pick takes no workspace: one block per row, its per-head
+ * thresholds, anchor and distance counters in shared memory. */
+enum kvc_status kvc_cuda_kvcrush_pick(const struct kvc_kvcrush_pick_params *p, void *stream);
 
 #ifdef __cplusplus
 }
