@@ -346,9 +346,9 @@ def test_prefill_keeps_and_merges_what_a_float64_recomputation_gives(tiny_model)
 
 
 def test_budget_above_the_prompt_reproduces_generate(tiny_model):
-    ids, mask = _batch([_ids(50, 8), _ids(70, 9)])
-    plain, _ = _gen(tiny_model, None, ids, mask, 20)
-    out, _ = _gen(tiny_model, KVMerger(budget=100, **TINY), ids, mask, 20)
+    ids, mask = _batch([_ids(30, 8), _ids(45, 9)])
+    plain, _ = _gen(tiny_model, None, ids, mask, 8)
+    out, _ = _gen(tiny_model, KVMerger(budget=60, interval=4, **TINY), ids, mask, 8)
     assert torch.equal(out, plain)
 
 
@@ -365,20 +365,20 @@ def test_threshold_one_is_snapkv_style_eviction(tiny_model):
 
 
 def test_a_padded_row_generates_what_it_generates_alone(tiny_model):
-    short, long_ = _ids(30, 10), _ids(64, 11)
+    short, long_ = _ids(24, 10), _ids(48, 11)
     ids, mask = _batch([short, long_])
-    method = KVMerger(budget=16, interval=4, **TINY)
-    out, cache = _gen(tiny_model, method, ids, mask, 16)
-    alone_s, _ = _gen(tiny_model, method, short[None], torch.ones(1, 30, dtype=torch.long), 16)
-    alone_l, _ = _gen(tiny_model, method, long_[None], torch.ones(1, 64, dtype=torch.long), 16)
-    assert torch.equal(out[0, -46:], alone_s[0])
+    method = KVMerger(budget=14, interval=4, **TINY)
+    out, cache = _gen(tiny_model, method, ids, mask, 10)
+    alone_s, _ = _gen(tiny_model, method, short[None], torch.ones(1, 24, dtype=torch.long), 10)
+    alone_l, _ = _gen(tiny_model, method, long_[None], torch.ones(1, 48, dtype=torch.long), 10)
+    assert torch.equal(out[0, -34:], alone_s[0])
     assert torch.equal(out[1], alone_l[0])
     assert any((c > 1).any() for layer in cache.layers for (_, _, _, c) in _heads(layer).values())
 
 
 def test_decoding_keeps_the_budget_and_counts_every_token_once_at_most(tiny_model):
-    ids, mask = _batch([_ids(40, 13)])
-    new = 30
+    ids, mask = _batch([_ids(30, 13)])
+    new = 14
     out, cache = _gen(tiny_model, KVMerger(budget=12, interval=4, **TINY), ids, mask, new)
     for layer in cache.layers:
         for (_, h), (_, _, pos, cnt) in _heads(layer).items():
