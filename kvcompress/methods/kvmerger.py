@@ -171,13 +171,16 @@ class KVMerger(Method):
         """Decode-time re-merge, one row per head: ``queries [N, G, q, D]``
         (the row's latest queries), ``keys``/``values`` ``[N, 1, M, D]``
         left-padded by ``start [N]``, ``counts [N, M]``, ``budgets [N, 1]``.
-        Rows at or under their budget keep every slot. Sinks and window are
-        those of the smallest budget (one pair for all rows, as EMS).
+        Rows at or under their budget keep every slot. The recent window is
+        ``window`` slots and the sinks ``sinks`` (both shrunk to fit the
+        smallest budget of the call, one pair for all rows, as EMS).
         Returns ``(centers [N, 1, C], EvictMergeResult, carried NaN)``."""
         scores = ops.window_scores(queries[:, :, -self.window:], keys, scaling=scaling, gqa=self.gqa,
                                    kv_start=start)
+        # the recent window stays `window` slots (not the held queries' count:
+        # those only score), within the smallest budget
         bmin = int(budgets.min())
-        w = min(self.window, int(queries.shape[2]), bmin)
+        w = max(1, min(self.window, bmin))
         sinks = min(self.sinks, bmin - w)
         centers, merged = self._merge(keys, values, scores, budgets, start, sinks, w, counts=counts[:, None])
         return centers, merged, torch.full(centers.shape, float("nan"), device=centers.device)
