@@ -96,6 +96,15 @@ static void gm_zero(const struct kvc_view *out, int64_t b, int64_t h, int64_t i)
     for (d = 0; d < n; d++) kvc_store_f32(out->data, out->dtype, dst + d * out->strides[3], 0.0f);
 }
 
+/* Output row i from center j = c[i] alone: a bit-for-bit copy. */
+static void gm_keep(const struct kvc_gauss_merge_params *p, int64_t b, int64_t h, int64_t i, int64_t j, float cj)
+{
+    gm_copy(&p->keys, &p->out_keys, b, h, j, i);
+    gm_copy(&p->values, &p->out_values, b, h, j, i);
+    ((float *)p->out_counts.data)[b * p->out_counts.strides[0] + h * p->out_counts.strides[1] +
+                                  i * p->out_counts.strides[2]] = cj;
+}
+
 static void gm_head(const struct kvc_gauss_merge_params *p, int64_t b, int64_t h, float *acc)
 {
     const int64_t T = p->keys.shape[2], C = p->centers.shape[2], D = p->keys.shape[3];
@@ -115,28 +124,30 @@ static void gm_head(const struct kvc_gauss_merge_params *p, int64_t b, int64_t h
     const int64_t kb = b * k->strides[0] + h * k->strides[1];
     const float inv = 1.0f / (2.0f * p->sigma * p->sigma);
     const int64_t n = kvc_kvm_ncenters(c, cst, C);
-    int64_t i, t;
-    for (i = 0; i < C; i++) {
-        const int64_t j = i < n ? c[i * cst] : -1;
-        const int64_t r = j >= 0 ? runs[j * rst] : -1;
-        const float cj = j >= 0 ? (cnt ? cnt[j * cnst] : 1.0f) : 0.0f;
-        float W = cj, total = cj;
-        int merged = 0;
-        if (j < 0) {
-            gm_zero(&p->out_keys, b, h, i);
-            gm_zero(&p->out_values, b, h, i);
-            oc[i * ocs] = 0.0f;
-            continue;
-        }
-        if (r >= 0 && kvc_kvm_pivot(c, cst, n, i, runs, rst, sc, sst) == i) {
+    int64_t i, i1, t;
+    /* the centers of one set are consecutive in the list: one group at a time */
+    for (i = 0; i < n; i = i1 + 1) {
+        const int64_t r = runs[c[i * cst] * rst];
+        int64_t piv, q;
+        i1 = i;
+        if (r >= 0)
+            while (i1 + 1 < n && runs[c[(i1 + 1) * cst] * rst] == r) i1++;
+        piv = r >= 0 ? kvc_kvm_pivot(c, cst, n, i, runs, rst, sc, sst) : i;
+        for (q = i; q <= i1; q++) {
+            const int64_t j = c[q * cst];
+            const float cj = cnt ? cnt[j * cnst] : 1.0f;
+            float W = cj, total = cj;
+            int merged = 0;
+            if (q != piv || r < 0) {
+                gm_keep(p, b, h, q, j, cj);
+                continue;
+            }
             memset(acc, 0, (size_t)(D + p->values.shape[3]) * sizeof(float));
             /* ascending slot order, the pivot's own term at its place */
             for (t = r; t < T && runs[t * rst] == r; t++) {
-                float w;
-                if (t == j) {
-                    w = cj;
-                } else {
-                    if (kvc_kvm_find(c, cst, n, t) >= 0) continue; /* another center: kept as it is */
+                float w = cj;
+                if (t != j) {
+                    if (kvc_kvm_find(c + i * cst, cst, i1 - i + 1, t) >= 0) continue; /* a kept slot stays */
                     w = kvc_kvm_weight(cnt ? cnt[t * cnst] : 1.0f,
                                        kvc_kvm_sqdist(k->data, k->dtype, kb + j * k->strides[2],
                                                       kb + t * k->strides[2], k->strides[3], D),
@@ -148,36 +159,47 @@ static void gm_head(const struct kvc_gauss_merge_params *p, int64_t b, int64_t h
                 gm_add(&p->keys, b, h, t, w, acc);
                 gm_add(&p->values, b, h, t, w, acc + D);
             }
+            if (!merged) {
+                gm_keep(p, b, h, q, j, cj);
+                continue;
+            }
+            gm_store(&p->out_keys, b, h, q, acc, W);
+            gm_store(&p->out_values, b, h, q, acc + D, W);
+            oc[q * ocs] = total;
         }
-        if (merged) {
-            gm_store(&p->out_keys, b, h, i, acc, W);
-            gm_store(&p->out_values, b, h, i, acc + D, W);
-        } else {
-            gm_copy(&p->keys, &p->out_keys, b, h, j, i);
-            gm_copy(&p->values, &p->out_values, b, h, j, i);
-        }
-        oc[i * ocs] = total;
+    }
+    for (i = n; i < C; i++) {
+        gm_zero(&p->out_keys, b, h, i);
+        gm_zero(&p->out_values, b, h, i);
+        oc[i * ocs] = 0.0f;
     }
     if (p->assign.data) {
         int64_t *as = (int64_t *)p->assign.data + b * p->assign.strides[0] + h * p->assign.strides[1];
         const int64_t ast = p->assign.strides[2];
         const int64_t s = kvm_start(p->kv_start, p->kv_start_stride, b);
+        int64_t last_r = -1, last_a = 0, next = 0; /* next: first center at or after t */
         for (t = 0; t < T; t++) {
-            int64_t a = 0, ci;
+            const int64_t r = runs[t * rst];
+            int64_t a = 0;
+            while (next < n && c[next * cst] < t) next++;
             if (t < s) {
                 a = -1;
-            } else if ((ci = kvc_kvm_find(c, cst, n, t)) >= 0) {
-                a = ci + 1;
-            } else if (runs[t * rst] >= 0) {
-                /* the first center at or after the set's start, if it is in the set */
-                const int64_t r = runs[t * rst];
-                int64_t l = 0, e = n;
-                while (l < e) {
-                    const int64_t m = l + (e - l) / 2;
-                    if (c[m * cst] < r) l = m + 1;
-                    else e = m;
+            } else if (next < n && c[next * cst] == t) {
+                a = next + 1;
+            } else if (r >= 0) {
+                if (r != last_r) {
+                    /* the set's first center, if any: the first at or after its start */
+                    int64_t l = 0, e = n;
+                    while (l < e) {
+                        const int64_t m = l + (e - l) / 2;
+                        if (c[m * cst] < r) l = m + 1;
+                        else e = m;
+                    }
+                    last_a = l < n && runs[c[l * cst] * rst] == r ? kvc_kvm_pivot(c, cst, n, l, runs, rst, sc, sst) + 1
+                                                                  : 0;
+                    last_r = r;
                 }
-                if (l < n && runs[c[l * cst] * rst] == r) a = kvc_kvm_pivot(c, cst, n, l, runs, rst, sc, sst) + 1;
+                a = last_a;
             }
             as[t * ast] = a;
         }
