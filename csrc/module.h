@@ -116,5 +116,6 @@ extern PyMethodDef kvc_py_keyformer_methods[];
 extern PyMethodDef kvc_py_lagkv_methods[];
 extern PyMethodDef kvc_py_span_methods[];
 extern PyMethodDef kvc_py_kvcrush_methods[];
+extern PyMethodDef kvc_py_kvmerger_methods[];
 
 #endif /* KVC_MODULE_H */

@@ -5,6 +5,7 @@
  */
 #include "module.h"
 #include "module_run.h"
+#include "module_segments.h"
 #include "module_spec.h"
 
 #include <math.h>
@@ -22,8 +23,9 @@ static int64_t start_at(const struct kvc_view *ks, int64_t b)
 }
 
 /* Centers of every (b, h): ascending, unique, valid slots [kv_start[b], T),
- * then only -1. Cheap (O(B*H*C)) next to the op (O(T*C*D) per head). */
-static int check_centers(struct kvc_state *st, const struct kvc_view *cv, const struct kvc_view *ks,
+ * then only -1. Cheap (O(B*H*C)) next to the op (O(T*C*D) per head).
+ * Shared with gauss_merge (module_kvmerger.c), declared in module_segments.h. */
+int kvc_py_check_centers(struct kvc_state *st, const struct kvc_view *cv, const struct kvc_view *ks,
                          int64_t T)
 {
     const int64_t B = cv->shape[0], H = cv->shape[1], C = cv->shape[2];
@@ -136,7 +138,7 @@ static PyObject *py_evict_merge(PyObject *m, PyObject *const *args, Py_ssize_t n
         const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_SCORES]);
         const struct kvc_view *hk = c.a[A_KVS].t ? kvc_py_arg_host(st, &c.a[A_KVS]) : NULL;
         if (hc == NULL || hs == NULL || (c.a[A_KVS].t && hk == NULL)) goto done;
-        if (check_centers(st, hc, hk, c.a[A_KEYS].view.shape[2]) < 0) goto done;
+        if (kvc_py_check_centers(st, hc, hk, c.a[A_KEYS].view.shape[2]) < 0) goto done;
         if (check_scores(st, hs, hk) < 0) goto done;
     }
     p.keys = c.a[A_KEYS].view;

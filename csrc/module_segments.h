@@ -44,4 +44,10 @@ int kvc_py_check_segments(struct kvc_state *st, const struct kvc_view *off, cons
  * evict_merge, which writes counts >= 1). 0, or -1 with ValueError set. */
 int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k, int ragged, int64_t heads);
 
+/* Host centers [B, H, C] (kv_start a host view or NULL): per (b, h)
+ * strictly ascending slots in [kv_start[b], T), then only -1 (as
+ * select_topk returns them). 0, or -1 with ValueError set. Used by
+ * evict_merge (module_merge.c) and gauss_merge (module_kvmerger.c). */
+int kvc_py_check_centers(struct kvc_state *st, const struct kvc_view *cv, const struct kvc_view *ks, int64_t T);
+
 #endif /* KVC_MODULE_SEGMENTS_H */

@@ -55,6 +55,7 @@ _LAZY = {
     "HeadKV": ("kvcompress.methods", "HeadKV"),
     "RazorAttention": ("kvcompress.methods", "RazorAttention"),
     "KVCrush": ("kvcompress.methods", "KVCrush"),
+    "KVMerger": ("kvcompress.methods", "KVMerger"),
     "HeadProfile": ("kvcompress.heads", "HeadProfile"),
     "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),

@@ -61,6 +61,10 @@ __all__ = [
     "cuda_device_count",
     "kvcrush_pick",
     "KVCrushPick",
+    "kvmerger_sets",
+    "KVMergerSets",
+    "gauss_merge",
+    "GaussMerge",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
@@ -618,6 +622,122 @@ def span_merge(keys, values, lo, hi, *, counts=None):
     _C.span_merge(_prepare(keys), _prepare(values), None if counts is None else _prepare(counts), _prepare(lo),
                   _prepare(hi), out_keys, out_values, out_counts)
     return SpanMerge(out_keys, out_values, out_counts)
+
+
+class KVMergerSets(NamedTuple):
+    """Outputs of :func:`kvmerger_sets`."""
+
+    sims: object  #: ``[B, H, T]`` float32: cosine of each candidate key with the previous one, NaN elsewhere
+    runs: object  #: ``[B, H, T]`` int64: first slot of the slot's merging set, -1 outside the candidates
+
+
+def kvmerger_sets(keys, *, threshold, sinks=0, window=0, kv_start=None):
+    """KVMerger's merging sets (arXiv 2407.08454, Algorithm 1): runs of
+    consecutive slots whose key is similar to its neighbour's.
+
+    Per batch row ``b`` and head, with ``s = kv_start[b]``, the candidates
+    are the slots ``[lo, hi)``, ``lo = min(s + sinks, T)``, ``hi = max(lo,
+    T - window)`` (sinks and the recent window never join a set). For a
+    candidate ``j > lo``, ``sims[j] = cos(k_{j-1}, k_j)`` (fp32 sums in
+    channel order; 0 when either key is zero) and ``j`` joins the set of
+    ``j - 1`` when ``sims[j] > threshold``, else starts a new one (a NaN
+    cosine starts a new one). ``runs[j]`` is the first slot of ``j``'s set.
+
+    Parameters
+    ----------
+    keys : tensor ``[B, H, T, D]`` (float32, float16 or bfloat16)
+    threshold : float
+        Finite; a cosine must exceed it (strictly) to join the set.
+    sinks, window : int >= 0
+        First valid slots and last slots kept out of every set.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded slots per batch row.
+
+    Returns
+    -------
+    KVMergerSets
+        ``(sims [B, H, T] float32, runs [B, H, T] int64)``, in the framework
+        and on the device of `keys`.
+    """
+    ks = _shape(keys, "keys", 4, "[B, H, T, D]")
+    sims = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
+    runs = _empty(keys, (ks[0], ks[1], ks[2]), "int64")
+    _C.kvmerger_sets(_prepare(keys), sims, runs, _py_int(sinks), _py_int(window), _real(threshold, "threshold"),
+                     _as_int64(kv_start, "kv_start", keys))
+    return KVMergerSets(sims, runs)
+
+
+class GaussMerge(NamedTuple):
+    """Outputs of :func:`gauss_merge` (shapes with ``C`` = centers per head)."""
+
+    keys: object  #: ``[B, H, C, D]``, dtype of the input keys
+    values: object  #: ``[B, H, C, Dv]``, dtype of the input keys
+    counts: object  #: ``[B, H, C]`` float32: tokens each output row stands for, 0 past ``C_h``
+    assign: object  #: ``[B, H, T]`` int64 or None: -1 padding, 0 dropped, ``i + 1`` in center ``i``
+
+
+def gauss_merge(keys, values, scores, centers, runs, *, sigma, counts=None, kv_start=None, return_assign=False):
+    """KVMerger's Gaussian-kernel merge of each merging set into its pivot.
+
+    Per batch row and head, the kept slots ``centers`` (ascending, -1 padded
+    at the end, as :func:`select_topk` returns them) each give one output
+    row. A center ``j`` with ``runs[j] = r >= 0`` belongs to the merging set
+    ``r`` (:func:`kvmerger_sets`); the set's **pivot** is its center of
+    highest score (ties to the lower slot). The pivot ``p`` absorbs every
+    slot ``t`` of its set that is not a center::
+
+        w_t = count_t * exp(-|k_p - k_t|^2 / (2 sigma^2)),   w_p = count_p
+        k_p <- sum w_t k_t / sum w_t,   v_p <- sum w_t v_t / sum w_t
+        count_p <- sum count_t
+
+    (the sums over ``p`` and the slots it absorbs; fp32 in ascending slot
+    order, each output rounded once). Every other center, and a pivot that
+    absorbs nothing, is copied bit for bit with its count. A non-center slot
+    whose set holds no center (or that is in no set) is dropped.
+
+    Parameters
+    ----------
+    keys : tensor ``[B, H, T, D]`` (float32, float16 or bfloat16)
+    values : tensor ``[B, H, T, Dv]``, same dtype as `keys`
+    scores : float32 tensor ``[B, H, T]``
+        Picks each set's pivot among its centers.
+    centers : int64 tensor ``[B, H, C]``
+        Strictly ascending slots in ``[kv_start[b], T)``, then only -1.
+    runs : int64 tensor ``[B, H, T]``
+        Each slot's set as :func:`kvmerger_sets` names it: -1, the slot
+        itself, or the previous slot's set.
+    sigma : float > 0
+        Width of the Gaussian kernel.
+    counts : float32 tensor ``[B, H, T]``, optional
+        Tokens each slot already stands for (finite, > 0); 1 each without.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded slots per batch row (never centers).
+    return_assign : bool
+        Also return where every slot went.
+
+    Returns
+    -------
+    GaussMerge
+        ``(keys, values, counts, assign)``; rows past a head's centers are
+        zero. Outputs use the framework and device of `keys`.
+    """
+    ks = _shape(keys, "keys", 4, "[B, H, T, D]")
+    vs = _shape(values, "values", 4, "[B, H, T, Dv]")
+    centers = _as_int64(centers, "centers", keys)
+    runs = _as_int64(runs, "runs", keys)
+    cs = _shape(centers, "centers", 3, "[B, H, C]")
+    B, H, T, D = ks
+    C = cs[2]
+    if not isinstance(return_assign, bool):
+        raise KVCompressTypeError(f"return_assign: expected a bool, got {type(return_assign).__name__}")
+    out_keys = _empty_like_dtype(keys, (B, H, C, D))
+    out_values = _empty_like_dtype(keys, (B, H, C, vs[3]))
+    out_counts = _empty(keys, (B, H, C), "float32")
+    assign = _empty(keys, (B, H, T), "int64") if return_assign else None
+    _C.gauss_merge(_prepare(keys), _prepare(values), _prepare(scores), _prepare(centers), _prepare(runs),
+                   None if counts is None else _prepare(counts), _real(sigma, "sigma"),
+                   _as_int64(kv_start, "kv_start", keys), out_keys, out_values, out_counts, assign)
+    return GaussMerge(out_keys, out_values, out_counts, assign)
 
 
 def _attention_out(queries, rows, row, ragged, scaling, out):

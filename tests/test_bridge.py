@@ -497,6 +497,12 @@ calls = [
     lambda: ops.kvcrush_pick(tensor(), tensor(), rng.choice([0, 1, 3, -1]),
                              anchor=rng.choice(["alternate", "random", "mean", "x"]), seed=rng.choice([0, 5, -1]),
                              kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
+    lambda: ops.kvmerger_sets(tensor(), threshold=rng.choice([0.5, -2.0, float("nan"), "x"]),
+                              sinks=rng.choice([0, 1, -1]), window=rng.choice([0, 2, -3]),
+                              kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
+    lambda: ops.gauss_merge(tensor(), tensor(), tensor(), tensor(), tensor(), sigma=rng.choice([1.0, 0.0, -1.0, "s"]),
+                            counts=rng.choice([None, tensor()]), kv_start=rng.choice([None, tensor(), [0, 0]]),
+                            return_assign=rng.random() < 0.5),
 ]
 ok = bad = 0
 for i in range(4000):

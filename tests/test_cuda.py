@@ -27,6 +27,7 @@ from test_attention import randn as attn_randn
 from test_attention_packed import pack_ragged, packed_ref, uniform_case
 from test_budget import head_budgets_ref
 from test_keyformer import keyformer_ref
+from test_kvmerger import _walk, merge_ref, sets_ref
 from test_lagkv import assert_scores_close, lagkv_ref, rank_priority
 from test_merge import AMBIG, check_against_reference, evict_merge_ref, make_inputs, mixed_tau
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
@@ -653,6 +654,7 @@ GPU_METHODS = {
     # a layer reading another layer's cache
     "kvsharer": lambda: kvcompress.KVSharer(plan="2>0/3>1"),
     "kvcrush": lambda: kvcompress.KVCrush(budget=64, alpha=0.25, window=8),
+    "kvmerger": lambda: kvcompress.KVMerger(budget=64, sigma=0.5),
 }
 
 
@@ -701,3 +703,40 @@ def test_kvcrush_pick(shape, anchor):
         assert torch.equal(got.picks, want.picks) and torch.equal(got.dist, want.dist)
         if T <= 200:
             assert want.picks.tolist() == pick_ref(mass, kept, G, anchor, 5, ks)[0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8, 8, 0, 0), (2, 3, 90, 24, 40, 2, 4), (1, 4, 2000, 128, 128, 4, 16)],
+                         ids=lambda s: "B{}H{}T{}D{}Dv{}s{}w{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_kvmerger_sets_and_gauss_merge(shape, dtype):
+    """Both ops sum in the same order on both backends: the GPU's cosines and
+    sets are the CPU's, and its merges are within the float64 bound."""
+    B, H, T, D, Dv, sinks, window = shape
+    k = _walk(B, H, T, D, seed=4, dtype=dtype)
+    v = make((B, H, T, Dv), dtype, seed=5)
+    g = torch.Generator().manual_seed(6)
+    scores = torch.rand(B, H, T, generator=g)
+    counts = torch.randint(1, 4, (B, H, T), generator=g).float()
+    kv_start = torch.tensor([min(b * 3, T - 1) for b in range(B)], dtype=torch.int64)
+    cpu_sets, sets = both(ops.kvmerger_sets, k, threshold=0.6, sinks=sinks, window=window, kv_start=kv_start)
+    torch.testing.assert_close(sets.sims, cpu_sets.sims, atol=1e-6, rtol=1e-5, equal_nan=True)
+    near = ((cpu_sets.sims - 0.6).abs() < 1e-5).any()
+    if not near:
+        assert torch.equal(sets.runs, cpu_sets.runs)
+    if T <= 100:
+        s64, r64 = sets_ref(k, 0.6, sinks, window, kv_start)
+        assert torch.isnan(sets.sims).equal(torch.isnan(s64))
+    keep = max(1, (T - int(kv_start.max())) // 4)
+    centers = ops.select_topk(scores, keep, sinks=min(sinks, keep), kv_start=kv_start)
+    runs = cpu_sets.runs
+    for c in (None, counts):
+        cpu_res, got = both(ops.gauss_merge, k, v, scores, centers, runs, sigma=1.5, counts=c, kv_start=kv_start,
+                            return_assign=True)
+        assert torch.equal(got.assign, cpu_res.assign) and torch.equal(got.counts, cpu_res.counts)
+        torch.testing.assert_close(got.keys.float(), cpu_res.keys.float(), atol=1e-5, rtol=1e-3)
+        torch.testing.assert_close(got.values.float(), cpu_res.values.float(), atol=1e-5, rtol=1e-3)
+        if T <= 100:
+            ref = merge_ref(k, v, scores, centers, runs, 1.5, c)
+            same = merge_ref(k, v, scores, centers, runs, 1.5, c, dtype=dtype)
+            assert_within_bound(got.keys, ref[0], same[0], "keys")
+            assert_within_bound(got.values, ref[1], same[1], "values")

@@ -243,6 +243,29 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         return [fw(fl([B, H, T, D], dt)), fw(fl([B, H, T, Dv], dt)), fw(torch.minimum(a, b)),
                 fw(torch.maximum(a, b))], kw
 
+    def b_kvmerger_sets():
+        B, H, T, D = dim(), dim(), dim(), dim()
+        kw = {"threshold": rng.choice([-0.5, 0.0, 0.7, 1.0]), "sinks": rng.choice([0, 1, 4]),
+              "window": rng.choice([0, 1, 3]), "kv_start": kv_start(B, T)}
+        return [fw(fl([B, H, T, D], rng.choice(FLOATS)))], kw
+
+    def b_gauss_merge():
+        B, H, T, D, Dv = dim(), dim(), dim(), dim(), dim()
+        dt = rng.choice(FLOATS)
+        keys = fl([B, H, T, D], dt)
+        runs = ops.kvmerger_sets(keys, threshold=rng.choice([-0.5, 0.5, 1.0]), sinks=rng.choice([0, 1]),
+                                 window=rng.choice([0, 2])).runs
+        C = rng.randint(0, T)
+        centers = torch.full((B, H, C), -1, dtype=torch.int64)
+        for b in range(B):
+            for h in range(H):
+                c = rng.randint(0, C)
+                centers[b, h, :c] = torch.tensor(sorted(rng.sample(range(T), c)), dtype=torch.int64)
+        kw = {"sigma": rng.choice([0.5, 1.0, 5.0]), "return_assign": rng.random() < 0.5}
+        if rng.random() < 0.5:
+            kw["counts"] = torch.rand(B, H, T) * 4 + 0.5
+        return [fw(keys), fw(fl([B, H, T, Dv], dt)), fw(torch.rand(B, H, T)), fw(centers), fw(runs)], kw
+
     def b_attention():
         B, Hkv, g, q, D = dim(), dim(1), rng.choice([1, 2]), dim(), dim()
         dt = rng.choice(FLOATS)
@@ -456,6 +479,8 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "_describe": lambda: ([fw(fl([dim()] * rng.randint(0, 4), rng.choice(FLOATS)))], {}),
         "_use_exchange_api": lambda: ([rng.choice([True, False])], {}),
         "kvcrush_pick": b_kvcrush_pick,
+        "kvmerger_sets": b_kvmerger_sets,
+        "gauss_merge": b_gauss_merge,
     }
 
     def random_value():

@@ -40,6 +40,7 @@
 #include "../select.h"
 #include "../span.h"
 #include "../kvcrush.h"
+#include "../kvmerger.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -110,6 +111,8 @@ enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_para
 /* kvcrush_pick takes no workspace: one block per row, its per-head
  * thresholds, anchor and distance counters in shared memory. */
 enum kvc_status kvc_cuda_kvcrush_pick(const struct kvc_kvcrush_pick_params *p, void *stream);
+enum kvc_status kvc_cuda_kvmerger_sets(const struct kvc_kvmerger_sets_params *p, void *stream);
+enum kvc_status kvc_cuda_gauss_merge(const struct kvc_gauss_merge_params *p, void *stream);
 
 #ifdef __cplusplus
 }

@@ -8,6 +8,7 @@ from .ems import EMS
 from .headkv import HeadKV
 from .keyformer import Keyformer
 from .kvcrush import KVCrush
+from .kvmerger import KVMerger
 from .kvsharer import KVSharer
 from .lagkv import LagKV
 from .minicache import MiniCache
@@ -21,7 +22,8 @@ from .window import AdaKV, PyramidKV, SnapKV
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
-                                           MiniCache, KVSharer, HeadKV, RazorAttention, KVCrush)
+                                           MiniCache, KVSharer, HeadKV, RazorAttention, KVCrush,
+                                           KVMerger)
 }
 
 
@@ -143,5 +145,5 @@ __all__ = [
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
-    "RazorAttention", "KVCrush",
+    "RazorAttention", "KVCrush", "KVMerger",
 ]
