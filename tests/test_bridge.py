@@ -494,6 +494,8 @@ calls = [
                             kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
     lambda: ops.gather(tensor(), tensor(), tensor(), out_keys=rng.choice([None, None, tensor()]),
                        out_values=rng.choice([None, None, tensor()])),
+    lambda: ops.actqkv_scores(tensor(), tensor(), kv_start=rng.choice([None, tensor(), [0, 1], [-1]]),
+                              scaling=rng.choice([None, 0.5, float("inf")]), return_weights=rng.random() < 0.5),
 ]
 ok = bad = 0
 for i in range(4000):
