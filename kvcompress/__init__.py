@@ -59,6 +59,7 @@ _LAZY = {
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),
     "calibration_ids": ("kvcompress.calibrate", "calibration_ids"),
     "ActQKV": ("kvcompress.methods", "ActQKV"),
+    "TaskKV": ("kvcompress.methods", "TaskKV"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -14,6 +14,7 @@ from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .razor import RazorAttention
 from .simple import Knorm, StreamingLLM
+from .taskkv import TaskKV
 from .sparse import MagicPIG, Quest, TidalDecode
 from .window import AdaKV, PyramidKV, SnapKV
 
@@ -21,7 +22,8 @@ from .window import AdaKV, PyramidKV, SnapKV
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
-                                           MiniCache, KVSharer, HeadKV, RazorAttention, ActQKV)
+                                           MiniCache, KVSharer, HeadKV, RazorAttention, ActQKV,
+                                           TaskKV)
 }
 
 
@@ -143,5 +145,5 @@ __all__ = [
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
-    "RazorAttention", "ActQKV",
+    "RazorAttention", "ActQKV", "TaskKV",
 ]
