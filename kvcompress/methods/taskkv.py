@@ -143,10 +143,11 @@ class TaskKV(SnapKV):
         return min(self.sinks, keep - w), w
 
     def select(self, view: LayerView, keep):
-        """An int ``keep`` (prefill): heterogeneous heads keep every real
-        slot, the others ``keep``; per-head counts (a decode-time
-        re-selection) are used as given. ``[B, Hkv, k]`` int64, -1 padded."""
-        if not isinstance(keep, int):
+        """A prefill chunk: heterogeneous heads keep every real slot, the
+        others ``keep``; at decoding (per-head counts, or the first
+        compression of a prompt that fit the budget) the counts are used as
+        given. ``[B, Hkv, k]`` int64, -1 padded."""
+        if not isinstance(keep, int) or view.phase != "prefill":
             return super().select(view, keep)
         scores = self.score(view)
         B, H = int(scores.shape[0]), int(scores.shape[1])
