@@ -198,7 +198,8 @@ def _attention_modules(model) -> list:
         li = getattr(m, "layer_idx", None)
         if isinstance(li, int) and isinstance(getattr(m, "o_proj", None), torch.nn.Linear):
             mods.setdefault(li, m)
-    return [mods.get(li) for li in range(int(model.config.num_hidden_layers))]
+    L = getattr(model.config, "num_hidden_layers", None) or (max(mods) + 1 if mods else 0)
+    return [mods.get(li) for li in range(int(L))]
 
 
 class _SemanticProbe:

@@ -653,6 +653,8 @@ GPU_METHODS = {
     "minicache+kivi4": lambda: kvcompress.MiniCache(start_layer=2) + kvcompress.KIVI(bits=4, group=32, residual=64),
     # a layer reading another layer's cache
     "kvsharer": lambda: kvcompress.KVSharer(plan="2>0/3>1"),
+    # the probe-query scores (ops.actqkv_scores) at prefill and every re-selection
+    "actqkv": lambda: kvcompress.ActQKV(budget=64),
 }
 
 
