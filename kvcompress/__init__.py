@@ -60,6 +60,8 @@ _LAZY = {
     "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),
     "calibration_ids": ("kvcompress.calibrate", "calibration_ids"),
+    "ActQKV": ("kvcompress.methods", "ActQKV"),
+    "TaskKV": ("kvcompress.methods", "TaskKV"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -123,18 +123,29 @@ def _rows(config: EvalConfig):
             yield name, value, method_from_spec(name, **kw)
 
 
+def _semantic_ids(tokenizer):
+    """Packaged-text token ids for the head profile's ``semantic`` statistic
+    (None without a tokenizer: the profile's own run is used)."""
+    if tokenizer is None:
+        return None
+    from .calibrate import calibration_ids
+
+    return calibration_ids(tokenizer)
+
+
 def _calibrated(method, model, tokenizer, plans: dict):
     """``method`` with what it learns from the model computed once per
     evaluation (``plans`` is the memo), not once per case: a ``KVSharer(share=k)``
     (or ``calibration=``) in it gets its plan, calibrated once per ``(share,
     threshold)`` on the packaged text (our development text, never the
     evaluation's), so every setting of a row shares the same layers; a
-    method with ``profile=None`` (HeadKV) gets the model's head profile."""
+    method with ``profile=None`` (HeadKV) gets the model's head profile, its
+    ``semantic`` statistic (TaskKV) measured on the packaged text."""
     if method is not None and getattr(method, "profile", False) is None:
         from .heads import profile_heads
 
         if "heads" not in plans:
-            plans["heads"] = profile_heads(model)
+            plans["heads"] = profile_heads(model, semantic_ids=_semantic_ids(tokenizer))
         method = dataclasses.replace(method, profile=plans["heads"])
     share = None if method is None else method.sharing
     if share is None or share.pairs or not (share.share or share.calibration is not None):

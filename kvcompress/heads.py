@@ -23,6 +23,17 @@ Our reading: Retrieval Heads scores with needle-in-a-haystack prompts from
 natural text; a repeated random sequence asks for the same copying with no
 text and no tokenizer (RazorAttention's probe). User texts can replace the
 random tokens (``ids=``): the sequence is then ``ids`` repeated.
+
+A fourth statistic serves TaskKV (format 2 of the saved profile):
+
+* **semantic**: the head's distance from its layer's semantic centre. A
+  query head's semantic vector is its mean contribution to the residual
+  stream, ``W_O[:, head] . mean_t o_head(t)`` (the head's attention output
+  projected by its slice of ``o_proj``, averaged over the tokens after the
+  first and over the rows); the centre is the mean of the layer's vectors,
+  and the statistic the Euclidean distance to it. It is measured on
+  ``semantic_ids`` (the user's texts, as given) or, without them, on the
+  same run as the other three.
 """
 
 from __future__ import annotations
@@ -34,7 +45,11 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "kvcompress-head-profile/1"
+FORMAT = "kvcompress-head-profile/2"
+#: formats :meth:`HeadProfile.from_dict` still reads (format 1 has no
+#: ``semantic`` statistic: methods that need it refuse such a profile by name)
+_READABLE = ("kvcompress-head-profile/1", FORMAT)
+_STATS = ("copy", "induction", "echo", "semantic")
 
 
 @dataclass
@@ -54,6 +69,9 @@ class HeadProfile:
         order, ``Hq // kv_heads`` each).
     meta : dict
         How the profile was made (model type, length, rows, seed).
+    semantic : list of (list of float or None), or None
+        Per layer and query head, the distance from the layer's semantic
+        centre (module docstring); None in a profile saved in format 1.
     """
 
     copy: list
@@ -62,15 +80,18 @@ class HeadProfile:
     sliding: list = field(default_factory=list)
     kv_heads: int = 0
     meta: dict = field(default_factory=dict)
+    semantic: list | None = None
 
     def __post_init__(self) -> None:
         L = len(self.copy)
         if len(self.induction) != L or len(self.echo) != L:
             raise ValueError(f"profile: copy, induction and echo must cover the same {L} layers")
+        if self.semantic is not None and len(self.semantic) != L:
+            raise ValueError(f"profile: semantic must cover the same {L} layers as copy")
         if isinstance(self.kv_heads, bool) or not isinstance(self.kv_heads, int) or self.kv_heads < 1:
             raise ValueError(f"kv_heads: expected an int >= 1, got {self.kv_heads!r}")
-        for name in ("copy", "induction", "echo"):
-            for li, row in enumerate(getattr(self, name)):
+        for name in _STATS:
+            for li, row in enumerate(getattr(self, name) or []):
                 if row is None:
                     continue
                 if len(row) % self.kv_heads or not all(isinstance(x, (int, float)) and math.isfinite(x)
@@ -93,9 +114,12 @@ class HeadProfile:
     def kv_scores(self, which: str = "copy") -> torch.Tensor:
         """float64 ``[L, Hkv]``: each kv head's mean score over its query
         heads (0 for sliding layers and layers without scores)."""
-        if which not in ("copy", "induction", "echo"):
-            raise ValueError(f"which: expected 'copy', 'induction' or 'echo', got {which!r}")
+        if which not in _STATS:
+            raise ValueError(f"which: expected 'copy', 'induction', 'echo' or 'semantic', got {which!r}")
         rows = getattr(self, which)
+        if rows is None:
+            raise ValueError(f"profile: has no {which!r} head statistic (a profile saved in format 1, before "
+                             f"kvcompress measured it); compute a new one with kvcompress.profile_heads(model)")
         out = torch.zeros(len(rows), self.kv_heads, dtype=torch.float64)
         for li, row in enumerate(rows):
             if row is None or li in self.sliding:
@@ -106,14 +130,16 @@ class HeadProfile:
     # ------------------------------------------------------------ persistence
     def to_dict(self) -> dict:
         return dict(format=FORMAT, copy=self.copy, induction=self.induction, echo=self.echo,
-                    sliding=list(self.sliding), kv_heads=self.kv_heads, meta=self.meta)
+                    sliding=list(self.sliding), kv_heads=self.kv_heads, meta=self.meta, semantic=self.semantic)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadProfile":
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
+        """A profile from :meth:`to_dict`'s dict, also one saved in format 1
+        (its ``semantic`` is None)."""
+        if not isinstance(d, dict) or d.get("format") not in _READABLE:
             raise ValueError(f"profile: not a {FORMAT} dict")
         return cls(d["copy"], d["induction"], d["echo"], list(d.get("sliding", [])), int(d["kv_heads"]),
-                   dict(d.get("meta", {})))
+                   dict(d.get("meta", {})), d.get("semantic"))
 
     def save(self, path) -> Path:
         """Write the profile as JSON; load it back with :meth:`load`."""
@@ -164,8 +190,68 @@ def _random_ids(config, length: int, rows: int, seed: int) -> torch.Tensor:
     return ids
 
 
+def _attention_modules(model) -> list:
+    """The model's attention modules in layer order (those with an
+    ``o_proj`` and a ``layer_idx``, as transformers' decoder layers have)."""
+    mods = {}
+    for m in model.modules():
+        li = getattr(m, "layer_idx", None)
+        if isinstance(li, int) and isinstance(getattr(m, "o_proj", None), torch.nn.Linear):
+            mods.setdefault(li, m)
+    L = getattr(model.config, "num_hidden_layers", None) or (max(mods) + 1 if mods else 0)
+    return [mods.get(li) for li in range(int(L))]
+
+
+class _SemanticProbe:
+    """Forward pre-hooks on every ``o_proj`` that add up, per layer, the
+    attention output (the heads concatenated) over the tokens after the
+    first and over the rows, in float64; ``distances()`` turns the sums
+    into each query head's distance from its layer's semantic centre."""
+
+    def __init__(self, model):
+        self.mods = _attention_modules(model)
+        self.sums = [None] * len(self.mods)
+        self.count = [0] * len(self.mods)
+        self.handles = []
+
+    def __enter__(self):
+        for li, m in enumerate(self.mods):
+            if m is not None:
+                self.handles.append(m.o_proj.register_forward_pre_hook(self._hook(li)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _hook(self, li):
+        def hook(module, args):
+            x = args[0].detach().double()[:, 1:]  # [B, T - 1, Hq * D]: the first token is a sink
+            s = x.sum((0, 1))
+            self.sums[li] = s if self.sums[li] is None else self.sums[li] + s
+            self.count[li] += int(x.shape[0] * x.shape[1])
+        return hook
+
+    def distances(self) -> list:
+        out = []
+        for li, m in enumerate(self.mods):
+            D = getattr(m, "head_dim", None)
+            if m is None or self.sums[li] is None or self.count[li] == 0 or not isinstance(D, int) or D < 1:
+                out.append(None)
+                continue
+            W = m.o_proj.weight.detach().double()  # [hidden, Hq * D]
+            Hq = W.shape[1] // D
+            mean = (self.sums[li] / self.count[li]).to(W.device).view(Hq, D)
+            # head h's mean contribution to the residual stream: W[:, hD:(h+1)D] @ mean_h
+            vec = torch.einsum("rhd,hd->hr", W.view(W.shape[0], Hq, D), mean)
+            out.append((vec - vec.mean(0)).norm(dim=1).tolist())
+        return out
+
+
 @torch.no_grad()
-def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: int = 0) -> HeadProfile:
+def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: int = 0,
+                  semantic_ids=None) -> HeadProfile:
     """Score every attention head of ``model`` on repeated token sequences.
 
     Parameters
@@ -178,6 +264,9 @@ def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: in
     length, rows, seed
         Random sequences: ``rows`` sequences of ``length`` tokens (ids from
         the top 99% of the vocabulary, special tokens excluded).
+    semantic_ids : token ids ``[rows, n]`` or ``[n]``, optional
+        Texts (as given, not repeated) whose head outputs give the
+        ``semantic`` statistic; by default the run's own sequences.
 
     Returns
     -------
@@ -209,11 +298,23 @@ def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: in
     previous = config._attn_implementation
     if previous == ATTN_NAME:
         raise RuntimeError("profile_heads: run it outside a kvcompress.compress() session")
+    if semantic_ids is not None:
+        sem = torch.as_tensor(semantic_ids)
+        sem = sem[None] if sem.ndim == 1 else sem
+        if sem.ndim != 2 or sem.shape[1] < 2 or sem.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"semantic_ids: expected token ids [rows, n >= 2] or [n], got shape "
+                             f"{tuple(sem.shape)}")
+    probe = _SemanticProbe(model)
     _set_attn(model, "eager")
     try:
-        out = model(input_ids=full, output_attentions=True, use_cache=False)
+        with probe:
+            out = model(input_ids=full, output_attentions=True, use_cache=False)
     finally:
         _set_attn(model, previous)
+    if semantic_ids is not None:
+        probe = _SemanticProbe(model)
+        with probe:
+            model(input_ids=sem.long().to(device), use_cache=False)
     # query i = o + m + j reads token r[j]; its earlier copy is at o + j, the successor at o + j + 1
     j = torch.arange(1, m - 1, device=device)
     qi = o + m + j
@@ -236,9 +337,10 @@ def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: in
         raise RuntimeError("profile_heads: the model returned no attention weights")
     kv = int(getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", Hq))
     meta = dict(model_type=getattr(config, "model_type", None), length=m, rows=int(seqs.shape[0]),
-                seed=None if ids is not None else seed, source="ids" if ids is not None else "random")
+                seed=None if ids is not None else seed, source="ids" if ids is not None else "random",
+                semantic="semantic_ids" if semantic_ids is not None else "run")
     return HeadProfile(scores["copy"], scores["induction"], scores["echo"], sorted(_sliding_layers(config)), kv,
-                       meta)
+                       meta, probe.distances())
 
 
 __all__ = ["HeadProfile", "profile_heads", "as_profile", "with_profile"]

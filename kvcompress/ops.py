@@ -65,6 +65,7 @@ __all__ = [
     "KVMergerSets",
     "gauss_merge",
     "GaussMerge",
+    "actqkv_scores",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
@@ -1656,3 +1657,49 @@ def kvcrush_pick(mass, kept, groups, *, anchor="alternate", seed=0, kv_start=Non
     _C.kvcrush_pick(_prepare(mass), _prepare(kept), picks, dist, KVCRUSH_ANCHORS.index(anchor), _py_int(seed),
                     _as_int64(kv_start, "kv_start", mass))
     return KVCrushPick(picks, dist)
+def actqkv_scores(queries, keys, *, scaling=None, kv_start=None, return_weights=False):
+    """ActQKV scores (arXiv 2502.13542): one activation-aware probe query per
+    head scores every key.
+
+    For each batch row and query head, the real window queries ``q_i`` (those
+    at key positions ``>= kv_start[b]``; query ``i`` sits at key position
+    ``Tk - W + i``) give, per channel ``d``, the mean ``mu_d`` and the
+    population variance ``var_d``; with ``eps = mean_d(var_d) / 100``, query
+    ``i``'s activation bias is ``bias_i = mean_d (q_i,d - mu_d)^2 / (var_d +
+    eps)``, its weight ``w_i = bias_i / sum(bias)`` (``1/m`` when every bias
+    is 0), and the probe ``sum_i w_i q_i``. Head ``h`` scores key ``j`` with
+    ``softmax_j(scaling * probe . k_j)`` over the real keys; a kv head's
+    score is the mean over its query heads.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, W, D]`` (float32, float16 or bfloat16), ``D >= 1``
+        The window: the queries of the last ``W <= Tk`` key positions.
+    keys : tensor ``[B, Hkv, Tk, D]``, same dtype as `queries`
+        ``Hq`` a multiple of ``Hkv``; query head ``h`` uses kv head
+        ``h // (Hq // Hkv)``.
+    scaling : float, optional
+        Logit scale; default ``1 / sqrt(D)``.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded key positions per row (left padding): those keys score
+        0 and padded window queries take weight 0.
+    return_weights : bool
+        Also return the activation weights.
+
+    Returns
+    -------
+    float32 tensor ``[B, Hkv, Tk]``
+        The scores (0 everywhere for a row without a real window query);
+        with ``return_weights``, also float32 ``[B, Hq, W]`` weights.
+        Accumulated in float32.
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, W, D]")
+    ks = _shape(keys, "keys", 4, "[B, Hkv, Tk, D]")
+    if not isinstance(return_weights, bool):
+        raise KVCompressTypeError(f"return_weights: expected a bool, got {type(return_weights).__name__}")
+    scaling = _scaling(scaling, qs[3])
+    out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
+    weights = _empty(queries, (qs[0], qs[1], qs[2]), "float32")
+    _C.actqkv_scores(_prepare(queries), _prepare(keys), out, weights, scaling,
+                     _as_int64(kv_start, "kv_start", keys))
+    return (out, weights) if return_weights else out

@@ -503,6 +503,8 @@ calls = [
     lambda: ops.gauss_merge(tensor(), tensor(), tensor(), tensor(), tensor(), sigma=rng.choice([1.0, 0.0, -1.0, "s"]),
                             counts=rng.choice([None, tensor()]), kv_start=rng.choice([None, tensor(), [0, 0]]),
                             return_assign=rng.random() < 0.5),
+    lambda: ops.actqkv_scores(tensor(), tensor(), kv_start=rng.choice([None, tensor(), [0, 1], [-1]]),
+                              scaling=rng.choice([None, 0.5, float("inf")]), return_weights=rng.random() < 0.5),
 ]
 ok = bad = 0
 for i in range(4000):

@@ -34,6 +34,7 @@ from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
 from test_quant import PACK, UNPACK, ref_pack
 from test_score_global import global_scores_ref
 from test_span import random_spans, span_merge_ref
+from test_actqkv import actqkv_ref, assert_close_2x
 
 
 def _skip_reason():
@@ -655,6 +656,8 @@ GPU_METHODS = {
     "kvsharer": lambda: kvcompress.KVSharer(plan="2>0/3>1"),
     "kvcrush": lambda: kvcompress.KVCrush(budget=64, alpha=0.25, window=8),
     "kvmerger": lambda: kvcompress.KVMerger(budget=64, sigma=0.5),
+    # the probe-query scores (ops.actqkv_scores) at prefill and every re-selection
+    "actqkv": lambda: kvcompress.ActQKV(budget=64),
 }
 
 
@@ -740,3 +743,18 @@ def test_kvmerger_sets_and_gauss_merge(shape, dtype):
             same = merge_ref(k, v, scores, centers, runs, 1.5, c, dtype=dtype)
             assert_within_bound(got.keys, ref[0], same[0], "keys")
             assert_within_bound(got.values, ref[1], same[1], "values")
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1, 5, 4), (2, 4, 2, 8, 40, 16), (3, 6, 3, 16, 16, 33),
+                                   (2, 8, 2, 32, 3000, 128)], ids=lambda s: "B{}Hq{}Hkv{}W{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_actqkv_scores(shape, dtype):
+    B, Hq, Hkv, W, Tk, D = shape
+    q = make((B, Hq, W, D), dtype, seed=6) * 2
+    k = make((B, Hkv, Tk, D), dtype, layout="transposed", seed=7)
+    kv_start = torch.tensor([min(b * 5, Tk) for b in range(B)], dtype=torch.int64)
+    for ks in (None, kv_start):
+        _, (got, w) = both(ops.actqkv_scores, q, k, kv_start=ks, return_weights=True)
+        ref, wref = actqkv_ref(q, k, kv_start=ks)
+        same, wsame = actqkv_ref(q, k, kv_start=ks, dtype=torch.float32)
+        assert not torch.isnan(got).any() and not torch.isnan(w).any()
+        assert_close_2x(w, wref, wsame)
+        assert_close_2x(got, ref, same, floor=2e-6)

@@ -197,6 +197,12 @@ def _child(target: str, seed: int, n_calls: int) -> int:
               "per_chunk": rng.random() < 0.5}
         return [fw(fl([B, H, T, D], dt)), fw(fl([B, H, T, Dv], dt))], kw
 
+    def b_actqkv_scores():
+        B, Hkv, g, T, D = dim(), dim(), rng.choice([1, 2]), dim(), dim(1)
+        dt = rng.choice(FLOATS)
+        kw = {"scaling": rng.choice([None, 0.5]), "kv_start": kv_start(B, T), "return_weights": rng.random() < 0.5}
+        return [fw(fl([B, Hkv * g, rng.randint(0, T), D], dt)), fw(fl([B, Hkv, T, D], dt))], kw
+
     def b_select_topk():
         B, H, T = dim(), dim(), dim(1)
         sinks, window = rng.choice([(0, 0), (0, 0), (1, 0), (0, 1), (1, 1)])
@@ -481,6 +487,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "kvcrush_pick": b_kvcrush_pick,
         "kvmerger_sets": b_kvmerger_sets,
         "gauss_merge": b_gauss_merge,
+        "actqkv_scores": b_actqkv_scores,
     }
 
     def random_value():

@@ -41,6 +41,7 @@
 #include "../span.h"
 #include "../kvcrush.h"
 #include "../kvmerger.h"
+#include "../actqkv.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -113,6 +114,8 @@ enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_para
 enum kvc_status kvc_cuda_kvcrush_pick(const struct kvc_kvcrush_pick_params *p, void *stream);
 enum kvc_status kvc_cuda_kvmerger_sets(const struct kvc_kvmerger_sets_params *p, void *stream);
 enum kvc_status kvc_cuda_gauss_merge(const struct kvc_gauss_merge_params *p, void *stream);
+size_t kvc_cuda_actqkv_scores_workspace(const struct kvc_actqkv_scores_params *p);
+enum kvc_status kvc_cuda_actqkv_scores(const struct kvc_actqkv_scores_params *p, void *stream);
 
 #ifdef __cplusplus
 }

@@ -3,6 +3,7 @@
 import dataclasses
 
 from .accumulated import H2O, TOVA, VATP
+from .actqkv import ActQKV
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
 from .headkv import HeadKV
@@ -16,6 +17,7 @@ from .quant import KIVI, LowBits, MiKV, ZipCache
 from .razor import RazorAttention
 from .simple import Knorm, StreamingLLM
 from .sparse import MagicPIG, Quest, TidalDecode
+from .taskkv import TaskKV
 from .window import AdaKV, PyramidKV, SnapKV
 
 #: Methods by lower-case name, as the command line spells them.
@@ -23,7 +25,7 @@ REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
                                            MiniCache, KVSharer, HeadKV, RazorAttention, KVCrush,
-                                           KVMerger)
+                                           KVMerger, ActQKV, TaskKV)
 }
 
 
@@ -145,5 +147,5 @@ __all__ = [
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
-    "RazorAttention", "KVCrush", "KVMerger",
+    "RazorAttention", "KVCrush", "KVMerger", "ActQKV", "TaskKV",
 ]

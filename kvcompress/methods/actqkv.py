@@ -1,0 +1,105 @@
+"""ActQKV: an activation-aware probe query built from the window scores the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import ops
+from .base import LayerView, Method
+
+
+@dataclass
+class ActQKV(Method):
+    """ActQKV (Xiao et al., arXiv 2502.13542): fold the latest queries into
+    one probe query per head, weighted by how strongly each one is
+    activated, and keep the keys that probe attends to.
+
+    **Paper.** A sliding window of queries is monitored with a token-level
+    indicator, the *Activation Bias*: how far a token's query activation
+    deviates from the window's statistics. Tokens with a large bias are the
+    window's anchor tokens; the probe query is built from the window with
+    those tokens emphasised and retrieves the relevant key-value pairs by
+    inner product. At decoding, a *dynamic KV cut-off* sets how many pairs
+    each layer recalls from the information density (entropy) of the
+    retrieval scores. The authors' code builds on InfLLM (block retrieval
+    with the initial and local tokens always kept).
+
+    **Our reading, and every choice made.**
+
+    * **Activation bias** (:func:`kvcompress.ops.actqkv_scores`, C and CUDA):
+      per query head, over the real window queries ``q_i``: per channel mean
+      ``mu_d`` and population variance ``var_d``; ``bias_i = mean_d (q_i,d -
+      mu_d)^2 / (var_d + eps)``, ``eps = mean_d(var_d) / 100`` (the
+      regulariser the authors' code adds to the variance in its deviation
+      measure, so a nearly constant channel does not blow a rounding-level
+      deviation up). We could not read the paper's equation itself; this is
+      our reading of "deviation of a token's activation from the window".
+    * **Probe query**: ``probe = sum_i w_i q_i`` with ``w_i = bias_i /
+      sum(bias)`` (the window mean when every bias is 0, e.g. a window of
+      one query). Weights proportional to the bias (rather than a softmax
+      over it) make the anchor tokens dominate without a temperature to
+      tune. The probe is one vector per query head (the cache keeps
+      per-head keys, so retrieval is per head, not over the concatenated
+      heads the authors' block index uses).
+    * **Scores**: ``softmax_j(scaling * probe . k_j)`` over the row's real
+      keys, averaged over the query heads of each kv head (GQA). The
+      probe stands for the whole window, so it scores every key, the
+      window's own included.
+    * **Kept set**: the first ``sinks`` real tokens and the last ``window``
+      slots (InfLLM's initial and local tokens, which the authors keep
+      outside retrieval), plus the top probe scores; token granularity, not
+      InfLLM's blocks (this library keeps tokens).
+    * **Budget**: uniform (``budget`` or ``ratio`` as for every method).
+      Not built: the dynamic cut-off. In the authors' code it shrinks the
+      number of blocks a layer retrieves from offloaded memory per step
+      (``k_min + (k_max - k_min) * f(entropy)``); it saves transfer and
+      attention work, not cache memory, so in a cache that evicts it would
+      only keep fewer tokens than the budget allows.
+    * **Decoding**: with ``interval > 0`` a layer ``interval`` slots over
+      its target is re-scored with the queries it holds (the latest
+      ``min(window, interval)``), as SnapKV does.
+    * **Padding**: padded window queries get weight 0 and padded keys score
+      0, so a left-padded row scores as it would alone.
+
+    Parameters
+    ----------
+    budget, ratio
+        Exactly one: kept slots per kv head, or fraction of the tokens removed.
+    window : int >= 1
+        Queries folded into the probe, and recent slots always kept
+        (SnapKV's tuned window here; the paper's window is InfLLM's local
+        window, thousands of tokens).
+    sinks : int >= 0
+        Leading real tokens always kept (InfLLM's initial tokens).
+    """
+
+    window: int = 16
+    sinks: int = 4
+
+    def _check_fields(self) -> None:
+        self._check_int("window", self.window, 1)
+        self._check_int("sinks", self.sinks, 0)
+
+    def min_budget(self) -> int:
+        return self.sinks + self.window
+
+    def _forced_text(self) -> str:
+        return f"sinks={self.sinks} plus the window, window={self.window}"
+
+    def held_queries(self) -> int:
+        # a decode-time re-selection probes with the queries of the tokens
+        # generated since the last one (at most the window)
+        return min(self.window, self.interval)
+
+    def _window(self, view: LayerView) -> int:
+        return min(self.window, int(view.queries.shape[2]), view.length)
+
+    def score(self, view: LayerView):
+        """``[B, Hkv, n]`` float32 probe attention of every slot."""
+        w = self._window(view)
+        return ops.actqkv_scores(view.queries[:, :, -w:], view.keys, scaling=view.scaling,
+                                 kv_start=view.kv_start)
+
+    def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
+        w = min(self._window(view), keep)
+        return min(self.sinks, keep - w), w
