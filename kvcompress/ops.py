@@ -59,6 +59,8 @@ __all__ = [
     "Packed",
     "has_cuda",
     "cuda_device_count",
+    "pooled_counts",
+    "row_cosine",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
@@ -1457,4 +1459,58 @@ def minicache_attention(queries, dir_k, dir_v, norms_k, norms_v, slots, which: i
                            _prepare(slots), _prepare(keys), _prepare(values), _prepare(kept_slots),
                            _prepare(tail_keys), _prepare(tail_values), counts, kept_counts, out,
                            _int_arg(which, "which"), _scaling(scaling, qs[3]))
+    return out
+
+
+def pooled_counts(scores, k):
+    """How many of each row's ``k`` highest scores, pooled over layers, each
+    layer holds (DynamicKV's per-layer budgets).
+
+    Per batch row ``b``: take the ``k[b]`` largest of ``scores[b]`` (all
+    layers' candidates together) and count them per layer; ties at the
+    ``k``-th largest value go to the lower layer first. ``-inf`` entries
+    (padding) rank below every finite score. CPU and CUDA agree exactly.
+
+    Parameters
+    ----------
+    scores : float32 tensor ``[B, L, M]``
+        ``M`` candidate scores per layer (``-inf`` padded). NaN is an error.
+    k : int or int64 tensor ``[B]``
+        Entries kept per row, ``0 <= k <= L * M`` (checked).
+
+    Returns
+    -------
+    int64 tensor ``[B, L]``
+        Per row, the counts (they sum to ``k[b]``).
+    """
+    s = _shape(scores, "scores", 3, "[B, L, M]")
+    if isinstance(k, bool):
+        raise KVCompressTypeError("k: expected an int or an int64 tensor [B], got bool")
+    if isinstance(k, (int, np.integer)):
+        k = [int(k)] * s[0]
+    k = _as_int64(k, "k", scores)
+    out = _empty(scores, (s[0], s[1]), "int64")
+    _C.pooled_counts(_prepare(scores), _prepare(k), out)
+    return out
+
+
+def row_cosine(x, y):
+    """Cosine similarity of each row of ``x`` with the same row of ``y``
+    (SqueezeAttention: a token's hidden state before and after attention).
+
+    ``out[n] = x[n] . y[n] / (|x[n]| |y[n]|)``, 0 when either row is zero;
+    float32 sums (CPU in ascending channel order; CUDA within rounding).
+
+    Parameters
+    ----------
+    x, y : tensor ``[N, D]`` (float32, float16 or bfloat16, the same dtype)
+
+    Returns
+    -------
+    float32 tensor ``[N]``
+    """
+    s = _shape(x, "x", 2, "[N, D]")
+    _shape(y, "y", 2, "[N, D]")
+    out = _empty(x, (s[0],), "float32")
+    _C.row_cosine(_prepare(x), _prepare(y), out)
     return out
