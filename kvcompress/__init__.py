@@ -58,6 +58,8 @@ _LAZY = {
     "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),
     "calibration_ids": ("kvcompress.calibrate", "calibration_ids"),
+    "DynamicKV": ("kvcompress.methods", "DynamicKV"),
+    "SqueezeAttention": ("kvcompress.methods", "SqueezeAttention"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

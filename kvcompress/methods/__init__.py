@@ -9,6 +9,7 @@ from .headkv import HeadKV
 from .keyformer import Keyformer
 from .kvsharer import KVSharer
 from .lagkv import LagKV
+from .layerbudget import DynamicKV, SqueezeAttention
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .razor import RazorAttention
@@ -20,7 +21,8 @@ from .window import AdaKV, PyramidKV, SnapKV
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
-                                           MiniCache, KVSharer, HeadKV, RazorAttention)
+                                           MiniCache, KVSharer, HeadKV, RazorAttention, DynamicKV,
+                                           SqueezeAttention)
 }
 
 
@@ -142,5 +144,5 @@ __all__ = [
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
-    "RazorAttention",
+    "RazorAttention", "DynamicKV", "SqueezeAttention",
 ]
