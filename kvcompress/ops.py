@@ -1487,7 +1487,12 @@ def pooled_counts(scores, k):
     if isinstance(k, bool):
         raise KVCompressTypeError("k: expected an int or an int64 tensor [B], got bool")
     if isinstance(k, (int, np.integer)):
-        k = [int(k)] * s[0]
+        if _is_torch(scores):
+            import torch
+
+            k = torch.full((s[0],), int(k), dtype=torch.int64, device=scores.device)
+        else:
+            k = np.full((s[0],), int(k), dtype=np.int64)
     k = _as_int64(k, "k", scores)
     out = _empty(scores, (s[0], s[1]), "int64")
     _C.pooled_counts(_prepare(scores), _prepare(k), out)

@@ -494,6 +494,8 @@ calls = [
                             kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
     lambda: ops.gather(tensor(), tensor(), tensor(), out_keys=rng.choice([None, None, tensor()]),
                        out_values=rng.choice([None, None, tensor()])),
+    lambda: ops.pooled_counts(tensor(), anyint()),
+    lambda: ops.row_cosine(tensor(), tensor()),
 ]
 ok = bad = 0
 for i in range(4000):
