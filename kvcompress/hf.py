@@ -160,22 +160,31 @@ def _report_hidden(layer_idx: int, module, args, output):
     cache.observe_hidden(layer_idx, entry[1], out)
 
 
+# what transformers' decoder layers call their attention module
+_ATTN_NAMES = ("self_attn", "attn", "attention")
+
+
 def hidden_hooks(model) -> list:
     """Install the hooks a ``needs_hidden`` method reads hidden states with:
-    on every decoder layer (a module whose ``self_attn`` carries a
-    ``layer_idx``), its input and its attention's output. Returns the
-    handles (``handle.remove()`` undoes each)."""
+    on every decoder layer (a module whose attention submodule, named
+    ``self_attn``, ``attn`` or ``attention`` as transformers' families name
+    it, carries a ``layer_idx``), its input and its attention's output.
+    Returns the handles (``handle.remove()`` undoes each)."""
     handles = []
     for module in model.modules():
-        attn = getattr(module, "self_attn", None)
-        idx = getattr(attn, "layer_idx", None)
-        if not isinstance(attn, torch.nn.Module) or isinstance(idx, bool) or not isinstance(idx, int):
+        attn = idx = None
+        for name in _ATTN_NAMES:
+            attn = getattr(module, name, None)
+            idx = getattr(attn, "layer_idx", None)
+            if isinstance(attn, torch.nn.Module) and isinstance(idx, int) and not isinstance(idx, bool):
+                break
+        else:
             continue
         handles.append(module.register_forward_pre_hook(functools.partial(_keep_input, idx), with_kwargs=True))
         handles.append(attn.register_forward_hook(functools.partial(_report_hidden, idx)))
     if not handles:
         raise KVCompressUnsupportedError(
-            f"model: {type(model).__name__} has no decoder layers with a `self_attn` module carrying `layer_idx`; "
+            f"model: {type(model).__name__} has no decoder layers with an attention module carrying `layer_idx`; "
             "methods that read hidden states (SqueezeAttention) cannot hook it")
     return handles
 
