@@ -250,7 +250,10 @@ class SqueezeAttention(_LayerBudgets):
       (the residual stream) and ``a_t`` its attention module's output
       (``ops.row_cosine``, float32; the mean in float64). For models with a
       norm after attention (Gemma) ``a_t`` is the attention's output before
-      that norm;
+      that norm. The authors' code (hetailang/SqueezeAttention,
+      ``Longbench/utils_hh/modify_llama.py``) computes the same per-token
+      cosine (the decoder layer's input against input + attention output,
+      prefill tokens only);
     * **clustering**: ``kmeans_1d`` (3 clusters, float64, deterministic
       quantile start; see there) of the L similarities of the row; the
       cluster with the highest centroid is cut, the other two form the
