@@ -1487,6 +1487,8 @@ def pooled_counts(scores, k):
     if isinstance(k, bool):
         raise KVCompressTypeError("k: expected an int or an int64 tensor [B], got bool")
     if isinstance(k, (int, np.integer)):
+        if not 0 <= int(k) <= s[1] * s[2]:
+            raise KVCompressValueError(f"k: {int(k)} is outside [0, L * M] = [0, {s[1] * s[2]}]")
         if _is_torch(scores):
             import torch
 

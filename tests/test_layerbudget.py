@@ -84,8 +84,10 @@ def test_pooled_counts_checks_its_arguments():
     s = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="k: value 13"):
         ops.pooled_counts(s, torch.tensor([1, 13]))
-    with pytest.raises(ValueError, match="k: value -1"):
+    with pytest.raises(ValueError, match="k: -1 is outside"):
         ops.pooled_counts(s, -1)
+    with pytest.raises(ValueError, match="k: 9223372036854775808 is outside"):
+        ops.pooled_counts(s, 2**63)
     bad = s.clone()
     bad[1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match=r"scores: NaN at \[1, 2, 3\]"):
