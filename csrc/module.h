@@ -118,5 +118,6 @@ extern PyMethodDef kvc_py_span_methods[];
 extern PyMethodDef kvc_py_kvcrush_methods[];
 extern PyMethodDef kvc_py_kvmerger_methods[];
 extern PyMethodDef kvc_py_actqkv_methods[];
+extern PyMethodDef kvc_py_layerbudget_methods[];
 
 #endif /* KVC_MODULE_H */

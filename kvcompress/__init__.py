@@ -62,6 +62,8 @@ _LAZY = {
     "calibration_ids": ("kvcompress.calibrate", "calibration_ids"),
     "ActQKV": ("kvcompress.methods", "ActQKV"),
     "TaskKV": ("kvcompress.methods", "TaskKV"),
+    "DynamicKV": ("kvcompress.methods", "DynamicKV"),
+    "SqueezeAttention": ("kvcompress.methods", "SqueezeAttention"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

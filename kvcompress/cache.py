@@ -122,6 +122,9 @@ class CompressedLayer(CacheLayerMixin):
         # state the cache's layers share (TidalDecode's token selection);
         # KVCache gives every layer its own dict
         self.shared: dict = {}
+        # defers_prefill methods: each row's target here over its mean
+        # target when method.layer_targets last ran (None: the mean)
+        self._scale: list[float] | None = None
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -259,6 +262,8 @@ class CompressedLayer(CacheLayerMixin):
             self._budgets_host = self.head_budgets.reshape(-1).cpu()
         if self._qbuf is not None:
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
+        if self._scale is not None:
+            self._scale = [self._scale[i] for i in host.tolist()]
 
     # -------------------------------------------------------------- padding
     def set_padding(self, padding_mask, q: int, four_d=None) -> torch.Tensor:
@@ -367,9 +372,41 @@ class CompressedLayer(CacheLayerMixin):
         )
 
     def _targets(self) -> list[int]:
-        """Slots each batch row may keep (its real tokens seen so far)."""
+        """Slots each batch row may keep (its real tokens seen so far).
+
+        After ``method.layer_targets`` (``defers_prefill``) a row keeps its
+        share of the mean target: exactly the slots it was given while the
+        mean stays (``budget=``), the same share of a growing mean
+        (``ratio=``), never more than its tokens."""
         L = self.num_layers or (self.layer_idx + 1)
-        return [self.method.row_target(self.layer_idx, L, self.seen - p) for p in self._pad]
+        out = []
+        for b, p in enumerate(self._pad):
+            real = self.seen - p
+            t = self.method.row_target(self.layer_idx, L, real)
+            if self._scale is not None and t < real:
+                t = min(real, max(1, int(round(t * self._scale[b]))))
+            out.append(t)
+        return out
+
+    def _target_cap(self) -> int:
+        """The most slots a row of this layer may keep while decoding."""
+        L = self.num_layers or (self.layer_idx + 1)
+        t = self.method.row_target(self.layer_idx, L, 1 << 40)
+        return t if self._scale is None else max(int(round(t * k)) for k in self._scale)
+
+    def set_layer_targets(self, targets: list[int] | None) -> None:
+        """Keep ``targets[b]`` slots per head in row ``b`` from now on (the
+        cache calls it with ``method.layer_targets``' answer; None: the
+        method's mean target)."""
+        if targets is None:
+            self._scale = None
+            return
+        L = self.num_layers or (self.layer_idx + 1)
+        scale = []
+        for t, p in zip(targets, self._pad):
+            mean = self.method.row_target(self.layer_idx, L, self.seen - p)
+            scale.append(float(t) / mean if mean > 0 else 1.0)
+        self._scale = scale
 
     def _held(self) -> list[int]:
         """Real slots each batch row of a uniform store holds."""
@@ -465,8 +502,7 @@ class CompressedLayer(CacheLayerMixin):
                 method.observe(self._view(queries, scaling, phase))
         if uniform and method.budget is not None and self.store.limit is None:
             # decoding never needs more than the budget plus the slack
-            L = self.num_layers or (self.layer_idx + 1)
-            self.store.limit = method.row_target(self.layer_idx, L, 1 << 40) + method.interval
+            self.store.limit = self._target_cap() + method.interval
         # sliding layers never re-score (they keep their most recent slots)
         held_q = method.held_queries() if method.interval and self.window is None else 0
         if held_q and queries is not None:
@@ -840,6 +876,11 @@ class KVCache(Cache):
         self.shared: dict = {}  # state every layer reads (TidalDecode's token selection)
         # KVSharer sources waiting for their last reader: layer -> (queries, scaling)
         self._deferred: dict[int, tuple] = {}
+        # defers_prefill methods: layers waiting for the last layer's prefill,
+        # layer -> (latest queries, scaling), and their statistics
+        self._prefill: dict[int, tuple] = {}
+        self._stats: dict[int, object] = {}
+        self._hidden: dict[int, object] = {}
 
     def __repr__(self) -> str:
         lengths = [layer.n for layer in self.layers]
@@ -861,6 +902,10 @@ class KVCache(Cache):
             self.layers[-1].shared = self.shared
         if self._deferred and layer_idx <= min(self._deferred):
             self._flush_deferred()
+        if self._prefill and layer_idx <= min(self._prefill):
+            # a new forward pass began before every layer had reported
+            # (a model that skips layers, or a hook that did not run)
+            self._finish_prefill()
         layer = self.layers[layer_idx]
         if self.method.sharing is not None and layer.seen == 0 and not layer.store.batch:
             if self.num_layers is not None:
@@ -931,7 +976,9 @@ class KVCache(Cache):
         layer = self._enter(layer_idx, query, spec, padding_mask, four_d)
         out = layer.attend(query, spec)
         sharing = self.method.sharing
-        if sharing is not None and sharing.last_reader(layer_idx) is not None:
+        if self.method.defers_prefill and int(query.shape[2]) > 1:
+            self._defer_prefill(layer, query, spec.scaling)
+        elif sharing is not None and sharing.last_reader(layer_idx) is not None:
             # KVSharer: a source compresses once its last reader has attended
             # over what it attended over (see KVSharer, "with an evictor")
             self._deferred[layer_idx] = (query, spec.scaling)
@@ -944,6 +991,66 @@ class KVCache(Cache):
         if self.method.cross_layer is not None:
             self._merge_pair(layer_idx)
         return out
+
+    # ------------------------------------------- deferred prefill (defers_prefill)
+    def _defer_prefill(self, layer: "CompressedLayer", query, scaling: float) -> None:
+        """Keep the layer's prefill whole for now: record the method's
+        statistic of it and the latest queries its compression will need."""
+        idx = layer.layer_idx
+        self._stats[idx] = self.method.layer_statistic(layer._view(query, scaling, "prefill"))
+        keep = self.method.deferred_queries()
+        if keep is not None and keep < int(query.shape[2]):
+            # a copy: a view would hold the whole chunk's queries alive
+            query = query[:, :, -keep:].clone()
+        self._prefill[idx] = (query, scaling)
+        self._maybe_finish()
+
+    def observe_hidden(self, layer_idx: int, before, attn_out) -> None:
+        """Called by ``kvcompress.compress``' hooks (``method.needs_hidden``)
+        once a decoder layer's attention returned ``attn_out`` ``[B, q, d]``
+        for the residual stream ``before`` it; only a deferred prefill
+        layer records it."""
+        if layer_idx not in self._prefill or layer_idx in self._hidden:
+            return
+        layer = self.layers[layer_idx]
+        q = int(before.shape[1])
+        # a row's leading masked slots that fall inside this chunk are its padding
+        pad = [max(0, s - (layer.n - q)) for s in layer._start]
+        self._hidden[layer_idx] = self.method.hidden_statistic(before, before + attn_out, pad)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        L = self.num_layers
+        if L is None or len(self._prefill) < L:
+            return
+        if self.method.needs_hidden and len(self._hidden) < L:
+            return
+        self._finish_prefill()
+
+    def _finish_prefill(self) -> None:
+        """Every deferred layer has attended (and reported its hidden
+        states): ask the method for each layer's targets, then compress
+        each layer as it would have been right after its attention."""
+        layers = sorted(self._prefill)
+        if self.method.needs_hidden and any(i not in self._hidden for i in layers):
+            missing = [i for i in layers if i not in self._hidden]
+            self._prefill.clear()
+            self._stats.clear()
+            self._hidden.clear()
+            raise KVCompressError(
+                f"{type(self.method).__name__} needs each layer's hidden states (missing for layers {missing}), "
+                "which the hooks of `with kvcompress.compress(model, method):` report; run generation inside it")
+        first = self.layers[layers[0]]
+        seen = [first.seen - p for p in first._pad]
+        stats = [self._stats.pop(i, None) for i in layers]
+        hidden = [self._hidden.pop(i, None) for i in layers] if self.method.needs_hidden else None
+        targets = self.method.layer_targets(stats, hidden, seen)
+        for n, i in enumerate(layers):
+            layer = self.layers[i]
+            layer.set_layer_targets(None if targets is None else targets[n])
+            queries, scaling = self._prefill.pop(i)
+            layer.after_attention(queries, scaling)
+        self._hidden.clear()
 
     def _merge_pair(self, layer_idx: int) -> None:
         """MiniCache: once the deeper layer ``l`` of a pair has attended over

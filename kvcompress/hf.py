@@ -27,6 +27,9 @@ from .stores.masked import build_mask, masked_attention
 ATTN_NAME = "kvcompress"
 _registry_lock = threading.Lock()
 _active_models: set[int] = set()
+# methods with needs_hidden: the decoder layer's input (the residual stream)
+# waiting for its attention's output, and the cache the attention used
+_hidden = threading.local()
 
 
 def _attention_mask_fn(*args, attention_mask=None, **kwargs):
@@ -133,7 +136,57 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         raise ValueError("attention_mask: a 4-D mask cannot address a compressed layer; pass the 2-D padding mask")
     out = cache.attend(layer_idx, query, spec, padding_mask=None if four_d is not None else attention_mask,
                        four_d=four_d)
+    _hidden.cache = cache
     return out, None
+
+
+def _keep_input(layer_idx: int, module, args, kwargs):
+    """Forward pre-hook of a decoder layer: remember its input, the residual
+    stream before its attention."""
+    h = kwargs.get("hidden_states", args[0] if args else None)
+    _hidden.entry = (layer_idx, h)
+    _hidden.cache = None
+
+
+def _report_hidden(layer_idx: int, module, args, output):
+    """Forward hook of a decoder layer's attention module: hand the cache the
+    residual stream before the attention and the attention's output."""
+    entry = getattr(_hidden, "entry", None)
+    cache = getattr(_hidden, "cache", None)
+    _hidden.entry = _hidden.cache = None
+    if entry is None or entry[0] != layer_idx or cache is None or entry[1] is None:
+        return
+    out = output[0] if isinstance(output, tuple) else output
+    cache.observe_hidden(layer_idx, entry[1], out)
+
+
+# what transformers' decoder layers call their attention module
+_ATTN_NAMES = ("self_attn", "attn", "attention")
+
+
+def hidden_hooks(model) -> list:
+    """Install the hooks a ``needs_hidden`` method reads hidden states with:
+    on every decoder layer (a module whose attention submodule, named
+    ``self_attn``, ``attn`` or ``attention`` as transformers' families name
+    it, carries a ``layer_idx``), its input and its attention's output.
+    Returns the handles (``handle.remove()`` undoes each)."""
+    handles = []
+    for module in model.modules():
+        attn = idx = None
+        for name in _ATTN_NAMES:
+            attn = getattr(module, name, None)
+            idx = getattr(attn, "layer_idx", None)
+            if isinstance(attn, torch.nn.Module) and isinstance(idx, int) and not isinstance(idx, bool):
+                break
+        else:
+            continue
+        handles.append(module.register_forward_pre_hook(functools.partial(_keep_input, idx), with_kwargs=True))
+        handles.append(attn.register_forward_hook(functools.partial(_report_hidden, idx)))
+    if not handles:
+        raise KVCompressUnsupportedError(
+            f"model: {type(model).__name__} has no decoder layers with an attention module carrying `layer_idx`; "
+            "methods that read hidden states (SqueezeAttention) cannot hook it")
+    return handles
 
 
 def register() -> None:
@@ -191,6 +244,7 @@ class CompressionSession:
         self._previous: str | None = None
         self._saved_generate = None
         self._active = False
+        self._hooks: list = []
 
     def __repr__(self) -> str:
         state = "active" if self._active else "closed"
@@ -216,6 +270,8 @@ class CompressionSession:
         key = id(self.model)
         if key in _active_models:
             raise RuntimeError("model: a kvcompress.compress() session is already active on this model")
+        if self.method.needs_hidden:
+            self._hooks = hidden_hooks(self.model)
         self._previous = enable(self.model)
         self._saved_generate = vars(self.model).get("generate")
         original = self.model.generate
@@ -232,6 +288,9 @@ class CompressionSession:
                 vars(self.model).pop("generate", None)
             _set_attn(self.model, self._previous)
         finally:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
             _active_models.discard(id(self.model))
             self._active = False
 

@@ -66,6 +66,8 @@ __all__ = [
     "gauss_merge",
     "GaussMerge",
     "actqkv_scores",
+    "pooled_counts",
+    "row_cosine",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
@@ -1703,3 +1705,62 @@ def actqkv_scores(queries, keys, *, scaling=None, kv_start=None, return_weights=
     _C.actqkv_scores(_prepare(queries), _prepare(keys), out, weights, scaling,
                      _as_int64(kv_start, "kv_start", keys))
     return (out, weights) if return_weights else out
+def pooled_counts(scores, k):
+    """How many of each row's ``k`` highest scores, pooled over layers, each
+    layer holds (DynamicKV's per-layer budgets).
+
+    Per batch row ``b``: take the ``k[b]`` largest of ``scores[b]`` (all
+    layers' candidates together) and count them per layer; ties at the
+    ``k``-th largest value go to the lower layer first. ``-inf`` entries
+    (padding) rank below every finite score. CPU and CUDA agree exactly.
+
+    Parameters
+    ----------
+    scores : float32 tensor ``[B, L, M]``
+        ``M`` candidate scores per layer (``-inf`` padded). NaN is an error.
+    k : int or int64 tensor ``[B]``
+        Entries kept per row, ``0 <= k <= L * M`` (checked).
+
+    Returns
+    -------
+    int64 tensor ``[B, L]``
+        Per row, the counts (they sum to ``k[b]``).
+    """
+    s = _shape(scores, "scores", 3, "[B, L, M]")
+    if isinstance(k, bool):
+        raise KVCompressTypeError("k: expected an int or an int64 tensor [B], got bool")
+    if isinstance(k, (int, np.integer)):
+        if not 0 <= int(k) <= s[1] * s[2]:
+            raise KVCompressValueError(f"k: {int(k)} is outside [0, L * M] = [0, {s[1] * s[2]}]")
+        if _is_torch(scores):
+            import torch
+
+            k = torch.full((s[0],), int(k), dtype=torch.int64, device=scores.device)
+        else:
+            k = np.full((s[0],), int(k), dtype=np.int64)
+    k = _as_int64(k, "k", scores)
+    out = _empty(scores, (s[0], s[1]), "int64")
+    _C.pooled_counts(_prepare(scores), _prepare(k), out)
+    return out
+
+
+def row_cosine(x, y):
+    """Cosine similarity of each row of ``x`` with the same row of ``y``
+    (SqueezeAttention: a token's hidden state before and after attention).
+
+    ``out[n] = x[n] . y[n] / (|x[n]| |y[n]|)``, 0 when either row is zero;
+    float32 sums (CPU in ascending channel order; CUDA within rounding).
+
+    Parameters
+    ----------
+    x, y : tensor ``[N, D]`` (float32, float16 or bfloat16, the same dtype)
+
+    Returns
+    -------
+    float32 tensor ``[N]``
+    """
+    s = _shape(x, "x", 2, "[N, D]")
+    _shape(y, "y", 2, "[N, D]")
+    out = _empty(x, (s[0],), "float32")
+    _C.row_cosine(_prepare(x), _prepare(y), out)
+    return out

@@ -505,6 +505,8 @@ calls = [
                             return_assign=rng.random() < 0.5),
     lambda: ops.actqkv_scores(tensor(), tensor(), kv_start=rng.choice([None, tensor(), [0, 1], [-1]]),
                               scaling=rng.choice([None, 0.5, float("inf")]), return_weights=rng.random() < 0.5),
+    lambda: ops.pooled_counts(tensor(), anyint()),
+    lambda: ops.row_cosine(tensor(), tensor()),
 ]
 ok = bad = 0
 for i in range(4000):

@@ -658,6 +658,9 @@ GPU_METHODS = {
     "kvmerger": lambda: kvcompress.KVMerger(budget=64, sigma=0.5),
     # the probe-query scores (ops.actqkv_scores) at prefill and every re-selection
     "actqkv": lambda: kvcompress.ActQKV(budget=64),
+    # per-layer budgets decided after the whole prefill (ops.pooled_counts, ops.row_cosine)
+    "dynamickv": lambda: kvcompress.DynamicKV(budget=64),
+    "squeezeattention": lambda: kvcompress.SqueezeAttention(budget=64),
 }
 
 
@@ -758,3 +761,29 @@ def test_actqkv_scores(shape, dtype):
         assert not torch.isnan(got).any() and not torch.isnan(w).any()
         assert_close_2x(w, wref, wsame)
         assert_close_2x(got, ref, same, floor=2e-6)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 40), (2, 32, 4096)], ids=lambda s: "B{}L{}M{}".format(*s))
+def test_pooled_counts(shape):
+    """The same 32 counting passes on integer keys: equal counts, ties to the lower layer."""
+    from test_layerbudget import pooled_counts_ref
+
+    B, L, M = shape
+    g = torch.Generator().manual_seed(8)
+    s = (torch.randn(B, L, M, generator=g) * 3).round()  # many ties
+    s[torch.rand(B, L, M, generator=g) < 0.2] = float("-inf")
+    k = torch.randint(0, L * M + 1, (B,), generator=g)
+    cpu_res, got = both(ops.pooled_counts, s, k)
+    assert torch.equal(got, cpu_res)
+    assert torch.equal(cpu_res, pooled_counts_ref(s, k))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (37, 64), (4096, 576)], ids=lambda s: "N{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_row_cosine(shape, dtype):
+    from test_layerbudget import row_cosine_ref
+
+    x = make(shape, dtype, seed=9)
+    y = make(shape, dtype, seed=10)
+    cpu_res, got = both(ops.row_cosine, x, y)
+    assert_within_bound(got, row_cosine_ref(x, y), row_cosine_ref(x, y, dtype=torch.float32 if dtype ==
+                                                                   torch.float32 else dtype), "cos")
+    assert (got - cpu_res).abs().max() <= 1e-5

@@ -81,6 +81,16 @@ def test_slots_stay_within_the_budget_whatever_the_prompt(tiny_model, name, leng
                     share = length if (whole[li, h] and length > BUDGET) else target
                     assert min(seen, share) <= n < max(share, target) + INTERVAL, (name, seen, li, h, heads, share)
             continue
+        if method.defers_prefill and length > BUDGET:
+            # per-layer budgets decided after the prefill (DynamicKV,
+            # SqueezeAttention): the layers share L * budget, and each keeps
+            # its own plus at most interval - 1 since the last round
+            first = steps[0][1]
+            assert sum(heads[0] for heads in first) == len(first) * BUDGET, (name, first)
+            for li, heads in enumerate(layers):
+                t = first[li][0]
+                assert all(t <= n < t + INTERVAL for n in heads), (name, seen, li, heads, t)
+            continue
         for li, heads in enumerate(layers):
             target = min(seen, method.row_target(li, len(layers), seen))
             if seen <= BUDGET:

@@ -452,6 +452,21 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         src = fw(fl([n], rng.choice(FLOATS)))
         return [src, fw(torch.empty(n, dtype=rng.choice(FLOATS)))], {}
 
+    def b_pooled_counts():
+        B, L, M = dim(), dim(), dim()
+        s = fl([B, L, M], torch.float32)
+        if rng.random() < 0.3:
+            s = s.masked_fill(torch.rand(B, L, M) < 0.3, float("-inf"))
+        if rng.random() < 0.3:
+            s = s.round()  # ties
+        k = rng.randint(0, L * M) if rng.random() < 0.5 else torch.randint(0, L * M + 1, (B,))
+        return [fw(s), k], {}
+
+    def b_row_cosine():
+        N, D = dim(), dim()
+        dt = rng.choice(FLOATS)
+        return [fw(fl([N, D], dt)), fw(fl([N, D], dt))], {}
+
     BUILDERS = {
         "window_scores": b_window_scores,
         "global_scores": lambda: b_window_scores(gl=True),
@@ -488,6 +503,8 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "kvmerger_sets": b_kvmerger_sets,
         "gauss_merge": b_gauss_merge,
         "actqkv_scores": b_actqkv_scores,
+        "pooled_counts": b_pooled_counts,
+        "row_cosine": b_row_cosine,
     }
 
     def random_value():

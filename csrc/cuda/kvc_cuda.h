@@ -42,6 +42,7 @@
 #include "../kvcrush.h"
 #include "../kvmerger.h"
 #include "../actqkv.h"
+#include "../layerbudget.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -96,6 +97,9 @@ size_t kvc_cuda_evict_merge_workspace(const struct kvc_evict_merge_params *p);
 enum kvc_status kvc_cuda_evict_merge(const struct kvc_evict_merge_params *p, void *stream);
 
 enum kvc_status kvc_cuda_span_merge(const struct kvc_span_merge_params *p, void *stream);
+
+enum kvc_status kvc_cuda_pooled_counts(const struct kvc_pooled_counts_params *p, void *stream);
+enum kvc_status kvc_cuda_row_cosine(const struct kvc_row_cosine_params *p, void *stream);
 
 size_t kvc_cuda_attention_workspace(const struct kvc_attention_params *p);
 enum kvc_status kvc_cuda_attention(const struct kvc_attention_params *p, void *stream);

@@ -12,6 +12,7 @@ from .kvcrush import KVCrush
 from .kvmerger import KVMerger
 from .kvsharer import KVSharer
 from .lagkv import LagKV
+from .layerbudget import DynamicKV, SqueezeAttention
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .razor import RazorAttention
@@ -25,7 +26,7 @@ REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
                                            MiniCache, KVSharer, HeadKV, RazorAttention, KVCrush,
-                                           KVMerger, ActQKV, TaskKV)
+                                           KVMerger, ActQKV, TaskKV, DynamicKV, SqueezeAttention)
 }
 
 
@@ -148,4 +149,5 @@ __all__ = [
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
     "RazorAttention", "KVCrush", "KVMerger", "ActQKV", "TaskKV",
+    "DynamicKV", "SqueezeAttention",
 ]

@@ -139,6 +139,17 @@ class Method:
     #: quantizers only: ``True`` when composed, the evictor's unselected slots
     #: are kept at low bits instead of evicted (``LowBits``)
     demotes: ClassVar[bool] = False
+    #: ``True`` when a layer's prefill budget depends on other layers
+    #: (DynamicKV, SqueezeAttention): the cache then defers every layer's
+    #: prefill compression until the last layer has attended (and, with
+    #: ``needs_hidden``, reported its hidden states), gathering
+    #: :meth:`layer_statistic` per layer, and asks :meth:`layer_targets` for
+    #: each layer's slots; the full prompt cache is held until then
+    defers_prefill: ClassVar[bool] = False
+    #: ``True`` when :meth:`hidden_statistic` needs each decoder layer's
+    #: residual stream before and after its attention
+    #: (``kvcompress.compress`` installs forward hooks for it)
+    needs_hidden: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):
@@ -208,6 +219,9 @@ class Method:
         d = self.depth
         if d is None:
             return
+        if self.defers_prefill:
+            raise ValueError(f"depth: {type(self).__name__} sets each layer's budget after the whole prefill; "
+                             f"cross-layer methods ({d.describe()}) are not supported with it")
         if not isinstance(d, Method) or (d.cross_layer is None and d.sharing is None) or d.depth is not None:
             raise TypeError(f"depth: expected a cross-layer method such as kvcompress.MiniCache() or "
                             f"kvcompress.KVSharer(plan=...), got {d!r}")
@@ -386,6 +400,33 @@ class Method:
     def held_queries(self) -> int:
         """Latest queries a layer keeps for decode-time re-scoring (0: none)."""
         return 0
+
+    # ------------------------------------------- deferred prefill (defers_prefill)
+    def deferred_queries(self) -> int | None:
+        """Latest prefill queries a deferred layer keeps until its compression
+        (None: all of them); fewer hold less memory while the other layers run."""
+        return None
+
+    def layer_statistic(self, view: LayerView) -> Any:
+        """``defers_prefill`` methods: what :meth:`layer_targets` needs of one
+        layer, computed right after its prefill attention (``view`` holds the
+        chunk's queries and every slot)."""
+        return None
+
+    def hidden_statistic(self, before, after, pad: list[int]) -> Any:
+        """``needs_hidden`` methods: what :meth:`layer_targets` needs of one
+        layer's residual stream ``before`` its attention and ``after`` adding
+        the attention's output (``[B, q, d]``); ``pad[b]`` leading tokens of
+        row ``b`` are padding."""
+        return None
+
+    def layer_targets(self, stats: list, hidden: list | None, seen: list[int]) -> list[list[int]] | None:
+        """``defers_prefill`` methods: slots ``[layer][row]`` each deferred
+        layer keeps (layers in model order; rows with ``seen[b]`` real
+        tokens), from their :meth:`layer_statistic` and (``needs_hidden``)
+        :meth:`hidden_statistic`; None keeps :meth:`row_target`. Decoding
+        keeps each layer's share of the row's target (see ``CompressedLayer``)."""
+        return None
 
     def observe(self, view: LayerView) -> None:
         """Update per-slot state after an attention call (override)."""
