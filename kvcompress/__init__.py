@@ -54,6 +54,7 @@ _LAZY = {
     "KVSharer": ("kvcompress.methods", "KVSharer"),
     "HeadKV": ("kvcompress.methods", "HeadKV"),
     "RazorAttention": ("kvcompress.methods", "RazorAttention"),
+    "SCOPE": ("kvcompress.methods", "SCOPE"),
     "HeadProfile": ("kvcompress.heads", "HeadProfile"),
     "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),

@@ -12,6 +12,7 @@ from .lagkv import LagKV
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .razor import RazorAttention
+from .scope import SCOPE
 from .simple import Knorm, StreamingLLM
 from .sparse import MagicPIG, Quest, TidalDecode
 from .window import AdaKV, PyramidKV, SnapKV
@@ -20,7 +21,7 @@ from .window import AdaKV, PyramidKV, SnapKV
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
-                                           MiniCache, KVSharer, HeadKV, RazorAttention)
+                                           MiniCache, KVSharer, HeadKV, RazorAttention, SCOPE)
 }
 
 
@@ -142,5 +143,5 @@ __all__ = [
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
-    "RazorAttention",
+    "RazorAttention", "SCOPE",
 ]

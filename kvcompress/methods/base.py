@@ -367,13 +367,18 @@ class Method:
         """Budget of one layer given the mean budget; uniform by default."""
         return mean_budget
 
-    def row_target(self, layer_idx: int, num_layers: int, seen: int) -> int:
+    def row_target(self, layer_idx: int, num_layers: int, seen: int, prompt: int | None = None) -> int:
         """Slots a batch row keeps in a layer once it has seen ``seen`` real
         tokens.
 
         When the mean budget (``budget``, or ``int(seen * (1 - ratio))``)
         covers every token nothing is compressed, even where a per-layer
         schedule (PyramidKV) would give this layer fewer slots.
+
+        ``prompt`` is how many of the ``seen`` tokens the row had seen at its
+        last prefill chunk (the rest were decoded one at a time); ``None``
+        means all of them. Methods with one budget for every token ignore it;
+        a method with a separate decoding budget (SCOPE) reads it.
         """
         if self.budget is not None:
             mean = float(self.budget)
