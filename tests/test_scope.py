@@ -14,7 +14,6 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvcompress as kvc
-from kvcompress.cache import CompressedLayer
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import EVICTING, REGISTRY, SCOPE, method_from_spec, parse_method_spec
 
@@ -109,7 +108,7 @@ def test_usable_from_the_command_line():
 
 @pytest.mark.parametrize("prefill", [kvc.SnapKV(budget=18, window=4), kvc.PyramidKV(budget=18, window=4),
                                      kvc.H2O(budget=18)], ids=["snapkv", "pyramidkv", "h2o"])
-def test_prefill_pool_is_the_prefill_method_s_and_is_never_evicted(tiny_model, prefill):
+def test_prefill_pool_is_the_prefill_method_s(tiny_model, prefill):
     ids = _tokens(50, seed=1, batch=2)
     outs = []
     for method in (prefill, SCOPE(prefill=prefill, decode=6, recent=2)):
@@ -117,13 +116,22 @@ def test_prefill_pool_is_the_prefill_method_s_and_is_never_evicted(tiny_model, p
             cache = session.new_cache()
             with torch.no_grad():
                 tiny_model(ids, **cache_kwargs(tiny_model, cache))
-        outs.append([(layer.positions.clone(), layer.keys.clone()) for layer in cache.layers])
-    for (pa, ka), (pb, kb) in zip(*outs):
+        outs.append([(layer.positions.clone(), layer.keys.clone(), dict(layer.state)) for layer in cache.layers])
+    for (pa, ka, sa), (pb, kb, sb) in zip(*outs):
         assert torch.equal(pa, pb) and torch.equal(ka, kb)
-    # decoding then never evicts a prompt slot
-    method = SCOPE(prefill=prefill, decode=6, recent=2)
-    out, cache = _generate(tiny_model, ids, n=30, method=method)
-    for layer, (pos, _) in zip(cache.layers, outs[1]):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)  # H2O's "acc"
+
+
+def test_decoding_never_evicts_a_prompt_slot(tiny_model):
+    ids = _tokens(50, seed=1, batch=2)
+    prefill = kvc.H2O(budget=18)
+    with kvc.compress(tiny_model, prefill) as session:
+        cache = session.new_cache()
+        with torch.no_grad():
+            tiny_model(ids, **cache_kwargs(tiny_model, cache))
+    pools = [layer.positions.clone() for layer in cache.layers]
+    _, cache = _generate(tiny_model, ids, n=16, method=SCOPE(prefill=prefill, decode=6, recent=2))
+    for layer, pos in zip(cache.layers, pools):
         assert torch.equal(layer.positions[..., : pos.shape[2]], pos)
         assert (layer.positions[..., pos.shape[2]:] >= 50).all() and layer.n == pos.shape[2] + 6
 
@@ -162,7 +170,7 @@ def _reference_step(m64, token, pos, kv, held):
     return queries, m64.lm_head(m64.model.norm(h))[0, 0]
 
 
-def _check_decoding(model, method, prompt_len=40, steps=36, seed=7, mutate=None):
+def _check_decoding(model, method, prompt_len=40, steps=28, seed=7, mutate=None):
     """Run ``method`` teacher-forced over random tokens and check every decode
     step of every layer against the float64 reference: whether the layer
     re-selected, and what it kept (the prefill pool, the last ``recent``
@@ -231,14 +239,14 @@ def _check_decoding(model, method, prompt_len=40, steps=36, seed=7, mutate=None)
 def test_decoding_pool_matches_a_float64_teacher_forced_recomputation(tiny_model, kw):
     method = SCOPE(prefill=kvc.SnapKV(budget=16, window=4), decode=10, recent=3, **kw)
     rounds = _check_decoding(tiny_model, method)
-    assert rounds >= 4 * 6
+    assert rounds >= 4 * 4
 
 
 def test_the_comparison_discriminates(tiny_model):
     method = SCOPE(prefill=kvc.SnapKV(budget=16, window=4), decode=10, recent=3)
     for mutate in ("recent", "accumulated"):
         with pytest.raises(AssertionError):
-            _check_decoding(tiny_model, method, steps=24, mutate=mutate)
+            _check_decoding(tiny_model, method, steps=18, mutate=mutate)
 
 
 # ------------------------------------------------------------ identity, batches, memory
@@ -246,18 +254,15 @@ def test_the_comparison_discriminates(tiny_model):
 
 def test_budgets_above_prompt_and_output_reproduce_generate(tiny_model):
     ids = _tokens(30, seed=2)
-    ref, _ = _generate(tiny_model, ids, n=20)
+    ref, _ = _generate(tiny_model, ids, n=12)
     for strategy in ("slide", "adaptive", "discontinuous"):
-        out, cache = _generate(tiny_model, ids, n=20, method=SCOPE(budget=64, decode=20, strategy=strategy,
+        out, cache = _generate(tiny_model, ids, n=12, method=SCOPE(budget=64, decode=12, strategy=strategy,
                                                                     every=1))
         assert torch.equal(out, ref), strategy
-        assert all(layer.n == layer.seen == 30 + 19 for layer in cache.layers)
-    # a small decoding pool changes what the model sees
-    _, cache = _generate(tiny_model, ids, n=20, method=SCOPE(budget=64, decode=4, recent=2))
-    assert all(layer.n == 30 + 4 for layer in cache.layers)
+        assert all(layer.n == layer.seen == 30 + 11 for layer in cache.layers)
 
 
-@pytest.mark.parametrize("strategy", ["slide", "adaptive", "discontinuous"])
+@pytest.mark.parametrize("strategy", ["slide", "discontinuous"])
 def test_left_padded_rows_generate_what_they_generate_alone(tiny_model, strategy):
     rows = [_tokens(35, seed=3)[0], _tokens(70, seed=4)[0], _tokens(12, seed=5)[0]]
     L = 70
@@ -266,17 +271,17 @@ def test_left_padded_rows_generate_what_they_generate_alone(tiny_model, strategy
     for i, r in enumerate(rows):
         ids[i, L - len(r):], mask[i, L - len(r):] = r, 1
     method = SCOPE(prefill=kvc.SnapKV(budget=20, window=4), decode=8, recent=3, strategy=strategy, every=3)
-    out, cache = _generate(tiny_model, ids, mask, n=24, method=method)
+    out, cache = _generate(tiny_model, ids, mask, n=18, method=method)
     for i, r in enumerate(rows):
-        alone, _ = _generate(tiny_model, r[None], n=24, method=method)
-        assert torch.equal(out[i, -24:], alone[0, -24:]), i
+        alone, _ = _generate(tiny_model, r[None], n=18, method=method)
+        assert torch.equal(out[i, -18:], alone[0, -18:]), i
     for layer in cache.layers:
         assert max(layer.head_lengths()) - int(layer.kv_start.min()) <= 20 + 8 + method.interval - 1
 
 
 @pytest.mark.parametrize("strategy", ["slide", "adaptive", "discontinuous"])
 def test_a_layer_holds_the_prefill_budget_plus_the_decoding_pool(tiny_model, strategy):
-    method = SCOPE(budget=24, decode=16, recent=4, strategy=strategy, every=5,
+    method = SCOPE(budget=24, decode=12, recent=4, strategy=strategy, every=5,
                    **({} if strategy == "discontinuous" else dict(interval=3)))
     ids = _tokens(100, seed=8)
     peak = []
@@ -284,12 +289,12 @@ def test_a_layer_holds_the_prefill_budget_plus_the_decoding_pool(tiny_model, str
         cache = session.new_cache()
         with torch.no_grad():
             tiny_model(ids, **cache_kwargs(tiny_model, cache))
-            for t, token in enumerate(_tokens(150, seed=9)[0].tolist(), start=1):
+            for t, token in enumerate(_tokens(80, seed=9)[0].tolist(), start=1):
                 tiny_model(torch.tensor([[token]]), **cache_kwargs(tiny_model, cache))
                 for layer in cache.layers:
                     assert 24 + method.decode_slots(t) <= layer.n < 24 + method.decode_slots(t) + method.interval
                 peak.append(cache.memory_bytes())
     for layer in cache.layers:
-        assert layer.n <= 24 + 16 + method.interval - 1
-        assert layer.capacity <= 24 + 16 + method.interval
-    assert max(peak[60:]) == max(peak[60:80])  # flat once the pool is full
+        assert layer.n <= 24 + 12 + method.interval - 1
+        assert layer.capacity <= 24 + 12 + method.interval
+    assert max(peak[45:]) == max(peak[45:60])  # flat once the pool is full
