@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +75,10 @@ class SCOPE(Method):
       decoding pool starts again.
     * ``interval=0`` never re-selects while decoding (the code's "None":
       prefill-only compression, the cache grows).
+    * Defaults: ``decode=128, recent=decode // 2`` (the paper's ``β1 = 512,
+      β2 = 256`` quartered, for prefill budgets of 64-256 rather than 2048),
+      ``every=15`` (the code's ``δ`` for those and a 4K-token output).
+      Sliding-window layers (Gemma) keep their window as for every method.
 
     Parameters
     ----------
