@@ -298,3 +298,24 @@ def test_a_layer_holds_the_prefill_budget_plus_the_decoding_pool(tiny_model, str
         assert layer.n <= 24 + 12 + method.interval - 1
         assert layer.capacity <= 24 + 12 + method.interval
     assert max(peak[45:]) == max(peak[45:60])  # flat once the pool is full
+
+
+def test_a_later_turn_is_a_prefill_and_interval_zero_keeps_growing(tiny_model):
+    """A prefill chunk after decoding folds both pools into the prefill
+    method's selection (the prefill budget), and the decoding pool starts
+    again; ``interval=0`` never re-selects while decoding."""
+    method = SCOPE(prefill=kvc.SnapKV(budget=16, window=4), decode=6, recent=2)
+    with kvc.compress(tiny_model, method) as session:
+        cache = session.new_cache()
+        with torch.no_grad():
+            tiny_model(_tokens(40, seed=10), **cache_kwargs(tiny_model, cache))
+            for token in _tokens(10, seed=11)[0].tolist():
+                tiny_model(torch.tensor([[token]]), **cache_kwargs(tiny_model, cache))
+            assert all(layer.n == 16 + 6 for layer in cache.layers)
+            tiny_model(_tokens(20, seed=12), **cache_kwargs(tiny_model, cache))
+            assert all(layer.n == 16 and layer.positions.max() == 69 for layer in cache.layers)
+            for token in _tokens(9, seed=13)[0].tolist():
+                tiny_model(torch.tensor([[token]]), **cache_kwargs(tiny_model, cache))
+            assert all(layer.n == 16 + 6 and (layer.positions[..., :16] < 70).all() for layer in cache.layers)
+    _, cache = _generate(tiny_model, _tokens(40, seed=10), n=12, method=SCOPE(budget=16, decode=4, interval=0))
+    assert all(layer.n == 16 + 11 for layer in cache.layers)
