@@ -369,10 +369,12 @@ class CompressedLayer(CacheLayerMixin):
     def _targets(self) -> list[int]:
         """Slots each batch row may keep (its real tokens seen so far)."""
         L = self.num_layers or (self.layer_idx + 1)
-        # decode steps are one token each, so the prompt is what was seen before them
-        prompt = self.seen - self.decode_steps
-        return [self.method.row_target(self.layer_idx, L, self.seen - p, prompt=max(0, prompt - p))
-                for p in self._pad]
+        out = []
+        for p in self._pad:
+            # decode steps are one token each: the prompt is what came before them
+            decoded = min(self.decode_steps, self.seen - p)
+            out.append(self.method.phase_target(self.layer_idx, L, self.seen - p - decoded, decoded))
+        return out
 
     def _held(self) -> list[int]:
         """Real slots each batch row of a uniform store holds."""
@@ -470,7 +472,7 @@ class CompressedLayer(CacheLayerMixin):
             # decoding never needs more than the budget plus the slack (the
             # largest target: a long prompt, then a long generation)
             L = self.num_layers or (self.layer_idx + 1)
-            self.store.limit = method.row_target(self.layer_idx, L, 1 << 41, prompt=1 << 40) + method.interval
+            self.store.limit = method.phase_target(self.layer_idx, L, 1 << 40, 1 << 40) + method.interval
         # sliding layers never re-score (they keep their most recent slots)
         held_q = method.held_queries() if method.interval and self.window is None else 0
         if held_q and queries is not None:

@@ -75,15 +75,17 @@ def test_defaults_and_the_paper_s_pool_sizes():
     assert [a.decode_slots(t) for t in range(1, 40)] == want
     assert a.decode_slots(4) == 4 and a.decode_slots(7) == 6 and a.decode_slots(19) == 10
     # the target: the prefill method's share of the prompt plus the decoding pool
-    assert s.row_target(0, 4, 300, prompt=200) == 64 + 10
-    assert s.row_target(0, 4, 205, prompt=200) == 64 + 5
-    assert s.row_target(0, 4, 30, prompt=20) == 20 + 10  # a short prompt is kept whole
-    assert s.row_target(0, 4, 200) == 64  # no prompt given: every token is the prompt's
+    assert s.phase_target(0, 4, 200, 100) == 64 + 10
+    assert s.phase_target(0, 4, 200, 5) == 64 + 5
+    assert s.phase_target(0, 4, 20, 10) == 20 + 10  # a short prompt is kept whole
+    assert s.row_target(0, 4, 200) == s.phase_target(0, 4, 200, 0) == 64  # nothing decoded yet
     r = SCOPE(ratio=0.75, decode=10)
-    assert r.row_target(0, 4, 1000, prompt=400) == 100 + 10  # the ratio applies to the prompt only
+    assert r.phase_target(0, 4, 400, 600) == 100 + 10  # the ratio applies to the prompt only
     p = SCOPE(budget=48, prefill="pyramidkv")
-    assert [p.row_target(li, 30, 990, prompt=900) for li in (0, 29)] == [
+    assert [p.phase_target(li, 30, 900, 90) for li in (0, 29)] == [
         kvc.PyramidKV(budget=48).row_target(li, 30, 900) + 90 for li in (0, 29)]
+    # every other method: one budget for every token
+    assert kvc.SnapKV(budget=64).phase_target(0, 4, 50, 30) == kvc.SnapKV(budget=64).row_target(0, 4, 80) == 64
 
 
 def test_usable_from_the_command_line():

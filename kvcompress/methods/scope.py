@@ -47,7 +47,7 @@ class SCOPE(Method):
       head.
     * A row's target is ``prefill part + decoding part``:
       ``min(t, pool(t))`` for the ``t`` tokens generated since the last
-      prefill chunk (``Method.row_target``'s ``prompt``), with ``pool(t) =
+      prefill chunk (``Method.phase_target``), with ``pool(t) =
       decode`` (slide) or ``recent + min(decode - recent, (t - 1) // every)``
       (adaptive, discontinuous; capped at ``decode`` so a layer never holds
       more than the prefill budget + ``decode`` + ``interval - 1`` slots per
@@ -190,9 +190,14 @@ class SCOPE(Method):
     def layer_budget(self, layer_idx: int, num_layers: int, mean_budget: float) -> float:
         return self._inner.layer_budget(layer_idx, num_layers, mean_budget)
 
-    def row_target(self, layer_idx: int, num_layers: int, seen: int, prompt: int | None = None) -> int:
-        prompt = seen if prompt is None else min(prompt, seen)
-        return self._inner.row_target(layer_idx, num_layers, prompt) + self.decode_slots(seen - prompt)
+    def row_target(self, layer_idx: int, num_layers: int, seen: int) -> int:
+        """The prefill method's target for ``seen`` prompt tokens."""
+        return self._inner.row_target(layer_idx, num_layers, seen)
+
+    def phase_target(self, layer_idx: int, num_layers: int, prompt: int, decoded: int) -> int:
+        """The prefill pool of ``prompt`` tokens plus the decoding pool after
+        ``decoded`` generated ones."""
+        return self._inner.row_target(layer_idx, num_layers, prompt) + self.decode_slots(decoded)
 
     # ------------------------------------------------------------ the layer's calls
     @property
