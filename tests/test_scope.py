@@ -55,7 +55,7 @@ def test_options_are_validated_by_name():
     with pytest.raises(ValueError, match="quant"):
         SCOPE(budget=64) + kvc.KIVI(bits=4)
     for kw, name in [(dict(decode=2.5), "decode"), (dict(recent="4"), "recent"), (dict(every=True), "every"),
-                     (dict(prefill=3), "prefill")]:
+                     (dict(prefill=3), "prefill"), (dict(strategy="discontinuous", every=2.0), "every")]:
         with pytest.raises(TypeError, match=name):
             SCOPE(budget=64, **kw)
     with pytest.raises(ValueError, match="budget"):

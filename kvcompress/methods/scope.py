@@ -120,6 +120,7 @@ class SCOPE(Method):
         if isinstance(self.prefill, Method) and self.budget is None and self.ratio is None:
             self.budget, self.ratio = self.prefill.budget, self.prefill.ratio
         if self.strategy == "discontinuous":
+            self._check_int("every", self.every, 1)
             if self.interval is None:
                 self.interval = self.every
             elif self.interval != self.every:
