@@ -56,6 +56,7 @@ _LAZY = {
     "RazorAttention": ("kvcompress.methods", "RazorAttention"),
     "KVCrush": ("kvcompress.methods", "KVCrush"),
     "KVMerger": ("kvcompress.methods", "KVMerger"),
+    "SCOPE": ("kvcompress.methods", "SCOPE"),
     "HeadProfile": ("kvcompress.heads", "HeadProfile"),
     "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),

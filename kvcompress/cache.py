@@ -382,16 +382,19 @@ class CompressedLayer(CacheLayerMixin):
         out = []
         for b, p in enumerate(self._pad):
             real = self.seen - p
-            t = self.method.row_target(self.layer_idx, L, real)
+            # decode steps are one token each: the prompt is what came before them
+            decoded = min(self.decode_steps, real)
+            t = self.method.phase_target(self.layer_idx, L, real - decoded, decoded)
             if self._scale is not None and t < real:
                 t = min(real, max(1, int(round(t * self._scale[b]))))
             out.append(t)
         return out
 
     def _target_cap(self) -> int:
-        """The most slots a row of this layer may keep while decoding."""
+        """The most slots a row of this layer may keep while decoding (the
+        largest target: a long prompt, then a long generation)."""
         L = self.num_layers or (self.layer_idx + 1)
-        t = self.method.row_target(self.layer_idx, L, 1 << 40)
+        t = self.method.phase_target(self.layer_idx, L, 1 << 40, 1 << 40)
         return t if self._scale is None else max(int(round(t * k)) for k in self._scale)
 
     def set_layer_targets(self, targets: list[int] | None) -> None:

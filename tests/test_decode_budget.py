@@ -75,7 +75,7 @@ def test_slots_stay_within_the_budget_whatever_the_prompt(tiny_model, name, leng
             # it by at most interval - 1 before it is re-merged
             whole = session_method.retrieval_heads()
             for li, heads in enumerate(layers):
-                target = min(seen, method.row_target(li, len(layers), seen))
+                target = min(seen, method.phase_target(li, len(layers), min(seen, length), max(0, seen - length)))
                 assert len(heads) == H and all(n <= seen for n in heads), (name, seen, li, heads)
                 for h, n in enumerate(heads):
                     share = length if (whole[li, h] and length > BUDGET) else target
@@ -92,7 +92,7 @@ def test_slots_stay_within_the_budget_whatever_the_prompt(tiny_model, name, leng
                 assert all(t <= n < t + INTERVAL for n in heads), (name, seen, li, heads, t)
             continue
         for li, heads in enumerate(layers):
-            target = min(seen, method.row_target(li, len(layers), seen))
+            target = min(seen, method.phase_target(li, len(layers), min(seen, length), max(0, seen - length)))
             if seen <= BUDGET:
                 # nothing is evicted before the budget is reached
                 assert heads == [seen] * H, (name, length, seen, li, heads)

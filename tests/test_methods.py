@@ -5,9 +5,9 @@ import math
 import pytest
 
 import kvcompress as kvc
-from kvcompress.methods import H2O, TOVA, VATP, Keyformer, Knorm, PyramidKV, SnapKV, StreamingLLM
+from kvcompress.methods import H2O, SCOPE, TOVA, VATP, Keyformer, Knorm, PyramidKV, SnapKV, StreamingLLM
 
-CLASSES = [StreamingLLM, SnapKV, PyramidKV, Knorm, H2O, TOVA, VATP, Keyformer]
+CLASSES = [StreamingLLM, SnapKV, PyramidKV, Knorm, H2O, TOVA, VATP, Keyformer, SCOPE]
 
 
 @pytest.mark.parametrize("cls", CLASSES)
@@ -71,7 +71,8 @@ def test_defaults_follow_the_design():
     assert PyramidKV(ratio=0.5).beta == 20
     assert H2O(budget=8).recent == 0.5
     assert VATP(ratio=0.5).sinks == 20
-    assert all(cls(ratio=0.5).interval == 16 for cls in CLASSES)
+    assert all(cls(ratio=0.5).interval == 16 for cls in CLASSES if cls is not SCOPE)
+    assert SCOPE(ratio=0.5).interval == 1  # the paper re-selects its decoding pool at every step
 
 
 def test_ratio_targets_and_budget_targets():

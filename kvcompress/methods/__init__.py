@@ -16,6 +16,7 @@ from .layerbudget import DynamicKV, SqueezeAttention
 from .minicache import MiniCache
 from .quant import KIVI, LowBits, MiKV, ZipCache
 from .razor import RazorAttention
+from .scope import SCOPE
 from .simple import Knorm, StreamingLLM
 from .sparse import MagicPIG, Quest, TidalDecode
 from .taskkv import TaskKV
@@ -26,7 +27,8 @@ REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
                                            MiniCache, KVSharer, HeadKV, RazorAttention, KVCrush,
-                                           KVMerger, ActQKV, TaskKV, DynamicKV, SqueezeAttention)
+                                           KVMerger, ActQKV, TaskKV, DynamicKV, SqueezeAttention,
+                                           SCOPE)
 }
 
 
@@ -149,5 +151,5 @@ __all__ = [
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
     "RazorAttention", "KVCrush", "KVMerger", "ActQKV", "TaskKV",
-    "DynamicKV", "SqueezeAttention",
+    "DynamicKV", "SqueezeAttention", "SCOPE",
 ]

@@ -5,7 +5,8 @@ storage and the C ops the arithmetic. The cache calls, per layer:
 
 * :meth:`Method.observe` after every attention call (prefill chunk or decode
   step), so per-slot state such as H2O's accumulated attention stays current;
-* :meth:`Method.row_target` for the slots a batch row may keep;
+* :meth:`Method.phase_target` (by default :meth:`Method.row_target`) for the
+  slots a batch row may keep;
 * :meth:`Method.select` (evicting methods) or :meth:`Method.compact` (merging
   methods, ``merges = True``) when a row holds more than that after a prefill
   chunk, or more than that plus ``interval`` slots after a decode step;
@@ -396,6 +397,14 @@ class Method:
         if mean >= seen:
             return seen
         return max(1, int(round(self.layer_budget(layer_idx, num_layers, mean))))
+
+    def phase_target(self, layer_idx: int, num_layers: int, prompt: int, decoded: int) -> int:
+        """Slots a batch row keeps once it has seen ``prompt`` real tokens up
+        to its last prefill chunk and ``decoded`` tokens decoded one at a time
+        since (what the cache asks). One budget for every token by default:
+        ``row_target`` of ``prompt + decoded``; a method with a separate
+        decoding budget (SCOPE) overrides it."""
+        return self.row_target(layer_idx, num_layers, prompt + decoded)
 
     def held_queries(self) -> int:
         """Latest queries a layer keeps for decode-time re-scoring (0: none)."""
