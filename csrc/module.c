@@ -218,6 +218,7 @@ static int kvc_exec(PyObject *m)
     if (PyModule_AddFunctions(m, kvc_py_keyformer_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, kvc_py_lagkv_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, kvc_py_span_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, kvc_py_fastgen_methods) < 0) return -1;
 #ifdef _OPENMP
     st->num_threads = omp_get_max_threads();
 #else

@@ -115,5 +115,6 @@ extern PyMethodDef kvc_py_minicache_methods[];
 extern PyMethodDef kvc_py_keyformer_methods[];
 extern PyMethodDef kvc_py_lagkv_methods[];
 extern PyMethodDef kvc_py_span_methods[];
+extern PyMethodDef kvc_py_fastgen_methods[];
 
 #endif /* KVC_MODULE_H */

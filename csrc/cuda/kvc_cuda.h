@@ -39,6 +39,7 @@
 #include "../score_global.h"
 #include "../select.h"
 #include "../span.h"
+#include "../fastgen.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -105,6 +106,9 @@ enum kvc_status kvc_cuda_unpack(const struct kvc_unpack_params *p, void *stream)
 
 size_t kvc_cuda_packed_attention_workspace(const struct kvc_packed_attention_params *p);
 enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_attention_params *p, void *stream);
+
+size_t kvc_cuda_fastgen_recovery_workspace(const struct kvc_fastgen_recovery_params *p);
+enum kvc_status kvc_cuda_fastgen_recovery(const struct kvc_fastgen_recovery_params *p, void *stream);
 
 #ifdef __cplusplus
 }
