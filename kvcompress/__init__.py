@@ -58,6 +58,7 @@ _LAZY = {
     "profile_heads": ("kvcompress.heads", "profile_heads"),
     "calibrate_kvsharer": ("kvcompress.calibrate", "calibrate_kvsharer"),
     "calibration_ids": ("kvcompress.calibrate", "calibration_ids"),
+    "FastGen": ("kvcompress.methods", "FastGen"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -5,6 +5,7 @@ import dataclasses
 from .accumulated import H2O, TOVA, VATP
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
+from .fastgen import FastGen
 from .headkv import HeadKV
 from .keyformer import Keyformer
 from .kvsharer import KVSharer
@@ -20,7 +21,7 @@ from .window import AdaKV, PyramidKV, SnapKV
 REGISTRY: dict[str, type[Method]] = {
     cls.__name__.lower(): cls for cls in (EMS, StreamingLLM, SnapKV, PyramidKV, AdaKV, Knorm, LagKV, H2O, TOVA, VATP,
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
-                                           MiniCache, KVSharer, HeadKV, RazorAttention)
+                                           MiniCache, KVSharer, HeadKV, RazorAttention, FastGen)
 }
 
 
@@ -142,5 +143,5 @@ __all__ = [
     "parse_method_spec", "spec_evicts",
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
-    "RazorAttention",
+    "RazorAttention", "FastGen",
 ]
