@@ -494,6 +494,8 @@ calls = [
                             kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
     lambda: ops.gather(tensor(), tensor(), tensor(), out_keys=rng.choice([None, None, tensor()]),
                        out_values=rng.choice([None, None, tensor()])),
+    lambda: ops.fastgen_recovery(tensor(), tensor(), tensor(), rng.choice([0, 1, 5, 16, 17, -1]),
+                                 kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
 ]
 ok = bad = 0
 for i in range(4000):
