@@ -404,3 +404,33 @@ def test_eval_runs_fastgen_from_the_command_line(tiny_lm, tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["method"] for r in rows[1:]] == ["fastgen", "fastgen:recovery=0.5"]
     assert all(math.isfinite(r["ppl"]["ppl"]) for r in rows[1:])
+
+
+def test_token_log_follows_the_batch_and_knows_what_it_does_not_know():
+    from kvcompress.cache import TokenLog
+
+    log = TokenLog()
+    log.append(torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    log.append(torch.tensor([[11], [12]]))
+    pos = torch.tensor([[[0, 3], [2, 1]], [[3, 0], [1, 1]]], dtype=torch.int32)
+    assert log.lookup(pos).tolist() == [[[5, 11], [7, 6]], [[12, 8], [9, 9]]]
+    log.index_batch(torch.tensor([1, 1]))
+    assert log.ids.tolist() == [[8, 9, 10, 12]] * 2
+    assert log.lookup(torch.full((2, 1, 1), 4)) is None  # beyond what was fed
+    log.append(None)  # inputs_embeds: unknown for good
+    assert log.unknown and log.lookup(pos) is None
+    log.append(torch.tensor([[1], [2]]))
+    assert log.lookup(pos) is None
+
+
+def test_beam_search_reorders_the_token_log(tiny_model):
+    ids = _prompt(length=40, seed=8)
+    method = FastGen(budget=16, recovery=0.3, interval=4, special=SPECIAL, punct=PUNCT)
+    with kvc.compress(tiny_model, method) as session:
+        out = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                  min_new_tokens=8, num_beams=3, do_sample=False, pad_token_id=0)
+    log = session.cache.token_log.ids
+    assert log.shape == (3, 40 + 7)
+    assert all(torch.equal(row[:40], ids[0]) for row in log)
+    # the best beam's tokens are one of the cache's rows
+    assert any(torch.equal(row, out[0, :-1]) for row in log)
