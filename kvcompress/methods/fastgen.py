@@ -113,6 +113,8 @@ class FastGen(Method):
       so a ``C_special`` head's new non-special tokens leave at the next
       re-selection, and new special or punctuation tokens displace its
       least-attended ones once its share is full;
+    * a prompt that fits the budget is kept whole and profiled when decoding
+      first takes the row over its target (with the held queries);
     * ties (equal attention) go to the older slot.
 
     Parameters
