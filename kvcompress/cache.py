@@ -230,6 +230,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf) if t is not None]
+        extra += list(self.head_state.values())
+        if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
+            extra.append(self.token_log.ids)  # the cache's one token log, counted with its first layer
         return self.store.tensors() + extra
 
     # ------------------------------------------------------------ HF protocol
