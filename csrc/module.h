@@ -119,5 +119,6 @@ extern PyMethodDef kvc_py_kvcrush_methods[];
 extern PyMethodDef kvc_py_kvmerger_methods[];
 extern PyMethodDef kvc_py_actqkv_methods[];
 extern PyMethodDef kvc_py_layerbudget_methods[];
+extern PyMethodDef kvc_py_fastgen_methods[];
 
 #endif /* KVC_MODULE_H */

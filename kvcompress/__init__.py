@@ -65,6 +65,7 @@ _LAZY = {
     "TaskKV": ("kvcompress.methods", "TaskKV"),
     "DynamicKV": ("kvcompress.methods", "DynamicKV"),
     "SqueezeAttention": ("kvcompress.methods", "SqueezeAttention"),
+    "FastGen": ("kvcompress.methods", "FastGen"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

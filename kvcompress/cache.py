@@ -75,6 +75,51 @@ def _fill_front(rows: list[torch.Tensor], H: int, device) -> tuple[torch.Tensor,
     return torch.stack(out), fill
 
 
+class TokenLog:
+    """The token ids a ``KVCache`` was fed, for methods with
+    ``Method.needs_tokens`` (FastGen): ``ids`` int64 ``[B, T]``, ``T`` the
+    tokens seen (left padding included), so the token of a slot at position
+    ``p`` of row ``b`` is ``ids[b, p]``. One per cache, shared by its layers
+    (a few bytes per token and row, not per layer or head).
+
+    ``hf.compress`` records every forward's ``input_ids`` before its layers
+    run; a forward without them (``inputs_embeds``) makes the log unknown for
+    good (``lookup`` then returns None).
+    """
+
+    def __init__(self):
+        self.ids = None
+        self.unknown = False
+
+    def clear(self) -> None:
+        self.__init__()
+
+    def append(self, input_ids) -> None:
+        if input_ids is None or self.unknown:
+            self.unknown, self.ids = True, None
+            return
+        ids = input_ids.detach().to(torch.int64)
+        if ids.ndim != 2 or (self.ids is not None and ids.shape[0] != self.ids.shape[0]):
+            self.unknown, self.ids = True, None
+            return
+        self.ids = ids.clone() if self.ids is None else torch.cat([self.ids, ids.to(self.ids.device)], 1)
+
+    def index_batch(self, idx: torch.Tensor) -> None:
+        if self.ids is not None:
+            self.ids = self.ids.index_select(0, idx.to(self.ids.device))
+
+    def lookup(self, positions):
+        """int64 ``[B, H, n]`` token ids of slots at ``positions`` ``[B, H,
+        n]`` (any integer dtype), or None when the log does not cover them."""
+        if self.ids is None or positions is None or positions.shape[0] != self.ids.shape[0]:
+            return None
+        B, T = self.ids.shape
+        if positions.numel() and int(positions.max()) >= T:
+            return None
+        pos = positions.reshape(B, -1).to(device=self.ids.device, dtype=torch.int64).clamp(0, max(T - 1, 0))
+        return self.ids.gather(1, pos).reshape(positions.shape).to(positions.device)
+
+
 class CompressedLayer(CacheLayerMixin):
     """One layer of a ``KVCache``.
 
@@ -125,6 +170,10 @@ class CompressedLayer(CacheLayerMixin):
         # defers_prefill methods: each row's target here over its mean
         # target when method.layer_targets last ran (None: the mean)
         self._scale: list[float] | None = None
+        # the cache's token ids (Method.needs_tokens); KVCache sets it
+        self.token_log: TokenLog | None = None
+        # per-head method state (LayerView.head_state): name -> [B, H] int64
+        self.head_state: dict = {}
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -184,6 +233,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf) if t is not None]
+        extra += list(self.head_state.values())
+        if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
+            extra.append(self.token_log.ids)  # the cache's one token log, counted with its first layer
         return self.store.tensors() + extra
 
     # ------------------------------------------------------------ HF protocol
@@ -222,7 +274,11 @@ class CompressedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        log = self.token_log
+        if log is not None and self.layer_idx == 0:
+            log.clear()
         self.__init__(self.layer_idx, self.method, self.num_layers)
+        self.token_log = log
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._index_batch(beam_idx)
@@ -250,6 +306,8 @@ class CompressedLayer(CacheLayerMixin):
         if not self.store.batch:
             return
         host = idx.detach().to("cpu", torch.int64)
+        if self.layer_idx == 0 and self.token_log is not None:
+            self.token_log.index_batch(host)  # one log per cache: its first layer reorders it
         self.store.index_batch(idx)
         dev = self.kv_start.device if self.kv_start is not None else idx.device
         if self.kv_start is not None:
@@ -264,6 +322,7 @@ class CompressedLayer(CacheLayerMixin):
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
         if self._scale is not None:
             self._scale = [self._scale[i] for i in host.tolist()]
+        self.head_state = {k: v.index_select(0, host.to(v.device)) for k, v in self.head_state.items()}
 
     # -------------------------------------------------------------- padding
     def set_padding(self, padding_mask, q: int, four_d=None) -> torch.Tensor:
@@ -369,7 +428,15 @@ class CompressedLayer(CacheLayerMixin):
             layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1), queries=queries,
             keys=self.store.keys, values=self.store.values, kv_start=self.kv_start, scaling=scaling,
             state=self.state, phase=phase, steps=self.decode_steps if phase == "decode" else 0,
+            tokens=self._tokens(self.store.column("positions")), head_state=dict(self.head_state),
         )
+
+    def _tokens(self, positions):
+        """Token ids of slots at ``positions`` ``[B, H, n]`` for a method with
+        ``needs_tokens`` (else, or when unknown, None)."""
+        if not self.method.needs_tokens or self.token_log is None:
+            return None
+        return self.token_log.lookup(positions)
 
     def _targets(self) -> list[int]:
         """Slots each batch row may keep (its real tokens seen so far).
@@ -568,9 +635,11 @@ class CompressedLayer(CacheLayerMixin):
         device = view.keys.device
         picked: dict[int, torch.Tensor] = {}
         for t, group, gidx in self._groups(rows, targets, device):
-            idx = self.method.select(view.rows(gidx), t)
+            sub = view.rows(gidx)
+            idx = self.method.select(sub, t)
             for i, b in enumerate(group):
                 picked[b] = idx[i]
+            self._keep_head_state(sub.head_state, gidx, B, H)
         per_row = []
         for b in range(B):
             if b in picked:
@@ -593,6 +662,17 @@ class CompressedLayer(CacheLayerMixin):
         indices, fill = _fill_front(per_row, H, device)
         self.store.keep(indices)
         self._update_start(fill)
+
+    def _keep_head_state(self, state: dict, rows: torch.Tensor, B: int, H: int) -> None:
+        """Store what a method wrote into a sub-batch view's ``head_state``
+        (``[len(rows), H]``) at rows ``rows`` of the layer's (-1 elsewhere)."""
+        for name, v in state.items():
+            full = self.head_state.get(name)
+            if full is None or tuple(full.shape) != (B, H):
+                full = torch.full((B, H), -1, dtype=torch.int64, device=v.device)
+            full = full.clone()
+            full[rows.to(v.device)] = v.to(torch.int64)
+            self.head_state[name] = full
 
     def _demote(self, view: LayerView, per_row: list) -> None:
         """Mixed precision (``LowBits``, ``MiKV``, ``ZipCache``): each row's
@@ -758,10 +838,13 @@ class CompressedLayer(CacheLayerMixin):
                 scores=new_carried.reshape(shape), slack=method.interval,
             )
         else:
+            tokens = self._tokens(pos.view(B, H, -1))
             view = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
                              queries=queries, keys=keys, values=values, kv_start=start, scaling=scaling, state={},
-                             phase="decode")
+                             phase="decode", tokens=None if tokens is None else tokens.view(B * H, 1, -1),
+                             head_state={k: v.reshape(B * H, 1) for k, v in self.head_state.items()})
             idx = method.select(view, budgets)  # [B*H, 1, k], -1 padded, into the left-padded rows
+            self.head_state = {k: v.reshape(B, H) for k, v in view.head_state.items()}
             k = int(idx.shape[2])
             valid = ((idx >= 0) & (idx >= start[:, None, None])).reshape(B, H, k)
             pick = idx.clamp_min(0)
@@ -877,6 +960,7 @@ class KVCache(Cache):
         self.num_layers = num_layers
         self._awaiting: int | None = None
         self.shared: dict = {}  # state every layer reads (TidalDecode's token selection)
+        self.token_log = TokenLog()  # the token ids fed, for methods with needs_tokens (FastGen)
         # KVSharer sources waiting for their last reader: layer -> (queries, scaling)
         self._deferred: dict[int, tuple] = {}
         # defers_prefill methods: layers waiting for the last layer's prefill,
@@ -903,6 +987,7 @@ class KVCache(Cache):
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(len(self.layers), self.method, self.num_layers))
             self.layers[-1].shared = self.shared
+            self.layers[-1].token_log = self.token_log
         if self._deferred and layer_idx <= min(self._deferred):
             self._flush_deferred()
         if self._prefill and layer_idx <= min(self._prefill):
@@ -918,6 +1003,16 @@ class KVCache(Cache):
         self._awaiting = layer_idx
         _pending.entry = (self, layer_idx, keys)
         return keys, values
+
+    @property
+    def wants_tokens(self) -> bool:
+        """Whether the method reads slots' token ids (``Method.needs_tokens``)."""
+        return self.method.needs_tokens
+
+    def record_tokens(self, input_ids) -> None:
+        """Log a forward's ``input_ids`` ``[B, q]`` (None: unknown tokens)
+        before its layers run; ``hf.compress`` calls it."""
+        self.token_log.append(input_ids)
 
     def _check_plan(self) -> None:
         """A plan naming layers the model does not have is refused (a source

@@ -140,7 +140,11 @@ def _calibrated(method, model, tokenizer, plans: dict):
     threshold)`` on the packaged text (our development text, never the
     evaluation's), so every setting of a row shares the same layers; a
     method with ``profile=None`` (HeadKV) gets the model's head profile, its
-    ``semantic`` statistic (TaskKV) measured on the packaged text."""
+    ``semantic`` statistic (TaskKV) measured on the packaged text; every
+    method gets what it takes from the tokenizer (``Method.with_tokenizer``:
+    FastGen's special and punctuation ids)."""
+    if method is not None and tokenizer is not None:
+        method = method.with_tokenizer(tokenizer)
     if method is not None and getattr(method, "profile", False) is None:
         from .heads import profile_heads
 

@@ -66,5 +66,14 @@ class FanoutCache(KVCache):
                 c._merge_pair(layer_idx)  # MiniCache: as KVCache.attend does
         return out
 
+    @property
+    def wants_tokens(self) -> bool:
+        return any(c.wants_tokens for c in self.children)
+
+    def record_tokens(self, input_ids) -> None:
+        for c in self.children:
+            if c.wants_tokens:
+                c.record_tokens(input_ids)
+
     def memory_bytes(self) -> int:
         return sum(c.memory_bytes() for c in self.children)

@@ -218,6 +218,21 @@ def enable(model) -> str:
     return previous
 
 
+def _record_tokens(module, args, kwargs):
+    """Forward pre-hook of a session's model: a ``KVCache`` whose method reads
+    token ids (``Method.needs_tokens``) logs the forward's ``input_ids``
+    before any layer runs (the cache itself only sees keys and values)."""
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = kwargs.get("cache")
+    if isinstance(cache, KVCache) and cache.wants_tokens:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        cache.record_tokens(ids)
+    return None
+
+
 class CompressionSession:
     """Context manager returned by :func:`compress`.
 
@@ -243,6 +258,7 @@ class CompressionSession:
         self.cache: KVCache | None = None
         self._previous: str | None = None
         self._saved_generate = None
+        self._hook = None
         self._active = False
         self._hooks: list = []
 
@@ -276,12 +292,16 @@ class CompressionSession:
         self._saved_generate = vars(self.model).get("generate")
         original = self.model.generate
         self.model.generate = functools.wraps(original)(functools.partial(self._generate, original))
+        self._hook = self.model.register_forward_pre_hook(_record_tokens, with_kwargs=True)
         _active_models.add(key)
         self._active = True
         return self
 
     def __exit__(self, *exc) -> None:
         try:
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
             if self._saved_generate is not None:
                 self.model.generate = self._saved_generate
             else:

@@ -68,6 +68,7 @@ __all__ = [
     "actqkv_scores",
     "pooled_counts",
     "row_cosine",
+    "fastgen_recovery",
 ]
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int32": np.int32, "int64": np.int64,
@@ -1763,4 +1764,49 @@ def row_cosine(x, y):
     _shape(y, "y", 2, "[N, D]")
     out = _empty(x, (s[0],), "float32")
     _C.row_cosine(_prepare(x), _prepare(y), out)
+    return out
+
+
+def fastgen_recovery(queries, keys, rung, rungs: int, *, scaling=None, kv_start=None):
+    """FastGen's attention recovery: the share of a window's attention that
+    each policy of a nested ladder keeps.
+
+    Parameters
+    ----------
+    queries : tensor ``[B, Hq, Tq, D]`` (float32, float16 or bfloat16)
+        Queries of the last ``Tq`` key positions: query ``i`` sits at key
+        position ``p_i = Tk - Tq + i`` and sees keys ``s <= j <= p_i``
+        (``s = kv_start[b]``). ``Tq <= Tk``.
+    keys : tensor ``[B, Hkv, Tk, D]``, same dtype as `queries`
+        ``Hq`` a multiple of ``Hkv``; query head ``h`` uses kv head
+        ``h // (Hq // Hkv)``.
+    rung : uint8 tensor ``[B, Hkv, Tk]``
+        The cheapest policy that keeps each slot: policy ``p`` keeps the
+        slots with ``rung <= p``; a rung ``>= rungs`` is kept by none.
+    rungs : int in ``[1, 16]``
+        Number of policies ``P``.
+    scaling : float, optional
+        Logit scale; default ``1 / sqrt(D)``.
+    kv_start : int64 tensor ``[B]``, optional
+        Leading padded key positions per batch row (never attended).
+
+    Returns
+    -------
+    float32 tensor ``[B, Hkv, P]``
+        ``out[b, hk, p]``: the mean, over the window's queries that see a
+        key and the query heads of kv head ``hk``, of the softmax mass on
+        slots with ``rung <= p`` (1 where no query sees a key). For a
+        policy ``C`` with mass ``m`` a query's re-normalised attention over
+        ``C`` differs from the full one by ``2 (1 - m)`` in L1, so ``m >= T``
+        is FastGen's recovery criterion. Float32 accumulation.
+    """
+    qs = _shape(queries, "queries", 4, "[B, Hq, Tq, D]")
+    ks = _shape(keys, "keys", 4, "[B, Hkv, Tk, D]")
+    _shape(rung, "rung", 3, "[B, Hkv, Tk]")
+    P = _int_arg(rungs, "rungs")
+    if not 1 <= P <= 16:
+        raise KVCompressValueError(f"rungs: expected 1 to 16 policies, got {P}")
+    out = _empty(keys, (ks[0], ks[1], P), "float32")
+    _C.fastgen_recovery(_prepare(queries), _prepare(keys), _prepare(rung), out, _scaling(scaling, qs[3]),
+                        _as_int64(kv_start, "kv_start", keys))
     return out

@@ -507,6 +507,8 @@ calls = [
                               scaling=rng.choice([None, 0.5, float("inf")]), return_weights=rng.random() < 0.5),
     lambda: ops.pooled_counts(tensor(), anyint()),
     lambda: ops.row_cosine(tensor(), tensor()),
+    lambda: ops.fastgen_recovery(tensor(), tensor(), tensor(), rng.choice([0, 1, 5, 16, 17, -1]),
+                                 kv_start=rng.choice([None, tensor(), [0, 0], [9, 9]])),
 ]
 ok = bad = 0
 for i in range(4000):

@@ -26,6 +26,7 @@ from test_attention import attention_ref, ragged_layout
 from test_attention import randn as attn_randn
 from test_attention_packed import pack_ragged, packed_ref, uniform_case
 from test_budget import head_budgets_ref
+from test_fastgen import recovery_ref
 from test_keyformer import keyformer_ref
 from test_kvmerger import _walk, merge_ref, sets_ref
 from test_lagkv import assert_scores_close, lagkv_ref, rank_priority
@@ -661,6 +662,8 @@ GPU_METHODS = {
     # per-layer budgets decided after the whole prefill (ops.pooled_counts, ops.row_cosine)
     "dynamickv": lambda: kvcompress.DynamicKV(budget=64),
     "squeezeattention": lambda: kvcompress.SqueezeAttention(budget=64),
+    # per-head policies from a recovery comparison, token ids from the log
+    "fastgen": lambda: kvcompress.FastGen(budget=64, recovery=0.5, special=range(3, 30), punct=range(30, 110)),
 }
 
 
@@ -787,3 +790,21 @@ def test_row_cosine(shape, dtype):
     assert_within_bound(got, row_cosine_ref(x, y), row_cosine_ref(x, y, dtype=torch.float32 if dtype ==
                                                                    torch.float32 else dtype), "cos")
     assert (got - cpu_res).abs().max() <= 1e-5
+@pytest.mark.parametrize("shape", SCORE_SHAPES, ids=lambda s: "B{}Hq{}Hkv{}Tq{}Tk{}D{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_fastgen_recovery(shape, dtype):
+    """FastGen's per-rung attention mass: both backends within the bound of
+    the float64 loop."""
+    B, Hq, Hkv, Tq, Tk, D = shape
+    if Tk > 300:
+        Tq = 8  # the float64 loop visits every query row
+    q = make((B, Hq, Tq, D), dtype, seed=5)
+    k = make((B, Hkv, Tk, D), dtype, seed=6)
+    rung = torch.randint(0, 6, (B, Hkv, Tk), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
+    kv_start = torch.tensor([min(b * 3, Tk - 1) for b in range(B)], dtype=torch.int64)
+    for ks in (None, kv_start):
+        out_cpu, got = both(ops.fastgen_recovery, q, k, rung, 5, kv_start=ks)
+        ref = recovery_ref(q, k, rung, 5, kv_start=ks)
+        same = recovery_ref(q, k, rung, 5, kv_start=ks, dtype=dtype)
+        assert_within_bound(got, ref, same)
+        assert_within_bound(out_cpu, ref, same)

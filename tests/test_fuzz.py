@@ -183,6 +183,14 @@ def _child(target: str, seed: int, n_calls: int) -> int:
               "kv_start": kv_start(B, T)}
         return [fw(fl([B, Hkv * g, rng.randint(0, T), D], dt)), fw(fl([B, Hkv, T, D], dt))], kw
 
+    def b_fastgen_recovery():
+        B, Hkv, g, T, D = dim(), dim(), rng.choice([1, 2]), dim(), dim()
+        dt = rng.choice(FLOATS)
+        P = rng.choice([1, 4, 5, 16])
+        rung = torch.randint(0, P + 2, (B, Hkv, T), dtype=torch.uint8)
+        kw = {"scaling": rng.choice([None, 0.5]), "kv_start": kv_start(B, T)}
+        return [fw(fl([B, Hkv * g, rng.randint(0, T), D], dt)), fw(fl([B, Hkv, T, D], dt)), fw(rung), P], kw
+
     def b_vector_norm():
         return [fw(fl([dim(), dim(), dim(), dim()], rng.choice(FLOATS)))], {"ord": rng.choice([1, 2])}
 
@@ -505,6 +513,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "actqkv_scores": b_actqkv_scores,
         "pooled_counts": b_pooled_counts,
         "row_cosine": b_row_cosine,
+        "fastgen_recovery": b_fastgen_recovery,
     }
 
     def random_value():

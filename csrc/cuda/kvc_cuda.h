@@ -43,6 +43,7 @@
 #include "../kvmerger.h"
 #include "../actqkv.h"
 #include "../layerbudget.h"
+#include "../fastgen.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -120,6 +121,8 @@ enum kvc_status kvc_cuda_kvmerger_sets(const struct kvc_kvmerger_sets_params *p,
 enum kvc_status kvc_cuda_gauss_merge(const struct kvc_gauss_merge_params *p, void *stream);
 size_t kvc_cuda_actqkv_scores_workspace(const struct kvc_actqkv_scores_params *p);
 enum kvc_status kvc_cuda_actqkv_scores(const struct kvc_actqkv_scores_params *p, void *stream);
+size_t kvc_cuda_fastgen_recovery_workspace(const struct kvc_fastgen_recovery_params *p);
+enum kvc_status kvc_cuda_fastgen_recovery(const struct kvc_fastgen_recovery_params *p, void *stream);
 
 #ifdef __cplusplus
 }

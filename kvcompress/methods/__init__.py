@@ -6,6 +6,7 @@ from .accumulated import H2O, TOVA, VATP
 from .actqkv import ActQKV
 from .base import DecodeMethod, LayerView, Method
 from .ems import EMS
+from .fastgen import FastGen
 from .headkv import HeadKV
 from .keyformer import Keyformer
 from .kvcrush import KVCrush
@@ -28,7 +29,7 @@ REGISTRY: dict[str, type[Method]] = {
                                            Keyformer, KIVI, LowBits, MiKV, ZipCache, Quest, TidalDecode, MagicPIG,
                                            MiniCache, KVSharer, HeadKV, RazorAttention, KVCrush,
                                            KVMerger, ActQKV, TaskKV, DynamicKV, SqueezeAttention,
-                                           SCOPE)
+                                           SCOPE, FastGen)
 }
 
 
@@ -151,5 +152,5 @@ __all__ = [
     "EMS", "StreamingLLM", "SnapKV", "PyramidKV", "AdaKV", "Knorm", "LagKV", "H2O", "TOVA", "VATP", "Keyformer",
     "KIVI", "LowBits", "MiKV", "ZipCache", "Quest", "TidalDecode", "MagicPIG", "MiniCache", "KVSharer", "HeadKV",
     "RazorAttention", "KVCrush", "KVMerger", "ActQKV", "TaskKV",
-    "DynamicKV", "SqueezeAttention", "SCOPE",
+    "DynamicKV", "SqueezeAttention", "SCOPE", "FastGen",
 ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .. import ops
@@ -58,6 +58,17 @@ class LayerView:
         one included (1 at the first generated token's step; 0 while a
         prefill chunk is observed). Keyformer's temperature schedule and
         noise read it.
+    tokens : torch.Tensor or None
+        ``[B, Hkv, n]`` int64 token id of every slot, for methods with
+        ``needs_tokens`` (FastGen's special and punctuation tokens); None
+        when the cache was not fed token ids (``inputs_embeds``, a forward
+        outside ``kvcompress.compress``) or the method does not ask.
+    head_state : dict
+        Per-head method state ``name -> [B, Hkv]`` int64 (FastGen's policy
+        per head): what a prefill ``select`` writes here the layer keeps
+        (rows it did not compress hold -1, reordered with the batch) and
+        hands back to decode-time re-selections of the per-head layer, one
+        row per head (``[B * Hkv, 1]``).
     """
 
     layer_idx: int
@@ -70,6 +81,8 @@ class LayerView:
     state: dict
     phase: str
     steps: int = 0
+    tokens: Any = None
+    head_state: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -80,7 +93,8 @@ class LayerView:
         pick = lambda t: None if t is None else t.index_select(0, idx.to(t.device))  # noqa: E731
         return dataclasses.replace(
             self, queries=pick(self.queries), keys=pick(self.keys), values=pick(self.values),
-            kv_start=pick(self.kv_start), state={k: pick(v) for k, v in self.state.items()},
+            kv_start=pick(self.kv_start), state={k: pick(v) for k, v in self.state.items()}, tokens=pick(self.tokens),
+            head_state={k: pick(v) for k, v in self.head_state.items()},
         )
 
 
@@ -151,6 +165,10 @@ class Method:
     #: residual stream before and after its attention
     #: (``kvcompress.compress`` installs forward hooks for it)
     needs_hidden: ClassVar[bool] = False
+    #: ``True`` when the method reads each slot's token id
+    #: (``LayerView.tokens``): the cache then records the model's
+    #: ``input_ids`` (FastGen's special and punctuation policies)
+    needs_tokens: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.ratio is None):
@@ -258,6 +276,12 @@ class Method:
         """The ``KVSharer`` method when some layers read another layer's cache
         (``kvcompress.stores.SharedStore``), else None."""
         return None if self.depth is None else self.depth.sharing
+
+    def with_tokenizer(self, tokenizer) -> "Method":
+        """The method with what it needs from ``tokenizer`` filled in (the
+        evaluation calls it once per row; FastGen takes its special and
+        punctuation token ids here). Default: ``self``."""
+        return self
 
     def prepare(self, model) -> "Method":
         """The method to run on ``model`` (``kvcompress.compress`` calls it
