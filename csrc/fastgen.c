@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "fastgen.h"
+#include "causal_logits.h"
 #include "kvc_math.h"
 
 #define FG_QC 16 /* queries converted (and their logits held) at a time */
@@ -63,26 +64,9 @@ static void KVC_HOT fg_unit(const struct kvc_fastgen_recovery_params *p, const s
     for (r = 0; r < P; r++) bins[r] = 0.0f;
     for (c0 = 0; c0 < Tq; c0 += FG_QC) {
         const int64_t nq = Tq - c0 < FG_QC ? Tq - c0 : FG_QC;
-        const int64_t jend = p0 + c0 + nq; /* keys this chunk can see: [s, jend) */
-        int64_t i, kb, L;
-        if (jend <= s) continue;
-        L = jend - s;
-        for (i = 0; i < nq; i++)
-            kvc_row_to_f32(qbuf + i * D, qb_ptr + (c0 + i) * p->q.strides[2] * (int64_t)es, p->q.dtype, D,
-                           p->q.strides[3]);
-        for (kb = 0; kb < L; kb += FG_KB) {
-            const int64_t nk = L - kb < FG_KB ? L - kb : FG_KB;
-            int64_t l;
-            for (l = 0; l < nk; l++)
-                kvc_row_to_f32(ktmp + l * D, kb_ptr + (s + kb + l) * p->k.strides[2] * (int64_t)es, p->k.dtype,
-                               D, p->k.strides[3]);
-            for (i = 0; i < nq; i++) {
-                const int64_t n = p0 + c0 + i - s + 1; /* keys query i sees */
-                const int64_t lim = n - kb < nk ? n - kb : nk;
-                float *row = logits + i * Tk + kb;
-                for (l = 0; l < lim; l++) row[l] = p->scaling * kvc_dot_f32(qbuf + i * D, ktmp + l * D, D);
-            }
-        }
+        int64_t i;
+        if (p0 + c0 + nq <= s) continue; /* the chunk sees no key */
+        kvc_causal_logits(&p->q, qb_ptr, &p->k, kb_ptr, D, c0, nq, p0, s, FG_KB, p->scaling, qbuf, ktmp, logits, Tk);
         for (i = 0; i < nq; i++) {
             const int64_t n = p0 + c0 + i - s + 1;
             float *row = logits + i * Tk;

@@ -9,6 +9,7 @@ compare a padded row with the same row alone, or a compressed run with plain
 import torch
 
 import kvcompress as kvc
+from kvcompress.compat import cache_kwargs
 
 #: greedy decoding; pad id 0 (the tiny models' vocabulary starts real tokens at 3)
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -44,3 +45,29 @@ def greedy(model, ids, mask=None, *, method=None, n: int = 10, **kw):
     with kvc.compress(model, method) as session:
         out = model.generate(**args)
     return out, session
+
+
+def prefill(model, method, ids, mask=None):
+    """One forward of ``ids [B, T]`` into a fresh compressed cache; returns
+    the cache. Left-padded rows count positions from their first real token,
+    as ``generate()`` and ``model_refs.layer_qkv`` do."""
+    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with kvc.compress(model, method) as session:
+        cache = session.new_cache()
+        with torch.no_grad():
+            model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache))
+    return cache
+
+
+def head_rows(layer):
+    """What a per-head layer holds, per ``(row, kv head)``: ``(keys [n, D],
+    values [n, Dv], positions [n], counts [n])`` in float64 (int64
+    positions), padding dropped."""
+    store = layer.store
+    keys, values, pos, counts, _, start = store.to_padded()
+    out = {}
+    for i in range(store.batch * store.heads):
+        s = int(start[i])
+        out[divmod(i, store.heads)] = (keys[i, 0, s:].double(), values[i, 0, s:].double(), pos[i, s:].long(),
+                                       counts[i, s:].double())
+    return out

@@ -9,9 +9,9 @@ import torch
 
 import kvcompress as kvc
 from kvcompress import KVCompressTypeError, KVCompressValueError, ops
-from kvcompress.compat import cache_kwargs
 from kvcompress.methods import REGISTRY, ActQKV, method_from_spec
 
+from generation import greedy, prefill
 from model_refs import assert_topk_consistent, layer_qkv
 from test_ops import DTYPE_IDS, DTYPES, make
 
@@ -179,20 +179,7 @@ def _prompt(batch=1, length=64, seed=1):
 
 
 def _generate(model, ids, mask=None, n=10):
-    mask = torch.ones_like(ids) if mask is None else mask
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)
-
-
-def _prefill(model, method, ids, mask=None):
-    # left-padded rows count positions from their first real token, as
-    # generate() and model_refs.layer_qkv do
-    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-    with kvc.compress(model, method) as session:
-        cache = session.new_cache()
-        with torch.no_grad():
-            model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache))
-    return cache
+    return greedy(model, ids, mask, n=n)[0]
 
 
 def _check_layers(model, ids, mask, cache, budget, window, sinks, starts, uniform=False):
@@ -219,7 +206,7 @@ def _check_layers(model, ids, mask, cache, budget, window, sinks, starts, unifor
 def test_prefill_keeps_what_a_float64_recomputation_chooses(tiny_model, budget):
     ids = _prompt(batch=2, length=64)
     window, sinks = 8, 2
-    cache = _prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids)
+    cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids)
     _check_layers(tiny_model, ids, None, cache, budget, window, sinks, [0, 0])
 
 
@@ -228,7 +215,7 @@ def test_the_kept_set_comparison_discriminates(tiny_model):
     slots somewhere: the float64 comparison would catch a lost weighting."""
     ids = _prompt(batch=2, length=64)
     window, sinks, budget = 8, 2, 24
-    cache = _prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids)
+    cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids)
     with pytest.raises(AssertionError):
         _check_layers(tiny_model, ids, None, cache, budget, window, sinks, [0, 0], uniform=True)
 
@@ -249,7 +236,7 @@ def test_left_padded_batch_matches_a_float64_recomputation(tiny_model):
     ids[0, 25:], mask[0, 25:] = short, 1
     ids[1], mask[1] = long_, 1
     window, sinks, budget = 8, 3, 28
-    cache = _prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids, mask)
+    cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids, mask)
     _check_layers(tiny_model, ids, mask, cache, budget, window, sinks, [25, 0])
     with kvc.compress(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks, interval=4)) as session:
         _generate(tiny_model, ids, mask, n=12)

@@ -9,9 +9,9 @@ import torch
 
 import kvcompress as kvc
 from kvcompress import KVCompressTypeError, KVCompressValueError, ops
-from kvcompress.compat import cache_kwargs
 from kvcompress.methods import REGISTRY, KVCrush, LayerView, SnapKV, method_from_spec
 
+from generation import greedy, prefill
 from model_refs import layer_qkv, window_attention64
 
 ANCHORS = ("alternate", "random", "mean")
@@ -165,18 +165,7 @@ def _prompt(batch=1, length=64, seed=1):
 
 
 def _generate(model, ids, mask=None, n=10):
-    mask = torch.ones_like(ids) if mask is None else mask
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)
-
-
-def _prefill(model, method, ids, mask=None):
-    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-    with kvc.compress(model, method) as session:
-        cache = session.new_cache()
-        with torch.no_grad():
-            model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache))
-    return cache
+    return greedy(model, ids, mask, n=n)[0]
 
 
 def _topk(scores, k, forced, start):
@@ -211,7 +200,7 @@ def test_prefill_keeps_what_a_float64_recomputation_chooses(tiny_model, budget, 
     ids = _prompt(batch=2, length=64)
     window = 6
     method = KVCrush(budget=budget, alpha=alpha, anchor=anchor, window=window, kernel=kernel, seed=3)
-    cache = _prefill(tiny_model, method, ids)
+    cache = prefill(tiny_model, method, ids)
     mutated = 0
     for li, (q, k, _) in enumerate(layer_qkv(tiny_model, ids)):
         layer = cache.layers[li]
@@ -276,8 +265,8 @@ def test_left_padded_rows_keep_and_generate_as_alone(tiny_model, anchor):
     ids[0, 25:], mask[0, 25:] = short, 1
     ids[1], mask[1] = long_, 1
     method = KVCrush(budget=24, alpha=0.4, anchor=anchor, window=4, kernel=3, interval=0)
-    batch = _prefill(tiny_model, method, ids, mask)
-    alone = _prefill(tiny_model, method, short[None])
+    batch = prefill(tiny_model, method, ids, mask)
+    alone = prefill(tiny_model, method, short[None])
     qkv = layer_qkv(tiny_model, ids, mask)
     for li in range(len(batch.layers)):
         # positions index the padded prompt

@@ -12,10 +12,9 @@ import torch
 import kvcompress as kvc
 from kvcompress import ops
 from kvcompress.methods import KVMerger
+from generation import greedy, head_rows, left_pad, random_ids
 from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound, make
-
-KW = dict(do_sample=False, pad_token_id=0)
 
 
 # ------------------------------------------------------------ float64 references
@@ -244,39 +243,9 @@ def test_op_arguments_are_checked():
 
 # ------------------------------------------------------------ the method on the tiny Llama
 
-def _ids(length, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 512, (length,), generator=g)
-
-
-def _batch(rows):
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    return ids, mask
-
-
 def _gen(model, method, ids, mask, n):
-    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **KW)
-    if method is None:
-        return model.generate(**args), None
-    with kvc.compress(model, method) as session:
-        out = model.generate(**args)
-    return out, session.cache
-
-
-def _heads(layer):
-    """Per (row, kv head): ``(keys [n, D], values [n, Dv], positions [n], counts [n])``."""
-    store = layer.store
-    keys, values, pos, counts, _, start = store.to_padded()
-    out = {}
-    for i in range(store.batch * store.heads):
-        s = int(start[i])
-        out[divmod(i, store.heads)] = (keys[i, 0, s:].double(), values[i, 0, s:].double(), pos[i, s:].long(),
-                                       counts[i, s:].double())
-    return out
+    out, session = greedy(model, ids, mask, method=method, n=n)
+    return out, None if session is None else session.cache
 
 
 TINY = dict(window=4, sinks=2, threshold=0.2, sigma=0.5)  # the tiny Llama's keys: |k| ~ 0.6, median cos ~ 0.1-0.5
@@ -311,8 +280,8 @@ def _expected_head(k64, v64, S, kept, lo, hi, threshold, sigma):
 def test_prefill_keeps_and_merges_what_a_float64_recomputation_gives(tiny_model):
     budget = 20
     method = KVMerger(budget=budget, **TINY)
-    rows = [_ids(40, 1), _ids(61, 2)]
-    ids, mask = _batch(rows)
+    rows = [random_ids(40, 1), random_ids(61, 2)]
+    ids, mask = left_pad(rows)
     _, cache = _gen(tiny_model, method, ids, mask, 1)
     ref = layer_qkv(tiny_model, ids, mask)
     T = ids.shape[1]
@@ -322,7 +291,7 @@ def test_prefill_keeps_and_merges_what_a_float64_recomputation_gives(tiny_model)
     for li, layer in enumerate(cache.layers):
         q64, k64, v64 = ref[li]
         S = group_mean(window_attention64(q64[:, :, -TINY["window"]:], k64, kv_start), k64.shape[1])
-        for (b, h), (k, v, pos, cnt) in _heads(layer).items():
+        for (b, h), (k, v, pos, cnt) in head_rows(layer).items():
             pad = int(kv_start[b])
             lo, hi = pad + TINY["sinks"], T - TINY["window"]
             forced = list(range(pad, lo)) + list(range(hi, T))
@@ -346,7 +315,7 @@ def test_prefill_keeps_and_merges_what_a_float64_recomputation_gives(tiny_model)
 
 
 def test_budget_above_the_prompt_reproduces_generate(tiny_model):
-    ids, mask = _batch([_ids(30, 8), _ids(45, 9)])
+    ids, mask = left_pad([random_ids(30, 8), random_ids(45, 9)])
     plain, _ = _gen(tiny_model, None, ids, mask, 8)
     out, _ = _gen(tiny_model, KVMerger(budget=60, interval=4, **TINY), ids, mask, 8)
     assert torch.equal(out, plain)
@@ -355,33 +324,33 @@ def test_budget_above_the_prompt_reproduces_generate(tiny_model):
 def test_threshold_one_is_snapkv_style_eviction(tiny_model):
     """With nothing merged, the kept slots are the forced ones plus the top
     window scores, each a copy of its token (counts 1)."""
-    ids, mask = _batch([_ids(45, 12)])
+    ids, mask = left_pad([random_ids(45, 12)])
     _, cache = _gen(tiny_model, KVMerger(budget=16, window=4, sinks=2, threshold=1.0), ids, mask, 1)
     ref = layer_qkv(tiny_model, ids, mask)
     for li, layer in enumerate(cache.layers):
-        for (b, h), (k, v, pos, cnt) in _heads(layer).items():
+        for (b, h), (k, v, pos, cnt) in head_rows(layer).items():
             assert (cnt == 1).all()
             torch.testing.assert_close(k, ref[li][1][b, h, pos], atol=1e-5, rtol=1e-5)
 
 
 def test_a_padded_row_generates_what_it_generates_alone(tiny_model):
-    short, long_ = _ids(24, 10), _ids(48, 11)
-    ids, mask = _batch([short, long_])
+    short, long_ = random_ids(24, 10), random_ids(48, 11)
+    ids, mask = left_pad([short, long_])
     method = KVMerger(budget=14, interval=4, **TINY)
     out, cache = _gen(tiny_model, method, ids, mask, 10)
     alone_s, _ = _gen(tiny_model, method, short[None], torch.ones(1, 24, dtype=torch.long), 10)
     alone_l, _ = _gen(tiny_model, method, long_[None], torch.ones(1, 48, dtype=torch.long), 10)
     assert torch.equal(out[0, -34:], alone_s[0])
     assert torch.equal(out[1], alone_l[0])
-    assert any((c > 1).any() for layer in cache.layers for (_, _, _, c) in _heads(layer).values())
+    assert any((c > 1).any() for layer in cache.layers for (_, _, _, c) in head_rows(layer).values())
 
 
 def test_decoding_keeps_the_budget_and_counts_every_token_once_at_most(tiny_model):
-    ids, mask = _batch([_ids(30, 13)])
+    ids, mask = left_pad([random_ids(30, 13)])
     new = 14
     out, cache = _gen(tiny_model, KVMerger(budget=12, interval=4, **TINY), ids, mask, new)
     for layer in cache.layers:
-        for (_, h), (_, _, pos, cnt) in _heads(layer).items():
+        for (_, h), (_, _, pos, cnt) in head_rows(layer).items():
             assert len(pos) <= 12 + 4
             assert pos.tolist() == sorted(set(pos.tolist()))
             assert float(cnt.sum()) <= out.shape[1] - 1

@@ -9,9 +9,9 @@ import torch
 
 import kvcompress as kvc
 from kvcompress import KVCompressTypeError, KVCompressValueError, ops
-from kvcompress.compat import cache_kwargs
 from kvcompress.methods import REGISTRY, LagKV, method_from_spec
 
+from generation import greedy, prefill
 from model_refs import assert_topk_consistent, layer_qkv
 from test_ops import DTYPE_IDS, DTYPES, make
 
@@ -206,20 +206,7 @@ def _prompt(batch=1, length=64, seed=1):
 
 
 def _generate(model, ids, mask=None, n=10):
-    mask = torch.ones_like(ids) if mask is None else mask
-    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, pad_token_id=0)
-
-
-def _prefill(model, method, ids, mask=None):
-    # left-padded rows count positions from their first real token, as
-    # generate() and model_refs.layer_qkv do
-    pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp(min=0)
-    with kvc.compress(model, method) as session:
-        cache = session.new_cache()
-        with torch.no_grad():
-            model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(model, cache))
-    return cache
+    return greedy(model, ids, mask, n=n)[0]
 
 
 def check_row(kept, raw64, keep, lag, sinks, start, T, per_chunk, eps=1e-6):
@@ -261,7 +248,7 @@ def test_prefill_keeps_what_a_float64_recomputation_chooses(tiny_model, per_chun
     ids = _prompt(batch=2, length=64)
     lag, sinks = 8, 2
     method = LagKV(budget=budget, lag=lag, sinks=sinks, per_chunk=per_chunk)
-    cache = _prefill(tiny_model, method, ids)
+    cache = prefill(tiny_model, method, ids)
     for li, (_, k, v) in enumerate(layer_qkv(tiny_model, ids)):
         layer = cache.layers[li]
         T = k.shape[2]
@@ -291,7 +278,7 @@ def test_left_padded_batch_matches_a_float64_recomputation(tiny_model):
     ids[0, 25:], mask[0, 25:] = short, 1
     ids[1], mask[1] = long_, 1
     lag, sinks, budget = 8, 3, 28
-    cache = _prefill(tiny_model, LagKV(budget=budget, lag=lag, sinks=sinks), ids, mask)
+    cache = prefill(tiny_model, LagKV(budget=budget, lag=lag, sinks=sinks), ids, mask)
     starts = [25, 0]
     for li, (_, k, v) in enumerate(layer_qkv(tiny_model, ids, mask)):
         layer = cache.layers[li]

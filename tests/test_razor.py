@@ -12,7 +12,7 @@ import kvcompress as kvc
 from kvcompress.cache import CompressedLayer
 from kvcompress.heads import HeadProfile
 from kvcompress.methods import RazorAttention
-from generation import GREEDY, greedy, left_pad, random_ids
+from generation import GREEDY, greedy, head_rows, left_pad, random_ids
 from model_refs import layer_qkv
 
 def _profile(L=4, Hq=4, kv=2, induction=None, echo=None, sliding=()):
@@ -44,18 +44,6 @@ def _method(**kw):
 def _gen(model, method, ids, mask, n):
     out, session = greedy(model, ids, mask, method=method, n=n)
     return out, None if session is None else session.cache
-
-
-def _heads(layer):
-    """Per (row, kv head): ``(keys [n, D], values [n, Dv], positions [n], counts [n])``."""
-    store = layer.store
-    keys, values, pos, counts, _, start = store.to_padded()
-    out = {}
-    for i in range(store.batch * store.heads):
-        s = int(start[i])
-        out[divmod(i, store.heads)] = (keys[i, 0, s:].double(), values[i, 0, s:].double(), pos[i, s:].long(),
-                                       counts[i, s:].double())
-    return out
 
 
 # ------------------------------------------------------------ head selection
@@ -104,7 +92,7 @@ def test_prefill_keeps_sinks_the_compensation_token_and_the_recent_window(tiny_m
     T = ids.shape[1]
     for li, layer in enumerate(cache.layers):
         _, k64, v64 = ref[li]
-        for (b, h), (k, v, pos, cnt) in _heads(layer).items():
+        for (b, h), (k, v, pos, cnt) in head_rows(layer).items():
             pad = T - len(rows[b])
             if (li, h) in TINY_WHOLE:
                 assert pos.tolist() == list(range(pad, T)) and (cnt == 1).all()
@@ -162,7 +150,7 @@ def test_decode_compensation_stays_the_exact_mean_of_what_it_absorbed(tiny_model
     full_mask = torch.cat([mask, torch.ones(2, new, dtype=torch.long)], 1)
     _, k64, v64 = layer_qkv(tiny_model, out, full_mask)[0]
     folded = 0
-    for (b, h), (k, v, pos, cnt) in _heads(cache.layers[0]).items():
+    for (b, h), (k, v, pos, cnt) in head_rows(cache.layers[0]).items():
         pad = ids.shape[1] - len(rows[b])
         prev = pad - 1
         for i, p in enumerate(pos.tolist()):
