@@ -45,6 +45,8 @@ def test_options_are_validated_by_name():
                      (dict(prefill="nope"), "prefill"), (dict(prefill="adakv"), "prefill"),
                      (dict(prefill="ems"), "prefill"), (dict(prefill="kivi"), "prefill"),
                      (dict(prefill="scope"), "prefill"), (dict(prefill=kvc.SnapKV(budget=32)), "prefill"),
+                     (dict(prefill="dynamickv"), "prefill"), (dict(prefill="squeezeattention"), "prefill"),
+                     (dict(prefill="fastgen"), "prefill"), (dict(prefill="kvmerger"), "prefill"),
                      (dict(strategy="discontinuous", every=4, interval=2), "interval"),
                      (dict(interval=-1), "interval"), (dict(budget=8), "budget")]:
         kw = {"budget": 64, **kw}

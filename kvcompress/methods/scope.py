@@ -167,6 +167,13 @@ class SCOPE(Method):
         if isinstance(p, SCOPE) or not p.evicts or p.headwise or p.merges or p.across_layers or p.whole_heads:
             raise ValueError(f"prefill: {p.describe()} cannot be SCOPE's prefill method: it must evict with the "
                              "same slots in every head, e.g. SnapKV, PyramidKV, H2O, TOVA or StreamingLLM")
+        if p.defers_prefill or p.needs_hidden or p.needs_tokens:
+            # SCOPE runs the prefill method's selection itself, layer by
+            # layer: budgets decided after the whole prefill (DynamicKV,
+            # SqueezeAttention) or token ids would be silently lost
+            raise ValueError(f"prefill: {p.describe()} sets its budgets from the whole prefill or reads token ids; "
+                             "SCOPE's prefill method must decide each layer alone, e.g. SnapKV, PyramidKV, H2O, "
+                             "TOVA or StreamingLLM")
         if p.quant is not None or p.sparse is not None or p.depth is not None or p.mixed_precision:
             raise ValueError(f"prefill: {p.describe()} is composed; give SCOPE a plain evicting method")
         return p
