@@ -153,14 +153,16 @@ def profile_ref(q, k, ids, start, keep, *, T, frequent, window, special=SPECIAL,
             score = {j: sum(r.get(j, 0.0) for r in rows) for j in range(s, n)}
 
             def ladder(c, policy, score=score):
-                sp = [j for j in range(s, n) if cls[j] <= 1]
+                # a full head's punctuation is an ordinary token
+                kind = {j: 2 if (policy == 4 and cls[j] == 1) else cls[j] for j in range(s, n)}
+                sp = [j for j in range(s, n) if kind[j] <= 1]
                 r = max(0, c - len(sp))
                 F = math.floor(frequent * r) if policy >= 3 else r
-                other = [j for j in range(s, n) if cls[j] == 2]
+                other = [j for j in range(s, n) if kind[j] == 2]
                 freq = sorted(other, key=lambda j: (-score[j], j))[:F]
                 rem = [j for j in other if j not in freq]
                 local = sorted(rem, reverse=True)[:r - F]
-                rung = {j: (cls[j] if cls[j] <= 1 else 2 if j in freq else 3 if j in local else 4) for j in range(s, n)}
+                rung = {j: (kind[j] if kind[j] <= 1 else 2 if j in freq else 3 if j in local else 4) for j in range(s, n)}
                 order = sorted(range(s, n), key=lambda j: (rung[j], -j if rung[j] == 3 else -score[j], j))
                 return order, rung
 
@@ -310,6 +312,23 @@ def test_left_padded_rows_generate_what_they_generate_alone(tiny_model):
     for i, r in enumerate(rows):
         alone, _ = _generate(tiny_model, r[None], n=16, method=method)
         assert torch.equal(out[i, -16:], alone[0, -16:]), i
+
+
+def test_full_heads_do_not_fill_up_with_punctuation(tiny_model):
+    """A prompt with more punctuation than the budget (ids 3..200, 80 of them
+    punctuation): every head is full (recovery 1), and a full head keeps its
+    heavy hitters and its newest tokens, not the punctuation first; kept sets
+    as the float64 reference has them."""
+    g = torch.Generator().manual_seed(21)
+    ids = torch.randint(3, 200, (1, 70), generator=g)
+    n_punct = int(((ids >= 30) & (ids < 110)).sum())
+    assert n_punct > 20
+    cache = _prefill(tiny_model, FastGen(budget=20, recovery=1.0, window=8, special=SPECIAL, punct=PUNCT), ids)
+    bad_policy, bad_kept, seen = _compare(cache, tiny_model, ids, 20, T=1.0, frequent=0.5, window=8)
+    assert bad_policy == 0 and bad_kept == 0 and seen == {4}
+    for layer in cache.layers:
+        for (b, h), pos in _heads(layer).items():
+            assert 69 in pos and sum(1 for p in pos if 30 <= int(ids[b, p]) < 110) < len(pos)
 
 
 def test_decoding_keeps_each_heads_policy(tiny_model):
