@@ -9,12 +9,12 @@ import torch
 
 from .. import ops
 from .base import LayerView, Method
+from .window import ObservationWindow
 
-_POOLS = ("max", "avg")
 
 
 @dataclass
-class KVCrush(Method):
+class KVCrush(ObservationWindow, Method):
     """KVCrush (Jha et al., arXiv 2503.00022): keep the important tokens, and
     for the tokens that would be evicted keep one representative per group of
     tokens with a similar head behaviour.
@@ -113,24 +113,7 @@ class KVCrush(Method):
         if self.anchor not in ops.KVCRUSH_ANCHORS:
             raise ValueError(f"anchor: expected one of {ops.KVCRUSH_ANCHORS}, got {self.anchor!r}")
         self._check_int("seed", self.seed, 0)
-        self._check_int("window", self.window, 1)
-        self._check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel: must be odd, got {self.kernel}")
-        if self.pool not in _POOLS:
-            raise ValueError(f"pool: expected one of {_POOLS}, got {self.pool!r}")
-
-    def min_budget(self) -> int:
-        return self.window
-
-    def _forced_text(self) -> str:
-        return f"the observation window, window={self.window}"
-
-    def held_queries(self) -> int:
-        return min(self.window, self.interval)
-
-    def _window(self, view: LayerView) -> int:
-        return min(self.window, int(view.queries.shape[2]), view.length)
+        self._check_window()
 
     def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
         return 0, min(self._window(view), keep)

@@ -11,8 +11,38 @@ _POOLS = ("max", "avg")
 _GQA = ("mean", "max")
 
 
+class ObservationWindow:
+    """What every method scored by its last ``window`` queries shares
+    (SnapKV and its subclasses, KVCrush): the checks of ``window``,
+    ``kernel`` and ``pool``, the window as its forced keeps, and the queries
+    held for a decode-time re-selection."""
+
+    def _check_window(self) -> None:
+        Method._check_int("window", self.window, 1)
+        Method._check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel: must be odd, got {self.kernel}")
+        if self.pool not in _POOLS:
+            raise ValueError(f"pool: expected one of {_POOLS}, got {self.pool!r}")
+
+    def min_budget(self) -> int:
+        return self.window
+
+    def _forced_text(self) -> str:
+        return f"the observation window, window={self.window}"
+
+    def held_queries(self) -> int:
+        # a decode-time re-selection scores with the queries of the tokens
+        # generated since the last one (at most the window): holding more
+        # would cost query heads x window x D per layer
+        return min(self.window, self.interval)
+
+    def _window(self, view: LayerView) -> int:
+        return min(self.window, int(view.queries.shape[2]), view.length)
+
+
 @dataclass
-class SnapKV(Method):
+class SnapKV(ObservationWindow, Method):
     """SnapKV: keep the tokens the last ``window`` queries attend to most.
 
     Score of slot j: mean over the last ``window`` queries of the causal
@@ -47,29 +77,9 @@ class SnapKV(Method):
     gqa: str = "mean"
 
     def _check_fields(self) -> None:
-        self._check_int("window", self.window, 1)
-        self._check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel: must be odd, got {self.kernel}")
-        if self.pool not in _POOLS:
-            raise ValueError(f"pool: expected one of {_POOLS}, got {self.pool!r}")
+        self._check_window()
         if self.gqa not in _GQA:
             raise ValueError(f"gqa: expected one of {_GQA}, got {self.gqa!r}")
-
-    def min_budget(self) -> int:
-        return self.window
-
-    def _forced_text(self) -> str:
-        return f"the observation window, window={self.window}"
-
-    def held_queries(self) -> int:
-        # a decode-time re-selection scores with the queries of the tokens
-        # generated since the last one (at most the window): holding more
-        # would cost query heads x window x D per layer
-        return min(self.window, self.interval)
-
-    def _window(self, view: LayerView) -> int:
-        return min(self.window, int(view.queries.shape[2]), view.length)
 
     def score(self, view: LayerView):
         w = self._window(view)
