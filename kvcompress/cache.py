@@ -1095,7 +1095,9 @@ class KVCache(Cache):
         """Keep the layer's prefill whole for now: record the method's
         statistic of it and the latest queries its compression will need."""
         idx = layer.layer_idx
-        self._stats[idx] = self.method.layer_statistic(layer._view(query, scaling, "prefill"))
+        # a sliding layer keeps its recent slots whatever it is given: no statistic
+        self._stats[idx] = (None if layer.window is not None
+                            else self.method.layer_statistic(layer._view(query, scaling, "prefill")))
         keep = self.method.deferred_queries()
         if keep is not None and keep < int(query.shape[2]):
             # a copy: a view would hold the whole chunk's queries alive
@@ -1142,7 +1144,8 @@ class KVCache(Cache):
         seen = [first.seen - p for p in first._pad]
         stats = [self._stats.pop(i, None) for i in layers]
         hidden = [self._hidden.pop(i, None) for i in layers] if self.method.needs_hidden else None
-        targets = self.method.layer_targets(stats, hidden, seen)
+        sliding = [self.layers[i].window is not None for i in layers]
+        targets = self.method.layer_targets(stats, hidden, seen, sliding)
         for n, i in enumerate(layers):
             layer = self.layers[i]
             layer.set_layer_targets(None if targets is None else targets[n])

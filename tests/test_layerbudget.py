@@ -158,9 +158,12 @@ def snap_scores64(q, k, w=W, kernel=KERNEL):
 
 
 # ------------------------------------------------------------------ DynamicKV
-def dynamickv_ref(model, ids, budget=BUDGET, r_max=2.0, refresh=2, w=W, kernel=KERNEL):
-    """Budgets per layer of one unpadded row, from the model's own q/k in float64."""
+def dynamickv_ref(model, ids, budget=BUDGET, r_max=2.0, refresh=2, w=W, kernel=KERNEL, layers=None):
+    """Budgets per layer of one unpadded row, from the model's own q/k in
+    float64; ``layers``: only those share the budget (the others slide)."""
     qkv = layer_qkv(model, ids)
+    if layers is not None:
+        qkv = [qkv[i] for i in layers]
     L, T = len(qkv), ids.shape[1]
     H = qkv[0][1].shape[1]
     sel = budget - w
@@ -246,8 +249,10 @@ def kmeans_ref(values, k=3):
                 cent[c] = sum(members) / len(members)
 
 
-def squeeze_ref(model, ids, budget=BUDGET, p=0.3, pick=max):
+def squeeze_ref(model, ids, budget=BUDGET, p=0.3, pick=max, layers=None):
     sims = hidden64(model, ids)
+    if layers is not None:
+        sims = [sims[i] for i in layers]
     L = len(sims)
     assign, cent = kmeans_ref(sims)
     top = pick(set(assign), key=lambda c: cent[c])
@@ -273,6 +278,59 @@ def test_squeezeattention_kept_sets_are_snapkvs_at_each_layers_budget(tiny_model
     for li, layer in enumerate(cache.layers):
         snap = prefill(tiny_model, SnapKV(budget=kept(cache)[li], window=W, kernel=KERNEL), ids)
         assert torch.equal(layer.positions, snap.layers[li].positions), f"layer {li}"
+
+
+# ------------------------------------------------------------------ hybrid models
+HYBRID_WINDOW = 32
+
+
+@pytest.fixture(scope="module")
+def hybrid_model():
+    """An 8-layer Qwen2 whose even layers slide over 32 tokens (as Gemma 3's
+    local layers do), random weights, float32."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    types = ["sliding_attention", "full_attention"] * 4
+    config = Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, use_sliding_window=True, sliding_window=HYBRID_WINDOW, max_window_layers=0,
+        layer_types=types, initializer_range=0.1)
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["dynamickv", "squeezeattention"])
+def test_hybrid_models_share_the_budget_among_full_layers_only(hybrid_model, kind):
+    """Sliding layers keep their recent slots whatever they are given, so
+    only the full-attention layers share ``n_full * budget``; their budgets
+    are the float64 recomputation over those layers alone."""
+    ids = prompt(160, seed=11)
+    full = [1, 3, 5, 7]
+    if kind == "dynamickv":
+        method = DynamicKV(budget=BUDGET, window=W, kernel=KERNEL, refresh=2)
+        ref = dynamickv_ref(hybrid_model, ids, layers=full)
+        everyone = dynamickv_ref(hybrid_model, ids)  # the old reading: all 8 layers share
+    else:
+        method = SqueezeAttention(budget=BUDGET, window=W, kernel=KERNEL)
+        ref = squeeze_ref(hybrid_model, ids, layers=full)
+        everyone = squeeze_ref(hybrid_model, ids)
+    cache = prefill(hybrid_model, method, ids)
+    got = kept(cache)
+    assert [got[i] for i in full] == ref
+    assert len(set(ref)) > 1 and sum(ref) == len(full) * BUDGET
+    # sliding layers keep their window's most recent slots, as under SnapKV
+    snap = kept(prefill(hybrid_model, SnapKV(budget=BUDGET, window=W, kernel=KERNEL), ids))
+    for i in range(8):
+        if i not in full:
+            assert got[i] == snap[i] == HYBRID_WINDOW - 1
+            assert torch.equal(cache.layers[i].positions, torch.arange(160 - got[i], 160).expand_as(cache.layers[i].positions))
+    # discriminates: sharing among all layers would give the full layers other budgets
+    assert [everyone[i] for i in full] != ref
+    # kept sets are SnapKV's at each full layer's budget
+    for i in full:
+        alone = prefill(hybrid_model, SnapKV(budget=got[i], window=W, kernel=KERNEL), ids)
+        assert torch.equal(cache.layers[i].positions, alone.layers[i].positions), f"layer {i}"
 
 
 def test_kmeans_and_apportion():

@@ -453,12 +453,16 @@ class Method:
         row ``b`` are padding."""
         return None
 
-    def layer_targets(self, stats: list, hidden: list | None, seen: list[int]) -> list[list[int]] | None:
+    def layer_targets(self, stats: list, hidden: list | None, seen: list[int],
+                      sliding: list[bool]) -> list[list[int]] | None:
         """``defers_prefill`` methods: slots ``[layer][row]`` each deferred
         layer keeps (layers in model order; rows with ``seen[b]`` real
         tokens), from their :meth:`layer_statistic` and (``needs_hidden``)
         :meth:`hidden_statistic`; None keeps :meth:`row_target`. Decoding
-        keeps each layer's share of the row's target (see ``CompressedLayer``)."""
+        keeps each layer's share of the row's target (see ``CompressedLayer``).
+        ``sliding[j]`` is True for a sliding-window layer: it keeps only its
+        most recent slots whatever it is given (its statistic is None, never
+        computed), so a budget moved to it would be lost."""
         return None
 
     def observe(self, view: LayerView) -> None:

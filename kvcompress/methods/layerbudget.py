@@ -78,6 +78,31 @@ class _LayerBudgets(SnapKV):
         """Each row's mean target per layer (the uniform budget)."""
         return [self.row_target(0, num_layers, s) for s in seen]
 
+    def layer_targets(self, stats, hidden, seen, sliding):
+        # Only the full-attention layers share the budget: a sliding layer
+        # keeps its most recent slots whatever it is given, so slots moved to
+        # it would be lost and the full layers left short (Gemma 3 270M: 15
+        # of 18 layers slide). Sliding layers are given the mean, as SnapKV
+        # gives them.
+        L = len(sliding)
+        full = [j for j in range(L) if not sliding[j]]
+        if not full:
+            return None
+        sub = self._full_targets(None if stats is None else [stats[j] for j in full],
+                                 None if hidden is None else [hidden[j] for j in full], seen)
+        if sub is None:
+            return None
+        means = self._means(seen, L)
+        out = [list(means) for _ in range(L)]
+        for n, j in enumerate(full):
+            out[j] = sub[n]
+        return out
+
+    def _full_targets(self, stats, hidden, seen) -> list[list[int]] | None:
+        """Slots ``[layer][row]`` of the full-attention layers alone (in model
+        order), which share ``len(layers) * mean`` per row."""
+        raise NotImplementedError
+
 
 @dataclass
 class DynamicKV(_LayerBudgets):
@@ -124,6 +149,11 @@ class DynamicKV(_LayerBudgets):
       reproduced (we hold the full prompt cache until then);
     * budgets are per batch row; decoding keeps each layer's share of the
       row's target (``CompressedLayer._targets``);
+    * **hybrid models** (Gemma 2/3): only the full-attention layers take
+      part (candidates, refreshes counted over them, the ``n_full * target``
+      they share); a sliding layer keeps its recent slots whatever it is
+      given, so budget moved to it would be lost. It keeps the mean target
+      (within its window), as under SnapKV;
     * **r_max** and **refresh** defaults (2.0 and 4) are our choices: the
       values the paper used could not be confirmed from its text here.
 
@@ -169,7 +199,7 @@ class DynamicKV(_LayerBudgets):
         vals[torch.tensor(c, device=vals.device) == 0] = float("-inf")
         return vals.sort(dim=2, descending=True).values.cpu(), c
 
-    def layer_targets(self, stats, hidden, seen):
+    def _full_targets(self, stats, hidden, seen):
         L = len(stats)
         B = len(seen)
         means = self._means(seen, L)
@@ -264,6 +294,9 @@ class SqueezeAttention(_LayerBudgets):
       rounded by largest remainder to ``L * b`` in all (``apportion``), each
       at least SnapKV's ``min_budget`` (the window) and at most the row's
       tokens (what a layer cannot hold goes to the others);
+    * **hybrid models** (Gemma 2/3): only the full-attention layers are
+      clustered and share ``n_full * b``; sliding layers keep the mean
+      target within their window, as under SnapKV;
     * **sequence-wise method**: SnapKV's scores and selection (the library's
       default evictor) rather than the paper's three; per batch row budgets;
     * **p** default 0.3: our choice (the paper's value could not be
@@ -293,7 +326,7 @@ class SqueezeAttention(_LayerBudgets):
         cos = ops.row_cosine(before.reshape(B * q, d), after.reshape(B * q, d)).reshape(B, q).double().cpu()
         return torch.tensor([float(cos[b, min(pad[b], q - 1):].mean()) for b in range(B)], dtype=torch.float64)
 
-    def layer_targets(self, stats, hidden, seen):
+    def _full_targets(self, stats, hidden, seen):
         L = len(hidden)
         means = self._means(seen, L)
         targets = [[0] * len(seen) for _ in range(L)]
