@@ -1,53 +1,46 @@
 /*
  * actqkv.c - ActQKV scores (CPU); the contract is in actqkv.h.
  *
- * One parallel unit per (batch, query head) builds its probe and writes its
- * softmax row into a scratch buffer; the rows of a kv head are then averaged
- * in head order, so results are bit-identical for any thread count.
+ * One unit per (batch, query head) builds its probe and writes its softmax
+ * row; the rows of a kv head are then averaged in head order (head_rows.h:
+ * bit-identical for any thread count).
  */
 #include <math.h>
 
 #include "actqkv.h"
 #include "actqkv_math.h"
+#include "head_rows.h"
 #include "kvc_math.h"
 
 #define AQ_KB 64 /* keys converted to fp32 at a time */
 
-struct aq_geom {
-    int64_t B, Hq, Hkv, W, Tk, D, g;
-    size_t heads_bytes, qbuf_bytes, vec_bytes, wbuf_bytes, ktmp_bytes, thread_bytes;
-};
+/* Per-thread buffers: window queries [W, D], mu / var / probe [D] each,
+ * weights [W], a key tile [AQ_KB, D]. */
+static size_t aq_qbuf_bytes(int64_t W, int64_t D) { return kvc_align_up((size_t)(W * D) * sizeof(float)); }
+static size_t aq_vec_bytes(int64_t D) { return kvc_align_up((size_t)D * sizeof(float)); }
+static size_t aq_wbuf_bytes(int64_t W) { return kvc_align_up((size_t)W * sizeof(float)); }
 
-static void aq_geometry(const struct kvc_actqkv_scores_params *p, struct aq_geom *g)
+static void aq_geometry(const struct kvc_actqkv_scores_params *p, struct kvc_head_rows *g)
 {
-    g->B = p->q.shape[0];
-    g->Hq = p->q.shape[1];
-    g->W = p->q.shape[2];
-    g->D = p->q.shape[3];
-    g->Hkv = p->k.shape[1];
-    g->Tk = p->k.shape[2];
-    g->g = g->Hkv > 0 ? g->Hq / g->Hkv : 1;
-    g->heads_bytes = kvc_align_up((size_t)(g->B * g->Hq * g->Tk) * sizeof(float));
-    g->qbuf_bytes = kvc_align_up((size_t)(g->W * g->D) * sizeof(float));
-    g->vec_bytes = kvc_align_up((size_t)g->D * sizeof(float)); /* mu, var, probe */
-    g->wbuf_bytes = kvc_align_up((size_t)g->W * sizeof(float));
-    g->ktmp_bytes = kvc_align_up((size_t)(AQ_KB * g->D) * sizeof(float));
-    g->thread_bytes = g->qbuf_bytes + 3 * g->vec_bytes + g->wbuf_bytes + g->ktmp_bytes;
+    const int64_t W = p->q.shape[2], D = p->q.shape[3];
+    const size_t ktmp = kvc_align_up((size_t)(AQ_KB * D) * sizeof(float));
+    kvc_head_rows_init(g, &p->q, &p->k, p->k.shape[2],
+                       aq_qbuf_bytes(W, D) + 3 * aq_vec_bytes(D) + aq_wbuf_bytes(W) + ktmp);
 }
 
 size_t kvc_actqkv_scores_scratch_bytes(const struct kvc_actqkv_scores_params *p)
 {
-    struct aq_geom g;
-    int nt = p->num_threads > 0 ? p->num_threads : 1;
+    struct kvc_head_rows g;
     aq_geometry(p, &g);
-    return KVC_ALIGN + g.heads_bytes + (size_t)nt * g.thread_bytes;
+    return kvc_head_rows_scratch_bytes(&g, p->num_threads);
 }
 
 /* row[0 .. Tk) <- head (b, h)'s softmax over the keys; weights row written. */
-static void KVC_HOT aq_unit(const struct kvc_actqkv_scores_params *p, const struct aq_geom *g, int64_t b,
-                            int64_t h, float *row, char *mine)
+static void KVC_HOT aq_unit(const void *op, const struct kvc_head_rows *g, int64_t b, int64_t h, float *row,
+                            char *mine)
 {
-    const int64_t D = g->D, W = g->W, Tk = g->Tk, hk = h / g->g;
+    const struct kvc_actqkv_scores_params *p = (const struct kvc_actqkv_scores_params *)op;
+    const int64_t D = g->D, W = g->Tq, Tk = g->Tk, hk = h / g->g;
     const int64_t s = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     const int64_t p0 = Tk - W; /* key position of window query 0 */
     const int64_t i0 = s - p0 > 0 ? (s - p0 < W ? s - p0 : W) : 0;
@@ -57,12 +50,13 @@ static void KVC_HOT aq_unit(const struct kvc_actqkv_scores_params *p, const stru
     const char *kb_ptr = (const char *)p->k.data + (b * p->k.strides[0] + hk * p->k.strides[1]) * (int64_t)es;
     float *wrow = (float *)p->weights.data + b * p->weights.strides[0] + h * p->weights.strides[1];
     const int64_t ws = p->weights.strides[2];
+    const size_t qb = aq_qbuf_bytes(W, D), vb = aq_vec_bytes(D);
     float *qbuf = (float *)mine;
-    float *mu = (float *)(mine + g->qbuf_bytes);
-    float *var = (float *)(mine + g->qbuf_bytes + g->vec_bytes);
-    float *probe = (float *)(mine + g->qbuf_bytes + 2 * g->vec_bytes);
-    float *w = (float *)(mine + g->qbuf_bytes + 3 * g->vec_bytes);
-    float *ktmp = (float *)(mine + g->qbuf_bytes + 3 * g->vec_bytes + g->wbuf_bytes);
+    float *mu = (float *)(mine + qb);
+    float *var = (float *)(mine + qb + vb);
+    float *probe = (float *)(mine + qb + 2 * vb);
+    float *w = (float *)(mine + qb + 3 * vb);
+    float *ktmp = (float *)(mine + qb + 3 * vb + aq_wbuf_bytes(W));
     int64_t i, j, kb;
     float mx, inv;
 
@@ -87,50 +81,21 @@ static void KVC_HOT aq_unit(const struct kvc_actqkv_scores_params *p, const stru
     for (j = s; j < Tk; j++) row[j] *= inv;
 }
 
-/* out row of kv head (b, hk): its g head rows added in head order, over g. */
-static void aq_reduce(const struct kvc_actqkv_scores_params *p, const struct aq_geom *g, int64_t b, int64_t hk,
-                      const float *heads)
+static void aq_reduce(const void *op, const struct kvc_head_rows *g, int64_t b, int64_t hk, const float *heads)
 {
-    float *out = (float *)p->out.data + b * p->out.strides[0] + hk * p->out.strides[1];
-    const int64_t os = p->out.strides[2], Tk = g->Tk;
-    const float *first = heads + (b * g->Hq + hk * g->g) * Tk;
-    const float den = (float)g->g;
-    int64_t j;
-    for (j = 0; j < Tk; j++) out[j * os] = kvc_group_sum_at(first, g->g, Tk, j) / den;
+    kvc_head_rows_mean(&((const struct kvc_actqkv_scores_params *)op)->out, g, b, hk, heads);
 }
 
 enum kvc_status kvc_actqkv_scores(const struct kvc_actqkv_scores_params *p)
 {
-    struct aq_geom g;
-    char *base;
-    float *heads;
-    int nt = p->num_threads > 0 ? p->num_threads : 1;
-    int64_t u;
+    struct kvc_head_rows g;
     aq_geometry(p, &g);
-    if (g.D < 1 || g.W > g.Tk) return KVC_ERR_INVALID;
+    if (g.D < 1 || g.Tq > g.Tk) return KVC_ERR_INVALID;
     if (g.B == 0 || g.Hq == 0) return KVC_OK;
-    if (g.W == 0 || g.Tk == 0) {
+    if (g.Tq == 0 || g.Tk == 0) {
         /* no window query: nothing to probe with, every score is 0 */
-        int64_t b, hk, j;
-        for (b = 0; b < g.B; b++)
-            for (hk = 0; hk < g.Hkv; hk++)
-                for (j = 0; j < g.Tk; j++)
-                    ((float *)p->out.data)[b * p->out.strides[0] + hk * p->out.strides[1] + j * p->out.strides[2]] =
-                        0.0f;
+        kvc_head_rows_zero(&p->out, g.B, g.Hkv, g.Tk);
         return KVC_OK;
     }
-    if (p->scratch == NULL || p->scratch_bytes < kvc_actqkv_scores_scratch_bytes(p)) return KVC_ERR_NOMEM;
-    base = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
-    heads = (float *)base;
-    base += g.heads_bytes;
-
-#pragma omp parallel num_threads(nt)
-    {
-        char *mine = base + (size_t)KVC_THREAD_ID() * g.thread_bytes;
-#pragma omp for schedule(dynamic, 1)
-        for (u = 0; u < g.B * g.Hq; u++) aq_unit(p, &g, u / g.Hq, u % g.Hq, heads + u * g.Tk, mine);
-#pragma omp for schedule(static)
-        for (u = 0; u < g.B * g.Hkv; u++) aq_reduce(p, &g, u / g.Hkv, u % g.Hkv, heads);
-    }
-    return KVC_OK;
+    return kvc_head_rows_run(&g, p->scratch, p->scratch_bytes, p->num_threads, p, aq_unit, aq_reduce);
 }

@@ -45,4 +45,22 @@ static inline void kvc_causal_logits(const struct kvc_view *q, const char *qh, c
     }
 }
 
+/* A thread's buffers for kvc_causal_logits with chunks of `qc` queries and
+ * tiles of `kb` keys: qbuf [qc, D], ktmp [kb, D], logits [qc, Tk], carved
+ * from `mine` in that order. */
+static inline size_t kvc_causal_thread_bytes(int64_t D, int64_t Tk, int64_t qc, int64_t kb)
+{
+    return kvc_align_up((size_t)(qc * D) * sizeof(float)) + kvc_align_up((size_t)(kb * D) * sizeof(float)) +
+           kvc_align_up((size_t)(qc * (Tk > 0 ? Tk : 1)) * sizeof(float));
+}
+
+static inline void kvc_causal_buffers(char *mine, int64_t D, int64_t qc, int64_t kb, float **qbuf, float **ktmp,
+                                      float **logits)
+{
+    const size_t qb = kvc_align_up((size_t)(qc * D) * sizeof(float));
+    *qbuf = (float *)mine;
+    *ktmp = (float *)(mine + qb);
+    *logits = (float *)(mine + qb + kvc_align_up((size_t)(kb * D) * sizeof(float)));
+}
+
 #endif /* KVC_CAUSAL_LOGITS_H */

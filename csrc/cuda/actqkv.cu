@@ -7,6 +7,7 @@
  * query heads of each kv head in head order.
  */
 #include "common.cuh"
+#include "head_rows.cuh"
 #include "../actqkv_math.h"
 
 #define KVC_AQ_THREADS 256
@@ -79,23 +80,6 @@ kvc_actqkv_heads_kernel(const struct kvc_actqkv_scores_params p, float *heads, f
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) row[s + j] *= inv;
 }
 
-static __global__ void kvc_actqkv_reduce_kernel(const struct kvc_actqkv_scores_params p, const float *heads)
-{
-    const int64_t Hq = p.q.shape[1], Hkv = p.k.shape[1], Tk = p.k.shape[2], g = Hq / Hkv;
-    const int64_t total = p.k.shape[0] * Hkv * Tk;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t b = e / (Hkv * Tk), hk = (e / Tk) % Hkv, j = e % Tk;
-        float v = 0.0f;
-        if (heads != NULL) { /* NULL: no window queries, every score is 0 */
-            const float *first = heads + (b * Hq + hk * g) * Tk;
-            v = first[j];
-            for (int64_t h = 1; h < g; h++) v += first[h * Tk + j];
-            v /= (float)g;
-        }
-        ((float *)p.out.data)[kvc_at(p.out, b, hk, j, 0)] = v;
-    }
-}
-
 extern "C" size_t kvc_cuda_actqkv_scores_workspace(const struct kvc_actqkv_scores_params *p)
 {
     const int64_t B = p->q.shape[0], Hq = p->q.shape[1], W = p->q.shape[2], D = p->q.shape[3];
@@ -110,13 +94,8 @@ extern "C" enum kvc_status kvc_cuda_actqkv_scores(const struct kvc_actqkv_scores
     const int64_t Hkv = p->k.shape[1], Tk = p->k.shape[2];
     if (D < 1 || W > Tk) return KVC_ERR_INVALID;
     if (B == 0 || Hq == 0 || Hkv == 0 || Tk == 0) return KVC_OK;
-    int64_t blocks = kvc_ceil_div(B * Hkv * Tk, 256);
-    if (blocks > 65536) blocks = 65536; /* grid-stride beyond */
-    if (W == 0) {
-        kvc_actqkv_reduce_kernel<<<(unsigned)blocks, 256, 0, KVC_STREAM(stream)>>>(*p, NULL);
-        KVC_CUDA_LAUNCHED();
-        return KVC_OK;
-    }
+    /* no query attends anything: every score is 0, no workspace */
+    if (W == 0) return kvc_head_rows_mean(NULL, p->out, B, Hq, Hkv, Tk, stream);
     if (p->scratch == NULL || p->scratch_bytes < kvc_cuda_actqkv_scores_workspace(p)) return KVC_ERR_NOMEM;
     if (B * Hq > INT32_MAX) return KVC_ERR_UNSUPPORTED;
     char *cur = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
@@ -124,7 +103,5 @@ extern "C" enum kvc_status kvc_cuda_actqkv_scores(const struct kvc_actqkv_scores
     float *work = (float *)kvc_carve(&cur, (size_t)(B * Hq * kvc_aq_block_floats(W, D)) * sizeof(float));
     kvc_actqkv_heads_kernel<<<(unsigned)(B * Hq), KVC_AQ_THREADS, 0, KVC_STREAM(stream)>>>(*p, heads, work);
     KVC_CUDA_LAUNCHED();
-    kvc_actqkv_reduce_kernel<<<(unsigned)blocks, 256, 0, KVC_STREAM(stream)>>>(*p, heads);
-    KVC_CUDA_LAUNCHED();
-    return KVC_OK;
+    return kvc_head_rows_mean(heads, p->out, B, Hq, Hkv, Tk, stream);
 }

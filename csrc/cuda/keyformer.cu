@@ -7,6 +7,7 @@
  * heads of each kv head in head order.
  */
 #include "common.cuh"
+#include "head_rows.cuh"
 #include "../keyformer_math.h"
 
 #define KVC_KF_THREADS 256
@@ -75,24 +76,6 @@ kvc_keyformer_heads_kernel(const struct kvc_keyformer_scores_params p, float *he
     }
 }
 
-static __global__ void kvc_keyformer_reduce_kernel(const struct kvc_keyformer_scores_params p, const float *heads)
-{
-    const int64_t Hq = p.q.shape[1], Hkv = p.k.shape[1], Tk = p.k.shape[2], g = Hq / Hkv;
-    const int64_t total = p.k.shape[0] * Hkv * Tk;
-    for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total; e += (int64_t)gridDim.x * blockDim.x) {
-        const int64_t b = e / (Hkv * Tk), hk = (e / Tk) % Hkv, j = e % Tk;
-        float v = 0.0f;
-        if (heads == NULL) { /* no queries */
-            ((float *)p.out.data)[kvc_at(p.out, b, hk, j, 0)] = v;
-            continue;
-        }
-        const float *first = heads + (b * Hq + hk * g) * Tk;
-        v = first[j];
-        for (int64_t h = 1; h < g; h++) v += first[h * Tk + j];
-        ((float *)p.out.data)[kvc_at(p.out, b, hk, j, 0)] = v / (float)g;
-    }
-}
-
 extern "C" size_t kvc_cuda_keyformer_scores_workspace(const struct kvc_keyformer_scores_params *p)
 {
     const size_t n = (size_t)(p->q.shape[0] * p->q.shape[1] * p->k.shape[2]);
@@ -107,14 +90,8 @@ extern "C" enum kvc_status kvc_cuda_keyformer_scores(const struct kvc_keyformer_
         p->step < 0)
         return KVC_ERR_INVALID;
     if (B == 0 || Hkv == 0 || Tk == 0) return KVC_OK;
-    int64_t blocks = kvc_ceil_div(B * Hkv * Tk, 256);
-    if (blocks > 65536) blocks = 65536; /* grid-stride beyond */
-    if (Tq == 0) {
-        /* no query attends anything: every score is 0, no workspace */
-        kvc_keyformer_reduce_kernel<<<(unsigned)blocks, 256, 0, KVC_STREAM(stream)>>>(*p, NULL);
-        KVC_CUDA_LAUNCHED();
-        return KVC_OK;
-    }
+    /* no query attends anything: every score is 0, no workspace */
+    if (Tq == 0) return kvc_head_rows_mean(NULL, p->out, B, Hq, Hkv, Tk, stream);
     if (p->scratch == NULL || p->scratch_bytes < kvc_cuda_keyformer_scores_workspace(p)) return KVC_ERR_NOMEM;
     if (B * Hq > INT32_MAX || (size_t)D * sizeof(float) > 48 * 1024) return KVC_ERR_UNSUPPORTED;
     char *cur = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
@@ -124,7 +101,5 @@ extern "C" enum kvc_status kvc_cuda_keyformer_scores(const struct kvc_keyformer_
     kvc_keyformer_heads_kernel<<<(unsigned)(B * Hq), KVC_KF_THREADS, (size_t)D * sizeof(float),
                                  KVC_STREAM(stream)>>>(*p, heads, rows);
     KVC_CUDA_LAUNCHED();
-    kvc_keyformer_reduce_kernel<<<(unsigned)blocks, 256, 0, KVC_STREAM(stream)>>>(*p, heads);
-    KVC_CUDA_LAUNCHED();
-    return KVC_OK;
+    return kvc_head_rows_mean(heads, p->out, B, Hq, Hkv, Tk, stream);
 }
