@@ -10,30 +10,13 @@
 #include "head_rows.cuh"
 #include "../actqkv_math.h"
 
-#define KVC_AQ_THREADS 256
-
-/* Block-wide max (is_max) or sum of v, returned to every thread. */
-static __device__ float kvc_aq_block_reduce(float v, float *red, int is_max)
-{
-    const int t = threadIdx.x;
-    red[t] = v;
-    __syncthreads();
-    for (int off = KVC_AQ_THREADS / 2; off > 0; off /= 2) {
-        if (t < off) red[t] = is_max ? fmaxf(red[t], red[t + off]) : red[t] + red[t + off];
-        __syncthreads();
-    }
-    const float r = red[0];
-    __syncthreads();
-    return r;
-}
-
 /* Per-block workspace floats: window queries [W, D], mu/var/probe [3D], w [W]. */
 static __host__ __device__ int64_t kvc_aq_block_floats(int64_t W, int64_t D) { return W * D + 3 * D + W; }
 
-static __global__ void __launch_bounds__(KVC_AQ_THREADS)
+static __global__ void __launch_bounds__(KVC_HEAD_THREADS)
 kvc_actqkv_heads_kernel(const struct kvc_actqkv_scores_params p, float *heads, float *work)
 {
-    __shared__ float red[KVC_AQ_THREADS];
+    __shared__ float red[KVC_HEAD_THREADS];
     const int64_t Hq = p.q.shape[1], W = p.q.shape[2], D = p.q.shape[3];
     const int64_t Hkv = p.k.shape[1], Tk = p.k.shape[2];
     const int64_t u = blockIdx.x, b = u / Hq, h = u % Hq, hk = h / (Hq / Hkv);
@@ -68,14 +51,14 @@ kvc_actqkv_heads_kernel(const struct kvc_actqkv_scores_params p, float *heads, f
         row[s + j] = z;
         mx = fmaxf(mx, z);
     }
-    mx = kvc_aq_block_reduce(mx, red, 1);
+    mx = kvc_head_block_reduce(mx, red, 1);
     float sum = 0.0f;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
         const float e = kvc_expf(row[s + j] - mx);
         row[s + j] = e;
         sum += e;
     }
-    sum = kvc_aq_block_reduce(sum, red, 0);
+    sum = kvc_head_block_reduce(sum, red, 0);
     const float inv = 1.0f / sum;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) row[s + j] *= inv;
 }
@@ -101,7 +84,7 @@ extern "C" enum kvc_status kvc_cuda_actqkv_scores(const struct kvc_actqkv_scores
     char *cur = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
     float *heads = (float *)kvc_carve(&cur, (size_t)(B * Hq * Tk) * sizeof(float));
     float *work = (float *)kvc_carve(&cur, (size_t)(B * Hq * kvc_aq_block_floats(W, D)) * sizeof(float));
-    kvc_actqkv_heads_kernel<<<(unsigned)(B * Hq), KVC_AQ_THREADS, 0, KVC_STREAM(stream)>>>(*p, heads, work);
+    kvc_actqkv_heads_kernel<<<(unsigned)(B * Hq), KVC_HEAD_THREADS, 0, KVC_STREAM(stream)>>>(*p, heads, work);
     KVC_CUDA_LAUNCHED();
     return kvc_head_rows_mean(heads, p->out, B, Hq, Hkv, Tk, stream);
 }

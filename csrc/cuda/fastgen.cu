@@ -7,29 +7,13 @@
  * head in head order and accumulates the bins, as on the CPU.
  */
 #include "common.cuh"
+#include "head_rows.cuh"
 
-#define KVC_FG_THREADS 256
-
-/* Block-wide max (is_max) or sum of v, returned to every thread. */
-static __device__ float kvc_fg_block_reduce(float v, float *red, int is_max)
-{
-    const int t = threadIdx.x;
-    red[t] = v;
-    __syncthreads();
-    for (int off = KVC_FG_THREADS / 2; off > 0; off /= 2) {
-        if (t < off) red[t] = is_max ? fmaxf(red[t], red[t + off]) : red[t] + red[t + off];
-        __syncthreads();
-    }
-    const float r = red[0];
-    __syncthreads();
-    return r;
-}
-
-static __global__ void __launch_bounds__(KVC_FG_THREADS)
+static __global__ void __launch_bounds__(KVC_HEAD_THREADS)
 kvc_fastgen_heads_kernel(const struct kvc_fastgen_recovery_params p, float *heads, float *rows)
 {
     extern __shared__ float qrow[];
-    __shared__ float red[KVC_FG_THREADS];
+    __shared__ float red[KVC_HEAD_THREADS];
     const int64_t Hq = p.q.shape[1], Tq = p.q.shape[2], D = p.q.shape[3];
     const int64_t Hkv = p.k.shape[1], Tk = p.k.shape[2], P = p.out.shape[2];
     const int64_t u = blockIdx.x, b = u / Hq, h = u % Hq, hk = h / (Hq / Hkv);
@@ -57,21 +41,21 @@ kvc_fastgen_heads_kernel(const struct kvc_fastgen_recovery_params p, float *head
             row[j] = z;
             m = fmaxf(m, z);
         }
-        m = kvc_fg_block_reduce(m, red, 1);
+        m = kvc_head_block_reduce(m, red, 1);
         float sum = 0.0f;
         for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
             const float e = kvc_expf(row[j] - m);
             row[j] = e;
             sum += e;
         }
-        sum = kvc_fg_block_reduce(sum, red, 0);
+        sum = kvc_head_block_reduce(sum, red, 0);
         const float inv = 1.0f / sum;
         /* one block reduction per rung: P is small (FastGen: 5) */
         for (int64_t r = 0; r < P; r++) {
             float part = 0.0f;
             for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
                 if ((int64_t)rung[(s + j) * rs] == r) part += row[j] * inv;
-            part = kvc_fg_block_reduce(part, red, 0);
+            part = kvc_head_block_reduce(part, red, 0);
             if (threadIdx.x == 0) bins[r] += part;
         }
     }
@@ -121,7 +105,7 @@ extern "C" enum kvc_status kvc_cuda_fastgen_recovery(const struct kvc_fastgen_re
     char *cur = (char *)(((uintptr_t)p->scratch + (KVC_ALIGN - 1)) & ~(uintptr_t)(KVC_ALIGN - 1));
     float *heads = (float *)kvc_carve(&cur, (size_t)(B * Hq * P) * sizeof(float));
     float *rows = (float *)kvc_carve(&cur, (size_t)(B * Hq * (Tk > 0 ? Tk : 1)) * sizeof(float));
-    kvc_fastgen_heads_kernel<<<(unsigned)(B * Hq), KVC_FG_THREADS, (size_t)(D > 0 ? D : 1) * sizeof(float),
+    kvc_fastgen_heads_kernel<<<(unsigned)(B * Hq), KVC_HEAD_THREADS, (size_t)(D > 0 ? D : 1) * sizeof(float),
                                KVC_STREAM(stream)>>>(*p, heads, rows);
     KVC_CUDA_LAUNCHED();
     int64_t blocks = kvc_ceil_div(B * Hkv, 256);

@@ -1,13 +1,33 @@
 /*
- * head_rows.cuh - the GQA reduction of ops that write one float row per
- * (batch, query head) (Keyformer's and ActQKV's scores): each kv head's
- * output is the mean of its g head rows, added in head order as the CPU's
+ * head_rows.cuh - shared pieces of the kernels that write one float row per
+ * (batch, query head), a block each (Keyformer, FastGen, ActQKV): the
+ * block reduction, and the GQA reduction where each kv head's output is the
+ * mean of its g head rows, added in head order as the CPU's
  * kvc_head_rows_mean does.
  */
 #ifndef KVC_HEAD_ROWS_CUH
 #define KVC_HEAD_ROWS_CUH
 
 #include "common.cuh"
+
+/* Threads of the per-head kernels (one block per (batch, query head)). */
+#define KVC_HEAD_THREADS 256
+
+/* Block-wide max (is_max) or sum of v over KVC_HEAD_THREADS threads,
+ * returned to every thread; red holds KVC_HEAD_THREADS floats. */
+static __device__ float kvc_head_block_reduce(float v, float *red, int is_max)
+{
+    const int t = threadIdx.x;
+    red[t] = v;
+    __syncthreads();
+    for (int off = KVC_HEAD_THREADS / 2; off > 0; off /= 2) {
+        if (t < off) red[t] = is_max ? fmaxf(red[t], red[t + off]) : red[t] + red[t + off];
+        __syncthreads();
+    }
+    const float r = red[0];
+    __syncthreads();
+    return r;
+}
 
 /* out[b, hk, j] <- mean over i < g of heads[(b * Hq + hk * g + i) * n + j];
  * heads NULL: 0 (an op with no query). Grid-stride over B * Hkv * n. */

@@ -10,28 +10,11 @@
 #include "head_rows.cuh"
 #include "../keyformer_math.h"
 
-#define KVC_KF_THREADS 256
-
-/* Block-wide max (is_max) or sum of v, returned to every thread. */
-static __device__ float kvc_kf_block_reduce(float v, float *red, int is_max)
-{
-    const int t = threadIdx.x;
-    red[t] = v;
-    __syncthreads();
-    for (int off = KVC_KF_THREADS / 2; off > 0; off /= 2) {
-        if (t < off) red[t] = is_max ? fmaxf(red[t], red[t + off]) : red[t] + red[t + off];
-        __syncthreads();
-    }
-    const float r = red[0];
-    __syncthreads();
-    return r;
-}
-
-static __global__ void __launch_bounds__(KVC_KF_THREADS)
+static __global__ void __launch_bounds__(KVC_HEAD_THREADS)
 kvc_keyformer_heads_kernel(const struct kvc_keyformer_scores_params p, float *heads, float *rows)
 {
     extern __shared__ float qrow[];
-    __shared__ float red[KVC_KF_THREADS];
+    __shared__ float red[KVC_HEAD_THREADS];
     const int64_t Hq = p.q.shape[1], Tq = p.q.shape[2], D = p.q.shape[3];
     const int64_t Hkv = p.k.shape[1], Tk = p.k.shape[2];
     const int64_t u = blockIdx.x, b = u / Hq, h = u % Hq, hk = h / (Hq / Hkv);
@@ -63,14 +46,14 @@ kvc_keyformer_heads_kernel(const struct kvc_keyformer_scores_params p, float *he
             row[j] = z;
             m = fmaxf(m, z);
         }
-        m = kvc_kf_block_reduce(m, red, 1);
+        m = kvc_head_block_reduce(m, red, 1);
         float sum = 0.0f;
         for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
             const float e = kvc_expf(row[j] - m);
             row[j] = e;
             sum += e;
         }
-        sum = kvc_kf_block_reduce(sum, red, 0);
+        sum = kvc_head_block_reduce(sum, red, 0);
         const float inv = 1.0f / sum;
         for (int64_t j = threadIdx.x; j < n; j += blockDim.x) acc[s + j] += row[j] * inv;
     }
@@ -98,7 +81,7 @@ extern "C" enum kvc_status kvc_cuda_keyformer_scores(const struct kvc_keyformer_
     const size_t n = (size_t)(B * Hq * Tk) * sizeof(float);
     float *heads = (float *)kvc_carve(&cur, n);
     float *rows = (float *)kvc_carve(&cur, n);
-    kvc_keyformer_heads_kernel<<<(unsigned)(B * Hq), KVC_KF_THREADS, (size_t)D * sizeof(float),
+    kvc_keyformer_heads_kernel<<<(unsigned)(B * Hq), KVC_HEAD_THREADS, (size_t)D * sizeof(float),
                                  KVC_STREAM(stream)>>>(*p, heads, rows);
     KVC_CUDA_LAUNCHED();
     return kvc_head_rows_mean(heads, p->out, B, Hq, Hkv, Tk, stream);
