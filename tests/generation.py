@@ -47,6 +47,17 @@ def greedy(model, ids, mask=None, *, method=None, n: int = 10, **kw):
     return out, session
 
 
+def short_row_beside_a_long_one(model, method, short, long_, n: int = 10):
+    """Greedy tokens of ``short`` (1-D ids) left-padded beside ``long_`` in a
+    compression session of ``method``, and of ``short`` alone with plain
+    ``generate()``: ``(in_batch [n], alone [n])``, equal when padding
+    changes nothing the row sees."""
+    ids, mask = left_pad([short, long_])
+    out, _ = greedy(model, ids, mask, method=method, n=n)
+    alone, _ = greedy(model, short[None], n=n)
+    return out[0, ids.shape[1]:], alone[0, len(short):]
+
+
 def prefill(model, method, ids, mask=None):
     """One forward of ``ids [B, T]`` into a fresh compressed cache; returns
     the cache. Left-padded rows count positions from their first real token,

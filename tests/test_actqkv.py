@@ -11,7 +11,7 @@ import kvcompress as kvc
 from kvcompress import KVCompressTypeError, KVCompressValueError, ops
 from kvcompress.methods import REGISTRY, ActQKV, method_from_spec
 
-from generation import greedy, prefill
+from generation import greedy, prefill, short_row_beside_a_long_one
 from model_refs import assert_topk_consistent, layer_qkv
 from test_ops import DTYPE_IDS, DTYPES, make
 
@@ -245,14 +245,9 @@ def test_left_padded_batch_matches_a_float64_recomputation(tiny_model):
 
 
 def test_short_row_in_a_batch_generates_as_alone(tiny_model):
-    short, long_ = _prompt(length=20, seed=5)[0], _prompt(length=60, seed=6)[0]
-    ids = torch.zeros(2, 60, dtype=torch.long)
-    mask = torch.zeros(2, 60, dtype=torch.long)
-    ids[0, 40:], mask[0, 40:] = short, 1
-    ids[1], mask[1] = long_, 1
-    with kvc.compress(tiny_model, ActQKV(budget=32, window=8, interval=0)):
-        out = _generate(tiny_model, ids, mask)
-    assert torch.equal(out[0, 40:], _generate(tiny_model, short[None])[0])
+    in_batch, alone = short_row_beside_a_long_one(tiny_model, ActQKV(budget=32, window=8, interval=0), _prompt(length=20, seed=5)[0],
+                                                  _prompt(length=60, seed=6)[0])
+    assert torch.equal(in_batch, alone)
 
 
 def test_compressed_rows_generate_as_alone(tiny_model):
