@@ -249,7 +249,7 @@ def kmeans_ref(values, k=3):
                 cent[c] = sum(members) / len(members)
 
 
-def squeeze_ref(model, ids, budget=BUDGET, p=0.3, pick=max, layers=None):
+def squeeze_ref(model, ids, budget=BUDGET, p=0.85, pick=max, layers=None):
     sims = hidden64(model, ids)
     if layers is not None:
         sims = [sims[i] for i in layers]
