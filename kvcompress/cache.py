@@ -1116,7 +1116,9 @@ class KVCache(Cache):
         q = int(before.shape[1])
         # a row's leading masked slots that fall inside this chunk are its padding
         pad = [max(0, s - (layer.n - q)) for s in layer._start]
-        self._hidden[layer_idx] = self.method.hidden_statistic(before, before + attn_out, pad)
+        # a sliding layer takes no part in the budgets: no statistic
+        self._hidden[layer_idx] = (None if layer.window is not None
+                                   else self.method.hidden_statistic(before, before + attn_out, pad))
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

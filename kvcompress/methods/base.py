@@ -461,8 +461,8 @@ class Method:
         :meth:`hidden_statistic`; None keeps :meth:`row_target`. Decoding
         keeps each layer's share of the row's target (see ``CompressedLayer``).
         ``sliding[j]`` is True for a sliding-window layer: it keeps only its
-        most recent slots whatever it is given (its statistic is None, never
-        computed), so a budget moved to it would be lost."""
+        most recent slots whatever it is given (its statistics, both, are
+        None, never computed), so a budget moved to it would be lost."""
         return None
 
     def observe(self, view: LayerView) -> None:
