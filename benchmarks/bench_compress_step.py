@@ -3,7 +3,8 @@
 Prefills the default model on an N-token prompt once per method and repeat,
 methods interleaved, and times what every layer spends in its compression
 step (``CompressedLayer.after_attention``: scores, selection, gather or
-merge, and the method's per-slot state) inside those runs. Head-profiled
+merge, and the method's per-slot state; for per-layer budgets also the
+statistics gathered as each layer attends) inside those runs. Head-profiled
 methods (HeadKV, RazorAttention) are profiled once before timing; the
 profile is a one-off cost per model, reported apart.
 
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 import kvcompress as kvc
-from kvcompress.cache import CompressedLayer
+from kvcompress.cache import CompressedLayer, KVCache
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import method_from_spec
 
@@ -53,15 +54,30 @@ def main() -> int:
         profile_s[spec] = time.perf_counter() - t0
     spent = {spec: [] for spec in specs}
     prefill = {spec: [] for spec in specs}
-    original = CompressedLayer.after_attention
+    # Per-layer budgets (DynamicKV, SqueezeAttention) also score every layer
+    # when it attends (KVCache._defer_prefill) and read its hidden states
+    # (observe_hidden) before the last layer compresses them all; those
+    # count too. The last layer's _defer_prefill runs every layer's
+    # after_attention inside it: only the outermost timed call adds.
+    hooks = [(CompressedLayer, "after_attention"), (KVCache, "_defer_prefill"), (KVCache, "observe_hidden")]
+    originals = [(cls, name, getattr(cls, name)) for cls, name in hooks]
     clock = [0.0]
+    depth = [0]
 
-    def timed(self, *a, **kw):
-        t0 = time.perf_counter()
-        original(self, *a, **kw)
-        clock[0] += time.perf_counter() - t0
+    def timer(fn):
+        def timed(self, *a, **kw):
+            depth[0] += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(self, *a, **kw)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    clock[0] += time.perf_counter() - t0
+        return timed
 
-    CompressedLayer.after_attention = timed
+    for cls, name, fn in originals:
+        setattr(cls, name, timer(fn))
     try:
         with torch.no_grad():
             model(ids[:, :256])  # warm-up
@@ -74,7 +90,8 @@ def main() -> int:
                         prefill[spec].append(time.perf_counter() - t0)
                         spent[spec].append(clock[0])
     finally:
-        CompressedLayer.after_attention = original
+        for cls, name, fn in originals:
+            setattr(cls, name, fn)
     ref = statistics.median(spent["snapkv"])
     rows = []
     for spec in specs:
