@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from .. import ops
 from .base import LayerView, Method
+from .window import QueryWindow
 
 
 @dataclass
-class ActQKV(Method):
+class ActQKV(QueryWindow, Method):
     """ActQKV (Xiao et al., arXiv 2502.13542): fold the latest queries into
     one probe query per head, weighted by how strongly each one is
     activated, and keep the keys that probe attends to.
@@ -85,14 +86,6 @@ class ActQKV(Method):
 
     def _forced_text(self) -> str:
         return f"sinks={self.sinks} plus the window, window={self.window}"
-
-    def held_queries(self) -> int:
-        # a decode-time re-selection probes with the queries of the tokens
-        # generated since the last one (at most the window)
-        return min(self.window, self.interval)
-
-    def _window(self, view: LayerView) -> int:
-        return min(self.window, int(view.queries.shape[2]), view.length)
 
     def score(self, view: LayerView):
         """``[B, Hkv, n]`` float32 probe attention of every slot."""

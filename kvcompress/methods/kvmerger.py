@@ -9,12 +9,13 @@ import torch
 
 from .. import ops
 from .base import LayerView, Method
+from .window import QueryWindow
 
 _GQA = ("mean", "max")
 
 
 @dataclass
-class KVMerger(Method):
+class KVMerger(QueryWindow, Method):
     """KVMerger: runs of consecutive tokens with similar keys are merged into
     the run's most attended token with Gaussian-kernel weights.
 
@@ -138,19 +139,13 @@ class KVMerger(Method):
     def count_bias(self) -> bool:
         return self.merge_bias
 
-    def held_queries(self) -> int:
-        return min(self.window, self.interval)
-
-    def _obs(self, view: LayerView) -> int:
-        return min(self.window, int(view.queries.shape[2]), view.length)
-
     def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
-        w = min(self._obs(view), keep)
+        w = min(self._window(view), keep)
         return min(self.sinks, keep - w), w
 
     def score(self, view: LayerView):
         """``[B, Hkv, T]`` float32: mean attention from the last ``window`` queries."""
-        o = self._obs(view)
+        o = self._window(view)
         return ops.window_scores(view.queries[:, :, -o:], view.keys, scaling=view.scaling, gqa=self.gqa,
                                  kv_start=view.kv_start)
 

@@ -11,11 +11,26 @@ _POOLS = ("max", "avg")
 _GQA = ("mean", "max")
 
 
-class ObservationWindow:
-    """What every method scored by its last ``window`` queries shares
-    (SnapKV and its subclasses, KVCrush): the checks of ``window``,
-    ``kernel`` and ``pool``, the window as its forced keeps, and the queries
-    held for a decode-time re-selection."""
+class QueryWindow:
+    """The last ``window`` queries a method scores with (SnapKV and its
+    subclasses, KVCrush, ActQKV, KVMerger): how many of them a view holds,
+    and how many a layer holds for a decode-time re-selection."""
+
+    def held_queries(self) -> int:
+        # a decode-time re-selection scores with the queries of the tokens
+        # generated since the last one (at most the window): holding more
+        # would cost query heads x window x D per layer
+        return min(self.window, self.interval)
+
+    def _window(self, view: LayerView) -> int:
+        return min(self.window, int(view.queries.shape[2]), view.length)
+
+
+class ObservationWindow(QueryWindow):
+    """What every method scored by the pooled attention of its last
+    ``window`` queries shares (SnapKV and its subclasses, KVCrush): the
+    checks of ``window``, ``kernel`` and ``pool``, and the window as its
+    forced keeps."""
 
     def _check_window(self) -> None:
         Method._check_int("window", self.window, 1)
@@ -30,15 +45,6 @@ class ObservationWindow:
 
     def _forced_text(self) -> str:
         return f"the observation window, window={self.window}"
-
-    def held_queries(self) -> int:
-        # a decode-time re-selection scores with the queries of the tokens
-        # generated since the last one (at most the window): holding more
-        # would cost query heads x window x D per layer
-        return min(self.window, self.interval)
-
-    def _window(self, view: LayerView) -> int:
-        return min(self.window, int(view.queries.shape[2]), view.length)
 
 
 @dataclass
