@@ -100,10 +100,11 @@ class FastGen(Method):
       count, its punctuation competing as ordinary tokens (on the default
       model's prose, 1,024 tokens hold more punctuation than a budget of
       128: punctuation first left full heads with nothing else, KL@16 1.10
-      against SnapKV's 0.23, whatever ``T``). So a layer never holds more than ``H * keep`` (it holds
-      exactly that when some head is full), and ``recovery=1`` gives every
-      head the full policy, i.e. each keeps ``keep`` slots of the hybrid
-      policy (an uncompressed ``C_full`` would exceed the budget). The
+      against SnapKV's 0.23, whatever ``T``). So a layer never holds more
+      than ``H * keep`` (it holds exactly that when some head is full), and
+      ``recovery=1`` gives every head the full policy, i.e. each keeps
+      ``keep`` slots of the hybrid policy (an uncompressed ``C_full`` would
+      exceed the budget). The
       budget is the cap; ``T`` decides how much of it the layer uses;
     * **decoding**: each head's policy is kept per head
       (``LayerView.head_state``) and its share of the row's target is its

@@ -12,7 +12,6 @@ from .base import LayerView, Method
 from .window import ObservationWindow
 
 
-
 @dataclass
 class KVCrush(ObservationWindow, Method):
     """KVCrush (Jha et al., arXiv 2503.00022): keep the important tokens, and

@@ -9,9 +9,7 @@ import torch
 
 from .. import ops
 from .base import LayerView, Method
-from .window import QueryWindow
-
-_GQA = ("mean", "max")
+from .window import _GQA, QueryWindow
 
 
 @dataclass

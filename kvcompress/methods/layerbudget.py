@@ -88,8 +88,8 @@ class _LayerBudgets(SnapKV):
         full = [j for j in range(L) if not sliding[j]]
         if not full:
             return None
-        sub = self._full_targets(None if stats is None else [stats[j] for j in full],
-                                 None if hidden is None else [hidden[j] for j in full], seen)
+        sub = self._full_targets([stats[j] for j in full], None if hidden is None else [hidden[j] for j in full],
+                                 seen)
         if sub is None:
             return None
         means = self._means(seen, L)
