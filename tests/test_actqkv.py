@@ -182,7 +182,7 @@ def _generate(model, ids, mask=None, n=10):
     return greedy(model, ids, mask, n=n)[0]
 
 
-def _check_layers(model, ids, mask, cache, budget, window, sinks, starts, uniform=False):
+def _check_layers(model, ids, mask, cache, budget, window, sinks, starts, uniform=False, kernel=1):
     for li, (q, k, v) in enumerate(layer_qkv(model, ids, mask)):
         layer = cache.layers[li]
         T = k.shape[2]
@@ -195,6 +195,9 @@ def _check_layers(model, ids, mask, cache, budget, window, sinks, starts, unifor
                 kept = layer.positions[b, h].tolist()
                 assert all(i >= s for i in kept)
                 scored = ref[b, h].clone()
+                if kernel > 1:  # float64 max-pool of the slots before the window
+                    scored[:T - window] = torch.nn.functional.max_pool1d(
+                        scored[None, None, :T - window], kernel, 1, kernel // 2)[0, 0]
                 scored[:s] = -float("inf")
                 forced = list(range(s, s + sinks)) + list(range(T - window, T))
                 assert_topk_consistent(kept, scored, forced, budget, eps=1e-7)
@@ -218,6 +221,21 @@ def test_the_kept_set_comparison_discriminates(tiny_model):
     cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids)
     with pytest.raises(AssertionError):
         _check_layers(tiny_model, ids, None, cache, budget, window, sinks, [0, 0], uniform=True)
+
+
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_pooled_scores_keep_what_a_float64_recomputation_chooses(tiny_model, kernel):
+    short, long_ = _prompt(length=45, seed=3)[0], _prompt(length=70, seed=4)[0]
+    ids = torch.zeros(2, 70, dtype=torch.long)
+    mask = torch.zeros(2, 70, dtype=torch.long)
+    ids[0, 25:], mask[0, 25:] = short, 1
+    ids[1], mask[1] = long_, 1
+    window, sinks, budget = 8, 2, 24
+    method = ActQKV(budget=budget, window=window, sinks=sinks, kernel=kernel)
+    cache = prefill(tiny_model, method, ids, mask)
+    _check_layers(tiny_model, ids, mask, cache, budget, window, sinks, [25, 0], kernel=kernel)
+    with pytest.raises(AssertionError):  # the unpooled reference differs: pooling took effect
+        _check_layers(tiny_model, ids, mask, cache, budget, window, sinks, [25, 0])
 
 
 def test_budget_above_prompt_is_identity(tiny_model):
@@ -271,6 +289,9 @@ def test_compressed_rows_generate_as_alone(tiny_model):
     (dict(budget=32, window=4.0), TypeError, "window"),
     (dict(budget=32, sinks=-1), ValueError, "sinks"),
     (dict(budget=32, sinks="2"), TypeError, "sinks"),
+    (dict(budget=32, kernel=4), ValueError, "kernel"),
+    (dict(budget=32, kernel=0), ValueError, "kernel"),
+    (dict(budget=32, kernel=3.0), TypeError, "kernel"),
     (dict(budget=10, window=8, sinks=4), ValueError, "budget"),
     (dict(budget=32, interval=-1), ValueError, "interval"),
     (dict(), ValueError, "budget"),
@@ -285,7 +306,8 @@ def test_registered_and_built_from_a_spec():
     m = method_from_spec("actqkv:window=8:sinks=2", ratio=0.5)
     assert (m.window, m.sinks, m.ratio) == (8, 2, 0.5)
     assert ActQKV.needs_queries and m.min_budget() == 10 and m.held_queries() == 8
-    assert m.describe() == "ActQKV(ratio=0.5, window=8, sinks=2)"
+    assert m.describe() == "ActQKV(ratio=0.5, window=8, sinks=2, kernel=1)"
+    assert method_from_spec("actqkv:kernel=7", budget=64).describe() == "ActQKV(budget=64, window=16, sinks=4, kernel=7)"
     assert isinstance(method_from_spec("actqkv", budget=64), ActQKV)
     with pytest.raises(ValueError, match="no option"):
         method_from_spec("actqkv:lag=3", budget=64)
