@@ -209,7 +209,7 @@ def _check_layers(model, ids, mask, cache, budget, window, sinks, starts, unifor
 def test_prefill_keeps_what_a_float64_recomputation_chooses(tiny_model, budget):
     ids = _prompt(batch=2, length=64)
     window, sinks = 8, 2
-    cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids)
+    cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks, kernel=1), ids)
     _check_layers(tiny_model, ids, None, cache, budget, window, sinks, [0, 0])
 
 
@@ -218,12 +218,12 @@ def test_the_kept_set_comparison_discriminates(tiny_model):
     slots somewhere: the float64 comparison would catch a lost weighting."""
     ids = _prompt(batch=2, length=64)
     window, sinks, budget = 8, 2, 24
-    cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids)
+    cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks, kernel=1), ids)
     with pytest.raises(AssertionError):
         _check_layers(tiny_model, ids, None, cache, budget, window, sinks, [0, 0], uniform=True)
 
 
-@pytest.mark.parametrize("kernel", [3, 7])
+@pytest.mark.parametrize("kernel", [3, 7, 13])
 def test_pooled_scores_keep_what_a_float64_recomputation_chooses(tiny_model, kernel):
     short, long_ = _prompt(length=45, seed=3)[0], _prompt(length=70, seed=4)[0]
     ids = torch.zeros(2, 70, dtype=torch.long)
@@ -255,7 +255,7 @@ def test_left_padded_batch_matches_a_float64_recomputation(tiny_model):
     ids[1], mask[1] = long_, 1
     window, sinks, budget = 8, 3, 28
     cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids, mask)
-    _check_layers(tiny_model, ids, mask, cache, budget, window, sinks, [25, 0])
+    _check_layers(tiny_model, ids, mask, cache, budget, window, sinks, [25, 0], kernel=13)  # the default
     with kvc.compress(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks, interval=4)) as session:
         _generate(tiny_model, ids, mask, n=12)
     for layer in session.cache.layers:
@@ -306,7 +306,7 @@ def test_registered_and_built_from_a_spec():
     m = method_from_spec("actqkv:window=8:sinks=2", ratio=0.5)
     assert (m.window, m.sinks, m.ratio) == (8, 2, 0.5)
     assert ActQKV.needs_queries and m.min_budget() == 10 and m.held_queries() == 8
-    assert m.describe() == "ActQKV(ratio=0.5, window=8, sinks=2, kernel=1)"
+    assert m.describe() == "ActQKV(ratio=0.5, window=8, sinks=2, kernel=13)"
     assert method_from_spec("actqkv:kernel=7", budget=64).describe() == "ActQKV(budget=64, window=16, sinks=4, kernel=7)"
     assert isinstance(method_from_spec("actqkv", budget=64), ActQKV)
     with pytest.raises(ValueError, match="no option"):
