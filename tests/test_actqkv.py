@@ -11,7 +11,7 @@ import kvcompress as kvc
 from kvcompress import KVCompressTypeError, KVCompressValueError, ops
 from kvcompress.methods import REGISTRY, ActQKV, method_from_spec
 
-from generation import greedy, prefill, short_row_beside_a_long_one
+from generation import greedy, left_pad, prefill, short_row_beside_a_long_one
 from model_refs import assert_topk_consistent, layer_qkv
 from test_ops import DTYPE_IDS, DTYPES, make
 
@@ -225,11 +225,7 @@ def test_the_kept_set_comparison_discriminates(tiny_model):
 
 @pytest.mark.parametrize("kernel", [3, 7, 13])
 def test_pooled_scores_keep_what_a_float64_recomputation_chooses(tiny_model, kernel):
-    short, long_ = _prompt(length=45, seed=3)[0], _prompt(length=70, seed=4)[0]
-    ids = torch.zeros(2, 70, dtype=torch.long)
-    mask = torch.zeros(2, 70, dtype=torch.long)
-    ids[0, 25:], mask[0, 25:] = short, 1
-    ids[1], mask[1] = long_, 1
+    ids, mask = left_pad([_prompt(length=45, seed=3)[0], _prompt(length=70, seed=4)[0]])  # row 0: 25 pads
     window, sinks, budget = 8, 2, 24
     method = ActQKV(budget=budget, window=window, sinks=sinks, kernel=kernel)
     cache = prefill(tiny_model, method, ids, mask)
@@ -248,11 +244,7 @@ def test_budget_above_prompt_is_identity(tiny_model):
 
 
 def test_left_padded_batch_matches_a_float64_recomputation(tiny_model):
-    short, long_ = _prompt(length=45, seed=3)[0], _prompt(length=70, seed=4)[0]
-    ids = torch.zeros(2, 70, dtype=torch.long)
-    mask = torch.zeros(2, 70, dtype=torch.long)
-    ids[0, 25:], mask[0, 25:] = short, 1
-    ids[1], mask[1] = long_, 1
+    ids, mask = left_pad([_prompt(length=45, seed=3)[0], _prompt(length=70, seed=4)[0]])  # row 0: 25 pads
     window, sinks, budget = 8, 3, 28
     cache = prefill(tiny_model, ActQKV(budget=budget, window=window, sinks=sinks), ids, mask)
     _check_layers(tiny_model, ids, mask, cache, budget, window, sinks, [25, 0], kernel=13)  # the default
