@@ -92,9 +92,7 @@ class ActQKV(QueryWindow, Method):
     def _check_fields(self) -> None:
         self._check_int("window", self.window, 1)
         self._check_int("sinks", self.sinks, 0)
-        self._check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel: must be odd, got {self.kernel}")
+        self._check_kernel()
 
     def min_budget(self) -> int:
         return self.sinks + self.window
@@ -107,11 +105,7 @@ class ActQKV(QueryWindow, Method):
         w = self._window(view)
         scores = ops.actqkv_scores(view.queries[:, :, -w:], view.keys, scaling=view.scaling,
                                    kv_start=view.kv_start)
-        head = view.length - w
-        if self.kernel > 1 and head > 0:
-            # the window is kept whatever it scores, so only the slots before it compete
-            scores[..., :head] = ops.pool1d(scores[..., :head], self.kernel)
-        return scores
+        return self._pool_before_window(scores, view, w)
 
     def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
         w = min(self._window(view), keep)

@@ -14,7 +14,9 @@ _GQA = ("mean", "max")
 class QueryWindow:
     """The last ``window`` queries a method scores with (SnapKV and its
     subclasses, KVCrush, ActQKV, KVMerger): how many of them a view holds,
-    and how many a layer holds for a decode-time re-selection."""
+    how many a layer holds for a decode-time re-selection, and, for those
+    with a ``kernel``, its check and the pooling of the scores before the
+    window."""
 
     def held_queries(self) -> int:
         # a decode-time re-selection scores with the queries of the tokens
@@ -25,6 +27,20 @@ class QueryWindow:
     def _window(self, view: LayerView) -> int:
         return min(self.window, int(view.queries.shape[2]), view.length)
 
+    def _check_kernel(self) -> None:
+        Method._check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel: must be odd, got {self.kernel}")
+
+    def _pool_before_window(self, scores, view: LayerView, w: int, mode: str = "max"):
+        """Pool ``scores [B, Hkv, n]`` over ``kernel`` slots, in place, for the
+        slots before the last ``w``: the window is kept whatever it scores, so
+        only the slots before it compete."""
+        head = view.length - w
+        if self.kernel > 1 and head > 0:
+            scores[..., :head] = ops.pool1d(scores[..., :head], self.kernel, mode=mode)
+        return scores
+
 
 class ObservationWindow(QueryWindow):
     """What every method scored by the pooled attention of its last
@@ -34,9 +50,7 @@ class ObservationWindow(QueryWindow):
 
     def _check_window(self) -> None:
         Method._check_int("window", self.window, 1)
-        Method._check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise ValueError(f"kernel: must be odd, got {self.kernel}")
+        self._check_kernel()
         if self.pool not in _POOLS:
             raise ValueError(f"pool: expected one of {_POOLS}, got {self.pool!r}")
 
@@ -93,10 +107,7 @@ class SnapKV(ObservationWindow, Method):
             view.queries[:, :, -w:], view.keys, scaling=view.scaling, gqa=self.gqa,
             kv_start=view.kv_start,
         )
-        head = view.length - w
-        if self.kernel > 1 and head > 0:
-            scores[..., :head] = ops.pool1d(scores[..., :head], self.kernel, mode=self.pool)
-        return scores
+        return self._pool_before_window(scores, view, w, self.pool)
 
     def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
         return 0, min(self._window(view), keep)
