@@ -168,8 +168,14 @@ def test_options_and_composition():
         MagicPIG(L=2, hits=3)
     with pytest.raises(ValueError, match="K"):
         MagicPIG(K=40)
-    with pytest.raises(TypeError):
-        kvc.SnapKV(ratio=0.5) + MagicPIG()
+    composed = kvc.SnapKV(ratio=0.5) + MagicPIG(L=40)
+    assert composed.lsh.L == 40 and composed.paging is None and composed.tidal is None
+    assert method_from_spec("snapkv+magicpig:l=40", ratio=0.5).lsh.L == 40
+    for evictor in (kvc.EMS(ratio=0.5), kvc.KVMerger(ratio=0.5)):  # heads of different lengths, merges
+        with pytest.raises(ValueError, match="different lengths or merges"):
+            evictor + MagicPIG()
+    with pytest.raises(TypeError, match="evicting_method \\+ reader"):
+        MagicPIG() + kvc.SnapKV(ratio=0.5)
 
 
 def test_window_covering_the_layer_reproduces_generate_with_left_padding(tiny_model):
@@ -195,3 +201,26 @@ def test_sampling_runs_in_the_sparse_layers(tiny_model):
 def test_command_line_spells_k_and_l_in_lower_case():
     assert method_from_spec("magicpig:k=10:l=150").describe() == method_from_spec("magicpig:K=10:L=150").describe()
     assert (method_from_spec("magicpig:k=10:l=150").K, method_from_spec("magicpig:k=10:l=150").L) == (10, 150)
+
+
+def test_composed_with_an_evictor_the_tables_index_the_kept_slots(tiny_model):
+    """Exact window covering the kept slots: SnapKV's own generation. Then a
+    long generation with SnapKV re-selecting every interval inside the LSH
+    stores: the codes moved with their slots and equal a recomputation."""
+    ids, mask = _batch(11)
+    snap = _generate(tiny_model, ids, mask, kvc.SnapKV(ratio=0.5, window=8))
+    assert torch.equal(_generate(tiny_model, ids, mask, kvc.SnapKV(ratio=0.5, window=8)
+                                 + MagicPIG(window=300, dense_layers=0)), snap)
+
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(5, 500, (1, 20), generator=g)
+    method = kvc.SnapKV(budget=48, window=8) + MagicPIG(K=4, L=30, sinks=4, window=8, dense_layers=0)
+    cache = KVCache(method, num_layers=4)
+    out = _generate(tiny_model, ids, torch.ones_like(ids), method, cache, new=80)
+    assert out.shape == (1, 100)
+    for layer in cache.layers:
+        store = layer.store
+        assert store.kind == "lsh" and store.n <= 48 + 16 and store.sampled_steps > 0
+        ref, margin = codes_ref(store.keys, store.planes, 4, center=store.center)
+        sure = margin > 1e-4  # sign bits of projections this close to 0 may differ in float32
+        assert torch.equal(store.codes.long()[sure], ref[sure]) and sure.float().mean() > 0.99

@@ -30,8 +30,16 @@ def test_roles_and_options():
             TidalDecode(selection_layers=bad)
     with pytest.raises(ValueError, match="evicts nothing"):
         TidalDecode(ratio=0.5)
-    with pytest.raises(TypeError):
-        kvc.SnapKV(ratio=0.5) + TidalDecode()
+    composed = kvc.SnapKV(ratio=0.5) + TidalDecode(token_budget=64)
+    assert composed.tidal.token_budget == 64 and composed.paging is None and composed.lsh is None
+    assert method_from_spec("snapkv+tidaldecode:token_budget=64", ratio=0.5).tidal.token_budget == 64
+    for evictor in (kvc.EMS(ratio=0.5), kvc.AdaKV(ratio=0.5)):  # heads of different lengths
+        with pytest.raises(ValueError, match="different lengths or merges"):
+            evictor + TidalDecode()
+    with pytest.raises(ValueError, match="packed"):
+        kvc.SnapKV(ratio=0.5, quant=kvc.KIVI(), sparse=TidalDecode())
+    with pytest.raises(TypeError, match="evicting_method \\+ reader"):
+        TidalDecode() + kvc.SnapKV(ratio=0.5)
 
 
 def _pair(n=150, B=2, Hq=4, H=2, D=16, budget=32, seed=0):
@@ -49,8 +57,9 @@ def test_selection_is_the_top_of_the_selection_layers_attention_and_the_next_lay
     kv_start = torch.tensor([0, 23])
     dense = sel.attend(q1, spec, kv_start=kv_start)
     assert torch.equal(dense, kvc.ops.attention(q1, sel.keys, sel.values, scaling=0.25, kv_start=kv_start))
-    n, batch, chosen = shared["tidal"]
-    assert (n, batch, tuple(chosen.shape)) == (150, 2, (2, 2, 32))
+    newest, batch, chosen, positions = shared["tidal"]
+    assert (newest, batch, tuple(chosen.shape)) == (149, 2, (2, 2, 32))
+    assert torch.equal(positions.long(), chosen)  # nothing evicted: slot j holds position j
     scores = window_scores_ref(q1, sel.keys, scaling=0.25, gqa="max", kv_start=kv_start)
     for b in range(2):
         for h in range(2):
@@ -77,6 +86,82 @@ def test_a_stale_or_missing_selection_reads_everything():
     assert sparse.last_read is None
 
 
+def _evicted_reference(sel_positions, held, k, kv_start):
+    """Per (b, h): the held slots whose position was selected, then the
+    newest other real slots, ``k`` in all, ascending (plain Python sets)."""
+    B, H, _ = held.shape
+    out = torch.empty(B, H, k, dtype=torch.int64)
+    for b in range(B):
+        for h in range(H):
+            want = set(sel_positions[b, h].tolist())
+            real = [j for j in range(held.shape[2]) if j >= int(kv_start[b])]
+            hits = [j for j in real if int(held[b, h, j]) in want]
+            rest = [j for j in reversed(real) if j not in hits]
+            out[b, h] = torch.tensor(sorted(hits + rest[: k - len(hits)]))
+    return out
+
+
+def test_after_an_eviction_a_sparse_layer_reads_the_selected_positions_it_holds():
+    """The sparse layer kept 100 of 150 tokens per head (a different set
+    per head): it reads those of the selection's positions it still holds,
+    topped up with its newest other slots, and attends over exactly them."""
+    sel, sparse, shared, q1, q2 = _pair()
+    g = torch.Generator().manual_seed(3)
+    kv_start = torch.tensor([0, 23])
+
+    def head(first):  # `first` leading slots (the padded row keeps its padding in front), 100 in all
+        picked = first + torch.randperm(149 - first, generator=g)[: 99 - first].sort().values
+        return torch.cat([torch.arange(first), picked, torch.tensor([149])])
+
+    keep = torch.stack([torch.stack([head(0), head(0)]), torch.stack([head(23), head(23)])])
+    assert all(len(set(keep[b, h].tolist())) == 100 for b in range(2) for h in range(2))
+    sparse.keep(keep.contiguous())
+    spec = AttentionSpec(scaling=0.25)
+    sel.attend(q1, spec, kv_start=kv_start)
+    _, _, chosen, positions = shared["tidal"]
+    out = sparse.attend(q2, spec, kv_start=kv_start)
+    held = sparse.column("positions")
+    ref_slots = _evicted_reference(positions, held, 32, kv_start)
+    assert torch.equal(sparse.last_read, ref_slots) and sparse.sparse_steps == 1
+    # some selected positions were evicted from this layer, so the top-up was needed
+    assert any(len(set(positions[b, h].tolist()) - set(held[b, h].tolist())) > 0
+               for b in range(2) for h in range(2))
+    ref = paged_attention_ref(q2, sparse.keys, sparse.values, ref_slots, 1, kv_start)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_composed_with_an_evictor(tiny_model):
+    ids, mask = _quest_batch(9)
+    # a budget covering every kept slot reads them all: the evictor's own generation
+    snap = _generate(tiny_model, ids, mask, kvc.SnapKV(ratio=0.5, window=8))
+    assert torch.equal(_generate(tiny_model, ids, mask, kvc.SnapKV(ratio=0.5, window=8)
+                                 + TidalDecode(token_budget=300, selection_layers=(1,))), snap)
+    method = kvc.SnapKV(ratio=0.5, window=8) + TidalDecode(token_budget=48, selection_layers=(1,))
+    cache = KVCache(method, num_layers=4)
+    out = _generate(tiny_model, ids, mask, method, cache)
+    assert out.shape == (2, 270)
+    assert [layer.store.kind for layer in cache.layers] == ["uniform", "tidal", "tidal", "tidal"]
+    sel = cache.shared["tidal"]
+    for layer in cache.layers[2:]:
+        store = layer.store
+        assert store.sparse_steps == 9 and store.last_read.shape == (2, 2, 48)
+        held = store.column("positions")
+        assert torch.equal(store.last_read, _evicted_reference(sel.positions, held, 48, layer.kv_start))
+
+
+def test_composed_with_an_evictor_a_long_generation_holds_the_budget(tiny_model):
+    """SnapKV re-selects every interval inside the tidal stores (keep)."""
+    g = torch.Generator().manual_seed(13)
+    ids = torch.randint(5, 500, (1, 20), generator=g)
+    method = kvc.SnapKV(budget=48, window=8) + TidalDecode(token_budget=32, selection_layers=(1,))
+    cache = KVCache(method, num_layers=4)
+    out = _generate(tiny_model, ids, torch.ones_like(ids), method, cache, new=80)
+    assert out.shape == (1, 100)
+    for layer in cache.layers[1:]:
+        assert layer.store.kind == "tidal" and layer.store.n <= 48 + 16
+    assert all(layer.store.sparse_steps > 0 for layer in cache.layers[2:])
+
+
 def test_budget_covering_the_layer_reproduces_generate_with_left_padding(tiny_model):
     ids, mask = _quest_batch(9)
     assert torch.equal(_generate(tiny_model, ids, mask, TidalDecode(token_budget=300, selection_layers=(1,))),
@@ -93,5 +178,5 @@ def test_small_budget_reads_the_selected_tokens_in_every_later_layer(tiny_model)
     assert [layer.store.role for layer in cache.layers[1:]] == ["select", "sparse", "sparse"]
     for layer in cache.layers[2:]:
         assert layer.store.sparse_steps == 9  # every decode step after the prefill's token
-        assert torch.equal(layer.store.last_read, cache.shared["tidal"][2])
-    assert int(cache.shared["tidal"][2][1].min()) >= 45  # nothing from the padded row's padding
+        assert torch.equal(layer.store.last_read, cache.shared["tidal"].slots)
+    assert int(cache.shared["tidal"].slots[1].min()) >= 45  # nothing from the padded row's padding

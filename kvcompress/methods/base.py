@@ -143,9 +143,10 @@ class Method:
     #: ``SnapKV(ratio=0.5, quant=KIVI(bits=4))``, also written
     #: ``SnapKV(ratio=0.5) + KIVI(bits=4)`` (see :meth:`__add__`)
     quant: "Method | None" = None
-    #: a query-aware reader (``Quest``) that decodes sparsely over the slots
-    #: this method keeps: ``SnapKV(ratio=0.5, sparse=Quest(token_budget=256))``,
-    #: also written ``SnapKV(ratio=0.5) + Quest(token_budget=256)``
+    #: a query-aware reader (``Quest``, ``TidalDecode``, ``MagicPIG``) that
+    #: decodes sparsely over the slots this method keeps:
+    #: ``SnapKV(ratio=0.5, sparse=Quest(token_budget=256))``, also written
+    #: ``SnapKV(ratio=0.5) + Quest(token_budget=256)``
     sparse: "Method | None" = None
     #: a cross-layer method (``MiniCache``) that merges adjacent layers of what
     #: this evictor keeps: ``SnapKV(ratio=0.5, depth=MiniCache())``, also
@@ -221,14 +222,14 @@ class Method:
         r = self.sparse
         if r is None:
             return
-        if not isinstance(r, Method) or r.evicts or r.paging is None:
+        if not isinstance(r, Method) or r.evicts or not r.reads_sparsely:
             raise TypeError(f"sparse: expected a query-aware reader such as kvcompress.Quest(token_budget=256), "
-                            f"got {r!r}")
+                            f"kvcompress.TidalDecode(...) or kvcompress.MagicPIG(), got {r!r}")
         if not self.evicts:
             raise ValueError(f"sparse: {type(self).__name__} keeps every token itself; give sparse= to an "
                              "evicting method")
         if self.headwise or self.merges:
-            raise ValueError(f"sparse: {r.describe()} reads pages of a layer whose heads hold the same slots; "
+            raise ValueError(f"sparse: {r.describe()} reads a layer whose heads hold the same number of slots; "
                              f"{type(self).__name__} gives heads different lengths or merges: use an evictor "
                              "such as SnapKV, H2O, TOVA or StreamingLLM")
         if self.quant is not None:
@@ -263,7 +264,13 @@ class Method:
     def lsh(self):
         """The ``MagicPIG`` method when decode steps sample keys by LSH
         (``kvcompress.stores.LSHStore``), else None."""
-        return None
+        return None if self.sparse is None else self.sparse.lsh
+
+    @property
+    def reads_sparsely(self) -> bool:
+        """Whether this is (or composes with) a query-aware reader: Quest,
+        TidalDecode or MagicPIG."""
+        return self.paging is not None or self.tidal is not None or self.lsh is not None
 
     @property
     def cross_layer(self):
@@ -296,7 +303,7 @@ class Method:
     def tidal(self):
         """The ``TidalDecode`` method when layers share one decode-time token
         selection (``kvcompress.stores.TidalStore``), else None."""
-        return None
+        return None if self.sparse is None else self.sparse.tidal
 
     @property
     def packing(self) -> tuple[int, int, int] | None:
@@ -361,7 +368,7 @@ class Method:
             raise TypeError(f"cannot compose {self.describe()} + {other.describe()}: write "
                             "evicting_method + quantizer, e.g. EMS(ratio=0.5) + KIVI(bits=4), or "
                             "evicting_method + reader, e.g. SnapKV(ratio=0.5) + Quest(token_budget=256)")
-        if other.paging is not None:
+        if other.reads_sparsely:
             if self.sparse is not None:
                 raise ValueError(f"{self.describe()} already reads sparsely with {self.sparse.describe()}")
             return dataclasses.replace(self, sparse=other)

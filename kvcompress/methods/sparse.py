@@ -122,9 +122,14 @@ class TidalDecode(KeepsEveryToken):
       sliding-window layers (Gemma 2/3: they hold only their window; a
       sliding selection layer selects nothing, and the sparse layers after
       it then read densely) and softcapped or sink-logit attention;
-    * nothing is evicted, and it does not compose with eviction: an evictor
-      keeps different tokens in each layer, so one layer's positions would
-      name other tokens in the next.
+    * nothing is evicted; composed with an evictor whose heads hold equal
+      slot counts (``SnapKV(ratio=0.5) + TidalDecode(token_budget=256)``)
+      each layer holds its own tokens, so the selection is published as
+      **token positions** and a sparse head reads the selected positions it
+      still holds, topped up with its newest other slots to the same count
+      (the paper has no eviction; topping up keeps every sparse step's
+      reads at ``token_budget`` and always includes the recent tokens, which
+      eviction keeps in every layer).
 
     Parameters
     ----------
@@ -221,8 +226,11 @@ class MagicPIG(KeepsEveryToken):
       10 / 150), ``sinks=4, window=64`` and the first two layers dense (the
       paper keeps layer 0 and one middle layer dense on Llama);
     * prefill chunks, sliding-window layers and softcapped or sink-logit
-      attention read every slot; it keeps every token and does not compose
-      with eviction.
+      attention read every slot;
+    * it keeps every token; composed with an evictor whose heads hold equal
+      slot counts (``SnapKV(ratio=0.5) + MagicPIG()``) the tables index the
+      kept slots (the center is their mean) and a decode-time re-selection
+      of the evictor moves each slot's codes with it.
     """
 
     K: int = 8

@@ -4,8 +4,9 @@ An ``LSHStore`` is a :class:`UniformStore` that also holds, per slot, the
 SimHash codes of its key (``L`` tables of ``K`` bits, int32 ``[B, H, capacity,
 L]``) under random hyperplanes fixed per layer (``seed``), the keys centered
 by their prefill mean. Codes are computed for the whole layer when it moves
-into the store (after its prefill) and for each appended chunk afterwards,
-never recomputed. A decode step (one query per row) hashes the query and runs
+into the store (after its prefill, and after the eviction of a method it is
+composed with) and for each appended chunk afterwards, never recomputed: a
+later eviction moves them with their slots. A decode step (one query per row) hashes the query and runs
 ``ops.lsh_attention``: sinks and a recent window read exactly, every other
 slot only when its codes collide with the query's in ``hits`` tables, weighted
 by the inverse of that probability. Prefill chunks and attention options the
@@ -91,8 +92,13 @@ class LSHStore(UniformStore):
         end = self.lo + self.n
         self._codes[:, :, end - q : end] = ops.simhash(keys, self.planes, self.K, center=self.center)
 
-    def keep(self, indices) -> None:  # pragma: no cover - MagicPIG never evicts (refused when built)
-        raise NotImplementedError("LSHStore keeps every slot")
+    def keep(self, indices) -> None:
+        """Keep slots ``indices`` ``[B, H, k]`` (an evictor composed with
+        MagicPIG re-selecting while decoding): their codes move with them,
+        the hyperplanes and the prefill center stay."""
+        codes = self.codes.gather(2, indices[..., None].expand(-1, -1, -1, self.L))
+        super().keep(indices)
+        self._codes = codes
 
     def index_batch(self, idx) -> None:
         super().index_batch(idx)
