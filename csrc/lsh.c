@@ -73,7 +73,7 @@ static void KVC_HOT la_head(const struct kvc_lsh_attention_params *p, int64_t b,
                                     : NULL;
     double qn = 0.0;
     float m = -INFINITY, sum = 0.0f;
-    int64_t j, d, t;
+    int64_t j, d, t, nread = 0;
     char *out = (char *)p->out.data + (b * p->out.strides[0] + hq * p->out.strides[2]) * es;
     kvc_row_to_f32(qr, (const char *)p->q.data + (b * p->q.strides[0] + hq * p->q.strides[1]) * es, p->q.dtype,
                    D, p->q.strides[3]);
@@ -108,6 +108,7 @@ static void KVC_HOT la_head(const struct kvc_lsh_attention_params *p, int64_t b,
                            p->k.dtype, D, p->k.strides[3]);
         }
         x = kvc_dot_f32(qr, kr, D) * p->scaling - (float)logp;
+        nread++;
         kvc_row_to_f32(vr, (const char *)p->v.data + (b * p->v.strides[0] + h * p->v.strides[1] +
                                                       j * p->v.strides[2]) * es,
                        p->v.dtype, D, p->v.strides[3]);
@@ -128,6 +129,8 @@ static void KVC_HOT la_head(const struct kvc_lsh_attention_params *p, int64_t b,
     if (p->lse.data)
         ((float *)p->lse.data)[b * p->lse.strides[0] + hq * p->lse.strides[1]] =
             sum > 0.0f ? m + kvc_logf(sum) : -INFINITY;
+    if (p->reads.data)
+        ((int32_t *)p->reads.data)[b * p->reads.strides[0] + hq * p->reads.strides[1]] = (int32_t)nread;
 }
 
 enum kvc_status kvc_lsh_attention(const struct kvc_lsh_attention_params *p)

@@ -42,7 +42,8 @@ enum kvc_status kvc_simhash(const struct kvc_simhash_params *p);
  * log sum e^{w_j}: an unbiased estimate, in e^lse, of the full softmax
  * normaliser sum_j e^{s q.k_j}, the sampled part weighted by 1 / p_j
  * (importance sampling). A query that includes nothing gets zeros and lse
- * -inf.
+ * -inf. reads, when given, is the number of slots the query head read
+ * (static and sampled): what the sampling saved.
  */
 struct kvc_lsh_attention_params {
     struct kvc_view q;       /* [B, Hq, 1, D] */
@@ -53,6 +54,7 @@ struct kvc_lsh_attention_params {
     struct kvc_view center;  /* optional f32 [B, H, D] */
     struct kvc_view out;     /* [B, 1, Hq, D], dtype of q */
     struct kvc_view lse;     /* optional f32 [B, Hq] */
+    struct kvc_view reads;   /* optional i32 [B, Hq] */
     const int64_t *kv_start; /* optional [B] */
     int64_t kv_start_stride;
     int64_t sinks, window;

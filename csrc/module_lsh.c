@@ -62,10 +62,10 @@ done:
 }
 
 PyDoc_STRVAR(lsh_attention_doc,
-             "lsh_attention(queries, keys, values, codes, qcodes, center, out, lse, kv_start, sinks, window, K, "
-             "hits, scaling)\n--\n\nLow-level: see kvcompress.ops.lsh_attention.");
+             "lsh_attention(queries, keys, values, codes, qcodes, center, out, lse, reads, kv_start, sinks, window, "
+             "K, hits, scaling)\n--\n\nLow-level: see kvcompress.ops.lsh_attention.");
 
-enum { LA_Q, LA_K, LA_V, LA_CODES, LA_QCODES, LA_CENTER, LA_OUT, LA_LSE, LA_START, LA_SINKS, LA_WINDOW, LA_KB,
+enum { LA_Q, LA_K, LA_V, LA_CODES, LA_QCODES, LA_CENTER, LA_OUT, LA_LSE, LA_READS, LA_START, LA_SINKS, LA_WINDOW, LA_KB,
        LA_HITS, LA_SCALE, LA_N };
 static const struct kvc_py_spec lsh_attention_spec[LA_N] = {
     KVC_PY_IN("queries", 4, "[B, Hq, one, D]", DT_FLOAT),
@@ -76,6 +76,7 @@ static const struct kvc_py_spec lsh_attention_spec[LA_N] = {
     KVC_PY_OPT("center", 3, "[B, H, D]", DT_F32),
     KVC_PY_OUT_LIKE("out", 4, "[B, one, Hq, D]", LA_Q),
     KVC_PY_OPT_OUT("lse", 2, "[B, Hq]", DT_F32),
+    KVC_PY_OPT_OUT("reads", 2, "[B, Hq]", 1u << KVC_I32),
     KVC_PY_START("n"),
     KVC_PY_INT_IN("sinks", 0, INT64_MAX),
     KVC_PY_INT_IN("window", 0, INT64_MAX),
@@ -107,6 +108,7 @@ static PyObject *py_lsh_attention(PyObject *m, PyObject *const *args, Py_ssize_t
     if (c.a[LA_CENTER].t) p.center = c.a[LA_CENTER].view;
     p.out = c.a[LA_OUT].view;
     if (c.a[LA_LSE].t) p.lse = c.a[LA_LSE].view;
+    if (c.a[LA_READS].t) p.reads = c.a[LA_READS].view;
     p.kv_start = kvc_py_call_i64(&c, LA_START, &p.kv_start_stride);
     p.sinks = c.i[LA_SINKS];
     p.window = c.i[LA_WINDOW];

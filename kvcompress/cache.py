@@ -1244,6 +1244,14 @@ class KVCache(Cache):
         layer.after_attention(None, 1.0)
 
     # ------------------------------------------------------------ accounting
+    def read_fraction(self) -> float | None:
+        """Share of the held real slots that sampled decode steps read
+        (MagicPIG), over every layer, step and query head; None when no
+        layer sampled."""
+        counts = [c for c in (layer.store.read_counts() for layer in self.layers) if c is not None]
+        offered = sum(o for _, o in counts)
+        return sum(r for r, _ in counts) / offered if offered else None
+
     def memory_bytes(self) -> int:
         """Bytes the cache's tensors occupy (each storage counted once)."""
         seen: dict[int, int] = {}

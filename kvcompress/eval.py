@@ -172,7 +172,8 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
     """Run ``config`` on ``model``; return the results as a JSON-ready dict.
 
     Rows: ``{"method", "label", "budget", "ratio", "seconds", "cache_bytes",
-    "compression", "passkey"?, "fidelity"?, "ppl"?}``; the first row is the
+    "compression", "passkey"?, "fidelity"?, "ppl"?, "read_fraction"?}`` (the last for
+    methods that sample what they read, MagicPIG); the first row is the
     full cache (``method == "full"``). See ``SCHEMA`` and the README.
     """
     import torch
@@ -215,7 +216,7 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
             row = dict(method=name, label=label, budget=None, ratio=None)
             if value is not None:
                 row[config.axis] = value
-            held = []
+            held, passkeys = [], []
             if grid:
                 cases = []
                 for i, (n, d) in enumerate(grid):
@@ -224,6 +225,7 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
                     cases.append(case)
                     held.append(case.cache_bytes)
                     tick(short)
+                passkeys = cases
                 result = T.PasskeyResult(label, cases)
                 row["passkey"] = dict(accuracy=result.accuracy, cases=[dataclasses.asdict(c) for c in cases])
             if refs:
@@ -253,6 +255,9 @@ def run_eval(model, tokenizer, config: EvalConfig, *, model_name: str | None = N
                                   tokens=ppl.tokens, windows=ppl.windows, per_window_nll=per_window)
             if method is None:
                 full_bytes = held
+            reads = [c.read_fraction for c in passkeys if c.read_fraction is not None]
+            if reads:  # a sampling reader (MagicPIG): the share of held slots its decode steps read
+                row["read_fraction"] = sum(reads) / len(reads)
             row["cache_bytes"] = max(held) if held else None
             row["compression"] = (
                 sum(f / h for f, h in zip(full_bytes, held)) / len(held) if held and full_bytes else None

@@ -1407,7 +1407,7 @@ def simhash(x, planes, K, *, center=None, group=1, out=None):
 
 
 def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks=4, window=64, center=None,
-                  scaling=None, kv_start=None, return_lse=False):
+                  scaling=None, kv_start=None, return_lse=False, return_reads=False):
     """MagicPIG's decode attention estimated from the keys that collide with the query.
 
     Per query head: the first ``sinks`` real slots and the last ``window``
@@ -1437,18 +1437,24 @@ def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks
     kv_start : int64 ``[B]``, optional
     return_lse : bool
         Also return the float32 ``[B, Hq]`` log normaliser estimate.
+    return_reads : bool
+        Also return the int32 ``[B, Hq]`` number of slots each query head
+        read (sinks, window and sampled).
 
     Returns
     -------
-    tensor ``[B, 1, Hq, D]`` (and ``lse`` with ``return_lse``)
+    tensor ``[B, 1, Hq, D]``, then ``lse`` with ``return_lse``, then
+    ``reads`` with ``return_reads`` (a tuple when either is asked for)
     """
     qs = _shape(queries, "queries", 4, "[B, Hq, 1, D]")
     scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", False, scaling, None)
     lse = _empty(queries, (qs[0], qs[1]), "float32") if return_lse else None
+    reads = _empty(queries, (qs[0], qs[1]), "int32") if return_reads else None
     _C.lsh_attention(_prepare(queries), _prepare(keys), _prepare(values), codes, query_codes, center, out, lse,
-                     _as_int64(kv_start, "kv_start", queries), _int_arg(sinks, "sinks"), _int_arg(window, "window"),
-                     _int_arg(K, "K"), _int_arg(hits, "hits"), scaling)
-    return (out, lse) if return_lse else out
+                     reads, _as_int64(kv_start, "kv_start", queries), _int_arg(sinks, "sinks"),
+                     _int_arg(window, "window"), _int_arg(K, "K"), _int_arg(hits, "hits"), scaling)
+    extra = tuple(t for t in (lse, reads) if t is not None)
+    return (out,) + extra if extra else out
 
 
 class SlerpMerge(NamedTuple):

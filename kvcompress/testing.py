@@ -175,6 +175,8 @@ class PasskeyCase:
     ok: bool
     prompt_tokens: int
     cache_bytes: int
+    #: share of the held slots the decode steps read, for methods that sample (MagicPIG)
+    read_fraction: float | None = None
 
 
 @dataclass
@@ -212,9 +214,10 @@ def passkey_case(model, tokenizer, method, n_filler: int, depth: float, *, fille
         cache = new_cache()
         tokens, _ = greedy(model, cache, prompt.input_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id)
         held = cache_bytes(cache)
+        read = cache.read_fraction() if hasattr(cache, "read_fraction") else None
     answer = tokenizer.decode(tokens, skip_special_tokens=True)
     return PasskeyCase(n_filler, depth, prompt.key, answer.strip(), prompt.answered(answer),
-                       int(prompt.input_ids.shape[1]), held)
+                       int(prompt.input_ids.shape[1]), held, read)
 
 
 def passkey_accuracy(model, tokenizer, method=None, *, lengths: Iterable[int] = (1000,),

@@ -519,11 +519,13 @@ def test_simhash_and_lsh_attention(dtype):
     assert (gcodes == ccodes).float().mean() > 0.999
     qcodes = ops.simhash(q, planes, 4, group=2)
     kv_start = torch.tensor([0, 31])
-    (_, _), (got, lse) = both(ops.lsh_attention, q, k, v, ccodes, qcodes, 4, hits=2, sinks=4, window=16,
-                              center=center, scaling=0.25, kv_start=kv_start, return_lse=True)
+    (_, _, creads), (got, lse, reads) = both(ops.lsh_attention, q, k, v, ccodes, qcodes, 4, hits=2, sinks=4,
+                                             window=16, center=center, scaling=0.25, kv_start=kv_start,
+                                             return_lse=True, return_reads=True)
     ref, ref_lse = lsh_ref(q, k, v, ccodes, qcodes, 4, 2, 4, 16, center, 0.25, kv_start)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     assert (got.double() - ref).abs().max() < tol and (lse.double() - ref_lse).abs().max() < 1e-3
+    assert torch.equal(reads.cpu(), creads)  # the same codes collide on both backends
 
 
 # ---------------------------------------------------------------- MiniCache (SLERP merge)

@@ -68,6 +68,20 @@ def lsh_ref(q, k, v, codes, qcodes, K, hits, sinks, window, center, scaling, kv_
     return out, lse
 
 
+def reads_ref(codes, qcodes, hits, sinks, window, kv_start):
+    """Slots each query head reads: its static ones plus the keys colliding in ``hits`` tables."""
+    B, H, n, _ = codes.shape
+    Hq = qcodes.shape[1]
+    out = torch.zeros(B, Hq, dtype=torch.int64)
+    for b in range(B):
+        s0 = int(kv_start[b])
+        for hq in range(Hq):
+            h = hq // (Hq // H)
+            out[b, hq] = sum(1 for j in range(s0, n) if j < s0 + sinks or j >= n - window
+                             or int((codes[b, h, j] == qcodes[b, hq, 0]).sum()) >= hits)
+    return out
+
+
 def _case(B=2, H=2, Hq=4, n=300, D=16, K=4, L=20, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(B, H, n, D, generator=g).to(dtype)
@@ -112,11 +126,19 @@ def test_sampled_attention_matches_a_float64_reference(sinks, window):
     codes = ops.simhash(k, planes, 4, center=center)
     qcodes = ops.simhash(q, planes, 4, group=2)
     kv_start = torch.tensor([0, 31])
-    out, lse = ops.lsh_attention(q, k, v, codes, qcodes, 4, hits=2, sinks=sinks, window=window, center=center,
-                                 scaling=0.25, kv_start=kv_start, return_lse=True)
+    out, lse, reads = ops.lsh_attention(q, k, v, codes, qcodes, 4, hits=2, sinks=sinks, window=window,
+                                        center=center, scaling=0.25, kv_start=kv_start, return_lse=True,
+                                        return_reads=True)
     ref, ref_lse = lsh_ref(q, k, v, codes, qcodes, 4, 2, sinks, window, center, 0.25, kv_start)
     assert (out.double() - ref).abs().max() < 1e-5
     assert (lse.double() - ref_lse).abs().max() < 1e-4
+    assert reads.dtype == torch.int32 and torch.equal(reads.long(), reads_ref(codes, qcodes, 2, sinks, window,
+                                                                             kv_start))
+    assert int(reads.min()) > sinks + window and int(reads.max()) < 300 - 31  # sampled some, not all
+    # the other outputs do not depend on asking for the count
+    alone = ops.lsh_attention(q, k, v, codes, qcodes, 4, hits=2, sinks=sinks, window=window, center=center,
+                              scaling=0.25, kv_start=kv_start)
+    assert torch.equal(alone, out)
 
 
 def test_everything_read_exactly_is_plain_attention():
@@ -192,6 +214,11 @@ def test_sampling_runs_in_the_sparse_layers(tiny_model):
     assert out.shape == (2, 270)
     assert [layer.store.kind for layer in cache.layers] == ["uniform", "lsh", "lsh", "lsh"]
     assert all(layer.store.sampled_steps == 9 and layer.store.n == 269 for layer in cache.layers[1:])
+    # the share read: summed over the 9 sampled steps (260..268 slots, 45 of them padding in row 1)
+    offered = 4 * sum(2 * n - 45 for n in range(261, 270))  # 4 query heads
+    counts = [layer.store.read_counts() for layer in cache.layers]
+    assert counts[0] is None and all(o == offered and 16 * 4 * 2 * 9 <= r < o for r, o in counts[1:])
+    assert cache.read_fraction() == sum(r for r, _ in counts[1:]) / (3 * offered)
     # the center is the mean of the prefill's real keys (the padded row's padding left out)
     store = cache.layers[1].store
     assert torch.allclose(store.center[0], store.keys[0, :, :260].mean(1), atol=1e-5)

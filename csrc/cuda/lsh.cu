@@ -73,6 +73,7 @@ kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
     }
     qn = sqrt(qn);
     float m = -INFINITY, sum = 0.0f;
+    int64_t nread = 0;
     for (int64_t j = s0; j < n; j++) {
         const bool stat = j < s0 + p.sinks || j >= n - p.window;
         const char *ks = (const char *)p.k.data + (b * p.k.strides[0] + h * p.k.strides[1] + j * p.k.strides[2]) * es;
@@ -95,6 +96,7 @@ kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
             logp = kvc_lsh_log_inclusion(qn > 0 && kn > 0 ? dot / (qn * sqrt(kn)) : 0.0, p.K, p.L, p.hits);
         }
         const float x = __fsub_rn(__fmul_rn(kvc_dot_f32(qr, kr, D), p.scaling), (float)logp);
+        nread++;
         const char *vs = (const char *)p.v.data + (b * p.v.strides[0] + h * p.v.strides[1] + j * p.v.strides[2]) * es;
         if (x > m) {
             const float rs = m == -INFINITY ? 0.0f : kvc_expf(m - x);
@@ -110,6 +112,7 @@ kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
     for (int64_t d = 0; d < D; d++) kvc_store_f32(out, p.out.dtype, d * p.out.strides[3], sum > 0.0f ? acc[d] / sum : 0.0f);
     if (p.lse.data)
         ((float *)p.lse.data)[b * p.lse.strides[0] + hq * p.lse.strides[1]] = sum > 0.0f ? m + kvc_logf(sum) : -INFINITY;
+    if (p.reads.data) ((int32_t *)p.reads.data)[b * p.reads.strides[0] + hq * p.reads.strides[1]] = (int32_t)nread;
 }
 
 extern "C" enum kvc_status kvc_cuda_lsh_attention(const struct kvc_lsh_attention_params *p, void *stream)

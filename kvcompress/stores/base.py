@@ -86,6 +86,12 @@ class LayerStore(ABC):
     def index_batch(self, idx) -> None:
         """Reorder / repeat batch rows (beam search)."""
 
+    def read_counts(self) -> tuple[int, int] | None:
+        """``(slots read, real slots held)`` summed over the decode steps
+        that sampled (MagicPIG's ``LSHStore``); None for stores whose reads
+        are fixed by their budget or that read every slot."""
+        return None
+
     @property
     def capacity(self) -> int:
         """Allocated slots of the largest head."""

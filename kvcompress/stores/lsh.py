@@ -45,6 +45,9 @@ class LSHStore(UniformStore):
         self.planes = self.center = None
         self._codes: torch.Tensor | None = None
         self.sampled_steps = 0
+        # slots read and real slots offered, summed over sampled steps and
+        # query heads (tensors: no device sync per step)
+        self._read = self._offered = None
 
     @classmethod
     def from_uniform(cls, store: UniformStore, K: int, L: int, hits: int, sinks: int, window: int, seed: int,
@@ -70,6 +73,13 @@ class LSHStore(UniformStore):
         shape = None if self._k is None else tuple(self.keys.shape)
         return (f"LSHStore(slots={shape}, K={self.K}, L={self.L}, hits={self.hits}, sinks={self.sinks}, "
                 f"window={self.window}, sampled_steps={self.sampled_steps})")
+
+    def read_counts(self) -> tuple[int, int] | None:
+        """``(slots read, real slots held)`` summed over the sampled decode
+        steps and query heads (None before the first)."""
+        if self._read is None:
+            return None
+        return int(self._read), int(self._offered)
 
     @property
     def codes(self) -> torch.Tensor:
@@ -111,7 +121,13 @@ class LSHStore(UniformStore):
             g = int(query.shape[1]) // self.heads
             qcodes = ops.simhash(query, self.planes, self.K, group=g)
             self.sampled_steps += 1
-            return ops.lsh_attention(query, self.keys, self.values, self.codes, qcodes, self.K, hits=self.hits,
-                                     sinks=self.sinks, window=self.window, center=self.center,
-                                     scaling=spec.scaling, kv_start=kv_start)
+            out, reads = ops.lsh_attention(query, self.keys, self.values, self.codes, qcodes, self.K,
+                                           hits=self.hits, sinks=self.sinks, window=self.window, center=self.center,
+                                           scaling=spec.scaling, kv_start=kv_start, return_reads=True)
+            B, Hq = int(query.shape[0]), int(query.shape[1])
+            real = B * self.n - (kv_start.sum() if kv_start is not None else 0)
+            read, offered = reads.sum(dtype=torch.int64), Hq * real
+            self._read = read if self._read is None else self._read + read
+            self._offered = offered if self._offered is None else self._offered + offered
+            return out
         return super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)
