@@ -314,6 +314,9 @@ def markdown(results: dict) -> str:
         head.append("ppl")
     if "passkey" in tasks:
         head += ["cache MiB", "vs full"]
+    sampled = any(row.get("read_fraction") is not None for row in results["rows"])
+    if sampled:  # MagicPIG: the share of the held slots its decode steps read
+        head.append("read")
     head.append("s")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
     for row in results["rows"]:
@@ -327,6 +330,8 @@ def markdown(results: dict) -> str:
         if "passkey" in tasks:
             mib = row["cache_bytes"] / 2**20 if row["cache_bytes"] is not None else None
             cells += [_fmt(mib, ".2f"), _fmt(row["compression"], ".1f") + ("x" if row["compression"] else "")]
+        if sampled:
+            cells.append(_fmt(row.get("read_fraction"), ".1%"))
         cells.append(_fmt(row["seconds"], ".1f"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -161,6 +161,23 @@ def test_eval_rows_of_method_variants(tiny_lm, tmp_path):
     assert "ems:window=8:tau=inf" in (out / "results.md").read_text()
 
 
+def test_eval_reports_the_share_magicpig_read(tiny_lm, tmp_path):
+    """A sampling reader's rows carry the share of held slots its decode
+    steps read (from the op's own count), and the table shows it."""
+    _, _, folder = tiny_lm
+    out = tmp_path / "pig"
+    args = ["eval", "--model", str(folder), "--methods", "magicpig:k=4:l=10:sinks=2:window=8:dense_layers=0,h2o",
+            "--budgets", "32", "--tasks", "passkey", "--lengths", "90", "--depths", "0.5", "--new-tokens", "4",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    pig = [r for r in rows if r["method"].startswith("magicpig")]
+    assert len(pig) == 1 and 0 < pig[0]["read_fraction"] < 1
+    assert all("read_fraction" not in r for r in rows if not r["method"].startswith("magicpig"))
+    table = (out / "results.md").read_text()
+    assert "| read |" in table and f"{pig[0]['read_fraction']:.1%}" in table
+
+
 def test_eval_budgets_and_ratios_exclusive(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--budgets", "64", "--ratios", "0.5"])
