@@ -540,7 +540,8 @@ class CompressedLayer(CacheLayerMixin):
             # TidalDecode: selection layers publish each decode step's tokens
             # in the cache's shared state, the layers after them read those
             tidal = method.tidal
-            role = tidal.role(self.layer_idx, self.num_layers or (self.layer_idx + 1))
+            role = tidal.role(self.layer_idx, self.num_layers or (self.layer_idx + 1),
+                              sliding=self.shared.get("sliding", ()))
             if role is not None:
                 self.store = TidalStore.from_uniform(self.store, role, tidal.token_budget, self.shared, tidal.gqa)
         elif method.lsh is not None and self.layer_idx >= method.lsh.dense_layers:
@@ -1213,6 +1214,7 @@ class KVCache(Cache):
                     f"({spec.window})"
                 )
             layer.window = spec.window
+            self.shared.setdefault("sliding", set()).add(layer_idx)  # TidalDecode moves selection off these
         elif layer.window is not None:
             raise KVCompressUnsupportedError(f"sliding_window: layer {layer_idx} slides over {layer.window} tokens but this "
                                   "call passed no window")

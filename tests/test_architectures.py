@@ -332,6 +332,20 @@ def test_readers_covering_the_prompt_reproduce_generate(archs, family, method):
         assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family} / {method}: step {step} logits differ"
 
 
+def test_tidaldecode_moves_a_sliding_selection_layer_to_the_next_full_one(archs):
+    """Gemma 3's layout (sliding, full, sliding, full): selection asked at
+    the sliding layer 0 happens at layer 1, and layer 3 reads its choice."""
+    arch = _arch(archs, "gemma3")
+    method = kvc.TidalDecode(token_budget=32, selection_layers=(0,))
+    with kvc.compress(arch.model, method) as session:
+        _generate(arch.model, arch.ids, arch.mask)
+    layers = session.cache.layers
+    assert [layer.window is not None for layer in layers] == [True, False, True, False]
+    assert [layer.store.kind for layer in layers] == ["uniform", "tidal", "uniform", "tidal"]
+    assert (layers[1].store.role, layers[3].store.role) == ("select", "sparse")
+    assert layers[3].store.sparse_steps == NEW - 1 and layers[3].store.last_read.shape[-1] == 32
+
+
 MIXED = {"mikv": kvc.MiKV, "zipcache": kvc.ZipCache}
 
 

@@ -25,6 +25,12 @@ def test_roles_and_options():
     assert spec.selection_layers == (3, 9) and spec.token_budget == 128
     assert repr(spec) == "TidalDecode(token_budget=128, selection_layers='3/9')"
     assert TidalDecode(selection_layers=4).selection(10) == (4,)
+    # Gemma 3's layout: full attention at 5, 11, 17; a sliding selection layer hands its role on
+    sliding = {0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16}
+    roles = {i: m.role(i, 18, sliding={j for j in sliding if j < i}) for i in (5, 11, 17)}
+    assert roles == {5: "select", 11: "select", 17: "sparse"}
+    assert TidalDecode(selection_layers=(3,)).role(5, 18, sliding={3, 4}) == "select"
+    assert TidalDecode(selection_layers=(3,)).role(5, 18, sliding={4}) == "sparse"
     for bad in ("2,13", (13, 2), (2, 2), (-1,), "x"):
         with pytest.raises(ValueError, match="selection_layers"):
             TidalDecode(selection_layers=bad)

@@ -119,9 +119,14 @@ class TidalDecode(KeepsEveryToken):
     * the newest token (the query's own) is always read; ties go to the
       lower position;
     * prefill chunks read densely (the paper's prefill is dense); so do
-      sliding-window layers (Gemma 2/3: they hold only their window; a
-      sliding selection layer selects nothing, and the sparse layers after
-      it then read densely) and softcapped or sink-logit attention;
+      sliding-window layers (Gemma 2/3: they hold only their window) and
+      softcapped or sink-logit attention;
+    * hybrid models (not in the paper): a selection layer that slides hands
+      its role to the first full-attention layer after it, so on Gemma 3
+      (full attention at layers 5, 11, 17 of 18) ``"auto"`` (2 and 7)
+      selects at 5 and 11 and layer 17 reads; a sliding layer's window is
+      not the whole context, so its attention cannot choose for the
+      full-attention layers;
     * nothing is evicted; composed with an evictor whose heads hold equal
       slot counts (``SnapKV(ratio=0.5) + TidalDecode(token_budget=256)``)
       each layer holds its own tokens, so the selection is published as
@@ -174,12 +179,19 @@ class TidalDecode(KeepsEveryToken):
             return self.selection_layers
         return tuple(sorted({min(2, num_layers - 1), min(num_layers - 1, round(0.4 * num_layers))}))
 
-    def role(self, layer_idx: int, num_layers: int) -> str | None:
-        """``"select"``, ``"sparse"`` or None (dense) for a layer."""
-        sel = self.selection(num_layers)
-        if layer_idx in sel:
+    def role(self, layer_idx: int, num_layers: int, sliding=()) -> str | None:
+        """``"select"``, ``"sparse"`` or None (dense) for a full-attention
+        layer. ``sliding``: the sliding-window layers before it (hybrid
+        models); a selection layer that slides hands its role to the first
+        full-attention layer after it."""
+        moved = []
+        for s in self.selection(num_layers):
+            while s in sliding and s < layer_idx:
+                s += 1
+            moved.append(s)
+        if layer_idx in moved:
             return "select"
-        return "sparse" if layer_idx > sel[0] else None
+        return "sparse" if layer_idx > moved[0] else None
 
     @property
     def tidal(self) -> "TidalDecode":
