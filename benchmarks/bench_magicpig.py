@@ -29,9 +29,7 @@ from kvcompress import ops
 from kvcompress.stores import AttentionSpec, LSHStore, UniformStore
 
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402
-from bench_packed import time_many  # noqa: E402
-
-SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+from bench_quest import SHAPES, add_sweep_args, sweep  # noqa: E402
 
 
 def case(shape: str, n: int, dtype, K: int, L: int, g: torch.Generator):
@@ -59,33 +57,19 @@ def case(shape: str, n: int, dtype, K: int, L: int, g: torch.Generator):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", default="1", help="comma-separated thread counts")
     ap.add_argument("--K", type=int, default=8, help="bits per table")
     ap.add_argument("--L", type=int, default=75, help="tables")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per case (at least 5 reps)")
-    ap.add_argument("--quick", action="store_true", help="n = 16K only, for a smoke run")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    add_sweep_args(ap)
     args = ap.parse_args(argv)
-    threads = sorted({int(x) for x in args.threads.split(",")})
-    lengths = [16384] if args.quick else [16384, 32768, 65536]
     info = machine()
-    g = torch.Generator().manual_seed(0)
     records = []
-    for shape in SHAPES:
-        for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            for n in lengths:
-                fns, read = case(shape, n, dtype, args.K, args.L, g)
-                for nt in threads:
-                    torch.set_num_threads(nt)
-                    ops.set_num_threads(nt)
-                    t, reps = time_many(fns, args.min_time)
-                    rec = dict(shape=shape, dtype=dname, n=n, threads=nt, reps=reps, K=args.K, L=args.L,
-                               dense_us=t["dense"] * 1e6, magicpig_us=t["magicpig"] * 1e6,
-                               lsh_us=t["lsh only"] * 1e6, speedup=t["dense"] / t["magicpig"], read=read)
-                    records.append(rec)
-                    print(f"{shape} {dname} n={n} {nt}t dense {rec['dense_us']:9.1f} us  magicpig "
-                          f"{rec['magicpig_us']:9.1f} (lsh op {rec['lsh_us']:9.1f})  x{rec['speedup']:.2f}  "
-                          f"read {100 * read:.1f}%", flush=True)
+    for rec, t, read in sweep(args, lambda shape, n, dtype, g: case(shape, n, dtype, args.K, args.L, g)):
+        rec.update(K=args.K, L=args.L, dense_us=t["dense"] * 1e6, magicpig_us=t["magicpig"] * 1e6,
+                   lsh_us=t["lsh only"] * 1e6, speedup=t["dense"] / t["magicpig"], read=read)
+        records.append(rec)
+        print(f"{rec['shape']} {rec['dtype']} n={rec['n']} {rec['threads']}t dense {rec['dense_us']:9.1f} us  "
+              f"magicpig {rec['magicpig_us']:9.1f} (lsh op {rec['lsh_us']:9.1f})  x{rec['speedup']:.2f}  "
+              f"read {100 * read:.1f}%", flush=True)
     command = command_line(__file__, argv)
     result = dict(command=command, date=now(), machine=info, records=records)
     if args.no_write:

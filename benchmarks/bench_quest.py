@@ -28,7 +28,34 @@ from _common import command_line, machine, machine_line, now, write_results  # n
 from bench_packed import time_many  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+LENGTHS = (16384, 32768, 65536)
 PAGE = 16
+
+
+def add_sweep_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a decode-step sweep (also bench_magicpig's)."""
+    ap.add_argument("--threads", default="1", help="comma-separated thread counts")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per case (at least 5 reps)")
+    ap.add_argument("--quick", action="store_true", help="n = 16K only, for a smoke run")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+
+
+def sweep(args, make_case):
+    """Time ``make_case(shape, n, dtype, g) -> (fns, extra)`` for every
+    shape x dtype x length x thread count, the variants of a case
+    interleaved rep by rep; yields ``(record, seconds per variant, extra)``."""
+    threads = sorted({int(x) for x in args.threads.split(",")})
+    lengths = [LENGTHS[0]] if args.quick else list(LENGTHS)
+    g = torch.Generator().manual_seed(0)
+    for shape in SHAPES:
+        for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            for n in lengths:
+                fns, extra = make_case(shape, n, dtype, g)
+                for nt in threads:
+                    torch.set_num_threads(nt)
+                    ops.set_num_threads(nt)
+                    t, reps = time_many(fns, args.min_time)
+                    yield dict(shape=shape, dtype=dname, n=n, threads=nt, reps=reps), t, extra
 
 
 def case(shape: str, n: int, dtype, budget: int, g: torch.Generator):
@@ -50,38 +77,24 @@ def case(shape: str, n: int, dtype, budget: int, g: torch.Generator):
     out = fns["quest"]()
     assert store.last_pages is not None and torch.equal(store.last_pages, pages)
     assert torch.equal(out, fns["pages only"]())
-    return fns
+    return fns, None
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", default="1", help="comma-separated thread counts")
     ap.add_argument("--budget", type=int, default=1024, help="token budget (slots read per step)")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per case (at least 5 reps)")
-    ap.add_argument("--quick", action="store_true", help="n = 16K only, for a smoke run")
-    ap.add_argument("--no-write", action="store_true", help="print only")
+    add_sweep_args(ap)
     args = ap.parse_args(argv)
-    threads = sorted({int(x) for x in args.threads.split(",")})
-    lengths = [16384] if args.quick else [16384, 32768, 65536]
     info = machine()
-    g = torch.Generator().manual_seed(0)
     records = []
-    for shape in SHAPES:
-        for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            for n in lengths:
-                fns = case(shape, n, dtype, args.budget, g)
-                for nt in threads:
-                    torch.set_num_threads(nt)
-                    ops.set_num_threads(nt)
-                    t, reps = time_many(fns, args.min_time)
-                    rec = dict(shape=shape, dtype=dname, n=n, threads=nt, reps=reps, budget=args.budget,
-                               dense_us=t["dense"] * 1e6, quest_us=t["quest"] * 1e6, scores_us=t["scores"] * 1e6,
-                               pages_us=t["pages only"] * 1e6, speedup=t["dense"] / t["quest"],
-                               score_share=t["scores"] / t["quest"])
-                    records.append(rec)
-                    print(f"{shape} {dname} n={n} {nt}t dense {rec['dense_us']:9.1f} us  quest {rec['quest_us']:8.1f} "
-                          f"(scores {rec['scores_us']:7.1f}, pages {rec['pages_us']:7.1f})  x{rec['speedup']:.2f}  "
-                          f"scores {100 * rec['score_share']:.0f}% of the step", flush=True)
+    for rec, t, _ in sweep(args, lambda shape, n, dtype, g: case(shape, n, dtype, args.budget, g)):
+        rec.update(budget=args.budget, dense_us=t["dense"] * 1e6, quest_us=t["quest"] * 1e6,
+                   scores_us=t["scores"] * 1e6, pages_us=t["pages only"] * 1e6, speedup=t["dense"] / t["quest"],
+                   score_share=t["scores"] / t["quest"])
+        records.append(rec)
+        print(f"{rec['shape']} {rec['dtype']} n={rec['n']} {rec['threads']}t dense {rec['dense_us']:9.1f} us  "
+              f"quest {rec['quest_us']:8.1f} (scores {rec['scores_us']:7.1f}, pages {rec['pages_us']:7.1f})  "
+              f"x{rec['speedup']:.2f}  scores {100 * rec['score_share']:.0f}% of the step", flush=True)
     command = command_line(__file__, argv)
     result = dict(command=command, date=now(), machine=info, page=PAGE, records=records)
     if args.no_write:
