@@ -2,6 +2,7 @@
 attends to most, max-pooled and averaged over the layer's heads, are kept in
 every head whatever their global score; the rest of the budget follows S."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,8 @@ def test_local_options_validated():
         EMS(budget=64, obs=0)
     with pytest.raises(ValueError, match="combine"):
         EMS(budget=64, combine="min")
+    with pytest.raises(ValueError, match="head_alloc"):
+        EMS(budget=64, head_alloc="global")
 
 
 def test_combine_max_against_float64():
@@ -103,3 +106,46 @@ def test_combine_max_against_float64():
         summed = EMS(budget=64, lam=lam)._combine(G, L, cand).double()
         torch.testing.assert_close(summed, lam * g64 / (g64 * cand).sum(-1, keepdim=True)
                                    + (1 - lam) * l64 / (l64 * cand).sum(-1, keepdim=True), rtol=1e-6, atol=1e-9)
+
+
+def test_head_alloc_window_is_adakv_allocation_then_local_picks_per_head(tiny_model):
+    """``head_alloc="window"``: each head's budget is AdaKV's allocation
+    from the last ``window`` queries' attention (max-pooled, sinks and window
+    counted first), recomputed here in float64; each head then takes
+    ``local_share`` of its own room in local picks and fills with S."""
+    from test_adakv import _adakv_budgets
+
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 512, (2, 70), generator=g)
+    share, kernel = 0.75, 3
+    method = EMS(budget=BUDGET, window=WINDOW, sinks=SINKS, head_budget="adaptive", head_alloc="window",
+                 alpha=0.2, tau=float("inf"), local_share=share, local_kernel=kernel, obs=1)
+    cache = _prefill(tiny_model, method, ids)
+    T = ids.shape[1]
+    head = T - WINDOW
+    saw_unequal, checked = False, 0
+    for li, (q, k, v) in enumerate(layer_qkv(tiny_model, ids)):
+        hkv = k.shape[1]
+        A = group_mean(window_attention64(q[:, :, -WINDOW:], k), hkv)
+        A[..., :SINKS] = 0.0
+        A[..., :head] = _pool64(A[..., :head], kernel)
+        A[..., :SINKS] = torch.inf
+        store = cache.layers[li].ragged
+        L = group_mean(window_attention64(q[:, :, -1:], k), hkv)
+        L[..., :SINKS] = 0.0
+        local = _pool64(L[..., :head], kernel).mean(1)  # the layer's ranking
+        local[..., :SINKS] = -torch.inf
+        for b in range(2):
+            ref_k = _adakv_budgets(A[b].numpy(), BUDGET, 0.2, WINDOW, np.ones(T, dtype=bool))
+            got = store.lengths.view(2, -1)[b].numpy()
+            np.testing.assert_array_equal(got, ref_k)
+            saw_unequal |= len(set(got.tolist())) > 1
+            order = local[b].argsort(descending=True).tolist()
+            for h in range(hkv):
+                kept = set(store.head(b, h)[2].tolist())
+                m = int(share * (int(got[h]) - SINKS - WINDOW))
+                if m <= 0 or float(local[b, order[m - 1]] - local[b, order[m]]) <= 1e-9:
+                    continue
+                assert set(order[:m]) <= kept, (li, b, h)
+                checked += 1
+    assert saw_unequal and checked >= 8

@@ -13,6 +13,7 @@ from .base import LayerView, Method
 _HEAD_BUDGETS = ("uniform", "adaptive")
 _GLOBAL_MODES = ("exact", "probe")
 _COMBINE = ("sum", "max")
+_HEAD_ALLOC = ("selection", "window")
 
 
 @dataclass
@@ -112,6 +113,7 @@ class EMS(Method):
     obs: int | None = 1
     local_heads: str = "layer"
     local_kernel: int = 7
+    head_alloc: str = "selection"
 
     headwise = True
     merges = True
@@ -142,6 +144,8 @@ class EMS(Method):
             raise ValueError(f"head_budget: expected one of {_HEAD_BUDGETS}, got {self.head_budget!r}")
         if self.global_mode not in _GLOBAL_MODES:
             raise ValueError(f"global_mode: expected one of {_GLOBAL_MODES}, got {self.global_mode!r}")
+        if self.head_alloc not in _HEAD_ALLOC:
+            raise ValueError(f"head_alloc: expected one of {_HEAD_ALLOC}, got {self.head_alloc!r}")
         if self.local_heads not in ("own", "layer"):
             raise ValueError(f"local_heads: expected 'own' or 'layer', got {self.local_heads!r}")
         if self.combine not in _COMBINE:
@@ -210,30 +214,70 @@ class EMS(Method):
         scores = self._combine(G, L, cand)
         head = view.length - w
         ranked = self._pooled(scores, head)  # selection score: S max-pooled over neighbours when kernel > 1
-        chosen = ranked
-        m = int(float(self.local_share) * max(0, keep - sinks - w))
-        m = min(m, int(cand[..., :head].sum(-1).min()) if head > 0 else 0)
-        if m > 0:
-            # the tokens the last `obs` queries read most are kept whatever their global score;
-            # sinks are zeroed before pooling, so their large attention does not pick their neighbours
-            local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
-            if self.local_heads == "layer":  # every head keeps what the layer's window reads
-                local = local.mean(1, keepdim=True).expand_as(local)
-            local = local.masked_fill(~cand[..., :head], float("-inf"))
-            chosen = ranked.clone()
-            chosen.scatter_(2, local.topk(m, dim=-1).indices, float("inf"))
         valid = (view.length - view.kv_start).clamp_min(1)  # real tokens per row
-        if self.head_budget == "adaptive":
-            forced = chosen.clone()
-            forced[..., head:] = float("inf")
-            k = ops.head_budgets(forced, keep, alpha=float(self.alpha), floor=sinks + w, kv_start=view.kv_start)
+        if self.head_budget == "adaptive" and self.head_alloc == "window":
+            k = torch.minimum(self._window_budgets(view, cand, head, keep, sinks + w), valid[:, None])
+            chosen = self._local_picks(ranked, L, cand, head, k - sinks - w)
         else:
-            k = torch.full(scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
-        k = torch.minimum(k, valid[:, None])  # a padded slot is never a center
+            chosen = ranked
+            m = int(float(self.local_share) * max(0, keep - sinks - w))
+            m = min(m, int(cand[..., :head].sum(-1).min()) if head > 0 else 0)
+            if m > 0:
+                # the tokens the last `obs` queries read most are kept whatever their global score;
+                # sinks are zeroed before pooling, so their large attention does not pick their neighbours
+                local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
+                if self.local_heads == "layer":  # every head keeps what the layer's window reads
+                    local = local.mean(1, keepdim=True).expand_as(local)
+                local = local.masked_fill(~cand[..., :head], float("-inf"))
+                chosen = ranked.clone()
+                chosen.scatter_(2, local.topk(m, dim=-1).indices, float("inf"))
+            if self.head_budget == "adaptive":
+                forced = chosen.clone()
+                forced[..., head:] = float("inf")
+                k = ops.head_budgets(forced, keep, alpha=float(self.alpha), floor=sinks + w,
+                                     kv_start=view.kv_start)
+            else:
+                k = torch.full(scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
+            k = torch.minimum(k, valid[:, None])  # a padded slot is never a center
         centers = ops.select_topk(chosen, k, sinks=sinks, window=w, kv_start=view.kv_start)
         # merge weights are each token's own S, not the pooled one
         merged = ops.evict_merge(view.keys, view.values, scores, centers, self._tau(), kv_start=view.kv_start)
         return centers, merged, ranked.gather(2, centers.clamp_min(0))
+
+    def _window_budgets(self, view: LayerView, cand, head: int, keep: int, floor: int):
+        """``[B, H]`` int64 AdaKV allocation (``head_alloc="window"``): from
+        the mean attention of the last ``window`` queries, max-pooled over
+        ``local_kernel``, before any local pick is forced (forcing the layer's
+        local picks first leaves few slots to share, so heads get nearly
+        equal budgets)."""
+        w = view.length - head
+        A = ops.window_scores(view.queries[:, :, -w:], view.keys, scaling=view.scaling, gqa=self.gqa,
+                              kv_start=view.kv_start)
+        # sinks and window are kept in every head: counted first (padding is never selectable)
+        A = self._pooled(A.masked_fill(~cand, 0.0), head, self.local_kernel).masked_fill(~cand, float("inf"))
+        return ops.head_budgets(A, keep, alpha=float(self.alpha), floor=floor, kv_start=view.kv_start)
+
+    def _local_picks(self, ranked, L, cand, head: int, room):
+        """``ranked`` with each head's first ``local_share * room[b, h]``
+        local picks (``room`` ``[B, H]``: slots past sinks and window) set to
+        ``+inf``: the layer's (or the head's) ranking of ``L`` max-pooled
+        over ``local_kernel``, candidates only."""
+        if head <= 0:
+            return ranked
+        m = (float(self.local_share) * room.clamp_min(0).double()).floor().long()
+        m = torch.minimum(m, cand[..., :head].sum(-1).expand_as(m))
+        top = int(m.max())
+        if top <= 0:
+            return ranked
+        local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
+        if self.local_heads == "layer":
+            local = local.mean(1, keepdim=True).expand_as(local)
+        local = local.masked_fill(~cand[..., :head], float("-inf"))
+        idx = local.topk(top, dim=-1).indices  # [B, H, top], best first
+        take = torch.arange(top, device=idx.device) < m[..., None]
+        chosen = ranked.clone()
+        chosen.scatter_(2, idx, torch.where(take, float("inf"), ranked.gather(2, idx)))
+        return chosen
 
     def _pooled(self, scores, head: int, kernel: int | None = None):
         """``scores`` max-pooled over ``kernel`` (default: ``self.kernel``)
