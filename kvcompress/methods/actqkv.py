@@ -69,7 +69,9 @@ class ActQKV(QueryWindow, Method):
     window : int >= 1
         Queries folded into the probe, and recent slots always kept
         (SnapKV's tuned window here; the paper's window is InfLLM's local
-        window, thousands of tokens).
+        window, thousands of tokens). 8, 32 and 64 were within noise of 16
+        on 16 development passages (two licence texts, both models, budget
+        128; benchmarks/RESULTS.md, "The other open choices on two development texts").
     sinks : int >= 0
         Leading real tokens always kept (InfLLM's initial tokens).
     kernel : odd int >= 1

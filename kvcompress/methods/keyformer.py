@@ -70,7 +70,9 @@ class Keyformer(Method):
     budget, ratio
         Exactly one: kept slots per kv head, or fraction of the tokens removed.
     window : int >= 0
-        Recent slots always kept (the paper's ``w``).
+        Recent slots always kept (the paper's ``w``). Default 32: 16 and 64
+        were within noise of it on 16 development passages
+        (benchmarks/RESULTS.md, "The other open choices on two development texts").
     tau_init, tau_end : float > 0
         Temperature of the prompt and the first generated token, and the one
         reached after ``tau_steps`` generated tokens (paper: 1 and 2).
