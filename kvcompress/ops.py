@@ -382,8 +382,7 @@ def lagkv_scores(keys, values, *, lag, sinks=0, kv_start=None, per_chunk=False):
     ks = _shape(keys, "keys", 4, "[B, H, T, D]")
     _shape(values, "values", 4, "[B, H, T, Dv]")
     out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
-    if not isinstance(per_chunk, bool):
-        raise KVCompressTypeError(f"per_chunk: expected a bool, got {type(per_chunk).__name__}")
+    _flag(per_chunk, "per_chunk")
     _C.lagkv_scores(_prepare(keys), _prepare(values), out, _py_int(sinks), _py_int(lag), per_chunk,
                     _as_int64(kv_start, "kv_start", keys))
     return out
@@ -566,7 +565,7 @@ def evict_merge(keys, values, scores, centers, tau=None, *, kv_start=None, count
     counts = _empty(keys, (B, H, C), counts_dtype)
     out_scores = _empty(keys, (B, H, C), "float32")
     tau_used = _empty(keys, (B, H), "float32")
-    assign = _empty(keys, (B, H, T), "int64") if return_assign else None
+    assign = _empty(keys, (B, H, T), "int64") if _flag(return_assign, "return_assign") else None
     _C.evict_merge(
         _prepare(keys), _prepare(values), _prepare(scores), _prepare(centers), _prepare(tau),
         _as_int64(kv_start, "kv_start", keys), out_keys, out_values, counts, out_scores, tau_used, assign,
@@ -732,8 +731,7 @@ def gauss_merge(keys, values, scores, centers, runs, *, sigma, counts=None, kv_s
     cs = _shape(centers, "centers", 3, "[B, H, C]")
     B, H, T, D = ks
     C = cs[2]
-    if not isinstance(return_assign, bool):
-        raise KVCompressTypeError(f"return_assign: expected a bool, got {type(return_assign).__name__}")
+    _flag(return_assign, "return_assign")
     out_keys = _empty_like_dtype(keys, (B, H, C, D))
     out_values = _empty_like_dtype(keys, (B, H, C, vs[3]))
     out_counts = _empty(keys, (B, H, C), "float32")
@@ -1057,6 +1055,13 @@ class Packed(NamedTuple):
     codes: object  #: uint8 ``[B, H, n, Db]``: the codes of token ``j`` in row ``j``
     mins: object  #: float32: keys ``[B, H, ceil(n/G), D]``, values ``[B, H, n, ceil(D/G)]``
     scales: object  #: float32, shape of `mins`: ``(max - min) / (2**bits - 1)``, 0 for a constant group
+
+
+def _flag(x, name: str) -> bool:
+    """A bool option, refused by name otherwise (a tensor's truth value may raise)."""
+    if not isinstance(x, bool):
+        raise KVCompressTypeError(f"{name}: expected a bool, got {type(x).__name__}")
+    return x
 
 
 def _int_arg(x, name: str) -> int:
@@ -1448,8 +1453,8 @@ def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks
     """
     qs = _shape(queries, "queries", 4, "[B, Hq, 1, D]")
     scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", False, scaling, None)
-    lse = _empty(queries, (qs[0], qs[1]), "float32") if return_lse else None
-    reads = _empty(queries, (qs[0], qs[1]), "int32") if return_reads else None
+    lse = _empty(queries, (qs[0], qs[1]), "float32") if _flag(return_lse, "return_lse") else None
+    reads = _empty(queries, (qs[0], qs[1]), "int32") if _flag(return_reads, "return_reads") else None
     _C.lsh_attention(_prepare(queries), _prepare(keys), _prepare(values), codes, query_codes, center, out, lse,
                      reads, _as_int64(kv_start, "kv_start", queries), _int_arg(sinks, "sinks"),
                      _int_arg(window, "window"), _int_arg(K, "K"), _int_arg(hits, "hits"), scaling)
@@ -1704,8 +1709,7 @@ def actqkv_scores(queries, keys, *, scaling=None, kv_start=None, return_weights=
     """
     qs = _shape(queries, "queries", 4, "[B, Hq, W, D]")
     ks = _shape(keys, "keys", 4, "[B, Hkv, Tk, D]")
-    if not isinstance(return_weights, bool):
-        raise KVCompressTypeError(f"return_weights: expected a bool, got {type(return_weights).__name__}")
+    _flag(return_weights, "return_weights")
     scaling = _scaling(scaling, qs[3])
     out = _empty(keys, (ks[0], ks[1], ks[2]), "float32")
     weights = _empty(queries, (qs[0], qs[1], qs[2]), "float32")

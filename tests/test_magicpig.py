@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kvcompress as kvc
-from kvcompress import KVCompressValueError, ops
+from kvcompress import KVCompressTypeError, KVCompressValueError, ops
 from kvcompress.cache import KVCache
 from kvcompress.methods import MagicPIG, method_from_spec
 from kvcompress.stores import LSHStore
@@ -251,3 +251,13 @@ def test_composed_with_an_evictor_the_tables_index_the_kept_slots(tiny_model):
         ref, margin = codes_ref(store.keys, store.planes, 4, center=store.center)
         sure = margin > 1e-4  # sign bits of projections this close to 0 may differ in float32
         assert torch.equal(store.codes.long()[sure], ref[sure]) and sure.float().mean() > 0.99
+
+
+def test_flags_are_refused_by_name_unless_bool():
+    q, k, v, planes, center = _case()
+    codes = ops.simhash(k, planes, 4, center=center)
+    qcodes = ops.simhash(q, planes, 4, group=2)
+    for name in ("return_lse", "return_reads"):
+        for bad in (torch.zeros(0), torch.tensor(True), 1, "yes", None):
+            with pytest.raises(KVCompressTypeError, match=f"{name}: expected a bool"):
+                ops.lsh_attention(q, k, v, codes, qcodes, 4, **{name: bad})
