@@ -1213,8 +1213,9 @@ class KVCache(Cache):
                     f"sliding_window: layer {layer_idx} started without a window and now has one "
                     f"({spec.window})"
                 )
+            if layer.window is None:  # TidalDecode moves selection off sliding layers
+                self.shared.setdefault("sliding", set()).add(layer_idx)
             layer.window = spec.window
-            self.shared.setdefault("sliding", set()).add(layer_idx)  # TidalDecode moves selection off these
         elif layer.window is not None:
             raise KVCompressUnsupportedError(f"sliding_window: layer {layer_idx} slides over {layer.window} tokens but this "
                                   "call passed no window")

@@ -229,18 +229,8 @@ class EMS(Method):
             k = torch.minimum(self._window_budgets(view, cand, head, keep, sinks + w), valid[:, None])
             chosen = self._local_picks(ranked, L, cand, head, k - sinks - w)
         else:
-            chosen = ranked
-            m = int(float(self.local_share) * max(0, keep - sinks - w))
-            m = min(m, int(cand[..., :head].sum(-1).min()) if head > 0 else 0)
-            if m > 0:
-                # the tokens the last `obs` queries read most are kept whatever their global score;
-                # sinks are zeroed before pooling, so their large attention does not pick their neighbours
-                local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
-                if self.local_heads == "layer":  # every head keeps what the layer's window reads
-                    local = local.mean(1, keepdim=True).expand_as(local)
-                local = local.masked_fill(~cand[..., :head], float("-inf"))
-                chosen = ranked.clone()
-                chosen.scatter_(2, local.topk(m, dim=-1).indices, float("inf"))
+            room = torch.full(scores.shape[:2], keep - sinks - w, dtype=torch.int64, device=scores.device)
+            chosen = self._local_picks(ranked, L, cand, head, room)
             if self.head_budget == "adaptive":
                 forced = chosen.clone()
                 forced[..., head:] = float("inf")
@@ -269,18 +259,21 @@ class EMS(Method):
 
     def _local_picks(self, ranked, L, cand, head: int, room):
         """``ranked`` with each head's first ``local_share * room[b, h]``
-        local picks (``room`` ``[B, H]``: slots past sinks and window) set to
-        ``+inf``: the layer's (or the head's) ranking of ``L`` max-pooled
-        over ``local_kernel``, candidates only."""
+        local picks (``room`` ``[B, H]``: slots past sinks and window; at
+        most the fewest candidates of any row) set to ``+inf``: the layer's
+        (or the head's) ranking of ``L`` max-pooled over ``local_kernel``,
+        candidates only. The tokens the last ``obs`` queries read most are
+        kept whatever their global score; sinks are zeroed before pooling,
+        so their large attention does not pick their neighbours."""
         if head <= 0:
             return ranked
         m = (float(self.local_share) * room.clamp_min(0).double()).floor().long()
-        m = torch.minimum(m, cand[..., :head].sum(-1).expand_as(m))
+        m = m.clamp_max(int(cand[..., :head].sum(-1).min()))
         top = int(m.max())
         if top <= 0:
             return ranked
         local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
-        if self.local_heads == "layer":
+        if self.local_heads == "layer":  # every head keeps what the layer's window reads
             local = local.mean(1, keepdim=True).expand_as(local)
         local = local.masked_fill(~cand[..., :head], float("-inf"))
         idx = local.topk(top, dim=-1).indices  # [B, H, top], best first
