@@ -172,66 +172,8 @@ size_t kvc_packed_attention_scratch_bytes(const struct kvc_packed_attention_para
     return kvc_at_scratch_bytes(&g.u, g.thread_bytes, p->num_threads);
 }
 
-/* Position of channel c in the rows the op works on (unpacked codes,
- * queries, key scales and centres, residual rows, outputs): pa_unpack16
- * leaves the codes of each block of AT_TK channels in this order, the
- * cheapest to produce (as attention.c keeps bf16 rows in even/odd order).
- * 4-bit: channel k + 8h at 2k + h; 8-bit: within each half block, channel
- * k + 4h at 2k + h; 2-bit: in order. Blocks stay whole, so with
- * G % AT_TK == 0 a vector still lies in one value group. */
-static inline int64_t pa_pos(int bits, int64_t c)
-{
-    const int64_t b = c & ~(int64_t)(AT_TK - 1), i = c & (AT_TK - 1);
-    if (bits == 4) return b + 2 * (i & 7) + (i >> 3);
-    if (bits == 8) return b + (i & 8) + 2 * (i & 3) + ((i >> 2) & 1);
-    return c;
-}
-
-#ifdef AT_VEC
-typedef uint64_t pa_vq __attribute__((vector_size(AT_TK * sizeof(uint32_t))));
-#endif
-
-/* Codes of a block of 16 channels -> centred fp32 codes, in pa_pos order.
- * Each lane takes a 32-bit word of the block by a broadcast from a general
- * register (a vector assembled in memory from narrower stores stalls store
- * forwarding; a 64-bit broadcast puts the low and high words of 8 bytes in
- * alternate lanes, hence the order), then a shift, a mask, a conversion and
- * minus mid. bits is a constant after inlining. */
-KVC_INLINE void pa_unpack16(float *dst, const uint8_t *src, int bits)
-{
-#ifdef AT_VEC
-    at_vu w;
-    at_vf f;
-    if (bits == 8) {
-        const at_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-        const at_vu sh = {0, 0, 8, 8, 16, 16, 24, 24, 0, 0, 8, 8, 16, 16, 24, 24};
-        const at_vu first = (at_vu)(lane < 8u);
-        uint64_t lo, hi;
-        memcpy(&lo, src, 8);
-        memcpy(&hi, src + 8, 8);
-        w = ((((at_vu)((pa_vq){0} + lo) & first) | ((at_vu)((pa_vq){0} + hi) & ~first)) >> sh) & 255u;
-    } else if (bits == 4) {
-        const at_vu sh = {0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28};
-        uint64_t x;
-        memcpy(&x, src, 8);
-        w = ((at_vu)((pa_vq){0} + x) >> sh) & 15u;
-    } else {
-        const at_vu sh = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-        uint32_t x;
-        memcpy(&x, src, 4);
-        w = (((at_vu){0} + x) >> sh) & 3u;
-    }
-    f = __builtin_convertvector((at_vi)w, at_vf) - kvc_pk_mid(bits);
-    memcpy(dst, &f, sizeof f);
-#else
-    int c;
-    for (c = 0; c < AT_TK; c++)
-        dst[pa_pos(bits, c)] = kvc_pk_centred(kvc_pk_lane_code(src, c, bits), bits);
-#endif
-}
-
 /* A packed row of D codes (bytes `stride` apart) -> Dp centred fp32 codes
- * in pa_pos order, zeros past D. tmp holds a contiguous copy when
+ * in channel order, zeros past D. tmp holds a contiguous copy when
  * stride != 1. */
 KVC_INLINE void pa_unpack_row(float *dst, const uint8_t *src, int64_t stride, int64_t D,
                               int64_t Db, int bits, uint8_t *tmp)
@@ -242,14 +184,14 @@ KVC_INLINE void pa_unpack_row(float *dst, const uint8_t *src, int64_t stride, in
         src = tmp;
     }
     /* a block of AT_TK codes takes 2 * bits bytes */
-    for (; c + AT_TK <= D; c += AT_TK, src += 2 * bits) pa_unpack16(dst + c, src, bits);
+    for (; c + AT_TK <= D; c += AT_TK, src += 2 * bits) at_unpack16(dst + c, src, bits);
     if (c < D) {
         /* the last bytes of the row, zero-padded, so nothing past it is read */
         uint8_t last[AT_TK];
         memset(last, 0, sizeof last);
         memcpy(last, src, (size_t)(Db - c / AT_TK * 2 * bits));
-        pa_unpack16(dst + c, last, bits);
-        for (i = D - c; i < AT_TK; i++) dst[c + pa_pos(bits, i)] = 0.0f;
+        at_unpack16(dst + c, last, bits);
+        for (i = D - c; i < AT_TK; i++) dst[c + i] = 0.0f;
     }
 }
 
@@ -257,6 +199,21 @@ KVC_INLINE void pa_unpack_row(float *dst, const uint8_t *src, int64_t stride, in
 KVC_INLINE void pa_unpack(const struct pa_geom *g, float *dst, const uint8_t *src, int64_t stride,
                           uint8_t *tmp)
 {
+    /* the common head dims as constants too: the block loop unrolls */
+    if (g->u.D == 64) {
+        switch (g->bits) {
+        case 2: pa_unpack_row(dst, src, stride, 64, 16, 2, tmp); return;
+        case 4: pa_unpack_row(dst, src, stride, 64, 32, 4, tmp); return;
+        default: pa_unpack_row(dst, src, stride, 64, 64, 8, tmp); return;
+        }
+    }
+    if (g->u.D == 128) {
+        switch (g->bits) {
+        case 2: pa_unpack_row(dst, src, stride, 128, 32, 2, tmp); return;
+        case 4: pa_unpack_row(dst, src, stride, 128, 64, 4, tmp); return;
+        default: pa_unpack_row(dst, src, stride, 128, 128, 8, tmp); return;
+        }
+    }
     switch (g->bits) {
     case 2: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 2, tmp); break;
     case 4: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 4, tmp); break;
@@ -264,45 +221,20 @@ KVC_INLINE void pa_unpack(const struct pa_geom *g, float *dst, const uint8_t *sr
     }
 }
 
-#ifdef AT_VEC
-#if defined(__clang__)
-#define PA_PERM(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define PA_PERM(v, ...) __builtin_shuffle(v, (at_vi){__VA_ARGS__})
-#endif
-#endif
-
-/* A row of Dp floats with the first D in channel order -> pa_pos order,
- * zeros past D. */
-KVC_INLINE void pa_to_pos(const struct pa_geom *g, float *x)
+/* Zeros past D in a row of Dp floats. */
+KVC_INLINE void pa_zero_pads(const struct pa_geom *g, float *x)
 {
     int64_t c;
     for (c = g->u.D; c < g->u.Dp; c++) x[c] = 0.0f;
-    if (g->bits == 2) return;
-    for (c = 0; c < g->u.Dp; c += AT_TK) {
-#ifdef AT_VEC
-        at_vf v;
-        memcpy(&v, x + c, sizeof v);
-        /* lane p takes the channel pa_pos puts at p */
-        if (g->bits == 4) v = PA_PERM(v, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
-        else v = PA_PERM(v, 0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
-        memcpy(x + c, &v, sizeof v);
-#else
-        float t[AT_TK];
-        int i;
-        memcpy(t, x + c, sizeof t);
-        for (i = 0; i < AT_TK; i++) x[c + pa_pos(g->bits, i)] = t[i];
-#endif
-    }
 }
 
-/* A query or residual row (q's dtype, elements `stride` apart) -> fp32 in
- * pa_pos order, zeros past D. */
+/* A query or residual row (q's dtype, elements `stride` apart) -> fp32,
+ * zeros past D. */
 KVC_INLINE void pa_row_load(const struct pa_geom *g, float *dst, const char *src, int32_t dtype,
                             int64_t stride)
 {
     at_row_f32(dst, src, dtype, g->u.D, stride);
-    pa_to_pos(g, dst);
+    pa_zero_pads(g, dst);
 }
 
 /* sum_l a[l] b[l] over n (a multiple of AT_TK), kvc_lanes_sum's order. */
@@ -326,14 +258,22 @@ KVC_INLINE void pa_logits_multi(const float *const *qp, const void *const *kp, c
     at_vf a[AT_TK];
     int64_t c;
     int j;
-    for (j = 0; j < AT_TK; j++) a[j] = (at_vf){0};
-    for (c = 0; c < Dp; c += AT_TK)
-        for (j = 0; j < AT_TK; j++) {
-            at_vf qv, kv;
-            memcpy(&qv, qp[j] + c, sizeof qv);
-            memcpy(&kv, (const float *)kp[j] + c, sizeof kv);
-            a[j] += qv * kv;
+    /* one slot at a time, in halves (see at_logits) */
+    for (j = 0; j < AT_TK; j++) {
+        const float *q = qp[j], *k = (const float *)kp[j];
+        at_v8 lo = (at_v8){0}, hi = (at_v8){0};
+        for (c = 0; c < Dp; c += AT_TK) {
+            at_v8 q0, q1, k0, k1;
+            memcpy(&q0, q + c, sizeof q0);
+            memcpy(&q1, q + c + AT_TK / 2, sizeof q1);
+            memcpy(&k0, k + c, sizeof k0);
+            memcpy(&k1, k + c + AT_TK / 2, sizeof k1);
+            lo += q0 * k0;
+            hi += q1 * k1;
         }
+        memcpy((float *)&a[j], &lo, sizeof lo);
+        memcpy((float *)&a[j] + AT_TK / 2, &hi, sizeof hi);
+    }
     at_finish(a, lc, scaling, x);
 #else
     int j;
@@ -351,30 +291,11 @@ KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, 
                                       int64_t gs, const float *alpha, int64_t Dp, int64_t gv,
                                       int NR)
 {
-    int64_t c = 0;
-    int j, r;
+    int64_t c;
 #ifdef AT_VEC
-    int u;
-    for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) {
-        at_vf o[4][4];
-        const float *wu[4];
-        for (u = 0; u < 4; u++) wu[u] = W + (c / AT_TK + u) / gv * gs;
-        for (r = 0; r < NR; r++)
-            for (u = 0; u < 4; u++) {
-                memcpy(&o[r][u], acc[r] + c + u * AT_TK, sizeof o[r][u]);
-                o[r][u] *= alpha[r];
-            }
-        for (j = 0; j < AT_TK; j++) {
-            at_vf v[4];
-            for (u = 0; u < 4; u++) memcpy(&v[u], (const float *)vp[j] + c + u * AT_TK, sizeof v[u]);
-            for (r = 0; r < NR; r++)
-                for (u = 0; u < 4; u++) o[r][u] += wu[u][r * AT_TK + j] * v[u];
-        }
-        for (r = 0; r < NR; r++)
-            for (u = 0; u < 4; u++) memcpy(acc[r] + c + u * AT_TK, &o[r][u], sizeof o[r][u]);
-    }
-    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR);
+    for (c = 0; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR);
 #else
+    int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
             const float *wu = W + c / AT_TK / gv * gs;
@@ -396,18 +317,20 @@ KVC_INLINE void pa_accumulate_expanded(float *const *acc, const void *const *vp,
     int j, r;
 #ifdef AT_VEC
     for (c = 0; c < Dp; c += AT_TK) {
-        at_vf o[4];
-        for (r = 0; r < NR; r++) {
-            memcpy(&o[r], acc[r] + c, sizeof o[r]);
-            o[r] *= alpha[r];
-        }
+        at_v8 lo[4], hi[4];
+        at_rows_load(lo, hi, acc, alpha, c, NR);
         for (j = 0; j < AT_TK; j++) {
-            at_vf v, s;
-            memcpy(&v, (const float *)vp[j] + c, sizeof v);
-            memcpy(&s, sp[j] + c, sizeof s);
-            for (r = 0; r < NR; r++) o[r] += (x[r * AT_TK + j] * s) * v;
+            at_v8 v0, v1, s0, s1;
+            memcpy(&v0, (const float *)vp[j] + c, sizeof v0);
+            memcpy(&v1, (const float *)vp[j] + c + AT_TK / 2, sizeof v1);
+            memcpy(&s0, sp[j] + c, sizeof s0);
+            memcpy(&s1, sp[j] + c + AT_TK / 2, sizeof s1);
+            for (r = 0; r < NR; r++) {
+                lo[r] += (x[r * AT_TK + j] * s0) * v0;
+                hi[r] += (x[r * AT_TK + j] * s1) * v1;
+            }
         }
-        for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
+        at_rows_store(acc, lo, hi, c, NR);
     }
 #else
     for (r = 0; r < NR; r++)
@@ -459,8 +382,8 @@ KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct pa_head *h,
             w->mrow[c] = kvc_pk_centre(km[c * h->kmd], ks[c * h->ksd], g->bits);
         }
     }
-    pa_to_pos(g, w->krow);
-    pa_to_pos(g, w->mrow);
+    pa_zero_pads(g, w->krow);
+    pa_zero_pads(g, w->mrow);
     for (r = 0; r < R; r++) {
         const float *qr = w->qbuf + r * Dp;
         float *o = qs + r * Dp;
@@ -521,6 +444,10 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
 {
     const int64_t Dp = g->u.Dp, ng = g->ng, G = g->G;
     const int64_t t0 = jt / G, t1 = (jt + nk - 1) / G;
+    /* one token group, whole blocks of channels, contiguous code rows: the
+     * logits read the key codes in place (at_logits_rows with bits), the
+     * same values as from unpacked rows without storing them */
+    const int fused = t0 == t1 && g->u.D == Dp && h->kcd == 1;
     const void *kp[AT_TK], *vp[AT_TK];
     const float *sp[AT_TK];
     float lc[AT_TK];
@@ -531,9 +458,13 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
     for (j = 0; j < nk; j++) {
         const int64_t s = jt + j;
         float *kr = w->kbuf + j * Dp, *vr = w->vbuf + j * Dp;
-        pa_unpack(g, kr, h->kc + s * h->kcs, h->kcd, w->tmp);
+        if (fused) {
+            kp[j] = h->kc + s * h->kcs;
+        } else {
+            pa_unpack(g, kr, h->kc + s * h->kcs, h->kcd, w->tmp);
+            kp[j] = kr;
+        }
         pa_unpack(g, vr, h->vc + s * h->vcs, h->vcd, w->tmp);
-        kp[j] = kr;
         vp[j] = vr;
         for (u = 0; u < ng; u++) {
             const float sc = h->vs[s * h->vss + u * h->vsd];
@@ -547,7 +478,9 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
         }
     }
     for (; j < AT_TK; j++) {
-        kp[j] = vp[j] = sp[j] = w->zero;
+        /* slots past the tile: masked by the softmax; any finite row does */
+        kp[j] = fused ? kp[0] : w->zero;
+        vp[j] = sp[j] = w->zero;
         for (u = 0; u < ng; u++) w->S[u * AT_TK + j] = w->M[u * AT_TK + j] = 0.0f;
     }
     if (h->c) {
@@ -559,16 +492,22 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
         for (j = 0; j < AT_TK; j++) lc[j] = 0.0f;
     }
 
-    for (r = 0; r < R; r++) {
-        float l[AT_TK];
-        if (w->lim[r] < jt) continue;
-        if (t0 == t1) {
-            const int64_t slot = t0 % g->NS;
-            const float bias = w->qb[slot * g->u.R + r];
-            for (j = 0; j < AT_TK; j++) l[j] = lc[j] + bias;
-            at_logits(w->qs + (slot * g->u.R + r) * Dp, kp, l, Dp, p->scaling, w->xbuf + r * AT_TK);
-        } else {
+    if (t0 == t1) {
+        /* one token group: its scaled query rows and biases for every row
+         * (rows that see none of the tile are zeroed by the softmax pass) */
+        const int64_t slot = t0 % g->NS;
+        const float *qs = w->qs + slot * g->u.R * Dp, *qb = w->qb + slot * g->u.R;
+        switch (fused ? g->bits : 0) {
+        case 2: at_logits_all(qs, Dp, kp, 2, lc, qb, Dp, p->scaling, w->xbuf, R); break;
+        case 4: at_logits_all(qs, Dp, kp, 4, lc, qb, Dp, p->scaling, w->xbuf, R); break;
+        case 8: at_logits_all(qs, Dp, kp, 8, lc, qb, Dp, p->scaling, w->xbuf, R); break;
+        default: at_logits_all(qs, Dp, kp, 0, lc, qb, Dp, p->scaling, w->xbuf, R); break;
+        }
+    } else {
+        for (r = 0; r < R; r++) {
+            float l[AT_TK];
             const float *qp[AT_TK];
+            if (w->lim[r] < jt) continue;
             for (j = 0; j < AT_TK; j++) {
                 const int64_t slot = (j < nk ? (jt + j) / G : t0) % g->NS;
                 qp[j] = w->qs + (slot * g->u.R + r) * Dp;
@@ -623,9 +562,7 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
     }
     for (; j < AT_TK; j++) kp[j] = vp[j] = w->zero;
     for (j = 0; j < AT_TK; j++) lc[j] = 0.0f; /* residual slots count 1 */
-    for (r = 0; r < R; r++)
-        if (w->lim[r] >= jt)
-            at_logits(w->qbuf + r * Dp, kp, lc, Dp, p->scaling, w->xbuf + r * AT_TK);
+    at_logits_all(w->qbuf, Dp, kp, 0, lc, NULL, Dp, p->scaling, w->xbuf, R);
     at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
     for (r = 0; r < R; r += 4) {
         float *accs[4];
@@ -714,9 +651,11 @@ static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const s
     }
 }
 
+/* Partial rows are in channel order. */
 static int64_t pa_out_pos(const struct kvc_at_units *u, int64_t d)
 {
-    return pa_pos(((const struct pa_geom *)u)->bits, d);
+    (void)u;
+    return d;
 }
 
 enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p)
@@ -768,7 +707,7 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
         /* by position; 0 (a group that exists) for the pads, whose values
          * are never read */
         for (c = 0; c < g.u.Dp; c++) w.uidx[c] = 0;
-        for (c = 0; c < g.u.D; c++) w.uidx[pa_pos(g.bits, c)] = (int32_t)(c / g.G);
+        for (c = 0; c < g.u.D; c++) w.uidx[c] = (int32_t)(c / g.G);
 #pragma omp for schedule(dynamic, 1)
         for (u = 0; u < g.u.U; u++) {
             const int64_t pair = kvc_at_unit_pair(&g.u, prefix, u);

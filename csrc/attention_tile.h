@@ -16,6 +16,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "attention_packed_math.h"
 #include "kvc_math.h"
 
 #define AT_TK KVC_LANES /* slots per tile: one vector of logits per row */
@@ -32,6 +33,13 @@ typedef float at_vf __attribute__((vector_size(AT_TK * sizeof(float))));
 typedef uint32_t at_vu __attribute__((vector_size(AT_TK * sizeof(uint32_t))));
 typedef int32_t at_vi __attribute__((vector_size(AT_TK * sizeof(int32_t))));
 typedef uint16_t at_vh __attribute__((vector_size(AT_TK * sizeof(uint16_t))));
+/* Half a tile vector, one AVX2 register. GCC lowers 16-lane vectors that
+ * are wider than the clone's registers piece by piece, and a loop-carried
+ * one goes through the stack with scalar moves at every iteration: loops
+ * that carry sums use two of these, lanes 0-7 and 8-15 (the same sums). */
+typedef float at_v8 __attribute__((vector_size(AT_TK / 2 * sizeof(float))));
+typedef int32_t at_v8i __attribute__((vector_size(AT_TK / 2 * sizeof(int32_t))));
+typedef uint32_t at_v8u __attribute__((vector_size(AT_TK / 2 * sizeof(uint32_t))));
 
 /* 16 fp16 -> fp32, kvc_f16_to_f32 lane-wise: GCC does not if-convert the
  * scalar function's selects, and F16C cannot be assumed (AVX2 clone). */
@@ -72,155 +80,262 @@ KVC_INLINE void at_row_f32(float *dst, const char *src, int32_t dtype, int64_t n
     kvc_row_to_f32(dst + i, src, dtype, n - i, stride);
 }
 
-#ifdef AT_TREE
-#define AT_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-/* Lane j of the result = sum of the lanes of a[j], each summed as
- * kvc_lanes_sum does (l + 8, + 4, + 2, + 1), but for 16 rows at once with
- * shuffles across rows instead of 16 horizontal sums. Pairs are reduced as
- * soon as they exist so that few vectors are live at a time. */
-KVC_INLINE void at_sum16(const at_vf *a, at_vf *out)
+#ifdef AT_VEC
+
+/* Centred fp32 codes of 8 consecutive channels: lanes 0-3 take word a,
+ * lanes 4-7 word b (the same word but for 8-bit), lane l shifted by
+ * base + (l * bits mod 32), then masked. Scalars in, so that no vector
+ * crosses a call boundary before inlining (GCC's -Wpsabi note). */
+KVC_INLINE void at_unpack8(float *dst, uint32_t a, uint32_t b, uint32_t base, int bits)
 {
-    at_vf b[8], c[4], e[2];
-    int j;
-    for (j = 0; j < 8; j++)
-        b[j] = AT_SHUF(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               AT_SHUF(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (j = 0; j < 4; j++)
-        c[j] = AT_SHUF(b[2 * j], b[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               AT_SHUF(b[2 * j], b[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (j = 0; j < 2; j++)
-        e[j] = AT_SHUF(c[2 * j], c[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               AT_SHUF(c[2 * j], c[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    *out = AT_SHUF(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           AT_SHUF(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    const at_v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    /* a broadcast when the lanes share a word (GCC builds the general
+     * vector with inserts) */
+    const at_v8u w = bits == 8 ? (at_v8u){a, a, a, a, b, b, b, b} : (at_v8u){0} + a;
+    const at_v8u sh = ((lane * (uint32_t)bits) & 31u) + base;
+    const at_v8 f = __builtin_convertvector((at_v8i)((w >> sh) & kvc_pk_mask(bits)), at_v8) -
+                     kvc_pk_mid(bits);
+    memcpy(dst, &f, sizeof f);
 }
-#undef AT_SHUF
 #endif
+
+/* Packed codes (docs/packed.md) of a block of 16 channels -> centred fp32
+ * codes (kvc_pk_centred), in channel order.
+ * Each half takes the 32-bit words that hold its codes by broadcasts (a
+ * vector assembled in memory from narrower stores would stall store
+ * forwarding), then a variable shift, a mask, a conversion and minus mid:
+ * 2-bit, one word for all 16; 4-bit, one word per half; 8-bit, one word per
+ * quarter. bits is a constant after inlining. */
+KVC_INLINE void at_unpack16(float *dst, const uint8_t *src, int bits)
+{
+#ifdef AT_VEC
+    /* word by word, so that each broadcast can read its word from memory */
+    uint32_t x0, x1, x2, x3;
+    memcpy(&x0, src, 4);
+    if (bits == 8) {
+        memcpy(&x1, src + 4, 4);
+        memcpy(&x2, src + 8, 4);
+        memcpy(&x3, src + 12, 4);
+        at_unpack8(dst, x0, x1, 0, 8);
+        at_unpack8(dst + 8, x2, x3, 0, 8);
+    } else if (bits == 4) {
+        memcpy(&x1, src + 4, 4);
+        at_unpack8(dst, x0, x0, 0, 4);
+        at_unpack8(dst + 8, x1, x1, 0, 4);
+    } else {
+        at_unpack8(dst, x0, x0, 0, 2);
+        at_unpack8(dst + 8, x0, x0, 16, 2);
+    }
+#else
+    int c;
+    for (c = 0; c < AT_TK; c++) dst[c] = kvc_pk_centred(kvc_pk_lane_code(src, c, bits), bits);
+#endif
+}
+
+#ifdef AT_TREE
+#define AT_SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+/* Lane j of the result = the sum of 8 slots' half-summed lanes s[j]
+ * (kvc_lanes_sum's tree after its first level, l + 8: then + 4, + 2, + 1),
+ * in 8-lane vectors, one register each on AVX2. */
+KVC_INLINE void at_sum8(const at_v8 *s, at_v8 *out)
+{
+    at_v8 b[4], c[2];
+    int j;
+    for (j = 0; j < 4; j++)
+        b[j] = AT_SHUF8(s[2 * j], s[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+               AT_SHUF8(s[2 * j], s[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+    for (j = 0; j < 2; j++)
+        c[j] = AT_SHUF8(b[2 * j], b[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+               AT_SHUF8(b[2 * j], b[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+    *out = AT_SHUF8(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) + AT_SHUF8(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#undef AT_SHUF8
+#endif
+
+#ifdef AT_VEC
+/* Finishes the logits of one row from s[j] = lanes 0-7 + lanes 8-15 of
+ * slot j's partial sums (the tree's first level): the rest of the
+ * kvc_lanes_sum tree, scaled, plus the log-count bias lc. */
+KVC_INLINE void at_finish8(const at_v8 *s, const float *lc, float scaling, float *x)
+{
+    int h;
+    for (h = 0; h < 2; h++) {
+        at_v8 o, l;
+#ifdef AT_TREE
+        at_sum8(s + 8 * h, &o);
+#else
+        int j;
+        for (j = 0; j < 8; j++) {
+            float t[8];
+            memcpy(t, &s[8 * h + j], sizeof t);
+            o[j] = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+        }
+#endif
+        memcpy(&l, lc + 8 * h, sizeof l);
+        o = o * scaling + l;
+        memcpy(x + 8 * h, &o, sizeof o);
+    }
+}
 
 /* Finishes the logits of one row: lane j of the per-slot partial sums a[j]
  * summed by the kvc_lanes_sum tree, scaled, plus the log-count bias. */
-#ifdef AT_VEC
 KVC_INLINE void at_finish(const at_vf *a, const float *lc, float scaling, float *x)
 {
-    at_vf s, l;
-#ifdef AT_TREE
-    at_sum16(a, &s);
-#else
+    at_v8 s[AT_TK];
     int j;
     for (j = 0; j < AT_TK; j++) {
-        float t[AT_TK];
-        memcpy(t, &a[j], sizeof t);
-        s[j] = kvc_lanes_sum(t);
+        at_v8 lo, hi;
+        memcpy(&lo, (const float *)&a[j], sizeof lo);
+        memcpy(&hi, (const float *)&a[j] + AT_TK / 2, sizeof hi);
+        s[j] = lo + hi;
     }
-#endif
-    memcpy(&l, lc, sizeof l);
-    s = s * scaling + l;
-    memcpy(x, &s, sizeof s);
+    at_finish8(s, lc, scaling, x);
 }
 #endif
 
-/* Logits x[j] = scaling * q . k_j + lc[j] of one query row against a tile
- * of AT_TK fp32 slot rows (Dp floats, Dp a multiple of AT_TK). Per slot the
- * products are summed in AT_TK lanes along d, then the lanes by the
- * kvc_lanes_sum tree: the same order with or without vector extensions. */
-KVC_INLINE void at_logits(const float *qr, const void *const *kp, const float *lc, int64_t Dp,
-                          float scaling, float *x)
+/* Logits x[r][j] = scaling * q_r . k_j + (lc[j] + bias[r]) of NR (1..4,
+ * a constant after inlining) query rows, qs floats apart, against a tile
+ * of AT_TK slot rows: bits 0, fp32 rows of Dp floats (Dp a multiple of
+ * AT_TK); bits 2/4/8 (a constant too), contiguous rows of packed codes of
+ * Dp channels, unpacked to centred fp32 a block at a time and never
+ * stored. bias NULL: none; x rows AT_TK apart. Per slot the products are
+ * summed in AT_TK lanes along d, then the lanes by the kvc_lanes_sum tree:
+ * the same order with or without vector extensions, and the same values
+ * whether codes come unpacked or packed. One slot at a time, its key chunk
+ * loaded (or unpacked) once for the NR rows, in two 8-lane halves: 2 x NR
+ * sums live (16 slots' sums at once would need 32 AVX2 registers, whose
+ * spills cost more than the arithmetic). */
+KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *kp, int bits, const float *lc,
+                               const float *bias, int64_t Dp, float scaling, float *x, int NR)
 {
 #ifdef AT_VEC
-    at_vf a[AT_TK];
+    at_v8 s[4][AT_TK];
     int64_t c;
-    int j;
-    for (j = 0; j < AT_TK; j++) a[j] = (at_vf){0};
-    for (c = 0; c < Dp; c += AT_TK) {
-        at_vf qv;
-        memcpy(&qv, qr + c, sizeof qv);
-        for (j = 0; j < AT_TK; j++) {
-            at_vf kv;
-            memcpy(&kv, (const float *)kp[j] + c, sizeof kv);
-            a[j] += qv * kv;
-        }
-    }
-    at_finish(a, lc, scaling, x);
-#else
-    int j;
-    for (j = 0; j < AT_TK; j++) x[j] = kvc_dot_f32(qr, (const float *)kp[j], Dp) * scaling + lc[j];
-#endif
-}
-
-#ifdef AT_VEC
-/* bf16 rows read in place (g->bf16): a 64-byte load holds 32 elements; as
- * 16 32-bit lanes, `<< 16` gives the even elements as fp32 and masking the
- * low half the odd ones, one instruction each instead of a widening
- * conversion. Query and output rows are kept in the same order: each chunk
- * of 32 stores its 16 even elements, then its 16 odd ones. */
-#define AT_BF16_EVEN(w) ((at_vf)((w) << 16))
-#define AT_BF16_ODD(w) ((at_vf)((w) & 0xffff0000u))
-
-/* Output lanes [c, c + 4 * AT_TK) of at_accumulate for NR rows: V rows as
- * fp32, or (bf16, a constant after inlining) two in-place bf16 chunks. */
-KVC_INLINE void at_accumulate4(float *const *acc, const void *const *vp, const float *x,
-                               const float *alpha, int64_t c, int NR, int bf16)
-{
-    at_vf o[4][4];
-    int j, r, u;
-    for (r = 0; r < NR; r++)
-        for (u = 0; u < 4; u++) {
-            memcpy(&o[r][u], acc[r] + c + u * AT_TK, sizeof o[r][u]);
-            o[r][u] *= alpha[r];
-        }
+    int j, r;
     for (j = 0; j < AT_TK; j++) {
-        at_vf v[4];
-        if (bf16) {
-            at_vu w[2];
-            memcpy(&w[0], (const uint16_t *)vp[j] + c, sizeof w[0]);
-            memcpy(&w[1], (const uint16_t *)vp[j] + c + 2 * AT_TK, sizeof w[1]);
-            v[0] = AT_BF16_EVEN(w[0]);
-            v[1] = AT_BF16_ODD(w[0]);
-            v[2] = AT_BF16_EVEN(w[1]);
-            v[3] = AT_BF16_ODD(w[1]);
-        } else {
-            for (u = 0; u < 4; u++) memcpy(&v[u], (const float *)vp[j] + c + u * AT_TK, sizeof v[u]);
+        at_v8 lo[4], hi[4];
+        for (r = 0; r < NR; r++) lo[r] = hi[r] = (at_v8){0};
+        for (c = 0; c < Dp; c += AT_TK) {
+            at_v8 k0, k1;
+            if (bits) {
+                float k[AT_TK];
+                at_unpack16(k, (const uint8_t *)kp[j] + c / AT_TK * 2 * bits, bits);
+                memcpy(&k0, k, sizeof k0);
+                memcpy(&k1, k + AT_TK / 2, sizeof k1);
+            } else {
+                memcpy(&k0, (const float *)kp[j] + c, sizeof k0);
+                memcpy(&k1, (const float *)kp[j] + c + AT_TK / 2, sizeof k1);
+            }
+            for (r = 0; r < NR; r++) {
+                at_v8 q0, q1;
+                memcpy(&q0, qr + r * qs + c, sizeof q0);
+                memcpy(&q1, qr + r * qs + c + AT_TK / 2, sizeof q1);
+                lo[r] += q0 * k0;
+                hi[r] += q1 * k1;
+            }
         }
-        for (r = 0; r < NR; r++)
-            for (u = 0; u < 4; u++) o[r][u] += x[r * AT_TK + j] * v[u];
+        for (r = 0; r < NR; r++) s[r][j] = lo[r] + hi[r];
     }
+    for (r = 0; r < NR; r++) {
+        float l[AT_TK];
+        for (j = 0; j < AT_TK; j++) l[j] = bias ? lc[j] + bias[r] : lc[j];
+        at_finish8(s[r], l, scaling, x + r * AT_TK);
+    }
+#else
+    int j, r;
     for (r = 0; r < NR; r++)
-        for (u = 0; u < 4; u++) memcpy(acc[r] + c + u * AT_TK, &o[r][u], sizeof o[r][u]);
-}
+        for (j = 0; j < AT_TK; j++) {
+            float k[AT_TK], acc[AT_TK];
+            const float *kr = (const float *)kp[j];
+            int64_t c;
+            int l;
+            if (bits) {
+                /* a block at a time, in the dot product's own lane order */
+                for (l = 0; l < AT_TK; l++) acc[l] = 0.0f;
+                for (c = 0; c < Dp; c += AT_TK) {
+                    at_unpack16(k, (const uint8_t *)kp[j] + c / AT_TK * 2 * bits, bits);
+                    for (l = 0; l < AT_TK; l++) acc[l] += qr[r * qs + c + l] * k[l];
+                }
+                x[r * AT_TK + j] = kvc_lanes_sum(acc) * scaling + (bias ? lc[j] + bias[r] : lc[j]);
+                continue;
+            }
+            x[r * AT_TK + j] = kvc_dot_f32(qr + r * qs, kr, Dp) * scaling + (bias ? lc[j] + bias[r] : lc[j]);
+        }
 #endif
+}
+
+/* at_logits_rows over R rows, four at a time. */
+KVC_INLINE void at_logits_all(const float *qr, int64_t qs, const void *const *kp, int bits, const float *lc,
+                              const float *bias, int64_t Dp, float scaling, float *x, int64_t R)
+{
+    int64_t r;
+    for (r = 0; r < R; r += 4) {
+        const float *b = bias ? bias + r : NULL;
+        switch (R - r < 4 ? R - r : 4) {
+        case 1: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 1); break;
+        case 2: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 2); break;
+        case 3: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 3); break;
+        default: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 4); break;
+        }
+    }
+}
 
 #ifdef AT_VEC
+/* lo[r], hi[r] <- alpha[r] times lanes [c, c + AT_TK) of output row r, for
+ * NR rows (the start of a pass of an accumulation in halves). */
+KVC_INLINE void at_rows_load(at_v8 *lo, at_v8 *hi, float *const *acc, const float *alpha, int64_t c, int NR)
+{
+    int r;
+    for (r = 0; r < NR; r++) {
+        memcpy(&lo[r], acc[r] + c, sizeof lo[r]);
+        memcpy(&hi[r], acc[r] + c + AT_TK / 2, sizeof hi[r]);
+        lo[r] *= alpha[r];
+        hi[r] *= alpha[r];
+    }
+}
+
+/* Lanes [c, c + AT_TK) of output row r <- lo[r], hi[r], for NR rows. */
+KVC_INLINE void at_rows_store(float *const *acc, const at_v8 *lo, const at_v8 *hi, int64_t c, int NR)
+{
+    int r;
+    for (r = 0; r < NR; r++) {
+        memcpy(acc[r] + c, &lo[r], sizeof lo[r]);
+        memcpy(acc[r] + c + AT_TK / 2, &hi[r], sizeof hi[r]);
+    }
+}
+
 /* Output lanes [c, c + AT_TK) of at_accumulate for NR rows of fp32 V rows
- * (also the last vector of attention_packed.c's grouped sum, whose weights
- * x change per vector). */
+ * (also attention_packed.c's grouped sums, whose weights x change per
+ * vector), in two halves of 8 lanes (at_v8: 2 x NR sums live, no spills). */
 KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const float *x,
                                const float *alpha, int64_t c, int NR)
 {
-    at_vf o[4];
+    at_v8 lo[4], hi[4];
     int j, r;
-    for (r = 0; r < NR; r++) {
-        memcpy(&o[r], acc[r] + c, sizeof o[r]);
-        o[r] *= alpha[r];
-    }
+    at_rows_load(lo, hi, acc, alpha, c, NR);
     for (j = 0; j < AT_TK; j++) {
-        at_vf v;
-        memcpy(&v, (const float *)vp[j] + c, sizeof v);
-        for (r = 0; r < NR; r++) o[r] += x[r * AT_TK + j] * v;
+        at_v8 v0, v1;
+        memcpy(&v0, (const float *)vp[j] + c, sizeof v0);
+        memcpy(&v1, (const float *)vp[j] + c + AT_TK / 2, sizeof v1);
+        for (r = 0; r < NR; r++) {
+            const float w = x[r * AT_TK + j];
+            lo[r] += w * v0;
+            hi[r] += w * v1;
+        }
     }
-    for (r = 0; r < NR; r++) memcpy(acc[r] + c, &o[r], sizeof o[r]);
+    at_rows_store(acc, lo, hi, c, NR);
 }
 #endif
 
 /* acc[r] <- alpha[r] * acc[r] + sum_j x[r][j] v_j over a tile of fp32 rows,
  * for NR (1..4, a constant after inlining) query rows at once, so each V
  * row is loaded once for the NR rows. Every output lane is one FMA chain
- * over the slots in order; 4 x NR chains are in flight. */
+ * over the slots in order; 2 x NR chains are in flight. */
 KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const float *x,
                               const float *alpha, int64_t Dp, int NR)
 {
     int64_t c = 0;
 #ifdef AT_VEC
-    for (; c + 4 * AT_TK <= Dp; c += 4 * AT_TK) at_accumulate4(acc, vp, x, alpha, c, NR, 0);
     for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, x, alpha, c, NR);
 #else
     int j, r;
@@ -235,38 +350,66 @@ KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const fl
 
 #ifdef AT_TREE
 #define AT_SHUF1(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
+/* Bitwise select of 8-lane vectors: m ? a : b, m all ones or all zeros. A
+ * macro: vector arguments or returns would change the psABI of the
+ * baseline-ISA copy. */
+#define AT_SEL8(m, a, b) ((at_v8)(((at_v8i)(a) & (m)) | ((at_v8i)(b) & ~(m))))
 
-/* Sum of the lanes in the kvc_lanes_sum order, as shuffles (GCC leaves
- * the array form as 15 scalar adds). */
-KVC_INLINE float at_hsum(const at_vf *x)
+/* Sum of the 16 lanes stored at x in the kvc_lanes_sum order (l + 8, + 4,
+ * + 2, + 1), as 8-lane adds and shuffles (GCC leaves the array form as 15
+ * scalar adds). */
+KVC_INLINE float at_hsum16(const float *x)
 {
-    at_vf v = *x;
-    v += AT_SHUF1(v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
-    v += AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
-    v += AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+    at_v8 lo, hi, v;
+    memcpy(&lo, x, sizeof lo);
+    memcpy(&hi, x + 8, sizeof hi);
+    v = lo + hi;
+    v += AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
+    v += AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
     return v[0] + v[1];
 }
 
-/* A macro: vector arguments or returns would change the psABI of the
- * baseline-ISA copy. */
-#define AT_VMAX(a, b) ((at_vf)(((at_vi)(a) & ((a) > (b))) | ((at_vi)(b) & ~((a) > (b)))))
-
-/* Masks lanes >= nvis to -inf (in place) and returns the largest lane. */
-KVC_INLINE float at_mask_max(at_vf *x, int64_t nvis)
+/* Sum of a tile vector's lanes in the kvc_lanes_sum order. */
+KVC_INLINE float at_hsum(const at_vf *x)
 {
-    const at_vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    const at_vi keep = lane < (int32_t)nvis;
-    const at_vf ninf = (at_vf){0} - INFINITY;
-    at_vf v = (at_vf)(((at_vi)*x & keep) | ((at_vi)ninf & ~keep));
-    *x = v;
-    {
-        at_vf w = AT_SHUF1(v, 8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
-        v = AT_VMAX(v, w);
-        w = AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7);
-        v = AT_VMAX(v, w);
-        w = AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
-        v = AT_VMAX(v, w);
-    }
+    return at_hsum16((const float *)x);
+}
+
+/* kvc_expf (kvc_math.h) of 8 lanes at once, the same operations lane-wise
+ * (in place: a vector argument would change the baseline copy's psABI). */
+KVC_INLINE void at_exp8(at_v8 *px)
+{
+    const at_v8 zero = {0}, x = *px, lo = zero + KVC_EXP_LO, hi = zero + KVC_EXP_HI;
+    const at_v8i below = x < lo;
+    const at_v8 xc = AT_SEL8(below, lo, AT_SEL8(x > hi, hi, x));
+    const at_v8 t = xc * KVC_EXP_LOG2E + KVC_EXP_SHIFT;
+    const at_v8 n = t - KVC_EXP_SHIFT;
+    const at_v8u ni = (at_v8u)t - 0x4b400000u;
+    at_v8 r = xc - n * KVC_EXP_LN2_HI, p = zero + KVC_EXP_C7;
+    r = r - n * KVC_EXP_LN2_LO;
+    KVC_EXP_HORNER(p, r);
+    p = p * (at_v8)((ni + 127u) << 23);
+    *px = AT_SEL8(below, zero, p);
+}
+
+/* Masks lanes >= nvis of the 16 logits at x to -inf (in place) and returns
+ * the largest lane. */
+KVC_INLINE float at_mask_max(float *x, int64_t nvis)
+{
+    const at_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const at_v8 ninf = (at_v8){0} - INFINITY;
+    at_v8 lo, hi, v, w;
+    memcpy(&lo, x, sizeof lo);
+    memcpy(&hi, x + 8, sizeof hi);
+    lo = AT_SEL8(lane < (int32_t)nvis, lo, ninf);
+    hi = AT_SEL8(lane + 8 < (int32_t)nvis, hi, ninf);
+    memcpy(x, &lo, sizeof lo);
+    memcpy(x + 8, &hi, sizeof hi);
+    v = AT_SEL8(lo > hi, lo, hi);
+    w = AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
+    v = AT_SEL8(v > w, v, w);
+    w = AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
+    v = AT_SEL8(v > w, v, w);
     return v[0] > v[1] ? v[0] : v[1];
 }
 #undef AT_SHUF1
@@ -280,14 +423,16 @@ KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st
     float alpha;
     int j;
 #ifdef AT_TREE
-    at_vf v;
-    memcpy(&v, x, sizeof v);
-    alpha = kvc_softmax_rescale(st, at_mask_max(&v, nvis));
-    memcpy(x, &v, sizeof v);
+    at_v8 h[2];
+    alpha = kvc_softmax_rescale(st, at_mask_max(x, nvis));
     /* masked slots: exp(-inf) = 0, and their V rows are finite */
-    for (j = 0; j < AT_TK; j++) x[j] = kvc_expf(x[j] - st->m);
-    memcpy(&v, x, sizeof v);
-    st->s += at_hsum(&v);
+    memcpy(h, x, sizeof h);
+    for (j = 0; j < 2; j++) {
+        h[j] -= st->m;
+        at_exp8(&h[j]);
+    }
+    memcpy(x, h, sizeof h);
+    st->s += at_hsum16(x);
 #else
     float t[AT_TK], bm = -INFINITY;
     for (j = 0; j < AT_TK; j++) {

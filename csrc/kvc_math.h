@@ -217,25 +217,38 @@ KVC_HD static inline float kvc_max_f32(const float *x, int64_t n)
  * < 6e-9 relative, below fp32 rounding). Unlike libm's expf it is branch
  * free, so softmax loops vectorise. Results below ~1.6e-38 flush to 0 (they
  * cannot move a softmax whose largest term is 1); x > 88 saturates. */
+#define KVC_EXP_LO (-87.0f)
+#define KVC_EXP_HI 88.0f
+#define KVC_EXP_LOG2E 1.44269504088896341f
+#define KVC_EXP_SHIFT 12582912.0f /* 1.5 * 2^23: adding it rounds to an integer (nearest) */
+#define KVC_EXP_LN2_HI 0.693145751953125f
+#define KVC_EXP_LN2_LO 1.428606765330187045e-06f
+#define KVC_EXP_C7 1.9841269841269841e-4f
+/* p <- the Taylor polynomial at r from p = KVC_EXP_C7, by Horner's rule;
+ * r and p a float or (attention_tile.h's at_exp8) a vector of floats: the
+ * same operations either way. */
+#define KVC_EXP_HORNER(p, r)                                                                       \
+    do {                                                                                           \
+        (p) = (p) * (r) + 1.3888888888888889e-3f;                                                  \
+        (p) = (p) * (r) + 8.3333333333333333e-3f;                                                  \
+        (p) = (p) * (r) + 4.1666666666666667e-2f;                                                  \
+        (p) = (p) * (r) + 1.6666666666666667e-1f;                                                  \
+        (p) = (p) * (r) + 0.5f;                                                                    \
+        (p) = (p) * (r) + 1.0f;                                                                    \
+        (p) = (p) * (r) + 1.0f;                                                                    \
+    } while (0)
+
 KVC_HD static inline float kvc_expf(float x)
 {
-    const float lo = -87.0f, hi = 88.0f;
+    const float lo = KVC_EXP_LO, hi = KVC_EXP_HI;
     float xc = x < lo ? lo : (x > hi ? hi : x);
-    /* adding 1.5*2^23 rounds to an integer in the current (nearest) mode */
-    float t = xc * 1.44269504088896341f + 12582912.0f;
-    float n = t - 12582912.0f;
+    float t = xc * KVC_EXP_LOG2E + KVC_EXP_SHIFT;
+    float n = t - KVC_EXP_SHIFT;
     int32_t ni = (int32_t)(kvc_f32_bits(t) - 0x4b400000u);
-    float r = xc - n * 0.693145751953125f;
-    float p;
-    r = r - n * 1.428606765330187045e-06f;
-    p = 1.9841269841269841e-4f;
-    p = p * r + 1.3888888888888889e-3f;
-    p = p * r + 8.3333333333333333e-3f;
-    p = p * r + 4.1666666666666667e-2f;
-    p = p * r + 1.6666666666666667e-1f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    float r = xc - n * KVC_EXP_LN2_HI;
+    float p = KVC_EXP_C7;
+    r = r - n * KVC_EXP_LN2_LO;
+    KVC_EXP_HORNER(p, r);
     p = p * kvc_bits_f32((uint32_t)(ni + 127) << 23);
     return x < lo ? 0.0f : p;
 }
