@@ -25,8 +25,8 @@
 struct at_geom {
     struct kvc_at_units u; /* first, for the callbacks of attention_units.h */
     int kdirect, vdirect; /* rows read in place (fp32, or bf16 when bf16 is set) */
-    int perm;             /* rows kept in the even/odd order of at_logits_bf16_rows */
-    int bf16;             /* bf16 rows read in place (at_logits_bf16_rows) */
+    int perm;             /* rows kept in the AT_BF16 order (attention_tile.h) */
+    int bf16;             /* bf16 rows read in place (AT_ROWS_BF16) */
     size_t thread_bytes;
 };
 
@@ -155,97 +155,6 @@ size_t kvc_attention_scratch_bytes(const struct kvc_attention_params *p)
     return kvc_at_scratch_bytes(&g.u, g.thread_bytes, p->num_threads);
 }
 
-#ifdef AT_VEC
-/* bf16 rows read in place (g->bf16): as 32-bit words, `<< 16` gives the
- * even elements as fp32 and masking the low half the odd ones, one
- * instruction each instead of a widening conversion. Query and output rows
- * are kept in the same (AT_BF16) order: each chunk of 32 elements stores
- * its 16 even elements, then its 16 odd ones. In 8-lane halves (at_v8, as
- * at_logits_rows): words 0-7 of a chunk give the even elements 0..14 and
- * the odd ones 1..15, positions c..c+7 and c+16..c+23; words 8-15 the
- * rest. */
-#define AT_BF16_EVEN8(w) ((at_v8)((w) << 16))
-#define AT_BF16_ODD8(w) ((at_v8)((w) & 0xffff0000u))
-
-KVC_INLINE void at_logits_bf16_rows(const float *qr, int64_t qs, const void *const *kp, const float *lc,
-                                    int64_t Dp, float scaling, float *x, int NR)
-{
-    at_v8 s[4][AT_TK];
-    int64_t c;
-    int j, r;
-    for (j = 0; j < AT_TK; j++) {
-        const uint16_t *k = (const uint16_t *)kp[j];
-        at_v8 lo[4], hi[4];
-        for (r = 0; r < NR; r++) lo[r] = hi[r] = (at_v8){0};
-        for (c = 0; c < Dp; c += 2 * AT_TK) {
-            at_v8u w0, w1;
-            memcpy(&w0, k + c, sizeof w0);
-            memcpy(&w1, k + c + AT_TK, sizeof w1);
-            for (r = 0; r < NR; r++) {
-                const float *q = qr + r * qs + c;
-                at_v8 e0, e1, o0, o1;
-                memcpy(&e0, q, sizeof e0);
-                memcpy(&e1, q + AT_TK / 2, sizeof e1);
-                memcpy(&o0, q + AT_TK, sizeof o0);
-                memcpy(&o1, q + AT_TK + AT_TK / 2, sizeof o1);
-                lo[r] += e0 * AT_BF16_EVEN8(w0);
-                lo[r] += o0 * AT_BF16_ODD8(w0);
-                hi[r] += e1 * AT_BF16_EVEN8(w1);
-                hi[r] += o1 * AT_BF16_ODD8(w1);
-            }
-        }
-        for (r = 0; r < NR; r++) s[r][j] = lo[r] + hi[r];
-    }
-    for (r = 0; r < NR; r++) at_finish8(s[r], lc, scaling, x + r * AT_TK);
-}
-
-/* at_logits_bf16_rows over R rows, four at a time. */
-KVC_INLINE void at_logits_bf16_all(const float *qr, int64_t qs, const void *const *kp, const float *lc,
-                                   int64_t Dp, float scaling, float *x, int64_t R)
-{
-    int64_t r;
-    for (r = 0; r < R; r += 4) {
-        switch (R - r < 4 ? R - r : 4) {
-        case 1: at_logits_bf16_rows(qr + r * qs, qs, kp, lc, Dp, scaling, x + r * AT_TK, 1); break;
-        case 2: at_logits_bf16_rows(qr + r * qs, qs, kp, lc, Dp, scaling, x + r * AT_TK, 2); break;
-        case 3: at_logits_bf16_rows(qr + r * qs, qs, kp, lc, Dp, scaling, x + r * AT_TK, 3); break;
-        default: at_logits_bf16_rows(qr + r * qs, qs, kp, lc, Dp, scaling, x + r * AT_TK, 4); break;
-        }
-    }
-}
-
-/* acc[r] <- alpha[r] acc[r] + sum_j x[r][j] v_j over bf16 V rows in place,
- * positions in the AT_BF16 order: per 32-element chunk one pass for the
- * even elements (positions c..c+15), one for the odd (c+16..c+31), each
- * 2 x NR sums of 8 lanes. */
-KVC_INLINE void at_accumulate_bf16(float *const *acc, const void *const *vp, const float *x,
-                                   const float *alpha, int64_t Dp, int NR)
-{
-    int64_t c;
-    int j, r, odd;
-    for (c = 0; c < Dp; c += 2 * AT_TK)
-        for (odd = 0; odd < 2; odd++) {
-            const int64_t o = c + odd * AT_TK;
-            at_v8 lo[4], hi[4];
-            at_rows_load(lo, hi, acc, alpha, o, NR);
-            for (j = 0; j < AT_TK; j++) {
-                at_v8u w0, w1;
-                at_v8 v0, v1;
-                memcpy(&w0, (const uint16_t *)vp[j] + c, sizeof w0);
-                memcpy(&w1, (const uint16_t *)vp[j] + c + AT_TK, sizeof w1);
-                v0 = odd ? AT_BF16_ODD8(w0) : AT_BF16_EVEN8(w0);
-                v1 = odd ? AT_BF16_ODD8(w1) : AT_BF16_EVEN8(w1);
-                for (r = 0; r < NR; r++) {
-                    const float wt = x[r * AT_TK + j];
-                    lo[r] += wt * v0;
-                    hi[r] += wt * v1;
-                }
-            }
-            at_rows_store(acc, lo, hi, o, NR);
-        }
-}
-#endif
-
 struct at_thread {
     float *qbuf; /* [R][Dp] query rows of the unit */
     float *xbuf; /* [R][AT_TK] logits, then weights, of a tile */
@@ -344,15 +253,10 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
         /* Three passes over the rows, each made of independent per-row
          * work: a row's logits -> max -> exp -> output chain is long, and
          * interleaving rows hides its latency. */
-#ifdef AT_VEC
-        if (g->bf16) at_logits_bf16_all(w->qbuf, Dp, kp, lc, Dp, p->scaling, w->xbuf, R);
-        else
-#endif
-        {
-            /* rows that see none of the tile get logits too; the softmax
-             * pass zeroes their weights */
-            at_logits_all(w->qbuf, Dp, kp, 0, lc, NULL, Dp, p->scaling, w->xbuf, R);
-        }
+        /* rows that see none of the tile get logits too; the softmax pass
+         * zeroes their weights */
+        if (g->bf16) at_logits_all(w->qbuf, Dp, kp, AT_ROWS_BF16, lc, NULL, Dp, p->scaling, w->xbuf, R);
+        else at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R);
         at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
         for (r = 0; r < R; r += 4) {
             /* rows in groups of up to 4 share each V row load */
@@ -361,18 +265,13 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
             int i;
             for (i = 0; i < nr; i++) accs[i] = acc + (r + i) * Dp;
             switch (nr) {
-#ifdef AT_VEC
 #define AT_ACC_CASE(NR)                                                                        \
     case NR:                                                                                   \
         if (g->bf16)                                                                           \
-            at_accumulate_bf16(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR);            \
+            at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR, AT_ROWS_BF16);   \
         else                                                                                   \
-            at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR);                 \
+            at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR, AT_ROWS_F32);    \
         break;
-#else
-#define AT_ACC_CASE(NR)                                                                        \
-    case NR: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR); break;
-#endif
                 AT_ACC_CASE(1)
                 AT_ACC_CASE(2)
                 AT_ACC_CASE(3)

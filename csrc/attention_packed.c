@@ -196,29 +196,24 @@ KVC_INLINE void pa_unpack_row(float *dst, const uint8_t *src, int64_t stride, in
 }
 
 /* Dispatch on bits so that each unpack runs with a constant. */
+KVC_INLINE void pa_unpack_bits(float *dst, const uint8_t *src, int64_t stride, int64_t D, int bits,
+                               uint8_t *tmp)
+{
+    switch (bits) {
+    case 2: pa_unpack_row(dst, src, stride, D, kvc_pk_row_bytes(D, 2), 2, tmp); break;
+    case 4: pa_unpack_row(dst, src, stride, D, kvc_pk_row_bytes(D, 4), 4, tmp); break;
+    default: pa_unpack_row(dst, src, stride, D, kvc_pk_row_bytes(D, 8), 8, tmp); break;
+    }
+}
+
+/* pa_unpack_bits with the common head dims as constants too: the block
+ * loop unrolls. */
 KVC_INLINE void pa_unpack(const struct pa_geom *g, float *dst, const uint8_t *src, int64_t stride,
                           uint8_t *tmp)
 {
-    /* the common head dims as constants too: the block loop unrolls */
-    if (g->u.D == 64) {
-        switch (g->bits) {
-        case 2: pa_unpack_row(dst, src, stride, 64, 16, 2, tmp); return;
-        case 4: pa_unpack_row(dst, src, stride, 64, 32, 4, tmp); return;
-        default: pa_unpack_row(dst, src, stride, 64, 64, 8, tmp); return;
-        }
-    }
-    if (g->u.D == 128) {
-        switch (g->bits) {
-        case 2: pa_unpack_row(dst, src, stride, 128, 32, 2, tmp); return;
-        case 4: pa_unpack_row(dst, src, stride, 128, 64, 4, tmp); return;
-        default: pa_unpack_row(dst, src, stride, 128, 128, 8, tmp); return;
-        }
-    }
-    switch (g->bits) {
-    case 2: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 2, tmp); break;
-    case 4: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 4, tmp); break;
-    default: pa_unpack_row(dst, src, stride, g->u.D, g->Db, 8, tmp); break;
-    }
+    if (g->u.D == 64) pa_unpack_bits(dst, src, stride, 64, g->bits, tmp);
+    else if (g->u.D == 128) pa_unpack_bits(dst, src, stride, 128, g->bits, tmp);
+    else pa_unpack_bits(dst, src, stride, g->u.D, g->bits, tmp);
 }
 
 /* Zeros past D in a row of Dp floats. */
@@ -255,26 +250,23 @@ KVC_INLINE void pa_logits_multi(const float *const *qp, const void *const *kp, c
                                 int64_t Dp, float scaling, float *x)
 {
 #ifdef AT_VEC
-    at_vf a[AT_TK];
+    at_v8 s[AT_TK];
     int64_t c;
     int j;
-    /* one slot at a time, in halves (see at_logits) */
+    /* one slot at a time, in halves (as at_logits_rows) */
     for (j = 0; j < AT_TK; j++) {
-        const float *q = qp[j], *k = (const float *)kp[j];
         at_v8 lo = (at_v8){0}, hi = (at_v8){0};
         for (c = 0; c < Dp; c += AT_TK) {
             at_v8 q0, q1, k0, k1;
-            memcpy(&q0, q + c, sizeof q0);
-            memcpy(&q1, q + c + AT_TK / 2, sizeof q1);
-            memcpy(&k0, k + c, sizeof k0);
-            memcpy(&k1, k + c + AT_TK / 2, sizeof k1);
+            memcpy(&q0, qp[j] + c, sizeof q0);
+            memcpy(&q1, qp[j] + c + AT_TK / 2, sizeof q1);
+            at_row_block(&k0, &k1, kp[j], c, AT_ROWS_F32);
             lo += q0 * k0;
             hi += q1 * k1;
         }
-        memcpy((float *)&a[j], &lo, sizeof lo);
-        memcpy((float *)&a[j] + AT_TK / 2, &hi, sizeof hi);
+        s[j] = lo + hi;
     }
-    at_finish(a, lc, scaling, x);
+    at_finish8(s, lc, scaling, x);
 #else
     int j;
     for (j = 0; j < AT_TK; j++) x[j] = pa_dot(qp[j], (const float *)kp[j], Dp) * scaling + lc[j];
@@ -293,7 +285,7 @@ KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, 
 {
     int64_t c;
 #ifdef AT_VEC
-    for (c = 0; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR);
+    for (c = 0; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR, AT_ROWS_F32);
 #else
     int j, r;
     for (r = 0; r < NR; r++)
@@ -410,7 +402,7 @@ KVC_INLINE void pa_row_weights(const struct pa_geom *g, const struct pa_thread *
         memcpy(&t, w->M + u * AT_TK, sizeof t);
         t *= xv;
 #ifdef AT_TREE
-        mn[u] = mn[u] * a + at_hsum(&t);
+        mn[u] = mn[u] * a + at_hsum16((const float *)&t);
 #else
         {
             float l[AT_TK];
@@ -445,7 +437,7 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
     const int64_t Dp = g->u.Dp, ng = g->ng, G = g->G;
     const int64_t t0 = jt / G, t1 = (jt + nk - 1) / G;
     /* one token group, whole blocks of channels, contiguous code rows: the
-     * logits read the key codes in place (at_logits_rows with bits), the
+     * logits read the key codes in place (at_logits_rows of kind bits), the
      * same values as from unpacked rows without storing them */
     const int fused = t0 == t1 && g->u.D == Dp && h->kcd == 1;
     const void *kp[AT_TK], *vp[AT_TK];
@@ -497,11 +489,11 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
          * (rows that see none of the tile are zeroed by the softmax pass) */
         const int64_t slot = t0 % g->NS;
         const float *qs = w->qs + slot * g->u.R * Dp, *qb = w->qb + slot * g->u.R;
-        switch (fused ? g->bits : 0) {
+        switch (fused ? g->bits : AT_ROWS_F32) {
         case 2: at_logits_all(qs, Dp, kp, 2, lc, qb, Dp, p->scaling, w->xbuf, R); break;
         case 4: at_logits_all(qs, Dp, kp, 4, lc, qb, Dp, p->scaling, w->xbuf, R); break;
         case 8: at_logits_all(qs, Dp, kp, 8, lc, qb, Dp, p->scaling, w->xbuf, R); break;
-        default: at_logits_all(qs, Dp, kp, 0, lc, qb, Dp, p->scaling, w->xbuf, R); break;
+        default: at_logits_all(qs, Dp, kp, AT_ROWS_F32, lc, qb, Dp, p->scaling, w->xbuf, R); break;
         }
     } else {
         for (r = 0; r < R; r++) {
@@ -562,7 +554,7 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
     }
     for (; j < AT_TK; j++) kp[j] = vp[j] = w->zero;
     for (j = 0; j < AT_TK; j++) lc[j] = 0.0f; /* residual slots count 1 */
-    at_logits_all(w->qbuf, Dp, kp, 0, lc, NULL, Dp, p->scaling, w->xbuf, R);
+    at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R);
     at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
     for (r = 0; r < R; r += 4) {
         float *accs[4];
@@ -570,10 +562,10 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
         int i;
         for (i = 0; i < nr; i++) accs[i] = acc + (r + i) * Dp;
         switch (nr) {
-        case 1: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 1); break;
-        case 2: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 2); break;
-        case 3: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 3); break;
-        default: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 4); break;
+        case 1: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 1, AT_ROWS_F32); break;
+        case 2: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 2, AT_ROWS_F32); break;
+        case 3: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 3, AT_ROWS_F32); break;
+        default: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 4, AT_ROWS_F32); break;
         }
     }
 }

@@ -176,36 +176,61 @@ KVC_INLINE void at_finish8(const at_v8 *s, const float *lc, float scaling, float
         memcpy(x + 8 * h, &o, sizeof o);
     }
 }
+#endif
 
-/* Finishes the logits of one row: lane j of the per-slot partial sums a[j]
- * summed by the kvc_lanes_sum tree, scaled, plus the log-count bias. */
-KVC_INLINE void at_finish(const at_vf *a, const float *lc, float scaling, float *x)
+/* Kinds of slot rows the tile kernels read, a constant after inlining:
+ * fp32 rows; bf16 rows read in place, in the AT_BF16 order (attention.c,
+ * vector builds only); or, for keys, rows of packed codes of 2, 4 or 8 bits
+ * (the kind is the bit width). */
+#define AT_ROWS_F32 0
+#define AT_ROWS_BF16 1
+
+#ifdef AT_VEC
+/* bf16 as 32-bit words: `<< 16` gives the even elements as fp32 and
+ * masking the low half the odd ones, one instruction each instead of a
+ * widening conversion. Rows read this way keep each chunk of 32 elements
+ * as its 16 even elements, then its 16 odd ones (the AT_BF16 order;
+ * queries and outputs too). */
+#define AT_BF16_EVEN8(w) ((at_v8)((w) << 16))
+#define AT_BF16_ODD8(w) ((at_v8)((w) & 0xffff0000u))
+
+/* Positions [c, c + AT_TK) (c a multiple of AT_TK) of a slot row of the
+ * given kind as fp32, lanes 0-7 in *v0 and 8-15 in *v1. bf16: the even
+ * (c % 32 == 0) or odd elements of the chunk at c / 32, words 0-7 holding
+ * its elements 0..15 and words 8-15 the rest; codes: unpacked, centred. */
+KVC_INLINE void at_row_block(at_v8 *v0, at_v8 *v1, const void *row, int64_t c, int kind)
 {
-    at_v8 s[AT_TK];
-    int j;
-    for (j = 0; j < AT_TK; j++) {
-        at_v8 lo, hi;
-        memcpy(&lo, (const float *)&a[j], sizeof lo);
-        memcpy(&hi, (const float *)&a[j] + AT_TK / 2, sizeof hi);
-        s[j] = lo + hi;
+    if (kind == AT_ROWS_BF16) {
+        const uint16_t *e = (const uint16_t *)row + (c & ~(int64_t)(2 * AT_TK - 1));
+        at_v8u w0, w1;
+        memcpy(&w0, e, sizeof w0);
+        memcpy(&w1, e + AT_TK, sizeof w1);
+        *v0 = c & AT_TK ? AT_BF16_ODD8(w0) : AT_BF16_EVEN8(w0);
+        *v1 = c & AT_TK ? AT_BF16_ODD8(w1) : AT_BF16_EVEN8(w1);
+    } else if (kind != AT_ROWS_F32) {
+        float k[AT_TK];
+        at_unpack16(k, (const uint8_t *)row + c / AT_TK * 2 * kind, kind);
+        memcpy(v0, k, sizeof *v0);
+        memcpy(v1, k + AT_TK / 2, sizeof *v1);
+    } else {
+        memcpy(v0, (const float *)row + c, sizeof *v0);
+        memcpy(v1, (const float *)row + c + AT_TK / 2, sizeof *v1);
     }
-    at_finish8(s, lc, scaling, x);
 }
 #endif
 
 /* Logits x[r][j] = scaling * q_r . k_j + (lc[j] + bias[r]) of NR (1..4,
  * a constant after inlining) query rows, qs floats apart, against a tile
- * of AT_TK slot rows: bits 0, fp32 rows of Dp floats (Dp a multiple of
- * AT_TK); bits 2/4/8 (a constant too), contiguous rows of packed codes of
- * Dp channels, unpacked to centred fp32 a block at a time and never
- * stored. bias NULL: none; x rows AT_TK apart. Per slot the products are
- * summed in AT_TK lanes along d, then the lanes by the kvc_lanes_sum tree:
- * the same order with or without vector extensions, and the same values
- * whether codes come unpacked or packed. One slot at a time, its key chunk
- * loaded (or unpacked) once for the NR rows, in two 8-lane halves: 2 x NR
- * sums live (16 slots' sums at once would need 32 AVX2 registers, whose
- * spills cost more than the arithmetic). */
-KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *kp, int bits, const float *lc,
+ * of AT_TK slot rows of the given kind (AT_ROWS_*; Dp a multiple of AT_TK
+ * positions). Packed keys are unpacked a block at a time and never stored.
+ * bias NULL: none; x rows AT_TK apart. Per slot the products are summed in
+ * AT_TK lanes along d, then the lanes by the kvc_lanes_sum tree: the same
+ * order with or without vector extensions, and the same values whether
+ * codes come unpacked or packed. One slot at a time, its key block loaded
+ * once for the NR rows, in two 8-lane halves: 2 x NR sums live (16 slots'
+ * sums at once would need 32 AVX2 registers, whose spills cost more than
+ * the arithmetic). */
+KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *kp, int kind, const float *lc,
                                const float *bias, int64_t Dp, float scaling, float *x, int NR)
 {
 #ifdef AT_VEC
@@ -217,15 +242,7 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
         for (r = 0; r < NR; r++) lo[r] = hi[r] = (at_v8){0};
         for (c = 0; c < Dp; c += AT_TK) {
             at_v8 k0, k1;
-            if (bits) {
-                float k[AT_TK];
-                at_unpack16(k, (const uint8_t *)kp[j] + c / AT_TK * 2 * bits, bits);
-                memcpy(&k0, k, sizeof k0);
-                memcpy(&k1, k + AT_TK / 2, sizeof k1);
-            } else {
-                memcpy(&k0, (const float *)kp[j] + c, sizeof k0);
-                memcpy(&k1, (const float *)kp[j] + c + AT_TK / 2, sizeof k1);
-            }
+            at_row_block(&k0, &k1, kp[j], c, kind);
             for (r = 0; r < NR; r++) {
                 at_v8 q0, q1;
                 memcpy(&q0, qr + r * qs + c, sizeof q0);
@@ -242,40 +259,38 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
         at_finish8(s[r], l, scaling, x + r * AT_TK);
     }
 #else
-    int j, r;
+    /* fp32 or packed keys (bf16 rows are read in place only with vectors) */
+    int j, r, l;
     for (r = 0; r < NR; r++)
         for (j = 0; j < AT_TK; j++) {
-            float k[AT_TK], acc[AT_TK];
-            const float *kr = (const float *)kp[j];
+            float acc[AT_TK], k[AT_TK];
             int64_t c;
-            int l;
-            if (bits) {
-                /* a block at a time, in the dot product's own lane order */
-                for (l = 0; l < AT_TK; l++) acc[l] = 0.0f;
-                for (c = 0; c < Dp; c += AT_TK) {
-                    at_unpack16(k, (const uint8_t *)kp[j] + c / AT_TK * 2 * bits, bits);
-                    for (l = 0; l < AT_TK; l++) acc[l] += qr[r * qs + c + l] * k[l];
+            for (l = 0; l < AT_TK; l++) acc[l] = 0.0f;
+            for (c = 0; c < Dp; c += AT_TK) {
+                const float *kr = (const float *)kp[j] + c;
+                if (kind > AT_ROWS_BF16) {
+                    at_unpack16(k, (const uint8_t *)kp[j] + c / AT_TK * 2 * kind, kind);
+                    kr = k;
                 }
-                x[r * AT_TK + j] = kvc_lanes_sum(acc) * scaling + (bias ? lc[j] + bias[r] : lc[j]);
-                continue;
+                for (l = 0; l < AT_TK; l++) acc[l] += qr[r * qs + c + l] * kr[l];
             }
-            x[r * AT_TK + j] = kvc_dot_f32(qr + r * qs, kr, Dp) * scaling + (bias ? lc[j] + bias[r] : lc[j]);
+            x[r * AT_TK + j] = kvc_lanes_sum(acc) * scaling + (bias ? lc[j] + bias[r] : lc[j]);
         }
 #endif
 }
 
 /* at_logits_rows over R rows, four at a time. */
-KVC_INLINE void at_logits_all(const float *qr, int64_t qs, const void *const *kp, int bits, const float *lc,
+KVC_INLINE void at_logits_all(const float *qr, int64_t qs, const void *const *kp, int kind, const float *lc,
                               const float *bias, int64_t Dp, float scaling, float *x, int64_t R)
 {
     int64_t r;
     for (r = 0; r < R; r += 4) {
         const float *b = bias ? bias + r : NULL;
         switch (R - r < 4 ? R - r : 4) {
-        case 1: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 1); break;
-        case 2: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 2); break;
-        case 3: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 3); break;
-        default: at_logits_rows(qr + r * qs, qs, kp, bits, lc, b, Dp, scaling, x + r * AT_TK, 4); break;
+        case 1: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 1); break;
+        case 2: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 2); break;
+        case 3: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 3); break;
+        default: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 4); break;
         }
     }
 }
@@ -304,19 +319,19 @@ KVC_INLINE void at_rows_store(float *const *acc, const at_v8 *lo, const at_v8 *h
     }
 }
 
-/* Output lanes [c, c + AT_TK) of at_accumulate for NR rows of fp32 V rows
- * (also attention_packed.c's grouped sums, whose weights x change per
- * vector), in two halves of 8 lanes (at_v8: 2 x NR sums live, no spills). */
+/* Output lanes [c, c + AT_TK) of at_accumulate for NR rows of V rows of
+ * the given kind (AT_ROWS_F32 or AT_ROWS_BF16; also attention_packed.c's
+ * grouped sums, whose weights x change per vector), in two halves of 8
+ * lanes (at_v8: 2 x NR sums live, no spills). */
 KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const float *x,
-                               const float *alpha, int64_t c, int NR)
+                               const float *alpha, int64_t c, int NR, int kind)
 {
     at_v8 lo[4], hi[4];
     int j, r;
     at_rows_load(lo, hi, acc, alpha, c, NR);
     for (j = 0; j < AT_TK; j++) {
         at_v8 v0, v1;
-        memcpy(&v0, (const float *)vp[j] + c, sizeof v0);
-        memcpy(&v1, (const float *)vp[j] + c + AT_TK / 2, sizeof v1);
+        at_row_block(&v0, &v1, vp[j], c, kind);
         for (r = 0; r < NR; r++) {
             const float w = x[r * AT_TK + j];
             lo[r] += w * v0;
@@ -327,17 +342,19 @@ KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const f
 }
 #endif
 
-/* acc[r] <- alpha[r] * acc[r] + sum_j x[r][j] v_j over a tile of fp32 rows,
- * for NR (1..4, a constant after inlining) query rows at once, so each V
- * row is loaded once for the NR rows. Every output lane is one FMA chain
- * over the slots in order; 2 x NR chains are in flight. */
+/* acc[r] <- alpha[r] * acc[r] + sum_j x[r][j] v_j over a tile of V rows of
+ * the given kind (AT_ROWS_F32, or AT_ROWS_BF16 in vector builds), for NR
+ * (1..4, a constant after inlining) query rows at once, so each V row is
+ * loaded once for the NR rows. Every output lane is one FMA chain over the
+ * slots in order; 2 x NR chains are in flight. */
 KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const float *x,
-                              const float *alpha, int64_t Dp, int NR)
+                              const float *alpha, int64_t Dp, int NR, int kind)
 {
     int64_t c = 0;
 #ifdef AT_VEC
-    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, x, alpha, c, NR);
+    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, x, alpha, c, NR, kind);
 #else
+    (void)kind;
     int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
@@ -367,12 +384,6 @@ KVC_INLINE float at_hsum16(const float *x)
     v += AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
     v += AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
     return v[0] + v[1];
-}
-
-/* Sum of a tile vector's lanes in the kvc_lanes_sum order. */
-KVC_INLINE float at_hsum(const at_vf *x)
-{
-    return at_hsum16((const float *)x);
 }
 
 /* kvc_expf (kvc_math.h) of 8 lanes at once, the same operations lane-wise
