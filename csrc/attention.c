@@ -66,6 +66,22 @@ static void at_head_get(const struct kvc_attention_params *p, int64_t b, int64_t
         h->v = (const char *)p->v.data + off * h->vs * es;
         h->cs = p->counts.strides[0];
         h->c = p->counts.data ? (const char *)p->counts.data + off * h->cs * 4 : NULL;
+        if (p->pages) {
+            /* the head's list starts with padding (negative entries: heads
+             * with fewer pages than np), then its ascending pages, the last
+             * the newest; its logical length as in the uniform case below.
+             * No slot is masked: a ragged head holds no left padding. */
+            const int64_t np = p->num_pages, P = p->page_size, *pg = p->pages + i * np;
+            int64_t k0 = 0;
+            while (k0 < np && pg[k0] < 0) k0++;
+            h->P = P;
+            if (h->n > 0 && k0 < np) {
+                h->pg = pg + k0;
+                h->n = (np - k0 - 1) * P + (h->n - pg[np - 1] * P);
+            } else {
+                h->n = 0; /* an empty head lists no page (the binding checks both ways) */
+            }
+        }
     } else {
         h->n = p->k.shape[2];
         h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;

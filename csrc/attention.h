@@ -30,12 +30,18 @@ enum kvc_kv_layout { KVC_KV_UNIFORM = 0, KVC_KV_RAGGED = 1 };
  * offsets[b * Hkv + hk] + j of k, v (and counts). A query that sees no slot
  * (left padding, empty head) gets zeros.
  *
- * Paged reading (uniform only, q = 1): with `pages`, head (b, hk) reads
- * only the slots of its np pages, page p being slots p * P .. min((p + 1) *
- * P, n) - 1, gathered by index (never copied). The pages are strictly
- * ascending and the last one is the newest page (n - 1) / P, so the only
- * short page is the last and the query (the last slot) reads itself; slots
- * before kv_start stay masked. The binding checks all of this.
+ * Paged reading (q = 1): with `pages`, head (b, hk) reads only the slots
+ * of its np pages, page p being slots p * P .. min((p + 1) * P, n_h) - 1,
+ * gathered by index (never copied). The pages are strictly ascending and
+ * the last one is the newest page (n_h - 1) / P, so the only short page is
+ * the last and the query (the last slot) reads itself; uniform: slots
+ * before kv_start stay masked. Ragged: a head's list may start with any
+ * number of negative entries, skipped (they pad heads that read fewer pages
+ * than np); an empty head lists only those and gets zeros, every other
+ * head reads at least one page, and its counts are read through the same
+ * slots. The online softmax, its split and so its bits depend only on the
+ * slots read: listing every page is the unpaged kernel bit for bit. The
+ * binding checks all of this.
  *
  * Online softmax in fp32; each (b, hk, tile of queries) is cut into fixed
  * blocks of slots for short chunks (split-K), combined by log-sum-exp in
@@ -54,9 +60,9 @@ struct kvc_attention_params {
     int64_t offsets_stride;
     const int64_t *lengths; /* ragged [B * Hkv]: slots of each head, 0 or >= q */
     int64_t lengths_stride;
-    const int64_t *pages;   /* uniform, optional [B * Hkv * num_pages] (row-major [B, Hkv, np]):
-                             * the pages each head reads (Quest), see below; NULL: every slot */
-    int64_t num_pages;      /* np >= 1 with pages */
+    const int64_t *pages;   /* optional [B * Hkv * num_pages] (row-major [B, Hkv, np]): the
+                             * pages each head reads (Quest), see below; NULL: every slot */
+    int64_t num_pages;      /* np with pages: >= 1 uniform, >= 0 ragged */
     int64_t page_size;      /* P >= 1 with pages */
     int64_t num_kv_heads;   /* Hkv; Hq must be a multiple */
     int32_t layout;         /* enum kvc_kv_layout */

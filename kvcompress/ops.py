@@ -1269,49 +1269,112 @@ def unpack_values(codes, mins, scales, bits, group, *, head_dim=None, out=None, 
 
 
 # --------------------------------------------------------------------- pages
-def page_bounds(keys, kmin, kmax, page_size, first, last):
-    """Per-page, per-channel key bounds of pages ``first .. last - 1`` (in place).
+def _heads_first(first, n_heads: int, like):
+    """`first` of the ragged :func:`page_bounds`: a Python int for every head
+    becomes an int64 ``[N]`` in `like`'s framework and device; tensors go
+    down as they are, for the C op to check."""
+    if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+        if _is_torch(like):
+            import torch
 
-    Page ``p`` of a layer is its slots ``p * P .. min((p + 1) * P, n) - 1``.
-    For those pages ``kmin[b, h, p] = min_j keys[b, h, j]`` and ``kmax[b, h,
-    p] = max_j keys[b, h, j]`` channel by channel, in float32; other pages
-    are not touched, so an append recomputes only the pages it changed. A NaN
+            return torch.full((n_heads,), int(first), dtype=torch.int64, device=like.device)
+        return np.full((n_heads,), int(first), dtype=np.int64)
+    return _as_int64(first, "first", like)
+
+
+def page_bounds(keys, kmin, kmax, page_size, first, last=None, *, offsets=None, lengths=None,
+                page_offsets=None):
+    """Per-page, per-channel key bounds of some pages of a layer (in place).
+
+    Page ``p`` of a head is its slots ``p * P .. min((p + 1) * P, n) - 1``.
+    For the pages written ``kmin[.., p] = min_j keys[.., j]`` and ``kmax[..,
+    p] = max_j keys[.., j]`` channel by channel, in float32; other pages are
+    not touched, so an append recomputes only the pages it changed. A NaN
     key makes both bounds of its channel NaN.
+
+    Uniform layout: pages ``first .. last - 1`` of every head.
+    Ragged layout (with `offsets`, `lengths` and `page_offsets`; `last` is
+    None): head ``i`` (``= b * H + h``) owns key rows ``offsets[i] ..
+    offsets[i] + lengths[i] - 1`` and has ``ceil(lengths[i] / P)`` pages;
+    its pages ``first[i] ..`` (to its newest) are written, page ``p``'s bounds
+    to row ``page_offsets[i] + p`` of `kmin` and `kmax`.
 
     Parameters
     ----------
-    keys : tensor ``[B, H, n, D]`` (float32, float16 or bfloat16), any strides
-    kmin, kmax : float32 tensors ``[B, H, Np, D]``, ``Np >= last``, written
+    keys : tensor (float32, float16 or bfloat16), any strides
+        Uniform ``[B, H, n, D]``; ragged ``[R, D]``.
+    kmin, kmax : float32 tensors, written
+        Uniform ``[B, H, Np, D]``, ``Np >= last``; ragged ``[Rp, D]``, the
+        written rows inside ``Rp`` and no row written by two heads.
     page_size : int >= 1
-    first, last : ints, ``0 <= first <= last`` and ``(last - 1) * P < n``
+    first : int, or (ragged) int64 tensor ``[N]``
+        Uniform: ``0 <= first <= last``. Ragged: per head, in ``[0,
+        ceil(lengths[i] / P)]`` (a Python int is every head's).
+    last : int, uniform only
+        ``(last - 1) * P < n``.
+    offsets, lengths, page_offsets : int64 tensors ``[N]``, ragged only
+        ``lengths >= 0``; key rows inside ``R``.
     """
-    _shape(keys, "keys", 4, "[B, H, n, D]")
-    _C.page_bounds(_prepare(keys), kmin, kmax, _int_arg(page_size, "page_size"), _int_arg(first, "first"),
-                   _int_arg(last, "last"))
+    P = _int_arg(page_size, "page_size")
+    if offsets is None:
+        if lengths is not None or page_offsets is not None:
+            raise KVCompressValueError("offsets: the ragged layout needs offsets, lengths and page_offsets")
+        if last is None:
+            raise KVCompressValueError("last: required for the uniform layout")
+        _shape(keys, "keys", 4, "[B, H, n, D]")
+        _C.page_bounds(_prepare(keys), kmin, kmax, P, _int_arg(first, "first"), _int_arg(last, "last"),
+                       None, None, None)
+        return
+    if last is not None:
+        raise KVCompressValueError("last: must be None with the ragged layout (each head's pages run from "
+                                   "first to its newest)")
+    for name, x in (("lengths", lengths), ("page_offsets", page_offsets)):
+        if x is None:
+            raise KVCompressValueError(f"{name}: the ragged layout needs offsets, lengths and page_offsets")
+    _shape(keys, "keys", 2, "[R, D]")
+    offsets = _as_int64(offsets, "offsets", keys)
+    n_heads = _shape(offsets, "offsets", 1, "[N]")[0]
+    _C.page_bounds(_prepare(keys), kmin, kmax, P, _heads_first(first, n_heads, keys), None, offsets,
+                   _as_int64(lengths, "lengths", keys), _as_int64(page_offsets, "page_offsets", keys))
 
 
-def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=None, out=None):
+def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=None, out=None, lengths=None,
+                page_offsets=None):
     """Quest's page scores: the largest logit a query could reach on each page.
 
     For query head ``hq`` of kv head ``h`` and page ``p``:
-    ``u = sum_c max(q_c * kmax[b, h, p, c], q_c * kmin[b, h, p, c])`` (an upper
+    ``u = sum_c max(q_c * kmax[.., p, c], q_c * kmin[.., p, c])`` (an upper
     bound of ``q . k`` for every key of the page), summed over channels in
     order in float32; a kv head's score is the max (``gqa="max"``) or mean
-    (``"mean"``) of ``u`` over its query heads. Pages holding only padding
+    (``"mean"``) of ``u`` over its query heads.
+
+    Uniform layout: column ``p`` is page ``p``; pages holding only padding
     (``(p + 1) * P <= kv_start[b]``) score ``-inf``.
+    Ragged layout (with `lengths` and `page_offsets`): head ``i = b * H + h``
+    has ``np_i = ceil(lengths[i] / P) <= num_pages`` pages, page ``p``'s bounds
+    in row ``page_offsets[i] + p``; its scores are right-aligned, column
+    ``num_pages - np_i + p`` holding page ``p``'s and the columns before
+    ``num_pages - np_i`` ``-inf``: every head's newest page is the last column
+    (``select_topk(.., window=1)`` forces it), its first page column
+    ``num_pages - np_i`` (a per-row start forces it).
 
     Parameters
     ----------
     query : tensor ``[B, Hq, D]`` (float32, float16 or bfloat16)
         The decode step's queries (post-RoPE).
-    kmin, kmax : float32 tensors ``[B, H, Np, D]`` (:func:`page_bounds`)
-    num_pages : int, ``<= Np``
-        Pages to score.
+    kmin, kmax : float32 tensors (:func:`page_bounds`)
+        Uniform ``[B, H, Np, D]``; ragged ``[Rp, D]``.
+    num_pages : int
+        Columns of the result: uniform, the pages scored (``<= Np``);
+        ragged, at least every head's page count.
     page_size : int >= 1
     gqa : {"max", "mean"}
-    kv_start : int64 ``[B]``, optional
+    kv_start : int64 ``[B]``, optional, uniform only
         Leading padded slots of each row.
     out : float32 tensor ``[B, H, num_pages]``, optional
+    lengths, page_offsets : int64 tensors ``[B * H]``, ragged only
+        Slots of each head (``H = lengths.numel() // B``), and the bound row
+        of its page 0.
 
     Returns
     -------
@@ -1319,57 +1382,90 @@ def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=
     """
     _choice(gqa, "gqa", ("max", "mean"))
     qs = _shape(query, "query", 3, "[B, Hq, D]")
-    ks = _shape(kmin, "kmin", 4, "[B, H, Np, D]")
     num_pages = _int_arg(num_pages, "num_pages")
+    P = _int_arg(page_size, "page_size")
+    if not 1 <= P < 2**31:
+        raise KVCompressValueError(f"page_size: must be in [1, 2**31), got {P}")
+    ragged = page_offsets is not None or lengths is not None
+    if ragged:
+        if page_offsets is None or lengths is None:
+            raise KVCompressValueError(f"{'lengths' if lengths is None else 'page_offsets'}: the ragged "
+                                       "layout needs both lengths and page_offsets")
+        if kv_start is not None:
+            raise KVCompressValueError("kv_start: only for the uniform layout (a ragged head holds no padding)")
+        _shape(kmin, "kmin", 2, "[Rp, D]")
+        if num_pages < 0:
+            raise KVCompressValueError(f"num_pages: must be >= 0, got {num_pages}")
+        lengths = _as_int64(lengths, "lengths", query)
+        n_heads = _shape(lengths, "lengths", 1, "[B * H]")[0]
+        if qs[0] == 0 or n_heads % qs[0] != 0:
+            raise KVCompressValueError(f"lengths: {n_heads} entries is not B * H for the batch size "
+                                       f"B = {qs[0]} of query")
+        if out is None:
+            out = _empty(query, (qs[0], n_heads // qs[0], num_pages), "float32")
+        _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, None, lengths,
+                       _as_int64(page_offsets, "page_offsets", query), P)
+        return out
+    ks = _shape(kmin, "kmin", 4, "[B, H, Np, D]")
     if not 0 <= num_pages <= ks[2]:
         raise KVCompressValueError(f"num_pages: must be in [0, {ks[2]}] (the pages kmin bounds), got {num_pages}")
     if out is None:
         out = _empty(query, (qs[0], ks[1], num_pages), "float32")
-    P = _int_arg(page_size, "page_size")
-    if not 1 <= P < 2**31:
-        raise KVCompressValueError(f"page_size: must be in [1, 2**31), got {P}")
     first_page = None
     if kv_start is not None:
         first_page = _as_int64(kv_start, "kv_start", query)
         # integers become pages; anything else goes down as it is, for the C side to name its dtype
         if str(getattr(first_page, "dtype", "")) in ("torch.int64", "int64"):
             first_page = first_page // P
-    _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, first_page)
+    _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, first_page, None, None, P)
     return out
 
 
-def attention_pages(queries, keys, values, pages, page_size, *, scaling=None, kv_start=None, counts=None):
-    """Decode attention that reads only the listed pages of a uniform layer.
+def attention_pages(queries, keys, values, pages, page_size, *, scaling=None, kv_start=None, counts=None,
+                    offsets=None, lengths=None):
+    """Decode attention that reads only the listed pages of a layer.
 
     Head ``(b, h)`` attends over the slots of pages ``pages[b, h]`` (page
-    ``p`` = slots ``p * P .. min((p + 1) * P, n) - 1``), read in place by
-    index: nothing is gathered into a copy. Online softmax in float32 as
-    :func:`attention` (which it equals when every page is listed).
+    ``p`` = its slots ``p * P .. min((p + 1) * P, n_h) - 1``), read in place
+    by index: nothing is gathered into a copy. Online softmax in float32 as
+    :func:`attention`, which it equals bit for bit when every page is listed.
 
     Parameters
     ----------
     queries : tensor ``[B, Hq, 1, D]``
         One query per row: the layer's newest slot.
-    keys, values : tensors ``[B, Hkv, n, D]``, dtype of `queries`
-    pages : int64 tensor ``[B, Hkv, k]``
-        Per head, strictly ascending page indices ending with the newest page
-        ``(n - 1) // P`` (it holds the query); contiguous.
+    keys, values : tensors, dtype of `queries`, any strides
+        Uniform ``[B, Hkv, n, D]``; ragged (with `offsets` and `lengths`)
+        ``[N, D]``, head ``(b, h)``'s slots being rows ``offsets[b*Hkv + h] ..
+        + lengths[b*Hkv + h] - 1``.
+    pages : int64 tensor ``[B, Hkv, k]``, contiguous
+        Per head, strictly ascending page indices ending with the head's
+        newest page ``(n_h - 1) // P`` (it holds the query). Ragged: a list
+        may start with any number of negative entries (skipped: they pad
+        heads reading fewer than ``k`` pages); an empty head lists only
+        those and gets zeros; every other head reads at least one page.
     page_size : int >= 1
     scaling : float, optional
         Default ``1 / sqrt(D)``.
-    kv_start : int64 ``[B]``, optional
+    kv_start : int64 ``[B]``, optional, uniform only
         Leading padded slots, masked.
-    counts : float32 or int32 ``[B, Hkv, n]``, optional
-        Merge counts: ``log(count)`` joins the logit.
+    counts : float32 or int32, optional
+        Merge counts, uniform ``[B, Hkv, n]`` / ragged ``[N]``: ``log(count)``
+        joins the logit. Not scanned (that would read every slot): they must
+        be finite and > 0 on the slots read.
+    offsets, lengths : int64 tensors ``[B * Hkv]``, ragged only
+        As in :func:`attention`.
 
     Returns
     -------
     tensor ``[B, 1, Hq, D]``, dtype of `queries`
     """
-    scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", False, scaling, None)
+    ragged = offsets is not None or lengths is not None
+    scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", ragged, scaling, None)
     _C.attention_pages(_prepare(queries), _prepare(keys), _prepare(values), out, scaling,
                        _as_int64(kv_start, "kv_start", queries), _as_int64(pages, "pages", queries),
-                       _int_arg(page_size, "page_size"), _prepare(counts) if counts is not None else None)
+                       _int_arg(page_size, "page_size"), _prepare(counts) if counts is not None else None,
+                       _as_int64(offsets, "offsets", queries), _as_int64(lengths, "lengths", queries))
     return out
 
 

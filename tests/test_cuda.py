@@ -506,6 +506,56 @@ def test_attention_pages(dtype):
     assert_within_bound(got, ref, same)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_page_bounds_and_scores(dtype):
+    """Ragged layout: bounds exact and the same bits on both backends, the
+    right-aligned scores the same floats (same channel order)."""
+    from test_quest import bound_rows, ragged_bounds_ref
+
+    P, D, lengths_l = 16, 40, [101, 0, 17, 64]  # B = 2, H = 2
+    keys, _, offsets, lengths = ragged_layout(lengths_l, D, dtype, seed=5)
+    keys = keys.t().contiguous().t()
+    page_offsets, Rp = bound_rows(lengths_l, P, seed=5)
+    q = attn_randn((2, 6, D), dtype, 6)
+    first = torch.tensor([2, 0, 1, 0])
+
+    def run(k, qq, off, ln, po, fi):
+        kmin = torch.full((Rp, D), 7.0, device=k.device)
+        kmax = torch.full_like(kmin, 7.0)
+        ops.page_bounds(k, kmin, kmax, P, 0, offsets=off, lengths=ln, page_offsets=po)
+        ops.page_bounds(k, kmin, kmax, P, fi, offsets=off, lengths=ln, page_offsets=po)  # redo some pages
+        return kmin, kmax, ops.page_scores(qq, kmin, kmax, 8, P, lengths=ln, page_offsets=po)
+
+    (cmin, cmax, cs), (gmin, gmax, gs) = both(run, keys, q, offsets, lengths, page_offsets, first)
+    assert same_bits(gmin, cmin) and same_bits(gmax, cmax) and same_bits(gs, cs)
+    for (lo, _), po, n in zip(ragged_bounds_ref(keys, offsets, lengths, P), page_offsets.tolist(), lengths_l):
+        assert torch.equal(cmin[po:po + -(-n // P)].double(), lo)
+    assert (gs[0, 1] == -math.inf).all() and (gs[1, 0, :6] == -math.inf).all() and torch.isfinite(gs[1, 0, 6:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_attention_pages(dtype):
+    """Ragged paged attention against float64, with counts, GQA, an empty
+    head and padded lists; every page listed equals the GPU's ragged
+    attention bit for bit."""
+    from test_quest import ragged_paged_attention_ref, random_ragged_pages
+
+    B, Hq, Hkv, D, P = 2, 8, 2, 64, 16
+    lengths_l = [333, 0, 40, 700]
+    k, v, offsets, lengths = ragged_layout(lengths_l, D, dtype, seed=2)
+    qs = attn_randn((B, Hq, 1, D), dtype, 1)
+    counts = torch.randint(1, 4, (k.shape[0],), generator=torch.Generator().manual_seed(3)).float()
+    pages = random_ragged_pages(lengths_l, Hkv, P, 7, seed=7, pad=(-1,))
+    _, got = both(ops.attention_pages, qs, k, v, pages, P, counts=counts, offsets=offsets, lengths=lengths)
+    ref = ragged_paged_attention_ref(qs, k, v, pages, P, offsets, lengths, counts)
+    same = ragged_paged_attention_ref(qs, k, v, pages, P, offsets, lengths, counts, dtype=dtype)
+    assert_within_bound(got, ref, same)
+    everything = random_ragged_pages(lengths_l, Hkv, P, 44, seed=0)
+    _, g_all = both(ops.attention_pages, qs, k, v, everything, P, counts=counts, offsets=offsets, lengths=lengths)
+    _, g_dense = both(ops.attention, qs, k, v, counts=counts, offsets=offsets, lengths=lengths)
+    assert same_bits(g_all, g_dense)
+
+
 # ---------------------------------------------------------------- LSH (MagicPIG)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

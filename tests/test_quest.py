@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +15,7 @@ from kvcompress import KVCompressValueError, ops
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import Quest, method_from_spec
 from kvcompress.stores import AttentionSpec, PagedStore
-from test_attention import attention_ref, randn
+from test_attention import attention_ref, ragged_layout, randn
 from test_ops import DTYPE_IDS, DTYPES, assert_within_bound
 
 # ------------------------------------------------------------------ references
@@ -184,6 +185,301 @@ def test_attention_pages_refuses_bad_page_lists():
         ops.attention_pages(randn((1, 2, 2, 8)), keys, keys, torch.tensor([[[0, 2]]]), 16)
     with pytest.raises(KVCompressValueError, match="contiguous"):
         ops.attention_pages(q, keys, keys, torch.tensor([[[0, 9, 1, 9, 2]]])[..., ::2], 16)
+
+
+# ---------------------------------------------------------------- ragged ops
+# A ragged layer (AdaKV, EMS): head i = b * H + h owns rows offsets[i] ..
+# offsets[i] + lengths[i] - 1 of one [R, D] buffer (ragged_layout: shuffled
+# segments, NaN rows between them that no op may read), its page p's bounds
+# row page_offsets[i] + p of an [Rp, D] buffer.
+
+RAGGED_LENGTHS = [0, 1, 37, 64, 100, 16]  # B = 2, H = 3: an empty head, a one-slot head, short last pages
+
+
+def bound_rows(lengths, P, gap=2, seed=0):
+    """page_offsets [N] for heads of `lengths`: each head's ceil(n / P) rows,
+    shuffled, `gap` rows apart; and Rp."""
+    pages = [-(-n // P) for n in lengths]
+    order = np.random.default_rng(seed + 9).permutation(len(lengths))
+    offs = np.zeros(len(lengths), dtype=np.int64)
+    pos = gap
+    for i in order:
+        offs[i] = pos
+        pos += pages[i] + gap
+    return torch.from_numpy(offs), pos
+
+
+def ragged_bounds_ref(keys, offsets, lengths, P):
+    """float64 per-page min and max of each head: a list of ([np_i, D], [np_i, D])."""
+    out = []
+    for o, n in zip(offsets.tolist(), lengths.tolist()):
+        k = keys[o:o + n].double()
+        pages = [k[p:p + P] for p in range(0, n, P)]
+        D = keys.shape[1]
+        out.append((torch.stack([s.amin(0) for s in pages]) if pages else torch.empty(0, D, dtype=torch.float64),
+                    torch.stack([s.amax(0) for s in pages]) if pages else torch.empty(0, D, dtype=torch.float64)))
+    return out
+
+
+def ragged_scores_ref(q, kmin, kmax, lengths, page_offsets, P, num_pages, gqa="max"):
+    """float64 Quest bound per (b, head, column), right-aligned, -inf before
+    each head's pages."""
+    B, Hq, D = q.shape
+    H = len(lengths) // B
+    g = Hq // H
+    s = torch.full((B, H, num_pages), -math.inf, dtype=torch.float64)
+    for i, (n, po) in enumerate(zip(lengths.tolist(), page_offsets.tolist())):
+        b, h = divmod(i, H)
+        np_i = -(-n // P)
+        if np_i == 0:
+            continue
+        qd = q[b, h * g:(h + 1) * g].double()[:, None]  # [g, 1, D]
+        lo, hi = kmin[po:po + np_i].double()[None], kmax[po:po + np_i].double()[None]
+        u = torch.maximum(qd * hi, qd * lo).sum(-1)  # [g, np_i]
+        s[b, h, num_pages - np_i:] = u.amax(0) if gqa == "max" else u.mean(0)
+    return s
+
+
+def ragged_paged_attention_ref(q, k, v, pages, P, offsets, lengths, counts=None, dtype=torch.float64):
+    """The listed pages' slots of each ragged head (negative entries skipped)
+    gathered into a new ragged layout, then the plain attention reference."""
+    rows, offs, lens = [], [], []
+    pos = 0
+    for i, (o, n) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+        b, h = divmod(i, pages.shape[1])
+        slots = [o + j for p in pages[b, h].tolist() if p >= 0 for j in range(p * P, min((p + 1) * P, n))]
+        rows += slots
+        offs.append(pos)
+        lens.append(len(slots))
+        pos += len(slots)
+    idx = torch.tensor(rows, dtype=torch.int64)
+    return attention_ref(q, k[idx], v[idx], offsets=torch.tensor(offs), lengths=torch.tensor(lens),
+                         counts=None if counts is None else counts[idx], dtype=dtype)
+
+
+def random_ragged_pages(lengths, Hkv, P, k, seed, pad=(-1,)):
+    """[B, Hkv, k] lists: per head min(k, pages) of its pages (the newest
+    always) ascending, padded in front with entries drawn from `pad`."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths) // Hkv
+    out = torch.empty(B, Hkv, k, dtype=torch.int64)
+    for i, n in enumerate(lengths):
+        total = -(-n // P)
+        m = min(k, total)
+        real = torch.randperm(max(total - 1, 0), generator=g)[: max(m - 1, 0)].sort().values
+        real = torch.cat([real, torch.tensor([total - 1])]) if m else real
+        fill = torch.tensor([pad[j % len(pad)] for j in range(k - m)], dtype=torch.int64)
+        out[i // Hkv, i % Hkv] = torch.cat([fill, real])
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("P", [8, 7])
+def test_ragged_page_bounds_equal_float64_min_max_after_any_firsts(dtype, P):
+    keys, _, offsets, lengths = ragged_layout(RAGGED_LENGTHS, 24, dtype, seed=P)
+    keys = keys.t().contiguous().t()  # strided rows: channel stride R
+    page_offsets, Rp = bound_rows(RAGGED_LENGTHS, P, seed=P)
+    kmin, kmax = torch.full((Rp, 24), 7.0), torch.full((Rp, 24), 7.0)
+    ref = ragged_bounds_ref(keys, offsets, lengths, P)
+    pages = [-(-n // P) for n in RAGGED_LENGTHS]
+    written = list(pages)  # the first page written so far, per head
+    g = torch.Generator().manual_seed(P)
+    for rnd in range(5):
+        first = torch.tensor([int(torch.randint(0, t + 1, (1,), generator=g)) for t in pages])
+        ops.page_bounds(keys, kmin, kmax, P, first, offsets=offsets, lengths=lengths, page_offsets=page_offsets)
+        written = [min(w, int(f)) for w, f in zip(written, first)]
+        touched = torch.zeros(Rp, dtype=torch.bool)
+        for i, (po, w, t) in enumerate(zip(page_offsets.tolist(), written, pages)):
+            lo, hi = ref[i]
+            assert torch.equal(kmin[po + w:po + t].double(), lo[w:]), f"round {rnd} head {i}"
+            assert torch.equal(kmax[po + w:po + t].double(), hi[w:]), f"round {rnd} head {i}"
+            touched[po + w:po + t] = True
+        assert (kmin[~touched] == 7).all() and (kmax[~touched] == 7).all()  # nothing else written
+    # a Python int is every head's first page
+    kmin2, kmax2 = torch.full((Rp, 24), 7.0), torch.full((Rp, 24), 7.0)
+    ops.page_bounds(keys, kmin2, kmax2, P, 0, offsets=offsets, lengths=lengths, page_offsets=page_offsets)
+    assert torch.equal(kmin2[touched], kmin[touched]) and torch.equal(kmax2[touched], kmax[touched])
+
+
+def test_ragged_page_bounds_nan_key_poisons_its_channel_only():
+    keys, _, offsets, lengths = ragged_layout([20, 9], 8, torch.float32, seed=2)
+    keys[offsets[0] + 17, 3] = float("nan")
+    page_offsets = torch.tensor([0, 3])
+    kmin, kmax = torch.zeros(5, 8), torch.zeros(5, 8)
+    ops.page_bounds(keys, kmin, kmax, 8, 0, offsets=offsets, lengths=lengths, page_offsets=page_offsets)
+    assert kmin[2, 3].isnan() and kmax[2, 3].isnan()
+    assert torch.isfinite(kmin[[0, 1, 3, 4]]).all() and torch.isfinite(kmin[2, [0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("gqa", ["max", "mean"])
+def test_ragged_page_scores_match_float64_right_aligned(dtype, gqa):
+    P, D = 8, 32
+    lengths_l = [0, 13, 61, 40]  # B = 2, H = 2
+    keys, _, offsets, lengths = ragged_layout(lengths_l, D, torch.float32, seed=3)
+    page_offsets, Rp = bound_rows(lengths_l, P, seed=3)
+    kmin, kmax = torch.full((Rp, D), float("nan")), torch.full((Rp, D), float("nan"))  # unused rows: NaN
+    ops.page_bounds(keys, kmin, kmax, P, 0, offsets=offsets, lengths=lengths, page_offsets=page_offsets)
+    q = randn((2, 6, D), dtype, seed=4)
+    num_pages = 10
+    got = ops.page_scores(q, kmin, kmax, num_pages, P, gqa=gqa, lengths=lengths, page_offsets=page_offsets)
+    ref = ragged_scores_ref(q, kmin, kmax, lengths, page_offsets, P, num_pages, gqa)
+    assert got.shape == (2, 2, num_pages) and got.dtype == torch.float32
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)) and not got.isnan().any()
+    assert (got[0, 0] == -math.inf).all() and (got[1, 0, :2] == -math.inf).all() and torch.isfinite(got[1, 0, 2:]).all()
+    fin = torch.isfinite(ref)
+    # fp32 sums of D terms: relative to the sum of magnitudes (as the uniform test)
+    mag = torch.zeros_like(ref)
+    for i, (n, po) in enumerate(zip(lengths.tolist(), page_offsets.tolist())):
+        b, h = divmod(i, 2)
+        t = -(-n // P)
+        if t:
+            m = torch.maximum(kmin[po:po + t].abs(), kmax[po:po + t].abs()).double()
+            mag[b, h, num_pages - t:] = (q[b, 3 * h:3 * h + 3].double().abs()[:, None] * m[None]).sum(-1).amax(0)
+    tol = D * 2**-24 * mag
+    assert ((got.double() - ref).abs()[fin] <= tol[fin] + 1e-12).all()
+
+
+@pytest.mark.parametrize("gqa", ["max", "mean"])
+def test_ragged_page_scores_equal_the_uniform_op_on_a_uniform_layer(gqa):
+    """Same bounds, same heads: the same floats (same reduction and order)."""
+    B, H, n, P, D = 2, 2, 61, 8, 32
+    keys = randn((B, H, n, D), torch.bfloat16, seed=5)
+    pages = -(-n // P)
+    kmin, kmax = torch.empty(B, H, pages, D), torch.empty(B, H, pages, D)
+    ops.page_bounds(keys, kmin, kmax, P, 0, pages)
+    q = randn((B, 6, D), torch.bfloat16, seed=6)
+    uni = ops.page_scores(q, kmin, kmax, pages, P, gqa=gqa)
+    lengths = torch.full((B * H,), n)
+    rag = ops.page_scores(q, kmin.reshape(-1, D), kmax.reshape(-1, D), pages, P, gqa=gqa, lengths=lengths,
+                          page_offsets=torch.arange(B * H) * pages)
+    assert torch.equal(uni, rag)
+
+
+RAGGED_ATTN_CASES = [  # B, Hq, Hkv, lengths, D, P, k
+    (1, 2, 1, [17], 8, 4, 6),  # one page of padding, then all five
+    (2, 4, 2, [100, 0, 33, 64], 16, 16, 3),
+    (2, 9, 3, [301, 5, 0, 120, 77, 16], 64, 16, 8),
+    (3, 4, 1, [250, 1, 90], 40, 7, 5),
+]
+
+
+@pytest.mark.parametrize("case", RAGGED_ATTN_CASES, ids=lambda c: "B{}Hq{}Hkv{}-{}D{}P{}k{}".format(
+    c[0], c[1], c[2], "_".join(map(str, c[3])), *c[4:]))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_attention_over_pages_matches_float64(case, dtype):
+    B, Hq, Hkv, lengths_l, D, P, k = case
+    keys, vals, offsets, lengths = ragged_layout(lengths_l, D, dtype, seed=D)
+    keys = keys.t().contiguous().t()  # strided rows
+    q = randn((B, Hq, 1, D), dtype, 1)
+    pages = random_ragged_pages(lengths_l, Hkv, P, k, seed=sum(lengths_l), pad=(-1, -7))
+    assert (pages[..., 0] < 0).any()  # some heads padded in front
+    g = torch.Generator().manual_seed(1)
+    counts = torch.randint(1, 4, (keys.shape[0],), generator=g).float()
+    for c in (None, counts, counts.int()):
+        got = ops.attention_pages(q, keys, vals, pages, P, counts=c, offsets=offsets, lengths=lengths)
+        ref = ragged_paged_attention_ref(q, keys, vals, pages, P, offsets, lengths, c)
+        same = ragged_paged_attention_ref(q, keys, vals, pages, P, offsets, lengths, c, dtype=dtype)
+        assert_within_bound(got, ref, same, what=f"counts={None if c is None else c.dtype}")
+        for i, n in enumerate(lengths_l):
+            if n == 0:
+                assert (got[i // Hkv, 0, (i % Hkv) * (Hq // Hkv):(i % Hkv + 1) * (Hq // Hkv)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_every_page_listed_is_the_dense_kernel_bit_for_bit_at_any_thread_count(dtype):
+    lengths_l = [700, 0, 33, 1, 258, 64]  # long heads: several split-K blocks
+    B, Hkv, Hq, D, P = 2, 3, 6, 32, 16
+    keys, vals, offsets, lengths = ragged_layout(lengths_l, D, dtype, seed=11)
+    q = randn((B, Hq, 1, D), dtype, 1)
+    counts = torch.randint(1, 5, (keys.shape[0],), generator=torch.Generator().manual_seed(2)).float()
+    most = max(-(-n // P) for n in lengths_l)
+    everything = random_ragged_pages(lengths_l, Hkv, P, most, seed=0, pad=(-1,))  # all of each head's pages
+    assert all(int((everything[i // Hkv, i % Hkv] >= 0).sum()) == -(-n // P) for i, n in enumerate(lengths_l))
+    threads = ops.get_num_threads()
+    try:
+        for c in (None, counts):
+            dense = ops.attention(q, keys, vals, offsets=offsets, lengths=lengths, counts=c)
+            results = []
+            for nt in (1, 3, 8):
+                ops.set_num_threads(nt)
+                results.append(ops.attention_pages(q, keys, vals, everything, P, counts=c, offsets=offsets,
+                                                   lengths=lengths))
+            for r in results:
+                assert torch.equal(r, dense)
+        # a real selection is thread-count independent too
+        some = random_ragged_pages(lengths_l, Hkv, P, 4, seed=3)
+        outs = []
+        for nt in (1, 3, 8):
+            ops.set_num_threads(nt)
+            outs.append(ops.attention_pages(q, keys, vals, some, P, counts=counts, offsets=offsets,
+                                            lengths=lengths))
+        assert all(torch.equal(o, outs[0]) for o in outs)
+    finally:
+        ops.set_num_threads(threads)
+
+
+def test_ragged_attention_pages_refuses_bad_page_lists():
+    # heads (0, 0): 40 slots = pages 0..2 at P = 16; (0, 1): empty
+    keys, _, offsets, lengths = ragged_layout([40, 0], 8, torch.float32, seed=1)
+    q = randn((1, 2, 1, 8))
+
+    def call(pages, **kw):
+        return ops.attention_pages(q, keys, keys, torch.tensor([pages]), 16, offsets=offsets, lengths=lengths, **kw)
+
+    call([[-1, 0, 2], [-1, -1, -1]])  # fine
+    call([[0, 1, 2], [-3, -1, -2]])  # fine: any negatives pad
+    cases = [
+        ([[-1, 1, 1, 2], [-1, -1, -1, -1]], "not strictly ascending"),
+        ([[-1, 2, 1], [-1, -1, -1]], "not strictly ascending|newest"),
+        ([[-1, 0, 1], [-1, -1, -1]], "does not read its newest page \\(2\\)"),
+        ([[-1, 0, 3], [-1, -1, -1]], "outside the head's 3 pages"),
+        ([[0, -1, 2], [-1, -1, -1]], "negative entries \\(padding\\) only before"),
+        ([[-1, -1, -1], [-1, -1, -1]], "has 40 slots but reads no page"),
+        ([[-1, 0, 2], [-1, -1, 0]], "outside the head's 0 pages"),
+    ]
+    for pages, msg in cases:
+        with pytest.raises(KVCompressValueError, match="pages: .*" + msg):
+            call(pages)
+    with pytest.raises(KVCompressValueError, match="kv_start: only for the uniform layout"):
+        call([[-1, 0, 2], [-1, -1, -1]], kv_start=torch.tensor([0]))
+    with pytest.raises(KVCompressValueError, match="offsets: 2 entries is not B \\* Hkv"):
+        ops.attention_pages(q, keys, keys, torch.tensor([[[2]]]), 16, offsets=offsets, lengths=lengths)
+    with pytest.raises(KVCompressValueError, match="lengths: the ragged layout needs both"):
+        ops.attention_pages(q, keys, keys, torch.tensor([[[2], [-1]]]), 16, offsets=offsets)
+    # uniform lists stay as strict as before: no padding
+    with pytest.raises(KVCompressValueError, match="outside"):
+        ops.attention_pages(q, randn((1, 1, 40, 8)), randn((1, 1, 40, 8)), torch.tensor([[[-1, 2]]]), 16)
+
+
+def test_ragged_page_bounds_and_scores_refuse_bad_arguments():
+    keys, _, offsets, lengths = ragged_layout([40, 9], 8, torch.float32, seed=1)
+    po = torch.tensor([0, 3])
+    kmin, kmax = torch.zeros(5, 8), torch.zeros(5, 8)
+    kw = dict(offsets=offsets, lengths=lengths, page_offsets=po)
+    with pytest.raises(KVCompressValueError, match="first: page 4 of head 0 is outside \\[0, 3\\]"):
+        ops.page_bounds(keys, kmin, kmax, 16, torch.tensor([4, 0]), **kw)
+    with pytest.raises(KVCompressValueError, match="first: page -1 of head 1"):
+        ops.page_bounds(keys, kmin, kmax, 16, torch.tensor([0, -1]), **kw)
+    with pytest.raises(KVCompressValueError, match="last: must be None"):
+        ops.page_bounds(keys, kmin, kmax, 16, 0, 3, **kw)
+    with pytest.raises(KVCompressValueError, match="page_offsets: bound rows \\[3, 3 \\+ 1\\) of head 1"):
+        ops.page_bounds(keys, kmin[:3], kmax[:3], 16, 0, **kw)
+    ops.page_bounds(keys, kmin[:3], kmax[:3], 16, torch.tensor([0, 1]), **kw)  # head 1 writes nothing: fine
+    with pytest.raises(KVCompressValueError, match="offsets: rows .* of head 1 are outside"):
+        ops.page_bounds(keys, kmin, kmax, 16, 0, offsets=offsets + torch.tensor([0, 100]), lengths=lengths,
+                        page_offsets=po)
+    with pytest.raises(KVCompressValueError, match="lengths: value -1 of head 1 is negative"):
+        ops.page_bounds(keys, kmin, kmax, 16, 0, offsets=offsets, lengths=torch.tensor([40, -1]), page_offsets=po)
+    q = randn((1, 2, 8))
+    with pytest.raises(KVCompressValueError, match="num_pages: head 0 has 3 pages"):
+        ops.page_scores(q, kmin, kmax, 2, 16, lengths=lengths, page_offsets=po)
+    with pytest.raises(KVCompressValueError, match="kv_start: only for the uniform layout"):
+        ops.page_scores(q, kmin, kmax, 3, 16, lengths=lengths, page_offsets=po, kv_start=torch.tensor([0]))
+    with pytest.raises(KVCompressValueError, match="page_offsets: bound rows \\[3, 3 \\+ 1\\) of head 1"):
+        ops.page_scores(q, kmin[:3], kmax[:3], 3, 16, lengths=lengths, page_offsets=po)
+    with pytest.raises(KVCompressValueError, match="page_offsets: the ragged layout needs both"):
+        ops.page_scores(q, kmin, kmax, 3, 16, lengths=lengths)
 
 
 # ----------------------------------------------------------------------- store

@@ -43,6 +43,19 @@ struct kvc_at_geom {
     float *pm, *ps, *pacc; /* [B * Hkv * R][nsplit] (x D for pacc) */
 };
 
+/* The pages kv head bh reads (*np of them), past a ragged head's leading
+ * padding (negative entries: attention.h); a uniform list has none. */
+__device__ __forceinline__ const int64_t *kvc_at_pages(const kvc_attention_params &p, int64_t bh,
+                                                       int64_t *np)
+{
+    const int64_t *pg = p.pages + bh * p.num_pages;
+    int64_t k0 = 0;
+    if (p.layout == KVC_KV_RAGGED)
+        while (k0 < p.num_pages && pg[k0] < 0) k0++;
+    *np = p.num_pages - k0;
+    return pg + k0;
+}
+
 /* Slots of kv head (b, hk): n of them, the first s0 padding (logical
  * slots when the head reads pages: attention.h). */
 __device__ __forceinline__ void kvc_at_head_len(const kvc_attention_params &p, int64_t b,
@@ -51,6 +64,12 @@ __device__ __forceinline__ void kvc_at_head_len(const kvc_attention_params &p, i
     if (p.layout == KVC_KV_RAGGED) {
         *n = p.lengths[(b * p.num_kv_heads + hk) * p.lengths_stride];
         *s0 = 0;
+        if (p.pages != NULL && *n > 0) {
+            /* full pages, then the newest (possibly short) one */
+            int64_t np;
+            const int64_t *pg = kvc_at_pages(p, b * p.num_kv_heads + hk, &np);
+            *n = np > 0 ? (np - 1) * p.page_size + (*n - pg[np - 1] * p.page_size) : 0;
+        }
     } else {
         *n = p.k.shape[2];
         *s0 = p.kv_start ? p.kv_start[b * p.kv_start_stride] : 0;
@@ -187,7 +206,8 @@ static __global__ void __launch_bounds__(KVC_AT_THREADS)
     const int64_t co = ragged ? off * cs : b * p.counts.strides[0] + hk * p.counts.strides[1];
     const char *ch = p.counts.data == NULL ? NULL : (const char *)p.counts.data + co * 4;
     const bool ci32 = p.counts.dtype == KVC_I32;
-    const int64_t *pg = !ragged && p.pages != NULL ? p.pages + bh * p.num_pages : NULL;
+    int64_t npg;
+    const int64_t *pg = p.pages != NULL ? kvc_at_pages(p, bh, &npg) : NULL;
     const int64_t P = p.page_size;
 
     const int gi = threadIdx.x / LPK, lane = threadIdx.x % LPK;
@@ -459,8 +479,9 @@ static bool kvc_at_geometry(const kvc_attention_params *p, kvc_at_geom *g)
     g->rt = g->R <= 2 ? 2 : (g->R <= 4 ? 4 : 8);
     g->ntiles = kvc_ceil_div(g->R, g->rt);
     const int64_t bh = g->B * g->Hkv;
-    const int64_t navg = p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->k.shape[0], bh)
-                         : p->pages != NULL            ? p->num_pages * p->page_size
+    /* slots a head reads: at most its pages' with pages (either layout) */
+    const int64_t navg = p->pages != NULL               ? p->num_pages * p->page_size
+                         : p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->k.shape[0], bh)
                                                        : p->k.shape[2];
     /* a launch fills at most KVC_AT_WAVES waves of the fullest SMs */
     const int64_t cap = kvc_cuda_sm_count() * (2048 / KVC_AT_THREADS) * KVC_AT_WAVES;
