@@ -63,18 +63,23 @@ enum kvc_status kvc_simhash(const struct kvc_simhash_params *p)
 /* One (b, hq): the included slots' log-weights, then the online softmax. */
 static void KVC_HOT la_head(const struct kvc_lsh_attention_params *p, int64_t b, int64_t hq, float *w)
 {
-    const int64_t Hq = p->q.shape[1], H = p->k.shape[1], n = p->k.shape[2], D = p->q.shape[3];
+    const int64_t Hq = p->q.shape[1], H = kvc_lsh_kv_heads(p), D = p->q.shape[3];
     const int64_t h = hq / (Hq / H), es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
-    const int64_t s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     float *qr = w, *kr = w + D, *acc = w + 2 * D, *vr = w + 3 * D;
     const int32_t *qc = (const int32_t *)p->qcodes.data + b * p->qcodes.strides[0] + hq * p->qcodes.strides[1];
+    const int32_t *codes = (const int32_t *)p->codes.data;
+    const char *keys = (const char *)p->k.data, *values = (const char *)p->v.data;
     const float *c = p->center.data ? (const float *)p->center.data + b * p->center.strides[0] +
                                           h * p->center.strides[1]
                                     : NULL;
+    struct kvc_lsh_head hd;
     double qn = 0.0;
     float m = -INFINITY, sum = 0.0f;
-    int64_t j, d, t, nread = 0;
+    int64_t j, d, t, n, s0, nread = 0;
     char *out = (char *)p->out.data + (b * p->out.strides[0] + hq * p->out.strides[2]) * es;
+    kvc_lsh_head_get(p, b, h, &hd);
+    n = hd.n;
+    s0 = hd.s0;
     kvc_row_to_f32(qr, (const char *)p->q.data + (b * p->q.strides[0] + hq * p->q.strides[1]) * es, p->q.dtype,
                    D, p->q.strides[3]);
     for (d = 0; d < D; d++) {
@@ -85,17 +90,14 @@ static void KVC_HOT la_head(const struct kvc_lsh_attention_params *p, int64_t b,
     for (j = s0; j < n; j++) {
         const int stat = j < s0 + p->sinks || j >= n - p->window;
         double logp = 0.0;
-        float x, f;
+        float x, f, bias;
         if (!stat) {
-            const int32_t *kc = (const int32_t *)p->codes.data + b * p->codes.strides[0] + h * p->codes.strides[1] +
-                                j * p->codes.strides[2];
+            const int32_t *kc = codes + hd.codes + j * hd.cs;
             int32_t hits = 0;
             double dot = 0.0, kn = 0.0;
-            for (t = 0; t < p->L; t++) hits += kc[t * p->codes.strides[3]] == qc[t * p->qcodes.strides[3]];
+            for (t = 0; t < p->L; t++) hits += kc[t * hd.ct] == qc[t * p->qcodes.strides[3]];
             if (hits < p->hits) continue;
-            kvc_row_to_f32(kr, (const char *)p->k.data + (b * p->k.strides[0] + h * p->k.strides[1] +
-                                                          j * p->k.strides[2]) * es,
-                           p->k.dtype, D, p->k.strides[3]);
+            kvc_row_to_f32(kr, keys + (hd.k + j * hd.ks) * es, p->k.dtype, D, hd.kd);
             for (d = 0; d < D; d++) {
                 const double y = (double)kr[d] - (c ? c[d * p->center.strides[2]] : 0.0f);
                 dot += (double)qr[d] * y;
@@ -103,15 +105,15 @@ static void KVC_HOT la_head(const struct kvc_lsh_attention_params *p, int64_t b,
             }
             logp = kvc_lsh_log_inclusion(qn > 0 && kn > 0 ? dot / (qn * sqrt(kn)) : 0.0, p->K, p->L, p->hits);
         } else {
-            kvc_row_to_f32(kr, (const char *)p->k.data + (b * p->k.strides[0] + h * p->k.strides[1] +
-                                                          j * p->k.strides[2]) * es,
-                           p->k.dtype, D, p->k.strides[3]);
+            kvc_row_to_f32(kr, keys + (hd.k + j * hd.ks) * es, p->k.dtype, D, hd.kd);
         }
-        x = kvc_dot_f32(qr, kr, D) * p->scaling - (float)logp;
+        /* log p_j - log c_j, one term; without counts exactly (float)log p_j,
+         * so the log-weight rounds as it did before counts existed */
+        bias = (float)logp;
+        if (p->counts.data) bias -= kvc_lsh_log_count(p, &hd, j);
+        x = kvc_dot_f32(qr, kr, D) * p->scaling - bias;
         nread++;
-        kvc_row_to_f32(vr, (const char *)p->v.data + (b * p->v.strides[0] + h * p->v.strides[1] +
-                                                      j * p->v.strides[2]) * es,
-                       p->v.dtype, D, p->v.strides[3]);
+        kvc_row_to_f32(vr, values + (hd.v + j * hd.vs) * es, p->v.dtype, D, hd.vd);
         if (x > m) {
             const float r = m == -INFINITY ? 0.0f : kvc_expf(m - x);
             for (d = 0; d < D; d++) acc[d] *= r;
@@ -133,13 +135,23 @@ static void KVC_HOT la_head(const struct kvc_lsh_attention_params *p, int64_t b,
         ((int32_t *)p->reads.data)[b * p->reads.strides[0] + hq * p->reads.strides[1]] = (int32_t)nread;
 }
 
+/* The rules the kernels rely on (the binding states them with messages). */
+static int la_valid(const struct kvc_lsh_attention_params *p)
+{
+    const int64_t H = kvc_lsh_kv_heads(p);
+    if (p->layout == KVC_KV_RAGGED ? p->offsets == NULL || p->lengths == NULL || p->kv_start != NULL
+                                   : p->layout != KVC_KV_UNIFORM)
+        return 0;
+    return H > 0 && p->q.shape[1] % H == 0 && p->K >= 1 && p->K <= 30 && p->L >= 1 && p->hits >= 1 &&
+           p->sinks >= 0 && p->window >= 0;
+}
+
 enum kvc_status kvc_lsh_attention(const struct kvc_lsh_attention_params *p)
 {
-    const int64_t B = p->q.shape[0], Hq = p->q.shape[1], H = p->k.shape[1], D = p->q.shape[3];
+    const int64_t B = p->q.shape[0], Hq = p->q.shape[1], D = p->q.shape[3];
     int64_t bh;
     int nt = p->num_threads > 0 ? p->num_threads : 1, failed = 0;
-    if (H <= 0 || Hq % H != 0 || p->K < 1 || p->K > 30 || p->L < 1 || p->hits < 1 || p->sinks < 0 || p->window < 0)
-        return KVC_ERR_INVALID;
+    if (!la_valid(p)) return KVC_ERR_INVALID;
     if (B * Hq == 0) return KVC_OK;
     if (B * Hq < nt) nt = (int)(B * Hq);
 #pragma omp parallel num_threads(nt) reduction(| : failed) if (nt > 1)

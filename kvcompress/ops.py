@@ -1508,7 +1508,8 @@ def simhash(x, planes, K, *, center=None, group=1, out=None):
 
 
 def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks=4, window=64, center=None,
-                  scaling=None, kv_start=None, return_lse=False, return_reads=False):
+                  scaling=None, kv_start=None, return_lse=False, return_reads=False, offsets=None, lengths=None,
+                  counts=None):
     """MagicPIG's decode attention estimated from the keys that collide with the query.
 
     Per query head: the first ``sinks`` real slots and the last ``window``
@@ -1518,29 +1519,44 @@ def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks
     angle(q, k - center) / pi`` its probability of being read (importance
     sampling). Output = the weighted softmax average of the values read.
     ``exp(lse)`` is an unbiased estimate of the full softmax normaliser
-    ``sum_j exp(scaling * q . k_j)`` over random hyperplanes.
+    ``sum_j exp(scaling * q . k_j)`` over random hyperplanes (with `counts`:
+    ``sum_j count_j * exp(scaling * q . k_j)``).
 
     Parameters
     ----------
     queries : tensor ``[B, Hq, 1, D]``
-    keys, values : tensors ``[B, H, n, D]``, dtype of `queries`
-    codes : int32 ``[B, H, n, L]`` (:func:`simhash` of the keys, centered)
+    keys, values : tensors, dtype of `queries`, any strides
+        Uniform layout: ``[B, H, n, D]``. Ragged layout (with `offsets` and
+        `lengths`): ``[R, D]``; slot ``j`` of head ``i = b*H + h`` is row
+        ``offsets[i] + j``, ``j < lengths[i]``.
+    codes : int32 ``[B, H, n, L]`` / ragged ``[R, L]``
+        :func:`simhash` of the keys, centered (ragged: row ``r``'s codes).
     query_codes : int32 ``[B, Hq, 1, L]`` (:func:`simhash` of the queries, ``group = Hq // H``)
     K : int
         Bits per table the codes were made with.
     hits : int
         Tables a key must share with the query to be sampled (MagicPIG: 2).
     sinks, window : ints
-        Slots always read exactly at the start (after padding) and the end.
+        Slots always read exactly at the start (after padding; ragged: a
+        head's first slots) and the end (a head's last slots).
     center : float32 ``[B, H, D]``, optional
-        The key center the codes were made with.
+        The key center the codes were made with (ragged: ``H = N // B``).
     scaling : float, optional
-    kv_start : int64 ``[B]``, optional
+    kv_start : int64 ``[B]``, optional (uniform only)
     return_lse : bool
         Also return the float32 ``[B, Hq]`` log normaliser estimate.
     return_reads : bool
         Also return the int32 ``[B, Hq]`` number of slots each query head
         read (sinks, window and sampled).
+    offsets, lengths : int64 ``[N]``, ``N = B * H``, optional (ragged only)
+        Segments inside ``[0, R)``, pairwise disjoint, in any order, unused
+        rows between them allowed. An empty head (length 0) gives zeros,
+        ``lse = -inf`` and 0 reads.
+    counts : float32 or int32 ``[B, H, n]`` / ragged ``[R]``, optional
+        Merge counts (finite, > 0): ``log(count_j)`` joins slot ``j``'s
+        log-weight, static and sampled alike, so the output estimates the
+        count-weighted softmax average :func:`attention` computes with the
+        same counts.
 
     Returns
     -------
@@ -1548,11 +1564,15 @@ def lsh_attention(queries, keys, values, codes, query_codes, K, *, hits=2, sinks
     ``reads`` with ``return_reads`` (a tuple when either is asked for)
     """
     qs = _shape(queries, "queries", 4, "[B, Hq, 1, D]")
-    scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", False, scaling, None)
+    ragged = offsets is not None or lengths is not None
+    if ragged:  # the ragged ranks, named as the binding names them
+        _shape(keys, "keys", 2, "[R, D]")
+        _shape(values, "values", 2, "[R, D]")
+    scaling, out = _attention_out(queries, {"keys": keys, "values": values}, "D", ragged, scaling, None)
     lse = _empty(queries, (qs[0], qs[1]), "float32") if _flag(return_lse, "return_lse") else None
     reads = _empty(queries, (qs[0], qs[1]), "int32") if _flag(return_reads, "return_reads") else None
     _C.lsh_attention(_prepare(queries), _prepare(keys), _prepare(values), codes, query_codes, center, out, lse,
-                     reads, _as_int64(kv_start, "kv_start", queries), _int_arg(sinks, "sinks"),
+                     reads, *_layout_args(queries, kv_start, offsets, lengths, counts), _int_arg(sinks, "sinks"),
                      _int_arg(window, "window"), _int_arg(K, "K"), _int_arg(hits, "hits"), scaling)
     extra = tuple(t for t in (lse, reads) if t is not None)
     return (out,) + extra if extra else out

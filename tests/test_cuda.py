@@ -578,6 +578,34 @@ def test_simhash_and_lsh_attention(dtype):
     assert torch.equal(reads.cpu(), creads)  # the same codes collide on both backends
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_lsh_attention_ragged_with_counts(dtype):
+    """Ragged heads (one empty, segments shuffled) with merge counts; the
+    uniform layout with counts too: both backends collide the same codes."""
+    from test_magicpig import _case, _ragged, lsh_ref
+
+    q, k, v, planes, center = _case(dtype=dtype)
+    codes = ops.simhash(k, planes, 4, center=center)
+    qcodes = ops.simhash(q, planes, 4, group=2)
+    counts = torch.rand(2, 2, 300, generator=torch.Generator().manual_seed(5)) * 4 + 0.5
+    kr, vr, cr, nr, offsets, lengths = _ragged([300, 0, 11, 187], k, v, codes, counts, strided=True)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    kw = {"hits": 2, "sinks": 4, "window": 16, "center": center, "scaling": 0.25, "return_lse": True,
+          "return_reads": True}
+    (_, _, creads), (got, lse, reads) = both(ops.lsh_attention, q, kr, vr, cr, qcodes, 4, offsets=offsets,
+                                             lengths=lengths, counts=nr, **kw)
+    ref, ref_lse = lsh_ref(q, kr, vr, cr, qcodes, 4, 2, 4, 16, center, 0.25, counts=nr, offsets=offsets,
+                           lengths=lengths)
+    fin = torch.isfinite(ref_lse)
+    assert (got.double() - ref).abs().max() < tol and (lse.double()[fin] - ref_lse[fin]).abs().max() < 1e-3
+    assert torch.equal(torch.isinf(lse), ~fin) and torch.equal(reads.cpu(), creads)
+    (_, _, creads), (got, lse, reads) = both(ops.lsh_attention, q, k, v, codes, qcodes, 4, counts=counts,
+                                             kv_start=torch.tensor([0, 31]), **kw)
+    ref, ref_lse = lsh_ref(q, k, v, codes, qcodes, 4, 2, 4, 16, center, 0.25, torch.tensor([0, 31]), counts=counts)
+    assert (got.double() - ref).abs().max() < tol and (lse.double() - ref_lse).abs().max() < 1e-3
+    assert torch.equal(reads.cpu(), creads)
+
+
 # ---------------------------------------------------------------- MiniCache (SLERP merge)
 
 @pytest.mark.parametrize("t", [0.0, 0.6, 1.0])

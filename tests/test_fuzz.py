@@ -384,6 +384,20 @@ def _child(target: str, seed: int, n_calls: int) -> int:
               "kv_start": kv_start(B, n) if rng.random() < 0.5 else None, "return_lse": rng.random() < 0.5}
         if rng.random() < 0.5:
             kw["center"] = torch.randn(B, H, D)
+        if rng.random() < 0.4:  # ragged: a segment of rows per head, some empty, gaps between
+            lens = [rng.choice([0, 1, n, n + 2]) for _ in range(B * H)]
+            offs, pos = [], 0
+            for ln in lens:
+                offs.append(pos)
+                pos += ln + rng.choice([0, 1])
+            kw["kv_start"] = None
+            kw["offsets"], kw["lengths"] = torch.tensor(offs, dtype=torch.int64), torch.tensor(lens)
+            if rng.random() < 0.4:
+                kw["counts"] = torch.randint(1, 4, (pos,)).to(rng.choice([torch.float32, torch.int32]))
+            return [fw(fl([B, H * g, 1, D], dt)), fw(fl([pos, D], dt)), fw(fl([pos, D], dt)),
+                    fw(torch.randint(0, 2**K, (pos, L), dtype=torch.int32)), fw(qcodes), K], kw
+        if rng.random() < 0.3:
+            kw["counts"] = torch.randint(1, 4, (B, H, n)).to(rng.choice([torch.float32, torch.int32]))
         return [fw(fl([B, H * g, 1, D], dt)), fw(fl([B, H, n, D], dt)), fw(fl([B, H, n, D], dt)), fw(codes),
                 fw(qcodes), K], kw
 

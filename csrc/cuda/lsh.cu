@@ -54,12 +54,14 @@ extern "C" enum kvc_status kvc_cuda_simhash(const struct kvc_simhash_params *p, 
 static __global__ void __launch_bounds__(KVC_LSH_THREADS)
 kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
 {
-    const int64_t Hq = p.q.shape[1], H = p.k.shape[1], n = p.k.shape[2], D = p.q.shape[3];
+    const int64_t Hq = p.q.shape[1], H = kvc_lsh_kv_heads(&p), D = p.q.shape[3];
     const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= p.q.shape[0] * Hq) return;
     const int64_t b = r / Hq, hq = r % Hq, h = hq / (Hq / H);
     const int64_t es = p.q.dtype == KVC_F32 ? 4 : 2;
-    const int64_t s0 = p.kv_start ? p.kv_start[b * p.kv_start_stride] : 0;
+    struct kvc_lsh_head hd;
+    kvc_lsh_head_get(&p, b, h, &hd);
+    const int64_t n = hd.n, s0 = hd.s0;
     const int32_t *qc = (const int32_t *)p.qcodes.data + b * p.qcodes.strides[0] + hq * p.qcodes.strides[1];
     const float *c = p.center.data ? (const float *)p.center.data + b * p.center.strides[0] + h * p.center.strides[1]
                                    : NULL;
@@ -76,16 +78,15 @@ kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
     int64_t nread = 0;
     for (int64_t j = s0; j < n; j++) {
         const bool stat = j < s0 + p.sinks || j >= n - p.window;
-        const char *ks = (const char *)p.k.data + (b * p.k.strides[0] + h * p.k.strides[1] + j * p.k.strides[2]) * es;
+        const char *ks = (const char *)p.k.data + (hd.k + j * hd.ks) * es;
         double logp = 0.0;
         if (!stat) {
-            const int32_t *kc = (const int32_t *)p.codes.data + b * p.codes.strides[0] + h * p.codes.strides[1] +
-                                j * p.codes.strides[2];
+            const int32_t *kc = (const int32_t *)p.codes.data + hd.codes + j * hd.cs;
             int32_t hits = 0;
-            for (int64_t t = 0; t < p.L; t++) hits += kc[t * p.codes.strides[3]] == qc[t * p.qcodes.strides[3]];
+            for (int64_t t = 0; t < p.L; t++) hits += kc[t * hd.ct] == qc[t * p.qcodes.strides[3]];
             if (hits < p.hits) continue;
         }
-        for (int64_t d = 0; d < D; d++) kr[d] = kvc_load_f32(ks, p.k.dtype, d * p.k.strides[3]);
+        for (int64_t d = 0; d < D; d++) kr[d] = kvc_load_f32(ks, p.k.dtype, d * hd.kd);
         if (!stat) {
             double dot = 0.0, kn = 0.0;
             for (int64_t d = 0; d < D; d++) {
@@ -95,9 +96,13 @@ kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
             }
             logp = kvc_lsh_log_inclusion(qn > 0 && kn > 0 ? dot / (qn * sqrt(kn)) : 0.0, p.K, p.L, p.hits);
         }
-        const float x = __fsub_rn(__fmul_rn(kvc_dot_f32(qr, kr, D), p.scaling), (float)logp);
+        /* log p_j - log c_j as on the CPU (lsh.c): without counts exactly
+         * (float)log p_j */
+        float bias = (float)logp;
+        if (p.counts.data) bias = __fsub_rn(bias, kvc_lsh_log_count(&p, &hd, j));
+        const float x = __fsub_rn(__fmul_rn(kvc_dot_f32(qr, kr, D), p.scaling), bias);
         nread++;
-        const char *vs = (const char *)p.v.data + (b * p.v.strides[0] + h * p.v.strides[1] + j * p.v.strides[2]) * es;
+        const char *vs = (const char *)p.v.data + (hd.v + j * hd.vs) * es;
         if (x > m) {
             const float rs = m == -INFINITY ? 0.0f : kvc_expf(m - x);
             for (int64_t d = 0; d < D; d++) acc[d] *= rs;
@@ -106,7 +111,7 @@ kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
         }
         const float f = kvc_expf(x - m);
         sum += f;
-        for (int64_t d = 0; d < D; d++) acc[d] = __fmaf_rn(f, kvc_load_f32(vs, p.v.dtype, d * p.v.strides[3]), acc[d]);
+        for (int64_t d = 0; d < D; d++) acc[d] = __fmaf_rn(f, kvc_load_f32(vs, p.v.dtype, d * hd.vd), acc[d]);
     }
     char *out = (char *)p.out.data + (b * p.out.strides[0] + hq * p.out.strides[2]) * es;
     for (int64_t d = 0; d < D; d++) kvc_store_f32(out, p.out.dtype, d * p.out.strides[3], sum > 0.0f ? acc[d] / sum : 0.0f);
@@ -117,9 +122,12 @@ kvc_lsh_attention_kernel(const struct kvc_lsh_attention_params p)
 
 extern "C" enum kvc_status kvc_cuda_lsh_attention(const struct kvc_lsh_attention_params *p, void *stream)
 {
-    const int64_t items = p->q.shape[0] * p->q.shape[1];
-    if (p->k.shape[1] <= 0 || p->q.shape[1] % p->k.shape[1] != 0 || p->K < 1 || p->K > 30 || p->L < 1 ||
-        p->hits < 1 || p->sinks < 0 || p->window < 0)
+    const int64_t items = p->q.shape[0] * p->q.shape[1], H = kvc_lsh_kv_heads(p);
+    const bool layout_ok = p->layout == KVC_KV_RAGGED
+                               ? p->offsets != NULL && p->lengths != NULL && p->kv_start == NULL
+                               : p->layout == KVC_KV_UNIFORM;
+    if (!layout_ok || H <= 0 || p->q.shape[1] % H != 0 || p->K < 1 || p->K > 30 || p->L < 1 || p->hits < 1 ||
+        p->sinks < 0 || p->window < 0)
         return KVC_ERR_INVALID;
     if (items == 0) return KVC_OK;
     if (p->q.shape[3] > KVC_LSH_MAX_D) return KVC_ERR_UNSUPPORTED;
