@@ -28,8 +28,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import KVCompressError, KVCompressUnsupportedError
 from .methods.base import LayerView, Method
-from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, PagedStore, RaggedPackedStore, RaggedStore,
-                     SharedStore, TidalStore, UniformStore)
+from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, PagedStore, RaggedLSHStore,
+                     RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
+                     UniformStore)
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -521,21 +522,27 @@ class CompressedLayer(CacheLayerMixin):
                     self._to_packed(method.packing)
             self.store.settle(pad=self._start)
             return
+        before = self.store
         self._compress(queries, scaling)
-        if self.window is None and type(self.store) is UniformStore:
+        if self.window is None and type(self.store) in (UniformStore, RaggedStore):
             # a query-aware reader takes the layer's kept slots (all of them,
-            # or what the evictor kept) once the method has compressed them;
-            # sliding layers hold only their window and read it whole
-            self._to_reader(method)
+            # or what the evictor kept) once the method has compressed them,
+            # and again after a per-head layer is re-compressed into a new
+            # store; sliding layers hold only their window and read it whole
+            self._to_reader(method, before)
 
-    def _to_reader(self, method: Method) -> None:
-        """Move a full-attention uniform layer into the store of the method's
-        sparse reader, if it has one and this layer is not one it keeps dense."""
+    def _to_reader(self, method: Method, before=None) -> None:
+        """Move a full-attention uniform or per-head layer into the store of
+        the method's sparse reader, if it has one and this layer is not one
+        it keeps dense. ``before`` is the layer's previous store (MagicPIG
+        keeps its key center across a re-compression)."""
+        ragged = type(self.store) is RaggedStore
         if method.paging is not None:
             # Quest: pages with key bounds; decode steps read the pages they need
             budget, page, dense, gqa = method.paging
             if self.layer_idx >= dense:
-                self.store = PagedStore.from_uniform(self.store, page, budget, gqa)
+                self.store = (RaggedPagedStore.from_ragged(self.store, page, budget, gqa) if ragged
+                              else PagedStore.from_uniform(self.store, page, budget, gqa))
         elif method.tidal is not None:
             # TidalDecode: selection layers publish each decode step's tokens
             # in the cache's shared state, the layers after them read those
@@ -543,12 +550,20 @@ class CompressedLayer(CacheLayerMixin):
             role = tidal.role(self.layer_idx, self.num_layers or (self.layer_idx + 1),
                               sliding=self.shared.get("sliding", ()))
             if role is not None:
-                self.store = TidalStore.from_uniform(self.store, role, tidal.token_budget, self.shared, tidal.gqa)
+                kind = RaggedTidalStore.from_ragged if ragged else TidalStore.from_uniform
+                self.store = kind(self.store, role, tidal.token_budget, self.shared, tidal.gqa)
         elif method.lsh is not None and self.layer_idx >= method.lsh.dense_layers:
             # MagicPIG: hash the layer's keys once, then sample at every decode step
             pig = method.lsh
-            self.store = LSHStore.from_uniform(self.store, pig.K, pig.L, pig.hits, pig.sinks, pig.window,
-                                               pig.seed * 1_000_003 + self.layer_idx, kv_start=self.kv_start)
+            seed = pig.seed * 1_000_003 + self.layer_idx
+            if ragged:
+                center = before.center if isinstance(before, RaggedLSHStore) and before.batch == self.store.batch \
+                    else None
+                self.store = RaggedLSHStore.from_ragged(self.store, pig.K, pig.L, pig.hits, pig.sinks, pig.window,
+                                                        seed, center=center)
+            else:
+                self.store = LSHStore.from_uniform(self.store, pig.K, pig.L, pig.hits, pig.sinks, pig.window, seed,
+                                                   kv_start=self.kv_start)
 
     def _to_packed(self, packing) -> None:
         """Move the layer's slots into the packed store of their layout."""

@@ -228,10 +228,6 @@ class Method:
         if not self.evicts:
             raise ValueError(f"sparse: {type(self).__name__} keeps every token itself; give sparse= to an "
                              "evicting method")
-        if self.headwise or self.merges:
-            raise ValueError(f"sparse: {r.describe()} reads a layer whose heads hold the same number of slots; "
-                             f"{type(self).__name__} gives heads different lengths or merges: use an evictor "
-                             "such as SnapKV, H2O, TOVA or StreamingLLM")
         if self.quant is not None:
             raise ValueError(f"sparse: {r.describe()} does not read packed layers (quant={self.quant.describe()})")
 

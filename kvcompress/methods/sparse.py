@@ -45,7 +45,12 @@ class Quest(KeepsEveryToken):
       kernel does not implement those options);
     * composed with an evicting method (``SnapKV(ratio=0.5) +
       Quest(token_budget=256)``) the pages are cut over the kept slots, so
-      the evictor bounds memory and Quest the reads.
+      the evictor bounds memory and Quest the reads; after a head-wise or
+      merging evictor (``AdaKV``, ``EMS``: heads of different lengths) each
+      kv head's pages cut its own slots, a head with no more pages than the
+      budget reads them all, and a merged slot's ``log(count)`` joins its
+      logit in the attention over the pages (not the page score: the bound
+      ranks keys, as the paper's does).
 
     Parameters
     ----------
@@ -127,14 +132,19 @@ class TidalDecode(KeepsEveryToken):
       selects at 5 and 11 and layer 17 reads; a sliding layer's window is
       not the whole context, so its attention cannot choose for the
       full-attention layers;
-    * nothing is evicted; composed with an evictor whose heads hold equal
-      slot counts (``SnapKV(ratio=0.5) + TidalDecode(token_budget=256)``)
-      each layer holds its own tokens, so the selection is published as
-      **token positions** and a sparse head reads the selected positions it
-      still holds, topped up with its newest other slots to the same count
-      (the paper has no eviction; topping up keeps every sparse step's
-      reads at ``token_budget`` and always includes the recent tokens, which
-      eviction keeps in every layer).
+    * nothing is evicted; composed with an evictor
+      (``SnapKV(ratio=0.5) + TidalDecode(token_budget=256)``) each layer
+      holds its own tokens, so the selection is published as **token
+      positions** and a sparse head reads the selected positions it still
+      holds, topped up with its newest other slots to the same count (the
+      paper has no eviction; topping up keeps every sparse step's reads at
+      ``token_budget`` and always includes the recent tokens, which eviction
+      keeps in every layer);
+    * after a head-wise or merging evictor (``AdaKV``, ``EMS``) each kv head
+      selects among its own slots (a head holding no more than
+      ``token_budget`` publishes them all), a merged slot's ``log(count)``
+      joins its logit in the selection score as in the attention, and a
+      sparse head reads as above.
 
     Parameters
     ----------
@@ -239,10 +249,15 @@ class MagicPIG(KeepsEveryToken):
       paper keeps layer 0 and one middle layer dense on Llama);
     * prefill chunks, sliding-window layers and softcapped or sink-logit
       attention read every slot;
-    * it keeps every token; composed with an evictor whose heads hold equal
-      slot counts (``SnapKV(ratio=0.5) + MagicPIG()``) the tables index the
-      kept slots (the center is their mean) and a decode-time re-selection
-      of the evictor moves each slot's codes with it.
+    * it keeps every token; composed with an evictor
+      (``SnapKV(ratio=0.5) + MagicPIG()``) the tables index the kept slots
+      (the center is their mean) and a decode-time re-selection of the
+      evictor moves each slot's codes with it; after a head-wise or merging
+      evictor (``AdaKV``, ``EMS``) each kv head's center is the mean of its
+      own kept keys, a merged slot's ``log(count)`` joins its log-weight (the
+      estimate is then of the count-weighted attention the merge stands
+      for), and a layer the evictor re-compresses is hashed again with the
+      same hyperplanes and center (merged keys are new keys).
     """
 
     K: int = 8

@@ -19,6 +19,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec
+from .ragged import RaggedStore, segments
 from .uniform import UniformStore, sparse_step
 
 
@@ -127,6 +128,117 @@ class LSHStore(UniformStore):
             B, Hq = int(query.shape[0]), int(query.shape[1])
             real = B * self.n - (kv_start.sum() if kv_start is not None else 0)
             read, offered = reads.sum(dtype=torch.int64), Hq * real
+            self._read = read if self._read is None else self._read + read
+            self._offered = offered if self._offered is None else self._offered + offered
+            return out
+        return super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)
+
+
+class RaggedLSHStore(RaggedStore):
+    """Per-head slots (a head-wise or merging evictor's layer) with SimHash
+    tables over their keys: MagicPIG on what the evictor kept.
+
+    Each head's slots are hashed when the layer moves into the store, under
+    the layer's hyperplanes and centered by the mean of that head's kept keys
+    (the uniform store's center is the mean of its prefill keys: here the
+    kept ones are what the evictor left of the prefill), and every appended
+    slot as it arrives. The codes are one more row column (``[R, L]``) that
+    moves with its rows. A re-compression builds a new layer (merged keys are
+    new keys), which is hashed again with the same hyperplanes and the
+    center carried over (``center=``), so a token kept through it keeps its
+    codes. Decode steps run ``ops.lsh_attention`` on the ragged layout, the
+    sinks and window of each head read exactly and merge counts weighing
+    their slots.
+    Built from a layer's ``RaggedStore`` with ``from_ragged`` (no copy).
+
+    Attributes
+    ----------
+    K, L, hits, sinks, window, planes, center
+        As :class:`LSHStore` (``center`` float32 ``[B, H, D]``).
+    codes : torch.Tensor
+        int32 ``[R, L]`` codes of every row (garbage beyond a head's length).
+    """
+
+    kind = "lsh-ragged"
+    row_state = RaggedStore.row_state + ("codes",)
+
+    @classmethod
+    def from_ragged(cls, store: RaggedStore, K: int, L: int, hits: int, sinks: int, window: int, seed: int,
+                    center=None) -> "RaggedLSHStore":
+        """Take over a ragged store's buffers (no copy), draw the layer's
+        hyperplanes from ``seed`` and hash every live slot; ``center`` ``[B,
+        H, D]`` (from the layer's earlier store) is kept when given."""
+        new = cls.__new__(cls)
+        new._adopt(store)
+        new.K, new.L, new.hits, new.sinks, new.window = K, L, hits, sinks, window
+        new.sampled_steps = 0
+        new._read = new._offered = None
+        D, H = int(new.k.shape[1]), new.heads
+        g = torch.Generator().manual_seed(int(seed))
+        new.planes = torch.randn(H, L * K, D, generator=g).to(new.k.device)
+        head, _ = segments(new.lengths)
+        rows = new.live_rows()
+        if center is None:
+            N = new.batch * H
+            total = torch.zeros((N, D), dtype=torch.float32, device=new.k.device)
+            total.index_add_(0, head, new.k[rows].float())
+            center = total / new.lengths.clamp_min(1)[:, None].float()
+            center = center.view(new.batch, H, D)
+        new.center = center.contiguous()
+        new.codes = torch.zeros((int(new.k.shape[0]), L), dtype=torch.int32, device=new.k.device)
+        new._hash(rows, head)
+        return new
+
+    def _hash(self, rows, head) -> None:
+        """Codes of ``rows`` (of heads ``head``, flat ``b * H + h``), each
+        under its own head's hyperplanes and center: one ``ops.simhash`` call
+        per kv head over the rows it owns."""
+        H = self.heads
+        for h in range(H):
+            mine = rows[head % H == h]
+            if mine.numel() == 0:
+                continue
+            b = head[head % H == h] // H
+            # the rows of one kv head, each with its batch row's center: hash
+            # them as a batch of one-slot rows
+            x = self.k[mine].view(-1, 1, 1, self.k.shape[1])
+            codes = ops.simhash(x, self.planes[h : h + 1], self.K, center=self.center[b, h][:, None])
+            self.codes[mine] = codes.view(-1, self.L)
+
+    def __repr__(self) -> str:
+        return (f"RaggedLSHStore({self._layout_repr()}, K={self.K}, "
+                f"L={self.L}, hits={self.hits}, sinks={self.sinks}, window={self.window}, "
+                f"merged={self.counts is not None}, sampled_steps={self.sampled_steps})")
+
+    def read_counts(self) -> tuple[int, int] | None:
+        if self._read is None:
+            return None
+        return int(self._read), int(self._offered)
+
+    def tensors(self) -> list:
+        return super().tensors() + [t for t in (self.planes, self.center) if t is not None]
+
+    def append(self, keys, values, first_position: int) -> None:
+        super().append(keys, values, first_position)
+        B, H, q = int(keys.shape[0]), int(keys.shape[1]), int(keys.shape[2])
+        rows = ((self.offsets + self.lengths - q)[:, None] + torch.arange(q, device=self.offsets.device)).reshape(-1)
+        self.codes[rows] = ops.simhash(keys, self.planes, self.K, center=self.center).reshape(B * H * q, self.L)
+
+    def index_batch(self, idx) -> None:
+        super().index_batch(idx)
+        self.center = self.center.index_select(0, idx.to(self.center.device))
+
+    def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
+        if (sparse_step(query, spec) and query.dtype == self.k.dtype
+                and self.max_length() > self.sinks + self.window):
+            g = int(query.shape[1]) // self.heads
+            qcodes = ops.simhash(query, self.planes, self.K, group=g)
+            self.sampled_steps += 1
+            out, reads = ops.lsh_attention(query, self.k, self.v, self.codes, qcodes, self.K, hits=self.hits,
+                                           sinks=self.sinks, window=self.window, center=self.center,
+                                           scaling=spec.scaling, return_reads=True, offsets=self.offsets,
+                                           lengths=self.lengths, counts=self.counts if spec.count_bias else None)
+            read, offered = reads.sum(dtype=torch.int64), g * self.lengths.sum()
             self._read = read if self._read is None else self._read + read
             self._offered = offered if self._offered is None else self._offered + offered
             return out

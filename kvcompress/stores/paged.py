@@ -23,6 +23,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec
+from .ragged import RaggedStore
 from .uniform import UniformStore, read_count, sparse_step
 
 
@@ -168,4 +169,116 @@ class PagedStore(UniformStore):
                 self.sparse_steps += 1
                 return ops.attention_pages(query, self.keys, self.values, pages.contiguous(), self.page,
                                            scaling=spec.scaling, kv_start=kv_start)
+        return super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)
+
+
+class RaggedPagedStore(RaggedStore):
+    """Per-head slots (a head-wise or merging evictor's layer) in pages of
+    ``page`` with per-page key bounds: Quest on what the evictor kept.
+
+    Head ``i``'s pages cut its own live slots (page ``p`` = its slots ``p * P
+    .. min((p + 1) * P, lengths[i]) - 1``); its bounds are rows
+    ``page_offsets[i] ..`` of the flat ``kmin``/``kmax`` buffers, room for
+    ``ceil(caps[i] / P)`` pages, so an append recomputes only the pages it
+    touched and a reallocation (which moves every head) recomputes them all.
+    A decode step scores each head's pages (``ops.page_scores``, right
+    aligned so that the newest page is the last column), keeps its top
+    ``token_budget // page`` with its first and newest page forced
+    (``ops.select_topk``) and attends over them in place
+    (``ops.attention_pages`` on the ragged layout, merge counts included).
+    A head holding no more pages than that reads all of them.
+    Built from a layer's ``RaggedStore`` with ``from_ragged`` (no copy).
+
+    Attributes
+    ----------
+    page, token_budget, gqa
+        As :class:`PagedStore`.
+    kmin, kmax : torch.Tensor
+        float32 ``[Rp, D]`` bounds of every head's pages.
+    page_offsets : torch.Tensor
+        int64 ``[B * H]`` first bound row of each head.
+    last_pages : torch.Tensor or None
+        int64 ``[B, H, k]`` pages the last sparse step read, ``-1`` in front
+        where a head has fewer pages; None after a dense step.
+    """
+
+    kind = "paged-ragged"
+
+    @classmethod
+    def from_ragged(cls, store: RaggedStore, page: int, token_budget: int, gqa: str = "max") -> "RaggedPagedStore":
+        """Take over a ragged store's buffers (no copy) and bound its pages."""
+        new = cls.__new__(cls)
+        new._adopt(store)
+        new.page, new.token_budget, new.gqa = int(page), int(token_budget), gqa
+        new.last_pages = None
+        new.sparse_steps = 0
+        new._bound_all()
+        return new
+
+    def __repr__(self) -> str:
+        return (f"RaggedPagedStore({self._layout_repr()}, page={self.page}, "
+                f"token_budget={self.token_budget}, merged={self.counts is not None}, "
+                f"sparse_steps={self.sparse_steps})")
+
+    def tensors(self) -> list:
+        return super().tensors() + [t for t in (self.kmin, self.kmax, self.page_offsets) if t is not None]
+
+    def _pages(self, n: torch.Tensor) -> torch.Tensor:
+        return (n + self.page - 1) // self.page
+
+    def _bound(self, first) -> None:
+        ops.page_bounds(self.k, self.kmin, self.kmax, self.page, first, offsets=self.offsets, lengths=self.lengths,
+                        page_offsets=self.page_offsets)
+
+    def _bound_all(self) -> None:
+        """Room for every head's page capacity, and every page bounded."""
+        cap_pages = self._pages(self.caps)
+        self.page_offsets = torch.cumsum(cap_pages, 0) - cap_pages
+        rows = int(self._pages(self._host_caps).sum())
+        D = int(self.k.shape[1])
+        self.kmin = torch.empty((rows, D), dtype=torch.float32, device=self.k.device)
+        self.kmax = torch.empty_like(self.kmin)
+        self._bound(0)
+
+    def append(self, keys, values, first_position: int) -> None:
+        old_caps = self.caps
+        before = self.lengths
+        super().append(keys, values, first_position)
+        if self.caps is not old_caps:
+            self._bound_all()  # the heads moved: every page has new rows
+        else:
+            self._bound(before // self.page)
+
+    def index_batch(self, idx) -> None:
+        super().index_batch(idx)
+        self._bound_all()
+
+    def pages_to_read(self, query):
+        """The pages a decode query ``[B, Hq, 1, D]`` reads: int64 ``[B, H,
+        k]``, each head's ascending after ``-1`` padding, its first and newest
+        page always in; None when every head's pages fit the budget."""
+        P = self.page
+        counts = self._pages(self._host_lengths)
+        M = int(counts.max()) if counts.numel() else 0
+        k = max(2, self.token_budget // P)
+        if k >= M:
+            return None
+        scores = ops.page_scores(query[:, :, -1], self.kmin, self.kmax, M, P, gqa=self.gqa, lengths=self.lengths,
+                                 page_offsets=self.page_offsets)
+        N = self.batch * self.heads
+        start = M - self._pages(self.lengths)  # first real (right-aligned) column of each head
+        cols = ops.select_topk(scores.view(N, 1, M), k, sinks=1, window=1, kv_start=start)
+        pages = cols.view(N, k) - start[:, None]
+        return pages.clamp_min(-1).view(self.batch, self.heads, k)
+
+    def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
+        self.last_pages = None
+        if sparse_step(query, spec) and query.dtype == self.k.dtype and self.max_length() > self.token_budget:
+            pages = self.pages_to_read(query)
+            if pages is not None:
+                self.last_pages = pages
+                self.sparse_steps += 1
+                return ops.attention_pages(query, self.k, self.v, pages.contiguous(), self.page, scaling=spec.scaling,
+                                           counts=self.counts if spec.count_bias else None, offsets=self.offsets,
+                                           lengths=self.lengths)
         return super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)

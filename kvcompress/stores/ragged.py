@@ -45,6 +45,9 @@ class RaggedStore(LayerStore):
     """
 
     kind = "ragged"
+    #: per-row tensors (first dim ``R``) that move with their rows on a
+    #: reallocation or a batch reorder; subclasses add their own
+    row_state: tuple[str, ...] = ("counts", "scores")
 
     def __init__(self, k, v, offsets, lengths, caps, positions, batch: int, heads: int):
         self.k, self.v = k, v
@@ -96,6 +99,13 @@ class RaggedStore(LayerStore):
         pick = lambda t: t.gather(2, idx[..., None].expand(-1, -1, -1, t.shape[3]))  # noqa: E731
         return cls.from_dense(pick(keys), pick(values), positions.gather(2, idx), valid)
 
+    def _adopt(self, store: "RaggedStore") -> None:
+        """Take over another ragged store's buffers and layout (no copy): how
+        a layer's kept slots move into a query-aware reader's store."""
+        for name in ("k", "v", "offsets", "lengths", "caps", "positions", "batch", "heads", "_host_lengths",
+                     "_host_caps", "counts", "scores"):
+            setattr(self, name, getattr(store, name))
+
     # ---------------------------------------------------------------- append
     def _grow(self, need: torch.Tensor) -> None:
         """Reallocate so head i holds ``need[i]`` rows; capacities grow by an
@@ -113,10 +123,10 @@ class RaggedStore(LayerStore):
         k[dst] = self.k[src]
         v[dst] = self.v[src]
         pos[dst] = self.positions[src]
-        for name in ("counts", "scores"):
+        for name in self.row_state:
             old = getattr(self, name)
             if old is not None:
-                new = old.new_ones((R,))
+                new = old.new_ones((R,) + tuple(old.shape[1:]))
                 new[dst] = old[src]
                 setattr(self, name, new)
         self.k, self.v, self.positions = k, v, pos
@@ -187,13 +197,17 @@ class RaggedStore(LayerStore):
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.k, self.v, self.offsets, self.lengths, self.caps, self.positions]
-        return out + [t for t in (self.counts, self.scores) if t is not None]
+        return out + [t for t in (getattr(self, name) for name in self.row_state) if t is not None]
 
-    def __repr__(self) -> str:
+    def _layout_repr(self) -> str:
+        """``batch=.., heads=.., slots per head=lo..hi`` for the reprs."""
         n = self._host_lengths
         span = f"{int(n.min())}..{int(n.max())}" if n.numel() else "empty"
-        return (f"RaggedStore(batch={self.batch}, heads={self.heads}, slots per head={span}, "
-                f"rows={int(self.k.shape[0])}, merged={self.counts is not None})")
+        return f"batch={self.batch}, heads={self.heads}, slots per head={span}"
+
+    def __repr__(self) -> str:
+        return (f"RaggedStore({self._layout_repr()}, rows={int(self.k.shape[0])}, "
+                f"merged={self.counts is not None})")
 
     def head_lengths(self) -> list[int]:
         return [int(x) for x in self._host_lengths.tolist()]
@@ -217,7 +231,7 @@ class RaggedStore(LayerStore):
         head, within = segments(caps)
         src = self.offsets[src_head][head] + within
         self.k, self.v, self.positions = self.k[src], self.v[src], self.positions[src]
-        for name in ("counts", "scores"):
+        for name in self.row_state:
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name)[src])
         host_idx = (idx.cpu()[:, None] * H + torch.arange(H)[None, :]).reshape(-1)

@@ -32,6 +32,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec
+from .ragged import RaggedStore
 from .uniform import UniformStore, read_count, sparse_step
 
 SELECT, SPARSE = "select", "sparse"
@@ -147,3 +148,127 @@ class TidalSelection(NamedTuple):
     batch: int
     slots: torch.Tensor
     positions: torch.Tensor
+
+
+class RaggedTidalStore(RaggedStore):
+    """Per-head slots (a head-wise or merging evictor's layer) that select
+    (or read) the tokens of a decode step: TidalDecode on what the evictor kept.
+
+    The roles and the hand-off are :class:`TidalStore`'s; the slots of each
+    head are laid right-aligned in ``[B * H, M]`` (``M`` the longest head),
+    so its newest slot is the last column and its first real one column
+    ``M - lengths[i]``.
+
+    * A **selection** layer attends densely (the ragged kernel), then scores
+      each head's slots with the decode query's softmax attention in float32
+      (torch over a right-aligned copy of the layer's keys, ``log(count)``
+      joining a merged slot's logit as it does in the attention), the GQA
+      group reduced by ``gqa``, and publishes the top ``token_budget`` slots'
+      **positions** per head, the newest forced; a head with fewer slots
+      publishes them all, ``-1`` in front.
+    * A **sparse** layer reads per head its slots holding selected positions,
+      topped up with its newest other slots to ``min(token_budget, its
+      slots)`` (as a uniform sparse layer after an eviction), by index in
+      place (``ops.attention_pages``, pages of one slot, merge counts
+      included).
+    Built from a layer's ``RaggedStore`` with ``from_ragged`` (no copy).
+    """
+
+    kind = "tidal-ragged"
+
+    @classmethod
+    def from_ragged(cls, store: RaggedStore, role: str, token_budget: int, shared: dict,
+                    gqa: str = "max") -> "RaggedTidalStore":
+        new = cls.__new__(cls)
+        new._adopt(store)
+        new.role, new.token_budget, new.shared, new.gqa = role, int(token_budget), shared, gqa
+        new.last_read = None
+        new.sparse_steps = 0
+        return new
+
+    def __repr__(self) -> str:
+        return (f"RaggedTidalStore({self.role}, {self._layout_repr()}, "
+                f"token_budget={self.token_budget}, merged={self.counts is not None}, "
+                f"sparse_steps={self.sparse_steps})")
+
+    def _aligned(self):
+        """``(rows [N, M], real [N, M], start [N])``: each head's rows right
+        aligned (``rows`` is 0 where ``real`` is False) and its first real column."""
+        N = self.batch * self.heads
+        M = self.max_length()
+        start = M - self.lengths
+        col = torch.arange(M, device=self.offsets.device)[None, :]
+        real = col >= start[:, None]
+        rows = torch.where(real, self.offsets[:, None] + col - start[:, None], torch.zeros((), dtype=torch.int64,
+                                                                                        device=col.device))
+        return rows.view(N, M), real.view(N, M), start
+
+    def _newest(self) -> int:
+        """Position of the step's token: the last slot of the first head
+        (every head holds it once the step is appended)."""
+        return int(self.positions[int(self.offsets[0]) + int(self._host_lengths[0]) - 1])
+
+    def _select(self, query, spec: AttentionSpec) -> None:
+        M = self.max_length()
+        if M <= self.token_budget:
+            self.shared.pop("tidal", None)  # every head's slots fit: the sparse layers read them all
+            return
+        B, H = self.batch, self.heads
+        N, g, D = B * H, int(query.shape[1]) // H, int(query.shape[3])
+        rows, real, start = self._aligned()
+        logits = torch.bmm(query[:, :, 0].reshape(N, g, D).float(), self.k[rows].float().transpose(1, 2))
+        logits = logits * spec.scaling
+        if spec.count_bias and self.counts is not None:
+            logits = logits + self.counts[rows].log()[:, None, :]
+        logits = logits.masked_fill(~real[:, None, :], float("-inf"))
+        probs = torch.softmax(logits, -1).nan_to_num(0.0)  # an empty head has no slot to weigh
+        scores = probs.amax(1) if self.gqa == "max" else probs.mean(1)
+        cols = ops.select_topk(scores.view(N, 1, M).contiguous(), self.token_budget, sinks=0, window=1,
+                               kv_start=start).view(N, -1)
+        within = cols - start[:, None]
+        held = within >= 0
+        positions = torch.where(held, self.positions[rows.gather(1, cols)].to(torch.int64), -1)
+        k = int(cols.shape[1])
+        self.shared["tidal"] = TidalSelection(self._newest(), B, within.clamp_min(-1).view(B, H, k),
+                                              positions.to(torch.int32).view(B, H, k))
+
+    def _own_slots(self, sel: "TidalSelection"):
+        """int64 ``[B, H, k]``: each head's slots holding the selected
+        positions, topped up with its newest other slots, ascending after
+        ``-1`` padding (a head with fewer than ``k`` slots reads them all);
+        None when every head fits the budget."""
+        M = self.max_length()
+        if M <= self.token_budget:
+            return None
+        B, H = self.batch, self.heads
+        rows, real, start = self._aligned()
+        pos = torch.where(real, self.positions[rows].to(torch.int64), -2)  # -2 matches no selection (pads are -1)
+        want = sel.positions.reshape(B * H, -1).to(torch.int64)
+        at = torch.searchsorted(want, pos).clamp_max(want.shape[1] - 1)
+        hit = (want.gather(1, at) == pos) & real
+        col = torch.arange(M, device=pos.device)[None, :]
+        rank = torch.where(real, hit.to(torch.int64) * (M + 1) + col, -1)
+        rank[:, -1] = 2 * (M + 1)  # the newest slot holds the query itself
+        top = rank.topk(self.token_budget, dim=-1).indices.sort(dim=-1).values
+        return (top - start[:, None]).clamp_min(-1).view(B, H, -1).contiguous()
+
+    def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
+        self.last_read = None
+        step = sparse_step(query, spec) and query.dtype == self.k.dtype and self.max_length() > self.token_budget
+        if self.role == SELECT:
+            out = super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)
+            if step:
+                self._select(query, spec)
+            else:
+                self.shared.pop("tidal", None)
+            return out
+        sel = self.shared.get("tidal") if step else None
+        if sel is not None and sel.newest == self._newest() and sel.batch == self.batch:
+            read = self._own_slots(sel)
+            if read is not None:
+                self.last_read = read
+                self.sparse_steps += 1
+                return ops.attention_pages(query, self.k, self.v, read, 1, scaling=spec.scaling,
+                                           counts=self.counts if spec.count_bias else None, offsets=self.offsets,
+                                           lengths=self.lengths)
+        return super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)

@@ -37,8 +37,10 @@ def c_decode_ok(query, keys, values, spec: AttentionSpec) -> bool:
 
 def sparse_step(query, spec: AttentionSpec) -> bool:
     """A decode step (one query per row) with no option the sparse readers
-    (Quest, TidalDecode, MagicPIG) lack: softcap, sinks, windows, merge counts."""
-    return int(query.shape[2]) == 1 and spec.plain and spec.window is None and not spec.count_bias
+    (Quest, TidalDecode, MagicPIG) lack: softcap, sinks, windows. (Merge
+    counts are no such option: a uniform layer holds none, and the ragged
+    readers pass theirs to the kernels.)"""
+    return int(query.shape[2]) == 1 and spec.plain and spec.window is None
 
 
 def read_count(k: int, total: int, first=None) -> int | None:
