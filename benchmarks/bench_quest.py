@@ -8,6 +8,10 @@ Shapes: SmolLM2-135M's attention (Hq=9, Hkv=3, D=64) and a Llama-3-8B-like
 one (Hq=32, Hkv=8, D=128), float32 and bfloat16. All variants of a case run
 interleaved rep by rep, so background load hits them alike.
 
+``--layouts ragged`` times the same step over a per-head layer (what AdaKV or
+EMS keeps: ``RaggedPagedStore``), head h of H holding ``n * (1 - h / (2H))``
+slots with merge counts, against the ragged dense kernel over the same slots.
+
     python benchmarks/bench_quest.py
     python benchmarks/bench_quest.py --quick --no-write
 
@@ -22,7 +26,7 @@ import argparse
 import torch
 
 from kvcompress import ops
-from kvcompress.stores import AttentionSpec, PagedStore
+from kvcompress.stores import AttentionSpec, PagedStore, RaggedPagedStore, RaggedStore
 
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402
 from bench_packed import time_many  # noqa: E402
@@ -80,21 +84,62 @@ def case(shape: str, n: int, dtype, budget: int, g: torch.Generator):
     return fns, None
 
 
+def ragged_case(shape: str, n: int, dtype, budget: int, g: torch.Generator):
+    """The step over a per-head layer: head h keeps ``n * (1 - h / (2 Hkv))``
+    slots (the newest one last) with merge counts in [1, 4)."""
+    Hq, Hkv, D = SHAPES[shape]
+    q = torch.randn(1, Hq, 1, D, generator=g).to(dtype)
+    k = torch.randn(1, Hkv, n, D, generator=g).to(dtype)
+    v = torch.randn(1, Hkv, n, D, generator=g).to(dtype)
+    keep = (torch.arange(n)[None, None, :] < (n * (1 - torch.arange(Hkv) / (2 * Hkv))).long()[None, :, None])
+    counts = 1 + 3 * torch.rand(1, Hkv, n, generator=g)
+    pos = torch.arange(n, dtype=torch.int32).expand(1, Hkv, n)
+    store = RaggedPagedStore.from_ragged(RaggedStore.from_dense(k, v, pos, keep, counts=counts), PAGE, budget)
+    spec = AttentionSpec(scaling=D ** -0.5, count_bias=True)
+    pages = store.pages_to_read(q).contiguous()
+    M = -(-store.max_length() // PAGE)
+    lay = dict(offsets=store.offsets, lengths=store.lengths)
+    fns = {
+        "dense": lambda: ops.attention(q, store.k, store.v, counts=store.counts, **lay),
+        "quest": lambda: store.attend(q, spec),
+        "scores": lambda: ops.page_scores(q[:, :, -1], store.kmin, store.kmax, M, PAGE, lengths=store.lengths,
+                                          page_offsets=store.page_offsets),
+        "pages only": lambda: ops.attention_pages(q, store.k, store.v, pages, PAGE, counts=store.counts, **lay),
+    }
+    out = fns["quest"]()
+    assert store.last_pages is not None and torch.equal(store.last_pages, pages)
+    assert torch.equal(out, fns["pages only"]())
+    return fns, None
+
+
+def _record(records: list, rec: dict, t: dict, budget: int) -> None:
+    rec.update(budget=budget, dense_us=t["dense"] * 1e6, quest_us=t["quest"] * 1e6,
+               scores_us=t["scores"] * 1e6, pages_us=t["pages only"] * 1e6, speedup=t["dense"] / t["quest"],
+               score_share=t["scores"] / t["quest"])
+    records.append(rec)
+    print(f"{rec['layout']} {rec['shape']} {rec['dtype']} n={rec['n']} {rec['threads']}t dense "
+          f"{rec['dense_us']:9.1f} us  quest {rec['quest_us']:8.1f} (scores {rec['scores_us']:7.1f}, pages "
+          f"{rec['pages_us']:7.1f})  x{rec['speedup']:.2f}  scores {100 * rec['score_share']:.0f}% of the step",
+          flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=int, default=1024, help="token budget (slots read per step)")
+    ap.add_argument("--layouts", default="uniform,ragged", help="comma-separated: uniform, ragged")
     add_sweep_args(ap)
     args = ap.parse_args(argv)
+    layouts = [x for x in args.layouts.split(",") if x]
+    bad = sorted(set(layouts) - {"uniform", "ragged"})
+    if bad:
+        ap.error(f"--layouts: unknown {bad}; expected uniform and/or ragged")
     info = machine()
     records = []
-    for rec, t, _ in sweep(args, lambda shape, n, dtype, g: case(shape, n, dtype, args.budget, g)):
-        rec.update(budget=args.budget, dense_us=t["dense"] * 1e6, quest_us=t["quest"] * 1e6,
-                   scores_us=t["scores"] * 1e6, pages_us=t["pages only"] * 1e6, speedup=t["dense"] / t["quest"],
-                   score_share=t["scores"] / t["quest"])
-        records.append(rec)
-        print(f"{rec['shape']} {rec['dtype']} n={rec['n']} {rec['threads']}t dense {rec['dense_us']:9.1f} us  "
-              f"quest {rec['quest_us']:8.1f} (scores {rec['scores_us']:7.1f}, pages {rec['pages_us']:7.1f})  "
-              f"x{rec['speedup']:.2f}  scores {100 * rec['score_share']:.0f}% of the step", flush=True)
+    for layout in layouts:
+        make = case if layout == "uniform" else ragged_case
+        for rec, t, _ in sweep(args, lambda shape, n, dtype, g: make(shape, n, dtype, args.budget, g)):
+            rec["layout"] = layout
+            _record(records, rec, t, args.budget)
     command = command_line(__file__, argv)
     result = dict(command=command, date=now(), machine=info, page=PAGE, records=records)
     if args.no_write:
@@ -108,13 +153,14 @@ def main(argv=None):
         f"Decode step (q = 1), B=1, token budget {args.budget} ({args.budget // PAGE} pages of {PAGE}). dense = "
         "ops.attention over all n slots; quest = PagedStore.attend (page scores + top-k pages + attention over "
         "them by index); scores = ops.page_scores alone; pages = ops.attention_pages alone. Medians of "
-        "interleaved reps; x = dense / quest.",
+        "interleaved reps; x = dense / quest. ragged: the same over a per-head layer (RaggedPagedStore), head h "
+        "holding n(1 - h/(2 Hkv)) slots with merge counts, dense = ops.attention on that layout.",
         "",
-        "| shape | dtype | n | threads | dense us | quest us | scores us | pages us | x dense | scores share |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layout | shape | dtype | n | threads | dense us | quest us | scores us | pages us | x dense | scores share |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['n']} | {r['threads']} | {r['dense_us']:.1f} | "
+        lines.append(f"| {r['layout']} | {r['shape']} | {r['dtype']} | {r['n']} | {r['threads']} | {r['dense_us']:.1f} | "
                      f"{r['quest_us']:.1f} | {r['scores_us']:.1f} | {r['pages_us']:.1f} | {r['speedup']:.2f} | "
                      f"{100 * r['score_share']:.0f}% |")
     write_results("bench_quest", result, lines)

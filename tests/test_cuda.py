@@ -729,6 +729,11 @@ GPU_METHODS = {
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
     "tidaldecode": lambda: kvcompress.TidalDecode(token_budget=48, selection_layers=(1,)),
     "magicpig": lambda: kvcompress.MagicPIG(K=4, L=30, window=16, dense_layers=1),
+    # the three readers over per-head (AdaKV) and merged (EMS) layers
+    "adakv+quest": lambda: kvcompress.AdaKV(budget=128) + kvcompress.Quest(token_budget=64, page=8),
+    "ems+tidaldecode": lambda: kvcompress.EMS(budget=128) + kvcompress.TidalDecode(token_budget=48,
+                                                                                   selection_layers=(1,)),
+    "ems+magicpig": lambda: kvcompress.EMS(budget=128) + kvcompress.MagicPIG(K=4, L=30, window=16, dense_layers=1),
     # cross-layer: two merged pairs, reconstructed for every attention call
     "minicache": lambda: kvcompress.MiniCache(start_layer=0, t=0.6, retain=0.1),
     "snapkv+minicache": lambda: kvcompress.SnapKV(budget=64) + kvcompress.MiniCache(start_layer=0),

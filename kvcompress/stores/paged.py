@@ -258,7 +258,7 @@ class RaggedPagedStore(RaggedStore):
         k]``, each head's ascending after ``-1`` padding, its first and newest
         page always in; None when every head's pages fit the budget."""
         P = self.page
-        counts = self._pages(self._host_lengths)
+        counts = self._pages(self._host_lengths)  # host mirror: no device synchronisation
         M = int(counts.max()) if counts.numel() else 0
         k = max(2, self.token_budget // P)
         if k >= M:
@@ -266,7 +266,7 @@ class RaggedPagedStore(RaggedStore):
         scores = ops.page_scores(query[:, :, -1], self.kmin, self.kmax, M, P, gqa=self.gqa, lengths=self.lengths,
                                  page_offsets=self.page_offsets)
         N = self.batch * self.heads
-        start = M - self._pages(self.lengths)  # first real (right-aligned) column of each head
+        start = (M - counts).to(self.k.device)  # first real (right-aligned) column of each head
         cols = ops.select_topk(scores.view(N, 1, M), k, sinks=1, window=1, kv_start=start)
         pages = cols.view(N, k) - start[:, None]
         return pages.clamp_min(-1).view(self.batch, self.heads, k)
