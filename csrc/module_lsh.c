@@ -167,14 +167,7 @@ static PyObject *py_lsh_attention(PyObject *m, PyObject *const *args, Py_ssize_t
          * the spec bound their R), segments disjoint as ops.attention wants */
         if (kvc_py_check_segments(st, hoff, hlen, H, c.a[LA_K].view.shape[0], "keys", 0, 1) < 0) goto done;
     }
-    {
-        /* the count scan reads kv_start / offsets / lengths on the host; with
-         * one of them on a GPU and the counts on the CPU, kvc_py_run refuses
-         * the mixed devices instead */
-        int k, host = 1;
-        for (k = LA_START; k < LA_CNT; k++) host &= c.a[k].t == NULL || c.a[k].dev_type == kDLCPU;
-        if (host && kvc_py_check_counts(st, &c, LA_START, ragged, B * H) < 0) goto done;
-    }
+    if (kvc_py_check_counts(st, &c, LA_START, ragged, B * H) < 0) goto done;
     p.q = c.a[LA_Q].view;
     p.k = c.a[LA_K].view;
     p.v = c.a[LA_V].view;

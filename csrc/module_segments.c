@@ -114,6 +114,11 @@ int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k
     char where[96];
     int64_t i, j;
     if (c->a[k + 3].t == NULL || counts->data == NULL || c->a[k + 3].dev_type != kDLCPU) return 0;
+    /* the scan reads kv_start / offsets / lengths on the host: with one of
+     * them on a GPU and the counts on the CPU, kvc_py_run refuses the mixed
+     * devices instead */
+    for (i = k; i < k + 3; i++)
+        if (c->a[i].t != NULL && c->a[i].dev_type != kDLCPU) return 0;
     kv_start = kvc_py_call_i64(c, k, &kv_start_stride);
     offsets = kvc_py_call_i64(c, k + 1, &offsets_stride);
     lengths = kvc_py_call_i64(c, k + 2, &lengths_stride);

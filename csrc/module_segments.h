@@ -1,8 +1,9 @@
 /*
  * module_segments.h - the checks the bindings of the attention ops over a
  * uniform or ragged layer share (module_attention.c,
- * module_packed_attention.c): which layout a call asks for, the ragged
- * segments, the merge counts. One place, so both ops word their errors alike.
+ * module_packed_attention.c, module_lsh.c, module_pages.c): which layout a
+ * call asks for, the ragged segments, the merge counts. One place, so the
+ * ops word their errors alike.
  */
 #ifndef KVC_MODULE_SEGMENTS_H
 #define KVC_MODULE_SEGMENTS_H
@@ -41,7 +42,9 @@ int kvc_py_check_segments(struct kvc_state *st, const struct kvc_view *off, cons
  * are kv_start, offsets, lengths, counts (both ops order them so). Counts
  * on a GPU are not scanned: that would copy [N] to the host on every decode
  * step, and a bad count can only spoil its own output rows (they come from
- * evict_merge, which writes counts >= 1). 0, or -1 with ValueError set. */
+ * evict_merge, which writes counts >= 1); nor are they when a layout
+ * argument is on a GPU (kvc_py_run refuses the mixed devices). 0, or -1
+ * with ValueError set. */
 int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k, int ragged, int64_t heads);
 
 /* Host centers [B, H, C] (kv_start a host view or NULL): per (b, h)

@@ -155,6 +155,18 @@ class RaggedStore(LayerStore):
         self.lengths = need
         self._host_lengths += q
 
+    def aligned_rows(self):
+        """Each head's rows right-aligned in ``[B * H, M]`` (``M`` the
+        longest head): ``(rows, live, start)``, ``rows`` int64 (0 where
+        ``live`` is False), ``live`` bool, ``start`` int64 ``[B * H]`` the
+        first live column of each head (``M - lengths``)."""
+        M = self.max_length()
+        start = M - self.lengths
+        col = torch.arange(M, device=self.offsets.device)[None, :]
+        live = col >= start[:, None]
+        rows = (self.offsets[:, None] + col - start[:, None]).clamp_min(0)
+        return torch.where(live, rows, torch.zeros_like(rows)), live, start
+
     def to_padded(self):
         """Left-padded dense copy for re-scoring, one row per head.
 
@@ -165,12 +177,8 @@ class RaggedStore(LayerStore):
         filled). ``counts`` are ones and ``scores`` NaN where not held.
         """
         N = self.batch * self.heads
-        M = int(self.lengths.max()) if N else 0
-        start = M - self.lengths
-        col = torch.arange(M, device=self.offsets.device)[None, :]
-        live = col >= start[:, None]
-        rows = (self.offsets[:, None] + col - start[:, None]).clamp_min(0)
-        rows = torch.where(live, rows, torch.zeros_like(rows))
+        rows, live, start = self.aligned_rows()
+        M = int(rows.shape[1])
 
         def take(t, fill):
             out = t[rows.reshape(-1)].reshape((N, M) + tuple(t.shape[1:]))

@@ -191,18 +191,6 @@ class RaggedTidalStore(RaggedStore):
                 f"token_budget={self.token_budget}, merged={self.counts is not None}, "
                 f"sparse_steps={self.sparse_steps})")
 
-    def _aligned(self):
-        """``(rows [N, M], real [N, M], start [N])``: each head's rows right
-        aligned (``rows`` is 0 where ``real`` is False) and its first real column."""
-        N = self.batch * self.heads
-        M = self.max_length()
-        start = M - self.lengths
-        col = torch.arange(M, device=self.offsets.device)[None, :]
-        real = col >= start[:, None]
-        rows = torch.where(real, self.offsets[:, None] + col - start[:, None], torch.zeros((), dtype=torch.int64,
-                                                                                        device=col.device))
-        return rows.view(N, M), real.view(N, M), start
-
     def _newest(self) -> int:
         """Position of the step's token: the last slot of the first head
         (every head holds it once the step is appended)."""
@@ -215,7 +203,7 @@ class RaggedTidalStore(RaggedStore):
             return
         B, H = self.batch, self.heads
         N, g, D = B * H, int(query.shape[1]) // H, int(query.shape[3])
-        rows, real, start = self._aligned()
+        rows, real, start = self.aligned_rows()
         logits = torch.bmm(query[:, :, 0].reshape(N, g, D).float(), self.k[rows].float().transpose(1, 2))
         logits = logits * spec.scaling
         if spec.count_bias and self.counts is not None:
@@ -241,7 +229,7 @@ class RaggedTidalStore(RaggedStore):
         if M <= self.token_budget:
             return None
         B, H = self.batch, self.heads
-        rows, real, start = self._aligned()
+        rows, real, start = self.aligned_rows()
         pos = torch.where(real, self.positions[rows].to(torch.int64), -2)  # -2 matches no selection (pads are -1)
         want = sel.positions.reshape(B * H, -1).to(torch.int64)
         at = torch.searchsorted(want, pos).clamp_max(want.shape[1] - 1)
