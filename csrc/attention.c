@@ -340,7 +340,7 @@ enum kvc_status kvc_attention(const struct kvc_attention_params *p)
             at_unit(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
         }
 #pragma omp for schedule(static)
-        for (u = 0; u < g.u.P; u++) kvc_at_combine(&g.u, &p->out, at_out_pos, u, prefix, parts, w.kbuf);
+        for (u = 0; u < g.u.P; u++) kvc_at_combine(&g.u, &p->out, at_out_pos, u, prefix, parts, w.kbuf, NULL);
     }
     return KVC_OK;
 }

@@ -113,11 +113,18 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
 
 /* Queries [i0, i0 + *nq) of tile t; returns the end (exclusive) of the
  * logical slots the tile sees: query i sees s0 .. n + r - q + i. */
+/* Last logical slot query qi sees: the queries are the last q residual
+ * slots, or with no residual (r = 0) come after every packed slot. */
+static inline int64_t pa_last(const struct pa_geom *g, const struct pa_head *h, int64_t qi)
+{
+    return g->r ? h->n + g->r - g->u.q + qi : h->n - 1;
+}
+
 static int64_t pa_tile(const struct pa_geom *g, const struct pa_head *h, int64_t t, int64_t *i0,
                        int64_t *nq)
 {
     kvc_at_tile_rows(&g->u, t, i0, nq);
-    return h->n + g->r - g->u.q + *i0 + *nq;
+    return pa_last(g, h, *i0 + *nq - 1) + 1;
 }
 
 /* Split blocks are the PA_SB-aligned stretches of the logical sequence that
@@ -601,7 +608,7 @@ static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const s
         const char *src = (const char *)p->q.data +
                           (b * p->q.strides[0] + hq * p->q.strides[1] + qi * p->q.strides[2]) * es;
         pa_row_load(g, w->qbuf + r * Dp, src, p->q.dtype, p->q.strides[3]);
-        w->lim[r] = h.n + g->r - g->u.q + qi;
+        w->lim[r] = pa_last(g, &h, qi);
         pm[r] = -INFINITY;
         ps[r] = 0.0f;
         memset(acc + r * Dp, 0, (size_t)Dp * sizeof(float));
@@ -659,7 +666,8 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
     int nt, empty;
     enum kvc_status s = kvc_at_units_check(p->layout, &p->q, p->num_kv_heads, &empty);
     if (s != KVC_OK || empty) return s;
-    if ((p->bits != 2 && p->bits != 4 && p->bits != 8) || p->group < 1 || p->res_k.shape[2] < p->q.shape[2])
+    if ((p->bits != 2 && p->bits != 4 && p->bits != 8) || p->group < 1 ||
+        (p->res_k.shape[2] != 0 && p->res_k.shape[2] < p->q.shape[2]))
         return KVC_ERR_INVALID;
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))
         return KVC_ERR_NOMEM;
@@ -706,7 +714,7 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
             pa_unit(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
         }
 #pragma omp for schedule(static)
-        for (u = 0; u < g.u.P; u++) kvc_at_combine(&g.u, &p->out, pa_out_pos, u, prefix, parts, w.kbuf);
+        for (u = 0; u < g.u.P; u++) kvc_at_combine(&g.u, &p->out, pa_out_pos, u, prefix, parts, w.kbuf, &p->lse);
     }
     return KVC_OK;
 }

@@ -33,7 +33,9 @@ extern "C" {
  *     v_jc    = value_scales[j, u] code_jc + value_mins[j, u]
  *
  * The queries are the last q residual slots (r >= q): query i sees slots
- * s0 .. n_h + r - q + i. Uniform: n_h = n, s0 = kv_start[b] (0 without; it
+ * s0 .. n_h + r - q + i. With no residual (r = 0) the queries come after
+ * the whole layer and each sees s0 .. n_h - 1 (a packed part read on its
+ * own, combined with others through lse). Uniform: n_h = n, s0 = kv_start[b] (0 without; it
  * may reach into the residual); ragged: n_h = lengths[b * Hkv + hk], s0 = 0,
  * packed slot j is row offsets[b * Hkv + hk] + j of the codes, value
  * min/scale and counts, and its key group row offsets[.] / G + t (offsets
@@ -51,10 +53,12 @@ struct kvc_packed_attention_params {
     struct kvc_view value_codes;  /* as key_codes */
     struct kvc_view value_mins;   /* uniform [B, Hkv, n, ceil(D/G)] / ragged [N, ceil(D/G)], f32 */
     struct kvc_view value_scales; /* as value_mins */
-    struct kvc_view res_k;        /* [B, Hkv, r, D], dtype of q, r >= q */
+    struct kvc_view res_k;        /* [B, Hkv, r, D], dtype of q, r >= q or r = 0 */
     struct kvc_view res_v;        /* as res_k (strides may differ) */
     struct kvc_view out;          /* [B, q, Hq, D], dtype of q */
     struct kvc_view counts;       /* optional f32 [B, Hkv, n] / [N], each >= 1; data NULL: none */
+    struct kvc_view lse;          /* optional f32 [B, Hq, q] out: log sum_j w_j, -inf for a row that
+                                   * sees no slot; data NULL: none */
     const int64_t *kv_start;      /* uniform, optional [B]: leading padded slots, <= n + r; NULL: none */
     int64_t kv_start_stride;
     const int64_t *offsets;       /* ragged [B * Hkv]: first row of each head, a multiple of G */

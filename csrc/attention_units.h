@@ -161,8 +161,11 @@ static inline int64_t kvc_at_unit_pair(const struct kvc_at_units *u, const int64
 /* out rows of a pair <- log-sum-exp combine of its blocks, in block order;
  * o holds Dp floats. Row r = gi * nq + i is query head hk * g + gi,
  * query i0 + i. */
+/* Also writes each row's log-sum-exp to lse ([B, Hq, q] f32) when lse is not
+ * NULL and has data: the partials' logits are natural-log weights. */
 static inline void kvc_at_combine(const struct kvc_at_units *u, const struct kvc_view *out, kvc_at_pos_fn pos,
-                                  int64_t pair, const int64_t *prefix, const float *parts, float *o)
+                                  int64_t pair, const int64_t *prefix, const float *parts, float *o,
+                                  const struct kvc_view *lse)
 {
     const int64_t D = u->D, Dp = u->Dp, t = pair % u->ntiles, bh = pair / u->ntiles;
     const int64_t b = bh / u->Hkv, hk = bh % u->Hkv;
@@ -181,9 +184,13 @@ static inline void kvc_at_combine(const struct kvc_at_units *u, const struct kvc
             float m = KVC_AT_PART_M(parts + (u0 + k) * u->ustride)[r];
             M = m > M ? m : M;
         }
+        float *lp = lse && lse->data ? (float *)lse->data + b * lse->strides[0] + hq * lse->strides[1] +
+                                             qi * lse->strides[2]
+                                       : NULL;
         if (M == -INFINITY) {
             /* the row sees no slot */
             for (d = 0; d < D; d++) kvc_store_f32(dst, out->dtype, d * os, 0.0f);
+            if (lp) *lp = -INFINITY;
             continue;
         }
         for (d = 0; d < Dp; d++) o[d] = 0.0f;
@@ -195,6 +202,7 @@ static inline void kvc_at_combine(const struct kvc_at_units *u, const struct kvc
             for (d = 0; d < Dp; d++) o[d] += wk * a[d];
         }
         for (d = 0; d < D; d++) kvc_store_f32(dst, out->dtype, d * os, o[pos(u, d)] / L);
+        if (lp) *lp = M + kvc_logf(L);
     }
 }
 

@@ -26,6 +26,7 @@ enum {
     A_RK,
     A_RV,
     A_OUT,
+    A_LSE,
     A_BITS,
     A_GROUP,
     A_SCALE,
@@ -44,7 +45,7 @@ KVC_PY_OP(op_packed_attention, packed_attention, 1, 1)
 
 PyDoc_STRVAR(packed_attention_doc,
              "packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, "
-             "value_scales, residual_keys, residual_values, out, bits, group, scaling, kv_start, "
+             "value_scales, residual_keys, residual_values, out, lse, bits, group, scaling, kv_start, "
              "offsets, lengths, counts)\n--\n\n"
              "Low-level: see kvcompress.ops.packed_attention.");
 
@@ -61,6 +62,7 @@ static const struct kvc_py_spec packed_uniform_spec[A_N] = {
     KVC_PY_IN_LIKE("residual_keys", 4, "[B, Hkv, r, D]", A_Q),
     KVC_PY_IN_LIKE("residual_values", 4, "[B, Hkv, r, D]", A_Q),
     KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
+    KVC_PY_OPT_OUT("lse", 3, "[B, Hq, q]", DT_F32),
     KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),
     KVC_PY_INT_IN("group", 1, INT64_MAX),
     KVC_PY_FINITE("scaling"),
@@ -82,6 +84,7 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_IN_LIKE("residual_keys", 4, "[B, Hkv, r, D]", A_Q),
     KVC_PY_IN_LIKE("residual_values", 4, "[B, Hkv, r, D]", A_Q),
     KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
+    KVC_PY_OPT_OUT("lse", 3, "[B, Hq, q]", DT_F32),
     KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),
     KVC_PY_INT_IN("group", 1, INT64_MAX),
     KVC_PY_FINITE("scaling"),
@@ -118,10 +121,10 @@ static int check_layout(struct kvc_state *st, const struct kvc_py_call *c, int r
                             "value_mins: %lld channel groups, expected ceil(D / group) = %lld for "
                             "D = %lld, group = %lld",
                             (long long)U, (long long)kvc_pk_groups(D, G), (long long)D, (long long)G);
-    if (r < q)
+    if (r != 0 && r < q)
         return kvc_py_raise(st->ValueError,
                             "residual_keys: %lld residual slots, fewer than the %lld queries (the "
-                            "queries are the last q residual slots)",
+                            "queries are the last q residual slots; with none they follow the packed ones)",
                             (long long)r, (long long)q);
     return 0;
 }
@@ -204,6 +207,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     p.res_v = c.a[A_RV].view;
     p.out = c.a[A_OUT].view;
     if (c.a[A_CNT].t) p.counts = c.a[A_CNT].view;
+    if (c.a[A_LSE].t) p.lse = c.a[A_LSE].view;
     p.layout = ragged ? KVC_KV_RAGGED : KVC_KV_UNIFORM;
     p.num_kv_heads = Hkv;
     p.group = G;

@@ -692,8 +692,9 @@ class CompressedLayer(CacheLayerMixin):
 
     def _demote(self, view: LayerView, per_row: list) -> None:
         """Mixed precision (``LowBits``, ``MiKV``, ``ZipCache``): each row's
-        selected slots ``per_row[b]`` ``[H, k_b]`` stay in full precision, its
-        other real slots are packed at the quantizer's bits.
+        selected slots ``per_row[b]`` ``[H, k_b]`` stay in full precision (or
+        are packed at the quantizer's ``high_bits``), its other real slots are
+        packed at its ``bits``.
 
         Every row gets ``K = max k_b`` full-precision slots: a row that
         selected fewer moves its most recent other slots up (more precision
@@ -708,7 +709,9 @@ class CompressedLayer(CacheLayerMixin):
         for b in range(B):
             real = n - self._start[b]
             if real <= K:
-                fill = torch.zeros((H, K - real), dtype=torch.int64, device=device)
+                # masked filler: the row's first real slot, so that packed at
+                # high_bits it never widens a key group's range
+                fill = torch.full((H, K - real), min(self._start[b], n - 1), dtype=torch.int64, device=device)
                 resid.append(torch.cat([fill, ar[self._start[b]:].expand(H, -1)], 1))
                 low.append(None)
                 continue
@@ -730,7 +733,8 @@ class CompressedLayer(CacheLayerMixin):
                                                              device=device)
             lows.append(torch.cat([first.expand(H, m - n_low[b])] + ([low[b]] if n_low[b] else []), 1))
         bits, group, _ = self.method.packing
-        self.store = PackedStore.from_split(view.keys, view.values, torch.stack(resid), torch.stack(lows), bits, group)
+        self.store = PackedStore.from_split(view.keys, view.values, torch.stack(resid), torch.stack(lows), bits, group,
+                                            high_bits=self.method.quant.high_bits)
         self._update_start([m - n_low[b] + max(0, K - (n - self._start[b])) for b in range(B)])
 
     def _compact(self, view: LayerView, rows: list[int], targets: list[int]) -> None:

@@ -833,7 +833,7 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
 
 def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                      residual_keys, residual_values, *, bits, group, scaling=None, kv_start=None,
-                     offsets=None, lengths=None, counts=None, out=None):
+                     offsets=None, lengths=None, counts=None, out=None, return_lse=False):
     """Attention of the newest ``q`` tokens over a KIVI-packed layer plus its residual window.
 
     The layout is the contract of ``docs/packed.md``: ``bits``-wide codes
@@ -844,6 +844,9 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     sequence of a head is its ``n_h`` packed slots, then the ``r`` residual
     slots; the queries are the last ``q`` residual slots (``r >= q``), so
     query ``i`` sees every packed slot and residual slots ``0 .. r - q + i``.
+    With ``r = 0`` the queries come after the layer and every query sees every
+    packed slot: a packed part read on its own, to be joined with other parts
+    through ``return_lse`` (two precisions in one head, see ``MiKV``).
     No dequantized copy is made: key logits use the query scaled per (token
     group, channel) against the codes, values the softmax weights scaled per
     (token, channel group). Online softmax in float32, long heads split into
@@ -862,7 +865,8 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     value_mins, value_scales : float32 tensors
         Uniform: ``[B, Hkv, n, ceil(D / group)]``; ragged: ``[N, ceil(D / group)]``.
     residual_keys, residual_values : tensors ``[B, Hkv, r, D]``, dtype of `queries`
-        The full-precision window after the packed slots (``r >= q``).
+        The full-precision window after the packed slots (``r >= q``, or
+        ``r = 0``: none, see above).
     bits : {2, 4, 8}
     group : int >= 1
         ``G``: tokens per key group, channels per value group.
@@ -882,21 +886,29 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         key group. Residual slots count 1.
     out : tensor ``[B, q, Hq, D]``, dtype of `queries`, optional
         Written in place and returned; allocated when omitted.
+    return_lse : bool
+        Also return each row's log-sum-exp ``log sum_j w_j`` (natural log,
+        scaled logits plus log counts) as float32 ``[B, Hq, q]``; ``-inf`` for a
+        query that sees no slot. Two parts' outputs ``o1, o2`` join exactly as
+        ``(e1 o1 + e2 o2) / (e1 + e2)`` with ``e = exp(lse - max(lse1, lse2))``.
 
     Returns
     -------
     tensor ``[B, q, Hq, D]``, dtype of `queries`
-        A query that sees no slot gets zeros.
+        A query that sees no slot gets zeros. With `return_lse`, the tuple
+        ``(out, lse)``.
     """
     ragged = offsets is not None or lengths is not None
     scaling, out = _attention_out(queries, {"key_codes": key_codes, "value_codes": value_codes}, "Db", ragged,
                                   scaling, out)
+    qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
+    lse = _empty(queries, (qs[0], qs[1], qs[2]), "float32") if _flag(return_lse, "return_lse") else None
     _C.packed_attention(
         *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                                 residual_keys, residual_values)),
-        out, _py_int(bits), _py_int(group), scaling, *_layout_args(queries, kv_start, offsets, lengths, counts),
+        out, lse, _py_int(bits), _py_int(group), scaling, *_layout_args(queries, kv_start, offsets, lengths, counts),
     )
-    return out
+    return (out, lse) if lse is not None else out
 
 
 def probe_positions(T: int, probe: float) -> np.ndarray:

@@ -610,3 +610,133 @@ def test_unused_rows_not_checked():
     counts[10] = float("nan")  # after head 0's 10 slots, before head 1's offset
     counts[11] = 0.0
     _call(dict(a, counts=counts))
+
+
+# ---------------------------------------------------------------- lse, and a packed part on its own (r = 0)
+
+
+def lse_ref(q, pk, rk, scaling=None, kv_start=None, counts=None, all_visible=False):
+    """float64 ``[B, Hq, q]`` log-sum-exp of the scaled logits (plus log
+    counts) each query sees; -inf for a query that sees nothing. With
+    `all_visible` every query sees every packed slot (the r = 0 rule)."""
+    B, Hq, nq, D = q.shape
+    Hkv = rk.shape[1]
+    g = Hq // Hkv
+    scaling = 1 / math.sqrt(D) if scaling is None else scaling
+    ragged = hasattr(pk, "offsets")
+    out = torch.full((B, Hq, nq), float("-inf"), dtype=torch.float64)
+    for b in range(B):
+        for hk in range(Hkv):
+            i = b * Hkv + hk
+            if ragged:
+                kp, s0 = pk.k64[i], 0
+                o, n = int(pk.offsets[i]), int(pk.lengths[i])
+                c = None if counts is None else counts[o:o + n]
+            else:
+                kp, s0 = pk.k64[b, hk], 0 if kv_start is None else int(kv_start[b])
+                c = None if counts is None else counts[b, hk]
+            kh = torch.cat([kp.double(), rk[b, hk].double()])
+            n_all = kh.shape[0]
+            logits = (q[b, hk * g:(hk + 1) * g].double() @ kh.T) * scaling  # [g, q, n]
+            if c is not None:
+                logits[..., : kp.shape[0]] += torch.log(c.double())
+            j = torch.arange(n_all)
+            lim = torch.full((nq,), n_all - 1) if all_visible else n_all - nq + torch.arange(nq)
+            visible = (j[None, :] <= lim[:, None]) & (j[None, :] >= s0)
+            out[b, hk * g:(hk + 1) * g] = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), -1)
+    return out
+
+
+def one_query_at_a_time(q, pk, rk, rv, **kw):
+    """The r = 0 reference: each query alone sees every packed slot (a
+    single query's causal limit is the last slot)."""
+    return torch.cat([packed_ref(q[:, :, i:i + 1], pk, rk, rv, **kw) for i in range(q.shape[2])], 1)
+
+
+def check_lse(lse, ref, what=""):
+    assert lse.dtype == torch.float32 and lse.shape == ref.shape, what
+    assert torch.equal(lse.isinf(), ref.isinf()), what
+    fin = ref.isfinite()
+    torch.testing.assert_close(lse[fin].double(), ref[fin], rtol=1e-5, atol=2e-4, msg=what)
+
+
+@pytest.mark.parametrize("shape", UNIFORM_SHAPES[:5], ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_return_lse_uniform(shape, dtype):
+    """lse is the float64 log-sum-exp over what each query sees, and asking
+    for it leaves the output's bits alone."""
+    B, Hq, Hkv, nq, n, r, D, G = shape
+    q, pk, rk, rv = uniform_case(*shape, 4, dtype)
+    kv_start = torch.tensor([0, n // 3 + 1][:B])
+    out, lse = run(q, pk, rk, rv, 4, G, kv_start=kv_start, return_lse=True)
+    assert torch.equal(out, run(q, pk, rk, rv, 4, G, kv_start=kv_start))
+    check_lse(lse, lse_ref(q, pk, rk, kv_start=kv_start), f"{shape} {dtype}")
+
+
+def test_return_lse_ragged_counts_and_empty_heads():
+    lengths = [40, 0, 17, 64]
+    B, Hq, Hkv, nq, D, G = 2, 6, 2, 3, 48, 16
+    pk = pack_ragged(lengths, D, 2, G, seed=3)
+    q = queries(B, Hq, nq, D, torch.float32, seed=5)
+    counts = torch.from_numpy(np.random.default_rng(1).integers(1, 9, size=pk.N)).float()
+    for r in (nq + 2, 0):
+        rk, rv = randn((B, Hkv, r, D), seed=8), randn((B, Hkv, r, D), seed=9)
+        out, lse = run(q, pk, rk, rv, 2, G, counts=counts, return_lse=True)
+        check_lse(lse, lse_ref(q, pk, rk, counts=counts, all_visible=r == 0), f"r={r}")
+        if r == 0:
+            # the empty head's queries see nothing: zeros and -inf
+            assert torch.equal(out[:, :, 3:6][0], torch.zeros_like(out[:, :, 3:6][0]))
+            assert torch.isneginf(lse[0, 3:6]).all() and lse[1].isfinite().all()
+            ref = one_query_at_a_time(q, pk, rk, rv, counts=counts)
+            same = one_query_at_a_time(q, pk, rk, rv, counts=counts, dtype=torch.float32)
+            assert_within_bound(out, ref, same, "ragged r=0")
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("nq", [1, 5, 20])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_no_residual_every_query_sees_every_slot(bits, nq, dtype):
+    """r = 0: the queries follow the packed part, none is causally cut."""
+    B, Hq, Hkv, n, D, G = 2, 8, 2, 300, 64, 32
+    q, pk, _, _ = uniform_case(B, Hq, Hkv, nq, n, 1, D, G, bits, dtype, seed=nq)
+    rk = rv = torch.zeros(B, Hkv, 0, D, dtype=dtype)
+    kv_start = torch.tensor([0, 45])
+    out, lse = run(q, pk, rk, rv, bits, G, kv_start=kv_start, return_lse=True)
+    ref = one_query_at_a_time(q, pk, rk, rv, kv_start=kv_start)
+    same = one_query_at_a_time(q, pk, rk, rv, kv_start=kv_start, dtype=dtype)
+    assert_within_bound(out, ref, same, f"bits={bits} q={nq}")
+    check_lse(lse, lse_ref(q, pk, rk, kv_start=kv_start, all_visible=True))
+    # every row masked: zeros and -inf
+    out, lse = run(q, pk, rk, rv, bits, G, kv_start=torch.tensor([n, 0]), return_lse=True)
+    assert not out[0].any() and torch.isneginf(lse[0]).all() and lse[1].isfinite().all()
+
+
+def test_two_parts_join_through_lse():
+    """Attention over one layer equals its two halves (one with the
+    residual, one packed alone) joined by their lse: the mixed-precision
+    read."""
+    B, Hq, Hkv, nq, D, G = 2, 6, 2, 3, 64, 16
+    q, lo, rk, rv = uniform_case(B, Hq, Hkv, nq, 96, nq + 4, D, G, 2, torch.float32, seed=1)
+    _, hi, _, _ = uniform_case(B, Hq, Hkv, nq, 40, 1, D, G, 8, torch.float32, seed=2)
+    none = torch.zeros(B, Hkv, 0, D)
+    o1, l1 = run(q, lo, rk, rv, 2, G, return_lse=True)
+    o2, l2 = run(q, hi, none, none, 8, G, return_lse=True)
+    m = torch.maximum(l1, l2)
+    e1, e2 = (l1 - m).exp().transpose(1, 2)[..., None], (l2 - m).exp().transpose(1, 2)[..., None]
+    joined = (e1 * o1 + e2 * o2) / (e1 + e2)
+    # float64 reference over the union: hi's slots, then lo's packed slots, then the residual
+    k = torch.cat([hi.k64, lo.k64, rk.double()], 2)
+    v = torch.cat([hi.v64, lo.v64, rv.double()], 2)
+    ref = torch.zeros(B, nq, Hq, D, dtype=torch.float64)
+    g = Hq // Hkv
+    for b in range(B):
+        for hk in range(Hkv):
+            ref[b, :, hk * g:(hk + 1) * g] = _head_attention(q[b, hk * g:(hk + 1) * g].double(), k[b, hk], v[b, hk],
+                                                              1 / math.sqrt(D), 0, None, torch.float64)
+    torch.testing.assert_close(joined.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_return_lse_flag_checked():
+    q, pk, rk, rv = uniform_case(1, 2, 1, 1, 32, 1, 16, 8, 4, torch.float32)
+    with pytest.raises(KVCompressTypeError, match="return_lse"):
+        run(q, pk, rk, rv, 4, 8, return_lse=torch.zeros(0))

@@ -24,7 +24,7 @@ from kvcompress import _C
 from reference import pool1d_ref, vector_norm_ref, window_scores_ref
 from test_attention import attention_ref, ragged_layout
 from test_attention import randn as attn_randn
-from test_attention_packed import pack_ragged, packed_ref, uniform_case
+from test_attention_packed import check_lse, lse_ref, one_query_at_a_time, pack_ragged, packed_ref, uniform_case
 from test_budget import head_budgets_ref
 from test_fastgen import recovery_ref
 from test_keyformer import keyformer_ref
@@ -464,6 +464,24 @@ def test_packed_attention_ragged(nq, bits, dtype):
         assert_within_bound(got, ref, same)
 
 
+@pytest.mark.parametrize("r", [0, 5], ids=["alone", "residual"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_attention_lse_and_no_residual(r, dtype):
+    """return_lse, and a packed part with no residual (every query sees
+    every packed slot): the GPU's lse against float64, its output against
+    the one-query-at-a-time reference."""
+    B, Hq, Hkv, nq, n, D, G = 2, 8, 2, 3, 700, 64, 32
+    qs, pk, _, _ = uniform_case(B, Hq, Hkv, nq, n, 1, D, G, 4, dtype)
+    rk, rv = attn_randn((B, Hkv, r, D), dtype, 6), attn_randn((B, Hkv, r, D), dtype, 7)
+    kv_start = torch.tensor([0, 45])
+    _, (got, lse) = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=4, group=G, kv_start=kv_start,
+                         return_lse=True)
+    check_lse(lse, lse_ref(qs, pk, rk, kv_start=kv_start, all_visible=r == 0))
+    ref_fn = one_query_at_a_time if r == 0 else packed_ref
+    assert_within_bound(got, ref_fn(qs, pk, rk, rv, kv_start=kv_start),
+                        ref_fn(qs, pk, rk, rv, kv_start=kv_start, dtype=dtype))
+
+
 # ---------------------------------------------------------------- pages (Quest)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -724,6 +742,8 @@ GPU_METHODS = {
     # evict, then pack what is kept: uniform (SnapKV) and per-head merged (EMS) packed stores
     "snapkv+kivi4": lambda: kvcompress.SnapKV(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
     "ems+kivi4": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
+    # mixed precision: the selected slots at 8 bits, the rest at 2 (two packed widths joined by lse)
+    "mikv2+8": lambda: kvcompress.MiKV(budget=64, bits=2, high_bits=8),
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),

@@ -12,6 +12,7 @@ from kvcompress import ops
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import H2O, AdaKV, EMS, LayerView, LowBits, MiKV, SnapKV, ZipCache, method_from_spec
 from kvcompress.stores import PackedStore
+from kvcompress.stores.base import AttentionSpec
 from test_compose import _generate as generate
 from test_compose import left_padded_pair
 
@@ -149,3 +150,119 @@ def test_bytes_fall_with_bits(tiny_model):
     assert store.n_packed == 300 and store.r == 100
     assert store._kc.numel() == 2 * 300 * ops.packed_row_bytes(16, 2)
     assert store._rk.shape[2] == 100 and store._rk.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- the selected tokens at high_bits
+
+
+def test_high_bits_options():
+    assert MiKV(ratio=0.75, high_bits=8).quant == LowBits(bits=2, group=32, high_bits=8)
+    assert repr(LowBits(high_bits=4)) == "LowBits(bits=2, group=32, high_bits=4)"
+    assert repr(MiKV(budget=64, high_bits=8)) == "MiKV(budget=64, bits=2, high_bits=8, group=32, recent=0.5)"
+    assert ZipCache(ratio=0.5, high_bits=4).describe() == \
+        "ZipCache(ratio=0.5, bits=2, high_bits=4, group=32, probe=0.1, window=8)"
+    assert method_from_spec("zipcache:bits=2:high_bits=4", ratio=0.5) == ZipCache(ratio=0.5, high_bits=4)
+    assert method_from_spec("snapkv+lowbits:high_bits=8", ratio=0.75) == SnapKV(ratio=0.75,
+                                                                                 quant=LowBits(high_bits=8))
+    for bad, match in ((3, "high_bits: must be None"), (2, "more than bits=2"), (True, "high_bits"),
+                       (8.0, "high_bits")):
+        with pytest.raises(ValueError, match=match):
+            MiKV(ratio=0.5, high_bits=bad)
+    with pytest.raises(ValueError, match="more than bits=4"):
+        ZipCache(ratio=0.5, bits=4, high_bits=4)
+
+
+def _split_store(B, H, n, D, k, high_bits, seed=0, dtype=torch.float32):
+    """A PackedStore.from_split over random keys/values: per row and head,
+    `k` random selected slots at `high_bits`, the rest at 2 bits."""
+    g = torch.Generator().manual_seed(seed)
+    keys = (torch.randn(B, H, n, D, generator=g) * 2 + torch.randn(1, 1, 1, D, generator=g)).to(dtype)
+    values = torch.randn(B, H, n, D, generator=g).to(dtype)
+    perm = torch.stack([torch.stack([torch.randperm(n, generator=g) for _ in range(H)]) for _ in range(B)])
+    full = perm[..., :k].sort(-1).values
+    low = perm[..., k:].sort(-1).values
+    return PackedStore.from_split(keys, values, full, low, 2, 16, high_bits=high_bits), keys, values, full, low
+
+
+def test_high_part_holds_the_selected_slots_within_the_bound():
+    store, keys, values, full, low = _split_store(2, 3, 150, 24, 37, 8)
+    fp, *_ = _split_store(2, 3, 150, 24, 37, None)
+    assert store.n_packed == 113 and store.n_high == 37 and store.r == 0 and store.n == 150
+    # the low part is packed exactly as without high_bits
+    for a, b in zip(store._packed_views(), fp._packed_views()):
+        assert torch.equal(a, b)
+    k_all, v_all = store.dequantized()
+    for b in range(2):
+        for h in range(3):
+            ref = keys[b, h, full[b, h]]
+            got = k_all[b, h, 113:]
+            assert ((got.double() - ref.double()).abs() <= _group_bound(ref, 8, 16) * (1 + 1e-5) + 1e-6).all()
+            vref = values[b, h, full[b, h]].double()
+            err = (v_all[b, h, 113:].double() - vref).abs()
+            for c in range(0, 24, 16):  # value groups of 16 channels per token, the last one short
+                seg = vref[:, c:c + 16]
+                bound = (seg.amax(1) - seg.amin(1)) / 255 / 2
+                assert (err[:, c:c + 16] <= bound[:, None] * (1 + 1e-5) + 1e-6).all()
+    assert "high_bits=8, high=37" in repr(store)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("nq", [1, 4])
+def test_two_width_attention_matches_float64(dtype, nq):
+    """Attention over low part, high part and residual (two kernel calls
+    joined by lse) against float64 attention over the dequantized slots, in
+    the logical order kv_start counts, with a masked prefix reaching into the
+    high part."""
+    from test_attention import _head_attention, assert_within_bound
+
+    B, Hq, H, n, D, k = 3, 6, 3, 150, 24, 37
+    store, *_ = _split_store(B, H, n, D, k, 8, seed=nq, dtype=dtype)
+    g = torch.Generator().manual_seed(9)
+    store.append(torch.randn(B, H, 5, D, generator=g).to(dtype), torch.randn(B, H, 5, D, generator=g).to(dtype), n)
+    q = torch.randn(B, Hq, nq, D, generator=g).to(dtype)
+    kv_start = torch.tensor([0, 50, 120])  # none; inside the low part; into the high part
+    spec = AttentionSpec(scaling=0.3)
+    got = store.attend(q, spec, kv_start=kv_start)
+    keys, values = store.dequantized()
+    ref = torch.zeros(B, nq, Hq, D, dtype=torch.float64)
+    same = torch.zeros(B, nq, Hq, D, dtype=dtype)
+    G = Hq // H
+    for b in range(B):
+        for h in range(H):
+            for out, dt in ((ref, torch.float64), (same, dtype)):
+                out[b, :, h * G:(h + 1) * G] = _head_attention(q[b, h * G:(h + 1) * G].to(dt), keys[b, h].to(dt),
+                                                                values[b, h].to(dt), 0.3, int(kv_start[b]), None, dt)
+    assert_within_bound(got, ref, same, f"{dtype} q={nq}")
+
+
+def test_high_bits_generation_and_bytes(tiny_model):
+    """Generation reads both widths; a left-padded row equals the row alone
+    when its groups are the same; the selected slots held at 8 bits cost
+    exactly their packed bytes, less than in fp32."""
+    a, b, batch, mask = left_padded_pair(tiny_model.config.vocab_size, 260, 180)
+
+    def gen(ids, m, attn=None):
+        return generate(tiny_model, ids, m, new=12, mask=attn)
+
+    for cls in (MiKV, ZipCache):
+        # ratio=: row b selects 72 of 180 and moves 32 more up to 8 bits
+        got, cache = gen(batch, cls(ratio=0.6, bits=4, high_bits=8, group=16), mask)
+        store = cache.layers[0].store
+        assert store.high_bits == 8 and store.n_high == 104 and store.n_packed == 156 and store.r == 11
+        assert cache.layers[0].kv_start.tolist() == [0, 80]
+        assert torch.equal(got[0], gen(a, cls(ratio=0.6, bits=4, high_bits=8, group=16))[0][0])
+        # budget=: both rows select 64, so row b's groups (80 pads = 5 groups) are its groups alone
+        make = lambda: cls(budget=64, bits=4, high_bits=8, group=16)  # noqa: E731
+        got, cache = gen(batch, make(), mask)
+        assert cache.layers[0].kv_start.tolist() == [0, 80] and cache.layers[0].store.n_high == 64
+        assert torch.equal(got[0], gen(a, make())[0][0]) and torch.equal(got[1], gen(b, make())[0][0])
+    ids = torch.randint(3, tiny_model.config.vocab_size, (1, 400), generator=torch.Generator().manual_seed(3))
+    fp = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2))
+    hb = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2, high_bits=8))
+    store = hb.layers[0].store
+    assert store.n_high == 100 and store.n_packed == 300
+    # 2 kv heads x 100 selected slots at 8 bits (D = 16): codes plus per-group fp32 mins/scales
+    D = 16
+    hi_bytes = 2 * (2 * 100 * ops.packed_row_bytes(D, 8) + 2 * 4 * -(-100 // 32) * D + 2 * 4 * 100 * -(-D // 32))
+    assert sum(t.numel() * t.element_size() for t in store._hi) == hi_bytes
+    assert kvc.testing.cache_bytes(hb) < kvc.testing.cache_bytes(fp)

@@ -63,10 +63,17 @@ __device__ __forceinline__ void kvc_pa_head(const kvc_packed_attention_params &p
 }
 
 /* End (exclusive) of the logical slots row tile t sees. */
+/* Last logical slot query i sees: the queries are the last nq residual
+ * slots, or with no residual (r = 0) come after every packed slot. */
+__device__ __forceinline__ int64_t kvc_pa_last(const kvc_pa_geom &g, int64_t n, int64_t i)
+{
+    return g.r ? n + g.r - g.nq + i : n - 1;
+}
+
 __device__ __forceinline__ int64_t kvc_pa_tile_end(const kvc_pa_geom &g, int64_t n, int64_t t)
 {
     const int64_t last = (t + 1) * KVC_PA_RT < g.R ? (t + 1) * KVC_PA_RT - 1 : g.R - 1;
-    return n + g.r - g.nq + last / g.g + 1;
+    return kvc_pa_last(g, n, last / g.g) + 1;
 }
 
 /* Slots per split and the splits that hold any: the same in both passes. */
@@ -187,7 +194,7 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
         const int64_t row = t * RT + r, i = row / g.g;
         const bool live = row < g.R;
         const int64_t hq = hk * g.g + row % g.g;
-        lim[r] = live ? n + g.r - g.nq + i : -1;
+        lim[r] = live ? kvc_pa_last(g, n, i) : -1;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
             const int c = lane + 32 * e;
@@ -402,6 +409,9 @@ static __global__ void __launch_bounds__(32)
         /* a row that sees no slot gets zeros */
         if (c < D) kvc_store_f32(dst, p.out.dtype, c * p.out.strides[3], M == -INFINITY ? 0.0f : o[e] / L);
     }
+    if (lane == 0 && p.lse.data)
+        ((float *)p.lse.data)[b * p.lse.strides[0] + hq * p.lse.strides[1] + i * p.lse.strides[2]] =
+            M == -INFINITY ? -INFINITY : M + kvc_logf(L);
 }
 
 /* Shapes -> geometry (no device reads); nsplit bounds every head's splits
@@ -460,7 +470,7 @@ extern "C" enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_att
     if (p->bits != 2 && p->bits != 4 && p->bits != 8) return KVC_ERR_INVALID;
     if (p->group < 1) return KVC_ERR_INVALID;
     if (!kvc_pa_geometry(p, &g)) return KVC_OK;
-    if (p->q.shape[1] % p->num_kv_heads != 0 || g.r < g.nq) return KVC_ERR_INVALID;
+    if (p->q.shape[1] % p->num_kv_heads != 0 || (g.r != 0 && g.r < g.nq)) return KVC_ERR_INVALID;
     if (g.D > KVC_PA_MAX_D) return KVC_ERR_UNSUPPORTED;
     const int32_t dt = p->q.dtype;
     if ((dt != KVC_F32 && dt != KVC_F16 && dt != KVC_BF16) || p->res_k.dtype != dt ||

@@ -82,21 +82,37 @@ class LowBits(KIVI):
     bits (KIVI's layout and kernel), where SnapKV alone would evict them.
     :class:`MiKV` and :class:`ZipCache` are this with their papers' importance.
 
+    ``high_bits`` (2, 4 or 8, more than ``bits``; default None: full
+    precision) packs the selected tokens too, at that width:
+    ``SnapKV(ratio=.75) + LowBits(bits=2, high_bits=8)`` holds every prompt
+    token in packed bits, the selected quarter at 8.
+
     Our choices:
 
     * the selected tokens and every later token stay in full precision (the
       residual window of ``ops.packed_attention``), the others are packed once,
       after the prefill; nothing is demoted or evicted while decoding;
+    * with ``high_bits`` the selected tokens are packed once, after the
+      prefill, in the same layout (keys per channel in groups of ``group`` of
+      the selected tokens, in token order, values per token); the tokens
+      generated later stay in full precision. Attention reads the two packed
+      widths with two calls of ``ops.packed_attention`` (the low part with the
+      full-precision window, the high part alone) joined exactly through
+      their log-sum-exps, so nothing is dequantized;
     * the evictor must keep the same number of slots in every head (SnapKV,
       H2O, TOVA, StreamingLLM, Knorm, PyramidKV; not AdaKV or EMS), because
       the full-precision part is one ``[B, H, r, D]`` window;
     * in a batch, a row that keeps fewer slots than the longest row moves its
-      most recent demoted tokens up to full precision (never fewer bits than
-      asked), so every row's masked slots are a prefix.
+      most recent demoted tokens up to full precision or ``high_bits`` (never
+      fewer bits than asked), so every row's masked slots are a prefix. Such
+      a row's groups then differ from the row run alone, so with ``ratio=``
+      its packed values (and, rarely, its greedy tokens) may differ from the
+      row alone; with ``budget=`` every row selects alike.
     """
 
     bits: int = 2
     residual: int = 0
+    high_bits: int | None = None
     #: the evictor's dropped tokens are packed, not evicted
     demotes: ClassVar[bool] = True
 
@@ -105,22 +121,44 @@ class LowBits(KIVI):
         if self.residual:
             raise ValueError(f"residual: LowBits keeps the evictor's selection in full precision and has no "
                              f"residual window of its own, got residual={self.residual}")
+        _check_high_bits(self)
 
     def describe(self) -> str:
-        return f"LowBits(bits={self.bits}, group={self.group})"
+        high = "" if self.high_bits is None else f", high_bits={self.high_bits}"
+        return f"LowBits(bits={self.bits}, group={self.group}{high})"
+
+
+def _check_high_bits(m) -> None:
+    """``high_bits``: None, or 2/4/8 and more than ``bits``."""
+    hb = m.high_bits
+    if hb is None:
+        return
+    if isinstance(hb, bool) or not isinstance(hb, int) or hb not in (2, 4, 8):
+        raise ValueError(f"high_bits: must be None (full precision), 2, 4 or 8, got {hb!r}")
+    if hb <= m.bits:
+        raise ValueError(f"high_bits: must be more than bits={m.bits} (the selected tokens get more precision), "
+                         f"got {hb}")
 
 
 class _MixedPrecision:
     """MiKV and ZipCache: an evictor's selection whose rest is packed by a
-    :class:`LowBits` quantizer built from ``bits`` and ``group``."""
+    :class:`LowBits` quantizer built from ``bits``, ``group`` and
+    ``high_bits``."""
 
     def __post_init__(self) -> None:
         if self.quant is None:
-            self.quant = LowBits(bits=self.bits, group=self.group)
+            self.quant = LowBits(bits=self.bits, group=self.group, high_bits=self.high_bits)
         super().__post_init__()
+
+    def _check_fields(self) -> None:
+        super()._check_fields()
+        _check_high_bits(self)
 
     def _size(self) -> str:
         return f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
+
+    def _high(self) -> str:
+        return "" if self.high_bits is None else f", high_bits={self.high_bits}"
 
     def __repr__(self) -> str:
         return self.describe()
@@ -141,8 +179,11 @@ class MiKV(_MixedPrecision, H2O):
     Our reading and choices: ``ratio``/``budget`` say how many tokens drop to
     ``bits`` (as they would be evicted by :class:`H2O` with the same
     ``recent`` split); the important ones stay in the model's own precision
-    (so no outlier balancing is needed; the paper's INT8/INT4 "high
-    precision" would save more bytes); the low-precision tokens use KIVI's
+    by default (so no outlier balancing is needed), or with ``high_bits`` (4
+    or 8, the paper's INT4/INT8 "high precision") are packed at that width in
+    the same layout, without the outlier balancing (keys are quantized per
+    channel, which already gives outlier channels their own scale); the
+    low-precision tokens use KIVI's
     packing (keys per channel in groups of ``group`` tokens, values per
     token), read directly by ``ops.packed_attention``. The split is made once,
     after the prefill; generated tokens stay in full precision. See
@@ -151,9 +192,10 @@ class MiKV(_MixedPrecision, H2O):
 
     bits: int = 2
     group: int = 32
+    high_bits: int | None = None
 
     def describe(self) -> str:
-        return f"MiKV({self._size()}, bits={self.bits}, group={self.group}, recent={self.recent})"
+        return f"MiKV({self._size()}, bits={self.bits}{self._high()}, group={self.group}, recent={self.recent})"
 
 
 @dataclass(repr=False)
@@ -174,19 +216,22 @@ class ZipCache(_MixedPrecision, Method):
     normalised score) over ``probe`` of the prompt's queries (its last half
     plus a strided, not random, sample of the rest: ``ops.probe_positions``),
     GQA groups averaged; ``ratio``/``budget`` say how many tokens are not
-    salient. Salient tokens stay in the model's own precision, the others are
-    packed at ``bits`` in KIVI's layout (our kernel reads one packed width plus
-    a full-precision window); the ``window`` newest prompt tokens are always
-    salient. See :class:`LowBits` for what happens while decoding and in a
+    salient. Salient tokens stay in the model's own precision by default, or
+    with ``high_bits=4`` (the paper's setting) are packed at that width; the
+    others are packed at ``bits``, both in KIVI's layout (keys per channel,
+    values per token; the paper's channel-separable token-wise keys are not
+    built); the ``window`` newest prompt tokens are always salient. See :class:`LowBits` for what happens while decoding and in a
     batch.
     """
 
     bits: int = 2
     group: int = 32
+    high_bits: int | None = None
     probe: float = 0.1
     window: int = 8
 
     def _check_fields(self) -> None:
+        super()._check_fields()
         self._check_int("window", self.window, 0)
         p = self.probe
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < float(p) <= 1.0:
@@ -206,5 +251,5 @@ class ZipCache(_MixedPrecision, Method):
         return 0, min(keep, self.window)
 
     def describe(self) -> str:
-        return (f"ZipCache({self._size()}, bits={self.bits}, group={self.group}, probe={self.probe}, "
+        return (f"ZipCache({self._size()}, bits={self.bits}{self._high()}, group={self.group}, probe={self.probe}, "
                 f"window={self.window})")

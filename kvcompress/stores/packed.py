@@ -58,23 +58,43 @@ class PackedStore(LayerStore):
         self._vc = self._vmin = self._vsc = None  # codes [B,H,cap,Db] u8; [B,H,cap,ceil(D/G)] f32
         self._rk = self._rv = None  # residual [B,H,rcap,D]
         #: False for mixed precision (LowBits/MiKV/ZipCache): the residual holds the
-        #: selected slots and everything after them, and is never packed
+        #: selected slots (or, with high_bits, the tokens after them) and is never packed
         self.pack_decoded = True
+        #: mixed precision with high_bits: the selected slots packed at high_bits,
+        #: between the low-bit part and the residual (read on their own, joined by lse)
+        self.high_bits = None
+        self.n_high = 0
+        self._hi = None  # (key codes, mins, scales, value codes, mins, scales), the low part's layout
 
     def __repr__(self) -> str:
+        high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
         return (f"PackedStore(bits={self.bits}, group={self.group}, residual={self.residual}, "
-                f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}, full_precision={self.r})")
+                f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}{high}, full_precision={self.r})")
 
     @classmethod
-    def from_split(cls, keys, values, full_idx, low_idx, bits: int, group: int) -> "PackedStore":
+    def from_split(cls, keys, values, full_idx, low_idx, bits: int, group: int,
+                   high_bits: int | None = None) -> "PackedStore":
         """Mixed precision: slots ``low_idx`` ``[B, H, m]`` of ``keys``/``values``
-        ``[B, H, n, D]`` packed (``m`` need not be a multiple of ``group``),
-        slots ``full_idx`` ``[B, H, K]`` kept as the full-precision residual;
-        nothing is packed later (``pack_decoded`` is False)."""
+        ``[B, H, n, D]`` packed at ``bits`` (``m`` need not be a multiple of
+        ``group``), slots ``full_idx`` ``[B, H, K]`` kept as the full-precision
+        residual, or with ``high_bits`` packed at that width (the residual then
+        starts empty and takes the generated tokens); nothing is packed later
+        (``pack_decoded`` is False). The logical order, which ``kv_start``
+        counts, is low part, high part, residual."""
         new = cls(bits, group, 0)
         new.pack_decoded = False
-        new._rk, new._rv = ops.gather(keys, values, full_idx)
-        new.r = int(full_idx.shape[2])
+        if high_bits is None:
+            new._rk, new._rv = ops.gather(keys, values, full_idx)
+            new.r = int(full_idx.shape[2])
+        else:
+            new.high_bits = int(high_bits)
+            B, H, _, D = (int(x) for x in keys.shape)
+            new._rk = keys.new_empty((B, H, 16, D))
+            new._rv = values.new_empty((B, H, 16, int(values.shape[3])))
+            new.n_high = int(full_idx.shape[2])
+            if new.n_high:
+                hk, hv = ops.gather(keys, values, full_idx)
+                new._hi = (*ops.pack_keys(hk, new.high_bits, group), *ops.pack_values(hv, new.high_bits, group))
         m = int(low_idx.shape[2])
         if m:
             lk, lv = ops.gather(keys, values, low_idx)
@@ -105,7 +125,7 @@ class PackedStore(LayerStore):
 
     @property
     def n(self) -> int:
-        return self.n_packed + self.r
+        return self.n_packed + self.n_high + self.r
 
     def max_length(self) -> int:
         return self.n
@@ -123,8 +143,8 @@ class PackedStore(LayerStore):
         return self.n
 
     def tensors(self) -> list:
-        return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv)
-                if t is not None]
+        return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv,
+                            *(self._hi or ())) if t is not None]
 
     # ------------------------------------------------------------- writing
     def append(self, keys, values, first_position: int) -> None:
@@ -229,6 +249,8 @@ class PackedStore(LayerStore):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, idx))
+        if self._hi is not None:
+            self._hi = tuple(t.index_select(0, idx) for t in self._hi)
 
     # ----------------------------------------------------------- attention
     def _packed_views(self):
@@ -241,24 +263,32 @@ class PackedStore(LayerStore):
                 self._vc[:, :, :p], self._vmin[:, :, :p], self._vsc[:, :, :p])
 
     def dequantized(self):
-        """Full-precision ``(keys, values)`` ``[B, H, n, D]`` of every slot:
-        for tests and the paths the packed kernel does not cover."""
+        """Full-precision ``(keys, values)`` ``[B, H, n, D]`` of every slot, in
+        the logical order (low part, high part, residual): for tests and the
+        paths the packed kernel does not cover."""
         rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        ks, vs = [], []
         views = self._packed_views()
-        if views is None or not self.n_packed:
+        for part, bits in ((views if self.n_packed else None, self.bits), (self._hi, self.high_bits)):
+            if part is None:
+                continue
+            kc, kmin, ksc, vc, vmin, vsc = part
+            ks.append(ops.unpack_keys(kc, kmin, ksc, bits, self.group, dtype=rk.dtype))
+            vs.append(ops.unpack_values(vc, vmin, vsc, bits, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype))
+        if not ks:
             return rk, rv
-        kc, kmin, ksc, vc, vmin, vsc = views
-        k = ops.unpack_keys(kc, kmin, ksc, self.bits, self.group, dtype=rk.dtype)
-        v = ops.unpack_values(vc, vmin, vsc, self.bits, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype)
-        return torch.cat([k, rk], 2), torch.cat([v, rv], 2)
+        return torch.cat(ks + [rk], 2), torch.cat(vs + [rv], 2)
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
         if spec.plain and spec.window is None and kernel_reads(query, self._rk) and q <= self.r:
             if self._kc is None:
                 self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
-            return ops.packed_attention(query, *self._packed_views(), self._rk[:, :, : self.r], self._rv[:, :, : self.r],
-                                        bits=self.bits, group=self.group, scaling=spec.scaling, kv_start=kv_start)
+            rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+            if self._hi is None:
+                return ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
+                                            scaling=spec.scaling, kv_start=kv_start)
+            return self._attend_two_widths(query, rk, rv, spec.scaling, kv_start)
         # softcap / sink logits / windows: the eager path over a dequantized copy
         keys, values = self.dequantized()
         key_pos = None
@@ -268,3 +298,28 @@ class PackedStore(LayerStore):
         mask = build_mask(int(query.shape[0]), q, self.n, query.device, kv_start=kv_start, window=spec.window,
                           key_pos=key_pos, query_pos=query_pos)
         return masked_attention(query, keys, values, spec, mask)
+
+    def _attend_two_widths(self, query, rk, rv, scaling, kv_start):
+        """Mixed precision with ``high_bits``: the low part with the residual
+        and the high part on its own (every query after it), each by
+        ``ops.packed_attention``, joined exactly through their log-sum-exps.
+        ``kv_start`` counts the logical order low, high, residual, so a row's
+        masked prefix splits into the two calls' prefixes."""
+        p, h = self.n_packed, self.n_high
+        start_lo = start_hi = None
+        if kv_start is not None:
+            ks = kv_start.to(torch.int64)
+            lo = ks.clamp(max=p)
+            start_hi = (ks - p).clamp(min=0, max=h)
+            start_lo = lo + (ks - p - h).clamp(min=0)  # a masked residual prefix follows a fully masked low part
+        o1, l1 = ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
+                                      scaling=scaling, kv_start=start_lo, return_lse=True)
+        none = rk[:, :, :0]
+        o2, l2 = ops.packed_attention(query, *self._hi, none, none, bits=self.high_bits, group=self.group,
+                                      scaling=scaling, kv_start=start_hi, return_lse=True)
+        m = torch.maximum(l1, l2)
+        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a row that sees nothing: both weights 0
+        w1, w2 = (l1 - m).exp(), (l2 - m).exp()
+        total = (w1 + w2).clamp(min=torch.finfo(torch.float32).tiny)
+        w1, w2 = (w1 / total).transpose(1, 2)[..., None], (w2 / total).transpose(1, 2)[..., None]  # [B, q, Hq, 1]
+        return (w1 * o1.float() + w2 * o2.float()).to(query.dtype)

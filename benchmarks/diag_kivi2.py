@@ -1,0 +1,80 @@
+"""Where KIVI-2's perplexity loss comes from: a fake-quantized simulation.
+
+The packed store is patched so that attention runs over a dequantized copy
+built from the original full-precision rows, which lets single factors be
+switched off: ``--sinks S`` keeps the first S tokens of every head out of
+quantization (full precision; the key groups then start at token S), and
+``--quantize keys|values|both`` picks which half is quantized. With
+``--sinks 0 --quantize both`` this reproduces ``kivi:bits=...`` of
+``kvcompress eval`` exactly (the check that the simulation is faithful).
+A diagnostic, not a method: the real kernel never dequantizes.
+
+    python benchmarks/diag_kivi2.py --sinks 0 --quantize both -- \\
+        eval --tasks ppl --ppl-windows 8 --methods kivi:bits=2 --threads 1 --no-progress --out DIR
+
+Everything after ``--`` is the ``kvcompress`` command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from kvcompress import ops
+from kvcompress.cli import main as kvcompress_main
+from kvcompress.stores import packed as P
+from kvcompress.stores.masked import build_mask, masked_attention
+
+
+def _fake(k, v, bits, G, which):
+    """Dequantized copies of k, v [B, H, n, D] (only `which` quantized)."""
+    if which in ("keys", "both"):
+        kc, kmin, ksc = ops.pack_keys(k, bits, G)
+        k = ops.unpack_keys(kc, kmin, ksc, bits, G, dtype=k.dtype)
+    if which in ("values", "both"):
+        vc, vmin, vsc = ops.pack_values(v, bits, G)
+        v = ops.unpack_values(vc, vmin, vsc, bits, G, head_dim=int(v.shape[3]), dtype=v.dtype)
+    return k, v
+
+
+def patch(sinks: int, which: str) -> None:
+    pack_oldest = P.PackedStore._pack_oldest
+
+    def keep_originals(self, m):
+        ok, ov = self._rk[:, :, :m].clone(), self._rv[:, :, :m].clone()
+        prev = getattr(self, "_orig", None)
+        self._orig = (ok, ov) if prev is None else (torch.cat([prev[0], ok], 2), torch.cat([prev[1], ov], 2))
+        pack_oldest(self, m)
+
+    def attend(self, query, spec, kv_start=None, query_pos=None):
+        rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        keys, values = rk, rv
+        if self.n_packed:
+            ok, ov = self._orig
+            s = min(sinks, int(ok.shape[2]))
+            qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), self.bits, self.group, which)
+            keys = torch.cat([ok[:, :, :s], qk, rk], 2)
+            values = torch.cat([ov[:, :, :s], qv, rv], 2)
+        mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
+                          kv_start=kv_start, window=spec.window, key_pos=None, query_pos=query_pos)
+        return masked_attention(query, keys, values, spec, mask)
+
+    P.PackedStore._pack_oldest = keep_originals
+    P.PackedStore.attend = attend
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sinks", type=int, default=0, help="first tokens kept in full precision (default 0)")
+    ap.add_argument("--quantize", choices=("keys", "values", "both"), default="both")
+    args = ap.parse_args(argv[:cut])
+    patch(args.sinks, args.quantize)
+    return kvcompress_main(argv[cut + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
