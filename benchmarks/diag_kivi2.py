@@ -3,8 +3,9 @@
 The packed store is patched so that attention runs over a dequantized copy
 built from the original full-precision rows, which lets single factors be
 switched off: ``--sinks S`` keeps the first S tokens of every head out of
-quantization (full precision; the key groups then start at token S), and
-``--quantize keys|values|both`` picks which half is quantized. With
+quantization (full precision; the key groups then start at token S),
+``--quantize keys|values|both`` picks which half is quantized, and
+``--key-bits`` / ``--value-bits`` give the halves different widths. With
 ``--sinks 0 --quantize both`` this reproduces ``kivi:bits=...`` of
 ``kvcompress eval`` exactly (the check that the simulation is faithful).
 A diagnostic, not a method: the real kernel never dequantizes.
@@ -28,18 +29,18 @@ from kvcompress.stores import packed as P
 from kvcompress.stores.masked import build_mask, masked_attention
 
 
-def _fake(k, v, bits, G, which):
+def _fake(k, v, kbits, vbits, G, which):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized)."""
     if which in ("keys", "both"):
-        kc, kmin, ksc = ops.pack_keys(k, bits, G)
-        k = ops.unpack_keys(kc, kmin, ksc, bits, G, dtype=k.dtype)
+        kc, kmin, ksc = ops.pack_keys(k, kbits, G)
+        k = ops.unpack_keys(kc, kmin, ksc, kbits, G, dtype=k.dtype)
     if which in ("values", "both"):
-        vc, vmin, vsc = ops.pack_values(v, bits, G)
-        v = ops.unpack_values(vc, vmin, vsc, bits, G, head_dim=int(v.shape[3]), dtype=v.dtype)
+        vc, vmin, vsc = ops.pack_values(v, vbits, G)
+        v = ops.unpack_values(vc, vmin, vsc, vbits, G, head_dim=int(v.shape[3]), dtype=v.dtype)
     return k, v
 
 
-def patch(sinks: int, which: str) -> None:
+def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None) -> None:
     pack_oldest = P.PackedStore._pack_oldest
 
     def keep_originals(self, m):
@@ -54,7 +55,8 @@ def patch(sinks: int, which: str) -> None:
         if self.n_packed:
             ok, ov = self._orig
             s = min(sinks, int(ok.shape[2]))
-            qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), self.bits, self.group, which)
+            qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
+                           value_bits or self.bits, self.group, which)
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
@@ -71,8 +73,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sinks", type=int, default=0, help="first tokens kept in full precision (default 0)")
     ap.add_argument("--quantize", choices=("keys", "values", "both"), default="both")
+    ap.add_argument("--key-bits", type=int, choices=(2, 4, 8), help="key width (default: the method's bits)")
+    ap.add_argument("--value-bits", type=int, choices=(2, 4, 8), help="value width (default: the method's bits)")
     args = ap.parse_args(argv[:cut])
-    patch(args.sinks, args.quantize)
+    patch(args.sinks, args.quantize, args.key_bits, args.value_bits)
     return kvcompress_main(argv[cut + 1:])
 
 

@@ -41,8 +41,8 @@
 struct pa_geom {
     struct kvc_at_units u; /* first, for the callbacks of attention_units.h */
     int64_t r;         /* residual slots */
-    int64_t G, Db, ng; /* group size, bytes of a packed row, value channel groups */
-    int bits;
+    int64_t G, Db, ng; /* group size, bytes of the wider packed row, value channel groups */
+    int bits, vbits;   /* key and value code widths */
     int grouped;     /* G % AT_TK == 0: every vector of AT_TK channels lies in one value group */
     int64_t NS;      /* key token groups one tile can span: size of the ring of scaled queries */
     size_t float_floats; /* floats of a thread's buffers */
@@ -152,7 +152,8 @@ static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_g
     g->r = p->res_k.shape[2];
     g->G = p->group > 0 ? p->group : 1;
     g->bits = p->bits;
-    g->Db = kvc_pk_row_bytes(g->u.D, g->bits);
+    g->vbits = p->value_bits ? p->value_bits : p->bits;
+    g->Db = kvc_pk_row_bytes(g->u.D, g->bits > g->vbits ? g->bits : g->vbits);
     g->ng = kvc_pk_groups(g->u.D > 0 ? g->u.D : 1, g->G);
     g->grouped = g->G % AT_TK == 0;
     /* AT_TK consecutive slots meet at most ceil((AT_TK - 1) / G) + 1 groups */
@@ -215,12 +216,12 @@ KVC_INLINE void pa_unpack_bits(float *dst, const uint8_t *src, int64_t stride, i
 
 /* pa_unpack_bits with the common head dims as constants too: the block
  * loop unrolls. */
-KVC_INLINE void pa_unpack(const struct pa_geom *g, float *dst, const uint8_t *src, int64_t stride,
+KVC_INLINE void pa_unpack(const struct pa_geom *g, int bits, float *dst, const uint8_t *src, int64_t stride,
                           uint8_t *tmp)
 {
-    if (g->u.D == 64) pa_unpack_bits(dst, src, stride, 64, g->bits, tmp);
-    else if (g->u.D == 128) pa_unpack_bits(dst, src, stride, 128, g->bits, tmp);
-    else pa_unpack_bits(dst, src, stride, g->u.D, g->bits, tmp);
+    if (g->u.D == 64) pa_unpack_bits(dst, src, stride, 64, bits, tmp);
+    else if (g->u.D == 128) pa_unpack_bits(dst, src, stride, 128, bits, tmp);
+    else pa_unpack_bits(dst, src, stride, g->u.D, bits, tmp);
 }
 
 /* Zeros past D in a row of Dp floats. */
@@ -460,15 +461,15 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
         if (fused) {
             kp[j] = h->kc + s * h->kcs;
         } else {
-            pa_unpack(g, kr, h->kc + s * h->kcs, h->kcd, w->tmp);
+            pa_unpack(g, g->bits, kr, h->kc + s * h->kcs, h->kcd, w->tmp);
             kp[j] = kr;
         }
-        pa_unpack(g, vr, h->vc + s * h->vcs, h->vcd, w->tmp);
+        pa_unpack(g, g->vbits, vr, h->vc + s * h->vcs, h->vcd, w->tmp);
         vp[j] = vr;
         for (u = 0; u < ng; u++) {
             const float sc = h->vs[s * h->vss + u * h->vsd];
             w->S[u * AT_TK + j] = sc;
-            w->M[u * AT_TK + j] = kvc_pk_centre(h->vm[s * h->vms + u * h->vmd], sc, g->bits);
+            w->M[u * AT_TK + j] = kvc_pk_centre(h->vm[s * h->vms + u * h->vmd], sc, g->vbits);
         }
         if (!g->grouped) {
             float *se = w->se + j * Dp;
@@ -666,7 +667,8 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
     int nt, empty;
     enum kvc_status s = kvc_at_units_check(p->layout, &p->q, p->num_kv_heads, &empty);
     if (s != KVC_OK || empty) return s;
-    if ((p->bits != 2 && p->bits != 4 && p->bits != 8) || p->group < 1 ||
+    if ((p->bits != 2 && p->bits != 4 && p->bits != 8) ||
+        (p->value_bits != 0 && p->value_bits != 2 && p->value_bits != 4 && p->value_bits != 8) || p->group < 1 ||
         (p->res_k.shape[2] != 0 && p->res_k.shape[2] < p->q.shape[2]))
         return KVC_ERR_INVALID;
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))

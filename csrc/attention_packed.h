@@ -50,7 +50,7 @@ struct kvc_packed_attention_params {
     struct kvc_view key_codes;    /* uniform [B, Hkv, n, Db] / ragged [N, Db], u8, Db = ceil(D bits / 8) */
     struct kvc_view key_mins;     /* uniform [B, Hkv, ceil(n/G), D] / ragged [ceil(N/G), D], f32 */
     struct kvc_view key_scales;   /* as key_mins */
-    struct kvc_view value_codes;  /* as key_codes */
+    struct kvc_view value_codes;  /* as key_codes, Db of the value width */
     struct kvc_view value_mins;   /* uniform [B, Hkv, n, ceil(D/G)] / ragged [N, ceil(D/G)], f32 */
     struct kvc_view value_scales; /* as value_mins */
     struct kvc_view res_k;        /* [B, Hkv, r, D], dtype of q, r >= q or r = 0 */
@@ -67,7 +67,8 @@ struct kvc_packed_attention_params {
     int64_t lengths_stride;
     int64_t num_kv_heads;         /* Hkv; Hq must be a multiple */
     int64_t group;                /* G >= 1 */
-    int32_t bits;                 /* 2, 4 or 8 */
+    int32_t bits;                 /* 2, 4 or 8: width of the key codes (and of the values without value_bits) */
+    int32_t value_bits;           /* 2, 4 or 8: width of the value codes; 0: bits */
     int32_t layout;               /* enum kvc_kv_layout */
     float scaling;
     int32_t num_threads;

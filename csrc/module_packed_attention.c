@@ -28,6 +28,7 @@ enum {
     A_OUT,
     A_LSE,
     A_BITS,
+    A_VBITS,
     A_GROUP,
     A_SCALE,
     A_START,
@@ -45,7 +46,7 @@ KVC_PY_OP(op_packed_attention, packed_attention, 1, 1)
 
 PyDoc_STRVAR(packed_attention_doc,
              "packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, "
-             "value_scales, residual_keys, residual_values, out, lse, bits, group, scaling, kv_start, "
+             "value_scales, residual_keys, residual_values, out, lse, bits, value_bits, group, scaling, kv_start, "
              "offsets, lengths, counts)\n--\n\n"
              "Low-level: see kvcompress.ops.packed_attention.");
 
@@ -56,7 +57,7 @@ static const struct kvc_py_spec packed_uniform_spec[A_N] = {
     KVC_PY_IN("key_codes", 4, "[B, Hkv, n, Db]", DT_U8),
     KVC_PY_IN("key_mins", 4, "[B, Hkv, T, D]", DT_F32),
     KVC_PY_IN("key_scales", 4, "[B, Hkv, T, D]", DT_F32),
-    KVC_PY_IN("value_codes", 4, "[B, Hkv, n, Db]", DT_U8),
+    KVC_PY_IN("value_codes", 4, "[B, Hkv, n, Dbv]", DT_U8),
     KVC_PY_IN("value_mins", 4, "[B, Hkv, n, U]", DT_F32),
     KVC_PY_IN("value_scales", 4, "[B, Hkv, n, U]", DT_F32),
     KVC_PY_IN_LIKE("residual_keys", 4, "[B, Hkv, r, D]", A_Q),
@@ -64,6 +65,7 @@ static const struct kvc_py_spec packed_uniform_spec[A_N] = {
     KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
     KVC_PY_OPT_OUT("lse", 3, "[B, Hq, q]", DT_F32),
     KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),
+    KVC_PY_CUSTOM_ARG("value_bits", 0, NULL, 0),
     KVC_PY_INT_IN("group", 1, INT64_MAX),
     KVC_PY_FINITE("scaling"),
     KVC_PY_CUSTOM_ARG("kv_start", 1, "[B]", DT_I64),
@@ -78,7 +80,7 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_IN("key_codes", 2, "[N, Db]", DT_U8),
     KVC_PY_IN("key_mins", 2, "[T, D]", DT_F32),
     KVC_PY_IN("key_scales", 2, "[T, D]", DT_F32),
-    KVC_PY_IN("value_codes", 2, "[N, Db]", DT_U8),
+    KVC_PY_IN("value_codes", 2, "[N, Dbv]", DT_U8),
     KVC_PY_IN("value_mins", 2, "[N, U]", DT_F32),
     KVC_PY_IN("value_scales", 2, "[N, U]", DT_F32),
     KVC_PY_IN_LIKE("residual_keys", 4, "[B, Hkv, r, D]", A_Q),
@@ -86,6 +88,7 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_OUT_LIKE("out", 4, "[B, q, Hq, D]", A_Q),
     KVC_PY_OPT_OUT("lse", 3, "[B, Hq, q]", DT_F32),
     KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),
+    KVC_PY_CUSTOM_ARG("value_bits", 0, NULL, 0),
     KVC_PY_INT_IN("group", 1, INT64_MAX),
     KVC_PY_FINITE("scaling"),
     KVC_PY_CUSTOM_ARG("kv_start", 0, NULL, 0),
@@ -94,22 +97,32 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_OPT("counts", 1, "[N]", DT_F32),
 };
 
+/* A code row of Db bytes holds D codes of `bits` bits (name, what: the
+ * argument and the option that sets its width). */
+static int check_row_bytes(struct kvc_state *st, const char *name, const char *what, int64_t Db, int64_t D,
+                           int64_t bits)
+{
+    const int64_t want = kvc_pk_row_bytes(D, (int)bits);
+    if (Db == want) return 0;
+    return kvc_py_raise(st->ValueError,
+                        "%s: rows of %lld bytes, expected ceil(D * %s / 8) = %lld for D = %lld, %s = %lld", name,
+                        (long long)Db, what, (long long)want, (long long)D, what, (long long)bits);
+}
+
 /* The sizes the layout implies (docs/packed.md), each named by the
  * argument whose shape carries it. */
 static int check_layout(struct kvc_state *st, const struct kvc_py_call *c, int ragged, int64_t bits,
-                        int64_t G)
+                        int64_t vbits, int64_t G)
 {
     const int64_t D = c->a[A_Q].view.shape[3], q = c->a[A_Q].view.shape[2];
     const struct kvc_view *kc = &c->a[A_KC].view, *km = &c->a[A_KM].view, *vm = &c->a[A_VM].view;
     const int64_t n = kc->shape[ragged ? 0 : 2], Db = kc->shape[ragged ? 1 : 3];
+    const int64_t Dbv = c->a[A_VC].view.shape[ragged ? 1 : 3];
     const int64_t T = km->shape[ragged ? 0 : 2], U = vm->shape[ragged ? 1 : 3];
     const int64_t r = c->a[A_RK].view.shape[2];
-    if (Db != kvc_pk_row_bytes(D, (int)bits))
-        return kvc_py_raise(st->ValueError,
-                            "key_codes: rows of %lld bytes, expected ceil(D * bits / 8) = %lld for "
-                            "D = %lld, bits = %lld",
-                            (long long)Db, (long long)kvc_pk_row_bytes(D, (int)bits), (long long)D,
-                            (long long)bits);
+    if (check_row_bytes(st, "key_codes", "bits", Db, D, bits) < 0 ||
+        check_row_bytes(st, "value_codes", "value_bits", Dbv, D, vbits) < 0)
+        return -1;
     if (T != kvc_pk_groups(n, G))
         return kvc_py_raise(st->ValueError,
                             "key_mins: %lld token groups, expected ceil(%s / group) = %lld for %s = %lld, "
@@ -135,7 +148,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     struct kvc_py_call c;
     struct kvc_packed_attention_params p;
     int ragged;
-    int64_t B, Hq, Hkv, bits, G, r;
+    int64_t B, Hq, Hkv, bits, vbits, G, r;
     PyObject *ret = NULL;
     memset(&p, 0, sizeof p);
     if (kvc_py_check_nargs("packed_attention", nargs, A_N) < 0) return NULL;
@@ -148,6 +161,15 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     if (bits != 2 && bits != 4 && bits != 8) {
         kvc_py_raise(st->ValueError, "bits: expected 2, 4 or 8, got %lld", (long long)bits);
         goto done;
+    }
+    vbits = bits;
+    if (args[A_VBITS] != Py_None) {
+        if (kvc_py_get_int64(st, args[A_VBITS], "value_bits", &vbits) < 0) goto done;
+        if (vbits != 2 && vbits != 4 && vbits != 8) {
+            kvc_py_raise(st->ValueError, "value_bits: expected 2, 4 or 8 (or None: bits), got %lld",
+                         (long long)vbits);
+            goto done;
+        }
     }
     G = c.i[A_GROUP];
     if (!ragged && args[A_START] != Py_None &&
@@ -170,7 +192,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     }
     if (kvc_py_check_group(st, "queries", Hq, Hkv) < 0) goto done;
     if (kvc_py_call_finish(st, &c) < 0) goto done;
-    if (check_layout(st, &c, ragged, bits, G) < 0) goto done;
+    if (check_layout(st, &c, ragged, bits, vbits, G) < 0) goto done;
     r = c.a[A_RK].view.shape[2];
     if (c.a[A_START].t) {
         const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_START]);
@@ -212,6 +234,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     p.num_kv_heads = Hkv;
     p.group = G;
     p.bits = (int32_t)bits;
+    p.value_bits = (int32_t)vbits;
     p.kv_start = kvc_py_call_i64(&c, A_START, &p.kv_start_stride);
     p.offsets = kvc_py_call_i64(&c, A_OFF, &p.offsets_stride);
     p.lengths = kvc_py_call_i64(&c, A_LEN, &p.lengths_stride);

@@ -732,9 +732,9 @@ class CompressedLayer(CacheLayerMixin):
             first = low[b][:, :1] if n_low[b] else torch.full((H, 1), self._start[b], dtype=torch.int64,
                                                              device=device)
             lows.append(torch.cat([first.expand(H, m - n_low[b])] + ([low[b]] if n_low[b] else []), 1))
-        bits, group, _ = self.method.packing
+        bits, group, _, value_bits = self.method.packing
         self.store = PackedStore.from_split(view.keys, view.values, torch.stack(resid), torch.stack(lows), bits, group,
-                                            high_bits=self.method.quant.high_bits)
+                                            high_bits=self.method.quant.high_bits, value_bits=value_bits)
         self._update_start([m - n_low[b] + max(0, K - (n - self._start[b])) for b in range(B)])
 
     def _compact(self, view: LayerView, rows: list[int], targets: list[int]) -> None:
@@ -1209,7 +1209,7 @@ class KVCache(Cache):
         # (each keeps its own tokens); what both keep is merged
         a.store, b.store = MiniCacheStore.merge_layers(held, float(mc.t), float(mc.retain))
         if mc.quant is not None:
-            bits, group, _ = mc.quant.packing
+            bits, group = mc.quant.packing[:2]  # one width (MiniCache refuses value_bits)
             a.store.pair.pack(bits, group)
         # nothing is re-selected once merged: held queries and per-head budgets go
         for x in (a, b):

@@ -833,7 +833,7 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
 
 def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                      residual_keys, residual_values, *, bits, group, scaling=None, kv_start=None,
-                     offsets=None, lengths=None, counts=None, out=None, return_lse=False):
+                     offsets=None, lengths=None, counts=None, out=None, return_lse=False, value_bits=None):
     """Attention of the newest ``q`` tokens over a KIVI-packed layer plus its residual window.
 
     The layout is the contract of ``docs/packed.md``: ``bits``-wide codes
@@ -857,8 +857,9 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     queries : tensor ``[B, Hq, q, D]`` (float32, float16 or bfloat16)
         Query head ``h`` reads kv head ``h // (Hq // Hkv)`` (GQA).
     key_codes, value_codes : uint8 tensors, any strides
-        Uniform layout: ``[B, Hkv, n, Db]`` with ``Db = ceil(D * bits / 8)``.
-        Ragged layout (with `offsets` and `lengths`): ``[N, Db]``.
+        Uniform layout: ``[B, Hkv, n, Db]`` with ``Db = ceil(D * bits / 8)``
+        (``value_bits`` for the values). Ragged layout (with `offsets` and
+        `lengths`): ``[N, Db]``.
     key_mins, key_scales : float32 tensors
         Uniform: ``[B, Hkv, ceil(n / group), D]``; ragged: ``[ceil(N / group), D]``
         (head ``i`` uses rows ``offsets[i] // group ...``).
@@ -868,6 +869,7 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         The full-precision window after the packed slots (``r >= q``, or
         ``r = 0``: none, see above).
     bits : {2, 4, 8}
+        Width of the key codes, and of the value codes unless `value_bits`.
     group : int >= 1
         ``G``: tokens per key group, channels per value group.
     scaling : float, optional
@@ -891,6 +893,10 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         scaled logits plus log counts) as float32 ``[B, Hq, q]``; ``-inf`` for a
         query that sees no slot. Two parts' outputs ``o1, o2`` join exactly as
         ``(e1 o1 + e2 o2) / (e1 + e2)`` with ``e = exp(lse - max(lse1, lse2))``.
+    value_bits : {2, 4, 8}, optional
+        Width of the value codes (rows of ``ceil(D * value_bits / 8)`` bytes)
+        when it differs from the keys' (``KIVI(bits=4, value_bits=2)``);
+        default `bits`.
 
     Returns
     -------
@@ -906,7 +912,8 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     _C.packed_attention(
         *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                                 residual_keys, residual_values)),
-        out, lse, _py_int(bits), _py_int(group), scaling, *_layout_args(queries, kv_start, offsets, lengths, counts),
+        out, lse, _py_int(bits), None if value_bits is None else _py_int(value_bits), _py_int(group), scaling,
+        *_layout_args(queries, kv_start, offsets, lengths, counts),
     )
     return (out, lse) if lse is not None else out
 

@@ -357,7 +357,7 @@ def test_mixed_precision_above_prompt_reproduces_generate(archs, family, method)
     slots only, and generate plain generate()'s tokens."""
     arch = _arch(archs, family)
     ref = arch.ref
-    with kvc.compress(arch.model, MIXED[method](budget=1024)) as session:
+    with kvc.compress(arch.model, MIXED[method](budget=1024, high_bits=None)) as session:
         out = _generate(arch.model, arch.ids, arch.mask)
     assert all(isinstance(layer.store, PackedStore) == (layer.window is None) for layer in session.cache.layers)
     assert torch.equal(out.sequences, ref.sequences), (family, method)
@@ -369,7 +369,8 @@ def test_mixed_precision_above_prompt_reproduces_generate(archs, family, method)
 PACKING = {
     "snapkv+kivi": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=8, residual=8),
     "ems+kivi": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=4, group=8, residual=8),
-    "mikv": lambda: kvc.MiKV(budget=32, group=8),
+    "mikv": lambda: kvc.MiKV(budget=32, group=8),  # its selected slots at 8 bits: two packed widths
+    "zipcache-fp": lambda: kvc.ZipCache(budget=32, group=8, high_bits=None),
 }
 
 

@@ -124,12 +124,14 @@ class Packed:
         return (self.kc, self.km, self.ks, self.vc, self.vm, self.vs)
 
 
-def pack_uniform(k, v, bits, G):
-    """k, v [B, Hkv, n, D] -> the uniform packed layer."""
+def pack_uniform(k, v, bits, G, value_bits=None):
+    """k, v [B, Hkv, n, D] -> the uniform packed layer (values at
+    `value_bits` when given)."""
     D = k.shape[-1]
+    vbits = bits if value_bits is None else value_bits
     kq, km, ks = quantize_keys(k, bits, G)
-    vq, vm, vs = quantize_values(v, bits, G)
-    return Packed(kc=pack_codes(kq, bits), km=km, ks=ks, vc=pack_codes(vq, bits), vm=vm, vs=vs,
+    vq, vm, vs = quantize_values(v, vbits, G)
+    return Packed(kc=pack_codes(kq, bits), km=km, ks=ks, vc=pack_codes(vq, vbits), vm=vm, vs=vs,
                   k64=dequant_keys(kq, km, ks, G), v64=dequant_values(vq, vm, vs, G), D=D)
 
 
@@ -740,3 +742,56 @@ def test_return_lse_flag_checked():
     q, pk, rk, rv = uniform_case(1, 2, 1, 1, 32, 1, 16, 8, 4, torch.float32)
     with pytest.raises(KVCompressTypeError, match="return_lse"):
         run(q, pk, rk, rv, 4, 8, return_lse=torch.zeros(0))
+
+
+# ---------------------------------------------------------------- keys and values at different widths
+
+
+@pytest.mark.parametrize("bits,value_bits", [(4, 2), (8, 2), (2, 4), (8, 4)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("D,G", [(64, 32), (40, 16), (24, 7)])
+def test_value_bits(bits, value_bits, dtype, D, G):
+    """Value codes of their own width (rows of ceil(D * value_bits / 8)
+    bytes) against float64 over the dequantized slots, uniform and ragged."""
+    B, Hq, Hkv, nq, n, r = 2, 6, 2, 3, 150, 5
+    q = queries(B, Hq, nq, D, dtype, seed=3)
+    k = randn((B, Hkv, n, D), seed=4, scale=1.5) + randn((1, 1, 1, D), seed=5)
+    v = randn((B, Hkv, n, D), seed=6)
+    pk = pack_uniform(k, v, bits, G, value_bits=value_bits)
+    assert pk.vc.shape[-1] == -(-D * value_bits // 8) != pk.kc.shape[-1]
+    rk, rv = randn((B, Hkv, r, D), dtype, 7), randn((B, Hkv, r, D), dtype, 8)
+    kv_start = torch.tensor([0, 33])
+    got = run(q, pk, rk, rv, bits, G, value_bits=value_bits, kv_start=kv_start)
+    check(got, q, pk, rk, rv, f"K{bits}V{value_bits} {dtype}", kv_start=kv_start)
+    if G == 32:
+        # the same slots in the ragged layout give the same bits
+        ragged = tuple(x.reshape(-1, x.shape[-1]) for x in pk.args())
+        offsets, lengths = torch.arange(B * Hkv) * n // G * G, torch.full((B * Hkv,), n)
+        if n % G:
+            # segments must start on group boundaries: lay each head out in its own padded block
+            step = -(-n // G) * G
+            rows = lambda x, per: torch.cat([torch.cat([h, h[-1:].expand(per - h.shape[0], -1)])  # noqa: E731
+                                             for h in x.reshape(B * Hkv, -1, x.shape[-1])])
+            ragged = (rows(pk.kc, step), pk.km.reshape(-1, D), pk.ks.reshape(-1, D), rows(pk.vc, step),
+                      rows(pk.vm, step), rows(pk.vs, step))
+            offsets = torch.arange(B * Hkv) * step
+        g = ops.packed_attention(q, *ragged, rk, rv, bits=bits, value_bits=value_bits, group=G, offsets=offsets,
+                                 lengths=lengths)
+        assert torch.equal(g, run(q, pk, rk, rv, bits, G, value_bits=value_bits))
+
+
+def test_value_bits_same_as_bits_changes_nothing():
+    q, pk, rk, rv = uniform_case(2, 6, 2, 3, 300, 4, 64, 32, 4, torch.bfloat16)
+    assert torch.equal(run(q, pk, rk, rv, 4, 32, value_bits=4), run(q, pk, rk, rv, 4, 32))
+
+
+@pytest.mark.parametrize("value_bits,exc,match", [
+    (3, KVCompressValueError, "value_bits: expected 2, 4 or 8"),
+    (4, KVCompressValueError, "value_codes: rows of 16 bytes, expected ceil\\(D \\* value_bits / 8\\) = 32"),
+    ("2", KVCompressTypeError, "value_bits"),
+])
+def test_value_bits_refused(value_bits, exc, match):
+    q, pk, rk, rv = uniform_case(1, 2, 1, 1, 64, 1, 64, 32, 4, torch.float32)
+    pk = pack_uniform(torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64), 4, 32, value_bits=2)
+    with pytest.raises(exc, match=match):
+        run(q, pk, rk, rv, 4, 32, value_bits=value_bits)

@@ -18,7 +18,7 @@ from kvcompress.stores import AttentionSpec, PackedStore, RaggedPackedStore, Rag
 def test_compose_api_and_spec():
     m = EMS(ratio=0.5) + KIVI(bits=2)
     assert m == EMS(ratio=0.5, quant=KIVI(bits=2))
-    assert m.packing == (2, 32, 128) and m.evicts
+    assert m.packing == (2, 32, 128, 2) and m.evicts
     assert m.describe().endswith(" + KIVI(bits=2, group=32, residual=128)")
     assert EMS(ratio=0.5).packing is None
     spec = method_from_spec("snapkv:window=16+kivi:bits=8:group=16", ratio=0.75)
@@ -57,15 +57,16 @@ def _ragged(lengths, D, heads, batch, *, merged, seed=0, dtype=torch.float32):
     return RaggedStore.from_dense(keys.to(dtype), values.to(dtype), positions, valid, counts=counts)
 
 
-def _roundtrip(k, v, bits, G):
+def _roundtrip(k, v, bits, G, value_bits=None):
     """float64 dequantized keys/values [n, D] of one head packed on its own
     (its last group filled with copies of its last slot, then dropped)."""
     n, D = (int(x) for x in k.shape)
+    vb = bits if value_bits is None else value_bits
     pad = (-n) % G
     kp = torch.cat([k, k[-1:].expand(pad, D)])[None, None]
     vp = torch.cat([v, v[-1:].expand(pad, D)])[None, None]
     kd = ops.unpack_keys(*ops.pack_keys(kp, bits, G), bits, G)[0, 0, :n].double()
-    vd = ops.unpack_values(*ops.pack_values(vp, bits, G), bits, G, head_dim=D)[0, 0, :n].double()
+    vd = ops.unpack_values(*ops.pack_values(vp, vb, G), vb, G, head_dim=D)[0, 0, :n].double()
     return kd, vd
 
 
@@ -87,11 +88,11 @@ def _reference(store: RaggedPackedStore, ragged: RaggedStore, query, spec, extra
                 else torch.ones(n)
             if int(k.shape[0]):
                 # the head packed alone, padded with its last slot: the same groups as the store's
-                kd, vd = _roundtrip(k, v, bits, G)
+                kd, vd = _roundtrip(k, v, bits, G, store.value_bits)
             else:
                 kd = vd = torch.zeros(0, D, dtype=torch.float64)
             if extra is not None:  # decoded groups packed since, from a group boundary: [m, D]
-                ed, fd = _roundtrip(extra[0][b, h], extra[1][b, h], bits, G)
+                ed, fd = _roundtrip(extra[0][b, h], extra[1][b, h], bits, G, store.value_bits)
                 kd, vd = torch.cat([kd, ed]), torch.cat([vd, fd])
                 cnt = torch.cat([cnt, torch.ones(int(ed.shape[0]))])
             keys = torch.cat([kd, store._rk[b, h, :r].double()])
@@ -111,16 +112,17 @@ def _reference(store: RaggedPackedStore, ragged: RaggedStore, query, spec, extra
     return out
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits,value_bits", [(2, None), (4, None), (8, None), (4, 2), (2, 8)])
 @pytest.mark.parametrize("merged", [False, True])
-def test_from_ragged_attention_equals_float64(bits, merged):
+def test_from_ragged_attention_equals_float64(bits, value_bits, merged):
     """Heads of every shape (empty, one slot, whole groups, a short last
     group): the kernel's attention equals float64 over the kept slots with
     their counts, so the repeated slots weigh exactly what they replace."""
     D, H, B, G = 24, 3, 2, 8
     lengths = [0, 1, 8, 13, 40, 5]
     ragged = _ragged(lengths, D, H, B, merged=merged, seed=bits)
-    store = RaggedPackedStore.from_ragged(ragged, bits, G, 4)
+    store = RaggedPackedStore.from_ragged(ragged, bits, G, 4, value_bits)
+    assert store._vc.shape[-1] == math.ceil(D * (value_bits or bits) / 8)
     assert store.head_lengths() == lengths
     assert store._host_lengths.tolist() == [math.ceil(n / G) * G for n in lengths]
     assert all(int(o) % G == 0 for o in store.offsets)

@@ -24,7 +24,8 @@ from kvcompress import _C
 from reference import pool1d_ref, vector_norm_ref, window_scores_ref
 from test_attention import attention_ref, ragged_layout
 from test_attention import randn as attn_randn
-from test_attention_packed import check_lse, lse_ref, one_query_at_a_time, pack_ragged, packed_ref, uniform_case
+from test_attention_packed import (check_lse, lse_ref, one_query_at_a_time, pack_ragged, pack_uniform, packed_ref,
+                                   uniform_case)
 from test_budget import head_budgets_ref
 from test_fastgen import recovery_ref
 from test_keyformer import keyformer_ref
@@ -482,6 +483,23 @@ def test_packed_attention_lse_and_no_residual(r, dtype):
                         ref_fn(qs, pk, rk, rv, kv_start=kv_start, dtype=dtype))
 
 
+@pytest.mark.parametrize("bits,value_bits", [(4, 2), (2, 8)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_attention_value_bits(bits, value_bits, dtype):
+    """Values at their own width on the GPU against float64."""
+    B, Hq, Hkv, nq, n, r, D, G = 2, 8, 2, 3, 700, 5, 64, 32
+    qs = attn_randn((B, Hq, nq, D), dtype, 3)
+    k = attn_randn((B, Hkv, n, D), torch.float32, 4) * 1.5
+    v = attn_randn((B, Hkv, n, D), torch.float32, 5)
+    pk = pack_uniform(k, v, bits, G, value_bits=value_bits)
+    rk, rv = attn_randn((B, Hkv, r, D), dtype, 6), attn_randn((B, Hkv, r, D), dtype, 7)
+    kv_start = torch.tensor([0, 45])
+    _, got = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=bits, value_bits=value_bits, group=G,
+                  kv_start=kv_start)
+    assert_within_bound(got, packed_ref(qs, pk, rk, rv, kv_start=kv_start),
+                        packed_ref(qs, pk, rk, rv, kv_start=kv_start, dtype=dtype))
+
+
 # ---------------------------------------------------------------- pages (Quest)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -744,6 +762,9 @@ GPU_METHODS = {
     "ems+kivi4": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
     # mixed precision: the selected slots at 8 bits, the rest at 2 (two packed widths joined by lse)
     "mikv2+8": lambda: kvcompress.MiKV(budget=64, bits=2, high_bits=8),
+    # 4-bit keys, 2-bit values, uniform and per-head
+    "kivi4v2": lambda: kvcompress.KIVI(bits=4, value_bits=2, group=32, residual=64),
+    "ems+kivi4v2": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, value_bits=2, group=32, residual=64),
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),

@@ -15,8 +15,8 @@ from kvcompress.stores.masked import build_mask, masked_attention
 
 
 def test_kivi_options():
-    assert KIVI().packing == (4, 32, 128)
-    assert method_from_spec("kivi:bits=2:group=16").packing == (2, 16, 128)
+    assert KIVI().packing == (4, 32, 128, 4)
+    assert method_from_spec("kivi:bits=2:group=16").packing == (2, 16, 128, 2)
     assert repr(KIVI(bits=2)) == KIVI(bits=2).describe() == "KIVI(bits=2, group=32, residual=128)"
     with pytest.raises(ValueError, match="bits: must be 2, 4 or 8"):
         KIVI(bits=3)
@@ -28,6 +28,15 @@ def test_kivi_options():
         KIVI(group=0)
     with pytest.raises(TypeError, match="residual"):
         KIVI(residual=1.5)
+    k42 = KIVI(bits=4, value_bits=2)
+    assert k42.packing == (4, 32, 128, 2) and repr(k42) == "KIVI(bits=4, value_bits=2, group=32, residual=128)"
+    assert method_from_spec("kivi:bits=4:value_bits=2") == k42
+    with pytest.raises(ValueError, match="value_bits: must be None"):
+        KIVI(value_bits=3)
+    with pytest.raises(TypeError, match="value_bits"):
+        KIVI(value_bits=2.0)
+    with pytest.raises(ValueError, match="value_bits"):
+        kvc.MiniCache() + KIVI(bits=4, value_bits=2)
 
 
 def _group_bound(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> torch.Tensor:
@@ -95,12 +104,15 @@ def test_store_packs_whole_groups_within_the_bound(bits, D, group):
     assert store.n_packed == m + group * ((n - m + group + 1 - R) // group)
 
 
+@pytest.mark.parametrize("value_bits", [None, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_store_attention_equals_float64_over_the_dequantized_slots(dtype):
+def test_store_attention_equals_float64_over_the_dequantized_slots(dtype, value_bits):
     torch.manual_seed(1)
     B, Hkv, Hq, n, D = 2, 2, 6, 130, 32
-    store = PackedStore(4, 16, 32)
-    store.append(torch.randn(B, Hkv, n, D).to(dtype), torch.randn(B, Hkv, n, D).to(dtype), 0)
+    store = PackedStore(4, 16, 32, value_bits)
+    values = torch.randn(B, Hkv, n, D).to(dtype)
+    store.append(torch.randn(B, Hkv, n, D).to(dtype), values, 0)
+    store._orig_values = values
     store.settle()
     store.append(torch.randn(B, Hkv, 1, D).to(dtype), torch.randn(B, Hkv, 1, D).to(dtype), n)
     q = torch.randn(B, Hq, 1, D).to(dtype)
@@ -108,6 +120,13 @@ def test_store_attention_equals_float64_over_the_dequantized_slots(dtype):
     spec = AttentionSpec(scaling=D**-0.5)
     out = store.attend(q, spec, kv_start=kv_start)
     k, v = store.dequantized()
+    if value_bits is not None:
+        # the values were packed at their own width: within that width's bound
+        m = store.n_packed
+        assert store._vc.shape[-1] == math.ceil(D * value_bits / 8)
+        raw = store._orig_values[:, :, :m].double()
+        assert ((v[:, :, :m].double() - raw).abs() <= _group_bound(raw, value_bits, 16, False) * (1 + 1e-5)
+                + (1e-6 if dtype == torch.float32 else 1e-2)).all()
     ref = _attention64(q, k, v, spec.scaling, kv_start)
     # torch's own error doing this attention in this dtype, on the same dequantized slots
     mask = build_mask(B, 1, k.shape[2], "cpu", kv_start=kv_start)
@@ -121,10 +140,12 @@ def test_store_attention_equals_float64_over_the_dequantized_slots(dtype):
     assert (ref_capped - ref).abs().max().item() > 1e-3  # the cap does change this attention
 
 
-def test_bytes_held_match_the_formula(tiny_lm):
+@pytest.mark.parametrize("bits,value_bits", [(2, None), (4, 2)])
+def test_bytes_held_match_the_formula(tiny_lm, bits, value_bits):
     model, tok, _ = tiny_lm
     ids = torch.randint(5, 250, (1, 300))
-    method = KIVI(bits=2, group=16, residual=32)
+    method = KIVI(bits=bits, group=16, residual=32, value_bits=value_bits)
+    vbits = bits if value_bits is None else value_bits
     with T.method_context(model, method) as new:
         cache = new()
         T.greedy(model, cache, ids, 1)
@@ -135,8 +156,8 @@ def test_bytes_held_match_the_formula(tiny_lm):
         assert isinstance(s, PackedStore)
         m = (300 - 32) // 16 * 16
         assert s.n_packed == m
-        Db = math.ceil(D * 2 / 8)
-        packed = 2 * H * m * Db + 2 * H * (m // 16) * D * 4 + 2 * H * m * math.ceil(D / 16) * 4
+        codes = H * m * (math.ceil(D * bits / 8) + math.ceil(D * vbits / 8))
+        packed = codes + 2 * H * (m // 16) * D * 4 + 2 * H * m * math.ceil(D / 16) * 4
         residual = 2 * H * (32 + 16) * D * 4  # the residual buffer after the prefill: R + G slots
         assert sum(t.untyped_storage().nbytes() for t in s.tensors()) == packed + residual
     full = 2 * cfg.num_hidden_layers * H * 300 * D * 4
@@ -173,6 +194,15 @@ def test_more_bits_track_the_full_cache_closer(tiny_lm):
         p = torch.log_softmax(full.double(), -1)
         kls[bits] = float((p.exp() * (p - torch.log_softmax(logits.double(), -1))).sum(-1).mean())
     assert kls[8] < kls[4] < kls[2] and kls[8] < 1e-3, kls
+    # value_bits: equal to bits changes no bit; 2-bit values under 8-bit keys cost what 2-bit values cost
+    # (on this random model the values dominate: 2-bit keys add almost nothing to 2-bit values)
+    logit = {}
+    for vb in (None, 4, 2):
+        with T.method_context(model, KIVI(bits=8 if vb == 2 else 4, value_bits=vb, group=8, residual=16)) as new:
+            _, logit[vb] = T.greedy(model, new(), ids, 13, force=tokens, keep_logits=True)
+    assert torch.equal(logit[4], logit[None])
+    kl82 = float((p.exp() * (p - torch.log_softmax(logit[2].double(), -1))).sum(-1).mean())
+    assert kls[4] < kl82 and abs(kl82 - kls[2]) < 0.2 * kls[2], (kl82, kls)
     with T.method_context(model, KIVI(bits=2, residual=256)) as new:
         exact, logits = T.greedy(model, new(), ids, 13, keep_logits=True)
     assert exact == tokens and torch.allclose(logits, full, atol=1e-5, rtol=1e-5)

@@ -18,10 +18,11 @@ from test_compose import left_padded_pair
 
 
 def test_options_and_refusals():
-    assert MiKV(ratio=0.75).quant == LowBits(bits=2, group=32)
-    assert MiKV(ratio=0.75, bits=4).packing == (4, 32, 0) and repr(LowBits()) == "LowBits(bits=2, group=32)"
-    assert repr(MiKV(budget=64, bits=4)) == "MiKV(budget=64, bits=4, group=32, recent=0.5)"
-    assert ZipCache(ratio=0.5).describe() == "ZipCache(ratio=0.5, bits=2, group=32, probe=0.1, window=8)"
+    assert MiKV(ratio=0.75).quant == LowBits(bits=2, group=32, high_bits=8)
+    assert MiKV(ratio=0.75, bits=4).packing == (4, 32, 0, 4) and repr(LowBits()) == "LowBits(bits=2, group=32)"
+    assert repr(MiKV(budget=64, bits=4)) == "MiKV(budget=64, bits=4, high_bits=8, group=32, recent=0.5)"
+    assert ZipCache(ratio=0.5).describe() == \
+        "ZipCache(ratio=0.5, bits=2, high_bits=8, group=32, probe=0.1, window=8)"
     assert method_from_spec("snapkv+lowbits:bits=4", ratio=0.75) == SnapKV(ratio=0.75, quant=LowBits(bits=4))
     assert method_from_spec("mikv:bits=4", ratio=0.5) == MiKV(ratio=0.5, bits=4)
     with pytest.raises(ValueError, match="LowBits quantizes and evicts nothing"):
@@ -70,7 +71,7 @@ def test_selected_slots_stay_exact_and_the_rest_within_the_bound(tiny_model, bit
     with torch.no_grad():
         tiny_model(ids, use_cache=True, **cache_kwargs(tiny_model, full))
     h2o = _prefill(tiny_model, ids, H2O(ratio=0.75, interval=0))
-    mikv = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=bits, group=16, interval=0))
+    mikv = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=bits, group=16, interval=0, high_bits=None))
     for i, (lh, lm) in enumerate(zip(h2o.layers, mikv.layers)):
         store = lm.store
         assert isinstance(store, PackedStore) and not store.pack_decoded
@@ -119,7 +120,8 @@ def test_padded_batch_equals_rows_alone(tiny_model):
     def gen(ids, m, attn=None):
         return generate(tiny_model, ids, m, new=12, mask=attn)
 
-    for make in (lambda: MiKV(ratio=0.6, bits=4, group=16), lambda: ZipCache(ratio=0.6, bits=4, group=16)):
+    for make in (lambda: MiKV(ratio=0.6, bits=4, group=16, high_bits=None),
+                 lambda: ZipCache(ratio=0.6, bits=4, group=16, high_bits=None)):
         got, cache = gen(batch, make(), mask)
         store = cache.layers[0].store
         # row a selects 104 of 260, row b 72 of 180: b moves 32 slots up; its
@@ -142,11 +144,12 @@ def test_eight_bits_give_the_full_cache_tokens(tiny_model):
 
 def test_bytes_fall_with_bits(tiny_model):
     ids = torch.randint(3, tiny_model.config.vocab_size, (1, 400), generator=torch.Generator().manual_seed(3))
-    held = {b: kvc.testing.cache_bytes(_prefill(tiny_model, ids, MiKV(ratio=0.75, bits=b))) for b in (2, 4, 8)}
+    held = {b: kvc.testing.cache_bytes(_prefill(tiny_model, ids, MiKV(ratio=0.75, bits=b, high_bits=None)))
+            for b in (2, 4, 8)}
     full = kvc.testing.cache_bytes(_prefill(tiny_model, ids, kvc.StreamingLLM(ratio=0.0, sinks=0)))
     assert full > held[8] > held[4] > held[2]
     # 1 row x 2 kv heads: codes of the 300 demoted slots, the 100 kept ones in fp32
-    store = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2)).layers[0].store
+    store = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2, high_bits=None)).layers[0].store
     assert store.n_packed == 300 and store.r == 100
     assert store._kc.numel() == 2 * 300 * ops.packed_row_bytes(16, 2)
     assert store._rk.shape[2] == 100 and store._rk.dtype == torch.float32
@@ -156,20 +159,21 @@ def test_bytes_fall_with_bits(tiny_model):
 
 
 def test_high_bits_options():
-    assert MiKV(ratio=0.75, high_bits=8).quant == LowBits(bits=2, group=32, high_bits=8)
+    assert MiKV(ratio=0.75, high_bits=None).quant == LowBits(bits=2, group=32)
     assert repr(LowBits(high_bits=4)) == "LowBits(bits=2, group=32, high_bits=4)"
-    assert repr(MiKV(budget=64, high_bits=8)) == "MiKV(budget=64, bits=2, high_bits=8, group=32, recent=0.5)"
+    assert repr(MiKV(budget=64, high_bits=None)) == "MiKV(budget=64, bits=2, high_bits=None, group=32, recent=0.5)"
+    assert MiKV(budget=64, bits=8).high_bits == 8  # everything at 8 bits is allowed
     assert ZipCache(ratio=0.5, high_bits=4).describe() == \
         "ZipCache(ratio=0.5, bits=2, high_bits=4, group=32, probe=0.1, window=8)"
     assert method_from_spec("zipcache:bits=2:high_bits=4", ratio=0.5) == ZipCache(ratio=0.5, high_bits=4)
     assert method_from_spec("snapkv+lowbits:high_bits=8", ratio=0.75) == SnapKV(ratio=0.75,
                                                                                  quant=LowBits(high_bits=8))
-    for bad, match in ((3, "high_bits: must be None"), (2, "more than bits=2"), (True, "high_bits"),
+    for bad, match in ((3, "high_bits: must be None"), (2, "at least bits=4"), (True, "high_bits"),
                        (8.0, "high_bits")):
         with pytest.raises(ValueError, match=match):
-            MiKV(ratio=0.5, high_bits=bad)
-    with pytest.raises(ValueError, match="more than bits=4"):
-        ZipCache(ratio=0.5, bits=4, high_bits=4)
+            MiKV(ratio=0.5, bits=4, high_bits=bad)
+    with pytest.raises(ValueError, match="at least bits=8"):
+        ZipCache(ratio=0.5, bits=8, high_bits=4)
 
 
 def _split_store(B, H, n, D, k, high_bits, seed=0, dtype=torch.float32):
@@ -215,12 +219,12 @@ def test_two_width_attention_matches_float64(dtype, nq):
     high part."""
     from test_attention import _head_attention, assert_within_bound
 
-    B, Hq, H, n, D, k = 3, 6, 3, 150, 24, 37
+    B, Hq, H, n, D, k = 4, 6, 3, 150, 24, 37
     store, *_ = _split_store(B, H, n, D, k, 8, seed=nq, dtype=dtype)
     g = torch.Generator().manual_seed(9)
     store.append(torch.randn(B, H, 5, D, generator=g).to(dtype), torch.randn(B, H, 5, D, generator=g).to(dtype), n)
     q = torch.randn(B, Hq, nq, D, generator=g).to(dtype)
-    kv_start = torch.tensor([0, 50, 120])  # none; inside the low part; into the high part
+    kv_start = torch.tensor([0, 50, 120, 152])  # none; inside the low part; into the high part; into the residual
     spec = AttentionSpec(scaling=0.3)
     got = store.attend(q, spec, kv_start=kv_start)
     keys, values = store.dequantized()
@@ -257,8 +261,8 @@ def test_high_bits_generation_and_bytes(tiny_model):
         assert cache.layers[0].kv_start.tolist() == [0, 80] and cache.layers[0].store.n_high == 64
         assert torch.equal(got[0], gen(a, make())[0][0]) and torch.equal(got[1], gen(b, make())[0][0])
     ids = torch.randint(3, tiny_model.config.vocab_size, (1, 400), generator=torch.Generator().manual_seed(3))
-    fp = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2))
-    hb = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2, high_bits=8))
+    fp = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2, high_bits=None))
+    hb = _prefill(tiny_model, ids, MiKV(ratio=0.75, bits=2))  # high_bits=8 by default
     store = hb.layers[0].store
     assert store.n_high == 100 and store.n_packed == 300
     # 2 kv heads x 100 selected slots at 8 bits (D = 16): codes plus per-group fp32 mins/scales

@@ -41,7 +41,7 @@ struct kvc_pa_geom {
     int64_t R;      /* rows per kv head: g * nq */
     int64_t ntiles; /* ceil(R / KVC_PA_RT) */
     int64_t nsplit; /* splits per (head, tile) at most */
-    int bits;
+    int bits, vbits; /* key and value code widths */
     float *pm, *ps, *pacc; /* [B * Hkv * R][nsplit] (x D for pacc) */
 };
 
@@ -123,7 +123,7 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
 
     const int64_t bh = blockIdx.x / g.ntiles, t = blockIdx.x % g.ntiles;
     const int64_t b = bh / g.Hkv, hk = bh % g.Hkv, split = blockIdx.y;
-    const int D = (int)g.D, bits = g.bits, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int D = (int)g.D, bits = g.bits, vbits = g.vbits, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int64_t n, s0, off, chunk, count;
     kvc_pa_head(p, b, hk, &n, &s0, &off);
     const int64_t end = kvc_pa_tile_end(g, n, t);
@@ -172,16 +172,18 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
      * once: 64-bit divisions per element and slot (code byte, shift, value
      * group) made this loop ~20x slower than fp16 attention on an H200. */
     const int lg_per = bits == 2 ? 2 : (bits == 4 ? 1 : 0); /* log2(8 / bits) */
-    const uint32_t mask = kvc_pk_mask(bits);
+    const int vlg_per = vbits == 2 ? 2 : (vbits == 4 ? 1 : 0);
+    const uint32_t mask = kvc_pk_mask(bits), vmask = kvc_pk_mask(vbits);
     int64_t kbo[EPL], vbo[EPL], vgm[EPL], vgs[EPL];
-    int sh[EPL];
+    int sh[EPL], vsh[EPL];
 #pragma unroll
     for (int e = 0; e < EPL; e++) {
         const int c = lane + 32 * e < D ? lane + 32 * e : 0;
         const int u = c / (int)g.G; /* G >= 1; c < 256 */
         kbo[e] = (int64_t)(c >> lg_per) * kcd;
-        vbo[e] = (int64_t)(c >> lg_per) * vcd;
+        vbo[e] = (int64_t)(c >> vlg_per) * vcd;
         sh[e] = (c & ((1 << lg_per) - 1)) * bits;
+        vsh[e] = (c & ((1 << vlg_per) - 1)) * vbits;
         vgm[e] = (int64_t)u * vmd;
         vgs[e] = (int64_t)u * vsd;
     }
@@ -291,8 +293,8 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
             for (int e = 0; e < EPL; e++) {
                 if (lane + 32 * e >= D) continue;
                 const float sc = vsc[u][e];
-                const float ce = kvc_pk_centre(vmn[u][e], sc, bits);
-                const float cv = kvc_pk_centred(((uint32_t)vb[u][e] >> sh[e]) & mask, bits);
+                const float ce = kvc_pk_centre(vmn[u][e], sc, vbits);
+                const float cv = kvc_pk_centred(((uint32_t)vb[u][e] >> vsh[e]) & vmask, vbits);
 #pragma unroll
                 for (int r = 0; r < RT; r++) {
                     acc[r][e] = fmaf(pw[r] * sc, cv, acc[r][e] * alpha[r]);
@@ -425,6 +427,7 @@ static bool kvc_pa_geometry(const kvc_packed_attention_params *p, kvc_pa_geom *g
     g->r = p->res_k.shape[2];
     g->G = p->group;
     g->bits = p->bits;
+    g->vbits = p->value_bits ? p->value_bits : p->bits;
     if (g->B <= 0 || p->q.shape[1] <= 0 || g->nq <= 0 || g->D <= 0 || g->Hkv <= 0) return false;
     g->g = p->q.shape[1] / g->Hkv;
     g->R = g->g * g->nq;
@@ -468,6 +471,8 @@ extern "C" enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_att
     kvc_pa_geom g;
     if (p->layout != KVC_KV_UNIFORM && p->layout != KVC_KV_RAGGED) return KVC_ERR_INVALID;
     if (p->bits != 2 && p->bits != 4 && p->bits != 8) return KVC_ERR_INVALID;
+    if (p->value_bits != 0 && p->value_bits != 2 && p->value_bits != 4 && p->value_bits != 8)
+        return KVC_ERR_INVALID;
     if (p->group < 1) return KVC_ERR_INVALID;
     if (!kvc_pa_geometry(p, &g)) return KVC_OK;
     if (p->q.shape[1] % p->num_kv_heads != 0 || (g.r != 0 && g.r < g.nq)) return KVC_ERR_INVALID;

@@ -302,9 +302,9 @@ class Method:
         return None if self.sparse is None else self.sparse.tidal
 
     @property
-    def packing(self) -> tuple[int, int, int] | None:
-        """``(bits, group, residual)`` when layers keep their slots packed
-        (``kvcompress.stores.PackedStore``), else None."""
+    def packing(self) -> tuple[int, int, int, int] | None:
+        """``(bits, group, residual, value_bits)`` when layers keep their
+        slots packed (``kvcompress.stores.PackedStore``), else None."""
         if self.quant is not None:
             return self.quant.packing
         # SnapKV(...) + MiniCache() + KIVI(...): the quantizer rides on the cross-layer method

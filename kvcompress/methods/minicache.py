@@ -119,6 +119,9 @@ class MiniCache(KeepsEveryToken):
 
     def _check_quant(self) -> None:
         self._check_packer()
+        if getattr(self.quant, "value_bits", None) is not None:
+            raise ValueError(f"quant: MiniCache's merged pair packs keys and values at one width; give "
+                             f"{self.quant.describe()} without value_bits")
 
     @property
     def cross_layer(self) -> "MiniCache":

@@ -40,17 +40,21 @@ class PackedStore(LayerStore):
     Parameters
     ----------
     bits : int
-        2, 4 or 8 bits per element.
+        2, 4 or 8 bits per key element (and per value element without
+        ``value_bits``).
     group : int
         Tokens per key group and channels per value group.
     residual : int
         Slots kept in full precision (at least; see the module docstring).
+    value_bits : int, optional
+        2, 4 or 8 bits per value element; default ``bits``.
     """
 
     kind = "packed"
 
-    def __init__(self, bits: int, group: int, residual: int):
+    def __init__(self, bits: int, group: int, residual: int, value_bits: int | None = None):
         self.bits, self.group, self.residual = bits, group, residual
+        self.value_bits = bits if value_bits is None else int(value_bits)
         self.n_packed = 0  # packed slots per head, a multiple of group
         self.r = 0  # residual slots per head
         self.first_position = 0
@@ -68,20 +72,23 @@ class PackedStore(LayerStore):
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
-        return (f"PackedStore(bits={self.bits}, group={self.group}, residual={self.residual}, "
+        vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
+        return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}{high}, full_precision={self.r})")
 
     @classmethod
     def from_split(cls, keys, values, full_idx, low_idx, bits: int, group: int,
-                   high_bits: int | None = None) -> "PackedStore":
+                   high_bits: int | None = None, value_bits: int | None = None) -> "PackedStore":
         """Mixed precision: slots ``low_idx`` ``[B, H, m]`` of ``keys``/``values``
         ``[B, H, n, D]`` packed at ``bits`` (``m`` need not be a multiple of
         ``group``), slots ``full_idx`` ``[B, H, K]`` kept as the full-precision
         residual, or with ``high_bits`` packed at that width (the residual then
         starts empty and takes the generated tokens); nothing is packed later
         (``pack_decoded`` is False). The logical order, which ``kv_start``
-        counts, is low part, high part, residual."""
-        new = cls(bits, group, 0)
+        counts, is low part, high part, residual. ``value_bits`` is the low
+        part's value width (default ``bits``); the high part packs both
+        halves at ``high_bits``."""
+        new = cls(bits, group, 0, value_bits)
         new.pack_decoded = False
         if high_bits is None:
             new._rk, new._rv = ops.gather(keys, values, full_idx)
@@ -99,15 +106,16 @@ class PackedStore(LayerStore):
         if m:
             lk, lv = ops.gather(keys, values, low_idx)
             new._kc, new._kmin, new._ksc = ops.pack_keys(lk, bits, group)
-            new._vc, new._vmin, new._vsc = ops.pack_values(lv, bits, group)
+            new._vc, new._vmin, new._vsc = ops.pack_values(lv, new.value_bits, group)
             new.n_packed = m
         return new
 
     @classmethod
-    def from_uniform(cls, store, bits: int, group: int, residual: int) -> "PackedStore":
+    def from_uniform(cls, store, bits: int, group: int, residual: int,
+                     value_bits: int | None = None) -> "PackedStore":
         """Take over a uniform store's slots as the residual (no copy; call
         :meth:`settle` to pack)."""
-        new = cls(bits, group, residual)
+        new = cls(bits, group, residual, value_bits)
         if store.batch:
             new._rk, new._rv = store.keys, store.values
             new.r = int(store.n)
@@ -190,7 +198,7 @@ class PackedStore(LayerStore):
         p0, G = self.n_packed, self.group
         ops.pack_keys(self._rk[:, :, :m], self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
                       mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G])
-        ops.pack_values(self._rv[:, :, :m], self.bits, G, codes=self._vc[:, :, p0 : p0 + m],
+        ops.pack_values(self._rv[:, :, :m], self.value_bits, G, codes=self._vc[:, :, p0 : p0 + m],
                         mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m])
         self.n_packed += m
 
@@ -224,7 +232,7 @@ class PackedStore(LayerStore):
         cap = max(need, have + max(4 * G, have // 8))
         cap = (cap + G - 1) // G * G
         B, H, _, D = self._rk.shape
-        Db = ops.packed_row_bytes(int(D), self.bits)
+        Db, Dbv = ops.packed_row_bytes(int(D), self.bits), ops.packed_row_bytes(int(D), self.value_bits)
         dev = self._rk.device
 
         def grow(old, shape, dtype):
@@ -234,7 +242,7 @@ class PackedStore(LayerStore):
             return new
 
         self._kc = grow(self._kc, (B, H, cap, Db), torch.uint8)
-        self._vc = grow(self._vc, (B, H, cap, Db), torch.uint8)
+        self._vc = grow(self._vc, (B, H, cap, Dbv), torch.uint8)
         self._kmin = grow(self._kmin, (B, H, cap // G, D), torch.float32)
         self._ksc = grow(self._ksc, (B, H, cap // G, D), torch.float32)
         vg = math.ceil(int(D) / G)
@@ -269,12 +277,13 @@ class PackedStore(LayerStore):
         rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
         ks, vs = [], []
         views = self._packed_views()
-        for part, bits in ((views if self.n_packed else None, self.bits), (self._hi, self.high_bits)):
+        for part, kb, vb in ((views if self.n_packed else None, self.bits, self.value_bits),
+                             (self._hi, self.high_bits, self.high_bits)):
             if part is None:
                 continue
             kc, kmin, ksc, vc, vmin, vsc = part
-            ks.append(ops.unpack_keys(kc, kmin, ksc, bits, self.group, dtype=rk.dtype))
-            vs.append(ops.unpack_values(vc, vmin, vsc, bits, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype))
+            ks.append(ops.unpack_keys(kc, kmin, ksc, kb, self.group, dtype=rk.dtype))
+            vs.append(ops.unpack_values(vc, vmin, vsc, vb, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype))
         if not ks:
             return rk, rv
         return torch.cat(ks + [rk], 2), torch.cat(vs + [rv], 2)
@@ -287,7 +296,7 @@ class PackedStore(LayerStore):
             rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
             if self._hi is None:
                 return ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
-                                            scaling=spec.scaling, kv_start=kv_start)
+                                            value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start)
             return self._attend_two_widths(query, rk, rv, spec.scaling, kv_start)
         # softcap / sink logits / windows: the eager path over a dequantized copy
         keys, values = self.dequantized()
@@ -313,7 +322,8 @@ class PackedStore(LayerStore):
             start_hi = (ks - p).clamp(min=0, max=h)
             start_lo = lo + (ks - p - h).clamp(min=0)  # a masked residual prefix follows a fully masked low part
         o1, l1 = ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
-                                      scaling=scaling, kv_start=start_lo, return_lse=True)
+                                      value_bits=self.value_bits, scaling=scaling, kv_start=start_lo,
+                                      return_lse=True)
         none = rk[:, :, :0]
         o2, l2 = ops.packed_attention(query, *self._hi, none, none, bits=self.high_bits, group=self.group,
                                       scaling=scaling, kv_start=start_hi, return_lse=True)

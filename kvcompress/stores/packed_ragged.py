@@ -45,8 +45,8 @@ class RaggedPackedStore(PackedStore):
 
     kind = "ragged-packed"
 
-    def __init__(self, bits: int, group: int, residual: int):
-        super().__init__(bits, group, residual)
+    def __init__(self, bits: int, group: int, residual: int, value_bits: int | None = None):
+        super().__init__(bits, group, residual, value_bits)
         self.offsets = self.lengths = self.caps = None
         self.counts_bias = self.counts_plain = None
         self._host_lengths = self._host_caps = None
@@ -54,10 +54,11 @@ class RaggedPackedStore(PackedStore):
         self._slack = group
 
     @classmethod
-    def from_ragged(cls, store, bits: int, group: int, residual: int) -> "RaggedPackedStore":
+    def from_ragged(cls, store, bits: int, group: int, residual: int,
+                    value_bits: int | None = None) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head; the residual starts empty."""
-        new = cls(bits, group, residual)
+        new = cls(bits, group, residual, value_bits)
         G = group
         B, H = store.batch, store.heads
         dev = store.k.device
@@ -89,7 +90,7 @@ class RaggedPackedStore(PackedStore):
         new.counts_plain[dst] = share
         new.counts_bias[dst] = merged * share
         kc, kmin, ksc = ops.pack_keys(k.view(1, 1, R, D), bits, G)
-        vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), bits, G)
+        vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), new.value_bits, G)
         new._kc, new._kmin, new._ksc = kc[0, 0], kmin[0, 0], ksc[0, 0]
         new._vc, new._vmin, new._vsc = vc[0, 0], vmin[0, 0], vsc[0, 0]
         new.offsets, new.lengths, new.caps = offsets, padded, caps
@@ -122,7 +123,8 @@ class RaggedPackedStore(PackedStore):
     def __repr__(self) -> str:
         n = self._real
         span = f"{int(n.min())}..{int(n.max())}" if n is not None and n.numel() else "empty"
-        return (f"RaggedPackedStore(bits={self.bits}, group={self.group}, residual={self.residual}, "
+        vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
+        return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed per head={span}, full_precision={self.r})")
 
     # ------------------------------------------------------------- writing
@@ -134,7 +136,7 @@ class RaggedPackedStore(PackedStore):
         if bool((self._host_lengths + m > self._host_caps).any()):
             self._grow(m)
         kc, kmin, ksc = ops.pack_keys(self._rk[:, :, :m], self.bits, G)
-        vc, vmin, vsc = ops.pack_values(self._rv[:, :, :m], self.bits, G)
+        vc, vmin, vsc = ops.pack_values(self._rv[:, :, :m], self.value_bits, G)
         start = self.offsets + self.lengths
         rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
         grows = (start[:, None] // G + torch.arange(m // G, device=start.device)).reshape(-1)
@@ -215,7 +217,7 @@ class RaggedPackedStore(PackedStore):
         kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
                              self._ksc.view(1, 1, R // G, D), self.bits, G, dtype=dtype)[0, 0]
         vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
-                               self._vsc.view(1, 1, R, -1), self.bits, G, head_dim=D, dtype=dtype)[0, 0]
+                               self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
         M = int(self._host_lengths.max()) if N else 0
         start = M - self.lengths
         col = torch.arange(M, device=kd.device)[None, :]
@@ -241,7 +243,7 @@ class RaggedPackedStore(PackedStore):
         if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
             return ops.packed_attention(query, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
                                         self._rk[:, :, : self.r], self._rv[:, :, : self.r], bits=self.bits,
-                                        group=self.group, scaling=spec.scaling, offsets=self.offsets,
+                                        value_bits=self.value_bits, group=self.group, scaling=spec.scaling, offsets=self.offsets,
                                         lengths=self.lengths, counts=counts)
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
