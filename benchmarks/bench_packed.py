@@ -65,19 +65,29 @@ def case(shape: str, n: int, g: torch.Generator):
         qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
         fns[name] = lambda qd=qd, kd=kd, vd=vd: ops.attention(qd, kd, vd)
         read[name] = 2 * kd.numel() * kd.element_size()
-    for bits in (2, 4, 8):
+    for bits, vbits in WIDTHS:
+        key = width_key(bits, vbits)
         pk = ops.pack_keys(k[:, :, :m], bits, GROUP)
-        pv = ops.pack_values(v[:, :, :m], bits, GROUP)
+        pv = ops.pack_values(v[:, :, :m], vbits, GROUP)
         rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
         args = (q, *pk, *pv, rk, rv)
-        fns[f"{bits}-bit"] = lambda args=args, bits=bits: ops.packed_attention(*args, bits=bits, group=GROUP)
-        read[f"{bits}-bit"] = sum(t.numel() * t.element_size() for t in (*pk, *pv, rk, rv))
+        fns[key] = lambda args=args, bits=bits, vbits=vbits: ops.packed_attention(*args, bits=bits, group=GROUP,
+                                                                                 value_bits=vbits)
+        read[key] = sum(t.numel() * t.element_size() for t in (*pk, *pv, rk, rv))
         # the packed kernel computes what it should (against fp32 over the dequantized slots)
         kd = torch.cat([ops.unpack_keys(*pk, bits, GROUP), rk], 2)
-        vd = torch.cat([ops.unpack_values(*pv, bits, GROUP, head_dim=D), rv], 2)
-        err = (fns[f"{bits}-bit"]() - ops.attention(q, kd, vd)).abs().max().item()
-        assert err < 1e-4, (shape, n, bits, err)
+        vd = torch.cat([ops.unpack_values(*pv, vbits, GROUP, head_dim=D), rv], 2)
+        err = (fns[key]() - ops.attention(q, kd, vd)).abs().max().item()
+        assert err < 1e-4, (shape, n, key, err)
     return fns, read
+
+
+#: (key bits, value bits) of the packed rows timed: KIVI-2/4/8 and 4-bit keys with 2-bit values
+WIDTHS = [(2, 2), (4, 4), (8, 8), (4, 2)]
+
+
+def width_key(bits: int, vbits: int) -> str:
+    return f"{bits}-bit" if bits == vbits else f"{bits}/{vbits}-bit"
 
 
 def main(argv=None):
@@ -105,15 +115,16 @@ def main(argv=None):
                 t, reps = time_many(fns, args.min_time)
                 Hq, _, D = SHAPES[shape]
                 fmas = 2 * Hq * n * D  # logits and weighted values of one decode step
-                for bits in (2, 4, 8):
-                    key = f"{bits}-bit"
-                    rec = dict(shape=shape, n=n, threads=nt, bits=bits, reps=reps, packed_us=t[key] * 1e6,
+                for bits, vbits in WIDTHS:
+                    key = width_key(bits, vbits)
+                    rec = dict(shape=shape, n=n, threads=nt, bits=bits, value_bits=vbits, reps=reps,
+                               packed_us=t[key] * 1e6,
                                fp32_us=t["fp32"] * 1e6, bf16_us=t["bf16"] * 1e6, vs_fp32=t["fp32"] / t[key],
                                vs_bf16=t["bf16"] / t[key], bytes_read=read[key],
                                GBps=read[key] / t[key] / 1e9, copy_share=read[key] / t[key] / bw,
                                fma_share=fmas / t[key] / roofs[nt], bf16_fma_share=fmas / t["bf16"] / roofs[nt])
                     records.append(rec)
-                    print(f"{shape} n={n} {nt}t {bits}-bit {rec['packed_us']:8.1f} us  fp32 {rec['fp32_us']:8.1f}  "
+                    print(f"{shape} n={n} {nt}t {key} {rec['packed_us']:8.1f} us  fp32 {rec['fp32_us']:8.1f}  "
                           f"bf16 {rec['bf16_us']:8.1f}  x{rec['vs_fp32']:.2f} / x{rec['vs_bf16']:.2f}  "
                           f"{rec['GBps']:.2f} GB/s ({100 * rec['copy_share']:.0f}% of copy)  "
                           f"multiply-adds {100 * rec['fma_share']:.0f}% of matmul (bf16 attention "
@@ -142,7 +153,8 @@ def main(argv=None):
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
-        lines.append(f"| {r['shape']} | {r['n']} | {r['threads']} | {r['bits']} | {r['packed_us']:.1f} | "
+        lines.append(f"| {r['shape']} | {r['n']} | {r['threads']} | {width_key(r['bits'], r['value_bits'])} | "
+                     f"{r['packed_us']:.1f} | "
                      f"{r['fp32_us']:.1f} | {r['bf16_us']:.1f} | {r['vs_fp32']:.2f} | {r['vs_bf16']:.2f} | "
                      f"{r['GBps']:.2f} | {100 * r['copy_share']:.0f}% | {100 * r['fma_share']:.0f}% | "
                      f"{100 * r['bf16_fma_share']:.0f}% |")
