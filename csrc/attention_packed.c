@@ -111,8 +111,6 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
     h->rv = (const char *)p->res_v.data + (b * p->res_v.strides[0] + hk * p->res_v.strides[1]) * es;
 }
 
-/* Queries [i0, i0 + *nq) of tile t; returns the end (exclusive) of the
- * logical slots the tile sees: query i sees s0 .. n + r - q + i. */
 /* Last logical slot query qi sees: the queries are the last q residual
  * slots, or with no residual (r = 0) come after every packed slot. */
 static inline int64_t pa_last(const struct pa_geom *g, const struct pa_head *h, int64_t qi)
@@ -120,6 +118,8 @@ static inline int64_t pa_last(const struct pa_geom *g, const struct pa_head *h, 
     return g->r ? h->n + g->r - g->u.q + qi : h->n - 1;
 }
 
+/* Queries [i0, i0 + *nq) of tile t; returns the end (exclusive) of the
+ * logical slots the tile sees (pa_last of its last query, plus one). */
 static int64_t pa_tile(const struct pa_geom *g, const struct pa_head *h, int64_t t, int64_t *i0,
                        int64_t *nq)
 {

@@ -160,9 +160,9 @@ static inline int64_t kvc_at_unit_pair(const struct kvc_at_units *u, const int64
 
 /* out rows of a pair <- log-sum-exp combine of its blocks, in block order;
  * o holds Dp floats. Row r = gi * nq + i is query head hk * g + gi,
- * query i0 + i. */
-/* Also writes each row's log-sum-exp to lse ([B, Hq, q] f32) when lse is not
- * NULL and has data: the partials' logits are natural-log weights. */
+ * query i0 + i. Also writes each row's log-sum-exp to lse ([B, Hq, q] f32)
+ * when lse is not NULL and has data (the partials' logits are natural-log
+ * weights; -inf for a row that sees no slot). */
 static inline void kvc_at_combine(const struct kvc_at_units *u, const struct kvc_view *out, kvc_at_pos_fn pos,
                                   int64_t pair, const int64_t *prefix, const float *parts, float *o,
                                   const struct kvc_view *lse)

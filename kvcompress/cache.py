@@ -696,11 +696,11 @@ class CompressedLayer(CacheLayerMixin):
         are packed at the quantizer's ``high_bits``), its other real slots are
         packed at its ``bits``.
 
-        Every row gets ``K = max k_b`` full-precision slots: a row that
-        selected fewer moves its most recent other slots up (more precision
-        than asked, never less), so its masked slots (padded packed slots in
-        front, and for a row shorter than ``K`` the residual's filler) form
-        one prefix, which is what ``kv_start`` can mask."""
+        Every row gets ``K = max k_b`` selected slots: a row that selected
+        fewer moves its most recent other slots up (more precision than
+        asked, never less), so its masked slots (padded packed slots in
+        front, and for a row shorter than ``K`` the selected part's filler)
+        form one prefix, which is what ``kv_start`` can mask."""
         B, H, n = (int(x) for x in view.keys.shape[:3])
         device = view.keys.device
         K = max(int(r.shape[1]) for r in per_row)

@@ -62,7 +62,6 @@ __device__ __forceinline__ void kvc_pa_head(const kvc_packed_attention_params &p
     }
 }
 
-/* End (exclusive) of the logical slots row tile t sees. */
 /* Last logical slot query i sees: the queries are the last nq residual
  * slots, or with no residual (r = 0) come after every packed slot. */
 __device__ __forceinline__ int64_t kvc_pa_last(const kvc_pa_geom &g, int64_t n, int64_t i)
@@ -70,6 +69,7 @@ __device__ __forceinline__ int64_t kvc_pa_last(const kvc_pa_geom &g, int64_t n, 
     return g.r ? n + g.r - g.nq + i : n - 1;
 }
 
+/* End (exclusive) of the logical slots row tile t sees. */
 __device__ __forceinline__ int64_t kvc_pa_tile_end(const kvc_pa_geom &g, int64_t n, int64_t t)
 {
     const int64_t last = (t + 1) * KVC_PA_RT < g.R ? (t + 1) * KVC_PA_RT - 1 : g.R - 1;

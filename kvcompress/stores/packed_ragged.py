@@ -243,8 +243,8 @@ class RaggedPackedStore(PackedStore):
         if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
             return ops.packed_attention(query, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
                                         self._rk[:, :, : self.r], self._rv[:, :, : self.r], bits=self.bits,
-                                        value_bits=self.value_bits, group=self.group, scaling=spec.scaling, offsets=self.offsets,
-                                        lengths=self.lengths, counts=counts)
+                                        value_bits=self.value_bits, group=self.group, scaling=spec.scaling,
+                                        offsets=self.offsets, lengths=self.lengths, counts=counts)
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
 
