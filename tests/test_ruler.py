@@ -1,12 +1,13 @@
 """The RULER-style generators, the interval code and the one-prefill fan-out."""
 
+import random
 import re
 from collections import Counter
 
 import pytest
 
 from kvcompress import ruler
-from kvcompress.intervals import bootstrap, wilson
+from kvcompress.intervals import bootstrap, paired, wilson
 
 LENGTHS = (500, 1000, 2000)
 
@@ -41,6 +42,29 @@ def test_bootstrap_constant_and_coverage():
     # stratified: mean of stratum means, each stratum constant -> the constant mean
     lo, hi = bootstrap([1.0] * 3 + [0.0] * 7, strata=["a"] * 3 + ["b"] * 7)
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
+def test_paired_keeps_the_pairing():
+    # items spread widely, b is a + 0.1 plus small noise: the methods' own
+    # intervals overlap, the paired one excludes zero
+    rnd = random.Random(3)
+    a = [rnd.uniform(0.0, 2.0) for _ in range(12)]
+    b = [x + 0.1 + rnd.uniform(-0.02, 0.02) for x in a]
+    la, ha = bootstrap(a)
+    lb, hb = bootstrap(b)
+    assert lb < ha  # unpaired: overlapping
+    p = paired(a, b)
+    assert p["mean"] == pytest.approx(sum(x - y for x, y in zip(a, b)) / 12)
+    assert -0.12 < p["low"] <= p["mean"] <= p["high"] < -0.08
+    assert p["lower"] == 12 and p["n"] == 12
+    # a constant difference is its own interval; equal scores are lower nowhere
+    c = paired([0.5, 0.1, 0.9], [0.2, -0.2, 0.6])
+    assert (c["low"], c["mean"], c["high"]) == (pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3))
+    assert c["lower"] == 0 and paired(a, a)["lower"] == 0
+    with pytest.raises(ValueError, match="b: expected one value per item"):
+        paired([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="a: need at least one"):
+        paired([], [])
 
 
 # ----------------------------------------------------------------- generators
