@@ -448,11 +448,16 @@ def _combined(results: dict) -> str:
     return text
 
 
-def plot(results: dict, path) -> str | None:
-    """Suite score vs ratio, one line per method with its interval, the full
-    cache as the ceiling band."""
+def plot(results: dict, path, x: str = "ratio") -> str | None:
+    """Suite score vs ``x``, one line per method with its interval, the full
+    cache as the ceiling band. ``x="ratio"``: the compression ratio asked
+    for; ``x="bytes"``: the measured full-cache bytes / bytes held (log
+    scale), which compares methods that hold different bytes at the same
+    ratio (kvpress leaves Gemma 3's sliding layers whole)."""
     from .plots import _pyplot
 
+    if x not in ("ratio", "bytes"):
+        raise ValueError(f"x: expected 'ratio' or 'bytes', got {x!r}")
     plt = _pyplot()
     rows = results["rows"]
     full = rows[0]["suite"]
@@ -462,13 +467,21 @@ def plot(results: dict, path) -> str | None:
     for r in rows[1:]:
         if r["ratio"] is None:  # a method that keeps every token: a level, not a curve
             ax.axhline(r["suite"]["score"], linestyle=":", linewidth=1, label=r["method"], color="C7")
+    at = (lambda r: r["ratio"]) if x == "ratio" else (lambda r: r["compression"])  # noqa: E731
     for name in dict.fromkeys(r["method"] for r in rows[1:] if r["ratio"] is not None):
-        pts = sorted((r["ratio"], r["suite"]) for r in rows if r["method"] == name)
+        pts = sorted((at(r), r["suite"]) for r in rows if r["method"] == name)
         xs = [p[0] for p in pts]
         ys = [p[1]["score"] for p in pts]
         err = [[y - p[1]["low"] for y, p in zip(ys, pts)], [p[1]["high"] - y for y, p in zip(ys, pts)]]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
-    ax.set_xlabel("compression ratio (fraction of the prompt removed)")
+    if x == "ratio":
+        ax.set_xlabel("compression ratio (fraction of the prompt removed)")
+    else:
+        ax.set_xscale("log")
+        ticks = [t for t in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32) if t <= max(2.0, ax.get_xlim()[1])]
+        ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("full-cache bytes / bytes held (measured)")
     ax.set_ylabel("suite score")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{results['model']['name']}: RULER-style suite ({results['config']['split']} seeds)", fontsize=9)
@@ -571,7 +584,8 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
 
 
 def write_outputs(results: dict, out_dir) -> list:
-    """``suite.json``, ``suite.md`` and ``suite.png`` (with matplotlib) in ``out_dir``."""
+    """``suite.json``, ``suite.md``, and with matplotlib ``suite.png`` (score
+    vs ratio) and ``suite_bytes.png`` (score vs bytes held) in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "suite.json", out / "suite.md"]
@@ -579,6 +593,7 @@ def write_outputs(results: dict, out_dir) -> list:
     paths[1].write_text(describe(results) + "\n\n" + markdown(results) + "\n")
     try:
         paths.append(plot(results, out / "suite.png"))
+        paths.append(plot(results, out / "suite_bytes.png", x="bytes"))
     except ModuleNotFoundError as e:
         if e.name != "matplotlib":
             raise

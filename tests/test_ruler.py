@@ -288,6 +288,9 @@ def test_suite_cli_tiny_model(tiny_lm, tmp_path, capsys):
     assert rows[2]["bytes"] < rows[1]["bytes"] < rows[0]["bytes"]
     assert suite.markdown(results) in capsys.readouterr().out
     assert (out / "suite.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "suite_bytes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="x: expected 'ratio' or 'bytes'"):
+        suite.plot(results, out / "bad.png", x="budget")
     # the full row against plain greedy over the same first turn (DynamicCache)
     for rec in rows[0]["cases"]:
         if rec["task"] != "niah_single":
