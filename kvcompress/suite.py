@@ -467,9 +467,9 @@ def plot(results: dict, path, x: str = "ratio") -> str | None:
     for r in rows[1:]:
         if r["ratio"] is None:  # a method that keeps every token: a level, not a curve
             ax.axhline(r["suite"]["score"], linestyle=":", linewidth=1, label=r["method"], color="C7")
-    at = (lambda r: r["ratio"]) if x == "ratio" else (lambda r: r["compression"])  # noqa: E731
+    key = "ratio" if x == "ratio" else "compression"  # the row field on the x axis
     for name in dict.fromkeys(r["method"] for r in rows[1:] if r["ratio"] is not None):
-        pts = sorted((at(r), r["suite"]) for r in rows if r["method"] == name)
+        pts = sorted((r[key], r["suite"]) for r in rows if r["method"] == name)
         xs = [p[0] for p in pts]
         ys = [p[1]["score"] for p in pts]
         err = [[y - p[1]["low"] for y, p in zip(ys, pts)], [p[1]["high"] - y for y, p in zip(ys, pts)]]
