@@ -439,8 +439,9 @@ class CompressedLayer(CacheLayerMixin):
             return None
         return self.token_log.lookup(positions)
 
-    def _targets(self) -> list[int]:
-        """Slots each batch row may keep (its real tokens seen so far).
+    def _targets(self, ahead: int = 0) -> list[int]:
+        """Slots each batch row may keep (its real tokens seen so far, and
+        ``ahead`` decode steps more).
 
         After ``method.layer_targets`` (``defers_prefill``) a row keeps its
         share of the mean target: exactly the slots it was given while the
@@ -452,7 +453,7 @@ class CompressedLayer(CacheLayerMixin):
             real = self.seen - p
             # decode steps are one token each: the prompt is what came before them
             decoded = min(self.decode_steps, real)
-            t = self.method.phase_target(self.layer_idx, L, real - decoded, decoded)
+            t = self.method.phase_target(self.layer_idx, L, real - decoded, decoded + ahead)
             if self._scale is not None and t < real:
                 t = min(real, max(1, int(round(t * self._scale[b]))))
             out.append(t)
@@ -464,6 +465,18 @@ class CompressedLayer(CacheLayerMixin):
         L = self.num_layers or (self.layer_idx + 1)
         t = self.method.phase_target(self.layer_idx, L, 1 << 40, 1 << 40)
         return t if self._scale is None else max(int(round(t * k)) for k in self._scale)
+
+    def _decode_cap(self) -> int:
+        """Slots a uniform layer's buffers need until its next decode-time
+        compression: the largest row target ``interval`` steps from now plus
+        the ``interval`` slots appended meanwhile. A budget's target is fixed
+        (the largest one it ever reaches); a ratio's grows with the tokens
+        seen, so its cap is renewed at every compression instead of leaving
+        the buffer's usual growth step (32 slots, 30% of a 100-slot head)."""
+        ahead = self.method.interval
+        if self.method.budget is not None:
+            return self._target_cap() + ahead
+        return max(self._targets(ahead), default=0) + ahead
 
     def set_layer_targets(self, targets: list[int] | None) -> None:
         """Keep ``targets[b]`` slots per head in row ``b`` from now on (the
@@ -586,9 +599,9 @@ class CompressedLayer(CacheLayerMixin):
                 self.store.add_column(name)
             if method.slot_state:
                 method.observe(self._view(queries, scaling, phase))
-        if uniform and method.budget is not None and self.store.limit is None:
-            # decoding never needs more than the budget plus the slack
-            self.store.limit = self._target_cap() + method.interval
+        if uniform and (method.budget is not None or method.ratio is not None):
+            # decoding never needs more than the target plus the slack
+            self.store.limit = self._decode_cap()
         # sliding layers never re-score (they keep their most recent slots)
         held_q = method.held_queries() if method.interval and self.window is None else 0
         if held_q and queries is not None:

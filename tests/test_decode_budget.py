@@ -119,6 +119,33 @@ def test_ratio_during_decoding_keeps_its_share_of_every_token(tiny_model, name):
                 assert all(target <= n < target + INTERVAL + 1 for n in heads), (seen, heads, target)
 
 
+@pytest.mark.parametrize("name", ["snapkv", "tova", "streamingllm"])
+def test_ratio_buffers_hold_the_target_plus_one_interval(tiny_model, name):
+    # a ratio's target grows with the tokens seen; the buffers must still
+    # hold no more than the next round's target plus the slots appended
+    # before it (they used to grow by 32 slots at the first decode step)
+    ratio, length = 0.9, 400
+    method = REGISTRY[name](ratio=ratio, interval=INTERVAL)
+    caps = []
+
+    class Caps(Record):
+        def __call__(self, input_ids, scores):
+            caps.append([layer.capacity for layer in self.session.cache.layers])
+            return super().__call__(input_ids, scores)
+
+    rec = Caps()
+    with kvc.compress(tiny_model, method) as session:
+        rec.session = session
+        ids = _ids(length, seed=8)
+        tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=60,
+                            min_new_tokens=60, do_sample=False, pad_token_id=0,
+                            logits_processor=LogitsProcessorList([rec]))
+    for (seen, layers, _), cap in zip(rec.steps, caps):
+        bound = int((seen + INTERVAL) * (1 - ratio)) + INTERVAL
+        for heads, c in zip(layers, cap):
+            assert max(heads) <= c <= bound, (seen, heads, c, bound)
+
+
 @pytest.fixture
 def layer0_trace(monkeypatch):
     """Layer 0's attention calls: float64 queries, keys, token positions
