@@ -175,6 +175,9 @@ class CompressedLayer(CacheLayerMixin):
         self.token_log: TokenLog | None = None
         # per-head method state (LayerView.head_state): name -> [B, H] int64
         self.head_state: dict = {}
+        # method.lookahead: the prefill's queries [B, Hq, T, D], held until
+        # the first decode step compresses the layer
+        self._waiting: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -233,7 +236,7 @@ class CompressedLayer(CacheLayerMixin):
         return self.store.head_lengths()
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf) if t is not None]
+        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting) if t is not None]
         extra += list(self.head_state.values())
         if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
             extra.append(self.token_log.ids)  # the cache's one token log, counted with its first layer
@@ -321,6 +324,8 @@ class CompressedLayer(CacheLayerMixin):
             self._budgets_host = self.head_budgets.reshape(-1).cpu()
         if self._qbuf is not None:
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
+        if self._waiting is not None:
+            self._waiting = self._waiting.index_select(0, host.to(self._waiting.device))
         if self._scale is not None:
             self._scale = [self._scale[i] for i in host.tolist()]
         self.head_state = {k: v.index_select(0, host.to(v.device)) for k, v in self.head_state.items()}
@@ -503,6 +508,34 @@ class CompressedLayer(CacheLayerMixin):
         for t in sorted({targets[b] for b in rows}):
             group = [b for b in rows if targets[b] == t]
             yield t, group, torch.tensor(group, device=device)
+
+    def compress_after(self, queries, scaling: float) -> None:
+        """:meth:`after_attention`, except that with ``method.lookahead`` a
+        full-attention layer holds a prefill chunk's queries
+        (a later chunk joins them: they stay the queries of the last slots)
+        and compresses at the next decode step, after its attention, with
+        those queries and the step's own as one chunk of the prefill plus one
+        token."""
+        if not self.method.lookahead or self.window is not None or queries is None:
+            self.after_attention(queries, scaling)
+            return
+        if int(queries.shape[2]) > 1:
+            held = queries if self._waiting is None else torch.cat([self._waiting, queries], 2)
+            keep = self.method.deferred_queries()
+            if keep is not None and keep < int(held.shape[2]):
+                held = held[:, :, -keep:].clone()  # a copy: a view would keep every query alive
+            self._waiting = held
+            return
+        if self._waiting is None:
+            self.after_attention(queries, scaling)
+            return
+        queries = torch.cat([self._waiting, queries], 2)
+        self._waiting = None
+        self.last_chunk = int(queries.shape[2])  # a prefill-phase compression of every held query
+        try:
+            self.after_attention(queries, scaling)
+        finally:
+            self.last_chunk = 1
 
     def after_attention(self, queries, scaling: float) -> None:
         """Compress once the layer's attention has run on ``queries``
@@ -1114,7 +1147,7 @@ class KVCache(Cache):
             # over what it attended over (see KVSharer, "with an evictor")
             self._deferred[layer_idx] = (query, spec.scaling)
         else:
-            layer.after_attention(query, spec.scaling)
+            layer.compress_after(query, spec.scaling)
         if self._deferred:
             for src in [s for s in self._deferred if sharing.last_reader(s) <= layer_idx]:
                 queries, scaling = self._deferred.pop(src)

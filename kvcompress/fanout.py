@@ -61,7 +61,7 @@ class FanoutCache(KVCache):
         layers = [c._enter(layer_idx, query, spec, padding_mask, four_d) for c in self.children]
         out = layers[0].attend(query, spec)
         for c, layer in zip(self.children, layers):
-            layer.after_attention(query, spec.scaling)
+            layer.compress_after(query, spec.scaling)
             if c.method.cross_layer is not None:
                 c._merge_pair(layer_idx)  # MiniCache: as KVCache.attend does
         return out

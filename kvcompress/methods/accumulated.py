@@ -60,6 +60,9 @@ class TOVA(Method):
     def held_queries(self) -> int:
         return 1
 
+    def deferred_queries(self) -> int:
+        return 1
+
     def score(self, view: LayerView):
         newest = view.queries[:, :, -1:]
         per_head = ops.window_scores(newest, view.keys, scaling=view.scaling, kv_start=view.kv_start)

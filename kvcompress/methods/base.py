@@ -152,6 +152,12 @@ class Method:
     #: this evictor keeps: ``SnapKV(ratio=0.5, depth=MiniCache())``, also
     #: written ``SnapKV(ratio=0.5) + MiniCache()``
     depth: "Method | None" = None
+    #: ``True``: a layer is first compressed after the attention of the first
+    #: decode step (the first generated token's query joins the prompt's
+    #: queries as the newest) instead of right after the prefill's, so the
+    #: first two generated tokens read the whole prompt, as with kvpress's
+    #: decoding presses (see :meth:`_check_lookahead`)
+    lookahead: bool = False
     #: quantizers only: ``True`` when composed, the evictor's unselected slots
     #: are kept at low bits instead of evicted (``LowBits``)
     demotes: ClassVar[bool] = False
@@ -189,6 +195,7 @@ class Method:
             if not (0.0 <= float(self.ratio) < 1.0) or math.isnan(self.ratio):
                 raise ValueError(f"ratio: must satisfy 0 <= ratio < 1, got {self.ratio}")
         self._check_int("interval", self.interval, 0)
+        self._check_lookahead()
         self._check_fields()
         self._check_quant()
         self._check_sparse()
@@ -201,6 +208,27 @@ class Method:
             )
 
     # ----------------------------------------------------------------- hooks
+    def _check_lookahead(self) -> None:
+        """``lookahead=True`` holds each layer's whole prefill and its last
+        :meth:`deferred_queries` prefill queries (all of them by default, ``[B,
+        Hq, T, D]``: 1.5x the layer's K/V on a 3:1 GQA model) until the first
+        decode step, then compresses as if the prefill had been one token
+        longer: the peak is the full cache's, as with kvpress's decoding presses.
+        It needs a method that reads queries and compresses each layer on its
+        own right after that layer's attention."""
+        if not isinstance(self.lookahead, bool):
+            raise TypeError(f"lookahead: expected a bool, got {type(self.lookahead).__name__}")
+        if not self.lookahead:
+            return
+        name = type(self).__name__
+        if not self.evicts or not self.needs_queries:
+            raise ValueError(f"lookahead: {name} {'evicts nothing' if not self.evicts else 'does not read queries'}, so it would change nothing")
+        if self.defers_prefill:
+            raise ValueError(f"lookahead: {name} already waits for every layer's prefill; lookahead is not "
+                             "supported with it")
+        if self.depth is not None:
+            raise ValueError(f"lookahead: not supported with cross-layer methods ({self.depth.describe()})")
+
     def _check_fields(self) -> None:
         """Validate method-specific fields (override)."""
 
@@ -440,7 +468,8 @@ class Method:
     # ------------------------------------------- deferred prefill (defers_prefill)
     def deferred_queries(self) -> int | None:
         """Latest prefill queries a deferred layer keeps until its compression
-        (None: all of them); fewer hold less memory while the other layers run."""
+        (None: all of them); fewer hold less memory while the other layers run
+        (``defers_prefill``) or until the first decode step (``lookahead``)."""
         return None
 
     def layer_statistic(self, view: LayerView) -> Any:
@@ -512,7 +541,8 @@ class Method:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if v is not None and not (f.name == "interval" and v == 16) and f.name not in ("quant", "sparse", "depth"):
+            if (v is not None and not (f.name == "interval" and v == 16) and not (f.name == "lookahead" and not v)
+                    and f.name not in ("quant", "sparse", "depth")):
                 parts.append(f"{f.name}={v}")
         text = f"{type(self).__name__}({', '.join(parts)})"
         for extra in (self.quant, self.sparse, self.depth):

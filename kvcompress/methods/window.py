@@ -112,6 +112,10 @@ class SnapKV(ObservationWindow, Method):
     def forced(self, view: LayerView, keep: int) -> tuple[int, int]:
         return 0, min(self._window(view), keep)
 
+    def deferred_queries(self) -> int:
+        # a held prefill (lookahead, DynamicKV) is scored by its last `window` queries
+        return self.window
+
 
 @dataclass
 class PyramidKV(SnapKV):
