@@ -6,6 +6,9 @@ and prints the live slots per head (mean over layers) next to
 ``cache.memory_bytes()`` divided by one token's K and V over all layers
 (``stats().full_bytes / seen``). The difference is decode room, held queries
 and per-slot columns (benchmarks/RESULTS.md, "Decode room under ratio=").
+The first column is the same measure right after the prefill (a run with one
+new token): the full prompt for ``lookahead=True`` methods, which compress
+only after the first decode step.
 
     python benchmarks/diag_bytes_held.py tova snapkv ems adakv streamingllm h2o
 """
@@ -32,15 +35,17 @@ def main() -> None:
     case = ruler.make_case("niah_single", 1000, tok, split="heldout", index=0)
     ids = torch.tensor([ruler.render(case, tok, chat=True).chunks[0]])
     print(f"prompt {ids.shape[1]} tokens, ratio {args.ratio}, {args.new_tokens} new tokens")
-    print(f"{'method':24s} {'live/head':>9s} {'held (token-eq)':>15s}")
+    print(f"{'method':28s} {'after prefill':>13s} {'live/head':>9s} {'held (token-eq)':>15s}")
     for spec in args.methods:
-        with kvc.compress(model, method_from_spec(spec, ratio=args.ratio)) as session, torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                           do_sample=False)
-        cache = session.cache
-        per_token = cache.stats().full_bytes / cache.layers[0].seen
+        held = []
+        for new in (1, args.new_tokens):
+            with kvc.compress(model, method_from_spec(spec, ratio=args.ratio)) as session, torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False)
+            cache = session.cache
+            per_token = cache.stats().full_bytes / cache.layers[0].seen
+            held.append(cache.memory_bytes() / per_token)
         live = sum(sum(L.head_lengths()) / len(L.head_lengths()) for L in cache.layers) / len(cache.layers)
-        print(f"{spec:24s} {live:9.1f} {cache.memory_bytes() / per_token:15.1f}", flush=True)
+        print(f"{spec:28s} {held[0]:13.1f} {live:9.1f} {held[1]:15.1f}", flush=True)
 
 
 if __name__ == "__main__":

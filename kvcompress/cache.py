@@ -175,9 +175,11 @@ class CompressedLayer(CacheLayerMixin):
         self.token_log: TokenLog | None = None
         # per-head method state (LayerView.head_state): name -> [B, H] int64
         self.head_state: dict = {}
-        # method.lookahead: the prefill's queries [B, Hq, T, D], held until
-        # the first decode step compresses the layer
+        # method.lookahead: the prefill's last queries [B, Hq, <= T, D] and
+        # the method's statistic of all of them, held until the first decode
+        # step compresses the layer
         self._waiting: torch.Tensor | None = None
+        self._statistic: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -236,7 +238,8 @@ class CompressedLayer(CacheLayerMixin):
         return self.store.head_lengths()
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting) if t is not None]
+        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting, self._statistic)
+                 if t is not None]
         extra += list(self.head_state.values())
         if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
             extra.append(self.token_log.ids)  # the cache's one token log, counted with its first layer
@@ -326,6 +329,8 @@ class CompressedLayer(CacheLayerMixin):
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
         if self._waiting is not None:
             self._waiting = self._waiting.index_select(0, host.to(self._waiting.device))
+        if self._statistic is not None:
+            self._statistic = self._statistic.index_select(0, host.to(self._statistic.device))
         if self._scale is not None:
             self._scale = [self._scale[i] for i in host.tolist()]
         self.head_state = {k: v.index_select(0, host.to(v.device)) for k, v in self.head_state.items()}
@@ -435,6 +440,7 @@ class CompressedLayer(CacheLayerMixin):
             keys=self.store.keys, values=self.store.values, kv_start=self.kv_start, scaling=scaling,
             state=self.state, phase=phase, steps=self.decode_steps if phase == "decode" else 0,
             tokens=self._tokens(self.store.column("positions")), head_state=dict(self.head_state),
+            statistic=self._statistic,
         )
 
     def _tokens(self, positions):
@@ -519,7 +525,11 @@ class CompressedLayer(CacheLayerMixin):
         if not self.method.lookahead or self.window is not None or queries is None:
             self.after_attention(queries, scaling)
             return
+        first = isinstance(self.store, UniformStore)  # the first compression (later ones re-score held slots)
         if int(queries.shape[2]) > 1:
+            if first:
+                self._statistic = self.method.lookahead_statistic(self._view(queries, scaling, "prefill"),
+                                                                  self._statistic)
             held = queries if self._waiting is None else torch.cat([self._waiting, queries], 2)
             keep = self.method.deferred_queries()
             if keep is not None and keep < int(held.shape[2]):
@@ -529,6 +539,9 @@ class CompressedLayer(CacheLayerMixin):
         if self._waiting is None:
             self.after_attention(queries, scaling)
             return
+        if first and self._statistic is not None:
+            self._statistic = self.method.lookahead_statistic(self._view(queries, scaling, "prefill"),
+                                                              self._statistic)
         queries = torch.cat([self._waiting, queries], 2)
         self._waiting = None
         self.last_chunk = int(queries.shape[2])  # a prefill-phase compression of every held query
@@ -536,6 +549,7 @@ class CompressedLayer(CacheLayerMixin):
             self.after_attention(queries, scaling)
         finally:
             self.last_chunk = 1
+            self._statistic = None
 
     def after_attention(self, queries, scaling: float) -> None:
         """Compress once the layer's attention has run on ``queries``

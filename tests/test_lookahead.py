@@ -6,11 +6,13 @@ by the first generated token: its prefill ends at the same token whose query
 the lookahead run observes, so both compress the same slots with the same
 queries and must generate the same tokens from there on."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import kvcompress as kvc
-from kvcompress.methods import REGISTRY
+from kvcompress.methods import method_from_spec
 
 PROMPT, NEW = 96, 24
 
@@ -28,16 +30,18 @@ def _generate(model, method, ids, new=NEW, mask=None):
     return out[:, ids.shape[1]:], session.cache
 
 
-@pytest.mark.parametrize("name", ["snapkv", "tova", "h2o", "ems", "adakv", "pyramidkv", "taskkv", "kvcrush"])
-def test_lookahead_equals_compressing_a_prompt_one_token_longer(tiny_model, name):
+@pytest.mark.parametrize("spec", ["snapkv", "tova", "h2o", "ems", "ems:gqa=max", "ems:global_mode=probe", "adakv",
+                                  "pyramidkv", "taskkv", "kvcrush"])
+def test_lookahead_equals_compressing_a_prompt_one_token_longer(tiny_model, spec):
     ids = _ids(PROMPT, seed=11)
-    ahead, _ = _generate(tiny_model, REGISTRY[name](budget=32, lookahead=True), ids)
+    plain = method_from_spec(spec, budget=32)
+    ahead, _ = _generate(tiny_model, dataclasses.replace(plain, lookahead=True), ids)
     # the first generated token comes from the whole prompt either way
-    plain_first, _ = _generate(tiny_model, REGISTRY[name](budget=32), ids, new=1)
+    plain_first, _ = _generate(tiny_model, plain, ids, new=1)
     assert ahead[0, 0] == plain_first[0, 0]
     longer = torch.cat([ids, ahead[:, :1]], 1)
-    ref, _ = _generate(tiny_model, REGISTRY[name](budget=32), longer, new=NEW - 1)
-    assert torch.equal(ahead[:, 1:], ref), (name, ahead.tolist(), ref.tolist())
+    ref, _ = _generate(tiny_model, plain, longer, new=NEW - 1)
+    assert torch.equal(ahead[:, 1:], ref), (spec, ahead.tolist(), ref.tolist())
 
 
 def test_lookahead_changes_what_is_kept(tiny_model):
@@ -106,3 +110,38 @@ def test_methods_lookahead_cannot_change_are_refused():
 def test_describe_names_lookahead_only_when_set():
     assert "lookahead" not in kvc.SnapKV(budget=32).describe()
     assert "lookahead=True" in kvc.SnapKV(budget=32, lookahead=True).describe()
+
+
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+def test_ems_statistic_over_chunks_is_the_global_score_over_all_queries(gqa):
+    # EMS holds only its window while waiting: the sums it gathers chunk by
+    # chunk (two prefill chunks, then one decode query) must give the global
+    # score of every query, here checked against a float64 recomputation
+    from kvcompress.methods.base import LayerView
+
+    g = torch.Generator().manual_seed(16)
+    B, Hq, Hkv, T, D = 2, 4, 2, 65, 8
+    q = torch.randn(B, Hq, T, D, generator=g)
+    k = torch.randn(B, Hkv, T, D, generator=g)
+    start = torch.tensor([0, 9])
+    ems = kvc.EMS(budget=32, lookahead=True, gqa=gqa)
+    stat = None
+    for a, b in ((0, 40), (40, 64), (64, 65)):
+        view = LayerView(layer_idx=0, num_layers=1, queries=q[:, :, a:b], keys=k[:, :, :b], values=k[:, :, :b],
+                         kv_start=start, scaling=D ** -0.5, state={}, phase="prefill")
+        stat = ems.lookahead_statistic(view, stat)
+    got = stat / (T - torch.arange(T)).float()
+    if gqa == "max":
+        got = got.view(B, Hkv, Hq // Hkv, T).amax(2)
+    # float64 reference: causal softmax per query head, reduced over the GQA group, mean over the queries seeing j
+    logits = torch.einsum("bhid,bhjd->bhij", q.double(), k.double().repeat_interleave(Hq // Hkv, 1)) * D ** -0.5
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    ok = (j <= i)[None, None] & (j >= start[:, None, None, None])
+    A = torch.softmax(logits.masked_fill(~ok, float("-inf")), -1).nan_to_num(0.0)
+    # per query head the mean over the queries seeing j, then the group's mean or largest
+    want = (A.sum(2) / (T - torch.arange(T)).double()).view(B, Hkv, Hq // Hkv, T)
+    want = want.mean(2) if gqa == "mean" else want.amax(2)
+    want[..., :] = torch.where(torch.arange(T)[None, None] >= start[:, None, None], want, 0.0)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    assert ems.deferred_queries() == ems.window
+    assert kvc.EMS(budget=32, lookahead=True, global_mode="probe").deferred_queries() is None

@@ -83,6 +83,9 @@ class LayerView:
     steps: int = 0
     tokens: Any = None
     head_state: dict = field(default_factory=dict)
+    #: ``lookahead``: what :meth:`Method.lookahead_statistic` gathered over
+    #: the held prefill's queries (a ``[B, ...]`` tensor), None otherwise
+    statistic: Any = None
 
     @property
     def length(self) -> int:
@@ -94,7 +97,7 @@ class LayerView:
         return dataclasses.replace(
             self, queries=pick(self.queries), keys=pick(self.keys), values=pick(self.values),
             kv_start=pick(self.kv_start), state={k: pick(v) for k, v in self.state.items()}, tokens=pick(self.tokens),
-            head_state={k: pick(v) for k, v in self.head_state.items()},
+            head_state={k: pick(v) for k, v in self.head_state.items()}, statistic=pick(self.statistic),
         )
 
 
@@ -470,6 +473,17 @@ class Method:
         """Latest prefill queries a deferred layer keeps until its compression
         (None: all of them); fewer hold less memory while the other layers run
         (``defers_prefill``) or until the first decode step (``lookahead``)."""
+        return None
+
+    def lookahead_statistic(self, view: LayerView, previous):
+        """``lookahead``: a ``[B, ...]`` tensor summarising the queries of a
+        held chunk (``view.queries``, at the last slots of ``view.keys``),
+        folded into ``previous`` (None for the first chunk; a later chunk and
+        the first decode step's query follow). The cache hands the result to
+        the compression as ``LayerView.statistic``, and then holds only the
+        last :meth:`deferred_queries` queries, so a method that needs every
+        query's contribution (EMS's global score) need not hold them all.
+        Default None: nothing gathered."""
         return None
 
     def layer_statistic(self, view: LayerView) -> Any:

@@ -188,10 +188,18 @@ class EMS(Method):
         the ``[B, 1, T]`` mask of slots they are normalised over."""
         T = view.length
         q = view.queries
-        if q.shape[2] != T:
+        if view.statistic is not None:
+            # lookahead: the sums gathered over every query of the held
+            # prefill and the first decode step; slot j was seen by T - j
+            G = view.statistic / (T - torch.arange(T, device=view.statistic.device)).float()
+            Hkv = int(view.keys.shape[1])
+            if G.shape[1] != Hkv:  # gqa="max": per query head, the largest of each group
+                G = G.view(G.shape[0], Hkv, -1, T).amax(2)
+        elif q.shape[2] != T:
             raise ValueError(f"queries: EMS scores a whole prefill (got {q.shape[2]} queries for {T} slots)")
-        G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
-                              probe=float(self.probe) if self.global_mode == "probe" else None)
+        else:
+            G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
+                                  probe=float(self.probe) if self.global_mode == "probe" else None)
         w = min(self.window, T)
         o = min(self.obs or self.window, T)
         L = ops.window_scores(q[:, :, -o:], view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start)
@@ -217,6 +225,36 @@ class EMS(Method):
     def held_queries(self) -> int:
         """Latest queries a layer keeps for decode-time re-compression."""
         return min(self.window, self.interval)
+
+    def deferred_queries(self) -> int | None:
+        # lookahead with the exact global score: the statistic stands for
+        # every query, and the window, the local picks and the decode-time
+        # re-scoring read at most the last `window`
+        return self.window if self.global_mode == "exact" else None
+
+    def lookahead_statistic(self, view: LayerView, previous):
+        """``[B, Hkv, T]`` float32 (``gqa="max"``: ``[B, Hq, T]``, as the
+        group's largest mean is taken at the end): for each slot, the sum over
+        the chunk's queries (and ``previous`` chunks') of the attention they
+        give it, averaged over the GQA group: ``global_scores`` of the chunk,
+        a mean over the ``T - max(j, T - q)`` chunk queries that see slot j,
+        times that count. ``_parts`` divides by ``T - j``. None with
+        ``global_mode="probe"`` (its sample is drawn from the whole prefill,
+        so every query is held instead)."""
+        if self.global_mode != "exact":
+            return None
+        T, q = view.length, int(view.queries.shape[2])
+        pos = torch.arange(T - q, T, device=view.keys.device)
+        keys = view.keys
+        if self.gqa == "max":  # each query head on its own: a copy of the keys per query head, for this call
+            keys = keys.repeat_interleave(int(view.queries.shape[1]) // int(keys.shape[1]), 1)
+        mean = ops.global_scores(view.queries, keys, scaling=view.scaling, gqa="mean", kv_start=view.kv_start,
+                                 q_pos=pos)
+        j = torch.arange(T, device=view.keys.device)
+        total = mean * (T - torch.clamp(j, min=T - q)).float()
+        if previous is not None:
+            total[..., : previous.shape[-1]] += previous
+        return total
 
     def compact(self, view: LayerView, keep: int):
         sinks, w = self.forced(view, keep)
