@@ -130,7 +130,7 @@ def test_ems_statistic_over_chunks_is_the_global_score_over_all_queries(gqa):
         view = LayerView(layer_idx=0, num_layers=1, queries=q[:, :, a:b], keys=k[:, :, :b], values=k[:, :, :b],
                          kv_start=start, scaling=D ** -0.5, state={}, phase="prefill")
         stat = ems.lookahead_statistic(view, stat)
-    got = stat / (T - torch.arange(T)).float()
+    got = stat[:, :-1] / stat[:, -1:]
     if gqa == "max":
         got = got.view(B, Hkv, Hq // Hkv, T).amax(2)
     # float64 reference: causal softmax per query head, reduced over the GQA group, mean over the queries seeing j
@@ -145,3 +145,21 @@ def test_ems_statistic_over_chunks_is_the_global_score_over_all_queries(gqa):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
     assert ems.deferred_queries() == ems.window
     assert kvc.EMS(budget=32, lookahead=True, global_mode="probe").deferred_queries() is None
+
+
+@pytest.mark.parametrize("look", [False, True])
+def test_ems_second_turn_after_an_uncompressed_first_turn(tiny_model, look):
+    # the first turn fits the budget, so nothing was compressed and the
+    # second turn's chunk brings no queries for the earlier slots: EMS
+    # scores with the chunk's (it used to refuse with a ValueError)
+    method = kvc.EMS(budget=64, lookahead=look)
+    first = _ids(40, seed=17)
+    with kvc.compress(tiny_model, method) as session, torch.inference_mode():
+        out = tiny_model.generate(input_ids=first, attention_mask=torch.ones_like(first), max_new_tokens=5,
+                                  min_new_tokens=5, do_sample=False, pad_token_id=0)
+        second = torch.cat([out, _ids(100, seed=18)], 1)
+        tiny_model.generate(input_ids=second, attention_mask=torch.ones_like(second), past_key_values=session.cache,
+                            max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    for layer in session.cache.layers:
+        heads = layer.head_lengths()
+        assert sum(heads) <= 2 * (64 + 16) and sum(heads) >= 2 * 64 - 2, heads

@@ -104,6 +104,14 @@ class EMS(Method):
        carried score of a local pick is its S); values merge weighted by
        score times count, and counts add up, so a slot always knows how many
        tokens it stands for.
+    8. A later prefill chunk on a layer that nothing was compressed in yet
+       (the first turn fit the budget) brings no queries for the earlier
+       slots: the global score is then the mean over the chunk's queries.
+    9. ``lookahead=True`` (any method, see ``Method.lookahead``): the first
+       compression waits for the first decode step, so the local picks come
+       from the first generated token's query. The global score's sums are
+       gathered chunk by chunk while waiting (``lookahead_statistic``), so the
+       layer holds its last ``window`` queries, not the whole prefill's.
     """
 
     window: int = 16
@@ -189,14 +197,17 @@ class EMS(Method):
         T = view.length
         q = view.queries
         if view.statistic is not None:
-            # lookahead: the sums gathered over every query of the held
-            # prefill and the first decode step; slot j was seen by T - j
-            G = view.statistic / (T - torch.arange(T, device=view.statistic.device)).float()
+            # lookahead: sums and counts gathered over the queries of the
+            # held chunks and of the first decode step
+            G = view.statistic[:, :-1] / view.statistic[:, -1:].clamp_min(1.0)
             Hkv = int(view.keys.shape[1])
             if G.shape[1] != Hkv:  # gqa="max": per query head, the largest of each group
                 G = G.view(G.shape[0], Hkv, -1, T).amax(2)
         elif q.shape[2] != T:
-            raise ValueError(f"queries: EMS scores a whole prefill (got {q.shape[2]} queries for {T} slots)")
+            # a later prefill chunk on a layer nothing was compressed in yet
+            # (the first turn fit the budget): the queries at hand
+            G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
+                                  q_pos=torch.arange(T - q.shape[2], T, device=view.keys.device))
         else:
             G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
                                   probe=float(self.probe) if self.global_mode == "probe" else None)
@@ -233,12 +244,15 @@ class EMS(Method):
         return self.window if self.global_mode == "exact" else None
 
     def lookahead_statistic(self, view: LayerView, previous):
-        """``[B, Hkv, T]`` float32 (``gqa="max"``: ``[B, Hq, T]``, as the
-        group's largest mean is taken at the end): for each slot, the sum over
-        the chunk's queries (and ``previous`` chunks') of the attention they
-        give it, averaged over the GQA group: ``global_scores`` of the chunk,
-        a mean over the ``T - max(j, T - q)`` chunk queries that see slot j,
-        times that count. ``_parts`` divides by ``T - j``. None with
+        """``[B, Hkv + 1, T]`` float32 (``gqa="max"``: ``[B, Hq + 1, T]``, as
+        the group's largest mean is taken at the end): for each slot, the sum
+        over the chunk's queries (and ``previous`` chunks') of the attention
+        they give it, averaged over the GQA group (``global_scores`` of the
+        chunk, a mean over the ``T - max(j, T - q)`` chunk queries that see
+        slot j, times that count), and in the last row that count. ``_parts``
+        divides the two: the global score over every query held, which is
+        every query of the layer unless an earlier chunk went uncompressed
+        (then, as without lookahead, the queries since). None with
         ``global_mode="probe"`` (its sample is drawn from the whole prefill,
         so every query is held instead)."""
         if self.global_mode != "exact":
@@ -251,7 +265,8 @@ class EMS(Method):
         mean = ops.global_scores(view.queries, keys, scaling=view.scaling, gqa="mean", kv_start=view.kv_start,
                                  q_pos=pos)
         j = torch.arange(T, device=view.keys.device)
-        total = mean * (T - torch.clamp(j, min=T - q)).float()
+        count = (T - torch.clamp(j, min=T - q)).float()
+        total = torch.cat([mean * count, count.expand(mean.shape[0], 1, T)], 1)
         if previous is not None:
             total[..., : previous.shape[-1]] += previous
         return total
