@@ -525,7 +525,9 @@ class CompressedLayer(CacheLayerMixin):
         if not self.method.lookahead or self.window is not None or queries is None:
             self.after_attention(queries, scaling)
             return
-        first = isinstance(self.store, UniformStore)  # the first compression (later ones re-score held slots)
+        # a plain uniform store: no compression has moved the layer elsewhere
+        # yet (later ones re-score held slots and gather no statistic)
+        first = type(self.store) is UniformStore
         if int(queries.shape[2]) > 1:
             if first:
                 self._statistic = self.method.lookahead_statistic(self._view(queries, scaling, "prefill"),

@@ -163,3 +163,15 @@ def test_ems_second_turn_after_an_uncompressed_first_turn(tiny_model, look):
     for layer in session.cache.layers:
         heads = layer.head_lengths()
         assert sum(heads) <= 2 * (64 + 16) and sum(heads) >= 2 * 64 - 2, heads
+
+
+@pytest.mark.parametrize("spec", ["snapkv+kivi", "ems+kivi:bits=8", "snapkv+quest:token_budget=32:page=8"])
+def test_lookahead_composes_with_packing_and_readers(tiny_model, spec):
+    # the composed store takes over at the first decode step: generation
+    # equals the same composition on the prompt one token longer
+    ids = _ids(PROMPT, seed=19)
+    plain = method_from_spec(spec, budget=32)
+    ahead, cache = _generate(tiny_model, dataclasses.replace(plain, lookahead=True), ids)
+    ref, ref_cache = _generate(tiny_model, plain, torch.cat([ids, ahead[:, :1]], 1), new=NEW - 1)
+    assert torch.equal(ahead[:, 1:], ref), spec
+    assert [type(layer.store) for layer in cache.layers] == [type(layer.store) for layer in ref_cache.layers]

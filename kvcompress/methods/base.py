@@ -225,7 +225,8 @@ class Method:
             return
         name = type(self).__name__
         if not self.evicts or not self.needs_queries:
-            raise ValueError(f"lookahead: {name} {'evicts nothing' if not self.evicts else 'does not read queries'}, so it would change nothing")
+            why = "evicts nothing" if not self.evicts else "does not read queries"
+            raise ValueError(f"lookahead: {name} {why}, so it would change nothing")
         if self.defers_prefill:
             raise ValueError(f"lookahead: {name} already waits for every layer's prefill; lookahead is not "
                              "supported with it")
