@@ -528,22 +528,21 @@ class CompressedLayer(CacheLayerMixin):
         # a plain uniform store: no compression has moved the layer elsewhere
         # yet (later ones re-score held slots and gather no statistic)
         first = type(self.store) is UniformStore
-        if int(queries.shape[2]) > 1:
-            if first:
-                self._statistic = self.method.lookahead_statistic(self._view(queries, scaling, "prefill"),
-                                                                  self._statistic)
+        chunk = int(queries.shape[2]) > 1
+        if not chunk and self._waiting is None:
+            self.after_attention(queries, scaling)  # an ordinary decode step
+            return
+        if first and (chunk or self._statistic is not None):
+            # every held chunk, then the decode step's query, folds into the statistic
+            self._statistic = self.method.lookahead_statistic(self._view(queries, scaling, "prefill"),
+                                                              self._statistic)
+        if chunk:
             held = queries if self._waiting is None else torch.cat([self._waiting, queries], 2)
             keep = self.method.deferred_queries()
             if keep is not None and keep < int(held.shape[2]):
                 held = held[:, :, -keep:].clone()  # a copy: a view would keep every query alive
             self._waiting = held
             return
-        if self._waiting is None:
-            self.after_attention(queries, scaling)
-            return
-        if first and self._statistic is not None:
-            self._statistic = self.method.lookahead_statistic(self._view(queries, scaling, "prefill"),
-                                                              self._statistic)
         queries = torch.cat([self._waiting, queries], 2)
         self._waiting = None
         self.last_chunk = int(queries.shape[2])  # a prefill-phase compression of every held query
@@ -648,8 +647,8 @@ class CompressedLayer(CacheLayerMixin):
                 self.store.add_column(name)
             if method.slot_state:
                 method.observe(self._view(queries, scaling, phase))
-        if uniform and (method.budget is not None or method.ratio is not None):
-            # decoding never needs more than the target plus the slack
+        if uniform and method.budget is not None and self.store.limit is None:
+            # decoding never needs more than the budget plus the slack
             self.store.limit = self._decode_cap()
         # sliding layers never re-score (they keep their most recent slots)
         held_q = method.held_queries() if method.interval and self.window is None else 0
@@ -675,6 +674,9 @@ class CompressedLayer(CacheLayerMixin):
                 return
             if all(h <= t + method.interval - 1 for h, t in zip(held, targets)):
                 return
+        if method.ratio is not None:
+            # a ratio's target grows: renewed at each compression, not each step
+            self.store.limit = self._decode_cap()
         rows = [b for b, (h, t) in enumerate(zip(held, targets)) if h > t]
         if not rows:
             return

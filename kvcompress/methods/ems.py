@@ -203,14 +203,13 @@ class EMS(Method):
             Hkv = int(view.keys.shape[1])
             if G.shape[1] != Hkv:  # gqa="max": per query head, the largest of each group
                 G = G.view(G.shape[0], Hkv, -1, T).amax(2)
-        elif q.shape[2] != T:
-            # a later prefill chunk on a layer nothing was compressed in yet
-            # (the first turn fit the budget): the queries at hand
-            G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
-                                  q_pos=torch.arange(T - q.shape[2], T, device=view.keys.device))
         else:
+            # a later prefill chunk on a layer nothing was compressed in yet
+            # (the first turn fit the budget) has only the queries at hand
+            whole = q.shape[2] == T
             G = ops.global_scores(q, view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start,
-                                  probe=float(self.probe) if self.global_mode == "probe" else None)
+                                  q_pos=None if whole else torch.arange(T - q.shape[2], T, device=view.keys.device),
+                                  probe=float(self.probe) if self.global_mode == "probe" and whole else None)
         w = min(self.window, T)
         o = min(self.obs or self.window, T)
         L = ops.window_scores(q[:, :, -o:], view.keys, scaling=view.scaling, gqa=self.gqa, kv_start=view.kv_start)

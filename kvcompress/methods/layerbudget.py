@@ -69,11 +69,6 @@ class _LayerBudgets(SnapKV):
 
     defers_prefill = True
 
-    def deferred_queries(self) -> int:
-        # SnapKV scores with the last `window` queries and decoding re-scores
-        # with at most that many
-        return self.window
-
     def _means(self, seen: list[int], num_layers: int) -> list[int]:
         """Each row's mean target per layer (the uniform budget)."""
         return [self.row_target(0, num_layers, s) for s in seen]

@@ -113,7 +113,8 @@ class SnapKV(ObservationWindow, Method):
         return 0, min(self._window(view), keep)
 
     def deferred_queries(self) -> int:
-        # a held prefill (lookahead, DynamicKV) is scored by its last `window` queries
+        # a held prefill (lookahead, DynamicKV) is scored by its last `window`
+        # queries, and decoding re-scores with at most that many
         return self.window
 
 
