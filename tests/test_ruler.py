@@ -381,6 +381,42 @@ def test_combine_equals_one_run(tiny_lm):
         suite.combine([a, dict(b, model=dict(b["model"], name="other"))])
 
 
+def test_join_tasks_equals_one_run_of_all_tasks(tiny_lm):
+    """Two runs of the same rows on different tasks, joined, equal one run of
+    both tasks (suite scores and intervals over all of them); rows only one
+    run holds are left out and listed; runs that share a task or differ in
+    split are refused by name; the joined run combines with a run whose
+    tasks are listed in another order."""
+    from kvcompress import suite
+
+    model, tok, _ = tiny_lm
+    base = dict(lengths=[200], cases=2, split="dev", ratios=[0.5, 0.9])
+    run = lambda methods, **kw: suite.run_suite(model, tok, suite.SuiteConfig(methods=methods, **{**base, **kw}),  # noqa: E731
+                                                progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "cases"} for r in rows]  # noqa: E731
+    a = run(["tova"], tasks=["niah_single"])
+    b = run(["tova"], tasks=["multiturn"])
+    both = run(["tova"], tasks=["niah_single", "multiturn"])
+    joined = suite.join_tasks([a, b])
+    assert joined["config"]["tasks"] == ["niah_single", "multiturn"]
+    assert strip(joined["rows"]) == strip(both["rows"]) and joined["dropped"] == []
+    # one run without the 0.5 row: that row is left out, by name
+    b9 = dict(b, rows=[r for r in b["rows"] if r["ratio"] != 0.5])
+    part = suite.join_tasks([a, b9])
+    assert [(r["method"], r["ratio"]) for r in part["rows"]] == [("full", None), ("tova", 0.9)]
+    assert part["dropped"] == [["tova", 0.5]]
+    # joined in the other task order, its rows combine with a run of both tasks
+    # (here the full row of `both`), case by case
+    ba = suite.join_tasks([b, a])
+    assert ba["config"]["tasks"] == ["multiturn", "niah_single"]
+    only_full = dict(both, rows=both["rows"][:1])
+    assert strip(suite.combine([only_full, ba])["rows"]) == strip(both["rows"])
+    with pytest.raises(ValueError, match=r"results\[1\]: task 'niah_single' is in an earlier result"):
+        suite.join_tasks([a, a])
+    with pytest.raises(ValueError, match=r"results\[1\]: split"):
+        suite.join_tasks([a, run(["tova"], tasks=["multiturn"], split="heldout")])
+
+
 def test_suite_resumes_from_its_checkpoint(tiny_lm, tmp_path, monkeypatch):
     """A run stopped mid-way keeps its finished cases; the resumed run skips
     them and ends with the rows of an uninterrupted run; another run's

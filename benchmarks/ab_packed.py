@@ -1,0 +1,98 @@
+"""Paired A/B of the packed decode attention of two builds, in one process.
+
+Whole-run timings on a shared cloud machine drift by up to 2x between runs
+(``bench_packed`` runs of the same build differ that much), so comparing a
+kernel change by two runs is not reliable. This script loads two builds of
+``kvcompress._C`` side by side (``ExtensionFileLoader``: each file is its own
+module), points ``kvcompress.ops`` at one or the other call by call, and
+times them alternately, with ``ops.attention`` in bfloat16 (code both builds
+share) timed beside each call as a control: its two medians should agree.
+
+One decode step (q = 1, B = 1, one thread) of ``ops.packed_attention``
+(group 32, the last 128 slots in fp32) at SmolLM2's attention shape (9 / 3
+heads, D = 64) and a Llama-3-8B-like one (32 / 8, D = 128), 4K and 16K
+slots; both builds' outputs are checked to agree within 1e-6 first.
+
+    python benchmarks/ab_packed.py BEFORE/kvcompress/_C*.so AFTER/kvcompress/_C*.so [--reps 30]
+
+Prints one line per case: medians of A and B, A/B, the median of the
+per-rep ratios, and the control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import importlib.util
+import statistics
+import time
+
+import torch
+
+from kvcompress import ops
+
+SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+WIDTHS = ((2, 2), (4, 4), (8, 8), (4, 2))
+GROUP, RESIDUAL = 32, 128
+
+
+def load(path: str):
+    """The extension module in ``path``, as its own module object."""
+    loader = importlib.machinery.ExtensionFileLoader("kvcompress._C", path)
+    spec = importlib.util.spec_from_file_location("kvcompress._C", path, loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", help="the first build's _C extension file")
+    ap.add_argument("b", help="the second build's _C extension file")
+    ap.add_argument("--reps", type=int, default=30, help="timed calls per build and case")
+    args = ap.parse_args(argv)
+    builds = (load(args.a), load(args.b))
+    ops.set_num_threads(1)
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    print("| shape | n | bits (k/v) | A us | B us | A / B | per-rep median | bf16 control A / B us |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for shape, (Hq, Hkv, D) in SHAPES.items():
+        for n in (4096, 16384):
+            k, v = torch.randn(1, Hkv, n, D, generator=g), torch.randn(1, Hkv, n, D, generator=g)
+            q, m = torch.randn(1, Hq, 1, D, generator=g), n - RESIDUAL
+            qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+            for bits, vbits in WIDTHS:
+                pk, pv = ops.pack_keys(k[:, :, :m], bits, GROUP), ops.pack_values(v[:, :, :m], vbits, GROUP)
+                rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
+
+                def packed():
+                    return ops.packed_attention(q, *pk, *pv, rk, rv, bits=bits, group=GROUP, value_bits=vbits)
+
+                outs = []
+                for mod in builds:
+                    ops._C = mod
+                    outs.append(packed())
+                err = (outs[0] - outs[1]).abs().max().item()
+                assert err < 1e-6, (shape, n, bits, vbits, err)
+                t = {0: [], 1: []}
+                control = {0: [], 1: []}
+                for r in range(args.reps):
+                    for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                        ops._C = builds[i]
+                        t0 = time.perf_counter()
+                        packed()
+                        t[i].append(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        ops.attention(qb, kb, vb)
+                        control[i].append(time.perf_counter() - t0)
+                a, b = statistics.median(t[0]) * 1e6, statistics.median(t[1]) * 1e6
+                per = statistics.median(x / y for x, y in zip(t[0], t[1]))
+                ca, cb = statistics.median(control[0]) * 1e6, statistics.median(control[1]) * 1e6
+                print(f"| {shape} | {n} | {bits}/{vbits} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {per:.2f}x | "
+                      f"{ca:.0f} / {cb:.0f} |", flush=True)
+    ops._C = builds[1]
+
+
+if __name__ == "__main__":
+    main()
