@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     ap.add_argument("b", help="the second build's _C extension file")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per build and case")
     args = ap.parse_args(argv)
-    builds = (load(args.a), load(args.b))
+    builds, installed = (load(args.a), load(args.b)), ops._C
     ops.set_num_threads(1)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
                 ca, cb = statistics.median(control[0]) * 1e6, statistics.median(control[1]) * 1e6
                 print(f"| {shape} | {n} | {bits}/{vbits} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {per:.2f}x | "
                       f"{ca:.0f} / {cb:.0f} |", flush=True)
-    ops._C = builds[1]
+    ops._C = installed  # back to the package's own build
 
 
 if __name__ == "__main__":

@@ -18,24 +18,16 @@ writes DIR/suite.json, DIR/suite.md and DIR/suite.png (with matplotlib).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from kvcompress import suite
 
 
-def _parts(path: Path) -> list[str]:
-    """``A.json+B.json`` -> its files."""
-    return [f + ".json" for f in str(path)[: -len(".json")].split(".json+")]
-
-
 def _load(path: Path) -> dict:
-    """A suite.json, or ``A.json+B.json`` joined (saying which rows only some of them had)."""
-    if "+" not in str(path):
-        return json.loads(path.read_text())
-    run = suite.join_tasks([json.loads(Path(f).read_text()) for f in _parts(path)])
-    if run["dropped"]:
+    """``suite.read_result``, saying which rows a joined run left out."""
+    run = suite.read_result(path)
+    if run.get("dropped"):
         print(f"{path}: rows not in every joined run, left out: "
               + ", ".join(f"{m} @ {r}" for m, r in run["dropped"]), file=sys.stderr)
     return run

@@ -12,7 +12,7 @@ each side scored higher. Rows of different models are refused.
 
 Each row is ``FILE:METHOD@RATIO`` (``@RATIO`` left out for a row without one,
 such as the full cache). ``FILE`` may join runs of the same row on other
-tasks, ``A.json+B.json`` (a case in both is refused). The first row is the reference: every other row is
+tasks, ``A.json+B.json`` (``kvcompress.suite.join_tasks``: runs sharing a task are refused). The first row is the reference: every other row is
 printed as that row minus the reference, over the cases both ran. A row
 whose cases differ from the reference's is compared on the cases they
 share, and the table says how many those are.
@@ -21,18 +21,18 @@ share, and the table says how many those are.
 from __future__ import annotations
 
 import argparse
-import json
 
+from kvcompress import suite
 from kvcompress.intervals import paired
 
 
-def parse_row(text: str) -> tuple[list[str], str, float | None]:
-    """``FILE[+FILE...]:METHOD@RATIO`` -> (files, method, ratio)."""
+def parse_row(text: str) -> tuple[str, str, float | None]:
+    """``FILE:METHOD@RATIO`` -> (file, method, ratio); the file may be ``A.json+B.json``."""
     path, sep, rest = text.partition(".json:")
     if not sep:
         raise ValueError(f"rows: expected FILE.json:METHOD[@RATIO], got {text!r}")
     method, at, ratio = rest.rpartition("@") if "@" in rest else (rest, "", "")
-    return [f + ".json" for f in path.split(".json+")], method, float(ratio) if at else None
+    return path + ".json", method, float(ratio) if at else None
 
 
 def _model(run: dict) -> tuple:
@@ -41,28 +41,16 @@ def _model(run: dict) -> tuple:
     return tuple(m.get(k) for k in ("architecture", "layers", "q_heads", "kv_heads", "head_dim"))
 
 
-def cases_of(paths: list[str], method: str, ratio: float | None, tasks: set[str] | None) -> tuple[dict, tuple]:
-    """``(task, length, seed) -> score`` of one row over the runs ``paths``,
-    and their model (which they must share)."""
-    out, model = {}, None
-    for path in paths:
-        with open(path) as f:
-            run = json.load(f)
-        if model is not None and _model(run) != model:
-            raise ValueError(f"rows: {path} ran {_model(run)!r}, {paths[0]} {model!r}: not one row")
-        model = _model(run)
-        rows = [r for r in run["rows"] if r["method"] == method and (ratio is None or r.get("ratio") == ratio)]
-        if not rows:
-            have = sorted({(r["method"], r.get("ratio")) for r in run["rows"]}, key=str)
-            raise ValueError(f"rows: {path} has no row {method!r} at ratio {ratio}; it has {have}")
-        for c in rows[0]["cases"]:
-            key = (c["task"], c["length"], c["seed"])
-            if tasks is not None and c["task"] not in tasks:
-                continue
-            if key in out:
-                raise ValueError(f"rows: case {key} of {method!r} is in more than one of {paths}")
-            out[key] = float(c["score"])
-    return out, model
+def cases_of(path: str, method: str, ratio: float | None, tasks: set[str] | None) -> tuple[dict, tuple]:
+    """``(task, length, seed) -> score`` of one row, and the run's model."""
+    run = suite.read_result(path)
+    for row in run["rows"]:
+        if row["method"] == method and (ratio is None or row.get("ratio") == ratio):
+            return ({(c["task"], c["length"], c["seed"]): float(c["score"]) for c in row["cases"]
+                     if tasks is None or c["task"] in tasks}, _model(run))
+    have = sorted({(r["method"], r.get("ratio")) for r in run["rows"]}, key=str)
+    dropped = f" (left out by the join, not in every run: {run['dropped']})" if run.get("dropped") else ""
+    raise ValueError(f"rows: {path} has no row {method!r} at ratio {ratio}; it has {have}{dropped}")
 
 
 def main() -> None:
@@ -76,14 +64,14 @@ def main() -> None:
     specs = [parse_row(r) for r in args.rows]
     ref, model = cases_of(*specs[0], tasks)
     name = lambda s: f"{s[1]} @ {s[2]}" if s[2] is not None else s[1]  # noqa: E731
-    print(f"reference: {name(specs[0])} ({' + '.join(specs[0][0])}), {len(ref)} cases, mean {sum(ref.values()) / len(ref):.3f}")
+    print(f"reference: {name(specs[0])} ({specs[0][0]}), {len(ref)} cases, mean {sum(ref.values()) / len(ref):.3f}")
     print()
     print("| row | cases | mean | minus reference (95% paired interval) | higher / lower |")
     print("|---|---:|---:|---:|---:|")
     for spec in specs[1:]:
         other, other_model = cases_of(*spec, tasks)
         if other_model != model:
-            raise ValueError(f"rows: {' + '.join(spec[0])} ran {other_model!r}, the reference {model!r}: not the same cases")
+            raise ValueError(f"rows: {spec[0]} ran {other_model!r}, the reference {model!r}: not the same cases")
         keys = sorted(set(ref) & set(other))
         if not keys:
             raise ValueError(f"rows: {name(spec)} shares no case with the reference")

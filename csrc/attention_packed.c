@@ -404,17 +404,17 @@ KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct pa_head *h,
     const int64_t Dp = g->u.Dp, slot = t % g->NS;
     float *qs = w->qs + slot * g->u.R * Dp, *qb = w->qb + slot * g->u.R;
     const float *ks = h->ks + t * h->kss, *km = h->km + t * h->kms;
-    const float mid = kvc_pk_mid(g->bits); /* kvc_pk_centre's, computed once */
+    const float mid = kvc_pk_mid(g->bits); /* once per group, not per channel */
     int64_t c, r;
     if (h->ksd == 1 && h->kmd == 1) {
         for (c = 0; c < g->u.D; c++) {
             w->krow[c] = ks[c];
-            w->mrow[c] = km[c] + ks[c] * mid;
+            w->mrow[c] = kvc_pk_centre_at(km[c], ks[c], mid);
         }
     } else {
         for (c = 0; c < g->u.D; c++) {
             w->krow[c] = ks[c * h->ksd];
-            w->mrow[c] = km[c * h->kmd] + ks[c * h->ksd] * mid;
+            w->mrow[c] = kvc_pk_centre_at(km[c * h->kmd], ks[c * h->ksd], mid);
         }
     }
     pa_zero_pads(g, w->krow);
@@ -509,10 +509,9 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
             vp[j] = vr;
         }
         for (u = 0; u < ng; u++) {
-            /* kvc_pk_centre with the mid-point computed once */
             const float sc = h->vs[s * h->vss + u * h->vsd];
             w->S[u * AT_TK + j] = sc;
-            w->M[u * AT_TK + j] = h->vm[s * h->vms + u * h->vmd] + sc * vmid;
+            w->M[u * AT_TK + j] = kvc_pk_centre_at(h->vm[s * h->vms + u * h->vmd], sc, vmid);
         }
         if (!g->grouped) {
             float *se = w->se + j * Dp;

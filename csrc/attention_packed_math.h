@@ -62,10 +62,17 @@ KVC_HD static inline float kvc_pk_centred(uint32_t code, int bits)
     return (float)code - kvc_pk_mid(bits);
 }
 
-/* min + scale * mid: the offset that goes with centred codes. */
+/* min + scale * mid: the offset that goes with centred codes, for a mid
+ * (kvc_pk_mid) a loop computed once. */
+KVC_HD static inline float kvc_pk_centre_at(float min, float scale, float mid)
+{
+    return min + scale * mid;
+}
+
+/* kvc_pk_centre_at with the mid-point of `bits`. */
 KVC_HD static inline float kvc_pk_centre(float min, float scale, int bits)
 {
-    return min + scale * kvc_pk_mid(bits);
+    return kvc_pk_centre_at(min, scale, kvc_pk_mid(bits));
 }
 
 #ifdef __cplusplus

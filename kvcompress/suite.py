@@ -509,6 +509,23 @@ def _tokenizer_note(result: dict) -> str | None:
     return name.split(TOKENIZER_TAG, 1)[1] if TOKENIZER_TAG in name else None
 
 
+def _check_runs(results: list[dict], same: tuple[str, ...]) -> None:
+    """Refuses, by name, an empty list, a result of another schema, or a run
+    whose config ``same`` keys or model differ from the first run's."""
+    if not results:
+        raise ValueError("results: need at least one suite result")
+    for i, r in enumerate(results):
+        if r.get("schema") != SCHEMA:
+            raise ValueError(f"results[{i}]: not a {SCHEMA} result (schema {r.get('schema')!r})")
+    first = results[0]
+    for i, r in enumerate(results[1:], 1):
+        for key in same:
+            if r["config"][key] != first["config"][key]:
+                raise ValueError(f"results[{i}]: {key} {r['config'][key]!r} differs from {first['config'][key]!r}")
+        if _base_model(r) != _base_model(first):
+            raise ValueError(f"results[{i}]: model {r['model']['name']!r} differs from {first['model']['name']!r}")
+
+
 def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
     """Rows of several :func:`run_suite` results on the same cases as one
     result, re-scored on ``tasks`` (default: the tasks all of them ran).
@@ -521,18 +538,8 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
     re-summarised from their cases, so suite scores and intervals are those
     of the chosen tasks. A method and ratio present twice is an error.
     """
-    if not results:
-        raise ValueError("results: need at least one suite result")
-    for i, r in enumerate(results):
-        if r.get("schema") != SCHEMA:
-            raise ValueError(f"results[{i}]: not a {SCHEMA} result (schema {r.get('schema')!r})")
+    _check_runs(results, ("split", "lengths"))
     first = results[0]
-    for i, r in enumerate(results[1:], 1):
-        for key in ("split", "lengths"):
-            if r["config"][key] != first["config"][key]:
-                raise ValueError(f"results[{i}]: {key} {r['config'][key]!r} differs from {first['config'][key]!r}")
-        if _base_model(r) != _base_model(first):
-            raise ValueError(f"results[{i}]: model {r['model']['name']!r} differs from {first['model']['name']!r}")
     common = [t for t in first["config"]["tasks"] if all(t in r["config"]["tasks"] for r in results)]
     tasks = list(tasks) if tasks else common
     for t in tasks:
@@ -598,19 +605,8 @@ def join_tasks(results: list[dict]) -> dict:
     would score on fewer tasks, and are listed under ``dropped``. The result
     can go to :func:`combine` like any run.
     """
-    if not results:
-        raise ValueError("results: need at least one suite result")
+    _check_runs(results, ("split", "lengths", "cases", "chat"))
     first = results[0]
-    for i, r in enumerate(results):
-        if r.get("schema") != SCHEMA:
-            raise ValueError(f"results[{i}]: not a {SCHEMA} result (schema {r.get('schema')!r})")
-        if i == 0:
-            continue
-        for key in ("split", "lengths", "cases", "chat"):
-            if r["config"][key] != first["config"][key]:
-                raise ValueError(f"results[{i}]: {key} {r['config'][key]!r} differs from {first['config'][key]!r}")
-        if _base_model(r) != _base_model(first):
-            raise ValueError(f"results[{i}]: model {r['model']['name']!r} differs from {first['model']['name']!r}")
     tasks: list[str] = []
     for i, r in enumerate(results):
         shared = [t for t in r["config"]["tasks"] if t in tasks]
@@ -624,7 +620,9 @@ def join_tasks(results: list[dict]) -> dict:
     if keys[:1] != [("full", None)]:
         raise ValueError("results: every run needs its full-cache row")
     fc = first["config"]
-    config = SuiteConfig(methods=list(fc["methods"]), ratios=list(fc["ratios"]), tasks=tasks,
+    # the kept rows' methods and ratios (a dropped row is in no config)
+    config = SuiteConfig(methods=list(dict.fromkeys(m for m, _ in keys[1:])),
+                         ratios=sorted({r for _, r in keys if r is not None}), tasks=tasks,
                          lengths=list(fc["lengths"]), cases=fc["cases"], split=fc["split"], chat=fc["chat"])
     rows = []
     for method, ratio in keys:
@@ -635,6 +633,15 @@ def join_tasks(results: list[dict]) -> dict:
                 kvcompress=first["kvcompress"], model=first["model"], machine=first["machine"], config=asdict(config),
                 chat=first["chat"], seconds=sum(r["seconds"] for r in results), rows=rows,
                 joined=[r["created"] for r in results], dropped=[list(k) for k in dropped])
+
+
+def read_result(path) -> dict:
+    """A saved suite result: ``suite.json``, or ``A.json+B.json`` (runs of the
+    same rows on different tasks, joined by :func:`join_tasks`, whose
+    ``dropped`` lists the rows not every run had)."""
+    files = [f + ".json" for f in str(path)[: -len(".json")].split(".json+")] if "+" in str(path) else [str(path)]
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    return runs[0] if len(runs) == 1 else join_tasks(runs)
 
 
 def write_outputs(results: dict, out_dir) -> list:

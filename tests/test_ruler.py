@@ -1,5 +1,6 @@
 """The RULER-style generators, the interval code and the one-prefill fan-out."""
 
+import json
 import random
 import re
 from collections import Counter
@@ -381,7 +382,7 @@ def test_combine_equals_one_run(tiny_lm):
         suite.combine([a, dict(b, model=dict(b["model"], name="other"))])
 
 
-def test_join_tasks_equals_one_run_of_all_tasks(tiny_lm):
+def test_join_tasks_equals_one_run_of_all_tasks(tiny_lm, tmp_path):
     """Two runs of the same rows on different tasks, joined, equal one run of
     both tasks (suite scores and intervals over all of them); rows only one
     run holds are left out and listed; runs that share a task or differ in
@@ -400,11 +401,17 @@ def test_join_tasks_equals_one_run_of_all_tasks(tiny_lm):
     joined = suite.join_tasks([a, b])
     assert joined["config"]["tasks"] == ["niah_single", "multiturn"]
     assert strip(joined["rows"]) == strip(both["rows"]) and joined["dropped"] == []
+    # read back from files: one file as it is, `A.json+B.json` joined
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert suite.read_result(tmp_path / "a.json") == json.loads(json.dumps(a))
+    read = suite.read_result(f"{tmp_path / 'a.json'}+{tmp_path / 'b.json'}")
+    assert strip(read["rows"]) == strip(both["rows"])
     # one run without the 0.5 row: that row is left out, by name
     b9 = dict(b, rows=[r for r in b["rows"] if r["ratio"] != 0.5])
     part = suite.join_tasks([a, b9])
     assert [(r["method"], r["ratio"]) for r in part["rows"]] == [("full", None), ("tova", 0.9)]
-    assert part["dropped"] == [["tova", 0.5]]
+    assert part["dropped"] == [["tova", 0.5]] and part["config"]["ratios"] == [0.9]
     # joined in the other task order, its rows combine with a run of both tasks
     # (here the full row of `both`), case by case
     ba = suite.join_tasks([b, a])
