@@ -20,6 +20,7 @@ masked filler slots, so each row generates what it would alone.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
@@ -180,6 +181,11 @@ class CompressedLayer(CacheLayerMixin):
         # step compresses the layer
         self._waiting: torch.Tensor | None = None
         self._statistic: torch.Tensor | None = None
+        # method.lookahead_room: targets are this many times larger during the
+        # early compression (None otherwise), and whether the first decode
+        # step still has to bring the heads down to the real targets
+        self._inflate: float | None = None
+        self._room_pending = False
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -467,6 +473,8 @@ class CompressedLayer(CacheLayerMixin):
             t = self.method.phase_target(self.layer_idx, L, real - decoded, decoded + ahead)
             if self._scale is not None and t < real:
                 t = min(real, max(1, int(round(t * self._scale[b]))))
+            if self._inflate is not None:
+                t = min(real, int(math.ceil(t * self._inflate)))
             out.append(t)
         return out
 
@@ -529,6 +537,10 @@ class CompressedLayer(CacheLayerMixin):
         # yet (later ones re-score held slots and gather no statistic)
         first = type(self.store) is UniformStore
         chunk = int(queries.shape[2]) > 1
+        if not chunk and self.method.lookahead_room is not None and (
+                self._room_pending or (self._waiting is not None and not first)):
+            self._leave_room(queries, scaling)
+            return
         if not chunk and self._waiting is None:
             self.after_attention(queries, scaling)  # an ordinary decode step
             return
@@ -542,6 +554,8 @@ class CompressedLayer(CacheLayerMixin):
             if keep is not None and keep < int(held.shape[2]):
                 held = held[:, :, -keep:].clone()  # a copy: a view would keep every query alive
             self._waiting = held
+            if first and self.method.lookahead_room is not None:
+                self._compress_in_room(scaling)
             return
         queries = torch.cat([self._waiting, queries], 2)
         self._waiting = None
@@ -551,6 +565,36 @@ class CompressedLayer(CacheLayerMixin):
         finally:
             self.last_chunk = 1
             self._statistic = None
+
+    def _compress_in_room(self, scaling: float) -> None:
+        """``lookahead_room``: a layer whose rows hold more than the room
+        (``lookahead_room`` times their targets) is compressed now, by the
+        method's prefill rules with the statistic of every query so far, to
+        the room; the first decode step finishes the job (:meth:`_leave_room`)."""
+        self._inflate = float(self.method.lookahead_room)
+        try:
+            if all(h <= t for h, t in zip(self._held(), self._targets())):
+                return  # the prompt fits in the room: it waits whole, as with lookahead alone
+            self.after_attention(self._waiting, scaling)
+        finally:
+            self._inflate = None
+        self._waiting = self._statistic = None
+        self._room_pending = type(self.store) is not UniformStore
+
+    def _leave_room(self, queries, scaling: float) -> None:
+        """The first decode step after a ``lookahead_room`` compression (or
+        after a later turn's chunk, held meanwhile): the step's query joins
+        the held ones and every head goes to its share of the row's target,
+        with the slots that query reads most forced in."""
+        if self._waiting is not None:
+            queries = torch.cat([self._waiting, queries], 2)
+            self._waiting = None
+        self._room_pending = False
+        self._hold(queries, self.method.held_queries())
+        if self.head_budgets is None:
+            return
+        self._follow_targets(self._targets())
+        self._recompress_heads(scaling, local=True)
 
     def after_attention(self, queries, scaling: float) -> None:
         """Compress once the layer's attention has run on ``queries``
@@ -898,10 +942,11 @@ class CompressedLayer(CacheLayerMixin):
         lengths and budgets: no device synchronisation)."""
         return bool((self.store._host_lengths - self._budgets_host >= slack).any())
 
-    def _recompress_heads(self, scaling: float) -> None:
+    def _recompress_heads(self, scaling: float, local: bool = False) -> None:
         """Re-compress a per-head layer to ``head_budgets`` slots per head, one
         row per head: merging methods re-merge (``method.recompact``), the
-        others re-select with the latest queries and their state."""
+        others re-select with the latest queries and their state. ``local``:
+        the newest query's picks are forced in (``lookahead_room``)."""
         store = self.store
         B, H = store.batch, store.heads
         keys, values, pos, counts, carried, start = store.to_padded()
@@ -911,8 +956,9 @@ class CompressedLayer(CacheLayerMixin):
         queries = None if q is None else q.reshape(B * H, q.shape[1] // H, q.shape[2], q.shape[3])
         method = self.method
         if method.merges:
+            extra = {"local": (pos, H)} if local else {}
             centers, merged, new_carried = method.recompact(queries, keys, values, counts, carried, start,
-                                                            budgets, scaling)
+                                                            budgets, scaling, **extra)
             C = int(centers.shape[2])
             positions = pos[:, None].gather(2, centers.clamp_min(0))
             shape = (B, H, C)

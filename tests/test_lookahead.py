@@ -175,3 +175,137 @@ def test_lookahead_composes_with_packing_and_readers(tiny_model, spec):
     ref, ref_cache = _generate(tiny_model, plain, torch.cat([ids, ahead[:, :1]], 1), new=NEW - 1)
     assert torch.equal(ahead[:, 1:], ref), spec
     assert [type(layer.store) for layer in cache.layers] == [type(layer.store) for layer in ref_cache.layers]
+
+
+# ------------------------------------------------------------ lookahead_room
+def _kept(layer):
+    """Per head, the sorted prompt positions a per-head layer holds."""
+    keys, values, pos, counts, carried, start = layer.store.to_padded()
+    lengths = layer.head_lengths()
+    return [sorted(int(p) for p in pos[i, pos.shape[1] - n:]) for i, n in enumerate(lengths)]
+
+
+def test_room_compresses_the_prefill_as_the_method_would_at_room_times_the_budget(tiny_model):
+    # until the first decode step a layer holds what EMS without lookahead
+    # keeps at twice the budget (the same prefill rules and statistic), so
+    # the wait holds 2x the budget, not the prompt
+    ids = _ids(PROMPT, seed=20)
+    _, room = _generate(tiny_model, kvc.EMS(budget=32, lookahead=True, lookahead_room=2), ids, new=1)
+    _, ref = _generate(tiny_model, kvc.EMS(budget=64), ids, new=1)
+    for a, b in zip(room.layers, ref.layers):
+        assert sum(a.head_lengths()) == 2 * 64
+        assert _kept(a) == _kept(b)
+        assert a._room_pending and a._waiting is None and a._statistic is None
+    # the bytes of EMS at 64 (its per-head buffers and held queries), nothing kept for the wait
+    assert room.memory_bytes() == ref.memory_bytes()
+
+
+def test_room_brings_every_head_to_the_target_at_the_first_decode_step(tiny_model):
+    ids = _ids(PROMPT, seed=21)
+    for method in (kvc.EMS(budget=32, lookahead=True, lookahead_room=2),
+                   kvc.EMS(ratio=0.75, lookahead=True, lookahead_room=1.5),
+                   kvc.EMS(budget=32, lookahead=True, lookahead_room=2, gqa="max"),
+                   kvc.EMS(budget=32, lookahead=True, lookahead_room=2, global_mode="probe"),
+                   kvc.EMS(budget=32, lookahead=True, lookahead_room=2, head_budget="uniform", local_heads="own")):
+        _, cache = _generate(tiny_model, method, ids, new=2)
+        for layer in cache.layers:
+            target = layer._targets()[0]
+            assert sum(layer.head_lengths()) == 2 * target, (method, layer.head_lengths(), target)
+            assert not layer._room_pending
+        # and decoding goes on within the usual slack
+        _, cache = _generate(tiny_model, method, ids, new=NEW)
+        for layer in cache.layers:
+            assert sum(layer.head_lengths()) <= 2 * (layer._targets()[0] + method.interval)
+
+
+def test_a_prompt_that_fits_the_room_waits_whole_as_with_lookahead_alone(tiny_model):
+    ids = _ids(PROMPT, seed=22)
+    room, _ = _generate(tiny_model, kvc.EMS(budget=32, lookahead=True, lookahead_room=3), ids)  # 96 <= 3 * 32
+    whole, _ = _generate(tiny_model, kvc.EMS(budget=32, lookahead=True), ids)
+    assert torch.equal(room, whole)
+
+
+def test_room_left_padded_batch_matches_single_rows(tiny_model):
+    a, b = _ids(PROMPT, seed=23), _ids(PROMPT - 20, seed=24)
+    ids = torch.zeros(2, PROMPT, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0], mask[0] = a[0], 1
+    ids[1, 20:], mask[1, 20:] = b[0], 1
+    method = kvc.EMS(budget=32, lookahead=True, lookahead_room=2)
+    both, _ = _generate(tiny_model, method, ids, mask=mask)
+    for row, single in ((0, a), (1, b)):
+        alone, _ = _generate(tiny_model, method, single)
+        assert torch.equal(both[row], alone[0]), row
+
+
+def test_room_second_turn(tiny_model):
+    # a later turn's chunk waits on the per-head layer and the next decode
+    # step re-compresses it with that step's query
+    method = kvc.EMS(budget=32, lookahead=True, lookahead_room=2)
+    first = _ids(PROMPT, seed=25)
+    with kvc.compress(tiny_model, method) as session, torch.inference_mode():
+        out = tiny_model.generate(input_ids=first, attention_mask=torch.ones_like(first), max_new_tokens=5,
+                                  min_new_tokens=5, do_sample=False, pad_token_id=0)
+        second = torch.cat([out, _ids(60, seed=26)], 1)
+        tiny_model.generate(input_ids=second, attention_mask=torch.ones_like(second), past_key_values=session.cache,
+                            max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+    for layer in session.cache.layers:
+        assert sum(layer.head_lengths()) == 2 * 32
+        assert layer._waiting is None and not layer._room_pending
+
+
+@pytest.mark.parametrize("heads", ["layer", "own"])
+def test_recompact_forces_the_tokens_the_newest_query_reads(heads):
+    # two heads holding different tokens; head 0's newest query reads token
+    # 20 (slot 20 there, slot 15 in head 1, which skips tokens 10-14), whose
+    # carried score is the lowest. With local picks head 0 keeps it, and so
+    # does head 1 when the layer's reading is shared; without, neither does.
+    g = torch.Generator().manual_seed(27)
+    M, D, p = 40, 8, 20
+    ems = kvc.EMS(budget=12, window=4, sinks=2, tau=float("inf"), local_kernel=1, local_heads=heads,
+                  lookahead=True, lookahead_room=2)
+    tokens = torch.stack([torch.arange(M), torch.arange(M) + 5 * (torch.arange(M) >= 10)])
+    keys = 0.1 * torch.randn(2, 1, M, D, generator=g)
+    slot = {0: p, 1: p - 5}
+    for h, s in slot.items():
+        keys[h, 0, s] = 0.0
+        keys[h, 0, s, 0] = 3.0
+    queries = 0.1 * torch.randn(2, 1, 1, D, generator=g)
+    queries[0, 0, 0] = 0.0
+    queries[0, 0, 0, 0] = 20.0
+    carried = 0.01 + 0.05 * torch.rand(2, M, generator=g)
+    carried[:, 2:14] = 0.5
+    for h, s in slot.items():
+        carried[h, s] = 1e-4
+    counts = torch.ones(2, M)
+    start = torch.zeros(2, dtype=torch.int64)
+    budgets = torch.full((2, 1), 12, dtype=torch.int64)
+    args = (queries, keys, keys.clone(), counts, carried, start, budgets, D ** -0.5)
+    with_local, _, _ = ems.recompact(*args, local=(tokens, 2))
+    without, _, _ = ems.recompact(*args)
+    assert p in with_local[0, 0].tolist()
+    assert (slot[1] in with_local[1, 0].tolist()) == (heads == "layer")
+    assert p not in without[0, 0].tolist() and slot[1] not in without[1, 0].tolist()
+    # sinks, window and budget as usual
+    for c in with_local[:, 0]:
+        assert len(c.tolist()) == 12 and {0, 1, M - 4, M - 3, M - 2, M - 1} <= set(c.tolist())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(lookahead_room=2), ValueError, "lookahead_room: .*give lookahead=True"),
+    (dict(lookahead=True, lookahead_room=1), ValueError, "lookahead_room: must be > 1"),
+    (dict(lookahead=True, lookahead_room=True), TypeError, "lookahead_room: expected a finite number"),
+    (dict(lookahead=True, lookahead_room=float("inf")), TypeError, "lookahead_room: expected a finite number"),
+    (dict(lookahead=True, lookahead_room=2, interval=0), ValueError, "lookahead_room: needs interval > 0"),
+])
+def test_bad_room_is_refused_by_name(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kvc.EMS(budget=32, **kwargs)
+
+
+def test_room_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="lookahead_room: SnapKV cannot re-score"):
+        kvc.SnapKV(budget=32, lookahead=True, lookahead_room=2)
+    with pytest.raises(ValueError, match="lookahead_room: not supported with KIVI"):
+        kvc.EMS(budget=32, lookahead=True, lookahead_room=2, quant=kvc.KIVI(bits=4))
+    assert "lookahead_room=2" in kvc.EMS(budget=32, lookahead=True, lookahead_room=2).describe()

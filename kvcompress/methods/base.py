@@ -139,6 +139,9 @@ class Method:
     whole_heads: ClassVar[bool] = False
     #: ``True`` when the method merges evicted tokens (``compact``/``recompact``)
     merges: ClassVar[bool] = False
+    #: ``True`` when ``recompact(..., local=)`` can force the slots a new
+    #: query reads most (``lookahead_room``)
+    rescores_lookahead: ClassVar[bool] = False
     #: ``False`` for methods that keep every token (quantizers): they take no
     #: budget or ratio and the evaluation runs them once, not per setting
     evicts: ClassVar[bool] = True
@@ -161,6 +164,13 @@ class Method:
     #: first two generated tokens read the whole prompt, as with kvpress's
     #: decoding presses (see :meth:`_check_lookahead`)
     lookahead: bool = False
+    #: with ``lookahead=True``, a bound on what a layer holds while it waits:
+    #: a first prefill chunk that leaves a row more than ``lookahead_room``
+    #: times its target is compressed at once to that many slots, and the
+    #: first decode step re-compresses them to the target with that step's
+    #: query (methods with ``rescores_lookahead``; see
+    #: :meth:`_check_lookahead`). None: the whole prompt waits
+    lookahead_room: float | None = None
     #: quantizers only: ``True`` when composed, the evictor's unselected slots
     #: are kept at low bits instead of evicted (``LowBits``)
     demotes: ClassVar[bool] = False
@@ -221,6 +231,7 @@ class Method:
         own right after that layer's attention."""
         if not isinstance(self.lookahead, bool):
             raise TypeError(f"lookahead: expected a bool, got {type(self.lookahead).__name__}")
+        self._check_room()
         if not self.lookahead:
             return
         name = type(self).__name__
@@ -232,6 +243,36 @@ class Method:
                              "supported with it")
         if self.depth is not None:
             raise ValueError(f"lookahead: not supported with cross-layer methods ({self.depth.describe()})")
+
+    def _check_room(self) -> None:
+        """``lookahead_room=h`` bounds the wait of ``lookahead=True``: a layer
+        whose first prefill chunk leaves a row more than ``h`` times its
+        target keeps ``h`` times the target at once (the method's own
+        prefill compression), and at the first decode step each head goes
+        to its share of the target, re-scored with the carried scores and,
+        forced in, the slots that step's query reads most. A prompt that
+        fits in ``h`` times the target waits whole, as with ``lookahead``
+        alone. Later turns hold their chunk until the next decode step."""
+        room = self.lookahead_room
+        if room is None:
+            return
+        if isinstance(room, bool) or not isinstance(room, (int, float)) or not math.isfinite(room):
+            raise TypeError(f"lookahead_room: expected a finite number > 1 or None, got {room!r}")
+        name = type(self).__name__
+        if not self.lookahead:
+            raise ValueError("lookahead_room: bounds what a layer holds while lookahead=True waits for the "
+                             "first decode step; give lookahead=True with it")
+        if room <= 1:
+            raise ValueError(f"lookahead_room: must be > 1 (the target is what is kept after the wait), got {room}")
+        if not self.rescores_lookahead:
+            raise ValueError(f"lookahead_room: {name} cannot re-score held slots with the first generated "
+                             "token's query; use lookahead=True alone")
+        if not self.interval:
+            raise ValueError("lookahead_room: needs interval > 0 (the first decode step re-compresses the "
+                             "heads as decode-time re-compression does)")
+        for extra in (self.quant, self.sparse):
+            if extra is not None:
+                raise ValueError(f"lookahead_room: not supported with {extra.describe()}")
 
     def _check_fields(self) -> None:
         """Validate method-specific fields (override)."""

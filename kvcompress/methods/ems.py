@@ -112,6 +112,19 @@ class EMS(Method):
        from the first generated token's query. The global score's sums are
        gathered chunk by chunk while waiting (``lookahead_statistic``), so the
        layer holds its last ``window`` queries, not the whole prefill's.
+    10. ``lookahead_room=h`` (with ``lookahead=True``; ours, not the paper's)
+       bounds the wait: a first prefill chunk that leaves a row more than
+       ``h`` times its target is compressed at once by steps 1-6 to ``h``
+       times the target, with the statistic of every query (the slots EMS
+       without lookahead keeps at that budget). At the first decode step
+       each head goes to its share of the target by step 7's re-compression,
+       except that ``local_share`` of each head's room is first forced to the
+       held tokens that step's query reads most (``L`` from the last ``obs``
+       queries, laid out by token, max-pooled over ``local_kernel`` tokens
+       and, with ``local_heads="layer"``, averaged over the row's heads by
+       token, since the heads now hold different tokens): the local picks of
+       step 4, from the first generated token's query. A prompt within ``h``
+       times the target waits whole, as with ``lookahead`` alone.
     """
 
     window: int = 16
@@ -135,6 +148,7 @@ class EMS(Method):
 
     headwise = True
     merges = True
+    rescores_lookahead = True
 
     def _check_fields(self) -> None:
         self._check_int("window", self.window, 1)
@@ -319,20 +333,48 @@ class EMS(Method):
         so their large attention does not pick their neighbours."""
         if head <= 0:
             return ranked
-        m = (float(self.local_share) * room.clamp_min(0).double()).floor().long()
-        m = m.clamp_max(int(cand[..., :head].sum(-1).min()))
-        top = int(m.max())
-        if top <= 0:
-            return ranked
         local = self._pooled(L.masked_fill(~cand, 0.0), head, self.local_kernel)[..., :head]
         if self.local_heads == "layer":  # every head keeps what the layer's window reads
             local = local.mean(1, keepdim=True).expand_as(local)
-        local = local.masked_fill(~cand[..., :head], float("-inf"))
-        idx = local.topk(top, dim=-1).indices  # [B, H, top], best first
+        limit = cand[..., :head].sum(-1).min()
+        return self._force(ranked, local.masked_fill(~cand[..., :head], float("-inf")), room, limit)
+
+    def _force(self, ranked, local, room, limit):
+        """``ranked`` with the ``local_share * room`` best of ``local``
+        ``[R, H, head]`` (-inf: not a candidate) in each row and head set to
+        ``+inf``, at most ``limit`` of them (a tensor broadcast over
+        ``room``)."""
+        m = (float(self.local_share) * room.clamp_min(0).double()).floor().long()
+        m = torch.minimum(m, limit.to(m.device).long())
+        top = int(m.max())
+        if top <= 0:
+            return ranked
+        idx = local.topk(top, dim=-1).indices  # [R, H, top], best first
         take = torch.arange(top, device=idx.device) < m[..., None]
         chosen = ranked.clone()
         chosen.scatter_(2, idx, torch.where(take, float("inf"), ranked.gather(2, idx)))
         return chosen
+
+    def _local_by_token(self, L, cand, head: int, pos, heads: int):
+        """``[N, 1, head]`` local ranking of held slots whose heads keep
+        different tokens (``lookahead_room``'s re-compression; rows are the
+        ``heads`` heads of each batch row in turn, ``pos`` ``[N, M]`` the
+        token of each slot): each head's ``L`` laid out by token, max-pooled
+        over ``local_kernel`` neighbouring tokens, averaged over the row's
+        heads by token (``local_heads="layer"``; a head that does not hold a
+        token adds 0, as a zeroed sink does), then read back at each slot's
+        token. -inf: not a candidate."""
+        N, M = int(L.shape[0]), int(L.shape[2])
+        pos = pos.clamp_min(0).long()
+        P = int(pos.max()) + 1
+        grid = L.new_zeros((N, P)).scatter_add_(1, pos, L[:, 0].masked_fill(~cand[:, 0], 0.0))
+        grid = grid.view(N // heads, heads, P)
+        if self.local_kernel > 1:
+            grid = ops.pool1d(grid.contiguous(), self.local_kernel, mode="max")
+        if self.local_heads == "layer":
+            grid = grid.mean(1, keepdim=True).expand(-1, heads, -1)
+        local = grid.reshape(N, P).gather(1, pos)[:, None, :head]
+        return local.masked_fill(~cand[..., :head], float("-inf"))
 
     def _pooled(self, scores, head: int, kernel: int | None = None):
         """``scores`` max-pooled over ``kernel`` (default: ``self.kernel``)
@@ -347,15 +389,19 @@ class EMS(Method):
     def _tau(self):
         return None if self.tau is None else float(self.tau)
 
-    def recompact(self, queries, keys, values, counts, carried, start, budgets, scaling):
+    def recompact(self, queries, keys, values, counts, carried, start, budgets, scaling, local=None):
         """Decode-time re-compression of held slots (step 7), one row per head.
 
         Shapes: ``queries [N, G, q, D]`` (the latest queries of the row's
         ``G`` query heads, sitting at its last ``q`` slots), ``keys``/``values``
         ``[N, 1, M, D]`` left-padded by ``start [N]``, ``counts``/``carried``
         ``[N, M]`` float32 (carried NaN: not scored yet), ``budgets [N, 1]``
-        int64. Returns ``(centers [N, 1, C], EvictMergeResult whose counts
-        are tokens represented, carried scores [N, 1, C])``.
+        int64. ``local=(positions [N, M], heads)``: the first decode step
+        after a ``lookahead_room`` compression, which also forces each head's
+        ``local_share`` of its room to the slots the newest query reads most
+        (:meth:`_local_by_token`), as a prefill compression does with its
+        last query. Returns ``(centers [N, 1, C], EvictMergeResult whose
+        counts are tokens represented, carried scores [N, 1, C])``.
         """
         M = int(keys.shape[2])
         if self.obs:
@@ -364,8 +410,13 @@ class EMS(Method):
         w = max(1, min(self.window, int(budgets.min())))
         sinks = min(self.sinks, max(0, int(budgets.min()) - w))
         C = torch.where(torch.isnan(carried[:, None]), L, carried[:, None])
-        S = self._combine(C, L, self._candidates(start, M, sinks, w))
-        centers = ops.select_topk(S, budgets, sinks=sinks, window=w, kv_start=start)
+        cand = self._candidates(start, M, sinks, w)
+        S = self._combine(C, L, cand)
+        chosen = S
+        if local is not None and M - w > 0:
+            ranking = self._local_by_token(L, cand, M - w, *local)
+            chosen = self._force(S, ranking, budgets - sinks - w, cand[..., : M - w].sum(-1))
+        centers = ops.select_topk(chosen, budgets, sinks=sinks, window=w, kv_start=start)
         merged = ops.evict_merge(keys, values, S * counts[:, None], centers, self._tau(), kv_start=start,
                                  return_assign=True)
         # a merged slot stands for every token its members stood for
