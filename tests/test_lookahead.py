@@ -78,13 +78,17 @@ def test_the_prompt_is_whole_until_the_first_decode_step(tiny_model):
     assert cache.memory_bytes() < held / 2
 
 
-def test_left_padded_batch_matches_single_rows(tiny_model):
-    a, b = _ids(PROMPT, seed=14), _ids(PROMPT - 20, seed=15)
+@pytest.mark.parametrize("method, seeds", [
+    (kvc.SnapKV(budget=32, lookahead=True), (14, 15)),
+    # lookahead_room: both rows (96 and 76 tokens) are compressed at prefill to 64
+    (kvc.EMS(budget=32, lookahead=True, lookahead_room=2), (23, 24)),
+])
+def test_left_padded_batch_matches_single_rows(tiny_model, method, seeds):
+    a, b = _ids(PROMPT, seed=seeds[0]), _ids(PROMPT - 20, seed=seeds[1])
     ids = torch.zeros(2, PROMPT, dtype=torch.long)
     mask = torch.zeros_like(ids)
     ids[0], mask[0] = a[0], 1
     ids[1, 20:], mask[1, 20:] = b[0], 1
-    method = kvc.SnapKV(budget=32, lookahead=True)
     both, _ = _generate(tiny_model, method, ids, mask=mask)
     for row, single in ((0, a), (1, b)):
         alone, _ = _generate(tiny_model, method, single)
@@ -147,20 +151,25 @@ def test_ems_statistic_over_chunks_is_the_global_score_over_all_queries(gqa):
     assert kvc.EMS(budget=32, lookahead=True, global_mode="probe").deferred_queries() is None
 
 
+def _two_turns(model, method, first, more, new=(5, 5)):
+    """Generate ``new[0]`` tokens after ``first``, then ``new[1]`` after
+    that plus ``more``, in one cache; returns the cache."""
+    with kvc.compress(model, method) as session, torch.inference_mode():
+        out = model.generate(input_ids=first, attention_mask=torch.ones_like(first), max_new_tokens=new[0],
+                             min_new_tokens=new[0], do_sample=False, pad_token_id=0)
+        second = torch.cat([out, more], 1)
+        model.generate(input_ids=second, attention_mask=torch.ones_like(second), past_key_values=session.cache,
+                       max_new_tokens=new[1], min_new_tokens=new[1], do_sample=False, pad_token_id=0)
+    return session.cache
+
+
 @pytest.mark.parametrize("look", [False, True])
 def test_ems_second_turn_after_an_uncompressed_first_turn(tiny_model, look):
     # the first turn fits the budget, so nothing was compressed and the
     # second turn's chunk brings no queries for the earlier slots: EMS
     # scores with the chunk's (it used to refuse with a ValueError)
-    method = kvc.EMS(budget=64, lookahead=look)
-    first = _ids(40, seed=17)
-    with kvc.compress(tiny_model, method) as session, torch.inference_mode():
-        out = tiny_model.generate(input_ids=first, attention_mask=torch.ones_like(first), max_new_tokens=5,
-                                  min_new_tokens=5, do_sample=False, pad_token_id=0)
-        second = torch.cat([out, _ids(100, seed=18)], 1)
-        tiny_model.generate(input_ids=second, attention_mask=torch.ones_like(second), past_key_values=session.cache,
-                            max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
-    for layer in session.cache.layers:
+    cache = _two_turns(tiny_model, kvc.EMS(budget=64, lookahead=look), _ids(40, seed=17), _ids(100, seed=18))
+    for layer in cache.layers:
         heads = layer.head_lengths()
         assert sum(heads) <= 2 * (64 + 16) and sum(heads) >= 2 * 64 - 2, heads
 
@@ -225,31 +234,12 @@ def test_a_prompt_that_fits_the_room_waits_whole_as_with_lookahead_alone(tiny_mo
     assert torch.equal(room, whole)
 
 
-def test_room_left_padded_batch_matches_single_rows(tiny_model):
-    a, b = _ids(PROMPT, seed=23), _ids(PROMPT - 20, seed=24)
-    ids = torch.zeros(2, PROMPT, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    ids[0], mask[0] = a[0], 1
-    ids[1, 20:], mask[1, 20:] = b[0], 1
-    method = kvc.EMS(budget=32, lookahead=True, lookahead_room=2)
-    both, _ = _generate(tiny_model, method, ids, mask=mask)
-    for row, single in ((0, a), (1, b)):
-        alone, _ = _generate(tiny_model, method, single)
-        assert torch.equal(both[row], alone[0]), row
-
-
 def test_room_second_turn(tiny_model):
     # a later turn's chunk waits on the per-head layer and the next decode
     # step re-compresses it with that step's query
-    method = kvc.EMS(budget=32, lookahead=True, lookahead_room=2)
-    first = _ids(PROMPT, seed=25)
-    with kvc.compress(tiny_model, method) as session, torch.inference_mode():
-        out = tiny_model.generate(input_ids=first, attention_mask=torch.ones_like(first), max_new_tokens=5,
-                                  min_new_tokens=5, do_sample=False, pad_token_id=0)
-        second = torch.cat([out, _ids(60, seed=26)], 1)
-        tiny_model.generate(input_ids=second, attention_mask=torch.ones_like(second), past_key_values=session.cache,
-                            max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
-    for layer in session.cache.layers:
+    cache = _two_turns(tiny_model, kvc.EMS(budget=32, lookahead=True, lookahead_room=2), _ids(PROMPT, seed=25),
+                       _ids(60, seed=26), new=(5, 2))
+    for layer in cache.layers:
         assert sum(layer.head_lengths()) == 2 * 32
         assert layer._waiting is None and not layer._room_pending
 
