@@ -526,9 +526,15 @@ def _check_runs(results: list[dict], same: tuple[str, ...]) -> None:
             raise ValueError(f"results[{i}]: model {r['model']['name']!r} differs from {first['model']['name']!r}")
 
 
-def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
+def combine(results: list[dict], tasks: list[str] | None = None, rename: dict[str, str] | None = None,
+            methods: list[str] | None = None) -> dict:
     """Rows of several :func:`run_suite` results on the same cases as one
     result, re-scored on ``tasks`` (default: the tasks all of them ran).
+
+    ``rename`` maps a row's method label to another (``{"ems:tau=0.8":
+    "ems"}``: the same configuration run before and after it became the
+    default); ``methods`` keeps only those rows (labels after renaming), in
+    that order. Both apply before the duplicate check.
 
     Runs must share the model, split and lengths; a case is the same case
     in every run (same task, length and seed), which is checked. The first
@@ -562,9 +568,18 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
     full = keep(first["rows"][0]["cases"])
     seeds = [(c["task"], c["length"], c["seed"]) for c in full]
     order = {k: j for j, k in enumerate(seeds)}
+    rename = dict(rename or {})
+    for m in methods or ():
+        if not any(rename.get(row["method"], row["method"]) == m for r in results for row in r["rows"]):
+            raise ValueError(f"methods: {m!r} is not a row of any result")
     rows, seen, agreement = [_summarise("full", None, full, config)], set(), []
     for i, r in enumerate(results):
         for row in r["rows"]:
+            if row["method"] != "full":
+                label = rename.get(row["method"], row["method"])
+                if methods is not None and label not in methods:
+                    continue
+                row = dict(row, method=label)
             recs = keep(row["cases"])
             # in the first run's case order (a joined run may list its tasks in another order)
             recs.sort(key=lambda c: order.get((c["task"], c["length"], c["seed"]), len(order)))
@@ -583,7 +598,8 @@ def combine(results: list[dict], tasks: list[str] | None = None) -> dict:
             rows.append(_summarise(row["method"], row["ratio"], recs, config))
     # one block per method (in order of first appearance), ratios ascending,
     # however the runs split them
-    config.methods = list(dict.fromkeys(row["method"] for row in rows[1:]))
+    config.methods = (list(methods) if methods is not None
+                      else list(dict.fromkeys(row["method"] for row in rows[1:])))
     order = {m: i for i, m in enumerate(config.methods)}
     rows[1:] = sorted(rows[1:], key=lambda row: (order[row["method"]], -1.0 if row["ratio"] is None else row["ratio"]))
     config.ratios = sorted({r for _, r in seen if r is not None})

@@ -368,6 +368,19 @@ def test_combine_equals_one_run(tiny_lm):
     assert suite.combine([hi, lo])["config"]["ratios"] == [0.5, 0.9]
     with pytest.raises(ValueError, match=r"results\[1\]: snapkv:window=8 @ 0.5 is in an earlier result"):
         suite.combine([a, a])
+    # relabelled and chosen rows: the same scores under the new label, in the asked order
+    picked = suite.combine([a, b], rename={"snapkv:window=8": "snapkv8"}, methods=["tova", "snapkv8"])
+    assert [(r["method"], r["ratio"]) for r in picked["rows"]] == [
+        ("full", None), ("tova", 0.5), ("tova", 0.9), ("snapkv8", 0.5), ("snapkv8", 0.9)]
+    assert picked["config"]["methods"] == ["tova", "snapkv8"]
+    by = {(r["method"], r["ratio"]): r["suite"] for r in both["rows"]}
+    assert [r["suite"] for r in picked["rows"][3:]] == [by[("snapkv:window=8", 0.5)], by[("snapkv:window=8", 0.9)]]
+    assert [(r["method"], r["ratio"]) for r in suite.combine([a, b], methods=["tova"])["rows"]] == [
+        ("full", None), ("tova", 0.5), ("tova", 0.9)]
+    with pytest.raises(ValueError, match="methods: 'snapkv:window=8' is not a row"):
+        suite.combine([a, b], rename={"snapkv:window=8": "snapkv8"}, methods=["snapkv:window=8"])
+    with pytest.raises(ValueError, match=r"results\[1\]: tova @ 0.5 is in an earlier result"):
+        suite.combine([a, b], rename={"snapkv:window=8": "tova"})
     with pytest.raises(ValueError, match=r"results\[1\]: split"):
         suite.combine([a, run(["tova"], split="heldout")])
     with pytest.raises(ValueError, match="tasks: 'qa' was not run"):
