@@ -534,7 +534,8 @@ def combine(results: list[dict], tasks: list[str] | None = None, rename: dict[st
     ``rename`` maps a row's method label to another (``{"ems:tau=0.8":
     "ems"}``: the same configuration run before and after it became the
     default); ``methods`` keeps only those rows (labels after renaming), in
-    that order. Both apply before the duplicate check.
+    that order. Both apply before the duplicate check; a label either names
+    that is not a row of any result is refused by name.
 
     Runs must share the model, split and lengths; a case is the same case
     in every run (same task, length and seed), which is checked. The first
@@ -569,8 +570,13 @@ def combine(results: list[dict], tasks: list[str] | None = None, rename: dict[st
     seeds = [(c["task"], c["length"], c["seed"]) for c in full]
     order = {k: j for j, k in enumerate(seeds)}
     rename = dict(rename or {})
+    present = {row["method"] for r in results for row in r["rows"]}
+    for old in rename:
+        if old not in present:
+            raise ValueError(f"rename: {old!r} is not a row of any result")
+    labels = {rename.get(m, m) for m in present}
     for m in methods or ():
-        if not any(rename.get(row["method"], row["method"]) == m for r in results for row in r["rows"]):
+        if m not in labels:
             raise ValueError(f"methods: {m!r} is not a row of any result")
     rows, seen, agreement = [_summarise("full", None, full, config)], set(), []
     for i, r in enumerate(results):

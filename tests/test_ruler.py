@@ -381,6 +381,8 @@ def test_combine_equals_one_run(tiny_lm):
         suite.combine([a, b], rename={"snapkv:window=8": "snapkv8"}, methods=["snapkv:window=8"])
     with pytest.raises(ValueError, match=r"results\[1\]: tova @ 0.5 is in an earlier result"):
         suite.combine([a, b], rename={"snapkv:window=8": "tova"})
+    with pytest.raises(ValueError, match="rename: 'snapkv' is not a row"):
+        suite.combine([a, b], rename={"snapkv": "s"})
     with pytest.raises(ValueError, match=r"results\[1\]: split"):
         suite.combine([a, run(["tova"], split="heldout")])
     with pytest.raises(ValueError, match="tasks: 'qa' was not run"):
