@@ -201,8 +201,8 @@ KVC_INLINE void at_row_load(const struct at_geom *g, float *dst, const char *src
     }
 }
 
-static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct at_geom *g,
-                            int64_t pair, int64_t blk, float *part, const struct at_thread *w)
+KVC_INLINE void at_unit_body(const struct kvc_attention_params *p, const struct at_geom *g,
+                             int64_t pair, int64_t blk, float *part, const struct at_thread *w, int wide)
 {
     const int64_t Dp = g->u.Dp, t = pair % g->u.ntiles, bh = pair / g->u.ntiles;
     const int64_t b = bh / g->u.Hkv, hk = bh % g->u.Hkv;
@@ -271,8 +271,8 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
          * interleaving rows hides its latency. */
         /* rows that see none of the tile get logits too; the softmax pass
          * zeroes their weights */
-        if (g->bf16) at_logits_all(w->qbuf, Dp, kp, AT_ROWS_BF16, lc, NULL, Dp, p->scaling, w->xbuf, R);
-        else at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R);
+        if (g->bf16) at_logits_all(w->qbuf, Dp, kp, AT_ROWS_BF16, lc, NULL, Dp, p->scaling, w->xbuf, R, wide);
+        else at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R, wide);
         at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
         for (r = 0; r < R; r += 4) {
             /* rows in groups of up to 4 share each V row load */
@@ -284,9 +284,9 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
 #define AT_ACC_CASE(NR)                                                                        \
     case NR:                                                                                   \
         if (g->bf16)                                                                           \
-            at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR, AT_ROWS_BF16);   \
+            at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR, AT_ROWS_BF16, wide); \
         else                                                                                   \
-            at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR, AT_ROWS_F32);    \
+            at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, NR, AT_ROWS_F32, wide);  \
         break;
                 AT_ACC_CASE(1)
                 AT_ACC_CASE(2)
@@ -297,6 +297,22 @@ static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct a
         }
     }
 }
+
+/* The unit of work, cloned per ISA level, in 8-lane halves. */
+static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct at_geom *g,
+                            int64_t pair, int64_t blk, float *part, const struct at_thread *w)
+{
+    at_unit_body(p, g, pair, blk, part, w, 0);
+}
+
+#ifdef KVC_WIDE
+/* The same unit for x86-64-v4 only, in 16-lane vectors (kvc.h). */
+static void KVC_WIDE_TARGET at_unit_wide(const struct kvc_attention_params *p, const struct at_geom *g,
+                                         int64_t pair, int64_t blk, float *part, const struct at_thread *w)
+{
+    at_unit_body(p, g, pair, blk, part, w, 1);
+}
+#endif
 
 static int64_t at_out_pos(const struct kvc_at_units *u, int64_t d)
 {
@@ -309,7 +325,7 @@ enum kvc_status kvc_attention(const struct kvc_attention_params *p)
     char *base;
     int64_t *prefix;
     float *parts;
-    int nt, empty;
+    int nt, empty, wide;
     enum kvc_status s = kvc_at_units_check(p->layout, &p->q, p->num_kv_heads, &empty);
     if (s != KVC_OK || empty) return s;
     if (p->scratch == NULL || p->scratch_bytes < kvc_attention_scratch_bytes(p))
@@ -318,6 +334,8 @@ enum kvc_status kvc_attention(const struct kvc_attention_params *p)
     at_geometry(p, &g, prefix);
     parts = kvc_at_scratch_parts(&g.u, prefix, &base);
     nt = kvc_at_threads(&g.u, p->num_threads);
+    wide = kvc_wide_active();
+    (void)wide; /* read only where the wide unit is built */
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -337,6 +355,12 @@ enum kvc_status kvc_attention(const struct kvc_attention_params *p)
 #pragma omp for schedule(dynamic, 1)
         for (u = 0; u < g.u.U; u++) {
             const int64_t pair = kvc_at_unit_pair(&g.u, prefix, u);
+#ifdef KVC_WIDE
+            if (wide) {
+                at_unit_wide(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
+                continue;
+            }
+#endif
             at_unit(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
         }
 #pragma omp for schedule(static)

@@ -299,13 +299,22 @@ KVC_INLINE void pa_logits_multi(const float *const *qp, const void *const *kp, c
  * a block at a time in registers: the same centred codes, never stored. */
 KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, const float *W,
                                       int64_t gs, const float *alpha, int64_t Dp, int64_t gv,
-                                      int NR, int kind)
+                                      int NR, int kind, int wide)
 {
     int64_t c;
 #ifdef AT_VEC
-    for (c = 0; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR, kind);
+    c = 0;
+#ifdef AT_TREE
+    /* two blocks at a time: 2 x NR chains in flight (at_accumulate2_w) */
+    if (wide)
+        for (; c + 2 * AT_TK <= Dp; c += 2 * AT_TK)
+            at_accumulate2_w(acc, vp, W + c / AT_TK / gv * gs, W + (c / AT_TK + 1) / gv * gs, alpha, c, NR,
+                             kind, 2);
+#endif
+    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR, kind, wide);
 #else
     (void)kind;
+    (void)wide;
     int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
@@ -319,24 +328,24 @@ KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, 
 
 /* pa_accumulate_grouped with NR (1..4) and kind as constants. */
 KVC_INLINE void pa_accumulate_nr(float *const *acc, const void *const *vp, const float *W, int64_t gs,
-                                 const float *alpha, int64_t Dp, int64_t gv, int NR, int kind)
+                                 const float *alpha, int64_t Dp, int64_t gv, int NR, int kind, int wide)
 {
     switch (NR) {
-    case 1: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 1, kind); break;
-    case 2: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 2, kind); break;
-    case 3: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 3, kind); break;
-    default: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 4, kind); break;
+    case 1: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 1, kind, wide); break;
+    case 2: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 2, kind, wide); break;
+    case 3: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 3, kind, wide); break;
+    default: pa_accumulate_grouped(acc, vp, W, gs, alpha, Dp, gv, 4, kind, wide); break;
     }
 }
 
 KVC_INLINE void pa_accumulate_kind(float *const *acc, const void *const *vp, const float *W, int64_t gs,
-                                   const float *alpha, int64_t Dp, int64_t gv, int NR, int kind)
+                                   const float *alpha, int64_t Dp, int64_t gv, int NR, int kind, int wide)
 {
     switch (kind) {
-    case 2: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 2); break;
-    case 4: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 4); break;
-    case 8: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 8); break;
-    default: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, AT_ROWS_F32); break;
+    case 2: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 2, wide); break;
+    case 4: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 4, wide); break;
+    case 8: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, 8, wide); break;
+    default: pa_accumulate_nr(acc, vp, W, gs, alpha, Dp, gv, NR, AT_ROWS_F32, wide); break;
     }
 }
 
@@ -475,7 +484,7 @@ KVC_INLINE void pa_row_weights(const struct pa_geom *g, const struct pa_thread *
 KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
                                const struct pa_geom *g, const struct pa_head *h,
                                const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
-                               float *pm, float *ps, float *acc, int64_t *have)
+                               float *pm, float *ps, float *acc, int64_t *have, int wide)
 {
     const int64_t Dp = g->u.Dp, ng = g->ng, G = g->G;
     const int64_t t0 = jt / G, t1 = (jt + nk - 1) / G;
@@ -508,18 +517,25 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
             pa_unpack(g, g->vbits, vr, h->vc + s * h->vcs, h->vcd, w->tmp);
             vp[j] = vr;
         }
-        for (u = 0; u < ng; u++) {
-            const float sc = h->vs[s * h->vss + u * h->vsd];
+    }
+    /* value scales and centres of the tile, transposed: group by group, so
+     * each is a short loop over the slots (a loop over a slot's few groups
+     * cost more in its setup than in its work) */
+    for (u = 0; u < ng; u++) {
+        const float *vs = h->vs + jt * h->vss + u * h->vsd, *vm = h->vm + jt * h->vms + u * h->vmd;
+        for (j = 0; j < nk; j++) {
+            const float sc = vs[j * h->vss];
             w->S[u * AT_TK + j] = sc;
-            w->M[u * AT_TK + j] = kvc_pk_centre_at(h->vm[s * h->vms + u * h->vmd], sc, vmid);
+            w->M[u * AT_TK + j] = kvc_pk_centre_at(vm[j * h->vms], sc, vmid);
         }
-        if (!g->grouped) {
+    }
+    if (!g->grouped)
+        for (j = 0; j < nk; j++) {
             float *se = w->se + j * Dp;
             for (u = 0; u < Dp; u++) se[u] = w->S[w->uidx[u] * AT_TK + j];
             sp[j] = se;
         }
-    }
-    for (; j < AT_TK; j++) {
+    for (j = nk; j < AT_TK; j++) {
         /* slots past the tile: masked by the softmax; any finite row does */
         kp[j] = fused ? kp[0] : w->zero;
         vp[j] = vfused ? vp[0] : w->zero;
@@ -541,10 +557,10 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
         const int64_t slot = t0 % g->NS;
         const float *qs = w->qs + slot * g->u.R * Dp, *qb = w->qb + slot * g->u.R;
         switch (fused ? g->bits : AT_ROWS_F32) {
-        case 2: at_logits_all(qs, Dp, kp, 2, lc, qb, Dp, p->scaling, w->xbuf, R); break;
-        case 4: at_logits_all(qs, Dp, kp, 4, lc, qb, Dp, p->scaling, w->xbuf, R); break;
-        case 8: at_logits_all(qs, Dp, kp, 8, lc, qb, Dp, p->scaling, w->xbuf, R); break;
-        default: at_logits_all(qs, Dp, kp, AT_ROWS_F32, lc, qb, Dp, p->scaling, w->xbuf, R); break;
+        case 2: at_logits_all(qs, Dp, kp, 2, lc, qb, Dp, p->scaling, w->xbuf, R, wide); break;
+        case 4: at_logits_all(qs, Dp, kp, 4, lc, qb, Dp, p->scaling, w->xbuf, R, wide); break;
+        case 8: at_logits_all(qs, Dp, kp, 8, lc, qb, Dp, p->scaling, w->xbuf, R, wide); break;
+        default: at_logits_all(qs, Dp, kp, AT_ROWS_F32, lc, qb, Dp, p->scaling, w->xbuf, R, wide); break;
         }
     } else {
         for (r = 0; r < R; r++) {
@@ -570,7 +586,7 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
         for (i = 0; i < nr; i++) accs[i] = acc + (r + i) * Dp;
         if (g->grouped)
             pa_accumulate_kind(accs, vp, w->W + r * AT_TK, R * AT_TK, w->abuf + r, Dp, G / AT_TK, nr,
-                               vfused ? g->vbits : AT_ROWS_F32);
+                               vfused ? g->vbits : AT_ROWS_F32, wide);
         else
             switch (nr) {
             case 1: pa_accumulate_expanded(accs, vp, sp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 1); break;
@@ -585,7 +601,7 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
 KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
                                  const struct pa_geom *g, const struct pa_head *h,
                                  const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
-                                 float *pm, float *ps, float *acc)
+                                 float *pm, float *ps, float *acc, int wide)
 {
     const int64_t Dp = g->u.Dp, es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
     const void *kp[AT_TK], *vp[AT_TK];
@@ -600,7 +616,7 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
     }
     for (; j < AT_TK; j++) kp[j] = vp[j] = w->zero;
     for (j = 0; j < AT_TK; j++) lc[j] = 0.0f; /* residual slots count 1 */
-    at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R);
+    at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R, wide);
     at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
     for (r = 0; r < R; r += 4) {
         float *accs[4];
@@ -608,16 +624,16 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
         int i;
         for (i = 0; i < nr; i++) accs[i] = acc + (r + i) * Dp;
         switch (nr) {
-        case 1: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 1, AT_ROWS_F32); break;
-        case 2: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 2, AT_ROWS_F32); break;
-        case 3: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 3, AT_ROWS_F32); break;
-        default: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 4, AT_ROWS_F32); break;
+        case 1: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 1, AT_ROWS_F32, wide); break;
+        case 2: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 2, AT_ROWS_F32, wide); break;
+        case 3: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 3, AT_ROWS_F32, wide); break;
+        default: at_accumulate(accs, vp, w->xbuf + r * AT_TK, w->abuf + r, Dp, 4, AT_ROWS_F32, wide); break;
         }
     }
 }
 
-static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
-                            int64_t pair, int64_t blk, float *part, const struct pa_thread *w)
+KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
+                             int64_t pair, int64_t blk, float *part, const struct pa_thread *w, int wide)
 {
     const int64_t Dp = g->u.Dp, t = pair % g->u.ntiles, bh = pair / g->u.ntiles;
     const int64_t b = bh / g->u.Hkv, hk = bh % g->u.Hkv;
@@ -660,7 +676,7 @@ static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const s
     for (jt = j0; jt < jp;) {
         int64_t je = (jt / AT_TK + 1) * AT_TK;
         je = je < jp ? je : jp;
-        pa_packed_tile(p, g, &h, w, jt, je - jt, R, pm, ps, acc, &have);
+        pa_packed_tile(p, g, &h, w, jt, je - jt, R, pm, ps, acc, &have, wide);
         jt = je;
     }
     if (j0 < jp) {
@@ -685,9 +701,25 @@ static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const s
     /* residual slots */
     for (jt = j0 > h.n ? j0 : h.n; jt < j1; jt += AT_TK) {
         const int64_t nk = j1 - jt < AT_TK ? j1 - jt : AT_TK;
-        pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc);
+        pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc, wide);
     }
 }
+
+/* The unit of work, cloned per ISA level, in 8-lane halves. */
+static void KVC_HOT pa_unit(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
+                            int64_t pair, int64_t blk, float *part, const struct pa_thread *w)
+{
+    pa_unit_body(p, g, pair, blk, part, w, 0);
+}
+
+#ifdef KVC_WIDE
+/* The same unit for x86-64-v4 only, in 16-lane vectors (kvc.h). */
+static void KVC_WIDE_TARGET pa_unit_wide(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
+                                         int64_t pair, int64_t blk, float *part, const struct pa_thread *w)
+{
+    pa_unit_body(p, g, pair, blk, part, w, 1);
+}
+#endif
 
 /* Partial rows are in channel order. */
 static int64_t pa_out_pos(const struct kvc_at_units *u, int64_t d)
@@ -702,7 +734,7 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
     char *base;
     int64_t *prefix;
     float *parts;
-    int nt, empty;
+    int nt, empty, wide;
     enum kvc_status s = kvc_at_units_check(p->layout, &p->q, p->num_kv_heads, &empty);
     if (s != KVC_OK || empty) return s;
     if ((p->bits != 2 && p->bits != 4 && p->bits != 8) ||
@@ -715,6 +747,8 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
     pa_geometry(p, &g, prefix);
     parts = kvc_at_scratch_parts(&g.u, prefix, &base);
     nt = kvc_at_threads(&g.u, p->num_threads);
+    wide = kvc_wide_active();
+    (void)wide; /* read only where the wide unit is built */
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -751,6 +785,12 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
 #pragma omp for schedule(dynamic, 1)
         for (u = 0; u < g.u.U; u++) {
             const int64_t pair = kvc_at_unit_pair(&g.u, prefix, u);
+#ifdef KVC_WIDE
+            if (wide) {
+                pa_unit_wide(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
+                continue;
+            }
+#endif
             pa_unit(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
         }
 #pragma omp for schedule(static)

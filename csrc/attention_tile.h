@@ -219,6 +219,92 @@ KVC_INLINE void at_row_block(at_v8 *v0, at_v8 *v1, const void *row, int64_t c, i
 }
 #endif
 
+#ifdef AT_TREE
+/* The wide path (kvc.h, KVC_WIDE): the same tile loops in 16-lane vectors,
+ * lane l of a vector being lane l % 8 of half l / 8 above, so every lane
+ * runs the same operations in the same order as with halves. Only units
+ * built for x86-64-v4 take it (wide = 1, a constant after inlining); a
+ * narrower clone never runs these. Where __builtin_shufflevector is
+ * missing (GCC < 12, which builds no wide unit either) wide is ignored. */
+
+/* at_unpack16's 16 centred codes as one vector: the words of each half
+ * broadcast as at_unpack8 takes them, the halves joined (one insert), then
+ * one variable shift by (l * bits) mod 32 + base, mask, conversion and
+ * minus mid for all 16 lanes. */
+KVC_INLINE void at_unpack16w(at_vf *dst, const uint8_t *src, int bits)
+{
+    const at_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    uint32_t x0, x1, x2, x3;
+    at_v8u w0, w1;
+    at_vu w, sh;
+    memcpy(&x0, src, 4);
+    if (bits == 8) {
+        memcpy(&x1, src + 4, 4);
+        memcpy(&x2, src + 8, 4);
+        memcpy(&x3, src + 12, 4);
+        w0 = (at_v8u){x0, x0, x0, x0, x1, x1, x1, x1};
+        w1 = (at_v8u){x2, x2, x2, x2, x3, x3, x3, x3};
+    } else if (bits == 4) {
+        memcpy(&x1, src + 4, 4);
+        w0 = (at_v8u){0} + x0;
+        w1 = (at_v8u){0} + x1;
+    } else {
+        w0 = w1 = (at_v8u){0} + x0;
+    }
+    w = __builtin_shufflevector(w0, w1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    /* 2-bit: lanes 8-15 read the word's upper half, (l * 2) & 31 = 16 + 2 (l - 8) */
+    sh = (lane * (uint32_t)bits) & 31u;
+    *dst = __builtin_convertvector((at_vi)((w >> sh) & kvc_pk_mask(bits)), at_vf) - kvc_pk_mid(bits);
+}
+
+/* at_row_block's positions [c, c + AT_TK) as one 16-lane vector. */
+KVC_INLINE void at_row_block16(at_vf *v, const void *row, int64_t c, int kind)
+{
+    if (kind == AT_ROWS_BF16) {
+        const uint16_t *e = (const uint16_t *)row + (c & ~(int64_t)(2 * AT_TK - 1));
+        at_vu w;
+        memcpy(&w, e, sizeof w);
+        *v = c & AT_TK ? (at_vf)(w & 0xffff0000u) : (at_vf)(w << 16);
+    } else if (kind != AT_ROWS_F32) {
+        at_unpack16w(v, (const uint8_t *)row + c / AT_TK * 2 * kind, kind);
+    } else {
+        memcpy(v, (const float *)row + c, sizeof *v);
+    }
+}
+
+/* at_logits_rows with 16-lane sums: a slot's NR sums each in one vector,
+ * whose two halves are added as lo + hi are there. */
+KVC_INLINE void at_logits_rows_w(const float *qr, int64_t qs, const void *const *kp, int kind,
+                                 const float *lc, const float *bias, int64_t Dp, float scaling, float *x,
+                                 int NR)
+{
+    at_v8 s[4][AT_TK];
+    int64_t c;
+    int j, r;
+    for (j = 0; j < AT_TK; j++) {
+        at_vf a[4];
+        for (r = 0; r < NR; r++) a[r] = (at_vf){0};
+        for (c = 0; c < Dp; c += AT_TK) {
+            at_vf k;
+            at_row_block16(&k, kp[j], c, kind);
+            for (r = 0; r < NR; r++) {
+                at_vf q;
+                memcpy(&q, qr + r * qs + c, sizeof q);
+                a[r] += q * k;
+            }
+        }
+        for (r = 0; r < NR; r++)
+            s[r][j] = __builtin_shufflevector(a[r], a[r], 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(a[r], a[r], 8, 9, 10, 11, 12, 13, 14, 15);
+    }
+    for (r = 0; r < NR; r++) {
+        float l[AT_TK];
+        for (j = 0; j < AT_TK; j++) l[j] = bias ? lc[j] + bias[r] : lc[j];
+        at_finish8(s[r], l, scaling, x + r * AT_TK);
+    }
+}
+#endif
+
 /* Logits x[r][j] = scaling * q_r . k_j + (lc[j] + bias[r]) of NR (1..4,
  * a constant after inlining) query rows, qs floats apart, against a tile
  * of AT_TK slot rows of the given kind (AT_ROWS_*; Dp a multiple of AT_TK
@@ -279,13 +365,26 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
 #endif
 }
 
-/* at_logits_rows over R rows, four at a time. */
+/* at_logits_rows over R rows, four at a time (wide: at_logits_rows_w). */
 KVC_INLINE void at_logits_all(const float *qr, int64_t qs, const void *const *kp, int kind, const float *lc,
-                              const float *bias, int64_t Dp, float scaling, float *x, int64_t R)
+                              const float *bias, int64_t Dp, float scaling, float *x, int64_t R, int wide)
 {
     int64_t r;
     for (r = 0; r < R; r += 4) {
         const float *b = bias ? bias + r : NULL;
+#ifdef AT_TREE
+        if (wide) {
+            switch (R - r < 4 ? R - r : 4) {
+            case 1: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 1); break;
+            case 2: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 2); break;
+            case 3: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 3); break;
+            default: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 4); break;
+            }
+            continue;
+        }
+#else
+        (void)wide;
+#endif
         switch (R - r < 4 ? R - r : 4) {
         case 1: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 1); break;
         case 2: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 2); break;
@@ -319,15 +418,59 @@ KVC_INLINE void at_rows_store(float *const *acc, const at_v8 *lo, const at_v8 *h
     }
 }
 
+/* The wide path's at_accumulate1 over nb (1 or 2, a constant after
+ * inlining) blocks at once, [c, c + AT_TK) weighted by x0 and the next by
+ * x1: one 16-lane sum per row and block, lane for lane the chains of the
+ * halves. Two blocks keep 2 x NR chains in flight, as the halves do: the
+ * sums over a tile's slots are chains of dependent FMAs, so one block
+ * alone would leave the FMA units waiting on their latency. */
+#ifdef AT_TREE
+KVC_INLINE void at_accumulate2_w(float *const *acc, const void *const *vp, const float *x0, const float *x1,
+                                 const float *alpha, int64_t c, int NR, int kind, int nb)
+{
+    at_vf a[4], b[4];
+    int j, r;
+    for (r = 0; r < NR; r++) {
+        memcpy(&a[r], acc[r] + c, sizeof a[r]);
+        a[r] *= alpha[r];
+        if (nb == 2) {
+            memcpy(&b[r], acc[r] + c + AT_TK, sizeof b[r]);
+            b[r] *= alpha[r];
+        }
+    }
+    for (j = 0; j < AT_TK; j++) {
+        at_vf v, u;
+        at_row_block16(&v, vp[j], c, kind);
+        if (nb == 2) at_row_block16(&u, vp[j], c + AT_TK, kind);
+        for (r = 0; r < NR; r++) {
+            a[r] += x0[r * AT_TK + j] * v;
+            if (nb == 2) b[r] += x1[r * AT_TK + j] * u;
+        }
+    }
+    for (r = 0; r < NR; r++) {
+        memcpy(acc[r] + c, &a[r], sizeof a[r]);
+        if (nb == 2) memcpy(acc[r] + c + AT_TK, &b[r], sizeof b[r]);
+    }
+}
+#endif
+
 /* Output lanes [c, c + AT_TK) of at_accumulate for NR rows of V rows of
  * the given kind (AT_ROWS_F32 or AT_ROWS_BF16; also attention_packed.c's
  * grouped sums, whose weights x change per vector), in two halves of 8
  * lanes (at_v8: 2 x NR sums live, no spills). */
 KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const float *x,
-                               const float *alpha, int64_t c, int NR, int kind)
+                               const float *alpha, int64_t c, int NR, int kind, int wide)
 {
     at_v8 lo[4], hi[4];
     int j, r;
+#ifdef AT_TREE
+    if (wide) {
+        at_accumulate2_w(acc, vp, x, x, alpha, c, NR, kind, 1);
+        return;
+    }
+#else
+    (void)wide;
+#endif
     at_rows_load(lo, hi, acc, alpha, c, NR);
     for (j = 0; j < AT_TK; j++) {
         at_v8 v0, v1;
@@ -348,13 +491,23 @@ KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const f
  * loaded once for the NR rows. Every output lane is one FMA chain over the
  * slots in order; 2 x NR chains are in flight. */
 KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const float *x,
-                              const float *alpha, int64_t Dp, int NR, int kind)
+                              const float *alpha, int64_t Dp, int NR, int kind, int wide)
 {
     int64_t c = 0;
 #ifdef AT_VEC
-    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, x, alpha, c, NR, kind);
+#ifdef AT_TREE
+    if (wide) {
+        for (; c + 2 * AT_TK <= Dp; c += 2 * AT_TK) at_accumulate2_w(acc, vp, x, x, alpha, c, NR, kind, 2);
+        if (c < Dp) at_accumulate2_w(acc, vp, x, x, alpha, c, NR, kind, 1);
+        return;
+    }
+#else
+    (void)wide;
+#endif
+    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, x, alpha, c, NR, kind, 0);
 #else
     (void)kind;
+    (void)wide;
     int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
@@ -436,13 +589,16 @@ KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st
 #ifdef AT_TREE
     at_v8 h[2];
     alpha = kvc_softmax_rescale(st, at_mask_max(x, nvis));
-    /* masked slots: exp(-inf) = 0, and their V rows are finite */
-    memcpy(h, x, sizeof h);
+    /* masked slots: exp(-inf) = 0, and their V rows are finite. Half by
+     * half: at_mask_max stored the halves separately, and a 16-lane copy
+     * (what the v4 clone makes of a 64-byte memcpy) reading two 8-lane
+     * stores stalls until both retire (no store forwarding). */
     for (j = 0; j < 2; j++) {
+        memcpy(&h[j], x + 8 * j, sizeof h[j]);
         h[j] -= st->m;
         at_exp8(&h[j]);
+        memcpy(x + 8 * j, &h[j], sizeof h[j]);
     }
-    memcpy(x, h, sizeof h);
     st->s += at_hsum16(x);
 #else
     float t[AT_TK], bm = -INFINITY;

@@ -147,6 +147,24 @@ static inline size_t kvc_align_up(size_t n)
 #define KVC_HOT
 #endif
 
+/* The wide path: where the clones are built and the v4 clone is among them,
+ * the attention ops (attention.c, attention_packed.c) also build their unit
+ * of work once more for x86-64-v4 with 16-lane tile loops (KVC_WIDE_TARGET),
+ * and run it instead of the cloned unit when kvc_wide_active() says so (an
+ * x86-64-v4 CPU, not switched off by the test hook). The cloned units keep
+ * 8-lane halves, which the AVX2 clone needs (its 16 registers); the v4
+ * clone runs the same halves at half its vector width. Each output lane
+ * is the same chain of the same operations on both paths, so results are
+ * bit-identical (tests/test_wide.py). */
+#if defined(KVC_MULTIVERSION) && __GNUC__ >= 12 && (!defined(KVC_ISA) || KVC_ISA == 4)
+#define KVC_WIDE 1
+#define KVC_WIDE_TARGET __attribute__((target("arch=x86-64-v4")))
+#endif
+/* 1 when the wide units run (wide.c); always 0 in a build without them. */
+int kvc_wide_active(void);
+/* Test hook: allow (1) or forbid (0) the wide units; returns the previous setting. */
+int kvc_set_wide(int allow);
+
 /* Helpers called from a KVC_HOT function must be inlined into each clone,
  * or they run at the baseline ISA whatever clone calls them. */
 #if defined(__GNUC__) && !defined(__CUDACC__)

@@ -122,6 +122,22 @@ static PyObject *py_use_exchange_api(PyObject *m, PyObject *arg)
     return PyBool_FromLong(prev);
 }
 
+/* Test/benchmark hook: allow (1) or forbid (0) the attention ops' 16-lane
+ * x86-64-v4 units (kvc.h, KVC_WIDE); returns the previous setting. */
+static PyObject *py_set_wide(PyObject *m, PyObject *arg)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    int v;
+    if (kvc_py_get_bool(st, arg, "flag", &v) < 0) return NULL;
+    return PyBool_FromLong(kvc_set_wide(v));
+}
+
+/* Whether the attention ops run their wide units on this CPU now. */
+static PyObject *py_wide(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(kvc_wide_active());
+}
+
 static PyObject *py_cuda_device_count(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
 #ifdef KVC_WITH_CUDA
@@ -168,6 +184,11 @@ static PyMethodDef kvc_methods[] = {
      "cuda_device_count()\n--\n\nCUDA devices this build can use (0 in a CPU-only build)."},
     {"_describe", py_describe, METH_O,
      "_describe(x)\n--\n\n(shape, dtype, dlpack_device_type, read_only) of a DLPack object."},
+    {"_set_wide", py_set_wide, METH_O,
+     "_set_wide(flag)\n--\n\nTest hook: allow or forbid the attention ops' 16-lane x86-64-v4 units; "
+     "returns the previous setting."},
+    {"_wide", py_wide, METH_NOARGS,
+     "_wide()\n--\n\nWhether the attention ops run their 16-lane x86-64-v4 units on this CPU now."},
     {"_use_exchange_api", py_use_exchange_api, METH_O,
      "_use_exchange_api(flag)\n--\n\nTest hook: toggle the DLPack C exchange fast path."},
     {"_cpu_level", py_cpu_level, METH_NOARGS,
