@@ -298,21 +298,8 @@ KVC_INLINE void at_unit_body(const struct kvc_attention_params *p, const struct 
     }
 }
 
-/* The unit of work, cloned per ISA level, in 8-lane halves. */
-static void KVC_HOT at_unit(const struct kvc_attention_params *p, const struct at_geom *g,
-                            int64_t pair, int64_t blk, float *part, const struct at_thread *w)
-{
-    at_unit_body(p, g, pair, blk, part, w, 0);
-}
-
-#ifdef KVC_WIDE
-/* The same unit for x86-64-v4 only, in 16-lane vectors (kvc.h). */
-static void KVC_WIDE_TARGET at_unit_wide(const struct kvc_attention_params *p, const struct at_geom *g,
-                                         int64_t pair, int64_t blk, float *part, const struct at_thread *w)
-{
-    at_unit_body(p, g, pair, blk, part, w, 1);
-}
-#endif
+/* The unit of work, cloned per ISA level, and for x86-64-v4 in 16-lane loops. */
+KVC_AT_UNITS(at_unit, at_unit_body, struct kvc_attention_params, struct at_geom, struct at_thread)
 
 static int64_t at_out_pos(const struct kvc_at_units *u, int64_t d)
 {
@@ -335,7 +322,6 @@ enum kvc_status kvc_attention(const struct kvc_attention_params *p)
     parts = kvc_at_scratch_parts(&g.u, prefix, &base);
     nt = kvc_at_threads(&g.u, p->num_threads);
     wide = kvc_wide_active();
-    (void)wide; /* read only where the wide unit is built */
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
@@ -355,13 +341,7 @@ enum kvc_status kvc_attention(const struct kvc_attention_params *p)
 #pragma omp for schedule(dynamic, 1)
         for (u = 0; u < g.u.U; u++) {
             const int64_t pair = kvc_at_unit_pair(&g.u, prefix, u);
-#ifdef KVC_WIDE
-            if (wide) {
-                at_unit_wide(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
-                continue;
-            }
-#endif
-            at_unit(p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
+            KVC_AT_RUN(at_unit, wide, p, &g, pair, u - prefix[pair], parts + u * g.u.ustride, &w);
         }
 #pragma omp for schedule(static)
         for (u = 0; u < g.u.P; u++) kvc_at_combine(&g.u, &p->out, at_out_pos, u, prefix, parts, w.kbuf, NULL);

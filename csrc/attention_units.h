@@ -206,4 +206,25 @@ static inline void kvc_at_combine(const struct kvc_at_units *u, const struct kvc
     }
 }
 
+/* An op's unit of work, built from one always-inline body
+ * `body(p, g, pair, blk, part, w, wide)`: `name`, cloned per ISA level
+ * (KVC_HOT; 8-lane halves, wide = 0) and, where KVC_WIDE, `name##_wide`
+ * for x86-64-v4 only (16-lane loops, wide = 1; kvc.h). P, G and W are the
+ * op's params, geometry and per-thread types. KVC_AT_RUN calls the wide
+ * unit when `wide` (kvc_wide_active()) and the cloned one otherwise. */
+#define KVC_AT_UNIT_(name, attr, body, P, G, W, flag)                                                    \
+    static void attr name(const P *p, const G *g, int64_t pair, int64_t blk, float *part, const W *w) \
+    {                                                                                                  \
+        body(p, g, pair, blk, part, w, flag);                                                          \
+    }
+#ifdef KVC_WIDE
+#define KVC_AT_UNITS(name, body, P, G, W)                \
+    KVC_AT_UNIT_(name, KVC_HOT, body, P, G, W, 0)        \
+    KVC_AT_UNIT_(name##_wide, KVC_WIDE_TARGET, body, P, G, W, 1)
+#define KVC_AT_RUN(name, wide, ...) ((wide) ? name##_wide(__VA_ARGS__) : name(__VA_ARGS__))
+#else
+#define KVC_AT_UNITS(name, body, P, G, W) KVC_AT_UNIT_(name, KVC_HOT, body, P, G, W, 0)
+#define KVC_AT_RUN(name, wide, ...) ((void)(wide), name(__VA_ARGS__))
+#endif
+
 #endif /* KVC_ATTENTION_UNITS_H */
