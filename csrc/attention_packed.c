@@ -301,20 +301,12 @@ KVC_INLINE void pa_accumulate_grouped(float *const *acc, const void *const *vp, 
                                       int64_t gs, const float *alpha, int64_t Dp, int64_t gv,
                                       int NR, int kind, int wide)
 {
-    int64_t c;
 #ifdef AT_VEC
-    c = 0;
-#ifdef AT_TREE
-    /* two blocks at a time: 2 x NR chains in flight (at_accumulate2_w) */
-    if (wide)
-        for (; c + 2 * AT_TK <= Dp; c += 2 * AT_TK)
-            at_accumulate2_w(acc, vp, W + c / AT_TK / gv * gs, W + (c / AT_TK + 1) / gv * gs, alpha, c, NR,
-                             kind, 2);
-#endif
-    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR, kind, wide);
+    at_accumulate_blocks(acc, vp, W, gs, gv, alpha, Dp, NR, kind, wide);
 #else
     (void)kind;
     (void)wide;
+    int64_t c;
     int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {

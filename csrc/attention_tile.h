@@ -272,37 +272,6 @@ KVC_INLINE void at_row_block16(at_vf *v, const void *row, int64_t c, int kind)
     }
 }
 
-/* at_logits_rows with 16-lane sums: a slot's NR sums each in one vector,
- * whose two halves are added as lo + hi are there. */
-KVC_INLINE void at_logits_rows_w(const float *qr, int64_t qs, const void *const *kp, int kind,
-                                 const float *lc, const float *bias, int64_t Dp, float scaling, float *x,
-                                 int NR)
-{
-    at_v8 s[4][AT_TK];
-    int64_t c;
-    int j, r;
-    for (j = 0; j < AT_TK; j++) {
-        at_vf a[4];
-        for (r = 0; r < NR; r++) a[r] = (at_vf){0};
-        for (c = 0; c < Dp; c += AT_TK) {
-            at_vf k;
-            at_row_block16(&k, kp[j], c, kind);
-            for (r = 0; r < NR; r++) {
-                at_vf q;
-                memcpy(&q, qr + r * qs + c, sizeof q);
-                a[r] += q * k;
-            }
-        }
-        for (r = 0; r < NR; r++)
-            s[r][j] = __builtin_shufflevector(a[r], a[r], 0, 1, 2, 3, 4, 5, 6, 7) +
-                      __builtin_shufflevector(a[r], a[r], 8, 9, 10, 11, 12, 13, 14, 15);
-    }
-    for (r = 0; r < NR; r++) {
-        float l[AT_TK];
-        for (j = 0; j < AT_TK; j++) l[j] = bias ? lc[j] + bias[r] : lc[j];
-        at_finish8(s[r], l, scaling, x + r * AT_TK);
-    }
-}
 #endif
 
 /* Logits x[r][j] = scaling * q_r . k_j + (lc[j] + bias[r]) of NR (1..4,
@@ -317,14 +286,38 @@ KVC_INLINE void at_logits_rows_w(const float *qr, int64_t qs, const void *const 
  * sums at once would need 32 AVX2 registers, whose spills cost more than
  * the arithmetic). */
 KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *kp, int kind, const float *lc,
-                               const float *bias, int64_t Dp, float scaling, float *x, int NR)
+                               const float *bias, int64_t Dp, float scaling, float *x, int NR, int wide)
 {
 #ifdef AT_VEC
     at_v8 s[4][AT_TK];
     int64_t c;
     int j, r;
+#ifndef AT_TREE
+    (void)wide;
+#endif
     for (j = 0; j < AT_TK; j++) {
         at_v8 lo[4], hi[4];
+#ifdef AT_TREE
+        if (wide) {
+            /* the wide path: a slot's NR sums each in one 16-lane vector,
+             * whose halves are then added as lo + hi are below */
+            at_vf a[4];
+            for (r = 0; r < NR; r++) a[r] = (at_vf){0};
+            for (c = 0; c < Dp; c += AT_TK) {
+                at_vf k;
+                at_row_block16(&k, kp[j], c, kind);
+                for (r = 0; r < NR; r++) {
+                    at_vf q;
+                    memcpy(&q, qr + r * qs + c, sizeof q);
+                    a[r] += q * k;
+                }
+            }
+            for (r = 0; r < NR; r++)
+                s[r][j] = __builtin_shufflevector(a[r], a[r], 0, 1, 2, 3, 4, 5, 6, 7) +
+                          __builtin_shufflevector(a[r], a[r], 8, 9, 10, 11, 12, 13, 14, 15);
+            continue;
+        }
+#endif
         for (r = 0; r < NR; r++) lo[r] = hi[r] = (at_v8){0};
         for (c = 0; c < Dp; c += AT_TK) {
             at_v8 k0, k1;
@@ -347,6 +340,7 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
 #else
     /* fp32 or packed keys (bf16 rows are read in place only with vectors) */
     int j, r, l;
+    (void)wide;
     for (r = 0; r < NR; r++)
         for (j = 0; j < AT_TK; j++) {
             float acc[AT_TK], k[AT_TK];
@@ -365,31 +359,18 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
 #endif
 }
 
-/* at_logits_rows over R rows, four at a time (wide: at_logits_rows_w). */
+/* at_logits_rows over R rows, four at a time. */
 KVC_INLINE void at_logits_all(const float *qr, int64_t qs, const void *const *kp, int kind, const float *lc,
                               const float *bias, int64_t Dp, float scaling, float *x, int64_t R, int wide)
 {
     int64_t r;
     for (r = 0; r < R; r += 4) {
         const float *b = bias ? bias + r : NULL;
-#ifdef AT_TREE
-        if (wide) {
-            switch (R - r < 4 ? R - r : 4) {
-            case 1: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 1); break;
-            case 2: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 2); break;
-            case 3: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 3); break;
-            default: at_logits_rows_w(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 4); break;
-            }
-            continue;
-        }
-#else
-        (void)wide;
-#endif
         switch (R - r < 4 ? R - r : 4) {
-        case 1: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 1); break;
-        case 2: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 2); break;
-        case 3: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 3); break;
-        default: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 4); break;
+        case 1: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 1, wide); break;
+        case 2: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 2, wide); break;
+        case 3: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 3, wide); break;
+        default: at_logits_rows(qr + r * qs, qs, kp, kind, lc, b, Dp, scaling, x + r * AT_TK, 4, wide); break;
         }
     }
 }
@@ -459,18 +440,10 @@ KVC_INLINE void at_accumulate2_w(float *const *acc, const void *const *vp, const
  * grouped sums, whose weights x change per vector), in two halves of 8
  * lanes (at_v8: 2 x NR sums live, no spills). */
 KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const float *x,
-                               const float *alpha, int64_t c, int NR, int kind, int wide)
+                               const float *alpha, int64_t c, int NR, int kind)
 {
     at_v8 lo[4], hi[4];
     int j, r;
-#ifdef AT_TREE
-    if (wide) {
-        at_accumulate2_w(acc, vp, x, x, alpha, c, NR, kind, 1);
-        return;
-    }
-#else
-    (void)wide;
-#endif
     at_rows_load(lo, hi, acc, alpha, c, NR);
     for (j = 0; j < AT_TK; j++) {
         at_v8 v0, v1;
@@ -483,6 +456,30 @@ KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const f
     }
     at_rows_store(acc, lo, hi, c, NR);
 }
+
+/* The value sums of a tile over all Dp lanes, block by block: block
+ * [c, c + AT_TK) takes its weights at W + (c / AT_TK / gv) * gs (gs = 0: the
+ * same weights for every block, at_accumulate; otherwise attention_packed.c's
+ * grouped sums, gv blocks per value group). The wide path takes two blocks
+ * at a time (at_accumulate2_w), the halves one (at_accumulate1); the same
+ * sums either way. */
+KVC_INLINE void at_accumulate_blocks(float *const *acc, const void *const *vp, const float *W, int64_t gs,
+                                     int64_t gv, const float *alpha, int64_t Dp, int NR, int kind, int wide)
+{
+    int64_t c = 0;
+#ifdef AT_TREE
+    if (wide) {
+        for (; c + 2 * AT_TK <= Dp; c += 2 * AT_TK)
+            at_accumulate2_w(acc, vp, W + c / AT_TK / gv * gs, W + (c / AT_TK + 1) / gv * gs, alpha, c, NR,
+                             kind, 2);
+        if (c < Dp) at_accumulate2_w(acc, vp, W + c / AT_TK / gv * gs, NULL, alpha, c, NR, kind, 1);
+        return;
+    }
+#else
+    (void)wide;
+#endif
+    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, W + c / AT_TK / gv * gs, alpha, c, NR, kind);
+}
 #endif
 
 /* acc[r] <- alpha[r] * acc[r] + sum_j x[r][j] v_j over a tile of V rows of
@@ -493,21 +490,12 @@ KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const f
 KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const float *x,
                               const float *alpha, int64_t Dp, int NR, int kind, int wide)
 {
-    int64_t c = 0;
 #ifdef AT_VEC
-#ifdef AT_TREE
-    if (wide) {
-        for (; c + 2 * AT_TK <= Dp; c += 2 * AT_TK) at_accumulate2_w(acc, vp, x, x, alpha, c, NR, kind, 2);
-        if (c < Dp) at_accumulate2_w(acc, vp, x, x, alpha, c, NR, kind, 1);
-        return;
-    }
-#else
-    (void)wide;
-#endif
-    for (; c < Dp; c += AT_TK) at_accumulate1(acc, vp, x, alpha, c, NR, kind, 0);
+    at_accumulate_blocks(acc, vp, x, 0, 1, alpha, Dp, NR, kind, wide);
 #else
     (void)kind;
     (void)wide;
+    int64_t c;
     int j, r;
     for (r = 0; r < NR; r++)
         for (c = 0; c < Dp; c++) {
