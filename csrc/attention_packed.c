@@ -353,7 +353,7 @@ KVC_INLINE void pa_accumulate_expanded(float *const *acc, const void *const *vp,
 #ifdef AT_VEC
     for (c = 0; c < Dp; c += AT_TK) {
         at_v8 lo[4], hi[4];
-        at_rows_load(lo, hi, acc, alpha, c, NR);
+        at_rows_load(lo, hi, NR);
         for (j = 0; j < AT_TK; j++) {
             at_v8 v0, v1, s0, s1;
             memcpy(&v0, (const float *)vp[j] + c, sizeof v0);
@@ -365,7 +365,7 @@ KVC_INLINE void pa_accumulate_expanded(float *const *acc, const void *const *vp,
                 hi[r] += (x[r * AT_TK + j] * s1) * v1;
             }
         }
-        at_rows_store(acc, lo, hi, c, NR);
+        at_rows_store(acc, lo, hi, alpha, c, NR);
     }
 #else
     for (r = 0; r < NR; r++)
@@ -472,13 +472,76 @@ KVC_INLINE void pa_row_weights(const struct pa_geom *g, const struct pa_thread *
 #endif
 }
 
+#ifdef AT_TREE
+/* Lanes u, u + n, u + 2n, ... of the 2 x 16 floats a, b (n = 2: even and
+ * odd lanes; n = 4 takes two such steps). */
+#define PA_EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define PA_ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+
+/* S[u][j] = scale and M[u][j] = centre of slot jt + j's value group u, for
+ * a full tile whose scales and mins are contiguous [slot][group] rows of
+ * ng = 1, 2 or 4 groups: the 16 x ng floats read as vectors and
+ * de-interleaved by shuffles, where the general loop reads them one by one
+ * with strides (about 7% of the unit's time at D = 64). The centres are the
+ * same expression as kvc_pk_centre_at's, so the same values. Returns 0 (and
+ * does nothing) for any other tile. */
+KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
+                               int64_t ng, float vmid)
+{
+    const float *src[2];
+    float *dst[2];
+    int k;
+    if (nk != AT_TK || h->vsd != 1 || h->vmd != 1 || h->vss != ng || h->vms != ng || (ng != 1 && ng != 2 && ng != 4))
+        return 0;
+    src[0] = h->vs + jt * ng, src[1] = h->vm + jt * ng;
+    dst[0] = w->S, dst[1] = w->M;
+    for (k = 0; k < 2; k++) {
+        at_vf v[4], e[4];
+        int64_t i;
+        for (i = 0; i < ng; i++) memcpy(&v[i], src[k] + i * AT_TK, sizeof v[i]);
+        if (ng == 2) {
+            e[0] = PA_EVEN(v[0], v[1]);
+            e[1] = PA_ODD(v[0], v[1]);
+        } else if (ng == 4) {
+            /* [j][4] -> even / odd groups of slots 0-7 and 8-15, then split again */
+            const at_vf a = PA_EVEN(v[0], v[1]), b = PA_ODD(v[0], v[1]);
+            const at_vf c = PA_EVEN(v[2], v[3]), d = PA_ODD(v[2], v[3]);
+            e[0] = PA_EVEN(a, c);
+            e[2] = PA_ODD(a, c);
+            e[1] = PA_EVEN(b, d);
+            e[3] = PA_ODD(b, d);
+        } else {
+            e[0] = v[0];
+        }
+        for (i = 0; i < ng; i++) memcpy(dst[k] + i * AT_TK, &e[i], sizeof e[i]);
+    }
+    for (k = 0; k < ng; k++) {
+        at_vf sc, mn;
+        memcpy(&sc, w->S + k * AT_TK, sizeof sc);
+        memcpy(&mn, w->M + k * AT_TK, sizeof mn);
+        mn = mn + sc * vmid; /* kvc_pk_centre_at, lane-wise */
+        memcpy(w->M + k * AT_TK, &mn, sizeof mn);
+    }
+    return 1;
+}
+#undef PA_EVEN
+#undef PA_ODD
+#else
+KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
+                               int64_t ng, float vmid)
+{
+    (void)h, (void)w, (void)jt, (void)nk, (void)ng, (void)vmid;
+    return 0;
+}
+#endif
+
 /* One tile of packed slots [jt, jt + nk). */
 KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
                                const struct pa_geom *g, const struct pa_head *h,
                                const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
-                               float *pm, float *ps, float *acc, int64_t *have, int wide)
+                               float *pm, float *ps, float *acc, int64_t *have, int wide, int64_t Dp)
 {
-    const int64_t Dp = g->u.Dp, ng = g->ng, G = g->G;
+    const int64_t ng = g->ng, G = g->G;
     const int64_t t0 = jt / G, t1 = (jt + nk - 1) / G;
     /* one token group, whole blocks of channels, contiguous code rows: the
      * logits read the key codes in place (at_logits_rows of kind bits), the
@@ -510,17 +573,20 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
             vp[j] = vr;
         }
     }
-    /* value scales and centres of the tile, transposed: group by group, so
-     * each is a short loop over the slots (a loop over a slot's few groups
-     * cost more in its setup than in its work) */
-    for (u = 0; u < ng; u++) {
-        const float *vs = h->vs + jt * h->vss + u * h->vsd, *vm = h->vm + jt * h->vms + u * h->vmd;
-        for (j = 0; j < nk; j++) {
-            const float sc = vs[j * h->vss];
-            w->S[u * AT_TK + j] = sc;
-            w->M[u * AT_TK + j] = kvc_pk_centre_at(vm[j * h->vms], sc, vmid);
+    /* value scales and centres of the tile, transposed: a whole tile of
+     * contiguous [slot][group] scales and mins with 1, 2 or 4 groups by
+     * shuffles (pa_value_groups); otherwise group by group, so each is a
+     * short loop over the slots (a loop over a slot's few groups cost more
+     * in its setup than in its work) */
+    if (!pa_value_groups(h, w, jt, nk, ng, vmid))
+        for (u = 0; u < ng; u++) {
+            const float *vs = h->vs + jt * h->vss + u * h->vsd, *vm = h->vm + jt * h->vms + u * h->vmd;
+            for (j = 0; j < nk; j++) {
+                const float sc = vs[j * h->vss];
+                w->S[u * AT_TK + j] = sc;
+                w->M[u * AT_TK + j] = kvc_pk_centre_at(vm[j * h->vms], sc, vmid);
+            }
         }
-    }
     if (!g->grouped)
         for (j = 0; j < nk; j++) {
             float *se = w->se + j * Dp;
@@ -668,7 +734,15 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
     for (jt = j0; jt < jp;) {
         int64_t je = (jt / AT_TK + 1) * AT_TK;
         je = je < jp ? je : jp;
-        pa_packed_tile(p, g, &h, w, jt, je - jt, R, pm, ps, acc, &have, wide);
+        /* Dp = g->u.Dp; as a constant for the wide unit's common head
+         * sizes, so that the loops over channel blocks unroll (the loop
+         * overhead was a tenth of the logits' instructions at D = 64) */
+        if (wide && Dp == 64)
+            pa_packed_tile(p, g, &h, w, jt, je - jt, R, pm, ps, acc, &have, wide, 64);
+        else if (wide && Dp == 128)
+            pa_packed_tile(p, g, &h, w, jt, je - jt, R, pm, ps, acc, &have, wide, 128);
+        else
+            pa_packed_tile(p, g, &h, w, jt, je - jt, R, pm, ps, acc, &have, wide, Dp);
         jt = je;
     }
     if (j0 < jp) {

@@ -227,34 +227,54 @@ KVC_INLINE void at_row_block(at_v8 *v0, at_v8 *v1, const void *row, int64_t c, i
  * narrower clone never runs these. Where __builtin_shufflevector is
  * missing (GCC < 12, which builds no wide unit either) wide is ignored. */
 
-/* at_unpack16's 16 centred codes as one vector: the words of each half
- * broadcast as at_unpack8 takes them, the halves joined (one insert), then
- * one variable shift by (l * bits) mod 32 + base, mask, conversion and
- * minus mid for all 16 lanes. */
+/* at_unpack16's 16 centred codes as one vector. 8 bits: the words of each
+ * half broadcast as at_unpack8 takes them, the halves joined (one insert),
+ * then one variable shift by (l * bits) mod 32, mask, conversion and minus
+ * mid for all 16 lanes. 2 and 4 bits, in fewer operations: the word(s)
+ * broadcast (4 bits: lanes 0-7 the first, 8-15 the second, merged by a
+ * constant select), one variable shift, then a lookup in a 16-entry table
+ * of centred values (one vpermps, which reads only the index's low 4 bits:
+ * no mask; the 2-bit table repeats its 4 values, so the next code's bits
+ * above a lane's own do not matter either). Each table entry is
+ * (float)code - mid, exact in fp32: the values are at_unpack16's to the
+ * bit. (Vectors are built from scalars and broadcasts only: GCC builds a
+ * 16-lane vector from a narrower one through the stack, a stalled load.) */
+#ifdef __clang__
+/* clang has no variable __builtin_shuffle (and builds no wide unit) */
+#define AT_LOOKUP16(t, i) ({ at_vf o_; int l_; for (l_ = 0; l_ < AT_TK; l_++) o_[l_] = (t)[(i)[l_] & 15u]; o_; })
+#else
+#define AT_LOOKUP16(t, i) __builtin_shuffle(t, i) /* lane l = t[i[l] mod 16] */
+#endif
 KVC_INLINE void at_unpack16w(at_vf *dst, const uint8_t *src, int bits)
 {
     const at_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    uint32_t x0, x1, x2, x3;
-    at_v8u w0, w1;
-    at_vu w, sh;
+    uint32_t x0, x1;
     memcpy(&x0, src, 4);
     if (bits == 8) {
+        uint32_t x2, x3;
+        at_v8u w0, w1;
         memcpy(&x1, src + 4, 4);
         memcpy(&x2, src + 8, 4);
         memcpy(&x3, src + 12, 4);
         w0 = (at_v8u){x0, x0, x0, x0, x1, x1, x1, x1};
         w1 = (at_v8u){x2, x2, x2, x2, x3, x3, x3, x3};
+        *dst = __builtin_convertvector(
+                   (at_vi)((__builtin_shufflevector(w0, w1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) >>
+                            ((lane * 8u) & 31u)) &
+                           0xffu),
+                   at_vf) -
+               kvc_pk_mid(8);
     } else if (bits == 4) {
+        /* lane l of the table: l - mid */
+        const at_vf t4 = __builtin_convertvector((at_vi)lane, at_vf) - kvc_pk_mid(4);
+        const at_vu first = (at_vu)(lane < 8u);
         memcpy(&x1, src + 4, 4);
-        w0 = (at_v8u){0} + x0;
-        w1 = (at_v8u){0} + x1;
+        *dst = AT_LOOKUP16(t4, ((((at_vu){0} + x0) & first) | (((at_vu){0} + x1) & ~first)) >> ((lane * 4u) & 31u));
     } else {
-        w0 = w1 = (at_v8u){0} + x0;
+        /* lane l of the table: (l mod 4) - mid */
+        const at_vf t2 = __builtin_convertvector((at_vi)(lane & 3u), at_vf) - kvc_pk_mid(2);
+        *dst = AT_LOOKUP16(t2, ((at_vu){0} + x0) >> ((lane * 2u) & 31u));
     }
-    w = __builtin_shufflevector(w0, w1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    /* 2-bit: lanes 8-15 read the word's upper half, (l * 2) & 31 = 16 + 2 (l - 8) */
-    sh = (lane * (uint32_t)bits) & 31u;
-    *dst = __builtin_convertvector((at_vi)((w >> sh) & kvc_pk_mask(bits)), at_vf) - kvc_pk_mid(bits);
 }
 
 /* at_row_block's positions [c, c + AT_TK) as one 16-lane vector. */
@@ -376,26 +396,33 @@ KVC_INLINE void at_logits_all(const float *qr, int64_t qs, const void *const *kp
 }
 
 #ifdef AT_VEC
-/* lo[r], hi[r] <- alpha[r] times lanes [c, c + AT_TK) of output row r, for
- * NR rows (the start of a pass of an accumulation in halves). */
-KVC_INLINE void at_rows_load(at_v8 *lo, at_v8 *hi, float *const *acc, const float *alpha, int64_t c, int NR)
+/* lo[r], hi[r] <- 0 for NR rows: a pass of an accumulation in halves sums
+ * its tile's weighted rows from zero, and at_rows_store joins them to the
+ * rescaled output. (Starting the sums from alpha * output instead puts two
+ * products in one addition, acc * alpha + w * v, and -ffp-contract=fast
+ * fuses either one: which one can differ between two inlined copies of
+ * the same source, so the wide and the cloned units, or two clones, would
+ * round differently.) */
+KVC_INLINE void at_rows_load(at_v8 *lo, at_v8 *hi, int NR)
 {
     int r;
-    for (r = 0; r < NR; r++) {
-        memcpy(&lo[r], acc[r] + c, sizeof lo[r]);
-        memcpy(&hi[r], acc[r] + c + AT_TK / 2, sizeof hi[r]);
-        lo[r] *= alpha[r];
-        hi[r] *= alpha[r];
-    }
+    for (r = 0; r < NR; r++) lo[r] = hi[r] = (at_v8){0};
 }
 
-/* Lanes [c, c + AT_TK) of output row r <- lo[r], hi[r], for NR rows. */
-KVC_INLINE void at_rows_store(float *const *acc, const at_v8 *lo, const at_v8 *hi, int64_t c, int NR)
+/* Lanes [c, c + AT_TK) of output row r <- alpha[r] * those lanes + (lo[r],
+ * hi[r]), for NR rows (one product per sum: one way to fuse it). */
+KVC_INLINE void at_rows_store(float *const *acc, const at_v8 *lo, const at_v8 *hi, const float *alpha,
+                              int64_t c, int NR)
 {
     int r;
     for (r = 0; r < NR; r++) {
-        memcpy(acc[r] + c, &lo[r], sizeof lo[r]);
-        memcpy(acc[r] + c + AT_TK / 2, &hi[r], sizeof hi[r]);
+        at_v8 a, b;
+        memcpy(&a, acc[r] + c, sizeof a);
+        memcpy(&b, acc[r] + c + AT_TK / 2, sizeof b);
+        a = a * alpha[r] + lo[r];
+        b = b * alpha[r] + hi[r];
+        memcpy(acc[r] + c, &a, sizeof a);
+        memcpy(acc[r] + c + AT_TK / 2, &b, sizeof b);
     }
 }
 
@@ -411,14 +438,7 @@ KVC_INLINE void at_accumulate2_w(float *const *acc, const void *const *vp, const
 {
     at_vf a[4], b[4];
     int j, r;
-    for (r = 0; r < NR; r++) {
-        memcpy(&a[r], acc[r] + c, sizeof a[r]);
-        a[r] *= alpha[r];
-        if (nb == 2) {
-            memcpy(&b[r], acc[r] + c + AT_TK, sizeof b[r]);
-            b[r] *= alpha[r];
-        }
-    }
+    for (r = 0; r < NR; r++) a[r] = b[r] = (at_vf){0}; /* as at_rows_load */
     for (j = 0; j < AT_TK; j++) {
         at_vf v, u;
         at_row_block16(&v, vp[j], c, kind);
@@ -429,8 +449,16 @@ KVC_INLINE void at_accumulate2_w(float *const *acc, const void *const *vp, const
         }
     }
     for (r = 0; r < NR; r++) {
-        memcpy(acc[r] + c, &a[r], sizeof a[r]);
-        if (nb == 2) memcpy(acc[r] + c + AT_TK, &b[r], sizeof b[r]);
+        /* as at_rows_store */
+        at_vf o;
+        memcpy(&o, acc[r] + c, sizeof o);
+        o = o * alpha[r] + a[r];
+        memcpy(acc[r] + c, &o, sizeof o);
+        if (nb == 2) {
+            memcpy(&o, acc[r] + c + AT_TK, sizeof o);
+            o = o * alpha[r] + b[r];
+            memcpy(acc[r] + c + AT_TK, &o, sizeof o);
+        }
     }
 }
 #endif
@@ -444,7 +472,7 @@ KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const f
 {
     at_v8 lo[4], hi[4];
     int j, r;
-    at_rows_load(lo, hi, acc, alpha, c, NR);
+    at_rows_load(lo, hi, NR);
     for (j = 0; j < AT_TK; j++) {
         at_v8 v0, v1;
         at_row_block(&v0, &v1, vp[j], c, kind);
@@ -454,7 +482,7 @@ KVC_INLINE void at_accumulate1(float *const *acc, const void *const *vp, const f
             hi[r] += w * v1;
         }
     }
-    at_rows_store(acc, lo, hi, c, NR);
+    at_rows_store(acc, lo, hi, alpha, c, NR);
 }
 
 /* The value sums of a tile over all Dp lanes, block by block: block
@@ -486,7 +514,8 @@ KVC_INLINE void at_accumulate_blocks(float *const *acc, const void *const *vp, c
  * the given kind (AT_ROWS_F32, or AT_ROWS_BF16 in vector builds), for NR
  * (1..4, a constant after inlining) query rows at once, so each V row is
  * loaded once for the NR rows. Every output lane is one FMA chain over the
- * slots in order; 2 x NR chains are in flight. */
+ * slots in order, from zero, then alpha * acc + chain (at_rows_load /
+ * at_rows_store); 2 x NR chains are in flight. */
 KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const float *x,
                               const float *alpha, int64_t Dp, int NR, int kind, int wide)
 {

@@ -120,6 +120,24 @@ def test_packed_uniform(bits, value_bits, G, D):
 
 
 @needs_wide
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("D", [64, 80, 96, 128])
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_packed_query_rows(g, D, bits):
+    """Each GQA ratio g is its own number of rows sharing a code row (NR):
+    the value sums of 1 and 2 rows once fused the output's rescaling
+    (acc * alpha) and a slot's product (w * v) the other way round in the
+    two units, and only from 5 channel blocks (D = 80) on."""
+    B, Hkv, n, m = 1, 2, 600, 500
+    k, v = randn((B, Hkv, n, D), seed=D + g), randn((B, Hkv, n, D), seed=D + g + 1)
+    q = randn((B, g * Hkv, 1, D), seed=D + g + 2)
+    pk, pv = ops.pack_keys(k[:, :, :m], bits, 32), ops.pack_values(v[:, :, :m], bits, 32)
+    rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
+    out = both(lambda: ops.packed_attention(q, *pk, *pv, rk, rv, bits=bits, group=32, value_bits=bits))
+    assert torch.isfinite(out).all()
+
+
+@needs_wide
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nq", [1, 4, 20])
 @pytest.mark.parametrize("bits", [2, 4, 8])
