@@ -70,7 +70,8 @@ def test_switch():
 
 @needs_wide
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("Hq,Hkv,D", [(1, 1, 16), (4, 1, 64), (9, 3, 64), (6, 2, 80), (8, 8, 128), (4, 1, 256)])
+@pytest.mark.parametrize("Hq,Hkv,D", [(1, 1, 16), (4, 1, 64), (9, 3, 64), (6, 2, 80), (2, 1, 80), (2, 2, 96), (8, 8, 128),
+                                     (4, 1, 256)])
 @pytest.mark.parametrize("nq,n", [(1, 1), (1, 37), (1, 700), (5, 300), (40, 1100)])
 def test_attention_uniform(dtype, Hq, Hkv, D, nq, n):
     B = 2
