@@ -180,6 +180,10 @@ class BuildExt(build_ext):
             if _env_flag("KVCOMPRESS_SANITIZE"):
                 san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"]
                 cflags += san
+                # the packed attention's wide unit (three head sizes inlined)
+                # is past GCC's variable-tracking limit, which it notes on
+                # every build before retrying without: say so up front
+                cflags.append("-fno-var-tracking-assignments")
                 ldflags += san
             omp = ["-fopenmp"]
         probe = "#include <omp.h>\nint main(void) { return omp_get_max_threads() > 0 ? 0 : 1; }\n"

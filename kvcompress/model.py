@@ -174,8 +174,11 @@ def load_gguf(folder, gguf_file: str, *, dtype=None, tokenizer=None):
     dtype = torch.float32 if dtype is None else dtype
     folder = Path(folder)
     tokenizer = _gguf_tokenizer(folder, gguf_file) if tokenizer is None else _saved_tokenizer(tokenizer)
+    # use_kernels=False: from transformers 5.25 on, from_pretrained swaps in
+    # layers from the Hub's `kernels` by default (a download, and an error
+    # without that package); we load offline and attend through our own ops
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True
+        folder, gguf_file=gguf_file, dtype=dtype, local_files_only=True, use_kernels=False
     )
     return _ready(model, tokenizer)
 
@@ -265,7 +268,7 @@ def load_model(path=None, *, gguf=None, dtype=None, tokenizer=None):
 
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if tokenizer is None \
         else _saved_tokenizer(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=torch.float32 if dtype is None else dtype, local_files_only=True
+    model = AutoModelForCausalLM.from_pretrained(  # use_kernels=False: see load_gguf
+        folder, dtype=torch.float32 if dtype is None else dtype, local_files_only=True, use_kernels=False
     )
     return _ready(model, tokenizer)

@@ -25,9 +25,9 @@ def _load(folder):
     try:
         from transformers import DistributedConfig
     except ImportError:  # transformers without DistributedConfig takes tp_plan directly
-        return AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=torch.float32, use_kernels=False)
     return AutoModelForCausalLM.from_pretrained(folder, distributed_config=DistributedConfig(tp_plan="auto"),
-                                                dtype=torch.float32)
+                                                dtype=torch.float32, use_kernels=False)
 
 
 def main(folder, prefix, specs):
