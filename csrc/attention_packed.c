@@ -478,54 +478,54 @@ KVC_INLINE void pa_row_weights(const struct pa_geom *g, const struct pa_thread *
 #define PA_EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
 #define PA_ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
 
-/* S[u][j] = scale and M[u][j] = centre of slot jt + j's value group u, for
- * a full tile whose scales and mins are contiguous [slot][group] rows of
- * ng = 1, 2 or 4 groups: the 16 x ng floats read as vectors and
- * de-interleaved by shuffles, where the general loop reads them one by one
- * with strides (about 7% of the unit's time at D = 64). The centres are the
- * same expression as kvc_pk_centre_at's, so the same values. Returns 0 (and
- * does nothing) for any other tile. */
-KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
-                               int64_t ng, float vmid)
+/* e[u] = lanes u, u + ng, u + 2 ng, ... of the AT_TK x ng floats at src
+ * (ng = 1, 2 or 4): a [slot][group] block read as vectors and transposed by
+ * shuffles. */
+KVC_INLINE void pa_groups_by_lane(at_vf *e, const float *src, int64_t ng)
 {
-    const float *src[2];
-    float *dst[2];
-    int k;
-    if (nk != AT_TK || h->vsd != 1 || h->vmd != 1 || h->vss != ng || h->vms != ng || (ng != 1 && ng != 2 && ng != 4))
-        return 0;
-    src[0] = h->vs + jt * ng, src[1] = h->vm + jt * ng;
-    dst[0] = w->S, dst[1] = w->M;
-    for (k = 0; k < 2; k++) {
-        at_vf v[4], e[4];
-        int64_t i;
-        for (i = 0; i < ng; i++) memcpy(&v[i], src[k] + i * AT_TK, sizeof v[i]);
-        if (ng == 2) {
-            e[0] = PA_EVEN(v[0], v[1]);
-            e[1] = PA_ODD(v[0], v[1]);
-        } else if (ng == 4) {
-            /* [j][4] -> even / odd groups of slots 0-7 and 8-15, then split again */
-            const at_vf a = PA_EVEN(v[0], v[1]), b = PA_ODD(v[0], v[1]);
-            const at_vf c = PA_EVEN(v[2], v[3]), d = PA_ODD(v[2], v[3]);
-            e[0] = PA_EVEN(a, c);
-            e[2] = PA_ODD(a, c);
-            e[1] = PA_EVEN(b, d);
-            e[3] = PA_ODD(b, d);
-        } else {
-            e[0] = v[0];
-        }
-        for (i = 0; i < ng; i++) memcpy(dst[k] + i * AT_TK, &e[i], sizeof e[i]);
+    at_vf v[4];
+    int64_t i;
+    for (i = 0; i < ng; i++) memcpy(&v[i], src + i * AT_TK, sizeof v[i]);
+    if (ng == 2) {
+        e[0] = PA_EVEN(v[0], v[1]);
+        e[1] = PA_ODD(v[0], v[1]);
+    } else if (ng == 4) {
+        /* [j][4] -> even / odd groups of slots 0-7 and 8-15, then split again */
+        const at_vf a = PA_EVEN(v[0], v[1]), b = PA_ODD(v[0], v[1]);
+        const at_vf c = PA_EVEN(v[2], v[3]), d = PA_ODD(v[2], v[3]);
+        e[0] = PA_EVEN(a, c);
+        e[2] = PA_ODD(a, c);
+        e[1] = PA_EVEN(b, d);
+        e[3] = PA_ODD(b, d);
+    } else {
+        e[0] = v[0];
     }
-    for (k = 0; k < ng; k++) {
-        at_vf sc, mn;
-        memcpy(&sc, w->S + k * AT_TK, sizeof sc);
-        memcpy(&mn, w->M + k * AT_TK, sizeof mn);
-        mn = mn + sc * vmid; /* kvc_pk_centre_at, lane-wise */
-        memcpy(w->M + k * AT_TK, &mn, sizeof mn);
-    }
-    return 1;
 }
 #undef PA_EVEN
 #undef PA_ODD
+
+/* S[u][j] = scale and M[u][j] = centre of slot jt + j's value group u, for
+ * a full tile whose scales and mins are contiguous [slot][group] rows of
+ * ng = 1, 2 or 4 groups (pa_groups_by_lane), where the general loop reads
+ * them one by one with strides (about 7% of the unit's time at D = 64). The
+ * centres are kvc_pk_centre_at's expression, so the same values. Returns 0
+ * (and does nothing) for any other tile. */
+KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
+                               int64_t ng, float vmid)
+{
+    at_vf sc[4], mn[4];
+    int64_t u;
+    if (nk != AT_TK || h->vsd != 1 || h->vmd != 1 || h->vss != ng || h->vms != ng || (ng != 1 && ng != 2 && ng != 4))
+        return 0;
+    pa_groups_by_lane(sc, h->vs + jt * ng, ng);
+    pa_groups_by_lane(mn, h->vm + jt * ng, ng);
+    for (u = 0; u < ng; u++) {
+        const at_vf centre = mn[u] + sc[u] * vmid; /* kvc_pk_centre_at, lane-wise */
+        memcpy(w->S + u * AT_TK, &sc[u], sizeof sc[u]);
+        memcpy(w->M + u * AT_TK, &centre, sizeof centre);
+    }
+    return 1;
+}
 #else
 KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
                                int64_t ng, float vmid)

@@ -256,14 +256,11 @@ KVC_INLINE void at_unpack16w(at_vf *dst, const uint8_t *src, int bits)
         memcpy(&x1, src + 4, 4);
         memcpy(&x2, src + 8, 4);
         memcpy(&x3, src + 12, 4);
+        at_vu w;
         w0 = (at_v8u){x0, x0, x0, x0, x1, x1, x1, x1};
         w1 = (at_v8u){x2, x2, x2, x2, x3, x3, x3, x3};
-        *dst = __builtin_convertvector(
-                   (at_vi)((__builtin_shufflevector(w0, w1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15) >>
-                            ((lane * 8u) & 31u)) &
-                           0xffu),
-                   at_vf) -
-               kvc_pk_mid(8);
+        w = __builtin_shufflevector(w0, w1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        *dst = __builtin_convertvector((at_vi)((w >> ((lane * 8u) & 31u)) & 0xffu), at_vf) - kvc_pk_mid(8);
     } else if (bits == 4) {
         /* lane l of the table: l - mid */
         const at_vf t4 = __builtin_convertvector((at_vi)lane, at_vf) - kvc_pk_mid(4);
