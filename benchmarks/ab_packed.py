@@ -8,12 +8,15 @@ module), points ``kvcompress.ops`` at one or the other call by call, and
 times them alternately, with ``ops.attention`` in bfloat16 (code both builds
 share) timed beside each call as a control: its two medians should agree.
 
-One decode step (q = 1, B = 1, one thread) of ``ops.packed_attention``
-(group 32, the last 128 slots in fp32) at SmolLM2's attention shape (9 / 3
-heads, D = 64) and a Llama-3-8B-like one (32 / 8, D = 128), 4K and 16K
-slots; both builds' outputs are checked to agree within 1e-6 first.
+One decode step (q = 1, B = 1, ``--threads`` threads, default 1) of
+``ops.packed_attention`` (group 32, the last 128 slots in fp32) at SmolLM2's
+attention shape (9 / 3 heads, D = 64) and a Llama-3-8B-like one (32 / 8,
+D = 128), ``--lengths`` slots (default 4K and 16K); both builds' outputs are
+checked to agree within 1e-6 first. The thread count is set on each build
+(every extension module keeps its own; before 2026-12-03 this script set it
+on the package's build only, so the two builds ran on every core).
 
-    python benchmarks/ab_packed.py BEFORE/kvcompress/_C*.so AFTER/kvcompress/_C*.so [--reps 30]
+    python benchmarks/ab_packed.py BEFORE/kvcompress/_C*.so AFTER/kvcompress/_C*.so [--reps 30] [--threads 1]
 
 Prints one line per case: medians of A and B, A/B, the median of the
 per-rep ratios, and the control.
@@ -50,15 +53,18 @@ def main(argv=None) -> None:
     ap.add_argument("a", help="the first build's _C extension file")
     ap.add_argument("b", help="the second build's _C extension file")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per build and case")
+    ap.add_argument("--threads", type=int, default=1, help="threads of both builds (default 1)")
+    ap.add_argument("--lengths", default="4096,16384", help="slots per head, comma-separated")
     args = ap.parse_args(argv)
     builds, installed = (load(args.a), load(args.b)), ops._C
-    ops.set_num_threads(1)
-    torch.set_num_threads(1)
+    for mod in builds:
+        mod.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     print("| shape | n | bits (k/v) | A us | B us | A / B | per-rep median | bf16 control A / B us |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for shape, (Hq, Hkv, D) in SHAPES.items():
-        for n in (4096, 16384):
+        for n in (int(x) for x in args.lengths.split(",")):
             k, v = torch.randn(1, Hkv, n, D, generator=g), torch.randn(1, Hkv, n, D, generator=g)
             q, m = torch.randn(1, Hq, 1, D, generator=g), n - RESIDUAL
             qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()

@@ -5,7 +5,12 @@ built from the original full-precision rows, which lets single factors be
 switched off: ``--sinks S`` keeps the first S tokens of every head out of
 quantization (full precision; the key groups then start at token S),
 ``--quantize keys|values|both`` picks which half is quantized, and
-``--key-bits`` / ``--value-bits`` give the halves different widths. With
+``--key-bits`` / ``--value-bits`` give the halves different widths. Two
+key quantizers other than KIVI's min/max (same codes per element): ``--clip``
+takes each (group, channel)'s range with the least squared error among
+ranges shrunk from min/max by up to 40% at either end; ``--outliers K`` keeps
+the K elements of each (group, channel) farthest from its median exact and
+takes the range over the rest (KVQuant's dense-and-sparse split). With
 ``--sinks 0 --quantize both`` this reproduces ``kivi:bits=...`` of
 ``kvcompress eval`` exactly (the check that the simulation is faithful).
 A diagnostic, not a method: the real kernel never dequantizes.
@@ -29,8 +34,70 @@ from kvcompress.stores import packed as P
 from kvcompress.stores.masked import build_mask, masked_attention
 
 
+def _clipped_keys(k, bits, G, steps=8, most=0.4):
+    """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens with
+    each group's range [lo, hi] chosen to minimise the squared error among
+    lo = min + a * range, hi = max - b * range, a, b in {0, most/steps, ...}."""
+    B, H, n, D = k.shape
+    m = n // G * G
+    x = k[:, :, :m].reshape(B, H, m // G, G, D).double()
+    mn, mx = x.amin(3, keepdim=True), x.amax(3, keepdim=True)
+    rng = mx - mn
+    L = (1 << bits) - 1
+    best, err = None, None
+    for a in range(steps + 1):
+        for b in range(steps + 1 - a):
+            lo = mn + rng * (most * a / steps)
+            hi = mx - rng * (most * b / steps)
+            sc = ((hi - lo) / L).clamp(min=1e-30)
+            y = lo + sc * ((x - lo) / sc).round().clamp(0, L)
+            e = ((y - x) ** 2).sum(3, keepdim=True)
+            if best is None:
+                best, err = y, e
+            else:
+                take = e < err
+                best, err = torch.where(take, y, best), torch.where(take, e, err)
+    out = k.clone()
+    out[:, :, :m] = best.reshape(B, H, m, D).to(k.dtype)
+    if m < n:
+        kc, kmin, ksc = ops.pack_keys(k[:, :, m:].contiguous(), bits, G)
+        out[:, :, m:] = ops.unpack_keys(kc, kmin, ksc, bits, G, dtype=k.dtype)
+    return out
+
+
+CLIP = False
+OUTLIERS = 0
+
+
+def _sparse_keys(k, bits, G, keep):
+    """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens with
+    the `keep` elements of each (group, channel) farthest from the group's
+    median kept exact and the range taken over the rest (dense and sparse)."""
+    B, H, n, D = k.shape
+    m = n // G * G
+    x = k[:, :, :m].reshape(B, H, m // G, G, D).double()
+    dev = (x - x.median(3, keepdim=True).values).abs()
+    idx = dev.topk(keep, dim=3).indices
+    out_mask = torch.zeros_like(x, dtype=torch.bool).scatter_(3, idx, True)
+    inner_lo = torch.where(out_mask, torch.full_like(x, float("inf")), x).amin(3, keepdim=True)
+    inner_hi = torch.where(out_mask, torch.full_like(x, float("-inf")), x).amax(3, keepdim=True)
+    L = (1 << bits) - 1
+    sc = ((inner_hi - inner_lo) / L).clamp(min=1e-30)
+    y = inner_lo + sc * ((x - inner_lo) / sc).round().clamp(0, L)
+    y = torch.where(out_mask, x, y)
+    out = k.clone()
+    out[:, :, :m] = y.reshape(B, H, m, D).to(k.dtype)
+    if m < n:
+        kc, kmin, ksc = ops.pack_keys(k[:, :, m:].contiguous(), bits, G)
+        out[:, :, m:] = ops.unpack_keys(kc, kmin, ksc, bits, G, dtype=k.dtype)
+    return out
+
+
 def _fake(k, v, kbits, vbits, G, which):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized)."""
+    if which in ("keys", "both") and (CLIP or OUTLIERS):
+        k = _sparse_keys(k, kbits, G, OUTLIERS) if OUTLIERS else _clipped_keys(k, kbits, G)
+        which = "values" if which == "both" else "none"
     if which in ("keys", "both"):
         kc, kmin, ksc = ops.pack_keys(k, kbits, G)
         k = ops.unpack_keys(kc, kmin, ksc, kbits, G, dtype=k.dtype)
@@ -75,7 +142,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", choices=("keys", "values", "both"), default="both")
     ap.add_argument("--key-bits", type=int, choices=(2, 4, 8), help="key width (default: the method's bits)")
     ap.add_argument("--value-bits", type=int, choices=(2, 4, 8), help="value width (default: the method's bits)")
+    ap.add_argument("--clip", action="store_true", help="keys: each group's range chosen for least squared error")
+    ap.add_argument("--outliers", type=int, default=0,
+                    help="keys: elements per (group, channel) farthest from its median kept exact")
     args = ap.parse_args(argv[:cut])
+    global CLIP, OUTLIERS
+    CLIP, OUTLIERS = args.clip, args.outliers
     patch(args.sinks, args.quantize, args.key_bits, args.value_bits)
     return kvcompress_main(argv[cut + 1:])
 

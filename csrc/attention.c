@@ -4,8 +4,8 @@
  * Work units of attention_units.h: one kv head (b, hk), one tile of up to
  * KVC_AT_QT queries with all g query heads of the GQA group (so each K/V
  * row is read once for the group), and one block of slots. Short chunks
- * (decode) cut the slots into fixed AT_SB-slot blocks (split-K,
- * flash-decoding) so that a few long heads still spread over every thread;
+ * (decode) cut the slots into fixed blocks of u.sb slots (split-K,
+ * flash-decoding; the size follows from the shape, kvc_at_block_slots) so that a few long heads still spread over every thread;
  * each unit leaves an unnormalised partial (running max, running sum,
  * output row) and a second pass combines the blocks by log-sum-exp in block
  * order. Units and block boundaries depend only on the shape of each head,
@@ -20,7 +20,6 @@
 #include "attention_units.h"
 #include "kvc_math.h"
 
-#define AT_SB 256       /* slots per split-K block, a multiple of AT_TK */
 
 struct at_geom {
     struct kvc_at_units u; /* first, for the callbacks of attention_units.h */
@@ -125,7 +124,7 @@ static int64_t at_blocks(const struct at_geom *g, const struct at_head *h, int64
 {
     int64_t i0, nq, end = at_tile(g, h, t, &i0, &nq);
     if (h->n <= 0 || end <= h->s0) return 0;
-    return g->u.split ? (end - h->s0 + AT_SB - 1) / AT_SB : 1;
+    return g->u.split ? (end - h->s0 + g->u.sb - 1) / g->u.sb : 1;
 }
 
 static int64_t at_head_blocks(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk, int64_t t)
@@ -156,6 +155,19 @@ static void at_geometry(const struct kvc_attention_params *p, struct at_geom *g,
 #endif
         g->kdirect |= g->bf16;
         g->vdirect |= g->bf16;
+    }
+    if (g->u.split) {
+        /* the slots the step's heads see in all, for the block size */
+        int64_t b, hk, i0, nq, total = 0;
+        for (b = 0; b < g->u.B; b++)
+            for (hk = 0; hk < g->u.Hkv; hk++) {
+                struct at_head h;
+                int64_t end;
+                at_head_get(p, b, hk, &h);
+                end = at_tile(g, &h, g->u.ntiles - 1, &i0, &nq);
+                total += h.n > 0 && end > h.s0 ? end - h.s0 : 0;
+            }
+        g->u.sb = kvc_at_block_slots(total);
     }
     kvc_at_units_count(&g->u, at_head_blocks, p, prefix);
     /* query rows, converted K and V tiles, one zero row; weights, factors */
@@ -214,8 +226,8 @@ KVC_INLINE void at_unit_body(const struct kvc_attention_params *p, const struct 
     at_head_get(p, b, hk, &h);
     end = at_tile(g, &h, t, &i0, &nq);
     R = g->u.g * nq;
-    j0 = h.s0 + (g->u.split ? blk * AT_SB : 0);
-    j1 = g->u.split && j0 + AT_SB < end ? j0 + AT_SB : end;
+    j0 = h.s0 + (g->u.split ? blk * g->u.sb : 0);
+    j1 = g->u.split && j0 + g->u.sb < end ? j0 + g->u.sb : end;
     pm = KVC_AT_PART_M(part);
     ps = KVC_AT_PART_S(&g->u, part);
     acc = KVC_AT_PART_ACC(&g->u, part);

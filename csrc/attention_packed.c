@@ -7,9 +7,9 @@
  * group (each packed row is read and unpacked once for the group), one
  * block of slots of the head's
  * logical sequence (packed slots, then residual slots). Short chunks
- * (decode) cut the sequence into PA_SB-slot blocks at fixed positions
- * (split-K), combined by log-sum-exp in block order: bit-identical for any
- * thread count.
+ * (decode) cut the sequence into blocks of u.sb slots at fixed positions
+ * (split-K; the size follows from the shape, kvc_at_block_slots), combined
+ * by log-sum-exp in block order: bit-identical for any thread count.
  *
  * No dequantized row is ever formed. A tile of AT_TK slots has its codes
  * unpacked to fp32 (shifts and masks, no tables), centred on the middle of
@@ -44,7 +44,6 @@
 #define PA_VEC 0
 #endif
 
-#define PA_SB 256 /* slots per split-K block, a multiple of AT_TK; blocks start at multiples */
 
 struct pa_geom {
     struct kvc_at_units u; /* first, for the callbacks of attention_units.h */
@@ -135,13 +134,13 @@ static int64_t pa_tile(const struct pa_geom *g, const struct pa_head *h, int64_t
     return pa_last(g, h, *i0 + *nq - 1) + 1;
 }
 
-/* Split blocks are the PA_SB-aligned stretches of the logical sequence that
+/* Split blocks are the u.sb-aligned stretches of the logical sequence that
  * meet [s0, end), so tiles start at multiples of AT_TK after the first. */
 static int64_t pa_blocks(const struct pa_geom *g, const struct pa_head *h, int64_t t)
 {
     int64_t i0, nq, end = pa_tile(g, h, t, &i0, &nq);
     if (end <= h->s0) return 0;
-    return g->u.split ? (end - 1) / PA_SB - h->s0 / PA_SB + 1 : 1;
+    return g->u.split ? (end - 1) / g->u.sb - h->s0 / g->u.sb + 1 : 1;
 }
 
 static int64_t pa_head_blocks(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk, int64_t t)
@@ -166,6 +165,19 @@ static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_g
     g->grouped = g->G % AT_TK == 0;
     /* AT_TK consecutive slots meet at most ceil((AT_TK - 1) / G) + 1 groups */
     g->NS = kvc_pk_groups(AT_TK - 1, g->G) + 1;
+    if (g->u.split) {
+        /* the slots the step's heads see in all, for the block size */
+        int64_t b, hk, i0, nq, total = 0;
+        for (b = 0; b < g->u.B; b++)
+            for (hk = 0; hk < g->u.Hkv; hk++) {
+                struct pa_head h;
+                int64_t end;
+                pa_head_get(p, b, hk, &h);
+                end = pa_tile(g, &h, g->u.ntiles - 1, &i0, &nq);
+                total += end > h.s0 ? end - h.s0 : 0;
+            }
+        g->u.sb = kvc_at_block_slots(total);
+    }
     kvc_at_units_count(&g->u, pa_head_blocks, p, prefix);
     /* query rows and their scaled copies per ring slot; unpacked K and V
      * tiles, a zero row, one key scale and one key centre row (all padded to
@@ -704,9 +716,9 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
     end = pa_tile(g, &h, t, &i0, &nq);
     R = g->u.g * nq;
     if (g->u.split) {
-        const int64_t bs = (h.s0 / PA_SB + blk) * PA_SB;
+        const int64_t sb = g->u.sb, bs = (h.s0 / sb + blk) * sb;
         j0 = bs > h.s0 ? bs : h.s0;
-        j1 = bs + PA_SB < end ? bs + PA_SB : end;
+        j1 = bs + sb < end ? bs + sb : end;
     } else {
         j0 = h.s0;
         j1 = end;

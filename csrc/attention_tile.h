@@ -31,6 +31,7 @@ typedef float at_vf __attribute__((vector_size(AT_TK * sizeof(float))));
 
 #ifdef AT_VEC
 typedef uint32_t at_vu __attribute__((vector_size(AT_TK * sizeof(uint32_t))));
+typedef uint64_t at_vq __attribute__((vector_size(AT_TK * sizeof(uint32_t)))); /* at_vu as 64-bit lanes */
 typedef int32_t at_vi __attribute__((vector_size(AT_TK * sizeof(int32_t))));
 typedef uint16_t at_vh __attribute__((vector_size(AT_TK * sizeof(uint16_t))));
 /* Half a tile vector, one AVX2 register. GCC lowers 16-lane vectors that
@@ -227,18 +228,19 @@ KVC_INLINE void at_row_block(at_v8 *v0, at_v8 *v1, const void *row, int64_t c, i
  * narrower clone never runs these. Where __builtin_shufflevector is
  * missing (GCC < 12, which builds no wide unit either) wide is ignored. */
 
-/* at_unpack16's 16 centred codes as one vector. 8 bits: the words of each
- * half broadcast as at_unpack8 takes them, the halves joined (one insert),
- * then one variable shift by (l * bits) mod 32, mask, conversion and minus
- * mid for all 16 lanes. 2 and 4 bits, in fewer operations: the word(s)
- * broadcast (4 bits: lanes 0-7 the first, 8-15 the second, merged by a
- * constant select), one variable shift, then a lookup in a 16-entry table
- * of centred values (one vpermps, which reads only the index's low 4 bits:
- * no mask; the 2-bit table repeats its 4 values, so the next code's bits
- * above a lane's own do not matter either). Each table entry is
- * (float)code - mid, exact in fp32: the values are at_unpack16's to the
- * bit. (Vectors are built from scalars and broadcasts only: GCC builds a
- * 16-lane vector from a narrower one through the stack, a stalled load.) */
+/* at_unpack16's 16 centred codes as one vector. The code bytes come in as
+ * 64-bit broadcasts and one dword permute puts each lane's 32-bit word in
+ * it (4 bits: lanes 0-7 the first word, 8-15 the second; 8 bits: a word
+ * per 4 lanes), then one variable shift by (l * bits) mod 32. 8 bits: mask,
+ * conversion and minus mid. 2 and 4 bits: a lookup in a 16-entry table of
+ * centred values (one vpermps, which reads only the index's low 4 bits: no
+ * mask; the 2-bit table repeats its 4 values, so the next code's bits
+ * above a lane's own do not matter either). Each table entry is (float)code
+ * - mid, exact in fp32: the values are at_unpack16's to the bit. (Vectors
+ * are built from broadcasts only: GCC builds a 16-lane vector from a
+ * narrower one through the stack, a stalled load. The 4-bit words were
+ * two dword broadcasts merged by masks: two more operations than the
+ * permute.) */
 #ifdef __clang__
 /* clang has no variable __builtin_shuffle (and builds no wide unit) */
 #define AT_LOOKUP16(t, i) ({ at_vf o_; int l_; for (l_ = 0; l_ < AT_TK; l_++) o_[l_] = (t)[(i)[l_] & 15u]; o_; })
@@ -248,28 +250,27 @@ KVC_INLINE void at_row_block(at_v8 *v0, at_v8 *v1, const void *row, int64_t c, i
 KVC_INLINE void at_unpack16w(at_vf *dst, const uint8_t *src, int bits)
 {
     const at_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    uint32_t x0, x1;
-    memcpy(&x0, src, 4);
     if (bits == 8) {
-        uint32_t x2, x3;
-        at_v8u w0, w1;
-        memcpy(&x1, src + 4, 4);
-        memcpy(&x2, src + 8, 4);
-        memcpy(&x3, src + 12, 4);
-        at_vu w;
-        w0 = (at_v8u){x0, x0, x0, x0, x1, x1, x1, x1};
-        w1 = (at_v8u){x2, x2, x2, x2, x3, x3, x3, x3};
-        w = __builtin_shufflevector(w0, w1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        uint64_t q0, q1;
+        memcpy(&q0, src, 8);
+        memcpy(&q1, src + 8, 8);
+        const at_vu a = (at_vu)((at_vq){0} + q0), b = (at_vu)((at_vq){0} + q1);
+        /* lanes 4w .. 4w + 3 take word w of the 16 bytes */
+        const at_vu w = __builtin_shufflevector(a, b, 0, 0, 0, 0, 1, 1, 1, 1, 16, 16, 16, 16, 17, 17, 17, 17);
         *dst = __builtin_convertvector((at_vi)((w >> ((lane * 8u) & 31u)) & 0xffu), at_vf) - kvc_pk_mid(8);
     } else if (bits == 4) {
         /* lane l of the table: l - mid */
         const at_vf t4 = __builtin_convertvector((at_vi)lane, at_vf) - kvc_pk_mid(4);
-        const at_vu first = (at_vu)(lane < 8u);
-        memcpy(&x1, src + 4, 4);
-        *dst = AT_LOOKUP16(t4, ((((at_vu){0} + x0) & first) | (((at_vu){0} + x1) & ~first)) >> ((lane * 4u) & 31u));
+        uint64_t q;
+        memcpy(&q, src, 8);
+        const at_vu a = (at_vu)((at_vq){0} + q);
+        const at_vu w = __builtin_shufflevector(a, a, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        *dst = AT_LOOKUP16(t4, w >> ((lane * 4u) & 31u));
     } else {
         /* lane l of the table: (l mod 4) - mid */
         const at_vf t2 = __builtin_convertvector((at_vi)(lane & 3u), at_vf) - kvc_pk_mid(2);
+        uint32_t x0;
+        memcpy(&x0, src, 4);
         *dst = AT_LOOKUP16(t2, ((at_vu){0} + x0) >> ((lane * 2u) & 31u));
     }
 }
