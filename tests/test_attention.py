@@ -311,6 +311,22 @@ def test_threads_bit_identical(nq):
         assert torch.equal(u, results[0][0]) and torch.equal(r, results[0][1])
 
 
+def test_large_split_blocks():
+    """A long decode step (40K slots over its heads: split-K blocks of 2048
+    slots, kvc_at_block_slots) stays within the float64 bound and gives the
+    same bits on 1 and 2 threads; kv_start puts the first block mid-way."""
+    q = queries(1, 6, 1, 64, torch.float32)
+    k, v = randn((1, 2, 20000, 64), torch.float32, 2), randn((1, 2, 20000, 64), torch.float32, 3)
+    start = torch.tensor([2100])
+    outs = []
+    for nt in (1, 2):
+        ops.set_num_threads(nt)
+        outs.append(ops.attention(q, k, v, kv_start=start))
+    assert torch.equal(outs[0], outs[1])
+    assert_within_bound(outs[0], attention_ref(q, k, v, kv_start=start),
+                        attention_ref(q, k, v, kv_start=start, dtype=torch.float32), "2048-slot blocks")
+
+
 def test_batch_rows_independent():
     """A row's result does not depend on the other rows of the batch."""
     q = queries(3, 6, 2, 32, torch.float32)

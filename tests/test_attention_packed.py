@@ -413,6 +413,20 @@ def test_threads_bit_identical(nq):
         assert torch.equal(u, results[0][0]) and torch.equal(r, results[0][1])
 
 
+def test_large_split_blocks():
+    """A long decode step (40K slots over its heads: split-K blocks of 2048
+    slots, kvc_at_block_slots) stays within the float64 bound and gives the
+    same bits on 1 and 2 threads; kv_start puts the first block mid-way."""
+    q, pk, rk, rv = uniform_case(1, 6, 2, 1, 20000, 3, 64, 32, 4, torch.float32, seed=7)
+    start = torch.tensor([2100])
+    outs = []
+    for nt in (1, 2):
+        ops.set_num_threads(nt)
+        outs.append(run(q, pk, rk, rv, 4, 32, kv_start=start))
+    assert torch.equal(outs[0], outs[1])
+    check(outs[0], q, pk, rk, rv, kv_start=start)
+
+
 def test_batch_rows_independent():
     """A row's result does not depend on the other rows of the batch."""
     pr = pack_ragged([900, 3, 0, 40, 2000, 2], 32, 4, 16)
