@@ -34,13 +34,35 @@ from kvcompress.stores import packed as P
 from kvcompress.stores.masked import build_mask, masked_attention
 
 
+CLIP = False  # --clip
+OUTLIERS = 0  # --outliers
+
+
+def _groups(k, G):
+    """The whole key groups of k [B, H, n, D] as float64 [B, H, n // G, G, D]."""
+    B, H, n, D = k.shape
+    m = n // G * G
+    return k[:, :, :m].reshape(B, H, m // G, G, D).double()
+
+
+def _with_tail(k, groups, bits, G):
+    """k [B, H, n, D] with its whole groups replaced by `groups` [B, H, n // G,
+    G, D] and a short last group quantized by KIVI's min/max (ops)."""
+    B, H, n, D = k.shape
+    m = n // G * G
+    out = k.clone()
+    out[:, :, :m] = groups.reshape(B, H, m, D).to(k.dtype)
+    if m < n:
+        kc, kmin, ksc = ops.pack_keys(k[:, :, m:].contiguous(), bits, G)
+        out[:, :, m:] = ops.unpack_keys(kc, kmin, ksc, bits, G, dtype=k.dtype)
+    return out
+
+
 def _clipped_keys(k, bits, G, steps=8, most=0.4):
     """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens with
     each group's range [lo, hi] chosen to minimise the squared error among
     lo = min + a * range, hi = max - b * range, a, b in {0, most/steps, ...}."""
-    B, H, n, D = k.shape
-    m = n // G * G
-    x = k[:, :, :m].reshape(B, H, m // G, G, D).double()
+    x = _groups(k, G)
     mn, mx = x.amin(3, keepdim=True), x.amax(3, keepdim=True)
     rng = mx - mn
     L = (1 << bits) - 1
@@ -57,25 +79,14 @@ def _clipped_keys(k, bits, G, steps=8, most=0.4):
             else:
                 take = e < err
                 best, err = torch.where(take, y, best), torch.where(take, e, err)
-    out = k.clone()
-    out[:, :, :m] = best.reshape(B, H, m, D).to(k.dtype)
-    if m < n:
-        kc, kmin, ksc = ops.pack_keys(k[:, :, m:].contiguous(), bits, G)
-        out[:, :, m:] = ops.unpack_keys(kc, kmin, ksc, bits, G, dtype=k.dtype)
-    return out
-
-
-CLIP = False
-OUTLIERS = 0
+    return _with_tail(k, best, bits, G)
 
 
 def _sparse_keys(k, bits, G, keep):
     """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens with
     the `keep` elements of each (group, channel) farthest from the group's
     median kept exact and the range taken over the rest (dense and sparse)."""
-    B, H, n, D = k.shape
-    m = n // G * G
-    x = k[:, :, :m].reshape(B, H, m // G, G, D).double()
+    x = _groups(k, G)
     dev = (x - x.median(3, keepdim=True).values).abs()
     idx = dev.topk(keep, dim=3).indices
     out_mask = torch.zeros_like(x, dtype=torch.bool).scatter_(3, idx, True)
@@ -84,13 +95,7 @@ def _sparse_keys(k, bits, G, keep):
     L = (1 << bits) - 1
     sc = ((inner_hi - inner_lo) / L).clamp(min=1e-30)
     y = inner_lo + sc * ((x - inner_lo) / sc).round().clamp(0, L)
-    y = torch.where(out_mask, x, y)
-    out = k.clone()
-    out[:, :, :m] = y.reshape(B, H, m, D).to(k.dtype)
-    if m < n:
-        kc, kmin, ksc = ops.pack_keys(k[:, :, m:].contiguous(), bits, G)
-        out[:, :, m:] = ops.unpack_keys(kc, kmin, ksc, bits, G, dtype=k.dtype)
-    return out
+    return _with_tail(k, torch.where(out_mask, x, y), bits, G)
 
 
 def _fake(k, v, kbits, vbits, G, which):

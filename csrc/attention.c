@@ -134,6 +134,15 @@ static int64_t at_head_blocks(const void *op, const struct kvc_at_units *u, int6
     return at_blocks((const struct at_geom *)u, &h, t);
 }
 
+static int64_t at_head_span(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk)
+{
+    struct at_head h;
+    int64_t i0, nq, end;
+    at_head_get((const struct kvc_attention_params *)op, b, hk, &h);
+    end = at_tile((const struct at_geom *)u, &h, u->ntiles - 1, &i0, &nq);
+    return h.n > 0 && end > h.s0 ? end - h.s0 : 0;
+}
+
 /* Fills g; with prefix != NULL also prefix[pair] = first unit of the pair
  * (prefix[P] = U). */
 static void at_geometry(const struct kvc_attention_params *p, struct at_geom *g, int64_t *prefix)
@@ -156,19 +165,7 @@ static void at_geometry(const struct kvc_attention_params *p, struct at_geom *g,
         g->kdirect |= g->bf16;
         g->vdirect |= g->bf16;
     }
-    if (g->u.split) {
-        /* the slots the step's heads see in all, for the block size */
-        int64_t b, hk, i0, nq, total = 0;
-        for (b = 0; b < g->u.B; b++)
-            for (hk = 0; hk < g->u.Hkv; hk++) {
-                struct at_head h;
-                int64_t end;
-                at_head_get(p, b, hk, &h);
-                end = at_tile(g, &h, g->u.ntiles - 1, &i0, &nq);
-                total += h.n > 0 && end > h.s0 ? end - h.s0 : 0;
-            }
-        g->u.sb = kvc_at_block_slots(total);
-    }
+    kvc_at_units_block_size(&g->u, at_head_span, p);
     kvc_at_units_count(&g->u, at_head_blocks, p, prefix);
     /* query rows, converted K and V tiles, one zero row; weights, factors */
     g->thread_bytes = kvc_align_up((size_t)((g->u.R + 2 * AT_TK + 1) * g->u.Dp + g->u.R * (AT_TK + 1)) *

@@ -150,6 +150,15 @@ static int64_t pa_head_blocks(const void *op, const struct kvc_at_units *u, int6
     return pa_blocks((const struct pa_geom *)u, &h, t);
 }
 
+static int64_t pa_head_span(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk)
+{
+    struct pa_head h;
+    int64_t i0, nq, end;
+    pa_head_get((const struct kvc_packed_attention_params *)op, b, hk, &h);
+    end = pa_tile((const struct pa_geom *)u, &h, u->ntiles - 1, &i0, &nq);
+    return end > h.s0 ? end - h.s0 : 0;
+}
+
 /* Fills g; with prefix != NULL also prefix[pair] = first unit of the pair
  * (prefix[P] = U). */
 static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_geom *g,
@@ -165,19 +174,7 @@ static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_g
     g->grouped = g->G % AT_TK == 0;
     /* AT_TK consecutive slots meet at most ceil((AT_TK - 1) / G) + 1 groups */
     g->NS = kvc_pk_groups(AT_TK - 1, g->G) + 1;
-    if (g->u.split) {
-        /* the slots the step's heads see in all, for the block size */
-        int64_t b, hk, i0, nq, total = 0;
-        for (b = 0; b < g->u.B; b++)
-            for (hk = 0; hk < g->u.Hkv; hk++) {
-                struct pa_head h;
-                int64_t end;
-                pa_head_get(p, b, hk, &h);
-                end = pa_tile(g, &h, g->u.ntiles - 1, &i0, &nq);
-                total += end > h.s0 ? end - h.s0 : 0;
-            }
-        g->u.sb = kvc_at_block_slots(total);
-    }
+    kvc_at_units_block_size(&g->u, pa_head_span, p);
     kvc_at_units_count(&g->u, pa_head_blocks, p, prefix);
     /* query rows and their scaled copies per ring slot; unpacked K and V
      * tiles, a zero row, one key scale and one key centre row (all padded to

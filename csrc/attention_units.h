@@ -66,6 +66,9 @@ static inline int64_t kvc_at_round_up(int64_t n, int64_t m) { return (n + m - 1)
  * op's geometry, op its params. */
 typedef int64_t (*kvc_at_blocks_fn)(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk,
                                     int64_t t);
+/* Slots that kv head (b, hk) of a split step sees, from its first to the
+ * end of its last query tile (0 for a head that sees none). */
+typedef int64_t (*kvc_at_span_fn)(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk);
 /* Position of channel d in the op's partial rows. */
 typedef int64_t (*kvc_at_pos_fn)(const struct kvc_at_units *u, int64_t d);
 
@@ -95,6 +98,16 @@ static inline int64_t kvc_at_block_slots(int64_t total)
     int64_t sb = KVC_AT_SB_MIN;
     while (sb < KVC_AT_SB_MAX && total / (2 * sb) >= KVC_AT_MIN_BLOCKS) sb *= 2;
     return sb;
+}
+
+/* u->sb of a split step, from the slots all its heads see (span). */
+static inline void kvc_at_units_block_size(struct kvc_at_units *u, kvc_at_span_fn span, const void *op)
+{
+    int64_t b, hk, total = 0;
+    if (!u->split) return;
+    for (b = 0; b < u->B; b++)
+        for (hk = 0; hk < u->Hkv; hk++) total += span(op, u, b, hk);
+    u->sb = kvc_at_block_slots(total);
 }
 
 /* U and the sizes of prefix and partials, once the op's geometry is filled
