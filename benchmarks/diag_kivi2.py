@@ -34,10 +34,6 @@ from kvcompress.stores import packed as P
 from kvcompress.stores.masked import build_mask, masked_attention
 
 
-CLIP = False  # --clip
-OUTLIERS = 0  # --outliers
-
-
 def _groups(k, G):
     """The whole key groups of k [B, H, n, D] as float64 [B, H, n // G, G, D]."""
     B, H, n, D = k.shape
@@ -58,6 +54,13 @@ def _with_tail(k, groups, bits, G):
     return out
 
 
+def _minmax(x, lo, hi, bits):
+    """x fake-quantized to 2^bits levels spanning [lo, hi] (codes clamped)."""
+    L = (1 << bits) - 1
+    sc = ((hi - lo) / L).clamp(min=1e-30)
+    return lo + sc * ((x - lo) / sc).round().clamp(0, L)
+
+
 def _clipped_keys(k, bits, G, steps=8, most=0.4):
     """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens with
     each group's range [lo, hi] chosen to minimise the squared error among
@@ -65,14 +68,10 @@ def _clipped_keys(k, bits, G, steps=8, most=0.4):
     x = _groups(k, G)
     mn, mx = x.amin(3, keepdim=True), x.amax(3, keepdim=True)
     rng = mx - mn
-    L = (1 << bits) - 1
     best, err = None, None
     for a in range(steps + 1):
         for b in range(steps + 1 - a):
-            lo = mn + rng * (most * a / steps)
-            hi = mx - rng * (most * b / steps)
-            sc = ((hi - lo) / L).clamp(min=1e-30)
-            y = lo + sc * ((x - lo) / sc).round().clamp(0, L)
+            y = _minmax(x, mn + rng * (most * a / steps), mx - rng * (most * b / steps), bits)
             e = ((y - x) ** 2).sum(3, keepdim=True)
             if best is None:
                 best, err = y, e
@@ -92,16 +91,15 @@ def _sparse_keys(k, bits, G, keep):
     out_mask = torch.zeros_like(x, dtype=torch.bool).scatter_(3, idx, True)
     inner_lo = torch.where(out_mask, torch.full_like(x, float("inf")), x).amin(3, keepdim=True)
     inner_hi = torch.where(out_mask, torch.full_like(x, float("-inf")), x).amax(3, keepdim=True)
-    L = (1 << bits) - 1
-    sc = ((inner_hi - inner_lo) / L).clamp(min=1e-30)
-    y = inner_lo + sc * ((x - inner_lo) / sc).round().clamp(0, L)
+    y = _minmax(x, inner_lo, inner_hi, bits)
     return _with_tail(k, torch.where(out_mask, x, y), bits, G)
 
 
-def _fake(k, v, kbits, vbits, G, which):
-    """Dequantized copies of k, v [B, H, n, D] (only `which` quantized)."""
-    if which in ("keys", "both") and (CLIP or OUTLIERS):
-        k = _sparse_keys(k, kbits, G, OUTLIERS) if OUTLIERS else _clipped_keys(k, kbits, G)
+def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0):
+    """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
+    by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max)."""
+    if which in ("keys", "both") and (clip or outliers):
+        k = _sparse_keys(k, kbits, G, outliers) if outliers else _clipped_keys(k, kbits, G)
         which = "values" if which == "both" else "none"
     if which in ("keys", "both"):
         kc, kmin, ksc = ops.pack_keys(k, kbits, G)
@@ -112,7 +110,8 @@ def _fake(k, v, kbits, vbits, G, which):
     return k, v
 
 
-def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None) -> None:
+def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, clip: bool = False,
+          outliers: int = 0) -> None:
     pack_oldest = P.PackedStore._pack_oldest
 
     def keep_originals(self, m):
@@ -128,7 +127,7 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None) 
             ok, ov = self._orig
             s = min(sinks, int(ok.shape[2]))
             qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
-                           value_bits or self.bits, self.group, which)
+                           value_bits or self.bits, self.group, which, clip, outliers)
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
@@ -151,9 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--outliers", type=int, default=0,
                     help="keys: elements per (group, channel) farthest from its median kept exact")
     args = ap.parse_args(argv[:cut])
-    global CLIP, OUTLIERS
-    CLIP, OUTLIERS = args.clip, args.outliers
-    patch(args.sinks, args.quantize, args.key_bits, args.value_bits)
+    patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers)
     return kvcompress_main(argv[cut + 1:])
 
 

@@ -5,7 +5,8 @@
  * KVC_AT_QT queries with all g query heads of the GQA group (so each K/V
  * row is read once for the group), and one block of slots. Short chunks
  * (decode) cut the slots into fixed blocks of u.sb slots (split-K,
- * flash-decoding; the size follows from the shape, kvc_at_block_slots) so that a few long heads still spread over every thread;
+ * flash-decoding; the size follows from the shape, kvc_at_block_slots) so
+ * that a few long heads still spread over every thread;
  * each unit leaves an unnormalised partial (running max, running sum,
  * output row) and a second pass combines the blocks by log-sum-exp in block
  * order. Units and block boundaries depend only on the shape of each head,
@@ -19,7 +20,6 @@
 #include "attention_tile.h"
 #include "attention_units.h"
 #include "kvc_math.h"
-
 
 struct at_geom {
     struct kvc_at_units u; /* first, for the callbacks of attention_units.h */

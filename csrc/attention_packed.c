@@ -44,7 +44,6 @@
 #define PA_VEC 0
 #endif
 
-
 struct pa_geom {
     struct kvc_at_units u; /* first, for the callbacks of attention_units.h */
     int64_t r;         /* residual slots */

@@ -33,9 +33,9 @@
 #define KVC_AT_SPLIT_MAX_TILES 2
 /* Split-K block sizes: from 256 slots, doubled up to 2048 while the step
  * keeps at least KVC_AT_MIN_BLOCKS blocks over all its heads. Every block
- * starts a unit again (query rows, accumulators, a partial to combine):
- * 256-slot blocks spent 5-10% of a long decode step at SmolLM2's shape and
- * 15-25% at a Llama-like one on that, and 16 blocks still feed 16 threads. */
+ * starts a unit again (query rows, accumulators, a partial to combine); with
+ * 256-slot blocks always, that cost 5-10% of a long decode step at SmolLM2's
+ * shape and 15-25% at a Llama-like one, and 16 blocks still feed 16 threads. */
 #define KVC_AT_SB_MIN 256
 #define KVC_AT_SB_MAX 2048
 #define KVC_AT_MIN_BLOCKS 16
@@ -90,8 +90,8 @@ static inline void kvc_at_units_init(struct kvc_at_units *u, const struct kvc_vi
     u->sb = KVC_AT_SB_MIN;
 }
 
-/* Slots per split-K block for a step whose heads span `total` slots in all
- * (a multiple of AT_TK): a function of the shape alone, never of the
+/* Slots per split-K block (a multiple of AT_TK) for a step whose heads
+ * span `total` slots in all: a function of the shape alone, never of the
  * thread count, so that results stay bit-identical for any thread count. */
 static inline int64_t kvc_at_block_slots(int64_t total)
 {
