@@ -10,7 +10,11 @@ key quantizers other than KIVI's min/max (same codes per element): ``--clip``
 takes each (group, channel)'s range with the least squared error among
 ranges shrunk from min/max by up to 40% at either end; ``--outliers K`` keeps
 the K elements of each (group, channel) farthest from its median exact and
-takes the range over the rest (KVQuant's dense-and-sparse split). With
+takes the range over the rest (KVQuant's dense-and-sparse split);
+``--pre-rope THETA`` quantizes the keys before rotary embedding (KVQuant's
+pre-RoPE keys): each row is rotated back by its position with base THETA
+(the default RoPE of Llama-style models, rotate-half layout; KIVI evicts
+nothing, so a row's index is its position), quantized, then rotated again. With
 ``--sinks 0 --quantize both`` this reproduces ``kivi:bits=...`` of
 ``kvcompress eval`` exactly (the check that the simulation is faithful).
 A diagnostic, not a method: the real kernel never dequantizes.
@@ -95,9 +99,27 @@ def _sparse_keys(k, bits, G, keep):
     return _with_tail(k, torch.where(out_mask, x, y), bits, G)
 
 
-def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0):
+def _rotate(k, first, theta, sign):
+    """k [B, H, n, D] rotated by ``sign`` times the RoPE angles of positions
+    first .. first + n - 1 (base ``theta``, rotate-half layout), in float64."""
+    n, D = int(k.shape[2]), int(k.shape[3])
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(first, first + n, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], 1), sign * torch.cat([ang.sin(), ang.sin()], 1)
+    x = k.double()
+    half = torch.cat([-x[..., D // 2:], x[..., : D // 2]], -1)
+    return (x * cos + half * sin).to(k.dtype)
+
+
+def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
-    by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max)."""
+    by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max;
+    with ``pre_rope`` (a RoPE base) the keys, whose first row sits at position
+    ``first``, are quantized before rotary embedding)."""
+    if pre_rope is not None and which in ("keys", "both"):
+        kq, _ = _fake(_rotate(k, first, pre_rope, -1.0), v, kbits, vbits, G, "keys", clip, outliers)
+        k = _rotate(kq, first, pre_rope, 1.0)
+        which = "values" if which == "both" else "none"
     if which in ("keys", "both") and (clip or outliers):
         k = _sparse_keys(k, kbits, G, outliers) if outliers else _clipped_keys(k, kbits, G)
         which = "values" if which == "both" else "none"
@@ -111,7 +133,7 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0):
 
 
 def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, clip: bool = False,
-          outliers: int = 0) -> None:
+          outliers: int = 0, pre_rope: float | None = None) -> None:
     pack_oldest = P.PackedStore._pack_oldest
 
     def keep_originals(self, m):
@@ -127,7 +149,7 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
             ok, ov = self._orig
             s = min(sinks, int(ok.shape[2]))
             qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
-                           value_bits or self.bits, self.group, which, clip, outliers)
+                           value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s)
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
@@ -149,8 +171,10 @@ def main(argv=None) -> int:
     ap.add_argument("--clip", action="store_true", help="keys: each group's range chosen for least squared error")
     ap.add_argument("--outliers", type=int, default=0,
                     help="keys: elements per (group, channel) farthest from its median kept exact")
+    ap.add_argument("--pre-rope", type=float, metavar="THETA",
+                    help="keys: quantized before rotary embedding with base THETA (SmolLM2: 100000)")
     args = ap.parse_args(argv[:cut])
-    patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers)
+    patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers, args.pre_rope)
     return kvcompress_main(argv[cut + 1:])
 
 
