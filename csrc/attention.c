@@ -282,7 +282,7 @@ KVC_INLINE void at_unit_body(const struct kvc_attention_params *p, const struct 
          * zeroes their weights */
         if (g->bf16) at_logits_all(w->qbuf, Dp, kp, AT_ROWS_BF16, lc, NULL, Dp, p->scaling, w->xbuf, R, wide);
         else at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R, wide);
-        at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
+        at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk, wide);
         for (r = 0; r < R; r += 4) {
             /* rows in groups of up to 4 share each V row load */
             float *accs[4];

@@ -645,7 +645,7 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
             pa_logits_multi(qp, kp, l, Dp, p->scaling, w->xbuf + r * AT_TK);
         }
     }
-    at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
+    at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk, wide);
 
     for (r = 0; r < R; r++) pa_row_weights(g, w, r, R);
     for (r = 0; r < R; r += 4) {
@@ -687,7 +687,7 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
     for (; j < AT_TK; j++) kp[j] = vp[j] = w->zero;
     for (j = 0; j < AT_TK; j++) lc[j] = 0.0f; /* residual slots count 1 */
     at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R, wide);
-    at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk);
+    at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk, wide);
     for (r = 0; r < R; r += 4) {
         float *accs[4];
         const int nr = R - r < 4 ? (int)(R - r) : 4;

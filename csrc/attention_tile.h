@@ -151,6 +151,46 @@ KVC_INLINE void at_sum8(const at_v8 *s, at_v8 *out)
     *out = AT_SHUF8(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) + AT_SHUF8(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
 }
 #undef AT_SHUF8
+
+#define AT_SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+/* The wide path's at_sum8 for both halves at once, from the 16 slots'
+ * whole 16-lane partial sums a[j]: lane j of *out = slot j's total. Every
+ * lane adds the same two numbers at every level as at_sum8 after the
+ * halving s[j] = lanes 0-7 + lanes 8-15 of a[j], so the sums are the same
+ * bits, but two slots share each vector from the first level on: 30
+ * shuffles and 15 additions per 16 slots instead of 16 half extractions,
+ * 28 shuffles and 30 additions (512-bit shuffles share a port with one of
+ * the FMA units on Intel cores). */
+KVC_INLINE void at_sum16w(const at_vf *a, at_vf *out)
+{
+    at_vf s[8], b[4], c[2];
+    int j;
+    /* s[j]: lanes 0-7 slot 2j's halves summed, lanes 8-15 slot 2j + 1's */
+    for (j = 0; j < 8; j++)
+        s[j] = AT_SHUF16(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               AT_SHUF16(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    /* b[j]: at_sum8's b[2j % 4] (lanes 0-7) and b[2j % 4 + 1] (8-15) of half j / 2 */
+    for (j = 0; j < 4; j++)
+        b[j] = AT_SHUF16(s[2 * j], s[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               AT_SHUF16(s[2 * j], s[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    /* c[h]: at_sum8's c[0] (lanes 0-7) and c[1] (8-15) of half h */
+    for (j = 0; j < 2; j++)
+        c[j] = AT_SHUF16(b[2 * j], b[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               AT_SHUF16(b[2 * j], b[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    *out = AT_SHUF16(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           AT_SHUF16(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#undef AT_SHUF16
+
+/* at_finish8 of one row from the 16 slots' whole partial sums a[j]. */
+KVC_INLINE void at_finish16w(const at_vf *a, const float *lc, float scaling, float *x)
+{
+    at_vf o, l;
+    at_sum16w(a, &o);
+    memcpy(&l, lc, sizeof l);
+    o = o * scaling + l;
+    memcpy(x, &o, sizeof o);
+}
 #endif
 
 #ifdef AT_VEC
@@ -308,6 +348,9 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
 {
 #ifdef AT_VEC
     at_v8 s[4][AT_TK];
+#ifdef AT_TREE
+    at_vf sw[4][AT_TK];
+#endif
     int64_t c;
     int j, r;
 #ifndef AT_TREE
@@ -318,7 +361,8 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
 #ifdef AT_TREE
         if (wide) {
             /* the wide path: a slot's NR sums each in one 16-lane vector,
-             * whose halves are then added as lo + hi are below */
+             * kept whole for at_finish16w (its halves are added there as
+             * lo + hi are below) */
             at_vf a[4];
             for (r = 0; r < NR; r++) a[r] = (at_vf){0};
             for (c = 0; c < Dp; c += AT_TK) {
@@ -330,9 +374,7 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
                     a[r] += q * k;
                 }
             }
-            for (r = 0; r < NR; r++)
-                s[r][j] = __builtin_shufflevector(a[r], a[r], 0, 1, 2, 3, 4, 5, 6, 7) +
-                          __builtin_shufflevector(a[r], a[r], 8, 9, 10, 11, 12, 13, 14, 15);
+            for (r = 0; r < NR; r++) sw[r][j] = a[r];
             continue;
         }
 #endif
@@ -353,6 +395,12 @@ KVC_INLINE void at_logits_rows(const float *qr, int64_t qs, const void *const *k
     for (r = 0; r < NR; r++) {
         float l[AT_TK];
         for (j = 0; j < AT_TK; j++) l[j] = bias ? lc[j] + bias[r] : lc[j];
+#ifdef AT_TREE
+        if (wide) {
+            at_finish16w(sw[r], l, scaling, x + r * AT_TK);
+            continue;
+        }
+#endif
         at_finish8(s[r], l, scaling, x + r * AT_TK);
     }
 #else
@@ -591,18 +639,79 @@ KVC_INLINE float at_mask_max(float *x, int64_t nvis)
     v = AT_SEL8(v > w, v, w);
     return v[0] > v[1] ? v[0] : v[1];
 }
+
+/* The wide path's softmax pieces, on one 16-lane vector of a row's logits
+ * (stored whole by at_finish16w, so one 64-byte load forwards from one
+ * store): the same lane-wise operations and the same sum tree as at_exp8,
+ * at_mask_max and at_hsum16 on its halves. */
+#define AT_SEL16(m, a, b) ((at_vf)(((at_vi)(a) & (m)) | ((at_vi)(b) & ~(m))))
+KVC_INLINE void at_exp16w(at_vf *px)
+{
+    const at_vf zero = {0}, x = *px, lo = zero + KVC_EXP_LO, hi = zero + KVC_EXP_HI;
+    const at_vi below = x < lo;
+    const at_vf xc = AT_SEL16(below, lo, AT_SEL16(x > hi, hi, x));
+    const at_vf t = xc * KVC_EXP_LOG2E + KVC_EXP_SHIFT;
+    const at_vf n = t - KVC_EXP_SHIFT;
+    const at_vu ni = (at_vu)t - 0x4b400000u;
+    at_vf r = xc - n * KVC_EXP_LN2_HI, p = zero + KVC_EXP_C7;
+    r = r - n * KVC_EXP_LN2_LO;
+    KVC_EXP_HORNER(p, r);
+    p = p * (at_vf)((ni + 127u) << 23);
+    *px = AT_SEL16(below, zero, p);
+}
+
+/* at_mask_max of the 16 logits in *px (masked in place in the vector). */
+KVC_INLINE float at_mask_max16w(at_vf *px, int64_t nvis)
+{
+    const at_vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const at_vf ninf = (at_vf){0} - INFINITY;
+    at_v8 lo, hi, v, w;
+    *px = AT_SEL16(lane < (int32_t)nvis, *px, ninf);
+    lo = __builtin_shufflevector(*px, *px, 0, 1, 2, 3, 4, 5, 6, 7);
+    hi = __builtin_shufflevector(*px, *px, 8, 9, 10, 11, 12, 13, 14, 15);
+    v = AT_SEL8(lo > hi, lo, hi);
+    w = AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
+    v = AT_SEL8(v > w, v, w);
+    w = AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
+    v = AT_SEL8(v > w, v, w);
+    return v[0] > v[1] ? v[0] : v[1];
+}
+
+/* at_hsum16 of a vector's lanes. */
+KVC_INLINE float at_hsum16w(at_vf x)
+{
+    at_v8 v = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
+              __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+    v += AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
+    v += AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
+    return v[0] + v[1];
+}
+#undef AT_SEL16
 #undef AT_SHUF1
 #endif
 
 /* Online-softmax step of one row over a tile whose logits are x (first
  * nvis visible): x <- the weights exp(x - new max); returns the factor for
- * the row's running output. */
-KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st)
+ * the row's running output. wide (x86-64-v4 units only): the 16 logits in
+ * one vector, as at_finish16w stored them, the same bits as the halves.
+ * (Logits written in halves, as pa_logits_multi's are, still come out
+ * right, at the cost of a load that waits for both stores.) */
+KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st, int wide)
 {
     float alpha;
     int j;
 #ifdef AT_TREE
     at_v8 h[2];
+    if (wide) {
+        at_vf v;
+        memcpy(&v, x, sizeof v);
+        alpha = kvc_softmax_rescale(st, at_mask_max16w(&v, nvis));
+        v -= st->m;
+        at_exp16w(&v);
+        memcpy(x, &v, sizeof v);
+        st->s += at_hsum16w(v);
+        return alpha;
+    }
     alpha = kvc_softmax_rescale(st, at_mask_max(x, nvis));
     /* masked slots: exp(-inf) = 0, and their V rows are finite. Half by
      * half: at_mask_max stored the halves separately, and a 16-lane copy
@@ -617,6 +726,7 @@ KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st
     st->s += at_hsum16(x);
 #else
     float t[AT_TK], bm = -INFINITY;
+    (void)wide;
     for (j = 0; j < AT_TK; j++) {
         x[j] = j < nvis ? x[j] : -INFINITY;
         bm = x[j] > bm ? x[j] : bm;
@@ -637,7 +747,7 @@ KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st
  * row that sees none of the tile's slots gets zero weights and factor 1,
  * which leaves its output as it is in the grouped accumulation. */
 KVC_INLINE void at_softmax_rows(float *x, float *alpha, const int64_t *lim, float *pm, float *ps, int64_t R,
-                                int64_t jt, int64_t nk)
+                                int64_t jt, int64_t nk, int wide)
 {
     int64_t r;
     for (r = 0; r < R; r++) {
@@ -650,7 +760,7 @@ KVC_INLINE void at_softmax_rows(float *x, float *alpha, const int64_t *lim, floa
         }
         st.m = pm[r];
         st.s = ps[r];
-        alpha[r] = at_softmax(x + r * AT_TK, nvis < nk ? nvis : nk, &st);
+        alpha[r] = at_softmax(x + r * AT_TK, nvis < nk ? nvis : nk, &st, wide);
         pm[r] = st.m;
         ps[r] = st.s;
     }
