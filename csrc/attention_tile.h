@@ -152,41 +152,17 @@ KVC_INLINE void at_sum8(const at_v8 *s, at_v8 *out)
 }
 #undef AT_SHUF8
 
-#define AT_SHUF16(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-/* The wide path's at_sum8 for both halves at once, from the 16 slots'
- * whole 16-lane partial sums a[j]: lane j of *out = slot j's total. Every
- * lane adds the same two numbers at every level as at_sum8 after the
- * halving s[j] = lanes 0-7 + lanes 8-15 of a[j], so the sums are the same
- * bits, but two slots share each vector from the first level on: 30
- * shuffles and 15 additions per 16 slots instead of 16 half extractions,
- * 28 shuffles and 30 additions (512-bit shuffles share a port with one of
- * the FMA units on Intel cores). */
-KVC_INLINE void at_sum16w(const at_vf *a, at_vf *out)
-{
-    at_vf s[8], b[4], c[2];
-    int j;
-    /* s[j]: lanes 0-7 slot 2j's halves summed, lanes 8-15 slot 2j + 1's */
-    for (j = 0; j < 8; j++)
-        s[j] = AT_SHUF16(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               AT_SHUF16(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    /* b[j]: at_sum8's b[2j % 4] (lanes 0-7) and b[2j % 4 + 1] (8-15) of half j / 2 */
-    for (j = 0; j < 4; j++)
-        b[j] = AT_SHUF16(s[2 * j], s[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               AT_SHUF16(s[2 * j], s[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    /* c[h]: at_sum8's c[0] (lanes 0-7) and c[1] (8-15) of half h */
-    for (j = 0; j < 2; j++)
-        c[j] = AT_SHUF16(b[2 * j], b[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               AT_SHUF16(b[2 * j], b[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    *out = AT_SHUF16(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-           AT_SHUF16(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-#undef AT_SHUF16
 
-/* at_finish8 of one row from the 16 slots' whole partial sums a[j]. */
+/* at_finish8 of one row from the 16 slots' whole partial sums a[j]: the
+ * same sum tree (kvc_lanes_sum16, two slots per vector from its first
+ * level, where at_sum8 adds each slot's halves first), so the same bits,
+ * with 30 shuffles and 15 additions per 16 slots instead of 16 half
+ * extractions, 28 shuffles and 30 additions, and the row's 16 logits leave
+ * in one 64-byte store that the wide softmax loads whole. */
 KVC_INLINE void at_finish16w(const at_vf *a, const float *lc, float scaling, float *x)
 {
     at_vf o, l;
-    at_sum16w(a, &o);
+    kvc_lanes_sum16(a, &o);
     memcpy(&l, lc, sizeof l);
     o = o * scaling + l;
     memcpy(x, &o, sizeof o);
@@ -602,21 +578,40 @@ KVC_INLINE float at_hsum16(const float *x)
     return v[0] + v[1];
 }
 
-/* kvc_expf (kvc_math.h) of 8 lanes at once, the same operations lane-wise
- * (in place: a vector argument would change the baseline copy's psABI). */
+/* kvc_expf (kvc_math.h) of a vector in place, the same operations
+ * lane-wise: VF its float type, VI / VU the int32 / uint32 vectors of its
+ * width, SEL the bitwise select of that width (at_exp8, at_exp16w). */
+#define AT_EXP_LANES(VF, VI, VU, SEL, px)                                                            \
+    do {                                                                                           \
+        const VF zero_ = {0}, x_ = *(px), lo_ = zero_ + KVC_EXP_LO, hi_ = zero_ + KVC_EXP_HI;      \
+        const VI below_ = x_ < lo_;                                                                \
+        const VF xc_ = SEL(below_, lo_, SEL(x_ > hi_, hi_, x_));                                   \
+        const VF t_ = xc_ * KVC_EXP_LOG2E + KVC_EXP_SHIFT;                                         \
+        const VF n_ = t_ - KVC_EXP_SHIFT;                                                          \
+        const VU ni_ = (VU)t_ - 0x4b400000u;                                                       \
+        VF r_ = xc_ - n_ * KVC_EXP_LN2_HI, p_ = zero_ + KVC_EXP_C7;                                \
+        r_ = r_ - n_ * KVC_EXP_LN2_LO;                                                             \
+        KVC_EXP_HORNER(p_, r_);                                                                    \
+        p_ = p_ * (VF)((ni_ + 127u) << 23);                                                        \
+        *(px) = SEL(below_, zero_, p_);                                                            \
+    } while (0)
+
+/* kvc_expf of 8 lanes at once (in place: a vector argument would change
+ * the baseline copy's psABI). */
 KVC_INLINE void at_exp8(at_v8 *px)
 {
-    const at_v8 zero = {0}, x = *px, lo = zero + KVC_EXP_LO, hi = zero + KVC_EXP_HI;
-    const at_v8i below = x < lo;
-    const at_v8 xc = AT_SEL8(below, lo, AT_SEL8(x > hi, hi, x));
-    const at_v8 t = xc * KVC_EXP_LOG2E + KVC_EXP_SHIFT;
-    const at_v8 n = t - KVC_EXP_SHIFT;
-    const at_v8u ni = (at_v8u)t - 0x4b400000u;
-    at_v8 r = xc - n * KVC_EXP_LN2_HI, p = zero + KVC_EXP_C7;
-    r = r - n * KVC_EXP_LN2_LO;
-    KVC_EXP_HORNER(p, r);
-    p = p * (at_v8)((ni + 127u) << 23);
-    *px = AT_SEL8(below, zero, p);
+    AT_EXP_LANES(at_v8, at_v8i, at_v8u, AT_SEL8, px);
+}
+
+/* The largest of the 16 lanes held in two halves. */
+KVC_INLINE float at_max16(const at_v8 *lo, const at_v8 *hi)
+{
+    at_v8 v = AT_SEL8(*lo > *hi, *lo, *hi), w;
+    w = AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
+    v = AT_SEL8(v > w, v, w);
+    w = AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
+    v = AT_SEL8(v > w, v, w);
+    return v[0] > v[1] ? v[0] : v[1];
 }
 
 /* Masks lanes >= nvis of the 16 logits at x to -inf (in place) and returns
@@ -625,19 +620,14 @@ KVC_INLINE float at_mask_max(float *x, int64_t nvis)
 {
     const at_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
     const at_v8 ninf = (at_v8){0} - INFINITY;
-    at_v8 lo, hi, v, w;
+    at_v8 lo, hi;
     memcpy(&lo, x, sizeof lo);
     memcpy(&hi, x + 8, sizeof hi);
     lo = AT_SEL8(lane < (int32_t)nvis, lo, ninf);
     hi = AT_SEL8(lane + 8 < (int32_t)nvis, hi, ninf);
     memcpy(x, &lo, sizeof lo);
     memcpy(x + 8, &hi, sizeof hi);
-    v = AT_SEL8(lo > hi, lo, hi);
-    w = AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
-    v = AT_SEL8(v > w, v, w);
-    w = AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
-    v = AT_SEL8(v > w, v, w);
-    return v[0] > v[1] ? v[0] : v[1];
+    return at_max16(&lo, &hi);
 }
 
 /* The wide path's softmax pieces, on one 16-lane vector of a row's logits
@@ -647,17 +637,7 @@ KVC_INLINE float at_mask_max(float *x, int64_t nvis)
 #define AT_SEL16(m, a, b) ((at_vf)(((at_vi)(a) & (m)) | ((at_vi)(b) & ~(m))))
 KVC_INLINE void at_exp16w(at_vf *px)
 {
-    const at_vf zero = {0}, x = *px, lo = zero + KVC_EXP_LO, hi = zero + KVC_EXP_HI;
-    const at_vi below = x < lo;
-    const at_vf xc = AT_SEL16(below, lo, AT_SEL16(x > hi, hi, x));
-    const at_vf t = xc * KVC_EXP_LOG2E + KVC_EXP_SHIFT;
-    const at_vf n = t - KVC_EXP_SHIFT;
-    const at_vu ni = (at_vu)t - 0x4b400000u;
-    at_vf r = xc - n * KVC_EXP_LN2_HI, p = zero + KVC_EXP_C7;
-    r = r - n * KVC_EXP_LN2_LO;
-    KVC_EXP_HORNER(p, r);
-    p = p * (at_vf)((ni + 127u) << 23);
-    *px = AT_SEL16(below, zero, p);
+    AT_EXP_LANES(at_vf, at_vi, at_vu, AT_SEL16, px);
 }
 
 /* at_mask_max of the 16 logits in *px (masked in place in the vector). */
@@ -665,16 +645,11 @@ KVC_INLINE float at_mask_max16w(at_vf *px, int64_t nvis)
 {
     const at_vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const at_vf ninf = (at_vf){0} - INFINITY;
-    at_v8 lo, hi, v, w;
+    at_v8 lo, hi;
     *px = AT_SEL16(lane < (int32_t)nvis, *px, ninf);
     lo = __builtin_shufflevector(*px, *px, 0, 1, 2, 3, 4, 5, 6, 7);
     hi = __builtin_shufflevector(*px, *px, 8, 9, 10, 11, 12, 13, 14, 15);
-    v = AT_SEL8(lo > hi, lo, hi);
-    w = AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
-    v = AT_SEL8(v > w, v, w);
-    w = AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
-    v = AT_SEL8(v > w, v, w);
-    return v[0] > v[1] ? v[0] : v[1];
+    return at_max16(&lo, &hi);
 }
 
 /* at_hsum16 of a vector's lanes. */
@@ -687,6 +662,7 @@ KVC_INLINE float at_hsum16w(at_vf x)
     return v[0] + v[1];
 }
 #undef AT_SEL16
+#undef AT_EXP_LANES
 #undef AT_SHUF1
 #endif
 

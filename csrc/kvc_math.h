@@ -165,6 +165,34 @@ KVC_HD static inline float kvc_lanes_sum(float *acc)
     return acc[0] + acc[1];
 }
 
+#if defined(__GNUC__) && !defined(__CUDACC__) && (defined(__clang__) || __GNUC__ >= 12)
+#define KVC_LANES_SUM16 1
+typedef float kvc_v16 __attribute__((vector_size(KVC_LANES * sizeof(float))));
+#define KVC_S2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+/* kvc_lanes_sum of 16 vectors at once: lane j of *out = the sum of a[j]'s
+ * lanes, by the same tree (l + 8, then + 4, + 2, + 1), run as shuffles
+ * across the vectors, two of them per vector from the first level on, so
+ * per-vector horizontal sums are avoided and every lane adds the same two
+ * numbers at every level as kvc_lanes_sum (the same bits). */
+static inline __attribute__((always_inline)) void kvc_lanes_sum16(const kvc_v16 *a, kvc_v16 *out)
+{
+    kvc_v16 b[8], c[4], e[2];
+    int j;
+    for (j = 0; j < 8; j++)
+        b[j] = KVC_S2(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               KVC_S2(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+    for (j = 0; j < 4; j++)
+        c[j] = KVC_S2(b[2 * j], b[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               KVC_S2(b[2 * j], b[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+    for (j = 0; j < 2; j++)
+        e[j] = KVC_S2(c[2 * j], c[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+               KVC_S2(c[2 * j], c[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+    *out = KVC_S2(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+           KVC_S2(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#undef KVC_S2
+#endif
+
 KVC_HD static inline float kvc_dot_f32(const float *a, const float *b, int64_t n)
 {
     float acc[KVC_LANES];

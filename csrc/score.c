@@ -358,28 +358,18 @@ KVC_INLINE float norm_row(const void *x, int32_t dtype, int64_t n, int64_t st, i
     return ord == 1 ? s : sqrtf(s);
 }
 
-#if defined(KVC_VEC) && (defined(__clang__) || __GNUC__ >= 12)
+#if defined(KVC_VEC) && defined(KVC_LANES_SUM16)
 #define KVC_NORM_BATCH 1
-#define NS2(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 /* Norms of KVC_LANES rows at once: the lane trees of the 16 rows run as
- * shuffles across rows (each row still adds acc[l] + acc[l + 8], then
- * + 4, + 2, + 1, exactly as kvc_lanes_sum), and the square roots as one
- * vector; per-row horizontal sums and scalar sqrt dominated D=64 rows. */
+ * shuffles across rows (kvc_lanes_sum16: each row still adds acc[l] +
+ * acc[l + 8], then + 4, + 2, + 1, exactly as kvc_lanes_sum), and the
+ * square roots as one vector; per-row horizontal sums and scalar sqrt
+ * dominated D=64 rows. */
 KVC_INLINE void norm_lanes16(const kvc_vf *a, int32_t ord, float *res)
 {
-    kvc_vf b[8], c[4], e[2], f;
+    kvc_vf f;
     int j;
-    for (j = 0; j < 8; j++)
-        b[j] = NS2(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-               NS2(a[2 * j], a[2 * j + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-    for (j = 0; j < 4; j++)
-        c[j] = NS2(b[2 * j], b[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-               NS2(b[2 * j], b[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-    for (j = 0; j < 2; j++)
-        e[j] = NS2(c[2 * j], c[2 * j + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-               NS2(c[2 * j], c[2 * j + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-    f = NS2(e[0], e[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-        NS2(e[0], e[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    kvc_lanes_sum16(a, &f);
     if (ord != 1) {
         /* sqrt is correctly rounded in vector form too: one vsqrtps instead
          * of 16 scalar ones, same bits */
@@ -391,7 +381,6 @@ KVC_INLINE void norm_lanes16(const kvc_vf *a, int32_t ord, float *res)
     }
     memcpy(res, &f, sizeof f);
 }
-#undef NS2
 #endif
 
 static void KVC_HOT norm_rows(const struct kvc_vector_norm_params *p, int64_t r0, int64_t r1)
