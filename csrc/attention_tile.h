@@ -152,7 +152,6 @@ KVC_INLINE void at_sum8(const at_v8 *s, at_v8 *out)
 }
 #undef AT_SHUF8
 
-
 /* at_finish8 of one row from the 16 slots' whole partial sums a[j]: the
  * same sum tree (kvc_lanes_sum16, two slots per vector from its first
  * level, where at_sum8 adds each slot's halves first), so the same bits,
@@ -564,18 +563,24 @@ KVC_INLINE void at_accumulate(float *const *acc, const void *const *vp, const fl
  * baseline-ISA copy. */
 #define AT_SEL8(m, a, b) ((at_v8)(((at_v8i)(a) & (m)) | ((at_v8i)(b) & ~(m))))
 
-/* Sum of the 16 lanes stored at x in the kvc_lanes_sum order (l + 8, + 4,
- * + 2, + 1), as 8-lane adds and shuffles (GCC leaves the array form as 15
- * scalar adds). */
-KVC_INLINE float at_hsum16(const float *x)
+/* Sum of 16 lanes held in two halves in the kvc_lanes_sum order (l + 8,
+ * + 4, + 2, + 1), as 8-lane adds and shuffles (GCC leaves the array form
+ * as 15 scalar adds). */
+KVC_INLINE float at_sum16(const at_v8 *lo, const at_v8 *hi)
 {
-    at_v8 lo, hi, v;
-    memcpy(&lo, x, sizeof lo);
-    memcpy(&hi, x + 8, sizeof hi);
-    v = lo + hi;
+    at_v8 v = *lo + *hi;
     v += AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
     v += AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
     return v[0] + v[1];
+}
+
+/* at_sum16 of the 16 lanes stored at x. */
+KVC_INLINE float at_hsum16(const float *x)
+{
+    at_v8 lo, hi;
+    memcpy(&lo, x, sizeof lo);
+    memcpy(&hi, x + 8, sizeof hi);
+    return at_sum16(&lo, &hi);
 }
 
 /* kvc_expf (kvc_math.h) of a vector in place, the same operations
@@ -653,13 +658,11 @@ KVC_INLINE float at_mask_max16w(at_vf *px, int64_t nvis)
 }
 
 /* at_hsum16 of a vector's lanes. */
-KVC_INLINE float at_hsum16w(at_vf x)
+KVC_INLINE float at_hsum16w(const at_vf *x)
 {
-    at_v8 v = __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7) +
-              __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
-    v += AT_SHUF1(v, 4, 5, 6, 7, 4, 5, 6, 7);
-    v += AT_SHUF1(v, 2, 3, 2, 3, 2, 3, 2, 3);
-    return v[0] + v[1];
+    const at_v8 lo = __builtin_shufflevector(*x, *x, 0, 1, 2, 3, 4, 5, 6, 7);
+    const at_v8 hi = __builtin_shufflevector(*x, *x, 8, 9, 10, 11, 12, 13, 14, 15);
+    return at_sum16(&lo, &hi);
 }
 #undef AT_SEL16
 #undef AT_EXP_LANES
@@ -685,7 +688,7 @@ KVC_INLINE float at_softmax(float *x, int64_t nvis, struct kvc_softmax_state *st
         v -= st->m;
         at_exp16w(&v);
         memcpy(x, &v, sizeof v);
-        st->s += at_hsum16w(v);
+        st->s += at_hsum16w(&v);
         return alpha;
     }
     alpha = kvc_softmax_rescale(st, at_mask_max(x, nvis));
