@@ -35,18 +35,16 @@ from kvcompress.cli import main as kvcompress_main
 from kvcompress.methods import ems as E
 
 
-def _nearest(keys, centers):
+def _nearest(evict_merge, keys, values, scores, centers, kv_start):
     """Per token of keys [B, H, T, D]: the slot of the kept key (centers
-    [B, H, C], -1 padded) with the highest cosine (ties to the first, as
-    ops.evict_merge), and whether the token is itself kept."""
-    B, H, T, D = keys.shape
-    kn = keys.float() / keys.float().norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    c, valid = centers.clamp_min(0), centers >= 0
-    kc = torch.gather(kn, 2, c[..., None].expand(-1, -1, -1, D))
-    cos = (kn @ kc.transpose(-1, -2)).masked_fill(~valid[:, :, None, :], float("-inf"))
-    slot = torch.gather(c, 2, cos.argmax(-1))
-    kept = torch.zeros(B, H, T, dtype=torch.bool, device=keys.device).scatter_(2, c, valid)
-    return slot, kept
+    [B, H, C], -1 padded) it would merge into, as evict_merge (the
+    unpatched ops.evict_merge) assigns it with no threshold, by its own
+    cosines and ties; and whether it is a real token (not padding) that is
+    not kept, the tokens a gate can evict."""
+    a = evict_merge(keys, values, scores, centers, float("-inf"), kv_start=kv_start, return_assign=True).assign
+    slot = torch.gather(centers, 2, (a - 1).clamp_min(0))  # assign: -1 padding, c + 1 in center c
+    own = torch.arange(int(keys.shape[2]), device=keys.device)
+    return slot, (a > 0) & (slot != own)
 
 
 def _row(x, slot):
@@ -63,7 +61,7 @@ def patch(gate: str, limit: float | None, counts: list) -> None:
         picks = local.pop("picks", None)
         if gate == "local" and picks is None:  # decode re-compression: no local picks
             return evict_merge(keys, values, scores, centers, tau, kv_start=kv_start, **kw)
-        slot, kept = _nearest(keys, centers)
+        slot, free = _nearest(evict_merge, keys, values, scores, centers, kv_start)
         if gate == "value":
             v = values.float()
             vn = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -75,9 +73,9 @@ def patch(gate: str, limit: float | None, counts: list) -> None:
             tau = 1e-6  # every token within the distance merges, whatever its cosine
         else:
             evict = torch.gather(picks, 2, slot)
-        evict &= ~kept
+        evict &= free
         counts[0] += int(evict.sum())
-        counts[1] += int((~kept).sum())
+        counts[1] += int(free.sum())
         if evict.any():
             keys = keys.clone()
             keys[evict] = 0
