@@ -17,6 +17,11 @@ checked to agree within 1e-6 first. The thread count is set on each build
 on the package's build only, so the two builds ran on every core).
 
     python benchmarks/ab_packed.py BEFORE/kvcompress/_C*.so AFTER/kvcompress/_C*.so [--reps 30] [--threads 1]
+    python benchmarks/ab_packed.py kvcompress/_C*.so --amx    # one build: AMX path off (A), on (B)
+
+With ``--amx`` one build runs as both: A with its AMX path forbidden
+(``_C._set_amx(False)``, the vector units), B with it allowed (on a CPU
+without AMX the two are the same code).
 
 Prints one line per case: medians of A and B, A/B, the median of the
 per-rep ratios, and the control.
@@ -51,12 +56,29 @@ def load(path: str):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", help="the first build's _C extension file")
-    ap.add_argument("b", help="the second build's _C extension file")
+    ap.add_argument("b", nargs="?", help="the second build's _C extension file (not with --amx)")
+    ap.add_argument("--amx", action="store_true",
+                    help="time build a with its AMX path forbidden (A) and allowed (B)")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per build and case")
     ap.add_argument("--threads", type=int, default=1, help="threads of both builds (default 1)")
     ap.add_argument("--lengths", default="4096,16384", help="slots per head, comma-separated")
     args = ap.parse_args(argv)
-    builds, installed = (load(args.a), load(args.b)), ops._C
+    if args.amx == (args.b is not None):
+        ap.error("give two builds, or one build with --amx")
+    if args.amx:
+        one = load(args.a)
+        builds = (one, one)
+        prev_amx = one._set_amx(True)
+
+        def use(i):
+            ops._C = builds[i]
+            one._set_amx(i == 1)
+    else:
+        builds = (load(args.a), load(args.b))
+
+        def use(i):
+            ops._C = builds[i]
+    installed = ops._C
     for mod in builds:
         mod.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -76,8 +98,8 @@ def main(argv=None) -> None:
                     return ops.packed_attention(q, *pk, *pv, rk, rv, bits=bits, group=GROUP, value_bits=vbits)
 
                 outs = []
-                for mod in builds:
-                    ops._C = mod
+                for i in (0, 1):
+                    use(i)
                     outs.append(packed())
                 err = (outs[0] - outs[1]).abs().max().item()
                 assert err < 1e-6, (shape, n, bits, vbits, err)
@@ -85,7 +107,7 @@ def main(argv=None) -> None:
                 control = {0: [], 1: []}
                 for r in range(args.reps):
                     for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                        ops._C = builds[i]
+                        use(i)
                         t0 = time.perf_counter()
                         packed()
                         t[i].append(time.perf_counter() - t0)
@@ -98,6 +120,8 @@ def main(argv=None) -> None:
                 print(f"| {shape} | {n} | {bits}/{vbits} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {per:.2f}x | "
                       f"{ca:.0f} / {cb:.0f} |", flush=True)
     ops._C = installed  # back to the package's own build
+    if args.amx:
+        one._set_amx(prev_amx)
 
 
 if __name__ == "__main__":

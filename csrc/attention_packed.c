@@ -32,6 +32,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "attention_amx.h"
 #include "attention_packed.h"
 #include "attention_packed_math.h"
 #include "attention_tile.h"
@@ -51,6 +52,7 @@ struct pa_geom {
     int bits, vbits;   /* key and value code widths */
     int grouped;     /* G % AT_TK == 0: every vector of AT_TK channels lies in one value group */
     int64_t NS;      /* key token groups one tile can span: size of the ring of scaled queries */
+    int amx;         /* the whole-tile stretches take the AMX path (attention_amx.h) */
     size_t float_floats; /* floats of a thread's buffers */
     size_t thread_bytes;
 };
@@ -183,10 +185,12 @@ static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_g
     g->float_floats = (size_t)((g->u.R + g->NS * g->u.R + 2 * AT_TK + 3) * g->u.Dp + g->NS * g->u.R +
                                g->u.R * (AT_TK + 1) + 2 * g->ng * AT_TK +
                                (g->grouped ? g->u.R * g->ng * AT_TK : AT_TK * g->u.Dp) + g->u.R * g->ng);
+    g->amx = kvc_amx_usable(g->bits, g->vbits, g->u.D, g->G);
     g->thread_bytes = kvc_align_up(g->float_floats * sizeof(float)) +
                       kvc_align_up((size_t)g->u.R * sizeof(int64_t)) +
                       kvc_align_up((size_t)g->u.Dp * sizeof(int32_t)) +
-                      kvc_align_up((size_t)kvc_at_round_up(g->Db + AT_TK, AT_TK));
+                      kvc_align_up((size_t)kvc_at_round_up(g->Db + AT_TK, AT_TK)) +
+                      (g->amx ? kvc_align_up(kvc_amx_scratch_bytes(g->u.D)) : 0);
 }
 
 size_t kvc_packed_attention_scratch_bytes(const struct kvc_packed_attention_params *p)
@@ -403,6 +407,7 @@ struct pa_thread {
     int64_t *lim; /* [R] last logical slot each row sees */
     int32_t *uidx; /* [Dp] value group of the channel at each position (0 past D) */
     uint8_t *tmp;  /* a contiguous copy of a strided code row */
+    void *amx;     /* the AMX path's buffers (g->amx), else NULL */
 };
 
 /* Ring slot of token group t: scaled query rows and biases (against the
@@ -702,6 +707,26 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
     }
 }
 
+/* Packed slots [a0, a1) (multiples of 32) by the AMX path, from the state
+ * the tiles before them left. */
+static void pa_amx_span(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
+                        const struct pa_head *h, const struct pa_thread *w, int64_t a0, int64_t a1, int64_t R,
+                        float *pm, float *ps, float *acc)
+{
+    struct kvc_amx_span s;
+    s.kc = h->kc, s.vc = h->vc, s.km = h->km, s.ks = h->ks, s.vm = h->vm, s.vs = h->vs, s.c = h->c;
+    s.kcs = h->kcs, s.kcd = h->kcd, s.vcs = h->vcs, s.vcd = h->vcd;
+    s.kms = h->kms, s.kmd = h->kmd, s.kss = h->kss, s.ksd = h->ksd;
+    s.vms = h->vms, s.vmd = h->vmd, s.vss = h->vss, s.vsd = h->vsd, s.cs = h->cs;
+    s.q = w->qbuf;
+    s.R = R, s.D = g->u.D, s.Dp = g->u.Dp, s.G = g->G, s.ng = g->ng, s.j0 = a0, s.n = a1 - a0;
+    s.bits = g->bits, s.vbits = g->vbits;
+    s.scaling = p->scaling;
+    s.pm = pm, s.ps = ps, s.acc = acc, s.mn = w->mn;
+    s.scratch = w->amx;
+    kvc_amx_packed_span(&s);
+}
+
 KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
                              int64_t pair, int64_t blk, float *part, const struct pa_thread *w, int wide)
 {
@@ -709,7 +734,7 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
     const int64_t b = bh / g->u.Hkv, hk = bh % g->u.Hkv;
     const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
     struct pa_head h;
-    int64_t i0, nq, end, j0, j1, jp, jt, R, r, c, have = -1;
+    int64_t i0, nq, end, j0, j1, jp, jt, R, r, c, a0, a1, have = -1;
     float *pm, *ps, *acc;
 
     pa_head_get(p, b, hk, &h);
@@ -743,8 +768,20 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
     /* packed slots, tiles at multiples of AT_TK so that with G % AT_TK == 0
      * a tile meets one token group */
     jp = j1 < h.n ? j1 : h.n;
+    /* with AMX, the 32-aligned stretch of whole tiles goes to the tile
+     * products; the tiles before and after it run here */
+    a0 = a1 = jp;
+    if (wide && g->amx && (j0 + 31) / 32 * 32 + 32 <= jp / 32 * 32) {
+        a0 = (j0 + 31) / 32 * 32;
+        a1 = jp / 32 * 32;
+    }
     for (jt = j0; jt < jp;) {
         int64_t je = (jt / AT_TK + 1) * AT_TK;
+        if (jt == a0) {
+            pa_amx_span(p, g, &h, w, a0, a1, R, pm, ps, acc);
+            jt = a1;
+            continue;
+        }
         je = je < jp ? je : jp;
         /* Dp = g->u.Dp; as a constant for the wide unit's common head
          * sizes, so that the loops over channel blocks unroll (the loop
@@ -842,6 +879,8 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
         w.uidx = (int32_t *)tb;
         tb += kvc_align_up((size_t)g.u.Dp * sizeof(int32_t));
         w.tmp = (uint8_t *)tb;
+        tb += kvc_align_up((size_t)kvc_at_round_up(g.Db + AT_TK, AT_TK));
+        w.amx = g.amx ? tb : NULL;
         /* by position; 0 (a group that exists) for the pads, whose values
          * are never read */
         for (c = 0; c < g.u.Dp; c++) w.uidx[c] = 0;

@@ -16,6 +16,7 @@
 
 #include <string.h>
 
+#include "attention_amx.h"
 #include "kvc_math.h"
 
 #ifdef KVC_WITH_CUDA
@@ -132,6 +133,24 @@ static PyObject *py_set_wide(PyObject *m, PyObject *arg)
     return PyBool_FromLong(kvc_set_wide(v));
 }
 
+/* Test/benchmark hook: allow (1) or forbid (0) the packed attention's AMX
+ * path (attention_amx.h); returns the previous setting. */
+static PyObject *py_set_amx(PyObject *m, PyObject *arg)
+{
+    struct kvc_state *st = kvc_py_get_state(m);
+    int v;
+    if (kvc_py_get_bool(st, arg, "flag", &v) < 0) return NULL;
+    return PyBool_FromLong(kvc_set_amx(v));
+}
+
+/* Whether the packed attention takes its AMX path for 4-bit keys and values
+ * at D = 64 on this CPU now. */
+static PyObject *py_amx(PyObject *m, PyObject *noarg)
+{
+    (void)m, (void)noarg;
+    return PyBool_FromLong(kvc_amx_usable(4, 4, 64, 32));
+}
+
 /* Whether the attention ops run their wide units on this CPU now. */
 static PyObject *py_wide(PyObject *Py_UNUSED(m), PyObject *Py_UNUSED(ignored))
 {
@@ -187,6 +206,11 @@ static PyMethodDef kvc_methods[] = {
     {"_set_wide", py_set_wide, METH_O,
      "_set_wide(flag)\n--\n\nTest hook: allow or forbid the attention ops' 16-lane x86-64-v4 units; "
      "returns the previous setting."},
+    {"_set_amx", py_set_amx, METH_O,
+     "_set_amx(flag)\n--\n\nTest hook: allow or forbid the packed attention's AMX path; returns the previous "
+     "setting."},
+    {"_amx", py_amx, METH_NOARGS,
+     "_amx()\n--\n\nWhether the packed attention takes its AMX path (4-bit keys and values) on this CPU now."},
     {"_wide", py_wide, METH_NOARGS,
      "_wide()\n--\n\nWhether the attention ops run their 16-lane x86-64-v4 units on this CPU now."},
     {"_use_exchange_api", py_use_exchange_api, METH_O,

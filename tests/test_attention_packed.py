@@ -438,6 +438,17 @@ def test_batch_rows_independent():
     assert torch.equal(full[1:2], one)
 
 
+def spaced(x, dim):
+    """x as every other element of a buffer twice as long along dim."""
+    shape = list(x.shape)
+    shape[dim] *= 2
+    big = torch.zeros(shape, dtype=x.dtype)
+    sl = [slice(None)] * x.dim()
+    sl[dim] = slice(1, None, 2)
+    big[tuple(sl)] = x
+    return big[tuple(sl)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_strides_do_not_change_bits(dtype):
     """Strided views of every input (as a store writing into slices makes)
@@ -445,17 +456,6 @@ def test_strides_do_not_change_bits(dtype):
     B, Hq, Hkv, nq, n, r, D, G, bits = 2, 6, 2, 2, 100, 3, 40, 8, 4
     q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype)
     want = run(q, pk, rk, rv, bits, G)
-
-    def spaced(x, dim):
-        """x as every other element of a buffer twice as long along dim."""
-        shape = list(x.shape)
-        shape[dim] *= 2
-        big = torch.zeros(shape, dtype=x.dtype)
-        sl = [slice(None)] * x.dim()
-        sl[dim] = slice(1, None, 2)
-        big[tuple(sl)] = x
-        return big[tuple(sl)]
-
     strided = Packed(kc=spaced(pk.kc, 3), km=pk.km.transpose(2, 3).contiguous().transpose(2, 3),
                      ks=spaced(pk.ks, 2), vc=spaced(pk.vc, 2), vm=spaced(pk.vm, 3),
                      vs=pk.vs.transpose(2, 3).contiguous().transpose(2, 3))

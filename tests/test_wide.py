@@ -10,7 +10,8 @@ layouts, dtypes, head dims, GQA ratios, chunk lengths, group sizes and code
 widths the kernels branch on. The float64 references of test_attention.py and
 test_attention_packed.py check the values themselves (on whichever path the
 CPU takes). On a CPU without x86-64-v4, or a build without the wide units,
-only the switch itself is checked.
+only the switch itself is checked. The packed attention's AMX path adds in
+another order (test_amx.py): it is off here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ from test_attention_packed import pack_ragged, pack_uniform, run, uniform_case
 
 WIDE = _C._wide()
 needs_wide = pytest.mark.skipif(not WIDE, reason="this CPU or build runs no wide units (not x86-64-v4)")
+
+
+@pytest.fixture(autouse=True)
+def vector_units_only():
+    """The wide and cloned vector units are compared, not the AMX path."""
+    prev = _C._set_amx(False)
+    yield
+    _C._set_amx(prev)
 
 
 @contextlib.contextmanager

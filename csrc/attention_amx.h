@@ -1,0 +1,81 @@
+/*
+ * attention_amx.h - the packed attention's AMX path (attention_amx.c): the
+ * whole-tile stretch of one kv head's packed slots, its key logits and
+ * weighted value codes done by Intel AMX bf16 tile products.
+ *
+ * Each product's factors are exact in bf16: the centred 2- and 4-bit codes
+ * (half-integers up to 7.5) and three bf16 pieces of every fp32 multiplier
+ * (a query times its key scale, a weight times its value scale), cut by
+ * truncation so that hi + mid + lo equals the fp32 value exactly. Each
+ * product is exact in fp32, and the tiles add them in fp32, so the only
+ * roundings are fp32 additions, as in plain fp32 attention. The order of
+ * those additions differs from the vector path's, so the bits do as well:
+ * the path is one more level of the dispatch (x86-64-v4 with AMX), switched
+ * off by the test hook kvc_set_amx(0) for the bit-for-bit comparisons of
+ * the vector units.
+ */
+#ifndef KVC_ATTENTION_AMX_H
+#define KVC_ATTENTION_AMX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvc.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(KVC_WIDE) && defined(__linux__)
+#define KVC_AMX 1
+#endif
+
+/* Slots of a span run in chunks of this many: logits of a chunk, then one
+ * softmax rescale, then its values. A multiple of 32 (a value product
+ * covers 32 slots). */
+#define KVC_AMX_CHUNK 256
+
+/* One kv head's packed slots [j0, j0 + n) (j0 and n multiples of 32) and
+ * the running softmax state of its R query rows. Element strides, as in
+ * attention_packed.c's struct pa_head; code rows are D * bits / 8 bytes. */
+struct kvc_amx_span {
+    const uint8_t *kc, *vc;    /* codes of packed slot 0 */
+    const float *km, *ks;      /* key min / scale of token group 0 */
+    const float *vm, *vs;      /* value min / scale of packed slot 0 */
+    const float *c;            /* counts of packed slot 0, NULL: none */
+    int64_t kcs, kcd, vcs, vcd; /* codes: slot, byte */
+    int64_t kms, kmd, kss, ksd; /* key min / scale: group, channel */
+    int64_t vms, vmd, vss, vsd; /* value min / scale: slot, group */
+    int64_t cs;
+    const float *q;  /* [R][Dp] query rows, fp32 */
+    int64_t R, D, Dp, G, ng, j0, n;
+    int bits, vbits;  /* key and value code widths, 2 or 4 */
+    float scaling;
+    float *pm, *ps;  /* [R] running max and sum */
+    float *acc;      /* [R][Dp] running sum of weight x scale x centred code */
+    float *mn;       /* [R][ng] running sum of weight x value centre per group */
+    void *scratch;   /* kvc_amx_scratch_bytes(D) bytes, 64-byte aligned */
+};
+
+/* 1 when the packed attention of this shape may take the AMX path: an AMX
+ * CPU whose kernel grants the tile state, not switched off by the test
+ * hook, 2- or 4-bit keys and values, D a multiple of 32, G of 32. */
+int kvc_amx_usable(int bits, int vbits, int64_t D, int64_t G);
+
+/* Test hook (wide.c): allow (1) or forbid (0) the AMX path; returns the
+ * previous setting. kvc_amx_allowed: the setting. */
+int kvc_set_amx(int allow);
+int kvc_amx_allowed(void);
+
+/* Scratch one thread needs for kvc_amx_packed_span at head size D. */
+size_t kvc_amx_scratch_bytes(int64_t D);
+
+/* Runs the span: the state in s->pm, ps, acc and mn goes on from the slots
+ * before it, as attention_packed.c's tiles would leave it. */
+void kvc_amx_packed_span(const struct kvc_amx_span *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_ATTENTION_AMX_H */
