@@ -35,6 +35,8 @@ def machine() -> dict:
     info = dict(
         cpu=cpu, cores=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
         numpy=np.__version__, openmp=bool(ops._C.has_openmp), loadavg_at_start=[round(x, 2) for x in load],
+        # which attention units the build runs here: the 16-lane x86-64-v4 ones, the packed AMX path
+        wide_units=bool(ops._C._wide()), amx=bool(ops._C._amx()),
     )
     try:
         import transformers
@@ -49,8 +51,16 @@ def machine_line(info: dict) -> str:
     """One Markdown sentence describing ``machine()``'s result."""
     extra = f", transformers {info['transformers']}" if "transformers" in info else ""
     return (f"Machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}, torch {info['torch']}"
-            f"{extra}, NumPy {info['numpy']}, OpenMP {'on' if info['openmp'] else 'off'}; load average at start "
-            f"{info['loadavg_at_start']}.")
+            f"{extra}, NumPy {info['numpy']}, OpenMP {'on' if info['openmp'] else 'off'}{_units(info)}; load average "
+            f"at start {info['loadavg_at_start']}.")
+
+
+def _units(info: dict) -> str:
+    """The attention units a run used (absent from results written before 2026-12-03)."""
+    if "wide_units" not in info:
+        return ""
+    units = "16-lane (x86-64-v4)" if info["wide_units"] else "8-lane"
+    return f", attention units {units}, AMX path {'on' if info.get('amx') else 'off'}"
 
 
 def command_line(script: str, argv=None) -> str:
