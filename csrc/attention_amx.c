@@ -172,6 +172,25 @@ AMX_TARGET static inline __m512i amx_bf16_pair(__m512 a, __m512 b)
     return _mm512_permutex2var_epi16(_mm512_castps_si512(a), odd, _mm512_castps_si512(b));
 }
 
+/* The 32 floats v0, v1 as three rows of 32 bf16 (64 bytes each): their hi,
+ * mid and lo pieces (amx_pieces), `stride` bytes apart. */
+AMX_TARGET static inline void amx_store_pieces(void *dst, int64_t stride, __m512 v0, __m512 v1)
+{
+    __m512 h0, m0, l0, h1, m1, l1;
+    char *d = (char *)dst;
+    amx_pieces(v0, &h0, &m0, &l0);
+    amx_pieces(v1, &h1, &m1, &l1);
+    _mm512_storeu_si512(d, amx_bf16_pair(h0, h1));
+    _mm512_storeu_si512(d + stride, amx_bf16_pair(m0, m1));
+    _mm512_storeu_si512(d + 2 * stride, amx_bf16_pair(l0, l1));
+}
+
+/* A sum from its three pieces' sums, the small ones first. */
+AMX_TARGET static inline __m512 amx_sum_pieces(__m512 hi, __m512 mid, __m512 lo)
+{
+    return _mm512_add_ps(_mm512_add_ps(lo, mid), hi);
+}
+
 /* r[i] <- column i of the 16 x 16 dwords in r. */
 AMX_TARGET static inline void amx_transpose16(__m512i r[16])
 {
@@ -250,10 +269,10 @@ AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct 
                                      int64_t t)
 {
     const int64_t D = s->D, Dh = D / 2;
-    const float *ks = s->ks + t * s->kss, *km = s->km + t * s->kms;
+    const float *ks = s->h.ks + t * s->h.kss, *km = s->h.km + t * s->h.kms;
     const float mid = kvc_pk_mid(s->bits);
     int64_t c, r, k;
-    if (s->ksd == 1 && s->kmd == 1) {
+    if (s->h.ksd == 1 && s->h.kmd == 1) {
         const __m512 vmid = _mm512_set1_ps(mid);
         for (c = 0; c < D; c += 16) {
             const __m512 sc = _mm512_loadu_ps(ks + c);
@@ -265,8 +284,8 @@ AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct 
         }
     } else {
         for (c = 0; c < D; c++) {
-            w->krow[c] = ks[c * s->ksd];
-            w->mrow[c] = fmaf(ks[c * s->ksd], mid, km[c * s->kmd]);
+            w->krow[c] = ks[c * s->h.ksd];
+            w->mrow[c] = fmaf(ks[c * s->h.ksd], mid, km[c * s->h.kmd]);
         }
     }
     for (r = 0; r < nr; r++) {
@@ -274,16 +293,11 @@ AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct 
         __m512 bias = _mm512_setzero_ps();
         for (c = 0; c < D; c += 32) {
             const __m512 q0 = _mm512_loadu_ps(q + c), q1 = _mm512_loadu_ps(q + c + 16);
-            const __m512 v0 = _mm512_mul_ps(q0, _mm512_loadu_ps(w->krow + c));
-            const __m512 v1 = _mm512_mul_ps(q1, _mm512_loadu_ps(w->krow + c + 16));
-            __m512 h0, m0, l0, h1, m1, l1;
             bias = _mm512_fmadd_ps(q0, _mm512_loadu_ps(w->mrow + c), bias);
             bias = _mm512_fmadd_ps(q1, _mm512_loadu_ps(w->mrow + c + 16), bias);
-            amx_pieces(v0, &h0, &m0, &l0);
-            amx_pieces(v1, &h1, &m1, &l1);
-            _mm512_storeu_si512(w->tq + r * Dh + c / 2, amx_bf16_pair(h0, h1));
-            _mm512_storeu_si512(w->tq + (nr + r) * Dh + c / 2, amx_bf16_pair(m0, m1));
-            _mm512_storeu_si512(w->tq + (2 * nr + r) * Dh + c / 2, amx_bf16_pair(l0, l1));
+            amx_store_pieces(w->tq + r * Dh + c / 2, nr * Dh * (int64_t)sizeof(uint32_t),
+                             _mm512_mul_ps(q0, _mm512_loadu_ps(w->krow + c)),
+                             _mm512_mul_ps(q1, _mm512_loadu_ps(w->krow + c + 16)));
         }
         w->qb[r] = s->scaling * _mm512_reduce_add_ps(bias);
     }
@@ -308,16 +322,15 @@ AMX_TARGET static inline void amx_tile_logits(const struct kvc_amx_span *s, cons
     int64_t i, r;
     for (i = 0; i < 16; i++) m[i] = _mm512_loadu_si512(w->ct + 256 * h + i * 16);
     amx_transpose16(m);
-    if (s->c) {
-        for (i = 0; i < 16; i++) w->lc[i] = kvc_logf(s->c[(jt + i) * s->cs]);
+    if (s->h.c) {
+        for (i = 0; i < 16; i++) w->lc[i] = kvc_logf(s->h.c[(jt + i) * s->h.cs]);
         lc = _mm512_loadu_ps(w->lc);
     } else {
         lc = _mm512_setzero_ps();
     }
     for (r = 0; r < nr; r++) {
-        const __m512 sum = _mm512_add_ps(_mm512_add_ps(_mm512_castsi512_ps(m[2 * nr + r]),
-                                                       _mm512_castsi512_ps(m[nr + r])),
-                                         _mm512_castsi512_ps(m[r]));
+        const __m512 sum = amx_sum_pieces(_mm512_castsi512_ps(m[r]), _mm512_castsi512_ps(m[nr + r]),
+                                          _mm512_castsi512_ps(m[2 * nr + r]));
         const __m512 x = _mm512_add_ps(_mm512_mul_ps(sum, _mm512_set1_ps(s->scaling)),
                                        _mm512_add_ps(lc, _mm512_set1_ps(w->qb[r])));
         _mm512_storeu_ps(w->x + r * KVC_AMX_CHUNK + (jt - j), x);
@@ -342,9 +355,9 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
         for (i = 0; i < 32; i++) {
             /* the codes stream from memory: ask for the keys four tiles
              * ahead, and for these values, read after the chunk's softmax */
-            if (jt + 64 + i < end) _mm_prefetch((const char *)(s->kc + (jt + 64 + i) * s->kcs), _MM_HINT_T0);
-            _mm_prefetch((const char *)(s->vc + (jt + i) * s->vcs), _MM_HINT_T1);
-            amx_unpack_row(w->ak + i * D, s->kc + (jt + i) * s->kcs, s->kcd, D, s->bits, w->ktab, w->tmp);
+            if (jt + 64 + i < end) _mm_prefetch((const char *)(s->h.kc + (jt + 64 + i) * s->h.kcs), _MM_HINT_T0);
+            _mm_prefetch((const char *)(s->h.vc + (jt + i) * s->h.vcs), _MM_HINT_T1);
+            amx_unpack_row(w->ak + i * D, s->h.kc + (jt + i) * s->h.kcs, s->h.kcd, D, s->bits, w->ktab, w->tmp);
         }
         _tile_zero(0);
         _tile_zero(1);
@@ -368,22 +381,22 @@ AMX_TARGET static void amx_value_group(const struct kvc_amx_span *s, const struc
 {
     const float mid = kvc_pk_mid(s->vbits);
     int i;
-    if (s->vss * 31 <= INT32_MAX && s->vms * 31 <= INT32_MAX && s->vss >= 0 && s->vms >= 0) {
+    if (s->h.vss * 31 <= INT32_MAX && s->h.vms * 31 <= INT32_MAX && s->h.vss >= 0 && s->h.vms >= 0) {
         const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        const __m512i is = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)s->vss));
-        const __m512i im = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)s->vms));
-        const float *vs = s->vs + js * s->vss + u * s->vsd, *vm = s->vm + js * s->vms + u * s->vmd;
+        const __m512i is = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)s->h.vss));
+        const __m512i im = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)s->h.vms));
+        const float *vs = s->h.vs + js * s->h.vss + u * s->h.vsd, *vm = s->h.vm + js * s->h.vms + u * s->h.vmd;
         for (i = 0; i < 32; i += 16) {
-            const __m512 sc = _mm512_i32gather_ps(is, vs + i * s->vss, 4);
+            const __m512 sc = _mm512_i32gather_ps(is, vs + i * s->h.vss, 4);
             _mm512_storeu_ps(w->sc + i, sc);
-            _mm512_storeu_ps(w->ce + i, _mm512_fmadd_ps(sc, _mm512_set1_ps(mid), _mm512_i32gather_ps(im, vm + i * s->vms, 4)));
+            _mm512_storeu_ps(w->ce + i, _mm512_fmadd_ps(sc, _mm512_set1_ps(mid), _mm512_i32gather_ps(im, vm + i * s->h.vms, 4)));
         }
         return;
     }
     for (i = 0; i < 32; i++) {
-        const float sc = s->vs[(js + i) * s->vss + u * s->vsd];
+        const float sc = s->h.vs[(js + i) * s->h.vss + u * s->h.vsd];
         w->sc[i] = sc;
-        w->ce[i] = fmaf(sc, mid, s->vm[(js + i) * s->vms + u * s->vmd]); /* as the gathers' */
+        w->ce[i] = fmaf(sc, mid, s->h.vm[(js + i) * s->h.vms + u * s->h.vmd]); /* as the gathers' */
     }
 }
 
@@ -397,16 +410,16 @@ AMX_TARGET static void amx_value_codes(const struct kvc_amx_span *s, uint16_t *b
     const int64_t nb = 4 * s->vbits; /* bytes of 32 channels */
     int64_t p, i;
     for (p = 0; p < 16; p++) {
-        const uint8_t *ra = s->vc + (js + 2 * p) * s->vcs, *rb = s->vc + (js + 2 * p + 1) * s->vcs;
+        const uint8_t *ra = s->h.vc + (js + 2 * p) * s->h.vcs, *rb = s->h.vc + (js + 2 * p + 1) * s->h.vcs;
         uint8_t ca[16], cb[16];
         __m512i lo, hi;
-        if (s->vcd == 1) {
+        if (s->h.vcd == 1) {
             ra += nb * b;
             rb += nb * b;
         } else {
             for (i = 0; i < nb; i++) {
-                ca[i] = ra[(nb * b + i) * s->vcd];
-                cb[i] = rb[(nb * b + i) * s->vcd];
+                ca[i] = ra[(nb * b + i) * s->h.vcd];
+                cb[i] = rb[(nb * b + i) * s->h.vcd];
             }
             ra = ca;
             rb = cb;
@@ -457,18 +470,14 @@ AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const stru
         for (js = j; js < j + nc; js += 32) {
             for (q = 0; q < nbb; q++) {
                 const int64_t b = b0 + q, u = 32 * b / s->G;
-                uint16_t *a = av + q * 512;
-                amx_value_group(s, w, u, js);
-                for (r = 0; r < nr; r++) {
+                /* two blocks of one value group share its A (G >= 64) */
+                const int own = q == 0 || u != 32 * b0 / s->G;
+                if (own) amx_value_group(s, w, u, js);
+                for (r = 0; r < nr && own; r++) {
                     const float *e = w->x + r * KVC_AMX_CHUNK + (js - j);
                     const __m512 e0 = _mm512_loadu_ps(e), e1 = _mm512_loadu_ps(e + 16);
-                    const __m512 s0 = _mm512_loadu_ps(w->sc), s1 = _mm512_loadu_ps(w->sc + 16);
-                    __m512 h0, m0, l0, h1, m1, l1;
-                    amx_pieces(_mm512_mul_ps(e0, s0), &h0, &m0, &l0);
-                    amx_pieces(_mm512_mul_ps(e1, s1), &h1, &m1, &l1);
-                    _mm512_storeu_si512(a + r * 32, amx_bf16_pair(h0, h1));
-                    _mm512_storeu_si512(a + (nr + r) * 32, amx_bf16_pair(m0, m1));
-                    _mm512_storeu_si512(a + (2 * nr + r) * 32, amx_bf16_pair(l0, l1));
+                    amx_store_pieces(av + q * 512 + r * 32, nr * 64, _mm512_mul_ps(e0, _mm512_loadu_ps(w->sc)),
+                                     _mm512_mul_ps(e1, _mm512_loadu_ps(w->sc + 16)));
                     if (32 * b % s->G == 0) {
                         /* the group's first block adds its centre sums */
                         float *mv = w->mnv + (r * (D / 32) + u) * 16;
@@ -486,7 +495,7 @@ AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const stru
             _tile_loadd(6, w->bv + 512, 64);
             _tile_dpbf16ps(1, 4, 6);
             if (nbb == 2) {
-                _tile_loadd(7, av + 512, 64);
+                _tile_loadd(7, av + (32 * (b0 + 1) / s->G == 32 * b0 / s->G ? 0 : 512), 64);
                 _tile_loadd(5, w->bv + 1024, 64);
                 _tile_dpbf16ps(2, 7, 5);
                 _tile_loadd(6, w->bv + 1536, 64);
@@ -504,12 +513,10 @@ AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const stru
             float *o = s->acc + (r0 + r) * s->Dp;
             for (q = 0; q < nbb; q++) {
                 const float *ce = w->cv + q * 512, *co = ce + 256;
-                const __m512 ev = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(ce + (2 * nr + r) * 16),
-                                                              _mm512_loadu_ps(ce + (nr + r) * 16)),
-                                                _mm512_loadu_ps(ce + r * 16));
-                const __m512 od = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(co + (2 * nr + r) * 16),
-                                                              _mm512_loadu_ps(co + (nr + r) * 16)),
-                                                _mm512_loadu_ps(co + r * 16));
+                const __m512 ev = amx_sum_pieces(_mm512_loadu_ps(ce + r * 16), _mm512_loadu_ps(ce + (nr + r) * 16),
+                                                 _mm512_loadu_ps(ce + (2 * nr + r) * 16));
+                const __m512 od = amx_sum_pieces(_mm512_loadu_ps(co + r * 16), _mm512_loadu_ps(co + (nr + r) * 16),
+                                                 _mm512_loadu_ps(co + (2 * nr + r) * 16));
                 float *ob = o + 32 * (b0 + q);
                 _mm512_storeu_ps(ob, _mm512_fmadd_ps(_mm512_loadu_ps(ob), al,
                                                      _mm512_permutex2var_ps(ev, lo_idx, od)));

@@ -20,6 +20,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "attention_packed_head.h"
 #include "kvc.h"
 
 #ifdef __cplusplus
@@ -36,17 +37,10 @@ extern "C" {
 #define KVC_AMX_CHUNK 256
 
 /* One kv head's packed slots [j0, j0 + n) (j0 and n multiples of 32) and
- * the running softmax state of its R query rows. Element strides, as in
- * attention_packed.c's struct pa_head; code rows are D * bits / 8 bytes. */
+ * the running softmax state of its R query rows; code rows are D * bits / 8
+ * bytes. */
 struct kvc_amx_span {
-    const uint8_t *kc, *vc;    /* codes of packed slot 0 */
-    const float *km, *ks;      /* key min / scale of token group 0 */
-    const float *vm, *vs;      /* value min / scale of packed slot 0 */
-    const float *c;            /* counts of packed slot 0, NULL: none */
-    int64_t kcs, kcd, vcs, vcd; /* codes: slot, byte */
-    int64_t kms, kmd, kss, ksd; /* key min / scale: group, channel */
-    int64_t vms, vmd, vss, vsd; /* value min / scale: slot, group */
-    int64_t cs;
+    struct kvc_packed_head h; /* the head: codes, mins, scales, counts and their strides */
     const float *q;  /* [R][Dp] query rows, fp32 */
     int64_t R, D, Dp, G, ng, j0, n;
     int bits, vbits;  /* key and value code widths, 2 or 4 */

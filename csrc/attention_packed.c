@@ -34,6 +34,7 @@
 
 #include "attention_amx.h"
 #include "attention_packed.h"
+#include "attention_packed_head.h"
 #include "attention_packed_math.h"
 #include "attention_tile.h"
 #include "attention_units.h"
@@ -57,21 +58,6 @@ struct pa_geom {
     size_t thread_bytes;
 };
 
-/* Where the slots of one kv head live. Strides in elements (bytes for codes). */
-struct pa_head {
-    const uint8_t *kc, *vc;    /* codes of packed slot 0 */
-    const float *km, *ks;      /* key min / scale of token group 0 */
-    const float *vm, *vs;      /* value min / scale of packed slot 0 */
-    const float *c;            /* counts of packed slot 0, NULL: none */
-    const char *rk, *rv;       /* residual row 0 */
-    int64_t kcs, kcd, vcs, vcd; /* codes: slot, byte */
-    int64_t kms, kmd, kss, ksd; /* key min / scale: group, channel */
-    int64_t vms, vmd, vss, vsd; /* value min / scale: slot, group */
-    int64_t cs;
-    int64_t rks, rkd, rvs, rvd; /* residual: slot, channel */
-    int64_t n, s0;             /* packed slots; first valid logical slot */
-};
-
 /* Elements from the start of v to kv head (b, hk)'s first row: ragged, row
  * `row` of the shared buffer; uniform, [b, hk]. */
 static int64_t pa_head_at(const struct kvc_view *v, int ragged, int64_t row, int64_t b, int64_t hk)
@@ -80,7 +66,7 @@ static int64_t pa_head_at(const struct kvc_view *v, int ragged, int64_t row, int
 }
 
 static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, int64_t hk,
-                        struct pa_head *h)
+                        struct kvc_packed_head *h)
 {
     const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
     const struct kvc_view *kc = &p->key_codes, *vc = &p->value_codes;
@@ -121,14 +107,14 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
 
 /* Last logical slot query qi sees: the queries are the last q residual
  * slots, or with no residual (r = 0) come after every packed slot. */
-static inline int64_t pa_last(const struct pa_geom *g, const struct pa_head *h, int64_t qi)
+static inline int64_t pa_last(const struct pa_geom *g, const struct kvc_packed_head *h, int64_t qi)
 {
     return g->r ? h->n + g->r - g->u.q + qi : h->n - 1;
 }
 
 /* Queries [i0, i0 + *nq) of tile t; returns the end (exclusive) of the
  * logical slots the tile sees (pa_last of its last query, plus one). */
-static int64_t pa_tile(const struct pa_geom *g, const struct pa_head *h, int64_t t, int64_t *i0,
+static int64_t pa_tile(const struct pa_geom *g, const struct kvc_packed_head *h, int64_t t, int64_t *i0,
                        int64_t *nq)
 {
     kvc_at_tile_rows(&g->u, t, i0, nq);
@@ -137,7 +123,7 @@ static int64_t pa_tile(const struct pa_geom *g, const struct pa_head *h, int64_t
 
 /* Split blocks are the u.sb-aligned stretches of the logical sequence that
  * meet [s0, end), so tiles start at multiples of AT_TK after the first. */
-static int64_t pa_blocks(const struct pa_geom *g, const struct pa_head *h, int64_t t)
+static int64_t pa_blocks(const struct pa_geom *g, const struct kvc_packed_head *h, int64_t t)
 {
     int64_t i0, nq, end = pa_tile(g, h, t, &i0, &nq);
     if (end <= h->s0) return 0;
@@ -146,14 +132,14 @@ static int64_t pa_blocks(const struct pa_geom *g, const struct pa_head *h, int64
 
 static int64_t pa_head_blocks(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk, int64_t t)
 {
-    struct pa_head h;
+    struct kvc_packed_head h;
     pa_head_get((const struct kvc_packed_attention_params *)op, b, hk, &h);
     return pa_blocks((const struct pa_geom *)u, &h, t);
 }
 
 static int64_t pa_head_span(const void *op, const struct kvc_at_units *u, int64_t b, int64_t hk)
 {
-    struct pa_head h;
+    struct kvc_packed_head h;
     int64_t i0, nq, end;
     pa_head_get((const struct kvc_packed_attention_params *)op, b, hk, &h);
     end = pa_tile((const struct pa_geom *)u, &h, u->ntiles - 1, &i0, &nq);
@@ -412,7 +398,7 @@ struct pa_thread {
 
 /* Ring slot of token group t: scaled query rows and biases (against the
  * group's centres), computed once per (unit, group). */
-KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct pa_head *h,
+KVC_INLINE void pa_key_group(const struct pa_geom *g, const struct kvc_packed_head *h,
                              const struct pa_thread *w, int64_t t, int64_t R, float scaling)
 {
     const int64_t Dp = g->u.Dp, slot = t % g->NS;
@@ -527,7 +513,7 @@ KVC_INLINE void pa_groups_by_lane(at_vf *e, const float *src, int64_t ng)
  * them one by one with strides (about 7% of the unit's time at D = 64). The
  * centres are kvc_pk_centre_at's expression, so the same values. Returns 0
  * (and does nothing) for any other tile. */
-KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
+KVC_INLINE int pa_value_groups(const struct kvc_packed_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
                                int64_t ng, float vmid)
 {
     at_vf sc[4], mn[4];
@@ -544,7 +530,7 @@ KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *
     return 1;
 }
 #else
-KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
+KVC_INLINE int pa_value_groups(const struct kvc_packed_head *h, const struct pa_thread *w, int64_t jt, int64_t nk,
                                int64_t ng, float vmid)
 {
     (void)h, (void)w, (void)jt, (void)nk, (void)ng, (void)vmid;
@@ -554,7 +540,7 @@ KVC_INLINE int pa_value_groups(const struct pa_head *h, const struct pa_thread *
 
 /* One tile of packed slots [jt, jt + nk). */
 KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
-                               const struct pa_geom *g, const struct pa_head *h,
+                               const struct pa_geom *g, const struct kvc_packed_head *h,
                                const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
                                float *pm, float *ps, float *acc, int64_t *have, int wide, int64_t Dp)
 {
@@ -674,7 +660,7 @@ KVC_INLINE void pa_packed_tile(const struct kvc_packed_attention_params *p,
 
 /* One tile of residual slots [jt, jt + nk) (logical; row jt - n onwards). */
 KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
-                                 const struct pa_geom *g, const struct pa_head *h,
+                                 const struct pa_geom *g, const struct kvc_packed_head *h,
                                  const struct pa_thread *w, int64_t jt, int64_t nk, int64_t R,
                                  float *pm, float *ps, float *acc, int wide)
 {
@@ -710,14 +696,11 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
 /* Packed slots [a0, a1) (multiples of 32) by the AMX path, from the state
  * the tiles before them left. */
 static void pa_amx_span(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
-                        const struct pa_head *h, const struct pa_thread *w, int64_t a0, int64_t a1, int64_t R,
+                        const struct kvc_packed_head *h, const struct pa_thread *w, int64_t a0, int64_t a1, int64_t R,
                         float *pm, float *ps, float *acc)
 {
     struct kvc_amx_span s;
-    s.kc = h->kc, s.vc = h->vc, s.km = h->km, s.ks = h->ks, s.vm = h->vm, s.vs = h->vs, s.c = h->c;
-    s.kcs = h->kcs, s.kcd = h->kcd, s.vcs = h->vcs, s.vcd = h->vcd;
-    s.kms = h->kms, s.kmd = h->kmd, s.kss = h->kss, s.ksd = h->ksd;
-    s.vms = h->vms, s.vmd = h->vmd, s.vss = h->vss, s.vsd = h->vsd, s.cs = h->cs;
+    s.h = *h; /* a copy: one indirection less in the hot loops */
     s.q = w->qbuf;
     s.R = R, s.D = g->u.D, s.Dp = g->u.Dp, s.G = g->G, s.ng = g->ng, s.j0 = a0, s.n = a1 - a0;
     s.bits = g->bits, s.vbits = g->vbits;
@@ -733,7 +716,7 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
     const int64_t Dp = g->u.Dp, t = pair % g->u.ntiles, bh = pair / g->u.ntiles;
     const int64_t b = bh / g->u.Hkv, hk = bh % g->u.Hkv;
     const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)p->q.dtype);
-    struct pa_head h;
+    struct kvc_packed_head h;
     int64_t i0, nq, end, j0, j1, jp, jt, R, r, c, a0, a1, have = -1;
     float *pm, *ps, *acc;
 
