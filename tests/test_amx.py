@@ -15,14 +15,12 @@ the switch is checked.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
 from kvcompress import _C, ops
-from test_attention import DTYPE_IDS, DTYPES, queries, randn
+from test_attention import DTYPE_IDS, DTYPES, assert_switch, queries, randn, switched
 from test_attention_packed import Packed, check, pack_ragged, pack_uniform, packed_ref, run, spaced, uniform_case
 
 AMX = _C._amx()
@@ -36,13 +34,8 @@ def _restore_threads():
     ops.set_num_threads(n)
 
 
-@contextlib.contextmanager
 def amx(flag: bool):
-    prev = _C._set_amx(flag)
-    try:
-        yield
-    finally:
-        _C._set_amx(prev)
+    return switched(_C._set_amx, flag)
 
 
 def both(fn):
@@ -56,12 +49,7 @@ def both(fn):
 
 def test_switch():
     """The hook reports and restores its setting; forbidding always wins."""
-    with amx(False):
-        assert _C._amx() is False
-        assert _C._set_amx(True) is False
-        assert _C._amx() is AMX
-        _C._set_amx(False)
-    assert _C._amx() is AMX
+    assert_switch(_C._set_amx, _C._amx, AMX)
 
 
 CASES = [  # (B, Hq, Hkv, q, n, r, D, G)

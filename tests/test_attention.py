@@ -11,6 +11,7 @@ exact in fp32 do not demand bit-equality.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -31,6 +32,29 @@ def _restore_threads():
     n = ops.get_num_threads()
     yield
     ops.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def switched(hook, flag: bool):
+    """A kernel-path test hook of _C (``_set_wide``, ``_set_amx``) set to
+    flag for the block, then back to what it was."""
+    prev = hook(flag)
+    try:
+        yield
+    finally:
+        hook(prev)
+
+
+def assert_switch(hook, state, native: bool):
+    """hook (a _C ``_set_*`` test hook) reports and restores its setting,
+    state() (its ``_C._*`` query) follows it, and forbidding always wins:
+    native is what state() says when the path is allowed."""
+    with switched(hook, False):
+        assert state() is False
+        assert hook(True) is False
+        assert state() is native
+        hook(False)
+    assert state() is native
 
 
 def randn(shape, dtype=torch.float32, seed=0, scale=1.0):

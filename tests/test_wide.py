@@ -16,14 +16,12 @@ another order (test_amx.py): it is off here.
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
 from kvcompress import _C, ops
-from test_attention import queries, randn
+from test_attention import assert_switch, queries, randn, switched
 from test_attention_packed import pack_ragged, pack_uniform, run, uniform_case
 
 WIDE = _C._wide()
@@ -33,18 +31,12 @@ needs_wide = pytest.mark.skipif(not WIDE, reason="this CPU or build runs no wide
 @pytest.fixture(autouse=True)
 def vector_units_only():
     """The wide and cloned vector units are compared, not the AMX path."""
-    prev = _C._set_amx(False)
-    yield
-    _C._set_amx(prev)
-
-
-@contextlib.contextmanager
-def wide(flag: bool):
-    prev = _C._set_wide(flag)
-    try:
+    with switched(_C._set_amx, False):
         yield
-    finally:
-        _C._set_wide(prev)
+
+
+def wide(flag: bool):
+    return switched(_C._set_wide, flag)
 
 
 def both(fn, threads=(1, 2)):
@@ -69,12 +61,7 @@ def both(fn, threads=(1, 2)):
 
 def test_switch():
     """The hook reports and restores its setting; forbidding always wins."""
-    with wide(False):
-        assert _C._wide() is False
-        assert _C._set_wide(True) is False
-        assert _C._wide() is WIDE
-        _C._set_wide(False)
-    assert _C._wide() is WIDE
+    assert_switch(_C._set_wide, _C._wide, WIDE)
 
 
 @needs_wide
