@@ -1,28 +1,43 @@
 /*
  * attention_amx.c - the packed attention's AMX path (attention_amx.h).
  *
- * Per chunk of KVC_AMX_CHUNK slots, for up to 5 query rows at a time:
- *   logits  16 slots at a time: C^T[slot][col] += A . B over the head dim in
- *           steps of 32 channels, A = the slots' centred key codes in bf16
- *           (one row per slot, channel order), B = the three bf16 pieces of
- *           each row's q * key scale (columns piece * rows + row; pairs of
- *           channels per row, AMX's VNNI layout), built once per token
- *           group. C^T is transposed with shuffles and the pieces' columns
- *           added: logit = scaling * (lo + mid + hi) + bias + log(count).
+ * Int8 tile products (AMX-INT8, tdpbssd: int8 x int8 summed in int32).
+ * Every fp32 multiplier (a query times its key scale, a weight times its
+ * value scale) becomes a fixed point of 31 bits: round(m x 2^(30 - E)),
+ * E the exponent of the largest multiplier it is summed with, split into
+ * four signed int8 digits (base 256). Codes enter centred, as signed bytes
+ * (code - 2^(bits - 1)). A digit times a code is exact and so is every
+ * int32 sum; the four digits' sums are combined in fp32, small first.
+ * Per chunk of KVC_AMX_CHUNK slots, for up to 4 query rows at a time
+ * (4 digits x 4 rows fill a tile's 16 rows):
+ *   logits  a pair of 16-slot tiles: C[4 row + digit][slot] += A . B over
+ *           the head dim in steps of 64 channels, A = the digits of each
+ *           row's q x key scale (built once per token group), B = the
+ *           slots' codes, four channels of a slot per dword. B comes from
+ *           the packed rows by a 4 x 4 dword transpose in each 128-bit
+ *           lane and a shift and mask per row of B: no shuffle per code.
+ *           logit = scaling x 2^(E - 6) x digits' sum + bias + log(count).
  *   softmax one rescale of the running state per chunk (its max), then the
  *           chunk's weights exp(x - max).
- *   values  32 slots and 32 channels (one value group) at a time:
- *           C[piece * rows + row][channel] += A . B, A = the three bf16
- *           pieces of weight x value scale over the 32 slots, B = the codes
- *           of the 32 slots, slot pairs by channel, half the channels in one
- *           tile and half in another. The pieces are added and the
- *           channels interleaved once per chunk, into the running sums.
- * Every tile is 16 rows of 64 bytes. No dequantized value is formed: codes
- * (2 or 4 bits, keys and values each) go to bf16 by one table permute.
+ *   values  64 slots and two 32-channel blocks at a time:
+ *           C[4 row + digit][channel] += A . B, A = the digits of weight x
+ *           value scale over the slots (E from the bound: the chunk's
+ *           largest weight x largest scale of the group), B = the codes of
+ *           four slots per dword, a byte each, by one byte permute per
+ *           four rows; accumulated over the chunk in four tiles.
+ * Every tile is 16 rows of 64 bytes. No dequantized value is formed.
+ *
+ * Tried on the way (a 2-core Xeon with AMX, benchmarks/ab_packed.py), and
+ * not kept: building a batch of tiles before their products (about 0.9x)
+ * or one step ahead of them (0.95-1.01x), to spare a tile load the wait
+ * for the stores that wrote its bytes (24 ns a fresh tile load, measured
+ * alone; here other work hides it); buffers skewed against 4 KiB aliasing
+ * (1.00x); prefetching a line, not a row, at a time (0.86-1.01x).
  */
 #if defined(__linux__) && !defined(_GNU_SOURCE)
 #define _GNU_SOURCE /* syscall(), for the tile-state permission */
 #endif
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -30,8 +45,8 @@
 #include "attention_packed_math.h"
 #include "kvc_math.h"
 
-#define AMX_ROWS 5 /* query rows per pass: three pieces each fill 15 of a tile's 16 columns */
-#define AMX_STEP 32 /* slots of one value product, channels of one key step */
+#define AMX_ROWS 4 /* query rows per pass: their four int8 digits fill a tile's 16 rows */
+#define AMX_K 64   /* bytes of K in one tile product: 64 key channels, or 64 slots of values */
 
 #ifdef KVC_AMX
 #include <cpuid.h>
@@ -39,20 +54,20 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512vbmi,amx-tile,amx-bf16")))
+#define AMX_TARGET __attribute__((target("arch=x86-64-v4,avx512vbmi,amx-tile,amx-int8")))
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* AMX-TILE and AMX-BF16 (cpuid 7.0 edx bits 24 and 22), AVX512-VBMI (ecx
- * bit 1: the 2-bit unpack's multishift; every AMX CPU has it), the tile state
- * enabled by the OS (XCR0 bits 17 and 18), and Linux's permission for this
- * process to use it (asked once; threads share it). */
+/* AMX-TILE and AMX-INT8 (cpuid 7.0 edx bits 24 and 25), AVX512-VBMI (ecx
+ * bit 1: the byte permutes; every AMX CPU has it), the tile state enabled
+ * by the OS (XCR0 bits 17 and 18), and Linux's permission for this process
+ * to use it (asked once; threads share it). */
 static int amx_cpu(void)
 {
     unsigned a, b, c, d, lo, hi;
     if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return 0; /* OSXSAVE */
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
-    if (!(d & (1u << 24)) || !(d & (1u << 22)) || !(c & (1u << 1))) return 0;
+    if (!(d & (1u << 24)) || !(d & (1u << 25)) || !(c & (1u << 1))) return 0;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     (void)hi;
     if ((lo & (3u << 17)) != (3u << 17)) return 0;
@@ -63,8 +78,7 @@ int kvc_amx_usable(int bits, int vbits, int64_t D, int64_t G)
 {
     static int cpu = -1; /* -1: not asked yet; two threads asking store the same answer */
     int c;
-    if ((bits != 2 && bits != 4) || (vbits != 2 && vbits != 4) || D < AMX_STEP || D % AMX_STEP || G % AMX_STEP)
-        return 0;
+    if ((bits != 2 && bits != 4) || (vbits != 2 && vbits != 4) || D < 32 || D % 32 || G % 32) return 0;
     if (!kvc_amx_allowed() || !kvc_wide_active()) return 0;
     c = __atomic_load_n(&cpu, __ATOMIC_RELAXED);
     if (c < 0) {
@@ -74,22 +88,26 @@ int kvc_amx_usable(int bits, int vbits, int64_t D, int64_t G)
     return c;
 }
 
-/* The thread's buffers (attention_amx.h's scratch), 64-byte aligned. */
+/* The thread's buffers (attention_amx.h's scratch), 64-byte aligned. A
+ * tile is 16 rows of 64 bytes (1024); a C tile 16 x 16 int32. */
 struct amx_buf {
-    __m512i ktab, vtab; /* amx_code_table of the key and value widths */
-    float *x;      /* [AMX_ROWS][CHUNK] logits, then weights */
-    uint32_t *tq;  /* [16][D / 2] the pieces of q * key scale, a row per column of B */
-    uint32_t *bk;  /* [D / 32][16][16] B of each key step */
-    uint16_t *ak;  /* [32][D] A: two tiles' centred key codes */
-    float *ct;     /* [2][16][16] their C^T */
-    uint16_t *av;  /* [2][16][32] A: bf16 pieces of a block pair's weights */
-    uint16_t *bv;  /* [2][2][16][32] B: value codes of a block pair, even / odd channels */
-    float *cv;     /* [4][16][16] the value tiles of a block pair */
-    float *mnv;    /* [AMX_ROWS][ng][16] centre sums of a chunk, per lane */
+    __m512i kperm, vperm; /* amx_digit_perm of the key channel order and of slot order */
+    float *x;       /* [AMX_ROWS][CHUNK] logits, then weights */
+    int8_t *ka;     /* [ks][1024] A of each key step of 64 channels: row 4r + p = digit p of row r's q x key scale */
+    uint8_t *kb;    /* [2][ks][1024] B of two key tiles: row = 4 channels, dword = a slot's codes of them */
+    int32_t *ct;    /* [2][256] their C: row 4r + p, column = slot */
+    int8_t *av;     /* [2][1024] A of a block pair's value groups: row 4r + p, byte = a slot */
+    uint8_t *bv;    /* [2][2][1024] B of a block pair: two tiles of 16 channels per block, row = 4 slots */
+    int32_t *cv;    /* [4][256] the value tiles' C: row 4r + p, column = channel */
+    float *sc, *ce; /* [D / 32][CHUNK] value scales and centres of the chunk's slots, by group */
+    float *vmax;    /* [D / 32] the chunk's largest value scale of each group */
+    float *mnv;     /* [AMX_ROWS][D / 32][16] centre sums of a chunk, per lane */
     float *krow, *mrow; /* [D] key scales and centres of a token group */
-    float *sc, *ce;     /* [32] value scales and centres of one group's 32 slots */
+    float *kf;      /* [AMX_ROWS] scaling x 2^(E - 6), E the exponent of a group's key multipliers */
+    float *vq, *vf; /* [AMX_ROWS][D / 32] 2^(30 - E) and 2^(E - 6) of a chunk's value multipliers */
+    float *wmax;    /* [AMX_ROWS] the chunk's largest weight */
     float *qb, *lc, *alpha; /* [16] biases, log counts, rescale factors */
-    uint8_t *tmp;  /* [D / 2] a contiguous copy of a strided code row */
+    uint8_t *tmp;   /* [64][D / 2] contiguous copies of strided code rows */
 };
 
 /* Lays the buffers out from `scratch` (NULL: only measures); returns
@@ -97,26 +115,30 @@ struct amx_buf {
 static size_t amx_carve(struct amx_buf *w, void *scratch, int64_t D)
 {
     char *base = (char *)scratch;
-    const size_t d = (size_t)D;
+    const size_t d = (size_t)D, ks = (d + AMX_K - 1) / AMX_K, ng = d / 32;
     size_t off = 0;
 #define AMX_TAKE(field, type, n) (w->field = base ? (type *)(base + off) : NULL, off += kvc_align_up((n) * sizeof(type)))
     AMX_TAKE(x, float, AMX_ROWS * KVC_AMX_CHUNK);
-    AMX_TAKE(tq, uint32_t, 16 * d / 2);
-    AMX_TAKE(bk, uint32_t, d / 32 * 256);
-    AMX_TAKE(ak, uint16_t, 32 * d);
-    AMX_TAKE(ct, float, 2 * 16 * 16);
-    AMX_TAKE(av, uint16_t, 2 * 16 * 32);
-    AMX_TAKE(bv, uint16_t, 4 * 16 * 32);
-    AMX_TAKE(cv, float, 4 * 16 * 16);
-    AMX_TAKE(mnv, float, AMX_ROWS * d / 32 * 16);
+    AMX_TAKE(ka, int8_t, ks * 1024);
+    AMX_TAKE(kb, uint8_t, 2 * ks * 1024);
+    AMX_TAKE(ct, int32_t, 2 * 256);
+    AMX_TAKE(av, int8_t, 2 * 1024);
+    AMX_TAKE(bv, uint8_t, 4 * 1024);
+    AMX_TAKE(cv, int32_t, 4 * 256);
+    AMX_TAKE(sc, float, ng * KVC_AMX_CHUNK);
+    AMX_TAKE(ce, float, ng * KVC_AMX_CHUNK);
+    AMX_TAKE(vmax, float, ng);
+    AMX_TAKE(mnv, float, AMX_ROWS * ng * 16);
     AMX_TAKE(krow, float, d);
     AMX_TAKE(mrow, float, d);
-    AMX_TAKE(sc, float, 32);
-    AMX_TAKE(ce, float, 32);
+    AMX_TAKE(kf, float, AMX_ROWS);
+    AMX_TAKE(vq, float, AMX_ROWS * ng);
+    AMX_TAKE(vf, float, AMX_ROWS * ng);
+    AMX_TAKE(wmax, float, AMX_ROWS);
     AMX_TAKE(qb, float, 16);
     AMX_TAKE(lc, float, 16);
     AMX_TAKE(alpha, float, 16);
-    AMX_TAKE(tmp, uint8_t, d / 2);
+    AMX_TAKE(tmp, uint8_t, 64 * d / 2);
 #undef AMX_TAKE
     return off;
 }
@@ -135,193 +157,222 @@ struct amx_cfg {
     uint8_t rows[16];
 };
 
-/* Word i: the bf16 bits of the centred code i mod 2^bits (2 or 4 bits): a
- * permute reads an index's low 5 bits, and the table repeats past 2^bits,
- * so the bits above a code need no mask. */
-AMX_TARGET static inline __m512i amx_code_table(int bits)
+/* E with 0 <= M < 2^E, at least -96 (so that 2^(30 - E) stays finite):
+ * the fixed-point exponent of multipliers whose largest magnitude is M
+ * (frexpf's, from the bits: the library calls took 7% of the path). */
+static inline int amx_exponent(float M)
 {
-    uint16_t t[32];
-    int i;
-    for (i = 0; i < 32; i++) {
-        const float f = kvc_pk_centred((uint32_t)i & kvc_pk_mask(bits), bits);
-        uint32_t u;
-        memcpy(&u, &f, 4);
-        t[i] = (uint16_t)(u >> 16); /* exact: a half-integer below 8 */
-    }
+    uint32_t u;
+    int e;
+    if (!(M > 0.0f && M <= FLT_MAX)) return -96;
+    memcpy(&u, &M, 4);
+    e = (int)(u >> 23) - 126; /* a subnormal M (field 0) gives -126 */
+    return e < -96 ? -96 : e;
+}
+
+/* 2^e for e in [-126, 127], exactly. */
+static inline float amx_pow2(int e)
+{
+    const uint32_t u = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The four int8 digits of round(v x f) (|v x f| <= 2^30), a dword per
+ * lane: byte p holds digit p, with round(v f) = sum_p digit_p 256^p and
+ * each digit in [-128, 127]. Adding 128 to every base-256 digit turns them
+ * into 0..255, the plain bytes of the integer plus 0x80808080; their top
+ * bits flipped back are the signed digits. */
+AMX_TARGET static inline __m512i amx_digits(__m512 v, __m512 f)
+{
+    const __m512i bias = _mm512_set1_epi32((int)0x80808080u);
+    const __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(v, f)); /* an exact product: f is a power of 2 */
+    return _mm512_xor_si512(_mm512_add_epi32(i, bias), bias);
+}
+
+/* vpermb table from 16 lanes of digits (amx_digits) to 4 x 16 bytes: digit
+ * p of lane chan[j] at byte 16p + j. */
+AMX_TARGET static inline __m512i amx_digit_perm(const int chan[16])
+{
+    uint8_t t[64];
+    int p, j;
+    for (p = 0; p < 4; p++)
+        for (j = 0; j < 16; j++) t[16 * p + j] = (uint8_t)(4 * chan[j] + p);
     return _mm512_loadu_si512(t);
 }
 
-/* v = hi + mid + lo exactly, each with at most 8 significant bits (bf16 in
- * the top half of an fp32, the bottom half zero): truncation to bf16
- * twice, and what is left has at most 24 - 16 = 8 bits. */
-AMX_TARGET static inline void amx_pieces(__m512 v, __m512 *hi, __m512 *mid, __m512 *lo)
+/* Four rows of a tile (64 bytes each, at dst .. dst + 192) from the
+ * permuted digits of four blocks of 16 (z[c] = digit p of block c's 16
+ * lanes in its lane p): row p = lane p of z[0..3], by a 4 x 4 transpose of
+ * the lanes. Whole-row stores: 16-byte ones cost twice the time here. */
+AMX_TARGET static inline void amx_store_rows(void *dst, const __m512i z[4])
 {
-    const __m512i top = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 r;
-    *hi = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), top));
-    r = _mm512_sub_ps(v, *hi);
-    *mid = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), top));
-    *lo = _mm512_sub_ps(r, *mid);
-}
-
-/* The top halves of a's and b's 16 floats: 32 bf16 in order. */
-AMX_TARGET static inline __m512i amx_bf16_pair(__m512 a, __m512 b)
-{
-    const __m512i odd = _mm512_set_epi16(63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29,
-                                         27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
-    return _mm512_permutex2var_epi16(_mm512_castps_si512(a), odd, _mm512_castps_si512(b));
-}
-
-/* The 32 floats v0, v1 as three rows of 32 bf16 (64 bytes each): their hi,
- * mid and lo pieces (amx_pieces), `stride` bytes apart. */
-AMX_TARGET static inline void amx_store_pieces(void *dst, int64_t stride, __m512 v0, __m512 v1)
-{
-    __m512 h0, m0, l0, h1, m1, l1;
     char *d = (char *)dst;
-    amx_pieces(v0, &h0, &m0, &l0);
-    amx_pieces(v1, &h1, &m1, &l1);
-    _mm512_storeu_si512(d, amx_bf16_pair(h0, h1));
-    _mm512_storeu_si512(d + stride, amx_bf16_pair(m0, m1));
-    _mm512_storeu_si512(d + 2 * stride, amx_bf16_pair(l0, l1));
+    const __m512i t0 = _mm512_shuffle_i32x4(z[0], z[1], 0x44), t1 = _mm512_shuffle_i32x4(z[0], z[1], 0xee);
+    const __m512i t2 = _mm512_shuffle_i32x4(z[2], z[3], 0x44), t3 = _mm512_shuffle_i32x4(z[2], z[3], 0xee);
+    _mm512_storeu_si512(d, _mm512_shuffle_i32x4(t0, t2, 0x88));
+    _mm512_storeu_si512(d + 64, _mm512_shuffle_i32x4(t0, t2, 0xdd));
+    _mm512_storeu_si512(d + 128, _mm512_shuffle_i32x4(t1, t3, 0x88));
+    _mm512_storeu_si512(d + 192, _mm512_shuffle_i32x4(t1, t3, 0xdd));
 }
 
-/* A sum from its three pieces' sums, the small ones first. */
-AMX_TARGET static inline __m512 amx_sum_pieces(__m512 hi, __m512 mid, __m512 lo)
+/* A product's sum from the int32 sums of its four digits (rows 16 ints
+ * apart), the small ones first: (sum_p C_p 256^p) / 2^24 in fp32. Each C_p
+ * is below 2^23 in magnitude, so its conversion is exact. */
+AMX_TARGET static inline __m512 amx_undigit(const int32_t *c)
 {
-    return _mm512_add_ps(_mm512_add_ps(lo, mid), hi);
+    const __m512 d0 = _mm512_cvtepi32_ps(_mm512_loadu_si512(c)), d1 = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + 16));
+    const __m512 d2 = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + 32)),
+                 d3 = _mm512_cvtepi32_ps(_mm512_loadu_si512(c + 48));
+    __m512 s = _mm512_fmadd_ps(d1, _mm512_set1_ps(0x1p-16f), _mm512_mul_ps(d0, _mm512_set1_ps(0x1p-24f)));
+    s = _mm512_fmadd_ps(d2, _mm512_set1_ps(0x1p-8f), s);
+    return _mm512_add_ps(s, d3);
 }
 
-/* r[i] <- column i of the 16 x 16 dwords in r. */
-AMX_TARGET static inline void amx_transpose16(__m512i r[16])
+/* In each 128-bit lane, the 4 x 4 dwords of t[0..3] transposed: lane L of
+ * t[i] holding dwords m..m + 3 of row 4L + i becomes lane L of t[i]
+ * holding dword m + i of rows 4L..4L + 3. */
+AMX_TARGET static inline void amx_transpose4(__m512i t[4])
 {
-    __m512i t[16];
-    int i;
-    for (i = 0; i < 8; i++) {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    for (i = 0; i < 4; i++) {
-        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    /* each 128-bit lane of r[4i + k] now holds rows 4i..4i+3 of one column
-     * of its 4 x 4 block; gather the four lanes of each column */
-    for (i = 0; i < 4; i++) {
-        t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
-        t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);
-        t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
-        t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
-    }
-    for (i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
-        r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
-    }
+    const __m512i a0 = _mm512_unpacklo_epi32(t[0], t[1]), a1 = _mm512_unpackhi_epi32(t[0], t[1]);
+    const __m512i a2 = _mm512_unpacklo_epi32(t[2], t[3]), a3 = _mm512_unpackhi_epi32(t[2], t[3]);
+    t[0] = _mm512_unpacklo_epi64(a0, a2);
+    t[1] = _mm512_unpackhi_epi64(a0, a2);
+    t[2] = _mm512_unpacklo_epi64(a1, a3);
+    t[3] = _mm512_unpackhi_epi64(a1, a3);
 }
 
-/* Multishift control: word w (low byte) takes the 8 bits from bit 2w of
- * its qword: with the 8 code bytes of 32 2-bit channels broadcast, word w
- * holds channel w's code in its low 2 bits. */
-AMX_TARGET static inline __m512i amx_shift2(void)
+/* Four 16-byte rows (`stride` apart) in the four lanes of one register. */
+AMX_TARGET static inline __m512i amx_four_rows(const uint8_t *src, int64_t stride)
 {
-    uint8_t c[64];
-    int i;
-    for (i = 0; i < 64; i++) c[i] = (uint8_t)(2 * (i / 2));
-    return _mm512_loadu_si512(c);
+    __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)src));
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + stride)), 1);
+    z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + 2 * stride)), 2);
+    return _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(src + 3 * stride)), 3);
 }
 
-/* 32 2-bit codes (8 bytes) -> 32 table indices, one word per channel. */
-AMX_TARGET static inline __m512i amx_index2(const uint8_t *src)
+/* The channel at K position j (0..15) of a 16-channel block of keys at
+ * `bits`: amx_key_codes' row m * 8 / bits + s holds, in byte i of every
+ * slot's dword, channel i * 8 / bits + s of code dword m. */
+static inline int amx_key_channel(int j, int bits)
 {
-    uint64_t q;
-    memcpy(&q, src, 8);
-    return _mm512_multishift_epi64_epi8(amx_shift2(), _mm512_set1_epi64((long long)q));
+    const int spr = 8 / bits, cpd = 32 / bits; /* rows of B and channels per code dword */
+    const int jj = j % (4 * spr);
+    return j / (4 * spr) * cpd + jj % 4 * spr + jj / 4;
 }
 
-/* A code row (D * bits / 8 bytes, `stride` apart) -> D centred bf16 codes
- * in channel order. 4 bits: byte i holds channels 2i (low nibble) and
- * 2i + 1, its dword's index words are the byte and the byte >> 4; 2 bits:
- * amx_index2. */
-AMX_TARGET static inline void amx_unpack_row(uint16_t *dst, const uint8_t *src, int64_t stride, int64_t D, int bits,
-                                             __m512i table, uint8_t *tmp)
+/* B of the 16 slots from jt (one key tile) into dst's key steps: code
+ * dword m of the rows (32 / bits channels) gives 8 / bits rows of B, row
+ * m * 8 / bits + s the bits from s * bits of every byte, centred (minus
+ * 2^(bits - 1)): in each slot's dword, channels i * 8 / bits + s of the
+ * code dword (i = 0..3, a byte each). The slots' dwords come from a 4 x 4
+ * transpose in each 128-bit lane, four rows per register: no shuffle per
+ * code. */
+AMX_TARGET static void amx_key_codes(const struct kvc_amx_span *s, const struct amx_buf *w, uint8_t *dst,
+                                     int64_t jt)
 {
-    const int64_t nb = D * bits / 8;
-    int64_t i;
-    if (stride != 1) {
-        for (i = 0; i < nb; i++) tmp[i] = src[i * stride];
-        src = tmp;
+    const int bits = s->bits, spr = 8 / bits;
+    const int64_t W = s->D * bits / 32, rb = 4 * W; /* dwords and bytes of a code row */
+    const __m512i mask = _mm512_set1_epi8((char)kvc_pk_mask(bits)), off = _mm512_set1_epi8((char)(1 << (bits - 1)));
+    const uint8_t *src = s->h.kc + jt * s->h.kcs;
+    int64_t stride = s->h.kcs, m, i;
+    int k;
+    if (s->h.kcd != 1 || W % 4) {
+        /* strided codes, or rows of 4k + 2 dwords (2 bits, D = 32 or 96):
+         * a contiguous copy (which the gather below indexes in int32) */
+        for (i = 0; i < 16; i++)
+            for (m = 0; m < rb; m++) w->tmp[i * rb + m] = src[i * s->h.kcs + m * s->h.kcd];
+        src = w->tmp;
+        stride = rb;
     }
-    if (bits == 4) {
-        for (i = 0; i < nb; i += 16) {
-            const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(src + i)));
-            const __m512i idx = _mm512_or_si512(d, _mm512_slli_epi32(d, 12));
-            _mm512_storeu_si512(dst + 2 * i, _mm512_permutexvar_epi16(idx, table));
+    for (m = 0; m < W; m += 4) {
+        __m512i t[4];
+        if (m + 4 <= W) {
+            for (k = 0; k < 4; k++) t[k] = amx_four_rows(src + k * stride + 4 * m, 4 * stride);
+            amx_transpose4(t);
+        } else {
+            const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+            const __m512i at = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)stride));
+            for (k = 0; m + k < W; k++) t[k] = _mm512_i32gather_epi32(at, src + 4 * (m + k), 1);
         }
-    } else {
-        for (i = 0; i < nb; i += 8) _mm512_storeu_si512(dst + 4 * i, _mm512_permutexvar_epi16(amx_index2(src + i), table));
+        for (k = 0; k < 4 && m + k < W; k++) {
+            int sh;
+            for (sh = 0; sh < spr; sh++) {
+                const int64_t row = (m + k) * spr + sh;
+                const __m512i c = _mm512_and_si512(_mm512_srli_epi32(t[k], (unsigned)(sh * bits)), mask);
+                _mm512_storeu_si512(dst + row / 16 * 1024 + row % 16 * 64, _mm512_sub_epi8(c, off));
+            }
+        }
     }
 }
 
-/* Token group t's B tiles (the pieces of q * key scale of rows r0.., in
- * the columns piece * nr + row) and biases scaling * q . centre. */
+/* Token group t's A (the digits of q x key scale of rows r0.., row 4r + p
+ * of each key step, in amx_key_codes' channel order), their factors
+ * w->kf and the biases scaling x q . centre. The digits are a fixed point
+ * of 2^(E - 30), E the row's exponent (amx_exponent of its largest
+ * multiplier): 31 bits against fp32's 24, so each multiplier is rounded by
+ * at most 2^-31 of the largest. */
 AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0, int64_t nr,
                                      int64_t t)
 {
-    const int64_t D = s->D, Dh = D / 2;
+    const int64_t D = s->D;
     const float *ks = s->h.ks + t * s->h.kss, *km = s->h.km + t * s->h.kms;
-    const float mid = kvc_pk_mid(s->bits);
-    int64_t c, r, k;
+    const float off = (float)(1 << (s->bits - 1));
+    int64_t c, r;
     if (s->h.ksd == 1 && s->h.kmd == 1) {
-        const __m512 vmid = _mm512_set1_ps(mid);
+        const __m512 voff = _mm512_set1_ps(off);
         for (c = 0; c < D; c += 16) {
             const __m512 sc = _mm512_loadu_ps(ks + c);
             _mm512_storeu_ps(w->krow + c, sc);
-            /* kvc_pk_centre_at's min + scale * mid, fused here and below
-             * alike: the strided path must give the same bits at any -O
-             * (GCC contracts the plain expression only when optimizing) */
-            _mm512_storeu_ps(w->mrow + c, _mm512_fmadd_ps(sc, vmid, _mm512_loadu_ps(km + c)));
+            /* the centre min + scale x 2^(bits - 1), fused here and below
+             * alike: the strided path gives the same bits at any -O */
+            _mm512_storeu_ps(w->mrow + c, _mm512_fmadd_ps(sc, voff, _mm512_loadu_ps(km + c)));
         }
     } else {
         for (c = 0; c < D; c++) {
             w->krow[c] = ks[c * s->h.ksd];
-            w->mrow[c] = fmaf(ks[c * s->h.ksd], mid, km[c * s->h.kmd]);
+            w->mrow[c] = fmaf(ks[c * s->h.ksd], off, km[c * s->h.kmd]);
         }
     }
     for (r = 0; r < nr; r++) {
         const float *q = s->q + (r0 + r) * s->Dp;
-        __m512 bias = _mm512_setzero_ps();
-        for (c = 0; c < D; c += 32) {
-            const __m512 q0 = _mm512_loadu_ps(q + c), q1 = _mm512_loadu_ps(q + c + 16);
+        __m512 bias = _mm512_setzero_ps(), mx = _mm512_setzero_ps(), f;
+        float M;
+        int E;
+        for (c = 0; c < D; c += 16) {
+            const __m512 q0 = _mm512_loadu_ps(q + c);
             bias = _mm512_fmadd_ps(q0, _mm512_loadu_ps(w->mrow + c), bias);
-            bias = _mm512_fmadd_ps(q1, _mm512_loadu_ps(w->mrow + c + 16), bias);
-            amx_store_pieces(w->tq + r * Dh + c / 2, nr * Dh * (int64_t)sizeof(uint32_t),
-                             _mm512_mul_ps(q0, _mm512_loadu_ps(w->krow + c)),
-                             _mm512_mul_ps(q1, _mm512_loadu_ps(w->krow + c + 16)));
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(w->krow + c))));
         }
         w->qb[r] = s->scaling * _mm512_reduce_add_ps(bias);
-    }
-    /* B of step k: row kk = channel pair 16k + kk, column = tq's row */
-    for (k = 0; k < D / 32; k++) {
-        __m512i m[16];
-        int i;
-        for (i = 0; i < 16; i++) m[i] = _mm512_loadu_si512(w->tq + i * Dh + 16 * k);
-        amx_transpose16(m);
-        for (i = 0; i < 16; i++) _mm512_storeu_si512(w->bk + k * 256 + i * 16, m[i]);
+        M = _mm512_reduce_max_ps(mx);
+        E = amx_exponent(M);
+        f = _mm512_set1_ps(amx_pow2(30 - E));
+        w->kf[r] = M <= FLT_MAX ? s->scaling * amx_pow2(E - 6) : NAN; /* an infinite product: NaN logits */
+        for (c = 0; c < D; c += AMX_K) {
+            __m512i z[4];
+            int b;
+            for (b = 0; b < 4; b++) {
+                const int64_t cb = c + 16 * b; /* channels past D (D % 64 == 32): zero digits */
+                z[b] = cb < D ? _mm512_permutexvar_epi8(w->kperm, amx_digits(_mm512_mul_ps(_mm512_loadu_ps(q + cb),
+                                                                                         _mm512_loadu_ps(w->krow + cb)),
+                                                                           f))
+                              : _mm512_setzero_si512();
+            }
+            amx_store_rows(w->ka + c / AMX_K * 1024 + 4 * r * 64, z);
+        }
     }
 }
 
-/* A tile's logits from its C^T (16 slots x 16 columns, in w->ct + 256 h):
- * the columns transposed to rows, the pieces added (small first), scaled,
- * the bias and log counts added; into w->x from slot jt - j. */
+/* A tile's logits from its C (w->ct + 256 h: row 4r + p, 16 slots):
+ * scaling x q . (scale x centred code) + bias + log count, into w->x from
+ * slot jt - j. */
 AMX_TARGET static inline void amx_tile_logits(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t nr,
                                               int64_t j, int64_t jt, int h)
 {
-    __m512i m[16];
     __m512 lc;
     int64_t i, r;
-    for (i = 0; i < 16; i++) m[i] = _mm512_loadu_si512(w->ct + 256 * h + i * 16);
-    amx_transpose16(m);
     if (s->h.c) {
         for (i = 0; i < 16; i++) w->lc[i] = kvc_logf(s->h.c[(jt + i) * s->h.cs]);
         lc = _mm512_loadu_ps(w->lc);
@@ -329,22 +380,18 @@ AMX_TARGET static inline void amx_tile_logits(const struct kvc_amx_span *s, cons
         lc = _mm512_setzero_ps();
     }
     for (r = 0; r < nr; r++) {
-        const __m512 sum = amx_sum_pieces(_mm512_castsi512_ps(m[r]), _mm512_castsi512_ps(m[nr + r]),
-                                          _mm512_castsi512_ps(m[2 * nr + r]));
-        const __m512 x = _mm512_add_ps(_mm512_mul_ps(sum, _mm512_set1_ps(s->scaling)),
-                                       _mm512_add_ps(lc, _mm512_set1_ps(w->qb[r])));
+        const __m512 x = _mm512_fmadd_ps(amx_undigit(w->ct + 256 * h + 64 * r), _mm512_set1_ps(w->kf[r]),
+                                         _mm512_add_ps(lc, _mm512_set1_ps(w->qb[r])));
         _mm512_storeu_ps(w->x + r * KVC_AMX_CHUNK + (jt - j), x);
     }
 }
 
 /* Logits of rows r0.. over the chunk's slots [j, j + nc) into w->x, two
- * tiles at a time: their products form two independent chains (tiles 0
- * and 1). (A two-stage pipeline, the next pair unpacked while a pair's
- * products ran, measured no faster: tile latency is not what bounds it.) */
+ * tiles at a time (two independent chains of products). */
 AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0,
                                         int64_t nr, int64_t j, int64_t nc, int64_t *tcur)
 {
-    const int64_t D = s->D, end = s->j0 + s->n;
+    const int64_t ks = (s->D + AMX_K - 1) / AMX_K, end = s->j0 + s->n;
     int64_t jt, i, k;
     for (jt = j; jt < j + nc; jt += 32) {
         const int64_t t = jt / s->G; /* both tiles: G is a multiple of 32 */
@@ -353,20 +400,21 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
             *tcur = t;
         }
         for (i = 0; i < 32; i++) {
-            /* the codes stream from memory: ask for the keys four tiles
-             * ahead, and for these values, read after the chunk's softmax */
+            /* the codes stream from memory: ask for the keys two pairs of
+             * tiles ahead, and for these values, read after the softmax */
             if (jt + 64 + i < end) _mm_prefetch((const char *)(s->h.kc + (jt + 64 + i) * s->h.kcs), _MM_HINT_T0);
             _mm_prefetch((const char *)(s->h.vc + (jt + i) * s->h.vcs), _MM_HINT_T1);
-            amx_unpack_row(w->ak + i * D, s->h.kc + (jt + i) * s->h.kcs, s->h.kcd, D, s->bits, w->ktab, w->tmp);
         }
+        amx_key_codes(s, w, w->kb, jt);
+        amx_key_codes(s, w, w->kb + ks * 1024, jt + 16);
         _tile_zero(0);
         _tile_zero(1);
-        for (k = 0; k < D / 32; k++) {
-            _tile_loadd(4, w->bk + k * 256, 64);
-            _tile_loadd(2, w->ak + 32 * k, (int)(2 * D));
-            _tile_dpbf16ps(0, 2, 4);
-            _tile_loadd(3, w->ak + 16 * D + 32 * k, (int)(2 * D));
-            _tile_dpbf16ps(1, 3, 4);
+        for (k = 0; k < ks; k++) {
+            _tile_loadd(2, w->ka + k * 1024, 64);
+            _tile_loadd(4, w->kb + k * 1024, 64);
+            _tile_dpbssd(0, 2, 4);
+            _tile_loadd(5, w->kb + (ks + k) * 1024, 64);
+            _tile_dpbssd(1, 2, 5);
         }
         _tile_stored(0, w->ct, 64);
         _tile_stored(1, w->ct + 256, 64);
@@ -375,131 +423,175 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
     }
 }
 
-/* Value scales and centres of group u over the 32 slots from js. */
-AMX_TARGET static void amx_value_group(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t u,
-                                       int64_t js)
+/* The chunk's value scales and centres by group (w->sc, w->ce), the centre
+ * sums of rows r0.. (w->mnv, weights in w->x), and each row's and group's
+ * fixed point from the bound wmax x vmax of its multipliers. */
+AMX_TARGET static void amx_value_scales(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t nr,
+                                        int64_t j, int64_t nc)
 {
-    const float mid = kvc_pk_mid(s->vbits);
-    int i;
-    if (s->h.vss * 31 <= INT32_MAX && s->h.vms * 31 <= INT32_MAX && s->h.vss >= 0 && s->h.vms >= 0) {
-        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-        const __m512i is = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)s->h.vss));
-        const __m512i im = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)s->h.vms));
-        const float *vs = s->h.vs + js * s->h.vss + u * s->h.vsd, *vm = s->h.vm + js * s->h.vms + u * s->h.vmd;
-        for (i = 0; i < 32; i += 16) {
-            const __m512 sc = _mm512_i32gather_ps(is, vs + i * s->h.vss, 4);
-            _mm512_storeu_ps(w->sc + i, sc);
-            _mm512_storeu_ps(w->ce + i, _mm512_fmadd_ps(sc, _mm512_set1_ps(mid), _mm512_i32gather_ps(im, vm + i * s->h.vms, 4)));
+    const float off = (float)(1 << (s->vbits - 1));
+    const int gather = s->h.vss * 15 <= INT32_MAX && s->h.vms * 15 <= INT32_MAX && s->h.vss >= 0 && s->h.vms >= 0;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i is = _mm512_mullo_epi32(lane, _mm512_set1_epi32(gather ? (int)s->h.vss : 0));
+    const __m512i im = _mm512_mullo_epi32(lane, _mm512_set1_epi32(gather ? (int)s->h.vms : 0));
+    int64_t u, i, r;
+    for (u = 0; u < s->ng; u++) {
+        const float *vs = s->h.vs + j * s->h.vss + u * s->h.vsd, *vm = s->h.vm + j * s->h.vms + u * s->h.vmd;
+        float *sc = w->sc + u * KVC_AMX_CHUNK, *ce = w->ce + u * KVC_AMX_CHUNK;
+        __m512 mx = _mm512_setzero_ps();
+        for (i = 0; i < nc; i += 16) {
+            __m512 a, m;
+            if (gather) {
+                a = _mm512_i32gather_ps(is, vs + i * s->h.vss, 4);
+                m = _mm512_fmadd_ps(a, _mm512_set1_ps(off), _mm512_i32gather_ps(im, vm + i * s->h.vms, 4));
+                _mm512_storeu_ps(sc + i, a);
+                _mm512_storeu_ps(ce + i, m);
+            } else {
+                int l;
+                for (l = 0; l < 16; l++) {
+                    sc[i + l] = vs[(i + l) * s->h.vss];
+                    ce[i + l] = fmaf(sc[i + l], off, vm[(i + l) * s->h.vms]); /* as the gathers' */
+                }
+                a = _mm512_loadu_ps(sc + i);
+                m = _mm512_loadu_ps(ce + i);
+            }
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(a));
+            for (r = 0; r < nr; r++) {
+                float *mv = w->mnv + (r * s->ng + u) * 16;
+                _mm512_storeu_ps(mv, _mm512_fmadd_ps(_mm512_loadu_ps(w->x + r * KVC_AMX_CHUNK + i), m,
+                                                     _mm512_loadu_ps(mv)));
+            }
         }
-        return;
+        w->vmax[u] = _mm512_reduce_max_ps(mx);
     }
-    for (i = 0; i < 32; i++) {
-        const float sc = s->h.vs[(js + i) * s->h.vss + u * s->h.vsd];
-        w->sc[i] = sc;
-        w->ce[i] = fmaf(sc, mid, s->h.vm[(js + i) * s->h.vms + u * s->h.vmd]); /* as the gathers' */
+    for (r = 0; r < nr; r++)
+        for (u = 0; u < s->ng; u++) {
+            /* |weight x scale| <= wmax x vmax: rounding is monotone */
+            const float B = w->wmax[r] * w->vmax[u];
+            const int E = amx_exponent(B);
+            w->vq[r * s->ng + u] = amx_pow2(30 - E);
+            w->vf[r * s->ng + u] = B <= FLT_MAX ? amx_pow2(E - 6) : NAN;
+        }
+}
+
+/* A of value group u over the nk slots (32 or 64) from chunk offset o:
+ * row 4r + p, byte i = digit p of slot o + i's weight x scale in the row's
+ * fixed point; the bytes past nk zero. */
+AMX_TARGET static void amx_value_pieces(const struct kvc_amx_span *s, const struct amx_buf *w, int8_t *dst,
+                                        int64_t nr, int64_t u, int64_t o, int64_t nk)
+{
+    const float *sc = w->sc + u * KVC_AMX_CHUNK + o;
+    int64_t r, i;
+    for (r = 0; r < nr; r++) {
+        const float *x = w->x + r * KVC_AMX_CHUNK + o;
+        const __m512 f = _mm512_set1_ps(w->vq[r * s->ng + u]);
+        __m512i z[4];
+        for (i = 0; i < 4; i++)
+            z[i] = 16 * i < nk ? _mm512_permutexvar_epi8(w->vperm, amx_digits(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * i),
+                                                                                          _mm512_loadu_ps(sc + 16 * i)),
+                                                                            f))
+                               : _mm512_setzero_si512();
+        amx_store_rows(dst + 4 * r * 64, z);
     }
 }
 
-/* B of block b (channels 32b..32b + 31) over the 32 slots from js: row p
- * holds slots 2p and 2p + 1 (a dword per channel), in two tiles of 16
- * channels: 4 bits, the even channels in bv and the odd in bv + 512; 2 bits,
- * channels 8l + (0..3) in bv and 8l + (4..7) in bv + 512 (l = 0..3). */
-AMX_TARGET static void amx_value_codes(const struct kvc_amx_span *s, uint16_t *bv, int64_t b, int64_t js,
-                                       __m512i table)
+/* B of block b (channels 32b..32b + 31) over the nk slots from js: row k
+ * holds slots js + 4k .. js + 4k + 3, a byte each in a dword per channel,
+ * centred (minus 2^(bits - 1)). Two tiles of 16 channels: 4 bits, the even
+ * channels at dst and the odd at dst + 1024; 2 bits, channels 4n and
+ * 4n + 1 (n = 0..7) at dst, 4n + 2 and 4n + 3 at dst + 1024. */
+AMX_TARGET static void amx_value_codes(const struct kvc_amx_span *s, const struct amx_buf *w, uint8_t *dst,
+                                       int64_t b, int64_t js, int64_t nk)
 {
-    const int64_t nb = 4 * s->vbits; /* bytes of 32 channels */
-    int64_t p, i;
-    for (p = 0; p < 16; p++) {
-        const uint8_t *ra = s->h.vc + (js + 2 * p) * s->h.vcs, *rb = s->h.vc + (js + 2 * p + 1) * s->h.vcs;
-        uint8_t ca[16], cb[16];
-        __m512i lo, hi;
-        if (s->h.vcd == 1) {
-            ra += nb * b;
-            rb += nb * b;
-        } else {
-            for (i = 0; i < nb; i++) {
-                ca[i] = ra[(nb * b + i) * s->h.vcd];
-                cb[i] = rb[(nb * b + i) * s->h.vcd];
+    const int vb = s->vbits;
+    const int64_t nbytes = 4 * vb; /* bytes of 32 channels */
+    const __m512i mask = _mm512_set1_epi8((char)kvc_pk_mask(vb)), off = _mm512_set1_epi8((char)(1 << (vb - 1)));
+    const uint8_t *src = s->h.vc + js * s->h.vcs + nbytes * b * s->h.vcd;
+    int64_t stride = s->h.vcs, k, i;
+    if (s->h.vcd != 1) {
+        for (k = 0; k < nk; k++)
+            for (i = 0; i < nbytes; i++) w->tmp[k * nbytes + i] = src[k * s->h.vcs + i * s->h.vcd];
+        src = w->tmp;
+        stride = nbytes;
+    }
+    if (vb == 4) {
+        uint8_t t[64];
+        __m512i idx;
+        for (k = 0; k < 64; k++) t[k] = (uint8_t)(16 * (k % 4) + k / 4); /* dword i: byte i of the 4 rows */
+        idx = _mm512_loadu_si512(t);
+        for (k = 0; k < nk / 4; k++) {
+            const __m512i z = _mm512_permutexvar_epi8(idx, amx_four_rows(src + 4 * k * stride, stride));
+            _mm512_storeu_si512(dst + 64 * k, _mm512_sub_epi8(_mm512_and_si512(z, mask), off));
+            _mm512_storeu_si512(dst + 1024 + 64 * k,
+                                _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(z, 4), mask), off));
+        }
+    } else {
+        /* 8 bytes a row: eight rows (two quads) by one gather; each quad's
+         * dwords twice, shifted by 0 and 2 (then 4 and 6) in the two halves */
+        const __m512i lo = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(4));
+        const __m512i at = _mm512_set_epi64(7 * stride, 6 * stride, 5 * stride, 4 * stride, 3 * stride, 2 * stride,
+                                            stride, 0);
+        uint8_t t[2][64];
+        __m512i idx[2];
+        int q;
+        for (q = 0; q < 2; q++) {
+            for (k = 0; k < 64; k++) t[q][k] = (uint8_t)(8 * (4 * q + k % 4) + k % 32 / 4);
+            idx[q] = _mm512_loadu_si512(t[q]);
+        }
+        for (k = 0; k < nk / 4; k += 2) {
+            const __m512i rows = _mm512_i64gather_epi64(at, src + 4 * k * stride, 1);
+            for (q = 0; q < 2; q++) {
+                const __m512i z = _mm512_permutexvar_epi8(idx[q], rows);
+                _mm512_storeu_si512(dst + 64 * (k + q),
+                                    _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi32(z, lo), mask), off));
+                _mm512_storeu_si512(dst + 1024 + 64 * (k + q),
+                                    _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi32(z, hi), mask), off));
             }
-            ra = ca;
-            rb = cb;
         }
-        if (s->vbits == 4) {
-            const __m128i a = _mm_loadu_si128((const __m128i *)ra), bb = _mm_loadu_si128((const __m128i *)rb);
-            /* word i = byte i of a | byte i of b << 8, as a dword; with it
-             * shifted up a byte, the low word's low 5 bits are a's low
-             * nibble (and a stray bit the table ignores), the high word's
-             * b's low nibble */
-            const __m512i d = _mm512_cvtepu16_epi32(
-                _mm256_set_m128i(_mm_unpackhi_epi8(a, bb), _mm_unpacklo_epi8(a, bb)));
-            lo = _mm512_or_si512(d, _mm512_slli_epi32(d, 8));
-            hi = _mm512_srli_epi16(lo, 4);
-        } else {
-            const __m512i ia = amx_index2(ra), ib = amx_index2(rb);
-            lo = _mm512_unpacklo_epi16(ia, ib);
-            hi = _mm512_unpackhi_epi16(ia, ib);
-        }
-        _mm512_storeu_si512(bv + p * 32, _mm512_permutexvar_epi16(lo, table));
-        _mm512_storeu_si512(bv + 512 + p * 32, _mm512_permutexvar_epi16(hi, table));
     }
 }
 
 /* The weighted value codes of rows r0.. over the chunk's slots [j, j + nc)
- * (weights in w->x) into s->acc, rescaled by w->alpha; centre sums into
- * w->mnv. */
+ * (weights in w->x, scales in w->sc) into s->acc, rescaled by w->alpha. */
 AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0,
                                         int64_t nr, int64_t j, int64_t nc)
 {
-    const int64_t D = s->D, nb = D / 32;
+    const int64_t nb = s->D / 32;
     /* channels 0-15 and 16-31 of a block from its two tiles' columns
      * (amx_value_codes' order) */
     const __m512i lo_idx = s->vbits == 4
                                ? _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0)
-                               : _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+                               : _mm512_set_epi32(27, 19, 11, 3, 26, 18, 10, 2, 25, 17, 9, 1, 24, 16, 8, 0);
     const __m512i hi_idx = s->vbits == 4
                                ? _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8)
-                               : _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-    uint16_t *av = w->av;
+                               : _mm512_set_epi32(31, 23, 15, 7, 30, 22, 14, 6, 29, 21, 13, 5, 28, 20, 12, 4);
     int64_t b0, js, r, q;
     for (b0 = 0; b0 < nb; b0 += 2) {
         const int64_t nbb = nb - b0 < 2 ? nb - b0 : 2;
+        const int shared = nbb == 2 && 32 * (b0 + 1) / s->G == 32 * b0 / s->G; /* one value group: one A */
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
-        for (js = j; js < j + nc; js += 32) {
+        for (js = j; js < j + nc; js += AMX_K) {
+            const int64_t nk = j + nc - js < AMX_K ? j + nc - js : AMX_K;
             for (q = 0; q < nbb; q++) {
-                const int64_t b = b0 + q, u = 32 * b / s->G;
-                /* two blocks of one value group share its A (G >= 64) */
-                const int own = q == 0 || u != 32 * b0 / s->G;
-                if (own) amx_value_group(s, w, u, js);
-                for (r = 0; r < nr && own; r++) {
-                    const float *e = w->x + r * KVC_AMX_CHUNK + (js - j);
-                    const __m512 e0 = _mm512_loadu_ps(e), e1 = _mm512_loadu_ps(e + 16);
-                    amx_store_pieces(av + q * 512 + r * 32, nr * 64, _mm512_mul_ps(e0, _mm512_loadu_ps(w->sc)),
-                                     _mm512_mul_ps(e1, _mm512_loadu_ps(w->sc + 16)));
-                    if (32 * b % s->G == 0) {
-                        /* the group's first block adds its centre sums */
-                        float *mv = w->mnv + (r * (D / 32) + u) * 16;
-                        __m512 acc = _mm512_loadu_ps(mv);
-                        acc = _mm512_fmadd_ps(e0, _mm512_loadu_ps(w->ce), acc);
-                        acc = _mm512_fmadd_ps(e1, _mm512_loadu_ps(w->ce + 16), acc);
-                        _mm512_storeu_ps(mv, acc);
-                    }
-                }
-                amx_value_codes(s, w->bv + q * 1024, b, js, w->vtab);
+                if (q == 0 || !shared)
+                    amx_value_pieces(s, w, w->av + q * 1024, nr, 32 * (b0 + q) / s->G, js - j, nk);
+                amx_value_codes(s, w, w->bv + q * 2048, b0 + q, js, nk);
             }
-            _tile_loadd(4, av, 64);
+            _tile_loadd(4, w->av, 64);
             _tile_loadd(5, w->bv, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            _tile_loadd(6, w->bv + 512, 64);
-            _tile_dpbf16ps(1, 4, 6);
+            _tile_dpbssd(0, 4, 5);
+            _tile_loadd(6, w->bv + 1024, 64);
+            _tile_dpbssd(1, 4, 6);
             if (nbb == 2) {
-                _tile_loadd(7, av + (32 * (b0 + 1) / s->G == 32 * b0 / s->G ? 0 : 512), 64);
-                _tile_loadd(5, w->bv + 1024, 64);
-                _tile_dpbf16ps(2, 7, 5);
-                _tile_loadd(6, w->bv + 1536, 64);
-                _tile_dpbf16ps(3, 7, 6);
+                _tile_loadd(7, w->av + (shared ? 0 : 1024), 64);
+                _tile_loadd(5, w->bv + 2048, 64);
+                _tile_dpbssd(2, 7, 5);
+                _tile_loadd(6, w->bv + 3072, 64);
+                _tile_dpbssd(3, 7, 6);
             }
         }
         _tile_stored(0, w->cv, 64);
@@ -512,14 +604,11 @@ AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const stru
             const __m512 al = _mm512_set1_ps(w->alpha[r]);
             float *o = s->acc + (r0 + r) * s->Dp;
             for (q = 0; q < nbb; q++) {
-                const float *ce = w->cv + q * 512, *co = ce + 256;
-                const __m512 ev = amx_sum_pieces(_mm512_loadu_ps(ce + r * 16), _mm512_loadu_ps(ce + (nr + r) * 16),
-                                                 _mm512_loadu_ps(ce + (2 * nr + r) * 16));
-                const __m512 od = amx_sum_pieces(_mm512_loadu_ps(co + r * 16), _mm512_loadu_ps(co + (nr + r) * 16),
-                                                 _mm512_loadu_ps(co + (2 * nr + r) * 16));
+                const __m512 f = _mm512_set1_ps(w->vf[r * s->ng + 32 * (b0 + q) / s->G]);
+                const int32_t *c = w->cv + q * 512 + 64 * r;
+                const __m512 ev = _mm512_mul_ps(amx_undigit(c), f), od = _mm512_mul_ps(amx_undigit(c + 256), f);
                 float *ob = o + 32 * (b0 + q);
-                _mm512_storeu_ps(ob, _mm512_fmadd_ps(_mm512_loadu_ps(ob), al,
-                                                     _mm512_permutex2var_ps(ev, lo_idx, od)));
+                _mm512_storeu_ps(ob, _mm512_fmadd_ps(_mm512_loadu_ps(ob), al, _mm512_permutex2var_ps(ev, lo_idx, od)));
                 _mm512_storeu_ps(ob + 16, _mm512_fmadd_ps(_mm512_loadu_ps(ob + 16), al,
                                                           _mm512_permutex2var_ps(ev, hi_idx, od)));
             }
@@ -530,18 +619,18 @@ AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const stru
 /* Rows r0 .. r0 + nr - 1 over the whole span. */
 AMX_TARGET static void amx_rows(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0, int64_t nr)
 {
-    const int64_t D = s->D, ng = s->ng, end = s->j0 + s->n;
+    const int64_t ng = s->ng, end = s->j0 + s->n, ks = (s->D + AMX_K - 1) / AMX_K;
     int64_t j, r, u, tcur = -1;
-    /* B's and A's rows past the pieces' 3 nr stay zero */
-    memset(w->tq, 0, (size_t)(16 * D / 2) * sizeof(uint32_t));
-    memset(w->av, 0, 2 * 16 * 32 * sizeof(uint16_t));
+    /* A's rows past 4 nr, and its bytes past D, stay zero */
+    memset(w->ka, 0, (size_t)ks * 1024);
+    memset(w->av, 0, 2 * 1024);
     for (j = s->j0; j < end; j += KVC_AMX_CHUNK) {
         const int64_t nc = end - j < KVC_AMX_CHUNK ? end - j : KVC_AMX_CHUNK;
         amx_chunk_logits(s, w, r0, nr, j, nc, &tcur);
         for (r = 0; r < nr; r++) {
             float *x = w->x + r * KVC_AMX_CHUNK;
             struct kvc_softmax_state st;
-            __m512 mv = _mm512_set1_ps(-INFINITY);
+            __m512 mv = _mm512_set1_ps(-INFINITY), wv = _mm512_setzero_ps();
             float m;
             int64_t i;
             for (i = 0; i < nc; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(x + i));
@@ -552,13 +641,16 @@ AMX_TARGET static void amx_rows(const struct kvc_amx_span *s, const struct amx_b
             st.s += kvc_exp_shift_sum(x, nc, st.m);
             s->pm[r0 + r] = st.m;
             s->ps[r0 + r] = st.s;
+            for (i = 0; i < nc; i += 16) wv = _mm512_max_ps(wv, _mm512_loadu_ps(x + i));
+            w->wmax[r] = _mm512_reduce_max_ps(wv);
         }
-        memset(w->mnv, 0, (size_t)(nr * (D / 32) * 16) * sizeof(float));
+        memset(w->mnv, 0, (size_t)(nr * ng * 16) * sizeof(float));
+        amx_value_scales(s, w, nr, j, nc);
         amx_chunk_values(s, w, r0, nr, j, nc);
         for (r = 0; r < nr; r++)
             for (u = 0; u < ng; u++) {
                 float *mn = s->mn + (r0 + r) * ng + u;
-                *mn = *mn * w->alpha[r] + _mm512_reduce_add_ps(_mm512_loadu_ps(w->mnv + (r * (D / 32) + u) * 16));
+                *mn = *mn * w->alpha[r] + _mm512_reduce_add_ps(_mm512_loadu_ps(w->mnv + (r * ng + u) * 16));
             }
     }
 }
@@ -567,6 +659,7 @@ AMX_TARGET void kvc_amx_packed_span(const struct kvc_amx_span *s)
 {
     struct amx_cfg cfg;
     struct amx_buf w;
+    int kc[16], vc[16];
     int64_t r0;
     int i;
     memset(&cfg, 0, sizeof cfg);
@@ -576,8 +669,16 @@ AMX_TARGET void kvc_amx_packed_span(const struct kvc_amx_span *s)
         cfg.colsb[i] = 64;
     }
     (void)amx_carve(&w, s->scratch, s->D);
-    w.ktab = amx_code_table(s->bits);
-    w.vtab = amx_code_table(s->vbits);
+    for (i = 0; i < 16; i++) {
+        kc[i] = amx_key_channel(i, s->bits);
+        vc[i] = i;
+    }
+    w.kperm = amx_digit_perm(kc);
+    w.vperm = amx_digit_perm(vc);
+    /* B's rows past D's channels, or past a last value step of 32 slots,
+     * meet zero bytes of A: they only need to hold defined bytes */
+    memset(w.kb, 0, (size_t)(2 * ((s->D + AMX_K - 1) / AMX_K) * 1024));
+    memset(w.bv, 0, 4 * 1024);
     _tile_loadconfig(&cfg);
     for (r0 = 0; r0 < s->R; r0 += AMX_ROWS)
         amx_rows(s, &w, r0, s->R - r0 < AMX_ROWS ? s->R - r0 : AMX_ROWS);

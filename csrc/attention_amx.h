@@ -1,18 +1,17 @@
 /*
  * attention_amx.h - the packed attention's AMX path (attention_amx.c): the
  * whole-tile stretch of one kv head's packed slots, its key logits and
- * weighted value codes done by Intel AMX bf16 tile products.
+ * weighted value codes done by Intel AMX int8 tile products.
  *
- * Each product's factors are exact in bf16: the centred 2- and 4-bit codes
- * (half-integers up to 7.5) and three bf16 pieces of every fp32 multiplier
- * (a query times its key scale, a weight times its value scale), cut by
- * truncation so that hi + mid + lo equals the fp32 value exactly. Each
- * product is exact in fp32, and the tiles add them in fp32, so the only
- * roundings are fp32 additions, as in plain fp32 attention. The order of
- * those additions differs from the vector path's, so the bits do as well:
- * the path is one more level of the dispatch (x86-64-v4 with AMX), switched
- * off by the test hook kvc_set_amx(0) for the bit-for-bit comparisons of
- * the vector units.
+ * Each fp32 multiplier (a query times its key scale, a weight times its
+ * value scale) is rounded to a fixed point of 31 bits relative to the
+ * largest it is summed with (at most 2^-31 of that one: fp32 keeps 24),
+ * cut into four int8 digits; the centred codes are int8 too. Every product
+ * and every int32 sum is exact; the digits' sums are combined in fp32. The
+ * order of the additions differs from the vector path's, so the bits do as
+ * well: the path is one more level of the dispatch (x86-64-v4 with AMX),
+ * switched off by the test hook kvc_set_amx(0) for the bit-for-bit
+ * comparisons of the vector units.
  */
 #ifndef KVC_ATTENTION_AMX_H
 #define KVC_ATTENTION_AMX_H
@@ -51,9 +50,10 @@ struct kvc_amx_span {
     void *scratch;   /* kvc_amx_scratch_bytes(D) bytes, 64-byte aligned */
 };
 
-/* 1 when the packed attention of this shape may take the AMX path: an AMX
- * CPU whose kernel grants the tile state, not switched off by the test
- * hook, 2- or 4-bit keys and values, D a multiple of 32, G of 32. */
+/* 1 when the packed attention of this shape may take the AMX path: a CPU
+ * with AMX-INT8 and VBMI whose kernel grants the tile state, not switched
+ * off by the test hook, 2- or 4-bit keys and values, D a multiple of 32, G
+ * of 32. */
 int kvc_amx_usable(int bits, int vbits, int64_t D, int64_t G);
 
 /* Test hook (wide.c): allow (1) or forbid (0) the AMX path; returns the

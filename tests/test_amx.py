@@ -3,15 +3,15 @@
 On a CPU with AMX (Intel Xeon from Sapphire Rapids on, with Linux granting
 the tile state) and a build with the wide units, ``ops.packed_attention``
 with 2- or 4-bit keys and values (each), a head dim and a group size that
-are multiples of 32 runs the whole-tile stretch of each head's packed slots on AMX bf16
-tile products: exact products of bf16 pieces, summed in fp32 in another order
-than the vector units. Each case checks the AMX result against the float64
+are multiples of 32 runs the whole-tile stretch of each head's packed slots on AMX int8
+tile products: each fp32 multiplier as four int8 digits of a 31-bit fixed
+point, exact int32 sums, combined in fp32 in another order than the vector
+units. Each case checks the AMX result against the float64
 reference of test_attention_packed.py within twice torch's own error in the
 query dtype, that the path ran (in fp32 its bits differ from the vector
 units'), and the invariants the op promises on any path: the same bits for
 any thread count, for strided inputs and for either layout. Without AMX only
-the switch is checked.
-"""
+the switch is checked."""
 
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def test_switch():
 CASES = [  # (B, Hq, Hkv, q, n, r, D, G)
     (1, 9, 3, 1, 3000, 128, 64, 32),  # SmolLM2's decode shape
     (1, 32, 8, 1, 2100, 128, 128, 32),  # a Llama-like one, GQA 4
-    (2, 7, 1, 1, 1000, 5, 64, 64),  # GQA 7: rows in two passes (5 + 2)
+    (2, 7, 1, 1, 1000, 5, 64, 64),  # GQA 7: rows in two passes (4 + 3)
+    (1, 9, 3, 3, 900, 16, 64, 32),  # a 3-query chunk at GQA 3: 9 rows, three passes (4 + 4 + 1)
     (1, 4, 4, 3, 777, 9, 32, 32),  # a chunk, D = 32, n % 32 != 0
     (1, 6, 2, 1, 1500, 3, 256, 128),  # D = 256, G = 128
     (2, 8, 2, 2, 600, 40, 96, 32),  # D = 96: a lone last block, batch 2
