@@ -319,6 +319,7 @@ AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct 
     const int64_t D = s->D;
     const float *ks = s->h.ks + t * s->h.kss, *km = s->h.km + t * s->h.kms;
     const float off = (float)(1 << (s->bits - 1));
+    __m512 bias[AMX_ROWS], mx[AMX_ROWS], f[AMX_ROWS];
     int64_t c, r;
     if (s->h.ksd == 1 && s->h.kmd == 1) {
         const __m512 voff = _mm512_set1_ps(off);
@@ -335,21 +336,27 @@ AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct 
             w->mrow[c] = fmaf(ks[c * s->h.ksd], off, km[c * s->h.kmd]);
         }
     }
+    /* in phases over the rows, so that their reductions overlap rather
+     * than chain */
     for (r = 0; r < nr; r++) {
         const float *q = s->q + (r0 + r) * s->Dp;
-        __m512 bias = _mm512_setzero_ps(), mx = _mm512_setzero_ps(), f;
-        float M;
-        int E;
+        bias[r] = _mm512_setzero_ps();
+        mx[r] = _mm512_setzero_ps();
         for (c = 0; c < D; c += 16) {
             const __m512 q0 = _mm512_loadu_ps(q + c);
-            bias = _mm512_fmadd_ps(q0, _mm512_loadu_ps(w->mrow + c), bias);
-            mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(w->krow + c))));
+            bias[r] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(w->mrow + c), bias[r]);
+            mx[r] = _mm512_max_ps(mx[r], _mm512_abs_ps(_mm512_mul_ps(q0, _mm512_loadu_ps(w->krow + c))));
         }
-        w->qb[r] = s->scaling * _mm512_reduce_add_ps(bias);
-        M = _mm512_reduce_max_ps(mx);
-        E = amx_exponent(M);
-        f = _mm512_set1_ps(amx_pow2(30 - E));
+    }
+    for (r = 0; r < nr; r++) {
+        const float M = _mm512_reduce_max_ps(mx[r]);
+        const int E = amx_exponent(M);
+        w->qb[r] = s->scaling * _mm512_reduce_add_ps(bias[r]);
+        f[r] = _mm512_set1_ps(amx_pow2(30 - E));
         w->kf[r] = M <= FLT_MAX ? s->scaling * amx_pow2(E - 6) : NAN; /* an infinite product: NaN logits */
+    }
+    for (r = 0; r < nr; r++) {
+        const float *q = s->q + (r0 + r) * s->Dp;
         for (c = 0; c < D; c += AMX_K) {
             __m512i z[4];
             int b;
@@ -357,7 +364,7 @@ AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct 
                 const int64_t cb = c + 16 * b; /* channels past D (D % 64 == 32): zero digits */
                 z[b] = cb < D ? _mm512_permutexvar_epi8(w->kperm, amx_digits(_mm512_mul_ps(_mm512_loadu_ps(q + cb),
                                                                                          _mm512_loadu_ps(w->krow + cb)),
-                                                                           f))
+                                                                           f[r]))
                               : _mm512_setzero_si512();
             }
             amx_store_rows(w->ka + c / AMX_K * 1024 + 4 * r * 64, z);
@@ -423,6 +430,25 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
     }
 }
 
+/* Group u's floats of 16 rows of ng (1, 2 or 4) floats at p. */
+AMX_TARGET static inline __m512 amx_group_lanes(const float *p, int64_t ng, int64_t u)
+{
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    if (ng == 1) return _mm512_loadu_ps(p);
+    if (ng == 2) {
+        const __m512i idx = _mm512_add_epi32(_mm512_slli_epi32(lane, 1), _mm512_set1_epi32((int)u));
+        return _mm512_permutex2var_ps(_mm512_loadu_ps(p), idx, _mm512_loadu_ps(p + 16));
+    } else {
+        /* rows 0-7 from the first two vectors and 8-15 from the last two,
+         * each into lanes 0-7 (index 4l + u, lanes 8-15 alike) */
+        const __m512i idx = _mm512_add_epi32(_mm512_slli_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(7)), 2),
+                                             _mm512_set1_epi32((int)u));
+        const __m512 a = _mm512_permutex2var_ps(_mm512_loadu_ps(p), idx, _mm512_loadu_ps(p + 16));
+        const __m512 b = _mm512_permutex2var_ps(_mm512_loadu_ps(p + 32), idx, _mm512_loadu_ps(p + 48));
+        return _mm512_shuffle_f32x4(a, b, 0x44);
+    }
+}
+
 /* The chunk's value scales and centres by group (w->sc, w->ce), the centre
  * sums of rows r0.. (w->mnv, weights in w->x), and each row's and group's
  * fixed point from the bound wmax x vmax of its multipliers. */
@@ -430,6 +456,11 @@ AMX_TARGET static void amx_value_scales(const struct kvc_amx_span *s, const stru
                                         int64_t j, int64_t nc)
 {
     const float off = (float)(1 << (s->vbits - 1));
+    /* [slot][group] rows of 1, 2 or 4 groups (the packer's layout): whole
+     * vectors loaded and each group's lanes picked by permutes, the same
+     * floats as a gather reads at a fraction of its loads */
+    const int rows = s->h.vsd == 1 && s->h.vmd == 1 && s->h.vss == s->ng && s->h.vms == s->ng &&
+                     (s->ng == 1 || s->ng == 2 || s->ng == 4);
     const int gather = s->h.vss * 15 <= INT32_MAX && s->h.vms * 15 <= INT32_MAX && s->h.vss >= 0 && s->h.vms >= 0;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     const __m512i is = _mm512_mullo_epi32(lane, _mm512_set1_epi32(gather ? (int)s->h.vss : 0));
@@ -441,7 +472,12 @@ AMX_TARGET static void amx_value_scales(const struct kvc_amx_span *s, const stru
         __m512 mx = _mm512_setzero_ps();
         for (i = 0; i < nc; i += 16) {
             __m512 a, m;
-            if (gather) {
+            if (rows) {
+                a = amx_group_lanes(s->h.vs + (j + i) * s->ng, s->ng, u);
+                m = _mm512_fmadd_ps(a, _mm512_set1_ps(off), amx_group_lanes(s->h.vm + (j + i) * s->ng, s->ng, u));
+                _mm512_storeu_ps(sc + i, a);
+                _mm512_storeu_ps(ce + i, m);
+            } else if (gather) {
                 a = _mm512_i32gather_ps(is, vs + i * s->h.vss, 4);
                 m = _mm512_fmadd_ps(a, _mm512_set1_ps(off), _mm512_i32gather_ps(im, vm + i * s->h.vms, 4));
                 _mm512_storeu_ps(sc + i, a);
