@@ -62,9 +62,17 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=30, help="timed calls per build and case")
     ap.add_argument("--threads", type=int, default=1, help="threads of both builds (default 1)")
     ap.add_argument("--lengths", default="4096,16384", help="slots per head, comma-separated")
+    ap.add_argument("--widths", default=",".join(f"{k}/{v}" for k, v in WIDTHS),
+                    help="key/value code widths, comma-separated (default %(default)s)")
     args = ap.parse_args(argv)
     if args.amx == (args.b is not None):
         ap.error("give two builds, or one build with --amx")
+    try:
+        widths = [tuple(int(x) for x in w.split("/")) for w in args.widths.split(",")]
+    except ValueError:
+        widths = []
+    if not widths or any(len(w) != 2 or not set(w) <= {2, 4, 8} for w in widths):
+        ap.error(f"--widths: expected key/value widths of 2, 4 or 8 like 4/4,8/2, got {args.widths!r}")
     if args.amx:
         one = load(args.a)
         builds = (one, one)
@@ -90,7 +98,7 @@ def main(argv=None) -> None:
             k, v = torch.randn(1, Hkv, n, D, generator=g), torch.randn(1, Hkv, n, D, generator=g)
             q, m = torch.randn(1, Hq, 1, D, generator=g), n - RESIDUAL
             qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-            for bits, vbits in WIDTHS:
+            for bits, vbits in widths:
                 pk, pv = ops.pack_keys(k[:, :, :m], bits, GROUP), ops.pack_values(v[:, :, :m], vbits, GROUP)
                 rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
 

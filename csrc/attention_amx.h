@@ -42,7 +42,7 @@ struct kvc_amx_span {
     struct kvc_packed_head h; /* the head: codes, mins, scales, counts and their strides */
     const float *q;  /* [R][Dp] query rows, fp32 */
     int64_t R, D, Dp, G, ng, j0, n;
-    int bits, vbits;  /* key and value code widths, 2 or 4 */
+    int bits, vbits;  /* key and value code widths, 2, 4 or 8 */
     float scaling;
     float *pm, *ps;  /* [R] running max and sum */
     float *acc;      /* [R][Dp] running sum of weight x scale x centred code */
@@ -52,7 +52,7 @@ struct kvc_amx_span {
 
 /* 1 when the packed attention of this shape may take the AMX path: a CPU
  * with AMX-INT8 and VBMI whose kernel grants the tile state, not switched
- * off by the test hook, 2- or 4-bit keys and values, D a multiple of 32, G
+ * off by the test hook, 2-, 4- or 8-bit keys and values, D a multiple of 32, G
  * of 32. */
 int kvc_amx_usable(int bits, int vbits, int64_t D, int64_t G);
 

@@ -2,7 +2,7 @@
 
 On a CPU with AMX (Intel Xeon from Sapphire Rapids on, with Linux granting
 the tile state) and a build with the wide units, ``ops.packed_attention``
-with 2- or 4-bit keys and values (each), a head dim and a group size that
+with 2-, 4- or 8-bit keys and values (each), a head dim and a group size that
 are multiples of 32 runs the whole-tile stretch of each head's packed slots on AMX int8
 tile products: each fp32 multiplier as four int8 digits of a 31-bit fixed
 point, exact int32 sums, combined in fp32 in another order than the vector
@@ -63,7 +63,7 @@ CASES = [  # (B, Hq, Hkv, q, n, r, D, G)
 ]
 
 
-WIDTHS = [(4, 4), (2, 2), (4, 2), (2, 4)]  # (key bits, value bits)
+WIDTHS = [(4, 4), (2, 2), (4, 2), (2, 4), (8, 8), (8, 2), (4, 8)]  # (key bits, value bits)
 
 
 def case(shape, bits, value_bits, dtype):
@@ -94,7 +94,7 @@ def test_matches_reference(shape, bits, value_bits, dtype):
 
 
 @needs_amx
-@pytest.mark.parametrize("bits,G", [(4, 32), (4, 128), (2, 32)])
+@pytest.mark.parametrize("bits,G", [(4, 32), (4, 128), (2, 32), (8, 32)])
 def test_long_decode_fp32_without_floor(bits, G):
     """6,000 slots of zero-centred values: within 2x torch's fp32 error, no floor."""
     q, pk, rk, rv = uniform_case(1, 8, 2, 1, 6000, 3, 128, G, bits, torch.float32)
@@ -131,7 +131,7 @@ def test_kv_start_counts_and_scale(dtype):
 
 
 @needs_amx
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_ragged_with_empty_heads(bits, dtype):
     B, Hq, Hkv, nq, D, G = 2, 6, 2, 1, 64, 32
@@ -170,7 +170,7 @@ def test_threads_bit_identical():
 
 
 @needs_amx
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_strides_do_not_change_bits(bits):
     """Strided codes, scales and mins (as a store writing into slices makes)
     give the bits of contiguous copies on the AMX path too."""
@@ -186,10 +186,10 @@ def test_strides_do_not_change_bits(bits):
 
 
 @needs_amx
-@pytest.mark.parametrize("bits,value_bits,D,G", [(8, 8, 64, 32), (4, 8, 64, 32), (4, 4, 48, 16), (2, 4, 64, 16)])
+@pytest.mark.parametrize("bits,value_bits,D,G", [(8, 8, 48, 16), (4, 8, 64, 16), (4, 4, 48, 16), (2, 4, 64, 16)])
 def test_other_shapes_take_the_vector_units(bits, value_bits, D, G):
-    """Code widths and shapes the AMX path does not cover give the vector
-    units' bits exactly."""
+    """Shapes the AMX path does not cover (D or G not a multiple of 32) give
+    the vector units' bits exactly."""
     q, _, rk, rv = uniform_case(1, 6, 2, 1, 500, 3, D, G, bits, torch.float32)
     pk = pack_uniform(randn((1, 2, 500, D), seed=2, scale=1.5), randn((1, 2, 500, D), seed=3), bits, G,
                       value_bits=value_bits)
