@@ -96,6 +96,9 @@ int kvc_amx_usable(int bits, int vbits, int64_t D, int64_t G)
  * tile is 16 rows of 64 bytes (1024); a C tile 16 x 16 int32. */
 struct amx_buf {
     __m512i kperm, vperm; /* amx_digit_perm of the key channel order and of slot order */
+    __m512i quad;         /* vpermb: dword i = byte i of four 16-byte rows (amx_value_codes, 4 and 8 bits) */
+    __m512i pair[2];      /* vpermb: the first and second four of eight 8-byte rows, dword i = their byte i,
+                           * twice (amx_value_codes, 2 bits) */
     float *x;       /* [AMX_ROWS][CHUNK] logits, then weights */
     int8_t *ka;     /* [ks][1024] A of each key step of 64 channels: row 4r + p = digit p of row r's q x key scale */
     uint8_t *kb;    /* [2][ks][1024] B of two key tiles: row = 4 channels, dword = a slot's codes of them */
@@ -420,12 +423,10 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
             const char *vr = (const char *)(s->h.vc + (jt + i) * s->h.vcs);
             if (jt + 64 + i < end) {
                 _mm_prefetch(kr, _MM_HINT_T0);
-                if (rb > 64)
-                    for (o = 64; o < rb; o += 64) _mm_prefetch(kr + o * s->h.kcd, _MM_HINT_T0);
+                for (o = 64; o < rb; o += 64) _mm_prefetch(kr + o * s->h.kcd, _MM_HINT_T0);
             }
             _mm_prefetch(vr, _MM_HINT_T1);
-            if (rv > 64)
-                for (o = 64; o < rv; o += 64) _mm_prefetch(vr + o * s->h.vcd, _MM_HINT_T1);
+            for (o = 64; o < rv; o += 64) _mm_prefetch(vr + o * s->h.vcd, _MM_HINT_T1);
         }
         amx_key_codes(s, w, w->kb, jt);
         amx_key_codes(s, w, w->kb + ks * 1024, jt + 16);
@@ -546,6 +547,21 @@ AMX_TARGET static void amx_value_pieces(const struct kvc_amx_span *s, const stru
     }
 }
 
+/* amx_value_codes' byte permutes (w->quad, w->pair). */
+AMX_TARGET static void amx_value_perms(struct amx_buf *w)
+{
+    uint8_t t[3][64];
+    int k;
+    for (k = 0; k < 64; k++) {
+        t[0][k] = (uint8_t)(16 * (k % 4) + k / 4);
+        t[1][k] = (uint8_t)(8 * (k % 4) + k % 32 / 4);
+        t[2][k] = (uint8_t)(8 * (4 + k % 4) + k % 32 / 4);
+    }
+    w->quad = _mm512_loadu_si512(t[0]);
+    w->pair[0] = _mm512_loadu_si512(t[1]);
+    w->pair[1] = _mm512_loadu_si512(t[2]);
+}
+
 /* B of block b (channels 32b..32b + 31) over the nk slots from js: row k
  * holds slots js + 4k .. js + 4k + 3, a byte each in a dword per channel,
  * centred (minus 2^(bits - 1)). Two tiles of 16 channels: 4 bits, the even
@@ -569,23 +585,16 @@ AMX_TARGET static void amx_value_codes(const struct kvc_amx_span *s, const struc
     if (vb == 8) {
         /* a byte per code: each 16-channel half of the four rows by one
          * byte permute */
-        uint8_t t[64];
-        __m512i idx;
-        for (k = 0; k < 64; k++) t[k] = (uint8_t)(16 * (k % 4) + k / 4); /* dword i: byte i of the 4 rows */
-        idx = _mm512_loadu_si512(t);
         for (k = 0; k < nk / 4; k++) {
             const uint8_t *r4 = src + 4 * k * stride;
-            _mm512_storeu_si512(dst + 64 * k, _mm512_sub_epi8(_mm512_permutexvar_epi8(idx, amx_four_rows(r4, stride)), off));
+            _mm512_storeu_si512(dst + 64 * k,
+                                _mm512_sub_epi8(_mm512_permutexvar_epi8(w->quad, amx_four_rows(r4, stride)), off));
             _mm512_storeu_si512(dst + 1024 + 64 * k,
-                                _mm512_sub_epi8(_mm512_permutexvar_epi8(idx, amx_four_rows(r4 + 16, stride)), off));
+                                _mm512_sub_epi8(_mm512_permutexvar_epi8(w->quad, amx_four_rows(r4 + 16, stride)), off));
         }
     } else if (vb == 4) {
-        uint8_t t[64];
-        __m512i idx;
-        for (k = 0; k < 64; k++) t[k] = (uint8_t)(16 * (k % 4) + k / 4); /* dword i: byte i of the 4 rows */
-        idx = _mm512_loadu_si512(t);
         for (k = 0; k < nk / 4; k++) {
-            const __m512i z = _mm512_permutexvar_epi8(idx, amx_four_rows(src + 4 * k * stride, stride));
+            const __m512i z = _mm512_permutexvar_epi8(w->quad, amx_four_rows(src + 4 * k * stride, stride));
             _mm512_storeu_si512(dst + 64 * k, _mm512_sub_epi8(_mm512_and_si512(z, mask), off));
             _mm512_storeu_si512(dst + 1024 + 64 * k,
                                 _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi32(z, 4), mask), off));
@@ -597,17 +606,11 @@ AMX_TARGET static void amx_value_codes(const struct kvc_amx_span *s, const struc
         const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(4));
         const __m512i at = _mm512_set_epi64(7 * stride, 6 * stride, 5 * stride, 4 * stride, 3 * stride, 2 * stride,
                                             stride, 0);
-        uint8_t t[2][64];
-        __m512i idx[2];
         int q;
-        for (q = 0; q < 2; q++) {
-            for (k = 0; k < 64; k++) t[q][k] = (uint8_t)(8 * (4 * q + k % 4) + k % 32 / 4);
-            idx[q] = _mm512_loadu_si512(t[q]);
-        }
         for (k = 0; k < nk / 4; k += 2) {
             const __m512i rows = _mm512_i64gather_epi64(at, src + 4 * k * stride, 1);
             for (q = 0; q < 2; q++) {
-                const __m512i z = _mm512_permutexvar_epi8(idx[q], rows);
+                const __m512i z = _mm512_permutexvar_epi8(w->pair[q], rows);
                 _mm512_storeu_si512(dst + 64 * (k + q),
                                     _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi32(z, lo), mask), off));
                 _mm512_storeu_si512(dst + 1024 + 64 * (k + q),
@@ -687,7 +690,9 @@ AMX_TARGET static void amx_rows(const struct kvc_amx_span *s, const struct amx_b
 {
     const int64_t ng = s->ng, end = s->j0 + s->n, ks = (s->D + AMX_K - 1) / AMX_K;
     int64_t j, r, u, tcur = -1;
-    /* A's rows past 4 nr, and its bytes past D, stay zero */
+    /* A's rows past 4 nr stay zero (its bytes past D are written zero by
+     * amx_key_group, past a last value step of 32 slots by
+     * amx_value_pieces) */
     memset(w->ka, 0, (size_t)ks * 1024);
     memset(w->av, 0, 2 * 1024);
     for (j = s->j0; j < end; j += KVC_AMX_CHUNK) {
@@ -741,6 +746,7 @@ AMX_TARGET void kvc_amx_packed_span(const struct kvc_amx_span *s)
     }
     w.kperm = amx_digit_perm(kc);
     w.vperm = amx_digit_perm(vc);
+    amx_value_perms(&w);
     /* B's rows past D's channels, or past a last value step of 32 slots,
      * meet zero bytes of A: they only need to hold defined bytes */
     memset(w.kb, 0, (size_t)(2 * ((s->D + AMX_K - 1) / AMX_K) * 1024));
