@@ -141,3 +141,36 @@ def matmul_roof(threads: int, n: int = 256, reps: int = 21) -> float:
     finally:
         torch.set_num_threads(previous)
     return n ** 3 / statistics.median(ts)
+
+
+def last_level_cache_bytes(default: int = 256 << 20) -> int:
+    """Size of the largest CPU cache Linux reports (``default`` elsewhere)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return default
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+        try:
+            best = max(best, int(text.rstrip("KMGkmg")) * scale)
+        except ValueError:
+            continue
+    return best or default
+
+
+def stream_copies(bytes_per_copy: int, llc: int, factor: float = 2.0) -> int:
+    """Copies of a layer's tensors to cycle through so that, between two
+    reads of the same copy, at least ``factor`` x ``llc`` other bytes are
+    read: each read then comes from memory, as in a decode step, which reads
+    every layer's cache once (a model's cache at these lengths is many times
+    any cache), rather than from the cache a repeated call leaves warm."""
+    if bytes_per_copy <= 0:
+        raise ValueError(f"bytes_per_copy: must be > 0, got {bytes_per_copy}")
+    return max(2, 1 + -(-int(factor * llc) // bytes_per_copy))

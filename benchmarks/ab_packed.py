@@ -12,12 +12,18 @@ One decode step (q = 1, B = 1, ``--threads`` threads, default 1) of
 ``ops.packed_attention`` (group 32, the last 128 slots in fp32) at SmolLM2's
 attention shape (9 / 3 heads, D = 64) and a Llama-3-8B-like one (32 / 8,
 D = 128), ``--lengths`` slots (default 4K and 16K); both builds' outputs are
-checked to agree within 1e-6 first. The thread count is set on each build
+checked to agree within 1e-6 first. With ``--stream`` each call reads the
+next of many copies of the packed layer (``_common.stream_copies``: twice
+the last-level cache between two reads of one copy), so its bytes come from
+memory as in a decode step over a whole model, not from the cache a
+repeated call leaves warm (``bench_packed``'s "streamed" table). The thread count is set on each build
 (every extension module keeps its own; before 2026-12-03 this script set it
 on the package's build only, so the two builds ran on every core).
 
     python benchmarks/ab_packed.py BEFORE/kvcompress/_C*.so AFTER/kvcompress/_C*.so [--reps 30] [--threads 1]
     python benchmarks/ab_packed.py kvcompress/_C*.so --amx    # one build: AMX path off (A), on (B)
+    python benchmarks/ab_packed.py A.so B.so --stream         # the layers read from memory
+    python benchmarks/ab_packed.py A.so B.so --no-amx         # both builds' vector units
 
 With ``--amx`` one build runs as both: A with its AMX path forbidden
 (``_C._set_amx(False)``, the vector units), B with it allowed (on a CPU
@@ -38,6 +44,8 @@ import time
 import torch
 
 from kvcompress import ops
+
+from _common import last_level_cache_bytes, stream_copies  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 WIDTHS = ((2, 2), (4, 4), (8, 8), (4, 2))
@@ -64,9 +72,15 @@ def main(argv=None) -> None:
     ap.add_argument("--lengths", default="4096,16384", help="slots per head, comma-separated")
     ap.add_argument("--widths", default=",".join(f"{k}/{v}" for k, v in WIDTHS),
                     help="key/value code widths, comma-separated (default %(default)s)")
+    ap.add_argument("--no-amx", action="store_true",
+                    help="forbid both builds' AMX path: compare their vector units")
+    ap.add_argument("--stream", action="store_true",
+                    help="cycle through copies of the packed layer so that its bytes come from memory")
     args = ap.parse_args(argv)
     if args.amx == (args.b is not None):
         ap.error("give two builds, or one build with --amx")
+    if args.amx and args.no_amx:
+        ap.error("--no-amx: not with --amx, which times the AMX path against the vector units")
     try:
         widths = [tuple(int(x) for x in w.split("/")) for w in args.widths.split(",")]
     except ValueError:
@@ -87,6 +101,8 @@ def main(argv=None) -> None:
         def use(i):
             ops._C = builds[i]
     installed = ops._C
+    if args.no_amx:
+        prev = [mod._set_amx(False) for mod in builds]
     for mod in builds:
         mod.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
@@ -101,9 +117,17 @@ def main(argv=None) -> None:
             for bits, vbits in widths:
                 pk, pv = ops.pack_keys(k[:, :, :m], bits, GROUP), ops.pack_values(v[:, :, :m], vbits, GROUP)
                 rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
+                ring = [(q, *pk, *pv, rk, rv)]
+                if args.stream:
+                    copies = stream_copies(sum(t.numel() * t.element_size() for t in ring[0]),
+                                           last_level_cache_bytes())
+                    ring += [tuple(t.clone() for t in ring[0]) for _ in range(copies - 1)]
+                at = [0]
 
                 def packed():
-                    return ops.packed_attention(q, *pk, *pv, rk, rv, bits=bits, group=GROUP, value_bits=vbits)
+                    layer = ring[at[0]]
+                    at[0] = (at[0] + 1) % len(ring)
+                    return ops.packed_attention(*layer, bits=bits, group=GROUP, value_bits=vbits)
 
                 outs = []
                 for i in (0, 1):
@@ -130,6 +154,9 @@ def main(argv=None) -> None:
     ops._C = installed  # back to the package's own build
     if args.amx:
         one._set_amx(prev_amx)
+    if args.no_amx:
+        for mod, p in zip(builds, prev):
+            mod._set_amx(p)
 
 
 if __name__ == "__main__":

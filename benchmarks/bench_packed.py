@@ -14,6 +14,16 @@ logits and the weighted values, what fp32/bf16 attention does too) next to
 torch's fp32 matmul at the same thread count (``_common.matmul_roof``):
 whichever share is higher says what bounds the kernel.
 
+Each case is timed twice. **In cache**: every call reads the same layer, so
+the caches hold it between calls (at 16K slots the fp32 layer is 25 MiB on
+SmolLM2's shape); this flatters fp32 and bf16 attention, whose layers are
+4-8x the packed one. **Streamed** (unless ``--no-stream``): each variant
+cycles through copies of the layer (``_common.stream_copies``), so that
+twice the last-level cache is read between two reads of one copy and every
+byte comes from memory, as in a decode step, which reads each layer's cache
+once per token (a model's whole cache at these lengths is many times any
+CPU cache: 30 layers x 25 MiB on SmolLM2 at 16K).
+
     python benchmarks/bench_packed.py
     python benchmarks/bench_packed.py --quick --no-write
 
@@ -31,8 +41,8 @@ import torch
 
 from kvcompress import ops
 
-from _common import (command_line, machine, machine_line, matmul_roof, memcpy_bandwidth, now,  # noqa: E402
-                     write_results)
+from _common import (command_line, last_level_cache_bytes, machine, machine_line, matmul_roof,  # noqa: E402
+                     memcpy_bandwidth, now, stream_copies, write_results)
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 GROUP, RESIDUAL = 32, 128
@@ -54,32 +64,59 @@ def time_many(fns: dict, min_time: float, min_reps: int = 5, max_reps: int = 200
     return {k: statistics.median(v) for k, v in times.items()}, reps
 
 
-def case(shape: str, n: int, g: torch.Generator):
+def case(shape: str, n: int, g: torch.Generator, llc: int | None = None):
+    """``(fns, read, streamed)``: per variant (fp32, bf16, each packed width) a
+    callable that runs one decode step on the same layer every time, the
+    bytes it reads, and (with ``llc``, the last-level cache's bytes) a
+    callable that reads the next of ``stream_copies`` copies of the layer on
+    each call, so that its bytes come from memory (``None`` without ``llc``)."""
     Hq, Hkv, D = SHAPES[shape]
     q = torch.randn(1, Hq, 1, D, generator=g)
     k = torch.randn(1, Hkv, n, D, generator=g)
     v = torch.randn(1, Hkv, n, D, generator=g)
     m = n - RESIDUAL
-    fns, read = {}, {}
+    # per variant: the tensors a step reads and the call on them
+    layer, call, read = {}, {}, {}
     for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
-        fns[name] = lambda qd=qd, kd=kd, vd=vd: ops.attention(qd, kd, vd)
-        read[name] = 2 * kd.numel() * kd.element_size()
+        layer[name] = (q.to(dt), k.to(dt), v.to(dt))
+        call[name] = lambda qd, kd, vd: ops.attention(qd, kd, vd)
+        read[name] = 2 * k.numel() * layer[name][1].element_size()
     for bits, vbits in WIDTHS:
         key = width_key(bits, vbits)
         pk = ops.pack_keys(k[:, :, :m], bits, GROUP)
         pv = ops.pack_values(v[:, :, :m], vbits, GROUP)
         rk, rv = k[:, :, m:].contiguous(), v[:, :, m:].contiguous()
-        args = (q, *pk, *pv, rk, rv)
-        fns[key] = lambda args=args, bits=bits, vbits=vbits: ops.packed_attention(*args, bits=bits, group=GROUP,
-                                                                                 value_bits=vbits)
+        layer[key] = (q, *pk, *pv, rk, rv)
+        call[key] = lambda *args, bits=bits, vbits=vbits: ops.packed_attention(*args, bits=bits, group=GROUP,
+                                                                              value_bits=vbits)
         read[key] = sum(t.numel() * t.element_size() for t in (*pk, *pv, rk, rv))
         # the packed kernel computes what it should (against fp32 over the dequantized slots)
         kd = torch.cat([ops.unpack_keys(*pk, bits, GROUP), rk], 2)
         vd = torch.cat([ops.unpack_values(*pv, vbits, GROUP, head_dim=D), rv], 2)
-        err = (fns[key]() - ops.attention(q, kd, vd)).abs().max().item()
+        err = (call[key](*layer[key]) - ops.attention(q, kd, vd)).abs().max().item()
         assert err < 1e-4, (shape, n, key, err)
-    return fns, read
+    fns = {name: (lambda f=call[name], a=layer[name]: f(*a)) for name in layer}
+    if llc is None:
+        return fns, read, None
+    copies = stream_copies(sum(t.numel() * t.element_size() for a in layer.values() for t in a), llc)
+    streamed = {}
+    for name, args in layer.items():
+        ring = [args] + [tuple(t.clone() for t in args) for _ in range(copies - 1)]
+        streamed[name] = _ring_call(call[name], ring)
+    return fns, read, streamed
+
+
+def _ring_call(f, ring: list):
+    """A callable that runs ``f`` on the next argument tuple of ``ring`` each call."""
+    state = [0]
+
+    def step():
+        args = ring[state[0]]
+        state[0] = (state[0] + 1) % len(ring)
+        return f(*args)
+
+    step.copies = len(ring)
+    return step
 
 
 #: (key bits, value bits) of the packed rows timed: KIVI-2/4/8 and 4-bit keys with 2-bit values
@@ -95,11 +132,19 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per case (at least 5 reps)")
     ap.add_argument("--quick", action="store_true", help="n = 4K and 16K only, for a smoke run")
+    ap.add_argument("--no-stream", action="store_true",
+                    help="time the same layer only (in cache), not also the streamed copies")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
-    threads = sorted({int(x) for x in args.threads.split(",")})
+    try:
+        threads = sorted({int(x) for x in args.threads.split(",")})
+    except ValueError:
+        threads = []
+    if not threads or min(threads) < 1:
+        ap.error(f"--threads: expected positive integers like 1,2, got {args.threads!r}")
     lengths = [4096, 16384] if args.quick else [4096, 16384, 65536]
     info = machine()
+    llc = None if args.no_stream else last_level_cache_bytes()
     bw = memcpy_bandwidth()
     print(f"memcpy {bw / 1e9:.2f} GB/s (read + write)", flush=True)
     roofs = {nt: matmul_roof(nt) for nt in threads}
@@ -108,11 +153,12 @@ def main(argv=None):
     records = []
     for shape in SHAPES:
         for n in lengths:
-            fns, read = case(shape, n, g)
+            fns, read, streamed = case(shape, n, g, llc)
             for nt in threads:
                 torch.set_num_threads(nt)
                 ops.set_num_threads(nt)
                 t, reps = time_many(fns, args.min_time)
+                ts, sreps = time_many(streamed, args.min_time) if streamed else (None, 0)
                 Hq, _, D = SHAPES[shape]
                 fmas = 2 * Hq * n * D  # logits and weighted values of one decode step
                 for bits, vbits in WIDTHS:
@@ -123,14 +169,23 @@ def main(argv=None):
                                vs_bf16=t["bf16"] / t[key], bytes_read=read[key],
                                GBps=read[key] / t[key] / 1e9, copy_share=read[key] / t[key] / bw,
                                fma_share=fmas / t[key] / roofs[nt], bf16_fma_share=fmas / t["bf16"] / roofs[nt])
+                    line = (f"{shape} n={n} {nt}t {key} {rec['packed_us']:8.1f} us  fp32 {rec['fp32_us']:8.1f}  "
+                            f"bf16 {rec['bf16_us']:8.1f}  x{rec['vs_fp32']:.2f} / x{rec['vs_bf16']:.2f}  "
+                            f"{rec['GBps']:.2f} GB/s ({100 * rec['copy_share']:.0f}% of copy)  "
+                            f"multiply-adds {100 * rec['fma_share']:.0f}% of matmul (bf16 attention "
+                            f"{100 * rec['bf16_fma_share']:.0f}%)")
+                    if ts:
+                        rec["stream"] = dict(copies=streamed[key].copies, reps=sreps, packed_us=ts[key] * 1e6,
+                                             fp32_us=ts["fp32"] * 1e6, bf16_us=ts["bf16"] * 1e6,
+                                             vs_fp32=ts["fp32"] / ts[key], vs_bf16=ts["bf16"] / ts[key],
+                                             GBps=read[key] / ts[key] / 1e9, copy_share=read[key] / ts[key] / bw)
+                        st = rec["stream"]
+                        line += (f"  | streamed {st['packed_us']:.1f} us x{st['vs_fp32']:.2f} / x{st['vs_bf16']:.2f} "
+                                 f"{100 * st['copy_share']:.0f}% of copy")
                     records.append(rec)
-                    print(f"{shape} n={n} {nt}t {key} {rec['packed_us']:8.1f} us  fp32 {rec['fp32_us']:8.1f}  "
-                          f"bf16 {rec['bf16_us']:8.1f}  x{rec['vs_fp32']:.2f} / x{rec['vs_bf16']:.2f}  "
-                          f"{rec['GBps']:.2f} GB/s ({100 * rec['copy_share']:.0f}% of copy)  "
-                          f"multiply-adds {100 * rec['fma_share']:.0f}% of matmul (bf16 attention "
-                          f"{100 * rec['bf16_fma_share']:.0f}%)", flush=True)
+                    print(line, flush=True)
     command = command_line(__file__, argv)
-    result = dict(command=command, date=now(), machine=info, group=GROUP, residual=RESIDUAL,
+    result = dict(command=command, date=now(), machine=info, group=GROUP, residual=RESIDUAL, llc_bytes=llc,
                   memcpy_GBps=bw / 1e9, matmul_Gfma={nt: r / 1e9 for nt, r in roofs.items()}, records=records)
     if args.no_write:
         return result
@@ -148,6 +203,10 @@ def main(argv=None):
         "time; GB/s = bytes the packed kernel reads (codes, mins, scales, residual) / time; % of matmul = "
         "the step's 2 x Hq x n x D multiply-adds / time / the matmul rate (packed, then bf16 attention).",
         "",
+        "**In cache**: every call reads the same layer, so whatever of the case's layers (all variants "
+        "together) the caches keep from one rep to the next is read from them: all of it at SmolLM2's shape up "
+        "to 16K slots (55 MiB), less where the case outgrows the last-level cache.",
+        "",
         "| shape | n | threads | bits | packed us | fp32 us | bf16 us | vs fp32 | vs bf16 | GB/s | % of copy "
         "| % of matmul | bf16: % of matmul |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -158,6 +217,24 @@ def main(argv=None):
                      f"{r['fp32_us']:.1f} | {r['bf16_us']:.1f} | {r['vs_fp32']:.2f} | {r['vs_bf16']:.2f} | "
                      f"{r['GBps']:.2f} | {100 * r['copy_share']:.0f}% | {100 * r['fma_share']:.0f}% | "
                      f"{100 * r['bf16_fma_share']:.0f}% |")
+    if llc:
+        lines += [
+            "",
+            f"**Streamed**: each variant cycles through copies of the layer, so that at least twice the "
+            f"last-level cache ({llc / 2**20:.0f} MiB as Linux reports it) is read between two reads of the "
+            "same copy, as in a decode step, which reads every layer's cache once per token: every byte comes "
+            "from memory. Same reps, interleaved the same way.",
+            "",
+            "| shape | n | threads | bits | copies | packed us | fp32 us | bf16 us | vs fp32 | vs bf16 | GB/s "
+            "| % of copy |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in records:
+            st = r["stream"]
+            lines.append(f"| {r['shape']} | {r['n']} | {r['threads']} | {width_key(r['bits'], r['value_bits'])} | "
+                         f"{st['copies']} | {st['packed_us']:.1f} | {st['fp32_us']:.1f} | {st['bf16_us']:.1f} | "
+                         f"{st['vs_fp32']:.2f} | {st['vs_bf16']:.2f} | {st['GBps']:.2f} | "
+                         f"{100 * st['copy_share']:.0f}% |")
     write_results("bench_packed", result, lines)
     return result
 

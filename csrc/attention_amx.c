@@ -34,7 +34,10 @@
  * or one step ahead of them (0.95-1.01x), to spare a tile load the wait
  * for the stores that wrote its bytes (24 ns a fresh tile load, measured
  * alone; here other work hides it); buffers skewed against 4 KiB aliasing
- * (1.00x); prefetching a line, not a row, at a time (0.86-1.01x).
+ * (1.00x); prefetching a line, not a row, at a time (0.86-1.01x). With
+ * the layers read from memory (ab_packed.py --stream): key codes 128 slots
+ * ahead instead of 64 (0.93-1.02x), key codes also into L2 256 slots ahead
+ * (0.94-1.00x), value codes a chunk ahead (0.96-0.99x).
  */
 #if defined(__linux__) && !defined(_GNU_SOURCE)
 #define _GNU_SOURCE /* syscall(), for the tile-state permission */
@@ -49,6 +52,7 @@
 
 #define AMX_ROWS 4 /* query rows per pass: their four int8 digits fill a tile's 16 rows */
 #define AMX_K 64   /* bytes of K in one tile product: 64 key channels, or 64 slots of values */
+#define AMX_KPF 64 /* slots ahead that key codes and key scales are prefetched */
 
 #ifdef KVC_AMX
 #include <cpuid.h>
@@ -419,14 +423,33 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
              * a row's further lines too where it spans several (8-bit
              * codes at D = 128: 1.11-1.30x at 64K slots against the first
              * line alone) */
-            const char *kr = (const char *)(s->h.kc + (jt + 64 + i) * s->h.kcs);
+            const char *kr = (const char *)(s->h.kc + (jt + AMX_KPF + i) * s->h.kcs);
             const char *vr = (const char *)(s->h.vc + (jt + i) * s->h.vcs);
-            if (jt + 64 + i < end) {
+            if (jt + AMX_KPF + i < end) {
                 _mm_prefetch(kr, _MM_HINT_T0);
                 for (o = 64; o < rb; o += 64) _mm_prefetch(kr + o * s->h.kcd, _MM_HINT_T0);
             }
             _mm_prefetch(vr, _MM_HINT_T1);
             for (o = 64; o < rv; o += 64) _mm_prefetch(vr + o * s->h.vcd, _MM_HINT_T1);
+        }
+        /* the scales too: the key group's at the keys' distance, and the
+         * next chunk's value scales, whose first read (right after this
+         * chunk's softmax) otherwise waits on memory once per chunk. With
+         * every layer read from memory (ab_packed.py --stream) 1.05-1.14x
+         * at SmolLM2's shape, one thread, almost all from the value
+         * scales; 1.00-1.04x at D = 128; in cache 0.97-1.05x */
+        {
+            const int64_t tk = jt + AMX_KPF, tv = jt + KVC_AMX_CHUNK;
+            if (tk % s->G == 0 && tk < end && s->h.ksd == 1 && s->h.kmd == 1)
+                for (o = 0; o < s->D; o += 16) {
+                    _mm_prefetch((const char *)(s->h.ks + tk / s->G * s->h.kss + o), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(s->h.km + tk / s->G * s->h.kms + o), _MM_HINT_T0);
+                }
+            if (tv < end && s->h.vsd == 1 && s->h.vmd == 1)
+                for (o = 0; o < (end - tv < 32 ? end - tv : 32) * s->ng; o += 16) {
+                    _mm_prefetch((const char *)(s->h.vs + tv * s->h.vss + o), _MM_HINT_T1);
+                    _mm_prefetch((const char *)(s->h.vm + tv * s->h.vms + o), _MM_HINT_T1);
+                }
         }
         amx_key_codes(s, w, w->kb, jt);
         amx_key_codes(s, w, w->kb + ks * 1024, jt + 16);

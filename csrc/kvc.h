@@ -173,6 +173,14 @@ int kvc_set_wide(int allow);
 #define KVC_INLINE static inline
 #endif
 
+/* Ask for the line holding p ahead of its read (a hint: never faults, any
+ * address will do); nothing where the compiler has no such builtin. */
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define KVC_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+#else
+#define KVC_PREFETCH(p) ((void)(p))
+#endif
+
 #ifdef __cplusplus
 }
 #endif
