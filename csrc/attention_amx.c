@@ -439,17 +439,9 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
          * at SmolLM2's shape, one thread, almost all from the value
          * scales; 1.00-1.04x at D = 128; in cache 0.97-1.05x */
         {
-            const int64_t tk = jt + AMX_KPF, tv = jt + KVC_AMX_CHUNK;
-            if (tk % s->G == 0 && tk < end && s->h.ksd == 1 && s->h.kmd == 1)
-                for (o = 0; o < s->D; o += 16) {
-                    _mm_prefetch((const char *)(s->h.ks + tk / s->G * s->h.kss + o), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(s->h.km + tk / s->G * s->h.kms + o), _MM_HINT_T0);
-                }
-            if (tv < end && s->h.vsd == 1 && s->h.vmd == 1)
-                for (o = 0; o < (end - tv < 32 ? end - tv : 32) * s->ng; o += 16) {
-                    _mm_prefetch((const char *)(s->h.vs + tv * s->h.vss + o), _MM_HINT_T1);
-                    _mm_prefetch((const char *)(s->h.vm + tv * s->h.vms + o), _MM_HINT_T1);
-                }
+            const int64_t tk = jt + AMX_KPF;
+            if (tk % s->G == 0 && tk < end) kvc_packed_prefetch_key_group(&s->h, tk / s->G, s->D);
+            kvc_packed_prefetch_values(&s->h, jt + KVC_AMX_CHUNK, 32, end, s->ng, 1);
         }
         amx_key_codes(s, w, w->kb, jt);
         amx_key_codes(s, w, w->kb + ks * 1024, jt + 16);

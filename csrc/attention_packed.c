@@ -538,30 +538,17 @@ KVC_INLINE int pa_value_groups(const struct kvc_packed_head *h, const struct pa_
 }
 #endif
 
-#define PA_PF 64 /* slots ahead that pa_prefetch asks for */
+#define PA_PF 64 /* slots ahead that the scales are prefetched */
 /* Prefetch the scales and mins the tile of packed slots [j, j + nk) reads
- * (the value rows' when they lie as [slot][group] rows, the key group's
- * where j starts one), where those slots exist. The codes stream in order
- * and the hardware prefetcher keeps up with them; the scales are read in
- * bursts that it does not anticipate. With the layers read from memory
+ * (attention_packed_head.h). With the layers read from memory
  * (ab_packed.py --no-amx --stream) 1.00-1.11x on one thread, 0.98-1.08x
  * on two; in cache 0.95-1.11x. Prefetching the code rows as well was
  * 0.96-1.15x, slower at SmolLM2's shape. */
 KVC_INLINE void pa_prefetch(const struct pa_geom *g, const struct kvc_packed_head *h, int64_t j, int64_t nk)
 {
-    int64_t o;
     if (j >= h->n) return;
-    if (j + nk > h->n) nk = h->n - j;
-    if (h->vsd == 1 && h->vmd == 1 && h->vss == g->ng && h->vms == g->ng)
-        for (o = 0; o < nk * g->ng; o += 16) {
-            KVC_PREFETCH(h->vs + j * h->vss + o);
-            KVC_PREFETCH(h->vm + j * h->vms + o);
-        }
-    if (j % g->G == 0 && h->ksd == 1 && h->kmd == 1)
-        for (o = 0; o < g->u.D; o += 16) {
-            KVC_PREFETCH(h->ks + j / g->G * h->kss + o);
-            KVC_PREFETCH(h->km + j / g->G * h->kms + o);
-        }
+    kvc_packed_prefetch_values(h, j, nk, h->n, g->ng, 0);
+    if (j % g->G == 0) kvc_packed_prefetch_key_group(h, j / g->G, g->u.D);
 }
 
 /* One tile of packed slots [jt, jt + nk). */

@@ -8,6 +8,8 @@
 
 #include <stdint.h>
 
+#include "kvc.h"
+
 /* Strides in elements (bytes for codes). */
 struct kvc_packed_head {
     const uint8_t *kc, *vc;    /* codes of packed slot 0 */
@@ -22,5 +24,43 @@ struct kvc_packed_head {
     int64_t rks, rkd, rvs, rvd; /* residual: slot, channel */
     int64_t n, s0;             /* packed slots; first valid logical slot */
 };
+
+/* Prefetches of the scales and mins, shared by the vector units
+ * (attention_packed.c) and the AMX path (attention_amx.c). The code rows
+ * stream in order and the hardware prefetcher keeps ahead of them; the
+ * scales are read in bursts it does not anticipate: a key group's once per
+ * G slots, a tile's value scales all at once after its softmax. Only where
+ * they lie as contiguous rows; a hint, so nothing here can fault. */
+
+/* Key group t's D scales and D mins. */
+KVC_INLINE void kvc_packed_prefetch_key_group(const struct kvc_packed_head *h, int64_t t, int64_t D)
+{
+    int64_t o;
+    if (h->ksd != 1 || h->kmd != 1) return;
+    for (o = 0; o < D; o += 16) {
+        KVC_PREFETCH(h->ks + t * h->kss + o);
+        KVC_PREFETCH(h->km + t * h->kms + o);
+    }
+}
+
+/* The value scales and mins of packed slots [j, min(j + nk, end)), ng
+ * groups per slot, when they lie as [slot][group] rows; into L2 only when
+ * far (read a chunk later). */
+KVC_INLINE void kvc_packed_prefetch_values(const struct kvc_packed_head *h, int64_t j, int64_t nk, int64_t end,
+                                           int64_t ng, int far)
+{
+    int64_t o;
+    if (j >= end || h->vsd != 1 || h->vmd != 1 || h->vss != ng || h->vms != ng) return;
+    if (nk > end - j) nk = end - j;
+    for (o = 0; o < nk * ng; o += 16) {
+        if (far) {
+            KVC_PREFETCH_L2(h->vs + j * h->vss + o);
+            KVC_PREFETCH_L2(h->vm + j * h->vms + o);
+        } else {
+            KVC_PREFETCH(h->vs + j * h->vss + o);
+            KVC_PREFETCH(h->vm + j * h->vms + o);
+        }
+    }
+}
 
 #endif /* KVC_ATTENTION_PACKED_HEAD_H */

@@ -174,11 +174,15 @@ int kvc_set_wide(int allow);
 #endif
 
 /* Ask for the line holding p ahead of its read (a hint: never faults, any
- * address will do); nothing where the compiler has no such builtin. */
+ * address will do), into every level (KVC_PREFETCH) or into L2 and below
+ * (KVC_PREFETCH_L2, for lines read a while later); nothing where the
+ * compiler has no such builtin. */
 #if defined(__GNUC__) && !defined(__CUDACC__)
 #define KVC_PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 3)
+#define KVC_PREFETCH_L2(p) __builtin_prefetch((const void *)(p), 0, 2)
 #else
 #define KVC_PREFETCH(p) ((void)(p))
+#define KVC_PREFETCH_L2(p) ((void)(p))
 #endif
 
 #ifdef __cplusplus
