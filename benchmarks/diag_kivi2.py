@@ -11,6 +11,12 @@ takes each (group, channel)'s range with the least squared error among
 ranges shrunk from min/max by up to 40% at either end; ``--outliers K`` keeps
 the K elements of each (group, channel) farthest from its median exact and
 takes the range over the rest (KVQuant's dense-and-sparse split);
+``--levels A,B`` (2 bits) places the four levels of each (group, channel) at
+min + {0, A, B, 1} x range instead of KIVI's thirds (a fixed non-uniform grid, as
+KVQuant's non-uniform datatype is one per layer); ``--lloyd`` fits the two inner
+levels of every (group, channel) to its own elements (Lloyd's iterations with
+the ends at min and max: a bound on any non-uniform grid, at two more floats per
+group and channel); with ``--outliers K`` both fit the levels to the rest;
 ``--pre-rope THETA`` quantizes the keys before rotary embedding (KVQuant's
 pre-RoPE keys): each row is rotated back by its position with base THETA
 (the default RoPE of Llama-style models, rotate-half layout; KIVI evicts
@@ -99,6 +105,44 @@ def _sparse_keys(k, bits, G, keep):
     return _with_tail(k, torch.where(out_mask, x, y), bits, G)
 
 
+def _nearest(x, lv):
+    """Each element of x [..., G, 1] replaced by the nearest of lv [..., 1, L]."""
+    return torch.gather(lv.expand(*x.shape[:-1], lv.shape[-1]), -1, (x - lv).abs().argmin(-1, keepdim=True))
+
+
+def _level_keys(k, bits, G, levels=None, iters=20, keep=0):
+    """Fake-quantized 2-bit keys [B, H, n, D] per channel in groups of G
+    tokens on four levels min + {0, A, B, 1} x range (``levels = (A, B)``), or
+    with the inner two fitted per (group, channel) by Lloyd's iterations
+    (``levels = None``), the ends at min and max either way. With ``keep``,
+    the `keep` elements of each (group, channel) farthest from its median
+    stay exact and the levels are fitted to the rest (as `_sparse_keys`)."""
+    if bits != 2:
+        raise ValueError(f"bits: non-uniform levels are simulated at 2 bits only, got {bits}")
+    x = _groups(k, G).transpose(3, 4).unsqueeze(-1)  # [B, H, t, D, G, 1]
+    out = torch.zeros_like(x, dtype=torch.bool)
+    if keep:
+        dev = (x - x.median(4, keepdim=True).values).abs()
+        out.scatter_(4, dev.topk(keep, dim=4).indices, True)
+    inner = ~out
+    mn = torch.where(out, torch.full_like(x, float("inf")), x).amin(4, keepdim=True)
+    mx = torch.where(out, torch.full_like(x, float("-inf")), x).amax(4, keepdim=True)
+    rng = mx - mn
+    a, b = levels if levels is not None else (1 / 3, 2 / 3)
+    lv = torch.cat([mn, mn + a * rng, mn + b * rng, mx], -1)  # [B, H, t, D, 1, 4]
+    if levels is None:
+        for _ in range(iters):
+            near = (x - lv).abs().argmin(-1, keepdim=True)  # [..., G, 1]
+            for i in (1, 2):
+                hit = ((near == i) & inner).double()
+                cnt = hit.sum(4, keepdim=True)
+                mean = (hit * x).sum(4, keepdim=True) / cnt.clamp(min=1)
+                lv[..., i : i + 1] = torch.where(cnt > 0, mean, lv[..., i : i + 1])
+            lv = lv.sort(-1).values
+    y = torch.where(out, x, _nearest(x, lv)).squeeze(-1).transpose(3, 4)
+    return _with_tail(k, y, bits, G)
+
+
 def _rotate(k, first, theta, sign):
     """k [B, H, n, D] rotated by ``sign`` times the RoPE angles of positions
     first .. first + n - 1 (base ``theta``, rotate-half layout), in float64."""
@@ -111,14 +155,19 @@ def _rotate(k, first, theta, sign):
     return (x * cos + half * sin).to(k.dtype)
 
 
-def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0):
+def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
     by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max;
     with ``pre_rope`` (a RoPE base) the keys, whose first row sits at position
-    ``first``, are quantized before rotary embedding)."""
+    ``first``, are quantized before rotary embedding; ``levels``: False for
+    KIVI's even levels, a pair (A, B) or None for `_level_keys`)."""
     if pre_rope is not None and which in ("keys", "both"):
-        kq, _ = _fake(_rotate(k, first, pre_rope, -1.0), v, kbits, vbits, G, "keys", clip, outliers)
+        kq, _ = _fake(_rotate(k, first, pre_rope, -1.0), v, kbits, vbits, G, "keys", clip, outliers,
+                      levels=levels)
         k = _rotate(kq, first, pre_rope, 1.0)
+        which = "values" if which == "both" else "none"
+    if which in ("keys", "both") and levels is not False:
+        k = _level_keys(k, kbits, G, levels, keep=outliers)
         which = "values" if which == "both" else "none"
     if which in ("keys", "both") and (clip or outliers):
         k = _sparse_keys(k, kbits, G, outliers) if outliers else _clipped_keys(k, kbits, G)
@@ -133,7 +182,7 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
 
 
 def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, clip: bool = False,
-          outliers: int = 0, pre_rope: float | None = None) -> None:
+          outliers: int = 0, pre_rope: float | None = None, levels=False) -> None:
     pack_oldest = P.PackedStore._pack_oldest
 
     def keep_originals(self, m):
@@ -149,7 +198,7 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
             ok, ov = self._orig
             s = min(sinks, int(ok.shape[2]))
             qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
-                           value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s)
+                           value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s, levels)
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
@@ -173,8 +222,27 @@ def main(argv=None) -> int:
                     help="keys: elements per (group, channel) farthest from its median kept exact")
     ap.add_argument("--pre-rope", type=float, metavar="THETA",
                     help="keys: quantized before rotary embedding with base THETA (SmolLM2: 100000)")
+    ap.add_argument("--levels", metavar="A,B",
+                    help="keys at 2 bits: levels at min + {0, A, B, 1} x range (KIVI: 1/3, 2/3)")
+    ap.add_argument("--lloyd", action="store_true",
+                    help="keys at 2 bits: the two inner levels fitted per (group, channel)")
     args = ap.parse_args(argv[:cut])
-    patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers, args.pre_rope)
+    levels = False
+    if args.levels is not None:
+        try:
+            levels = tuple(float(x) for x in args.levels.split(","))
+        except ValueError:
+            levels = ()
+        if len(levels) != 2 or not 0.0 < levels[0] < levels[1] < 1.0:
+            ap.error(f"--levels: expected A,B with 0 < A < B < 1, got {args.levels!r}")
+    if args.lloyd:
+        if levels is not False:
+            ap.error("--lloyd: not with --levels")
+        levels = None
+    if levels is not False and args.clip:
+        ap.error("--levels / --lloyd: not with --clip")
+    patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers, args.pre_rope,
+          levels)
     return kvcompress_main(argv[cut + 1:])
 
 
