@@ -404,33 +404,38 @@ AMX_TARGET static inline void amx_tile_logits(const struct kvc_amx_span *s, cons
     }
 }
 
+/* Quarter q (0..3) of the code prefetches of the tile pair at jt: the key
+ * rows AMX_KPF slots ahead (into L1) and this pair's value rows, read after
+ * the chunk's softmax (into L2), one request per line. The codes stream
+ * from memory; asked for all at once, row by row, the 32 + 32 rows of a
+ * pair stalled the core at the prefetches themselves (perf: the hottest
+ * instructions of the span), so amx_chunk_logits spreads them over the
+ * pair's work, 8 rows of each per quarter. Against the burst, paired
+ * (ab_packed.py --stream): 1.01-1.29x on one thread, 0.99-1.24x on two,
+ * 0.99-1.25x in cache; the largest gains at D = 128 and 8 bits. Keys 96
+ * or 128 slots ahead were 0.95-1.01x of 64; the scale prefetches moved
+ * later in the pair 0.93-1.12x (RESULTS.md, "Code prefetches spread over
+ * the work"). */
+AMX_TARGET static inline void amx_prefetch_codes(const struct kvc_amx_span *s, int64_t jt, int q)
+{
+    const int64_t end = s->j0 + s->n, rb = s->D * s->bits / 8, rv = s->D * s->vbits / 8;
+    const int64_t k0 = jt + AMX_KPF + 8 * q, v0 = jt + 8 * q;
+    kvc_packed_prefetch_rows(s->h.kc, s->h.kcs, s->h.kcd, rb, k0, k0 + 8, end, 0);
+    kvc_packed_prefetch_rows(s->h.vc, s->h.vcs, s->h.vcd, rv, v0, v0 + 8, end, 1);
+}
+
 /* Logits of rows r0.. over the chunk's slots [j, j + nc) into w->x, two
  * tiles at a time (two independent chains of products). */
 AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0,
                                         int64_t nr, int64_t j, int64_t nc, int64_t *tcur)
 {
-    const int64_t ks = (s->D + AMX_K - 1) / AMX_K, end = s->j0 + s->n, rb = s->D * s->bits / 8, rv = s->D * s->vbits / 8;
-    int64_t jt, i, k, o;
+    const int64_t ks = (s->D + AMX_K - 1) / AMX_K, end = s->j0 + s->n;
+    int64_t jt, k;
     for (jt = j; jt < j + nc; jt += 32) {
         const int64_t t = jt / s->G; /* both tiles: G is a multiple of 32 */
         if (t != *tcur) {
             amx_key_group(s, w, r0, nr, t);
             *tcur = t;
-        }
-        for (i = 0; i < 32; i++) {
-            /* the codes stream from memory: ask for the keys two pairs of
-             * tiles ahead, and for these values, read after the softmax;
-             * a row's further lines too where it spans several (8-bit
-             * codes at D = 128: 1.11-1.30x at 64K slots against the first
-             * line alone) */
-            const char *kr = (const char *)(s->h.kc + (jt + AMX_KPF + i) * s->h.kcs);
-            const char *vr = (const char *)(s->h.vc + (jt + i) * s->h.vcs);
-            if (jt + AMX_KPF + i < end) {
-                _mm_prefetch(kr, _MM_HINT_T0);
-                for (o = 64; o < rb; o += 64) _mm_prefetch(kr + o * s->h.kcd, _MM_HINT_T0);
-            }
-            _mm_prefetch(vr, _MM_HINT_T1);
-            for (o = 64; o < rv; o += 64) _mm_prefetch(vr + o * s->h.vcd, _MM_HINT_T1);
         }
         /* the scales too: the key group's at the keys' distance, and the
          * next chunk's value scales, whose first read (right after this
@@ -443,8 +448,11 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
             if (tk % s->G == 0 && tk < end) kvc_packed_prefetch_key_group(&s->h, tk / s->G, s->D);
             kvc_packed_prefetch_values(&s->h, jt + KVC_AMX_CHUNK, 32, end, s->ng, 1);
         }
+        amx_prefetch_codes(s, jt, 0);
         amx_key_codes(s, w, w->kb, jt);
+        amx_prefetch_codes(s, jt, 1);
         amx_key_codes(s, w, w->kb + ks * 1024, jt + 16);
+        amx_prefetch_codes(s, jt, 2);
         _tile_zero(0);
         _tile_zero(1);
         for (k = 0; k < ks; k++) {
@@ -457,6 +465,7 @@ AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const stru
         _tile_stored(0, w->ct, 64);
         _tile_stored(1, w->ct + 256, 64);
         amx_tile_logits(s, w, nr, j, jt, 0);
+        amx_prefetch_codes(s, jt, 3);
         amx_tile_logits(s, w, nr, j, jt + 16, 1);
     }
 }

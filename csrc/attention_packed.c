@@ -538,17 +538,20 @@ KVC_INLINE int pa_value_groups(const struct kvc_packed_head *h, const struct pa_
 }
 #endif
 
-#define PA_PF 64 /* slots ahead that the scales are prefetched */
-/* Prefetch the scales and mins the tile of packed slots [j, j + nk) reads
- * (attention_packed_head.h). With the layers read from memory
- * (ab_packed.py --no-amx --stream) 1.00-1.11x on one thread, 0.98-1.08x
- * on two; in cache 0.95-1.11x. Prefetching the code rows as well was
- * 0.96-1.15x, slower at SmolLM2's shape. */
+#define PA_PF 64 /* slots ahead that the codes and scales are prefetched */
+/* Prefetch what the tile of packed slots [j, j + nk) reads: the scales
+ * and mins (attention_packed_head.h; 1.00-1.11x with every layer read from
+ * memory, ab_packed.py --no-amx --stream) and the code rows, one request
+ * per line (0.99-1.29x more, one and two threads; in cache 0.96-1.17x).
+ * Asked for per row, the code rows were 0.96-1.15x: rows of 16 or 32
+ * bytes share lines, and the repeated requests cost more than they won. */
 KVC_INLINE void pa_prefetch(const struct pa_geom *g, const struct kvc_packed_head *h, int64_t j, int64_t nk)
 {
     if (j >= h->n) return;
     kvc_packed_prefetch_values(h, j, nk, h->n, g->ng, 0);
     if (j % g->G == 0) kvc_packed_prefetch_key_group(h, j / g->G, g->u.D);
+    kvc_packed_prefetch_rows(h->kc, h->kcs, h->kcd, (g->u.D * g->bits + 7) / 8, j, j + nk, h->n, 0);
+    kvc_packed_prefetch_rows(h->vc, h->vcs, h->vcd, (g->u.D * g->vbits + 7) / 8, j, j + nk, h->n, 0);
 }
 
 /* One tile of packed slots [jt, jt + nk). */

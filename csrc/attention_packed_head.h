@@ -63,4 +63,31 @@ KVC_INLINE void kvc_packed_prefetch_values(const struct kvc_packed_head *h, int6
     }
 }
 
+/* The lines of code rows [a, b) (clipped to end), rb bytes each, cs apart,
+ * byte stride cd: where the bytes are contiguous every line of the range
+ * once (rows of 16 or 32 bytes share lines: one request per line, not per
+ * row), else every line of each row; into L2 only when far. */
+KVC_INLINE void kvc_packed_prefetch_rows(const uint8_t *base, int64_t cs, int64_t cd, int64_t rb, int64_t a,
+                                         int64_t b, int64_t end, int far)
+{
+    int64_t r, o;
+    if (b > end) b = end;
+    if (a >= b) return;
+    if (cd == 1) {
+        const uintptr_t p = (uintptr_t)(base + a * cs), e = p + (uintptr_t)((b - a - 1) * cs + rb);
+        uintptr_t x;
+        /* a negative cs leaves e below p: nothing asked, nothing wrong */
+        for (x = p & ~(uintptr_t)63; x < e; x += 64) {
+            if (far) KVC_PREFETCH_L2((const void *)x);
+            else KVC_PREFETCH((const void *)x);
+        }
+        return;
+    }
+    for (r = a; r < b; r++)
+        for (o = 0; o < rb; o += 64) {
+            if (far) KVC_PREFETCH_L2(base + r * cs + o * cd);
+            else KVC_PREFETCH(base + r * cs + o * cd);
+        }
+}
+
 #endif /* KVC_ATTENTION_PACKED_HEAD_H */
