@@ -25,12 +25,14 @@ struct kvc_packed_head {
     int64_t n, s0;             /* packed slots; first valid logical slot */
 };
 
-/* Prefetches of the scales and mins, shared by the vector units
- * (attention_packed.c) and the AMX path (attention_amx.c). The code rows
- * stream in order and the hardware prefetcher keeps ahead of them; the
- * scales are read in bursts it does not anticipate: a key group's once per
- * G slots, a tile's value scales all at once after its softmax. Only where
- * they lie as contiguous rows; a hint, so nothing here can fault. */
+/* Prefetches of what a head's packed slots are read from, shared by the
+ * vector units (attention_packed.c) and the AMX path (attention_amx.c).
+ * The scales are read in bursts the hardware prefetcher does not
+ * anticipate: a key group's once per G slots, a tile's value scales all at
+ * once after its softmax (asked for only where they lie as contiguous
+ * rows). The code rows stream in order, yet asking for them ahead still
+ * pays when each line is asked for once (kvc_packed_prefetch_rows). All
+ * hints: nothing here can fault. */
 
 /* Key group t's D scales and D mins. */
 KVC_INLINE void kvc_packed_prefetch_key_group(const struct kvc_packed_head *h, int64_t t, int64_t D)
