@@ -8,7 +8,8 @@ n = 4K .. 64K slots. All variants of a case run interleaved rep by rep, so
 background load hits them alike; the table gives medians, the speed-up of
 each packed width over fp32 and bf16 attention, and the packed kernel's
 bandwidth on the bytes it reads (codes + mins/scales + residual) next to a
-256 MiB NumPy copy measured in the same run (read + write bytes / time),
+256 MiB NumPy copy on as many threads, measured in the same run (read +
+write bytes / time),
 and its rate of the multiply-adds a decode step needs (2 x Hq x n x D: the
 logits and the weighted values, what fp32/bf16 attention does too) next to
 torch's fp32 matmul at the same thread count (``_common.matmul_roof``):
@@ -41,8 +42,8 @@ import torch
 
 from kvcompress import ops
 
-from _common import (command_line, last_level_cache_bytes, machine, machine_line, matmul_roof,  # noqa: E402
-                     memcpy_bandwidth, now, stream_copies, write_results)
+from _common import (command_line, copy_reference_line, copy_references, last_level_cache_bytes,  # noqa: E402
+                     machine, machine_line, matmul_roof, now, stream_copies, write_results)
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 GROUP, RESIDUAL = 32, 128
@@ -145,8 +146,9 @@ def main(argv=None):
     lengths = [4096, 16384] if args.quick else [4096, 16384, 65536]
     info = machine()
     llc = None if args.no_stream else last_level_cache_bytes()
-    bw = memcpy_bandwidth()
-    print(f"memcpy {bw / 1e9:.2f} GB/s (read + write)", flush=True)
+    # the copy on as many threads as the kernel it is set against
+    bws = copy_references(threads)
+    print("memcpy (read + write) " + ", ".join(f"{nt}t {b / 1e9:.2f} GB/s" for nt, b in bws.items()), flush=True)
     roofs = {nt: matmul_roof(nt) for nt in threads}
     print("matmul " + ", ".join(f"{nt}t {r / 1e9:.1f} G multiply-adds/s" for nt, r in roofs.items()), flush=True)
     g = torch.Generator().manual_seed(0)
@@ -160,6 +162,7 @@ def main(argv=None):
                 t, reps = time_many(fns, args.min_time)
                 ts, sreps = time_many(streamed, args.min_time) if streamed else (None, 0)
                 Hq, _, D = SHAPES[shape]
+                bw = bws[nt]
                 fmas = 2 * Hq * n * D  # logits and weighted values of one decode step
                 for bits, vbits in WIDTHS:
                     key = width_key(bits, vbits)
@@ -186,7 +189,8 @@ def main(argv=None):
                     print(line, flush=True)
     command = command_line(__file__, argv)
     result = dict(command=command, date=now(), machine=info, group=GROUP, residual=RESIDUAL, llc_bytes=llc,
-                  memcpy_GBps=bw / 1e9, matmul_Gfma={nt: r / 1e9 for nt, r in roofs.items()}, records=records)
+                  memcpy_GBps={nt: b / 1e9 for nt, b in bws.items()},
+                  matmul_Gfma={nt: r / 1e9 for nt, r in roofs.items()}, records=records)
     if args.no_write:
         return result
     lines = [
@@ -195,7 +199,7 @@ def main(argv=None):
         f"Command: `{command}`",
         "",
         machine_line(info),
-        f"Reference bandwidth: 256 MiB NumPy copy = {bw / 1e9:.2f} GB/s (read + write). Reference compute: "
+        copy_reference_line(bws) + " Reference compute: "
         "torch fp32 matmul (256^3) = " + ", ".join(f"{r / 1e9:.1f} G multiply-adds/s on {nt} thread(s)"
                                                    for nt, r in roofs.items()) + ".",
         f"Decode step (q = 1), B=1; packed: group {GROUP}, the last {RESIDUAL} slots in fp32; fp32 / bf16: "
