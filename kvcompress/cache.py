@@ -627,6 +627,19 @@ class CompressedLayer(CacheLayerMixin):
                     self._to_packed(method.packing)
             self.store.settle(pad=self._start)
             return
+        if method.packing is not None and self.window is not None and self._packs_window():
+            # KIVI alone on a sliding-window layer: the window's slots are
+            # packed as on the other layers (the prompt's attention ran in full
+            # precision); whole key groups leave once no later query sees
+            # them, and attention masks the older slots of the oldest group
+            if not isinstance(self.store, PackedStore):
+                self._slide()
+                self._to_packed(method.packing)
+            self.store.settle(pad=self._start)
+            dropped = self.store.drop_unseen(self.seen - self.window + 1)
+            if dropped:
+                self._update_start([max(0, s - dropped) for s in self._start])
+            return
         before = self.store
         self._compress(queries, scaling)
         if self.window is None and type(self.store) in (UniformStore, RaggedStore):
@@ -635,6 +648,18 @@ class CompressedLayer(CacheLayerMixin):
             # and again after a per-head layer is re-compressed into a new
             # store; sliding layers hold only their window and read it whole
             self._to_reader(method, before)
+
+    def _packs_window(self) -> bool:
+        """Whether this sliding-window layer keeps its window packed: with a
+        quantizer alone (nothing evicted, merged, demoted, shared or read
+        sparsely, which all leave sliding layers whole in full precision)
+        and a window longer than the residual plus a group, so that some
+        whole group is always packed (else the full-precision residual would
+        hold the whole window anyway)."""
+        method = self.method
+        _, group, residual, _ = method.packing
+        return (not method.evicts and not method.merges and not method.mixed_precision
+                and method.depth is None and not method.reads_sparsely and self.window - 1 > residual + group)
 
     def _to_reader(self, method: Method, before=None) -> None:
         """Move a full-attention uniform or per-head layer into the store of

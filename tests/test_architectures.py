@@ -389,6 +389,55 @@ def test_packing_methods_run_on_every_family(archs, family, method):
         assert isinstance(layer.store, PackedStore) == (layer.window is None), (family, method, layer)
 
 
+SLIDING = [f for f, spec in FAMILIES.items() if "sliding_window" in spec[2]]
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, family, monkeypatch):
+    """KIVI alone packs the sliding layers' windows too. Each holds at most
+    ``window + group - 2`` slots, whole packed groups plus the residual, and
+    its attention (the kernel with the slots the window no longer sees masked
+    as leading ones, or the eager path for softcaps and sinks) gives the
+    logits of the eager path over the same dequantized slots, where
+    ``build_mask`` applies the window by token position."""
+    import kvcompress.stores.packed as packed_store
+
+    arch = _arch(archs, family)
+    G, R = 8, 8
+    method = kvc.KIVI(bits=4, group=G, residual=R)
+    with kvc.compress(arch.model, method) as session:
+        out = _generate(arch.model, arch.ids, arch.mask)
+    cfg = arch.model.config
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    window_fp32 = 2 * cfg.num_key_value_heads * (WINDOW - 1) * D * 4 * 2  # two rows
+    sliding = 0
+    for layer in session.cache.layers:
+        s = layer.store
+        assert isinstance(s, PackedStore), (family, layer)
+        if layer.window is None:
+            continue
+        sliding += 1
+        assert s.n_packed > 0 and s.n_packed % G == 0 and R <= s.r < R + G, (family, s)
+        assert s.first_position + s.n == layer.seen and s.n <= WINDOW + G - 2, (family, s, layer.seen)
+        # the packed buffers stay the window's size however long the layer runs, and the bytes held
+        # are theirs plus the residual's: codes, fp32 mins and scales, the fp32 residual buffer
+        cap, rcap = int(s._kc.shape[2]), int(s._rk.shape[2])
+        assert cap <= WINDOW + 4 * G, (family, s, cap)
+        H = cfg.num_key_value_heads
+        packed = 2 * H * cap * (D // 2 + D // 2 + 2 * 4 * math.ceil(D / G)) + 2 * 2 * H * (cap // G) * D * 4
+        assert sum(t.untyped_storage().nbytes() for t in s.tensors()) == packed + 2 * 2 * H * rcap * D * 4
+        assert packed + 2 * 2 * H * rcap * D * 4 < window_fp32, (family, s)
+    assert sliding == len(_sliding_layers(arch.model)) > 0
+    # the same generation through the eager path over dequantized slots
+    monkeypatch.setattr(packed_store, "kernel_reads", lambda query, residual: False)
+    with kvc.compress(arch.model, method):
+        eager = _generate(arch.model, arch.ids, arch.mask)
+    assert torch.equal(out.sequences, eager.sequences), family
+    for step, (a, b) in enumerate(zip(out.logits, eager.logits)):
+        err = float((a - b).abs().max())
+        assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family}: step {step} logits differ by {err:.3g}"
+
+
 # ------------------------------------------------------------ memory vs transformers' cache
 
 

@@ -259,3 +259,51 @@ def test_eval_and_suite_run_kivi_once(tiny_lm, tmp_path):
         ("full", None), ("kivi:group=8:residual=16", None), ("tova", 0.5), ("tova", 0.9)]
     assert res["rows"][1]["bytes"] < res["rows"][0]["bytes"]
     suite.plot(res, tmp_path / "suite.png")  # a row without a ratio is drawn as a level
+
+
+def test_sliding_store_drops_whole_groups_and_masks_the_rest():
+    """A sliding window over a packed store, step by step: whole key groups
+    leave once no later query sees them (the rest of the buffer moves, bit for
+    bit), and one query's attention masks the slots of the oldest group that
+    its window no longer sees: float64 attention over the dequantized slots
+    the window sees, within 2x torch's own fp32 error."""
+    torch.manual_seed(7)
+    B, Hkv, Hq, D, G, R, W = 2, 2, 4, 32, 8, 16, 60
+    store = PackedStore(4, G, R)
+    n0 = 100
+    store.append(torch.randn(B, Hkv, n0, D), torch.randn(B, Hkv, n0, D), 0)
+    store.settle()
+    kv_start = torch.tensor([0, 5])  # row 1's five leading slots are padding, until the window passes them
+    seen, dropped_any = n0, False
+    for step in range(3 * G + 3):
+        if step:
+            store.append(torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D), seen)
+            seen += 1
+        assert store.first_position + store.n == seen
+        q = torch.randn(B, Hq, 1, D)
+        query_pos = torch.full((B, 1), seen - 1)
+        spec = AttentionSpec(scaling=D**-0.5, window=W)
+        out = store.attend(q, spec, kv_start=kv_start, query_pos=query_pos)
+        k, v = store.dequantized()
+        pos = torch.arange(store.first_position, seen)
+        start = torch.maximum(kv_start, (pos < seen - W).sum().expand(B))  # the window sees seen - W .. seen - 1
+        ref = _attention64(q, k, v, spec.scaling, start)
+        mask = build_mask(B, 1, store.n, "cpu", kv_start=start)
+        torch_err = (masked_attention(q, k, v, spec, mask).double() - ref).abs().max().item()
+        assert (out.double() - ref).abs().max().item() <= 2 * torch_err + 1e-6, step
+        if int(start.min()) > 0:
+            # the masked slots matter: attending to them too changes the result
+            assert (_attention64(q, k, v, spec.scaling, kv_start) - ref).abs().max().item() > 1e-4
+        store.settle()
+        before = store.dequantized()
+        first = store.first_position
+        m = store.drop_unseen(seen - W + 1)
+        assert m % G == 0 and store.first_position == first + m
+        # the oldest group still holds a slot the next query sees
+        assert store.first_position > seen + 1 - W - G and store.n <= W + G - 2
+        after = store.dequantized()
+        assert torch.equal(after[0], before[0][:, :, m:]) and torch.equal(after[1], before[1][:, :, m:])
+        if m:
+            dropped_any = True
+            kv_start = (kv_start - m).clamp(min=0)
+    assert dropped_any

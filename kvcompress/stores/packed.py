@@ -218,6 +218,30 @@ class PackedStore(LayerStore):
             self._rv[:, :, :left] = self._rv[:, :, m : self.r].clone()
         self.r = left
 
+    def drop_unseen(self, first_visible: int) -> int:
+        """Forget the packed key groups whose every slot lies before token
+        position ``first_visible`` (a sliding-window layer: no later query
+        sees them); returns the slots dropped, a multiple of ``group``.
+
+        The slots of the oldest group that the window no longer sees but whose
+        group still holds visible ones stay, and :meth:`attend` masks them
+        (they share the group's channel scales, so the group leaves whole).
+        The packed part moves to the front of its buffers: at most a window's
+        worth of packed bytes, once per ``group`` decoded tokens."""
+        G = self.group
+        m = min(self.n_packed, max(0, first_visible - self.first_position) // G * G)
+        if m <= 0 or not self.pack_decoded:
+            return 0
+        p, t = self.n_packed, self.n_packed // G
+        for name, lo, hi in (("_kc", m, p), ("_vc", m, p), ("_vmin", m, p), ("_vsc", m, p),
+                             ("_kmin", m // G, t), ("_ksc", m // G, t)):
+            buf = getattr(self, name)
+            # the source overlaps the destination: copy through a temporary
+            buf[:, :, : hi - lo] = buf[:, :, lo:hi].clone()
+        self.n_packed -= m
+        self.first_position += m
+        return m
+
     def _reserve(self, need: int) -> None:
         """Packed buffers for ``need`` slots (grown by an eighth, group-aligned)."""
         have = 0 if self._kc is None else int(self._kc.shape[2])
@@ -290,10 +314,16 @@ class PackedStore(LayerStore):
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
-        if spec.plain and spec.window is None and kernel_reads(query, self._rk) and q <= self.r:
+        # a sliding window reaches the kernel for one query at a time: the
+        # slots it no longer sees are all leading ones, masked like padding
+        windowed = spec.window is not None
+        if (spec.plain and kernel_reads(query, self._rk) and q <= self.r
+                and (not windowed or (q == 1 and query_pos is not None and self._hi is None))):
             if self._kc is None:
                 self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
             rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+            if windowed:
+                kv_start = self._window_start(query, spec.window, kv_start, query_pos)
             if self._hi is None:
                 return ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
                                             value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start)
@@ -307,6 +337,15 @@ class PackedStore(LayerStore):
         mask = build_mask(int(query.shape[0]), q, self.n, query.device, kv_start=kv_start, window=spec.window,
                           key_pos=key_pos, query_pos=query_pos)
         return masked_attention(query, keys, values, spec, mask)
+
+    def _window_start(self, query, window: int, kv_start, query_pos):
+        """``kv_start`` ``[B]`` raised to the leading slots that a single query
+        at ``query_pos`` ``[B, 1]`` no longer sees through ``window`` (keys at
+        distance ``>= window``, as :func:`build_mask`); slot ``i`` holds token
+        position ``first_position + i``."""
+        unseen = (query_pos[:, 0].to(torch.int64) - (window - 1) - self.first_position).clamp(min=0, max=self.n)
+        unseen = unseen.to(query.device)
+        return unseen if kv_start is None else torch.maximum(kv_start.to(torch.int64), unseen)
 
     def _attend_two_widths(self, query, rk, rv, scaling, kv_start):
         """Mixed precision with ``high_bits``: the low part with the residual
