@@ -628,15 +628,18 @@ class CompressedLayer(CacheLayerMixin):
             self.store.settle(pad=self._start)
             return
         if method.packing is not None and self.window is not None and self._packs_window():
-            # KIVI alone on a sliding-window layer: the window's slots are
-            # packed as on the other layers (the prompt's attention ran in full
-            # precision); whole key groups leave once no later query sees
-            # them, and attention masks the older slots of the oldest group
+            # A sliding-window layer under a quantizer: it keeps the same
+            # recent slots as unpacked (_slide), packed as on the other layers
+            # (the prompt's attention ran in full precision). Whole key groups
+            # leave once no later query sees them; the older slots of the
+            # oldest group stay packed and attention masks them.
             if not isinstance(self.store, PackedStore):
                 self._slide()
                 self._to_packed(method.packing)
             self.store.settle(pad=self._start)
-            dropped = self.store.drop_unseen(self.seen - self.window + 1)
+            first_visible = self.seen - self._window_keep()
+            self.store.visible_from = first_visible
+            dropped = self.store.drop_unseen(first_visible)
             if dropped:
                 self._update_start([max(0, s - dropped) for s in self._start])
             return
@@ -650,16 +653,22 @@ class CompressedLayer(CacheLayerMixin):
             self._to_reader(method, before)
 
     def _packs_window(self) -> bool:
-        """Whether this sliding-window layer keeps its window packed: with a
-        quantizer alone (nothing evicted, merged, demoted, shared or read
-        sparsely, which all leave sliding layers whole in full precision)
-        and a window longer than the residual plus a group, so that some
-        whole group is always packed (else the full-precision residual would
-        hold the whole window anyway)."""
+        """Whether this sliding-window layer keeps its slots packed: under a
+        quantizer that does not demote (mixed precision keeps sliding layers
+        whole, unscored) nor read sparsely, once it is packed, or when it
+        first keeps more slots than the residual plus a group (else the
+        full-precision residual would hold more than the unpacked layer)."""
         method = self.method
+        if isinstance(self.store, PackedStore):
+            return True
         _, group, residual, _ = method.packing
-        return (not method.evicts and not method.merges and not method.mixed_precision
-                and method.depth is None and not method.reads_sparsely and self.window - 1 > residual + group)
+        return (not method.mixed_precision and not method.reads_sparsely and method.depth is None
+                and self._window_keep() > residual + group)
+
+    def _window_keep(self) -> int:
+        """Slots a sliding-window layer keeps: its most recent ``min(window -
+        1, target)`` (see :meth:`_slide`)."""
+        return max(1, min(self.window - 1, max(self._targets(), default=self.window - 1)))
 
     def _to_reader(self, method: Method, before=None) -> None:
         """Move a full-attention uniform or per-head layer into the store of
@@ -764,7 +773,7 @@ class CompressedLayer(CacheLayerMixin):
         target)`` slots: the window is all its attention can see, and the
         method's target shrinks it further (recent tokens only: a local layer
         is a StreamingLLM layer without sinks)."""
-        keep = max(1, min(self.window - 1, max(self._targets(), default=self.window - 1)))
+        keep = self._window_keep()
         drop = self.store.n - keep
         if drop > 0:
             self.store.drop_front(drop)

@@ -261,20 +261,25 @@ def test_eval_and_suite_run_kivi_once(tiny_lm, tmp_path):
     suite.plot(res, tmp_path / "suite.png")  # a row without a ratio is drawn as a level
 
 
-def test_sliding_store_drops_whole_groups_and_masks_the_rest():
+@pytest.mark.parametrize("keep", [None, 37])
+def test_sliding_store_drops_whole_groups_and_masks_the_rest(keep):
     """A sliding window over a packed store, step by step: whole key groups
     leave once no later query sees them (the rest of the buffer moves, bit for
     bit), and one query's attention masks the slots of the oldest group that
     its window no longer sees: float64 attention over the dequantized slots
-    the window sees, within 2x torch's own fp32 error."""
+    the window sees, within 2x torch's own fp32 error. With ``keep`` the
+    layer keeps only its newest ``keep`` slots (a budget under the window):
+    ``visible_from`` hides the older ones as well."""
     torch.manual_seed(7)
     B, Hkv, Hq, D, G, R, W = 2, 2, 4, 32, 8, 16, 60
+    K = W - 1 if keep is None else keep
     store = PackedStore(4, G, R)
     n0 = 100
     store.append(torch.randn(B, Hkv, n0, D), torch.randn(B, Hkv, n0, D), 0)
     store.settle()
     kv_start = torch.tensor([0, 5])  # row 1's five leading slots are padding, until the window passes them
     seen, dropped_any = n0, False
+    store.visible_from = seen - 1 - K  # the prompt's last query sees the K slots before it
     for step in range(3 * G + 3):
         if step:
             store.append(torch.randn(B, Hkv, 1, D), torch.randn(B, Hkv, 1, D), seen)
@@ -286,7 +291,8 @@ def test_sliding_store_drops_whole_groups_and_masks_the_rest():
         out = store.attend(q, spec, kv_start=kv_start, query_pos=query_pos)
         k, v = store.dequantized()
         pos = torch.arange(store.first_position, seen)
-        start = torch.maximum(kv_start, (pos < seen - W).sum().expand(B))  # the window sees seen - W .. seen - 1
+        # the window sees positions seen - W .. seen - 1; the kept slots, the K before the query
+        start = torch.maximum(kv_start, ((pos < seen - W) | (pos < seen - 1 - K)).sum().expand(B))
         ref = _attention64(q, k, v, spec.scaling, start)
         mask = build_mask(B, 1, store.n, "cpu", kv_start=start)
         torch_err = (masked_attention(q, k, v, spec, mask).double() - ref).abs().max().item()
@@ -297,10 +303,11 @@ def test_sliding_store_drops_whole_groups_and_masks_the_rest():
         store.settle()
         before = store.dequantized()
         first = store.first_position
-        m = store.drop_unseen(seen - W + 1)
+        store.visible_from = seen - K  # what the layer sets after each step (CompressedLayer.after_attention)
+        m = store.drop_unseen(seen - K)
         assert m % G == 0 and store.first_position == first + m
         # the oldest group still holds a slot the next query sees
-        assert store.first_position > seen + 1 - W - G and store.n <= W + G - 2
+        assert store.first_position > seen - K - G and store.n <= K + G - 1
         after = store.dequantized()
         assert torch.equal(after[0], before[0][:, :, m:]) and torch.equal(after[1], before[1][:, :, m:])
         if m:

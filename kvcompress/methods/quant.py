@@ -38,10 +38,10 @@ class KIVI(KeepsEveryToken):
       per query and key group the channel scales are folded into the query,
       so no dequantized copy of the cache exists;
     * nothing is evicted (``ratio`` is 0); sliding-window layers (Gemma 2/3,
-      Mistral, ...) pack their window the same way when KIVI runs alone: key
-      groups leave whole once the window has passed them, and attention masks
-      the older slots of the oldest group (composed with an evictor, sliding
-      layers keep their window in full precision);
+      Mistral, ...) pack their window the same way: key groups leave whole
+      once the window has passed them, and attention masks the older slots
+      of the oldest group (after an evictor, a sliding layer packs the newest
+      slots it keeps);
     * ``bits`` defaults to 4 (the paper's near-lossless setting; its headline
       2-bit setting loses about 1 point on LongBench for Mistral-7B);
     * ``value_bits`` (not in the paper, which uses one width) packs the values

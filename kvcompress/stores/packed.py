@@ -69,6 +69,11 @@ class PackedStore(LayerStore):
         self.high_bits = None
         self.n_high = 0
         self._hi = None  # (key codes, mins, scales, value codes, mins, scales), the low part's layout
+        #: a sliding-window layer's first token position that queries may see
+        #: (None: every slot): the layer keeps its most recent slots, and the
+        #: slots before this one that share a key group with kept ones stay
+        #: packed but are masked as leading slots (see drop_unseen)
+        self.visible_from = None
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
@@ -317,13 +322,16 @@ class PackedStore(LayerStore):
         # a sliding window reaches the kernel for one query at a time: the
         # slots it no longer sees are all leading ones, masked like padding
         windowed = spec.window is not None
+        if self.visible_from is not None:
+            kv_start = self._leading(query, self.visible_from, kv_start)
         if (spec.plain and kernel_reads(query, self._rk) and q <= self.r
                 and (not windowed or (q == 1 and query_pos is not None and self._hi is None))):
             if self._kc is None:
                 self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
             rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
             if windowed:
-                kv_start = self._window_start(query, spec.window, kv_start, query_pos)
+                # keys at distance >= window from the query (build_mask's rule)
+                kv_start = self._leading(query, query_pos[:, 0].to(torch.int64) - (spec.window - 1), kv_start)
             if self._hi is None:
                 return ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
                                             value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start)
@@ -338,13 +346,12 @@ class PackedStore(LayerStore):
                           key_pos=key_pos, query_pos=query_pos)
         return masked_attention(query, keys, values, spec, mask)
 
-    def _window_start(self, query, window: int, kv_start, query_pos):
-        """``kv_start`` ``[B]`` raised to the leading slots that a single query
-        at ``query_pos`` ``[B, 1]`` no longer sees through ``window`` (keys at
-        distance ``>= window``, as :func:`build_mask`); slot ``i`` holds token
-        position ``first_position + i``."""
-        unseen = (query_pos[:, 0].to(torch.int64) - (window - 1) - self.first_position).clamp(min=0, max=self.n)
-        unseen = unseen.to(query.device)
+    def _leading(self, query, first_visible, kv_start):
+        """``kv_start`` ``[B]`` raised to the slots before token position
+        ``first_visible`` (an int or ``[B]``): they are all leading ones, since
+        slot ``i`` holds position ``first_position + i``."""
+        unseen = torch.as_tensor(first_visible, dtype=torch.int64, device=query.device) - self.first_position
+        unseen = unseen.clamp(min=0, max=self.n).expand(int(query.shape[0]))
         return unseen if kv_start is None else torch.maximum(kv_start.to(torch.int64), unseen)
 
     def _attend_two_widths(self, query, rk, rv, scaling, kv_start):
