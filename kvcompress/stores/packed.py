@@ -78,8 +78,12 @@ class PackedStore(LayerStore):
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
+        seen = ""
+        if self.visible_from is not None:  # a sliding-window layer: the positions it holds, those queries see
+            seen = (f", positions={self.first_position}..{self.first_position + self.n - 1}"
+                    f", visible_from={self.visible_from}")
         return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
-                f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}{high}, full_precision={self.r})")
+                f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}{high}, full_precision={self.r}{seen})")
 
     @classmethod
     def from_split(cls, keys, values, full_idx, low_idx, bits: int, group: int,
