@@ -653,11 +653,12 @@ class CompressedLayer(CacheLayerMixin):
             self._to_reader(method, before)
 
     def _packs_window(self) -> bool:
-        """Whether this sliding-window layer keeps its slots packed: under a
-        quantizer that does not demote (mixed precision keeps sliding layers
-        whole, unscored) nor read sparsely, once it is packed, or when it
-        first keeps more slots than the residual plus a group (else the
-        full-precision residual would hold more than the unpacked layer)."""
+        """Whether this sliding-window layer keeps its slots packed: once it
+        is packed; before that, under a quantizer that does not demote (mixed
+        precision keeps sliding layers whole, unscored), read sparsely or go
+        with a cross-layer method (``depth``), when the layer keeps more
+        slots than the residual plus a group (else the full-precision
+        residual would hold more than the unpacked layer)."""
         method = self.method
         if isinstance(self.store, PackedStore):
             return True
