@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 
@@ -183,12 +184,23 @@ def packed_rows(lengths, batches, reps, rounds, copy_bw, gen, group=32, residual
                 fn = lambda args=args, bits=bits: ops.packed_attention(*args, bits=bits, group=group)  # noqa: E731
                 kd = torch.cat([ops.unpack_keys(*pk, bits, group).to(torch.float16), rk], 2)
                 vd = torch.cat([ops.unpack_values(*pv, bits, group, head_dim=D).to(torch.float16), rv], 2)
-                err = (fn().float() - ops.attention(q, kd, vd).float()).abs().max().item()
+                want = ops.attention(q, kd, vd).float()
+                err = (fn().float() - want).abs().max().item()
                 t = graph_timed(fn, reps, rounds) or timed(fn, reps, rounds)
+                # the generic kernel on the same problem, same run (the op picks
+                # the tiled one for this shape)
+                os.environ["KVCOMPRESS_CUDA_PACKED_KERNEL"] = "generic"
+                try:
+                    err_generic = (fn().float() - want).abs().max().item()
+                    t_generic = graph_timed(fn, reps, rounds) or timed(fn, reps, rounds)
+                finally:
+                    del os.environ["KVCOMPRESS_CUDA_PACKED_KERNEL"]
                 read = nbytes(q, *pk, *pv, rk, rv) + B * Hq * D * 2
                 row = {"B": B, "slots": n, "bits": bits, "packed_us": t * 1e6,
                        "packed_gbs": read / t / 1e9, "packed_pct_copy": 100 * read / t / copy_bw,
-                       "max_abs_diff_vs_dequantized": err}
+                       "generic_us": t_generic * 1e6, "generic_pct_copy": 100 * read / t_generic / copy_bw,
+                       "vs_generic": t_generic / t,
+                       "max_abs_diff_vs_dequantized": max(err, err_generic)}
                 if t_fp16 and t_sdpa:
                     row.update({"fp16_us": t_fp16 * 1e6, "sdpa_us": t_sdpa * 1e6,
                                 "vs_fp16": t_fp16 / t, "vs_sdpa": t_sdpa / t})
@@ -202,6 +214,9 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--parts", default="ops,attention,packed",
+                    help="comma-separated subset of ops, attention, packed (packed needs attention's rows "
+                         "for its fp16 / SDPA columns: it times them itself)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if not (_C.has_cuda and torch.cuda.is_available()):
@@ -211,10 +226,14 @@ def main(argv=None):
     copy_bw = copy_bandwidth(args.reps // 5 or 1, args.rounds)
     print(f"device: {dev}; device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + write)\n")
 
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    if not parts or parts - {"ops", "attention", "packed"}:
+        sys.exit(f"bench_cuda: --parts takes ops, attention and packed, not {args.parts!r}")
     op_rows = []
-    print("| op | problem | time (us) | effective GB/s | % of copy |")
-    print("|---|---|---:|---:|---:|")
-    for name, shape, fn, moved in op_cases(gen):
+    if "ops" in parts:
+        print("| op | problem | time (us) | effective GB/s | % of copy |")
+        print("|---|---|---:|---:|---:|")
+    for name, shape, fn, moved in (op_cases(gen) if "ops" in parts else []):
         t = timed(fn, args.reps, args.rounds)
         row = {"op": name, "problem": shape, "us": t * 1e6, "gbs": moved / t / 1e9,
                "pct_copy": 100 * moved / t / copy_bw}
@@ -223,29 +242,32 @@ def main(argv=None):
 
     lengths = [int(x) for x in args.lengths.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
-    att = attention_rows(lengths, batches, args.reps, args.rounds, copy_bw, gen)
-    print("\nDecode attention, fp16, Hq 32 / Hkv 8, D 128, q = 1 (SDPA over the same cache)\n")
-    print("| B | slots | K+V MiB | ours (us) | ours GB/s | % of copy | SDPA (us) | SDPA GB/s | SDPA / ours | max |diff| |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in att:
-        print(f"| {r['B']} | {r['slots']} | {r['kv_mib']:.0f} | {r['ours_us']:.1f} | {r['ours_gbs']:.0f} | "
-              f"{r['ours_pct_copy']:.0f}% | {r['sdpa_us']:.1f} | {r['sdpa_gbs']:.0f} | "
-              f"{r['speedup_vs_sdpa']:.2f} | {r['max_abs_diff_vs_sdpa']:.1e} |")
-    if all("graph_ours_us" in r for r in att):
+    att = attention_rows(lengths, batches, args.reps, args.rounds, copy_bw, gen) if "attention" in parts else []
+    if att:
+        print("\nDecode attention, fp16, Hq 32 / Hkv 8, D 128, q = 1 (SDPA over the same cache)\n")
+        print("| B | slots | K+V MiB | ours (us) | ours GB/s | % of copy | SDPA (us) | SDPA GB/s | SDPA / ours | max |diff| |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in att:
+            print(f"| {r['B']} | {r['slots']} | {r['kv_mib']:.0f} | {r['ours_us']:.1f} | {r['ours_gbs']:.0f} | "
+                  f"{r['ours_pct_copy']:.0f}% | {r['sdpa_us']:.1f} | {r['sdpa_gbs']:.0f} | "
+                  f"{r['speedup_vs_sdpa']:.2f} | {r['max_abs_diff_vs_sdpa']:.1e} |")
+    if att and all("graph_ours_us" in r for r in att):
         print("\nThe same, timed as CUDA-graph replays (device time without launch overhead)\n")
         print("| B | slots | ours (us) | % of copy | SDPA (us) | SDPA % of copy | SDPA / ours |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in att:
             print(f"| {r['B']} | {r['slots']} | {r['graph_ours_us']:.1f} | {r['graph_ours_pct_copy']:.0f}% | "
                   f"{r['graph_sdpa_us']:.1f} | {r['graph_sdpa_pct_copy']:.0f}% | {r['graph_speedup_vs_sdpa']:.2f} |")
-    packed = packed_rows(lengths, batches, args.reps, args.rounds, copy_bw, gen)
+    packed = packed_rows(lengths, batches, args.reps, args.rounds, copy_bw, gen) if "packed" in parts else []
     print("\nDecode attention over a KIVI-packed fp16 layer (group 32, last 128 slots fp16), CUDA-graph replays;"
           "\nfp16 / SDPA: the same number of slots unpacked\n")
-    print("| B | slots | bits | packed (us) | GB/s read | % of copy | fp16 ours (us) | SDPA (us) | vs ours fp16 | vs SDPA | max |diff| |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| B | slots | bits | packed (us) | GB/s read | % of copy | generic kernel (us) | generic / packed | "
+          "fp16 ours (us) | SDPA (us) | vs ours fp16 | vs SDPA | max |diff| |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in packed:
         print(f"| {r['B']} | {r['slots']} | {r['bits']} | {r['packed_us']:.1f} | {r['packed_gbs']:.0f} | "
-              f"{r['packed_pct_copy']:.0f}% | {r.get('fp16_us', float('nan')):.1f} | {r.get('sdpa_us', float('nan')):.1f} | "
+              f"{r['packed_pct_copy']:.0f}% | {r['generic_us']:.1f} | {r['vs_generic']:.2f} | "
+              f"{r.get('fp16_us', float('nan')):.1f} | {r.get('sdpa_us', float('nan')):.1f} | "
               f"{r.get('vs_fp16', float('nan')):.2f} | {r.get('vs_sdpa', float('nan')):.2f} | "
               f"{r['max_abs_diff_vs_dequantized']:.1e} |")
     if args.out:

@@ -433,10 +433,22 @@ PACKED_UNIFORM = [  # B, Hq, Hkv, q, n, r, D, G
 ]
 
 
+@pytest.fixture(params=["auto", "generic"])
+def packed_kernel(request, monkeypatch):
+    """Each packed-attention case on the kernel the op picks (the tiled one
+    for decode-sized problems with aligned rows) and on the generic kernel
+    forced through KVCOMPRESS_CUDA_PACKED_KERNEL."""
+    if request.param == "generic":
+        monkeypatch.setenv("KVCOMPRESS_CUDA_PACKED_KERNEL", "generic")
+    else:
+        monkeypatch.delenv("KVCOMPRESS_CUDA_PACKED_KERNEL", raising=False)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", PACKED_UNIFORM, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_packed_attention_uniform(shape, bits, dtype):
+def test_packed_attention_uniform(shape, bits, dtype, packed_kernel):
     B, Hq, Hkv, q, n, r, D, G = shape
     qs, pk, rk, rv = uniform_case(*shape, bits, dtype)
     counts = torch.randint(1, 5, (B, Hkv, n), generator=torch.Generator().manual_seed(4)).to(torch.float32)
@@ -451,7 +463,7 @@ def test_packed_attention_uniform(shape, bits, dtype):
 @pytest.mark.parametrize("nq", [1, 4])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_packed_attention_ragged(nq, bits, dtype):
+def test_packed_attention_ragged(nq, bits, dtype, packed_kernel):
     B, Hkv, g, D, G, r = 2, 3, 4, 64, 32, nq + 2
     pk = pack_ragged([0, 5, 300, 4100, 64, 9], D, bits, G)
     qs = attn_randn((B, Hkv * g, nq, D), dtype, 5)
@@ -467,7 +479,7 @@ def test_packed_attention_ragged(nq, bits, dtype):
 
 @pytest.mark.parametrize("r", [0, 5], ids=["alone", "residual"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_packed_attention_lse_and_no_residual(r, dtype):
+def test_packed_attention_lse_and_no_residual(r, dtype, packed_kernel):
     """return_lse, and a packed part with no residual (every query sees
     every packed slot): the GPU's lse against float64, its output against
     the one-query-at-a-time reference."""
@@ -485,7 +497,7 @@ def test_packed_attention_lse_and_no_residual(r, dtype):
 
 @pytest.mark.parametrize("bits,value_bits", [(4, 2), (2, 8)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_packed_attention_value_bits(bits, value_bits, dtype):
+def test_packed_attention_value_bits(bits, value_bits, dtype, packed_kernel):
     """Values at their own width on the GPU against float64."""
     B, Hq, Hkv, nq, n, r, D, G = 2, 8, 2, 3, 700, 5, 64, 32
     qs = attn_randn((B, Hq, nq, D), dtype, 3)
@@ -498,6 +510,63 @@ def test_packed_attention_value_bits(bits, value_bits, dtype):
                   kv_start=kv_start)
     assert_within_bound(got, packed_ref(qs, pk, rk, rv, kv_start=kv_start),
                         packed_ref(qs, pk, rk, rv, kv_start=kv_start, dtype=dtype))
+
+
+# decode-sized problems the tiled kernel takes: 1, <= 4 and <= 8 rows per kv
+# head, head_dim 64/128/256, G 32..256, residuals that cross tile (128-slot)
+# boundaries, none at all, and two query positions with their causal limits
+PACKED_DECODE = [  # B, Hq, Hkv, q, n, r, D, G
+    (2, 16, 2, 1, 1000, 7, 128, 32),
+    (3, 8, 8, 1, 777, 130, 64, 64),
+    (1, 8, 2, 2, 400, 40, 128, 32),
+    (1, 4, 1, 1, 513, 0, 256, 256),
+    (2, 6, 2, 1, 300, 300, 64, 128),
+]
+
+
+@pytest.mark.parametrize("shape", PACKED_DECODE, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
+@pytest.mark.parametrize("bits,value_bits", [(2, 2), (4, 4), (8, 8), (4, 2), (2, 8)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_packed_attention_decode_shapes(shape, bits, value_bits, dtype, packed_kernel):
+    """Both kernels against float64 on decode shapes, with padding that
+    starts mid-tile, past a whole tile, and inside the residual."""
+    B, Hq, Hkv, nq, n, r, D, G = shape
+    qs = attn_randn((B, Hq, nq, D), dtype, 3)
+    k = attn_randn((B, Hkv, n, D), torch.float32, 4) * 1.5 + attn_randn((1, 1, 1, D), torch.float32, 8)
+    v = attn_randn((B, Hkv, n, D), torch.float32, 5)
+    pk = pack_uniform(k, v, bits, G, value_bits=value_bits)
+    rk, rv = attn_randn((B, Hkv, r, D), dtype, 6), attn_randn((B, Hkv, r, D), dtype, 7)
+    choices = [45, 200, n + (r - nq) // 2]  # mid-tile, past a tile, inside the residual
+    starts = [torch.tensor([choices[(b + k) % 3] for b in range(B)]) for k in range(3)]
+    counts = torch.randint(1, 5, (B, Hkv, n), generator=torch.Generator().manual_seed(9)).to(torch.float32)
+    for ks, c in ((None, None), (starts[0], counts), (starts[1], None), (starts[2], counts)):
+        _, got = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=bits, value_bits=value_bits, group=G,
+                      kv_start=ks, counts=c)
+        assert_within_bound(got, packed_ref(qs, pk, rk, rv, kv_start=ks, counts=c),
+                            packed_ref(qs, pk, rk, rv, kv_start=ks, counts=c, dtype=dtype))
+
+
+def test_packed_attention_unaligned_rows_take_the_generic_kernel():
+    """Code rows that are not 16-byte aligned (views one byte into wider
+    buffers) are refused by the tiled kernel's 16-byte loads: the op must
+    still answer, through the generic kernel, what it answers for the
+    aligned copy."""
+    B, Hq, Hkv, nq, n, r, D, G, bits = 2, 8, 2, 1, 600, 5, 128, 32, 4
+    qs, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, torch.float32)
+    g_args = [cuda(a) for a in pk.args()]
+    views = list(g_args)
+    for i in (0, 3):  # key and value codes
+        c = g_args[i]
+        buf = torch.zeros(c.shape[:-1] + (c.shape[-1] + 17,), dtype=torch.uint8, device=DEV)
+        buf[..., 1:1 + c.shape[-1]] = c
+        views[i] = buf[..., 1:1 + c.shape[-1]]
+    gq, grk, grv = cuda(qs), cuda(rk), cuda(rv)
+    aligned = ops.packed_attention(gq, *g_args, grk, grv, bits=bits, group=G)
+    shifted = ops.packed_attention(gq, *views, grk, grv, bits=bits, group=G)
+    ref = packed_ref(qs, pk, rk, rv)
+    same = packed_ref(qs, pk, rk, rv, dtype=torch.float32)
+    assert_within_bound(aligned.cpu(), ref, same)
+    assert_within_bound(shifted.cpu(), ref, same)
 
 
 # ---------------------------------------------------------------- pages (Quest)

@@ -3,88 +3,40 @@
  * full-precision residual window (attention_packed.c) on the GPU: split-K
  * (flash-decoding), the same algebraic form as the CPU op.
  *
- * Rows of one kv head are its g * q query rows, query-major (row
- * r = i * g + gi), in tiles of KVC_PA_RT rows, so each packed row is read
- * once for the whole GQA group. Pass 1: block (head and row tile, split)
- * walks one contiguous range of the head's logical slots (packed, then
- * residual); its warps take consecutive quarters of the range, lanes own
- * channels (their byte offsets, shifts and value groups computed once). A
- * warp loads the codes, value scales and mins of up to U packed slots of one
- * key group before using any, then per slot extracts its channels' codes
- * centred (kvc_pk_centred): keys against the query scaled per (token group,
+ * Pass 1 for decode-sized problems (at most 8 query rows per kv head,
+ * head_dim 64/128/256, G a power of two >= 32, 16-byte aligned code rows)
+ * is the tiled kernel of attention_packed_tiled.cu (a slot per thread for
+ * the logits). Everything else takes the generic kernel here: rows of one
+ * kv head are its g * q query rows, query-major (row r = i * g + gi), in
+ * tiles of KVC_PA_RT rows, so each packed row is read once for the whole
+ * GQA group. Block (head and row tile, split) walks one contiguous range of
+ * the head's logical slots (packed, then residual); its warps take
+ * consecutive quarters of the range, lanes own channels (their byte
+ * offsets, shifts and value groups computed once). A warp loads the codes,
+ * value scales and mins of up to U packed slots of one key group before
+ * using any, then per slot extracts its channels' codes centred
+ * (kvc_pk_centred): keys against the query scaled per (token group,
  * channel), recomputed when the slot enters a new group, plus the bias
  * scaling * q . centre; values weighted by w_j scale_ju, with w_j centre_ju
  * summed apart and added once at the end. The warps' states merge through
- * shared memory in warp order into an unnormalised partial. Pass 2: one
- * warp per row combines the splits by log-sum-exp in split order. The split
- * of a head comes from its own length and the host's split count, so both
- * passes agree without the host reading lengths; results depend on the
- * shapes, the GPU and the build, never on timing.
+ * shared memory in warp order into an unnormalised partial.
+ *
+ * Pass 2 (both kernels): one block per row combines the splits by
+ * log-sum-exp in split order. The split of a head comes from its own length
+ * and the host's split count, so both passes agree without the host reading
+ * lengths; results depend on the shapes, the GPU and the build, never on
+ * timing.
  */
 
-#include "../attention_packed_math.h"
-#include "common.cuh"
+#include <stdlib.h>
+#include <string.h>
+
+#include "attention_packed.cuh"
 
 #define KVC_PA_THREADS 128
 #define KVC_PA_WARPS (KVC_PA_THREADS / 32)
-#define KVC_PA_RT 4            /* rows per block */
-#define KVC_PA_MAX_D 256
 #define KVC_PA_EPL (KVC_PA_MAX_D / 32) /* channels per lane at most */
-#define KVC_PA_MIN_CHUNK 256   /* fewer slots per split cost more in partials than they gain */
-#define KVC_PA_CHUNK_ALIGN 32
-#define KVC_PA_BLOCKS_PER_SM 4
-#define KVC_PA_FULL 0xffffffffu
-
-/* Shapes and the partials' place in scratch, fixed on the host. */
-struct kvc_pa_geom {
-    int64_t B, Hkv, g, nq, D, r, G;
-    int64_t R;      /* rows per kv head: g * nq */
-    int64_t ntiles; /* ceil(R / KVC_PA_RT) */
-    int64_t nsplit; /* splits per (head, tile) at most */
-    int bits, vbits; /* key and value code widths */
-    float *pm, *ps, *pacc; /* [B * Hkv * R][nsplit] (x D for pacc) */
-};
-
-/* Packed slots n, first valid logical slot s0 and (ragged) first row off
- * of kv head (b, hk). */
-__device__ __forceinline__ void kvc_pa_head(const kvc_packed_attention_params &p, int64_t b,
-                                            int64_t hk, int64_t *n, int64_t *s0, int64_t *off)
-{
-    if (p.layout == KVC_KV_RAGGED) {
-        const int64_t i = b * p.num_kv_heads + hk;
-        *off = p.offsets[i * p.offsets_stride];
-        *n = p.lengths[i * p.lengths_stride];
-        *s0 = 0;
-    } else {
-        *off = 0;
-        *n = p.key_codes.shape[2];
-        *s0 = p.kv_start ? p.kv_start[b * p.kv_start_stride] : 0;
-    }
-}
-
-/* Last logical slot query i sees: the queries are the last nq residual
- * slots, or with no residual (r = 0) come after every packed slot. */
-__device__ __forceinline__ int64_t kvc_pa_last(const kvc_pa_geom &g, int64_t n, int64_t i)
-{
-    return g.r ? n + g.r - g.nq + i : n - 1;
-}
-
-/* End (exclusive) of the logical slots row tile t sees. */
-__device__ __forceinline__ int64_t kvc_pa_tile_end(const kvc_pa_geom &g, int64_t n, int64_t t)
-{
-    const int64_t last = (t + 1) * KVC_PA_RT < g.R ? (t + 1) * KVC_PA_RT - 1 : g.R - 1;
-    return kvc_pa_last(g, n, last / g.g) + 1;
-}
-
-/* Slots per split and the splits that hold any: the same in both passes. */
-__device__ __forceinline__ void kvc_pa_split(int64_t span, int64_t nsplit, int64_t *chunk,
-                                             int64_t *count)
-{
-    int64_t c = kvc_ceil_div(span > 0 ? span : 1, nsplit);
-    c = kvc_ceil_div(c, KVC_PA_CHUNK_ALIGN) * KVC_PA_CHUNK_ALIGN;
-    *chunk = c > KVC_PA_MIN_CHUNK ? c : KVC_PA_MIN_CHUNK;
-    *count = span > 0 ? kvc_ceil_div(span, *chunk) : 0;
-}
+#define KVC_PA_COMBINE_THREADS 128
 
 /* One slot's logit x (-INFINITY: not seen) into a row's online softmax:
  * its weight and the factor that rescales what the row holds so far. */
@@ -375,45 +327,74 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     }
 }
 
-/* Pass 2: one warp per row of out, splits in order. */
-static __global__ void __launch_bounds__(32)
+/* Pass 2: one block per row of out. Each split's weight exp(m_k - M) and
+ * weighted sum go to shared memory, then thread c sums channel c over the
+ * splits in split order (independent loads, unrolled: a warp walking the
+ * splits one dependent step at a time cost microseconds per launch). */
+static __global__ void __launch_bounds__(KVC_PA_COMBINE_THREADS)
     kvc_pa_combine_kernel(const kvc_packed_attention_params p, const kvc_pa_geom g)
 {
+    constexpr int T = KVC_PA_COMBINE_THREADS;
+    __shared__ float sw[KVC_PA_MAX_SPLIT];
+    __shared__ float sred[T / 32];
+    __shared__ float sML[2];
     const int64_t grow = blockIdx.x;
-    const int lane = threadIdx.x;
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t bh = grow / g.R, row = grow % g.R;
     const int64_t b = bh / g.Hkv, hk = bh % g.Hkv, i = row / g.g, hq = hk * g.g + row % g.g;
     const int D = (int)g.D;
-    int64_t n, s0, off, chunk, count;
-    kvc_pa_head(p, b, hk, &n, &s0, &off);
-    const int64_t end = kvc_pa_tile_end(g, n, row / KVC_PA_RT);
-    kvc_pa_split(end - s0, g.nsplit, &chunk, &count);
+    const int count = (int)kvc_pa_count(p, g, b, hk, row);
     const int64_t p0 = grow * g.nsplit;
-    float M = -INFINITY, L = 0.0f, o[KVC_PA_EPL];
-    for (int64_t k = 0; k < count; k++) M = fmaxf(M, g.pm[p0 + k]);
+    float M = -INFINITY;
+    for (int k = tid; k < count; k += T) M = fmaxf(M, g.pm[p0 + k]);
 #pragma unroll
-    for (int e = 0; e < KVC_PA_EPL; e++) o[e] = 0.0f;
-    if (M != -INFINITY) {
-        for (int64_t k = 0; k < count; k++) {
-            const float w = kvc_softmax_weight(g.pm[p0 + k], M); /* 0 for an unseen split */
-            const float *a = g.pacc + (p0 + k) * g.D;
-            L += w * g.ps[p0 + k];
+    for (int o = 16; o > 0; o /= 2) M = fmaxf(M, __shfl_xor_sync(KVC_PA_FULL, M, o));
+    if (lane == 0) sred[warp] = M;
+    __syncthreads();
+    M = sred[0];
 #pragma unroll
-            for (int e = 0; e < KVC_PA_EPL; e++)
-                if (lane + 32 * e < D) o[e] += w * a[lane + 32 * e];
-        }
+    for (int w = 1; w < T / 32; w++) M = fmaxf(M, sred[w]);
+    for (int k = tid; k < count; k += T)
+        sw[k] = M == -INFINITY ? 0.0f : kvc_softmax_weight(g.pm[p0 + k], M); /* 0 for an unseen split */
+    __syncthreads();
+    if (tid == 0) {
+        float L = 0.0f;
+        for (int k = 0; k < count; k++) L += sw[k] * g.ps[p0 + k];
+        sML[0] = L;
     }
     const int64_t es = p.out.dtype == KVC_F32 ? 4 : 2;
     char *dst = (char *)p.out.data + kvc_at(p.out, b, i, hq, 0) * es;
+    float o[KVC_PA_MAX_D / T];
 #pragma unroll
-    for (int e = 0; e < KVC_PA_EPL; e++) {
-        const int c = lane + 32 * e;
+    for (int e = 0; e < KVC_PA_MAX_D / T; e++) o[e] = 0.0f;
+    const float *a = g.pacc + p0 * g.D;
+#pragma unroll 4
+    for (int k = 0; k < count; k++) {
+        const float w = sw[k];
+#pragma unroll
+        for (int e = 0; e < KVC_PA_MAX_D / T; e++)
+            if (tid + T * e < D) o[e] = fmaf(w, a[(int64_t)k * g.D + tid + T * e], o[e]);
+    }
+    __syncthreads();
+    const float L = sML[0];
+#pragma unroll
+    for (int e = 0; e < KVC_PA_MAX_D / T; e++) {
+        const int c = tid + T * e;
         /* a row that sees no slot gets zeros */
         if (c < D) kvc_store_f32(dst, p.out.dtype, c * p.out.strides[3], M == -INFINITY ? 0.0f : o[e] / L);
     }
-    if (lane == 0 && p.lse.data)
+    if (tid == 0 && p.lse.data)
         ((float *)p.lse.data)[b * p.lse.strides[0] + hq * p.lse.strides[1] + i * p.lse.strides[2]] =
             M == -INFINITY ? -INFINITY : M + kvc_logf(L);
+}
+
+/* KVCOMPRESS_CUDA_PACKED_KERNEL=generic sends every problem to the generic
+ * kernel: benchmarks time both kernels in one run and the consistency
+ * suite checks both (read per call, so a process can switch). */
+static bool kvc_pa_generic_forced(void)
+{
+    const char *v = getenv("KVCOMPRESS_CUDA_PACKED_KERNEL");
+    return v != NULL && strcmp(v, "generic") == 0;
 }
 
 /* Shapes -> geometry (no device reads); nsplit bounds every head's splits
@@ -437,6 +418,12 @@ static bool kvc_pa_geometry(const kvc_packed_attention_params *p, kvc_pa_geom *g
                                                      : p->key_codes.shape[2]) + g->r;
     g->nsplit = kvc_cuda_nsplit(navg, KVC_PA_MIN_CHUNK, kvc_cuda_sm_count() * KVC_PA_BLOCKS_PER_SM,
                                 bh * g->ntiles);
+    if (g->nsplit > KVC_PA_MAX_SPLIT) g->nsplit = KVC_PA_MAX_SPLIT;
+    g->tiled = kvc_pf_fits(*p, *g) && !kvc_pa_generic_forced();
+    g->tsplit = g->tiled ? kvc_pf_splits(*p, *g) : 0;
+    g->res_vec = g->tiled && kvc_pf_residual_vectors(*p);
+    /* the workspace holds either kernel's partials */
+    if (g->tsplit > g->nsplit) g->nsplit = g->tsplit;
     g->pm = g->ps = g->pacc = NULL;
     return true;
 }
@@ -452,6 +439,13 @@ template <int DT>
 static enum kvc_status kvc_pa_run(const kvc_packed_attention_params &p, const kvc_pa_geom &g,
                                   cudaStream_t s)
 {
+    if (g.tiled) {
+        const enum kvc_status st = kvc_pf_launch(p, g, s);
+        if (st != KVC_OK) return st;
+        kvc_pa_combine_kernel<<<(unsigned)(g.B * g.Hkv * g.R), KVC_PA_COMBINE_THREADS, 0, s>>>(p, g);
+        KVC_CUDA_LAUNCHED();
+        return KVC_OK;
+    }
     const dim3 grid((unsigned)(g.B * g.Hkv * g.ntiles), (unsigned)g.nsplit);
     if (g.D <= 64)
         kvc_pa_partial_kernel<DT, 2><<<grid, KVC_PA_THREADS, 0, s>>>(p, g);
@@ -460,7 +454,7 @@ static enum kvc_status kvc_pa_run(const kvc_packed_attention_params &p, const kv
     else
         kvc_pa_partial_kernel<DT, KVC_PA_EPL><<<grid, KVC_PA_THREADS, 0, s>>>(p, g);
     KVC_CUDA_LAUNCHED();
-    kvc_pa_combine_kernel<<<(unsigned)(g.B * g.Hkv * g.R), 32, 0, s>>>(p, g);
+    kvc_pa_combine_kernel<<<(unsigned)(g.B * g.Hkv * g.R), KVC_PA_COMBINE_THREADS, 0, s>>>(p, g);
     KVC_CUDA_LAUNCHED();
     return KVC_OK;
 }
