@@ -87,38 +87,7 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     const int64_t w0 = j0 + warp * share < j1 ? j0 + warp * share : j1;
     const int64_t w1 = w0 + share < j1 ? w0 + share : j1;
 
-    const bool ragged = p.layout == KVC_KV_RAGGED;
-    const int sd = ragged ? 0 : 2; /* slot (or token group) dim of the packed views */
-    const kvc_view &kcv = p.key_codes, &vcv = p.value_codes, &kmv = p.key_mins, &ksv = p.key_scales;
-    const kvc_view &vmv = p.value_mins, &vsv = p.value_scales, &cnv = p.counts;
-    const int64_t t0 = ragged ? off / g.G : 0;
-    const uint8_t *kc = (const uint8_t *)kcv.data +
-                        (ragged ? off * kcv.strides[0] : b * kcv.strides[0] + hk * kcv.strides[1]);
-    const uint8_t *vc = (const uint8_t *)vcv.data +
-                        (ragged ? off * vcv.strides[0] : b * vcv.strides[0] + hk * vcv.strides[1]);
-    const float *km = (const float *)kmv.data +
-                      (ragged ? t0 * kmv.strides[0] : b * kmv.strides[0] + hk * kmv.strides[1]);
-    const float *ks = (const float *)ksv.data +
-                      (ragged ? t0 * ksv.strides[0] : b * ksv.strides[0] + hk * ksv.strides[1]);
-    const float *vm = (const float *)vmv.data +
-                      (ragged ? off * vmv.strides[0] : b * vmv.strides[0] + hk * vmv.strides[1]);
-    const float *vs = (const float *)vsv.data +
-                      (ragged ? off * vsv.strides[0] : b * vsv.strides[0] + hk * vsv.strides[1]);
-    const float *cn = cnv.data == NULL ? NULL
-                                       : (const float *)cnv.data +
-                                             (ragged ? off * cnv.strides[0]
-                                                     : b * cnv.strides[0] + hk * cnv.strides[1]);
-    const int64_t kcs = kcv.strides[sd], kcd = kcv.strides[sd + 1];
-    const int64_t vcs = vcv.strides[sd], vcd = vcv.strides[sd + 1];
-    const int64_t kms = kmv.strides[sd], kmd = kmv.strides[sd + 1];
-    const int64_t kss = ksv.strides[sd], ksd = ksv.strides[sd + 1];
-    const int64_t vms = vmv.strides[sd], vmd = vmv.strides[sd + 1];
-    const int64_t vss = vsv.strides[sd], vsd = vsv.strides[sd + 1];
-    const int64_t cs = cnv.strides[sd];
-    const char *rk = (const char *)p.res_k.data + kvc_at(p.res_k, b, hk, 0, 0) * es;
-    const char *rv = (const char *)p.res_v.data + kvc_at(p.res_v, b, hk, 0, 0) * es;
-    const int64_t rks = p.res_k.strides[2], rkd = p.res_k.strides[3];
-    const int64_t rvs = p.res_v.strides[2], rvd = p.res_v.strides[3];
+    const kvc_pa_ptrs h = kvc_pa_pointers(p, g, b, hk, off);
 
     /* Everything about the lane's channels that does not depend on the slot,
      * once: 64-bit divisions per element and slot (code byte, shift, value
@@ -132,12 +101,12 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     for (int e = 0; e < EPL; e++) {
         const int c = lane + 32 * e < D ? lane + 32 * e : 0;
         const int u = c / (int)g.G; /* G >= 1; c < 256 */
-        kbo[e] = (int64_t)(c >> lg_per) * kcd;
-        vbo[e] = (int64_t)(c >> vlg_per) * vcd;
+        kbo[e] = (int64_t)(c >> lg_per) * h.kcd;
+        vbo[e] = (int64_t)(c >> vlg_per) * h.vcd;
         sh[e] = (c & ((1 << lg_per) - 1)) * bits;
         vsh[e] = (c & ((1 << vlg_per) - 1)) * vbits;
-        vgm[e] = (int64_t)u * vmd;
-        vgs[e] = (int64_t)u * vsd;
+        vgm[e] = (int64_t)u * h.vmd;
+        vgs[e] = (int64_t)u * h.vsd;
     }
 
     /* the lane's query elements and the last logical slot each row sees */
@@ -188,9 +157,9 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
                     const int c = lane + 32 * e;
                     qs[r][e] = 0.0f;
                     if (c < D) {
-                        const float sc = ks[tg * kss + c * ksd];
+                        const float sc = h.ks[tg * h.kss + c * h.ksd];
                         qs[r][e] = qv[r][e] * sc;
-                        part = fmaf(qv[r][e], kvc_pk_centre(km[tg * kms + c * kmd], sc, bits), part);
+                        part = fmaf(qv[r][e], kvc_pk_centre(h.km[tg * h.kms + c * h.kmd], sc, bits), part);
                     }
                 }
                 bias[r] = p.scaling * kvc_pa_warp_sum(part);
@@ -205,8 +174,8 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
         for (int u = 0; u < U; u++) {
             if (u >= cnt) continue;
             const int64_t ju = j + u;
-            const uint8_t *krow = kc + ju * kcs, *vrow = vc + ju * vcs;
-            const float *vmr = vm + ju * vms, *vsr = vs + ju * vss;
+            const uint8_t *krow = h.kc + ju * h.kcs, *vrow = h.vc + ju * h.vcs;
+            const float *vmr = h.vm + ju * h.vms, *vsr = h.vs + ju * h.vss;
 #pragma unroll
             for (int e = 0; e < EPL; e++) {
                 kb[u][e] = krow[kbo[e]];
@@ -214,7 +183,7 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
                 vsc[u][e] = vsr[vgs[e]];
                 vmn[u][e] = vmr[vgm[e]];
             }
-            lcs[u] = cn != NULL ? kvc_logf(cn[ju * cs]) : 0.0f;
+            lcs[u] = h.cn != NULL ? kvc_logf(h.cn[ju * h.cs]) : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -260,11 +229,11 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     /* the residual slots of the range, one at a time (at most a few hundred) */
     for (j = w0 > n ? w0 : n; j < w1; j++) {
         float kf[EPL], dot[RT], pw[RT], alpha[RT];
-        const char *rrow = rk + (j - n) * rks * es;
+        const char *rrow = h.rk + (j - n) * h.rks * es;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
             const int c = lane + 32 * e;
-            kf[e] = c < D ? kvc_load_f32(rrow, DT, c * rkd) : 0.0f;
+            kf[e] = c < D ? kvc_load_f32(rrow, DT, c * h.rkd) : 0.0f;
         }
 #pragma unroll
         for (int r = 0; r < RT; r++) {
@@ -279,11 +248,11 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
             for (int r = 0; r < RT; r++) dot[r] += __shfl_xor_sync(KVC_PA_FULL, dot[r], o);
 #pragma unroll
         for (int r = 0; r < RT; r++) kvc_pa_admit(&st[r], j <= lim[r] ? dot[r] * p.scaling : -INFINITY, &pw[r], &alpha[r]);
-        const char *vrow = rv + (j - n) * rvs * es;
+        const char *vrow = h.rv + (j - n) * h.rvs * es;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
             const int c = lane + 32 * e;
-            const float v = c < D ? kvc_load_f32(vrow, DT, c * rvd) : 0.0f;
+            const float v = c < D ? kvc_load_f32(vrow, DT, c * h.rvd) : 0.0f;
 #pragma unroll
             for (int r = 0; r < RT; r++) {
                 acc[r][e] = fmaf(pw[r], v, acc[r][e] * alpha[r]);

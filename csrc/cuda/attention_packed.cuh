@@ -54,6 +54,51 @@ __device__ __forceinline__ void kvc_pa_head(const kvc_packed_attention_params &p
     }
 }
 
+/* Where kv head (b, hk), first ragged row off, keeps its packed views and
+ * residual rows, and their slot (s) and channel/group (d) strides in
+ * elements; es: bytes per residual element (the queries' dtype). */
+struct kvc_pa_ptrs {
+    const uint8_t *kc, *vc;
+    const float *km, *ks, *vm, *vs, *cn; /* cn NULL: no counts */
+    const char *rk, *rv;
+    int64_t kcs, kcd, vcs, vcd, kms, kmd, kss, ksd, vms, vmd, vss, vsd, cs;
+    int64_t rks, rkd, rvs, rvd, es;
+};
+
+__device__ __forceinline__ kvc_pa_ptrs kvc_pa_pointers(const kvc_packed_attention_params &p, const kvc_pa_geom &g,
+                                                       int64_t b, int64_t hk, int64_t off)
+{
+    kvc_pa_ptrs h;
+    const bool ragged = p.layout == KVC_KV_RAGGED;
+    const int sd = ragged ? 0 : 2; /* slot (or token group) dim of the packed views */
+    /* a ragged head's rows start at off (a multiple of G), its key groups at off / G */
+    const int64_t t0 = ragged ? off / g.G : 0;
+    /* element offset of the head in view v, whose ragged rows start at row */
+    const auto at = [&](const kvc_view &v, int64_t row) {
+        return ragged ? row * v.strides[0] : b * v.strides[0] + hk * v.strides[1];
+    };
+    h.kc = (const uint8_t *)p.key_codes.data + at(p.key_codes, off);
+    h.vc = (const uint8_t *)p.value_codes.data + at(p.value_codes, off);
+    h.km = (const float *)p.key_mins.data + at(p.key_mins, t0);
+    h.ks = (const float *)p.key_scales.data + at(p.key_scales, t0);
+    h.vm = (const float *)p.value_mins.data + at(p.value_mins, off);
+    h.vs = (const float *)p.value_scales.data + at(p.value_scales, off);
+    h.cn = p.counts.data == NULL ? NULL : (const float *)p.counts.data + at(p.counts, off);
+    h.kcs = p.key_codes.strides[sd], h.kcd = p.key_codes.strides[sd + 1];
+    h.vcs = p.value_codes.strides[sd], h.vcd = p.value_codes.strides[sd + 1];
+    h.kms = p.key_mins.strides[sd], h.kmd = p.key_mins.strides[sd + 1];
+    h.kss = p.key_scales.strides[sd], h.ksd = p.key_scales.strides[sd + 1];
+    h.vms = p.value_mins.strides[sd], h.vmd = p.value_mins.strides[sd + 1];
+    h.vss = p.value_scales.strides[sd], h.vsd = p.value_scales.strides[sd + 1];
+    h.cs = p.counts.strides[sd];
+    h.es = p.q.dtype == KVC_F32 ? 4 : 2;
+    h.rk = (const char *)p.res_k.data + kvc_at(p.res_k, b, hk, 0, 0) * h.es;
+    h.rv = (const char *)p.res_v.data + kvc_at(p.res_v, b, hk, 0, 0) * h.es;
+    h.rks = p.res_k.strides[2], h.rkd = p.res_k.strides[3];
+    h.rvs = p.res_v.strides[2], h.rvd = p.res_v.strides[3];
+    return h;
+}
+
 /* Last logical slot query i sees: the queries are the last nq residual
  * slots, or with no residual (r = 0) come after every packed slot. */
 __device__ __forceinline__ int64_t kvc_pa_last(const kvc_pa_geom &g, int64_t n, int64_t i)

@@ -144,39 +144,9 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
     const int64_t tl0 = t0 + split * per;
     const int64_t tl1 = tl0 + per < kvc_ceil_div(end, T) ? tl0 + per : kvc_ceil_div(end, T);
 
-    const bool ragged = p.layout == KVC_KV_RAGGED;
-    const int sd = ragged ? 0 : 2; /* slot (or token group) dim of the packed views */
-    const kvc_view &kcv = p.key_codes, &vcv = p.value_codes, &kmv = p.key_mins, &ksv = p.key_scales;
-    const kvc_view &vmv = p.value_mins, &vsv = p.value_scales, &cnv = p.counts;
-    const int64_t tg0 = ragged ? off / g.G : 0;
-    const uint8_t *kc = (const uint8_t *)kcv.data +
-                        (ragged ? off * kcv.strides[0] : b * kcv.strides[0] + hk * kcv.strides[1]);
-    const uint8_t *vc = (const uint8_t *)vcv.data +
-                        (ragged ? off * vcv.strides[0] : b * vcv.strides[0] + hk * vcv.strides[1]);
-    const float *km = (const float *)kmv.data +
-                      (ragged ? tg0 * kmv.strides[0] : b * kmv.strides[0] + hk * kmv.strides[1]);
-    const float *ks = (const float *)ksv.data +
-                      (ragged ? tg0 * ksv.strides[0] : b * ksv.strides[0] + hk * ksv.strides[1]);
-    const float *vm = (const float *)vmv.data +
-                      (ragged ? off * vmv.strides[0] : b * vmv.strides[0] + hk * vmv.strides[1]);
-    const float *vs = (const float *)vsv.data +
-                      (ragged ? off * vsv.strides[0] : b * vsv.strides[0] + hk * vsv.strides[1]);
-    const float *cn = cnv.data == NULL ? NULL
-                                       : (const float *)cnv.data +
-                                             (ragged ? off * cnv.strides[0]
-                                                     : b * cnv.strides[0] + hk * cnv.strides[1]);
-    const int64_t kcs = kcv.strides[sd], vcs = vcv.strides[sd];
-    const int64_t kms = kmv.strides[sd], kmd = kmv.strides[sd + 1];
-    const int64_t kss = ksv.strides[sd], ksd = ksv.strides[sd + 1];
-    const int64_t vms = vmv.strides[sd], vmd = vmv.strides[sd + 1];
-    const int64_t vss = vsv.strides[sd], vsd = vsv.strides[sd + 1];
-    const int64_t cs = cnv.strides[sd];
+    const kvc_pa_ptrs h = kvc_pa_pointers(p, g, b, hk, off);
     const int32_t dt = p.q.dtype;
-    const int64_t es = dt == KVC_F32 ? 4 : 2;
-    const char *rk = (const char *)p.res_k.data + kvc_at(p.res_k, b, hk, 0, 0) * es;
-    const char *rv = (const char *)p.res_v.data + kvc_at(p.res_v, b, hk, 0, 0) * es;
-    const int64_t rks = p.res_k.strides[2], rkd = p.res_k.strides[3];
-    const int64_t rvs = p.res_v.strides[2], rvd = p.res_v.strides[3];
+    const int64_t es = h.es;
     const int vbits = g.vbits, nvg = (int)kvc_pk_groups(KD, g.G); /* value groups per slot */
     const bool rvec = g.res_vec;
     const uint32_t vmask = kvc_pk_mask(vbits);
@@ -213,7 +183,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
         const int64_t base = tl * T, j = base + tid, wj0 = base + warp * 32;
         /* ---- 1. logits: slot j is this thread's ---- */
         const bool packed = j >= s0 && j < n;
-        const uint4 *krow = (const uint4 *)(kc + j * kcs);
+        const uint4 *krow = (const uint4 *)(h.kc + j * h.kcs);
         uint4 kpre[PF];
         float vsc[KD / 32], vmn[KD / 32];
         if (packed) {
@@ -222,8 +192,8 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
 #pragma unroll
             for (int u = 0; u < KD / 32; u++) {
                 if (u < nvg) {
-                    vsc[u] = vs[j * vss + u * vsd];
-                    vmn[u] = vm[j * vms + u * vmd];
+                    vsc[u] = h.vs[j * h.vss + u * h.vsd];
+                    vmn[u] = h.vm[j * h.vms + u * h.vmd];
                 }
             }
         }
@@ -238,8 +208,8 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
 #pragma unroll
                 for (int e = 0; e < KD / 32; e++) {
                     const int c = lane + 32 * e;
-                    const float sc = ks[tg * kss + c * ksd];
-                    const float ce = kvc_pk_centre_at(km[tg * kms + c * kmd], sc, kmid);
+                    const float sc = h.ks[tg * h.kss + c * h.ksd];
+                    const float ce = kvc_pk_centre_at(h.km[tg * h.kms + c * h.kmd], sc, kmid);
 #pragma unroll
                     for (int r = 0; r < RT; r++) {
                         sqs[c * RT + r] = sq[c][r] * sc;
@@ -275,7 +245,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
                     }
                 }
             }
-            const float lc = cn != NULL ? kvc_logf(cn[j * cs]) : 0.0f;
+            const float lc = h.cn != NULL ? kvc_logf(h.cn[j * h.cs]) : 0.0f;
 #pragma unroll
             for (int r = 0; r < RT; r++) x[r] = j <= slim[r] ? fmaf(dot[r], p.scaling, bias[r] + lc) : -INFINITY;
 #pragma unroll
@@ -290,7 +260,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
             float dot[RT];
 #pragma unroll
             for (int r = 0; r < RT; r++) dot[r] = 0.0f;
-            const char *row = rk + (j - n) * rks * es;
+            const char *row = h.rk + (j - n) * h.rks * es;
 #pragma unroll 4
             for (int c8 = 0; c8 < KD; c8 += 8) {
                 float kf[8];
@@ -298,7 +268,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
                     kvc_pf_load8(row, dt, c8, kf);
                 } else {
 #pragma unroll
-                    for (int i = 0; i < 8; i++) kf[i] = kvc_load_f32(row, dt, (c8 + i) * rkd);
+                    for (int i = 0; i < 8; i++) kf[i] = kvc_load_f32(row, dt, (c8 + i) * h.rkd);
                 }
 #pragma unroll
                 for (int i = 0; i < 8; i++)
@@ -354,7 +324,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
 #pragma unroll 4
         for (int jj = jfirst; jj < jpk; jj += SL) {
             const int64_t jv = base + jj;
-            const uint64_t word = kvc_pf_value_word(vc + jv * vcs, c0, vbits);
+            const uint64_t word = kvc_pf_value_word(h.vc + jv * h.vcs, c0, vbits);
             const float sc = svs[jj][u];
             const float ce = kvc_pk_centre_at(svm[jj][u], sc, vmid);
             float pw[RT];
@@ -369,7 +339,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
         /* residual slots (full precision), past the packed ones */
         for (int jj = jfirst > jpk ? jfirst : jfirst + (int)kvc_ceil_div(jpk - jfirst, SL) * SL; jj < jhi;
              jj += SL) {
-            const char *row = rv + (base + jj - n) * rvs * es;
+            const char *row = h.rv + (base + jj - n) * h.rvs * es;
             float pw[RT];
             kvc_pf_weights<RT>(&sp[jj][0], pw);
             float v[CPT];
@@ -377,7 +347,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
                 kvc_pf_load8(row, dt, c0, v);
             } else {
 #pragma unroll
-                for (int k = 0; k < CPT; k++) v[k] = kvc_load_f32(row, dt, (c0 + k) * rvd);
+                for (int k = 0; k < CPT; k++) v[k] = kvc_load_f32(row, dt, (c0 + k) * h.rvd);
             }
 #pragma unroll
             for (int k = 0; k < CPT; k++)
