@@ -874,6 +874,38 @@ def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
     assert torch.equal(got[0], got[1])
 
 
+PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_d64():
+    """The tiny model's shape with head_dim 64 and 4 query heads per kv head,
+    so decode steps take the tiled packed kernel (the tiny model's head_dim 16
+    takes the generic one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=64, max_position_embeddings=2048,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("method", PACKED_GPU_METHODS)
+def test_generate_tiled_packed_gpu_equals_cpu(tiny_model_d64, method):
+    """Greedy generate() over packed stores whose decode attention runs the
+    tiled kernel on the GPU: the same tokens on both devices."""
+    model = tiny_model_d64
+    ids = torch.randint(3, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
+    try:
+        got = [_generate(model, ids, GPU_METHODS[method](), d) for d in ("cpu", DEV)]
+    finally:
+        model.to("cpu")
+    assert torch.equal(got[0], got[1])
+
+
 @pytest.mark.slow
 def test_generate_default_model_gpu_equals_cpu(default_model, shakespeare):
     """Greedy fp32 generate() with EMS on the default model: the same tokens on both devices."""
