@@ -17,6 +17,11 @@ over the same (full) cache, and decode attention over a KIVI-packed cache
   torch's SDPA as for us) that bounds the eager numbers at small sizes.
 * decode attention: q = 1, Hq = 32, Hkv = 8, D = 128, fp16, uniform cache
   without padding; SDPA gets the same K/V ([B, Hkv, n, D], enable_gqa).
+* packed decode attention: the kernel the op picks for the shape (the tiled
+  one here) and, in the same run, the generic kernel
+  (``KVCOMPRESS_CUDA_PACKED_KERNEL=generic``), both against the
+  dequantized cache.
+* ``--parts ops,attention,packed`` picks which of the three tables to run.
 
 Needs a CUDA device and a build with ``KVCOMPRESS_CUDA=1``::
 
