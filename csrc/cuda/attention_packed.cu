@@ -3,8 +3,8 @@
  * full-precision residual window (attention_packed.c) on the GPU: split-K
  * (flash-decoding), the same algebraic form as the CPU op.
  *
- * Pass 1 for decode-sized problems (at most 8 query rows per kv head,
- * head_dim 64/128/256, G a power of two >= 32, 16-byte aligned code rows)
+ * Pass 1 for decode-sized problems (at most 8 query rows per kv head, 4
+ * with head_dim 256; head_dim 64/128/256, G a power of two >= 32, 16-byte aligned code rows)
  * is the tiled kernel of attention_packed_tiled.cu (a slot per thread for
  * the logits). Everything else takes the generic kernel here: rows of one
  * kv head are its g * q query rows, query-major (row r = i * g + gi), in

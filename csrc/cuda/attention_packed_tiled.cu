@@ -1,8 +1,8 @@
 /*
  * attention_packed_tiled.cu - pass 1 of the packed decode attention when a
- * kv head has few query rows (decode: g rows; at most KVC_PF_MAX_RT),
- * head_dim 64, 128 or 256, a power-of-two group G >= 32 and 16-byte
- * aligned code rows (attention_packed.cu falls back to its generic kernel
+ * kv head has few query rows (decode: g rows; at most KVC_PF_MAX_RT, 4
+ * with head_dim 256: shared memory), head_dim 64, 128 or 256, a
+ * power-of-two group G >= 32 and 16-byte aligned code rows (attention_packed.cu falls back to its generic kernel
  * otherwise).
  *
  * The generic kernel gives each lane channels of one slot at a time, so
