@@ -20,6 +20,7 @@
 #include <atomic>
 
 #include "common.cuh"
+#include "split_combine.cuh"
 
 #define KVC_AT_THREADS 128
 #define KVC_AT_KB 2            /* keys per lane group per step (doubled for small tiles) */
@@ -396,73 +397,23 @@ static __global__ void __launch_bounds__(KVC_AT_THREADS)
     }
 }
 
-/* Pass 2: one block per row of out. Splits are independent, so they are
- * spread over the block (a warp walking them in order waits on one load
- * after another: tens of microseconds at 50 splits); sums in a fixed order. */
+/* Pass 2: one block per row of out (split_combine.cuh). */
 static __global__ void __launch_bounds__(KVC_AT_COMBINE_WARPS * 32)
     kvc_at_combine_kernel(const kvc_attention_params p, const kvc_at_geom g)
 {
-    constexpr int NW = KVC_AT_COMBINE_WARPS, NT = NW * 32, EPL = KVC_AT_MAX_D / 32;
-    __shared__ float sm_red[NW];
-    __shared__ float sm_acc[NW][KVC_AT_MAX_D];
     const int64_t grow = blockIdx.x;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int64_t bh = grow / g.R, row = grow % g.R;
     const int64_t b = bh / g.Hkv, hk = bh % g.Hkv, i = row / g.g, hq = hk * g.g + row % g.g;
-    const int D = (int)g.D;
     int64_t n, s0, chunk, count;
     kvc_at_head_len(p, b, hk, &n, &s0);
     const int64_t end = kvc_at_tile_end(g, n, row / g.rt, g.rt);
     kvc_at_split(n > 0 ? end - s0 : 0, g.nsplit, &chunk, &count);
     const int64_t p0 = grow * g.nsplit;
-
-    /* block max, then block sum of w_k * s_k (thread order, then warps) */
-    float M = -INFINITY;
-    for (int64_t k = tid; k < count; k += NT) M = fmaxf(M, g.pm[p0 + k]);
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) M = fmaxf(M, __shfl_xor_sync(KVC_AT_FULL, M, o));
-    if (lane == 0) sm_red[warp] = M;
-    __syncthreads();
-    M = sm_red[0];
-#pragma unroll
-    for (int w = 1; w < NW; w++) M = fmaxf(M, sm_red[w]);
-    __syncthreads();
-    float L = 0.0f;
-    for (int64_t k = tid; k < count; k += NT) L += kvc_softmax_weight(g.pm[p0 + k], M) * g.ps[p0 + k];
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) L += __shfl_xor_sync(KVC_AT_FULL, L, o);
-    if (lane == 0) sm_red[warp] = L;
-
-    /* warp w sums splits w, w + NW, ...; lanes own dimensions */
-    float o[EPL];
-#pragma unroll
-    for (int e = 0; e < EPL; e++) o[e] = 0.0f;
-    if (M != -INFINITY) {
-#pragma unroll 4
-        for (int64_t k = warp; k < count; k += NW) {
-            const float w = kvc_softmax_weight(g.pm[p0 + k], M); /* 0 for an unseen split */
-            const float *a = g.pacc + (p0 + k) * g.D;
-#pragma unroll
-            for (int e = 0; e < EPL; e++)
-                if (lane + 32 * e < D) o[e] += w * a[lane + 32 * e];
-        }
-    }
-#pragma unroll
-    for (int e = 0; e < EPL; e++)
-        if (lane + 32 * e < D) sm_acc[warp][lane + 32 * e] = o[e];
-    __syncthreads();
-    L = sm_red[0];
-#pragma unroll
-    for (int w = 1; w < NW; w++) L += sm_red[w];
     const int64_t es = p.out.dtype == KVC_F32 ? 4 : 2;
-    char *dst = (char *)p.out.data + kvc_at(p.out, b, i, hq, 0) * es;
-    for (int d = tid; d < D; d += NT) {
-        float v = sm_acc[0][d];
-#pragma unroll
-        for (int w = 1; w < NW; w++) v += sm_acc[w][d];
-        /* a row that sees no slot gets zeros */
-        kvc_store_f32(dst, p.out.dtype, d * p.out.strides[3], M == -INFINITY ? 0.0f : v / L);
-    }
+    float M, L;
+    kvc_split_combine<KVC_AT_COMBINE_WARPS, KVC_AT_MAX_D>(g.pm, g.ps, g.pacc, p0, count, g.D,
+                                                         (char *)p.out.data + kvc_at(p.out, b, i, hq, 0) * es,
+                                                         p.out.dtype, p.out.strides[3], &M, &L);
 }
 
 /* Shapes -> geometry (no device reads); nsplit is the most any launch uses,

@@ -22,7 +22,8 @@
  * shared memory in warp order into an unnormalised partial.
  *
  * Pass 2 (both kernels): one block per row combines the splits by
- * log-sum-exp in split order. The split of a head comes from its own length
+ * log-sum-exp in a fixed order (split_combine.cuh, shared with
+ * attention.cu). The split of a head comes from its own length
  * and the host's split count, so both passes agree without the host reading
  * lengths; results depend on the shapes, the GPU and the build, never on
  * timing.
@@ -32,6 +33,7 @@
 #include <string.h>
 
 #include "attention_packed.cuh"
+#include "split_combine.cuh"
 
 #define KVC_PA_THREADS 128
 #define KVC_PA_WARPS (KVC_PA_THREADS / 32)
@@ -50,13 +52,6 @@ __device__ __forceinline__ void kvc_pa_admit(kvc_softmax_state *st, float x, flo
     *alpha = kvc_softmax_rescale(st, x);
     *pw = kvc_expf(x - st->m);
     st->s += *pw;
-}
-
-__device__ __forceinline__ float kvc_pa_warp_sum(float x)
-{
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(KVC_PA_FULL, x, o);
-    return x;
 }
 
 /* Pass 1: block (head and row tile, split). DT: dtype of q and the residual;
@@ -162,7 +157,7 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
                         part = fmaf(qv[r][e], kvc_pk_centre(h.km[tg * h.kms + c * h.kmd], sc, bits), part);
                     }
                 }
-                bias[r] = p.scaling * kvc_pa_warp_sum(part);
+                bias[r] = p.scaling * kvc_warp_sum(part);
             }
         }
         /* slots of this key group, at most U */
@@ -296,63 +291,22 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
     }
 }
 
-/* Pass 2: one block per row of out. Each split's weight exp(m_k - M) and
- * weighted sum go to shared memory, then thread c sums channel c over the
- * splits in split order (independent loads, unrolled: a warp walking the
- * splits one dependent step at a time cost microseconds per launch). */
+/* Pass 2: one block per row of out (split_combine.cuh), then the row's
+ * log-sum-exp when asked. */
 static __global__ void __launch_bounds__(KVC_PA_COMBINE_THREADS)
     kvc_pa_combine_kernel(const kvc_packed_attention_params p, const kvc_pa_geom g)
 {
-    constexpr int T = KVC_PA_COMBINE_THREADS;
-    __shared__ float sw[KVC_PA_MAX_SPLIT];
-    __shared__ float sred[T / 32];
-    __shared__ float sML[2];
     const int64_t grow = blockIdx.x;
-    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int64_t bh = grow / g.R, row = grow % g.R;
     const int64_t b = bh / g.Hkv, hk = bh % g.Hkv, i = row / g.g, hq = hk * g.g + row % g.g;
-    const int D = (int)g.D;
-    const int count = (int)kvc_pa_count(p, g, b, hk, row);
+    const int64_t count = kvc_pa_count(p, g, b, hk, row);
     const int64_t p0 = grow * g.nsplit;
-    float M = -INFINITY;
-    for (int k = tid; k < count; k += T) M = fmaxf(M, g.pm[p0 + k]);
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) M = fmaxf(M, __shfl_xor_sync(KVC_PA_FULL, M, o));
-    if (lane == 0) sred[warp] = M;
-    __syncthreads();
-    M = sred[0];
-#pragma unroll
-    for (int w = 1; w < T / 32; w++) M = fmaxf(M, sred[w]);
-    for (int k = tid; k < count; k += T)
-        sw[k] = M == -INFINITY ? 0.0f : kvc_softmax_weight(g.pm[p0 + k], M); /* 0 for an unseen split */
-    __syncthreads();
-    if (tid == 0) {
-        float L = 0.0f;
-        for (int k = 0; k < count; k++) L += sw[k] * g.ps[p0 + k];
-        sML[0] = L;
-    }
     const int64_t es = p.out.dtype == KVC_F32 ? 4 : 2;
-    char *dst = (char *)p.out.data + kvc_at(p.out, b, i, hq, 0) * es;
-    float o[KVC_PA_MAX_D / T];
-#pragma unroll
-    for (int e = 0; e < KVC_PA_MAX_D / T; e++) o[e] = 0.0f;
-    const float *a = g.pacc + p0 * g.D;
-#pragma unroll 4
-    for (int k = 0; k < count; k++) {
-        const float w = sw[k];
-#pragma unroll
-        for (int e = 0; e < KVC_PA_MAX_D / T; e++)
-            if (tid + T * e < D) o[e] = fmaf(w, a[(int64_t)k * g.D + tid + T * e], o[e]);
-    }
-    __syncthreads();
-    const float L = sML[0];
-#pragma unroll
-    for (int e = 0; e < KVC_PA_MAX_D / T; e++) {
-        const int c = tid + T * e;
-        /* a row that sees no slot gets zeros */
-        if (c < D) kvc_store_f32(dst, p.out.dtype, c * p.out.strides[3], M == -INFINITY ? 0.0f : o[e] / L);
-    }
-    if (tid == 0 && p.lse.data)
+    float M, L;
+    kvc_split_combine<KVC_PA_COMBINE_THREADS / 32, KVC_PA_MAX_D>(
+        g.pm, g.ps, g.pacc, p0, count, g.D,
+        (char *)p.out.data + kvc_at(p.out, b, i, hq, 0) * es, p.out.dtype, p.out.strides[3], &M, &L);
+    if (threadIdx.x == 0 && p.lse.data)
         ((float *)p.lse.data)[b * p.lse.strides[0] + hq * p.lse.strides[1] + i * p.lse.strides[2]] =
             M == -INFINITY ? -INFINITY : M + kvc_logf(L);
 }
@@ -387,7 +341,6 @@ static bool kvc_pa_geometry(const kvc_packed_attention_params *p, kvc_pa_geom *g
                                                      : p->key_codes.shape[2]) + g->r;
     g->nsplit = kvc_cuda_nsplit(navg, KVC_PA_MIN_CHUNK, kvc_cuda_sm_count() * KVC_PA_BLOCKS_PER_SM,
                                 bh * g->ntiles);
-    if (g->nsplit > KVC_PA_MAX_SPLIT) g->nsplit = KVC_PA_MAX_SPLIT;
     g->tiled = kvc_pf_fits(*p, *g) && !kvc_pa_generic_forced();
     g->tsplit = g->tiled ? kvc_pf_splits(*p, *g) : 0;
     g->res_vec = g->tiled && kvc_pf_residual_vectors(*p);

@@ -16,7 +16,6 @@
 #define KVC_PA_MIN_CHUNK 256   /* fewer slots per split cost more in partials than they gain */
 #define KVC_PA_CHUNK_ALIGN 32
 #define KVC_PA_BLOCKS_PER_SM 4
-#define KVC_PA_MAX_SPLIT 1024  /* the combine pass stages a row's split weights in shared memory */
 #define KVC_PA_FULL 0xffffffffu
 
 /* The tiled kernel: a tile of KVC_PF_TILE logical slots per step, one per

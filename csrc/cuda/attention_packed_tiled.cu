@@ -31,6 +31,7 @@
  */
 
 #include "attention_packed.cuh"
+#include "split_combine.cuh"
 
 #define KVC_PF_THREADS KVC_PF_TILE
 #define KVC_PF_WARPS (KVC_PF_THREADS / 32)
@@ -41,19 +42,8 @@
  * waves and the tail cost 1.5x at 64K slots (H200). */
 #define KVC_PF_BLOCKS_PER_SM(rt) ((rt) == KVC_PF_MAX_RT ? 2 : 3)
 
-__device__ __forceinline__ float kvc_pf_warp_max(float x)
-{
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(KVC_PA_FULL, x, o));
-    return x;
-}
-
-__device__ __forceinline__ float kvc_pf_warp_sum(float x)
-{
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(KVC_PA_FULL, x, o);
-    return x;
-}
+/* Rows per head the kernel is instantiated for: R padded to 1, 4 or 8. */
+static inline int kvc_pf_rows(int64_t R) { return R == 1 ? 1 : (R <= 4 ? 4 : KVC_PF_MAX_RT); }
 
 /* The KVC_PF_CPT value codes of channels c0.. of a packed value row (c0 a
  * multiple of 8: the word is aligned to its own size), in the low bits. */
@@ -217,7 +207,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
                     }
                 }
 #pragma unroll
-                for (int r = 0; r < RT; r++) bias[r] = p.scaling * kvc_pf_warp_sum(part[r]);
+                for (int r = 0; r < RT; r++) bias[r] = p.scaling * kvc_warp_sum(part[r]);
                 __syncwarp();
             }
         }
@@ -282,7 +272,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
         /* ---- 2. softmax: the tile's max, one rescale, the weights ---- */
 #pragma unroll
         for (int r = 0; r < RT; r++) {
-            const float mx = kvc_pf_warp_max(x[r]);
+            const float mx = kvc_warp_max(x[r]);
             if (lane == 0) smax[warp][r] = mx;
         }
         __syncthreads();
@@ -298,7 +288,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
             m[r] = M;
             const float pw = x[r] == -INFINITY ? 0.0f : kvc_expf(x[r] - M);
             sp[tid][r] = pw;
-            const float ws = kvc_pf_warp_sum(pw);
+            const float ws = kvc_warp_sum(pw);
             if (lane == 0) ssum[warp][r] = ws;
         }
         __syncthreads();
@@ -420,9 +410,7 @@ int64_t kvc_pf_splits(const kvc_packed_attention_params &p, const kvc_pa_geom &g
     const int64_t bh = g.B * g.Hkv;
     const int64_t navg = (p.layout == KVC_KV_RAGGED ? kvc_ceil_div(p.key_codes.shape[0], bh)
                                                     : p.key_codes.shape[2]) + g.r;
-    const int rt = g.R == 1 ? 1 : (g.R <= 4 ? 4 : KVC_PF_MAX_RT);
-    const int64_t ns = kvc_cuda_nsplit(navg, KVC_PF_TILE, kvc_cuda_sm_count() * KVC_PF_BLOCKS_PER_SM(rt), bh);
-    return ns < KVC_PA_MAX_SPLIT ? ns : KVC_PA_MAX_SPLIT;
+    return kvc_cuda_nsplit(navg, KVC_PF_TILE, kvc_cuda_sm_count() * KVC_PF_BLOCKS_PER_SM(kvc_pf_rows(g.R)), bh);
 }
 
 template <int KD, int RT>
@@ -451,7 +439,9 @@ static enum kvc_status kvc_pf_launch_rows(const kvc_packed_attention_params &p, 
 
 enum kvc_status kvc_pf_launch(const kvc_packed_attention_params &p, const kvc_pa_geom &g, cudaStream_t s)
 {
-    if (g.R == 1) return kvc_pf_launch_rows<1>(p, g, s);
-    if (g.R <= 4) return kvc_pf_launch_rows<4>(p, g, s);
-    return kvc_pf_launch_rows<8>(p, g, s);
+    switch (kvc_pf_rows(g.R)) {
+    case 1: return kvc_pf_launch_rows<1>(p, g, s);
+    case 4: return kvc_pf_launch_rows<4>(p, g, s);
+    default: return kvc_pf_launch_rows<KVC_PF_MAX_RT>(p, g, s);
+    }
 }
