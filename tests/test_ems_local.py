@@ -149,3 +149,20 @@ def test_head_alloc_window_is_adakv_allocation_then_local_picks_per_head(tiny_mo
                 assert set(order[:m]) <= kept, (li, b, h)
                 checked += 1
     assert saw_unequal and checked >= 8
+
+
+def test_local_picks_take_the_lowest_index_among_ties():
+    """Max-pooling repeats values over neighbours, so the local ranking has
+    exact ties; the picks at a tie are the lowest-indexed slots (a rule any
+    device follows: torch.topk's choice among ties is not the same on CPU
+    and CUDA), and rows with a smaller room take a prefix of the same order."""
+    ranked = torch.arange(24, dtype=torch.float32).reshape(1, 2, 12) / 100
+    local = torch.tensor([[[0.1, 0.5, 0.5, 0.5, 0.2, 0.5, 0.3, 0.3, -torch.inf, 0.5, 0.0, 0.1],
+                           [0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]]])
+    room = torch.tensor([[6, 4]])
+    got = EMS(budget=64, local_share=0.5)._force(ranked, local, room, torch.tensor(12))
+    forced = [set(torch.isinf(got[0, h]).nonzero().flatten().tolist()) for h in range(2)]
+    # 0.5 * 6 = 3 picks among the five 0.5s at 1, 2, 3, 5, 9; 0.5 * 4 = 2 of twelve equal
+    assert forced == [{1, 2, 3}, {0, 1}]
+    others = ~torch.isinf(got)
+    assert torch.equal(got[others], ranked[others])  # the rest keep their ranking

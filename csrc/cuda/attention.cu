@@ -430,10 +430,13 @@ static bool kvc_at_geometry(const kvc_attention_params *p, kvc_at_geom *g)
     g->rt = g->R <= 2 ? 2 : (g->R <= 4 ? 4 : 8);
     g->ntiles = kvc_ceil_div(g->R, g->rt);
     const int64_t bh = g->B * g->Hkv;
-    /* slots a head reads: at most its pages' with pages (either layout) */
-    const int64_t navg = p->pages != NULL               ? p->num_pages * p->page_size
-                         : p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->k.shape[0], bh)
-                                                       : p->k.shape[2];
+    /* slots a head reads on average: what the layer holds per head, and with
+     * pages no more than its pages'. The layer's bound also holds with pages,
+     * so a list of every page splits like the dense op and sums in its order
+     * (bit-equal results: tests/test_cuda.py). */
+    const int64_t held = p->layout == KVC_KV_RAGGED ? kvc_ceil_div(p->k.shape[0], bh) : p->k.shape[2];
+    const int64_t listed = p->pages != NULL ? p->num_pages * p->page_size : held;
+    const int64_t navg = listed < held ? listed : held;
     /* a launch fills at most KVC_AT_WAVES waves of the fullest SMs */
     const int64_t cap = kvc_cuda_sm_count() * (2048 / KVC_AT_THREADS) * KVC_AT_WAVES;
     g->nsplit = kvc_cuda_nsplit(navg, KVC_AT_MIN_CHUNK, cap, bh * g->ntiles);

@@ -349,7 +349,10 @@ class EMS(Method):
         top = int(m.max())
         if top <= 0:
             return ranked
-        idx = local.topk(top, dim=-1).indices  # [R, H, top], best first
+        # [R, H, top], best first. Max-pooling repeats a value over neighbours, so
+        # ties are common: a stable sort takes the lowest-indexed, on every
+        # device (topk's pick among ties differs between CPU and CUDA)
+        idx = local.sort(dim=-1, descending=True, stable=True).indices[..., :top]
         take = torch.arange(top, device=idx.device) < m[..., None]
         chosen = ranked.clone()
         chosen.scatter_(2, idx, torch.where(take, float("inf"), ranked.gather(2, idx)))
