@@ -21,6 +21,15 @@
  *  3. values: threads own 8 consecutive channels (one code word) of every
  *     (D / 8)-th slot, dequantize v = min + scale * code once and add
  *     w * v for every row.
+ * The loads run ahead of the arithmetic that needs them: a slot's value
+ * code row is copied into shared memory asynchronously (cp.async) when its
+ * tile starts and waited for just before the value phase, so the logits
+ * and the softmax hide its latency (where the tile's rows fit the static
+ * shared memory: kvc_pf_stage_bytes; else phase 3 reads global memory);
+ * and the next tile's first key words and value scales and mins are asked
+ * for before this tile's value phase. On an H200 (benchmarks/RESULTS.md,
+ * "Loads ahead") this made the kernel 1.34-1.48x faster at 64K slots or
+ * batch 8, where its tile chain had waited on a load per value slot.
  * The residual slots (full precision) take the same phases with loads of
  * their own. At the end the slot lanes' accumulators are summed in lane
  * order into the split's unnormalised partial (max, sum, fp32 row), which
@@ -29,6 +38,8 @@
  * same shared values in the same order): results depend on the shapes, the
  * GPU and the build, never on timing.
  */
+
+#include <cuda_pipeline.h>
 
 #include "attention_packed.cuh"
 #include "split_combine.cuh"
@@ -41,6 +52,19 @@
  * exactly one wave of them: sized for 4 while 3 fit, the launch ran in 1.3
  * waves and the tail cost 1.5x at 64K slots (H200). */
 #define KVC_PF_BLOCKS_PER_SM(rt) ((rt) == KVC_PF_MAX_RT ? 2 : 3)
+
+/* Bytes of a value code row the kernel stages in shared memory (0: none,
+ * the value phase reads global memory): KD (8-bit rows of KD <= 128, 4-bit
+ * of 256) where the tile's rows fit beside the kernel's other shared
+ * arrays under the 48 KB of static shared memory. */
+template <int KD, int RT>
+__host__ __device__ constexpr int kvc_pf_stage_bytes()
+{
+    constexpr int T = KVC_PF_TILE, NW = KVC_PF_TILE / 32, CPT = 8;
+    constexpr int red = (NW * KD > T * CPT ? NW * KD : T * CPT) * RT;
+    constexpr int other = 4 * (KD * RT + T * RT + red + 2 * T * (KD / 32)) + 1024;
+    return other + T * (KD < 128 ? KD : 128) <= 48 * 1024 ? (KD < 128 ? KD : 128) : 0;
+}
 
 /* Rows per head the kernel is instantiated for: R padded to 1, 4 or 8. */
 static inline int kvc_pf_rows(int64_t R) { return R == 1 ? 1 : (R <= 4 ? 4 : KVC_PF_MAX_RT); }
@@ -122,6 +146,11 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
      * groups): loaded with the key rows so their latency hides behind the
      * logits, not in the value phase's chain of loads */
     __shared__ float svs[T][KD / 32], svm[T][KD / 32];
+    /* the tile's value code rows when they fit (SVB bytes a row: rows of up
+     * to SVB bytes): copied asynchronously at the tile's start, so the value
+     * phase reads shared memory instead of waiting on a load per slot */
+    constexpr int SVB = kvc_pf_stage_bytes<KD, RT>();
+    __shared__ __align__(16) uint8_t svc[SVB ? T : 1][SVB ? SVB : 16];
 
     const int64_t bh = blockIdx.x, b = bh / g.Hkv, hk = bh % g.Hkv, split = blockIdx.y;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -141,6 +170,8 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
     const bool rvec = g.res_vec;
     const uint32_t vmask = kvc_pk_mask(vbits);
     const float kmid = kvc_pk_mid(KBITS), vmid = kvc_pk_mid(vbits);
+    const int vrow = KD * vbits / 8;          /* bytes of a value code row */
+    const bool stage = SVB > 0 && vrow <= SVB; /* multiples of 16: kvc_pf_fits */
 
     /* the queries (rows past R: zeros, never written out) and the last
      * logical slot each row sees */
@@ -169,24 +200,38 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
     }
     const int cc = tid % CH, sl = tid / CH, c0 = cc * CPT;
 
+    /* this thread's slot's first key words and value scales and mins,
+     * loaded one tile ahead: the next tile's are asked for before this
+     * tile's value phase, whose arithmetic hides their latency */
+    uint4 kpre[PF];
+    float vsc[KD / 32], vmn[KD / 32];
+    auto prefetch = [&](int64_t jn) {
+        if (jn < s0 || jn >= n) return;
+        const uint4 *kr = (const uint4 *)(h.kc + jn * h.kcs);
+#pragma unroll
+        for (int i = 0; i < PF; i++) kpre[i] = kr[i];
+#pragma unroll
+        for (int u = 0; u < KD / 32; u++) {
+            if (u < nvg) {
+                vsc[u] = h.vs[jn * h.vss + u * h.vsd];
+                vmn[u] = h.vm[jn * h.vms + u * h.vmd];
+            }
+        }
+    };
+    prefetch(tl0 * T + tid);
+
     for (int64_t tl = tl0; tl < tl1; tl++) {
         const int64_t base = tl * T, j = base + tid, wj0 = base + warp * 32;
         /* ---- 1. logits: slot j is this thread's ---- */
         const bool packed = j >= s0 && j < n;
         const uint4 *krow = (const uint4 *)(h.kc + j * h.kcs);
-        uint4 kpre[PF];
-        float vsc[KD / 32], vmn[KD / 32];
-        if (packed) {
-#pragma unroll
-            for (int i = 0; i < PF; i++) kpre[i] = krow[i];
-#pragma unroll
-            for (int u = 0; u < KD / 32; u++) {
-                if (u < nvg) {
-                    vsc[u] = h.vs[j * h.vss + u * h.vsd];
-                    vmn[u] = h.vm[j * h.vms + u * h.vmd];
-                }
-            }
+        if (stage && packed) {
+            /* slot j's value codes, for the value phase (waited for before
+             * phase 2's last barrier) */
+            const uint8_t *src = h.vc + j * h.vcs;
+            for (int i = 0; i < vrow; i += 16) __pipeline_memcpy_async(&svc[tid][i], src + i, 16);
         }
+        __pipeline_commit();
         if (wj0 < n && wj0 + 32 > s0) {
             /* the warp's token group (32 | G: one for all its lanes) */
             const int64_t tg = wj0 / g.G;
@@ -291,7 +336,9 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
             const float ws = kvc_warp_sum(pw);
             if (lane == 0) ssum[warp][r] = ws;
         }
+        __pipeline_wait_prior(0); /* this thread's value rows; the barrier shows every thread's */
         __syncthreads();
+        if (tl + 1 < tl1) prefetch(base + T + tid);
 #pragma unroll
         for (int r = 0; r < RT; r++) {
             float t = 0.0f;
@@ -314,7 +361,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
 #pragma unroll 4
         for (int jj = jfirst; jj < jpk; jj += SL) {
             const int64_t jv = base + jj;
-            const uint64_t word = kvc_pf_value_word(h.vc + jv * h.vcs, c0, vbits);
+            const uint64_t word = kvc_pf_value_word(stage ? &svc[jj][0] : h.vc + jv * h.vcs, c0, vbits);
             const float sc = svs[jj][u];
             const float ce = kvc_pk_centre_at(svm[jj][u], sc, vmid);
             float pw[RT];
