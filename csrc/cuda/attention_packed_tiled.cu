@@ -53,17 +53,26 @@
  * waves and the tail cost 1.5x at 64K slots (H200). */
 #define KVC_PF_BLOCKS_PER_SM(rt) ((rt) == KVC_PF_MAX_RT ? 2 : 3)
 
+/* Floats of the kernel's shared scratch sbuf: per warp the scaled query
+ * [KD][RT], at the end the slot lanes' sums [T / (KD / CPT)][RT][KD]. */
+template <int KD, int RT>
+__host__ __device__ constexpr int kvc_pf_red_floats()
+{
+    constexpr int a = KVC_PF_WARPS * KD, b = KVC_PF_TILE * KVC_PF_CPT;
+    return (a > b ? a : b) * RT;
+}
+
 /* Bytes of a value code row the kernel stages in shared memory (0: none,
  * the value phase reads global memory): KD (8-bit rows of KD <= 128, 4-bit
  * of 256) where the tile's rows fit beside the kernel's other shared
- * arrays under the 48 KB of static shared memory. */
+ * arrays (sq, sp, sbuf, svs, svm; 1 KB for the small ones) under the 48 KB
+ * of static shared memory. */
 template <int KD, int RT>
 __host__ __device__ constexpr int kvc_pf_stage_bytes()
 {
-    constexpr int T = KVC_PF_TILE, NW = KVC_PF_TILE / 32, CPT = 8;
-    constexpr int red = (NW * KD > T * CPT ? NW * KD : T * CPT) * RT;
-    constexpr int other = 4 * (KD * RT + T * RT + red + 2 * T * (KD / 32)) + 1024;
-    return other + T * (KD < 128 ? KD : 128) <= 48 * 1024 ? (KD < 128 ? KD : 128) : 0;
+    constexpr int T = KVC_PF_TILE, row = KD < 128 ? KD : 128;
+    constexpr int other = 4 * (KD * RT + T * RT + kvc_pf_red_floats<KD, RT>() + 2 * T * (KD / 32)) + 1024;
+    return other + T * row <= 48 * 1024 ? row : 0;
 }
 
 /* Rows per head the kernel is instantiated for: R padded to 1, 4 or 8. */
@@ -136,7 +145,7 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
     constexpr int NQ = KW / 4;      /* 16-byte loads per key row */
     constexpr int PF = NQ < 4 ? NQ : 4; /* of them issued before the group's scaled query is built */
     constexpr uint32_t KMASK = (1u << KBITS) - 1u;
-    constexpr int RED = (NW * KD > T * CPT ? NW * KD : T * CPT) * RT;
+    constexpr int RED = kvc_pf_red_floats<KD, RT>();
     __shared__ __align__(16) float sq[KD][RT];  /* the rows' queries */
     __shared__ __align__(16) float sp[T][RT];   /* the tile's weights */
     __shared__ __align__(16) float sbuf[RED];   /* per warp [KD][RT] q * key scale; at the end [SL][RT][KD] */
