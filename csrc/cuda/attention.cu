@@ -106,10 +106,7 @@ __device__ __forceinline__ int64_t kvc_at_tile_end(const kvc_at_geom &g, int64_t
 __device__ __forceinline__ void kvc_at_split(int64_t span, int64_t nsplit, int64_t *chunk,
                                              int64_t *count)
 {
-    int64_t c = kvc_ceil_div(span > 0 ? span : 1, nsplit);
-    c = kvc_ceil_div(c, KVC_AT_CHUNK_ALIGN) * KVC_AT_CHUNK_ALIGN;
-    *chunk = c > KVC_AT_MIN_CHUNK ? c : KVC_AT_MIN_CHUNK;
-    *count = span > 0 ? kvc_ceil_div(span, *chunk) : 0;
+    kvc_split_chunks(span, nsplit, KVC_AT_CHUNK_ALIGN, KVC_AT_MIN_CHUNK, chunk, count);
 }
 
 template <int DT>

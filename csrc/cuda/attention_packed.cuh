@@ -10,6 +10,7 @@
 
 #include "../attention_packed_math.h"
 #include "common.cuh"
+#include "split_combine.cuh"
 
 #define KVC_PA_RT 4            /* rows per block of the generic kernel */
 #define KVC_PA_MAX_D 256
@@ -116,10 +117,7 @@ __device__ __forceinline__ int64_t kvc_pa_tile_end(const kvc_pa_geom &g, int64_t
 __device__ __forceinline__ void kvc_pa_split(int64_t span, int64_t nsplit, int64_t *chunk,
                                              int64_t *count)
 {
-    int64_t c = kvc_ceil_div(span > 0 ? span : 1, nsplit);
-    c = kvc_ceil_div(c, KVC_PA_CHUNK_ALIGN) * KVC_PA_CHUNK_ALIGN;
-    *chunk = c > KVC_PA_MIN_CHUNK ? c : KVC_PA_MIN_CHUNK;
-    *count = span > 0 ? kvc_ceil_div(span, *chunk) : 0;
+    kvc_split_chunks(span, nsplit, KVC_PA_CHUNK_ALIGN, KVC_PA_MIN_CHUNK, chunk, count);
 }
 
 /* Tiled kernel: a head's logical slots [s0, n + r) in whole tiles of

@@ -1,6 +1,7 @@
 /*
- * split_combine.cuh - pass 2 of the split-K attention ops (attention.cu,
- * attention_packed.cu): one block of NW warps merges the `count` partials
+ * split_combine.cuh - the split-K attention ops' (attention.cu,
+ * attention_packed.cu) split of a span into chunks, and their pass 2: one
+ * block of NW warps merges the `count` partials
  * of one output row by log-sum-exp and writes the row. Splits are
  * independent, so they are spread over the block (a warp walking them in
  * order waits on one load after another: tens of microseconds at 50
@@ -23,6 +24,20 @@ __device__ __forceinline__ float kvc_warp_max(float x)
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
     return x;
+}
+
+/* Pass 1's split of a span of slots over at most nsplit splits: *chunk
+ * slots each (a multiple of align, at least min_chunk, so the boundaries
+ * sit on align-slot steps from the span's start), *count splits holding
+ * any. Both passes derive it from the same span, so they agree without
+ * the host reading lengths. */
+__device__ __forceinline__ void kvc_split_chunks(int64_t span, int64_t nsplit, int64_t align, int64_t min_chunk,
+                                                 int64_t *chunk, int64_t *count)
+{
+    int64_t c = kvc_ceil_div(span > 0 ? span : 1, nsplit);
+    c = kvc_ceil_div(c, align) * align;
+    *chunk = c > min_chunk ? c : min_chunk;
+    *count = span > 0 ? kvc_ceil_div(span, *chunk) : 0;
 }
 
 /* Row partials pm[p0 + k], ps[p0 + k] (running max and sum) and
