@@ -312,6 +312,9 @@ def parse_args(argv):
                     help="do not cut prompts to max_position_embeddings (timing runs past the trained context)")
     ap.add_argument("--quick", action="store_true", help="512 tokens, snapkv and h2o, 4 new tokens")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--json", default=None,
+                    help="write the JSON here instead of results/bench_generate.json (a focused run beside the "
+                         "main table)")
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.methods, args.new_tokens, args.warmup_tokens = "512", "snapkv,h2o", 4, 256
@@ -449,7 +452,7 @@ def main(argv=None):
         *lines,
     ]
     name = "bench_generate_quick" if args.quick else "bench_generate"
-    path = write_results(name, result, section)
+    path = write_results(name, result, section, json_path=args.json)
     print(f"wrote {path}")
     return result
 

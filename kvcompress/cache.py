@@ -15,7 +15,10 @@ Two lengths matter and are kept apart:
 Batch rows are independent: left padding is recorded per row (``kv_start``),
 a row whose real tokens fit its target is never compressed, and rows that
 keep fewer slots than others in a uniform layer are filled at the front with
-masked filler slots, so each row generates what it would alone.
+masked filler slots, so each row generates what it would alone. (One
+exception: a per-head packed layer that re-compresses while decoding keeps
+as many newest slots in full precision as every row allows, so a row's
+precision, not its kept slots, can depend on the batch.)
 """
 
 from __future__ import annotations
@@ -186,6 +189,11 @@ class CompressedLayer(CacheLayerMixin):
         # step still has to bring the heads down to the real targets
         self._inflate: float | None = None
         self._room_pending = False
+        # a packed layer that still re-selects while decoding (_repacks): the
+        # queries of the calls since its last re-compression, [B, Hq, q, D]
+        # each (its re-selection observes them all at once; see _queue)
+        self._rebudget = False
+        self._pending: list = []
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -245,7 +253,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting, self._statistic)
-                 if t is not None]
+                 if t is not None] + list(self._pending)
         extra += list(self.head_state.values())
         if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
             extra.append(self.token_log.ids)  # the cache's one token log, counted with its first layer
@@ -335,6 +343,7 @@ class CompressedLayer(CacheLayerMixin):
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
         if self._waiting is not None:
             self._waiting = self._waiting.index_select(0, host.to(self._waiting.device))
+        self._pending = [q.index_select(0, host.to(q.device)) for q in self._pending]
         if self._statistic is not None:
             self._statistic = self._statistic.index_select(0, host.to(self._statistic.device))
         if self._scale is not None:
@@ -618,13 +627,18 @@ class CompressedLayer(CacheLayerMixin):
             # Quantized layers: the first chunk is evicted or merged by the
             # method it composes with (if any, with its own prefill rules),
             # then moves into a packed store (its attention ran in full
-            # precision); every later call packs the residual's whole groups
-            # and evicts nothing more (see KVCache's docstring).
+            # precision); every later call packs the residual's whole groups,
+            # and a layer that keeps its evictor's budget (_repacks) is
+            # re-compressed and packed again once over it (_repack_round).
             if not isinstance(self.store, PackedStore):
                 if method.evicts:
                     self._compress(queries, scaling)  # a demoting quantizer packs here (_demote)
                 if not isinstance(self.store, PackedStore):
                     self._to_packed(method.packing)
+            elif self._rebudget:
+                self._queue(queries)
+                if self._over_budget():
+                    self._repack_round(scaling)
             self.store.settle(pad=self._start)
             return
         if method.packing is not None and self.window is not None and self._packs_window():
@@ -707,14 +721,70 @@ class CompressedLayer(CacheLayerMixin):
 
     def _to_packed(self, packing) -> None:
         """Move the layer's slots into the packed store of their layout."""
+        self._rebudget = self._repacks()
         if isinstance(self.store, UniformStore):
-            self.store = PackedStore.from_uniform(self.store, *packing)
+            self.store = PackedStore.from_uniform(self.store, *packing, columns=self._rebudget)
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
-            self.store = RaggedPackedStore.from_ragged(self.store, *packing)
-        # nothing is re-scored once packed: per-head budgets and held queries go
-        self.head_budgets = self._qbuf = None
+            self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget)
+        if not self._rebudget:
+            # nothing is re-scored once packed: per-head budgets and held queries go
+            self.head_budgets = self._qbuf = None
+
+    def _repacks(self) -> bool:
+        """Whether this layer, once packed, keeps its evictor's budget while
+        decoding: an evicting or merging method with a decode interval, on a
+        full-attention layer, whose quantizer packs what it keeps (not a
+        demoting one: MiKV, ZipCache, LowBits keep the rest at low bits),
+        with no cross-layer method or sparse reader beside it."""
+        m = self.method
+        return bool(m.evicts and m.interval and not m.mixed_precision and m.depth is None and m.sparse is None
+                    and self.window is None)
+
+    def _over_budget(self) -> bool:
+        """Whether a packed layer that keeps its budget (``_rebudget``) holds
+        more than its targets allow: ``interval`` slots over after a decode
+        step, one after a prefill chunk (the unpacked layers' rule)."""
+        slack = self.method.interval if self.last_chunk == 1 else 1
+        if isinstance(self.store, RaggedPackedStore):
+            if self.head_budgets is None:
+                return False
+            if self.method.ratio is not None:
+                self._follow_targets(self._targets())
+            held = torch.tensor(self.store.head_lengths(), dtype=torch.int64)
+            return bool((held - self._budgets_host >= slack).any())
+        return any(h > t + slack - 1 for h, t in zip(self._held(), self._targets()))
+
+    def _queue(self, queries) -> None:
+        """Hold a packed layer's ``queries`` until its next round: all of them
+        for a method with slot state (it accumulates their attention), else
+        the calls that cover its held queries (none for StreamingLLM)."""
+        if queries is None:
+            return
+        method = self.method
+        keep = None if method.slot_state else method.held_queries()
+        if keep == 0:
+            return
+        self._pending.append(queries)
+        if keep is not None and len(self._pending) > keep:
+            del self._pending[: len(self._pending) - keep]  # each call holds at least one query
+
+    def _repack_round(self, scaling: float) -> None:
+        """Re-compress a packed layer to its targets: its slots in full
+        precision (the dequantized packed ones: what attention has read), the
+        method's re-selection as on an unpacked layer, with the queries since
+        the last round (slot state accumulates their attention here rather
+        than at each step: the same sums, except that a slot packed since the
+        last round is scored with its packed key), then the kept slots packed
+        again. A kept slot's values pack to the same codes (a value group is
+        one token's channels); its keys do when its key group comes back
+        whole, and are re-quantized on the new group's grid otherwise."""
+        pending = torch.cat(self._pending, 2) if self._pending else None
+        self._pending = []
+        self.store = self.store.unpacked()
+        self._compress(pending, scaling)
+        self._to_packed(self.method.packing)
 
     def _compress(self, queries, scaling: float) -> None:
         """Evict or merge down to the method's targets (prefill and decode)."""

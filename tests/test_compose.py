@@ -10,7 +10,7 @@ import torch
 
 import kvcompress as kvc
 from kvcompress import ops
-from kvcompress.methods import EMS, KIVI, AdaKV, SnapKV, method_from_spec
+from kvcompress.methods import EMS, H2O, KIVI, AdaKV, SnapKV, method_from_spec
 from kvcompress.stores import AttentionSpec, PackedStore, RaggedPackedStore, RaggedStore
 
 
@@ -237,3 +237,21 @@ def test_left_padded_batch_equals_rows_alone(tiny_model):
         alone_a, _ = _generate(tiny_model, a, make(), new=12)
         alone_b, _ = _generate(tiny_model, b, make(), new=12)
         assert torch.equal(got[0], alone_a[0]) and torch.equal(got[1], alone_b[0])
+
+
+@pytest.mark.parametrize("make", [lambda: SnapKV(budget=64, interval=8) + KIVI(bits=4, group=16, residual=16),
+                                  lambda: H2O(budget=64, interval=8) + KIVI(bits=4, group=16, residual=16),
+                                  # a per-head layer keeps as many newest slots in full precision as
+                                  # every head of every row can (RaggedPackedStore.from_ragged), so
+                                  # rows alone match the batch with no residual
+                                  lambda: EMS(budget=64, interval=8) + KIVI(bits=4, group=16, residual=0)],
+                         ids=["snapkv", "h2o", "ems"])
+def test_decode_rounds_of_a_left_padded_batch_equal_rows_alone(tiny_model, make):
+    """Packed layers re-compressed while decoding (every 8 tokens over the
+    budget): a left-padded row still generates what it does alone."""
+    a, b, batch, mask = left_padded_pair(tiny_model.config.vocab_size, 260, 200, seed=2)
+    got, cache = _generate(tiny_model, batch, make(), new=40, mask=mask)
+    alone_a, _ = _generate(tiny_model, a, make(), new=40)
+    alone_b, _ = _generate(tiny_model, b, make(), new=40)
+    assert torch.equal(got[0], alone_a[0]) and torch.equal(got[1], alone_b[0])
+    assert all(max(layer.head_lengths()) < 64 * 2 + 8 for layer in cache.layers)

@@ -828,6 +828,8 @@ GPU_METHODS = {
     "kivi4": lambda: kvcompress.KIVI(bits=4, group=32, residual=64),
     # evict, then pack what is kept: uniform (SnapKV) and per-head merged (EMS) packed stores
     "snapkv+kivi4": lambda: kvcompress.SnapKV(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
+    # slot state (H2O's accumulated attention) carried through packing and re-selection rounds
+    "h2o+kivi4": lambda: kvcompress.H2O(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
     "ems+kivi4": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64),
     # mixed precision: the selected slots at 8 bits, the rest at 2 (two packed widths joined by lse)
     "mikv2+8": lambda: kvcompress.MiKV(budget=64, bits=2, high_bits=8),
@@ -874,7 +876,7 @@ def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
     assert torch.equal(got[0], got[1])
 
 
-PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2"]
+PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "h2o+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2"]
 
 
 @pytest.fixture(scope="module")

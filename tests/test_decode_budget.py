@@ -11,6 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 import kvcompress as kvc
 from kvcompress.cache import CompressedLayer
 from kvcompress.methods import EVICTING, REGISTRY
+from kvcompress.stores import PackedStore
 
 BUDGET, INTERVAL = 128, 16
 
@@ -48,6 +49,32 @@ def _run(model, method, ids, new_tokens):
 @pytest.mark.parametrize("name", sorted(EVICTING))
 def test_slots_stay_within_the_budget_whatever_the_prompt(tiny_model, name, length):
     method = REGISTRY[name](budget=BUDGET, interval=INTERVAL)
+    _check_budget(tiny_model, method, length)
+
+
+# every evictor but SCOPE composes with a quantizer (SCOPE refuses it by name)
+PACKABLE = sorted(set(EVICTING) - {"scope"})
+
+
+@pytest.mark.parametrize("length", [100, 1000])
+@pytest.mark.parametrize("name", PACKABLE)
+def test_packed_compositions_keep_the_budget_too(tiny_model, name, length):
+    # evictor + KIVI: the kept slots are packed, and decoding re-selects
+    # them as without the quantizer (a residual of 32 so that packing runs)
+    method = REGISTRY[name](budget=BUDGET, interval=INTERVAL) + kvc.KIVI(bits=4, group=32, residual=32)
+    cache = _check_budget(tiny_model, method, length)
+    packed = [layer.store for layer in cache.layers]
+    # every layer packs all but its newest residual .. residual + group - 1
+    # slots (PyramidKV's deepest layers keep fewer than that)
+    assert all(isinstance(s, PackedStore) and s.r < s.residual + s.group for s in packed), packed
+    assert min(packed[0].head_lengths()) > packed[0].r, packed[0]
+
+
+def _check_budget(tiny_model, method, length):
+    """Generate after a prompt of ``length`` tokens and check, after every
+    step, that each layer holds its method's targets (plus at most
+    ``INTERVAL - 1`` slots per head since the last round); returns the cache."""
+    name = method.describe()
     new = 300 if length < 1000 else 150
     cache, steps = _run(tiny_model, method, _ids(length, seed=length), new)
     session_method = cache.method  # with what prepare() added (HeadKV's profile)
@@ -103,6 +130,7 @@ def test_slots_stay_within_the_budget_whatever_the_prompt(tiny_model, name, leng
             else:
                 assert all(target <= n < target + INTERVAL for n in heads), (name, seen, li, heads, target)
     assert steps[-1][0] == length + new - 1
+    return cache
 
 
 @pytest.mark.parametrize("name", ["snapkv", "streamingllm", "h2o", "ems"])

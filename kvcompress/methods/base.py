@@ -116,7 +116,11 @@ class Method:
     (per layer for schedules such as PyramidKV), or with ``ratio`` the share
     ``int(seen * (1 - ratio))`` of the tokens the row has seen; a row whose
     tokens all fit is kept whole. ``interval=0`` turns decode-time
-    re-compression off (the layer then grows while decoding).
+    re-compression off (the layer then grows while decoding). Composed with a
+    quantizer that packs what it keeps (``+ KIVI(...)``), a round reads the
+    packed slots back dequantized and packs the kept ones again; keys whose
+    key group changes are re-quantized at each round, which at 2 bits costs
+    more than ``interval=0`` (see the README).
     """
 
     budget: int | None = None

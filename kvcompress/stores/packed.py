@@ -74,6 +74,10 @@ class PackedStore(LayerStore):
         #: slots before this one that share a key group with kept ones stay
         #: packed but are masked as leading slots (see drop_unseen)
         self.visible_from = None
+        #: per-slot columns ``name -> [B, H, cap]`` by logical slot (positions
+        #: and the evictor's slot state), kept only when the layer re-selects
+        #: its slots while decoding (``from_uniform(..., columns=True)``)
+        self._cols: dict | None = None
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
@@ -121,15 +125,31 @@ class PackedStore(LayerStore):
 
     @classmethod
     def from_uniform(cls, store, bits: int, group: int, residual: int,
-                     value_bits: int | None = None) -> "PackedStore":
+                     value_bits: int | None = None, columns: bool = False) -> "PackedStore":
         """Take over a uniform store's slots as the residual (no copy; call
-        :meth:`settle` to pack)."""
+        :meth:`settle` to pack). ``columns``: keep the store's per-slot
+        columns too, so that :meth:`unpacked` can give them back."""
         new = cls(bits, group, residual, value_bits)
         if store.batch:
             new._rk, new._rv = store.keys, store.values
             new.r = int(store.n)
             new.first_position = int(store.column("positions")[0, 0, 0]) if store.n else 0
+            if columns:
+                new._cols = {name: t.clone() for name, t in store.columns.items()}
         return new
+
+    def unpacked(self):
+        """A :class:`~kvcompress.stores.UniformStore` of every slot in
+        full precision (the dequantized packed part, then the residual) with
+        the per-slot columns: what a decode-time re-selection reads. Needs
+        ``from_uniform(..., columns=True)``."""
+        from .uniform import UniformStore
+
+        if self._cols is None:
+            raise RuntimeError("PackedStore.unpacked: the store keeps no per-slot columns")
+        keys, values = self.dequantized()
+        return UniformStore.from_parts(keys.contiguous(), values.contiguous(),
+                                       {name: t[:, :, : self.n] for name, t in self._cols.items()})
 
     # ------------------------------------------------------------ geometry
     @property
@@ -161,7 +181,7 @@ class PackedStore(LayerStore):
 
     def tensors(self) -> list:
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv,
-                            *(self._hi or ())) if t is not None]
+                            *(self._hi or ()), *(self._cols or {}).values()) if t is not None]
 
     # ------------------------------------------------------------- writing
     def append(self, keys, values, first_position: int) -> None:
@@ -180,7 +200,25 @@ class PackedStore(LayerStore):
             self._rk, self._rv = grow(self._rk), grow(self._rv)
         self._rk[:, :, self.r : self.r + q] = keys
         self._rv[:, :, self.r : self.r + q] = values
+        if self._cols is not None:
+            self._append_columns(q, first_position)
         self.r += q
+
+    def _append_columns(self, q: int, first_position: int) -> None:
+        """Columns of ``q`` appended slots: their positions, zero state
+        (buffers grow by half, so a generation reallocates them O(log n) times)."""
+        n = self.n
+        cap = int(self._cols["positions"].shape[2])
+        if n + q > cap:
+            cap = n + q + max(16, n // 2)
+            self._cols = {name: torch.cat([t[:, :, :n], t.new_zeros(t.shape[:2] + (cap - n,))], 2)
+                          for name, t in self._cols.items()}
+        for name, t in self._cols.items():
+            if name == "positions":
+                t[:, :, n : n + q] = torch.arange(first_position, first_position + q, dtype=t.dtype,
+                                                  device=t.device)
+            else:
+                t[:, :, n : n + q] = 0
 
     def settle(self, pad=None) -> None:
         """Pack whole groups of the oldest residual slots while more than
@@ -292,6 +330,8 @@ class PackedStore(LayerStore):
                 setattr(self, name, t.index_select(0, idx))
         if self._hi is not None:
             self._hi = tuple(t.index_select(0, idx) for t in self._hi)
+        if self._cols is not None:
+            self._cols = {name: t.index_select(0, idx) for name, t in self._cols.items()}
 
     # ----------------------------------------------------------- attention
     def _packed_views(self):

@@ -26,7 +26,7 @@ from .. import ops
 from .base import AttentionSpec
 from .masked import padded_head_attention
 from .packed import PackedStore, kernel_reads
-from .ragged import segments
+from .ragged import RaggedStore, segments
 
 
 class RaggedPackedStore(PackedStore):
@@ -52,18 +52,34 @@ class RaggedPackedStore(PackedStore):
         self._host_lengths = self._host_caps = None
         self._real = None  # host int64 [B*H]: kept or decoded slots per head, copies excluded
         self._slack = group
+        #: int32 / float32 ``[R]`` token index and carried score of each packed
+        #: row (a copy takes its slot's): what a decode-time re-compression
+        #: reads back (:meth:`unpacked`); ``scores`` None without carried scores
+        self.positions = self.scores = None
+        self._merged = False  # whether the slots carry merge counts (a merging method)
+        #: with columns: the residual's ``positions`` (int32) and carried
+        #: ``scores`` (float32, NaN: not scored yet) ``[B, H, rcap]``, by
+        #: residual slot (heads may hold different tokens there)
+        self._rcols: dict | None = None
 
     @classmethod
     def from_ragged(cls, store, bits: int, group: int, residual: int,
-                    value_bits: int | None = None) -> "RaggedPackedStore":
+                    value_bits: int | None = None, columns: bool = False) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
-        its merge counts) head by head; the residual starts empty."""
+        its merge counts) head by head. Without ``columns`` every slot is
+        packed and the residual starts empty. ``columns``: keep each row's
+        position and carried score too, so that :meth:`unpacked` can give them
+        back, and leave each head's newest ``r`` kept slots in the residual,
+        in full precision as KIVI keeps its newest tokens: ``r`` is
+        ``residual`` or fewer, as many as every head holds with a merge count
+        of 1 (the residual has no counts)."""
         new = cls(bits, group, residual, value_bits)
         G = group
         B, H = store.batch, store.heads
         dev = store.k.device
-        n = store.lengths.to(torch.int64)
-        n_host = store._host_lengths.to(torch.int64)
+        r = _recent_kept(store, residual) if columns else 0
+        n = store.lengths.to(torch.int64) - r
+        n_host = store._host_lengths.to(torch.int64) - r
         padded_host = (n_host + G - 1) // G * G
         padded = padded_host.to(dev)
         caps_host = padded_host + G
@@ -89,6 +105,13 @@ class RaggedPackedStore(PackedStore):
         new.counts_bias = torch.ones(R, device=dev)
         new.counts_plain[dst] = share
         new.counts_bias[dst] = merged * share
+        new._merged = store.counts is not None
+        if columns:
+            new.positions = store.positions.new_zeros((R,))
+            new.positions[dst] = store.positions[src]
+        if columns and store.scores is not None:
+            new.scores = torch.full((R,), float("nan"), device=dev)
+            new.scores[dst] = store.scores[src]
         kc, kmin, ksc = ops.pack_keys(k.view(1, 1, R, D), bits, G)
         vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), new.value_bits, G)
         new._kc, new._kmin, new._ksc = kc[0, 0], kmin[0, 0], ksc[0, 0]
@@ -98,7 +121,71 @@ class RaggedPackedStore(PackedStore):
         new._real = n_host.clone()
         new._rk = store.k.new_empty((B, H, residual + G, D))
         new._rv = store.v.new_empty((B, H, residual + G, D))
+        if columns:
+            cap = residual + G
+            new._rcols = {"positions": store.positions.new_zeros((B, H, cap))}
+            if store.scores is not None:
+                new._rcols["scores"] = torch.full((B, H, cap), float("nan"), device=dev)
+            if r:
+                # each head's newest r slots (after its n packed ones), in order
+                rows = ((store.offsets + n)[:, None] + torch.arange(r, device=dev)).reshape(-1)
+                new._rk[:, :, :r] = store.k[rows].view(B, H, r, D)
+                new._rv[:, :, :r] = store.v[rows].view(B, H, r, D)
+                new._rcols["positions"][:, :, :r] = store.positions[rows].view(B, H, r)
+                if store.scores is not None:
+                    new._rcols["scores"][:, :, :r] = store.scores[rows].view(B, H, r)
+                new.r = r
         return new
+
+    def unpacked(self) -> RaggedStore:
+        """Every head's slots in full precision as a
+        :class:`~kvcompress.stores.RaggedStore` (its dequantized packed slots,
+        then the residual), with positions, carried scores and, for a merging
+        method, merge counts: what a decode-time re-compression reads. A
+        repeated last slot becomes one slot again with its copies' counts
+        summed (the count it had before packing)."""
+        if self.positions is None:
+            raise RuntimeError("RaggedPackedStore.unpacked: the store keeps no positions")
+        B, H, _, D = (int(x) for x in self._rk.shape)
+        N, G, r = B * H, self.group, self.r
+        dev, dtype = self._rk.device, self._rk.dtype
+        R = int(self._kc.shape[0])
+        kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
+                             self._ksc.view(1, 1, R // G, D), self.bits, G, dtype=dtype)[0, 0]
+        vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
+                               self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
+        # a head's last kept slot and its copies are the rows whose plain
+        # count is below 1 (the split); the copies are the run's later rows
+        head, t = segments(self.lengths, int(self._host_lengths.sum()))
+        src = self.offsets[head] + t
+        run = self.counts_plain[src] < 1
+        prev = torch.cat([torch.zeros(1, dtype=torch.bool, device=dev), run[:-1]])
+        keep = ~(run & prev & (t > 0))
+        M = int(self._real.max()) if N else 0
+        # each kept row's column: kept rows before it in its own head
+        kept_before = torch.cumsum(keep.to(torch.int64), 0) - keep.to(torch.int64)
+        seg_first = torch.cumsum(self.lengths, 0) - self.lengths  # each head's first item
+        within = kept_before - kept_before[seg_first[head]]
+        rows = torch.zeros((N, M), dtype=torch.int64, device=dev)
+        rows[head[keep], within[keep]] = src[keep]
+        live = torch.arange(M, device=dev)[None, :] < self._real.to(dev)[:, None]
+        # the split count back whole: count * share / share
+        counts = (self.counts_bias / self.counts_plain)[rows]
+        pos = self.positions[rows]
+        rpos = self._rcols["positions"][:, :, :r].reshape(N, r)
+
+        def cat(packed, resid):
+            return torch.cat([packed, resid], 1)
+
+        keys = cat(kd[rows], self._rk[:, :, :r].reshape(N, r, D)).view(B, H, M + r, D)
+        values = cat(vd[rows], self._rv[:, :, :r].reshape(N, r, D)).view(B, H, M + r, D)
+        valid = cat(live, torch.ones((N, r), dtype=torch.bool, device=dev)).view(B, H, M + r)
+        positions = cat(pos, rpos).view(B, H, M + r)
+        count = cat(counts, torch.ones((N, r), device=dev)).view(B, H, M + r) if self._merged else None
+        scores = None
+        if self.scores is not None:
+            scores = cat(self.scores[rows], self._rcols["scores"][:, :, :r].reshape(N, r)).view(B, H, M + r)
+        return RaggedStore.from_dense(keys, values, positions, valid, counts=count, scores=scores)
 
     # ------------------------------------------------------------ geometry
     def head_lengths(self) -> list[int]:
@@ -117,7 +204,8 @@ class RaggedPackedStore(PackedStore):
 
     def tensors(self) -> list:
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,
-                            self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv)
+                            self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv,
+                            self.positions, self.scores, *(self._rcols or {}).values())
                 if t is not None]
 
     def __repr__(self) -> str:
@@ -128,6 +216,26 @@ class RaggedPackedStore(PackedStore):
                 f"batch={self.batch}, heads={self.heads}, packed per head={span}, full_precision={self.r})")
 
     # ------------------------------------------------------------- writing
+    def append(self, keys, values, first_position: int) -> None:
+        super().append(keys, values, first_position)
+        if self._rcols is None:
+            return
+        q, cap = int(keys.shape[2]), int(self._rk.shape[2])
+        self._rcols = {name: _fit(t, cap) for name, t in self._rcols.items()}
+        pos = self._rcols["positions"]
+        pos[:, :, self.r - q : self.r] = torch.arange(first_position, first_position + q, dtype=pos.dtype,
+                                                      device=pos.device)
+        if "scores" in self._rcols:
+            self._rcols["scores"][:, :, self.r - q : self.r] = float("nan")  # not scored yet
+
+    def _drop_oldest(self, m: int) -> None:
+        """The base class's, with the residual's columns moved alike."""
+        kept = None if self._rcols is None else {k: t[:, :, m : self.r].clone() for k, t in self._rcols.items()}
+        super()._drop_oldest(m)
+        if kept is not None:
+            cap = int(self._rk.shape[2])
+            self._rcols = {k: _fit(t, cap) for k, t in kept.items()}
+
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots onto the end of every head's
         segment (each segment stays a whole number of groups)."""
@@ -148,6 +256,10 @@ class RaggedPackedStore(PackedStore):
         self._ksc[grows] = ksc.reshape(N * (m // G), D)
         self.counts_bias[rows] = 1.0
         self.counts_plain[rows] = 1.0
+        if self._rcols is not None:
+            self.positions[rows] = self._rcols["positions"][:, :, :m].reshape(N * m)
+            if self.scores is not None:
+                self.scores[rows] = self._rcols["scores"][:, :, :m].reshape(N * m)
         self.lengths = self.lengths + m
         self._host_lengths += m
         self._real += m
@@ -183,6 +295,10 @@ class RaggedPackedStore(PackedStore):
         self._vmin, self._vsc = moved(self._vmin, src, dst, R, 0), moved(self._vsc, src, dst, R, 0)
         self.counts_bias = moved(self.counts_bias, src, dst, R, 1)
         self.counts_plain = moved(self.counts_plain, src, dst, R, 1)
+        if self.positions is not None:
+            self.positions = moved(self.positions, src, dst, R, 0)
+        if self.scores is not None:
+            self.scores = moved(self.scores, src, dst, R, float("nan"))
         self._kmin, self._ksc = moved(self._kmin, gsrc, gdst, R // G, 0), moved(self._ksc, gsrc, gdst, R // G, 0)
 
     def index_batch(self, idx) -> None:
@@ -202,6 +318,8 @@ class RaggedPackedStore(PackedStore):
         self._host_caps, self._host_lengths = self._host_caps[host_idx], self._host_lengths[host_idx]
         self._real = self._real[host_idx]
         self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
+        if self._rcols is not None:
+            self._rcols = {k: t.index_select(0, idx) for k, t in self._rcols.items()}
 
     # ----------------------------------------------------------- attention
     def padded(self, count_bias: bool = True):
@@ -248,3 +366,28 @@ class RaggedPackedStore(PackedStore):
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
 
+
+def _fit(t, cap: int):
+    """Residual column ``t`` ``[B, H, c]`` with room for ``cap`` slots (its
+    first ``c`` kept; new room NaN for scores, 0 for positions)."""
+    have = int(t.shape[2])
+    if have >= cap:
+        return t
+    fill = float("nan") if t.is_floating_point() else 0
+    return torch.cat([t, t.new_full(t.shape[:2] + (cap - have,), fill)], 2)
+
+
+def _recent_kept(store, residual: int) -> int:
+    """How many of each head's newest kept slots a packed layer can hold in
+    its residual: at most ``residual`` and what every head keeps, and only
+    slots with a merge count of 1 (the residual window holds no counts)."""
+    n = store._host_lengths
+    r = min(residual, int(n.min())) if n.numel() else 0
+    if r and store.counts is not None:
+        dev = store.counts.device
+        rows = ((store.offsets + store.lengths - r)[:, None] + torch.arange(r, device=dev))
+        whole = store.counts[rows] == 1
+        # trailing slots of count 1, per head (a cumulative product from the newest back)
+        trailing = torch.cumprod(whole.flip(1).to(torch.int64), 1).sum(1)
+        r = int(trailing.min())
+    return r

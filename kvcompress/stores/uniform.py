@@ -80,6 +80,16 @@ class UniformStore(LayerStore):
         self.n = 0
         self.limit: int | None = None
 
+    @classmethod
+    def from_parts(cls, keys, values, columns: dict) -> "UniformStore":
+        """A store holding ``keys``/``values`` ``[B, H, n, D]`` (taken as they
+        are) and the per-slot ``columns`` ``name -> [B, H, n]`` (copied)."""
+        new = cls()
+        new._k, new._v = keys, values
+        new._cols = {name: t.clone() for name, t in columns.items()}
+        new.n = int(keys.shape[2])
+        return new
+
     def __repr__(self) -> str:
         shape = None if self._k is None else tuple(self.keys.shape)
         return f"UniformStore(slots={shape}, capacity={self.capacity}, columns={sorted(self._cols)})"
