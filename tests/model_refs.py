@@ -76,3 +76,31 @@ def assert_topk_consistent(kept, scores, forced, k, eps=1e-6):
             assert s >= threshold - eps, f"slot {i} kept with score {s} < threshold {threshold}"
         else:
             assert s <= threshold + eps, f"slot {i} evicted with score {s} > threshold {threshold}"
+
+
+def accumulate_h2o(acc, q, k, pos, scaling):
+    """Add, in float64, the attention column sums of queries ``q`` ``[Hq, nq, D]``
+    (the last ``nq`` key positions, causal) over keys ``k`` ``[H, n, D]`` to
+    ``acc`` (one dict per kv head: token position -> accumulated attention,
+    ``pos`` ``[H, n]`` the slots' positions), the GQA group's mean per kv head."""
+    H, n = k.shape[0], k.shape[1]
+    Hq, nq = q.shape[0], q.shape[1]
+    g = Hq // H
+    logits = q.double() @ k.double().repeat_interleave(g, 0).transpose(-1, -2) * scaling
+    causal = torch.arange(n)[None, :] <= (torch.arange(nq) + n - nq)[:, None]
+    probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+    col = probs.view(H, g, nq, n).mean(1).sum(1)
+    for h in range(H):
+        for j, p in enumerate(pos[h].tolist()):
+            acc[h][p] = acc[h].get(p, 0.0) + float(col[h, j])
+
+
+def assert_h2o_kept(acc_h, held, kept, recent_share=0.5, eps=1e-6):
+    """One kv head's H2O re-compression: of the ``held`` positions it kept
+    ``kept`` (positions), the most recent ``recent_share`` of them plus the
+    top of the accumulation ``acc_h`` (position -> score)."""
+    keep = len(kept)
+    recent = int(round(keep * recent_share))
+    scores = torch.tensor([acc_h[p] for p in held], dtype=torch.float64)
+    slots = [held.index(p) for p in kept]
+    assert_topk_consistent(slots, scores, range(len(held) - recent, len(held)), keep, eps=eps)

@@ -213,7 +213,7 @@ def test_h2o_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_model, laye
     """H2O's accumulated attention recomputed in float64 from the queries and
     held keys of every step; at every re-compression the kept slots are the
     recent half plus the top of that accumulation."""
-    from model_refs import assert_topk_consistent
+    from model_refs import accumulate_h2o, assert_h2o_kept
 
     method = kvc.H2O(budget=64, interval=8)
     _run(tiny_model, method, _ids(30, seed=5), 120)
@@ -221,26 +221,13 @@ def test_h2o_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_model, laye
     acc = [dict() for _ in range(H)]
     rounds = 0
     for step, nxt in zip(layer0_trace, layer0_trace[1:]):
-        q, k, pos = step["q"][0], step["k"][0], step["pos"]
-        Hq, nq, n = q.shape[0], q.shape[1], k.shape[1]
-        g = Hq // H
-        logits = q @ k.repeat_interleave(g, 0).transpose(-1, -2) * step["scaling"]
-        causal = torch.arange(n)[None, :] <= (torch.arange(nq) + n - nq)[:, None]
-        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
-        col = probs.view(H, g, nq, n).mean(1).sum(1)  # [H, n]
-        for h in range(H):
-            for j, p in enumerate(pos[h].tolist()):
-                acc[h][p] = acc[h].get(p, 0.0) + float(col[h, j])
+        pos = step["pos"]
+        accumulate_h2o(acc, step["q"][0], step["k"][0], pos, step["scaling"])
         kept = nxt["pos"][:, :-1]
         if kept.shape[1] < pos.shape[1]:
             rounds += 1
-            keep = kept.shape[1]
-            recent = int(round(keep * 0.5))
             for h in range(H):
-                held = pos[h].tolist()
-                scores = torch.tensor([acc[h][p] for p in held], dtype=torch.float64)
-                slots = [held.index(p) for p in kept[h].tolist()]
-                assert_topk_consistent(slots, scores, range(len(held) - recent, len(held)), keep, eps=1e-6)
+                assert_h2o_kept(acc[h], pos[h].tolist(), kept[h].tolist())
     assert rounds >= 5
 
 

@@ -140,7 +140,7 @@ def test_h2o_with_kivi_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_m
     (dequantized), accumulated in float64; the kept slots are the recent half
     plus the top of that accumulation, and the accumulation is carried
     through packing."""
-    from model_refs import assert_topk_consistent
+    from model_refs import accumulate_h2o, assert_h2o_kept
 
     events = []
     attend, repack = CompressedLayer.attend, CompressedLayer._repack_round
@@ -175,13 +175,8 @@ def test_h2o_with_kivi_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_m
     for event in events:
         if event[0] == "kept":
             kept, carried = event[1], event[2]
-            keep = int(kept.shape[1])
-            recent = int(round(keep * 0.5))
             for h in range(H):
-                held_pos = pos[h].tolist()
-                got = torch.tensor([acc[h][p] for p in held_pos], dtype=torch.float64)
-                slots = [held_pos.index(p) for p in kept[h].tolist()]
-                assert_topk_consistent(slots, got, range(len(held_pos) - recent, len(held_pos)), keep, eps=1e-5)
+                assert_h2o_kept(acc[h], pos[h].tolist(), kept[h].tolist(), eps=1e-5)
                 # the kept slots carry their accumulation into the packed store
                 want = torch.tensor([acc[h][p] for p in kept[h].tolist()], dtype=torch.float64)
                 assert torch.allclose(carried[h], want, rtol=1e-4, atol=1e-6), (rounds, h)
@@ -189,16 +184,7 @@ def test_h2o_with_kivi_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_m
             rounds += 1
             continue
         _, q, k, pos, scaling = event
-        q, k = q[0], k[0]
-        Hq, nq, n = q.shape[0], q.shape[1], k.shape[1]
-        grp = Hq // H
-        logits = q @ k.repeat_interleave(grp, 0).transpose(-1, -2) * scaling
-        causal = torch.arange(n)[None, :] <= (torch.arange(nq) + n - nq)[:, None]
-        probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
-        col = probs.view(H, grp, nq, n).mean(1).sum(1)
-        for h in range(H):
-            for j, p in enumerate(pos[h].tolist()):
-                acc[h][p] = acc[h].get(p, 0.0) + float(col[h, j])
+        accumulate_h2o(acc, q[0], k[0], pos, scaling)
     assert rounds >= 12
 
 
