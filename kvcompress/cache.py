@@ -752,8 +752,7 @@ class CompressedLayer(CacheLayerMixin):
                 return False
             if self.method.ratio is not None:
                 self._follow_targets(self._targets())
-            held = torch.tensor(self.store.head_lengths(), dtype=torch.int64)
-            return bool((held - self._budgets_host >= slack).any())
+            return self._heads_over(slack, torch.tensor(self.store.head_lengths(), dtype=torch.int64))
         return any(h > t + slack - 1 for h, t in zip(self._held(), self._targets()))
 
     def _queue(self, queries) -> None:
@@ -1042,10 +1041,12 @@ class CompressedLayer(CacheLayerMixin):
         self._set_shares(torch.tensor(targets, dtype=torch.int64).repeat_interleave(H).view(B, H), targets)
         self._update_start([0] * B)
 
-    def _heads_over(self, slack: int) -> bool:
+    def _heads_over(self, slack: int, held=None) -> bool:
         """Whether a head holds ``slack`` slots over its budget (host-side
-        lengths and budgets: no device synchronisation)."""
-        return bool((self.store._host_lengths - self._budgets_host >= slack).any())
+        lengths and budgets: no device synchronisation). ``held``: int64
+        ``[B * H]`` slots per head, default the per-head store's lengths."""
+        held = self.store._host_lengths if held is None else held
+        return bool((held - self._budgets_host >= slack).any())
 
     def _recompress_heads(self, scaling: float, local: bool = False) -> None:
         """Re-compress a per-head layer to ``head_budgets`` slots per head, one

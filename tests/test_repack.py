@@ -159,8 +159,9 @@ def test_h2o_with_kivi_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_m
         repack(self, scaling)
         if self.layer_idx == 0:
             cols = self.store._cols
-            events.append(("kept", cols["positions"][0, :, : self.store.n].clone(),
-                           cols["acc"][0, :, : self.store.n].double().clone()))
+            n = self.store.n
+            events.append(("kept", held.column("positions")[0].clone(), cols["positions"][0, :, :n].clone(),
+                           cols["acc"][0, :, :n].double().clone()))
 
     monkeypatch.setattr(CompressedLayer, "attend", spy_attend)
     monkeypatch.setattr(CompressedLayer, "_repack_round", spy_repack)
@@ -174,9 +175,9 @@ def test_h2o_with_kivi_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_m
     rounds = 0
     for event in events:
         if event[0] == "kept":
-            kept, carried = event[1], event[2]
+            held_pos, kept, carried = event[1], event[2], event[3]
             for h in range(H):
-                assert_h2o_kept(acc[h], pos[h].tolist(), kept[h].tolist(), eps=1e-5)
+                assert_h2o_kept(acc[h], held_pos[h].tolist(), kept[h].tolist(), eps=1e-5)
                 # the kept slots carry their accumulation into the packed store
                 want = torch.tensor([acc[h][p] for p in kept[h].tolist()], dtype=torch.float64)
                 assert torch.allclose(carried[h], want, rtol=1e-4, atol=1e-6), (rounds, h)

@@ -147,13 +147,8 @@ class RaggedPackedStore(PackedStore):
         if self.positions is None:
             raise RuntimeError("RaggedPackedStore.unpacked: the store keeps no positions")
         B, H, _, D = (int(x) for x in self._rk.shape)
-        N, G, r = B * H, self.group, self.r
-        dev, dtype = self._rk.device, self._rk.dtype
-        R = int(self._kc.shape[0])
-        kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
-                             self._ksc.view(1, 1, R // G, D), self.bits, G, dtype=dtype)[0, 0]
-        vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
-                               self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
+        N, r, dev = B * H, self.r, self._rk.device
+        kd, vd = self._dequantized_rows()
         # a head's last kept slot and its copies are the rows whose plain
         # count is below 1 (the split); the copies are the run's later rows
         head, t = segments(self.lengths, int(self._host_lengths.sum()))
@@ -322,6 +317,17 @@ class RaggedPackedStore(PackedStore):
             self._rcols = {k: t.index_select(0, idx) for k, t in self._rcols.items()}
 
     # ----------------------------------------------------------- attention
+    def _dequantized_rows(self):
+        """Every row of the flat buffers dequantized: ``(keys [R, D], values
+        [R, D])`` in the residual's dtype (slack rows included)."""
+        D, G, dtype = int(self._rk.shape[3]), self.group, self._rk.dtype
+        R = int(self._kc.shape[0])
+        kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
+                             self._ksc.view(1, 1, R // G, D), self.bits, G, dtype=dtype)[0, 0]
+        vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
+                               self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
+        return kd, vd
+
     def padded(self, count_bias: bool = True):
         """Dequantized per-head copy, left-padded: ``(keys [B*H, 1, M + r, D],
         values, start [B*H], log_counts [B*H, M + r])`` with head ``i``'s
@@ -329,13 +335,8 @@ class RaggedPackedStore(PackedStore):
         M - 1`` and the residual after them; for tests and the model options
         the kernel lacks (softcap, sinks)."""
         B, H, _, D = (int(x) for x in self._rk.shape)
-        N, G, r = B * H, self.group, self.r
-        dtype = self._rk.dtype
-        R = int(self._kc.shape[0])
-        kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
-                             self._ksc.view(1, 1, R // G, D), self.bits, G, dtype=dtype)[0, 0]
-        vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
-                               self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
+        N, r, dtype = B * H, self.r, self._rk.dtype
+        kd, vd = self._dequantized_rows()
         M = int(self._host_lengths.max()) if N else 0
         start = M - self.lengths
         col = torch.arange(M, device=kd.device)[None, :]
