@@ -20,7 +20,10 @@ group and channel); with ``--outliers K`` both fit the levels to the rest;
 ``--pre-rope THETA`` quantizes the keys before rotary embedding (KVQuant's
 pre-RoPE keys): each row is rotated back by its position with base THETA
 (the default RoPE of Llama-style models, rotate-half layout; KIVI evicts
-nothing, so a row's index is its position), quantized, then rotated again. With
+nothing, so a row's index is its position), quantized, then rotated again; ``--rotate`` quantizes the keys after a
+Hadamard rotation of their channels (QuaRot's; ``KIVI(rotate=True)`` does this
+for real) and ``--key-layout token`` packs keys per token in groups of
+channels, as values are. With
 ``--sinks 0 --quantize both`` this reproduces ``kivi:bits=...`` of
 ``kvcompress eval`` exactly (the check that the simulation is faithful).
 A diagnostic, not a method: the real kernel never dequantizes.
@@ -155,16 +158,40 @@ def _rotate(k, first, theta, sign):
     return (x * cos + half * sin).to(k.dtype)
 
 
-def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False):
+def _hadamard(D):
+    """The orthonormal Sylvester-Hadamard matrix of order D (a power of two), float64."""
+    if D < 1 or D & (D - 1):
+        raise ValueError(f"--rotate: the head size must be a power of two, got {D}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < D:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / D ** 0.5
+
+
+def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False,
+          rotate=False, key_layout="channel"):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
     by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max;
     with ``pre_rope`` (a RoPE base) the keys, whose first row sits at position
     ``first``, are quantized before rotary embedding; ``levels``: False for
-    KIVI's even levels, a pair (A, B) or None for `_level_keys`)."""
+    KIVI's even levels, a pair (A, B) or None for `_level_keys`; ``rotate``:
+    the keys are quantized after a Hadamard rotation of their channels and
+    rotated back, as q . k = (H q) . (H k); ``key_layout="token"``: keys
+    quantized per token in groups of G channels, as values are)."""
     if pre_rope is not None and which in ("keys", "both"):
         kq, _ = _fake(_rotate(k, first, pre_rope, -1.0), v, kbits, vbits, G, "keys", clip, outliers,
-                      levels=levels)
+                      levels=levels, rotate=rotate, key_layout=key_layout)
         k = _rotate(kq, first, pre_rope, 1.0)
+        which = "values" if which == "both" else "none"
+    if rotate and which in ("keys", "both"):
+        h = _hadamard(int(k.shape[3]))
+        kq, _ = _fake((k.double() @ h).to(k.dtype), v, kbits, vbits, G, "keys", clip, outliers, None,
+                      first, levels, False, key_layout)
+        k = (kq.double() @ h.T).to(k.dtype)
+        which = "values" if which == "both" else "none"
+    if key_layout == "token" and which in ("keys", "both"):
+        kc, kmin, ksc = ops.pack_values(k.contiguous(), kbits, G)
+        k = ops.unpack_values(kc, kmin, ksc, kbits, G, head_dim=int(k.shape[3]), dtype=k.dtype)
         which = "values" if which == "both" else "none"
     if which in ("keys", "both") and levels is not False:
         k = _level_keys(k, kbits, G, levels, keep=outliers)
@@ -182,7 +209,8 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
 
 
 def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, clip: bool = False,
-          outliers: int = 0, pre_rope: float | None = None, levels=False) -> None:
+          outliers: int = 0, pre_rope: float | None = None, levels=False, rotate: bool = False,
+          key_layout: str = "channel") -> None:
     pack_oldest = P.PackedStore._pack_oldest
 
     def keep_originals(self, m):
@@ -198,7 +226,8 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
             ok, ov = self._orig
             s = min(sinks, int(ok.shape[2]))
             qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
-                           value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s, levels)
+                           value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s, levels,
+                           rotate, key_layout)
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
@@ -226,6 +255,10 @@ def main(argv=None) -> int:
                     help="keys at 2 bits: levels at min + {0, A, B, 1} x range (KIVI: 1/3, 2/3)")
     ap.add_argument("--lloyd", action="store_true",
                     help="keys at 2 bits: the two inner levels fitted per (group, channel)")
+    ap.add_argument("--rotate", action="store_true",
+                    help="keys: quantized after a Hadamard rotation of their channels (QuaRot's rotation)")
+    ap.add_argument("--key-layout", choices=("channel", "token"), default="channel",
+                    help="keys per channel in groups of G tokens (KIVI) or per token in groups of G channels")
     args = ap.parse_args(argv[:cut])
     levels = False
     if args.levels is not None:
@@ -241,8 +274,10 @@ def main(argv=None) -> int:
         levels = None
     if levels is not False and args.clip:
         ap.error("--levels / --lloyd: not with --clip")
+    if (args.rotate or args.key_layout == "token") and (args.clip or args.outliers or levels is not False):
+        ap.error("--rotate / --key-layout token: not with --clip, --outliers, --levels or --lloyd")
     patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers, args.pre_rope,
-          levels)
+          levels, args.rotate, args.key_layout)
     return kvcompress_main(argv[cut + 1:])
 
 

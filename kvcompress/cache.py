@@ -35,6 +35,7 @@ from .methods.base import LayerView, Method
 from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, PagedStore, RaggedLSHStore,
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
+from .stores.rotation import key_rotation, rotation_helps
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -194,6 +195,10 @@ class CompressedLayer(CacheLayerMixin):
         # each (its re-selection observes them all at once; see _queue)
         self._rebudget = False
         self._pending: list = []
+        # KIVI(rotate=...): the rotation this layer's packed keys use, decided
+        # at its first pack and kept through re-packs (None: unrotated)
+        self._rotation: torch.Tensor | None = None
+        self._rotation_decided = False
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -634,7 +639,7 @@ class CompressedLayer(CacheLayerMixin):
                 if method.evicts:
                     self._compress(queries, scaling)  # a demoting quantizer packs here (_demote)
                 if not isinstance(self.store, PackedStore):
-                    self._to_packed(method.packing)
+                    self._to_packed(method.packing, queries, scaling)
             elif self._rebudget:
                 self._queue(queries)
                 if self._over_budget():
@@ -649,7 +654,7 @@ class CompressedLayer(CacheLayerMixin):
             # oldest group stay packed and attention masks them.
             if not isinstance(self.store, PackedStore):
                 self._slide()
-                self._to_packed(method.packing)
+                self._to_packed(method.packing, queries, scaling)
             self.store.settle(pad=self._start)
             first_visible = self.seen - self._window_keep()
             self.store.visible_from = first_visible
@@ -719,18 +724,57 @@ class CompressedLayer(CacheLayerMixin):
                 self.store = LSHStore.from_uniform(self.store, pig.K, pig.L, pig.hits, pig.sinks, pig.window, seed,
                                                    kv_start=self.kv_start)
 
-    def _to_packed(self, packing) -> None:
-        """Move the layer's slots into the packed store of their layout."""
+    def _to_packed(self, packing, queries=None, scaling: float | None = None) -> None:
+        """Move the layer's slots into the packed store of their layout
+        (``queries`` ``[B, Hq, q, D]``: the call's, for ``rotate="auto"``)."""
         self._rebudget = self._repacks()
+        rotation = self._key_rotation(packing, queries, scaling)
         if isinstance(self.store, UniformStore):
-            self.store = PackedStore.from_uniform(self.store, *packing, columns=self._rebudget)
+            self.store = PackedStore.from_uniform(self.store, *packing, columns=self._rebudget, rotation=rotation)
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
-            self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget)
+            self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
+                                                       rotation=rotation)
         if not self._rebudget:
             # nothing is re-scored once packed: per-head budgets and held queries go
             self.head_budgets = self._qbuf = None
+
+    def _key_rotation(self, packing, queries, scaling):
+        """The rotation of this layer's packed keys (None: as they are),
+        decided at its first pack: ``KIVI(rotate=True)`` always rotates,
+        ``rotate="auto"`` rotates when that disturbs the attention of the
+        call's newest queries over the keys about to be packed less
+        (``stores.rotation.rotation_helps``); with no queries, or nothing to
+        pack yet, it does not rotate."""
+        mode = self.method.rotates_keys
+        if not mode or self._rotation_decided:
+            return self._rotation
+        store = self.store
+        keys = store.keys if isinstance(store, UniformStore) else store.k
+        rot = key_rotation(int(keys.shape[-1]), keys.device)
+        if mode == "auto":
+            bits, group, residual, _ = packing
+            helps = False
+            if queries is not None and store.batch:
+                if isinstance(store, UniformStore):
+                    n = int(store.n)
+                    m = max(0, n - residual) // group * group
+                    dense = store.keys[:, :, :m]
+                    start = None if self.kv_start is None else self.kv_start.repeat_interleave(store.heads)
+                else:
+                    padded, _, _, _, _, start = store.to_padded()
+                    dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
+                    M = int(dense.shape[2])
+                    m = M // group * group  # the newest whole groups, right-aligned as to_padded gives them
+                    dense, start = dense[:, :, M - m :], (start - (M - m)).clamp(min=0)
+                if m:
+                    W = min(int(queries.shape[2]), 32)
+                    helps = rotation_helps(queries[:, :, -W:], dense, rot, bits, group,
+                                           float(scaling if scaling is not None else keys.shape[-1] ** -0.5), start)
+            rot = rot if helps else None
+        self._rotation, self._rotation_decided = rot, True
+        return rot
 
     def _repacks(self) -> bool:
         """Whether this layer, once packed, keeps its evictor's budget while

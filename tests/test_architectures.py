@@ -369,6 +369,7 @@ def test_mixed_precision_above_prompt_reproduces_generate(archs, family, method)
 PACKING = {
     "snapkv+kivi": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=8, residual=8),
     "ems+kivi": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=4, group=8, residual=8),
+    "ems+kivi-rotated": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, rotate=True),
     "mikv": lambda: kvc.MiKV(budget=32, group=8),  # its selected slots at 8 bits: two packed widths
     "zipcache-fp": lambda: kvc.ZipCache(budget=32, group=8, high_bits=None),
 }
@@ -396,6 +397,7 @@ SLIDING = [f for f, spec in FAMILIES.items() if "sliding_window" in spec[2]]
 
 SLIDING_PACKED = {
     "kivi": (lambda G, R: kvc.KIVI(bits=4, group=G, residual=R), WINDOW - 1),
+    "kivi-rotated": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, rotate=True), WINDOW - 1),
     # a budget below the window: the sliding layers keep their 32 newest slots, packed
     "snapkv+kivi": (lambda G, R: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=G, residual=R), 32),
 }
@@ -436,7 +438,9 @@ def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, fami
         cap, rcap = int(s._kc.shape[2]), int(s._rk.shape[2])
         assert cap <= WINDOW + 4 * G, (family, s, cap)
         H = cfg.num_key_value_heads
-        packed = 2 * H * cap * (D // 2 + D // 2 + 2 * 4 * math.ceil(D / G)) + 2 * 2 * H * (cap // G) * D * 4
+        bits = 2 if s.rotation is not None else 4
+        packed = (2 * H * cap * (D * bits // 8 * 2 + 2 * 4 * math.ceil(D / G)) + 2 * 2 * H * (cap // G) * D * 4
+                  + (D * D * 4 if s.rotation is not None else 0))  # one rotation matrix, shared by the layers
         assert sum(t.untyped_storage().nbytes() for t in s.tensors()) == packed + 2 * 2 * H * rcap * D * 4
         assert packed + 2 * 2 * H * rcap * D * 4 < window_fp32, (family, s)
     assert sliding == len(_sliding_layers(arch.model)) > 0

@@ -836,6 +836,9 @@ GPU_METHODS = {
     # 4-bit keys, 2-bit values, uniform and per-head
     "kivi4v2": lambda: kvcompress.KIVI(bits=4, value_bits=2, group=32, residual=64),
     "ems+kivi4v2": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, value_bits=2, group=32, residual=64),
+    # keys packed in the Hadamard basis: the packed part and the residual in two calls, uniform and per-head
+    "kivi2rot": lambda: kvcompress.KIVI(bits=2, group=32, residual=64, rotate=True),
+    "ems+kivi4rot": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64, rotate=True),
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
@@ -876,7 +879,8 @@ def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
     assert torch.equal(got[0], got[1])
 
 
-PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "h2o+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2"]
+PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "h2o+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2",
+                      "kivi2rot", "ems+kivi4rot"]
 
 
 @pytest.fixture(scope="module")

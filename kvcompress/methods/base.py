@@ -388,6 +388,15 @@ class Method:
         return None if self.depth is None else self.depth.packing
 
     @property
+    def rotates_keys(self) -> bool | str:
+        """Whether the packed keys are quantized after an orthogonal rotation
+        (``KIVI(rotate=True)``; ``"auto"``: decided per layer; see
+        ``kvcompress.stores.rotation``)."""
+        if self.quant is not None:
+            return self.quant.rotates_keys
+        return False if self.depth is None else self.depth.rotates_keys
+
+    @property
     def mixed_precision(self) -> bool:
         """Whether the slots this method does not select are kept at low bits
         (its quantizer demotes) rather than evicted."""

@@ -122,6 +122,9 @@ class MiniCache(KeepsEveryToken):
         if getattr(self.quant, "value_bits", None) is not None:
             raise ValueError(f"quant: MiniCache's merged pair packs keys and values at one width; give "
                              f"{self.quant.describe()} without value_bits")
+        if getattr(self.quant, "rotate", False):
+            raise ValueError(f"quant: MiniCache's merged pair packs its keys' directions unrotated; give "
+                             f"{self.quant.describe()} without rotate")
 
     @property
     def cross_layer(self) -> "MiniCache":

@@ -50,7 +50,26 @@ class KIVI(KeepsEveryToken):
       perplexity and 2-bit keys alone +13.6% (``benchmarks/diag_kivi2.py``,
       RESULTS "Where KIVI-2's perplexity loss comes from"), so the keys
       decide 2-bit quality and this setting holds 80 bytes per token and head
-      (D = 64) against 96 for KIVI-4 and 64 for KIVI-2.
+      (D = 64) against 96 for KIVI-4 and 64 for KIVI-2;
+    * ``rotate=True`` (not in the paper; QuaRot's rotation applied to KIVI's
+      per-channel key groups) packs each key as ``k @ R`` with ``R`` the
+      orthonormal Hadamard matrix of order D (a fixed seeded random
+      orthogonal matrix when D is not a power of two), and the kernel reads
+      the packed part with ``q @ R``: ``q . k`` is unchanged, only the
+      quantization error moves. Same bytes (plus one shared ``D x D``
+      matrix). Whether it helps depends on the layer: KIVI-2's perplexity
+      loss falls from +17.5% to +7.8% on the default model but rises from
+      +6.8% to +33% on Gemma 3, whose global layers' slowly turning RoPE
+      channels pack almost exactly unrotated (RESULTS, "KIVI-2 with rotated
+      keys"). ``rotate="auto"`` decides per layer at its first pack: it packs
+      the keys both ways and keeps the way whose attention, for the call's
+      newest 32 queries, diverges less from the exact one
+      (``stores.rotation.rotation_helps``); +7.9% and +7.2% on the two
+      models. The residual keeps the keys as they came, so a decode step
+      reads the packed part and the residual in two kernel calls joined by
+      their log-sum-exps (3-10% slower steps). Off by default (the paper's
+      method); not with mixed precision (``LowBits``, ``MiKV``,
+      ``ZipCache``) or ``MiniCache``.
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
     ``2 * 4 * D / group`` for the key mins/scales, ``2 * 4 * ceil(D /
@@ -62,6 +81,7 @@ class KIVI(KeepsEveryToken):
     group: int = 32
     residual: int = 128
     value_bits: int | None = None
+    rotate: bool | str = False
     _keeps: ClassVar[str] = "quantizes and evicts nothing"
 
     def _check_fields(self) -> None:
@@ -75,6 +95,8 @@ class KIVI(KeepsEveryToken):
                 raise ValueError(f"value_bits: must be None (= bits), 2, 4 or 8, got {self.value_bits}")
         self._check_int("group", self.group, 1)
         self._check_int("residual", self.residual, 0)
+        if not isinstance(self.rotate, bool) and self.rotate != "auto":
+            raise TypeError(f"rotate: expected True, False or 'auto', got {self.rotate!r}")
 
     @property
     def packing(self) -> tuple[int, int, int, int]:
@@ -82,11 +104,18 @@ class KIVI(KeepsEveryToken):
         layers use (``value_bits`` filled in)."""
         return self.bits, self.group, self.residual, self.bits if self.value_bits is None else self.value_bits
 
+    @property
+    def rotates_keys(self) -> bool | str:
+        """Whether packed keys are quantized in the rotated basis: ``rotate``
+        (True, False or ``"auto"``, decided per layer)."""
+        return self.rotate
+
     def _value_text(self) -> str:
         return "" if self.value_bits is None else f", value_bits={self.value_bits}"
 
     def describe(self) -> str:
-        return f"KIVI(bits={self.bits}{self._value_text()}, group={self.group}, residual={self.residual})"
+        rot = f", rotate={self.rotate!r}" if self.rotate else ""
+        return f"KIVI(bits={self.bits}{self._value_text()}, group={self.group}, residual={self.residual}{rot})"
 
     def __repr__(self) -> str:
         # budget, ratio and interval mean nothing for a method that keeps every token
@@ -141,6 +170,9 @@ class LowBits(KIVI):
         if self.residual:
             raise ValueError(f"residual: LowBits keeps the evictor's selection in full precision and has no "
                              f"residual window of its own, got residual={self.residual}")
+        if self.rotate:
+            raise ValueError("rotate: rotated keys are not supported with mixed precision (LowBits, MiKV, "
+                             "ZipCache); use KIVI(rotate=True) with an evictor")
         _check_high_bits(self)
 
     def describe(self) -> str:

@@ -20,6 +20,7 @@ import torch
 from .. import ops
 from .base import AttentionSpec, LayerStore
 from .masked import build_mask, masked_attention
+from .rotation import rotate, unrotate
 
 
 def kernel_reads(query, residual) -> bool:
@@ -48,6 +49,11 @@ class PackedStore(LayerStore):
         Slots kept in full precision (at least; see the module docstring).
     value_bits : int, optional
         2, 4 or 8 bits per value element; default ``bits``.
+
+    With ``rotation`` (a ``[D, D]`` orthogonal float32 matrix, set by
+    ``from_uniform``) the packed keys are those of ``k @ rotation`` and the
+    packed part is read with ``q @ rotation``; the residual holds the keys as
+    they came (see ``kvcompress/stores/rotation.py``).
     """
 
     kind = "packed"
@@ -78,6 +84,9 @@ class PackedStore(LayerStore):
         #: and the evictor's slot state), kept only when the layer re-selects
         #: its slots while decoding (``from_uniform(..., columns=True)``)
         self._cols: dict | None = None
+        #: ``[D, D]`` float32 orthogonal matrix the packed keys were rotated by
+        #: before packing (``KIVI(rotate=True)``), or None
+        self.rotation: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
@@ -86,6 +95,7 @@ class PackedStore(LayerStore):
         if self.visible_from is not None:  # a sliding-window layer: the positions it holds, those queries see
             seen = (f", positions={self.first_position}..{self.first_position + self.n - 1}"
                     f", visible_from={self.visible_from}")
+        vb += ", rotated keys" if self.rotation is not None else ""
         return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}{high}, full_precision={self.r}{seen})")
 
@@ -125,11 +135,14 @@ class PackedStore(LayerStore):
 
     @classmethod
     def from_uniform(cls, store, bits: int, group: int, residual: int,
-                     value_bits: int | None = None, columns: bool = False) -> "PackedStore":
+                     value_bits: int | None = None, columns: bool = False,
+                     rotation: torch.Tensor | None = None) -> "PackedStore":
         """Take over a uniform store's slots as the residual (no copy; call
         :meth:`settle` to pack). ``columns``: keep the store's per-slot
-        columns too, so that :meth:`unpacked` can give them back."""
+        columns too, so that :meth:`unpacked` can give them back.
+        ``rotation``: pack keys as ``k @ rotation`` (see the class)."""
         new = cls(bits, group, residual, value_bits)
+        new.rotation = rotation
         if store.batch:
             new._rk, new._rv = store.keys, store.values
             new.r = int(store.n)
@@ -181,7 +194,7 @@ class PackedStore(LayerStore):
 
     def tensors(self) -> list:
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv,
-                            *(self._hi or ()), *(self._cols or {}).values()) if t is not None]
+                            *(self._hi or ()), *(self._cols or {}).values(), self.rotation) if t is not None]
 
     # ------------------------------------------------------------- writing
     def append(self, keys, values, first_position: int) -> None:
@@ -243,11 +256,20 @@ class PackedStore(LayerStore):
         """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
         self._reserve(self.n_packed + m)
         p0, G = self.n_packed, self.group
-        ops.pack_keys(self._rk[:, :, :m], self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
+        ops.pack_keys(self._codes_keys(self._rk[:, :, :m]), self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
                       mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G])
         ops.pack_values(self._rv[:, :, :m], self.value_bits, G, codes=self._vc[:, :, p0 : p0 + m],
                         mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m])
         self.n_packed += m
+
+    def _codes_keys(self, keys):
+        """``keys`` ``[..., D]`` as they are packed: rotated (float32) when
+        the store rotates keys, else unchanged."""
+        return keys if self.rotation is None else rotate(keys, self.rotation, torch.float32)
+
+    def _keys_from_codes(self, keys, dtype):
+        """Unpacked keys (float32) back in the model's basis, as ``dtype``."""
+        return keys.to(dtype) if self.rotation is None else unrotate(keys, self.rotation, dtype)
 
     def _drop_oldest(self, m: int) -> None:
         """Remove the ``m`` oldest residual slots (just packed)."""
@@ -355,7 +377,7 @@ class PackedStore(LayerStore):
             if part is None:
                 continue
             kc, kmin, ksc, vc, vmin, vsc = part
-            ks.append(ops.unpack_keys(kc, kmin, ksc, kb, self.group, dtype=rk.dtype))
+            ks.append(self._keys_from_codes(ops.unpack_keys(kc, kmin, ksc, kb, self.group), rk.dtype))
             vs.append(ops.unpack_values(vc, vmin, vsc, vb, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype))
         if not ks:
             return rk, rv
@@ -376,6 +398,8 @@ class PackedStore(LayerStore):
             if windowed:
                 # keys at distance >= window from the query (build_mask's rule)
                 kv_start = self._leading(query, query_pos[:, 0].to(torch.int64) - (spec.window - 1), kv_start)
+            if self.rotation is not None and self.n_packed:
+                return self._attend_rotated(query, rk, rv, spec.scaling, kv_start)
             if self._hi is None:
                 return ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
                                             value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start)
@@ -417,9 +441,35 @@ class PackedStore(LayerStore):
         none = rk[:, :, :0]
         o2, l2 = ops.packed_attention(query, *self._hi, none, none, bits=self.high_bits, group=self.group,
                                       scaling=scaling, kv_start=start_hi, return_lse=True)
-        m = torch.maximum(l1, l2)
-        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a row that sees nothing: both weights 0
-        w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-        total = (w1 + w2).clamp(min=torch.finfo(torch.float32).tiny)
-        w1, w2 = (w1 / total).transpose(1, 2)[..., None], (w2 / total).transpose(1, 2)[..., None]  # [B, q, Hq, 1]
-        return (w1 * o1.float() + w2 * o2.float()).to(query.dtype)
+        return join_parts(o1, l1, o2, l2, query.dtype)
+
+    def _attend_rotated(self, query, rk, rv, scaling, kv_start):
+        """Rotated keys: the packed part read with the rotated query (no
+        residual), the residual with the query as it is (no packed part),
+        joined exactly through their log-sum-exps. ``kv_start`` counts the
+        logical order packed, residual."""
+        p = self.n_packed
+        start_p = start_r = None
+        if kv_start is not None:
+            ks = kv_start.to(torch.int64)
+            start_p, start_r = ks.clamp(max=p), (ks - p).clamp(min=0)
+        none = rk[:, :, :0]
+        o1, l1 = ops.packed_attention(rotate(query, self.rotation), *self._packed_views(), none, none,
+                                      bits=self.bits, group=self.group, value_bits=self.value_bits,
+                                      scaling=scaling, kv_start=start_p, return_lse=True)
+        empty = tuple(t[:, :, :0] for t in self._packed_views())
+        o2, l2 = ops.packed_attention(query, *empty, rk, rv, bits=self.bits, group=self.group,
+                                      value_bits=self.value_bits, scaling=scaling, kv_start=start_r, return_lse=True)
+        return join_parts(o1, l1, o2, l2, query.dtype)
+
+
+def join_parts(o1, l1, o2, l2, dtype):
+    """Two disjoint parts' attention outputs ``[B, q, Hq, D]`` joined exactly
+    through their log-sum-exps ``[B, Hq, q]`` (``ops.packed_attention(...,
+    return_lse=True)``); a row that sees nothing in either gets zeros."""
+    m = torch.maximum(l1, l2)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a row that sees nothing: both weights 0
+    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
+    total = (w1 + w2).clamp(min=torch.finfo(torch.float32).tiny)
+    w1, w2 = (w1 / total).transpose(1, 2)[..., None], (w2 / total).transpose(1, 2)[..., None]  # [B, q, Hq, 1]
+    return (w1 * o1.float() + w2 * o2.float()).to(dtype)

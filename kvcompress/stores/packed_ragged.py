@@ -25,8 +25,9 @@ import torch
 from .. import ops
 from .base import AttentionSpec
 from .masked import padded_head_attention
-from .packed import PackedStore, kernel_reads
+from .packed import PackedStore, join_parts, kernel_reads
 from .ragged import RaggedStore, segments
+from .rotation import rotate
 
 
 class RaggedPackedStore(PackedStore):
@@ -64,7 +65,8 @@ class RaggedPackedStore(PackedStore):
 
     @classmethod
     def from_ragged(cls, store, bits: int, group: int, residual: int,
-                    value_bits: int | None = None, columns: bool = False) -> "RaggedPackedStore":
+                    value_bits: int | None = None, columns: bool = False,
+                    rotation: torch.Tensor | None = None) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -72,8 +74,10 @@ class RaggedPackedStore(PackedStore):
         back, and leave each head's newest ``r`` kept slots in the residual,
         in full precision as KIVI keeps its newest tokens: ``r`` is
         ``residual`` or fewer, as many as every head holds with a merge count
-        of 1 (the residual has no counts)."""
+        of 1 (the residual has no counts). ``rotation``: pack keys as
+        ``k @ rotation`` (see :class:`~kvcompress.stores.PackedStore`)."""
         new = cls(bits, group, residual, value_bits)
+        new.rotation = rotation
         G = group
         B, H = store.batch, store.heads
         dev = store.k.device
@@ -112,7 +116,7 @@ class RaggedPackedStore(PackedStore):
         if columns and store.scores is not None:
             new.scores = torch.full((R,), float("nan"), device=dev)
             new.scores[dst] = store.scores[src]
-        kc, kmin, ksc = ops.pack_keys(k.view(1, 1, R, D), bits, G)
+        kc, kmin, ksc = ops.pack_keys(new._codes_keys(k.view(1, 1, R, D)), bits, G)
         vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), new.value_bits, G)
         new._kc, new._kmin, new._ksc = kc[0, 0], kmin[0, 0], ksc[0, 0]
         new._vc, new._vmin, new._vsc = vc[0, 0], vmin[0, 0], vsc[0, 0]
@@ -200,13 +204,14 @@ class RaggedPackedStore(PackedStore):
     def tensors(self) -> list:
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,
                             self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv,
-                            self.positions, self.scores, *(self._rcols or {}).values())
+                            self.positions, self.scores, *(self._rcols or {}).values(), self.rotation)
                 if t is not None]
 
     def __repr__(self) -> str:
         n = self._real
         span = f"{int(n.min())}..{int(n.max())}" if n is not None and n.numel() else "empty"
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
+        vb += ", rotated keys" if self.rotation is not None else ""
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed per head={span}, full_precision={self.r})")
 
@@ -238,7 +243,7 @@ class RaggedPackedStore(PackedStore):
         N, G = B * H, self.group
         if bool((self._host_lengths + m > self._host_caps).any()):
             self._grow(m)
-        kc, kmin, ksc = ops.pack_keys(self._rk[:, :, :m], self.bits, G)
+        kc, kmin, ksc = ops.pack_keys(self._codes_keys(self._rk[:, :, :m]), self.bits, G)
         vc, vmin, vsc = ops.pack_values(self._rv[:, :, :m], self.value_bits, G)
         start = self.offsets + self.lengths
         rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
@@ -322,8 +327,8 @@ class RaggedPackedStore(PackedStore):
         [R, D])`` in the residual's dtype (slack rows included)."""
         D, G, dtype = int(self._rk.shape[3]), self.group, self._rk.dtype
         R = int(self._kc.shape[0])
-        kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
-                             self._ksc.view(1, 1, R // G, D), self.bits, G, dtype=dtype)[0, 0]
+        kd = self._keys_from_codes(ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
+                                                   self._ksc.view(1, 1, R // G, D), self.bits, G)[0, 0], dtype)
         vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
                                self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
         return kd, vd
@@ -360,12 +365,30 @@ class RaggedPackedStore(PackedStore):
         q = int(query.shape[2])
         counts = self.counts_bias if spec.count_bias else self.counts_plain
         if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
+            rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+            if self.rotation is not None:
+                return self._attend_rotated_heads(query, rk, rv, spec.scaling, counts)
             return ops.packed_attention(query, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
-                                        self._rk[:, :, : self.r], self._rv[:, :, : self.r], bits=self.bits,
-                                        value_bits=self.value_bits, group=self.group, scaling=spec.scaling,
-                                        offsets=self.offsets, lengths=self.lengths, counts=counts)
+                                        rk, rv, bits=self.bits, value_bits=self.value_bits, group=self.group,
+                                        scaling=spec.scaling, offsets=self.offsets, lengths=self.lengths,
+                                        counts=counts)
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
+
+    def _attend_rotated_heads(self, query, rk, rv, scaling, counts):
+        """Rotated keys: every head's packed segment read with the rotated
+        query (no residual), the residual with the query as it is (an empty
+        packed part of the uniform layout), joined through their log-sum-exps."""
+        o1, l1 = ops.packed_attention(rotate(query, self.rotation), self._kc, self._kmin, self._ksc, self._vc,
+                                      self._vmin, self._vsc, rk[:, :, :0], rv[:, :, :0], bits=self.bits,
+                                      value_bits=self.value_bits, group=self.group, scaling=scaling,
+                                      offsets=self.offsets, lengths=self.lengths, counts=counts, return_lse=True)
+        B, H = int(rk.shape[0]), int(rk.shape[1])
+        empty = tuple(t.new_empty((B, H, 0) + tuple(t.shape[1:]))
+                      for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
+        o2, l2 = ops.packed_attention(query, *empty, rk, rv, bits=self.bits, value_bits=self.value_bits,
+                                      group=self.group, scaling=scaling, return_lse=True)
+        return join_parts(o1, l1, o2, l2, query.dtype)
 
 
 def _fit(t, cap: int):

@@ -1,0 +1,119 @@
+"""The orthogonal rotation packed keys may be quantized in (``KIVI(rotate=True)``).
+
+Attention reads keys only through ``q . k``, and for an orthogonal ``R``
+``(q R) . (k R) = q . k``: a store may pack ``k R`` and give the kernel
+``q R`` for the packed part, and attention is unchanged up to float rounding.
+What changes is the quantization error. KIVI packs keys per channel in groups
+of tokens, so a channel's step follows its spread; queries and keys put their
+energy in the same few channels, so the coarsest steps land where the query
+weighs most. A Hadamard rotation spreads both over every channel, and the
+logit error follows the average channel rather than the product of the two
+profiles (QuaRot's and SpinQuant's rotation, applied here to KIVI's
+per-channel groups). On the default model it takes KIVI-2 from
++17.5% to +7.8% perplexity at the same bytes; on Gemma 3's global layers,
+whose slowly turning RoPE channels are almost constant within a group and
+pack almost exactly as they are, it does the opposite, so
+:func:`rotation_helps` lets a layer choose (benchmarks/RESULTS.md, "KIVI-2
+with rotated keys").
+"""
+
+from __future__ import annotations
+
+import torch
+
+_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _hadamard(D: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix of order D (a power of two), float64."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < D:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / D ** 0.5
+
+
+def _seeded_orthogonal(D: int) -> torch.Tensor:
+    """A fixed random orthogonal matrix of order D, float64: the Q of a QR
+    factorisation of a seeded Gaussian matrix, columns signed so that R's
+    diagonal is positive (the same matrix on every machine and run)."""
+    g = torch.Generator().manual_seed(0x6B7663)
+    q, r = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=g))
+    return q * torch.sign(torch.diagonal(r))[None, :]
+
+
+def key_rotation(head_dim: int, device) -> torch.Tensor:
+    """The ``[D, D]`` float32 orthogonal matrix a rotating packed store uses
+    for keys of ``head_dim`` channels on ``device``: the normalised Hadamard
+    matrix when D is a power of two (every model transformers ships with
+    RoPE so far), else a fixed seeded random orthogonal matrix. One tensor
+    per (D, device), shared by every layer (its bytes count once)."""
+    D = int(head_dim)
+    if D < 1:
+        raise ValueError(f"head_dim: must be >= 1, got {head_dim}")
+    key = (D, str(torch.device(device)))
+    rot = _CACHE.get(key)
+    if rot is None:
+        m = _hadamard(D) if D & (D - 1) == 0 else _seeded_orthogonal(D)
+        rot = _CACHE[key] = m.to(device=device, dtype=torch.float32)
+    return rot
+
+
+def rotate(x: torch.Tensor, rot: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``x @ rot`` over the last axis of ``x`` ``[..., D]``, computed in
+    float32 and returned as ``dtype`` (default: ``x``'s)."""
+    return (x.float() @ rot).to(x.dtype if dtype is None else dtype)
+
+
+def unrotate(x: torch.Tensor, rot: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``x @ rot.T``: the inverse of :func:`rotate` (``rot`` is orthogonal)."""
+    return (x.float() @ rot.T).to(x.dtype if dtype is None else dtype)
+
+
+def rotation_helps(queries: torch.Tensor, keys: torch.Tensor, rot: torch.Tensor, bits: int, group: int,
+                   scaling: float, start: torch.Tensor | None = None) -> bool:
+    """Whether packing ``keys`` rotated by ``rot`` disturbs the attention of
+    ``queries`` less than packing them as they are (``KIVI(rotate="auto")``).
+
+    ``queries`` ``[B, Hq, W, D]`` come after every key (the newest prompt
+    tokens: a layer's residual holds them, so its packed keys all precede
+    them); ``keys`` ``[B, H, m, D]``, the first ``start[b * H + h]`` slots of
+    each head (``start`` int64 ``[B * H]``, optional) padding, masked and
+    replaced by the head's first real key before packing so they widen no
+    group. The measure is the mean KL divergence from each query's attention
+    over the exact keys to its attention over the packed ones, both ways of
+    packing at ``bits`` in groups of ``group`` tokens (KIVI's keys). Which
+    way is better differs by layer: on Gemma 3 rotation helps most sliding
+    layers and hurts the three global ones 4-15x (RESULTS, "KIVI-2 with
+    rotated keys").
+    """
+    from .. import ops
+
+    B, Hq, W, D = (int(x) for x in queries.shape)
+    H, m = int(keys.shape[1]), int(keys.shape[2])
+    if m == 0 or W == 0:
+        return False
+    k = keys.float()
+    mask = None
+    if start is not None:
+        s = start.to(device=k.device, dtype=torch.int64).view(B, H)
+        col = torch.arange(m, device=k.device)
+        mask = col[None, None, :] < s[:, :, None]  # [B, H, m] padding
+        first = torch.gather(k, 2, s.clamp(max=m - 1)[:, :, None, None].expand(B, H, 1, D))
+        k = torch.where(mask[..., None], first, k)
+    q = queries.float().reshape(B, H, (Hq // H) * W, D)
+
+    def divergence(packed_keys):
+        exact = (q @ k.transpose(-1, -2)).double() * scaling
+        approx = (q @ packed_keys.transpose(-1, -2)).double() * scaling
+        if mask is not None:
+            exact = exact.masked_fill(mask[:, :, None, :], float("-inf"))
+            approx = approx.masked_fill(mask[:, :, None, :], float("-inf"))
+        p, pa = torch.log_softmax(exact, -1), torch.log_softmax(approx, -1)
+        live = torch.isfinite(p)
+        return float(torch.where(live, p.exp() * (p - pa), torch.zeros_like(p)).sum(-1).mean())
+
+    def packed(x):
+        codes, mins, scales = ops.pack_keys(x.contiguous(), bits, group)
+        return ops.unpack_keys(codes, mins, scales, bits, group)
+
+    return divergence(unrotate(packed(rotate(k, rot)), rot)) < divergence(packed(k))

@@ -1,0 +1,347 @@
+"""KIVI(rotate=True): keys packed in an orthogonally rotated basis, against
+float64 references and against the eager path over the same slots."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kvcompress as kvc
+from kvcompress import ops
+from kvcompress import testing as T
+from kvcompress.methods import KIVI, method_from_spec
+from kvcompress.stores import AttentionSpec, PackedStore, RaggedPackedStore, RaggedStore
+from kvcompress.stores.masked import build_mask, masked_attention
+from kvcompress.stores.rotation import _CACHE, key_rotation
+
+from test_kivi import _attention64, _group_bound
+
+
+@pytest.mark.parametrize("D", [1, 2, 8, 64, 80, 96, 128, 256])
+def test_key_rotation_is_orthogonal_fixed_and_shared(D):
+    rot = key_rotation(D, "cpu")
+    assert rot.shape == (D, D) and rot.dtype == torch.float32
+    eye = rot.double() @ rot.double().T
+    assert torch.allclose(eye, torch.eye(D, dtype=torch.float64), atol=1e-6)
+    if D & (D - 1) == 0:  # Hadamard: every entry +-1/sqrt(D), rows of equal weight
+        assert torch.allclose(rot.abs(), torch.full((D, D), D**-0.5))
+    assert key_rotation(D, "cpu") is rot  # one tensor per (D, device): its bytes count once
+    _CACHE.pop((D, "cpu"))
+    assert torch.equal(key_rotation(D, "cpu"), rot)  # rebuilt the same (seeded where not Hadamard)
+    with pytest.raises(ValueError, match="head_dim"):
+        key_rotation(0, "cpu")
+
+
+def test_rotate_option():
+    k = KIVI(bits=2, rotate=True)
+    assert k.rotates_keys and not KIVI(bits=2).rotates_keys
+    assert repr(k) == "KIVI(bits=2, group=32, residual=128, rotate=True)"
+    assert method_from_spec("kivi:bits=2:rotate=true") == k
+    assert (kvc.SnapKV(budget=64) + k).rotates_keys and not kvc.SnapKV(budget=64).rotates_keys
+    assert k.packing == KIVI(bits=2).packing  # same store geometry and bytes
+    with pytest.raises(TypeError, match="rotate"):
+        KIVI(rotate=1)
+    with pytest.raises(ValueError, match="rotate: rotated keys are not supported with mixed precision"):
+        kvc.LowBits(bits=2, rotate=True)
+    with pytest.raises(ValueError, match="without rotate"):
+        kvc.MiniCache() + KIVI(bits=4, rotate=True)
+
+
+def _rotated_store(dtype, value_bits=None, bits=2, D=32, G=16, R=32, n=130, seed=1):
+    torch.manual_seed(seed)
+    B, Hkv = 2, 2
+    keys = (torch.randn(B, Hkv, n, D) * torch.linspace(0.2, 3, D)).to(dtype)
+    values = torch.randn(B, Hkv, n, D).to(dtype)
+    store = PackedStore(bits, G, R, value_bits)
+    store.rotation = key_rotation(D, "cpu")
+    store.append(keys, values, 0)
+    store.settle()
+    return store, keys, values
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_packed_codes_are_those_of_the_rotated_keys(bits):
+    """The store packs ``k @ R`` (codes, mins and scales equal to packing the
+    rotated keys directly), dequantizes back into the model's basis within
+    the bound of the rotated groups, and keeps the residual exactly."""
+    store, keys, values = _rotated_store(torch.float32, bits=bits)
+    m, G, rot = store.n_packed, store.group, store.rotation
+    assert m > 0 and repr(store).count("rotated keys") == 1
+    kr = keys[:, :, :m].float() @ rot
+    kc, kmin, ksc = ops.pack_keys(kr, bits, G)
+    assert torch.equal(store._kc[:, :, :m], kc)
+    assert torch.equal(store._kmin[:, :, : m // G], kmin) and torch.equal(store._ksc[:, :, : m // G], ksc)
+    k, v = store.dequantized()
+    assert torch.equal(k[:, :, m:], keys[:, :, m:]) and torch.equal(v[:, :, m:], values[:, :, m:])
+    back = k[:, :, :m].double() @ rot.double()  # the dequantized keys in the rotated basis
+    bound = _group_bound(kr, bits, G, per_channel=True)
+    assert bool(((back - kr.double()).abs() <= bound * (1 + 1e-5) + 1e-5).all())
+    # the rotation is worth its place: where queries weigh most the channels whose keys spread
+    # widest (the same channel profile, as in real models), 2-bit logits err less rotated
+    if bits == 2:
+        plain = PackedStore(bits, G, store.residual)
+        plain.append(keys, values, 0)
+        plain.settle()
+        q = torch.randn(64, keys.shape[-1], dtype=torch.float64) * torch.linspace(0.2, 3, keys.shape[-1])
+        err = lambda kk: float(((kk[:, :, :m].double() - keys[:, :, :m].double()) @ q.T).pow(2).mean())  # noqa: E731
+        assert err(k) < 0.8 * err(plain.dequantized()[0])
+
+
+@pytest.mark.parametrize("value_bits", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotated_attention_equals_float64_over_the_dequantized_slots(dtype, value_bits):
+    """Packed part with the rotated query, residual with the query as it is,
+    joined by their log-sum-exps: within twice torch's own error of float64
+    attention over the dequantized slots, with padded rows and GQA; prefill
+    chunks (several queries) and softcaps (the eager path) too."""
+    store, _, _ = _rotated_store(dtype, value_bits, bits=4)
+    B, Hkv, D = 2, 2, 32
+    Hq = 6
+    store.append(torch.randn(B, Hkv, 3, D).to(dtype), torch.randn(B, Hkv, 3, D).to(dtype), 130)
+    for q_len, kv_start in ((1, torch.tensor([0, 7])), (3, torch.tensor([5, 0])), (1, torch.tensor([0, 120]))):
+        q = torch.randn(B, Hq, q_len, D).to(dtype)
+        spec = AttentionSpec(scaling=D**-0.5)
+        out = store.attend(q, spec, kv_start=kv_start)
+        k, v = store.dequantized()
+        ref = _attention64(q, k, v, spec.scaling, kv_start)
+        mask = build_mask(B, q_len, k.shape[2], "cpu", kv_start=kv_start)
+        torch_err = (masked_attention(q, k.to(dtype), v.to(dtype), spec, mask).double() - ref).abs().max().item()
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 2 * torch_err + (1e-6 if dtype == torch.float32 else 1e-2), (q_len, kv_start, err, torch_err)
+    # softcap: the eager path over the same slots
+    capped = store.attend(q, AttentionSpec(scaling=D**-0.5, softcap=5.0), kv_start=kv_start)
+    ref_capped = _attention64(q, k, v, D**-0.5, kv_start, softcap=5.0)
+    assert (capped.double() - ref_capped).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_rotated_sliding_window_step_equals_the_eager_window():
+    """A sliding-window decode step (leading slots masked) over rotated keys
+    equals the eager path's windowed attention over the dequantized slots."""
+    store, _, _ = _rotated_store(torch.float32, bits=4, n=200)
+    B, D, window = 2, 32, 90
+    store.append(torch.randn(B, 2, 1, D), torch.randn(B, 2, 1, D), 200)
+    q = torch.randn(B, 4, 1, D)
+    spec = AttentionSpec(scaling=D**-0.5, window=window)
+    query_pos = torch.full((B, 1), 200)
+    out = store.attend(q, spec, kv_start=torch.tensor([0, 3]), query_pos=query_pos)
+    k, v = store.dequantized()
+    key_pos = torch.arange(store.n)[None].expand(B, store.n)
+    mask = build_mask(B, 1, store.n, "cpu", kv_start=torch.tensor([0, 3]), window=window, key_pos=key_pos,
+                      query_pos=query_pos)
+    ref = masked_attention(q.double(), k.double(), v.double(), AttentionSpec(scaling=D**-0.5), mask)
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    full = store.attend(q, AttentionSpec(scaling=D**-0.5), kv_start=torch.tensor([0, 3]))
+    assert (full - out).abs().max().item() > 1e-3  # the window does mask slots here
+
+
+def _ragged(seed=5, D=16):
+    """A RaggedStore of 2 x 2 heads of different lengths (one empty), merge counts."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, C = 2, 2, 90
+    lengths = [70, 0, 45, 90]
+    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 2, D)
+    values = torch.randn(B, H, C, D, generator=g)
+    valid = torch.zeros(B, H, C, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        valid[i // H, i % H, :n] = True
+    positions = torch.arange(C, dtype=torch.int32).expand(B, H, C).contiguous()
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    return RaggedStore.from_dense(keys, values, positions, valid, counts=counts)
+
+
+def test_rotated_per_head_layer_equals_its_padded_reference():
+    """A per-head packed layer (an empty head, merge counts, a residual)
+    packed rotated: the kernel's two calls equal float64 attention over the
+    padded dequantized copy, with and without the log-count bias."""
+    D = 16
+    store = RaggedPackedStore.from_ragged(_ragged(D=D), 4, 8, 0, rotation=key_rotation(D, "cpu"))
+    store.append(torch.randn(2, 2, 2, D), torch.randn(2, 2, 2, D), 90)
+    q = torch.randn(2, 4, 1, D)
+    for bias in (True, False):
+        spec = AttentionSpec(scaling=D**-0.5, count_bias=bias)
+        out = store.attend(q, spec)
+        keys, values, start, logc = store.padded(bias)
+        ref = _padded64(q, keys, values, start, logc, D**-0.5)
+        assert (out.double() - ref).abs().max().item() < 1e-5, bias
+
+
+def _padded64(q, keys, values, start, logc, scaling):
+    """float64 attention of one query per head over [B*H, 1, M, D] left-padded
+    copies (``start`` leading slots masked, ``logc`` added); [B, 1, Hq, D]."""
+    B, Hq, _, D = q.shape
+    N = keys.shape[0]
+    H = N // B
+    g = Hq // H
+    k, v = keys[:, 0].double().view(B, H, -1, D), values[:, 0].double().view(B, H, -1, D)
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.double().view(B, H, g, D), k) * scaling
+    logits = logits + logc.double().view(B, H, 1, -1)
+    M = k.shape[2]
+    live = torch.arange(M)[None] >= start.view(-1, 1)
+    logits = logits.masked_fill(~live.view(B, H, 1, M), -math.inf)
+    w = torch.softmax(logits, -1).nan_to_num(0.0)
+    return torch.einsum("bhgn,bhnd->bhgd", w, v).reshape(B, Hq, D)[:, None]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KIVI(bits=2, group=8, residual=8, rotate=True),
+    lambda: kvc.SnapKV(budget=48) + KIVI(bits=4, group=8, residual=8, rotate=True),
+    lambda: kvc.EMS(budget=48) + KIVI(bits=4, group=8, residual=8, rotate=True),
+], ids=["kivi2", "snapkv+kivi4", "ems+kivi4"])
+def test_kernel_generation_equals_the_eager_path_over_the_same_slots(tiny_lm, make, monkeypatch):
+    """Generation through the kernel (rotated query on the packed part) gives
+    the logits of the eager path (dequantized keys rotated back, the query as
+    it is), for a left-padded batch whose evictors keep their budget in rounds."""
+    import kvcompress.stores.packed as packed_store
+    import kvcompress.stores.packed_ragged as ragged_store
+
+    model, tok, _ = tiny_lm
+    torch.manual_seed(6)
+    ids = torch.randint(5, 250, (2, 120))
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0
+
+    def run():
+        with kvc.compress(model, make()) as session:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                                 pad_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+        return out, session.cache
+
+    out, cache = run()
+    assert all(layer.store.rotation is not None for layer in cache.layers)
+    monkeypatch.setattr(packed_store, "kernel_reads", lambda query, residual: False)
+    monkeypatch.setattr(ragged_store, "kernel_reads", lambda query, residual: False)
+    eager, _ = run()
+    assert torch.equal(out.sequences, eager.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, eager.logits)):
+        err = float((a - b).abs().max())
+        assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"step {step}: logits differ by {err:.3g}"
+
+
+def test_rotated_8_bits_track_the_full_cache_and_a_long_residual_is_exact(tiny_lm):
+    """8-bit rotated keys are close to lossless (teacher-forced KL < 1e-3),
+    and with the residual covering the prompt nothing is packed: plain
+    greedy tokens and logits."""
+    model, _, _ = tiny_lm
+    torch.manual_seed(3)
+    ids = torch.randint(5, 250, (1, 200))
+    with T.method_context(model, None) as new:
+        tokens, full = T.greedy(model, new(), ids, 13, keep_logits=True)
+    with T.method_context(model, KIVI(bits=8, group=8, residual=16, rotate=True)) as new:
+        _, logits = T.greedy(model, new(), ids, 13, force=tokens, keep_logits=True)
+    p = torch.log_softmax(full.double(), -1)
+    kl = float((p.exp() * (p - torch.log_softmax(logits.double(), -1))).sum(-1).mean())
+    assert kl < 1e-3, kl
+    with T.method_context(model, KIVI(bits=2, residual=256, rotate=True)) as new:
+        exact, logits = T.greedy(model, new(), ids, 13, keep_logits=True)
+    assert exact == tokens and torch.allclose(logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_unpacked_gives_the_keys_back_in_the_models_basis():
+    """What a decode-time re-selection reads (``unpacked()``) is the keys the
+    kernel attends to, rotated back: within the bound of the rotated groups
+    for packed slots, exact for residual ones, uniform and per head."""
+    from kvcompress.stores import UniformStore
+
+    torch.manual_seed(8)
+    B, H, D, n = 2, 2, 16, 53
+    rot = key_rotation(D, "cpu")
+    keys, values = torch.randn(B, H, n, D) * torch.linspace(0.3, 3, D), torch.randn(B, H, n, D)
+    pos = torch.arange(n, dtype=torch.int32).expand(B, H, n).clone()
+    store = PackedStore.from_uniform(UniformStore.from_parts(keys.clone(), values.clone(), {"positions": pos}),
+                                     2, 8, 12, columns=True, rotation=rot)
+    store.settle()
+    m = store.n_packed
+    back = store.unpacked()
+    assert m > 0 and torch.equal(back.keys[:, :, m:], keys[:, :, m:])
+    kr = keys[:, :, :m].double() @ rot.double()
+    bound = _group_bound(kr, 2, 8, per_channel=True)
+    assert bool(((back.keys[:, :, :m].double() @ rot.double() - kr).abs() <= bound * (1 + 1e-5) + 1e-5).all())
+    # per head: the dequantized rows of each head rotated back, within the same kind of bound
+    ragged = _ragged(D=D)
+    packed = RaggedPackedStore.from_ragged(ragged, 2, 8, 4, columns=True, rotation=rot)
+    again = packed.unpacked()
+    assert again.head_lengths() == ragged.head_lengths()
+    for i, n_h in enumerate(ragged.head_lengths()):
+        if not n_h:
+            continue
+        b, h = divmod(i, 2)
+        want, got = ragged.head(b, h)[0].double(), again.head(b, h)[0].double()
+        r = packed.r
+        assert torch.equal(got[n_h - r :], want[n_h - r :])  # the residual's newest slots, as they came
+        step = ((want @ rot.double()).amax(0) - (want @ rot.double()).amin(0)) / 3  # a head's widest 2-bit step
+        assert bool((((got - want) @ rot.double()).abs()[: n_h - r] <= step / 2 + 1e-5).all())
+
+
+def test_rotation_helps_tells_the_two_kinds_of_layer_apart():
+    """``rotate="auto"``'s test: rotation wins where queries weigh most the
+    channels whose keys spread widest, and loses where the heavy channels
+    barely move within a group (low RoPE frequencies, as on Gemma 3's global
+    layers) and the moving ones are light: rotating mixes the moving ones
+    into every channel."""
+    from kvcompress.stores.rotation import rotation_helps
+
+    g = torch.Generator().manual_seed(11)
+    B, H, Hq, W, m, D = 1, 2, 4, 16, 256, 32
+    rot = key_rotation(D, "cpu")
+    profile = torch.linspace(0.2, 3, D)
+    keys = torch.randn(B, H, m, D, generator=g) * profile
+    queries = torch.randn(B, Hq, W, D, generator=g) * profile
+    assert rotation_helps(queries, keys, rot, 2, 32, D**-0.5)
+    steady = torch.cat([4 + 0.01 * torch.randn(B, H, m, D // 2, generator=g),
+                        2 * torch.randn(B, H, m, D // 2, generator=g)], -1)
+    weigh = torch.cat([torch.full((D // 2,), 3.0), torch.full((D // 2,), 0.1)])
+    q2 = torch.randn(B, Hq, W, D, generator=g) * weigh
+    assert not rotation_helps(q2, steady, rot, 2, 32, D**-0.5)
+    # padding is masked and packs as the head's first real key: its content changes nothing
+    start = torch.tensor([40, 0])
+    noisy = keys.clone()
+    noisy[0, 0, :40] = 1e3
+    assert rotation_helps(queries, noisy, rot, 2, 32, D**-0.5, start) == rotation_helps(
+        queries, torch.where(torch.arange(m)[None, None, :, None] < torch.tensor([40, 0]).view(1, 2, 1, 1),
+                             keys[:, :, 40:41].expand(B, H, m, D), keys), rot, 2, 32, D**-0.5, start)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: KIVI(bits=2, group=8, residual=8, rotate="auto"),
+    lambda: kvc.EMS(budget=48) + KIVI(bits=2, group=8, residual=8, rotate="auto"),
+], ids=["kivi2", "ems+kivi2"])
+def test_auto_decides_once_per_layer_and_keeps_its_choice(tiny_lm, make):
+    """``rotate="auto"``: every layer decides at its first pack, from the
+    prompt's newest queries, and its store uses that choice through every
+    later pack and re-selection round; the choice is the one
+    ``rotation_helps`` makes on the same keys and queries."""
+    from kvcompress.cache import CompressedLayer
+    from kvcompress.stores.rotation import rotation_helps
+
+    model, _, _ = tiny_lm
+    torch.manual_seed(12)
+    ids = torch.randint(5, 250, (1, 150))
+    seen = {}
+    real = CompressedLayer._key_rotation
+
+    def spy(self, packing, queries, scaling):
+        first = not self._rotation_decided
+        out = real(self, packing, queries, scaling)
+        if first and isinstance(self.store, kvc.stores.UniformStore) and queries is not None:
+            bits, group, residual, _ = packing
+            m = (self.store.n - residual) // group * group
+            want = rotation_helps(queries[:, :, -32:], self.store.keys[:, :, :m], key_rotation(16, "cpu"), bits,
+                                  group, scaling)
+            seen[self.layer_idx] = (out is not None, want)
+        return out
+
+    CompressedLayer._key_rotation = spy
+    try:
+        with T.method_context(model, make()) as new:
+            cache = new()
+            T.greedy(model, cache, ids, 40)
+    finally:
+        CompressedLayer._key_rotation = real
+    assert repr(make()).count("rotate='auto'") == 1
+    for layer in cache.layers:
+        assert layer._rotation_decided and (layer.store.rotation is layer._rotation)
+    assert len(seen) == (len(cache.layers) if isinstance(make(), KIVI) else 0)
+    for idx, (got, want) in seen.items():
+        assert got == want, idx
