@@ -267,9 +267,12 @@ class PackedStore(LayerStore):
         the store rotates keys, else unchanged."""
         return keys if self.rotation is None else rotate(keys, self.rotation, torch.float32)
 
-    def _keys_from_codes(self, keys, dtype):
-        """Unpacked keys (float32) back in the model's basis, as ``dtype``."""
-        return keys.to(dtype) if self.rotation is None else unrotate(keys, self.rotation, dtype)
+    def _unpack_keys(self, codes, mins, scales, bits: int, dtype):
+        """``ops.unpack_keys`` in the model's basis, as ``dtype`` (rotated
+        codes unpack in float32 and rotate back)."""
+        if self.rotation is None:
+            return ops.unpack_keys(codes, mins, scales, bits, self.group, dtype=dtype)
+        return unrotate(ops.unpack_keys(codes, mins, scales, bits, self.group), self.rotation, dtype)
 
     def _drop_oldest(self, m: int) -> None:
         """Remove the ``m`` oldest residual slots (just packed)."""
@@ -377,7 +380,7 @@ class PackedStore(LayerStore):
             if part is None:
                 continue
             kc, kmin, ksc, vc, vmin, vsc = part
-            ks.append(self._keys_from_codes(ops.unpack_keys(kc, kmin, ksc, kb, self.group), rk.dtype))
+            ks.append(self._unpack_keys(kc, kmin, ksc, kb, rk.dtype))
             vs.append(ops.unpack_values(vc, vmin, vsc, vb, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype))
         if not ks:
             return rk, rv

@@ -327,8 +327,8 @@ class RaggedPackedStore(PackedStore):
         [R, D])`` in the residual's dtype (slack rows included)."""
         D, G, dtype = int(self._rk.shape[3]), self.group, self._rk.dtype
         R = int(self._kc.shape[0])
-        kd = self._keys_from_codes(ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
-                                                   self._ksc.view(1, 1, R // G, D), self.bits, G)[0, 0], dtype)
+        kd = self._unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
+                               self._ksc.view(1, 1, R // G, D), self.bits, dtype)[0, 0]
         vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
                                self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
         return kd, vd
