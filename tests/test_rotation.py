@@ -280,7 +280,7 @@ def test_rotation_helps_tells_the_two_kinds_of_layer_apart():
     barely move within a group (low RoPE frequencies, as on Gemma 3's global
     layers) and the moving ones are light: rotating mixes the moving ones
     into every channel."""
-    from kvcompress.stores.rotation import rotation_helps
+    from kvcompress.stores.rotation import packing_divergences, rotation_helps
 
     g = torch.Generator().manual_seed(11)
     B, H, Hq, W, m, D = 1, 2, 4, 16, 256, 32
@@ -294,13 +294,16 @@ def test_rotation_helps_tells_the_two_kinds_of_layer_apart():
     weigh = torch.cat([torch.full((D // 2,), 3.0), torch.full((D // 2,), 0.1)])
     q2 = torch.randn(B, Hq, W, D, generator=g) * weigh
     assert not rotation_helps(q2, steady, rot, 2, 32, D**-0.5)
-    # padding is masked and packs as the head's first real key: its content changes nothing
+    # padding is masked and packs as the head's first real key: its content changes neither divergence
     start = torch.tensor([40, 0])
     noisy = keys.clone()
     noisy[0, 0, :40] = 1e3
-    assert rotation_helps(queries, noisy, rot, 2, 32, D**-0.5, start) == rotation_helps(
-        queries, torch.where(torch.arange(m)[None, None, :, None] < torch.tensor([40, 0]).view(1, 2, 1, 1),
-                             keys[:, :, 40:41].expand(B, H, m, D), keys), rot, 2, 32, D**-0.5, start)
+    tidy = keys.clone()
+    tidy[0, 0, :40] = keys[0, 0, 40]
+    a = packing_divergences(queries, noisy, rot, 2, 32, D**-0.5, start)
+    b = packing_divergences(queries, tidy, rot, 2, 32, D**-0.5, start)
+    assert a == pytest.approx(b, rel=1e-6) and min(a) > 0
+    assert packing_divergences(queries, noisy, rot, 2, 32, D**-0.5)[0] > 1.2 * a[0]  # unmasked, it would matter
 
 
 @pytest.mark.parametrize("make", [

@@ -72,7 +72,16 @@ def unrotate(x: torch.Tensor, rot: torch.Tensor, dtype=None) -> torch.Tensor:
 def rotation_helps(queries: torch.Tensor, keys: torch.Tensor, rot: torch.Tensor, bits: int, group: int,
                    scaling: float, start: torch.Tensor | None = None) -> bool:
     """Whether packing ``keys`` rotated by ``rot`` disturbs the attention of
-    ``queries`` less than packing them as they are (``KIVI(rotate="auto")``).
+    ``queries`` less than packing them as they are (``KIVI(rotate="auto")``):
+    the two divergences of :func:`packing_divergences` compared."""
+    plain, rotated = packing_divergences(queries, keys, rot, bits, group, scaling, start)
+    return rotated < plain
+
+
+def packing_divergences(queries: torch.Tensor, keys: torch.Tensor, rot: torch.Tensor, bits: int, group: int,
+                        scaling: float, start: torch.Tensor | None = None) -> tuple[float, float]:
+    """``(plain, rotated)``: how much packing ``keys`` as they are, and
+    rotated by ``rot``, disturbs the attention of ``queries``.
 
     ``queries`` ``[B, Hq, W, D]`` come after every key (the newest prompt
     tokens: a layer's residual holds them, so its packed keys all precede
@@ -91,7 +100,7 @@ def rotation_helps(queries: torch.Tensor, keys: torch.Tensor, rot: torch.Tensor,
     B, Hq, W, D = (int(x) for x in queries.shape)
     H, m = int(keys.shape[1]), int(keys.shape[2])
     if m == 0 or W == 0:
-        return False
+        return 0.0, 0.0
     k = keys.float()
     mask = None
     if start is not None:
@@ -116,4 +125,4 @@ def rotation_helps(queries: torch.Tensor, keys: torch.Tensor, rot: torch.Tensor,
         codes, mins, scales = ops.pack_keys(x.contiguous(), bits, group)
         return ops.unpack_keys(codes, mins, scales, bits, group)
 
-    return divergence(unrotate(packed(rotate(k, rot)), rot)) < divergence(packed(k))
+    return divergence(packed(k)), divergence(unrotate(packed(rotate(k, rot)), rot))
