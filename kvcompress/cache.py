@@ -989,8 +989,10 @@ class CompressedLayer(CacheLayerMixin):
                                                              device=device)
             lows.append(torch.cat([first.expand(H, m - n_low[b])] + ([low[b]] if n_low[b] else []), 1))
         bits, group, _, value_bits = self.method.packing
+        rotation = self._key_rotation(self.method.packing, view.queries, view.scaling)
         self.store = PackedStore.from_split(view.keys, view.values, torch.stack(resid), torch.stack(lows), bits, group,
-                                            high_bits=self.method.quant.high_bits, value_bits=value_bits)
+                                            high_bits=self.method.quant.high_bits, value_bits=value_bits,
+                                            rotation=rotation)
         self._update_start([m - n_low[b] + max(0, K - (n - self._start[b])) for b in range(B)])
 
     def _compact(self, view: LayerView, rows: list[int], targets: list[int]) -> None:

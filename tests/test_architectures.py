@@ -370,6 +370,7 @@ PACKING = {
     "snapkv+kivi": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=8, residual=8),
     "ems+kivi": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=4, group=8, residual=8),
     "ems+kivi-rotated": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, rotate=True),
+    "mikv-rotated": lambda: kvc.MiKV(budget=32, group=8, rotate=True),
     "mikv": lambda: kvc.MiKV(budget=32, group=8),  # its selected slots at 8 bits: two packed widths
     "zipcache-fp": lambda: kvc.ZipCache(budget=32, group=8, high_bits=None),
 }
@@ -387,7 +388,7 @@ def test_packing_methods_run_on_every_family(archs, family, method):
         out = _generate(arch.model, arch.ids, arch.mask)
     assert out.sequences.shape == (2, PROMPT + NEW)
     assert all(bool(torch.isfinite(x).all()) for x in out.logits)
-    mixed = method in ("mikv", "zipcache-fp")
+    mixed = method in ("mikv", "mikv-rotated", "zipcache-fp")
     for layer in session.cache.layers:
         assert isinstance(layer.store, PackedStore) == (layer.window is None or not mixed), (family, method, layer)
 

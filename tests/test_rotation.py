@@ -43,8 +43,11 @@ def test_rotate_option():
     assert k.packing == KIVI(bits=2).packing  # same store geometry and bytes
     with pytest.raises(TypeError, match="rotate"):
         KIVI(rotate=1)
-    with pytest.raises(ValueError, match="rotate: rotated keys are not supported with mixed precision"):
-        kvc.LowBits(bits=2, rotate=True)
+    mikv = kvc.MiKV(ratio=0.75, rotate=True)
+    assert mikv.quant == kvc.LowBits(bits=2, high_bits=8, rotate=True) and mikv.rotates_keys
+    assert "rotate=True" in repr(mikv) and "rotate='auto'" in repr(kvc.ZipCache(ratio=0.5, rotate="auto"))
+    with pytest.raises(TypeError, match="rotate"):
+        kvc.ZipCache(ratio=0.5, rotate="yes")
     with pytest.raises(ValueError, match="without rotate"):
         kvc.MiniCache() + KIVI(bits=4, rotate=True)
 
@@ -188,7 +191,9 @@ def _padded64(q, keys, values, start, logc, scaling):
     lambda: KIVI(bits=2, group=8, residual=8, rotate=True),
     lambda: kvc.SnapKV(budget=48) + KIVI(bits=4, group=8, residual=8, rotate=True),
     lambda: kvc.EMS(budget=48) + KIVI(bits=4, group=8, residual=8, rotate=True),
-], ids=["kivi2", "snapkv+kivi4", "ems+kivi4"])
+    lambda: kvc.MiKV(budget=48, group=8, rotate=True),
+    lambda: kvc.ZipCache(budget=48, group=8, high_bits=None, rotate=True),
+], ids=["kivi2", "snapkv+kivi4", "ems+kivi4", "mikv2+8", "zipcache2"])
 def test_kernel_generation_equals_the_eager_path_over_the_same_slots(tiny_lm, make, monkeypatch):
     """Generation through the kernel (rotated query on the packed part) gives
     the logits of the eager path (dequantized keys rotated back, the query as
@@ -348,3 +353,32 @@ def test_auto_decides_once_per_layer_and_keeps_its_choice(tiny_lm, make):
     assert len(seen) == (len(cache.layers) if isinstance(make(), KIVI) else 0)
     for idx, (got, want) in seen.items():
         assert got == want, idx
+
+
+@pytest.mark.parametrize("high_bits", [None, 8])
+def test_rotated_mixed_precision_equals_float64_over_the_dequantized_slots(high_bits):
+    """Mixed precision with rotated keys: the low-bit part (and the high-bit
+    one) read with the rotated query, the residual with the query as it is,
+    three parts joined by log-sum-exp, within twice torch's error of float64
+    attention over the dequantized slots, padded rows included."""
+    torch.manual_seed(13)
+    B, H, Hq, n, D, G = 2, 2, 4, 70, 16, 8
+    keys, values = torch.randn(B, H, n, D) * torch.linspace(0.3, 3, D), torch.randn(B, H, n, D)
+    perm = torch.stack([torch.stack([torch.randperm(n) for _ in range(H)]) for _ in range(B)])
+    full_idx, low_idx = perm[:, :, :20].sort(-1).values, perm[:, :, 20:].sort(-1).values
+    rot = key_rotation(D, "cpu")
+    store = PackedStore.from_split(keys, values, full_idx, low_idx, 2, G, high_bits=high_bits, rotation=rot)
+    store.append(torch.randn(B, H, 2, D), torch.randn(B, H, 2, D), n)
+    assert store.n_packed == n - 20 and (store.n_high == (20 if high_bits else 0))
+    k, v = store.dequantized()
+    # the low part's codes are those of the rotated keys
+    kc, _, _ = ops.pack_keys(torch.gather(keys, 2, low_idx[..., None].expand(B, H, n - 20, D)).float() @ rot, 2, G)
+    assert torch.equal(store._kc[:, :, : n - 20], kc)
+    q = torch.randn(B, Hq, 1, D)
+    kv_start = torch.tensor([0, 5])
+    spec = AttentionSpec(scaling=D**-0.5)
+    out = store.attend(q, spec, kv_start=kv_start)
+    ref = _attention64(q, k, v, spec.scaling, kv_start)
+    mask = build_mask(B, 1, k.shape[2], "cpu", kv_start=kv_start)
+    torch_err = (masked_attention(q, k, v, spec, mask).double() - ref).abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= 2 * torch_err + 1e-6

@@ -68,8 +68,8 @@ class KIVI(KeepsEveryToken):
       models. The residual keeps the keys as they came, so a decode step
       reads the packed part and the residual in two kernel calls joined by
       their log-sum-exps (3-10% slower steps). Off by default (the paper's
-      method); not with mixed precision (``LowBits``, ``MiKV``,
-      ``ZipCache``) or ``MiniCache``.
+      method); ``LowBits``, ``MiKV`` and ``ZipCache`` take it too (both
+      packed widths rotated), ``MiniCache`` refuses it.
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
     ``2 * 4 * D / group`` for the key mins/scales, ``2 * 4 * ceil(D /
@@ -170,14 +170,12 @@ class LowBits(KIVI):
         if self.residual:
             raise ValueError(f"residual: LowBits keeps the evictor's selection in full precision and has no "
                              f"residual window of its own, got residual={self.residual}")
-        if self.rotate:
-            raise ValueError("rotate: rotated keys are not supported with mixed precision (LowBits, MiKV, "
-                             "ZipCache); use KIVI(rotate=True) with an evictor")
         _check_high_bits(self)
 
     def describe(self) -> str:
         high = "" if self.high_bits is None else f", high_bits={self.high_bits}"
-        return f"LowBits(bits={self.bits}{self._value_text()}, group={self.group}{high})"
+        rot = f", rotate={self.rotate!r}" if self.rotate else ""
+        return f"LowBits(bits={self.bits}{self._value_text()}, group={self.group}{high}{rot})"
 
 
 def _check_high_bits(m) -> None:
@@ -199,18 +197,20 @@ class _MixedPrecision:
 
     def __post_init__(self) -> None:
         if self.quant is None:
-            self.quant = LowBits(bits=self.bits, group=self.group, high_bits=self.high_bits)
+            self.quant = LowBits(bits=self.bits, group=self.group, high_bits=self.high_bits, rotate=self.rotate)
         super().__post_init__()
 
     def _check_fields(self) -> None:
         super()._check_fields()
         _check_high_bits(self)
+        if not isinstance(self.rotate, bool) and self.rotate != "auto":
+            raise TypeError(f"rotate: expected True, False or 'auto', got {self.rotate!r}")
 
     def _size(self) -> str:
         return f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
 
     def _high(self) -> str:
-        return f", high_bits={self.high_bits}"
+        return f", high_bits={self.high_bits}" + (f", rotate={self.rotate!r}" if self.rotate else "")
 
     def __repr__(self) -> str:
         return self.describe()
@@ -242,12 +242,14 @@ class MiKV(_MixedPrecision, H2O):
     packing (keys per channel in groups of ``group`` tokens, values per
     token), read directly by ``ops.packed_attention``. The split is made once,
     after the prefill; generated tokens stay in full precision. See
-    :class:`LowBits` for the batch rule.
+    :class:`LowBits` for the batch rule. ``rotate`` packs both widths' keys
+    rotated, as :class:`KIVI`'s (default off).
     """
 
     bits: int = 2
     group: int = 32
     high_bits: int | None = 8
+    rotate: bool | str = False
 
     def describe(self) -> str:
         return f"MiKV({self._size()}, bits={self.bits}{self._high()}, group={self.group}, recent={self.recent})"
@@ -280,7 +282,8 @@ class ZipCache(_MixedPrecision, Method):
     0.75 and 2 bits its KL@16 equals full precision's (0.0621 against 0.0619)
     at 2.6x fewer bytes, where 4 bits gave 0.0694 (intervals overlapping)
     at 3.1x fewer (RESULTS "The selected tokens at 4 or 8 bits"). See :class:`LowBits` for what happens while decoding and in a
-    batch.
+    batch. ``rotate`` packs both widths' keys rotated, as :class:`KIVI`'s
+    (default off).
     """
 
     bits: int = 2
@@ -288,6 +291,7 @@ class ZipCache(_MixedPrecision, Method):
     high_bits: int | None = 8
     probe: float = 0.1
     window: int = 8
+    rotate: bool | str = False
 
     def _check_fields(self) -> None:
         super()._check_fields()

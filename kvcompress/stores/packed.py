@@ -101,7 +101,8 @@ class PackedStore(LayerStore):
 
     @classmethod
     def from_split(cls, keys, values, full_idx, low_idx, bits: int, group: int,
-                   high_bits: int | None = None, value_bits: int | None = None) -> "PackedStore":
+                   high_bits: int | None = None, value_bits: int | None = None,
+                   rotation: torch.Tensor | None = None) -> "PackedStore":
         """Mixed precision: slots ``low_idx`` ``[B, H, m]`` of ``keys``/``values``
         ``[B, H, n, D]`` packed at ``bits`` (``m`` need not be a multiple of
         ``group``), slots ``full_idx`` ``[B, H, K]`` kept as the full-precision
@@ -110,8 +111,10 @@ class PackedStore(LayerStore):
         (``pack_decoded`` is False). The logical order, which ``kv_start``
         counts, is low part, high part, residual. ``value_bits`` is the low
         part's value width (default ``bits``); the high part packs both
-        halves at ``high_bits``."""
+        halves at ``high_bits``. ``rotation``: both packed parts' keys are
+        packed as ``k @ rotation`` (see the class)."""
         new = cls(bits, group, 0, value_bits)
+        new.rotation = rotation
         new.pack_decoded = False
         if high_bits is None:
             new._rk, new._rv = ops.gather(keys, values, full_idx)
@@ -124,11 +127,12 @@ class PackedStore(LayerStore):
             new.n_high = int(full_idx.shape[2])
             if new.n_high:
                 hk, hv = ops.gather(keys, values, full_idx)
-                new._hi = (*ops.pack_keys(hk, new.high_bits, group), *ops.pack_values(hv, new.high_bits, group))
+                new._hi = (*ops.pack_keys(new._codes_keys(hk), new.high_bits, group),
+                           *ops.pack_values(hv, new.high_bits, group))
         m = int(low_idx.shape[2])
         if m:
             lk, lv = ops.gather(keys, values, low_idx)
-            new._kc, new._kmin, new._ksc = ops.pack_keys(lk, bits, group)
+            new._kc, new._kmin, new._ksc = ops.pack_keys(new._codes_keys(lk), bits, group)
             new._vc, new._vmin, new._vsc = ops.pack_values(lv, new.value_bits, group)
             new.n_packed = m
         return new
@@ -401,7 +405,7 @@ class PackedStore(LayerStore):
             if windowed:
                 # keys at distance >= window from the query (build_mask's rule)
                 kv_start = self._leading(query, query_pos[:, 0].to(torch.int64) - (spec.window - 1), kv_start)
-            if self.rotation is not None and self.n_packed:
+            if self.rotation is not None and (self.n_packed or self._hi is not None):
                 return self._attend_rotated(query, rk, rv, spec.scaling, kv_start)
             if self._hi is None:
                 return ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
@@ -444,35 +448,47 @@ class PackedStore(LayerStore):
         none = rk[:, :, :0]
         o2, l2 = ops.packed_attention(query, *self._hi, none, none, bits=self.high_bits, group=self.group,
                                       scaling=scaling, kv_start=start_hi, return_lse=True)
-        return join_parts(o1, l1, o2, l2, query.dtype)
+        return join_parts([(o1, l1), (o2, l2)], query.dtype)
 
     def _attend_rotated(self, query, rk, rv, scaling, kv_start):
-        """Rotated keys: the packed part read with the rotated query (no
-        residual), the residual with the query as it is (no packed part),
+        """Rotated keys: each packed part (the low-bit one, and a mixed
+        precision store's high-bit one) read with the rotated query and no
+        residual, the residual with the query as it is and no packed part,
         joined exactly through their log-sum-exps. ``kv_start`` counts the
-        logical order packed, residual."""
-        p = self.n_packed
-        start_p = start_r = None
+        logical order low part, high part, residual."""
+        p, h = self.n_packed, self.n_high
+        starts = [None, None, None]
         if kv_start is not None:
             ks = kv_start.to(torch.int64)
-            start_p, start_r = ks.clamp(max=p), (ks - p).clamp(min=0)
-        none = rk[:, :, :0]
-        o1, l1 = ops.packed_attention(rotate(query, self.rotation), *self._packed_views(), none, none,
-                                      bits=self.bits, group=self.group, value_bits=self.value_bits,
-                                      scaling=scaling, kv_start=start_p, return_lse=True)
-        empty = tuple(t[:, :, :0] for t in self._packed_views())
-        o2, l2 = ops.packed_attention(query, *empty, rk, rv, bits=self.bits, group=self.group,
-                                      value_bits=self.value_bits, scaling=scaling, kv_start=start_r, return_lse=True)
-        return join_parts(o1, l1, o2, l2, query.dtype)
+            starts = [ks.clamp(max=p), (ks - p).clamp(min=0, max=h), (ks - p - h).clamp(min=0)]
+        none, rq = rk[:, :, :0], rotate(query, self.rotation)
+        parts = []
+        low = self._packed_views()  # attend reserved zero-slot buffers if nothing was packed
+        if p:
+            parts.append(ops.packed_attention(rq, *low, none, none, bits=self.bits, group=self.group,
+                                              value_bits=self.value_bits, scaling=scaling, kv_start=starts[0],
+                                              return_lse=True))
+        if self._hi is not None:
+            parts.append(ops.packed_attention(rq, *self._hi, none, none, bits=self.high_bits, group=self.group,
+                                              scaling=scaling, kv_start=starts[1], return_lse=True))
+        empty = tuple(t[:, :, :0] for t in low)
+        parts.append(ops.packed_attention(query, *empty, rk, rv, bits=self.bits, group=self.group,
+                                          value_bits=self.value_bits, scaling=scaling, kv_start=starts[2],
+                                          return_lse=True))
+        return join_parts(parts, query.dtype)
 
 
-def join_parts(o1, l1, o2, l2, dtype):
-    """Two disjoint parts' attention outputs ``[B, q, Hq, D]`` joined exactly
-    through their log-sum-exps ``[B, Hq, q]`` (``ops.packed_attention(...,
-    return_lse=True)``); a row that sees nothing in either gets zeros."""
-    m = torch.maximum(l1, l2)
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a row that sees nothing: both weights 0
-    w1, w2 = (l1 - m).exp(), (l2 - m).exp()
-    total = (w1 + w2).clamp(min=torch.finfo(torch.float32).tiny)
-    w1, w2 = (w1 / total).transpose(1, 2)[..., None], (w2 / total).transpose(1, 2)[..., None]  # [B, q, Hq, 1]
-    return (w1 * o1.float() + w2 * o2.float()).to(dtype)
+def join_parts(parts, dtype):
+    """Disjoint parts' attention outputs ``[B, q, Hq, D]`` joined exactly
+    through their log-sum-exps ``[B, Hq, q]``: ``parts`` is a list of
+    ``(out, lse)`` pairs from ``ops.packed_attention(..., return_lse=True)``;
+    a row that sees nothing in any part gets zeros."""
+    lse = torch.stack([lse for _, lse in parts])  # [P, B, Hq, q]
+    m = lse.amax(0)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # a row that sees nothing: every weight 0
+    w = (lse - m).exp()
+    w = (w / w.sum(0).clamp(min=torch.finfo(torch.float32).tiny)).transpose(2, 3)[..., None]  # [P, B, q, Hq, 1]
+    out = w[0] * parts[0][0].float()
+    for i in range(1, len(parts)):
+        out = out + w[i] * parts[i][0].float()
+    return out.to(dtype)

@@ -388,7 +388,7 @@ class RaggedPackedStore(PackedStore):
                       for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
         o2, l2 = ops.packed_attention(query, *empty, rk, rv, bits=self.bits, value_bits=self.value_bits,
                                       group=self.group, scaling=scaling, return_lse=True)
-        return join_parts(o1, l1, o2, l2, query.dtype)
+        return join_parts([(o1, l1), (o2, l2)], query.dtype)
 
 
 def _fit(t, cap: int):
