@@ -839,6 +839,7 @@ GPU_METHODS = {
     # keys packed in the Hadamard basis: the packed part and the residual in two calls, uniform and per-head
     "kivi2rot": lambda: kvcompress.KIVI(bits=2, group=32, residual=64, rotate=True),
     "ems+kivi4rot": lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=4, group=32, residual=64, rotate=True),
+    "mikv2+8rot": lambda: kvcompress.MiKV(budget=64, bits=2, high_bits=8, rotate=True),  # three parts joined
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
@@ -880,7 +881,7 @@ def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
 
 
 PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "h2o+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2",
-                      "kivi2rot", "ems+kivi4rot"]
+                      "kivi2rot", "ems+kivi4rot", "mikv2+8rot"]
 
 
 @pytest.fixture(scope="module")
