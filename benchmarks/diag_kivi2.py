@@ -45,6 +45,7 @@ from kvcompress import ops
 from kvcompress.cli import main as kvcompress_main
 from kvcompress.stores import packed as P
 from kvcompress.stores.masked import build_mask, masked_attention
+from kvcompress.stores.rotation import _hadamard as sylvester_hadamard
 
 
 def _groups(k, G):
@@ -159,13 +160,11 @@ def _rotate(k, first, theta, sign):
 
 
 def _hadamard(D):
-    """The orthonormal Sylvester-Hadamard matrix of order D (a power of two), float64."""
+    """The orthonormal Hadamard matrix of order D, float64 (the package's
+    ``KIVI(rotate=True)`` matrix; this simulation takes powers of two only)."""
     if D < 1 or D & (D - 1):
         raise ValueError(f"--rotate: the head size must be a power of two, got {D}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < D:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / D ** 0.5
+    return sylvester_hadamard(D)
 
 
 def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False,
