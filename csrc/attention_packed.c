@@ -813,7 +813,17 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
         }
     }
 
-    /* residual slots */
+    /* residual slots, read with their own queries when the call has them
+     * (the packed tiles are done with qbuf: it takes them in place) */
+    if (p->res_q.data != NULL && j1 > h.n) {
+        const int64_t rs = (int64_t)kvc_dtype_size((enum kvc_dtype)p->res_q.dtype);
+        for (r = 0; r < R; r++) {
+            const int64_t hq = hk * g->u.g + r / nq, qi = i0 + r % nq;
+            const char *src = (const char *)p->res_q.data +
+                              (b * p->res_q.strides[0] + hq * p->res_q.strides[1] + qi * p->res_q.strides[2]) * rs;
+            pa_row_load(g, w->qbuf + r * Dp, src, p->res_q.dtype, p->res_q.strides[3]);
+        }
+    }
     for (jt = j0 > h.n ? j0 : h.n; jt < j1; jt += AT_TK) {
         const int64_t nk = j1 - jt < AT_TK ? j1 - jt : AT_TK;
         pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc, wide);
@@ -843,6 +853,12 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
         (p->value_bits != 0 && p->value_bits != 2 && p->value_bits != 4 && p->value_bits != 8) || p->group < 1 ||
         (p->res_k.shape[2] != 0 && p->res_k.shape[2] < p->q.shape[2]))
         return KVC_ERR_INVALID;
+    if (p->res_q.data != NULL) {
+        int d;
+        if (p->res_q.ndim != 4 || p->res_q.dtype != p->q.dtype) return KVC_ERR_INVALID;
+        for (d = 0; d < 4; d++)
+            if (p->res_q.shape[d] != p->q.shape[d]) return KVC_ERR_INVALID;
+    }
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))
         return KVC_ERR_NOMEM;
     prefix = kvc_at_scratch_prefix(p->scratch);

@@ -44,6 +44,9 @@ extern "C" {
  * Online softmax in fp32; each (b, hk, tile of queries) is cut into fixed
  * blocks of slots for short chunks (split-K), combined by log-sum-exp in
  * block order: bit-identical for any thread count.
+ *
+ * With res_q the residual slots' logits use res_q[b, h, i] instead of
+ * q[b, h, i] (the packed slots' stay with q).
  */
 struct kvc_packed_attention_params {
     struct kvc_view q;            /* [B, Hq, q, D], f32/f16/bf16 */
@@ -55,6 +58,9 @@ struct kvc_packed_attention_params {
     struct kvc_view value_scales; /* as value_mins */
     struct kvc_view res_k;        /* [B, Hkv, r, D], dtype of q, r >= q or r = 0 */
     struct kvc_view res_v;        /* as res_k (strides may differ) */
+    struct kvc_view res_q;        /* optional, as q: the queries the residual slots are read with; data NULL:
+                                   * q. Rotated keys (KIVI(rotate=True)) read the packed part with q R and
+                                   * the residual, kept as it came, with q: one call, no join. CPU only. */
     struct kvc_view out;          /* [B, q, Hq, D], dtype of q */
     struct kvc_view counts;       /* optional f32 [B, Hkv, n] / [N], each >= 1; data NULL: none */
     struct kvc_view lse;          /* optional f32 [B, Hq, q] out: log sum_j w_j, -inf for a row that

@@ -35,6 +35,7 @@ enum {
     A_OFF,
     A_LEN,
     A_CNT,
+    A_RQ,
     A_N
 };
 
@@ -47,7 +48,7 @@ KVC_PY_OP(op_packed_attention, packed_attention, 1, 1)
 PyDoc_STRVAR(packed_attention_doc,
              "packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, "
              "value_scales, residual_keys, residual_values, out, lse, bits, value_bits, group, scaling, kv_start, "
-             "offsets, lengths, counts)\n--\n\n"
+             "offsets, lengths, counts, residual_query)\n--\n\n"
              "Low-level: see kvcompress.ops.packed_attention.");
 
 /* Uniform layout: every head has n packed slots; offsets/lengths are None
@@ -72,6 +73,7 @@ static const struct kvc_py_spec packed_uniform_spec[A_N] = {
     KVC_PY_CUSTOM_ARG("offsets", 0, NULL, 0),
     KVC_PY_CUSTOM_ARG("lengths", 0, NULL, 0),
     KVC_PY_OPT("counts", 3, "[B, Hkv, n]", DT_F32),
+    KVC_PY_OPT("residual_query", 4, "[B, Hq, q, D]", DT_FLOAT),
 };
 
 /* Ragged layout: one buffer of N packed rows, a segment per head. */
@@ -95,6 +97,7 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_IN("offsets", 1, "[B * Hkv]", DT_I64),
     KVC_PY_IN("lengths", 1, "[B * Hkv]", DT_I64),
     KVC_PY_OPT("counts", 1, "[N]", DT_F32),
+    KVC_PY_OPT("residual_query", 4, "[B, Hq, q, D]", DT_FLOAT),
 };
 
 /* A code row of Db bytes holds D codes of `bits` bits (name, what: the
@@ -191,6 +194,10 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
         Hkv = c.a[A_KC].view.shape[1];
     }
     if (kvc_py_check_group(st, "queries", Hq, Hkv) < 0) goto done;
+    if (c.a[A_RQ].t && c.a[A_RQ].view.dtype != c.a[A_Q].view.dtype) {
+        kvc_py_raise(st->TypeError, "residual_query: dtype differs from queries'");
+        goto done;
+    }
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     if (check_layout(st, &c, ragged, bits, vbits, G) < 0) goto done;
     r = c.a[A_RK].view.shape[2];
@@ -230,6 +237,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     p.out = c.a[A_OUT].view;
     if (c.a[A_CNT].t) p.counts = c.a[A_CNT].view;
     if (c.a[A_LSE].t) p.lse = c.a[A_LSE].view;
+    if (c.a[A_RQ].t) p.res_q = c.a[A_RQ].view;
     p.layout = ragged ? KVC_KV_RAGGED : KVC_KV_UNIFORM;
     p.num_kv_heads = Hkv;
     p.group = G;

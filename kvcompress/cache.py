@@ -42,6 +42,9 @@ from .stores.rotation import key_rotation, rotation_helps
 # cache to attention functions).
 _pending = threading.local()
 
+# rotate="auto" tests the rotation on this many of the newest queries
+_ROTATION_QUERIES = 32
+
 _NO_CROP = (
     "kvcompress.KVCache cannot be cropped (evicted tokens cannot be restored); "
     "assisted/speculative decoding is not supported"
@@ -199,6 +202,9 @@ class CompressedLayer(CacheLayerMixin):
         # at its first pack and kept through re-packs (None: unrotated)
         self._rotation: torch.Tensor | None = None
         self._rotation_decided = False
+        # rotate="auto" with nothing packed yet: the newest queries so far,
+        # [B, Hq, <= _ROTATION_QUERIES, D], for the decision at the first pack
+        self._rot_q: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -257,7 +263,8 @@ class CompressedLayer(CacheLayerMixin):
         return self.store.head_lengths()
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting, self._statistic)
+        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting, self._statistic,
+                             self._rot_q)
                  if t is not None] + list(self._pending)
         extra += list(self.head_state.values())
         if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
@@ -348,6 +355,8 @@ class CompressedLayer(CacheLayerMixin):
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
         if self._waiting is not None:
             self._waiting = self._waiting.index_select(0, host.to(self._waiting.device))
+        if self._rot_q is not None:
+            self._rot_q = self._rot_q.index_select(0, host.to(self._rot_q.device))
         self._pending = [q.index_select(0, host.to(q.device)) for q in self._pending]
         if self._statistic is not None:
             self._statistic = self._statistic.index_select(0, host.to(self._statistic.device))
@@ -644,7 +653,7 @@ class CompressedLayer(CacheLayerMixin):
                 self._queue(queries)
                 if self._over_budget():
                     self._repack_round(scaling)
-            self.store.settle(pad=self._start)
+            self._settle(queries, scaling)
             return
         if method.packing is not None and self.window is not None and self._packs_window():
             # A sliding-window layer under a quantizer: it keeps the same
@@ -655,7 +664,7 @@ class CompressedLayer(CacheLayerMixin):
             if not isinstance(self.store, PackedStore):
                 self._slide()
                 self._to_packed(method.packing, queries, scaling)
-            self.store.settle(pad=self._start)
+            self._settle(queries, scaling)
             first_visible = self.seen - self._window_keep()
             self.store.visible_from = first_visible
             dropped = self.store.drop_unseen(first_visible)
@@ -728,53 +737,108 @@ class CompressedLayer(CacheLayerMixin):
         """Move the layer's slots into the packed store of their layout
         (``queries`` ``[B, Hq, q, D]``: the call's, for ``rotate="auto"``)."""
         self._rebudget = self._repacks()
-        rotation = self._key_rotation(packing, queries, scaling)
         if isinstance(self.store, UniformStore):
-            self.store = PackedStore.from_uniform(self.store, *packing, columns=self._rebudget, rotation=rotation)
+            # packs nothing until settle(), before which _settle decides the rotation
+            self.store = PackedStore.from_uniform(self.store, *packing, columns=self._rebudget,
+                                                  rotation=self._rotation)
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
+            rotation = self._key_rotation(packing, queries, scaling, defer=True)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation)
+            if not self._rotation_decided and self.store.packed_any():
+                # short heads packed as part groups before any whole group
+                # could be tested: they stay as they are
+                self._decide_rotation(None)
         if not self._rebudget:
             # nothing is re-scored once packed: per-head budgets and held queries go
             self.head_budgets = self._qbuf = None
 
-    def _key_rotation(self, packing, queries, scaling):
+    def _settle(self, queries, scaling: float) -> None:
+        """Pack the packed store's whole residual groups (``settle``); a
+        ``rotate="auto"`` layer that had nothing to pack so far decides its
+        rotation first, once the residual overflows (a store that never packs
+        while decoding, mixed precision's, holds no queries for it)."""
+        store = self.store
+        if self.method.rotates_keys and not self._rotation_decided and store.pack_decoded and store.batch:
+            rotation = self._key_rotation(self.method.packing, queries, scaling, defer=True)
+            if self._rotation_decided:
+                store.set_rotation(rotation)
+        store.settle(pad=self._start)
+
+    def _key_rotation(self, packing, queries, scaling, defer: bool = False):
         """The rotation of this layer's packed keys (None: as they are),
-        decided at its first pack: ``KIVI(rotate=True)`` always rotates,
-        ``rotate="auto"`` rotates when that disturbs the attention of the
-        call's newest queries over the keys about to be packed less
-        (``stores.rotation.rotation_helps``); with no queries, or nothing to
-        pack yet, it does not rotate."""
+        decided once, at the layer's first pack, and kept through re-packs.
+
+        ``KIVI(rotate=True)`` always rotates. ``rotate="auto"`` rotates when
+        that disturbs the attention of the newest queries (up to
+        ``_ROTATION_QUERIES``: this call's and the held ones of earlier calls)
+        over the keys about to be packed less
+        (``stores.rotation.rotation_helps``). With nothing to pack yet and
+        ``defer`` (a packed store that packs its residual later: a prompt
+        shorter than ``residual + group``), the layer holds the queries and
+        stays undecided (returns None), and ``_settle`` asks again before the
+        store's first pack; otherwise, with no queries to test, it does not
+        rotate."""
         mode = self.method.rotates_keys
         if not mode or self._rotation_decided:
             return self._rotation
         store = self.store
-        keys = store.keys if isinstance(store, UniformStore) else store.k
-        rot = key_rotation(int(keys.shape[-1]), keys.device)
+        some = store.residual_keys() if isinstance(store, PackedStore) else \
+            store.keys if isinstance(store, UniformStore) else store.k
+        rot = key_rotation(int(some.shape[-1]), some.device)
         if mode == "auto":
-            bits, group, residual, _ = packing
+            keys, start = self._keys_to_pack(packing)
+            if not keys.shape[2] and defer:
+                self._rotation_queries(queries)
+                return None
+            held = self._rotation_queries(queries)
             helps = False
-            if queries is not None and store.batch:
-                if isinstance(store, UniformStore):
-                    n = int(store.n)
-                    m = max(0, n - residual) // group * group
-                    dense = store.keys[:, :, :m]
-                    start = None if self.kv_start is None else self.kv_start.repeat_interleave(store.heads)
-                else:
-                    padded, _, _, _, _, start = store.to_padded()
-                    dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
-                    M = int(dense.shape[2])
-                    m = M // group * group  # the newest whole groups, right-aligned as to_padded gives them
-                    dense, start = dense[:, :, M - m :], (start - (M - m)).clamp(min=0)
-                if m:
-                    W = min(int(queries.shape[2]), 32)
-                    helps = rotation_helps(queries[:, :, -W:], dense, rot, bits, group,
-                                           float(scaling if scaling is not None else keys.shape[-1] ** -0.5), start)
+            if held is not None and keys.shape[2] and store.batch:
+                helps = rotation_helps(held, keys, rot, packing[0], packing[1],
+                                       float(scaling if scaling is not None else keys.shape[-1] ** -0.5), start)
             rot = rot if helps else None
-        self._rotation, self._rotation_decided = rot, True
+        return self._decide_rotation(rot)
+
+    def _decide_rotation(self, rot):
+        """Fix the layer's rotation (None: unrotated) and drop the held queries."""
+        self._rotation, self._rotation_decided, self._rot_q = rot, True, None
         return rot
+
+    def _rotation_queries(self, queries):
+        """The newest ``_ROTATION_QUERIES`` queries ``[B, Hq, <= W, D]`` of this
+        call (``queries``, may be None) and of earlier calls, held until the
+        rotation is decided; None while no call has passed queries."""
+        if queries is not None:
+            queries = queries[:, :, -_ROTATION_QUERIES:]
+            if self._rot_q is not None:
+                queries = torch.cat([self._rot_q, queries], 2)[:, :, -_ROTATION_QUERIES:]
+            self._rot_q = queries
+        return self._rot_q
+
+    def _keys_to_pack(self, packing):
+        """``(keys [B, H, m, D], start)``: the whole key groups the layer's
+        next pack takes (for a per-head layer, the newest ``m`` of every
+        padded head), and the padded slots in front of each head (int64
+        ``[B * H]``, or None)."""
+        bits, group, residual, _ = packing
+        store = self.store
+        if isinstance(store, PackedStore):
+            # a packed store that has packed nothing yet: its residual's oldest groups
+            m = store.pending()
+            start = torch.tensor(self._start, dtype=torch.int64).repeat_interleave(store.heads) if self._start \
+                else None
+            return store.residual_keys()[:, :, :m], start
+        if isinstance(store, UniformStore):
+            m = max(0, int(store.n) - residual) // group * group
+            start = None if self.kv_start is None else self.kv_start.repeat_interleave(store.heads)
+            return store.keys[:, :, :m], start
+        padded, _, _, _, _, start = store.to_padded()
+        dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
+        M = int(dense.shape[2])
+        m = M // group * group  # the newest whole groups, right-aligned as to_padded gives them
+        return dense[:, :, M - m :], (start - (M - m)).clamp(min=0)
 
     def _repacks(self) -> bool:
         """Whether this layer, once packed, keeps its evictor's budget while
@@ -827,7 +891,7 @@ class CompressedLayer(CacheLayerMixin):
         self._pending = []
         self.store = self.store.unpacked()
         self._compress(pending, scaling)
-        self._to_packed(self.method.packing)
+        self._to_packed(self.method.packing, pending, scaling)
 
     def _compress(self, queries, scaling: float) -> None:
         """Evict or merge down to the method's targets (prefill and decode)."""

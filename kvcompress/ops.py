@@ -833,7 +833,8 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
 
 def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                      residual_keys, residual_values, *, bits, group, scaling=None, kv_start=None,
-                     offsets=None, lengths=None, counts=None, out=None, return_lse=False, value_bits=None):
+                     offsets=None, lengths=None, counts=None, out=None, return_lse=False, value_bits=None,
+                     residual_query=None):
     """Attention of the newest ``q`` tokens over a KIVI-packed layer plus its residual window.
 
     The layout is the contract of ``docs/packed.md``: ``bits``-wide codes
@@ -897,6 +898,10 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         Width of the value codes (rows of ``ceil(D * value_bits / 8)`` bytes)
         when it differs from the keys' (``KIVI(bits=4, value_bits=2)``);
         default `bits`.
+    residual_query : tensor ``[B, Hq, q, D]``, dtype of `queries`, optional (CPU only)
+        The queries the residual slots are read with (default `queries`):
+        rotated keys (``KIVI(rotate=True)``) read the packed part with
+        ``q @ R`` and the residual, kept as it came, with ``q``, in one call.
 
     Returns
     -------
@@ -909,11 +914,15 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
                                   scaling, out)
     qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
     lse = _empty(queries, (qs[0], qs[1], qs[2]), "float32") if _flag(return_lse, "return_lse") else None
+    if residual_query is not None and getattr(getattr(queries, "device", None), "type", "cpu") != "cpu":
+        raise NotImplementedError("residual_query: the CPU kernel's; on other devices read the residual in a "
+                                  "second call (return_lse) and join the two")
     _C.packed_attention(
         *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                                 residual_keys, residual_values)),
         out, lse, _py_int(bits), None if value_bits is None else _py_int(value_bits), _py_int(group), scaling,
         *_layout_args(queries, kv_start, offsets, lengths, counts),
+        None if residual_query is None else _prepare(residual_query),
     )
     return (out, lse) if lse is not None else out
 

@@ -809,3 +809,98 @@ def test_value_bits_refused(value_bits, exc, match):
     pk = pack_uniform(torch.randn(1, 1, 64, 64), torch.randn(1, 1, 64, 64), 4, 32, value_bits=2)
     with pytest.raises(exc, match=match):
         run(q, pk, rk, rv, 4, 32, value_bits=value_bits)
+
+
+# ---------------------------------------------------------------- residual queries of their own
+
+
+def split_query_ref(q, q2, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64):
+    """``packed_ref`` with the residual slots read by ``q2`` and the packed
+    ones by ``q``: plain attention with the query [q, q2] over keys [k, 0]
+    (packed) and [0, k] (residual), so each part meets only its own query."""
+    B, Hq, nq, D = q.shape
+    Hkv, r = rk.shape[1], rk.shape[2]
+    g = Hq // Hkv
+    scaling = 1 / math.sqrt(D) if scaling is None else scaling
+    ragged = hasattr(pk, "offsets")
+    out = torch.zeros(B, nq, Hq, D, dtype=dtype)
+    for b in range(B):
+        for hk in range(Hkv):
+            i = b * Hkv + hk
+            if ragged:
+                kp, vp, s0 = pk.k64[i], pk.v64[i], 0
+                o, n = int(pk.offsets[i]), int(pk.lengths[i])
+                c = None if counts is None else counts[o:o + n]
+            else:
+                kp, vp = pk.k64[b, hk], pk.v64[b, hk]
+                s0 = 0 if kv_start is None else int(kv_start[b])
+                c = None if counts is None else counts[b, hk]
+            n = kp.shape[0]
+            kh = torch.cat([torch.cat([kp.to(dtype), torch.zeros(n, D, dtype=dtype)], 1),
+                            torch.cat([torch.zeros(r, D, dtype=dtype), rk[b, hk].to(dtype)], 1)])
+            vh = torch.cat([vp.to(dtype), rv[b, hk].to(dtype)])
+            vh = torch.cat([vh, torch.zeros_like(vh)], 1)  # as wide as the query; the pad's output is dropped
+            logc = None
+            if c is not None:
+                logc = torch.cat([torch.log(c.to(torch.float64)), torch.zeros(r, dtype=torch.float64)])
+            qh = torch.cat([q[b, hk * g:(hk + 1) * g], q2[b, hk * g:(hk + 1) * g]], -1).to(dtype)
+            out[b, :, hk * g:(hk + 1) * g] = _head_attention(qh, kh, vh, scaling, s0, logc, dtype)[..., :D]
+    return out
+
+
+@pytest.mark.parametrize("shape", UNIFORM_SHAPES, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_residual_query_uniform(shape, dtype):
+    """``residual_query``: the packed slots meet ``queries``, the residual
+    ``residual_query`` (rotated keys' read in one call), within the bound of
+    the float64 reference; with padding reaching into the residual too."""
+    B, Hq, Hkv, nq, n, r, D, G = shape
+    q, pk, rk, rv = uniform_case(*shape, 2, dtype)
+    q2 = queries(B, Hq, nq, D, dtype, seed=41)
+    kv_start = torch.tensor([0, n + 1][:B]).clamp(max=n + r - nq)
+    got = run(q, pk, rk, rv, 2, G, kv_start=kv_start, residual_query=q2, scaling=0.4)
+    ref = split_query_ref(q, q2, pk, rk, rv, kv_start=kv_start, scaling=0.4)
+    same = split_query_ref(q, q2, pk, rk, rv, kv_start=kv_start, scaling=0.4, dtype=dtype)
+    assert_within_bound(got, ref, same, f"{shape} {dtype}")
+    if r:  # it matters: the plain call differs
+        assert not torch.equal(got, run(q, pk, rk, rv, 2, G, kv_start=kv_start, scaling=0.4))
+    # the queries themselves as residual queries: the plain call's bits
+    assert torch.equal(run(q, pk, rk, rv, 2, G, kv_start=kv_start, residual_query=q.clone(), scaling=0.4),
+                       run(q, pk, rk, rv, 2, G, kv_start=kv_start, scaling=0.4))
+
+
+@pytest.mark.parametrize("nq", [1, 3, 40])
+def test_residual_query_ragged_counts_threads(nq):
+    """Per-head packed segments (an empty head, counts) with residual
+    queries of their own, split-K blocks over a long head: float64 bound,
+    and the same bits on 1, 2 and 3 threads."""
+    lengths = [2500, 0, 33, 300]
+    B, Hq, Hkv, D, G, r = 2, 6, 2, 64, 16, nq + 4
+    pk = pack_ragged(lengths, D, 4, G, seed=nq)
+    q, q2 = queries(B, Hq, nq, D, torch.float32, seed=2), queries(B, Hq, nq, D, torch.float32, seed=3)
+    rk, rv = randn((B, Hkv, r, D), seed=8), randn((B, Hkv, r, D), seed=9)
+    counts = torch.from_numpy(np.random.default_rng(nq).integers(1, 9, size=pk.N)).float()
+    outs = []
+    for nt in (1, 2, 3):
+        ops.set_num_threads(nt)
+        outs.append(run(q, pk, rk, rv, 4, G, counts=counts, residual_query=q2))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert_within_bound(outs[0], split_query_ref(q, q2, pk, rk, rv, counts=counts),
+                        split_query_ref(q, q2, pk, rk, rv, counts=counts, dtype=torch.float32), f"q={nq}")
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda a: a.update(residual_query=queries(2, 4, 1, 8, torch.float32)), KVCompressValueError, "residual_query"),
+    (lambda a: a.update(residual_query=queries(2, 4, 2, 16, torch.float32)), KVCompressValueError,
+     "residual_query"),
+    (lambda a: a.update(residual_query=queries(2, 4, 2, 8, torch.bfloat16)), KVCompressTypeError, "residual_query"),
+    (lambda a: a.update(residual_query=torch.zeros(2, 4, 2)), KVCompressValueError, "residual_query"),
+])
+@pytest.mark.parametrize("layout", ["uniform", "ragged"])
+def test_bad_residual_query(mutate, exc, match, layout):
+    a = _uniform_args() if layout == "uniform" else _ragged_args()
+    a["residual_query"] = queries(2, 4, 2, 8, torch.float32, seed=9)
+    assert _call(a).shape == (2, 2, 4, 8)
+    mutate(a)
+    with pytest.raises(exc, match=match):
+        _call(a)

@@ -92,13 +92,36 @@ def test_the_packed_codes_are_those_of_the_rotated_keys(bits):
         assert err(k) < 0.8 * err(plain.dequantized()[0])
 
 
+def _kernel_calls(monkeypatch, one_call):
+    """Read rotated stores in one kernel call (the CPU's way) or in joined
+    calls (the other devices' way, here on the CPU); returns the list that
+    records each ``ops.packed_attention`` call."""
+    import kvcompress.stores.packed as packed_store
+
+    monkeypatch.setattr(packed_store, "one_call", lambda query: one_call)
+    calls, real = [], ops.packed_attention
+
+    def counted(*a, **k):
+        calls.append(k.get("residual_query") is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ops, "packed_attention", counted)
+    return calls
+
+
+ONE_CALL = pytest.mark.parametrize("one_call", [True, False], ids=["one-call", "joined"])
+
+
+@ONE_CALL
 @pytest.mark.parametrize("value_bits", [None, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotated_attention_equals_float64_over_the_dequantized_slots(dtype, value_bits):
-    """Packed part with the rotated query, residual with the query as it is,
-    joined by their log-sum-exps: within twice torch's own error of float64
-    attention over the dequantized slots, with padded rows and GQA; prefill
-    chunks (several queries) and softcaps (the eager path) too."""
+def test_rotated_attention_equals_float64_over_the_dequantized_slots(dtype, value_bits, one_call, monkeypatch):
+    """Packed part with the rotated query, residual with the query as it is
+    (one kernel call with ``residual_query``, or two joined by their
+    log-sum-exps): within twice torch's own error of float64 attention over
+    the dequantized slots, with padded rows and GQA; prefill chunks (several
+    queries) and softcaps (the eager path) too."""
+    calls = _kernel_calls(monkeypatch, one_call)
     store, _, _ = _rotated_store(dtype, value_bits, bits=4)
     B, Hkv, D = 2, 2, 32
     Hq = 6
@@ -113,6 +136,8 @@ def test_rotated_attention_equals_float64_over_the_dequantized_slots(dtype, valu
         torch_err = (masked_attention(q, k.to(dtype), v.to(dtype), spec, mask).double() - ref).abs().max().item()
         err = (out.double() - ref).abs().max().item()
         assert err <= 2 * torch_err + (1e-6 if dtype == torch.float32 else 1e-2), (q_len, kv_start, err, torch_err)
+        assert calls == ([True] if one_call else [False, False]), calls
+        calls.clear()
     # softcap: the eager path over the same slots
     capped = store.attend(q, AttentionSpec(scaling=D**-0.5, softcap=5.0), kv_start=kv_start)
     ref_capped = _attention64(q, k, v, D**-0.5, kv_start, softcap=5.0)
@@ -154,10 +179,13 @@ def _ragged(seed=5, D=16):
     return RaggedStore.from_dense(keys, values, positions, valid, counts=counts)
 
 
-def test_rotated_per_head_layer_equals_its_padded_reference():
+@ONE_CALL
+def test_rotated_per_head_layer_equals_its_padded_reference(one_call, monkeypatch):
     """A per-head packed layer (an empty head, merge counts, a residual)
-    packed rotated: the kernel's two calls equal float64 attention over the
-    padded dequantized copy, with and without the log-count bias."""
+    packed rotated: the kernel (one call, or two joined) equals float64
+    attention over the padded dequantized copy, with and without the
+    log-count bias."""
+    calls = _kernel_calls(monkeypatch, one_call)
     D = 16
     store = RaggedPackedStore.from_ragged(_ragged(D=D), 4, 8, 0, rotation=key_rotation(D, "cpu"))
     store.append(torch.randn(2, 2, 2, D), torch.randn(2, 2, 2, D), 90)
@@ -168,6 +196,8 @@ def test_rotated_per_head_layer_equals_its_padded_reference():
         keys, values, start, logc = store.padded(bias)
         ref = _padded64(q, keys, values, start, logc, D**-0.5)
         assert (out.double() - ref).abs().max().item() < 1e-5, bias
+        assert calls == ([True] if one_call else [False, False]), calls
+        calls.clear()
 
 
 def _padded64(q, keys, values, start, logc, scaling):
@@ -329,14 +359,12 @@ def test_auto_decides_once_per_layer_and_keeps_its_choice(tiny_lm, make):
     seen = {}
     real = CompressedLayer._key_rotation
 
-    def spy(self, packing, queries, scaling):
+    def spy(self, packing, queries, scaling, **kw):
         first = not self._rotation_decided
-        out = real(self, packing, queries, scaling)
-        if first and isinstance(self.store, kvc.stores.UniformStore) and queries is not None:
-            bits, group, residual, _ = packing
-            m = (self.store.n - residual) // group * group
-            want = rotation_helps(queries[:, :, -32:], self.store.keys[:, :, :m], key_rotation(16, "cpu"), bits,
-                                  group, scaling)
+        out = real(self, packing, queries, scaling, **kw)
+        if first and type(self.store) is PackedStore and queries is not None:
+            keys = self.store.residual_keys()[:, :, : self.store.pending()]
+            want = rotation_helps(queries[:, :, -32:], keys, key_rotation(16, "cpu"), packing[0], packing[1], scaling)
             seen[self.layer_idx] = (out is not None, want)
         return out
 
@@ -355,12 +383,73 @@ def test_auto_decides_once_per_layer_and_keeps_its_choice(tiny_lm, make):
         assert got == want, idx
 
 
+def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_lm, monkeypatch):
+    """``rotate="auto"`` with a prompt shorter than ``residual + group``:
+    nothing is packed at prefill, so each layer holds its newest queries and
+    decides just before the first decode step that packs, on the group about
+    to be packed (the prompt's first keys, padding masked). Forced either
+    way, generation equals ``rotate=True`` or ``rotate=False`` bit for bit."""
+    from transformers import DynamicCache
+
+    import kvcompress.cache as cache_mod
+
+    model, tok, _ = tiny_lm
+    torch.manual_seed(21)
+    ids = torch.randint(5, 250, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    kivi = lambda rotate: KIVI(bits=2, group=8, residual=16, rotate=rotate)  # noqa: E731
+
+    def run(method):
+        with kvc.compress(model, method) as session:
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False,
+                                 pad_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+        return out, session.cache
+
+    calls = []
+    real = cache_mod.rotation_helps
+
+    def spy(queries, keys, rot, bits, group, scaling, start=None):
+        got = real(queries, keys, rot, bits, group, scaling, start)
+        calls.append((queries.clone(), keys.clone(), start, got))  # views of buffers that move on
+        return got
+
+    monkeypatch.setattr(cache_mod, "rotation_helps", spy)
+    _, cache = run(kivi("auto"))
+    layers = cache.layers
+    assert len(calls) == len(layers)
+    full = DynamicCache()
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+              **T.cache_kwargs(model, full))
+    H, Hq = model.config.num_key_value_heads, model.config.num_attention_heads
+    for layer, (queries, keys, start, got) in zip(layers, calls):
+        assert layer._rotation_decided and layer._rot_q is None and layer.store.n_packed > 0
+        assert (layer.store.rotation is not None) == got
+        # prompt (12) and decode queries (12) up to the step whose residual overflows (24 = 16 + 8)
+        assert tuple(queries.shape) == (2, Hq, 24, 16)
+        assert torch.equal(start, torch.tensor([0] * H + [4] * H))
+        ref = full.layers[layer.layer_idx].keys
+        assert torch.equal(keys[0], ref[0, :, :8]) and torch.equal(keys[1, :, 4:], ref[1, :, 4:8])
+
+    for forced, same in ((True, True), (False, False)):
+        monkeypatch.setattr(cache_mod, "rotation_helps", lambda *a, forced=forced, **k: forced)
+        out, cache = run(kivi("auto"))
+        assert all((layer.store.rotation is not None) == forced for layer in cache.layers)
+        want, _ = run(kivi(same))
+        assert torch.equal(out.sequences, want.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(out.logits, want.logits)), forced
+
+
+@ONE_CALL
 @pytest.mark.parametrize("high_bits", [None, 8])
-def test_rotated_mixed_precision_equals_float64_over_the_dequantized_slots(high_bits):
+def test_rotated_mixed_precision_equals_float64_over_the_dequantized_slots(high_bits, one_call, monkeypatch):
     """Mixed precision with rotated keys: the low-bit part (and the high-bit
-    one) read with the rotated query, the residual with the query as it is,
-    three parts joined by log-sum-exp, within twice torch's error of float64
-    attention over the dequantized slots, padded rows included."""
+    one) read with the rotated query, the residual with the query as it is
+    (in the low part's call, or a call of its own), parts joined by
+    log-sum-exp, within twice torch's error of float64 attention over the
+    dequantized slots, padded rows included."""
+    calls = _kernel_calls(monkeypatch, one_call)
     torch.manual_seed(13)
     B, H, Hq, n, D, G = 2, 2, 4, 70, 16, 8
     keys, values = torch.randn(B, H, n, D) * torch.linspace(0.3, 3, D), torch.randn(B, H, n, D)
@@ -382,3 +471,5 @@ def test_rotated_mixed_precision_equals_float64_over_the_dequantized_slots(high_
     mask = build_mask(B, 1, k.shape[2], "cpu", kv_start=kv_start)
     torch_err = (masked_attention(q, k, v, spec, mask).double() - ref).abs().max().item()
     assert (out.double() - ref).abs().max().item() <= 2 * torch_err + 1e-6
+    parts = 1 + (high_bits is not None)
+    assert calls == ([True] + [False] * (parts - 1) if one_call else [False] * (parts + 1)), calls

@@ -62,12 +62,16 @@ class KIVI(KeepsEveryToken):
       +6.8% to +33% on Gemma 3, whose global layers' slowly turning RoPE
       channels pack almost exactly unrotated (RESULTS, "KIVI-2 with rotated
       keys"). ``rotate="auto"`` decides per layer at its first pack: it packs
-      the keys both ways and keeps the way whose attention, for the call's
+      the keys both ways and keeps the way whose attention, for the layer's
       newest 32 queries, diverges less from the exact one
       (``stores.rotation.rotation_helps``); +7.9% and +7.2% on the two
-      models. The residual keeps the keys as they came, so a decode step
-      reads the packed part and the residual in two kernel calls joined by
-      their log-sum-exps (3-10% slower steps). Off by default (the paper's
+      models. After a prompt shorter than ``residual + group`` nothing is
+      packed at prefill: the layer holds its newest queries and decides at
+      the decode step whose residual overflows. The residual keeps the keys
+      as they came, so a decode step reads the packed part with ``q @ R``
+      and the residual with ``q``: one kernel call on the CPU
+      (``ops.packed_attention(residual_query=...)``), two joined by their
+      log-sum-exps elsewhere. Off by default (the paper's
       method); ``LowBits``, ``MiKV`` and ``ZipCache`` take it too (both
       packed widths rotated), ``MiniCache`` refuses it.
 

@@ -245,8 +245,8 @@ class PackedStore(LayerStore):
         first pack they take the row's first real slot, so padding never
         widens a group's range (it stays masked in attention).
         """
-        m = (self.r - self.residual) // self.group * self.group
-        if m <= 0 or not self.pack_decoded:
+        m = self.pending()
+        if m <= 0:
             return
         if pad is not None and not self.n_packed:
             for b, p in enumerate(pad):
@@ -255,6 +255,27 @@ class PackedStore(LayerStore):
                     self._rv[b, :, :p] = self._rv[b, :, p : p + 1]
         self._pack_oldest(m)
         self._drop_oldest(m)
+
+    def pending(self) -> int:
+        """How many of the oldest residual slots the next :meth:`settle` packs."""
+        if not self.pack_decoded or self._rk is None:
+            return 0
+        return max(0, (self.r - self.residual) // self.group * self.group)
+
+    def residual_keys(self) -> torch.Tensor:
+        """The full-precision keys ``[B, H, r, D]`` of the residual, oldest first."""
+        return self._rk[:, :, : self.r]
+
+    def packed_any(self) -> bool:
+        """Whether any slot is packed (the rotation is then fixed)."""
+        return bool(self.n_packed or self._hi is not None)
+
+    def set_rotation(self, rotation: torch.Tensor | None) -> None:
+        """Pack keys as ``k @ rotation`` from now on: only before anything is
+        packed (``rotate="auto"`` deciding at the first :meth:`settle` that packs)."""
+        if rotation is not self.rotation and self.packed_any():
+            raise RuntimeError("PackedStore.set_rotation: keys are already packed in another basis")
+        self.rotation = rotation
 
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
@@ -429,12 +450,13 @@ class PackedStore(LayerStore):
         unseen = unseen.clamp(min=0, max=self.n).expand(int(query.shape[0]))
         return unseen if kv_start is None else torch.maximum(kv_start.to(torch.int64), unseen)
 
-    def _attend_two_widths(self, query, rk, rv, scaling, kv_start):
+    def _attend_two_widths(self, query, rk, rv, scaling, kv_start, residual_query=None):
         """Mixed precision with ``high_bits``: the low part with the residual
         and the high part on its own (every query after it), each by
         ``ops.packed_attention``, joined exactly through their log-sum-exps.
         ``kv_start`` counts the logical order low, high, residual, so a row's
-        masked prefix splits into the two calls' prefixes."""
+        masked prefix splits into the two calls' prefixes. ``residual_query``:
+        the residual's own queries (rotated keys: ``query`` is the rotated one)."""
         p, h = self.n_packed, self.n_high
         start_lo = start_hi = None
         if kv_start is not None:
@@ -444,7 +466,7 @@ class PackedStore(LayerStore):
             start_lo = lo + (ks - p - h).clamp(min=0)  # a masked residual prefix follows a fully masked low part
         o1, l1 = ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
                                       value_bits=self.value_bits, scaling=scaling, kv_start=start_lo,
-                                      return_lse=True)
+                                      return_lse=True, residual_query=residual_query)
         none = rk[:, :, :0]
         o2, l2 = ops.packed_attention(query, *self._hi, none, none, bits=self.high_bits, group=self.group,
                                       scaling=scaling, kv_start=start_hi, return_lse=True)
@@ -452,10 +474,19 @@ class PackedStore(LayerStore):
 
     def _attend_rotated(self, query, rk, rv, scaling, kv_start):
         """Rotated keys: each packed part (the low-bit one, and a mixed
-        precision store's high-bit one) read with the rotated query and no
-        residual, the residual with the query as it is and no packed part,
+        precision store's high-bit one) read with the rotated query, the
+        residual with the query as it is. On the CPU the kernel takes both
+        queries (``residual_query``): one call, or two joined for mixed
+        precision, as unrotated. Elsewhere each part is a call of its own,
         joined exactly through their log-sum-exps. ``kv_start`` counts the
         logical order low part, high part, residual."""
+        if one_call(query):
+            rq = rotate(query, self.rotation)
+            if self._hi is None:
+                return ops.packed_attention(rq, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
+                                            value_bits=self.value_bits, scaling=scaling, kv_start=kv_start,
+                                            residual_query=query)
+            return self._attend_two_widths(rq, rk, rv, scaling, kv_start, residual_query=query)
         p, h = self.n_packed, self.n_high
         starts = [None, None, None]
         if kv_start is not None:
@@ -476,6 +507,13 @@ class PackedStore(LayerStore):
                                           value_bits=self.value_bits, scaling=scaling, kv_start=starts[2],
                                           return_lse=True))
         return join_parts(parts, query.dtype)
+
+
+def one_call(query) -> bool:
+    """Whether rotated keys' packed part and residual are read in one kernel
+    call (``ops.packed_attention(residual_query=...)``, the CPU kernel's);
+    elsewhere they are two calls joined by :func:`join_parts`."""
+    return query.device.type == "cpu"
 
 
 def join_parts(parts, dtype):

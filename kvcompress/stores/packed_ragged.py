@@ -25,6 +25,7 @@ import torch
 from .. import ops
 from .base import AttentionSpec
 from .masked import padded_head_attention
+from . import packed as packed_store
 from .packed import PackedStore, join_parts, kernel_reads
 from .ragged import RaggedStore, segments
 from .rotation import rotate
@@ -236,6 +237,10 @@ class RaggedPackedStore(PackedStore):
             cap = int(self._rk.shape[2])
             self._rcols = {k: _fit(t, cap) for k, t in kept.items()}
 
+    def packed_any(self) -> bool:
+        """Whether any head holds a packed slot."""
+        return self._host_lengths is not None and bool(self._host_lengths.sum())
+
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots onto the end of every head's
         segment (each segment stays a whole number of groups)."""
@@ -377,8 +382,15 @@ class RaggedPackedStore(PackedStore):
 
     def _attend_rotated_heads(self, query, rk, rv, scaling, counts):
         """Rotated keys: every head's packed segment read with the rotated
-        query (no residual), the residual with the query as it is (an empty
-        packed part of the uniform layout), joined through their log-sum-exps."""
+        query, the residual with the query as it is: one call on the CPU
+        (``residual_query``); elsewhere the residual in a second call (an
+        empty packed part of the uniform layout), joined through their
+        log-sum-exps."""
+        if packed_store.one_call(query):
+            return ops.packed_attention(rotate(query, self.rotation), self._kc, self._kmin, self._ksc, self._vc,
+                                        self._vmin, self._vsc, rk, rv, bits=self.bits, value_bits=self.value_bits,
+                                        group=self.group, scaling=scaling, offsets=self.offsets,
+                                        lengths=self.lengths, counts=counts, residual_query=query)
         o1, l1 = ops.packed_attention(rotate(query, self.rotation), self._kc, self._kmin, self._ksc, self._vc,
                                       self._vmin, self._vsc, rk[:, :, :0], rv[:, :, :0], bits=self.bits,
                                       value_bits=self.value_bits, group=self.group, scaling=scaling,

@@ -1,0 +1,92 @@
+"""Perplexity of a continuation read one token at a time after a short prompt.
+
+``kvcompress eval``'s perplexity prefills 1,024 tokens and reads the
+continuation in one chunk, so a quantizer packs at prefill only. A chat turn
+is the other shape: a short prompt, then a long generation during which the
+cache fills and the quantizer packs as it decodes. This benchmark scores that
+shape: for each of ``--windows`` seeded windows of ``--text`` it prefills
+``--context`` tokens, then feeds the next ``--tokens`` tokens one decode step
+at a time (teacher forcing, ``testing.greedy(force=...)``) and scores each
+step's logits on the true next token. Every method gets the same windows.
+Prints perplexity with a 95% bootstrap interval over windows, the change
+against the full cache, and with ``--json`` writes the per-window NLLs::
+
+    python benchmarks/eval_decode_ppl.py --methods kivi:bits=2,kivi:bits=2:rotate=auto \\
+        --context 64 --tokens 512 --windows 8 --json benchmarks/results/decode_ppl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from kvcompress import testing as T
+from kvcompress.intervals import bootstrap
+from kvcompress.methods import method_from_spec
+from kvcompress.model import load_model
+
+
+def window_nll(model, method, ids, context: int) -> tuple[float, int]:
+    """Summed NLL (nats) of ``ids[0, context:]`` ``[1, C + L]``, read one token
+    per decode step after prefilling the first ``context`` (the first token
+    is predicted by the prefill)."""
+    target = ids[0, context:].tolist()
+    L = len(target)
+    with T.method_context(model, method) as new:
+        _, logits = T.greedy(model, new(), ids[:, :context], L, force=target[:-1], keep_logits=True)
+    logp = torch.log_softmax(logits.double(), -1)
+    return float(-logp.gather(-1, torch.tensor(target)[:, None]).sum()), L
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="a packaged model (smollm2, gemma3) or a model folder")
+    ap.add_argument("--methods", required=True, help="comma-separated method specs (as kvcompress eval)")
+    ap.add_argument("--context", type=int, default=64, help="prompt tokens per window (default 64)")
+    ap.add_argument("--tokens", type=int, default=512, help="tokens read one step at a time (default 512)")
+    ap.add_argument("--windows", type=int, default=8, help="windows of the text (default 8)")
+    ap.add_argument("--text", default=None, help="text file (default: the packaged Shakespeare excerpt)")
+    ap.add_argument("--seed", type=int, default=0, help="window offsets' seed (default 0)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="write the per-window NLLs here")
+    args = ap.parse_args(argv)
+    if args.context < 1 or args.tokens < 2 or args.windows < 1:
+        ap.error("--context, --tokens, --windows: need >= 1, >= 2, >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [s for s in args.methods.split(",") if s]
+    methods = [method_from_spec(s) for s in specs]  # bad specs fail before the model loads
+    model, tok = load_model(args.model)
+    windows = T.perplexity_windows(tok, args.text, context_tokens=args.context, continuation_tokens=args.tokens,
+                                   windows=args.windows, seed=args.seed)
+    rows = {}
+    for name, method in [("full cache", None)] + list(zip(specs, methods)):
+        t0 = time.perf_counter()
+        nll = [window_nll(model, method, ids, args.context) for ids in windows]
+        per_token = [s / n for s, n in nll]
+        rows[name] = {"nll_per_token": per_token, "seconds": time.perf_counter() - t0}
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    full = sum(rows["full cache"]["nll_per_token"]) / len(windows)
+    print(f"\n{args.model}: {args.windows} windows, {args.context}-token prompt, next {args.tokens} tokens "
+          f"read one step at a time\n")
+    print("| method | ppl (95% interval) | vs full |\n|---|---:|---:|")
+    for name, row in rows.items():
+        v = row["nll_per_token"]
+        mean = sum(v) / len(v)
+        lo, hi = bootstrap(v) if len(v) > 1 else (mean, mean)
+        row["ppl"] = math.exp(mean)
+        change = "–" if name == "full cache" else f"{100 * (math.exp(mean - full) - 1):+.1f}%"
+        print(f"| {name} | {math.exp(mean):.3f} ({math.exp(lo):.3f}–{math.exp(hi):.3f}) | {change} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "context": args.context, "tokens": args.tokens,
+                       "windows": args.windows, "seed": args.seed, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
