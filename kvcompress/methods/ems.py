@@ -367,7 +367,7 @@ class EMS(Method):
         heads by token (``local_heads="layer"``; a head that does not hold a
         token adds 0, as a zeroed sink does), then read back at each slot's
         token. -inf: not a candidate."""
-        N, M = int(L.shape[0]), int(L.shape[2])
+        N = int(L.shape[0])
         pos = pos.clamp_min(0).long()
         P = int(pos.max()) + 1
         grid = L.new_zeros((N, P)).scatter_add_(1, pos, L[:, 0].masked_fill(~cand[:, 0], 0.0))
