@@ -173,10 +173,13 @@ def pack_ragged(lengths, D, bits, G, seed=0, gap=1, shuffle=True, scale=1.0):
 # ---------------------------------------------------------------- reference attention
 
 
-def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64):
+def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64, q2=None):
     """[B, q, Hq, D] in `dtype` over the logical sequence of every head: its
     dequantized packed slots (float64, then rounded to `dtype`), then the
-    residual slots. Ragged when pk has offsets."""
+    residual slots. Ragged when pk has offsets. With ``q2`` the residual
+    slots are read by ``q2`` (``residual_query``): plain attention with the
+    query [q, q2] over keys [k, 0] (packed) and [0, k] (residual), so each
+    part meets only its own query."""
     B, Hq, nq, D = q.shape
     Hkv = rk.shape[1]
     g = Hq // Hkv
@@ -196,11 +199,17 @@ def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=to
                 c = None if counts is None else counts[b, hk]
             kh = torch.cat([kp.to(dtype), rk[b, hk].to(dtype)])
             vh = torch.cat([vp.to(dtype), rv[b, hk].to(dtype)])
+            qh = q[b, hk * g:(hk + 1) * g].to(dtype)
+            if q2 is not None:
+                n, r = kp.shape[0], rk.shape[2]
+                kh = torch.cat([torch.cat([kh[:n], torch.zeros(n, D, dtype=dtype)], 1),
+                                torch.cat([torch.zeros(r, D, dtype=dtype), kh[n:]], 1)])
+                vh = torch.cat([vh, torch.zeros_like(vh)], 1)  # as wide as the query; the pad's output is dropped
+                qh = torch.cat([qh, q2[b, hk * g:(hk + 1) * g].to(dtype)], -1)
             logc = None
             if c is not None:
                 logc = torch.cat([torch.log(c.to(torch.float64)), torch.zeros(rk.shape[2], dtype=torch.float64)])
-            out[b, :, hk * g:(hk + 1) * g] = _head_attention(
-                q[b, hk * g:(hk + 1) * g].to(dtype), kh, vh, scaling, s0, logc, dtype)
+            out[b, :, hk * g:(hk + 1) * g] = _head_attention(qh, kh, vh, scaling, s0, logc, dtype)[..., :D]
     return out
 
 
@@ -814,40 +823,6 @@ def test_value_bits_refused(value_bits, exc, match):
 # ---------------------------------------------------------------- residual queries of their own
 
 
-def split_query_ref(q, q2, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64):
-    """``packed_ref`` with the residual slots read by ``q2`` and the packed
-    ones by ``q``: plain attention with the query [q, q2] over keys [k, 0]
-    (packed) and [0, k] (residual), so each part meets only its own query."""
-    B, Hq, nq, D = q.shape
-    Hkv, r = rk.shape[1], rk.shape[2]
-    g = Hq // Hkv
-    scaling = 1 / math.sqrt(D) if scaling is None else scaling
-    ragged = hasattr(pk, "offsets")
-    out = torch.zeros(B, nq, Hq, D, dtype=dtype)
-    for b in range(B):
-        for hk in range(Hkv):
-            i = b * Hkv + hk
-            if ragged:
-                kp, vp, s0 = pk.k64[i], pk.v64[i], 0
-                o, n = int(pk.offsets[i]), int(pk.lengths[i])
-                c = None if counts is None else counts[o:o + n]
-            else:
-                kp, vp = pk.k64[b, hk], pk.v64[b, hk]
-                s0 = 0 if kv_start is None else int(kv_start[b])
-                c = None if counts is None else counts[b, hk]
-            n = kp.shape[0]
-            kh = torch.cat([torch.cat([kp.to(dtype), torch.zeros(n, D, dtype=dtype)], 1),
-                            torch.cat([torch.zeros(r, D, dtype=dtype), rk[b, hk].to(dtype)], 1)])
-            vh = torch.cat([vp.to(dtype), rv[b, hk].to(dtype)])
-            vh = torch.cat([vh, torch.zeros_like(vh)], 1)  # as wide as the query; the pad's output is dropped
-            logc = None
-            if c is not None:
-                logc = torch.cat([torch.log(c.to(torch.float64)), torch.zeros(r, dtype=torch.float64)])
-            qh = torch.cat([q[b, hk * g:(hk + 1) * g], q2[b, hk * g:(hk + 1) * g]], -1).to(dtype)
-            out[b, :, hk * g:(hk + 1) * g] = _head_attention(qh, kh, vh, scaling, s0, logc, dtype)[..., :D]
-    return out
-
-
 @pytest.mark.parametrize("shape", UNIFORM_SHAPES, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_residual_query_uniform(shape, dtype):
@@ -859,8 +834,8 @@ def test_residual_query_uniform(shape, dtype):
     q2 = queries(B, Hq, nq, D, dtype, seed=41)
     kv_start = torch.tensor([0, n + 1][:B]).clamp(max=n + r - nq)
     got = run(q, pk, rk, rv, 2, G, kv_start=kv_start, residual_query=q2, scaling=0.4)
-    ref = split_query_ref(q, q2, pk, rk, rv, kv_start=kv_start, scaling=0.4)
-    same = split_query_ref(q, q2, pk, rk, rv, kv_start=kv_start, scaling=0.4, dtype=dtype)
+    ref = packed_ref(q, pk, rk, rv, kv_start=kv_start, scaling=0.4, q2=q2)
+    same = packed_ref(q, pk, rk, rv, kv_start=kv_start, scaling=0.4, dtype=dtype, q2=q2)
     assert_within_bound(got, ref, same, f"{shape} {dtype}")
     if r:  # it matters: the plain call differs
         assert not torch.equal(got, run(q, pk, rk, rv, 2, G, kv_start=kv_start, scaling=0.4))
@@ -885,8 +860,8 @@ def test_residual_query_ragged_counts_threads(nq):
         ops.set_num_threads(nt)
         outs.append(run(q, pk, rk, rv, 4, G, counts=counts, residual_query=q2))
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
-    assert_within_bound(outs[0], split_query_ref(q, q2, pk, rk, rv, counts=counts),
-                        split_query_ref(q, q2, pk, rk, rv, counts=counts, dtype=torch.float32), f"q={nq}")
+    assert_within_bound(outs[0], packed_ref(q, pk, rk, rv, counts=counts, q2=q2),
+                        packed_ref(q, pk, rk, rv, counts=counts, dtype=torch.float32, q2=q2), f"q={nq}")
 
 
 @pytest.mark.parametrize("mutate,exc,match", [
