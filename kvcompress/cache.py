@@ -824,16 +824,12 @@ class CompressedLayer(CacheLayerMixin):
         ``[B * H]``, or None)."""
         bits, group, residual, _ = packing
         store = self.store
-        if isinstance(store, PackedStore):
-            # a packed store that has packed nothing yet: its residual's oldest groups
-            m = store.pending()
-            start = torch.tensor(self._start, dtype=torch.int64).repeat_interleave(store.heads) if self._start \
-                else None
-            return store.residual_keys()[:, :, :m], start
-        if isinstance(store, UniformStore):
-            m = max(0, int(store.n) - residual) // group * group
+        if isinstance(store, (PackedStore, UniformStore)):
             start = None if self.kv_start is None else self.kv_start.repeat_interleave(store.heads)
-            return store.keys[:, :, :m], start
+            if isinstance(store, PackedStore):
+                # a packed store that has packed nothing yet: its residual's oldest groups
+                return store.residual_keys()[:, :, : store.pending()], start
+            return store.keys[:, :, : max(0, int(store.n) - residual) // group * group], start
         padded, _, _, _, _, start = store.to_padded()
         dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
         M = int(dense.shape[2])

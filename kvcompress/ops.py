@@ -914,7 +914,7 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
                                   scaling, out)
     qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
     lse = _empty(queries, (qs[0], qs[1], qs[2]), "float32") if _flag(return_lse, "return_lse") else None
-    if residual_query is not None and getattr(getattr(queries, "device", None), "type", "cpu") != "cpu":
+    if residual_query is not None and _is_torch(queries) and queries.device.type != "cpu":
         raise NotImplementedError("residual_query: the CPU kernel's; on other devices read the residual in a "
                                   "second call (return_lse) and join the two")
     _C.packed_attention(

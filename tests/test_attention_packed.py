@@ -879,3 +879,13 @@ def test_bad_residual_query(mutate, exc, match, layout):
     mutate(a)
     with pytest.raises(exc, match=match):
         _call(a)
+
+
+def test_residual_query_refused_off_the_cpu():
+    """Only the CPU kernel takes residual queries: other devices are refused
+    by name before anything runs (a meta tensor stands in for a GPU one)."""
+    a = _uniform_args()
+    a["queries"] = a["queries"].to("meta")
+    a["residual_query"] = a["queries"]
+    with pytest.raises(NotImplementedError, match="residual_query"):
+        _call(a)

@@ -99,8 +99,7 @@ class KIVI(KeepsEveryToken):
                 raise ValueError(f"value_bits: must be None (= bits), 2, 4 or 8, got {self.value_bits}")
         self._check_int("group", self.group, 1)
         self._check_int("residual", self.residual, 0)
-        if not isinstance(self.rotate, bool) and self.rotate != "auto":
-            raise TypeError(f"rotate: expected True, False or 'auto', got {self.rotate!r}")
+        _check_rotate(self)
 
     @property
     def packing(self) -> tuple[int, int, int, int]:
@@ -118,8 +117,8 @@ class KIVI(KeepsEveryToken):
         return "" if self.value_bits is None else f", value_bits={self.value_bits}"
 
     def describe(self) -> str:
-        rot = f", rotate={self.rotate!r}" if self.rotate else ""
-        return f"KIVI(bits={self.bits}{self._value_text()}, group={self.group}, residual={self.residual}{rot})"
+        return (f"KIVI(bits={self.bits}{self._value_text()}, group={self.group}, residual={self.residual}"
+                f"{_rotate_text(self)})")
 
     def __repr__(self) -> str:
         # budget, ratio and interval mean nothing for a method that keeps every token
@@ -178,8 +177,18 @@ class LowBits(KIVI):
 
     def describe(self) -> str:
         high = "" if self.high_bits is None else f", high_bits={self.high_bits}"
-        rot = f", rotate={self.rotate!r}" if self.rotate else ""
-        return f"LowBits(bits={self.bits}{self._value_text()}, group={self.group}{high}{rot})"
+        return f"LowBits(bits={self.bits}{self._value_text()}, group={self.group}{high}{_rotate_text(self)})"
+
+
+def _check_rotate(m) -> None:
+    """``rotate``: True, False or ``"auto"``."""
+    if not isinstance(m.rotate, bool) and m.rotate != "auto":
+        raise TypeError(f"rotate: expected True, False or 'auto', got {m.rotate!r}")
+
+
+def _rotate_text(m) -> str:
+    """``rotate`` as ``describe()`` shows it (nothing when off)."""
+    return f", rotate={m.rotate!r}" if m.rotate else ""
 
 
 def _check_high_bits(m) -> None:
@@ -207,14 +216,13 @@ class _MixedPrecision:
     def _check_fields(self) -> None:
         super()._check_fields()
         _check_high_bits(self)
-        if not isinstance(self.rotate, bool) and self.rotate != "auto":
-            raise TypeError(f"rotate: expected True, False or 'auto', got {self.rotate!r}")
+        _check_rotate(self)
 
     def _size(self) -> str:
         return f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
 
     def _high(self) -> str:
-        return f", high_bits={self.high_bits}" + (f", rotate={self.rotate!r}" if self.rotate else "")
+        return f", high_bits={self.high_bits}{_rotate_text(self)}"
 
     def __repr__(self) -> str:
         return self.describe()

@@ -426,12 +426,17 @@ class PackedStore(LayerStore):
             if windowed:
                 # keys at distance >= window from the query (build_mask's rule)
                 kv_start = self._leading(query, query_pos[:, 0].to(torch.int64) - (spec.window - 1), kv_start)
-            if self.rotation is not None and (self.n_packed or self._hi is not None):
-                return self._attend_rotated(query, rk, rv, spec.scaling, kv_start)
+            pq, residual_query = query, None
+            if self.rotation is not None and self.packed_any():
+                # the packed part with q @ R, the residual (kept as it came) with q
+                if not one_call(query):
+                    return self._attend_joined(query, rk, rv, spec.scaling, kv_start)
+                pq, residual_query = rotate(query, self.rotation), query
             if self._hi is None:
-                return ops.packed_attention(query, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
-                                            value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start)
-            return self._attend_two_widths(query, rk, rv, spec.scaling, kv_start)
+                return ops.packed_attention(pq, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
+                                            value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start,
+                                            residual_query=residual_query)
+            return self._attend_two_widths(pq, rk, rv, spec.scaling, kv_start, residual_query)
         # softcap / sink logits / windows: the eager path over a dequantized copy
         keys, values = self.dequantized()
         key_pos = None
@@ -472,21 +477,13 @@ class PackedStore(LayerStore):
                                       scaling=scaling, kv_start=start_hi, return_lse=True)
         return join_parts([(o1, l1), (o2, l2)], query.dtype)
 
-    def _attend_rotated(self, query, rk, rv, scaling, kv_start):
-        """Rotated keys: each packed part (the low-bit one, and a mixed
-        precision store's high-bit one) read with the rotated query, the
-        residual with the query as it is. On the CPU the kernel takes both
-        queries (``residual_query``): one call, or two joined for mixed
-        precision, as unrotated. Elsewhere each part is a call of its own,
+    def _attend_joined(self, query, rk, rv, scaling, kv_start):
+        """Rotated keys where the kernel takes no ``residual_query`` (not
+        :func:`one_call`): each packed part (the low-bit one, and a mixed
+        precision store's high-bit one) read with the rotated query and no
+        residual, the residual with the query as it is and no packed part,
         joined exactly through their log-sum-exps. ``kv_start`` counts the
         logical order low part, high part, residual."""
-        if one_call(query):
-            rq = rotate(query, self.rotation)
-            if self._hi is None:
-                return ops.packed_attention(rq, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
-                                            value_bits=self.value_bits, scaling=scaling, kv_start=kv_start,
-                                            residual_query=query)
-            return self._attend_two_widths(rq, rk, rv, scaling, kv_start, residual_query=query)
         p, h = self.n_packed, self.n_high
         starts = [None, None, None]
         if kv_start is not None:
@@ -511,8 +508,9 @@ class PackedStore(LayerStore):
 
 def one_call(query) -> bool:
     """Whether rotated keys' packed part and residual are read in one kernel
-    call (``ops.packed_attention(residual_query=...)``, the CPU kernel's);
-    elsewhere they are two calls joined by :func:`join_parts`."""
+    call (``ops.packed_attention(residual_query=...)``, the CPU kernel's),
+    as unrotated ones are; elsewhere they are separate calls joined by
+    :func:`join_parts` (``PackedStore._attend_joined``)."""
     return query.device.type == "cpu"
 
 

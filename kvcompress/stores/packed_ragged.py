@@ -371,26 +371,25 @@ class RaggedPackedStore(PackedStore):
         counts = self.counts_bias if spec.count_bias else self.counts_plain
         if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
             rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+            pq, residual_query = query, None
             if self.rotation is not None:
-                return self._attend_rotated_heads(query, rk, rv, spec.scaling, counts)
-            return ops.packed_attention(query, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
+                # the packed segments with q @ R, the residual (kept as it came) with q
+                if not packed_store.one_call(query):
+                    return self._attend_joined_heads(query, rk, rv, spec.scaling, counts)
+                pq, residual_query = rotate(query, self.rotation), query
+            return ops.packed_attention(pq, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
                                         rk, rv, bits=self.bits, value_bits=self.value_bits, group=self.group,
                                         scaling=spec.scaling, offsets=self.offsets, lengths=self.lengths,
-                                        counts=counts)
+                                        counts=counts, residual_query=residual_query)
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
 
-    def _attend_rotated_heads(self, query, rk, rv, scaling, counts):
-        """Rotated keys: every head's packed segment read with the rotated
-        query, the residual with the query as it is: one call on the CPU
-        (``residual_query``); elsewhere the residual in a second call (an
+    def _attend_joined_heads(self, query, rk, rv, scaling, counts):
+        """Rotated keys where the kernel takes no ``residual_query`` (not
+        ``one_call``): every head's packed segment read with the rotated
+        query and no residual, the residual with the query as it is (an
         empty packed part of the uniform layout), joined through their
         log-sum-exps."""
-        if packed_store.one_call(query):
-            return ops.packed_attention(rotate(query, self.rotation), self._kc, self._kmin, self._ksc, self._vc,
-                                        self._vmin, self._vsc, rk, rv, bits=self.bits, value_bits=self.value_bits,
-                                        group=self.group, scaling=scaling, offsets=self.offsets,
-                                        lengths=self.lengths, counts=counts, residual_query=query)
         o1, l1 = ops.packed_attention(rotate(query, self.rotation), self._kc, self._kmin, self._ksc, self._vc,
                                       self._vmin, self._vsc, rk[:, :, :0], rv[:, :, :0], bits=self.bits,
                                       value_bits=self.value_bits, group=self.group, scaling=scaling,
