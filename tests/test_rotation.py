@@ -64,6 +64,30 @@ def _rotated_store(dtype, value_bits=None, bits=2, D=32, G=16, R=32, n=130, seed
     return store, keys, values
 
 
+def test_set_rotation_only_before_anything_is_packed():
+    """``set_rotation`` (``rotate="auto"`` deciding at the first pack) takes
+    a rotation while nothing is packed, and the next ``settle`` packs with
+    it; once codes exist it refuses another basis (codes of two bases never
+    share a store) and accepts the one it has."""
+    torch.manual_seed(4)
+    D, G, R = 32, 16, 32
+    rot = key_rotation(D, "cpu")
+    store = PackedStore(2, G, R)
+    keys, values = torch.randn(1, 2, 40, D), torch.randn(1, 2, 40, D)
+    store.append(keys, values, 0)
+    assert store.pending() == 0 and not store.packed_any()
+    store.set_rotation(rot)
+    store.append(torch.randn(1, 2, 10, D), torch.randn(1, 2, 10, D), 40)
+    assert store.pending() == 16
+    store.settle()
+    assert store.packed_any() and store.rotation is rot
+    kc, _, _ = ops.pack_keys(keys[:, :, :16] @ rot, 2, G)
+    assert torch.equal(store._kc[:, :, :16], kc)
+    with pytest.raises(RuntimeError, match="already packed"):
+        store.set_rotation(None)
+    store.set_rotation(rot)  # the basis it already has
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_the_packed_codes_are_those_of_the_rotated_keys(bits):
     """The store packs ``k @ R`` (codes, mins and scales equal to packing the
