@@ -210,7 +210,7 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
 def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, clip: bool = False,
           outliers: int = 0, pre_rope: float | None = None, levels=False, rotate: bool = False,
           key_layout: str = "channel") -> None:
-    pack_oldest = P.PackedStore._pack_oldest
+    pack_oldest, real_attend = P.PackedStore._pack_oldest, P.PackedStore.attend
 
     def keep_originals(self, m):
         ok, ov = self._rk[:, :, :m].clone(), self._rv[:, :, :m].clone()
@@ -219,6 +219,10 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
         pack_oldest(self, m)
 
     def attend(self, query, spec, kv_start=None, query_pos=None):
+        if spec.window is not None:
+            # a sliding layer (Gemma 2/3, Mistral) drops the groups its window
+            # has passed: it is read by the real kernel, with no factor off
+            return real_attend(self, query, spec, kv_start, query_pos)
         rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
         keys, values = rk, rv
         if self.n_packed:

@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -107,8 +108,14 @@ def main(argv=None) -> int:
     if args.ref is not None and args.ref not in specs:
         ap.error(f"--ref: {args.ref!r} is not one of --methods")
     methods = [method_from_spec(s) for s in specs]  # bad specs fail before the model loads
+    text = None
+    if args.text is not None:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except OSError as e:
+            ap.error(f"--text: cannot read {args.text}: {e}")
     model, tok = load_model(args.model)
-    windows = T.perplexity_windows(tok, args.text, context_tokens=args.context, continuation_tokens=args.tokens,
+    windows = T.perplexity_windows(tok, text, context_tokens=args.context, continuation_tokens=args.tokens,
                                    windows=args.windows, seed=args.seed)
     rows = {}
     for name, method in [("full cache", None)] + list(zip(specs, methods)):

@@ -739,11 +739,15 @@ class CompressedLayer(CacheLayerMixin):
         self._rebudget = self._repacks()
         if isinstance(self.store, UniformStore):
             # packs nothing until settle(), before which _settle decides the rotation
+            # sliding layers keep no sinks: their window leaves the first tokens behind
             self.store = PackedStore.from_uniform(self.store, *packing, columns=self._rebudget,
-                                                  rotation=self._rotation)
+                                                  rotation=self._rotation,
+                                                  sinks=self.method.fp_sinks if self.window is None else 0)
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
+            if self.method.fp_sinks:  # the method refuses per-head evictors with sinks: never reached
+                raise ValueError(f"sinks: {self.method.describe()} keeps no sink block in a per-head layer")
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation)
@@ -761,6 +765,7 @@ class CompressedLayer(CacheLayerMixin):
         rotation first, once the residual overflows (a store that never packs
         while decoding, mixed precision's, holds no queries for it)."""
         store = self.store
+        store.take_sinks(pad=self._start)  # first: the sinks are not among the keys the rotation is tested on
         if self.method.rotates_keys and not self._rotation_decided and store.pack_decoded and store.batch:
             rotation = self._key_rotation(self.method.packing, queries, scaling, defer=True)
             if self._rotation_decided:
@@ -828,6 +833,8 @@ class CompressedLayer(CacheLayerMixin):
             start = None if self.kv_start is None else self.kv_start.repeat_interleave(store.heads)
             if isinstance(store, PackedStore):
                 # a packed store that has packed nothing yet: its residual's oldest groups
+                if start is not None and store.n_sinks:
+                    start = store.split_start(self.kv_start)[1].repeat_interleave(store.heads)
                 return store.residual_keys()[:, :, : store.pending()], start
             return store.keys[:, :, : max(0, int(store.n) - residual) // group * group], start
         padded, _, _, _, _, start = store.to_padded()

@@ -370,6 +370,7 @@ PACKING = {
     "snapkv+kivi": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=8, residual=8),
     "ems+kivi": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=4, group=8, residual=8),
     "ems+kivi-rotated": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, rotate=True),
+    "snapkv+kivi-sinks": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=2, group=8, residual=8, sinks=4),
     "mikv-rotated": lambda: kvc.MiKV(budget=32, group=8, rotate=True),
     "mikv": lambda: kvc.MiKV(budget=32, group=8),  # its selected slots at 8 bits: two packed widths
     "zipcache-fp": lambda: kvc.ZipCache(budget=32, group=8, high_bits=None),
@@ -399,6 +400,8 @@ SLIDING = [f for f, spec in FAMILIES.items() if "sliding_window" in spec[2]]
 SLIDING_PACKED = {
     "kivi": (lambda G, R: kvc.KIVI(bits=4, group=G, residual=R), WINDOW - 1),
     "kivi-rotated": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, rotate=True), WINDOW - 1),
+    # the full-attention layers keep their first 4 slots in full precision, the sliding ones none
+    "kivi-sinks": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, sinks=4), WINDOW - 1),
     # a budget below the window: the sliding layers keep their 32 newest slots, packed
     "snapkv+kivi": (lambda G, R: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=G, residual=R), 32),
 }
@@ -429,7 +432,9 @@ def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, fami
         s = layer.store
         assert isinstance(s, PackedStore), (family, layer)
         if layer.window is None:
+            assert s.n_sinks == (4 if method == "kivi-sinks" else 0), (family, s)
             continue
+        assert s.sinks == s.n_sinks == 0, (family, s)
         sliding += 1
         assert s.n_packed > 0 and s.n_packed % G == 0 and R <= s.r < R + G, (family, s)
         assert s.first_position + s.n == layer.seen and s.visible_from == layer.seen - keep, (family, s)
@@ -439,7 +444,7 @@ def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, fami
         cap, rcap = int(s._kc.shape[2]), int(s._rk.shape[2])
         assert cap <= WINDOW + 4 * G, (family, s, cap)
         H = cfg.num_key_value_heads
-        bits = 2 if s.rotation is not None else 4
+        bits = 2 if s.rotation is not None or method == "kivi-sinks" else 4
         packed = (2 * H * cap * (D * bits // 8 * 2 + 2 * 4 * math.ceil(D / G)) + 2 * 2 * H * (cap // G) * D * 4
                   + (D * D * 4 if s.rotation is not None else 0))  # one rotation matrix, shared by the layers
         assert sum(t.untyped_storage().nbytes() for t in s.tensors()) == packed + 2 * 2 * H * rcap * D * 4

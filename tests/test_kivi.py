@@ -55,6 +55,21 @@ def _group_bound(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> t
     return bound / (2**bits - 1)
 
 
+def check_float64(store, q, kv_start, dtype):
+    """``store.attend(q)`` within twice torch's own error (doing this
+    attention in ``dtype`` on the same dequantized slots) of float64
+    attention over the store's dequantized slots; returns them ``(k, v)``."""
+    spec = AttentionSpec(scaling=q.shape[-1] ** -0.5)
+    out = store.attend(q, spec, kv_start=kv_start)
+    k, v = store.dequantized()
+    ref = _attention64(q, k, v, spec.scaling, kv_start)
+    mask = build_mask(int(q.shape[0]), int(q.shape[2]), k.shape[2], "cpu", kv_start=kv_start)
+    torch_err = (masked_attention(q, k.to(dtype), v.to(dtype), spec, mask).double() - ref).abs().max().item()
+    err = (out.double() - ref).abs().max().item()
+    assert err <= 2 * torch_err + (1e-6 if dtype == torch.float32 else 1e-2), (q.shape, kv_start, err, torch_err)
+    return k, v
+
+
 def _attention64(q, k, v, scaling, kv_start=None, softcap=None):
     """float64 softmax attention of the last q slots (causal), GQA; [B, q, Hq, D]."""
     B, Hq, nq, D = q.shape
@@ -140,11 +155,11 @@ def test_store_attention_equals_float64_over_the_dequantized_slots(dtype, value_
     assert (ref_capped - ref).abs().max().item() > 1e-3  # the cap does change this attention
 
 
-@pytest.mark.parametrize("bits,value_bits", [(2, None), (4, 2)])
-def test_bytes_held_match_the_formula(tiny_lm, bits, value_bits):
+@pytest.mark.parametrize("bits,value_bits,sinks", [(2, None, 0), (4, 2, 0), (2, None, 4)])
+def test_bytes_held_match_the_formula(tiny_lm, bits, value_bits, sinks):
     model, tok, _ = tiny_lm
     ids = torch.randint(5, 250, (1, 300))
-    method = KIVI(bits=bits, group=16, residual=32, value_bits=value_bits)
+    method = KIVI(bits=bits, group=16, residual=32, value_bits=value_bits, sinks=sinks)
     vbits = bits if value_bits is None else value_bits
     with T.method_context(model, method) as new:
         cache = new()
@@ -154,11 +169,12 @@ def test_bytes_held_match_the_formula(tiny_lm, bits, value_bits):
     for layer in cache.layers:
         s = layer.store
         assert isinstance(s, PackedStore)
-        m = (300 - 32) // 16 * 16
-        assert s.n_packed == m
+        m = (300 - sinks - 32) // 16 * 16
+        assert s.n_packed == m and s.n_sinks == sinks
         codes = H * m * (math.ceil(D * bits / 8) + math.ceil(D * vbits / 8))
         packed = codes + 2 * H * (m // 16) * D * 4 + 2 * H * m * math.ceil(D / 16) * 4
-        residual = 2 * H * (32 + 16) * D * 4  # the residual buffer after the prefill: R + G slots
+        # the residual buffer after the prefill: the sink block (in full precision), then R + G slots
+        residual = 2 * H * (sinks + 32 + 16) * D * 4
         assert sum(t.untyped_storage().nbytes() for t in s.tensors()) == packed + residual
     full = 2 * cfg.num_hidden_layers * H * 300 * D * 4
     assert cache.memory_bytes() < full / 2

@@ -16,7 +16,7 @@ from kvcompress.stores import AttentionSpec, PackedStore, RaggedPackedStore, Rag
 from kvcompress.stores.masked import build_mask, masked_attention
 from kvcompress.stores.rotation import _CACHE, key_rotation
 
-from test_kivi import _attention64, _group_bound
+from test_kivi import _attention64, _group_bound, check_float64
 
 
 @pytest.mark.parametrize("D", [1, 2, 8, 64, 80, 96, 128, 256])
@@ -152,14 +152,7 @@ def test_rotated_attention_equals_float64_over_the_dequantized_slots(dtype, valu
     store.append(torch.randn(B, Hkv, 3, D).to(dtype), torch.randn(B, Hkv, 3, D).to(dtype), 130)
     for q_len, kv_start in ((1, torch.tensor([0, 7])), (3, torch.tensor([5, 0])), (1, torch.tensor([0, 120]))):
         q = torch.randn(B, Hq, q_len, D).to(dtype)
-        spec = AttentionSpec(scaling=D**-0.5)
-        out = store.attend(q, spec, kv_start=kv_start)
-        k, v = store.dequantized()
-        ref = _attention64(q, k, v, spec.scaling, kv_start)
-        mask = build_mask(B, q_len, k.shape[2], "cpu", kv_start=kv_start)
-        torch_err = (masked_attention(q, k.to(dtype), v.to(dtype), spec, mask).double() - ref).abs().max().item()
-        err = (out.double() - ref).abs().max().item()
-        assert err <= 2 * torch_err + (1e-6 if dtype == torch.float32 else 1e-2), (q_len, kv_start, err, torch_err)
+        k, v = check_float64(store, q, kv_start, dtype)
         assert calls == ([True] if one_call else [False, False]), calls
         calls.clear()
     # softcap: the eager path over the same slots

@@ -294,6 +294,10 @@ class Method:
             raise ValueError(f"quant: {q.describe()} keeps the evictor's slots in one full-precision window of "
                              f"equal length per head; {type(self).__name__} gives heads different lengths or "
                              "merges: use an evictor such as SnapKV, H2O or TOVA")
+        if q.fp_sinks and (self.headwise or self.merges):
+            raise ValueError(f"quant: {q.describe()} keeps a sink block of equal length in every head; "
+                             f"{type(self).__name__} gives heads different lengths or merges: give the "
+                             f"quantizer without sinks, or use an evictor such as SnapKV, H2O or TOVA")
 
     def _check_sparse(self) -> None:
         r = self.sparse
@@ -326,6 +330,10 @@ class Method:
             raise ValueError(f"depth: {d.describe()} does not compose with {extra} here; write "
                              f"evictor + {d.describe()} + quantizer (the quantizer packs every layer's slots), "
                              "sparse readers are not supported")
+        if d.fp_sinks and (self.headwise or self.merges):
+            raise ValueError(f"depth: {d.describe()} packs with a sink block of equal length in every head; "
+                             f"{type(self).__name__} gives heads different lengths or merges: give the "
+                             f"quantizer without sinks")
 
     @property
     def paging(self) -> tuple[int, int, int, str] | None:
@@ -395,6 +403,14 @@ class Method:
         if self.quant is not None:
             return self.quant.rotates_keys
         return False if self.depth is None else self.depth.rotates_keys
+
+    @property
+    def fp_sinks(self) -> int:
+        """First slots of every head a packed layer keeps in full precision
+        (``KIVI(sinks=...)``), 0 without a quantizer."""
+        if self.quant is not None:
+            return self.quant.fp_sinks
+        return 0 if self.depth is None else self.depth.fp_sinks
 
     @property
     def mixed_precision(self) -> bool:

@@ -125,6 +125,9 @@ class MiniCache(KeepsEveryToken):
         if getattr(self.quant, "rotate", False):
             raise ValueError(f"quant: MiniCache's merged pair packs its keys' directions unrotated; give "
                              f"{self.quant.describe()} without rotate")
+        if getattr(self.quant, "sinks", 0):
+            raise ValueError(f"quant: MiniCache's merged pair keeps no sink block; give "
+                             f"{self.quant.describe()} without sinks")
 
     @property
     def cross_layer(self) -> "MiniCache":

@@ -87,6 +87,17 @@ class PackedStore(LayerStore):
         #: ``[D, D]`` float32 orthogonal matrix the packed keys were rotated by
         #: before packing (``KIVI(rotate=True)``), or None
         self.rotation: torch.Tensor | None = None
+        #: ``KIVI(sinks=S)``: the first S logical slots of every head stay in
+        #: full precision, never packed (see take_sinks). Once taken they are
+        #: the first ``_r0`` slots of the residual's buffers, the residual
+        #: after them; ``_sink_at``: per row, the logical slot the block
+        #: starts at; ``_sinks_in_call``: whether every row's padding lies in
+        #: the packed part, so that one kernel call reads packed part, block
+        #: and residual with the padding still a prefix
+        self.sinks = 0
+        self._r0 = 0
+        self._sink_at: list[int] | None = None
+        self._sinks_in_call = False
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
@@ -96,6 +107,8 @@ class PackedStore(LayerStore):
             seen = (f", positions={self.first_position}..{self.first_position + self.n - 1}"
                     f", visible_from={self.visible_from}")
         vb += ", rotated keys" if self.rotation is not None else ""
+        if self.sinks:
+            vb += f", sinks={self.sinks}" + ("" if self._r0 else " (not taken yet)")
         return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}{high}, full_precision={self.r}{seen})")
 
@@ -140,13 +153,16 @@ class PackedStore(LayerStore):
     @classmethod
     def from_uniform(cls, store, bits: int, group: int, residual: int,
                      value_bits: int | None = None, columns: bool = False,
-                     rotation: torch.Tensor | None = None) -> "PackedStore":
+                     rotation: torch.Tensor | None = None, sinks: int = 0) -> "PackedStore":
         """Take over a uniform store's slots as the residual (no copy; call
         :meth:`settle` to pack). ``columns``: keep the store's per-slot
         columns too, so that :meth:`unpacked` can give them back.
-        ``rotation``: pack keys as ``k @ rotation`` (see the class)."""
+        ``rotation``: pack keys as ``k @ rotation`` (see the class).
+        ``sinks``: keep the first ``sinks`` slots of every head in full
+        precision (:meth:`take_sinks`; not on sliding-window layers)."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
+        new.sinks = int(sinks)
         if store.batch:
             new._rk, new._rv = store.keys, store.values
             new.r = int(store.n)
@@ -179,7 +195,12 @@ class PackedStore(LayerStore):
 
     @property
     def n(self) -> int:
-        return self.n_packed + self.n_high + self.r
+        return self.n_packed + self.n_high + self.r + self.n_sinks
+
+    @property
+    def n_sinks(self) -> int:
+        """Slots per head in the full-precision sink block (0 until taken)."""
+        return self._r0
 
     def max_length(self) -> int:
         return self.n
@@ -210,13 +231,14 @@ class PackedStore(LayerStore):
         elif B != self.batch or H != self.heads:
             raise ValueError(f"key_states: expected batch {self.batch} and {self.heads} kv heads as earlier "
                              f"updates of this layer, got {tuple(keys.shape)}")
-        if self.r + q > self._rk.shape[2]:
+        end = self._r0 + self.r  # the sink block, if any, then the residual
+        if end + q > self._rk.shape[2]:
             # geometric growth: a residual that is never packed (mixed precision) grows every step
             extra = max(q, self.r // 2, 16)
-            grow = lambda t: torch.cat([t[:, :, : self.r], t.new_empty((B, H, extra, D))], 2)  # noqa: E731
+            grow = lambda t: torch.cat([t[:, :, :end], t.new_empty((B, H, extra, D))], 2)  # noqa: E731
             self._rk, self._rv = grow(self._rk), grow(self._rv)
-        self._rk[:, :, self.r : self.r + q] = keys
-        self._rv[:, :, self.r : self.r + q] = values
+        self._rk[:, :, end : end + q] = keys
+        self._rv[:, :, end : end + q] = values
         if self._cols is not None:
             self._append_columns(q, first_position)
         self.r += q
@@ -245,26 +267,86 @@ class PackedStore(LayerStore):
         first pack they take the row's first real slot, so padding never
         widens a group's range (it stays masked in attention).
         """
+        self.take_sinks(pad)
         m = self.pending()
         if m <= 0:
             return
+        if pad is not None and self._sink_at is not None:
+            pad = self.main_pad(pad)
         if pad is not None and not self.n_packed:
+            o = self._r0
             for b, p in enumerate(pad):
                 if 0 < p < self.r:
-                    self._rk[b, :, :p] = self._rk[b, :, p : p + 1]
-                    self._rv[b, :, :p] = self._rv[b, :, p : p + 1]
+                    self._rk[b, :, o : o + p] = self._rk[b, :, o + p : o + p + 1]
+                    self._rv[b, :, o : o + p] = self._rv[b, :, o + p : o + p + 1]
         self._pack_oldest(m)
         self._drop_oldest(m)
+
+    def take_sinks(self, pad=None) -> None:
+        """Move the first ``sinks`` slots of every head to the front of the
+        residual's buffers, out of what is packed, once, when the residual
+        first holds enough to pack a group after them (before anything is
+        packed).
+
+        ``pad`` (host ints, one per row) are leading padded slots. A row's
+        sink block starts at its first real slot (``_sink_at``), or ends at
+        its last one when it has fewer than ``sinks``, so that the row's
+        padded slots stay a prefix of the rest (and of the block in the
+        second case); ``split_start`` splits ``kv_start`` between the two.
+        When every row's padding lies in the part packed now, one kernel call
+        reads packed part, block and residual in that order
+        (``_sinks_in_call``); otherwise the block is read by a call of its
+        own. The logical order, which ``kv_start``, the per-slot columns,
+        :meth:`dequantized` and :meth:`unpacked` count, stays the original one."""
+        S = self.sinks
+        if (not S or self._r0 or self.n_packed or not self.pack_decoded or self._rk is None
+                or self.r < S + self.residual + self.group):
+            return
+        pads = [0] * self.batch if pad is None else [int(p) for p in pad]
+        at = [min(p, self.r - S) for p in pads]
+        for b, a in enumerate(at):
+            for buf in (self._rk, self._rv):
+                block = buf[b, :, a : a + S].clone()
+                # the row's slots before its block move up behind it, the ones after stay
+                buf[b, :, S : a + S] = buf[b, :, :a].clone()
+                buf[b, :, :S] = block
+        self._r0, self._sink_at = S, at
+        self.r -= S
+        m = self.pending()  # what the settle() in progress packs
+        self._sinks_in_call = all(p <= a and p <= m for p, a in zip(pads, at))
+
+    def sink_block(self):
+        """``(keys, values)`` ``[B, H, n_sinks, D]`` of the sink block, the
+        front of the residual's buffers (no slots before it is taken)."""
+        return self._rk[:, :, : self._r0], self._rv[:, :, : self._r0]
+
+    def main_pad(self, pad) -> list[int]:
+        """Leading padded slots of each row's packed part and residual, from
+        the row's logical ``pad`` (host ints): the padding before its sink block."""
+        return [min(int(p), a) for p, a in zip(pad, self._sink_at)]
+
+    def split_start(self, kv_start):
+        """``(sink block's, rest's)`` masked prefixes ``[B]`` from a logical
+        ``kv_start`` ``[B]`` (None: no padding): the padding before a row's
+        sink block masks the rest's prefix, the padding past it the sink
+        block's (see :meth:`take_sinks`)."""
+        if kv_start is None:
+            return None, None
+        ks = kv_start.to(torch.int64)
+        at = torch.tensor(self._sink_at, dtype=torch.int64, device=ks.device)
+        main = torch.minimum(ks, at)
+        return (ks - main).clamp(max=self.n_sinks), main + (ks - at - self.n_sinks).clamp(min=0)
 
     def pending(self) -> int:
         """How many of the oldest residual slots the next :meth:`settle` packs."""
         if not self.pack_decoded or self._rk is None:
             return 0
-        return max(0, (self.r - self.residual) // self.group * self.group)
+        due = self.sinks if self.sinks and not self._r0 and not self.n_packed else 0  # take_sinks comes first
+        return max(0, (self.r - due - self.residual) // self.group * self.group)
 
     def residual_keys(self) -> torch.Tensor:
         """The full-precision keys ``[B, H, r, D]`` of the residual, oldest first."""
-        return self._rk[:, :, : self.r]
+        return self._rk[:, :, self._r0 : self._r0 + self.r]
 
     def packed_any(self) -> bool:
         """Whether any slot is packed (the rotation is then fixed)."""
@@ -281,9 +363,10 @@ class PackedStore(LayerStore):
         """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
         self._reserve(self.n_packed + m)
         p0, G = self.n_packed, self.group
-        ops.pack_keys(self._codes_keys(self._rk[:, :, :m]), self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
+        o = self._r0
+        ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
                       mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G])
-        ops.pack_values(self._rv[:, :, :m], self.value_bits, G, codes=self._vc[:, :, p0 : p0 + m],
+        ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G, codes=self._vc[:, :, p0 : p0 + m],
                         mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m])
         self.n_packed += m
 
@@ -300,19 +383,22 @@ class PackedStore(LayerStore):
         return unrotate(ops.unpack_keys(codes, mins, scales, bits, self.group), self.rotation, dtype)
 
     def _drop_oldest(self, m: int) -> None:
-        """Remove the ``m`` oldest residual slots (just packed)."""
-        G = self.group
+        """Remove the ``m`` oldest residual slots (just packed); a sink block
+        in front of them stays."""
+        G, o = self.group, self._r0
         left = self.r - m
-        cap = self.residual + G
+        cap = o + self.residual + G
         if self._rk.shape[2] > cap + G:
             # a prefill's buffer: give it back, the residual never needs more
-            self._rk, self._rv = self._rk[:, :, m : self.r].clone(), self._rv[:, :, m : self.r].clone()
-            self._rk = torch.cat([self._rk, self._rk.new_empty(self._rk.shape[:2] + (cap - left,) + self._rk.shape[3:])], 2)
-            self._rv = torch.cat([self._rv, self._rv.new_empty(self._rv.shape[:2] + (cap - left,) + self._rv.shape[3:])], 2)
+            def shrink(t):
+                kept = torch.cat([t[:, :, :o], t[:, :, o + m : o + self.r]], 2)
+                return torch.cat([kept, t.new_empty(t.shape[:2] + (cap - o - left,) + t.shape[3:])], 2)
+
+            self._rk, self._rv = shrink(self._rk), shrink(self._rv)
         else:
             # the source overlaps the destination: copy through a temporary
-            self._rk[:, :, :left] = self._rk[:, :, m : self.r].clone()
-            self._rv[:, :, :left] = self._rv[:, :, m : self.r].clone()
+            self._rk[:, :, o : o + left] = self._rk[:, :, o + m : o + self.r].clone()
+            self._rv[:, :, o : o + left] = self._rv[:, :, o + m : o + self.r].clone()
         self.r = left
 
     def drop_unseen(self, first_visible: int) -> int:
@@ -380,6 +466,8 @@ class PackedStore(LayerStore):
                 setattr(self, name, t.index_select(0, idx))
         if self._hi is not None:
             self._hi = tuple(t.index_select(0, idx) for t in self._hi)
+        if self._sink_at is not None:
+            self._sink_at = [self._sink_at[i] for i in idx.tolist()]
         if self._cols is not None:
             self._cols = {name: t.index_select(0, idx) for name, t in self._cols.items()}
 
@@ -397,7 +485,8 @@ class PackedStore(LayerStore):
         """Full-precision ``(keys, values)`` ``[B, H, n, D]`` of every slot, in
         the logical order (low part, high part, residual): for tests and the
         paths the packed kernel does not cover."""
-        rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        o = self._r0
+        rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         ks, vs = [], []
         views = self._packed_views()
         for part, kb, vb in ((views if self.n_packed else None, self.bits, self.value_bits),
@@ -407,9 +496,13 @@ class PackedStore(LayerStore):
             kc, kmin, ksc, vc, vmin, vsc = part
             ks.append(self._unpack_keys(kc, kmin, ksc, kb, rk.dtype))
             vs.append(ops.unpack_values(vc, vmin, vsc, vb, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype))
-        if not ks:
-            return rk, rv
-        return torch.cat(ks + [rk], 2), torch.cat(vs + [rv], 2)
+        keys, values = (rk, rv) if not ks else (torch.cat(ks + [rk], 2), torch.cat(vs + [rv], 2))
+        if not o:
+            return keys, values
+        # each row's sink block goes back where take_sinks took it from
+        rows = [[(t[b, :, :a], s[b, :, :o], t[b, :, a:]) for b, a in enumerate(self._sink_at)]
+                for t, s in ((keys, self._rk), (values, self._rv))]
+        return tuple(torch.stack([torch.cat(parts, 1) for parts in r]) for r in rows)
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
@@ -418,25 +511,42 @@ class PackedStore(LayerStore):
         windowed = spec.window is not None
         if self.visible_from is not None:
             kv_start = self._leading(query, self.visible_from, kv_start)
-        if (spec.plain and kernel_reads(query, self._rk) and q <= self.r
+        # a sink block read by a call of its own would be masked causally
+        # for a chunk of queries: such chunks take the eager path
+        apart = self._r0 and not self._sinks_in_call
+        if (spec.plain and kernel_reads(query, self._rk) and q <= self.r and (q == 1 or not apart)
                 and (not windowed or (q == 1 and query_pos is not None and self._hi is None))):
             if self._kc is None:
                 self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
-            rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+            # the residual, after the sink block when one call reads both
+            o = 0 if apart else self._r0
+            rk, rv = self._rk[:, :, self._r0 - o : self._r0 + self.r], self._rv[:, :, self._r0 - o : self._r0 + self.r]
             if windowed:
                 # keys at distance >= window from the query (build_mask's rule)
                 kv_start = self._leading(query, query_pos[:, 0].to(torch.int64) - (spec.window - 1), kv_start)
+            sink_start = None
+            if self._r0:
+                # in one call the padding is all in the packed part, before the block
+                sink_start, kv_start = self.split_start(kv_start)
+                if not apart:
+                    sink_start = None
             pq, residual_query = query, None
             if self.rotation is not None and self.packed_any():
                 # the packed part with q @ R, the residual (kept as it came) with q
                 if not one_call(query):
-                    return self._attend_joined(query, rk, rv, spec.scaling, kv_start)
+                    return self._attend_joined(query, rk, rv, spec.scaling, kv_start, sink_start)
                 pq, residual_query = rotate(query, self.rotation), query
-            if self._hi is None:
+            if self._hi is not None:
+                return self._attend_two_widths(pq, rk, rv, spec.scaling, kv_start, residual_query)
+            if not apart:
                 return ops.packed_attention(pq, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
                                             value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start,
                                             residual_query=residual_query)
-            return self._attend_two_widths(pq, rk, rv, spec.scaling, kv_start, residual_query)
+            # the sink block is a second call's residual, joined by log-sum-exp
+            main = ops.packed_attention(pq, *self._packed_views(), rk, rv, bits=self.bits, group=self.group,
+                                        value_bits=self.value_bits, scaling=spec.scaling, kv_start=kv_start,
+                                        residual_query=residual_query, return_lse=True)
+            return join_parts([main, self._attend_sinks(query, spec.scaling, sink_start)], query.dtype)
         # softcap / sink logits / windows: the eager path over a dequantized copy
         keys, values = self.dequantized()
         key_pos = None
@@ -477,13 +587,23 @@ class PackedStore(LayerStore):
                                       scaling=scaling, kv_start=start_hi, return_lse=True)
         return join_parts([(o1, l1), (o2, l2)], query.dtype)
 
-    def _attend_joined(self, query, rk, rv, scaling, kv_start):
+    def _attend_sinks(self, query, scaling, sink_start):
+        """``(out, lse)`` of the sink block alone (full precision, the query
+        as it is: the block was never rotated), masked by ``sink_start``."""
+        empty = tuple(t[:, :, :0] for t in self._packed_views())
+        return ops.packed_attention(query, *empty, *self.sink_block(), bits=self.bits, group=self.group,
+                                    value_bits=self.value_bits, scaling=scaling, kv_start=sink_start,
+                                    return_lse=True)
+
+    def _attend_joined(self, query, rk, rv, scaling, kv_start, sink_start=None):
         """Rotated keys where the kernel takes no ``residual_query`` (not
         :func:`one_call`): each packed part (the low-bit one, and a mixed
         precision store's high-bit one) read with the rotated query and no
         residual, the residual with the query as it is and no packed part,
         joined exactly through their log-sum-exps. ``kv_start`` counts the
-        logical order low part, high part, residual."""
+        order low part, high part, residual (with a sink block, the rest's
+        prefix: ``rk``/``rv`` start with the block when one call reads it,
+        else ``sink_start`` masks the block's own call, see :meth:`split_start`)."""
         p, h = self.n_packed, self.n_high
         starts = [None, None, None]
         if kv_start is not None:
@@ -503,6 +623,8 @@ class PackedStore(LayerStore):
         parts.append(ops.packed_attention(query, *empty, rk, rv, bits=self.bits, group=self.group,
                                           value_bits=self.value_bits, scaling=scaling, kv_start=starts[2],
                                           return_lse=True))
+        if self._r0 and not self._sinks_in_call:
+            parts.append(self._attend_sinks(query, scaling, sink_start))
         return join_parts(parts, query.dtype)
 
 
