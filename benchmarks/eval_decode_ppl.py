@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from kvcompress import ops
 from kvcompress import testing as T
 from kvcompress.intervals import bootstrap, paired
 from kvcompress.methods import method_from_spec
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=8, help="windows of the text (default 8)")
     ap.add_argument("--text", default=None, help="text file (default: the packaged Shakespeare excerpt)")
     ap.add_argument("--seed", type=int, default=0, help="window offsets' seed (default 0)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch and kvcompress threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write the per-window NLLs here")
     ap.add_argument("--ref", default=None, help="a method of --methods: paired change of the others against it")
     ap.add_argument("--table", default=None, help="print the tables of this --json file and exit")
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
         ap.error("--context, --tokens, --windows: need >= 1, >= 3, >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+        ops.set_num_threads(args.threads)
     specs = [s for s in args.methods.split(",") if s]
     if args.ref is not None and args.ref not in specs:
         ap.error(f"--ref: {args.ref!r} is not one of --methods")

@@ -80,11 +80,14 @@ def _load(args):
     """Set the thread count, load the model ``args`` names; return ``(model, tokenizer, name)``."""
     import torch
 
+    from . import ops
     from .model import load_model
     from .suite import TOKENIZER_TAG
 
     if args.threads:
+        # both pools: two runs of --threads 1 on a 2-core machine must not oversubscribe it
         torch.set_num_threads(args.threads)
+        ops.set_num_threads(args.threads)
     what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
     print(f"loading {what} ...", file=sys.stderr, flush=True)
     model, tok = load_model(args.model, gguf=args.gguf, tokenizer=args.tokenizer)
@@ -205,7 +208,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--text", metavar="FILE", help="text for filler, fidelity and perplexity "
                                                    "(default: the Shakespeare excerpt shipped with kvcompress)")
     ev.add_argument("--seed", type=int, help="seed for keys and text offsets (default 0)")
-    ev.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ev.add_argument("--threads", type=int, help="torch and kvcompress threads (default: torch's choice)")
     ev.add_argument("--out", metavar="DIR", help="write results.json, results.md, scores.png and passkey.png here")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)

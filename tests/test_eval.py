@@ -228,3 +228,25 @@ def test_tokenizer_option_loads_the_saved_tokenizer_and_names_it(tiny_lm, tmp_pa
     with pytest.raises(FileNotFoundError, match="tokenizer: .* no saved tokenizer"):
         cli.main(["eval", "--model", str(folder), "--tokenizer", str(tmp_path / "none"), "--methods",
                   "snapkv:window=8", "--budgets", "16", "--tasks", "ppl", "--no-progress"])
+
+
+def test_threads_option_sets_torch_and_the_c_ops(tiny_lm, tmp_path):
+    """--threads N sets torch's and the C ops' pools (two runs of --threads 1
+    on a 2-core machine must not run four threads)."""
+    import torch
+
+    from kvcompress import cli, ops
+
+    _, _, folder = tiny_lm
+    before = (torch.get_num_threads(), ops.get_num_threads())
+    try:
+        ops.set_num_threads(2)
+        assert ops.get_num_threads() == (2 if ops._C.has_openmp else 1)
+        assert cli.main(["eval", "--model", str(folder), "--methods", "snapkv:window=8", "--budgets", "16",
+                         "--tasks", "ppl", "--ppl-context", "96", "--ppl-tokens", "8", "--ppl-windows", "1",
+                         "--threads", "1", "--no-progress", "--out", str(tmp_path / "eval")]) == 0
+        assert torch.get_num_threads() == 1
+        assert ops.get_num_threads() == 1  # (1 also without OpenMP, where the 2 above did nothing)
+    finally:
+        torch.set_num_threads(before[0])
+        ops.set_num_threads(before[1])
