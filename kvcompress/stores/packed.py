@@ -518,18 +518,16 @@ class PackedStore(LayerStore):
                 and (not windowed or (q == 1 and query_pos is not None and self._hi is None))):
             if self._kc is None:
                 self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
-            # the residual, after the sink block when one call reads both
-            o = 0 if apart else self._r0
-            rk, rv = self._rk[:, :, self._r0 - o : self._r0 + self.r], self._rv[:, :, self._r0 - o : self._r0 + self.r]
+            # one call reads the sink block as the residual's oldest slots
+            lo = self._r0 if apart else 0
+            rk, rv = self._rk[:, :, lo : self._r0 + self.r], self._rv[:, :, lo : self._r0 + self.r]
             if windowed:
                 # keys at distance >= window from the query (build_mask's rule)
                 kv_start = self._leading(query, query_pos[:, 0].to(torch.int64) - (spec.window - 1), kv_start)
             sink_start = None
             if self._r0:
-                # in one call the padding is all in the packed part, before the block
+                # the rest's masked prefix (in one call it lies in the packed part, before the block)
                 sink_start, kv_start = self.split_start(kv_start)
-                if not apart:
-                    sink_start = None
             pq, residual_query = query, None
             if self.rotation is not None and self.packed_any():
                 # the packed part with q @ R, the residual (kept as it came) with q
