@@ -746,8 +746,6 @@ class CompressedLayer(CacheLayerMixin):
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
-            if self.method.fp_sinks:  # the method refuses per-head evictors with sinks: never reached
-                raise ValueError(f"sinks: {self.method.describe()} keeps no sink block in a per-head layer")
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation)

@@ -10,7 +10,7 @@ import kvcompress as kvc
 from kvcompress import testing as T
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import KIVI, LowBits, method_from_spec
-from kvcompress.stores import AttentionSpec, PackedStore
+from kvcompress.stores import AttentionSpec, PackedStore, UniformStore
 from kvcompress.stores.rotation import key_rotation
 
 from test_kivi import _attention64, _group_bound, check_float64
@@ -37,6 +37,14 @@ def test_sinks_option():
         kvc.MiniCache() + KIVI(bits=4, sinks=4)
 
 
+def _uniform(keys, values):
+    """A uniform store of copies of ``keys``/``values`` ``[B, H, n, D]``: a
+    packed store takes its buffers over (no copy) and moves slots in them."""
+    B, H, n, _ = keys.shape
+    positions = torch.arange(n).expand(B, H, n)
+    return UniformStore.from_parts(keys.clone(), values.clone(), {"positions": positions})
+
+
 def _store(dtype, pads, rotation=None, S=4, bits=2, n=150, D=32, G=16, R=32, seed=2):
     """A packed store over n slots of 2 rows x 2 kv heads whose first real
     key (at the row's padding) is 8x the others, packed with S sinks; returns
@@ -46,20 +54,9 @@ def _store(dtype, pads, rotation=None, S=4, bits=2, n=150, D=32, G=16, R=32, see
     for b, p in enumerate(pads):
         keys[b, :, p] *= 8  # an attention sink: it would set its group's channel ranges
     keys, values = keys.to(dtype), torch.randn(2, 2, n, D).to(dtype)
-    # the store takes the buffers over (no copy) and moves slots in them: hand it copies
-    store = PackedStore.from_uniform(_Uniform(keys.clone(), values.clone()), bits, G, R, rotation=rotation, sinks=S)
+    store = PackedStore.from_uniform(_uniform(keys, values), bits, G, R, rotation=rotation, sinks=S)
     store.settle(pad=list(pads))
     return store, keys, values
-
-
-class _Uniform:
-    """The two attributes and column ``from_uniform`` reads from a uniform store."""
-
-    def __init__(self, keys, values):
-        self.keys, self.values, self.batch, self.n = keys, values, int(keys.shape[0]), int(keys.shape[2])
-
-    def column(self, name):
-        return torch.zeros(1, 1, 1, dtype=torch.int64)
 
 
 @pytest.mark.parametrize("pads", [(0, 0), (0, 7), (3, 147)], ids=["unpadded", "padded", "short-row"])
@@ -82,14 +79,14 @@ def test_the_sink_block_holds_each_rows_first_real_slots_exactly(pads):
     # row 0: its packed groups are the slots after the sinks, packed from slot 0 of the rest
     rest = torch.cat([keys[:1, :, : store._sink_at[0]], keys[:1, :, store._sink_at[0] + S :]], 2)
     got = torch.cat([k[:1, :, : store._sink_at[0]], k[:1, :, store._sink_at[0] + S :]], 2)
-    p0 = store.main_pad(pads)[0]
+    p0 = int(store.split_start(torch.tensor(pads))[1][0])
     rest[:, :, :p0] = rest[:, :, p0 : p0 + 1]  # padding packs as the first real slot (PackedStore.settle)
     m = store.n_packed
     bound = _group_bound(rest[:, :, :m], 2, G, True)
     assert ((got[:, :, :m].double() - rest[:, :, :m].double()).abs() <= bound * (1 + 1e-5) + 1e-6).all()
     if pads[0] == 0:
         # without the block the outsized first key widens group 0's ranges: coarser codes
-        plain = PackedStore.from_uniform(_Uniform(keys.clone(), values.clone()), 2, G, 32)
+        plain = PackedStore.from_uniform(_uniform(keys, values), 2, G, 32)
         plain.settle(pad=list(pads))
         pk, _ = plain.dequantized()
         err_sinks = (got[:, :, 1:G] - rest[:, :, 1:G]).abs().mean()
@@ -160,7 +157,7 @@ def test_a_short_prompt_takes_its_sinks_at_the_first_pack():
     S, G, R = 4, 8, 16
     torch.manual_seed(4)
     keys, values = torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
-    store = PackedStore.from_uniform(_Uniform(keys.clone(), values.clone()), 2, G, R, sinks=S)
+    store = PackedStore.from_uniform(_uniform(keys, values), 2, G, R, sinks=S)
     store.settle()
     assert store.n_sinks == 0 and store.n_packed == 0 and store.r == 10 and "not taken yet" in repr(store)
     steps = [torch.randn(1, 2, 1, 16) for _ in range(30)]

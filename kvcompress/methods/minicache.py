@@ -125,7 +125,7 @@ class MiniCache(KeepsEveryToken):
         if getattr(self.quant, "rotate", False):
             raise ValueError(f"quant: MiniCache's merged pair packs its keys' directions unrotated; give "
                              f"{self.quant.describe()} without rotate")
-        if getattr(self.quant, "sinks", 0):
+        if self.fp_sinks:
             raise ValueError(f"quant: MiniCache's merged pair keeps no sink block; give "
                              f"{self.quant.describe()} without sinks")
 

@@ -271,9 +271,10 @@ class PackedStore(LayerStore):
         m = self.pending()
         if m <= 0:
             return
-        if pad is not None and self._sink_at is not None:
-            pad = self.main_pad(pad)
         if pad is not None and not self.n_packed:
+            if self._sink_at is not None:
+                # the padding of the rest, which is packed
+                pad = self.split_start(torch.tensor(pad, dtype=torch.int64))[1].tolist()
             o = self._r0
             for b, p in enumerate(pad):
                 if 0 < p < self.r:
@@ -319,11 +320,6 @@ class PackedStore(LayerStore):
         """``(keys, values)`` ``[B, H, n_sinks, D]`` of the sink block, the
         front of the residual's buffers (no slots before it is taken)."""
         return self._rk[:, :, : self._r0], self._rv[:, :, : self._r0]
-
-    def main_pad(self, pad) -> list[int]:
-        """Leading padded slots of each row's packed part and residual, from
-        the row's logical ``pad`` (host ints): the padding before its sink block."""
-        return [min(int(p), a) for p, a in zip(pad, self._sink_at)]
 
     def split_start(self, kv_start):
         """``(sink block's, rest's)`` masked prefixes ``[B]`` from a logical
@@ -525,8 +521,8 @@ class PackedStore(LayerStore):
                 # keys at distance >= window from the query (build_mask's rule)
                 kv_start = self._leading(query, query_pos[:, 0].to(torch.int64) - (spec.window - 1), kv_start)
             sink_start = None
-            if self._r0:
-                # the rest's masked prefix (in one call it lies in the packed part, before the block)
+            if apart:
+                # in one call the padding lies in the packed part, before the block: kv_start as it is
                 sink_start, kv_start = self.split_start(kv_start)
             pq, residual_query = query, None
             if self.rotation is not None and self.packed_any():
