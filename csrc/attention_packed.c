@@ -103,6 +103,12 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
     h->rvs = p->res_v.strides[2], h->rvd = p->res_v.strides[3];
     h->rk = (const char *)p->res_k.data + (b * p->res_k.strides[0] + hk * p->res_k.strides[1]) * es;
     h->rv = (const char *)p->res_v.data + (b * p->res_v.strides[0] + hk * p->res_v.strides[1]) * es;
+    h->rc = NULL, h->rcs = 0;
+    if (p->res_counts.data != NULL) {
+        const struct kvc_view *rc = &p->res_counts;
+        h->rc = (const float *)rc->data + b * rc->strides[0] + hk * rc->strides[1];
+        h->rcs = rc->strides[2];
+    }
 }
 
 /* Last logical slot query qi sees: the queries are the last q residual
@@ -693,7 +699,9 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
         vp[j] = w->vbuf + j * Dp;
     }
     for (; j < AT_TK; j++) kp[j] = vp[j] = w->zero;
-    for (j = 0; j < AT_TK; j++) lc[j] = 0.0f; /* residual slots count 1 */
+    for (j = 0; j < AT_TK; j++) lc[j] = 0.0f; /* residual slots count 1 ... */
+    if (h->rc != NULL) /* ... unless the call gives their counts */
+        for (j = 0; j < nk; j++) lc[j] = kvc_logf(h->rc[(jt + j - h->n) * h->rcs]);
     at_logits_all(w->qbuf, Dp, kp, AT_ROWS_F32, lc, NULL, Dp, p->scaling, w->xbuf, R, wide);
     at_softmax_rows(w->xbuf, w->abuf, w->lim, pm, ps, R, jt, nk, wide);
     for (r = 0; r < R; r += 4) {
@@ -858,6 +866,12 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
         if (p->res_q.ndim != 4 || p->res_q.dtype != p->q.dtype) return KVC_ERR_INVALID;
         for (d = 0; d < 4; d++)
             if (p->res_q.shape[d] != p->q.shape[d]) return KVC_ERR_INVALID;
+    }
+    if (p->res_counts.data != NULL) {
+        int d;
+        if (p->res_counts.ndim != 3 || p->res_counts.dtype != KVC_F32) return KVC_ERR_INVALID;
+        for (d = 0; d < 3; d++)
+            if (p->res_counts.shape[d] != p->res_k.shape[d]) return KVC_ERR_INVALID;
     }
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))
         return KVC_ERR_NOMEM;

@@ -26,7 +26,8 @@ extern "C" {
  *
  *   out[b, i, h, :] = sum_j w_j v_j / sum_j w_j,
  *   w_j = exp(scaling * q[b, h, i] . k_j + log(counts_j))  (packed slots
- *                                                          with counts only)
+ *                                with counts, residual slots with res_counts;
+ *                                                            else count 1)
  *
  *   packed slot j, token group t = j / G, channel group u = c / G:
  *     q . k_j = sum_c (q_c key_scales[t, c]) code_jc + sum_c q_c key_mins[t, c]
@@ -63,6 +64,8 @@ struct kvc_packed_attention_params {
                                    * the residual, kept as it came, with q: one call, no join. CPU only. */
     struct kvc_view out;          /* [B, q, Hq, D], dtype of q */
     struct kvc_view counts;       /* optional f32 [B, Hkv, n] / [N], each >= 1; data NULL: none */
+    struct kvc_view res_counts;   /* optional f32 [B, Hkv, r], each finite > 0: residual slot counts (a
+                                   * per-head layer's sink block keeps its merge counts); data NULL: 1 */
     struct kvc_view lse;          /* optional f32 [B, Hq, q] out: log sum_j w_j, -inf for a row that
                                    * sees no slot; data NULL: none */
     const int64_t *kv_start;      /* uniform, optional [B]: leading padded slots, <= n + r; NULL: none */

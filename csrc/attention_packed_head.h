@@ -17,11 +17,13 @@ struct kvc_packed_head {
     const float *vm, *vs;      /* value min / scale of packed slot 0 */
     const float *c;            /* counts of packed slot 0, NULL: none */
     const char *rk, *rv;       /* residual row 0 */
+    const float *rc;           /* counts of residual row 0, NULL: every residual slot counts 1 */
     int64_t kcs, kcd, vcs, vcd; /* codes: slot, byte */
     int64_t kms, kmd, kss, ksd; /* key min / scale: group, channel */
     int64_t vms, vmd, vss, vsd; /* value min / scale: slot, group */
     int64_t cs;
     int64_t rks, rkd, rvs, rvd; /* residual: slot, channel */
+    int64_t rcs;                /* residual counts: slot */
     int64_t n, s0;             /* packed slots; first valid logical slot */
 };
 

@@ -36,19 +36,21 @@ enum {
     A_LEN,
     A_CNT,
     A_RQ,
+    A_RC,
     A_N
 };
 
 /* kvc_py_check_counts reads the layout arguments in this order. */
 _Static_assert(A_OFF == A_START + 1 && A_LEN == A_START + 2 && A_CNT == A_START + 3,
                "layout argument order");
+_Static_assert(A_N <= KVC_PY_MAX_ARGS, "packed_attention: more arguments than a kvc_py_call holds");
 
 KVC_PY_OP(op_packed_attention, packed_attention, 1, 1)
 
 PyDoc_STRVAR(packed_attention_doc,
              "packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, "
              "value_scales, residual_keys, residual_values, out, lse, bits, value_bits, group, scaling, kv_start, "
-             "offsets, lengths, counts, residual_query)\n--\n\n"
+             "offsets, lengths, counts, residual_query, residual_counts)\n--\n\n"
              "Low-level: see kvcompress.ops.packed_attention.");
 
 /* Uniform layout: every head has n packed slots; offsets/lengths are None
@@ -74,6 +76,7 @@ static const struct kvc_py_spec packed_uniform_spec[A_N] = {
     KVC_PY_CUSTOM_ARG("lengths", 0, NULL, 0),
     KVC_PY_OPT("counts", 3, "[B, Hkv, n]", DT_F32),
     KVC_PY_OPT("residual_query", 4, "[B, Hq, q, D]", DT_FLOAT),
+    KVC_PY_OPT("residual_counts", 3, "[B, Hkv, r]", DT_F32),
 };
 
 /* Ragged layout: one buffer of N packed rows, a segment per head. */
@@ -98,6 +101,7 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_IN("lengths", 1, "[B * Hkv]", DT_I64),
     KVC_PY_OPT("counts", 1, "[N]", DT_F32),
     KVC_PY_OPT("residual_query", 4, "[B, Hq, q, D]", DT_FLOAT),
+    KVC_PY_OPT("residual_counts", 3, "[B, Hkv, r]", DT_F32),
 };
 
 /* A code row of Db bytes holds D codes of `bits` bits (name, what: the
@@ -142,6 +146,29 @@ static int check_layout(struct kvc_state *st, const struct kvc_py_call *c, int r
                             "residual_keys: %lld residual slots, fewer than the %lld queries (the "
                             "queries are the last q residual slots; with none they follow the packed ones)",
                             (long long)r, (long long)q);
+    return 0;
+}
+
+/* Residual counts (shape checked) must be finite and > 0, as the packed
+ * slots' (scanned where they lie on the host). */
+static int check_residual_counts(struct kvc_state *st, const struct kvc_arg *a)
+{
+    const struct kvc_view *v = &a->view;
+    int64_t b, h, j;
+    if (a->t == NULL || v->data == NULL || a->dev_type != kDLCPU) return 0;
+    for (b = 0; b < v->shape[0]; b++)
+        for (h = 0; h < v->shape[1]; h++)
+            for (j = 0; j < v->shape[2]; j++) {
+                const float c = ((const float *)v->data)[b * v->strides[0] + h * v->strides[1] + j * v->strides[2]];
+                if (kvc_bad_count(c)) {
+                    char val[32];
+                    PyOS_snprintf(val, sizeof val, "%g", (double)c);
+                    return kvc_py_raise(st->ValueError,
+                                        "residual_counts: value at [%lld, %lld, %lld] is %s, expected a finite "
+                                        "count > 0",
+                                        (long long)b, (long long)h, (long long)j, val);
+                }
+            }
     return 0;
 }
 
@@ -200,6 +227,9 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     }
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     if (check_layout(st, &c, ragged, bits, vbits, G) < 0) goto done;
+    if (c.a[A_RC].t && (kvc_py_check_shape(st, &c.a[A_RC], c.a[A_RK].view.shape, "[B, Hkv, r] (residual_keys)") < 0 ||
+                        check_residual_counts(st, &c.a[A_RC]) < 0))
+        goto done;
     r = c.a[A_RK].view.shape[2];
     if (c.a[A_START].t) {
         const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_START]);
@@ -238,6 +268,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     if (c.a[A_CNT].t) p.counts = c.a[A_CNT].view;
     if (c.a[A_LSE].t) p.lse = c.a[A_LSE].view;
     if (c.a[A_RQ].t) p.res_q = c.a[A_RQ].view;
+    if (c.a[A_RC].t) p.res_counts = c.a[A_RC].view;
     p.layout = ragged ? KVC_KV_RAGGED : KVC_KV_UNIFORM;
     p.num_kv_heads = Hkv;
     p.group = G;

@@ -748,7 +748,7 @@ class CompressedLayer(CacheLayerMixin):
         else:
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
-                                                       rotation=rotation)
+                                                       rotation=rotation, sinks=self.method.fp_sinks)
             if not self._rotation_decided and self.store.packed_any():
                 # short heads packed as part groups before any whole group
                 # could be tested: they stay as they are
@@ -831,7 +831,7 @@ class CompressedLayer(CacheLayerMixin):
             start = None if self.kv_start is None else self.kv_start.repeat_interleave(store.heads)
             if isinstance(store, PackedStore):
                 # a packed store that has packed nothing yet: its residual's oldest groups
-                if start is not None and store.n_sinks:
+                if start is not None and store._sink_at is not None:
                     start = store.split_start(self.kv_start)[1].repeat_interleave(store.heads)
                 return store.residual_keys()[:, :, : store.pending()], start
             return store.keys[:, :, : max(0, int(store.n) - residual) // group * group], start

@@ -834,7 +834,7 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
 def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                      residual_keys, residual_values, *, bits, group, scaling=None, kv_start=None,
                      offsets=None, lengths=None, counts=None, out=None, return_lse=False, value_bits=None,
-                     residual_query=None):
+                     residual_query=None, residual_counts=None):
     """Attention of the newest ``q`` tokens over a KIVI-packed layer plus its residual window.
 
     The layout is the contract of ``docs/packed.md``: ``bits``-wide codes
@@ -886,7 +886,7 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         Counts (finite, > 0) of the packed slots; ``log(count)`` is added to
         the slot's logit. Merged slots have counts >= 1; a per-head packed
         layer splits one slot's count over the copies that fill its last
-        key group. Residual slots count 1.
+        key group. Residual slots count 1 unless `residual_counts`.
     out : tensor ``[B, q, Hq, D]``, dtype of `queries`, optional
         Written in place and returned; allocated when omitted.
     return_lse : bool
@@ -902,6 +902,11 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         The queries the residual slots are read with (default `queries`):
         rotated keys (``KIVI(rotate=True)``) read the packed part with
         ``q @ R`` and the residual, kept as it came, with ``q``, in one call.
+    residual_counts : float32 tensor ``[B, Hkv, r]``, optional
+        Counts (finite, > 0) of the residual slots, as `counts` are of the
+        packed ones: a per-head packed layer's sink block (the residual's
+        front) keeps the merge counts of its slots (``KIVI(sinks=...)``
+        behind EMS).
 
     Returns
     -------
@@ -923,6 +928,7 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         out, lse, _py_int(bits), None if value_bits is None else _py_int(value_bits), _py_int(group), scaling,
         *_layout_args(queries, kv_start, offsets, lengths, counts),
         None if residual_query is None else _prepare(residual_query),
+        None if residual_counts is None else _prepare(residual_counts),
     )
     return (out, lse) if lse is not None else out
 

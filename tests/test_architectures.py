@@ -371,6 +371,8 @@ PACKING = {
     "ems+kivi": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=4, group=8, residual=8),
     "ems+kivi-rotated": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, rotate=True),
     "snapkv+kivi-sinks": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=2, group=8, residual=8, sinks=4),
+    # a block per head behind a merging, per-head evictor
+    "ems+kivi-sinks": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, sinks=4),
     "mikv-rotated": lambda: kvc.MiKV(budget=32, group=8, rotate=True),
     "mikv": lambda: kvc.MiKV(budget=32, group=8),  # its selected slots at 8 bits: two packed widths
     "zipcache-fp": lambda: kvc.ZipCache(budget=32, group=8, high_bits=None),

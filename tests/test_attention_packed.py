@@ -173,10 +173,12 @@ def pack_ragged(lengths, D, bits, G, seed=0, gap=1, shuffle=True, scale=1.0):
 # ---------------------------------------------------------------- reference attention
 
 
-def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64, q2=None):
+def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64, q2=None,
+               res_counts=None):
     """[B, q, Hq, D] in `dtype` over the logical sequence of every head: its
     dequantized packed slots (float64, then rounded to `dtype`), then the
-    residual slots. Ragged when pk has offsets. With ``q2`` the residual
+    residual slots (with ``res_counts`` [B, Hkv, r], their log counts added
+    to their logits). Ragged when pk has offsets. With ``q2`` the residual
     slots are read by ``q2`` (``residual_query``): plain attention with the
     query [q, q2] over keys [k, 0] (packed) and [0, k] (residual), so each
     part meets only its own query."""
@@ -207,8 +209,11 @@ def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=to
                 vh = torch.cat([vh, torch.zeros_like(vh)], 1)  # as wide as the query; the pad's output is dropped
                 qh = torch.cat([qh, q2[b, hk * g:(hk + 1) * g].to(dtype)], -1)
             logc = None
-            if c is not None:
-                logc = torch.cat([torch.log(c.to(torch.float64)), torch.zeros(rk.shape[2], dtype=torch.float64)])
+            if c is not None or res_counts is not None:
+                n, r = kp.shape[0], rk.shape[2]
+                logc = torch.cat([torch.zeros(n, dtype=torch.float64) if c is None else torch.log(c.double()),
+                                  torch.zeros(r, dtype=torch.float64) if res_counts is None
+                                  else torch.log(res_counts[b, hk].double())])
             out[b, :, hk * g:(hk + 1) * g] = _head_attention(qh, kh, vh, scaling, s0, logc, dtype)[..., :D]
     return out
 
@@ -403,6 +408,36 @@ def test_counts_of_one_equal_no_counts():
     assert not torch.equal(run(q, pk, rk, rv, 2, 32, counts=counts), plain)
 
 
+@pytest.mark.parametrize("layout", ["uniform", "ragged"])
+@pytest.mark.parametrize("nq", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_residual_counts_match_reference(layout, nq, dtype):
+    """``residual_counts`` add each residual slot's log count to its logit,
+    as ``counts`` do for the packed slots (a per-head layer's sink block
+    keeps its merge counts), with padding, packed counts and rotated-key
+    queries beside them."""
+    B, Hq, Hkv, D, G, bits, r = 2, 6, 2, 32, 8, 2, nq + 6
+    g = torch.Generator().manual_seed(nq)
+    rc = torch.randint(1, 7, (B, Hkv, r), generator=g).float() / 2  # 0.5 .. 3: a split count may be below 1
+    rk, rv = randn((B, Hkv, r, D), dtype, 8, scale=1.5), randn((B, Hkv, r, D), dtype, 9)
+    q = queries(B, Hq, nq, D, dtype, seed=3)
+    q2 = queries(B, Hq, nq, D, dtype, seed=4)
+    if layout == "ragged":
+        pk = pack_ragged([20, 0, 9, 33], D, bits, G, seed=2)
+        counts = torch.from_numpy(np.random.default_rng(1).integers(1, 9, size=pk.N)).float()
+        kw = dict(counts=counts)
+    else:
+        _, pk, _, _ = uniform_case(B, Hq, Hkv, nq, 40, r, D, G, bits, dtype)
+        kw = dict(kv_start=torch.tensor([0, 43]))  # row 1's padding reaches into the residual
+    for extra in ({}, {"q2": q2}):
+        got = run(q, pk, rk, rv, bits, G, residual_counts=rc,
+                  **kw, **({"residual_query": q2} if extra else {}))
+        check(got, q, pk, rk, rv, f"{layout} q={nq} {dtype}", res_counts=rc, **kw, **extra)
+    plain = run(q, pk, rk, rv, bits, G, **kw)
+    assert torch.equal(run(q, pk, rk, rv, bits, G, residual_counts=torch.ones(B, Hkv, r), **kw), plain)
+    assert not torch.equal(run(q, pk, rk, rv, bits, G, residual_counts=rc, **kw), plain)
+
+
 # ---------------------------------------------------------------- threads, strides, frameworks
 
 
@@ -582,6 +617,13 @@ def _call(a):
         (lambda a: a.update(counts=-torch.ones(2, 2, 10)), KVCompressValueError, "counts.*-1"),
         (lambda a: a.update(counts=torch.ones(2, 2, 10).index_fill(2, torch.tensor([3]), float("nan"))),
          KVCompressValueError, "counts.*nan"),
+        (lambda a: a.update(residual_counts=torch.ones(2, 2, 4)), KVCompressValueError, "residual_counts.*shape"),
+        (lambda a: a.update(residual_counts=torch.ones(2, 2, 3, dtype=torch.float64)), KVCompressTypeError,
+         "residual_counts"),
+        (lambda a: a.update(residual_counts=torch.ones(2, 2, 3).index_fill(2, torch.tensor([1]), 0.0)),
+         KVCompressValueError, "residual_counts.*\\[0, 0, 1\\].*> 0"),
+        (lambda a: a.update(residual_counts=torch.full((2, 2, 3), float("nan"))), KVCompressValueError,
+         "residual_counts.*nan"),
         (lambda a: a.update(scaling=float("inf")), KVCompressValueError, "scaling"),
         (lambda a: a.update(offsets=torch.tensor([0, 12, 16, 16])), KVCompressValueError, "key_codes.*2-D"),
         (lambda a: a.update(out=torch.zeros(2, 2, 4, 7)), KVCompressValueError, "out"),

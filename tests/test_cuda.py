@@ -844,6 +844,9 @@ GPU_METHODS = {
     "kivi2sinks": lambda: kvcompress.KIVI(bits=2, group=32, residual=64, sinks=4),
     "snapkv+kivi2rotsinks": lambda: kvcompress.SnapKV(budget=128) + kvcompress.KIVI(bits=2, group=32, residual=64,
                                                                                   rotate=True, sinks=4),
+    # a block per head behind a merging evictor (the residual's front of the per-head packed store)
+    "ems+kivi2rotsinks": lambda: kvcompress.EMS(budget=128) + kvcompress.KIVI(bits=2, group=32, residual=64,
+                                                                              rotate=True, sinks=4),
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
@@ -885,7 +888,8 @@ def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
 
 
 PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "h2o+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2",
-                      "kivi2rot", "ems+kivi4rot", "mikv2+8rot", "kivi2sinks", "snapkv+kivi2rotsinks"]
+                      "kivi2rot", "ems+kivi4rot", "mikv2+8rot", "kivi2sinks", "snapkv+kivi2rotsinks",
+                      "ems+kivi2rotsinks"]
 
 
 @pytest.fixture(scope="module")

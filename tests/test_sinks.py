@@ -29,10 +29,9 @@ def test_sinks_option():
         KIVI(sinks=1.5)
     with pytest.raises(ValueError, match="sinks: LowBits"):
         LowBits(sinks=2)
-    # a sink block has one length in every head: per-head and merging evictors are refused by name
+    # per-head and merging evictors keep a block per head (test_sinks_heads.py)
     for make in (lambda: kvc.EMS(budget=64), lambda: kvc.AdaKV(budget=64)):
-        with pytest.raises(ValueError, match="without sinks"):
-            make() + KIVI(bits=2, sinks=4)
+        assert (make() + KIVI(bits=2, sinks=4)).fp_sinks == 4
     with pytest.raises(ValueError, match="without sinks"):
         kvc.MiniCache() + KIVI(bits=4, sinks=4)
 

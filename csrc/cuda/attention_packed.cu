@@ -242,7 +242,10 @@ static __global__ void __launch_bounds__(KVC_PA_THREADS)
 #pragma unroll
             for (int r = 0; r < RT; r++) dot[r] += __shfl_xor_sync(KVC_PA_FULL, dot[r], o);
 #pragma unroll
-        for (int r = 0; r < RT; r++) kvc_pa_admit(&st[r], j <= lim[r] ? dot[r] * p.scaling : -INFINITY, &pw[r], &alpha[r]);
+        const float lc = kvc_pa_residual_logc(h, j - n);
+#pragma unroll
+        for (int r = 0; r < RT; r++)
+            kvc_pa_admit(&st[r], j <= lim[r] ? dot[r] * p.scaling + lc : -INFINITY, &pw[r], &alpha[r]);
         const char *vrow = h.rv + (j - n) * h.rvs * es;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
@@ -404,6 +407,11 @@ extern "C" enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_att
         p->value_mins.dtype != KVC_F32 || p->value_scales.dtype != KVC_F32 ||
         (p->counts.data != NULL && p->counts.dtype != KVC_F32))
         return KVC_ERR_UNSUPPORTED;
+    if (p->res_counts.data != NULL) {
+        if (p->res_counts.ndim != 3 || p->res_counts.dtype != KVC_F32) return KVC_ERR_INVALID;
+        for (int d = 0; d < 3; d++)
+            if (p->res_counts.shape[d] != p->res_k.shape[d]) return KVC_ERR_INVALID;
+    }
     if (g.B * g.Hkv * g.ntiles > INT32_MAX || g.B * g.Hkv * g.R > INT32_MAX)
         return KVC_ERR_UNSUPPORTED;
     if (p->scratch == NULL || p->scratch_bytes < kvc_cuda_packed_attention_workspace(p))

@@ -61,8 +61,9 @@ struct kvc_pa_ptrs {
     const uint8_t *kc, *vc;
     const float *km, *ks, *vm, *vs, *cn; /* cn NULL: no counts */
     const char *rk, *rv;
+    const float *rc; /* residual counts, NULL: every residual slot counts 1 */
     int64_t kcs, kcd, vcs, vcd, kms, kmd, kss, ksd, vms, vmd, vss, vsd, cs;
-    int64_t rks, rkd, rvs, rvd, es;
+    int64_t rks, rkd, rvs, rvd, rcs, es;
 };
 
 __device__ __forceinline__ kvc_pa_ptrs kvc_pa_pointers(const kvc_packed_attention_params &p, const kvc_pa_geom &g,
@@ -96,7 +97,17 @@ __device__ __forceinline__ kvc_pa_ptrs kvc_pa_pointers(const kvc_packed_attentio
     h.rv = (const char *)p.res_v.data + kvc_at(p.res_v, b, hk, 0, 0) * h.es;
     h.rks = p.res_k.strides[2], h.rkd = p.res_k.strides[3];
     h.rvs = p.res_v.strides[2], h.rvd = p.res_v.strides[3];
+    h.rc = p.res_counts.data == NULL ? NULL
+                                     : (const float *)p.res_counts.data + b * p.res_counts.strides[0] +
+                                           hk * p.res_counts.strides[1];
+    h.rcs = p.res_counts.strides[2];
     return h;
+}
+
+/* log count of residual slot s (0: count 1), as the CPU kernel adds it. */
+__device__ __forceinline__ float kvc_pa_residual_logc(const kvc_pa_ptrs &h, int64_t s)
+{
+    return h.rc != NULL ? kvc_logf(h.rc[s * h.rcs]) : 0.0f;
 }
 
 /* Last logical slot query i sees: the queries are the last nq residual

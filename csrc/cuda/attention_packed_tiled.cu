@@ -319,8 +319,9 @@ static __global__ void __launch_bounds__(KVC_PF_THREADS, KVC_PF_BLOCKS_PER_SM(RT
 #pragma unroll
                     for (int r = 0; r < RT; r++) dot[r] = fmaf(sq[c8 + i][r], kf[i], dot[r]);
             }
+            const float lc = kvc_pa_residual_logc(h, j - n);
 #pragma unroll
-            for (int r = 0; r < RT; r++) x[r] = j <= slim[r] ? dot[r] * p.scaling : -INFINITY;
+            for (int r = 0; r < RT; r++) x[r] = j <= slim[r] ? fmaf(dot[r], p.scaling, lc) : -INFINITY;
         }
 
         /* ---- 2. softmax: the tile's max, one rescale, the weights ---- */

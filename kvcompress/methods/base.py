@@ -217,7 +217,6 @@ class Method:
         self._check_quant()
         self._check_sparse()
         self._check_depth()
-        self._check_sinks()
         if self.budget is not None and self.budget < self.min_budget():
             raise ValueError(
                 f"budget: {type(self).__name__} always keeps {self.min_budget()} slots per head "
@@ -327,15 +326,6 @@ class Method:
             raise ValueError(f"depth: {d.describe()} does not compose with {extra} here; write "
                              f"evictor + {d.describe()} + quantizer (the quantizer packs every layer's slots), "
                              "sparse readers are not supported")
-
-    def _check_sinks(self) -> None:
-        """A quantizer's sink block (``KIVI(sinks=...)``, given as ``quant=`` or
-        through ``depth=``) has one length in every head of a uniform layer."""
-        if self.fp_sinks and (self.headwise or self.merges):
-            raise ValueError(f"sinks: the packed layers keep a sink block of {self.fp_sinks} slots, of equal "
-                             f"length in every head; {type(self).__name__} gives heads different lengths or "
-                             f"merges: give the quantizer without sinks, or use an evictor such as SnapKV, H2O "
-                             f"or TOVA")
 
     @property
     def paging(self) -> tuple[int, int, int, str] | None:

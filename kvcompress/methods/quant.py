@@ -90,10 +90,13 @@ class KIVI(KeepsEveryToken):
       ``rotate="auto"`` goes from +8.0% to +3.8% (RESULTS, "Attention
       sinks kept in full precision"). Off by default (the paper's method).
       Taken at the layer's first pack; sliding-window layers keep none
-      (their window leaves the first tokens behind); per-head and merging
-      evictors, mixed precision and ``MiniCache`` refuse it; in a
-      left-padded batch a row whose real tokens are fewer than ``sinks``
-      keeps its padding's slots in the sink block, masked.
+      (their window leaves the first tokens behind); mixed precision and
+      ``MiniCache`` refuse it; in a left-padded batch a row whose real
+      tokens are fewer than ``sinks`` keeps its padding's slots in the sink
+      block, masked. Behind a per-head or merging evictor (``EMS``,
+      ``AdaKV``, ...) the block holds each head's first ``sinks`` kept
+      slots, taken when the layer is packed, with their merge counts
+      (``ops.packed_attention(residual_counts=...)``).
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
     ``2 * 4 * D / group`` for the key mins/scales, ``2 * 4 * ceil(D /

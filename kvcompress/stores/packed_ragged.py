@@ -16,6 +16,13 @@ original one (the copies equal the slot, so its group's min and max, and
 every code, are unchanged). Decoded tokens enter the residual window and are
 packed a whole group at a time onto the end of every head's segment, which
 is why segments stay group-aligned.
+
+With ``KIVI(sinks=S)`` each head's first S kept slots (its oldest: an
+evictor keeps slots in token order, and EMS keeps the first tokens of every
+head) stay in full precision as a sink block at the front of the residual's
+buffers, ``[B, H, S, D]``, read in the same kernel call as the residual.
+A block slot that absorbed merged tokens keeps its merge count: the kernel
+adds the residual slots' log counts (``residual_counts``, 1 past the block).
 """
 
 from __future__ import annotations
@@ -63,11 +70,17 @@ class RaggedPackedStore(PackedStore):
         #: ``scores`` (float32, NaN: not scored yet) ``[B, H, rcap]``, by
         #: residual slot (heads may hold different tokens there)
         self._rcols: dict | None = None
+        #: ``KIVI(sinks=S)``'s S; the block taken (``n_sinks``) may be shorter
+        self.sinks_asked = 0
+        #: float32 ``[B, H, n_sinks]`` merge counts of the block's slots, None
+        #: when all are 1; ``_rc``: ``[B, H, >= n_sinks + r]`` the residual
+        #: counts the kernel reads (the block's, then ones), built when needed
+        self._sink_counts = self._rc = None
 
     @classmethod
     def from_ragged(cls, store, bits: int, group: int, residual: int,
                     value_bits: int | None = None, columns: bool = False,
-                    rotation: torch.Tensor | None = None) -> "RaggedPackedStore":
+                    rotation: torch.Tensor | None = None, sinks: int = 0) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -76,15 +89,21 @@ class RaggedPackedStore(PackedStore):
         in full precision as KIVI keeps its newest tokens: ``r`` is
         ``residual`` or fewer, as many as every head holds with a merge count
         of 1 (the residual has no counts). ``rotation``: pack keys as
-        ``k @ rotation`` (see :class:`~kvcompress.stores.PackedStore`)."""
+        ``k @ rotation`` (see :class:`~kvcompress.stores.PackedStore`).
+        ``sinks``: keep each head's first ``sinks`` kept slots in full
+        precision (fewer when a head holds fewer beside its residual), with
+        their merge counts."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
+        new.sinks_asked = int(sinks)
         G = group
         B, H = store.batch, store.heads
         dev = store.k.device
         r = _recent_kept(store, residual) if columns else 0
-        n = store.lengths.to(torch.int64) - r
-        n_host = store._host_lengths.to(torch.int64) - r
+        n_min = int(store._host_lengths.min()) if store._host_lengths.numel() else 0
+        s = max(0, min(int(sinks), n_min - r))
+        n = store.lengths.to(torch.int64) - r - s
+        n_host = store._host_lengths.to(torch.int64) - r - s
         padded_host = (n_host + G - 1) // G * G
         padded = padded_host.to(dev)
         caps_host = padded_host + G
@@ -94,7 +113,7 @@ class RaggedPackedStore(PackedStore):
         total = int(padded_host.sum())
         head, t = segments(padded, total)
         last = n[head] - 1
-        src = store.offsets[head] + torch.minimum(t, last)
+        src = store.offsets[head] + s + torch.minimum(t, last)  # after the head's sink block
         dst = offsets[head] + t
         D, Dv = int(store.k.shape[1]), int(store.v.shape[1])
         if D != Dv:
@@ -124,22 +143,28 @@ class RaggedPackedStore(PackedStore):
         new.offsets, new.lengths, new.caps = offsets, padded, caps
         new._host_lengths, new._host_caps = padded_host.clone(), caps_host
         new._real = n_host.clone()
-        new._rk = store.k.new_empty((B, H, residual + G, D))
-        new._rv = store.v.new_empty((B, H, residual + G, D))
+        cap = s + residual + G
+        new._rk = store.k.new_empty((B, H, cap, D))
+        new._rv = store.v.new_empty((B, H, cap, D))
         if columns:
-            cap = residual + G
             new._rcols = {"positions": store.positions.new_zeros((B, H, cap))}
             if store.scores is not None:
                 new._rcols["scores"] = torch.full((B, H, cap), float("nan"), device=dev)
-            if r:
-                # each head's newest r slots (after its n packed ones), in order
-                rows = ((store.offsets + n)[:, None] + torch.arange(r, device=dev)).reshape(-1)
-                new._rk[:, :, :r] = store.k[rows].view(B, H, r, D)
-                new._rv[:, :, :r] = store.v[rows].view(B, H, r, D)
-                new._rcols["positions"][:, :, :r] = store.positions[rows].view(B, H, r)
+        # each head's first s slots (the sink block), then its newest r (after its n packed ones), in order
+        for first, count, at in ((store.offsets, s, 0), (store.offsets + s + n, r, s)):
+            if not count:
+                continue
+            rows = (first[:, None] + torch.arange(count, device=dev)).reshape(-1)
+            new._rk[:, :, at : at + count] = store.k[rows].view(B, H, count, D)
+            new._rv[:, :, at : at + count] = store.v[rows].view(B, H, count, D)
+            if columns:
+                new._rcols["positions"][:, :, at : at + count] = store.positions[rows].view(B, H, count)
                 if store.scores is not None:
-                    new._rcols["scores"][:, :, :r] = store.scores[rows].view(B, H, r)
-                new.r = r
+                    new._rcols["scores"][:, :, at : at + count] = store.scores[rows].view(B, H, count)
+            if at == 0 and store.counts is not None:
+                block = store.counts[rows].view(B, H, count)
+                new._sink_counts = None if bool((block == 1).all()) else block.clone()
+        new._r0, new.r = s, r
         return new
 
     def unpacked(self) -> RaggedStore:
@@ -148,11 +173,13 @@ class RaggedPackedStore(PackedStore):
         then the residual), with positions, carried scores and, for a merging
         method, merge counts: what a decode-time re-compression reads. A
         repeated last slot becomes one slot again with its copies' counts
-        summed (the count it had before packing)."""
+        summed (the count it had before packing). A sink block comes first:
+        it holds each head's oldest kept slots."""
         if self.positions is None:
             raise RuntimeError("RaggedPackedStore.unpacked: the store keeps no positions")
         B, H, _, D = (int(x) for x in self._rk.shape)
-        N, r, dev = B * H, self.r, self._rk.device
+        s, dev = self._r0, self._rk.device
+        N, r = B * H, self.r + s  # the block and the residual: the buffers' first s + r slots
         kd, vd = self._dequantized_rows()
         # a head's last kept slot and its copies are the rows whose plain
         # count is below 1 (the split); the copies are the run's later rows
@@ -171,17 +198,19 @@ class RaggedPackedStore(PackedStore):
         live = torch.arange(M, device=dev)[None, :] < self._real.to(dev)[:, None]
         # the split count back whole: count * share / share
         counts = (self.counts_bias / self.counts_plain)[rows]
+        resid_counts = self._residual_counts(True, r).reshape(N, r)
         pos = self.positions[rows]
         rpos = self._rcols["positions"][:, :, :r].reshape(N, r)
 
         def cat(packed, resid):
-            return torch.cat([packed, resid], 1)
+            # block, packed part, residual: token order
+            return torch.cat([resid[:, :s], packed, resid[:, s:]], 1)
 
         keys = cat(kd[rows], self._rk[:, :, :r].reshape(N, r, D)).view(B, H, M + r, D)
         values = cat(vd[rows], self._rv[:, :, :r].reshape(N, r, D)).view(B, H, M + r, D)
         valid = cat(live, torch.ones((N, r), dtype=torch.bool, device=dev)).view(B, H, M + r)
         positions = cat(pos, rpos).view(B, H, M + r)
-        count = cat(counts, torch.ones((N, r), device=dev)).view(B, H, M + r) if self._merged else None
+        count = cat(counts, resid_counts).view(B, H, M + r) if self._merged else None
         scores = None
         if self.scores is not None:
             scores = cat(self.scores[rows], self._rcols["scores"][:, :, :r].reshape(N, r)).view(B, H, M + r)
@@ -189,10 +218,10 @@ class RaggedPackedStore(PackedStore):
 
     # ------------------------------------------------------------ geometry
     def head_lengths(self) -> list[int]:
-        return [int(x) + self.r for x in self._real.tolist()]
+        return [int(x) + self.r + self._r0 for x in self._real.tolist()]
 
     def max_length(self) -> int:
-        return (int(self._real.max()) if self._real.numel() else 0) + self.r
+        return (int(self._real.max()) if self._real.numel() else 0) + self.r + self._r0
 
     @property
     def n(self) -> int:
@@ -205,7 +234,8 @@ class RaggedPackedStore(PackedStore):
     def tensors(self) -> list:
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,
                             self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv,
-                            self.positions, self.scores, *(self._rcols or {}).values(), self.rotation)
+                            self.positions, self.scores, *(self._rcols or {}).values(), self.rotation,
+                            self._sink_counts, self._rc)
                 if t is not None]
 
     def __repr__(self) -> str:
@@ -213,6 +243,8 @@ class RaggedPackedStore(PackedStore):
         span = f"{int(n.min())}..{int(n.max())}" if n is not None and n.numel() else "empty"
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
         vb += ", rotated keys" if self.rotation is not None else ""
+        if self.sinks_asked:
+            vb += f", sinks={self._r0}" + (f" of {self.sinks_asked}" if self._r0 != self.sinks_asked else "")
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed per head={span}, full_precision={self.r})")
 
@@ -221,17 +253,20 @@ class RaggedPackedStore(PackedStore):
         super().append(keys, values, first_position)
         if self._rcols is None:
             return
-        q, cap = int(keys.shape[2]), int(self._rk.shape[2])
+        q, cap, end = int(keys.shape[2]), int(self._rk.shape[2]), self._r0 + self.r
         self._rcols = {name: _fit(t, cap) for name, t in self._rcols.items()}
         pos = self._rcols["positions"]
-        pos[:, :, self.r - q : self.r] = torch.arange(first_position, first_position + q, dtype=pos.dtype,
-                                                      device=pos.device)
+        pos[:, :, end - q : end] = torch.arange(first_position, first_position + q, dtype=pos.dtype,
+                                                device=pos.device)
         if "scores" in self._rcols:
-            self._rcols["scores"][:, :, self.r - q : self.r] = float("nan")  # not scored yet
+            self._rcols["scores"][:, :, end - q : end] = float("nan")  # not scored yet
 
     def _drop_oldest(self, m: int) -> None:
-        """The base class's, with the residual's columns moved alike."""
-        kept = None if self._rcols is None else {k: t[:, :, m : self.r].clone() for k, t in self._rcols.items()}
+        """The base class's, with the residual's columns moved alike (a sink
+        block's stay in front)."""
+        o = self._r0
+        kept = None if self._rcols is None else {
+            k: torch.cat([t[:, :, :o], t[:, :, o + m : o + self.r]], 2) for k, t in self._rcols.items()}
         super()._drop_oldest(m)
         if kept is not None:
             cap = int(self._rk.shape[2])
@@ -248,8 +283,9 @@ class RaggedPackedStore(PackedStore):
         N, G = B * H, self.group
         if bool((self._host_lengths + m > self._host_caps).any()):
             self._grow(m)
-        kc, kmin, ksc = ops.pack_keys(self._codes_keys(self._rk[:, :, :m]), self.bits, G)
-        vc, vmin, vsc = ops.pack_values(self._rv[:, :, :m], self.value_bits, G)
+        o = self._r0  # the residual's oldest slots follow the sink block
+        kc, kmin, ksc = ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G)
+        vc, vmin, vsc = ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G)
         start = self.offsets + self.lengths
         rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
         grows = (start[:, None] // G + torch.arange(m // G, device=start.device)).reshape(-1)
@@ -262,9 +298,9 @@ class RaggedPackedStore(PackedStore):
         self.counts_bias[rows] = 1.0
         self.counts_plain[rows] = 1.0
         if self._rcols is not None:
-            self.positions[rows] = self._rcols["positions"][:, :, :m].reshape(N * m)
+            self.positions[rows] = self._rcols["positions"][:, :, o : o + m].reshape(N * m)
             if self.scores is not None:
-                self.scores[rows] = self._rcols["scores"][:, :, :m].reshape(N * m)
+                self.scores[rows] = self._rcols["scores"][:, :, o : o + m].reshape(N * m)
         self.lengths = self.lengths + m
         self._host_lengths += m
         self._real += m
@@ -323,6 +359,8 @@ class RaggedPackedStore(PackedStore):
         self._host_caps, self._host_lengths = self._host_caps[host_idx], self._host_lengths[host_idx]
         self._real = self._real[host_idx]
         self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
+        if self._sink_counts is not None:
+            self._sink_counts, self._rc = self._sink_counts.index_select(0, idx), None
         if self._rcols is not None:
             self._rcols = {k: t.index_select(0, idx) for k, t in self._rcols.items()}
 
@@ -342,10 +380,11 @@ class RaggedPackedStore(PackedStore):
         """Dequantized per-head copy, left-padded: ``(keys [B*H, 1, M + r, D],
         values, start [B*H], log_counts [B*H, M + r])`` with head ``i``'s
         packed rows (repeated last slots included) in columns ``start[i] ..
-        M - 1`` and the residual after them; for tests and the model options
-        the kernel lacks (softcap, sinks)."""
+        M - 1`` and the residual (a sink block, then the residual window)
+        after them; for tests and the model options the kernel lacks
+        (softcap, sink logits)."""
         B, H, _, D = (int(x) for x in self._rk.shape)
-        N, r, dtype = B * H, self.r, self._rk.dtype
+        N, r, dtype = B * H, self._r0 + self.r, self._rk.dtype  # a sink block is the residual's front
         kd, vd = self._dequantized_rows()
         M = int(self._host_lengths.max()) if N else 0
         start = M - self.lengths
@@ -358,7 +397,7 @@ class RaggedPackedStore(PackedStore):
         logc = torch.where(live, torch.log(counts[rows]), torch.zeros((), device=kd.device))
         keys = torch.cat([keys, self._rk[:, :, :r].reshape(N, r, D)], 1)[:, None]
         values = torch.cat([values, self._rv[:, :, :r].reshape(N, r, D)], 1)[:, None]
-        logc = torch.cat([logc, torch.zeros((N, r), device=kd.device)], 1)
+        logc = torch.cat([logc, torch.log(self._residual_counts(count_bias, r).reshape(N, r))], 1)
         return keys, values, start, logc
 
     def dequantized(self):
@@ -370,7 +409,8 @@ class RaggedPackedStore(PackedStore):
         q = int(query.shape[2])
         counts = self.counts_bias if spec.count_bias else self.counts_plain
         if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
-            rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+            # a sink block is read as the residual's oldest slots
+            rk, rv = self._rk[:, :, : self._r0 + self.r], self._rv[:, :, : self._r0 + self.r]
             pq, residual_query = query, None
             if self.rotation is not None:
                 # the packed segments with q @ R, the residual (kept as it came) with q
@@ -380,9 +420,32 @@ class RaggedPackedStore(PackedStore):
             return ops.packed_attention(pq, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
                                         rk, rv, bits=self.bits, value_bits=self.value_bits, group=self.group,
                                         scaling=spec.scaling, offsets=self.offsets, lengths=self.lengths,
-                                        counts=counts, residual_query=residual_query)
+                                        counts=counts, residual_query=residual_query,
+                                        residual_counts=self._kernel_residual_counts(spec.count_bias))
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
+
+    def _residual_counts(self, count_bias: bool, r: int):
+        """float32 ``[B, H, r]`` counts of the buffers' first ``r`` residual
+        slots (sink block, then the window): the block's merge counts with
+        ``count_bias``, else ones."""
+        rc = self._kernel_residual_counts(count_bias, r)
+        if rc is None:
+            return torch.ones(tuple(self._rk.shape[:2]) + (r,), device=self._rk.device)
+        return rc
+
+    def _kernel_residual_counts(self, count_bias: bool, r: int | None = None):
+        """The ``residual_counts`` of a kernel call over the sink block and
+        the residual window (``r`` slots, default both whole), or None when
+        every one counts 1 (no merged slot in the block, or no count bias)."""
+        if self._sink_counts is None or not count_bias:
+            return None
+        r = self._r0 + self.r if r is None else r
+        if self._rc is None or self._rc.shape[2] < r:
+            s = self._r0
+            self._rc = torch.ones(tuple(self._rk.shape[:2]) + (r + self.group,), device=self._rk.device)
+            self._rc[:, :, :s] = self._sink_counts
+        return self._rc[:, :, :r]
 
     def _attend_joined_heads(self, query, rk, rv, scaling, counts):
         """Rotated keys where the kernel takes no ``residual_query`` (not
@@ -398,7 +461,8 @@ class RaggedPackedStore(PackedStore):
         empty = tuple(t.new_empty((B, H, 0) + tuple(t.shape[1:]))
                       for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
         o2, l2 = ops.packed_attention(query, *empty, rk, rv, bits=self.bits, value_bits=self.value_bits,
-                                      group=self.group, scaling=scaling, return_lse=True)
+                                      group=self.group, scaling=scaling, return_lse=True,
+                                      residual_counts=self._kernel_residual_counts(counts is self.counts_bias))
         return join_parts([(o1, l1), (o2, l2)], query.dtype)
 
 
@@ -426,3 +490,4 @@ def _recent_kept(store, residual: int) -> int:
         trailing = torch.cumprod(whole.flip(1).to(torch.int64), 1).sum(1)
         r = int(trailing.min())
     return r
+
