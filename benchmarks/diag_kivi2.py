@@ -22,7 +22,9 @@ pre-RoPE keys): each row is rotated back by its position with base THETA
 (the default RoPE of Llama-style models, rotate-half layout; KIVI evicts
 nothing, so a row's index is its position), quantized, then rotated again; ``--rotate`` quantizes the keys after a
 Hadamard rotation of their channels (QuaRot's; ``KIVI(rotate=True)`` does this
-for real) and ``--key-layout token`` packs keys per token in groups of
+for real), ``--rotate-values`` quantizes the values after the same rotation
+(QuaRot rotates values too; attention's output is then rotated back, which is
+exact: softmax weights are a linear combination), and ``--key-layout token`` packs keys per token in groups of
 channels, as values are. With
 ``--sinks 0 --quantize both`` this reproduces ``kivi:bits=...`` of
 ``kvcompress eval`` exactly (the check that the simulation is faithful).
@@ -168,7 +170,7 @@ def _hadamard(D):
 
 
 def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False,
-          rotate=False, key_layout="channel"):
+          rotate=False, key_layout="channel", rotate_values=False):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
     by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max;
     with ``pre_rope`` (a RoPE base) the keys, whose first row sits at position
@@ -176,7 +178,14 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
     KIVI's even levels, a pair (A, B) or None for `_level_keys`; ``rotate``:
     the keys are quantized after a Hadamard rotation of their channels and
     rotated back, as q . k = (H q) . (H k); ``key_layout="token"``: keys
-    quantized per token in groups of G channels, as values are)."""
+    quantized per token in groups of G channels, as values are);
+    ``rotate_values``: the values quantized after a Hadamard rotation of
+    their channels and rotated back)."""
+    if rotate_values and which in ("values", "both"):
+        h = _hadamard(int(v.shape[3]))
+        _, vq = _fake(k, (v.double() @ h).to(v.dtype), kbits, vbits, G, "values")
+        v = (vq.double() @ h.T).to(v.dtype)
+        which = "keys" if which == "both" else "none"
     if pre_rope is not None and which in ("keys", "both"):
         kq, _ = _fake(_rotate(k, first, pre_rope, -1.0), v, kbits, vbits, G, "keys", clip, outliers,
                       levels=levels, rotate=rotate, key_layout=key_layout)
@@ -209,7 +218,7 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
 
 def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, clip: bool = False,
           outliers: int = 0, pre_rope: float | None = None, levels=False, rotate: bool = False,
-          key_layout: str = "channel") -> None:
+          key_layout: str = "channel", rotate_values: bool = False) -> None:
     pack_oldest, real_attend = P.PackedStore._pack_oldest, P.PackedStore.attend
 
     def keep_originals(self, m):
@@ -230,7 +239,7 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
             s = min(sinks, int(ok.shape[2]))
             qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
                            value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s, levels,
-                           rotate, key_layout)
+                           rotate, key_layout, rotate_values)
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
@@ -260,6 +269,8 @@ def main(argv=None) -> int:
                     help="keys at 2 bits: the two inner levels fitted per (group, channel)")
     ap.add_argument("--rotate", action="store_true",
                     help="keys: quantized after a Hadamard rotation of their channels (QuaRot's rotation)")
+    ap.add_argument("--rotate-values", action="store_true",
+                    help="values: quantized after a Hadamard rotation of their channels")
     ap.add_argument("--key-layout", choices=("channel", "token"), default="channel",
                     help="keys per channel in groups of G tokens (KIVI) or per token in groups of G channels")
     args = ap.parse_args(argv[:cut])
@@ -280,7 +291,7 @@ def main(argv=None) -> int:
     if (args.rotate or args.key_layout == "token") and (args.clip or args.outliers or levels is not False):
         ap.error("--rotate / --key-layout token: not with --clip, --outliers, --levels or --lloyd")
     patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers, args.pre_rope,
-          levels, args.rotate, args.key_layout)
+          levels, args.rotate, args.key_layout, args.rotate_values)
     return kvcompress_main(argv[cut + 1:])
 
 

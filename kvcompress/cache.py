@@ -824,7 +824,8 @@ class CompressedLayer(CacheLayerMixin):
         """``(keys [B, H, m, D], start)``: the whole key groups the layer's
         next pack takes (for a per-head layer, the newest ``m`` of every
         padded head), and the padded slots in front of each head (int64
-        ``[B * H]``, or None)."""
+        ``[B * H]``, or None; a per-head layer's sink block counts among
+        them)."""
         bits, group, residual, _ = packing
         store = self.store
         if isinstance(store, (PackedStore, UniformStore)):
@@ -839,6 +840,9 @@ class CompressedLayer(CacheLayerMixin):
         dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
         M = int(dense.shape[2])
         m = M // group * group  # the newest whole groups, right-aligned as to_padded gives them
+        # a sink block (KIVI(sinks=...)) is never packed: its slots, each head's
+        # first, are left out of the test as the padding before them is
+        start = start + self.method.fp_sinks
         return dense[:, :, M - m :], (start - (M - m)).clamp(min=0)
 
     def _repacks(self) -> bool:

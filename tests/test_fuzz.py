@@ -335,6 +335,8 @@ def _child(target: str, seed: int, n_calls: int) -> int:
             kw["offsets"], kw["lengths"] = torch.tensor(offs), torch.tensor(lens)
             if rng.random() < 0.3:
                 kw["counts"] = torch.randint(1, 4, (pos,)).to(torch.float32)
+        if rng.random() < 0.3:
+            kw["residual_counts"] = f32([B, Hkv, r])
         return [fw(fl([B, Hkv * g, q, D], dt)), *packed, fw(fl([B, Hkv, r, D], dt)), fw(fl([B, Hkv, r, D], dt))], kw
 
     def b_pages():

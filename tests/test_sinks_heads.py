@@ -230,3 +230,37 @@ def test_kernel_generation_equals_the_eager_path_and_keeps_each_heads_first_toke
     for step, (a, b) in enumerate(zip(out.logits, eager.logits)):
         err = float((a - b).abs().max())
         assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"step {step}: logits differ by {err:.3g}"
+
+
+@pytest.mark.parametrize("sinks", [0, S])
+def test_the_rotation_test_leaves_each_heads_sink_block_out(tiny_lm, sinks, monkeypatch):
+    """``rotate="auto"`` tests the keys a per-head layer packs: with a sink
+    block, each head's first S kept slots are masked out of that test, as
+    padding is (they are never packed); without one they take part."""
+    from kvcompress.cache import CompressedLayer
+    from kvcompress.stores import RaggedStore as Ragged
+
+    model, tok, _ = tiny_lm
+    seen = []
+    real = CompressedLayer._keys_to_pack
+
+    def spy(self, packing):
+        keys, start = real(self, packing)
+        if isinstance(self.store, Ragged):
+            firsts = [self.store.head(b, h)[0][:S] for b in range(self.store.batch) for h in range(self.store.heads)]
+            seen.append((keys, start, firsts))
+        return keys, start
+
+    monkeypatch.setattr(CompressedLayer, "_keys_to_pack", spy)
+    ids = torch.randint(5, 250, (1, 120), generator=torch.Generator().manual_seed(2))
+    method = kvc.EMS(budget=48, interval=0) + KIVI(bits=2, group=8, residual=8, rotate="auto", sinks=sinks)
+    with kvc.compress(model, method):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert seen
+    tested_sinks = 0
+    for keys, start, firsts in seen:
+        B, H, m, _ = keys.shape
+        for i, first in enumerate(firsts):
+            unmasked = keys[i // H, i % H, int(start[i]) if start is not None else 0 :]
+            tested_sinks += int((unmasked[:, None] == first[None]).all(-1).any(1).sum())
+    assert (tested_sinks == 0) == bool(sinks), tested_sinks
