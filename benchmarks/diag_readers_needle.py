@@ -70,7 +70,7 @@ def quest_rows(store: PagedStore, query, pages, needle: list[int]) -> list[str]:
 def pig_rows(store: LSHStore, query, scaling: float, needle: list[int]) -> list[str]:
     g = int(query.shape[1]) // store.heads
     qcodes = ops.simhash(query, store.planes, store.K, group=g)
-    k, v = store.keys[0].float(), store.values[0].float()
+    k = store.keys[0].float()
     n = int(k.shape[1])
     out = []
     for hq in range(int(query.shape[1])):

@@ -768,6 +768,13 @@ def test_minicache_attention(dtype, per_head):
                   keys=wk, values=wv, kept_slots=ws, tail_keys=tk, tail_values=tv, **cargs)
     tol = 1e-6 if dtype == torch.float32 else 1e-2
     assert (got.double() - c.double()).abs().max() <= tol
+    # both within the CPU test's bounds of float64 over the rows as stored
+    tail = kvcompress.stores.UniformStore()
+    tail.append(tk, tv, 16)
+    ref = _in_place_ref(q, pair, 0, tail, D ** -0.5, per_head)
+    bound = 2e-6 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 1.6e-2)
+    for out in (c, got):
+        assert float((out.double() - ref).abs().max()) <= bound
 
 
 # ---------------------------------------------------------------- boundary

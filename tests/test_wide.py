@@ -86,7 +86,7 @@ def test_attention_uniform(dtype, Hq, Hkv, D, nq, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("nq", [1, 3])
 def test_attention_ragged_with_empty_heads(dtype, nq):
-    B, Hq, Hkv, D = 2, 6, 3, 64
+    B, Hq, D = 2, 6, 64  # 3 kv heads: len(lengths) = B * 3
     lengths = [0, 500, nq, 0, 31, 260]
     offsets = np.cumsum([0] + [L + 2 for L in lengths[:-1]])
     N = int(offsets[-1] + lengths[-1] + 2)
