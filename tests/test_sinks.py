@@ -191,18 +191,8 @@ def test_kernel_generation_equals_the_eager_path_and_keeps_the_first_real_tokens
     import kvcompress.stores.packed as packed_store
 
     model, tok, _ = tiny_lm
-    torch.manual_seed(6)
-    ids = torch.randint(5, 250, (2, 120))
-    mask = torch.ones_like(ids)
-    mask[1, :25] = 0
-
-    def run(method):
-        with kvc.compress(model, method) as session:
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
-                                 pad_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
-        return out, session.cache
-
-    out, cache = run(make())
+    out, cache = generate_padded(model, tok, make())
+    ids, mask = _padded_batch()
     from transformers import DynamicCache
 
     full = DynamicCache()
@@ -221,9 +211,32 @@ def test_kernel_generation_equals_the_eager_path_and_keeps_the_first_real_tokens
         for b, a in enumerate((0, 25)):
             assert torch.allclose(s.sink_block()[0][b], ref[b, :, a : a + 4], atol=1e-4), (i, b)
     monkeypatch.setattr(packed_store, "kernel_reads", lambda query, residual: False)
-    eager, _ = run(make())
-    assert torch.equal(out.sequences, eager.sequences)
-    for step, (a, b) in enumerate(zip(out.logits, eager.logits)):
+    assert_same_generation(out, generate_padded(model, tok, make())[0])
+
+
+def _padded_batch():
+    """``(ids, attention_mask)`` ``[2, 120]``: row 1 left-padded by 25."""
+    torch.manual_seed(6)
+    ids = torch.randint(5, 250, (2, 120))
+    mask = torch.ones_like(ids)
+    mask[1, :25] = 0
+    return ids, mask
+
+
+def generate_padded(model, tok, method):
+    """40 greedy tokens of the left-padded batch under ``method``:
+    ``(generate's output with logits, the session's cache)``."""
+    ids, mask = _padded_batch()
+    with kvc.compress(model, method) as session:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                             pad_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
+    return out, session.cache
+
+
+def assert_same_generation(out, ref):
+    """The same tokens, and every step's logits within 1e-4 of the largest."""
+    assert torch.equal(out.sequences, ref.sequences)
+    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
         err = float((a - b).abs().max())
         assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"step {step}: logits differ by {err:.3g}"
 

@@ -16,6 +16,7 @@ from kvcompress.stores import AttentionSpec, RaggedPackedStore, RaggedStore
 from kvcompress.stores.rotation import key_rotation
 
 from test_rotation import ONE_CALL, _kernel_calls
+from test_sinks import assert_same_generation, generate_padded
 
 G, R, S = 8, 4, 4
 
@@ -198,18 +199,7 @@ def test_kernel_generation_equals_the_eager_path_and_keeps_each_heads_first_toke
     import kvcompress.stores.packed_ragged as ragged_store
 
     model, tok, _ = tiny_lm
-    torch.manual_seed(6)
-    ids = torch.randint(5, 250, (2, 120))
-    mask = torch.ones_like(ids)
-    mask[1, :25] = 0
-
-    def run(method):
-        with kvc.compress(model, method) as session:
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
-                                 pad_token_id=tok.eos_token_id, output_logits=True, return_dict_in_generate=True)
-        return out, session.cache
-
-    out, cache = run(make())
+    out, cache = generate_padded(model, tok, make())
     for i, layer in enumerate(cache.layers):
         s = layer.store
         assert isinstance(s, RaggedPackedStore) and s.n_sinks == S, (i, s)
@@ -225,11 +215,7 @@ def test_kernel_generation_equals_the_eager_path_and_keeps_each_heads_first_toke
                 first = torch.tensor([0, 25], dtype=block.dtype)[:, None, None] + torch.arange(s.n_sinks)
                 assert torch.equal(block, first.expand_as(block).to(block.dtype)), (i, block)
     monkeypatch.setattr(ragged_store, "kernel_reads", lambda query, residual: False)
-    eager, _ = run(make())
-    assert torch.equal(out.sequences, eager.sequences)
-    for step, (a, b) in enumerate(zip(out.logits, eager.logits)):
-        err = float((a - b).abs().max())
-        assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"step {step}: logits differ by {err:.3g}"
+    assert_same_generation(out, generate_padded(model, tok, make())[0])
 
 
 @pytest.mark.parametrize("sinks", [0, S])
