@@ -490,4 +490,3 @@ def _recent_kept(store, residual: int) -> int:
         trailing = torch.cumprod(whole.flip(1).to(torch.int64), 1).sum(1)
         r = int(trailing.min())
     return r
-
