@@ -867,12 +867,7 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
         for (d = 0; d < 4; d++)
             if (p->res_q.shape[d] != p->q.shape[d]) return KVC_ERR_INVALID;
     }
-    if (p->res_counts.data != NULL) {
-        int d;
-        if (p->res_counts.ndim != 3 || p->res_counts.dtype != KVC_F32) return KVC_ERR_INVALID;
-        for (d = 0; d < 3; d++)
-            if (p->res_counts.shape[d] != p->res_k.shape[d]) return KVC_ERR_INVALID;
-    }
+    if (!kvc_packed_res_counts_fit(p)) return KVC_ERR_INVALID;
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))
         return KVC_ERR_NOMEM;
     prefix = kvc_at_scratch_prefix(p->scratch);

@@ -85,6 +85,18 @@ struct kvc_packed_attention_params {
     size_t scratch_bytes;
 };
 
+/* Whether the optional residual counts are absent or f32 [B, Hkv, r] as
+ * res_k (the CPU and CUDA kernels both require it). */
+static inline int kvc_packed_res_counts_fit(const struct kvc_packed_attention_params *p)
+{
+    int d;
+    if (p->res_counts.data == NULL) return 1;
+    if (p->res_counts.ndim != 3 || p->res_counts.dtype != KVC_F32) return 0;
+    for (d = 0; d < 3; d++)
+        if (p->res_counts.shape[d] != p->res_k.shape[d]) return 0;
+    return 1;
+}
+
 /* Reads lengths / kv_start (the split depends on them). */
 size_t kvc_packed_attention_scratch_bytes(const struct kvc_packed_attention_params *p);
 enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p);

@@ -149,29 +149,6 @@ static int check_layout(struct kvc_state *st, const struct kvc_py_call *c, int r
     return 0;
 }
 
-/* Residual counts (shape checked) must be finite and > 0, as the packed
- * slots' (scanned where they lie on the host). */
-static int check_residual_counts(struct kvc_state *st, const struct kvc_arg *a)
-{
-    const struct kvc_view *v = &a->view;
-    int64_t b, h, j;
-    if (a->t == NULL || v->data == NULL || a->dev_type != kDLCPU) return 0;
-    for (b = 0; b < v->shape[0]; b++)
-        for (h = 0; h < v->shape[1]; h++)
-            for (j = 0; j < v->shape[2]; j++) {
-                const float c = ((const float *)v->data)[b * v->strides[0] + h * v->strides[1] + j * v->strides[2]];
-                if (kvc_bad_count(c)) {
-                    char val[32];
-                    PyOS_snprintf(val, sizeof val, "%g", (double)c);
-                    return kvc_py_raise(st->ValueError,
-                                        "residual_counts: value at [%lld, %lld, %lld] is %s, expected a finite "
-                                        "count > 0",
-                                        (long long)b, (long long)h, (long long)j, val);
-                }
-            }
-    return 0;
-}
-
 static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
@@ -227,8 +204,11 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     }
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     if (check_layout(st, &c, ragged, bits, vbits, G) < 0) goto done;
-    if (c.a[A_RC].t && (kvc_py_check_shape(st, &c.a[A_RC], c.a[A_RK].view.shape, "[B, Hkv, r] (residual_keys)") < 0 ||
-                        check_residual_counts(st, &c.a[A_RC]) < 0))
+    /* residual counts: the residual's shape, and every one finite > 0 (scanned where they lie on the host) */
+    if (c.a[A_RC].t &&
+        (kvc_py_check_shape(st, &c.a[A_RC], c.a[A_RK].view.shape, "[B, Hkv, r] (residual_keys)") < 0 ||
+         (c.a[A_RC].dev_type == kDLCPU &&
+          kvc_py_check_count_rows(st, "residual_counts", &c.a[A_RC].view, NULL, 0) < 0)))
         goto done;
     r = c.a[A_RK].view.shape[2];
     if (c.a[A_START].t) {

@@ -99,11 +99,33 @@ static float count_at(const struct kvc_view *v, int64_t i)
     return v->dtype == KVC_I32 ? (float)((const int32_t *)v->data)[i] : ((const float *)v->data)[i];
 }
 
-static int raise_count(struct kvc_state *st, float c, const char *where)
+static int raise_count(struct kvc_state *st, const char *name, float c, const char *where)
 {
     char val[32];
     PyOS_snprintf(val, sizeof val, "%g", (double)c);
-    return kvc_py_raise(st->ValueError, "counts: %s is %s, expected a finite count > 0", where, val);
+    return kvc_py_raise(st->ValueError, "%s: %s is %s, expected a finite count > 0", name, where, val);
+}
+
+int kvc_py_check_count_rows(struct kvc_state *st, const char *name, const struct kvc_view *counts,
+                            const int64_t *kv_start, int64_t kv_start_stride)
+{
+    const int64_t B = counts->shape[0], H = counts->shape[1], n = counts->shape[2];
+    char where[96];
+    int64_t b, i, j;
+    for (b = 0; b < B; b++) {
+        const int64_t s0 = kv_start ? kv_start[b * kv_start_stride] : 0;
+        for (i = 0; i < H; i++)
+            for (j = s0; j < n; j++) {
+                const float v = count_at(counts, b * counts->strides[0] + i * counts->strides[1] +
+                                                     j * counts->strides[2]);
+                if (kvc_bad_count(v)) {
+                    PyOS_snprintf(where, sizeof where, "value at [%lld, %lld, %lld]", (long long)b, (long long)i,
+                                  (long long)j);
+                    return raise_count(st, name, v, where);
+                }
+            }
+    }
+    return 0;
 }
 
 int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k, int ragged, int64_t heads)
@@ -111,7 +133,6 @@ int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k
     const struct kvc_view *counts = &c->a[k + 3].view;
     const int64_t *kv_start, *offsets, *lengths;
     int64_t kv_start_stride, offsets_stride, lengths_stride;
-    char where[96];
     int64_t i, j;
     if (c->a[k + 3].t == NULL || counts->data == NULL || c->a[k + 3].dev_type != kDLCPU) return 0;
     /* the scan reads kv_start / offsets / lengths on the host: with one of
@@ -124,6 +145,7 @@ int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k
     lengths = kvc_py_call_i64(c, k + 2, &lengths_stride);
     if (ragged) {
         const int64_t cs = counts->strides[0];
+        char where[96];
         for (i = 0; i < heads; i++) {
             const int64_t o = offsets[i * offsets_stride], n = lengths[i * lengths_stride];
             for (j = o; j < o + n; j++) {
@@ -131,26 +153,11 @@ int kvc_py_check_counts(struct kvc_state *st, const struct kvc_py_call *c, int k
                 if (kvc_bad_count(v)) {
                     PyOS_snprintf(where, sizeof where, "value at row %lld (head %lld)", (long long)j,
                                   (long long)i);
-                    return raise_count(st, v, where);
+                    return raise_count(st, "counts", v, where);
                 }
             }
         }
-    } else {
-        const int64_t B = counts->shape[0], H = counts->shape[1], n = counts->shape[2];
-        int64_t b;
-        for (b = 0; b < B; b++) {
-            const int64_t s0 = kv_start ? kv_start[b * kv_start_stride] : 0;
-            for (i = 0; i < H; i++)
-                for (j = s0; j < n; j++) {
-                    const float v = count_at(counts, b * counts->strides[0] + i * counts->strides[1] +
-                                                         j * counts->strides[2]);
-                    if (kvc_bad_count(v)) {
-                        PyOS_snprintf(where, sizeof where, "value at [%lld, %lld, %lld]", (long long)b,
-                                      (long long)i, (long long)j);
-                        return raise_count(st, v, where);
-                    }
-                }
-        }
+        return 0;
     }
-    return 0;
+    return kvc_py_check_count_rows(st, "counts", counts, kv_start, kv_start_stride);
 }

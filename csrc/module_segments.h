@@ -23,6 +23,12 @@ static inline int64_t kvc_py_i64_at(const struct kvc_view *v, int64_t i)
  * the one rule every op that reads merge counts applies. */
 static inline int kvc_bad_count(float c) { return !(c > 0.0f) || isinf(c); }
 
+/* Every count of a host f32 (or i32) [B, H, n] view from slot kv_start[b]
+ * on (kv_start NULL: 0) is finite and > 0; else -1 with ValueError naming
+ * `name` and the element. */
+int kvc_py_check_count_rows(struct kvc_state *st, const char *name, const struct kvc_view *counts,
+                            const int64_t *kv_start, int64_t kv_start_stride);
+
 /* 1 for the ragged layout (offsets and lengths given), 0 for the uniform
  * one; -1 with ValueError set when only one of the two is given, or
  * kv_start is given with them. */

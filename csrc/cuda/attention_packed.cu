@@ -407,11 +407,7 @@ extern "C" enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_att
         p->value_mins.dtype != KVC_F32 || p->value_scales.dtype != KVC_F32 ||
         (p->counts.data != NULL && p->counts.dtype != KVC_F32))
         return KVC_ERR_UNSUPPORTED;
-    if (p->res_counts.data != NULL) {
-        if (p->res_counts.ndim != 3 || p->res_counts.dtype != KVC_F32) return KVC_ERR_INVALID;
-        for (int d = 0; d < 3; d++)
-            if (p->res_counts.shape[d] != p->res_k.shape[d]) return KVC_ERR_INVALID;
-    }
+    if (!kvc_packed_res_counts_fit(p)) return KVC_ERR_INVALID;
     if (g.B * g.Hkv * g.ntiles > INT32_MAX || g.B * g.Hkv * g.R > INT32_MAX)
         return KVC_ERR_UNSUPPORTED;
     if (p->scratch == NULL || p->scratch_bytes < kvc_cuda_packed_attention_workspace(p))
