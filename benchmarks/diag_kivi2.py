@@ -149,6 +149,39 @@ def _level_keys(k, bits, G, levels=None, iters=20, keep=0):
     return _with_tail(k, y, bits, G)
 
 
+def _gptq_keys(k, bits, G, hess, damp=0.01, order=False):
+    """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens,
+    channel after channel, each channel's rounding error spread over the
+    channels not yet quantized so that the logit error q . (k - k^) is least
+    for queries of second moment ``hess`` [B, H, D, D] (GPTQ's update with
+    queries as the inputs; SQuat's query-aware key quantization)."""
+    x = _groups(k, G).clone()  # [B, H, t, G, D]
+    D = int(x.shape[-1])
+    Hm = hess.double().clone()
+    dg = torch.diagonal(Hm, dim1=-2, dim2=-1)
+    perm = None
+    if order:
+        perm = dg.argsort(-1, descending=True)  # [B, H, D]
+        Hm = torch.gather(torch.gather(Hm, -1, perm[..., None, :].expand_as(Hm)), -2,
+                          perm[..., :, None].expand_as(Hm))
+        x = torch.gather(x, -1, perm[:, :, None, None, :].expand_as(x))
+        dg = torch.diagonal(Hm, dim1=-2, dim2=-1)
+    Hm = Hm + damp * dg.mean(-1)[..., None, None] * torch.eye(D, dtype=Hm.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hm)), upper=True)  # [B, H, D, D]
+    for c in range(D):
+        col = x[..., c]  # [B, H, t, G]
+        lo, hi = col.amin(-1, keepdim=True), col.amax(-1, keepdim=True)
+        q = _minmax(col, lo, hi, bits)
+        err = (col - q) / U[:, :, None, None, c, c]
+        x[..., c] = q
+        if c + 1 < D:
+            x[..., c + 1:] -= err[..., None] * U[:, :, None, None, c, c + 1:]
+    if perm is not None:
+        inv = perm.argsort(-1)
+        x = torch.gather(x, -1, inv[:, :, None, None, :].expand_as(x))
+    return _with_tail(k, x, bits, G)
+
+
 def _rotate(k, first, theta, sign):
     """k [B, H, n, D] rotated by ``sign`` times the RoPE angles of positions
     first .. first + n - 1 (base ``theta``, rotate-half layout), in float64."""
@@ -170,7 +203,7 @@ def _hadamard(D):
 
 
 def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False,
-          rotate=False, key_layout="channel", rotate_values=False):
+          rotate=False, key_layout="channel", rotate_values=False, hess=None, order=False):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
     by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max;
     with ``pre_rope`` (a RoPE base) the keys, whose first row sits at position
@@ -193,8 +226,9 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
         which = "values" if which == "both" else "none"
     if rotate and which in ("keys", "both"):
         h = _hadamard(int(k.shape[3]))
+        hr = None if hess is None else h.T @ hess.double() @ h
         kq, _ = _fake((k.double() @ h).to(k.dtype), v, kbits, vbits, G, "keys", clip, outliers, None,
-                      first, levels, False, key_layout)
+                      first, levels, False, key_layout, hess=hr, order=order)
         k = (kq.double() @ h.T).to(k.dtype)
         which = "values" if which == "both" else "none"
     if key_layout == "token" and which in ("keys", "both"):
@@ -207,6 +241,9 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
     if which in ("keys", "both") and (clip or outliers):
         k = _sparse_keys(k, kbits, G, outliers) if outliers else _clipped_keys(k, kbits, G)
         which = "values" if which == "both" else "none"
+    if which in ("keys", "both") and hess is not None:
+        k = _gptq_keys(k, kbits, G, hess, order=order)
+        which = "values" if which == "both" else "none"
     if which in ("keys", "both"):
         kc, kmin, ksc = ops.pack_keys(k, kbits, G)
         k = ops.unpack_keys(kc, kmin, ksc, kbits, G, dtype=k.dtype)
@@ -218,7 +255,7 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
 
 def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, clip: bool = False,
           outliers: int = 0, pre_rope: float | None = None, levels=False, rotate: bool = False,
-          key_layout: str = "channel", rotate_values: bool = False) -> None:
+          key_layout: str = "channel", rotate_values: bool = False, gptq: bool = False, order: bool = False) -> None:
     pack_oldest, real_attend = P.PackedStore._pack_oldest, P.PackedStore.attend
 
     def keep_originals(self, m):
@@ -239,13 +276,30 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
             s = min(sinks, int(ok.shape[2]))
             qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
                            value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s, levels,
-                           rotate, key_layout, rotate_values)
+                           rotate, key_layout, rotate_values, getattr(self, "_hess", None) if gptq else None,
+                           order)
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
                           kv_start=kv_start, window=spec.window, key_pos=None, query_pos=query_pos)
         return masked_attention(query, keys, values, spec, mask)
 
+    from kvcompress import cache as C
+    settle = C.CompressedLayer._settle
+
+    def settle_and_hold(self, queries, scaling):
+        store = self.store
+        if gptq and queries is not None and not hasattr(store, "_hess"):
+            # the prompt's queries (the call that packs first): never those read after it
+            B, Hq, n, D = queries.shape
+            qg = queries.double().reshape(B, store.heads, Hq // store.heads, n, D).reshape(B, store.heads, -1, D)
+            store._hess = qg.transpose(2, 3) @ qg / qg.shape[2]
+            if not getattr(P, "_said", 0):
+                print("hess from", tuple(queries.shape), file=sys.stderr)
+                P._said = 1
+        settle(self, queries, scaling)
+
+    C.CompressedLayer._settle = settle_and_hold
     P.PackedStore._pack_oldest = keep_originals
     P.PackedStore.attend = attend
 
@@ -273,6 +327,10 @@ def main(argv=None) -> int:
                     help="values: quantized after a Hadamard rotation of their channels")
     ap.add_argument("--key-layout", choices=("channel", "token"), default="channel",
                     help="keys per channel in groups of G tokens (KIVI) or per token in groups of G channels")
+    ap.add_argument("--feedback", action="store_true",
+                    help="keys: error feedback across channels weighted by the prompt's queries (GPTQ's update)")
+    ap.add_argument("--feedback-order", action="store_true",
+                    help="--feedback: channels in order of falling query energy (GPTQ's act-order)")
     args = ap.parse_args(argv[:cut])
     levels = False
     if args.levels is not None:
@@ -291,7 +349,7 @@ def main(argv=None) -> int:
     if (args.rotate or args.key_layout == "token") and (args.clip or args.outliers or levels is not False):
         ap.error("--rotate / --key-layout token: not with --clip, --outliers, --levels or --lloyd")
     patch(args.sinks, args.quantize, args.key_bits, args.value_bits, args.clip, args.outliers, args.pre_rope,
-          levels, args.rotate, args.key_layout, args.rotate_values)
+          levels, args.rotate, args.key_layout, args.rotate_values, args.feedback, args.feedback_order)
     return kvcompress_main(argv[cut + 1:])
 
 

@@ -8,6 +8,7 @@
 #include "module_run.h"
 #include "module_spec.h"
 
+#include <math.h>
 #include <string.h>
 
 #include "quant.h"
@@ -51,7 +52,7 @@ static void quant_shapes(int values, int32_t bits, int64_t G, const int64_t *x, 
 /* ------------------------------------------------------------------------ */
 
 PyDoc_STRVAR(pack_doc,
-             "pack(x, codes, mins, scales, values, bits, group)\n--\n\n"
+             "pack(x, codes, mins, scales, values, bits, group, feedback, feedback_index)\n--\n\n"
              "Low-level: see kvcompress.ops.pack_keys / pack_values.");
 
 /* mins and scales (arguments k and k + 1, as in both ops) against the
@@ -63,7 +64,7 @@ static int check_groups(struct kvc_state *st, struct kvc_py_call *c, int k, int 
     return kvc_py_check_shape(st, &c->a[k + 1], want, dims);
 }
 
-enum { PK_X, PK_CODES, PK_MINS, PK_SCALES, PK_VALUES, PK_BITS, PK_GROUP, PK_N };
+enum { PK_X, PK_CODES, PK_MINS, PK_SCALES, PK_VALUES, PK_BITS, PK_GROUP, PK_FB, PK_FB_INDEX, PK_N };
 _Static_assert(PK_SCALES == PK_MINS + 1, "check_groups reads scales after mins");
 
 /* Output shapes derive from x's and are checked by the binding (all dims
@@ -77,10 +78,71 @@ _Static_assert(PK_SCALES == PK_MINS + 1, "check_groups reads scales after mins")
         KVC_PY_FLAG("values"),                                                   \
         KVC_PY_CUSTOM_ARG("bits", 0, NULL, 0),                                   \
         KVC_PY_INT_IN("group", 1, INT64_MAX),                                    \
+        KVC_PY_OPT("feedback", 3, "[F, D, D]", DT_F32),                          \
+        KVC_PY_OPT("feedback_index", 3, "[B, H, ceil(n/G)]", DT_I64),            \
     }
 
 static const struct kvc_py_spec pack_keys_spec[PK_N] = PK_SPEC("keys", QT_KEY_GROUPS);
 static const struct kvc_py_spec pack_values_spec[PK_N] = PK_SPEC("values", QT_VALUE_GROUPS);
+
+/* The key feedback's arguments (quant.h): keys only, [F, D, D] finite
+ * weights, an index [B, H, ceil(n/G)] into [0, F) or else F == H, and on
+ * CUDA a group that fits the kernel's shared memory. */
+static int check_feedback(struct kvc_state *st, struct kvc_py_call *c, int values)
+{
+    struct kvc_arg *fa = &c->a[PK_FB], *ia = &c->a[PK_FB_INDEX];
+    const int64_t *x = c->a[PK_X].view.shape;
+    const int64_t G = c->i[PK_GROUP], g = G < x[2] ? G : x[2];
+    const struct kvc_view *hv;
+    int64_t F, i, j, k;
+    if (!fa->t) {
+        if (ia->t) return kvc_py_raise(st->ValueError, "feedback_index: given without feedback");
+        return 0;
+    }
+    if (values) return kvc_py_raise(st->ValueError, "feedback: values take no feedback (keys only)");
+    F = fa->view.shape[0];
+    if (fa->view.shape[1] != x[3] || fa->view.shape[2] != x[3] || F < 1)
+        return kvc_py_raise(st->ValueError, "feedback: expected [F, D, D] with F >= 1 and D = %lld (of keys), got "
+                            "[%lld, %lld, %lld]", (long long)x[3], (long long)F, (long long)fa->view.shape[1],
+                            (long long)fa->view.shape[2]);
+    if (ia->t) {
+        const int64_t want[3] = {x[0], x[1], kvc_quant_groups(x[2], G)};
+        if (kvc_py_check_shape(st, ia, want, "[B, H, ceil(n/G)]") < 0) return -1;
+        if ((hv = kvc_py_arg_host(st, ia)) == NULL) return -1;
+        for (i = 0; i < want[0]; i++)
+            for (j = 0; j < want[1]; j++)
+                for (k = 0; k < want[2]; k++) {
+                    const int64_t v = ((const int64_t *)hv->data)[i * hv->strides[0] + j * hv->strides[1] +
+                                                                  k * hv->strides[2]];
+                    if (v < 0 || v >= F)
+                        return kvc_py_raise(st->ValueError, "feedback_index: value %lld at [%lld, %lld, %lld] is "
+                                            "outside [0, F) = [0, %lld)", (long long)v, (long long)i, (long long)j,
+                                            (long long)k, (long long)F);
+                }
+    } else if (F != x[1]) {
+        return kvc_py_raise(st->ValueError, "feedback: expected one factor per head, [H, D, D] with H = %lld (of "
+                            "keys), got F = %lld (or pass feedback_index)", (long long)x[1], (long long)F);
+    }
+    if ((hv = kvc_py_arg_host(st, fa)) == NULL) return -1;
+    for (i = 0; i < F; i++)
+        for (j = 0; j < x[3]; j++)
+            for (k = 0; k < x[3]; k++) {
+                const float v = ((const float *)hv->data)[i * hv->strides[0] + j * hv->strides[1] +
+                                                          k * hv->strides[2]];
+                if (!isfinite(v)) {
+                    char val[32];
+                    PyOS_snprintf(val, sizeof val, "%g", (double)v);
+                    return kvc_py_raise(st->ValueError, "feedback: element [%lld, %lld, %lld] is %s; the weights "
+                                        "must be finite", (long long)i, (long long)j, (long long)k, val);
+                }
+            }
+    if (c->a[PK_X].dev_type != kDLCPU && kvc_pack_feedback_smem(g, x[3]) > KVC_PACK_FEEDBACK_SMEM_MAX)
+        return kvc_py_raise(st->ValueError, "feedback: on CUDA a key group of %lld tokens and %lld channels needs "
+                            "%lld bytes of shared memory, more than %d; use a smaller group",
+                            (long long)g, (long long)x[3], (long long)kvc_pack_feedback_smem(g, x[3]),
+                            KVC_PACK_FEEDBACK_SMEM_MAX);
+    return 0;
+}
 
 static PyObject *py_pack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -101,8 +163,11 @@ static PyObject *py_pack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     quant_shapes(values, bits, c.i[PK_GROUP], c.a[PK_X].view.shape, want_codes, want_mins);
     if (kvc_py_check_shape(st, &c.a[PK_CODES], want_codes, QT_CODES) < 0) goto done;
     if (check_groups(st, &c, PK_MINS, values, want_mins) < 0) goto done;
+    if (check_feedback(st, &c, values) < 0) goto done;
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     p.x = c.a[PK_X].view;
+    if (c.a[PK_FB].t) p.feedback = c.a[PK_FB].view;
+    if (c.a[PK_FB_INDEX].t) p.feedback_index = c.a[PK_FB_INDEX].view;
     p.codes = c.a[PK_CODES].view;
     p.mins = c.a[PK_MINS].view;
     p.scales = c.a[PK_SCALES].view;

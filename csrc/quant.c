@@ -26,10 +26,27 @@ static int64_t qt_dpad(int64_t D, int32_t bits)
     return kvc_quant_row_bytes(D, bits) * kvc_quant_per_byte(bits);
 }
 
+/* Rows of a key group held at once by the feedback path: min(G, n). */
+static int64_t qt_fb_rows(const struct kvc_pack_params *p)
+{
+    return p->group < p->x.shape[2] ? p->group : p->x.shape[2];
+}
+
+static int qt_has_feedback(const struct kvc_pack_params *p)
+{
+    return p->kind == KVC_QUANT_KEYS && p->feedback.data != NULL;
+}
+
 static size_t qt_thread_bytes(const struct kvc_pack_params *p)
 {
     const int64_t D = p->x.shape[3];
-    return 3 * kvc_align_up((size_t)D * sizeof(float)) + kvc_align_up((size_t)qt_dpad(D, p->bits));
+    size_t b = 3 * kvc_align_up((size_t)D * sizeof(float)) + kvc_align_up((size_t)qt_dpad(D, p->bits));
+    if (qt_has_feedback(p)) {
+        /* the group's rows in fp32 and their codes */
+        const size_t g = (size_t)qt_fb_rows(p);
+        b += kvc_align_up(g * (size_t)D * sizeof(float)) + kvc_align_up(g * (size_t)qt_dpad(D, p->bits));
+    }
+    return b;
 }
 
 size_t kvc_pack_scratch_bytes(const struct kvc_pack_params *p)
@@ -181,6 +198,71 @@ static void KVC_HOT qt_pack_keys(const struct kvc_pack_params *p, int64_t u, con
     }
 }
 
+/* The stored min and the scale of the n >= 1 values x[0], x[stride], ...
+ * (one group, already in fp32). */
+KVC_INLINE void qt_range(const float *x, int64_t n, int64_t stride, int32_t bits, float *mn_out, float *sc_out)
+{
+    float mn = x[0], mx = x[0];
+    int64_t i;
+    for (i = 1; i < n; i++) {
+        const float v = x[i * stride];
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+    }
+    mn = kvc_quant_min(mn);
+    *mn_out = mn;
+    *sc_out = kvc_quant_scale(mn, mx, bits);
+}
+
+/* Keys with feedback (quant.h): token group t of head (b, h), channel after
+ * channel, each channel's errors carried into the later channels of the
+ * same rows. xs rows [g, D] and their codes [g, Dpad] live in the thread's
+ * scratch (fb, fc); w->row, w->mn, w->sc are unused. */
+static void KVC_HOT qt_pack_keys_feedback(const struct kvc_pack_params *p, int64_t u, const struct qt_thread *w,
+                                          float *fb, uint8_t *fc)
+{
+    const struct kvc_view *x = &p->x, *cv = &p->codes, *mv = &p->mins, *sv = &p->scales;
+    const struct kvc_view *fv = &p->feedback, *iv = &p->feedback_index;
+    const int64_t H = x->shape[1], n = x->shape[2], D = x->shape[3], G = p->group;
+    const int64_t T = kvc_quant_groups(n, G), Db = cv->shape[3], Dpad = qt_dpad(D, p->bits);
+    const int64_t b = u / (H * T), h = (u / T) % H, t = u % T;
+    const int64_t j0 = t * G, g = n - j0 < G ? n - j0 : G;
+    const int64_t es = (int64_t)kvc_dtype_size((enum kvc_dtype)x->dtype);
+    const int64_t f = iv->data ? ((const int64_t *)iv->data)[b * iv->strides[0] + h * iv->strides[1] +
+                                                              t * iv->strides[2]]
+                               : h;
+    const float *W = (const float *)fv->data + f * fv->strides[0];
+    const char *xs = (const char *)x->data + (b * x->strides[0] + h * x->strides[1]) * es;
+    uint8_t *cs = (uint8_t *)cv->data + b * cv->strides[0] + h * cv->strides[1];
+    float *mrow = (float *)mv->data + b * mv->strides[0] + h * mv->strides[1] + t * mv->strides[2];
+    float *srow = (float *)sv->data + b * sv->strides[0] + h * sv->strides[1] + t * sv->strides[2];
+    int64_t j, c, c2;
+    (void)w;
+    for (j = 0; j < g; j++) {
+        kvc_row_to_f32(fb + j * D, xs + (j0 + j) * x->strides[2] * es, x->dtype, D, x->strides[3]);
+        memset(fc + j * Dpad, 0, (size_t)Dpad); /* the padding codes stay 0 */
+    }
+    for (c = 0; c < D; c++) {
+        const float *wr = W + c * fv->strides[1];
+        float mn, sc;
+        qt_range(fb + c, g, D, p->bits, &mn, &sc);
+        mrow[c * mv->strides[3]] = mn;
+        srow[c * sv->strides[3]] = sc;
+        for (j = 0; j < g; j++) {
+            float *row = fb + j * D;
+            const uint32_t code = kvc_quant_code(row[c], mn, sc, p->bits);
+            const float e = row[c] - kvc_dequant(mn, sc, code);
+            fc[j * Dpad + c] = (uint8_t)code;
+            if (e == 0.0f) continue;
+            if (fv->strides[2] == 1)
+                for (c2 = c + 1; c2 < D; c2++) row[c2] = kvc_quant_feedback(row[c2], e, wr[c2]);
+            else
+                for (c2 = c + 1; c2 < D; c2++) row[c2] = kvc_quant_feedback(row[c2], e, wr[c2 * fv->strides[2]]);
+        }
+    }
+    for (j = 0; j < g; j++) qt_pack_row(cs + (j0 + j) * cv->strides[2], cv->strides[3], fc + j * Dpad, Db, p->bits);
+}
+
 /* Values: token r = (b, h, j), its channel groups one after another. */
 static void KVC_HOT qt_pack_values(const struct kvc_pack_params *p, int64_t r, const struct qt_thread *w)
 {
@@ -197,14 +279,8 @@ static void KVC_HOT qt_pack_values(const struct kvc_pack_params *p, int64_t r, c
     kvc_row_to_f32(w->row, xr, x->dtype, D, x->strides[3]);
     for (c0 = 0, g = 0; c0 < D; c0 += G, g++) {
         const int64_t c1 = D - c0 < G ? D : c0 + G;
-        float mn = w->row[c0], mx = w->row[c0], sc;
-        for (c = c0 + 1; c < c1; c++) {
-            const float v = w->row[c];
-            mn = v < mn ? v : mn;
-            mx = v > mx ? v : mx;
-        }
-        mn = kvc_quant_min(mn);
-        sc = kvc_quant_scale(mn, mx, p->bits);
+        float mn, sc;
+        qt_range(w->row + c0, c1 - c0, 1, p->bits, &mn, &sc);
         mrow[g * mv->strides[3]] = mn;
         srow[g * sv->strides[3]] = sc;
         for (c = c0; c < c1; c++) w->code[c] = (uint8_t)kvc_quant_code(w->row[c], mn, sc, p->bits);
@@ -247,7 +323,12 @@ enum kvc_status kvc_pack(const struct kvc_pack_params *p)
         w.code = (uint8_t *)((char *)w.sc + kvc_align_up((size_t)D * sizeof(float)));
         /* only codes [0, D) are ever written: the padding stays 0 */
         memset(w.code, 0, (size_t)Dpad);
-        if (p->kind == KVC_QUANT_KEYS) {
+        if (qt_has_feedback(p)) {
+            float *fb = (float *)((char *)w.code + kvc_align_up((size_t)Dpad));
+            uint8_t *fc = (uint8_t *)fb + kvc_align_up((size_t)qt_fb_rows(p) * (size_t)D * sizeof(float));
+#pragma omp for schedule(static)
+            for (u = 0; u < units; u++) qt_pack_keys_feedback(p, u, &w, fb, fc);
+        } else if (p->kind == KVC_QUANT_KEYS) {
 #pragma omp for schedule(static)
             for (u = 0; u < units; u++) qt_pack_keys(p, u, &w);
         } else {

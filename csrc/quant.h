@@ -44,6 +44,19 @@ struct kvc_pack_fault {
  * overflow to Inf), the op writes nothing, fills *fault (when not NULL) and
  * returns KVC_ERR_NAN.
  */
+/*
+ * Key feedback (keys only; feedback.data NULL: none). Each key group is
+ * quantized channel after channel, and channel c's rounding error e_j =
+ * x[j, c] - dequant(code) is carried into the channels not yet quantized:
+ * x[j, c'] = kvc_quant_feedback(x[j, c'], e_j, w[c, c']) for c' > c, with
+ * min, scale and codes of channel c taken from its values after the updates
+ * of channels 0 .. c-1. With w[c, c'] = U[c, c'] / U[c, c] for U the upper
+ * Cholesky factor of (Q^T Q + damping)^-1 this is GPTQ's update with the
+ * queries Q as its inputs: it lowers the queries' logit error q . (k - k^)
+ * rather than each key's own. w's diagonal and lower triangle are not read.
+ * The group's factor is feedback[f] with f = feedback_index[b, h, t] when
+ * the index is given, else f = h (F == H).
+ */
 struct kvc_pack_params {
     struct kvc_view x;      /* [B, H, n, D] f32/f16/bf16 */
     struct kvc_view codes;  /* u8 [B, H, n, Db] */
@@ -53,12 +66,23 @@ struct kvc_pack_params {
     int32_t bits;           /* 2, 4 or 8 */
     int64_t group;          /* G >= 1 */
     int32_t num_threads;
+    struct kvc_view feedback;       /* optional: f32 [F, D, D], finite (module_quant.c checks) */
+    struct kvc_view feedback_index; /* optional: i64 [B, H, ceil(n / G)], each in [0, F) */
     struct kvc_pack_fault *fault; /* host memory, or NULL */
     void *scratch;          /* kvc_pack_scratch_bytes() (CPU) / kvc_cuda_pack_workspace() */
     size_t scratch_bytes;
 };
 
 size_t kvc_pack_scratch_bytes(const struct kvc_pack_params *p);
+
+/* Shared memory of the CUDA key-feedback kernel for a group of g tokens of
+ * D channels (the group's fp32 rows, its codes and errors), and the most it
+ * may take: a larger g * D is refused (module_quant.c names the limit). */
+#define KVC_PACK_FEEDBACK_SMEM_MAX 49152
+static inline size_t kvc_pack_feedback_smem(int64_t g, int64_t D)
+{
+    return (size_t)g * (size_t)D * (sizeof(float) + 1) + (size_t)g * sizeof(float) + 2 * sizeof(float);
+}
 enum kvc_status kvc_pack(const struct kvc_pack_params *p);
 
 /* out[b, h, j, c] = min + scale * code of element (j, c), with the group

@@ -100,6 +100,22 @@ KVC_HD static inline float kvc_dequant(float mn, float scale, uint32_t code)
     return (float)((double)mn + (double)scale * (double)code);
 }
 
+/* Key feedback (kvc_pack_params.feedback): x - err * w as one fused
+ * multiply-add, the exact value rounded once to fp32 (fmaf is correctly
+ * rounded wherever it runs: FMA instructions on the CPU clones that have
+ * them, the libm routine on the baseline one, the GPU's own FMA, so every
+ * build gives the same bits), clamped to +-FLT_MAX / 2 (the range pack
+ * accepts, so a group's scale stays finite whatever the weights; an
+ * overflow to +-Inf clamps too, and finite inputs never give NaN). */
+KVC_HD static inline float kvc_quant_feedback(float x, float err, float w)
+{
+    const float lim = 1.70141173e38f; /* FLT_MAX / 2 */
+    float r = fmaf(-err, w, x);
+    r = r > lim ? lim : r;
+    r = r < -lim ? -lim : r;
+    return r;
+}
+
 /* Whether pack refuses element idx of a float-typed buffer: NaN, +-Inf, or
  * a magnitude above FLT_MAX / 2, past which the range max - min of a group
  * could overflow to Inf (and its scale with it). One comparison of the

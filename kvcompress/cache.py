@@ -35,6 +35,7 @@ from .methods.base import LayerView, Method
 from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, PagedStore, RaggedLSHStore,
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
+from .stores.feedback import QueryMoments, compact
 from .stores.rotation import key_rotation, rotation_helps
 
 # The attention function runs right after ``update()`` of the same layer in the
@@ -205,6 +206,11 @@ class CompressedLayer(CacheLayerMixin):
         # rotate="auto" with nothing packed yet: the newest queries so far,
         # [B, Hq, <= _ROTATION_QUERIES, D], for the decision at the first pack
         self._rot_q: torch.Tensor | None = None
+        # KIVI(feedback=True): the queries' second moment until the first
+        # pack, then the key-feedback weights every pack of the layer uses
+        self._qmom: QueryMoments | None = None
+        self._feedback: torch.Tensor | None = None
+        self._feedback_decided = False
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -644,6 +650,7 @@ class CompressedLayer(CacheLayerMixin):
             # precision); every later call packs the residual's whole groups,
             # and a layer that keeps its evictor's budget (_repacks) is
             # re-compressed and packed again once over it (_repack_round).
+            self._gather_feedback(queries)
             if not isinstance(self.store, PackedStore):
                 if method.evicts:
                     self._compress(queries, scaling)  # a demoting quantizer packs here (_demote)
@@ -661,6 +668,7 @@ class CompressedLayer(CacheLayerMixin):
             # (the prompt's attention ran in full precision). Whole key groups
             # leave once no later query sees them; the older slots of the
             # oldest group stay packed and attention masks them.
+            self._gather_feedback(queries)
             if not isinstance(self.store, PackedStore):
                 self._slide()
                 self._to_packed(method.packing, queries, scaling)
@@ -748,7 +756,8 @@ class CompressedLayer(CacheLayerMixin):
         else:
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
-                                                       rotation=rotation, sinks=self.method.fp_sinks)
+                                                       rotation=rotation, sinks=self.method.fp_sinks,
+                                                       feedback=self._fix_feedback())
             if not self._rotation_decided and self.store.packed_any():
                 # short heads packed as part groups before any whole group
                 # could be tested: they stay as they are
@@ -768,7 +777,40 @@ class CompressedLayer(CacheLayerMixin):
             rotation = self._key_rotation(self.method.packing, queries, scaling, defer=True)
             if self._rotation_decided:
                 store.set_rotation(rotation)
+        if self.method.key_feedback and not store.packed_any():
+            # the weights are fixed before the store's first pack (in the basis just decided)
+            w = self._fix_feedback()
+            if w is not None and store.feedback is not w:
+                store.set_feedback(w)
         store.settle(pad=self._start)
+
+    def _gather_feedback(self, queries) -> None:
+        """``KIVI(feedback=True)``: fold this call's queries ``[B, Hq, q,
+        D]`` (the newest ``q`` of every row) into the layer's query moment
+        until the key-feedback weights are fixed; a left-padded row's padded
+        positions are left out."""
+        if not self.method.key_feedback or self._feedback_decided or queries is None or not self.store.batch:
+            return
+        if self._qmom is None:
+            self._qmom = QueryMoments(self.store.heads)
+        q = int(queries.shape[2])
+        hidden = [max(0, p - (self.seen - q)) for p in self._pad] if self._pad else None
+        self._qmom.add(queries, hidden)
+
+    def _fix_feedback(self):
+        """The layer's key-feedback weights (``stores.feedback.compact``'s
+        bfloat16 triangle; None: pack without feedback), fixed at the first call that packs and kept for every later
+        pack and re-pack (``stores.feedback``). Before a ``rotate="auto"``
+        layer has chosen its basis, or while it has seen no query, it gives
+        None and stays undecided."""
+        if not self.method.key_feedback or self._feedback_decided:
+            return self._feedback
+        if (self.method.rotates_keys and not self._rotation_decided) or self._qmom is None:
+            return None
+        w = self._qmom.weights(self._rotation)
+        self._feedback = None if w is None else compact(w)
+        self._feedback_decided, self._qmom = True, None
+        return self._feedback
 
     def _key_rotation(self, packing, queries, scaling, defer: bool = False):
         """The rotation of this layer's packed keys (None: as they are),

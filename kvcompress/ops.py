@@ -1147,7 +1147,7 @@ def _float_dtype(dtype) -> str:
     return name
 
 
-def _pack(x, name: str, values: bool, bits, group, codes, mins, scales) -> Packed:
+def _pack(x, name: str, values: bool, bits, group, codes, mins, scales, feedback=None, feedback_index=None) -> Packed:
     B, H, n, D = _shape(x, name, 4, "[B, H, n, D]")
     bits, group = _bits(bits), _group(group)
     groups = (B, H, n, -(-D // group)) if values else (B, H, -(-n // group), D)
@@ -1157,11 +1157,14 @@ def _pack(x, name: str, values: bool, bits, group, codes, mins, scales) -> Packe
         mins = _empty(x, groups, "float32")
     if scales is None:
         scales = _empty(x, groups, "float32")
-    _C.pack(_prepare(x), codes, mins, scales, values, bits, group)
+    _C.pack(_prepare(x), codes, mins, scales, values, bits, group,
+            None if feedback is None else _prepare(feedback),
+            None if feedback_index is None else _prepare(feedback_index))
     return Packed(codes, mins, scales)
 
 
-def pack_keys(keys, bits, group, *, codes=None, mins=None, scales=None) -> Packed:
+def pack_keys(keys, bits, group, *, codes=None, mins=None, scales=None, feedback=None,
+              feedback_index=None) -> Packed:
     """Quantize keys per channel over groups of ``G`` tokens (KIVI).
 
     For each head, token group ``t`` (tokens ``t*G .. min(n, (t+1)*G) - 1``;
@@ -1189,13 +1192,32 @@ def pack_keys(keys, bits, group, *, codes=None, mins=None, scales=None) -> Packe
         Outputs may be strided views (slices of a larger store): only their
         elements are written. They must be writable and overlap nothing.
         Each one omitted is allocated with the framework and device of `keys`.
+    feedback : float32 tensor ``[F, D, D]``, optional
+        Key feedback (GPTQ's update, with queries as its inputs): each group
+        is quantized channel after channel, and channel ``c``'s rounding
+        error ``e_j = x[j, c] - dequant(code)`` is carried into the channels
+        not yet quantized, ``x[j, c'] -= e_j * w[c, c']`` for ``c' > c``
+        (one fused multiply-add, rounded once; clamped to ``+-FLT_MAX / 2``); each
+        channel's min, scale and codes come from its values after those
+        updates. With ``w[c, c'] = U[c, c'] / U[c, c]``, ``U`` the upper
+        Cholesky factor of ``(Q^T Q + damping)^-1`` for queries ``Q``
+        (:func:`kvcompress.stores.feedback.feedback_weights`), the error of
+        the logits ``q . k`` falls instead of each key's own. Only the strict
+        upper triangle is read; every element must be finite. Group
+        ``(b, h, t)`` uses ``feedback[feedback_index[b, h, t]]``, or
+        ``feedback[h]`` without an index (then ``F == H``). The bound on the
+        round-trip error above then holds for the updated values, not the
+        inputs. On CUDA ``min(G, n) * D * 5 + 4 * min(G, n) + 8`` bytes must
+        fit 48 KiB.
+    feedback_index : int64 tensor ``[B, H, ceil(n/G)]``, optional
+        Each in ``[0, F)``; only with `feedback`.
 
     Returns
     -------
     Packed
         ``(codes, mins, scales)``.
     """
-    return _pack(keys, "keys", False, bits, group, codes, mins, scales)
+    return _pack(keys, "keys", False, bits, group, codes, mins, scales, feedback, feedback_index)
 
 
 def pack_values(values, bits, group, *, codes=None, mins=None, scales=None) -> Packed:

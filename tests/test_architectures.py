@@ -373,6 +373,9 @@ PACKING = {
     "snapkv+kivi-sinks": lambda: kvc.SnapKV(budget=32) + kvc.KIVI(bits=2, group=8, residual=8, sinks=4),
     # a block per head behind a merging, per-head evictor
     "ems+kivi-sinks": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, sinks=4),
+    # keys rounded with query-weighted error feedback, uniform and per-head
+    "kivi-feedback": lambda: kvc.KIVI(bits=2, group=8, residual=8, rotate="auto", sinks=4, feedback=True),
+    "ems+kivi-feedback": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, feedback=True),
     "mikv-rotated": lambda: kvc.MiKV(budget=32, group=8, rotate=True),
     "mikv": lambda: kvc.MiKV(budget=32, group=8),  # its selected slots at 8 bits: two packed widths
     "zipcache-fp": lambda: kvc.ZipCache(budget=32, group=8, high_bits=None),
@@ -394,6 +397,8 @@ def test_packing_methods_run_on_every_family(archs, family, method):
     mixed = method in ("mikv", "mikv-rotated", "zipcache-fp")
     for layer in session.cache.layers:
         assert isinstance(layer.store, PackedStore) == (layer.window is None or not mixed), (family, method, layer)
+        if "feedback" in method:
+            assert layer.store.feedback is not None, (family, method, layer)
 
 
 SLIDING = [f for f, spec in FAMILIES.items() if "sliding_window" in spec[2]]
@@ -404,6 +409,8 @@ SLIDING_PACKED = {
     "kivi-rotated": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, rotate=True), WINDOW - 1),
     # the full-attention layers keep their first 4 slots in full precision, the sliding ones none
     "kivi-sinks": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, sinks=4), WINDOW - 1),
+    # every layer, sliding ones included, rounds its keys with its own queries' weights
+    "kivi-feedback": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, feedback=True), WINDOW - 1),
     # a budget below the window: the sliding layers keep their 32 newest slots, packed
     "snapkv+kivi": (lambda G, R: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=G, residual=R), 32),
 }
@@ -446,9 +453,11 @@ def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, fami
         cap, rcap = int(s._kc.shape[2]), int(s._rk.shape[2])
         assert cap <= WINDOW + 4 * G, (family, s, cap)
         H = cfg.num_key_value_heads
-        bits = 2 if s.rotation is not None or method == "kivi-sinks" else 4
+        bits = 2 if s.rotation is not None or method in ("kivi-sinks", "kivi-feedback") else 4
+        assert (s.feedback is not None) == (method == "kivi-feedback"), (family, s)
         packed = (2 * H * cap * (D * bits // 8 * 2 + 2 * 4 * math.ceil(D / G)) + 2 * 2 * H * (cap // G) * D * 4
-                  + (D * D * 4 if s.rotation is not None else 0))  # one rotation matrix, shared by the layers
+                  + (D * D * 4 if s.rotation is not None else 0)  # one rotation matrix, shared by the layers
+                  + (H * D * (D - 1) if s.feedback is not None else 0))  # feedback weights: bf16 triangle
         assert sum(t.untyped_storage().nbytes() for t in s.tensors()) == packed + 2 * 2 * H * rcap * D * 4
         assert packed + 2 * 2 * H * rcap * D * 4 < window_fp32, (family, s)
     assert sliding == len(_sliding_layers(arch.model)) > 0

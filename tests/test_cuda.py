@@ -381,6 +381,32 @@ def test_pack_unpack(shape, kind, bits, dtype):
         assert same_bits(back, back_cpu)
 
 
+FEEDBACK_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 13, 7, 4), (1, 2, 70, 64, 32), (2, 3, 600, 128, 64)]
+
+
+@pytest.mark.parametrize("shape", FEEDBACK_SHAPES, ids=lambda s: "B{}H{}n{}D{}G{}".format(*s))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pack_keys_with_feedback(shape, bits, dtype):
+    """Key feedback (quant.h): the GPU's codes, mins and scales are the CPU's
+    bit for bit, with and without a feedback index; a group too large for
+    the kernel's shared memory is refused by name."""
+    B, H, n, D, G = shape
+    x = make((B, H, n, D), dtype, layout="transposed", seed=bits) * 3
+    g = torch.Generator().manual_seed(bits)
+    w = torch.triu(torch.randn(H + 1, D, D, generator=g) * 0.4, diagonal=1)
+    cpu_res, got = both(ops.pack_keys, x, bits, G, feedback=w[:H].contiguous())
+    for a, b in zip(cpu_res, got):
+        assert same_bits(a, b)
+    index = torch.randint(0, H + 1, (B, H, -(-n // G)), generator=g)
+    cpu_res, got = both(ops.pack_keys, x, bits, G, feedback=w, feedback_index=index)
+    for a, b in zip(cpu_res, got):
+        assert same_bits(a, b)
+    if shape == FEEDBACK_SHAPES[-1]:
+        with pytest.raises(KVCompressValueError, match="feedback: on CUDA a key group"):
+            ops.pack_keys(cuda(x), bits, 128, feedback=cuda(w[:H].contiguous()))
+
+
 @pytest.mark.parametrize("kind", ["keys", "values"])
 def test_pack_strided_outputs(kind):
     """Slices of larger device buffers: written where they are, nowhere else."""
@@ -854,6 +880,10 @@ GPU_METHODS = {
     # a block per head behind a merging evictor (the residual's front of the per-head packed store)
     "ems+kivi2rotsinks": lambda: kvcompress.EMS(budget=128) + kvcompress.KIVI(bits=2, group=32, residual=64,
                                                                               rotate=True, sinks=4),
+    # keys rounded with query-weighted error feedback (ops.pack_keys(feedback=...)), uniform and per-head
+    "kivi2fb": lambda: kvcompress.KIVI(bits=2, group=32, residual=64, rotate=True, sinks=4, feedback=True),
+    "ems+kivi2fb": lambda: kvcompress.EMS(budget=128) + kvcompress.KIVI(bits=2, group=32, residual=64,
+                                                                        feedback=True),
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),
@@ -896,7 +926,7 @@ def test_generate_tiny_model_gpu_equals_cpu(tiny_model, method):
 
 PACKED_GPU_METHODS = ["kivi4", "snapkv+kivi4", "h2o+kivi4", "ems+kivi4", "mikv2+8", "kivi4v2", "ems+kivi4v2",
                       "kivi2rot", "ems+kivi4rot", "mikv2+8rot", "kivi2sinks", "snapkv+kivi2rotsinks",
-                      "ems+kivi2rotsinks"]
+                      "ems+kivi2rotsinks", "kivi2fb", "ems+kivi2fb"]
 
 
 @pytest.fixture(scope="module")

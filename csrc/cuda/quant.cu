@@ -84,6 +84,76 @@ kvc_pack_keys_kernel(const struct kvc_pack_params p, int64_t units)
     }
 }
 
+/* Keys with feedback (quant.h): token group t of head (b, h). The group's
+ * rows sit in shared memory; per channel, one thread reduces it, a thread
+ * per row codes it and carries its error, then threads over (row, later
+ * channel) apply the updates: the CPU's per-element math, so the same bits. */
+static __global__ void __launch_bounds__(KVC_QUANT_THREADS)
+kvc_pack_keys_feedback_kernel(const struct kvc_pack_params p, int64_t units)
+{
+    extern __shared__ float kvc_fb_smem[];
+    const int64_t H = p.x.shape[1], n = p.x.shape[2], D = p.x.shape[3], G = p.group;
+    const int64_t T = kvc_quant_groups(n, G), Db = p.codes.shape[3];
+    const int32_t bits = p.bits, per = kvc_quant_per_byte(bits);
+    const int64_t gmax = G < n ? G : n;
+    float *rows = kvc_fb_smem;                 /* [gmax, D] */
+    float *err = rows + gmax * D;              /* [gmax] */
+    float *ms = err + gmax;                    /* min, scale of the channel */
+    uint8_t *code = (uint8_t *)(ms + 2);       /* [gmax, D] */
+    float *mins = (float *)p.mins.data, *scales = (float *)p.scales.data;
+    uint8_t *codes = (uint8_t *)p.codes.data;
+    const float *fw = (const float *)p.feedback.data;
+    for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+        const int64_t b = u / (H * T), h = (u / T) % H, t = u % T;
+        const int64_t j0 = t * G, g = n - j0 < G ? n - j0 : G;
+        const int64_t f = p.feedback_index.data
+                              ? ((const int64_t *)p.feedback_index.data)[kvc_at(p.feedback_index, b, h, t, 0)]
+                              : h;
+        for (int64_t e = threadIdx.x; e < g * D; e += blockDim.x)
+            rows[e] = kvc_load_f32(p.x.data, p.x.dtype, kvc_at(p.x, b, h, j0 + e / D, e % D));
+        __syncthreads();
+        for (int64_t c = 0; c < D; c++) {
+            if (threadIdx.x == 0) {
+                float mn = rows[c], mx = rows[c];
+                for (int64_t j = 1; j < g; j++) {
+                    const float v = rows[j * D + c];
+                    mn = v < mn ? v : mn;
+                    mx = v > mx ? v : mx;
+                }
+                mn = kvc_quant_min(mn);
+                ms[0] = mn;
+                ms[1] = kvc_quant_scale(mn, mx, bits);
+                mins[kvc_at(p.mins, b, h, t, c)] = ms[0];
+                scales[kvc_at(p.scales, b, h, t, c)] = ms[1];
+            }
+            __syncthreads();
+            for (int64_t j = threadIdx.x; j < g; j += blockDim.x) {
+                const uint32_t q = kvc_quant_code(rows[j * D + c], ms[0], ms[1], bits);
+                code[j * D + c] = (uint8_t)q;
+                err[j] = rows[j * D + c] - kvc_dequant(ms[0], ms[1], q);
+            }
+            __syncthreads();
+            const int64_t left = D - 1 - c;
+            for (int64_t e = threadIdx.x; e < g * left; e += blockDim.x) {
+                const int64_t j = e / left, c2 = c + 1 + e % left;
+                if (err[j] != 0.0f)
+                    rows[j * D + c2] = kvc_quant_feedback(
+                        rows[j * D + c2], err[j],
+                        fw[f * p.feedback.strides[0] + c * p.feedback.strides[1] + c2 * p.feedback.strides[2]]);
+            }
+            __syncthreads();
+        }
+        for (int64_t e = threadIdx.x; e < g * Db; e += blockDim.x) {
+            const int64_t j = e / Db, k = e % Db;
+            uint32_t byte = 0;
+            for (int32_t i = 0; i < per && k * per + i < D; i++)
+                byte |= (uint32_t)code[j * D + k * per + i] << (i * bits);
+            codes[kvc_at(p.codes, b, h, j0 + j, k)] = (uint8_t)byte;
+        }
+        __syncthreads();
+    }
+}
+
 /* Values: token (b, h, j). A thread per channel group reduces it, then a
  * thread per byte packs. */
 static __global__ void __launch_bounds__(KVC_QUANT_THREADS)
@@ -178,7 +248,13 @@ extern "C" enum kvc_status kvc_cuda_pack(const struct kvc_pack_params *p, void *
         KVC_CUDA_TRY(cudaStreamSynchronize(st));
         if (found != ~0ull) return kvc_quant_fault(p, (int64_t)found, st);
     }
-    if (p->kind == KVC_QUANT_KEYS) {
+    if (p->kind == KVC_QUANT_KEYS && p->feedback.data != NULL) {
+        const int64_t g = p->group < n ? p->group : n;
+        const size_t smem = kvc_pack_feedback_smem(g, D);
+        if (smem > KVC_PACK_FEEDBACK_SMEM_MAX) return KVC_ERR_UNSUPPORTED; /* module_quant.c refuses first */
+        units = B * H * kvc_quant_groups(n, p->group);
+        kvc_pack_keys_feedback_kernel<<<kvc_quant_blocks(units), KVC_QUANT_THREADS, smem, st>>>(*p, units);
+    } else if (p->kind == KVC_QUANT_KEYS) {
         units = B * H * kvc_quant_groups(n, p->group);
         kvc_pack_keys_kernel<<<kvc_quant_blocks(units), KVC_QUANT_THREADS, 0, st>>>(*p, units);
     } else {

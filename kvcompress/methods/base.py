@@ -405,6 +405,14 @@ class Method:
         return 0 if self.depth is None else self.depth.fp_sinks
 
     @property
+    def key_feedback(self) -> bool:
+        """Whether packed keys are rounded with query-weighted error feedback
+        (``KIVI(feedback=True)``; see ``kvcompress.stores.feedback``)."""
+        if self.quant is not None:
+            return self.quant.key_feedback
+        return False if self.depth is None else self.depth.key_feedback
+
+    @property
     def mixed_precision(self) -> bool:
         """Whether the slots this method does not select are kept at low bits
         (its quantizer demotes) rather than evicted."""

@@ -128,6 +128,9 @@ class MiniCache(KeepsEveryToken):
         if self.fp_sinks:
             raise ValueError(f"quant: MiniCache's merged pair keeps no sink block; give "
                              f"{self.quant.describe()} without sinks")
+        if self.key_feedback:
+            raise ValueError(f"quant: MiniCache's merged pair packs without key feedback; give "
+                             f"{self.quant.describe()} without feedback")
 
     @property
     def cross_layer(self) -> "MiniCache":

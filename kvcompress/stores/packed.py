@@ -19,6 +19,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec, LayerStore
+from .feedback import expand
 from .masked import build_mask, masked_attention
 from .rotation import rotate, unrotate
 
@@ -87,6 +88,10 @@ class PackedStore(LayerStore):
         #: ``[D, D]`` float32 orthogonal matrix the packed keys were rotated by
         #: before packing (``KIVI(rotate=True)``), or None
         self.rotation: torch.Tensor | None = None
+        #: key-feedback weights packs round keys with (``KIVI(feedback=True)``):
+        #: ``stores.feedback.compact``'s bfloat16 triangle ``[H, D (D - 1) / 2]``,
+        #: expanded for each ``ops.pack_keys(feedback=...)`` call; or None
+        self.feedback: torch.Tensor | None = None
         #: ``KIVI(sinks=S)``: the first S logical slots of every head stay in
         #: full precision, never packed (see take_sinks). Once taken they are
         #: the first ``_r0`` slots of the residual's buffers, the residual
@@ -107,6 +112,7 @@ class PackedStore(LayerStore):
             seen = (f", positions={self.first_position}..{self.first_position + self.n - 1}"
                     f", visible_from={self.visible_from}")
         vb += ", rotated keys" if self.rotation is not None else ""
+        vb += ", key feedback" if self.feedback is not None else ""
         if self.sinks:
             vb += f", sinks={self.sinks}" + ("" if self._r0 else " (not taken yet)")
         return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
@@ -219,7 +225,8 @@ class PackedStore(LayerStore):
 
     def tensors(self) -> list:
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv,
-                            *(self._hi or ()), *(self._cols or {}).values(), self.rotation) if t is not None]
+                            *(self._hi or ()), *(self._cols or {}).values(), self.rotation, self.feedback)
+                if t is not None]
 
     # ------------------------------------------------------------- writing
     def append(self, keys, values, first_position: int) -> None:
@@ -355,16 +362,29 @@ class PackedStore(LayerStore):
             raise RuntimeError("PackedStore.set_rotation: keys are already packed in another basis")
         self.rotation = rotation
 
+    def set_feedback(self, weights: torch.Tensor | None) -> None:
+        """Round keys with these key-feedback weights (``stores.feedback.compact``'s
+        triangle) from now on: only before anything is packed, so that every
+        packed group of the layer was rounded alike."""
+        if weights is not self.feedback and self.packed_any():
+            raise RuntimeError("PackedStore.set_feedback: keys are already packed without these weights")
+        self.feedback = weights
+
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
         self._reserve(self.n_packed + m)
         p0, G = self.n_packed, self.group
         o = self._r0
         ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
-                      mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G])
+                      mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G],
+                      feedback=self._feedback_weights())
         ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G, codes=self._vc[:, :, p0 : p0 + m],
                         mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m])
         self.n_packed += m
+
+    def _feedback_weights(self):
+        """``[H, D, D]`` float32 weights for ``ops.pack_keys`` (None without feedback)."""
+        return None if self.feedback is None else expand(self.feedback, int(self._rk.shape[-1]))
 
     def _codes_keys(self, keys):
         """``keys`` ``[..., D]`` as they are packed: rotated (float32) when

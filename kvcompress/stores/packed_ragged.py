@@ -31,6 +31,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec
+from .feedback import expand
 from .masked import padded_head_attention
 from . import packed as packed_store
 from .packed import PackedStore, join_parts, kernel_reads
@@ -80,7 +81,8 @@ class RaggedPackedStore(PackedStore):
     @classmethod
     def from_ragged(cls, store, bits: int, group: int, residual: int,
                     value_bits: int | None = None, columns: bool = False,
-                    rotation: torch.Tensor | None = None, sinks: int = 0) -> "RaggedPackedStore":
+                    rotation: torch.Tensor | None = None, sinks: int = 0,
+                    feedback: torch.Tensor | None = None) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -92,9 +94,13 @@ class RaggedPackedStore(PackedStore):
         ``k @ rotation`` (see :class:`~kvcompress.stores.PackedStore`).
         ``sinks``: keep each head's first ``sinks`` kept slots in full
         precision (fewer when a head holds fewer beside its residual), with
-        their merge counts."""
+        their merge counts. ``feedback``: key-feedback weights
+        (``stores.feedback.compact``'s triangle; see
+        :class:`~kvcompress.stores.PackedStore`), each head's groups rounded
+        with its kv head's."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
+        new.feedback = feedback
         new.sinks_asked = int(sinks)
         G = group
         B, H = store.batch, store.heads
@@ -136,7 +142,14 @@ class RaggedPackedStore(PackedStore):
         if columns and store.scores is not None:
             new.scores = torch.full((R,), float("nan"), device=dev)
             new.scores[dst] = store.scores[src]
-        kc, kmin, ksc = ops.pack_keys(new._codes_keys(k.view(1, 1, R, D)), bits, G)
+        fb_index = None
+        if feedback is not None:
+            # every segment is whole groups: group t belongs to the head of slot t * G
+            seg_head = torch.repeat_interleave(torch.arange(B * H, device=dev), caps)
+            fb_index = (seg_head[::G] % H).view(1, 1, -1)
+        kc, kmin, ksc = ops.pack_keys(new._codes_keys(k.view(1, 1, R, D)), bits, G,
+                                      feedback=None if feedback is None else expand(feedback, D),
+                                      feedback_index=fb_index)
         vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), new.value_bits, G)
         new._kc, new._kmin, new._ksc = kc[0, 0], kmin[0, 0], ksc[0, 0]
         new._vc, new._vmin, new._vsc = vc[0, 0], vmin[0, 0], vsc[0, 0]
@@ -235,7 +248,7 @@ class RaggedPackedStore(PackedStore):
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,
                             self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv,
                             self.positions, self.scores, *(self._rcols or {}).values(), self.rotation,
-                            self._sink_counts, self._rc)
+                            self.feedback, self._sink_counts, self._rc)
                 if t is not None]
 
     def __repr__(self) -> str:
@@ -243,6 +256,7 @@ class RaggedPackedStore(PackedStore):
         span = f"{int(n.min())}..{int(n.max())}" if n is not None and n.numel() else "empty"
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
         vb += ", rotated keys" if self.rotation is not None else ""
+        vb += ", key feedback" if self.feedback is not None else ""
         if self.sinks_asked:
             vb += f", sinks={self._r0}" + (f" of {self.sinks_asked}" if self._r0 != self.sinks_asked else "")
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
@@ -284,7 +298,8 @@ class RaggedPackedStore(PackedStore):
         if bool((self._host_lengths + m > self._host_caps).any()):
             self._grow(m)
         o = self._r0  # the residual's oldest slots follow the sink block
-        kc, kmin, ksc = ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G)
+        kc, kmin, ksc = ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G,
+                                      feedback=self._feedback_weights())
         vc, vmin, vsc = ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G)
         start = self.offsets + self.lengths
         rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
