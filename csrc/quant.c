@@ -216,10 +216,9 @@ KVC_INLINE void qt_range(const float *x, int64_t n, int64_t stride, int32_t bits
 
 /* Keys with feedback (quant.h): token group t of head (b, h), channel after
  * channel, each channel's errors carried into the later channels of the
- * same rows. xs rows [g, D] and their codes [g, Dpad] live in the thread's
- * scratch (fb, fc); w->row, w->mn, w->sc are unused. */
-static void KVC_HOT qt_pack_keys_feedback(const struct kvc_pack_params *p, int64_t u, const struct qt_thread *w,
-                                          float *fb, uint8_t *fc)
+ * same rows. The group's rows [g, D] in fp32 and their codes [g, Dpad]
+ * live in the thread's scratch (fb, fc). */
+static void KVC_HOT qt_pack_keys_feedback(const struct kvc_pack_params *p, int64_t u, float *fb, uint8_t *fc)
 {
     const struct kvc_view *x = &p->x, *cv = &p->codes, *mv = &p->mins, *sv = &p->scales;
     const struct kvc_view *fv = &p->feedback, *iv = &p->feedback_index;
@@ -237,7 +236,6 @@ static void KVC_HOT qt_pack_keys_feedback(const struct kvc_pack_params *p, int64
     float *mrow = (float *)mv->data + b * mv->strides[0] + h * mv->strides[1] + t * mv->strides[2];
     float *srow = (float *)sv->data + b * sv->strides[0] + h * sv->strides[1] + t * sv->strides[2];
     int64_t j, c, c2;
-    (void)w;
     for (j = 0; j < g; j++) {
         kvc_row_to_f32(fb + j * D, xs + (j0 + j) * x->strides[2] * es, x->dtype, D, x->strides[3]);
         memset(fc + j * Dpad, 0, (size_t)Dpad); /* the padding codes stay 0 */
@@ -327,7 +325,7 @@ enum kvc_status kvc_pack(const struct kvc_pack_params *p)
             float *fb = (float *)((char *)w.code + kvc_align_up((size_t)Dpad));
             uint8_t *fc = (uint8_t *)fb + kvc_align_up((size_t)qt_fb_rows(p) * (size_t)D * sizeof(float));
 #pragma omp for schedule(static)
-            for (u = 0; u < units; u++) qt_pack_keys_feedback(p, u, &w, fb, fc);
+            for (u = 0; u < units; u++) qt_pack_keys_feedback(p, u, fb, fc);
         } else if (p->kind == KVC_QUANT_KEYS) {
 #pragma omp for schedule(static)
             for (u = 0; u < units; u++) qt_pack_keys(p, u, &w);

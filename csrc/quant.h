@@ -83,6 +83,7 @@ static inline size_t kvc_pack_feedback_smem(int64_t g, int64_t D)
 {
     return (size_t)g * (size_t)D * (sizeof(float) + 1) + (size_t)g * sizeof(float) + 2 * sizeof(float);
 }
+
 enum kvc_status kvc_pack(const struct kvc_pack_params *p);
 
 /* out[b, h, j, c] = min + scale * code of element (j, c), with the group

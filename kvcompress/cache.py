@@ -799,10 +799,10 @@ class CompressedLayer(CacheLayerMixin):
 
     def _fix_feedback(self):
         """The layer's key-feedback weights (``stores.feedback.compact``'s
-        bfloat16 triangle; None: pack without feedback), fixed at the first call that packs and kept for every later
-        pack and re-pack (``stores.feedback``). Before a ``rotate="auto"``
-        layer has chosen its basis, or while it has seen no query, it gives
-        None and stays undecided."""
+        bfloat16 triangle; None: pack without feedback), fixed at the first
+        call that packs and kept for every later pack and re-pack. Before a
+        ``rotate="auto"`` layer has chosen its basis, or while it has seen
+        no query, it gives None and stays undecided."""
         if not self.method.key_feedback or self._feedback_decided:
             return self._feedback
         if (self.method.rotates_keys and not self._rotation_decided) or self._qmom is None:

@@ -449,6 +449,20 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         B, H, n, D = dim(), dim(), dim(), dim()
         return [fw(fl([B, H, n, D], rng.choice(FLOATS))), rng.choice([2, 4, 8]), rng.choice([1, 2, 3, 32])], {}
 
+    def b_pack_keys():
+        B, H, n, D = dim(), dim(), dim(), dim()
+        G = rng.choice([1, 2, 3, 32])
+        kw = {}
+        if rng.random() < 0.5:
+            F = H if rng.random() < 0.6 else dim()
+            w = torch.randn(F, D, D) * rng.choice([0.1, 1.0, 1e30])
+            if rng.random() < 0.1 and w.numel():
+                w[0, 0, -1] = float(rng.choice(["nan", "inf"]))
+            kw["feedback"] = fw(w)
+            if rng.random() < 0.4:
+                kw["feedback_index"] = fw(torch.randint(-1, F + 1, (B, H, -(-n // G))))
+        return [fw(fl([B, H, n, D], rng.choice(FLOATS))), rng.choice([2, 4, 8]), G], kw
+
     def b_unpack(values):
         B, H, n, D = dim(), dim(), dim(), dim()
         bits, G = rng.choice([2, 4, 8]), rng.choice([1, 2, 3, 32])
@@ -514,7 +528,7 @@ def _child(target: str, seed: int, n_calls: int) -> int:
         "minicache_attention": b_minicache_attention,
         "head_budgets": b_head_budgets,
         "probe_positions": b_probe_positions,
-        "pack_keys": b_pack,
+        "pack_keys": b_pack_keys,
         "pack_values": b_pack,
         "unpack_keys": lambda: b_unpack(False),
         "unpack_values": lambda: b_unpack(True),
