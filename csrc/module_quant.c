@@ -11,6 +11,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "compact.h"
 #include "quant.h"
 #include "quant_math.h"
 
@@ -107,18 +108,13 @@ static int check_feedback(struct kvc_state *st, struct kvc_py_call *c, int value
                             (long long)fa->view.shape[2]);
     if (ia->t) {
         const int64_t want[3] = {x[0], x[1], kvc_quant_groups(x[2], G)};
+        int64_t bad, at[KVC_MAX_DIMS];
         if (kvc_py_check_shape(st, ia, want, "[B, H, ceil(n/G)]") < 0) return -1;
         if ((hv = kvc_py_arg_host(st, ia)) == NULL) return -1;
-        for (i = 0; i < want[0]; i++)
-            for (j = 0; j < want[1]; j++)
-                for (k = 0; k < want[2]; k++) {
-                    const int64_t v = ((const int64_t *)hv->data)[i * hv->strides[0] + j * hv->strides[1] +
-                                                                  k * hv->strides[2]];
-                    if (v < 0 || v >= F)
-                        return kvc_py_raise(st->ValueError, "feedback_index: value %lld at [%lld, %lld, %lld] is "
-                                            "outside [0, F) = [0, %lld)", (long long)v, (long long)i, (long long)j,
-                                            (long long)k, (long long)F);
-                }
+        if (kvc_indices_check(hv, 0, F, &bad, at) != KVC_OK)
+            return kvc_py_raise(st->ValueError, "feedback_index: value %lld at [%lld, %lld, %lld] is outside [0, F) "
+                                "= [0, %lld)", (long long)bad, (long long)at[0], (long long)at[1], (long long)at[2],
+                                (long long)F);
     } else if (F != x[1]) {
         return kvc_py_raise(st->ValueError, "feedback: expected one factor per head, [H, D, D] with H = %lld (of "
                             "keys), got F = %lld (or pass feedback_index)", (long long)x[1], (long long)F);

@@ -186,6 +186,8 @@ def test_feedback_weights_are_the_normalised_cholesky_factor_of_the_damped_inver
         assert np.allclose(np.triu(u / np.diag(u)[:, None], 1), w[h].numpy(), atol=1e-5)
         assert np.allclose(u.T @ u, inv, rtol=1e-9, atol=1e-9)
     assert torch.equal(feedback_weights(torch.zeros(2, 8, 8)), torch.zeros(2, 8, 8))
+    with pytest.raises(ValueError, match=r"moment: expected \[H, D, D\], got \(8, 8\)"):
+        feedback_weights(torch.eye(8))
 
 
 def test_the_compact_triangle_holds_the_strict_upper_part_in_bfloat16():
@@ -330,6 +332,31 @@ def test_a_layer_packs_with_the_weights_of_its_prompts_real_queries(tiny_lm, rot
         # holds its own keys for padded slots, the full cache the pad token's)
         assert np.array_equal(got[0], codes[0]), i
         assert np.array_equal(got[1, :, 32:], codes[1, :, 32:]), i
+
+
+def test_a_per_head_store_rounds_each_heads_groups_with_its_kv_heads_weights():
+    """``RaggedPackedStore.from_ragged(feedback=...)``: every head's segment
+    (its kept keys, the last repeated to whole groups) holds the codes and
+    ranges of packing that segment alone with its kv head's weights."""
+    from test_sinks_heads import G as G8, _ragged
+
+    lengths = [40, 23, 9, 57, 16, 33]  # two rows of three kv heads
+    ragged, keys, _, _ = _ragged(lengths, heads=3)
+    D = int(keys.shape[-1])
+    w = _weights(3, D, seed=14, scale=0.6)
+    tri = compact(w)
+    store = RaggedPackedStore.from_ragged(ragged, 2, G8, 0, feedback=tri)
+    assert store.feedback is tri and "key feedback" in repr(store)
+    for i, n in enumerate(lengths):
+        b, h = divmod(i, 3)
+        m = -(-n // G8) * G8
+        seg = torch.cat([keys[b, h, :n], keys[b, h, n - 1 : n].expand(m - n, D)])
+        want = ops.pack_keys(seg.view(1, 1, m, D), 2, G8, feedback=expand(tri, D)[h : h + 1].contiguous())
+        o = int(store.offsets[i])
+        assert torch.equal(store._kc[o : o + m], want.codes[0, 0]), i
+        assert torch.equal(store._kmin[o // G8 : (o + m) // G8], want.mins[0, 0]), i
+        other = ops.pack_keys(seg.view(1, 1, m, D), 2, G8, feedback=expand(tri, D)[(h + 1) % 3][None].contiguous())
+        assert not torch.equal(other.codes, want.codes), i  # the weights matter: a wrong head would show
 
 
 MAKERS = {

@@ -39,12 +39,11 @@ DAMPING = 0.01
 class QueryMoments:
     """Running second moment of a layer's queries, per kv head.
 
-    ``add(queries, kv_start)`` folds ``queries [B, Hq, q, D]`` in (the
-    positions before ``kv_start[b]`` of a left-padded row are left out;
-    ``kv_start`` counts from the start of this call's queries, which are the
-    newest ``q`` of the row, so a row's pad ``p`` over a sequence of ``n``
-    hides its first ``max(0, p - (n - q))``); ``sum [Hkv, D, D]`` float64
-    and ``count`` hold the total."""
+    ``add(queries, hidden)`` folds ``queries [B, Hq, q, D]`` in, leaving
+    out each row's first ``hidden[b]`` (its left padding: the call's
+    queries are the row's newest ``q``, so a pad ``p`` over a sequence of
+    ``n`` hides ``max(0, p - (n - q))`` of them); ``sum [Hkv, D, D]``
+    float64 and ``count`` (queries folded, per kv head) hold the total."""
 
     def __init__(self, kv_heads: int):
         self.kv_heads = int(kv_heads)

@@ -144,9 +144,8 @@ class RaggedPackedStore(PackedStore):
             new.scores[dst] = store.scores[src]
         fb_index = None
         if feedback is not None:
-            # every segment is whole groups: group t belongs to the head of slot t * G
-            seg_head = torch.repeat_interleave(torch.arange(B * H, device=dev), caps)
-            fb_index = (seg_head[::G] % H).view(1, 1, -1)
+            # every segment is whole groups (caps // G of them), each rounded with its kv head's weights
+            fb_index = torch.repeat_interleave(torch.arange(B * H, device=dev) % H, caps // G).view(1, 1, -1)
         kc, kmin, ksc = ops.pack_keys(new._codes_keys(k.view(1, 1, R, D)), bits, G,
                                       feedback=None if feedback is None else expand(feedback, D),
                                       feedback_index=fb_index)
