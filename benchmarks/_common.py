@@ -81,8 +81,15 @@ def write_results(name: str, result: dict, lines: list[str], json_path: str | No
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(HERE, "RESULTS.md"), "a") as f:
-        f.write("\n".join(lines).rstrip("\n") + "\n\n")
+    results = os.path.join(HERE, "RESULTS.md")
+    # a blank line before the new heading even when the file was edited by hand since
+    gap = b""
+    if os.path.exists(results) and os.path.getsize(results):
+        with open(results, "rb") as f:
+            f.seek(max(0, os.path.getsize(results) - 2))
+            gap = b"" if f.read().endswith(b"\n\n") else b"\n"
+    with open(results, "ab") as f:
+        f.write(gap + ("\n".join(lines).rstrip("\n") + "\n\n").encode())
     return path
 
 

@@ -18,7 +18,10 @@ one run is:
   the high-water mark through ``/proc/self/clear_refs``), and that peak minus
   the RSS just before the run (after ``gc`` and ``malloc_trim``).
 * bytes: storage held by the cache after the last step (``memory_bytes()``
-  for kvcompress, the key/value tensors for the DynamicCache).
+  for kvcompress, the key/value tensors for the DynamicCache), and its mean
+  and peak over the decode steps (read after each step, outside its time):
+  a layer that keeps its budget every ``interval`` tokens holds a saw-tooth,
+  so the last step alone depends on where the run stops in it.
 * others' CPU: mean cores used by other processes during the run (from
   ``/proc/stat``), since the machine may be shared.
 
@@ -199,6 +202,17 @@ def cache_bytes(cache) -> tuple[int, int | None]:
 
 
 def make_method(spec: str, budget: int | None, ratio: float | None):
+    """The method of ``spec``; ``SPEC@N`` gives it budget N whatever
+    ``--budget``/``--ratio`` say (settings compared at different budgets in
+    one run)."""
+    spec, at, own = spec.partition("@")
+    if at:
+        try:
+            budget, ratio = int(own), None
+        except ValueError:
+            raise ValueError(f"{spec}@{own}: the budget after '@' must be an integer") from None
+        if budget < 1:
+            raise ValueError(f"{spec}@{own}: the budget after '@' must be at least 1")
     return method_from_spec(spec, budget=budget, ratio=ratio)
 
 
@@ -222,13 +236,15 @@ def run_once(model, ids: torch.Tensor, method, new_tokens: int, timer: Compressi
         cache = output_cache(out)
         del out
         tokens = [int(token)]
-        steps = []
+        steps, held_steps = [], []
         for _ in range(new_tokens):
             t0 = time.perf_counter()
             out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True)
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             steps.append(time.perf_counter() - t0)
+            cache = output_cache(out)
             del out
+            held_steps.append(cache_bytes(cache)[0])
             tokens.append(int(token))
     decode_compress = timer.take()
     peak = peak_rss_bytes()
@@ -245,6 +261,8 @@ def run_once(model, ids: torch.Tensor, method, new_tokens: int, timer: Compressi
         prefill_s=prefill, prefill_compress_s=prefill_compress, prefill_global_s=prefill_global,
         decode_compress_s=decode_compress,
         decode_step_s=steps, rss_before=before, peak_rss=peak, cache_bytes=held,
+        cache_bytes_mean=statistics.fmean(held_steps) if held_steps else held,
+        cache_bytes_peak=max(held_steps, default=held),
         full_bytes_estimate=full_estimate, tokens=tokens, seen=seen, slots_min=min(slots), slots_max=max(slots),
         others_cores=others, steal_cores=steal,
     )
@@ -267,6 +285,7 @@ def summarize(runs: list[dict]) -> dict:
         peak_rss=int(statistics.median(r["peak_rss"] for r in runs)),
         peak_delta=int(statistics.median(r["peak_rss"] - r["rss_before"] for r in runs)),
         cache_bytes=runs[-1]["cache_bytes"], full_bytes_estimate=runs[-1]["full_bytes_estimate"],
+        cache_bytes_mean=runs[-1]["cache_bytes_mean"], cache_bytes_peak=runs[-1]["cache_bytes_peak"],
         seen=runs[-1]["seen"], slots_min=runs[-1]["slots_min"], slots_max=runs[-1]["slots_max"],
         tokens=runs[-1]["tokens"], others_cores=max(r["others_cores"] for r in runs),
     )
@@ -278,9 +297,9 @@ def summarize(runs: list[dict]) -> dict:
 def table_lines(records: list[dict]) -> list[str]:
     lines = [
         "| prompt | config | prefill s | ×full | compression s | global score s | decode ms/tok median | ×full | decode mean "
-        "| compression ms/tok | peak RSS MiB | peak − before MiB | cache MiB | ×full | slots/head | tokens = full "
-        "| others' CPU |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| compression ms/tok | peak RSS MiB | peak − before MiB | cache MiB | ×full | cache MiB mean / peak over steps "
+        "| slots/head | tokens = full | others' CPU |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in records:
         slots = str(r["slots_min"]) if r["slots_min"] == r["slots_max"] else f"{r['slots_min']}–{r['slots_max']}"
@@ -289,7 +308,7 @@ def table_lines(records: list[dict]) -> list[str]:
             f"{r['prefill_compress_s']:.2f} | {r['prefill_global_s']:.2f} | {r['decode_ms_median']:.1f} | {r['decode_ratio']:.2f} | "
             f"{r['decode_ms_mean']:.1f} | {r['decode_compress_ms_per_token']:.2f} | "
             f"{r['peak_rss'] / MiB:.0f} | {r['peak_delta'] / MiB:.0f} | {r['cache_bytes'] / MiB:.2f} | "
-            f"{r['bytes_ratio']:.3f} | {slots} | {r['tokens_match']}/{r['tokens_total']} | {r['others_cores']:.2f} |"
+            f"{r['bytes_ratio']:.3f} | {r['cache_bytes_mean'] / MiB:.2f} / {r['cache_bytes_peak'] / MiB:.2f} | {slots} | {r['tokens_match']}/{r['tokens_total']} | {r['others_cores']:.2f} |"
         )
     return lines
 
@@ -299,7 +318,7 @@ def parse_args(argv):
     ap.add_argument("--tokens", default="1024,4096,8192", help="comma-separated prompt lengths")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help=f"comma-separated method specs (default {DEFAULT_METHODS}); options after colons, "
-                         "e.g. ems:global_mode=probe")
+                         "e.g. ems:global_mode=probe; SPEC@N runs SPEC at budget N")
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--budget", type=int, default=None, help="kept slots per kv head (default 256)")
     size.add_argument("--ratio", type=float, default=None, help="fraction of the prompt removed")
@@ -416,6 +435,8 @@ def main(argv=None):
 
     command = command_line(__file__, argv)
     size = f"budget={args.budget}" if args.budget is not None else f"ratio={args.ratio}"
+    if any("@" in m for m in args.methods):
+        size += " (SPEC@N: budget N)"
     result = dict(
         command=command, date=now(), machine=info, model="SmolLM2-135M-Instruct (float32)",
         max_position_embeddings=max_pos, beyond_context=args.beyond_context, text=os.path.basename(args.text),
@@ -440,7 +461,8 @@ def main(argv=None):
         "(scoring, selection, gather; all layers) during the prefill, and per decode step on average; "
         "global score s: the part of it spent in `ops.global_scores` (EMS). "
         "Peak RSS = process VmHWM during the run (reset via /proc/self/clear_refs before it); peak − before = growth over the RSS just before the run. Cache MiB = "
-        "storage held by the cache after the last step. ×full = ratio to the full-cache (DynamicCache) row of "
+        "storage held by the cache after the last step (mean / peak: over the decode steps, read after each). "
+        "×full = ratio to the full-cache (DynamicCache) row of "
         "the same prompt. Tokens = full: generated tokens (prefill's + decode steps') equal to the full "
         "cache's, position by position. Others' CPU = mean cores used by other processes during the run "
         f"(from /proc/stat; the machine has {info['cores']} cores and is shared, so a run with a high value was "

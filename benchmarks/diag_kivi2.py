@@ -24,11 +24,22 @@ nothing, so a row's index is its position), quantized, then rotated again; ``--r
 Hadamard rotation of their channels (QuaRot's; ``KIVI(rotate=True)`` does this
 for real), ``--rotate-values`` quantizes the values after the same rotation
 (QuaRot rotates values too; attention's output is then rotated back, which is
-exact: softmax weights are a linear combination), and ``--key-layout token`` packs keys per token in groups of
+exact: softmax weights are a linear combination), ``--clip-values`` takes each value group's range as
+``--clip`` does for keys, and ``--key-layout token`` packs keys per token in groups of
 channels, as values are. With
 ``--sinks 0 --quantize both`` this reproduces ``kivi:bits=...`` of
 ``kvcompress eval`` exactly (the check that the simulation is faithful).
 A diagnostic, not a method: the real kernel never dequantizes.
+
+Sliding-window layers are read by the real kernel, at the method's own bits
+and group, with none of the switches above: on Gemma 3 (15 of 18 layers
+slide) ``--quantize values`` still packs the sliding layers' keys, and
+``--value-bits``, ``--rotate-values`` or ``--clip-values`` change only the 3
+global layers' values, so a Gemma 3 breakdown by half needs real methods
+(``kivi:bits=8:value_bits=2``) instead. ``--sliding-full`` leaves the
+sliding layers unpacked, in full precision, so that only the global layers
+are quantized, by the method's real kernels (its own ``rotate``,
+``sinks`` and ``feedback``; none of the switches above is taken with it).
 
     python benchmarks/diag_kivi2.py --sinks 0 --quantize both -- \\
         eval --tasks ppl --ppl-windows 8 --methods kivi:bits=2 --threads 1 --no-progress --out DIR
@@ -95,6 +106,26 @@ def _clipped_keys(k, bits, G, steps=8, most=0.4):
                 take = e < err
                 best, err = torch.where(take, y, best), torch.where(take, e, err)
     return _with_tail(k, best, bits, G)
+
+
+def _clipped_values(v, bits, G, steps=8, most=0.4):
+    """Fake-quantized values [B, H, n, D] per token in groups of G channels
+    (D a multiple of G), each group's range chosen as `_clipped_keys` does."""
+    B, H, n, D = v.shape
+    x = v.reshape(B, H, n, D // G, G).double()
+    mn, mx = x.amin(4, keepdim=True), x.amax(4, keepdim=True)
+    rng = mx - mn
+    best, err = None, None
+    for a in range(steps + 1):
+        for b in range(steps + 1 - a):
+            y = _minmax(x, mn + rng * (most * a / steps), mx - rng * (most * b / steps), bits)
+            e = ((y - x) ** 2).sum(4, keepdim=True)
+            if best is None:
+                best, err = y, e
+            else:
+                take = e < err
+                best, err = torch.where(take, y, best), torch.where(take, e, err)
+    return best.reshape(B, H, n, D).to(v.dtype)
 
 
 def _sparse_keys(k, bits, G, keep):
@@ -202,6 +233,9 @@ def _hadamard(D):
     return sylvester_hadamard(D)
 
 
+CLIP_VALUES = False  # --clip-values
+
+
 def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False,
           rotate=False, key_layout="channel", rotate_values=False, hess=None, order=False):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
@@ -247,7 +281,9 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
     if which in ("keys", "both"):
         kc, kmin, ksc = ops.pack_keys(k, kbits, G)
         k = ops.unpack_keys(kc, kmin, ksc, kbits, G, dtype=k.dtype)
-    if which in ("values", "both"):
+    if which in ("values", "both") and CLIP_VALUES:
+        v = _clipped_values(v, vbits, G)
+    elif which in ("values", "both"):
         vc, vmin, vsc = ops.pack_values(v, vbits, G)
         v = ops.unpack_values(vc, vmin, vsc, vbits, G, head_dim=int(v.shape[3]), dtype=v.dtype)
     return k, v
@@ -323,6 +359,10 @@ def main(argv=None) -> int:
                     help="keys at 2 bits: the two inner levels fitted per (group, channel)")
     ap.add_argument("--rotate", action="store_true",
                     help="keys: quantized after a Hadamard rotation of their channels (QuaRot's rotation)")
+    ap.add_argument("--sliding-full", action="store_true",
+                    help="sliding-window layers kept unpacked, in full precision (only the global layers packed)")
+    ap.add_argument("--clip-values", action="store_true",
+                    help="values: each group's range chosen for least squared error (as --clip for keys)")
     ap.add_argument("--rotate-values", action="store_true",
                     help="values: quantized after a Hadamard rotation of their channels")
     ap.add_argument("--key-layout", choices=("channel", "token"), default="channel",
@@ -332,6 +372,21 @@ def main(argv=None) -> int:
     ap.add_argument("--feedback-order", action="store_true",
                     help="--feedback: channels in order of falling query energy (GPTQ's act-order)")
     args = ap.parse_args(argv[:cut])
+    global CLIP_VALUES
+    CLIP_VALUES = args.clip_values
+    if args.sliding_full:
+        # the real kernels on the global layers (the method's own rotate,
+        # sinks and feedback), none of the simulation's switches
+        switches = [a for a in ("sinks", "key_bits", "value_bits", "clip", "outliers", "pre_rope", "levels", "lloyd",
+                                "rotate", "rotate_values", "clip_values", "feedback", "feedback_order")
+                    if getattr(args, a) not in (None, False, 0)]
+        if switches or args.quantize != "both" or args.key_layout != "channel":
+            ap.error("--sliding-full: runs the method's real kernels; give the method's options instead of "
+                     + ", ".join("--" + a.replace("_", "-") for a in switches or ["quantize"]))
+        from kvcompress import cache as C
+
+        C.CompressedLayer._packs_window = lambda self: False  # the unpacked layer's own path: full precision
+        return kvcompress_main(argv[cut + 1:])
     levels = False
     if args.levels is not None:
         try:

@@ -11,7 +11,9 @@ a (method, budget) row gives it.
     python benchmarks/fidelity_paired.py RUN1/results.json [RUN2/results.json ...] --ref ems
 
 prints one markdown table: per row its KL@k with interval and, beside it,
-the row minus the reference method at the same budget.
+the row minus the reference method at the same budget (``--ref-budget N``:
+at budget N, for settings that hold about the same memory at different
+budgets).
 """
 
 from __future__ import annotations
@@ -51,12 +53,19 @@ def load_rows(results: list[dict]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], ref: str) -> str:
+def table(rows: list[dict], ref: str, ref_budget: int | None = None) -> str:
     """Markdown: method, budget, KL@k (interval), the row minus ``ref`` at
-    the same budget (paired bootstrap interval; passages lower)."""
+    the same budget (paired bootstrap interval; passages lower), or at
+    ``ref_budget`` for every row when given (settings that hold about the
+    same memory at different budgets)."""
     refs = {(r.get("budget"), r.get("ratio")): r for r in rows if r["method"] == ref}
     if not refs:
         raise ValueError(f"ref: no row of method {ref!r}; rows: {sorted({r['method'] for r in rows})}")
+    if ref_budget is not None:
+        if (ref_budget, None) not in refs:
+            raise ValueError(f"ref_budget: no row of method {ref!r} at budget {ref_budget}; "
+                             f"its budgets: {sorted(b for b, _ in refs if b is not None)}")
+        refs = {(r.get("budget"), r.get("ratio")): refs[(ref_budget, None)] for r in rows}
     k = rows[0]["fidelity"]["k"]
     out = [f"| method | budget | KL@{k} | − {ref} (paired) |", "|---|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: (r.get("budget") or 0, r.get("ratio") or 0)):
@@ -64,7 +73,7 @@ def table(rows: list[dict], ref: str) -> str:
         at = r.get("budget") if r.get("budget") is not None else f"ratio {r.get('ratio')}"
         cell = f"{f['kl']:.3f} ({f['kl_low']:.3f}–{f['kl_high']:.3f})"
         base = refs.get((r.get("budget"), r.get("ratio")))
-        if r["method"] == ref or base is None:
+        if r is base or base is None:
             diff = "–"
         else:
             p = paired(f["per_text_kl"], base["fidelity"]["per_text_kl"])
@@ -77,10 +86,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="results.json files of `kvcompress eval`")
     parser.add_argument("--ref", default="ems", help="method the others are compared with (default: ems)")
+    parser.add_argument("--ref-budget", type=int, metavar="N",
+                        help="compare every row with --ref at budget N (default: at the row's own budget)")
     args = parser.parse_args(argv)
     try:
         rows = load_rows([json.loads(p.read_text()) for p in args.results])
-        print(table(rows, args.ref))
+        print(table(rows, args.ref, args.ref_budget))
     except (OSError, KeyError, ValueError) as e:
         print(f"fidelity_paired: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,73 @@
+"""The benchmark helpers whose output goes into RESULTS.md: fidelity_paired's pairing of rows."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_paired.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("fidelity_paired", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(method, budget, kls):
+    kls = [float(x) for x in kls]
+    return {"method": method, "budget": budget, "ratio": None,
+            "fidelity": {"k": 128, "kl": float(np.mean(kls)), "kl_low": min(kls), "kl_high": max(kls),
+                         "per_text_kl": kls}}
+
+
+def _run(rows):
+    return {"config": {"text": "t", "fidelity_texts": 4, "fidelity_context": 64, "k": 128, "seed": 0},
+            "model": {"name": "m"}, "rows": rows}
+
+
+def test_rows_pair_with_the_reference_at_their_budget_or_at_ref_budget():
+    mod = _module()
+    a128, b128, b96 = [0.3, 0.2, 0.4, 0.1], [0.2, 0.25, 0.3, 0.05], [0.1, 0.15, 0.2, 0.0]
+    rows = mod.load_rows([_run([_row("a", 128, a128), _row("b", 128, b128), _row("b", 96, b96)])])
+    same = mod.table(rows, "a").splitlines()
+    assert "| b | 96 |" in same[2] and same[2].endswith("| – |")  # no reference at 96
+    assert f"{np.mean(np.subtract(b128, a128)):+.3f}" in same[4] and "lower on 3/4" in same[4]
+    cross = mod.table(rows, "a", ref_budget=128).splitlines()
+    assert f"{np.mean(np.subtract(b96, a128)):+.3f}" in cross[2] and "lower on 4/4" in cross[2]
+    assert cross[3].endswith("| – |")  # the reference row itself
+    with pytest.raises(ValueError, match="ref_budget: no row of method 'a' at budget 64"):
+        mod.table(rows, "a", ref_budget=64)
+    assert mod.main([str(_PATH), "--ref", "a"]) == 2  # not a results file: an error message, exit 2
+
+
+def test_bench_generate_runs_a_spec_at_its_own_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(_PATH.parent))  # bench_generate imports _common from its folder
+    spec = importlib.util.spec_from_file_location("bench_generate", _PATH.parent / "bench_generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.make_method("ems:interval=64", 128, None).budget == 128
+    own = mod.make_method("ems:interval=64@96", 128, None)
+    assert own.budget == 96 and own.interval == 64
+    assert mod.make_method("snapkv@64", None, 0.5).budget == 64  # '@' wins over --ratio too
+    for bad, why in (("ems@x", "must be an integer"), ("ems@0", "at least 1")):
+        with pytest.raises(ValueError, match=why):
+            mod.make_method(bad, 128, None)
+    args = mod.parse_args(["--methods", "ems@96,ems", "--budget", "128", "--tokens", "512"])
+    assert args.methods == ["ems@96", "ems"]
+
+
+def test_results_sections_start_after_a_blank_line(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    import _common
+
+    monkeypatch.setattr(_common, "HERE", str(tmp_path))
+    _common.write_results("x", {"a": 1}, ["## one", "", "text"])
+    assert (tmp_path / "RESULTS.md").read_text() == "## one\n\ntext\n\n"
+    with open(tmp_path / "RESULTS.md", "a") as f:
+        f.write("a hand-written line\n")  # no blank line after it
+    _common.write_results("x", {"a": 2}, ["## two"])
+    assert (tmp_path / "RESULTS.md").read_text() == "## one\n\ntext\n\na hand-written line\n\n## two\n\n"
+    assert (tmp_path / "results" / "x.json").read_text() == '{\n "a": 2\n}'
