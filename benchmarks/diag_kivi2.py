@@ -88,44 +88,36 @@ def _minmax(x, lo, hi, bits):
     return lo + sc * ((x - lo) / sc).round().clamp(0, L)
 
 
-def _clipped_keys(k, bits, G, steps=8, most=0.4):
-    """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens with
-    each group's range [lo, hi] chosen to minimise the squared error among
-    lo = min + a * range, hi = max - b * range, a, b in {0, most/steps, ...}."""
-    x = _groups(k, G)
-    mn, mx = x.amin(3, keepdim=True), x.amax(3, keepdim=True)
+def _clipped(x, dim, bits, steps=8, most=0.4):
+    """x fake-quantized in groups along ``dim``, each group's range [lo, hi]
+    chosen to minimise the squared error among lo = min + a * range,
+    hi = max - b * range, a, b in {0, most/steps, ...}, a + b <= most."""
+    mn, mx = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     rng = mx - mn
     best, err = None, None
     for a in range(steps + 1):
         for b in range(steps + 1 - a):
             y = _minmax(x, mn + rng * (most * a / steps), mx - rng * (most * b / steps), bits)
-            e = ((y - x) ** 2).sum(3, keepdim=True)
+            e = ((y - x) ** 2).sum(dim, keepdim=True)
             if best is None:
                 best, err = y, e
             else:
                 take = e < err
                 best, err = torch.where(take, y, best), torch.where(take, e, err)
-    return _with_tail(k, best, bits, G)
+    return best
 
 
-def _clipped_values(v, bits, G, steps=8, most=0.4):
+def _clipped_keys(k, bits, G):
+    """Fake-quantized keys [B, H, n, D] per channel in groups of G tokens,
+    each group's range chosen by `_clipped`."""
+    return _with_tail(k, _clipped(_groups(k, G), 3, bits), bits, G)
+
+
+def _clipped_values(v, bits, G):
     """Fake-quantized values [B, H, n, D] per token in groups of G channels
-    (D a multiple of G), each group's range chosen as `_clipped_keys` does."""
+    (D a multiple of G), each group's range chosen by `_clipped`."""
     B, H, n, D = v.shape
-    x = v.reshape(B, H, n, D // G, G).double()
-    mn, mx = x.amin(4, keepdim=True), x.amax(4, keepdim=True)
-    rng = mx - mn
-    best, err = None, None
-    for a in range(steps + 1):
-        for b in range(steps + 1 - a):
-            y = _minmax(x, mn + rng * (most * a / steps), mx - rng * (most * b / steps), bits)
-            e = ((y - x) ** 2).sum(4, keepdim=True)
-            if best is None:
-                best, err = y, e
-            else:
-                take = e < err
-                best, err = torch.where(take, y, best), torch.where(take, e, err)
-    return best.reshape(B, H, n, D).to(v.dtype)
+    return _clipped(v.reshape(B, H, n, D // G, G).double(), 4, bits).reshape(B, H, n, D).to(v.dtype)
 
 
 def _sparse_keys(k, bits, G, keep):
