@@ -38,8 +38,9 @@ slide) ``--quantize values`` still packs the sliding layers' keys, and
 global layers' values, so a Gemma 3 breakdown by half needs real methods
 (``kivi:bits=8:value_bits=2``) instead. ``--sliding-full`` leaves the
 sliding layers unpacked, in full precision, so that only the global layers
-are quantized, by the method's real kernels (its own ``rotate``,
-``sinks`` and ``feedback``; none of the switches above is taken with it).
+are quantized: by the method's real kernels (its own ``rotate``,
+``sinks`` and ``feedback``) when no switch above is given, else by the
+simulation with those switches.
 
     python benchmarks/diag_kivi2.py --sinks 0 --quantize both -- \\
         eval --tasks ppl --ppl-windows 8 --methods kivi:bits=2 --threads 1 --no-progress --out DIR
@@ -367,18 +368,16 @@ def main(argv=None) -> int:
     global CLIP_VALUES
     CLIP_VALUES = args.clip_values
     if args.sliding_full:
-        # the real kernels on the global layers (the method's own rotate,
-        # sinks and feedback), none of the simulation's switches
-        switches = [a for a in ("sinks", "key_bits", "value_bits", "clip", "outliers", "pre_rope", "levels", "lloyd",
-                                "rotate", "rotate_values", "clip_values", "feedback", "feedback_order")
-                    if getattr(args, a) not in (None, False, 0)]
-        if switches or args.quantize != "both" or args.key_layout != "channel":
-            ap.error("--sliding-full: runs the method's real kernels; give the method's options instead of "
-                     + ", ".join("--" + a.replace("_", "-") for a in switches or ["quantize"]))
         from kvcompress import cache as C
 
         C.CompressedLayer._packs_window = lambda self: False  # the unpacked layer's own path: full precision
-        return kvcompress_main(argv[cut + 1:])
+        switches = [a for a in ("sinks", "key_bits", "value_bits", "clip", "outliers", "pre_rope", "levels", "lloyd",
+                                "rotate", "rotate_values", "clip_values", "feedback", "feedback_order")
+                    if getattr(args, a) not in (None, False, 0)]
+        if not switches and args.quantize == "both" and args.key_layout == "channel":
+            # no switch: the method's real kernels (its own rotate, sinks
+            # and feedback) on the global layers
+            return kvcompress_main(argv[cut + 1:])
     levels = False
     if args.levels is not None:
         try:
