@@ -1,0 +1,99 @@
+"""Per layer: does clipping the value groups' ranges lower the attention
+output's error for the newest queries?
+
+Runs one prompt (``--tokens`` tokens of the packaged text from character
+``--offset``) through the model and, on every full-attention layer, packs the
+prompt's values at 2 bits after ``--sinks`` exact tokens (whole groups of 32
+channels per token) two ways: KIVI's min/max, and each group's range clipped
+for least squared error (``diag_kivi2.py --clip-values``). Keys stay exact.
+For the last 32 queries it prints the mean squared error of the attention
+output against the exact one, relative to the output's mean square, both
+ways, and which is lower: the measure a per-layer choice like
+``rotate="auto"`` would use. A diagnostic (the real kernel never
+dequantizes)::
+
+    python benchmarks/diag_value_clip_layers.py --model gemma3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import kvcompress as kvc
+from kvcompress import ops
+from kvcompress import testing as T
+from kvcompress.cache import CompressedLayer
+from kvcompress.model import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diag_kivi2 import _clipped_values  # noqa: E402  (same folder)
+
+
+def _capture(model, ids):
+    """``{layer: (queries [B, Hq, n, D], keys, values [B, H, n, D], window, scaling)}`` of the prompt."""
+    got = {}
+    real = CompressedLayer.after_attention
+
+    def grab(self, queries, scaling):
+        if self.layer_idx not in got and queries is not None:
+            got[self.layer_idx] = (queries.detach().clone(), self.store.keys.detach().clone(),
+                                   self.store.values.detach().clone(), self.window, scaling)
+        return real(self, queries, scaling)
+
+    CompressedLayer.after_attention = grab
+    try:
+        # KIVI-8 with a residual longer than the prompt: every layer stays full precision and unpacked
+        with T.method_context(model, kvc.KIVI(bits=8, residual=int(ids.shape[1]) + 64)) as new:
+            T.greedy(model, new(), ids, 1)
+    finally:
+        CompressedLayer.after_attention = real
+    return got
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2", help="smollm2 (default) or gemma3")
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--offset", type=int, default=20000, help="first character of the prompt in the text")
+    ap.add_argument("--sinks", type=int, default=4, help="first tokens left exact (default 4)")
+    args = ap.parse_args(argv)
+    model, tok = load_model(args.model)
+    text = (Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt").read_text()[args.offset:]
+    ids = tok(text, return_tensors="pt").input_ids[:, : args.tokens]
+    G, bits, S = 32, 2, args.sinks
+    total = [0.0, 0.0]
+    print(f"{args.model}, {ids.shape[1]} tokens, 2-bit values after {S} sinks, last 32 queries per layer")
+    for idx, (q, k, v, window, scaling) in sorted(_capture(model, ids).items()):
+        if window is not None:
+            continue  # sliding layers: see diag_kivi2.py --sliding-full
+        n, D = int(q.shape[2]), int(q.shape[3])
+        rep = q.shape[1] // k.shape[1]
+        m = (n - S) // G * G
+        part = v[:, :, S : S + m].contiguous()
+        plain, clipped = v.clone(), v.clone()
+        plain[:, :, S : S + m] = ops.unpack_values(*ops.pack_values(part, bits, G), bits, G, head_dim=D,
+                                                   dtype=v.dtype)
+        clipped[:, :, S : S + m] = _clipped_values(part, bits, G)
+        logits = q[:, :, -32:].double() @ k.double().repeat_interleave(rep, 1).transpose(-1, -2) * scaling
+        future = torch.arange(n)[None, :] > torch.arange(n - 32, n)[:, None]
+        p = logits.masked_fill(future, float("-inf")).softmax(-1)
+
+        def out(vals):
+            return p @ vals.double().repeat_interleave(rep, 1)
+
+        exact = out(v)
+        ref = exact.pow(2).mean().item()
+        errs = [(out(x) - exact).pow(2).mean().item() / ref for x in (plain, clipped)]
+        total = [t + e for t, e in zip(total, errs)]
+        print(f"layer {idx:2d}  min/max {errs[0]:.3e}  clipped {errs[1]:.3e}  ratio {errs[1] / errs[0]:.2f}  "
+              f"lower: {'clipped' if errs[1] < errs[0] else 'min/max'}")
+    print(f"summed relative error: min/max {total[0]:.3e}, clipped {total[1]:.3e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
