@@ -36,13 +36,15 @@ DEFAULT_TEXT = str(Path(kvc.__file__).resolve().parent / "data" / "shakespeare.t
 
 
 def _capture(model, ids):
-    """``{layer: (queries [B, Hq, n, D], keys [B, H, n, D], window, scaling)}`` of the prompt."""
+    """``{layer: (queries [B, Hq, n, D], keys [B, H, n, D], values [B, H, n, D], window, scaling)}``
+    of the prompt."""
     got = {}
     real = CompressedLayer.after_attention
 
     def grab(self, queries, scaling):
         if self.layer_idx not in got and queries is not None:
-            got[self.layer_idx] = (queries.detach().clone(), self.store.keys.detach().clone(), self.window, scaling)
+            got[self.layer_idx] = (queries.detach().clone(), self.store.keys.detach().clone(),
+                                   self.store.values.detach().clone(), self.window, scaling)
         return real(self, queries, scaling)
 
     CompressedLayer.after_attention = grab
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
 
     print(f"{args.model}, {ids.shape[1]} tokens, {bits}-bit keys in groups of {G}; last 64 queries per layer")
     print("layer kind   logit MSE: plain   rotated  ratio   attention KL: plain  rotated  ratio")
-    for idx, (q, k, window, scaling) in sorted(_capture(model, ids).items()):
+    for idx, (q, k, _, window, scaling) in sorted(_capture(model, ids).items()):
         B, Hq, _, D = q.shape
         H = k.shape[1]
         m = k.shape[2] // G * G

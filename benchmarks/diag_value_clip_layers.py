@@ -25,33 +25,11 @@ import torch
 
 import kvcompress as kvc
 from kvcompress import ops
-from kvcompress import testing as T
-from kvcompress.cache import CompressedLayer
 from kvcompress.model import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from diag_kivi2 import _clipped_values  # noqa: E402  (same folder)
-
-
-def _capture(model, ids):
-    """``{layer: (queries [B, Hq, n, D], keys, values [B, H, n, D], window, scaling)}`` of the prompt."""
-    got = {}
-    real = CompressedLayer.after_attention
-
-    def grab(self, queries, scaling):
-        if self.layer_idx not in got and queries is not None:
-            got[self.layer_idx] = (queries.detach().clone(), self.store.keys.detach().clone(),
-                                   self.store.values.detach().clone(), self.window, scaling)
-        return real(self, queries, scaling)
-
-    CompressedLayer.after_attention = grab
-    try:
-        # KIVI-8 with a residual longer than the prompt: every layer stays full precision and unpacked
-        with T.method_context(model, kvc.KIVI(bits=8, residual=int(ids.shape[1]) + 64)) as new:
-            T.greedy(model, new(), ids, 1)
-    finally:
-        CompressedLayer.after_attention = real
-    return got
+from diag_rotation_layers import _capture  # noqa: E402
 
 
 def main(argv=None) -> int:
