@@ -198,22 +198,6 @@ static void KVC_HOT qt_pack_keys(const struct kvc_pack_params *p, int64_t u, con
     }
 }
 
-/* The stored min and the scale of the n >= 1 values x[0], x[stride], ...
- * (one group, already in fp32). */
-KVC_INLINE void qt_range(const float *x, int64_t n, int64_t stride, int32_t bits, float *mn_out, float *sc_out)
-{
-    float mn = x[0], mx = x[0];
-    int64_t i;
-    for (i = 1; i < n; i++) {
-        const float v = x[i * stride];
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-    }
-    mn = kvc_quant_min(mn);
-    *mn_out = mn;
-    *sc_out = kvc_quant_scale(mn, mx, bits);
-}
-
 /* Keys with feedback (quant.h): token group t of head (b, h), channel after
  * channel, each channel's errors carried into the later channels of the
  * same rows. The group's rows [g, D] in fp32 and their codes [g, Dpad]
@@ -243,7 +227,7 @@ static void KVC_HOT qt_pack_keys_feedback(const struct kvc_pack_params *p, int64
     for (c = 0; c < D; c++) {
         const float *wr = W + c * fv->strides[1];
         float mn, sc;
-        qt_range(fb + c, g, D, p->bits, &mn, &sc);
+        kvc_quant_range(fb + c, g, D, p->bits, &mn, &sc);
         mrow[c * mv->strides[3]] = mn;
         srow[c * sv->strides[3]] = sc;
         for (j = 0; j < g; j++) {
@@ -278,7 +262,7 @@ static void KVC_HOT qt_pack_values(const struct kvc_pack_params *p, int64_t r, c
     for (c0 = 0, g = 0; c0 < D; c0 += G, g++) {
         const int64_t c1 = D - c0 < G ? D : c0 + G;
         float mn, sc;
-        qt_range(w->row + c0, c1 - c0, 1, p->bits, &mn, &sc);
+        kvc_quant_range(w->row + c0, c1 - c0, 1, p->bits, &mn, &sc);
         mrow[g * mv->strides[3]] = mn;
         srow[g * sv->strides[3]] = sc;
         for (c = c0; c < c1; c++) w->code[c] = (uint8_t)kvc_quant_code(w->row[c], mn, sc, p->bits);

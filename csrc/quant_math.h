@@ -77,6 +77,23 @@ KVC_HD static inline float kvc_quant_scale(float mn, float mx, int32_t bits)
     return mx == mn ? 0.0f : (mx - mn) / (float)kvc_quant_levels(bits);
 }
 
+/* The stored min and the scale of the n >= 1 fp32 values x[0], x[stride],
+ * ... of one group, reduced in that order (the CPU's key-feedback and value
+ * packs, and the CUDA key-feedback kernel over its rows in shared memory). */
+KVC_HD static inline void kvc_quant_range(const float *x, int64_t n, int64_t stride, int32_t bits, float *mn_out,
+                                          float *sc_out)
+{
+    float mn = x[0], mx = x[0];
+    for (int64_t i = 1; i < n; i++) {
+        const float v = x[i * stride];
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+    }
+    mn = kvc_quant_min(mn);
+    *mn_out = mn;
+    *sc_out = kvc_quant_scale(mn, mx, bits);
+}
+
 /* code = rint((x - min) / scale) in fp32 (ties to even), clamped to
  * [0, 2^bits - 1]; 0 where scale is 0 (constant group, or a range so small
  * that its scale underflows). Written as selects so that loops vectorise;

@@ -114,15 +114,7 @@ kvc_pack_keys_feedback_kernel(const struct kvc_pack_params p, int64_t units)
         __syncthreads();
         for (int64_t c = 0; c < D; c++) {
             if (threadIdx.x == 0) {
-                float mn = rows[c], mx = rows[c];
-                for (int64_t j = 1; j < g; j++) {
-                    const float v = rows[j * D + c];
-                    mn = v < mn ? v : mn;
-                    mx = v > mx ? v : mx;
-                }
-                mn = kvc_quant_min(mn);
-                ms[0] = mn;
-                ms[1] = kvc_quant_scale(mn, mx, bits);
+                kvc_quant_range(rows + c, g, D, bits, &ms[0], &ms[1]);
                 mins[kvc_at(p.mins, b, h, t, c)] = ms[0];
                 scales[kvc_at(p.scales, b, h, t, c)] = ms[1];
             }
