@@ -58,6 +58,7 @@ from kvcompress import ops
 from kvcompress.cache import CompressedLayer
 from kvcompress.compat import cache_kwargs, output_cache
 from kvcompress.methods import method_from_spec
+from kvcompress.model import load_model
 
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
 
@@ -315,6 +316,7 @@ def table_lines(records: list[dict]) -> list[str]:
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="a packaged model (smollm2, the default, or gemma3) or a model folder")
     ap.add_argument("--tokens", default="1024,4096,8192", help="comma-separated prompt lengths")
     ap.add_argument("--methods", default=DEFAULT_METHODS,
                     help=f"comma-separated method specs (default {DEFAULT_METHODS}); options after colons, "
@@ -369,7 +371,9 @@ def main(argv=None):
     info["threads"] = args.threads
 
     t0 = time.perf_counter()
-    model, tok = kvc.load_default_model()
+    model, tok = load_model(args.model)
+    model_name = "SmolLM2-135M-Instruct" if args.model in (None, "smollm2") else \
+        "Gemma 3 270M" if args.model == "gemma3" else os.path.basename(str(args.model).rstrip("/"))
     print(f"model loaded in {time.perf_counter() - t0:.1f} s", flush=True)
     max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     with open(args.text, encoding="utf-8") as f:
@@ -438,7 +442,7 @@ def main(argv=None):
     if any("@" in m for m in args.methods):
         size += " (SPEC@N: budget N)"
     result = dict(
-        command=command, date=now(), machine=info, model="SmolLM2-135M-Instruct (float32)",
+        command=command, date=now(), machine=info, model=f"{model_name} (float32)",
         max_position_embeddings=max_pos, beyond_context=args.beyond_context, text=os.path.basename(args.text),
         size=size,
         new_tokens=args.new_tokens, repeats=args.repeats, warmup_tokens=args.warmup_tokens, records=records,
@@ -452,7 +456,7 @@ def main(argv=None):
         "",
         machine_line(info) + f" Threads: {args.threads}.",
         "",
-        f"Default model (SmolLM2-135M-Instruct, float32), batch 1, prompts = first N tokens of "
+        f"Model {model_name} (float32), batch 1, prompts = first N tokens of "
         f"{result['text']}, methods with {size} and default parameters, {args.new_tokens} greedy decode steps, "
         f"{args.repeats} run(s) per configuration after one warm-up pass ({args.warmup_tokens}-token prompt). "
         "Prefill s = one forward over the prompt (compression included, logits of the last position only) "

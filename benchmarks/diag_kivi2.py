@@ -227,10 +227,11 @@ def _hadamard(D):
 
 
 CLIP_VALUES = False  # --clip-values
+CLIP_VALUE_LAYERS = None  # --clip-value-layers: the layers --clip-values acts on (None: all)
 
 
 def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, first=0, levels=False,
-          rotate=False, key_layout="channel", rotate_values=False, hess=None, order=False):
+          rotate=False, key_layout="channel", rotate_values=False, hess=None, order=False, clip_values=None):
     """Dequantized copies of k, v [B, H, n, D] (only `which` quantized; keys
     by `_clipped_keys` or `_sparse_keys` when asked, else KIVI's min/max;
     with ``pre_rope`` (a RoPE base) the keys, whose first row sits at position
@@ -240,7 +241,9 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
     rotated back, as q . k = (H q) . (H k); ``key_layout="token"``: keys
     quantized per token in groups of G channels, as values are);
     ``rotate_values``: the values quantized after a Hadamard rotation of
-    their channels and rotated back)."""
+    their channels and rotated back); ``clip_values``: the value groups'
+    ranges clipped (None: ``--clip-values``)."""
+    clip_values = CLIP_VALUES if clip_values is None else clip_values
     if rotate_values and which in ("values", "both"):
         h = _hadamard(int(v.shape[3]))
         _, vq = _fake(k, (v.double() @ h).to(v.dtype), kbits, vbits, G, "values")
@@ -274,7 +277,7 @@ def _fake(k, v, kbits, vbits, G, which, clip=False, outliers=0, pre_rope=None, f
     if which in ("keys", "both"):
         kc, kmin, ksc = ops.pack_keys(k, kbits, G)
         k = ops.unpack_keys(kc, kmin, ksc, kbits, G, dtype=k.dtype)
-    if which in ("values", "both") and CLIP_VALUES:
+    if which in ("values", "both") and clip_values:
         v = _clipped_values(v, vbits, G)
     elif which in ("values", "both"):
         vc, vmin, vsc = ops.pack_values(v, vbits, G)
@@ -306,7 +309,8 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
             qk, qv = _fake(ok[:, :, s:].contiguous(), ov[:, :, s:].contiguous(), key_bits or self.bits,
                            value_bits or self.bits, self.group, which, clip, outliers, pre_rope, s, levels,
                            rotate, key_layout, rotate_values, getattr(self, "_hess", None) if gptq else None,
-                           order)
+                           order, CLIP_VALUES and (CLIP_VALUE_LAYERS is None
+                                                   or getattr(self, "_layer_idx", None) in CLIP_VALUE_LAYERS))
             keys = torch.cat([ok[:, :, :s], qk, rk], 2)
             values = torch.cat([ov[:, :, :s], qv, rv], 2)
         mask = build_mask(int(query.shape[0]), int(query.shape[2]), int(keys.shape[2]), query.device,
@@ -318,6 +322,7 @@ def patch(sinks: int, which: str, key_bits: int | None, value_bits: int | None, 
 
     def settle_and_hold(self, queries, scaling):
         store = self.store
+        store._layer_idx = self.layer_idx
         if gptq and queries is not None and not hasattr(store, "_hess"):
             # the prompt's queries (the call that packs first): never those read after it
             B, Hq, n, D = queries.shape
@@ -356,6 +361,8 @@ def main(argv=None) -> int:
                     help="sliding-window layers kept unpacked, in full precision (only the global layers packed)")
     ap.add_argument("--clip-values", action="store_true",
                     help="values: each group's range chosen for least squared error (as --clip for keys)")
+    ap.add_argument("--clip-value-layers", metavar="I,J,...",
+                    help="--clip-values on these layers only (default: every layer)")
     ap.add_argument("--rotate-values", action="store_true",
                     help="values: quantized after a Hadamard rotation of their channels")
     ap.add_argument("--key-layout", choices=("channel", "token"), default="channel",
@@ -365,8 +372,15 @@ def main(argv=None) -> int:
     ap.add_argument("--feedback-order", action="store_true",
                     help="--feedback: channels in order of falling query energy (GPTQ's act-order)")
     args = ap.parse_args(argv[:cut])
-    global CLIP_VALUES
+    global CLIP_VALUES, CLIP_VALUE_LAYERS
     CLIP_VALUES = args.clip_values
+    if args.clip_value_layers is not None:
+        if not args.clip_values:
+            ap.error("--clip-value-layers: needs --clip-values")
+        try:
+            CLIP_VALUE_LAYERS = {int(x) for x in args.clip_value_layers.split(",") if x.strip()}
+        except ValueError:
+            ap.error(f"--clip-value-layers: expected layer numbers like 3,4,5, got {args.clip_value_layers!r}")
     if args.sliding_full:
         from kvcompress import cache as C
 

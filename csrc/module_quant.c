@@ -53,7 +53,7 @@ static void quant_shapes(int values, int32_t bits, int64_t G, const int64_t *x, 
 /* ------------------------------------------------------------------------ */
 
 PyDoc_STRVAR(pack_doc,
-             "pack(x, codes, mins, scales, values, bits, group, feedback, feedback_index)\n--\n\n"
+             "pack(x, codes, mins, scales, values, bits, group, feedback, feedback_index, clip)\n--\n\n"
              "Low-level: see kvcompress.ops.pack_keys / pack_values.");
 
 /* mins and scales (arguments k and k + 1, as in both ops) against the
@@ -65,7 +65,7 @@ static int check_groups(struct kvc_state *st, struct kvc_py_call *c, int k, int 
     return kvc_py_check_shape(st, &c->a[k + 1], want, dims);
 }
 
-enum { PK_X, PK_CODES, PK_MINS, PK_SCALES, PK_VALUES, PK_BITS, PK_GROUP, PK_FB, PK_FB_INDEX, PK_N };
+enum { PK_X, PK_CODES, PK_MINS, PK_SCALES, PK_VALUES, PK_BITS, PK_GROUP, PK_FB, PK_FB_INDEX, PK_CLIP, PK_N };
 _Static_assert(PK_SCALES == PK_MINS + 1, "check_groups reads scales after mins");
 
 /* Output shapes derive from x's and are checked by the binding (all dims
@@ -81,6 +81,7 @@ _Static_assert(PK_SCALES == PK_MINS + 1, "check_groups reads scales after mins")
         KVC_PY_INT_IN("group", 1, INT64_MAX),                                    \
         KVC_PY_OPT("feedback", 3, "[F, D, D]", DT_F32),                          \
         KVC_PY_OPT("feedback_index", 3, "[B, H, ceil(n/G)]", DT_I64),            \
+        KVC_PY_FLAG("clip"),                                                     \
     }
 
 static const struct kvc_py_spec pack_keys_spec[PK_N] = PK_SPEC("keys", QT_KEY_GROUPS);
@@ -160,6 +161,17 @@ static PyObject *py_pack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     if (kvc_py_check_shape(st, &c.a[PK_CODES], want_codes, QT_CODES) < 0) goto done;
     if (check_groups(st, &c, PK_MINS, values, want_mins) < 0) goto done;
     if (check_feedback(st, &c, values) < 0) goto done;
+    if (c.i[PK_CLIP] && !values) {
+        kvc_py_raise(st->ValueError, "clip: keys take no clipped ranges (values only)");
+        goto done;
+    }
+    if (c.i[PK_CLIP] && c.a[PK_X].dev_type != kDLCPU &&
+        (uint64_t)c.a[PK_X].view.shape[3] * sizeof(float) > KVC_PACK_CLIP_SMEM_MAX) {
+        kvc_py_raise(st->ValueError, "clip: on CUDA a value row of %lld channels needs %lld bytes of shared "
+                     "memory, more than %d", (long long)c.a[PK_X].view.shape[3],
+                     (long long)(c.a[PK_X].view.shape[3] * (int64_t)sizeof(float)), KVC_PACK_CLIP_SMEM_MAX);
+        goto done;
+    }
     if (kvc_py_call_finish(st, &c) < 0) goto done;
     p.x = c.a[PK_X].view;
     if (c.a[PK_FB].t) p.feedback = c.a[PK_FB].view;
@@ -170,6 +182,7 @@ static PyObject *py_pack(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
     p.kind = values ? KVC_QUANT_VALUES : KVC_QUANT_KEYS;
     p.bits = bits;
     p.group = c.i[PK_GROUP];
+    p.clip = (int32_t)c.i[PK_CLIP];
     p.num_threads = st->num_threads;
     p.fault = &fault;
     {

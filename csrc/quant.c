@@ -262,7 +262,10 @@ static void KVC_HOT qt_pack_values(const struct kvc_pack_params *p, int64_t r, c
     for (c0 = 0, g = 0; c0 < D; c0 += G, g++) {
         const int64_t c1 = D - c0 < G ? D : c0 + G;
         float mn, sc;
-        kvc_quant_range(w->row + c0, c1 - c0, 1, p->bits, &mn, &sc);
+        if (p->clip)
+            kvc_quant_clip_range(w->row + c0, c1 - c0, 1, p->bits, &mn, &sc);
+        else
+            kvc_quant_range(w->row + c0, c1 - c0, 1, p->bits, &mn, &sc);
         mrow[g * mv->strides[3]] = mn;
         srow[g * sv->strides[3]] = sc;
         for (c = c0; c < c1; c++) w->code[c] = (uint8_t)kvc_quant_code(w->row[c], mn, sc, p->bits);
@@ -283,7 +286,8 @@ enum kvc_status kvc_pack(const struct kvc_pack_params *p)
     enum kvc_status s;
     if (p->fault) memset(p->fault, 0, sizeof *p->fault);
     if (!qt_bits_ok(p->bits) || p->group < 1 ||
-        (p->kind != KVC_QUANT_KEYS && p->kind != KVC_QUANT_VALUES))
+        (p->kind != KVC_QUANT_KEYS && p->kind != KVC_QUANT_VALUES) ||
+        (p->clip != 0 && (p->clip != 1 || p->kind != KVC_QUANT_VALUES)))
         return KVC_ERR_INVALID;
     if (B * H * n == 0) return KVC_OK;
     s = qt_scan(p, nt);

@@ -57,6 +57,12 @@ struct kvc_pack_fault {
  * The group's factor is feedback[f] with f = feedback_index[b, h, t] when
  * the index is given, else f = h (F == H).
  */
+/*
+ * Clipped value ranges (clip = 1, values only): each group's min and scale
+ * are those of kvc_quant_clip_range (quant_math.h), the range among 45
+ * shrunk from min/max by up to 40% with the least squared error; elements
+ * outside it take the end codes. Same layout, codes and unpack.
+ */
 struct kvc_pack_params {
     struct kvc_view x;      /* [B, H, n, D] f32/f16/bf16 */
     struct kvc_view codes;  /* u8 [B, H, n, Db] */
@@ -68,6 +74,7 @@ struct kvc_pack_params {
     int32_t num_threads;
     struct kvc_view feedback;       /* optional: f32 [F, D, D], finite (module_quant.c checks) */
     struct kvc_view feedback_index; /* optional: i64 [B, H, ceil(n / G)], each in [0, F) */
+    int32_t clip;           /* values only: 1 = each group's range clipped (above) */
     struct kvc_pack_fault *fault; /* host memory, or NULL */
     void *scratch;          /* kvc_pack_scratch_bytes() (CPU) / kvc_cuda_pack_workspace() */
     size_t scratch_bytes;
@@ -83,6 +90,10 @@ static inline size_t kvc_pack_feedback_smem(int64_t g, int64_t D)
 {
     return (size_t)g * (size_t)D * (sizeof(float) + 1) + (size_t)g * sizeof(float) + 2 * sizeof(float);
 }
+
+/* Shared memory of the CUDA value pack with clip = 1 (a row of D fp32
+ * values) and the most it may take: a larger D is refused by name. */
+#define KVC_PACK_CLIP_SMEM_MAX 49152
 
 enum kvc_status kvc_pack(const struct kvc_pack_params *p);
 

@@ -94,6 +94,13 @@ KVC_HD static inline void kvc_quant_range(const float *x, int64_t n, int64_t str
     *sc_out = kvc_quant_scale(mn, mx, bits);
 }
 
+/* Clipped ranges (kvc_pack_params.clip): a candidate range shrinks min/max
+ * by a / KVC_QUANT_CLIP_STEPS and b / KVC_QUANT_CLIP_STEPS of
+ * KVC_QUANT_CLIP_MOST of the range at its two ends, a + b <=
+ * KVC_QUANT_CLIP_STEPS: 45 ranges, a outer, b inner, (0, 0) first. */
+#define KVC_QUANT_CLIP_STEPS 8
+#define KVC_QUANT_CLIP_MOST 0.4f
+
 /* code = rint((x - min) / scale) in fp32 (ties to even), clamped to
  * [0, 2^bits - 1]; 0 where scale is 0 (constant group, or a range so small
  * that its scale underflows). Written as selects so that loops vectorise;
@@ -115,6 +122,91 @@ KVC_HD KVC_INLINE uint32_t kvc_quant_code(float x, float mn, float scale, int32_
 KVC_HD static inline float kvc_dequant(float mn, float scale, uint32_t code)
 {
     return (float)((double)mn + (double)scale * (double)code);
+}
+
+/* The search criterion of clipped ranges: the squared error of packing the
+ * n values x[0], x[stride], ... over [lo, lo + scale * (2^bits - 1)],
+ * measured in steps: t = (x - lo) * (1 / scale) in fp32 (a difference then
+ * a product: nothing to contract), its code rint(t) clamped to [0, 2^bits -
+ * 1], and r = t - code, whose square, exact in double, goes to lane i %
+ * KVC_QUANT_ERR_LANES in index order; the lanes are summed in lane order
+ * and the sum scaled by scale^2 (exact in double). Every build, vector
+ * width and device gives the same value. It differs from the error of
+ * kvc_quant_code's codes only where t lies within an ulp of a rounding tie,
+ * and it costs a product where that costs a division, in loops the CPU
+ * clones vectorise. A scale of 0, or one so small that 1 / scale is
+ * infinite, gives NaN or infinity: such a range is never taken. */
+#define KVC_QUANT_ERR_LANES 8
+KVC_HD KVC_INLINE double kvc_quant_clip_error(const float *x, int64_t n, int64_t stride, float lo, float scale,
+                                              int32_t bits)
+{
+    const float top = (float)kvc_quant_levels(bits), inv = 1.0f / scale;
+    double lane[KVC_QUANT_ERR_LANES], s = 0.0;
+    int64_t i = 0;
+    int j;
+    for (j = 0; j < KVC_QUANT_ERR_LANES; j++) lane[j] = 0.0;
+    for (; i + KVC_QUANT_ERR_LANES <= n; i += KVC_QUANT_ERR_LANES)
+        for (j = 0; j < KVC_QUANT_ERR_LANES; j++) {
+            const float t = (x[(i + j) * stride] - lo) * inv;
+            float c = rintf(t);
+            c = c > top ? top : c;
+            c = c >= 0.0f ? c : 0.0f;
+            const float r = t - c;
+            lane[j] += (double)r * (double)r;
+        }
+    for (j = 0; i < n; i++, j++) {
+        const float t = (x[i * stride] - lo) * inv;
+        float c = rintf(t);
+        c = c > top ? top : c;
+        c = c >= 0.0f ? c : 0.0f;
+        const float r = t - c;
+        lane[j] += (double)r * (double)r;
+    }
+    for (j = 0; j < KVC_QUANT_ERR_LANES; j++) s += lane[j];
+    return s * ((double)scale * (double)scale);
+}
+
+/* The stored min and scale of a group whose range is clipped for the least
+ * squared error (kvc_pack_params.clip): among the KVC_QUANT_CLIP ranges
+ * [min + a f r, max - b f r] (r = max - min, f = KVC_QUANT_CLIP_MOST /
+ * KVC_QUANT_CLIP_STEPS), the first of least kvc_quant_clip_error; elements
+ * outside it take the end codes. Ends are min + r * (a f) as a product
+ * exact in double rounded once to double then to fp32, like kvc_dequant, so
+ * every build picks the same range. (0, 0) is min/max itself, which a
+ * constant group keeps. */
+KVC_HD KVC_INLINE void kvc_quant_clip_range(const float *x, int64_t n, int64_t stride, int32_t bits,
+                                               float *mn_out, float *sc_out)
+{
+    float mn = x[0], mx = x[0], best_mn, best_sc, r;
+    double best;
+    for (int64_t i = 1; i < n; i++) {
+        const float v = x[i * stride];
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+    }
+    best_mn = kvc_quant_min(mn);
+    best_sc = kvc_quant_scale(best_mn, mx, bits);
+    *mn_out = best_mn;
+    *sc_out = best_sc;
+    if (best_sc == 0.0f) return;
+    best = kvc_quant_clip_error(x, n, stride, best_mn, best_sc, bits);
+    r = mx - mn;
+    for (int32_t a = 0; a <= KVC_QUANT_CLIP_STEPS; a++)
+        for (int32_t b = 0; a + b <= KVC_QUANT_CLIP_STEPS; b++) {
+            const float fa = (float)a * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
+            const float fb = (float)b * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
+            const float lo = kvc_quant_min((float)((double)mn + (double)r * (double)fa));
+            const float hi = (float)((double)mx - (double)r * (double)fb);
+            const float sc = kvc_quant_scale(lo, hi, bits);
+            double e;
+            if (a + b == 0) continue;
+            e = kvc_quant_clip_error(x, n, stride, lo, sc, bits);
+            if (e < best) {
+                best = e;
+                *mn_out = lo;
+                *sc_out = sc;
+            }
+        }
 }
 
 /* Key feedback (kvc_pack_params.feedback): x - err * w as one fused

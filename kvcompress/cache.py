@@ -37,6 +37,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
                      UniformStore)
 from .stores.feedback import QueryMoments, compact
 from .stores.rotation import key_rotation, rotation_helps
+from .stores.value_clip import value_clip_helps
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -211,6 +212,15 @@ class CompressedLayer(CacheLayerMixin):
         self._qmom: QueryMoments | None = None
         self._feedback: torch.Tensor | None = None
         self._feedback_decided = False
+        # KIVI(clip_values=...): whether this layer's value groups take
+        # clipped ranges, decided at its first pack and kept through
+        # re-packs; "auto" holds the newest queries until then, as rotation
+        # does, and reads the attention's output projection [hidden, Hq * Dv]
+        # (set by kvcompress.compress; None: unweighted)
+        self._clip = False
+        self._clip_decided = False
+        self._clip_q: torch.Tensor | None = None
+        self.out_proj: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -270,7 +280,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting, self._statistic,
-                             self._rot_q)
+                             self._rot_q, self._clip_q)
                  if t is not None] + list(self._pending)
         extra += list(self.head_state.values())
         if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
@@ -363,6 +373,8 @@ class CompressedLayer(CacheLayerMixin):
             self._waiting = self._waiting.index_select(0, host.to(self._waiting.device))
         if self._rot_q is not None:
             self._rot_q = self._rot_q.index_select(0, host.to(self._rot_q.device))
+        if self._clip_q is not None:
+            self._clip_q = self._clip_q.index_select(0, host.to(self._clip_q.device))
         self._pending = [q.index_select(0, host.to(q.device)) for q in self._pending]
         if self._statistic is not None:
             self._statistic = self._statistic.index_select(0, host.to(self._statistic.device))
@@ -694,13 +706,14 @@ class CompressedLayer(CacheLayerMixin):
         precision keeps sliding layers whole, unscored), read sparsely or go
         with a cross-layer method (``depth``), when the layer keeps more
         slots than the residual plus a group (else the full-precision
-        residual would hold more than the unpacked layer)."""
+        residual would hold more than the unpacked layer), and unless the
+        quantizer leaves windows unpacked (``KIVI(pack_windows=False)``)."""
         method = self.method
         if isinstance(self.store, PackedStore):
             return True
         _, group, residual, _ = method.packing
         return (not method.mixed_precision and not method.reads_sparsely and method.depth is None
-                and self._window_keep() > residual + group)
+                and method.packs_windows and self._window_keep() > residual + group)
 
     def _window_keep(self) -> int:
         """Slots a sliding-window layer keeps: its most recent ``min(window -
@@ -750,18 +763,23 @@ class CompressedLayer(CacheLayerMixin):
             # sliding layers keep no sinks: their window leaves the first tokens behind
             self.store = PackedStore.from_uniform(self.store, *packing, columns=self._rebudget,
                                                   rotation=self._rotation,
-                                                  sinks=self.method.fp_sinks if self.window is None else 0)
+                                                  sinks=self.method.fp_sinks if self.window is None else 0,
+                                                  value_clip=self._clip)
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
+            clip = self._value_clip(packing, queries, scaling, defer=True)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
-                                                       feedback=self._fix_feedback())
-            if not self._rotation_decided and self.store.packed_any():
+                                                       feedback=self._fix_feedback(), value_clip=clip)
+            if self.store.packed_any():
                 # short heads packed as part groups before any whole group
                 # could be tested: they stay as they are
-                self._decide_rotation(None)
+                if not self._rotation_decided:
+                    self._decide_rotation(None)
+                if not self._clip_decided:
+                    self._decide_clip(False)
         if not self._rebudget:
             # nothing is re-scored once packed: per-head budgets and held queries go
             self.head_budgets = self._qbuf = None
@@ -777,6 +795,10 @@ class CompressedLayer(CacheLayerMixin):
             rotation = self._key_rotation(self.method.packing, queries, scaling, defer=True)
             if self._rotation_decided:
                 store.set_rotation(rotation)
+        if self.method.value_clip and not self._clip_decided and store.pack_decoded and store.batch:
+            clip = self._value_clip(self.method.packing, queries, scaling, defer=True)
+            if self._clip_decided:
+                store.set_value_clip(clip)
         if self.method.key_feedback and not store.packed_any():
             # the weights are fixed before the store's first pack (in the basis just decided)
             w = self._fix_feedback()
@@ -855,19 +877,62 @@ class CompressedLayer(CacheLayerMixin):
         """The newest ``_ROTATION_QUERIES`` queries ``[B, Hq, <= W, D]`` of this
         call (``queries``, may be None) and of earlier calls, held until the
         rotation is decided; None while no call has passed queries."""
-        if queries is not None:
-            queries = queries[:, :, -_ROTATION_QUERIES:]
-            if self._rot_q is not None:
-                queries = torch.cat([self._rot_q, queries], 2)[:, :, -_ROTATION_QUERIES:]
-            self._rot_q = queries
+        self._rot_q = self._newest(self._rot_q, queries)
         return self._rot_q
 
+    @staticmethod
+    def _newest(held, queries):
+        """``held`` ``[B, Hq, <= W, D]`` (or None) with this call's
+        ``queries`` (may be None) appended, the newest ``_ROTATION_QUERIES`` kept."""
+        if queries is None:
+            return held
+        queries = queries[:, :, -_ROTATION_QUERIES:]
+        return queries if held is None else torch.cat([held, queries], 2)[:, :, -_ROTATION_QUERIES:]
+
+    def _value_clip(self, packing, queries, scaling, defer: bool = False) -> bool:
+        """Whether this layer's value groups take clipped ranges, decided
+        once, at the layer's first pack, and kept through re-packs.
+
+        ``KIVI(clip_values=True)`` always clips. ``"auto"`` clips when that
+        carries less error into the residual stream for the newest queries
+        (up to ``_ROTATION_QUERIES``) over the slots about to be packed
+        (``stores.value_clip.value_clip_helps``, weighted by
+        ``self.out_proj``). With nothing to pack yet and ``defer`` it holds
+        the queries and stays undecided (returns False), as
+        :meth:`_key_rotation` does; with no queries to test it does not
+        clip."""
+        mode = self.method.value_clip
+        if not mode or self._clip_decided:
+            return self._clip
+        if mode == "auto":
+            keys, values, start = self._slots_to_pack(packing)
+            held = self._clip_q = self._newest(self._clip_q, queries)
+            if not keys.shape[2] and defer:
+                return False
+            helps = False
+            if held is not None and keys.shape[2] and self.store.batch:
+                helps = value_clip_helps(held, keys, values, packing[3], packing[1],
+                                         float(scaling if scaling is not None else keys.shape[-1] ** -0.5),
+                                         self.out_proj, start)
+            return self._decide_clip(helps)
+        return self._decide_clip(True)
+
+    def _decide_clip(self, clip: bool) -> bool:
+        """Fix whether the layer's values are clipped and drop the held queries."""
+        self._clip, self._clip_decided, self._clip_q = bool(clip), True, None
+        return self._clip
+
     def _keys_to_pack(self, packing):
-        """``(keys [B, H, m, D], start)``: the whole key groups the layer's
-        next pack takes (for a per-head layer, the newest ``m`` of every
-        padded head), and the padded slots in front of each head (int64
-        ``[B * H]``, or None; a per-head layer's sink block counts among
-        them)."""
+        """``(keys [B, H, m, D], start)`` of :meth:`_slots_to_pack`."""
+        keys, _, start = self._slots_to_pack(packing)
+        return keys, start
+
+    def _slots_to_pack(self, packing):
+        """``(keys [B, H, m, D], values [B, H, m, Dv], start)``: the whole
+        groups the layer's next pack takes (for a per-head layer, the newest
+        ``m`` of every padded head), and the padded slots in front of each
+        head (int64 ``[B * H]``, or None; a per-head layer's sink block
+        counts among them)."""
         bits, group, residual, _ = packing
         store = self.store
         if isinstance(store, (PackedStore, UniformStore)):
@@ -876,16 +941,19 @@ class CompressedLayer(CacheLayerMixin):
                 # a packed store that has packed nothing yet: its residual's oldest groups
                 if start is not None and store._sink_at is not None:
                     start = store.split_start(self.kv_start)[1].repeat_interleave(store.heads)
-                return store.residual_keys()[:, :, : store.pending()], start
-            return store.keys[:, :, : max(0, int(store.n) - residual) // group * group], start
-        padded, _, _, _, _, start = store.to_padded()
+                m = store.pending()
+                return store.residual_keys()[:, :, :m], store.residual_values()[:, :, :m], start
+            m = max(0, int(store.n) - residual) // group * group
+            return store.keys[:, :, :m], store.values[:, :, :m], start
+        padded, padded_v, _, _, _, start = store.to_padded()
         dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
+        dense_v = padded_v.view(store.batch, store.heads, -1, padded_v.shape[-1])
         M = int(dense.shape[2])
         m = M // group * group  # the newest whole groups, right-aligned as to_padded gives them
         # a sink block (KIVI(sinks=...)) is never packed: its slots, each head's
         # first, are left out of the test as the padding before them is
         start = start + self.method.fp_sinks
-        return dense[:, :, M - m :], (start - (M - m)).clamp(min=0)
+        return dense[:, :, M - m :], dense_v[:, :, M - m :], (start - (M - m)).clamp(min=0)
 
     def _repacks(self) -> bool:
         """Whether this layer, once packed, keeps its evictor's budget while

@@ -23,6 +23,7 @@ from .errors import KVCompressUnsupportedError, KVCompressValueError
 from .methods.base import Method
 from .stores import AttentionSpec
 from .stores.masked import build_mask, masked_attention
+from .stores.value_clip import output_projection
 
 ATTN_NAME = "kvcompress"
 _registry_lock = threading.Lock()
@@ -132,12 +133,25 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
         cache.num_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
     spec = replace(spec, count_bias=cache.method.count_bias)
     layer = cache.layers[layer_idx]
+    if layer.out_proj is None and cache.method.value_clip == "auto" and not layer._clip_decided:
+        layer.out_proj = _output_projection(module)
     if four_d is not None and layer.n != layer.seen:
         raise ValueError("attention_mask: a 4-D mask cannot address a compressed layer; pass the 2-D padding mask")
     out = cache.attend(layer_idx, query, spec, padding_mask=None if four_d is not None else attention_mask,
                        four_d=four_d)
     _hidden.cache = cache
     return out, None
+
+
+def _output_projection(module) -> torch.Tensor:
+    """The attention's output projection, which ``KIVI(clip_values="auto")``
+    weighs the values' error by; refused by name where there is none."""
+    w = output_projection(module)
+    if w is None:
+        raise KVCompressUnsupportedError(
+            f"clip_values: 'auto' weighs the values' error by the attention's output projection, and "
+            f"{type(module).__name__} has none named o_proj, out_proj, dense or c_proj; give clip_values=True or False")
+    return w
 
 
 def _keep_input(layer_idx: int, module, args, kwargs):

@@ -376,6 +376,10 @@ PACKING = {
     # keys rounded with query-weighted error feedback, uniform and per-head
     "kivi-feedback": lambda: kvc.KIVI(bits=2, group=8, residual=8, rotate="auto", sinks=4, feedback=True),
     "ems+kivi-feedback": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, feedback=True),
+    # value ranges clipped where the output projection says it helps: every
+    # family's projection is found (o_proj, dense, c_proj, ...), uniform and per-head
+    "kivi-clip-auto": lambda: kvc.KIVI(bits=2, group=8, residual=8, sinks=4, clip_values="auto"),
+    "ems+kivi-clip-auto": lambda: kvc.EMS(budget=40) + kvc.KIVI(bits=2, group=8, residual=8, clip_values="auto"),
     "mikv-rotated": lambda: kvc.MiKV(budget=32, group=8, rotate=True),
     "mikv": lambda: kvc.MiKV(budget=32, group=8),  # its selected slots at 8 bits: two packed widths
     "zipcache-fp": lambda: kvc.ZipCache(budget=32, group=8, high_bits=None),
@@ -399,6 +403,8 @@ def test_packing_methods_run_on_every_family(archs, family, method):
         assert isinstance(layer.store, PackedStore) == (layer.window is None or not mixed), (family, method, layer)
         if "feedback" in method:
             assert layer.store.feedback is not None, (family, method, layer)
+        if "clip" in method:
+            assert layer._clip_decided and layer.store.value_clip == layer._clip, (family, method, layer)
 
 
 SLIDING = [f for f, spec in FAMILIES.items() if "sliding_window" in spec[2]]
@@ -411,6 +417,8 @@ SLIDING_PACKED = {
     "kivi-sinks": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, sinks=4), WINDOW - 1),
     # every layer, sliding ones included, rounds its keys with its own queries' weights
     "kivi-feedback": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, feedback=True), WINDOW - 1),
+    # every layer's value groups over clipped ranges: same bytes, same kernel
+    "kivi-clip": (lambda G, R: kvc.KIVI(bits=2, group=G, residual=R, clip_values=True), WINDOW - 1),
     # a budget below the window: the sliding layers keep their 32 newest slots, packed
     "snapkv+kivi": (lambda G, R: kvc.SnapKV(budget=32) + kvc.KIVI(bits=4, group=G, residual=R), 32),
 }
@@ -453,7 +461,8 @@ def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, fami
         cap, rcap = int(s._kc.shape[2]), int(s._rk.shape[2])
         assert cap <= WINDOW + 4 * G, (family, s, cap)
         H = cfg.num_key_value_heads
-        bits = 2 if s.rotation is not None or method in ("kivi-sinks", "kivi-feedback") else 4
+        bits = 2 if s.rotation is not None or method in ("kivi-sinks", "kivi-feedback", "kivi-clip") else 4
+        assert s.value_clip == (method == "kivi-clip"), (family, s)
         assert (s.feedback is not None) == (method == "kivi-feedback"), (family, s)
         packed = (2 * H * cap * (D * bits // 8 * 2 + 2 * 4 * math.ceil(D / G)) + 2 * 2 * H * (cap // G) * D * 4
                   + (D * D * 4 if s.rotation is not None else 0)  # one rotation matrix, shared by the layers
@@ -495,6 +504,52 @@ def test_packed_sliding_layers_see_what_unpacked_ones_keep(archs, family):
             top = b.topk(2, -1).values
             assert float((top[:, 0] - top[:, 1]).min()) <= 2 * err, f"{family}: step {step} picks another token"
             break
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_unpacked_windows_keep_the_full_caches_slots(archs, family):
+    """``KIVI(pack_windows=False)``: the full-attention layers are packed,
+    and each sliding layer keeps its newest slots unpacked, at most
+    ``window - 1``, their keys and values those of transformers' own cache
+    for the same prompt (to float rounding: a layer's input went through
+    our attention function below it, not transformers'; a 2-bit code would
+    be off by a tenth of the range)."""
+    from transformers import DynamicCache
+
+    from kvcompress.compat import cache_kwargs
+    from kvcompress.stores import UniformStore
+
+    arch = _arch(archs, family)
+    with kvc.compress(arch.model, kvc.KIVI(bits=2, group=8, residual=8, pack_windows=False)) as session:
+        with torch.no_grad():
+            cache = session.new_cache()
+            arch.model(input_ids=arch.ids, attention_mask=arch.mask, use_cache=True,
+                       **cache_kwargs(arch.model, cache))
+    full = DynamicCache()
+    with torch.no_grad():
+        arch.model(input_ids=arch.ids, attention_mask=arch.mask, use_cache=True, **cache_kwargs(arch.model, full))
+    sliding = 0
+    for i, layer in enumerate(cache.layers):
+        if layer.window is None:
+            assert isinstance(layer.store, PackedStore), (family, i)
+            continue
+        sliding += 1
+        s = layer.store
+        assert type(s) is UniformStore and 0 < s.n <= layer.window - 1, (family, i, s)
+        torch.testing.assert_close(s.keys, full.layers[i].keys[:, :, -s.n :], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s.values, full.layers[i].values[:, :, -s.n :], rtol=1e-4, atol=1e-5)
+    assert sliding == len(_sliding_layers(arch.model)) > 0
+
+
+def test_pack_windows_is_checked_and_refused_where_meaningless():
+    assert "pack_windows=False" in repr(kvc.KIVI(bits=2, pack_windows=False))
+    assert "pack_windows" not in repr(kvc.KIVI(bits=2))
+    with pytest.raises(TypeError, match="pack_windows: expected True or False, got 0"):
+        kvc.KIVI(pack_windows=0)
+    with pytest.raises(ValueError, match="pack_windows: LowBits never packs sliding-window layers"):
+        kvc.methods.LowBits(bits=2, pack_windows=False)
+    m = kvc.methods.method_from_spec("snapkv+kivi:bits=2:pack_windows=false", budget=64)
+    assert m.packs_windows is False and kvc.SnapKV(budget=64).packs_windows is True
 
 
 # ------------------------------------------------------------ memory vs transformers' cache

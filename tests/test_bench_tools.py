@@ -59,6 +59,30 @@ def test_bench_generate_runs_a_spec_at_its_own_budget(monkeypatch):
     assert args.methods == ["ems@96", "ems"]
 
 
+def test_bench_generate_loads_the_model_it_is_given(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(_PATH.parent))
+    spec = importlib.util.spec_from_file_location("bench_generate", _PATH.parent / "bench_generate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    asked = []
+
+    class Loaded(Exception):
+        pass
+
+    def load(name):
+        asked.append(name)
+        raise Loaded
+
+    monkeypatch.setattr(mod, "load_model", load)
+    monkeypatch.setattr(mod, "check_peak_reset", lambda: None)
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    for argv, want in ((["--model", "gemma3"], "gemma3"), ([], None)):
+        with pytest.raises(Loaded):
+            mod.main(argv + ["--text", str(text), "--tokens", "64", "--no-write"])
+        assert asked[-1] == want
+
+
 def test_results_sections_start_after_a_blank_line(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(_PATH.parent))
     import _common

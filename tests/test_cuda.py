@@ -407,6 +407,23 @@ def test_pack_keys_with_feedback(shape, bits, dtype):
             ops.pack_keys(cuda(x), bits, 128, feedback=cuda(w[:H].contiguous()))
 
 
+@pytest.mark.parametrize("shape", FEEDBACK_SHAPES, ids=lambda s: "B{}H{}n{}D{}G{}".format(*s))
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_pack_values_with_clipped_ranges(shape, bits, dtype):
+    """Clipped value ranges (quant.h): the GPU searches the same 45 ranges
+    over the row it copies to shared memory and picks the CPU's, bit for
+    bit; a row too long for shared memory is refused by name."""
+    B, H, n, D, G = shape
+    x = make((B, H, n, D), dtype, layout="transposed", seed=bits) * 3
+    cpu_res, got = both(ops.pack_values, x, bits, G, clip=True)
+    for a, b in zip(cpu_res, got):
+        assert same_bits(a, b)
+    if shape == FEEDBACK_SHAPES[-1]:
+        with pytest.raises(KVCompressValueError, match="clip: on CUDA a value row of 12289 channels"):
+            ops.pack_values(cuda(torch.zeros(1, 1, 1, 12289)), bits, G, clip=True)
+
+
 @pytest.mark.parametrize("kind", ["keys", "values"])
 def test_pack_strided_outputs(kind):
     """Slices of larger device buffers: written where they are, nowhere else."""
@@ -884,6 +901,10 @@ GPU_METHODS = {
     "kivi2fb": lambda: kvcompress.KIVI(bits=2, group=32, residual=64, rotate=True, sinks=4, feedback=True),
     "ems+kivi2fb": lambda: kvcompress.EMS(budget=128) + kvcompress.KIVI(bits=2, group=32, residual=64,
                                                                         feedback=True),
+    # value groups over clipped ranges, chosen per layer by the output projection, uniform and per-head
+    "kivi2clip": lambda: kvcompress.KIVI(bits=2, group=32, residual=64, sinks=4, clip_values="auto"),
+    "ems+kivi2clip": lambda: kvcompress.EMS(budget=128) + kvcompress.KIVI(bits=2, group=32, residual=64,
+                                                                          clip_values=True),
     # sparse decoding over pages, alone and over what an evictor keeps
     "quest": lambda: kvcompress.Quest(token_budget=64, dense_layers=1),
     "snapkv+quest": lambda: kvcompress.SnapKV(budget=128) + kvcompress.Quest(token_budget=64),

@@ -246,7 +246,7 @@ def test_values_take_no_feedback():
     x = randn((1, 1, 4, 8), seed=12)
     out = [torch.empty(1, 1, 4, 2, dtype=torch.uint8), torch.empty(1, 1, 4, 1), torch.empty(1, 1, 4, 1)]
     with pytest.raises(KVCompressValueError, match="feedback: values take no feedback"):
-        _C.pack(x, *out, True, 2, 8, torch.zeros(1, 8, 8), None)
+        _C.pack(x, *out, True, 2, 8, torch.zeros(1, 8, 8), None, False)
 
 
 def test_the_option_is_checked_and_refused_where_unsupported():

@@ -462,15 +462,19 @@ BAD_PACK += [
     (_aliased, KVCompressValueError, "mins: output must not overlap scales"),
     (_in_place, KVCompressValueError, "mins: output must not overlap values"),
     (lambda: _C.pack(_x(), torch.zeros(1, 2, 5, 3, dtype=torch.uint8), torch.zeros(1, 2, 3, 6),
-                     torch.zeros(1, 2, 3, 6), False, 5, 2, None, None), KVCompressValueError,
+                     torch.zeros(1, 2, 3, 6), False, 5, 2, None, None, False), KVCompressValueError,
      "bits: expected 2, 4 or 8, got 5"),
     (lambda: _C.pack(_x(), torch.zeros(1, 2, 5, 3, dtype=torch.uint8), torch.zeros(1, 2, 3, 6),
-                     torch.zeros(1, 2, 3, 6), False, 4, -1, None, None), KVCompressValueError,
+                     torch.zeros(1, 2, 3, 6), False, 4, -1, None, None, False), KVCompressValueError,
      "group: must be >= 1, got -1"),
     (lambda: _C.pack(_x(), torch.zeros(1, 2, 5, 3, dtype=torch.uint8), torch.zeros(1, 2, 3, 6),
-                     torch.zeros(1, 2, 3, 6), 0, 4, 2, None, None), KVCompressTypeError,
+                     torch.zeros(1, 2, 3, 6), 0, 4, 2, None, None, False), KVCompressTypeError,
      "values: expected a bool, got int"),
-    (lambda: _C.pack(_x(), None, None, None, False, 4), TypeError, r"pack\(\) takes 9 positional arguments"),
+    (lambda: _C.pack(_x(), None, None, None, False, 4), TypeError, r"pack\(\) takes 10 positional arguments"),
+    (lambda: _C.pack(_x(), torch.zeros(1, 2, 5, 3, dtype=torch.uint8), torch.zeros(1, 2, 3, 6),
+                     torch.zeros(1, 2, 3, 6), False, 4, 2, None, None, True), KVCompressValueError,
+     r"clip: keys take no clipped ranges \(values only\)"),
+    (lambda: ops.pack_values(_x(), 4, 2, clip=1), KVCompressTypeError, "clip: expected True or False, got 1"),
 ]
 
 

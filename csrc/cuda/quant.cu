@@ -146,8 +146,9 @@ kvc_pack_keys_feedback_kernel(const struct kvc_pack_params p, int64_t units)
     }
 }
 
-/* Values: token (b, h, j). A thread per channel group reduces it, then a
- * thread per byte packs. */
+/* Values: token (b, h, j). A thread per channel group reduces it (with
+ * clip, over the row copied to shared memory first), then a thread per
+ * byte packs. */
 static __global__ void __launch_bounds__(KVC_QUANT_THREADS)
 kvc_pack_values_kernel(const struct kvc_pack_params p, int64_t units)
 {
@@ -159,7 +160,21 @@ kvc_pack_values_kernel(const struct kvc_pack_params p, int64_t units)
     for (int64_t r = blockIdx.x; r < units; r += gridDim.x) {
         const int64_t b = r / (H * n), h = (r / n) % H, j = r % n;
         const int64_t base = kvc_at(p.x, b, h, j, 0), xs = p.x.strides[3];
-        for (int64_t g = threadIdx.x; g < U; g += blockDim.x) {
+        if (p.clip) {
+            /* clipped ranges (quant.h): the row in fp32, then the CPU's search per group */
+            extern __shared__ float kvc_clip_row[];
+            float *row = kvc_clip_row;
+            for (int64_t c = threadIdx.x; c < D; c += blockDim.x) row[c] = kvc_load_f32(p.x.data, p.x.dtype, base + c * xs);
+            __syncthreads();
+            for (int64_t g = threadIdx.x; g < U; g += blockDim.x) {
+                const int64_t c0 = g * G, c1 = D - c0 < G ? D : c0 + G;
+                float mn, sc;
+                kvc_quant_clip_range(row + c0, c1 - c0, 1, bits, &mn, &sc);
+                mins[kvc_at(p.mins, b, h, j, g)] = mn;
+                scales[kvc_at(p.scales, b, h, j, g)] = sc;
+            }
+        }
+        for (int64_t g = threadIdx.x; g < U && !p.clip; g += blockDim.x) {
             const int64_t c0 = g * G, c1 = D - c0 < G ? D : c0 + G;
             float mn = kvc_load_f32(p.x.data, p.x.dtype, base + c0 * xs), mx = mn;
             for (int64_t c = c0 + 1; c < c1; c++) {
@@ -226,7 +241,8 @@ extern "C" enum kvc_status kvc_cuda_pack(const struct kvc_pack_params *p, void *
     int64_t units;
     if (p->fault) memset(p->fault, 0, sizeof *p->fault);
     if ((p->bits != 2 && p->bits != 4 && p->bits != 8) || p->group < 1 ||
-        (p->kind != KVC_QUANT_KEYS && p->kind != KVC_QUANT_VALUES))
+        (p->kind != KVC_QUANT_KEYS && p->kind != KVC_QUANT_VALUES) ||
+        (p->clip != 0 && (p->clip != 1 || p->kind != KVC_QUANT_VALUES)))
         return KVC_ERR_INVALID;
     if (rows == 0) return KVC_OK;
     if (p->scratch == NULL || p->scratch_bytes < kvc_cuda_pack_workspace(p)) return KVC_ERR_NOMEM;
@@ -250,8 +266,10 @@ extern "C" enum kvc_status kvc_cuda_pack(const struct kvc_pack_params *p, void *
         units = B * H * kvc_quant_groups(n, p->group);
         kvc_pack_keys_kernel<<<kvc_quant_blocks(units), KVC_QUANT_THREADS, 0, st>>>(*p, units);
     } else {
+        const size_t smem = p->clip ? (size_t)D * sizeof(float) : 0;
+        if (smem > KVC_PACK_CLIP_SMEM_MAX) return KVC_ERR_UNSUPPORTED; /* module_quant.c refuses first */
         units = rows;
-        kvc_pack_values_kernel<<<kvc_quant_blocks(units), KVC_QUANT_THREADS, 0, st>>>(*p, units);
+        kvc_pack_values_kernel<<<kvc_quant_blocks(units), KVC_QUANT_THREADS, smem, st>>>(*p, units);
     }
     KVC_CUDA_LAUNCHED();
     return KVC_OK;

@@ -413,6 +413,22 @@ class Method:
         return False if self.depth is None else self.depth.key_feedback
 
     @property
+    def value_clip(self) -> bool | str:
+        """Whether packed value groups take clipped ranges (``KIVI(clip_values=...)``;
+        ``"auto"``: decided per layer; see ``kvcompress.stores.value_clip``)."""
+        if self.quant is not None:
+            return self.quant.value_clip
+        return False if self.depth is None else self.depth.value_clip
+
+    @property
+    def packs_windows(self) -> bool:
+        """Whether a quantizer packs sliding-window layers too
+        (``KIVI(pack_windows=...)``; True without one)."""
+        if self.quant is not None:
+            return self.quant.packs_windows
+        return True if self.depth is None else self.depth.packs_windows
+
+    @property
     def mixed_precision(self) -> bool:
         """Whether the slots this method does not select are kept at low bits
         (its quantizer demotes) rather than evicted."""

@@ -131,6 +131,9 @@ class MiniCache(KeepsEveryToken):
         if self.key_feedback:
             raise ValueError(f"quant: MiniCache's merged pair packs without key feedback; give "
                              f"{self.quant.describe()} without feedback")
+        if self.value_clip:
+            raise ValueError(f"quant: MiniCache's merged pair packs its values over their min..max; give "
+                             f"{self.quant.describe()} without clip_values")
 
     @property
     def cross_layer(self) -> "MiniCache":

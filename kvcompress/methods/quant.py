@@ -114,7 +114,45 @@ class KIVI(KeepsEveryToken):
       values are packed as without it. On 16 held-out windows of the
       default model it takes ``KIVI(bits=2, rotate="auto", sinks=4)`` from
       +3.8% to +1.6% perplexity (RESULTS, "Key feedback"). Off by default
-      (the paper's method); mixed precision and ``MiniCache`` refuse it.
+      (the paper's method); mixed precision and ``MiniCache`` refuse it;
+    * ``clip_values`` (not in the paper; the clipped ranges of weight
+      quantizers such as OmniQuant's and AWQ's search, applied to KIVI's
+      per-token value groups) packs each value group over a range clipped
+      for the least squared error instead of its min..max
+      (``ops.pack_values(clip=True)``: among 45 ranges cutting up to 40%,
+      elements outside take the end codes). Same codes, scales, bytes and
+      kernel. Whether it helps depends on the layer: a clipped outlier
+      channel's error is the same sign for every token, so attention's
+      average does not shrink it, and the output projection may weigh that
+      channel heavily. Clipping every layer's values takes the default
+      model's 2-bit values from +0.3% to +1.9% perplexity and Gemma 3's
+      global layers' from +1.2% to -0.1% (RESULTS, "Clipped value ranges
+      and unpacked windows").
+      ``clip_values="auto"`` decides per layer at its first pack, as
+      ``rotate="auto"`` does for keys, from the newest 32 queries: it clips
+      when that lowers the error the layer's attention output carries into
+      the residual stream, ``W_o . sum_t p_t (v^_t - v_t)`` summed over the
+      queries (``stores.value_clip``; ``W_o`` is the attention's output
+      projection, which ``kvcompress.compress`` hands the cache; without
+      one, as when a cache is driven directly, the plain attention-output
+      error, which alone picks clipping where it hurts). With ``bits=2,
+      rotate="auto", sinks=4, feedback=True`` it takes held-out perplexity
+      from +1.6% to +1.1% on the default model (``True``: +2.2%) and from
+      +4.7% to +4.2% on Gemma 3, and the choice costs 0.4 s of a 1K prefill
+      (+12%). Off by default (the paper's method); mixed precision and
+      ``MiniCache`` refuse it;
+    * ``pack_windows=False`` (ours) leaves sliding-window layers (Gemma 2/3,
+      Mistral, ...) unpacked: each keeps its window, at most ``window - 1``
+      slots per head, in full precision, as without a quantizer, and only
+      full-attention layers are packed. A window's bytes are bounded
+      however long the context, while a full-attention layer's grow with
+      it, so at long contexts this costs little memory for the quality of
+      the sliding layers: on Gemma 3 (15 of 18 layers slide over 512
+      tokens) it takes the recommended 2-bit setting from +4.7% to +1.1%
+      held-out perplexity (+0.8% with ``clip_values="auto"``), for 7.8 MiB
+      more whatever the context (RESULTS, "Clipped value ranges and
+      unpacked windows").
+      On by default: sliding layers are packed like the others.
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
     ``2 * 4 * D / group`` for the key mins/scales, ``2 * 4 * ceil(D /
@@ -129,6 +167,8 @@ class KIVI(KeepsEveryToken):
     rotate: bool | str = False
     sinks: int = 0
     feedback: bool = False
+    clip_values: bool | str = False
+    pack_windows: bool = True
     _keeps: ClassVar[str] = "quantizes and evicts nothing"
 
     def _check_fields(self) -> None:
@@ -145,6 +185,10 @@ class KIVI(KeepsEveryToken):
         self._check_int("sinks", self.sinks, 0)
         if not isinstance(self.feedback, bool):
             raise TypeError(f"feedback: expected True or False, got {self.feedback!r}")
+        if not isinstance(self.pack_windows, bool):
+            raise TypeError(f"pack_windows: expected True or False, got {self.pack_windows!r}")
+        if not isinstance(self.clip_values, bool) and self.clip_values != "auto":
+            raise TypeError(f"clip_values: expected True, False or 'auto', got {self.clip_values!r}")
         _check_rotate(self)
 
     @property
@@ -169,12 +213,25 @@ class KIVI(KeepsEveryToken):
         """Whether packed keys are rounded with query-weighted error feedback (``feedback``)."""
         return self.feedback
 
+    @property
+    def value_clip(self) -> bool | str:
+        """Whether packed value groups take clipped ranges (``clip_values``:
+        True, False or ``"auto"``, decided per layer)."""
+        return self.clip_values
+
+    @property
+    def packs_windows(self) -> bool:
+        """Whether sliding-window layers are packed too (``pack_windows``)."""
+        return self.pack_windows
+
     def _value_text(self) -> str:
         return "" if self.value_bits is None else f", value_bits={self.value_bits}"
 
     def describe(self) -> str:
         sinks = f", sinks={self.sinks}" if self.sinks else ""
         fb = ", feedback=True" if self.feedback else ""
+        fb += f", clip_values={self.clip_values!r}" if self.clip_values else ""
+        fb += "" if self.pack_windows else ", pack_windows=False"
         return (f"KIVI(bits={self.bits}{self._value_text()}, group={self.group}, residual={self.residual}"
                 f"{_rotate_text(self)}{sinks}{fb})")
 
@@ -237,6 +294,12 @@ class LowBits(KIVI):
                              f"got sinks={self.sinks}")
         if self.feedback:
             raise ValueError("feedback: LowBits packs its two widths without key feedback, got feedback=True")
+        if self.clip_values:
+            raise ValueError(f"clip_values: LowBits packs its values over their min..max, got "
+                             f"clip_values={self.clip_values!r}")
+        if not self.pack_windows:
+            raise ValueError("pack_windows: LowBits never packs sliding-window layers (it scores none, so "
+                             "demotes nothing there); leave pack_windows at True")
         _check_high_bits(self)
 
     def describe(self) -> str:

@@ -92,6 +92,9 @@ class PackedStore(LayerStore):
         #: ``stores.feedback.compact``'s bfloat16 triangle ``[H, D (D - 1) / 2]``,
         #: expanded for each ``ops.pack_keys(feedback=...)`` call; or None
         self.feedback: torch.Tensor | None = None
+        #: whether value groups are packed over clipped ranges
+        #: (``KIVI(clip_values=...)``, ``ops.pack_values(clip=True)``)
+        self.value_clip = False
         #: ``KIVI(sinks=S)``: the first S logical slots of every head stay in
         #: full precision, never packed (see take_sinks). Once taken they are
         #: the first ``_r0`` slots of the residual's buffers, the residual
@@ -113,6 +116,7 @@ class PackedStore(LayerStore):
                     f", visible_from={self.visible_from}")
         vb += ", rotated keys" if self.rotation is not None else ""
         vb += ", key feedback" if self.feedback is not None else ""
+        vb += ", clipped values" if self.value_clip else ""
         if self.sinks:
             vb += f", sinks={self.sinks}" + ("" if self._r0 else " (not taken yet)")
         return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
@@ -159,15 +163,18 @@ class PackedStore(LayerStore):
     @classmethod
     def from_uniform(cls, store, bits: int, group: int, residual: int,
                      value_bits: int | None = None, columns: bool = False,
-                     rotation: torch.Tensor | None = None, sinks: int = 0) -> "PackedStore":
+                     rotation: torch.Tensor | None = None, sinks: int = 0,
+                     value_clip: bool = False) -> "PackedStore":
         """Take over a uniform store's slots as the residual (no copy; call
         :meth:`settle` to pack). ``columns``: keep the store's per-slot
         columns too, so that :meth:`unpacked` can give them back.
         ``rotation``: pack keys as ``k @ rotation`` (see the class).
         ``sinks``: keep the first ``sinks`` slots of every head in full
-        precision (:meth:`take_sinks`; not on sliding-window layers)."""
+        precision (:meth:`take_sinks`; not on sliding-window layers).
+        ``value_clip``: pack value groups over clipped ranges."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
+        new.value_clip = bool(value_clip)
         new.sinks = int(sinks)
         if store.batch:
             new._rk, new._rv = store.keys, store.values
@@ -351,6 +358,10 @@ class PackedStore(LayerStore):
         """The full-precision keys ``[B, H, r, D]`` of the residual, oldest first."""
         return self._rk[:, :, self._r0 : self._r0 + self.r]
 
+    def residual_values(self) -> torch.Tensor:
+        """The full-precision values ``[B, H, r, Dv]`` of the residual, oldest first."""
+        return self._rv[:, :, self._r0 : self._r0 + self.r]
+
     def packed_any(self) -> bool:
         """Whether any slot is packed (the rotation is then fixed)."""
         return bool(self.n_packed or self._hi is not None)
@@ -370,6 +381,14 @@ class PackedStore(LayerStore):
             raise RuntimeError("PackedStore.set_feedback: keys are already packed without these weights")
         self.feedback = weights
 
+    def set_value_clip(self, clip: bool) -> None:
+        """Pack value groups over clipped ranges (``ops.pack_values(clip=True)``)
+        from now on: only before anything is packed, so that every packed
+        value group of the layer was ranged alike."""
+        if bool(clip) != self.value_clip and self.packed_any():
+            raise RuntimeError("PackedStore.set_value_clip: values are already packed the other way")
+        self.value_clip = bool(clip)
+
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
         self._reserve(self.n_packed + m)
@@ -379,7 +398,8 @@ class PackedStore(LayerStore):
                       mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G],
                       feedback=self._feedback_weights())
         ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G, codes=self._vc[:, :, p0 : p0 + m],
-                        mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m])
+                        mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m],
+                        clip=self.value_clip)
         self.n_packed += m
 
     def _feedback_weights(self):

@@ -82,7 +82,7 @@ class RaggedPackedStore(PackedStore):
     def from_ragged(cls, store, bits: int, group: int, residual: int,
                     value_bits: int | None = None, columns: bool = False,
                     rotation: torch.Tensor | None = None, sinks: int = 0,
-                    feedback: torch.Tensor | None = None) -> "RaggedPackedStore":
+                    feedback: torch.Tensor | None = None, value_clip: bool = False) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -97,10 +97,12 @@ class RaggedPackedStore(PackedStore):
         their merge counts. ``feedback``: key-feedback weights
         (``stores.feedback.compact``'s triangle; see
         :class:`~kvcompress.stores.PackedStore`), each head's groups rounded
-        with its kv head's."""
+        with its kv head's. ``value_clip``: pack value groups over clipped
+        ranges (``ops.pack_values(clip=True)``)."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
         new.feedback = feedback
+        new.value_clip = bool(value_clip)
         new.sinks_asked = int(sinks)
         G = group
         B, H = store.batch, store.heads
@@ -149,7 +151,7 @@ class RaggedPackedStore(PackedStore):
         kc, kmin, ksc = ops.pack_keys(new._codes_keys(k.view(1, 1, R, D)), bits, G,
                                       feedback=None if feedback is None else expand(feedback, D),
                                       feedback_index=fb_index)
-        vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), new.value_bits, G)
+        vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), new.value_bits, G, clip=new.value_clip)
         new._kc, new._kmin, new._ksc = kc[0, 0], kmin[0, 0], ksc[0, 0]
         new._vc, new._vmin, new._vsc = vc[0, 0], vmin[0, 0], vsc[0, 0]
         new.offsets, new.lengths, new.caps = offsets, padded, caps
@@ -256,6 +258,7 @@ class RaggedPackedStore(PackedStore):
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
         vb += ", rotated keys" if self.rotation is not None else ""
         vb += ", key feedback" if self.feedback is not None else ""
+        vb += ", clipped values" if self.value_clip else ""
         if self.sinks_asked:
             vb += f", sinks={self._r0}" + (f" of {self.sinks_asked}" if self._r0 != self.sinks_asked else "")
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
@@ -299,7 +302,7 @@ class RaggedPackedStore(PackedStore):
         o = self._r0  # the residual's oldest slots follow the sink block
         kc, kmin, ksc = ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G,
                                       feedback=self._feedback_weights())
-        vc, vmin, vsc = ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G)
+        vc, vmin, vsc = ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G, clip=self.value_clip)
         start = self.offsets + self.lengths
         rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
         grows = (start[:, None] // G + torch.arange(m // G, device=start.device)).reshape(-1)
