@@ -18,13 +18,6 @@ from test_quant import f32, randn, same_bits
 STEPS, MOST = 8, np.float32(0.4)
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = ops.get_num_threads()
-    yield
-    ops.set_num_threads(n)
-
-
 def _codes(x, mn, sc, L):
     """kvc_quant_code over [N, g] with per-row (min, scale) [N, 1], float32."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -176,10 +169,14 @@ def test_constant_and_tiny_groups_exact():
 
 def test_same_bits_for_any_thread_count():
     v = _heavy((2, 3, 33, 64), torch.bfloat16, seed=5)
-    ops.set_num_threads(1)
-    one = ops.pack_values(v, 2, 32, clip=True)
-    ops.set_num_threads(2)
-    two = ops.pack_values(v, 2, 32, clip=True)
+    before = ops.get_num_threads()
+    try:
+        ops.set_num_threads(1)
+        one = ops.pack_values(v, 2, 32, clip=True)
+        ops.set_num_threads(2)
+        two = ops.pack_values(v, 2, 32, clip=True)
+    finally:
+        ops.set_num_threads(before)
     for a, b in zip(one, two):
         assert same_bits(a, b)
 
