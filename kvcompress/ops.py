@@ -1232,10 +1232,12 @@ def pack_values(values, bits, group, *, codes=None, mins=None, scales=None, clip
     max - b*f*r]`` (``r = max - min``, ``f = 0.05``, ``a, b >= 0``, ``a + b
     <= 8``, so at most 40% of the range is cut), the first of least squared
     error (``a`` outer, ``b`` inner; ``a = b = 0`` is min..max, kept on a
-    tie); elements outside it take the end codes. Same layout, codes and
-    :func:`unpack_values`. The round trip is then no longer within
-    ``scale / 2`` of every element, but each group's squared error is at most
-    min/max's.
+    tie; the error is measured in steps of the range, the same on every CPU
+    and GPU build: docs/packed.md); elements outside it take the end codes.
+    Same layout, codes and :func:`unpack_values`. The round trip is then no
+    longer within ``scale / 2`` of every element, but each group's squared
+    error is at most min/max's (but for float rounding next to a rounding
+    tie).
 
     Parameters
     ----------
