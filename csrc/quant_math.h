@@ -77,11 +77,9 @@ KVC_HD static inline float kvc_quant_scale(float mn, float mx, int32_t bits)
     return mx == mn ? 0.0f : (mx - mn) / (float)kvc_quant_levels(bits);
 }
 
-/* The stored min and the scale of the n >= 1 fp32 values x[0], x[stride],
- * ... of one group, reduced in that order (the CPU's key-feedback and value
- * packs, and the CUDA key-feedback kernel over its rows in shared memory). */
-KVC_HD static inline void kvc_quant_range(const float *x, int64_t n, int64_t stride, int32_t bits, float *mn_out,
-                                          float *sc_out)
+/* The minimum and maximum of the n >= 1 fp32 values x[0], x[stride], ...
+ * of one group, reduced in that order. */
+KVC_HD static inline void kvc_quant_minmax(const float *x, int64_t n, int64_t stride, float *mn_out, float *mx_out)
 {
     float mn = x[0], mx = x[0];
     for (int64_t i = 1; i < n; i++) {
@@ -89,6 +87,18 @@ KVC_HD static inline void kvc_quant_range(const float *x, int64_t n, int64_t str
         mn = v < mn ? v : mn;
         mx = v > mx ? v : mx;
     }
+    *mn_out = mn;
+    *mx_out = mx;
+}
+
+/* The stored min and the scale of one group of fp32 values (the CPU's
+ * key-feedback and value packs, and the CUDA key-feedback kernel over its
+ * rows in shared memory). */
+KVC_HD static inline void kvc_quant_range(const float *x, int64_t n, int64_t stride, int32_t bits, float *mn_out,
+                                          float *sc_out)
+{
+    float mn, mx;
+    kvc_quant_minmax(x, n, stride, &mn, &mx);
     mn = kvc_quant_min(mn);
     *mn_out = mn;
     *sc_out = kvc_quant_scale(mn, mx, bits);
@@ -137,6 +147,18 @@ KVC_HD static inline float kvc_dequant(float mn, float scale, uint32_t code)
  * clones vectorise. A scale of 0, or one so small that 1 / scale is
  * infinite, gives NaN or infinity: such a range is never taken. */
 #define KVC_QUANT_ERR_LANES 8
+
+/* One element's term of kvc_quant_clip_error: r^2 for t = (x - lo) * inv. */
+KVC_HD KVC_INLINE double kvc_quant_step_sq(float x, float lo, float inv, float top)
+{
+    const float t = (x - lo) * inv;
+    float c = rintf(t);
+    c = c > top ? top : c;
+    c = c >= 0.0f ? c : 0.0f;
+    const float r = t - c;
+    return (double)r * (double)r;
+}
+
 KVC_HD KVC_INLINE double kvc_quant_clip_error(const float *x, int64_t n, int64_t stride, float lo, float scale,
                                               int32_t bits)
 {
@@ -146,22 +168,8 @@ KVC_HD KVC_INLINE double kvc_quant_clip_error(const float *x, int64_t n, int64_t
     int j;
     for (j = 0; j < KVC_QUANT_ERR_LANES; j++) lane[j] = 0.0;
     for (; i + KVC_QUANT_ERR_LANES <= n; i += KVC_QUANT_ERR_LANES)
-        for (j = 0; j < KVC_QUANT_ERR_LANES; j++) {
-            const float t = (x[(i + j) * stride] - lo) * inv;
-            float c = rintf(t);
-            c = c > top ? top : c;
-            c = c >= 0.0f ? c : 0.0f;
-            const float r = t - c;
-            lane[j] += (double)r * (double)r;
-        }
-    for (j = 0; i < n; i++, j++) {
-        const float t = (x[i * stride] - lo) * inv;
-        float c = rintf(t);
-        c = c > top ? top : c;
-        c = c >= 0.0f ? c : 0.0f;
-        const float r = t - c;
-        lane[j] += (double)r * (double)r;
-    }
+        for (j = 0; j < KVC_QUANT_ERR_LANES; j++) lane[j] += kvc_quant_step_sq(x[(i + j) * stride], lo, inv, top);
+    for (j = 0; i < n; i++, j++) lane[j] += kvc_quant_step_sq(x[i * stride], lo, inv, top);
     for (j = 0; j < KVC_QUANT_ERR_LANES; j++) s += lane[j];
     return s * ((double)scale * (double)scale);
 }
@@ -177,13 +185,9 @@ KVC_HD KVC_INLINE double kvc_quant_clip_error(const float *x, int64_t n, int64_t
 KVC_HD KVC_INLINE void kvc_quant_clip_range(const float *x, int64_t n, int64_t stride, int32_t bits,
                                                float *mn_out, float *sc_out)
 {
-    float mn = x[0], mx = x[0], best_mn, best_sc, r;
+    float mn, mx, best_mn, best_sc, r;
     double best;
-    for (int64_t i = 1; i < n; i++) {
-        const float v = x[i * stride];
-        mn = v < mn ? v : mn;
-        mx = v > mx ? v : mx;
-    }
+    kvc_quant_minmax(x, n, stride, &mn, &mx);
     best_mn = kvc_quant_min(mn);
     best_sc = kvc_quant_scale(best_mn, mx, bits);
     *mn_out = best_mn;
@@ -192,15 +196,13 @@ KVC_HD KVC_INLINE void kvc_quant_clip_range(const float *x, int64_t n, int64_t s
     best = kvc_quant_clip_error(x, n, stride, best_mn, best_sc, bits);
     r = mx - mn;
     for (int32_t a = 0; a <= KVC_QUANT_CLIP_STEPS; a++)
-        for (int32_t b = 0; a + b <= KVC_QUANT_CLIP_STEPS; b++) {
+        for (int32_t b = a == 0 ? 1 : 0; a + b <= KVC_QUANT_CLIP_STEPS; b++) { /* (0, 0) is min/max, done */
             const float fa = (float)a * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
             const float fb = (float)b * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
             const float lo = kvc_quant_min((float)((double)mn + (double)r * (double)fa));
             const float hi = (float)((double)mx - (double)r * (double)fb);
             const float sc = kvc_quant_scale(lo, hi, bits);
-            double e;
-            if (a + b == 0) continue;
-            e = kvc_quant_clip_error(x, n, stride, lo, sc, bits);
+            const double e = kvc_quant_clip_error(x, n, stride, lo, sc, bits);
             if (e < best) {
                 best = e;
                 *mn_out = lo;

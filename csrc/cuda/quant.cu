@@ -173,18 +173,19 @@ kvc_pack_values_kernel(const struct kvc_pack_params p, int64_t units)
                 mins[kvc_at(p.mins, b, h, j, g)] = mn;
                 scales[kvc_at(p.scales, b, h, j, g)] = sc;
             }
-        }
-        for (int64_t g = threadIdx.x; g < U && !p.clip; g += blockDim.x) {
-            const int64_t c0 = g * G, c1 = D - c0 < G ? D : c0 + G;
-            float mn = kvc_load_f32(p.x.data, p.x.dtype, base + c0 * xs), mx = mn;
-            for (int64_t c = c0 + 1; c < c1; c++) {
-                const float v = kvc_load_f32(p.x.data, p.x.dtype, base + c * xs);
-                mn = v < mn ? v : mn;
-                mx = v > mx ? v : mx;
+        } else {
+            for (int64_t g = threadIdx.x; g < U; g += blockDim.x) {
+                const int64_t c0 = g * G, c1 = D - c0 < G ? D : c0 + G;
+                float mn = kvc_load_f32(p.x.data, p.x.dtype, base + c0 * xs), mx = mn;
+                for (int64_t c = c0 + 1; c < c1; c++) {
+                    const float v = kvc_load_f32(p.x.data, p.x.dtype, base + c * xs);
+                    mn = v < mn ? v : mn;
+                    mx = v > mx ? v : mx;
+                }
+                mn = kvc_quant_min(mn);
+                mins[kvc_at(p.mins, b, h, j, g)] = mn;
+                scales[kvc_at(p.scales, b, h, j, g)] = kvc_quant_scale(mn, mx, bits);
             }
-            mn = kvc_quant_min(mn);
-            mins[kvc_at(p.mins, b, h, j, g)] = mn;
-            scales[kvc_at(p.scales, b, h, j, g)] = kvc_quant_scale(mn, mx, bits);
         }
         __syncthreads();
         for (int64_t k = threadIdx.x; k < Db; k += blockDim.x) {

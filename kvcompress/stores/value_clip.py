@@ -15,7 +15,7 @@ with ``W_o`` the output projection ``[hidden, Hq * Dv]``; clipping is kept
 when its ``E`` is the smaller. Without ``W_o`` (a cache driven without a
 model) the plain attention-output error is compared, which alone picks
 clipping on most of the default model's layers, where it raises perplexity
-(RESULTS, "Clipped value ranges").
+(RESULTS, "Clipped value ranges and unpacked windows").
 """
 
 from __future__ import annotations
