@@ -221,6 +221,9 @@ class CompressedLayer(CacheLayerMixin):
         self._clip_decided = False
         self._clip_q: torch.Tensor | None = None
         self.out_proj: torch.Tensor | None = None
+        # (store, its padded slots) while _to_packed's two "auto" tests read
+        # the same per-head store: one to_padded for both
+        self._padded_held = None
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -683,7 +686,7 @@ class CompressedLayer(CacheLayerMixin):
             self._gather_feedback(queries)
             if not isinstance(self.store, PackedStore):
                 self._slide()
-                self._to_packed(method.packing, queries, scaling)
+                self._to_packed(self._packing(), queries, scaling)
             self._settle(queries, scaling)
             first_visible = self.seen - self._window_keep()
             self.store.visible_from = first_visible
@@ -714,6 +717,12 @@ class CompressedLayer(CacheLayerMixin):
         _, group, residual, _ = method.packing
         return (not method.mixed_precision and not method.reads_sparsely and method.depth is None
                 and method.packs_windows and self._window_keep() > residual + group)
+
+    def _packing(self) -> tuple[int, int, int, int]:
+        """``(bits, group, residual, value_bits)`` this layer packs with: the
+        method's, or on a sliding-window layer the width of
+        ``KIVI(pack_windows=2|4|8)``."""
+        return self.method.packing if self.window is None else self.method.window_packing
 
     def _window_keep(self) -> int:
         """Slots a sliding-window layer keeps: its most recent ``min(window -
@@ -768,8 +777,12 @@ class CompressedLayer(CacheLayerMixin):
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
-            rotation = self._key_rotation(packing, queries, scaling, defer=True)
-            clip = self._value_clip(packing, queries, scaling, defer=True)
+            self._padded_held = (self.store, None)
+            try:
+                rotation = self._key_rotation(packing, queries, scaling, defer=True)
+                clip = self._value_clip(packing, queries, scaling, defer=True)
+            finally:
+                self._padded_held = None
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
                                                        feedback=self._fix_feedback(), value_clip=clip)
@@ -792,11 +805,11 @@ class CompressedLayer(CacheLayerMixin):
         store = self.store
         store.take_sinks(pad=self._start)  # first: the sinks are not among the keys the rotation is tested on
         if self.method.rotates_keys and not self._rotation_decided and store.pack_decoded and store.batch:
-            rotation = self._key_rotation(self.method.packing, queries, scaling, defer=True)
+            rotation = self._key_rotation(self._packing(), queries, scaling, defer=True)
             if self._rotation_decided:
                 store.set_rotation(rotation)
         if self.method.value_clip and not self._clip_decided and store.pack_decoded and store.batch:
-            clip = self._value_clip(self.method.packing, queries, scaling, defer=True)
+            clip = self._value_clip(self._packing(), queries, scaling, defer=True)
             if self._clip_decided:
                 store.set_value_clip(clip)
         if self.method.key_feedback and not store.packed_any():
@@ -856,7 +869,7 @@ class CompressedLayer(CacheLayerMixin):
             store.keys if isinstance(store, UniformStore) else store.k
         rot = key_rotation(int(some.shape[-1]), some.device)
         if mode == "auto":
-            keys, start = self._keys_to_pack(packing)
+            keys, start, counts = self._keys_to_pack(packing)
             if not keys.shape[2] and defer:
                 self._rotation_queries(queries)
                 return None
@@ -864,7 +877,8 @@ class CompressedLayer(CacheLayerMixin):
             helps = False
             if held is not None and keys.shape[2] and store.batch:
                 helps = rotation_helps(held, keys, rot, packing[0], packing[1],
-                                       float(scaling if scaling is not None else keys.shape[-1] ** -0.5), start)
+                                       float(scaling if scaling is not None else keys.shape[-1] ** -0.5), start,
+                                       counts)
             rot = rot if helps else None
         return self._decide_rotation(rot)
 
@@ -905,7 +919,7 @@ class CompressedLayer(CacheLayerMixin):
         if not mode or self._clip_decided:
             return self._clip
         if mode == "auto":
-            keys, values, start = self._slots_to_pack(packing)
+            keys, values, start, counts = self._slots_to_pack(packing)
             held = self._clip_q = self._newest(self._clip_q, queries)
             if not keys.shape[2] and defer:
                 return False
@@ -913,7 +927,7 @@ class CompressedLayer(CacheLayerMixin):
             if held is not None and keys.shape[2] and self.store.batch:
                 helps = value_clip_helps(held, keys, values, packing[3], packing[1],
                                          float(scaling if scaling is not None else keys.shape[-1] ** -0.5),
-                                         self.out_proj, start)
+                                         self.out_proj, start, counts)
             return self._decide_clip(helps)
         return self._decide_clip(True)
 
@@ -923,16 +937,19 @@ class CompressedLayer(CacheLayerMixin):
         return self._clip
 
     def _keys_to_pack(self, packing):
-        """``(keys [B, H, m, D], start)`` of :meth:`_slots_to_pack`."""
-        keys, _, start = self._slots_to_pack(packing)
-        return keys, start
+        """``(keys [B, H, m, D], start, counts)`` of :meth:`_slots_to_pack`."""
+        keys, _, start, counts = self._slots_to_pack(packing)
+        return keys, start, counts
 
     def _slots_to_pack(self, packing):
-        """``(keys [B, H, m, D], values [B, H, m, Dv], start)``: the whole
-        groups the layer's next pack takes (for a per-head layer, the newest
-        ``m`` of every padded head), and the padded slots in front of each
+        """``(keys [B, H, m, D], values [B, H, m, Dv], start, counts)``: the
+        whole groups the layer's next pack takes (for a per-head layer, the
+        newest ``m`` of every padded head), the padded slots in front of each
         head (int64 ``[B * H]``, or None; a per-head layer's sink block
-        counts among them)."""
+        counts among them), and the slots' merge counts ``[B, H, m]`` (None
+        for a uniform layer, which holds none): the attention that reads
+        them adds ``log(count)`` to each slot's logit, so the tests weigh
+        them so too."""
         bits, group, residual, _ = packing
         store = self.store
         if isinstance(store, (PackedStore, UniformStore)):
@@ -942,10 +959,16 @@ class CompressedLayer(CacheLayerMixin):
                 if start is not None and store._sink_at is not None:
                     start = store.split_start(self.kv_start)[1].repeat_interleave(store.heads)
                 m = store.pending()
-                return store.residual_keys()[:, :, :m], store.residual_values()[:, :, :m], start
+                return store.residual_keys()[:, :, :m], store.residual_values()[:, :, :m], start, None
             m = max(0, int(store.n) - residual) // group * group
-            return store.keys[:, :, :m], store.values[:, :, :m], start
-        padded, padded_v, _, _, _, start = store.to_padded()
+            return store.keys[:, :, :m], store.values[:, :, :m], start, None
+        held = self._padded_held
+        if held is not None and held[0] is store and held[1] is not None:
+            padded, padded_v, counts, start = held[1]
+        else:
+            padded, padded_v, _, counts, _, start = store.to_padded()
+            if held is not None and held[0] is store:
+                self._padded_held = (store, (padded, padded_v, counts, start))
         dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
         dense_v = padded_v.view(store.batch, store.heads, -1, padded_v.shape[-1])
         M = int(dense.shape[2])
@@ -953,7 +976,8 @@ class CompressedLayer(CacheLayerMixin):
         # a sink block (KIVI(sinks=...)) is never packed: its slots, each head's
         # first, are left out of the test as the padding before them is
         start = start + self.method.fp_sinks
-        return dense[:, :, M - m :], dense_v[:, :, M - m :], (start - (M - m)).clamp(min=0)
+        counts = counts.view(store.batch, store.heads, -1)[:, :, M - m :]
+        return dense[:, :, M - m :], dense_v[:, :, M - m :], (start - (M - m)).clamp(min=0), counts
 
     def _repacks(self) -> bool:
         """Whether this layer, once packed, keeps its evictor's budget while

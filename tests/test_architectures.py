@@ -33,6 +33,7 @@ cannot honour (``position_bias``, sparse ``indices``), are refused by name.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -541,11 +542,74 @@ def test_unpacked_windows_keep_the_full_caches_slots(archs, family):
     assert sliding == len(_sliding_layers(arch.model)) > 0
 
 
+@pytest.mark.parametrize("family", SLIDING)
+def test_windows_packed_at_a_width_of_their_own(archs, family):
+    """``KIVI(bits=2, pack_windows=4)``: full-attention layers pack at 2
+    bits, sliding layers at 4 (keys and values), and every packed value of
+    a sliding layer is within half a 4-bit step of transformers' own value
+    for the same slot (2 bits would be five times coarser); the whole
+    generation runs, and the cache holds more than at 2 bits everywhere and
+    less than with the windows unpacked."""
+    from transformers import DynamicCache
+
+    from kvcompress.compat import cache_kwargs
+
+    arch = _arch(archs, family)
+
+    def prefill(method):
+        with kvc.compress(arch.model, method) as session:
+            with torch.no_grad():
+                cache = session.new_cache()
+                arch.model(input_ids=arch.ids, attention_mask=arch.mask, use_cache=True,
+                           **cache_kwargs(arch.model, cache))
+        return cache
+
+    cache = prefill(kvc.KIVI(bits=2, group=8, residual=8, pack_windows=4))
+    full = DynamicCache()
+    with torch.no_grad():
+        arch.model(input_ids=arch.ids, attention_mask=arch.mask, use_cache=True, **cache_kwargs(arch.model, full))
+    packed_windows = 0
+    for i, layer in enumerate(cache.layers):
+        s = layer.store
+        assert isinstance(s, PackedStore), (family, i)
+        if layer.window is None:
+            assert (s.bits, s.value_bits) == (2, 2), (family, i)
+            continue
+        assert (s.bits, s.value_bits) == (4, 4), (family, i)
+        if not s.n_packed:
+            continue
+        packed_windows += 1
+        _, values = s.dequantized()
+        want = full.layers[i].values[:, :, -s.n :]
+        for b in range(int(want.shape[0])):
+            live = slice(max(0, s.n - int(arch.mask[b].sum())), s.n_packed)  # the row's real packed slots
+            v, w = values[b, :, live], want[b, :, live]
+            groups = w.reshape(*w.shape[:-1], -1, 8)  # group=8 channels per value group
+            half = (groups.amax(-1) - groups.amin(-1)) / 15 / 2 + 1e-4
+            err = (v - w).abs().reshape(groups.shape).amax(-1)
+            assert bool((err <= half).all()), (family, i, float((err - half).max()))
+    assert packed_windows > 0, family
+    two = prefill(kvc.KIVI(bits=2, group=8, residual=8)).memory_bytes()
+    unpacked = prefill(kvc.KIVI(bits=2, group=8, residual=8, pack_windows=False)).memory_bytes()
+    assert two < cache.memory_bytes() < unpacked, (two, cache.memory_bytes(), unpacked)
+    with kvc.compress(arch.model, kvc.KIVI(bits=2, group=8, residual=8, pack_windows=4)):
+        out = _generate(arch.model, arch.ids, arch.mask)
+    assert out.sequences.shape == (2, PROMPT + NEW)
+
+
 def test_pack_windows_is_checked_and_refused_where_meaningless():
     assert "pack_windows=False" in repr(kvc.KIVI(bits=2, pack_windows=False))
+    assert "pack_windows=4" in repr(kvc.KIVI(bits=2, pack_windows=4))
     assert "pack_windows" not in repr(kvc.KIVI(bits=2))
-    with pytest.raises(TypeError, match="pack_windows: expected True or False, got 0"):
-        kvc.KIVI(pack_windows=0)
+    for bad in (0, 3, 16, 4.0, "4"):
+        with pytest.raises(TypeError, match=f"pack_windows: expected True, False or a width of 2, 4 or 8 bits, "
+                                            f"got {re.escape(repr(bad))}"):
+            kvc.KIVI(pack_windows=bad)
+    with pytest.raises(ValueError, match="pack_windows: LowBits never packs sliding-window layers"):
+        kvc.methods.LowBits(bits=2, pack_windows=4)
+    m = kvc.methods.method_from_spec("ems+kivi:bits=2:pack_windows=8", budget=64)
+    assert m.packs_windows is True and m.window_packing == (8, 32, 128, 8) and m.packing == (2, 32, 128, 2)
+    assert kvc.KIVI(bits=2).window_packing == kvc.KIVI(bits=2).packing
     with pytest.raises(ValueError, match="pack_windows: LowBits never packs sliding-window layers"):
         kvc.methods.LowBits(bits=2, pack_windows=False)
     m = kvc.methods.method_from_spec("snapkv+kivi:bits=2:pack_windows=false", budget=64)

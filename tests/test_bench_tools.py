@@ -95,3 +95,37 @@ def test_results_sections_start_after_a_blank_line(monkeypatch, tmp_path):
     _common.write_results("x", {"a": 2}, ["## two"])
     assert (tmp_path / "RESULTS.md").read_text() == "## one\n\ntext\n\na hand-written line\n\n## two\n\n"
     assert (tmp_path / "results" / "x.json").read_text() == '{\n "a": 2\n}'
+
+
+def _bench_module(name):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_auto_tests_times_each_test_and_checks_its_arguments(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from kvcompress import ops
+
+    threads = (torch.get_num_threads(), ops.get_num_threads())
+    mod = _bench_module("bench_auto_tests")
+    try:
+        out = tmp_path / "t.json"
+        assert mod.main(["--slots", "64,96", "--reps", "1", "--json", str(out)]) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["slots"] for r in rows] == [64, 96]
+        assert all(r[k] > 0 for r in rows for k in ("rotation_ms", "clip_ms", "pack_values_clip_ms"))
+        assert "| 96 |" in capsys.readouterr().out
+        for bad, msg in ((["--slots", "16"], "--slots: each must be >= 32"), (["--slots", "a"], "--slots"),
+                         (["--reps", "0"], "--reps: must be >= 1")):
+            with pytest.raises(SystemExit):
+                mod.main(bad)
+            assert msg in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads[0])
+        ops.set_num_threads(threads[1])

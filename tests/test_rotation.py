@@ -358,6 +358,61 @@ def test_rotation_helps_tells_the_two_kinds_of_layer_apart():
     assert packing_divergences(queries, noisy, rot, 2, 32, D**-0.5)[0] > 1.2 * a[0]  # unmasked, it would matter
 
 
+@pytest.mark.parametrize("bits,merged", [(2, False), (4, False), (8, False), (2, True)])
+def test_packing_divergences_match_a_float64_reference(bits, merged):
+    """The divergences against the definition in float64 loops: per query
+    row, KL from softmax of the exact logits to softmax of the packed keys'
+    (log-softmax differences in float64), padding masked, merge counts
+    adding log(count) to both; 8 bits too, where the divergence is small
+    enough that fp32 log-softmaxes would lose it."""
+    from kvcompress.stores.rotation import packing_divergences, rotate, unrotate
+
+    g = torch.Generator().manual_seed(5)
+    B, H, Hq, W, m, D = 2, 2, 4, 8, 96, 32
+    rot = key_rotation(D, "cpu")
+    keys = torch.randn(B, H, m, D, generator=g) * torch.linspace(0.2, 3, D)
+    queries = torch.randn(B, Hq, W, D, generator=g)
+    start = torch.tensor([0, 33, 5, 0])
+    scaling = D**-0.5
+    counts = torch.ones(B, H, m)
+    if merged:  # a few slots that absorbed hundreds of tokens, as EMS's merges leave
+        counts.view(-1)[torch.randperm(B * H * m, generator=g)[:12]] = 300.0
+
+    def ref(packed):
+        total, rows = 0.0, 0
+        for b in range(B):
+            for h in range(Hq):
+                kh = h // (Hq // H)
+                s = int(start[b * H + kh])
+                k, pk = keys[b, kh, s:].double(), packed[b, kh, s:].double()
+                for t in range(W):
+                    q = queries[b, h, t].double()
+                    bias = counts[b, kh, s:].double().log()
+                    lp = torch.log_softmax(k @ q * scaling + bias, 0)
+                    lpa = torch.log_softmax(pk @ q * scaling + bias, 0)
+                    total += float((lp.exp() * (lp - lpa)).sum())
+                    rows += 1
+        return total / rows
+
+    def packed(x):
+        # padding packs as the head's first real key, as packing_divergences does
+        x = x.clone()
+        for b in range(B):
+            for h in range(H):
+                s = int(start[b * H + h])
+                x[b, h, :s] = x[b, h, s]
+        return ops.unpack_keys(*ops.pack_keys(x.contiguous(), bits, 32), bits, 32), x
+
+    plain, filled = packed(keys)
+    rotated = unrotate(packed(rotate(filled, rot))[0], rot)
+    got = packing_divergences(queries, keys, rot, bits, 32, scaling, start, counts if merged else None)
+    want = (ref(plain), ref(rotated))
+    if merged:  # the counts matter
+        assert packing_divergences(queries, keys, rot, bits, 32, scaling, start)[0] != pytest.approx(want[0], rel=1e-2)
+    assert min(want) > 0
+    assert got == pytest.approx(want, rel=1e-5)
+
+
 @pytest.mark.parametrize("make", [
     lambda: KIVI(bits=2, group=8, residual=8, rotate="auto"),
     lambda: kvc.EMS(budget=48) + KIVI(bits=2, group=8, residual=8, rotate="auto"),
@@ -426,7 +481,8 @@ def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_
     calls = []
     real = cache_mod.rotation_helps
 
-    def spy(queries, keys, rot, bits, group, scaling, start=None):
+    def spy(queries, keys, rot, bits, group, scaling, start=None, counts=None):
+        assert counts is None  # a uniform layer: no merge counts
         got = real(queries, keys, rot, bits, group, scaling, start)
         calls.append((queries.clone(), keys.clone(), start, got))  # views of buffers that move on
         return got

@@ -429,6 +429,14 @@ class Method:
         return True if self.depth is None else self.depth.packs_windows
 
     @property
+    def window_packing(self) -> tuple[int, int, int, int] | None:
+        """:attr:`packing` of sliding-window layers (``KIVI(pack_windows=4)``:
+        their own width), None without a quantizer."""
+        if self.quant is not None:
+            return self.quant.window_packing
+        return None if self.depth is None else self.depth.window_packing
+
+    @property
     def mixed_precision(self) -> bool:
         """Whether the slots this method does not select are kept at low bits
         (its quantizer demotes) rather than evicted."""

@@ -138,9 +138,11 @@ class KIVI(KeepsEveryToken):
       error, which alone picks clipping where it hurts). With ``bits=2,
       rotate="auto", sinks=4, feedback=True`` it takes held-out perplexity
       from +1.6% to +1.1% on the default model (``True``: +2.2%) and from
-      +4.7% to +4.2% on Gemma 3, and the choice costs 0.4 s of a 1K prefill
-      (+12%). Off by default (the paper's method); mixed precision and
-      ``MiniCache`` refuse it;
+      +4.7% to +4.2% on Gemma 3; the choice costs 0.3 s of a 1K prefill
+      and 2.5 s of an 8K one (+5%; RESULTS, "Faster per-layer tests").
+      Behind an evictor it raised KL (RESULTS, "Clipped value ranges and
+      unpacked windows"). Off by default (the paper's method); mixed
+      precision and ``MiniCache`` refuse it;
     * ``pack_windows=False`` (ours) leaves sliding-window layers (Gemma 2/3,
       Mistral, ...) unpacked: each keeps its window, at most ``window - 1``
       slots per head, in full precision, as without a quantizer, and only
@@ -151,7 +153,13 @@ class KIVI(KeepsEveryToken):
       tokens) it takes the recommended 2-bit setting from +4.7% to +1.1%
       held-out perplexity (+0.8% with ``clip_values="auto"``), for 7.8 MiB
       more whatever the context (RESULTS, "Clipped value ranges and
-      unpacked windows").
+      unpacked windows"). ``pack_windows=2|4|8`` packs sliding layers'
+      keys and values at that width instead of ``bits``/``value_bits``
+      (their rotation, feedback and clipping as on the other layers): a
+      window's packed part is small next to its full-precision residual,
+      so 4 bits there cost little more than 2, and on Gemma 3 they keep
+      most of what unpacked windows gain (RESULTS, "Sliding windows at a
+      width of their own").
       On by default: sliding layers are packed like the others.
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
@@ -168,7 +176,7 @@ class KIVI(KeepsEveryToken):
     sinks: int = 0
     feedback: bool = False
     clip_values: bool | str = False
-    pack_windows: bool = True
+    pack_windows: bool | int = True
     _keeps: ClassVar[str] = "quantizes and evicts nothing"
 
     def _check_fields(self) -> None:
@@ -185,8 +193,10 @@ class KIVI(KeepsEveryToken):
         self._check_int("sinks", self.sinks, 0)
         if not isinstance(self.feedback, bool):
             raise TypeError(f"feedback: expected True or False, got {self.feedback!r}")
-        if not isinstance(self.pack_windows, bool):
-            raise TypeError(f"pack_windows: expected True or False, got {self.pack_windows!r}")
+        if not isinstance(self.pack_windows, bool) and (type(self.pack_windows) is not int
+                                                        or self.pack_windows not in (2, 4, 8)):
+            raise TypeError(f"pack_windows: expected True, False or a width of 2, 4 or 8 bits, got "
+                            f"{self.pack_windows!r}")
         if not isinstance(self.clip_values, bool) and self.clip_values != "auto":
             raise TypeError(f"clip_values: expected True, False or 'auto', got {self.clip_values!r}")
         _check_rotate(self)
@@ -222,7 +232,15 @@ class KIVI(KeepsEveryToken):
     @property
     def packs_windows(self) -> bool:
         """Whether sliding-window layers are packed too (``pack_windows``)."""
-        return self.pack_windows
+        return self.pack_windows is not False
+
+    @property
+    def window_packing(self) -> tuple[int, int, int, int]:
+        """:attr:`packing` of sliding-window layers: a width of its own for
+        keys and values with ``pack_windows=2|4|8``, else the same."""
+        if isinstance(self.pack_windows, bool):
+            return self.packing
+        return self.pack_windows, self.group, self.residual, self.pack_windows
 
     def _value_text(self) -> str:
         return "" if self.value_bits is None else f", value_bits={self.value_bits}"
@@ -231,7 +249,7 @@ class KIVI(KeepsEveryToken):
         sinks = f", sinks={self.sinks}" if self.sinks else ""
         fb = ", feedback=True" if self.feedback else ""
         fb += f", clip_values={self.clip_values!r}" if self.clip_values else ""
-        fb += "" if self.pack_windows else ", pack_windows=False"
+        fb += "" if self.pack_windows is True else f", pack_windows={self.pack_windows!r}"
         return (f"KIVI(bits={self.bits}{self._value_text()}, group={self.group}, residual={self.residual}"
                 f"{_rotate_text(self)}{sinks}{fb})")
 
@@ -297,7 +315,7 @@ class LowBits(KIVI):
         if self.clip_values:
             raise ValueError(f"clip_values: LowBits packs its values over their min..max, got "
                              f"clip_values={self.clip_values!r}")
-        if not self.pack_windows:
+        if self.pack_windows is not True:
             raise ValueError("pack_windows: LowBits never packs sliding-window layers (it scores none, so "
                              "demotes nothing there); leave pack_windows at True")
         _check_high_bits(self)
