@@ -258,6 +258,8 @@ static void KVC_HOT qt_pack_keys_feedback(const struct kvc_pack_params *p, int64
  * kvc_quant_clip_range: a thread per group has no lanes to spread
  * candidates over. */
 #define QT_CLIP_CANDS 48 /* (KVC_QUANT_CLIP_STEPS + 1)(KVC_QUANT_CLIP_STEPS + 2) / 2 = 45, padded to whole vectors */
+_Static_assert((KVC_QUANT_CLIP_STEPS + 1) * (KVC_QUANT_CLIP_STEPS + 2) / 2 <= QT_CLIP_CANDS,
+               "qt_clip_range: the candidate arrays must hold every candidate range");
 
 KVC_INLINE void qt_clip_range(const float *x, int64_t n, int32_t bits, float *mn_out, float *sc_out)
 {

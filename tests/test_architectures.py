@@ -601,10 +601,17 @@ def test_pack_windows_is_checked_and_refused_where_meaningless():
     assert "pack_windows=False" in repr(kvc.KIVI(bits=2, pack_windows=False))
     assert "pack_windows=4" in repr(kvc.KIVI(bits=2, pack_windows=4))
     assert "pack_windows" not in repr(kvc.KIVI(bits=2))
-    for bad in (0, 3, 16, 4.0, "4"):
+    for bad in (4.0, "4", None):
         with pytest.raises(TypeError, match=f"pack_windows: expected True, False or a width of 2, 4 or 8 bits, "
                                             f"got {re.escape(repr(bad))}"):
             kvc.KIVI(pack_windows=bad)
+    for bad in (0, 3, 16):
+        with pytest.raises(ValueError, match=f"pack_windows: a width must be 2, 4 or 8 bits, got {bad}"):
+            kvc.KIVI(pack_windows=bad)
+    with pytest.raises(ValueError, match=r"keeps sliding-window layers unpacked; give KIVI\(bits=2.*without "
+                                         r"pack_windows=4"):
+        kvc.SnapKV(budget=64) + kvc.MiniCache() + kvc.KIVI(bits=2, pack_windows=4)
+    kvc.SnapKV(budget=64) + kvc.MiniCache() + kvc.KIVI(bits=2, pack_windows=False)  # what it does anyway
     with pytest.raises(ValueError, match="pack_windows: LowBits never packs sliding-window layers"):
         kvc.methods.LowBits(bits=2, pack_windows=4)
     m = kvc.methods.method_from_spec("ems+kivi:bits=2:pack_windows=8", budget=64)

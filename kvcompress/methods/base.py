@@ -326,6 +326,11 @@ class Method:
             raise ValueError(f"depth: {d.describe()} does not compose with {extra} here; write "
                              f"evictor + {d.describe()} + quantizer (the quantizer packs every layer's slots), "
                              "sparse readers are not supported")
+        wq = d.quant
+        if wq is not None and not isinstance(getattr(wq, "pack_windows", True), bool):
+            # _packs_window: behind a cross-layer method sliding layers stay unpacked
+            raise ValueError(f"quant: {type(self).__name__} + {type(d).__name__} keeps sliding-window layers "
+                             f"unpacked; give {wq.describe()} without pack_windows={wq.pack_windows!r}")
 
     @property
     def paging(self) -> tuple[int, int, int, str] | None:

@@ -193,10 +193,12 @@ class KIVI(KeepsEveryToken):
         self._check_int("sinks", self.sinks, 0)
         if not isinstance(self.feedback, bool):
             raise TypeError(f"feedback: expected True or False, got {self.feedback!r}")
-        if not isinstance(self.pack_windows, bool) and (type(self.pack_windows) is not int
-                                                        or self.pack_windows not in (2, 4, 8)):
-            raise TypeError(f"pack_windows: expected True, False or a width of 2, 4 or 8 bits, got "
-                            f"{self.pack_windows!r}")
+        if not isinstance(self.pack_windows, bool):
+            if type(self.pack_windows) is not int:
+                raise TypeError(f"pack_windows: expected True, False or a width of 2, 4 or 8 bits, got "
+                                f"{self.pack_windows!r}")
+            if self.pack_windows not in (2, 4, 8):
+                raise ValueError(f"pack_windows: a width must be 2, 4 or 8 bits, got {self.pack_windows}")
         if not isinstance(self.clip_values, bool) and self.clip_values != "auto":
             raise TypeError(f"clip_values: expected True, False or 'auto', got {self.clip_values!r}")
         _check_rotate(self)
