@@ -266,24 +266,16 @@ KVC_INLINE void qt_clip_range(const float *x, int64_t n, int32_t bits, float *mn
     float lo[QT_CLIP_CANDS], sc[QT_CLIP_CANDS], inv[QT_CLIP_CANDS];
     double sum[QT_CLIP_CANDS], lane[QT_CLIP_CANDS], best;
     const float top = (float)kvc_quant_levels(bits);
-    float mn, mx, r;
+    float mn, mx;
     int k = 0, c, j;
     kvc_quant_minmax(x, n, 1, &mn, &mx);
-    *mn_out = lo[0] = kvc_quant_min(mn);
-    *sc_out = sc[0] = kvc_quant_scale(lo[0], mx, bits);
-    if (sc[0] == 0.0f) return;
-    r = mx - mn;
-    for (int32_t a = 0; a <= KVC_QUANT_CLIP_STEPS; a++)
-        for (int32_t b = a == 0 ? 1 : 0; a + b <= KVC_QUANT_CLIP_STEPS; b++) { /* kvc_quant_clip_range's order */
-            const float fa = (float)a * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
-            const float fb = (float)b * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
-            const float hi = (float)((double)mx - (double)r * (double)fb);
-            k++;
-            lo[k] = kvc_quant_min((float)((double)mn + (double)r * (double)fa));
-            sc[k] = kvc_quant_scale(lo[k], hi, bits);
-        }
-    for (c = 0; c <= k; c++) inv[c] = 1.0f / sc[c];
-    for (c = k + 1; c < QT_CLIP_CANDS; c++) lo[c] = inv[c] = sc[c] = 0.0f; /* padding: computed, never read */
+    kvc_quant_clip_candidate(mn, mx, 0, 0, bits, mn_out, sc_out);
+    if (*sc_out == 0.0f) return;
+    for (int32_t a = 0; a <= KVC_QUANT_CLIP_STEPS; a++) /* kvc_quant_clip_range's order, (0, 0) first */
+        for (int32_t b = 0; a + b <= KVC_QUANT_CLIP_STEPS; b++, k++)
+            kvc_quant_clip_candidate(mn, mx, a, b, bits, &lo[k], &sc[k]);
+    for (c = 0; c < k; c++) inv[c] = 1.0f / sc[c];
+    for (c = k; c < QT_CLIP_CANDS; c++) lo[c] = inv[c] = sc[c] = 0.0f; /* padding: computed, never read */
     for (c = 0; c < QT_CLIP_CANDS; c++) sum[c] = 0.0;
     for (j = 0; j < KVC_QUANT_ERR_LANES && j < n; j++) {
         for (c = 0; c < QT_CLIP_CANDS; c++) lane[c] = 0.0;
@@ -294,7 +286,7 @@ KVC_INLINE void qt_clip_range(const float *x, int64_t n, int32_t bits, float *mn
         for (c = 0; c < QT_CLIP_CANDS; c++) sum[c] += lane[c];
     }
     best = sum[0] * ((double)sc[0] * (double)sc[0]);
-    for (c = 1; c <= k; c++) {
+    for (c = 1; c < k; c++) {
         const double e = sum[c] * ((double)sc[c] * (double)sc[c]);
         if (e < best) {
             best = e;

@@ -174,34 +174,41 @@ KVC_HD KVC_INLINE double kvc_quant_clip_error(const float *x, int64_t n, int64_t
     return s * ((double)scale * (double)scale);
 }
 
+/* Candidate (a, b) of a group's clipped ranges: [min + a f r, max - b f r]
+ * (r = max - min, f = KVC_QUANT_CLIP_MOST / KVC_QUANT_CLIP_STEPS), its
+ * stored min and scale. Ends are min + r * (a f) as a product exact in
+ * double rounded once to double then to fp32, like kvc_dequant, so every
+ * build gets the same range; (0, 0) is min/max itself. Shared by
+ * kvc_quant_clip_range and the CPU's side-by-side search (quant.c). */
+KVC_HD KVC_INLINE void kvc_quant_clip_candidate(float mn, float mx, int32_t a, int32_t b, int32_t bits,
+                                                   float *lo_out, float *sc_out)
+{
+    const float r = mx - mn;
+    const float fa = (float)a * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
+    const float fb = (float)b * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
+    const float lo = kvc_quant_min((float)((double)mn + (double)r * (double)fa));
+    const float hi = (float)((double)mx - (double)r * (double)fb);
+    *lo_out = lo;
+    *sc_out = kvc_quant_scale(lo, hi, bits);
+}
+
 /* The stored min and scale of a group whose range is clipped for the least
- * squared error (kvc_pack_params.clip): among the KVC_QUANT_CLIP ranges
- * [min + a f r, max - b f r] (r = max - min, f = KVC_QUANT_CLIP_MOST /
- * KVC_QUANT_CLIP_STEPS), the first of least kvc_quant_clip_error; elements
- * outside it take the end codes. Ends are min + r * (a f) as a product
- * exact in double rounded once to double then to fp32, like kvc_dequant, so
- * every build picks the same range. (0, 0) is min/max itself, which a
- * constant group keeps. */
+ * squared error (kvc_pack_params.clip): among the candidates
+ * (kvc_quant_clip_candidate), a outer and b inner, (0, 0) first, the first
+ * of least kvc_quant_clip_error; elements outside it take the end codes. A
+ * constant group keeps (0, 0). */
 KVC_HD KVC_INLINE void kvc_quant_clip_range(const float *x, int64_t n, int64_t stride, int32_t bits,
                                                float *mn_out, float *sc_out)
 {
-    float mn, mx, best_mn, best_sc, r;
+    float mn, mx, lo, sc;
     double best;
     kvc_quant_minmax(x, n, stride, &mn, &mx);
-    best_mn = kvc_quant_min(mn);
-    best_sc = kvc_quant_scale(best_mn, mx, bits);
-    *mn_out = best_mn;
-    *sc_out = best_sc;
-    if (best_sc == 0.0f) return;
-    best = kvc_quant_clip_error(x, n, stride, best_mn, best_sc, bits);
-    r = mx - mn;
+    kvc_quant_clip_candidate(mn, mx, 0, 0, bits, mn_out, sc_out);
+    if (*sc_out == 0.0f) return;
+    best = kvc_quant_clip_error(x, n, stride, *mn_out, *sc_out, bits);
     for (int32_t a = 0; a <= KVC_QUANT_CLIP_STEPS; a++)
         for (int32_t b = a == 0 ? 1 : 0; a + b <= KVC_QUANT_CLIP_STEPS; b++) { /* (0, 0) is min/max, done */
-            const float fa = (float)a * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
-            const float fb = (float)b * (KVC_QUANT_CLIP_MOST / (float)KVC_QUANT_CLIP_STEPS);
-            const float lo = kvc_quant_min((float)((double)mn + (double)r * (double)fa));
-            const float hi = (float)((double)mx - (double)r * (double)fb);
-            const float sc = kvc_quant_scale(lo, hi, bits);
+            kvc_quant_clip_candidate(mn, mx, a, b, bits, &lo, &sc);
             const double e = kvc_quant_clip_error(x, n, stride, lo, sc, bits);
             if (e < best) {
                 best = e;
