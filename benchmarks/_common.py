@@ -112,6 +112,22 @@ def time_pair(fc, ft, min_time, min_reps=5, max_reps=100):
     return statistics.median(tc), statistics.median(tt), len(tc)
 
 
+def time_many(fns: dict, min_time: float, min_reps: int = 5, max_reps: int = 200) -> tuple[dict, int]:
+    """Median seconds of each callable, run one after the other in every rep."""
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    start = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < min_time):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+        reps += 1
+    return {k: statistics.median(v) for k, v in times.items()}, reps
+
+
 def memcpy_bandwidth(nbytes=256 << 20, reps=7, threads=1):
     """Bytes/s (read + write) of a large NumPy copy on ``threads`` threads:
     the machine's practical bandwidth limit at that thread count.

@@ -8,7 +8,8 @@ the layer's prompt twice; ``ops.pack_values(clip=True)`` is timed alone
 too. Shapes are the default model's (3 kv heads, 9 query heads, D = 64, the
 newest 32 queries, hidden 576) over ``--slots`` prompt slots, random inputs
 (the keys' channels scaled 0.2..3, as RoPE'd keys spread unevenly). One
-thread; the median of ``--reps`` calls after one untimed call.
+thread; the median of ``--reps`` calls after one untimed call, the four
+calls taken in turn in every rep (``_common.time_many``).
 
     python benchmarks/bench_auto_tests.py                    # 1K and 8K slots
     PYTHONPATH=OTHER_CHECKOUT python benchmarks/bench_auto_tests.py   # another build, same command
@@ -20,30 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import command_line, machine, machine_line, now  # noqa: E402
+from _common import command_line, machine, machine_line, now, time_many  # noqa: E402
 
 from kvcompress import ops  # noqa: E402
 from kvcompress.stores.rotation import key_rotation, packing_divergences  # noqa: E402
 from kvcompress.stores.value_clip import value_clip_errors  # noqa: E402
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def case(m: int, reps: int, seed: int = 0) -> dict:
@@ -53,13 +42,14 @@ def case(m: int, reps: int, seed: int = 0) -> dict:
     v = torch.randn(1, 3, m, 64, generator=g)
     w = torch.randn(576, 576, generator=g)
     rot = key_rotation(64, "cpu")
-    return {
-        "slots": m,
-        "rotation_ms": median_ms(lambda: packing_divergences(q, k, rot, 2, 32, 0.125), reps),
-        "clip_ms": median_ms(lambda: value_clip_errors(q, k, v, 2, 32, 0.125, w), reps),
-        "pack_values_clip_ms": median_ms(lambda: ops.pack_values(v, 2, 32, clip=True), reps),
-        "pack_values_ms": median_ms(lambda: ops.pack_values(v, 2, 32), reps),
+    fns = {
+        "rotation_ms": lambda: packing_divergences(q, k, rot, 2, 32, 0.125),
+        "clip_ms": lambda: value_clip_errors(q, k, v, 2, 32, 0.125, w),
+        "pack_values_clip_ms": lambda: ops.pack_values(v, 2, 32, clip=True),
+        "pack_values_ms": lambda: ops.pack_values(v, 2, 32),
     }
+    times, _ = time_many(fns, 0.0, min_reps=reps, max_reps=reps)
+    return {"slots": m, **{name: t * 1e3 for name, t in times.items()}}
 
 
 def main(argv=None) -> int:

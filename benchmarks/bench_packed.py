@@ -35,34 +35,16 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from kvcompress import ops
 
 from _common import (command_line, copy_reference_line, copy_references, last_level_cache_bytes,  # noqa: E402
-                     machine, machine_line, matmul_roof, now, stream_copies, write_results)
+                     machine, machine_line, matmul_roof, now, stream_copies, time_many, write_results)
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 GROUP, RESIDUAL = 32, 128
-
-
-def time_many(fns: dict, min_time: float, min_reps: int = 5, max_reps: int = 200) -> tuple[dict, int]:
-    """Median seconds of each callable, run one after the other in every rep."""
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    start = time.perf_counter()
-    reps = 0
-    while reps < max_reps and (reps < min_reps or time.perf_counter() - start < min_time):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-        reps += 1
-    return {k: statistics.median(v) for k, v in times.items()}, reps
 
 
 def case(shape: str, n: int, g: torch.Generator, llc: int | None = None):

@@ -28,8 +28,7 @@ import torch
 from kvcompress import ops
 from kvcompress.stores import AttentionSpec, PagedStore, RaggedPagedStore, RaggedStore
 
-from _common import command_line, machine, machine_line, now, write_results  # noqa: E402
-from bench_packed import time_many  # noqa: E402
+from _common import command_line, machine, machine_line, now, time_many, write_results  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
 LENGTHS = (16384, 32768, 65536)

@@ -68,7 +68,7 @@ def value_clip_errors(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
     rep = Hq // H
     # fp32 up to the weighted errors (the softmax and the m-slot sums),
     # float64 after: within about 1e-6 of a float64 computation of E, in
-    # under half its time (RESULTS, "Faster per-layer tests: clipped ranges
+    # about half its time (RESULTS, "Faster per-layer tests: clipped ranges
     # searched side by side"); a decision that close is a tie either way
     q = queries.float().reshape(B, H, rep * W, D)
     logits = q @ keys.float().transpose(-1, -2)
