@@ -869,7 +869,7 @@ class CompressedLayer(CacheLayerMixin):
             store.keys if isinstance(store, UniformStore) else store.k
         rot = key_rotation(int(some.shape[-1]), some.device)
         if mode == "auto":
-            keys, start, counts = self._keys_to_pack(packing)
+            keys, _, start, counts = self._slots_to_pack(packing)
             if not keys.shape[2] and defer:
                 self._rotation_queries(queries)
                 return None
@@ -935,11 +935,6 @@ class CompressedLayer(CacheLayerMixin):
         """Fix whether the layer's values are clipped and drop the held queries."""
         self._clip, self._clip_decided, self._clip_q = bool(clip), True, None
         return self._clip
-
-    def _keys_to_pack(self, packing):
-        """``(keys [B, H, m, D], start, counts)`` of :meth:`_slots_to_pack`."""
-        keys, _, start, counts = self._slots_to_pack(packing)
-        return keys, start, counts
 
     def _slots_to_pack(self, packing):
         """``(keys [B, H, m, D], values [B, H, m, Dv], start, counts)``: the

@@ -228,16 +228,16 @@ def test_the_rotation_test_leaves_each_heads_sink_block_out(tiny_lm, sinks, monk
 
     model, tok, _ = tiny_lm
     seen = []
-    real = CompressedLayer._keys_to_pack
+    real = CompressedLayer._slots_to_pack
 
     def spy(self, packing):
-        keys, start, counts = real(self, packing)
+        keys, values, start, counts = real(self, packing)
         if isinstance(self.store, Ragged):
             firsts = [self.store.head(b, h)[0][:S] for b in range(self.store.batch) for h in range(self.store.heads)]
             seen.append((keys, start, firsts))
-        return keys, start, counts
+        return keys, values, start, counts
 
-    monkeypatch.setattr(CompressedLayer, "_keys_to_pack", spy)
+    monkeypatch.setattr(CompressedLayer, "_slots_to_pack", spy)
     ids = torch.randint(5, 250, (1, 120), generator=torch.Generator().manual_seed(2))
     method = kvc.EMS(budget=48, interval=0) + KIVI(bits=2, group=8, residual=8, rotate="auto", sinks=sinks)
     with kvc.compress(model, method):
