@@ -221,9 +221,6 @@ class CompressedLayer(CacheLayerMixin):
         self._clip_decided = False
         self._clip_q: torch.Tensor | None = None
         self.out_proj: torch.Tensor | None = None
-        # (store, its padded slots) while _to_packed's two "auto" tests read
-        # the same per-head store: one to_padded for both
-        self._padded_held = None
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -777,12 +774,8 @@ class CompressedLayer(CacheLayerMixin):
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
         else:
-            self._padded_held = (self.store, None)
-            try:
-                rotation = self._key_rotation(packing, queries, scaling, defer=True)
-                clip = self._value_clip(packing, queries, scaling, defer=True)
-            finally:
-                self._padded_held = None
+            rotation = self._key_rotation(packing, queries, scaling, defer=True)
+            clip = self._value_clip(packing, queries, scaling, defer=True)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
                                                        feedback=self._fix_feedback(), value_clip=clip)
@@ -914,12 +907,19 @@ class CompressedLayer(CacheLayerMixin):
         ``self.out_proj``). With nothing to pack yet and ``defer`` it holds
         the queries and stays undecided (returns False), as
         :meth:`_key_rotation` does; with no queries to test it does not
-        clip."""
+        clip. Behind a method that evicts or merges, ``"auto"`` does not
+        clip: there the test's error over the kept slots falls when
+        clipped, but KL to the full cache rose on both seeds, and deciding
+        by the error against the full prompt's attention instead did not
+        remove the loss (RESULTS, "Clipping behind an evictor")."""
         mode = self.method.value_clip
         if not mode or self._clip_decided:
             return self._clip
+        if mode == "auto" and self.method.evicts:
+            return self._decide_clip(False)
         if mode == "auto":
-            keys, values, start, counts = self._slots_to_pack(packing)
+            # a layer with no evictor is uniform (or packed): no merge counts
+            keys, values, start, _ = self._slots_to_pack(packing)
             held = self._clip_q = self._newest(self._clip_q, queries)
             if not keys.shape[2] and defer:
                 return False
@@ -927,7 +927,7 @@ class CompressedLayer(CacheLayerMixin):
             if held is not None and keys.shape[2] and self.store.batch:
                 helps = value_clip_helps(held, keys, values, packing[3], packing[1],
                                          float(scaling if scaling is not None else keys.shape[-1] ** -0.5),
-                                         self.out_proj, start, counts)
+                                         self.out_proj, start)
             return self._decide_clip(helps)
         return self._decide_clip(True)
 
@@ -943,8 +943,8 @@ class CompressedLayer(CacheLayerMixin):
         head (int64 ``[B * H]``, or None; a per-head layer's sink block
         counts among them), and the slots' merge counts ``[B, H, m]`` (None
         for a uniform layer, which holds none): the attention that reads
-        them adds ``log(count)`` to each slot's logit, so the tests weigh
-        them so too."""
+        them adds ``log(count)`` to each slot's logit, so the rotation test
+        weighs them so too (the clip test never runs behind an evictor)."""
         bits, group, residual, _ = packing
         store = self.store
         if isinstance(store, (PackedStore, UniformStore)):
@@ -957,13 +957,7 @@ class CompressedLayer(CacheLayerMixin):
                 return store.residual_keys()[:, :, :m], store.residual_values()[:, :, :m], start, None
             m = max(0, int(store.n) - residual) // group * group
             return store.keys[:, :, :m], store.values[:, :, :m], start, None
-        held = self._padded_held
-        if held is not None and held[0] is store and held[1] is not None:
-            padded, padded_v, counts, start = held[1]
-        else:
-            padded, padded_v, _, counts, _, start = store.to_padded()
-            if held is not None and held[0] is store:
-                self._padded_held = (store, (padded, padded_v, counts, start))
+        padded, padded_v, _, counts, _, start = store.to_padded()
         dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
         dense_v = padded_v.view(store.batch, store.heads, -1, padded_v.shape[-1])
         M = int(dense.shape[2])

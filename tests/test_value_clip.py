@@ -278,31 +278,6 @@ def test_the_output_projection_can_reverse_the_choice():
     assert clipped > 1.1 * plain and not value_clip_helps(q, k, v, 2, 32, 0.25, w)
 
 
-def test_merge_counts_weigh_as_that_many_copies():
-    """A slot of merge count c adds log(c) to its logits: the same errors as
-    c copies of it (values pack per token, so a copy packs the same)."""
-    from kvcompress.stores.value_clip import value_clip_errors
-
-    v = _outlier_values(n=40)
-    g = torch.Generator().manual_seed(6)
-    k = torch.randn(1, 2, 40, 16, generator=g)
-    q = torch.randn(1, 4, 5, 16, generator=g)
-    w = torch.randn(24, 4 * 32, generator=g)
-    counts = torch.randint(1, 6, (1, 2, 40), generator=g)
-    idx = torch.repeat_interleave(torch.arange(40), counts[0, 0])  # head 0's copies; head 1 alike below
-    idx1 = torch.repeat_interleave(torch.arange(40), counts[0, 1])
-    pad = max(len(idx), len(idx1))
-    rep_k = torch.zeros(1, 2, pad, 16)
-    rep_v = torch.zeros(1, 2, pad, 32)
-    for h, ix in enumerate((idx, idx1)):
-        rep_k[0, h, pad - len(ix) :], rep_v[0, h, pad - len(ix) :] = k[0, h, ix], v[0, h, ix]
-    start = torch.tensor([pad - len(idx), pad - len(idx1)])
-    got = value_clip_errors(q, k, v, 2, 32, 0.25, w, counts=counts.float())
-    want = value_clip_errors(q, rep_k, rep_v, 2, 32, 0.25, w, start)
-    assert got == pytest.approx(want, rel=1e-5)
-    assert value_clip_errors(q, k, v, 2, 32, 0.25, w) != pytest.approx(want, rel=1e-2)
-
-
 def test_padding_slots_take_no_weight():
     from kvcompress.stores.value_clip import value_clip_errors
 
@@ -426,46 +401,44 @@ def test_auto_decides_each_layer_from_its_prompt(tiny_lm, monkeypatch):
         assert layer.store.n_packed > m  # packed again while decoding, the same way
 
 
-def test_both_auto_tests_of_a_per_head_layer_share_one_padding(tiny_lm, monkeypatch):
-    """Behind an evictor (a per-head store), ``rotate="auto"`` and
-    ``clip_values="auto"`` test the same padded slots at a layer's first
-    pack: ``to_padded`` runs once for both, and each test sees what a
-    ``to_padded`` of its own gives."""
+def test_auto_does_not_clip_behind_an_evictor(tiny_lm, monkeypatch):
+    """Behind a method that evicts or merges (EMS here: per-head, merge
+    counts), ``clip_values="auto"`` decides not to clip without running
+    its test, on every layer, while ``rotate="auto"`` still tests each
+    layer's kept slots with their merge counts; ``clip_values=True`` still
+    clips there. The same prompt without an evictor runs the clip test on
+    every layer."""
     import kvcompress as kvc
-    from kvcompress.cache import CompressedLayer
+    import kvcompress.cache as C
     from kvcompress.methods import KIVI
-    from kvcompress.stores import RaggedStore
 
     model, tok, _ = tiny_lm
-    calls, slots = [], []
-    real_pad, real_slots = RaggedStore.to_padded, CompressedLayer._slots_to_pack
+    clip_tests, rot_counts = [], []
+    real_clip, real_rot = C.value_clip_helps, C.rotation_helps
 
-    def pad_spy(self):
-        calls.append(self)
-        return real_pad(self)
+    def clip_spy(*a, **kw):
+        clip_tests.append(a)
+        return real_clip(*a, **kw)
 
-    def slots_spy(self, packing):
-        out = real_slots(self, packing)
-        if isinstance(self.store, RaggedStore):
-            fresh = self.store.to_padded()  # a padding of its own, for the comparison (not counted below)
-            slots.append((self.layer_idx, out, fresh))
-        return out
+    def rot_spy(*a, **kw):
+        rot_counts.append(a[7] if len(a) > 7 else kw.get("counts"))
+        return real_rot(*a, **kw)
 
-    monkeypatch.setattr(RaggedStore, "to_padded", pad_spy)
-    monkeypatch.setattr(CompressedLayer, "_slots_to_pack", slots_spy)
+    monkeypatch.setattr(C, "value_clip_helps", clip_spy)
+    monkeypatch.setattr(C, "rotation_helps", rot_spy)
     ids = torch.randint(5, 250, (1, 120), generator=torch.Generator().manual_seed(3))
-    method = kvc.EMS(budget=48, interval=0) + KIVI(bits=2, group=8, residual=8, rotate="auto", clip_values="auto")
-    with kvc.compress(model, method) as session:
+    quant = dict(bits=2, group=8, residual=8, rotate="auto")
+    with kvc.compress(model, kvc.EMS(budget=48, interval=0) + KIVI(**quant, clip_values="auto")) as session:
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)
-    tested = sorted(i for i, _, _ in slots)
-    assert tested == sorted(2 * list(range(len(session.cache.layers)))), tested  # both tests, every layer
-    # one padding per layer for the two tests, plus the spy's own per test
-    assert len(calls) == len(session.cache.layers) + len(slots), len(calls)
-    for _, (keys, values, _, counts), (pk, pv, _, pc, _, _) in slots:
-        B, H, m = (int(x) for x in keys.shape[:3])
-        assert m > 0
-        assert torch.equal(keys, pk.view(B, H, -1, pk.shape[-1])[:, :, -m:])
-        assert torch.equal(values, pv.view(B, H, -1, pv.shape[-1])[:, :, -m:])
-        assert torch.equal(counts, pc.view(B, H, -1)[:, :, -m:]) and bool((counts > 1).any())  # EMS merged
-    for layer in session.cache.layers:
-        assert layer._rotation_decided and layer._clip_decided and layer._padded_held is None
+    layers = session.cache.layers
+    assert not clip_tests
+    for layer in layers:
+        assert layer._clip_decided and not layer._clip and not layer.store.value_clip
+        assert layer._rotation_decided
+    assert len(rot_counts) == len(layers) and all(c is not None and bool((c > 1).any()) for c in rot_counts)
+    with kvc.compress(model, kvc.EMS(budget=48, interval=0) + KIVI(**quant, clip_values=True)) as session:
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert all(layer.store.value_clip for layer in session.cache.layers)
+    with kvc.compress(model, KIVI(**quant, clip_values="auto")) as session:
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert len(clip_tests) == len(session.cache.layers)

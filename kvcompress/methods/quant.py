@@ -140,8 +140,11 @@ class KIVI(KeepsEveryToken):
       from +1.6% to +1.1% on the default model (``True``: +2.2%) and from
       +4.7% to +4.2% on Gemma 3; the choice costs 0.3 s of a 1K prefill
       and 2.5 s of an 8K one (+5%; RESULTS, "Faster per-layer tests").
-      Behind an evictor it raised KL (RESULTS, "Clipped value ranges and
-      unpacked windows"). Off by default (the paper's method); mixed
+      Behind a method that evicts or merges, ``"auto"`` does not clip (and
+      costs nothing): there clipping raised KL to the full cache on both
+      seeds, also when decided by each layer's error against the full
+      prompt's attention (RESULTS, "Clipping behind an evictor");
+      ``True`` still clips. Off by default (the paper's method); mixed
       precision and ``MiniCache`` refuse it;
     * ``pack_windows=False`` (ours) leaves sliding-window layers (Gemma 2/3,
       Mistral, ...) unpacked: each keeps its window, at most ``window - 1``

@@ -16,6 +16,14 @@ when its ``E`` is the smaller. Without ``W_o`` (a cache driven without a
 model) the plain attention-output error is compared, which alone picks
 clipping on most of the default model's layers, where it raises perplexity
 (RESULTS, "Clipped value ranges and unpacked windows").
+
+Behind a method that evicts or merges the cache does not run the test and
+does not clip: there ``E`` over the kept slots falls when clipped on most
+layers, and the later queries' ``E`` agrees, but KL to the full cache rose
+on both seeds; the eviction's own error and the clipped values' add up
+(against the full prompt's attention clipping gains far less), and even
+deciding by that total error did not remove the loss (RESULTS, "Clipping
+behind an evictor").
 """
 
 from __future__ import annotations
@@ -45,8 +53,7 @@ def output_projection(module) -> torch.Tensor | None:
 
 def value_clip_errors(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int,
                       scaling: float, out_proj: torch.Tensor | None = None,
-                      start: torch.Tensor | None = None,
-                      counts: torch.Tensor | None = None) -> tuple[float, float]:
+                      start: torch.Tensor | None = None) -> tuple[float, float]:
     """``(plain, clipped)``: the error ``E`` above of packing ``values`` over
     min..max and over clipped ranges.
 
@@ -54,10 +61,9 @@ def value_clip_errors(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
     m, D]`` and ``values`` ``[B, H, m, Dv]`` are the slots about to be
     packed, the first ``start[b * H + h]`` of each head (int64 ``[B * H]``,
     optional) padding, masked. ``out_proj`` ``[hidden, Hq * Dv]`` or None
-    (the identity). ``counts`` ``[B, H, m]`` (optional): the slots' merge
-    counts, each adding ``log(count)`` to its logits as the packed attention
-    does. Attention here is otherwise plain softmax of ``scaling * q . k``
-    over the packed slots (no softcap: the same for both ways of packing).
+    (the identity). Attention here is plain softmax of ``scaling * q . k``
+    over the packed slots (no softcap: the same for both ways of packing;
+    no merge counts: the cache runs this test only without an evictor).
     """
     from .. import ops
 
@@ -73,8 +79,6 @@ def value_clip_errors(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
     q = queries.float().reshape(B, H, rep * W, D)
     logits = q @ keys.float().transpose(-1, -2)
     logits.mul_(float(scaling))
-    if counts is not None:
-        logits.add_(counts.to(device=keys.device, dtype=torch.float32).log()[:, :, None, :])
     if start is not None:
         s = start.to(device=keys.device, dtype=torch.int64).view(B, H)
         pad = torch.arange(m, device=keys.device)[None, None, :] < s[:, :, None]  # [B, H, m]
@@ -103,8 +107,8 @@ def value_clip_errors(queries: torch.Tensor, keys: torch.Tensor, values: torch.T
 
 
 def value_clip_helps(queries, keys, values, bits: int, group: int, scaling: float, out_proj=None,
-                     start=None, counts=None) -> bool:
+                     start=None) -> bool:
     """Whether clipped value ranges carry less error into the residual
     stream than min..max for these queries (:func:`value_clip_errors`)."""
-    plain, clipped = value_clip_errors(queries, keys, values, bits, group, scaling, out_proj, start, counts)
+    plain, clipped = value_clip_errors(queries, keys, values, bits, group, scaling, out_proj, start)
     return clipped < plain
