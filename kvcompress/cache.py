@@ -35,17 +35,12 @@ from .methods.base import LayerView, Method
 from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, PagedStore, RaggedLSHStore,
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
-from .stores.feedback import QueryMoments, compact
-from .stores.rotation import key_rotation, rotation_helps
-from .stores.value_clip import value_clip_helps
+from .packing_choices import PackingChoices
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
 # cache to attention functions).
 _pending = threading.local()
-
-# rotate="auto" tests the rotation on this many of the newest queries
-_ROTATION_QUERIES = 32
 
 _NO_CROP = (
     "kvcompress.KVCache cannot be cropped (evicted tokens cannot be restored); "
@@ -131,7 +126,7 @@ class TokenLog:
         return self.ids.gather(1, pos).reshape(positions.shape).to(positions.device)
 
 
-class CompressedLayer(CacheLayerMixin):
+class CompressedLayer(PackingChoices, CacheLayerMixin):
     """One layer of a ``KVCache``.
 
     Attributes
@@ -200,27 +195,7 @@ class CompressedLayer(CacheLayerMixin):
         # each (its re-selection observes them all at once; see _queue)
         self._rebudget = False
         self._pending: list = []
-        # KIVI(rotate=...): the rotation this layer's packed keys use, decided
-        # at its first pack and kept through re-packs (None: unrotated)
-        self._rotation: torch.Tensor | None = None
-        self._rotation_decided = False
-        # rotate="auto" with nothing packed yet: the newest queries so far,
-        # [B, Hq, <= _ROTATION_QUERIES, D], for the decision at the first pack
-        self._rot_q: torch.Tensor | None = None
-        # KIVI(feedback=True): the queries' second moment until the first
-        # pack, then the key-feedback weights every pack of the layer uses
-        self._qmom: QueryMoments | None = None
-        self._feedback: torch.Tensor | None = None
-        self._feedback_decided = False
-        # KIVI(clip_values=...): whether this layer's value groups take
-        # clipped ranges, decided at its first pack and kept through
-        # re-packs; "auto" holds the newest queries until then, as rotation
-        # does, and reads the attention's output projection [hidden, Hq * Dv]
-        # (set by kvcompress.compress; None: unweighted)
-        self._clip = False
-        self._clip_decided = False
-        self._clip_q: torch.Tensor | None = None
-        self.out_proj: torch.Tensor | None = None
+        self._init_choices()
 
     def __repr__(self) -> str:
         return (f"CompressedLayer({self.layer_idx}, seen={self.seen}, window={self.window}, "
@@ -811,162 +786,6 @@ class CompressedLayer(CacheLayerMixin):
             if w is not None and store.feedback is not w:
                 store.set_feedback(w)
         store.settle(pad=self._start)
-
-    def _gather_feedback(self, queries) -> None:
-        """``KIVI(feedback=True)``: fold this call's queries ``[B, Hq, q,
-        D]`` (the newest ``q`` of every row) into the layer's query moment
-        until the key-feedback weights are fixed; a left-padded row's padded
-        positions are left out."""
-        if not self.method.key_feedback or self._feedback_decided or queries is None or not self.store.batch:
-            return
-        if self._qmom is None:
-            self._qmom = QueryMoments(self.store.heads)
-        q = int(queries.shape[2])
-        hidden = [max(0, p - (self.seen - q)) for p in self._pad] if self._pad else None
-        self._qmom.add(queries, hidden)
-
-    def _fix_feedback(self):
-        """The layer's key-feedback weights (``stores.feedback.compact``'s
-        bfloat16 triangle; None: pack without feedback), fixed at the first
-        call that packs and kept for every later pack and re-pack. Before a
-        ``rotate="auto"`` layer has chosen its basis, or while it has seen
-        no query, it gives None and stays undecided."""
-        if not self.method.key_feedback or self._feedback_decided:
-            return self._feedback
-        if (self.method.rotates_keys and not self._rotation_decided) or self._qmom is None:
-            return None
-        w = self._qmom.weights(self._rotation)
-        self._feedback = None if w is None else compact(w)
-        self._feedback_decided, self._qmom = True, None
-        return self._feedback
-
-    def _key_rotation(self, packing, queries, scaling, defer: bool = False):
-        """The rotation of this layer's packed keys (None: as they are),
-        decided once, at the layer's first pack, and kept through re-packs.
-
-        ``KIVI(rotate=True)`` always rotates. ``rotate="auto"`` rotates when
-        that disturbs the attention of the newest queries (up to
-        ``_ROTATION_QUERIES``: this call's and the held ones of earlier calls)
-        over the keys about to be packed less
-        (``stores.rotation.rotation_helps``). With nothing to pack yet and
-        ``defer`` (a packed store that packs its residual later: a prompt
-        shorter than ``residual + group``), the layer holds the queries and
-        stays undecided (returns None), and ``_settle`` asks again before the
-        store's first pack; otherwise, with no queries to test, it does not
-        rotate."""
-        mode = self.method.rotates_keys
-        if not mode or self._rotation_decided:
-            return self._rotation
-        store = self.store
-        some = store.residual_keys() if isinstance(store, PackedStore) else \
-            store.keys if isinstance(store, UniformStore) else store.k
-        rot = key_rotation(int(some.shape[-1]), some.device)
-        if mode == "auto":
-            keys, _, start, counts = self._slots_to_pack(packing)
-            if not keys.shape[2] and defer:
-                self._rotation_queries(queries)
-                return None
-            held = self._rotation_queries(queries)
-            helps = False
-            if held is not None and keys.shape[2] and store.batch:
-                helps = rotation_helps(held, keys, rot, packing[0], packing[1],
-                                       float(scaling if scaling is not None else keys.shape[-1] ** -0.5), start,
-                                       counts)
-            rot = rot if helps else None
-        return self._decide_rotation(rot)
-
-    def _decide_rotation(self, rot):
-        """Fix the layer's rotation (None: unrotated) and drop the held queries."""
-        self._rotation, self._rotation_decided, self._rot_q = rot, True, None
-        return rot
-
-    def _rotation_queries(self, queries):
-        """The newest ``_ROTATION_QUERIES`` queries ``[B, Hq, <= W, D]`` of this
-        call (``queries``, may be None) and of earlier calls, held until the
-        rotation is decided; None while no call has passed queries."""
-        self._rot_q = self._newest(self._rot_q, queries)
-        return self._rot_q
-
-    @staticmethod
-    def _newest(held, queries):
-        """``held`` ``[B, Hq, <= W, D]`` (or None) with this call's
-        ``queries`` (may be None) appended, the newest ``_ROTATION_QUERIES`` kept."""
-        if queries is None:
-            return held
-        queries = queries[:, :, -_ROTATION_QUERIES:]
-        return queries if held is None else torch.cat([held, queries], 2)[:, :, -_ROTATION_QUERIES:]
-
-    def _value_clip(self, packing, queries, scaling, defer: bool = False) -> bool:
-        """Whether this layer's value groups take clipped ranges, decided
-        once, at the layer's first pack, and kept through re-packs.
-
-        ``KIVI(clip_values=True)`` always clips. ``"auto"`` clips when that
-        carries less error into the residual stream for the newest queries
-        (up to ``_ROTATION_QUERIES``) over the slots about to be packed
-        (``stores.value_clip.value_clip_helps``, weighted by
-        ``self.out_proj``). With nothing to pack yet and ``defer`` it holds
-        the queries and stays undecided (returns False), as
-        :meth:`_key_rotation` does; with no queries to test it does not
-        clip. Behind a method that evicts or merges, ``"auto"`` does not
-        clip: there the test's error over the kept slots falls when
-        clipped, but KL to the full cache rose on both seeds, and deciding
-        by the error against the full prompt's attention instead did not
-        remove the loss (RESULTS, "Clipping behind an evictor")."""
-        mode = self.method.value_clip
-        if not mode or self._clip_decided:
-            return self._clip
-        if mode == "auto" and self.method.evicts:
-            return self._decide_clip(False)
-        if mode == "auto":
-            # a layer with no evictor is uniform (or packed): no merge counts
-            keys, values, start, _ = self._slots_to_pack(packing)
-            held = self._clip_q = self._newest(self._clip_q, queries)
-            if not keys.shape[2] and defer:
-                return False
-            helps = False
-            if held is not None and keys.shape[2] and self.store.batch:
-                helps = value_clip_helps(held, keys, values, packing[3], packing[1],
-                                         float(scaling if scaling is not None else keys.shape[-1] ** -0.5),
-                                         self.out_proj, start)
-            return self._decide_clip(helps)
-        return self._decide_clip(True)
-
-    def _decide_clip(self, clip: bool) -> bool:
-        """Fix whether the layer's values are clipped and drop the held queries."""
-        self._clip, self._clip_decided, self._clip_q = bool(clip), True, None
-        return self._clip
-
-    def _slots_to_pack(self, packing):
-        """``(keys [B, H, m, D], values [B, H, m, Dv], start, counts)``: the
-        whole groups the layer's next pack takes (for a per-head layer, the
-        newest ``m`` of every padded head), the padded slots in front of each
-        head (int64 ``[B * H]``, or None; a per-head layer's sink block
-        counts among them), and the slots' merge counts ``[B, H, m]`` (None
-        for a uniform layer, which holds none): the attention that reads
-        them adds ``log(count)`` to each slot's logit, so the rotation test
-        weighs them so too (the clip test never runs behind an evictor)."""
-        bits, group, residual, _ = packing
-        store = self.store
-        if isinstance(store, (PackedStore, UniformStore)):
-            start = None if self.kv_start is None else self.kv_start.repeat_interleave(store.heads)
-            if isinstance(store, PackedStore):
-                # a packed store that has packed nothing yet: its residual's oldest groups
-                if start is not None and store._sink_at is not None:
-                    start = store.split_start(self.kv_start)[1].repeat_interleave(store.heads)
-                m = store.pending()
-                return store.residual_keys()[:, :, :m], store.residual_values()[:, :, :m], start, None
-            m = max(0, int(store.n) - residual) // group * group
-            return store.keys[:, :, :m], store.values[:, :, :m], start, None
-        padded, padded_v, _, counts, _, start = store.to_padded()
-        dense = padded.view(store.batch, store.heads, -1, padded.shape[-1])
-        dense_v = padded_v.view(store.batch, store.heads, -1, padded_v.shape[-1])
-        M = int(dense.shape[2])
-        m = M // group * group  # the newest whole groups, right-aligned as to_padded gives them
-        # a sink block (KIVI(sinks=...)) is never packed: its slots, each head's
-        # first, are left out of the test as the padding before them is
-        start = start + self.method.fp_sinks
-        counts = counts.view(store.batch, store.heads, -1)[:, :, M - m :]
-        return dense[:, :, M - m :], dense_v[:, :, M - m :], (start - (M - m)).clamp(min=0), counts
 
     def _repacks(self) -> bool:
         """Whether this layer, once packed, keeps its evictor's budget while

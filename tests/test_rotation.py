@@ -463,7 +463,7 @@ def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_
     way, generation equals ``rotate=True`` or ``rotate=False`` bit for bit."""
     from transformers import DynamicCache
 
-    import kvcompress.cache as cache_mod
+    import kvcompress.packing_choices as choices
 
     model, tok, _ = tiny_lm
     torch.manual_seed(21)
@@ -479,7 +479,7 @@ def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_
         return out, session.cache
 
     calls = []
-    real = cache_mod.rotation_helps
+    real = choices.rotation_helps
 
     def spy(queries, keys, rot, bits, group, scaling, start=None, counts=None):
         assert counts is None  # a uniform layer: no merge counts
@@ -487,7 +487,7 @@ def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_
         calls.append((queries.clone(), keys.clone(), start, got))  # views of buffers that move on
         return got
 
-    monkeypatch.setattr(cache_mod, "rotation_helps", spy)
+    monkeypatch.setattr(choices, "rotation_helps", spy)
     _, cache = run(kivi("auto"))
     layers = cache.layers
     assert len(calls) == len(layers)
@@ -506,7 +506,7 @@ def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_
         assert torch.equal(keys[0], ref[0, :, :8]) and torch.equal(keys[1, :, 4:], ref[1, :, 4:8])
 
     for forced, same in ((True, True), (False, False)):
-        monkeypatch.setattr(cache_mod, "rotation_helps", lambda *a, forced=forced, **k: forced)
+        monkeypatch.setattr(choices, "rotation_helps", lambda *a, forced=forced, **k: forced)
         out, cache = run(kivi("auto"))
         assert all((layer.store.rotation is not None) == forced for layer in cache.layers)
         want, _ = run(kivi(same))

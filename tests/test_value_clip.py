@@ -409,7 +409,7 @@ def test_auto_does_not_clip_behind_an_evictor(tiny_lm, monkeypatch):
     clips there. The same prompt without an evictor runs the clip test on
     every layer."""
     import kvcompress as kvc
-    import kvcompress.cache as C
+    import kvcompress.packing_choices as C
     from kvcompress.methods import KIVI
 
     model, tok, _ = tiny_lm
