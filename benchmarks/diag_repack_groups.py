@@ -15,7 +15,12 @@ wraps the round and counts, over every round of every layer:
   unchanged afterwards, packed or in the residual (an upper bound for any
   re-pack that kept undamaged groups in place instead of shifting them);
 * ``re-quantized``: the new store's packed rows whose token was packed
-  before the round (the rest are packed for the first time).
+  before the round (the rest are packed for the first time);
+* the old packed rows (a repeated slot once) that are held afterwards with
+  the same merge count, that are no longer held, and that are held with
+  another count (merged into): what a round that keeps unchanged rows in
+  place could keep (``KIVI(keep_rows=...)``; run with ``keep_rows=0`` for the
+  rounds as they were before it, which pack everything again).
 
 Everything after ``--`` is the ``kvcompress`` command line, e.g.::
 
@@ -73,6 +78,10 @@ def patch(stats: collections.Counter) -> None:
         stats["whole"] += len(after & before)
         stats["old groups"] += len(before)
         stats["intact"] += sum(all(held.get((h, p)) == c for p, c in zip(pos, cnt)) for h, pos, cnt in before)
+        old_rows = {(h, p): c for h, pos, cnt in before for p, c in zip(pos, cnt)}
+        stats["old rows"] += len(old_rows)
+        stats["rows kept"] += sum(held.get(key) == c for key, c in old_rows.items())
+        stats["rows dropped"] += sum(key not in held for key in old_rows)
         rows = {(h, p) for h, pos, _ in after for p in pos}
         stats["packed rows"] += len(rows)
         stats["re-quantized"] += len(rows & was_packed)
@@ -93,6 +102,10 @@ def main(argv=None) -> int:
           f"({stats['whole'] / stats['new groups']:.1%}); old groups intact {stats['intact']}/{stats['old groups']} "
           f"({stats['intact'] / stats['old groups']:.1%}); packed rows re-quantized "
           f"{stats['re-quantized']}/{stats['packed rows']} ({stats['re-quantized'] / stats['packed rows']:.1%})")
+    kept, dropped, rows = stats["rows kept"], stats["rows dropped"], stats["old rows"]
+    print(f"old packed rows (a repeated slot once): held afterwards with the same merge count {kept}/{rows} "
+          f"({kept / rows:.1%}), no longer held {dropped} ({dropped / rows:.1%}), held with another count "
+          f"(merged into) {rows - kept - dropped} ({(rows - kept - dropped) / rows:.1%})")
     return code
 
 

@@ -36,6 +36,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
 from .packing_choices import PackingChoices
+from .stores.keep_rows import arrange
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -833,11 +834,22 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         last round is scored with its packed key), then the kept slots packed
         again. A kept slot's values pack to the same codes (a value group is
         one token's channels); its keys do when its key group comes back
-        whole, and are re-quantized on the new group's grid otherwise."""
+        whole, and are re-quantized on the new group's grid otherwise. Behind
+        a merging method an old key group with ``KIVI(keep_rows=...)``
+        unchanged members keeps its place and its members their codes
+        (``stores.keep_rows``)."""
         pending = torch.cat(self._pending, 2) if self._pending else None
         self._pending = []
-        self.store = self.store.unpacked()
+        old = self.store
+        self.store = old.unpacked()
         self._compress(pending, scaling)
+        min_live = self.method.round_keeps_rows
+        if min_live and isinstance(old, RaggedPackedStore) and type(self.store) is RaggedStore:
+            # the old key groups that come through whole enough keep their
+            # codes (stores.keep_rows); the rest is packed afresh
+            arranged = arrange(old, self.store, min_live)
+            if arranged is not None:
+                self.store = arranged
         self._to_packed(self.method.packing, pending, scaling)
 
     def _compress(self, queries, scaling: float) -> None:

@@ -426,6 +426,16 @@ class Method:
         return False if self.depth is None else self.depth.value_clip
 
     @property
+    def round_keeps_rows(self) -> int:
+        """Unchanged members a packed key group needs to keep its codes
+        through a decode-time round of a merging method (``KIVI(keep_rows=...)``;
+        see ``kvcompress.stores.keep_rows``); 0 without a quantizer, or when
+        this method does not merge."""
+        if self.quant is None or not self.merges:
+            return 0
+        return self.quant.min_live_rows
+
+    @property
     def packs_windows(self) -> bool:
         """Whether a quantizer packs sliding-window layers too
         (``KIVI(pack_windows=...)``; True without one)."""

@@ -17,6 +17,12 @@ every code, are unchanged). Decoded tokens enter the residual window and are
 packed a whole group at a time onto the end of every head's segment, which
 is why segments stay group-aligned.
 
+Behind a merging method, a decode-time round keeps each key group that
+comes through with enough unchanged members in place, its other rows
+placeholders of merge count ``keep_rows.TINY`` that weigh nothing
+(``stores/keep_rows.py``): the store's slot counts and :meth:`unpacked`
+leave them out, its bytes include them.
+
 With ``KIVI(sinks=S)`` each head's first S kept slots (its oldest: an
 evictor keeps slots in token order, and EMS keeps the first tokens of every
 head) stay in full precision as a sink block at the front of the residual's
@@ -32,6 +38,7 @@ import torch
 from .. import ops
 from .base import AttentionSpec
 from .feedback import expand
+from .keep_rows import TINY, is_placeholder
 from .masked import padded_head_attention
 from . import packed as packed_store
 from .packed import PackedStore, join_parts, kernel_reads
@@ -135,7 +142,9 @@ class RaggedPackedStore(PackedStore):
         merged = store.counts[src] if store.counts is not None else torch.ones(total, device=dev)
         new.counts_plain = torch.ones(R, device=dev)
         new.counts_bias = torch.ones(R, device=dev)
-        new.counts_plain[dst] = share
+        # a placeholder row of a kept key group (stores.keep_rows) weighs nothing either way
+        hole = is_placeholder(merged)
+        new.counts_plain[dst] = torch.where(hole, TINY, share)
         new.counts_bias[dst] = merged * share
         new._merged = store.counts is not None
         if columns:
@@ -157,6 +166,8 @@ class RaggedPackedStore(PackedStore):
         new.offsets, new.lengths, new.caps = offsets, padded, caps
         new._host_lengths, new._host_caps = padded_host.clone(), caps_host
         new._real = n_host.clone()
+        if bool(hole.any()):
+            new._real -= torch.bincount(head[hole & (t <= last)], minlength=B * H).cpu()
         cap = s + residual + G
         new._rk = store.k.new_empty((B, H, cap, D))
         new._rv = store.v.new_empty((B, H, cap, D))
@@ -187,21 +198,22 @@ class RaggedPackedStore(PackedStore):
         then the residual), with positions, carried scores and, for a merging
         method, merge counts: what a decode-time re-compression reads. A
         repeated last slot becomes one slot again with its copies' counts
-        summed (the count it had before packing). A sink block comes first:
-        it holds each head's oldest kept slots."""
+        summed (the count it had before packing); placeholder rows are left
+        out. A sink block comes first: it holds each head's oldest kept
+        slots."""
         if self.positions is None:
             raise RuntimeError("RaggedPackedStore.unpacked: the store keeps no positions")
         B, H, _, D = (int(x) for x in self._rk.shape)
         s, dev = self._r0, self._rk.device
         N, r = B * H, self.r + s  # the block and the residual: the buffers' first s + r slots
         kd, vd = self._dequantized_rows()
-        # a head's last kept slot and its copies are the rows whose plain
-        # count is below 1 (the split); the copies are the run's later rows
+        # a head's last kept slot's copies, and a kept group's placeholders
+        # (stores.keep_rows), repeat the position of the row before them
         head, t = segments(self.lengths, int(self._host_lengths.sum()))
         src = self.offsets[head] + t
-        run = self.counts_plain[src] < 1
-        prev = torch.cat([torch.zeros(1, dtype=torch.bool, device=dev), run[:-1]])
-        keep = ~(run & prev & (t > 0))
+        pos = self.positions[src]
+        keep = torch.ones_like(t, dtype=torch.bool)
+        keep[1:] = (t[1:] == 0) | (pos[1:] != pos[:-1])
         M = int(self._real.max()) if N else 0
         # each kept row's column: kept rows before it in its own head
         kept_before = torch.cumsum(keep.to(torch.int64), 0) - keep.to(torch.int64)
@@ -210,6 +222,11 @@ class RaggedPackedStore(PackedStore):
         rows = torch.zeros((N, M), dtype=torch.int64, device=dev)
         rows[head[keep], within[keep]] = src[keep]
         live = torch.arange(M, device=dev)[None, :] < self._real.to(dev)[:, None]
+        # in token order: a round that kept groups in place (keep_rows) packs
+        # the slots it re-packs after them, older ones among them
+        late = torch.iinfo(torch.int64).max
+        order = torch.argsort(torch.where(live, self.positions[rows].to(torch.int64), late), dim=1, stable=True)
+        rows = rows.gather(1, order)
         # the split count back whole: count * share / share
         counts = (self.counts_bias / self.counts_plain)[rows]
         resid_counts = self._residual_counts(True, r).reshape(N, r)
@@ -261,6 +278,8 @@ class RaggedPackedStore(PackedStore):
         vb += ", clipped values" if self.value_clip else ""
         if self.sinks_asked:
             vb += f", sinks={self._r0}" + (f" of {self.sinks_asked}" if self._r0 != self.sinks_asked else "")
+        holes = int(is_placeholder(self.counts_bias).sum()) if self.counts_bias is not None else 0
+        span += f" (+{holes} placeholder rows)" if holes else ""
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed per head={span}, full_precision={self.r})")
 

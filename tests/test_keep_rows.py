@@ -1,0 +1,265 @@
+"""Decode-time rounds of a merging method + KIVI keep the packed rows they
+leave unchanged (``stores.keep_rows``, ``KIVI(keep_rows=...)``): the kept
+key groups' unchanged members keep their codes, the placeholders weigh
+nothing in attention, and the store gives back exactly the round's slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcompress as kvc
+from kvcompress.cache import CompressedLayer
+from kvcompress.stores import AttentionSpec, RaggedPackedStore, RaggedStore
+from kvcompress.stores.keep_rows import arrange
+from kvcompress.stores.rotation import key_rotation
+
+G, R, D = 16, 8, 32
+
+
+def _old_store(bits, sinks, rotated, seed=0):
+    """A per-head packed store with positions and merge counts (B = 2, H = 2)."""
+    g = torch.Generator().manual_seed(seed)
+    B, H = 2, 2
+    lengths = [90, 61, 120, 77]
+    C = max(lengths)
+    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3.0, D)
+    values = torch.randn(B, H, C, D, generator=g)
+    valid = torch.arange(C)[None, None, :] < torch.tensor(lengths).view(B, H, 1)
+    positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).clone()
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    counts[..., -R - 2 :] = 1.0  # the newest slots unmerged: the residual takes them
+    ragged = RaggedStore.from_dense(keys, values, positions, valid, counts=counts,
+                                    scores=torch.rand(B, H, C, generator=g))
+    rot = key_rotation(D, "cpu") if rotated else None
+    return RaggedPackedStore.from_ragged(ragged, bits, G, R, columns=True, rotation=rot, sinks=sinks)
+
+
+def _round(old, seed=1, drop=0.15, merge=0.05, new=20):
+    """What a merging method's round could return from ``old.unpacked()``:
+    each slot dropped (probability ``drop``), merged into (``merge``: its
+    count and key change) or left as it is; the sink block always kept; then
+    ``new`` decoded slots. Returns (kept store, {(head, position): unchanged})."""
+    g = torch.Generator().manual_seed(seed)
+    u = old.unpacked()
+    B, H = u.batch, u.heads
+    heads, same = [], {}
+    for i in range(B * H):
+        o, n = int(u.offsets[i]), int(u.lengths[i])
+        k, v = u.k[o : o + n].clone(), u.v[o : o + n].clone()
+        pos, cnt = u.positions[o : o + n].clone(), u.counts[o : o + n].clone()
+        roll = torch.rand(n, generator=g)
+        keep = (roll >= drop) | (torch.arange(n) < old._r0)
+        changed = (roll < drop + merge) & keep & (torch.arange(n) >= old._r0)
+        k[changed] = 0.5 * (k[changed] + torch.randn(int(changed.sum()), D, generator=g))
+        cnt[changed] += 2
+        last = int(pos.max())
+        k = torch.cat([k[keep], torch.randn(new, D, generator=g)])
+        v = torch.cat([v[keep], torch.randn(new, D, generator=g)])
+        pos = torch.cat([pos[keep], torch.arange(last + 1, last + 1 + new, dtype=torch.int32)])
+        cnt = torch.cat([cnt[keep], torch.ones(new)])
+        for p, c in zip(pos.tolist(), (~changed[keep]).tolist() + [False] * new):
+            same[(i, p)] = c
+        heads.append((k, v, pos, cnt))
+    M = max(len(h[2]) for h in heads)
+    keys, values = torch.zeros(B, H, M, D), torch.zeros(B, H, M, D)
+    positions, counts = torch.zeros(B, H, M, dtype=torch.int32), torch.ones(B, H, M)
+    valid = torch.zeros(B, H, M, dtype=torch.bool)
+    for i, (k, v, pos, cnt) in enumerate(heads):
+        b, h, n = i // H, i % H, len(pos)
+        keys[b, h, :n], values[b, h, :n], positions[b, h, :n], counts[b, h, :n] = k, v, pos, cnt
+        valid[b, h, :n] = True
+    return RaggedStore.from_dense(keys, values, positions, valid, counts=counts, slack=4), same
+
+
+def _reference(store_slots: RaggedStore, query, spec):
+    """float64 attention of ``query`` [B, Hq, 1, D] over each head's slots, log count added with
+    count_bias: ``[B, 1, Hq, D]``, as the stores return it."""
+    B, Hq = int(query.shape[0]), int(query.shape[1])
+    H = store_slots.heads
+    out = torch.zeros(B, Hq, 1, D, dtype=torch.float64)
+    for b in range(B):
+        for hq in range(Hq):
+            i = b * H + hq // (Hq // H)
+            o, n = int(store_slots.offsets[i]), int(store_slots.lengths[i])
+            k, v = store_slots.k[o : o + n].double(), store_slots.v[o : o + n].double()
+            logit = k @ query[b, hq, 0].double() * spec.scaling
+            if spec.count_bias:
+                logit = logit + store_slots.counts[o : o + n].double().log()
+            out[b, hq, 0] = torch.softmax(logit, 0) @ v
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("bits,sinks,rotated", [(2, 0, False), (2, 2, True), (4, 0, True), (2, 3, False)])
+@pytest.mark.parametrize("min_live", [1, 8])
+def test_a_round_keeps_the_codes_of_unchanged_rows(bits, sinks, rotated, min_live):
+    old = _old_store(bits, sinks, rotated)
+    kept, same = _round(old)
+    arranged = arrange(old, kept, min_live)
+    assert arranged is not None
+    new = RaggedPackedStore.from_ragged(arranged, bits, G, R, columns=True, rotation=old.rotation, sinks=sinks)
+    # the slot counts are the round's: placeholders are not slots
+    assert new.head_lengths() == kept.head_lengths()
+    assert new._r0 == old._r0
+    # every unchanged member of an old group with min_live of them kept its code row (and the
+    # group its range); a group with two holes or more is always kept
+    old_code, old_group = {}, {}
+    for i, (o, n) in enumerate(zip(old.offsets.tolist(), old.lengths.tolist())):
+        for row in range(o, o + n):
+            key = (i, int(old.positions[row]))
+            old_code.setdefault(key, old._kc[row])
+            old_group.setdefault(key, row // G)
+    members = {}
+    for key, unchanged in same.items():
+        if unchanged and key in old_group:
+            members.setdefault(old_group[key], []).append(key)
+    kept_codes = total = 0
+    must_keep = [m for m in members.values() if len(m) >= min_live and G - len(m) >= 2]
+    assert len(must_keep) >= 4, "the case must keep groups"
+    new_code = {}
+    for i, (o, n) in enumerate(zip(new.offsets.tolist(), new.lengths.tolist())):
+        for row in range(o, o + n):
+            if float(new.counts_bias[row]) >= 1e-30:
+                new_code.setdefault((i, int(new.positions[row])), new._kc[row])
+    for m in must_keep:
+        for key in m:
+            total += 1
+            kept_codes += bool(torch.equal(new_code[key], old_code[key]))
+    assert kept_codes == total
+    # unpacked(): exactly the round's slots, unchanged ones at their old values, counts whole
+    back = new.unpacked()
+    assert back.head_lengths() == kept.head_lengths()
+    u_old = old.unpacked()
+    for i in range(kept.batch * kept.heads):
+        o, n = int(kept.offsets[i]), int(kept.lengths[i])
+        want = dict(zip(kept.positions[o : o + n].tolist(), kept.counts[o : o + n].tolist()))
+        bo, bn = int(back.offsets[i]), int(back.lengths[i])
+        got = dict(zip(back.positions[bo : bo + bn].tolist(), back.counts[bo : bo + bn].tolist()))
+        assert got.keys() == want.keys()
+        assert all(abs(got[p] - want[p]) <= 1e-6 * want[p] for p in want)
+        uo, un = int(u_old.offsets[i]), int(u_old.lengths[i])
+        before = {p: u_old.k[uo + j] for j, p in enumerate(u_old.positions[uo : uo + un].tolist())}
+        for j, p in enumerate(back.positions[bo : bo + bn].tolist()):
+            if any(same.get((i, p)) and (i, p) in mk for mk in must_keep):
+                assert torch.allclose(back.k[bo + j], before[p], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("count_bias", [True, False])
+@pytest.mark.parametrize("rotated", [False, True])
+def test_placeholders_weigh_nothing_in_attention(count_bias, rotated):
+    old = _old_store(2, 2, rotated, seed=4)
+    kept, _ = _round(old, seed=5, drop=0.3)
+    new = RaggedPackedStore.from_ragged(arrange(old, kept, 1), 2, G, R, columns=True, rotation=old.rotation,
+                                        sinks=2)
+    holes = int((new.counts_bias < 1e-30).sum())
+    assert holes > 20 and f"(+{holes} placeholder rows)" in repr(new)
+    query = torch.randn(2, 4, 1, D, generator=torch.Generator().manual_seed(6))
+    spec = AttentionSpec(scaling=0.3, count_bias=count_bias)
+    want = _reference(new.unpacked(), query, spec)  # the slots the store holds, dequantized
+    got = new.attend(query, spec).double()  # the kernel, placeholders included
+    assert (got - want).abs().max() < 2e-5
+    # the padded path (two queries, causal: not the kernel's decode call) too
+    q2 = torch.cat([query, query], 2)
+    assert (new.attend(q2, spec).double()[:, 1:] - want).abs().max() < 2e-5  # the newest sees every slot
+    # with weight, the placeholders would move the output: the comparison can fail
+    heavy = RaggedPackedStore.from_ragged(arrange(old, kept, 1), 2, G, R, columns=True, rotation=old.rotation,
+                                          sinks=2)
+    heavy.counts_bias[heavy.counts_bias < 1e-30] = 1.0
+    heavy.counts_plain[heavy.counts_plain < 1e-30] = 1.0
+    assert (heavy.attend(query, spec).double() - want).abs().max() > 1e-3
+
+
+def test_a_round_that_moves_the_sink_block_packs_everything_again():
+    old = _old_store(2, 2, False)
+    kept, _ = _round(old)
+    # drop head 0's first sink: the block would move, so no arrangement
+    o = int(kept.offsets[0])
+    keep = torch.ones(int(kept.lengths[0]), dtype=torch.bool)
+    keep[0] = False
+    B, H = kept.batch, kept.heads
+    parts = [kept.head(b, h) for b in range(B) for h in range(H)]
+    counts = [kept.counts[int(kept.offsets[i]) : int(kept.offsets[i]) + int(kept.lengths[i])] for i in range(B * H)]
+    parts[0] = tuple(t[keep] for t in parts[0])
+    counts[0] = counts[0][keep]
+    M = max(len(p[2]) for p in parts)
+    keys, values = torch.zeros(B, H, M, D), torch.zeros(B, H, M, D)
+    pos, cnt = torch.zeros(B, H, M, dtype=torch.int32), torch.ones(B, H, M)
+    valid = torch.zeros(B, H, M, dtype=torch.bool)
+    for i, ((k, v, p), c) in enumerate(zip(parts, counts)):
+        n = len(p)
+        keys[i // H, i % H, :n], values[i // H, i % H, :n], pos[i // H, i % H, :n] = k, v, p
+        cnt[i // H, i % H, :n] = c
+        valid[i // H, i % H, :n] = True
+    assert o == 0 and arrange(old, RaggedStore.from_dense(keys, values, pos, valid, counts=cnt), 1) is None
+    # no merge counts (not a merging method's round): no arrangement either
+    plain = RaggedStore.from_dense(keys, values, pos, valid)
+    assert arrange(old, plain, 1) is None
+
+
+def test_keep_rows_option():
+    assert kvc.KIVI(bits=2).keep_rows is None  # half a group
+    assert "keep_rows" not in kvc.KIVI(bits=2).describe()
+    assert (kvc.EMS(budget=64) + kvc.KIVI(bits=2, group=8)).round_keeps_rows == 4
+    assert "keep_rows=0" in kvc.KIVI(bits=2, keep_rows=0).describe()
+    with pytest.raises(ValueError, match="keep_rows"):
+        kvc.KIVI(bits=2, keep_rows=-1)
+    with pytest.raises(TypeError, match="keep_rows"):
+        kvc.KIVI(bits=2, keep_rows=1.5)
+    assert (kvc.EMS(budget=64) + kvc.KIVI(bits=2)).round_keeps_rows == 16
+    assert (kvc.EMS(budget=64) + kvc.KIVI(bits=2, keep_rows=0)).round_keeps_rows == 0
+    # only merging methods: their packed rows carry the counts placeholders need
+    assert (kvc.SnapKV(budget=64) + kvc.KIVI(bits=2)).round_keeps_rows == 0
+    assert (kvc.AdaKV(budget=64) + kvc.KIVI(bits=2)).round_keeps_rows == 0
+    assert kvc.KIVI(bits=2).round_keeps_rows == 0
+
+
+@pytest.mark.slow
+def test_rounds_of_a_generation_keep_their_groups(tiny_model, monkeypatch):
+    """EMS + KIVI-2 on a real generation: at every round of every layer, a
+    packed group that holds placeholders is an old group kept in place: its
+    members all come from one old group, keep their key codes, and the group
+    its range (min and scale); the layer's slot counts stay within the budget
+    and interval. Rounds without this path (``keep_rows=0``) hold no such
+    group, so the count below would be zero."""
+    seen = {"rounds": 0, "kept groups": 0}
+    repack = CompressedLayer._repack_round
+
+    def rows(store):
+        for i, (o, n) in enumerate(zip(store.offsets.tolist(), store.lengths.tolist())):
+            for row in range(o, o + n):
+                yield i, row
+
+    def spy(self, scaling):
+        old = self.store
+        before = {}
+        if isinstance(old, RaggedPackedStore):
+            for i, row in rows(old):
+                before.setdefault((i, int(old.positions[row])), (old._kc[row].clone(), row // G2))
+            old_min, old_scale = old._kmin.clone(), old._ksc.clone()
+        repack(self, scaling)
+        new = self.store
+        seen["rounds"] += 1
+        assert max(new.head_lengths()) <= 48 + 16  # budget + interval
+        hole = new.counts_bias < 1e-30
+        for i, (o, n) in enumerate(zip(new.offsets.tolist(), new.lengths.tolist())):
+            for g0 in range(o, o + n, G2):
+                if not bool(hole[g0 : g0 + G2].any()):
+                    continue
+                members = [r for r in range(g0, g0 + G2) if not bool(hole[r])]
+                was = [before[(i, int(new.positions[r]))] for r in members]
+                assert len({g for _, g in was}) == 1
+                assert all(torch.equal(new._kc[r], code) for r, (code, _) in zip(members, was))
+                g = was[0][1]
+                assert torch.allclose(new._kmin[g0 // G2], old_min[g], rtol=1e-6, atol=1e-6)
+                assert torch.allclose(new._ksc[g0 // G2], old_scale[g], rtol=1e-5, atol=1e-7)
+                seen["kept groups"] += 1
+
+    G2 = 16
+    monkeypatch.setattr(CompressedLayer, "_repack_round", spy)
+    method = kvc.EMS(budget=48) + kvc.KIVI(bits=2, group=G2, residual=16, keep_rows=8)
+    ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(7))
+    with kvc.compress(tiny_model, method):
+        tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=96,
+                            min_new_tokens=96, do_sample=False, pad_token_id=0)
+    assert seen["rounds"] >= 20
+    assert seen["kept groups"] >= 10, seen
