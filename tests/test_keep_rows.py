@@ -211,6 +211,12 @@ def test_keep_rows_option():
     assert (kvc.SnapKV(budget=64) + kvc.KIVI(bits=2)).round_keeps_rows == 0
     assert (kvc.AdaKV(budget=64) + kvc.KIVI(bits=2)).round_keeps_rows == 0
     assert kvc.KIVI(bits=2).round_keeps_rows == 0
+    # set where no round would read it: refused by name, not ignored
+    with pytest.raises(ValueError, match="keep_rows: .*SnapKV does not merge"):
+        kvc.SnapKV(budget=64) + kvc.KIVI(bits=2, keep_rows=8)
+    assert (kvc.SnapKV(budget=64) + kvc.KIVI(bits=2, keep_rows=0)).round_keeps_rows == 0  # off is fine anywhere
+    with pytest.raises(ValueError, match="keep_rows: LowBits packs once"):
+        kvc.LowBits(bits=2, keep_rows=8)  # (MiKV and ZipCache have no such field)
 
 
 @pytest.mark.slow

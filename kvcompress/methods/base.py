@@ -290,6 +290,10 @@ class Method:
         if not self.evicts:
             raise ValueError(f"quant: {type(self).__name__} keeps every token itself; give quant= to an "
                              "evicting or merging method")
+        if getattr(q, "keep_rows", None) and not self.merges:
+            raise ValueError(f"keep_rows: {q.describe()} keeps packed rows through the decode-time rounds of a "
+                             f"merging method (EMS, KVMerger, ...); {type(self).__name__} does not merge, so its "
+                             "rounds pack everything again: leave keep_rows unset")
         if q.demotes and (self.headwise or self.merges):
             raise ValueError(f"quant: {q.describe()} keeps the evictor's slots in one full-precision window of "
                              f"equal length per head; {type(self).__name__} gives heads different lengths or "

@@ -345,6 +345,9 @@ class LowBits(KIVI):
         if self.clip_values:
             raise ValueError(f"clip_values: LowBits packs its values over their min..max, got "
                              f"clip_values={self.clip_values!r}")
+        if self.keep_rows is not None:
+            raise ValueError(f"keep_rows: LowBits packs once and never re-packs while decoding, got "
+                             f"keep_rows={self.keep_rows}")
         if self.pack_windows is not True:
             raise ValueError("pack_windows: LowBits never packs sliding-window layers (it scores none, so "
                              "demotes nothing there); leave pack_windows at True")
