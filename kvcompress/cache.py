@@ -841,13 +841,19 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         pending = torch.cat(self._pending, 2) if self._pending else None
         self._pending = []
         old = self.store
-        self.store = old.unpacked()
-        self._compress(pending, scaling)
         min_live = self.method.round_keeps_rows
-        if min_live and isinstance(old, RaggedPackedStore) and type(self.store) is RaggedStore:
+        rows = None
+        if min_live and isinstance(old, RaggedPackedStore):
+            # arrange reads the rows unpacked() reads: dequantized once
+            rows = old._dequantized_rows()
+            self.store = old.unpacked(rows)
+        else:
+            self.store = old.unpacked()
+        self._compress(pending, scaling)
+        if rows is not None and type(self.store) is RaggedStore:
             # the old key groups that come through whole enough keep their
             # codes (stores.keep_rows); the rest is packed afresh
-            arranged = arrange(old, self.store, min_live)
+            arranged = arrange(old, self.store, min_live, rows)
             if arranged is not None:
                 self.store = arranged
         self._to_packed(self.method.packing, pending, scaling)

@@ -54,6 +54,25 @@ def test_pyramidkv_row_result_does_not_depend_on_itsleft_pad(tiny_model):
     assert torch.equal(out[0, -28:], alone[0])
 
 
+@pytest.mark.parametrize("evictor", ["ems", "adakv", "snapkv"])
+def test_packed_rows_compressed_once_generate_what_they_generate_alone(tiny_model, evictor):
+    """Evict, then pack, compressing once (``interval=0``): every kept slot
+    is packed at prefill, each head's key groups start at its own first
+    kept slot and the residual starts empty, so nothing a row packs depends
+    on the other rows: both rows of a left-padded batch, each compressed,
+    generate what they generate alone over 40 tokens (two packs of new
+    groups). With rounds the rows share the residual's length, and a
+    uniform KIVI layer its group boundaries (README, "Limits")."""
+    make = lambda: REGISTRY[evictor](budget=48, interval=0) + kvc.KIVI(  # noqa: E731
+        bits=2, group=16, residual=16, **({"sinks": 4, "rotate": True} if evictor == "ems" else {}))
+    rows = [random_ids(150, 21), random_ids(97, 22)]
+    ids, mask = left_pad(rows)
+    out = _gen(tiny_model, make(), ids, mask, n=40)[0]
+    for i, row in enumerate(rows):
+        alone = _gen(tiny_model, make(), row[None], torch.ones(1, len(row), dtype=torch.long), n=40)[0]
+        assert torch.equal(out[i, -40:], alone[0, -40:]), (evictor, i)
+
+
 @pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])
 def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_model, name):
     ids = random_ids(40, 8)[None]

@@ -226,9 +226,15 @@ def test_rounds_of_a_generation_keep_their_groups(tiny_model, monkeypatch):
     members all come from one old group, keep their key codes, and the group
     its range (min and scale); the layer's slot counts stay within the budget
     and interval. Rounds without this path (``keep_rows=0``) hold no such
-    group, so the count below would be zero."""
-    seen = {"rounds": 0, "kept groups": 0}
+    group, so the count below would be zero. A round dequantizes the old
+    layer once: ``unpacked()`` and ``arrange`` read the same rows."""
+    seen = {"rounds": 0, "kept groups": 0, "dequantized": 0}
     repack = CompressedLayer._repack_round
+    dequantize = RaggedPackedStore._dequantized_rows
+
+    def counted(self):
+        seen["dequantized"] += 1
+        return dequantize(self)
 
     def rows(store):
         for i, (o, n) in enumerate(zip(store.offsets.tolist(), store.lengths.tolist())):
@@ -242,7 +248,9 @@ def test_rounds_of_a_generation_keep_their_groups(tiny_model, monkeypatch):
             for i, row in rows(old):
                 before.setdefault((i, int(old.positions[row])), (old._kc[row].clone(), row // G2))
             old_min, old_scale = old._kmin.clone(), old._ksc.clone()
+        calls = seen["dequantized"]
         repack(self, scaling)
+        assert seen["dequantized"] - calls == isinstance(old, RaggedPackedStore)
         new = self.store
         seen["rounds"] += 1
         assert max(new.head_lengths()) <= 48 + 16  # budget + interval
@@ -262,6 +270,7 @@ def test_rounds_of_a_generation_keep_their_groups(tiny_model, monkeypatch):
 
     G2 = 16
     monkeypatch.setattr(CompressedLayer, "_repack_round", spy)
+    monkeypatch.setattr(RaggedPackedStore, "_dequantized_rows", counted)
     method = kvc.EMS(budget=48) + kvc.KIVI(bits=2, group=G2, residual=16, keep_rows=8)
     ids = torch.randint(3, 512, (1, 200), generator=torch.Generator().manual_seed(7))
     with kvc.compress(tiny_model, method):

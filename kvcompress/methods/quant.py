@@ -176,8 +176,8 @@ class KIVI(KeepsEveryToken):
       2026-12-05). With EMS + KIVI-2 at EMS's default interval it takes KL
       to the full cache from 0.175 to 0.144 on development passages and
       from 0.302 to 0.221 on held-out ones (11/12 and 12/12 lower) for 2%
-      more bytes and about 4 ms per layer and round (RESULTS, "Keeping the
-      packed rows through a round").
+      more bytes and about 2 ms per layer and round (RESULTS, "Keeping the
+      packed rows through a round", "A cheaper ``keep_rows`` round").
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
     ``2 * 4 * D / group`` for the key mins/scales, ``2 * 4 * ceil(D /

@@ -48,12 +48,19 @@ TINY = 1e-37
 TINY_BELOW = 1e-30
 
 
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[index]`` for an int64 ``index`` along the first dim: one
+    ``index_select`` (a 2-D advanced index costs about four times as much
+    on the small tensors of a round)."""
+    return x.index_select(0, index)
+
+
 def is_placeholder(counts: torch.Tensor) -> torch.Tensor:
     """Which of ``counts`` mark placeholder rows."""
     return counts < TINY_BELOW
 
 
-def arrange(old, kept: RaggedStore, min_live: int) -> RaggedStore | None:
+def arrange(old, kept: RaggedStore, min_live: int, rows=None) -> RaggedStore | None:
     """The round's kept slots ``kept`` (a :class:`RaggedStore` with merge
     counts, what the method returned from ``old.unpacked()``) laid out for
     ``RaggedPackedStore.from_ragged(columns=True)`` so that every key group
@@ -63,8 +70,10 @@ def arrange(old, kept: RaggedStore, min_live: int) -> RaggedStore | None:
     slot held at the same position with the same merge count and bit for bit
     the keys and values it was read back with. Per head: the sink block,
     the kept groups in their old order, then every other slot by position.
-    None when no group is kept or the layout would change the store's sink
-    block or residual (then the round packs everything again)."""
+    ``rows`` is ``old._dequantized_rows()`` when the caller has it (the
+    round's ``unpacked()`` read the same rows). None when no group is kept
+    or the layout would change the store's sink block or residual (then the
+    round packs everything again)."""
     from .packed_ragged import _recent_kept
 
     if kept.counts is None or old.positions is None or not old.packed_any():
@@ -78,14 +87,16 @@ def arrange(old, kept: RaggedStore, min_live: int) -> RaggedStore | None:
     pos_o = old.positions[rows_o].to(torch.int64)
     copy = torch.zeros_like(t_o, dtype=torch.bool)
     copy[1:] = (t_o[1:] > 0) & (pos_o[1:] == pos_o[:-1])
-    rows_o, head_o, pos_o = rows_o[~copy], head_o[~copy], pos_o[~copy]
-    count_o = (old.counts_bias / old.counts_plain)[rows_o]
-    kd, vd = old._dequantized_rows()
-    # ---- the kept slots, matched to old packed rows by (head, position)
+    keep_o = ~copy
+    rows_o, head_o, pos_o = rows_o[keep_o], head_o[keep_o], pos_o[keep_o]
+    kd, vd = old._dequantized_rows() if rows is None else rows
+    # ---- the kept slots (gathered once), matched to old packed rows by (head, position)
     total_n = int(kept._host_lengths.sum())
     head_n, t_n = segments(kept.lengths, total_n)
     rows_n = kept.offsets[head_n] + t_n
-    pos_n = kept.positions[rows_n].to(torch.int64)
+    k_n, v_n = _rows(kept.k, rows_n), _rows(kept.v, rows_n)
+    p_n = kept.positions[rows_n]
+    pos_n = p_n.to(torch.int64)
     count_n = kept.counts[rows_n]
     span = int(torch.maximum(pos_o.max(), pos_n.max() if total_n else pos_o.max())) + 1
     key_o, order = torch.sort(head_o * span + pos_o)
@@ -93,8 +104,8 @@ def arrange(old, kept: RaggedStore, min_live: int) -> RaggedStore | None:
     at = torch.searchsorted(key_o, key_n).clamp_max(key_o.numel() - 1)
     matched = key_o[at] == key_n
     orow = rows_o[order[at]]  # the old packed row of each kept slot (garbage where not matched)
-    same = (matched & (count_n == count_o[order[at]]) & (kept.k[rows_n] == kd[orow]).all(1)
-            & (kept.v[rows_n] == vd[orow]).all(1))
+    same = (matched & (count_n == old.counts_bias[orow] / old.counts_plain[orow])
+            & (k_n == _rows(kd, orow)).all(1) & (v_n == _rows(vd, orow)).all(1))
     # ---- groups that keep enough unchanged members, and their placeholders
     n_groups = int(old._kmin.shape[0])
     gid = torch.where(same, orow // G, torch.zeros_like(orow))
@@ -104,16 +115,17 @@ def arrange(old, kept: RaggedStore, min_live: int) -> RaggedStore | None:
     top = float((1 << old.bits) - 1)
     lo, step = old._kmin.float(), old._ksc.float()
     hi = lo + top * step
-    kr = kept.k[rows_n[member]].float()
+    cand = torch.nonzero(member).flatten()  # members so far (a group may still be dropped below)
+    g_m = gid[cand]
+    kr = _rows(k_n, cand).float()
     if old.rotation is not None:
         kr = rotate(kr, old.rotation, torch.float32)
-    g_m = gid[member]
-    near = 0.25 * step[g_m].clamp_min(1e-30)
-    reach_lo = torch.zeros((n_groups, D), dtype=torch.float32, device=dev)
-    reach_hi = torch.zeros((n_groups, D), dtype=torch.float32, device=dev)
-    reach_lo.index_add_(0, g_m, ((kr - lo[g_m]).abs() <= near).float())  # members at each end, per channel
-    reach_hi.index_add_(0, g_m, ((kr - hi[g_m]).abs() <= near).float())
-    need_lo, need_hi = reach_lo == 0, reach_hi == 0
+    near = 0.25 * _rows(step, g_m).clamp_min(1e-30)
+    # members at each end of their group's range, per channel
+    ends = torch.zeros((2, n_groups, D), dtype=torch.float32, device=dev)
+    ends[0].index_add_(0, g_m, ((kr - _rows(lo, g_m)).abs() <= near).float())
+    ends[1].index_add_(0, g_m, ((kr - _rows(hi, g_m)).abs() <= near).float())
+    need_lo, need_hi = ends[0] == 0, ends[1] == 0
     holes = G - live
     # one hole cannot hold a channel's minimum and its maximum both
     keep_g &= ~((holes == 1) & (need_lo & need_hi).any(1))
@@ -132,64 +144,63 @@ def arrange(old, kept: RaggedStore, min_live: int) -> RaggedStore | None:
     g_rank = torch.zeros(n_groups, dtype=torch.int64, device=dev)
     g_rank[kept_ids] = torch.arange(kept_ids.numel(), device=dev)  # groups are in head, then row order
     # a member's slot inside its group: its old row's rank among the group's members
-    m_rows = orow[member]
-    m_order = torch.argsort(m_rows)
+    idx_m = torch.nonzero(member).flatten()
+    m_rows, g_mm = orow[idx_m], gid[idx_m]
+    m_order = torch.sort(m_rows).indices
+    live_k = live[kept_ids]
     m_slot = torch.empty_like(m_rows)
-    rank_in = torch.arange(m_rows.numel(), device=dev) - (torch.cumsum(live[keep_g], 0) - live[keep_g])[
-        g_rank[gid[member][m_order]]]
-    m_slot[m_order] = rank_in
+    m_slot[m_order] = torch.arange(m_rows.numel(), device=dev) - (torch.cumsum(live_k, 0) - live_k)[
+        g_rank[g_mm[m_order]]]
     section = torch.where(lead, 0, torch.where(member, 1, 2))
     sub = torch.where(lead, t_n, pos_n)
-    sub[member] = g_rank[gid[member]] * G + m_slot
+    sub[idx_m] = g_rank[g_mm] * G + m_slot
     # placeholders: per kept group, G - live rows after its members
-    ph_g = torch.repeat_interleave(kept_ids, holes[kept_ids])
-    ph_i = segments(holes[kept_ids], int(holes[kept_ids].sum()))[1]
-    # each kept group's first member (lowest old row) and last member
-    first_m = torch.full((n_groups,), 1 << 62, dtype=torch.int64, device=dev)
-    first_m.scatter_reduce_(0, gid[member], m_rows, "amin")
-    last_row = torch.full((n_groups,), -1, dtype=torch.int64, device=dev)
-    last_row.scatter_reduce_(0, gid[member], m_rows, "amax")
-    # kept slot index of each group's first and last member (by old row)
-    slot_of_row = torch.full((int(old._kc.shape[0]),), -1, dtype=torch.int64, device=dev)
-    slot_of_row[m_rows] = torch.nonzero(member).flatten()
-    base = slot_of_row[first_m[ph_g]]
-    last = slot_of_row[last_row[ph_g]]
-    b = kept.k[rows_n[base]].float()
+    holes_k = holes[kept_ids]
+    n_ph = int(holes_k.sum())
+    ph_g = torch.repeat_interleave(kept_ids, holes_k, output_size=n_ph)
+    ph_i = segments(holes_k, n_ph)[1]
+    # kept slot index of each kept group's first and last member (by old
+    # row: members are sorted by it, so a group's run starts and ends there)
+    ends_at = torch.cumsum(live_k, 0)
+    base_of = idx_m[m_order[ends_at - live_k]]
+    last_of = idx_m[m_order[ends_at - 1]]
+    ph_rank = g_rank[ph_g]
+    base, last = base_of[ph_rank], last_of[ph_rank]
+    b = _rows(k_n, base).float()
     if old.rotation is not None:
         b = rotate(b, old.rotation, torch.float32)
-    one = holes[ph_g] == 1
-    lo_p, hi_p, nl, nh = lo[ph_g], hi[ph_g], need_lo[ph_g], need_hi[ph_g]
+    one = (holes_k == 1)[ph_rank]
+    lo_p, hi_p, nl, nh = (_rows(x, ph_g) for x in (lo, hi, need_lo, need_hi))
     ph_k = torch.where((ph_i == 0)[:, None], torch.where(nl, lo_p, torch.where(one[:, None] & nh, hi_p, b)),
                        torch.where((ph_i == 1)[:, None] & nh, hi_p, b))
     if old.rotation is not None:
         ph_k = unrotate(ph_k, old.rotation, torch.float32)
     ph_head = head_n[base]
-    # ---- everything in its order: (head, section, place), then dense per head
+    # ---- everything in its order: (head, section, place), flat per head
     big = 1 << 40
     order_key = torch.cat([head_n * 3 * big + section * big + sub,
-                           ph_head * 3 * big + big + g_rank[ph_g] * G + live[ph_g] + ph_i])
-    ks = torch.cat([kept.k[rows_n], ph_k.to(kept.k.dtype)])
-    vs = torch.cat([kept.v[rows_n], kept.v[rows_n[base]]])
-    ps = torch.cat([kept.positions[rows_n], kept.positions[rows_n[last]]])
-    cs = torch.cat([count_n, torch.full((ph_g.numel(),), TINY, device=dev)])
-    ss = None
-    if kept.scores is not None:
-        ss = torch.cat([kept.scores[rows_n], torch.full((ph_g.numel(),), float("nan"), device=dev)])
+                           ph_head * 3 * big + big + ph_rank * G + live[ph_g] + ph_i])
     heads = torch.cat([head_n, ph_head])
     order = torch.argsort(order_key)
     heads = heads[order]
     lengths = torch.bincount(heads, minlength=N)
-    M = int(lengths.max()) if N else 0
-    within = torch.arange(heads.numel(), device=dev) - (torch.cumsum(lengths, 0) - lengths)[heads]
-    B, H = kept.batch, kept.heads
-    dense = lambda x, fill: x.new_full((N * M,) + tuple(x.shape[1:]), fill).index_copy_(  # noqa: E731
-        0, heads * M + within, x[order]).view(B, H, M, *x.shape[1:])
-    valid = torch.zeros(N * M, dtype=torch.bool, device=dev)
-    valid[heads * M + within] = True
     slack = int((kept._host_caps - kept._host_lengths).min()) if N else 0
-    out = RaggedStore.from_dense(dense(ks, 0), dense(vs, 0), dense(ps, 0), valid.view(B, H, M),
-                                 counts=dense(cs, 1.0), scores=None if ss is None else dense(ss, float("nan")),
-                                 slack=slack)
+    caps = lengths + slack
+    offsets = torch.cumsum(caps, 0) - caps
+    R = int(caps.sum())
+    # rows are in head order: each item's row is its rank plus its head's slack before it
+    dst = torch.arange(heads.numel(), device=dev) + slack * heads
+
+    def flat(x, ph, fill):
+        out = x.new_full((R,) + tuple(x.shape[1:]), fill)
+        out[dst] = _rows(torch.cat([x, ph.to(x.dtype)]), order)
+        return out
+
+    out = RaggedStore(flat(k_n, ph_k, 0), flat(v_n, _rows(v_n, base), 0), offsets, lengths, caps,
+                      flat(p_n, p_n[last], 0), kept.batch, kept.heads)
+    out.counts = flat(count_n.float(), torch.full((n_ph,), TINY, device=dev), 1.0)
+    if kept.scores is not None:
+        out.scores = flat(kept.scores[rows_n].float(), torch.full((n_ph,), float("nan"), device=dev), 1.0)
     # from_ragged's sink block and residual must be the ones laid out here
     r = _recent_kept(out, old.residual)
     n_min = int(out._host_lengths.min()) if N else 0
