@@ -62,7 +62,7 @@ def test_packed_rows_compressed_once_generate_what_they_generate_alone(tiny_mode
     on the other rows: both rows of a left-padded batch, each compressed,
     generate what they generate alone over 40 tokens (two packs of new
     groups). With rounds the rows share the residual's length, and a
-    uniform KIVI layer its group boundaries (README, "Limits")."""
+    uniform KIVI layer its group boundaries (README, "Choices worth knowing")."""
     make = lambda: REGISTRY[evictor](budget=48, interval=0) + kvc.KIVI(  # noqa: E731
         bits=2, group=16, residual=16, **({"sinks": 4, "rotate": True} if evictor == "ems" else {}))
     rows = [random_ids(150, 21), random_ids(97, 22)]
