@@ -81,14 +81,9 @@ def arrange(old, kept: RaggedStore, min_live: int, rows=None) -> RaggedStore | N
     G, dev = old.group, kept.k.device
     N, D = kept.batch * kept.heads, int(kept.k.shape[1])
     # ---- the old packed rows, a repeated slot's copies left out
-    total_o = int(old._host_lengths.sum())
-    head_o, t_o = segments(old.lengths, total_o)
-    rows_o = old.offsets[head_o] + t_o
+    head_o, rows_o, first = old._packed_rows()
+    rows_o, head_o = rows_o[first], head_o[first]
     pos_o = old.positions[rows_o].to(torch.int64)
-    copy = torch.zeros_like(t_o, dtype=torch.bool)
-    copy[1:] = (t_o[1:] > 0) & (pos_o[1:] == pos_o[:-1])
-    keep_o = ~copy
-    rows_o, head_o, pos_o = rows_o[keep_o], head_o[keep_o], pos_o[keep_o]
     kd, vd = old._dequantized_rows() if rows is None else rows
     # ---- the kept slots (gathered once), matched to old packed rows by (head, position)
     total_n = int(kept._host_lengths.sum())

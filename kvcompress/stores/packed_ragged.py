@@ -207,13 +207,7 @@ class RaggedPackedStore(PackedStore):
         s, dev = self._r0, self._rk.device
         N, r = B * H, self.r + s  # the block and the residual: the buffers' first s + r slots
         kd, vd = self._dequantized_rows() if rows is None else rows
-        # a head's last kept slot's copies, and a kept group's placeholders
-        # (stores.keep_rows), repeat the position of the row before them
-        head, t = segments(self.lengths, int(self._host_lengths.sum()))
-        src = self.offsets[head] + t
-        pos = self.positions[src]
-        keep = torch.ones_like(t, dtype=torch.bool)
-        keep[1:] = (t[1:] == 0) | (pos[1:] != pos[:-1])
+        head, src, keep = self._packed_rows()
         M = int(self._real.max()) if N else 0
         # each kept row's column: kept rows before it in its own head
         kept_before = torch.cumsum(keep.to(torch.int64), 0) - keep.to(torch.int64)
@@ -225,12 +219,12 @@ class RaggedPackedStore(PackedStore):
         # in token order: a round that kept groups in place (keep_rows) packs
         # the slots it re-packs after them, older ones among them
         late = torch.iinfo(torch.int64).max
-        order = torch.argsort(torch.where(live, self.positions[rows].to(torch.int64), late), dim=1, stable=True)
-        rows = rows.gather(1, order)
+        pos = self.positions[rows]
+        order = torch.argsort(torch.where(live, pos.to(torch.int64), late), dim=1, stable=True)
+        rows, pos = rows.gather(1, order), pos.gather(1, order)
         # the split count back whole: count * share / share
         counts = (self.counts_bias / self.counts_plain)[rows]
         resid_counts = self._residual_counts(True, r).reshape(N, r)
-        pos = self.positions[rows]
         rpos = self._rcols["positions"][:, :, :r].reshape(N, r)
 
         def cat(packed, resid):
@@ -403,6 +397,20 @@ class RaggedPackedStore(PackedStore):
             self._rcols = {k: t.index_select(0, idx) for k, t in self._rcols.items()}
 
     # ----------------------------------------------------------- attention
+    def _packed_rows(self):
+        """Every head's packed rows in buffer order: ``(head, rows, first)``,
+        int64 ``[P]`` head and row of each, and bool ``first``: False on the
+        rows that repeat the position of the row before them in their head, a
+        last kept slot's copies (the group's fill, ``from_ragged``) and a kept
+        group's placeholders (``stores.keep_rows``), which are no slots of
+        their own."""
+        head, t = segments(self.lengths, int(self._host_lengths.sum()))
+        rows = self.offsets[head] + t
+        pos = self.positions[rows]
+        first = torch.ones_like(t, dtype=torch.bool)
+        first[1:] = (t[1:] == 0) | (pos[1:] != pos[:-1])
+        return head, rows, first
+
     def _dequantized_rows(self):
         """Every row of the flat buffers dequantized: ``(keys [R, D], values
         [R, D])`` in the residual's dtype (slack rows included)."""
