@@ -268,6 +268,7 @@ static int kvc_exec(PyObject *m)
     if (PyModule_AddFunctions(m, kvc_py_actqkv_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, kvc_py_layerbudget_methods) < 0) return -1;
     if (PyModule_AddFunctions(m, kvc_py_fastgen_methods) < 0) return -1;
+    if (PyModule_AddFunctions(m, kvc_py_keep_rows_methods) < 0) return -1;
 #ifdef _OPENMP
     st->num_threads = omp_get_max_threads();
 #else

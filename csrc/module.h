@@ -115,6 +115,7 @@ extern PyMethodDef kvc_py_minicache_methods[];
 extern PyMethodDef kvc_py_keyformer_methods[];
 extern PyMethodDef kvc_py_lagkv_methods[];
 extern PyMethodDef kvc_py_span_methods[];
+extern PyMethodDef kvc_py_keep_rows_methods[];
 extern PyMethodDef kvc_py_kvcrush_methods[];
 extern PyMethodDef kvc_py_kvmerger_methods[];
 extern PyMethodDef kvc_py_actqkv_methods[];

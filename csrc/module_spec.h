@@ -24,7 +24,7 @@
 
 #include "module.h"
 
-#define KVC_PY_MAX_ARGS 24
+#define KVC_PY_MAX_ARGS 32
 #define KVC_PY_MAX_SYMS 12
 
 enum kvc_py_kind {

@@ -2010,3 +2010,75 @@ def fastgen_recovery(queries, keys, rung, rungs: int, *, scaling=None, kv_start=
     _C.fastgen_recovery(_prepare(queries), _prepare(keys), _prepare(rung), out, _scaling(scaling, qs[3]),
                         _as_int64(kv_start, "kv_start", keys))
     return out
+
+
+class KeepRowsPlan(NamedTuple):
+    """Outputs of :func:`keep_rows_plan`."""
+
+    take: object  #: ``[S]`` int64: the kept store's row of each kept slot (head by head, in order)
+    dst: object  #: ``[S + P]`` int64: each kept slot's row in the new flat buffers, then each placeholder's
+    lengths: object  #: ``[N]`` int64: rows per head
+    ph_base: object  #: ``[P]`` int64: the kept row whose value (and grid key) a placeholder repeats
+    ph_last: object  #: ``[P]`` int64: the kept row whose position a placeholder takes
+    ph_keys: object  #: ``[P, D]`` float32: each placeholder's key on the packing grid
+
+
+def keep_rows_plan(o_offsets, o_lengths, o_pos, o_counts_bias, o_counts_plain, o_keys, o_values, o_min, o_step,
+                   n_offsets, n_lengths, n_pos, n_counts, n_keys, n_values, n_grid, *, group, bits, min_live,
+                   sinks, sinks_asked, residual, slack):
+    """Layout of a decode-time round that keeps a per-head packed layer's
+    unchanged key groups in place (``stores.keep_rows``; the rules are in
+    ``csrc/keep_rows.h``). Host bookkeeping on CPU tensors, one call.
+
+    Parameters
+    ----------
+    o_offsets, o_lengths : int64 ``[N]``
+        The old packed layer's segments (first row, packed rows in use).
+    o_pos : int32 ``[Ro]``; o_counts_bias, o_counts_plain : float32 ``[Ro]``
+        Its rows' positions and counts with and without merge counts.
+    o_keys, o_values : ``[Ro, D]`` (float32, float16 or bfloat16)
+        Its rows dequantized.
+    o_min, o_step : float32 ``[Ro / group, D]``
+        Its key groups' minimum and step (on the packing grid).
+    n_offsets, n_lengths : int64 ``[N]``; n_pos : int32 ``[Rn]``; n_counts : float32 ``[Rn]``
+        The kept slots (a ragged store) and their merge counts.
+    n_keys, n_values : ``[Rn, D]``, ``o_keys``' dtype
+    n_grid : float32 ``[Rn, D]``
+        The kept keys on the packing grid (rotated when the layer rotates keys).
+    group, bits, min_live : int
+        Key group size, key bits, and the unchanged members a group needs.
+    sinks, sinks_asked, residual : int
+        The old layer's sink block, the sinks asked for, its residual.
+    slack : int
+        Free rows per head in the new buffers.
+
+    Returns
+    -------
+    KeepRowsPlan or None
+        None when the layout is refused (no group kept, or the sink block or
+        the residual would change).
+    """
+    o_lengths = _as_int64(o_lengths, "o_lengths", o_keys)
+    o_offsets = _as_int64(o_offsets, "o_offsets", o_keys)
+    n_offsets = _as_int64(n_offsets, "n_offsets", o_keys)
+    n_lengths = _as_int64(n_lengths, "n_lengths", o_keys)
+    Ro = _shape(o_pos, "o_pos", 1, "[Ro]")[0]
+    Rn = _shape(n_pos, "n_pos", 1, "[Rn]")[0]
+    N = _shape(o_offsets, "o_offsets", 1, "[N]")[0]
+    D = _shape(o_keys, "o_keys", 2, "[Ro, D]")[1]
+    take = _empty(o_keys, (Rn + Ro,), "int64")
+    dst = _empty(o_keys, (Rn + Ro,), "int64")
+    lengths = _empty(o_keys, (N,), "int64")
+    ph_base = _empty(o_keys, (Ro,), "int64")
+    ph_last = _empty(o_keys, (Ro,), "int64")
+    ph_keys = _empty(o_keys, (Ro, D), "float32")
+    info = _empty(o_keys, (3,), "int64")
+    _C.keep_rows_plan(*(_prepare(x) for x in (o_offsets, o_lengths, o_pos, o_counts_bias, o_counts_plain, o_keys,
+                                              o_values, o_min, o_step, n_offsets, n_lengths, n_pos, n_counts, n_keys,
+                                              n_values, n_grid)),
+                      group, bits, min_live, sinks, sinks_asked, residual, slack,
+                      take, dst, lengths, ph_base, ph_last, ph_keys, info)
+    M, P, ok = (int(x) for x in info)
+    if not ok:
+        return None
+    return KeepRowsPlan(take[:M - P], dst[:M], lengths, ph_base[:P], ph_last[:P], ph_keys[:P])

@@ -1114,3 +1114,48 @@ def test_fastgen_recovery(shape, dtype):
         same = recovery_ref(q, k, rung, 5, kv_start=ks, dtype=dtype)
         assert_within_bound(got, ref, same)
         assert_within_bound(out_cpu, ref, same)
+
+
+def _store_on(store, device):
+    """A copy of a store with every tensor (and dict of tensors) on `device`."""
+    import copy
+
+    out = copy.copy(store)
+    for name, value in vars(store).items():
+        if isinstance(value, torch.Tensor):
+            setattr(out, name, value.to(device))
+        elif isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values()):
+            setattr(out, name, {k: t.to(device) for k, t in value.items()})
+    return out
+
+
+@pytest.mark.parametrize("bits,sinks", [(2, 0), (2, 2), (4, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_keep_rows_layout(bits, sinks, dtype):
+    """A round's keep_rows layout has no CUDA kernel: on a CUDA layer
+    ``stores.keep_rows.arrange`` takes its tensor-operation plan, and that
+    lays out what the C plan lays out on the same layer copied to the CPU,
+    bit for bit (host bookkeeping: both only move and compare rows); the op
+    itself refuses CUDA tensors by name."""
+    from kvcompress.stores.keep_rows import arrange
+    from test_keep_rows import _old_store, _round, _same_store
+
+    laid = 0
+    for seed in range(2):
+        old = _old_store(bits, sinks, False, seed=seed, dtype=dtype, device=DEV)
+        kept, _ = _round(old, seed=seed + 3)
+        old_cpu, kept_cpu = _store_on(old, "cpu"), _store_on(kept, "cpu")
+        for min_live in (1, 8, 16):
+            got = arrange(old, kept, min_live)
+            want = arrange(old_cpu, kept_cpu, min_live, backend="c")
+            assert (got is None) == (want is None)
+            if got is not None:
+                laid += 1
+                _same_store(_store_on(got, "cpu"), want)
+    assert laid >= 3
+    rows = old._dequantized_rows()
+    with pytest.raises(TypeError, match="on the CPU"):
+        ops.keep_rows_plan(old.offsets, old.lengths, old.positions, old.counts_bias, old.counts_plain, *rows,
+                           old._kmin, old._ksc, kept.offsets, kept.lengths, kept.positions, kept.counts, kept.k,
+                           kept.v, kept.k.float(), group=16, bits=bits, min_live=1, sinks=0, sinks_asked=0,
+                           residual=8, slack=4)

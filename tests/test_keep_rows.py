@@ -11,27 +11,29 @@ import torch
 import kvcompress as kvc
 from kvcompress.cache import CompressedLayer
 from kvcompress.stores import AttentionSpec, RaggedPackedStore, RaggedStore
+from kvcompress import ops
 from kvcompress.stores.keep_rows import arrange
 from kvcompress.stores.rotation import key_rotation
 
 G, R, D = 16, 8, 32
 
 
-def _old_store(bits, sinks, rotated, seed=0):
+def _old_store(bits, sinks, rotated, seed=0, dtype=torch.float32, device="cpu"):
     """A per-head packed store with positions and merge counts (B = 2, H = 2)."""
     g = torch.Generator().manual_seed(seed)
     B, H = 2, 2
     lengths = [90, 61, 120, 77]
     C = max(lengths)
-    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3.0, D)
-    values = torch.randn(B, H, C, D, generator=g)
+    keys = (torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3.0, D)).to(dtype)
+    values = torch.randn(B, H, C, D, generator=g).to(dtype)
     valid = torch.arange(C)[None, None, :] < torch.tensor(lengths).view(B, H, 1)
     positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).clone()
     counts = torch.randint(1, 4, (B, H, C), generator=g).float()
     counts[..., -R - 2 :] = 1.0  # the newest slots unmerged: the residual takes them
-    ragged = RaggedStore.from_dense(keys, values, positions, valid, counts=counts,
-                                    scores=torch.rand(B, H, C, generator=g))
-    rot = key_rotation(D, "cpu") if rotated else None
+    scores = torch.rand(B, H, C, generator=g)
+    ragged = RaggedStore.from_dense(*(t.to(device) for t in (keys, values, positions, valid)),
+                                    counts=counts.to(device), scores=scores.to(device))
+    rot = key_rotation(D, device) if rotated else None
     return RaggedPackedStore.from_ragged(ragged, bits, G, R, columns=True, rotation=rot, sinks=sinks)
 
 
@@ -46,30 +48,32 @@ def _round(old, seed=1, drop=0.15, merge=0.05, new=20):
     heads, same = [], {}
     for i in range(B * H):
         o, n = int(u.offsets[i]), int(u.lengths[i])
-        k, v = u.k[o : o + n].clone(), u.v[o : o + n].clone()
-        pos, cnt = u.positions[o : o + n].clone(), u.counts[o : o + n].clone()
+        k, v = u.k[o : o + n].cpu().clone(), u.v[o : o + n].cpu().clone()
+        pos, cnt = u.positions[o : o + n].cpu().clone(), u.counts[o : o + n].cpu().clone()
         roll = torch.rand(n, generator=g)
         keep = (roll >= drop) | (torch.arange(n) < old._r0)
         changed = (roll < drop + merge) & keep & (torch.arange(n) >= old._r0)
-        k[changed] = 0.5 * (k[changed] + torch.randn(int(changed.sum()), D, generator=g))
+        k[changed] = (0.5 * (k[changed].float() + torch.randn(int(changed.sum()), D, generator=g))).to(k.dtype)
         cnt[changed] += 2
         last = int(pos.max())
-        k = torch.cat([k[keep], torch.randn(new, D, generator=g)])
-        v = torch.cat([v[keep], torch.randn(new, D, generator=g)])
+        k = torch.cat([k[keep], torch.randn(new, D, generator=g).to(k.dtype)])
+        v = torch.cat([v[keep], torch.randn(new, D, generator=g).to(v.dtype)])
         pos = torch.cat([pos[keep], torch.arange(last + 1, last + 1 + new, dtype=torch.int32)])
         cnt = torch.cat([cnt[keep], torch.ones(new)])
         for p, c in zip(pos.tolist(), (~changed[keep]).tolist() + [False] * new):
             same[(i, p)] = c
         heads.append((k, v, pos, cnt))
     M = max(len(h[2]) for h in heads)
-    keys, values = torch.zeros(B, H, M, D), torch.zeros(B, H, M, D)
+    keys, values = torch.zeros(B, H, M, D, dtype=u.k.dtype), torch.zeros(B, H, M, D, dtype=u.k.dtype)
     positions, counts = torch.zeros(B, H, M, dtype=torch.int32), torch.ones(B, H, M)
     valid = torch.zeros(B, H, M, dtype=torch.bool)
     for i, (k, v, pos, cnt) in enumerate(heads):
         b, h, n = i // H, i % H, len(pos)
         keys[b, h, :n], values[b, h, :n], positions[b, h, :n], counts[b, h, :n] = k, v, pos, cnt
         valid[b, h, :n] = True
-    return RaggedStore.from_dense(keys, values, positions, valid, counts=counts, slack=4), same
+    dev = u.k.device
+    return RaggedStore.from_dense(*(t.to(dev) for t in (keys, values, positions, valid)), counts=counts.to(dev),
+                                  slack=4), same
 
 
 def _reference(store_slots: RaggedStore, query, spec):
@@ -92,10 +96,11 @@ def _reference(store_slots: RaggedStore, query, spec):
 
 @pytest.mark.parametrize("bits,sinks,rotated", [(2, 0, False), (2, 2, True), (4, 0, True), (2, 3, False)])
 @pytest.mark.parametrize("min_live", [1, 8])
-def test_a_round_keeps_the_codes_of_unchanged_rows(bits, sinks, rotated, min_live):
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_a_round_keeps_the_codes_of_unchanged_rows(bits, sinks, rotated, min_live, backend):
     old = _old_store(bits, sinks, rotated)
     kept, same = _round(old)
-    arranged = arrange(old, kept, min_live)
+    arranged = arrange(old, kept, min_live, backend=backend)
     assert arranged is not None
     new = RaggedPackedStore.from_ragged(arranged, bits, G, R, columns=True, rotation=old.rotation, sinks=sinks)
     # the slot counts are the round's: placeholders are not slots
@@ -278,3 +283,153 @@ def test_rounds_of_a_generation_keep_their_groups(tiny_model, monkeypatch):
                             min_new_tokens=96, do_sample=False, pad_token_id=0)
     assert seen["rounds"] >= 20
     assert seen["kept groups"] >= 10, seen
+
+
+def _same_store(a: RaggedStore, b: RaggedStore) -> None:
+    """Every buffer of two ragged stores equal bit for bit (NaN where NaN)."""
+    for name in ("k", "v", "offsets", "lengths", "caps", "positions", "counts", "scores", "_host_lengths",
+                 "_host_caps"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is None:
+            continue
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert torch.equal(x.view(torch.int16) if x.dtype == torch.bfloat16 else x,
+                           y.view(torch.int16) if y.dtype == torch.bfloat16 else y) or (
+            x.is_floating_point() and bool(((x == y) | (x.isnan() & y.isnan())).all())), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,sinks,rotated", [(2, 0, False), (2, 2, True), (4, 3, False), (8, 0, True)])
+def test_the_c_plan_lays_out_what_the_torch_plan_does(bits, sinks, rotated, dtype):
+    """``ops.keep_rows_plan`` (the CPU path) against the tensor-operation
+    plan (every other device), over rounds that drop, merge and keep in
+    different shares and every ``min_live``: the same layout bit for bit, or
+    both refused."""
+    laid = refused = 0
+    for seed in range(3):
+        old = _old_store(bits, sinks, rotated, seed=seed, dtype=dtype)
+        for drop, merge in ((0.15, 0.05), (0.02, 0.0), (0.4, 0.2)):
+            kept, _ = _round(old, seed=seed + 10, drop=drop, merge=merge)
+            rows = old._dequantized_rows()
+            for min_live in (0, 1, 8, G - 1, G):
+                a = arrange(old, kept, min_live, rows, backend="c")
+                b = arrange(old, kept, min_live, rows, backend="torch")
+                assert (a is None) == (b is None), (seed, drop, min_live)
+                if a is None:
+                    refused += 1
+                    continue
+                laid += 1
+                _same_store(a, b)
+    assert laid >= 30 and refused >= 1, (laid, refused)
+
+
+def test_keep_rows_plan_checks_its_arguments():
+    old = _old_store(2, 0, False)
+    kept, _ = _round(old)
+    kd, vd = old._dequantized_rows()
+    D_ = int(kept.k.shape[1])
+    args = dict(o_offsets=old.offsets, o_lengths=old.lengths, o_pos=old.positions, o_counts_bias=old.counts_bias,
+                o_counts_plain=old.counts_plain, o_keys=kd, o_values=vd, o_min=old._kmin.view(-1, D_),
+                o_step=old._ksc.view(-1, D_), n_offsets=kept.offsets, n_lengths=kept.lengths, n_pos=kept.positions,
+                n_counts=kept.counts, n_keys=kept.k, n_values=kept.v, n_grid=kept.k.float())
+    opts = dict(group=G, bits=2, min_live=1, sinks=0, sinks_asked=0, residual=R, slack=4)
+
+    def plan(**change):
+        a = dict(args)
+        o = dict(opts)
+        for k, v in change.items():
+            (o if k in o else a)[k] = v
+        return ops.keep_rows_plan(*a.values(), **o)
+
+    good = plan()
+    assert good is not None and int(good.lengths.sum()) == int(good.dst.shape[0])
+    bad_len = old.lengths.clone()
+    bad_len[1] = int(old._kc.shape[0])
+    with pytest.raises(ValueError, match="o_lengths: value .* runs past the buffer"):
+        plan(o_lengths=bad_len)
+    bad_off = kept.offsets.clone()
+    bad_off[0] = -1
+    with pytest.raises(ValueError, match="n_offsets: value -1 at 0 is outside"):
+        plan(n_offsets=bad_off)
+    twice = kept.lengths.clone()
+    twice[:] = int(kept.k.shape[0]) // 2 + 1
+    with pytest.raises(ValueError, match="n_lengths: the segments hold"):
+        plan(n_offsets=torch.zeros_like(kept.offsets), n_lengths=twice)
+    with pytest.raises(ValueError, match="o_min: .* key groups of 8 rows"):
+        plan(group=8)
+    with pytest.raises(TypeError, match="n_keys: expected dtype"):
+        plan(n_keys=kept.k.double())
+    with pytest.raises(TypeError, match="n_values"):
+        plan(n_values=kept.v.bfloat16())  # the keys' dtype
+    with pytest.raises(ValueError, match="bits"):
+        plan(bits=9)
+    with pytest.raises(ValueError, match="backend: expected"):
+        arrange(old, kept, 1, backend="cuda")
+
+
+def test_keep_rows_plan_survives_any_layout():
+    """Segments in any order and overlapping, repeated and negative
+    positions, merge counts of every kind: a plan or a refusal, its rows
+    inside the new buffers, and the interpreter alive."""
+    g = torch.Generator().manual_seed(5)
+    old = _old_store(2, 0, False)
+    kept, _ = _round(old)
+    kd, vd = old._dequantized_rows()
+    Ro, Rn = int(kd.shape[0]), int(kept.k.shape[0])
+    for trial in range(60):
+        N = int(old.offsets.shape[0])
+        o_len = torch.randint(0, Ro // N + 1, (N,), generator=g)
+        o_off = torch.stack([torch.randint(0, Ro - int(n) + 1, (1,), generator=g)[0] for n in o_len])
+        n_len = torch.randint(0, Rn // N + 1, (N,), generator=g)
+        n_off = torch.stack([torch.randint(0, Rn - int(n) + 1, (1,), generator=g)[0] for n in n_len])
+        o_pos = torch.randint(-3, 40, (Ro,), generator=g, dtype=torch.int32)
+        n_pos = torch.randint(-3, 40, (Rn,), generator=g, dtype=torch.int32)
+        counts = torch.randint(1, 3, (Rn,), generator=g).float()
+        p = ops.keep_rows_plan(o_off, o_len, o_pos, old.counts_bias, old.counts_plain, kd, vd,
+                               old._kmin.view(-1, D), old._ksc.view(-1, D), n_off, n_len, n_pos, counts,
+                               kept.k, kept.v, kept.k, group=G, bits=2, min_live=trial % 3, sinks=trial % 2,
+                               sinks_asked=trial % 4, residual=trial % 9, slack=trial % 5)
+        if p is None:
+            continue
+        S, M = int(p.take.shape[0]), int(p.dst.shape[0])
+        assert S == int(n_len.sum()) and int(p.lengths.sum()) == M
+        assert bool((p.take >= 0).all()) and bool((p.take < Rn).all())
+        rows = M + N * (trial % 5)
+        assert bool((p.dst >= 0).all()) and bool((p.dst < rows).all()) and p.dst.unique().numel() == M
+
+
+@pytest.mark.slow
+def test_a_generation_with_the_c_plan_is_the_torch_plans(tiny_model, monkeypatch):
+    """EMS + KIVI-2 with every option that touches the layout (rotation,
+    sinks, feedback), left-padded batch of two: the logits of every step are
+    the same bit for bit whichever plan lays the rounds out."""
+
+    import kvcompress.cache as cache_mod
+
+    method = kvc.EMS(budget=48) + kvc.KIVI(bits=2, group=16, residual=16, keep_rows=8, rotate=True, sinks=2,
+                                            feedback=True)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, 512, (2, 160), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :30], mask[1, :30] = 0, 0
+    calls = {"c": 0, "torch": 0}
+
+    def run(backend):
+        def counted(*a, **k):
+            out = arrange(*a, **k, backend=backend)
+            calls[backend] += out is not None
+            return out
+
+        monkeypatch.setattr(cache_mod, "arrange", counted)
+        with kvc.compress(tiny_model, method):
+            out = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64,
+                                      do_sample=False, pad_token_id=0, output_scores=True,
+                                      return_dict_in_generate=True)
+        return out.sequences, torch.stack(out.scores)
+
+    seq_c, scores_c = run("c")
+    seq_t, scores_t = run("torch")
+    assert calls["c"] >= 6 and calls["c"] == calls["torch"], calls  # rounds laid out, not refused
+    assert torch.equal(seq_c, seq_t)
+    assert torch.equal(scores_c, scores_t)
