@@ -32,7 +32,7 @@
  * RaggedPackedStore.from_ragged would take from it (each head's newest
  * slots of count 1, at most `residual`, as many as every head has) would
  * not leave the sink block as it was or would reach into the kept groups.
- * The Python function it mirrors (keep_rows._arrange_torch) is the
+ * The Python function it mirrors (keep_rows._plan_torch) is the
  * reference and the path on other devices; they agree bit for bit.
  */
 #ifndef KVC_KEEP_ROWS_H
