@@ -161,8 +161,8 @@ size_t kvc_keep_rows_plan_scratch_bytes(const struct kvc_keep_rows_params *p)
 }
 
 /* Segments [offsets[h], offsets[h] + lengths[h]) inside [0, R), their sum at
- * most R; the sum through *total. */
-static int kr_segments_ok(const struct kvc_view *off, const struct kvc_view *len, int64_t R, int64_t *total)
+ * most R (what the scratch and the outputs are sized for). */
+static int kr_segments_ok(const struct kvc_view *off, const struct kvc_view *len, int64_t R)
 {
     const int64_t N = off->shape[0];
     int64_t h, sum = 0;
@@ -172,7 +172,6 @@ static int kr_segments_ok(const struct kvc_view *off, const struct kvc_view *len
         sum += l;
         if (sum > R) return 0;
     }
-    *total = sum;
     return 1;
 }
 
@@ -205,8 +204,7 @@ enum kvc_status kvc_keep_rows_plan(const struct kvc_keep_rows_params *p)
     struct kr_buf w;
     int64_t No = 0, Nk = 0, Nm = 0, Nph = 0, M, i, h, g, c, k;
     if (G <= 0 || Ro != Ng * G || p->bits < 1 || p->bits > 8) return KVC_ERR_INVALID;
-    if (!kr_segments_ok(&p->o_offsets, &p->o_lengths, Ro, &No) ||
-        !kr_segments_ok(&p->n_offsets, &p->n_lengths, Rn, &Nk))
+    if (!kr_segments_ok(&p->o_offsets, &p->o_lengths, Ro) || !kr_segments_ok(&p->n_offsets, &p->n_lengths, Rn))
         return KVC_ERR_INVALID;
     if (p->scratch == NULL || p->scratch_bytes < kvc_keep_rows_plan_scratch_bytes(p)) return KVC_ERR_NOMEM;
     memset(&w, 0, sizeof w);

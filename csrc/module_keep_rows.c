@@ -2,8 +2,8 @@
  * module_keep_rows.c - binding of keep_rows_plan (keep_rows.c): validate
  * once (the segments inside their buffers, the key groups whole, the
  * outputs' sizes), run with the GIL released. Host bookkeeping: there is no
- * CUDA kernel, and kvcompress.stores.keep_rows takes its torch path off the
- * CPU.
+ * CUDA kernel (kvc_py_run refuses CUDA tensors by the op's name), and
+ * kvcompress.stores.keep_rows takes its torch path off the CPU.
  */
 #include "module.h"
 #include "module_run.h"
@@ -107,16 +107,6 @@ static PyObject *py_keep_rows_plan(PyObject *m, PyObject *const *args, Py_ssize_
     memset(&p, 0, sizeof p);
     if (kvc_py_call_parse(st, "keep_rows_plan", keep_rows_spec, K_N, args, nargs, &c) < 0) return NULL;
     if (kvc_py_call_finish(st, &c) < 0) goto done;
-    {
-        /* the checks below read the tensors in place */
-        int i;
-        for (i = 0; i < K_N; i++)
-            if (c.a[i].t && c.a[i].dev_type != kDLCPU) {
-                kvc_py_raise(st->TypeError, "%s: keep_rows_plan runs on the host: every tensor must be on the CPU",
-                             keep_rows_spec[i].name);
-                goto done;
-            }
-    }
     Ro = c.a[K_OPOS].view.shape[0];
     Rn = c.a[K_NPOS].view.shape[0];
     Ng = c.a[K_OMIN].view.shape[0];
@@ -135,9 +125,17 @@ static PyObject *py_keep_rows_plan(PyObject *m, PyObject *const *args, Py_ssize_
         kvc_py_raise(st->ValueError, "info: expected shape [3], got [%lld]", (long long)c.a[K_INFO].view.shape[0]);
         goto done;
     }
-    if (check_segments(st, "o_offsets", &c.a[K_OOFF].view, "o_lengths", &c.a[K_OLEN].view, Ro) < 0 ||
-        check_segments(st, "n_offsets", &c.a[K_NOFF].view, "n_lengths", &c.a[K_NLEN].view, Rn) < 0)
-        goto done;
+    {
+        /* read on the host (a CUDA tensor's mirror: kvc_py_run then refuses
+         * it, the op has no CUDA kernel) */
+        const struct kvc_view *oo = kvc_py_arg_host(st, &c.a[K_OOFF]);
+        const struct kvc_view *ol = oo ? kvc_py_arg_host(st, &c.a[K_OLEN]) : NULL;
+        const struct kvc_view *no = ol ? kvc_py_arg_host(st, &c.a[K_NOFF]) : NULL;
+        const struct kvc_view *nl = no ? kvc_py_arg_host(st, &c.a[K_NLEN]) : NULL;
+        if (nl == NULL || check_segments(st, "o_offsets", oo, "o_lengths", ol, Ro) < 0 ||
+            check_segments(st, "n_offsets", no, "n_lengths", nl, Rn) < 0)
+            goto done;
+    }
     p.o_offsets = c.a[K_OOFF].view;
     p.o_lengths = c.a[K_OLEN].view;
     p.o_pos = c.a[K_OPOS].view;

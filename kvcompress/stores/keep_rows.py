@@ -123,13 +123,12 @@ def _plan_c(old, kept, min_live, kd, vd, grid, lo, step):
     ph_last, ph_keys), or None when refused."""
     from .. import ops
 
-    N, D = kept.batch * kept.heads, int(kept.k.shape[1])
-    R_old = int(old._kc.shape[0])
+    D = int(kept.k.shape[1])
     return ops.keep_rows_plan(
         old.offsets, old.lengths, old.positions, old.counts_bias, old.counts_plain, kd, vd, lo.view(-1, D),
         step.view(-1, D), kept.offsets, kept.lengths, kept.positions, kept.counts, kept.k, kept.v, grid,
         group=old.group, bits=old.bits, min_live=int(min_live), sinks=int(old._r0),
-        sinks_asked=int(old.sinks_asked), residual=int(old.residual), slack=_slack(kept)) if N and R_old else None
+        sinks_asked=int(old.sinks_asked), residual=int(old.residual), slack=_slack(kept))
 
 
 def _plan_torch(old, kept, min_live, kd, vd, grid, lo, step):

@@ -75,22 +75,23 @@ class RaggedStore(LayerStore):
         caps = lengths + slack
         offsets = torch.cumsum(caps, 0) - caps
         rank = torch.cumsum(valid.to(torch.int64), -1) - 1
-        # the kept slots' flat indices, then one index_select per tensor: a
-        # boolean mask over [B, H, C, D] costs several times as much
+        # the kept slots' flat indices, then one index_select / index_copy_
+        # per tensor: a boolean mask over [B, H, C, D], or a 2-D index put,
+        # costs several times as much
         sel = valid.reshape(-1).nonzero().squeeze(1)
         rows = (offsets.view(B, H, 1) + rank).reshape(-1).index_select(0, sel)
         R = int(caps.sum())
         k = keys.new_zeros((R, keys.shape[3]))
         v = values.new_zeros((R, values.shape[3]))
         pos = positions.new_zeros((R,))
-        k[rows] = keys.reshape(-1, keys.shape[3]).index_select(0, sel)
-        v[rows] = values.reshape(-1, values.shape[3]).index_select(0, sel)
-        pos[rows] = positions.reshape(-1).index_select(0, sel)
+        k.index_copy_(0, rows, keys.reshape(-1, keys.shape[3]).index_select(0, sel))
+        v.index_copy_(0, rows, values.reshape(-1, values.shape[3]).index_select(0, sel))
+        pos.index_copy_(0, rows, positions.reshape(-1).index_select(0, sel))
         store = cls(k, v, offsets, lengths, caps, pos, B, H)
         for name, t in (("counts", counts), ("scores", scores)):
             if t is not None:
                 flat = t.new_ones((R,), dtype=torch.float32)
-                flat[rows] = t.reshape(-1).index_select(0, sel).to(torch.float32)
+                flat.index_copy_(0, rows, t.reshape(-1).index_select(0, sel).to(torch.float32))
                 setattr(store, name, flat)
         return store
 
