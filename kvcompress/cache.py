@@ -36,6 +36,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
 from .packing_choices import PackingChoices
+from .states import check_layer_index, check_states
 from .stores.keep_rows import arrange
 
 # The attention function runs right after ``update()`` of the same layer in the
@@ -157,6 +158,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self.method = method
         self.num_layers = num_layers
         self.store = UniformStore()
+        #: (kv heads, key channels, value channels) of the first update; None before it
+        self.kv_widths: tuple[int, int, int] | None = None
         self.seen = 0
         self.kv_start: torch.Tensor | None = None
         self._start: list[int] = []  # kv_start on the host
@@ -266,6 +269,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
     # ------------------------------------------------------------ HF protocol
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        # what later updates must match (states.check_states)
+        self.kv_widths = (int(key_states.shape[1]), int(key_states.shape[3]), int(value_states.shape[3]))
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -1291,10 +1296,11 @@ class KVCache(Cache):
 
     # ------------------------------------------------------------ HF protocol
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        # before anything changes: a bad call leaves the cache as it was
+        layer_idx = check_layer_index(layer_idx, self.num_layers)
+        check_states(key_states, value_states, self.layers[layer_idx] if layer_idx < len(self.layers) else None)
         if self._awaiting is not None:
             self._finish_without_queries(self._awaiting)
-        if key_states.ndim != 4:
-            raise ValueError(f"key_states: expected [B, H, q, D], got shape {tuple(key_states.shape)}")
         while len(self.layers) <= layer_idx:
             self.layers.append(CompressedLayer(len(self.layers), self.method, self.num_layers))
             self.layers[-1].shared = self.shared

@@ -1159,3 +1159,16 @@ def test_keep_rows_layout(bits, sinks, dtype):
                            old._kmin, old._ksc, kept.offsets, kept.lengths, kept.positions, kept.counts, kept.k,
                            kept.v, kept.k.float(), group=16, bits=bits, min_live=1, sinks=0, sinks_asked=0,
                            residual=8, slack=4)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_packed_stores_through_random_sequences(seed):
+    """The random sequences of tests/test_packed_sequences.py (appends, the
+    attention after each, settles, beam reorders, rounds with and without
+    keep_rows) with the stores' tensors on the GPU: every slot where its
+    token went in within the bound, and the CUDA kernels' attention within
+    twice torch's own error of float64 over the stores' dequantized slots."""
+    from test_packed_sequences import run_per_head, run_uniform
+
+    run_uniform(seed, DEV)
+    run_per_head(seed, DEV)

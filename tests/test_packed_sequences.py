@@ -1,0 +1,478 @@
+"""Seeded random sequences of operations on the packed stores, checked after
+every step against a shadow of what went in.
+
+The other store tests follow one path each (a prefill, a few decode steps,
+one option). Here each case draws a shape and a set of options (bits, value
+bits, group, residual, sinks, rotated keys, clipped values, left padding,
+dtype) and then a sequence of the calls a cache makes: appends of one token
+or a chunk, the attention that follows each, ``settle`` with the rows'
+padding, beam-search reorders with repeated rows, and for the per-head store
+decode-time rounds (read back, drop and merge slots, pack again, with and
+without ``keep_rows``). After every step:
+
+- every slot a row holds is where its token went in, in order: the sink
+  block and the residual bit for bit, a packed slot within half a
+  quantization step of the widest range its group could have (the range of
+  its channel over the row's tokens for keys, in the packing basis; of its
+  token over the channels for values); the packed part is whole groups and
+  the residual within ``[residual, residual + group)`` once it packs;
+- the kernel's attention (``store.attend``) agrees with a float64 attention
+  over the store's dequantized slots within twice torch's own error in the
+  same dtype, with the rows' padding masked and, for a chunk, causally.
+
+The shadow is independent of the store: plain tensors of the keys and
+values appended, reordered and cut as the calls say.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from kvcompress.stores import PackedStore, RaggedStore
+from kvcompress.stores.base import AttentionSpec
+from kvcompress.stores.keep_rows import arrange
+from kvcompress.stores.masked import build_mask, masked_attention
+from kvcompress.stores.packed_ragged import RaggedPackedStore
+
+CASES = 40  # per store kind; each a few dozen steps (about 6 s in all)
+
+
+def _orthogonal(D: int, g: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=g))
+    return q.to(torch.float32)
+
+
+def _tol(dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def _attention64(q, k, v, scaling, kv_start=None, logc=None):
+    """float64 attention ``[B, nq, Hq, D]`` of queries ``[B, Hq, nq, D]``
+    over ``k``/``v`` ``[B, Hkv, n, D]``; the queries are the last nq slots
+    (causal), ``kv_start`` ``[B]`` masks each row's first slots, ``logc``
+    ``[B, Hkv, n]`` is added to the logits."""
+    B, Hq, nq, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    kk = k.double().repeat_interleave(g, 1)
+    vv = v.double().repeat_interleave(g, 1)
+    logits = torch.einsum("bhqd,bhnd->bhqn", q.double(), kk) * scaling
+    if logc is not None:
+        logits = logits + logc.double().repeat_interleave(g, 1)[:, :, None, :]
+    j = torch.arange(n)
+    mask = j[None, :] <= (n - nq + torch.arange(nq))[:, None]
+    mask = mask[None, None].expand(B, Hq, nq, n).clone()
+    if kv_start is not None:
+        mask &= (j[None, :] >= kv_start[:, None])[:, None, None, :]
+    logits = logits.masked_fill(~mask, -math.inf)
+    return torch.einsum("bhqn,bhnd->bqhd", torch.softmax(logits, -1), vv)
+
+
+def _key_bound(keys, real, bits, rotation):
+    """Half a step of the widest range a key group of these tokens can
+    have: ``[..., D]`` per channel, over the row's real tokens (``real``:
+    bool ``[..., n]``), in the packing basis."""
+    k = keys.double()
+    if rotation is not None:
+        k = k @ rotation.double()
+    big = torch.finfo(torch.float64).max
+    hi = k.masked_fill(~real[..., None], -big).amax(-2)
+    lo = k.masked_fill(~real[..., None], big).amin(-2)
+    return ((hi - lo).clamp(min=0) / (2**bits - 1) / 2)[..., None, :]
+
+
+def _value_bound(values, bits):
+    v = values.double()
+    return (v.amax(-1, keepdim=True) - v.amin(-1, keepdim=True)) / (2**bits - 1) / 2
+
+
+def _on_cpu(store: RaggedStore) -> RaggedStore:
+    """A RaggedStore's rows and bookkeeping on the CPU (the checks' side)."""
+    out = RaggedStore(store.k.cpu(), store.v.cpu(), store.offsets.cpu(), store.lengths.cpu(), store.caps.cpu(),
+                      store.positions.cpu(), store.batch, store.heads)
+    out.counts = None if store.counts is None else store.counts.cpu()
+    out.scores = None if store.scores is None else store.scores.cpu()
+    return out
+
+
+# --------------------------------------------------------------- uniform
+class _UniformCase:
+    """A PackedStore and its shadow: ``keys``/``values`` ``[B, H, n, D]`` as
+    appended, ``pads`` leading padded slots per row."""
+
+    def __init__(self, seed: int, device: str = "cpu"):
+        rng = random.Random(seed)
+        self.rng, self.dev = rng, torch.device(device)
+        self.g = torch.Generator().manual_seed(seed)
+        self.B = rng.choice([1, 2, 3])
+        self.H = rng.choice([1, 2])
+        self.Hq = self.H * rng.choice([1, 3])
+        self.D = rng.choice([16, 32, 64])
+        self.G = rng.choice([8, 16, 32])
+        self.R = rng.choice([4, 16, 40])
+        self.bits = rng.choice([2, 4, 8])
+        self.vbits = rng.choice([None, None, 2, 4, 8])
+        self.sinks = rng.choice([0, 0, 2, 4])
+        self.rotation = _orthogonal(self.D, self.g) if rng.random() < 0.3 else None
+        self.clip = rng.random() < 0.2
+        self.dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
+        self.store = PackedStore(self.bits, self.G, self.R, self.vbits)
+        self.store.sinks, self.store.value_clip = self.sinks, self.clip
+        self.store.rotation = None if self.rotation is None else self.rotation.to(self.dev)
+        self.keys = self.values = None
+        self.pads = [0] * self.B
+        self.pos = 0
+
+    def describe(self) -> str:
+        return (f"B={self.B} H={self.H} Hq={self.Hq} D={self.D} G={self.G} R={self.R} bits={self.bits}/"
+                f"{self.vbits} sinks={self.sinks} rotated={self.rotation is not None} clip={self.clip} "
+                f"{self.dtype} pads={self.pads}")
+
+    def _tokens(self, q):
+        # channel outliers, as KIVI assumes, so that groups differ in range
+        scale = torch.linspace(0.2, 3.0, self.D)
+        k = (torch.randn(self.B, self.H, q, self.D, generator=self.g) * scale).to(self.dtype)
+        v = torch.randn(self.B, self.H, q, self.D, generator=self.g).to(self.dtype)
+        return k, v
+
+    def append(self, q: int, pads=None):
+        k, v = self._tokens(q)
+        if pads is not None:
+            self.pads = pads
+            # what a padded slot holds must not matter: garbage of a wide range
+            for b, p in enumerate(pads):
+                k[b, :, :p] = 1e3 * torch.randn(self.H, p, self.D, generator=self.g).to(self.dtype)
+        self.store.append(k.to(self.dev), v.to(self.dev), self.pos)
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], 2)
+        self.values = v if self.values is None else torch.cat([self.values, v], 2)
+        self.pos += q
+
+    def kv_start(self):
+        return torch.tensor(self.pads, dtype=torch.int64) if any(self.pads) else None
+
+    def attend(self, q: int):
+        query = torch.randn(self.B, self.Hq, q, self.D, generator=self.g).to(self.dtype)
+        scaling = self.D**-0.5
+        spec = AttentionSpec(scaling=scaling)
+        ks = self.kv_start()
+        out = self.store.attend(query.to(self.dev), spec, kv_start=None if ks is None else ks.to(self.dev)).cpu()
+        k, v = (t.cpu() for t in self.store.dequantized())
+        ref = _attention64(query, k, v, scaling, ks)
+        n = int(k.shape[2])
+        mask = build_mask(self.B, q, n, "cpu", kv_start=ks)
+        torch_err = (masked_attention(query, k, v, spec, mask).double() - ref).abs().max().item()
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 2 * torch_err + _tol(self.dtype), (err, torch_err)
+
+    def settle(self):
+        self.store.settle(pad=self.pads if any(self.pads) else None)
+
+    def reorder(self):
+        idx = torch.tensor([self.rng.randrange(self.B) for _ in range(self.B)])
+        self.store.index_batch(idx.to(self.dev))
+        self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
+        self.pads = [self.pads[i] for i in idx.tolist()]
+
+    def check(self):
+        st = self.store
+        n = int(self.keys.shape[2])
+        assert st.n == n and st.batch == self.B
+        assert st.n_packed % self.G == 0
+        if st.n_packed:
+            assert self.R <= st.r < self.R + self.G
+        k, v = (t.cpu() for t in st.dequantized())
+        assert k.shape == self.keys.shape and k.dtype == self.dtype
+        # which logical slots are packed: the sink block sits at _sink_at[b]
+        # in the logical order, the packed part is the rest's first n_packed
+        real = torch.arange(n)[None, :] >= torch.tensor(self.pads)[:, None]  # [B, n]
+        packed = torch.zeros(self.B, n, dtype=torch.bool)
+        for b in range(self.B):
+            rest = torch.arange(n)
+            if st.n_sinks:
+                at = st._sink_at[b]
+                rest = torch.cat([rest[:at], rest[at + st.n_sinks:]])
+            packed[b, rest[: st.n_packed]] = True
+        full = real & ~packed
+        fk, fv = full[:, None, :, None].expand_as(k), full[:, None, :, None].expand_as(v)
+        assert torch.equal(k[fk], self.keys[fk]) and torch.equal(v[fv], self.values[fv])
+        if not st.n_packed:
+            return
+        pk = (packed & real)[:, None, :].expand(self.B, self.H, n)
+        eps = _tol(self.dtype)
+        # keys, in the basis they were packed in (dequantized() turned them back)
+        kb = _key_bound(self.keys, real[:, None, :].expand(self.B, self.H, n), self.bits, self.rotation)
+        ko, kd = self.keys.double(), k.double()
+        if self.rotation is not None:
+            rot = self.rotation.double()
+            ko, kd = ko @ rot, kd @ rot
+        scale = ko.abs().amax().item()
+        slack = eps * (1 + scale) * (4 if self.rotation is not None else 1)
+        kerr = (kd - ko).abs() - kb.expand_as(ko) * (1 + 1e-5)
+        assert bool((kerr[pk] <= slack).all()), kerr[pk].max().item()
+        if not self.clip:  # clipped value ranges give up the bound for their outliers
+            vbits = self.vbits or self.bits
+            verr = (v.double() - self.values.double()).abs() - _value_bound(self.values, vbits) * (1 + 1e-5)
+            assert bool((verr[pk] <= eps * (1 + self.values.double().abs().amax().item())).all())
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_uniform_packed_store_through_random_sequences(seed):
+    run_uniform(seed)
+
+
+def run_uniform(seed: int, device: str = "cpu") -> None:
+    """One uniform case (also run on CUDA by tests/test_cuda.py)."""
+    c = _UniformCase(seed, device)
+    rng = c.rng
+    prompt = rng.randrange(1, 3 * c.R + 4 * c.G + c.sinks)
+    pads = [rng.randrange(0, max(1, prompt // 3)) if c.B > 1 else 0 for _ in range(c.B)]
+    c.append(prompt, pads)
+    try:
+        c.attend(min(prompt, 4)) if c.store.r >= min(prompt, 4) else None
+        c.settle()
+        c.check()
+        for _ in range(rng.randrange(20, 60)):
+            op = rng.random()
+            if op < 0.1 and c.B > 1:
+                c.reorder()
+            else:
+                q = 1 if op < 0.8 else rng.randrange(2, 6)
+                c.append(q)
+                c.attend(q)
+                c.settle()
+            c.check()
+    except AssertionError as e:
+        raise AssertionError(f"{c.describe()}: {e}") from e
+
+
+# -------------------------------------------------------------- per head
+class _RaggedCase:
+    """A RaggedPackedStore and its shadow: per head ``b * H + h`` the
+    positions, keys ``[L, D]``, values and merge counts of its slots in
+    order."""
+
+    def __init__(self, seed: int, device: str = "cpu"):
+        rng = random.Random(10_000 + seed)
+        self.rng, self.dev = rng, torch.device(device)
+        self.g = torch.Generator().manual_seed(10_000 + seed)
+        self.B = rng.choice([1, 2, 3])
+        self.H = rng.choice([1, 2, 3])
+        self.Hq = self.H * rng.choice([1, 2])
+        self.D = rng.choice([16, 32, 64])
+        self.G = rng.choice([8, 16, 32])
+        self.R = rng.choice([0, 4, 16])
+        self.bits = rng.choice([2, 4, 8])
+        self.vbits = rng.choice([None, None, 2, 4, 8])
+        self.sinks = rng.choice([0, 0, 2, 4])
+        self.rotation = _orthogonal(self.D, self.g) if rng.random() < 0.3 else None
+        self.clip = rng.random() < 0.2
+        self.merged = rng.random() < 0.6
+        self.columns = rng.random() < 0.8
+        self.dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
+        self.pos = 200
+        self.scale = torch.linspace(0.2, 3.0, self.D)
+        N = self.B * self.H
+        self.heads = []
+        for _ in range(N):
+            L = rng.randrange(1, 90)
+            pos = sorted(rng.sample(range(self.pos), L))
+            k = (torch.randn(L, self.D, generator=self.g) * self.scale).to(self.dtype)
+            v = torch.randn(L, self.D, generator=self.g).to(self.dtype)
+            c = torch.ones(L)
+            if self.merged:
+                for j in range(L):
+                    if rng.random() < 0.3:
+                        c[j] = rng.choice([2.0, 3.0, 5.0])
+            self.heads.append([pos, k, v, c])
+        self.store = self._pack(self._ragged(), columns=self.columns)
+        # without columns every slot is packed, the sink block aside, and
+        # the last one repeated to a whole group: which slot each packed row
+        # of a head holds (decoding packs onto the end)
+        s, G = self.store._r0, self.G
+        self.rowmap = [list(range(s, len(h[0]))) + [len(h[0]) - 1] * (-(len(h[0]) - s) % G) for h in self.heads]
+
+    def describe(self) -> str:
+        return (f"B={self.B} H={self.H} Hq={self.Hq} D={self.D} G={self.G} R={self.R} bits={self.bits}/"
+                f"{self.vbits} sinks={self.sinks} rotated={self.rotation is not None} clip={self.clip} "
+                f"merged={self.merged} columns={self.columns} {self.dtype} "
+                f"lengths={[len(h[0]) for h in self.heads]}")
+
+    def _ragged(self) -> RaggedStore:
+        B, H, D = self.B, self.H, self.D
+        C = max(len(h[0]) for h in self.heads)
+        keys = torch.zeros(B, H, C, D, dtype=self.dtype)
+        values = torch.zeros(B, H, C, D, dtype=self.dtype)
+        positions = torch.zeros(B, H, C, dtype=torch.int32)
+        counts = torch.ones(B, H, C)
+        valid = torch.zeros(B, H, C, dtype=torch.bool)
+        for i, (pos, k, v, c) in enumerate(self.heads):
+            b, h, L = i // H, i % H, len(pos)
+            keys[b, h, :L], values[b, h, :L] = k, v
+            positions[b, h, :L] = torch.tensor(pos, dtype=torch.int32)
+            counts[b, h, :L], valid[b, h, :L] = c, True
+        d = self.dev
+        return RaggedStore.from_dense(keys.to(d), values.to(d), positions.to(d), valid.to(d),
+                                      counts=counts.to(d) if self.merged else None)
+
+    def _pack(self, ragged, columns: bool) -> RaggedPackedStore:
+        rotation = None if self.rotation is None else self.rotation.to(self.dev)
+        return RaggedPackedStore.from_ragged(ragged, self.bits, self.G, self.R, self.vbits, columns=columns,
+                                             rotation=rotation, sinks=self.sinks, value_clip=self.clip)
+
+    def attend(self, q: int = 1):
+        st = self.store
+        query = torch.randn(self.B, self.Hq, q, self.D, generator=self.g).to(self.dtype)
+        scaling = self.D**-0.5
+        count_bias = self.merged and self.rng.random() < 0.7
+        spec = AttentionSpec(scaling=scaling, count_bias=count_bias)
+        out = st.attend(query.to(self.dev), spec).cpu()
+        keys, values, start, logc = (t.cpu() for t in st.padded(count_bias))
+        # float64 per query head over its kv head's columns start.. (log counts added)
+        # queries are the last q slots of every head (causal)
+        ref = torch.zeros(self.B, q, self.Hq, self.D, dtype=torch.float64)
+        g, n = self.Hq // self.H, int(keys.shape[2])
+        for b in range(self.B):
+            for hq in range(self.Hq):
+                i = b * self.H + hq // g
+                s = int(start[i])
+                for j in range(q):
+                    e = n - q + j + 1
+                    logits = (keys[i, 0, s:e].double() @ query[b, hq, j].double()) * scaling + logc[i, s:e].double()
+                    ref[b, j, hq] = torch.softmax(logits, 0) @ values[i, 0, s:e].double()
+        eager = st.attend(query.to(self.dev), AttentionSpec(scaling=scaling, count_bias=count_bias,
+                                                            softcap=1e9)).cpu()
+        torch_err = (eager.double() - ref).abs().max().item()
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 2 * torch_err + _tol(self.dtype), (err, torch_err)
+
+    def append(self, q: int = 1):
+        k = (torch.randn(self.B, self.H, q, self.D, generator=self.g) * self.scale).to(self.dtype)
+        v = torch.randn(self.B, self.H, q, self.D, generator=self.g).to(self.dtype)
+        self.store.append(k.to(self.dev), v.to(self.dev), self.pos)
+        for i, head in enumerate(self.heads):
+            b, h = i // self.H, i % self.H
+            head[0] = head[0] + list(range(self.pos, self.pos + q))
+            head[1] = torch.cat([head[1], k[b, h]])
+            head[2] = torch.cat([head[2], v[b, h]])
+            head[3] = torch.cat([head[3], torch.ones(q)])
+        self.pos += q
+
+    def settle(self):
+        before = self.store.r
+        self.store.settle()
+        m = before - self.store.r  # the oldest m residual slots went onto every head's packed rows
+        for i, (pos, *_rest) in enumerate(self.heads):
+            self.rowmap[i] += list(range(len(pos) - before, len(pos) - before + m))
+
+    def reorder(self):
+        idx = [self.rng.randrange(self.B) for _ in range(self.B)]
+        self.rowmap = [list(self.rowmap[b * self.H + h]) for b in idx for h in range(self.H)]
+        self.store.index_batch(torch.tensor(idx, device=self.dev))
+        self.heads = [[list(x) if j == 0 else x.clone() for j, x in enumerate(self.heads[b * self.H + h])]
+                      for b in idx for h in range(self.H)]
+
+    def round(self):
+        """A decode-time round as a merging method makes it: every slot read
+        back, some dropped, some merged into a neighbour (new key and value,
+        counts summed), the rest packed again; with keep_rows (merge counts
+        only) the old groups that come through keep their codes."""
+        u = _on_cpu(self.store.unpacked())
+        heads = []
+        for i in range(self.B * self.H):
+            o, L = int(u.offsets[i]), int(u.lengths[i])
+            pos = u.positions[o: o + L].tolist()
+            k, v = u.k[o: o + L].clone(), u.v[o: o + L].clone()
+            c = u.counts[o: o + L].clone() if u.counts is not None else torch.ones(L)
+            keep = [True] * L
+            for j in range(L - 1):
+                if self.rng.random() < 0.15:
+                    keep[j] = False
+                    if self.merged and self.rng.random() < 0.5:  # merged into the next slot
+                        w = c[j] / (c[j] + c[j + 1])
+                        k[j + 1] = (w * k[j].float() + (1 - w) * k[j + 1].float()).to(self.dtype)
+                        v[j + 1] = (w * v[j].float() + (1 - w) * v[j + 1].float()).to(self.dtype)
+                        c[j + 1] += c[j]
+            sel = torch.tensor([j for j in range(L) if keep[j]])
+            heads.append([[pos[j] for j in sel.tolist()], k[sel], v[sel], c[sel]])
+        self.heads = heads
+        kept = self._ragged()
+        if self.merged and self.rng.random() < 0.5:
+            arranged = arrange(self.store, kept, self.rng.choice([1, max(1, self.G // 2), self.G]))
+            if arranged is not None:
+                kept = arranged
+        self.store = self._pack(kept, columns=True)
+
+    def check(self):
+        st = self.store
+        assert st.head_lengths() == [len(h[0]) for h in self.heads]
+        s, r, eps = st._r0, st.r, _tol(self.dtype)
+        if self.columns:
+            u = _on_cpu(st.unpacked())
+        else:
+            keys, values, start, _ = (t.cpu() for t in st.padded(False))
+        rk, rv = st._rk.cpu(), st._rv.cpu()
+        for i, (pos, k, v, c) in enumerate(self.heads):
+            b, h, L = i // self.H, i % self.H, len(pos)
+            # the sink block holds the head's first slots, the residual its last, bit for bit
+            assert torch.equal(rk[b, h, :s], k[:s]) and torch.equal(rv[b, h, :s], v[:s])
+            assert torch.equal(rk[b, h, s: s + r], k[L - r:]) and torch.equal(rv[b, h, s: s + r], v[L - r:])
+            if self.columns:
+                o = int(u.offsets[i])
+                assert int(u.lengths[i]) == L and u.positions[o: o + L].tolist() == pos
+                if st._merged:
+                    assert torch.allclose(u.counts[o: o + L], c, rtol=1e-5), (u.counts[o: o + L], c)
+                kd, vd = u.k[o: o + L], u.v[o: o + L]
+            else:
+                # the packed rows hold the slots rowmap says, copies included
+                rows = torch.tensor(self.rowmap[i], dtype=torch.int64)
+                a = int(start[i])
+                assert a + len(rows) == keys.shape[2] - s - r
+                k, v = k[rows], v[rows]
+                kd, vd = keys[i, 0, a: a + len(rows)], values[i, 0, a: a + len(rows)]
+                L = len(rows)
+            if not L:
+                continue  # every slot in the sink block
+            real = torch.ones(L, dtype=torch.bool)
+            kb = _key_bound(k, real, self.bits, self.rotation)[0]
+            ko, kk = k.double(), kd.double()
+            if self.rotation is not None:
+                ko, kk = ko @ self.rotation.double(), kk @ self.rotation.double()
+            slack = eps * (1 + ko.abs().amax().item()) * (4 if self.rotation is not None else 1)
+            assert bool(((kk - ko).abs() <= kb * (1 + 1e-5) + slack).all()), ((kk - ko).abs() - kb).max()
+            if not self.clip:
+                vb = _value_bound(v, self.vbits or self.bits)
+                vslack = eps * (1 + v.double().abs().amax().item())
+                assert bool(((vd.double() - v.double()).abs() <= vb * (1 + 1e-5) + vslack).all())
+
+
+@pytest.mark.parametrize("seed", range(CASES))
+def test_per_head_packed_store_through_random_sequences(seed):
+    run_per_head(seed)
+
+
+def run_per_head(seed: int, device: str = "cpu") -> None:
+    """One per-head case (also run on CUDA by tests/test_cuda.py)."""
+    c = _RaggedCase(seed, device)
+    rng = c.rng
+    try:
+        c.check()
+        c.attend()
+        for _ in range(rng.randrange(20, 60)):
+            op = rng.random()
+            if op < 0.1 and c.B > 1:
+                c.reorder()
+            elif op < 0.25 and c.columns:
+                c.round()
+            else:
+                # a decode step, or now and then a chunk (a next turn's prompt)
+                q = 1 if op < 0.9 else rng.randrange(2, 6)
+                c.append(q)
+                c.attend(q)
+                c.settle()
+            c.check()
+    except AssertionError as e:
+        raise AssertionError(f"{c.describe()}: {e}") from e
