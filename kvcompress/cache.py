@@ -1391,7 +1391,7 @@ class KVCache(Cache):
         layer = self._enter(layer_idx, query, spec, padding_mask, four_d)
         out = layer.attend(query, spec)
         sharing = self.method.sharing
-        if self.method.defers_prefill and int(query.shape[2]) > 1:
+        if self.method.defers_prefill and int(query.shape[2]) > 1 and not self._holds_packed():
             self._defer_prefill(layer, query, spec.scaling)
         elif sharing is not None and sharing.last_reader(layer_idx) is not None:
             # KVSharer: a source compresses once its last reader has attended
@@ -1408,6 +1408,15 @@ class KVCache(Cache):
         return out
 
     # ------------------------------------------- deferred prefill (defers_prefill)
+    def _holds_packed(self) -> bool:
+        """Whether a layer holds a packed store. A layer-budget method reads
+        its statistics from full-precision slots, so only a prefill before
+        anything is packed is deferred; a later chunk (a second turn behind
+        ``+ KIVI``) is compressed by each layer right after its attention,
+        with the budgets of the first prefill, as a packed layer compresses
+        a decode step."""
+        return any(isinstance(layer.store, PackedStore) for layer in self.layers)
+
     def _defer_prefill(self, layer: "CompressedLayer", query, scaling: float) -> None:
         """Keep the layer's prefill whole for now: record the method's
         statistic of it and the latest queries its compression will need."""

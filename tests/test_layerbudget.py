@@ -390,6 +390,30 @@ def test_model_keeps_num_layers_x_budget(tiny_model, make_method):
         assert min(got) >= W
 
 
+@pytest.mark.parametrize("make_method", METHODS, ids=IDS)
+def test_a_second_turn_behind_kivi_keeps_the_first_turns_budgets(tiny_model, make_method):
+    """Behind KIVI every layer is packed once the first prefill is
+    compressed, and a layer's statistic needs its slots in full precision:
+    a second turn's chunk is compressed by each layer right after its
+    attention, to the layer budgets of the first prefill (it used to fail
+    reading the packed layer as a full-precision one)."""
+    method = make_method(budget=BUDGET) + kvc.KIVI(bits=4, group=8, residual=8)
+    with kvc.compress(tiny_model, method) as session:
+        first = tiny_model.generate(prompt(120, seed=9), max_new_tokens=6, do_sample=False)
+        cache = session.cache
+        targets = [layer._targets()[0] for layer in cache.layers]
+        assert sum(targets) == len(targets) * BUDGET
+        ids = torch.cat([first, prompt(50, seed=10)], 1)
+        out = tiny_model.generate(ids, max_new_tokens=9, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True, **cache_kwargs(tiny_model, cache))
+    assert cache.get_seq_length() == ids.shape[1] + 8
+    assert all(bool(torch.isfinite(x).all()) for x in out.logits)
+    for layer, target in zip(cache.layers, targets):
+        assert type(layer.store).__name__ == "PackedStore" and layer._targets()[0] == target
+        # compressed at the second chunk, then at most interval - 1 slots over after 8 decode steps
+        assert layer.n <= target + method.interval - 1
+
+
 def test_squeezeattention_needs_the_session_hooks(tiny_model):
     cache = kvc.KVCache(SqueezeAttention(budget=BUDGET, window=W), num_layers=4)
     prev = kvc.enable(tiny_model)
