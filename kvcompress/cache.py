@@ -36,7 +36,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
 from .packing_choices import PackingChoices
-from .states import check_layer_index, check_states
+from .states import check_batch_index, check_layer_index, check_repeats, check_states
 from .stores.keep_rows import arrange
 
 # The attention function runs right after ``update()`` of the same layer in the
@@ -1363,6 +1363,21 @@ class KVCache(Cache):
                 or store.keys.dtype != key_states.dtype or store.keys.device != key_states.device):
             return
         layer.store = SharedStore(source)
+
+    def _rows(self) -> int:
+        """The cache's batch rows now (0 before any update)."""
+        return max((layer.store.batch for layer in self.layers), default=0)
+
+    def reorder_cache(self, beam_idx) -> None:
+        if self._rows():
+            super().reorder_cache(check_batch_index(beam_idx, self._rows(), "beam_idx"))
+
+    def batch_select_indices(self, indices) -> None:
+        if self._rows():
+            super().batch_select_indices(check_batch_index(indices, self._rows(), "indices"))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(check_repeats(repeats))
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         layer_idx = 0 if layer_idx is None else layer_idx

@@ -1,5 +1,7 @@
-"""What a model hands the cache, checked once at the boundary
-(``KVCache.update``), before any layer state changes.
+"""What a model (or generate()) hands the cache, checked once at the
+boundary (``KVCache.update``, and the row indices of ``reorder_cache``,
+``batch_select_indices`` and ``batch_repeat_interleave``), before any layer
+state changes.
 
 The stores assume what is checked here: four-dimensional key and value
 states of one floating dtype and device, with the batch, kv heads and
@@ -70,3 +72,30 @@ def check_states(key_states, value_states, layer=None) -> None:
     batch = layer.store.batch
     if batch and ks[0] != batch:
         raise ValueError(f"key_states: expected batch {batch} (the layer's rows now), got shape {ks}")
+
+
+def check_batch_index(idx, batch: int, name: str):
+    """``idx``, rows of a cache of ``batch`` rows (beam search's reorders,
+    batch selection), as a 1-D integer tensor of at least one index in
+    ``[0, batch)``; checked before any layer moves a row, so that a bad index
+    cannot leave some layers (or the token log) reordered and others not."""
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"{name}: expected a 1-D integer torch.Tensor of row indices, got {type(idx).__name__}")
+    if idx.ndim != 1 or idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+        raise TypeError(f"{name}: expected a 1-D integer tensor of row indices, got {idx.dtype} of shape "
+                        f"{tuple(idx.shape)}")
+    if not idx.numel():
+        raise ValueError(f"{name}: expected at least one row index, got none")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= batch:
+        raise ValueError(f"{name}: expected row indices in [0, {batch}) (the cache's rows), got {lo}..{hi}")
+    return idx
+
+
+def check_repeats(repeats) -> int:
+    """``batch_repeat_interleave``'s ``repeats`` as an int >= 1."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int):
+        raise TypeError(f"repeats: expected an int >= 1, got {type(repeats).__name__}")
+    if repeats < 1:
+        raise ValueError(f"repeats: expected an int >= 1, got {repeats}")
+    return repeats

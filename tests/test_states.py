@@ -97,3 +97,32 @@ def test_beam_search_rows_are_the_batch_later_updates_must_have():
     cache.attend(0, torch.randn(3 * B, HQ, 1, D, generator=g), AttentionSpec(scaling=D**-0.5))
     with pytest.raises(ValueError, match=f"key_states: expected batch {3 * B}"):
         cache.update(k[:B], v[:B], 0)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_bad_row_indices_are_refused_before_any_layer_moves(spec):
+    g = torch.Generator().manual_seed(3)
+    cache = _cache(spec)
+    for layer in (0, 1):
+        _step(cache, g, 80, layer)
+    snapshot = [[_bits(t) for t in layer.tensors()] for layer in cache.layers]
+    bad = [
+        (lambda: cache.reorder_cache(torch.tensor([0, B])), ValueError, r"beam_idx: expected row indices in \[0, 2\)"),
+        (lambda: cache.reorder_cache(torch.tensor([0, -1])), ValueError, "beam_idx: expected row indices"),
+        (lambda: cache.reorder_cache(torch.tensor([0.0, 1.0])), TypeError, "beam_idx: expected a 1-D integer"),
+        (lambda: cache.reorder_cache(torch.tensor([[0, 1]])), TypeError, "beam_idx: expected a 1-D integer"),
+        (lambda: cache.reorder_cache([1, 0]), TypeError, "beam_idx: expected a 1-D integer torch.Tensor"),
+        (lambda: cache.reorder_cache(torch.tensor([], dtype=torch.long)), ValueError, "at least one row"),
+        (lambda: cache.batch_select_indices(torch.tensor([B + 1])), ValueError, "indices: expected row indices"),
+        (lambda: cache.batch_repeat_interleave(0), ValueError, "repeats: expected an int >= 1"),
+        (lambda: cache.batch_repeat_interleave(1.5), TypeError, "repeats: expected an int >= 1"),
+    ]
+    for call, error, message in bad:
+        with pytest.raises(error, match=message):
+            call()
+        assert [[_bits(t) for t in layer.tensors()] for layer in cache.layers] == snapshot, message
+    # a good reorder still works, and the rows really moved
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert [[_bits(t) for t in layer.tensors()] for layer in cache.layers] != snapshot
+    out = _step(cache, g, 1, 0)
+    assert out.shape == (B, 1, HQ, D)
