@@ -11,6 +11,7 @@ import kvcompress as kvc
 from kvcompress import testing as T
 from kvcompress.methods import KIVI, method_from_spec
 from kvcompress.stores import AttentionSpec, PackedStore
+from kvcompress.stores import packed as packed_store
 from kvcompress.stores.masked import build_mask, masked_attention
 
 
@@ -193,6 +194,33 @@ def test_decoding_allocates_at_most_an_eighth_more_than_it_packed(tiny_lm):
         cap = int(s._kc.shape[2])
         assert s.n_packed > 600 - 48 + 160  # decoding packed at least 10 more groups
         assert s.n_packed <= cap <= s.n_packed + max(4 * 16, s.n_packed // 8) + 16
+
+
+@pytest.mark.parametrize("options", [dict(residual=10**6), dict(group=4096), dict(residual=10**6, group=4096)],
+                         ids=["residual", "group", "both"])
+def test_a_residual_or_group_longer_than_the_run_allocates_only_what_it_holds(tiny_model, options):
+    """Nothing is packed before the residual holds residual + group slots,
+    so such a run is plain generate(); and its store holds what the default
+    one holds on the same short run, not residual + group rows per head (a
+    group of a million tokens once reserved 512 MB for 60 tokens)."""
+    ids = torch.randint(3, 512, (2, 50), generator=torch.Generator().manual_seed(0))
+    plain = tiny_model.generate(ids, max_new_tokens=10, do_sample=False)
+    held = {}
+    for name, method in (("default", KIVI(bits=2)), ("long", KIVI(bits=2, **options))):
+        with kvc.compress(tiny_model, method) as session:
+            out = tiny_model.generate(ids, max_new_tokens=10, do_sample=False)
+        assert torch.equal(out, plain)
+        assert all(layer.store.n_packed == 0 for layer in session.cache.layers)
+        held[name] = session.cache.memory_bytes()
+    assert held["long"] == held["default"]
+    # a per-head layer pads each head to whole groups: bounded by the largest group taken
+    with pytest.raises(ValueError, match="group: must be <= 4096"):
+        KIVI(group=4097)
+    with kvc.compress(tiny_model, kvc.EMS(budget=24) + KIVI(bits=2, **options)) as session:
+        tiny_model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert all(layer.store.kind == "ragged-packed" for layer in session.cache.layers)
+    rows = sum(int(layer.store._rk.shape[2]) for layer in session.cache.layers)
+    assert rows <= len(session.cache.layers) * (60 + packed_store.RESIDUAL_ROOM)
 
 
 def test_more_bits_track_the_full_cache_closer(tiny_lm):

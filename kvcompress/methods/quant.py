@@ -12,6 +12,10 @@ from .accumulated import H2O
 from .base import KeepsEveryToken, LayerView, Method
 
 
+#: The largest ``group`` a quantizer takes.
+MAX_GROUP = 4096
+
+
 @dataclass
 class KIVI(KeepsEveryToken):
     """KIVI: 2/4/8-bit keys and values with a full-precision residual window.
@@ -28,7 +32,9 @@ class KIVI(KeepsEveryToken):
     * codes ``round((x - min) / scale)`` with ``scale = (max - min) /
       (2^bits - 1)`` in fp32, min and scale stored as fp32 (the paper keeps
       them in fp16; fp32 costs 4 more bytes per group and removes a rounding
-      step); a group whose max equals its min is stored exactly;
+      step); a group whose max equals its min is stored exactly; ``group``
+      is at most 4096 (``MAX_GROUP``: a per-head layer pads each head to
+      whole groups, so a larger one would hold that many rows per head);
     * the residual holds between ``residual`` and ``residual + group - 1``
       tokens: once it reaches ``residual + group`` the oldest whole groups are
       packed. A prefill therefore packs everything but its last ``residual``
@@ -207,6 +213,11 @@ class KIVI(KeepsEveryToken):
             if self.value_bits not in (2, 4, 8):
                 raise ValueError(f"value_bits: must be None (= bits), 2, 4 or 8, got {self.value_bits}")
         self._check_int("group", self.group, 1)
+        if self.group > MAX_GROUP:
+            # a per-head layer pads every head to whole groups: a huge group is
+            # that many rows per head, whatever the head keeps
+            raise ValueError(f"group: must be <= {MAX_GROUP} (tokens per key group; the papers use 32 to 128), "
+                             f"got {self.group}")
         self._check_int("residual", self.residual, 0)
         self._check_int("sinks", self.sinks, 0)
         if not isinstance(self.feedback, bool):

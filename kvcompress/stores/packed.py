@@ -34,6 +34,10 @@ def kernel_reads(query, residual) -> bool:
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+#: Most residual rows a packed store allocates ahead of the tokens that fill
+#: them (the usual residual + group, 160 rows, is far below it)
+RESIDUAL_ROOM = 1024
+
 
 class PackedStore(LayerStore):
     """``[B, H, n_packed]`` packed slots followed by ``[B, H, r, D]`` residual
@@ -240,7 +244,10 @@ class PackedStore(LayerStore):
         B, H, q, D = (int(x) for x in keys.shape)
         if self._rk is None:
             self.first_position = first_position
-            self._rk = keys.new_empty((B, H, max(q, self.residual + self.group), D))
+            # room for the residual to fill before its first pack, but not
+            # ahead of need for a residual or group longer than any run:
+            # past RESIDUAL_ROOM the buffer grows as tokens come
+            self._rk = keys.new_empty((B, H, max(q, min(self.residual + self.group, q + RESIDUAL_ROOM)), D))
             self._rv = values.new_empty(self._rk.shape)
         elif B != self.batch or H != self.heads:
             raise ValueError(f"key_states: expected batch {self.batch} and {self.heads} kv heads as earlier "
@@ -472,7 +479,9 @@ class PackedStore(LayerStore):
         # usual amortised growth) held up to 45% more bytes than in use for a
         # whole generation (bench_quantized_cache at 8K); an eighth still
         # copies the packed part only every ~n/8 decoded tokens.
-        cap = max(need, have + max(4 * G, have // 8))
+        # an empty part (the kernel reads zero slots) holds nothing: 4 groups
+        # would be 4 x group rows reserved for a group that may never fill
+        cap = 0 if need == 0 and have == 0 else max(need, have + max(4 * G, have // 8))
         cap = (cap + G - 1) // G * G
         B, H, _, D = self._rk.shape
         Db, Dbv = ops.packed_row_bytes(int(D), self.bits), ops.packed_row_bytes(int(D), self.value_bits)

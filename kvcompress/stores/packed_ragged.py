@@ -170,7 +170,8 @@ class RaggedPackedStore(PackedStore):
         new._real = n_host.clone()
         if bool(hole.any()):
             new._real -= torch.bincount(head[hole & (t <= last)], minlength=B * H).cpu()
-        cap = s + residual + G
+        # room for the residual to fill before its next pack (bounded as in PackedStore.append)
+        cap = s + r + min(residual - r + G, packed_store.RESIDUAL_ROOM)
         new._rk = store.k.new_empty((B, H, cap, D))
         new._rv = store.v.new_empty((B, H, cap, D))
         if columns:
