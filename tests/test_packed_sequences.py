@@ -18,7 +18,8 @@ without ``keep_rows``). After every step:
   the residual within ``[residual, residual + group)`` once it packs;
 - the kernel's attention (``store.attend``) agrees with a float64 attention
   over the store's dequantized slots within twice torch's own error in the
-  same dtype, with the rows' padding masked and, for a chunk, causally.
+  same dtype, with the rows' padding masked and, for a chunk, causally; and
+  on another thread count it gives the same bits (a quarter of the steps).
 
 The shadow is independent of the store: plain tensors of the keys and
 values appended, reordered and cut as the calls say.
@@ -32,6 +33,7 @@ import random
 import pytest
 import torch
 
+from kvcompress import ops
 from kvcompress.stores import PackedStore, RaggedStore
 from kvcompress.stores.base import AttentionSpec
 from kvcompress.stores.keep_rows import arrange
@@ -44,6 +46,18 @@ CASES = 40  # per store kind; each a few dozen steps (about 6 s in all)
 def _orthogonal(D: int, g: torch.Generator) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(D, D, dtype=torch.float64, generator=g))
     return q.to(torch.float32)
+
+
+def _same_on_other_threads(attend, out) -> None:
+    """``attend()`` again on a different thread count gives ``out`` bit for
+    bit (the kernel's split does not depend on it)."""
+    before = ops.get_num_threads()
+    ops.set_num_threads(1 if before > 1 else 2)
+    try:
+        again = attend()
+    finally:
+        ops.set_num_threads(before)
+    assert torch.equal(again, out), "another thread count changed the output"
 
 
 def _tol(dtype) -> float:
@@ -159,7 +173,13 @@ class _UniformCase:
         scaling = self.D**-0.5
         spec = AttentionSpec(scaling=scaling)
         ks = self.kv_start()
-        out = self.store.attend(query.to(self.dev), spec, kv_start=None if ks is None else ks.to(self.dev)).cpu()
+
+        def attend():
+            return self.store.attend(query.to(self.dev), spec, kv_start=None if ks is None else ks.to(self.dev)).cpu()
+
+        out = attend()
+        if self.rng.random() < 0.25:
+            _same_on_other_threads(attend, out)
         k, v = (t.cpu() for t in self.store.dequantized())
         ref = _attention64(query, k, v, scaling, ks)
         n = int(k.shape[2])
@@ -330,6 +350,8 @@ class _RaggedCase:
         count_bias = self.merged and self.rng.random() < 0.7
         spec = AttentionSpec(scaling=scaling, count_bias=count_bias)
         out = st.attend(query.to(self.dev), spec).cpu()
+        if self.rng.random() < 0.25:
+            _same_on_other_threads(lambda: st.attend(query.to(self.dev), spec).cpu(), out)
         keys, values, start, logc = (t.cpu() for t in st.padded(count_bias))
         # float64 per query head over its kv head's columns start.. (log counts added)
         # queries are the last q slots of every head (causal)
