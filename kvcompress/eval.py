@@ -79,6 +79,18 @@ class EvalConfig:
             raise ValueError(f"depths: must be in [0, 1], got {self.depths}")
         if any(n < 1 for n in self.lengths):
             raise ValueError(f"lengths: must be >= 1, got {self.lengths}")
+        # the rest fail here rather than after the model has loaded
+        for name, value, least in (("max_new_tokens", self.max_new_tokens, 1),
+                                   ("fidelity_texts", self.fidelity_texts, 1),
+                                   ("fidelity_context", self.fidelity_context, 1), ("k", self.k, 1),
+                                   ("ppl_context", self.ppl_context, 1), ("ppl_tokens", self.ppl_tokens, 2),
+                                   ("ppl_windows", self.ppl_windows, 1)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+            if value < least:
+                raise ValueError(f"{name}: must be >= {least}, got {value}")
+        if self.text is not None and not Path(self.text).is_file():
+            raise ValueError(f"text: no such file: {self.text}")
 
     @classmethod
     def quick(cls, **overrides) -> "EvalConfig":

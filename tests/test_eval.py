@@ -2,6 +2,7 @@
 row scores what the model scores outside the harness."""
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -136,6 +137,71 @@ def test_eval_bad_options(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, args, message", [
+    ("eval", ["--new-tokens", "0"], "argument --new-tokens: expected an int >= 1, got 0"),
+    ("eval", ["--fidelity-texts", "0"], "argument --fidelity-texts: expected an int >= 1"),
+    ("eval", ["-k", "0"], "argument -k: expected an int >= 1"),
+    ("eval", ["--ppl-context", "0"], "argument --ppl-context: expected an int >= 1"),
+    ("eval", ["--ppl-tokens", "1"], "argument --ppl-tokens: expected an int >= 2"),
+    ("eval", ["--ppl-windows", "-1"], "argument --ppl-windows: expected an int >= 1"),
+    ("eval", ["--threads", "0"], "argument --threads: expected an int >= 1"),
+    ("eval", ["--cases", "x"], "argument --cases: expected an int >= 1, got 'x'"),
+    ("eval", ["--text", "{missing}"], "argument --text: no readable file"),
+    ("demo", ["--tokens", "-1"], "argument --tokens: expected an int >= 0"),
+    ("demo", ["--depth", "2"], "argument --depth: expected a number in [0, 1]"),
+    ("demo", ["--budget", "0"], "argument --budget: expected an int >= 1"),
+    ("demo", ["--new-tokens", "0"], "argument --new-tokens: expected an int >= 1"),
+    ("demo", ["--text", "{missing}"], "argument --text: no readable file"),
+])
+def test_bad_arguments_stop_before_any_model_loads(command, args, message, tmp_path, capsys, monkeypatch):
+    """Every numeric and file argument is checked by argparse (exit 2, one
+    line naming it) before anything loads; they used to fail with a
+    traceback after the model had loaded, or in the middle of the run."""
+    import kvcompress.model
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(kvcompress.model, "load_model", no_load)
+    monkeypatch.setattr(kvcompress, "load_default_model", no_load, raising=False)
+    args = [a.replace("{missing}", str(tmp_path / "missing.txt")) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command] + args)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suite", [False, True])
+def test_an_unwritable_out_stops_before_any_model_loads(suite, tmp_path, capsys, monkeypatch):
+    """``--out`` is created and written to before the run (which may take
+    hours), not after it."""
+    import kvcompress.model
+
+    monkeypatch.setattr(kvcompress.model, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    args = ["eval", "--out", str(blocker / "out"), "--methods", "snapkv"] + (["--suite", "ruler"] if suite else [])
+    assert cli.main(args) == 2
+    assert "--out: cannot write in" in capsys.readouterr().err
+
+
+def test_a_missing_model_is_one_error_line(tmp_path, capsys):
+    assert cli.main(["eval", "--model", str(tmp_path / "none"), "--methods", "snapkv"]) == 2
+    err = capsys.readouterr().err
+    assert "kvcompress eval: error:" in err and "Traceback" not in err
+
+
+def test_eval_config_checks_every_count_and_the_text():
+    for name, bad in (("max_new_tokens", 0), ("fidelity_texts", 0), ("fidelity_context", 0), ("k", 0),
+                      ("ppl_context", 0), ("ppl_tokens", 1), ("ppl_windows", 0)):
+        with pytest.raises(ValueError, match=f"{name}: must be >= "):
+            ev.EvalConfig(**{name: bad})
+    with pytest.raises(TypeError, match="k: expected an int"):
+        ev.EvalConfig(k=2.5)
+    with pytest.raises(ValueError, match="text: no such file"):
+        ev.EvalConfig(text="/nonexistent/text.txt")
+
+
 def test_method_specs_build_the_variants():
     from kvcompress.methods import EMS, method_from_spec, parse_method_spec
 
@@ -208,7 +274,7 @@ def test_eval_cli_default_model(default_model, tmp_path):
     assert "| full cache |" in proc.stdout
 
 
-def test_tokenizer_option_loads_the_saved_tokenizer_and_names_it(tiny_lm, tmp_path):
+def test_tokenizer_option_loads_the_saved_tokenizer_and_names_it(tiny_lm, tmp_path, capsys):
     """--tokenizer DIR replaces the model's tokenizer and is recorded in the
     run's model name, which suite.combine reads back."""
     import json
@@ -225,9 +291,11 @@ def test_tokenizer_option_loads_the_saved_tokenizer_and_names_it(tiny_lm, tmp_pa
     name = json.loads((out / "results.json").read_text())["model"]["name"]
     assert name == f"{folder}{suite.TOKENIZER_TAG}{saved}"
     assert suite._tokenizer_note({"model": {"name": name}}) == str(saved)
-    with pytest.raises(FileNotFoundError, match="tokenizer: .* no saved tokenizer"):
-        cli.main(["eval", "--model", str(folder), "--tokenizer", str(tmp_path / "none"), "--methods",
-                  "snapkv:window=8", "--budgets", "16", "--tasks", "ppl", "--no-progress"])
+    # a folder with no saved tokenizer: one error line naming it, exit 2
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(folder), "--tokenizer", str(tmp_path / "none"), "--methods",
+                     "snapkv:window=8", "--budgets", "16", "--tasks", "ppl", "--no-progress"]) == 2
+    assert re.search("kvcompress eval: error: tokenizer: .* no saved tokenizer", capsys.readouterr().err)
 
 
 def test_threads_option_sets_torch_and_the_c_ops(tiny_lm, tmp_path):

@@ -202,8 +202,10 @@ class RaggedPackedStore(PackedStore):
         method, merge counts: what a decode-time re-compression reads. A
         repeated last slot becomes one slot again with its copies' counts
         summed (the count it had before packing); placeholder rows are left
-        out. A sink block comes first: it holds each head's oldest kept
-        slots. ``rows`` is ``_dequantized_rows()`` when the caller has it."""
+        out. In token order: a sink block comes first (each head's oldest
+        kept slots), and after a ``keep_rows`` round a residual slot older
+        than a kept group's takes its place by position. ``rows`` is
+        ``_dequantized_rows()`` when the caller has it."""
         if self.positions is None:
             raise RuntimeError("RaggedPackedStore.unpacked: the store keeps no positions")
         B, H, _, D = (int(x) for x in self._rk.shape)
@@ -235,16 +237,31 @@ class RaggedPackedStore(PackedStore):
             return torch.cat([resid[:, :s], packed, resid[:, s:]], 1)
 
         flat = rows.reshape(-1)  # index_select: a 2-D index costs ~4x the time on these small tensors
-        keys = cat(kd.index_select(0, flat).view(N, M, D), self._rk[:, :, :r].reshape(N, r, D)).view(B, H, M + r, D)
-        values = cat(vd.index_select(0, flat).view(N, M, D), self._rv[:, :, :r].reshape(N, r, D)).view(
-            B, H, M + r, D)
-        valid = cat(live, torch.ones((N, r), dtype=torch.bool, device=dev)).view(B, H, M + r)
-        positions = cat(pos, rpos).view(B, H, M + r)
-        count = cat(counts, resid_counts).view(B, H, M + r) if self._merged else None
+        keys = cat(kd.index_select(0, flat).view(N, M, D), self._rk[:, :, :r].reshape(N, r, D))
+        values = cat(vd.index_select(0, flat).view(N, M, D), self._rv[:, :, :r].reshape(N, r, D))
+        valid = cat(live, torch.ones((N, r), dtype=torch.bool, device=dev))
+        positions = cat(pos, rpos)
+        count = cat(counts, resid_counts) if self._merged else None
         scores = None
         if self.scores is not None:
-            scores = cat(self.scores[rows], self._rcols["scores"][:, :, :r].reshape(N, r)).view(B, H, M + r)
-        return RaggedStore.from_dense(keys, values, positions, valid, counts=count, scores=scores)
+            scores = cat(self.scores[rows], self._rcols["scores"][:, :, :r].reshape(N, r))
+        if M and r > s:
+            # A keep_rows round keeps old key groups in place and fills the
+            # residual with the newest of the other slots, so a kept group
+            # may hold a slot newer than a residual one: then token order
+            # over the whole head (the block holds the oldest slots and stays first)
+            newest = torch.where(live, pos.to(torch.int64), -1).amax(1)
+            if bool((rpos[:, s:].to(torch.int64).amin(1) < newest).any()):
+                order = torch.argsort(torch.where(valid, positions.to(torch.int64), late), dim=1, stable=True)
+                keys = keys.gather(1, order[..., None].expand(-1, -1, D))
+                values = values.gather(1, order[..., None].expand(-1, -1, D))
+                valid, positions = valid.gather(1, order), positions.gather(1, order)
+                count = None if count is None else count.gather(1, order)
+                scores = None if scores is None else scores.gather(1, order)
+        shape = (B, H, M + r)
+        return RaggedStore.from_dense(keys.view(*shape, D), values.view(*shape, D), positions.view(shape),
+                                      valid.view(shape), counts=None if count is None else count.view(shape),
+                                      scores=None if scores is None else scores.view(shape))
 
     # ------------------------------------------------------------ geometry
     def head_lengths(self) -> list[int]:
