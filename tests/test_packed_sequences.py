@@ -6,9 +6,9 @@ one option). Here each case draws a shape and a set of options (bits, value
 bits, group, residual, sinks, rotated keys, clipped values, left padding,
 dtype) and then a sequence of the calls a cache makes: appends of one token
 or a chunk, the attention that follows each, ``settle`` with the rows'
-padding, beam-search reorders with repeated rows, and for the per-head store
-decode-time rounds (read back, drop and merge slots, pack again, with and
-without ``keep_rows``). After every step:
+padding, beam-search reorders with repeated rows, and decode-time rounds (read
+back, keep some slots, pack again; for the per-head store with merges, with
+and without ``keep_rows``). After every step:
 
 - every slot a row holds is where its token went in, in order: the sink
   block and the residual bit for bit, a packed slot within half a
@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from kvcompress import ops
-from kvcompress.stores import PackedStore, RaggedStore
+from kvcompress.stores import PackedStore, RaggedStore, UniformStore
 from kvcompress.stores.base import AttentionSpec
 from kvcompress.stores.keep_rows import arrange
 from kvcompress.stores.masked import build_mask, masked_attention
@@ -134,9 +134,13 @@ class _UniformCase:
         self.rotation = _orthogonal(self.D, self.g) if rng.random() < 0.3 else None
         self.clip = rng.random() < 0.2
         self.dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
-        self.store = PackedStore(self.bits, self.G, self.R, self.vbits)
-        self.store.sinks, self.store.value_clip = self.sinks, self.clip
-        self.store.rotation = None if self.rotation is None else self.rotation.to(self.dev)
+        # decode-time rounds (an evictor that keeps its budget): the store
+        # comes from a UniformStore with its columns, as the cache makes it
+        self.rounds = rng.random() < 0.4
+        self.store = None if self.rounds else PackedStore(self.bits, self.G, self.R, self.vbits)
+        if self.store is not None:
+            self.store.sinks, self.store.value_clip = self.sinks, self.clip
+            self.store.rotation = None if self.rotation is None else self.rotation.to(self.dev)
         self.keys = self.values = None
         self.pads = [0] * self.B
         self.pos = 0
@@ -160,10 +164,34 @@ class _UniformCase:
             # what a padded slot holds must not matter: garbage of a wide range
             for b, p in enumerate(pads):
                 k[b, :, :p] = 1e3 * torch.randn(self.H, p, self.D, generator=self.g).to(self.dtype)
-        self.store.append(k.to(self.dev), v.to(self.dev), self.pos)
+        if self.store is None:
+            first = UniformStore()
+            # a store adopts its first chunk's tensors (a model's fresh projections): not the shadow's
+            first.append(k.to(self.dev, copy=True), v.to(self.dev, copy=True), self.pos)
+            self.store = self._from_uniform(first)
+        else:
+            self.store.append(k.to(self.dev), v.to(self.dev), self.pos)
         self.keys = k if self.keys is None else torch.cat([self.keys, k], 2)
         self.values = v if self.values is None else torch.cat([self.values, v], 2)
         self.pos += q
+
+    def _from_uniform(self, uniform) -> PackedStore:
+        rotation = None if self.rotation is None else self.rotation.to(self.dev)
+        return PackedStore.from_uniform(uniform, self.bits, self.G, self.R, self.vbits, columns=True,
+                                        rotation=rotation, sinks=self.sinks, value_clip=self.clip)
+
+    def round(self):
+        """A uniform layer's decode-time round: every slot read back
+        (``unpacked``), the same number kept in every head, packed again."""
+        u = self.store.unpacked()
+        n = u.n
+        K = self.rng.randrange(max(1, n // 2), n + 1)
+        idx = torch.stack([torch.stack([torch.randperm(n, generator=self.g)[:K].sort().values
+                                        for _ in range(self.H)]) for _ in range(self.B)])
+        u.keep(idx.to(self.dev))
+        self.keys, self.values = u.keys.cpu().clone(), u.values.cpu().clone()
+        self.store = self._from_uniform(u)
+        self.settle()
 
     def kv_start(self):
         return torch.tensor(self.pads, dtype=torch.int64) if any(self.pads) else None
@@ -249,7 +277,8 @@ def run_uniform(seed: int, device: str = "cpu") -> None:
     c = _UniformCase(seed, device)
     rng = c.rng
     prompt = rng.randrange(1, 3 * c.R + 4 * c.G + c.sinks)
-    pads = [rng.randrange(0, max(1, prompt // 3)) if c.B > 1 else 0 for _ in range(c.B)]
+    # rounds re-select every row's slots alike: their cases have no padding
+    pads = [rng.randrange(0, max(1, prompt // 3)) if c.B > 1 and not c.rounds else 0 for _ in range(c.B)]
     c.append(prompt, pads)
     try:
         c.attend(min(prompt, 4)) if c.store.r >= min(prompt, 4) else None
@@ -259,6 +288,8 @@ def run_uniform(seed: int, device: str = "cpu") -> None:
             op = rng.random()
             if op < 0.1 and c.B > 1:
                 c.reorder()
+            elif op < 0.2 and c.rounds:
+                c.round()
             else:
                 q = 1 if op < 0.8 else rng.randrange(2, 6)
                 c.append(q)
