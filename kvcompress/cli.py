@@ -240,7 +240,7 @@ def _add_eval(sub) -> None:
                     help="run the RULER-style suite (needles, variable tracking, word extraction, QA, multi-turn) "
                          "with 95%% intervals instead of passkey/fidelity/perplexity; takes --methods, --ratios, "
                          "--tasks, --lengths, --cases, --split, --chat/--no-chat; methods may be kvpress:PRESS")
-    ev.add_argument("--cases", type=_int_at_least(1), help="--suite: cases per task and length (default 20)")
+    ev.add_argument("--cases", type=int, help="--suite: cases per task and length (default 20)")
     ev.add_argument("--split", choices=["dev", "heldout"], help="--suite: seed split (default heldout)")
     ev.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                     help="--suite: use the tokenizer's chat template (default: when it has one)")

@@ -145,7 +145,7 @@ def test_eval_bad_options(args, message, capsys):
     ("eval", ["--ppl-tokens", "1"], "argument --ppl-tokens: expected an int >= 2"),
     ("eval", ["--ppl-windows", "-1"], "argument --ppl-windows: expected an int >= 1"),
     ("eval", ["--threads", "0"], "argument --threads: expected an int >= 1"),
-    ("eval", ["--cases", "x"], "argument --cases: expected an int >= 1, got 'x'"),
+    ("eval", ["--cases", "x"], "argument --cases: invalid int value: 'x'"),
     ("eval", ["--text", "{missing}"], "argument --text: no readable file"),
     ("demo", ["--tokens", "-1"], "argument --tokens: expected an int >= 0"),
     ("demo", ["--depth", "2"], "argument --depth: expected a number in [0, 1]"),

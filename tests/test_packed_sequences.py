@@ -27,7 +27,6 @@ values appended, reordered and cut as the calls say.
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -39,6 +38,7 @@ from kvcompress.stores.base import AttentionSpec
 from kvcompress.stores.keep_rows import arrange
 from kvcompress.stores.masked import build_mask, masked_attention
 from kvcompress.stores.packed_ragged import RaggedPackedStore
+from test_kivi import _attention64
 
 CASES = 40  # per store kind; each a few dozen steps (about 6 s in all)
 
@@ -62,28 +62,6 @@ def _same_on_other_threads(attend, out) -> None:
 
 def _tol(dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 2e-2
-
-
-def _attention64(q, k, v, scaling, kv_start=None, logc=None):
-    """float64 attention ``[B, nq, Hq, D]`` of queries ``[B, Hq, nq, D]``
-    over ``k``/``v`` ``[B, Hkv, n, D]``; the queries are the last nq slots
-    (causal), ``kv_start`` ``[B]`` masks each row's first slots, ``logc``
-    ``[B, Hkv, n]`` is added to the logits."""
-    B, Hq, nq, D = q.shape
-    Hkv, n = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    kk = k.double().repeat_interleave(g, 1)
-    vv = v.double().repeat_interleave(g, 1)
-    logits = torch.einsum("bhqd,bhnd->bhqn", q.double(), kk) * scaling
-    if logc is not None:
-        logits = logits + logc.double().repeat_interleave(g, 1)[:, :, None, :]
-    j = torch.arange(n)
-    mask = j[None, :] <= (n - nq + torch.arange(nq))[:, None]
-    mask = mask[None, None].expand(B, Hq, nq, n).clone()
-    if kv_start is not None:
-        mask &= (j[None, :] >= kv_start[:, None])[:, None, None, :]
-    logits = logits.masked_fill(~mask, -math.inf)
-    return torch.einsum("bhqn,bhnd->bqhd", torch.softmax(logits, -1), vv)
 
 
 def _key_bound(keys, real, bits, rotation):
@@ -111,6 +89,26 @@ def _on_cpu(store: RaggedStore) -> RaggedStore:
     out.counts = None if store.counts is None else store.counts.cpu()
     out.scores = None if store.scores is None else store.scores.cpu()
     return out
+
+
+def _steps(c, rounds: float, chunks: float) -> None:
+    """20 to 59 random steps of case ``c``, each checked: a beam reorder
+    (1 in 10, batches of more than one row), a decode-time round (share
+    ``rounds``), else a decode step, or with share ``chunks`` a chunk of 2 to
+    5 tokens (a next turn's prompt), with its attention and ``settle``."""
+    rng = c.rng
+    for _ in range(rng.randrange(20, 60)):
+        op = rng.random()
+        if op < 0.1 and c.B > 1:
+            c.reorder()
+        elif rounds and op < 0.1 + rounds:
+            c.round()
+        else:
+            q = 1 if op < 1 - chunks else rng.randrange(2, 6)
+            c.append(q)
+            c.attend(q)
+            c.settle()
+        c.check()
 
 
 # --------------------------------------------------------------- uniform
@@ -284,18 +282,7 @@ def run_uniform(seed: int, device: str = "cpu") -> None:
         c.attend(min(prompt, 4)) if c.store.r >= min(prompt, 4) else None
         c.settle()
         c.check()
-        for _ in range(rng.randrange(20, 60)):
-            op = rng.random()
-            if op < 0.1 and c.B > 1:
-                c.reorder()
-            elif op < 0.2 and c.rounds:
-                c.round()
-            else:
-                q = 1 if op < 0.8 else rng.randrange(2, 6)
-                c.append(q)
-                c.attend(q)
-                c.settle()
-            c.check()
+        _steps(c, rounds=0.1 if c.rounds else 0.0, chunks=0.2)
     except AssertionError as e:
         raise AssertionError(f"{c.describe()}: {e}") from e
 
@@ -527,22 +514,9 @@ def test_per_head_sequences_that_found_a_defect(seed):
 def run_per_head(seed: int, device: str = "cpu") -> None:
     """One per-head case (also run on CUDA by tests/test_cuda.py)."""
     c = _RaggedCase(seed, device)
-    rng = c.rng
     try:
         c.check()
         c.attend()
-        for _ in range(rng.randrange(20, 60)):
-            op = rng.random()
-            if op < 0.1 and c.B > 1:
-                c.reorder()
-            elif op < 0.25 and c.columns:
-                c.round()
-            else:
-                # a decode step, or now and then a chunk (a next turn's prompt)
-                q = 1 if op < 0.9 else rng.randrange(2, 6)
-                c.append(q)
-                c.attend(q)
-                c.settle()
-            c.check()
+        _steps(c, rounds=0.15 if c.columns else 0.0, chunks=0.1)
     except AssertionError as e:
         raise AssertionError(f"{c.describe()}: {e}") from e
