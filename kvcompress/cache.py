@@ -1366,15 +1366,17 @@ class KVCache(Cache):
 
     def _rows(self) -> int:
         """The cache's batch rows now (0 before any update)."""
-        return max((layer.store.batch for layer in self.layers), default=0)
+        return max((layer.batch_size for layer in self.layers), default=0)
 
     def reorder_cache(self, beam_idx) -> None:
-        if self._rows():
-            super().reorder_cache(check_batch_index(beam_idx, self._rows(), "beam_idx"))
+        rows = self._rows()
+        if rows:
+            super().reorder_cache(check_batch_index(beam_idx, rows, "beam_idx"))
 
     def batch_select_indices(self, indices) -> None:
-        if self._rows():
-            super().batch_select_indices(check_batch_index(indices, self._rows(), "indices"))
+        rows = self._rows()
+        if rows:
+            super().batch_select_indices(check_batch_index(indices, rows, "indices"))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(check_repeats(repeats))

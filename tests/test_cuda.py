@@ -1116,19 +1116,6 @@ def test_fastgen_recovery(shape, dtype):
         assert_within_bound(out_cpu, ref, same)
 
 
-def _store_on(store, device):
-    """A copy of a store with every tensor (and dict of tensors) on `device`."""
-    import copy
-
-    out = copy.copy(store)
-    for name, value in vars(store).items():
-        if isinstance(value, torch.Tensor):
-            setattr(out, name, value.to(device))
-        elif isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values()):
-            setattr(out, name, {k: t.to(device) for k, t in value.items()})
-    return out
-
-
 @pytest.mark.parametrize("bits,sinks", [(2, 0), (2, 2), (4, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_keep_rows_layout(bits, sinks, dtype):
@@ -1139,6 +1126,7 @@ def test_keep_rows_layout(bits, sinks, dtype):
     itself refuses CUDA tensors, naming itself."""
     from kvcompress.stores.keep_rows import arrange
     from test_keep_rows import _old_store, _round, _same_store
+    from test_packed_sequences import store_on as _store_on
 
     laid = 0
     for seed in range(2):

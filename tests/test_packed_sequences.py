@@ -27,6 +27,7 @@ values appended, reordered and cut as the calls say.
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -82,12 +83,15 @@ def _value_bound(values, bits):
     return (v.amax(-1, keepdim=True) - v.amin(-1, keepdim=True)) / (2**bits - 1) / 2
 
 
-def _on_cpu(store: RaggedStore) -> RaggedStore:
-    """A RaggedStore's rows and bookkeeping on the CPU (the checks' side)."""
-    out = RaggedStore(store.k.cpu(), store.v.cpu(), store.offsets.cpu(), store.lengths.cpu(), store.caps.cpu(),
-                      store.positions.cpu(), store.batch, store.heads)
-    out.counts = None if store.counts is None else store.counts.cpu()
-    out.scores = None if store.scores is None else store.scores.cpu()
+def store_on(store, device):
+    """A copy of a store with every tensor (and dict of tensors) on `device`
+    (here the checks' side, the CPU; test_cuda.py moves stores both ways)."""
+    out = copy.copy(store)
+    for name, value in vars(store).items():
+        if isinstance(value, torch.Tensor):
+            setattr(out, name, value.to(device))
+        elif isinstance(value, dict) and all(isinstance(t, torch.Tensor) for t in value.values()):
+            setattr(out, name, {k: t.to(device) for k, t in value.items()})
     return out
 
 
@@ -420,7 +424,7 @@ class _RaggedCase:
         back, some dropped, some merged into a neighbour (new key and value,
         counts summed), the rest packed again; with keep_rows (merge counts
         only) the old groups that come through keep their codes."""
-        u = _on_cpu(self.store.unpacked())
+        u = store_on(self.store.unpacked(), "cpu")
         heads = []
         for i in range(self.B * self.H):
             o, L = int(u.offsets[i]), int(u.lengths[i])
@@ -451,7 +455,7 @@ class _RaggedCase:
         assert st.head_lengths() == [len(h[0]) for h in self.heads]
         s, r, eps = st._r0, st.r, _tol(self.dtype)
         if self.columns:
-            u = _on_cpu(st.unpacked())
+            u = store_on(st.unpacked(), "cpu")
         else:
             keys, values, start, _ = (t.cpu() for t in st.padded(False))
         rk, rv = st._rk.cpu(), st._rv.cpu()
