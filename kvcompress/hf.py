@@ -12,13 +12,14 @@ call, before the next layer runs.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 from dataclasses import replace
 
 import torch
 
 from .cache import KVCache, take_pending
-from .compat import cache_kwargs, pop_cache
+from .compat import CACHE_NAMES, cache_kwarg, cache_kwargs, pop_cache
 from .errors import KVCompressUnsupportedError, KVCompressValueError
 from .methods.base import Method
 from .stores import AttentionSpec
@@ -232,19 +233,26 @@ def enable(model) -> str:
     return previous
 
 
-def _record_tokens(module, args, kwargs):
-    """Forward pre-hook of a session's model: a ``KVCache`` whose method reads
-    token ids (``Method.needs_tokens``) logs the forward's ``input_ids``
-    before any layer runs (the cache itself only sees keys and values)."""
-    cache = kwargs.get("past_key_values")
-    if cache is None:
-        cache = kwargs.get("cache")
+def _record_tokens(cache, args, kwargs) -> None:
+    """A ``KVCache`` whose method reads token ids (``Method.needs_tokens``)
+    logs the forward's ``input_ids`` before any layer runs (the cache itself
+    only sees keys and values)."""
     if isinstance(cache, KVCache) and cache.wants_tokens:
         ids = kwargs.get("input_ids")
         if ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
             ids = args[0]
         cache.record_tokens(ids)
-    return None
+
+
+def _cache_position(model) -> int | None:
+    """Index of the cache among ``model.forward``'s positional parameters
+    (None if it has none there)."""
+    name = cache_kwarg(model)
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - C-implemented forward
+        return None
+    return params.index(name) if name in params else None
 
 
 class CompressionSession:
@@ -255,7 +263,14 @@ class CompressionSession:
     model : transformers.PreTrainedModel
     method : kvcompress.methods.Method
     cache : KVCache or None
-        The cache used by the most recent ``generate()`` call in the session.
+        The cache of the most recent ``generate()`` call in the session, or
+        of the most recent forward call that brought no cache of its own.
+
+    A forward call inside the session (``model(**inputs)``) that passes no
+    cache and does not turn caching off gets a fresh ``KVCache`` of the
+    session's method, as ``generate()`` does: its output carries that cache,
+    to pass to the next call. A cache passed explicitly (ours or a
+    transformers one) is used as it is.
     """
 
     def __init__(self, model, method: Method):
@@ -275,6 +290,7 @@ class CompressionSession:
         self._hook = None
         self._active = False
         self._hooks: list = []
+        self._cache_at = _cache_position(model)
 
     def __repr__(self) -> str:
         state = "active" if self._active else "closed"
@@ -296,6 +312,32 @@ class CompressionSession:
         kwargs.update(cache_kwargs(self.model, cache))
         return original(*args, **kwargs)
 
+    def _before_forward(self, module, args, kwargs):
+        """Forward pre-hook of the session's model: a call without a cache
+        (and with caching on) gets a fresh ``KVCache``, which becomes
+        ``session.cache``; then a method that reads token ids logs them."""
+        cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
+        if cache is None and self._caches(args, kwargs):
+            cache = self.new_cache()
+            self.cache = cache
+            kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES}
+            kwargs.update(cache_kwargs(self.model, cache))
+            _record_tokens(cache, args, kwargs)
+            return args, kwargs
+        _record_tokens(cache, args, kwargs)
+        return None
+
+    def _caches(self, args, kwargs) -> bool:
+        """Whether a forward call without a cache would have transformers
+        make one (``use_cache`` on, by the call or else by the config), with
+        no positional argument in the cache's place."""
+        use = kwargs.get("use_cache")
+        if use is None:
+            use = getattr(self.model.config, "use_cache", True)
+        if not use:
+            return False
+        return self._cache_at is None or len(args) <= self._cache_at
+
     def __enter__(self) -> "CompressionSession":
         key = id(self.model)
         if key in _active_models:
@@ -306,7 +348,7 @@ class CompressionSession:
         self._saved_generate = vars(self.model).get("generate")
         original = self.model.generate
         self.model.generate = functools.wraps(original)(functools.partial(self._generate, original))
-        self._hook = self.model.register_forward_pre_hook(_record_tokens, with_kwargs=True)
+        self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         _active_models.add(key)
         self._active = True
         return self

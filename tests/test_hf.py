@@ -266,6 +266,54 @@ def test_plain_forward_without_cache_under_session_matches_sdpa(tiny_model):
     torch.testing.assert_close(dyn[1], ref[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", [lambda: SnapKV(budget=16, window=8), lambda: kvc.FastGen(budget=16, punct=tuple(range(3, 512, 3)))],
+                         ids=["SnapKV", "FastGen"])
+def test_forward_calls_without_a_cache_compress_in_a_session(tiny_model, method):
+    """A hand-written decode loop inside compress() that passes no cache to
+    its first forward gets a fresh KVCache of the session's method (as
+    generate() does), carried by the output and kept as session.cache; fed
+    back step by step it generates what generate() does with that method.
+    FastGen reads token ids (a third of them punctuation here), which the
+    injected cache must log too."""
+    from kvcompress.compat import output_cache
+
+    ids = _prompt(length=40, seed=7)
+    with kvc.compress(tiny_model, method()):
+        ref = _generate(tiny_model, ids, n=8)
+    with torch.no_grad(), kvc.compress(tiny_model, method()) as session:
+        out = tiny_model(ids)
+        cache = output_cache(out)
+        assert isinstance(cache, kvc.KVCache) and session.cache is cache
+        assert all(layer.n == 16 for layer in cache.layers)  # compressed at the prefill
+        tokens = [out.logits[:, -1].argmax(-1)]
+        for _ in range(7):
+            out = tiny_model(tokens[-1][:, None], **cache_kwargs(tiny_model, cache))
+            assert output_cache(out) is cache and session.cache is cache
+            tokens.append(out.logits[:, -1].argmax(-1))
+    assert torch.equal(torch.stack(tokens, 1), ref[:, 40:])
+    assert cache.get_seq_length() == 47
+    if cache.wants_tokens:  # every token fed, the first forward's included
+        assert torch.equal(cache.token_log.ids, torch.cat([ids, torch.stack(tokens[:-1], 1)], 1))
+
+
+def test_forward_calls_with_caching_off_get_no_cache_in_a_session(tiny_model):
+    ids = _prompt(length=20)
+    with torch.no_grad(), kvc.compress(tiny_model, SnapKV(budget=8, window=8)) as session:
+        tiny_model(ids, use_cache=False)
+        assert session.cache is None
+        use = tiny_model.config.use_cache
+        tiny_model.config.use_cache = False
+        try:
+            tiny_model(ids)
+        finally:
+            tiny_model.config.use_cache = use
+        assert session.cache is None
+        # a transformers cache passed explicitly is used as it is
+        dyn = DynamicCache()
+        tiny_model(ids, **cache_kwargs(tiny_model, dyn))
+        assert session.cache is None and dyn.get_seq_length() == 20
+
+
 def test_bad_arguments_name_the_argument(tiny_model):
     with pytest.raises(TypeError, match="method"):
         kvc.compress(tiny_model, "snapkv")
