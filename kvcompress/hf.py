@@ -304,12 +304,20 @@ class CompressionSession:
         # The cache may come as `cache=` (newer transformers) or
         # `past_key_values=`; either way it is passed on under the name this
         # model takes, so no deprecation path runs, and it is session.cache.
+        if kwargs.get("cache_implementation") is not None:
+            # transformers would build that cache beside ours and refuse the pair,
+            # naming a `cache` argument the caller never passed
+            raise KVCompressValueError(
+                f"cache_implementation: compress() supplies the cache (a KVCache of {self.method.describe()}); "
+                f"drop cache_implementation={kwargs['cache_implementation']!r}, or run generate() outside the "
+                f"session (kvcompress.KIVI packs the cache in low bits)")
         cache = pop_cache(kwargs)
-        if cache is None:
+        if cache is None and kwargs.get("use_cache") is not False:
             cache = self.new_cache()
         if isinstance(cache, KVCache):
             self.cache = cache
-        kwargs.update(cache_kwargs(self.model, cache))
+        if cache is not None:
+            kwargs.update(cache_kwargs(self.model, cache))
         return original(*args, **kwargs)
 
     def _before_forward(self, module, args, kwargs):

@@ -314,6 +314,26 @@ def test_forward_calls_with_caching_off_get_no_cache_in_a_session(tiny_model):
         assert session.cache is None and dyn.get_seq_length() == 20
 
 
+@pytest.mark.parametrize("impl", ["static", "quantized"])
+def test_cache_implementation_in_a_session_is_refused_by_name(tiny_model, impl):
+    """compress() supplies the cache; transformers would refuse the pair
+    with a message about a `cache` argument the caller never passed."""
+    with kvc.compress(tiny_model, SnapKV(budget=8, window=8)) as session:
+        with pytest.raises(kvc.KVCompressValueError, match="cache_implementation"):
+            _generate(tiny_model, _prompt(length=20), n=2, cache_implementation=impl)
+    assert session.cache is None
+
+
+def test_generate_with_caching_off_in_a_session_gets_no_cache(tiny_model):
+    """generate(use_cache=False) re-reads the whole sequence each step: no
+    cache is made, and the tokens are plain generate()'s."""
+    ids = _prompt(length=20)
+    ref = _generate(tiny_model, ids, n=4, use_cache=False)
+    with kvc.compress(tiny_model, SnapKV(budget=8, window=8)) as session:
+        out = _generate(tiny_model, ids, n=4, use_cache=False)
+    assert session.cache is None and torch.equal(out, ref)
+
+
 def test_bad_arguments_name_the_argument(tiny_model):
     with pytest.raises(TypeError, match="method"):
         kvc.compress(tiny_model, "snapkv")
