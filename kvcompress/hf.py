@@ -255,6 +255,10 @@ def _cache_position(model) -> int | None:
     return params.index(name) if name in params else None
 
 
+#: generate() arguments that turn on assisted decoding, which crops the cache
+_ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
 class CompressionSession:
     """Context manager returned by :func:`compress`.
 
@@ -304,6 +308,12 @@ class CompressionSession:
         # The cache may come as `cache=` (newer transformers) or
         # `past_key_values=`; either way it is passed on under the name this
         # model takes, so no deprecation path runs, and it is session.cache.
+        for name in _ASSISTED:
+            if kwargs.get(name) is not None:
+                raise KVCompressUnsupportedError(
+                    f"{name}: assisted (speculative) decoding crops the cache back after every rejected draft, "
+                    f"and a compressed cache cannot be cropped (evicted, merged or packed tokens cannot be "
+                    f"restored); run it outside compress()")
         if kwargs.get("cache_implementation") is not None:
             # transformers would build that cache beside ours and refuse the pair,
             # naming a `cache` argument the caller never passed

@@ -324,6 +324,14 @@ def test_cache_implementation_in_a_session_is_refused_by_name(tiny_model, impl):
     assert session.cache is None
 
 
+@pytest.mark.parametrize("name", ["assistant_model", "prompt_lookup_num_tokens"])
+def test_assisted_decoding_in_a_session_is_refused_by_name(tiny_model, name):
+    value = tiny_model if name == "assistant_model" else 3
+    with kvc.compress(tiny_model, kvc.KIVI(bits=4)):
+        with pytest.raises(kvc.KVCompressUnsupportedError, match=name):
+            _generate(tiny_model, _prompt(length=20), n=2, **{name: value})
+
+
 def test_generate_with_caching_off_in_a_session_gets_no_cache(tiny_model):
     """generate(use_cache=False) re-reads the whole sequence each step: no
     cache is made, and the tokens are plain generate()'s."""
