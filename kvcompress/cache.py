@@ -36,6 +36,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
 from .packing_choices import PackingChoices
+from .recurrent import RecurrentStates, check_layer_kinds
 from .states import check_batch_index, check_layer_index, check_repeats, check_states
 from .stores.keep_rows import arrange
 
@@ -1242,7 +1243,7 @@ class CacheStats:
         return "\n".join(rows)
 
 
-class KVCache(Cache):
+class KVCache(RecurrentStates, Cache):
     """A transformers ``Cache`` that compresses each layer with ``method``.
 
     Parameters
@@ -1251,6 +1252,12 @@ class KVCache(Cache):
         What to keep (e.g. ``SnapKV(ratio=0.5)``, ``StreamingLLM(budget=256)``).
     num_layers : int, optional
         Number of decoder layers; learnt from the model on first use.
+    layer_types : list of str, optional
+        The model's layer types as transformers names them
+        (``recurrent.layer_kinds(model.config)``; ``compress()`` passes them).
+        A hybrid model's ``conv`` / ``linear_attention`` layers keep their
+        recurrent state as transformers does (``kvcompress.recurrent``);
+        without the list they are learnt at their first call.
 
     Notes
     -----
@@ -1262,7 +1269,7 @@ class KVCache(Cache):
     of models without sliding-window layers.
     """
 
-    def __init__(self, method: Method, *, num_layers: int | None = None):
+    def __init__(self, method: Method, *, num_layers: int | None = None, layer_types=None):
         if not isinstance(method, Method):
             raise TypeError(
                 f"method: expected a kvcompress method (e.g. kvcompress.SnapKV(ratio=0.5)), "
@@ -1271,9 +1278,12 @@ class KVCache(Cache):
         if method.demotes and not method.evicts:
             raise ValueError(f"method: {method.describe()} packs what an evictor does not select; compose it, "
                              f"e.g. kvcompress.SnapKV(ratio=0.75) + kvcompress.{method.describe()}")
+        check_layer_kinds(layer_types, method)
         super().__init__(layers=[])
         self.method = method
         self.num_layers = num_layers
+        self.layer_types = None if layer_types is None else list(layer_types)
+        self._states: dict = {}  # recurrent layers of a hybrid model: layer -> transformers' state holder
         self._awaiting: int | None = None
         self.shared: dict = {}  # state every layer reads (TidalDecode's token selection)
         self.token_log = TokenLog()  # the token ids fed, for methods with needs_tokens (FastGen)
@@ -1286,11 +1296,12 @@ class KVCache(Cache):
         self._hidden: dict[int, object] = {}
 
     def __repr__(self) -> str:
-        lengths = [layer.n for layer in self.layers]
+        lengths = [layer.n for layer in self.layers if not self.holds_state(layer.layer_idx)]
         span = f"{min(lengths)}..{max(lengths)}" if lengths else "empty"
         seen = self.get_seq_length()
+        states = f", recurrent layers={len(self._states)}" if self._states else ""
         return (
-            f"KVCache({self.method.describe()}, layers={len(self.layers)}, seen={seen}, "
+            f"KVCache({self.method.describe()}, layers={len(lengths)}{states}, seen={seen}, "
             f"slots per head={span}, bytes={self.memory_bytes():,})"
         )
 
@@ -1371,21 +1382,39 @@ class KVCache(Cache):
     def reorder_cache(self, beam_idx) -> None:
         rows = self._rows()
         if rows:
-            super().reorder_cache(check_batch_index(beam_idx, rows, "beam_idx"))
+            idx = check_batch_index(beam_idx, rows, "beam_idx")
+            super().reorder_cache(idx)
+            self._index_states(idx.to("cpu", torch.int64))
 
     def batch_select_indices(self, indices) -> None:
         rows = self._rows()
         if rows:
-            super().batch_select_indices(check_batch_index(indices, rows, "indices"))
+            idx = check_batch_index(indices, rows, "indices")
+            super().batch_select_indices(idx)
+            self._index_states(idx.to("cpu", torch.int64))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(check_repeats(repeats))
+        repeats = check_repeats(repeats)
+        rows = self._rows()
+        super().batch_repeat_interleave(repeats)
+        if rows:
+            self._index_states(torch.arange(rows).repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        super().reset()
+        self._reset_states()
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         layer_idx = 0 if layer_idx is None else layer_idx
-        if layer_idx >= len(self.layers):
-            return 0
-        return self.layers[layer_idx].seen
+        if layer_idx < len(self.layers) and self.layers[layer_idx].seen:
+            return self.layers[layer_idx].seen
+        # a recurrent layer (a hybrid model's layer 0 may be one) counts what it
+        # took, or, keeping its state itself, what the layers with keys took (a
+        # layer with keys that has seen nothing: the others have not either)
+        taken = self._states_seen(layer_idx)
+        if taken is not None:
+            return taken
+        return max((layer.seen for layer in self.layers), default=0) if self.holds_state(layer_idx) else 0
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
         if layer_idx >= len(self.layers):
@@ -1598,12 +1627,13 @@ class KVCache(Cache):
         return sum(r for r, _ in counts) / offered if offered else None
 
     def memory_bytes(self) -> int:
-        """Bytes the cache's tensors occupy (each storage counted once)."""
+        """Bytes the cache's tensors occupy (each storage counted once;
+        recurrent layers' states included)."""
         seen: dict[int, int] = {}
-        for layer in self.layers:
-            for t in layer.tensors():
-                ptr, nbytes = _storage_bytes(t)
-                seen[ptr] = nbytes
+        for t in [t for layer in self.layers for t in layer.tensors()] + [
+                t for i in self._states for t in self._state_tensors(i)]:
+            ptr, nbytes = _storage_bytes(t)
+            seen[ptr] = nbytes
         return sum(seen.values())
 
     def stats(self) -> CacheStats:
@@ -1611,6 +1641,8 @@ class KVCache(Cache):
         out = CacheStats(method=self.method.describe())
         counted: set[int] = set()  # storages shared by layers (MiniCache pairs) count once, at the first
         for layer in self.layers:
+            if self.holds_state(layer.layer_idx):
+                continue
             nbytes = 0
             for t in layer.tensors():
                 ptr, size = _storage_bytes(t)
@@ -1621,6 +1653,12 @@ class KVCache(Cache):
             out.layers.append(LayerStats(layer.layer_idx, layer.seen, layer.head_lengths(), layer.capacity, nbytes,
                                          layer.store.kind, layer.window, full))
             out.full_bytes += full
+        for i in sorted(self._states):
+            # a hybrid model's recurrent layer: its state, as transformers' own cache holds it
+            nbytes = sum(_storage_bytes(t)[1] for t in self._state_tensors(i))
+            out.layers.append(LayerStats(i, self._states_seen(i), [], 0, nbytes, "recurrent", None, nbytes))
+            out.full_bytes += nbytes
+        out.layers.sort(key=lambda s: s.layer)
         return out
 
     @staticmethod

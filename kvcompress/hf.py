@@ -22,6 +22,7 @@ from .cache import KVCache, take_pending
 from .compat import CACHE_NAMES, cache_kwarg, cache_kwargs, pop_cache
 from .errors import KVCompressUnsupportedError, KVCompressValueError
 from .methods.base import Method
+from .recurrent import check_layer_kinds, layer_kinds
 from .stores import AttentionSpec
 from .stores.masked import build_mask, masked_attention
 from .stores.value_clip import output_projection
@@ -295,6 +296,9 @@ class CompressionSession:
         self._active = False
         self._hooks: list = []
         self._cache_at = _cache_position(model)
+        # a hybrid model's recurrent layers, and the layer types we refuse, known before any call
+        self._layer_types = layer_kinds(model.config)
+        check_layer_kinds(self._layer_types, self.method)
 
     def __repr__(self) -> str:
         state = "active" if self._active else "closed"
@@ -302,7 +306,8 @@ class CompressionSession:
 
     def new_cache(self) -> KVCache:
         """A fresh ``KVCache`` for this session's method (e.g. for a forward call)."""
-        return KVCache(self.method, num_layers=getattr(self.model.config, "num_hidden_layers", None))
+        return KVCache(self.method, num_layers=getattr(self.model.config, "num_hidden_layers", None),
+                       layer_types=self._layer_types)
 
     def _generate(self, original, *args, **kwargs):
         # The cache may come as `cache=` (newer transformers) or
