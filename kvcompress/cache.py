@@ -59,7 +59,12 @@ def take_pending(layer_idx: int, keys) -> "KVCache | None":
     """
     entry = getattr(_pending, "entry", None)
     _pending.entry = None
-    if entry is None or entry[1] != layer_idx or entry[2] is not keys:
+    if entry is None or entry[1] != layer_idx:
+        return None
+    if entry[2] is not keys:
+        # our attention function runs, but over keys the model made from the
+        # cache's (JetMoE repeats them per expert): remembered for the refusal
+        entry[0]._transformed = layer_idx
         return None
     return entry[0]
 
@@ -1284,6 +1289,7 @@ class KVCache(RecurrentStates, Cache):
         self.num_layers = num_layers
         self.layer_types = None if layer_types is None else list(layer_types)
         self._states: dict = {}  # recurrent layers of a hybrid model: layer -> transformers' state holder
+        self._transformed: int | None = None  # a layer whose attention got keys the model changed (take_pending)
         self._awaiting: int | None = None
         self.shared: dict = {}  # state every layer reads (TidalDecode's token selection)
         self.token_log = TokenLog()  # the token ids fed, for methods with needs_tokens (FastGen)
@@ -1597,6 +1603,13 @@ class KVCache(RecurrentStates, Cache):
         """The model's attention is not ours: compress with keys/values only."""
         self._awaiting = None
         layer = self.layers[layer_idx]
+        if self._transformed == layer_idx and (self.method.needs_queries or self.method.sharing is not None
+                                               or self.method.cross_layer is not None):
+            raise KVCompressUnsupportedError(
+                f"module: layer {layer_idx}'s attention received keys other than those the cache returned (the "
+                f"model changes them between its cache and its attention, as JetMoE repeats them per expert), so "
+                f"{self.method.describe()} cannot be given that layer's queries; use a method that needs no "
+                f"queries (StreamingLLM, Knorm)")
         if layer.kv_start is None:
             layer.set_padding(None, layer.last_chunk)
         if self.method.sharing is not None and (self.method.evicts or self.method.packing is not None):

@@ -286,6 +286,13 @@ class CompressionSession:
             )
         if not hasattr(model, "generate") or not hasattr(model, "config"):
             raise TypeError(f"model: expected a transformers generative model, got {type(model).__name__}")
+        if getattr(type(model), "_supports_attention_backend", True) is False:
+            # such a model attends itself, over whatever the cache returns: a
+            # compressed layer's placeholder keys, a packed layer's nothing
+            raise KVCompressUnsupportedError(
+                f"model: {type(model).__name__} computes its attention itself, not through transformers' "
+                f"attention interface (_supports_attention_backend is False), and kvcompress attends over "
+                f"compressed layers through that interface")
         self.model = model
         # KVSharer(calibration=...) computes its sharing plan on this model
         self.method = method.prepare(model)

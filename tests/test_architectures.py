@@ -684,6 +684,38 @@ def test_bidirectional_attention_is_refused_by_name():
             _generate(model, ids, mask)
 
 
+def test_models_that_attend_outside_the_attention_interface_are_refused_by_name():
+    """Bloom computes its attention itself (``_supports_attention_backend``
+    is False): it would attend over whatever the cache returns, which for a
+    packed layer is not its keys. Before: KIVI crashed in Bloom's own
+    attention with a shape error."""
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model = transformers.BloomForCausalLM(config).eval()
+    with pytest.raises(kvc.KVCompressUnsupportedError, match="BloomForCausalLM.*attention interface"):
+        kvc.compress(model, kvc.KIVI(bits=4))
+
+
+def test_keys_changed_between_cache_and_attention_are_refused_for_query_methods():
+    """JetMoE repeats the keys the cache returns per expert before its
+    attention call, so the attention function cannot match them to the
+    cache and never sees a compressed layer's queries: a method that needs
+    them is refused, naming the layer (it used to say "run generation inside
+    compress()", which it was); a query-free method still runs."""
+    config = transformers.JetMoeConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, kv_channels=16, intermediate_size=128, num_local_experts=2,
+                                       num_experts_per_tok=2, pad_token_id=PAD)
+    torch.manual_seed(0)
+    model = transformers.JetMoeForCausalLM(config).eval()
+    ids, mask = _prompts()
+    with kvc.compress(model, kvc.SnapKV(budget=32)):
+        with pytest.raises(kvc.KVCompressUnsupportedError, match="layer 0's attention received keys other"):
+            _generate(model, ids, mask)
+    with kvc.compress(model, kvc.StreamingLLM(budget=32)) as session:
+        _generate(model, ids, mask)
+    assert all(layer.n <= 32 + NEW for layer in session.cache.layers)
+
+
 @pytest.mark.parametrize("kwarg", ["position_bias", "indices"])
 def test_unsupported_attention_kwargs_are_refused_by_name(kwarg):
     """transformers hands variant-specific tensors to the attention function

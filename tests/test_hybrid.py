@@ -85,7 +85,6 @@ METHODS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_budget_above_prompt_reproduces_generate(models, family, method):
@@ -137,7 +136,6 @@ def test_compressed_attention_layers_beside_recurrent_states(models, family):
     assert ("| recurrent |" in str(stats)) == bool(theirs)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_next", "jamba"])
 def test_beam_search_reorders_the_recurrent_states(models, family):
     model = _model(models, family)
