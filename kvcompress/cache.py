@@ -1316,6 +1316,11 @@ class KVCache(RecurrentStates, Cache):
         # before anything changes: a bad call leaves the cache as it was
         layer_idx = check_layer_index(layer_idx, self.num_layers)
         check_states(key_states, value_states, self.layers[layer_idx] if layer_idx < len(self.layers) else None)
+        if self.method.packing is not None and key_states.shape[3] != value_states.shape[3]:
+            raise KVCompressUnsupportedError(
+                f"value_states: {self.method.describe()} packs keys and values of one head dim, and this model's "
+                f"values have {value_states.shape[3]} channels against its keys' {key_states.shape[3]} (MiMo, "
+                f"DeepSeek's multi-head latent attention); use a method that does not pack")
         if self._awaiting is not None:
             self._finish_without_queries(self._awaiting)
         while len(self.layers) <= layer_idx:
@@ -1607,7 +1612,8 @@ class KVCache(RecurrentStates, Cache):
                                                or self.method.cross_layer is not None):
             raise KVCompressUnsupportedError(
                 f"module: layer {layer_idx}'s attention received keys other than those the cache returned (the "
-                f"model changes them between its cache and its attention, as JetMoE repeats them per expert), so "
+                f"model changes them between its cache and its attention: JetMoE repeats them per expert, "
+                f"DeepSeek-V3 caches its latent KV and expands it), so "
                 f"{self.method.describe()} cannot be given that layer's queries; use a method that needs no "
                 f"queries (StreamingLLM, Knorm)")
         if layer.kv_start is None:

@@ -256,6 +256,23 @@ def _cache_position(model) -> int | None:
     return params.index(name) if name in params else None
 
 
+def _check_model(model) -> None:
+    """Refuse, by name, models whose attention or cache kvcompress cannot serve."""
+    name = type(model).__name__
+    if getattr(type(model), "_supports_attention_backend", True) is False:
+        # such a model attends itself, over whatever the cache returns: a
+        # compressed layer's placeholder keys, a packed layer's nothing
+        raise KVCompressUnsupportedError(
+            f"model: {name} computes its attention itself, not through transformers' attention interface "
+            f"(_supports_attention_backend is False), and kvcompress attends over compressed layers through "
+            f"that interface")
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if callable(supports) and not supports():
+        raise KVCompressUnsupportedError(
+            f"model: {name} keeps a cache of its own kind, not transformers' Cache of key and value layers "
+            f"(_supports_default_dynamic_cache() is False), so a KVCache cannot stand in for it")
+
+
 #: generate() arguments that turn on assisted decoding, which crops the cache
 _ASSISTED = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
 
@@ -286,13 +303,6 @@ class CompressionSession:
             )
         if not hasattr(model, "generate") or not hasattr(model, "config"):
             raise TypeError(f"model: expected a transformers generative model, got {type(model).__name__}")
-        if getattr(type(model), "_supports_attention_backend", True) is False:
-            # such a model attends itself, over whatever the cache returns: a
-            # compressed layer's placeholder keys, a packed layer's nothing
-            raise KVCompressUnsupportedError(
-                f"model: {type(model).__name__} computes its attention itself, not through transformers' "
-                f"attention interface (_supports_attention_backend is False), and kvcompress attends over "
-                f"compressed layers through that interface")
         self.model = model
         # KVSharer(calibration=...) computes its sharing plan on this model
         self.method = method.prepare(model)
@@ -306,6 +316,7 @@ class CompressionSession:
         # a hybrid model's recurrent layers, and the layer types we refuse, known before any call
         self._layer_types = layer_kinds(model.config)
         check_layer_kinds(self._layer_types, self.method)
+        _check_model(model)
 
     def __repr__(self) -> str:
         state = "active" if self._active else "closed"

@@ -696,17 +696,30 @@ def test_models_that_attend_outside_the_attention_interface_are_refused_by_name(
         kvc.compress(model, kvc.KIVI(bits=4))
 
 
-def test_keys_changed_between_cache_and_attention_are_refused_for_query_methods():
+def _jetmoe():
+    return transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        kv_channels=16, intermediate_size=128, num_local_experts=2, num_experts_per_tok=2, pad_token_id=PAD))
+
+
+def _deepseek_v3():
+    return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**dict(
+        _DECODER, head_dim=8, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=2, num_experts_per_tok=1, n_shared_experts=1,
+        moe_intermediate_size=64, first_k_dense_replace=4, n_group=1, topk_group=1)))
+
+
+@pytest.mark.parametrize("build", [_jetmoe, _deepseek_v3], ids=["jetmoe", "deepseek_v3"])
+def test_keys_changed_between_cache_and_attention_are_refused_for_query_methods(build):
     """JetMoE repeats the keys the cache returns per expert before its
-    attention call, so the attention function cannot match them to the
-    cache and never sees a compressed layer's queries: a method that needs
-    them is refused, naming the layer (it used to say "run generation inside
-    compress()", which it was); a query-free method still runs."""
-    config = transformers.JetMoeConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, kv_channels=16, intermediate_size=128, num_local_experts=2,
-                                       num_experts_per_tok=2, pad_token_id=PAD)
+    attention call; DeepSeek-V3 caches its latent KV and expands it to keys
+    and values after the cache. Either way the attention function cannot
+    match the keys to the cache and never sees a compressed layer's
+    queries: a method that needs them is refused, naming the layer (it used
+    to say "run generation inside compress()", which it was); a query-free
+    method still runs."""
     torch.manual_seed(0)
-    model = transformers.JetMoeForCausalLM(config).eval()
+    model = build().float().eval()
     ids, mask = _prompts()
     with kvc.compress(model, kvc.SnapKV(budget=32)):
         with pytest.raises(kvc.KVCompressUnsupportedError, match="layer 0's attention received keys other"):
@@ -714,6 +727,43 @@ def test_keys_changed_between_cache_and_attention_are_refused_for_query_methods(
     with kvc.compress(model, kvc.StreamingLLM(budget=32)) as session:
         _generate(model, ids, mask)
     assert all(layer.n <= 32 + NEW for layer in session.cache.layers)
+
+
+def test_models_with_a_cache_of_their_own_kind_are_refused_by_name():
+    """MiniMax keeps a linear-attention cache class of its own
+    (``_supports_default_dynamic_cache()`` is False): transformers refused
+    our cache mid-generate; compress() now refuses the model by name."""
+    try:
+        config = transformers.AutoConfig.for_model("minimax", **_DECODER)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
+        pytest.skip(f"minimax: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+    with pytest.raises(kvc.KVCompressUnsupportedError, match="MiniMax.*cache of its own kind"):
+        kvc.compress(model, kvc.SnapKV(budget=32))
+
+
+def test_values_wider_than_keys_evict_but_refuse_packing():
+    """MiMo-V2-Flash hands the cache values of ``v_head_dim`` channels beside
+    keys of ``head_dim``: eviction above the prompt reproduces generate();
+    packing (whose kernel reads one head dim) is refused by name before the
+    layer changes. Before, KIVI crashed in torch.cat on such a model."""
+    try:
+        config = transformers.AutoConfig.for_model("mimo_v2_flash", **dict(_DECODER, v_head_dim=24))
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
+        pytest.skip(f"mimo_v2_flash: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+    ids, mask = _prompts()
+    ref = _generate(model, ids, mask)
+    with kvc.compress(model, kvc.SnapKV(budget=PROMPT + NEW)):
+        out = _generate(model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+    for method in (kvc.KIVI(bits=4), kvc.SnapKV(budget=32) + kvc.KIVI(bits=4)):
+        with kvc.compress(model, method) as session:
+            with pytest.raises(kvc.KVCompressUnsupportedError, match="value_states.*24 channels.*16"):
+                _generate(model, ids, mask)
+        assert all(layer.seen == 0 for layer in session.cache.layers)
 
 
 @pytest.mark.parametrize("kwarg", ["position_bias", "indices"])

@@ -247,8 +247,9 @@ class PackedStore(LayerStore):
             # room for the residual to fill before its first pack, but not
             # ahead of need for a residual or group longer than any run:
             # past RESIDUAL_ROOM the buffer grows as tokens come
-            self._rk = keys.new_empty((B, H, max(q, min(self.residual + self.group, q + RESIDUAL_ROOM)), D))
-            self._rv = values.new_empty(self._rk.shape)
+            rows = max(q, min(self.residual + self.group, q + RESIDUAL_ROOM))
+            self._rk = keys.new_empty((B, H, rows, D))
+            self._rv = values.new_empty((B, H, rows, int(values.shape[3])))  # values may be wider (MiMo)
         elif B != self.batch or H != self.heads:
             raise ValueError(f"key_states: expected batch {self.batch} and {self.heads} kv heads as earlier "
                              f"updates of this layer, got {tuple(keys.shape)}")
@@ -256,7 +257,7 @@ class PackedStore(LayerStore):
         if end + q > self._rk.shape[2]:
             # geometric growth: a residual that is never packed (mixed precision) grows every step
             extra = max(q, self.r // 2, 16)
-            grow = lambda t: torch.cat([t[:, :, :end], t.new_empty((B, H, extra, D))], 2)  # noqa: E731
+            grow = lambda t: torch.cat([t[:, :, :end], t.new_empty((B, H, extra, t.shape[3]))], 2)  # noqa: E731
             self._rk, self._rv = grow(self._rk), grow(self._rv)
         self._rk[:, :, end : end + q] = keys
         self._rv[:, :, end : end + q] = values
