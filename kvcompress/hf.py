@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import threading
 from dataclasses import replace
 
@@ -259,13 +260,17 @@ def _cache_position(model) -> int | None:
 def _check_model(model) -> None:
     """Refuse, by name, models whose attention or cache kvcompress cannot serve."""
     name = type(model).__name__
-    if getattr(type(model), "_supports_attention_backend", True) is False:
+    module = sys.modules.get(type(model).__module__)
+    if module is not None and module.__name__.startswith("transformers.") and \
+            not hasattr(module, "ALL_ATTENTION_FUNCTIONS"):
         # such a model attends itself, over whatever the cache returns: a
-        # compressed layer's placeholder keys, a packed layer's nothing
+        # compressed layer's placeholder keys, a packed layer's nothing. (Its
+        # `_supports_attention_backend` says less: Qwen3.5's and Jamba's is
+        # False for their recurrent layers while their attention layers call
+        # the interface.)
         raise KVCompressUnsupportedError(
-            f"model: {name} computes its attention itself, not through transformers' attention interface "
-            f"(_supports_attention_backend is False), and kvcompress attends over compressed layers through "
-            f"that interface")
+            f"model: {name} computes its attention itself ({module.__name__} never looks up transformers' "
+            f"attention interface), and kvcompress attends over compressed layers through that interface")
     supports = getattr(model, "_supports_default_dynamic_cache", None)
     if callable(supports) and not supports():
         raise KVCompressUnsupportedError(
