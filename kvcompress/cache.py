@@ -36,7 +36,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
                      RaggedPackedStore, RaggedPagedStore, RaggedStore, RaggedTidalStore, SharedStore, TidalStore,
                      UniformStore)
 from .packing_choices import PackingChoices
-from .recurrent import RecurrentStates, check_layer_kinds
+from .recurrent import RecurrentStates, check_chunk, check_layer_kinds
 from .states import check_batch_index, check_layer_index, check_repeats, check_states
 from .stores.keep_rows import arrange
 
@@ -44,6 +44,9 @@ from .stores.keep_rows import arrange
 # same thread; this is how it finds the cache (transformers does not pass the
 # cache to attention functions).
 _pending = threading.local()
+#: compress() sessions running (hf.CompressionSession counts them): a layer
+#: whose attention did not reach our function then attended by itself
+SESSIONS = [0]
 
 _NO_CROP = (
     "kvcompress.KVCache cannot be cropped (evicted tokens cannot be restored); "
@@ -51,11 +54,14 @@ _NO_CROP = (
 )
 
 
-def take_pending(layer_idx: int, keys) -> "KVCache | None":
-    """Return the cache whose ``update()`` just returned ``keys`` for ``layer_idx``.
+def take_pending(layer_idx: int, keys, values=None) -> "KVCache | None":
+    """Return the cache whose ``update()`` just returned ``keys`` (and
+    ``values``) for ``layer_idx``.
 
     Matching the very tensor object guards against a stale entry left by a
-    forward whose attention was not ours.
+    forward whose attention was not ours. Keys that match with values that
+    do not are refused: the layer would attend over the values it holds,
+    not the ones the model made from them (DiffLlama splits them in two).
     """
     entry = getattr(_pending, "entry", None)
     _pending.entry = None
@@ -66,6 +72,11 @@ def take_pending(layer_idx: int, keys) -> "KVCache | None":
         # cache's (JetMoE repeats them per expert): remembered for the refusal
         entry[0]._transformed = layer_idx
         return None
+    if values is not None and entry[3] is not values:
+        raise KVCompressUnsupportedError(
+            f"module: layer {layer_idx}'s attention received values other than those the cache returned (the "
+            f"model changes them between its cache and its attention, as DiffLlama's differential attention "
+            f"splits them); a compressed layer attends over the values it holds")
     return entry[0]
 
 
@@ -1263,6 +1274,10 @@ class KVCache(RecurrentStates, Cache):
         A hybrid model's ``conv`` / ``linear_attention`` layers keep their
         recurrent state as transformers does (``kvcompress.recurrent``);
         without the list they are learnt at their first call.
+    attention_chunk : int, optional
+        Tokens per chunk of ``chunked_attention`` layers (Llama 4's
+        ``attention_chunk_size``): such a layer is served up to one chunk and
+        refused by name past it.
 
     Notes
     -----
@@ -1274,7 +1289,8 @@ class KVCache(RecurrentStates, Cache):
     of models without sliding-window layers.
     """
 
-    def __init__(self, method: Method, *, num_layers: int | None = None, layer_types=None):
+    def __init__(self, method: Method, *, num_layers: int | None = None, layer_types=None,
+                 attention_chunk: int | None = None):
         if not isinstance(method, Method):
             raise TypeError(
                 f"method: expected a kvcompress method (e.g. kvcompress.SnapKV(ratio=0.5)), "
@@ -1288,6 +1304,7 @@ class KVCache(RecurrentStates, Cache):
         self.method = method
         self.num_layers = num_layers
         self.layer_types = None if layer_types is None else list(layer_types)
+        self.attention_chunk = attention_chunk  # tokens per chunk of chunked-attention layers (Llama 4)
         self._states: dict = {}  # recurrent layers of a hybrid model: layer -> transformers' state holder
         self._transformed: int | None = None  # a layer whose attention got keys the model changed (take_pending)
         self._awaiting: int | None = None
@@ -1316,6 +1333,8 @@ class KVCache(RecurrentStates, Cache):
         # before anything changes: a bad call leaves the cache as it was
         layer_idx = check_layer_index(layer_idx, self.num_layers)
         check_states(key_states, value_states, self.layers[layer_idx] if layer_idx < len(self.layers) else None)
+        check_chunk(self.layer_types, self.attention_chunk, layer_idx,
+                    self.layers[layer_idx].seen if layer_idx < len(self.layers) else 0, int(key_states.shape[2]))
         if self.method.packing is not None and key_states.shape[3] != value_states.shape[3]:
             raise KVCompressUnsupportedError(
                 f"value_states: {self.method.describe()} packs keys and values of one head dim, and this model's "
@@ -1340,7 +1359,7 @@ class KVCache(RecurrentStates, Cache):
             self._share(layer, key_states, value_states)
         keys, values = layer.update(key_states, value_states)
         self._awaiting = layer_idx
-        _pending.entry = (self, layer_idx, keys)
+        _pending.entry = (self, layer_idx, keys, values)
         return keys, values
 
     @property
@@ -1628,6 +1647,11 @@ class KVCache(RecurrentStates, Cache):
                 f"{self.method.describe()} merges pairs of layers inside the 'kvcompress' attention function: "
                 "run generation inside `with kvcompress.compress(model, method):` or call "
                 "`kvcompress.enable(model)` before passing a KVCache")
+        if self.method.needs_queries and SESSIONS[0]:
+            raise KVCompressUnsupportedError(
+                f"module: layer {layer_idx}'s attention never reached the 'kvcompress' attention function although "
+                f"a compress() session is running, so {self.method.describe()} cannot be given its queries (the "
+                f"model attends in that layer by itself); use a method that needs no queries (StreamingLLM, Knorm)")
         if self.method.needs_queries:
             raise KVCompressError(
                 f"{type(self.method).__name__} needs the layer's queries, which only the 'kvcompress' "

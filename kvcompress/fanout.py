@@ -16,7 +16,7 @@ generated tokens equal separate runs.
 from __future__ import annotations
 
 from .cache import KVCache, _pending
-from .errors import KVCompressValueError
+from .errors import KVCompressUnsupportedError, KVCompressValueError
 
 
 class FanoutCache(KVCache):
@@ -51,8 +51,14 @@ class FanoutCache(KVCache):
         for c in self.children:
             keys, values = c.update(key_states, value_states, layer_idx, *args, **kwargs)
             out = out or (keys, values)
-        _pending.entry = (self, layer_idx, out[0])
+        _pending.entry = (self, layer_idx, out[0], out[1])
         return out
+
+    def _state_layer(self, layer_idx: int):
+        # one state cannot be handed to several children, which then decode apart
+        raise KVCompressUnsupportedError(
+            f"FanoutCache: layer {layer_idx} holds a recurrent state (a hybrid model); prefill each cache on "
+            f"its own")
 
     def attend(self, layer_idx: int, query, spec, padding_mask=None, four_d=None):
         if self.num_layers is not None:

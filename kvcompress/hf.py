@@ -19,11 +19,12 @@ from dataclasses import replace
 
 import torch
 
+from . import cache as cache_module
 from .cache import KVCache, take_pending
 from .compat import CACHE_NAMES, cache_kwarg, cache_kwargs, pop_cache
 from .errors import KVCompressUnsupportedError, KVCompressValueError
 from .methods.base import Method
-from .recurrent import check_layer_kinds, layer_kinds
+from .recurrent import check_layer_kinds, chunk_size, layer_kinds
 from .stores import AttentionSpec
 from .stores.masked import build_mask, masked_attention
 from .stores.value_clip import output_projection
@@ -117,8 +118,13 @@ def kvcompress_attention(module, query, key, value, attention_mask, dropout=0.0,
     """
     spec = attention_spec(module, query, dropout, scaling, kwargs)
     layer_idx = getattr(module, "layer_idx", None)
-    cache = take_pending(layer_idx, key) if layer_idx is not None else None
+    cache = take_pending(layer_idx, key, value) if layer_idx is not None else None
     four_d = attention_mask if attention_mask is not None and attention_mask.ndim == 4 else None
+    if cache is not None and four_d is not None and four_d.shape[1] != 1:
+        # a mask of each head's own (Doge's dynamic mask) is more than padding
+        raise KVCompressUnsupportedError(
+            f"attention_mask: layer {layer_idx} passes a mask per attention head {tuple(four_d.shape)} (Doge's "
+            f"dynamic mask); kvcompress reads a 4-D mask only for its padding, one row for all heads")
     if cache is None:
         # No kvcompress cache (use_cache=False, or another Cache class): the
         # keys are the whole sequence, so the 2-D padding mask's last n
@@ -257,20 +263,58 @@ def _cache_position(model) -> int | None:
     return params.index(name) if name in params else None
 
 
-def _check_model(model) -> None:
-    """Refuse, by name, models whose attention or cache kvcompress cannot serve."""
-    name = type(model).__name__
+_ATTENDS_ITSELF: dict[type, bool] = {}
+
+
+def _attends_itself(model) -> str | None:
+    """The name of a transformers module class of ``model`` whose forward
+    writes the cache (``cache.update``) but never looks up the attention
+    interface, or None. Read from the class's source once per class."""
     module = sys.modules.get(type(model).__module__)
     if module is not None and module.__name__.startswith("transformers.") and \
             not hasattr(module, "ALL_ATTENTION_FUNCTIONS"):
+        return module.__name__  # its modeling file never imports the interface (Bloom, MPT)
+    for m in model.modules():
+        cls = type(m)
+        if cls not in _ATTENDS_ITSELF:
+            verdict = False
+            forward = inspect.unwrap(cls.forward)  # past deprecate_kwarg's wrapper
+            if cls.__module__.startswith("transformers.") and "update" in getattr(forward, "__code__",
+                                                                                  _NO_CODE).co_names:
+                try:
+                    src = inspect.getsource(forward)
+                except (OSError, TypeError):  # pragma: no cover - no source: trust it
+                    src = ""
+                verdict = (".update(" in src and "attention_interface" not in src
+                           and "ALL_ATTENTION_FUNCTIONS" not in src)
+            _ATTENDS_ITSELF[cls] = verdict
+        if _ATTENDS_ITSELF[cls]:
+            return cls.__name__
+    return None
+
+
+_NO_CODE = (lambda: None).__code__
+
+
+def _check_model(model) -> None:
+    """Refuse, by name, models whose attention or cache kvcompress cannot serve."""
+    name = type(model).__name__
+    own = _attends_itself(model)
+    if own is not None:
         # such a model attends itself, over whatever the cache returns: a
         # compressed layer's placeholder keys, a packed layer's nothing. (Its
         # `_supports_attention_backend` says less: Qwen3.5's and Jamba's is
         # False for their recurrent layers while their attention layers call
-        # the interface.)
+        # the interface; GIT's is True for its vision tower's sake.)
         raise KVCompressUnsupportedError(
-            f"model: {name} computes its attention itself ({module.__name__} never looks up transformers' "
-            f"attention interface), and kvcompress attends over compressed layers through that interface")
+            f"model: {name} computes its attention itself ({own} never calls transformers' attention "
+            f"interface), and kvcompress attends over compressed layers through that interface")
+    if any(callable(getattr(m, "prepare_dynamic_mask", None)) for m in model.modules()):
+        # its attention layers turn the mask into one of each head's own, from
+        # the values (Doge): a mask our padding-only mask function does not give
+        raise KVCompressUnsupportedError(
+            f"model: {name} builds a dynamic attention mask for each head from its values "
+            f"(prepare_dynamic_mask), and kvcompress passes the attention only the padding mask")
     supports = getattr(model, "_supports_default_dynamic_cache", None)
     if callable(supports) and not supports():
         raise KVCompressUnsupportedError(
@@ -330,7 +374,7 @@ class CompressionSession:
     def new_cache(self) -> KVCache:
         """A fresh ``KVCache`` for this session's method (e.g. for a forward call)."""
         return KVCache(self.method, num_layers=getattr(self.model.config, "num_hidden_layers", None),
-                       layer_types=self._layer_types)
+                       layer_types=self._layer_types, attention_chunk=chunk_size(self.model.config))
 
     def _generate(self, original, *args, **kwargs):
         # The cache may come as `cache=` (newer transformers) or
@@ -397,6 +441,7 @@ class CompressionSession:
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         _active_models.add(key)
         self._active = True
+        cache_module.SESSIONS[0] += 1
         return self
 
     def __exit__(self, *exc) -> None:
@@ -414,6 +459,8 @@ class CompressionSession:
                 handle.remove()
             self._hooks = []
             _active_models.discard(id(self.model))
+            if self._active:
+                cache_module.SESSIONS[0] -= 1
             self._active = False
 
 

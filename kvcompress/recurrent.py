@@ -12,10 +12,12 @@ answers those calls; the layer types come from the model's config
 (:func:`layer_kinds`) or are learnt at the first call.
 
 Layer types transformers names (``cache_utils.get_layer_types_and_kwargs``):
-``full_attention``, ``sliding_attention`` and ``chunked_attention`` hold keys
-and values; ``conv`` and ``linear_attention`` hold a state; ``hybrid`` and
-``hybrid_sliding`` (Falcon-H1: a state and attention in the same layer) are
-refused by name.
+``full_attention`` and ``sliding_attention`` hold keys and values, and so
+does ``chunked_attention`` (Llama 4) while its tokens fit one chunk; ``conv``
+and ``linear_attention`` hold a state; ``dummy`` layers hold nothing; every
+other type (:data:`REFUSED_TYPES`: a state and attention in one layer,
+indexed or model-compressed attention, or a type not known here) is refused
+by name.
 """
 
 from __future__ import annotations
@@ -26,8 +28,20 @@ from .errors import KVCompressUnsupportedError
 
 #: layer types whose cache is a fixed-size state, no keys or values
 STATE_TYPES = frozenset({"conv", "linear_attention"})
-#: layer types that hold a state and attention in one layer
-BOTH_TYPES = frozenset({"hybrid", "hybrid_sliding"})
+#: layer types that hold keys and values a KVCache layer serves (a chunked
+#: layer while its tokens fit one chunk: ``KVCache.update`` refuses past it)
+ATTENTION_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+#: layer types with no cache of their own (an MLP-only layer, or one that
+#: reads another layer's keys and values: Gemma 3n's shared layers)
+NO_CACHE_TYPES = frozenset({"dummy"})
+#: layer types refused, and why
+REFUSED_TYPES = {
+    "hybrid": "a recurrent state and attention in one layer, as Falcon-H1 has",
+    "hybrid_sliding": "a recurrent state and sliding attention in one layer",
+    "indexed_attention": "sparse attention over indexer-picked keys (DeepSeek-V3.2)",
+    "compressed_sparse_attention": "attention over a compressed cache of the model's own (DeepSeek-V4)",
+    "heavily_compressed_attention": "attention over a compressed cache of the model's own (DeepSeek-V4)",
+}
 
 
 def layer_kinds(config) -> list[str] | None:
@@ -47,16 +61,39 @@ def layer_kinds(config) -> list[str] | None:
     return list(kinds) if kinds else None
 
 
+def chunk_size(config) -> int | None:
+    """Tokens per chunk of a model's chunked-attention layers (Llama 4's
+    ``attention_chunk_size``), or None."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    size = getattr(text, "attention_chunk_size", None)
+    return int(size) if isinstance(size, int) and size > 0 else None
+
+
+def check_chunk(kinds, chunk, layer_idx: int, seen: int, q: int) -> None:
+    """Refuse a chunked-attention layer's update that would take its tokens
+    past the first chunk: from there on its queries see only their own
+    chunk, a mask kvcompress does not build (before it, the layer attends as
+    a full one)."""
+    if kinds is None or layer_idx >= len(kinds) or kinds[layer_idx] != "chunked_attention":
+        return
+    if chunk is None or seen + q > chunk:
+        raise KVCompressUnsupportedError(
+            f"layer_types: layer {layer_idx} attends within chunks of {chunk} tokens (Llama 4's chunked "
+            f"attention) and this update takes it to {seen + q}; kvcompress serves such layers up to one chunk")
+
+
 def check_layer_kinds(kinds, method) -> None:
     """Refuse, by name, layer types a ``KVCache`` cannot serve and methods
     that need every layer to hold keys and values."""
     if kinds is None:
         return
-    both = [i for i, k in enumerate(kinds) if k in BOTH_TYPES]
-    if both:
+    for kind in dict.fromkeys(kinds):
+        if kind in ATTENTION_TYPES or kind in STATE_TYPES or kind in NO_CACHE_TYPES:
+            continue
+        at = [i for i, k in enumerate(kinds) if k == kind]
+        why = REFUSED_TYPES.get(kind, "a layer type kvcompress does not know")
         raise KVCompressUnsupportedError(
-            f"layer_types: layers {both} are {kinds[both[0]]!r} (a recurrent state and attention in one layer, "
-            f"as Falcon-H1 has); kvcompress does not compress such layers")
+            f"layer_types: layers {at} are {kind!r} ({why}); kvcompress does not compress such layers")
     if kinds and all(k in STATE_TYPES for k in kinds):
         raise KVCompressUnsupportedError(
             f"layer_types: every layer is {sorted(set(kinds))} (a recurrent model such as Mamba): there are no "

@@ -684,16 +684,32 @@ def test_bidirectional_attention_is_refused_by_name():
             _generate(model, ids, mask)
 
 
-def test_models_that_attend_outside_the_attention_interface_are_refused_by_name():
+@pytest.mark.parametrize("model_type, where", [("bloom", "modeling_bloom"), ("git", "GitSelfAttention")])
+def test_models_that_attend_outside_the_attention_interface_are_refused_by_name(model_type, where):
     """Bloom computes its attention itself (its modeling module never looks
-    up transformers' attention interface): it would attend over whatever the
-    cache returns, which for a packed layer is not its keys. Before: KIVI
-    crashed in Bloom's own attention with a shape error."""
-    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, pad_token_id=PAD)
-    torch.manual_seed(0)
-    model = transformers.BloomForCausalLM(config).eval()
-    with pytest.raises(kvc.KVCompressUnsupportedError, match="BloomForCausalLM computes its attention itself"):
+    up transformers' attention interface), and so does GIT's text decoder
+    (its module imports the interface for the vision tower only): each would
+    attend over whatever the cache returns, which for a packed layer is not
+    its keys. Before: KIVI crashed in Bloom's own attention with a shape
+    error, and every method in GIT's."""
+    model = _tiny_auto(model_type)
+    with pytest.raises(kvc.KVCompressUnsupportedError, match=f"computes its attention itself.*{where}"):
         kvc.compress(model, kvc.KIVI(bits=4))
+
+
+def test_a_layer_whose_attention_bypasses_ours_in_a_session_says_so():
+    """Inside compress(), a layer whose attention never reaches the
+    'kvcompress' function (here the model is switched back to SDPA behind
+    the session's back) cannot give a query-scored method its queries; the
+    refusal names the layer instead of telling the user to run inside
+    compress(), where they are."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**_DECODER)).eval()
+    ids, mask = _prompts()
+    with kvc.compress(model, kvc.SnapKV(budget=32)):
+        model.set_attn_implementation("sdpa")
+        with pytest.raises(kvc.KVCompressUnsupportedError, match="layer 0's attention never reached"):
+            _generate(model, ids, mask)
 
 
 def _jetmoe():
@@ -727,6 +743,38 @@ def test_keys_changed_between_cache_and_attention_are_refused_for_query_methods(
     with kvc.compress(model, kvc.StreamingLLM(budget=32)) as session:
         _generate(model, ids, mask)
     assert all(layer.n <= 32 + NEW for layer in session.cache.layers)
+
+
+def _tiny_auto(model_type):
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **_DECODER)
+        torch.manual_seed(0)
+        return transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
+        pytest.skip(f"{model_type}: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+
+
+def test_values_changed_between_cache_and_attention_are_refused_by_name():
+    """DiffLlama's differential attention attends twice, over two halves of
+    the values the cache returned: a compressed layer attends over the
+    values it holds, so it gave the wrong output even with nothing evicted
+    (generate()'s tokens differed); now every method is refused by name at
+    the first attention call."""
+    model = _tiny_auto("diffllama")
+    ids, mask = _prompts()
+    for method in (kvc.SnapKV(budget=PROMPT + NEW), kvc.StreamingLLM(budget=PROMPT + NEW), kvc.KIVI(bits=4)):
+        with kvc.compress(model, method):
+            with pytest.raises(kvc.KVCompressUnsupportedError, match="layer 0's attention received values other"):
+                _generate(model, ids, mask)
+
+
+def test_per_head_dynamic_masks_are_refused_by_name():
+    """Doge turns the mask into one of each head's own, computed from the
+    values; kvcompress passes only the padding mask (Doge failed with an
+    IndexError inside its own mask code)."""
+    model = _tiny_auto("doge")
+    with pytest.raises(kvc.KVCompressUnsupportedError, match="DogeForCausalLM builds a dynamic attention mask"):
+        kvc.compress(model, kvc.SnapKV(budget=32))
 
 
 def test_models_with_a_cache_of_their_own_kind_are_refused_by_name():

@@ -212,3 +212,52 @@ def test_models_without_separate_attention_layers_are_refused_by_name(model_type
     model = _build(model_type, **kwargs)
     with pytest.raises(kvc.KVCompressUnsupportedError, match=f"layer_types.*{match}"):
         kvc.compress(model, kvc.SnapKV(budget=32))
+
+
+@pytest.mark.parametrize("kinds, match", [
+    (["full_attention", "indexed_attention"], r"layers \[1\] are 'indexed_attention' \(sparse attention"),
+    (["compressed_sparse_attention", "full_attention"], r"layers \[0\] are 'compressed_sparse_attention'"),
+    (["full_attention", "hybrid_sliding"], r"'hybrid_sliding'"),
+    (["full_attention", "brand_new_attention"], r"'brand_new_attention' \(a layer type kvcompress does not know"),
+])
+def test_layer_types_we_do_not_serve_are_refused_by_name(kinds, match):
+    with pytest.raises(kvc.KVCompressUnsupportedError, match=match):
+        kvc.KVCache(kvc.SnapKV(budget=32), layer_types=kinds)
+    # MLP-only or shared layers ("dummy") and the kinds we serve are accepted
+    kvc.KVCache(kvc.SnapKV(budget=32), layer_types=["dummy", "full_attention", "sliding_attention", "conv"])
+
+
+def test_chunked_attention_is_served_up_to_one_chunk():
+    """Llama 4's chunked layers attend as full ones while the sequence fits
+    one chunk (here 48 tokens): nothing evicted, generate()'s tokens; past
+    it their queries see only their own chunk, a mask kvcompress does not
+    build, so the update that would cross it is refused by name."""
+    model = _build("llama4_text", **dict(_BASE, head_dim=16, attention_chunk_size=48, no_rope_layers=[1, 1, 1, 0],
+                                         num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128))
+    from kvcompress.recurrent import layer_kinds
+
+    assert "chunked_attention" in layer_kinds(model.config)
+    ids = random_ids(30, 51, high=250)[None]
+    mask = torch.ones_like(ids)
+    ref = _generate(model, ids, mask)
+    with kvc.compress(model, kvc.SnapKV(budget=BUDGET_ABOVE)):
+        out = _generate(model, ids, mask)
+    assert torch.equal(out, ref)
+    ids = random_ids(60, 52, high=250)[None]
+    with kvc.compress(model, kvc.SnapKV(budget=BUDGET_ABOVE)):
+        with pytest.raises(kvc.KVCompressUnsupportedError, match=r"layer \d attends within chunks of 48 tokens"):
+            _generate(model, ids, torch.ones_like(ids))
+
+
+def test_a_fanout_prefill_refuses_recurrent_layers(models):
+    """FanoutCache hands one prefill to several caches, which then decode
+    apart; one recurrent state cannot be split among them, so the first
+    recurrent layer's call is refused by name."""
+    from kvcompress.fanout import FanoutCache
+
+    model = _model(models, "lfm2")
+    ids, mask = _batch()
+    fan = FanoutCache([kvc.KVCache(kvc.SnapKV(budget=32)), kvc.KVCache(kvc.StreamingLLM(budget=32))])
+    with kvc.compress(model, kvc.SnapKV(budget=32)):
+        with pytest.raises(kvc.KVCompressUnsupportedError, match="FanoutCache: layer 0 holds a recurrent state"):
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(model, fan))
