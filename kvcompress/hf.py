@@ -263,6 +263,14 @@ def _cache_position(model) -> int | None:
     return params.index(name) if name in params else None
 
 
+def _decoder_layers(config) -> int | None:
+    """Decoder layers of a model's config: its text decoder's, for a model
+    whose top config describes more (speech or vision models)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return n if n is not None else getattr(config, "num_hidden_layers", None)
+
+
 _ATTENDS_ITSELF: dict[type, bool] = {}
 
 
@@ -373,7 +381,7 @@ class CompressionSession:
 
     def new_cache(self) -> KVCache:
         """A fresh ``KVCache`` for this session's method (e.g. for a forward call)."""
-        return KVCache(self.method, num_layers=getattr(self.model.config, "num_hidden_layers", None),
+        return KVCache(self.method, num_layers=_decoder_layers(self.model.config),
                        layer_types=self._layer_types, attention_chunk=chunk_size(self.model.config))
 
     def _generate(self, original, *args, **kwargs):

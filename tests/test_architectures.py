@@ -754,6 +754,20 @@ def _tiny_auto(model_type):
         pytest.skip(f"{model_type}: cannot build a tiny model on transformers {transformers.__version__}: {e}")
 
 
+@pytest.mark.slow
+def test_the_cache_counts_the_text_decoders_layers():
+    """MOSS-Transcribe-Diarize's top config counts other layers than its text
+    decoder has: the session's cache takes the decoder's count, so every
+    attention layer is accepted (it refused layer 4 of "4 layers") and
+    nothing evicted gives generate()'s tokens."""
+    model = _tiny_auto("moss_transcribe_diarize")
+    ids, mask = _prompts()
+    ref = _generate(model, ids, mask)
+    with kvc.compress(model, kvc.SnapKV(budget=PROMPT + NEW)):
+        out = _generate(model, ids, mask)
+    assert torch.equal(out.sequences, ref.sequences)
+
+
 def test_values_changed_between_cache_and_attention_are_refused_by_name():
     """DiffLlama's differential attention attends twice, over two halves of
     the values the cache returned: a compressed layer attends over the
