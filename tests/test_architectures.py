@@ -736,6 +736,11 @@ def test_keys_changed_between_cache_and_attention_are_refused_for_query_methods(
     method still runs."""
     torch.manual_seed(0)
     model = build().float().eval()
+    if build is _deepseek_v3:
+        import inspect
+
+        if "expand_kv" not in inspect.getsource(type(model.model.layers[0].self_attn).forward):
+            pytest.skip(f"transformers {transformers.__version__} caches DeepSeek-V3's full keys, not its latents")
     ids, mask = _prompts()
     with kvc.compress(model, kvc.SnapKV(budget=32)):
         with pytest.raises(kvc.KVCompressUnsupportedError, match="layer 0's attention received keys other"):
@@ -777,8 +782,10 @@ def test_values_changed_between_cache_and_attention_are_refused_by_name():
     model = _tiny_auto("diffllama")
     ids, mask = _prompts()
     for method in (kvc.SnapKV(budget=PROMPT + NEW), kvc.StreamingLLM(budget=PROMPT + NEW), kvc.KIVI(bits=4)):
-        with kvc.compress(model, method):
-            with pytest.raises(kvc.KVCompressUnsupportedError, match="layer 0's attention received values other"):
+        # (transformers 5.0's DiffLlama attends by itself: refused when the session starts)
+        with pytest.raises(kvc.KVCompressUnsupportedError,
+                           match="layer 0's attention received values other|computes its attention itself"):
+            with kvc.compress(model, method):
                 _generate(model, ids, mask)
 
 
