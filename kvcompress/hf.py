@@ -323,6 +323,16 @@ def _check_model(model) -> None:
         raise KVCompressUnsupportedError(
             f"model: {name} builds a dynamic attention mask for each head from its values "
             f"(prepare_dynamic_mask), and kvcompress passes the attention only the padding mask")
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    modes = list(getattr(text, "kv_sharing_modes", None) or [])
+    shared = [i for i, mode in enumerate(modes) if mode == "reuse"]
+    if shared or (getattr(text, "num_kv_shared_layers", 0) or 0) > 0:
+        # such a layer attends over the tensors another layer's cache.update
+        # returned: a compressed or packed layer returns its own slots or only
+        # the new chunk, and the reader's mask is built for the full sequence
+        raise KVCompressUnsupportedError(
+            f"model: {name}'s layers {shared or 'past num_kv_shared_layers'} reuse another layer's keys and values "
+            f"(KV sharing, as Gemma 3n does), which a compressed layer cannot hand them")
     supports = getattr(model, "_supports_default_dynamic_cache", None)
     if callable(supports) and not supports():
         raise KVCompressUnsupportedError(

@@ -31,8 +31,8 @@ STATE_TYPES = frozenset({"conv", "linear_attention"})
 #: layer types that hold keys and values a KVCache layer serves (a chunked
 #: layer while its tokens fit one chunk: ``KVCache.update`` refuses past it)
 ATTENTION_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
-#: layer types with no cache of their own (an MLP-only layer, or one that
-#: reads another layer's keys and values: Gemma 3n's shared layers)
+#: layer types with no cache of their own (Nemotron-H's MLP-only layers;
+#: Gemma 3n's KV-shared ones are refused by ``compress()`` from the config)
 NO_CACHE_TYPES = frozenset({"dummy"})
 #: layer types refused, and why
 REFUSED_TYPES = {

@@ -773,6 +773,24 @@ def test_the_cache_counts_the_text_decoders_layers():
     assert torch.equal(out.sequences, ref.sequences)
 
 
+def test_kv_shared_layers_are_refused_by_name():
+    """Gemma 3n's last layers attend over the keys and values an earlier
+    layer's cache.update returned. KIVI gave other tokens than generate()
+    with nothing packed (a packed layer returns the new chunk), and a
+    compressed layer's kept slots would be masked as the last positions."""
+    try:
+        config = transformers.Gemma3nTextConfig(**dict(
+            _DECODER, num_hidden_layers=6, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
+            num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 3, sliding_window=16,
+            laurel_rank=8, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 6))
+        torch.manual_seed(0)
+        model = transformers.Gemma3nForCausalLM(config).float().eval()
+    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
+        pytest.skip(f"gemma3n: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+    with pytest.raises(kvc.KVCompressUnsupportedError, match=r"layers \[4, 5\] reuse another layer's keys"):
+        kvc.compress(model, kvc.KIVI(bits=4))
+
+
 def test_values_changed_between_cache_and_attention_are_refused_by_name():
     """DiffLlama's differential attention attends twice, over two halves of
     the values the cache returned: a compressed layer attends over the
