@@ -44,9 +44,6 @@ from .stores.keep_rows import arrange
 # same thread; this is how it finds the cache (transformers does not pass the
 # cache to attention functions).
 _pending = threading.local()
-#: compress() sessions running (hf.CompressionSession counts them): a layer
-#: whose attention did not reach our function then attended by itself
-SESSIONS = [0]
 
 _NO_CROP = (
     "kvcompress.KVCache cannot be cropped (evicted tokens cannot be restored); "
@@ -1647,7 +1644,9 @@ class KVCache(RecurrentStates, Cache):
                 f"{self.method.describe()} merges pairs of layers inside the 'kvcompress' attention function: "
                 "run generation inside `with kvcompress.compress(model, method):` or call "
                 "`kvcompress.enable(model)` before passing a KVCache")
-        if self.method.needs_queries and SESSIONS[0]:
+        from .hf import _active_models  # a session runs: this layer attended by itself
+
+        if self.method.needs_queries and _active_models:
             raise KVCompressUnsupportedError(
                 f"module: layer {layer_idx}'s attention never reached the 'kvcompress' attention function although "
                 f"a compress() session is running, so {self.method.describe()} cannot be given its queries (the "

@@ -32,6 +32,13 @@ def cache_kwarg(model) -> str:
     return name
 
 
+def decoder_config(config):
+    """The config of a model's text decoder (``get_text_config(decoder=True)``),
+    or ``config`` itself where there is no such reading: what the cache's
+    layers are counted, typed and sized by in vision and speech models too."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def cache_kwargs(model, cache) -> dict:
     """``{name: cache}`` for a ``model(...)`` or ``model.generate(...)`` call."""
     return {cache_kwarg(model): cache}

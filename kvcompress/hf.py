@@ -19,9 +19,8 @@ from dataclasses import replace
 
 import torch
 
-from . import cache as cache_module
 from .cache import KVCache, take_pending
-from .compat import CACHE_NAMES, cache_kwarg, cache_kwargs, pop_cache
+from .compat import CACHE_NAMES, cache_kwarg, cache_kwargs, decoder_config, pop_cache
 from .errors import KVCompressUnsupportedError, KVCompressValueError
 from .methods.base import Method
 from .recurrent import check_layer_kinds, chunk_size, layer_kinds
@@ -266,7 +265,7 @@ def _cache_position(model) -> int | None:
 def _decoder_layers(config) -> int | None:
     """Decoder layers of a model's config: its text decoder's, for a model
     whose top config describes more (speech or vision models)."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = decoder_config(config)
     n = getattr(text, "num_hidden_layers", None)
     return n if n is not None else getattr(config, "num_hidden_layers", None)
 
@@ -323,7 +322,7 @@ def _check_model(model) -> None:
         raise KVCompressUnsupportedError(
             f"model: {name} builds a dynamic attention mask for each head from its values "
             f"(prepare_dynamic_mask), and kvcompress passes the attention only the padding mask")
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    text = decoder_config(model.config)
     modes = list(getattr(text, "kv_sharing_modes", None) or [])
     shared = [i for i, mode in enumerate(modes) if mode == "reuse"]
     if shared or (getattr(text, "num_kv_shared_layers", 0) or 0) > 0:
@@ -459,7 +458,6 @@ class CompressionSession:
         self._hook = self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
         _active_models.add(key)
         self._active = True
-        cache_module.SESSIONS[0] += 1
         return self
 
     def __exit__(self, *exc) -> None:
@@ -477,8 +475,6 @@ class CompressionSession:
                 handle.remove()
             self._hooks = []
             _active_models.discard(id(self.model))
-            if self._active:
-                cache_module.SESSIONS[0] -= 1
             self._active = False
 
 

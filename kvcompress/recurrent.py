@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .compat import decoder_config
 from .errors import KVCompressUnsupportedError
 
 #: layer types whose cache is a fixed-size state, no keys or values
@@ -48,7 +49,7 @@ def layer_kinds(config) -> list[str] | None:
     """The layer types of ``config``'s decoder as transformers reads them
     (None where this transformers release has no such reading and the config
     lists none)."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = decoder_config(config)
     try:
         from transformers.cache_utils import get_layer_types_and_kwargs
     except ImportError:  # releases before hybrid caches: the config's own list, if any
@@ -64,7 +65,7 @@ def layer_kinds(config) -> list[str] | None:
 def chunk_size(config) -> int | None:
     """Tokens per chunk of a model's chunked-attention layers (Llama 4's
     ``attention_chunk_size``), or None."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = decoder_config(config)
     size = getattr(text, "attention_chunk_size", None)
     return int(size) if isinstance(size, int) and size > 0 else None
 
