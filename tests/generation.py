@@ -82,3 +82,20 @@ def head_rows(layer):
         out[divmod(i, store.heads)] = (keys[i, 0, s:].double(), values[i, 0, s:].double(), pos[i, s:].long(),
                                        counts[i, s:].double())
     return out
+
+
+def tiny_auto(model_type: str, **config):
+    """A random float32 model of transformers' ``model_type`` from
+    ``AutoConfig.for_model(model_type, **config)`` (seed 0, eval mode);
+    the test skips, saying why, where this transformers cannot build it."""
+    import pytest
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **config)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
+        pytest.skip(f"{model_type}: cannot build a tiny model on transformers {transformers.__version__}: "
+                    f"{type(e).__name__}: {e}")
+    return model.float().eval()

@@ -44,6 +44,7 @@ import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
 from kvcompress.methods import EVICTING, REGISTRY
 from kvcompress.stores import PackedStore
+from generation import tiny_auto
 
 WINDOW = 64
 PROMPT = 200
@@ -750,13 +751,8 @@ def test_keys_changed_between_cache_and_attention_are_refused_for_query_methods(
     assert all(layer.n <= 32 + NEW for layer in session.cache.layers)
 
 
-def _tiny_auto(model_type):
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **_DECODER)
-        torch.manual_seed(0)
-        return transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
-        pytest.skip(f"{model_type}: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+def _tiny_auto(model_type, **extra):
+    return tiny_auto(model_type, **dict(_DECODER, **extra))
 
 
 @pytest.mark.slow
@@ -778,15 +774,10 @@ def test_kv_shared_layers_are_refused_by_name():
     layer's cache.update returned. KIVI gave other tokens than generate()
     with nothing packed (a packed layer returns the new chunk), and a
     compressed layer's kept slots would be masked as the last positions."""
-    try:
-        config = transformers.Gemma3nTextConfig(**dict(
-            _DECODER, num_hidden_layers=6, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=16,
-            num_kv_shared_layers=2, layer_types=["sliding_attention", "full_attention"] * 3, sliding_window=16,
-            laurel_rank=8, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 6))
-        torch.manual_seed(0)
-        model = transformers.Gemma3nForCausalLM(config).float().eval()
-    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
-        pytest.skip(f"gemma3n: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+    model = _tiny_auto("gemma3n_text", num_hidden_layers=6, vocab_size_per_layer_input=VOCAB,
+                       hidden_size_per_layer_input=16, num_kv_shared_layers=2,
+                       layer_types=["sliding_attention", "full_attention"] * 3, sliding_window=16, laurel_rank=8,
+                       altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 6)
     with pytest.raises(kvc.KVCompressUnsupportedError, match=r"layers \[4, 5\] reuse another layer's keys"):
         kvc.compress(model, kvc.KIVI(bits=4))
 
@@ -820,12 +811,7 @@ def test_models_with_a_cache_of_their_own_kind_are_refused_by_name():
     """MiniMax keeps a linear-attention cache class of its own
     (``_supports_default_dynamic_cache()`` is False): transformers refused
     our cache mid-generate; compress() now refuses the model by name."""
-    try:
-        config = transformers.AutoConfig.for_model("minimax", **_DECODER)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
-        pytest.skip(f"minimax: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+    model = _tiny_auto("minimax")
     with pytest.raises(kvc.KVCompressUnsupportedError, match="MiniMax.*cache of its own kind"):
         kvc.compress(model, kvc.SnapKV(budget=32))
 
@@ -835,12 +821,7 @@ def test_values_wider_than_keys_evict_but_refuse_packing():
     keys of ``head_dim``: eviction above the prompt reproduces generate();
     packing (whose kernel reads one head dim) is refused by name before the
     layer changes. Before, KIVI crashed in torch.cat on such a model."""
-    try:
-        config = transformers.AutoConfig.for_model("mimo_v2_flash", **dict(_DECODER, v_head_dim=24))
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
-        pytest.skip(f"mimo_v2_flash: cannot build a tiny model on transformers {transformers.__version__}: {e}")
+    model = _tiny_auto("mimo_v2_flash", v_head_dim=24)
     ids, mask = _prompts()
     ref = _generate(model, ids, mask)
     with kvc.compress(model, kvc.SnapKV(budget=PROMPT + NEW)):

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
-from generation import left_pad, random_ids
+from generation import left_pad, random_ids, tiny_auto
 
 # transformers' Cache holds recurrent layers from the release that added
 # LinearAttentionLayer (5.25 has it, 5.0 does not: there each hybrid family
@@ -51,17 +51,6 @@ NEW = 10
 BUDGET_ABOVE = 256  # above the prompt: nothing is evicted
 
 
-def _build(model_type: str, **kwargs):
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **kwargs)
-        torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # noqa: BLE001 - report why the family cannot run here
-        pytest.skip(f"{model_type}: cannot build a tiny model on transformers {transformers.__version__}: "
-                    f"{type(e).__name__}: {e}")
-    return model.float().eval()
-
-
 @pytest.fixture(scope="module")
 def models():
     return {}
@@ -69,7 +58,7 @@ def models():
 
 def _model(models, family):
     if family not in models:
-        models[family] = _build(FAMILIES[family][0], **FAMILIES[family][1])
+        models[family] = tiny_auto(FAMILIES[family][0], **FAMILIES[family][1])
     return models[family]
 
 
@@ -217,7 +206,7 @@ def test_methods_that_need_keys_on_every_layer_are_refused_by_name(models, metho
 def test_models_without_separate_attention_layers_are_refused_by_name(model_type, kwargs, match):
     """Falcon-H1 runs attention and Mamba in the same layer; Mamba has no
     attention at all: both are refused when the session starts."""
-    model = _build(model_type, **kwargs)
+    model = tiny_auto(model_type, **kwargs)
     with pytest.raises(kvc.KVCompressUnsupportedError, match=f"layer_types.*{match}"):
         kvc.compress(model, kvc.SnapKV(budget=32))
 
@@ -240,7 +229,7 @@ def test_chunked_attention_is_served_up_to_one_chunk():
     one chunk (here 48 tokens): nothing evicted, generate()'s tokens; past
     it their queries see only their own chunk, a mask kvcompress does not
     build, so the update that would cross it is refused by name."""
-    model = _build("llama4_text", **dict(_BASE, head_dim=16, attention_chunk_size=48, no_rope_layers=[1, 1, 1, 0],
+    model = tiny_auto("llama4_text", **dict(_BASE, head_dim=16, attention_chunk_size=48, no_rope_layers=[1, 1, 1, 0],
                                          num_local_experts=2, num_experts_per_tok=1, intermediate_size_mlp=128))
     from kvcompress.recurrent import layer_kinds
 
