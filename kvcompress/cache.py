@@ -1296,6 +1296,12 @@ class KVCache(RecurrentStates, Cache):
         if method.demotes and not method.evicts:
             raise ValueError(f"method: {method.describe()} packs what an evictor does not select; compose it, "
                              f"e.g. kvcompress.SnapKV(ratio=0.75) + kvcompress.{method.describe()}")
+        if layer_types is not None and (isinstance(layer_types, str) or not all(
+                isinstance(k, str) for k in layer_types)):
+            raise TypeError(f"layer_types: expected a list of layer type names (str) or None, got {layer_types!r}")
+        if attention_chunk is not None and (isinstance(attention_chunk, bool) or not isinstance(attention_chunk, int)
+                                            or attention_chunk < 1):
+            raise ValueError(f"attention_chunk: expected a positive int or None, got {attention_chunk!r}")
         check_layer_kinds(layer_types, method)
         super().__init__(layers=[])
         self.method = method

@@ -224,6 +224,18 @@ def test_layer_types_we_do_not_serve_are_refused_by_name(kinds, match):
     kvc.KVCache(kvc.SnapKV(budget=32), layer_types=["dummy", "full_attention", "sliding_attention", "conv"])
 
 
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(layer_types="full_attention"), TypeError, "layer_types"),
+    (dict(layer_types=["full_attention", 3]), TypeError, "layer_types"),
+    (dict(attention_chunk=0), ValueError, "attention_chunk"),
+    (dict(attention_chunk=True), ValueError, "attention_chunk"),
+    (dict(attention_chunk=8.5), ValueError, "attention_chunk"),
+])
+def test_bad_layer_arguments_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        kvc.KVCache(kvc.SnapKV(budget=32), **kwargs)
+
+
 def test_chunked_attention_is_served_up_to_one_chunk():
     """Llama 4's chunked layers attend as full ones while the sequence fits
     one chunk (here 48 tokens): nothing evicted, generate()'s tokens; past
