@@ -768,6 +768,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                                                   value_clip=self._clip)
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
+            self.store.rows_apart = self._rows_apart()
         else:
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             clip = self._value_clip(packing, queries, scaling, defer=True)
@@ -784,6 +785,19 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if not self._rebudget:
             # nothing is re-scored once packed: per-head budgets and held queries go
             self.head_budgets = self._qbuf = None
+
+    def _rows_apart(self) -> bool:
+        """Whether this uniform layer's packed store packs each row of a
+        left-padded batch on its own schedule (``PackedStore.rows_apart``),
+        so that a row's key groups and pack steps are those it has alone: on
+        a full-attention layer that packs while decoding and is never
+        re-compressed, with no cross-layer method, sparse reader or sink
+        block. (The choices a layer makes once from all its rows' queries,
+        ``rotate`` or ``clip_values`` ``"auto"`` and ``feedback``, are made
+        before the first pack, on the batch, and stay shared.)"""
+        m = self.method
+        return bool(self.window is None and not self._rebudget and not m.mixed_precision and m.depth is None
+                    and m.sparse is None and not m.fp_sinks)
 
     def _settle(self, queries, scaling: float) -> None:
         """Pack the packed store's whole residual groups (``settle``); a

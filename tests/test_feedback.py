@@ -281,9 +281,9 @@ def _spy_queries(monkeypatch):
 def test_a_layer_packs_with_the_weights_of_its_prompts_real_queries(tiny_lm, rotate, monkeypatch):
     """On a left-padded batch every layer's weights are ``feedback_weights``
     of the float64 moment of the queries it saw before its first pack, each
-    row's padding left out, in the rotated basis when rotated; and its
-    packed keys are the reference packing of the full cache's keys with
-    those weights (bit for bit where both hold the same keys)."""
+    row's padding left out, in the rotated basis when rotated; and each
+    row's packed keys are the reference packing of its real tokens' keys in
+    the full cache with those weights, bit for bit."""
     from transformers import DynamicCache
 
     from kvcompress.stores.rotation import key_rotation
@@ -321,17 +321,20 @@ def test_a_layer_packs_with_the_weights_of_its_prompts_real_queries(tiny_lm, rot
         # held as a bfloat16 triangle: the reference's, rounded alike (a last-bit tie may round apart)
         want = feedback_weights(m)
         assert torch.allclose(expand(s.feedback, D), expand(compact(want), D), rtol=2**-7, atol=1e-6), i
-        # the packed groups of prompt tokens (the slots' logical order is the prompt's) from the full cache's keys
-        m = min(s.n_packed, int(ids.shape[1]) // 8 * 8)
-        keys = full.layers[i].keys[:, :, :m]
-        if rot is not None:
-            keys = (keys.double() @ rot).float()
-        codes, _, _, _ = ref_feedback_pack(keys, expand(s.feedback, D).numpy(), 2, 8)
-        got = unpacked_codes(ops.Packed(s._kc[:, :, :m], s._kmin, s._ksc), 2, D)
-        # row 0 whole; row 1 from its first group without padding (the store
-        # holds its own keys for padded slots, the full cache the pad token's)
-        assert np.array_equal(got[0], codes[0]), i
-        assert np.array_equal(got[1, :, 32:], codes[1, :, 32:]), i
+        # the packed groups of each row's prompt tokens from the full cache's
+        # keys: each row packs on its own schedule from its first real token
+        # (row mode), so row 1's groups start after its 25 padded slots
+        assert s._np is not None, i
+        T = int(ids.shape[1])
+        for b, pad in enumerate((0, 25)):
+            m = min(s._np[b], (T - pad) // 8 * 8)
+            assert m > 0, (i, b)
+            keys = full.layers[i].keys[b : b + 1, :, pad : pad + m]
+            if rot is not None:
+                keys = (keys.double() @ rot).float()
+            codes, _, _, _ = ref_feedback_pack(keys, expand(s.feedback, D).numpy(), 2, 8)
+            got = unpacked_codes(ops.Packed(s._kc[b : b + 1, :, :m], s._kmin[b : b + 1], s._ksc[b : b + 1]), 2, D)
+            assert np.array_equal(got, codes), (i, b)
 
 
 def test_a_per_head_store_rounds_each_heads_groups_with_its_kv_heads_weights():

@@ -139,9 +139,14 @@ class _UniformCase:
         # decode-time rounds (an evictor that keeps its budget): the store
         # comes from a UniformStore with its columns, as the cache makes it
         self.rounds = rng.random() < 0.4
+        # each row of a padded batch on its own schedule (what a KIVI layer
+        # allows when nothing else ties the rows; the store starts it only
+        # without sinks); drawn apart so the cases above keep their draws
+        self.rows_apart = not self.rounds and random.Random(seed + 7_777).random() < 0.5
         self.store = None if self.rounds else PackedStore(self.bits, self.G, self.R, self.vbits)
         if self.store is not None:
             self.store.sinks, self.store.value_clip = self.sinks, self.clip
+            self.store.rows_apart = self.rows_apart
             self.store.rotation = None if self.rotation is None else self.rotation.to(self.dev)
         self.keys = self.values = None
         self.pads = [0] * self.B
@@ -150,7 +155,7 @@ class _UniformCase:
     def describe(self) -> str:
         return (f"B={self.B} H={self.H} Hq={self.Hq} D={self.D} G={self.G} R={self.R} bits={self.bits}/"
                 f"{self.vbits} sinks={self.sinks} rotated={self.rotation is not None} clip={self.clip} "
-                f"{self.dtype} pads={self.pads}")
+                f"{self.dtype} pads={self.pads} rows_apart={self.rows_apart}")
 
     def _tokens(self, q):
         # channel outliers, as KIVI assumes, so that groups differ in range
@@ -232,15 +237,23 @@ class _UniformCase:
         n = int(self.keys.shape[2])
         assert st.n == n and st.batch == self.B
         assert st.n_packed % self.G == 0
-        if st.n_packed:
+        rows = st._np is not None
+        assert not rows or (self.rows_apart and not self.sinks)  # (a reorder may leave no row padded)
+        if st.n_packed and not rows:
             assert self.R <= st.r < self.R + self.G
         k, v = (t.cpu() for t in st.dequantized())
         assert k.shape == self.keys.shape and k.dtype == self.dtype
         # which logical slots are packed: the sink block sits at _sink_at[b]
-        # in the logical order, the packed part is the rest's first n_packed
+        # in the logical order, the packed part is the rest's first n_packed;
+        # in row mode a row's packed part is its first _np[b] real tokens
         real = torch.arange(n)[None, :] >= torch.tensor(self.pads)[:, None]  # [B, n]
         packed = torch.zeros(self.B, n, dtype=torch.bool)
         for b in range(self.B):
+            if rows:
+                p, m = self.pads[b], st._np[b]
+                assert m % self.G == 0 and (not m or self.R <= n - p - m < self.R + self.G), (b, m, n - p - m)
+                packed[b, p : p + m] = True
+                continue
             rest = torch.arange(n)
             if st.n_sinks:
                 at = st._sink_at[b]
@@ -289,6 +302,92 @@ def run_uniform(seed: int, device: str = "cpu") -> None:
         _steps(c, rounds=0.1 if c.rounds else 0.0, chunks=0.2)
     except AssertionError as e:
         raise AssertionError(f"{c.describe()}: {e}") from e
+
+
+def _rows_case(seed: int):
+    """A left-padded batch in row mode beside one single-row store per row,
+    fed only that row's real tokens: ``(rng, g, batch, solos, pads, dims)``."""
+    rng = random.Random(50_000 + seed)
+    g = torch.Generator().manual_seed(50_000 + seed)
+    B, H = rng.choice([2, 3]), rng.choice([1, 2])
+    dims = dict(B=B, H=H, Hq=H * rng.choice([1, 3]), D=rng.choice([16, 32, 64]),
+                dtype=rng.choice([torch.float32, torch.float32, torch.bfloat16]))
+    G, R, bits, vbits = rng.choice([8, 16, 32]), rng.choice([4, 16, 40]), rng.choice([2, 4, 8]), \
+        rng.choice([None, 2, 4, 8])
+    rotation = _orthogonal(dims["D"], g) if rng.random() < 0.3 else None
+    clip = rng.random() < 0.2
+
+    def make():
+        st = PackedStore(bits, G, R, vbits)
+        st.rows_apart, st.rotation, st.value_clip = True, rotation, clip
+        return st
+
+    T = rng.randrange(2, 3 * R + 4 * G)
+    pads = [rng.randrange(0, T) for _ in range(B)]
+    pads[rng.randrange(B)] = 0  # the longest row fills the batch, as left padding has it
+    return rng, g, make(), [make() for _ in range(B)], pads, dims, T
+
+
+def _rows_tokens(g, dims, q):
+    scale = torch.linspace(0.2, 3.0, dims["D"])
+    shape = (dims["B"], dims["H"], q, dims["D"])
+    k = (torch.randn(shape, generator=g) * scale).to(dims["dtype"])
+    return k, torch.randn(shape, generator=g).to(dims["dtype"])
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_padded_rows_hold_and_read_what_each_row_does_alone(seed):
+    """Row mode (``PackedStore.rows_apart``): after every step each row of a
+    left-padded batch holds bit for bit what a store of that row alone
+    holds (same packed slots, same codes, same residual, dequantized), and
+    reads the same attention (within float rounding: the batch joins two
+    kernel calls where the row alone makes one), through decode steps,
+    chunks and beam reorders with repeated rows."""
+    rng, g, batch, solos, pads, dims, T = _rows_case(seed)
+    spec = AttentionSpec(scaling=dims["D"] ** -0.5)
+    tol = _tol(dims["dtype"])
+
+    def feed(q, first=False):
+        k, v = _rows_tokens(g, dims, q)
+        if first:
+            for b, p in enumerate(pads):  # padded slots hold garbage of a wide range
+                k[b, :, :p] = 1e3
+        batch.append(k, v, 0)
+        for b, st in enumerate(solos):
+            p = pads[b] if first else 0
+            st.append(k[b : b + 1, :, p:], v[b : b + 1, :, p:], 0)
+        query = torch.randn(dims["B"], dims["Hq"], q, dims["D"], generator=g).to(dims["dtype"])
+        if q <= min(T - p for p in pads):
+            out = batch.attend(query, spec, kv_start=torch.tensor(pads)).double()
+            for b, st in enumerate(solos):
+                alone = st.attend(query[b : b + 1], spec).double()
+                assert (out[b : b + 1] - alone).abs().max().item() <= tol * (1 + alone.abs().max().item()), b
+        batch.settle(pad=pads)
+        for st in solos:
+            st.settle()
+        k_all, v_all = batch.dequantized()
+        # row mode starts at the first settle that packs (with a row padded: a
+        # reorder may have left none); until then every row holds its tokens unpacked
+        assert batch._np is not None or not batch.n_packed or not any(pads)
+        packed = batch._np or [batch.n_packed] * dims["B"]
+        starts = batch._rs or pads
+        for b, st in enumerate(solos):
+            assert packed[b] == st.n_packed and batch.r - starts[b] == st.r, (b, batch, st)
+            ks, vs = st.dequantized()
+            assert torch.equal(k_all[b, :, pads[b]:], ks[0]) and torch.equal(v_all[b, :, pads[b]:], vs[0]), b
+
+    feed(T, first=True)
+    for _ in range(rng.randrange(20, 50)):
+        op = rng.random()
+        if op < 0.1:
+            idx = [rng.randrange(dims["B"]) for _ in range(dims["B"])]
+            batch.index_batch(torch.tensor(idx))
+            solos[:] = [copy.deepcopy(solos[i]) for i in idx]
+            pads[:] = [pads[i] for i in idx]
+            continue
+        n = 1 if op < 0.85 else rng.randrange(2, 6)
+        T += n
+        feed(n)
 
 
 # -------------------------------------------------------------- per head

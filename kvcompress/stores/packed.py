@@ -110,6 +110,16 @@ class PackedStore(LayerStore):
         self._r0 = 0
         self._sink_at: list[int] | None = None
         self._sinks_in_call = False
+        #: whether a left-padded batch may pack each row on its own schedule
+        #: (set by the layer where nothing else makes a row's codes depend on
+        #: the other rows, see settle). Once it does ("row mode"), per row:
+        #: ``_np`` its packed slots (a multiple of group, from its first real
+        #: token), ``_rs`` the residual row its residual starts at (the rows
+        #: before it are masked), ``_pads`` its leading padded logical slots
+        self.rows_apart = False
+        self._np: list[int] | None = None
+        self._rs: list[int] | None = None
+        self._pads: list[int] | None = None
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
@@ -123,8 +133,11 @@ class PackedStore(LayerStore):
         vb += ", clipped values" if self.value_clip else ""
         if self.sinks:
             vb += f", sinks={self.sinks}" + ("" if self._r0 else " (not taken yet)")
+        packed, full = self.n_packed, self.r
+        if self._np is not None:  # row mode: each row's own counts
+            packed, full = self._np, [self.r - s for s in self._rs]
         return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
-                f"batch={self.batch}, heads={self.heads}, packed={self.n_packed}{high}, full_precision={self.r}{seen})")
+                f"batch={self.batch}, heads={self.heads}, packed={packed}{high}, full_precision={full}{seen})")
 
     @classmethod
     def from_split(cls, keys, values, full_idx, low_idx, bits: int, group: int,
@@ -212,6 +225,9 @@ class PackedStore(LayerStore):
 
     @property
     def n(self) -> int:
+        if self._np is not None:
+            # row mode: every row's padding, packed and residual slots add up alike
+            return self._pads[0] + self._np[0] + self.r - self._rs[0]
         return self.n_packed + self.n_high + self.r + self.n_sinks
 
     @property
@@ -290,6 +306,13 @@ class PackedStore(LayerStore):
         widens a group's range (it stays masked in attention).
         """
         self.take_sinks(pad)
+        if self._np is None and self._rows_due(pad):
+            # row mode: nothing packed yet; each row's real tokens start at its padding
+            self._pads = [min(int(p), self.r) for p in pad]
+            self._np, self._rs = [0] * self.batch, list(self._pads)
+        if self._np is not None:
+            self._settle_rows()
+            return
         m = self.pending()
         if m <= 0:
             return
@@ -304,6 +327,47 @@ class PackedStore(LayerStore):
                     self._rv[b, :, o : o + p] = self._rv[b, :, o + p : o + p + 1]
         self._pack_oldest(m)
         self._drop_oldest(m)
+
+    def _rows_due(self, pad) -> bool:
+        """Whether this settle starts row mode: the layer allows it
+        (``rows_apart``), some row is padded, nothing is packed yet and this
+        settle packs (so the layer's once-only choices, taken just before
+        the first pack on the batch's padded view, are made; until then no
+        row would pack either way)."""
+        return bool(self.rows_apart and pad is not None and any(int(p) for p in pad) and self.pack_decoded
+                    and self._rk is not None and not self.n_packed and not self.sinks and self._hi is None
+                    and self._cols is None and self.visible_from is None and self.pending() > 0)
+
+    def _settle_rows(self) -> None:
+        """Row mode's settle: each row packs the whole groups of its own
+        residual past ``residual + group - 1`` slots, from its first real
+        token, so its key groups hold the tokens they hold when the row runs
+        alone and it packs at the same steps; then the residual rows that
+        every row has packed (or that are padding) leave the buffers."""
+        G, R = self.group, self.residual
+        due = [max(0, (self.r - s - R) // G * G) for s in self._rs]
+        if not any(due):
+            return
+        self._reserve(max(p + m for p, m in zip(self._np, due)))
+        fb = self._feedback_weights()
+        for b, m in enumerate(due):
+            if not m:
+                continue
+            s, p0, o = self._rs[b], self._np[b], self._r0
+            row = slice(b, b + 1)
+            ops.pack_keys(self._codes_keys(self._rk[row, :, o + s : o + s + m]), self.bits, G,
+                          codes=self._kc[row, :, p0 : p0 + m], mins=self._kmin[row, :, p0 // G : (p0 + m) // G],
+                          scales=self._ksc[row, :, p0 // G : (p0 + m) // G], feedback=fb)
+            ops.pack_values(self._rv[row, :, o + s : o + s + m], self.value_bits, G,
+                            codes=self._vc[row, :, p0 : p0 + m], mins=self._vmin[row, :, p0 : p0 + m],
+                            scales=self._vsc[row, :, p0 : p0 + m], clip=self.value_clip)
+            self._np[b] += m
+            self._rs[b] += m
+        self.n_packed = max(self._np)
+        d = min(self._rs)
+        if d:
+            self._drop_oldest(d)
+            self._rs = [s - d for s in self._rs]
 
     def take_sinks(self, pad=None) -> None:
         """Move the first ``sinks`` slots of every head to the front of the
@@ -359,6 +423,8 @@ class PackedStore(LayerStore):
         """How many of the oldest residual slots the next :meth:`settle` packs."""
         if not self.pack_decoded or self._rk is None:
             return 0
+        if self._np is not None:  # row mode: the most any row packs next
+            return max(0, max((self.r - s - self.residual) // self.group * self.group for s in self._rs))
         due = self.sinks if self.sinks and not self._r0 and not self.n_packed else 0  # take_sinks comes first
         return max(0, (self.r - due - self.residual) // self.group * self.group)
 
@@ -514,6 +580,9 @@ class PackedStore(LayerStore):
             self._hi = tuple(t.index_select(0, idx) for t in self._hi)
         if self._sink_at is not None:
             self._sink_at = [self._sink_at[i] for i in idx.tolist()]
+        if self._np is not None:
+            host = idx.tolist()
+            self._np, self._rs, self._pads = ([x[i] for i in host] for x in (self._np, self._rs, self._pads))
         if self._cols is not None:
             self._cols = {name: t.index_select(0, idx) for name, t in self._cols.items()}
 
@@ -531,6 +600,8 @@ class PackedStore(LayerStore):
         """Full-precision ``(keys, values)`` ``[B, H, n, D]`` of every slot, in
         the logical order (low part, high part, residual): for tests and the
         paths the packed kernel does not cover."""
+        if self._np is not None:
+            return self._dequantized_rows()
         o = self._r0
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         ks, vs = [], []
@@ -550,8 +621,61 @@ class PackedStore(LayerStore):
                 for t, s in ((keys, self._rk), (values, self._rv))]
         return tuple(torch.stack([torch.cat(parts, 1) for parts in r]) for r in rows)
 
+    def _dequantized_rows(self):
+        """Row mode's :meth:`dequantized`: per row its padding (zeros,
+        masked by the layer's ``kv_start``), its packed slots unpacked, its
+        residual."""
+        rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        keys = values = None
+        if self.n_packed:
+            kc, kmin, ksc, vc, vmin, vsc = self._packed_views()
+            keys = self._unpack_keys(kc, kmin, ksc, self.bits, rk.dtype)
+            values = ops.unpack_values(vc, vmin, vsc, self.value_bits, self.group, head_dim=int(rv.shape[3]),
+                                       dtype=rv.dtype)
+        out_k, out_v = [], []
+        for b, (p, m, s) in enumerate(zip(self._pads, self._np, self._rs)):
+            for out, res, packed in ((out_k, rk, keys), (out_v, rv, values)):
+                parts = [res.new_zeros((res.shape[1], p, res.shape[3]))]
+                if m:
+                    parts.append(packed[b, :, :m])
+                out.append(torch.cat(parts + [res[b, :, s:]], 1))
+        return torch.stack(out_k), torch.stack(out_v)
+
+    def _attend_rows(self, query, scaling: float):
+        """Row mode's kernel path: every row's packed slots (a per-head
+        layout over the uniform buffers, each head's length its row's) read
+        with no residual, and the residual with each row's first rows masked,
+        joined exactly through their log-sum-exps. The layer's ``kv_start``
+        (the padding) is not needed: no padded slot is stored."""
+        B, H = self.batch, self.heads
+        rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        if self._kc is None:
+            self._reserve(0)  # zero-slot buffers, once: the residual's call reads an empty packed part
+        views = self._packed_views()
+        empty = tuple(t[:, :, :0] for t in views)
+        dev = query.device
+        parts = [ops.packed_attention(query, *empty, rk, rv, bits=self.bits, group=self.group,
+                                      value_bits=self.value_bits, scaling=scaling,
+                                      kv_start=torch.tensor(self._rs, dtype=torch.int64, device=dev),
+                                      return_lse=True)]
+        if self.n_packed:
+            cap = int(self._kc.shape[2])
+            flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in (self._kc, self._kmin, self._ksc, self._vc,
+                                                                       self._vmin, self._vsc)]
+            offsets = torch.arange(B * H, dtype=torch.int64, device=dev) * cap
+            lengths = torch.tensor(self._np, dtype=torch.int64, device=dev).repeat_interleave(H)
+            pq = rotate(query, self.rotation) if self.rotation is not None else query
+            none = rk[:, :, :0]
+            parts.append(ops.packed_attention(pq, *flat, none, none, bits=self.bits, group=self.group,
+                                              value_bits=self.value_bits, scaling=scaling, offsets=offsets,
+                                              lengths=lengths, return_lse=True))
+        return join_parts(parts, query.dtype)
+
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
+        if (self._np is not None and spec.plain and spec.window is None and kernel_reads(query, self._rk)
+                and q <= min(self.r - s for s in self._rs)):
+            return self._attend_rows(query, spec.scaling)
         # a sliding window reaches the kernel for one query at a time: the
         # slots it no longer sees are all leading ones, masked like padding
         windowed = spec.window is not None
@@ -560,7 +684,7 @@ class PackedStore(LayerStore):
         # a sink block read by a call of its own would be masked causally
         # for a chunk of queries: such chunks take the eager path
         apart = self._r0 and not self._sinks_in_call
-        if (spec.plain and kernel_reads(query, self._rk) and q <= self.r and (q == 1 or not apart)
+        if (self._np is None and spec.plain and kernel_reads(query, self._rk) and q <= self.r and (q == 1 or not apart)
                 and (not windowed or (q == 1 and query_pos is not None and self._hi is None))):
             if self._kc is None:
                 self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
