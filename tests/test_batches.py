@@ -75,6 +75,7 @@ def test_packed_rows_compressed_once_generate_what_they_generate_alone(tiny_mode
 
 @pytest.mark.parametrize("kw", [dict(bits=2, group=16, residual=16),
                                 dict(bits=4, value_bits=2, group=8, residual=4, rotate=True, clip_values=True),
+                                dict(bits=2, group=16, residual=16, sinks=4, rotate=True),
                                 dict(bits=2, group=16, residual=16, evictor="snapkv")])
 def test_kivi_rows_generate_what_they_generate_alone(tiny_model, kw):
     """A uniform KIVI layer packs each row of a left-padded batch on its
@@ -82,9 +83,10 @@ def test_kivi_rows_generate_what_they_generate_alone(tiny_model, kw):
     packs when its own residual fills, so over 40 tokens (several packs)
     every row generates what it generates alone and holds as many packed
     slots (before, the padded rows' groups held other tokens than alone
-    and their first greedy tokens differed within 10 to 13 steps). Also
-    behind an evictor that compresses once, where the short row, kept
-    whole, has masked filler slots in front."""
+    and their first greedy tokens differed within 10 to 13 steps). With a
+    sink block (each row's own first 4 tokens), and behind an evictor that
+    compresses once, where the short row, kept whole, has masked filler
+    slots in front."""
     kw = dict(kw)
     evictor = kw.pop("evictor", None)
     make = lambda: kvc.KIVI(**kw) if evictor is None else REGISTRY[evictor](budget=120, interval=0) + kvc.KIVI(**kw)  # noqa: E731

@@ -226,8 +226,8 @@ class PackedStore(LayerStore):
     @property
     def n(self) -> int:
         if self._np is not None:
-            # row mode: every row's padding, packed and residual slots add up alike
-            return self._pads[0] + self._np[0] + self.r - self._rs[0]
+            # row mode: every row's padding, sink block, packed and residual slots add up alike
+            return self._pads[0] + self._r0 + self._np[0] + self.r - self._rs[0]
         return self.n_packed + self.n_high + self.r + self.n_sinks
 
     @property
@@ -307,8 +307,10 @@ class PackedStore(LayerStore):
         """
         self.take_sinks(pad)
         if self._np is None and self._rows_due(pad):
-            # row mode: nothing packed yet; each row's real tokens start at its padding
-            self._pads = [min(int(p), self.r) for p in pad]
+            # row mode: nothing packed yet; each row's real tokens (after its
+            # sink block, if taken) start at its padding
+            start = self._sink_at if self._r0 else pad
+            self._pads = [min(int(p), self.r) for p in start]
             self._np, self._rs = [0] * self.batch, list(self._pads)
         if self._np is not None:
             self._settle_rows()
@@ -335,7 +337,8 @@ class PackedStore(LayerStore):
         the first pack on the batch's padded view, are made; until then no
         row would pack either way)."""
         return bool(self.rows_apart and pad is not None and any(int(p) for p in pad) and self.pack_decoded
-                    and self._rk is not None and not self.n_packed and not self.sinks and self._hi is None
+                    and self._rk is not None and not self.n_packed and (self._r0 or not self.sinks)
+                    and self._hi is None
                     and self._cols is None and self.visible_from is None and self.pending() > 0)
 
     def _settle_rows(self) -> None:
@@ -624,8 +627,9 @@ class PackedStore(LayerStore):
     def _dequantized_rows(self):
         """Row mode's :meth:`dequantized`: per row its padding (zeros,
         masked by the layer's ``kv_start``), its packed slots unpacked, its
-        residual."""
-        rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        residual, with its sink block back where :meth:`take_sinks` took it."""
+        o = self._r0
+        rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         keys = values = None
         if self.n_packed:
             kc, kmin, ksc, vc, vmin, vsc = self._packed_views()
@@ -638,17 +642,23 @@ class PackedStore(LayerStore):
                 parts = [res.new_zeros((res.shape[1], p, res.shape[3]))]
                 if m:
                     parts.append(packed[b, :, :m])
-                out.append(torch.cat(parts + [res[b, :, s:]], 1))
+                rest = torch.cat(parts + [res[b, :, s:]], 1)
+                if o:
+                    a, block = self._sink_at[b], (self._rk if res is rk else self._rv)[b, :, :o]
+                    rest = torch.cat([rest[:, :a], block, rest[:, a:]], 1)
+                out.append(rest)
         return torch.stack(out_k), torch.stack(out_v)
 
-    def _attend_rows(self, query, scaling: float):
+    def _attend_rows(self, query, scaling: float, kv_start=None):
         """Row mode's kernel path: every row's packed slots (a per-head
         layout over the uniform buffers, each head's length its row's) read
         with no residual, and the residual with each row's first rows masked,
-        joined exactly through their log-sum-exps. The layer's ``kv_start``
-        (the padding) is not needed: no padded slot is stored."""
-        B, H = self.batch, self.heads
-        rk, rv = self._rk[:, :, : self.r], self._rv[:, :, : self.r]
+        joined exactly through their log-sum-exps, with a sink block's own
+        call. The layer's ``kv_start`` (the padding, logical order) is read
+        only for the sink block (:meth:`split_start`): no other padded slot
+        is stored."""
+        B, H, o = self.batch, self.heads, self._r0
+        rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         if self._kc is None:
             self._reserve(0)  # zero-slot buffers, once: the residual's call reads an empty packed part
         views = self._packed_views()
@@ -669,13 +679,16 @@ class PackedStore(LayerStore):
             parts.append(ops.packed_attention(pq, *flat, none, none, bits=self.bits, group=self.group,
                                               value_bits=self.value_bits, scaling=scaling, offsets=offsets,
                                               lengths=lengths, return_lse=True))
+        if o:
+            parts.append(self._attend_sinks(query, scaling, self.split_start(kv_start)[0]))
         return join_parts(parts, query.dtype)
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
+        # (a sink block read by a call of its own would be masked causally for a chunk)
         if (self._np is not None and spec.plain and spec.window is None and kernel_reads(query, self._rk)
-                and q <= min(self.r - s for s in self._rs)):
-            return self._attend_rows(query, spec.scaling)
+                and q <= min(self.r - s for s in self._rs) and (q == 1 or not self._r0)):
+            return self._attend_rows(query, spec.scaling, kv_start)
         # a sliding window reaches the kernel for one query at a time: the
         # slots it no longer sees are all leading ones, masked like padding
         windowed = spec.window is not None

@@ -1,0 +1,149 @@
+"""A left-padded batch under a uniform packed layer: each row on its own
+schedule (row mode, ``PackedStore.rows_apart``) against every row on the
+batch's shared one, paired in the same run.
+
+For each mode the script generates greedily from one batch of prompts of
+different lengths (cut from the same text at different offsets, left-padded)
+and reports:
+
+- decode ms per step of the batch: ``(t(N) - t(1)) / (N - 1)`` from whole
+  ``generate()`` calls of ``N`` and 1 new tokens, the modes interleaved,
+  medians over the repeats;
+- how many rows generate exactly what they generate alone (each row run on
+  its own once, in row mode; a row alone has no padding, so both modes give
+  it the same tokens), and the first step where each row differs.
+
+Run (about 3 minutes on 2 cores with the defaults)::
+
+    python benchmarks/bench_padded_batch.py --methods kivi:bits=2,kivi:bits=4 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import kvcompress as kvc
+from kvcompress import ops
+from kvcompress.cache import CompressedLayer
+from kvcompress.methods import method_from_spec
+from kvcompress.model import load_model
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
+
+DEFAULT_TEXT = str(Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt")
+SHARED = CompressedLayer._rows_apart
+
+
+def _shared_schedule(self) -> bool:
+    return False  # every row packs on the batch's schedule, as before row mode
+
+
+def generate(model, ids, mask, method, n: int, apart: bool):
+    """Greedy ``generate()`` of exactly ``n`` tokens; returns ``(seconds, new tokens [B, n])``."""
+    CompressedLayer._rows_apart = SHARED if apart else _shared_schedule
+    try:
+        with kvc.compress(model, method):
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t0, out[:, ids.shape[1]:]
+    finally:
+        CompressedLayer._rows_apart = SHARED
+
+
+def first_difference(a, b):
+    diff = (a != b).nonzero()
+    return int(diff[0]) if len(diff) else None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="a packaged model (smollm2, the default, or gemma3) or a folder")
+    ap.add_argument("--lengths", default="1024,700,900,520", help="comma-separated prompt lengths of the rows")
+    ap.add_argument("--methods", default="kivi:bits=2,kivi:bits=4", help="comma-separated method specs")
+    ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation")
+    ap.add_argument("--repeats", type=int, default=3, help="timed pairs per method (interleaved)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and kvcompress threads")
+    ap.add_argument("--text", default=DEFAULT_TEXT, help="text file the prompts are cut from")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.new_tokens < 2:
+        raise SystemExit("--new-tokens: at least 2 (the decode time is t(N) - t(1))")
+    if not os.path.exists(args.text):
+        print(f"bench_padded_batch: skipped, prompt text {args.text} not found (pass --text FILE)")
+        return None
+    torch.set_num_threads(args.threads)
+    ops.set_num_threads(args.threads)
+    info = machine()
+    info["threads"] = args.threads
+    model, tok = load_model(args.model)
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
+    all_ids = tok(text[: 6 * sum(lengths) + 1000], return_tensors="pt").input_ids[0]
+    rows, at = [], 0
+    for n in lengths:
+        rows.append(all_ids[at : at + n])
+        at += n
+    T = max(lengths)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+
+    records = []
+    for spec in args.methods.split(","):
+        method = method_from_spec(spec)
+        alone = [generate(model, r[None], torch.ones(1, len(r), dtype=torch.long), method, args.new_tokens, True)[1][0]
+                 for r in tqdm(rows, desc=f"{spec}: rows alone", leave=False)]
+        times = {True: [], False: []}
+        same = {}
+        for rep in tqdm(range(args.repeats), desc=f"{spec}: pairs", leave=False):
+            for apart in ((True, False) if rep % 2 == 0 else (False, True)):
+                full, out = generate(model, ids, mask, method, args.new_tokens, apart)
+                one, _ = generate(model, ids, mask, method, 1, apart)
+                times[apart].append((full - one) / (args.new_tokens - 1))
+                same[apart] = [first_difference(out[i], alone[i]) for i in range(len(rows))]
+        rec = dict(method=spec, lengths=lengths, new_tokens=args.new_tokens)
+        for apart, name in ((True, "apart"), (False, "shared")):
+            rec[f"{name}_ms"] = 1e3 * statistics.median(times[apart])
+            rec[f"{name}_runs_ms"] = [1e3 * t for t in times[apart]]
+            rec[f"{name}_first_difference"] = same[apart]
+        rec["ratio"] = rec["apart_ms"] / rec["shared_ms"]
+        records.append(rec)
+        print(f"{spec}: {rec['apart_ms']:.1f} ms/step apart, {rec['shared_ms']:.1f} shared "
+              f"({rec['ratio']:.3f}x); first differences from alone: apart {rec['apart_first_difference']}, "
+              f"shared {rec['shared_first_difference']}", flush=True)
+
+    def rows_alone(firsts):
+        return f"{sum(f is None for f in firsts)}/{len(firsts)}"
+
+    lines = [f"## bench_padded_batch ({now()})", "", "```bash", command_line(__file__, argv), "```", "",
+             machine_line(info) + f" {args.threads} thread(s).", "",
+             f"One left-padded batch of {len(lengths)} rows ({', '.join(map(str, lengths))} tokens), "
+             f"{args.new_tokens} greedy tokens. Decode ms per batch step, median of {args.repeats} interleaved "
+             "pairs; rows that generate what they generate alone (first differing step of the others).", "",
+             "| method | rows apart, ms/step | shared schedule, ms/step | apart / shared | rows as alone, apart | "
+             "rows as alone, shared |", "|---|---:|---:|---:|---|---|"]
+    for r in records:
+        lines.append(f"| `{r['method']}` | {r['apart_ms']:.1f} | {r['shared_ms']:.1f} | {r['ratio']:.3f} | "
+                     f"{rows_alone(r['apart_first_difference'])} {r['apart_first_difference']} | "
+                     f"{rows_alone(r['shared_first_difference'])} {r['shared_first_difference']} |")
+    result = dict(machine=info, command=command_line(__file__, argv), records=records)
+    if not args.no_write:
+        write_results("bench_padded_batch", result, lines)
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()
