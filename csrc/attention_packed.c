@@ -85,6 +85,7 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
         h->n = kc->shape[2];
         h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     }
+    h->rs0 = p->res_start ? p->res_start[(b * p->num_kv_heads + hk) * p->res_start_stride] : 0;
     h->kcs = kc->strides[sd], h->kcd = kc->strides[sd + 1];
     h->vcs = vc->strides[sd], h->vcd = vc->strides[sd + 1];
     h->kms = km->strides[sd], h->kmd = km->strides[sd + 1];
@@ -832,7 +833,9 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
             pa_row_load(g, w->qbuf + r * Dp, src, p->res_q.dtype, p->res_q.strides[3]);
         }
     }
-    for (jt = j0 > h.n ? j0 : h.n; jt < j1; jt += AT_TK) {
+    /* the residual rows the head sees: after res_start's hole (a block
+     * inside the hole reads nothing and leaves an empty partial, weight 0) */
+    for (jt = j0 > h.n + h.rs0 ? j0 : h.n + h.rs0; jt < j1; jt += AT_TK) {
         const int64_t nk = j1 - jt < AT_TK ? j1 - jt : AT_TK;
         pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc, wide);
     }
@@ -868,6 +871,15 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
             if (p->res_q.shape[d] != p->q.shape[d]) return KVC_ERR_INVALID;
     }
     if (!kvc_packed_res_counts_fit(p)) return KVC_ERR_INVALID;
+    if (p->res_start != NULL) {
+        /* a value outside [0, r] would move the residual loop off its rows */
+        const int64_t N = p->q.shape[0] * p->num_kv_heads, r = p->res_k.shape[2];
+        int64_t i;
+        for (i = 0; i < N; i++) {
+            const int64_t v = p->res_start[i * p->res_start_stride];
+            if (v < 0 || v > r) return KVC_ERR_INVALID;
+        }
+    }
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))
         return KVC_ERR_NOMEM;
     prefix = kvc_at_scratch_prefix(p->scratch);

@@ -47,7 +47,9 @@ extern "C" {
  * block order: bit-identical for any thread count.
  *
  * With res_q the residual slots' logits use res_q[b, h, i] instead of
- * q[b, h, i] (the packed slots' stay with q).
+ * q[b, h, i] (the packed slots' stay with q). With res_start a head's
+ * first res_start[b * Hkv + hk] residual rows are not seen either (a hole
+ * between the packed slots and the rest of the residual).
  */
 struct kvc_packed_attention_params {
     struct kvc_view q;            /* [B, Hq, q, D], f32/f16/bf16 */
@@ -74,6 +76,12 @@ struct kvc_packed_attention_params {
     int64_t offsets_stride;
     const int64_t *lengths;       /* ragged [B * Hkv]: packed slots of each head, >= 0 */
     int64_t lengths_stride;
+    const int64_t *res_start;     /* optional [B * Hkv], either layout: head (b, hk) sees no residual row
+                                   * j < res_start[b * Hkv + hk] (<= r); its packed slots stay seen. A
+                                   * left-padded row whose packed part starts at its first real token
+                                   * keeps its residual's padding or packed rows in front (the uniform
+                                   * store's row mode). NULL: none. CPU only. */
+    int64_t res_start_stride;
     int64_t num_kv_heads;         /* Hkv; Hq must be a multiple */
     int64_t group;                /* G >= 1 */
     int32_t bits;                 /* 2, 4 or 8: width of the key codes (and of the values without value_bits) */

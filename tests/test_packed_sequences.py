@@ -338,15 +338,22 @@ def _rows_tokens(g, dims, q):
     return k, torch.randn(shape, generator=g).to(dims["dtype"])
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one call", "joined"])
 @pytest.mark.parametrize("seed", range(16))
-def test_padded_rows_hold_and_read_what_each_row_does_alone(seed):
+def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monkeypatch):
     """Row mode (``PackedStore.rows_apart``): after every step each row of a
     left-padded batch holds bit for bit what a store of that row alone
     holds (same packed slots, same codes, same residual, dequantized), and
-    reads the same attention (within float rounding: the batch joins two
-    or three kernel calls where the row alone makes one), through decode
-    steps, chunks and beam reorders with repeated rows, with and without a
-    sink block."""
+    reads the same attention (within float rounding: the batch reads its
+    rows in the per-head layout, a sink block in a call of its own),
+    through decode steps, chunks and beam reorders with repeated rows, with
+    and without a sink block. Read in one kernel call (``residual_start``,
+    the CPU's) or as where the kernel lacks it (CUDA): packed part and
+    residual in two calls joined by log-sum-exp."""
+    import kvcompress.stores.packed as packed_store
+
+    if not one_call:
+        monkeypatch.setattr(packed_store, "one_call", lambda query: False)
     rng, g, batch, solos, pads, dims, T = _rows_case(seed)
     spec = AttentionSpec(scaling=dims["D"] ** -0.5)
     tol = _tol(dims["dtype"])

@@ -650,35 +650,44 @@ class PackedStore(LayerStore):
         return torch.stack(out_k), torch.stack(out_v)
 
     def _attend_rows(self, query, scaling: float, kv_start=None):
-        """Row mode's kernel path: every row's packed slots (a per-head
-        layout over the uniform buffers, each head's length its row's) read
-        with no residual, and the residual with each row's first rows masked,
-        joined exactly through their log-sum-exps, with a sink block's own
-        call. The layer's ``kv_start`` (the padding, logical order) is read
-        only for the sink block (:meth:`split_start`): no other padded slot
-        is stored."""
+        """Row mode's kernel path: every row's packed slots in the per-head
+        layout over the uniform buffers (head ``(b, h)`` at offset ``(b H +
+        h) cap``, its row's length) and the residual with each row's first
+        rows hidden (``residual_start``), in one call on the CPU; elsewhere
+        the kernel takes no ``residual_start``, so the residual is a second
+        call masked by ``kv_start``, joined by log-sum-exp. A sink block is
+        a call of its own, joined alike. The layer's ``kv_start`` (the
+        padding, logical order) is read only for the sink block
+        (:meth:`split_start`): no other padded slot is stored."""
         B, H, o = self.batch, self.heads, self._r0
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         if self._kc is None:
-            self._reserve(0)  # zero-slot buffers, once: the residual's call reads an empty packed part
-        views = self._packed_views()
-        empty = tuple(t[:, :, :0] for t in views)
+            self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
         dev = query.device
-        parts = [ops.packed_attention(query, *empty, rk, rv, bits=self.bits, group=self.group,
-                                      value_bits=self.value_bits, scaling=scaling,
-                                      kv_start=torch.tensor(self._rs, dtype=torch.int64, device=dev),
-                                      return_lse=True)]
-        if self.n_packed:
-            cap = int(self._kc.shape[2])
-            flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in (self._kc, self._kmin, self._ksc, self._vc,
-                                                                       self._vmin, self._vsc)]
-            offsets = torch.arange(B * H, dtype=torch.int64, device=dev) * cap
-            lengths = torch.tensor(self._np, dtype=torch.int64, device=dev).repeat_interleave(H)
-            pq = rotate(query, self.rotation) if self.rotation is not None else query
-            none = rk[:, :, :0]
-            parts.append(ops.packed_attention(pq, *flat, none, none, bits=self.bits, group=self.group,
-                                              value_bits=self.value_bits, scaling=scaling, offsets=offsets,
-                                              lengths=lengths, return_lse=True))
+        cap = int(self._kc.shape[2])
+        flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in (self._kc, self._kmin, self._ksc, self._vc,
+                                                                   self._vmin, self._vsc)]
+        offsets = torch.arange(B * H, dtype=torch.int64, device=dev) * cap
+        lengths = torch.tensor(self._np, dtype=torch.int64, device=dev).repeat_interleave(H)
+        rotated = self.rotation is not None and self.n_packed
+        pq = rotate(query, self.rotation) if rotated else query
+        widths = dict(bits=self.bits, group=self.group, value_bits=self.value_bits, scaling=scaling)
+        parts = []
+        if one_call(query):
+            starts = torch.tensor(self._rs, dtype=torch.int64, device=dev).repeat_interleave(H)
+            main = ops.packed_attention(pq, *flat, rk, rv, offsets=offsets, lengths=lengths, residual_start=starts,
+                                        residual_query=query if rotated else None, return_lse=bool(o), **widths)
+            if not o:
+                return main
+            parts.append(main)
+        else:
+            empty = tuple(t[:, :, :0] for t in self._packed_views())
+            parts.append(ops.packed_attention(query, *empty, rk, rv, return_lse=True, **widths,
+                                              kv_start=torch.tensor(self._rs, dtype=torch.int64, device=dev)))
+            if self.n_packed:
+                none = rk[:, :, :0]
+                parts.append(ops.packed_attention(pq, *flat, none, none, offsets=offsets, lengths=lengths,
+                                                  return_lse=True, **widths))
         if o:
             parts.append(self._attend_sinks(query, scaling, self.split_start(kv_start)[0]))
         return join_parts(parts, query.dtype)
