@@ -85,7 +85,12 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
         h->n = kc->shape[2];
         h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     }
-    h->rs0 = p->res_start ? p->res_start[(b * p->num_kv_heads + hk) * p->res_start_stride] : 0;
+    h->rh0 = h->rh1 = 0;
+    if (p->res_hidden) {
+        const int64_t *rh = p->res_hidden + (b * p->num_kv_heads + hk) * p->res_hidden_stride;
+        /* an empty hole is none: the rows' tiles stay where they are without one */
+        if (rh[0] < rh[p->res_hidden_col]) h->rh0 = rh[0], h->rh1 = rh[p->res_hidden_col];
+    }
     h->kcs = kc->strides[sd], h->kcd = kc->strides[sd + 1];
     h->vcs = vc->strides[sd], h->vcd = vc->strides[sd + 1];
     h->kms = km->strides[sd], h->kmd = km->strides[sd + 1];
@@ -833,11 +838,16 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
             pa_row_load(g, w->qbuf + r * Dp, src, p->res_q.dtype, p->res_q.strides[3]);
         }
     }
-    /* the residual rows the head sees: after res_start's hole (a block
-     * inside the hole reads nothing and leaves an empty partial, weight 0) */
-    for (jt = j0 > h.n + h.rs0 ? j0 : h.n + h.rs0; jt < j1; jt += AT_TK) {
-        const int64_t nk = j1 - jt < AT_TK ? j1 - jt : AT_TK;
-        pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc, wide);
+    /* the residual rows the head sees: before and after res_hidden's hole
+     * (a block inside the hole reads nothing and leaves an empty partial,
+     * weight 0 in the combine) */
+    for (c = 0; c < 2; c++) {
+        const int64_t lo = c ? h.n + h.rh1 : h.n, hi = c ? j1 : h.n + h.rh0;
+        const int64_t from = j0 > lo ? j0 : lo, to = j1 < hi ? j1 : hi;
+        for (jt = from; jt < to; jt += AT_TK) {
+            const int64_t nk = to - jt < AT_TK ? to - jt : AT_TK;
+            pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc, wide);
+        }
     }
 }
 
@@ -871,13 +881,14 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
             if (p->res_q.shape[d] != p->q.shape[d]) return KVC_ERR_INVALID;
     }
     if (!kvc_packed_res_counts_fit(p)) return KVC_ERR_INVALID;
-    if (p->res_start != NULL) {
-        /* a value outside [0, r] would move the residual loop off its rows */
+    if (p->res_hidden != NULL) {
+        /* a hole outside [0, r] would move the residual loops off its rows */
         const int64_t N = p->q.shape[0] * p->num_kv_heads, r = p->res_k.shape[2];
         int64_t i;
         for (i = 0; i < N; i++) {
-            const int64_t v = p->res_start[i * p->res_start_stride];
-            if (v < 0 || v > r) return KVC_ERR_INVALID;
+            const int64_t lo = p->res_hidden[i * p->res_hidden_stride];
+            const int64_t hi = p->res_hidden[i * p->res_hidden_stride + p->res_hidden_col];
+            if (lo < 0 || lo > hi || hi > r) return KVC_ERR_INVALID;
         }
     }
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))

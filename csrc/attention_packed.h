@@ -47,9 +47,9 @@ extern "C" {
  * block order: bit-identical for any thread count.
  *
  * With res_q the residual slots' logits use res_q[b, h, i] instead of
- * q[b, h, i] (the packed slots' stay with q). With res_start a head's
- * first res_start[b * Hkv + hk] residual rows are not seen either (a hole
- * between the packed slots and the rest of the residual).
+ * q[b, h, i] (the packed slots' stay with q). With res_hidden no query of
+ * head (b, hk) sees its residual rows res_hidden[i, 0] <= j <
+ * res_hidden[i, 1], i = b * Hkv + hk (a hole in its residual).
  */
 struct kvc_packed_attention_params {
     struct kvc_view q;            /* [B, Hq, q, D], f32/f16/bf16 */
@@ -76,12 +76,13 @@ struct kvc_packed_attention_params {
     int64_t offsets_stride;
     const int64_t *lengths;       /* ragged [B * Hkv]: packed slots of each head, >= 0 */
     int64_t lengths_stride;
-    const int64_t *res_start;     /* optional [B * Hkv], either layout: head (b, hk) sees no residual row
-                                   * j < res_start[b * Hkv + hk] (<= r); its packed slots stay seen. A
-                                   * left-padded row whose packed part starts at its first real token
-                                   * keeps its residual's padding or packed rows in front (the uniform
-                                   * store's row mode). NULL: none. CPU only. */
-    int64_t res_start_stride;
+    const int64_t *res_hidden;    /* optional [B * Hkv, 2], either layout: head (b, hk) sees no residual
+                                   * row in [lo, hi) = res_hidden[b * Hkv + hk, 0..1], 0 <= lo <= hi <= r;
+                                   * its packed slots and other rows stay seen. The uniform store's row
+                                   * mode: a left-padded row keeps, between its sink block and its own
+                                   * residual, rows of the shared buffers that other rows still need.
+                                   * NULL: none. CPU only. */
+    int64_t res_hidden_stride, res_hidden_col;
     int64_t num_kv_heads;         /* Hkv; Hq must be a multiple */
     int64_t group;                /* G >= 1 */
     int32_t bits;                 /* 2, 4 or 8: width of the key codes (and of the values without value_bits) */

@@ -25,7 +25,7 @@ struct kvc_packed_head {
     int64_t rks, rkd, rvs, rvd; /* residual: slot, channel */
     int64_t rcs;                /* residual counts: slot */
     int64_t n, s0;             /* packed slots; first valid logical slot */
-    int64_t rs0;               /* residual rows not seen (res_start): logical slots [n, n + rs0) */
+    int64_t rh0, rh1;          /* residual rows not seen (res_hidden): logical slots [n + rh0, n + rh1) */
 };
 
 /* Prefetches of what a head's packed slots are read from, shared by the

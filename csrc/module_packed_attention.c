@@ -37,7 +37,7 @@ enum {
     A_CNT,
     A_RQ,
     A_RC,
-    A_RS,
+    A_RH,
     A_N
 };
 
@@ -51,7 +51,7 @@ KVC_PY_OP(op_packed_attention, packed_attention, 1, 1)
 PyDoc_STRVAR(packed_attention_doc,
              "packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, "
              "value_scales, residual_keys, residual_values, out, lse, bits, value_bits, group, scaling, kv_start, "
-             "offsets, lengths, counts, residual_query, residual_counts, residual_start)\n--\n\n"
+             "offsets, lengths, counts, residual_query, residual_counts, residual_hidden)\n--\n\n"
              "Low-level: see kvcompress.ops.packed_attention.");
 
 /* Uniform layout: every head has n packed slots; offsets/lengths are None
@@ -78,7 +78,7 @@ static const struct kvc_py_spec packed_uniform_spec[A_N] = {
     KVC_PY_OPT("counts", 3, "[B, Hkv, n]", DT_F32),
     KVC_PY_OPT("residual_query", 4, "[B, Hq, q, D]", DT_FLOAT),
     KVC_PY_OPT("residual_counts", 3, "[B, Hkv, r]", DT_F32),
-    KVC_PY_OPT("residual_start", 1, "[B * Hkv]", DT_I64),
+    KVC_PY_OPT("residual_hidden", 2, "[B * Hkv, 2]", DT_I64),
 };
 
 /* Ragged layout: one buffer of N packed rows, a segment per head. */
@@ -104,7 +104,7 @@ static const struct kvc_py_spec packed_ragged_spec[A_N] = {
     KVC_PY_OPT("counts", 1, "[N]", DT_F32),
     KVC_PY_OPT("residual_query", 4, "[B, Hq, q, D]", DT_FLOAT),
     KVC_PY_OPT("residual_counts", 3, "[B, Hkv, r]", DT_F32),
-    KVC_PY_OPT("residual_start", 1, "[B * Hkv]", DT_I64),
+    KVC_PY_OPT("residual_hidden", 2, "[B * Hkv, 2]", DT_I64),
 };
 
 /* A code row of Db bytes holds D codes of `bits` bits (name, what: the
@@ -229,22 +229,24 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
             }
         }
     }
-    if (c.a[A_RS].t) {
-        /* a masked residual prefix per head, at most the residual */
-        const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_RS]);
+    if (c.a[A_RH].t) {
+        /* a hidden stretch [lo, hi) of residual rows per head, inside the residual */
+        const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_RH]);
         int64_t i;
         if (hs == NULL) goto done;
-        if (hs->shape[0] != B * Hkv) {
-            kvc_py_raise(st->ValueError, "residual_start: %lld entries is not B * Hkv = %lld * %lld",
-                         (long long)hs->shape[0], (long long)B, (long long)Hkv);
+        if (hs->shape[0] != B * Hkv || hs->shape[1] != 2) {
+            kvc_py_raise(st->ValueError, "residual_hidden: shape [%lld, %lld], expected [B * Hkv, 2] = [%lld, 2]",
+                         (long long)hs->shape[0], (long long)hs->shape[1], (long long)(B * Hkv));
             goto done;
         }
         for (i = 0; i < hs->shape[0]; i++) {
-            const int64_t v = kvc_py_i64_at(hs, i);
-            if (v < 0 || v > r) {
+            const int64_t lo = ((const int64_t *)hs->data)[i * hs->strides[0]];
+            const int64_t hi = ((const int64_t *)hs->data)[i * hs->strides[0] + hs->strides[1]];
+            if (lo < 0 || lo > hi || hi > r) {
                 kvc_py_raise(st->ValueError,
-                             "residual_start: value %lld at head %lld is outside [0, r] = [0, %lld]",
-                             (long long)v, (long long)i, (long long)r);
+                             "residual_hidden: rows [%lld, %lld) at head %lld are not a stretch of [0, r] = "
+                             "[0, %lld]",
+                             (long long)lo, (long long)hi, (long long)i, (long long)r);
                 goto done;
             }
         }
@@ -280,7 +282,11 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     p.kv_start = kvc_py_call_i64(&c, A_START, &p.kv_start_stride);
     p.offsets = kvc_py_call_i64(&c, A_OFF, &p.offsets_stride);
     p.lengths = kvc_py_call_i64(&c, A_LEN, &p.lengths_stride);
-    p.res_start = kvc_py_call_i64(&c, A_RS, &p.res_start_stride);
+    if (c.a[A_RH].t) {
+        p.res_hidden = (const int64_t *)c.a[A_RH].view.data;
+        p.res_hidden_stride = c.a[A_RH].view.strides[0];
+        p.res_hidden_col = c.a[A_RH].view.strides[1];
+    }
     p.scaling = (float)c.f[A_SCALE];
     p.num_threads = st->num_threads;
     if (kvc_py_check_counts(st, &c, A_START, ragged, B * Hkv) < 0) goto done;

@@ -834,7 +834,7 @@ def attention(queries, keys, values, *, scaling=None, kv_start=None, offsets=Non
 def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                      residual_keys, residual_values, *, bits, group, scaling=None, kv_start=None,
                      offsets=None, lengths=None, counts=None, out=None, return_lse=False, value_bits=None,
-                     residual_query=None, residual_counts=None, residual_start=None):
+                     residual_query=None, residual_counts=None, residual_hidden=None):
     """Attention of the newest ``q`` tokens over a KIVI-packed layer plus its residual window.
 
     The layout is the contract of ``docs/packed.md``: ``bits``-wide codes
@@ -907,12 +907,13 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         packed ones: a per-head packed layer's sink block (the residual's
         front) keeps the merge counts of its slots (``KIVI(sinks=...)``
         behind EMS).
-    residual_start : int64 tensor ``[B * Hkv]``, optional (CPU only)
-        Head ``(b, h)`` does not see its first ``residual_start[b*Hkv + h]``
-        residual rows (each in ``[0, r]``); its packed slots stay seen. A
-        left-padded row whose packed part starts at its first real token
-        keeps padding or already-packed rows in front of its residual
-        (``PackedStore``'s row mode); either layout.
+    residual_hidden : int64 tensor ``[B * Hkv, 2]``, optional (CPU only)
+        Head ``(b, h)`` sees none of its residual rows ``lo <= j < hi``,
+        ``(lo, hi) = residual_hidden[b*Hkv + h]``, ``0 <= lo <= hi <= r``;
+        its packed slots and other residual rows stay seen. Either layout.
+        ``PackedStore``'s row mode: the residual buffers a left-padded batch
+        shares hold, between a row's sink block and its own residual, rows
+        that other rows still need.
 
     Returns
     -------
@@ -925,7 +926,7 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
                                   scaling, out)
     qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
     lse = _empty(queries, (qs[0], qs[1], qs[2]), "float32") if _flag(return_lse, "return_lse") else None
-    for name, arg in (("residual_query", residual_query), ("residual_start", residual_start)):
+    for name, arg in (("residual_query", residual_query), ("residual_hidden", residual_hidden)):
         if arg is not None and _is_torch(queries) and queries.device.type != "cpu":
             raise NotImplementedError(f"{name}: the CPU kernel's; on other devices read the residual in a "
                                       "second call (return_lse) and join the two")
@@ -936,7 +937,7 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
         *_layout_args(queries, kv_start, offsets, lengths, counts),
         None if residual_query is None else _prepare(residual_query),
         None if residual_counts is None else _prepare(residual_counts),
-        None if residual_start is None else _prepare(residual_start),
+        None if residual_hidden is None else _prepare(residual_hidden),
     )
     return (out, lse) if lse is not None else out
 

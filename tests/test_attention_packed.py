@@ -174,17 +174,17 @@ def pack_ragged(lengths, D, bits, G, seed=0, gap=1, shuffle=True, scale=1.0):
 
 
 def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=torch.float64, q2=None,
-               res_counts=None, res_start=None):
+               res_counts=None, res_hidden=None):
     """[B, q, Hq, D] in `dtype` over the logical sequence of every head: its
     dequantized packed slots (float64, then rounded to `dtype`), then the
     residual slots (with ``res_counts`` [B, Hkv, r], their log counts added
     to their logits). Ragged when pk has offsets. With ``q2`` the residual
     slots are read by ``q2`` (``residual_query``): plain attention with the
     query [q, q2] over keys [k, 0] (packed) and [0, k] (residual), so each
-    part meets only its own query. With ``res_start`` [B * Hkv] a head's
-    first residual rows are seen by no query (written out as a visibility
-    matrix: every query sees the packed slots from ``kv_start`` on, and
-    residual row ``j`` when ``res_start <= j <= r - q + i``)."""
+    part meets only its own query. With ``res_hidden`` [B * Hkv, 2] a head's
+    residual rows ``lo <= j < hi`` are seen by no query (written out as a
+    visibility matrix: every query sees the packed slots from ``kv_start``
+    on, and residual row ``j`` outside ``[lo, hi)`` when ``j <= r - q + i``)."""
     B, Hq, nq, D = q.shape
     Hkv = rk.shape[1]
     g = Hq // Hkv
@@ -220,12 +220,13 @@ def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=to
                 logc = torch.cat([torch.zeros(n, dtype=torch.float64) if c is None else torch.log(c.double()),
                                   torch.zeros(r, dtype=torch.float64) if rch is None
                                   else torch.log(rch.double())])
-            if res_start is None:
+            if res_hidden is None:
                 out[b, :, hk * g:(hk + 1) * g] = _head_attention(qh, kh, vh, scaling, s0, logc, dtype)[..., :D]
                 continue
             r = rkh.shape[0]
             j, lim = torch.arange(n + r)[None, :], (n + r - nq + torch.arange(nq))[:, None]
-            seen = (j >= s0) & ((j < n) | ((j >= n + int(res_start[i])) & (j <= lim)))  # [q, n + r]
+            lo, hi = n + int(res_hidden[i, 0]), n + int(res_hidden[i, 1])
+            seen = (j >= s0) & ((j < n) | (((j < lo) | (j >= hi)) & (j <= lim)))  # [q, n + r]
             logits = (qh @ kh.T) * scaling + (0 if logc is None else logc.to(dtype))
             logits = logits.masked_fill(~seen, float("-inf"))
             rows = seen.any(1)
@@ -459,19 +460,20 @@ def test_residual_counts_match_reference(layout, nq, dtype):
 @pytest.mark.parametrize("layout", ["uniform", "ragged"])
 @pytest.mark.parametrize("nq,n,r", [(1, 40, 7), (3, 40, 9), (1, 300, 200)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_residual_start_matches_reference(layout, nq, n, r, dtype):
-    """``residual_start`` hides each head's first residual rows and nothing
-    else: against the float64 reference without them, beside padding,
-    residual counts and residual queries, for a decode step over split
-    blocks that lie wholly in the hole, and for a head whose hole reaches
-    its queries (it sees its packed part alone). Zeros change no bit, and
-    the result is the same on one thread and two."""
+def test_residual_hidden_matches_reference(layout, nq, n, r, dtype):
+    """``residual_hidden`` hides a stretch of each head's residual rows and
+    nothing else: against the float64 reference without them, beside
+    padding, residual counts and residual queries; a hole at the front, in
+    the middle (a row mode's sink block before it), none, and one that
+    reaches the queries (the head sees its packed part and its first rows),
+    for a decode step over split blocks that lie wholly in the hole. Empty
+    holes change no bit, and the result is the same on one thread and two."""
     B, Hq, Hkv, D, G, bits = 2, 6, 2, 32, 8, 4
     g = torch.Generator().manual_seed(nq + r)
     rk, rv = randn((B, Hkv, r, D), dtype, 8, scale=1.5), randn((B, Hkv, r, D), dtype, 9)
     rc = torch.randint(1, 7, (B, Hkv, r), generator=g).float() / 2
     q, q2 = queries(B, Hq, nq, D, dtype, seed=3), queries(B, Hq, nq, D, dtype, seed=4)
-    rs = torch.tensor([0, r // 2, r, r - nq], dtype=torch.int64)
+    rs = torch.tensor([[0, 0], [0, r // 2], [2, r], [4, r - nq]], dtype=torch.int64)
     if layout == "ragged":
         pk = pack_ragged([n // 2, 0, n, 9], D, bits, G, seed=2)
         kw = dict(counts=torch.from_numpy(np.random.default_rng(1).integers(1, 9, size=pk.N)).float())
@@ -479,20 +481,20 @@ def test_residual_start_matches_reference(layout, nq, n, r, dtype):
         _, pk, _, _ = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype)
         kw = dict(kv_start=torch.tensor([3, n + r // 4]))  # row 1's padding reaches into its hole
     for extra in ({}, {"q2": q2}, {"res_counts": rc}):
-        call = dict(kw, residual_start=rs)
+        call = dict(kw, residual_hidden=rs)
         if "q2" in extra:
             call["residual_query"] = q2
         if "res_counts" in extra:
             call["residual_counts"] = rc
         got = run(q, pk, rk, rv, bits, G, **call)
-        check(got, q, pk, rk, rv, f"{layout} q={nq} n={n} r={r} {dtype} {sorted(extra)}", res_start=rs,
+        check(got, q, pk, rk, rv, f"{layout} q={nq} n={n} r={r} {dtype} {sorted(extra)}", res_hidden=rs,
               **kw, **extra)
         ops.set_num_threads(1 if ops.get_num_threads() > 1 else 2)
         assert torch.equal(run(q, pk, rk, rv, bits, G, **call), got)
     plain = run(q, pk, rk, rv, bits, G, **kw)
-    assert torch.equal(run(q, pk, rk, rv, bits, G, residual_start=torch.zeros(B * Hkv, dtype=torch.int64), **kw),
-                       plain)
-    assert not torch.equal(run(q, pk, rk, rv, bits, G, residual_start=rs, **kw), plain)
+    empty = torch.tensor([[0, 0], [3, 3], [r, r], [1, 1]], dtype=torch.int64)
+    assert torch.equal(run(q, pk, rk, rv, bits, G, residual_hidden=empty, **kw), plain)
+    assert not torch.equal(run(q, pk, rk, rv, bits, G, residual_hidden=rs, **kw), plain)
 
 
 # ---------------------------------------------------------------- threads, strides, frameworks
@@ -682,11 +684,20 @@ def _call(a):
         (lambda a: a.update(residual_counts=torch.full((2, 2, 3), float("nan"))), KVCompressValueError,
          "residual_counts.*nan"),
         (lambda a: a.update(scaling=float("inf")), KVCompressValueError, "scaling"),
-        (lambda a: a.update(residual_start=torch.tensor([0, 0, 4, 0])), KVCompressValueError,
-         "residual_start.*4.*\\[0, 3\\]"),
-        (lambda a: a.update(residual_start=torch.tensor([0, -1, 0, 0])), KVCompressValueError, "residual_start"),
-        (lambda a: a.update(residual_start=torch.tensor([0, 0])), KVCompressValueError, "residual_start.*B \\* Hkv"),
-        (lambda a: a.update(residual_start=torch.zeros(4, dtype=torch.int32)), KVCompressTypeError, "residual_start"),
+        (lambda a: a.update(residual_hidden=torch.tensor([[0, 0], [0, 0], [1, 4], [0, 0]])), KVCompressValueError,
+         "residual_hidden.*\\[1, 4\\) at head 2.*\\[0, 3\\]"),
+        (lambda a: a.update(residual_hidden=torch.tensor([[0, 0], [-1, 0], [0, 0], [0, 0]])), KVCompressValueError,
+         "residual_hidden"),
+        (lambda a: a.update(residual_hidden=torch.tensor([[0, 0], [2, 1], [0, 0], [0, 0]])), KVCompressValueError,
+         "residual_hidden.*\\[2, 1\\)"),
+        (lambda a: a.update(residual_hidden=torch.zeros(2, 2, dtype=torch.int64)), KVCompressValueError,
+         "residual_hidden.*B \\* Hkv"),
+        (lambda a: a.update(residual_hidden=torch.zeros(4, 3, dtype=torch.int64)), KVCompressValueError,
+         "residual_hidden.*shape"),
+        (lambda a: a.update(residual_hidden=torch.zeros(4, dtype=torch.int64)), KVCompressValueError,
+         "residual_hidden"),
+        (lambda a: a.update(residual_hidden=torch.zeros(4, 2, dtype=torch.int32)), KVCompressTypeError,
+         "residual_hidden"),
         (lambda a: a.update(offsets=torch.tensor([0, 12, 16, 16])), KVCompressValueError, "key_codes.*2-D"),
         (lambda a: a.update(out=torch.zeros(2, 2, 4, 7)), KVCompressValueError, "out"),
         (lambda a: a.update(out=torch.zeros(2, 2, 4, 8, dtype=torch.float16)), KVCompressTypeError, "out"),

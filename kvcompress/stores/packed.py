@@ -120,6 +120,11 @@ class PackedStore(LayerStore):
         self._np: list[int] | None = None
         self._rs: list[int] | None = None
         self._pads: list[int] | None = None
+        #: row mode's kernel arguments, built once per change of _np / _rs
+        self._row_args = None
+        #: whether no row's sink block holds padding (a row with fewer real
+        #: tokens than sinks), so that one kernel call can read the block
+        self._sinks_whole = True
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
@@ -367,6 +372,7 @@ class PackedStore(LayerStore):
             self._np[b] += m
             self._rs[b] += m
         self.n_packed = max(self._np)
+        self._row_args = None
         d = min(self._rs)
         if d:
             self._drop_oldest(d)
@@ -404,6 +410,7 @@ class PackedStore(LayerStore):
         self.r -= S
         m = self.pending()  # what the settle() in progress packs
         self._sinks_in_call = all(p <= a and p <= m for p, a in zip(pads, at))
+        self._sinks_whole = all(p <= a for p, a in zip(pads, at))
 
     def sink_block(self):
         """``(keys, values)`` ``[B, H, n_sinks, D]`` of the sink block, the
@@ -586,6 +593,7 @@ class PackedStore(LayerStore):
         if self._np is not None:
             host = idx.tolist()
             self._np, self._rs, self._pads = ([x[i] for i in host] for x in (self._np, self._rs, self._pads))
+            self._row_args = None
         if self._cols is not None:
             self._cols = {name: t.index_select(0, idx) for name, t in self._cols.items()}
 
@@ -649,45 +657,51 @@ class PackedStore(LayerStore):
                 out.append(rest)
         return torch.stack(out_k), torch.stack(out_v)
 
+    def _rows_one_call(self, query) -> bool:
+        """Whether row mode reads a step in one kernel call: on the CPU
+        (``residual_hidden``), unless a row's sink block holds padding."""
+        return one_call(query) and (not self._r0 or self._sinks_whole)
+
     def _attend_rows(self, query, scaling: float, kv_start=None):
         """Row mode's kernel path: every row's packed slots in the per-head
         layout over the uniform buffers (head ``(b, h)`` at offset ``(b H +
-        h) cap``, its row's length) and the residual with each row's first
-        rows hidden (``residual_start``), in one call on the CPU; elsewhere
-        the kernel takes no ``residual_start``, so the residual is a second
-        call masked by ``kv_start``, joined by log-sum-exp. A sink block is
-        a call of its own, joined alike. The layer's ``kv_start`` (the
-        padding, logical order) is read only for the sink block
-        (:meth:`split_start`): no other padded slot is stored."""
+        h) cap``, its row's length), then the residual buffers with each
+        row's rows before its own residual hidden (``residual_hidden``:
+        between its sink block, if any, and its residual), in one call on
+        the CPU. Where the kernel takes no ``residual_hidden`` (CUDA), or a
+        sink block holds padding, the residual is a second call masked by
+        ``kv_start`` and the block a third (:meth:`split_start`), joined by
+        log-sum-exp. The layer's ``kv_start`` (the padding, logical order)
+        is read only for such a block: no other padded slot is stored."""
         B, H, o = self.batch, self.heads, self._r0
-        rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         if self._kc is None:
             self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
         dev = query.device
-        cap = int(self._kc.shape[2])
+        if self._row_args is None or self._row_args[0].device != dev:
+            cap = int(self._kc.shape[2])
+            hidden = torch.tensor([[o, o + s] for s in self._rs], dtype=torch.int64)
+            self._row_args = (torch.arange(B * H, dtype=torch.int64, device=dev) * cap,
+                              torch.tensor(self._np, dtype=torch.int64).repeat_interleave(H).to(dev),
+                              hidden.repeat_interleave(H, 0).to(dev),
+                              torch.tensor(self._rs, dtype=torch.int64, device=dev))
+        offsets, lengths, hidden, starts = self._row_args
         flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in (self._kc, self._kmin, self._ksc, self._vc,
                                                                    self._vmin, self._vsc)]
-        offsets = torch.arange(B * H, dtype=torch.int64, device=dev) * cap
-        lengths = torch.tensor(self._np, dtype=torch.int64, device=dev).repeat_interleave(H)
         rotated = self.rotation is not None and self.n_packed
         pq = rotate(query, self.rotation) if rotated else query
         widths = dict(bits=self.bits, group=self.group, value_bits=self.value_bits, scaling=scaling)
-        parts = []
-        if one_call(query):
-            starts = torch.tensor(self._rs, dtype=torch.int64, device=dev).repeat_interleave(H)
-            main = ops.packed_attention(pq, *flat, rk, rv, offsets=offsets, lengths=lengths, residual_start=starts,
-                                        residual_query=query if rotated else None, return_lse=bool(o), **widths)
-            if not o:
-                return main
-            parts.append(main)
-        else:
-            empty = tuple(t[:, :, :0] for t in self._packed_views())
-            parts.append(ops.packed_attention(query, *empty, rk, rv, return_lse=True, **widths,
-                                              kv_start=torch.tensor(self._rs, dtype=torch.int64, device=dev)))
-            if self.n_packed:
-                none = rk[:, :, :0]
-                parts.append(ops.packed_attention(pq, *flat, none, none, offsets=offsets, lengths=lengths,
-                                                  return_lse=True, **widths))
+        if self._rows_one_call(query):
+            # the block, if any, is the residual's front, read with the query as it is, as the residual is
+            return ops.packed_attention(pq, *flat, self._rk[:, :, : o + self.r], self._rv[:, :, : o + self.r],
+                                        offsets=offsets, lengths=lengths, residual_hidden=hidden,
+                                        residual_query=query if rotated else None, **widths)
+        rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
+        empty = tuple(t[:, :, :0] for t in self._packed_views())
+        parts = [ops.packed_attention(query, *empty, rk, rv, kv_start=starts, return_lse=True, **widths)]
+        if self.n_packed:
+            none = rk[:, :, :0]
+            parts.append(ops.packed_attention(pq, *flat, none, none, offsets=offsets, lengths=lengths,
+                                              return_lse=True, **widths))
         if o:
             parts.append(self._attend_sinks(query, scaling, self.split_start(kv_start)[0]))
         return join_parts(parts, query.dtype)
@@ -696,7 +710,7 @@ class PackedStore(LayerStore):
         q = int(query.shape[2])
         # (a sink block read by a call of its own would be masked causally for a chunk)
         if (self._np is not None and spec.plain and spec.window is None and kernel_reads(query, self._rk)
-                and q <= min(self.r - s for s in self._rs) and (q == 1 or not self._r0)):
+                and q <= min(self.r - s for s in self._rs) and (q == 1 or not self._r0 or self._rows_one_call(query))):
             return self._attend_rows(query, spec.scaling, kv_start)
         # a sliding window reaches the kernel for one query at a time: the
         # slots it no longer sees are all leading ones, masked like padding
