@@ -345,11 +345,11 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
     left-padded batch holds bit for bit what a store of that row alone
     holds (same packed slots, same codes, same residual, dequantized), and
     reads the same attention (within float rounding: the batch reads its
-    rows in the per-head layout, a sink block in a call of its own),
-    through decode steps, chunks and beam reorders with repeated rows, with
-    and without a sink block. Read in one kernel call (``residual_hidden``,
-    the CPU's) or as where the kernel lacks it (CUDA): packed part and
-    residual in two calls joined by log-sum-exp."""
+    rows in the per-head layout), through decode steps, chunks and beam
+    reorders with repeated rows, with and without a sink block. Read in one
+    kernel call (``residual_hidden``, the CPU's) or as where the kernel
+    lacks it (CUDA): packed part, residual and sink block in calls of their
+    own joined by log-sum-exp."""
     import kvcompress.stores.packed as packed_store
 
     if not one_call:
