@@ -791,9 +791,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         left-padded batch on its own schedule (``PackedStore.rows_apart``),
         so that a row's key groups and pack steps are those it has alone: on
         a full-attention layer that packs while decoding and is never
-        re-compressed, with no cross-layer method or sparse reader. (The choices a layer makes once from all its rows' queries,
-        ``rotate`` or ``clip_values`` ``"auto"`` and ``feedback``, are made
-        before the first pack, on the batch, and stay shared.)"""
+        re-compressed, with no cross-layer method or sparse reader. (The
+        choices a layer makes once from all its rows' queries, ``rotate``
+        or ``clip_values`` ``"auto"`` and ``feedback``, are made before the
+        first pack, on the batch, and stay shared.)"""
         m = self.method
         return bool(self.window is None and not self._rebudget and not m.mixed_precision and m.depth is None
                     and m.sparse is None)

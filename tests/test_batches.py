@@ -89,7 +89,11 @@ def test_kivi_rows_generate_what_they_generate_alone(tiny_model, kw):
     slots in front."""
     kw = dict(kw)
     evictor = kw.pop("evictor", None)
-    make = lambda: kvc.KIVI(**kw) if evictor is None else REGISTRY[evictor](budget=120, interval=0) + kvc.KIVI(**kw)  # noqa: E731
+
+    def make():
+        quant = kvc.KIVI(**kw)
+        return quant if evictor is None else REGISTRY[evictor](budget=120, interval=0) + quant
+
     rows = [random_ids(150, 21), random_ids(97, 22), random_ids(131, 23)]
     ids, mask = left_pad(rows)
     out, cache = _gen(tiny_model, make(), ids, mask, n=40)

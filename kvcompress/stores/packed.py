@@ -115,12 +115,14 @@ class PackedStore(LayerStore):
         #: the other rows, see settle). Once it does ("row mode"), per row:
         #: ``_np`` its packed slots (a multiple of group, from its first real
         #: token), ``_rs`` the residual row its residual starts at (the rows
-        #: before it are masked), ``_pads`` its leading padded logical slots
+        #: before it are masked), ``_pads`` the padded logical slots in front
+        #: of its packed part (with a sink block: of what follows the block)
         self.rows_apart = False
         self._np: list[int] | None = None
         self._rs: list[int] | None = None
         self._pads: list[int] | None = None
         #: row mode's kernel arguments, built once per change of _np / _rs
+        #: (and of the packed buffers' capacity or device)
         self._row_args = None
         #: whether no row's sink block holds padding (a row with fewer real
         #: tokens than sinks), so that one kernel call can read the block
@@ -646,14 +648,14 @@ class PackedStore(LayerStore):
                                        dtype=rv.dtype)
         out_k, out_v = [], []
         for b, (p, m, s) in enumerate(zip(self._pads, self._np, self._rs)):
-            for out, res, packed in ((out_k, rk, keys), (out_v, rv, values)):
+            for out, res, packed, buf in ((out_k, rk, keys, self._rk), (out_v, rv, values, self._rv)):
                 parts = [res.new_zeros((res.shape[1], p, res.shape[3]))]
                 if m:
                     parts.append(packed[b, :, :m])
                 rest = torch.cat(parts + [res[b, :, s:]], 1)
-                if o:
-                    a, block = self._sink_at[b], (self._rk if res is rk else self._rv)[b, :, :o]
-                    rest = torch.cat([rest[:, :a], block, rest[:, a:]], 1)
+                if o:  # the sink block (the buffers' front) goes back where take_sinks took it from
+                    a = self._sink_at[b]
+                    rest = torch.cat([rest[:, :a], buf[b, :, :o], rest[:, a:]], 1)
                 out.append(rest)
         return torch.stack(out_k), torch.stack(out_v)
 
@@ -676,15 +678,14 @@ class PackedStore(LayerStore):
         B, H, o = self.batch, self.heads, self._r0
         if self._kc is None:
             self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
-        dev = query.device
-        if self._row_args is None or self._row_args[0].device != dev:
-            cap = int(self._kc.shape[2])
+        dev, cap = query.device, int(self._kc.shape[2])
+        if self._row_args is None or self._row_args[0] != (cap, dev):
             hidden = torch.tensor([[o, o + s] for s in self._rs], dtype=torch.int64)
-            self._row_args = (torch.arange(B * H, dtype=torch.int64, device=dev) * cap,
+            self._row_args = ((cap, dev), torch.arange(B * H, dtype=torch.int64, device=dev) * cap,
                               torch.tensor(self._np, dtype=torch.int64).repeat_interleave(H).to(dev),
                               hidden.repeat_interleave(H, 0).to(dev),
                               torch.tensor(self._rs, dtype=torch.int64, device=dev))
-        offsets, lengths, hidden, starts = self._row_args
+        offsets, lengths, hidden, starts = self._row_args[1:]
         flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in (self._kc, self._kmin, self._ksc, self._vc,
                                                                    self._vmin, self._vsc)]
         rotated = self.rotation is not None and self.n_packed
