@@ -838,16 +838,22 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
             pa_row_load(g, w->qbuf + r * Dp, src, p->res_q.dtype, p->res_q.strides[3]);
         }
     }
-    /* the residual rows the head sees: before and after res_hidden's hole
-     * (a block inside the hole reads nothing and leaves an empty partial,
-     * weight 0 in the combine) */
-    for (c = 0; c < 2; c++) {
-        const int64_t lo = c ? h.n + h.rh1 : h.n, hi = c ? j1 : h.n + h.rh0;
-        const int64_t from = j0 > lo ? j0 : lo, to = j1 < hi ? j1 : hi;
-        for (jt = from; jt < to; jt += AT_TK) {
-            const int64_t nk = to - jt < AT_TK ? to - jt : AT_TK;
-            pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc, wide);
+    /* the residual rows the head sees: those before res_hidden's hole, then
+     * those after it (a block inside the hole reads nothing and leaves an
+     * empty partial, weight 0 in the combine). One call site and, without
+     * a hole (rh0 = rh1 = 0), the plain loop's tiles: two nested loops here
+     * cost the whole unit 2-5% (benchmarks/ab_packed.py) */
+    for (jt = j0 > h.n ? j0 : h.n; jt < j1;) {
+        const int64_t stop = jt < h.n + h.rh0 ? h.n + h.rh0 : j1; /* the stretch before the hole ends there */
+        int64_t nk;
+        if (jt >= h.n + h.rh0 && jt < h.n + h.rh1) {
+            jt = h.n + h.rh1;
+            continue;
         }
+        nk = (stop < j1 ? stop : j1) - jt;
+        nk = nk < AT_TK ? nk : AT_TK;
+        pa_residual_tile(p, g, &h, w, jt, nk, R, pm, ps, acc, wide);
+        jt += nk;
     }
 }
 
