@@ -1004,3 +1004,14 @@ def test_residual_query_refused_off_the_cpu():
     a["residual_query"] = a["queries"]
     with pytest.raises(NotImplementedError, match="residual_query"):
         _call(a)
+
+
+def test_residual_hidden_refused_off_the_cpu():
+    """Only the CPU kernel takes a hidden stretch of residual rows: other
+    devices are refused by name before anything runs (a meta tensor stands
+    in for a GPU one; the store joins calls there instead)."""
+    a = _uniform_args()
+    a["queries"] = a["queries"].to("meta")
+    a["residual_hidden"] = torch.zeros(4, 2, dtype=torch.int64)
+    with pytest.raises(NotImplementedError, match="residual_hidden"):
+        _call(a)

@@ -41,7 +41,10 @@ RESIDUAL_ROOM = 1024
 
 class PackedStore(LayerStore):
     """``[B, H, n_packed]`` packed slots followed by ``[B, H, r, D]`` residual
-    slots, every head the same length.
+    slots, every head the same length. In row mode (``rows_apart``, a
+    left-padded batch: see :meth:`settle`) each row holds its own packed
+    count and residual start within those buffers, and the logical length
+    ``n`` (padding included) stays the same for every row.
 
     Parameters
     ----------
@@ -310,7 +313,10 @@ class PackedStore(LayerStore):
 
         ``pad`` (host ints, one per row) are leading padded slots: before the
         first pack they take the row's first real slot, so padding never
-        widens a group's range (it stays masked in attention).
+        widens a group's range (it stays masked in attention). With
+        ``rows_apart`` a padded batch instead enters row mode at its first
+        pack (:meth:`_settle_rows`): each row's groups start at its first
+        real token and it packs when its own residual fills.
         """
         self.take_sinks(pad)
         if self._np is None and self._rows_due(pad):
