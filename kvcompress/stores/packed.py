@@ -360,31 +360,28 @@ class PackedStore(LayerStore):
         token, so its key groups hold the tokens they hold when the row runs
         alone and it packs at the same steps; then the residual rows that
         every row has packed (or that are padding) leave the buffers."""
-        G, R = self.group, self.residual
-        due = [max(0, (self.r - s - R) // G * G) for s in self._rs]
+        due = self._row_dues()
         if not any(due):
             return
         self._reserve(max(p + m for p, m in zip(self._np, due)))
         fb = self._feedback_weights()
         for b, m in enumerate(due):
-            if not m:
-                continue
-            s, p0, o = self._rs[b], self._np[b], self._r0
-            row = slice(b, b + 1)
-            ops.pack_keys(self._codes_keys(self._rk[row, :, o + s : o + s + m]), self.bits, G,
-                          codes=self._kc[row, :, p0 : p0 + m], mins=self._kmin[row, :, p0 // G : (p0 + m) // G],
-                          scales=self._ksc[row, :, p0 // G : (p0 + m) // G], feedback=fb)
-            ops.pack_values(self._rv[row, :, o + s : o + s + m], self.value_bits, G,
-                            codes=self._vc[row, :, p0 : p0 + m], mins=self._vmin[row, :, p0 : p0 + m],
-                            scales=self._vsc[row, :, p0 : p0 + m], clip=self.value_clip)
-            self._np[b] += m
-            self._rs[b] += m
+            if m:
+                self._pack(slice(b, b + 1), self._rs[b], self._np[b], m, fb)
+                self._np[b] += m
+                self._rs[b] += m
         self.n_packed = max(self._np)
         self._row_args = None
         d = min(self._rs)
         if d:
             self._drop_oldest(d)
             self._rs = [s - d for s in self._rs]
+
+    def _row_dues(self) -> list[int]:
+        """Row mode: the slots each row's next settle packs, its residual's
+        whole groups past ``residual + group - 1``."""
+        G, R = self.group, self.residual
+        return [max(0, (self.r - s - R) // G * G) for s in self._rs]
 
     def take_sinks(self, pad=None) -> None:
         """Move the first ``sinks`` slots of every head to the front of the
@@ -417,8 +414,8 @@ class PackedStore(LayerStore):
         self._r0, self._sink_at = S, at
         self.r -= S
         m = self.pending()  # what the settle() in progress packs
-        self._sinks_in_call = all(p <= a and p <= m for p, a in zip(pads, at))
         self._sinks_whole = all(p <= a for p, a in zip(pads, at))
+        self._sinks_in_call = self._sinks_whole and all(p <= m for p in pads)
 
     def sink_block(self):
         """``(keys, values)`` ``[B, H, n_sinks, D]`` of the sink block, the
@@ -442,7 +439,7 @@ class PackedStore(LayerStore):
         if not self.pack_decoded or self._rk is None:
             return 0
         if self._np is not None:  # row mode: the most any row packs next
-            return max(0, max((self.r - s - self.residual) // self.group * self.group for s in self._rs))
+            return max(self._row_dues())
         due = self.sinks if self.sinks and not self._r0 and not self.n_packed else 0  # take_sinks comes first
         return max(0, (self.r - due - self.residual) // self.group * self.group)
 
@@ -484,15 +481,20 @@ class PackedStore(LayerStore):
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
         self._reserve(self.n_packed + m)
-        p0, G = self.n_packed, self.group
-        o = self._r0
-        ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G, codes=self._kc[:, :, p0 : p0 + m],
-                      mins=self._kmin[:, :, p0 // G : (p0 + m) // G], scales=self._ksc[:, :, p0 // G : (p0 + m) // G],
-                      feedback=self._feedback_weights())
-        ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G, codes=self._vc[:, :, p0 : p0 + m],
-                        mins=self._vmin[:, :, p0 : p0 + m], scales=self._vsc[:, :, p0 : p0 + m],
-                        clip=self.value_clip)
+        self._pack(slice(None), 0, self.n_packed, m, self._feedback_weights())
         self.n_packed += m
+
+    def _pack(self, rows: slice, s: int, p0: int, m: int, feedback) -> None:
+        """Pack residual slots ``s .. s + m`` (after the sink block) of batch
+        rows ``rows`` into packed slots ``p0 .. p0 + m`` (whole groups, room
+        reserved), with ``feedback`` (:meth:`_feedback_weights`)."""
+        G, o = self.group, self._r0 + s
+        ops.pack_keys(self._codes_keys(self._rk[rows, :, o : o + m]), self.bits, G,
+                      codes=self._kc[rows, :, p0 : p0 + m], mins=self._kmin[rows, :, p0 // G : (p0 + m) // G],
+                      scales=self._ksc[rows, :, p0 // G : (p0 + m) // G], feedback=feedback)
+        ops.pack_values(self._rv[rows, :, o : o + m], self.value_bits, G, codes=self._vc[rows, :, p0 : p0 + m],
+                        mins=self._vmin[rows, :, p0 : p0 + m], scales=self._vsc[rows, :, p0 : p0 + m],
+                        clip=self.value_clip)
 
     def _feedback_weights(self):
         """``[H, D, D]`` float32 weights for ``ops.pack_keys`` (None without feedback)."""
@@ -620,27 +622,40 @@ class PackedStore(LayerStore):
         the logical order (low part, high part, residual): for tests and the
         paths the packed kernel does not cover."""
         if self._np is not None:
-            return self._dequantized_rows()
+            return self._dequantized_row_mode()
         o = self._r0
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         ks, vs = [], []
-        views = self._packed_views()
-        for part, kb, vb in ((views if self.n_packed else None, self.bits, self.value_bits),
+        for part, kb, vb in ((self._packed_views() if self.n_packed else None, self.bits, self.value_bits),
                              (self._hi, self.high_bits, self.high_bits)):
-            if part is None:
-                continue
-            kc, kmin, ksc, vc, vmin, vsc = part
-            ks.append(self._unpack_keys(kc, kmin, ksc, kb, rk.dtype))
-            vs.append(ops.unpack_values(vc, vmin, vsc, vb, self.group, head_dim=int(rv.shape[3]), dtype=rv.dtype))
+            if part is not None:
+                k, v = self._unpack_part(part, kb, vb, rv)
+                ks.append(k)
+                vs.append(v)
         keys, values = (rk, rv) if not ks else (torch.cat(ks + [rk], 2), torch.cat(vs + [rv], 2))
+        return self._with_sink_block(keys, values)
+
+    def _unpack_part(self, part, key_bits: int, value_bits: int, residual_values):
+        """A packed part's ``(codes, mins, scales)`` of keys then values as
+        full-precision ``(keys, values)`` in the residual's dtype."""
+        kc, kmin, ksc, vc, vmin, vsc = part
+        dtype = residual_values.dtype
+        return (self._unpack_keys(kc, kmin, ksc, key_bits, dtype),
+                ops.unpack_values(vc, vmin, vsc, value_bits, self.group, head_dim=int(residual_values.shape[3]),
+                                  dtype=dtype))
+
+    def _with_sink_block(self, keys, values):
+        """``keys``/``values`` ``[B, H, n - n_sinks, D]`` in the logical order
+        but for the sink block, with each row's block back where
+        :meth:`take_sinks` took it from (unchanged without a block)."""
+        o = self._r0
         if not o:
             return keys, values
-        # each row's sink block goes back where take_sinks took it from
         rows = [[(t[b, :, :a], s[b, :, :o], t[b, :, a:]) for b, a in enumerate(self._sink_at)]
                 for t, s in ((keys, self._rk), (values, self._rv))]
         return tuple(torch.stack([torch.cat(parts, 1) for parts in r]) for r in rows)
 
-    def _dequantized_rows(self):
+    def _dequantized_row_mode(self):
         """Row mode's :meth:`dequantized`: per row its padding (zeros,
         masked by the layer's ``kv_start``), its packed slots unpacked, its
         residual, with its sink block back where :meth:`take_sinks` took it."""
@@ -648,22 +663,15 @@ class PackedStore(LayerStore):
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         keys = values = None
         if self.n_packed:
-            kc, kmin, ksc, vc, vmin, vsc = self._packed_views()
-            keys = self._unpack_keys(kc, kmin, ksc, self.bits, rk.dtype)
-            values = ops.unpack_values(vc, vmin, vsc, self.value_bits, self.group, head_dim=int(rv.shape[3]),
-                                       dtype=rv.dtype)
+            keys, values = self._unpack_part(self._packed_views(), self.bits, self.value_bits, rv)
         out_k, out_v = [], []
         for b, (p, m, s) in enumerate(zip(self._pads, self._np, self._rs)):
-            for out, res, packed, buf in ((out_k, rk, keys, self._rk), (out_v, rv, values, self._rv)):
+            for out, res, packed in ((out_k, rk, keys), (out_v, rv, values)):
                 parts = [res.new_zeros((res.shape[1], p, res.shape[3]))]
                 if m:
                     parts.append(packed[b, :, :m])
-                rest = torch.cat(parts + [res[b, :, s:]], 1)
-                if o:  # the sink block (the buffers' front) goes back where take_sinks took it from
-                    a = self._sink_at[b]
-                    rest = torch.cat([rest[:, :a], buf[b, :, :o], rest[:, a:]], 1)
-                out.append(rest)
-        return torch.stack(out_k), torch.stack(out_v)
+                out.append(torch.cat(parts + [res[b, :, s:]], 1))
+        return self._with_sink_block(torch.stack(out_k), torch.stack(out_v))
 
     def _rows_one_call(self, query) -> bool:
         """Whether row mode reads a step in one kernel call: on the CPU
