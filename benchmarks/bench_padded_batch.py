@@ -9,6 +9,9 @@ and reports:
 - decode ms per step of the batch: the time between consecutive calls of a
   logits processor (one decode forward each), median over every step of
   every repeat, the two modes' runs interleaved;
+- prefill ms: from the call of ``generate()`` to the first logits processor
+  call (the prompt's forward, where each layer makes its once-only choices
+  for the rows that pack at once), median over the repeats;
 - how many rows generate exactly what they generate alone (each row run on
   its own once, in row mode; a row alone has no padding, so both modes give
   it the same tokens), and the first step where each row differs.
@@ -61,9 +64,10 @@ class StepClock(LogitsProcessor):
 
 def generate(model, ids, mask, method, n: int, apart: bool):
     """Greedy ``generate()`` of exactly ``n`` tokens; returns ``(decode step
-    seconds [n - 1], new tokens [B, n])``."""
+    seconds [n - 1], new tokens [B, n], prefill seconds)``."""
     CompressedLayer._rows_apart = SHARED if apart else _shared_schedule
     clock = StepClock()
+    start = time.perf_counter()
     try:
         with kvc.compress(model, method):
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
@@ -71,7 +75,7 @@ def generate(model, ids, mask, method, n: int, apart: bool):
     finally:
         CompressedLayer._rows_apart = SHARED
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
-    return steps, out[:, ids.shape[1]:]
+    return steps, out[:, ids.shape[1]:], clock.times[0] - start
 
 
 def first_difference(a, b):
@@ -119,22 +123,26 @@ def main(argv=None):
         method = method_from_spec(spec)
         alone = [generate(model, r[None], torch.ones(1, len(r), dtype=torch.long), method, args.new_tokens, True)[1][0]
                  for r in tqdm(rows, desc=f"{spec}: rows alone", leave=False)]
-        times = {True: [], False: []}
+        times, prefill = {True: [], False: []}, {True: [], False: []}
         same = {}
         for rep in tqdm(range(args.repeats), desc=f"{spec}: pairs", leave=False):
             for apart in ((True, False) if rep % 2 == 0 else (False, True)):
-                steps, out = generate(model, ids, mask, method, args.new_tokens, apart)
+                steps, out, first = generate(model, ids, mask, method, args.new_tokens, apart)
                 times[apart].append(steps)
+                prefill[apart].append(first)
                 same[apart] = [first_difference(out[i], alone[i]) for i in range(len(rows))]
         rec = dict(method=spec, lengths=lengths, new_tokens=args.new_tokens)
         for apart, name in ((True, "apart"), (False, "shared")):
             rec[f"{name}_ms"] = 1e3 * statistics.median([t for run in times[apart] for t in run])
             rec[f"{name}_runs_ms"] = [1e3 * statistics.median(run) for run in times[apart]]
             rec[f"{name}_first_difference"] = same[apart]
+            rec[f"{name}_prefill_ms"] = 1e3 * statistics.median(prefill[apart])
         rec["ratio"] = rec["apart_ms"] / rec["shared_ms"]
+        rec["prefill_ratio"] = rec["apart_prefill_ms"] / rec["shared_prefill_ms"]
         records.append(rec)
         print(f"{spec}: {rec['apart_ms']:.1f} ms/step apart, {rec['shared_ms']:.1f} shared "
-              f"({rec['ratio']:.3f}x); first differences from alone: apart {rec['apart_first_difference']}, "
+              f"({rec['ratio']:.3f}x), prefill {rec['apart_prefill_ms']:.0f} / {rec['shared_prefill_ms']:.0f} ms "
+              f"({rec['prefill_ratio']:.3f}x); first differences from alone: apart {rec['apart_first_difference']}, "
               f"shared {rec['shared_first_difference']}", flush=True)
 
     def rows_alone(firsts):
@@ -144,12 +152,13 @@ def main(argv=None):
              machine_line(info) + f" {args.threads} thread(s).", "",
              f"One left-padded batch of {len(lengths)} rows ({', '.join(map(str, lengths))} tokens), "
              f"{args.new_tokens} greedy tokens. Decode ms per batch step, median over the steps of "
-             f"{args.repeats} interleaved pairs of runs; rows that generate what they generate alone (first "
-             "differing step of the others).", "",
-             "| method | rows apart, ms/step | shared schedule, ms/step | apart / shared | rows as alone, apart | "
-             "rows as alone, shared |", "|---|---:|---:|---:|---|---|"]
+             f"{args.repeats} interleaved pairs of runs; prefill ms (to the first token), median over the "
+             "runs; rows that generate what they generate alone (first differing step of the others).", "",
+             "| method | rows apart, ms/step | shared schedule, ms/step | apart / shared | prefill apart / shared, "
+             "ms | rows as alone, apart | rows as alone, shared |", "|---|---:|---:|---:|---|---|---|"]
     for r in records:
         lines.append(f"| `{r['method']}` | {r['apart_ms']:.1f} | {r['shared_ms']:.1f} | {r['ratio']:.3f} | "
+                     f"{r['apart_prefill_ms']:.0f} / {r['shared_prefill_ms']:.0f} ({r['prefill_ratio']:.3f}x) | "
                      f"{rows_alone(r['apart_first_difference'])} {r['apart_first_difference']} | "
                      f"{rows_alone(r['shared_first_difference'])} {r['shared_first_difference']} |")
     result = dict(machine=info, command=command_line(__file__, argv), records=records)

@@ -23,6 +23,7 @@ precision, not its kept slots, can depend on the batch.)
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 from dataclasses import dataclass, field
@@ -370,6 +371,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._rot_q = self._rot_q.index_select(0, host.to(self._rot_q.device))
         if self._clip_q is not None:
             self._clip_q = self._clip_q.index_select(0, host.to(self._clip_q.device))
+        if self._row_choices is not None:
+            self._row_choices = [self._row_choices[i] for i in host.tolist()]
+        if self._row_qmom is not None:
+            # a row repeated (beam search) goes on from its moment so far, in copies
+            self._row_qmom = [copy.deepcopy(self._row_qmom[i]) for i in host.tolist()]
         self._pending = [q.index_select(0, host.to(q.device)) for q in self._pending]
         if self._statistic is not None:
             self._statistic = self._statistic.index_select(0, host.to(self._statistic.device))
@@ -791,10 +797,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         left-padded batch on its own schedule (``PackedStore.rows_apart``),
         so that a row's key groups and pack steps are those it has alone: on
         a full-attention layer that packs while decoding and is never
-        re-compressed, with no cross-layer method or sparse reader. (The
-        choices a layer makes once from all its rows' queries, ``rotate``
-        or ``clip_values`` ``"auto"`` and ``feedback``, are made before the
-        first pack, on the batch, and stay shared.)"""
+        re-compressed, with no cross-layer method or sparse reader. There
+        each row also makes the layer's once-only choices (``rotate``,
+        ``clip_values``, ``feedback``) itself, at its own first pack
+        (``_choose_rows``), in a padded batch or not."""
         m = self.method
         return bool(self.window is None and not self._rebudget and not m.mixed_precision and m.depth is None
                     and m.sparse is None)
@@ -803,9 +809,17 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         """Pack the packed store's whole residual groups (``settle``); a
         ``rotate="auto"`` layer that had nothing to pack so far decides its
         rotation first, once the residual overflows (a store that never packs
-        while decoding, mixed precision's, holds no queries for it)."""
+        while decoding, mixed precision's, holds no queries for it), as the
+        other choices. In row mode each row decides at its own first pack
+        (``_choose_rows``)."""
         store = self.store
         store.take_sinks(pad=self._start)  # first: the sinks are not among the keys the rotation is tested on
+        m = self.method
+        if (m.rotates_keys or m.value_clip or m.key_feedback) and store.start_rows(self._start, unpadded=True):
+            # row mode: each row chooses at its own first pack, as it does alone
+            self._choose_rows(queries, scaling)
+            store.settle(pad=self._start)
+            return
         if self.method.rotates_keys and not self._rotation_decided and store.pack_decoded and store.batch:
             rotation = self._key_rotation(self._packing(), queries, scaling, defer=True)
             if self._rotation_decided:
@@ -814,8 +828,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             clip = self._value_clip(self._packing(), queries, scaling, defer=True)
             if self._clip_decided:
                 store.set_value_clip(clip)
-        if self.method.key_feedback and not store.packed_any():
-            # the weights are fixed before the store's first pack (in the basis just decided)
+        if self.method.key_feedback and not store.packed_any() and store.pending() > 0:
+            # the weights are fixed just before the store's first pack (in the
+            # basis just decided): after a short prompt, the decode steps'
+            # queries until then count too
             w = self._fix_feedback()
             if w is not None and store.feedback is not w:
                 store.set_feedback(w)

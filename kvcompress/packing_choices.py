@@ -55,6 +55,14 @@ class PackingChoices:
         self._clip_decided = False
         self._clip_q: torch.Tensor | None = None
         self.out_proj: torch.Tensor | None = None
+        # row mode (PackedStore.rows_apart: a left-padded batch whose rows
+        # pack on their own schedules): each row makes the three choices at
+        # its own first pack, from its own queries and keys (_choose_rows);
+        # per row None until then, then (rotated, clipped). Feedback=True
+        # keeps each row's query moment from the first call on, so that a
+        # row's weights are the ones it gets alone
+        self._row_choices: list | None = None
+        self._row_qmom: list[QueryMoments | None] | None = None
 
     def _key_rotation(self, packing, queries, scaling, defer: bool = False):
         """The rotation of this layer's packed keys (None: as they are),
@@ -191,11 +199,24 @@ class PackingChoices:
         positions are left out."""
         if not self.method.key_feedback or self._feedback_decided or queries is None or not self.store.batch:
             return
-        if self._qmom is None:
-            self._qmom = QueryMoments(self.store.heads)
+        if self._row_choices is not None and None not in self._row_choices:
+            return  # row mode, every row decided
         q = int(queries.shape[2])
         hidden = [max(0, p - (self.seen - q)) for p in self._pad] if self._pad else None
-        self._qmom.add(queries, hidden)
+        if self._row_choices is None:
+            if self._qmom is None:
+                self._qmom = QueryMoments(self.store.heads)
+            self._qmom.add(queries, hidden)
+        B = int(queries.shape[0])
+        if B > 1:
+            # a batch may pack its rows apart (row mode): each row's own
+            # moment too, over its real queries only, shaped as they are alone
+            if self._row_qmom is None:
+                self._row_qmom = [QueryMoments(self.store.heads) for _ in range(B)]
+            for b in range(B):
+                h = hidden[b] if hidden else 0
+                if self._row_qmom[b] is not None and h < q:
+                    self._row_qmom[b].add(queries[b : b + 1, :, h:])
 
     def _fix_feedback(self):
         """The layer's key-feedback weights (``stores.feedback.compact``'s
@@ -209,5 +230,65 @@ class PackingChoices:
             return None
         w = self._qmom.weights(self._rotation)
         self._feedback = None if w is None else compact(w)
-        self._feedback_decided, self._qmom = True, None
+        self._feedback_decided, self._qmom, self._row_qmom = True, None, None
         return self._feedback
+
+    def _choose_rows(self, queries, scaling) -> None:
+        """Row mode (the layer's packed store packs each row of a
+        left-padded batch on its own schedule): each row due to pack for the
+        first time makes the layer's choices for itself, from its own real
+        queries (held as :meth:`_key_rotation` and :meth:`_value_clip` hold
+        them) and the keys and values it is about to pack, and from the
+        second moment of its own queries, as it makes them alone; the store
+        packs it so (``PackedStore.set_row_choice``). Rows not due yet keep
+        holding their queries."""
+        store, method = self.store, self.method
+        if self._row_choices is None:
+            self._row_choices = [None] * store.batch
+            self._qmom = None  # the batch's moment serves no row
+        elif None not in self._row_choices:
+            return
+        rot_auto = method.rotates_keys == "auto"
+        clip_auto = method.value_clip == "auto"
+        if rot_auto:
+            self._rot_q = self._newest(self._rot_q, queries)
+        if clip_auto:
+            self._clip_q = self._newest(self._clip_q, queries)
+        bits, group, _, value_bits = self._packing()
+        for b, due in enumerate(store.row_dues()):
+            if not due or self._row_choices[b] is not None:
+                continue
+            keys, values = store.row_pending(b)
+            s = float(scaling if scaling is not None else keys.shape[-1] ** -0.5)
+            real = self.seen - (self._pad[b] if self._pad else 0)  # the row's queries so far
+            rot = key_rotation(int(keys.shape[-1]), keys.device) if method.rotates_keys else None
+            if rot_auto:
+                held = self._row_queries(self._rot_q, b, real)
+                if held is None or not rotation_helps(held, keys, rot, bits, group, s):
+                    rot = None
+            # behind an evictor "auto" does not clip (see _value_clip)
+            clip = bool(method.value_clip) and not (clip_auto and method.evicts)
+            if clip and clip_auto:
+                held = self._row_queries(self._clip_q, b, real)
+                clip = held is not None and value_clip_helps(held, keys, values, value_bits, group, s,
+                                                             self.out_proj)
+            tri = None
+            if method.key_feedback and self._row_qmom is not None:
+                w = self._row_qmom[b].weights(rot)
+                tri = None if w is None else compact(w)
+            if self._row_qmom is not None:
+                self._row_qmom[b] = None
+            self._row_choices[b] = (rot is not None, clip)
+            store.set_row_choice(b, rot, tri, clip)
+        if all(c is not None for c in self._row_choices):
+            self._rot_q = self._clip_q = self._row_qmom = None
+
+    @staticmethod
+    def _row_queries(held, b: int, real: int):
+        """Row ``b``'s real queries ``[1, Hq, <= W, D]`` among the batch's
+        held newest ``held`` ``[B, Hq, W, D]`` (its padding is their front),
+        ``real`` being how many real queries the row has seen; None if none."""
+        if held is None:
+            return None
+        k = min(int(held.shape[2]), int(real))
+        return held[b : b + 1, :, held.shape[2] - k :] if k > 0 else None

@@ -403,10 +403,15 @@ def test_packing_methods_run_on_every_family(archs, family, method):
     mixed = method in ("mikv", "mikv-rotated", "zipcache-fp")
     for layer in session.cache.layers:
         assert isinstance(layer.store, PackedStore) == (layer.window is None or not mixed), (family, method, layer)
+        rows = range(layer.store.batch)
         if "feedback" in method:
-            assert layer.store.feedback is not None, (family, method, layer)
+            assert all(layer.store.row_choice(b)[1] is not None for b in rows), (family, method, layer)
         if "clip" in method:
-            assert layer._clip_decided and layer.store.value_clip == layer._clip, (family, method, layer)
+            if layer._row_choices is not None:  # row mode: every row decided, and packs as it decided
+                assert all(c is not None and layer.store.row_choice(b)[2] == c[1]
+                           for b, c in enumerate(layer._row_choices)), (family, method, layer)
+            else:
+                assert layer._clip_decided and layer.store.value_clip == layer._clip, (family, method, layer)
 
 
 SLIDING = [f for f, spec in FAMILIES.items() if "sliding_window" in spec[2]]

@@ -104,6 +104,48 @@ def test_kivi_rows_generate_what_they_generate_alone(tiny_model, kw):
             assert layer.store._np[i] == one.store.n_packed > 0, (i, layer.store, one.store)
 
 
+@pytest.mark.parametrize("kw", [dict(bits=2, group=16, residual=16, rotate="auto", sinks=4, feedback=True,
+                                     clip_values="auto"),
+                                dict(bits=2, group=8, residual=48, rotate="auto", feedback=True, clip_values="auto")],
+                         ids=["recipe", "short-rows-decide-later"])
+@pytest.mark.parametrize("padded", [True, False], ids=["padded", "same-length"])
+def test_kivi_rows_choose_what_they_choose_alone(tiny_model, kw, padded):
+    """``rotate`` and ``clip_values`` ``"auto"`` and ``feedback=True`` are
+    decided once per layer, at its first pack; in a batch each row decides
+    them itself, at its own first pack, from its own queries and keys
+    (before, one decision and one query moment served every row, so a
+    row's codes depended on the others). So every row chooses, holds the
+    feedback weights of, packs and generates what it does alone: the
+    README's 2-bit recipe, and a long residual that some rows fill only
+    while decoding, in a left-padded batch and in one of equal lengths."""
+    from kvcompress.stores.feedback import expand
+
+    lengths = [150, 97, 131] if padded else [120, 120, 120]
+    rows = [random_ids(n, 31 + i) for i, n in enumerate(lengths)]
+    ids, mask = left_pad(rows)
+    out, cache = _gen(tiny_model, kvc.KIVI(**kw), ids, mask, n=40)
+    rotated = clipped = 0
+    for i, row in enumerate(rows):
+        alone, solo = _gen(tiny_model, kvc.KIVI(**kw), row[None], torch.ones(1, len(row), dtype=torch.long), n=40)
+        assert torch.equal(out[i, -40:], alone[0, -40:]), (kw, i)
+        for layer, one in zip(cache.layers, solo.layers):
+            s, o = layer.store, one.store
+            D = int(s._rk.shape[-1])
+            assert s._np[i] == o.n_packed > 0, (i, s, o)
+            is_rot, tri, clip = s._choices[i]
+            assert is_rot == (one._rotation is not None) and clip == one._clip, (i, s, o)
+            # the weights from the row's own queries, alone's up to float rounding of the moment
+            assert torch.allclose(expand(tri, D), expand(o.feedback, D), rtol=2**-7, atol=1e-6), (i, layer.layer_idx)
+            rotated, clipped = rotated + is_rot, clipped + clip
+            # the row's packed keys decode to what alone's do
+            k, _ = s.dequantized()
+            k1, _ = o.dequantized()
+            m = o.n_packed
+            got = k[i, :, int(mask.shape[1]) - len(row) :][:, :m]
+            assert torch.allclose(got, k1[0, :, :m], atol=1e-5), (i, layer.layer_idx)
+    assert rotated and clipped  # both choices were taken somewhere, so the rows' flags were read
+
+
 @pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])
 def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_model, name):
     ids = random_ids(40, 8)[None]

@@ -263,27 +263,40 @@ def test_the_option_is_checked_and_refused_where_unsupported():
 
 
 def _spy_queries(monkeypatch):
+    """Per layer, each call's ``(queries, pads, seen after it, packed slots
+    per row after it)`` while the layer gathers its moment (the last entry
+    is filled in by the ``_settle`` spy)."""
     from kvcompress.cache import CompressedLayer
 
     seen = {}
-    real = CompressedLayer._gather_feedback
+    real, settle = CompressedLayer._gather_feedback, CompressedLayer._settle
 
     def spy(self, queries):
         if queries is not None and not self._feedback_decided:
-            seen.setdefault(self.layer_idx, []).append((queries.detach().clone(), list(self._pad), self.seen))
+            seen.setdefault(self.layer_idx, []).append([queries.detach().clone(), list(self._pad), self.seen, None])
         return real(self, queries)
 
+    def spy_settle(self, queries, scaling):
+        out = settle(self, queries, scaling)
+        calls = seen.get(self.layer_idx)
+        if calls and calls[-1][3] is None:
+            s = self.store
+            calls[-1][3] = list(s._np) if s._np is not None else [s.n_packed] * s.batch
+        return out
+
     monkeypatch.setattr(CompressedLayer, "_gather_feedback", spy)
+    monkeypatch.setattr(CompressedLayer, "_settle", spy_settle)
     return seen
 
 
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rotated"])
 def test_a_layer_packs_with_the_weights_of_its_prompts_real_queries(tiny_lm, rotate, monkeypatch):
-    """On a left-padded batch every layer's weights are ``feedback_weights``
-    of the float64 moment of the queries it saw before its first pack, each
-    row's padding left out, in the rotated basis when rotated; and each
-    row's packed keys are the reference packing of its real tokens' keys in
-    the full cache with those weights, bit for bit."""
+    """On a left-padded batch each row's weights (row mode: each row packs,
+    and chooses, on its own) are ``feedback_weights`` of the float64 moment
+    of that row's real queries up to its own first pack, in the rotated
+    basis when rotated; and each row's packed keys are the reference
+    packing of its real tokens' keys in the full cache with those weights,
+    bit for bit."""
     from transformers import DynamicCache
 
     from kvcompress.stores.rotation import key_rotation
@@ -300,41 +313,45 @@ def test_a_layer_packs_with_the_weights_of_its_prompts_real_queries(tiny_lm, rot
     with torch.no_grad():
         model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
               **cache_kwargs(model, full))
+    T = int(ids.shape[1])
     for i, layer in enumerate(cache.layers):
         s = layer.store
-        assert isinstance(s, PackedStore) and s.feedback is not None and "key feedback" in repr(s)
-        assert any(t is s.feedback for t in s.tensors())
+        assert isinstance(s, PackedStore) and s._np is not None and "key feedback in rows [0, 1]" in repr(s), s
         H, D = s.heads, int(s._rk.shape[-1])
-        sums, count = torch.zeros(H, D, D, dtype=torch.float64), 0
-        for q, pads, after in seen[i]:
-            n = int(q.shape[2])
-            for b in range(q.shape[0]):
+        rot = key_rotation(D, "cpu").double() if rotate else None
+        for b, pad in enumerate((0, 25)):
+            rotated, tri, _ = s.row_choice(b)
+            assert rotated == rotate and tri is not None and any(t is tri for t in s.tensors()), (i, b)
+            sums, count = torch.zeros(H, D, D, dtype=torch.float64), 0
+            for q, pads, after, packed in seen[i]:
+                n, g = int(q.shape[2]), q.shape[1] // H
                 first = max(0, (pads[b] if pads else 0) - (after - n))
                 for h in range(H):
-                    x = q[b, h * (q.shape[1] // H) : (h + 1) * (q.shape[1] // H), first:].reshape(-1, D).double()
+                    x = q[b, h * g : (h + 1) * g, first:].reshape(-1, D).double()
                     sums[h] += x.T @ x
-                count += (n - first) * (q.shape[1] // H)
-        m = sums / count
-        rot = key_rotation(D, "cpu").double() if rotate else None
-        if rot is not None:
-            m = rot.T @ m @ rot
-        # held as a bfloat16 triangle: the reference's, rounded alike (a last-bit tie may round apart)
-        want = feedback_weights(m)
-        assert torch.allclose(expand(s.feedback, D), expand(compact(want), D), rtol=2**-7, atol=1e-6), i
-        # the packed groups of each row's prompt tokens from the full cache's
-        # keys: each row packs on its own schedule from its first real token
-        # (row mode), so row 1's groups start after its 25 padded slots
-        assert s._np is not None, i
-        T = int(ids.shape[1])
-        for b, pad in enumerate((0, 25)):
+                count += (n - first) * g
+                if packed[b]:
+                    break  # the row's first pack: its weights are fixed just before it
+            else:
+                raise AssertionError(f"layer {i} row {b} never packed")
+            m = sums / count
+            if rot is not None:
+                m = rot.T @ m @ rot
+            # held as a bfloat16 triangle: the reference's, rounded alike (a last-bit tie may round apart)
+            w = expand(tri, D)
+            assert torch.allclose(w, expand(compact(feedback_weights(m)), D), rtol=2**-7, atol=1e-6), (i, b)
+            # the packed groups of the row's prompt tokens from the full cache's
+            # keys: row 1's groups start after its 25 padded slots
             m = min(s._np[b], (T - pad) // 8 * 8)
             assert m > 0, (i, b)
             keys = full.layers[i].keys[b : b + 1, :, pad : pad + m]
             if rot is not None:
                 keys = (keys.double() @ rot).float()
-            codes, _, _, _ = ref_feedback_pack(keys, expand(s.feedback, D).numpy(), 2, 8)
+            codes, _, _, _ = ref_feedback_pack(keys, w.numpy(), 2, 8)
             got = unpacked_codes(ops.Packed(s._kc[b : b + 1, :, :m], s._kmin[b : b + 1], s._ksc[b : b + 1]), 2, D)
             assert np.array_equal(got, codes), (i, b)
+        # the rows' weights differ: each comes from its own queries
+        assert not torch.equal(s.row_choice(0)[1], s.row_choice(1)[1]), i
 
 
 def test_a_per_head_store_rounds_each_heads_groups_with_its_kv_heads_weights():
@@ -383,8 +400,12 @@ def test_kernel_generation_equals_the_eager_path(tiny_lm, make, monkeypatch):
     out, cache = generate_padded(model, tok, make())
     for layer in cache.layers:
         s = layer.store
-        assert isinstance(s, (PackedStore, RaggedPackedStore)) and s.feedback is not None, s
-        assert s.feedback is layer._feedback
+        assert isinstance(s, (PackedStore, RaggedPackedStore)), s
+        if isinstance(s, PackedStore) and s._choices is not None:
+            # row mode: each row's own weights
+            assert all(s.row_choice(b)[1] is not None for b in range(s.batch)), s
+        else:
+            assert s.feedback is not None and s.feedback is layer._feedback, s
     monkeypatch.setattr(packed_store, "kernel_reads", lambda query, residual: False)
     monkeypatch.setattr(ragged_store, "kernel_reads", lambda query, residual: False)
     assert_same_generation(out, generate_padded(model, tok, make())[0])

@@ -36,6 +36,7 @@ import torch
 from kvcompress import ops
 from kvcompress.stores import PackedStore, RaggedStore, UniformStore
 from kvcompress.stores.base import AttentionSpec
+from kvcompress.stores.feedback import compact, feedback_weights
 from kvcompress.stores.keep_rows import arrange
 from kvcompress.stores.masked import build_mask, masked_attention
 from kvcompress.stores.packed_ragged import RaggedPackedStore
@@ -308,7 +309,11 @@ def run_uniform(seed: int, device: str = "cpu") -> None:
 
 def _rows_case(seed: int):
     """A left-padded batch in row mode beside one single-row store per row,
-    fed only that row's real tokens: ``(rng, g, batch, solos, pads, dims)``."""
+    fed only that row's real tokens: ``(rng, g, batch, solos, pads, dims, T,
+    choices)``; ``choices`` (or None: the store's own serve every row) are
+    each row's ``(rotation, feedback triangle, clip)``, which the batch
+    takes at the row's first pack (``set_row_choice``) and its solo store
+    holds from the start."""
     rng = random.Random(50_000 + seed)
     g = torch.Generator().manual_seed(50_000 + seed)
     B, H = rng.choice([2, 3]), rng.choice([1, 2])
@@ -320,15 +325,26 @@ def _rows_case(seed: int):
     clip = rng.random() < 0.2
     sinks = rng.choice([0, 0, 2, 4])
 
-    def make():
+    def make(rot=rotation, tri=None, cl=clip):
         st = PackedStore(bits, G, R, vbits)
-        st.rows_apart, st.rotation, st.value_clip, st.sinks = True, rotation, clip, sinks
+        st.rows_apart, st.rotation, st.feedback, st.value_clip, st.sinks = True, rot, tri, cl, sinks
         return st
 
     T = rng.randrange(2, 3 * R + 4 * G + sinks)
     pads = [rng.randrange(0, T) for _ in range(B)]
     pads[rng.randrange(B)] = 0  # the longest row fills the batch, as left padding has it
-    return rng, g, make(), [make() for _ in range(B)], pads, dims, T
+    choices = None
+    if rng.random() < 0.5:
+        # each row its own rotation, feedback weights and clipping (drawn apart from the tokens)
+        gc = torch.Generator().manual_seed(70_000 + seed)
+        rot = _orthogonal(dims["D"], gc)
+        choices = []
+        for _ in range(B):
+            x = torch.randn(dims["H"], 3 * dims["D"], dims["D"], generator=gc, dtype=torch.float64)
+            tri = compact(feedback_weights(x.transpose(1, 2) @ x)) if rng.random() < 0.5 else None
+            choices.append((rot if rng.random() < 0.5 else None, tri, rng.random() < 0.4))
+        return rng, g, make(None, None, False), [make(*c) for c in choices], pads, dims, T, choices
+    return rng, g, make(), [make() for _ in range(B)], pads, dims, T, None
 
 
 def _rows_tokens(g, dims, q):
@@ -346,7 +362,9 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
     holds (same packed slots, same codes, same residual, dequantized), and
     reads the same attention (within float rounding: the batch reads its
     rows in the per-head layout), through decode steps, chunks and beam
-    reorders with repeated rows, with and without a sink block. Read in one
+    reorders with repeated rows, with and without a sink block, and with
+    each row's own rotation, feedback weights and clipping, set at its
+    first pack, where the store's serve no row. Read in one
     kernel call (``residual_hidden``, the CPU's) or as where the kernel
     lacks it (CUDA): packed part, residual and sink block in calls of their
     own joined by log-sum-exp."""
@@ -354,7 +372,7 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
 
     if not one_call:
         monkeypatch.setattr(packed_store, "one_call", lambda query: False)
-    rng, g, batch, solos, pads, dims, T = _rows_case(seed)
+    rng, g, batch, solos, pads, dims, T, choices = _rows_case(seed)
     spec = AttentionSpec(scaling=dims["D"] ** -0.5)
     tol = _tol(dims["dtype"])
 
@@ -373,9 +391,23 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
             for b, st in enumerate(solos):
                 alone = st.attend(query[b : b + 1], spec).double()
                 assert (out[b : b + 1] - alone).abs().max().item() <= tol * (1 + alone.abs().max().item()), b
+        if choices is not None:
+            # as the layer does (CompressedLayer._settle): each row's own choices just before its first pack
+            batch.take_sinks(pad=pads)
+            if batch.start_rows(pads, unpadded=True):
+                for b, due in enumerate(batch.row_dues()):
+                    if due and (batch._choices is None or batch._choices[b] is None):
+                        batch.set_row_choice(b, *choices[b])
         batch.settle(pad=pads)
         for st in solos:
             st.settle()
+        if choices is not None and batch._choices is not None:
+            for b, c in enumerate(batch._choices):
+                assert c is None or c == (choices[b][0] is not None, choices[b][1], choices[b][2]), b
+            done = [b for b in range(dims["B"]) if batch._np[b]]
+            if done:  # a row that has packed keeps its choice
+                with pytest.raises(RuntimeError, match="set_row_choice: row"):
+                    batch.set_row_choice(done[0], None, None, False)
         k_all, v_all = batch.dequantized()
         # row mode starts at the first settle that packs (with a row padded: a
         # reorder may have left none); until then every row holds its tokens unpacked
@@ -395,10 +427,34 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
             batch.index_batch(torch.tensor(idx))
             solos[:] = [copy.deepcopy(solos[i]) for i in idx]
             pads[:] = [pads[i] for i in idx]
+            if choices is not None:
+                choices[:] = [choices[i] for i in idx]
             continue
         n = 1 if op < 0.85 else rng.randrange(2, 6)
         T += n
         feed(n)
+
+
+def test_row_choices_are_refused_outside_row_mode_and_after_a_rows_pack():
+    """``set_row_choice`` names what is wrong: a store not in row mode (no
+    batch has come to its first pack yet), or a row that has packed
+    already; the store is left as it was."""
+    st = PackedStore(2, 8, 8)
+    st.rows_apart = True
+    st.append(torch.randn(2, 1, 12, 16), torch.randn(2, 1, 12, 16), 0)
+    assert not st.start_rows([0, 4])  # 12 slots: no row past residual + group yet
+    with pytest.raises(RuntimeError, match="not in row mode"):
+        st.set_row_choice(0, None, None, True)
+    assert st._choices is None
+    st.append(torch.randn(2, 1, 8, 16), torch.randn(2, 1, 8, 16), 12)
+    assert st.start_rows([0, 4]) and st.row_dues() == [8, 8]
+    st.set_row_choice(0, None, None, True)
+    st.set_row_choice(0, None, None, False)  # nothing packed: the choice may still change
+    st.settle([0, 4])
+    assert st._np == [8, 8] and st.row_choice(0) == (False, None, False)
+    with pytest.raises(RuntimeError, match="row 0 has packed"):
+        st.set_row_choice(0, None, None, True)
+    assert st.row_choice(0) == (False, None, False)
 
 
 # -------------------------------------------------------------- per head

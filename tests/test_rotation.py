@@ -458,9 +458,12 @@ def test_auto_decides_once_per_layer_and_keeps_its_choice(tiny_lm, make):
 def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_lm, monkeypatch):
     """``rotate="auto"`` with a prompt shorter than ``residual + group``:
     nothing is packed at prefill, so each layer holds its newest queries and
-    decides just before the first decode step that packs, on the group about
-    to be packed (the prompt's first keys, padding masked). Forced either
-    way, generation equals ``rotate=True`` or ``rotate=False`` bit for bit."""
+    each row of the batch decides just before the first decode step that
+    packs its own residual, on its own group about to be packed (its
+    prompt's first real keys) and its own real queries: row 0 (12 tokens)
+    after 12 decode steps, row 1 (8 real tokens after 4 padded) after 16.
+    Forced either way, generation equals ``rotate=True`` or
+    ``rotate=False`` bit for bit."""
     from transformers import DynamicCache
 
     import kvcompress.packing_choices as choices
@@ -482,28 +485,29 @@ def test_auto_with_a_short_prompt_decides_at_the_first_pack_while_decoding(tiny_
     real = choices.rotation_helps
 
     def spy(queries, keys, rot, bits, group, scaling, start=None, counts=None):
-        assert counts is None  # a uniform layer: no merge counts
-        got = real(queries, keys, rot, bits, group, scaling, start)
-        calls.append((queries.clone(), keys.clone(), start, got))  # views of buffers that move on
+        assert counts is None and start is None  # one row's real slots: no merge counts, no padding
+        got = real(queries, keys, rot, bits, group, scaling)
+        calls.append((queries.clone(), keys.clone(), got))  # views of buffers that move on
         return got
 
     monkeypatch.setattr(choices, "rotation_helps", spy)
     _, cache = run(kivi("auto"))
     layers = cache.layers
-    assert len(calls) == len(layers)
+    assert len(calls) == 2 * len(layers)  # row 0's decisions, every layer's, then row 1's
     full = DynamicCache()
     with torch.inference_mode():
         model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
               **T.cache_kwargs(model, full))
-    H, Hq = model.config.num_key_value_heads, model.config.num_attention_heads
-    for layer, (queries, keys, start, got) in zip(layers, calls):
-        assert layer._rotation_decided and layer._rot_q is None and layer.store.n_packed > 0
-        assert (layer.store.rotation is not None) == got
-        # prompt (12) and decode queries (12) up to the step whose residual overflows (24 = 16 + 8)
-        assert tuple(queries.shape) == (2, Hq, 24, 16)
-        assert torch.equal(start, torch.tensor([0] * H + [4] * H))
-        ref = full.layers[layer.layer_idx].keys
-        assert torch.equal(keys[0], ref[0, :, :8]) and torch.equal(keys[1, :, 4:], ref[1, :, 4:8])
+    Hq = model.config.num_attention_heads
+    for b, pad in enumerate((0, 4)):
+        for layer, (queries, keys, got) in zip(layers, calls[b * len(layers) : (b + 1) * len(layers)]):
+            store = layer.store
+            assert layer._row_choices[b] is not None and layer._rot_q is None and store._np[b] > 0
+            assert store.row_choice(b)[0] == got
+            # the row's real queries up to the step whose residual overflows (24 = 16 + 8)
+            assert tuple(queries.shape) == (1, Hq, 24, 16)
+            ref = full.layers[layer.layer_idx].keys
+            assert torch.equal(keys[0], ref[b, :, pad : pad + 8])
 
     for forced, same in ((True, True), (False, False)):
         monkeypatch.setattr(choices, "rotation_helps", lambda *a, forced=forced, **k: forced)

@@ -130,6 +130,13 @@ class PackedStore(LayerStore):
         #: whether no row's sink block holds padding (a row with fewer real
         #: tokens than sinks), so that one kernel call can read the block
         self._sinks_whole = True
+        #: row mode's per-row choices (set by the layer, :meth:`set_row_choice`,
+        #: each row's at its own first pack): per row None (undecided, nothing
+        #: packed) or ``(rotated, feedback triangle or None, clipped)``; None
+        #: while the store's ``rotation``, ``feedback`` and ``value_clip``
+        #: serve every row
+        self._choices: list | None = None
+        self._rot_mask = None  # _rotated_rows' mask, built once per change of _choices
 
     def __repr__(self) -> str:
         high = f", high_bits={self.high_bits}, high={self.n_high}" if self.high_bits else ""
@@ -138,9 +145,16 @@ class PackedStore(LayerStore):
         if self.visible_from is not None:  # a sliding-window layer: the positions it holds, those queries see
             seen = (f", positions={self.first_position}..{self.first_position + self.n - 1}"
                     f", visible_from={self.visible_from}")
-        vb += ", rotated keys" if self.rotation is not None else ""
-        vb += ", key feedback" if self.feedback is not None else ""
-        vb += ", clipped values" if self.value_clip else ""
+        if self._choices is not None:  # row mode, each row's own choices: the rows that took each
+            for i, name in enumerate(("rotated keys", "key feedback", "clipped values")):
+                # (the feedback entry is a tensor or None, the others bools)
+                rows = [b for b, c in enumerate(self._choices)
+                        if c is not None and (c[i] is not None if i == 1 else c[i])]
+                vb += f", {name} in rows {rows}" if rows else ""
+        else:
+            vb += ", rotated keys" if self.rotation is not None else ""
+            vb += ", key feedback" if self.feedback is not None else ""
+            vb += ", clipped values" if self.value_clip else ""
         if self.sinks:
             vb += f", sinks={self.sinks}" + ("" if self._r0 else " (not taken yet)")
         packed, full = self.n_packed, self.r
@@ -261,8 +275,9 @@ class PackedStore(LayerStore):
         return self.n
 
     def tensors(self) -> list:
+        rows = [c[1] for c in self._choices or () if c is not None]  # each row's feedback triangle
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv,
-                            *(self._hi or ()), *(self._cols or {}).values(), self.rotation, self.feedback)
+                            *(self._hi or ()), *(self._cols or {}).values(), self.rotation, self.feedback, *rows)
                 if t is not None]
 
     # ------------------------------------------------------------- writing
@@ -319,13 +334,7 @@ class PackedStore(LayerStore):
         real token and it packs when its own residual fills.
         """
         self.take_sinks(pad)
-        if self._np is None and self._rows_due(pad):
-            # row mode: nothing packed yet; each row's real tokens (after its
-            # sink block, if taken) start at its padding
-            start = self._sink_at if self._r0 else pad
-            self._pads = [min(int(p), self.r) for p in start]
-            self._np, self._rs = [0] * self.batch, list(self._pads)
-        if self._np is not None:
+        if self.start_rows(pad):
             self._settle_rows()
             return
         m = self.pending()
@@ -343,13 +352,30 @@ class PackedStore(LayerStore):
         self._pack_oldest(m)
         self._drop_oldest(m)
 
-    def _rows_due(self, pad) -> bool:
+    def start_rows(self, pad, unpadded: bool = False) -> bool:
+        """Enter row mode if this settle is its first pack (:meth:`_rows_due`;
+        after :meth:`take_sinks`); whether the store is in row mode. The
+        layer calls it before :meth:`settle` to make each row's choices at
+        the row's own first pack (:meth:`set_row_choice`), and then with
+        ``unpadded`` also for a batch of more than one row without padding
+        (whose rows pack alike, but choose apart)."""
+        if unpadded and self.batch > 1 and (pad is None or not len(pad)):
+            pad = [0] * self.batch
+        if self._np is None and self._rows_due(pad, unpadded):
+            # nothing packed yet; each row's real tokens (after its sink
+            # block, if taken) start at its padding
+            start = self._sink_at if self._r0 else pad
+            self._pads = [min(int(p), self.r) for p in start]
+            self._np, self._rs = [0] * self.batch, list(self._pads)
+        return self._np is not None
+
+    def _rows_due(self, pad, unpadded: bool = False) -> bool:
         """Whether this settle starts row mode: the layer allows it
-        (``rows_apart``), some row is padded, nothing is packed yet and this
-        settle packs (so the layer's once-only choices, taken just before
-        the first pack on the batch's padded view, are made; until then no
-        row would pack either way)."""
-        return bool(self.rows_apart and pad is not None and any(int(p) for p in pad) and self.pack_decoded
+        (``rows_apart``), some row is padded (or ``unpadded`` and the batch
+        has more than one row), nothing is packed yet and this settle packs
+        (until then no row would pack either way)."""
+        padded = pad is not None and (any(int(p) for p in pad) or (unpadded and self.batch > 1))
+        return bool(self.rows_apart and padded and self.pack_decoded
                     and self._rk is not None and not self.n_packed and (self._r0 or not self.sinks)
                     and self._hi is None
                     and self._cols is None and self.visible_from is None and self.pending() > 0)
@@ -360,14 +386,13 @@ class PackedStore(LayerStore):
         token, so its key groups hold the tokens they hold when the row runs
         alone and it packs at the same steps; then the residual rows that
         every row has packed (or that are padding) leave the buffers."""
-        due = self._row_dues()
+        due = self.row_dues()
         if not any(due):
             return
         self._reserve(max(p + m for p, m in zip(self._np, due)))
-        fb = self._feedback_weights()
         for b, m in enumerate(due):
             if m:
-                self._pack(slice(b, b + 1), self._rs[b], self._np[b], m, fb)
+                self._pack(slice(b, b + 1), self._rs[b], self._np[b], m, *self._row_choice(b))
                 self._np[b] += m
                 self._rs[b] += m
         self.n_packed = max(self._np)
@@ -377,11 +402,47 @@ class PackedStore(LayerStore):
             self._drop_oldest(d)
             self._rs = [s - d for s in self._rs]
 
-    def _row_dues(self) -> list[int]:
+    def row_dues(self) -> list[int]:
         """Row mode: the slots each row's next settle packs, its residual's
         whole groups past ``residual + group - 1``."""
         G, R = self.group, self.residual
         return [max(0, (self.r - s - R) // G * G) for s in self._rs]
+
+    def row_pending(self, b: int):
+        """Row mode: ``(keys, values)`` ``[1, H, m, D]`` of the residual
+        slots row ``b``'s next settle packs (``m``: its :meth:`row_dues`)."""
+        m, o = self.row_dues()[b], self._r0 + self._rs[b]
+        return self._rk[b : b + 1, :, o : o + m], self._rv[b : b + 1, :, o : o + m]
+
+    def set_row_choice(self, b: int, rotation, feedback, clip: bool) -> None:
+        """Row mode: row ``b`` packs its keys as ``k @ rotation`` (None: as
+        they are), rounds them with the key-feedback triangle ``feedback``
+        (None: without) and packs its value groups over clipped ranges if
+        ``clip``: the choices the row makes alone, at its first pack, so
+        only before it packs (the other rows keep theirs). From the first
+        call on, no row takes the store-wide choices."""
+        if self._np is None:
+            raise RuntimeError("PackedStore.set_row_choice: the store is not in row mode (start_rows)")
+        if self._np[b]:
+            raise RuntimeError(f"PackedStore.set_row_choice: row {b} has packed slots already, with its choices")
+        if self._choices is None:
+            self._choices = [None] * self.batch
+        if rotation is not None:
+            self.rotation = rotation  # one matrix (key_rotation's) for every rotated row
+        self._choices[b] = (rotation is not None, feedback, bool(clip))
+        self._rot_mask = None
+
+    def row_choice(self, b: int) -> tuple[bool, torch.Tensor | None, bool]:
+        """``(rotated, feedback triangle or None, clipped)``: how row ``b``'s
+        slots are packed (its own choices in row mode, else the store's)."""
+        if self._choices is None:
+            return self.rotation is not None, self.feedback, self.value_clip
+        return self._choices[b] or (False, None, False)
+
+    def _row_choice(self, b: int):
+        """``(rotation, feedback weights, clip)`` row ``b`` packs with, for :meth:`_pack`."""
+        rotated, tri, clip = self.row_choice(b)
+        return self.rotation if rotated else None, None if tri is None else expand(tri, int(self._rk.shape[-1])), clip
 
     def take_sinks(self, pad=None) -> None:
         """Move the first ``sinks`` slots of every head to the front of the
@@ -481,20 +542,23 @@ class PackedStore(LayerStore):
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots (whole groups) after the packed ones."""
         self._reserve(self.n_packed + m)
-        self._pack(slice(None), 0, self.n_packed, m, self._feedback_weights())
+        self._pack(slice(None), 0, self.n_packed, m, self.rotation, self._feedback_weights(), self.value_clip)
         self.n_packed += m
 
-    def _pack(self, rows: slice, s: int, p0: int, m: int, feedback) -> None:
+    def _pack(self, rows: slice, s: int, p0: int, m: int, rotation, feedback, clip: bool) -> None:
         """Pack residual slots ``s .. s + m`` (after the sink block) of batch
         rows ``rows`` into packed slots ``p0 .. p0 + m`` (whole groups, room
-        reserved), with ``feedback`` (:meth:`_feedback_weights`)."""
+        reserved): keys as ``k @ rotation`` (None: as they are), rounded with
+        ``feedback`` (:meth:`_feedback_weights`), value groups over clipped
+        ranges if ``clip``."""
         G, o = self.group, self._r0 + s
-        ops.pack_keys(self._codes_keys(self._rk[rows, :, o : o + m]), self.bits, G,
+        keys = self._rk[rows, :, o : o + m]
+        ops.pack_keys(keys if rotation is None else rotate(keys, rotation, torch.float32), self.bits, G,
                       codes=self._kc[rows, :, p0 : p0 + m], mins=self._kmin[rows, :, p0 // G : (p0 + m) // G],
                       scales=self._ksc[rows, :, p0 // G : (p0 + m) // G], feedback=feedback)
         ops.pack_values(self._rv[rows, :, o : o + m], self.value_bits, G, codes=self._vc[rows, :, p0 : p0 + m],
                         mins=self._vmin[rows, :, p0 : p0 + m], scales=self._vsc[rows, :, p0 : p0 + m],
-                        clip=self.value_clip)
+                        clip=clip)
 
     def _feedback_weights(self):
         """``[H, D, D]`` float32 weights for ``ops.pack_keys`` (None without feedback)."""
@@ -510,7 +574,35 @@ class PackedStore(LayerStore):
         codes unpack in float32 and rotate back)."""
         if self.rotation is None:
             return ops.unpack_keys(codes, mins, scales, bits, self.group, dtype=dtype)
-        return unrotate(ops.unpack_keys(codes, mins, scales, bits, self.group), self.rotation, dtype)
+        keys = ops.unpack_keys(codes, mins, scales, bits, self.group)
+        mask = self._rotated_rows(keys.device)
+        if mask is None:
+            return unrotate(keys, self.rotation, dtype)
+        return torch.where(mask, unrotate(keys, self.rotation, dtype), keys.to(dtype))
+
+    def _rotated_rows(self, device):
+        """Row mode with per-row choices: a ``[B, 1, 1, 1]`` bool mask of the
+        rows whose keys are packed rotated; None when the store's rotation
+        serves every row."""
+        if self._choices is None:
+            return None
+        if self._rot_mask is None or self._rot_mask.device != torch.device(device):
+            flags = [c is not None and c[0] for c in self._choices]
+            self._rot_mask = torch.tensor(flags, device=device)[:, None, None, None]
+        return self._rot_mask
+
+    def _packed_query(self, query):
+        """``(query, rotated)``: the queries the packed part is read with,
+        ``q @ rotation`` on the rows whose keys are packed rotated, and
+        whether any row's are (the residual, kept as it came, is then read
+        with ``query`` as it is)."""
+        if self.rotation is None or not self.packed_any():
+            return query, False
+        if self._choices is None:
+            return rotate(query, self.rotation), True
+        if not any(c is not None and c[0] for c in self._choices):
+            return query, False
+        return torch.where(self._rotated_rows(query.device), rotate(query, self.rotation), query), True
 
     def _drop_oldest(self, m: int) -> None:
         """Remove the ``m`` oldest residual slots (just packed); a sink block
@@ -604,6 +696,8 @@ class PackedStore(LayerStore):
             host = idx.tolist()
             self._np, self._rs, self._pads = ([x[i] for i in host] for x in (self._np, self._rs, self._pads))
             self._row_args = None
+            if self._choices is not None:
+                self._choices, self._rot_mask = [self._choices[i] for i in host], None
         if self._cols is not None:
             self._cols = {name: t.index_select(0, idx) for name, t in self._cols.items()}
 
@@ -702,8 +796,7 @@ class PackedStore(LayerStore):
         offsets, lengths, hidden, starts = self._row_args[1:]
         flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in (self._kc, self._kmin, self._ksc, self._vc,
                                                                    self._vmin, self._vsc)]
-        rotated = self.rotation is not None and self.n_packed
-        pq = rotate(query, self.rotation) if rotated else query
+        pq, rotated = self._packed_query(query)
         widths = dict(bits=self.bits, group=self.group, value_bits=self.value_bits, scaling=scaling)
         if self._rows_one_call(query):
             # the block, if any, is the residual's front, read with the query as it is, as the residual is
