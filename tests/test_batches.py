@@ -146,6 +146,23 @@ def test_kivi_rows_choose_what_they_choose_alone(tiny_model, kw, padded):
     assert rotated and clipped  # both choices were taken somewhere, so the rows' flags were read
 
 
+def test_kivi_rows_choose_apart_through_beam_search(tiny_model):
+    """Beam search reorders and repeats rows (``reorder_cache``): each
+    beam carries its row's choices, held queries and query moment, so a
+    left-padded batch's rows, one of which chooses while decoding (a
+    residual of 48 slots), beam-search what they beam-search alone under
+    the 2-bit recipe."""
+    kw = dict(bits=2, group=8, residual=48, rotate="auto", sinks=4, feedback=True, clip_values="auto")
+    rows = [random_ids(90, 41), random_ids(40, 42)]
+    ids, mask = left_pad(rows)
+    out, cache = _gen(tiny_model, kvc.KIVI(**kw), ids, mask, n=30, num_beams=2, num_return_sequences=2)
+    for i, row in enumerate(rows):
+        alone, _ = _gen(tiny_model, kvc.KIVI(**kw), row[None], torch.ones(1, len(row), dtype=torch.long), n=30,
+                        num_beams=2, num_return_sequences=2)
+        assert torch.equal(out[2 * i : 2 * i + 2, -30:], alone[:, -30:]), i
+    assert all(None not in layer._row_choices for layer in cache.layers)
+
+
 @pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])
 def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_model, name):
     ids = random_ids(40, 8)[None]
