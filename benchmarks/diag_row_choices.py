@@ -1,17 +1,20 @@
 """Do batch rows generate what they generate alone when a KIVI layer makes
 once-only choices (``rotate="auto"``, ``clip_values="auto"``,
-``feedback=True``)?
+``feedback=True``), or slides (``--sliding``)?
 
 On the tiny random test Llama (``tests/conftest.py``'s, built here from its
-config: no download), for each method, each batch shape (left-padded rows of
-different lengths, and rows of one length) and each seed, the script
-generates greedily from the batch and from every row alone, and counts the
-rows whose tokens are the same. Run it on two builds to compare them (the
-other build on ``PYTHONPATH``, with its own compiled extension)::
+config: no download), or with ``--sliding`` a tiny Mistral of the same size
+whose every layer slides over 64 tokens (``tests/test_batches.py``'s), for
+each method, each batch shape (left-padded rows of different lengths, and
+rows of one length) and each seed, the script generates greedily from the
+batch and from every row alone, and counts the rows whose tokens are the
+same. Run it on two builds to compare them (the other build on
+``PYTHONPATH``, with its own compiled extension)::
 
     python benchmarks/diag_row_choices.py
+    python benchmarks/diag_row_choices.py --sliding
     git worktree add /tmp/base19 78dffbe && (cd /tmp/base19 && python setup.py build_ext --inplace)
-    PYTHONPATH=/tmp/base19 python benchmarks/diag_row_choices.py
+    PYTHONPATH=/tmp/base19 python benchmarks/diag_row_choices.py      # and --sliding
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from kvcompress.methods import method_from_spec
 METHODS = ("kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4:feedback=true:clip_values=auto,"
            "kivi:bits=2:group=8:residual=48:rotate=auto:feedback=true:clip_values=auto")
 SHAPES = ("150/97/131", "120/120/120", "200/64/170/90")
+# --sliding: rows shorter and longer than the 64-token window, 50 tokens past every prompt
+SLIDING_METHODS = ("kivi:bits=2:group=8:residual=8,"
+                   "kivi:bits=2:group=8:residual=8:rotate=auto:feedback=true:clip_values=auto")
+SLIDING_SHAPES = ("60/37/50", "100/30/61", "45/45/20")
 
 
 def tiny_llama() -> LlamaForCausalLM:
@@ -37,6 +44,18 @@ def tiny_llama() -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(config).eval()
+
+
+def tiny_sliding_mistral():
+    """A tiny Mistral (3 layers, 2 kv heads, D = 16, float32, seed 0) whose every layer slides over 64 tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                        max_position_embeddings=1024, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    return MistralForCausalLM(cfg).eval()
 
 
 def greedy(model, ids, mask, method, n: int) -> torch.Tensor:
@@ -49,12 +68,16 @@ def greedy(model, ids, mask, method, n: int) -> torch.Tensor:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default=METHODS, help="comma-separated method specs")
-    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated row lengths, '/' between rows")
+    ap.add_argument("--sliding", action="store_true", help="the tiny sliding-window Mistral and its defaults")
+    ap.add_argument("--methods", default=None, help="comma-separated method specs")
+    ap.add_argument("--shapes", default=None, help="comma-separated row lengths, '/' between rows")
     ap.add_argument("--seeds", type=int, default=3, help="prompt seeds per shape")
-    ap.add_argument("--new-tokens", type=int, default=40, help="greedy tokens per generation")
+    ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generation (40; --sliding: 50)")
     args = ap.parse_args(argv)
-    model = tiny_llama()
+    args.methods = args.methods or (SLIDING_METHODS if args.sliding else METHODS)
+    args.shapes = args.shapes or ",".join(SLIDING_SHAPES if args.sliding else SHAPES)
+    args.new_tokens = args.new_tokens or (50 if args.sliding else 40)
+    model = tiny_sliding_mistral() if args.sliding else tiny_llama()
     total = {}
     cases = [(spec, shape, seed) for spec in args.methods.split(",") for shape in args.shapes.split(",")
              for seed in range(args.seeds)]

@@ -80,7 +80,7 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
         off = p->offsets[i * p->offsets_stride];
         t0 = off / p->group;
         h->n = p->lengths[i * p->lengths_stride];
-        h->s0 = 0;
+        h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     } else {
         h->n = kc->shape[2];
         h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
@@ -895,6 +895,15 @@ enum kvc_status kvc_packed_attention(const struct kvc_packed_attention_params *p
             const int64_t lo = p->res_hidden[i * p->res_hidden_stride];
             const int64_t hi = p->res_hidden[i * p->res_hidden_stride + p->res_hidden_col];
             if (lo < 0 || lo > hi || hi > r) return KVC_ERR_INVALID;
+        }
+    }
+    if (p->kv_start != NULL && p->layout == KVC_KV_RAGGED) {
+        /* a masked prefix past a head's slots would start its tiles past them */
+        const int64_t B = p->q.shape[0], r = p->res_k.shape[2];
+        int64_t i;
+        for (i = 0; i < B * p->num_kv_heads; i++) {
+            const int64_t s0 = p->kv_start[(i / p->num_kv_heads) * p->kv_start_stride];
+            if (s0 < 0 || s0 > p->lengths[i * p->lengths_stride] + r) return KVC_ERR_INVALID;
         }
     }
     if (p->scratch == NULL || p->scratch_bytes < kvc_packed_attention_scratch_bytes(p))

@@ -162,7 +162,9 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
     PyObject *ret = NULL;
     memset(&p, 0, sizeof p);
     if (kvc_py_check_nargs("packed_attention", nargs, A_N) < 0) return NULL;
-    ragged = kvc_py_ragged_layout(st, args[A_OFF], args[A_LEN], args[A_START]);
+    /* kv_start is taken in both layouts here (a ragged head's leading packed
+     * slots: row mode's sliding windows), so it is not passed to the check */
+    ragged = kvc_py_ragged_layout(st, args[A_OFF], args[A_LEN], Py_None);
     if (ragged < 0) return NULL;
     if (kvc_py_call_parse(st, "packed_attention", ragged ? packed_ragged_spec : packed_uniform_spec, A_N,
                           args, nargs, &c) < 0)
@@ -182,7 +184,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
         }
     }
     G = c.i[A_GROUP];
-    if (!ragged && args[A_START] != Py_None &&
+    if (args[A_START] != Py_None &&
         kvc_py_arg_import(st, args[A_START], "kv_start", 1, "[B]", DT_I64, 0, &c.a[A_START]) < 0)
         goto done;
     B = c.a[A_Q].view.shape[0];
@@ -214,7 +216,7 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
           kvc_py_check_count_rows(st, "residual_counts", &c.a[A_RC].view, NULL, 0) < 0)))
         goto done;
     r = c.a[A_RK].view.shape[2];
-    if (c.a[A_START].t) {
+    if (c.a[A_START].t && !ragged) {
         const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_START]);
         const int64_t limit = c.a[A_KC].view.shape[2] + r;
         int64_t b;
@@ -258,6 +260,27 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
         /* offsets on group boundaries, so key groups never straddle heads */
         if (kvc_py_check_segments(st, hoff, hlen, Hkv, c.a[A_KC].view.shape[0], "key_codes", 0, G) < 0)
             goto done;
+        if (c.a[A_START].t) {
+            /* a ragged head's masked prefix: at most its own n_h + r slots */
+            const struct kvc_view *hs = kvc_py_arg_host(st, &c.a[A_START]);
+            int64_t i;
+            if (hs == NULL) goto done;
+            if (hs->shape[0] != B) {
+                kvc_py_raise(st->ValueError, "kv_start: %lld entries, expected B = %lld", (long long)hs->shape[0],
+                             (long long)B);
+                goto done;
+            }
+            for (i = 0; i < B * Hkv; i++) {
+                const int64_t v = kvc_py_i64_at(hs, i / Hkv), limit = kvc_py_i64_at(hlen, i) + r;
+                if (v < 0 || v > limit) {
+                    kvc_py_raise(st->ValueError,
+                                 "kv_start: value %lld at batch %lld is outside [0, n_h + r] = [0, %lld] of head "
+                                 "%lld",
+                                 (long long)v, (long long)(i / Hkv), (long long)limit, (long long)(i % Hkv));
+                    goto done;
+                }
+            }
+        }
     }
 
     p.q = c.a[A_Q].view;

@@ -795,15 +795,15 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
     def _rows_apart(self) -> bool:
         """Whether this uniform layer's packed store packs each row of a
         left-padded batch on its own schedule (``PackedStore.rows_apart``),
-        so that a row's key groups and pack steps are those it has alone: on
-        a full-attention layer that packs while decoding and is never
-        re-compressed, with no cross-layer method or sparse reader. There
+        so that a row's key groups and pack steps (and on a sliding-window
+        layer, the groups it drops) are those it has alone: on a layer that
+        packs while decoding and is never re-compressed, with no
+        cross-layer method or sparse reader. There
         each row also makes the layer's once-only choices (``rotate``,
         ``clip_values``, ``feedback``) itself, at its own first pack
         (``_choose_rows``), in a padded batch or not."""
         m = self.method
-        return bool(self.window is None and not self._rebudget and not m.mixed_precision and m.depth is None
-                    and m.sparse is None)
+        return bool(not self._rebudget and not m.mixed_precision and m.depth is None and m.sparse is None)
 
     def _settle(self, queries, scaling: float) -> None:
         """Pack the packed store's whole residual groups (``settle``); a

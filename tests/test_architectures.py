@@ -460,7 +460,11 @@ def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, fami
             continue
         assert s.sinks == s.n_sinks == 0, (family, s)
         sliding += 1
-        assert s.n_packed > 0 and s.n_packed % G == 0 and R <= s.r < R + G, (family, s)
+        # per row (a batch whose rows pack apart, row mode, holds each row's own counts)
+        rows = range(s.batch)
+        held = s._np or [s.n_packed] * s.batch
+        full = [s.r - x for x in s._rs] if s._np is not None else [s.r] * s.batch
+        assert all(p > 0 and p % G == 0 and R <= f < R + G for p, f in zip(held, full)), (family, s)
         assert s.first_position + s.n == layer.seen and s.visible_from == layer.seen - keep, (family, s)
         assert s.first_position > s.visible_from - G and s.n <= keep + G - 1, (family, s, layer.seen)
         # the packed buffers stay the window's size however long the layer runs, and the bytes held
@@ -469,11 +473,12 @@ def test_kivi_packs_sliding_windows_and_reads_them_as_the_eager_path(archs, fami
         assert cap <= WINDOW + 4 * G, (family, s, cap)
         H = cfg.num_key_value_heads
         bits = 2 if s.rotation is not None or method in ("kivi-sinks", "kivi-feedback", "kivi-clip") else 4
-        assert s.value_clip == (method == "kivi-clip"), (family, s)
-        assert (s.feedback is not None) == (method == "kivi-feedback"), (family, s)
+        assert all(s.row_choice(b)[2] == (method == "kivi-clip") for b in rows), (family, s)
+        assert all((s.row_choice(b)[1] is not None) == (method == "kivi-feedback") for b in rows), (family, s)
+        fb = sum(s.row_choice(b)[1] is not None for b in rows) if s._choices is not None else s.feedback is not None
         packed = (2 * H * cap * (D * bits // 8 * 2 + 2 * 4 * math.ceil(D / G)) + 2 * 2 * H * (cap // G) * D * 4
                   + (D * D * 4 if s.rotation is not None else 0)  # one rotation matrix, shared by the layers
-                  + (H * D * (D - 1) if s.feedback is not None else 0))  # feedback weights: bf16 triangle
+                  + H * D * (D - 1) * fb)  # feedback weights: bf16 triangles, one per row in row mode
         assert sum(t.untyped_storage().nbytes() for t in s.tensors()) == packed + 2 * 2 * H * rcap * D * 4
         assert packed + 2 * 2 * H * rcap * D * 4 < window_fp32, (family, s)
     assert sliding == len(_sliding_layers(arch.model)) > 0

@@ -195,7 +195,7 @@ def packed_ref(q, pk, rk, rv, scaling=None, kv_start=None, counts=None, dtype=to
         for hk in range(Hkv):
             i = b * Hkv + hk
             if ragged:
-                kp, vp, s0 = pk.k64[i], pk.v64[i], 0
+                kp, vp, s0 = pk.k64[i], pk.v64[i], 0 if kv_start is None else int(kv_start[b])
                 o, n = int(pk.offsets[i]), int(pk.lengths[i])
                 c = None if counts is None else counts[o:o + n]
             else:
@@ -497,6 +497,52 @@ def test_residual_hidden_matches_reference(layout, nq, n, r, dtype):
     assert not torch.equal(run(q, pk, rk, rv, bits, G, residual_hidden=rs, **kw), plain)
 
 
+@pytest.mark.parametrize("nq,r", [(1, 7), (3, 9), (1, 200)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_ragged_kv_start_masks_each_heads_leading_slots(nq, r, dtype):
+    """``kv_start`` in the ragged layout (the CPU kernel's; a row-mode
+    store's sliding window masks the oldest slots of each row's packed part
+    so): row ``b``'s heads see none of their first ``kv_start[b]`` logical
+    slots (packed, then residual), against the float64 reference; a prefix
+    inside the packed part, one past it (a head of 0 or 9 packed slots), one
+    reaching the queries, beside counts, a hidden residual stretch and split
+    blocks (300 slots), the same bits on 1 and 2 threads; zeros change no
+    bit; out of range is refused by name."""
+    B, Hq, Hkv, D, G, bits = 2, 6, 2, 32, 8, 4
+    rk, rv = randn((B, Hkv, r, D), dtype, 8, scale=1.5), randn((B, Hkv, r, D), dtype, 9)
+    q = queries(B, Hq, nq, D, dtype, seed=3)
+    pk = pack_ragged([40, 0, 300, 9], D, bits, G, seed=2)
+    counts = torch.from_numpy(np.random.default_rng(1).integers(1, 9, size=pk.N)).float()
+    for ks in ([5, 3], [r // 2 + 1, 9 + r // 2], [r - nq, 9 + r - nq], [0, 9]):
+        kv_start = torch.tensor(ks, dtype=torch.int64)
+        for kw in ({}, {"counts": counts}):
+            got = run(q, pk, rk, rv, bits, G, kv_start=kv_start, **kw)
+            check(got, q, pk, rk, rv, f"q={nq} r={r} {dtype} {ks} {sorted(kw)}", kv_start=kv_start, **kw)
+            ops.set_num_threads(1 if ops.get_num_threads() > 1 else 2)
+            assert torch.equal(run(q, pk, rk, rv, bits, G, kv_start=kv_start, **kw), got)
+        hidden = torch.tensor([[0, 2], [0, 0], [1, r - nq], [0, 0]], dtype=torch.int64)
+        got = run(q, pk, rk, rv, bits, G, kv_start=kv_start, residual_hidden=hidden)
+        check(got, q, pk, rk, rv, f"q={nq} r={r} {dtype} {ks} hidden", kv_start=kv_start, res_hidden=hidden)
+    plain = run(q, pk, rk, rv, bits, G)
+    assert torch.equal(run(q, pk, rk, rv, bits, G, kv_start=torch.zeros(B, dtype=torch.int64)), plain)
+    assert not torch.equal(run(q, pk, rk, rv, bits, G, kv_start=torch.tensor([5, 3])), plain)
+    # row 0's second head holds no packed slot: its limit is r
+    with pytest.raises(KVCompressValueError, match=r"kv_start: value .* at batch 0 is outside \[0, n_h \+ r\]"):
+        run(q, pk, rk, rv, bits, G, kv_start=torch.tensor([r + 1, 0]))
+    with pytest.raises(KVCompressValueError, match="kv_start: 1 entries, expected B = 2"):
+        run(q, pk, rk, rv, bits, G, kv_start=torch.tensor([0]))
+
+
+def test_ragged_kv_start_refused_off_the_cpu():
+    """Only the CPU kernel masks a ragged head's prefix: other devices are
+    refused by name before anything runs (a meta tensor stands in for a
+    GPU one); the uniform layout's kv_start is everyone's."""
+    pk = pack_ragged([16, 8], 32, 4, 8, seed=2)
+    q, rk = queries(1, 2, 1, 32, torch.float32, seed=3).to("meta"), torch.zeros(1, 2, 2, 32, device="meta")
+    with pytest.raises(NotImplementedError, match="kv_start"):
+        run(q, pk, rk, rk, 4, 8, kv_start=torch.tensor([1]))
+
+
 # ---------------------------------------------------------------- threads, strides, frameworks
 
 
@@ -724,7 +770,11 @@ def test_bad_uniform_inputs(mutate, exc, match):
         (lambda a: a.update(lengths=torch.tensor([10, 4, -1, 8])), KVCompressValueError, "lengths"),
         (lambda a: a.update(lengths=None), KVCompressValueError, "lengths"),
         (lambda a: a.update(offsets=torch.tensor([0.0, 12, 16, 16])), KVCompressTypeError, "offsets"),
-        (lambda a: a.update(kv_start=torch.tensor([0, 0])), KVCompressValueError, "kv_start"),
+        # (a ragged layout takes kv_start since row mode's sliding windows: within each head's n_h + r)
+        (lambda a: a.update(kv_start=torch.tensor([0, 1000])), KVCompressValueError,
+         "kv_start: value 1000 at batch 1 is outside"),
+        (lambda a: a.update(kv_start=torch.tensor([0, -1])), KVCompressValueError, "kv_start: value -1"),
+        (lambda a: a.update(kv_start=torch.tensor([0.0, 0.0])), KVCompressTypeError, "kv_start"),
         (lambda a: a.update(key_mins=a["key_mins"][:5], key_scales=a["key_scales"][:5]),
          KVCompressValueError, "key_mins.*token groups"),
         (lambda a: a.update(value_mins=a["value_mins"][:23]), KVCompressValueError, "value_mins"),

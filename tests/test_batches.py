@@ -163,6 +163,41 @@ def test_kivi_rows_choose_apart_through_beam_search(tiny_model):
     assert all(None not in layer._row_choices for layer in cache.layers)
 
 
+@pytest.fixture(scope="module")
+def tiny_sliding():
+    """A randomly initialised 3-layer Mistral whose every layer slides over 64 tokens (eager attention)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                        max_position_embeddings=1024, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    return MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("kw", [dict(bits=2, group=8, residual=8),
+                                dict(bits=2, group=8, residual=8, rotate="auto", feedback=True,
+                                     clip_values="auto")], ids=["kivi2", "recipe"])
+def test_sliding_kivi_rows_generate_what_they_generate_alone(tiny_sliding, kw):
+    """A packed sliding-window layer packs each row of a left-padded batch
+    on its own schedule too: a row shorter than the window starts its key
+    groups at its first real token (not at the window's first slot), and
+    drops its own groups as the window passes them, so over 50 tokens (the
+    window passes every prompt) each row generates what it generates alone
+    and holds as many packed slots (before: 10 of these 18 rows differed)."""
+    for lengths in ([60, 37, 50], [100, 30, 61], [45, 45, 20]):
+        rows = [random_ids(n, 60 + n) for n in lengths]
+        ids, mask = left_pad(rows)
+        out, cache = _gen(tiny_sliding, kvc.KIVI(**kw), ids, mask, n=50)
+        for i, row in enumerate(rows):
+            alone, solo = _gen(tiny_sliding, kvc.KIVI(**kw), row[None], torch.ones(1, len(row), dtype=torch.long),
+                               n=50)
+            assert torch.equal(out[i, -50:], alone[0, -50:]), (lengths, i)
+            for layer, one in zip(cache.layers, solo.layers):
+                assert layer.window is not None and layer.store._np[i] == one.store.n_packed > 0, (i, layer.store)
+
+
 @pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])
 def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_model, name):
     ids = random_ids(40, 8)[None]

@@ -435,6 +435,87 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
         feed(n)
 
 
+@pytest.mark.parametrize("one_call", [True, False], ids=["one call", "eager"])
+@pytest.mark.parametrize("seed", range(12))
+def test_sliding_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monkeypatch):
+    """Row mode on a sliding-window layer: each row of a left-padded batch
+    starts its key groups at its first real token and drops its own groups
+    once the window has passed them (``drop_unseen``), so after every step
+    it holds bit for bit what a store of that row alone holds, fed only its
+    tokens, and a decode step (one kernel call, the window's oldest slots
+    masked per row by the ragged layout's ``kv_start``) or a chunk (the
+    eager path) reads the same attention within float rounding, through
+    beam reorders, with each row's own choices where drawn. Where the
+    kernel takes no ragged ``kv_start`` (CUDA) a decode step takes the
+    eager path too."""
+    import kvcompress.stores.packed as packed_store
+
+    if not one_call:
+        monkeypatch.setattr(packed_store, "one_call", lambda query: False)
+    rng, g, batch, solos, pads, dims, T, choices = _rows_case(seed)
+    G, R = batch.group, batch.residual
+    for st in [batch, *solos]:
+        st.sinks = 0  # sliding layers keep none
+    keep = R + G + 1 + rng.randrange(0, 3 * G)  # _packs_window: more than the residual and a group
+    window = keep + 1
+    spec = AttentionSpec(scaling=dims["D"] ** -0.5, window=window)
+    tol = _tol(dims["dtype"])
+    first = list(pads)  # each row's first real token position (its solo store's position 0)
+    start = list(pads)  # the layer's kv_start: the padding still in the logical order
+
+    def feed(q, initial=False):
+        nonlocal T
+        k, v = _rows_tokens(g, dims, q)
+        batch.append(k, v, T - q)
+        for b, st in enumerate(solos):
+            p = start[b] if initial else 0
+            st.append(k[b : b + 1, :, p:], v[b : b + 1, :, p:], T - q - first[b] + p)
+        query = torch.randn(dims["B"], dims["Hq"], q, dims["D"], generator=g).to(dims["dtype"])
+        if q <= min(T - f for f in first):
+            pos = torch.arange(T - q, T)[None].expand(dims["B"], q)
+            out = batch.attend(query, spec, kv_start=torch.tensor(start), query_pos=pos).double()
+            for b, st in enumerate(solos):
+                alone = st.attend(query[b : b + 1], spec, query_pos=pos[b : b + 1] - first[b]).double()
+                assert (out[b : b + 1] - alone).abs().max().item() <= tol * (1 + alone.abs().max().item()), b
+        if choices is not None:
+            batch.take_sinks(pad=start)
+            if batch.start_rows(start, unpadded=True):
+                for b, due in enumerate(batch.row_dues()):
+                    if due and (batch._choices is None or batch._choices[b] is None):
+                        batch.set_row_choice(b, *choices[b])
+        batch.settle(pad=start)
+        batch.visible_from = T - keep
+        d = batch.drop_unseen(T - keep)
+        start[:] = [max(0, s - d) for s in start]
+        for b, st in enumerate(solos):
+            st.settle()
+            st.visible_from = T - keep - first[b]
+            st.drop_unseen(T - keep - first[b])
+        k_all, v_all = batch.dequantized()
+        packed = batch._np or [batch.n_packed] * dims["B"]
+        for b, st in enumerate(solos):
+            assert packed[b] == st.n_packed, (b, batch, st)
+            ks, vs = st.dequantized()
+            n = int(ks.shape[2])
+            assert torch.equal(k_all[b, :, batch.n - n :], ks[0]) and torch.equal(v_all[b, :, batch.n - n :], vs[0]), b
+
+    T = T if T > max(pads) else max(pads) + 1
+    feed(T, initial=True)
+    for _ in range(rng.randrange(30, 70)):
+        op = rng.random()
+        if op < 0.08:
+            idx = [rng.randrange(dims["B"]) for _ in range(dims["B"])]
+            batch.index_batch(torch.tensor(idx))
+            solos[:] = [copy.deepcopy(solos[i]) for i in idx]
+            for lst in (first, start, pads) + ((choices,) if choices is not None else ()):
+                lst[:] = [lst[i] for i in idx]
+            continue
+        n = 1 if op < 0.85 else rng.randrange(2, 6)
+        T += n
+        feed(n)
+    assert batch._np is not None or not batch.n_packed  # row mode, once anything packed
+
+
 def test_row_choices_are_refused_outside_row_mode_and_after_a_rows_pack():
     """``set_row_choice`` names what is wrong: a store not in row mode (no
     batch has come to its first pack yet), or a row that has packed

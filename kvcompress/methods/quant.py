@@ -185,13 +185,14 @@ class KIVI(KeepsEveryToken):
       more bytes and about 2 ms per layer and round (RESULTS, "Keeping the
       packed rows through a round", "A cheaper ``keep_rows`` round").
 
-    * in a batch (``rows_apart``: a full-attention layer that is not
-      re-compressed while decoding), each row packs on its own schedule,
-      from its first real token, and makes the once-only choices above
-      (``rotate`` and ``clip_values`` ``"auto"``, ``feedback=True``'s
-      weights) itself, at its own first pack, from its own queries and
-      keys: it packs, and generates, what it does alone. Behind a per-head
-      evictor and on sliding-window layers the choices are the batch's.
+    * in a batch (``rows_apart``: a layer that is not re-compressed while
+      decoding, sliding-window layers included), each row packs on its own
+      schedule, from its first real token (and a sliding layer drops its
+      own groups as its window passes them), and makes the once-only
+      choices above (``rotate`` and ``clip_values`` ``"auto"``,
+      ``feedback=True``'s weights) itself, at its own first pack, from its
+      own queries and keys: it packs, and generates, what it does alone.
+      Behind a per-head evictor the choices are the batch's.
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
     ``2 * 4 * D / group`` for the key mins/scales, ``2 * 4 * ceil(D /

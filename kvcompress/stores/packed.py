@@ -378,7 +378,7 @@ class PackedStore(LayerStore):
         return bool(self.rows_apart and padded and self.pack_decoded
                     and self._rk is not None and not self.n_packed and (self._r0 or not self.sinks)
                     and self._hi is None
-                    and self._cols is None and self.visible_from is None and self.pending() > 0)
+                    and self._cols is None and self.pending() > 0)
 
     def _settle_rows(self) -> None:
         """Row mode's settle: each row packs the whole groups of its own
@@ -634,6 +634,8 @@ class PackedStore(LayerStore):
         The packed part moves to the front of its buffers: at most a window's
         worth of packed bytes, once per ``group`` decoded tokens."""
         G = self.group
+        if self._np is not None:
+            return self._drop_unseen_rows(first_visible)
         m = min(self.n_packed, max(0, first_visible - self.first_position) // G * G)
         if m <= 0 or not self.pack_decoded:
             return 0
@@ -646,6 +648,35 @@ class PackedStore(LayerStore):
         self.n_packed -= m
         self.first_position += m
         return m
+
+    def _drop_unseen_rows(self, first_visible: int) -> int:
+        """Row mode's :meth:`drop_unseen`: each row forgets its own packed
+        groups that lie wholly before ``first_visible`` (its groups start at
+        its first real token, ``_pads[b]`` logical slots in), so it keeps the
+        groups it keeps alone; the slots a row drops become masked slots in
+        front of its packed part (``_pads``), and the logical prefix every
+        row has dropped or padded leaves the store (returned, as the layer's
+        ``kv_start`` moves by it)."""
+        G, u = self.group, first_visible - self.first_position
+        drops = [min(n, max(0, u - p) // G * G) for n, p in zip(self._np, self._pads)]
+        for b, m in enumerate(drops):
+            if not m:
+                continue
+            n, t = self._np[b], self._np[b] // G
+            for name, lo, hi in (("_kc", m, n), ("_vc", m, n), ("_vmin", m, n), ("_vsc", m, n),
+                                 ("_kmin", m // G, t), ("_ksc", m // G, t)):
+                buf = getattr(self, name)
+                # the source overlaps the destination: copy through a temporary
+                buf[b, :, : hi - lo] = buf[b, :, lo:hi].clone()
+            self._np[b] -= m
+            self._pads[b] += m
+        if any(drops):
+            self.n_packed, self._row_args = max(self._np), None
+        d = min(self._pads)
+        if d > 0:
+            self._pads = [p - d for p in self._pads]
+            self.first_position += d
+        return d
 
     def _reserve(self, need: int) -> None:
         """Packed buffers for ``need`` slots (grown by an eighth, group-aligned)."""
@@ -772,7 +803,7 @@ class PackedStore(LayerStore):
         (``residual_hidden``), unless a row's sink block holds padding."""
         return one_call(query) and (not self._r0 or self._sinks_whole)
 
-    def _attend_rows(self, query, scaling: float, kv_start=None):
+    def _attend_rows(self, query, scaling: float, kv_start=None, first_visible=None):
         """Row mode's kernel path: every row's packed slots in the per-head
         layout over the uniform buffers (head ``(b, h)`` at offset ``(b H +
         h) cap``, its row's length), then the residual buffers with each
@@ -782,7 +813,11 @@ class PackedStore(LayerStore):
         sink block holds padding, the residual is a second call masked by
         ``kv_start`` and the block a third (:meth:`split_start`), joined by
         log-sum-exp. The layer's ``kv_start`` (the padding, logical order)
-        is read only for such a block: no other padded slot is stored."""
+        is read only for such a block: no other padded slot is stored.
+        ``first_visible`` (token positions ``[B]`` or an int; a sliding
+        window's decode step, CPU only): each row's slots before it are
+        masked, a prefix of its packed part past its own ``_pads``
+        (``kv_start`` of the ragged layout)."""
         B, H, o = self.batch, self.heads, self._r0
         if self._kc is None:
             self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
@@ -802,7 +837,8 @@ class PackedStore(LayerStore):
             # the block, if any, is the residual's front, read with the query as it is, as the residual is
             return ops.packed_attention(pq, *flat, self._rk[:, :, : o + self.r], self._rv[:, :, : o + self.r],
                                         offsets=offsets, lengths=lengths, residual_hidden=hidden,
-                                        residual_query=query if rotated else None, **widths)
+                                        residual_query=query if rotated else None,
+                                        kv_start=self._row_leading(first_visible), **widths)
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         empty = tuple(t[:, :, :0] for t in self._packed_views())
         parts = [ops.packed_attention(query, *empty, rk, rv, kv_start=starts, return_lse=True, **widths)]
@@ -814,12 +850,37 @@ class PackedStore(LayerStore):
             parts.append(self._attend_sinks(query, scaling, self.split_start(kv_start)[0]))
         return join_parts(parts, query.dtype)
 
+    def _row_leading(self, first_visible):
+        """Row mode: ``kv_start`` ``[B]`` for the one kernel call (ragged
+        layout: packed part, then every residual row) that masks each row's
+        slots before token position ``first_visible`` (an int or ``[B]``;
+        None: none). A row's padding is not stored, so only what lies past
+        its ``_pads`` is masked; past its packed part, the hidden residual
+        rows count too."""
+        if first_visible is None:
+            return None
+        fv = torch.as_tensor(first_visible, dtype=torch.int64).reshape(-1).expand(self.batch).tolist()
+        out = []
+        for b, f in enumerate(fv):
+            s = max(0, f - self.first_position - self._pads[b])
+            out.append(s if s <= self._np[b] else min(s + self._rs[b], self._np[b] + self._r0 + self.r))
+        return torch.tensor(out, dtype=torch.int64) if any(out) else None
+
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
         # (a sink block read by a call of its own would be masked causally for a chunk)
-        if (self._np is not None and spec.plain and spec.window is None and kernel_reads(query, self._rk)
-                and q <= min(self.r - s for s in self._rs) and (q == 1 or not self._r0 or self._rows_one_call(query))):
-            return self._attend_rows(query, spec.scaling, kv_start)
+        if (self._np is not None and spec.plain and kernel_reads(query, self._rk)
+                and q <= min(self.r - s for s in self._rs)):
+            if spec.window is None and self.visible_from is None and (
+                    q == 1 or not self._r0 or self._rows_one_call(query)):
+                return self._attend_rows(query, spec.scaling, kv_start)
+            if q == 1 and query_pos is not None and not self._r0 and one_call(query):
+                # a sliding window's decode step: what neither the window nor the layer lets it see is masked
+                first = query_pos[:, 0].to(torch.int64).cpu()
+                first = first - (spec.window - 1) if spec.window is not None else torch.zeros_like(first)
+                if self.visible_from is not None:
+                    first = first.clamp(min=self.visible_from)
+                return self._attend_rows(query, spec.scaling, kv_start, first_visible=first)
         # a sliding window reaches the kernel for one query at a time: the
         # slots it no longer sees are all leading ones, masked like padding
         windowed = spec.window is not None
