@@ -801,9 +801,15 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         cross-layer method or sparse reader. There
         each row also makes the layer's once-only choices (``rotate``,
         ``clip_values``, ``feedback``) itself, at its own first pack
-        (``_choose_rows``), in a padded batch or not."""
+        (``_choose_rows``), in a padded batch or not. A sliding layer only
+        on the CPU, whose kernel masks each row's window in one call (the
+        CUDA kernels take no ``kv_start`` in the ragged layout: there a
+        decode step would read a dequantized copy instead)."""
         m = self.method
-        return bool(not self._rebudget and not m.mixed_precision and m.depth is None and m.sparse is None)
+        dev = getattr(self, "device", None)
+        sliding_ok = self.window is None or dev is None or torch.device(dev).type == "cpu"
+        return bool(sliding_ok and not self._rebudget and not m.mixed_precision and m.depth is None
+                    and m.sparse is None)
 
     def _settle(self, queries, scaling: float) -> None:
         """Pack the packed store's whole residual groups (``settle``); a

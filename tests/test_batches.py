@@ -198,6 +198,22 @@ def test_sliding_kivi_rows_generate_what_they_generate_alone(tiny_sliding, kw):
                 assert layer.window is not None and layer.store._np[i] == one.store.n_packed > 0, (i, layer.store)
 
 
+def test_sliding_layers_pack_rows_apart_on_the_cpu_only(tiny_sliding):
+    """Off the CPU (the CUDA kernels take no per-row window mask, the ragged
+    layout's ``kv_start``) a sliding layer keeps one schedule for the
+    batch, so that its decode steps stay on the kernel; full-attention
+    layers pack rows apart everywhere."""
+    rows = [random_ids(40, 1), random_ids(25, 2)]
+    ids, mask = left_pad(rows)
+    _, cache = _gen(tiny_sliding, kvc.KIVI(bits=2, group=8, residual=8), ids, mask, n=4)
+    layer = cache.layers[0]
+    assert layer.window is not None and layer._rows_apart() and layer.store.rows_apart
+    layer.device = torch.device("meta")  # as a GPU's
+    assert not layer._rows_apart()
+    layer.window = None
+    assert layer._rows_apart()
+
+
 @pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])
 def test_beam_search_with_budget_above_prompt_equals_plain_beam_search(tiny_model, name):
     ids = random_ids(40, 8)[None]

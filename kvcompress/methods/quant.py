@@ -186,7 +186,7 @@ class KIVI(KeepsEveryToken):
       packed rows through a round", "A cheaper ``keep_rows`` round").
 
     * in a batch (``rows_apart``: a layer that is not re-compressed while
-      decoding, sliding-window layers included), each row packs on its own
+      decoding, sliding-window layers included on the CPU), each row packs on its own
       schedule, from its first real token (and a sliding layer drops its
       own groups as its window passes them), and makes the once-only
       choices above (``rotate`` and ``clip_values`` ``"auto"``,
