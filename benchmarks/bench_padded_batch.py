@@ -1,6 +1,7 @@
-"""A left-padded batch under a uniform packed layer: each row on its own
-schedule (row mode, ``PackedStore.rows_apart``) against every row on the
-batch's shared one, paired in the same run.
+"""A left-padded batch under a uniform packed layer (full-attention and, on
+the CPU, sliding-window layers): each row on its own schedule, with its own
+once-only choices (row mode, ``PackedStore.rows_apart``), against every row
+on the batch's shared one, paired in the same run.
 
 For each mode the script generates greedily from one batch of prompts of
 different lengths (cut from the same text at different offsets, left-padded)

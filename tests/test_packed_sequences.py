@@ -347,6 +347,30 @@ def _rows_case(seed: int):
     return rng, g, make(), [make() for _ in range(B)], pads, dims, T, None
 
 
+def _take_row_choices(batch, pads, choices) -> None:
+    """As the layer does (``CompressedLayer._settle``): with per-row
+    ``choices`` drawn, each row takes its own just before its first pack."""
+    if choices is None:
+        return
+    batch.take_sinks(pad=pads)
+    if batch.start_rows(pads, unpadded=True):
+        for b, due in enumerate(batch.row_dues()):
+            if due and (batch._choices is None or batch._choices[b] is None):
+                batch.set_row_choice(b, *choices[b])
+
+
+def _random_steps(rng, B: int, count: int, p_reorder: float, step, reorder) -> None:
+    """``count`` random steps of a row-mode harness: with probability
+    ``p_reorder`` a beam reorder with repeated rows (``reorder(idx)``), else
+    a decode step (``step(1)``) or, 15% of the time, a chunk of 2-5 tokens."""
+    for _ in range(count):
+        op = rng.random()
+        if op < p_reorder:
+            reorder([rng.randrange(B) for _ in range(B)])
+        else:
+            step(1 if op < 0.85 else rng.randrange(2, 6))
+
+
 def _rows_tokens(g, dims, q):
     scale = torch.linspace(0.2, 3.0, dims["D"])
     shape = (dims["B"], dims["H"], q, dims["D"])
@@ -391,13 +415,7 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
             for b, st in enumerate(solos):
                 alone = st.attend(query[b : b + 1], spec).double()
                 assert (out[b : b + 1] - alone).abs().max().item() <= tol * (1 + alone.abs().max().item()), b
-        if choices is not None:
-            # as the layer does (CompressedLayer._settle): each row's own choices just before its first pack
-            batch.take_sinks(pad=pads)
-            if batch.start_rows(pads, unpadded=True):
-                for b, due in enumerate(batch.row_dues()):
-                    if due and (batch._choices is None or batch._choices[b] is None):
-                        batch.set_row_choice(b, *choices[b])
+        _take_row_choices(batch, pads, choices)
         batch.settle(pad=pads)
         for st in solos:
             st.settle()
@@ -419,20 +437,20 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
             ks, vs = st.dequantized()
             assert torch.equal(k_all[b, :, pads[b]:], ks[0]) and torch.equal(v_all[b, :, pads[b]:], vs[0]), b
 
-    feed(T, first=True)
-    for _ in range(rng.randrange(20, 50)):
-        op = rng.random()
-        if op < 0.1:
-            idx = [rng.randrange(dims["B"]) for _ in range(dims["B"])]
-            batch.index_batch(torch.tensor(idx))
-            solos[:] = [copy.deepcopy(solos[i]) for i in idx]
-            pads[:] = [pads[i] for i in idx]
-            if choices is not None:
-                choices[:] = [choices[i] for i in idx]
-            continue
-        n = 1 if op < 0.85 else rng.randrange(2, 6)
+    def reorder(idx):
+        batch.index_batch(torch.tensor(idx))
+        solos[:] = [copy.deepcopy(solos[i]) for i in idx]
+        pads[:] = [pads[i] for i in idx]
+        if choices is not None:
+            choices[:] = [choices[i] for i in idx]
+
+    def step(n):
+        nonlocal T
         T += n
         feed(n)
+
+    feed(T, first=True)
+    _random_steps(rng, dims["B"], rng.randrange(20, 50), 0.1, step, reorder)
 
 
 @pytest.mark.parametrize("one_call", [True, False], ids=["one call", "eager"])
@@ -477,12 +495,7 @@ def test_sliding_rows_hold_and_read_what_each_row_does_alone(seed, one_call, mon
             for b, st in enumerate(solos):
                 alone = st.attend(query[b : b + 1], spec, query_pos=pos[b : b + 1] - first[b]).double()
                 assert (out[b : b + 1] - alone).abs().max().item() <= tol * (1 + alone.abs().max().item()), b
-        if choices is not None:
-            batch.take_sinks(pad=start)
-            if batch.start_rows(start, unpadded=True):
-                for b, due in enumerate(batch.row_dues()):
-                    if due and (batch._choices is None or batch._choices[b] is None):
-                        batch.set_row_choice(b, *choices[b])
+        _take_row_choices(batch, start, choices)
         batch.settle(pad=start)
         batch.visible_from = T - keep
         d = batch.drop_unseen(T - keep)
@@ -499,20 +512,20 @@ def test_sliding_rows_hold_and_read_what_each_row_does_alone(seed, one_call, mon
             n = int(ks.shape[2])
             assert torch.equal(k_all[b, :, batch.n - n :], ks[0]) and torch.equal(v_all[b, :, batch.n - n :], vs[0]), b
 
-    T = T if T > max(pads) else max(pads) + 1
-    feed(T, initial=True)
-    for _ in range(rng.randrange(30, 70)):
-        op = rng.random()
-        if op < 0.08:
-            idx = [rng.randrange(dims["B"]) for _ in range(dims["B"])]
-            batch.index_batch(torch.tensor(idx))
-            solos[:] = [copy.deepcopy(solos[i]) for i in idx]
-            for lst in (first, start, pads) + ((choices,) if choices is not None else ()):
-                lst[:] = [lst[i] for i in idx]
-            continue
-        n = 1 if op < 0.85 else rng.randrange(2, 6)
+    def reorder(idx):
+        batch.index_batch(torch.tensor(idx))
+        solos[:] = [copy.deepcopy(solos[i]) for i in idx]
+        for lst in (first, start, pads) + ((choices,) if choices is not None else ()):
+            lst[:] = [lst[i] for i in idx]
+
+    def step(n):
+        nonlocal T
         T += n
         feed(n)
+
+    T = T if T > max(pads) else max(pads) + 1
+    feed(T, initial=True)
+    _random_steps(rng, dims["B"], rng.randrange(30, 70), 0.08, step, reorder)
     assert batch._np is not None or not batch.n_packed  # row mode, once anything packed
 
 
