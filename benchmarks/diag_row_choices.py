@@ -13,6 +13,8 @@ same. Run it on two builds to compare them (the other build on
 
     python benchmarks/diag_row_choices.py
     python benchmarks/diag_row_choices.py --sliding
+    python benchmarks/diag_row_choices.py \
+        --methods "ems:interval=0+kivi:bits=2:group=8:residual=8:rotate=auto:sinks=4:feedback=true@64"
     git worktree add /tmp/base19 78dffbe && (cd /tmp/base19 && python setup.py build_ext --inplace)
     PYTHONPATH=/tmp/base19 python benchmarks/diag_row_choices.py      # and --sliding
 """
@@ -58,6 +60,12 @@ def tiny_sliding_mistral():
     return MistralForCausalLM(cfg).eval()
 
 
+def build(spec: str):
+    """The method of ``spec``; ``SPEC@N``: at budget N (an evictor's)."""
+    spec, at, budget = spec.partition("@")
+    return method_from_spec(spec, budget=int(budget) if at else None)
+
+
 def greedy(model, ids, mask, method, n: int) -> torch.Tensor:
     """The ``n`` greedy tokens ``[B, n]`` of ``model.generate`` under ``method``."""
     with kvc.compress(model, method):
@@ -69,7 +77,7 @@ def greedy(model, ids, mask, method, n: int) -> torch.Tensor:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sliding", action="store_true", help="the tiny sliding-window Mistral and its defaults")
-    ap.add_argument("--methods", default=None, help="comma-separated method specs")
+    ap.add_argument("--methods", default=None, help="comma-separated method specs (SPEC@N: at budget N)")
     ap.add_argument("--shapes", default=None, help="comma-separated row lengths, '/' between rows")
     ap.add_argument("--seeds", type=int, default=3, help="prompt seeds per shape")
     ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generation (40; --sliding: 50)")
@@ -90,11 +98,10 @@ def main(argv=None):
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-        out = greedy(model, ids, mask, method_from_spec(spec), args.new_tokens)
+        out = greedy(model, ids, mask, build(spec), args.new_tokens)
         same = total.setdefault(spec, [0, 0])
         for i, r in enumerate(rows):
-            alone = greedy(model, r[None], torch.ones(1, len(r), dtype=torch.long), method_from_spec(spec),
-                           args.new_tokens)
+            alone = greedy(model, r[None], torch.ones(1, len(r), dtype=torch.long), build(spec), args.new_tokens)
             same[0] += bool(torch.equal(out[i], alone[0]))
             same[1] += 1
     for spec, (eq, n) in total.items():

@@ -775,6 +775,13 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
             self.store.rows_apart = self._rows_apart()
+        elif self._ragged_rows_apart():
+            # a batch that packs once (no rounds): each row chooses its rotation and weights, as alone
+            clip = self._value_clip(packing, queries, scaling, defer=True)
+            rows = self._choose_ragged_rows(packing, queries, scaling)
+            self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=False,
+                                                       sinks=self.method.fp_sinks, value_clip=clip,
+                                                       row_choices=rows)
         else:
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             clip = self._value_clip(packing, queries, scaling, defer=True)
@@ -791,6 +798,14 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if not self._rebudget:
             # nothing is re-scored once packed: per-head budgets and held queries go
             self.head_budgets = self._qbuf = None
+
+    def _ragged_rows_apart(self) -> bool:
+        """Whether this per-head layer's rows each choose their rotation and
+        key-feedback weights (``_choose_ragged_rows``): a batch of more than
+        one row that is packed once, never re-compressed (no rounds), under
+        ``rotate="auto"`` or ``feedback=True``."""
+        m = self.method
+        return bool(self.store.batch > 1 and not self._rebudget and (m.rotates_keys == "auto" or m.key_feedback))
 
     def _rows_apart(self) -> bool:
         """Whether this uniform layer's packed store packs each row of a

@@ -292,3 +292,47 @@ class PackingChoices:
             return None
         k = min(int(held.shape[2]), int(real))
         return held[b : b + 1, :, held.shape[2] - k :] if k > 0 else None
+
+    def _choose_ragged_rows(self, packing, queries, scaling) -> list:
+        """A per-head layer about to be packed once (``_ragged_rows_apart``):
+        per row ``(rotation or None, feedback triangle or None)``, what the
+        row chooses alone. Its rotation test (``rotate="auto"``) runs on its
+        own real held queries and its own heads' newest whole groups, as
+        :meth:`_slots_to_pack` gives them for the row alone (its longest
+        head sets how many); its weights come from its own query moment
+        (``_row_qmom``) in its basis. A row with no whole group to test
+        packs unrotated and, under ``"auto"``, without weights, as alone.
+        The layer's own choices are then fixed, and serve no row."""
+        method, store = self.method, self.store
+        bits, G = packing[0], packing[1]
+        B, H = store.batch, store.heads
+        rot_auto = method.rotates_keys == "auto"
+        if rot_auto:
+            self._rot_q = self._newest(self._rot_q, queries)
+        padded, _, _, counts, _, start = store.to_padded()
+        D = int(padded.shape[-1])
+        dense = padded.view(B, H, -1, D)
+        M = int(dense.shape[2])
+        counts = counts.view(B, H, -1)
+        s = float(scaling if scaling is not None else D ** -0.5)
+        rows = []
+        for b in range(B):
+            lead = start[b * H : (b + 1) * H]
+            m = (M - int(lead.min())) // G * G if H else 0  # the row's longest head, in whole groups
+            rot = key_rotation(D, padded.device) if method.rotates_keys else None
+            if rot_auto:
+                held = self._row_queries(self._rot_q, b, self.seen - (self._pad[b] if self._pad else 0))
+                first = (lead + method.fp_sinks - (M - m)).clamp(min=0)
+                if not m or held is None or not rotation_helps(held, dense[b : b + 1, :, M - m :], rot, bits, G, s,
+                                                               first, counts[b : b + 1, :, M - m :]):
+                    rot = None
+            tri = None
+            if method.key_feedback and self._row_qmom is not None and (m or not rot_auto):
+                w = self._row_qmom[b].weights(rot)
+                tri = None if w is None else compact(w)
+            rows.append((rot, tri))
+        self._row_choices = [(rot is not None, self._clip) for rot, _ in rows]  # clipping is the layer's
+        self._decide_rotation(None)
+        self._feedback, self._feedback_decided, self._qmom, self._row_qmom = None, True, None, None
+        return rows
+

@@ -163,6 +163,37 @@ def test_kivi_rows_choose_apart_through_beam_search(tiny_model):
     assert all(None not in layer._row_choices for layer in cache.layers)
 
 
+@pytest.mark.parametrize("evictor", ["ems", "adakv"])
+def test_per_head_packed_rows_choose_what_they_choose_alone(tiny_model, evictor):
+    """Behind a per-head evictor that compresses once (``interval=0``),
+    each row of a batch chooses its own rotation (``rotate="auto"``, tested
+    on its own queries and its heads' newest whole groups) and its own
+    key-feedback weights (its own query moment), so it packs and generates
+    what it does alone (before, one test and one moment served the batch):
+    the 2-bit recipe with sinks, 40 tokens."""
+    from kvcompress.stores.feedback import expand
+
+    make = lambda: REGISTRY[evictor](budget=64, interval=0) + kvc.KIVI(  # noqa: E731
+        bits=2, group=8, residual=8, rotate="auto", sinks=4, feedback=True)
+    rows = [random_ids(150, 51), random_ids(97, 52), random_ids(131, 53)]
+    ids, mask = left_pad(rows)
+    out, cache = _gen(tiny_model, make(), ids, mask, n=40)
+    rotated = 0
+    for i, row in enumerate(rows):
+        alone, solo = _gen(tiny_model, make(), row[None], torch.ones(1, len(row), dtype=torch.long), n=40)
+        assert torch.equal(out[i, -40:], alone[0, -40:]), (evictor, i)
+        for layer, one in zip(cache.layers, solo.layers):
+            s, o = layer.store, one.store
+            is_rot, tri, _ = s.row_choice(i)
+            assert is_rot == (o.rotation is not None), (i, layer.layer_idx, s, o)
+            D = int(s._rk.shape[-1])
+            assert (tri is None) == (o.feedback is None), (i, layer.layer_idx)
+            if tri is not None:
+                assert torch.allclose(expand(tri, D), expand(o.feedback, D), rtol=2**-7, atol=1e-6), i
+            rotated += is_rot
+    assert 0 < rotated < 3 * len(cache.layers)  # rows and layers chose both ways
+
+
 @pytest.fixture(scope="module")
 def tiny_sliding():
     """A randomly initialised 3-layer Mistral whose every layer slides over 64 tokens (eager attention)."""

@@ -551,6 +551,79 @@ def test_row_choices_are_refused_outside_row_mode_and_after_a_rows_pack():
     assert st.row_choice(0) == (False, None, False)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_per_head_rows_with_their_own_choices_hold_and_read_what_each_row_does_alone(seed):
+    """``RaggedPackedStore.from_ragged(row_choices=...)``: each row's heads
+    are packed with that row's rotation and feedback weights, bit for bit
+    what ``from_ragged`` of that row alone with its choice holds, also
+    after decode steps pack the residual (``_pack_oldest``, per-head weights
+    through ``feedback_index``), and each row reads the same attention
+    within float rounding (rotated rows with ``q @ R``, in one call or
+    joined), with a sink block and merge counts."""
+    import kvcompress.stores.packed as packed_store
+    from kvcompress.stores.ragged import RaggedStore
+
+    rng = random.Random(90_000 + seed)
+    g = torch.Generator().manual_seed(90_000 + seed)
+    B, H, D, G, R = 3, 2, 16, 8, rng.choice([4, 8])
+    bits, S = rng.choice([2, 4]), rng.choice([0, 2])
+    C = 60
+    keys, values = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D), torch.randn(B, H, C, D,
+                                                                                                  generator=g)
+    valid = torch.zeros(B, H, C, dtype=torch.bool)
+    for i in range(B * H):
+        valid[i // H, i % H, : rng.randrange(20, C)] = True
+    positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).contiguous()
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    rot = _orthogonal(D, g)
+    choices = []
+    for b in range(B):
+        x = torch.randn(H, 3 * D, D, generator=g, dtype=torch.float64)
+        tri = compact(feedback_weights(x.transpose(1, 2) @ x)) if b != 1 else None
+        choices.append((rot if b != 2 else None, tri))
+
+    def store_of(rows):
+        return RaggedStore.from_dense(keys[rows], values[rows], positions[rows], valid[rows], counts=counts[rows])
+
+    batch = RaggedPackedStore.from_ragged(store_of(slice(None)), bits, G, R, sinks=S, row_choices=choices)
+    solos = [RaggedPackedStore.from_ragged(store_of(slice(b, b + 1)), bits, G, R, sinks=S, rotation=c[0],
+                                           feedback=c[1]) for b, c in enumerate(choices)]
+    assert "rotated keys in rows [0, 1]" in repr(batch) and "key feedback in rows [0, 2]" in repr(batch)
+    spec = AttentionSpec(scaling=D ** -0.5, count_bias=True)
+
+    def check():
+        for b, st in enumerate(solos):
+            for h in range(H):
+                i, n = b * H + h, int(st.lengths[h])
+                o, o1 = int(batch.offsets[i]), int(st.offsets[h])
+                assert int(batch.lengths[i]) == n, (b, h)
+                for name in ("_kc", "_vc", "_vmin", "_vsc"):
+                    assert torch.equal(getattr(batch, name)[o : o + n], getattr(st, name)[o1 : o1 + n]), (name, b, h)
+                for name in ("_kmin", "_ksc"):
+                    got = getattr(batch, name)[o // G : (o + n) // G]
+                    assert torch.equal(got, getattr(st, name)[o1 // G : (o1 + n) // G]), (name, b, h)
+        query = torch.randn(B, 2 * H, 1, D, generator=g)
+        for one in (True, False):
+            packed_store.one_call, saved = (lambda q: one), packed_store.one_call
+            try:
+                out = batch.attend(query, spec).double()
+                for b, st in enumerate(solos):
+                    alone = st.attend(query[b : b + 1], spec).double()
+                    assert (out[b : b + 1] - alone).abs().max().item() <= 1e-5 * (1 + alone.abs().max().item()), b
+            finally:
+                packed_store.one_call = saved
+
+    check()
+    for _ in range(3 * (R + G)):
+        k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        batch.append(k, v, 0)
+        batch.settle()
+        for b, st in enumerate(solos):
+            st.append(k[b : b + 1], v[b : b + 1], 0)
+            st.settle()
+        check()
+
+
 # -------------------------------------------------------------- per head
 class _RaggedCase:
     """A RaggedPackedStore and its shadow: per head ``b * H + h`` the

@@ -192,7 +192,9 @@ class KIVI(KeepsEveryToken):
       choices above (``rotate`` and ``clip_values`` ``"auto"``,
       ``feedback=True``'s weights) itself, at its own first pack, from its
       own queries and keys: it packs, and generates, what it does alone.
-      Behind a per-head evictor the choices are the batch's.
+      Behind a per-head evictor that packs once (``interval=0``) each row
+      makes the choices itself too; with rounds (``interval > 0``) they
+      are the batch's.
 
     Bytes per token and head: ``D * (bits + value_bits) / 8`` for the codes,
     ``2 * 4 * D / group`` for the key mins/scales, ``2 * 4 * ceil(D /

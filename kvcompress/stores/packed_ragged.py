@@ -43,7 +43,7 @@ from .masked import padded_head_attention
 from . import packed as packed_store
 from .packed import PackedStore, join_parts, kernel_reads
 from .ragged import RaggedStore, segments
-from .rotation import rotate
+from .rotation import rotate, unrotate
 
 
 class RaggedPackedStore(PackedStore):
@@ -89,7 +89,8 @@ class RaggedPackedStore(PackedStore):
     def from_ragged(cls, store, bits: int, group: int, residual: int,
                     value_bits: int | None = None, columns: bool = False,
                     rotation: torch.Tensor | None = None, sinks: int = 0,
-                    feedback: torch.Tensor | None = None, value_clip: bool = False) -> "RaggedPackedStore":
+                    feedback: torch.Tensor | None = None, value_clip: bool = False,
+                    row_choices: list | None = None) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -105,11 +106,20 @@ class RaggedPackedStore(PackedStore):
         (``stores.feedback.compact``'s triangle; see
         :class:`~kvcompress.stores.PackedStore`), each head's groups rounded
         with its kv head's. ``value_clip``: pack value groups over clipped
-        ranges (``ops.pack_values(clip=True)``)."""
+        ranges (``ops.pack_values(clip=True)``). ``row_choices`` (a batch
+        whose rows chose apart, ``PackingChoices._choose_rows``): per row
+        ``(rotation or None, feedback triangle or None)``, in place of
+        ``rotation`` and ``feedback``, each row's heads packed (and later
+        read) its own way."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
         new.feedback = feedback
         new.value_clip = bool(value_clip)
+        if row_choices is not None:
+            if rotation is not None or feedback is not None or len(row_choices) != store.batch:
+                raise ValueError("row_choices: one (rotation, feedback) per row, in place of rotation and feedback")
+            new._choices = [(rot is not None, tri, new.value_clip) for rot, tri in row_choices]
+            new.rotation = next((rot for rot, _ in row_choices if rot is not None), None)
         new.sinks_asked = int(sinks)
         G = group
         B, H = store.batch, store.heads
@@ -155,13 +165,10 @@ class RaggedPackedStore(PackedStore):
         if columns and store.scores is not None:
             new.scores = torch.full((R,), float("nan"), device=dev)
             new.scores.index_copy_(0, dst, store.scores[src].float())
-        fb_index = None
-        if feedback is not None:
-            # every segment is whole groups (caps // G of them), each rounded with its kv head's weights
-            fb_index = torch.repeat_interleave(torch.arange(B * H, device=dev) % H, caps // G).view(1, 1, -1)
-        kc, kmin, ksc = ops.pack_keys(new._codes_keys(k.view(1, 1, R, D)), bits, G,
-                                      feedback=None if feedback is None else expand(feedback, D),
-                                      feedback_index=fb_index)
+        # every segment is whole groups (caps // G of them), each rounded with its kv head's weights
+        weights, fb_index = new._head_weights(D, caps // G, B, H)
+        kc, kmin, ksc = ops.pack_keys(new._flat_codes_keys(k, segments(caps, R)[0], H).view(1, 1, R, D), bits, G,
+                                      feedback=weights, feedback_index=fb_index)
         vc, vmin, vsc = ops.pack_values(v.view(1, 1, R, D), new.value_bits, G, clip=new.value_clip)
         new._kc, new._kmin, new._ksc = kc[0, 0], kmin[0, 0], ksc[0, 0]
         new._vc, new._vmin, new._vsc = vc[0, 0], vmin[0, 0], vsc[0, 0]
@@ -282,15 +289,21 @@ class RaggedPackedStore(PackedStore):
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,
                             self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv,
                             self.positions, self.scores, *(self._rcols or {}).values(), self.rotation,
-                            self.feedback, self._sink_counts, self._rc)
+                            self.feedback, self._sink_counts, self._rc,
+                            *(c[1] for c in self._choices or () if c is not None))
                 if t is not None]
 
     def __repr__(self) -> str:
         n = self._real
         span = f"{int(n.min())}..{int(n.max())}" if n is not None and n.numel() else "empty"
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
-        vb += ", rotated keys" if self.rotation is not None else ""
-        vb += ", key feedback" if self.feedback is not None else ""
+        if self._choices is not None:  # each row's own choices: the rows that took each
+            for i, name in enumerate(("rotated keys", "key feedback")):
+                rows = [b for b, c in enumerate(self._choices) if (c[i] is not None if i == 1 else c[i])]
+                vb += f", {name} in rows {rows}" if rows else ""
+        else:
+            vb += ", rotated keys" if self.rotation is not None else ""
+            vb += ", key feedback" if self.feedback is not None else ""
         vb += ", clipped values" if self.value_clip else ""
         if self.sinks_asked:
             vb += f", sinks={self._r0}" + (f" of {self.sinks_asked}" if self._r0 != self.sinks_asked else "")
@@ -323,6 +336,40 @@ class RaggedPackedStore(PackedStore):
             cap = int(self._rk.shape[2])
             self._rcols = {k: _fit(t, cap) for k, t in kept.items()}
 
+    def _head_weights(self, D: int, groups, B: int, H: int):
+        """``(weights, feedback_index)`` for ``ops.pack_keys`` over every
+        head's segment of ``groups[i]`` key groups, in head order: each
+        head's kv head's weights (``[H, D, D]``), or with per-row choices
+        its row's (``[B * H, D, D]``, zeros for a row without: KIVI's
+        rounding); ``(None, None)`` without feedback."""
+        dev = groups.device
+        if self._choices is None:
+            if self.feedback is None:
+                return None, None
+            return expand(self.feedback, D), torch.repeat_interleave(torch.arange(B * H, device=dev) % H,
+                                                                     groups).view(1, 1, -1)
+        tris = [c[1] for c in self._choices]
+        if all(t is None for t in tris):
+            return None, None
+        w = torch.zeros((B * H, D, D), dtype=torch.float32, device=dev)
+        for b, t in enumerate(tris):
+            if t is not None:
+                w[b * H : (b + 1) * H] = expand(t, D)
+        return w, torch.repeat_interleave(torch.arange(B * H, device=dev), groups).view(1, 1, -1)
+
+    def _flat_codes_keys(self, keys, head, H: int):
+        """``keys`` ``[R, D]`` as they are packed, row ``i`` of head
+        ``head[i]`` (int64 ``[R]``, ``H`` kv heads per batch row): rotated
+        (float32) when its batch row's keys are (every row's, or per-row
+        choices'), else unchanged."""
+        if self.rotation is None:
+            return keys
+        mask = self._rotated_rows(keys.device)
+        if mask is None:
+            return rotate(keys, self.rotation, torch.float32)
+        return torch.where(mask.view(-1)[head // H][:, None], rotate(keys, self.rotation, torch.float32),
+                           keys.float())
+
     def packed_any(self) -> bool:
         """Whether any head holds a packed slot."""
         return self._host_lengths is not None and bool(self._host_lengths.sum())
@@ -335,8 +382,12 @@ class RaggedPackedStore(PackedStore):
         if bool((self._host_lengths + m > self._host_caps).any()):
             self._grow(m)
         o = self._r0  # the residual's oldest slots follow the sink block
-        kc, kmin, ksc = ops.pack_keys(self._codes_keys(self._rk[:, :, o : o + m]), self.bits, G,
-                                      feedback=self._feedback_weights())
+        # every head's m slots as one flat run of whole groups, so that each head takes its weights
+        flat = self._rk[:, :, o : o + m].reshape(N * m, D)
+        weights, fb_index = self._head_weights(D, torch.full((N,), m // G, device=flat.device), B, H)
+        heads = torch.arange(N, device=flat.device).repeat_interleave(m)
+        kc, kmin, ksc = ops.pack_keys(self._flat_codes_keys(flat, heads, H).view(1, 1, N * m, D), self.bits, G,
+                                      feedback=weights, feedback_index=fb_index)
         vc, vmin, vsc = ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G, clip=self.value_clip)
         start = self.offsets + self.lengths
         rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
@@ -411,6 +462,8 @@ class RaggedPackedStore(PackedStore):
         self.offsets, self.caps, self.lengths = offsets, caps, self.lengths[src_head]
         self._host_caps, self._host_lengths = self._host_caps[host_idx], self._host_lengths[host_idx]
         self._real = self._real[host_idx]
+        if self._choices is not None:
+            self._choices, self._rot_mask = [self._choices[i] for i in idx.cpu().tolist()], None
         self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
         if self._sink_counts is not None:
             self._sink_counts, self._rc = self._sink_counts.index_select(0, idx), None
@@ -437,8 +490,18 @@ class RaggedPackedStore(PackedStore):
         [R, D])`` in the residual's dtype (slack rows included)."""
         D, G, dtype = int(self._rk.shape[3]), self.group, self._rk.dtype
         R = int(self._kc.shape[0])
-        kd = self._unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
-                               self._ksc.view(1, 1, R // G, D), self.bits, dtype)[0, 0]
+        if self._choices is None:
+            kd = self._unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
+                                   self._ksc.view(1, 1, R // G, D), self.bits, dtype)[0, 0]
+        else:
+            # each row's heads rotated back as they were packed (slack rows: any way)
+            kd = ops.unpack_keys(self._kc.view(1, 1, R, -1), self._kmin.view(1, 1, R // G, D),
+                                 self._ksc.view(1, 1, R // G, D), self.bits, G)[0, 0]
+            if self.rotation is not None:
+                head = segments(self.caps, R)[0]
+                mask = self._rotated_rows(kd.device).view(-1)[head // self.heads][:, None]
+                kd = torch.where(mask, unrotate(kd, self.rotation, torch.float32), kd)
+            kd = kd.to(dtype)
         vd = ops.unpack_values(self._vc.view(1, 1, R, -1), self._vmin.view(1, 1, R, -1),
                                self._vsc.view(1, 1, R, -1), self.value_bits, G, head_dim=D, dtype=dtype)[0, 0]
         return kd, vd
@@ -478,12 +541,11 @@ class RaggedPackedStore(PackedStore):
         if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
             # a sink block is read as the residual's oldest slots
             rk, rv = self._rk[:, :, : self._r0 + self.r], self._rv[:, :, : self._r0 + self.r]
-            pq, residual_query = query, None
-            if self.rotation is not None:
+            pq, rotated = self._packed_query(query)
+            residual_query = query if rotated else None
+            if rotated and not packed_store.one_call(query):
                 # the packed segments with q @ R, the residual (kept as it came) with q
-                if not packed_store.one_call(query):
-                    return self._attend_joined_heads(query, rk, rv, spec.scaling, counts)
-                pq, residual_query = rotate(query, self.rotation), query
+                return self._attend_joined_heads(query, rk, rv, spec.scaling, counts)
             return ops.packed_attention(pq, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
                                         rk, rv, bits=self.bits, value_bits=self.value_bits, group=self.group,
                                         scaling=spec.scaling, offsets=self.offsets, lengths=self.lengths,
@@ -520,7 +582,7 @@ class RaggedPackedStore(PackedStore):
         query and no residual, the residual with the query as it is (an
         empty packed part of the uniform layout), joined through their
         log-sum-exps."""
-        o1, l1 = ops.packed_attention(rotate(query, self.rotation), self._kc, self._kmin, self._ksc, self._vc,
+        o1, l1 = ops.packed_attention(self._packed_query(query)[0], self._kc, self._kmin, self._ksc, self._vc,
                                       self._vmin, self._vsc, rk[:, :, :0], rv[:, :, :0], bits=self.bits,
                                       value_bits=self.value_bits, group=self.group, scaling=scaling,
                                       offsets=self.offsets, lengths=self.lengths, counts=counts, return_lse=True)
