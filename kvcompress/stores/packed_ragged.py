@@ -107,7 +107,7 @@ class RaggedPackedStore(PackedStore):
         :class:`~kvcompress.stores.PackedStore`), each head's groups rounded
         with its kv head's. ``value_clip``: pack value groups over clipped
         ranges (``ops.pack_values(clip=True)``). ``row_choices`` (a batch
-        whose rows chose apart, ``PackingChoices._choose_rows``): per row
+        whose rows chose apart, ``PackingChoices._choose_ragged_rows``): per row
         ``(rotation or None, feedback triangle or None)``, in place of
         ``rotation`` and ``feedback``, each row's heads packed (and later
         read) its own way."""
