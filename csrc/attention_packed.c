@@ -80,11 +80,10 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
         off = p->offsets[i * p->offsets_stride];
         t0 = off / p->group;
         h->n = p->lengths[i * p->lengths_stride];
-        h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     } else {
         h->n = kc->shape[2];
-        h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     }
+    h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0; /* either layout */
     h->rh0 = h->rh1 = 0;
     if (p->res_hidden) {
         const int64_t *rh = p->res_hidden + (b * p->num_kv_heads + hk) * p->res_hidden_stride;

@@ -931,8 +931,8 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     for name, arg in (("residual_query", residual_query), ("residual_hidden", residual_hidden),
                       ("kv_start", kv_start if ragged else None)):
         if arg is not None and _is_torch(queries) and queries.device.type != "cpu":
-            raise NotImplementedError(f"{name}: the CPU kernel's; on other devices read the residual in a "
-                                      "second call (return_lse) and join the two")
+            raise NotImplementedError(f"{name}: the CPU kernel's; on other devices read the parts in separate "
+                                      "calls (return_lse) and join them, or read a dequantized copy")
     _C.packed_attention(
         *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                                 residual_keys, residual_values)),

@@ -260,22 +260,14 @@ class PackingChoices:
                 continue
             keys, values = store.row_pending(b)
             s = float(scaling if scaling is not None else keys.shape[-1] ** -0.5)
-            real = self.seen - (self._pad[b] if self._pad else 0)  # the row's queries so far
-            rot = key_rotation(int(keys.shape[-1]), keys.device) if method.rotates_keys else None
-            if rot_auto:
-                held = self._row_queries(self._rot_q, b, real)
-                if held is None or not rotation_helps(held, keys, rot, bits, group, s):
-                    rot = None
+            rot = self._row_rotation(b, keys, bits, group, s)
             # behind an evictor "auto" does not clip (see _value_clip)
             clip = bool(method.value_clip) and not (clip_auto and method.evicts)
             if clip and clip_auto:
-                held = self._row_queries(self._clip_q, b, real)
+                held = self._row_queries(self._clip_q, b)
                 clip = held is not None and value_clip_helps(held, keys, values, value_bits, group, s,
                                                              self.out_proj)
-            tri = None
-            if method.key_feedback and self._row_qmom is not None:
-                w = self._row_qmom[b].weights(rot)
-                tri = None if w is None else compact(w)
+            tri = self._row_weights(b, rot)
             if self._row_qmom is not None:
                 self._row_qmom[b] = None
             self._row_choices[b] = (rot is not None, clip)
@@ -283,15 +275,39 @@ class PackingChoices:
         if all(c is not None for c in self._row_choices):
             self._rot_q = self._clip_q = self._row_qmom = None
 
-    @staticmethod
-    def _row_queries(held, b: int, real: int):
+    def _row_queries(self, held, b: int):
         """Row ``b``'s real queries ``[1, Hq, <= W, D]`` among the batch's
-        held newest ``held`` ``[B, Hq, W, D]`` (its padding is their front),
-        ``real`` being how many real queries the row has seen; None if none."""
+        held newest ``held`` ``[B, Hq, W, D]`` (its padding is their front:
+        the row has seen ``seen`` minus its padding real queries); None if none."""
         if held is None:
             return None
-        k = min(int(held.shape[2]), int(real))
+        k = min(int(held.shape[2]), self.seen - (self._pad[b] if self._pad else 0))
         return held[b : b + 1, :, held.shape[2] - k :] if k > 0 else None
+
+    def _row_rotation(self, b: int, keys, bits: int, group: int, scaling: float, start=None, counts=None):
+        """Row ``b``'s key rotation (None: unrotated), as it chooses alone:
+        ``rotate=True``'s, or ``"auto"``'s test (``rotation_helps``) on the
+        row's own real held queries over ``keys`` ``[1, H, m, D]`` (no whole
+        group to test: unrotated), ``start`` and ``counts`` as that test
+        takes them."""
+        mode = self.method.rotates_keys
+        if not mode:
+            return None
+        rot = key_rotation(int(keys.shape[-1]), keys.device)
+        if mode == "auto":
+            held = self._row_queries(self._rot_q, b)
+            if not keys.shape[2] or held is None or not rotation_helps(held, keys, rot, bits, group, scaling,
+                                                                       start, counts):
+                return None
+        return rot
+
+    def _row_weights(self, b: int, rotation):
+        """Row ``b``'s key-feedback triangle (``compact``) from its own query
+        moment, in the basis of ``rotation``; None without feedback or queries."""
+        if not self.method.key_feedback or self._row_qmom is None or self._row_qmom[b] is None:
+            return None
+        w = self._row_qmom[b].weights(rotation)
+        return None if w is None else compact(w)
 
     def _choose_ragged_rows(self, packing, queries, scaling) -> list:
         """A per-head layer about to be packed once (``_ragged_rows_apart``):
@@ -319,18 +335,10 @@ class PackingChoices:
         for b in range(B):
             lead = start[b * H : (b + 1) * H]
             m = (M - int(lead.min())) // G * G if H else 0  # the row's longest head, in whole groups
-            rot = key_rotation(D, padded.device) if method.rotates_keys else None
-            if rot_auto:
-                held = self._row_queries(self._rot_q, b, self.seen - (self._pad[b] if self._pad else 0))
-                first = (lead + method.fp_sinks - (M - m)).clamp(min=0)
-                if not m or held is None or not rotation_helps(held, dense[b : b + 1, :, M - m :], rot, bits, G, s,
-                                                               first, counts[b : b + 1, :, M - m :]):
-                    rot = None
-            tri = None
-            if method.key_feedback and self._row_qmom is not None and (m or not rot_auto):
-                w = self._row_qmom[b].weights(rot)
-                tri = None if w is None else compact(w)
-            rows.append((rot, tri))
+            first = (lead + method.fp_sinks - (M - m)).clamp(min=0)
+            rot = self._row_rotation(b, dense[b : b + 1, :, M - m :], bits, G, s, first, counts[b : b + 1, :, M - m :])
+            # under "auto", a row with nothing to test packs without weights, as alone (_fix_feedback)
+            rows.append((rot, self._row_weights(b, rot) if m or not rot_auto else None))
         self._row_choices = [(rot is not None, self._clip) for rot, _ in rows]  # clipping is the layer's
         self._decide_rotation(None)
         self._feedback, self._feedback_decided, self._qmom, self._row_qmom = None, True, None, None

@@ -639,15 +639,20 @@ class PackedStore(LayerStore):
         m = min(self.n_packed, max(0, first_visible - self.first_position) // G * G)
         if m <= 0 or not self.pack_decoded:
             return 0
-        p, t = self.n_packed, self.n_packed // G
-        for name, lo, hi in (("_kc", m, p), ("_vc", m, p), ("_vmin", m, p), ("_vsc", m, p),
-                             ("_kmin", m // G, t), ("_ksc", m // G, t)):
-            buf = getattr(self, name)
-            # the source overlaps the destination: copy through a temporary
-            buf[:, :, : hi - lo] = buf[:, :, lo:hi].clone()
+        self._drop_packed_front(slice(None), m, self.n_packed)
         self.n_packed -= m
         self.first_position += m
         return m
+
+    def _drop_packed_front(self, rows: slice, m: int, n: int) -> None:
+        """Move packed slots ``m .. n`` (whole groups) of batch rows ``rows``
+        to the front of the packed buffers, forgetting the first ``m``."""
+        G = self.group
+        for name, lo, hi in (("_kc", m, n), ("_vc", m, n), ("_vmin", m, n), ("_vsc", m, n),
+                             ("_kmin", m // G, n // G), ("_ksc", m // G, n // G)):
+            buf = getattr(self, name)
+            # the source overlaps the destination: copy through a temporary
+            buf[rows, :, : hi - lo] = buf[rows, :, lo:hi].clone()
 
     def _drop_unseen_rows(self, first_visible: int) -> int:
         """Row mode's :meth:`drop_unseen`: each row forgets its own packed
@@ -660,16 +665,10 @@ class PackedStore(LayerStore):
         G, u = self.group, first_visible - self.first_position
         drops = [min(n, max(0, u - p) // G * G) for n, p in zip(self._np, self._pads)]
         for b, m in enumerate(drops):
-            if not m:
-                continue
-            n, t = self._np[b], self._np[b] // G
-            for name, lo, hi in (("_kc", m, n), ("_vc", m, n), ("_vmin", m, n), ("_vsc", m, n),
-                                 ("_kmin", m // G, t), ("_ksc", m // G, t)):
-                buf = getattr(self, name)
-                # the source overlaps the destination: copy through a temporary
-                buf[b, :, : hi - lo] = buf[b, :, lo:hi].clone()
-            self._np[b] -= m
-            self._pads[b] += m
+            if m:
+                self._drop_packed_front(slice(b, b + 1), m, self._np[b])
+                self._np[b] -= m
+                self._pads[b] += m
         if any(drops):
             self.n_packed, self._row_args = max(self._np), None
         d = min(self._pads)
