@@ -624,6 +624,20 @@ def test_per_head_rows_with_their_own_choices_hold_and_read_what_each_row_does_a
         check()
 
 
+def test_per_head_row_choices_are_refused_beside_store_wide_ones_or_of_another_batch():
+    """``from_ragged(row_choices=...)`` names the argument when it comes
+    with store-wide ``rotation`` or ``feedback``, or does not give one
+    choice per row."""
+    from kvcompress.stores.ragged import RaggedStore
+
+    keys = torch.randn(2, 1, 16, 8)
+    store = RaggedStore.from_dense(keys, keys, torch.arange(16, dtype=torch.int32).expand(2, 1, 16).contiguous(),
+                                   torch.ones(2, 1, 16, dtype=torch.bool))
+    for kw in (dict(row_choices=[(None, None)]), dict(row_choices=[(None, None)] * 2, rotation=torch.eye(8))):
+        with pytest.raises(ValueError, match="row_choices"):
+            RaggedPackedStore.from_ragged(store, 4, 8, 0, **kw)
+
+
 # -------------------------------------------------------------- per head
 class _RaggedCase:
     """A RaggedPackedStore and its shadow: per head ``b * H + h`` the
