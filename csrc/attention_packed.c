@@ -80,10 +80,13 @@ static void pa_head_get(const struct kvc_packed_attention_params *p, int64_t b, 
         off = p->offsets[i * p->offsets_stride];
         t0 = off / p->group;
         h->n = p->lengths[i * p->lengths_stride];
+        h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     } else {
+        /* (the same read as the ragged branch's: hoisted out of the two,
+         * GCC placed the unit so that it ran 7-8% slower, ab_packed.py) */
         h->n = kc->shape[2];
+        h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     }
-    h->s0 = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0; /* either layout */
     h->rh0 = h->rh1 = 0;
     if (p->res_hidden) {
         const int64_t *rh = p->res_hidden + (b * p->num_kv_heads + hk) * p->res_hidden_stride;
