@@ -213,6 +213,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # queries of the calls since its last re-compression, [B, Hq, q, D]
         # each (its re-selection observes them all at once; see _queue)
         self._rebudget = False
+        # per row whether the evictor kept it whole, from the per-head
+        # compression (_become_ragged) until _to_packed reads it
+        self._kept_whole: list[bool] | None = None
         self._pending: list = []
         self._init_choices()
 
@@ -776,12 +779,14 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.store.pack_decoded = not self.method.mixed_precision
             self.store.rows_apart = self._rows_apart()
         elif self._ragged_rows_apart():
-            # a batch that packs once (no rounds): each row chooses its rotation and weights, as alone
+            # a batch that packs once (no rounds): each row chooses its rotation and weights, as alone;
+            # a row kept whole packs as alone too, on KIVI's schedule, and chooses at its first pack
             clip = self._value_clip(packing, queries, scaling, defer=True)
-            rows = self._choose_ragged_rows(packing, queries, scaling)
+            whole = self._whole_rows()
+            rows = self._choose_ragged_rows(packing, queries, scaling, defer=whole)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=False,
                                                        sinks=self.method.fp_sinks, value_clip=clip,
-                                                       row_choices=rows)
+                                                       row_choices=rows, whole_rows=whole)
         else:
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             clip = self._value_clip(packing, queries, scaling, defer=True)
@@ -795,6 +800,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                     self._decide_rotation(None)
                 if not self._clip_decided:
                     self._decide_clip(False)
+        self._kept_whole = None
         if not self._rebudget:
             # nothing is re-scored once packed: per-head budgets and held queries go
             self.head_budgets = self._qbuf = None
@@ -803,9 +809,23 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         """Whether this per-head layer's rows each choose their rotation and
         key-feedback weights (``_choose_ragged_rows``): a batch of more than
         one row that is packed once, never re-compressed (no rounds), under
-        ``rotate="auto"`` or ``feedback=True``."""
+        ``rotate="auto"`` or ``feedback=True``, or with a row kept whole
+        that packs as alone (:meth:`_whole_rows`)."""
         m = self.method
-        return bool(self.store.batch > 1 and not self._rebudget and (m.rotates_keys == "auto" or m.key_feedback))
+        return bool(self.store.batch > 1 and not self._rebudget
+                    and (m.rotates_keys == "auto" or m.key_feedback or self._whole_rows() is not None))
+
+    def _whole_rows(self) -> list[bool] | None:
+        """Per row whether the evictor kept it whole, where such a row packs
+        as it does alone (``RaggedPackedStore.from_ragged(whole_rows=...)``:
+        KIVI's schedule, its full-precision residual its own): a per-head
+        layer packed once, on the CPU (its kernel masks each row's residual
+        in one call, ``residual_hidden``); None where no row is kept whole,
+        or elsewhere (the whole row is then packed with the others at once)."""
+        w = self._kept_whole
+        if w is None or not any(w) or self._rebudget or not isinstance(self.store, RaggedStore):
+            return None
+        return w if self.store.k.device.type == "cpu" else None
 
     def _rows_apart(self) -> bool:
         """Whether this uniform layer's packed store packs each row of a
@@ -1143,6 +1163,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             if b not in compressed:
                 lengths[b] = max(targets[b], int(lengths[b].max()))
         self.store = store
+        self._kept_whole = [b not in compressed for b in range(B)]
         # without a decode interval the layer is compressed once, at prefill
         self._set_shares(lengths, targets)
         self._update_start([0] * B)

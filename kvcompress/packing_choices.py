@@ -309,7 +309,7 @@ class PackingChoices:
         w = self._row_qmom[b].weights(rotation)
         return None if w is None else compact(w)
 
-    def _choose_ragged_rows(self, packing, queries, scaling) -> list:
+    def _choose_ragged_rows(self, packing, queries, scaling, defer=None) -> list:
         """A per-head layer about to be packed once (``_ragged_rows_apart``):
         per row ``(rotation or None, feedback triangle or None)``, what the
         row chooses alone. Its rotation test (``rotate="auto"``) runs on its
@@ -318,11 +318,15 @@ class PackingChoices:
         head sets how many); its weights come from its own query moment
         (``_row_qmom``) in its basis. A row with no whole group to test
         packs unrotated and, under ``"auto"``, without weights, as alone.
+        ``defer`` (per row, or None): rows kept whole, which pack later as a
+        uniform layer alone does and choose then (:meth:`_choose_rows`):
+        None for them, and they keep holding their queries and moments.
         The layer's own choices are then fixed, and serve no row."""
         method, store = self.method, self.store
         bits, G = packing[0], packing[1]
         B, H = store.batch, store.heads
         rot_auto = method.rotates_keys == "auto"
+        held = self._rot_q
         if rot_auto:
             self._rot_q = self._newest(self._rot_q, queries)
         padded, _, _, counts, _, start = store.to_padded()
@@ -333,14 +337,24 @@ class PackingChoices:
         s = float(scaling if scaling is not None else D ** -0.5)
         rows = []
         for b in range(B):
+            if defer is not None and defer[b]:
+                rows.append(None)
+                continue
             lead = start[b * H : (b + 1) * H]
             m = (M - int(lead.min())) // G * G if H else 0  # the row's longest head, in whole groups
             first = (lead + method.fp_sinks - (M - m)).clamp(min=0)
             rot = self._row_rotation(b, dense[b : b + 1, :, M - m :], bits, G, s, first, counts[b : b + 1, :, M - m :])
             # under "auto", a row with nothing to test packs without weights, as alone (_fix_feedback)
             rows.append((rot, self._row_weights(b, rot) if m or not rot_auto else None))
-        self._row_choices = [(rot is not None, self._clip) for rot, _ in rows]  # clipping is the layer's
+        self._row_choices = [None if c is None else (c[0] is not None, self._clip) for c in rows]  # clipping is the layer's
         self._decide_rotation(None)
-        self._feedback, self._feedback_decided, self._qmom, self._row_qmom = None, True, None, None
+        self._feedback, self._qmom = None, None
+        if None in rows:
+            # the settle that follows (_choose_rows) holds this call's queries, once
+            self._rot_q = held
+            if self._row_qmom is not None:
+                self._row_qmom = [q if c is None else None for q, c in zip(self._row_qmom, rows)]
+        else:
+            self._feedback_decided, self._row_qmom = True, None
         return rows
 

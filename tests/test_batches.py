@@ -194,6 +194,45 @@ def test_per_head_packed_rows_choose_what_they_choose_alone(tiny_model, evictor)
     assert 0 < rotated < 3 * len(cache.layers)  # rows and layers chose both ways
 
 
+@pytest.mark.parametrize("evictor", ["ems", "adakv"])
+@pytest.mark.parametrize("kw", [dict(bits=2, group=8, residual=8),
+                                dict(bits=2, group=8, residual=8, rotate="auto", sinks=4, feedback=True)],
+                         ids=["kivi2", "recipe"])
+def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, evictor, kw):
+    """A row whose prompt fits the budget is kept whole by the evictor:
+    alone its layer is never evicted and packs on KIVI's schedule, keeping
+    its newest tokens in full precision, and chooses rotation and weights
+    at that first pack. In a batch with compressed rows (one per-head
+    store, ``interval=0``) it now does the same: it holds as many packed
+    slots and residual slots as alone after every row's 40 tokens, makes
+    the same choices, and generates the same tokens (before, its heads were
+    packed whole with the compressed rows, residual empty). The 14-token
+    row packs nothing at prefill and chooses during decoding."""
+    from kvcompress.stores.feedback import expand
+
+    make = lambda: REGISTRY[evictor](budget=64, interval=0) + kvc.KIVI(**kw)  # noqa: E731
+    rows = [random_ids(150, 71), random_ids(60, 72), random_ids(131, 73), random_ids(14, 74)]
+    ids, mask = left_pad(rows)
+    out, cache = _gen(tiny_model, make(), ids, mask, n=40)
+    for i, row in enumerate(rows):
+        alone, solo = _gen(tiny_model, make(), row[None], torch.ones(1, len(row), dtype=torch.long), n=40)
+        assert torch.equal(out[i, -40:], alone[0, -40:]), (evictor, i)
+        if len(row) > 64:
+            continue
+        for layer, one in zip(cache.layers, solo.layers):
+            s, o = layer.store, one.store
+            assert type(o).__name__ == "PackedStore" and type(s).__name__ == "RaggedPackedStore", (s, o)
+            held = s.head_lengths()[i * s.heads : (i + 1) * s.heads]
+            assert s._np[i] == o.n_packed > 0 and held == [o.n] * s.heads, (i, s, o)
+            assert s._own_residual()[i] + s._r0 == o.r + o._r0, (i, s, o)
+            is_rot, tri, _ = s.row_choice(i)
+            assert is_rot == (o.rotation is not None), (i, layer.layer_idx)
+            assert (tri is None) == (o.feedback is None), (i, layer.layer_idx)
+            if tri is not None:
+                D = int(s._rk.shape[-1])
+                assert torch.allclose(expand(tri, D), expand(o.feedback, D), rtol=2**-7, atol=1e-6), i
+
+
 @pytest.fixture(scope="module")
 def tiny_sliding():
     """A randomly initialised 3-layer Mistral whose every layer slides over 64 tokens (eager attention)."""

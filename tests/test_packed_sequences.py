@@ -624,6 +624,161 @@ def test_per_head_rows_with_their_own_choices_hold_and_read_what_each_row_does_a
         check()
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
+    """``from_ragged(whole_rows=...)``: a row the evictor kept whole packs
+    as a uniform ``PackedStore`` of that row alone does (KIVI's schedule:
+    nothing at first, then its residual's whole groups past ``residual +
+    group - 1``, its newest slots in full precision), with the choice it
+    makes at its first pack (``set_row_choice``), while the compressed rows
+    pack as ``from_ragged`` of each alone. After every decode step each
+    row holds bit for bit what its one-row store holds (packed codes,
+    scales, its own residual) and reads the same attention within float
+    rounding: in one kernel call (``residual_hidden`` masks the residual
+    rows that are not a row's own), in joined calls, and eagerly (softcap:
+    ``padded()`` weighs those rows at zero)."""
+    import kvcompress.stores.packed as packed_store
+
+    rng = random.Random(91_000 + seed)
+    g = torch.Generator().manual_seed(91_000 + seed)
+    B, H, D, G, R = 4, 2, 16, 8, rng.choice([4, 8])
+    bits, S = rng.choice([2, 4]), rng.choice([0, 2])
+    C = 60
+    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
+    values = torch.randn(B, H, C, D, generator=g)
+    whole = [False, True, False, True]
+    # row 1 packs at once; row 3 too on odd seeds (two rows due at the first settle, from different
+    # residual rows), else (fewer than S + R + G slots) only while decoding
+    short = seed % 2 == 0
+    n_whole = {1: rng.randrange(S + R + G, C - 4),
+               3: rng.randrange(S + 1, S + R + G) if short else rng.randrange(S + R + G, C)}
+    valid = torch.zeros(B, H, C, dtype=torch.bool)
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    for b in range(B):
+        for h in range(H):
+            valid[b, h, : n_whole[b] if whole[b] else rng.randrange(20, C)] = True
+        if whole[b]:
+            counts[b] = 1.0
+    positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).contiguous()
+    rot = _orthogonal(D, g)
+
+    def tri():
+        x = torch.randn(H, 3 * D, D, generator=g, dtype=torch.float64)
+        return compact(feedback_weights(x.transpose(1, 2) @ x))
+
+    # compressed rows choose now, whole rows at their first pack (row 1 rotated, row 3 not)
+    later = {1: (rot, tri()), 3: (None, tri() if seed % 2 else None)}
+    choices = [None if whole[b] else ((rot if b == 0 else None), (tri() if seed % 3 else None)) for b in range(B)]
+
+    def store_of(rows):
+        return RaggedStore.from_dense(keys[rows], values[rows], positions[rows], valid[rows], counts=counts[rows])
+
+    batch = RaggedPackedStore.from_ragged(store_of(slice(None)), bits, G, R, sinks=S, row_choices=choices,
+                                          whole_rows=whole)
+    assert "rows [1, 3] not packed yet" in repr(batch) and "full_precision per row" in repr(batch)
+    solos = []
+    for b in range(B):
+        if whole[b]:
+            st = PackedStore(bits, G, R)
+            st.sinks = S
+            st.append(keys[b : b + 1, :, : n_whole[b]], values[b : b + 1, :, : n_whole[b]], 0)
+        else:
+            st = RaggedPackedStore.from_ragged(store_of(slice(b, b + 1)), bits, G, R, sinks=S,
+                                               rotation=choices[b][0], feedback=choices[b][1])
+        solos.append(st)
+
+    def settle():
+        for b in (1, 3):
+            if batch.row_dues()[b] and batch._choices[b] is None:
+                batch.set_row_choice(b, *later[b], False)
+        batch.settle()
+        for b, st in enumerate(solos):
+            if whole[b] and st.pending() > 0 and not st.packed_any():
+                st.set_rotation(later[b][0])
+                st.set_feedback(later[b][1])
+            st.settle()
+
+    plain = AttentionSpec(scaling=D ** -0.5, count_bias=True)
+    capped = AttentionSpec(scaling=D ** -0.5, count_bias=True, softcap=30.0)
+
+    def check():
+        assert batch.head_lengths() == [st.head_lengths()[h] for st in solos for h in range(H)]
+        assert batch.pending() == max(batch.row_dues())
+        for b, st in enumerate(solos):
+            for h in range(H):
+                i = b * H + h
+                n, o = int(batch.lengths[i]), int(batch.offsets[i])
+                if whole[b]:
+                    assert n == st.n_packed == batch._np[b], (b, h)
+                    theirs = {name: getattr(st, name)[0, h] for name in ("_kc", "_vc", "_vmin", "_vsc")} if n else {}
+                    gtheirs = {name: getattr(st, name)[0, h] for name in ("_kmin", "_ksc")} if n else {}
+                    o1 = 0
+                else:
+                    assert n == int(st.lengths[h]), (b, h)
+                    o1 = int(st.offsets[h])
+                    theirs = {name: getattr(st, name) for name in ("_kc", "_vc", "_vmin", "_vsc")}
+                    gtheirs = {name: getattr(st, name) for name in ("_kmin", "_ksc")}
+                for name, t in theirs.items():
+                    assert torch.equal(getattr(batch, name)[o : o + n], t[o1 : o1 + n]), (name, b, h)
+                for name, t in gtheirs.items():
+                    assert torch.equal(getattr(batch, name)[o // G : (o + n) // G], t[o1 // G : (o1 + n) // G]), (
+                        name, b, h)
+            own = batch._own_residual()[b]
+            if whole[b]:
+                assert own + batch._r0 == st.r + st._r0, b
+                mine = batch._rk[b, :, batch._r0 + batch.r - own : batch._r0 + batch.r]
+                assert torch.equal(mine, st._rk[0, :, st._r0 + st.r - own : st._r0 + st.r]), b
+        query = torch.randn(B, 2 * H, 1, D, generator=g)
+        for spec, one in ((plain, True), (plain, False), (capped, True)):
+            packed_store.one_call, saved = (lambda q: one), packed_store.one_call
+            try:
+                out = batch.attend(query, spec).double()
+                for b, st in enumerate(solos):
+                    alone = st.attend(query[b : b + 1], spec).double()
+                    assert (out[b : b + 1] - alone).abs().max().item() <= 1e-5 * (1 + alone.abs().max().item()), (
+                        b, spec.softcap, one)
+            finally:
+                packed_store.one_call = saved
+
+    settle()
+    check()
+    decided = 0
+    for _ in range(3 * (R + G)):
+        k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        batch.append(k, v, 0)
+        for b, st in enumerate(solos):
+            st.append(k[b : b + 1], v[b : b + 1], 0)
+        settle()
+        check()
+        decided += batch._choices[3] is not None
+    assert batch._np[3] > 0 and (0 < decided < 3 * (R + G) if short else decided == 3 * (R + G))
+    assert batch.row_choice(1)[0] and not batch.row_choice(3)[0]
+
+
+def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
+    """``from_ragged(whole_rows=...)`` names the argument for a store with
+    columns (a layer that re-compresses), a flag count other than the
+    batch's, a whole row whose heads differ or hold merged slots, and
+    ``row_choices`` leaves undecided only whole rows."""
+    keys = torch.randn(2, 2, 16, 8)
+    pos = torch.arange(16, dtype=torch.int32).expand(2, 2, 16).contiguous()
+    valid = torch.ones(2, 2, 16, dtype=torch.bool)
+    store = RaggedStore.from_dense(keys, keys, pos, valid)
+    ragged = valid.clone()
+    ragged[1, 1, 10:] = False
+    merged = torch.ones(2, 2, 16)
+    merged[1, 0, 3] = 2.0
+    cases = [(store, dict(whole_rows=[False, True], columns=True), "whole_rows"),
+             (store, dict(whole_rows=[True]), "whole_rows"),
+             (RaggedStore.from_dense(keys, keys, pos, ragged), dict(whole_rows=[False, True]), "different numbers"),
+             (RaggedStore.from_dense(keys, keys, pos, valid, counts=merged), dict(whole_rows=[False, True]),
+              "merged slots"),
+             (store, dict(whole_rows=[False, True], row_choices=[None, None]), "row_choices")]
+    for st, kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            RaggedPackedStore.from_ragged(st, 4, 8, 4, **kw)
+
+
 def test_per_head_row_choices_are_refused_beside_store_wide_ones_or_of_another_batch():
     """``from_ragged(row_choices=...)`` names the argument when it comes
     with store-wide ``rotation`` or ``feedback``, or does not give one

@@ -500,7 +500,7 @@ class PackedStore(LayerStore):
         if not self.pack_decoded or self._rk is None:
             return 0
         if self._np is not None:  # row mode: the most any row packs next
-            return max(self._row_dues())
+            return max(self.row_dues())
         due = self.sinks if self.sinks and not self._r0 and not self.n_packed else 0  # take_sinks comes first
         return max(0, (self.r - due - self.residual) // self.group * self.group)
 

@@ -90,7 +90,7 @@ class RaggedPackedStore(PackedStore):
                     value_bits: int | None = None, columns: bool = False,
                     rotation: torch.Tensor | None = None, sinks: int = 0,
                     feedback: torch.Tensor | None = None, value_clip: bool = False,
-                    row_choices: list | None = None) -> "RaggedPackedStore":
+                    row_choices: list | None = None, whole_rows: list | None = None) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -110,25 +110,43 @@ class RaggedPackedStore(PackedStore):
         whose rows chose apart, ``PackingChoices._choose_ragged_rows``): per row
         ``(rotation or None, feedback triangle or None)``, in place of
         ``rotation`` and ``feedback``, each row's heads packed (and later
-        read) its own way."""
+        read) its own way; None for a row of ``whole_rows``, which chooses at
+        its first pack (:meth:`set_row_choice`). ``whole_rows`` (a store
+        packed once, no ``columns``): per row whether the method kept it
+        whole, every head holding the row's every token. Such a row packs as
+        a uniform :class:`PackedStore` of it alone would, on KIVI's schedule:
+        nothing now, all of its slots after the sink block go to the
+        residual, and each :meth:`settle` packs its residual's whole groups
+        past ``residual + group - 1`` (row mode: every row packs on its own
+        schedule, the residual rows that are not a row's own masked for it,
+        ``residual_hidden``)."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
         new.feedback = feedback
         new.value_clip = bool(value_clip)
+        B, H = store.batch, store.heads
+        whole = _whole_heads(store, whole_rows, columns)
         if row_choices is not None:
-            if rotation is not None or feedback is not None or len(row_choices) != store.batch:
+            if rotation is not None or feedback is not None or len(row_choices) != B:
                 raise ValueError("row_choices: one (rotation, feedback) per row, in place of rotation and feedback")
-            new._choices = [(rot is not None, tri, new.value_clip) for rot, tri in row_choices]
-            new.rotation = next((rot for rot, _ in row_choices if rot is not None), None)
+            if any(c is None and (whole is None or not bool(whole[b * H])) for b, c in enumerate(row_choices)):
+                raise ValueError("row_choices: None only for a row of whole_rows (it chooses at its first pack)")
+            new._choices = [None if c is None else (c[0] is not None, c[1], new.value_clip) for c in row_choices]
+            new.rotation = next((c[0] for c in row_choices if c is not None and c[0] is not None), None)
         new.sinks_asked = int(sinks)
         G = group
-        B, H = store.batch, store.heads
         dev = store.k.device
         r = _recent_kept(store, residual) if columns else 0
         n_min = int(store._host_lengths.min()) if store._host_lengths.numel() else 0
         s = max(0, min(int(sinks), n_min - r))
         n = store.lengths.to(torch.int64) - r - s
         n_host = store._host_lengths.to(torch.int64) - r - s
+        rr = 0  # row mode: the residual every whole row's slots (after the block) fill, right-aligned
+        if whole is not None:
+            rr = int(n_host[whole].max()) if bool(whole.any()) else 0
+            held = n_host.clone()
+            n_host = torch.where(whole, torch.zeros_like(n_host), n_host)  # a whole row packs nothing now
+            n = n_host.to(dev)
         padded_host = (n_host + G - 1) // G * G
         padded = padded_host.to(dev)
         caps_host = padded_host + G
@@ -178,7 +196,7 @@ class RaggedPackedStore(PackedStore):
         if bool(hole.any()):
             new._real -= torch.bincount(head[hole & (t <= last)], minlength=B * H).cpu()
         # room for the residual to fill before its next pack (bounded as in PackedStore.append)
-        cap = s + r + min(residual - r + G, packed_store.RESIDUAL_ROOM)
+        cap = s + max(r, rr) + min(max(residual - r - rr, 0) + G, packed_store.RESIDUAL_ROOM)
         new._rk = store.k.new_empty((B, H, cap, D))
         new._rv = store.v.new_empty((B, H, cap, D))
         if columns:
@@ -200,7 +218,35 @@ class RaggedPackedStore(PackedStore):
                 block = store.counts[rows].view(B, H, count)
                 new._sink_counts = None if bool((block == 1).all()) else block.clone()
         new._r0, new.r = s, r
+        if whole is not None:
+            new._whole_residual(store, whole, held, s, rr)
         return new
+
+    def _whole_residual(self, store, whole, held, s: int, rr: int) -> None:
+        """Row mode's start (``from_ragged(whole_rows=...)``): each whole
+        row's ``held`` slots after its sink block go to the end of the
+        residual's first ``rr`` rows, the rows before them masked for it
+        (``_rs``), as all ``rr`` are for the other rows, whose residual is
+        empty; ``_np``: per row the packed rows its longest head holds."""
+        B, H = self.batch, self.heads
+        D = int(self._rk.shape[3])
+        rows_of = [range(b * H, (b + 1) * H) for b in range(B)]
+        self._rs, self._np, self._pads = [], [], [0] * B
+        # rows nobody's: zeros, so that an eager read (padded()) weighs finite values at 0
+        self._rk[:, :, s : s + rr] = 0
+        self._rv[:, :, s : s + rr] = 0
+        for b in range(B):
+            if bool(whole[b * H]):
+                m = int(held[b * H])
+                idx = (store.offsets[b * H : (b + 1) * H, None] + s
+                       + torch.arange(m, device=store.offsets.device)).reshape(-1)
+                self._rk[b, :, s + rr - m : s + rr] = store.k.index_select(0, idx).view(H, m, D)
+                self._rv[b, :, s + rr - m : s + rr] = store.v.index_select(0, idx).view(H, m, -1)
+                self._rs.append(rr - m)
+            else:
+                self._rs.append(rr)
+            self._np.append(max(int(self._host_lengths[i]) for i in rows_of[b]))
+        self.r, self.n_packed, self._row_args = rr, max(self._np, default=0), None
 
     def unpacked(self, rows=None) -> RaggedStore:
         """Every head's slots in full precision as a
@@ -272,10 +318,16 @@ class RaggedPackedStore(PackedStore):
 
     # ------------------------------------------------------------ geometry
     def head_lengths(self) -> list[int]:
-        return [int(x) + self.r + self._r0 for x in self._real.tolist()]
+        own = self._own_residual()
+        return [int(x) + own[i // self.heads] + self._r0 for i, x in enumerate(self._real.tolist())]
 
     def max_length(self) -> int:
-        return (int(self._real.max()) if self._real.numel() else 0) + self.r + self._r0
+        return max(self.head_lengths(), default=self.r + self._r0)
+
+    def _own_residual(self) -> list[int]:
+        """Per row the residual slots that are its own: ``r``, less the rows
+        masked for it in row mode."""
+        return [self.r - h for h in self._rs] if self._rs is not None else [self.r] * self.batch
 
     @property
     def n(self) -> int:
@@ -299,8 +351,11 @@ class RaggedPackedStore(PackedStore):
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
         if self._choices is not None:  # each row's own choices: the rows that took each
             for i, name in enumerate(("rotated keys", "key feedback")):
-                rows = [b for b, c in enumerate(self._choices) if (c[i] is not None if i == 1 else c[i])]
+                rows = [b for b, c in enumerate(self._choices)
+                        if c is not None and (c[i] is not None if i == 1 else c[i])]
                 vb += f", {name} in rows {rows}" if rows else ""
+            undecided = [b for b, c in enumerate(self._choices) if c is None]
+            vb += f", rows {undecided} not packed yet" if undecided else ""
         else:
             vb += ", rotated keys" if self.rotation is not None else ""
             vb += ", key feedback" if self.feedback is not None else ""
@@ -310,7 +365,9 @@ class RaggedPackedStore(PackedStore):
         holes = int(is_placeholder(self.counts_bias).sum()) if self.counts_bias is not None else 0
         span += f" (+{holes} placeholder rows)" if holes else ""
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
-                f"batch={self.batch}, heads={self.heads}, packed per head={span}, full_precision={self.r})")
+                f"batch={self.batch}, heads={self.heads}, packed per head={span}, "
+                + (f"full_precision per row={self._own_residual()})" if self._rs is not None
+                   else f"full_precision={self.r})"))
 
     # ------------------------------------------------------------- writing
     def append(self, keys, values, first_position: int) -> None:
@@ -348,7 +405,7 @@ class RaggedPackedStore(PackedStore):
                 return None, None
             return expand(self.feedback, D), torch.repeat_interleave(torch.arange(B * H, device=dev) % H,
                                                                      groups).view(1, 1, -1)
-        tris = [c[1] for c in self._choices]
+        tris = [c[1] if c is not None else None for c in self._choices]
         if all(t is None for t in tris):
             return None, None
         w = torch.zeros((B * H, D, D), dtype=torch.float32, device=dev)
@@ -377,38 +434,84 @@ class RaggedPackedStore(PackedStore):
     def _pack_oldest(self, m: int) -> None:
         """Pack the ``m`` oldest residual slots onto the end of every head's
         segment (each segment stays a whole number of groups)."""
+        self._pack_heads([m] * self.batch, [0] * self.batch)
+
+    def _pack_heads(self, due: list[int], first: list[int]) -> None:
+        """Pack ``due[b]`` residual slots of every head of row ``b`` (whole
+        groups), from residual row ``first[b]`` on (after the sink block),
+        onto the end of the head's segment: one flat pack of every head's
+        run, so that each head takes its own weights."""
         B, H, _, D = (int(x) for x in self._rk.shape)
-        N, G = B * H, self.group
-        if bool((self._host_lengths + m > self._host_caps).any()):
-            self._grow(m)
-        o = self._r0  # the residual's oldest slots follow the sink block
-        # every head's m slots as one flat run of whole groups, so that each head takes its weights
-        flat = self._rk[:, :, o : o + m].reshape(N * m, D)
-        weights, fb_index = self._head_weights(D, torch.full((N,), m // G, device=flat.device), B, H)
-        heads = torch.arange(N, device=flat.device).repeat_interleave(m)
-        kc, kmin, ksc = ops.pack_keys(self._flat_codes_keys(flat, heads, H).view(1, 1, N * m, D), self.bits, G,
+        N, G, o = B * H, self.group, self._r0
+        dev = self._rk.device
+        m_host = torch.tensor(due, dtype=torch.int64).repeat_interleave(H)
+        if not bool(m_host.any()):
+            return
+        if bool((self._host_lengths + m_host > self._host_caps).any()):
+            self._grow(int(m_host.max()))
+        runs = [(b, o + f, m) for b, (f, m) in enumerate(zip(first, due)) if m]
+        flat = torch.cat([self._rk[b, :, a : a + m].reshape(H * m, D) for b, a, m in runs])
+        flat_v = torch.cat([self._rv[b, :, a : a + m].reshape(H * m, -1) for b, a, m in runs])
+        m_dev = m_host.to(dev)
+        weights, fb_index = self._head_weights(D, m_dev // G, B, H)
+        heads = torch.arange(N, device=dev).repeat_interleave(m_dev)
+        P = int(heads.shape[0])
+        kc, kmin, ksc = ops.pack_keys(self._flat_codes_keys(flat, heads, H).view(1, 1, P, D), self.bits, G,
                                       feedback=weights, feedback_index=fb_index)
-        vc, vmin, vsc = ops.pack_values(self._rv[:, :, o : o + m], self.value_bits, G, clip=self.value_clip)
-        start = self.offsets + self.lengths
-        rows = (start[:, None] + torch.arange(m, device=start.device)).reshape(-1)
-        grows = (start[:, None] // G + torch.arange(m // G, device=start.device)).reshape(-1)
+        vc, vmin, vsc = ops.pack_values(flat_v.view(1, 1, P, -1), self.value_bits, G, clip=self.value_clip)
+        # each packed row's place: its head's segment end, then its index in the head's run
+        seg, t = segments(m_dev, P)
+        rows = (self.offsets + self.lengths)[seg] + t
+        gseg, gt = segments(m_dev // G, P // G)
+        grows = (self.offsets + self.lengths)[gseg] // G + gt
         # index_copy_: a 2-D advanced index put costs several times as much
-        self._kc.index_copy_(0, rows, kc.reshape(N * m, -1))
-        self._vc.index_copy_(0, rows, vc.reshape(N * m, -1))
-        self._vmin.index_copy_(0, rows, vmin.reshape(N * m, -1).to(self._vmin.dtype))
-        self._vsc.index_copy_(0, rows, vsc.reshape(N * m, -1).to(self._vsc.dtype))
-        self._kmin.index_copy_(0, grows, kmin.reshape(N * (m // G), D).to(self._kmin.dtype))
-        self._ksc.index_copy_(0, grows, ksc.reshape(N * (m // G), D).to(self._ksc.dtype))
+        self._kc.index_copy_(0, rows, kc.reshape(P, -1))
+        self._vc.index_copy_(0, rows, vc.reshape(P, -1))
+        self._vmin.index_copy_(0, rows, vmin.reshape(P, -1).to(self._vmin.dtype))
+        self._vsc.index_copy_(0, rows, vsc.reshape(P, -1).to(self._vsc.dtype))
+        self._kmin.index_copy_(0, grows, kmin.reshape(P // G, D).to(self._kmin.dtype))
+        self._ksc.index_copy_(0, grows, ksc.reshape(P // G, D).to(self._ksc.dtype))
         self.counts_bias.index_fill_(0, rows, 1.0)
         self.counts_plain.index_fill_(0, rows, 1.0)
         if self._rcols is not None:
-            self.positions.index_copy_(0, rows, self._rcols["positions"][:, :, o : o + m].reshape(N * m))
+            self.positions.index_copy_(0, rows, torch.cat([self._rcols["positions"][b, :, a : a + m].reshape(-1)
+                                                           for b, a, m in runs]))
             if self.scores is not None:
-                self.scores.index_copy_(0, rows, self._rcols["scores"][:, :, o : o + m].reshape(N * m))
-        self.lengths = self.lengths + m
-        self._host_lengths += m
-        self._real += m
-        self.n_packed += m
+                self.scores.index_copy_(0, rows, torch.cat([self._rcols["scores"][b, :, a : a + m].reshape(-1)
+                                                            for b, a, m in runs]))
+        self.lengths = self.lengths + m_dev
+        self._host_lengths += m_host
+        self._real += m_host
+        self.n_packed += max(due)
+
+    def _settle_rows(self) -> None:
+        """Row mode's settle (``from_ragged(whole_rows=...)``): each row
+        packs the whole groups of its own residual past ``residual + group -
+        1`` slots, as it does alone; then the residual rows that every row
+        has packed (or never held) leave the buffers."""
+        due = self.row_dues()
+        if not any(due):
+            return
+        self._pack_heads(due, self._rs)
+        for b, m in enumerate(due):
+            self._np[b] += m
+            self._rs[b] += m
+        self.n_packed = max(self._np)
+        self._row_args = None
+        d = min(self._rs)
+        if d:
+            self._drop_oldest(d)
+            self._rs = [x - d for x in self._rs]
+
+    def set_row_choice(self, b: int, rotation, feedback, clip: bool) -> None:
+        """Row mode: row ``b`` (one that packs nothing yet, a whole row)
+        packs its keys as ``k @ rotation`` rounded with ``feedback`` (see
+        :meth:`PackedStore.set_row_choice`); the rows that packed already
+        keep their choices, the store's where none were given per row. The
+        value groups of every row follow the store's ``value_clip``."""
+        if self._choices is None and self._np is not None:
+            self._choices = [(self.rotation is not None, self.feedback, self.value_clip)] * self.batch
+        super().set_row_choice(b, rotation, feedback, clip)
 
     def _grow(self, m: int) -> None:
         """Room for ``m`` more rows per head: the slack doubles each time, so
@@ -462,8 +565,12 @@ class RaggedPackedStore(PackedStore):
         self.offsets, self.caps, self.lengths = offsets, caps, self.lengths[src_head]
         self._host_caps, self._host_lengths = self._host_caps[host_idx], self._host_lengths[host_idx]
         self._real = self._real[host_idx]
+        rows = idx.cpu().tolist()
         if self._choices is not None:
-            self._choices, self._rot_mask = [self._choices[i] for i in idx.cpu().tolist()], None
+            self._choices, self._rot_mask = [self._choices[i] for i in rows], None
+        if self._np is not None:
+            self._np, self._rs, self._pads = ([x[i] for i in rows] for x in (self._np, self._rs, self._pads))
+            self._row_args = None
         self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
         if self._sink_counts is not None:
             self._sink_counts, self._rc = self._sink_counts.index_select(0, idx), None
@@ -527,8 +634,26 @@ class RaggedPackedStore(PackedStore):
         logc = torch.where(live, torch.log(counts[rows]), torch.zeros((), device=kd.device))
         keys = torch.cat([keys, self._rk[:, :, :r].reshape(N, r, D)], 1)[:, None]
         values = torch.cat([values, self._rv[:, :, :r].reshape(N, r, D)], 1)[:, None]
-        logc = torch.cat([logc, torch.log(self._residual_counts(count_bias, r).reshape(N, r))], 1)
+        rlog = torch.log(self._residual_counts(count_bias, r))
+        if self._rs is not None:
+            # row mode: the residual rows that are not a row's own weigh nothing for it
+            hid = self._hidden_rows(kd.device)
+            col = torch.arange(r, device=kd.device)[None, :]
+            rlog = torch.where((col >= hid[:, :1]) & (col < hid[:, 1:]), float("-inf"), rlog.reshape(N, r))
+        logc = torch.cat([logc, rlog.reshape(N, r)], 1)
         return keys, values, start, logc
+
+    def _hidden_rows(self, device):
+        """Row mode: ``residual_hidden`` ``[B * H, 2]`` of the kernel call, per
+        head the residual rows (after the sink block) that are not its row's
+        own; None when every row's residual is the whole window."""
+        if self._rs is None or not any(self._rs):
+            return None
+        if self._row_args is None or self._row_args[0] != device:
+            o = self._r0
+            hid = torch.tensor([[o, o + x] for x in self._rs], dtype=torch.int64).repeat_interleave(self.heads, 0)
+            self._row_args = (device, hid.to(device))
+        return self._row_args[1]
 
     def dequantized(self):
         raise NotImplementedError("a per-head packed layer has no [B, H, n, D] form: use padded()")
@@ -538,8 +663,11 @@ class RaggedPackedStore(PackedStore):
             raise NotImplementedError("a sliding-window layer is never packed")
         q = int(query.shape[2])
         counts = self.counts_bias if spec.count_bias else self.counts_plain
-        if spec.plain and kernel_reads(query, self._rk) and q <= self.r:
-            # a sink block is read as the residual's oldest slots
+        hidden = self._hidden_rows(query.device)
+        if (spec.plain and kernel_reads(query, self._rk) and q <= min(self._own_residual(), default=self.r)
+                and (hidden is None or packed_store.one_call(query))):
+            # a sink block is read as the residual's oldest slots; in row mode
+            # (residual_hidden, CPU only) each row's own residual after it
             rk, rv = self._rk[:, :, : self._r0 + self.r], self._rv[:, :, : self._r0 + self.r]
             pq, rotated = self._packed_query(query)
             residual_query = query if rotated else None
@@ -549,7 +677,7 @@ class RaggedPackedStore(PackedStore):
             return ops.packed_attention(pq, self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc,
                                         rk, rv, bits=self.bits, value_bits=self.value_bits, group=self.group,
                                         scaling=spec.scaling, offsets=self.offsets, lengths=self.lengths,
-                                        counts=counts, residual_query=residual_query,
+                                        counts=counts, residual_query=residual_query, residual_hidden=hidden,
                                         residual_counts=self._kernel_residual_counts(spec.count_bias))
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
@@ -603,6 +731,29 @@ def _fit(t, cap: int):
         return t
     fill = float("nan") if t.is_floating_point() else 0
     return torch.cat([t, t.new_full(t.shape[:2] + (cap - have,), fill)], 2)
+
+
+def _whole_heads(store, whole_rows, columns: bool):
+    """``from_ragged``'s ``whole_rows`` as a host bool ``[B * H]`` per head
+    (None: not given), checked: one flag per row, no ``columns``, and a
+    whole row's heads all hold the same slots, none merged."""
+    if whole_rows is None:
+        return None
+    B, H = store.batch, store.heads
+    if columns or len(whole_rows) != B:
+        raise ValueError("whole_rows: one flag per row, for a store packed once (columns=False)")
+    lengths = store._host_lengths.view(B, H)
+    for b, w in enumerate(whole_rows):
+        if not w:
+            continue
+        if bool((lengths[b] != lengths[b, 0]).any()):
+            raise ValueError(f"whole_rows: row {b}'s heads hold different numbers of slots, so it was not kept whole")
+        if store.counts is not None and int(lengths[b, 0]):
+            n = int(lengths[b, 0])
+            idx = (store.offsets[b * H : (b + 1) * H, None] + torch.arange(n, device=store.offsets.device))
+            if bool((store.counts[idx.reshape(-1)] != 1).any()):
+                raise ValueError(f"whole_rows: row {b} holds merged slots, so it was not kept whole")
+    return torch.tensor([bool(w) for w in whole_rows], dtype=torch.bool).repeat_interleave(H)
 
 
 def _recent_kept(store, residual: int) -> int:
