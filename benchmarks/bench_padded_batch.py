@@ -1,7 +1,11 @@
 """A left-padded batch under a uniform packed layer (full-attention and, on
 the CPU, sliding-window layers): each row on its own schedule, with its own
 once-only choices (row mode, ``PackedStore.rows_apart``), against every row
-on the batch's shared one, paired in the same run.
+on the batch's shared one, paired in the same run. Behind a per-head
+evictor that packs once (``ems:interval=0+kivi:...``), "apart" also lets a
+row that fits its budget pack on its own schedule as alone
+(``RaggedPackedStore.from_ragged(whole_rows=...)``), "shared" packs it
+with the compressed rows at once.
 
 For each mode the script generates greedily from one batch of prompts of
 different lengths (cut from the same text at different offsets, left-padded)
@@ -20,6 +24,8 @@ and reports:
 Run (about 4 minutes on 2 cores)::
 
     python benchmarks/bench_padded_batch.py --methods kivi:bits=2,kivi:bits=4 --repeats 4
+    python benchmarks/bench_padded_batch.py --lengths 1024,700,900,300 \
+        --methods "ems:interval=0+kivi:bits=2@512,adakv:interval=0+kivi:bits=4@512"
 """
 
 from __future__ import annotations
@@ -46,10 +52,15 @@ from _common import command_line, machine, machine_line, now, write_results  # n
 
 DEFAULT_TEXT = str(Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt")
 SHARED = CompressedLayer._rows_apart
+SHARED_WHOLE = CompressedLayer._whole_rows
 
 
 def _shared_schedule(self) -> bool:
     return False  # every row packs on the batch's schedule, as before row mode
+
+
+def _no_whole_rows(self):
+    return None  # a row kept whole is packed with the compressed rows at once, as before
 
 
 class StepClock(LogitsProcessor):
@@ -67,6 +78,7 @@ def generate(model, ids, mask, method, n: int, apart: bool):
     """Greedy ``generate()`` of exactly ``n`` tokens; returns ``(decode step
     seconds [n - 1], new tokens [B, n], prefill seconds)``."""
     CompressedLayer._rows_apart = SHARED if apart else _shared_schedule
+    CompressedLayer._whole_rows = SHARED_WHOLE if apart else _no_whole_rows
     clock = StepClock()
     start = time.perf_counter()
     try:
@@ -75,6 +87,7 @@ def generate(model, ids, mask, method, n: int, apart: bool):
                                  do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
     finally:
         CompressedLayer._rows_apart = SHARED
+        CompressedLayer._whole_rows = SHARED_WHOLE
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return steps, out[:, ids.shape[1]:], clock.times[0] - start
 
@@ -88,7 +101,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="a packaged model (smollm2, the default, or gemma3) or a folder")
     ap.add_argument("--lengths", default="1024,700,900,520", help="comma-separated prompt lengths of the rows")
-    ap.add_argument("--methods", default="kivi:bits=2,kivi:bits=4", help="comma-separated method specs")
+    ap.add_argument("--methods", default="kivi:bits=2,kivi:bits=4",
+                    help="comma-separated method specs (SPEC@N: at budget N)")
     ap.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per generation")
     ap.add_argument("--repeats", type=int, default=3, help="timed pairs per method (interleaved)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and kvcompress threads")
@@ -121,7 +135,8 @@ def main(argv=None):
 
     records = []
     for spec in args.methods.split(","):
-        method = method_from_spec(spec)
+        name, at, budget = spec.partition("@")  # SPEC@N: at budget N (an evictor's)
+        method = method_from_spec(name, budget=int(budget) if at else None)
         alone = [generate(model, r[None], torch.ones(1, len(r), dtype=torch.long), method, args.new_tokens, True)[1][0]
                  for r in tqdm(rows, desc=f"{spec}: rows alone", leave=False)]
         times, prefill = {True: [], False: []}, {True: [], False: []}

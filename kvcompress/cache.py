@@ -819,13 +819,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         """Per row whether the evictor kept it whole, where such a row packs
         as it does alone (``RaggedPackedStore.from_ragged(whole_rows=...)``:
         KIVI's schedule, its full-precision residual its own): a per-head
-        layer packed once, on the CPU (its kernel masks each row's residual
-        in one call, ``residual_hidden``); None where no row is kept whole,
-        or elsewhere (the whole row is then packed with the others at once)."""
+        layer packed once; None where no row is kept whole."""
         w = self._kept_whole
         if w is None or not any(w) or self._rebudget or not isinstance(self.store, RaggedStore):
             return None
-        return w if self.store.k.device.type == "cpu" else None
+        return w
 
     def _rows_apart(self) -> bool:
         """Whether this uniform layer's packed store packs each row of a
@@ -836,15 +834,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         cross-layer method or sparse reader. There
         each row also makes the layer's once-only choices (``rotate``,
         ``clip_values``, ``feedback``) itself, at its own first pack
-        (``_choose_rows``), in a padded batch or not. A sliding layer only
-        on the CPU, whose kernel masks each row's window in one call (the
-        CUDA kernels take no ``kv_start`` in the ragged layout: there a
-        decode step would read a dequantized copy instead)."""
+        (``_choose_rows``), in a padded batch or not. Sliding layers too:
+        the kernels mask each row's window (``kv_start`` of the ragged
+        layout), in one call on the CPU, in joined calls elsewhere."""
         m = self.method
-        dev = getattr(self, "device", None)
-        sliding_ok = self.window is None or dev is None or torch.device(dev).type == "cpu"
-        return bool(sliding_ok and not self._rebudget and not m.mixed_precision and m.depth is None
-                    and m.sparse is None)
+        return bool(not self._rebudget and not m.mixed_precision and m.depth is None and m.sparse is None)
 
     def _settle(self, queries, scaling: float) -> None:
         """Pack the packed store's whole residual groups (``settle``); a

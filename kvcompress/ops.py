@@ -878,8 +878,8 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     kv_start : int64 tensor ``[B]``, optional
         Leading masked slots of each batch row, counted over the logical
         sequence (packed, then residual), in ``[0, n + r]`` (ragged: in
-        ``[0, n_h + r]`` for every head of the row; the CPU kernel only, as
-        a row-mode store reads a sliding window's oldest group).
+        ``[0, n_h + r]`` for every head of the row: a row-mode store
+        masks a sliding window's oldest group so).
     offsets, lengths : int64 tensors ``[B * Hkv]``, optional (ragged only)
         The packed slots of head ``(b, h)`` are rows ``offsets[b*Hkv + h] ..
         + lengths[b*Hkv + h] - 1``; every offset a multiple of `group`,
@@ -928,8 +928,7 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
                                   scaling, out)
     qs = _shape(queries, "queries", 4, "[B, Hq, q, D]")
     lse = _empty(queries, (qs[0], qs[1], qs[2]), "float32") if _flag(return_lse, "return_lse") else None
-    for name, arg in (("residual_query", residual_query), ("residual_hidden", residual_hidden),
-                      ("kv_start", kv_start if ragged else None)):
+    for name, arg in (("residual_query", residual_query), ("residual_hidden", residual_hidden)):
         if arg is not None and _is_torch(queries) and queries.device.type != "cpu":
             raise NotImplementedError(f"{name}: the CPU kernel's; on other devices read the parts in separate "
                                       "calls (return_lse) and join them, or read a dequantized copy")

@@ -500,9 +500,9 @@ def test_residual_hidden_matches_reference(layout, nq, n, r, dtype):
 @pytest.mark.parametrize("nq,r", [(1, 7), (3, 9), (1, 200)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_ragged_kv_start_masks_each_heads_leading_slots(nq, r, dtype):
-    """``kv_start`` in the ragged layout (the CPU kernel's; a row-mode
-    store's sliding window masks the oldest slots of each row's packed part
-    so): row ``b``'s heads see none of their first ``kv_start[b]`` logical
+    """``kv_start`` in the ragged layout (a row-mode store's sliding window
+    masks the oldest slots of each row's packed part so; the CUDA kernels'
+    in test_cuda.py): row ``b``'s heads see none of their first ``kv_start[b]`` logical
     slots (packed, then residual), against the float64 reference; a prefix
     inside the packed part, one past it (a head of 0 or 9 packed slots), one
     reaching the queries, beside counts, a hidden residual stretch and split
@@ -531,16 +531,6 @@ def test_ragged_kv_start_masks_each_heads_leading_slots(nq, r, dtype):
         run(q, pk, rk, rv, bits, G, kv_start=torch.tensor([r + 1, 0]))
     with pytest.raises(KVCompressValueError, match="kv_start: 1 entries, expected B = 2"):
         run(q, pk, rk, rv, bits, G, kv_start=torch.tensor([0]))
-
-
-def test_ragged_kv_start_refused_off_the_cpu():
-    """Only the CPU kernel masks a ragged head's prefix: other devices are
-    refused by name before anything runs (a meta tensor stands in for a
-    GPU one); the uniform layout's kv_start is everyone's."""
-    pk = pack_ragged([16, 8], 32, 4, 8, seed=2)
-    q, rk = queries(1, 2, 1, 32, torch.float32, seed=3).to("meta"), torch.zeros(1, 2, 2, 32, device="meta")
-    with pytest.raises(NotImplementedError, match="kv_start"):
-        run(q, pk, rk, rk, 4, 8, kv_start=torch.tensor([1]))
 
 
 # ---------------------------------------------------------------- threads, strides, frameworks

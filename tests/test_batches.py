@@ -198,7 +198,8 @@ def test_per_head_packed_rows_choose_what_they_choose_alone(tiny_model, evictor)
 @pytest.mark.parametrize("kw", [dict(bits=2, group=8, residual=8),
                                 dict(bits=2, group=8, residual=8, rotate="auto", sinks=4, feedback=True)],
                          ids=["kivi2", "recipe"])
-def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, evictor, kw):
+@pytest.mark.parametrize("one_call", [True, False], ids=["one call", "joined"])
+def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, evictor, kw, one_call, monkeypatch):
     """A row whose prompt fits the budget is kept whole by the evictor:
     alone its layer is never evicted and packs on KIVI's schedule, keeping
     its newest tokens in full precision, and chooses rotation and weights
@@ -207,8 +208,14 @@ def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, e
     slots and residual slots as alone after every row's 40 tokens, makes
     the same choices, and generates the same tokens (before, its heads were
     packed whole with the compressed rows, residual empty). The 14-token
-    row packs nothing at prefill and chooses during decoding."""
+    row packs nothing at prefill and chooses during decoding. "joined": as
+    where the kernel takes no ``residual_hidden`` (CUDA), a decode step
+    reads segments, own residuals and sink block in three calls."""
+    import kvcompress.stores.packed as packed_store
     from kvcompress.stores.feedback import expand
+
+    if not one_call:
+        monkeypatch.setattr(packed_store, "one_call", lambda query: False)
 
     make = lambda: REGISTRY[evictor](budget=64, interval=0) + kvc.KIVI(**kw)  # noqa: E731
     rows = [random_ids(150, 71), random_ids(60, 72), random_ids(131, 73), random_ids(14, 74)]
@@ -268,20 +275,25 @@ def test_sliding_kivi_rows_generate_what_they_generate_alone(tiny_sliding, kw):
                 assert layer.window is not None and layer.store._np[i] == one.store.n_packed > 0, (i, layer.store)
 
 
-def test_sliding_layers_pack_rows_apart_on_the_cpu_only(tiny_sliding):
-    """Off the CPU (the CUDA kernels take no per-row window mask, the ragged
-    layout's ``kv_start``) a sliding layer keeps one schedule for the
-    batch, so that its decode steps stay on the kernel; full-attention
-    layers pack rows apart everywhere."""
-    rows = [random_ids(40, 1), random_ids(25, 2)]
+def test_sliding_rows_generate_as_alone_where_the_kernel_takes_no_residual_hidden(tiny_sliding, monkeypatch):
+    """Where the kernel takes no ``residual_hidden`` (the CUDA kernels; here
+    the CPU's, made to read as they do) a sliding layer still packs each
+    row on its own schedule: a decode step reads each row's packed part and
+    own residual in two calls, the window's oldest slots masked by the
+    packed call's ragged ``kv_start`` and the residual call's. Every row
+    generates what it generates alone and holds as many packed slots."""
+    import kvcompress.stores.packed as packed_store
+
+    monkeypatch.setattr(packed_store, "one_call", lambda query: False)
+    rows = [random_ids(n, 80 + n) for n in (100, 30, 61)]
     ids, mask = left_pad(rows)
-    _, cache = _gen(tiny_sliding, kvc.KIVI(bits=2, group=8, residual=8), ids, mask, n=4)
-    layer = cache.layers[0]
-    assert layer.window is not None and layer._rows_apart() and layer.store.rows_apart
-    layer.device = torch.device("meta")  # as a GPU's
-    assert not layer._rows_apart()
-    layer.window = None
-    assert layer._rows_apart()
+    out, cache = _gen(tiny_sliding, kvc.KIVI(bits=2, group=8, residual=8), ids, mask, n=50)
+    for i, row in enumerate(rows):
+        alone, solo = _gen(tiny_sliding, kvc.KIVI(bits=2, group=8, residual=8), row[None],
+                           torch.ones(1, len(row), dtype=torch.long), n=50)
+        assert torch.equal(out[i, -50:], alone[0, -50:]), i
+        for layer, one in zip(cache.layers, solo.layers):
+            assert layer.window is not None and layer.store._np[i] == one.store.n_packed > 0, (i, layer.store)
 
 
 @pytest.mark.parametrize("name", ["ems", "adakv", "snapkv", "h2o"])

@@ -512,11 +512,14 @@ def test_packed_attention_ragged(nq, bits, dtype, packed_kernel):
     qs = attn_randn((B, Hkv * g, nq, D), dtype, 5)
     rk, rv = attn_randn((B, Hkv, r, D), dtype, 6), attn_randn((B, Hkv, r, D), dtype, 7)
     counts = torch.randint(1, 4, (pk.N,), generator=torch.Generator().manual_seed(6)).to(torch.float32)
-    for c in (None, counts):
+    # each row's masked prefix (a row-mode sliding window's): row 0 holds a head of 0 packed slots (limit r),
+    # row 1's reaches past its 9-slot head into the residual
+    kv_start = torch.tensor([min(2, r), 9 + r - nq], dtype=torch.int64)
+    for ks, c in ((None, None), (None, counts), (kv_start, None), (kv_start, counts)):
         _, got = both(ops.packed_attention, qs, *pk.args(), rk, rv, bits=bits, group=G, offsets=pk.offsets,
-                      lengths=pk.lengths, counts=c)
-        ref = packed_ref(qs, pk, rk, rv, counts=c)
-        same = packed_ref(qs, pk, rk, rv, counts=c, dtype=dtype)
+                      lengths=pk.lengths, counts=c, kv_start=ks)
+        ref = packed_ref(qs, pk, rk, rv, counts=c, kv_start=ks)
+        same = packed_ref(qs, pk, rk, rv, counts=c, kv_start=ks, dtype=dtype)
         assert_within_bound(got, ref, same)
 
 
@@ -974,6 +977,49 @@ def test_generate_tiled_packed_gpu_equals_cpu(tiny_model_d64, method):
     ids = torch.randint(3, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
     try:
         got = [_generate(model, ids, GPU_METHODS[method](), d) for d in ("cpu", DEV)]
+    finally:
+        model.to("cpu")
+    assert torch.equal(got[0], got[1])
+
+
+def _generate_padded(model, rows, method, device, n=40):
+    """Greedy generate() of ``n`` tokens from left-padded ``rows`` on ``device``."""
+    from generation import left_pad
+
+    ids, mask = left_pad(rows)
+    model.to(device)
+    with kvcompress.compress(model, method):
+        out = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("case", ["sliding", "whole"])
+def test_padded_rows_apart_gpu_equals_cpu(tiny_model, case):
+    """Row mode where the kernel takes no ``residual_hidden``: a sliding
+    layer's decode step in two calls (the packed part masked by the ragged
+    layout's ``kv_start``), and behind a per-head evictor a row kept whole
+    on its own schedule (segments, own residuals and sink block in three
+    calls): the same tokens on both devices."""
+    from generation import random_ids
+
+    if case == "sliding":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        torch.manual_seed(0)
+        cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                            max_position_embeddings=1024, pad_token_id=0)
+        cfg._attn_implementation = "eager"
+        model, lengths = MistralForCausalLM(cfg).eval(), (100, 30, 61)
+        make = lambda: kvcompress.KIVI(bits=2, group=8, residual=8)  # noqa: E731
+    else:
+        model, lengths = tiny_model, (150, 60, 131, 14)
+        make = lambda: kvcompress.EMS(budget=64, interval=0) + kvcompress.KIVI(  # noqa: E731
+            bits=2, group=8, residual=8, rotate="auto", sinks=4, feedback=True)
+    rows = [random_ids(n, 90 + n) for n in lengths]
+    try:
+        got = [_generate_padded(model, rows, make(), d) for d in ("cpu", DEV)]
     finally:
         model.to("cpu")
     assert torch.equal(got[0], got[1])

@@ -453,7 +453,7 @@ def test_padded_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monk
     _random_steps(rng, dims["B"], rng.randrange(20, 50), 0.1, step, reorder)
 
 
-@pytest.mark.parametrize("one_call", [True, False], ids=["one call", "eager"])
+@pytest.mark.parametrize("one_call", [True, False], ids=["one call", "joined"])
 @pytest.mark.parametrize("seed", range(12))
 def test_sliding_rows_hold_and_read_what_each_row_does_alone(seed, one_call, monkeypatch):
     """Row mode on a sliding-window layer: each row of a left-padded batch
@@ -464,8 +464,9 @@ def test_sliding_rows_hold_and_read_what_each_row_does_alone(seed, one_call, mon
     masked per row by the ragged layout's ``kv_start``) or a chunk (the
     eager path) reads the same attention within float rounding, through
     beam reorders, with each row's own choices where drawn. Where the
-    kernel takes no ragged ``kv_start`` (CUDA) a decode step takes the
-    eager path too."""
+    kernel takes no ``residual_hidden`` (CUDA; "joined") a decode step
+    reads the packed part and the residual in two calls, the window's
+    prefix split between their ``kv_start``."""
     import kvcompress.stores.packed as packed_store
 
     if not one_call:
@@ -631,8 +632,9 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
     nothing at first, then its residual's whole groups past ``residual +
     group - 1``, its newest slots in full precision), with the choice it
     makes at its first pack (``set_row_choice``), while the compressed rows
-    pack as ``from_ragged`` of each alone. After every decode step each
-    row holds bit for bit what its one-row store holds (packed codes,
+    pack as ``from_ragged`` of each alone. After every decode step (and a
+    beam reorder that repeats an undecided row) each row holds bit for
+    bit what its one-row store holds (packed codes,
     scales, its own residual) and reads the same attention within float
     rounding: in one kernel call (``residual_hidden`` masks the residual
     rows that are not a row's own), in joined calls, and eagerly (softcap:
@@ -667,7 +669,7 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
         return compact(feedback_weights(x.transpose(1, 2) @ x))
 
     # compressed rows choose now, whole rows at their first pack (row 1 rotated, row 3 not)
-    later = {1: (rot, tri()), 3: (None, tri() if seed % 2 else None)}
+    later = [None, (rot, tri()), None, (None, tri() if seed % 2 else None)]
     choices = [None if whole[b] else ((rot if b == 0 else None), (tri() if seed % 3 else None)) for b in range(B)]
 
     def store_of(rows):
@@ -688,8 +690,8 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
         solos.append(st)
 
     def settle():
-        for b in (1, 3):
-            if batch.row_dues()[b] and batch._choices[b] is None:
+        for b in range(B):
+            if whole[b] and batch.row_dues()[b] and batch._choices[b] is None:
                 batch.set_row_choice(b, *later[b], False)
         batch.settle()
         for b, st in enumerate(solos):
@@ -743,16 +745,24 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
     settle()
     check()
     decided = 0
-    for _ in range(3 * (R + G)):
+    orig = list(range(B))  # each row's row before the beam reorder
+    flip = rng.randrange(1, R + G)
+    for step in range(3 * (R + G)):
+        if step == flip:
+            # beam search: row 2 dropped, row 3 twice (undecided on even seeds), row 1 first
+            idx = [1, 3, 3, 0]
+            batch.index_batch(torch.tensor(idx))
+            solos, whole, later, orig = ([x[i] for i in idx] for x in (solos, whole, later, orig))
+            solos = [copy.deepcopy(st) for st in solos]
         k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
         batch.append(k, v, 0)
         for b, st in enumerate(solos):
             st.append(k[b : b + 1], v[b : b + 1], 0)
         settle()
         check()
-        decided += batch._choices[3] is not None
-    assert batch._np[3] > 0 and (0 < decided < 3 * (R + G) if short else decided == 3 * (R + G))
-    assert batch.row_choice(1)[0] and not batch.row_choice(3)[0]
+        decided += batch._choices[orig.index(3)] is not None
+    assert batch._np[1] > 0 and (0 < decided < 3 * (R + G) if short else decided == 3 * (R + G))
+    assert batch.row_choice(0)[0] and not batch.row_choice(1)[0] and not batch.row_choice(2)[0]
 
 
 def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():

@@ -397,8 +397,6 @@ extern "C" enum kvc_status kvc_cuda_packed_attention(const struct kvc_packed_att
     if (p->res_q.data != NULL) return KVC_ERR_UNSUPPORTED;
     /* a hidden stretch of residual rows per head: the CPU kernel's too (the store joins calls here) */
     if (p->res_hidden != NULL) return KVC_ERR_UNSUPPORTED;
-    /* kvc_pa_head masks no prefix of a ragged head */
-    if (p->kv_start != NULL && p->layout == KVC_KV_RAGGED) return KVC_ERR_UNSUPPORTED;
     if (!kvc_pa_geometry(p, &g)) return KVC_OK;
     if (p->q.shape[1] % p->num_kv_heads != 0 || (g.r != 0 && g.r < g.nq)) return KVC_ERR_INVALID;
     if (g.D > KVC_PA_MAX_D) return KVC_ERR_UNSUPPORTED;

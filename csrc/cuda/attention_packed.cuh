@@ -38,7 +38,9 @@ struct kvc_pa_geom {
 };
 
 /* Packed slots n, first valid logical slot s0 and (ragged) first row off
- * of kv head (b, hk). */
+ * of kv head (b, hk). kv_start counts logical slots (packed, then
+ * residual) in either layout: a ragged head's masked prefix is its row's
+ * value, the module having checked it against the head's own n + r. */
 __device__ __forceinline__ void kvc_pa_head(const kvc_packed_attention_params &p, int64_t b,
                                             int64_t hk, int64_t *n, int64_t *s0, int64_t *off)
 {
@@ -46,7 +48,7 @@ __device__ __forceinline__ void kvc_pa_head(const kvc_packed_attention_params &p
         const int64_t i = b * p.num_kv_heads + hk;
         *off = p.offsets[i * p.offsets_stride];
         *n = p.lengths[i * p.lengths_stride];
-        *s0 = 0;
+        *s0 = p.kv_start ? p.kv_start[b * p.kv_start_stride] : 0;
     } else {
         *off = 0;
         *n = p.key_codes.shape[2];

@@ -814,9 +814,10 @@ class PackedStore(LayerStore):
         log-sum-exp. The layer's ``kv_start`` (the padding, logical order)
         is read only for such a block: no other padded slot is stored.
         ``first_visible`` (token positions ``[B]`` or an int; a sliding
-        window's decode step, CPU only): each row's slots before it are
-        masked, a prefix of its packed part past its own ``_pads``
-        (``kv_start`` of the ragged layout)."""
+        window's decode step): each row's slots before it are masked, a
+        prefix of its packed part past its own ``_pads`` (``kv_start`` of
+        the ragged layout) and, once the window has passed that part, of its
+        own residual (the second call's ``kv_start``)."""
         B, H, o = self.batch, self.heads, self._r0
         if self._kc is None:
             self._reserve(0)  # zero-slot buffers, once: the kernel reads an empty packed part
@@ -840,11 +841,20 @@ class PackedStore(LayerStore):
                                         kv_start=self._row_leading(first_visible), **widths)
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         empty = tuple(t[:, :, :0] for t in self._packed_views())
+        packed_start = None
+        if first_visible is not None:
+            # a sliding window's decode step (no sink block): each row's masked
+            # prefix split between its packed part and its own residual
+            lead = self._row_lead(first_visible)
+            packed_start = torch.tensor([min(s, n) for s, n in zip(lead, self._np)], dtype=torch.int64,
+                                        device=dev)
+            starts = torch.tensor([min(h + max(0, s - n), self.r) for s, n, h in zip(lead, self._np, self._rs)],
+                                  dtype=torch.int64, device=dev)
         parts = [ops.packed_attention(query, *empty, rk, rv, kv_start=starts, return_lse=True, **widths)]
         if self.n_packed:
             none = rk[:, :, :0]
             parts.append(ops.packed_attention(pq, *flat, none, none, offsets=offsets, lengths=lengths,
-                                              return_lse=True, **widths))
+                                              kv_start=packed_start, return_lse=True, **widths))
         if o:
             parts.append(self._attend_sinks(query, scaling, self.split_start(kv_start)[0]))
         return join_parts(parts, query.dtype)
@@ -858,12 +868,18 @@ class PackedStore(LayerStore):
         rows count too."""
         if first_visible is None:
             return None
-        fv = torch.as_tensor(first_visible, dtype=torch.int64).reshape(-1).expand(self.batch).tolist()
         out = []
-        for b, f in enumerate(fv):
-            s = max(0, f - self.first_position - self._pads[b])
+        for b, s in enumerate(self._row_lead(first_visible)):
             out.append(s if s <= self._np[b] else min(s + self._rs[b], self._np[b] + self._r0 + self.r))
         return torch.tensor(out, dtype=torch.int64) if any(out) else None
+
+    def _row_lead(self, first_visible) -> list[int]:
+        """Row mode: per row how many of its own slots (packed, then its own
+        residual) lie before token position ``first_visible`` (an int or
+        ``[B]``); its padding is not stored, so only what lies past its
+        ``_pads`` counts."""
+        fv = torch.as_tensor(first_visible, dtype=torch.int64).reshape(-1).expand(self.batch).tolist()
+        return [max(0, f - self.first_position - self._pads[b]) for b, f in enumerate(fv)]
 
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         q = int(query.shape[2])
@@ -873,7 +889,7 @@ class PackedStore(LayerStore):
             if spec.window is None and self.visible_from is None and (
                     q == 1 or not self._r0 or self._rows_one_call(query)):
                 return self._attend_rows(query, spec.scaling, kv_start)
-            if q == 1 and query_pos is not None and not self._r0 and one_call(query):
+            if q == 1 and query_pos is not None and not self._r0:
                 # a sliding window's decode step: what neither the window nor the layer lets it see is masked
                 first = query_pos[:, 0].to(torch.int64).cpu()
                 first = first - (spec.window - 1) if spec.window is not None else torch.zeros_like(first)

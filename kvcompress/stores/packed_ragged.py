@@ -665,9 +665,11 @@ class RaggedPackedStore(PackedStore):
         counts = self.counts_bias if spec.count_bias else self.counts_plain
         hidden = self._hidden_rows(query.device)
         if (spec.plain and kernel_reads(query, self._rk) and q <= min(self._own_residual(), default=self.r)
-                and (hidden is None or packed_store.one_call(query))):
+                and (hidden is None or packed_store.one_call(query) or q == 1)):
+            if hidden is not None and not packed_store.one_call(query):
+                return self._attend_joined_rows(query, spec.scaling, counts, spec.count_bias)
             # a sink block is read as the residual's oldest slots; in row mode
-            # (residual_hidden, CPU only) each row's own residual after it
+            # (residual_hidden) each row's own residual after it
             rk, rv = self._rk[:, :, : self._r0 + self.r], self._rv[:, :, : self._r0 + self.r]
             pq, rotated = self._packed_query(query)
             residual_query = query if rotated else None
@@ -681,6 +683,30 @@ class RaggedPackedStore(PackedStore):
                                         residual_counts=self._kernel_residual_counts(spec.count_bias))
         keys, values, start, logc = self.padded(spec.count_bias)
         return padded_head_attention(query, keys, values, start, spec, self.heads, logc)
+
+    def _attend_joined_rows(self, query, scaling, counts, count_bias: bool):
+        """Row mode's decode step where the kernel takes no
+        ``residual_hidden`` (CUDA): every head's packed segments (``q @ R``
+        on rotated rows), each row's own residual (``kv_start`` masks the
+        rows that are not its own) and the sink block with its merge counts,
+        three calls joined by their log-sum-exps. One query per row: a
+        block read on its own would be masked causally for a chunk."""
+        B, H, o, r = self.batch, self.heads, self._r0, self.r
+        widths = dict(bits=self.bits, value_bits=self.value_bits, group=self.group, scaling=scaling)
+        none = self._rk[:, :, :0]
+        parts = [ops.packed_attention(self._packed_query(query)[0], self._kc, self._kmin, self._ksc, self._vc,
+                                      self._vmin, self._vsc, none, none, offsets=self.offsets, lengths=self.lengths,
+                                      counts=counts, return_lse=True, **widths)]
+        empty = tuple(t.new_empty((B, H, 0) + tuple(t.shape[1:]))
+                      for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
+        own = torch.tensor(self._rs, dtype=torch.int64, device=query.device)
+        parts.append(ops.packed_attention(query, *empty, self._rk[:, :, o : o + r], self._rv[:, :, o : o + r],
+                                          kv_start=own, return_lse=True, **widths))
+        if o:
+            parts.append(ops.packed_attention(query, *empty, self._rk[:, :, :o], self._rv[:, :, :o],
+                                              residual_counts=self._kernel_residual_counts(count_bias, o),
+                                              return_lse=True, **widths))
+        return join_parts(parts, query.dtype)
 
     def _residual_counts(self, count_bias: bool, r: int):
         """float32 ``[B, H, r]`` counts of the buffers' first ``r`` residual
