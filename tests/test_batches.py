@@ -232,6 +232,7 @@ def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, e
             held = s.head_lengths()[i * s.heads : (i + 1) * s.heads]
             assert s._np[i] == o.n_packed > 0 and held == [o.n] * s.heads, (i, s, o)
             assert s._own_residual()[i] + s._r0 == o.r + o._r0, (i, s, o)
+            assert "not packed yet" not in repr(s), s  # every row has packed by now
             is_rot, tri, _ = s.row_choice(i)
             assert is_rot == (o.rotation is not None), (i, layer.layer_idx)
             assert (tri is None) == (o.feedback is None), (i, layer.layer_idx)

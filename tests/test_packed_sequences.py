@@ -744,6 +744,8 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
 
     settle()
     check()
+    waiting = [b for b in (1, 3) if not batch._np[b]]
+    assert (f"rows {waiting} not packed yet" in repr(batch)) if waiting else "not packed" not in repr(batch)
     decided = 0
     orig = list(range(B))  # each row's row before the beam reorder
     flip = rng.randrange(1, R + G)

@@ -354,11 +354,12 @@ class RaggedPackedStore(PackedStore):
                 rows = [b for b, c in enumerate(self._choices)
                         if c is not None and (c[i] is not None if i == 1 else c[i])]
                 vb += f", {name} in rows {rows}" if rows else ""
-            undecided = [b for b, c in enumerate(self._choices) if c is None]
-            vb += f", rows {undecided} not packed yet" if undecided else ""
         else:
             vb += ", rotated keys" if self.rotation is not None else ""
             vb += ", key feedback" if self.feedback is not None else ""
+        if self._np is not None:  # row mode: the rows kept whole that have packed nothing yet
+            waiting = [b for b, packed in enumerate(self._np) if not packed]
+            vb += f", rows {waiting} not packed yet" if waiting else ""
         vb += ", clipped values" if self.value_clip else ""
         if self.sinks_asked:
             vb += f", sinks={self._r0}" + (f" of {self.sinks_asked}" if self._r0 != self.sinks_asked else "")
