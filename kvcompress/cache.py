@@ -790,9 +790,12 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         else:
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             clip = self._value_clip(packing, queries, scaling, defer=True)
+            # a layer with rounds: each row keeps its own newest slots in full precision, as alone
+            # (not with keep_rows, whose rounds lay out one residual for the batch)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
-                                                       feedback=self._fix_feedback(), value_clip=clip)
+                                                       feedback=self._fix_feedback(), value_clip=clip,
+                                                       rows_apart=self._rebudget and not self.method.round_keeps_rows)
             if self.store.packed_any():
                 # short heads packed as part groups before any whole group
                 # could be tested: they stay as they are

@@ -241,6 +241,29 @@ def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, e
                 assert torch.allclose(expand(tri, D), expand(o.feedback, D), rtol=2**-7, atol=1e-6), i
 
 
+@pytest.mark.parametrize("spec", ["ems+kivi:bits=2:keep_rows=0", "adakv+kivi:bits=2", "ems+kivi:bits=4:keep_rows=0"])
+def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, spec):
+    """Behind a per-head evictor that keeps its budget while decoding
+    (rounds every 16 steps), each row keeps in full precision the newest
+    slots its own heads allow (``from_ragged(rows_apart=True)``), not the
+    fewest any row's heads allow, so every row generates what it generates
+    alone over 40 tokens (two rounds) and holds as many full-precision
+    slots (with one residual length for the batch, every case fails)."""
+    from kvcompress.methods import method_from_spec
+
+    rows = [random_ids(150, 81), random_ids(97, 82), random_ids(131, 83)]
+    ids, mask = left_pad(rows)
+    out, cache = _gen(tiny_model, method_from_spec(spec, budget=64), ids, mask, n=40)
+    for i, row in enumerate(rows):
+        alone, solo = _gen(tiny_model, method_from_spec(spec, budget=64), row[None],
+                           torch.ones(1, len(row), dtype=torch.long), n=40)
+        assert torch.equal(out[i, -40:], alone[0, -40:]), (spec, i)
+        for layer, one in zip(cache.layers, solo.layers):
+            s, o = layer.store, one.store
+            assert layer._rebudget and s._own_residual()[i] == o.r and s._r0 == o._r0, (i, s, o)
+            assert s.head_lengths()[i * s.heads : (i + 1) * s.heads] == o.head_lengths(), (i, s, o)
+
+
 @pytest.fixture(scope="module")
 def tiny_sliding():
     """A randomly initialised 3-layer Mistral whose every layer slides over 64 tokens (eager attention)."""

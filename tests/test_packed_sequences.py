@@ -767,6 +767,104 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
     assert batch.row_choice(0)[0] and not batch.row_choice(1)[0] and not batch.row_choice(2)[0]
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
+    """``from_ragged(columns=True, rows_apart=True)`` (a layer with rounds):
+    each row keeps in its residual the newest slots ``_recent_kept`` allows
+    its own heads (before: the fewest any row's heads allowed), so after
+    every decode step each row holds bit for bit what ``from_ragged`` of
+    that row alone holds (packed codes and scales, its own residual with
+    positions and carried scores), reads the same attention within float
+    rounding (one call, joined, eager), and gives back the same slots from
+    ``unpacked()``, what the next round re-compresses."""
+    import kvcompress.stores.packed as packed_store
+
+    rng = random.Random(92_000 + seed)
+    g = torch.Generator().manual_seed(92_000 + seed)
+    B, H, D, G, R = 3, 2, 16, 8, rng.choice([4, 8, 16])
+    bits, S = rng.choice([2, 4]), rng.choice([0, 2])
+    C = 60
+    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
+    values = torch.randn(B, H, C, D, generator=g)
+    valid = torch.zeros(B, H, C, dtype=torch.bool)
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    for b in range(B):
+        for h in range(H):
+            n = rng.randrange(12, C)
+            valid[b, h, :n] = True
+            # a trailing run of count-1 slots of the row's own length: the residual a row can keep
+            counts[b, h, max(0, n - rng.randrange(1, 20)) : n] = 1.0
+    positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).contiguous()
+    scores = torch.rand(B, H, C, generator=g)
+
+    def store_of(rows):
+        return RaggedStore.from_dense(keys[rows], values[rows], positions[rows], valid[rows], counts=counts[rows],
+                                      scores=scores[rows])
+
+    batch = RaggedPackedStore.from_ragged(store_of(slice(None)), bits, G, R, columns=True, sinks=S, rows_apart=True)
+    solos = [RaggedPackedStore.from_ragged(store_of(slice(b, b + 1)), bits, G, R, columns=True, sinks=S)
+             for b in range(B)]
+    shared = RaggedPackedStore.from_ragged(store_of(slice(None)), bits, G, R, columns=True, sinks=S)
+    if len({st.r for st in solos}) > 1 and all(st._r0 == solos[0]._r0 for st in solos):
+        assert "full_precision per row" in repr(batch)
+        assert batch._own_residual() == [st.r for st in solos] != [shared.r] * B
+    spec = AttentionSpec(scaling=D ** -0.5, count_bias=True)
+    capped = AttentionSpec(scaling=D ** -0.5, count_bias=True, softcap=30.0)
+
+    def check():
+        if any(st._r0 != batch._r0 for st in solos):
+            return  # a row alone takes a longer sink block than the batch's one (too few slots in another row)
+        assert batch.head_lengths() == [n for st in solos for n in st.head_lengths()]
+        for b, st in enumerate(solos):
+            for h in range(H):
+                i = b * H + h
+                n, o, o1 = int(batch.lengths[i]), int(batch.offsets[i]), int(st.offsets[h])
+                assert n == int(st.lengths[h]), (b, h)
+                for name in ("_kc", "_vc", "_vmin", "_vsc", "positions", "counts_bias", "counts_plain"):
+                    assert torch.equal(getattr(batch, name)[o : o + n], getattr(st, name)[o1 : o1 + n]), (name, b, h)
+                for name in ("_kmin", "_ksc"):
+                    got = getattr(batch, name)[o // G : (o + n) // G]
+                    assert torch.equal(got, getattr(st, name)[o1 // G : (o1 + n) // G]), (name, b, h)
+            own, end = batch._own_residual()[b], batch._r0 + batch.r
+            assert own == st.r, b
+            for mine, theirs in ((batch._rk, st._rk), (batch._rv, st._rv), (batch._rcols["positions"],
+                                 st._rcols["positions"])):
+                assert torch.equal(mine[b, :, end - own : end], theirs[0, :, st._r0 : st._r0 + st.r]), b
+            assert torch.equal(batch._rk[b, :, : batch._r0], st._rk[0, :, : st._r0]), b
+        query = torch.randn(B, 2 * H, 1, D, generator=g)
+        for sp, one in ((spec, True), (spec, False), (capped, True)):
+            packed_store.one_call, saved = (lambda q: one), packed_store.one_call
+            try:
+                out = batch.attend(query, sp).double()
+                for b, st in enumerate(solos):
+                    alone = st.attend(query[b : b + 1], sp).double()
+                    assert (out[b : b + 1] - alone).abs().max().item() <= 1e-5 * (1 + alone.abs().max().item()), (
+                        b, sp.softcap, one)
+            finally:
+                packed_store.one_call = saved
+        back = batch.unpacked()
+        for b, st in enumerate(solos):
+            alone = st.unpacked()
+            for h in range(H):
+                i, n = b * H + h, int(back._host_lengths[b * H + h])
+                assert n == int(alone._host_lengths[h]), (b, h)
+                o, o1 = int(back.offsets[i]), int(alone.offsets[h])
+                for name in ("k", "v", "positions", "counts", "scores"):
+                    x, y = getattr(back, name)[o : o + n], getattr(alone, name)[o1 : o1 + n]
+                    assert torch.equal(x, y) or (name == "scores" and torch.equal(x.isnan(), y.isnan())
+                                                 and torch.equal(x.nan_to_num(), y.nan_to_num())), (name, b, h)
+
+    check()
+    for step in range(2 * (R + G)):
+        k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        batch.append(k, v, 2 * C + step)  # after every prompt position
+        batch.settle()
+        for b, st in enumerate(solos):
+            st.append(k[b : b + 1], v[b : b + 1], 2 * C + step)
+            st.settle()
+        check()
+
+
 def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
     """``from_ragged(whole_rows=...)`` names the argument for a store with
     columns (a layer that re-compresses), a flag count other than the

@@ -90,7 +90,8 @@ class RaggedPackedStore(PackedStore):
                     value_bits: int | None = None, columns: bool = False,
                     rotation: torch.Tensor | None = None, sinks: int = 0,
                     feedback: torch.Tensor | None = None, value_clip: bool = False,
-                    row_choices: list | None = None, whole_rows: list | None = None) -> "RaggedPackedStore":
+                    row_choices: list | None = None, whole_rows: list | None = None,
+                    rows_apart: bool = False) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -119,7 +120,10 @@ class RaggedPackedStore(PackedStore):
         residual, and each :meth:`settle` packs its residual's whole groups
         past ``residual + group - 1`` (row mode: every row packs on its own
         schedule, the residual rows that are not a row's own masked for it,
-        ``residual_hidden``)."""
+        ``residual_hidden``). ``rows_apart`` (with ``columns``, a batch of
+        more than one row): each row keeps in its residual the newest slots
+        ``_recent_kept`` allows its own heads, as it does alone, not the
+        fewest any row's heads allow (row mode again)."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
         new.feedback = feedback
@@ -139,8 +143,17 @@ class RaggedPackedStore(PackedStore):
         r = _recent_kept(store, residual) if columns else 0
         n_min = int(store._host_lengths.min()) if store._host_lengths.numel() else 0
         s = max(0, min(int(sinks), n_min - r))
-        n = store.lengths.to(torch.int64) - r - s
-        n_host = store._host_lengths.to(torch.int64) - r - s
+        per_row = None  # row mode with columns: each row's own residual length
+        if columns and rows_apart and B > 1 and whole is None:
+            per_row = _recent_kept_rows(store, residual)
+            lengths_host = store._host_lengths.view(B, H)
+            # one sink block for the batch: the shortest any row takes alone
+            s = min(max(0, min(int(sinks), int(lengths_host[b].min()) - per_row[b])) for b in range(B))
+            r = max(per_row)
+        r_heads = torch.tensor(per_row, dtype=torch.int64).repeat_interleave(H) if per_row is not None else r
+        n = store.lengths.to(torch.int64) - r_heads.to(dev) - s if per_row is not None else \
+            store.lengths.to(torch.int64) - r - s
+        n_host = store._host_lengths.to(torch.int64) - r_heads - s
         rr = 0  # row mode: the residual every whole row's slots (after the block) fill, right-aligned
         if whole is not None:
             rr = int(n_host[whole].max()) if bool(whole.any()) else 0
@@ -204,7 +217,8 @@ class RaggedPackedStore(PackedStore):
             if store.scores is not None:
                 new._rcols["scores"] = torch.full((B, H, cap), float("nan"), device=dev)
         # each head's first s slots (the sink block), then its newest r (after its n packed ones), in order
-        for first, count, at in ((store.offsets, s, 0), (store.offsets + s + n, r, s)):
+        # (row mode: each row's own newest, _rows_residual)
+        for first, count, at in ((store.offsets, s, 0), (store.offsets + s + n, 0 if per_row else r, s)):
             if not count:
                 continue
             rows = (first[:, None] + torch.arange(count, device=dev)).reshape(-1)
@@ -219,33 +233,43 @@ class RaggedPackedStore(PackedStore):
                 new._sink_counts = None if bool((block == 1).all()) else block.clone()
         new._r0, new.r = s, r
         if whole is not None:
-            new._whole_residual(store, whole, held, s, rr)
+            # a whole row's every slot after the block, the other rows' none
+            new._rows_residual(store, store.offsets + s, [int(held[b * H]) if bool(whole[b * H]) else 0
+                                                          for b in range(B)], s)
+        elif per_row is not None:
+            new._rows_residual(store, store.offsets + s + n, per_row, s)
         return new
 
-    def _whole_residual(self, store, whole, held, s: int, rr: int) -> None:
-        """Row mode's start (``from_ragged(whole_rows=...)``): each whole
-        row's ``held`` slots after its sink block go to the end of the
-        residual's first ``rr`` rows, the rows before them masked for it
-        (``_rs``), as all ``rr`` are for the other rows, whose residual is
-        empty; ``_np``: per row the packed rows its longest head holds."""
+    def _rows_residual(self, store, first, counts: list[int], s: int) -> None:
+        """Row mode's start: the ``counts[b]`` slots of each head of row
+        ``b`` from row ``first[head]`` of ``store`` on go to the end of the
+        residual's first ``max(counts)`` rows (after the sink block), with
+        their positions and carried scores where the store keeps them; the
+        rows before them are masked for the row (``_rs``). ``_np``: per row
+        the packed rows its longest head holds."""
         B, H = self.batch, self.heads
         D = int(self._rk.shape[3])
-        rows_of = [range(b * H, (b + 1) * H) for b in range(B)]
+        rr = max(counts, default=0)
         self._rs, self._np, self._pads = [], [], [0] * B
         # rows nobody's: zeros, so that an eager read (padded()) weighs finite values at 0
         self._rk[:, :, s : s + rr] = 0
         self._rv[:, :, s : s + rr] = 0
-        for b in range(B):
-            if bool(whole[b * H]):
-                m = int(held[b * H])
-                idx = (store.offsets[b * H : (b + 1) * H, None] + s
-                       + torch.arange(m, device=store.offsets.device)).reshape(-1)
-                self._rk[b, :, s + rr - m : s + rr] = store.k.index_select(0, idx).view(H, m, D)
-                self._rv[b, :, s + rr - m : s + rr] = store.v.index_select(0, idx).view(H, m, -1)
-                self._rs.append(rr - m)
-            else:
-                self._rs.append(rr)
-            self._np.append(max(int(self._host_lengths[i]) for i in rows_of[b]))
+        if self._rcols is not None:
+            self._rcols["positions"][:, :, s : s + rr] = 0
+            if "scores" in self._rcols:
+                self._rcols["scores"][:, :, s : s + rr] = float("nan")
+        for b, m in enumerate(counts):
+            if m:
+                idx = (first[b * H : (b + 1) * H, None] + torch.arange(m, device=first.device)).reshape(-1)
+                at = slice(s + rr - m, s + rr)
+                self._rk[b, :, at] = store.k.index_select(0, idx).view(H, m, D)
+                self._rv[b, :, at] = store.v.index_select(0, idx).view(H, m, -1)
+                if self._rcols is not None:
+                    self._rcols["positions"][b, :, at] = store.positions[idx].view(H, m)
+                    if "scores" in self._rcols:
+                        self._rcols["scores"][b, :, at] = store.scores[idx].view(H, m)
+            self._rs.append(rr - m)
+            self._np.append(int(self._host_lengths[b * H : (b + 1) * H].max()) if H else 0)
         self.r, self.n_packed, self._row_args = rr, max(self._np, default=0), None
 
     def unpacked(self, rows=None) -> RaggedStore:
@@ -292,7 +316,13 @@ class RaggedPackedStore(PackedStore):
         flat = rows.reshape(-1)  # index_select: a 2-D index costs ~4x the time on these small tensors
         keys = cat(kd.index_select(0, flat).view(N, M, D), self._rk[:, :, :r].reshape(N, r, D))
         values = cat(vd.index_select(0, flat).view(N, M, D), self._rv[:, :, :r].reshape(N, r, D))
-        valid = cat(live, torch.ones((N, r), dtype=torch.bool, device=dev))
+        rvalid = torch.ones((N, r), dtype=torch.bool, device=dev)
+        hid = self._hidden_rows(dev)
+        if hid is not None:
+            # row mode: the residual rows that are not a row's own are no slots of its heads
+            col = torch.arange(r, device=dev)[None, :]
+            rvalid = (col < hid[:, :1]) | (col >= hid[:, 1:])
+        valid = cat(live, rvalid)
         positions = cat(pos, rpos)
         count = cat(counts, resid_counts) if self._merged else None
         scores = None
@@ -304,7 +334,8 @@ class RaggedPackedStore(PackedStore):
             # may hold a slot newer than a residual one: then token order
             # over the whole head (the block holds the oldest slots and stays first)
             newest = torch.where(live, pos.to(torch.int64), -1).amax(1)
-            if bool((rpos[:, s:].to(torch.int64).amin(1) < newest).any()):
+            oldest = torch.where(rvalid[:, s:], rpos[:, s:].to(torch.int64), late).amin(1)
+            if bool((oldest < newest).any()):
                 order = torch.argsort(torch.where(valid, positions.to(torch.int64), late), dim=1, stable=True)
                 keys = keys.gather(1, order[..., None].expand(-1, -1, D))
                 values = values.gather(1, order[..., None].expand(-1, -1, D))
@@ -636,9 +667,9 @@ class RaggedPackedStore(PackedStore):
         keys = torch.cat([keys, self._rk[:, :, :r].reshape(N, r, D)], 1)[:, None]
         values = torch.cat([values, self._rv[:, :, :r].reshape(N, r, D)], 1)[:, None]
         rlog = torch.log(self._residual_counts(count_bias, r))
-        if self._rs is not None:
+        hid = self._hidden_rows(kd.device)
+        if hid is not None:
             # row mode: the residual rows that are not a row's own weigh nothing for it
-            hid = self._hidden_rows(kd.device)
             col = torch.arange(r, device=kd.device)[None, :]
             rlog = torch.where((col >= hid[:, :1]) & (col < hid[:, 1:]), float("-inf"), rlog.reshape(N, r))
         logc = torch.cat([logc, rlog.reshape(N, r)], 1)
@@ -781,6 +812,22 @@ def _whole_heads(store, whole_rows, columns: bool):
             if bool((store.counts[idx.reshape(-1)] != 1).any()):
                 raise ValueError(f"whole_rows: row {b} holds merged slots, so it was not kept whole")
     return torch.tensor([bool(w) for w in whole_rows], dtype=torch.bool).repeat_interleave(H)
+
+
+def _recent_kept_rows(store, residual: int) -> list[int]:
+    """:func:`_recent_kept` of each batch row alone (its own heads)."""
+    B, H = store.batch, store.heads
+    out = []
+    for b in range(B):
+        n = store._host_lengths[b * H : (b + 1) * H]
+        r = min(residual, int(n.min())) if n.numel() else 0
+        if r and store.counts is not None:
+            dev = store.counts.device
+            ends = (store.offsets + store.lengths)[b * H : (b + 1) * H]
+            whole = store.counts[(ends - r)[:, None] + torch.arange(r, device=dev)] == 1
+            r = int(torch.cumprod(whole.flip(1).to(torch.int64), 1).sum(1).min())
+        out.append(r)
+    return out
 
 
 def _recent_kept(store, residual: int) -> int:
