@@ -81,6 +81,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default=None, help="comma-separated row lengths, '/' between rows")
     ap.add_argument("--seeds", type=int, default=3, help="prompt seeds per shape")
     ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generation (40; --sliding: 50)")
+    ap.add_argument("--show", action="store_true", help="name each row that differs from alone")
     args = ap.parse_args(argv)
     args.methods = args.methods or (SLIDING_METHODS if args.sliding else METHODS)
     args.shapes = args.shapes or ",".join(SLIDING_SHAPES if args.sliding else SHAPES)
@@ -104,6 +105,8 @@ def main(argv=None):
             alone = greedy(model, r[None], torch.ones(1, len(r), dtype=torch.long), build(spec), args.new_tokens)
             same[0] += bool(torch.equal(out[i], alone[0]))
             same[1] += 1
+            if args.show and not torch.equal(out[i], alone[0]):
+                print(f"{spec}: shape {shape}, seed {seed}, row {i} ({len(r)} tokens) differs from alone")
     for spec, (eq, n) in total.items():
         print(f"{spec}: {eq}/{n} rows generate what they generate alone")
     return total

@@ -39,7 +39,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
 from .packing_choices import PackingChoices
 from .recurrent import RecurrentStates, check_chunk, check_layer_kinds
 from .states import check_batch_index, check_layer_index, check_repeats, check_states
-from .stores.keep_rows import arrange
+from .stores.keep_rows import arrange_rows
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -791,11 +791,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             clip = self._value_clip(packing, queries, scaling, defer=True)
             # a layer with rounds: each row keeps its own newest slots in full precision, as alone
-            # (not with keep_rows, whose rounds lay out one residual for the batch)
+            # (a keep_rows round lays each row out as alone too, arrange_rows)
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
                                                        feedback=self._fix_feedback(), value_clip=clip,
-                                                       rows_apart=self._rebudget and not self.method.round_keeps_rows)
+                                                       rows_apart=self._rebudget)
             if self.store.packed_any():
                 # short heads packed as part groups before any whole group
                 # could be tested: they stay as they are
@@ -931,7 +931,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         min_live = self.method.round_keeps_rows
         rows = None
         if min_live and isinstance(old, RaggedPackedStore):
-            # arrange reads the rows unpacked() reads: dequantized once
+            # arrange_rows reads the rows unpacked() reads: dequantized once
             rows = old._dequantized_rows()
             self.store = old.unpacked(rows)
         else:
@@ -940,7 +940,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if rows is not None and type(self.store) is RaggedStore:
             # the old key groups that come through whole enough keep their
             # codes (stores.keep_rows); the rest is packed afresh
-            arranged = arrange(old, self.store, min_live, rows)
+            # each row as alone: its own residual, its own groups kept or not
+            arranged = arrange_rows(old, self.store, min_live, rows)
             if arranged is not None:
                 self.store = arranged
         self._to_packed(self.method.packing, pending, scaling)

@@ -241,17 +241,24 @@ def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, e
                 assert torch.allclose(expand(tri, D), expand(o.feedback, D), rtol=2**-7, atol=1e-6), i
 
 
-@pytest.mark.parametrize("spec", ["ems+kivi:bits=2:keep_rows=0", "adakv+kivi:bits=2", "ems+kivi:bits=4:keep_rows=0"])
+@pytest.mark.parametrize("spec", ["ems+kivi:bits=2", "ems+kivi:bits=4", "ems+kivi:bits=2:keep_rows=0",
+                                  "adakv+kivi:bits=2"])
 def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, spec):
     """Behind a per-head evictor that keeps its budget while decoding
     (rounds every 16 steps), each row keeps in full precision the newest
     slots its own heads allow (``from_ragged(rows_apart=True)``), not the
-    fewest any row's heads allow, so every row generates what it generates
-    alone over 40 tokens (two rounds) and holds as many full-precision
-    slots (with one residual length for the batch, every case fails)."""
+    fewest any row's heads allow, and a merging method's round keeps a
+    row's unchanged key groups exactly when it would alone
+    (``arrange_rows``, EMS's default ``keep_rows``): every row generates
+    what it generates alone over 40 tokens (two rounds) and holds bit for
+    bit its packed codes and placeholders and as many full-precision slots
+    (with one residual length for the batch every case fails, and with one
+    keep_rows layout decision for the batch both EMS cases with it)."""
+    from kvcompress.stores.keep_rows import is_placeholder
+
     from kvcompress.methods import method_from_spec
 
-    rows = [random_ids(150, 81), random_ids(97, 82), random_ids(131, 83)]
+    rows = [random_ids(n, n) for n in (150, 97, 131)]
     ids, mask = left_pad(rows)
     out, cache = _gen(tiny_model, method_from_spec(spec, budget=64), ids, mask, n=40)
     for i, row in enumerate(rows):
@@ -262,6 +269,12 @@ def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, 
             s, o = layer.store, one.store
             assert layer._rebudget and s._own_residual()[i] == o.r and s._r0 == o._r0, (i, s, o)
             assert s.head_lengths()[i * s.heads : (i + 1) * s.heads] == o.head_lengths(), (i, s, o)
+            for h in range(s.heads):
+                j, n = i * s.heads + h, int(o.lengths[h])
+                a, a1 = int(s.offsets[j]), int(o.offsets[h])
+                assert int(s.lengths[j]) == n and torch.equal(s._kc[a : a + n], o._kc[a1 : a1 + n]), (i, h)
+                assert torch.equal(is_placeholder(s.counts_bias[a : a + n]),
+                                   is_placeholder(o.counts_bias[a1 : a1 + n])), (i, h)
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,22 @@ import kvcompress as kvc
 from kvcompress.cache import CompressedLayer
 from kvcompress.stores import AttentionSpec, RaggedPackedStore, RaggedStore
 from kvcompress import ops
-from kvcompress.stores.keep_rows import arrange
+from kvcompress.stores.keep_rows import arrange, arrange_rows
 from kvcompress.stores.rotation import key_rotation
 
 G, R, D = 16, 8, 32
 
 
-def _old_store(bits, sinks, rotated, seed=0, dtype=torch.float32, device="cpu"):
+def _old_store(bits, sinks, rotated, seed=0, dtype=torch.float32, device="cpu", rows_apart=False):
     """A per-head packed store with positions and merge counts (B = 2, H = 2)."""
+    ragged = _old_slots(seed, dtype, device)
+    rot = key_rotation(D, device) if rotated else None
+    return RaggedPackedStore.from_ragged(ragged, bits, G, R, columns=True, rotation=rot, sinks=sinks,
+                                         rows_apart=rows_apart)
+
+
+def _old_slots(seed=0, dtype=torch.float32, device="cpu"):
+    """The slots of :func:`_old_store`, a RaggedStore (B = 2, H = 2)."""
     g = torch.Generator().manual_seed(seed)
     B, H = 2, 2
     lengths = [90, 61, 120, 77]
@@ -31,17 +39,16 @@ def _old_store(bits, sinks, rotated, seed=0, dtype=torch.float32, device="cpu"):
     counts = torch.randint(1, 4, (B, H, C), generator=g).float()
     counts[..., -R - 2 :] = 1.0  # the newest slots unmerged: the residual takes them
     scores = torch.rand(B, H, C, generator=g)
-    ragged = RaggedStore.from_dense(*(t.to(device) for t in (keys, values, positions, valid)),
-                                    counts=counts.to(device), scores=scores.to(device))
-    rot = key_rotation(D, device) if rotated else None
-    return RaggedPackedStore.from_ragged(ragged, bits, G, R, columns=True, rotation=rot, sinks=sinks)
+    return RaggedStore.from_dense(*(t.to(device) for t in (keys, values, positions, valid)),
+                                  counts=counts.to(device), scores=scores.to(device))
 
 
 def _round(old, seed=1, drop=0.15, merge=0.05, new=20):
     """What a merging method's round could return from ``old.unpacked()``:
     each slot dropped (probability ``drop``), merged into (``merge``: its
     count and key change) or left as it is; the sink block always kept; then
-    ``new`` decoded slots. Returns (kept store, {(head, position): unchanged})."""
+    ``new`` decoded slots (``drop`` and ``new`` may be per batch row).
+    Returns (kept store, {(head, position): unchanged})."""
     g = torch.Generator().manual_seed(seed)
     u = old.unpacked()
     B, H = u.batch, u.heads
@@ -51,16 +58,17 @@ def _round(old, seed=1, drop=0.15, merge=0.05, new=20):
         k, v = u.k[o : o + n].cpu().clone(), u.v[o : o + n].cpu().clone()
         pos, cnt = u.positions[o : o + n].cpu().clone(), u.counts[o : o + n].cpu().clone()
         roll = torch.rand(n, generator=g)
-        keep = (roll >= drop) | (torch.arange(n) < old._r0)
-        changed = (roll < drop + merge) & keep & (torch.arange(n) >= old._r0)
+        p_drop = drop[i // H] if isinstance(drop, (list, tuple)) else drop
+        keep = (roll >= p_drop) | (torch.arange(n) < old._r0)
+        changed = (roll < p_drop + merge) & keep & (torch.arange(n) >= old._r0)
         k[changed] = (0.5 * (k[changed].float() + torch.randn(int(changed.sum()), D, generator=g))).to(k.dtype)
         cnt[changed] += 2
-        last = int(pos.max())
-        k = torch.cat([k[keep], torch.randn(new, D, generator=g).to(k.dtype)])
-        v = torch.cat([v[keep], torch.randn(new, D, generator=g).to(v.dtype)])
-        pos = torch.cat([pos[keep], torch.arange(last + 1, last + 1 + new, dtype=torch.int32)])
-        cnt = torch.cat([cnt[keep], torch.ones(new)])
-        for p, c in zip(pos.tolist(), (~changed[keep]).tolist() + [False] * new):
+        last, m = int(pos.max()), new[i // H] if isinstance(new, (list, tuple)) else new
+        k = torch.cat([k[keep], torch.randn(m, D, generator=g).to(k.dtype)])
+        v = torch.cat([v[keep], torch.randn(m, D, generator=g).to(v.dtype)])
+        pos = torch.cat([pos[keep], torch.arange(last + 1, last + 1 + m, dtype=torch.int32)])
+        cnt = torch.cat([cnt[keep], torch.ones(m)])
+        for p, c in zip(pos.tolist(), (~changed[keep]).tolist() + [False] * m):
             same[(i, p)] = c
         heads.append((k, v, pos, cnt))
     M = max(len(h[2]) for h in heads)
@@ -147,6 +155,62 @@ def test_a_round_keeps_the_codes_of_unchanged_rows(bits, sinks, rotated, min_liv
         for j, p in enumerate(back.positions[bo : bo + bn].tolist()):
             if any(same.get((i, p)) and (i, p) in mk for mk in must_keep):
                 assert torch.allclose(back.k[bo + j], before[p], rtol=0, atol=1e-5)
+
+
+def _one_row(store: RaggedStore, b: int) -> RaggedStore:
+    """Batch row ``b`` of a RaggedStore as a store of its own, rebuilt from
+    its left-padded dense copy (slots, positions, counts, carried scores)."""
+    keys, values, pos, counts, scores, start = store.to_padded()
+    H, M = store.heads, int(pos.shape[1])
+    sl = slice(b * H, (b + 1) * H)
+    valid = torch.arange(M)[None, :] >= start[sl][:, None]
+    shape = (1, H, M)
+    return RaggedStore.from_dense(keys[sl, 0].reshape(*shape, -1), values[sl, 0].reshape(*shape, -1),
+                                  pos[sl].reshape(shape), valid.reshape(shape), counts=counts[sl].reshape(shape),
+                                  scores=None if store.scores is None else scores[sl].reshape(shape))
+
+
+@pytest.mark.parametrize("bits,sinks,rotated", [(2, 0, False), (2, 2, True), (4, 3, False)])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_a_batch_round_lays_each_row_out_as_alone(bits, sinks, rotated, seed, backend):
+    """``arrange_rows``: a round of a batch whose rows keep their own
+    residual (``from_ragged(rows_apart=True)``) lays each row out as
+    ``arrange`` does for that row alone (its groups kept or not whatever
+    the other row's are), so the batch packed again holds, row by row, bit
+    for bit what each row alone holds after its own round: segments, codes,
+    scales, counts, positions and its own residual."""
+    rot = key_rotation(D, "cpu") if rotated else None
+    kw = dict(columns=True, rotation=rot, sinks=sinks)
+    slots = _old_slots(seed)
+    old = RaggedPackedStore.from_ragged(slots, bits, G, R, rows_apart=True, **kw)
+    # seed 0: both rows keep groups; 1, 2: one row loses most of its slots, so that no group of it keeps
+    # enough members (alone: refused, packed afresh), while the other keeps its groups
+    drop = [[0.1, 0.15], [0.1, 0.9], [0.9, 0.2]][seed]
+    kept, _ = _round(old, seed=seed + 5, drop=drop)
+    laid = arrange_rows(old, kept, 8, backend=backend)
+    batch = RaggedPackedStore.from_ragged(kept if laid is None else laid, bits, G, R, rows_apart=True, **kw)
+    kept_rows = []
+    for b in range(kept.batch):
+        old_b = RaggedPackedStore.from_ragged(_one_row(slots, b), bits, G, R, **kw)
+        kept_b = _one_row(kept, b)
+        laid_b = arrange(old_b, kept_b, 8, backend=backend)
+        kept_rows.append(laid_b is not None)
+        alone = RaggedPackedStore.from_ragged(kept_b if laid_b is None else laid_b, bits, G, R, **kw)
+        assert batch._r0 == alone._r0 and batch._own_residual()[b] == alone.r, (b, batch, alone)
+        for h in range(kept.heads):
+            i, n = b * kept.heads + h, int(alone.lengths[h])
+            o, o1 = int(batch.offsets[i]), int(alone.offsets[h])
+            assert int(batch.lengths[i]) == n, (b, h)
+            for name in ("_kc", "_vc", "_vmin", "_vsc", "positions", "counts_bias", "counts_plain"):
+                assert torch.equal(getattr(batch, name)[o : o + n], getattr(alone, name)[o1 : o1 + n]), (name, b, h)
+            for name in ("_kmin", "_ksc"):
+                assert torch.equal(getattr(batch, name)[o // G : (o + n) // G],
+                                   getattr(alone, name)[o1 // G : (o1 + n) // G]), (name, b, h)
+        end = batch._r0 + batch.r
+        assert torch.equal(batch._rk[b, :, end - alone.r : end], alone._rk[0, :, alone._r0 : alone._r0 + alone.r])
+    assert any(kept_rows) == (laid is not None)
+    assert kept_rows == [p < 0.5 for p in drop], kept_rows  # the cases are what they claim
 
 
 @pytest.mark.parametrize("count_bias", [True, False])
@@ -417,11 +481,11 @@ def test_a_generation_with_the_c_plan_is_the_torch_plans(tiny_model, monkeypatch
 
     def run(backend):
         def counted(*a, **k):
-            out = arrange(*a, **k, backend=backend)
+            out = arrange_rows(*a, **k, backend=backend)
             calls[backend] += out is not None
             return out
 
-        monkeypatch.setattr(cache_mod, "arrange", counted)
+        monkeypatch.setattr(cache_mod, "arrange_rows", counted)
         with kvc.compress(tiny_model, method):
             out = tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64,
                                       do_sample=False, pad_token_id=0, output_scores=True,

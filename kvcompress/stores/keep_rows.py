@@ -32,10 +32,14 @@ is 48 bytes, an fp32 residual row 512).
 
 Only merging methods take this path (their packed layers carry merge counts,
 which placeholders need); a round whose layout would move the sink block or
-the residual packs everything again, as before.
+the residual packs everything again, as before. In a batch whose rows keep
+their own residual (``from_ragged(rows_apart=True)``), :func:`arrange_rows`
+decides row by row, as each row decides alone.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -109,6 +113,79 @@ def arrange(old, kept: RaggedStore, min_live: int, rows=None, *, backend: str | 
     s = max(0, min(int(old.sinks_asked), n_min - r))
     if s != int(old._r0) or bool((rest < r).any()):
         return None
+    return out
+
+
+def arrange_rows(old, kept: RaggedStore, min_live: int, rows=None, *,
+                 backend: str | None = None) -> RaggedStore | None:
+    """:func:`arrange` for a batch whose rows each take their own residual
+    (``RaggedPackedStore.from_ragged(rows_apart=True)``): each row laid out
+    as :func:`arrange` lays it out for that row alone, so that a row keeps
+    its unchanged key groups exactly when it would alone, whatever the other
+    rows' layouts; a row refused keeps the round's slots as they came (all
+    packed afresh, as alone). None when no row keeps a group, or when the
+    batch's one sink block (the shortest any row takes) would not be the
+    old one. One row: :func:`arrange` itself."""
+    from .packed_ragged import _recent_kept_rows
+
+    B, H = kept.batch, kept.heads
+    if B <= 1:
+        return arrange(old, kept, min_live, rows, backend=backend)
+    rows = old._dequantized_rows() if rows is None else rows
+    parts, kept_any = [], False
+    for b in range(B):
+        mine = _row_of(kept, b)
+        laid = arrange(_old_row(old, b), mine, min_live, rows, backend=backend)
+        kept_any |= laid is not None
+        parts.append(mine if laid is None else laid)
+    if not kept_any:
+        return None
+    out = _cat_rows(parts, H)
+    lengths = out._host_lengths.view(B, H)
+    s = min(max(0, min(int(old.sinks_asked), int(lengths[b].min()) - r))
+            for b, r in enumerate(_recent_kept_rows(out, old.residual)))
+    return out if s == int(old._r0) else None
+
+
+def _old_row(old, b: int):
+    """Row ``b`` of a per-head packed store, as :func:`arrange` reads it: the
+    same flat buffers, its heads' segments only (a shallow copy)."""
+    H = old.heads
+    view = copy.copy(old)
+    sl = slice(b * H, (b + 1) * H)
+    view.offsets, view.lengths, view.caps = old.offsets[sl], old.lengths[sl], old.caps[sl]
+    view._host_lengths, view._host_caps, view._real = old._host_lengths[sl], old._host_caps[sl], old._real[sl]
+    view._rk, view._rv = old._rk[b : b + 1], old._rv[b : b + 1]  # batch 1 (nothing here reads them)
+    return view
+
+
+def _row_of(store: RaggedStore, b: int) -> RaggedStore:
+    """Row ``b`` of a :class:`RaggedStore` as a store of its own (its heads'
+    rows copied, slack included), with merge counts and carried scores."""
+    H = store.heads
+    sl = slice(b * H, (b + 1) * H)
+    caps = store.caps[sl]
+    head, t = segments(caps, int(store._host_caps[sl].sum()))
+    src = store.offsets[sl][head] + t
+    out = RaggedStore(_rows(store.k, src), _rows(store.v, src), torch.cumsum(caps, 0) - caps,
+                      store.lengths[sl].clone(), caps.clone(), _rows(store.positions, src), 1, H)
+    out.counts = None if store.counts is None else _rows(store.counts, src)
+    out.scores = None if store.scores is None else _rows(store.scores, src)
+    return out
+
+
+def _cat_rows(parts: list, H: int) -> RaggedStore:
+    """One-row :class:`RaggedStore` s as the rows of one batch, in order."""
+    shift, offsets = 0, []
+    for p in parts:
+        offsets.append(p.offsets + shift)
+        shift += int(p.k.shape[0])
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    out = RaggedStore(cat("k"), cat("v"), torch.cat(offsets), cat("lengths"), cat("caps"), cat("positions"),
+                      len(parts), H)
+    out.counts = torch.cat([p.counts.float() for p in parts])
+    if all(p.scores is not None for p in parts):
+        out.scores = torch.cat([p.scores.float() for p in parts])
     return out
 
 

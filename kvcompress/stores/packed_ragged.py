@@ -535,6 +535,23 @@ class RaggedPackedStore(PackedStore):
             self._drop_oldest(d)
             self._rs = [x - d for x in self._rs]
 
+    def start_rows(self, pad, unpadded: bool = False) -> bool:
+        """Whether a row still makes its choices at its own first pack (a row
+        kept whole, ``from_ragged(whole_rows=...)``, that has not chosen):
+        the layer then calls ``_choose_rows`` before :meth:`settle`. Other
+        row-mode stores (each row's own residual behind rounds) pack with
+        the choices they were made with."""
+        return self._np is not None and self._choices is not None and None in self._choices
+
+    def settle(self, pad=None) -> None:
+        """Pack whole residual groups: in row mode each row its own
+        (:meth:`_settle_rows`), else every head's at once. A per-head store
+        holds no padded slot, so ``pad`` changes nothing."""
+        if self._np is not None:
+            self._settle_rows()
+            return
+        super().settle(pad)
+
     def set_row_choice(self, b: int, rotation, feedback, clip: bool) -> None:
         """Row mode: row ``b`` (one that packs nothing yet, a whole row)
         packs its keys as ``k @ rotation`` rounded with ``feedback`` (see
