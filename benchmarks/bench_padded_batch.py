@@ -5,7 +5,10 @@ on the batch's shared one, paired in the same run. Behind a per-head
 evictor that packs once (``ems:interval=0+kivi:...``), "apart" also lets a
 row that fits its budget pack on its own schedule as alone
 (``RaggedPackedStore.from_ragged(whole_rows=...)``), "shared" packs it
-with the compressed rows at once.
+with the compressed rows at once; behind one with rounds (``ems+kivi``),
+"apart" keeps each row's own residual and lays each row's ``keep_rows``
+round out alone (``from_ragged(rows_apart=True)``, ``arrange_rows``),
+"shared" one residual length and one layout for the batch.
 
 For each mode the script generates greedily from one batch of prompts of
 different lengths (cut from the same text at different offsets, left-padded)
@@ -43,7 +46,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 import kvcompress as kvc
 from kvcompress import ops
+import kvcompress.cache as cache_module
 from kvcompress.cache import CompressedLayer
+from kvcompress.stores import RaggedPackedStore
+from kvcompress.stores.keep_rows import arrange
 from kvcompress.methods import method_from_spec
 from kvcompress.model import load_model
 
@@ -53,6 +59,17 @@ from _common import command_line, machine, machine_line, now, write_results  # n
 DEFAULT_TEXT = str(Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt")
 SHARED = CompressedLayer._rows_apart
 SHARED_WHOLE = CompressedLayer._whole_rows
+FROM_RAGGED = RaggedPackedStore.from_ragged.__func__
+ARRANGE_ROWS = cache_module.arrange_rows
+
+
+def _one_residual(cls, *args, **kwargs):
+    kwargs["rows_apart"] = False  # behind rounds, one residual length for the batch, as before
+    return FROM_RAGGED(cls, *args, **kwargs)
+
+
+def _one_layout(old, kept, min_live, rows=None, *, backend=None):
+    return arrange(old, kept, min_live, rows, backend=backend)  # one keep_rows layout for the batch, as before
 
 
 def _shared_schedule(self) -> bool:
@@ -79,6 +96,8 @@ def generate(model, ids, mask, method, n: int, apart: bool):
     seconds [n - 1], new tokens [B, n], prefill seconds)``."""
     CompressedLayer._rows_apart = SHARED if apart else _shared_schedule
     CompressedLayer._whole_rows = SHARED_WHOLE if apart else _no_whole_rows
+    RaggedPackedStore.from_ragged = classmethod(FROM_RAGGED if apart else _one_residual)
+    cache_module.arrange_rows = ARRANGE_ROWS if apart else _one_layout
     clock = StepClock()
     start = time.perf_counter()
     try:
@@ -88,6 +107,8 @@ def generate(model, ids, mask, method, n: int, apart: bool):
     finally:
         CompressedLayer._rows_apart = SHARED
         CompressedLayer._whole_rows = SHARED_WHOLE
+        RaggedPackedStore.from_ragged = classmethod(FROM_RAGGED)
+        cache_module.arrange_rows = ARRANGE_ROWS
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return steps, out[:, ids.shape[1]:], clock.times[0] - start
 
