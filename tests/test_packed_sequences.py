@@ -625,6 +625,25 @@ def test_per_head_rows_with_their_own_choices_hold_and_read_what_each_row_does_a
         check()
 
 
+def _reads_as_alone(batch, solos, query, plain, capped):
+    """Each row of ``batch`` reads the attention its one-row store ``solos[b]``
+    reads, within float rounding: in one kernel call, in joined calls (as
+    where the kernel takes no ``residual_hidden``) and eagerly (``capped``:
+    a softcap the kernel lacks)."""
+    import kvcompress.stores.packed as packed_store
+
+    for spec, one in ((plain, True), (plain, False), (capped, True)):
+        packed_store.one_call, saved = (lambda q: one), packed_store.one_call
+        try:
+            out = batch.attend(query, spec).double()
+            for b, st in enumerate(solos):
+                alone = st.attend(query[b : b + 1], spec).double()
+                assert (out[b : b + 1] - alone).abs().max().item() <= 1e-5 * (1 + alone.abs().max().item()), (
+                    b, spec.softcap, one)
+        finally:
+            packed_store.one_call = saved
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
     """``from_ragged(whole_rows=...)``: a row the evictor kept whole packs
@@ -639,8 +658,6 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
     rounding: in one kernel call (``residual_hidden`` masks the residual
     rows that are not a row's own), in joined calls, and eagerly (softcap:
     ``padded()`` weighs those rows at zero)."""
-    import kvcompress.stores.packed as packed_store
-
     rng = random.Random(91_000 + seed)
     g = torch.Generator().manual_seed(91_000 + seed)
     B, H, D, G, R = 4, 2, 16, 8, rng.choice([4, 8])
@@ -730,17 +747,7 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
                 assert own + batch._r0 == st.r + st._r0, b
                 mine = batch._rk[b, :, batch._r0 + batch.r - own : batch._r0 + batch.r]
                 assert torch.equal(mine, st._rk[0, :, st._r0 + st.r - own : st._r0 + st.r]), b
-        query = torch.randn(B, 2 * H, 1, D, generator=g)
-        for spec, one in ((plain, True), (plain, False), (capped, True)):
-            packed_store.one_call, saved = (lambda q: one), packed_store.one_call
-            try:
-                out = batch.attend(query, spec).double()
-                for b, st in enumerate(solos):
-                    alone = st.attend(query[b : b + 1], spec).double()
-                    assert (out[b : b + 1] - alone).abs().max().item() <= 1e-5 * (1 + alone.abs().max().item()), (
-                        b, spec.softcap, one)
-            finally:
-                packed_store.one_call = saved
+        _reads_as_alone(batch, solos, torch.randn(B, 2 * H, 1, D, generator=g), plain, capped)
 
     settle()
     check()
@@ -777,8 +784,6 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
     positions and carried scores), reads the same attention within float
     rounding (one call, joined, eager), and gives back the same slots from
     ``unpacked()``, what the next round re-compresses."""
-    import kvcompress.stores.packed as packed_store
-
     rng = random.Random(92_000 + seed)
     g = torch.Generator().manual_seed(92_000 + seed)
     B, H, D, G, R = 3, 2, 16, 8, rng.choice([4, 8, 16])
@@ -831,17 +836,7 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
                                  st._rcols["positions"])):
                 assert torch.equal(mine[b, :, end - own : end], theirs[0, :, st._r0 : st._r0 + st.r]), b
             assert torch.equal(batch._rk[b, :, : batch._r0], st._rk[0, :, : st._r0]), b
-        query = torch.randn(B, 2 * H, 1, D, generator=g)
-        for sp, one in ((spec, True), (spec, False), (capped, True)):
-            packed_store.one_call, saved = (lambda q: one), packed_store.one_call
-            try:
-                out = batch.attend(query, sp).double()
-                for b, st in enumerate(solos):
-                    alone = st.attend(query[b : b + 1], sp).double()
-                    assert (out[b : b + 1] - alone).abs().max().item() <= 1e-5 * (1 + alone.abs().max().item()), (
-                        b, sp.softcap, one)
-            finally:
-                packed_store.one_call = saved
+        _reads_as_alone(batch, solos, torch.randn(B, 2 * H, 1, D, generator=g), spec, capped)
         back = batch.unpacked()
         for b, st in enumerate(solos):
             alone = st.unpacked()

@@ -393,8 +393,15 @@ class PackedStore(LayerStore):
         for b, m in enumerate(due):
             if m:
                 self._pack(slice(b, b + 1), self._rs[b], self._np[b], m, *self._row_choice(b))
-                self._np[b] += m
-                self._rs[b] += m
+        self._rows_packed(due)
+
+    def _rows_packed(self, due: list[int]) -> None:
+        """Row mode, once each row has packed its ``due`` slots: its packed
+        and masked counts move on, and the residual rows that every row has
+        packed (or never held) leave the buffers."""
+        for b, m in enumerate(due):
+            self._np[b] += m
+            self._rs[b] += m
         self.n_packed = max(self._np)
         self._row_args = None
         d = min(self._rs)

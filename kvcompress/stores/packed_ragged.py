@@ -525,15 +525,7 @@ class RaggedPackedStore(PackedStore):
         if not any(due):
             return
         self._pack_heads(due, self._rs)
-        for b, m in enumerate(due):
-            self._np[b] += m
-            self._rs[b] += m
-        self.n_packed = max(self._np)
-        self._row_args = None
-        d = min(self._rs)
-        if d:
-            self._drop_oldest(d)
-            self._rs = [x - d for x in self._rs]
+        self._rows_packed(due)
 
     def start_rows(self, pad, unpadded: bool = False) -> bool:
         """Whether a row still makes its choices at its own first pack (a row
