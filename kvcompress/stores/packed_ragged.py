@@ -824,7 +824,9 @@ def _whole_heads(store, whole_rows, columns: bool):
 
 
 def _recent_kept_rows(store, residual: int) -> list[int]:
-    """:func:`_recent_kept` of each batch row alone (its own heads)."""
+    """:func:`_recent_kept` of each batch row alone: at most ``residual`` and
+    what each of its heads keeps, and only its heads' trailing slots of
+    merge count 1 (a cumulative product from the newest back)."""
     B, H = store.batch, store.heads
     out = []
     for b in range(B):
@@ -842,14 +844,6 @@ def _recent_kept_rows(store, residual: int) -> list[int]:
 def _recent_kept(store, residual: int) -> int:
     """How many of each head's newest kept slots a packed layer can hold in
     its residual: at most ``residual`` and what every head keeps, and only
-    slots with a merge count of 1 (the residual window holds no counts)."""
-    n = store._host_lengths
-    r = min(residual, int(n.min())) if n.numel() else 0
-    if r and store.counts is not None:
-        dev = store.counts.device
-        rows = ((store.offsets + store.lengths - r)[:, None] + torch.arange(r, device=dev))
-        whole = store.counts[rows] == 1
-        # trailing slots of count 1, per head (a cumulative product from the newest back)
-        trailing = torch.cumprod(whole.flip(1).to(torch.int64), 1).sum(1)
-        r = int(trailing.min())
-    return r
+    slots with a merge count of 1 (the residual window holds no counts): the
+    fewest any batch row takes alone."""
+    return min(_recent_kept_rows(store, residual), default=0)
