@@ -216,6 +216,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # per row whether the evictor kept it whole, from the per-head
         # compression (_become_ragged) until _to_packed reads it
         self._kept_whole: list[bool] | None = None
+        # a per-head layer with rounds whose rows chose apart at its first
+        # pack: per row (rotation or None, feedback triangle or None), what
+        # every later round packs the row with
+        self._ragged_choices: list | None = None
         self._pending: list = []
         self._init_choices()
 
@@ -376,6 +380,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._clip_q = self._clip_q.index_select(0, host.to(self._clip_q.device))
         if self._row_choices is not None:
             self._row_choices = [self._row_choices[i] for i in host.tolist()]
+        if self._ragged_choices is not None:
+            self._ragged_choices = [self._ragged_choices[i] for i in host.tolist()]
         if self._row_qmom is not None:
             # a row repeated (beam search) goes on from its moment so far, in copies
             self._row_qmom = [copy.deepcopy(self._row_qmom[i]) for i in host.tolist()]
@@ -778,6 +784,15 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
             self.store.rows_apart = self._rows_apart()
+        elif self._rebudget and (self._ragged_choices is not None or self._rounds_choose_apart()):
+            # a layer with rounds whose rows choose apart: at its first pack each row chooses as alone,
+            # and every later round packs each row with what it chose
+            clip = self._value_clip(packing, queries, scaling, defer=True)
+            if self._ragged_choices is None:
+                self._ragged_choices = self._choose_ragged_rows(packing, queries, scaling)
+            self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=True,
+                                                       sinks=self.method.fp_sinks, value_clip=clip,
+                                                       row_choices=self._ragged_choices, rows_apart=True)
         elif self._ragged_rows_apart():
             # a batch that packs once (no rounds): each row chooses its rotation and weights, as alone;
             # a row kept whole packs as alone too, on KIVI's schedule, and chooses at its first pack
@@ -817,6 +832,16 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         m = self.method
         return bool(self.store.batch > 1 and not self._rebudget
                     and (m.rotates_keys == "auto" or m.key_feedback or self._whole_rows() is not None))
+
+    def _rounds_choose_apart(self) -> bool:
+        """Whether this per-head layer with rounds, packing for the first
+        time, lets each row choose its rotation and key-feedback weights
+        (``_choose_ragged_rows``): a batch of more than one row under
+        ``rotate="auto"`` or ``feedback=True``, nothing decided yet (a layer
+        that packed uniform first decided for the batch then)."""
+        m = self.method
+        return bool(self.store.batch > 1 and (m.rotates_keys == "auto" or m.key_feedback)
+                    and not self._rotation_decided and not self._feedback_decided)
 
     def _whole_rows(self) -> list[bool] | None:
         """Per row whether the evictor kept it whole, where such a row packs

@@ -242,7 +242,8 @@ def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, e
 
 
 @pytest.mark.parametrize("spec", ["ems+kivi:bits=2", "ems+kivi:bits=4", "ems+kivi:bits=2:keep_rows=0",
-                                  "adakv+kivi:bits=2"])
+                                  "adakv+kivi:bits=2", "ems+kivi:bits=2:rotate=auto:feedback=true",
+                                  "adakv+kivi:bits=2:rotate=auto:feedback=true"])
 def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, spec):
     """Behind a per-head evictor that keeps its budget while decoding
     (rounds every 16 steps), each row keeps in full precision the newest
@@ -253,12 +254,20 @@ def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, 
     what it generates alone over 40 tokens (two rounds) and holds bit for
     bit its packed codes and placeholders and as many full-precision slots
     (with one residual length for the batch every case fails, and with one
-    keep_rows layout decision for the batch both EMS cases with it)."""
+    keep_rows layout decision for the batch both EMS cases with it). Under
+    ``rotate="auto"`` and ``feedback=True`` each row also makes the
+    layer's once-only choices at its first pack as alone, and every round
+    packs it so, its keep_rows rounds on its own basis (with one choice for
+    the batch the two cases fail; with the batch's basis for every row's
+    round, the EMS one)."""
+    from kvcompress.stores.feedback import expand
     from kvcompress.stores.keep_rows import is_placeholder
 
     from kvcompress.methods import method_from_spec
 
-    rows = [random_ids(n, n) for n in (150, 97, 131)]
+    # prompts where the cases below tell the fixes apart (rows of the rotated case choose both ways)
+    seed = 2000 if "rotate" in spec else 0
+    rows = [random_ids(n, seed + n) for n in (150, 97, 131)]
     ids, mask = left_pad(rows)
     out, cache = _gen(tiny_model, method_from_spec(spec, budget=64), ids, mask, n=40)
     for i, row in enumerate(rows):
@@ -269,6 +278,11 @@ def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, 
             s, o = layer.store, one.store
             assert layer._rebudget and s._own_residual()[i] == o.r and s._r0 == o._r0, (i, s, o)
             assert s.head_lengths()[i * s.heads : (i + 1) * s.heads] == o.head_lengths(), (i, s, o)
+            is_rot, tri, _ = s.row_choice(i)
+            assert is_rot == (o.rotation is not None) and (tri is None) == (o.feedback is None), (i, s, o)
+            if tri is not None:
+                D = int(s._rk.shape[-1])
+                assert torch.allclose(expand(tri, D), expand(o.feedback, D), rtol=2**-7, atol=1e-6), i
             for h in range(s.heads):
                 j, n = i * s.heads + h, int(o.lengths[h])
                 a, a1 = int(s.offsets[j]), int(o.offsets[h])

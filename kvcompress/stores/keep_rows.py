@@ -156,6 +156,10 @@ def _old_row(old, b: int):
     view.offsets, view.lengths, view.caps = old.offsets[sl], old.lengths[sl], old.caps[sl]
     view._host_lengths, view._host_caps, view._real = old._host_lengths[sl], old._host_caps[sl], old._real[sl]
     view._rk, view._rv = old._rk[b : b + 1], old._rv[b : b + 1]  # batch 1 (nothing here reads them)
+    if old._choices is not None:
+        # rows that chose apart: the row's own basis is the packing grid
+        view.rotation = old.rotation if old.row_choice(b)[0] else None
+        view._choices, view._rot_mask = [old._choices[b]], None
     return view
 
 
