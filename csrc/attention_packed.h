@@ -38,7 +38,7 @@ extern "C" {
  * the whole layer and each sees s0 .. n_h - 1 (a packed part read on its
  * own, combined with others through lse). Uniform: n_h = n, s0 = kv_start[b] (0 without; it
  * may reach into the residual); ragged: n_h = lengths[b * Hkv + hk], s0 = kv_start[b] too
- * (0 without; the CPU kernel only: a row-mode store's sliding window),
+ * (0 without; a row-mode store's sliding window, cuda/attention_packed.cuh reads it alike),
  * packed slot j is row offsets[b * Hkv + hk] + j of the codes, value
  * min/scale and counts, and its key group row offsets[.] / G + t (offsets
  * are multiples of G). A query that sees no slot gets zeros.
@@ -71,7 +71,7 @@ struct kvc_packed_attention_params {
                                    * per-head layer's sink block keeps its merge counts); data NULL: 1 */
     struct kvc_view lse;          /* optional f32 [B, Hq, q] out: log sum_j w_j, -inf for a row that
                                    * sees no slot; data NULL: none */
-    const int64_t *kv_start;      /* optional [B]: leading masked slots, <= n_h + r (ragged: CPU only); NULL: none */
+    const int64_t *kv_start;      /* optional [B]: leading masked slots, <= n_h + r; NULL: none */
     int64_t kv_start_stride;
     const int64_t *offsets;       /* ragged [B * Hkv]: first row of each head, a multiple of G */
     int64_t offsets_stride;

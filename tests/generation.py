@@ -1,4 +1,5 @@
-"""Prompts and greedy generation shared by the end-to-end tests.
+"""Prompts, greedy generation and a tiny sliding-window model shared by the
+end-to-end tests.
 
 One definition of a random prompt, of left padding and of a greedy
 ``generate()`` with or without a compression session, so that the tests that
@@ -99,3 +100,16 @@ def tiny_auto(model_type: str, **config):
         pytest.skip(f"{model_type}: cannot build a tiny model on transformers {transformers.__version__}: "
                     f"{type(e).__name__}: {e}")
     return model.float().eval()
+
+
+def tiny_sliding_mistral():
+    """A randomly initialised 3-layer Mistral (2 kv heads, D = 16, seed 0)
+    whose every layer slides over 64 tokens, eager attention."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
+                        max_position_embeddings=1024, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    return MistralForCausalLM(cfg).eval()

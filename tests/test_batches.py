@@ -10,7 +10,7 @@ import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
 from kvcompress.hf import attention_spec
 from kvcompress.methods import EVICTING, MIXED_PRECISION, REGISTRY
-from generation import greedy, left_pad, random_ids
+from generation import greedy, left_pad, random_ids, tiny_sliding_mistral
 
 
 def _gen(model, method, ids, mask, n=10, **kw):
@@ -294,14 +294,7 @@ def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, 
 @pytest.fixture(scope="module")
 def tiny_sliding():
     """A randomly initialised 3-layer Mistral whose every layer slides over 64 tokens (eager attention)."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
-                        max_position_embeddings=1024, pad_token_id=0)
-    cfg._attn_implementation = "eager"
-    return MistralForCausalLM(cfg).eval()
+    return tiny_sliding_mistral()
 
 
 @pytest.mark.parametrize("kw", [dict(bits=2, group=8, residual=8),

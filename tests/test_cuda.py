@@ -1001,17 +1001,10 @@ def test_padded_rows_apart_gpu_equals_cpu(tiny_model, case):
     layout's ``kv_start``), and behind a per-head evictor a row kept whole
     on its own schedule (segments, own residuals and sink block in three
     calls): the same tokens on both devices."""
-    from generation import random_ids
+    from generation import random_ids, tiny_sliding_mistral
 
     if case == "sliding":
-        from transformers import MistralConfig, MistralForCausalLM
-
-        torch.manual_seed(0)
-        cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
-                            max_position_embeddings=1024, pad_token_id=0)
-        cfg._attn_implementation = "eager"
-        model, lengths = MistralForCausalLM(cfg).eval(), (100, 30, 61)
+        model, lengths = tiny_sliding_mistral(), (100, 30, 61)
         make = lambda: kvcompress.KIVI(bits=2, group=8, residual=8)  # noqa: E731
     else:
         model, lengths = tiny_model, (150, 60, 131, 14)

@@ -145,16 +145,7 @@ class PackedStore(LayerStore):
         if self.visible_from is not None:  # a sliding-window layer: the positions it holds, those queries see
             seen = (f", positions={self.first_position}..{self.first_position + self.n - 1}"
                     f", visible_from={self.visible_from}")
-        if self._choices is not None:  # row mode, each row's own choices: the rows that took each
-            for i, name in enumerate(("rotated keys", "key feedback", "clipped values")):
-                # (the feedback entry is a tensor or None, the others bools)
-                rows = [b for b, c in enumerate(self._choices)
-                        if c is not None and (c[i] is not None if i == 1 else c[i])]
-                vb += f", {name} in rows {rows}" if rows else ""
-        else:
-            vb += ", rotated keys" if self.rotation is not None else ""
-            vb += ", key feedback" if self.feedback is not None else ""
-            vb += ", clipped values" if self.value_clip else ""
+        vb += self._choices_repr(("rotated keys", "key feedback", "clipped values"))
         if self.sinks:
             vb += f", sinks={self.sinks}" + ("" if self._r0 else " (not taken yet)")
         packed, full = self.n_packed, self.r
@@ -586,6 +577,20 @@ class PackedStore(LayerStore):
         if mask is None:
             return unrotate(keys, self.rotation, dtype)
         return torch.where(mask, unrotate(keys, self.rotation, dtype), keys.to(dtype))
+
+    def _choices_repr(self, names) -> str:
+        """The ``repr`` words for the packing choices ``names`` (the first of
+        ``"rotated keys"``, ``"key feedback"``, ``"clipped values"``): with
+        per-row choices the rows that took each, else the store's."""
+        if self._choices is None:
+            on = (self.rotation is not None, self.feedback is not None, self.value_clip)
+            return "".join(f", {name}" for name, yes in zip(names, on) if yes)
+        out = ""
+        for i, name in enumerate(names):
+            # (the feedback entry is a tensor or None, the others bools)
+            rows = [b for b, c in enumerate(self._choices) if c is not None and (c[i] is not None if i == 1 else c[i])]
+            out += f", {name} in rows {rows}" if rows else ""
+        return out
 
     def _rotated_rows(self, device):
         """Row mode with per-row choices: a ``[B, 1, 1, 1]`` bool mask of the

@@ -84,6 +84,8 @@ class RaggedPackedStore(PackedStore):
         #: when all are 1; ``_rc``: ``[B, H, >= n_sinks + r]`` the residual
         #: counts the kernel reads (the block's, then ones), built when needed
         self._sink_counts = self._rc = None
+        #: row mode's ``residual_hidden``, with the device, block and ``_rs`` it was built for
+        self._hidden = None
 
     @classmethod
     def from_ragged(cls, store, bits: int, group: int, residual: int,
@@ -270,7 +272,7 @@ class RaggedPackedStore(PackedStore):
                         self._rcols["scores"][b, :, at] = store.scores[idx].view(H, m)
             self._rs.append(rr - m)
             self._np.append(int(self._host_lengths[b * H : (b + 1) * H].max()) if H else 0)
-        self.r, self.n_packed, self._row_args = rr, max(self._np, default=0), None
+        self.r, self.n_packed = rr, max(self._np, default=0)
 
     def unpacked(self, rows=None) -> RaggedStore:
         """Every head's slots in full precision as a
@@ -380,14 +382,7 @@ class RaggedPackedStore(PackedStore):
         n = self._real
         span = f"{int(n.min())}..{int(n.max())}" if n is not None and n.numel() else "empty"
         vb = f", value_bits={self.value_bits}" if self.value_bits != self.bits else ""
-        if self._choices is not None:  # each row's own choices: the rows that took each
-            for i, name in enumerate(("rotated keys", "key feedback")):
-                rows = [b for b, c in enumerate(self._choices)
-                        if c is not None and (c[i] is not None if i == 1 else c[i])]
-                vb += f", {name} in rows {rows}" if rows else ""
-        else:
-            vb += ", rotated keys" if self.rotation is not None else ""
-            vb += ", key feedback" if self.feedback is not None else ""
+        vb += self._choices_repr(("rotated keys", "key feedback"))  # value clipping is the store's, below
         if self._np is not None:  # row mode: the rows kept whole that have packed nothing yet
             waiting = [b for b, packed in enumerate(self._np) if not packed]
             vb += f", rows {waiting} not packed yet" if waiting else ""
@@ -611,7 +606,6 @@ class RaggedPackedStore(PackedStore):
             self._choices, self._rot_mask = [self._choices[i] for i in rows], None
         if self._np is not None:
             self._np, self._rs, self._pads = ([x[i] for i in rows] for x in (self._np, self._rs, self._pads))
-            self._row_args = None
         self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
         if self._sink_counts is not None:
             self._sink_counts, self._rc = self._sink_counts.index_select(0, idx), None
@@ -690,11 +684,12 @@ class RaggedPackedStore(PackedStore):
         own; None when every row's residual is the whole window."""
         if self._rs is None or not any(self._rs):
             return None
-        if self._row_args is None or self._row_args[0] != device:
+        key = (torch.device(device), self._r0, tuple(self._rs))  # built again only when one of these moves
+        if self._hidden is None or self._hidden[0] != key:
             o = self._r0
             hid = torch.tensor([[o, o + x] for x in self._rs], dtype=torch.int64).repeat_interleave(self.heads, 0)
-            self._row_args = (device, hid.to(device))
-        return self._row_args[1]
+            self._hidden = (key, hid.to(device))
+        return self._hidden[1]
 
     def dequantized(self):
         raise NotImplementedError("a per-head packed layer has no [B, H, n, D] form: use padded()")
@@ -738,8 +733,7 @@ class RaggedPackedStore(PackedStore):
         parts = [ops.packed_attention(self._packed_query(query)[0], self._kc, self._kmin, self._ksc, self._vc,
                                       self._vmin, self._vsc, none, none, offsets=self.offsets, lengths=self.lengths,
                                       counts=counts, return_lse=True, **widths)]
-        empty = tuple(t.new_empty((B, H, 0) + tuple(t.shape[1:]))
-                      for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
+        empty = self._no_packed(B, H)
         own = torch.tensor(self._rs, dtype=torch.int64, device=query.device)
         parts.append(ops.packed_attention(query, *empty, self._rk[:, :, o : o + r], self._rv[:, :, o : o + r],
                                           kv_start=own, return_lse=True, **widths))
@@ -748,6 +742,12 @@ class RaggedPackedStore(PackedStore):
                                               residual_counts=self._kernel_residual_counts(count_bias, o),
                                               return_lse=True, **widths))
         return join_parts(parts, query.dtype)
+
+    def _no_packed(self, B: int, H: int) -> tuple:
+        """An empty packed part ``[B, H, 0, ...]`` in the uniform layout, for
+        a kernel call that reads residual rows only."""
+        return tuple(t.new_empty((B, H, 0) + tuple(t.shape[1:]))
+                     for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
 
     def _residual_counts(self, count_bias: bool, r: int):
         """float32 ``[B, H, r]`` counts of the buffers' first ``r`` residual
@@ -781,9 +781,7 @@ class RaggedPackedStore(PackedStore):
                                       self._vmin, self._vsc, rk[:, :, :0], rv[:, :, :0], bits=self.bits,
                                       value_bits=self.value_bits, group=self.group, scaling=scaling,
                                       offsets=self.offsets, lengths=self.lengths, counts=counts, return_lse=True)
-        B, H = int(rk.shape[0]), int(rk.shape[1])
-        empty = tuple(t.new_empty((B, H, 0) + tuple(t.shape[1:]))
-                      for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
+        empty = self._no_packed(int(rk.shape[0]), int(rk.shape[1]))
         o2, l2 = ops.packed_attention(query, *empty, rk, rv, bits=self.bits, value_bits=self.value_bits,
                                       group=self.group, scaling=scaling, return_lse=True,
                                       residual_counts=self._kernel_residual_counts(counts is self.counts_bias))
