@@ -243,8 +243,9 @@ def test_a_row_kept_whole_behind_a_per_head_evictor_packs_as_alone(tiny_model, e
 
 @pytest.mark.parametrize("spec", ["ems+kivi:bits=2", "ems+kivi:bits=4", "ems+kivi:bits=2:keep_rows=0",
                                   "adakv+kivi:bits=2", "ems+kivi:bits=2:rotate=auto:feedback=true",
-                                  "adakv+kivi:bits=2:rotate=auto:feedback=true"])
-def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, spec):
+                                  "adakv+kivi:bits=2:rotate=auto:feedback=true", "ems+kivi:bits=2:sinks=4",
+                                  "ems+kivi:bits=2:sinks=4:joined"])
+def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, spec, monkeypatch):
     """Behind a per-head evictor that keeps its budget while decoding
     (rounds every 16 steps), each row keeps in full precision the newest
     slots its own heads allow (``from_ragged(rows_apart=True)``), not the
@@ -259,12 +260,20 @@ def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, 
     layer's once-only choices at its first pack as alone, and every round
     packs it so, its keep_rows rounds on its own basis (with one choice for
     the batch the two cases fail; with the batch's basis for every row's
-    round, the EMS one)."""
+    round, the EMS one). Under ``sinks=4`` each row keeps the sink block
+    it keeps alone (one row of these takes none alone; with one block for
+    the batch, the shortest, both cases fail), also where the kernel takes
+    no ``residual_hidden`` (``joined``: CUDA's reading, on the CPU)."""
     from kvcompress.stores.feedback import expand
     from kvcompress.stores.keep_rows import is_placeholder
 
     from kvcompress.methods import method_from_spec
 
+    if spec.endswith(":joined"):
+        import kvcompress.stores.packed as packed_store
+
+        spec = spec[: -len(":joined")]
+        monkeypatch.setattr(packed_store, "one_call", lambda query: False)
     # prompts where the cases below tell the fixes apart (rows of the rotated case choose both ways)
     seed = 2000 if "rotate" in spec else 0
     rows = [random_ids(n, seed + n) for n in (150, 97, 131)]
@@ -276,7 +285,12 @@ def test_rows_behind_an_evictor_with_rounds_keep_their_own_residual(tiny_model, 
         assert torch.equal(out[i, -40:], alone[0, -40:]), (spec, i)
         for layer, one in zip(cache.layers, solo.layers):
             s, o = layer.store, one.store
-            assert layer._rebudget and s._own_residual()[i] == o.r and s._r0 == o._r0, (i, s, o)
+            assert layer._rebudget and s._own_residual()[i] == o.r and s._row_sinks()[i] == o._r0, (i, s, o)
+            # its own sink block (a merged sink slot's average may round apart by an ulp) and counts
+            assert torch.allclose(s._rk[i, :, : o._r0], o._rk[0, :, : o._r0], rtol=1e-6, atol=1e-7), (i, s, o)
+            block = lambda st, b: torch.ones(st.heads, o._r0) if st._sink_counts is None else (  # noqa: E731
+                st._sink_counts[b, :, : o._r0])
+            assert torch.equal(block(s, i), block(o, 0)), (i, s, o)
             assert s.head_lengths()[i * s.heads : (i + 1) * s.heads] == o.head_lengths(), (i, s, o)
             is_rot, tri, _ = s.row_choice(i)
             assert is_rot == (o.rotation is not None) and (tri is None) == (o.feedback is None), (i, s, o)

@@ -994,23 +994,30 @@ def _generate_padded(model, rows, method, device, n=40):
     return out.cpu()
 
 
-@pytest.mark.parametrize("case", ["sliding", "whole"])
+@pytest.mark.parametrize("case", ["sliding", "whole", "rounds"])
 def test_padded_rows_apart_gpu_equals_cpu(tiny_model, case):
     """Row mode where the kernel takes no ``residual_hidden``: a sliding
     layer's decode step in two calls (the packed part masked by the ragged
-    layout's ``kv_start``), and behind a per-head evictor a row kept whole
-    on its own schedule (segments, own residuals and sink block in three
-    calls): the same tokens on both devices."""
+    layout's ``kv_start``), behind a per-head evictor a row kept whole on
+    its own schedule (segments, own residuals and sink block in three
+    calls), and behind one with rounds rows that take sink blocks of
+    different lengths (the block call reads each row's sinks moved to its
+    end, ``kv_start`` masking the rest, a whole block for a row that takes
+    none): the same tokens on both devices."""
     from generation import random_ids, tiny_sliding_mistral
 
     if case == "sliding":
         model, lengths = tiny_sliding_mistral(), (100, 30, 61)
         make = lambda: kvcompress.KIVI(bits=2, group=8, residual=8)  # noqa: E731
-    else:
+    elif case == "whole":
         model, lengths = tiny_model, (150, 60, 131, 14)
         make = lambda: kvcompress.EMS(budget=64, interval=0) + kvcompress.KIVI(  # noqa: E731
             bits=2, group=8, residual=8, rotate="auto", sinks=4, feedback=True)
-    rows = [random_ids(n, 90 + n) for n in lengths]
+    else:
+        # test_batches' rows behind rounds: their layers take 4, 0 and 0 or 4 sinks per row
+        model, lengths = tiny_model, (150, 97, 131)
+        make = lambda: kvcompress.EMS(budget=64) + kvcompress.KIVI(bits=2, sinks=4)  # noqa: E731
+    rows = [random_ids(n, (0 if case == "rounds" else 90) + n) for n in lengths]
     try:
         got = [_generate_padded(model, rows, make(), d) for d in ("cpu", DEV)]
     finally:

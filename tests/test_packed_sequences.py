@@ -781,13 +781,18 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
     its own heads (before: the fewest any row's heads allowed), so after
     every decode step each row holds bit for bit what ``from_ragged`` of
     that row alone holds (packed codes and scales, its own residual with
-    positions and carried scores), reads the same attention within float
-    rounding (one call, joined, eager), and gives back the same slots from
-    ``unpacked()``, what the next round re-compresses."""
+    positions and carried scores, and its own sink block: on odd seeds
+    row 1 holds so few slots that alone it takes fewer sinks than the
+    others), reads the same attention within float rounding (one call,
+    joined, eager), and gives back the same slots from ``unpacked()``,
+    what the next round re-compresses."""
     rng = random.Random(92_000 + seed)
     g = torch.Generator().manual_seed(92_000 + seed)
     B, H, D, G, R = 3, 2, 16, 8, rng.choice([4, 8, 16])
     bits, S = rng.choice([2, 4]), rng.choice([0, 2])
+    few = seed % 2 == 1
+    if few:
+        R, S = 16, 4
     C = 60
     keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
     values = torch.randn(B, H, C, D, generator=g)
@@ -799,6 +804,12 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
             valid[b, h, :n] = True
             # a trailing run of count-1 slots of the row's own length: the residual a row can keep
             counts[b, h, max(0, n - rng.randrange(1, 20)) : n] = 1.0
+    if few:
+        # row 1: every head short and unmerged, so alone its residual leaves at most one sink
+        valid[1] = False
+        for h in range(H):
+            n = rng.randrange(12, R + 2)
+            valid[1, h, :n], counts[1, h] = True, 1.0
     positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).contiguous()
     scores = torch.rand(B, H, C, generator=g)
 
@@ -813,12 +824,14 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
     if len({st.r for st in solos}) > 1 and all(st._r0 == solos[0]._r0 for st in solos):
         assert "full_precision per row" in repr(batch)
         assert batch._own_residual() == [st.r for st in solos] != [shared.r] * B
+    if few:
+        # alone, row 1 takes fewer sinks than another row: so does it here
+        assert solos[1]._r0 < max(st._r0 for st in solos) == batch._r0
+        assert f"sinks={[st._r0 for st in solos]} per row of {S}" in repr(batch)
     spec = AttentionSpec(scaling=D ** -0.5, count_bias=True)
     capped = AttentionSpec(scaling=D ** -0.5, count_bias=True, softcap=30.0)
 
     def check():
-        if any(st._r0 != batch._r0 for st in solos):
-            return  # a row alone takes a longer sink block than the batch's one (too few slots in another row)
         assert batch.head_lengths() == [n for st in solos for n in st.head_lengths()]
         for b, st in enumerate(solos):
             for h in range(H):
@@ -835,7 +848,8 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
             for mine, theirs in ((batch._rk, st._rk), (batch._rv, st._rv), (batch._rcols["positions"],
                                  st._rcols["positions"])):
                 assert torch.equal(mine[b, :, end - own : end], theirs[0, :, st._r0 : st._r0 + st.r]), b
-            assert torch.equal(batch._rk[b, :, : batch._r0], st._rk[0, :, : st._r0]), b
+            for mine, theirs in ((batch._rk, st._rk), (batch._rv, st._rv)):
+                assert torch.equal(mine[b, :, : st._r0], theirs[0, :, : st._r0]), b  # its own sink block
         _reads_as_alone(batch, solos, torch.randn(B, 2 * H, 1, D, generator=g), spec, capped)
         back = batch.unpacked()
         for b, st in enumerate(solos):
@@ -864,7 +878,9 @@ def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
     """``from_ragged(whole_rows=...)`` names the argument for a store with
     columns (a layer that re-compresses), a flag count other than the
     batch's, a whole row whose heads differ or hold merged slots, and
-    ``row_choices`` leaves undecided only whole rows."""
+    ``row_choices`` leaves undecided only whole rows; ``rows_apart`` (each
+    row's own residual) is named without ``columns``, which keep no
+    residual."""
     keys = torch.randn(2, 2, 16, 8)
     pos = torch.arange(16, dtype=torch.int32).expand(2, 2, 16).contiguous()
     valid = torch.ones(2, 2, 16, dtype=torch.bool)
@@ -878,7 +894,8 @@ def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
              (RaggedStore.from_dense(keys, keys, pos, ragged), dict(whole_rows=[False, True]), "different numbers"),
              (RaggedStore.from_dense(keys, keys, pos, valid, counts=merged), dict(whole_rows=[False, True]),
               "merged slots"),
-             (store, dict(whole_rows=[False, True], row_choices=[None, None]), "row_choices")]
+             (store, dict(whole_rows=[False, True], row_choices=[None, None]), "row_choices"),
+             (store, dict(rows_apart=True), "rows_apart")]
     for st, kw, match in cases:
         with pytest.raises(ValueError, match=match):
             RaggedPackedStore.from_ragged(st, 4, 8, 4, **kw)

@@ -102,7 +102,9 @@ class KIVI(KeepsEveryToken):
       block, masked. Behind a per-head or merging evictor (``EMS``,
       ``AdaKV``, ...) the block holds each head's first ``sinks`` kept
       slots, taken when the layer is packed, with their merge counts
-      (``ops.packed_attention(residual_counts=...)``);
+      (``ops.packed_attention(residual_counts=...)``); in a batch each row
+      takes the block it takes alone (fewer sinks where a row's heads hold
+      little beyond their residual);
     * ``feedback=True`` (not in the paper; GPTQ's error feedback with the
       queries as its inputs, as SQuat does for keys) packs each key group
       channel after channel and carries each channel's rounding error into

@@ -123,11 +123,10 @@ def arrange_rows(old, kept: RaggedStore, min_live: int, rows=None, *,
     as :func:`arrange` lays it out for that row alone, so that a row keeps
     its unchanged key groups exactly when it would alone, whatever the other
     rows' layouts; a row refused keeps the round's slots as they came (all
-    packed afresh, as alone). None when no row keeps a group, or when the
-    batch's one sink block (the shortest any row takes) would not be the
-    old one. One row: :func:`arrange` itself."""
-    from .packed_ragged import _recent_kept_rows
-
+    packed afresh, as alone). Each row takes its own sink block, as alone
+    (``from_ragged``'s per-row sinks): :func:`arrange` checks a row that
+    keeps groups against its old one. None when no row keeps a group. One
+    row: :func:`arrange` itself."""
     B, H = kept.batch, kept.heads
     if B <= 1:
         return arrange(old, kept, min_live, rows, backend=backend)
@@ -138,13 +137,7 @@ def arrange_rows(old, kept: RaggedStore, min_live: int, rows=None, *,
         laid = arrange(_old_row(old, b), mine, min_live, rows, backend=backend)
         kept_any |= laid is not None
         parts.append(mine if laid is None else laid)
-    if not kept_any:
-        return None
-    out = _cat_rows(parts, H)
-    lengths = out._host_lengths.view(B, H)
-    s = min(max(0, min(int(old.sinks_asked), int(lengths[b].min()) - r))
-            for b, r in enumerate(_recent_kept_rows(out, old.residual)))
-    return out if s == int(old._r0) else None
+    return _cat_rows(parts, H) if kept_any else None
 
 
 def _old_row(old, b: int):
@@ -156,6 +149,7 @@ def _old_row(old, b: int):
     view.offsets, view.lengths, view.caps = old.offsets[sl], old.lengths[sl], old.caps[sl]
     view._host_lengths, view._host_caps, view._real = old._host_lengths[sl], old._host_caps[sl], old._real[sl]
     view._rk, view._rv = old._rk[b : b + 1], old._rv[b : b + 1]  # batch 1 (nothing here reads them)
+    view._r0, view._sinks_rows = old._row_sinks()[b], None  # the row's own sink block
     if old._choices is not None:
         # rows that chose apart: the row's own basis is the packing grid
         view.rotation = old.rotation if old.row_choice(b)[0] else None

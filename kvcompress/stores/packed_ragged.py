@@ -29,6 +29,10 @@ head) stay in full precision as a sink block at the front of the residual's
 buffers, ``[B, H, S, D]``, read in the same kernel call as the residual.
 A block slot that absorbed merged tokens keeps its merge count: the kernel
 adds the residual slots' log counts (``residual_counts``, 1 past the block).
+In a batch whose rows keep their own residual (row mode behind rounds) each
+row takes the block it takes alone, ``_sinks_rows[b]`` slots at the block's
+front; the block's other rows are masked for it with its foreign residual
+rows (one hole, ``residual_hidden``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ class RaggedPackedStore(PackedStore):
         self._sink_counts = self._rc = None
         #: row mode's ``residual_hidden``, with the device, block and ``_rs`` it was built for
         self._hidden = None
+        #: row mode behind rounds: per row the sink slots it takes alone (the
+        #: block's first ones; ``_r0`` is the most any row takes), None when
+        #: every row takes ``_r0``
+        self._sinks_rows: list[int] | None = None
 
     @classmethod
     def from_ragged(cls, store, bits: int, group: int, residual: int,
@@ -146,16 +154,21 @@ class RaggedPackedStore(PackedStore):
         n_min = int(store._host_lengths.min()) if store._host_lengths.numel() else 0
         s = max(0, min(int(sinks), n_min - r))
         per_row = None  # row mode with columns: each row's own residual length
+        s_heads = s  # each head's sink slots
+        if rows_apart and not columns:
+            raise ValueError("rows_apart: each row keeps its own residual only with columns=True")
         if columns and rows_apart and B > 1 and whole is None:
             per_row = _recent_kept_rows(store, residual)
             lengths_host = store._host_lengths.view(B, H)
-            # one sink block for the batch: the shortest any row takes alone
-            s = min(max(0, min(int(sinks), int(lengths_host[b].min()) - per_row[b])) for b in range(B))
-            r = max(per_row)
+            # each row's sink block as alone; the buffers hold the longest
+            sinks_rows = [max(0, min(int(sinks), int(lengths_host[b].min()) - per_row[b])) for b in range(B)]
+            s, r = max(sinks_rows), max(per_row)
+            if min(sinks_rows) < s:
+                new._sinks_rows = sinks_rows
+                s_heads = torch.tensor(sinks_rows, dtype=torch.int64).repeat_interleave(H)
         r_heads = torch.tensor(per_row, dtype=torch.int64).repeat_interleave(H) if per_row is not None else r
-        n = store.lengths.to(torch.int64) - r_heads.to(dev) - s if per_row is not None else \
-            store.lengths.to(torch.int64) - r - s
-        n_host = store._host_lengths.to(torch.int64) - r_heads - s
+        n_host = store._host_lengths.to(torch.int64) - r_heads - s_heads
+        n = n_host.to(dev)
         rr = 0  # row mode: the residual every whole row's slots (after the block) fill, right-aligned
         if whole is not None:
             rr = int(n_host[whole].max()) if bool(whole.any()) else 0
@@ -171,7 +184,9 @@ class RaggedPackedStore(PackedStore):
         total = int(padded_host.sum())
         head, t = segments(padded, total)
         last = n[head] - 1
-        src = store.offsets[head] + s + torch.minimum(t, last)  # after the head's sink block
+        s_dev = s_heads.to(dev) if torch.is_tensor(s_heads) else s
+        lead = s_dev[head] if torch.is_tensor(s_dev) else s  # each packed row's head's sink block comes first
+        src = store.offsets[head] + lead + torch.minimum(t, last)
         dst = offsets[head] + t
         D, Dv = int(store.k.shape[1]), int(store.v.shape[1])
         if D != Dv:
@@ -220,10 +235,15 @@ class RaggedPackedStore(PackedStore):
                 new._rcols["scores"] = torch.full((B, H, cap), float("nan"), device=dev)
         # each head's first s slots (the sink block), then its newest r (after its n packed ones), in order
         # (row mode: each row's own newest, _rows_residual)
-        for first, count, at in ((store.offsets, s, 0), (store.offsets + s + n, 0 if per_row else r, s)):
+        for first, count, at in ((store.offsets, s, 0), (store.offsets + s_dev + n, 0 if per_row else r, s)):
             if not count:
                 continue
             rows = (first[:, None] + torch.arange(count, device=dev)).reshape(-1)
+            if at == 0 and new._sinks_rows is not None:
+                # a row's block rows past its own sinks: copies of the store's
+                # first row (finite, masked for the row, weighing 1 in the counts)
+                within = torch.arange(count, device=dev)[None, :] < s_dev[:, None]
+                rows = torch.where(within, rows.view(-1, count), 0).reshape(-1)
             new._rk[:, :, at : at + count] = store.k.index_select(0, rows).view(B, H, count, D)
             new._rv[:, :, at : at + count] = store.v.index_select(0, rows).view(B, H, count, D)
             if columns:
@@ -232,6 +252,8 @@ class RaggedPackedStore(PackedStore):
                     new._rcols["scores"][:, :, at : at + count] = store.scores[rows].view(B, H, count)
             if at == 0 and store.counts is not None:
                 block = store.counts[rows].view(B, H, count)
+                if new._sinks_rows is not None:
+                    block = torch.where(within.view(B, H, count), block, torch.ones((), device=dev))
                 new._sink_counts = None if bool((block == 1).all()) else block.clone()
         new._r0, new.r = s, r
         if whole is not None:
@@ -239,7 +261,7 @@ class RaggedPackedStore(PackedStore):
             new._rows_residual(store, store.offsets + s, [int(held[b * H]) if bool(whole[b * H]) else 0
                                                           for b in range(B)], s)
         elif per_row is not None:
-            new._rows_residual(store, store.offsets + s + n, per_row, s)
+            new._rows_residual(store, store.offsets + s_dev + n, per_row, s)
         return new
 
     def _rows_residual(self, store, first, counts: list[int], s: int) -> None:
@@ -351,8 +373,12 @@ class RaggedPackedStore(PackedStore):
 
     # ------------------------------------------------------------ geometry
     def head_lengths(self) -> list[int]:
-        own = self._own_residual()
-        return [int(x) + own[i // self.heads] + self._r0 for i, x in enumerate(self._real.tolist())]
+        own, block = self._own_residual(), self._row_sinks()
+        return [int(x) + own[i // self.heads] + block[i // self.heads] for i, x in enumerate(self._real.tolist())]
+
+    def _row_sinks(self) -> list[int]:
+        """Per row the sink block slots that are its own (the block's first)."""
+        return list(self._sinks_rows) if self._sinks_rows is not None else [self._r0] * self.batch
 
     def max_length(self) -> int:
         return max(self.head_lengths(), default=self.r + self._r0)
@@ -388,7 +414,9 @@ class RaggedPackedStore(PackedStore):
             vb += f", rows {waiting} not packed yet" if waiting else ""
         vb += ", clipped values" if self.value_clip else ""
         if self.sinks_asked:
-            vb += f", sinks={self._r0}" + (f" of {self.sinks_asked}" if self._r0 != self.sinks_asked else "")
+            taken = self._r0 if self._sinks_rows is None else f"{self._sinks_rows} per row"
+            vb += f", sinks={taken}" + (f" of {self.sinks_asked}" if self._sinks_rows is not None
+                                         or self._r0 != self.sinks_asked else "")
         holes = int(is_placeholder(self.counts_bias).sum()) if self.counts_bias is not None else 0
         span += f" (+{holes} placeholder rows)" if holes else ""
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
@@ -606,6 +634,8 @@ class RaggedPackedStore(PackedStore):
             self._choices, self._rot_mask = [self._choices[i] for i in rows], None
         if self._np is not None:
             self._np, self._rs, self._pads = ([x[i] for i in rows] for x in (self._np, self._rs, self._pads))
+        if self._sinks_rows is not None:
+            self._sinks_rows = [self._sinks_rows[i] for i in rows]
         self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
         if self._sink_counts is not None:
             self._sink_counts, self._rc = self._sink_counts.index_select(0, idx), None
@@ -680,14 +710,17 @@ class RaggedPackedStore(PackedStore):
 
     def _hidden_rows(self, device):
         """Row mode: ``residual_hidden`` ``[B * H, 2]`` of the kernel call, per
-        head the residual rows (after the sink block) that are not its row's
-        own; None when every row's residual is the whole window."""
-        if self._rs is None or not any(self._rs):
+        head the rows of the sink block and residual that are not its row's
+        own, one stretch: the block's rows past the row's sinks, then the
+        residual rows before its own; None when every row's are all."""
+        if self._rs is None or (not any(self._rs) and self._sinks_rows is None):
             return None
-        key = (torch.device(device), self._r0, tuple(self._rs))  # built again only when one of these moves
+        block = self._row_sinks()
+        key = (torch.device(device), self._r0, tuple(self._rs), tuple(block))  # built again when one moves
         if self._hidden is None or self._hidden[0] != key:
             o = self._r0
-            hid = torch.tensor([[o, o + x] for x in self._rs], dtype=torch.int64).repeat_interleave(self.heads, 0)
+            hid = torch.tensor([[s, o + x] for s, x in zip(block, self._rs)],
+                               dtype=torch.int64).repeat_interleave(self.heads, 0)
             self._hidden = (key, hid.to(device))
         return self._hidden[1]
 
@@ -738,10 +771,31 @@ class RaggedPackedStore(PackedStore):
         parts.append(ops.packed_attention(query, *empty, self._rk[:, :, o : o + r], self._rv[:, :, o : o + r],
                                           kv_start=own, return_lse=True, **widths))
         if o:
-            parts.append(ops.packed_attention(query, *empty, self._rk[:, :, :o], self._rv[:, :, :o],
-                                              residual_counts=self._kernel_residual_counts(count_bias, o),
+            bk, bv, bc = self._rk[:, :, :o], self._rv[:, :, :o], self._kernel_residual_counts(count_bias, o)
+            lead = None
+            if self._sinks_rows is not None:
+                # each row's sinks moved to the block's end, so that kv_start
+                # masks the rows past them (a prefix now)
+                bk, bv, bc, lead = self._block_right_aligned(bk, bv, bc)
+            parts.append(ops.packed_attention(query, *empty, bk, bv, residual_counts=bc, kv_start=lead,
                                               return_lse=True, **widths))
         return join_parts(parts, query.dtype)
+
+    def _block_right_aligned(self, bk, bv, bc):
+        """The sink block ``[B, H, o, D]`` (and its counts ``[B, H, o]`` or
+        None) with each row's own sinks at its end, and ``kv_start`` ``[B]``:
+        the rows before them, which are not the row's."""
+        o, dev = self._r0, bk.device
+        block = torch.tensor(self._row_sinks(), dtype=torch.int64, device=dev)
+        lead = o - block
+        # column j of row b reads block row j - lead[b] (masked where negative)
+        src = (torch.arange(o, device=dev)[None, :] - lead[:, None]).clamp_min(0)
+        idx = src[:, None, :, None]
+        bk = bk.gather(2, idx.expand(-1, bk.shape[1], -1, bk.shape[3]))
+        bv = bv.gather(2, idx.expand(-1, bv.shape[1], -1, bv.shape[3]))
+        if bc is not None:
+            bc = bc.gather(2, src[:, None, :].expand(-1, bc.shape[1], -1)).contiguous()
+        return bk, bv, bc, lead
 
     def _no_packed(self, B: int, H: int) -> tuple:
         """An empty packed part ``[B, H, 0, ...]`` in the uniform layout, for
