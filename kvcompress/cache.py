@@ -39,7 +39,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
 from .packing_choices import PackingChoices
 from .recurrent import RecurrentStates, check_chunk, check_layer_kinds
 from .states import check_batch_index, check_layer_index, check_repeats, check_states
-from .stores.keep_rows import arrange_rows
+from .stores.keep_rows import arrange_rows, splice_rows
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -213,6 +213,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # queries of the calls since its last re-compression, [B, Hq, q, D]
         # each (its re-selection observes them all at once; see _queue)
         self._rebudget = False
+        # the row targets the per-head budgets were last set for (_refresh_budgets)
+        self._budget_targets: list[int] | None = None
         # per row whether the evictor kept it whole, from the per-head
         # compression (_become_ragged) until _to_packed reads it
         self._kept_whole: list[bool] | None = None
@@ -220,6 +222,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # pack: per row (rotation or None, feedback triangle or None), what
         # every later round packs the row with
         self._ragged_choices: list | None = None
+        # a per-head layer with rounds: per row whether no compression has
+        # taken a slot of it yet (it packs as a uniform layer alone does),
+        # None when no row is so
+        self._whole_rounds: list[bool] | None = None
         self._pending: list = []
         self._init_choices()
 
@@ -370,6 +376,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.head_budgets = self.head_budgets.index_select(0, host.to(self.head_budgets.device))
             self._share = self._share.index_select(0, host)
             self._budgets_host = self.head_budgets.reshape(-1).cpu()
+            self._budget_targets = None  # the next check follows the reordered rows' targets
         if self._qbuf is not None:
             self._qbuf = self._qbuf.index_select(0, host.to(self._qbuf.device))
         if self._waiting is not None:
@@ -382,6 +389,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._row_choices = [self._row_choices[i] for i in host.tolist()]
         if self._ragged_choices is not None:
             self._ragged_choices = [self._ragged_choices[i] for i in host.tolist()]
+        if self._whole_rounds is not None:
+            self._whole_rounds = [self._whole_rounds[i] for i in host.tolist()]
         if self._row_qmom is not None:
             # a row repeated (beam search) goes on from its moment so far, in copies
             self._row_qmom = [copy.deepcopy(self._row_qmom[i]) for i in host.tolist()]
@@ -790,9 +799,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             clip = self._value_clip(packing, queries, scaling, defer=True)
             if self._ragged_choices is None:
                 self._ragged_choices = self._choose_ragged_rows(packing, queries, scaling)
+            self._whole_rounds = self._rounds_whole()
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=True,
                                                        sinks=self.method.fp_sinks, value_clip=clip,
-                                                       row_choices=self._ragged_choices, rows_apart=True)
+                                                       row_choices=self._ragged_choices, rows_apart=True,
+                                                       whole_rows=self._whole_rounds)
         elif self._ragged_rows_apart():
             # a batch that packs once (no rounds): each row chooses its rotation and weights, as alone;
             # a row kept whole packs as alone too, on KIVI's schedule, and chooses at its first pack
@@ -806,11 +817,13 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             rotation = self._key_rotation(packing, queries, scaling, defer=True)
             clip = self._value_clip(packing, queries, scaling, defer=True)
             # a layer with rounds: each row keeps its own newest slots in full precision, as alone
-            # (a keep_rows round lays each row out as alone too, arrange_rows)
+            # (a keep_rows round lays each row out as alone too, arrange_rows), and a row no
+            # compression has touched packs as a uniform layer of it alone does
+            self._whole_rounds = self._rounds_whole() if self._rebudget else None
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
                                                        feedback=self._fix_feedback(), value_clip=clip,
-                                                       rows_apart=self._rebudget)
+                                                       rows_apart=self._rebudget, whole_rows=self._whole_rounds)
             if self.store.packed_any():
                 # short heads packed as part groups before any whole group
                 # could be tested: they stay as they are
@@ -832,6 +845,19 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         m = self.method
         return bool(self.store.batch > 1 and not self._rebudget
                     and (m.rotates_keys == "auto" or m.key_feedback or self._whole_rows() is not None))
+
+    def _rounds_whole(self) -> list[bool] | None:
+        """A per-head layer with rounds about to pack: per row whether no
+        compression has taken a slot of it (``_kept_whole``: at the prefill
+        the rows the evictor kept whole, at a round those of them it left
+        whole, :meth:`_repack_round`), which then packs as a uniform layer of
+        it alone does before its first round
+        (``RaggedPackedStore.from_ragged(whole_rows=...)``); None where no
+        row is so, or the batch has one row."""
+        w = self._kept_whole
+        if w is None or not any(w) or self.store.batch < 2:
+            return None
+        return list(w)
 
     def _rounds_choose_apart(self) -> bool:
         """Whether this per-head layer with rounds, packing for the first
@@ -918,8 +944,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if isinstance(self.store, RaggedPackedStore):
             if self.head_budgets is None:
                 return False
-            if self.method.ratio is not None:
-                self._follow_targets(self._targets())
+            self._refresh_budgets()
             return self._heads_over(slack, torch.tensor(self.store.head_lengths(), dtype=torch.int64))
         return any(h > t + slack - 1 for h, t in zip(self._held(), self._targets()))
 
@@ -953,6 +978,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         pending = torch.cat(self._pending, 2) if self._pending else None
         self._pending = []
         old = self.store
+        # the rows no compression has taken a slot of: those this round leaves whole stay so
+        was = self._whole_rounds if isinstance(old, RaggedPackedStore) else None
+        before = old.head_lengths() if was is not None else None
         min_live = self.method.round_keeps_rows
         rows = None
         if min_live and isinstance(old, RaggedPackedStore):
@@ -962,6 +990,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         else:
             self.store = old.unpacked()
         self._compress(pending, scaling)
+        if was is not None and type(self.store) is RaggedStore:
+            now, H = self.store.head_lengths(), self.store.heads
+            self._kept_whole = [w and now[b * H : (b + 1) * H] == before[b * H : (b + 1) * H]
+                                for b, w in enumerate(was)]
         if rows is not None and type(self.store) is RaggedStore:
             # the old key groups that come through whole enough keep their
             # codes (stores.keep_rows); the rest is packed afresh
@@ -996,10 +1028,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # (multi-turn) re-compresses at once, decoding every interval
             if self.head_budgets is None:
                 return
-            if method.ratio is not None:
-                self._follow_targets(self._targets())
-            if self._heads_over(method.interval if phase == "decode" else 1):
-                self._recompress_heads(scaling)
+            self._refresh_budgets()
+            over = self._rows_over(method.interval if phase == "decode" else 1)
+            if any(over):
+                self._recompress_heads(scaling, rows=over)
             return
         targets = self._targets()
         held = self._held()
@@ -1011,7 +1043,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if method.ratio is not None:
             # a ratio's target grows: renewed at each compression, not each step
             self.store.limit = self._decode_cap()
-        rows = [b for b, (h, t) in enumerate(zip(held, targets)) if h > t]
+        # while decoding, the rows over their targets by the interval, each
+        # on its own schedule as alone (a row that reached its target later
+        # than the others waits for its own interval)
+        over = method.interval - 1 if phase == "decode" else 0
+        rows = [b for b, (h, t) in enumerate(zip(held, targets)) if h > t + over]
         if not rows:
             return
         view = self._view(queries if phase == "prefill" else self.recent_q, scaling, phase)
@@ -1020,7 +1056,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                 self._compact(view, rows, targets)
             else:
                 self._to_ragged(targets)
-                self._recompress_heads(scaling)
+                self._recompress_heads(scaling, rows=[b in rows for b in range(len(held))])
         else:
             self._select(view, rows, targets)
 
@@ -1177,7 +1213,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
 
     def _become_ragged(self, store: RaggedStore, targets: list[int], compressed) -> None:
         """Switch to per-head storage. Compressed rows keep the share each head
-        got as their decode budget; rows kept whole may grow to their target."""
+        got as their decode budget; rows kept whole may grow to their target
+        (their targets grow with their tokens, :meth:`_refresh_budgets`)."""
         if self.state:
             raise NotImplementedError("per-slot method state on per-head storage")
         B, H = store.batch, store.heads
@@ -1194,7 +1231,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
     def _set_shares(self, budgets: torch.Tensor, targets: list[int]) -> None:
         """Remember each head's share of its row's target (``budgets`` ``[B, H]``
         host int64), so the per-head budgets follow the target as it moves
-        (``ratio=``) and sum to ``H * target``."""
+        (``ratio=``; a row kept whole, :meth:`_refresh_budgets`) and sum to
+        ``H * target``."""
         if not self.method.interval:
             self.head_budgets = None
             return
@@ -1202,6 +1240,17 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self._share = budgets.double() / t
         self._budgets_host = budgets.reshape(-1).clone()
         self.head_budgets = budgets.to(self.store.k.device)
+        self._budget_targets = list(targets)
+
+    def _refresh_budgets(self) -> None:
+        """Per-head budgets for the rows' current targets whenever one has
+        moved (:meth:`_follow_targets`): a ratio's grows with every token,
+        and under a budget a row the prefill kept whole (its target then:
+        its tokens) grows with every token until it reaches the budget, as
+        it does alone, where its layer is not compressed before that."""
+        targets = self._targets()
+        if targets != self._budget_targets:
+            self._follow_targets(targets)
 
     def _follow_targets(self, targets: list[int]) -> None:
         """Per-head budgets for the rows' current targets: the shares times the
@@ -1215,7 +1264,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         bonus = torch.zeros_like(base).scatter_(1, order, (torch.arange(H)[None, :] < extra[:, None]).double())
         budgets = (base + bonus).long()
         self._budgets_host = budgets.reshape(-1)
-        self.head_budgets = budgets.to(self.store.k.device)
+        self.head_budgets = budgets.to(self.head_budgets.device)
+        self._budget_targets = list(targets)
 
     def _to_ragged(self, targets: list[int]) -> None:
         """Move every real slot of a uniform layer to per-head storage."""
@@ -1234,16 +1284,27 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         """Whether a head holds ``slack`` slots over its budget (host-side
         lengths and budgets: no device synchronisation). ``held``: int64
         ``[B * H]`` slots per head, default the per-head store's lengths."""
-        held = self.store._host_lengths if held is None else held
-        return bool((held - self._budgets_host >= slack).any())
+        return any(self._rows_over(slack, held))
 
-    def _recompress_heads(self, scaling: float, local: bool = False) -> None:
+    def _rows_over(self, slack: int, held=None) -> list[bool]:
+        """Per batch row whether one of its heads holds ``slack`` slots over
+        its budget (see :meth:`_heads_over`)."""
+        held = self.store._host_lengths if held is None else held
+        over = (held - self._budgets_host >= slack).view(-1, self.store.heads).any(1)
+        return over.tolist()
+
+    def _recompress_heads(self, scaling: float, local: bool = False, rows: list[bool] | None = None) -> None:
         """Re-compress a per-head layer to ``head_budgets`` slots per head, one
         row per head: merging methods re-merge (``method.recompact``), the
         others re-select with the latest queries and their state. ``local``:
-        the newest query's picks are forced in (``lookahead_room``)."""
+        the newest query's picks are forced in (``lookahead_room``).
+        ``rows`` (per batch row, None: all): the rows re-compressed now, those
+        over their budgets by the interval; the others keep their slots and
+        state as they are, as each would alone, where its layer is not
+        re-compressed before its own heads are over."""
         store = self.store
         B, H = store.batch, store.heads
+        state_before = dict(self.head_state)
         keys, values, pos, counts, carried, start = store.to_padded()
         lengths = torch.tensor(store.head_lengths(), dtype=torch.int64, device=keys.device)
         budgets = torch.minimum(self.head_budgets.reshape(-1), lengths)[:, None]
@@ -1276,6 +1337,12 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             take = lambda t: t.gather(2, pick[..., None].expand(-1, -1, -1, t.shape[3])).reshape(B, H, k, -1)  # noqa: E731
             new = RaggedStore.from_dense(take(keys), take(values), pos[:, None].gather(2, pick).reshape(B, H, k),
                                          valid, slack=method.interval)
+        if rows is not None and not all(rows):
+            new = splice_rows(store, new, rows)
+            mask = torch.tensor(rows, dtype=torch.bool)
+            for name, v in self.head_state.items():
+                if name in state_before:
+                    self.head_state[name] = torch.where(mask.to(v.device)[:, None], v, state_before[name])
         self.store = new
 
 

@@ -422,3 +422,70 @@ def test_honoured_options_are_read():
                                                    "position_ids": torch.zeros(1), "output_attentions": False})
     assert (spec.window, spec.softcap, spec.scaling) == (64, 50.0, 0.5) and spec.sinks.shape == (4,)
     assert not spec.plain
+
+
+def _row_steps(model, method, ids, mask, n: int, b: int):
+    """Greedy tokens ``[B, n]`` of ``method`` and, after every forward, per
+    layer what row ``b`` holds: its real slots per kv head and, while its
+    layer is packed, ``(sink slots, packed slots, full-precision residual)``
+    (of its longest head in row mode)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from kvcompress.stores import PackedStore, RaggedPackedStore
+
+    steps = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            row = []
+            for layer in session.cache.layers:
+                s, H = layer.store, layer.store.heads
+                if isinstance(s, RaggedPackedStore) or not isinstance(s, PackedStore) and hasattr(s, "offsets"):
+                    heads = s.head_lengths()[b * H : (b + 1) * H]
+                else:
+                    heads = [s.n - (layer._start[b] if layer._start else 0)] * H
+                packed = None
+                if isinstance(s, RaggedPackedStore) and s._np is not None:
+                    packed = (s._row_sinks()[b], s._np[b], s._own_residual()[b])
+                elif type(s) is PackedStore:
+                    packed = (s._r0, s.n_packed, s.r)
+                row.append((heads, packed))
+            steps.append(row)
+            return scores
+
+    with kvc.compress(model, method) as session:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, logits_processor=LogitsProcessorList([Record()]))
+    return out[:, ids.shape[1]:], steps
+
+
+@pytest.mark.parametrize("spec", ["ems", "snapkv", "ems+kivi:bits=2:group=8:residual=16:sinks=4",
+                                  "ems+kivi:bits=2:group=8:residual=8:sinks=4"])
+def test_rows_that_fit_their_budget_are_compressed_on_their_own_schedule(tiny_model, spec):
+    """Behind an evictor with rounds (every 16 steps), a row whose prompt
+    fits the budget keeps every token until its own heads are over the
+    budget by the interval, and is then compressed to the budget, as alone
+    (before: its heads' budgets stayed at its prompt length, so every batch
+    round cut it back to that, and a round of the other rows compressed it
+    as soon as it was over the budget at all). Packed, it holds what a
+    uniform ``PackedStore`` of it alone holds until its first round: sinks
+    once it holds ``sinks + residual + group`` slots (the 14-token row
+    takes them while decoding under the second KIVI), whole groups on
+    KIVI's schedule. Every row generates what it generates alone over 40
+    tokens and, after every step, holds as many slots per head."""
+    from kvcompress.methods import method_from_spec
+
+    for lengths in ((150, 40, 131, 14), (96, 60, 120)):
+        rows = [random_ids(n, 300 + n) for n in lengths]
+        ids, mask = left_pad(rows)
+        for i, row in enumerate(rows):
+            out, batch = _row_steps(tiny_model, method_from_spec(spec, budget=64), ids, mask, 40, i)
+            alone, solo = _row_steps(tiny_model, method_from_spec(spec, budget=64), row[None],
+                                     torch.ones(1, len(row), dtype=torch.long), 40, 0)
+            assert torch.equal(out[i], alone[0]), (spec, lengths, i)
+            for step, (mine, theirs) in enumerate(zip(batch, solo)):
+                for layer, ((h1, p1), (h2, p2)) in enumerate(zip(mine, theirs)):
+                    assert h1 == h2, (spec, lengths, i, step, layer, h1, h2)
+                    if len(row) <= 64 and p2 is not None and len(set(h2)) == 1 and p1 is not None:
+                        # alone still a uniform packed layer: the row packs as it does
+                        assert p1 == p2, (spec, lengths, i, step, layer, p1, p2)

@@ -161,6 +161,25 @@ def test_ratio_during_decoding_keeps_its_share_of_every_token(tiny_model, name):
                 assert all(target <= n < target + INTERVAL + 1 for n in heads), (seen, heads, target)
 
 
+@pytest.mark.parametrize("name", ["ems", "snapkv"])
+def test_packed_ratio_during_decoding_keeps_its_share_of_every_token(tiny_model, name):
+    # evictor(ratio=) + KIVI: a packed layer keeps its evictor's growing
+    # target while decoding as an unpacked one does (a per-head packed
+    # layer used to fail at its first check: it moved the budgets to the
+    # device of a tensor the packed store does not have)
+    method = REGISTRY[name](ratio=0.5, interval=INTERVAL) + kvc.KIVI(bits=4, group=32, residual=32)
+    cache, steps = _run(tiny_model, method, _ids(100, seed=3), 200)
+    assert all(isinstance(layer.store, PackedStore) for layer in cache.layers), cache.layers
+    H = tiny_model.config.num_key_value_heads
+    for seen, layers, _ in steps:
+        target = int(seen * 0.5)
+        for heads in layers:
+            if method.headwise:
+                assert H * target <= sum(heads) < H * (target + INTERVAL) + H, (seen, heads)
+            else:
+                assert all(target <= n < target + INTERVAL + 1 for n in heads), (seen, heads, target)
+
+
 @pytest.mark.parametrize("name", ["snapkv", "tova", "streamingllm"])
 def test_ratio_buffers_hold_the_target_plus_one_interval(tiny_model, name):
     # a ratio's target grows with the tokens seen; the buffers must still

@@ -94,12 +94,12 @@ def captured(monkeypatch):
     calls = []
     original = CompressedLayer._recompress_heads
 
-    def spy(self, scaling):
+    def spy(self, scaling, rows=None):
         before = self.ragged.to_padded() + (self.recent_q.reshape(-1, self.recent_q.shape[1] // self.ragged.heads,
                                                                   *self.recent_q.shape[2:]).clone(),
                                             torch.minimum(self.head_budgets.reshape(-1), self.ragged.lengths),
                                             scaling)
-        original(self, scaling)
+        original(self, scaling, rows=rows)
         after = copy.copy(self.ragged)  # later appends write into the live store
         for name in ("k", "v", "positions", "offsets", "lengths", "counts", "scores"):
             setattr(after, name, getattr(self.ragged, name).clone())

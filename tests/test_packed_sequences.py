@@ -874,6 +874,120 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
         check()
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_whole_rows_behind_rounds_pack_as_a_uniform_store_alone(seed):
+    """``from_ragged(columns=True, rows_apart=True, whole_rows=...)`` (a
+    layer with rounds, before a row's first): a row no compression has
+    touched holds what a uniform ``PackedStore`` of it alone holds: its
+    ``sinks`` oldest slots as its sink block once it holds ``sinks +
+    residual + group`` (row 1 at once, row 2 while decoding:
+    ``take_sinks``), whole groups packed on KIVI's schedule, the rest in
+    full precision; a compressed row holds what ``from_ragged`` of it alone
+    holds. On odd seeds no row has a sink block at first, so the first one
+    taken grows the block. After every decode step each row holds bit for
+    bit what its one-row store holds and reads the same attention within
+    float rounding (one call, joined, eager), and ``unpacked()`` gives a
+    whole row's slots back in token order."""
+    rng = random.Random(93_000 + seed)
+    g = torch.Generator().manual_seed(93_000 + seed)
+    B, H, D, G, R = 3, 2, 16, 8, rng.choice([4, 8])
+    bits, S = rng.choice([2, 4]), rng.choice([2, 4])
+    grow = seed % 2 == 1
+    C = 60
+    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
+    values = torch.randn(B, H, C, D, generator=g)
+    whole = [False, True, True]
+    n_whole = {1: rng.randrange(S + 1, S + R + G) if grow else rng.randrange(S + R + G, C - 4),
+               2: rng.randrange(S + 1, S + R + G)}
+    valid = torch.zeros(B, H, C, dtype=torch.bool)
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    for h in range(H):
+        # row 0 compressed: on odd seeds every head short and unmerged, so that it takes no sinks
+        n = rng.randrange(R // 2 + 1, R + 1) if grow else rng.randrange(20, C)
+        valid[0, h, :n] = True
+        counts[0, h, max(0, n - rng.randrange(1, 20)) : n] = 1.0
+        if grow:
+            counts[0, h] = 1.0
+    for b in (1, 2):
+        valid[b, :, : n_whole[b]], counts[b] = True, 1.0
+    positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).contiguous()
+
+    def store_of(rows):
+        return RaggedStore.from_dense(keys[rows], values[rows], positions[rows], valid[rows], counts=counts[rows])
+
+    batch = RaggedPackedStore.from_ragged(store_of(slice(None)), bits, G, R, columns=True, sinks=S,
+                                          rows_apart=True, whole_rows=whole)
+    solos = [RaggedPackedStore.from_ragged(store_of(slice(0, 1)), bits, G, R, columns=True, sinks=S)]
+    for b in (1, 2):
+        st = PackedStore(bits, G, R)
+        st.sinks = S
+        st.append(keys[b : b + 1, :, : n_whole[b]], values[b : b + 1, :, : n_whole[b]], 0)
+        solos.append(st)
+    assert batch._r0 == (0 if grow else S) and "take theirs later" in repr(batch), batch
+    plain = AttentionSpec(scaling=D ** -0.5, count_bias=True)
+    capped = AttentionSpec(scaling=D ** -0.5, count_bias=True, softcap=30.0)
+
+    def settle():
+        # as the layer does: sinks first, then the whole groups
+        for st in (batch, *solos):
+            st.take_sinks()
+            st.settle()
+
+    def check():
+        assert batch.head_lengths() == [n for st in solos for n in st.head_lengths()]
+        back = batch.unpacked()
+        for b, st in enumerate(solos):
+            block = batch._row_sinks()[b]
+            assert block == st._r0, (b, block, st)
+            for buf, theirs in ((batch._rk, st._rk), (batch._rv, st._rv)):
+                assert torch.equal(buf[b, :, :block], theirs[0, :, :block]), b
+            own, end = batch._own_residual()[b], batch._r0 + batch.r
+            assert own == st.r, (b, own, st.r)
+            for buf, theirs in ((batch._rk, st._rk), (batch._rv, st._rv)):
+                assert torch.equal(buf[b, :, end - own : end], theirs[0, :, st._r0 : st._r0 + st.r]), b
+            for h in range(H):
+                i = b * H + h
+                n, o = int(batch.lengths[i]), int(batch.offsets[i])
+                if whole[b]:
+                    assert n == st.n_packed == batch._np[b], (b, h, n, st)
+                    if not n:
+                        continue
+                    rows = {name: getattr(st, name)[0, h] for name in ("_kc", "_vc", "_vmin", "_vsc")}
+                    groups = {name: getattr(st, name)[0, h] for name in ("_kmin", "_ksc")}
+                    o1 = 0
+                else:
+                    assert n == int(st.lengths[h]), (b, h)
+                    o1 = int(st.offsets[h])
+                    rows = {name: getattr(st, name) for name in ("_kc", "_vc", "_vmin", "_vsc")}
+                    groups = {name: getattr(st, name) for name in ("_kmin", "_ksc")}
+                for name, t in rows.items():
+                    assert torch.equal(getattr(batch, name)[o : o + n], t[o1 : o1 + n]), (name, b, h)
+                for name, t in groups.items():
+                    assert torch.equal(getattr(batch, name)[o // G : (o + n) // G], t[o1 // G : (o1 + n) // G]), (
+                        name, b, h)
+                if whole[b]:
+                    # unpacked(): the whole row's slots in token order, as the uniform store reads them
+                    m, a = int(back._host_lengths[i]), int(back.offsets[i])
+                    k1, v1 = st.dequantized()
+                    assert m == int(k1.shape[2]), (b, h, m)
+                    assert torch.equal(back.k[a : a + m], k1[0, h]) and torch.equal(back.v[a : a + m], v1[0, h])
+        _reads_as_alone(batch, solos, torch.randn(B, 2 * H, 1, D, generator=g), plain, capped)
+
+    settle()
+    check()
+    took = False
+    for step in range(3 * (R + G)):
+        k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        batch.append(k, v, 2 * C + step)
+        for b, st in enumerate(solos):
+            st.append(k[b : b + 1], v[b : b + 1], 2 * C + step)
+        settle()
+        check()
+        took |= batch._r0 == S and grow
+    assert batch._sinks_due is None and all(st._r0 == S for st in solos[1:])
+    assert took or not grow
+
+
 def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
     """``from_ragged(whole_rows=...)`` names the argument for a store with
     columns (a layer that re-compresses), a flag count other than the

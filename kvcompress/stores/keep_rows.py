@@ -173,7 +173,9 @@ def _row_of(store: RaggedStore, b: int) -> RaggedStore:
 
 
 def _cat_rows(parts: list, H: int) -> RaggedStore:
-    """One-row :class:`RaggedStore` s as the rows of one batch, in order."""
+    """One-row :class:`RaggedStore` s as the rows of one batch, in order
+    (merge counts 1 and scores NaN for a part without them, where another
+    has them)."""
     shift, offsets = 0, []
     for p in parts:
         offsets.append(p.offsets + shift)
@@ -181,10 +183,17 @@ def _cat_rows(parts: list, H: int) -> RaggedStore:
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     out = RaggedStore(cat("k"), cat("v"), torch.cat(offsets), cat("lengths"), cat("caps"), cat("positions"),
                       len(parts), H)
-    out.counts = torch.cat([p.counts.float() for p in parts])
-    if all(p.scores is not None for p in parts):
-        out.scores = torch.cat([p.scores.float() for p in parts])
+    for name, fill in (("counts", 1.0), ("scores", float("nan"))):
+        if any(getattr(p, name) is not None for p in parts):
+            setattr(out, name, torch.cat([p.k.new_full((int(p.k.shape[0]),), fill, dtype=torch.float32)
+                                          if getattr(p, name) is None else getattr(p, name).float() for p in parts]))
     return out
+
+
+def splice_rows(old: RaggedStore, new: RaggedStore, take_new: list[bool]) -> RaggedStore:
+    """A batch whose row ``b`` is ``new``'s where ``take_new[b]``, else
+    ``old``'s (its slots, merge counts and carried scores as they were)."""
+    return _cat_rows([_row_of(new if t else old, b) for b, t in enumerate(take_new)], new.heads)
 
 
 def _slack(kept: RaggedStore) -> int:

@@ -621,7 +621,8 @@ class PackedStore(LayerStore):
         in front of them stays."""
         G, o = self.group, self._r0
         left = self.r - m
-        cap = o + self.residual + G
+        # (row mode may hold more: other rows' slots, or a row's still waiting for its sink block)
+        cap = o + max(self.residual, left) + G
         if self._rk.shape[2] > cap + G:
             # a prefill's buffer: give it back, the residual never needs more
             def shrink(t):

@@ -94,6 +94,9 @@ class RaggedPackedStore(PackedStore):
         #: block's first ones; ``_r0`` is the most any row takes), None when
         #: every row takes ``_r0``
         self._sinks_rows: list[int] | None = None
+        #: row mode behind rounds: per row whether it is a row kept whole
+        #: that takes its sink block later (:meth:`take_sinks`), None when none is
+        self._sinks_due: list[bool] | None = None
 
     @classmethod
     def from_ragged(cls, store, bits: int, group: int, residual: int,
@@ -139,7 +142,7 @@ class RaggedPackedStore(PackedStore):
         new.feedback = feedback
         new.value_clip = bool(value_clip)
         B, H = store.batch, store.heads
-        whole = _whole_heads(store, whole_rows, columns)
+        whole = _whole_heads(store, whole_rows, columns, rows_apart)
         if row_choices is not None:
             if rotation is not None or feedback is not None or len(row_choices) != B:
                 raise ValueError("row_choices: one (rotation, feedback) per row, in place of rotation and feedback")
@@ -157,11 +160,17 @@ class RaggedPackedStore(PackedStore):
         s_heads = s  # each head's sink slots
         if rows_apart and not columns:
             raise ValueError("rows_apart: each row keeps its own residual only with columns=True")
-        if columns and rows_apart and B > 1 and whole is None:
+        whole_cols = None  # rows kept whole behind rounds (columns): KIVI's schedule, as alone
+        if columns and whole is not None:
+            whole_cols, whole = whole, None
+        if columns and rows_apart and B > 1:
             per_row = _recent_kept_rows(store, residual)
             lengths_host = store._host_lengths.view(B, H)
             # each row's sink block as alone; the buffers hold the longest
             sinks_rows = [max(0, min(int(sinks), int(lengths_host[b].min()) - per_row[b])) for b in range(B)]
+            if whole_cols is not None:
+                new._whole_layout(whole_cols.view(B, H)[:, 0].tolist(), lengths_host[:, 0].tolist(), int(sinks),
+                                  per_row, sinks_rows)
             s, r = max(sinks_rows), max(per_row)
             if min(sinks_rows) < s:
                 new._sinks_rows = sinks_rows
@@ -263,6 +272,85 @@ class RaggedPackedStore(PackedStore):
         elif per_row is not None:
             new._rows_residual(store, store.offsets + s_dev + n, per_row, s)
         return new
+
+    def _whole_layout(self, whole: list, lengths: list, S: int, per_row: list, sinks_rows: list) -> None:
+        """``from_ragged(columns=True, rows_apart=True, whole_rows=...)``: a
+        row kept whole (``lengths[b]`` slots per head) behind rounds is laid
+        out as a uniform :class:`PackedStore` of it alone holds it before
+        its first round, in ``per_row`` (own residual) and ``sinks_rows`` in
+        place: with ``S`` sinks once it holds ``S + residual + group``
+        slots (``take_sinks``) and then every whole group past ``residual +
+        group - 1`` packed; with fewer, nothing (no sink block yet: it takes
+        one while decoding, :meth:`take_sinks`, ``_sinks_due``)."""
+        G, R = self.group, self.residual
+        due = [False] * len(whole)
+        for b, w in enumerate(whole):
+            if w:
+                P = max(0, (int(lengths[b]) - S - R) // G * G)
+                sinks_rows[b] = S if P else 0
+                per_row[b] = int(lengths[b]) - sinks_rows[b] - P
+                due[b] = bool(S) and not P
+        self._sinks_due = due if any(due) else None
+
+    def take_sinks(self, pad=None) -> None:
+        """Row mode: each row kept whole that has no sink block yet
+        (``_sinks_due``) takes its ``sinks`` oldest residual slots as its
+        block once its own residual holds ``sinks + residual + group``, as a
+        uniform :class:`PackedStore` of it alone does, before its first
+        pack. A per-head store takes no other sinks while decoding."""
+        if self._sinks_due is None:
+            return
+        S, need = self.sinks_asked, self.sinks_asked + self.residual + self.group
+        own = self._own_residual()
+        for b, wait in enumerate(self._sinks_due):
+            if wait and own[b] >= need:
+                self._take_row_sinks(b, S)
+        if not any(self._sinks_due):
+            self._sinks_due = None
+
+    def _take_row_sinks(self, b: int, S: int) -> None:
+        """Row ``b``'s ``S`` oldest own residual slots become its sink block
+        (the block grows to ``S`` rows first where it is shorter; its new
+        rows are masked for every other row)."""
+        if self._r0 < S:
+            self._grow_block(S)
+        at = self._r0 + self._rs[b]
+        for buf in (self._rk, self._rv, *(self._rcols or {}).values()):
+            buf[b, :, :S] = buf[b, :, at : at + S].clone()
+        self._rs[b] += S  # the slots moved are no longer the row's residual
+        sinks = self._row_sinks()
+        sinks[b] = S
+        self._sinks_rows = None if all(x == self._r0 for x in sinks) else sinks
+        self._sinks_due[b] = False
+
+    def _grow_block(self, S: int) -> None:
+        """The sink block's buffers ``S`` rows long (rows added at its end,
+        masked for every row until one takes them)."""
+        o, extra = self._r0, S - self._r0
+        sinks = self._row_sinks()
+
+        def grow(t, fill):
+            gap = t.new_full(tuple(t.shape[:2]) + (extra,) + tuple(t.shape[3:]), fill)
+            return torch.cat([t[:, :, :o], gap, t[:, :, o:]], 2)
+
+        self._rk, self._rv = grow(self._rk, 0), grow(self._rv, 0)
+        if self._rcols is not None:
+            self._rcols = {k: grow(t, float("nan") if k == "scores" else 0) for k, t in self._rcols.items()}
+        if self._sink_counts is not None:
+            self._sink_counts = grow(self._sink_counts, 1.0)
+        self._rc = None
+        self._r0, self._sinks_rows = S, sinks
+
+    def row_dues(self) -> list[int]:
+        """The base class's, where a row waiting for its sink block
+        (``_sinks_due``) counts its ``sinks`` oldest residual slots out, as
+        a uniform store of it alone does before it takes them."""
+        due = super().row_dues()
+        if self._sinks_due is None:
+            return due
+        G, R, S = self.group, self.residual, self.sinks_asked
+        return [max(0, (self.r - h - S - R) // G * G) if wait else d
+                for d, h, wait in zip(due, self._rs, self._sinks_due)]
 
     def _rows_residual(self, store, first, counts: list[int], s: int) -> None:
         """Row mode's start: the ``counts[b]`` slots of each head of row
@@ -417,6 +505,8 @@ class RaggedPackedStore(PackedStore):
             taken = self._r0 if self._sinks_rows is None else f"{self._sinks_rows} per row"
             vb += f", sinks={taken}" + (f" of {self.sinks_asked}" if self._sinks_rows is not None
                                          or self._r0 != self.sinks_asked else "")
+            if self._sinks_due is not None:
+                vb += f" (rows {[b for b, w in enumerate(self._sinks_due) if w]} take theirs later)"
         holes = int(is_placeholder(self.counts_bias).sum()) if self.counts_bias is not None else 0
         span += f" (+{holes} placeholder rows)" if holes else ""
         return (f"RaggedPackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
@@ -636,6 +726,8 @@ class RaggedPackedStore(PackedStore):
             self._np, self._rs, self._pads = ([x[i] for i in rows] for x in (self._np, self._rs, self._pads))
         if self._sinks_rows is not None:
             self._sinks_rows = [self._sinks_rows[i] for i in rows]
+        if self._sinks_due is not None:
+            self._sinks_due = [self._sinks_due[i] for i in rows]
         self._rk, self._rv = self._rk.index_select(0, idx), self._rv.index_select(0, idx)
         if self._sink_counts is not None:
             self._sink_counts, self._rc = self._sink_counts.index_select(0, idx), None
@@ -852,15 +944,17 @@ def _fit(t, cap: int):
     return torch.cat([t, t.new_full(t.shape[:2] + (cap - have,), fill)], 2)
 
 
-def _whole_heads(store, whole_rows, columns: bool):
+def _whole_heads(store, whole_rows, columns: bool, rows_apart: bool):
     """``from_ragged``'s ``whole_rows`` as a host bool ``[B * H]`` per head
-    (None: not given), checked: one flag per row, no ``columns``, and a
-    whole row's heads all hold the same slots, none merged."""
+    (None: not given), checked: one flag per row, ``columns`` only with
+    ``rows_apart``, and a whole row's heads all hold the same slots, none
+    merged."""
     if whole_rows is None:
         return None
     B, H = store.batch, store.heads
-    if columns or len(whole_rows) != B:
-        raise ValueError("whole_rows: one flag per row, for a store packed once (columns=False)")
+    if (columns and not rows_apart) or len(whole_rows) != B:
+        raise ValueError("whole_rows: one flag per row, for a store packed once (columns=False) or one whose "
+                         "rows keep their own residual (columns=True, rows_apart=True)")
     lengths = store._host_lengths.view(B, H)
     for b, w in enumerate(whole_rows):
         if not w:
