@@ -149,16 +149,7 @@ def _check_budget(tiny_model, method, length):
 
 @pytest.mark.parametrize("name", ["snapkv", "streamingllm", "h2o", "ems"])
 def test_ratio_during_decoding_keeps_its_share_of_every_token(tiny_model, name):
-    method = REGISTRY[name](ratio=0.5, interval=INTERVAL)
-    _, steps = _run(tiny_model, method, _ids(100, seed=3), 200)
-    H = tiny_model.config.num_key_value_heads
-    for seen, layers, _ in steps:
-        target = int(seen * 0.5)
-        for heads in layers:
-            if method.headwise:
-                assert H * target <= sum(heads) < H * (target + INTERVAL) + H, (seen, heads)
-            else:
-                assert all(target <= n < target + INTERVAL + 1 for n in heads), (seen, heads, target)
+    _check_ratio_share(tiny_model, REGISTRY[name](ratio=0.5, interval=INTERVAL))
 
 
 @pytest.mark.parametrize("name", ["ems", "snapkv"])
@@ -168,8 +159,15 @@ def test_packed_ratio_during_decoding_keeps_its_share_of_every_token(tiny_model,
     # layer used to fail at its first check: it moved the budgets to the
     # device of a tensor the packed store does not have)
     method = REGISTRY[name](ratio=0.5, interval=INTERVAL) + kvc.KIVI(bits=4, group=32, residual=32)
-    cache, steps = _run(tiny_model, method, _ids(100, seed=3), 200)
+    cache = _check_ratio_share(tiny_model, method)
     assert all(isinstance(layer.store, PackedStore) for layer in cache.layers), cache.layers
+
+
+def _check_ratio_share(tiny_model, method):
+    """Generate 200 tokens after 100 under ``method`` (``ratio=0.5``) and
+    check after every step that each layer holds half the tokens seen plus
+    at most one interval; returns the cache."""
+    cache, steps = _run(tiny_model, method, _ids(100, seed=3), 200)
     H = tiny_model.config.num_key_value_heads
     for seen, layers, _ in steps:
         target = int(seen * 0.5)
@@ -178,6 +176,7 @@ def test_packed_ratio_during_decoding_keeps_its_share_of_every_token(tiny_model,
                 assert H * target <= sum(heads) < H * (target + INTERVAL) + H, (seen, heads)
             else:
                 assert all(target <= n < target + INTERVAL + 1 for n in heads), (seen, heads, target)
+    return cache
 
 
 @pytest.mark.parametrize("name", ["snapkv", "tova", "streamingllm"])

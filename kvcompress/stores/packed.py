@@ -622,7 +622,7 @@ class PackedStore(LayerStore):
         G, o = self.group, self._r0
         left = self.r - m
         # (row mode may hold more: other rows' slots, or a row's still waiting for its sink block)
-        cap = o + max(self.residual, left) + G
+        cap = o + max(self.residual + G, left)
         if self._rk.shape[2] > cap + G:
             # a prefill's buffer: give it back, the residual never needs more
             def shrink(t):
