@@ -6,9 +6,12 @@ evictor that packs once (``ems:interval=0+kivi:...``), "apart" also lets a
 row that fits its budget pack on its own schedule as alone
 (``RaggedPackedStore.from_ragged(whole_rows=...)``), "shared" packs it
 with the compressed rows at once; behind one with rounds (``ems+kivi``),
-"apart" keeps each row's own residual and lays each row's ``keep_rows``
-round out alone (``from_ragged(rows_apart=True)``, ``arrange_rows``),
-"shared" one residual length and one layout for the batch.
+"apart" keeps each row's own residual and sink block, lays each row's
+``keep_rows`` round out alone (``from_ragged(rows_apart=True)``,
+``arrange_rows``) and packs a row no compression has touched as a uniform
+layer of it alone (``whole_rows``), "shared" one residual length, sink
+block and layout for the batch. The evictor's own per-row schedule (each
+row re-compressed once its own heads are over) holds in both modes.
 
 For each mode the script generates greedily from one batch of prompts of
 different lengths (cut from the same text at different offsets, left-padded)
@@ -65,6 +68,8 @@ ARRANGE_ROWS = cache_module.arrange_rows
 
 def _one_residual(cls, *args, **kwargs):
     kwargs["rows_apart"] = False  # behind rounds, one residual length for the batch, as before
+    if kwargs.get("columns"):
+        kwargs["whole_rows"] = None  # and a row no compression has touched packed with the others
     return FROM_RAGGED(cls, *args, **kwargs)
 
 
