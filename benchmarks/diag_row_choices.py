@@ -4,7 +4,7 @@ once-only choices (``rotate="auto"``, ``clip_values="auto"``,
 
 On the tiny random test Llama (``tests/conftest.py``'s, built here from its
 config: no download), or with ``--sliding`` a tiny Mistral of the same size
-whose every layer slides over 64 tokens (``tests/test_batches.py``'s), for
+whose every layer slides over 64 tokens (``tests/generation.py``'s), for
 each method, each batch shape (left-padded rows of different lengths, and
 rows of one length) and each seed, the script generates greedily from the
 batch and from every row alone, and counts the rows whose tokens are the
@@ -22,6 +22,8 @@ same. Run it on two builds to compare them (the other build on
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -29,6 +31,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompress as kvc
 from kvcompress.methods import method_from_spec
+
+# the test suite's tiny sliding Mistral, one definition (tests/generation.py)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from generation import tiny_sliding_mistral  # noqa: E402
 
 METHODS = ("kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4:feedback=true:clip_values=auto,"
            "kivi:bits=2:group=8:residual=48:rotate=auto:feedback=true:clip_values=auto")
@@ -46,18 +52,6 @@ def tiny_llama() -> LlamaForCausalLM:
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(config).eval()
-
-
-def tiny_sliding_mistral():
-    """A tiny Mistral (3 layers, 2 kv heads, D = 16, float32, seed 0) whose every layer slides over 64 tokens."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=64,
-                        max_position_embeddings=1024, pad_token_id=0)
-    cfg._attn_implementation = "eager"
-    return MistralForCausalLM(cfg).eval()
 
 
 def build(spec: str):

@@ -799,7 +799,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             clip = self._value_clip(packing, queries, scaling, defer=True)
             if self._ragged_choices is None:
                 self._ragged_choices = self._choose_ragged_rows(packing, queries, scaling)
-            self._whole_rounds = self._rounds_whole()
+            self._whole_rounds = self._whole_rows()
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=True,
                                                        sinks=self.method.fp_sinks, value_clip=clip,
                                                        row_choices=self._ragged_choices, rows_apart=True,
@@ -819,7 +819,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # a layer with rounds: each row keeps its own newest slots in full precision, as alone
             # (a keep_rows round lays each row out as alone too, arrange_rows), and a row no
             # compression has touched packs as a uniform layer of it alone does
-            self._whole_rounds = self._rounds_whole() if self._rebudget else None
+            self._whole_rounds = self._whole_rows() if self._rebudget else None
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
                                                        feedback=self._fix_feedback(), value_clip=clip,
@@ -846,19 +846,6 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         return bool(self.store.batch > 1 and not self._rebudget
                     and (m.rotates_keys == "auto" or m.key_feedback or self._whole_rows() is not None))
 
-    def _rounds_whole(self) -> list[bool] | None:
-        """A per-head layer with rounds about to pack: per row whether no
-        compression has taken a slot of it (``_kept_whole``: at the prefill
-        the rows the evictor kept whole, at a round those of them it left
-        whole, :meth:`_repack_round`), which then packs as a uniform layer of
-        it alone does before its first round
-        (``RaggedPackedStore.from_ragged(whole_rows=...)``); None where no
-        row is so, or the batch has one row."""
-        w = self._kept_whole
-        if w is None or not any(w) or self.store.batch < 2:
-            return None
-        return list(w)
-
     def _rounds_choose_apart(self) -> bool:
         """Whether this per-head layer with rounds, packing for the first
         time, lets each row choose its rotation and key-feedback weights
@@ -870,12 +857,15 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                     and not self._rotation_decided and not self._feedback_decided)
 
     def _whole_rows(self) -> list[bool] | None:
-        """Per row whether the evictor kept it whole, where such a row packs
-        as it does alone (``RaggedPackedStore.from_ragged(whole_rows=...)``:
-        KIVI's schedule, its full-precision residual its own): a per-head
-        layer packed once; None where no row is kept whole."""
+        """Per row whether no compression has taken a slot of it
+        (``_kept_whole``: at the prefill the rows the evictor kept whole, at
+        a round those of them it left whole, :meth:`_repack_round`), where
+        such a row packs as a uniform layer of it alone does
+        (``RaggedPackedStore.from_ragged(whole_rows=...)``: KIVI's schedule,
+        its full-precision residual its own; a layer with rounds, until its
+        first); None where no row is so."""
         w = self._kept_whole
-        if w is None or not any(w) or self._rebudget or not isinstance(self.store, RaggedStore):
+        if w is None or not any(w) or not isinstance(self.store, RaggedStore):
             return None
         return w
 

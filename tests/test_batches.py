@@ -440,7 +440,7 @@ def _row_steps(model, method, ids, mask, n: int, b: int):
             row = []
             for layer in session.cache.layers:
                 s, H = layer.store, layer.store.heads
-                if isinstance(s, RaggedPackedStore) or not isinstance(s, PackedStore) and hasattr(s, "offsets"):
+                if hasattr(s, "offsets"):  # a per-head store, packed or not
                     heads = s.head_lengths()[b * H : (b + 1) * H]
                 else:
                     heads = [s.n - (layer._start[b] if layer._start else 0)] * H

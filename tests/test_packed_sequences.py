@@ -625,6 +625,44 @@ def test_per_head_rows_with_their_own_choices_hold_and_read_what_each_row_does_a
         check()
 
 
+def _packed_as_alone(batch, st, b: int, h: int, uniform: bool = False, extra=()) -> None:
+    """Head ``h`` of row ``b`` of ``batch`` (a ``RaggedPackedStore``) holds bit
+    for bit the packed rows (codes, value ranges, and the per-row columns
+    ``extra``) and key-group ranges that head ``h`` of the row's one-row
+    store ``st`` holds: a uniform ``PackedStore`` (``uniform``: a row kept
+    whole) or a ``RaggedPackedStore``."""
+    G, i = batch.group, b * batch.heads + h
+    n, o = int(batch.lengths[i]), int(batch.offsets[i])
+    if uniform:
+        assert n == st.n_packed == batch._np[b], (b, h, n, st)
+        theirs, o1 = (lambda name: getattr(st, name)[0, h]), 0  # noqa: E731
+    else:
+        assert n == int(st.lengths[h]), (b, h)
+        theirs, o1 = (lambda name: getattr(st, name)), int(st.offsets[h])  # noqa: E731
+    if not n:
+        return
+    for name in ("_kc", "_vc", "_vmin", "_vsc", *extra):
+        assert torch.equal(getattr(batch, name)[o : o + n], theirs(name)[o1 : o1 + n]), (name, b, h)
+    for name in ("_kmin", "_ksc"):
+        assert torch.equal(getattr(batch, name)[o // G : (o + n) // G], theirs(name)[o1 // G : (o1 + n) // G]), (
+            name, b, h)
+
+
+def _full_precision_as_alone(batch, st, b: int, columns=()) -> None:
+    """Row ``b`` of ``batch`` (row mode) holds bit for bit the sink block and
+    full-precision residual (with the residual columns ``columns``) that its
+    one-row store ``st`` holds, and as many slots in each."""
+    block = batch._row_sinks()[b]
+    assert block == st._r0, (b, block, st)
+    own, end = batch._own_residual()[b], batch._r0 + batch.r
+    assert own == st.r, (b, own, st.r)
+    pairs = [(batch._rk, st._rk), (batch._rv, st._rv)] + [(batch._rcols[c], st._rcols[c]) for c in columns]
+    for mine, theirs in pairs:
+        assert torch.equal(mine[b, :, end - own : end], theirs[0, :, st._r0 : st._r0 + st.r]), b
+    for mine, theirs in pairs[:2]:
+        assert torch.equal(mine[b, :, :block], theirs[0, :, :block]), b  # its own sink block
+
+
 def _reads_as_alone(batch, solos, query, plain, capped):
     """Each row of ``batch`` reads the attention its one-row store ``solos[b]``
     reads, within float rounding: in one kernel call, in joined calls (as
@@ -725,23 +763,7 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
         assert batch.pending() == max(batch.row_dues())
         for b, st in enumerate(solos):
             for h in range(H):
-                i = b * H + h
-                n, o = int(batch.lengths[i]), int(batch.offsets[i])
-                if whole[b]:
-                    assert n == st.n_packed == batch._np[b], (b, h)
-                    theirs = {name: getattr(st, name)[0, h] for name in ("_kc", "_vc", "_vmin", "_vsc")} if n else {}
-                    gtheirs = {name: getattr(st, name)[0, h] for name in ("_kmin", "_ksc")} if n else {}
-                    o1 = 0
-                else:
-                    assert n == int(st.lengths[h]), (b, h)
-                    o1 = int(st.offsets[h])
-                    theirs = {name: getattr(st, name) for name in ("_kc", "_vc", "_vmin", "_vsc")}
-                    gtheirs = {name: getattr(st, name) for name in ("_kmin", "_ksc")}
-                for name, t in theirs.items():
-                    assert torch.equal(getattr(batch, name)[o : o + n], t[o1 : o1 + n]), (name, b, h)
-                for name, t in gtheirs.items():
-                    assert torch.equal(getattr(batch, name)[o // G : (o + n) // G], t[o1 // G : (o1 + n) // G]), (
-                        name, b, h)
+                _packed_as_alone(batch, st, b, h, uniform=whole[b])
             own = batch._own_residual()[b]
             if whole[b]:
                 assert own + batch._r0 == st.r + st._r0, b
@@ -835,21 +857,8 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
         assert batch.head_lengths() == [n for st in solos for n in st.head_lengths()]
         for b, st in enumerate(solos):
             for h in range(H):
-                i = b * H + h
-                n, o, o1 = int(batch.lengths[i]), int(batch.offsets[i]), int(st.offsets[h])
-                assert n == int(st.lengths[h]), (b, h)
-                for name in ("_kc", "_vc", "_vmin", "_vsc", "positions", "counts_bias", "counts_plain"):
-                    assert torch.equal(getattr(batch, name)[o : o + n], getattr(st, name)[o1 : o1 + n]), (name, b, h)
-                for name in ("_kmin", "_ksc"):
-                    got = getattr(batch, name)[o // G : (o + n) // G]
-                    assert torch.equal(got, getattr(st, name)[o1 // G : (o1 + n) // G]), (name, b, h)
-            own, end = batch._own_residual()[b], batch._r0 + batch.r
-            assert own == st.r, b
-            for mine, theirs in ((batch._rk, st._rk), (batch._rv, st._rv), (batch._rcols["positions"],
-                                 st._rcols["positions"])):
-                assert torch.equal(mine[b, :, end - own : end], theirs[0, :, st._r0 : st._r0 + st.r]), b
-            for mine, theirs in ((batch._rk, st._rk), (batch._rv, st._rv)):
-                assert torch.equal(mine[b, :, : st._r0], theirs[0, :, : st._r0]), b  # its own sink block
+                _packed_as_alone(batch, st, b, h, extra=("positions", "counts_bias", "counts_plain"))
+            _full_precision_as_alone(batch, st, b, columns=("positions",))
         _reads_as_alone(batch, solos, torch.randn(B, 2 * H, 1, D, generator=g), spec, capped)
         back = batch.unpacked()
         for b, st in enumerate(solos):
@@ -937,34 +946,10 @@ def test_whole_rows_behind_rounds_pack_as_a_uniform_store_alone(seed):
         assert batch.head_lengths() == [n for st in solos for n in st.head_lengths()]
         back = batch.unpacked()
         for b, st in enumerate(solos):
-            block = batch._row_sinks()[b]
-            assert block == st._r0, (b, block, st)
-            for buf, theirs in ((batch._rk, st._rk), (batch._rv, st._rv)):
-                assert torch.equal(buf[b, :, :block], theirs[0, :, :block]), b
-            own, end = batch._own_residual()[b], batch._r0 + batch.r
-            assert own == st.r, (b, own, st.r)
-            for buf, theirs in ((batch._rk, st._rk), (batch._rv, st._rv)):
-                assert torch.equal(buf[b, :, end - own : end], theirs[0, :, st._r0 : st._r0 + st.r]), b
+            _full_precision_as_alone(batch, st, b)
             for h in range(H):
+                _packed_as_alone(batch, st, b, h, uniform=whole[b])
                 i = b * H + h
-                n, o = int(batch.lengths[i]), int(batch.offsets[i])
-                if whole[b]:
-                    assert n == st.n_packed == batch._np[b], (b, h, n, st)
-                    if not n:
-                        continue
-                    rows = {name: getattr(st, name)[0, h] for name in ("_kc", "_vc", "_vmin", "_vsc")}
-                    groups = {name: getattr(st, name)[0, h] for name in ("_kmin", "_ksc")}
-                    o1 = 0
-                else:
-                    assert n == int(st.lengths[h]), (b, h)
-                    o1 = int(st.offsets[h])
-                    rows = {name: getattr(st, name) for name in ("_kc", "_vc", "_vmin", "_vsc")}
-                    groups = {name: getattr(st, name) for name in ("_kmin", "_ksc")}
-                for name, t in rows.items():
-                    assert torch.equal(getattr(batch, name)[o : o + n], t[o1 : o1 + n]), (name, b, h)
-                for name, t in groups.items():
-                    assert torch.equal(getattr(batch, name)[o // G : (o + n) // G], t[o1 // G : (o1 + n) // G]), (
-                        name, b, h)
                 if whole[b]:
                     # unpacked(): the whole row's slots in token order, as the uniform store reads them
                     m, a = int(back._host_lengths[i]), int(back.offsets[i])
