@@ -9,8 +9,10 @@ with the compressed rows at once; behind one with rounds (``ems+kivi``),
 "apart" keeps each row's own residual and sink block, lays each row's
 ``keep_rows`` round out alone (``from_ragged(rows_apart=True)``,
 ``arrange_rows``) and packs a row no compression has touched as a uniform
-layer of it alone (``whole_rows``), "shared" one residual length, sink
-block and layout for the batch. The evictor's own per-row schedule (each
+layer of it alone (``whole_rows``), and a round leaves the rows that are
+not due bit for bit as they were (``row_layout``, ``adopt_rows``), "shared"
+one residual length, sink block and layout for the batch, every row packed
+again at every round. The evictor's own per-row schedule (each
 row re-compressed once its own heads are over) holds in both modes.
 
 For each mode the script generates greedily from one batch of prompts of
@@ -64,6 +66,7 @@ SHARED = CompressedLayer._rows_apart
 SHARED_WHOLE = CompressedLayer._whole_rows
 FROM_RAGGED = RaggedPackedStore.from_ragged.__func__
 ARRANGE_ROWS = cache_module.arrange_rows
+UNTOUCHED = CompressedLayer._untouched_layout
 
 
 def _one_residual(cls, *args, **kwargs):
@@ -73,8 +76,12 @@ def _one_residual(cls, *args, **kwargs):
     return FROM_RAGGED(cls, *args, **kwargs)
 
 
-def _one_layout(old, kept, min_live, rows=None, *, backend=None):
+def _one_layout(old, kept, min_live, rows=None, *, backend=None, only=None):
     return arrange(old, kept, min_live, rows, backend=backend)  # one keep_rows layout for the batch, as before
+
+
+def _packed_again(self, old):
+    return None  # a round packs every row again from its dequantized slots, as before (no adopt_rows)
 
 
 def _shared_schedule(self) -> bool:
@@ -103,6 +110,7 @@ def generate(model, ids, mask, method, n: int, apart: bool):
     CompressedLayer._whole_rows = SHARED_WHOLE if apart else _no_whole_rows
     RaggedPackedStore.from_ragged = classmethod(FROM_RAGGED if apart else _one_residual)
     cache_module.arrange_rows = ARRANGE_ROWS if apart else _one_layout
+    CompressedLayer._untouched_layout = UNTOUCHED if apart else _packed_again
     clock = StepClock()
     start = time.perf_counter()
     try:
@@ -114,6 +122,7 @@ def generate(model, ids, mask, method, n: int, apart: bool):
         CompressedLayer._whole_rows = SHARED_WHOLE
         RaggedPackedStore.from_ragged = classmethod(FROM_RAGGED)
         cache_module.arrange_rows = ARRANGE_ROWS
+        CompressedLayer._untouched_layout = UNTOUCHED
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])]
     return steps, out[:, ids.shape[1]:], clock.times[0] - start
 

@@ -38,7 +38,7 @@
 struct gs_geom {
     int64_t B, Hq, Hkv, g, Tq, T, D;
     int64_t nkb, rs;         /* key blocks; logit row stride nkb * GS_KBW */
-    int64_t qc, qg, ngroups; /* queries per chunk, per group; groups per head */
+    int64_t qc, ngroups;     /* queries per chunk; groups per head, the most a row has */
     int64_t pairs, wave, nrb;
     int isa;                 /* enum gs_isa of the group kernel */
     size_t kt_bytes, part_bytes, pair_bytes;
@@ -66,13 +66,12 @@ static void gs_geometry(const struct kvc_global_scores_params *p, struct gs_geom
     if (cap < GS_QB) cap = GS_QB;
     g->qc = cap < gs_round_up(g->Tq > 0 ? g->Tq : 1, GS_QB) ? cap
                                                             : gs_round_up(g->Tq > 0 ? g->Tq : 1, GS_QB);
-    /* groups are whole multiples of GS_QB queries; only their size (never
-     * the chunk size or the thread count) shapes the summation order */
+    /* groups are whole multiples of GS_QB queries, laid out per row from its
+     * first real query (gs_groups); a row of n queries has at most
+     * min(GS_GROUPS, ceil(n / GS_QB)) of them */
     nchunks = (g->Tq + GS_QB - 1) / GS_QB;
-    cpg = (nchunks + GS_GROUPS - 1) / GS_GROUPS;
-    if (cpg < 1) cpg = 1;
-    g->qg = cpg * GS_QB;
-    g->ngroups = (g->Tq + g->qg - 1) / g->qg;
+    cpg = nchunks < GS_GROUPS ? nchunks : GS_GROUPS;
+    g->ngroups = cpg > 0 ? cpg : 1;
     g->pairs = g->B * g->Hkv;
     g->nrb = (g->T + GS_RB - 1) / GS_RB;
     g->kt_bytes = kvc_align_up((size_t)(g->rs * g->D) * sizeof(float));
@@ -100,6 +99,29 @@ KVC_INLINE int64_t gs_pos(const struct kvc_global_scores_params *p, const struct
                           int64_t i)
 {
     return p->q_pos ? p->q_pos[i * p->q_pos_stride] : g->T - g->Tq + i;
+}
+
+/* First query index in [lo, hi) whose position is >= x (hi if none). */
+static int64_t gs_first_at(const struct kvc_global_scores_params *p, const struct gs_geom *g,
+                           int64_t lo, int64_t hi, int64_t x);
+
+/* Row b's query groups: its first real query f (position >= kv_start), the
+ * group size qg (whole multiples of GS_QB) and count ng, all from its own
+ * Tq - f real queries: only they (never the padding, the chunk size or the
+ * thread count) shape the summation order, so a left-padded row sums as it
+ * does alone. */
+static void gs_groups(const struct kvc_global_scores_params *p, const struct gs_geom *g, int64_t b,
+                      int64_t *f, int64_t *qg, int64_t *ng)
+{
+    const int64_t s = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
+    int64_t n, chunks, cpg;
+    *f = gs_first_at(p, g, 0, g->Tq, s);
+    n = g->Tq - *f;
+    chunks = (n + GS_QB - 1) / GS_QB;
+    cpg = (chunks + GS_GROUPS - 1) / GS_GROUPS;
+    if (cpg < 1) cpg = 1;
+    *qg = cpg * GS_QB;
+    *ng = (n + *qg - 1) / *qg;
 }
 
 /* First query index in [lo, hi) whose position is >= x (hi if none). */
@@ -342,13 +364,16 @@ KVC_INLINE void gs_group_impl(const struct kvc_global_scores_params *p,
     const int64_t D = g->D, rs = g->rs, qc = g->qc;
     const int64_t h = hk * g->g + hh;
     const int64_t s = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
-    const int64_t i0 = c * g->qg, i1 = i0 + g->qg < g->Tq ? i0 + g->qg : g->Tq;
-    const int64_t last = gs_pos(p, g, i1 - 1);
     const size_t es = kvc_dtype_size((enum kvc_dtype)p->q.dtype);
     const char *qh = (const char *)p->q.data +
                      (b * p->q.strides[0] + h * p->q.strides[1]) * (int64_t)es;
     const int tq = GS_TILE_Q(isa), tw = GS_TILE_W(isa);
-    int64_t c0, j;
+    int64_t f, qg, ng, i0, i1, last, c0, j;
+    gs_groups(p, g, b, &f, &qg, &ng);
+    if (c >= ng) return; /* the row has fewer groups: the reduction reads nothing here */
+    i0 = f + c * qg;
+    i1 = i0 + qg < g->Tq ? i0 + qg : g->Tq;
+    last = gs_pos(p, g, i1 - 1);
     if (last < s) return; /* all padding: the reduction reads nothing here */
     for (j = s; j <= last; j++) part[j] = 0.0f;
 
@@ -451,21 +476,22 @@ static void gs_group(GS_GROUP_ARGS)
 static void KVC_HOT gs_reduce(const struct kvc_global_scores_params *p, const struct gs_geom *g,
                               int64_t b, int64_t hk, int64_t j0, int64_t j1, const float *part)
 {
-    const int64_t T = g->T, ng = g->ngroups;
+    const int64_t T = g->T, nb = g->ngroups;
     const int64_t s = p->kv_start ? p->kv_start[b * p->kv_start_stride] : 0;
     const int64_t lo = j0 > s ? j0 : s;
     float *out = (float *)p->out.data + b * p->out.strides[0] + hk * p->out.strides[1];
     const int64_t os = p->out.strides[2];
     float acc[GS_RB], tot[GS_RB];
-    int64_t j, c, hh, i;
+    int64_t j, c, hh, i, f, qg, ng;
+    gs_groups(p, g, b, &f, &qg, &ng);
     for (j = j0; j < j1; j++) tot[j - j0] = 0.0f;
     for (hh = 0; hh < g->g; hh++) {
         for (j = j0; j < j1; j++) acc[j - j0] = 0.0f;
         for (c = 0; c < ng; c++) {
-            const int64_t i1 = (c + 1) * g->qg < g->Tq ? (c + 1) * g->qg : g->Tq;
+            const int64_t i1 = f + (c + 1) * qg < g->Tq ? f + (c + 1) * qg : g->Tq;
             const int64_t last = gs_pos(p, g, i1 - 1);
             const int64_t hi = last + 1 < j1 ? last + 1 : j1;
-            const float *src = part + (hh * ng + c) * T;
+            const float *src = part + (hh * nb + c) * T;
             for (j = lo; j < hi; j++) acc[j - j0] += src[j];
         }
         if (p->gqa == KVC_GQA_MAX && hh > 0)

@@ -226,6 +226,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # taken a slot of it yet (it packs as a uniform layer alone does),
         # None when no row is so
         self._whole_rounds: list[bool] | None = None
+        # the rows the last per-head re-compression took (None: all), for a packed round's layout
+        self._round_rows: list[bool] | None = None
         self._pending: list = []
         self._init_choices()
 
@@ -391,6 +393,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._ragged_choices = [self._ragged_choices[i] for i in host.tolist()]
         if self._whole_rounds is not None:
             self._whole_rounds = [self._whole_rounds[i] for i in host.tolist()]
+        if self._kept_whole is not None:
+            self._kept_whole = [self._kept_whole[i] for i in host.tolist()]
         if self._row_qmom is not None:
             # a row repeated (beam search) goes on from its moment so far, in copies
             self._row_qmom = [copy.deepcopy(self._row_qmom[i]) for i in host.tolist()]
@@ -779,9 +783,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                 self.store = LSHStore.from_uniform(self.store, pig.K, pig.L, pig.hits, pig.sinks, pig.window, seed,
                                                    kv_start=self.kv_start)
 
-    def _to_packed(self, packing, queries=None, scaling: float | None = None) -> None:
+    def _to_packed(self, packing, queries=None, scaling: float | None = None, layout: list | None = None) -> None:
         """Move the layer's slots into the packed store of their layout
-        (``queries`` ``[B, Hq, q, D]``: the call's, for ``rotate="auto"``)."""
+        (``queries`` ``[B, Hq, q, D]``: the call's, for ``rotate="auto"``;
+        ``layout``: a round's rows that keep their sink block and residual,
+        :meth:`_untouched_layout`)."""
         self._rebudget = self._repacks()
         if isinstance(self.store, UniformStore):
             # packs nothing until settle(), before which _settle decides the rotation
@@ -795,15 +801,19 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.store.rows_apart = self._rows_apart()
         elif self._rebudget and (self._ragged_choices is not None or self._rounds_choose_apart()):
             # a layer with rounds whose rows choose apart: at its first pack each row chooses as alone,
-            # and every later round packs each row with what it chose
+            # and every later round packs each row with what it chose; a row kept whole chooses at its
+            # own first pack (_choose_rows), as a uniform layer of it alone does, or at its first round
             clip = self._value_clip(packing, queries, scaling, defer=True)
+            whole = self._whole_rows()
             if self._ragged_choices is None:
-                self._ragged_choices = self._choose_ragged_rows(packing, queries, scaling)
-            self._whole_rounds = self._whole_rows()
+                self._ragged_choices = self._choose_ragged_rows(packing, queries, scaling, defer=whole)
+            elif None in self._ragged_choices:
+                self._ragged_choices = self._round_choices(packing, queries, scaling, whole)
+            self._whole_rounds = whole
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=True,
                                                        sinks=self.method.fp_sinks, value_clip=clip,
                                                        row_choices=self._ragged_choices, rows_apart=True,
-                                                       whole_rows=self._whole_rounds)
+                                                       whole_rows=self._whole_rounds, row_layout=layout)
         elif self._ragged_rows_apart():
             # a batch that packs once (no rounds): each row chooses its rotation and weights, as alone;
             # a row kept whole packs as alone too, on KIVI's schedule, and chooses at its first pack
@@ -823,7 +833,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=self._rebudget,
                                                        rotation=rotation, sinks=self.method.fp_sinks,
                                                        feedback=self._fix_feedback(), value_clip=clip,
-                                                       rows_apart=self._rebudget, whole_rows=self._whole_rounds)
+                                                       rows_apart=self._rebudget, whole_rows=self._whole_rounds,
+                                                       row_layout=layout)
             if self.store.packed_any():
                 # short heads packed as part groups before any whole group
                 # could be tested: they stay as they are
@@ -968,6 +979,12 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         pending = torch.cat(self._pending, 2) if self._pending else None
         self._pending = []
         old = self.store
+        if self._ragged_choices is not None and isinstance(old, RaggedPackedStore):
+            # a row kept whole that chose at its own first pack since (_choose_rows) packs with that
+            for b, c in enumerate(self._ragged_choices):
+                if c is None and old._choices is not None and old._choices[b] is not None:
+                    rotated, tri, _ = old._choices[b]
+                    self._ragged_choices[b] = (old.rotation if rotated else None, tri)
         # the rows no compression has taken a slot of: those this round leaves whole stay so
         was = self._whole_rounds if isinstance(old, RaggedPackedStore) else None
         before = old.head_lengths() if was is not None else None
@@ -979,19 +996,46 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.store = old.unpacked(rows)
         else:
             self.store = old.unpacked()
+        # the round's first compression of a whole row is the one it makes alone (_first_compressions)
+        self._kept_whole = was
+        self._round_rows = None
         self._compress(pending, scaling)
         if was is not None and type(self.store) is RaggedStore:
             now, H = self.store.head_lengths(), self.store.heads
             self._kept_whole = [w and now[b * H : (b + 1) * H] == before[b * H : (b + 1) * H]
                                 for b, w in enumerate(was)]
+        layout = None
+        if isinstance(old, RaggedPackedStore) and type(self.store) is RaggedStore:
+            layout = self._untouched_layout(old)
         if rows is not None and type(self.store) is RaggedStore:
             # the old key groups that come through whole enough keep their
             # codes (stores.keep_rows); the rest is packed afresh
             # each row as alone: its own residual, its own groups kept or not
-            arranged = arrange_rows(old, self.store, min_live, rows)
+            # (a row the round left as it was keeps its layout, below; a row
+            # whole until now packed as a uniform store, which alone keeps no groups)
+            only = [(layout is None or layout[b] is None) and not (was and was[b]) for b in range(old.batch)]
+            arranged = arrange_rows(old, self.store, min_live, rows, only=None if all(only) else only)
             if arranged is not None:
                 self.store = arranged
-        self._to_packed(self.method.packing, pending, scaling)
+        self._to_packed(self.method.packing, pending, scaling, layout=layout)
+        if layout is not None:
+            # those rows bit for bit as they were (not packed again from their dequantized slots)
+            self.store.adopt_rows(old, [x is not None for x in layout])
+
+    def _untouched_layout(self, old) -> list | None:
+        """Per row of a per-head packed layer's round, ``(sink slots, own
+        residual slots)`` of ``old`` for a row the round left as it was (not
+        due, :meth:`_recompress_heads`; a row kept whole too), else None;
+        None when no row is so. Alone such a row's layer has no round now:
+        its slots stay where they are, the newest ones in full precision
+        until its residual fills (a row kept whole: a uniform layer's, until
+        this step's settle)."""
+        due = self._round_rows
+        if due is None or all(due) or not old._rcols:
+            return None
+        sinks, own = old._row_sinks(), old._own_residual()
+        layout = [None if d else (sinks[b], own[b]) for b, d in enumerate(due)]
+        return None if all(x is None for x in layout) else layout
 
     def _compress(self, queries, scaling: float) -> None:
         """Evict or merge down to the method's targets (prefill and decode)."""
@@ -1294,6 +1338,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         re-compressed before its own heads are over."""
         store = self.store
         B, H = store.batch, store.heads
+        self._round_rows = rows
         state_before = dict(self.head_state)
         keys, values, pos, counts, carried, start = store.to_padded()
         lengths = torch.tensor(store.head_lengths(), dtype=torch.int64, device=keys.device)
@@ -1301,6 +1346,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         q = self.recent_q
         queries = None if q is None else q.reshape(B * H, q.shape[1] // H, q.shape[2], q.shape[3])
         method = self.method
+        first = self._first_compressions(rows)
         if method.merges:
             extra = {"local": (pos, H)} if local else {}
             centers, merged, new_carried = method.recompact(queries, keys, values, counts, carried, start,
@@ -1321,6 +1367,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                              head_state={k: v.reshape(B * H, 1) for k, v in self.head_state.items()})
             idx = method.select(view, budgets)  # [B*H, 1, k], -1 padded, into the left-padded rows
             self.head_state = {k: v.reshape(B, H) for k, v in view.head_state.items()}
+            if first:
+                idx = self._select_whole(idx, first, keys, values, start, view.tokens, scaling)
             k = int(idx.shape[2])
             valid = ((idx >= 0) & (idx >= start[:, None, None])).reshape(B, H, k)
             pick = idx.clamp_min(0)
@@ -1334,6 +1382,70 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                 if name in state_before:
                     self.head_state[name] = torch.where(mask.to(v.device)[:, None], v, state_before[name])
         self.store = new
+        if first:
+            self._first_shares(first)
+        if self._kept_whole is not None and rows is not None:
+            # a row re-compressed now (over its target) is no longer whole
+            self._kept_whole = [w and not rows[b] for b, w in enumerate(self._kept_whole)]
+
+    def _first_compressions(self, rows: list[bool] | None) -> list[int]:
+        """The rows re-compressed now over their targets (``rows``; None, a
+        ``lookahead_room`` step that brings every head to its share: none) that no
+        compression has taken a slot of (``_kept_whole``) where the method
+        compresses a uniform layer otherwise than head by head: a headwise
+        evictor allocates its heads' budgets (AdaKV, HeadKV) or profiles
+        them (FastGen). Alone such a row's layer is still uniform, and its
+        first compression is that one. (A merging method makes its first
+        one head by head alone too, ``_to_ragged``.)"""
+        w, m = self._kept_whole, self.method
+        if w is None or rows is None or m.merges or not m.headwise:
+            return []
+        return [b for b, whole in enumerate(w) if whole and rows[b]]
+
+    def _select_whole(self, idx, first: list[int], keys, values, start, tokens, scaling: float):
+        """``idx`` ``[B*H, 1, k]`` (a per-head re-selection) with the rows
+        ``first`` (:meth:`_first_compressions`) selected as alone: one
+        uniform view of the row's heads (whole, so of one length) and its
+        integer target, the method's layer-wide selection, with the row's
+        held queries. ``keys``, ``values``, ``start`` and ``tokens``: the
+        per-head re-selection's left-padded rows."""
+        B, H = self.store.batch, self.store.heads
+        q = self.recent_q
+        M = int(keys.shape[2])
+        targets = self._targets()
+        picks = {}
+        for b in first:
+            rows = slice(b * H, (b + 1) * H)
+            sub = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
+                            queries=None if q is None else q[b : b + 1],
+                            keys=keys[rows].view(1, H, M, -1), values=values[rows].view(1, H, M, -1),
+                            kv_start=start[rows][:1], scaling=scaling, state={}, phase="decode",
+                            steps=self.decode_steps, tokens=None if tokens is None else tokens[rows].view(1, H, M),
+                            head_state={})
+            picks[b] = self.method.select(sub, int(targets[b]))[0]  # [H, k_b]
+            self._keep_head_state(sub.head_state, torch.tensor([b]), B, H)
+        K = max([int(idx.shape[2])] + [int(p.shape[1]) for p in picks.values()])
+        out = torch.full((B, H, K), -1, dtype=idx.dtype, device=idx.device)
+        out[..., : idx.shape[2]] = idx.view(B, H, -1)
+        for b, p in picks.items():
+            out[b] = -1
+            out[b, :, : p.shape[1]] = p.to(idx.device)
+        return out.view(B * H, 1, K)
+
+    def _first_shares(self, first: list[int]) -> None:
+        """Rows ``first`` keep the per-head shares their first compression
+        gave them (as :meth:`_become_ragged` does for a row the prefill
+        compressed)."""
+        H = self.store.heads
+        lengths = torch.tensor(self.store.head_lengths(), dtype=torch.int64).view(-1, H)
+        targets = self._targets()
+        budgets = self._budgets_host.view(-1, H).clone()
+        self._share = self._share.clone()
+        for b in first:
+            self._share[b] = lengths[b].double() / max(1, targets[b])
+            budgets[b] = lengths[b]
+        self._budgets_host = budgets.reshape(-1)
+        self.head_budgets = budgets.to(self.head_budgets.device)
 
 
 def _held(layer: CompressedLayer) -> tuple:

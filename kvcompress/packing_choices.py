@@ -309,6 +309,22 @@ class PackingChoices:
         w = self._row_qmom[b].weights(rotation)
         return None if w is None else compact(w)
 
+    def _round_choices(self, packing, queries, scaling, whole) -> list:
+        """A round of a layer whose rows chose apart (``_ragged_choices``),
+        where a row kept whole has not chosen yet (its residual never filled):
+        each such row the round compressed chooses now, on its kept slots,
+        as alone, where its layer's first round decides what nothing packed
+        decided before (:meth:`_key_rotation` on the per-head layer, the
+        row's own query moment); rows still whole (``whole``) keep waiting."""
+        need = [c is None and not (whole and whole[b]) for b, c in enumerate(self._ragged_choices)]
+        if not any(need):
+            return self._ragged_choices
+        before = self._row_choices
+        rows = self._choose_ragged_rows(packing, queries, scaling, defer=[not n for n in need])
+        if before is not None:
+            self._row_choices = [c if n else p for p, c, n in zip(before, self._row_choices, need)]
+        return [r if n else c for c, r, n in zip(self._ragged_choices, rows, need)]
+
     def _choose_ragged_rows(self, packing, queries, scaling, defer=None) -> list:
         """A per-head layer about to be packed once (``_ragged_rows_apart``):
         per row ``(rotation or None, feedback triangle or None)``, what the

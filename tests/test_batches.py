@@ -459,8 +459,9 @@ def _row_steps(model, method, ids, mask, n: int, b: int):
     return out[:, ids.shape[1]:], steps
 
 
-@pytest.mark.parametrize("spec", ["ems", "snapkv", "ems+kivi:bits=2:group=8:residual=16:sinks=4",
-                                  "ems+kivi:bits=2:group=8:residual=8:sinks=4"])
+@pytest.mark.parametrize("spec", ["ems", "snapkv", "adakv", "headkv", "ems+kivi:bits=2:group=8:residual=16:sinks=4",
+                                  "ems+kivi:bits=2:group=8:residual=8:sinks=4",
+                                  "adakv+kivi:bits=2:group=8:residual=16:sinks=4"])
 def test_rows_that_fit_their_budget_are_compressed_on_their_own_schedule(tiny_model, spec):
     """Behind an evictor with rounds (every 16 steps), a row whose prompt
     fits the budget keeps every token until its own heads are over the
@@ -472,7 +473,10 @@ def test_rows_that_fit_their_budget_are_compressed_on_their_own_schedule(tiny_mo
     once it holds ``sinks + residual + group`` slots (the 14-token row
     takes them while decoding under the second KIVI), whole groups on
     KIVI's schedule. Every row generates what it generates alone over 40
-    tokens and, after every step, holds as many slots per head."""
+    tokens and, after every step, holds as many slots per head. A headwise
+    evictor (AdaKV, HeadKV) compresses such a row the first time with its
+    layer-wide selection, which gives its heads their own budgets, as alone
+    (before: the equal shares of a row kept whole)."""
     from kvcompress.methods import method_from_spec
 
     for lengths in ((150, 40, 131, 14), (96, 60, 120)):
@@ -489,3 +493,5 @@ def test_rows_that_fit_their_budget_are_compressed_on_their_own_schedule(tiny_mo
                     if len(row) <= 64 and p2 is not None and len(set(h2)) == 1 and p1 is not None:
                         # alone still a uniform packed layer: the row packs as it does
                         assert p1 == p2, (spec, lengths, i, step, layer, p1, p2)
+
+

@@ -973,6 +973,77 @@ def test_whole_rows_behind_rounds_pack_as_a_uniform_store_alone(seed):
     assert took or not grow
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_round_adopts_the_rows_it_leaves_as_they_were(seed):
+    """A packed round packs every row again from ``unpacked()``. With
+    ``row_layout`` (each kept row's sink block and own residual as they
+    were, which may hold up to ``residual + group - 1`` slots where a fresh
+    layout keeps ``residual``) and ``adopt_rows``, a kept row holds bit for
+    bit what it held: codes, scales, counts, positions, residual and sink
+    block, its slots read back the same and its attention the same within
+    float rounding; packed again without them its residual would shrink
+    (and its scales may round apart). A row laid out otherwise is refused
+    by name."""
+    rng = random.Random(94_000 + seed)
+    g = torch.Generator().manual_seed(94_000 + seed)
+    B, H, D, G, R, S = 3, 2, 16, 8, 8, 4
+    bits = rng.choice([2, 4])
+    C = 64
+    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
+    values = torch.randn(B, H, C, D, generator=g)
+    valid = torch.zeros(B, H, C, dtype=torch.bool)
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    for b in range(B):
+        for h in range(H):
+            n = rng.randrange(30, C)
+            valid[b, h, :n] = True
+            counts[b, h, max(0, n - rng.randrange(R + G, 24)) : n] = 1.0  # the newest unmerged
+    positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).contiguous()
+    old = RaggedPackedStore.from_ragged(RaggedStore.from_dense(keys, values, positions, valid, counts=counts),
+                                        bits, G, R, columns=True, sinks=S, rows_apart=True)
+    for step in range(rng.randrange(1, G)):  # residuals past `residual`, not yet a group over
+        old.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g), 2 * C + step)
+        old.settle()
+    keep = [True, False, True] if seed % 2 else [False, True, True]
+    before = copy.deepcopy(old)
+    layout = [(old._row_sinks()[b], old._own_residual()[b]) if k else None for b, k in enumerate(keep)]
+    assert any(own > R for _, own in (x for x in layout if x)), layout  # what a fresh layout would pack
+
+    def packed_again(row_layout):
+        return RaggedPackedStore.from_ragged(old.unpacked(), bits, G, R, columns=True, sinks=S, rows_apart=True,
+                                             row_layout=row_layout)
+
+    fresh = packed_again(None)
+    new = packed_again(layout)
+    new.adopt_rows(old, keep)
+    back_old, back_new = before.unpacked(), new.unpacked()
+    q = torch.randn(B, 2 * H, 1, D, generator=g)
+    spec = AttentionSpec(scaling=D ** -0.5, count_bias=True)
+    out_old, out_new = before.attend(q, spec), new.attend(q, spec)
+    for b, k in enumerate(keep):
+        if not k:
+            continue
+        assert new._own_residual()[b] == before._own_residual()[b] > fresh._own_residual()[b] == R
+        assert new._row_sinks()[b] == before._row_sinks()[b]
+        for h in range(H):
+            i = b * H + h
+            a, n = int(new.offsets[i]), int(new.lengths[i])
+            o = int(before.offsets[i])
+            assert n == int(before.lengths[i])
+            for name in ("_kc", "_vc", "_vmin", "_vsc", "counts_bias", "counts_plain", "positions"):
+                assert torch.equal(getattr(new, name)[a : a + n], getattr(before, name)[o : o + n]), (b, h, name)
+            for name in ("_kmin", "_ksc"):
+                got, was = getattr(new, name), getattr(before, name)
+                assert torch.equal(got[a // G : (a + n) // G], was[o // G : (o + n) // G]), (b, h, name)
+            for x, y in zip(back_new.head(b, h)[:3], back_old.head(b, h)[:3]):
+                assert torch.equal(x, y), (b, h)
+        assert (out_new[b] - out_old[b]).abs().max() < 1e-6
+    # packed again without the layout, a row whose residual held more than `residual` cannot be adopted
+    b = next(b for b, x in enumerate(layout) if x and x[1] > R)
+    with pytest.raises(ValueError, match=f"adopt_rows: row {b} is laid out otherwise"):
+        fresh.adopt_rows(old, [i == b for i in range(B)])
+
+
 def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
     """``from_ragged(whole_rows=...)`` names the argument for a store with
     columns (a layer that re-compresses), a flag count other than the

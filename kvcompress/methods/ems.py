@@ -16,6 +16,15 @@ _COMBINE = ("sum", "max")
 _HEAD_ALLOC = ("selection", "window")
 
 
+def _ordered_sum(x):
+    """``x.sum(-1, keepdim=True)`` added from the first slot on, one at a time
+    (float64, then rounded): a left-padded row's leading zeros change
+    nothing, so a row sums as it does alone. ``sum`` groups a row's slots
+    by their place in its vector lanes, which the padding shifts (1 ulp
+    apart, then a merged key or value 1e-7 apart)."""
+    return torch.cumsum(x, -1, dtype=torch.float64)[..., -1:].to(x.dtype)
+
+
 @dataclass
 class EMS(Method):
     """EMS: keep the most important tokens per head, merge the similar rest into them.
@@ -233,8 +242,8 @@ class EMS(Method):
         """``lam * G / sum(G) + (1 - lam) * L / sum(L)`` (``combine="max"``: the
         larger of the two terms), the sums over ``cand``."""
         lam = float(self.lam)
-        G = G / (G * cand).sum(-1, keepdim=True).clamp_min(1e-30)
-        L = L / (L * cand).sum(-1, keepdim=True).clamp_min(1e-30)
+        G = G / _ordered_sum(G * cand).clamp_min(1e-30)
+        L = L / _ordered_sum(L * cand).clamp_min(1e-30)
         if self.combine == "max":
             return torch.maximum(lam * G, (1.0 - lam) * L)
         return lam * G + (1.0 - lam) * L

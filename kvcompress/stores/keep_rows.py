@@ -117,7 +117,7 @@ def arrange(old, kept: RaggedStore, min_live: int, rows=None, *, backend: str | 
 
 
 def arrange_rows(old, kept: RaggedStore, min_live: int, rows=None, *,
-                 backend: str | None = None) -> RaggedStore | None:
+                 backend: str | None = None, only: list | None = None) -> RaggedStore | None:
     """:func:`arrange` for a batch whose rows each take their own residual
     (``RaggedPackedStore.from_ragged(rows_apart=True)``): each row laid out
     as :func:`arrange` lays it out for that row alone, so that a row keeps
@@ -126,14 +126,19 @@ def arrange_rows(old, kept: RaggedStore, min_live: int, rows=None, *,
     packed afresh, as alone). Each row takes its own sink block, as alone
     (``from_ragged``'s per-row sinks): :func:`arrange` checks a row that
     keeps groups against its old one. None when no row keeps a group. One
-    row: :func:`arrange` itself."""
+    row: :func:`arrange` itself. ``only`` (per row): the rows to lay out,
+    the others keep the round's slots as they came (a row the round left as
+    it was, which keeps its old layout: ``from_ragged(row_layout=...)``)."""
     B, H = kept.batch, kept.heads
-    if B <= 1:
+    if B <= 1 and only is None:
         return arrange(old, kept, min_live, rows, backend=backend)
     rows = old._dequantized_rows() if rows is None else rows
     parts, kept_any = [], False
     for b in range(B):
         mine = _row_of(kept, b)
+        if only is not None and not only[b]:
+            parts.append(mine)
+            continue
         laid = arrange(_old_row(old, b), mine, min_live, rows, backend=backend)
         kept_any |= laid is not None
         parts.append(mine if laid is None else laid)

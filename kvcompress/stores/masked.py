@@ -44,6 +44,34 @@ def build_mask(B: int, q: int, n: int, device, kv_start=None, key_valid=None, wi
     return mask[:, None]
 
 
+def rows_attention(query, key, value, spec: AttentionSpec, kv_start, window=None, key_pos=None, query_pos=None):
+    """:func:`masked_attention` of a left-padded batch (``kv_start`` ``[B]``
+    leading padded slots), each row over its own slots as it runs alone: its
+    real queries over its slots from ``kv_start[b]`` on, with the mask it
+    has alone. One call over the padded batch is not the same sum: SDPA's
+    CPU kernels block the keys from slot 0, so a row's blocks (and the
+    online softmax's rescaling) depend on its padding, 1e-7 apart from the
+    row alone, which a greedy decode or a later selection can amplify. A
+    padded query sees only itself, as with :func:`build_mask`. Shapes as
+    :func:`masked_attention`; returns ``[B, q, Hq, Dv]``."""
+    B, Hq, q, _ = query.shape
+    Hkv, n = int(key.shape[1]), int(key.shape[2])
+    g = Hq // Hkv
+    # a padded query's output is its own slot's value (the only key it sees)
+    own = value[:, :, n - q :].repeat_interleave(g, 1) if g > 1 else value[:, :, n - q :]
+    out = own.transpose(1, 2).to(query.dtype).clone()
+    for b, s in enumerate(kv_start.tolist()):
+        qs = max(0, s - (n - q))  # the chunk's padded queries come first
+        if qs >= q:
+            continue
+        mask = build_mask(1, q - qs, n - s, query.device, kv_start=kv_start.new_zeros(1), window=window,
+                          key_pos=None if key_pos is None else key_pos[b : b + 1, s:],
+                          query_pos=None if query_pos is None else query_pos[b : b + 1, qs:])
+        out[b, qs:] = masked_attention(query[b : b + 1, :, qs:].contiguous(), key[b : b + 1, :, s:].contiguous(),
+                                       value[b : b + 1, :, s:].contiguous(), spec, mask)[0]
+    return out
+
+
 def masked_attention(query, key, value, spec: AttentionSpec, mask=None, bias=None):
     """Attention of ``query`` ``[B, Hq, q, D]`` over ``key``/``value``
     ``[B, Hkv, n, D]`` with ``mask`` from :func:`build_mask` (None: causal over

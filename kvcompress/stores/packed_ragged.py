@@ -104,7 +104,7 @@ class RaggedPackedStore(PackedStore):
                     rotation: torch.Tensor | None = None, sinks: int = 0,
                     feedback: torch.Tensor | None = None, value_clip: bool = False,
                     row_choices: list | None = None, whole_rows: list | None = None,
-                    rows_apart: bool = False) -> "RaggedPackedStore":
+                    rows_apart: bool = False, row_layout: list | None = None) -> "RaggedPackedStore":
         """Pack a :class:`~kvcompress.stores.RaggedStore`'s live slots (and
         its merge counts) head by head. Without ``columns`` every slot is
         packed and the residual starts empty. ``columns``: keep each row's
@@ -136,7 +136,13 @@ class RaggedPackedStore(PackedStore):
         ``residual_hidden``). ``rows_apart`` (with ``columns``, a batch of
         more than one row): each row keeps in its residual the newest slots
         ``_recent_kept`` allows its own heads, as it does alone, not the
-        fewest any row's heads allow (row mode again)."""
+        fewest any row's heads allow (row mode again). ``row_layout`` (with
+        ``rows_apart``; a round that left some rows as they were): per row
+        None or ``(s_b, r_b)``, the row's sink block and own residual
+        (slots of merge count 1) as they were, where a fresh layout would
+        pack the part of its residual past ``residual`` now, which alone it
+        packs only once its residual fills (a row of ``whole_rows`` too: its
+        layout before the step's :meth:`settle`)."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
         new.feedback = feedback
@@ -160,6 +166,8 @@ class RaggedPackedStore(PackedStore):
         s_heads = s  # each head's sink slots
         if rows_apart and not columns:
             raise ValueError("rows_apart: each row keeps its own residual only with columns=True")
+        if row_layout is not None and (not rows_apart or len(row_layout) != B):
+            raise ValueError("row_layout: one entry per row, with rows_apart=True")
         whole_cols = None  # rows kept whole behind rounds (columns): KIVI's schedule, as alone
         if columns and whole is not None:
             whole_cols, whole = whole, None
@@ -171,6 +179,12 @@ class RaggedPackedStore(PackedStore):
             if whole_cols is not None:
                 new._whole_layout(whole_cols.view(B, H)[:, 0].tolist(), lengths_host[:, 0].tolist(), int(sinks),
                                   per_row, sinks_rows)
+            for b, kept in enumerate(row_layout or ()):
+                if kept is not None:
+                    sinks_rows[b], per_row[b] = _kept_layout(store, b, kept, int(sinks))
+                    if new._sinks_due is not None:
+                        # a row kept whole that holds no sink block yet still waits for it
+                        new._sinks_due[b] = bool(new._sinks_due[b] and not sinks_rows[b])
             s, r = max(sinks_rows), max(per_row)
             if min(sinks_rows) < s:
                 new._sinks_rows = sinks_rows
@@ -281,15 +295,22 @@ class RaggedPackedStore(PackedStore):
         place: with ``S`` sinks once it holds ``S + residual + group``
         slots (``take_sinks``) and then every whole group past ``residual +
         group - 1`` packed; with fewer, nothing (no sink block yet: it takes
-        one while decoding, :meth:`take_sinks`, ``_sinks_due``)."""
+        one while decoding, :meth:`take_sinks`, ``_sinks_due``). A row that
+        still makes its choices (``row_choices`` None for it) packs its
+        groups in the settle that follows instead, after choosing on them
+        (``CompressedLayer._choose_rows``), as alone."""
         G, R = self.group, self.residual
         due = [False] * len(whole)
         for b, w in enumerate(whole):
             if w:
                 P = max(0, (int(lengths[b]) - S - R) // G * G)
                 sinks_rows[b] = S if P else 0
+                if self._choices is not None and self._choices[b] is None:
+                    # the row makes its choices at its first pack (the settle that follows,
+                    # on the groups it packs, as alone): nothing packed here
+                    P = 0
                 per_row[b] = int(lengths[b]) - sinks_rows[b] - P
-                due[b] = bool(S) and not P
+                due[b] = bool(S) and not sinks_rows[b]
         self._sinks_due = due if any(due) else None
 
     def take_sinks(self, pad=None) -> None:
@@ -734,6 +755,95 @@ class RaggedPackedStore(PackedStore):
         if self._rcols is not None:
             self._rcols = {k: t.index_select(0, idx) for k, t in self._rcols.items()}
 
+    def adopt_rows(self, old: "RaggedPackedStore", rows: list[bool]) -> None:
+        """Rows ``b`` with ``rows[b]`` as ``old`` holds them, bit for bit:
+        their heads' packed segments (codes, scales, counts, positions and
+        carried scores, placeholder rows included), sink block and own
+        residual. A round packs every row afresh from its dequantized slots,
+        and a row the round left as it was (``from_ragged(row_layout=...)``,
+        the same sink block, residual and kept slots) would come back with
+        scales an ulp apart, or, after a ``keep_rows`` round, its slots
+        regrouped in token order; alone it has no round then."""
+        B, H, G = self.batch, self.heads, self.group
+        if old.batch != B or old.heads != H or old.group != G or len(rows) != B:
+            raise ValueError("adopt_rows: old must be a store of the same batch, heads and group, one flag per row")
+        mine, theirs = self._own_residual(), old._own_residual()
+        s_new, s_old = self._row_sinks(), old._row_sinks()
+        for b, take in enumerate(rows):
+            if take and (mine[b] != theirs[b] or s_new[b] != s_old[b]
+                         or not torch.equal(self._real[b * H : (b + 1) * H], old._real[b * H : (b + 1) * H])):
+                raise ValueError(f"adopt_rows: row {b} is laid out otherwise in old (sinks, residual or slots)")
+        if not any(rows):
+            return
+        take = torch.tensor([bool(x) for x in rows]).repeat_interleave(H)
+        dev = self.offsets.device
+        take_dev = take.to(dev)
+        caps_host = torch.where(take, old._host_caps, self._host_caps)
+        lengths_host = torch.where(take, old._host_lengths, self._host_lengths)
+        caps = caps_host.to(dev)
+        offsets = torch.cumsum(caps, 0) - caps
+        R = int(caps_host.sum())
+        lengths = torch.where(take_dev, old.lengths, self.lengths)
+        head, t = segments(lengths, int(lengths_host.sum()))
+        from_old = take_dev[head]
+        src = torch.where(from_old, old.offsets[head], self.offsets[head]) + t
+        dst = offsets[head] + t
+        first = t % G == 0  # key groups move with their first row
+        gdst = dst[first] // G
+
+        # one index per source: an old row's index is into old's buffers, a new row's into ours
+        def put2(a, b_, fill, group=False):
+            if a is None:
+                return None
+            n = R // G if group else R
+            out = a.new_full((n,) + tuple(a.shape[1:]), fill)
+            d, sel, srcs = (gdst, from_old[first], src[first] // G) if group else (dst, from_old, src)
+            if bool((~sel).any()):
+                out.index_copy_(0, d[~sel], a.index_select(0, srcs[~sel]))
+            if bool(sel.any()):
+                out.index_copy_(0, d[sel], b_.index_select(0, srcs[sel]))
+            return out
+
+        self._kc, self._vc = put2(self._kc, old._kc, 0), put2(self._vc, old._vc, 0)
+        self._vmin, self._vsc = put2(self._vmin, old._vmin, 0), put2(self._vsc, old._vsc, 0)
+        self._kmin, self._ksc = put2(self._kmin, old._kmin, 0, True), put2(self._ksc, old._ksc, 0, True)
+        self.counts_bias = put2(self.counts_bias, old.counts_bias, 1)
+        self.counts_plain = put2(self.counts_plain, old.counts_plain, 1)
+        self.positions = put2(self.positions, old.positions, 0)
+        if self.scores is not None or old.scores is not None:
+            nan = float("nan")
+            mine_s = self.scores if self.scores is not None else torch.full_like(self.counts_bias, nan)
+            theirs_s = old.scores if old.scores is not None else torch.full_like(old.counts_bias, nan)
+            self.scores = put2(mine_s, theirs_s, nan)
+        self.offsets, self.caps, self.lengths = offsets, caps, lengths
+        self._host_caps, self._host_lengths = caps_host, lengths_host.clone()
+        self._real = torch.where(take, old._real, self._real)
+        # the sink block and own residual: the buffers' rows the row holds, at its place in each
+        for b, adopt in enumerate(rows):
+            if not adopt:
+                continue
+            r_b, sb = mine[b], s_new[b]
+            at_new, at_old = self._r0 + self.r - r_b, old._r0 + old.r - r_b
+            for buf, src_buf in ((self._rk, old._rk), (self._rv, old._rv),
+                                 *(((self._rcols[k], old._rcols[k]) for k in self._rcols) if self._rcols else ())):
+                buf[b, :, :sb] = src_buf[b, :, :sb]
+                buf[b, :, at_new : at_new + r_b] = src_buf[b, :, at_old : at_old + r_b]
+            if old._sink_counts is not None or self._sink_counts is not None:
+                if self._sink_counts is None:
+                    self._sink_counts = torch.ones(tuple(self._rk.shape[:2]) + (self._r0,), device=dev)
+                self._sink_counts[b, :, :sb] = (old._sink_counts[b, :, :sb] if old._sink_counts is not None
+                                                else 1.0)
+        if self._np is not None:
+            self._np = [int(self._host_lengths[b * H : (b + 1) * H].max()) if H else 0 for b in range(B)]
+            self.n_packed = max(self._np, default=0)
+        if old._choices is not None or self._choices is not None:
+            # an adopted row's packed slots are read the way they were packed
+            own = self._choices or [(self.rotation is not None, self.feedback, self.value_clip)] * B
+            was = old._choices or [(old.rotation is not None, old.feedback, old.value_clip)] * B
+            self._choices = [was[b] if take_b else own[b] for b, take_b in enumerate(rows)]
+        self._rc = self._hidden = None
+        self._rot_mask = None
+
     # ----------------------------------------------------------- attention
     def _packed_rows(self):
         """Every head's packed rows in buffer order: ``(head, rows, first)``,
@@ -967,6 +1077,24 @@ def _whole_heads(store, whole_rows, columns: bool, rows_apart: bool):
             if bool((store.counts[idx.reshape(-1)] != 1).any()):
                 raise ValueError(f"whole_rows: row {b} holds merged slots, so it was not kept whole")
     return torch.tensor([bool(w) for w in whole_rows], dtype=torch.bool).repeat_interleave(H)
+
+
+def _kept_layout(store, b: int, kept, sinks: int) -> tuple[int, int]:
+    """``from_ragged``'s ``row_layout[b]``, checked against ``store``'s row
+    ``b``: ``(s_b, r_b)`` with ``s_b <= sinks``, both within the row's every
+    head and its ``r_b`` newest slots of merge count 1."""
+    s_b, r_b = (int(x) for x in kept)
+    H = store.heads
+    n = store._host_lengths[b * H : (b + 1) * H]
+    if not 0 <= s_b <= sinks or r_b < 0 or s_b + r_b > int(n.min()):
+        raise ValueError(f"row_layout: row {b} keeps {s_b} sinks and {r_b} residual slots, more than it "
+                         f"holds ({int(n.min())}) or sinks={sinks} allows")
+    if r_b and store.counts is not None:
+        ends = (store.offsets + store.lengths)[b * H : (b + 1) * H]
+        tail = store.counts[(ends - r_b)[:, None] + torch.arange(r_b, device=store.counts.device)]
+        if bool((tail != 1).any()):
+            raise ValueError(f"row_layout: row {b}'s {r_b} newest slots hold merged ones (the residual has no counts)")
+    return s_b, r_b
 
 
 def _recent_kept_rows(store, residual: int) -> list[int]:

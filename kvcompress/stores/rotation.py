@@ -59,14 +59,58 @@ def key_rotation(head_dim: int, device) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, rot: torch.Tensor, dtype=None) -> torch.Tensor:
-    """``x @ rot`` over the last axis of ``x`` ``[..., D]``, computed in
-    float32 and returned as ``dtype`` (default: ``x``'s)."""
-    return (x.float() @ rot).to(x.dtype if dtype is None else dtype)
+    """``x @ rot`` over the last axis of ``x`` ``[..., D]``, returned as
+    ``dtype`` (default: ``x``'s), each row the same whatever the rows
+    beside it: a float32 matrix product's sums depend on how many rows it
+    multiplies (the kernel's blocking), so a batch row's keys would round
+    otherwise than alone. :func:`key_rotation`'s Hadamard matrix is applied
+    as a fast Walsh-Hadamard transform (sums and differences, float32, then
+    the scale: the same operations on every row), any other ``rot`` in
+    float64 (exact products; the rounding to float32 hides the order of the
+    sums but for values within 1e-16 of a rounding boundary)."""
+    return _apply(x, rot, False).to(x.dtype if dtype is None else dtype)
 
 
 def unrotate(x: torch.Tensor, rot: torch.Tensor, dtype=None) -> torch.Tensor:
-    """``x @ rot.T``: the inverse of :func:`rotate` (``rot`` is orthogonal)."""
-    return (x.float() @ rot.T).to(x.dtype if dtype is None else dtype)
+    """``x @ rot.T``: the inverse of :func:`rotate` (``rot`` is orthogonal),
+    row by row as it."""
+    return _apply(x, rot, True).to(x.dtype if dtype is None else dtype)
+
+
+def _apply(x: torch.Tensor, rot: torch.Tensor, transpose: bool) -> torch.Tensor:
+    D = int(rot.shape[0])
+    if _is_hadamard(rot):
+        # the Sylvester matrix is symmetric: x @ H = x @ H.T
+        return _walsh_hadamard(x.float()) * _hadamard_scale(D)
+    r = rot.double()
+    return (x.double() @ (r.T if transpose else r)).float()
+
+
+def _is_hadamard(rot: torch.Tensor) -> bool:
+    """Whether ``rot`` is :func:`key_rotation`'s Hadamard matrix (cached per
+    order and device)."""
+    D = int(rot.shape[0])
+    return D & (D - 1) == 0 and rot is _CACHE.get((D, str(rot.device)))
+
+
+def _hadamard_scale(D: int) -> float:
+    """``1 / sqrt(D)`` as the float32 entries of :func:`key_rotation`'s matrix hold it."""
+    return float(torch.tensor(D ** -0.5, dtype=torch.float32))
+
+
+def _walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` for the unnormalised Sylvester-Hadamard matrix ``H`` of order
+    ``D = x.shape[-1]`` (a power of two): log2(D) butterfly passes of
+    elementwise sums and differences, each exactly rounded."""
+    shape, D = x.shape, int(x.shape[-1])
+    y = x.reshape(-1, D)
+    h = 1
+    while h < D:
+        y = y.view(-1, D // (2 * h), 2, h)
+        a, b = y[:, :, 0], y[:, :, 1]
+        y = torch.stack([a + b, a - b], 2)
+        h *= 2
+    return y.reshape(shape)
 
 
 def rotation_helps(queries: torch.Tensor, keys: torch.Tensor, rot: torch.Tensor, bits: int, group: int,

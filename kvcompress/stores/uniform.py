@@ -14,7 +14,7 @@ import torch
 
 from .. import ops
 from .base import AttentionSpec, LayerStore
-from .masked import build_mask, masked_attention
+from .masked import build_mask, masked_attention, rows_attention
 
 _C_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -223,6 +223,10 @@ class UniformStore(LayerStore):
             # dropped the slots their window no longer sees.
             return ops.attention(query, keys, values, scaling=spec.scaling, kv_start=kv_start)
         key_pos = self.column("positions")[:, 0] if spec.window is not None else None
+        if q > 1 and kv_start is not None and int(query.shape[0]) > 1 and bool(kv_start.any()):
+            # a prefill chunk of a left-padded batch: each row as alone (rows_attention)
+            return rows_attention(query, keys, values, spec, kv_start, window=spec.window, key_pos=key_pos,
+                                  query_pos=query_pos)
         mask = build_mask(int(query.shape[0]), q, self.n, query.device, kv_start=kv_start, window=spec.window,
                           key_pos=key_pos, query_pos=query_pos)
         return masked_attention(query, keys, values, spec, mask)

@@ -1,0 +1,167 @@
+"""A row of a left-padded batch holds what it holds alone, bit for bit.
+
+The cache is driven directly (``KVCache.update`` and ``attend``, as the
+``"kvcompress"`` attention function drives it), with keys, values and
+queries drawn per row: each row's stream is the same in the batch and
+alone, so any difference is the cache's own. (Through a model the rows'
+projections differ by a rounding already: a decode step's GEMM over three
+rows is not its GEMV over one, ``tests/test_batches.py``.)
+
+Rows of 96, 60 and 120 tokens at budget 64 desynchronise the rounds: the
+60-token row is kept whole at prefill and reaches its budget plus the
+interval 4 steps after the others, so every one of its rounds comes while
+the other rows are not due, and theirs while it is not. Rows of 150, 40,
+131 and 14 tokens pad the per-head layers' re-scoring to other lengths
+than alone (``RaggedStore.to_padded``: the batch's longest head), where a
+sum over a row's slots must not depend on where they start.
+
+Not covered, as they differ by design: a uniform packed layer with rounds
+(``snapkv+kivi``: one packing schedule for the batch) and mixed precision
+(``mikv``, ``zipcache``: every row keeps the most full-precision slots any
+row selects).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvcompress as kvc
+from kvcompress.methods import method_from_spec
+from kvcompress.stores import PackedStore, RaggedPackedStore, RaggedStore
+from kvcompress.stores.base import AttentionSpec
+
+H, HQ, D, LAYERS = 2, 4, 16, 2
+STEPS = 40
+# (row lengths, stream seed): the 60-token row reaches its budget 4 steps
+# after the others; the 14-token one packs (and takes its sinks) long after
+CASES = [((96, 60, 120), 0), ((150, 40, 131, 14), 1)]
+
+
+def _streams(seed: int, lengths):
+    """Per row ``(keys, values, queries)``: ``[LAYERS, H, n + STEPS, D]`` and
+    ``[LAYERS, HQ, n + STEPS, D]``, the prompt's then one per decode step."""
+    out = []
+    for b, n in enumerate(lengths):
+        g = torch.Generator().manual_seed(1000 * seed + b)
+        T = n + STEPS
+        out.append((torch.randn(LAYERS, H, T, D, generator=g), torch.randn(LAYERS, H, T, D, generator=g),
+                    torch.randn(LAYERS, HQ, T, D, generator=g)))
+    return out
+
+
+def _held(layer, b: int):
+    """What row ``b`` of ``layer`` holds: the packed layout of a per-head
+    packed layer (sink slots, packed rows per head, own residual; None for
+    any other store) and per head ``(positions, keys, values)`` as a
+    re-compression reads them back (``unpacked()``, a uniform packed
+    layer's ``dequantized()``), positions from the row's first token."""
+    s, pad = layer.store, layer._pad[b]
+    if isinstance(s, RaggedPackedStore):
+        layout = (s._row_sinks()[b], s._host_lengths[b * H : (b + 1) * H].tolist(), s._own_residual()[b])
+        if s.positions is None:
+            return layout, []  # packed once (interval=0): nothing is read back, attention tells
+        held = s.unpacked()
+        return layout, [_head(*held.head(b, h)[:3], pad) for h in range(H)]
+    if isinstance(s, RaggedStore):
+        return None, [_head(*s.head(b, h)[:3], pad) for h in range(H)]
+    keys, values = s.dequantized() if isinstance(s, PackedStore) else (s.keys, s.values)
+    start, n = layer._start[b], int(keys.shape[2])
+    # a packed uniform layer keeps positions only behind rounds (its columns)
+    cols = s._cols if isinstance(s, PackedStore) else {"positions": s.column("positions")}
+    pos = None if not cols else cols["positions"][b, :, start:n]
+    return None, [_head(keys[b, h, start:], values[b, h, start:], None if pos is None else pos[h], pad)
+                  for h in range(H)]
+
+
+def _head(keys, values, positions, pad: int):
+    # copies: a uniform store's slots are views of buffers later steps write into
+    return None if positions is None else (positions.long() - pad).tolist(), keys.clone(), values.clone()
+
+
+def _run(spec: str, streams, rows: list[int]):
+    """Drive a cache of ``rows`` (left-padded) through the prompt and
+    ``STEPS`` decode steps; per step, per layer, ``(attention output of each
+    row [HQ, q, D] for its real queries, _held of each row)``."""
+    method = method_from_spec(spec, budget=64)
+    cache = kvc.KVCache(method, num_layers=LAYERS)
+    n = [int(streams[b][0].shape[2]) - STEPS for b in rows]
+    T = max(n)
+    spec_ = AttentionSpec(scaling=D**-0.5)
+    record = []
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, m in enumerate(n):
+        mask[i, T - m :] = 1
+    for step in range(STEPS + 1):
+        per_layer = []
+        for layer in range(LAYERS):
+            if step == 0:
+                k = torch.zeros(len(rows), H, T, D)
+                v = torch.zeros(len(rows), H, T, D)
+                q = torch.zeros(len(rows), HQ, T, D)
+                for i, (b, m) in enumerate(zip(rows, n)):
+                    k[i, :, T - m :] = streams[b][0][layer, :, :m]
+                    v[i, :, T - m :] = streams[b][1][layer, :, :m]
+                    q[i, :, T - m :] = streams[b][2][layer, :, :m]
+            else:
+                at = [m + step - 1 for m in n]
+                k = torch.stack([streams[b][0][layer, :, t : t + 1] for b, t in zip(rows, at)])
+                v = torch.stack([streams[b][1][layer, :, t : t + 1] for b, t in zip(rows, at)])
+                q = torch.stack([streams[b][2][layer, :, t : t + 1] for b, t in zip(rows, at)])
+            cache.update(k, v, layer)
+            out = cache.attend(layer, q, spec_, padding_mask=mask)  # [B, q, HQ, D]
+            outs = [out[i, (T - m if step == 0 else 0) :] for i, m in enumerate(n)]
+            per_layer.append((outs, [_held(cache.layers[layer], i) for i in range(len(rows))]))
+        record.append(per_layer)
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+    return record
+
+
+# every evicting and merging family (uniform, per-head, with slot state,
+# token-aware, merging), quantized alone, and packed behind per-head rounds
+SPECS = ["snapkv", "h2o", "pyramidkv", "streamingllm", "tova", "knorm", "lagkv", "keyformer", "vatp", "scope",
+         "adakv", "fastgen", "ems", "kvmerger", "kvcrush", "kivi:bits=2:group=8:residual=16:sinks=4",
+         "adakv+kivi:bits=2:group=8:residual=16:sinks=4", "ems+kivi:bits=2:group=8:residual=8:sinks=4",
+         "ems+kivi:bits=4:sinks=4", "ems+kivi:bits=2:group=8:residual=8:keep_rows=2",
+         "ems+kivi:bits=2:rotate=auto:feedback=true:clip_values=auto:sinks=4",
+         "adakv+kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:sinks=4",
+         "ems:interval=0+kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:sinks=4",
+         "kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:clip_values=auto:sinks=4"]
+
+
+@pytest.mark.parametrize("lengths, seed", CASES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_rows_of_a_padded_batch_hold_bit_for_bit_what_they_hold_alone(spec, lengths, seed):
+    """After every step every row holds, per layer, the layout it holds
+    alone and per head the same slots with the same bits, and attends as
+    alone: bit for bit, and over a packed layer within 1e-6 (the packed
+    kernels' row mode sums a row's residual in other vector lanes than
+    alone). Before: a padded prefill's attention was one SDPA call, 1e-7
+    apart from alone in every row with padding; the 60-token row's first
+    compression gave AdaKV's heads equal shares; a packed round packed the
+    rows it left as they were again from their dequantized slots (their
+    residual past ``residual`` packed at once, scales an ulp apart, a
+    ``keep_rows`` layout regrouped) and laid out the 60-token row's first
+    round by ``keep_rows``."""
+    streams = _streams(seed, lengths)
+    packed = "kivi" in spec
+    batch = _run(spec, streams, list(range(len(lengths))))
+    compared = 0
+    for b in range(len(lengths)):
+        alone = _run(spec, streams, [b])
+        for step, (mine, theirs) in enumerate(zip(batch, alone)):
+            for layer, ((ob, hb), (oa, ha)) in enumerate(zip(mine, theirs)):
+                where = (spec, b, step, layer)
+                if packed:
+                    assert (ob[b] - oa[0]).abs().max() < 1e-6, where
+                else:
+                    assert torch.equal(ob[b], oa[0]), where
+                xb, xa = hb[b], ha[0]
+                if xb[0] is not None and xa[0] is not None:
+                    assert xb[0] == xa[0], where + (xb[0], xa[0])
+                    compared += 1
+                for h, ((pb, kb, vb), (pa, ka, va)) in enumerate(zip(xb[1], xa[1])):
+                    assert pb == pa or pb is None or pa is None, where + (h,)
+                    assert torch.equal(kb, ka) and torch.equal(vb, va), where + (h,)
+                    compared += 1
+    assert compared > 100  # most steps of every row
