@@ -227,3 +227,4 @@ def stream_copies(bytes_per_copy: int, llc: int, factor: float = 2.0) -> int:
     if bytes_per_copy <= 0:
         raise ValueError(f"bytes_per_copy: must be > 0, got {bytes_per_copy}")
     return max(2, 1 + -(-int(factor * llc) // bytes_per_copy))
+

@@ -57,6 +57,7 @@ from kvcompress.stores import RaggedPackedStore
 from kvcompress.stores.keep_rows import arrange
 from kvcompress.methods import method_from_spec
 from kvcompress.model import load_model
+from kvcompress.testing import left_pad
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
@@ -162,11 +163,7 @@ def main(argv=None):
     for n in lengths:
         rows.append(all_ids[at : at + n])
         at += n
-    T = max(lengths)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    ids, mask = left_pad(rows)
 
     records = []
     for spec in args.methods.split(","):

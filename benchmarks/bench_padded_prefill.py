@@ -23,6 +23,7 @@ import torch
 import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
 from kvcompress.stores import masked, uniform
+from kvcompress.testing import left_pad
 
 from _common import machine  # noqa: E402  (same folder: scripts run from it)
 
@@ -60,11 +61,8 @@ def main() -> int:
     model, _ = kvc.load_default_model()
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(100, 40000, (n,), generator=g) for n in lengths]
+    ids, mask = left_pad(rows)
     T = max(lengths)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
     method = kvc.SnapKV(budget=T + 64)
     modes = {"each row": uniform.rows_attention, "one call": one_call}
     times = {m: [] for m in modes}

@@ -31,6 +31,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvcompress as kvc
 from kvcompress.methods import method_from_spec
+from kvcompress.testing import left_pad
 
 # the test suite's tiny sliding Mistral, one definition (tests/generation.py)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -88,11 +89,7 @@ def main(argv=None):
         lengths = [int(x) for x in shape.split("/")]
         g = torch.Generator().manual_seed(100 * seed + 31)
         rows = [torch.randint(3, 512, (n,), generator=g) for n in lengths]
-        T = max(lengths)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+        ids, mask = left_pad(rows)
         out = greedy(model, ids, mask, build(spec), args.new_tokens)
         same = total.setdefault(spec, [0, 0])
         for i, r in enumerate(rows):

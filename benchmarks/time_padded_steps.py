@@ -20,22 +20,13 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 import kvcompress as kvc
 from kvcompress.methods import method_from_spec
+from kvcompress.testing import left_pad
 
-
-class Clock(LogitsProcessor):
-    """Records the time of each call: one per generated token, after its forward."""
-
-    def __init__(self):
-        self.times = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
+from bench_padded_batch import StepClock  # noqa: E402  (same folder: scripts run from it)
 
 
 def main() -> int:
@@ -50,12 +41,8 @@ def main() -> int:
     text = (Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt").read_text()
     ids_all = tok(text[:200_000], return_tensors="pt").input_ids[0]
     rows = [ids_all[1000 * i : 1000 * i + n] for i, n in enumerate(lengths)]
-    T = max(lengths)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    clock = Clock()
+    ids, mask = left_pad(rows)
+    clock = StepClock()
     with kvc.compress(model, method_from_spec(spec, budget=int(budget) if at else None)):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                        min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,

@@ -98,6 +98,22 @@ def cache_bytes(cache) -> int:
     return total
 
 
+def left_pad(rows):
+    """Left-pad 1-D token id tensors into ``(input_ids [B, T], attention_mask
+    [B, T])``, as a tokenizer with ``padding_side="left"`` does (pad id 0):
+    the batch layout kvcompress serves."""
+    import torch
+
+    if not rows:
+        raise ValueError("rows: expected at least one 1-D tensor of token ids")
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    return ids, mask
+
+
 def _check_ids(input_ids):
     import torch
 

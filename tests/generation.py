@@ -11,6 +11,7 @@ import torch
 
 import kvcompress as kvc
 from kvcompress.compat import cache_kwargs
+from kvcompress.testing import left_pad  # noqa: F401  (the tests import it from here)
 
 #: greedy decoding; pad id 0 (the tiny models' vocabulary starts real tokens at 3)
 GREEDY = dict(do_sample=False, pad_token_id=0)
@@ -20,16 +21,6 @@ def random_ids(length: int, seed: int, low: int = 3, high: int = 512) -> torch.T
     """``[length]`` int64 token ids drawn with a fixed seed."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, high, (length,), generator=g)
-
-
-def left_pad(rows):
-    """Left-pad 1-D id tensors into ``(ids [B, T], mask [B, T])``."""
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    return ids, mask
 
 
 def greedy(model, ids, mask=None, *, method=None, n: int = 10, **kw):

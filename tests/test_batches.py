@@ -495,3 +495,45 @@ def test_rows_that_fit_their_budget_are_compressed_on_their_own_schedule(tiny_mo
                         assert p1 == p2, (spec, lengths, i, step, layer, p1, p2)
 
 
+
+
+def test_left_pad_lays_rows_out_as_a_left_padding_tokenizer():
+    """``kvcompress.testing.left_pad``: each row's ids at the end of its line,
+    zeros and mask 0 before them; no rows is refused by name."""
+    from kvcompress.testing import left_pad as lay_out
+
+    ids, mask = lay_out([torch.tensor([5, 6, 7]), torch.tensor([9])])
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="rows"):
+        lay_out([])
+
+
+@pytest.mark.parametrize("spec", ["snapkv", "ems", "kivi:bits=4:group=8:residual=16"])
+def test_a_padded_prefill_gives_each_row_its_own_cache_bit_for_bit(tiny_model, spec):
+    """The prompt's forward of a left-padded batch attends row by row over
+    each row's own slots (``stores.masked.rows_attention``), so every layer
+    caches for each row the keys and values it caches alone, bit for bit
+    (one SDPA call over the padded batch is 1e-7 apart from layer 1 on: its
+    blocks of keys start at the padding). The budget holds every prompt."""
+    from kvcompress.methods import method_from_spec
+
+    rows = [random_ids(n, 700 + n) for n in (96, 60, 120, 14)]
+    ids, mask = left_pad(rows)
+    T = ids.shape[1]
+
+    def prefill(ids, mask):
+        method = method_from_spec(spec) if spec.startswith("kivi") else method_from_spec(spec, budget=256)
+        with kvc.compress(tiny_model, method) as session:
+            cache = session.new_cache()
+            with torch.no_grad():
+                tiny_model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                           **cache_kwargs(tiny_model, cache))
+        return [layer.store.dequantized() if hasattr(layer.store, "dequantized") else (layer.keys, layer.values)
+                for layer in cache.layers]
+
+    batch = prefill(ids, mask)
+    for b, row in enumerate(rows):
+        alone = prefill(row[None], torch.ones(1, len(row), dtype=torch.long))
+        for layer, ((kb, vb), (ka, va)) in enumerate(zip(batch, alone)):
+            pad = T - len(row)
+            assert torch.equal(kb[b, :, pad:], ka[0]) and torch.equal(vb[b, :, pad:], va[0]), (b, layer)

@@ -796,6 +796,23 @@ def test_whole_rows_hold_and_read_what_each_row_does_alone(seed):
     assert batch.row_choice(0)[0] and not batch.row_choice(1)[0] and not batch.row_choice(2)[0]
 
 
+def _merged_heads(rng, g, B: int, H: int, C: int, D: int, held: tuple, unmerged: tuple):
+    """Random per-head slots ``[B, H, C, D]`` for ``RaggedStore.from_dense``:
+    ``(keys, values, valid, counts)``, each head holding its first
+    ``randrange(*held)`` slots with merge counts 1-3, its newest
+    ``randrange(*unmerged)`` of them of count 1."""
+    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
+    values = torch.randn(B, H, C, D, generator=g)
+    valid = torch.zeros(B, H, C, dtype=torch.bool)
+    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
+    for b in range(B):
+        for h in range(H):
+            n = rng.randrange(*held)
+            valid[b, h, :n] = True
+            counts[b, h, max(0, n - rng.randrange(*unmerged)) : n] = 1.0
+    return keys, values, valid, counts
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
     """``from_ragged(columns=True, rows_apart=True)`` (a layer with rounds):
@@ -816,16 +833,8 @@ def test_rows_apart_keep_their_own_newest_slots_as_alone(seed):
     if few:
         R, S = 16, 4
     C = 60
-    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
-    values = torch.randn(B, H, C, D, generator=g)
-    valid = torch.zeros(B, H, C, dtype=torch.bool)
-    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
-    for b in range(B):
-        for h in range(H):
-            n = rng.randrange(12, C)
-            valid[b, h, :n] = True
-            # a trailing run of count-1 slots of the row's own length: the residual a row can keep
-            counts[b, h, max(0, n - rng.randrange(1, 20)) : n] = 1.0
+    # a trailing run of count-1 slots of the row's own length: the residual a row can keep
+    keys, values, valid, counts = _merged_heads(rng, g, B, H, C, D, (12, C), (1, 20))
     if few:
         # row 1: every head short and unmerged, so alone its residual leaves at most one sink
         valid[1] = False
@@ -989,15 +998,7 @@ def test_a_round_adopts_the_rows_it_leaves_as_they_were(seed):
     B, H, D, G, R, S = 3, 2, 16, 8, 8, 4
     bits = rng.choice([2, 4])
     C = 64
-    keys = torch.randn(B, H, C, D, generator=g) * torch.linspace(0.3, 3, D)
-    values = torch.randn(B, H, C, D, generator=g)
-    valid = torch.zeros(B, H, C, dtype=torch.bool)
-    counts = torch.randint(1, 4, (B, H, C), generator=g).float()
-    for b in range(B):
-        for h in range(H):
-            n = rng.randrange(30, C)
-            valid[b, h, :n] = True
-            counts[b, h, max(0, n - rng.randrange(R + G, 24)) : n] = 1.0  # the newest unmerged
+    keys, values, valid, counts = _merged_heads(rng, g, B, H, C, D, (30, C), (R + G, 24))  # the newest unmerged
     positions = (torch.arange(C, dtype=torch.int32) * 2).expand(B, H, C).contiguous()
     old = RaggedPackedStore.from_ragged(RaggedStore.from_dense(keys, values, positions, valid, counts=counts),
                                         bits, G, R, columns=True, sinks=S, rows_apart=True)

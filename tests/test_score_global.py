@@ -238,3 +238,24 @@ def test_bit_identical_for_any_thread_count():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("T", [14, 40, 131, 1100])
+def test_a_left_padded_row_scores_as_alone_bit_for_bit(T):
+    """A row of a left-padded batch (``kv_start`` leading padded keys and
+    queries) scores bit for bit as the row alone, whatever its padding and
+    the other rows: the column sums run in query groups laid out from the
+    row's own first real query (before: groups from the padded batch's
+    first query, up to 3e-8 apart)."""
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(1, 4, T, 16, generator=g)
+    k = torch.randn(1, 2, T, 16, generator=g)
+    alone = ops.global_scores(q, k, scaling=0.25, kv_start=torch.zeros(1, dtype=torch.int64))
+    for pad in (1, 3, 8, 19, 33, 200):
+        qp = torch.cat([torch.randn(1, 4, pad, 16, generator=g), q], 2)
+        kp = torch.cat([torch.randn(1, 2, pad, 16, generator=g), k], 2)
+        other = torch.randn(1, 4, T + pad, 16, generator=g), torch.randn(1, 2, T + pad, 16, generator=g)
+        got = ops.global_scores(torch.cat([qp, other[0]]), torch.cat([kp, other[1]]), scaling=0.25,
+                                kv_start=torch.tensor([pad, 0]))
+        assert torch.equal(got[0, :, pad:], alone[0]), pad
+        assert bool((got[0, :, :pad] == 0).all())

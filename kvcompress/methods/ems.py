@@ -17,11 +17,11 @@ _HEAD_ALLOC = ("selection", "window")
 
 
 def _ordered_sum(x):
-    """``x.sum(-1, keepdim=True)`` added from the first slot on, one at a time
-    (float64, then rounded): a left-padded row's leading zeros change
-    nothing, so a row sums as it does alone. ``sum`` groups a row's slots
-    by their place in its vector lanes, which the padding shifts (1 ulp
-    apart, then a merged key or value 1e-7 apart)."""
+    """``x.sum(-1, keepdim=True)`` added from the first slot on (float64,
+    then rounded; on the CPU one at a time): a left-padded row's leading
+    zeros change nothing, so a row sums as it does alone. ``sum`` groups a
+    row's slots by their place in its vector lanes, which the padding
+    shifts (1 ulp apart, then a merged key or value 1e-7 apart)."""
     return torch.cumsum(x, -1, dtype=torch.float64)[..., -1:].to(x.dtype)
 
 

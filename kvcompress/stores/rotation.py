@@ -90,7 +90,7 @@ def _is_hadamard(rot: torch.Tensor) -> bool:
     """Whether ``rot`` is :func:`key_rotation`'s Hadamard matrix (cached per
     order and device)."""
     D = int(rot.shape[0])
-    return D & (D - 1) == 0 and rot is _CACHE.get((D, str(rot.device)))
+    return D & (D - 1) == 0 and any(rot is m for m in _CACHE.values())
 
 
 def _hadamard_scale(D: int) -> float:
