@@ -381,6 +381,26 @@ def test_left_padded_rows_give_what_they_give_alone(tiny_model, make_method):
 
 
 @pytest.mark.parametrize("make_method", METHODS, ids=IDS)
+def test_a_row_shorter_than_the_window_beside_a_long_one(tiny_model, make_method):
+    """A left-padded row with fewer real tokens than the window (its padding
+    reaches past the long row's candidates, which end before the window) is
+    kept whole and generates what it generates alone; the long row too.
+    DynamicKV used to refuse the batch (``kv_start`` past the candidates)."""
+    a, b = prompt(110, seed=8), prompt(W - 3, seed=9)
+    pad = a.shape[1] - b.shape[1]
+    ids = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.int64), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    with kvc.compress(tiny_model, make_method(budget=BUDGET)):
+        both_ = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    for row, alone in enumerate((a, b)):
+        with kvc.compress(tiny_model, make_method(budget=BUDGET)):
+            out = tiny_model.generate(alone, max_new_tokens=10, do_sample=False)
+        n = out.shape[1] - alone.shape[1]
+        assert torch.equal(out[0, alone.shape[1]:], both_[row, ids.shape[1]: ids.shape[1] + n]), f"row {row}"
+
+
+@pytest.mark.parametrize("make_method", METHODS, ids=IDS)
 def test_model_keeps_num_layers_x_budget(tiny_model, make_method):
     for budget, ratio in ((BUDGET, None), (None, 0.6)):
         cache = prefill(tiny_model, make_method(budget=budget, ratio=ratio), prompt(170, seed=8))

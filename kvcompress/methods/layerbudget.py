@@ -188,7 +188,10 @@ class DynamicKV(_LayerBudgets):
             return torch.full((B, H, 0), float("-inf")), c
         scores = self.score(view)[..., : n - w].contiguous()
         keep = torch.tensor([[max(1, cb)] * H for cb in c], dtype=torch.int64, device=scores.device)
-        idx = ops.select_topk(scores, keep, kv_start=view.kv_start)  # [B, H, cmax], -1 padded
+        # the candidates end before the window: a row whose padding reaches past them (fewer real
+        # tokens than the window, kept whole, c_b = 0) has none
+        start = None if view.kv_start is None else view.kv_start.clamp(max=n - w)
+        idx = ops.select_topk(scores, keep, kv_start=start)  # [B, H, cmax], -1 padded
         vals = scores.gather(2, idx.clamp_min(0))
         vals = vals.masked_fill(idx < 0, float("-inf"))
         vals[torch.tensor(c, device=vals.device) == 0] = float("-inf")

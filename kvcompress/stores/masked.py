@@ -57,11 +57,13 @@ def rows_attention(query, key, value, spec: AttentionSpec, kv_start, window=None
     B, Hq, q, _ = query.shape
     Hkv, n = int(key.shape[1]), int(key.shape[2])
     g = Hq // Hkv
-    # a padded query's output is its own slot's value (the only key it sees)
-    own = value[:, :, n - q :].repeat_interleave(g, 1) if g > 1 else value[:, :, n - q :]
-    out = own.transpose(1, 2).to(query.dtype).clone()
+    out = query.new_empty((B, q, Hq, int(value.shape[3])))
     for b, s in enumerate(kv_start.tolist()):
-        qs = max(0, s - (n - q))  # the chunk's padded queries come first
+        qs = min(q, max(0, s - (n - q)))  # the chunk's padded queries come first
+        if qs:
+            # a padded query's output is its own slot's value (the only key it sees)
+            own = value[b, :, n - q : n - q + qs].transpose(0, 1)  # [qs, Hkv, Dv]
+            out[b, :qs] = (own.repeat_interleave(g, 1) if g > 1 else own).to(out.dtype)
         if qs >= q:
             continue
         mask = build_mask(1, q - qs, n - s, query.device, kv_start=kv_start.new_zeros(1), window=window,
