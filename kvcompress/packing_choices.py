@@ -310,12 +310,13 @@ class PackingChoices:
         return None if w is None else compact(w)
 
     def _round_choices(self, packing, queries, scaling, whole) -> list:
-        """A round of a layer whose rows chose apart (``_ragged_choices``),
-        where a row kept whole has not chosen yet (its residual never filled):
-        each such row the round compressed chooses now, on its kept slots,
-        as alone, where its layer's first round decides what nothing packed
-        decided before (:meth:`_key_rotation` on the per-head layer, the
-        row's own query moment); rows still whole (``whole``) keep waiting."""
+        """``_ragged_choices`` for a round of a layer whose rows chose apart,
+        where a row kept whole never packed (so never chose) and is
+        compressed now: it chooses here, on its kept slots and its own held
+        queries and query moment (``_choose_ragged_rows`` for it alone), as
+        its layer alone decides at its first round what no pack decided
+        before. Rows still whole (``whole``) keep waiting for their first
+        pack; the others keep their choices."""
         need = [c is None and not (whole and whole[b]) for b, c in enumerate(self._ragged_choices)]
         if not any(need):
             return self._ragged_choices

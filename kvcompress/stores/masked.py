@@ -50,9 +50,10 @@ def rows_attention(query, key, value, spec: AttentionSpec, kv_start, window=None
     real queries over its slots from ``kv_start[b]`` on, with the mask it
     has alone. One call over the padded batch is not the same sum: SDPA's
     CPU kernels block the keys from slot 0, so a row's blocks (and the
-    online softmax's rescaling) depend on its padding, 1e-7 apart from the
-    row alone, which a greedy decode or a later selection can amplify. A
-    padded query sees only itself, as with :func:`build_mask`. Shapes as
+    online softmax's rescaling) depend on its padding (the cached keys
+    1e-7 apart from the row alone on the tiny test model, 4e-5 on the
+    default one), which a greedy decode or a later selection can amplify.
+    A padded query sees only itself, as with :func:`build_mask`. Shapes as
     :func:`masked_attention`; returns ``[B, q, Hq, Dv]``."""
     B, Hq, q, _ = query.shape
     Hkv, n = int(key.shape[1]), int(key.shape[2])
