@@ -799,6 +799,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
             self.store.rows_apart = self._rows_apart()
+            if self.window is not None:
+                # a row shorter than the window packs first where its layer alone starts packing
+                self.store.first_pack_over = packing[2] + packing[1]
         elif self._rebudget and (self._ragged_choices is not None or self._rounds_choose_apart()):
             # a layer with rounds whose rows choose apart: at its first pack each row chooses as alone,
             # and every later round packs each row with what it chose; a row kept whole chooses at its

@@ -79,15 +79,17 @@ def _head(keys, values, positions, pad: int):
     return None if positions is None else (positions.long() - pad).tolist(), keys.clone(), values.clone()
 
 
-def _run(spec: str, streams, rows: list[int]):
+def _run(spec: str, streams, rows: list[int], window: int | None = None):
     """Drive a cache of ``rows`` (left-padded) through the prompt and
     ``STEPS`` decode steps; per step, per layer, ``(attention output of each
-    row [HQ, q, D] for its real queries, _held of each row)``."""
+    row [HQ, q, D] for its real queries, _held of each row)``. ``window``:
+    layer 0 slides over that many tokens (a hybrid model's local layer)."""
     method = method_from_spec(spec, budget=64)
-    cache = kvc.KVCache(method, num_layers=LAYERS)
+    types = None if window is None else ["sliding_attention"] + ["full_attention"] * (LAYERS - 1)
+    cache = kvc.KVCache(method, num_layers=LAYERS, layer_types=types)
     n = [int(streams[b][0].shape[2]) - STEPS for b in rows]
     T = max(n)
-    spec_ = AttentionSpec(scaling=D**-0.5)
+    specs = [AttentionSpec(scaling=D**-0.5, window=window if layer == 0 else None) for layer in range(LAYERS)]
     record = []
     mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, m in enumerate(n):
@@ -109,7 +111,7 @@ def _run(spec: str, streams, rows: list[int]):
                 v = torch.stack([streams[b][1][layer, :, t : t + 1] for b, t in zip(rows, at)])
                 q = torch.stack([streams[b][2][layer, :, t : t + 1] for b, t in zip(rows, at)])
             cache.update(k, v, layer)
-            out = cache.attend(layer, q, spec_, padding_mask=mask)  # [B, q, HQ, D]
+            out = cache.attend(layer, q, specs[layer], padding_mask=mask)  # [B, q, HQ, D]
             outs = [out[i, (T - m if step == 0 else 0) :] for i, m in enumerate(n)]
             per_layer.append((outs, [_held(cache.layers[layer], i) for i in range(len(rows))]))
         record.append(per_layer)
@@ -165,3 +167,26 @@ def test_rows_of_a_padded_batch_hold_bit_for_bit_what_they_hold_alone(spec, leng
                     assert torch.equal(kb, ka) and torch.equal(vb, va), where + (h,)
                     compared += 1
     assert compared > 100  # most steps of every row
+
+
+@pytest.mark.parametrize("spec", ["snapkv", "ems", "kivi:bits=2:group=8:residual=16", "kivi:bits=4",
+                                  "ems+kivi:bits=2:group=8:residual=16", "adakv+kivi:bits=4:group=8:residual=16"])
+def test_rows_beside_a_sliding_layer_attend_as_alone(spec):
+    """A hybrid cache whose first layer slides over 48 tokens, rows of 96,
+    60, 120 and 20 tokens: every row attends as alone at every step, bit
+    for bit where nothing is packed, within 1e-6 packed. The 20-token row
+    is shorter than the window: alone its sliding layer stays unpacked
+    until it keeps more than ``residual + group`` slots, and in a batch its
+    row now waits as long (``PackedStore.first_pack_over``; before, it
+    packed its first group one step earlier, 0.1 apart at that step)."""
+    lengths = (96, 60, 120, 20)
+    streams = _streams(2, lengths)
+    batch = _run(spec, streams, list(range(len(lengths))), window=48)
+    for b in range(len(lengths)):
+        alone = _run(spec, streams, [b], window=48)
+        for step, (mine, theirs) in enumerate(zip(batch, alone)):
+            for layer, ((ob, _), (oa, _)) in enumerate(zip(mine, theirs)):
+                if "kivi" in spec:
+                    assert (ob[b] - oa[0]).abs().max() < 1e-6, (spec, b, step, layer)
+                else:
+                    assert torch.equal(ob[b], oa[0]), (spec, b, step, layer)

@@ -88,6 +88,11 @@ class PackedStore(LayerStore):
         #: slots before this one that share a key group with kept ones stay
         #: packed but are masked as leading slots (see drop_unseen)
         self.visible_from = None
+        #: row mode on a sliding-window layer: a row that has packed nothing
+        #: packs only once it holds more than this many slots, as its layer
+        #: alone stays unpacked until it keeps more than ``residual + group``
+        #: (``CompressedLayer._packs_window``); None: no such wait
+        self.first_pack_over: int | None = None
         #: per-slot columns ``name -> [B, H, cap]`` by logical slot (positions
         #: and the evictor's slot state), kept only when the layer re-selects
         #: its slots while decoding (``from_uniform(..., columns=True)``)
@@ -402,9 +407,15 @@ class PackedStore(LayerStore):
 
     def row_dues(self) -> list[int]:
         """Row mode: the slots each row's next settle packs, its residual's
-        whole groups past ``residual + group - 1``."""
+        whole groups past ``residual + group - 1`` (a row that has packed
+        nothing, once it holds more than ``first_pack_over`` slots where
+        that is set)."""
         G, R = self.group, self.residual
-        return [max(0, (self.r - s - R) // G * G) for s in self._rs]
+        due = [max(0, (self.r - s - R) // G * G) for s in self._rs]
+        if self.first_pack_over is not None:
+            due = [0 if not packed and self.r - s <= self.first_pack_over else d
+                   for d, s, packed in zip(due, self._rs, self._np)]
+        return due
 
     def row_pending(self, b: int):
         """Row mode: ``(keys, values)`` ``[1, H, m, D]`` of the residual
