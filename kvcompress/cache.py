@@ -1371,7 +1371,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             idx = method.select(view, budgets)  # [B*H, 1, k], -1 padded, into the left-padded rows
             self.head_state = {k: v.reshape(B, H) for k, v in view.head_state.items()}
             if first:
-                idx = self._select_whole(idx, first, keys, values, start, view.tokens, scaling)
+                targets = self._targets()
+                idx = self._select_whole(idx, first, targets, keys, values, start, view.tokens, scaling)
             k = int(idx.shape[2])
             valid = ((idx >= 0) & (idx >= start[:, None, None])).reshape(B, H, k)
             pick = idx.clamp_min(0)
@@ -1386,7 +1387,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                     self.head_state[name] = torch.where(mask.to(v.device)[:, None], v, state_before[name])
         self.store = new
         if first:
-            self._first_shares(first)
+            self._first_shares(first, targets)
         if self._kept_whole is not None and rows is not None:
             # a row re-compressed now (over its target) is no longer whole
             self._kept_whole = [w and not rows[b] for b, w in enumerate(self._kept_whole)]
@@ -1405,17 +1406,17 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             return []
         return [b for b, whole in enumerate(w) if whole and rows[b]]
 
-    def _select_whole(self, idx, first: list[int], keys, values, start, tokens, scaling: float):
+    def _select_whole(self, idx, first: list[int], targets: list[int], keys, values, start, tokens,
+                      scaling: float):
         """``idx`` ``[B*H, 1, k]`` (a per-head re-selection) with the rows
         ``first`` (:meth:`_first_compressions`) selected as alone: one
         uniform view of the row's heads (whole, so of one length) and its
-        integer target, the method's layer-wide selection, with the row's
+        integer target (``targets``), the method's layer-wide selection, with the row's
         held queries. ``keys``, ``values``, ``start`` and ``tokens``: the
         per-head re-selection's left-padded rows."""
         B, H = self.store.batch, self.store.heads
         q = self.recent_q
         M = int(keys.shape[2])
-        targets = self._targets()
         picks = {}
         for b in first:
             rows = slice(b * H, (b + 1) * H)
@@ -1435,13 +1436,12 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             out[b, :, : p.shape[1]] = p.to(idx.device)
         return out.view(B * H, 1, K)
 
-    def _first_shares(self, first: list[int]) -> None:
+    def _first_shares(self, first: list[int], targets: list[int]) -> None:
         """Rows ``first`` keep the per-head shares their first compression
-        gave them (as :meth:`_become_ragged` does for a row the prefill
-        compressed)."""
+        gave them of their ``targets`` (as :meth:`_become_ragged` does for a
+        row the prefill compressed)."""
         H = self.store.heads
         lengths = torch.tensor(self.store.head_lengths(), dtype=torch.int64).view(-1, H)
-        targets = self._targets()
         budgets = self._budgets_host.view(-1, H).clone()
         self._share = self._share.clone()
         for b in first:

@@ -792,7 +792,7 @@ class RaggedPackedStore(PackedStore):
         gdst = dst[first] // G
 
         # one index per source: an old row's index is into old's buffers, a new row's into ours
-        def put2(a, b_, fill, group=False):
+        def spliced(a, b_, fill, group=False):
             if a is None:
                 return None
             n = R // G if group else R
@@ -804,17 +804,17 @@ class RaggedPackedStore(PackedStore):
                 out.index_copy_(0, d[sel], b_.index_select(0, srcs[sel]))
             return out
 
-        self._kc, self._vc = put2(self._kc, old._kc, 0), put2(self._vc, old._vc, 0)
-        self._vmin, self._vsc = put2(self._vmin, old._vmin, 0), put2(self._vsc, old._vsc, 0)
-        self._kmin, self._ksc = put2(self._kmin, old._kmin, 0, True), put2(self._ksc, old._ksc, 0, True)
-        self.counts_bias = put2(self.counts_bias, old.counts_bias, 1)
-        self.counts_plain = put2(self.counts_plain, old.counts_plain, 1)
-        self.positions = put2(self.positions, old.positions, 0)
+        self._kc, self._vc = spliced(self._kc, old._kc, 0), spliced(self._vc, old._vc, 0)
+        self._vmin, self._vsc = spliced(self._vmin, old._vmin, 0), spliced(self._vsc, old._vsc, 0)
+        self._kmin, self._ksc = spliced(self._kmin, old._kmin, 0, True), spliced(self._ksc, old._ksc, 0, True)
+        self.counts_bias = spliced(self.counts_bias, old.counts_bias, 1)
+        self.counts_plain = spliced(self.counts_plain, old.counts_plain, 1)
+        self.positions = spliced(self.positions, old.positions, 0)
         if self.scores is not None or old.scores is not None:
             nan = float("nan")
             mine_s = self.scores if self.scores is not None else torch.full_like(self.counts_bias, nan)
             theirs_s = old.scores if old.scores is not None else torch.full_like(old.counts_bias, nan)
-            self.scores = put2(mine_s, theirs_s, nan)
+            self.scores = spliced(mine_s, theirs_s, nan)
         self.offsets, self.caps, self.lengths = offsets, caps, lengths
         self._host_caps, self._host_lengths = caps_host, lengths_host.clone()
         self._real = torch.where(take, old._real, self._real)

@@ -19,6 +19,8 @@ with rotated keys").
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _CACHE: dict[tuple[int, str], torch.Tensor] = {}
@@ -93,6 +95,7 @@ def _is_hadamard(rot: torch.Tensor) -> bool:
     return D & (D - 1) == 0 and any(rot is m for m in _CACHE.values())
 
 
+@functools.lru_cache(maxsize=None)
 def _hadamard_scale(D: int) -> float:
     """``1 / sqrt(D)`` as the float32 entries of :func:`key_rotation`'s matrix hold it."""
     return float(torch.tensor(D ** -0.5, dtype=torch.float32))
