@@ -21,7 +21,7 @@ from .. import ops
 from .base import AttentionSpec, LayerStore
 from .feedback import expand
 from .masked import build_mask, masked_attention
-from .rotation import rotate, unrotate
+from .rotation import rotate, rotate_queries, unrotate
 
 
 def kernel_reads(query, residual) -> bool:
@@ -622,10 +622,10 @@ class PackedStore(LayerStore):
         if self.rotation is None or not self.packed_any():
             return query, False
         if self._choices is None:
-            return rotate(query, self.rotation), True
+            return rotate_queries(query, self.rotation), True
         if not any(c is not None and c[0] for c in self._choices):
             return query, False
-        return torch.where(self._rotated_rows(query.device), rotate(query, self.rotation), query), True
+        return torch.where(self._rotated_rows(query.device), rotate_queries(query, self.rotation), query), True
 
     def _drop_oldest(self, m: int) -> None:
         """Remove the ``m`` oldest residual slots (just packed); a sink block
@@ -947,7 +947,7 @@ class PackedStore(LayerStore):
                 # the packed part with q @ R, the residual (kept as it came) with q
                 if not one_call(query):
                     return self._attend_joined(query, rk, rv, spec.scaling, kv_start, sink_start)
-                pq, residual_query = rotate(query, self.rotation), query
+                pq, residual_query = rotate_queries(query, self.rotation), query
             if self._hi is not None:
                 return self._attend_two_widths(pq, rk, rv, spec.scaling, kv_start, residual_query)
             if not apart:
@@ -1021,7 +1021,7 @@ class PackedStore(LayerStore):
         if kv_start is not None:
             ks = kv_start.to(torch.int64)
             starts = [ks.clamp(max=p), (ks - p).clamp(min=0, max=h), (ks - p - h).clamp(min=0)]
-        none, rq = rk[:, :, :0], rotate(query, self.rotation)
+        none, rq = rk[:, :, :0], rotate_queries(query, self.rotation)
         parts = []
         low = self._packed_views()  # attend reserved zero-slot buffers if nothing was packed
         if p:
