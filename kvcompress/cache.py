@@ -40,6 +40,7 @@ from .packing_choices import PackingChoices
 from .recurrent import RecurrentStates, check_chunk, check_layer_kinds
 from .states import check_batch_index, check_layer_index, check_repeats, check_states
 from .stores.keep_rows import arrange_rows, splice_rows
+from .stores.packed_ragged import layout_problem
 
 # The attention function runs right after ``update()`` of the same layer in the
 # same thread; this is how it finds the cache (transformers does not pass the
@@ -1037,7 +1038,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if due is None or all(due) or not old._rcols:
             return None
         sinks, own = old._row_sinks(), old._own_residual()
-        layout = [None if d else (sinks[b], own[b]) for b, d in enumerate(due)]
+        # a row whose keep_rows layout holds residual slots older than a kept group's comes back from
+        # unpacked() in token order, merged slots last: it is packed again, as before a round adopted rows
+        layout = [None if d or layout_problem(self.store, b, (sinks[b], own[b]), self.method.fp_sinks)
+                  else (sinks[b], own[b]) for b, d in enumerate(due)]
         return None if all(x is None for x in layout) else layout
 
     def _compress(self, queries, scaling: float) -> None:

@@ -192,3 +192,32 @@ def test_kivi_8bit_gives_the_full_cache_tokens(default_model, shakespeare):
         greedy(model, cache, enc["input_ids"], 1)
     packed = [layer.store.n_packed for layer in cache.layers]
     assert min(packed) == (n - 128) // 32 * 32 and min(packed) > 500
+
+
+def test_a_round_beside_a_keep_rows_layout_packs_that_row_again(default_model):
+    """EMS + KIVI-2 with rotated keys and sinks at budget 256, rows of
+    1,024, 700, 900 and 250 tokens of the packaged text: at a round only one
+    row is due, and another row's ``keep_rows`` layout holds residual slots
+    older than a kept group, so ``unpacked()`` gives its slots back in token
+    order with merged ones last, which ``from_ragged(row_layout=...)``
+    cannot keep as its residual. That row is packed again (as before rounds
+    adopted rows, ``CompressedLayer._untouched_layout``) instead of the
+    round raising ``row_layout: row 1's 54 newest slots hold merged ones``;
+    the batch generates its 64 tokens."""
+    from pathlib import Path
+
+    from kvcompress.methods import method_from_spec
+
+    model, tok = default_model
+    text = (Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt").read_text()
+    ids_all = tok(text[:200_000], return_tensors="pt").input_ids[0]
+    rows = [ids_all[1000 * i : 1000 * i + n].tolist() for i, n in enumerate((1024, 700, 900, 250))]
+    batch = tok.pad({"input_ids": rows}, padding=True, return_tensors="pt")
+    with kvc.compress(model, method_from_spec("ems+kivi:bits=2:rotate=true:sinks=4", budget=256)) as session:
+        out = model.generate(**batch, max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 64
+    for layer in session.cache.layers:  # the budget held while decoding: H x (256 + interval) slots per row
+        H = layer.store.heads
+        held = layer.store.head_lengths()
+        assert all(sum(held[b * H : (b + 1) * H]) <= H * (256 + 16) for b in range(4)), (layer.layer_idx, held)

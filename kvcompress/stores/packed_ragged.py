@@ -1079,22 +1079,32 @@ def _whole_heads(store, whole_rows, columns: bool, rows_apart: bool):
     return torch.tensor([bool(w) for w in whole_rows], dtype=torch.bool).repeat_interleave(H)
 
 
-def _kept_layout(store, b: int, kept, sinks: int) -> tuple[int, int]:
-    """``from_ragged``'s ``row_layout[b]``, checked against ``store``'s row
-    ``b``: ``(s_b, r_b)`` with ``s_b <= sinks``, both within the row's every
-    head and its ``r_b`` newest slots of merge count 1."""
+def layout_problem(store, b: int, kept, sinks: int) -> str | None:
+    """Why ``store`` (a :class:`~kvcompress.stores.RaggedStore`) cannot lay
+    out its row ``b`` as ``kept = (s_b, r_b)`` (``from_ragged``'s
+    ``row_layout[b]``), or None: ``s_b <= sinks``, both within the row's
+    every head, and its ``r_b`` newest slots of merge count 1 (the residual
+    holds no counts)."""
     s_b, r_b = (int(x) for x in kept)
     H = store.heads
     n = store._host_lengths[b * H : (b + 1) * H]
     if not 0 <= s_b <= sinks or r_b < 0 or s_b + r_b > int(n.min()):
-        raise ValueError(f"row_layout: row {b} keeps {s_b} sinks and {r_b} residual slots, more than it "
-                         f"holds ({int(n.min())}) or sinks={sinks} allows")
+        return (f"row_layout: row {b} keeps {s_b} sinks and {r_b} residual slots, more than it holds "
+                f"({int(n.min())}) or sinks={sinks} allows")
     if r_b and store.counts is not None:
         ends = (store.offsets + store.lengths)[b * H : (b + 1) * H]
         tail = store.counts[(ends - r_b)[:, None] + torch.arange(r_b, device=store.counts.device)]
         if bool((tail != 1).any()):
-            raise ValueError(f"row_layout: row {b}'s {r_b} newest slots hold merged ones (the residual has no counts)")
-    return s_b, r_b
+            return f"row_layout: row {b}'s {r_b} newest slots hold merged ones (the residual has no counts)"
+    return None
+
+
+def _kept_layout(store, b: int, kept, sinks: int) -> tuple[int, int]:
+    """``from_ragged``'s ``row_layout[b]``, checked (:func:`layout_problem`)."""
+    problem = layout_problem(store, b, kept, sinks)
+    if problem is not None:
+        raise ValueError(problem)
+    return int(kept[0]), int(kept[1])
 
 
 def _recent_kept_rows(store, residual: int) -> list[int]:
