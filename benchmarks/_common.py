@@ -228,3 +228,20 @@ def stream_copies(bytes_per_copy: int, llc: int, factor: float = 2.0) -> int:
         raise ValueError(f"bytes_per_copy: must be > 0, got {bytes_per_copy}")
     return max(2, 1 + -(-int(factor * llc) // bytes_per_copy))
 
+
+def step_clock():
+    """A transformers logits processor that records the time of each call
+    (``.times``): one per generated token, after its forward. Made here, not
+    at import, so that benchmarks without transformers load this module
+    without it."""
+    from transformers import LogitsProcessor
+
+    class StepClock(LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    return StepClock()

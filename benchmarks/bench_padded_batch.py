@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 import kvcompress as kvc
 from kvcompress import ops
@@ -60,7 +60,7 @@ from kvcompress.model import load_model
 from kvcompress.testing import left_pad
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import command_line, machine, machine_line, now, write_results  # noqa: E402  (same folder)
+from _common import command_line, machine, machine_line, now, step_clock, write_results  # noqa: E402  (same folder)
 
 DEFAULT_TEXT = str(Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt")
 SHARED = CompressedLayer._rows_apart
@@ -93,17 +93,6 @@ def _no_whole_rows(self):
     return None  # a row kept whole is packed with the compressed rows at once, as before
 
 
-class StepClock(LogitsProcessor):
-    """Records the time of each call: one per generated token, after its forward."""
-
-    def __init__(self):
-        self.times = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
-
-
 def generate(model, ids, mask, method, n: int, apart: bool):
     """Greedy ``generate()`` of exactly ``n`` tokens; returns ``(decode step
     seconds [n - 1], new tokens [B, n], prefill seconds)``."""
@@ -112,7 +101,7 @@ def generate(model, ids, mask, method, n: int, apart: bool):
     RaggedPackedStore.from_ragged = classmethod(FROM_RAGGED if apart else _one_residual)
     cache_module.arrange_rows = ARRANGE_ROWS if apart else _one_layout
     CompressedLayer._untouched_layout = UNTOUCHED if apart else _packed_again
-    clock = StepClock()
+    clock = step_clock()
     start = time.perf_counter()
     try:
         with kvc.compress(model, method):

@@ -24,9 +24,8 @@ from transformers import LogitsProcessorList
 
 import kvcompress as kvc
 from kvcompress.methods import method_from_spec
-from kvcompress.testing import left_pad
 
-from bench_padded_batch import StepClock  # noqa: E402  (same folder: scripts run from it)
+from _common import step_clock  # noqa: E402  (same folder: scripts run from it)
 
 
 def main() -> int:
@@ -41,8 +40,11 @@ def main() -> int:
     text = (Path(kvc.__file__).resolve().parent / "data" / "shakespeare.txt").read_text()
     ids_all = tok(text[:200_000], return_tensors="pt").input_ids[0]
     rows = [ids_all[1000 * i : 1000 * i + n] for i, n in enumerate(lengths)]
-    ids, mask = left_pad(rows)
-    clock = StepClock()
+    # the tokenizer pads (load_default_model sets padding_side="left"): no kvcompress helper, so that an
+    # older build on PYTHONPATH runs this too
+    batch = tok.pad({"input_ids": [r.tolist() for r in rows]}, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    clock = step_clock()
     with kvc.compress(model, method_from_spec(spec, budget=int(budget) if at else None)):
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
                        min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
