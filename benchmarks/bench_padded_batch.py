@@ -12,7 +12,12 @@ with the compressed rows at once; behind one with rounds (``ems+kivi``),
 layer of it alone (``whole_rows``), and a round leaves the rows that are
 not due bit for bit as they were (``row_layout``, ``adopt_rows``), "shared"
 one residual length, sink block and layout for the batch, every row packed
-again at every round. The evictor's own per-row schedule (each
+again at every round. Behind a uniform evictor with rounds
+(``snapkv+kivi``, ``h2o+kivi``), "apart" packs each row on its own schedule
+from the first pack, a round leaves the rows that are not due bit for bit
+as they were (``PackedStore.adopt_rows``) and slot state accumulates each
+row's queries at its own rounds; "shared" one schedule for the batch, every
+row packed again at every round. The evictor's own per-row schedule (each
 row re-compressed once its own heads are over) holds in both modes.
 
 For each mode the script generates greedily from one batch of prompts of

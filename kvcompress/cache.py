@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -230,6 +230,12 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # the rows the last per-head re-compression took (None: all), for a packed round's layout
         self._round_rows: list[bool] | None = None
         self._pending: list = []
+        #: a uniform packed layer with rounds and slot state: per row, how many of the newest
+        #: pending queries its state has not accumulated yet (each row at its own rounds, as
+        #: alone), and how many of them no round has held yet (_hold); see _repack_round
+        self._unseen: list[int] | None = None
+        self._fresh = 0
+        self._round_observe = None
         self._init_choices()
 
     def __repr__(self) -> str:
@@ -400,6 +406,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # a row repeated (beam search) goes on from its moment so far, in copies
             self._row_qmom = [copy.deepcopy(self._row_qmom[i]) for i in host.tolist()]
         self._pending = [q.index_select(0, host.to(q.device)) for q in self._pending]
+        if self._unseen is not None:
+            self._unseen = [self._unseen[i] for i in host.tolist()]
         if self._statistic is not None:
             self._statistic = self._statistic.index_select(0, host.to(self._statistic.device))
         if self._scale is not None:
@@ -889,15 +897,18 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         left-padded batch on its own schedule (``PackedStore.rows_apart``),
         so that a row's key groups and pack steps (and on a sliding-window
         layer, the groups it drops) are those it has alone: on a layer that
-        packs while decoding and is never re-compressed, with no
-        cross-layer method or sparse reader. There
+        packs while decoding, with no cross-layer method or sparse reader.
+        A layer with rounds (``_rebudget``) is in row mode from its first
+        pack in any batch of more than one row: each row packs again after
+        its own rounds, and the rows a round leaves as they were keep their
+        packed slots (``PackedStore.adopt_rows``). There
         each row also makes the layer's once-only choices (``rotate``,
         ``clip_values``, ``feedback``) itself, at its own first pack
         (``_choose_rows``), in a padded batch or not. Sliding layers too:
         the kernels mask each row's window (``kv_start`` of the ragged
         layout), in one call on the CPU, in joined calls elsewhere."""
         m = self.method
-        return bool(not self._rebudget and not m.mixed_precision and m.depth is None and m.sparse is None)
+        return bool(not m.mixed_precision and m.depth is None and m.sparse is None)
 
     def _settle(self, queries, scaling: float) -> None:
         """Pack the packed store's whole residual groups (``settle``); a
@@ -909,6 +920,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         store = self.store
         store.take_sinks(pad=self._start)  # first: the sinks are not among the keys the rotation is tested on
         m = self.method
+        if self._rebudget and store.rows_apart:
+            # rounds desynchronise the rows even without padding: row mode from the first pack
+            store.start_rows(self._start, unpadded=True)
         if (m.rotates_keys or m.value_clip or m.key_feedback) and store.start_rows(self._start, unpadded=True):
             # row mode: each row chooses at its own first pack, as it does alone
             self._choose_rows(queries, scaling)
@@ -964,6 +978,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if keep == 0:
             return
         self._pending.append(queries)
+        if keep is None:
+            q = int(queries.shape[2])
+            self._unseen = [u + q for u in (self._unseen or [0] * int(queries.shape[0]))]
+            self._fresh += q
         if keep is not None and len(self._pending) > keep:
             del self._pending[: len(self._pending) - keep]  # each call holds at least one query
 
@@ -983,6 +1001,20 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         pending = torch.cat(self._pending, 2) if self._pending else None
         self._pending = []
         old = self.store
+        unseen, self._unseen = self._unseen, None
+        if pending is not None and unseen is not None and type(old) is PackedStore and old.rows_apart:
+            # slot state: each row due now accumulates the queries it has not yet accumulated, the
+            # others keep theirs for their own round (as alone, where no round came); _observe
+            Q = int(pending.shape[2])
+            due = self._due_rows()
+            self._round_observe = (pending, unseen, due)
+            left = max((u for u, d in zip(unseen, due) if not d), default=0)
+            if left:
+                self._pending = [pending[:, :, Q - left :]]
+                self._unseen = [0 if d else u for u, d in zip(unseen, due)]
+            # what the held queries have not taken yet
+            pending = pending[:, :, Q - self._fresh :] if self._fresh else None
+        self._fresh = 0
         if self._ragged_choices is not None and isinstance(old, RaggedPackedStore):
             # a row kept whole that chose at its own first pack since (_choose_rows) packs with that
             for b, c in enumerate(self._ragged_choices):
@@ -1004,6 +1036,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self._kept_whole = was
         self._round_rows = None
         self._compress(pending, scaling)
+        self._round_observe = None  # (taken by _compress's _observe)
         if was is not None and type(self.store) is RaggedStore:
             now, H = self.store.head_lengths(), self.store.heads
             self._kept_whole = [w and now[b * H : (b + 1) * H] == before[b * H : (b + 1) * H]
@@ -1022,6 +1055,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             if arranged is not None:
                 self.store = arranged
         self._to_packed(self.method.packing, pending, scaling, layout=layout)
+        if type(old) is PackedStore and old._np is not None and type(self.store) is PackedStore:
+            # a uniform layer's rows the round left as they were keep their packed slots bit for
+            # bit, and every row its once-only choices; the others pack at this step's settle
+            due = self._round_rows or [True] * old.batch
+            self.store.adopt_rows(old, [not d for d in due], self._start)
         if layout is not None:
             # those rows bit for bit as they were (not packed again from their dequantized slots)
             self.store.adopt_rows(old, [x is not None for x in layout])
@@ -1053,7 +1091,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             for name in method.slot_state:
                 self.store.add_column(name)
             if method.slot_state:
-                method.observe(self._view(queries, scaling, phase))
+                self._observe(queries, scaling, phase)
         if uniform and method.budget is not None and self.store.limit is None:
             # decoding never needs more than the budget plus the slack
             self.store.limit = self._decode_cap()
@@ -1092,6 +1130,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if not rows:
             return
         view = self._view(queries if phase == "prefill" else self.recent_q, scaling, phase)
+        self._round_rows = [b in rows for b in range(len(held))]
         if method.merges:
             if phase == "prefill":
                 self._compact(view, rows, targets)
@@ -1100,6 +1139,33 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                 self._recompress_heads(scaling, rows=[b in rows for b in range(len(held))])
         else:
             self._select(view, rows, targets)
+
+    def _due_rows(self) -> list[bool]:
+        """Per row whether :meth:`_compress` compresses it now: over its
+        target by the interval while decoding, by one slot at a prefill chunk."""
+        over = self.method.interval - 1 if self.last_chunk == 1 else 0
+        return [h > t + over for h, t in zip(self._held(), self._targets())]
+
+    def _observe(self, queries, scaling: float, phase: str) -> None:
+        """The method's slot state accumulates ``queries``; at a uniform
+        packed layer's round (``_round_observe``, set by :meth:`_repack_round`)
+        only the rows due, each with its own pending queries."""
+        obs, self._round_observe = self._round_observe, None
+        if obs is None:
+            self.method.observe(self._view(queries, scaling, phase))
+            return
+        pending, unseen, due = obs
+        Q, view = int(pending.shape[2]), self._view(None, scaling, phase)
+        counts: dict[int, list[int]] = {}
+        for b, (u, d) in enumerate(zip(unseen, due)):
+            if d and u:
+                counts.setdefault(u, []).append(b)
+        for u, rows in counts.items():
+            idx = torch.tensor(rows, dtype=torch.int64, device=pending.device)
+            sub = replace(view.rows(idx), queries=pending.index_select(0, idx)[:, :, Q - u :])
+            self.method.observe(sub)
+            for name, t in sub.state.items():
+                view.state[name].index_copy_(0, idx.to(t.device), t)
 
     def _slide(self) -> None:
         """A sliding-window layer keeps its most recent ``min(window - 1,

@@ -448,7 +448,8 @@ def _row_steps(model, method, ids, mask, n: int, b: int):
                 if isinstance(s, RaggedPackedStore) and s._np is not None:
                     packed = (s._row_sinks()[b], s._np[b], s._own_residual()[b])
                 elif type(s) is PackedStore:
-                    packed = (s._r0, s.n_packed, s.r)
+                    # row mode: the row's own packed count and residual
+                    packed = (s._r0, s.n_packed, s.r) if s._np is None else (s._r0, s._np[b], s.r - s._rs[b])
                 row.append((heads, packed))
             steps.append(row)
             return scores
@@ -461,7 +462,8 @@ def _row_steps(model, method, ids, mask, n: int, b: int):
 
 @pytest.mark.parametrize("spec", ["ems", "snapkv", "adakv", "headkv", "ems+kivi:bits=2:group=8:residual=16:sinks=4",
                                   "ems+kivi:bits=2:group=8:residual=8:sinks=4",
-                                  "adakv+kivi:bits=2:group=8:residual=16:sinks=4"])
+                                  "adakv+kivi:bits=2:group=8:residual=16:sinks=4",
+                                  "snapkv+kivi:bits=2:group=8:residual=16", "h2o+kivi:bits=2:group=8:residual=8"])
 def test_rows_that_fit_their_budget_are_compressed_on_their_own_schedule(tiny_model, spec):
     """Behind an evictor with rounds (every 16 steps), a row whose prompt
     fits the budget keeps every token until its own heads are over the
@@ -476,7 +478,11 @@ def test_rows_that_fit_their_budget_are_compressed_on_their_own_schedule(tiny_mo
     tokens and, after every step, holds as many slots per head. A headwise
     evictor (AdaKV, HeadKV) compresses such a row the first time with its
     layer-wide selection, which gives its heads their own budgets, as alone
-    (before: the equal shares of a row kept whole)."""
+    (before: the equal shares of a row kept whole). A uniform evictor's
+    packed layer (SnapKV, H2O + KIVI) packs each row on its own schedule,
+    leaves the rows a round does not compress as they were and accumulates
+    H2O's state per row at the row's own rounds (before: one packing
+    schedule for the batch, every row packed again at every round)."""
     from kvcompress.methods import method_from_spec
 
     for lengths in ((150, 40, 131, 14), (96, 60, 120)):

@@ -15,10 +15,9 @@ the other rows are not due, and theirs while it is not. Rows of 150, 40,
 than alone (``RaggedStore.to_padded``: the batch's longest head), where a
 sum over a row's slots must not depend on where they start.
 
-Not covered, as they differ by design: a uniform packed layer with rounds
-(``snapkv+kivi``: one packing schedule for the batch) and mixed precision
-(``mikv``, ``zipcache``: every row keeps the most full-precision slots any
-row selects).
+Not covered, as it differs by design: mixed precision (``mikv``,
+``zipcache``: every row keeps the most full-precision slots any row
+selects).
 """
 
 from __future__ import annotations
@@ -128,7 +127,13 @@ SPECS = ["snapkv", "h2o", "pyramidkv", "streamingllm", "tova", "knorm", "lagkv",
          "ems+kivi:bits=2:rotate=auto:feedback=true:clip_values=auto:sinks=4",
          "adakv+kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:sinks=4",
          "ems:interval=0+kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:sinks=4",
-         "kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:clip_values=auto:sinks=4"]
+         "kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:clip_values=auto:sinks=4",
+         # a uniform evictor's packed layer with rounds (row mode, rows a round leaves adopted),
+         # with slot state (each row accumulates its own pending queries at its own rounds)
+         "snapkv+kivi:bits=2:group=8:residual=16", "pyramidkv+kivi:bits=4:group=8:residual=16:sinks=4",
+         "snapkv+kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:clip_values=auto:sinks=4",
+         "h2o+kivi:bits=2:group=8:residual=8", "keyformer+kivi:bits=2:group=8:residual=8",
+         "vatp+kivi:bits=4:group=8:residual=8:sinks=4"]
 
 
 @pytest.mark.parametrize("lengths, seed", CASES)

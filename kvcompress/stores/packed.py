@@ -373,8 +373,7 @@ class PackedStore(LayerStore):
         padded = pad is not None and (any(int(p) for p in pad) or (unpadded and self.batch > 1))
         return bool(self.rows_apart and padded and self.pack_decoded
                     and self._rk is not None and not self.n_packed and (self._r0 or not self.sinks)
-                    and self._hi is None
-                    and self._cols is None and self.pending() > 0)
+                    and self._hi is None and self.pending() > 0)
 
     def _settle_rows(self) -> None:
         """Row mode's settle: each row packs the whole groups of its own
@@ -404,6 +403,41 @@ class PackedStore(LayerStore):
         if d:
             self._drop_oldest(d)
             self._rs = [s - d for s in self._rs]
+
+    def adopt_rows(self, old: "PackedStore", rows: list[bool], pad) -> list[bool]:
+        """A round of a uniform layer with rounds (``from_uniform(...,
+        columns=True)`` of the round's kept slots, nothing packed yet): the
+        rows in ``rows``, which the round left as they were, take their
+        packed slots bit for bit from ``old`` (the store before the round,
+        in row mode), so that they hold what they hold alone, where no round
+        came; the others pack at the next :meth:`settle`, as after their own
+        round alone. Enters row mode (``pad``: the layer's leading padded
+        slots per row) and takes the sink block first. Returns per row
+        whether it was adopted: a row whose sink block was taken in one
+        store and not in the other, or that packed nothing, packs as the
+        others (its packed slots, if any, again from their dequantized
+        values)."""
+        if old._np is None or old.batch != self.batch or old._hi is not None:
+            raise ValueError("PackedStore.adopt_rows: old must be a row-mode store of the same batch")
+        if old._choices is not None:
+            # the once-only choices each row made at its first pack stay its own
+            self._choices, self._rot_mask = list(old._choices), None
+            self.rotation = old.rotation if self.rotation is None else self.rotation
+        self.take_sinks(pad)
+        took = [bool(a and m and self._r0 == old._r0) for a, m in zip(rows, old._np)]
+        if not any(took) or not self.start_rows(pad, unpadded=True):
+            return [False] * self.batch
+        G = self.group
+        took = [t and self.r - s >= m for t, s, m in zip(took, self._rs, old._np)]
+        due = [m if t else 0 for t, m in zip(took, old._np)]
+        self._reserve(max(due))
+        for b, m in enumerate(due):
+            if m:
+                for name, hi in (("_kc", m), ("_vc", m), ("_vmin", m), ("_vsc", m), ("_kmin", m // G),
+                                 ("_ksc", m // G)):
+                    getattr(self, name)[b, :, :hi] = getattr(old, name)[b, :, :hi]
+        self._rows_packed(due)
+        return took
 
     def row_dues(self) -> list[int]:
         """Row mode: the slots each row's next settle packs, its residual's
