@@ -1319,3 +1319,68 @@ def run_per_head(seed: int, device: str = "cpu") -> None:
         _steps(c, rounds=0.15 if c.columns else 0.0, chunks=0.1)
     except AssertionError as e:
         raise AssertionError(f"{c.describe()}: {e}") from e
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_uniform_round_adopts_the_rows_it_leaves_as_they_were(seed):
+    """A uniform packed layer's round (``from_uniform`` of ``unpacked()``)
+    with ``PackedStore.adopt_rows``: a row the round leaves as it was holds
+    bit for bit what it held in row mode (packed count, codes, scales, its
+    own residual, which may hold up to ``residual + group - 1`` slots where
+    packing it again keeps ``residual``), reads its slots back the same and
+    attends the same within float rounding; the other rows pack at the next
+    settle, as packed afresh. Every row keeps its once-only choice. A store
+    that is not in row mode is refused by name."""
+    rng = random.Random(95_000 + seed)
+    g = torch.Generator().manual_seed(95_000 + seed)
+    B, H, D, G, R = 3, 2, 16, 8, 8
+    S = rng.choice([0, 4])
+    bits = rng.choice([2, 4])
+    n = 60
+    pad = [rng.randrange(0, 20) for _ in range(B)]
+    pad[rng.randrange(B)] = 0
+    keys, values = torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g)
+    for b, p in enumerate(pad):
+        keys[b, :, :p] = values[b, :, :p] = 0
+    positions = torch.arange(n, dtype=torch.int32).expand(B, H, n).contiguous()
+    old = PackedStore.from_uniform(UniformStore.from_parts(keys, values, {"positions": positions}), bits, G, R,
+                                   columns=True, sinks=S)
+    old.rows_apart = True
+    assert old.start_rows(pad, unpadded=True) or S  # (with sinks: once the block is taken, below)
+    old.settle(pad)
+    for step in range(rng.randrange(1, 3 * G)):  # rows' residuals anywhere in [R, R + G)
+        old.append(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g), n + step)
+        old.settle(pad)
+    assert old._np is not None and all(old._np)
+    keep = [True, False, True] if seed % 2 else [False, True, True]
+    before = copy.deepcopy(old)
+
+    def packed_again():
+        new = PackedStore.from_uniform(old.unpacked(), bits, G, R, columns=True, sinks=S)
+        new.rows_apart = True
+        return new
+
+    new = packed_again()
+    took = new.adopt_rows(old, keep, pad)
+    new.settle(pad)
+    fresh = packed_again()
+    fresh.start_rows(pad, unpadded=True)
+    fresh.settle(pad)
+    assert took == keep
+    back_old, back_new = before.dequantized(), new.dequantized()
+    q = torch.randn(B, 2 * H, 1, D, generator=g)
+    spec = AttentionSpec(scaling=D ** -0.5)
+    kv_start = torch.tensor(pad)
+    out_old, out_new = before.attend(q, spec, kv_start=kv_start), new.attend(q, spec, kv_start=kv_start)
+    for b, k in enumerate(keep):
+        m = before._np[b]
+        if not k:
+            assert new._np[b] == fresh._np[b] and new.r - new._rs[b] == fresh.r - fresh._rs[b] < R + G
+            continue
+        assert new._np[b] == m and new.r - new._rs[b] == before.r - before._rs[b]
+        for name, hi in (("_kc", m), ("_vc", m), ("_vmin", m), ("_vsc", m), ("_kmin", m // G), ("_ksc", m // G)):
+            assert torch.equal(getattr(new, name)[b, :, :hi], getattr(before, name)[b, :, :hi]), (b, name)
+        assert torch.equal(back_new[0][b], back_old[0][b]) and torch.equal(back_new[1][b], back_old[1][b])
+        assert (out_new[b] - out_old[b]).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="adopt_rows"):
+        packed_again().adopt_rows(packed_again(), keep, pad)
