@@ -1326,8 +1326,8 @@ def test_a_uniform_round_adopts_the_rows_it_leaves_as_they_were(seed):
     """A uniform packed layer's round (``from_uniform`` of ``unpacked()``)
     with ``PackedStore.adopt_rows``: a row the round leaves as it was holds
     bit for bit what it held in row mode (packed count, codes, scales, its
-    own residual, which may hold up to ``residual + group - 1`` slots where
-    packing it again keeps ``residual``), reads its slots back the same and
+    own residual; packed again from its dequantized slots, its scales round
+    an ulp apart and codes may flip), reads its slots back the same and
     attends the same within float rounding; the other rows pack at the next
     settle, as packed afresh. Every row keeps its once-only choice. A store
     that is not in row mode is refused by name."""
