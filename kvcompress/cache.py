@@ -39,7 +39,7 @@ from .stores import (AttentionSpec, LSHStore, MiniCacheStore, PackedStore, Paged
 from .packing_choices import PackingChoices
 from .recurrent import RecurrentStates, check_chunk, check_layer_kinds
 from .states import check_batch_index, check_layer_index, check_repeats, check_states
-from .stores.keep_rows import arrange_rows, splice_rows
+from .stores.keep_rows import arrange_rows, pick_rows_of
 from .stores.packed_ragged import layout_problem
 
 # The attention function runs right after ``update()`` of the same layer in the
@@ -1041,6 +1041,13 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             now, H = self.store.head_lengths(), self.store.heads
             self._kept_whole = [w and now[b * H : (b + 1) * H] == before[b * H : (b + 1) * H]
                                 for b, w in enumerate(was)]
+        if (type(old) is PackedStore and old._choices is not None and type(self.store) is RaggedStore
+                and self._ragged_choices is None):
+            # a uniform layer in row mode goes per-head: each row keeps the choices it made at its
+            # first pack (None: not packed yet, it chooses at its own), as alone, where its layer
+            # made them for it and keeps them
+            self._ragged_choices = [None if c is None else (old.rotation if c[0] else None, c[1])
+                                    for c in old._choices]
         layout = None
         if isinstance(old, RaggedPackedStore) and type(self.store) is RaggedStore:
             layout = self._untouched_layout(old)
@@ -1063,6 +1070,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if layout is not None:
             # those rows bit for bit as they were (not packed again from their dequantized slots)
             self.store.adopt_rows(old, [x is not None for x in layout])
+        if type(old) is PackedStore and old._np is not None and isinstance(self.store, RaggedPackedStore):
+            # a uniform layer in row mode went per-head: the rows this round left whole keep their
+            # packed slots bit for bit (alone their layer is still that uniform store)
+            whole = self._whole_rounds or [False] * old.batch
+            self.store.adopt_uniform_rows(old, [w and not d for w, d in zip(whole, self._round_rows or whole)])
 
     def _untouched_layout(self, old) -> list | None:
         """Per row of a per-head packed layer's round, ``(sink slots, own
@@ -1386,6 +1398,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self.store = store
         self._set_shares(torch.tensor(targets, dtype=torch.int64).repeat_interleave(H).view(B, H), targets)
         self._update_start([0] * B)
+        # no compression has taken a slot of any row yet (a prefill that compressed one went per-head
+        # then, _compact): the re-compression that follows takes the rows due, the others stay whole
+        # (a packed layer lays them out as alone, where their layer is still uniform: _whole_rows)
+        self._kept_whole = [True] * B
 
     def _heads_over(self, slack: int, held=None) -> bool:
         """Whether a head holds ``slack`` slots over its budget (host-side
@@ -1418,8 +1434,67 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         budgets = torch.minimum(self.head_budgets.reshape(-1), lengths)[:, None]
         q = self.recent_q
         queries = None if q is None else q.reshape(B * H, q.shape[1] // H, q.shape[2], q.shape[3])
-        method = self.method
         first = self._first_compressions(rows)
+        targets = self._targets() if first else None
+        due = [True] * B if rows is None else list(rows)
+        # The method runs on the rows due only, as each runs alone: a call takes its smallest budget
+        # for what every head keeps first (EMS's and KVMerger's window and sinks, select's forced
+        # slots), where alone a row takes its own heads'. Due rows whose smallest budgets differ
+        # are re-compressed in calls of their own; the others keep their slots and state.
+        row_min = budgets.view(B, H).min(1).values.tolist()
+        groups: dict[int, list[int]] = {}
+        for r in range(B):
+            if due[r]:
+                groups.setdefault(int(row_min[r]), []).append(r)
+        if not groups:
+            return
+        padded = (queries, keys, values, pos, counts, carried, start, budgets)
+        made, states = {}, {}
+        for members in groups.values():
+            if len(members) == B:
+                part_in = padded
+            else:
+                sel = torch.tensor([r * H + h for r in members for h in range(H)], dtype=torch.int64,
+                                   device=keys.device)
+                part_in = tuple(None if t is None else t.index_select(0, sel.to(t.device)) for t in padded)
+            before = {k: v[members] for k, v in state_before.items()}
+            part, state = self._recompress_call(members, *part_in, scaling, local,
+                                                [i for i, r in enumerate(members) if r in first], targets, before)
+            for i, r in enumerate(members):
+                made[r], states[r] = (part, i), state
+        if len(groups) == 1 and all(due):
+            new, self.head_state = made[0][0], {k: v for k, v in states[0].items()}
+        else:
+            new = pick_rows_of([made[r] if due[r] else (store, r) for r in range(B)])
+            names = set(state_before) | {n for st in states.values() for n in st}
+            dev = keys.device
+            self.head_state = {}
+            for name in names:
+                per_row = []
+                for r in range(B):
+                    src, at = (states[r], made[r][1]) if due[r] else (state_before, r)
+                    v = src.get(name)
+                    per_row.append(torch.full((H,), -1, dtype=torch.int64, device=dev) if v is None
+                                   else v[at].to(dev))
+                self.head_state[name] = torch.stack(per_row)
+        self.store = new
+        if first:
+            self._first_shares(first, targets)
+        if self._kept_whole is not None and rows is not None:
+            # a row re-compressed now (over its target) is no longer whole
+            self._kept_whole = [w and not rows[b] for b, w in enumerate(self._kept_whole)]
+
+    def _recompress_call(self, members: list[int], queries, keys, values, pos, counts, carried, start, budgets,
+                         scaling: float, local: bool, first: list[int], targets, state: dict):
+        """One call of the method over rows ``members`` of the padded
+        per-head layer (:meth:`_recompress_heads`; the tensors hold their
+        ``len(members) * H`` head rows, ``budgets`` ``[N, 1]``); the rows
+        at indices ``first`` of ``members`` selected as alone
+        (:meth:`_select_whole`, at ``targets``); ``state``: their per-head
+        method state ``[len(members), H]``. Returns ``(RaggedStore of those
+        rows, their state after the call)``."""
+        H, method = self.store.heads, self.method
+        B = len(members)
         if method.merges:
             extra = {"local": (pos, H)} if local else {}
             centers, merged, new_carried = method.recompact(queries, keys, values, counts, carried, start,
@@ -1427,40 +1502,27 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             C = int(centers.shape[2])
             positions = pos[:, None].gather(2, centers.clamp_min(0))
             shape = (B, H, C)
-            new = RaggedStore.from_dense(
+            return RaggedStore.from_dense(
                 merged.keys.reshape(B, H, C, -1), merged.values.reshape(B, H, C, -1), positions.reshape(shape),
                 (centers >= 0).reshape(shape), counts=merged.counts.reshape(shape),
                 scores=new_carried.reshape(shape), slack=method.interval,
-            )
-        else:
-            tokens = self._tokens(pos.view(B, H, -1))
-            view = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
-                             queries=queries, keys=keys, values=values, kv_start=start, scaling=scaling, state={},
-                             phase="decode", tokens=None if tokens is None else tokens.view(B * H, 1, -1),
-                             head_state={k: v.reshape(B * H, 1) for k, v in self.head_state.items()})
-            idx = method.select(view, budgets)  # [B*H, 1, k], -1 padded, into the left-padded rows
-            self.head_state = {k: v.reshape(B, H) for k, v in view.head_state.items()}
-            if first:
-                targets = self._targets()
-                idx = self._select_whole(idx, first, targets, keys, values, start, view.tokens, scaling)
-            k = int(idx.shape[2])
-            valid = ((idx >= 0) & (idx >= start[:, None, None])).reshape(B, H, k)
-            pick = idx.clamp_min(0)
-            take = lambda t: t.gather(2, pick[..., None].expand(-1, -1, -1, t.shape[3])).reshape(B, H, k, -1)  # noqa: E731
-            new = RaggedStore.from_dense(take(keys), take(values), pos[:, None].gather(2, pick).reshape(B, H, k),
-                                         valid, slack=method.interval)
-        if rows is not None and not all(rows):
-            new = splice_rows(store, new, rows)
-            mask = torch.tensor(rows, dtype=torch.bool)
-            for name, v in self.head_state.items():
-                if name in state_before:
-                    self.head_state[name] = torch.where(mask.to(v.device)[:, None], v, state_before[name])
-        self.store = new
+            ), dict(state)
+        tokens = self._tokens(pos.view(B, H, -1))
+        view = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
+                         queries=queries, keys=keys, values=values, kv_start=start, scaling=scaling, state={},
+                         phase="decode", tokens=None if tokens is None else tokens.view(B * H, 1, -1),
+                         head_state={k: v.reshape(B * H, 1) for k, v in state.items()})
+        idx = method.select(view, budgets)  # [B*H, 1, k], -1 padded, into the left-padded rows
+        state = {k: v.reshape(B, H) for k, v in view.head_state.items()}
         if first:
-            self._first_shares(first, targets)
-        if self._kept_whole is not None and rows is not None:
-            # a row re-compressed now (over its target) is no longer whole
-            self._kept_whole = [w and not rows[b] for b, w in enumerate(self._kept_whole)]
+            idx = self._select_whole(idx, members, first, targets, keys, values, start, view.tokens, scaling,
+                                     state)
+        k = int(idx.shape[2])
+        valid = ((idx >= 0) & (idx >= start[:, None, None])).reshape(B, H, k)
+        pick = idx.clamp_min(0)
+        take = lambda t: t.gather(2, pick[..., None].expand(-1, -1, -1, t.shape[3])).reshape(B, H, k, -1)  # noqa: E731
+        return RaggedStore.from_dense(take(keys), take(values), pos[:, None].gather(2, pick).reshape(B, H, k),
+                                      valid, slack=method.interval), state
 
     def _first_compressions(self, rows: list[bool] | None) -> list[int]:
         """The rows re-compressed now over their targets (``rows``; None, a
@@ -1476,28 +1538,36 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             return []
         return [b for b, whole in enumerate(w) if whole and rows[b]]
 
-    def _select_whole(self, idx, first: list[int], targets: list[int], keys, values, start, tokens,
-                      scaling: float):
-        """``idx`` ``[B*H, 1, k]`` (a per-head re-selection) with the rows
-        ``first`` (:meth:`_first_compressions`) selected as alone: one
-        uniform view of the row's heads (whole, so of one length) and its
-        integer target (``targets``), the method's layer-wide selection, with the row's
-        held queries. ``keys``, ``values``, ``start`` and ``tokens``: the
-        per-head re-selection's left-padded rows."""
-        B, H = self.store.batch, self.store.heads
+    def _select_whole(self, idx, members: list[int], first: list[int], targets: list[int], keys, values, start,
+                      tokens, scaling: float, state: dict):
+        """``idx`` ``[B*H, 1, k]`` (a per-head re-selection of rows
+        ``members``) with the rows at indices ``first`` of ``members``
+        (:meth:`_first_compressions`) selected as alone: one uniform view of
+        the row's heads (whole, so of one length) and its integer target
+        (``targets``, by layer row), the method's layer-wide selection, with
+        the row's held queries. ``keys``, ``values``, ``start`` and
+        ``tokens``: the per-head re-selection's left-padded rows; what the
+        method writes to a row's per-head state goes to ``state``
+        (``[B, H]`` tensors, -1 where a row has none)."""
+        B, H = len(members), self.store.heads
         q = self.recent_q
         M = int(keys.shape[2])
         picks = {}
         for b in first:
             rows = slice(b * H, (b + 1) * H)
+            r = members[b]
             sub = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
-                            queries=None if q is None else q[b : b + 1],
+                            queries=None if q is None else q[r : r + 1],
                             keys=keys[rows].view(1, H, M, -1), values=values[rows].view(1, H, M, -1),
                             kv_start=start[rows][:1], scaling=scaling, state={}, phase="decode",
                             steps=self.decode_steps, tokens=None if tokens is None else tokens[rows].view(1, H, M),
                             head_state={})
-            picks[b] = self.method.select(sub, int(targets[b]))[0]  # [H, k_b]
-            self._keep_head_state(sub.head_state, torch.tensor([b]), B, H)
+            picks[b] = self.method.select(sub, int(targets[r]))[0]  # [H, k_b]
+            for name, v in sub.head_state.items():
+                full = state.get(name)
+                full = torch.full((B, H), -1, dtype=torch.int64, device=v.device) if full is None else full.clone()
+                full[b] = v[0].to(torch.int64)
+                state[name] = full
         K = max([int(idx.shape[2])] + [int(p.shape[1]) for p in picks.values()])
         out = torch.full((B, H, K), -1, dtype=idx.dtype, device=idx.device)
         out[..., : idx.shape[2]] = idx.view(B, H, -1)

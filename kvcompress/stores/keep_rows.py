@@ -198,7 +198,14 @@ def _cat_rows(parts: list, H: int) -> RaggedStore:
 def splice_rows(old: RaggedStore, new: RaggedStore, take_new: list[bool]) -> RaggedStore:
     """A batch whose row ``b`` is ``new``'s where ``take_new[b]``, else
     ``old``'s (its slots, merge counts and carried scores as they were)."""
-    return _cat_rows([_row_of(new if t else old, b) for b, t in enumerate(take_new)], new.heads)
+    return pick_rows_of([(new if t else old, b) for b, t in enumerate(take_new)])
+
+
+def pick_rows_of(sources: list) -> RaggedStore:
+    """A batch whose row ``b`` is row ``i`` of store ``s`` for ``(s, i) =
+    sources[b]`` (stores of one head count): its slots, merge counts and
+    carried scores."""
+    return _cat_rows([_row_of(s, i) for s, i in sources], sources[0][0].heads)
 
 
 def _slack(kept: RaggedStore) -> int:

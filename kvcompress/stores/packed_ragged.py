@@ -182,9 +182,15 @@ class RaggedPackedStore(PackedStore):
             for b, kept in enumerate(row_layout or ()):
                 if kept is not None:
                     sinks_rows[b], per_row[b] = _kept_layout(store, b, kept, int(sinks))
+                    # a row kept whole that holds no sink block yet still waits for it, also where
+                    # _whole_layout gave it one now: it takes the block at this step's take_sinks
+                    wait = bool(sinks) and whole_cols is not None and bool(whole_cols[b * H]) and not sinks_rows[b]
+                    if wait and new._sinks_due is None:
+                        new._sinks_due = [False] * B
                     if new._sinks_due is not None:
-                        # a row kept whole that holds no sink block yet still waits for it
-                        new._sinks_due[b] = bool(new._sinks_due[b] and not sinks_rows[b])
+                        new._sinks_due[b] = wait
+            if new._sinks_due is not None and not any(new._sinks_due):
+                new._sinks_due = None
             s, r = max(sinks_rows), max(per_row)
             if min(sinks_rows) < s:
                 new._sinks_rows = sinks_rows
@@ -754,6 +760,40 @@ class RaggedPackedStore(PackedStore):
             self._sink_counts, self._rc = self._sink_counts.index_select(0, idx), None
         if self._rcols is not None:
             self._rcols = {k: t.index_select(0, idx) for k, t in self._rcols.items()}
+
+    def adopt_uniform_rows(self, old: PackedStore, rows: list[bool]) -> list[bool]:
+        """Rows ``b`` with ``rows[b]`` (kept whole, ``from_ragged(whole_rows=
+        ...)``, laid out as a uniform store of the row alone) take their
+        packed slots bit for bit from ``old``, the row-mode uniform
+        :class:`PackedStore` the layer held before it went per-head: the
+        codes and scales of every head's ``old._np[b]`` oldest packed slots.
+        Packing them again from their dequantized slots rounds scales an ulp
+        apart; alone the row's layer is still that uniform store. A row laid
+        out otherwise (another packed count or sink block: it packed nothing,
+        or waits for its choice) is packed as it is. Returns per row whether
+        it was adopted."""
+        if type(old) is not PackedStore or old._np is None or old.batch != self.batch or old.heads != self.heads \
+                or old.group != self.group or len(rows) != self.batch:
+            raise ValueError("adopt_uniform_rows: old must be a row-mode uniform store of the same batch, heads "
+                             "and group, one flag per row")
+        H, G = self.heads, self.group
+        sinks = self._row_sinks()
+        offsets = self.offsets.tolist()
+        took = []
+        for b, take in enumerate(rows):
+            m = old._np[b]
+            ok = bool(take and m and sinks[b] == old._r0
+                      and all(int(self._host_lengths[b * H + h]) == m for h in range(H)))
+            took.append(ok)
+            if not ok:
+                continue
+            for h in range(H):
+                o = offsets[b * H + h]
+                for name in ("_kc", "_vc", "_vmin", "_vsc"):
+                    getattr(self, name)[o : o + m] = getattr(old, name)[b, h, :m]
+                for name in ("_kmin", "_ksc"):
+                    getattr(self, name)[o // G : (o + m) // G] = getattr(old, name)[b, h, : m // G]
+        return took
 
     def adopt_rows(self, old: "RaggedPackedStore", rows: list[bool]) -> None:
         """Rows ``b`` with ``rows[b]`` as ``old`` holds them, bit for bit:
