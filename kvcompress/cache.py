@@ -703,7 +703,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             elif self._rebudget:
                 self._queue(queries)
                 if self._over_budget():
-                    self._repack_round(scaling)
+                    self._repack_round(scaling, queries)
             self._settle(queries, scaling)
             return
         if method.packing is not None and self.window is not None and self._packs_window():
@@ -985,7 +985,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if keep is not None and len(self._pending) > keep:
             del self._pending[: len(self._pending) - keep]  # each call holds at least one query
 
-    def _repack_round(self, scaling: float) -> None:
+    def _repack_round(self, scaling: float, queries=None) -> None:
         """Re-compress a packed layer to its targets: its slots in full
         precision (the dequantized packed ones: what attention has read), the
         method's re-selection as on an unpacked layer, with the queries since
@@ -997,7 +997,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         whole, and are re-quantized on the new group's grid otherwise. Behind
         a merging method an old key group with ``KIVI(keep_rows=...)``
         unchanged members keeps its place and its members their codes
-        (``stores.keep_rows``)."""
+        (``stores.keep_rows``). ``queries``: the call's own, for the
+        once-only choices a round makes (the earlier calls' are held by
+        then; the pending ones counted twice, and a round that another row
+        took left fewer of them)."""
         pending = torch.cat(self._pending, 2) if self._pending else None
         self._pending = []
         old = self.store
@@ -1048,6 +1051,15 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # made them for it and keeps them
             self._ragged_choices = [None if c is None else (old.rotation if c[0] else None, c[1])
                                     for c in old._choices]
+            # the layer's own choices serve no row (as after _choose_ragged_rows); a row that has
+            # not chosen keeps its held queries for its own first pack
+            held = self._rot_q
+            self._decide_rotation(None)
+            self._feedback, self._qmom = None, None
+            if None in self._ragged_choices:
+                self._rot_q = held
+            else:
+                self._feedback_decided, self._row_qmom = True, None
         layout = None
         if isinstance(old, RaggedPackedStore) and type(self.store) is RaggedStore:
             layout = self._untouched_layout(old)
@@ -1061,7 +1073,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             arranged = arrange_rows(old, self.store, min_live, rows, only=None if all(only) else only)
             if arranged is not None:
                 self.store = arranged
-        self._to_packed(self.method.packing, pending, scaling, layout=layout)
+        # the once-only choices made now take this call's queries (``queries``) beside the ones each
+        # settle held: the pending ones are held already, and a round another row took cleared them
+        self._to_packed(self.method.packing, queries, scaling, layout=layout)
         if type(old) is PackedStore and old._np is not None and type(self.store) is PackedStore:
             # a uniform layer's rows the round left as they were keep their packed slots bit for
             # bit, and every row its once-only choices; the others pack at this step's settle
@@ -1340,7 +1354,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         lengths = torch.tensor(store.head_lengths(), dtype=torch.int64).view(B, H)
         for b in range(B):
             if b not in compressed:
-                lengths[b] = max(targets[b], int(lengths[b].max()))
+                # its target: at a decode round a row may hold up to interval - 1 slots over it, and
+                # it is due once over by the interval, as alone (its own length would delay that)
+                lengths[b] = targets[b]
         self.store = store
         self._kept_whole = [b not in compressed for b in range(B)]
         # without a decode interval the layer is compressed once, at prefill
