@@ -64,10 +64,10 @@ def _held(store) -> dict:
 def patch(stats: collections.Counter) -> None:
     real_round = C.CompressedLayer._repack_round
 
-    def counted(self, scaling):
+    def counted(self, scaling, *args):
         old = self.store
         before = _groups(old) if isinstance(old, RaggedPackedStore) and old.batch == 1 else None
-        real_round(self, scaling)
+        real_round(self, scaling, *args)
         new = self.store
         if before is None or not isinstance(new, RaggedPackedStore):
             return

@@ -151,12 +151,12 @@ def test_h2o_with_kivi_keeps_the_heavy_hitters_of_a_float64_recomputation(tiny_m
                            self.positions[0].clone(), spec.scaling))
         return attend(self, query, spec)
 
-    def spy_repack(self, scaling):
+    def spy_repack(self, scaling, *args):
         if self.layer_idx == 0:
             held = self.store.unpacked()
             q = torch.cat(self._pending, 2).double()
             events.append(("round", q, held.keys.double().clone(), held.column("positions")[0].clone(), scaling))
-        repack(self, scaling)
+        repack(self, scaling, *args)
         if self.layer_idx == 0:
             cols = self.store._cols
             n = self.store.n
