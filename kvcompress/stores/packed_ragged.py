@@ -766,12 +766,13 @@ class RaggedPackedStore(PackedStore):
         ...)``, laid out as a uniform store of the row alone) take their
         packed slots bit for bit from ``old``, the row-mode uniform
         :class:`PackedStore` the layer held before it went per-head: the
-        codes and scales of every head's ``old._np[b]`` oldest packed slots.
-        Packing them again from their dequantized slots rounds scales an ulp
-        apart; alone the row's layer is still that uniform store. A row laid
-        out otherwise (another packed count or sink block: it packed nothing,
-        or waits for its choice) is packed as it is. Returns per row whether
-        it was adopted."""
+        codes and scales of every head's ``old._np[b]`` oldest packed slots
+        (the layout may pack more after them: groups the row's residual has
+        filled since). Packing them again from their dequantized slots
+        rounds scales an ulp apart; alone the row's layer is still that
+        uniform store. A row laid out otherwise (fewer packed slots or
+        another sink block: it waits for its choice) is packed as it is.
+        Returns per row whether it was adopted."""
         if type(old) is not PackedStore or old._np is None or old.batch != self.batch or old.heads != self.heads \
                 or old.group != self.group or len(rows) != self.batch:
             raise ValueError("adopt_uniform_rows: old must be a row-mode uniform store of the same batch, heads "
@@ -782,8 +783,10 @@ class RaggedPackedStore(PackedStore):
         took = []
         for b, take in enumerate(rows):
             m = old._np[b]
+            # (its whole layout may pack more: the groups its residual filled since, which the
+            # settle of this step packs alone too, from the same full-precision slots)
             ok = bool(take and m and sinks[b] == old._r0
-                      and all(int(self._host_lengths[b * H + h]) == m for h in range(H)))
+                      and all(int(self._host_lengths[b * H + h]) >= m for h in range(H)))
             took.append(ok)
             if not ok:
                 continue
