@@ -197,6 +197,8 @@ HUNTED = [
     ("ems:interval=4+kivi:bits=2:group=8:residual=32:feedback=true", 64, (56, 35, 45), 222),
     # ... and packed the rows it left whole again from their dequantized slots (scales an ulp apart)
     ("kvmerger:interval=16+kivi:bits=8:group=8:residual=8", 64, (57, 21, 56), 447),
+    # ... and a row whose whole layout packs more than it had (groups filled since) was packed again
+    ("adakv:interval=8+kivi:bits=2:group=16:residual=16", 64, (47, 37, 33, 39), 582),
     # a headwise evictor's layer going per-head at a decode round gave a row it left whole its
     # length as budget, not its target, so that row's own first round came late (unpacked too)
     ("adakv:interval=16", 48, (43, 32), 81),
