@@ -1464,7 +1464,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                 groups.setdefault(int(row_min[r]), []).append(r)
         if not groups:
             return
-        padded = (queries, keys, values, pos, counts, carried, start, budgets)
+        # token ids are looked up for the whole batch (the log's rows are the layer's)
+        tokens = self._tokens(pos.view(B, H, -1)) if not self.method.merges else None
+        tokens = None if tokens is None else tokens.reshape(B * H, -1)
+        padded = (queries, keys, values, pos, counts, carried, start, budgets, tokens)
         made, states = {}, {}
         for members in groups.values():
             if len(members) == B:
@@ -1501,13 +1504,14 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._kept_whole = [w and not rows[b] for b, w in enumerate(self._kept_whole)]
 
     def _recompress_call(self, members: list[int], queries, keys, values, pos, counts, carried, start, budgets,
-                         scaling: float, local: bool, first: list[int], targets, state: dict):
+                         tokens, scaling: float, local: bool, first: list[int], targets, state: dict):
         """One call of the method over rows ``members`` of the padded
         per-head layer (:meth:`_recompress_heads`; the tensors hold their
         ``len(members) * H`` head rows, ``budgets`` ``[N, 1]``); the rows
         at indices ``first`` of ``members`` selected as alone
         (:meth:`_select_whole`, at ``targets``); ``state``: their per-head
-        method state ``[len(members), H]``. Returns ``(RaggedStore of those
+        method state ``[len(members), H]``; ``tokens``: their slots' token
+        ids ``[N, M]`` (None: unknown). Returns ``(RaggedStore of those
         rows, their state after the call)``."""
         H, method = self.store.heads, self.method
         B = len(members)
@@ -1523,7 +1527,6 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                 (centers >= 0).reshape(shape), counts=merged.counts.reshape(shape),
                 scores=new_carried.reshape(shape), slack=method.interval,
             ), dict(state)
-        tokens = self._tokens(pos.view(B, H, -1))
         view = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
                          queries=queries, keys=keys, values=values, kv_start=start, scaling=scaling, state={},
                          phase="decode", tokens=None if tokens is None else tokens.view(B * H, 1, -1),

@@ -543,3 +543,33 @@ def test_a_padded_prefill_gives_each_row_its_own_cache_bit_for_bit(tiny_model, s
         for layer, ((kb, vb), (ka, va)) in enumerate(zip(batch, alone)):
             pad = T - len(row)
             assert torch.equal(kb[b, :, pad:], ka[0]) and torch.equal(vb[b, :, pad:], va[0]), (b, layer)
+
+
+def test_a_round_of_some_rows_reads_their_token_ids(tiny_model, monkeypatch):
+    """A per-head round runs the method on the rows due only
+    (``_recompress_heads``); FastGen classes slots by their token ids, which
+    the layer's token log gives for the whole batch: the rows of a partial
+    round still get theirs (looked up for the batch, then taken), the ids
+    of their own slots."""
+    from kvcompress.methods import FastGen
+
+    seen = []
+    select = FastGen.select
+
+    def spy(self, view, keep):
+        if not isinstance(keep, int):  # a decode-time round
+            seen.append((int(view.keys.shape[0]), None if view.tokens is None else view.tokens.clone(),
+                         view.keys.shape[2]))
+        return select(self, view, keep)
+
+    monkeypatch.setattr(FastGen, "select", spy)
+    rows = [random_ids(n, 900 + n) for n in (150, 40, 131)]
+    ids, mask = left_pad(rows)
+    with kvc.compress(tiny_model, kvc.FastGen(budget=64, interval=4)):
+        tiny_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, min_new_tokens=30,
+                            do_sample=False, pad_token_id=0)
+    H = tiny_model.config.num_key_value_heads
+    partial = [s for s in seen if s[0] < len(rows) * H]
+    assert partial, "no round left a row out"
+    for _, tokens, _ in partial:
+        assert tokens is not None and bool((tokens >= 0).any())
