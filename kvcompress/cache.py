@@ -959,13 +959,13 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         """Whether a packed layer that keeps its budget (``_rebudget``) holds
         more than its targets allow: ``interval`` slots over after a decode
         step, one after a prefill chunk (the unpacked layers' rule)."""
-        slack = self.method.interval if self.last_chunk == 1 else 1
         if isinstance(self.store, RaggedPackedStore):
             if self.head_budgets is None:
                 return False
             self._refresh_budgets()
+            slack = self.method.interval if self.last_chunk == 1 else 1
             return self._heads_over(slack, torch.tensor(self.store.head_lengths(), dtype=torch.int64))
-        return any(h > t + slack - 1 for h, t in zip(self._held(), self._targets()))
+        return any(self._due_rows())
 
     def _queue(self, queries) -> None:
         """Hold a packed layer's ``queries`` until its next round: all of them
@@ -1138,39 +1138,39 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             if any(over):
                 self._recompress_heads(scaling, rows=over)
             return
+        if phase == "decode" and not method.interval:
+            return
         targets = self._targets()
-        held = self._held()
-        if phase == "decode":
-            if not method.interval:
-                return
-            if all(h <= t + method.interval - 1 for h, t in zip(held, targets)):
-                return
-        if method.ratio is not None:
-            # a ratio's target grows: renewed at each compression, not each step
-            self.store.limit = self._decode_cap()
         # while decoding, the rows over their targets by the interval, each
         # on its own schedule as alone (a row that reached its target later
         # than the others waits for its own interval)
-        over = method.interval - 1 if phase == "decode" else 0
-        rows = [b for b, (h, t) in enumerate(zip(held, targets)) if h > t + over]
-        if not rows:
+        due = self._due_rows(targets)
+        if phase == "decode" and not any(due):
             return
+        if method.ratio is not None:
+            # a ratio's target grows: renewed at each compression, not each step
+            self.store.limit = self._decode_cap()
+        if not any(due):
+            return
+        rows = [b for b, d in enumerate(due) if d]
         view = self._view(queries if phase == "prefill" else self.recent_q, scaling, phase)
-        self._round_rows = [b in rows for b in range(len(held))]
+        self._round_rows = due
         if method.merges:
             if phase == "prefill":
                 self._compact(view, rows, targets)
             else:
                 self._to_ragged(targets)
-                self._recompress_heads(scaling, rows=[b in rows for b in range(len(held))])
+                self._recompress_heads(scaling, rows=due)
         else:
             self._select(view, rows, targets)
 
-    def _due_rows(self) -> list[bool]:
+    def _due_rows(self, targets: list[int] | None = None) -> list[bool]:
         """Per row whether :meth:`_compress` compresses it now: over its
-        target by the interval while decoding, by one slot at a prefill chunk."""
+        target (``targets``, default :meth:`_targets`) by the interval while
+        decoding, by one slot at a prefill chunk."""
         over = self.method.interval - 1 if self.last_chunk == 1 else 0
-        return [h > t + over for h, t in zip(self._held(), self._targets())]
+        targets = self._targets() if targets is None else targets
+        return [h > t + over for h, t in zip(self._held(), targets)]
 
     def _observe(self, queries, scaling: float, phase: str) -> None:
         """The method's slot state accumulates ``queries``; at a uniform
@@ -1246,16 +1246,18 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self.store.keep(indices)
         self._update_start(fill)
 
-    def _keep_head_state(self, state: dict, rows: torch.Tensor, B: int, H: int) -> None:
+    def _keep_head_state(self, state: dict, rows: torch.Tensor, B: int, H: int, into: dict | None = None) -> None:
         """Store what a method wrote into a sub-batch view's ``head_state``
-        (``[len(rows), H]``) at rows ``rows`` of the layer's (-1 elsewhere)."""
+        (``[len(rows), H]``) at rows ``rows`` of the layer's (-1 elsewhere),
+        or of ``into`` (``[B, H]`` tensors by name) where given."""
+        into = self.head_state if into is None else into
         for name, v in state.items():
-            full = self.head_state.get(name)
+            full = into.get(name)
             if full is None or tuple(full.shape) != (B, H):
                 full = torch.full((B, H), -1, dtype=torch.int64, device=v.device)
             full = full.clone()
             full[rows.to(v.device)] = v.to(torch.int64)
-            self.head_state[name] = full
+            into[name] = full
 
     def _demote(self, view: LayerView, per_row: list) -> None:
         """Mixed precision (``LowBits``, ``MiKV``, ``ZipCache``): each row's
@@ -1482,7 +1484,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             for i, r in enumerate(members):
                 made[r], states[r] = (part, i), state
         if len(groups) == 1 and all(due):
-            new, self.head_state = made[0][0], {k: v for k, v in states[0].items()}
+            new, self.head_state = made[0][0], dict(states[0])
         else:
             new = pick_rows_of([made[r] if due[r] else (store, r) for r in range(B)])
             names = set(state_before) | {n for st in states.values() for n in st}
@@ -1582,11 +1584,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                             steps=self.decode_steps, tokens=None if tokens is None else tokens[rows].view(1, H, M),
                             head_state={})
             picks[b] = self.method.select(sub, int(targets[r]))[0]  # [H, k_b]
-            for name, v in sub.head_state.items():
-                full = state.get(name)
-                full = torch.full((B, H), -1, dtype=torch.int64, device=v.device) if full is None else full.clone()
-                full[b] = v[0].to(torch.int64)
-                state[name] = full
+            self._keep_head_state(sub.head_state, torch.tensor([b]), B, H, into=state)
         K = max([int(idx.shape[2])] + [int(p.shape[1]) for p in picks.values()])
         out = torch.full((B, H, K), -1, dtype=idx.dtype, device=idx.device)
         out[..., : idx.shape[2]] = idx.view(B, H, -1)
