@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from kvcompress import ops
-from kvcompress.stores import PackedStore, RaggedStore, UniformStore
+from kvcompress.stores import PackedStore, RaggedPackedStore, RaggedStore, UniformStore
 from kvcompress.stores.base import AttentionSpec
 from kvcompress.stores.feedback import compact, feedback_weights
 from kvcompress.stores.keep_rows import arrange
@@ -1384,3 +1384,32 @@ def test_a_uniform_round_adopts_the_rows_it_leaves_as_they_were(seed):
         assert (out_new[b] - out_old[b]).abs().max() < 1e-6
     with pytest.raises(ValueError, match="adopt_rows"):
         packed_again().adopt_rows(packed_again(), keep, pad)
+
+
+def test_adopt_uniform_rows_refuses_a_store_it_cannot_read_by_name():
+    """``RaggedPackedStore.adopt_uniform_rows`` takes a row-mode uniform
+    store of the same batch, heads and group, one flag per row; anything
+    else is refused naming ``old`` before any buffer is touched."""
+    g = torch.Generator().manual_seed(3)
+    B, H, n, D, G = 2, 2, 40, 16, 8
+    keys, values = torch.randn(B, H, n, D, generator=g), torch.randn(B, H, n, D, generator=g)
+    positions = torch.arange(n, dtype=torch.int32).expand(B, H, n).contiguous()
+    valid = torch.ones(B, H, n, dtype=torch.bool)
+    ragged = RaggedPackedStore.from_ragged(RaggedStore.from_dense(keys, values, positions, valid), 2, G, G,
+                                           columns=True, rows_apart=True)
+    before = ragged._kc.clone()
+    uniform = PackedStore.from_uniform(UniformStore.from_parts(keys, values, {"positions": positions}), 2, G, G,
+                                       columns=True)
+    uniform.settle()  # packed, but not in row mode
+    for old, rows in ((uniform, [True, True]), (ragged, [True, True])):
+        with pytest.raises(ValueError, match="adopt_uniform_rows: old must be a row-mode uniform store"):
+            ragged.adopt_uniform_rows(old, rows)
+    rows_mode = PackedStore.from_uniform(UniformStore.from_parts(keys, values, {"positions": positions}), 2, G, G,
+                                         columns=True)
+    rows_mode.rows_apart = True
+    assert rows_mode.start_rows([0, 0], unpadded=True)
+    rows_mode.settle([0, 0])
+    assert ragged.adopt_uniform_rows(rows_mode, [False, False]) == [False, False]  # a store it can read
+    with pytest.raises(ValueError, match="adopt_uniform_rows: .* one flag per row"):
+        ragged.adopt_uniform_rows(rows_mode, [True])
+    assert torch.equal(ragged._kc, before)
