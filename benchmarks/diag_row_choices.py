@@ -56,9 +56,11 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 def build(spec: str):
-    """The method of ``spec``; ``SPEC@N``: at budget N (an evictor's)."""
-    spec, at, budget = spec.partition("@")
-    return method_from_spec(spec, budget=int(budget) if at else None)
+    """The method of ``spec``; ``SPEC@N``: at budget N (an evictor's), ``SPEC@0.N``: at ratio 0.N."""
+    spec, at, size = spec.partition("@")
+    if at and "." in size:
+        return method_from_spec(spec, ratio=float(size))
+    return method_from_spec(spec, budget=int(size) if at else None)
 
 
 def greedy(model, ids, mask, method, n: int) -> torch.Tensor:
@@ -72,7 +74,8 @@ def greedy(model, ids, mask, method, n: int) -> torch.Tensor:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sliding", action="store_true", help="the tiny sliding-window Mistral and its defaults")
-    ap.add_argument("--methods", default=None, help="comma-separated method specs (SPEC@N: at budget N)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated method specs (SPEC@N: at budget N, SPEC@0.N: at ratio 0.N)")
     ap.add_argument("--shapes", default=None, help="comma-separated row lengths, '/' between rows")
     ap.add_argument("--seeds", type=int, default=3, help="prompt seeds per shape")
     ap.add_argument("--new-tokens", type=int, default=None, help="greedy tokens per generation (40; --sliding: 50)")

@@ -716,13 +716,20 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             if not isinstance(self.store, PackedStore):
                 self._slide()
                 self._to_packed(self._packing(), queries, scaling)
+            # per row: a row whose target keeps fewer slots than another's sees fewer (_slide)
+            keeps = self._window_keeps()
+            first_visible = self.seen - keeps[0] if len(set(keeps)) == 1 else [self.seen - k for k in keeps]
+            if self.store._np is not None:
+                # row mode: a row packs only from the slots it still sees, as its layer alone holds no others
+                self._drop_unseen(first_visible)
             self._settle(queries, scaling)
-            first_visible = self.seen - self._window_keep()
-            self.store.visible_from = first_visible
-            dropped = self.store.drop_unseen(first_visible)
-            if dropped:
-                self._update_start([max(0, s - dropped) for s in self._start])
+            self._drop_unseen(first_visible)
             return
+        if self.window is not None and self._window_packable() and self.window - 1 > sum(method.packing[1:3]):
+            # a sliding layer that keeps too few slots to pack yet (a short target that grows while
+            # decoding) holds the queries its first pack's choices read, as a packed layer does; one
+            # whose window never holds enough to pack holds none
+            self._hold_choice_queries(queries)
         before = self.store
         self._compress(queries, scaling)
         if self.window is None and type(self.store) in (UniformStore, RaggedStore):
@@ -744,8 +751,14 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if isinstance(self.store, PackedStore):
             return True
         _, group, residual, _ = method.packing
-        return (not method.mixed_precision and not method.reads_sparsely and method.depth is None
-                and method.packs_windows and self._window_keep() > residual + group)
+        return self._window_packable() and self._window_keep() > residual + group
+
+    def _window_packable(self) -> bool:
+        """Whether this sliding-window layer packs once it keeps enough slots
+        (:meth:`_packs_window`'s rule but for the count)."""
+        method = self.method
+        return (method.packing is not None and not method.mixed_precision and not method.reads_sparsely
+                and method.depth is None and bool(method.packs_windows))
 
     def _packing(self) -> tuple[int, int, int, int]:
         """``(bits, group, residual, value_bits)`` this layer packs with: the
@@ -753,10 +766,24 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         ``KIVI(pack_windows=2|4|8)``."""
         return self.method.packing if self.window is None else self.method.window_packing
 
+    def _drop_unseen(self, first_visible) -> None:
+        """A packed sliding-window layer forgets what no later query sees
+        (``PackedStore.drop_unseen``; ``first_visible``: a token position, or
+        one per row) and its ``kv_start`` moves by what left every row."""
+        self.store.visible_from = first_visible
+        dropped = self.store.drop_unseen(first_visible)
+        if dropped:
+            self._update_start([max(0, s - dropped) for s in self._start])
+
     def _window_keep(self) -> int:
         """Slots a sliding-window layer keeps: its most recent ``min(window -
-        1, target)`` (see :meth:`_slide`)."""
-        return max(1, min(self.window - 1, max(self._targets(), default=self.window - 1)))
+        1, target)``, the most any row keeps (see :meth:`_slide`)."""
+        return max(self._window_keeps())
+
+    def _window_keeps(self) -> list[int]:
+        """Per row the slots its sliding-window layer keeps alone: its most
+        recent ``min(window - 1, target)`` (``[window - 1]`` before any row)."""
+        return [max(1, min(self.window - 1, t)) for t in self._targets()] or [self.window - 1]
 
     def _to_reader(self, method: Method, before=None) -> None:
         """Move a full-attention uniform or per-head layer into the store of
@@ -826,6 +853,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                                                        sinks=self.method.fp_sinks, value_clip=clip,
                                                        row_choices=self._ragged_choices, rows_apart=True,
                                                        whole_rows=self._whole_rounds, row_layout=layout)
+            self._ragged_choices = self._sync_row_choices(self._ragged_choices)
         elif self._ragged_rows_apart():
             # a batch that packs once (no rounds): each row chooses its rotation and weights, as alone;
             # a row kept whole packs as alone too, on KIVI's schedule, and chooses at its first pack
@@ -835,8 +863,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=False,
                                                        sinks=self.method.fp_sinks, value_clip=clip,
                                                        row_choices=rows, whole_rows=whole)
+            self._sync_row_choices(rows)
         else:
-            rotation = self._key_rotation(packing, queries, scaling, defer=True)
+            # deferred, the rotation takes this call's queries at the settle that follows
+            rotation = self._key_rotation(packing, queries, scaling, defer=True, hold=False)
             clip = self._value_clip(packing, queries, scaling, defer=True)
             # a layer with rounds: each row keeps its own newest slots in full precision, as alone
             # (a keep_rows round lays each row out as alone too, arrange_rows), and a row no
@@ -923,7 +953,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if self._rebudget and store.rows_apart:
             # rounds desynchronise the rows even without padding: row mode from the first pack
             store.start_rows(self._start, unpadded=True)
-        if (m.rotates_keys or m.value_clip or m.key_feedback) and store.start_rows(self._start, unpadded=True):
+        if (m.rotates_keys or m.value_clip or m.key_feedback) and store.pack_decoded \
+                and store.start_rows(self._start, unpadded=True):
             # row mode: each row chooses at its own first pack, as it does alone
             self._choose_rows(queries, scaling)
             store.settle(pad=self._start)
@@ -1197,12 +1228,20 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         """A sliding-window layer keeps its most recent ``min(window - 1,
         target)`` slots: the window is all its attention can see, and the
         method's target shrinks it further (recent tokens only: a local layer
-        is a StreamingLLM layer without sinks)."""
-        keep = self._window_keep()
+        is a StreamingLLM layer without sinks). Per row: the store keeps the
+        most any row keeps, and a row whose own target keeps fewer (``ratio=``
+        over rows of other lengths) masks its older slots as leading ones, as
+        alone it drops them."""
+        keeps = self._window_keeps()
+        keep = max(keeps)
         drop = self.store.n - keep
+        starts = [max(0, s - drop) for s in self._start] if drop > 0 else list(self._start)
         if drop > 0:
             self.store.drop_front(drop)
-            self._update_start([max(0, s - drop) for s in self._start])
+        n = self.store.n
+        starts = [max(s, n - k) for s, k in zip(starts, keeps)]
+        if starts != self._start:
+            self._update_start(starts)
         # Dropping moves a start offset; the buffer is rewritten once its
         # slack is used up, every `slack` steps. A buffer far larger than the
         # window (the prompt's) is given back at once.
@@ -1240,7 +1279,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._become_ragged(store, targets, picked)
             return
         if self.method.mixed_precision:
-            self._demote(view, per_row)
+            self._demote(view, per_row, [b in picked for b in range(B)])
             return
         indices, fill = _fill_front(per_row, H, device)
         self.store.keep(indices)
@@ -1259,19 +1298,41 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             full[rows.to(v.device)] = v.to(torch.int64)
             into[name] = full
 
-    def _demote(self, view: LayerView, per_row: list) -> None:
+    def _demote(self, view: LayerView, per_row: list, compressed: list[bool]) -> None:
         """Mixed precision (``LowBits``, ``MiKV``, ``ZipCache``): each row's
         selected slots ``per_row[b]`` ``[H, k_b]`` stay in full precision (or
         are packed at the quantizer's ``high_bits``), its other real slots are
-        packed at its ``bits``.
+        packed at its ``bits``. A row the evictor left whole
+        (``compressed[b]`` False) keeps every slot in full precision, as alone.
 
-        Every row gets ``K = max k_b`` selected slots: a row that selected
-        fewer moves its most recent other slots up (more precision than
-        asked, never less), so its masked slots (padded packed slots in
-        front, and for a row shorter than ``K`` the selected part's filler)
-        form one prefix, which is what ``kv_start`` can mask."""
+        One row is :meth:`PackedStore.from_split`'s layout. In a batch of
+        more than one row each row is split as alone
+        (:meth:`PackedStore.from_split_rows`, row mode): its own selected
+        count, its low part's key groups from its own first low slot."""
         B, H, n = (int(x) for x in view.keys.shape[:3])
         device = view.keys.device
+        bits, group, _, value_bits = self.method.packing
+        rotated = None
+        if B > 1 and self.method.rotates_keys == "auto" and not self._rotation_decided:
+            rotation, rotated = self._split_rotations(view, compressed)
+        else:
+            rotation = self._key_rotation(self.method.packing, view.queries, view.scaling)
+        if B > 1:
+            low = []
+            for b in range(B):
+                if not compressed[b]:
+                    low.append(None)
+                    continue
+                other = torch.ones((H, n), dtype=torch.bool, device=device)
+                other[:, : self._start[b]] = False
+                other.scatter_(1, per_row[b].to(device), False)
+                low.append(torch.arange(n, device=device).expand(H, n)[other].view(H, -1))
+            full = [torch.sort(r.to(device), 1).values for r in per_row]
+            self.store = PackedStore.from_split_rows(view.keys, view.values, full, low, compressed, bits, group,
+                                                     high_bits=self.method.quant.high_bits, value_bits=value_bits,
+                                                     rotation=rotation, rotated=rotated)
+            self._update_start(self.store._pads)
+            return
         K = max(int(r.shape[1]) for r in per_row)
         ar = torch.arange(n, device=device)
         resid, low = [], []
@@ -1301,8 +1362,6 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             first = low[b][:, :1] if n_low[b] else torch.full((H, 1), self._start[b], dtype=torch.int64,
                                                              device=device)
             lows.append(torch.cat([first.expand(H, m - n_low[b])] + ([low[b]] if n_low[b] else []), 1))
-        bits, group, _, value_bits = self.method.packing
-        rotation = self._key_rotation(self.method.packing, view.queries, view.scaling)
         self.store = PackedStore.from_split(view.keys, view.values, torch.stack(resid), torch.stack(lows), bits, group,
                                             high_bits=self.method.quant.high_bits, value_bits=value_bits,
                                             rotation=rotation)

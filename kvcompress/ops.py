@@ -1000,6 +1000,9 @@ def global_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_p
         Needs ``Tq == T`` and no `q_pos`: only the queries at
         :func:`probe_positions` ``(T, probe)`` are used (about ``probe * T`` of
         them: the latest half dense, the rest strided). Cost scales with it.
+        With `kv_start`, row ``b`` uses its own real positions' sample
+        (``kv_start[b] + probe_positions(T - kv_start[b], probe)``), so that a
+        left-padded row scores as it does alone.
 
     Returns
     -------
@@ -1019,6 +1022,9 @@ def global_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_p
             raise KVCompressValueError("probe: cannot be combined with q_pos (probe picks the positions)")
         if qs[2] != ks[2]:
             raise KVCompressValueError(f"probe: needs a query at every position (Tq == T), got Tq={qs[2]}, T={ks[2]}")
+        split = _probe_rows(queries, keys, scaling, gqa, kv_start, probe, ks)
+        if split is not None:
+            return split
         pos = probe_positions(ks[2], probe)
         if len(pos) < qs[2]:
             if _is_torch(queries):
@@ -1034,6 +1040,47 @@ def global_scores(queries, keys, *, scaling=None, gqa="mean", kv_start=None, q_p
         _prepare(queries), _prepare(keys), out, scaling, gqa == "max",
         _as_int64(kv_start, "kv_start", keys), _as_int64(q_pos, "q_pos", keys),
     )
+    return out
+
+
+def _probe_rows(queries, keys, scaling, gqa, kv_start, probe, ks):
+    """:func:`global_scores` with ``probe`` over a left-padded batch: the
+    rows of each padding length scored apart over their own real positions
+    (the probe sample of ``T - kv_start[b]`` positions, as the row scores
+    alone, not of the padded ``T``), padded keys 0. None where no row is
+    padded, or ``kv_start`` is not host-readable ints within ``[0, T]`` (the
+    one call below then takes it, and reports what is wrong)."""
+    if kv_start is None:
+        return None
+    try:
+        starts = np.asarray(kv_start.cpu() if _is_torch(kv_start) else kv_start)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    T = ks[2]
+    if (starts.ndim != 1 or starts.shape[0] != ks[0] or starts.dtype.kind not in "iu" or not starts.any()
+            or (starts < 0).any() or (starts > T).any()):
+        return None
+    torch_in = _is_torch(queries) and _is_torch(keys)
+    if not torch_in and not (isinstance(queries, np.ndarray) and isinstance(keys, np.ndarray)):
+        return None
+    if torch_in:
+        import torch
+
+        out = torch.zeros((ks[0], ks[1], T), dtype=torch.float32, device=keys.device)
+    else:
+        out = np.zeros((ks[0], ks[1], T), dtype=np.float32)
+    for s in np.unique(starts).tolist():
+        if s >= T:
+            continue  # an all-padding row: every key scores 0
+        rows = np.flatnonzero(starts == s)
+        idx = torch.from_numpy(rows).to(keys.device) if torch_in else rows
+        q = queries.index_select(0, idx.to(queries.device)) if torch_in else queries[rows]
+        k = keys.index_select(0, idx) if torch_in else keys[rows]
+        sub = global_scores(q[:, :, s:], k[:, :, s:], scaling=scaling, gqa=gqa, probe=probe)
+        if torch_in:
+            out[idx, :, s:] = sub
+        else:
+            out[rows, :, s:] = sub
     return out
 
 

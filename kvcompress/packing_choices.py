@@ -64,7 +64,7 @@ class PackingChoices:
         self._row_choices: list | None = None
         self._row_qmom: list[QueryMoments | None] | None = None
 
-    def _key_rotation(self, packing, queries, scaling, defer: bool = False):
+    def _key_rotation(self, packing, queries, scaling, defer: bool = False, hold: bool = True):
         """The rotation of this layer's packed keys (None: as they are),
         decided once, at the layer's first pack, and kept through re-packs.
 
@@ -77,7 +77,10 @@ class PackingChoices:
         shorter than ``residual + group``), the layer holds the queries and
         stays undecided (returns None), and ``_settle`` asks again before the
         store's first pack; otherwise, with no queries to test, it does not
-        rotate."""
+        rotate. ``hold=False``: a deferred call does not hold ``queries``,
+        because the ``_settle`` of the same update asks again with them (a
+        new per-head packed store's, ``_to_packed``), so that they count
+        once, not twice."""
         mode = self.method.rotates_keys
         if not mode or self._rotation_decided:
             return self._rotation
@@ -88,7 +91,8 @@ class PackingChoices:
         if mode == "auto":
             keys, _, start, counts = self._slots_to_pack(packing)
             if not keys.shape[2] and defer:
-                self._rotation_queries(queries)
+                if hold:
+                    self._rotation_queries(queries)
                 return None
             held = self._rotation_queries(queries)
             helps = False
@@ -301,6 +305,41 @@ class PackingChoices:
                 return None
         return rot
 
+    def _hold_choice_queries(self, queries) -> None:
+        """A layer that will pack but does not yet (a sliding layer whose
+        window keeps too few slots): this call's queries join the ones its
+        first pack decides on, ``rotate="auto"``'s and ``clip_values="auto"``'s
+        newest and ``feedback``'s moment, as they do on a layer packed from
+        the prompt on (a left-padded batch's row mode, where another row
+        packs already, holds them too)."""
+        if queries is None:
+            return
+        self._gather_feedback(queries)
+        if self.method.rotates_keys == "auto" and not self._rotation_decided:
+            self._rot_q = self._newest(self._rot_q, queries)
+        if self.method.value_clip == "auto" and not self._clip_decided:
+            self._clip_q = self._newest(self._clip_q, queries)
+
+    def _split_rotations(self, view, compressed: list[bool]):
+        """Mixed precision in a batch (``CompressedLayer._demote``) with
+        ``rotate="auto"``: ``(rotation or None, rotated per row)``. Each row
+        the evictor compressed tests the rotation as it does alone
+        (:meth:`_key_rotation` over its layer's first whole groups): on its
+        own real held queries over the whole groups of its own real slots.
+        A row left whole packs nothing and does not rotate."""
+        bits, group, residual, _ = self.method.packing
+        self._rot_q = self._newest(self._rot_q, view.queries)
+        keys = view.keys
+        s = float(view.scaling if view.scaling is not None else keys.shape[-1] ** -0.5)
+        n, rotated = int(keys.shape[2]), []
+        for b, c in enumerate(compressed):
+            start = self._start[b]
+            m = max(0, n - start - residual) // group * group
+            rot = self._row_rotation(b, keys[b : b + 1, :, start : start + m], bits, group, s) if c else None
+            rotated.append(rot is not None)
+        rot = key_rotation(int(keys.shape[-1]), keys.device) if any(rotated) else None
+        return self._decide_rotation(rot), rotated
+
     def _row_weights(self, b: int, rotation):
         """Row ``b``'s key-feedback triangle (``compact``) from its own query
         moment, in the basis of ``rotation``; None without feedback or queries."""
@@ -309,6 +348,22 @@ class PackingChoices:
         w = self._row_qmom[b].weights(rotation)
         return None if w is None else compact(w)
 
+    def _sync_row_choices(self, rows: list) -> list:
+        """``rows`` (``_choose_ragged_rows``' per-row choices) with the rows
+        the new per-head store decided for itself (a row left to choose
+        later that packed part groups: unrotated, without weights) as it
+        decided them; the layer's ``_row_choices`` follow."""
+        store = self.store
+        if store._choices is None:
+            return rows
+        out = list(rows)
+        for b, (c, made) in enumerate(zip(rows, store._choices)):
+            if c is None and made is not None:
+                out[b] = (None, None)
+                if self._row_choices is not None:
+                    self._row_choices[b] = (False, self._clip)
+        return out
+
     def _round_choices(self, packing, queries, scaling, whole) -> list:
         """``_ragged_choices`` for a round of a layer whose rows chose apart,
         where a row kept whole never packed (so never chose) and is
@@ -316,8 +371,12 @@ class PackingChoices:
         queries and query moment (``_choose_ragged_rows`` for it alone), as
         its layer alone decides at its first round what no pack decided
         before. Rows still whole (``whole``) keep waiting for their first
-        pack; the others keep their choices."""
-        need = [c is None and not (whole and whole[b]) for b, c in enumerate(self._ragged_choices)]
+        pack, and so does a row that has not chosen (no whole group to test
+        yet) where this round leaves it as it was (``_round_rows``: alone
+        its layer has no round now); the others keep their choices."""
+        due = self._round_rows
+        need = [c is None and not (whole and whole[b]) and (due is None or bool(due[b]))
+                for b, c in enumerate(self._ragged_choices)]
         if not any(need):
             return self._ragged_choices
         before = self._row_choices
@@ -333,8 +392,14 @@ class PackingChoices:
         own real held queries and its own heads' newest whole groups, as
         :meth:`_slots_to_pack` gives them for the row alone (its longest
         head sets how many); its weights come from its own query moment
-        (``_row_qmom``) in its basis. A row with no whole group to test
-        packs unrotated and, under ``"auto"``, without weights, as alone.
+        (``_row_qmom``) in its basis. Under ``"auto"`` a row with no whole
+        group to test packs unrotated and without weights; behind rounds
+        it is None instead, as its layer alone stays undecided: it chooses
+        at its first pack (:meth:`_choose_rows`) or round, unless the new
+        store packs part groups of it now, which it packs unrotated and
+        without weights, as alone (:meth:`_sync_row_choices`). (Packed once,
+        where such a row packs nothing yet, alone it tests at its first
+        pack: there the batch row stays apart.)
         ``defer`` (per row, or None): rows kept whole, which pack later as a
         uniform layer alone does and choose then (:meth:`_choose_rows`):
         None for them, and they keep holding their queries and moments.
@@ -360,8 +425,15 @@ class PackingChoices:
             lead = start[b * H : (b + 1) * H]
             m = (M - int(lead.min())) // G * G if H else 0  # the row's longest head, in whole groups
             first = (lead + method.fp_sinks - (M - m)).clamp(min=0)
+            if rot_auto and not m and self._rebudget:
+                # nothing to test: alone its layer stays undecided and tests at its first pack or
+                # round, so the row chooses then (row mode); if it packs part groups now, unrotated
+                # and without weights (RaggedPackedStore.from_ragged, read back by _sync_row_choices)
+                rows.append(None)
+                continue
             rot = self._row_rotation(b, dense[b : b + 1, :, M - m :], bits, G, s, first, counts[b : b + 1, :, M - m :])
-            # under "auto", a row with nothing to test packs without weights, as alone (_fix_feedback)
+            # packed once, a row with nothing to test packs unrotated and without weights (alone: the
+            # same where it packs part groups now; where it packs nothing yet, alone tests later)
             rows.append((rot, self._row_weights(b, rot) if m or not rot_auto else None))
         self._row_choices = [None if c is None else (c[0] is not None, self._clip) for c in rows]  # clipping is the layer's
         self._decide_rotation(None)

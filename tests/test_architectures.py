@@ -926,3 +926,44 @@ def test_kvsharer_plan_matches_a_reference_cache(archs, family):
     for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
         err = float((a - b).abs().max())
         assert err <= 1e-4 * max(1.0, float(b.abs().max())), f"{family} / kvsharer: step {step} logits differ"
+
+
+# ------------------------------------------------- rows of other targets beside sliding layers
+
+ROW_RATIOS = {
+    "snapkv": lambda: kvc.SnapKV(ratio=0.5),
+    "snapkv+kivi": lambda: kvc.SnapKV(ratio=0.5) + kvc.KIVI(bits=4, group=8, residual=8),
+    "mikv": lambda: kvc.MiKV(ratio=0.6, bits=2, group=16),
+}
+
+
+@pytest.mark.parametrize("method", sorted(ROW_RATIOS))
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_rows_of_other_ratios_generate_as_alone(family, method):
+    """``ratio=`` over left-padded rows of 90, 61, 120 and 30 tokens: each
+    row's sliding layers keep its own ``min(window - 1, target)`` newest
+    slots and its full layers its own selection, so every row generates
+    the tokens it generates alone, logits within float rounding (a decode
+    step's GEMM over four rows against its GEMV over one). Gemma 2 reads
+    the compressed layers on the eager path (softcap); Mistral's every
+    layer slides. All six cases fail on the build before (582ddb7): a
+    sliding layer kept the most any row keeps, and mixed precision promoted
+    a short row's slots to the longest row's count."""
+    from generation import greedy, random_ids
+
+    model = _build(family)
+    lengths = [90, 61, 120, 30]
+    rows = [random_ids(n, 100 + i, high=VOCAB) for i, n in enumerate(lengths)]
+    T = max(lengths)
+    ids = torch.full((len(rows), T), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+    kw = dict(n=12, output_logits=True, return_dict_in_generate=True)
+    out, _ = greedy(model, ids, mask, method=ROW_RATIOS[method](), **kw)
+    for i, r in enumerate(rows):
+        alone, _ = greedy(model, r[None], method=ROW_RATIOS[method](), **kw)
+        assert torch.equal(out.sequences[i, T:], alone.sequences[0, len(r):]), (family, method, i)
+        for step, (a, b) in enumerate(zip(out.logits, alone.logits)):
+            err = float((a[i] - b[0]).abs().max())
+            assert err <= 1e-4 * max(1.0, float(b[0].abs().max())), (family, method, i, step, err)

@@ -113,8 +113,11 @@ def test_zipcache_keeps_the_normalised_attention_top(tiny_model):
 
 def test_padded_batch_equals_rows_alone(tiny_model):
     """Rows of different lengths with ratio= select different numbers of
-    slots; the shorter row moves demoted slots up to full precision and its
-    generation equals the row alone."""
+    slots; each row keeps its own selection in full precision and packs its
+    own other slots from its first one (row mode), so both rows generate
+    what they generate alone. (Before, the shorter row moved its newest
+    demoted slots up to the longer row's count and packed its low part in
+    groups aligned to the padded batch.)"""
     a, b, batch, mask = left_padded_pair(tiny_model.config.vocab_size, 260, 180)
 
     def gen(ids, m, attn=None):
@@ -124,9 +127,10 @@ def test_padded_batch_equals_rows_alone(tiny_model):
                  lambda: ZipCache(ratio=0.6, bits=4, group=16, high_bits=None)):
         got, cache = gen(batch, make(), mask)
         store = cache.layers[0].store
-        # row a selects 104 of 260, row b 72 of 180: b moves 32 slots up; its
-        # packed part is 76 real slots after 80 padded ones
-        assert store.r == 104 + 12 - 1 and store.n_packed == 156
+        # row a selects 104 of 260 and packs 156, row b 72 of 180 and packs 108 (its 80 pads are not stored);
+        # the residual's first 32 rows are row a's only
+        assert store._np == [156, 108] and store._nh is None
+        assert [store.r - s for s in store._rs] == [104 + 11, 72 + 11]
         assert cache.layers[0].kv_start.tolist() == [0, 80]
         assert torch.equal(got[0], gen(a, make())[0][0]) and torch.equal(got[1], gen(b, make())[0][0])
 
@@ -241,7 +245,7 @@ def test_two_width_attention_matches_float64(dtype, nq):
 
 def test_high_bits_generation_and_bytes(tiny_model):
     """Generation reads both widths; a left-padded row equals the row alone
-    when its groups are the same; the selected slots held at 8 bits cost
+    (with ratio= too, where the rows select different counts); the selected slots held at 8 bits cost
     exactly their packed bytes, less than in fp32."""
     a, b, batch, mask = left_padded_pair(tiny_model.config.vocab_size, 260, 180)
 
@@ -249,12 +253,13 @@ def test_high_bits_generation_and_bytes(tiny_model):
         return generate(tiny_model, ids, m, new=12, mask=attn)
 
     for cls in (MiKV, ZipCache):
-        # ratio=: row b selects 72 of 180 and moves 32 more up to 8 bits
-        got, cache = gen(batch, cls(ratio=0.6, bits=4, high_bits=8, group=16), mask)
+        # ratio=: row b packs its own 72 selected slots at 8 bits and its other 108 at 4
+        make = lambda: cls(ratio=0.6, bits=4, high_bits=8, group=16)  # noqa: E731
+        got, cache = gen(batch, make(), mask)
         store = cache.layers[0].store
-        assert store.high_bits == 8 and store.n_high == 104 and store.n_packed == 156 and store.r == 11
+        assert store.high_bits == 8 and store._nh == [104, 72] and store._np == [156, 108] and store.r == 11
         assert cache.layers[0].kv_start.tolist() == [0, 80]
-        assert torch.equal(got[0], gen(a, cls(ratio=0.6, bits=4, high_bits=8, group=16))[0][0])
+        assert torch.equal(got[0], gen(a, make())[0][0]) and torch.equal(got[1], gen(b, make())[0][0])
         # budget=: both rows select 64, so row b's groups (80 pads = 5 groups) are its groups alone
         make = lambda: cls(budget=64, bits=4, high_bits=8, group=16)  # noqa: E731
         got, cache = gen(batch, make(), mask)
@@ -270,3 +275,83 @@ def test_high_bits_generation_and_bytes(tiny_model):
     hi_bytes = 2 * (2 * 100 * ops.packed_row_bytes(D, 8) + 2 * 4 * -(-100 // 32) * D + 2 * 4 * 100 * -(-D // 32))
     assert sum(t.numel() * t.element_size() for t in store._hi) == hi_bytes
     assert kvc.testing.cache_bytes(hb) < kvc.testing.cache_bytes(fp)
+
+
+@pytest.mark.parametrize("high_bits", [None, 8])
+@pytest.mark.parametrize("rotated", [None, (True, False, True)])
+def test_rows_split_apart_hold_and_read_what_each_row_does_alone(high_bits, rotated):
+    """``PackedStore.from_split_rows``: rows with their own selected and
+    low counts (a row left whole among them) hold, bit for bit, the codes,
+    scales and residual slots of ``from_split`` of that row alone (a row
+    left whole: every slot in full precision), and read the same attention
+    over decode steps, a chunk and a beam reorder, within float rounding.
+    The float64 attention over each row's dequantized slots bounds it."""
+    from kvcompress.stores.rotation import key_rotation
+
+    from test_attention import _head_attention
+
+    H, Hq, D, G, n = 2, 4, 24, 8, 90
+    g = torch.Generator().manual_seed(5)
+    keys, values = torch.randn(3, H, n, D, generator=g), torch.randn(3, H, n, D, generator=g)
+    starts, picks = [0, 29, 50], [30, 17, None]  # row 2 (40 real slots) is left whole
+    rot = key_rotation(D, keys.device) if rotated else None
+    full, low = [], []
+    for b, (s, k) in enumerate(zip(starts, picks)):
+        if k is None:
+            full.append(torch.arange(s, n).expand(H, -1))
+            low.append(None)
+            continue
+        perm = torch.stack([s + torch.randperm(n - s, generator=g) for _ in range(H)])
+        full.append(perm[:, :k].sort(1).values)
+        low.append(perm[:, k:].sort(1).values)
+    store = PackedStore.from_split_rows(keys, values, full, low, [k is not None for k in picks], 2, G,
+                                        high_bits=high_bits, rotation=rot, rotated=rotated)
+    alone = []
+    for b in range(3):
+        if low[b] is None:
+            one = PackedStore(2, G, 0)
+            one.append(keys[b : b + 1, :, starts[b] :], values[b : b + 1, :, starts[b] :], 0)
+            one.pack_decoded = False
+        else:
+            turn = rot if rotated is None or rotated[b] else None
+            one = PackedStore.from_split(keys[b : b + 1], values[b : b + 1], full[b][None], low[b][None], 2, G,
+                                         high_bits=high_bits, rotation=turn)
+        alone.append(one)
+    assert store._np == [60, 44, 0] and store._pads == [0, 29, 50]
+    assert store._nh == ([30, 17, 0] if high_bits else None)
+    for b, one in enumerate(alone):
+        m = store._np[b]
+        if m:
+            for got, want, rows in zip(store._packed_views(), one._packed_views(), (m, -(-m // G), -(-m // G),
+                                                                                   m, m, m)):
+                assert torch.equal(got[b, :, :rows], want[0]), b
+        if high_bits and store._nh[b]:
+            h = store._nh[b]
+            for got, want, rows in zip(store._hi, one._hi, (h, -(-h // G), -(-h // G), h, h, h)):
+                assert torch.equal(got[b, :, :rows], want[0, :, :rows]), b
+    step = torch.Generator().manual_seed(6)
+    spec = AttentionSpec(scaling=0.3)
+    for q in (1, 1, 3, 1):
+        k_new, v_new = torch.randn(3, H, q, D, generator=step), torch.randn(3, H, q, D, generator=step)
+        query = torch.randn(3, Hq, q, D, generator=step)
+        store.append(k_new, v_new, n)
+        kv_start = torch.tensor(store._pads)
+        got = store.attend(query, spec, kv_start=kv_start)
+        k_all, v_all = store.dequantized()
+        for b, one in enumerate(alone):
+            one.append(k_new[b : b + 1], v_new[b : b + 1], n)
+            ka, va = one.dequantized()
+            s = store._pads[b]
+            assert torch.equal(k_all[b, :, s:], ka[0]) and torch.equal(v_all[b, :, s:], va[0]), b
+            want = one.attend(query[b : b + 1], spec)
+            assert (got[b] - want[0]).abs().max() < 1e-6, b
+            ref = torch.cat([_head_attention(query[b, 2 * hk : 2 * hk + 2].double(), ka[0, hk].double(),
+                                             va[0, hk].double(), 0.3, 0, None, torch.float64)
+                             for hk in range(H)], 1)  # [q, Hq, D]
+            assert (got[b].double() - ref).abs().max() < 1e-5, b
+    # a beam reorder takes every row's counts with its buffers
+    store.index_batch(torch.tensor([2, 0, 0]))
+    assert store._np == [0, 60, 60] and store._pads == [50, 0, 0]
+    assert "packed=[0, 60, 60]" in repr(store)
+    k_all, _ = store.dequantized()
+    assert torch.equal(k_all[1], k_all[2]) and torch.equal(k_all[0, :, 50:], alone[2].dequantized()[0][0])

@@ -1049,7 +1049,8 @@ def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
     """``from_ragged(whole_rows=...)`` names the argument for a store with
     columns (a layer that re-compresses), a flag count other than the
     batch's, a whole row whose heads differ or hold merged slots, and
-    ``row_choices`` leaves undecided only whole rows; ``rows_apart`` (each
+    ``row_choices`` leaves undecided only whole rows (but behind rounds,
+    ``rows_apart``, where a row chooses at its own first pack); ``rows_apart`` (each
     row's own residual) is named without ``columns``, which keep no
     residual."""
     keys = torch.randn(2, 2, 16, 8)

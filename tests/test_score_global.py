@@ -259,3 +259,30 @@ def test_a_left_padded_row_scores_as_alone_bit_for_bit(T):
                                 kv_start=torch.tensor([pad, 0]))
         assert torch.equal(got[0, :, pad:], alone[0]), pad
         assert bool((got[0, :, :pad] == 0).all())
+
+
+@pytest.mark.parametrize("T", [14, 131, 1100])
+def test_a_left_padded_row_probes_its_own_positions(T):
+    """With ``probe``, a left-padded row scores bit for bit as the row alone:
+    its probe sample is that of its own ``T`` real positions, not of the
+    padded batch's (before: ZipCache and EMS(global_mode="probe") scored a
+    padded row with other queries than alone, and kept other slots). Rows
+    of the same padding share a call; a row of padding only scores 0;
+    NumPy inputs take the same path."""
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(1, 4, T, 16, generator=g)
+    k = torch.randn(1, 2, T, 16, generator=g)
+    alone = ops.global_scores(q, k, scaling=0.25, probe=0.2)
+    for pad in (1, 19, 200):
+        qp = torch.cat([torch.randn(1, 4, pad, 16, generator=g), q], 2)
+        kp = torch.cat([torch.randn(1, 2, pad, 16, generator=g), k], 2)
+        other = torch.randn(2, 4, T + pad, 16, generator=g), torch.randn(2, 2, T + pad, 16, generator=g)
+        qs, ks = torch.cat([qp, other[0], qp]), torch.cat([kp, other[1], kp])
+        start = torch.tensor([pad, 0, T + pad, pad])
+        got = ops.global_scores(qs, ks, scaling=0.25, kv_start=start, probe=0.2)
+        assert torch.equal(got[0, :, pad:], alone[0]) and torch.equal(got[3], got[0]), pad
+        assert bool((got[0, :, :pad] == 0).all()) and bool((got[2] == 0).all())
+        # the unpadded row is the batch call's own
+        assert torch.equal(got[1], ops.global_scores(other[0][:1], other[1][:1], scaling=0.25, probe=0.2)[0])
+        npy = ops.global_scores(qs.numpy(), ks.numpy(), scaling=0.25, kv_start=start.numpy(), probe=0.2)
+        assert np.array_equal(npy, got.numpy())

@@ -341,12 +341,11 @@ class LowBits(KIVI):
     * the evictor must keep the same number of slots in every head (SnapKV,
       H2O, TOVA, StreamingLLM, Knorm, PyramidKV; not AdaKV or EMS), because
       the full-precision part is one ``[B, H, r, D]`` window;
-    * in a batch, a row that keeps fewer slots than the longest row moves its
-      most recent demoted tokens up to full precision or ``high_bits`` (never
-      fewer bits than asked), so every row's masked slots are a prefix. Such
-      a row's groups then differ from the row run alone, so with ``ratio=``
-      its packed values (and, rarely, its greedy tokens) may differ from the
-      row alone; with ``budget=`` every row selects alike.
+    * in a batch each row is split as it is alone: its own selected count,
+      its own other tokens packed in groups from its first one, and a row
+      the evictor leaves whole (shorter than the budget) kept in full
+      precision; ``rotate="auto"`` is decided per row. So a left-padded row
+      holds and reads what it holds alone, with ``ratio=`` too.
     """
 
     bits: int = 2

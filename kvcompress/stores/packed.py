@@ -127,11 +127,15 @@ class PackedStore(LayerStore):
         #: of its packed part (with a sink block: of what follows the block)
         self.rows_apart = False
         self._np: list[int] | None = None
+        #: row mode of mixed precision with high_bits (from_split_rows): per
+        #: row its slots in the high part, from its first one; else None
+        self._nh: list[int] | None = None
         self._rs: list[int] | None = None
         self._pads: list[int] | None = None
         #: row mode's kernel arguments, built once per change of _np / _rs
         #: (and of the packed buffers' capacity or device)
         self._row_args = None
+        self._hi_args = None  # the high part's, as _row_args (_attend_high_rows)
         #: whether no row's sink block holds padding (a row with fewer real
         #: tokens than sinks), so that one kernel call can read the block
         self._sinks_whole = True
@@ -156,6 +160,8 @@ class PackedStore(LayerStore):
         packed, full = self.n_packed, self.r
         if self._np is not None:  # row mode: each row's own counts
             packed, full = self._np, [self.r - s for s in self._rs]
+            if self._nh is not None and self.high_bits:
+                high = f", high_bits={self.high_bits}, high={self._nh}"
         return (f"PackedStore(bits={self.bits}{vb}, group={self.group}, residual={self.residual}, "
                 f"batch={self.batch}, heads={self.heads}, packed={packed}{high}, full_precision={full}{seen})")
 
@@ -195,6 +201,80 @@ class PackedStore(LayerStore):
             new._kc, new._kmin, new._ksc = ops.pack_keys(new._codes_keys(lk), bits, group)
             new._vc, new._vmin, new._vsc = ops.pack_values(lv, new.value_bits, group)
             new.n_packed = m
+        return new
+
+    @classmethod
+    def from_split_rows(cls, keys, values, full: list, low: list, packs_full: list[bool], bits: int, group: int,
+                        high_bits: int | None = None, value_bits: int | None = None,
+                        rotation: torch.Tensor | None = None, rotated: list[bool] | None = None) -> "PackedStore":
+        """Mixed precision in a batch, each row as it is split alone (row
+        mode): row ``b``'s slots ``low[b]`` ``[H, m_b]`` (None: none) packed
+        at ``bits`` from its own first low slot, its slots ``full[b]``
+        ``[H, k_b]`` packed at ``high_bits`` where ``packs_full[b]`` (a row
+        the evictor compressed, with ``high_bits`` set), else kept in full
+        precision as the newest slots of the shared residual, after residual
+        rows the row does not see (``_rs``). Per row ``_np`` (low slots,
+        any count: a row's last key group may be short, as alone), ``_nh``
+        (high slots) and ``_pads`` (the logical slots in front of its packed
+        part that its layer's ``kv_start`` masks; none is stored), so that
+        every row holds the groups and slots it holds alone (:meth:`from_split`),
+        whatever the other rows select or how long they are. Nothing is
+        packed later (``pack_decoded`` False). ``rotated`` (per row, with
+        ``rotation``): the rows whose keys, both parts', are packed as ``k @
+        rotation`` (``rotate="auto"`` chosen per row); None: every row's
+        where ``rotation`` is set."""
+        B, H, _, D = (int(x) for x in keys.shape)
+        new = cls(bits, group, 0, value_bits)
+        new.rotation = rotation
+        new.pack_decoded = False
+        if rotation is not None and rotated is not None:
+            new._choices = [(bool(f), None, False) for f in rotated]
+        G = int(group)
+        hb = None if high_bits is None else int(high_bits)
+        new.high_bits = hb
+        np_, nh, vis = [], [], []
+        for b in range(B):
+            m = 0 if low[b] is None else int(low[b].shape[1])
+            k = 0 if full[b] is None else int(full[b].shape[1])
+            high = hb is not None and packs_full[b]
+            np_.append(m)
+            nh.append(k if high else 0)
+            vis.append(0 if high else k)
+        R = max(vis)
+        # the residual's rows a row does not see come first: its own slots end where every row's do
+        new._rk = keys.new_zeros((B, H, max(R, 16), D))
+        new._rv = values.new_zeros((B, H, max(R, 16), int(values.shape[3])))
+        new.r = R
+        new._np, new._nh, new._rs = np_, (nh if hb is not None else None), [R - v for v in vis]
+        total = max(m + h + v for m, h, v in zip(np_, nh, vis))
+        new._pads = [total - (m + h + v) for m, h, v in zip(np_, nh, vis)]
+        new.n_packed, new.n_high = max(np_), max(nh)
+        new._reserve(new.n_packed)
+        if new.n_high:
+            Db, Dbv = ops.packed_row_bytes(D, hb), ops.packed_row_bytes(int(values.shape[3]), hb)
+            cap = (new.n_high + G - 1) // G * G
+            vg = math.ceil(int(values.shape[3]) / G)
+            z = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=keys.device)  # noqa: E731
+            new._hi = (z((B, H, cap, Db), torch.uint8), z((B, H, cap // G, D), torch.float32),
+                       z((B, H, cap // G, D), torch.float32), z((B, H, cap, Dbv), torch.uint8),
+                       z((B, H, cap, vg), torch.float32), z((B, H, cap, vg), torch.float32))
+        for b in range(B):
+            row = slice(b, b + 1)
+            turn = rotation is not None and (rotated is None or rotated[b])
+            codes_keys = (lambda k: rotate(k, rotation, torch.float32)) if turn else (lambda k: k)  # noqa: E731
+            if np_[b]:
+                lk, lv = ops.gather(keys[row], values[row], low[b][None])
+                _write_part((new._kc, new._kmin, new._ksc, new._vc, new._vmin, new._vsc), b,
+                            (*ops.pack_keys(codes_keys(lk), bits, G),
+                             *ops.pack_values(lv, new.value_bits, G)))
+            if nh[b] or vis[b]:
+                fk, fv = ops.gather(keys[row], values[row], full[b][None])
+                if nh[b]:
+                    _write_part(new._hi, b, (*ops.pack_keys(codes_keys(fk), hb, G),
+                                             *ops.pack_values(fv, hb, G)))
+                else:
+                    new._rk[b, :, R - vis[b] : R] = fk[0]
+                    new._rv[b, :, R - vis[b] : R] = fv[0]
         return new
 
     @classmethod
@@ -247,7 +327,8 @@ class PackedStore(LayerStore):
     def n(self) -> int:
         if self._np is not None:
             # row mode: every row's padding, sink block, packed and residual slots add up alike
-            return self._pads[0] + self._r0 + self._np[0] + self.r - self._rs[0]
+            high = self._nh[0] if self._nh is not None else 0
+            return self._pads[0] + self._r0 + self._np[0] + high + self.r - self._rs[0]
         return self.n_packed + self.n_high + self.r + self.n_sinks
 
     @property
@@ -443,7 +524,10 @@ class PackedStore(LayerStore):
         """Row mode: the slots each row's next settle packs, its residual's
         whole groups past ``residual + group - 1`` (a row that has packed
         nothing, once it holds more than ``first_pack_over`` slots where
-        that is set)."""
+        that is set; none in a store that packs nothing while decoding,
+        mixed precision's)."""
+        if not self.pack_decoded:
+            return [0] * self.batch
         G, R = self.group, self.residual
         due = [max(0, (self.r - s - R) // G * G) for s in self._rs]
         if self.first_pack_over is not None:
@@ -681,10 +765,11 @@ class PackedStore(LayerStore):
             self._rv[:, :, o : o + left] = self._rv[:, :, o + m : o + self.r].clone()
         self.r = left
 
-    def drop_unseen(self, first_visible: int) -> int:
+    def drop_unseen(self, first_visible) -> int:
         """Forget the packed key groups whose every slot lies before token
         position ``first_visible`` (a sliding-window layer: no later query
-        sees them); returns the slots dropped, a multiple of ``group``.
+        sees them; an int, or per row a list, where rows see windows of
+        their own lengths); returns the slots dropped, a multiple of ``group``.
 
         The slots of the oldest group that the window no longer sees but whose
         group still holds visible ones stay, and :meth:`attend` masks them
@@ -694,6 +779,8 @@ class PackedStore(LayerStore):
         G = self.group
         if self._np is not None:
             return self._drop_unseen_rows(first_visible)
+        if not isinstance(first_visible, int):
+            first_visible = min(first_visible)  # what every row no longer sees
         m = min(self.n_packed, max(0, first_visible - self.first_position) // G * G)
         if m <= 0 or not self.pack_decoded:
             return 0
@@ -719,9 +806,17 @@ class PackedStore(LayerStore):
         groups it keeps alone; the slots a row drops become masked slots in
         front of its packed part (``_pads``), and the logical prefix every
         row has dropped or padded leaves the store (returned, as the layer's
-        ``kv_start`` moves by it)."""
-        G, u = self.group, first_visible - self.first_position
-        drops = [min(n, max(0, u - p) // G * G) for n, p in zip(self._np, self._pads)]
+        ``kv_start`` moves by it).
+
+        A row with nothing packed before ``first_visible`` (a row whose own
+        window is shorter than another's, or that has packed nothing yet)
+        also stops counting the residual slots before it (``_rs``): alone
+        its layer dropped them, so they must not fill the groups it packs
+        next (``row_dues``), nor start them; the residual rows no row
+        counts leave the buffers."""
+        G = self.group
+        fv = [first_visible] * self.batch if isinstance(first_visible, int) else first_visible
+        drops = [min(n, max(0, f - self.first_position - p) // G * G) for n, p, f in zip(self._np, self._pads, fv)]
         for b, m in enumerate(drops):
             if m:
                 self._drop_packed_front(slice(b, b + 1), m, self._np[b])
@@ -729,6 +824,18 @@ class PackedStore(LayerStore):
                 self._pads[b] += m
         if any(drops):
             self.n_packed, self._row_args = max(self._np), None
+        for b, f in enumerate(fv):
+            # (a row with packed slots left keeps a visible one among them: nothing of its residual is unseen)
+            x = 0 if self._np[b] else min(self.r - self._rs[b], max(0, f - self.first_position - self._pads[b]))
+            if x:
+                self._pads[b] += x
+                self._rs[b] += x
+                self._row_args = None
+        r = min(self._rs)
+        if r:
+            self._drop_oldest(r)
+            self._rs = [s - r for s in self._rs]
+            self._row_args = None
         d = min(self._pads)
         if d > 0:
             self._pads = [p - d for p in self._pads]
@@ -783,6 +890,8 @@ class PackedStore(LayerStore):
         if self._np is not None:
             host = idx.tolist()
             self._np, self._rs, self._pads = ([x[i] for i in host] for x in (self._np, self._rs, self._pads))
+            if self._nh is not None:
+                self._nh = [self._nh[i] for i in host]
             self._row_args = None
             if self._choices is not None:
                 self._choices, self._rot_mask = [self._choices[i] for i in host], None
@@ -839,19 +948,24 @@ class PackedStore(LayerStore):
 
     def _dequantized_row_mode(self):
         """Row mode's :meth:`dequantized`: per row its padding (zeros,
-        masked by the layer's ``kv_start``), its packed slots unpacked, its
-        residual, with its sink block back where :meth:`take_sinks` took it."""
+        masked by the layer's ``kv_start``), its packed slots unpacked (then
+        its high part's, mixed precision), its residual, with its sink block back where :meth:`take_sinks` took it."""
         o = self._r0
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
-        keys = values = None
+        keys = values = hk = hv = None
         if self.n_packed:
             keys, values = self._unpack_part(self._packed_views(), self.bits, self.value_bits, rv)
+        if self._nh is not None and self.n_high:
+            hk, hv = self._unpack_part(self._hi, self.high_bits, self.high_bits, rv)
+        nh = self._nh if self._nh is not None else [0] * self.batch
         out_k, out_v = [], []
-        for b, (p, m, s) in enumerate(zip(self._pads, self._np, self._rs)):
-            for out, res, packed in ((out_k, rk, keys), (out_v, rv, values)):
+        for b, (p, m, h, s) in enumerate(zip(self._pads, self._np, nh, self._rs)):
+            for out, res, packed, high in ((out_k, rk, keys, hk), (out_v, rv, values, hv)):
                 parts = [res.new_zeros((res.shape[1], p, res.shape[3]))]
                 if m:
                     parts.append(packed[b, :, :m])
+                if h:
+                    parts.append(high[b, :, :h])
                 out.append(torch.cat(parts + [res[b, :, s:]], 1))
         return self._with_sink_block(torch.stack(out_k), torch.stack(out_v))
 
@@ -891,12 +1005,15 @@ class PackedStore(LayerStore):
                                                                    self._vmin, self._vsc)]
         pq, rotated = self._packed_query(query)
         widths = dict(bits=self.bits, group=self.group, value_bits=self.value_bits, scaling=scaling)
+        high = self._attend_high_rows(pq, scaling)
         if self._rows_one_call(query):
             # the block, if any, is the residual's front, read with the query as it is, as the residual is
-            return ops.packed_attention(pq, *flat, self._rk[:, :, : o + self.r], self._rv[:, :, : o + self.r],
+            main = ops.packed_attention(pq, *flat, self._rk[:, :, : o + self.r], self._rv[:, :, : o + self.r],
                                         offsets=offsets, lengths=lengths, residual_hidden=hidden,
                                         residual_query=query if rotated else None,
-                                        kv_start=self._row_leading(first_visible), **widths)
+                                        kv_start=self._row_leading(first_visible), return_lse=high is not None,
+                                        **widths)
+            return main if high is None else join_parts([main, high], query.dtype)
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         empty = tuple(t[:, :, :0] for t in self._packed_views())
         packed_start = None
@@ -915,7 +1032,28 @@ class PackedStore(LayerStore):
                                               kv_start=packed_start, return_lse=True, **widths))
         if o:
             parts.append(self._attend_sinks(query, scaling, self.split_start(kv_start)[0]))
+        if high is not None:
+            parts.append(high)
         return join_parts(parts, query.dtype)
+
+    def _attend_high_rows(self, pq, scaling: float):
+        """Row mode of mixed precision with ``high_bits``: ``(out, lse)`` of
+        every row's high part on its own (per-head layout over the ``_hi``
+        buffers, its row's ``_nh`` slots; read with the packed part's
+        queries ``pq``), or None where no row packed one."""
+        if self._nh is None or not self.n_high:
+            return None
+        B, H = self.batch, self.heads
+        key = (int(self._hi[0].shape[2]), pq.device, tuple(self._nh))
+        if self._hi_args is None or self._hi_args[0] != key:
+            # built once per change of the counts (a beam reorder), as _row_args
+            self._hi_args = (key, torch.arange(B * H, dtype=torch.int64, device=pq.device) * key[0],
+                             torch.tensor(self._nh, dtype=torch.int64).repeat_interleave(H).to(pq.device))
+        offsets, lengths = self._hi_args[1:]
+        flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in self._hi]
+        none = self._rk[:, :, :0]
+        return ops.packed_attention(pq, *flat, none, none, offsets=offsets, lengths=lengths, bits=self.high_bits,
+                                    group=self.group, scaling=scaling, return_lse=True)
 
     def _row_leading(self, first_visible):
         """Row mode: ``kv_start`` ``[B]`` for the one kernel call (ragged
@@ -952,7 +1090,7 @@ class PackedStore(LayerStore):
                 first = query_pos[:, 0].to(torch.int64).cpu()
                 first = first - (spec.window - 1) if spec.window is not None else torch.zeros_like(first)
                 if self.visible_from is not None:
-                    first = first.clamp(min=self.visible_from)
+                    first = torch.maximum(first, torch.as_tensor(self.visible_from, dtype=torch.int64))
                 return self._attend_rows(query, spec.scaling, kv_start, first_visible=first)
         # a sliding window reaches the kernel for one query at a time: the
         # slots it no longer sees are all leading ones, masked like padding
@@ -1072,6 +1210,15 @@ class PackedStore(LayerStore):
         if self._r0 and not self._sinks_in_call:
             parts.append(self._attend_sinks(query, scaling, sink_start))
         return join_parts(parts, query.dtype)
+
+
+def _write_part(dest, b: int, part) -> None:
+    """Row ``b`` of the packed buffers ``dest`` (key codes, mins, scales,
+    value codes, mins, scales; ``[B, H, cap, .]``) takes the one-row packed
+    ``part`` (``[1, H, m, .]``, its key groups ``[1, H, ceil(m / G), D]``)
+    from its first slot."""
+    for d, t in zip(dest, part):
+        d[b, :, : t.shape[2]] = t[0]
 
 
 def one_call(query) -> bool:

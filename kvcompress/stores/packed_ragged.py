@@ -124,8 +124,11 @@ class RaggedPackedStore(PackedStore):
         whose rows chose apart, ``PackingChoices._choose_ragged_rows``): per row
         ``(rotation or None, feedback triangle or None)``, in place of
         ``rotation`` and ``feedback``, each row's heads packed (and later
-        read) its own way; None for a row of ``whole_rows``, which chooses at
-        its first pack (:meth:`set_row_choice`). ``whole_rows`` (a store
+        read) its own way; None for a row that chooses at its first pack
+        (:meth:`set_row_choice`): a row of ``whole_rows``, or with
+        ``rows_apart`` one with no whole group to test its rotation on,
+        which packs unrotated and without weights if it packs part groups
+        now (the layer reads ``_choices`` back). ``whole_rows`` (a store
         packed once, no ``columns``): per row whether the method kept it
         whole, every head holding the row's every token. Such a row packs as
         a uniform :class:`PackedStore` of it alone would, on KIVI's schedule:
@@ -152,10 +155,16 @@ class RaggedPackedStore(PackedStore):
         if row_choices is not None:
             if rotation is not None or feedback is not None or len(row_choices) != B:
                 raise ValueError("row_choices: one (rotation, feedback) per row, in place of rotation and feedback")
-            if any(c is None and (whole is None or not bool(whole[b * H])) for b, c in enumerate(row_choices)):
-                raise ValueError("row_choices: None only for a row of whole_rows (it chooses at its first pack)")
+            # rows that choose later: a row kept whole, at its first pack; behind rounds (rows_apart) another
+            # row too (rotate="auto" with no whole group to test, which alone leaves its layer undecided)
+            undecided = [c is None and (whole is None or not bool(whole[b * H])) for b, c in enumerate(row_choices)]
+            if any(undecided) and not rows_apart:
+                raise ValueError("row_choices: None only for a row of whole_rows, or with rows_apart (a row "
+                                 "that chooses at its first pack or round)")
             new._choices = [None if c is None else (c[0] is not None, c[1], new.value_clip) for c in row_choices]
             new.rotation = next((c[0] for c in row_choices if c is not None and c[0] is not None), None)
+        else:
+            undecided = []
         new.sinks_asked = int(sinks)
         G = group
         dev = store.k.device
@@ -204,6 +213,10 @@ class RaggedPackedStore(PackedStore):
             held = n_host.clone()
             n_host = torch.where(whole, torch.zeros_like(n_host), n_host)  # a whole row packs nothing now
             n = n_host.to(dev)
+        for b, later in enumerate(undecided):
+            if later and bool((n_host[b * H : (b + 1) * H] > 0).any()):
+                # it packs part groups now: unrotated, without weights, as alone (its layer decides so)
+                new._choices[b] = (False, None, new.value_clip)
         padded_host = (n_host + G - 1) // G * G
         padded = padded_host.to(dev)
         caps_host = padded_host + G
