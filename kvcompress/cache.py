@@ -725,10 +725,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._settle(queries, scaling)
             self._drop_unseen(first_visible)
             return
-        if self.window is not None and self._window_packable() and self.window - 1 > sum(method.packing[1:3]):
+        if self.window is not None and self._window_packable():
             # a sliding layer that keeps too few slots to pack yet (a short target that grows while
-            # decoding) holds the queries its first pack's choices read, as a packed layer does; one
-            # whose window never holds enough to pack holds none
+            # decoding) holds the queries its first pack's choices read, as a packed layer does
             self._hold_choice_queries(queries)
         before = self.store
         self._compress(queries, scaling)
@@ -755,10 +754,14 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
 
     def _window_packable(self) -> bool:
         """Whether this sliding-window layer packs once it keeps enough slots
-        (:meth:`_packs_window`'s rule but for the count)."""
+        (:meth:`_packs_window`'s rule but for the count): its window can
+        hold more than ``residual + group`` of them."""
         method = self.method
-        return (method.packing is not None and not method.mixed_precision and not method.reads_sparsely
-                and method.depth is None and bool(method.packs_windows))
+        if method.packing is None:
+            return False
+        _, group, residual, _ = method.packing
+        return (not method.mixed_precision and not method.reads_sparsely and method.depth is None
+                and bool(method.packs_windows) and self.window - 1 > residual + group)
 
     def _packing(self) -> tuple[int, int, int, int]:
         """``(bits, group, residual, value_bits)`` this layer packs with: the
@@ -863,7 +866,6 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=False,
                                                        sinks=self.method.fp_sinks, value_clip=clip,
                                                        row_choices=rows, whole_rows=whole)
-            self._sync_row_choices(rows)
         else:
             # deferred, the rotation takes this call's queries at the settle that follows
             rotation = self._key_rotation(packing, queries, scaling, defer=True, hold=False)
@@ -1235,9 +1237,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         keeps = self._window_keeps()
         keep = max(keeps)
         drop = self.store.n - keep
-        starts = [max(0, s - drop) for s in self._start] if drop > 0 else list(self._start)
+        starts = self._start
         if drop > 0:
             self.store.drop_front(drop)
+            starts = [max(0, s - drop) for s in starts]
         n = self.store.n
         starts = [max(s, n - k) for s, k in zip(starts, keeps)]
         if starts != self._start:
@@ -1317,55 +1320,28 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             rotation, rotated = self._split_rotations(view, compressed)
         else:
             rotation = self._key_rotation(self.method.packing, view.queries, view.scaling)
-        if B > 1:
-            low = []
-            for b in range(B):
-                if not compressed[b]:
-                    low.append(None)
-                    continue
-                other = torch.ones((H, n), dtype=torch.bool, device=device)
-                other[:, : self._start[b]] = False
-                other.scatter_(1, per_row[b].to(device), False)
-                low.append(torch.arange(n, device=device).expand(H, n)[other].view(H, -1))
-            full = [torch.sort(r.to(device), 1).values for r in per_row]
+        # each row's real slots the evictor did not select, in token order
+        ar = torch.arange(n, device=device).expand(H, n)
+        low = []
+        for b in range(B):
+            if not compressed[b]:
+                low.append(None)
+                continue
+            other = torch.ones((H, n), dtype=torch.bool, device=device)
+            other[:, : self._start[b]] = False
+            other.scatter_(1, per_row[b].to(device), False)
+            low.append(ar[other].view(H, -1))
+        full = [torch.sort(r.to(device), 1).values for r in per_row]
+        high_bits = self.method.quant.high_bits
+        if B > 1 or low[0] is None:
             self.store = PackedStore.from_split_rows(view.keys, view.values, full, low, compressed, bits, group,
-                                                     high_bits=self.method.quant.high_bits, value_bits=value_bits,
+                                                     high_bits=high_bits, value_bits=value_bits,
                                                      rotation=rotation, rotated=rotated)
             self._update_start(self.store._pads)
             return
-        K = max(int(r.shape[1]) for r in per_row)
-        ar = torch.arange(n, device=device)
-        resid, low = [], []
-        for b in range(B):
-            real = n - self._start[b]
-            if real <= K:
-                # masked filler: the row's first real slot, so that packed at
-                # high_bits it never widens a key group's range
-                fill = torch.full((H, K - real), min(self._start[b], n - 1), dtype=torch.int64, device=device)
-                resid.append(torch.cat([fill, ar[self._start[b]:].expand(H, -1)], 1))
-                low.append(None)
-                continue
-            kept = per_row[b].to(device)
-            other = torch.ones((H, n), dtype=torch.bool, device=device)
-            other[:, : self._start[b]] = False
-            other.scatter_(1, kept, False)
-            dropped = ar.expand(H, n)[other].view(H, -1)
-            cut = int(dropped.shape[1]) - (K - int(kept.shape[1]))
-            resid.append(torch.sort(torch.cat([kept, dropped[:, cut:]], 1), 1).values)
-            low.append(dropped[:, :cut])
-        n_low = [0 if x is None else int(x.shape[1]) for x in low]
-        m = max(n_low)
-        lows = []
-        for b in range(B):
-            # padded packed slots copy a real slot of the row (or its group's
-            # first member), so they never widen a key group's range
-            first = low[b][:, :1] if n_low[b] else torch.full((H, 1), self._start[b], dtype=torch.int64,
-                                                             device=device)
-            lows.append(torch.cat([first.expand(H, m - n_low[b])] + ([low[b]] if n_low[b] else []), 1))
-        self.store = PackedStore.from_split(view.keys, view.values, torch.stack(resid), torch.stack(lows), bits, group,
-                                            high_bits=self.method.quant.high_bits, value_bits=value_bits,
-                                            rotation=rotation)
-        self._update_start([m - n_low[b] + max(0, K - (n - self._start[b])) for b in range(B)])
+        self.store = PackedStore.from_split(view.keys, view.values, full[0][None], low[0][None], bits, group,
+                                            high_bits=high_bits, value_bits=value_bits, rotation=rotation)
+        self._update_start([0])  # (a padded row's padding is not stored)
 
     def _compact(self, view: LayerView, rows: list[int], targets: list[int]) -> None:
         """Merging methods at prefill: compressed rows get ``method.compact``'s

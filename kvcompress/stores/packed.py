@@ -251,13 +251,8 @@ class PackedStore(LayerStore):
         new.n_packed, new.n_high = max(np_), max(nh)
         new._reserve(new.n_packed)
         if new.n_high:
-            Db, Dbv = ops.packed_row_bytes(D, hb), ops.packed_row_bytes(int(values.shape[3]), hb)
             cap = (new.n_high + G - 1) // G * G
-            vg = math.ceil(int(values.shape[3]) / G)
-            z = lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=keys.device)  # noqa: E731
-            new._hi = (z((B, H, cap, Db), torch.uint8), z((B, H, cap // G, D), torch.float32),
-                       z((B, H, cap // G, D), torch.float32), z((B, H, cap, Dbv), torch.uint8),
-                       z((B, H, cap, vg), torch.float32), z((B, H, cap, vg), torch.float32))
+            new._hi = _zero_part(B, H, cap, D, int(values.shape[3]), hb, hb, G, keys.device)
         for b in range(B):
             row = slice(b, b + 1)
             turn = rotation is not None and (rotated is None or rotated[b])
@@ -857,23 +852,13 @@ class PackedStore(LayerStore):
         # would be 4 x group rows reserved for a group that may never fill
         cap = 0 if need == 0 and have == 0 else max(need, have + max(4 * G, have // 8))
         cap = (cap + G - 1) // G * G
-        B, H, _, D = self._rk.shape
-        Db, Dbv = ops.packed_row_bytes(int(D), self.bits), ops.packed_row_bytes(int(D), self.value_bits)
-        dev = self._rk.device
-
-        def grow(old, shape, dtype):
-            new = torch.zeros(shape, dtype=dtype, device=dev)
+        B, H, _, D = (int(x) for x in self._rk.shape)
+        names = ("_kc", "_kmin", "_ksc", "_vc", "_vmin", "_vsc")
+        for name, new in zip(names, _zero_part(B, H, cap, D, D, self.bits, self.value_bits, G, self._rk.device)):
+            old = getattr(self, name)
             if old is not None:
                 new[:, :, : old.shape[2]] = old
-            return new
-
-        self._kc = grow(self._kc, (B, H, cap, Db), torch.uint8)
-        self._vc = grow(self._vc, (B, H, cap, Dbv), torch.uint8)
-        self._kmin = grow(self._kmin, (B, H, cap // G, D), torch.float32)
-        self._ksc = grow(self._ksc, (B, H, cap // G, D), torch.float32)
-        vg = math.ceil(int(D) / G)
-        self._vmin = grow(self._vmin, (B, H, cap, vg), torch.float32)
-        self._vsc = grow(self._vsc, (B, H, cap, vg), torch.float32)
+            setattr(self, name, new)
 
     def index_batch(self, idx) -> None:
         if self._rk is None:
@@ -949,7 +934,8 @@ class PackedStore(LayerStore):
     def _dequantized_row_mode(self):
         """Row mode's :meth:`dequantized`: per row its padding (zeros,
         masked by the layer's ``kv_start``), its packed slots unpacked (then
-        its high part's, mixed precision), its residual, with its sink block back where :meth:`take_sinks` took it."""
+        its high part's, mixed precision), its residual, with its sink block
+        back where :meth:`take_sinks` took it."""
         o = self._r0
         rk, rv = self._rk[:, :, o : o + self.r], self._rv[:, :, o : o + self.r]
         keys = values = hk = hv = None
@@ -996,13 +982,10 @@ class PackedStore(LayerStore):
         dev, cap = query.device, int(self._kc.shape[2])
         if self._row_args is None or self._row_args[0] != (cap, dev):
             hidden = torch.tensor([[o, o + s] for s in self._rs], dtype=torch.int64)
-            self._row_args = ((cap, dev), torch.arange(B * H, dtype=torch.int64, device=dev) * cap,
-                              torch.tensor(self._np, dtype=torch.int64).repeat_interleave(H).to(dev),
-                              hidden.repeat_interleave(H, 0).to(dev),
+            self._row_args = ((cap, dev), *_head_rows(self._np, H, cap, dev), hidden.repeat_interleave(H, 0).to(dev),
                               torch.tensor(self._rs, dtype=torch.int64, device=dev))
         offsets, lengths, hidden, starts = self._row_args[1:]
-        flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in (self._kc, self._kmin, self._ksc, self._vc,
-                                                                   self._vmin, self._vsc)]
+        flat = _flat((self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc))
         pq, rotated = self._packed_query(query)
         widths = dict(bits=self.bits, group=self.group, value_bits=self.value_bits, scaling=scaling)
         high = self._attend_high_rows(pq, scaling)
@@ -1043,17 +1026,14 @@ class PackedStore(LayerStore):
         queries ``pq``), or None where no row packed one."""
         if self._nh is None or not self.n_high:
             return None
-        B, H = self.batch, self.heads
         key = (int(self._hi[0].shape[2]), pq.device, tuple(self._nh))
         if self._hi_args is None or self._hi_args[0] != key:
             # built once per change of the counts (a beam reorder), as _row_args
-            self._hi_args = (key, torch.arange(B * H, dtype=torch.int64, device=pq.device) * key[0],
-                             torch.tensor(self._nh, dtype=torch.int64).repeat_interleave(H).to(pq.device))
+            self._hi_args = (key, *_head_rows(self._nh, self.heads, key[0], pq.device))
         offsets, lengths = self._hi_args[1:]
-        flat = [t.reshape((-1,) + tuple(t.shape[3:])) for t in self._hi]
         none = self._rk[:, :, :0]
-        return ops.packed_attention(pq, *flat, none, none, offsets=offsets, lengths=lengths, bits=self.high_bits,
-                                    group=self.group, scaling=scaling, return_lse=True)
+        return ops.packed_attention(pq, *_flat(self._hi), none, none, offsets=offsets, lengths=lengths,
+                                    bits=self.high_bits, group=self.group, scaling=scaling, return_lse=True)
 
     def _row_leading(self, first_visible):
         """Row mode: ``kv_start`` ``[B]`` for the one kernel call (ragged
@@ -1210,6 +1190,36 @@ class PackedStore(LayerStore):
         if self._r0 and not self._sinks_in_call:
             parts.append(self._attend_sinks(query, scaling, sink_start))
         return join_parts(parts, query.dtype)
+
+
+def _zero_part(B: int, H: int, cap: int, D: int, Dv: int, key_bits: int, value_bits: int, group: int,
+               device) -> tuple:
+    """Zeroed packed buffers for ``cap`` slots (a multiple of ``group``) of
+    ``B x H`` heads: key codes ``[B, H, cap, Db]``, mins and scales ``[B, H,
+    cap / G, D]``, value codes ``[B, H, cap, Dbv]``, mins and scales ``[B, H,
+    cap, ceil(Dv / G)]``, in that order."""
+    vg = math.ceil(Dv / group)
+
+    def z(shape, dtype):
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    return (z((B, H, cap, ops.packed_row_bytes(D, key_bits)), torch.uint8),
+            z((B, H, cap // group, D), torch.float32), z((B, H, cap // group, D), torch.float32),
+            z((B, H, cap, ops.packed_row_bytes(Dv, value_bits)), torch.uint8),
+            z((B, H, cap, vg), torch.float32), z((B, H, cap, vg), torch.float32))
+
+
+def _head_rows(counts: list[int], heads: int, cap: int, device):
+    """``(offsets, lengths)`` of the per-head layout over uniform ``[B, H,
+    cap, .]`` buffers (row mode): head ``(b, h)`` starts at row ``(b H + h)
+    cap`` of the flattened buffers and holds ``counts[b]`` slots."""
+    return (torch.arange(len(counts) * heads, dtype=torch.int64, device=device) * cap,
+            torch.tensor(counts, dtype=torch.int64).repeat_interleave(heads).to(device))
+
+
+def _flat(part) -> list:
+    """Packed buffers ``[B, H, cap, .]`` as the per-head layout's ``[B H cap, .]``."""
+    return [t.reshape((-1,) + tuple(t.shape[3:])) for t in part]
 
 
 def _write_part(dest, b: int, part) -> None:
