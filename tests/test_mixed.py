@@ -355,3 +355,10 @@ def test_rows_split_apart_hold_and_read_what_each_row_does_alone(high_bits, rota
     assert "packed=[0, 60, 60]" in repr(store)
     k_all, _ = store.dequantized()
     assert torch.equal(k_all[1], k_all[2]) and torch.equal(k_all[0, :, 50:], alone[2].dequantized()[0][0])
+    # a per-row list of another length is refused by name, before anything is built
+    for name, args in (("full", (full[:2], low, [True] * 3)), ("low", (full, low + [None], [True] * 3)),
+                       ("packs_full", (full, low, [True]))):
+        with pytest.raises(ValueError, match=f"from_split_rows: {name}:"):
+            PackedStore.from_split_rows(keys, values, *args, 2, G)
+    with pytest.raises(ValueError, match="from_split_rows: rotated:"):
+        PackedStore.from_split_rows(keys, values, full, low, [True] * 3, 2, G, rotation=rot, rotated=[True])

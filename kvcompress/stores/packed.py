@@ -224,6 +224,10 @@ class PackedStore(LayerStore):
         rotation`` (``rotate="auto"`` chosen per row); None: every row's
         where ``rotation`` is set."""
         B, H, _, D = (int(x) for x in keys.shape)
+        for name, rows in (("full", full), ("low", low), ("packs_full", packs_full), ("rotated", rotated)):
+            if rows is not None and len(rows) != B:
+                raise ValueError(f"PackedStore.from_split_rows: {name}: one entry per row of the batch ({B}), "
+                                 f"got {len(rows)}")
         new = cls(bits, group, 0, value_bits)
         new.rotation = rotation
         new.pack_decoded = False
