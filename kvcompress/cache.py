@@ -866,6 +866,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=False,
                                                        sinks=self.method.fp_sinks, value_clip=clip,
                                                        row_choices=rows, whole_rows=whole)
+            # a row that packs nothing yet and had nothing to test chooses before its first pack
+            self._sync_row_choices(rows)
         else:
             # deferred, the rotation takes this call's queries at the settle that follows
             rotation = self._key_rotation(packing, queries, scaling, defer=True, hold=False)
@@ -956,8 +958,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # rounds desynchronise the rows even without padding: row mode from the first pack
             store.start_rows(self._start, unpadded=True)
         if (m.rotates_keys or m.value_clip or m.key_feedback) and store.pack_decoded \
-                and store.start_rows(self._start, unpadded=True):
-            # row mode: each row chooses at its own first pack, as it does alone
+                and (store.start_rows(self._start, unpadded=True) or store.rows_to_choose()):
+            # row mode (or a per-head layer packed once with a row that packed nothing then):
+            # each row chooses at its own first pack, as it does alone
             self._choose_rows(queries, scaling)
             store.settle(pad=self._start)
             return
@@ -1135,9 +1138,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         if due is None or all(due) or not old._rcols:
             return None
         sinks, own = old._row_sinks(), old._own_residual()
-        # a row whose keep_rows layout holds residual slots older than a kept group's comes back from
-        # unpacked() in token order, merged slots last: it is packed again, as before a round adopted rows
-        layout = [None if d or layout_problem(self.store, b, (sinks[b], own[b]), self.method.fp_sinks)
+        # the row is adopted after (adopt_rows): its slots' order in unpacked() does not matter (a
+        # keep_rows layout whose residual is older than a kept group comes back in token order)
+        layout = [None if d or layout_problem(self.store, b, (sinks[b], own[b]), self.method.fp_sinks,
+                                              adopted=True)
                   else (sinks[b], own[b]) for b, d in enumerate(due)]
         return None if all(x is None for x in layout) else layout
 

@@ -393,13 +393,11 @@ class PackingChoices:
         :meth:`_slots_to_pack` gives them for the row alone (its longest
         head sets how many); its weights come from its own query moment
         (``_row_qmom``) in its basis. Under ``"auto"`` a row with no whole
-        group to test packs unrotated and without weights; behind rounds
-        it is None instead, as its layer alone stays undecided: it chooses
-        at its first pack (:meth:`_choose_rows`) or round, unless the new
-        store packs part groups of it now, which it packs unrotated and
-        without weights, as alone (:meth:`_sync_row_choices`). (Packed once,
-        where such a row packs nothing yet, alone it tests at its first
-        pack: there the batch row stays apart.)
+        group to test is None instead, as its layer alone stays undecided:
+        it chooses at its first pack (:meth:`_choose_rows`; behind rounds,
+        or at its first round), unless the new store packs part groups of
+        it now, which it packs unrotated and without weights, as alone
+        (:meth:`_sync_row_choices`).
         ``defer`` (per row, or None): rows kept whole, which pack later as a
         uniform layer alone does and choose then (:meth:`_choose_rows`):
         None for them, and they keep holding their queries and moments.
@@ -425,16 +423,15 @@ class PackingChoices:
             lead = start[b * H : (b + 1) * H]
             m = (M - int(lead.min())) // G * G if H else 0  # the row's longest head, in whole groups
             first = (lead + method.fp_sinks - (M - m)).clamp(min=0)
-            if rot_auto and not m and self._rebudget:
-                # nothing to test: alone its layer stays undecided and tests at its first pack or
-                # round, so the row chooses then (row mode); if it packs part groups now, unrotated
-                # and without weights (RaggedPackedStore.from_ragged, read back by _sync_row_choices)
+            if rot_auto and not m:
+                # nothing to test: alone its layer stays undecided and tests at its first pack (or
+                # round), so the row chooses then (_choose_rows); if it packs part groups now,
+                # unrotated and without weights (RaggedPackedStore.from_ragged, read back by
+                # _sync_row_choices)
                 rows.append(None)
                 continue
             rot = self._row_rotation(b, dense[b : b + 1, :, M - m :], bits, G, s, first, counts[b : b + 1, :, M - m :])
-            # packed once, a row with nothing to test packs unrotated and without weights (alone: the
-            # same where it packs part groups now; where it packs nothing yet, alone tests later)
-            rows.append((rot, self._row_weights(b, rot) if m or not rot_auto else None))
+            rows.append((rot, self._row_weights(b, rot)))
         self._row_choices = [None if c is None else (c[0] is not None, self._clip) for c in rows]  # clipping is the layer's
         self._decide_rotation(None)
         self._feedback, self._qmom = None, None

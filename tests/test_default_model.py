@@ -194,16 +194,18 @@ def test_kivi_8bit_gives_the_full_cache_tokens(default_model, shakespeare):
     assert min(packed) == (n - 128) // 32 * 32 and min(packed) > 500
 
 
-def test_a_round_beside_a_keep_rows_layout_packs_that_row_again(default_model):
+def test_a_round_beside_a_keep_rows_layout_keeps_that_row_as_it_was(default_model):
     """EMS + KIVI-2 with rotated keys and sinks at budget 256, rows of
     1,024, 700, 900 and 250 tokens of the packaged text: at a round only one
     row is due, and another row's ``keep_rows`` layout holds residual slots
     older than a kept group, so ``unpacked()`` gives its slots back in token
-    order with merged ones last, which ``from_ragged(row_layout=...)``
-    cannot keep as its residual. That row is packed again (as before rounds
-    adopted rows, ``CompressedLayer._untouched_layout``) instead of the
-    round raising ``row_layout: row 1's 54 newest slots hold merged ones``;
-    the batch generates its 64 tokens."""
+    order with merged ones last, which could not be that row's residual.
+    Such a row is laid out in size only and adopted bit for bit
+    (``layout_problem(adopted=True)``, ``adopt_rows``; it was packed again
+    from those slots, and before that the round raised ``row_layout: row
+    1's 54 newest slots hold merged ones``); the batch generates its 64
+    tokens within its budget (tests/test_row_invariance.py's hunted cases
+    compare such a row with alone)."""
     from pathlib import Path
 
     from kvcompress.methods import method_from_spec

@@ -1045,12 +1045,77 @@ def test_a_round_adopts_the_rows_it_leaves_as_they_were(seed):
         fresh.adopt_rows(old, [i == b for i in range(B)])
 
 
+def test_a_row_packed_once_with_nothing_packed_takes_its_own_sinks_and_chooses_at_its_first_pack():
+    """Packed once (no ``columns``), a batch row whose heads hold no more
+    slots than ``sinks`` keeps them all as its sink block, as alone (before:
+    the batch's block, as long as the shortest head of any row allowed), and
+    a row left to choose (``row_choices`` None) packs nothing until the
+    batch's first pack of its residual, before which ``set_row_choice``
+    gives it the rotation its layer alone takes there (``set_rotation``).
+    Each row attends as alone within 1e-6 before and after that pack; a row
+    that chose, or packs with the store's choices, is refused by name."""
+    from kvcompress.stores.rotation import key_rotation
+
+    g = torch.Generator().manual_seed(4242)
+    H, D, G, R, S, C = 2, 16, 8, 8, 4, 20
+    keys, values = torch.randn(2, H, C, D, generator=g), torch.randn(2, H, C, D, generator=g)
+    pos = torch.arange(C, dtype=torch.int32).expand(2, H, C).contiguous()
+    valid = torch.ones(2, H, C, dtype=torch.bool)
+    valid[0, :, 3:] = False  # row 0: 3 slots per head, all sinks alone
+    valid[1, 0, :2] = False  # row 1: 18 and 20
+    spec = AttentionSpec(scaling=D ** -0.5, count_bias=True)
+    rot = key_rotation(D, torch.device("cpu"))
+
+    def store_of(rows, **kw):
+        st = RaggedStore.from_dense(keys[rows], values[rows], pos[rows], valid[rows])
+        return RaggedPackedStore.from_ragged(st, 4, G, R, sinks=S, **kw)
+
+    batch = store_of([0, 1], row_choices=[None, (None, None)])
+    alone = [store_of([0]), store_of([1])]
+    assert batch._row_sinks() == [3, 4] and alone[0]._r0 == 3 and alone[1]._r0 == 4
+    packed = batch._host_lengths.tolist()  # packed rows per head
+    assert batch.rows_to_choose() and packed[:H] == [0] * H and all(packed[H:])
+    with pytest.raises(RuntimeError, match="row 1 packs with choices made already"):
+        batch.set_row_choice(1, rot, None, False)
+
+    def same(step):
+        q = torch.randn(2, 2 * H, 1, D, generator=g)
+        got = batch.attend(q, spec)
+        for b, st in enumerate(alone):
+            assert (got[b] - st.attend(q[b : b + 1], spec)[0]).abs().max() < 1e-6, (step, b)
+
+    same(-1)
+    step = 0
+    while batch.pending() == 0:
+        k, v = torch.randn(2, H, 1, D, generator=g), torch.randn(2, H, 1, D, generator=g)
+        for st in (batch, *alone):
+            st.append(k if st is batch else k[alone.index(st) : alone.index(st) + 1],
+                      v if st is batch else v[alone.index(st) : alone.index(st) + 1], C + step)
+        step += 1
+        if batch.pending() == 0:
+            for st in (batch, *alone):
+                st.settle()
+            same(step)
+    keys0, _ = batch.row_pending(0)
+    assert batch.row_dues() == [R, R] and torch.equal(keys0, alone[0].residual_keys()[:, :, :R])
+    batch.set_row_choice(0, rot, None, False)
+    alone[0].set_rotation(rot)
+    assert not batch.rows_to_choose() and batch.row_choice(0)[0] and not batch.row_choice(1)[0]
+    for st in (batch, *alone):
+        st.settle()
+    assert batch._host_lengths[:H].tolist() == [G] * H
+    same(step)
+    with pytest.raises(RuntimeError, match="row 0 packs with choices made already"):
+        batch.set_row_choice(0, None, None, False)
+
+
 def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
     """``from_ragged(whole_rows=...)`` names the argument for a store with
     columns (a layer that re-compresses), a flag count other than the
     batch's, a whole row whose heads differ or hold merged slots, and
     ``row_choices`` leaves undecided only whole rows (but behind rounds,
-    ``rows_apart``, where a row chooses at its own first pack); ``rows_apart`` (each
+    ``rows_apart``, and packed once, no ``columns``, where a row chooses at
+    its own first pack); ``rows_apart`` (each
     row's own residual) is named without ``columns``, which keep no
     residual."""
     keys = torch.randn(2, 2, 16, 8)
@@ -1066,7 +1131,7 @@ def test_whole_rows_are_refused_where_a_row_was_not_kept_whole():
              (RaggedStore.from_dense(keys, keys, pos, ragged), dict(whole_rows=[False, True]), "different numbers"),
              (RaggedStore.from_dense(keys, keys, pos, valid, counts=merged), dict(whole_rows=[False, True]),
               "merged slots"),
-             (store, dict(whole_rows=[False, True], row_choices=[None, None]), "row_choices"),
+             (store, dict(columns=True, row_choices=[None, None]), "row_choices"),
              (store, dict(rows_apart=True), "rows_apart")]
     for st, kw, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -228,6 +228,10 @@ HUNTED = [
     # choose one for the batch at the next settle and raised (the layer's flags were not carried)
     ("fastgen:interval=4+kivi:bits=8:group=8:residual=8:rotate=auto:clip_values=auto", 64, (50, 24), 1),
     ("ems:interval=8+kivi:bits=2:group=8:residual=16:rotate=auto:feedback=true:sinks=4", 64, (50, 24, 61), 2),
+    # a row a round left as it was, whose keep_rows layout holds residual slots older than a kept
+    # group, was packed again from unpacked() (token order, merged slots last): now adopted as it was
+    ("ems:interval=4+kivi:bits=4:group=8:residual=16:rotate=auto:feedback=true", 64, (53, 75), 360),
+    ("ems:interval=4+kivi:bits=4:group=8:residual=16", 64, (53, 75), 360),
 ]
 
 
@@ -250,6 +254,15 @@ HUNTED_RATIO = [
     # ... and such a row chose at another row's round, which left it as it was (alone: no round then)
     ("adakv:interval=8+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.5, (140, 31, 138), 648),
     ("fastgen+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (63, 33, 107), 835),
+    # packed once (interval=0), a row holding no more than its sink block packs nothing: alone its
+    # layer tests the rotation at its first pack, where the batch row decided unrotated at once
+    ("adakv:interval=0+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (15, 39), 51),
+    ("adakv:interval=0+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (15, 58, 48), 600),
+    ("adakv:interval=0+kivi:bits=4:group=8:residual=16:rotate=auto:feedback=true:sinks=4", 0.7, (15, 58, 48), 600),
+    # ... and its sink block was the batch's (its shortest head's of any row), not its own
+    ("ems:interval=0+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (11, 8), 131),
+    ("adakv:interval=0+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (8, 90, 99), 155),
+    ("adakv:interval=0+kivi:bits=4:group=8:residual=8:sinks=4", 0.7, (8, 90, 99), 155),
 ]
 
 

@@ -558,6 +558,12 @@ class PackedStore(LayerStore):
         self._choices[b] = (rotation is not None, feedback, bool(clip))
         self._rot_mask = None
 
+    def rows_to_choose(self) -> bool:
+        """Whether a row still makes its choices (``set_row_choice``) before
+        it packs, out of row mode (a per-head store packed once,
+        ``RaggedPackedStore``); never here."""
+        return False
+
     def row_choice(self, b: int) -> tuple[bool, torch.Tensor | None, bool]:
         """``(rotated, feedback triangle or None, clipped)``: how row ``b``'s
         slots are packed (its own choices in row mode, else the store's)."""

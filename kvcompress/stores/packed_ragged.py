@@ -29,10 +29,10 @@ head) stay in full precision as a sink block at the front of the residual's
 buffers, ``[B, H, S, D]``, read in the same kernel call as the residual.
 A block slot that absorbed merged tokens keeps its merge count: the kernel
 adds the residual slots' log counts (``residual_counts``, 1 past the block).
-In a batch whose rows keep their own residual (row mode behind rounds) each
-row takes the block it takes alone, ``_sinks_rows[b]`` slots at the block's
-front; the block's other rows are masked for it with its foreign residual
-rows (one hole, ``residual_hidden``).
+In a batch whose rows keep their own residual (row mode behind rounds), and
+in a batch packed once, each row takes the block it takes alone,
+``_sinks_rows[b]`` slots at the block's front; the block's other rows are
+masked for it with its foreign residual rows (one hole, ``residual_hidden``).
 """
 
 from __future__ import annotations
@@ -126,9 +126,12 @@ class RaggedPackedStore(PackedStore):
         ``rotation`` and ``feedback``, each row's heads packed (and later
         read) its own way; None for a row that chooses at its first pack
         (:meth:`set_row_choice`): a row of ``whole_rows``, or with
-        ``rows_apart`` one with no whole group to test its rotation on,
-        which packs unrotated and without weights if it packs part groups
-        now (the layer reads ``_choices`` back). ``whole_rows`` (a store
+        ``rows_apart`` or packed once (no ``columns``) one with no whole
+        group to test its rotation on, which packs unrotated and without
+        weights if it packs part groups now (the layer reads ``_choices``
+        back); packed once, a row that packs nothing now chooses before the
+        batch's first pack of its residual (:meth:`set_row_choice`; if
+        nothing chooses, it packs unrotated and without weights). ``whole_rows`` (a store
         packed once, no ``columns``): per row whether the method kept it
         whole, every head holding the row's every token. Such a row packs as
         a uniform :class:`PackedStore` of it alone would, on KIVI's schedule:
@@ -141,11 +144,14 @@ class RaggedPackedStore(PackedStore):
         ``_recent_kept`` allows its own heads, as it does alone, not the
         fewest any row's heads allow (row mode again). ``row_layout`` (with
         ``rows_apart``; a round that left some rows as they were): per row
-        None or ``(s_b, r_b)``, the row's sink block and own residual
-        (slots of merge count 1) as they were, where a fresh layout would
-        pack the part of its residual past ``residual`` now, which alone it
-        packs only once its residual fills (a row of ``whole_rows`` too: its
-        layout before the step's :meth:`settle`)."""
+        None or ``(s_b, r_b)``, the row's sink block and own residual as
+        they were, where a fresh layout would pack the part of its residual
+        past ``residual`` now, which alone it packs only once its residual
+        fills (a row of ``whole_rows`` too: its layout before the step's
+        :meth:`settle`). Such a row is laid out only in size: its slots are
+        then taken, bit for bit, from the store it was unpacked from
+        (:meth:`adopt_rows`), whose order ``unpacked()`` does not keep (a
+        ``keep_rows`` layout's residual may be older than a kept group)."""
         new = cls(bits, group, residual, value_bits)
         new.rotation = rotation
         new.feedback = feedback
@@ -158,9 +164,9 @@ class RaggedPackedStore(PackedStore):
             # rows that choose later: a row kept whole, at its first pack; behind rounds (rows_apart) another
             # row too (rotate="auto" with no whole group to test, which alone leaves its layer undecided)
             undecided = [c is None and (whole is None or not bool(whole[b * H])) for b, c in enumerate(row_choices)]
-            if any(undecided) and not rows_apart:
-                raise ValueError("row_choices: None only for a row of whole_rows, or with rows_apart (a row "
-                                 "that chooses at its first pack or round)")
+            if any(undecided) and columns and not rows_apart:
+                raise ValueError("row_choices: None only for a row of whole_rows, with rows_apart, or packed "
+                                 "once (columns=False): a row that chooses at its first pack or round")
             new._choices = [None if c is None else (c[0] is not None, c[1], new.value_clip) for c in row_choices]
             new.rotation = next((c[0] for c in row_choices if c is not None and c[0] is not None), None)
         else:
@@ -201,6 +207,15 @@ class RaggedPackedStore(PackedStore):
             if new._sinks_due is not None and not any(new._sinks_due):
                 new._sinks_due = None
             s, r = max(sinks_rows), max(per_row)
+            if min(sinks_rows) < s:
+                new._sinks_rows = sinks_rows
+                s_heads = torch.tensor(sinks_rows, dtype=torch.int64).repeat_interleave(H)
+        elif not columns and whole is None and B > 1 and sinks:
+            # packed once: each row's sink block as alone (its own shortest head, not the batch's, bounds
+            # it), the block's rows past a row's own masked for it (residual_hidden)
+            lengths_host = store._host_lengths.view(B, H)
+            sinks_rows = [max(0, min(int(sinks), int(lengths_host[b].min()))) if H else 0 for b in range(B)]
+            s = max(sinks_rows)
             if min(sinks_rows) < s:
                 new._sinks_rows = sinks_rows
                 s_heads = torch.tensor(sinks_rows, dtype=torch.int64).repeat_interleave(H)
@@ -384,7 +399,11 @@ class RaggedPackedStore(PackedStore):
     def row_dues(self) -> list[int]:
         """The base class's, where a row waiting for its sink block
         (``_sinks_due``) counts its ``sinks`` oldest residual slots out, as
-        a uniform store of it alone does before it takes them."""
+        a uniform store of it alone does before it takes them. Out of row
+        mode (packed once, every row's residual filled alike since the
+        pack) every row packs the next settle's slots (:meth:`pending`)."""
+        if self._np is None:
+            return [self.pending()] * self.batch
         due = super().row_dues()
         if self._sinks_due is None:
             return due
@@ -688,6 +707,12 @@ class RaggedPackedStore(PackedStore):
         the choices they were made with."""
         return self._np is not None and self._choices is not None and None in self._choices
 
+    def rows_to_choose(self) -> bool:
+        """Whether a row still makes its choices (:meth:`set_row_choice`)
+        before it packs, out of row mode: packed once, a row that packed
+        nothing then (``from_ragged(row_choices=...)`` None for it)."""
+        return self._np is None and self._choices is not None and None in self._choices
+
     def settle(self, pad=None) -> None:
         """Pack whole residual groups: in row mode each row its own
         (:meth:`_settle_rows`), else every head's at once. A per-head store
@@ -697,12 +722,35 @@ class RaggedPackedStore(PackedStore):
             return
         super().settle(pad)
 
+    def row_pending(self, b: int):
+        """``(keys, values)`` ``[1, H, m, D]`` of the residual slots row
+        ``b``'s next settle packs (row mode: the base class's; packed once,
+        the residual's oldest :meth:`pending` slots, as for every row)."""
+        if self._np is not None:
+            return super().row_pending(b)
+        m = self.pending()
+        return self.residual_keys()[b : b + 1, :, :m], self.residual_values()[b : b + 1, :, :m]
+
     def set_row_choice(self, b: int, rotation, feedback, clip: bool) -> None:
         """Row mode: row ``b`` (one that packs nothing yet, a whole row)
         packs its keys as ``k @ rotation`` rounded with ``feedback`` (see
         :meth:`PackedStore.set_row_choice`); the rows that packed already
         keep their choices, the store's where none were given per row. The
-        value groups of every row follow the store's ``value_clip``."""
+        value groups of every row follow the store's ``value_clip``.
+        Packed once (no row mode): only a row left to choose
+        (``from_ragged(row_choices=...)`` None for it) that has packed
+        nothing, before the settle that packs its first group."""
+        if self._np is None:
+            H = self.heads
+            if self._choices is None or self._choices[b] is not None:
+                raise RuntimeError(f"RaggedPackedStore.set_row_choice: row {b} packs with choices made already")
+            if bool(self._host_lengths[b * H : (b + 1) * H].any()):
+                raise RuntimeError(f"RaggedPackedStore.set_row_choice: row {b} has packed slots already")
+            if rotation is not None:
+                self.rotation = rotation  # one matrix (key_rotation's) for every rotated row
+            self._choices[b] = (rotation is not None, feedback, self.value_clip)
+            self._rot_mask = None
+            return
         if self._choices is None and self._np is not None:
             self._choices = [(self.rotation is not None, self.feedback, self.value_clip)] * self.batch
         super().set_row_choice(b, rotation, feedback, clip)
@@ -967,20 +1015,26 @@ class RaggedPackedStore(PackedStore):
         return keys, values, start, logc
 
     def _hidden_rows(self, device):
-        """Row mode: ``residual_hidden`` ``[B * H, 2]`` of the kernel call, per
-        head the rows of the sink block and residual that are not its row's
-        own, one stretch: the block's rows past the row's sinks, then the
-        residual rows before its own; None when every row's are all."""
-        if self._rs is None or (not any(self._rs) and self._sinks_rows is None):
+        """``residual_hidden`` ``[B * H, 2]`` of the kernel call (row mode,
+        or packed once with per-row sink blocks), per head the rows of the
+        sink block and residual that are not its row's own, one stretch:
+        the block's rows past the row's sinks, then the residual rows before
+        its own; None when every row's are all."""
+        if self._sinks_rows is None and (self._rs is None or not any(self._rs)):
             return None
-        block = self._row_sinks()
-        key = (torch.device(device), self._r0, tuple(self._rs), tuple(block))  # built again when one moves
+        block, own = self._row_sinks(), self._hidden_before()
+        key = (torch.device(device), self._r0, tuple(own), tuple(block))  # built again when one moves
         if self._hidden is None or self._hidden[0] != key:
             o = self._r0
-            hid = torch.tensor([[s, o + x] for s, x in zip(block, self._rs)],
+            hid = torch.tensor([[s, o + x] for s, x in zip(block, own)],
                                dtype=torch.int64).repeat_interleave(self.heads, 0)
             self._hidden = (key, hid.to(device))
         return self._hidden[1]
+
+    def _hidden_before(self) -> list[int]:
+        """Per row the residual rows before its own (row mode's ``_rs``; out
+        of it, where only the sink block differs by row, none)."""
+        return list(self._rs) if self._rs is not None else [0] * self.batch
 
     def dequantized(self):
         raise NotImplementedError("a per-head packed layer has no [B, H, n, D] form: use padded()")
@@ -1025,7 +1079,7 @@ class RaggedPackedStore(PackedStore):
                                       self._vmin, self._vsc, none, none, offsets=self.offsets, lengths=self.lengths,
                                       counts=counts, return_lse=True, **widths)]
         empty = self._no_packed(B, H)
-        own = torch.tensor(self._rs, dtype=torch.int64, device=query.device)
+        own = torch.tensor(self._hidden_before(), dtype=torch.int64, device=query.device)
         parts.append(ops.packed_attention(query, *empty, self._rk[:, :, o : o + r], self._rv[:, :, o : o + r],
                                           kv_start=own, return_lse=True, **widths))
         if o:
@@ -1135,19 +1189,22 @@ def _whole_heads(store, whole_rows, columns: bool, rows_apart: bool):
     return torch.tensor([bool(w) for w in whole_rows], dtype=torch.bool).repeat_interleave(H)
 
 
-def layout_problem(store, b: int, kept, sinks: int) -> str | None:
+def layout_problem(store, b: int, kept, sinks: int, adopted: bool = False) -> str | None:
     """Why ``store`` (a :class:`~kvcompress.stores.RaggedStore`) cannot lay
     out its row ``b`` as ``kept = (s_b, r_b)`` (``from_ragged``'s
     ``row_layout[b]``), or None: ``s_b <= sinks``, both within the row's
     every head, and its ``r_b`` newest slots of merge count 1 (the residual
-    holds no counts)."""
+    holds no counts). ``adopted``: the row's slots come from the store it
+    was unpacked from (``RaggedPackedStore.adopt_rows``), which held them so;
+    only the sizes must fit (``unpacked()`` gives a ``keep_rows`` layout's
+    slots back in token order, merged ones last, not as they lie)."""
     s_b, r_b = (int(x) for x in kept)
     H = store.heads
     n = store._host_lengths[b * H : (b + 1) * H]
     if not 0 <= s_b <= sinks or r_b < 0 or s_b + r_b > int(n.min()):
         return (f"row_layout: row {b} keeps {s_b} sinks and {r_b} residual slots, more than it holds "
                 f"({int(n.min())}) or sinks={sinks} allows")
-    if r_b and store.counts is not None:
+    if r_b and store.counts is not None and not adopted:
         ends = (store.offsets + store.lengths)[b * H : (b + 1) * H]
         tail = store.counts[(ends - r_b)[:, None] + torch.arange(r_b, device=store.counts.device)]
         if bool((tail != 1).any()):
@@ -1156,8 +1213,9 @@ def layout_problem(store, b: int, kept, sinks: int) -> str | None:
 
 
 def _kept_layout(store, b: int, kept, sinks: int) -> tuple[int, int]:
-    """``from_ragged``'s ``row_layout[b]``, checked (:func:`layout_problem`)."""
-    problem = layout_problem(store, b, kept, sinks)
+    """``from_ragged``'s ``row_layout[b]``, checked (:func:`layout_problem`;
+    the row is adopted after, ``adopt_rows``)."""
+    problem = layout_problem(store, b, kept, sinks, adopted=True)
     if problem is not None:
         raise ValueError(problem)
     return int(kept[0]), int(kept[1])
