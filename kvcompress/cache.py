@@ -719,6 +719,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # per row: a row whose target keeps fewer slots than another's sees fewer (_slide)
             keeps = self._window_keeps()
             first_visible = self.seen - keeps[0] if len(set(keeps)) == 1 else [self.seen - k for k in keeps]
+            # a row packs its first group where its layer alone is packed: once it keeps more than
+            # residual + group slots (_packs_window; a row shorter than that, or whose ratio target is
+            # still smaller, waits)
+            _, group, residual, _ = self.method.packing
+            self.store.first_pack_rows = [k > residual + group for k in keeps]
             if self.store._np is not None:
                 # row mode: a row packs only from the slots it still sees, as its layer alone holds no others
                 self._drop_unseen(first_visible)
@@ -838,9 +843,6 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # mixed precision with nothing dropped: every slot stays full precision
             self.store.pack_decoded = not self.method.mixed_precision
             self.store.rows_apart = self._rows_apart()
-            if self.window is not None:
-                # a row shorter than the window packs first where its layer alone starts packing
-                self.store.first_pack_over = packing[2] + packing[1]
         elif self._rebudget and (self._ragged_choices is not None or self._rounds_choose_apart()):
             # a layer with rounds whose rows choose apart: at its first pack each row chooses as alone,
             # and every later round packs each row with what it chose; a row kept whole chooses at its

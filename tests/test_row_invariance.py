@@ -281,7 +281,7 @@ def test_rows_beside_a_sliding_layer_attend_as_alone(spec):
     for bit where nothing is packed, within 1e-6 packed. The 20-token row
     is shorter than the window: alone its sliding layer stays unpacked
     until it keeps more than ``residual + group`` slots, and in a batch its
-    row now waits as long (``PackedStore.first_pack_over``; before, it
+    row now waits as long (``PackedStore.first_pack_rows``; before, it
     packed its first group one step earlier, 0.1 apart at that step)."""
     assert _compare(spec, (96, 60, 120, 20), 2, window=48) > 100
 
@@ -297,3 +297,16 @@ def test_rows_of_other_targets_slide_as_alone(spec):
     keep 47, 30, 47 and 10 of a 48-token window; every row attends as
     alone at every step, bit for bit unpacked, within 1e-6 packed."""
     assert _compare(spec, (96, 60, 120, 20), 3, ratio=0.5, window=48) > 100
+
+
+@pytest.mark.parametrize("spec", ["pyramidkv+kivi:bits=2:group=16:residual=16",
+                                  "pyramidkv+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4"])
+def test_a_short_row_packs_its_window_when_its_target_lets_it_as_alone(spec):
+    """A hunted case: PyramidKV gives the sliding first layer more than the
+    mean, so under ``ratio=`` a 10-token row's target there grows by about
+    one slot per step, and its layer alone is packed (``_packs_window``)
+    once it keeps ``residual + group + 1`` slots while still holding one
+    fewer: it packs its first group then. In the batch the row waited until
+    it held one more (0.43 apart from step 25); now it packs when its own
+    target lets its layer alone (``PackedStore.first_pack_rows``)."""
+    assert _compare(spec, (102, 81, 137, 10), 954, ratio=0.5, window=48) > 100

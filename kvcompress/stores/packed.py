@@ -88,11 +88,13 @@ class PackedStore(LayerStore):
         #: slots before this one that share a key group with kept ones stay
         #: packed but are masked as leading slots (see drop_unseen)
         self.visible_from = None
-        #: row mode on a sliding-window layer: a row that has packed nothing
-        #: packs only once it holds more than this many slots, as its layer
-        #: alone stays unpacked until it keeps more than ``residual + group``
-        #: (``CompressedLayer._packs_window``); None: no such wait
-        self.first_pack_over: int | None = None
+        #: row mode on a sliding-window layer: per row whether a row that has
+        #: packed nothing may pack, as its layer alone stays unpacked until
+        #: it keeps more than ``residual + group`` slots (its target's
+        #: ``min(window - 1, target)``, ``CompressedLayer._packs_window``,
+        #: which under ``ratio=`` may be one more than it holds yet); set by
+        #: the layer before each settle; None: no such wait
+        self.first_pack_rows: list[bool] | None = None
         #: per-slot columns ``name -> [B, H, cap]`` by logical slot (positions
         #: and the evictor's slot state), kept only when the layer re-selects
         #: its slots while decoding (``from_uniform(..., columns=True)``)
@@ -522,16 +524,15 @@ class PackedStore(LayerStore):
     def row_dues(self) -> list[int]:
         """Row mode: the slots each row's next settle packs, its residual's
         whole groups past ``residual + group - 1`` (a row that has packed
-        nothing, once it holds more than ``first_pack_over`` slots where
-        that is set; none in a store that packs nothing while decoding,
+        nothing, once ``first_pack_rows`` lets it where that is set; none in a store that packs nothing while decoding,
         mixed precision's)."""
         if not self.pack_decoded:
             return [0] * self.batch
         G, R = self.group, self.residual
         due = [max(0, (self.r - s - R) // G * G) for s in self._rs]
-        if self.first_pack_over is not None:
-            due = [0 if not packed and self.r - s <= self.first_pack_over else d
-                   for d, s, packed in zip(due, self._rs, self._np)]
+        if self.first_pack_rows is not None:
+            due = [0 if not packed and not ready else d
+                   for d, packed, ready in zip(due, self._np, self.first_pack_rows)]
         return due
 
     def row_pending(self, b: int):
@@ -890,6 +891,8 @@ class PackedStore(LayerStore):
             self._row_args = None
             if self._choices is not None:
                 self._choices, self._rot_mask = [self._choices[i] for i in host], None
+            if self.first_pack_rows is not None:
+                self.first_pack_rows = [self.first_pack_rows[i] for i in host]
         if self._cols is not None:
             self._cols = {name: t.index_select(0, idx) for name, t in self._cols.items()}
 
