@@ -398,6 +398,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._row_choices = [self._row_choices[i] for i in host.tolist()]
         if self._ragged_choices is not None:
             self._ragged_choices = [self._ragged_choices[i] for i in host.tolist()]
+        if self._weights_later is not None:
+            self._weights_later = [self._weights_later[i] for i in host.tolist()]
         if self._whole_rounds is not None:
             self._whole_rounds = [self._whole_rounds[i] for i in host.tolist()]
         if self._kept_whole is not None:
@@ -851,7 +853,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             whole = self._whole_rows()
             if self._ragged_choices is None:
                 self._ragged_choices = self._choose_ragged_rows(packing, queries, scaling, defer=whole)
-            elif None in self._ragged_choices:
+            elif None in self._ragged_choices or any(self._weights_later or ()):
                 self._ragged_choices = self._round_choices(packing, queries, scaling, whole)
             self._whole_rounds = whole
             self.store = RaggedPackedStore.from_ragged(self.store, *packing, columns=True,

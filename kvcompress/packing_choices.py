@@ -63,6 +63,10 @@ class PackingChoices:
         # row's weights are the ones it gets alone
         self._row_choices: list | None = None
         self._row_qmom: list[QueryMoments | None] | None = None
+        # behind rounds with feedback=True: per row whether it packed part groups before it could
+        # test the rotation (unrotated, without weights: _sync_row_choices) and takes its key-feedback
+        # weights at its first round, as its layer alone fixes them then (_fix_feedback)
+        self._weights_later: list[bool] | None = None
 
     def _key_rotation(self, packing, queries, scaling, defer: bool = False, hold: bool = True):
         """The rotation of this layer's packed keys (None: as they are),
@@ -203,7 +207,7 @@ class PackingChoices:
         positions are left out."""
         if not self.method.key_feedback or self._feedback_decided or queries is None or not self.store.batch:
             return
-        if self._row_choices is not None and None not in self._row_choices:
+        if self._row_choices is not None and None not in self._row_choices and not any(self._weights_later or ()):
             return  # row mode, every row decided
         q = int(queries.shape[2])
         hidden = [max(0, p - (self.seen - q)) for p in self._pad] if self._pad else None
@@ -277,7 +281,10 @@ class PackingChoices:
             self._row_choices[b] = (rot is not None, clip)
             store.set_row_choice(b, rot, tri, clip)
         if all(c is not None for c in self._row_choices):
-            self._rot_q = self._clip_q = self._row_qmom = None
+            self._rot_q = self._clip_q = None
+            later = self._weights_later or [False] * store.batch
+            self._row_qmom = None if self._row_qmom is None or not any(later) else \
+                [q if w else None for q, w in zip(self._row_qmom, later)]
 
     def _row_queries(self, held, b: int):
         """Row ``b``'s real queries ``[1, Hq, <= W, D]`` among the batch's
@@ -352,7 +359,10 @@ class PackingChoices:
         """``rows`` (``_choose_ragged_rows``' per-row choices) with the rows
         the new per-head store decided for itself (a row left to choose
         later that packed part groups: unrotated, without weights) as it
-        decided them; the layer's ``_row_choices`` follow."""
+        decided them; the layer's ``_row_choices`` follow. Behind rounds
+        with ``feedback=True`` such a row takes its weights at its first
+        round (``_weights_later``, :meth:`_round_choices`), as its layer
+        alone, which decided the rotation then but not the weights."""
         store = self.store
         if store._choices is None:
             return rows
@@ -362,6 +372,12 @@ class PackingChoices:
                 out[b] = (None, None)
                 if self._row_choices is not None:
                     self._row_choices[b] = (False, self._clip)
+                if self.method.key_feedback and self._rebudget:
+                    # alone its layer decided the rotation (nothing to test) but not the weights,
+                    # which it fixes at its first round, from every query until then
+                    if self._weights_later is None:
+                        self._weights_later = [False] * store.batch
+                    self._weights_later[b] = True
         return out
 
     def _round_choices(self, packing, queries, scaling, whole) -> list:
@@ -373,8 +389,23 @@ class PackingChoices:
         before. Rows still whole (``whole``) keep waiting for their first
         pack, and so does a row that has not chosen (no whole group to test
         yet) where this round leaves it as it was (``_round_rows``: alone
-        its layer has no round now); the others keep their choices."""
+        its layer has no round now); the others keep their choices. A row
+        of ``_weights_later`` that this round touches takes its key-feedback
+        weights now, from its own query moment, unrotated."""
         due = self._round_rows
+        later = self._weights_later
+        if later is not None:
+            # a row that packed part groups unrotated takes its weights at its first round, as alone
+            out = list(self._ragged_choices)
+            for b, w in enumerate(later):
+                if w and (due is None or bool(due[b])):
+                    out[b] = (None, self._row_weights(b, None))
+                    later[b] = False
+                    if self._row_qmom is not None:
+                        self._row_qmom[b] = None
+            self._ragged_choices = out
+            if not any(later):
+                self._weights_later = None
         need = [c is None and not (whole and whole[b]) and (due is None or bool(due[b]))
                 for b, c in enumerate(self._ragged_choices)]
         if not any(need):

@@ -263,6 +263,9 @@ HUNTED_RATIO = [
     ("ems:interval=0+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (11, 8), 131),
     ("adakv:interval=0+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (8, 90, 99), 155),
     ("adakv:interval=0+kivi:bits=4:group=8:residual=8:sinks=4", 0.7, (8, 90, 99), 155),
+    # behind rounds with feedback, a row that packed part groups unrotated before it could test the
+    # rotation took no weights ever; alone its layer fixes them at its first round
+    ("ems+kivi:bits=4:group=8:residual=16:rotate=auto:feedback=true", 0.85, (47, 26, 82, 136), 874),
 ]
 
 
