@@ -1121,6 +1121,10 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # bit, and every row its once-only choices; the others pack at this step's settle
             due = self._round_rows or [True] * old.batch
             self.store.adopt_rows(old, [not d for d in due], self._start)
+        elif type(old) is PackedStore and old._choices is not None and type(self.store) is PackedStore:
+            # a round before the store entered row mode again (rounds of other rows on consecutive
+            # steps): nothing packed to adopt, but every row keeps the choices it made
+            self.store.carry_choices(old)
         if layout is not None:
             # those rows bit for bit as they were (not packed again from their dequantized slots)
             self.store.adopt_rows(old, [x is not None for x in layout])

@@ -266,6 +266,9 @@ HUNTED_RATIO = [
     # behind rounds with feedback, a row that packed part groups unrotated before it could test the
     # rotation took no weights ever; alone its layer fixes them at its first round
     ("ems+kivi:bits=4:group=8:residual=16:rotate=auto:feedback=true", 0.85, (47, 26, 82, 136), 874),
+    # a uniform layer's round on the step after another row's round (the store not in row mode again
+    # yet) dropped the rows' once-only choices: a row packed without the weights it chose
+    ("snapkv+kivi:bits=4:group=8:residual=16:feedback=true", 0.85, (127, 30), 1),
 ]
 
 

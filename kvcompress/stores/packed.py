@@ -501,10 +501,7 @@ class PackedStore(LayerStore):
         values)."""
         if old._np is None or old.batch != self.batch or old._hi is not None:
             raise ValueError("PackedStore.adopt_rows: old must be a row-mode store of the same batch")
-        if old._choices is not None:
-            # the once-only choices each row made at its first pack stay its own
-            self._choices, self._rot_mask = list(old._choices), None
-            self.rotation = old.rotation if self.rotation is None else self.rotation
+        self.carry_choices(old)
         self.take_sinks(pad)
         took = [bool(a and m and self._r0 == old._r0) for a, m in zip(rows, old._np)]
         if not any(took) or not self.start_rows(pad, unpadded=True):
@@ -520,6 +517,18 @@ class PackedStore(LayerStore):
                     getattr(self, name)[b, :, :hi] = getattr(old, name)[b, :, :hi]
         self._rows_packed(due)
         return took
+
+    def carry_choices(self, old: "PackedStore") -> None:
+        """The per-row once-only choices of ``old`` (a store of the same
+        batch before a round), which each row made at its first pack and
+        keeps as its own (also where ``old`` was laid out again by an earlier
+        round and is not in row mode yet, so that :meth:`adopt_rows` has no
+        packed slots to take)."""
+        if old._choices is not None:
+            if len(old._choices) != self.batch:
+                raise ValueError("PackedStore.carry_choices: old must be a store of the same batch")
+            self._choices, self._rot_mask = list(old._choices), None
+            self.rotation = old.rotation if self.rotation is None else self.rotation
 
     def row_dues(self) -> list[int]:
         """Row mode: the slots each row's next settle packs, its residual's
