@@ -269,6 +269,13 @@ HUNTED_RATIO = [
     # a uniform layer's round on the step after another row's round (the store not in row mode again
     # yet) dropped the rows' once-only choices: a row packed without the weights it chose
     ("snapkv+kivi:bits=4:group=8:residual=16:feedback=true", 0.85, (127, 30), 1),
+    # a uniform layer's row with fewer real slots than sinks when the batch took the sink block kept
+    # padding in its block and packed from the next slot; alone it takes its first `sinks` slots as its
+    # block just before its own first pack (PackedStore._fill_blocks)
+    ("snapkv+kivi:bits=4:group=8:residual=16:sinks=4", 0.5, (51, 90, 109, 6), 527),
+    ("tova+kivi:bits=2:group=8:residual=8:sinks=2:clip_values=true", 0.7, (76, 130, 89, 5), 209),
+    ("snapkv:interval=0+kivi:bits=2:group=16:residual=16:rotate=auto:sinks=4", 0.7, (6, 71, 19, 140), 760),
+    ("tova+kivi:bits=4:group=8:residual=16:sinks=4:feedback=true", 0.3, (5, 5, 140), 198),
 ]
 
 

@@ -141,6 +141,12 @@ class PackedStore(LayerStore):
         #: whether no row's sink block holds padding (a row with fewer real
         #: tokens than sinks), so that one kernel call can read the block
         self._sinks_whole = True
+        #: per row, the padded slots at the front of its sink block (a row
+        #: with fewer real tokens than sinks when the block was taken); in
+        #: row mode such a row takes that many of its oldest residual slots
+        #: into the block just before its own first pack, as alone it takes
+        #: its sinks then (:meth:`_fill_blocks`)
+        self._block_pad: list[int] | None = None
         #: row mode's per-row choices (set by the layer, :meth:`set_row_choice`,
         #: each row's at its own first pack): per row None (undecided, nothing
         #: packed) or ``(rotated, feedback triangle or None, clipped)``; None
@@ -466,11 +472,36 @@ class PackedStore(LayerStore):
         due = self.row_dues()
         if not any(due):
             return
+        self._fill_blocks(due)
         self._reserve(max(p + m for p, m in zip(self._np, due)))
         for b, m in enumerate(due):
             if m:
                 self._pack(slice(b, b + 1), self._rs[b], self._np[b], m, *self._row_choice(b))
         self._rows_packed(due)
+
+    def _fill_blocks(self, due: list[int]) -> None:
+        """Row mode: a row whose sink block holds padding (``_block_pad``)
+        and packs now takes its oldest residual slots into the block in its
+        place, so that the block holds its first ``sinks`` real slots, as
+        alone its layer takes them just before its first pack; the logical
+        order stays (the block starts that many slots later, its padding
+        moves to the front of the rest: ``_sink_at``, ``_pads``)."""
+        if self._block_pad is None:
+            return
+        S, o = self._r0, self._r0
+        for b, (m, bp) in enumerate(zip(due, self._block_pad)):
+            if not m or not bp:
+                continue
+            at = o + self._rs[b]
+            for buf in (self._rk, self._rv):
+                buf[b, :, :S] = torch.cat([buf[b, :, bp:S], buf[b, :, at : at + bp]], 1)
+            self._rs[b] += bp
+            self._pads[b] += bp
+            self._sink_at[b] += bp
+            self._block_pad[b] = 0
+        self._row_args = None
+        if not any(self._block_pad):
+            self._block_pad, self._sinks_whole = None, True
 
     def _rows_packed(self, due: list[int]) -> None:
         """Row mode, once each row has packed its ``due`` slots: its packed
@@ -538,7 +569,9 @@ class PackedStore(LayerStore):
         if not self.pack_decoded:
             return [0] * self.batch
         G, R = self.group, self.residual
-        due = [max(0, (self.r - s - R) // G * G) for s in self._rs]
+        # a row whose block holds padding takes that many of its residual slots into it first
+        bp = self._block_pad or [0] * self.batch
+        due = [max(0, (self.r - s - p - R) // G * G) for s, p in zip(self._rs, bp)]
         if self.first_pack_rows is not None:
             due = [0 if not packed and not ready else d
                    for d, packed, ready in zip(due, self._np, self.first_pack_rows)]
@@ -548,6 +581,8 @@ class PackedStore(LayerStore):
         """Row mode: ``(keys, values)`` ``[1, H, m, D]`` of the residual
         slots row ``b``'s next settle packs (``m``: its :meth:`row_dues`)."""
         m, o = self.row_dues()[b], self._r0 + self._rs[b]
+        if self._block_pad is not None:
+            o += self._block_pad[b]  # the slots that go to its sink block first (_fill_blocks)
         return self._rk[b : b + 1, :, o : o + m], self._rv[b : b + 1, :, o : o + m]
 
     def set_row_choice(self, b: int, rotation, feedback, clip: bool) -> None:
@@ -619,6 +654,7 @@ class PackedStore(LayerStore):
         m = self.pending()  # what the settle() in progress packs
         self._sinks_whole = all(p <= a for p, a in zip(pads, at))
         self._sinks_in_call = self._sinks_whole and all(p <= m for p in pads)
+        self._block_pad = None if self._sinks_whole else [max(0, p - a) for p, a in zip(pads, at)]
 
     def sink_block(self):
         """``(keys, values)`` ``[B, H, n_sinks, D]`` of the sink block, the
@@ -892,6 +928,8 @@ class PackedStore(LayerStore):
             self._hi = tuple(t.index_select(0, idx) for t in self._hi)
         if self._sink_at is not None:
             self._sink_at = [self._sink_at[i] for i in idx.tolist()]
+        if self._block_pad is not None:
+            self._block_pad = [self._block_pad[i] for i in idx.tolist()]
         if self._np is not None:
             host = idx.tolist()
             self._np, self._rs, self._pads = ([x[i] for i in host] for x in (self._np, self._rs, self._pads))
