@@ -488,11 +488,11 @@ class PackedStore(LayerStore):
         moves to the front of the rest: ``_sink_at``, ``_pads``)."""
         if self._block_pad is None:
             return
-        S, o = self._r0, self._r0
+        S = self._r0  # the block's rows; the residual's follow them
         for b, (m, bp) in enumerate(zip(due, self._block_pad)):
             if not m or not bp:
                 continue
-            at = o + self._rs[b]
+            at = S + self._rs[b]
             for buf in (self._rk, self._rv):
                 buf[b, :, :S] = torch.cat([buf[b, :, bp:S], buf[b, :, at : at + bp]], 1)
             self._rs[b] += bp
@@ -564,7 +564,9 @@ class PackedStore(LayerStore):
     def row_dues(self) -> list[int]:
         """Row mode: the slots each row's next settle packs, its residual's
         whole groups past ``residual + group - 1`` (a row that has packed
-        nothing, once ``first_pack_rows`` lets it where that is set; none in a store that packs nothing while decoding,
+        nothing, once ``first_pack_rows`` lets it where that is set; a row
+        whose sink block holds padding, past the slots that fill it first,
+        ``_fill_blocks``; none in a store that packs nothing while decoding,
         mixed precision's)."""
         if not self.pack_decoded:
             return [0] * self.batch
