@@ -721,11 +721,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # per row: a row whose target keeps fewer slots than another's sees fewer (_slide)
             keeps = self._window_keeps()
             first_visible = self.seen - keeps[0] if len(set(keeps)) == 1 else [self.seen - k for k in keeps]
-            # a row packs its first group where its layer alone is packed: once it keeps more than
-            # residual + group slots (_packs_window; a row shorter than that, or whose ratio target is
-            # still smaller, waits)
-            _, group, residual, _ = self.method.packing
-            self.store.first_pack_rows = [k > residual + group for k in keeps]
+            # a row packs its first group where its layer alone is packed (_packs_window): a row
+            # shorter than residual + group, or whose ratio target is still smaller, waits
+            self.store.first_pack_rows = self._window_ready(keeps)
             if self.store._np is not None:
                 # row mode: a row packs only from the slots it still sees, as its layer alone holds no others
                 self._drop_unseen(first_visible)
@@ -753,11 +751,17 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         slots than the residual plus a group (else the full-precision
         residual would hold more than the unpacked layer), and unless the
         quantizer leaves windows unpacked (``KIVI(pack_windows=False)``)."""
-        method = self.method
         if isinstance(self.store, PackedStore):
             return True
-        _, group, residual, _ = method.packing
-        return self._window_packable() and self._window_keep() > residual + group
+        return self._window_packable() and any(self._window_ready())
+
+    def _window_ready(self, keeps: list[int] | None = None) -> list[bool]:
+        """Per row whether its sliding-window layer alone keeps enough slots
+        to be packed (``keeps``: :meth:`_window_keeps`, computed if None):
+        more than ``residual + group``, else the full-precision residual
+        would hold more than the unpacked layer."""
+        _, group, residual, _ = self.method.packing
+        return [k > residual + group for k in (self._window_keeps() if keeps is None else keeps)]
 
     def _window_packable(self) -> bool:
         """Whether this sliding-window layer packs once it keeps enough slots

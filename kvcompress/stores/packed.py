@@ -138,14 +138,12 @@ class PackedStore(LayerStore):
         #: (and of the packed buffers' capacity or device)
         self._row_args = None
         self._hi_args = None  # the high part's, as _row_args (_attend_high_rows)
-        #: whether no row's sink block holds padding (a row with fewer real
-        #: tokens than sinks), so that one kernel call can read the block
-        self._sinks_whole = True
         #: per row, the padded slots at the front of its sink block (a row
         #: with fewer real tokens than sinks when the block was taken); in
         #: row mode such a row takes that many of its oldest residual slots
         #: into the block just before its own first pack, as alone it takes
-        #: its sinks then (:meth:`_fill_blocks`)
+        #: its sinks then (:meth:`_fill_blocks`); None while no row's block
+        #: holds padding, so that one kernel call can read the block
         self._block_pad: list[int] | None = None
         #: row mode's per-row choices (set by the layer, :meth:`set_row_choice`,
         #: each row's at its own first pack): per row None (undecided, nothing
@@ -501,7 +499,7 @@ class PackedStore(LayerStore):
             self._block_pad[b] = 0
         self._row_args = None
         if not any(self._block_pad):
-            self._block_pad, self._sinks_whole = None, True
+            self._block_pad = None
 
     def _rows_packed(self, due: list[int]) -> None:
         """Row mode, once each row has packed its ``due`` slots: its packed
@@ -654,9 +652,9 @@ class PackedStore(LayerStore):
         self._r0, self._sink_at = S, at
         self.r -= S
         m = self.pending()  # what the settle() in progress packs
-        self._sinks_whole = all(p <= a for p, a in zip(pads, at))
-        self._sinks_in_call = self._sinks_whole and all(p <= m for p in pads)
-        self._block_pad = None if self._sinks_whole else [max(0, p - a) for p, a in zip(pads, at)]
+        block_pad = [max(0, p - a) for p, a in zip(pads, at)]
+        self._block_pad = block_pad if any(block_pad) else None
+        self._sinks_in_call = self._block_pad is None and all(p <= m for p in pads)
 
     def sink_block(self):
         """``(keys, values)`` ``[B, H, n_sinks, D]`` of the sink block, the
@@ -1020,7 +1018,7 @@ class PackedStore(LayerStore):
     def _rows_one_call(self, query) -> bool:
         """Whether row mode reads a step in one kernel call: on the CPU
         (``residual_hidden``), unless a row's sink block holds padding."""
-        return one_call(query) and (not self._r0 or self._sinks_whole)
+        return one_call(query) and (not self._r0 or self._block_pad is None)
 
     def _attend_rows(self, query, scaling: float, kv_start=None, first_visible=None):
         """Row mode's kernel path: every row's packed slots in the per-head
