@@ -552,6 +552,34 @@ def test_row_choices_are_refused_outside_row_mode_and_after_a_rows_pack():
     assert st.row_choice(0) == (False, None, False)
 
 
+def test_carried_choices_are_each_rows_own_and_refused_from_another_batch():
+    """``carry_choices`` gives a new store (a round's, not in row mode yet)
+    each row's once-only choices from the store before it (row 0 rotated,
+    row 1 clipped; the new store's own are neither) and the rotation they
+    read; a store of another batch is refused by name and the new store
+    keeps its own choices."""
+    from kvcompress.stores.rotation import key_rotation
+
+    old = PackedStore(2, 8, 8)
+    old.rows_apart = True
+    old.append(torch.randn(2, 1, 20, 16), torch.randn(2, 1, 20, 16), 0)
+    assert old.start_rows([0, 4])
+    rot = key_rotation(16, torch.device("cpu"))
+    old.set_row_choice(0, rot, None, False)
+    old.set_row_choice(1, None, None, True)
+    new = PackedStore(2, 8, 8)
+    new.append(torch.randn(2, 1, 20, 16), torch.randn(2, 1, 20, 16), 0)
+    assert new.row_choice(0) == new.row_choice(1) == (False, None, False)
+    new.carry_choices(old)
+    assert new.row_choice(0) == (True, None, False) and new.row_choice(1) == (False, None, True)
+    assert torch.equal(new.rotation, rot)
+    other = PackedStore(2, 8, 8)
+    other.append(torch.randn(3, 1, 20, 16), torch.randn(3, 1, 20, 16), 0)
+    with pytest.raises(ValueError, match="carry_choices: old must be a store of the same batch"):
+        other.carry_choices(old)
+    assert other._choices is None and other.rotation is None
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_per_head_rows_with_their_own_choices_hold_and_read_what_each_row_does_alone(seed):
     """``RaggedPackedStore.from_ragged(row_choices=...)``: each row's heads
