@@ -3,11 +3,12 @@
 One decode step (q = 1) of ``ops.packed_attention`` (2, 4 and 8 bits, group
 32, a 128-slot full-precision residual) and of ``ops.attention`` over the
 same number of slots in float32 and bfloat16, for SmolLM2-135M's attention
-shape (Hq=9, Hkv=3, D=64) and a Llama-3-8B-like one (Hq=32, Hkv=8, D=128),
-n = 4K .. 64K slots. All variants of a case run interleaved rep by rep, so
-background load hits them alike; the table gives medians, the speed-up of
-each packed width over fp32 and bf16 attention, and the packed kernel's
-bandwidth on the bytes it reads (codes + mins/scales + residual) next to a
+shape (Hq=9, Hkv=3, D=64), a Llama-3-8B-like one (Hq=32, Hkv=8, D=128) and,
+with ``--shapes``, a Llama-2-7B-like one without GQA (Hq=Hkv=32, D=128: the
+model KIVI's paper evaluates), n = 4K .. 64K slots. All variants of a case
+run interleaved rep by rep, so background load hits them alike; the table
+gives medians, the speed-up of each packed width over fp32 and bf16
+attention, and the packed kernel's bandwidth on the bytes it reads (codes + mins/scales + residual) next to a
 256 MiB NumPy copy on as many threads, measured in the same run (read +
 write bytes / time),
 and its rate of the multiply-adds a decode step needs (2 x Hq x n x D: the
@@ -43,7 +44,10 @@ from kvcompress import ops
 from _common import (command_line, copy_reference_line, copy_references, last_level_cache_bytes,  # noqa: E402
                      machine, machine_line, matmul_roof, now, stream_copies, time_many, write_results)
 
-SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+#: (query heads, kv heads, head dim). One kv head serves Hq / Hkv query rows, so the shapes differ in
+#: multiply-adds per byte read: with GQA the step is bound by arithmetic on a CPU, without it (llama2) by memory.
+SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128)}
+DEFAULT_SHAPES = "smollm2,llama8b"
 GROUP, RESIDUAL = 32, 128
 
 
@@ -117,8 +121,14 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="n = 4K and 16K only, for a smoke run")
     ap.add_argument("--no-stream", action="store_true",
                     help="time the same layer only (in cache), not also the streamed copies")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES,
+                    help=f"comma-separated attention shapes of {', '.join(SHAPES)} (default {DEFAULT_SHAPES})")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if not shapes or unknown:
+        ap.error(f"--shapes: expected names among {', '.join(SHAPES)}, got {args.shapes!r}")
     try:
         threads = sorted({int(x) for x in args.threads.split(",")})
     except ValueError:
@@ -135,7 +145,7 @@ def main(argv=None):
     print("matmul " + ", ".join(f"{nt}t {r / 1e9:.1f} G multiply-adds/s" for nt, r in roofs.items()), flush=True)
     g = torch.Generator().manual_seed(0)
     records = []
-    for shape in SHAPES:
+    for shape in shapes:
         for n in lengths:
             fns, read, streamed = case(shape, n, g, llc)
             for nt in threads:
