@@ -8,13 +8,13 @@ with ``--shapes``, a Llama-2-7B-like one without GQA (Hq=Hkv=32, D=128: the
 model KIVI's paper evaluates), n = 4K .. 64K slots. All variants of a case
 run interleaved rep by rep, so background load hits them alike; the table
 gives medians, the speed-up of each packed width over fp32 and bf16
-attention, and the packed kernel's bandwidth on the bytes it reads (codes + mins/scales + residual) next to a
-256 MiB NumPy copy on as many threads, measured in the same run (read +
-write bytes / time),
-and its rate of the multiply-adds a decode step needs (2 x Hq x n x D: the
-logits and the weighted values, what fp32/bf16 attention does too) next to
-torch's fp32 matmul at the same thread count (``_common.matmul_roof``):
-whichever share is higher says what bounds the kernel.
+attention, and the packed kernel's bandwidth on the bytes it reads (codes +
+mins/scales + residual) next to a 256 MiB NumPy copy on as many threads,
+measured in the same run (read + write bytes / time), and its rate of the
+multiply-adds a decode step needs (2 x Hq x n x D: the logits and the
+weighted values, what fp32/bf16 attention does too) next to torch's fp32
+matmul at the same thread count (``_common.matmul_roof``): whichever share
+is higher says what bounds the kernel.
 
 Each case is timed twice. **In cache**: every call reads the same layer, so
 the caches hold it between calls (at 16K slots the fp32 layer is 25 MiB on
