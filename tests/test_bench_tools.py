@@ -129,3 +129,30 @@ def test_bench_auto_tests_times_each_test_and_checks_its_arguments(tmp_path, cap
     finally:
         torch.set_num_threads(threads[0])
         ops.set_num_threads(threads[1])
+
+
+def test_bench_packed_refuses_an_unknown_shape_by_name(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    mod = _bench_module("bench_packed")
+    assert mod.SHAPES["llama2"] == (32, 32, 128)  # Llama-2-7B: no GQA
+    for bad in ("foo", ",", "smollm2,llama3"):
+        with pytest.raises(SystemExit):
+            mod.main(["--shapes", bad, "--no-write"])
+        assert "--shapes: expected names among smollm2, llama8b, llama2" in capsys.readouterr().err
+
+
+def test_probe_code_layout_gives_the_same_bits_in_both_byte_orders(capfd):
+    """The probe packs the same codes in the current and the blocked byte
+    order and exits 1 unless both loops give the same bits; here it runs
+    small, on CPUs with AVX-512 and gcc (it exits 2 elsewhere)."""
+    import shutil
+
+    mod = _bench_module("probe_code_layout")
+    if "avx512f" not in mod.cpu_flags() or shutil.which("gcc") is None:
+        pytest.skip("needs AVX-512 and gcc")
+    assert mod.main(["--lengths", "64,4096", "--heads", "2", "--reps", "1"]) == 0
+    out = capfd.readouterr().out  # the probe's own process writes it
+    assert out.count("(same bits: yes)") == 2
+    with pytest.raises(SystemExit):
+        mod.main(["--lengths", "24"])
+    assert "--lengths: each must be a positive multiple of 16" in capfd.readouterr().err
