@@ -1120,15 +1120,16 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # the once-only choices made now take this call's queries (``queries``) beside the ones each
         # settle held: the pending ones are held already, and a round another row took cleared them
         self._to_packed(self.method.packing, queries, scaling, layout=layout)
-        if type(old) is PackedStore and old._np is not None and type(self.store) is PackedStore:
-            # a uniform layer's rows the round left as they were keep their packed slots bit for
-            # bit, and every row its once-only choices; the others pack at this step's settle
-            due = self._round_rows or [True] * old.batch
-            self.store.adopt_rows(old, [not d for d in due], self._start)
-        elif type(old) is PackedStore and old._choices is not None and type(self.store) is PackedStore:
-            # a round before the store entered row mode again (rounds of other rows on consecutive
-            # steps): nothing packed to adopt, but every row keeps the choices it made
-            self.store.carry_choices(old)
+        if type(old) is PackedStore and type(self.store) is PackedStore:
+            if old._np is not None:
+                # a uniform layer's rows the round left as they were keep their packed slots bit for
+                # bit, and every row its once-only choices; the others pack at this step's settle
+                due = self._round_rows or [True] * old.batch
+                self.store.adopt_rows(old, [not d for d in due], self._start)
+            else:
+                # a round before the store entered row mode again (rounds of other rows on consecutive
+                # steps): nothing packed to adopt, but every row keeps the choices it made (if any)
+                self.store.carry_choices(old)
         if layout is not None:
             # those rows bit for bit as they were (not packed again from their dequantized slots)
             self.store.adopt_rows(old, [x is not None for x in layout])

@@ -598,9 +598,13 @@ class PackedStore(LayerStore):
             raise RuntimeError(f"PackedStore.set_row_choice: row {b} has packed slots already, with its choices")
         if self._choices is None:
             self._choices = [None] * self.batch
+        self._put_choice(b, rotation, feedback, bool(clip))
+
+    def _put_choice(self, b: int, rotation, feedback, clip: bool) -> None:
+        """Record row ``b``'s choices (checked by the caller)."""
         if rotation is not None:
             self.rotation = rotation  # one matrix (key_rotation's) for every rotated row
-        self._choices[b] = (rotation is not None, feedback, bool(clip))
+        self._choices[b] = (rotation is not None, feedback, clip)
         self._rot_mask = None
 
     def rows_to_choose(self) -> bool:

@@ -186,6 +186,7 @@ class RaggedPackedStore(PackedStore):
         whole_cols = None  # rows kept whole behind rounds (columns): KIVI's schedule, as alone
         if columns and whole is not None:
             whole_cols, whole = whole, None
+        sinks_rows = None  # per row, the sink block it takes alone (where rows may differ)
         if columns and rows_apart and B > 1:
             per_row = _recent_kept_rows(store, residual)
             lengths_host = store._host_lengths.view(B, H)
@@ -206,15 +207,14 @@ class RaggedPackedStore(PackedStore):
                         new._sinks_due[b] = wait
             if new._sinks_due is not None and not any(new._sinks_due):
                 new._sinks_due = None
-            s, r = max(sinks_rows), max(per_row)
-            if min(sinks_rows) < s:
-                new._sinks_rows = sinks_rows
-                s_heads = torch.tensor(sinks_rows, dtype=torch.int64).repeat_interleave(H)
+            r = max(per_row)
         elif not columns and whole is None and B > 1 and sinks:
             # packed once: each row's sink block as alone (its own shortest head, not the batch's, bounds
             # it), the block's rows past a row's own masked for it (residual_hidden)
             lengths_host = store._host_lengths.view(B, H)
             sinks_rows = [max(0, min(int(sinks), int(lengths_host[b].min()))) if H else 0 for b in range(B)]
+        if sinks_rows is not None:
+            # the buffers hold the longest block; per-row blocks only where the rows' differ
             s = max(sinks_rows)
             if min(sinks_rows) < s:
                 new._sinks_rows = sinks_rows
@@ -746,10 +746,7 @@ class RaggedPackedStore(PackedStore):
                 raise RuntimeError(f"RaggedPackedStore.set_row_choice: row {b} packs with choices made already")
             if bool(self._host_lengths[b * H : (b + 1) * H].any()):
                 raise RuntimeError(f"RaggedPackedStore.set_row_choice: row {b} has packed slots already")
-            if rotation is not None:
-                self.rotation = rotation  # one matrix (key_rotation's) for every rotated row
-            self._choices[b] = (rotation is not None, feedback, self.value_clip)
-            self._rot_mask = None
+            self._put_choice(b, rotation, feedback, self.value_clip)
             return
         if self._choices is None and self._np is not None:
             self._choices = [(self.rotation is not None, self.feedback, self.value_clip)] * self.batch
