@@ -83,27 +83,27 @@ static inline __m512 unpack16_current(const uint8_t *row, int c, __m512 table)
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(words, shift), table);
 }
 
-/* Key logits of n slots against one query row qs (already times the key
- * scales), current order; out[j] = sum over d of qs[d] * (code - 7.5). */
-__attribute__((noinline)) static void keys_current(const float *qs, const uint8_t *codes, int64_t n, float *out)
+/* Channels 32c .. 32c + 15 (lo) and 32c + 16 .. 32c + 31 (hi) of a row,
+ * centred, in either byte order: the one thing the two orders do
+ * differently. blocked is a constant wherever this is inlined. */
+static inline __attribute__((always_inline)) void unpack32(const uint8_t *row, int c, __m512 table, int blocked,
+                                                           __m512 *lo, __m512 *hi)
 {
-    const __m512 table = centred_table();
-    __m512 q[D / 16];
-    for (int c = 0; c < D / 16; c++) q[c] = _mm512_loadu_ps(qs + 16 * c);
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-        __m512 slot[16];
-        for (int j = 0; j < 16; j++) {
-            const uint8_t *row = codes + (j0 + j) * ROW;
-            __m512 a = _mm512_setzero_ps();
-            for (int c = 0; c < D / 16; c++) a = _mm512_fmadd_ps(q[c], unpack16_current(row, c, table), a);
-            slot[j] = a;
-        }
-        _mm512_storeu_ps(out + j0, lanes_sum16(slot));
+    if (blocked) {
+        const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * c)));
+        *lo = _mm512_permutexvar_ps(x, table);
+        *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table);
+    } else {
+        *lo = unpack16_current(row, 2 * c, table);
+        *hi = unpack16_current(row, 2 * c + 1, table);
     }
 }
 
-/* The same, blocked order: the same products, added in the same order. */
-__attribute__((noinline)) static void keys_blocked(const float *qs, const uint8_t *codes, int64_t n, float *out)
+/* Key logits of n slots against one query row qs (already times the key
+ * scales): out[j] = sum over d of qs[d] * (code - 7.5), the products added
+ * in channel order in either byte order. */
+static inline __attribute__((always_inline)) void keys(const float *qs, const uint8_t *codes, int64_t n, float *out,
+                                                       int blocked)
 {
     const __m512 table = centred_table();
     __m512 q[D / 16];
@@ -114,9 +114,10 @@ __attribute__((noinline)) static void keys_blocked(const float *qs, const uint8_
             const uint8_t *row = codes + (j0 + j) * ROW;
             __m512 a = _mm512_setzero_ps();
             for (int c = 0; c < D / 32; c++) {
-                const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * c)));
-                a = _mm512_fmadd_ps(q[2 * c], _mm512_permutexvar_ps(x, table), a);
-                a = _mm512_fmadd_ps(q[2 * c + 1], _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table), a);
+                __m512 lo, hi;
+                unpack32(row, c, table, blocked, &lo, &hi);
+                a = _mm512_fmadd_ps(q[2 * c], lo, a);
+                a = _mm512_fmadd_ps(q[2 * c + 1], hi, a);
             }
             slot[j] = a;
         }
@@ -126,21 +127,8 @@ __attribute__((noinline)) static void keys_blocked(const float *qs, const uint8_
 
 /* Weighted values of n slots: o[d] = sum over j of w[j][d / 32] * (code - 7.5),
  * w the softmax weight times the slot's value scale per channel group. */
-__attribute__((noinline)) static void values_current(const float *w, const uint8_t *codes, int64_t n, float *o)
-{
-    const __m512 table = centred_table();
-    __m512 acc[D / 16];
-    for (int c = 0; c < D / 16; c++) acc[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; j++) {
-        const uint8_t *row = codes + j * ROW;
-        for (int c = 0; c < D / 16; c++)
-            acc[c] = _mm512_fmadd_ps(_mm512_set1_ps(w[j * (D / VGROUP) + c / 2]), unpack16_current(row, c, table),
-                                     acc[c]);
-    }
-    for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(o + 16 * c, acc[c]);
-}
-
-__attribute__((noinline)) static void values_blocked(const float *w, const uint8_t *codes, int64_t n, float *o)
+static inline __attribute__((always_inline)) void values(const float *w, const uint8_t *codes, int64_t n, float *o,
+                                                         int blocked)
 {
     const __m512 table = centred_table();
     __m512 acc[D / 16];
@@ -148,13 +136,32 @@ __attribute__((noinline)) static void values_blocked(const float *w, const uint8
     for (int64_t j = 0; j < n; j++) {
         const uint8_t *row = codes + j * ROW;
         for (int c = 0; c < D / 32; c++) {
-            const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * c)));
+            __m512 lo, hi;
+            unpack32(row, c, table, blocked, &lo, &hi);
             const __m512 wc = _mm512_set1_ps(w[j * (D / VGROUP) + c]);
-            acc[2 * c] = _mm512_fmadd_ps(wc, _mm512_permutexvar_ps(x, table), acc[2 * c]);
-            acc[2 * c + 1] = _mm512_fmadd_ps(wc, _mm512_permutexvar_ps(_mm512_srli_epi32(x, 4), table), acc[2 * c + 1]);
+            acc[2 * c] = _mm512_fmadd_ps(wc, lo, acc[2 * c]);
+            acc[2 * c + 1] = _mm512_fmadd_ps(wc, hi, acc[2 * c + 1]);
         }
     }
     for (int c = 0; c < D / 16; c++) _mm512_storeu_ps(o + 16 * c, acc[c]);
+}
+
+/* the timed entry points, one per byte order (not inlined into the timing loop) */
+__attribute__((noinline)) static void keys_current(const float *qs, const uint8_t *codes, int64_t n, float *out)
+{
+    keys(qs, codes, n, out, 0);
+}
+__attribute__((noinline)) static void keys_blocked(const float *qs, const uint8_t *codes, int64_t n, float *out)
+{
+    keys(qs, codes, n, out, 1);
+}
+__attribute__((noinline)) static void values_current(const float *w, const uint8_t *codes, int64_t n, float *o)
+{
+    values(w, codes, n, o, 0);
+}
+__attribute__((noinline)) static void values_blocked(const float *w, const uint8_t *codes, int64_t n, float *o)
+{
+    values(w, codes, n, o, 1);
 }
 
 int main(int argc, char **argv)
