@@ -22,12 +22,16 @@ on the package's build only, so the two builds ran on every core).
 
     python benchmarks/ab_packed.py BEFORE/kvcompress/_C*.so AFTER/kvcompress/_C*.so [--reps 30] [--threads 1]
     python benchmarks/ab_packed.py kvcompress/_C*.so --amx    # one build: AMX path off (A), on (B)
+    python benchmarks/ab_packed.py kvcompress/_C*.so --row1 --shapes llama2   # one-row path off (A), on (B)
     python benchmarks/ab_packed.py A.so B.so --stream         # the layers read from memory
     python benchmarks/ab_packed.py A.so B.so --no-amx         # both builds' vector units
 
 With ``--amx`` one build runs as both: A with its AMX path forbidden
 (``_C._set_amx(False)``, the vector units), B with it allowed (on a CPU
-without AMX the two are the same code).
+without AMX the two are the same code). ``--row1`` does the same with the
+one-row path (``_C._set_row1``; it runs only where a kv head has one query
+row, as at ``llama2``'s shape: 32 / 32 heads, D = 128, Llama-2-7B's).
+``--no-amx`` and ``--no-row1`` forbid a path in both builds.
 
 Prints one line per case: medians of A and B, A/B, the median of the
 per-rep ratios, and the control.
@@ -48,7 +52,8 @@ from kvcompress import ops
 
 from _common import last_level_cache_bytes, stream_copies  # noqa: E402
 
-SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128)}
+SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128)}
+SWITCHES = {"amx": "_set_amx", "row1": "_set_row1"}
 WIDTHS = ((2, 2), (4, 4), (8, 8), (4, 2))
 GROUP, RESIDUAL = 32, 128
 
@@ -84,9 +89,13 @@ def _before_hidden(module):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", help="the first build's _C extension file")
-    ap.add_argument("b", nargs="?", help="the second build's _C extension file (not with --amx)")
+    ap.add_argument("b", nargs="?", help="the second build's _C extension file (not with --amx or --row1)")
     ap.add_argument("--amx", action="store_true",
                     help="time build a with its AMX path forbidden (A) and allowed (B)")
+    ap.add_argument("--row1", action="store_true",
+                    help="time build a with its one-row path forbidden (A) and allowed (B)")
+    ap.add_argument("--shapes", default="smollm2,llama8b",
+                    help=f"comma-separated attention shapes of {', '.join(SHAPES)} (default %(default)s)")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per build and case")
     ap.add_argument("--threads", type=int, default=1, help="threads of both builds (default 1)")
     ap.add_argument("--lengths", default="4096,16384", help="slots per head, comma-separated")
@@ -94,42 +103,52 @@ def main(argv=None) -> None:
                     help="key/value code widths, comma-separated (default %(default)s)")
     ap.add_argument("--no-amx", action="store_true",
                     help="forbid both builds' AMX path: compare their vector units")
+    ap.add_argument("--no-row1", action="store_true", help="forbid both builds' one-row path")
     ap.add_argument("--stream", action="store_true",
                     help="cycle through copies of the packed layer so that its bytes come from memory")
     args = ap.parse_args(argv)
-    if args.amx == (args.b is not None):
-        ap.error("give two builds, or one build with --amx")
-    if args.amx and args.no_amx:
-        ap.error("--no-amx: not with --amx, which times the AMX path against the vector units")
+    path = [name for name in SWITCHES if getattr(args, name)]
+    if len(path) > 1:
+        ap.error("--amx and --row1: one path at a time")
+    if bool(path) == (args.b is not None):
+        ap.error("give two builds, or one build with --amx or --row1")
+    for name in path:
+        if getattr(args, f"no_{name}"):
+            ap.error(f"--no-{name}: not with --{name}, which times that path against the vector units")
+    shapes = [x for x in args.shapes.split(",") if x]
+    if not shapes or any(x not in SHAPES for x in shapes):
+        ap.error(f"--shapes: expected names among {', '.join(SHAPES)}, got {args.shapes!r}")
     try:
         widths = [tuple(int(x) for x in w.split("/")) for w in args.widths.split(",")]
     except ValueError:
         widths = []
     if not widths or any(len(w) != 2 or not set(w) <= {2, 4, 8} for w in widths):
         ap.error(f"--widths: expected key/value widths of 2, 4 or 8 like 4/4,8/2, got {args.widths!r}")
-    if args.amx:
+    if path:
         one = load(args.a)
         builds = (one, one)
-        prev_amx = one._set_amx(True)
+        switch = getattr(one, SWITCHES[path[0]])
+        prev_path = switch(True)
 
         def use(i):
             ops._C = builds[i]
-            one._set_amx(i == 1)
+            switch(i == 1)
     else:
         builds = (load(args.a), load(args.b))
 
         def use(i):
             ops._C = builds[i]
     installed = ops._C
-    if args.no_amx:
-        prev = [mod._set_amx(False) for mod in builds]
+    off = [SWITCHES[name] for name in SWITCHES if getattr(args, f"no_{name}")]
+    prev = [[getattr(mod, hook)(False) for hook in off] for mod in builds]
     for mod in builds:
         mod.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     print("| shape | n | bits (k/v) | A us | B us | A / B | per-rep median | bf16 control A / B us |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for shape, (Hq, Hkv, D) in SHAPES.items():
+    for shape in shapes:
+        Hq, Hkv, D = SHAPES[shape]
         for n in (int(x) for x in args.lengths.split(",")):
             k, v = torch.randn(1, Hkv, n, D, generator=g), torch.randn(1, Hkv, n, D, generator=g)
             q, m = torch.randn(1, Hq, 1, D, generator=g), n - RESIDUAL
@@ -172,11 +191,11 @@ def main(argv=None) -> None:
                 print(f"| {shape} | {n} | {bits}/{vbits} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {per:.2f}x | "
                       f"{ca:.0f} / {cb:.0f} |", flush=True)
     ops._C = installed  # back to the package's own build
-    if args.amx:
-        one._set_amx(prev_amx)
-    if args.no_amx:
-        for mod, p in zip(builds, prev):
-            mod._set_amx(p)
+    if path:
+        switch(prev_path)
+    for mod, p in zip(builds, prev):
+        for hook, was in zip(off, p):
+            getattr(mod, hook)(was)
 
 
 if __name__ == "__main__":

@@ -280,7 +280,7 @@ static inline int amx_key_channel(int j, int bits)
  * code dword (i = 0..3, a byte each). The slots' dwords come from a 4 x 4
  * transpose in each 128-bit lane, four rows per register: no shuffle per
  * code. */
-AMX_TARGET static void amx_key_codes(const struct kvc_amx_span *s, const struct amx_buf *w, uint8_t *dst,
+AMX_TARGET static void amx_key_codes(const struct kvc_packed_span *s, const struct amx_buf *w, uint8_t *dst,
                                      int64_t jt)
 {
     const int bits = s->bits, spr = 8 / bits;
@@ -324,7 +324,7 @@ AMX_TARGET static void amx_key_codes(const struct kvc_amx_span *s, const struct 
  * of 2^(E - 30), E the row's exponent (amx_exponent of its largest
  * multiplier): 31 bits against fp32's 24, so each multiplier is rounded by
  * at most 2^-31 of the largest. */
-AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0, int64_t nr,
+AMX_TARGET static void amx_key_group(const struct kvc_packed_span *s, const struct amx_buf *w, int64_t r0, int64_t nr,
                                      int64_t t)
 {
     const int64_t D = s->D;
@@ -386,7 +386,7 @@ AMX_TARGET static void amx_key_group(const struct kvc_amx_span *s, const struct 
 /* A tile's logits from its C (w->ct + 256 h: row 4r + p, 16 slots):
  * scaling x q . (scale x centred code) + bias + log count, into w->x from
  * slot jt - j. */
-AMX_TARGET static inline void amx_tile_logits(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t nr,
+AMX_TARGET static inline void amx_tile_logits(const struct kvc_packed_span *s, const struct amx_buf *w, int64_t nr,
                                               int64_t j, int64_t jt, int h)
 {
     __m512 lc;
@@ -416,7 +416,7 @@ AMX_TARGET static inline void amx_tile_logits(const struct kvc_amx_span *s, cons
  * or 128 slots ahead were 0.95-1.01x of 64; the scale prefetches moved
  * later in the pair 0.93-1.12x (RESULTS.md, "Code prefetches spread over
  * the work"). */
-AMX_TARGET static inline void amx_prefetch_codes(const struct kvc_amx_span *s, int64_t jt, int q)
+AMX_TARGET static inline void amx_prefetch_codes(const struct kvc_packed_span *s, int64_t jt, int q)
 {
     const int64_t end = s->j0 + s->n, rb = s->D * s->bits / 8, rv = s->D * s->vbits / 8;
     const int64_t k0 = jt + AMX_KPF + 8 * q, v0 = jt + 8 * q;
@@ -426,7 +426,7 @@ AMX_TARGET static inline void amx_prefetch_codes(const struct kvc_amx_span *s, i
 
 /* Logits of rows r0.. over the chunk's slots [j, j + nc) into w->x, two
  * tiles at a time (two independent chains of products). */
-AMX_TARGET static void amx_chunk_logits(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0,
+AMX_TARGET static void amx_chunk_logits(const struct kvc_packed_span *s, const struct amx_buf *w, int64_t r0,
                                         int64_t nr, int64_t j, int64_t nc, int64_t *tcur)
 {
     const int64_t ks = (s->D + AMX_K - 1) / AMX_K, end = s->j0 + s->n;
@@ -492,7 +492,7 @@ AMX_TARGET static inline __m512 amx_group_lanes(const float *p, int64_t ng, int6
 /* The chunk's value scales and centres by group (w->sc, w->ce), the centre
  * sums of rows r0.. (w->mnv, weights in w->x), and each row's and group's
  * fixed point from the bound wmax x vmax of its multipliers. */
-AMX_TARGET static void amx_value_scales(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t nr,
+AMX_TARGET static void amx_value_scales(const struct kvc_packed_span *s, const struct amx_buf *w, int64_t nr,
                                         int64_t j, int64_t nc)
 {
     const float off = (float)(1 << (s->vbits - 1));
@@ -553,7 +553,7 @@ AMX_TARGET static void amx_value_scales(const struct kvc_amx_span *s, const stru
 /* A of value group u over the nk slots (32 or 64) from chunk offset o:
  * row 4r + p, byte i = digit p of slot o + i's weight x scale in the row's
  * fixed point; the bytes past nk zero. */
-AMX_TARGET static void amx_value_pieces(const struct kvc_amx_span *s, const struct amx_buf *w, int8_t *dst,
+AMX_TARGET static void amx_value_pieces(const struct kvc_packed_span *s, const struct amx_buf *w, int8_t *dst,
                                         int64_t nr, int64_t u, int64_t o, int64_t nk)
 {
     const float *sc = w->sc + u * KVC_AMX_CHUNK + o;
@@ -592,7 +592,7 @@ AMX_TARGET static void amx_value_perms(struct amx_buf *w)
  * channels at dst and the odd at dst + 1024; 2 bits, channels 4n and
  * 4n + 1 (n = 0..7) at dst, 4n + 2 and 4n + 3 at dst + 1024; 8 bits,
  * channels 0-15 at dst and 16-31 at dst + 1024. */
-AMX_TARGET static void amx_value_codes(const struct kvc_amx_span *s, const struct amx_buf *w, uint8_t *dst,
+AMX_TARGET static void amx_value_codes(const struct kvc_packed_span *s, const struct amx_buf *w, uint8_t *dst,
                                        int64_t b, int64_t js, int64_t nk)
 {
     const int vb = s->vbits;
@@ -646,7 +646,7 @@ AMX_TARGET static void amx_value_codes(const struct kvc_amx_span *s, const struc
 
 /* The weighted value codes of rows r0.. over the chunk's slots [j, j + nc)
  * (weights in w->x, scales in w->sc) into s->acc, rescaled by w->alpha. */
-AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0,
+AMX_TARGET static void amx_chunk_values(const struct kvc_packed_span *s, const struct amx_buf *w, int64_t r0,
                                         int64_t nr, int64_t j, int64_t nc)
 {
     const int64_t nb = s->D / 32;
@@ -710,7 +710,7 @@ AMX_TARGET static void amx_chunk_values(const struct kvc_amx_span *s, const stru
 }
 
 /* Rows r0 .. r0 + nr - 1 over the whole span. */
-AMX_TARGET static void amx_rows(const struct kvc_amx_span *s, const struct amx_buf *w, int64_t r0, int64_t nr)
+AMX_TARGET static void amx_rows(const struct kvc_packed_span *s, const struct amx_buf *w, int64_t r0, int64_t nr)
 {
     const int64_t ng = s->ng, end = s->j0 + s->n, ks = (s->D + AMX_K - 1) / AMX_K;
     int64_t j, r, u, tcur = -1;
@@ -750,7 +750,7 @@ AMX_TARGET static void amx_rows(const struct kvc_amx_span *s, const struct amx_b
     }
 }
 
-AMX_TARGET void kvc_amx_packed_span(const struct kvc_amx_span *s)
+AMX_TARGET void kvc_amx_packed_span(const struct kvc_packed_span *s)
 {
     struct amx_cfg cfg;
     struct amx_buf w;
@@ -795,7 +795,7 @@ size_t kvc_amx_scratch_bytes(int64_t D)
     return 0;
 }
 
-void kvc_amx_packed_span(const struct kvc_amx_span *s)
+void kvc_amx_packed_span(const struct kvc_packed_span *s)
 {
     (void)s;
 }

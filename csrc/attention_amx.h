@@ -35,21 +35,6 @@ extern "C" {
  * covers 32 slots). */
 #define KVC_AMX_CHUNK 256
 
-/* One kv head's packed slots [j0, j0 + n) (j0 and n multiples of 32) and
- * the running softmax state of its R query rows; code rows are D * bits / 8
- * bytes. */
-struct kvc_amx_span {
-    struct kvc_packed_head h; /* the head: codes, mins, scales, counts and their strides */
-    const float *q;  /* [R][Dp] query rows, fp32 */
-    int64_t R, D, Dp, G, ng, j0, n;
-    int bits, vbits;  /* key and value code widths, 2, 4 or 8 */
-    float scaling;
-    float *pm, *ps;  /* [R] running max and sum */
-    float *acc;      /* [R][Dp] running sum of weight x scale x centred code */
-    float *mn;       /* [R][ng] running sum of weight x value centre per group */
-    void *scratch;   /* kvc_amx_scratch_bytes(D) bytes, 64-byte aligned */
-};
-
 /* 1 when the packed attention of this shape may take the AMX path: a CPU
  * with AMX-INT8 and VBMI whose kernel grants the tile state, not switched
  * off by the test hook, 2-, 4- or 8-bit keys and values, D a multiple of 32, G
@@ -64,9 +49,10 @@ int kvc_amx_allowed(void);
 /* Scratch one thread needs for kvc_amx_packed_span at head size D. */
 size_t kvc_amx_scratch_bytes(int64_t D);
 
-/* Runs the span: the state in s->pm, ps, acc and mn goes on from the slots
- * before it, as attention_packed.c's tiles would leave it. */
-void kvc_amx_packed_span(const struct kvc_amx_span *s);
+/* Runs the span (j0 and n multiples of 32): the state in s->pm, ps, acc
+ * and mn goes on from the slots before it, as attention_packed.c's tiles
+ * would leave it. */
+void kvc_amx_packed_span(const struct kvc_packed_span *s);
 
 #ifdef __cplusplus
 }

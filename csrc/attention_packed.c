@@ -36,6 +36,7 @@
 #include "attention_packed.h"
 #include "attention_packed_head.h"
 #include "attention_packed_math.h"
+#include "attention_row1.h"
 #include "attention_tile.h"
 #include "attention_units.h"
 #include "kvc_math.h"
@@ -54,6 +55,7 @@ struct pa_geom {
     int grouped;     /* G % AT_TK == 0: every vector of AT_TK channels lies in one value group */
     int64_t NS;      /* key token groups one tile can span: size of the ring of scaled queries */
     int amx;         /* the whole-tile stretches take the AMX path (attention_amx.h) */
+    int row1;        /* ... or, with one query row, the one-row path (attention_row1.h) */
     size_t float_floats; /* floats of a thread's buffers */
     size_t thread_bytes;
 };
@@ -186,6 +188,7 @@ static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_g
                                g->u.R * (AT_TK + 1) + 2 * g->ng * AT_TK +
                                (g->grouped ? g->u.R * g->ng * AT_TK : AT_TK * g->u.Dp) + g->u.R * g->ng);
     g->amx = kvc_amx_usable(g->bits, g->vbits, g->u.D, g->G);
+    g->row1 = !g->amx && kvc_row1_usable(g->bits, g->vbits, g->u.D, g->G);
     g->thread_bytes = kvc_align_up(g->float_floats * sizeof(float)) +
                       kvc_align_up((size_t)g->u.R * sizeof(int64_t)) +
                       kvc_align_up((size_t)g->u.Dp * sizeof(int32_t)) +
@@ -726,13 +729,13 @@ KVC_INLINE void pa_residual_tile(const struct kvc_packed_attention_params *p,
     }
 }
 
-/* Packed slots [a0, a1) (multiples of 32) by the AMX path, from the state
- * the tiles before them left. */
-static void pa_amx_span(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
-                        const struct kvc_packed_head *h, const struct pa_thread *w, int64_t a0, int64_t a1, int64_t R,
-                        float *pm, float *ps, float *acc)
+/* Packed slots [a0, a1) (multiples of 32) by the AMX path or the one-row
+ * path, from the state the tiles before them left. */
+static void pa_span(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
+                    const struct kvc_packed_head *h, const struct pa_thread *w, int64_t a0, int64_t a1, int64_t R,
+                    float *pm, float *ps, float *acc)
 {
-    struct kvc_amx_span s;
+    struct kvc_packed_span s;
     s.h = *h; /* a copy: one indirection less in the hot loops */
     s.q = w->qbuf;
     s.R = R, s.D = g->u.D, s.Dp = g->u.Dp, s.G = g->G, s.ng = g->ng, s.j0 = a0, s.n = a1 - a0;
@@ -740,7 +743,8 @@ static void pa_amx_span(const struct kvc_packed_attention_params *p, const struc
     s.scaling = p->scaling;
     s.pm = pm, s.ps = ps, s.acc = acc, s.mn = w->mn;
     s.scratch = w->amx;
-    kvc_amx_packed_span(&s);
+    if (g->amx) kvc_amx_packed_span(&s);
+    else kvc_row1_packed_span(&s);
 }
 
 KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
@@ -785,16 +789,18 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
      * a tile meets one token group */
     jp = j1 < h.n ? j1 : h.n;
     /* with AMX, the 32-aligned stretch of whole tiles goes to the tile
-     * products; the tiles before and after it run here */
+     * products, and a single row's to the one-row path; the tiles before
+     * and after it run here */
     a0 = a1 = jp;
-    if (wide && g->amx && (j0 + 31) / 32 * 32 + 32 <= jp / 32 * 32) {
+    if (wide && (g->amx || (g->row1 && R == 1)) &&
+        (j0 + 31) / 32 * 32 + 32 <= jp / 32 * 32) {
         a0 = (j0 + 31) / 32 * 32;
         a1 = jp / 32 * 32;
     }
     for (jt = j0; jt < jp;) {
         int64_t je = (jt / AT_TK + 1) * AT_TK;
         if (jt == a0) {
-            pa_amx_span(p, g, &h, w, a0, a1, R, pm, ps, acc);
+            pa_span(p, g, &h, w, a0, a1, R, pm, ps, acc);
             jt = a1;
             continue;
         }

@@ -28,6 +28,22 @@ struct kvc_packed_head {
     int64_t rh0, rh1;          /* residual rows not seen (res_hidden): logical slots [n + rh0, n + rh1) */
 };
 
+/* A stretch of one kv head's packed slots, [j0, j0 + n), handed whole to
+ * a path of its own (the AMX path, attention_amx.h; the one-row path,
+ * attention_row1.h), with the running softmax state of its R query rows
+ * as the tiles before it left it; code rows are D * bits / 8 bytes. */
+struct kvc_packed_span {
+    struct kvc_packed_head h; /* the head: codes, mins, scales, counts and their strides */
+    const float *q;  /* [R][Dp] query rows, fp32 */
+    int64_t R, D, Dp, G, ng, j0, n;
+    int bits, vbits;  /* key and value code widths, 2, 4 or 8 */
+    float scaling;
+    float *pm, *ps;  /* [R] running max and sum */
+    float *acc;      /* [R][Dp] running sum of weight x scale x centred code */
+    float *mn;       /* [R][ng] running sum of weight x value centre per group */
+    void *scratch;   /* the AMX path's buffers (kvc_amx_scratch_bytes(D) bytes, 64-byte aligned); unused by the one-row path */
+};
+
 /* Prefetches of what a head's packed slots are read from, shared by the
  * vector units (attention_packed.c) and the AMX path (attention_amx.c).
  * The scales are read in bursts the hardware prefetcher does not

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "attention_amx.h"
+#include "attention_row1.h"
 #include "kvc_math.h"
 
 #ifdef KVC_WITH_CUDA
@@ -123,32 +124,35 @@ static PyObject *py_use_exchange_api(PyObject *m, PyObject *arg)
     return PyBool_FromLong(prev);
 }
 
-/* Test/benchmark hook: allow (1) or forbid (0) the attention ops' 16-lane
- * x86-64-v4 units (kvc.h, KVC_WIDE); returns the previous setting. */
-static PyObject *py_set_wide(PyObject *m, PyObject *arg)
+/* The kernel-path hooks: arg a bool, set(arg) allows (1) or forbids (0) the
+ * path; returns the previous setting. */
+static PyObject *set_path(PyObject *m, PyObject *arg, int (*set)(int))
 {
     struct kvc_state *st = kvc_py_get_state(m);
     int v;
     if (kvc_py_get_bool(st, arg, "flag", &v) < 0) return NULL;
-    return PyBool_FromLong(kvc_set_wide(v));
+    return PyBool_FromLong(set(v));
 }
 
-/* Test/benchmark hook: allow (1) or forbid (0) the packed attention's AMX
- * path (attention_amx.h); returns the previous setting. */
-static PyObject *py_set_amx(PyObject *m, PyObject *arg)
-{
-    struct kvc_state *st = kvc_py_get_state(m);
-    int v;
-    if (kvc_py_get_bool(st, arg, "flag", &v) < 0) return NULL;
-    return PyBool_FromLong(kvc_set_amx(v));
-}
+/* Test/benchmark hooks: the attention ops' 16-lane x86-64-v4 units (kvc.h,
+ * KVC_WIDE), the packed attention's AMX path (attention_amx.h) and its
+ * one-row path (attention_row1.h). */
+static PyObject *py_set_wide(PyObject *m, PyObject *arg) { return set_path(m, arg, kvc_set_wide); }
+static PyObject *py_set_amx(PyObject *m, PyObject *arg) { return set_path(m, arg, kvc_set_amx); }
+static PyObject *py_set_row1(PyObject *m, PyObject *arg) { return set_path(m, arg, kvc_set_row1); }
 
-/* Whether the packed attention takes its AMX path for 4-bit keys and values
- * at D = 64 on this CPU now. */
+/* Whether the packed attention takes its AMX path, or its one-row path,
+ * for 4-bit keys and values at D = 64 (G = 32) on this CPU now. */
 static PyObject *py_amx(PyObject *m, PyObject *noarg)
 {
     (void)m, (void)noarg;
     return PyBool_FromLong(kvc_amx_usable(4, 4, 64, 32));
+}
+
+static PyObject *py_row1(PyObject *m, PyObject *noarg)
+{
+    (void)m, (void)noarg;
+    return PyBool_FromLong(kvc_row1_usable(4, 4, 64, 32));
 }
 
 /* Whether the attention ops run their wide units on this CPU now. */
@@ -211,6 +215,12 @@ static PyMethodDef kvc_methods[] = {
      "setting."},
     {"_amx", py_amx, METH_NOARGS,
      "_amx()\n--\n\nWhether the packed attention takes its AMX path (4-bit keys and values) on this CPU now."},
+    {"_set_row1", py_set_row1, METH_O,
+     "_set_row1(flag)\n--\n\nTest hook: allow or forbid the packed attention's one-row path; returns the "
+     "previous setting."},
+    {"_row1", py_row1, METH_NOARGS,
+     "_row1()\n--\n\nWhether the packed attention takes its one-row path (4-bit keys and values, one query row "
+     "per kv head) on this CPU now."},
     {"_wide", py_wide, METH_NOARGS,
      "_wide()\n--\n\nWhether the attention ops run their 16-lane x86-64-v4 units on this CPU now."},
     {"_use_exchange_api", py_use_exchange_api, METH_O,

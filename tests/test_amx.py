@@ -21,7 +21,8 @@ import torch
 
 from kvcompress import _C, ops
 from test_attention import DTYPE_IDS, DTYPES, assert_switch, queries, randn, switched
-from test_attention_packed import Packed, check, pack_ragged, pack_uniform, packed_ref, run, spaced, uniform_case
+from test_attention_packed import (WIDTH_PAIRS, Packed, assert_fp32_no_floor, check, pack_ragged, pack_uniform, run, run_w, spaced,
+                                   uniform_case, widths_case)
 
 AMX = _C._amx()
 needs_amx = pytest.mark.skipif(not AMX, reason="no AMX path here (CPU, kernel permission or build)")
@@ -63,29 +64,14 @@ CASES = [  # (B, Hq, Hkv, q, n, r, D, G)
 ]
 
 
-WIDTHS = [(4, 4), (2, 2), (4, 2), (2, 4), (8, 8), (8, 2), (4, 8)]  # (key bits, value bits)
-
-
-def case(shape, bits, value_bits, dtype):
-    """uniform_case with values at value_bits."""
-    B, Hq, Hkv, nq, n, r, D, G = shape
-    q, pk, rk, rv = uniform_case(*shape, bits, dtype)
-    if value_bits != bits:
-        k = randn((B, Hkv, n, D), seed=2, scale=1.5) + randn((1, 1, 1, D), seed=5)
-        pk = pack_uniform(k, randn((B, Hkv, n, D), seed=3), bits, G, value_bits=value_bits)
-    return q, pk, rk, rv
-
-
-def run_w(q, pk, rk, rv, bits, value_bits, G, **kw):
-    return ops.packed_attention(q, *pk.args(), rk, rv, bits=bits, value_bits=value_bits, group=G, **kw)
 
 
 @needs_amx
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
-@pytest.mark.parametrize("bits,value_bits", WIDTHS, ids=lambda w: f"{w}")
+@pytest.mark.parametrize("bits,value_bits", WIDTH_PAIRS, ids=lambda w: f"{w}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_matches_reference(shape, bits, value_bits, dtype):
-    q, pk, rk, rv = case(shape, bits, value_bits, dtype)
+    q, pk, rk, rv = widths_case(*shape, bits, value_bits, dtype)
     G = shape[-1]
     got, vec = both(lambda: run_w(q, pk, rk, rv, bits, value_bits, G))
     check(got, q, pk, rk, rv, f"{shape} {bits}/{value_bits} {dtype}")
@@ -100,10 +86,7 @@ def test_long_decode_fp32_without_floor(bits, G):
     q, pk, rk, rv = uniform_case(1, 8, 2, 1, 6000, 3, 128, G, bits, torch.float32)
     with amx(True):
         got = run(q, pk, rk, rv, bits, G)
-    ref = packed_ref(q, pk, rk, rv)
-    same = packed_ref(q, pk, rk, rv, dtype=torch.float32)
-    err_c, err_t = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
-    assert err_c <= 2 * err_t, f"AMX error {err_c:.3g} > 2 x torch error {err_t:.3g}"
+    assert_fp32_no_floor(got, q, pk, rk, rv, "AMX")
 
 
 @needs_amx

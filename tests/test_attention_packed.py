@@ -262,6 +262,33 @@ def uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype, seed=0):
     return q, pk, rk, rv
 
 
+WIDTH_PAIRS = [(4, 4), (2, 2), (4, 2), (2, 4), (8, 8), (8, 2), (4, 8)]  # (key bits, value bits)
+
+
+def widths_case(B, Hq, Hkv, nq, n, r, D, G, bits, value_bits, dtype):
+    """uniform_case with values at value_bits (the key/value width pairs of
+    the packed attention's engines, test_amx.py and test_row1.py)."""
+    q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype)
+    if value_bits != bits:
+        k = randn((B, Hkv, n, D), seed=2, scale=1.5) + randn((1, 1, 1, D), seed=5)
+        pk = pack_uniform(k, randn((B, Hkv, n, D), seed=3), bits, G, value_bits=value_bits)
+    return q, pk, rk, rv
+
+
+def run_w(q, pk, rk, rv, bits, value_bits, G, **kw):
+    """run with keys at bits and values at value_bits."""
+    return ops.packed_attention(q, *pk.args(), rk, rv, bits=bits, value_bits=value_bits, group=G, **kw)
+
+
+def assert_fp32_no_floor(got, q, pk, rk, rv, what):
+    """got (fp32) within 2x torch's own fp32 error of the float64 reference,
+    with no absolute floor (long decodes: the engines' tightest check)."""
+    ref = packed_ref(q, pk, rk, rv)
+    same = packed_ref(q, pk, rk, rv, dtype=torch.float32)
+    err_c, err_t = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert err_c <= 2 * err_t, f"{what} error {err_c:.3g} > 2 x torch error {err_t:.3g}"
+
+
 # ---------------------------------------------------------------- the packer itself
 
 

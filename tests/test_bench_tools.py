@@ -141,6 +141,25 @@ def test_bench_packed_refuses_an_unknown_shape_by_name(monkeypatch, capsys):
         assert "--shapes: expected names among smollm2, llama8b, llama2" in capsys.readouterr().err
 
 
+def test_ab_packed_refuses_bad_paths_and_shapes_by_name(monkeypatch, capsys):
+    """ab_packed times one path of one build (--amx or --row1) or two builds;
+    one path at a time, not with its own --no- switch, and known shapes only,
+    each refused by name before anything loads."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    mod = _bench_module("ab_packed")
+    assert mod.SHAPES["llama2"] == (32, 32, 128)
+    cases = [
+        (["x.so", "--amx", "--row1"], "--amx and --row1: one path at a time"),
+        (["x.so", "--row1", "--no-row1"], "--no-row1: not with --row1"),
+        (["x.so"], "give two builds, or one build with --amx or --row1"),
+        (["x.so", "--row1", "--shapes", "llama3"], "--shapes: expected names among smollm2, llama8b, llama2"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            mod.main(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_probe_code_layout_gives_the_same_bits_in_both_byte_orders(capfd):
     """The probe packs the same codes in the current and the blocked byte
     order and exits 1 unless both loops give the same bits; here it runs

@@ -10,8 +10,9 @@ layouts, dtypes, head dims, GQA ratios, chunk lengths, group sizes and code
 widths the kernels branch on. The float64 references of test_attention.py and
 test_attention_packed.py check the values themselves (on whichever path the
 CPU takes). On a CPU without x86-64-v4, or a build without the wide units,
-only the switch itself is checked. The packed attention's AMX path adds in
-another order (test_amx.py): it is off here.
+only the switch itself is checked. The packed attention's AMX path
+(test_amx.py) and its one-row path (test_row1.py) add in other orders: both
+are off here.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ needs_wide = pytest.mark.skipif(not WIDE, reason="this CPU or build runs no wide
 
 @pytest.fixture(autouse=True)
 def vector_units_only():
-    """The wide and cloned vector units are compared, not the AMX path."""
-    with switched(_C._set_amx, False):
+    """The wide and cloned vector units are compared, not the AMX path nor
+    the one-row path."""
+    with switched(_C._set_amx, False), switched(_C._set_row1, False):
         yield
 
 
