@@ -50,7 +50,7 @@ cuda-check: $(STAMP)
 # checks are off. halt_on_error makes any UBSan report abort the run, and
 # --capture=sys lets a report from a dying process reach the log.
 SAN_DIR   := build/sanitize
-SAN_TESTS := test_ops.py test_bridge.py test_attention.py test_attention_packed.py test_amx.py test_row1.py test_wide.py test_merge.py test_budget.py test_score_global.py test_fuzz.py test_quant.py test_feedback.py test_value_clip.py test_quest.py test_magicpig.py test_minicache.py test_keyformer.py test_lagkv.py test_span.py test_kvcrush.py test_kvmerger.py test_actqkv.py test_layerbudget.py test_fastgen.py test_keep_rows.py test_packed_sequences.py
+SAN_TESTS := test_ops.py test_bridge.py test_attention.py test_attention_packed.py test_amx.py test_rows.py test_wide.py test_merge.py test_budget.py test_score_global.py test_fuzz.py test_quant.py test_feedback.py test_value_clip.py test_quest.py test_magicpig.py test_minicache.py test_keyformer.py test_lagkv.py test_span.py test_kvcrush.py test_kvmerger.py test_actqkv.py test_layerbudget.py test_fastgen.py test_keep_rows.py test_packed_sequences.py
 SAN_ENV   := PYTHONPATH=$(CURDIR)/$(SAN_DIR)/lib \
 	LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so.6)" \
 	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
@@ -70,7 +70,7 @@ sanitize-test: $(STAMP)
 # this CPU's (by the dispatcher's own test, _C._cpu_level): higher ones
 # cannot run here, and its own is the clone `make test` ran.
 ISA_LEVELS := x86-64:0 x86-64-v3:3 x86-64-v4:4
-ISA_TESTS  := test_ops.py test_attention.py test_attention_packed.py test_amx.py test_row1.py test_wide.py test_merge.py test_score_global.py test_quant.py test_feedback.py test_value_clip.py test_minicache.py test_keyformer.py test_lagkv.py test_span.py test_kvmerger.py test_actqkv.py test_layerbudget.py test_fastgen.py test_packed_sequences.py
+ISA_TESTS  := test_ops.py test_attention.py test_attention_packed.py test_amx.py test_rows.py test_wide.py test_merge.py test_score_global.py test_quant.py test_feedback.py test_value_clip.py test_minicache.py test_keyformer.py test_lagkv.py test_span.py test_kvmerger.py test_actqkv.py test_layerbudget.py test_fastgen.py test_packed_sequences.py
 isa-test: $(STAMP)
 	@set -e; cpu=$$($(PY) -c "from kvcompress import _C; print(-1 if _C._cpu_level() is None else _C._cpu_level())"); \
 	for lv in $(ISA_LEVELS); do isa=$${lv%%:*}; n=$${lv##*:}; d=build/isa-$$isa; \

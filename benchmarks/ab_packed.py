@@ -22,16 +22,16 @@ on the package's build only, so the two builds ran on every core).
 
     python benchmarks/ab_packed.py BEFORE/kvcompress/_C*.so AFTER/kvcompress/_C*.so [--reps 30] [--threads 1]
     python benchmarks/ab_packed.py kvcompress/_C*.so --amx    # one build: AMX path off (A), on (B)
-    python benchmarks/ab_packed.py kvcompress/_C*.so --row1 --shapes llama2   # one-row path off (A), on (B)
+    python benchmarks/ab_packed.py kvcompress/_C*.so --rows --shapes llama2   # few-rows path off (A), on (B)
     python benchmarks/ab_packed.py A.so B.so --stream         # the layers read from memory
     python benchmarks/ab_packed.py A.so B.so --no-amx         # both builds' vector units
 
 With ``--amx`` one build runs as both: A with its AMX path forbidden
 (``_C._set_amx(False)``, the vector units), B with it allowed (on a CPU
-without AMX the two are the same code). ``--row1`` does the same with the
-one-row path (``_C._set_row1``; it runs only where a kv head has one query
+without AMX the two are the same code). ``--rows`` does the same with the
+few-rows path (``_C._set_rows``; it runs only where a kv head has one query
 row, as at ``llama2``'s shape: 32 / 32 heads, D = 128, Llama-2-7B's).
-``--no-amx`` and ``--no-row1`` forbid a path in both builds.
+``--no-amx`` and ``--no-rows`` forbid a path in both builds.
 
 Prints one line per case: medians of A and B, A/B, the median of the
 per-rep ratios, and the control.
@@ -53,7 +53,7 @@ from kvcompress import ops
 from _common import last_level_cache_bytes, stream_copies  # noqa: E402
 
 SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128)}
-SWITCHES = {"amx": "_set_amx", "row1": "_set_row1"}
+SWITCHES = {"amx": "_set_amx", "rows": "_set_rows"}
 WIDTHS = ((2, 2), (4, 4), (8, 8), (4, 2))
 GROUP, RESIDUAL = 32, 128
 
@@ -89,11 +89,11 @@ def _before_hidden(module):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", help="the first build's _C extension file")
-    ap.add_argument("b", nargs="?", help="the second build's _C extension file (not with --amx or --row1)")
+    ap.add_argument("b", nargs="?", help="the second build's _C extension file (not with --amx or --rows)")
     ap.add_argument("--amx", action="store_true",
                     help="time build a with its AMX path forbidden (A) and allowed (B)")
-    ap.add_argument("--row1", action="store_true",
-                    help="time build a with its one-row path forbidden (A) and allowed (B)")
+    ap.add_argument("--rows", action="store_true",
+                    help="time build a with its few-rows path forbidden (A) and allowed (B)")
     ap.add_argument("--shapes", default="smollm2,llama8b",
                     help=f"comma-separated attention shapes of {', '.join(SHAPES)} (default %(default)s)")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per build and case")
@@ -103,15 +103,15 @@ def main(argv=None) -> None:
                     help="key/value code widths, comma-separated (default %(default)s)")
     ap.add_argument("--no-amx", action="store_true",
                     help="forbid both builds' AMX path: compare their vector units")
-    ap.add_argument("--no-row1", action="store_true", help="forbid both builds' one-row path")
+    ap.add_argument("--no-rows", action="store_true", help="forbid both builds' few-rows path")
     ap.add_argument("--stream", action="store_true",
                     help="cycle through copies of the packed layer so that its bytes come from memory")
     args = ap.parse_args(argv)
     path = [name for name in SWITCHES if getattr(args, name)]
     if len(path) > 1:
-        ap.error("--amx and --row1: one path at a time")
+        ap.error("--amx and --rows: one path at a time")
     if bool(path) == (args.b is not None):
-        ap.error("give two builds, or one build with --amx or --row1")
+        ap.error("give two builds, or one build with --amx or --rows")
     for name in path:
         if getattr(args, f"no_{name}"):
             ap.error(f"--no-{name}: not with --{name}, which times that path against the vector units")

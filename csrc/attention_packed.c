@@ -36,7 +36,7 @@
 #include "attention_packed.h"
 #include "attention_packed_head.h"
 #include "attention_packed_math.h"
-#include "attention_row1.h"
+#include "attention_rows.h"
 #include "attention_tile.h"
 #include "attention_units.h"
 #include "kvc_math.h"
@@ -55,7 +55,7 @@ struct pa_geom {
     int grouped;     /* G % AT_TK == 0: every vector of AT_TK channels lies in one value group */
     int64_t NS;      /* key token groups one tile can span: size of the ring of scaled queries */
     int amx;         /* the whole-tile stretches take the AMX path (attention_amx.h) */
-    int row1;        /* ... or, with one query row, the one-row path (attention_row1.h) */
+    int rows;        /* ... or, with one query row, the few-rows path (attention_rows.h) */
     size_t float_floats; /* floats of a thread's buffers */
     size_t thread_bytes;
 };
@@ -188,7 +188,7 @@ static void pa_geometry(const struct kvc_packed_attention_params *p, struct pa_g
                                g->u.R * (AT_TK + 1) + 2 * g->ng * AT_TK +
                                (g->grouped ? g->u.R * g->ng * AT_TK : AT_TK * g->u.Dp) + g->u.R * g->ng);
     g->amx = kvc_amx_usable(g->bits, g->vbits, g->u.D, g->G);
-    g->row1 = !g->amx && kvc_row1_usable(g->bits, g->vbits, g->u.D, g->G);
+    g->rows = !g->amx && kvc_rows_usable(g->bits, g->vbits, g->u.D, g->G);
     g->thread_bytes = kvc_align_up(g->float_floats * sizeof(float)) +
                       kvc_align_up((size_t)g->u.R * sizeof(int64_t)) +
                       kvc_align_up((size_t)g->u.Dp * sizeof(int32_t)) +
@@ -744,7 +744,7 @@ static void pa_span(const struct kvc_packed_attention_params *p, const struct pa
     s.pm = pm, s.ps = ps, s.acc = acc, s.mn = w->mn;
     s.scratch = w->amx;
     if (g->amx) kvc_amx_packed_span(&s);
-    else kvc_row1_packed_span(&s);
+    else kvc_rows_packed_span(&s);
 }
 
 KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const struct pa_geom *g,
@@ -789,10 +789,10 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
      * a tile meets one token group */
     jp = j1 < h.n ? j1 : h.n;
     /* with AMX, the 32-aligned stretch of whole tiles goes to the tile
-     * products, and a single row's to the one-row path; the tiles before
+     * products, and a single row's to the few-rows path; the tiles before
      * and after it run here */
     a0 = a1 = jp;
-    if (wide && (g->amx || (g->row1 && R == 1)) &&
+    if (wide && (g->amx || (g->rows && R <= kvc_rows_rows(g->u.D))) &&
         (j0 + 31) / 32 * 32 + 32 <= jp / 32 * 32) {
         a0 = (j0 + 31) / 32 * 32;
         a1 = jp / 32 * 32;

@@ -29,8 +29,8 @@ struct kvc_packed_head {
 };
 
 /* A stretch of one kv head's packed slots, [j0, j0 + n), handed whole to
- * a path of its own (the AMX path, attention_amx.h; the one-row path,
- * attention_row1.h), with the running softmax state of its R query rows
+ * a path of its own (the AMX path, attention_amx.h; the few-rows path,
+ * attention_rows.h), with the running softmax state of its R query rows
  * as the tiles before it left it; code rows are D * bits / 8 bytes. */
 struct kvc_packed_span {
     struct kvc_packed_head h; /* the head: codes, mins, scales, counts and their strides */
@@ -41,7 +41,7 @@ struct kvc_packed_span {
     float *pm, *ps;  /* [R] running max and sum */
     float *acc;      /* [R][Dp] running sum of weight x scale x centred code */
     float *mn;       /* [R][ng] running sum of weight x value centre per group */
-    void *scratch;   /* the AMX path's buffers (kvc_amx_scratch_bytes(D) bytes, 64-byte aligned); unused by the one-row path */
+    void *scratch;   /* the AMX path's buffers (kvc_amx_scratch_bytes(D) bytes, 64-byte aligned); unused by the few-rows path */
 };
 
 /* Prefetches of what a head's packed slots are read from, shared by the

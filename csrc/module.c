@@ -17,7 +17,7 @@
 #include <string.h>
 
 #include "attention_amx.h"
-#include "attention_row1.h"
+#include "attention_rows.h"
 #include "kvc_math.h"
 
 #ifdef KVC_WITH_CUDA
@@ -136,12 +136,12 @@ static PyObject *set_path(PyObject *m, PyObject *arg, int (*set)(int))
 
 /* Test/benchmark hooks: the attention ops' 16-lane x86-64-v4 units (kvc.h,
  * KVC_WIDE), the packed attention's AMX path (attention_amx.h) and its
- * one-row path (attention_row1.h). */
+ * few-rows path (attention_rows.h). */
 static PyObject *py_set_wide(PyObject *m, PyObject *arg) { return set_path(m, arg, kvc_set_wide); }
 static PyObject *py_set_amx(PyObject *m, PyObject *arg) { return set_path(m, arg, kvc_set_amx); }
-static PyObject *py_set_row1(PyObject *m, PyObject *arg) { return set_path(m, arg, kvc_set_row1); }
+static PyObject *py_set_rows(PyObject *m, PyObject *arg) { return set_path(m, arg, kvc_set_rows); }
 
-/* Whether the packed attention takes its AMX path, or its one-row path,
+/* Whether the packed attention takes its AMX path, or its few-rows path,
  * for 4-bit keys and values at D = 64 (G = 32) on this CPU now. */
 static PyObject *py_amx(PyObject *m, PyObject *noarg)
 {
@@ -149,10 +149,10 @@ static PyObject *py_amx(PyObject *m, PyObject *noarg)
     return PyBool_FromLong(kvc_amx_usable(4, 4, 64, 32));
 }
 
-static PyObject *py_row1(PyObject *m, PyObject *noarg)
+static PyObject *py_rows(PyObject *m, PyObject *noarg)
 {
     (void)m, (void)noarg;
-    return PyBool_FromLong(kvc_row1_usable(4, 4, 64, 32));
+    return PyBool_FromLong(kvc_rows_usable(4, 4, 64, 32));
 }
 
 /* Whether the attention ops run their wide units on this CPU now. */
@@ -215,11 +215,11 @@ static PyMethodDef kvc_methods[] = {
      "setting."},
     {"_amx", py_amx, METH_NOARGS,
      "_amx()\n--\n\nWhether the packed attention takes its AMX path (4-bit keys and values) on this CPU now."},
-    {"_set_row1", py_set_row1, METH_O,
-     "_set_row1(flag)\n--\n\nTest hook: allow or forbid the packed attention's one-row path; returns the "
+    {"_set_rows", py_set_rows, METH_O,
+     "_set_rows(flag)\n--\n\nTest hook: allow or forbid the packed attention's few-rows path; returns the "
      "previous setting."},
-    {"_row1", py_row1, METH_NOARGS,
-     "_row1()\n--\n\nWhether the packed attention takes its one-row path (4-bit keys and values, one query row "
+    {"_rows", py_rows, METH_NOARGS,
+     "_rows()\n--\n\nWhether the packed attention takes its few-rows path (4-bit keys and values, one query row "
      "per kv head) on this CPU now."},
     {"_wide", py_wide, METH_NOARGS,
      "_wide()\n--\n\nWhether the attention ops run their 16-lane x86-64-v4 units on this CPU now."},

@@ -2,13 +2,13 @@
  * wide.c - whether the attention ops run their 16-lane x86-64-v4 units
  * (kvc.h, KVC_WIDE). The CPU is asked once; the test hook lets the tests
  * run both paths on one machine and compare them bit for bit. The packed
- * attention's AMX path (attention_amx.h) and its one-row path
- * (attention_row1.h) have their own hooks here. The flags
+ * attention's AMX path (attention_amx.h) and its few-rows path
+ * (attention_rows.h) have their own hooks here. The flags
  * are read and written with relaxed atomics: ops may run on several
  * Python threads at once (the GIL is released around them).
  */
 #include "attention_amx.h"
-#include "attention_row1.h"
+#include "attention_rows.h"
 #include "kvc.h"
 
 #if defined(__GNUC__)
@@ -25,7 +25,7 @@ static int wide_swap(int *p, int v)
 #define WIDE_SWAP(p, v) wide_swap(p, v)
 #endif
 
-static int kvc_wide_allowed = 1, kvc_amx_allow = 1, kvc_row1_allow = 1;
+static int kvc_wide_allowed = 1, kvc_amx_allow = 1, kvc_rows_allow = 1;
 
 int kvc_set_wide(int allow)
 {
@@ -42,14 +42,14 @@ int kvc_amx_allowed(void)
     return WIDE_LOAD(&kvc_amx_allow);
 }
 
-int kvc_set_row1(int allow)
+int kvc_set_rows(int allow)
 {
-    return WIDE_SWAP(&kvc_row1_allow, allow != 0);
+    return WIDE_SWAP(&kvc_rows_allow, allow != 0);
 }
 
-int kvc_row1_allowed(void)
+int kvc_rows_allowed(void)
 {
-    return WIDE_LOAD(&kvc_row1_allow);
+    return WIDE_LOAD(&kvc_rows_allow);
 }
 
 int kvc_wide_active(void)

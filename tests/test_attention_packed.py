@@ -267,7 +267,7 @@ WIDTH_PAIRS = [(4, 4), (2, 2), (4, 2), (2, 4), (8, 8), (8, 2), (4, 8)]  # (key b
 
 def widths_case(B, Hq, Hkv, nq, n, r, D, G, bits, value_bits, dtype):
     """uniform_case with values at value_bits (the key/value width pairs of
-    the packed attention's engines, test_amx.py and test_row1.py)."""
+    the packed attention's engines, test_amx.py and test_rows.py)."""
     q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, bits, dtype)
     if value_bits != bits:
         k = randn((B, Hkv, n, D), seed=2, scale=1.5) + randn((1, 1, 1, D), seed=5)

@@ -142,17 +142,17 @@ def test_bench_packed_refuses_an_unknown_shape_by_name(monkeypatch, capsys):
 
 
 def test_ab_packed_refuses_bad_paths_and_shapes_by_name(monkeypatch, capsys):
-    """ab_packed times one path of one build (--amx or --row1) or two builds;
+    """ab_packed times one path of one build (--amx or --rows) or two builds;
     one path at a time, not with its own --no- switch, and known shapes only,
     each refused by name before anything loads."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     mod = _bench_module("ab_packed")
     assert mod.SHAPES["llama2"] == (32, 32, 128)
     cases = [
-        (["x.so", "--amx", "--row1"], "--amx and --row1: one path at a time"),
-        (["x.so", "--row1", "--no-row1"], "--no-row1: not with --row1"),
-        (["x.so"], "give two builds, or one build with --amx or --row1"),
-        (["x.so", "--row1", "--shapes", "llama3"], "--shapes: expected names among smollm2, llama8b, llama2"),
+        (["x.so", "--amx", "--rows"], "--amx and --rows: one path at a time"),
+        (["x.so", "--rows", "--no-rows"], "--no-rows: not with --rows"),
+        (["x.so"], "give two builds, or one build with --amx or --rows"),
+        (["x.so", "--rows", "--shapes", "llama3"], "--shapes: expected names among smollm2, llama8b, llama2"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit):

@@ -11,7 +11,7 @@ widths the kernels branch on. The float64 references of test_attention.py and
 test_attention_packed.py check the values themselves (on whichever path the
 CPU takes). On a CPU without x86-64-v4, or a build without the wide units,
 only the switch itself is checked. The packed attention's AMX path
-(test_amx.py) and its one-row path (test_row1.py) add in other orders: both
+(test_amx.py) and its few-rows path (test_rows.py) add in other orders: both
 are off here.
 """
 
@@ -32,8 +32,8 @@ needs_wide = pytest.mark.skipif(not WIDE, reason="this CPU or build runs no wide
 @pytest.fixture(autouse=True)
 def vector_units_only():
     """The wide and cloned vector units are compared, not the AMX path nor
-    the one-row path."""
-    with switched(_C._set_amx, False), switched(_C._set_row1, False):
+    the few-rows path."""
+    with switched(_C._set_amx, False), switched(_C._set_rows, False):
         yield
 
 

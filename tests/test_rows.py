@@ -1,10 +1,10 @@
-"""The packed attention's one-row path (csrc/attention_row1.c) against float64.
+"""The packed attention's few-rows path (csrc/attention_rows.c) against float64.
 
 On an x86-64-v4 CPU with the wide units built, ``ops.packed_attention`` runs
 the whole-tile stretch of a kv head's packed slots in loops of its own when
-the unit of work has one query row (Hq = Hkv and one query: decode without
-GQA), D is 64, 128 or 256, a code row is whole 16-byte pieces at both code
-widths and G is a multiple of 16. The query and the output row are permuted
+the unit of work has at most 256 / D query rows (GQA ratio times queries:
+4 at D = 64, 2 at D = 128, 1 at D = 256), D is 64, 128 or 256, a code row is
+whole 16-byte pieces at both code widths and G is a multiple of 16. The query and the output row are permuted
 to the order the codes lie in their bytes, so the products are added in
 another order than the tile loops'. Each case checks the result against the
 float64 reference of test_attention_packed.py within twice torch's own
@@ -25,8 +25,8 @@ from test_attention import DTYPE_IDS, DTYPES, assert_switch, queries, randn, swi
 from test_attention_packed import (WIDTH_PAIRS, Packed, assert_fp32_no_floor, check, pack_ragged, pack_uniform, run, run_w, spaced,
                                    uniform_case, widths_case)
 
-ROW1 = _C._row1()
-needs_row1 = pytest.mark.skipif(not ROW1, reason="no one-row path here (not x86-64-v4, or no wide units)")
+ROWS = _C._rows()
+needs_rows = pytest.mark.skipif(not ROWS, reason="no few-rows path here (not x86-64-v4, or no wide units)")
 
 
 @pytest.fixture(autouse=True)
@@ -43,58 +43,59 @@ def _no_amx():
         yield
 
 
-def row1(flag: bool):
-    return switched(_C._set_row1, flag)
+def rows(flag: bool):
+    return switched(_C._set_rows, flag)
 
 
 def both(fn):
-    """fn() with the one-row path allowed, then forbidden."""
-    with row1(True):
+    """fn() with the few-rows path allowed, then forbidden."""
+    with rows(True):
         a = fn()
-    with row1(False):
+    with rows(False):
         v = fn()
     return a, v
 
 
 def test_switch():
     """The hook reports and restores its setting; forbidding always wins."""
-    assert_switch(_C._set_row1, _C._row1, ROW1)
+    assert_switch(_C._set_rows, _C._rows, ROWS)
 
 
-CASES = [  # (B, H (= Hq = Hkv), q, n, r, D, G)
-    (1, 6, 1, 2100, 128, 128, 32),  # Llama-2-7B's head dim
-    (2, 3, 1, 1000, 5, 64, 32),  # D = 64, batch 2
-    (1, 2, 1, 1500, 3, 256, 128),  # D = 256 (Gemma 3), G = 128
-    (1, 3, 1, 777, 9, 128, 64),  # n % 32 != 0: tiles after the stretch
-    (1, 2, 1, 900, 16, 128, 48),  # G = 48: pieces across value groups, key groups of 48
+CASES = [  # (B, Hq, Hkv, q, n, r, D, G)
+    (1, 6, 6, 1, 2100, 128, 128, 32),  # Llama-2-7B's head dim, one row
+    (2, 3, 3, 1, 1000, 5, 64, 32),  # D = 64, batch 2
+    (1, 2, 2, 1, 1500, 3, 256, 128),  # D = 256 (Gemma 3), G = 128
+    (1, 3, 3, 1, 777, 9, 128, 64),  # n % 32 != 0: tiles after the stretch
+    (1, 2, 2, 1, 900, 16, 128, 48),  # G = 48: pieces across value groups, key groups of 48
+    (1, 9, 3, 1, 2100, 128, 64, 32),  # SmolLM2's decode shape: 3 rows
+    (1, 8, 2, 1, 1000, 5, 64, 32),  # GQA 4 at D = 64: 4 rows, the most
+    (2, 4, 2, 1, 900, 7, 128, 32),  # GQA 2 at D = 128: 2 rows, the most there
+    (1, 3, 3, 3, 700, 9, 64, 32),  # a 3-query chunk: 3 rows
 ]
-
-
-
-@needs_row1
-@pytest.mark.parametrize("shape", CASES, ids=lambda s: "B{}H{}q{}n{}r{}D{}G{}".format(*s))
+@needs_rows
+@pytest.mark.parametrize("shape", CASES, ids=lambda s: "B{}Hq{}Hkv{}q{}n{}r{}D{}G{}".format(*s))
 @pytest.mark.parametrize("bits,value_bits", WIDTH_PAIRS, ids=lambda w: f"{w}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_matches_reference(shape, bits, value_bits, dtype):
-    B, H, nq, n, r, D, G = shape
-    q, pk, rk, rv = widths_case(B, H, H, nq, n, r, D, G, bits, value_bits, dtype)
+    q, pk, rk, rv = widths_case(*shape, bits, value_bits, dtype)
+    G = shape[-1]
     got, vec = both(lambda: run_w(q, pk, rk, rv, bits, value_bits, G))
     check(got, q, pk, rk, rv, f"{shape} {bits}/{value_bits} {dtype}")
     if dtype == torch.float32:
-        assert not torch.equal(got, vec), "the one-row path did not run"
+        assert not torch.equal(got, vec), "the few-rows path did not run"
 
 
-@needs_row1
+@needs_rows
 @pytest.mark.parametrize("bits,G", [(4, 32), (4, 128), (2, 32), (8, 32)])
 def test_long_decode_fp32_without_floor(bits, G):
     """6,000 slots of zero-centred values: within 2x torch's fp32 error, no floor."""
     q, pk, rk, rv = uniform_case(1, 2, 2, 1, 6000, 3, 128, G, bits, torch.float32)
-    with row1(True):
+    with rows(True):
         got = run(q, pk, rk, rv, bits, G)
-    assert_fp32_no_floor(got, q, pk, rk, rv, "one-row")
+    assert_fp32_no_floor(got, q, pk, rk, rv, "few-rows")
 
 
-@needs_row1
+@needs_rows
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_kv_start_counts_and_scale(dtype):
     """Left padding that starts mid-tile (the stretch begins at the next
@@ -106,18 +107,18 @@ def test_kv_start_counts_and_scale(dtype):
     counts = torch.rand(B, H, n, generator=torch.Generator().manual_seed(3)) * 5 + 0.05
     for scaling in (None, 30.0):
         kw = dict(kv_start=kv_start, counts=counts) | ({} if scaling is None else {"scaling": scaling})
-        with row1(True):
+        with rows(True):
             got = run(q, pk, rk, rv, 4, G, **kw)
         check(got, q, pk, rk, rv, f"{dtype} scaling={scaling}", **kw)
         # padded slots are never read
         pk2 = Packed(**pk.__dict__)
         pk2.vm, pk2.vs, c2 = pk.vm.clone(), pk.vs.clone(), counts.clone()
         pk2.vm[1, :, :45] = pk2.vs[1, :, :45] = c2[1, :, :45] = float("nan")
-        with row1(True):
+        with rows(True):
             assert torch.equal(run(q, pk2, rk, rv, 4, G, **(kw | {"counts": c2})), got)
 
 
-@needs_row1
+@needs_rows
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_ragged_with_empty_heads(bits, dtype):
@@ -127,36 +128,36 @@ def test_ragged_with_empty_heads(bits, dtype):
     rk, rv = randn((B, H, 4, D), dtype, 8), randn((B, H, 4, D), dtype, 9)
     counts = torch.from_numpy(np.random.default_rng(1).integers(1, 9, size=pk.N)).float()
     counts[pk.vm[:, 0].isnan()] = float("nan")  # unused rows: never read
-    with row1(True):
+    with rows(True):
         got = run(q, pk, rk, rv, bits, G, counts=counts)
     check(got, q, pk, rk, rv, f"{bits} bits {dtype}", counts=counts)
 
 
-@needs_row1
+@needs_rows
 def test_ragged_equals_uniform():
     B, H, nq, n, r, D, G = 2, 3, 1, 640, 5, 128, 32
     q, pk, rk, rv = uniform_case(B, H, H, nq, n, r, D, G, 4, torch.float32)
     ragged = (pk.kc.reshape(-1, pk.kc.shape[-1]), pk.km.reshape(-1, D), pk.ks.reshape(-1, D),
               pk.vc.reshape(-1, pk.vc.shape[-1]), pk.vm.reshape(-1, pk.vm.shape[-1]), pk.vs.reshape(-1, pk.vs.shape[-1]))
-    with row1(True):
+    with rows(True):
         u = run(q, pk, rk, rv, 4, G)
         g = ops.packed_attention(q, *ragged, rk, rv, bits=4, group=G, offsets=torch.arange(B * H) * n,
                                  lengths=torch.full((B * H,), n))
     assert torch.equal(u, g)
 
 
-@needs_row1
+@needs_rows
 def test_threads_bit_identical():
     q, pk, rk, rv = uniform_case(2, 3, 3, 1, 5000, 3, 128, 32, 4, torch.float32)
     outs = []
-    with row1(True):
+    with rows(True):
         for nt in (1, 2, 3):
             ops.set_num_threads(nt)
             outs.append(run(q, pk, rk, rv, 4, 32, kv_start=torch.tensor([0, 100])))
     assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
-@needs_row1
+@needs_rows
 @pytest.mark.parametrize("bits,value_bits", [(4, 4), (2, 8), (8, 2)])
 def test_strides_do_not_change_bits(bits, value_bits):
     """Strided codes, scales and mins (as a store writing into slices makes:
@@ -173,22 +174,24 @@ def test_strides_do_not_change_bits(bits, value_bits):
     want, vec = both(lambda: run_w(q, pk, rk, rv, bits, value_bits, 32))
     got = both(lambda: run_w(q, strided, rk, rv, bits, value_bits, 32))[0]
     assert torch.equal(got, want)
-    assert not torch.equal(want, vec), "the one-row path did not run"
+    assert not torch.equal(want, vec), "the few-rows path did not run"
 
 
-@needs_row1
+@needs_rows
 @pytest.mark.parametrize("Hq,Hkv,nq,D,G,bits", [
-    (6, 3, 1, 128, 32, 4),  # GQA 2: two rows per kv head
-    (4, 4, 2, 128, 32, 4),  # a 2-query chunk
+    (8, 2, 1, 128, 32, 4),  # GQA 4 at D = 128: 4 rows, above the 2 it holds there
+    (5, 5, 5, 64, 32, 4),  # a 5-query chunk at D = 64: 5 rows, above 4
     (4, 4, 1, 96, 32, 4),  # D = 96
     (4, 4, 1, 128, 8, 4),  # G = 8
     (4, 4, 1, 64, 32, 8),  # 8-bit at D = 64: 64-byte rows, one piece
+    (6, 3, 1, 64, 32, 2),  # 2-bit at D = 64: a 16-byte row, two rows per kv head
 ])
 def test_other_shapes(Hq, Hkv, nq, D, G, bits):
     """Shapes the path does not take give the vector units' bits exactly;
-    the last one it does take, checked against the reference."""
-    q, pk, rk, rv = uniform_case(1, Hq, Hkv, nq, 500, 3, D, G, bits, torch.float32)
+    the ones it does take, checked against the reference."""
+    q, pk, rk, rv = uniform_case(1, Hq, Hkv, nq, 500, 5, D, G, bits, torch.float32)
     a, v = both(lambda: run(q, pk, rk, rv, bits, G))
-    takes = Hq == Hkv and nq == 1 and D in (64, 128, 256) and G % 16 == 0 and D * bits % 128 == 0
+    nrows = Hq // Hkv * nq
+    takes = D in (64, 128, 256) and nrows <= 256 // D and G % 16 == 0 and D * bits % 128 == 0
     assert torch.equal(a, v) != takes
     check(a, q, pk, rk, rv, f"Hq={Hq} Hkv={Hkv} q={nq} D={D} G={G} {bits} bits")

@@ -1,0 +1,70 @@
+/*
+ * attention_rows.h - the packed attention's few-rows path (attention_rows.c):
+ * the whole-tile stretch of one kv head's packed slots when the unit of
+ * work has few query rows (at most 256 / D: decode without GQA, Hq = Hkv
+ * and one query, at any of D = 64, 128, 256; SmolLM2's three rows per kv
+ * head at D = 64), in AVX-512 loops of its own.
+ *
+ * With few rows per slot the tile loops of attention_packed.c pay per slot
+ * for what more rows would share: the pointer arrays and group checks of a
+ * 16-slot tile, a softmax step per tile, and an unpack of four operations
+ * per 16 codes. This path reads a piece of a code row with one load and
+ * takes its codes apart by shifts and one table lookup each, in the order
+ * they lie in the bytes (docs/packed.md): the queries and the output rows
+ * are permuted to that order once per span instead. The softmax rescales
+ * once per chunk of slots. The order of the additions differs from the
+ * tile loops', so the bits do as well: the path is one more level of the
+ * dispatch, after AMX, switched off by the test hook kvc_set_rows(0) for
+ * the bit-for-bit comparisons of the vector units.
+ */
+#ifndef KVC_ATTENTION_ROWS_H
+#define KVC_ATTENTION_ROWS_H
+
+#include <stdint.h>
+
+#include "attention_packed_head.h"
+#include "kvc.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#ifdef KVC_WIDE
+#define KVC_ROWS 1
+#endif
+
+/* Slots per softmax step: logits of a chunk, one rescale, then its values. */
+#define KVC_ROWS_CHUNK 64
+
+/* Query rows one span takes at most: their running rows, D / 16 vectors
+ * each, are held in 16 of the 32 vector registers. */
+#define KVC_ROWS_ROWS 4
+
+/* 1 when the packed attention of this shape may take the few-rows path: the
+ * wide units run (an x86-64-v4 CPU), not switched off by the test hook;
+ * D of 64, 128 or 256; a code row a whole number of 16-byte pieces at both
+ * widths (D * bits and D * value bits multiples of 128); G a multiple of
+ * 16. Any strides: where the bytes of a code row, or the scales of a key
+ * group or a slot, are not contiguous, they are copied so first. */
+int kvc_rows_usable(int bits, int vbits, int64_t D, int64_t G);
+
+/* Test hook (wide.c): allow (1) or forbid (0) the few-rows path; returns the
+ * previous setting. kvc_rows_allowed: the setting. */
+int kvc_set_rows(int allow);
+int kvc_rows_allowed(void);
+
+/* How many query rows a span at head size D may have: 256 / D (4 at D =
+ * 64, 2 at 128, 1 at 256), 0 where the path is not built. */
+int kvc_rows_rows(int64_t D);
+
+/* Runs the span of s->R rows (1 <= R <= kvc_rows_rows(D); j0 and n
+ * multiples of 16), every row seeing every slot of it: the state in
+ * s->pm, ps, acc and mn goes on from the slots before it, as
+ * attention_packed.c's tiles would leave it. */
+void kvc_rows_packed_span(const struct kvc_packed_span *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVC_ATTENTION_ROWS_H */
