@@ -55,7 +55,7 @@ struct pa_geom {
     int grouped;     /* G % AT_TK == 0: every vector of AT_TK channels lies in one value group */
     int64_t NS;      /* key token groups one tile can span: size of the ring of scaled queries */
     int amx;         /* the whole-tile stretches take the AMX path (attention_amx.h) */
-    int rows;        /* ... or, with one query row, the few-rows path (attention_rows.h) */
+    int rows;        /* ... or, with few query rows, the few-rows path (attention_rows.h) */
     size_t float_floats; /* floats of a thread's buffers */
     size_t thread_bytes;
 };
@@ -789,10 +789,10 @@ KVC_INLINE void pa_unit_body(const struct kvc_packed_attention_params *p, const 
      * a tile meets one token group */
     jp = j1 < h.n ? j1 : h.n;
     /* with AMX, the 32-aligned stretch of whole tiles goes to the tile
-     * products, and a single row's to the few-rows path; the tiles before
+     * products, and a unit of few rows' to the few-rows path; the tiles before
      * and after it run here */
     a0 = a1 = jp;
-    if (wide && (g->amx || (g->rows && R <= kvc_rows_rows(g->u.D))) &&
+    if (wide && (g->amx || (g->rows && R <= kvc_rows_max(g->u.D))) &&
         (j0 + 31) / 32 * 32 + 32 <= jp / 32 * 32) {
         a0 = (j0 + 31) / 32 * 32;
         a1 = jp / 32 * 32;

@@ -176,11 +176,11 @@ static void rp_stage_floats(float *dst, const float *src, int64_t stride, int64_
 RP_INLINE void rp_logits16(at_vf *out, const uint8_t *kc, int64_t kcs, const float *qs, int D, int kb, int NR)
 {
     const int np = RP_NP(D, kb), per = RP_PER(D, kb), pb = RP_PB(D, kb);
-    at_vf a[KVC_ROWS_ROWS][16];
+    at_vf a[KVC_ROWS_MAX][16];
     int j, m, k, r;
     for (j = 0; j < 16; j++) {
         const uint8_t *row = kc + j * kcs;
-        at_vf sum[KVC_ROWS_ROWS];
+        at_vf sum[KVC_ROWS_MAX];
         RP_UNROLL
         for (r = 0; r < NR; r++) sum[r] = (at_vf){0};
         RP_UNROLL
@@ -219,8 +219,8 @@ RP_INLINE void rp_values(at_vf *acc, at_vf *mnv, const float *w, int nc, const u
     const __mmask16 gm = (__mmask16)((1u << ng) - 1u);
     const float vmid = kvc_pk_mid(vb);
     const int np = RP_NP(D, vb), per = RP_PER(D, vb), pb = RP_PB(D, vb), nv = D / 16;
-    float wb[KVC_ROWS_ROWS][KVC_ROWS_CHUNK * 16] __attribute__((aligned(64)));
-    at_vf a[16], mv[KVC_ROWS_ROWS];
+    float wb[KVC_ROWS_MAX][KVC_ROWS_CHUNK * 16] __attribute__((aligned(64)));
+    at_vf a[16], mv[KVC_ROWS_MAX];
     int i, j, m, k, r;
     /* the chunk's sums from zero, joined to the running ones at the end:
      * added slot by slot into the running sums over a whole span, the
@@ -267,12 +267,12 @@ RP_INLINE void rp_span(const struct kvc_packed_span *s, const int D, const int k
     const int vcw = RP_CW(D, vb), vper = RP_PER(D, vb), nv = D / 16;
     const __mmask16 gm = (__mmask16)((1u << s->ng) - 1u);
     const int one = s->G % vcw == 0;
-    struct kvc_softmax_state st[KVC_ROWS_ROWS];
-    at_vf qv[KVC_ROWS_ROWS][16], acc[16], mnv[KVC_ROWS_ROWS];
+    struct kvc_softmax_state st[KVC_ROWS_MAX];
+    at_vf qv[KVC_ROWS_MAX][16], acc[16], mnv[KVC_ROWS_MAX];
     at_vu gi[16];
     int gs[16];
-    float qs[KVC_ROWS_ROWS][256] __attribute__((aligned(64)));
-    float tmp[256] __attribute__((aligned(64))), bias[KVC_ROWS_ROWS];
+    float qs[KVC_ROWS_MAX][256] __attribute__((aligned(64)));
+    float tmp[256] __attribute__((aligned(64))), bias[KVC_ROWS_MAX];
     /* strided inputs, staged contiguous: key scales and mins of a group,
      * code rows of a block or chunk, value scales and mins of a chunk */
     float ksb[256] __attribute__((aligned(64))), kmb[256] __attribute__((aligned(64)));
@@ -304,14 +304,14 @@ RP_INLINE void rp_span(const struct kvc_packed_span *s, const int D, const int k
 
     for (c0 = 0; c0 < s->n; c0 += KVC_ROWS_CHUNK) {
         const int nc = (int)(s->n - c0 < KVC_ROWS_CHUNK ? s->n - c0 : KVC_ROWS_CHUNK);
-        at_vf x[KVC_ROWS_ROWS][KVC_ROWS_CHUNK / 16];
-        float w[KVC_ROWS_ROWS * KVC_ROWS_CHUNK] __attribute__((aligned(64)));
+        at_vf x[KVC_ROWS_MAX][KVC_ROWS_CHUNK / 16];
+        float w[KVC_ROWS_MAX * KVC_ROWS_CHUNK] __attribute__((aligned(64)));
         int b, j;
         for (b = 0; b < nc / 16; b++) {
             const int64_t js = s->j0 + c0 + 16 * b, t = js / s->G;
             const uint8_t *kr = h->kc + js * h->kcs;
             int64_t krs = h->kcs;
-            at_vf lg[KVC_ROWS_ROWS], lc = {0};
+            at_vf lg[KVC_ROWS_MAX], lc = {0};
             if (t != have) {
                 const float *ks = h->ks + t * h->kss, *km = h->km + t * h->kms;
                 if (h->ksd != 1 || h->kmd != 1) {
@@ -401,14 +401,14 @@ RP_INLINE void rp_span(const struct kvc_packed_span *s, const int D, const int k
         }                                                                                              \
     } while (0)
 
-int kvc_rows_rows(int64_t D)
+int kvc_rows_max(int64_t D)
 {
-    return D > 0 && D <= 256 ? (int)(256 / D) : 0;
+    return D == 64 || D == 128 || D == 256 ? (int)(256 / D) : 0;
 }
 
 KVC_WIDE_TARGET void kvc_rows_packed_span(const struct kvc_packed_span *s)
 {
-    /* the caller checked kvc_rows_usable and s->R <= kvc_rows_rows(D): D,
+    /* the caller checked kvc_rows_usable and s->R <= kvc_rows_max(D): D,
      * widths, G and the row count are among these */
     if (s->D == 64) {
         switch (s->R) {
@@ -425,7 +425,7 @@ KVC_WIDE_TARGET void kvc_rows_packed_span(const struct kvc_packed_span *s)
     }
 }
 #else
-int kvc_rows_rows(int64_t D)
+int kvc_rows_max(int64_t D)
 {
     (void)D;
     return 0;

@@ -38,7 +38,7 @@ extern "C" {
 
 /* Query rows one span takes at most: their running rows, D / 16 vectors
  * each, are held in 16 of the 32 vector registers. */
-#define KVC_ROWS_ROWS 4
+#define KVC_ROWS_MAX 4
 
 /* 1 when the packed attention of this shape may take the few-rows path: the
  * wide units run (an x86-64-v4 CPU), not switched off by the test hook;
@@ -54,10 +54,11 @@ int kvc_set_rows(int allow);
 int kvc_rows_allowed(void);
 
 /* How many query rows a span at head size D may have: 256 / D (4 at D =
- * 64, 2 at 128, 1 at 256), 0 where the path is not built. */
-int kvc_rows_rows(int64_t D);
+ * 64, 2 at 128, 1 at 256), 0 for any other D or where the path is not
+ * built. */
+int kvc_rows_max(int64_t D);
 
-/* Runs the span of s->R rows (1 <= R <= kvc_rows_rows(D); j0 and n
+/* Runs the span of s->R rows (1 <= R <= kvc_rows_max(D); j0 and n
  * multiples of 16), every row seeing every slot of it: the state in
  * s->pm, ps, acc and mn goes on from the slots before it, as
  * attention_packed.c's tiles would leave it. */
