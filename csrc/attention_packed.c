@@ -493,36 +493,16 @@ KVC_INLINE void pa_row_weights(const struct pa_geom *g, const struct pa_thread *
 }
 
 #ifdef AT_TREE
-/* Lanes u, u + n, u + 2n, ... of the 2 x 16 floats a, b (n = 2: even and
- * odd lanes; n = 4 takes two such steps). */
-#define PA_EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-#define PA_ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
-
 /* e[u] = lanes u, u + ng, u + 2 ng, ... of the AT_TK x ng floats at src
  * (ng = 1, 2 or 4): a [slot][group] block read as vectors and transposed by
- * shuffles. */
+ * shuffles (at_deal, with ng a constant). */
 KVC_INLINE void pa_groups_by_lane(at_vf *e, const float *src, int64_t ng)
 {
-    at_vf v[4];
     int64_t i;
-    for (i = 0; i < ng; i++) memcpy(&v[i], src + i * AT_TK, sizeof v[i]);
-    if (ng == 2) {
-        e[0] = PA_EVEN(v[0], v[1]);
-        e[1] = PA_ODD(v[0], v[1]);
-    } else if (ng == 4) {
-        /* [j][4] -> even / odd groups of slots 0-7 and 8-15, then split again */
-        const at_vf a = PA_EVEN(v[0], v[1]), b = PA_ODD(v[0], v[1]);
-        const at_vf c = PA_EVEN(v[2], v[3]), d = PA_ODD(v[2], v[3]);
-        e[0] = PA_EVEN(a, c);
-        e[2] = PA_ODD(a, c);
-        e[1] = PA_EVEN(b, d);
-        e[3] = PA_ODD(b, d);
-    } else {
-        e[0] = v[0];
-    }
+    for (i = 0; i < ng; i++) memcpy(&e[i], src + i * AT_TK, sizeof e[i]);
+    if (ng == 2) at_deal(e, 2);
+    else if (ng == 4) at_deal(e, 4);
 }
-#undef PA_EVEN
-#undef PA_ODD
 
 /* S[u][j] = scale and M[u][j] = centre of slot jt + j's value group u, for
  * a full tile whose scales and mins are contiguous [slot][group] rows of

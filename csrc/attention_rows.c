@@ -10,7 +10,7 @@
  * the next code's bits above a lane's own do not matter) gives the codes of
  * channels k, k + per, k + 2 per, ... of the piece: per vectors per piece.
  * 8-bit codes are masked and converted, not looked up. The query times the
- * key scales is dealt into that order once per token group (rp_deal), and
+ * key scales is dealt into that order once per token group (at_deal), and
  * the output row is kept in it across the span and put back in channel
  * order at its end, so no code is moved between lanes.
  *
@@ -101,30 +101,6 @@ RP_INLINE void rp_codes(at_vf *v, const uint8_t *src, int D, int bits)
     }
 }
 
-#define RP_EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-#define RP_ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
-
-/* The per vectors of one piece's channels in channel order (x, in place)
- * into the piece order: vector k, lane i = channel per * i + k. Each stage
- * takes the even lanes of consecutive pairs into the first half and the
- * odd ones into the second; log2(per) stages transpose the 16 x per
- * matrix (per * log2(per) two-source permutes, where gathering the key
- * scales cost 4-5 cycles a slot). */
-RP_INLINE void rp_deal(at_vf *x, int per)
-{
-    at_vf y[16];
-    int st, j;
-    for (st = 1; st < per; st *= 2) {
-        RP_UNROLL
-        for (j = 0; j < per / 2; j++) {
-            y[j] = RP_EVEN(x[2 * j], x[2 * j + 1]);
-            y[per / 2 + j] = RP_ODD(x[2 * j], x[2 * j + 1]);
-        }
-        RP_UNROLL
-        for (j = 0; j < per; j++) x[j] = y[j];
-    }
-}
-
 /* A token group: qs = q x its key scales (ks, D contiguous) in the piece
  * order of kb, and the bias scaling x q . its key centres (min + scale x
  * mid, mins km), in channel order. */
@@ -145,7 +121,7 @@ RP_INLINE void rp_key_group(float *qs, float *bias, float scaling, const float *
     }
     *bias = scaling * _mm512_reduce_add_ps((__m512)b);
     RP_UNROLL
-    for (i = 0; i < D / 16; i += per) rp_deal(x + i, per);
+    for (i = 0; i < D / 16; i += per) at_deal(x + i, per); /* into the piece order */
     RP_UNROLL
     for (i = 0; i < D / 16; i++) *(at_vf *)(qs + 16 * i) = x[i];
 }

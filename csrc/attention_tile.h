@@ -290,6 +290,34 @@ KVC_INLINE void at_unpack16w(at_vf *dst, const uint8_t *src, int bits)
     }
 }
 
+/* The n vectors x (n = 1, 2, 4, 8 or 16, a constant after inlining; in
+ * place) read as n x 16 floats in order -> vector k, lane i = float n * i +
+ * k: log2(n) stages, each taking the even lanes of consecutive pairs into
+ * the first half and the odd ones into the second (a transpose of 16 x n
+ * by two-source permutes). Used for [slot][group] value scales
+ * (attention_packed.c) and for a query dealt into the order packed codes
+ * lie in their bytes (attention_rows.c). */
+#define AT_EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define AT_ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+KVC_INLINE void at_deal(at_vf *x, int n)
+{
+    at_vf y[16];
+    int st, j;
+    /* unrolled whole, so that x and y stay in registers */
+    _Pragma("GCC unroll 4")
+    for (st = 1; st < n; st *= 2) {
+        _Pragma("GCC unroll 8")
+        for (j = 0; j < n / 2; j++) {
+            y[j] = AT_EVEN(x[2 * j], x[2 * j + 1]);
+            y[n / 2 + j] = AT_ODD(x[2 * j], x[2 * j + 1]);
+        }
+        _Pragma("GCC unroll 16")
+        for (j = 0; j < n; j++) x[j] = y[j];
+    }
+}
+#undef AT_EVEN
+#undef AT_ODD
+
 /* at_row_block's positions [c, c + AT_TK) as one 16-lane vector. */
 KVC_INLINE void at_row_block16(at_vf *v, const void *row, int64_t c, int kind)
 {
