@@ -11,8 +11,8 @@ share) timed beside each call as a control: its two medians should agree.
 One decode step (q = 1, B = 1, ``--threads`` threads, default 1) of
 ``ops.packed_attention`` (group 32, the last 128 slots in fp32) at SmolLM2's
 attention shape (9 / 3 heads, D = 64) and a Llama-3-8B-like one (32 / 8,
-D = 128), ``--lengths`` slots (default 4K and 16K); both builds' outputs are
-checked to agree within 1e-6 first. With ``--stream`` each call reads the
+D = 128) by default, or those of ``--shapes``, ``--lengths`` slots (default
+4K and 16K); both builds' outputs are checked to agree within 1e-6 first. With ``--stream`` each call reads the
 next of many copies of the packed layer (``_common.stream_copies``: twice
 the last-level cache between two reads of one copy), so its bytes come from
 memory as in a decode step over a whole model, not from the cache a
@@ -29,8 +29,9 @@ on the package's build only, so the two builds ran on every core).
 With ``--amx`` one build runs as both: A with its AMX path forbidden
 (``_C._set_amx(False)``, the vector units), B with it allowed (on a CPU
 without AMX the two are the same code). ``--rows`` does the same with the
-few-rows path (``_C._set_rows``; it runs only where a kv head has one query
-row, as at ``llama2``'s shape: 32 / 32 heads, D = 128, Llama-2-7B's).
+few-rows path (``_C._set_rows``; it runs where a kv head has at most four
+query rows: every shape here, ``llama2`` (32 / 32 heads, D = 128,
+Llama-2-7B's) with one, ``gemma3`` (4 / 1, D = 256, Gemma 3 270M's) with four).
 ``--no-amx`` and ``--no-rows`` forbid a path in both builds.
 
 Prints one line per case: medians of A and B, A/B, the median of the
@@ -52,7 +53,7 @@ from kvcompress import ops
 
 from _common import last_level_cache_bytes, stream_copies  # noqa: E402
 
-SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128)}
+SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128), "gemma3": (4, 1, 256)}
 SWITCHES = {"amx": "_set_amx", "rows": "_set_rows"}
 WIDTHS = ((2, 2), (4, 4), (8, 8), (4, 2))
 GROUP, RESIDUAL = 32, 128

@@ -1,9 +1,10 @@
 /*
- * attention_rows.h - the packed attention's few-rows path (attention_rows.c):
- * the whole-tile stretch of one kv head's packed slots when the unit of
- * work has few query rows (at most 256 / D: decode without GQA, Hq = Hkv
- * and one query, at any of D = 64, 128, 256; SmolLM2's three rows per kv
- * head at D = 64), in AVX-512 loops of its own.
+ * attention_rows.h - the packed attention's few-rows path (attention_rows.c,
+ * attention_rows_span.h): the whole-tile stretch of one kv head's packed
+ * slots when the unit of work has few query rows (at most KVC_ROWS_MAX:
+ * decode without GQA, Hq = Hkv and one query, at any of D = 64, 128, 256;
+ * SmolLM2's three rows per kv head at D = 64, Llama-3-8B's four at D = 128,
+ * Gemma 3's four at D = 256), in AVX-512 loops of its own.
  *
  * With few rows per slot the tile loops of attention_packed.c pay per slot
  * for what more rows would share: the pointer arrays and group checks of a
@@ -36,8 +37,10 @@ extern "C" {
 /* Slots per softmax step: logits of a chunk, one rescale, then its values. */
 #define KVC_ROWS_CHUNK 64
 
-/* Query rows one span takes at most: their running rows, D / 16 vectors
- * each, are held in 16 of the 32 vector registers. */
+/* Query rows one span takes at most. The values are summed in registers a
+ * pass at a time, at most 16 vectors of the rows' D / 16 each (one pass
+ * for up to 4 rows at D = 64, two for 3-4 at D = 128, four at D = 256 from
+ * 3 rows); the code rows of a chunk are read again from L1 by each pass. */
 #define KVC_ROWS_MAX 4
 
 /* 1 when the packed attention of this shape may take the few-rows path: the
@@ -53,9 +56,8 @@ int kvc_rows_usable(int bits, int vbits, int64_t D, int64_t G);
 int kvc_set_rows(int allow);
 int kvc_rows_allowed(void);
 
-/* How many query rows a span at head size D may have: 256 / D (4 at D =
- * 64, 2 at 128, 1 at 256), 0 for any other D or where the path is not
- * built. */
+/* How many query rows a span at head size D may have: KVC_ROWS_MAX at D =
+ * 64, 128 and 256, 0 for any other D or where the path is not built. */
 int kvc_rows_max(int64_t D);
 
 /* Runs the span of s->R rows (1 <= R <= kvc_rows_max(D); j0 and n
@@ -63,6 +65,14 @@ int kvc_rows_max(int64_t D);
  * s->pm, ps, acc and mn goes on from the slots before it, as
  * attention_packed.c's tiles would leave it. */
 void kvc_rows_packed_span(const struct kvc_packed_span *s);
+
+#ifdef KVC_ROWS
+/* kvc_rows_packed_span at D = 64, 128, 256: one file each
+ * (attention_rows_d64.c, ...), compiled in parallel. */
+void kvc_rows_span_d64(const struct kvc_packed_span *s);
+void kvc_rows_span_d128(const struct kvc_packed_span *s);
+void kvc_rows_span_d256(const struct kvc_packed_span *s);
+#endif
 
 #ifdef __cplusplus
 }

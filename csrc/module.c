@@ -219,8 +219,8 @@ static PyMethodDef kvc_methods[] = {
      "_set_rows(flag)\n--\n\nTest hook: allow or forbid the packed attention's few-rows path; returns the "
      "previous setting."},
     {"_rows", py_rows, METH_NOARGS,
-     "_rows()\n--\n\nWhether the packed attention takes its few-rows path (4-bit keys and values, D = 64, one "
-     "query row per kv head) on this CPU now."},
+     "_rows()\n--\n\nWhether the packed attention may take its few-rows path on this CPU now (where a unit has at "
+     "most 4 query rows, D = 64, 128 or 256, G a multiple of 16)."},
     {"_wide", py_wide, METH_NOARGS,
      "_wide()\n--\n\nWhether the attention ops run their 16-lane x86-64-v4 units on this CPU now."},
     {"_use_exchange_api", py_use_exchange_api, METH_O,

@@ -175,3 +175,23 @@ def test_probe_code_layout_gives_the_same_bits_in_both_byte_orders(capfd):
     with pytest.raises(SystemExit):
         mod.main(["--lengths", "24"])
     assert "--lengths: each must be a positive multiple of 16" in capfd.readouterr().err
+
+
+def test_probe_vector_rates_measures_each_loop(capsys):
+    """The probe compiles and times its loops: every rate is positive, and
+    twelve independent multiply-add chains issue faster per operation than
+    one dependent chain (any pipelined FPU overlaps them). Refuses a bad
+    --iters by name; needs gcc and AVX-512, as it says when missing."""
+    mod = _bench_module("probe_vector_rates")
+    with pytest.raises(SystemExit):
+        mod.main(["--iters", "10"])
+    assert "--iters: at least 1000" in capsys.readouterr().err
+    if mod.problem() is not None:
+        assert mod.main(["--iters", "1000"]) == 2
+        pytest.skip(mod.problem())
+    rates = mod.measure(200_000)
+    assert set(rates) == {name for name, _, _ in mod.LOOPS}
+    assert all(ns > 0 for ns in rates.values())
+    assert rates["fma x12"] < rates["fma chain"]
+    assert mod.main(["--iters", "1000"]) == 0
+    assert capsys.readouterr().out.count("\n") == 2 + len(mod.LOOPS)
