@@ -257,8 +257,9 @@ RP_INLINE void rp_values(at_vf *acc, at_vf *mnv, const float *w, int nc, const u
             *(at_vf *)(wb + (r * KVC_ROWS_CHUNK + j) * 16) = wr * sc;
         }
     }
-    /* the passes one by one (P a constant): in a loop, GCC did not unroll
-     * the loops inside it whose bounds depend on the pass */
+    /* the passes written out (P a constant), so that each call's f0 and fn
+     * are constants: its loops unroll and its row vectors stay registers
+     * without relying on GCC to unroll a loop over the passes first */
     rp_values_pass(acc, wb, nc, vc, vcs, gi, gs, D, vb, one, NR, 0, fn);
     if (P > 1) rp_values_pass(acc, wb, nc, vc, vcs, gi, gs, D, vb, one, NR, fn, fn);
     if (P > 2) {
