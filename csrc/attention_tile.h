@@ -296,7 +296,7 @@ KVC_INLINE void at_unpack16w(at_vf *dst, const uint8_t *src, int bits)
  * the first half and the odd ones into the second (a transpose of 16 x n
  * by two-source permutes). Used for [slot][group] value scales
  * (attention_packed.c) and for a query dealt into the order packed codes
- * lie in their bytes (attention_rows.c). */
+ * lie in their bytes (attention_rows_span.h). */
 #define AT_EVEN(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
 #define AT_ODD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
 KVC_INLINE void at_deal(at_vf *x, int n)

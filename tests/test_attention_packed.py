@@ -123,6 +123,12 @@ class Packed:
     def args(self):
         return (self.kc, self.km, self.ks, self.vc, self.vm, self.vs)
 
+    def flat(self):
+        """A uniform layer's six tensors as one ragged layer: every [B, Hkv,
+        ...] tensor flattened to rows (kv head (b, h)'s n slots at offset
+        (b * Hkv + h) * n, its n / G key groups likewise)."""
+        return tuple(t.reshape(-1, t.shape[-1]) for t in self.args())
+
 
 def pack_uniform(k, v, bits, G, value_bits=None):
     """k, v [B, Hkv, n, D] -> the uniform packed layer (values at
@@ -422,8 +428,7 @@ def test_ragged_equals_uniform():
     counts = torch.randint(1, 5, (B, Hkv, n), generator=torch.Generator().manual_seed(0)).float()
     offsets = torch.arange(B * Hkv) * n  # n is a multiple of G
     lengths = torch.full((B * Hkv,), n)
-    ragged = (pk.kc.reshape(-1, pk.kc.shape[-1]), pk.km.reshape(-1, D), pk.ks.reshape(-1, D),
-              pk.vc.reshape(-1, pk.vc.shape[-1]), pk.vm.reshape(-1, pk.vm.shape[-1]), pk.vs.reshape(-1, pk.vs.shape[-1]))
+    ragged = pk.flat()
     for c in (None, counts):
         u = run(q, pk, rk, rv, bits, G, counts=c)
         g = ops.packed_attention(q, *ragged, rk, rv, bits=bits, group=G, offsets=offsets, lengths=lengths,
@@ -970,7 +975,7 @@ def test_value_bits(bits, value_bits, dtype, D, G):
     check(got, q, pk, rk, rv, f"K{bits}V{value_bits} {dtype}", kv_start=kv_start)
     if G == 32:
         # the same slots in the ragged layout give the same bits
-        ragged = tuple(x.reshape(-1, x.shape[-1]) for x in pk.args())
+        ragged = pk.flat()
         offsets, lengths = torch.arange(B * Hkv) * n // G * G, torch.full((B * Hkv,), n)
         if n % G:
             # segments must start on group boundaries: lay each head out in its own padded block

@@ -144,8 +144,7 @@ def test_ragged_with_empty_heads(bits, dtype):
 def test_ragged_equals_uniform():
     B, H, nq, n, r, D, G = 2, 3, 1, 640, 5, 128, 32
     q, pk, rk, rv = uniform_case(B, H, H, nq, n, r, D, G, 4, torch.float32)
-    ragged = (pk.kc.reshape(-1, pk.kc.shape[-1]), pk.km.reshape(-1, D), pk.ks.reshape(-1, D),
-              pk.vc.reshape(-1, pk.vc.shape[-1]), pk.vm.reshape(-1, pk.vm.shape[-1]), pk.vs.reshape(-1, pk.vs.shape[-1]))
+    ragged = pk.flat()
     with rows(True):
         u = run(q, pk, rk, rv, 4, G)
         g = ops.packed_attention(q, *ragged, rk, rv, bits=4, group=G, offsets=torch.arange(B * H) * n,
