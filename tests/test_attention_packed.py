@@ -286,6 +286,29 @@ def run_w(q, pk, rk, rv, bits, value_bits, G, **kw):
     return ops.packed_attention(q, *pk.args(), rk, rv, bits=bits, value_bits=value_bits, group=G, **kw)
 
 
+def assert_engine_ragged_equals_uniform(path, B, Hq, Hkv, D):
+    """Under `path` (a context manager switching an engine on), the same
+    4-bit packed slots as a uniform and as a ragged layer give the same bits."""
+    nq, n, r, G = 1, 640, 5, 32
+    q, pk, rk, rv = uniform_case(B, Hq, Hkv, nq, n, r, D, G, 4, torch.float32)
+    with path:
+        u = run(q, pk, rk, rv, 4, G)
+        g = ops.packed_attention(q, *pk.flat(), rk, rv, bits=4, group=G, offsets=torch.arange(B * Hkv) * n,
+                                 lengths=torch.full((B * Hkv,), n))
+    assert torch.equal(u, g)
+
+
+def assert_engine_threads_bit_identical(path, Hq, Hkv, D):
+    """Under `path`, 1, 2 and 3 threads give the same bits (5,000 slots, left padding)."""
+    q, pk, rk, rv = uniform_case(2, Hq, Hkv, 1, 5000, 3, D, 32, 4, torch.float32)
+    outs = []
+    with path:
+        for nt in (1, 2, 3):
+            ops.set_num_threads(nt)
+            outs.append(run(q, pk, rk, rv, 4, 32, kv_start=torch.tensor([0, 100])))
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
 def assert_fp32_no_floor(got, q, pk, rk, rv, what):
     """got (fp32) within 2x torch's own fp32 error of the float64 reference,
     with no absolute floor (long decodes: the engines' tightest check)."""

@@ -22,7 +22,8 @@ import torch
 
 from kvcompress import _C, ops
 from test_attention import DTYPE_IDS, DTYPES, assert_switch, queries, randn, switched
-from test_attention_packed import (WIDTH_PAIRS, Packed, assert_fp32_no_floor, check, pack_ragged, pack_uniform, run, run_w, spaced,
+from test_attention_packed import (WIDTH_PAIRS, Packed, assert_engine_ragged_equals_uniform,
+                                   assert_engine_threads_bit_identical, assert_fp32_no_floor, check, pack_ragged, pack_uniform, run, run_w, spaced,
                                    uniform_case, widths_case)
 
 ROWS = _C._rows()
@@ -142,25 +143,12 @@ def test_ragged_with_empty_heads(bits, dtype):
 
 @needs_rows
 def test_ragged_equals_uniform():
-    B, H, nq, n, r, D, G = 2, 3, 1, 640, 5, 128, 32
-    q, pk, rk, rv = uniform_case(B, H, H, nq, n, r, D, G, 4, torch.float32)
-    ragged = pk.flat()
-    with rows(True):
-        u = run(q, pk, rk, rv, 4, G)
-        g = ops.packed_attention(q, *ragged, rk, rv, bits=4, group=G, offsets=torch.arange(B * H) * n,
-                                 lengths=torch.full((B * H,), n))
-    assert torch.equal(u, g)
+    assert_engine_ragged_equals_uniform(rows(True), B=2, Hq=3, Hkv=3, D=128)
 
 
 @needs_rows
 def test_threads_bit_identical():
-    q, pk, rk, rv = uniform_case(2, 3, 3, 1, 5000, 3, 128, 32, 4, torch.float32)
-    outs = []
-    with rows(True):
-        for nt in (1, 2, 3):
-            ops.set_num_threads(nt)
-            outs.append(run(q, pk, rk, rv, 4, 32, kv_start=torch.tensor([0, 100])))
-    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    assert_engine_threads_bit_identical(rows(True), Hq=3, Hkv=3, D=128)
 
 
 @needs_rows
