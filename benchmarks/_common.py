@@ -14,6 +14,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+#: Attention shapes of the packed-attention benchmarks (bench_packed, ab_packed): (query heads, kv heads,
+#: head dim). One kv head serves Hq / Hkv query rows, so the shapes differ in multiply-adds per byte read:
+#: with GQA the step is bound by arithmetic on a CPU, without it (llama2, Llama-2-7B's) by memory.
+#: gemma3: Gemma 3 270M's (one kv head of four query rows at D = 256).
+PACKED_SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128), "gemma3": (4, 1, 256)}
+
 
 def machine() -> dict:
     """CPU model, core count, library versions and load average right now."""

@@ -51,9 +51,9 @@ import torch
 
 from kvcompress import ops
 
-from _common import last_level_cache_bytes, stream_copies  # noqa: E402
+from _common import PACKED_SHAPES, last_level_cache_bytes, stream_copies  # noqa: E402
 
-SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128), "gemma3": (4, 1, 256)}
+SHAPES = PACKED_SHAPES  # _common.py says what each is
 SWITCHES = {"amx": "_set_amx", "rows": "_set_rows"}
 WIDTHS = ((2, 2), (4, 4), (8, 8), (4, 2))
 GROUP, RESIDUAL = 32, 128

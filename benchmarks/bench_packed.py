@@ -41,13 +41,11 @@ import torch
 
 from kvcompress import ops
 
-from _common import (command_line, copy_reference_line, copy_references, last_level_cache_bytes,  # noqa: E402
-                     machine, machine_line, matmul_roof, now, stream_copies, time_many, write_results)
+from _common import (PACKED_SHAPES, command_line, copy_reference_line, copy_references,  # noqa: E402
+                     last_level_cache_bytes, machine, machine_line, matmul_roof, now, stream_copies, time_many,
+                     write_results)
 
-#: (query heads, kv heads, head dim). One kv head serves Hq / Hkv query rows, so the shapes differ in
-#: multiply-adds per byte read: with GQA the step is bound by arithmetic on a CPU, without it (llama2) by memory.
-#: gemma3: Gemma 3 270M's (one kv head of four query rows at D = 256).
-SHAPES = {"smollm2": (9, 3, 64), "llama8b": (32, 8, 128), "llama2": (32, 32, 128), "gemma3": (4, 1, 256)}
+SHAPES = PACKED_SHAPES  # _common.py says what each is
 DEFAULT_SHAPES = "smollm2,llama8b"
 GROUP, RESIDUAL = 32, 128
 

@@ -135,6 +135,7 @@ def test_bench_packed_refuses_an_unknown_shape_by_name(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     mod = _bench_module("bench_packed")
     assert mod.SHAPES["llama2"] == (32, 32, 128)  # Llama-2-7B: no GQA
+    assert mod.SHAPES["gemma3"] == (4, 1, 256)  # Gemma 3 270M: 4 query heads on 1 kv head, D = 256
     for bad in ("foo", ",", "smollm2,llama3"):
         with pytest.raises(SystemExit):
             mod.main(["--shapes", bad, "--no-write"])
