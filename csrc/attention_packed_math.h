@@ -24,8 +24,13 @@ KVC_HD static inline int kvc_pk_per_byte(int bits) { return 8 / bits; }
 /* Largest code, 2^bits - 1; also the mask of one code. */
 KVC_HD static inline uint32_t kvc_pk_mask(int bits) { return (1u << bits) - 1u; }
 
-/* Bytes of a packed row of D elements: ceil(D * bits / 8). */
-KVC_HD static inline int64_t kvc_pk_row_bytes(int64_t D, int bits) { return (D * bits + 7) / 8; }
+/* Bytes of a packed row of D >= 0 elements: ceil(D * bits / 8), without
+ * overflow for any D (D * bits would wrap for D near 2^62, and a short
+ * codes tensor then pass the shape check). */
+KVC_HD static inline int64_t kvc_pk_row_bytes(int64_t D, int bits)
+{
+    return D / 8 * bits + (D % 8 * bits + 7) / 8;
+}
 
 /* Groups of G covering n >= 0: ceil(n / G) (key token groups, value
  * channel groups), without overflow for any G >= 1. */

@@ -49,16 +49,26 @@ static PyObject *py_get_num_threads(PyObject *m, PyObject *Py_UNUSED(ignored))
 }
 
 /* (shape, dtype name, DLPack device type, read-only) of any DLPack object,
- * so Python can allocate outputs for producers it does not know. */
-static PyObject *py_describe(PyObject *m, PyObject *obj)
+ * so Python can allocate outputs for producers it does not know; errors
+ * name the argument `arg` (default "x") as the caller knows it. */
+static PyObject *py_describe(PyObject *m, PyObject *const *args, Py_ssize_t nargs)
 {
     struct kvc_state *st = kvc_py_get_state(m);
     struct kvc_arg a;
     PyObject *shape = NULL, *ret = NULL;
     enum kvc_dtype dt;
+    const char *arg = "x";
     char name[96];
     int d;
-    if (kvc_py_dl_take(st, obj, "x", &a) < 0) return NULL;
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "_describe() takes 1 or 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (nargs == 2) {
+        arg = PyUnicode_AsUTF8(args[1]);
+        if (arg == NULL) return NULL;
+    }
+    if (kvc_py_dl_take(st, args[0], arg, &a) < 0) return NULL;
     if (kvc_py_dl_dtype(a.t->dtype, &dt) == 0) snprintf(name, sizeof name, "%s", kvc_dtype_name(dt));
     else kvc_py_dl_dtype_name(a.t->dtype, name, sizeof name);
     shape = PyTuple_New(a.t->ndim);
@@ -205,8 +215,9 @@ static PyMethodDef kvc_methods[] = {
      "get_num_threads()\n--\n\nThreads used by every op (1 without OpenMP)."},
     {"cuda_device_count", py_cuda_device_count, METH_NOARGS,
      "cuda_device_count()\n--\n\nCUDA devices this build can use (0 in a CPU-only build)."},
-    {"_describe", py_describe, METH_O,
-     "_describe(x)\n--\n\n(shape, dtype, dlpack_device_type, read_only) of a DLPack object."},
+    {"_describe", (PyCFunction)(void (*)(void))py_describe, METH_FASTCALL,
+     "_describe(x, name='x')\n--\n\n(shape, dtype, dlpack_device_type, read_only) of a DLPack object; errors "
+     "name the argument `name`."},
     {"_set_wide", py_set_wide, METH_O,
      "_set_wide(flag)\n--\n\nTest hook: allow or forbid the attention ops' 16-lane x86-64-v4 units; "
      "returns the previous setting."},

@@ -283,6 +283,11 @@ static PyObject *py_packed_attention(PyObject *m, PyObject *const *args, Py_ssiz
         }
     }
 
+    if (c.a[A_LSE].t && c.a[A_Q].view.shape[3] == 0 && kvc_py_view_numel(&c.a[A_LSE].view) > 0) {
+        /* the kernels take an empty head as an empty problem and write nothing */
+        kvc_py_raise(st->ValueError, "queries: head dim 0 with lse requested is not supported (an empty head is an empty problem to the kernels, which would leave lse unwritten)");
+        goto done;
+    }
     p.q = c.a[A_Q].view;
     p.key_codes = c.a[A_KC].view;
     p.key_mins = c.a[A_KM].view;

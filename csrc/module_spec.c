@@ -100,7 +100,9 @@ static int parse_float(struct kvc_state *st, const struct kvc_py_spec *s, PyObje
     *v = PyFloat_AsDouble(o);
     if (*v == -1.0 && PyErr_Occurred()) return kvc_py_raise_from(st->ValueError, "%s: out of range", s->name);
     if (s->flo == 0.0 && s->fhi == 0.0) {
-        if (!isfinite(*v)) return kvc_py_raise(st->ValueError, "%s: must be finite, got %R", s->name, o);
+        /* the ops take these as fp32: a double past FLT_MAX would turn into inf there */
+        if (!isfinite(*v) || !isfinite((float)*v))
+            return kvc_py_raise(st->ValueError, "%s: must be finite (in float32), got %R", s->name, o);
     } else if (!(*v >= s->flo && *v <= s->fhi)) {
         char lo[32], hi[32];
         PyOS_snprintf(lo, sizeof lo, "%g", s->flo);

@@ -32,7 +32,7 @@ enum kvc_py_kind {
     KVC_PY_OPTIONAL, /* a DLPack tensor or None */
     KVC_PY_KV_START, /* None or int64 [B], values in [0, size `limit`] */
     KVC_PY_INT,      /* a Python int (or __index__) in [lo, hi] */
-    KVC_PY_FLOAT,    /* a real number, finite unless `nonfinite`, in [flo, fhi] */
+    KVC_PY_FLOAT,    /* a real number in [flo, fhi]; both 0: any value finite as a float32 */
     KVC_PY_BOOL,     /* True or False */
     KVC_PY_CUSTOM    /* parsed by the binding (e.g. an int or a tensor); a tensor
                         it imports into a[] gets its dims checked like the others */

@@ -32,10 +32,12 @@ KVC_HD static inline int32_t kvc_quant_per_byte(int32_t bits)
     return 8 / bits;
 }
 
-/* Bytes of a packed row of D codes: ceil(D * bits / 8). */
+/* Bytes of a packed row of D >= 0 codes: ceil(D * bits / 8), without
+ * overflow for any D (D * bits would wrap for D near 2^62, and a short
+ * codes tensor then pass the shape check). */
 KVC_HD static inline int64_t kvc_quant_row_bytes(int64_t D, int32_t bits)
 {
-    return (D * bits + 7) / 8;
+    return D / 8 * bits + (D % 8 * bits + 7) / 8;
 }
 
 /* Groups of G covering n items, ceil(n / G), without overflow for any G. */

@@ -81,10 +81,31 @@ def _is_torch(x) -> bool:
 
 
 def _prepare(x):
-    """Tensors that require grad cannot be exported through DLPack; the ops
-    are not differentiable anyway, so hand over a detached view."""
-    if _is_torch(x) and x.requires_grad:
-        return x.detach()
+    """An input as the C ops read it. Tensors that require grad cannot be
+    exported through DLPack; the ops are not differentiable anyway, so hand
+    over a detached view. A view with torch's negative bit (``x.conj().imag``)
+    exports its un-negated memory: hand over the values it shows."""
+    if _is_torch(x):
+        if x.requires_grad:
+            x = x.detach()
+        if x.is_neg():
+            x = x.resolve_neg()
+    return x
+
+
+def _out(x, name: str):
+    """A caller's output tensor, refused by name where the C ops cannot write
+    what it shows: a view with torch's negative bit (DLPack exports the
+    un-negated memory, so every value would land negated), or a tensor that
+    requires grad (written in place behind autograd, which may have saved
+    it for a backward pass)."""
+    if x is not None and _is_torch(x):
+        if x.is_neg():
+            raise KVCompressValueError(f"{name}: a view with torch's negative bit (such as x.conj().imag) cannot "
+                                       f"be written through DLPack; pass a plain tensor")
+        if x.requires_grad:
+            raise KVCompressValueError(f"{name}: requires grad, and the op writes it in place outside autograd; "
+                                       f"pass a tensor that does not require grad")
     return x
 
 
@@ -95,7 +116,7 @@ def _shape(x, name: str, ndim: int, dims: str) -> tuple:
         # array-likes usually know their shape; asking the producer for a
         # capsule just to read it is the fallback
         shape = getattr(x, "shape", None)
-        shape = tuple(shape) if isinstance(shape, (tuple, list)) else _C._describe(x)[0]
+        shape = tuple(shape) if isinstance(shape, (tuple, list)) else _C._describe(x, name)[0]
     else:
         raise KVCompressTypeError(
             f"{name}: expected a tensor or array supporting DLPack (__dlpack__), got {type(x).__name__}"
@@ -114,18 +135,19 @@ def _empty(like, shape, dtype: str):
     return np.empty(shape, dtype=_NP_DTYPES[dtype])
 
 
-def _empty_like_dtype(like, shape):
-    """Output with the same dtype as `like` (which may be bfloat16)."""
+def _empty_like_dtype(like, shape, name: str = "keys"):
+    """Output with the same dtype as `like` (which may be bfloat16), the
+    argument `name`."""
     if _is_torch(like):
         import torch
 
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     if isinstance(like, np.ndarray):
         return np.empty(shape, dtype=like.dtype)
-    dtype = _C._describe(like)[1]
+    dtype = _C._describe(like, name)[1]
     if dtype not in _NP_DTYPES:
         raise KVCompressTypeError(
-            f"keys: cannot allocate a NumPy output of dtype {dtype}; pass out_keys/out_values or torch tensors"
+            f"{name}: cannot allocate a NumPy output of dtype {dtype}; pass the outputs or torch tensors"
         )
     return np.empty(shape, dtype=_NP_DTYPES[dtype])
 
@@ -455,7 +477,8 @@ def gather(keys, values, indices, *, out_keys=None, out_values=None):
         out_keys = _empty_like_dtype(keys, (ix[0], ix[1], ix[2], ks[3]))
     if out_values is None:
         out_values = _empty_like_dtype(keys, (ix[0], ix[1], ix[2], vs[3]))
-    _C.gather(_prepare(keys), _prepare(values), _prepare(indices), out_keys, out_values)
+    _C.gather(_prepare(keys), _prepare(values), _prepare(indices), _out(out_keys, "out_keys"),
+              _out(out_values, "out_values"))
     return out_keys, out_values
 
 
@@ -770,7 +793,7 @@ def _attention_out(queries, rows, row, ragged, scaling, out):
         elif isinstance(queries, np.ndarray):
             out = np.empty(shape, dtype=queries.dtype)
         else:
-            dtype = _C._describe(queries)[1]
+            dtype = _C._describe(queries, "queries")[1]
             if dtype not in ("float32", "float16"):
                 raise KVCompressTypeError(f"queries: cannot allocate a NumPy output of dtype {dtype}; pass torch tensors")
             out = np.empty(shape, dtype=_NP_DTYPES[dtype])
@@ -935,7 +958,8 @@ def packed_attention(queries, key_codes, key_mins, key_scales, value_codes, valu
     _C.packed_attention(
         *(_prepare(x) for x in (queries, key_codes, key_mins, key_scales, value_codes, value_mins, value_scales,
                                 residual_keys, residual_values)),
-        out, lse, _py_int(bits), None if value_bits is None else _py_int(value_bits), _py_int(group), scaling,
+        _out(out, "out"), lse, _py_int(bits), None if value_bits is None else _py_int(value_bits), _py_int(group),
+        scaling,
         *_layout_args(queries, kv_start, offsets, lengths, counts),
         None if residual_query is None else _prepare(residual_query),
         None if residual_counts is None else _prepare(residual_counts),
@@ -1216,7 +1240,7 @@ def _pack(x, name: str, values: bool, bits, group, codes, mins, scales, feedback
         mins = _empty(x, groups, "float32")
     if scales is None:
         scales = _empty(x, groups, "float32")
-    _C.pack(_prepare(x), codes, mins, scales, values, bits, group,
+    _C.pack(_prepare(x), _out(codes, "codes"), _out(mins, "mins"), _out(scales, "scales"), values, bits, group,
             None if feedback is None else _prepare(feedback),
             None if feedback_index is None else _prepare(feedback_index), clip)
     return Packed(codes, mins, scales)
@@ -1340,7 +1364,7 @@ def _unpack(codes, mins, scales, values: bool, bits, group, D, out, dtype):
                     f"codes have {Db}"
                 )
         out = _empty(codes, (B, H, n, D), name)
-    _C.unpack(_prepare(codes), _prepare(mins), _prepare(scales), out, values, bits, group)
+    _C.unpack(_prepare(codes), _prepare(mins), _prepare(scales), _out(out, "out"), values, bits, group)
     return out
 
 
@@ -1535,7 +1559,8 @@ def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=
                                        f"B = {qs[0]} of query")
         if out is None:
             out = _empty(query, (qs[0], n_heads // qs[0], num_pages), "float32")
-        _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, None, lengths,
+        _C.page_scores(_prepare(query), _prepare(kmin), _prepare(kmax), _out(out, "out"), 0 if gqa == "max" else 1,
+                       None, lengths,
                        _as_int64(page_offsets, "page_offsets", query), P)
         return out
     ks = _shape(kmin, "kmin", 4, "[B, H, Np, D]")
@@ -1549,7 +1574,8 @@ def page_scores(query, kmin, kmax, num_pages, page_size, *, gqa="max", kv_start=
         # integers become pages; anything else goes down as it is, for the C side to name its dtype
         if str(getattr(first_page, "dtype", "")) in ("torch.int64", "int64"):
             first_page = first_page // P
-    _C.page_scores(_prepare(query), kmin, kmax, out, 0 if gqa == "max" else 1, first_page, None, None, P)
+    _C.page_scores(_prepare(query), _prepare(kmin), _prepare(kmax), _out(out, "out"), 0 if gqa == "max" else 1,
+                   first_page, None, None, P)
     return out
 
 
@@ -1635,7 +1661,7 @@ def simhash(x, planes, K, *, center=None, group=1, out=None):
     L = ps[1] // K
     if out is None:
         out = _empty(x, (xs[0], xs[1], xs[2], L), "int32")
-    _C.simhash(_prepare(x), planes, center, out, K, L, _int_arg(group, "group"))
+    _C.simhash(_prepare(x), _prepare(planes), _prepare(center), _out(out, "out"), K, L, _int_arg(group, "group"))
     return out
 
 
@@ -1749,12 +1775,13 @@ def slerp_merge(x1, x2, t: float = 0.6, *, out_dir=None, out_norms=None, out_dis
     if not 0.0 <= t <= 1.0:
         raise KVCompressValueError(f"t: must be in [0, 1], got {t}")
     if out_dir is None:
-        out_dir = _empty_like_dtype(x1, xs)
+        out_dir = _empty_like_dtype(x1, xs, "x1")
     if out_norms is None:
         out_norms = _empty(x1, (xs[0], xs[1], xs[2], 2), "float32")
     if out_dist is None:
         out_dist = _empty(x1, (xs[0], xs[1], xs[2]), "float32")
-    _C.slerp_merge(_prepare(x1), _prepare(x2), out_dir, out_norms, out_dist, t)
+    _C.slerp_merge(_prepare(x1), _prepare(x2), _out(out_dir, "out_dir"), _out(out_norms, "out_norms"),
+                   _out(out_dist, "out_dist"), t)
     return SlerpMerge(out_dir, out_norms, out_dist)
 
 
@@ -1786,9 +1813,10 @@ def slerp_restore(dir, norms, slots, which: int, out, *, kept=None, kept_slots=N
     if (kept is None) != (kept_slots is None):
         raise KVCompressValueError("kept, kept_slots: give both or neither")
     if kept is None:
-        kept = _empty_like_dtype(dir, (ds[0], ds[1], 0, ds[3]))
+        kept = _empty_like_dtype(dir, (ds[0], ds[1], 0, ds[3]), "dir")
         kept_slots = _empty(dir, (ds[0], ds[1], 0), "int64")
-    _C.slerp_restore(_prepare(dir), _prepare(norms), _prepare(slots), _prepare(kept), _prepare(kept_slots), out,
+    _C.slerp_restore(_prepare(dir), _prepare(norms), _prepare(slots), _prepare(kept), _prepare(kept_slots),
+                     _out(out, "out"),
                      _int_arg(which, "which"))
     return out
 
@@ -1831,13 +1859,13 @@ def minicache_attention(queries, dir_k, dir_v, norms_k, norms_v, slots, which: i
     if (tail_keys is None) != (tail_values is None):
         raise KVCompressValueError("tail_keys, tail_values: give both or neither")
     if keys is None:
-        keys = _empty_like_dtype(queries, (ds[0], ds[1], 0, qs[3]))
-        values = _empty_like_dtype(queries, (ds[0], ds[1], 0, vs[3]))
+        keys = _empty_like_dtype(queries, (ds[0], ds[1], 0, qs[3]), "queries")
+        values = _empty_like_dtype(queries, (ds[0], ds[1], 0, vs[3]), "queries")
         kept_slots = _empty(queries, (ds[0], ds[1], 0), "int64")
     if tail_keys is None:
-        tail_keys = _empty_like_dtype(queries, (ds[0], ds[1], 0, qs[3]))
-        tail_values = _empty_like_dtype(queries, (ds[0], ds[1], 0, vs[3]))
-    out = _empty_like_dtype(queries, (qs[0], 1, qs[1], vs[3]))
+        tail_keys = _empty_like_dtype(queries, (ds[0], ds[1], 0, qs[3]), "queries")
+        tail_values = _empty_like_dtype(queries, (ds[0], ds[1], 0, vs[3]), "queries")
+    out = _empty_like_dtype(queries, (qs[0], 1, qs[1], vs[3]), "queries")
     _C.minicache_attention(_prepare(queries), _prepare(dir_k), _prepare(dir_v), _prepare(norms_k), _prepare(norms_v),
                            _prepare(slots), _prepare(keys), _prepare(values), _prepare(kept_slots),
                            _prepare(tail_keys), _prepare(tail_values), counts, kept_counts, out,

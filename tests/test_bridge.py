@@ -548,6 +548,100 @@ def test_exchange_api_fast_path_matches_dlpack_path():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["exchange", "dlpack"])
+def test_views_the_c_side_cannot_see_through(fast):
+    """DLPack hands over a tensor's memory, not torch's lazy negative bit
+    (``x.conj().imag``) or autograd's view of it: inputs with the bit are
+    read as the values they show, outputs with it or that require grad are
+    refused by name (else written negated, or behind autograd's back)."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 1, 8, 16, dtype=torch.complex64)
+    shown = z.conj().imag
+    assert shown.is_neg()
+    prev = _C._use_exchange_api(fast)
+    try:
+        for a, b in zip(ops.pack_keys(shown, 8, 4), ops.pack_keys(shown.clone(), 8, 4)):
+            assert torch.equal(a, b)
+        packed = ops.pack_keys(torch.randn(1, 1, 8, 16), 4, 4)
+        neg_out = torch.zeros(1, 1, 8, 16, dtype=torch.complex64).conj().imag
+        with pytest.raises(KVCompressValueError, match="out: a view with torch's negative bit"):
+            ops.unpack_keys(*packed, 4, 4, out=neg_out)
+        with pytest.raises(KVCompressValueError, match="out: requires grad"):
+            ops.unpack_keys(*packed, 4, 4, out=torch.zeros(1, 1, 8, 16, requires_grad=True))
+        with pytest.raises(KVCompressValueError, match="scales: a view with torch's negative bit"):
+            ops.pack_keys(torch.randn(1, 1, 8, 16), 4, 4,
+                          scales=torch.zeros(1, 1, 2, 16, dtype=torch.complex64).conj().imag)
+    finally:
+        _C._use_exchange_api(prev)
+
+
+def test_scaling_must_be_finite_as_float32():
+    """The ops take ``scaling`` as fp32: a double past FLT_MAX is refused, not
+    turned into inf (which gave NaN outputs)."""
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8)
+    pk, pv = ops.pack_keys(k, 4, 4), ops.pack_values(k, 4, 4)
+    for call in (lambda s: ops.attention(q, k, k, scaling=s),
+                 lambda s: ops.packed_attention(q, *pk, *pv, k[:, :, :1], k[:, :, :1], bits=4, group=4, scaling=s)):
+        with pytest.raises(KVCompressValueError, match=r"scaling: must be finite \(in float32\), got 1e\+39"):
+            call(1e39)
+        call(3.0e38)  # finite as a float32: accepted
+
+
+def test_packed_attention_refuses_an_empty_head_with_lse():
+    """With D = 0 the kernels see an empty problem and would leave ``lse``
+    unwritten: refused by name instead of returning uninitialised memory."""
+    B, H, n, r, G = 2, 2, 9, 3, 2
+    pk, pv = ops.pack_keys(torch.zeros(B, H, n, 0), 4, G), ops.pack_values(torch.zeros(B, H, n, 0), 4, G)
+    q, res = torch.zeros(B, 4, 3, 0), torch.zeros(B, H, r, 0)
+    with pytest.raises(KVCompressValueError, match="queries: head dim 0 with lse requested"):
+        ops.packed_attention(q, *pk, *pv, res, res, bits=4, group=G, return_lse=True)
+    assert ops.packed_attention(q, *pk, *pv, res, res, bits=4, group=G).shape == (B, 3, 4, 0)
+
+
+def test_row_bytes_of_a_huge_head_do_not_wrap():
+    """ceil(D * bits / 8) for D near 2^62 used to wrap to a few bytes, so a
+    4-byte codes tensor passed the shape check for an expanded input and
+    the pack ran (effectively forever) past it; now the shape is refused.
+    Run in a subprocess: a regression would hang, not fail."""
+    code = textwrap.dedent("""
+        import torch
+        from kvcompress import ops, KVCompressValueError
+        D = 2**62 + 4
+        x = torch.zeros(1).expand(1, 1, 1, D)
+        try:
+            ops.pack_values(x, 8, D, codes=torch.zeros(1, 1, 1, 4, dtype=torch.uint8),
+                            mins=torch.zeros(1, 1, 1, 1), scales=torch.zeros(1, 1, 1, 1))
+        except KVCompressValueError as e:
+            print("refused:", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: codes: expected shape [B, H, n, Db] = [1, 1, 1, 4611686018427387908]" in done.stdout
+
+
+def test_a_failed_export_names_the_argument():
+    """A producer whose export fails is named as the caller knows it, not as
+    the internal helper's ``x``."""
+    class Bad:
+        def __dlpack__(self, **kw):
+            raise BufferError("cannot export")
+
+        def __dlpack_device__(self):
+            return (1, 0)
+
+    class NoExport(Bad):
+        shape = (1, 1, 1, 8)
+
+    pk = ops.pack_keys(torch.randn(1, 1, 4, 8), 4, 4)
+    pv = ops.pack_values(torch.randn(1, 1, 4, 8), 4, 4)
+    with pytest.raises(KVCompressValueError, match="codes: __dlpack__"):
+        ops.unpack_keys(Bad(), pk.mins, pk.scales, 4, 4)
+    with pytest.raises(KVCompressValueError, match="values: __dlpack__"):
+        ops.pack_values(Bad(), 4, 4)
+    with pytest.raises(KVCompressValueError, match="queries: __dlpack__"):
+        ops.packed_attention(NoExport(), *pk, *pv, torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), bits=4, group=4)
+
+
 def test_cuda_introspection_matches_the_build():
     assert ops.has_cuda is bool(_C.has_cuda)
     n = ops.cuda_device_count()
