@@ -99,6 +99,36 @@ def _fill_front(rows: list[torch.Tensor], H: int, device) -> tuple[torch.Tensor,
     return torch.stack(out), fill
 
 
+def padding_of_chunk(padding_mask, q: int, batch: int, first: bool) -> torch.Tensor | None:
+    """Check the 2-D padding mask ``[batch, seen]`` (True = real token) of a
+    ``q``-token chunk and return the first chunk's left padding ``[batch]``
+    (int64, on the mask's device); None for a later chunk. Raises
+    ``ValueError`` naming ``attention_mask`` for right padding, holes, or
+    padding in a later chunk. Reads nothing else, so a forward can be refused
+    before any layer has stored its chunk (``KVCache.check_mask``)."""
+    if padding_mask.ndim != 2 or padding_mask.shape[0] != batch or padding_mask.shape[1] < q:
+        raise ValueError(
+            f"attention_mask: expected a 2-D mask [batch={batch}, tokens>={q}], got shape "
+            f"{tuple(padding_mask.shape)}"
+        )
+    chunk = padding_mask[:, -q:].to(torch.bool)
+    if not first:
+        if not bool(chunk.all()):
+            raise ValueError(
+                "attention_mask: a continuation chunk must not contain padding "
+                "(pad only the first prompt, on the left)"
+            )
+        return None
+    pad = (~chunk).sum(dim=1)
+    expected = torch.arange(q, device=chunk.device)[None, :] >= pad[:, None]
+    if not torch.equal(chunk, expected):
+        raise ValueError(
+            "attention_mask: kvcompress supports left padding only "
+            "(set tokenizer.padding_side = 'left')"
+        )
+    return pad
+
+
 class TokenLog:
     """The token ids a ``KVCache`` was fed, for methods with
     ``Method.needs_tokens`` (FastGen): ``ids`` int64 ``[B, T]``, ``T`` the
@@ -180,6 +210,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self.kv_start: torch.Tensor | None = None
         self._start: list[int] = []  # kv_start on the host
         self._pad: list[int] = []  # left padding of each row's first chunk (host)
+        self._pad_known = False  # whether _pad came from a mask (not assumed none: attention not ours)
         self.window: int | None = None
         self.last_chunk = 0
         # decode steps since the last prefill chunk (LayerView.steps)
@@ -295,8 +326,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         return self.store.head_lengths()
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.head_budgets, self._qbuf, self._waiting, self._statistic,
-                             self._rot_q, self._clip_q)
+        extra = [t for t in (self.kv_start, self.head_budgets, self._share, self._qbuf, self._waiting,
+                             self._statistic, self._rot_q, self._clip_q)
                  if t is not None] + list(self._pending)
         extra += list(self.head_state.values())
         if self.layer_idx == 0 and self.token_log is not None and self.token_log.ids is not None:
@@ -427,6 +458,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         B = self.store.batch
         device = self.store.tensors()[0].device
         first = self.kv_start is None
+        if first:
+            self._pad_known = padding_mask is not None or four_d is not None
         if four_d is not None and first:
             # A slot is padding when no later query sees it (a padded query
             # row may see itself or, in some masks, everything; the token
@@ -444,26 +477,9 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             if first:
                 self._set_start(torch.zeros(B, dtype=torch.int64, device=device))
             return self.kv_start
-        if padding_mask.ndim != 2 or padding_mask.shape[0] != B or padding_mask.shape[1] < q:
-            raise ValueError(
-                f"attention_mask: expected a 2-D mask [batch={B}, tokens>={q}], got shape "
-                f"{tuple(padding_mask.shape)}"
-            )
-        chunk = padding_mask[:, -q:].to(device=device, dtype=torch.bool)
+        pad = padding_of_chunk(padding_mask, q, B, first)
         if first:
-            pad = (~chunk).sum(dim=1)
-            expected = torch.arange(q, device=device)[None, :] >= pad[:, None]
-            if not torch.equal(chunk, expected):
-                raise ValueError(
-                    "attention_mask: kvcompress supports left padding only "
-                    "(set tokenizer.padding_side = 'left')"
-                )
-            self._set_start(pad.to(torch.int64))
-        elif not bool(chunk.all()):
-            raise ValueError(
-                "attention_mask: a continuation chunk must not contain padding "
-                "(pad only the first prompt, on the left)"
-            )
+            self._set_start(pad.to(device=device, dtype=torch.int64))
         return self.kv_start
 
     def _set_start(self, pad: torch.Tensor) -> None:
@@ -796,8 +812,14 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
 
     def _window_keeps(self) -> list[int]:
         """Per row the slots its sliding-window layer keeps alone: its most
-        recent ``min(window - 1, target)`` (``[window - 1]`` before any row)."""
-        return [max(1, min(self.window - 1, t)) for t in self._targets()] or [self.window - 1]
+        recent ``min(window - 1, target)`` (``[window - 1]`` before any row).
+        Mixed precision (LowBits, MiKV, ZipCache) keeps what its evictor would
+        drop, and scores no sliding layer: such a layer keeps its whole
+        window, in full precision, whatever the target."""
+        targets = self._targets()
+        if self.method.mixed_precision:
+            return [self.window - 1] * len(targets) or [self.window - 1]
+        return [max(1, min(self.window - 1, t)) for t in targets] or [self.window - 1]
 
     def _to_reader(self, method: Method, before=None) -> None:
         """Move a full-attention uniform or per-head layer into the store of
@@ -1807,6 +1829,36 @@ class KVCache(RecurrentStates, Cache):
             f"slots per head={span}, bytes={self.memory_bytes():,})"
         )
 
+    def check_mask(self, attention_mask, q: int, batch: int) -> None:
+        """Refuse a forward's 2-D padding mask ``[batch, seen]`` for its
+        ``q``-token chunk before any layer stores the chunk (the layers read
+        the mask only when they attend, after ``update`` has stored it: a
+        refusal there would leave the layers before it a chunk ahead). The
+        forward pre-hook of ``kvcompress.enable`` / ``compress`` calls it;
+        anything but a 2-D tensor is left to the layers."""
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.ndim != 2:
+            return
+        first = all(layer.kv_start is None for layer in self.layers)
+        padding_of_chunk(attention_mask, q, batch, first)
+        held = next((layer for layer in self.layers if layer._pad and layer._pad_known), None)
+        if first or held is None or len(held._pad) != batch:
+            return
+        # A later chunk's mask may not hide tokens the cache holds as real:
+        # the layers keep (or evicted, merged, packed) them, and honour only
+        # the first prompt's left padding.
+        seen, L = held.seen, int(attention_mask.shape[1])
+        lo = max(0, seen + q - L)  # the first held position the mask covers
+        if lo >= seen:
+            return
+        shown = attention_mask[:, L - q - (seen - lo) : L - q].to(torch.bool)
+        pos = torch.arange(lo, seen, device=shown.device)
+        hidden = (pos[None, :] >= torch.tensor(held._pad, device=shown.device)[:, None]) & ~shown
+        if bool(hidden.any()):
+            b, p = (int(x) for x in hidden.nonzero()[0])
+            raise ValueError(
+                f"attention_mask: hides token {p} of row {b}, which the cache already holds as a real token; "
+                f"kvcompress honours only the first prompt's left padding (a later mask cannot mask earlier tokens)")
+
     # ------------------------------------------------------------ HF protocol
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         # before anything changes: a bad call leaves the cache as it was
@@ -1911,6 +1963,17 @@ class KVCache(RecurrentStates, Cache):
 
     def reset(self) -> None:
         super().reset()
+        # each layer re-initialised itself with a dict of its own: the cache's
+        # shared state (TidalDecode's selection) is emptied and shared again,
+        # and nothing waits for a forward pass that will not come
+        self.shared.clear()
+        for layer in self.layers:
+            layer.shared = self.shared
+        self._deferred.clear()
+        self._prefill.clear()
+        self._stats.clear()
+        self._hidden.clear()
+        self._awaiting = self._transformed = None
         self._reset_states()
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
@@ -2052,16 +2115,21 @@ class KVCache(RecurrentStates, Cache):
         if first is None:
             return
         a, b = self.layers[first], self.layers[layer_idx]
-        if type(a.store) not in (UniformStore, RaggedStore) or type(b.store) not in (UniformStore, RaggedStore):
-            return
-        held = [_held(a), _held(b)]
-        (ka, va), (kb, vb) = held[0][:2], held[1][:2]
-        if (a.window is not None or b.window is not None or a.seen != b.seen or a._pad != b._pad
-                or ka.shape[:2] != kb.shape[:2] or ka.shape[3] != kb.shape[3] or va.shape[3] != vb.shape[3]
-                or ka.dtype != kb.dtype or ka.device != kb.device or ka.dtype != va.dtype):
+        plain = (UniformStore, RaggedStore)
+        if type(a.store) in plain and type(b.store) in plain:
+            held = [_held(a), _held(b)]
+            (ka, va), (kb, vb) = held[0][:2], held[1][:2]
+            apart = (a.window is not None or b.window is not None or a.seen != b.seen or a._pad != b._pad
+                     or ka.shape[:2] != kb.shape[:2] or ka.shape[3] != kb.shape[3] or va.shape[3] != vb.shape[3]
+                     or ka.dtype != kb.dtype or ka.device != kb.device or ka.dtype != va.dtype)
+        else:
+            # merged already, or a partner in another store (a sliding layer KIVI packed
+            # itself, a Gemma 3 pair of a local and a global layer)
+            apart = True
+        if apart:
             packing = self.method.packing
             for x in (a, b):
-                if packing is not None and x.window is None:
+                if packing is not None and x.window is None and type(x.store) in plain:
                     # not merged: packed as the quantizer alone would (after_attention waited)
                     x._to_packed(packing)
                     x.store.settle(pad=x._start)

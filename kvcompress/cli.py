@@ -173,8 +173,12 @@ def _suite(args) -> int:
         return 2
     # with --out, finished cases are kept as they come so a stopped run resumes
     checkpoint = Path(args.out) / "suite.partial.jsonl" if args.out else None
-    results = suite.run_suite(model, tok, config, model_name=name, progress=not args.no_progress,
-                              checkpoint=checkpoint)
+    try:
+        results = suite.run_suite(model, tok, config, model_name=name, progress=not args.no_progress,
+                                  checkpoint=checkpoint)
+    except suite.CheckpointError as e:
+        print(f"kvcompress eval: error: --out: {e}", file=sys.stderr)
+        return 2
     return _report(suite, results, args)
 
 

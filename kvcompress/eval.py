@@ -34,6 +34,31 @@ SCHEMA = "kvcompress.eval/1"
 TASKS = ("passkey", "fidelity", "ppl")
 
 
+def normal_spec(spec: str) -> str:
+    """A method spec with surrounding spaces dropped and each method name
+    lower-cased; option values (a profile's file path) stay as given."""
+    parts = []
+    for part in spec.strip().split("+"):
+        name, sep, rest = part.partition(":")
+        parts.append(name.strip().lower() + sep + rest)
+    return "+".join(parts)
+
+
+def _check_list(name: str, values, empty_ok: bool = False) -> None:
+    """A list option given at all must hold something (unless ``empty_ok``),
+    each item once (a repeated item would run, and in the suite count, its
+    cases twice)."""
+    if values is None:
+        return
+    if len(values) == 0 and not empty_ok:
+        raise ValueError(f"{name}: need at least one value, got an empty list")
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{name}: {v!r} is given twice")
+        seen.add(v)
+
+
 @dataclass
 class EvalConfig:
     """What to run. ``budgets`` xor ``ratios`` give the settings of every method."""
@@ -58,9 +83,11 @@ class EvalConfig:
     def __post_init__(self):
         if (self.budgets is None) == (self.ratios is None):
             raise ValueError("budgets, ratios: give exactly one of them")
-        self.methods = [m.strip().lower() for m in self.methods if m.strip()]
+        self.methods = [normal_spec(m) for m in self.methods if m.strip()]
         if not self.methods:
             raise ValueError("methods: need at least one method")
+        for name in ("methods", "budgets", "ratios", "lengths", "depths"):
+            _check_list(name, getattr(self, name))
         for m in self.methods:
             method_from_spec(m, ratio=0.5)  # unknown names and bad options fail here, not mid-run
         for t in self.tasks:

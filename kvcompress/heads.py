@@ -159,7 +159,18 @@ def as_profile(profile) -> HeadProfile:
     if isinstance(profile, dict):
         return HeadProfile.from_dict(profile)
     if isinstance(profile, (str, Path)):
-        return HeadProfile.load(profile)
+        try:
+            text = Path(profile).read_text(encoding="utf-8")
+        except OSError as e:  # missing, a folder, unreadable
+            raise ValueError(f"profile: cannot read {str(profile)!r}: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"profile: {str(profile)!r} is not a head profile's JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"profile: {str(profile)!r} is not a head profile's JSON (an object), got "
+                             f"{type(data).__name__}")
+        return HeadProfile.from_dict(data)
     raise TypeError(f"profile: expected a HeadProfile, its dict or a JSON path, got {type(profile).__name__}")
 
 
@@ -274,7 +285,7 @@ def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: in
         Scores per layer and query head (see the module docstring).
     """
     from .calibrate import _sliding_layers
-    from .hf import ATTN_NAME, _set_attn
+    from .hf import _active_models, _set_attn
 
     config = model.config
     for name, v, least in (("length", length, 4), ("rows", rows, 1)):
@@ -296,7 +307,8 @@ def profile_heads(model, ids=None, *, length: int = 256, rows: int = 4, seed: in
     device = next(model.parameters()).device
     full = torch.cat([torch.tensor(prefix, dtype=torch.long).expand(seqs.shape[0], o), seqs, seqs], 1).to(device)
     previous = config._attn_implementation
-    if previous == ATTN_NAME:
+    # (kvcompress.enable alone leaves the model on our attention: that is no session)
+    if id(model) in _active_models:
         raise RuntimeError("profile_heads: run it outside a kvcompress.compress() session")
     if semantic_ids is not None:
         sem = torch.as_tensor(semantic_ids)

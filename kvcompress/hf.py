@@ -232,12 +232,46 @@ def enable(model) -> str:
     """Switch ``model`` to the ``"kvcompress"`` attention; return the previous one.
 
     Needed only when passing a ``KVCache`` yourself outside ``compress()``.
-    The attention is exact (SDPA) whatever cache is used.
+    The attention is exact (SDPA) whatever cache is used. The first call
+    also installs a forward pre-hook (kept, a no-op for other caches) that
+    checks a ``KVCache``'s padding mask before any layer stores the chunk.
     """
     register()
     previous = model.config._attn_implementation
     _set_attn(model, ATTN_NAME)
+    if vars(model).get("_kvcompress_mask_hook") is None:
+        model._kvcompress_mask_hook = model.register_forward_pre_hook(_mask_hook, with_kwargs=True)
     return previous
+
+
+def _check_mask(cache, args, kwargs, model=None) -> None:
+    """Refuse a forward for ``cache`` before its first layer stores the chunk:
+    a model of another depth than the one the cache has layers for, or a
+    padding mask the layers would refuse (``KVCache.check_mask``); a call
+    whose tokens or mask are not keyword tensors is left to the layers."""
+    config = getattr(model, "config", None)
+    depth = None if config is None else _decoder_layers(config)
+    if cache.layers and cache.num_layers is not None and depth is not None and depth != cache.num_layers:
+        raise ValueError(f"cache: holds the layers of a {cache.num_layers}-layer model, and this model has {depth}; "
+                         "use a fresh cache per model")
+    x = kwargs.get("input_ids")
+    if x is None:
+        x = kwargs.get("inputs_embeds")
+    if x is None and args and isinstance(args[0], torch.Tensor):
+        x = args[0]
+    mask = kwargs.get("attention_mask")
+    if isinstance(x, torch.Tensor) and x.ndim >= 2 and mask is not None:
+        cache.check_mask(mask, int(x.shape[1]), int(x.shape[0]))
+
+
+def _mask_hook(module, args, kwargs):
+    """Forward pre-hook ``enable`` installs: a ``KVCache`` passed to the
+    model has its padding mask checked first (a refused forward changes
+    nothing)."""
+    cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
+    if isinstance(cache, KVCache):
+        _check_mask(cache, args, kwargs, module)
+    return None
 
 
 def _record_tokens(cache, args, kwargs) -> None:
@@ -429,6 +463,7 @@ class CompressionSession:
             self.cache = cache
             kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES}
             kwargs.update(cache_kwargs(self.model, cache))
+            _check_mask(cache, args, kwargs)
             _record_tokens(cache, args, kwargs)
             return args, kwargs
         _record_tokens(cache, args, kwargs)

@@ -46,6 +46,19 @@ def _read_budget(name: str) -> tuple[str, int] | None:
     return ":".join([head, *(f"{k}={v}" for k, v in options.items())]) + " (slots read)", budget
 
 
+#: legend entries that fit inside the first panel; more go beside the panels
+_LEGEND_INSIDE = 8
+_MARKERS = ("o", "^", "D", "v")
+_LINES = ("-", "-.", ":", (0, (5, 1)))
+
+
+def _style(i: int, marker: str | None = None, linestyle: str | None = None) -> dict:
+    """Line style of the i-th method: ten colours, then the next marker and
+    line style with them, so that methods 10 apart stay apart."""
+    k = (i // 10) % len(_MARKERS)
+    return dict(color=f"C{i % 10}", marker=marker or _MARKERS[k], linestyle=linestyle or _LINES[k])
+
+
 def plot_scores(results: dict, path) -> Path | None:
     """Score vs budget (or ratio), one line per method, the full cache as a
     dashed line; one panel per metric the run measured. Returns ``path``,
@@ -76,16 +89,16 @@ def plot_scores(results: dict, path) -> Path | None:
     for ax, (task, key, title, log) in zip(flat, metrics):
         for j, (family, pts) in enumerate(readers.items()):
             pts = sorted((x, r[task][key]) for x, r in pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--", label=family,
-                    color=f"C{(len(methods) + j) % 10}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=family,
+                    **_style(len(methods) + j, marker="s", linestyle="--"))
         for i, name in enumerate(methods):
             mine = [r for r in rows if r["method"] == name]
             if all(r[axis] is None for r in mine):
                 # a method with no budget (KIVI keeps every token): a level, not a curve
-                ax.axhline(mine[0][task][key], color=f"C{i % 10}", linestyle=":", linewidth=1.2, label=name)
+                ax.axhline(mine[0][task][key], color=_style(i)["color"], linestyle=":", linewidth=1.2, label=name)
                 continue
             pts = sorted((r[axis], r[task][key]) for r in mine)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=f"C{i % 10}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **_style(i))
         base = full[task][key]
         if log and base <= 0:
             title += " (full cache: 0)"
@@ -103,7 +116,12 @@ def plot_scores(results: dict, path) -> Path | None:
     if "full cache" not in labels:
         handles.append(plt.Line2D([], [], color="black", linestyle="--", linewidth=1))
         labels.append("full cache")
-    flat[0].legend(handles, labels, fontsize=7)
+    if len(labels) <= _LEGEND_INSIDE:
+        flat[0].legend(handles, labels, fontsize=7)
+    else:
+        # many methods (the default list is all of them): beside the panels, where it cannot
+        # squeeze them to nothing
+        fig.legend(handles, labels, fontsize=7, loc="outside right upper", ncols=1 + len(labels) // 24)
     fig.suptitle(results["model"]["name"], fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)

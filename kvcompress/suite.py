@@ -29,10 +29,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import ruler
+from .eval import _check_list, normal_spec
 from .intervals import bootstrap, wilson
 from .methods import method_from_spec, spec_evicts
 
 SCHEMA = "kvcompress.suite/1"
+
+
+class CheckpointError(ValueError):
+    """A ``--out`` folder's ``suite.partial.jsonl`` that this run cannot resume."""
 QUICK_TASKS = ("niah_single", "niah_multikey", "qa", "multiturn")
 
 
@@ -54,10 +59,19 @@ class SuiteConfig:
     chat: bool | None = None
 
     def __post_init__(self):
-        self.methods = [m.strip() for m in self.methods if m.strip()]
+        self.methods = [normal_spec(m) for m in self.methods if m.strip()]
+        for name in ("methods", "ratios", "lengths", "tasks"):
+            # no methods: the full cache alone (suite_combine's runs)
+            _check_list(name, getattr(self, name), empty_ok=name in ("methods", "ratios"))
         for m in self.methods:
-            if not m.lower().startswith("kvpress:"):
+            if not m.startswith("kvpress:"):
                 method_from_spec(m, ratio=0.5)  # unknown names and bad options fail here
+        if any(m.startswith("kvpress:") for m in self.methods):
+            try:
+                import kvpress  # noqa: F401
+            except ImportError as e:
+                raise ValueError(f"methods: kvpress rows need the kvpress package ({e}); pip install kvpress, "
+                                 "or leave the kvpress: rows out") from None
         for t in self.tasks:
             if t not in ruler.TASKS:
                 raise ValueError(f"tasks: unknown task {t!r}; choose from {', '.join(ruler.TASKS)}")
@@ -303,9 +317,9 @@ def _open_checkpoint(path, config: SuiteConfig, model_name: str, specs):
                 except json.JSONDecodeError:
                     break  # a line cut short by the interruption: that case runs again
         except (json.JSONDecodeError, IndexError):
-            raise ValueError(f"checkpoint: {path} is not a suite checkpoint") from None
+            raise CheckpointError(f"checkpoint: {path} is not a suite checkpoint") from None
         if first != json.loads(json.dumps(header)):
-            raise ValueError(f"checkpoint: {path} belongs to another run (config, model or rows differ); "
+            raise CheckpointError(f"checkpoint: {path} belongs to another run (config, model or rows differ); "
                              "remove it or choose another --out")
         done = {e["case"]: e["rows"] for e in entries}
         with path.open("w", encoding="utf-8") as f:  # drop a cut-short last line

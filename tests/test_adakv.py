@@ -108,6 +108,7 @@ def test_bytes_held_are_the_per_head_slots(tiny_model):
         # min(window, interval) tokens held for the decode-time re-selection
         expected += n * 2 * D * 4 + n * 4 + 3 * 8 * 2 * cfg.num_key_value_heads + 8 * 2
         expected += 8 * 2 * cfg.num_key_value_heads + 4 * 2 * cfg.num_attention_heads * WINDOW * D
+        expected += 8 * 2 * cfg.num_key_value_heads  # each head's float64 share of the decode budget (host)
     assert cache.memory_bytes() == expected
     assert sum(t.nbytes for layer in cache.layers for t in layer.tensors()) == expected
 

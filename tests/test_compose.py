@@ -177,16 +177,19 @@ def test_decoded_groups_pack_onto_every_head_and_segments_grow():
 def test_bytes_held_are_the_packed_rows():
     """The store holds codes, mins/scales and counts of its (group-rounded,
     slack included) rows, plus the residual buffer: nothing full-precision
-    for the kept slots."""
+    for the kept slots. Per head it also holds int64 offsets, lengths and
+    capacities, and host copies of its lengths, capacities and real slots.
+    The residual buffer (every head merged, so none of its slots there)
+    has room for one group: it grows as tokens come."""
     D, H, B, G, bits = 64, 3, 1, 32, 4
     lengths = [100, 37, 64]
     ragged = _ragged(lengths, D, H, B, merged=True)
     store = RaggedPackedStore.from_ragged(ragged, bits, G, 128)
     rows = sum(math.ceil(n / G) * G + G for n in lengths)
     per_row = 2 * D * bits // 8 + 2 * 4 * (D // G) + 2 * 4 + 2 * 4 * D / G
-    residual = 2 * B * H * (128 + G) * D * 4
+    residual = 2 * B * H * G * D * 4
     held = sum(t.numel() * t.element_size() for t in store.tensors())
-    assert held == rows * per_row + residual + 3 * 8 * B * H
+    assert held == rows * per_row + residual + 3 * 8 * B * H + 3 * 8 * B * H
 
 
 # ------------------------------------------------------------------ generation

@@ -142,6 +142,7 @@ def test_bytes_held_include_counts(tiny_model, interval):
     per_layer = rows * per_slot + 3 * 8 * BH + 8 * 2  # ... offsets/lengths/caps, kv_start
     if interval:
         per_layer += 8 * BH + 2 * cfg.num_attention_heads * WINDOW * D * 4  # head budgets, recent queries
+        per_layer += 8 * BH  # each head's float64 share of the decode budget (host)
     assert cache.memory_bytes() == per_layer * len(cache.layers)
 
 

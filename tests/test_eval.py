@@ -131,6 +131,18 @@ def test_eval_ratios_one_task(tiny_lm, tmp_path):
     (["--methods", "ems:lam=2"], "lam: must be in [0.0, 1.0]"),
     (["--methods", "ems:lam"], "expected option=value"),
     (["--methods", "snapkv:head_budget=adaptive"], "SnapKV has no option 'head_budget'"),
+    # empty and repeated lists: nothing would run, or a row would run twice
+    (["--budgets", ""], "budgets: need at least one value"),
+    (["--ratios", ""], "ratios: need at least one value"),
+    (["--lengths", ""], "lengths: need at least one value"),
+    (["--depths", ""], "depths: need at least one value"),
+    (["--methods", "snapkv,SnapKV"], "methods: 'snapkv' is given twice"),
+    (["--budgets", "64,64"], "budgets: 64 is given twice"),
+    (["--methods", "kivi:bits=2:bits=4"], "option 'bits' is given twice"),
+    (["--methods", "ems+"], "a method is missing around '+'"),
+    (["--methods", "h2o:recent=abc"], "recent: expected a fraction in [0, 1], got 'abc'"),
+    (["--methods", "headkv:profile=/no/such/Profile.json"], "profile: cannot read '/no/such/Profile.json'"),
+    (["--methods", "kvsharer:calibration=abc"], "calibration: expected token ids"),
 ])
 def test_eval_bad_options(args, message, capsys):
     assert cli.main(["eval"] + args) == 2

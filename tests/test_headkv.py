@@ -222,3 +222,20 @@ def test_eval_and_suite_profile_the_model_once(tiny_lm, tmp_path, monkeypatch):
                             cases=1, split="dev", chat=False)
     result = suite.run_suite(model, tok, cfg, progress=False)
     assert len(calls) == 2 and len(result["rows"]) == 3
+
+
+def test_enable_alone_is_no_session(tiny_model):
+    """``kvc.enable(model)`` leaves the model on our attention but opens no
+    session: profiling heads (HeadKV's, RazorAttention's) still runs, as
+    it does after a session has closed; inside a session it is refused."""
+    previous = kvc.enable(tiny_model)
+    try:
+        ids = torch.randint(3, 512, (1, 40), generator=torch.Generator().manual_seed(3))
+        profile = profile_heads(tiny_model, ids)
+        assert isinstance(profile, HeadProfile)
+        with kvc.compress(tiny_model, HeadKV(budget=32)):
+            with pytest.raises(RuntimeError, match="outside a kvcompress.compress"):
+                profile_heads(tiny_model, ids)
+        assert tiny_model.config._attn_implementation == "kvcompress"
+    finally:
+        tiny_model.set_attn_implementation(previous)

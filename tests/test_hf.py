@@ -152,6 +152,94 @@ def test_right_padding_is_rejected(tiny_model):
             _generate(tiny_model, ids, mask)
 
 
+def _layer_state(cache):
+    """What each layer holds: (seen, slots, bytes)."""
+    return [(layer.seen, layer.n, sum(t.numel() * t.element_size() for t in layer.tensors()))
+            for layer in cache.layers]
+
+
+@pytest.mark.parametrize("method", [lambda: kvc.KIVI(bits=2, group=4, residual=4),
+                                    lambda: SnapKV(budget=16, window=4)], ids=["KIVI", "SnapKV"])
+@pytest.mark.parametrize("session", [False, True], ids=["enable", "compress"])
+def test_a_refused_mask_leaves_the_cache_as_it_was(tiny_model, method, session):
+    """A chunk whose padding mask is refused (padding inside a continuation,
+    right padding in a first prompt) changes no layer: the refusal comes
+    before the first layer stores the chunk, and the next valid chunk gives
+    the logits of a cache that never saw the refused one."""
+    ids, ext, nxt = _prompt(length=30, seed=7), _prompt(length=5, seed=8), _prompt(length=3, seed=9)
+
+    def run(refuse):
+        cache = kvc.KVCache(method())
+        kw = cache_kwargs(tiny_model, cache)
+        with torch.no_grad():
+            tiny_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **kw)
+            if refuse:
+                before = _layer_state(cache)
+                holed = torch.ones(1, 35, dtype=torch.long)
+                holed[0, -2] = 0
+                with pytest.raises(ValueError, match="continuation chunk must not contain padding"):
+                    tiny_model(input_ids=ext, attention_mask=holed, use_cache=True, **kw)
+                assert _layer_state(cache) == before
+            return tiny_model(input_ids=nxt, attention_mask=torch.ones(1, 33, dtype=torch.long), use_cache=True,
+                              **kw).logits
+
+    if session:
+        with kvc.compress(tiny_model, method()):
+            clean, after = run(False), run(True)
+    else:
+        previous = kvc.enable(tiny_model)
+        try:
+            clean, after = run(False), run(True)
+        finally:
+            tiny_model.set_attn_implementation(previous)
+    assert torch.equal(clean, after)
+    # a first prompt padded on the right: refused with nothing stored, and the cache still takes a prompt
+    cache = kvc.KVCache(method())
+    right = torch.ones(1, 30, dtype=torch.long)
+    right[0, -3:] = 0
+    with kvc.compress(tiny_model, method()), torch.no_grad():
+        with pytest.raises(ValueError, match="left padding only"):
+            tiny_model(input_ids=ids, attention_mask=right, use_cache=True, **cache_kwargs(tiny_model, cache))
+        assert cache.get_seq_length() == 0 and all(s == 0 for s, _, _ in _layer_state(cache))
+        tiny_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                   **cache_kwargs(tiny_model, cache))
+    assert {layer.seen for layer in cache.layers} == {30} and len(cache.layers) == 4
+
+
+def test_a_later_mask_may_not_hide_held_tokens_or_change_the_model(tiny_model):
+    """A continuation whose mask hides tokens the cache already holds as real
+    is refused by name (the layers cannot honour it; it used to be ignored),
+    a continuation that keeps the first prompt's padding is not, and a
+    cache passed to a model of another depth is refused before any layer
+    stores the chunk."""
+    from transformers import LlamaForCausalLM
+
+    ids = _prompt(batch=2, length=30, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # row 1 left-padded by 4
+    nxt = _prompt(batch=2, length=3, seed=12)
+    cache = kvc.KVCache(SnapKV(budget=16, window=4))
+    kw = cache_kwargs(tiny_model, cache)
+    with kvc.compress(tiny_model, SnapKV(budget=16, window=4)), torch.no_grad():
+        tiny_model(input_ids=ids, attention_mask=mask, use_cache=True, **kw)
+        before = _layer_state(cache)
+        holed = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1)
+        holed[1, 10:20] = 0
+        with pytest.raises(ValueError, match="attention_mask: hides token 10 of row 1"):
+            tiny_model(input_ids=nxt, attention_mask=holed, use_cache=True, **kw)
+        assert _layer_state(cache) == before
+        deeper = LlamaForCausalLM(tiny_model.config.__class__(**{**tiny_model.config.to_dict(),
+                                                               "num_hidden_layers": 5})).eval()
+        kvc.enable(deeper)
+        with pytest.raises(ValueError, match="cache: holds the layers of a 4-layer model, and this model has 5"):
+            deeper(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1),
+                   use_cache=True, **kw)
+        assert _layer_state(cache) == before
+        tiny_model(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], 1),
+                   use_cache=True, **kw)
+    assert cache.get_seq_length() == 33
+
+
 def test_multi_turn_continues_from_the_same_cache(tiny_model):
     first = _prompt(length=25, seed=5)
     with kvc.compress(tiny_model, SnapKV(budget=500)) as session:

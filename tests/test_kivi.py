@@ -38,6 +38,16 @@ def test_kivi_options():
         KIVI(value_bits=2.0)
     with pytest.raises(ValueError, match="value_bits"):
         kvc.MiniCache() + KIVI(bits=4, value_bits=2)
+    # a quantizer keeps every token: no rounds of its own, and none behind a cross-layer method
+    with pytest.raises(ValueError, match="interval: KIVI evicts nothing"):
+        KIVI(bits=2, interval=3)
+    with pytest.raises(ValueError, match="interval: LowBits"):
+        kvc.SnapKV(ratio=0.5) + kvc.LowBits(bits=2, interval=0)
+    assert (kvc.EMS(ratio=0.5, interval=64) + KIVI(bits=2)).interval == 64
+    for cross in (kvc.MiniCache(), kvc.EMS(ratio=0.5) + kvc.MiniCache(), kvc.KVSharer(plan={3: 1}),
+                  kvc.EMS(ratio=0.5) + kvc.KVSharer(plan={3: 1})):
+        with pytest.raises(ValueError, match="keep_rows: .* no layer has any"):
+            cross + KIVI(bits=2, keep_rows=3)
 
 
 def _group_bound(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> torch.Tensor:
@@ -294,6 +304,14 @@ def test_eval_and_suite_run_kivi_once(tiny_lm, tmp_path):
     for r in rows:
         r["fidelity"] = dict(kl=0.0 if r["method"] == "full" else 1e-3, top1=1.0)
     assert plot_scores(dict(results, rows=rows[:2]), tmp_path / "levels.png").exists()
+    # thirty methods (the default list): the legend goes beside the panels, without a warning
+    # (inside the first panel it squeezed the axes to nothing: constrained_layout warned)
+    import warnings
+
+    many = [rows[0]] + [dict(r, method=f"{r['method']}#{i}") for i in range(15) for r in rows[2:]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert plot_scores(dict(results, rows=many), tmp_path / "many.png").exists()
     assert [(r["method"], r["budget"]) for r in rows] == [
         ("full", None), ("kivi:bits=4:group=8:residual=16", None), ("snapkv:window=8", 16), ("snapkv:window=8", 32)]
     cfg = suite.SuiteConfig(methods=["kivi:group=8:residual=16", "tova"], ratios=[0.5, 0.9], tasks=["niah_single"],

@@ -11,6 +11,7 @@ import torch
 
 import kvcompress as kvc
 from kvcompress import ops
+from kvcompress.compat import cache_kwargs
 from kvcompress.methods import KVMerger
 from generation import greedy, head_rows, left_pad, random_ids
 from model_refs import assert_topk_consistent, group_mean, layer_qkv, window_attention64
@@ -420,3 +421,18 @@ def test_flags_registry_and_command_line():
     assert isinstance(spec, KVMerger) and spec.threshold == 0.8 and spec.budget == 64
     spec = method_from_spec("kvmerger:sigma=2:merge_bias=false", ratio=0.5)
     assert spec.sigma == 2 and spec.merge_bias is False and spec.ratio == 0.5
+
+
+def test_a_ratio_below_the_window_takes_a_second_chunk(tiny_model):
+    """A ratio can keep fewer slots than the window (a budget cannot): a
+    second chunk's re-merge scored with as many window queries as slots it
+    holds (it asked for ``window`` queries over 7 slots and was refused)."""
+    ids = torch.randint(3, 512, (1, 44), generator=torch.Generator().manual_seed(0))
+    method = KVMerger(ratio=0.9)
+    with kvc.compress(tiny_model, method) as session, torch.no_grad():
+        cache = session.new_cache()
+        tiny_model(input_ids=ids[:, :40], use_cache=True, **cache_kwargs(tiny_model, cache))
+        held = [layer.n for layer in cache.layers]
+        assert max(held) < method.window  # the case: fewer slots than the window
+        tiny_model(input_ids=ids[:, 40:], use_cache=True, **cache_kwargs(tiny_model, cache))
+    assert cache.get_seq_length() == 44

@@ -118,3 +118,23 @@ def test_pyramid_budgets_decrease_linearly_and_average_to_the_budget():
 def test_repr_and_describe_show_settings():
     m = kvc.SnapKV(budget=64)
     assert "budget=64" in repr(m) and "window=16" in m.describe() and "kernel=13" in m.describe()
+
+
+def test_describe_leaves_out_each_methods_own_default_interval():
+    """``describe()`` hides ``interval`` only at the method's own default
+    (16; SCOPE's is 1, or ``every`` when discontinuous): SCOPE(interval=16)
+    used to read as SCOPE's default."""
+    assert "interval" not in kvc.SnapKV(budget=64).describe()
+    assert "interval=4" in kvc.SnapKV(budget=64, interval=4).describe()
+    assert "interval" not in SCOPE(budget=64).describe()
+    assert "interval=16" in SCOPE(budget=64, interval=16).describe()
+    assert "interval" not in SCOPE(budget=64, strategy="discontinuous").describe()
+
+
+def test_spec_names_are_case_blind_and_values_kept():
+    """Eval lower-cases method names, not option values: a profile's path
+    keeps its case (it was lower-cased with the whole spec)."""
+    from kvcompress.eval import normal_spec
+
+    assert normal_spec(" EMS+KIVI:bits=2 ") == "ems+kivi:bits=2"
+    assert normal_spec("HeadKV:profile=/tmp/Prof/Heads.json") == "headkv:profile=/tmp/Prof/Heads.json"

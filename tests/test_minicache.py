@@ -552,6 +552,35 @@ def test_quantized_pairs_in_generate(tiny_model):
     assert sizes["both"] < sizes["kivi"]
 
 
+@pytest.mark.parametrize("pack_windows", [True, False])
+def test_a_global_layer_paired_with_a_sliding_one_is_packed(pack_windows):
+    """On a hybrid model a pair of a sliding and a global layer is not merged,
+    and its global layer is packed as KIVI alone packs it, whether or not the
+    sliding partner packed itself already (with pack_windows=True it has,
+    and the global layer used to stay in full precision for good)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, sliding_window=16, query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention"] * 2)
+    model = Gemma3ForCausalLM(config).eval()
+    ids = torch.randint(3, 300, (1, 60), generator=torch.Generator().manual_seed(7))
+    kivi = kvc.KIVI(bits=2, group=4, residual=4, pack_windows=pack_windows)
+    with kvc.compress(model, MiniCache() + kivi) as session, torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    cache = session.cache
+    assert [layer.window is None for layer in cache.layers] == [False, True, False, True]
+    assert [layer.store.kind for layer in cache.layers] == (
+        ["packed"] * 4 if pack_windows else ["uniform", "packed", "uniform", "packed"])
+    # both global layers hold what KIVI alone holds (the same tokens and width)
+    with kvc.compress(model, kivi) as alone, torch.no_grad():
+        model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    bytes_of = [s.bytes for s in cache.stats().layers]
+    assert [bytes_of[i] for i in (1, 3)] == [alone.cache.stats().layers[i].bytes for i in (1, 3)]
+
+
 @pytest.mark.parametrize("name", ["ems", "adakv"])
 def test_per_head_evictor_with_full_retention_is_the_evictor(tiny_model, name):
     """EMS / AdaKV + MiniCache(retain=1): each layer reads exactly the slots

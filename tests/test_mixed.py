@@ -362,3 +362,60 @@ def test_rows_split_apart_hold_and_read_what_each_row_does_alone(high_bits, rota
             PackedStore.from_split_rows(keys, values, *args, 2, G)
     with pytest.raises(ValueError, match="from_split_rows: rotated:"):
         PackedStore.from_split_rows(keys, values, full, low, [True] * 3, 2, G, rotation=rot, rotated=[True])
+
+
+@pytest.fixture(scope="module")
+def sliding_model():
+    """A 2-layer Mistral whose every layer slides over 16 tokens."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1, sliding_window=16)
+    return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("make", [lambda **kw: MiKV(bits=2, group=4, **kw), lambda **kw: ZipCache(bits=2, group=4, **kw),
+                                  lambda **kw: SnapKV(window=4, **kw) + LowBits(bits=2, group=4)],
+                         ids=["MiKV", "ZipCache", "SnapKV+LowBits"])
+@pytest.mark.parametrize("size, length", [(dict(ratio=0.5), 13), (dict(budget=10), 45)], ids=["ratio", "budget"])
+def test_sliding_layers_keep_their_whole_window(sliding_model, make, size, length):
+    """Mixed precision keeps what its evictor would drop and demotes nothing
+    on a sliding layer, so such a layer keeps its whole window (window - 1
+    slots, or the prompt when shorter) in full precision, whatever the target:
+    on a model whose layers all slide, generation reads exactly what plain
+    generate() reads. (Before, the evictor's target cut the window: logits
+    2-4 apart.)"""
+    ids = torch.randint(3, 300, (1, length), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True)
+    with torch.no_grad():
+        ref = sliding_model.generate(input_ids=ids, **kw)
+        with kvc.compress(sliding_model, make(**size)) as session:
+            out = sliding_model.generate(input_ids=ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.logits), torch.stack(ref.logits), rtol=0, atol=1e-4)
+    for layer in session.cache.layers:
+        assert not isinstance(layer.store, PackedStore)
+        assert layer.n - layer._start[0] == min(layer.seen, 15)
+
+
+def test_the_quantizer_is_the_methods_own():
+    """MiKV and ZipCache pack with a LowBits built from their own bits, group,
+    high_bits and rotate: another quant= is refused by name, the same one is
+    accepted, dataclasses.replace rebuilds it, and describe() shows the
+    evictor's settings that change what is kept."""
+    import dataclasses
+
+    with pytest.raises(ValueError, match="quant: MiKV packs what it demotes with LowBits"):
+        MiKV(ratio=0.5, quant=kvc.KIVI(bits=4, group=8, residual=0))
+    with pytest.raises(ValueError, match="quant: ZipCache"):
+        ZipCache(ratio=0.5, bits=4, group=8, quant=LowBits(bits=2, group=8))
+    assert MiKV(ratio=0.5, quant=LowBits(bits=2, group=32, high_bits=8)) == MiKV(ratio=0.5)
+    four = dataclasses.replace(MiKV(ratio=0.5), bits=4, high_bits=None, group=8)
+    assert four.quant == LowBits(bits=4, group=8) and four.packing == (4, 8, 0, 4)
+    zip4 = dataclasses.replace(ZipCache(ratio=0.5, rotate=True), bits=4)
+    assert zip4.quant == LowBits(bits=4, group=32, high_bits=8, rotate=True)
+    assert MiKV(ratio=0.5, lookahead=True).describe().endswith("recent=0.5, lookahead=True)")
+    assert ZipCache(ratio=0.5, lookahead=True).describe().endswith("window=8, lookahead=True)")

@@ -1,5 +1,6 @@
 """The RULER-style generators, the interval code and the one-prefill fan-out."""
 
+import importlib.util
 import json
 import random
 import re
@@ -309,6 +310,12 @@ def test_suite_cli_tiny_model(tiny_lm, tmp_path, capsys):
     (["--ratios", "0"], "ratios"),
     (["--budgets", "64"], "--budgets does not apply"),
     (["--lengths", "10"], "lengths"),
+    # a repeated row used to count its cases once per copy and narrow its interval
+    (["--methods", "snapkv,snapkv", "--ratios", "0.5"], "methods: 'snapkv' is given twice"),
+    (["--methods", "snapkv", "--ratios", "0.5,0.5"], "ratios: 0.5 is given twice"),
+    pytest.param(["--methods", "kvpress:SnapKV", "--ratios", "0.5"], "kvpress rows need the kvpress package",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("kvpress") is not None,
+                                          reason="kvpress is installed here")),
 ])
 def test_suite_bad_options(args, message, capsys):
     from kvcompress import cli
@@ -463,7 +470,7 @@ def test_suite_resumes_from_its_checkpoint(tiny_lm, tmp_path, monkeypatch):
         suite.run_suite(model, tok, cfg, progress=False, checkpoint=path)
     assert len(path.read_text().splitlines()) == 1 + 2  # header + the two finished cases
     other = suite.SuiteConfig(**{**cfg.__dict__, "cases": 3})
-    with pytest.raises(ValueError, match="checkpoint: .* belongs to another run"):
+    with pytest.raises(suite.CheckpointError, match="checkpoint: .* belongs to another run"):
         suite.run_suite(model, tok, other, progress=False, checkpoint=path)
     calls.clear()
     monkeypatch.setattr(ruler, "make_case", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))

@@ -9,6 +9,7 @@ import torch
 
 import kvcompress as kvc
 from kvcompress.cache import KVCache
+from kvcompress.compat import cache_kwargs
 from kvcompress.methods import TidalDecode, method_from_spec
 from kvcompress.stores import AttentionSpec, TidalStore
 from reference import window_scores_ref
@@ -185,3 +186,30 @@ def test_small_budget_reads_the_selected_tokens_in_every_later_layer(tiny_model)
         assert layer.store.sparse_steps == 9  # every decode step after the prefill's token
         assert torch.equal(layer.store.last_read, cache.shared["tidal"].slots)
     assert int(cache.shared["tidal"].slots[1].min()) >= 45  # nothing from the padded row's padding
+
+
+def test_reset_then_reuse_is_a_fresh_cache(tiny_model):
+    """After ``KVCache.reset()`` the layers share the cache's (emptied) state
+    again: a reused cache selects and reads as a fresh one does (the layers
+    used to publish into dicts of their own, and TidalDecode quietly read
+    every slot)."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(3, 512, (1, 90), generator=torch.Generator().manual_seed(1))
+    other = torch.randint(3, 512, (1, 80), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
+              return_dict_in_generate=True, output_logits=True)
+    method = TidalDecode(token_budget=16)
+    with kvc.compress(tiny_model, method), torch.no_grad():
+        fresh = tiny_model.generate(ids, **kw, **cache_kwargs(tiny_model, KVCache(method)))
+        reused = KVCache(method)
+        tiny_model.generate(other, attention_mask=torch.ones_like(other), max_new_tokens=4, do_sample=False,
+                            pad_token_id=0, **cache_kwargs(tiny_model, reused))
+        reused.reset()
+        assert reused.shared == {} and all(layer.shared is reused.shared for layer in reused.layers)
+        again = tiny_model.generate(ids, **kw, **cache_kwargs(tiny_model, reused))
+        dense = tiny_model.generate(ids, **kw, **cache_kwargs(tiny_model, DynamicCache(config=tiny_model.config)))
+    assert torch.equal(torch.stack(fresh.logits), torch.stack(again.logits))
+    # and the sparse reads are real: a token budget of 16 of 90 changes the logits
+    assert (torch.stack(fresh.logits) - torch.stack(dense.logits)).abs().max() > 1e-3

@@ -91,6 +91,8 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
         if key not in allowed:
             raise ValueError(f"methods: {cls.__name__} has no option {key!r} (in {spec!r}); "
                              f"options: {', '.join(sorted(allowed)) or 'none'}")
+        if key in options:
+            raise ValueError(f"methods: option {key!r} is given twice in {spec!r}")
         options[key] = _option_value(value)
     return name, options
 
@@ -109,6 +111,8 @@ def method_from_spec(spec: str, *, budget: int | None = None, ratio: float | Non
     ``"evictor+quantizer"`` (``"snapkv+kivi:bits=2"``) packs the evictor's
     kept slots: the budget or ratio goes to the evictor.
     """
+    if "+" in spec and any(not part.strip() for part in spec.split("+")):
+        raise ValueError(f"methods: {spec!r}: a method is missing around '+' (e.g. 'snapkv+kivi:bits=4')")
     if spec.count("+") == 2:
         # evictor+minicache+quantizer
         head, _, last = spec.rpartition("+")

@@ -35,6 +35,8 @@ class H2O(Method):
 
     def _check_fields(self) -> None:
         super()._check_fields()
+        if isinstance(self.recent, bool) or not isinstance(self.recent, (int, float)):
+            raise TypeError(f"recent: expected a fraction in [0, 1], got {self.recent!r}")
         if not (0.0 <= float(self.recent) <= 1.0):
             raise ValueError(f"recent: must be in [0, 1], got {self.recent}")
 

@@ -665,12 +665,16 @@ class Method:
         return False
 
     # ----------------------------------------------------------------- misc
+    def _default_interval(self) -> int:
+        """The ``interval`` ``describe()`` leaves out (the method's default)."""
+        return 16
+
     def describe(self) -> str:
         parts = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if (v is not None and not (f.name == "interval" and v == 16) and not (f.name == "lookahead" and not v)
-                    and f.name not in ("quant", "sparse", "depth")):
+            if (v is not None and not (f.name == "interval" and v == self._default_interval())
+                    and not (f.name == "lookahead" and not v) and f.name not in ("quant", "sparse", "depth")):
                 parts.append(f"{f.name}={v}")
         text = f"{type(self).__name__}({', '.join(parts)})"
         for extra in (self.quant, self.sparse, self.depth):
@@ -704,6 +708,11 @@ class KeepsEveryToken(Method):
             return
         if not isinstance(q, Method) or q.evicts or q.packing is None or q.demotes:
             raise TypeError(f"quant: expected a quantizer such as kvcompress.KIVI(bits=4), got {q!r}")
+        if getattr(q, "keep_rows", None) is not None:
+            # CompressedLayer._repacks: no layer re-packs while decoding behind a cross-layer method
+            raise ValueError(f"keep_rows: {q.describe()} keeps packed rows through the decode-time rounds of a "
+                             f"merging method, and behind {type(self).__name__} no layer has any; leave "
+                             "keep_rows unset")
 
     def _check_fields(self) -> None:
         if self.budget is not None or self.ratio:

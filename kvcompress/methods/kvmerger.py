@@ -175,8 +175,10 @@ class KVMerger(QueryWindow, Method):
         ``window`` slots and the sinks ``sinks`` (both shrunk to fit the
         smallest budget of the call, one pair for all rows, as EMS).
         Returns ``(centers [N, 1, C], EvictMergeResult, carried NaN)``."""
-        scores = ops.window_scores(queries[:, :, -self.window:], keys, scaling=scaling, gqa=self.gqa,
-                                   kv_start=start)
+        # the window's queries score the slots held, never more of them than slots (a ratio can
+        # keep fewer slots than the window, where a budget cannot: the prefill clamps alike)
+        nq = min(self.window, int(keys.shape[2]))
+        scores = ops.window_scores(queries[:, :, -nq:], keys, scaling=scaling, gqa=self.gqa, kv_start=start)
         # the recent window stays `window` slots (not the held queries' count:
         # those only score), within the smallest budget
         bmin = int(budgets.min())

@@ -246,6 +246,11 @@ class KIVI(KeepsEveryToken):
         if not isinstance(self.clip_values, bool) and self.clip_values != "auto":
             raise TypeError(f"clip_values: expected True, False or 'auto', got {self.clip_values!r}")
         _check_rotate(self)
+        if self.interval != 16:
+            # a quantizer keeps every token: a composition's rounds are its evictor's
+            raise ValueError(f"interval: {type(self).__name__} evicts nothing and has no rounds of its own; give "
+                             f"interval= to the evictor it follows (EMS(ratio=0.5, interval=64) + KIVI(bits=2)), "
+                             f"got interval={self.interval!r}")
 
     @property
     def packing(self) -> tuple[int, int, int, int]:
@@ -319,7 +324,9 @@ class LowBits(KIVI):
     Not used alone: ``SnapKV(ratio=0.75) + LowBits(bits=2)`` keeps the quarter
     SnapKV selects in full precision and packs the other three quarters at 2
     bits (KIVI's layout and kernel), where SnapKV alone would evict them.
-    :class:`MiKV` and :class:`ZipCache` are this with their papers' importance.
+    :class:`MiKV` and :class:`ZipCache` are this with their papers' importance
+    (each builds its own from its ``bits``, ``group``, ``high_bits`` and
+    ``rotate``; another ``quant=`` is refused).
 
     ``high_bits`` (2, 4 or 8, at least ``bits``; default None: full
     precision) packs the selected tokens too, at that width:
@@ -338,6 +345,9 @@ class LowBits(KIVI):
       widths with two calls of ``ops.packed_attention`` (the low part with the
       full-precision window, the high part alone) joined exactly through
       their log-sum-exps, so nothing is dequantized;
+    * a sliding-window layer (Mistral, Gemma 2/3, ...) is never scored, so
+      it demotes nothing and evicts nothing: it keeps its whole window
+      (``window - 1`` slots) in full precision, whatever the target;
     * the evictor must keep the same number of slots in every head (SnapKV,
       H2O, TOVA, StreamingLLM, Knorm, PyramidKV; not AdaKV or EMS), because
       the full-precision part is one ``[B, H, r, D]`` window;
@@ -410,8 +420,18 @@ class _MixedPrecision:
     ``high_bits``."""
 
     def __post_init__(self) -> None:
-        if self.quant is None:
-            self.quant = LowBits(bits=self.bits, group=self.group, high_bits=self.high_bits, rotate=self.rotate)
+        derived = LowBits(bits=self.bits, group=self.group, high_bits=self.high_bits, rotate=self.rotate)
+        q = self.quant
+        if q is not None and not getattr(q, "_derived", False) and q != derived:
+            # the quantizer is this method's own bits, group, high_bits and rotate: another one
+            # would pack (or evict) otherwise than the method says it does
+            given = q.describe() if isinstance(q, Method) else repr(q)
+            raise ValueError(f"quant: {type(self).__name__} packs what it demotes with {derived.describe()}, "
+                             f"built from its bits, group, high_bits and rotate; set those instead of "
+                             f"quant={given}")
+        # (re)built from the fields: dataclasses.replace(m, bits=4) carries the old one along
+        object.__setattr__(derived, "_derived", True)
+        self.quant = derived
         super().__post_init__()
 
     def _check_fields(self) -> None:
@@ -424,6 +444,11 @@ class _MixedPrecision:
 
     def _high(self) -> str:
         return f", high_bits={self.high_bits}{_rotate_text(self)}"
+
+    def _tail(self) -> str:
+        """The evictor's settings that change what is kept, where not the defaults."""
+        text = ", lookahead=True" if self.lookahead else ""
+        return text + ("" if self.lookahead_room is None else f", lookahead_room={self.lookahead_room}")
 
     def __repr__(self) -> str:
         return self.describe()
@@ -465,7 +490,8 @@ class MiKV(_MixedPrecision, H2O):
     rotate: bool | str = False
 
     def describe(self) -> str:
-        return f"MiKV({self._size()}, bits={self.bits}{self._high()}, group={self.group}, recent={self.recent})"
+        return (f"MiKV({self._size()}, bits={self.bits}{self._high()}, group={self.group}, recent={self.recent}"
+                f"{self._tail()})")
 
 
 @dataclass(repr=False)
@@ -528,4 +554,4 @@ class ZipCache(_MixedPrecision, Method):
 
     def describe(self) -> str:
         return (f"ZipCache({self._size()}, bits={self.bits}{self._high()}, group={self.group}, probe={self.probe}, "
-                f"window={self.window})")
+                f"window={self.window}{self._tail()})")

@@ -235,6 +235,9 @@ class SCOPE(Method):
         return ops.select_topk(scores, keep, sinks=kept_prefill, window=min(self.recent, keep - kept_prefill),
                                kv_start=view.kv_start)
 
+    def _default_interval(self) -> int:
+        return self.every if self.strategy == "discontinuous" else 1
+
     def describe(self) -> str:
         text = super().describe()
         if isinstance(self.prefill, Method):

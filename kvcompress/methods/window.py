@@ -125,6 +125,13 @@ class PyramidKV(SnapKV):
     With mean budget B (``budget``, or the ratio's kept count), layer l of L
     keeps ``max - (max - min) * l / (L - 1)`` slots, ``min = B / beta`` and
     ``max = 2B - min``, so the total over layers equals ``L * B``.
+
+    The schedule covers the whole budget, window included, so a deep layer
+    whose share is below ``window`` keeps only its newest share of the
+    window (layer 29 of 30 at B = 128 keeps about 6 slots). The authors' code
+    schedules ``B - window`` and adds the whole window to every layer; ours
+    is the paper's formula as written, and the budget floor named in its
+    refusal (``window`` slots) holds for the mean, not for every layer.
     """
 
     # not re-tuned with SnapKV's defaults: the settings it was measured with

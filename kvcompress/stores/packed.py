@@ -358,8 +358,11 @@ class PackedStore(LayerStore):
 
     def tensors(self) -> list:
         rows = [c[1] for c in self._choices or () if c is not None]  # each row's feedback triangle
+        # the kernel's per-head rows and holes, built once per shape (_row_args, _hi_args)
+        args = [t for t in (*(self._row_args or ()), *(self._hi_args or ())) if isinstance(t, torch.Tensor)]
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self._rk, self._rv,
-                            *(self._hi or ()), *(self._cols or {}).values(), self.rotation, self.feedback, *rows)
+                            *(self._hi or ()), *(self._cols or {}).values(), self.rotation, self.feedback, *rows,
+                            *args)
                 if t is not None]
 
     # ------------------------------------------------------------- writing

@@ -282,8 +282,11 @@ class RaggedPackedStore(PackedStore):
         new._real = n_host.clone()
         if bool(hole.any()):
             new._real -= torch.bincount(head[hole & (t <= last)], minlength=B * H).cpu()
-        # room for the residual to fill before its next pack (bounded as in PackedStore.append)
-        cap = s + max(r, rr) + min(max(residual - r - rr, 0) + G, packed_store.RESIDUAL_ROOM)
+        # room for the residual to fill towards its next pack, at most a group ahead: behind an
+        # evictor that keeps its budget a round comes every `interval` slots, long before a
+        # small budget's residual fills, and PackedStore.append grows the buffer as tokens come
+        # (it held 128 + G slots per head for 3 kept ones at ratio 0.99)
+        cap = s + max(r, rr) + min(max(residual - r - rr, 0) + G, G, packed_store.RESIDUAL_ROOM)
         new._rk = store.k.new_empty((B, H, cap, D))
         new._rv = store.v.new_empty((B, H, cap, D))
         if columns:
@@ -547,8 +550,9 @@ class RaggedPackedStore(PackedStore):
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,
                             self.counts_plain, self.offsets, self.lengths, self.caps, self._rk, self._rv,
                             self.positions, self.scores, *(self._rcols or {}).values(), self.rotation,
-                            self.feedback, self._sink_counts, self._rc,
-                            *(c[1] for c in self._choices or () if c is not None))
+                            self.feedback, self._sink_counts, self._rc, self._host_lengths, self._host_caps,
+                            self._real, *(c[1] for c in self._choices or () if c is not None),
+                            *(t for t in self._hidden or () if isinstance(t, torch.Tensor)))
                 if t is not None]
 
     def __repr__(self) -> str:
