@@ -17,7 +17,12 @@ def _sliding_layers(config) -> set[int]:
 
 
 def _ids(calibration, device):
-    ids = torch.as_tensor(calibration, device=device)
+    """``calibration`` as int64 token ids ``[B, n]`` on ``device``; anything
+    else is refused naming ``calibration`` (KVSharer checks it when built)."""
+    try:
+        ids = torch.as_tensor(calibration, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"calibration: expected token ids [B, n] or [n], got {type(calibration).__name__}") from None
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] < 1 or ids.dtype not in (torch.int32, torch.int64):

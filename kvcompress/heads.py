@@ -149,7 +149,20 @@ class HeadProfile:
 
     @classmethod
     def load(cls, path) -> "HeadProfile":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        """The profile :meth:`save` wrote to ``path``; a path that cannot be
+        read or holds no profile's JSON is a ``ValueError`` naming ``profile``."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:  # missing, a folder, unreadable
+            raise ValueError(f"profile: cannot read {str(path)!r}: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"profile: {str(path)!r} is not a head profile's JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"profile: {str(path)!r} is not a head profile's JSON (an object), got "
+                             f"{type(data).__name__}")
+        return cls.from_dict(data)
 
 
 def as_profile(profile) -> HeadProfile:
@@ -159,18 +172,7 @@ def as_profile(profile) -> HeadProfile:
     if isinstance(profile, dict):
         return HeadProfile.from_dict(profile)
     if isinstance(profile, (str, Path)):
-        try:
-            text = Path(profile).read_text(encoding="utf-8")
-        except OSError as e:  # missing, a folder, unreadable
-            raise ValueError(f"profile: cannot read {str(profile)!r}: {e.strerror or e}") from None
-        try:
-            data = json.loads(text)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-            raise ValueError(f"profile: {str(profile)!r} is not a head profile's JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"profile: {str(profile)!r} is not a head profile's JSON (an object), got "
-                             f"{type(data).__name__}")
-        return HeadProfile.from_dict(data)
+        return HeadProfile.load(profile)
     raise TypeError(f"profile: expected a HeadProfile, its dict or a JSON path, got {type(profile).__name__}")
 
 

@@ -244,7 +244,7 @@ def enable(model) -> str:
     return previous
 
 
-def _check_mask(cache, args, kwargs, model=None) -> None:
+def _check_forward(cache, args, kwargs, model=None) -> None:
     """Refuse a forward for ``cache`` before its first layer stores the chunk:
     a model of another depth than the one the cache has layers for, or a
     padding mask the layers would refuse (``KVCache.check_mask``); a call
@@ -270,7 +270,7 @@ def _mask_hook(module, args, kwargs):
     nothing)."""
     cache = next((kwargs[n] for n in CACHE_NAMES if kwargs.get(n) is not None), None)
     if isinstance(cache, KVCache):
-        _check_mask(cache, args, kwargs, module)
+        _check_forward(cache, args, kwargs, module)
     return None
 
 
@@ -463,7 +463,7 @@ class CompressionSession:
             self.cache = cache
             kwargs = {k: v for k, v in kwargs.items() if k not in CACHE_NAMES}
             kwargs.update(cache_kwargs(self.model, cache))
-            _check_mask(cache, args, kwargs)
+            _check_forward(cache, args, kwargs)
             _record_tokens(cache, args, kwargs)
             return args, kwargs
         _record_tokens(cache, args, kwargs)

@@ -129,17 +129,10 @@ class KVSharer(KeepsEveryToken):
         if (self.calibration is not None or self.share) and self.plan is not None:
             raise ValueError("KVSharer: give plan= or calibration=/share=, not both")
         if self.calibration is not None:
-            # checked here, not after the model has loaded (calibrate._ids reads it then)
-            import torch
+            # checked here, not only after the model has loaded, where the calibration run reads it
+            from ..calibrate import _ids
 
-            try:
-                ids = torch.as_tensor(self.calibration)
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError(f"calibration: expected token ids [B, n] or [n], got "
-                                f"{type(self.calibration).__name__}") from None
-            if ids.ndim not in (1, 2) or ids.shape[-1] < 1 or ids.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"calibration: expected token ids [B, n] or [n], got shape {tuple(ids.shape)} and "
-                                 f"dtype {ids.dtype}")
+            _ids(self.calibration, "cpu")
         if self.sparse is not None or self.depth is not None:
             raise ValueError("KVSharer does not compose with sparse readers or MiniCache")
 

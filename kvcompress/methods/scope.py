@@ -121,13 +121,11 @@ class SCOPE(Method):
             self.budget, self.ratio = self.prefill.budget, self.prefill.ratio
         if self.strategy == "discontinuous":
             self._check_int("every", self.every, 1)
-            if self.interval is None:
-                self.interval = self.every
-            elif self.interval != self.every:
+            if self.interval is not None and self.interval != self.every:
                 raise ValueError(f"interval: strategy='discontinuous' re-selects every `every` steps "
                                  f"(every={self.every}); got interval={self.interval}: change every instead")
-        elif self.interval is None:
-            self.interval = 1
+        if self.interval is None:
+            self.interval = self._default_interval()
         super().__post_init__()
 
     def _check_fields(self) -> None:
@@ -236,6 +234,7 @@ class SCOPE(Method):
                                kv_start=view.kv_start)
 
     def _default_interval(self) -> int:
+        # the interval __post_init__ fills in, and describe() leaves out
         return self.every if self.strategy == "discontinuous" else 1
 
     def describe(self) -> str:

@@ -286,7 +286,7 @@ class RaggedPackedStore(PackedStore):
         # evictor that keeps its budget a round comes every `interval` slots, long before a
         # small budget's residual fills, and PackedStore.append grows the buffer as tokens come
         # (it held 128 + G slots per head for 3 kept ones at ratio 0.99)
-        cap = s + max(r, rr) + min(max(residual - r - rr, 0) + G, G, packed_store.RESIDUAL_ROOM)
+        cap = s + max(r, rr) + min(G, packed_store.RESIDUAL_ROOM)
         new._rk = store.k.new_empty((B, H, cap, D))
         new._rv = store.v.new_empty((B, H, cap, D))
         if columns:
