@@ -114,6 +114,17 @@ def padding_of_chunk(padding_mask, q: int, batch: int, first: bool) -> torch.Ten
     chunk = padding_mask[:, -q:].to(torch.bool)
     if not first:
         if not bool(chunk.all()):
+            whole = padding_mask.to(torch.bool)
+            lead = (~whole).to(torch.int64).cumprod(dim=1).sum(dim=1)  # each row's leading padding
+            left = torch.arange(whole.shape[1], device=whole.device)[None, :] >= lead[:, None]
+            if torch.equal(whole, left):
+                # left padding that outlasts the first chunk (generate(prefill_chunk_size=) below it)
+                seen_before = int(padding_mask.shape[1]) - q
+                raise ValueError(
+                    f"attention_mask: a row's left padding ({int(lead.max())} tokens) runs past the first "
+                    f"chunk the cache took ({seen_before if seen_before else q} tokens); the cache needs each "
+                    f"row's padding inside its first chunk: prefill in one chunk, or with "
+                    f"generate(prefill_chunk_size=) at least the longest padding")
             raise ValueError(
                 "attention_mask: a continuation chunk must not contain padding "
                 "(pad only the first prompt, on the left)"
@@ -217,6 +228,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self.decode_steps = 0
         self.head_budgets: torch.Tensor | None = None
         self._share: torch.Tensor | None = None  # [B, H] float64 head shares (host)
+        self._budgets_host: torch.Tensor | None = None  # host copy of head_budgets, flat
         # latest queries in a ring: [B, Hq, held, D], next write slot, filled
         self._qbuf: torch.Tensor | None = None
         self._qpos = 0
@@ -241,6 +253,11 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         # step still has to bring the heads down to the real targets
         self._inflate: float | None = None
         self._room_pending = False
+        #: lookahead_room rows that fit their room at the prompt and wait whole while another
+        #: row's compression made the layer per-head: b -> (its held queries [1, Hq, w, D], its
+        #: lookahead statistic over its own slots [S, n_b] or None), compressed as alone at the
+        #: first decode step (_leave_room)
+        self._room_whole: dict | None = None
         # a packed layer that still re-selects while decoding (_repacks): the
         # queries of the calls since its last re-compression, [B, Hq, q, D]
         # each (its re-selection observes them all at once; see _queue)
@@ -326,7 +343,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         return self.store.head_lengths()
 
     def tensors(self) -> list[torch.Tensor]:
-        extra = [t for t in (self.kv_start, self.head_budgets, self._share, self._qbuf, self._waiting,
+        extra = [t for t in (self.kv_start, self.head_budgets, self._share, self._budgets_host, self._qbuf,
+                             self._waiting,
                              self._statistic, self._rot_q, self._clip_q)
                  if t is not None] + list(self._pending)
         extra += list(self.head_state.values())
@@ -664,27 +682,43 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         the room; the first decode step finishes the job (:meth:`_leave_room`)."""
         self._inflate = float(self.method.lookahead_room)
         try:
-            if all(h <= t for h, t in zip(self._held(), self._targets())):
+            fits = [h <= t for h, t in zip(self._held(), self._targets())]
+            if all(fits):
                 return  # the prompt fits in the room: it waits whole, as with lookahead alone
+            starts, waiting, statistic = list(self._start), self._waiting, self._statistic
             self.after_attention(self._waiting, scaling)
         finally:
             self._inflate = None
         self._waiting = self._statistic = None
         self._room_pending = type(self.store) is not UniformStore
+        if self._room_pending and any(fits):
+            # a row that fits its room waits whole, as alone, where its layer stays uniform and its
+            # first decode step compresses it with every held query and the statistic
+            self._room_whole = {b: (waiting[b : b + 1],
+                                    None if statistic is None else statistic[b, :, starts[b]:].clone())
+                                for b, f in enumerate(fits) if f}
 
     def _leave_room(self, queries, scaling: float) -> None:
         """The first decode step after a ``lookahead_room`` compression (or
         after a later turn's chunk, held meanwhile): the step's query joins
         the held ones and every head goes to its share of the row's target,
         with the slots that query reads most forced in."""
+        step = queries
         if self._waiting is not None:
             queries = torch.cat([self._waiting, queries], 2)
             self._waiting = None
         self._room_pending = False
         self._hold(queries, self.method.held_queries())
+        whole, self._room_whole = self._room_whole, None
         if self.head_budgets is None:
             return
         self._follow_targets(self._targets())
+        if whole:
+            self._compress_whole_rows(step, scaling, sorted(whole), room=whole)
+            others = [b not in whole for b in range(self.store.batch)]
+            if any(others):
+                self._recompress_heads(scaling, local=True, rows=others)
+            return
         self._recompress_heads(scaling, local=True)
 
     def after_attention(self, queries, scaling: float) -> None:
@@ -718,6 +752,7 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
                     self._compress(queries, scaling)  # a demoting quantizer packs here (_demote)
                 if not isinstance(self.store, PackedStore):
                     self._to_packed(method.packing, queries, scaling)
+                self._drop_covered_ring()  # no row holds more than its target now
             elif self._rebudget:
                 self._queue(queries)
                 if self._over_budget():
@@ -1050,6 +1085,27 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             self._fresh += q
         if keep is not None and len(self._pending) > keep:
             del self._pending[: len(self._pending) - keep]  # each call holds at least one query
+        if keep is not None and self._qbuf is not None and sum(int(p.shape[2]) for p in self._pending) >= keep:
+            # the next round holds its queries from these alone (_hold overwrites every held row)
+            # and nothing reads the ring before it: holding both kept the queries twice
+            self._qbuf = None
+
+    def _drop_covered_ring(self) -> None:
+        """A packed layer that keeps its budget, with every row at its
+        target (after its first pack or a round of every row), gives back its
+        ring of held queries: each row's next round is ``interval`` or more
+        queries away, all of them pending by then (:meth:`_queue` keeps the
+        last ``held_queries()`` calls), and that round holds its queries
+        from those alone. (Kept, the ring held them a second time.) The ring
+        stays where a method holds more queries than its interval, or a row
+        is still whole: its target is its tokens until the budget falls
+        below them, and then drops at once (PyramidKV's deep layers), so its
+        first round may come after fewer queries."""
+        keep = None if self.method.slot_state else self.method.held_queries()
+        if not (self._rebudget and keep and keep <= self.method.interval):
+            return
+        if all(t < self.seen - p for t, p in zip(self._targets(), self._pad)):
+            self._qbuf = None
 
     def _repack_round(self, scaling: float, queries=None) -> None:
         """Re-compress a packed layer to its targets: its slots in full
@@ -1106,6 +1162,8 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         self._round_rows = None
         self._compress(pending, scaling)
         self._round_observe = None  # (taken by _compress's _observe)
+        if self._round_rows is None or all(self._round_rows):
+            self._drop_covered_ring()
         if was is not None and type(self.store) is RaggedStore:
             now, H = self.store.head_lengths(), self.store.heads
             self._kept_whole = [w and now[b * H : (b + 1) * H] == before[b * H : (b + 1) * H]
@@ -1204,11 +1262,29 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
             # per-head layers keep each head's share; a prefill chunk
             # (multi-turn) re-compresses at once, decoding every interval
             if self.head_budgets is None:
+                # compressed once (no interval): a row kept whole is still compressed the first
+                # time by a later chunk, as its uniform layer alone is
+                if phase == "prefill" and queries is not None and self._kept_whole is not None:
+                    H, held, targets = self.store.heads, self.store.head_lengths(), self._targets()
+                    firsts = [b for b, w in enumerate(self._kept_whole) if w and held[b * H] > targets[b]]
+                    if firsts:
+                        self._compress_whole_rows(queries, scaling, firsts)
                 return
             self._refresh_budgets()
             over = self._rows_over(method.interval if phase == "decode" else 1)
+            due = list(over)
+            if phase == "prefill" and queries is not None and self._kept_whole is not None:
+                # a later chunk (a second turn) takes a row kept whole over its target for the
+                # first time: alone its layer is still uniform and compresses it with the chunk's
+                # queries, as a prompt; the rows compressed before re-compress head by head
+                firsts = [b for b, o in enumerate(over) if o and self._kept_whole[b]]
+                if firsts:
+                    self._compress_whole_rows(queries, scaling, firsts)
+                    over = [o and b not in firsts for b, o in enumerate(over)]
             if any(over):
                 self._recompress_heads(scaling, rows=over)
+            if any(due):
+                self._round_rows = due  # every row compressed now (a packed layer's round adopts the others)
             return
         if phase == "decode" and not method.interval:
             return
@@ -1619,6 +1695,63 @@ class CompressedLayer(PackingChoices, CacheLayerMixin):
         return RaggedStore.from_dense(take(keys), take(values), pos[:, None].gather(2, pick).reshape(B, H, k),
                                       valid, slack=method.interval), state
 
+    def _compress_whole_rows(self, queries, scaling: float, rows: list[int], room: dict | None = None) -> None:
+        """Rows ``rows`` of a per-head layer, each kept whole so far (every
+        head holds its real tokens), compressed by a later prefill chunk as
+        each row's layer alone, still uniform, compresses it: one uniform
+        view of the row's heads with the chunk's ``queries`` ``[B, Hq, q,
+        D]`` (phase "prefill"), the method's ``select`` (per-head counts
+        for a headwise method) or ``compact`` (merging) at the row's target;
+        each head then keeps its share of that target, as after a first
+        compression at the prompt. ``room`` (``lookahead_room``'s first
+        decode step, ``queries`` the step's): per row its held prompt
+        queries and lookahead statistic (:attr:`_room_whole`); the step's
+        query folds into the statistic and joins the held ones, as alone."""
+        store, method = self.store, self.method
+        B, H = store.batch, store.heads
+        keys, values, pos, counts, carried, start = store.to_padded()
+        M = int(keys.shape[2])
+        targets = self._targets()
+        tokens = self._tokens(pos.view(B, H, M))
+        parts = {}
+        for b in rows:
+            heads = slice(b * H, (b + 1) * H)
+            k, v = keys[heads, 0][None], values[heads, 0][None]  # [1, H, M, D]
+            p = pos[heads][None]
+            kv_start = start[b * H : b * H + 1]  # whole: every head the same length
+            row_q, statistic = queries[b : b + 1], self._statistic
+            if room is not None:
+                held, stat = room[b]
+                if stat is not None:
+                    # the row's statistic over its slots, right-aligned as they are, before this step's
+                    prev = stat.new_zeros((1, int(stat.shape[0]), M))
+                    prev[0, :, M - 1 - int(stat.shape[1]) : M - 1] = stat
+                    fold = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
+                                     queries=row_q, keys=k, values=v, kv_start=kv_start, scaling=scaling, state={},
+                                     phase="prefill", steps=0, head_state={})
+                    statistic = method.lookahead_statistic(fold, prev)
+                row_q = torch.cat([held, row_q], 2)
+            view = LayerView(layer_idx=self.layer_idx, num_layers=self.num_layers or (self.layer_idx + 1),
+                             queries=row_q, keys=k, values=v, kv_start=kv_start, scaling=scaling,
+                             state={}, phase="prefill", steps=0,
+                             tokens=None if tokens is None else tokens[b : b + 1], head_state={},
+                             statistic=statistic)
+            if method.merges:
+                centers, merged, scores = method.compact(view, int(targets[b]))
+                C = int(centers.shape[2])
+                parts[b] = RaggedStore.from_dense(
+                    merged.keys.reshape(1, H, C, -1), merged.values.reshape(1, H, C, -1),
+                    p.gather(2, centers.clamp_min(0)), centers >= 0, counts=merged.counts.float().reshape(1, H, C),
+                    scores=scores.float().reshape(1, H, C) if method.interval else None, slack=method.interval)
+            else:
+                idx = method.select(view, int(targets[b]))  # [1, H, k], -1 padded
+                parts[b] = RaggedStore.from_selection(k, v, p, idx, kv_start)
+                self._keep_head_state(view.head_state, torch.tensor([b]), B, H)
+        self.store = pick_rows_of([(parts[b], 0) if b in parts else (store, b) for b in range(B)])
+        if self.head_budgets is not None:  # (none without decode-time compression)
+            self._first_shares(rows, targets)
+        self._kept_whole = [w and b not in parts for b, w in enumerate(self._kept_whole)]
+
     def _first_compressions(self, rows: list[bool] | None) -> list[int]:
         """The rows re-compressed now over their targets (``rows``; None, a
         ``lookahead_room`` step that brings every head to its share: none) that no
@@ -1957,9 +2090,13 @@ class KVCache(RecurrentStates, Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         repeats = check_repeats(repeats)
         rows = self._rows()
-        super().batch_repeat_interleave(repeats)
         if rows:
-            self._index_states(torch.arange(rows).repeat_interleave(repeats))
+            # one index for every layer, from the cache's rows: a layer reading
+            # another's store (a MiniCache pair's second layer, a KVSharer
+            # target) would find it already repeated and build a longer one
+            idx = torch.arange(rows).repeat_interleave(repeats)
+            super().batch_select_indices(idx)
+            self._index_states(idx)
 
     def reset(self) -> None:
         super().reset()
@@ -2232,10 +2369,16 @@ class KVCache(RecurrentStates, Cache):
         """Per-layer lengths and bytes, and what transformers' own cache holds."""
         out = CacheStats(method=self.method.describe())
         counted: set[int] = set()  # storages shared by layers (MiniCache pairs) count once, at the first
+        carry = 0  # what a recurrent layer's slot holds (the token log, when layer 0 is recurrent)
         for layer in self.layers:
             if self.holds_state(layer.layer_idx):
+                for t in layer.tensors():
+                    ptr, size = _storage_bytes(t)
+                    if ptr not in counted:
+                        counted.add(ptr)
+                        carry += size
                 continue
-            nbytes = 0
+            nbytes, carry = carry, 0
             for t in layer.tensors():
                 ptr, size = _storage_bytes(t)
                 if ptr not in counted:

@@ -437,13 +437,21 @@ class CompressionSession:
                     f"{name}: assisted (speculative) decoding crops the cache back after every rejected draft, "
                     f"and a compressed cache cannot be cropped (evicted, merged or packed tokens cannot be "
                     f"restored); run it outside compress()")
-        if kwargs.get("cache_implementation") is not None:
-            # transformers would build that cache beside ours and refuse the pair,
-            # naming a `cache` argument the caller never passed
-            raise KVCompressValueError(
-                f"cache_implementation: compress() supplies the cache (a KVCache of {self.method.describe()}); "
-                f"drop cache_implementation={kwargs['cache_implementation']!r}, or run generate() outside the "
-                f"session (kvcompress.KIVI packs the cache in low bits)")
+        # transformers would build a cache of that kind beside ours and refuse
+        # the pair, naming a `cache` argument the caller never passed; it may
+        # come as the keyword, in a generation_config= or in the model's own
+        config = kwargs.get("generation_config")
+        config_name = "generation_config.cache_implementation"
+        if config is None:
+            config, config_name = getattr(self.model, "generation_config", None), \
+                "model.generation_config.cache_implementation"
+        for name, value in (("cache_implementation", kwargs.get("cache_implementation")),
+                            (config_name, getattr(config, "cache_implementation", None))):
+            if value is not None and kwargs.get("use_cache") is not False:
+                raise KVCompressValueError(
+                    f"{name}: compress() supplies the cache (a KVCache of {self.method.describe()}); "
+                    f"drop {name}={value!r} (set it to None), or run generate() outside the session "
+                    f"(kvcompress.KIVI packs the cache in low bits)")
         cache = pop_cache(kwargs)
         if cache is None and kwargs.get("use_cache") is not False:
             cache = self.new_cache()

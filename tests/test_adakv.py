@@ -109,6 +109,8 @@ def test_bytes_held_are_the_per_head_slots(tiny_model):
         expected += n * 2 * D * 4 + n * 4 + 3 * 8 * 2 * cfg.num_key_value_heads + 8 * 2
         expected += 8 * 2 * cfg.num_key_value_heads + 4 * 2 * cfg.num_attention_heads * WINDOW * D
         expected += 8 * 2 * cfg.num_key_value_heads  # each head's float64 share of the decode budget (host)
+        # host mirrors: the per-head budgets (int64) and the store's lengths and capacities (int64 each)
+        expected += 8 * 2 * cfg.num_key_value_heads + 2 * 8 * 2 * cfg.num_key_value_heads
     assert cache.memory_bytes() == expected
     assert sum(t.nbytes for layer in cache.layers for t in layer.tensors()) == expected
 

@@ -573,3 +573,48 @@ def test_a_round_of_some_rows_reads_their_token_ids(tiny_model, monkeypatch):
     assert partial, "no round left a row out"
     for _, tokens, _ in partial:
         assert tokens is not None and bool((tokens >= 0).any())
+
+
+TWO_TURNS = {
+    "adakv": lambda: kvc.AdaKV(budget=36),
+    "ems": lambda: kvc.EMS(budget=36),
+    "kvmerger": lambda: kvc.KVMerger(budget=36),
+    "headkv": lambda: kvc.HeadKV(budget=36),
+    "ems:interval=0": lambda: kvc.EMS(budget=36, interval=0),
+    "adakv:interval=0": lambda: kvc.AdaKV(budget=36, interval=0),
+    "ems+kivi": lambda: kvc.EMS(budget=36) + kvc.KIVI(bits=4, group=8, residual=8),
+    "adakv+kivi": lambda: kvc.AdaKV(budget=36) + kvc.KIVI(bits=4, group=8, residual=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWO_TURNS))
+def test_a_second_turn_compresses_a_row_kept_whole_as_alone(tiny_model, name):
+    """Two turns (the cache passed back with 9 more tokens) on a left-padded
+    batch of a 40-token row, compressed at its prompt, which makes the layer
+    per-head, and a 25-token row that fits the budget until the second turn:
+    that row's first compression, by the second turn's chunk, is the one its
+    layer alone makes (uniform there, with the chunk's queries), so it
+    generates what it generates alone in both turns (it was re-compressed
+    head by head with the held queries, and differed)."""
+    from kvcompress.compat import output_cache
+
+    long_, short = random_ids(40, 41), random_ids(25, 42)
+    extra = torch.stack([random_ids(9, 43), random_ids(9, 44)])
+
+    def turns(rows, more):
+        ids, mask = left_pad(rows)
+        T = int(ids.shape[1])
+        args = dict(max_new_tokens=8, min_new_tokens=8, pad_token_id=0, do_sample=False, return_dict_in_generate=True)
+        with kvc.compress(tiny_model, TWO_TURNS[name]()) as session:
+            one = tiny_model.generate(input_ids=ids, attention_mask=mask, **args)
+            ids2 = torch.cat([one.sequences, more], 1)
+            mask2 = torch.cat([mask, torch.ones(len(rows), int(ids2.shape[1]) - T, dtype=torch.long)], 1)
+            two = tiny_model.generate(input_ids=ids2, attention_mask=mask2, **args,
+                                      **cache_kwargs(tiny_model, output_cache(one)))
+        return one.sequences[:, T:], two.sequences[:, ids2.shape[1]:], session.cache
+
+    batch_one, batch_two, cache = turns([long_, short], extra)
+    alone_one, alone_two, _ = turns([short], extra[1:])
+    # the long row made the layers per-head
+    assert any(layer.store.kind in ("ragged", "ragged-packed") for layer in cache.layers)
+    assert torch.equal(batch_one[1], alone_one[0]) and torch.equal(batch_two[1], alone_two[0]), name

@@ -140,9 +140,11 @@ def test_bytes_held_include_counts(tiny_model, interval):
     rows = BH * (BUDGET + interval)  # each head has `interval` rows of slack for decode appends
     per_slot = 2 * D * 4 + 4 + 4 + (4 if interval else 0)  # K, V, positions, counts, carried scores
     per_layer = rows * per_slot + 3 * 8 * BH + 8 * 2  # ... offsets/lengths/caps, kv_start
+    per_layer += 2 * 8 * BH  # the store's host mirrors of lengths and caps (int64)
     if interval:
         per_layer += 8 * BH + 2 * cfg.num_attention_heads * WINDOW * D * 4  # head budgets, recent queries
         per_layer += 8 * BH  # each head's float64 share of the decode budget (host)
+        per_layer += 8 * BH  # the head budgets' host copy (int64)
     assert cache.memory_bytes() == per_layer * len(cache.layers)
 
 

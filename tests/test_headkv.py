@@ -109,6 +109,26 @@ def test_head_counts_follow_the_papers_allocation(beta, temp):
     assert all(flat.head_counts(li, 40, WINDOW).tolist() == [40, 40] for li in range(3))
 
 
+def test_a_layer_whose_heads_all_score_zero_still_gives_to_the_pool():
+    """Every full-attention layer gives ``floor(base / beta)`` per head to the
+    pool, a layer whose heads all score 0 (layer 0 often does) too: it gets
+    nothing back and the model keeps ``L * H * budget`` up to rounding (the
+    pool used to count only layers with a positive score, and that layer's
+    share went to no one: 143 of 160 slots). A layer the profile could not
+    score (row None) takes no part: each head keeps the budget."""
+    copy = [[0.0] * 4, [0.2, 0.4, 0.1, 0.3], [0.5, 0.1, 0.0, 0.2], [0.3, 0.3, 0.6, 0.1]]
+    m = HeadKV(budget=20, window=4, profile=_profile(copy), beta=2.0)
+    got = np.stack([m.head_counts(li, 20, 4).numpy() for li in range(4)])
+    np.testing.assert_array_equal(got, _counts_by_hand(copy, 2, 20, 4, 2.0, 1.0))
+    assert got[0].tolist() == [12, 12] and abs(int(got.sum()) - 4 * 2 * 20) <= 4
+    unread = [None] + copy[1:]
+    zeros = [None] + [[0.0] * 4] * 3
+    m = HeadKV(budget=20, window=4, profile=HeadProfile(unread, zeros, zeros, [], 2, {}), beta=2.0)
+    got = np.stack([m.head_counts(li, 20, 4).numpy() for li in range(4)])
+    assert got[0].tolist() == [20, 20]
+    np.testing.assert_array_equal(got[1:], _counts_by_hand(copy[1:], 2, 20, 4, 2.0, 1.0))
+
+
 def _snapkv_scores64(q, k, kv_start, kernel):
     hkv, T = k.shape[1], k.shape[2]
     s = group_mean(window_attention64(q[:, :, -WINDOW:], k, kv_start=kv_start), hkv)

@@ -158,6 +158,23 @@ def _layer_state(cache):
             for layer in cache.layers]
 
 
+def test_left_padding_longer_than_the_first_prefill_chunk_is_named(tiny_model):
+    """``generate(prefill_chunk_size=k)`` with a row padded by more than k:
+    the refusal says the padding outlasts the first chunk and names
+    prefill_chunk_size (it used to say the caller had padded wrongly); a
+    chunk at least the padding long gives plain generate()'s tokens."""
+    ids = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5], ids[1, :5] = 0, 0
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with kvc.compress(tiny_model, SnapKV(budget=64, window=4)):
+        with pytest.raises(ValueError, match=r"left padding \(5 tokens\) runs past the first chunk .*"
+                                             r"prefill_chunk_size"):
+            tiny_model.generate(**args, prefill_chunk_size=4)
+        out = tiny_model.generate(**args, prefill_chunk_size=6)
+    assert torch.equal(out, tiny_model.generate(**args))
+
+
 @pytest.mark.parametrize("method", [lambda: kvc.KIVI(bits=2, group=4, residual=4),
                                     lambda: SnapKV(budget=16, window=4)], ids=["KIVI", "SnapKV"])
 @pytest.mark.parametrize("session", [False, True], ids=["enable", "compress"])
@@ -410,6 +427,26 @@ def test_cache_implementation_in_a_session_is_refused_by_name(tiny_model, impl):
         with pytest.raises(kvc.KVCompressValueError, match="cache_implementation"):
             _generate(tiny_model, _prompt(length=20), n=2, cache_implementation=impl)
     assert session.cache is None
+
+
+def test_cache_implementation_in_a_generation_config_is_refused_by_name(tiny_model, monkeypatch):
+    """The same setting in a ``generation_config=`` or on the model's own
+    generation config is named as such (transformers' refusal named a
+    `cache` argument the caller never passed); with ``use_cache=False`` no
+    cache is made and it is no conflict."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(cache_implementation="static", max_new_tokens=2, do_sample=False, pad_token_id=0)
+    ids = _prompt(length=20)
+    with kvc.compress(tiny_model, SnapKV(budget=8, window=8)):
+        with pytest.raises(kvc.KVCompressValueError, match=r"^generation_config\.cache_implementation"):
+            tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+        monkeypatch.setattr(tiny_model.generation_config, "cache_implementation", "static")
+        with pytest.raises(kvc.KVCompressValueError, match=r"^model\.generation_config\.cache_implementation"):
+            _generate(tiny_model, ids, n=2)
+        out = tiny_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2,
+                                  do_sample=False, pad_token_id=0, use_cache=False)
+        assert out.shape == (1, 22)
 
 
 @pytest.mark.parametrize("name", ["assistant_model", "prompt_lookup_num_tokens"])

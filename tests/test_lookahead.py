@@ -234,6 +234,28 @@ def test_a_prompt_that_fits_the_room_waits_whole_as_with_lookahead_alone(tiny_mo
     assert torch.equal(room, whole)
 
 
+@pytest.mark.parametrize("seeds", [(13, 53), (23, 24)])
+def test_a_row_that_fits_its_room_beside_one_that_does_not_matches_single_rows(tiny_model, seeds):
+    """Ratio 0.5 and a room of 2: the 96-token row fits its room (96) and
+    waits whole, the 75-token one (room 74) is compressed into its room at
+    the prompt and makes the layers per-head. The waiting row is then
+    compressed at the first decode step as alone, with every held query and
+    the lookahead statistic (it was re-merged head by head with the step's
+    query alone, and its merged keys differed), so both rows generate what
+    they generate alone."""
+    method = kvc.EMS(ratio=0.5, lookahead=True, lookahead_room=2)
+    a, b = _ids(PROMPT, seed=seeds[0]), _ids(75, seed=seeds[1])
+    ids = torch.zeros(2, PROMPT, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    ids[0], mask[0] = a[0], 1
+    ids[1, PROMPT - 75 :], mask[1, PROMPT - 75 :] = b[0], 1
+    both, cache = _generate(tiny_model, method, ids, mask=mask)
+    assert all(layer.ragged is not None and getattr(layer, "_room_whole", None) is None for layer in cache.layers)
+    for row, single in ((0, a), (1, b)):
+        alone, _ = _generate(tiny_model, method, single)
+        assert torch.equal(both[row], alone[0]), row
+
+
 def test_room_second_turn(tiny_model):
     # a later turn's chunk waits on the per-head layer and the next decode
     # step re-compresses it with that step's query

@@ -87,6 +87,8 @@ def test_ratio_targets_and_budget_targets():
     # PyramidKV: nothing is compressed while the mean budget covers the tokens
     assert PyramidKV(budget=48).row_target(29, 30, 18) == 18
     assert PyramidKV(budget=48).row_target(29, 30, 140) == round(48 / 20)
+    # a shallow layer's share above the row's tokens (58 of 40) keeps the 40 it has, not more
+    assert [PyramidKV(budget=30, window=4).row_target(li, 4, 40) for li in range(4)] == [40, 40, 20, 2]
 
 
 @pytest.mark.parametrize("make, numbers", [

@@ -752,3 +752,28 @@ def test_attention_in_place_refuses_bad_arguments():
         ops.minicache_attention(q, x, x, n, n, s, 2)
     # every row padding: zeros, not NaN
     assert not ops.minicache_attention(q, x, x, n, n, s * 0 - 1, 0).any()
+
+
+@pytest.mark.parametrize("make", [lambda: kvc.MiniCache(), lambda: kvc.KVSharer(plan="3>1")],
+                         ids=["minicache", "kvsharer"])
+def test_batch_repeat_interleave_repeats_layers_that_share_a_store(tiny_model, make):
+    """``batch_repeat_interleave`` (the Cache API's expansion of a batch) on a
+    cache whose layers share a store: every layer gets the same rows, and
+    a decode step then equals the un-repeated cache's, row for row (a layer
+    reading another's store built its index from the already repeated store:
+    an IndexError that left the cache half repeated)."""
+    ids = torch.randint(3, 512, (2, 20), generator=torch.Generator().manual_seed(1))
+    nxt = torch.randint(3, 512, (2, 1), generator=torch.Generator().manual_seed(2))
+    with kvc.compress(tiny_model, make()) as session:
+        caches = [session.new_cache(), session.new_cache()]
+        with torch.no_grad():
+            for cache in caches:
+                tiny_model(ids, **cache_kwargs(tiny_model, cache))
+            caches[1].batch_repeat_interleave(2)
+            assert caches[1].batch_size == 4
+            assert all(layer.kv_start is None or layer.kv_start.shape[0] == 4 for layer in caches[1].layers)
+            mask = torch.ones(2, 21, dtype=torch.long)
+            ref = tiny_model(nxt, attention_mask=mask, **cache_kwargs(tiny_model, caches[0])).logits
+            rep = tiny_model(nxt.repeat_interleave(2, 0), attention_mask=mask.repeat_interleave(2, 0),
+                             **cache_kwargs(tiny_model, caches[1])).logits
+    torch.testing.assert_close(rep, ref.repeat_interleave(2, 0), rtol=1e-5, atol=1e-5)

@@ -530,8 +530,15 @@ def test_sparse_step_equals_attention_over_the_pages_it_chose():
     kv_start = torch.tensor([0, 21])
     out = s.attend(q, AttentionSpec(scaling=32 ** -0.5), kv_start=kv_start)
     assert s.last_pages is not None and s.last_pages.shape == (2, 2, 4)
-    ref = paged_attention_ref(q, s.keys, s.values, s.last_pages, 16, kv_start)
-    assert (out.double() - ref).abs().max() < 1e-5
+    # the padded row's pages are cut from its first real slot (its own grid), as alone
+    for b, start in enumerate((0, 21)):
+        ref = paged_attention_ref(q[b : b + 1], s.keys[b : b + 1, :, start:], s.values[b : b + 1, :, start:],
+                                  s.last_pages[b : b + 1], 16)
+        assert (out[b : b + 1].double() - ref).abs().max() < 1e-5
+        alone = _store(P=16, budget=64)
+        alone.append(s.keys[b : b + 1, :, start:].clone(), s.values[b : b + 1, :, start:].clone(), 0)
+        assert torch.equal(alone.attend(q[b : b + 1], AttentionSpec(scaling=32 ** -0.5)), out[b : b + 1])
+        assert torch.equal(alone.last_pages, s.last_pages[b : b + 1])
     # a budget covering the layer reads everything, through the dense path
     s.token_budget = 208
     dense = s.attend(q, AttentionSpec(scaling=32 ** -0.5), kv_start=kv_start)
@@ -611,7 +618,8 @@ def test_small_budget_reads_pages_in_the_sparse_layers_only(tiny_model):
     # every decode step but the first (which may still fit) read 4 pages per head
     store = cache.layers[2].store
     assert store.sparse_steps >= 9 and store.last_pages.shape == (2, 2, 4)
-    assert store.last_pages[1, :, 0].tolist() == [45 // 16] * 2  # the first real page of the padded row
+    # the padded row's pages are cut from its first real token: its page 0 (the sinks) is always read
+    assert store.last_pages[1, :, 0].tolist() == [0, 0] and store._row_mode
     # nothing was evicted: every token is held
     assert all(layer.store.n == 269 for layer in cache.layers)
 

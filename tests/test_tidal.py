@@ -63,8 +63,9 @@ def test_selection_is_the_top_of_the_selection_layers_attention_and_the_next_lay
     kv_start = torch.tensor([0, 23])
     dense = sel.attend(q1, spec, kv_start=kv_start)
     assert torch.equal(dense, kvc.ops.attention(q1, sel.keys, sel.values, scaling=0.25, kv_start=kv_start))
-    newest, batch, chosen, positions = shared["tidal"]
-    assert (newest, batch, tuple(chosen.shape)) == (149, 2, (2, 2, 32))
+    newest, batch, chosen, positions, rows = shared["tidal"]
+    # the padded row selects over its own real slots (as alone), its count too
+    assert (newest, batch, tuple(chosen.shape), rows) == (149, 2, (2, 2, 32), (True, True))
     assert torch.equal(positions.long(), chosen)  # nothing evicted: slot j holds position j
     scores = window_scores_ref(q1, sel.keys, scaling=0.25, gqa="max", kv_start=kv_start)
     for b in range(2):
@@ -124,7 +125,7 @@ def test_after_an_eviction_a_sparse_layer_reads_the_selected_positions_it_holds(
     sparse.keep(keep.contiguous())
     spec = AttentionSpec(scaling=0.25)
     sel.attend(q1, spec, kv_start=kv_start)
-    _, _, chosen, positions = shared["tidal"]
+    _, _, chosen, positions, _ = shared["tidal"]
     out = sparse.attend(q2, spec, kv_start=kv_start)
     held = sparse.column("positions")
     ref_slots = _evicted_reference(positions, held, 32, kv_start)
@@ -213,3 +214,21 @@ def test_reset_then_reuse_is_a_fresh_cache(tiny_model):
     assert torch.equal(torch.stack(fresh.logits), torch.stack(again.logits))
     # and the sparse reads are real: a token budget of 16 of 90 changes the logits
     assert (torch.stack(fresh.logits) - torch.stack(dense.logits)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["same-length", "padded"])
+def test_the_published_selection_counts_in_the_cache_bytes(tiny_model, padded):
+    """The selection a selection layer publishes for the sparse layers is
+    held memory: ``memory_bytes`` counts it once (it used to count none)."""
+    ids, mask = _quest_batch(9)
+    if not padded:
+        ids, mask = ids[:1, -200:], mask[:1, -200:]
+    method = TidalDecode(token_budget=48, selection_layers=(1,))
+    cache = KVCache(method, num_layers=4)
+    _generate(tiny_model, ids, mask, method, cache)
+    sel = cache.shared["tidal"]
+    held = cache.memory_bytes()
+    expected = sel.slots.untyped_storage().nbytes() + sel.positions.untyped_storage().nbytes()
+    assert expected > 0 and (sel.rows is not None) == padded
+    cache.shared.pop("tidal")
+    assert held - cache.memory_bytes() == expected

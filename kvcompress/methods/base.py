@@ -568,7 +568,8 @@ class Method:
             mean = float(int(seen * (1.0 - float(self.ratio))))
         if mean >= seen:
             return seen
-        return max(1, int(round(self.layer_budget(layer_idx, num_layers, mean))))
+        # a per-layer share above the row's tokens (PyramidKV's shallow layers) keeps them all
+        return min(seen, max(1, int(round(self.layer_budget(layer_idx, num_layers, mean)))))
 
     def phase_target(self, layer_idx: int, num_layers: int, prompt: int, decoded: int) -> int:
         """Slots a batch row keeps once it has seen ``prompt`` real tokens up

@@ -67,7 +67,11 @@ class HeadKV(SnapKV):
       budgets 64 and 128, beta 1.01 / 1.25 / 2 / 5): 2 has the lowest KL at
       128 on both (paired against 1.25: -0.065 and -0.051 nats, intervals
       below 0) and is tied-lowest at 64 (benchmarks/RESULTS.md);
-      sliding-window layers take no part (they keep their window);
+      sliding-window layers take no part (they keep their window), nor do
+      layers the profile could not score (each head keeps the budget);
+      every other layer pools, a layer whose heads all score 0 included
+      (it gets nothing back), so the model holds ``L * H * budget`` up to
+      rounding;
     * the ``budget`` (or ``ratio``'s kept count) is the mean per head; the
       pool is spread over the layers' heads in proportion to ``p_h``, so a
       layer can hold more or less than the budget (``across_layers``); a
@@ -116,10 +120,10 @@ class HeadKV(SnapKV):
 
     def shares(self) -> torch.Tensor:
         """float64 ``[L, Hkv]``: each head's share ``p_h`` of the pool (sums
-        to 1 over the heads of full-attention layers)."""
+        to 1 over the heads of the pooled layers, :meth:`_pooled_layers`)."""
         s = self.profile.kv_scores("copy")
-        full = torch.ones(s.shape[0], dtype=torch.bool)
-        full[list(self.profile.sliding)] = False
+        full = torch.zeros(s.shape[0], dtype=torch.bool)
+        full[sorted(self._pooled_layers(s.shape[0]))] = True
         p = s.clamp_min(0) ** float(self.temp)
         p[~full] = 0
         total = p.sum()
@@ -127,6 +131,13 @@ class HeadKV(SnapKV):
             p = full[:, None].double().expand_as(p).clone()
             total = p.sum()
         return p / total
+
+    def _pooled_layers(self, L: int) -> set:
+        """Layers whose heads share the pool: full-attention layers with copy
+        scores (a sliding layer keeps its window, and a layer whose attention
+        the profile could not read has no score to share by)."""
+        rows, sliding = self.profile.copy, set(self.profile.sliding)
+        return {i for i in range(L) if i not in sliding and rows[i] is not None}
 
     def head_counts(self, layer_idx: int, keep: int, window: int) -> torch.Tensor:
         """int64 ``[Hkv]`` slots per head of layer ``layer_idx`` for a mean of
@@ -137,7 +148,16 @@ class HeadKV(SnapKV):
         p = self.shares()
         if layer_idx >= p.shape[0]:
             raise ValueError(f"profile: has {p.shape[0]} layers, asked for layer {layer_idx}")
-        L_full = int((p.sum(1) > 0).sum()) or 1
+        # every scored full-attention layer's heads give to the pool, whatever
+        # their scores: a layer whose heads all score 0 (as layer 0 often
+        # does) gives its share and gets back nothing, so the model's total
+        # stays L * H * keep up to rounding (counting only layers with a
+        # positive score lost that share); a layer the profile could not
+        # score takes no part and keeps `keep` per head
+        pooled_layers = self._pooled_layers(p.shape[0])
+        if layer_idx not in pooled_layers:
+            return torch.full((p.shape[1],), max(keep, window), dtype=torch.int64)
+        L_full = len(pooled_layers)
         base = max(0, keep - window)
         pooled = math.floor(base / float(self.beta))
         total = pooled * L_full * p.shape[1]

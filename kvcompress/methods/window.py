@@ -124,7 +124,12 @@ class PyramidKV(SnapKV):
 
     With mean budget B (``budget``, or the ratio's kept count), layer l of L
     keeps ``max - (max - min) * l / (L - 1)`` slots, ``min = B / beta`` and
-    ``max = 2B - min``, so the total over layers equals ``L * B``.
+    ``max = 2B - min``, so the total over layers equals ``L * B`` where every
+    layer's share fits the row's tokens. A shallow layer whose share is more
+    than the row holds (B = 30 over a 40-token prompt gives layer 0 of 4 a
+    share of 58) keeps every token, and the surplus is not handed to deeper
+    layers: the row then holds less than ``L * B`` (the paper's formula does
+    not say what such a layer does).
 
     The schedule covers the whole budget, window included, so a deep layer
     whose share is below ``window`` keeps only its newest share of the

@@ -87,7 +87,8 @@ class LSHStore(UniformStore):
         return self._codes[:, :, self.lo : self.lo + self.n]
 
     def tensors(self) -> list:
-        return super().tensors() + [t for t in (self._codes, self.planes, self.center) if t is not None]
+        return super().tensors() + [t for t in (self._codes, self.planes, self.center, self._read, self._offered)
+                                    if t is not None]
 
     def _realloc(self, cap: int) -> None:
         lo, n = self.lo, self.n
@@ -216,7 +217,8 @@ class RaggedLSHStore(RaggedStore):
         return int(self._read), int(self._offered)
 
     def tensors(self) -> list:
-        return super().tensors() + [t for t in (self.planes, self.center) if t is not None]
+        return super().tensors() + [t for t in (self.planes, self.center, self._read, self._offered)
+                                    if t is not None]
 
     def append(self, keys, values, first_position: int) -> None:
         super().append(keys, values, first_position)

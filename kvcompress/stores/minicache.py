@@ -74,8 +74,8 @@ class MergedPair:
     n : list
         Slots of each layer's view (the slots it held when merged).
     retained : torch.Tensor
-        Host int64 ``[B, H]``: tokens retained by distance (not counted in the
-        bytes: bookkeeping of the merge).
+        Host int64 ``[B, H]``: tokens retained by distance (bookkeeping of
+        the merge, counted in the bytes as everything held is).
     """
 
     def __init__(self, dir_k, dir_v, norms_k, norms_v, slots, whole, n, retained, starts=None, counts=None):
@@ -213,7 +213,7 @@ class MergedPair:
             self._extra()
 
     def _extra(self) -> list:
-        out = list(self.starts or [])
+        out = list(self.starts or []) + ([self.retained] if isinstance(self.retained, torch.Tensor) else [])
         if self.counts is not None:
             out += [self.counts[0], *self.counts[1]]
         return out

@@ -354,7 +354,12 @@ class PackedStore(LayerStore):
 
     @property
     def capacity(self) -> int:
-        return self.n
+        """Slots per head the buffers hold room for: packed rows (low and
+        high bits) and full-precision rows (sinks and residual), as
+        ``LayerStats.capacity`` reports allocated slots."""
+        rows = sum(int(t.shape[2]) for t in (self._kc, self._hi[0] if self._hi else None, self._rk)
+                   if t is not None)
+        return max(self.n, rows)
 
     def tensors(self) -> list:
         rows = [c[1] for c in self._choices or () if c is not None]  # each row's feedback triangle

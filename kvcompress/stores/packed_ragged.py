@@ -544,7 +544,10 @@ class RaggedPackedStore(PackedStore):
 
     @property
     def capacity(self) -> int:
-        return self.max_length()
+        """Slots the longest head has room for: its packed rows' allocation
+        and the full-precision rows (sink block and residual)."""
+        packed = int(self._host_caps.max()) if self._host_caps is not None and self._host_caps.numel() else 0
+        return max(self.max_length(), packed + (int(self._rk.shape[2]) if self._rk is not None else 0))
 
     def tensors(self) -> list:
         return [t for t in (self._kc, self._kmin, self._ksc, self._vc, self._vmin, self._vsc, self.counts_bias,

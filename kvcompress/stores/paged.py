@@ -15,6 +15,12 @@ and the newest page always read (``ops.select_topk``), and attends over just
 those pages by index (``ops.attention_pages``): nothing is copied. Prefill
 chunks, short layers and attention options the kernel lacks (softcap,
 sinks, sliding windows) read everything, as :class:`UniformStore` does.
+
+A batch whose rows hold leading padding (left-padded prompts, or an
+evictor's filler in front of a row that kept fewer slots) reads row by row,
+as each row's layer alone reads: its pages cut from its first real slot,
+with their own bounds, and its own read count. One grid and count for the
+batch would make a padded row read fewer slots, or other pages, than alone.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from .. import ops
 from .base import AttentionSpec
 from .ragged import RaggedStore
-from .uniform import UniformStore, read_count, sparse_step
+from .uniform import UniformStore, dense_row, front_padded, padded_starts, read_count, sparse_step
 
 
 class PagedStore(UniformStore):
@@ -43,7 +49,10 @@ class PagedStore(UniformStore):
         ``[B, H, pages, D]`` float32 views of the bounds of the live pages.
     last_pages : torch.Tensor or None
         ``[B, H, k]`` int64 pages the last sparse step read (None after a
-        dense step): for inspection and tests.
+        dense step): for inspection and tests. In a batch whose rows hold
+        leading padding the pages of each row's own grid (cut from its first
+        real slot), ``-1`` in front where a row read fewer, all ``-1`` where
+        it read every slot.
     """
 
     kind = "paged"
@@ -59,6 +68,9 @@ class PagedStore(UniformStore):
         self._bounds_lo = 0  # the `lo` those bounds were computed at
         self.last_pages: torch.Tensor | None = None
         self.sparse_steps = 0
+        self._rows: dict = {}  # padded rows: b -> (validity key, kmin, kmax, slots bounded)
+        self._moves = 0  # bumped whenever slots move in place of being appended (keep, index_batch)
+        self._row_mode = False  # padded rows seen: bounds per row (_rows), none for the batch
 
     @classmethod
     def from_uniform(cls, store: UniformStore, page: int, token_budget: int, gqa: str = "max") -> "PagedStore":
@@ -87,7 +99,8 @@ class PagedStore(UniformStore):
         return self._kmax[:, :, : self.num_pages]
 
     def tensors(self) -> list:
-        return super().tensors() + [t for t in (self._kmin, self._kmax) if t is not None]
+        rows = [t for entry in self._rows.values() for t in entry[1:3] if t is not None]
+        return super().tensors() + [t for t in (self._kmin, self._kmax, self.last_pages) if t is not None] + rows
 
     # -------------------------------------------------------------- bounds
     def _bound_rows(self, pages: int) -> None:
@@ -107,7 +120,7 @@ class PagedStore(UniformStore):
     def _sync_bounds(self) -> None:
         """Bring the bounds up to the live slots: the pages from the first
         one not known to be complete, or all of them when the slots moved."""
-        if self._k is None or self.n == 0:
+        if self._k is None or self.n == 0 or self._row_mode:
             self._bounded = 0
             return
         if self._bounds_lo != self.lo or self._bounded > self.n:
@@ -128,6 +141,8 @@ class PagedStore(UniformStore):
 
     def keep(self, indices) -> None:
         super().keep(indices)
+        self._moves += 1
+        self._rows = {}
         self._bounded = 0
         self._sync_bounds()
 
@@ -141,10 +156,69 @@ class PagedStore(UniformStore):
 
     def index_batch(self, idx) -> None:
         super().index_batch(idx)
+        self._moves += 1
+        self._rows = {}
         if self._kmin is not None:
             idx = idx.to(self._kmin.device)
             self._kmin = self._kmin.index_select(0, idx)
             self._kmax = self._kmax.index_select(0, idx)
+
+    # ---------------------------------------------------- padded rows
+    def _row_bounds(self, b: int, start: int):
+        """``[1, H, pages, D]`` bounds of row ``b``'s pages cut from its first
+        real slot ``start``, as the row's layer alone cuts them; kept per row
+        and brought up to date from the first page not known to be complete
+        (recomputed whole when the row's slots moved)."""
+        keys = self.keys[b : b + 1, :, start:]
+        n, P = int(keys.shape[2]), self.page
+        pages = -(-n // P)
+        entry = self._rows.get(b)
+        if entry is None or entry[0] != (self.lo, start, self._moves) or entry[3] > n:
+            entry = ((self.lo, start, self._moves), None, None, 0)
+        key, kmin, kmax, bounded = entry
+        if kmin is None or int(kmin.shape[2]) < pages:
+            cap = max(pages, 4 if kmin is None else int(kmin.shape[2]) * 3 // 2)
+            grown = torch.empty((1, self.heads, cap, int(keys.shape[3])), dtype=torch.float32, device=keys.device)
+            grown_max = torch.empty_like(grown)
+            if kmin is not None and bounded:
+                have = -(-bounded // P)
+                grown[:, :, :have], grown_max[:, :, :have] = kmin[:, :, :have], kmax[:, :, :have]
+            kmin, kmax = grown, grown_max
+        first = bounded // P
+        if first < pages:
+            ops.page_bounds(keys, kmin, kmax, P, first, pages)
+        self._rows[b] = (key, kmin, kmax, n)
+        return kmin[:, :, :pages], kmax[:, :, :pages]
+
+    def _attend_rows(self, query, spec: AttentionSpec, starts: list[int]):
+        """A decode step of a batch whose rows hold leading padding: each row
+        reads what its layer alone reads, pages cut from its first real slot
+        and its own read count (one count and slot-0 pages for the whole
+        batch would make a padded row read fewer slots, or other pages, than
+        alone)."""
+        outs, read = [], []
+        P = self.page
+        for b, start in enumerate(starts):
+            q = query[b : b + 1]
+            keys, values = self.keys[b : b + 1, :, start:], self.values[b : b + 1, :, start:]
+            n = int(keys.shape[2])
+            pages = None
+            if n > self.token_budget:
+                total = -(-n // P)
+                k = read_count(max(2, self.token_budget // P), total)
+                if k is not None:
+                    kmin, kmax = self._row_bounds(b, start)
+                    scores = ops.page_scores(q[:, :, -1], kmin, kmax, total, P, gqa=self.gqa)
+                    pages = ops.select_topk(scores, k, sinks=1, window=1)
+            if pages is None:
+                outs.append(dense_row(q, keys, values, spec))
+            else:
+                outs.append(ops.attention_pages(q, keys, values, pages.contiguous(), P, scaling=spec.scaling))
+            read.append(pages)
+        if any(r is not None for r in read):
+            self.sparse_steps += 1
+            self.last_pages = front_padded(read, self.heads, query.device)  # pages of each row's own grid
+        return torch.cat(outs, 0)
 
     # ----------------------------------------------------------- attention
     def pages_to_read(self, query, kv_start=None):
@@ -163,6 +237,15 @@ class PagedStore(UniformStore):
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         self.last_pages = None
         if sparse_step(query, spec) and self.n > self.token_budget:
+            starts = padded_starts(kv_start)
+            if starts is not None:
+                if not self._row_mode:
+                    # the batch's bounds (pages cut from slot 0) serve no row now
+                    self._row_mode, self._kmin, self._kmax, self._bounded = True, None, None, 0
+                return self._attend_rows(query, spec, starts)
+            if self._row_mode:
+                self._row_mode, self._rows = False, {}
+                self._sync_bounds()
             pages = self.pages_to_read(query, kv_start)
             if pages is not None:
                 self.last_pages = pages
@@ -221,7 +304,8 @@ class RaggedPagedStore(RaggedStore):
                 f"sparse_steps={self.sparse_steps})")
 
     def tensors(self) -> list:
-        return super().tensors() + [t for t in (self.kmin, self.kmax, self.page_offsets) if t is not None]
+        return super().tensors() + [t for t in (self.kmin, self.kmax, self.page_offsets, self.last_pages)
+                                    if t is not None]
 
     def _pages(self, n: torch.Tensor) -> torch.Tensor:
         return (n + self.page - 1) // self.page

@@ -211,6 +211,7 @@ class RaggedStore(LayerStore):
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.k, self.v, self.offsets, self.lengths, self.caps, self.positions]
+        out += [t for t in (self._host_lengths, self._host_caps) if t is not None]  # host mirrors
         return out + [t for t in (getattr(self, name) for name in self.row_state) if t is not None]
 
     def _layout_repr(self) -> str:

@@ -22,6 +22,11 @@ reads as many slots as without eviction (``min(token_budget, real slots)``).
 The selection is valid only for the step that made it (same newest token
 position and batch): otherwise, and for prefill chunks, softcap, sinks or
 windows, a layer reads every slot.
+
+A batch whose rows hold leading padding (left-padded prompts, or an
+evictor's filler) selects and reads row by row, each row over its own real
+slots with its own count, as its layer alone does; a row whose slots fit
+the budget selects nothing and its sparse layers read all of theirs.
 """
 
 from __future__ import annotations
@@ -33,9 +38,19 @@ import torch
 from .. import ops
 from .base import AttentionSpec
 from .ragged import RaggedStore
-from .uniform import UniformStore, read_count, sparse_step
+from .uniform import UniformStore, dense_row, front_padded, padded_starts, read_count, sparse_step
 
 SELECT, SPARSE = "select", "sparse"
+
+
+def published(store) -> list:
+    """The selection a selection layer last published, while it is still
+    the cache's current one: its tensors count in the bytes of the layer
+    that made it (the sparse layers only read it)."""
+    sel = store.shared.get("tidal")
+    if store.role != SELECT or sel is None or sel is not getattr(store, "_published", None):
+        return []
+    return [sel.slots, sel.positions]
 
 
 class TidalStore(UniformStore):
@@ -71,6 +86,9 @@ class TidalStore(UniformStore):
         new._adopt(store)
         return new
 
+    def tensors(self) -> list:
+        return super().tensors() + published(self) + ([self.last_read] if self.last_read is not None else [])
+
     def __repr__(self) -> str:
         shape = None if self._k is None else tuple(self.keys.shape)
         return (f"TidalStore({self.role}, slots={shape}, token_budget={self.token_budget}, "
@@ -89,7 +107,7 @@ class TidalStore(UniformStore):
         scores = ops.window_scores(query, self.keys, scaling=spec.scaling, gqa=self.gqa, kv_start=kv_start)
         chosen = ops.select_topk(scores, k, sinks=0, window=1, kv_start=kv_start).contiguous()
         positions = self.column("positions").gather(2, chosen)
-        self.shared["tidal"] = TidalSelection(self._newest(), self.batch, chosen, positions)
+        self.shared["tidal"] = self._published = TidalSelection(self._newest(), self.batch, chosen, positions)
 
     def _own_slots(self, sel: "TidalSelection", kv_start):
         """``[B, H, k]`` int64 ascending: this layer's slots holding the
@@ -109,18 +127,75 @@ class TidalStore(UniformStore):
             rank = rank.masked_fill(slot < kv_start.to(pos.device)[:, None, None], -1)
         return rank.topk(k, dim=-1).indices.sort(dim=-1).values.contiguous()
 
+    # ---------------------------------------------------- padded rows
+    # A batch whose rows hold leading padding (or filler in front of a row
+    # that kept fewer slots) selects and reads row by row, each row as its
+    # layer alone does: one read count for the batch, capped by its
+    # most-padded row, would make the other rows read fewer slots.
+
+    def _select_rows(self, query, spec: AttentionSpec, starts: list[int]) -> None:
+        """Each row's top ``token_budget`` real slots, or none (``rows[b]``
+        False: the row's slots all fit, its sparse layers read them all)."""
+        picks = []
+        for b, start in enumerate(starts):
+            keys = self.keys[b : b + 1, :, start:]
+            k = read_count(self.token_budget, int(keys.shape[2]))
+            if k is None:
+                picks.append(None)
+                continue
+            scores = ops.window_scores(query[b : b + 1], keys, scaling=spec.scaling, gqa=self.gqa)
+            picks.append(ops.select_topk(scores, k, sinks=0, window=1) + start)  # slots of the layer
+        if all(p is None for p in picks):
+            self.shared.pop("tidal", None)
+            return
+        slots = front_padded(picks, self.heads, query.device)
+        positions = self.column("positions").gather(2, slots.clamp_min(0)).masked_fill(slots < 0, -1)
+        self.shared["tidal"] = self._published = TidalSelection(self._newest(), self.batch, slots, positions,
+                                              tuple(p is not None for p in picks))
+
+    def _read_rows(self, query, spec: AttentionSpec, sel: "TidalSelection", starts: list[int]):
+        """Each row reads its own slots of the selected positions (topped up
+        with its newest), or all of them where its selection row read
+        everything (``sel.rows``) or its slots fit the budget."""
+        outs, reads = [], []
+        for b, start in enumerate(starts):
+            q = query[b : b + 1]
+            keys, values = self.keys[b : b + 1, :, start:], self.values[b : b + 1, :, start:]
+            n = int(keys.shape[2])
+            k = read_count(self.token_budget, n)
+            read = None
+            if k is not None and (sel.rows is None or sel.rows[b]):
+                pos = self.column("positions")[b : b + 1, :, start:].to(torch.int64)
+                want = sel.positions[b : b + 1].to(torch.int64)  # ascending, -1 in front where padded
+                at = torch.searchsorted(want, pos).clamp_max(want.shape[2] - 1)
+                hit = want.gather(2, at) == pos
+                rank = hit.to(torch.int64) * (n + 1) + torch.arange(n, device=pos.device)
+                read = rank.topk(k, dim=-1).indices.sort(dim=-1).values.contiguous()
+            outs.append(dense_row(q, keys, values, spec) if read is None
+                        else ops.attention_pages(q, keys, values, read, 1, scaling=spec.scaling))
+            reads.append(None if read is None else read + start)
+        if any(r is not None for r in reads):
+            self.sparse_steps += 1
+            self.last_read = front_padded(reads, self.heads, query.device)
+        return torch.cat(outs, 0)
+
     def attend(self, query, spec: AttentionSpec, kv_start=None, query_pos=None):
         self.last_read = None
         step = sparse_step(query, spec) and self.n > self.token_budget
+        starts = padded_starts(kv_start) if step else None
         if self.role == SELECT:
             out = super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)
-            if step:
+            if step and starts is not None:
+                self._select_rows(query, spec, starts)
+            elif step:
                 self._select(query, spec, kv_start)
             else:
                 self.shared.pop("tidal", None)
             return out
         sel = self.shared.get("tidal") if step else None
         if sel is not None and sel.newest == self._newest() and sel.batch == self.batch:
+            if starts is not None or sel.rows is not None:
+                return self._read_rows(query, spec, sel, starts or [0] * self.batch)
             read = self._own_slots(sel, kv_start)
             if read is not None:
                 self.last_read = read
@@ -139,15 +214,25 @@ class TidalSelection(NamedTuple):
         Position of the step's token (the step it is valid for).
     batch : int
     slots : torch.Tensor
-        int64 ``[B, H, k]`` ascending slot indices in the selection layer.
+        int64 ``[B, H, k]`` ascending slot indices in the selection layer,
+        ``-1`` in front where a row selected fewer (rows selected apart,
+        ``rows``; a ragged selection layer's count from each head's first
+        slot).
     positions : torch.Tensor
-        int32 ``[B, H, k]`` the token positions those slots hold.
+        int32 ``[B, H, k]`` the token positions those slots hold, ascending,
+        ``-1`` in front where a head selected fewer.
+    rows : tuple of bool or None
+        Rows selected apart (a padded batch, :meth:`TidalStore._select_rows`):
+        per row whether it selected; a row that did not held no more slots
+        than the budget, and its sparse layers read all of theirs, as alone.
+        None: every row selected.
     """
 
     newest: int
     batch: int
-    slots: torch.Tensor
+    slots: torch.Tensor | None
     positions: torch.Tensor
+    rows: tuple | None = None
 
 
 class RaggedTidalStore(RaggedStore):
@@ -186,6 +271,9 @@ class RaggedTidalStore(RaggedStore):
         new.sparse_steps = 0
         return new
 
+    def tensors(self) -> list:
+        return super().tensors() + published(self) + ([self.last_read] if self.last_read is not None else [])
+
     def __repr__(self) -> str:
         return (f"RaggedTidalStore({self.role}, {self._layout_repr()}, "
                 f"token_budget={self.token_budget}, merged={self.counts is not None}, "
@@ -217,7 +305,7 @@ class RaggedTidalStore(RaggedStore):
         held = within >= 0
         positions = torch.where(held, self.positions[rows.gather(1, cols)].to(torch.int64), -1)
         k = int(cols.shape[1])
-        self.shared["tidal"] = TidalSelection(self._newest(), B, within.clamp_min(-1).view(B, H, k),
+        self.shared["tidal"] = self._published = TidalSelection(self._newest(), B, within.clamp_min(-1).view(B, H, k),
                                               positions.to(torch.int32).view(B, H, k))
 
     def _own_slots(self, sel: "TidalSelection"):

@@ -55,6 +55,36 @@ def read_count(k: int, total: int, first=None) -> int | None:
     return k
 
 
+def padded_starts(kv_start) -> list[int] | None:
+    """Each row's first real slot when some row holds leading padding (a
+    left-padded batch, or filler in front of a row that kept fewer slots),
+    else None. The sparse readers of uniform layers then read row by row:
+    the rows' layers alone hold no padding."""
+    if kv_start is None:
+        return None
+    starts = [int(x) for x in kv_start.tolist()]
+    return starts if any(starts) else None
+
+
+def dense_row(query, keys, values, spec: AttentionSpec):
+    """A decode step of one row over all its slots ``keys``/``values`` ``[1,
+    H, n, D]`` (no padding): what :meth:`UniformStore.attend` computes for
+    the row alone."""
+    if c_decode_ok(query, keys, values, spec):
+        return ops.attention(query, keys, values, scaling=spec.scaling)
+    mask = build_mask(1, int(query.shape[2]), int(keys.shape[2]), query.device)
+    return masked_attention(query, keys, values, spec, mask)
+
+
+def front_padded(rows: list, heads: int, device) -> torch.Tensor:
+    """Rows' ``[1, H, k_b]`` int64 slot lists (None: the row read every
+    slot) as one ``[B, H, max k_b]``, ``-1`` in front of the shorter ones
+    (all ``-1`` for a None)."""
+    width = max(int(r.shape[2]) for r in rows if r is not None)
+    return torch.stack([torch.nn.functional.pad(r[0], (width - int(r.shape[2]), 0), value=-1) if r is not None
+                        else torch.full((heads, width), -1, dtype=torch.int64, device=device) for r in rows])
+
+
 class UniformStore(LayerStore):
     """``[B, H, n, D]`` slots with equal counts per head.
 
