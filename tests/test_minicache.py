@@ -283,6 +283,7 @@ def test_pair_bytes_match_the_formula(dtype):
     # per merged token and head: a key and a value direction, 4 float32 norms, an int32 slot per layer;
     # per retained token and head: key and value in each layer, an int32 slot per layer
     want = B * H * (m * (2 * D * es + 4 * 4 + 2 * 4) + r * (2 * 2 * D * es + 2 * 4))
+    want += B * H * 8  # the retained count of each head (int64, the merge's bookkeeping)
     assert sum(t.numel() * t.element_size() for t in pair.tensors()) == want
     s0, s1 = MiniCacheStore(pair, 0), MiniCacheStore(pair, 1)
     ptrs = lambda s: {t.untyped_storage().data_ptr() for t in s.tensors()}  # noqa: E731
@@ -527,6 +528,7 @@ def test_packed_pair_bytes_and_reconstruction(dtype):
     keys = lambda rows: codes(rows) + 2 * B * H * math.ceil(rows / G) * D * 4  # noqa: E731 - per channel over G tokens
     vals = lambda rows: codes(rows) + 2 * B * H * rows * math.ceil(D / G) * 4  # noqa: E731 - per token over G channels
     want = keys(m) + vals(m) + 2 * (keys(w) + vals(w)) + 2 * B * H * m * 2 * 4 + 2 * B * H * m * 4 + 2 * B * H * w * 4
+    want += B * H * 8  # the retained count of each head (int64)
     assert sum(t.numel() * t.element_size() for t in packed.tensors()) == want
     tail = kvc.stores.UniformStore()
     for which in (0, 1):
