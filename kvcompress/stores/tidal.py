@@ -116,16 +116,7 @@ class TidalStore(UniformStore):
         k = read_count(self.token_budget, self.n, kv_start)
         if k is None:
             return None
-        pos = self.column("positions").to(torch.int64)  # [B, H, n], ascending per head
-        want = sel.positions.to(torch.int64)  # [B, H, k_sel], ascending
-        at = torch.searchsorted(want, pos).clamp_max(want.shape[2] - 1)
-        hit = want.gather(2, at) == pos
-        slot = torch.arange(self.n, device=pos.device)
-        # selected slots first, then the newest; padding never (read_count leaves room)
-        rank = hit.to(torch.int64) * (self.n + 1) + slot
-        if kv_start is not None:
-            rank = rank.masked_fill(slot < kv_start.to(pos.device)[:, None, None], -1)
-        return rank.topk(k, dim=-1).indices.sort(dim=-1).values.contiguous()
+        return _selected_first(self.column("positions"), sel.positions, k, kv_start)
 
     # ---------------------------------------------------- padded rows
     # A batch whose rows hold leading padding (or filler in front of a row
@@ -165,12 +156,7 @@ class TidalStore(UniformStore):
             k = read_count(self.token_budget, n)
             read = None
             if k is not None and (sel.rows is None or sel.rows[b]):
-                pos = self.column("positions")[b : b + 1, :, start:].to(torch.int64)
-                want = sel.positions[b : b + 1].to(torch.int64)  # ascending, -1 in front where padded
-                at = torch.searchsorted(want, pos).clamp_max(want.shape[2] - 1)
-                hit = want.gather(2, at) == pos
-                rank = hit.to(torch.int64) * (n + 1) + torch.arange(n, device=pos.device)
-                read = rank.topk(k, dim=-1).indices.sort(dim=-1).values.contiguous()
+                read = _selected_first(self.column("positions")[b : b + 1, :, start:], sel.positions[b : b + 1], k)
             outs.append(dense_row(q, keys, values, spec) if read is None
                         else ops.attention_pages(q, keys, values, read, 1, scaling=spec.scaling))
             reads.append(None if read is None else read + start)
@@ -203,6 +189,22 @@ class TidalStore(UniformStore):
                 return ops.attention_pages(query, self.keys, self.values, read, 1, scaling=spec.scaling,
                                            kv_start=kv_start)
         return super().attend(query, spec, kv_start=kv_start, query_pos=query_pos)
+
+
+def _selected_first(positions, selected, k: int, kv_start=None) -> torch.Tensor:
+    """``[B, H, k]`` int64 ascending: the slots whose position (``positions``
+    ``[B, H, n]``, ascending per head) is among ``selected`` (``[B, H, s]``,
+    ascending, ``-1`` matching none), topped up with the newest other slots;
+    slots before ``kv_start[b]`` (padding) never (``k`` leaves them room)."""
+    pos, want = positions.to(torch.int64), selected.to(torch.int64)
+    n = int(pos.shape[2])
+    at = torch.searchsorted(want, pos).clamp_max(want.shape[2] - 1)
+    hit = want.gather(2, at) == pos
+    slot = torch.arange(n, device=pos.device)
+    rank = hit.to(torch.int64) * (n + 1) + slot
+    if kv_start is not None:
+        rank = rank.masked_fill(slot < kv_start.to(pos.device)[:, None, None], -1)
+    return rank.topk(k, dim=-1).indices.sort(dim=-1).values.contiguous()
 
 
 class TidalSelection(NamedTuple):
